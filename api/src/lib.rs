@@ -1,0 +1,4 @@
+//! Types and conventions shared by every pullthrough program, so the proxy,
+//! the node-agent and the operator agree by construction.
+
+pub mod cli;
