@@ -2,3 +2,5 @@
 //! the node-agent and the operator agree by construction.
 
 pub mod cli;
+pub mod config;
+pub mod names;

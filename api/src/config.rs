@@ -1,0 +1,338 @@
+//! The registry table and proxy settings: the proxy's config file format,
+//! which the operator renders from `MirrorRegistry` resources and the
+//! node-agent reads too.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::validate_host;
+
+/// A config problem, naming the key it is about.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `registries[1].upstream`.
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyConfig {
+    #[serde(default)]
+    pub listen: Listen,
+    /// Cache and generated-CA directory (`--data-dir` overrides).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// CA used to mint per-registry TLS certificates; generated into the
+    /// data dir when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaFiles>,
+    /// Registry for requests that name none (dockerd `registry-mirrors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_registry: Option<String>,
+    /// The proxy's own names and IPs, as clients in mirror mode address it.
+    /// Requests and TLS handshakes for any other name that is not a
+    /// configured registry are refused. `localhost`, loopback IPs and the
+    /// listen IPs are always included.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub names: Vec<String>,
+    /// Pins upstream host names to addresses instead of DNS (air-gapped
+    /// setups, tests). The hosts file is never consulted for upstreams: on a
+    /// node it may send registry names back to this proxy.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resolve: BTreeMap<String, IpAddr>,
+    #[serde(default)]
+    pub upstream_timeouts: UpstreamTimeouts,
+    #[serde(default)]
+    pub registries: Vec<RegistryConfig>,
+}
+
+/// Listener addresses; each one is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Listen {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<SocketAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https: Option<SocketAddr>,
+    /// `/healthz`, `/readyz`, `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CaFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpstreamTimeouts {
+    /// TCP + TLS connect.
+    #[serde(with = "humantime_serde", default = "default_connect_timeout")]
+    pub connect: Duration,
+    /// Longest wait for response headers, and between body chunks.
+    #[serde(with = "humantime_serde", default = "default_read_timeout")]
+    pub read: Duration,
+}
+
+impl Default for UpstreamTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: default_connect_timeout(),
+            read: default_read_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+/// One upstream registry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The name as written in image references (`quay.io`, `docker.io`).
+    pub host: String,
+    /// Base URL of the upstream; default `https://<host>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Other names routed to this registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Token-realm hosts clients reach through the proxy in DNS-hijack mode.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub auth_hosts: Vec<String>,
+    /// Extra PEM roots trusted for this upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub insecure_skip_verify: bool,
+    /// How long a tag → digest answer is reused before asking upstream.
+    #[serde(
+        rename = "tagTTL",
+        with = "humantime_serde",
+        default = "default_tag_ttl"
+    )]
+    pub tag_ttl: Duration,
+    /// Pass pushes through (uncached); refused otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_push: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// Default tag → digest reuse time.
+pub fn default_tag_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+impl RegistryConfig {
+    /// The upstream base URL (no trailing slash).
+    pub fn upstream_url(&self) -> String {
+        match &self.upstream {
+            Some(u) => u.trim_end_matches('/').to_string(),
+            None => format!("https://{}", self.host),
+        }
+    }
+
+    /// Host and aliases: every name that routes here.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.host.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
+}
+
+impl ProxyConfig {
+    /// Parses YAML; unknown keys and bad values are errors naming the key.
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_norway::from_str(text).map_err(|e| {
+            // serde_norway prefixes the message with the key path and
+            // usually ends it with the position; add the position if not.
+            let msg = e.to_string();
+            let location = match e.location() {
+                Some(l) if !msg.contains(" at line ") => {
+                    format!(" at line {} column {}", l.line(), l.column())
+                }
+                _ => String::new(),
+            };
+            match msg.split_once(": ") {
+                Some((path, rest)) if !path.contains(' ') => {
+                    ConfigError::new(path, format!("{rest}{location}"))
+                }
+                _ => ConfigError::new("<document>", format!("{msg}{location}")),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// YAML text of this config.
+    pub fn to_yaml(&self) -> Result<String, ConfigError> {
+        serde_norway::to_string(self).map_err(|e| ConfigError::new("<document>", e.to_string()))
+    }
+
+    /// Semantic checks serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen: HashSet<&str> = HashSet::new();
+        for (i, reg) in self.registries.iter().enumerate() {
+            let at = |k: &str| format!("registries[{i}].{k}");
+            validate_host(&reg.host).map_err(|m| ConfigError::new(at("host"), m))?;
+            for (j, alias) in reg.aliases.iter().enumerate() {
+                validate_host(alias)
+                    .map_err(|m| ConfigError::new(at(&format!("aliases[{j}]")), m))?;
+            }
+            for (j, h) in reg.auth_hosts.iter().enumerate() {
+                validate_host(h)
+                    .map_err(|m| ConfigError::new(at(&format!("authHosts[{j}]")), m))?;
+            }
+            for name in reg.names().chain(reg.auth_hosts.iter().map(String::as_str)) {
+                if !seen.insert(name) {
+                    return Err(ConfigError::new(
+                        at("host"),
+                        format!("`{name}` is claimed by more than one registry"),
+                    ));
+                }
+            }
+            if let Some(up) = &reg.upstream {
+                validate_upstream(up).map_err(|m| ConfigError::new(at("upstream"), m))?;
+            }
+        }
+        if let Some(def) = &self.default_registry
+            && self.registry(def).is_none()
+        {
+            return Err(ConfigError::new(
+                "defaultRegistry",
+                format!("`{def}` is not one of the configured registries"),
+            ));
+        }
+        for (i, n) in self.names.iter().enumerate() {
+            validate_host(n).map_err(|m| ConfigError::new(format!("names[{i}]"), m))?;
+        }
+        Ok(())
+    }
+
+    /// The registry a name (host or alias) routes to.
+    pub fn registry(&self, name: &str) -> Option<&RegistryConfig> {
+        self.registries
+            .iter()
+            .find(|r| r.names().any(|n| n == name))
+    }
+}
+
+fn validate_upstream(url: &str) -> Result<(), String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(format!("`{url}` must start with http:// or https://")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("`{url}` has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("`{url}` must not have a query"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FULL: &str = r#"
+listen: {http: 127.0.0.1:5080, https: 127.0.0.1:5443, admin: 127.0.0.1:9090}
+dataDir: /var/lib/pullthrough
+ca: {cert: ca.crt, key: ca.key}
+defaultRegistry: docker.io
+registries:
+  - host: docker.io
+    upstream: https://registry-1.docker.io
+    aliases: [registry-1.docker.io]
+    authHosts: [auth.docker.io]
+  - host: quay.io
+    upstream: https://quay.io
+    aliases: []
+    authHosts: []
+    caBundle: /path/extra-roots.pem
+    insecureSkipVerify: false
+    tagTTL: 10m
+    allowPush: false
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = ProxyConfig::from_yaml(FULL).unwrap();
+        assert_eq!(c.registries.len(), 2);
+        assert_eq!(c.registries[1].tag_ttl, Duration::from_secs(600));
+        assert_eq!(
+            c.registry("registry-1.docker.io").unwrap().host,
+            "docker.io"
+        );
+        assert_eq!(c.listen.admin, Some("127.0.0.1:9090".parse().unwrap()));
+        // Round trip through the operator's renderer keeps it equal.
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml().unwrap()).unwrap(), c);
+    }
+
+    fn err(yaml: &str) -> ConfigError {
+        ProxyConfig::from_yaml(yaml).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = err("registries:\n  - host: quay.io\n    tagTTL: soon\n");
+        assert!(e.key.contains("registries[0]"), "{e}");
+        assert!(
+            e.to_string().contains("tagTTL") || e.key.contains("tagTTL"),
+            "{e}"
+        );
+
+        let e = err("registries:\n  - host: quay.io\n    colour: red\n");
+        assert!(e.to_string().contains("colour"), "{e}");
+
+        let e = err("registries:\n  - host: quay.io\n  - host: quay.io\n");
+        assert_eq!(e.key, "registries[1].host");
+
+        let e = err("registries:\n  - host: quay.io\n    upstream: quay.io\n");
+        assert_eq!(e.key, "registries[0].upstream");
+
+        let e = err("registries:\n  - host: https://quay.io\n");
+        assert_eq!(e.key, "registries[0].host");
+
+        let e = err("defaultRegistry: docker.io\nregistries: []\n");
+        assert_eq!(e.key, "defaultRegistry");
+
+        let e = err("listen: {http: nowhere}\n");
+        assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn alias_clash_across_registries_is_rejected() {
+        let e = err("registries:\n  - host: a.io\n    aliases: [b.io]\n  - host: b.io\n");
+        assert_eq!(e.key, "registries[1].host");
+    }
+}
