@@ -6,13 +6,17 @@
 //! Anything that could resolve a public registry name runs in a private
 //! mount namespace with a test-owned `/etc/hosts` (see [`ns`]).
 
+pub mod containerd;
+pub mod dockerd;
 pub mod error;
 pub mod fixtures;
 pub mod http;
 pub mod kube;
 pub mod net;
 pub mod ns;
+pub mod podman;
 pub mod process;
+pub mod proxy;
 pub mod registry;
 pub mod tls;
 pub mod tools;

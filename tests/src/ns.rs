@@ -76,15 +76,22 @@ impl MountNs {
         let mut script = String::from("set -e\n");
         let mut n = 0;
         for _ in &self.binds {
-            script.push_str(&format!("mount --bind \"${}\" \"${}\"\n", n + 1, n + 2));
+            // `${N}`: plain `$10` would be `$1` followed by `0`.
+            script.push_str(&format!(
+                "mount --bind \"${{{}}}\" \"${{{}}}\"\n",
+                n + 1,
+                n + 2
+            ));
             n += 2;
         }
         script.push_str(&format!("shift {n}\nexec \"$@\"\n"));
 
         let mut cmd = match &self.netns {
+            // Not `ip netns exec`: it remounts /sys, which hides the
+            // cgroup mounts that dockerd and runc need.
             Some(name) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", name, "unshare"]);
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{name}")).arg("unshare");
                 c
             }
             None => Command::new("unshare"),
@@ -109,7 +116,8 @@ pub struct NetNs {
 
 impl NetNs {
     /// Creates `pt-<pid>-<n>` with `lo` up and a dummy interface `pt0`
-    /// carrying `addrs` (host prefixes, e.g. 10.254.0.1).
+    /// carrying `addrs` (host prefixes, e.g. 10.254.0.1); on `lo` where
+    /// the kernel has no dummy driver.
     pub fn create(addrs: &[IpAddr]) -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
@@ -120,12 +128,17 @@ impl NetNs {
         run(Command::new("ip").args(["netns", "add", &name]))?;
         let ns = Self { name };
         ns.ip(&["link", "set", "lo", "up"])?;
-        ns.ip(&["link", "add", "pt0", "type", "dummy"])?;
+        // Kernels without the dummy driver (this sandbox's) get the
+        // addresses on `lo`, which is just as private to the namespace.
+        let dev = match ns.ip(&["link", "add", "pt0", "type", "dummy"]) {
+            Ok(_) => "pt0",
+            Err(_) => "lo",
+        };
         for addr in addrs {
             let prefix = if addr.is_ipv4() { 32 } else { 128 };
-            ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", "pt0"])?;
+            ns.ip(&["addr", "add", &format!("{addr}/{prefix}"), "dev", dev])?;
         }
-        ns.ip(&["link", "set", "pt0", "up"])?;
+        ns.ip(&["link", "set", dev, "up"])?;
         Ok(ns)
     }
 
