@@ -1,35 +1,67 @@
 //! `pullthrough-proxy`: one caching proxy for every registry a cluster pulls from.
 
-use std::net::SocketAddr;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use clap::Parser;
-use pullthrough_api::cli::{EXIT_USAGE, parse_or_exit};
+use pullthrough_api::cli::parse_or_exit;
+use pullthrough_api::config::ProxyConfig;
+use tokio::sync::watch;
 
+mod access_log;
 mod admin;
+mod body;
+mod cache;
+mod config;
 mod error;
+mod handler;
+mod oci;
+mod route;
+mod server;
+mod tls;
+mod upstream;
+
+use error::Error;
+use handler::{Shared, State};
 
 /// Caching proxy for the OCI distribution pull API.
 ///
-/// Serves Docker Hub, quay.io, registry.k8s.io, gcr.io, ghcr.io (the embedded
-/// default) or the registries of a config file, and caches every manifest
-/// and blob it serves by digest.
+/// Serves Docker Hub, quay.io, registry.k8s.io, gcr.io and ghcr.io (the
+/// embedded default) or the registries of a config file, and caches every
+/// manifest and blob it serves by digest. Clients reach it as a mirror
+/// (containerd `?ns=`, CRI-O/podman path prefix, dockerd registry-mirrors)
+/// or by name (DNS hijack, with TLS certificates minted from its CA).
+/// Exit codes: 0 after a clean shutdown, 64 for an invalid config or
+/// arguments, 1 for other start-up failures.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// YAML config file (registry table, listeners, cache). Without it the
-    /// embedded default config is used.
+    /// YAML config file (listeners, CA, registries). Without it the embedded
+    /// default is used. The file is re-read when it changes; an invalid new
+    /// version is logged and ignored.
     #[arg(long, value_name = "FILE", env = "PULLTHROUGH_CONFIG")]
     config: Option<PathBuf>,
 
     /// Directory for the cache and the generated CA; overrides `dataDir`
-    /// from the config.
+    /// from the config [default: /var/lib/pullthrough].
     #[arg(long, value_name = "DIR", env = "PULLTHROUGH_DATA_DIR")]
     data_dir: Option<PathBuf>,
 
-    /// Address of the admin listener serving /healthz, /readyz and /metrics.
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9090")]
-    admin_listen: SocketAddr,
+    /// Print the effective config (after defaults) as YAML and exit.
+    #[arg(long)]
+    print_config: bool,
+
+    /// How long in-flight transfers may continue after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+
+    /// How often the config file is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
 }
 
 #[tokio::main]
@@ -37,34 +69,175 @@ async fn main() {
     let cli: Cli = parse_or_exit();
     tracing_subscriber::fmt()
         .json()
+        .flatten_event(true)
+        .with_current_span(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    tracing::debug!(config = ?cli.config, data_dir = ?cli.data_dir, "starting");
-
-    let listener = match tokio::net::TcpListener::bind(cli.admin_listen).await {
-        Ok(l) => l,
-        Err(source) => {
-            let err = error::Error::Bind {
-                addr: cli.admin_listen,
-                source,
-            };
+    match run(cli).await {
+        Ok(()) => {}
+        Err(err) => {
             tracing::error!(error = %err, "cannot start");
-            std::process::exit(EXIT_USAGE);
+            eprintln!("pullthrough-proxy: {err}");
+            std::process::exit(err.exit_code());
         }
-    };
-    tracing::info!(addr = %cli.admin_listen, "admin listener ready");
-    tokio::select! {
-        res = admin::serve(listener) => {
-            if let Err(err) = res {
-                tracing::error!(error = %err, "admin listener failed");
-                std::process::exit(1);
-            }
-        }
-        _ = shutdown_signal() => tracing::info!("shutting down"),
     }
+}
+
+async fn run(cli: Cli) -> Result<(), Error> {
+    // Everything that can be wrong with the config is found before any port
+    // is bound.
+    let config = config::load(cli.config.as_deref())?;
+    if cli.print_config {
+        let yaml = config
+            .to_yaml()
+            .map_err(|error| config::LoadError::Invalid {
+                source_name: "config".into(),
+                error,
+            })?;
+        print!("{yaml}");
+        return Ok(());
+    }
+    let data_dir = config::data_dir(cli.data_dir.as_deref(), &config);
+    let listen_ips = listen_ips(&config);
+    let router = route::Router::new(&config, &listen_ips);
+    let upstreams = upstream::Upstreams::new(&config)?;
+    let issuer = Arc::new(tls::Issuer::load_or_generate(
+        config.ca.as_ref(),
+        &data_dir,
+        allowed_names(&router),
+    )?);
+    let store = cache::store::BlobStore::open(&data_dir)
+        .await
+        .map_err(|source| Error::Store {
+            path: data_dir.clone(),
+            source,
+        })?;
+
+    let http = match config.listen.http {
+        Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+    let https = match config.listen.https {
+        Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+    let admin_listener = match config.listen.admin {
+        Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+
+    let listen = config.listen.clone();
+    let shared = Arc::new(Shared {
+        state: ArcSwap::from_pointee(State {
+            config,
+            router,
+            upstreams,
+        }),
+        store,
+        tags: Default::default(),
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = http {
+        tasks.spawn(server::serve_proxy(
+            l,
+            None,
+            shared.clone(),
+            stop_rx.clone(),
+            cli.shutdown_grace,
+        ));
+    }
+    if let Some(l) = https {
+        let tls = issuer.server_config();
+        tasks.spawn(server::serve_proxy(
+            l,
+            Some(tls),
+            shared.clone(),
+            stop_rx.clone(),
+            cli.shutdown_grace,
+        ));
+    }
+    if let Some(l) = admin_listener {
+        tasks.spawn(admin::serve(l, ready.clone(), stop_rx.clone()));
+    }
+    if let Some(path) = cli.config.clone() {
+        let shared = shared.clone();
+        let issuer = issuer.clone();
+        let running_listen = listen.clone();
+        tokio::spawn(config::watch(
+            path,
+            cli.reload_interval,
+            move |new: ProxyConfig| {
+                if new.listen != running_listen {
+                    tracing::warn!("listen addresses changed; they take effect after a restart");
+                }
+                let upstreams = match upstream::Upstreams::new(&new) {
+                    Ok(u) => u,
+                    Err(err) => {
+                        tracing::error!(error = %err, "config change rejected; keeping the running config");
+                        return;
+                    }
+                };
+                let router = route::Router::new(&new, &listen_ips);
+                issuer.set_allowed(allowed_names(&router));
+                shared.state.store(Arc::new(State {
+                    config: new,
+                    router,
+                    upstreams,
+                }));
+                tracing::info!("config applied");
+            },
+        ));
+    }
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        http = ?listen.http,
+        https = ?listen.https,
+        admin = ?listen.admin,
+        data_dir = %data_dir.display(),
+        "pullthrough-proxy ready"
+    );
+
+    shutdown_signal().await;
+    tracing::info!(
+        grace_secs = cli.shutdown_grace.as_secs(),
+        "shutting down: no new connections, draining transfers"
+    );
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn listen_ips(config: &ProxyConfig) -> Vec<IpAddr> {
+    [config.listen.http, config.listen.https]
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .collect()
+}
+
+fn allowed_names(router: &route::Router) -> tls::AllowedNames {
+    let mut allowed = tls::AllowedNames::default();
+    allowed.registry_names = router.registry_sni_names().map(str::to_string).collect();
+    for name in router.own_names() {
+        match name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => allowed.own_ips.push(ip),
+            Err(_) => allowed.own_names.push(name.to_string()),
+        }
+    }
+    allowed.own_ips.sort();
+    allowed.own_ips.dedup();
+    allowed
 }
 
 async fn shutdown_signal() {
@@ -76,7 +249,8 @@ async fn shutdown_signal() {
                 _ = tokio::signal::ctrl_c() => {}
             }
         }
-        Err(_) => {
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
             let _ = tokio::signal::ctrl_c().await;
         }
     }

@@ -1,0 +1,56 @@
+//! Response bodies: whole buffers, cached files (with ranges), and streams
+//! fed by a fetch task, all behind one boxed type.
+
+use std::io::SeekFrom;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::Frame;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_util::io::ReaderStream;
+
+/// Every response body the proxy sends. An `Err` frame aborts the response
+/// (connection reset / RST_STREAM), so a client never mistakes a broken
+/// transfer for a complete one.
+pub type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Streams `len` bytes of `file` from `offset`.
+pub async fn file(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<Body> {
+    let mut f = tokio::fs::File::open(path).await?;
+    if offset > 0 {
+        f.seek(SeekFrom::Start(offset)).await?;
+    }
+    let stream =
+        ReaderStream::with_capacity(f.take(len), 256 * 1024).map(|chunk| chunk.map(Frame::data));
+    Ok(StreamBody::new(stream).boxed_unsync())
+}
+
+/// A body fed chunk by chunk from a channel (a fetch task on the other end).
+pub fn channel(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
+    let stream = tokio_stream_from(rx).map(|chunk| chunk.map(Frame::data));
+    StreamBody::new(stream).boxed_unsync()
+}
+
+fn tokio_stream_from(
+    mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
+) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Relays an upstream body unchanged.
+pub fn relay(incoming: hyper::body::Incoming) -> Body {
+    incoming.map_err(std::io::Error::other).boxed_unsync()
+}

@@ -1,0 +1,4 @@
+//! The cache: content-addressed blobs and manifests, and tag → digest answers.
+
+pub mod store;
+pub mod tags;

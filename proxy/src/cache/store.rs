@@ -1,0 +1,789 @@
+//! Content-addressed blob store on disk.
+//!
+//! One copy per digest, shared by every registry. Layout under `data_dir`:
+//!
+//! ```text
+//! blobs/sha256/<first 2 hex>/<hex>        committed, verified content
+//! blobs/sha256/<first 2 hex>/<hex>.json   its BlobMeta sidecar
+//! tmp/                                    in-progress writes (wiped by `open`)
+//! ```
+//!
+//! A blob is written to a uniquely named file in `tmp/` while its sha256 is
+//! computed; only when the hash matches the expected digest is it fsynced
+//! and renamed into place (meta sidecar first, then the data file, then the
+//! directory is fsynced). A reader therefore only ever sees whole, verified
+//! files. Every path is built from the validated `Digest` hex, so nothing is
+//! written outside `data_dir`.
+//!
+//! Hashing and file writes run on tokio's blocking pool, in batches of up to
+//! [`FLUSH_AT`] bytes, so the async workers only copy chunks into a buffer.
+
+use std::fs;
+use std::io::{self, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::oci::Digest;
+
+/// Buffered bytes are hashed and written once this many are pending.
+const FLUSH_AT: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot {action} {}: {source}", .path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("blob {expected} failed verification: the {bytes} bytes received hash to {actual}")]
+    DigestMismatch {
+        expected: Digest,
+        actual: Digest,
+        bytes: u64,
+    },
+    #[error("the writer of {digest} is unusable: an earlier write failed or was cancelled")]
+    WriterBroken { digest: Digest },
+    #[error("background task to {action} {} failed: {source}", .path.display())]
+    Task {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+fn io_err(action: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// Runs blocking file work on tokio's blocking pool.
+async fn blocking<T, F>(action: &'static str, path: &Path, f: F) -> Result<T, StoreError>
+where
+    F: FnOnce() -> Result<T, StoreError> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r,
+        Err(source) => Err(StoreError::Task {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// What is kept beside a blob so a HIT is answered like the original.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobMeta {
+    pub media_type: Option<String>,
+}
+
+/// A committed, verified blob.
+#[derive(Debug, Clone)]
+pub struct CachedBlob {
+    pub digest: Digest,
+    pub path: PathBuf,
+    pub size: u64,
+    pub meta: BlobMeta,
+}
+
+#[derive(Debug)]
+struct Layout {
+    /// `<data_dir>/blobs/sha256`
+    blobs: PathBuf,
+    /// `<data_dir>/tmp`
+    tmp: PathBuf,
+}
+
+impl Layout {
+    fn shard(&self, d: &Digest) -> PathBuf {
+        self.blobs.join(&d.hex()[..2])
+    }
+    fn data(&self, d: &Digest) -> PathBuf {
+        self.shard(d).join(d.hex())
+    }
+    fn meta(&self, d: &Digest) -> PathBuf {
+        self.shard(d).join(format!("{}.json", d.hex()))
+    }
+    /// A fresh, process-unique temp path (also unique across processes via
+    /// pid and clock; files are created with `create_new` regardless).
+    fn temp(&self, d: &Digest, suffix: &str) -> PathBuf {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |t| t.subsec_nanos());
+        self.tmp.join(format!(
+            "{}.{}.{n}.{nanos}.{suffix}",
+            d.hex(),
+            std::process::id()
+        ))
+    }
+}
+
+/// The content-addressed store. Cheap to share in an `Arc`.
+#[derive(Debug)]
+pub struct BlobStore {
+    layout: Arc<Layout>,
+}
+
+impl BlobStore {
+    /// Layout: `<data_dir>/blobs/sha256/<first 2 hex>/<hex>` (+ `<hex>.json`
+    /// meta), temp files in `<data_dir>/tmp/`. Creates the dirs (all 256
+    /// shards up front); removes every leftover temp file (crash recovery)
+    /// and logs how many.
+    pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let layout = Layout {
+            blobs: data_dir.join("blobs").join("sha256"),
+            tmp: data_dir.join("tmp"),
+        };
+        let (blobs, tmp) = (layout.blobs.clone(), layout.tmp.clone());
+        let removed = blocking("create the store in", data_dir, move || {
+            for i in 0..=255u8 {
+                let shard = blobs.join(format!("{i:02x}"));
+                fs::create_dir_all(&shard).map_err(io_err("create", &shard))?;
+            }
+            fsync_dir(&blobs)?;
+            fs::create_dir_all(&tmp).map_err(io_err("create", &tmp))?;
+            let mut removed = 0usize;
+            for entry in fs::read_dir(&tmp).map_err(io_err("list", &tmp))? {
+                let path = entry.map_err(io_err("list", &tmp))?.path();
+                let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+                let r = if is_dir {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                match r {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("remove leftover temp file", &path)(e)),
+                }
+            }
+            Ok(removed)
+        })
+        .await?;
+        if removed > 0 {
+            tracing::info!(removed, dir = %layout.tmp.display(), "removed leftover temp files");
+        } else {
+            tracing::debug!(dir = %layout.tmp.display(), "no leftover temp files");
+        }
+        Ok(Self {
+            layout: Arc::new(layout),
+        })
+    }
+
+    /// A committed blob, or None. Never returns a partial file. (A missing
+    /// meta sidecar gives the default meta.)
+    pub async fn lookup(&self, digest: &Digest) -> Result<Option<CachedBlob>, StoreError> {
+        let layout = Arc::clone(&self.layout);
+        let d = digest.clone();
+        let path = self.layout.data(digest);
+        blocking("look up", &path, move || existing(&layout, &d)).await
+    }
+
+    /// Starts writing a blob expected to hash to `digest`.
+    pub async fn begin(&self, digest: &Digest, meta: BlobMeta) -> Result<BlobWriter, StoreError> {
+        let temp = self.layout.temp(digest, "tmp");
+        let p = temp.clone();
+        let file = blocking("create", &temp, move || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(io_err("create", &p))
+        })
+        .await?;
+        Ok(BlobWriter {
+            digest: digest.clone(),
+            meta,
+            layout: Arc::clone(&self.layout),
+            temp: TempFile(Some(temp)),
+            sink: Some(Sink {
+                file,
+                hasher: Sha256::new(),
+            }),
+            pending: Vec::new(),
+            written: 0,
+        })
+    }
+
+    /// Stores a whole small object (manifests) in one call, with the same
+    /// verification as `begin`/`commit`.
+    pub async fn put(
+        &self,
+        digest: &Digest,
+        meta: BlobMeta,
+        bytes: &[u8],
+    ) -> Result<CachedBlob, StoreError> {
+        let mut w = self.begin(digest, meta).await?;
+        w.write(bytes).await?;
+        w.commit().await
+    }
+
+    /// Removes a blob (for purge/eviction); Ok(false) if absent. The data
+    /// file goes first, so a crash in between leaves only a harmless orphan
+    /// sidecar, never a blob without its meta.
+    pub async fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let layout = Arc::clone(&self.layout);
+        let d = digest.clone();
+        let path = self.layout.data(digest);
+        blocking("remove", &path, move || {
+            let data = layout.data(&d);
+            let existed = match fs::remove_file(&data) {
+                Ok(()) => true,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(io_err("remove", &data)(e)),
+            };
+            let meta = layout.meta(&d);
+            match fs::remove_file(&meta) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("remove", &meta)(e)),
+            }
+            if existed {
+                fsync_dir(&layout.shard(&d))?;
+            }
+            Ok(existed)
+        })
+        .await
+    }
+}
+
+/// The file and running hash of a write in progress. Taken out while a
+/// batch is on the blocking pool; left `None` if that batch failed or was
+/// cancelled.
+struct Sink {
+    file: fs::File,
+    hasher: Sha256,
+}
+
+/// A temp path removed when dropped, unless disarmed with `take`.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn take(&mut self) -> Option<PathBuf> {
+        self.0.take()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take()
+            && let Err(e) = fs::remove_file(&p)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove temp file");
+        }
+    }
+}
+
+/// A blob being written. Dropped without `commit`, its temp file is removed
+/// (synchronously, best effort).
+///
+/// `write` is not cancellation safe: if its future is dropped while a batch
+/// is being written, the writer becomes unusable (`WriterBroken`), and its
+/// temp file is still removed on drop.
+pub struct BlobWriter {
+    digest: Digest,
+    meta: BlobMeta,
+    layout: Arc<Layout>,
+    temp: TempFile,
+    sink: Option<Sink>,
+    pending: Vec<u8>,
+    written: u64,
+}
+
+impl std::fmt::Debug for BlobWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlobWriter")
+            .field("digest", &self.digest)
+            .field("temp", &self.temp.0)
+            .field("written", &self.written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlobWriter {
+    /// Appends to the temp file and updates the sha256 (batched: bytes are
+    /// hashed and written on the blocking pool every [`FLUSH_AT`] bytes).
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        if self.sink.is_none() {
+            return Err(StoreError::WriterBroken {
+                digest: self.digest.clone(),
+            });
+        }
+        self.pending.extend_from_slice(chunk);
+        self.written += chunk.len() as u64;
+        if self.pending.len() >= FLUSH_AT {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Bytes accepted by `write` so far.
+    pub fn bytes_written(&self) -> u64 {
+        self.written
+    }
+
+    async fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let Some(mut sink) = self.sink.take() else {
+            return Err(StoreError::WriterBroken {
+                digest: self.digest.clone(),
+            });
+        };
+        let mut buf = std::mem::take(&mut self.pending);
+        let path = self.temp.0.clone().unwrap_or_default();
+        let p = path.clone();
+        let (sink, buf) = blocking("write", &path, move || {
+            sink.hasher.update(&buf);
+            sink.file.write_all(&buf).map_err(io_err("write", &p))?;
+            buf.clear();
+            Ok((sink, buf))
+        })
+        .await?;
+        self.sink = Some(sink);
+        self.pending = buf; // keep the allocation
+        Ok(())
+    }
+
+    /// Verifies sha256 == expected digest. On match: fsync the file, write
+    /// the meta sidecar, rename into place, fsync the directory, and return
+    /// the blob. On mismatch: delete the temp file, `Err(DigestMismatch)`. If
+    /// the blob already exists (another writer won the race), the temp file
+    /// is dropped and the existing blob returned.
+    ///
+    /// The final step runs to completion on the blocking pool even if this
+    /// future is dropped, so a commit is never left half done.
+    pub async fn commit(mut self) -> Result<CachedBlob, StoreError> {
+        self.flush().await?;
+        let Some(sink) = self.sink.take() else {
+            return Err(StoreError::WriterBroken {
+                digest: self.digest.clone(),
+            });
+        };
+        let Some(temp_path) = self.temp.take() else {
+            return Err(StoreError::WriterBroken {
+                digest: self.digest.clone(),
+            });
+        };
+        let temp = TempFile(Some(temp_path.clone()));
+        let (layout, digest, meta, bytes) = (
+            Arc::clone(&self.layout),
+            self.digest.clone(),
+            self.meta.clone(),
+            self.written,
+        );
+        blocking("commit", &temp_path, move || {
+            finish(&layout, digest, meta, bytes, sink, temp)
+        })
+        .await
+    }
+
+    /// Discards the temp file.
+    pub async fn abort(mut self) {
+        self.sink = None;
+        if let Some(p) = self.temp.take()
+            && let Err(e) = tokio::fs::remove_file(&p).await
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove temp file");
+        }
+    }
+}
+
+/// The blocking part of `commit`. `temp` removes the temp file on every
+/// path that does not rename it into place.
+fn finish(
+    layout: &Layout,
+    digest: Digest,
+    meta: BlobMeta,
+    bytes: u64,
+    sink: Sink,
+    mut temp: TempFile,
+) -> Result<CachedBlob, StoreError> {
+    let Sink { file, hasher } = sink;
+    let actual = digest_of_hash(&hasher.finalize());
+    if actual != digest {
+        drop(file);
+        drop(temp);
+        return Err(StoreError::DigestMismatch {
+            expected: digest,
+            actual,
+            bytes,
+        });
+    }
+    if let Some(mut found) = existing(layout, &digest)? {
+        drop(file);
+        drop(temp);
+        // Fill in a sidecar an earlier writer did not have.
+        if found.meta == BlobMeta::default() && meta != BlobMeta::default() {
+            write_meta(layout, &digest, &meta)?;
+            fsync_dir(&layout.shard(&digest))?;
+            found.meta = meta;
+        }
+        return Ok(found);
+    }
+    let temp_path = temp.0.clone().unwrap_or_default();
+    file.sync_all().map_err(io_err("fsync", &temp_path))?;
+    drop(file);
+    write_meta(layout, &digest, &meta)?;
+    let data = layout.data(&digest);
+    fs::rename(&temp_path, &data).map_err(io_err("rename into place", &data))?;
+    temp.take(); // renamed: nothing left to clean up
+    fsync_dir(&layout.shard(&digest))?;
+    Ok(CachedBlob {
+        digest,
+        path: data,
+        size: bytes,
+        meta,
+    })
+}
+
+/// Writes the meta sidecar atomically (temp file, fsync, rename).
+fn write_meta(layout: &Layout, digest: &Digest, meta: &BlobMeta) -> Result<(), StoreError> {
+    let json = serde_json::to_vec(meta).map_err(|e| StoreError::Io {
+        action: "serialise meta for",
+        path: layout.meta(digest),
+        source: io::Error::other(e),
+    })?;
+    let mut tmp = TempFile(Some(layout.temp(digest, "json.tmp")));
+    let tmp_path = tmp.0.clone().unwrap_or_default();
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp_path)
+        .map_err(io_err("create", &tmp_path))?;
+    f.write_all(&json).map_err(io_err("write", &tmp_path))?;
+    f.sync_all().map_err(io_err("fsync", &tmp_path))?;
+    drop(f);
+    let dest = layout.meta(digest);
+    fs::rename(&tmp_path, &dest).map_err(io_err("rename into place", &dest))?;
+    tmp.take(); // renamed: nothing left to clean up
+    Ok(())
+}
+
+/// The committed blob for `digest`, if any (blocking).
+fn existing(layout: &Layout, digest: &Digest) -> Result<Option<CachedBlob>, StoreError> {
+    let path = layout.data(digest);
+    let md = match fs::metadata(&path) {
+        Ok(md) if md.is_file() => md,
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("stat", &path)(e)),
+    };
+    let meta_path = layout.meta(digest);
+    let meta = match fs::read(&meta_path) {
+        Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+            tracing::warn!(path = %meta_path.display(), error = %e, "unreadable blob meta; using defaults");
+            BlobMeta::default()
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => BlobMeta::default(),
+        Err(e) => return Err(io_err("read", &meta_path)(e)),
+    };
+    Ok(Some(CachedBlob {
+        digest: digest.clone(),
+        path,
+        size: md.len(),
+        meta,
+    }))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync directory", dir))
+}
+
+#[allow(clippy::expect_used)]
+fn digest_of_hash(hash: &[u8]) -> Digest {
+    Digest::parse(&format!("sha256:{}", hex::encode(hash)))
+        .expect("a hex-encoded sha256 is a valid digest")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn meta(mt: &str) -> BlobMeta {
+        BlobMeta {
+            media_type: Some(mt.to_string()),
+        }
+    }
+
+    /// Deterministic pseudo-random content.
+    fn content(len: usize) -> Vec<u8> {
+        let mut x: u32 = 0x1234_5678;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Every file below `dir`, recursively.
+    fn files(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    out.push(p);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    fn tmp_files(dir: &Path) -> Vec<PathBuf> {
+        files(&dir.join("tmp"))
+    }
+
+    fn blob_files(dir: &Path) -> Vec<PathBuf> {
+        files(&dir.join("blobs"))
+    }
+
+    #[tokio::test]
+    async fn chunked_write_commit_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let data = content(1_000_000 + 17); // several flush batches + a tail
+        let digest = Digest::of(&data);
+        let mt = "application/vnd.oci.image.layer.v1.tar+gzip";
+
+        let mut w = store.begin(&digest, meta(mt)).await.unwrap();
+        for chunk in data.chunks(64 * 1024 - 3) {
+            w.write(chunk).await.unwrap();
+        }
+        assert_eq!(w.bytes_written(), data.len() as u64);
+        let committed = w.commit().await.unwrap();
+        assert_eq!(committed.size, data.len() as u64);
+        assert_eq!(committed.meta, meta(mt));
+
+        let found = store.lookup(&digest).await.unwrap().expect("committed");
+        assert_eq!(found.digest, digest);
+        assert_eq!(found.size, data.len() as u64);
+        assert_eq!(found.meta, meta(mt));
+        let hex = digest.hex();
+        assert_eq!(
+            found.path,
+            dir.path().join("blobs/sha256").join(&hex[..2]).join(hex)
+        );
+        let on_disk = fs::read(&found.path).unwrap();
+        assert_eq!(Digest::of(&on_disk), digest);
+        assert!(tmp_files(dir.path()).is_empty());
+        assert_eq!(blob_files(dir.path()).len(), 2); // data + sidecar
+
+        // A store reopened on the same dir still finds it.
+        drop(store);
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let again = store.lookup(&digest).await.unwrap().expect("persisted");
+        assert_eq!(again.meta, meta(mt));
+        assert_eq!(again.size, data.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn wrong_bytes_are_rejected_and_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let good = content(300_000);
+        let digest = Digest::of(&good);
+        let mut bad = good.clone();
+        bad[123_456] ^= 1;
+
+        let mut w = store.begin(&digest, BlobMeta::default()).await.unwrap();
+        for chunk in bad.chunks(32 * 1024) {
+            w.write(chunk).await.unwrap();
+        }
+        match w.commit().await {
+            Err(StoreError::DigestMismatch {
+                expected,
+                actual,
+                bytes,
+            }) => {
+                assert_eq!(expected, digest);
+                assert_eq!(actual, Digest::of(&bad));
+                assert_eq!(bytes, bad.len() as u64);
+            }
+            other => panic!("expected DigestMismatch, got {other:?}"),
+        }
+        // A short body is a mismatch too.
+        let mut w = store.begin(&digest, BlobMeta::default()).await.unwrap();
+        w.write(&good[..1000]).await.unwrap();
+        assert!(matches!(
+            w.commit().await,
+            Err(StoreError::DigestMismatch { bytes: 1000, .. })
+        ));
+        // And through put.
+        assert!(matches!(
+            store.put(&digest, BlobMeta::default(), b"nope").await,
+            Err(StoreError::DigestMismatch { .. })
+        ));
+
+        assert!(store.lookup(&digest).await.unwrap().is_none());
+        assert!(tmp_files(dir.path()).is_empty());
+        assert!(blob_files(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn dropped_and_aborted_writers_leave_no_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let data = content(400_000);
+        let digest = Digest::of(&data);
+
+        let mut w = store.begin(&digest, BlobMeta::default()).await.unwrap();
+        w.write(&data[..300_000]).await.unwrap(); // flushed to the temp file
+        assert_eq!(tmp_files(dir.path()).len(), 1);
+        drop(w);
+        assert!(tmp_files(dir.path()).is_empty());
+
+        let mut w = store.begin(&digest, BlobMeta::default()).await.unwrap();
+        w.write(&data[..300_000]).await.unwrap();
+        assert_eq!(tmp_files(dir.path()).len(), 1);
+        w.abort().await;
+        assert!(tmp_files(dir.path()).is_empty());
+
+        assert!(store.lookup(&digest).await.unwrap().is_none());
+        assert!(blob_files(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn open_removes_leftover_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = dir.path().join("tmp");
+        fs::create_dir_all(tmp.join("stray-dir")).unwrap();
+        fs::write(tmp.join("abc.1.2.3.tmp"), b"half a layer").unwrap();
+        fs::write(tmp.join("abc.1.2.4.json.tmp"), b"{").unwrap();
+        fs::write(tmp.join("stray-dir/x"), b"x").unwrap();
+
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        assert!(tmp.is_dir());
+        assert!(fs::read_dir(&tmp).unwrap().next().is_none());
+        // And the store works afterwards.
+        let d = Digest::of(b"x");
+        store.put(&d, BlobMeta::default(), b"x").await.unwrap();
+        assert!(store.lookup(&d).await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn concurrent_writers_of_one_digest_both_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(BlobStore::open(dir.path()).await.unwrap());
+        let data = Arc::new(content(700_000));
+        let digest = Digest::of(&data);
+        let barrier = Arc::new(tokio::sync::Barrier::new(2));
+
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let (store, data, digest, barrier) = (
+                Arc::clone(&store),
+                Arc::clone(&data),
+                digest.clone(),
+                Arc::clone(&barrier),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut w = store.begin(&digest, meta("m")).await.unwrap();
+                barrier.wait().await; // both writers in flight at once
+                for chunk in data.chunks(16 * 1024) {
+                    w.write(chunk).await.unwrap();
+                }
+                barrier.wait().await; // both about to commit
+                w.commit().await
+            }));
+        }
+        for t in tasks {
+            let blob = t.await.unwrap().unwrap();
+            assert_eq!(blob.digest, digest);
+            assert_eq!(blob.size, data.len() as u64);
+        }
+        let hex = digest.hex();
+        let shard = dir.path().join("blobs/sha256").join(&hex[..2]);
+        assert_eq!(
+            blob_files(dir.path()),
+            vec![shard.join(hex), shard.join(format!("{hex}.json"))]
+        );
+        assert!(tmp_files(dir.path()).is_empty());
+        let found = store.lookup(&digest).await.unwrap().unwrap();
+        assert_eq!(fs::read(&found.path).unwrap(), *data);
+    }
+
+    #[tokio::test]
+    async fn put_small_object_and_remove() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let manifest = br#"{"schemaVersion":2}"#;
+        let digest = Digest::of(manifest);
+        let mt = "application/vnd.oci.image.manifest.v1+json";
+
+        let blob = store.put(&digest, meta(mt), manifest).await.unwrap();
+        assert_eq!(blob.size, manifest.len() as u64);
+        assert_eq!(fs::read(&blob.path).unwrap(), manifest);
+        let found = store.lookup(&digest).await.unwrap().unwrap();
+        assert_eq!(found.meta, meta(mt));
+
+        // A second put of the same object returns the existing one.
+        let again = store.put(&digest, meta(mt), manifest).await.unwrap();
+        assert_eq!(again.path, blob.path);
+        assert_eq!(blob_files(dir.path()).len(), 2);
+
+        assert!(store.remove(&digest).await.unwrap());
+        assert!(store.lookup(&digest).await.unwrap().is_none());
+        assert!(blob_files(dir.path()).is_empty());
+        assert!(!store.remove(&digest).await.unwrap());
+        assert!(tmp_files(dir.path()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_sidecar_gives_default_meta() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let digest = Digest::of(b"abc");
+        store.put(&digest, meta("x/y"), b"abc").await.unwrap();
+        fs::remove_file(store.layout.meta(&digest)).unwrap();
+        let found = store.lookup(&digest).await.unwrap().unwrap();
+        assert_eq!(found.meta, BlobMeta::default());
+        assert_eq!(found.size, 3);
+    }
+
+    #[tokio::test]
+    async fn lookup_during_write_sees_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let data = content(600_000);
+        let digest = Digest::of(&data);
+
+        let mut w = store.begin(&digest, BlobMeta::default()).await.unwrap();
+        w.write(&data[..500_000]).await.unwrap(); // partly on disk in tmp/
+        assert!(store.lookup(&digest).await.unwrap().is_none());
+        assert!(blob_files(dir.path()).is_empty());
+        w.write(&data[500_000..]).await.unwrap();
+        assert!(store.lookup(&digest).await.unwrap().is_none());
+        w.commit().await.unwrap();
+        assert_eq!(
+            store.lookup(&digest).await.unwrap().unwrap().size,
+            data.len() as u64
+        );
+    }
+}

@@ -1,0 +1,1056 @@
+//! The request pipeline: route, then answer from the cache or fetch from
+//! the upstream while caching, and log one line per request.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use pullthrough_api::config::{ProxyConfig, RegistryConfig};
+use tokio::sync::mpsc;
+
+use crate::access_log::{CacheResult, Kind, Logged, Record};
+use crate::body::{self, Body};
+use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError};
+use crate::cache::tags::{TagCache, TagEntry};
+use crate::oci::{self, Digest, ErrorCode, Reference};
+use crate::route::{ApiRequest, Router, Target, Via};
+use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
+
+/// Largest manifest the proxy buffers (the distribution spec suggests 4 MiB).
+const MAX_MANIFEST: usize = 16 << 20;
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+
+/// What one config snapshot needs at request time; swapped whole on reload.
+pub struct State {
+    pub config: ProxyConfig,
+    pub router: Router,
+    pub upstreams: Upstreams,
+}
+
+/// Shared by every connection for the process lifetime.
+pub struct Shared {
+    pub state: ArcSwap<State>,
+    pub store: BlobStore,
+    pub tags: TagCache,
+}
+
+/// Serves one request and wraps its body so the access line is written
+/// when the body is done.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    sni: Option<Arc<str>>,
+) -> Response<Logged> {
+    let host = request_host(&req, sni.as_deref());
+    let mut record = Record::new(req.method().as_str(), &host, req.uri().path());
+    let span = tracing::debug_span!("request", method = %req.method(), host = %host, path = %req.uri().path());
+    let _enter = span.enter();
+    drop(_enter);
+    let resp = match serve(&shared, req, &host, &mut record).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::warn!(error = %err, registry = %record.registry, path = %record.path, "request failed");
+            if record.cache != CacheResult::Denied {
+                record.cache = CacheResult::Pass;
+            }
+            err.into_response()
+        }
+    };
+    record.status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Logged::new(body, record))
+}
+
+fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+        .or_else(|| sni.map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Failures that end a request with an OCI error.
+#[derive(Debug, thiserror::Error)]
+enum HandlerError {
+    #[error("refused: {message}")]
+    Refused {
+        status: StatusCode,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("upstream {registry}: {source}")]
+    Upstream {
+        registry: String,
+        #[source]
+        source: UpstreamError,
+    },
+    #[error("upstream {registry} sent a bad response: {message}")]
+    BadUpstream { registry: String, message: String },
+    #[error("cache: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl HandlerError {
+    fn into_response(self) -> Response<Body> {
+        let (status, code, message) = match &self {
+            HandlerError::Refused {
+                status,
+                code,
+                message,
+            } => (*status, *code, message.clone()),
+            HandlerError::Upstream { .. } | HandlerError::BadUpstream { .. } => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::Unavailable,
+                self.to_string(),
+            ),
+            HandlerError::Store(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Unavailable,
+                "cache error".to_string(),
+            ),
+        };
+        oci::error_response(status, code, &message).map(body::full)
+    }
+}
+
+fn refused(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> HandlerError {
+    HandlerError::Refused {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+async fn serve(
+    shared: &Shared,
+    req: Request<Incoming>,
+    host: &str,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let state = shared.state.load_full();
+    let target = match state.router.route(
+        Some(host).filter(|h| !h.is_empty()),
+        req.uri().path(),
+        req.uri().query(),
+    ) {
+        Ok(t) => t,
+        Err(refusal) => {
+            record.cache = CacheResult::Denied;
+            return Err(refused(refusal.status, refusal.code, refusal.message));
+        }
+    };
+
+    match target {
+        Target::LocalPing => {
+            record.kind = Kind::Ping;
+            record.cache = CacheResult::Hit;
+            let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            resp.headers_mut()
+                .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+            Ok(resp)
+        }
+        Target::Token {
+            registry,
+            auth_host,
+        } => {
+            record.registry = registry.to_string();
+            record.kind = Kind::Token;
+            record.cache = CacheResult::Pass;
+            let client = client_for(&state, &registry)?;
+            if req.method() != Method::GET {
+                return Err(refused(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    ErrorCode::Unsupported,
+                    "only GET token requests are relayed",
+                ));
+            }
+            let path_q = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let url = parse_url(&format!("https://{auth_host}{path_q}"), &registry)?;
+            let headers = forward_headers(req.headers(), true);
+            pass_through(client, &registry, Method::GET, url, headers).await
+        }
+        Target::Registry {
+            registry,
+            request,
+            via,
+        } => {
+            record.registry = registry.to_string();
+            record.repository = request.repo().unwrap_or_default().to_string();
+            record.via = match via {
+                Via::Ns => "ns",
+                Via::PathPrefix => "path",
+                Via::Host => "host",
+                Via::Default => "default",
+            };
+            let reg_config = state
+                .config
+                .registry(&registry)
+                .ok_or_else(|| {
+                    refused(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::NameUnknown,
+                        "registry vanished",
+                    )
+                })?
+                .clone();
+            let ctx = Ctx {
+                shared,
+                client: client_for(&state, &registry)?,
+                registry: &reg_config,
+                read_timeout: state.config.upstream_timeouts.read,
+            };
+            registry_request(ctx, req, request, record).await
+        }
+    }
+}
+
+fn client_for<'a>(state: &'a State, registry: &str) -> Result<&'a UpstreamClient, HandlerError> {
+    state.upstreams.client(registry).ok_or_else(|| {
+        refused(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            format!("no upstream for {registry}"),
+        )
+    })
+}
+
+struct Ctx<'a> {
+    shared: &'a Shared,
+    client: &'a UpstreamClient,
+    registry: &'a RegistryConfig,
+    read_timeout: Duration,
+}
+
+impl Ctx<'_> {
+    fn url(&self, path: &str, query: Option<&str>) -> Result<Uri, HandlerError> {
+        let query = query
+            .map(strip_ns)
+            .filter(|q| !q.is_empty())
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default();
+        parse_url(
+            &format!("{}{path}{query}", self.registry.upstream_url()),
+            &self.registry.host,
+        )
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: Uri,
+        headers: HeaderMap,
+    ) -> Result<crate::upstream::UpstreamResponse, HandlerError> {
+        self.client
+            .send(method, url, headers)
+            .await
+            .map_err(|source| HandlerError::Upstream {
+                registry: self.registry.host.clone(),
+                source,
+            })
+    }
+}
+
+async fn registry_request(
+    ctx: Ctx<'_>,
+    req: Request<Incoming>,
+    request: ApiRequest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let method = req.method().clone();
+    let read_only = method == Method::GET || method == Method::HEAD;
+    if !read_only || matches!(request, ApiRequest::Upload { .. }) {
+        record.kind = Kind::Other;
+        if !ctx.registry.allow_push {
+            record.cache = CacheResult::Denied;
+            return Err(refused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                format!(
+                    "pushing to {} through this proxy is not enabled (allowPush)",
+                    ctx.registry.host
+                ),
+            ));
+        }
+        record.cache = CacheResult::Pass;
+        return Err(refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "push pass-through is not available in this build",
+        ));
+    }
+    let headers = req.headers().clone();
+    let query = req.uri().query().map(str::to_string);
+    match request {
+        ApiRequest::Ping => {
+            record.kind = Kind::Ping;
+            record.cache = CacheResult::Pass;
+            let url = ctx.url("/v2/", None)?;
+            pass_through(
+                ctx.client,
+                &ctx.registry.host,
+                method,
+                url,
+                forward_headers(&headers, true),
+            )
+            .await
+        }
+        ApiRequest::Other { .. } => {
+            record.kind = Kind::Other;
+            record.cache = CacheResult::Pass;
+            let url = ctx.url(&request.upstream_path(), query.as_deref())?;
+            pass_through(
+                ctx.client,
+                &ctx.registry.host,
+                method,
+                url,
+                forward_headers(&headers, true),
+            )
+            .await
+        }
+        ApiRequest::Manifest {
+            ref repo,
+            reference: Reference::Digest(ref digest),
+        } => {
+            record.kind = Kind::Manifest;
+            record.reference = digest.to_string();
+            record.digest = digest.to_string();
+            manifest_by_digest(&ctx, &method, &headers, repo, digest, record).await
+        }
+        ApiRequest::Manifest {
+            ref repo,
+            reference: Reference::Tag(ref tag),
+        } => {
+            record.kind = Kind::Tag;
+            record.reference = tag.clone();
+            manifest_by_tag(&ctx, &method, &headers, repo, tag, record).await
+        }
+        ApiRequest::Blob {
+            ref repo,
+            ref digest,
+        } => {
+            record.kind = Kind::Blob;
+            record.reference = digest.to_string();
+            record.digest = digest.to_string();
+            blob(&ctx, &method, &headers, repo, digest, record).await
+        }
+        ApiRequest::Upload { .. } => Err(refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "uploads are not served",
+        )),
+    }
+}
+
+async fn manifest_by_digest(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    repo: &str,
+    digest: &Digest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    if let Some(cached) = ctx.shared.store.lookup(digest).await? {
+        record.cache = CacheResult::Hit;
+        return cached_manifest(cached, method).await;
+    }
+    record.cache = CacheResult::Miss;
+    let url = ctx.url(&format!("/v2/{repo}/manifests/{digest}"), None)?;
+    let up = ctx
+        .send(method.clone(), url, forward_headers(headers, false))
+        .await?;
+    if up.response.status() != StatusCode::OK || *method == Method::HEAD {
+        if up.response.status() != StatusCode::OK {
+            record.cache = CacheResult::Pass;
+        }
+        return Ok(relay_response(up.response));
+    }
+    let (parts, incoming) = up.response.into_parts();
+    let bytes = read_limited(incoming, MAX_MANIFEST, ctx.read_timeout, &ctx.registry.host).await?;
+    let actual = Digest::of(&bytes);
+    if &actual != digest {
+        return Err(HandlerError::BadUpstream {
+            registry: ctx.registry.host.clone(),
+            message: format!("manifest {digest} arrived with digest {actual}; not cached"),
+        });
+    }
+    let media_type = content_type(&parts.headers);
+    ctx.shared
+        .store
+        .put(
+            digest,
+            BlobMeta {
+                media_type: media_type.clone(),
+            },
+            &bytes,
+        )
+        .await?;
+    Ok(manifest_response(
+        digest,
+        media_type.as_deref(),
+        bytes.len() as u64,
+        body::full(bytes),
+    ))
+}
+
+async fn manifest_by_tag(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    repo: &str,
+    tag: &str,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let host = ctx.registry.host.as_str();
+    let known = ctx
+        .shared
+        .tags
+        .get(host, repo, tag)
+        .filter(|e| accepts(headers, &e.media_type));
+    if let Some(entry) = known.as_ref().filter(|e| e.is_fresh(ctx.registry.tag_ttl)) {
+        if let Some(resp) = tag_from_cache(ctx, entry, method).await? {
+            record.cache = CacheResult::Hit;
+            record.digest = entry.digest.to_string();
+            return Ok(resp);
+        }
+    }
+
+    record.cache = CacheResult::Miss;
+    let url = ctx.url(&format!("/v2/{repo}/manifests/{tag}"), None)?;
+    let up = match ctx
+        .send(method.clone(), url, forward_headers(headers, false))
+        .await
+    {
+        Ok(up) if !is_outage(up.response.status()) => up,
+        other => {
+            // Upstream down or failing: the last known answer keeps the
+            // cluster pulling (stale-if-error).
+            if let Some(entry) = &known
+                && let Some(resp) = tag_from_cache(ctx, entry, method).await?
+            {
+                record.cache = CacheResult::Stale;
+                record.digest = entry.digest.to_string();
+                tracing::warn!(
+                    registry = host,
+                    repository = repo,
+                    tag,
+                    "upstream failing; serving the last known digest"
+                );
+                return Ok(resp);
+            }
+            let up = other?;
+            record.cache = CacheResult::Pass;
+            return Ok(relay_response(up.response));
+        }
+    };
+    if up.response.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Ok(relay_response(up.response));
+    }
+    let (parts, incoming) = up.response.into_parts();
+    let media_type = content_type(&parts.headers);
+    let claimed = parts
+        .headers
+        .get(&DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok());
+
+    if *method == Method::HEAD {
+        if let (Some(digest), Some(mt)) = (&claimed, &media_type) {
+            let size = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            record.digest = digest.to_string();
+            ctx.shared.tags.put(
+                host,
+                repo,
+                tag,
+                TagEntry {
+                    digest: digest.clone(),
+                    media_type: mt.clone(),
+                    size,
+                    resolved_at: std::time::Instant::now(),
+                },
+            );
+        }
+        return Ok(relay_parts(parts, body::empty()));
+    }
+
+    let bytes = read_limited(incoming, MAX_MANIFEST, ctx.read_timeout, host).await?;
+    let digest = Digest::of(&bytes);
+    if let Some(claimed) = &claimed
+        && claimed != &digest
+    {
+        return Err(HandlerError::BadUpstream {
+            registry: host.to_string(),
+            message: format!(
+                "manifest {repo}:{tag} claims {claimed} but hashes to {digest}; not cached"
+            ),
+        });
+    }
+    record.digest = digest.to_string();
+    ctx.shared
+        .store
+        .put(
+            &digest,
+            BlobMeta {
+                media_type: media_type.clone(),
+            },
+            &bytes,
+        )
+        .await?;
+    if let Some(mt) = &media_type {
+        ctx.shared.tags.put(
+            host,
+            repo,
+            tag,
+            TagEntry {
+                digest: digest.clone(),
+                media_type: mt.clone(),
+                size: bytes.len() as u64,
+                resolved_at: std::time::Instant::now(),
+            },
+        );
+    }
+    Ok(manifest_response(
+        &digest,
+        media_type.as_deref(),
+        bytes.len() as u64,
+        body::full(bytes),
+    ))
+}
+
+/// Answers a tag from the cache when its manifest is stored.
+async fn tag_from_cache(
+    ctx: &Ctx<'_>,
+    entry: &TagEntry,
+    method: &Method,
+) -> Result<Option<Response<Body>>, HandlerError> {
+    match ctx.shared.store.lookup(&entry.digest).await? {
+        Some(cached) => Ok(Some(cached_manifest(cached, method).await?)),
+        None => Ok(None),
+    }
+}
+
+fn is_outage(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+async fn cached_manifest(
+    cached: CachedBlob,
+    method: &Method,
+) -> Result<Response<Body>, HandlerError> {
+    let body = if *method == Method::HEAD {
+        body::empty()
+    } else {
+        body::file(&cached.path, 0, cached.size)
+            .await
+            .map_err(|source| StoreError::Io {
+                action: "reading cached manifest",
+                path: cached.path.clone(),
+                source,
+            })?
+    };
+    Ok(manifest_response(
+        &cached.digest,
+        cached.meta.media_type.as_deref(),
+        cached.size,
+        body,
+    ))
+}
+
+fn manifest_response(
+    digest: &Digest,
+    media_type: Option<&str>,
+    size: u64,
+    body: Body,
+) -> Response<Body> {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    if let Some(mt) = media_type.and_then(|m| HeaderValue::from_str(m).ok()) {
+        h.insert(header::CONTENT_TYPE, mt);
+    }
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v.clone());
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{digest}\"")) {
+            h.insert(header::ETAG, etag);
+        }
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+async fn blob(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    repo: &str,
+    digest: &Digest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    if let Some(cached) = ctx.shared.store.lookup(digest).await? {
+        record.cache = CacheResult::Hit;
+        return cached_blob(cached, method, headers).await;
+    }
+    let url = ctx.url(&format!("/v2/{repo}/blobs/{digest}"), None)?;
+    let ranged = headers.contains_key(header::RANGE);
+    if *method == Method::HEAD || ranged {
+        // HEAD never spends an upstream GET; a range of an uncached blob is
+        // relayed as asked, without caching.
+        record.cache = CacheResult::Pass;
+        let up = ctx
+            .send(method.clone(), url, forward_headers(headers, true))
+            .await?;
+        return Ok(relay_response(up.response));
+    }
+    record.cache = CacheResult::Miss;
+    let up = ctx
+        .send(Method::GET, url, forward_headers(headers, false))
+        .await?;
+    if up.response.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Ok(relay_response(up.response));
+    }
+    let (parts, incoming) = up.response.into_parts();
+    let media_type = content_type(&parts.headers);
+    let writer = match ctx
+        .shared
+        .store
+        .begin(
+            digest,
+            BlobMeta {
+                media_type: media_type.clone(),
+            },
+        )
+        .await
+    {
+        Ok(w) => Some(w),
+        Err(err) => {
+            // A full or broken disk must not stop pulls: stream through.
+            tracing::warn!(error = %err, %digest, "cannot cache blob; passing it through");
+            record.cache = CacheResult::Pass;
+            None
+        }
+    };
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(fetch_blob(
+        incoming,
+        writer,
+        digest.clone(),
+        tx,
+        ctx.read_timeout,
+    ));
+    let mut resp = Response::new(body::channel(rx));
+    let h = resp.headers_mut();
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+        h.insert(header::CONTENT_LENGTH, len.clone());
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        media_type
+            .and_then(|m| HeaderValue::from_str(&m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    Ok(resp)
+}
+
+/// Copies an upstream blob body to the client and into the store. The last
+/// chunk is held back until the digest is verified, so a client never
+/// receives a complete body whose digest is wrong: on mismatch its response
+/// is aborted instead. The download continues if the client leaves, so the
+/// cache is filled for the next one.
+async fn fetch_blob(
+    mut incoming: Incoming,
+    mut writer: Option<crate::cache::store::BlobWriter>,
+    digest: Digest,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    read_timeout: Duration,
+) {
+    let mut held: Option<Bytes> = None;
+    let mut client_alive = true;
+    let abort = |tx: &mpsc::Sender<std::io::Result<Bytes>>, msg: String| {
+        let _ = tx.try_send(Err(std::io::Error::other(msg)));
+    };
+    loop {
+        let frame = match tokio::time::timeout(read_timeout, incoming.frame()).await {
+            Err(_) => {
+                tracing::warn!(%digest, "upstream stalled; aborting blob transfer");
+                abort(&tx, "upstream stalled".into());
+                if let Some(w) = writer.take() {
+                    w.abort().await;
+                }
+                return;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                tracing::warn!(%digest, error = %err, "upstream body failed; aborting blob transfer");
+                abort(&tx, format!("upstream body failed: {err}"));
+                if let Some(w) = writer.take() {
+                    w.abort().await;
+                }
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if let Some(w) = writer.as_mut()
+            && let Err(err) = w.write(&data).await
+        {
+            tracing::warn!(%digest, error = %err, "cache write failed; continuing as pass-through");
+            if let Some(w) = writer.take() {
+                w.abort().await;
+            }
+        }
+        if let Some(prev) = held.replace(data)
+            && client_alive
+            && tx.send(Ok(prev)).await.is_err()
+        {
+            client_alive = false;
+            if writer.is_none() {
+                return;
+            }
+        }
+    }
+    let verified = match writer.take() {
+        Some(w) => match w.commit().await {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::error!(%digest, error = %err, "blob not cached");
+                // Only a digest mismatch means the bytes are wrong; other
+                // commit failures (disk) leave a correct transfer.
+                !matches!(err, StoreError::DigestMismatch { .. })
+            }
+        },
+        None => true,
+    };
+    if verified {
+        if let Some(last) = held
+            && client_alive
+        {
+            let _ = tx.send(Ok(last)).await;
+        }
+    } else {
+        abort(&tx, format!("blob {digest} failed verification"));
+    }
+}
+
+async fn cached_blob(
+    cached: CachedBlob,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, HandlerError> {
+    let size = cached.size;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, size));
+    let (status, start, len) = match range {
+        None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, size),
+        Some(RangeSpec::Satisfiable(start, end)) => {
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Some(RangeSpec::Unsatisfiable) => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let body = if *method == Method::HEAD {
+        body::empty()
+    } else {
+        body::file(&cached.path, start, len)
+            .await
+            .map_err(|source| StoreError::Io {
+                action: "reading cached blob",
+                path: cached.path.clone(),
+                source,
+            })?
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::CONTENT_TYPE,
+        cached
+            .meta
+            .media_type
+            .as_deref()
+            .and_then(|m| HeaderValue::from_str(m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(cached.digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    Ok(resp)
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeSpec {
+    /// Not a single byte range we serve partially: send the whole body.
+    Ignore,
+    Satisfiable(u64, u64),
+    Unsatisfiable,
+}
+
+/// Parses a single `bytes=` range against `size` (multi-range requests get
+/// the whole body, which RFC 9110 allows).
+fn parse_range(value: &str, size: u64) -> RangeSpec {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeSpec::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeSpec::Ignore;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeSpec::Ignore;
+    };
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", "") => return RangeSpec::Ignore,
+        ("", suffix) => match suffix.parse::<u64>() {
+            Ok(0) => return RangeSpec::Unsatisfiable,
+            Ok(n) => (size.saturating_sub(n), size.saturating_sub(1)),
+            Err(_) => return RangeSpec::Ignore,
+        },
+        (s, "") => match s.parse::<u64>() {
+            Ok(s) => (s, size.saturating_sub(1)),
+            Err(_) => return RangeSpec::Ignore,
+        },
+        (s, e) => match (s.parse::<u64>(), e.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e => (s, e.min(size.saturating_sub(1))),
+            _ => return RangeSpec::Ignore,
+        },
+    };
+    if size == 0 || start >= size {
+        RangeSpec::Unsatisfiable
+    } else {
+        RangeSpec::Satisfiable(start, end)
+    }
+}
+
+/// Does the client's Accept cover `media_type`? No Accept header, or a
+/// wildcard, accepts anything.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let mut any = false;
+    for value in headers.get_all(header::ACCEPT) {
+        any = true;
+        let Ok(v) = value.to_str() else { continue };
+        for item in v.split(',') {
+            let item = item.split(';').next().unwrap_or_default().trim();
+            if item == media_type || item == "*/*" {
+                return true;
+            }
+        }
+    }
+    !any
+}
+
+fn content_type(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+}
+
+/// Headers the upstream should see. `range` forwards Range (pass-through
+/// only: cached fetches always take the whole blob).
+fn forward_headers(from: &HeaderMap, range: bool) -> HeaderMap {
+    let mut to = HeaderMap::new();
+    for name in [header::ACCEPT, header::AUTHORIZATION, header::USER_AGENT] {
+        for v in from.get_all(&name) {
+            to.append(name.clone(), v.clone());
+        }
+    }
+    if range && let Some(v) = from.get(header::RANGE) {
+        to.insert(header::RANGE, v.clone());
+    }
+    to
+}
+
+/// Relays an upstream response: status and end-to-end headers, body as is.
+fn relay_response(resp: Response<Incoming>) -> Response<Body> {
+    let (parts, incoming) = resp.into_parts();
+    relay_parts(parts, body::relay(incoming))
+}
+
+fn relay_parts(parts: http::response::Parts, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    *resp.status_mut() = parts.status;
+    for (name, value) in &parts.headers {
+        if !is_hop_by_hop(name) {
+            resp.headers_mut().append(name.clone(), value.clone());
+        }
+    }
+    resp
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "transfer-encoding"
+            | "upgrade"
+            | "te"
+            | "trailer"
+    )
+}
+
+async fn pass_through(
+    client: &UpstreamClient,
+    registry: &str,
+    method: Method,
+    url: Uri,
+    headers: HeaderMap,
+) -> Result<Response<Body>, HandlerError> {
+    let up = client
+        .send(method, url, headers)
+        .await
+        .map_err(|source| HandlerError::Upstream {
+            registry: registry.to_string(),
+            source,
+        })?;
+    Ok(relay_response(up.response))
+}
+
+async fn read_limited(
+    mut incoming: Incoming,
+    limit: usize,
+    read_timeout: Duration,
+    registry: &str,
+) -> Result<Bytes, HandlerError> {
+    let mut buf = Vec::new();
+    loop {
+        let frame = tokio::time::timeout(read_timeout, incoming.frame())
+            .await
+            .map_err(|_| HandlerError::BadUpstream {
+                registry: registry.to_string(),
+                message: "timed out reading a manifest".into(),
+            })?;
+        match frame {
+            None => break,
+            Some(Err(e)) => {
+                return Err(HandlerError::BadUpstream {
+                    registry: registry.to_string(),
+                    message: format!("manifest body failed: {e}"),
+                });
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if buf.len() + data.len() > limit {
+                        return Err(HandlerError::BadUpstream {
+                            registry: registry.to_string(),
+                            message: format!("manifest larger than {limit} bytes"),
+                        });
+                    }
+                    buf.extend_from_slice(&data);
+                }
+            }
+        }
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn parse_url(url: &str, registry: &str) -> Result<Uri, HandlerError> {
+    url.parse().map_err(|e| HandlerError::BadUpstream {
+        registry: registry.to_string(),
+        message: format!("cannot form upstream URL {url}: {e}"),
+    })
+}
+
+/// The query without containerd's `ns=` (the upstream must not see it).
+fn strip_ns(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|kv| !kv.starts_with("ns="))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), RangeSpec::Satisfiable(0, 9));
+        assert_eq!(
+            parse_range("bytes=90-", 100),
+            RangeSpec::Satisfiable(90, 99)
+        );
+        assert_eq!(
+            parse_range("bytes=-10", 100),
+            RangeSpec::Satisfiable(90, 99)
+        );
+        assert_eq!(
+            parse_range("bytes=50-500", 100),
+            RangeSpec::Satisfiable(50, 99)
+        );
+        assert_eq!(parse_range("bytes=100-", 100), RangeSpec::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("items=0-1", 100), RangeSpec::Ignore);
+        assert_eq!(parse_range("bytes=9-1", 100), RangeSpec::Ignore);
+    }
+
+    #[test]
+    fn accept_matching() {
+        let mut h = HeaderMap::new();
+        assert!(accepts(&h, "application/vnd.oci.image.manifest.v1+json"));
+        h.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json; q=0.9"),
+        );
+        assert!(accepts(
+            &h,
+            "application/vnd.docker.distribution.manifest.v2+json"
+        ));
+        assert!(!accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+    }
+
+    #[test]
+    fn ns_is_not_forwarded() {
+        assert_eq!(strip_ns("ns=docker.io&n=10"), "n=10");
+        assert_eq!(strip_ns("ns=docker.io"), "");
+    }
+}

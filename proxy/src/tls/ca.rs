@@ -1,0 +1,460 @@
+//! The CA: loading it from files, generating one into the data dir, and
+//! minting leaf certificates from it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+
+use super::{TlsError, der};
+
+/// Leaf lifetime.
+pub(super) const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
+/// Generated CA lifetime.
+const CA_VALIDITY: Duration = Duration::from_secs(3650 * 86_400);
+/// Back-dating of `notBefore`, for clients whose clocks run behind.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// A loaded CA closer than this to expiry is logged at warn.
+const CA_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
+const SELF_TEST_NAME: &str = "ca-self-test.pullthrough.invalid";
+
+pub(super) const CA_CERT_FILE: &str = "ca.crt";
+pub(super) const CA_KEY_FILE: &str = "ca.key";
+
+/// A loaded CA, ready to sign.
+pub(super) struct Ca {
+    issuer: rcgen::Issuer<'static, KeyPair>,
+    /// The CA certificate(s), normalized PEM (never the key).
+    pem: String,
+    /// Certificates sent after each leaf (those following the CA
+    /// certificate in its file, for an intermediate CA).
+    chain: Vec<CertificateDer<'static>>,
+    not_after: SystemTime,
+    /// Write authorityKeyIdentifier (the CA has a subjectKeyIdentifier).
+    use_aki: bool,
+    pub(super) subject_cn: String,
+    pub(super) cert_path: PathBuf,
+}
+
+/// A freshly minted leaf.
+pub(super) struct Minted {
+    /// Leaf first, then the CA's chain.
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
+    pub not_after: SystemTime,
+}
+
+impl Ca {
+    pub(super) fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    pub(super) fn not_after(&self) -> SystemTime {
+        self.not_after
+    }
+
+    /// Loads the CA from explicitly configured files.
+    pub(super) fn load_files(
+        cert: &Path,
+        key: &Path,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let cert_pem = read(cert, "CA certificate")?;
+        let key_pem = read(key, "CA key")?;
+        let ca = Self::from_pem(&cert_pem, cert, &key_pem, key, provider)?;
+        tracing::info!(
+            cert = %cert.display(),
+            key = %key.display(),
+            subject = %ca.subject_cn,
+            not_after = %humantime::format_rfc3339_seconds(ca.not_after),
+            "loaded TLS CA"
+        );
+        Ok(ca)
+    }
+
+    /// Loads `<data_dir>/ca.crt` + `ca.key`, generating and writing them
+    /// first when absent.
+    pub(super) fn load_or_generate_in(
+        data_dir: &Path,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let cert_path = data_dir.join(CA_CERT_FILE);
+        let key_path = data_dir.join(CA_KEY_FILE);
+        let cert_exists = exists(&cert_path)?;
+        let key_exists = exists(&key_path)?;
+        if cert_exists && key_exists {
+            warn_if_key_readable(&key_path);
+            return Self::load_files(&cert_path, &key_path, provider);
+        }
+        if cert_exists {
+            // The certificate may already be trusted by nodes: a new CA
+            // would silently break them, so let a human decide.
+            return Err(TlsError::Incomplete {
+                present: cert_path,
+                missing: key_path,
+            });
+        }
+        // Neither file, or a key left by a crash between the two writes
+        // (the key is written first): its certificate was never published.
+        fs::create_dir_all(data_dir).map_err(|source| TlsError::Write {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let (cert_pem, key_pem) = generate().map_err(|e| TlsError::Generate {
+            path: cert_path.clone(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
+        write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
+        let ca = Self::from_pem(
+            cert_pem.as_bytes(),
+            &cert_path,
+            key_pem.as_bytes(),
+            &key_path,
+            provider,
+        )?;
+        tracing::info!(
+            cert = %cert_path.display(),
+            key = %key_path.display(),
+            not_after = %humantime::format_rfc3339_seconds(ca.not_after),
+            "generated TLS CA; clients must trust {}", cert_path.display()
+        );
+        Ok(ca)
+    }
+
+    /// Checks and loads a CA from PEM text; the paths are for messages.
+    fn from_pem(
+        cert_pem: &[u8],
+        cert_path: &Path,
+        key_pem: &[u8],
+        key_path: &Path,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let invalid_cert = |reason: String| TlsError::Invalid {
+            what: "CA certificate",
+            path: cert_path.to_owned(),
+            reason,
+        };
+        let invalid_key = |reason: String| TlsError::Invalid {
+            what: "CA key",
+            path: key_path.to_owned(),
+            reason,
+        };
+
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid_cert(format!("not valid PEM: {e}")))?;
+        let Some(ca_der) = certs.first().cloned() else {
+            let hint = if contains(cert_pem, b"PRIVATE KEY-----") {
+                " (it holds a private key: is this the key file?)"
+            } else {
+                ""
+            };
+            return Err(invalid_cert(format!(
+                "no PEM CERTIFICATE block found{hint}"
+            )));
+        };
+        let info = der::parse_ca_cert(&ca_der)
+            .map_err(|e| invalid_cert(format!("not a usable X.509 certificate: {e}")))?;
+        if !info.is_ca {
+            return Err(TlsError::NotCa {
+                path: cert_path.to_owned(),
+                reason: "basicConstraints does not say cA=true (is this a leaf certificate?)"
+                    .into(),
+            });
+        }
+        if info.lacks_cert_sign {
+            return Err(TlsError::NotCa {
+                path: cert_path.to_owned(),
+                reason: "its keyUsage does not allow keyCertSign".into(),
+            });
+        }
+        let now = SystemTime::now();
+        if info.not_after <= now {
+            return Err(TlsError::Expired {
+                path: cert_path.to_owned(),
+                not_after: info.not_after,
+            });
+        }
+        if info.not_before > now + CLOCK_SKEW {
+            tracing::warn!(cert = %cert_path.display(),
+                not_before = %humantime::format_rfc3339_seconds(info.not_before),
+                "CA certificate is not valid yet (clock skew?)");
+        }
+        if info.not_after <= now + CA_EXPIRY_WARNING {
+            tracing::warn!(cert = %cert_path.display(),
+                not_after = %humantime::format_rfc3339_seconds(info.not_after),
+                "CA certificate expires soon; leaf certificates will not outlive it");
+        }
+
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
+            let hint = if contains(key_pem, b"ENCRYPTED PRIVATE KEY") {
+                " (encrypted keys are not supported)".to_string()
+            } else {
+                String::new()
+            };
+            invalid_key(format!("no usable PEM private key: {e}{hint}"))
+        })?;
+        let pkcs8 = match &key {
+            PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
+            // ring reads PKCS#8 only; the certificate names the algorithm.
+            other => der::wrap_pkcs8(&info.spki_algorithm, other.secret_der()),
+        };
+        let key_pair = KeyPair::try_from(&PrivatePkcs8KeyDer::from(pkcs8)).map_err(|e| {
+            invalid_key(format!(
+                "cannot use this key ({e}); supported: ECDSA P-256/P-384, Ed25519, RSA, \
+                 matching the certificate {}",
+                cert_path.display()
+            ))
+        })?;
+        if key_pair.public_key_raw() != info.public_key.as_slice() {
+            return Err(TlsError::KeyMismatch {
+                cert: cert_path.to_owned(),
+                key: key_path.to_owned(),
+            });
+        }
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = info.subject;
+        if let Some(ski) = &info.subject_key_id {
+            params.key_identifier_method = KeyIdMethod::PreSpecified(ski.clone());
+        }
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let ca = Self {
+            issuer: rcgen::Issuer::new(params, key_pair),
+            pem: certs.iter().map(|c| pem_encode(c)).collect(),
+            chain: certs[1..].to_vec(),
+            not_after: info.not_after,
+            use_aki: info.subject_key_id.is_some(),
+            subject_cn: info.subject_cn.unwrap_or_default(),
+            cert_path: cert_path.to_owned(),
+        };
+        ca.self_test(ca_der, provider)
+            .map_err(|reason| TlsError::Unusable {
+                path: cert_path.to_owned(),
+                reason,
+            })?;
+        Ok(ca)
+    }
+
+    /// Mints a leaf and verifies it against the CA as the only root, the
+    /// way clients will: catches subjects rcgen cannot reproduce, keys
+    /// that do not sign, and anything else that would fail every handshake.
+    fn self_test(
+        &self,
+        ca_der: CertificateDer<'static>,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<(), String> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(ca_der)
+            .map_err(|e| format!("not usable as a trust anchor: {e}"))?;
+        let verifier =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| format!("building a verifier: {e}"))?;
+        let san = SanType::DnsName(
+            SELF_TEST_NAME
+                .try_into()
+                .map_err(|e| format!("self-test name: {e}"))?,
+        );
+        let probe = self
+            .mint(vec![san], SELF_TEST_NAME, SystemTime::now())
+            .map_err(|e| format!("signing a test certificate: {e}"))?;
+        let name = ServerName::try_from(SELF_TEST_NAME).map_err(|e| e.to_string())?;
+        let (leaf, rest) = probe
+            .chain
+            .split_first()
+            .ok_or("signing a test certificate produced nothing")?;
+        verifier
+            .verify_server_cert(leaf, rest, &name, &[], UnixTime::now())
+            .map_err(|e| format!("a certificate it signs does not verify against it: {e}"))?;
+        Ok(())
+    }
+
+    /// Mints a server certificate for `sans` with a fresh P-256 key.
+    pub(super) fn mint(
+        &self,
+        sans: Vec<SanType>,
+        common_name: &str,
+        now: SystemTime,
+    ) -> Result<Minted, rcgen::Error> {
+        let not_after = (now + LEAF_VALIDITY).min(self.not_after);
+        let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        // X.520 caps commonName at 64 characters; the SANs are what counts.
+        if common_name.len() <= 64 {
+            dn.push(DnType::CommonName, common_name);
+        } else {
+            dn.push(DnType::CommonName, "pullthrough");
+        }
+        params.distinguished_name = dn;
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = self.use_aki;
+        params.not_before = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_before);
+        params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_after);
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let mut chain = Vec::with_capacity(1 + self.chain.len());
+        chain.push(cert.der().clone());
+        chain.extend(self.chain.iter().cloned());
+        Ok(Minted {
+            chain,
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            not_after,
+        })
+    }
+}
+
+/// A self-signed ECDSA P-256 CA: (certificate PEM, key PEM).
+fn generate() -> Result<(String, String), rcgen::Error> {
+    let now = SystemTime::now();
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, "pullthrough CA");
+    dn.push(DnType::OrganizationName, "pullthrough");
+    params.distinguished_name = dn;
+    // Path length 0: it signs leaves only.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.not_before =
+        rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
+    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now + CA_VALIDITY);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn since_epoch(t: SystemTime) -> Duration {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default()
+}
+
+fn read(path: &Path, what: &'static str) -> Result<Vec<u8>, TlsError> {
+    fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn exists(path: &Path) -> Result<bool, TlsError> {
+    path.try_exists().map_err(|source| TlsError::Read {
+        what: "CA file",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn warn_if_key_readable(path: &Path) {
+    if let Ok(meta) = fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(key = %path.display(), mode = format!("{:o}", mode & 0o777),
+                "CA key is readable by group or others; chmod 600 it");
+        }
+    }
+}
+
+/// Writes `path` atomically: a temp file in the same directory, fsync,
+/// rename, fsync of the directory.
+fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let nanos = since_epoch(SystemTime::now()).subsec_nanos();
+    let tmp = dir.join(format!(".{file_name}.tmp-{}-{nanos}", std::process::id()));
+    let result = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        file.write_all(contents)?;
+        file.sync_all()?;
+        drop(file);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(|source| TlsError::Write {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// PEM-encodes one certificate.
+fn pem_encode(der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                b64.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]));
+            } else {
+                b64.push('=');
+            }
+        }
+    }
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pem_encoding_round_trips() {
+        for len in [0usize, 1, 2, 3, 47, 48, 49, 500] {
+            let der: Vec<u8> = (0..len).map(|i| (i * 7 % 256) as u8).collect();
+            let pem = pem_encode(&der);
+            if len == 0 {
+                continue;
+            }
+            let back = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            assert_eq!(back.as_ref(), &der[..], "len {len}");
+        }
+    }
+}
