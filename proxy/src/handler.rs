@@ -14,6 +14,7 @@ use pullthrough_api::config::{ProxyConfig, RegistryConfig};
 use tokio::sync::mpsc;
 
 use crate::access_log::{CacheResult, Kind, Logged, Record};
+use crate::auth::{AnonymousTokens, parse_bearer};
 use crate::body::{self, Body};
 use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError};
 use crate::cache::tags::{TagCache, TagEntry};
@@ -38,6 +39,7 @@ pub struct Shared {
     pub state: ArcSwap<State>,
     pub store: BlobStore,
     pub tags: TagCache,
+    pub tokens: AnonymousTokens,
 }
 
 /// Serves one request and wraps its body so the access line is written
@@ -213,6 +215,8 @@ async fn serve(
                 shared,
                 client: client_for(&state, &registry)?,
                 registry: &reg_config,
+                repo: request.repo().map(str::to_string),
+                via,
                 read_timeout: state.config.upstream_timeouts.read,
             };
             registry_request(ctx, req, request, record).await
@@ -234,6 +238,9 @@ struct Ctx<'a> {
     shared: &'a Shared,
     client: &'a UpstreamClient,
     registry: &'a RegistryConfig,
+    /// The repository asked for (scope of anonymous tokens).
+    repo: Option<String>,
+    via: Via,
     read_timeout: Duration,
 }
 
@@ -250,19 +257,59 @@ impl Ctx<'_> {
         )
     }
 
+    /// Sends to the upstream. A client without credentials gets the
+    /// proxy's anonymous token for the repository when the upstream
+    /// challenges (see [`crate::auth`]).
     async fn send(
         &self,
         method: Method,
         url: Uri,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
     ) -> Result<crate::upstream::UpstreamResponse, HandlerError> {
-        self.client
-            .send(method, url, headers)
+        let host = self.registry.host.as_str();
+        let scope = self.repo.as_ref().map(|r| format!("repository:{r}:pull"));
+        let anonymous = !headers.contains_key(header::AUTHORIZATION) && scope.is_some();
+        let scope = scope.unwrap_or_default();
+        if anonymous && let Some(token) = self.shared.tokens.get(host, &scope) {
+            insert_bearer(&mut headers, &token);
+        }
+        let map = |source| HandlerError::Upstream {
+            registry: host.to_string(),
+            source,
+        };
+        let resp = self
+            .client
+            .send(method.clone(), url.clone(), headers.clone())
             .await
-            .map_err(|source| HandlerError::Upstream {
-                registry: self.registry.host.clone(),
-                source,
-            })
+            .map_err(map)?;
+        if !anonymous || resp.response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = resp
+            .response
+            .headers()
+            .get(header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_bearer)
+        else {
+            return Ok(resp);
+        };
+        let Some(token) = self
+            .shared
+            .tokens
+            .fetch(
+                self.client,
+                host,
+                &challenge,
+                Some(&scope),
+                self.read_timeout,
+            )
+            .await
+        else {
+            return Ok(resp);
+        };
+        insert_bearer(&mut headers, &token);
+        self.client.send(method, url, headers).await.map_err(map)
     }
 }
 
@@ -288,11 +335,7 @@ async fn registry_request(
             ));
         }
         record.cache = CacheResult::Pass;
-        return Err(refused(
-            StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::Unsupported,
-            "push pass-through is not available in this build",
-        ));
+        return push_through(&ctx, req, &request).await;
     }
     let headers = req.headers().clone();
     let query = req.uri().query().map(str::to_string);
@@ -355,6 +398,79 @@ async fn registry_request(
             "uploads are not served",
         )),
     }
+}
+
+/// Relays a write (blob upload, manifest push) uncached, streaming the
+/// client's body; upload Locations that point at the upstream are rewritten
+/// to come back through the proxy the same way the request came.
+async fn push_through(
+    ctx: &Ctx<'_>,
+    req: Request<Incoming>,
+    request: &ApiRequest,
+) -> Result<Response<Body>, HandlerError> {
+    let (parts, incoming) = req.into_parts();
+    let url = ctx.url(&request.upstream_path(), parts.uri.query())?;
+    let mut headers = forward_headers(&parts.headers, false);
+    for name in [
+        header::CONTENT_TYPE,
+        header::CONTENT_LENGTH,
+        header::CONTENT_RANGE,
+    ] {
+        if let Some(v) = parts.headers.get(&name) {
+            headers.insert(name, v.clone());
+        }
+    }
+    let resp = ctx
+        .client
+        .send_body(parts.method, url, headers, body::relay(incoming))
+        .await
+        .map_err(|source| HandlerError::Upstream {
+            registry: ctx.registry.host.clone(),
+            source,
+        })?;
+    let mut resp = relay_response(resp);
+    if let Some(loc) = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|l| proxied_location(ctx, l))
+        .and_then(|l| HeaderValue::from_str(&l).ok())
+    {
+        resp.headers_mut().insert(header::LOCATION, loc);
+    }
+    Ok(resp)
+}
+
+/// Maps an upstream `Location` on the upstream's own origin to a path the
+/// client sends back to the proxy (with the registry prefix or `ns=` it
+/// used). Other Locations are left alone.
+fn proxied_location(ctx: &Ctx<'_>, location: &str) -> Option<String> {
+    let base = url::Url::parse(&ctx.registry.upstream_url()).ok()?;
+    let target = base.join(location).ok()?;
+    if target.origin() != base.origin() {
+        return None;
+    }
+    let path = target.path();
+    let mut query: Vec<String> = target
+        .query()
+        .map(|q| vec![q.to_string()])
+        .unwrap_or_default();
+    let path = match ctx.via {
+        Via::PathPrefix => {
+            let rest = path.strip_prefix("/v2/")?;
+            format!("/v2/{}/{rest}", ctx.registry.host)
+        }
+        Via::Ns => {
+            query.push(format!("ns={}", ctx.registry.host));
+            path.to_string()
+        }
+        Via::Host | Via::Default => path.to_string(),
+    };
+    Some(if query.is_empty() {
+        path
+    } else {
+        format!("{path}?{}", query.join("&"))
+    })
 }
 
 async fn manifest_by_digest(
@@ -885,6 +1001,12 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+}
+
+fn insert_bearer(headers: &mut HeaderMap, token: &str) {
+    if let Ok(v) = HeaderValue::from_str(&format!("Bearer {token}")) {
+        headers.insert(header::AUTHORIZATION, v);
+    }
 }
 
 /// Headers the upstream should see. `range` forwards Range (pass-through

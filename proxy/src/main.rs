@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 mod access_log;
 mod admin;
+mod auth;
 mod body;
 mod cache;
 mod config;
@@ -138,6 +139,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
         }),
         store,
         tags: Default::default(),
+        tokens: Default::default(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);

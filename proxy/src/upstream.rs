@@ -19,13 +19,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::ResolveHosts;
 use hickory_resolver::name_server::TokioConnectionProvider;
 use http::header::{self, HeaderMap, HeaderName};
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
@@ -137,7 +136,7 @@ pub struct UpstreamResponse {
 /// A pooled HTTP/1.1 + HTTP/2 client for one registry; cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<Connector, Empty<Bytes>>,
+    client: Client<Connector, crate::body::Body>,
     base: Uri,
     connect_timeout: Duration,
     read_timeout: Duration,
@@ -286,13 +285,42 @@ impl UpstreamClient {
         }
     }
 
+    /// Sends a request with a streamed body (push pass-through). Redirects
+    /// are not followed — a streamed body cannot be sent twice — and the
+    /// upstream's answer, 3xx included, is returned as is.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        url: Uri,
+        headers: HeaderMap,
+        body: crate::body::Body,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        Origin::of(&url).map_err(|reason| UpstreamError::BadUrl {
+            url: url.to_string(),
+            reason,
+        })?;
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = url.clone();
+        *request.headers_mut() = sanitize(headers);
+        let wait = self.connect_timeout + self.read_timeout;
+        match tokio::time::timeout(wait, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(classify(&url, &err)),
+            Err(_) => Err(UpstreamError::Timeout {
+                url: url.to_string(),
+                after: wait,
+            }),
+        }
+    }
+
     async fn exchange(
         &self,
         method: &Method,
         url: &Uri,
         headers: &HeaderMap,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = Request::new(Empty::<Bytes>::new());
+        let mut request = Request::new(crate::body::empty());
         *request.method_mut() = method.clone();
         *request.uri_mut() = url.clone();
         *request.headers_mut() = headers.clone();
@@ -754,6 +782,7 @@ mod tests {
     use pullthrough_testbed::registry::Registry;
 
     use super::*;
+    use bytes::Bytes;
 
     // --- helpers -----------------------------------------------------------
 
