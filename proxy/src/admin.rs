@@ -13,9 +13,15 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Serves `/healthz` (process alive) and `/readyz` (config and cache loaded,
-/// not shutting down) until `stop` flips.
-pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, mut stop: watch::Receiver<bool>) {
+/// Serves `/healthz` (process alive), `/readyz` (config and cache loaded,
+/// not shutting down) and `/ca.crt` (the CA clients must trust) until
+/// `stop` flips.
+pub async fn serve(
+    listener: TcpListener,
+    ready: Arc<AtomicBool>,
+    ca_pem: Arc<str>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer) = tokio::select! {
             res = listener.accept() => match res {
@@ -28,10 +34,12 @@ pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, mut stop: watc
             _ = stop.changed() => return,
         };
         let ready = ready.clone();
+        let ca_pem = ca_pem.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ready = ready.load(Ordering::Relaxed);
-                async move { Ok::<_, Infallible>(handle(&req, ready)) }
+                let resp = handle(&req, ready, &ca_pem);
+                async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(err) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -43,14 +51,18 @@ pub async fn serve(listener: TcpListener, ready: Arc<AtomicBool>, mut stop: watc
     }
 }
 
-fn handle(req: &Request<Incoming>, ready: bool) -> Response<Full<Bytes>> {
+fn handle(req: &Request<Incoming>, ready: bool, ca_pem: &str) -> Response<Full<Bytes>> {
     let (status, body) = match (req.uri().path(), ready) {
-        ("/healthz", _) => (StatusCode::OK, "ok\n"),
-        ("/readyz", true) => (StatusCode::OK, "ready\n"),
-        ("/readyz", false) => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+        ("/healthz", _) => (StatusCode::OK, Bytes::from_static(b"ok\n")),
+        ("/readyz", true) => (StatusCode::OK, Bytes::from_static(b"ready\n")),
+        ("/readyz", false) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(b"not ready\n"),
+        ),
+        ("/ca.crt", _) => (StatusCode::OK, Bytes::copy_from_slice(ca_pem.as_bytes())),
+        _ => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
     };
-    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     resp
 }

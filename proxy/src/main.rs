@@ -164,7 +164,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         ));
     }
     if let Some(l) = admin_listener {
-        tasks.spawn(admin::serve(l, ready.clone(), stop_rx.clone()));
+        let ca_pem: Arc<str> = Arc::from(issuer.ca_pem());
+        tasks.spawn(admin::serve(l, ready.clone(), ca_pem, stop_rx.clone()));
     }
     if let Some(path) = cli.config.clone() {
         let shared = shared.clone();

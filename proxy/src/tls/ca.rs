@@ -10,15 +10,20 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
+    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SignatureAlgorithm,
 };
+use rustls::SignatureScheme;
 use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
+use rustls::sign::Signer;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
 
-use super::{TlsError, der};
+use super::TlsError;
 
 /// Leaf lifetime.
 pub(super) const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
@@ -35,7 +40,7 @@ pub(super) const CA_KEY_FILE: &str = "ca.key";
 
 /// A loaded CA, ready to sign.
 pub(super) struct Ca {
-    issuer: rcgen::Issuer<'static, KeyPair>,
+    issuer: rcgen::Issuer<'static, CaKey>,
     /// The CA certificate(s), normalized PEM (never the key).
     pem: String,
     /// Certificates sent after each leaf (those following the CA
@@ -166,36 +171,44 @@ impl Ca {
                 "no PEM CERTIFICATE block found{hint}"
             )));
         };
-        let info = der::parse_ca_cert(&ca_der)
+        let (_, x509) = x509_parser::parse_x509_certificate(&ca_der)
             .map_err(|e| invalid_cert(format!("not a usable X.509 certificate: {e}")))?;
-        if !info.is_ca {
-            return Err(TlsError::NotCa {
-                path: cert_path.to_owned(),
-                reason: "basicConstraints does not say cA=true (is this a leaf certificate?)"
-                    .into(),
-            });
+        let not_ca = |reason: String| TlsError::NotCa {
+            path: cert_path.to_owned(),
+            reason,
+        };
+        let basic_constraints = x509
+            .basic_constraints()
+            .map_err(|e| invalid_cert(format!("basicConstraints: {e}")))?;
+        if !basic_constraints.is_some_and(|bc| bc.value.ca) {
+            return Err(not_ca(
+                "basicConstraints does not say cA=true (is this a leaf certificate?)".into(),
+            ));
         }
-        if info.lacks_cert_sign {
-            return Err(TlsError::NotCa {
-                path: cert_path.to_owned(),
-                reason: "its keyUsage does not allow keyCertSign".into(),
-            });
+        let key_usage = x509
+            .key_usage()
+            .map_err(|e| invalid_cert(format!("keyUsage: {e}")))?;
+        if key_usage.is_some_and(|ku| !ku.value.key_cert_sign()) {
+            return Err(not_ca("its keyUsage does not allow keyCertSign".into()));
         }
+        check_subject(x509.subject()).map_err(invalid_cert)?;
+        let not_before = system_time(x509.validity().not_before.timestamp());
+        let not_after = system_time(x509.validity().not_after.timestamp());
         let now = SystemTime::now();
-        if info.not_after <= now {
+        if not_after <= now {
             return Err(TlsError::Expired {
                 path: cert_path.to_owned(),
-                not_after: info.not_after,
+                not_after,
             });
         }
-        if info.not_before > now + CLOCK_SKEW {
+        if not_before > now + CLOCK_SKEW {
             tracing::warn!(cert = %cert_path.display(),
-                not_before = %humantime::format_rfc3339_seconds(info.not_before),
+                not_before = %humantime::format_rfc3339_seconds(not_before),
                 "CA certificate is not valid yet (clock skew?)");
         }
-        if info.not_after <= now + CA_EXPIRY_WARNING {
+        if not_after <= now + CA_EXPIRY_WARNING {
             tracing::warn!(cert = %cert_path.display(),
-                not_after = %humantime::format_rfc3339_seconds(info.not_after),
+                not_after = %humantime::format_rfc3339_seconds(not_after),
                 "CA certificate expires soon; leaf certificates will not outlive it");
         }
 
@@ -207,38 +220,33 @@ impl Ca {
             };
             invalid_key(format!("no usable PEM private key: {e}{hint}"))
         })?;
-        let pkcs8 = match &key {
-            PrivateKeyDer::Pkcs8(k) => k.secret_pkcs8_der().to_vec(),
-            // ring reads PKCS#8 only; the certificate names the algorithm.
-            other => der::wrap_pkcs8(&info.spki_algorithm, other.secret_der()),
-        };
-        let key_pair = KeyPair::try_from(&PrivatePkcs8KeyDer::from(pkcs8)).map_err(|e| {
+        let key = CaKey::load(key, provider).map_err(|e| {
             invalid_key(format!(
                 "cannot use this key ({e}); supported: ECDSA P-256/P-384, Ed25519, RSA, \
                  matching the certificate {}",
                 cert_path.display()
             ))
         })?;
-        if key_pair.public_key_raw() != info.public_key.as_slice() {
+        if key.der_bytes() != x509.public_key().subject_public_key.data.as_ref() {
             return Err(TlsError::KeyMismatch {
                 cert: cert_path.to_owned(),
                 key: key_path.to_owned(),
             });
         }
 
-        let mut params = CertificateParams::default();
-        params.distinguished_name = info.subject;
-        if let Some(ski) = &info.subject_key_id {
-            params.key_identifier_method = KeyIdMethod::PreSpecified(ski.clone());
-        }
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let use_aki = x509
+            .iter_extensions()
+            .any(|ext| ext.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER);
+        let subject_cn = common_name(&x509).unwrap_or_default();
+        let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, key)
+            .map_err(|e| invalid_cert(format!("cannot issue under this certificate: {e}")))?;
         let ca = Self {
-            issuer: rcgen::Issuer::new(params, key_pair),
+            issuer,
             pem: certs.iter().map(|c| pem_encode(c)).collect(),
             chain: certs[1..].to_vec(),
-            not_after: info.not_after,
-            use_aki: info.subject_key_id.is_some(),
-            subject_cn: info.subject_cn.unwrap_or_default(),
+            not_after,
+            use_aki,
+            subject_cn,
             cert_path: cert_path.to_owned(),
         };
         ca.self_test(ca_der, provider)
@@ -319,6 +327,104 @@ impl Ca {
             key: PrivatePkcs8KeyDer::from(key.serialize_der()),
             not_after,
         })
+    }
+}
+
+/// The CA's private key, loaded by the rustls provider (PKCS#8, SEC1 or
+/// PKCS#1; rcgen's ring backend reads PKCS#8 only) and signing for rcgen.
+struct CaKey {
+    signer: Box<dyn Signer>,
+    algorithm: &'static SignatureAlgorithm,
+    /// The subjectPublicKey bits.
+    public_key: Vec<u8>,
+}
+
+impl CaKey {
+    fn load(key: PrivateKeyDer<'static>, provider: &CryptoProvider) -> Result<Self, String> {
+        let key = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| e.to_string())?;
+        let spki = key
+            .public_key()
+            .ok_or("the provider cannot tell its public key")?;
+        let (_, spki) = SubjectPublicKeyInfo::from_der(&spki).map_err(|e| e.to_string())?;
+        let schemes = [
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            SignatureScheme::ED25519,
+            SignatureScheme::RSA_PKCS1_SHA256,
+        ];
+        let signer = key
+            .choose_scheme(&schemes)
+            .ok_or("unsupported key algorithm")?;
+        let algorithm = match signer.scheme() {
+            SignatureScheme::ECDSA_NISTP256_SHA256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            SignatureScheme::ECDSA_NISTP384_SHA384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            SignatureScheme::ED25519 => &rcgen::PKCS_ED25519,
+            SignatureScheme::RSA_PKCS1_SHA256 => &rcgen::PKCS_RSA_SHA256,
+            other => return Err(format!("unsupported signature scheme {other:?}")),
+        };
+        Ok(Self {
+            signer,
+            algorithm,
+            public_key: spki.subject_public_key.data.into_owned(),
+        })
+    }
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.algorithm
+    }
+}
+
+impl rcgen::SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.signer.sign(msg).map_err(|e| {
+            tracing::warn!(error = %e, "signing with the CA key failed");
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+/// rcgen re-issues under the subject as one value per attribute type and
+/// one attribute per RDN; refuse other subjects with a clear reason.
+fn check_subject(subject: &X509Name<'_>) -> Result<(), String> {
+    let mut seen = Vec::new();
+    for rdn in subject.iter() {
+        if rdn.iter().count() != 1 {
+            return Err("subject has a multi-valued RDN, which cannot be re-issued".into());
+        }
+        for attr in rdn.iter() {
+            if seen.contains(&attr.attr_type()) {
+                return Err("subject repeats an attribute type, which cannot be re-issued".into());
+            }
+            seen.push(attr.attr_type());
+        }
+    }
+    Ok(())
+}
+
+/// The subject's commonName, for logs.
+fn common_name(cert: &X509Certificate<'_>) -> Option<String> {
+    let attr = cert.subject().iter_common_name().next()?;
+    Some(match attr.as_str() {
+        Ok(s) => s.to_owned(),
+        Err(_) => String::from_utf8_lossy(attr.attr_value().data).into_owned(),
+    })
+}
+
+/// A certificate time (seconds since the epoch) as a `SystemTime`;
+/// times before 1970 clamp to the epoch.
+fn system_time(timestamp: i64) -> SystemTime {
+    match u64::try_from(timestamp) {
+        Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => SystemTime::UNIX_EPOCH,
     }
 }
 
@@ -415,30 +521,9 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError>
 
 /// PEM-encodes one certificate.
 fn pem_encode(der: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut b64 = String::with_capacity(der.len().div_ceil(3) * 4);
-    for chunk in der.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                b64.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 0x3f) as usize]));
-            } else {
-                b64.push('=');
-            }
-        }
-    }
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for line in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(line));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    // LF line endings: the file is read by shell tools and runtimes alike.
+    let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
+    pem::encode_config(&pem::Pem::new("CERTIFICATE", der.to_vec()), config)
 }
 
 #[cfg(test)]

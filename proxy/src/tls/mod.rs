@@ -7,7 +7,6 @@
 //! the proxy's own names gets no certificate: the handshake is refused.
 
 mod ca;
-mod der;
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -469,17 +468,17 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(key_mode & 0o777, 0o600);
-        let info = der::parse_ca_cert(
-            &CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                .next()
-                .unwrap()
-                .unwrap(),
-        )
-        .unwrap();
-        assert!(info.is_ca && !info.lacks_cert_sign);
-        assert_eq!(info.subject_cn.as_deref(), Some("pullthrough CA"));
-        let years = info
-            .not_after
+        let der = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        assert!(cert.basic_constraints().unwrap().unwrap().value.ca);
+        assert!(cert.key_usage().unwrap().unwrap().value.key_cert_sign());
+        let cn = cert.subject().iter_common_name().next().unwrap();
+        assert_eq!(cn.as_str().unwrap(), "pullthrough CA");
+        let not_after = u64::try_from(cert.validity().not_after.timestamp()).unwrap();
+        let years = (SystemTime::UNIX_EPOCH + Duration::from_secs(not_after))
             .duration_since(SystemTime::now())
             .unwrap()
             .as_secs()
@@ -543,7 +542,7 @@ mod tests {
         let test_ca = TestCa::new("sec1 CA").unwrap();
         let files = write_ca(dir.path(), &test_ca, "sec1");
         let pkcs8 = PrivateKeyDer::from_pem_slice(test_ca.key_pem().as_bytes()).unwrap();
-        let sec1 = der::unwrap_pkcs8(pkcs8.secret_der()).unwrap();
+        let sec1 = pkcs8_to_sec1(pkcs8.secret_der());
         let b64 = base64::engine::general_purpose::STANDARD.encode(sec1);
         let pem = format!("-----BEGIN EC PRIVATE KEY-----\n{b64}\n-----END EC PRIVATE KEY-----\n");
         std::fs::write(&files.key, pem).unwrap();
@@ -560,6 +559,16 @@ mod tests {
     }
 
     use rustls_pki_types::pem::PemObject;
+
+    /// The inner SEC1 key of a PKCS#8 `PrivateKeyInfo`.
+    fn pkcs8_to_sec1(pkcs8: &[u8]) -> Vec<u8> {
+        use x509_parser::asn1_rs::{Any, FromDer, OctetString, Sequence};
+        let (_, info) = Sequence::from_der(pkcs8).unwrap();
+        let (rest, _version) = u32::from_der(&info.content).unwrap();
+        let (rest, _algorithm) = Any::from_der(rest).unwrap();
+        let (_, key) = OctetString::from_der(rest).unwrap();
+        key.as_cow().to_vec()
+    }
 
     #[test]
     fn explicit_ca_errors_name_the_file() {
