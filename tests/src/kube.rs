@@ -8,10 +8,9 @@
 //! need explicitly and run the project's programs as processes authenticated
 //! with a ServiceAccount token ([`KubeApiserver::kubeconfig_for_token`]).
 
-use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use tempfile::TempDir;
 use crate::error::{Error, IoContext, Result};
 use crate::http::Get;
 use crate::net::free_port;
-use crate::process::{Process, describe, run};
+use crate::process::{Process, run, run_stdin};
 use crate::tls::TestCa;
 use crate::tools::{go_tool, system_tool};
 
@@ -419,48 +418,6 @@ fn kubeconfig_json(url: &str, ca_pem: &str, user: Value) -> String {
 fn base64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
-}
-
-/// Runs a command to completion with `input` on stdin; stdout, or an error
-/// with both streams.
-pub fn run_stdin(cmd: &mut Command, input: &str) -> Result<String> {
-    let shown = describe(cmd);
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .ctx(|| format!("running `{shown}`"))?;
-    let mut stdin = child
-        .stdin
-        .take()
-        .ok_or_else(|| Error::Other(format!("no stdin for `{shown}`")))?;
-    // Feed stdin from a thread so a child that writes a lot before reading
-    // everything cannot deadlock against us.
-    let input = input.to_owned();
-    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .ctx(|| format!("waiting for `{shown}`"))?;
-    let fed = writer
-        .join()
-        .map_err(|_| Error::Other(format!("stdin writer for `{shown}` panicked")))?;
-    if out.status.success() {
-        // A child that succeeds without reading all of its input (EPIPE) is
-        // its own business.
-        drop(fed);
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(Error::Command {
-            command: shown,
-            status: out.status.to_string(),
-            output: format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        })
-    }
 }
 
 /// `helm` with private cache/config/data homes and `$HOME` (nothing under

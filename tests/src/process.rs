@@ -189,6 +189,40 @@ pub fn run(cmd: &mut Command) -> Result<String> {
         .stdin(Stdio::null())
         .output()
         .ctx(|| format!("running `{shown}`"))?;
+    finish(shown, &out)
+}
+
+/// Runs a command to completion with `input` on stdin; stdout, or an error
+/// with both streams.
+pub fn run_stdin(cmd: &mut Command, input: &str) -> Result<String> {
+    use std::io::Write;
+    let shown = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| format!("running `{shown}`"))?;
+    let mut stdin = child
+        .stdin
+        .take()
+        .ok_or_else(|| Error::Other(format!("no stdin for `{shown}`")))?;
+    // Feed stdin from a thread so a child that writes a lot before reading
+    // everything cannot deadlock against us. A child that succeeds without
+    // reading all of its input (EPIPE) is its own business.
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+    let out = child
+        .wait_with_output()
+        .ctx(|| format!("waiting for `{shown}`"))?;
+    writer
+        .join()
+        .map_err(|_| Error::Other(format!("stdin writer for `{shown}` panicked")))?
+        .ok();
+    finish(shown, &out)
+}
+
+fn finish(shown: String, out: &std::process::Output) -> Result<String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
