@@ -154,14 +154,7 @@ async fn serve(
         Target::LocalPing => {
             record.kind = Kind::Ping;
             record.cache = CacheResult::Hit;
-            let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
-            resp.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-            resp.headers_mut()
-                .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
-            Ok(resp)
+            Ok(local_ping())
         }
         Target::Token {
             registry,
@@ -344,14 +337,16 @@ async fn registry_request(
             record.kind = Kind::Ping;
             record.cache = CacheResult::Pass;
             let url = ctx.url("/v2/", None)?;
-            pass_through(
-                ctx.client,
-                &ctx.registry.host,
-                method,
-                url,
-                forward_headers(&headers, true),
-            )
-            .await
+            match ctx.send(method, url, forward_headers(&headers, true)).await {
+                Ok(up) if !is_outage(up.response.status()) => Ok(relay_response(up.response)),
+                _ => {
+                    // The upstream is down: answer the version check so
+                    // clients that insist on it (containers/image accepts
+                    // only 200/401) go on to requests the cache can serve.
+                    record.cache = CacheResult::Stale;
+                    Ok(local_ping())
+                }
+            }
         }
         ApiRequest::Other { .. } => {
             record.kind = Kind::Other;
@@ -1001,6 +996,18 @@ fn content_type(headers: &HeaderMap) -> Option<String> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(|v| v.split(';').next().unwrap_or(v).trim().to_string())
+}
+
+/// `200 {}` to `GET /v2/`, answered by the proxy itself.
+fn local_ping() -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
 }
 
 fn insert_bearer(headers: &mut HeaderMap, token: &str) {

@@ -3,9 +3,9 @@
 //! network namespace whose addresses exist nowhere else.
 
 use std::ffi::OsStr;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::error::{Error, IoContext, Result};
@@ -146,6 +146,11 @@ impl NetNs {
         &self.name
     }
 
+    /// True when `ip` is one of the namespace's addresses.
+    pub fn has_addr(&self, ip: IpAddr) -> Result<bool> {
+        netns_has_addr(&self.name, ip)
+    }
+
     /// Runs `ip ARGS` inside the namespace.
     pub fn ip(&self, args: &[&str]) -> Result<String> {
         run(Command::new("ip").args(["-n", &self.name]).args(args))
@@ -169,4 +174,115 @@ impl Drop for NetNs {
     fn drop(&mut self) {
         let _ = run(Command::new("ip").args(["netns", "del", &self.name]));
     }
+}
+
+/// `program args...` in the network namespace `name` and nothing else: the
+/// mounts (and `/sys`) stay the machine's, unlike `ip netns exec`. nsenter
+/// execs into `program` (it forks only for a PID namespace), so the PID is
+/// the program's own and stopping it by PID works as for any process.
+pub fn netns_command<I, S>(name: &str, program: impl AsRef<OsStr>, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/run/netns/{name}"))
+        .arg("--")
+        .arg(program)
+        .args(args);
+    c
+}
+
+/// `program args...` in the network namespace `name` when given, else as
+/// is: for helpers that serve either on the machine's loopback or inside a
+/// test's namespace.
+pub fn maybe_in_netns<I, S>(name: Option<&str>, program: impl AsRef<OsStr>, args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    match name {
+        Some(name) => netns_command(name, program, args),
+        None => {
+            let mut c = Command::new(program);
+            c.args(args);
+            c
+        }
+    }
+}
+
+/// The HTTP status `url` answers with, asked from inside the network
+/// namespace `name` (busybox wget, from busybox-static); `None` when nothing
+/// answers. The server certificate is not checked: this is a readiness
+/// probe, never a trust test.
+pub fn netns_http_status(name: &str, url: &str) -> Option<u16> {
+    // busybox wget's own `-T` crashes on this machine: bound it with timeout(1).
+    let out = netns_command(
+        name,
+        "timeout",
+        [
+            "5",
+            "busybox",
+            "wget",
+            "-S",
+            "-q",
+            "--no-check-certificate",
+            "-O",
+            "/dev/null",
+            url,
+        ],
+    )
+    .stdin(Stdio::null())
+    .output()
+    .ok()?;
+    // `-S` prints each status line ("  HTTP/1.1 401 Unauthorized") on
+    // stderr, also when the status is an error; the last one counts.
+    String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .rev()
+        .find_map(|l| {
+            l.trim_start()
+                .strip_prefix("HTTP/")?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+}
+
+/// True when the network namespace `name` has the address `ip`.
+pub fn netns_has_addr(name: &str, ip: IpAddr) -> Result<bool> {
+    let out = run(Command::new("ip").args(["-n", name, "-o", "addr", "show"]))?;
+    Ok(has_addr(&out, ip))
+}
+
+/// True when `ip -o addr show` output lists `ip`.
+fn has_addr(ip_o_addr: &str, ip: IpAddr) -> bool {
+    let needle = format!(" {ip}/");
+    ip_o_addr.lines().any(|l| l.contains(&needle))
+}
+
+/// Asserts that a server address is private to the test: loopback, or an
+/// address that exists in the test's network namespace `netns` and not on
+/// the machine. (Loopback inside a namespace is that namespace's own.)
+pub fn assert_private_addr(addr: SocketAddr, netns: Option<&str>) -> Result<()> {
+    if addr.ip().is_loopback() {
+        return Ok(());
+    }
+    let Some(name) = netns else {
+        return Err(Error::Other(format!("{addr} is not a loopback address")));
+    };
+    if !netns_has_addr(name, addr.ip())? {
+        return Err(Error::Other(format!(
+            "{addr} is neither loopback nor an address of network namespace {name}"
+        )));
+    }
+    let host = run(Command::new("ip").args(["-o", "addr", "show"]))?;
+    if has_addr(&host, addr.ip()) {
+        return Err(Error::Other(format!(
+            "{} exists on the machine too, not only in network namespace {name}",
+            addr.ip()
+        )));
+    }
+    Ok(())
 }

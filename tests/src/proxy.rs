@@ -1,10 +1,11 @@
 //! A `pullthrough-proxy` process under test: config written to a temp dir,
-//! listeners on loopback, ready when `/readyz` answers, access-log lines
+//! listeners on loopback (or inside a test's network namespace, see
+//! [`Proxy::start_in`]), ready when `/readyz` answers, access-log lines
 //! parsed from its stdout.
 
+use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -12,6 +13,7 @@ use serde_json::Value;
 use crate::error::{Error, IoContext, Result};
 use crate::http::Get;
 use crate::net;
+use crate::ns;
 use crate::process::Process;
 
 /// Where the proxy listens.
@@ -41,12 +43,29 @@ impl Addrs {
     pub fn localhost() -> Result<Self> {
         Self::on(IpAddr::V4(Ipv4Addr::LOCALHOST), None)
     }
+
+    /// For a proxy inside a network namespace ([`Proxy::start_in`]): the
+    /// client side is TLS only, on `https` (an address of the namespace,
+    /// e.g. 10.254.0.1:443); plain HTTP and admin listen on the namespace's
+    /// own 127.0.0.1, so nothing but verified-or-refused TLS is served on
+    /// the address clients resolve registry names to.
+    pub fn in_netns(https: SocketAddr) -> Result<Self> {
+        // A fresh namespace has nothing bound but what the test put there;
+        // kernel-picked free port numbers will do.
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        Ok(Self {
+            http: SocketAddr::new(lo, net::free_port()?),
+            https,
+            admin: SocketAddr::new(lo, net::free_port()?),
+        })
+    }
 }
 
 pub struct Proxy {
     process: Option<Process>,
     dir: tempfile::TempDir,
     bin: PathBuf,
+    netns: Option<String>,
     pub addrs: Addrs,
 }
 
@@ -54,17 +73,35 @@ impl Proxy {
     /// Starts `bin` with `listen:` from `addrs` followed by `config_body`
     /// (the rest of the YAML: registries, defaultRegistry, ...).
     pub fn start(bin: &Path, addrs: Addrs, config_body: &str) -> Result<Self> {
+        Self::start_with(None, bin, addrs, config_body)
+    }
+
+    /// Like [`Proxy::start`], inside the network namespace `netns`
+    /// ([`crate::ns::NetNs::name`]); every listen address must be loopback
+    /// (the namespace's own) or an address of that namespace (see
+    /// [`Addrs::in_netns`]). Readiness is probed from inside it.
+    pub fn start_in(netns: &str, bin: &Path, addrs: Addrs, config_body: &str) -> Result<Self> {
+        Self::start_with(Some(netns), bin, addrs, config_body)
+    }
+
+    fn start_with(
+        netns: Option<&str>,
+        bin: &Path,
+        addrs: Addrs,
+        config_body: &str,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pt-proxy-")
             .tempdir()
             .ctx(|| "creating proxy temp dir".into())?;
         for a in [addrs.http, addrs.https, addrs.admin] {
-            net::assert_loopback(a)?;
+            ns::assert_private_addr(a, netns)?;
         }
         let mut proxy = Self {
             process: None,
             dir,
             bin: bin.to_path_buf(),
+            netns: netns.map(str::to_string),
             addrs,
         };
         proxy.write_config(config_body)?;
@@ -88,16 +125,26 @@ impl Proxy {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("--config")
-            .arg(self.config_path())
-            .arg("--reload-interval")
-            .arg("200ms")
-            .env("RUST_LOG", "info");
+        let config = self.config_path();
+        let mut cmd = ns::maybe_in_netns(
+            self.netns.as_deref(),
+            &self.bin,
+            [
+                OsStr::new("--config"),
+                config.as_os_str(),
+                OsStr::new("--reload-interval"),
+                OsStr::new("200ms"),
+            ],
+        );
+        cmd.env("RUST_LOG", "info");
         let mut p = Process::spawn("pullthrough-proxy", cmd, self.dir.path().join("proxy.log"))?;
         let url = format!("http://{}/readyz", self.addrs.admin);
+        let netns = self.netns.clone();
         p.wait_ready("pullthrough-proxy /readyz", Duration::from_secs(30), || {
-            Ok(Get::new(&url).send().is_ok_and(|r| r.status.is_success()))
+            Ok(match &netns {
+                Some(name) => ns::netns_http_status(name, &url).is_some_and(|s| s == 200),
+                None => Get::new(&url).send().is_ok_and(|r| r.status.is_success()),
+            })
         })?;
         self.process = Some(p);
         Ok(())
@@ -126,6 +173,21 @@ impl Proxy {
 
     pub fn process(&self) -> Option<&Process> {
         self.process.as_ref()
+    }
+
+    /// The PID, or 0 when stopped.
+    pub fn pid(&self) -> u32 {
+        self.process.as_ref().map_or(0, Process::pid)
+    }
+
+    /// The network namespace it runs in, if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// The proxy's temp dir (config, data, log).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn config_path(&self) -> PathBuf {

@@ -1,15 +1,19 @@
 //! A real upstream registry: `docker-registry` (distribution 2.8) on
 //! loopback, plain HTTP, TLS with a test CA, or TLS + htpasswd Basic auth;
-//! optionally a pull-through cache of another registry.
+//! optionally a pull-through cache of another registry, and optionally
+//! inside a test's network namespace ([`RegistryOpts::netns`]).
 
+use std::ffi::OsStr;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use crate::error::{IoContext, Result};
+use crate::fixtures::Image;
 use crate::http::Get;
 use crate::net;
+use crate::ns;
 use crate::process::{Process, run};
 use crate::tls::TestCa;
 
@@ -37,6 +41,9 @@ pub struct RegistryOpts {
     pub tls_names: Vec<String>,
     /// Makes this registry a pull-through cache of that URL.
     pub proxy_remote: Option<String>,
+    /// Run inside this network namespace ([`crate::ns::NetNs::name`]);
+    /// `ip` is then loopback (the namespace's own) or one of its addresses.
+    pub netns: Option<String>,
 }
 
 impl RegistryOpts {
@@ -47,6 +54,7 @@ impl RegistryOpts {
             port: None,
             tls_names: Vec::new(),
             proxy_remote: None,
+            netns: None,
         }
     }
 }
@@ -59,6 +67,7 @@ pub struct Registry {
     flavour: Flavour,
     ca_pem: Option<String>,
     config: PathBuf,
+    netns: Option<String>,
 }
 
 impl Registry {
@@ -85,12 +94,15 @@ impl Registry {
             .prefix("pt-registry-")
             .tempdir()
             .ctx(|| "creating registry temp dir".into())?;
-        let port = match opts.port {
-            Some(p) => p,
-            None => net::free_port_on(opts.ip)?,
+        let port = match (opts.port, &opts.netns) {
+            (Some(p), _) => p,
+            // A fresh namespace has nothing bound but what the test put
+            // there; any port free here (kernel-picked) will do.
+            (None, Some(_)) => net::free_port()?,
+            (None, None) => net::free_port_on(opts.ip)?,
         };
         let addr = SocketAddr::new(opts.ip, port);
-        net::assert_loopback(addr)?;
+        ns::assert_private_addr(addr, opts.netns.as_deref())?;
 
         let storage = dir.path().join("storage");
         std::fs::create_dir(&storage).ctx(|| "creating registry storage".into())?;
@@ -145,29 +157,34 @@ impl Registry {
             flavour: opts.flavour,
             ca_pem,
             config: config_path,
+            netns: opts.netns,
         };
         reg.spawn()?;
         Ok(reg)
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&self.config);
+        let cmd = self.command(
+            "docker-registry",
+            [OsStr::new("serve"), self.config.as_os_str()],
+        );
         let mut process =
             Process::spawn("docker-registry", cmd, self.dir.path().join("registry.log"))?;
         let url = format!("{}/v2/", self.url());
         let ca = self.ca_pem.clone();
+        let netns = self.netns.clone();
         process.wait_ready("docker-registry /v2/", Duration::from_secs(30), || {
+            // 401 is ready too: the htpasswd flavour challenges /v2/.
+            let ready = |status: u16| status == 200 || status == 401;
+            if let Some(name) = &netns {
+                return Ok(ns::netns_http_status(name, &url).is_some_and(ready));
+            }
             let mut get = Get::new(&url);
             get.timeout = Duration::from_secs(2);
             if let Some(ca) = &ca {
                 get = get.ca(ca);
             }
-            // 401 is ready too: the htpasswd flavour challenges /v2/.
-            Ok(get
-                .send()
-                .map(|r| r.status.as_u16() == 200 || r.status.as_u16() == 401)
-                .unwrap_or(false))
+            Ok(get.send().is_ok_and(|r| ready(r.status.as_u16())))
         })?;
         self.process = Some(process);
         Ok(())
@@ -197,6 +214,41 @@ impl Registry {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The network namespace it serves in, if any.
+    pub fn netns(&self) -> Option<&str> {
+        self.netns.as_deref()
+    }
+
+    /// `program args...` where the registry's address is reachable: inside
+    /// its network namespace, or as is.
+    pub fn command<I, S>(&self, program: impl AsRef<OsStr>, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        ns::maybe_in_netns(self.netns.as_deref(), program, args)
+    }
+
+    /// Pushes `image` (all platforms, digests preserved) as `repo:tag` with
+    /// skopeo run where the registry is reachable; unlike
+    /// [`Image::push`], also into a registry inside a network namespace.
+    pub fn push_image(&self, image: &Image, repo: &str, tag: &str) -> Result<()> {
+        let mut args: Vec<String> = [
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--preserve-digests",
+            "-q",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.skopeo_flags("dest"));
+        args.push(format!("oci:{}:{}", image.layout.display(), image.tag));
+        args.push(format!("docker://{}/{repo}:{tag}", self.host()));
+        run(&mut self.command("skopeo", args))?;
+        Ok(())
     }
 
     /// `host:port` as written in image references.

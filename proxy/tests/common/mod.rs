@@ -3,7 +3,8 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
@@ -21,12 +22,18 @@ pub struct Upstream {
 }
 
 pub fn upstream(registry: Registry) -> Upstream {
+    upstream_at(registry, "fixture/busybox")
+}
+
+/// An upstream registry with the runnable busybox pushed as `repo:1`
+/// (also into a registry inside a network namespace).
+pub fn upstream_at(registry: Registry, repo: &str) -> Upstream {
     let work = tempfile::tempdir().unwrap();
     let busybox = LayoutBuilder::new(work.path())
         .unwrap()
         .busybox("busybox")
         .unwrap();
-    busybox.push(&registry, "fixture/busybox", "1").unwrap();
+    registry.push_image(&busybox, repo, "1").unwrap();
     Upstream {
         registry,
         busybox,
@@ -54,4 +61,103 @@ pub fn ca_dir(proxy: &Proxy) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("ca.crt"), proxy.ca_pem().unwrap()).unwrap();
     dir
+}
+
+/// What a test started, to check after everything was dropped that none of
+/// it survived: the PIDs, and any process whose command line names one of
+/// the test's temp dirs (dockerd's containerd and shims, conmon, ...).
+#[derive(Debug, Default)]
+pub struct Started {
+    pub pids: Vec<(&'static str, u32)>,
+    pub dirs: Vec<PathBuf>,
+    pub netns: Vec<String>,
+}
+
+impl Started {
+    pub fn pid(&mut self, what: &'static str, pid: u32) -> &mut Self {
+        assert_ne!(pid, 0, "{what} is not running");
+        self.pids.push((what, pid));
+        self
+    }
+
+    pub fn dir(&mut self, dir: &Path) -> &mut Self {
+        self.dirs.push(dir.to_path_buf());
+        self
+    }
+
+    pub fn netns(&mut self, name: &str) -> &mut Self {
+        self.netns.push(name.to_string());
+        self
+    }
+
+    /// Call after dropping every handle: waits briefly, then fails naming
+    /// whatever is still there.
+    pub fn assert_all_gone(&self) {
+        let mut left = Vec::new();
+        let gone = pullthrough_testbed::net::wait_for(
+            "the test's processes and namespaces to be gone",
+            Duration::from_secs(10),
+            || {
+                left = self.leftovers();
+                Ok(left.is_empty())
+            },
+        );
+        assert!(gone.is_ok(), "left behind: {left:#?}");
+    }
+
+    fn leftovers(&self) -> Vec<String> {
+        let mut left = Vec::new();
+        for (what, pid) in &self.pids {
+            if let Some(cmd) = cmdline(*pid) {
+                left.push(format!("{what} (pid {pid}): {cmd}"));
+            }
+        }
+        let me = std::process::id();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if pid == me {
+                continue;
+            }
+            let Some(cmd) = cmdline(pid) else { continue };
+            for d in &self.dirs {
+                if cmd.contains(&*d.to_string_lossy()) {
+                    left.push(format!("pid {pid} using {}: {cmd}", d.display()));
+                }
+            }
+        }
+        let list = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for name in &self.netns {
+            if list.split_whitespace().any(|w| w == name) {
+                left.push(format!("network namespace {name}"));
+            }
+        }
+        left
+    }
+}
+
+/// A live (not zombie) process's command line, space separated.
+fn cmdline(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // State is the field after "(comm)"; comm may hold spaces.
+    let state = stat.rsplit_once(") ")?.1.chars().next()?;
+    if state == 'Z' || state == 'X' {
+        return None;
+    }
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
 }
