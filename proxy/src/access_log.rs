@@ -8,7 +8,10 @@ use std::time::Instant;
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
+use std::sync::Arc;
+
 use crate::body::Body;
+use crate::metrics::Metrics;
 
 /// How the cache took part in a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,6 +77,8 @@ pub struct Record {
     pub status: u16,
     pub cache: CacheResult,
     pub started: Instant,
+    /// The response's Content-Length, when it has one.
+    pub expected_bytes: Option<u64>,
 }
 
 impl Record {
@@ -91,10 +96,20 @@ impl Record {
             status: 0,
             cache: CacheResult::Pass,
             started: Instant::now(),
+            expected_bytes: None,
         }
     }
 
-    fn emit(&self, bytes: u64, complete: bool) {
+    fn emit(&self, bytes: u64, complete: bool, metrics: &Metrics) {
+        let elapsed = self.started.elapsed();
+        metrics.observe_request(
+            &self.registry,
+            self.kind,
+            self.cache,
+            !complete || self.status >= 500,
+            bytes,
+            elapsed.as_secs_f64(),
+        );
         tracing::info!(
             target: "pullthrough::access",
             method = %self.method,
@@ -110,7 +125,7 @@ impl Record {
             cache = self.cache.as_str(),
             bytes,
             complete,
-            ms = self.started.elapsed().as_millis() as u64,
+            ms = elapsed.as_millis() as u64,
             "request"
         );
     }
@@ -121,15 +136,17 @@ impl Record {
 pub struct Logged {
     inner: Body,
     record: Option<Record>,
+    metrics: Arc<Metrics>,
     bytes: u64,
     failed: bool,
 }
 
 impl Logged {
-    pub fn new(inner: Body, record: Record) -> Self {
+    pub fn new(inner: Body, record: Record, metrics: Arc<Metrics>) -> Self {
         Self {
             inner,
             record: Some(record),
+            metrics,
             bytes: 0,
             failed: false,
         }
@@ -137,7 +154,7 @@ impl Logged {
 
     fn finish(&mut self, complete: bool) {
         if let Some(r) = self.record.take() {
-            r.emit(self.bytes, complete);
+            r.emit(self.bytes, complete, &self.metrics);
         }
     }
 }
@@ -180,8 +197,17 @@ impl HttpBody for Logged {
 impl Drop for Logged {
     fn drop(&mut self) {
         // Bodies that end without a final poll (HEAD, empty) or whose client
-        // vanished still get their line.
-        let complete = !self.failed && self.inner.is_end_stream();
+        // vanished still get their line. hyper stops polling a body once it
+        // has written Content-Length bytes, so the final `None` is often
+        // never seen: a body that delivered all its announced bytes is
+        // complete too (streamed blobs and cached files were all logged
+        // `complete: false` before).
+        let all_sent = self
+            .record
+            .as_ref()
+            .and_then(|r| r.expected_bytes)
+            .is_some_and(|n| n == self.bytes);
+        let complete = !self.failed && (self.inner.is_end_stream() || all_sent);
         self.finish(complete);
     }
 }

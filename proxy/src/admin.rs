@@ -13,6 +13,8 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::metrics::Metrics;
+
 /// Serves `/healthz` (process alive), `/readyz` (config and cache loaded,
 /// not shutting down) and `/ca.crt` (the CA clients must trust) until
 /// `stop` flips.
@@ -20,6 +22,7 @@ pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     ca_pem: Arc<str>,
+    metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -35,10 +38,11 @@ pub async fn serve(
         };
         let ready = ready.clone();
         let ca_pem = ca_pem.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ready = ready.load(Ordering::Relaxed);
-                let resp = handle(&req, ready, &ca_pem);
+                let resp = handle(&req, ready, &ca_pem, &metrics);
                 async move { Ok::<_, Infallible>(resp) }
             });
             if let Err(err) = auto::Builder::new(TokioExecutor::new())
@@ -51,7 +55,22 @@ pub async fn serve(
     }
 }
 
-fn handle(req: &Request<Incoming>, ready: bool, ca_pem: &str) -> Response<Full<Bytes>> {
+fn handle(
+    req: &Request<Incoming>,
+    ready: bool,
+    ca_pem: &str,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/metrics" {
+        let mut resp = Response::new(Full::new(Bytes::from(metrics.encode())));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            ),
+        );
+        return resp;
+    }
     let (status, body) = match (req.uri().path(), ready) {
         ("/healthz", _) => (StatusCode::OK, Bytes::from_static(b"ok\n")),
         ("/readyz", true) => (StatusCode::OK, Bytes::from_static(b"ready\n")),

@@ -161,6 +161,80 @@ impl AnonymousTokens {
     }
 }
 
+/// How long an upstream "yes, this client may read this repository" is
+/// reused before serving it anything cached asks the upstream again.
+pub const GRANT_TTL: Duration = Duration::from_secs(60);
+
+/// How long "anyone may read this repository" is trusted. Public content is
+/// then served to every client with no upstream contact at all, which is
+/// what keeps by-digest pulls working through an outage.
+pub const PUBLIC_TTL: Duration = Duration::from_secs(3600);
+
+/// Entries kept before expired ones are swept out.
+const MAX_GRANTS: usize = 10_000;
+
+/// Which clients the upstream recently let read a repository, so the cache
+/// (one copy per digest, shared by everyone) serves a private repository's
+/// content only to clients the upstream currently authorises (DESIGN.md,
+/// Cache semantics). Keyed by registry, repository and a hash of the
+/// client's Authorization header (empty for none), so credentials are
+/// never kept in memory as such.
+#[derive(Debug, Default)]
+pub struct AccessGrants {
+    grants: Mutex<HashMap<(String, String, String), Instant>>,
+    /// Repositories an anonymous client was allowed to read.
+    public: Mutex<HashMap<(String, String), Instant>>,
+}
+
+/// The grant key of a client: sha256 of its Authorization header, or ""
+/// for a client without one.
+pub fn client_key(headers: &HeaderMap) -> String {
+    use sha2::Digest as _;
+    headers
+        .get(http::header::AUTHORIZATION)
+        .map(|v| hex::encode(sha2::Sha256::digest(v.as_bytes())))
+        .unwrap_or_default()
+}
+
+impl AccessGrants {
+    /// True when the upstream let `client` read `repo` within [`GRANT_TTL`].
+    pub fn allowed(&self, registry: &str, repo: &str, client: &str) -> bool {
+        let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        grants
+            .get(&(registry.to_string(), repo.to_string(), client.to_string()))
+            .is_some_and(|at| at.elapsed() < GRANT_TTL)
+    }
+
+    /// True when an anonymous client could read `repo` within
+    /// [`PUBLIC_TTL`].
+    pub fn is_public(&self, registry: &str, repo: &str) -> bool {
+        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        public
+            .get(&(registry.to_string(), repo.to_string()))
+            .is_some_and(|at| at.elapsed() < PUBLIC_TTL)
+    }
+
+    /// Records that the upstream just let `client` read `repo`; an
+    /// anonymous client (`""`) makes the repository public.
+    pub fn grant(&self, registry: &str, repo: &str, client: &str) {
+        if client.is_empty() {
+            let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+            if public.len() >= MAX_GRANTS {
+                public.retain(|_, at| at.elapsed() < PUBLIC_TTL);
+            }
+            public.insert((registry.to_string(), repo.to_string()), Instant::now());
+        }
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        if grants.len() >= MAX_GRANTS {
+            grants.retain(|_, at| at.elapsed() < GRANT_TTL);
+        }
+        grants.insert(
+            (registry.to_string(), repo.to_string(), client.to_string()),
+            Instant::now(),
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

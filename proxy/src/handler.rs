@@ -14,10 +14,11 @@ use pullthrough_api::config::{ProxyConfig, RegistryConfig};
 use tokio::sync::mpsc;
 
 use crate::access_log::{CacheResult, Kind, Logged, Record};
-use crate::auth::{AnonymousTokens, parse_bearer};
+use crate::auth::{AccessGrants, AnonymousTokens, client_key, parse_bearer};
 use crate::body::{self, Body};
 use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError};
 use crate::cache::tags::{TagCache, TagEntry};
+use crate::metrics::Metrics;
 use crate::oci::{self, Digest, ErrorCode, Reference};
 use crate::route::{ApiRequest, Router, Target, Via};
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
@@ -40,6 +41,10 @@ pub struct Shared {
     pub store: BlobStore,
     pub tags: TagCache,
     pub tokens: AnonymousTokens,
+    /// Who the upstream recently let read which repository (served from
+    /// the cache only to them).
+    pub grants: AccessGrants,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Serves one request and wraps its body so the access line is written
@@ -66,7 +71,13 @@ pub async fn handle(
     };
     record.status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
-    Response::from_parts(parts, Logged::new(body, record))
+    // Lets the access line tell a whole body from a cut one (see Logged).
+    record.expected_bytes = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    Response::from_parts(parts, Logged::new(body, record, shared.metrics.clone()))
 }
 
 fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> String {
@@ -270,11 +281,15 @@ impl Ctx<'_> {
             registry: host.to_string(),
             source,
         };
+        let started = std::time::Instant::now();
         let resp = self
             .client
             .send(method.clone(), url.clone(), headers.clone())
             .await
             .map_err(map)?;
+        self.shared
+            .metrics
+            .observe_upstream(host, started.elapsed().as_secs_f64());
         if !anonymous || resp.response.status() != StatusCode::UNAUTHORIZED {
             return Ok(resp);
         }
@@ -303,6 +318,99 @@ impl Ctx<'_> {
         };
         insert_bearer(&mut headers, &token);
         self.client.send(method, url, headers).await.map_err(map)
+    }
+}
+
+impl Ctx<'_> {
+    /// Asked before cached content of the repository is served: `None`
+    /// when this client may have it, else the refusal to send. The cache is
+    /// shared by every client, so without this a private image pulled once
+    /// would be served to anyone afterwards.
+    ///
+    /// A repository anonymous clients may read (learnt from an anonymous
+    /// pull, or one anonymous HEAD of `path`) is served to everyone for
+    /// [`crate::auth::PUBLIC_TTL`] with no upstream contact. Otherwise the
+    /// upstream is asked with the client's own credentials (a HEAD of
+    /// `path`), and the answer reused for [`crate::auth::GRANT_TTL`]. While
+    /// the upstream is unreachable or failing the cache is served, as
+    /// stale-if-error serves tags, so pulls keep working in an outage.
+    async fn check_cached(
+        &self,
+        headers: &HeaderMap,
+        path: &str,
+    ) -> Result<Option<Response<Body>>, HandlerError> {
+        let Some(repo) = self.repo.as_deref() else {
+            return Ok(None);
+        };
+        let host = self.registry.host.as_str();
+        let grants = &self.shared.grants;
+        let client = client_key(headers);
+        if grants.is_public(host, repo) || grants.allowed(host, repo, &client) {
+            return Ok(None);
+        }
+        if !client.is_empty() {
+            // Would an anonymous client get it? Then it is public content.
+            let mut anonymous = forward_headers(headers, false);
+            anonymous.remove(header::AUTHORIZATION);
+            match self
+                .send(Method::HEAD, self.url(path, None)?, anonymous)
+                .await
+            {
+                Ok(up) if up.response.status().is_success() => {
+                    grants.grant(host, repo, "");
+                    return Ok(None);
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, registry = host, repository = repo,
+                        "cannot ask the upstream about access; serving from cache");
+                    return Ok(None);
+                }
+            }
+        }
+        let url = self.url(path, None)?;
+        let up = match self
+            .send(Method::HEAD, url, forward_headers(headers, false))
+            .await
+        {
+            Ok(up) => up,
+            Err(err) => {
+                tracing::warn!(error = %err, registry = host, repository = repo,
+                    "cannot ask the upstream about access; serving from cache");
+                return Ok(None);
+            }
+        };
+        let status = up.response.status();
+        // Only the registry's own 401/403 refuses: storage a blob HEAD was
+        // redirected to may answer HEAD with 403 (S3).
+        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) && up.hops == 0 {
+            // Rebuilt, not relayed: the answer to a HEAD has no body but
+            // may announce one.
+            let mut resp = oci::error_response(
+                status,
+                ErrorCode::Denied,
+                &format!("{host} does not let this client read {repo}"),
+            )
+            .map(body::full);
+            for v in up.response.headers().get_all(header::WWW_AUTHENTICATE) {
+                resp.headers_mut()
+                    .append(header::WWW_AUTHENTICATE, v.clone());
+            }
+            return Ok(Some(resp));
+        }
+        if !is_outage(status) {
+            self.shared.grants.grant(host, repo, &client);
+        }
+        Ok(None)
+    }
+
+    /// Notes that the upstream just served this client the repository.
+    fn granted(&self, headers: &HeaderMap) {
+        if let Some(repo) = &self.repo {
+            self.shared
+                .grants
+                .grant(&self.registry.host, repo, &client_key(headers));
+        }
     }
 }
 
@@ -476,15 +584,22 @@ async fn manifest_by_digest(
     digest: &Digest,
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
+    let path = format!("/v2/{repo}/manifests/{digest}");
     if let Some(cached) = ctx.shared.store.lookup(digest).await? {
+        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+            return Ok(refusal);
+        }
         record.cache = CacheResult::Hit;
         return cached_manifest(cached, method).await;
     }
     record.cache = CacheResult::Miss;
-    let url = ctx.url(&format!("/v2/{repo}/manifests/{digest}"), None)?;
+    let url = ctx.url(&path, None)?;
     let up = ctx
         .send(method.clone(), url, forward_headers(headers, false))
         .await?;
+    if up.response.status() == StatusCode::OK {
+        ctx.granted(headers);
+    }
     if up.response.status() != StatusCode::OK || *method == Method::HEAD {
         if up.response.status() != StatusCode::OK {
             record.cache = CacheResult::Pass;
@@ -533,12 +648,16 @@ async fn manifest_by_tag(
         .tags
         .get(host, repo, tag)
         .filter(|e| accepts(headers, &e.media_type));
-    if let Some(entry) = known.as_ref().filter(|e| e.is_fresh(ctx.registry.tag_ttl)) {
-        if let Some(resp) = tag_from_cache(ctx, entry, method).await? {
-            record.cache = CacheResult::Hit;
-            record.digest = entry.digest.to_string();
-            return Ok(resp);
+    if let Some(entry) = known.as_ref().filter(|e| e.is_fresh(ctx.registry.tag_ttl))
+        && let Some(resp) = tag_from_cache(ctx, entry, method).await?
+    {
+        let path = format!("/v2/{repo}/manifests/{tag}");
+        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+            return Ok(refusal);
         }
+        record.cache = CacheResult::Hit;
+        record.digest = entry.digest.to_string();
+        return Ok(resp);
     }
 
     record.cache = CacheResult::Miss;
@@ -573,6 +692,7 @@ async fn manifest_by_tag(
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
     }
+    ctx.granted(headers);
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
     let claimed = parts
@@ -718,11 +838,20 @@ async fn blob(
     digest: &Digest,
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
-    if let Some(cached) = ctx.shared.store.lookup(digest).await? {
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    // Where push is enabled, a HEAD asks whether *this upstream repository*
+    // has the blob (a pushing client skips the upload when it does); the
+    // cache, shared by every repository, cannot answer that: a wrong 200
+    // made pushes of already-pulled layers fail with "blob unknown".
+    let push_check = *method == Method::HEAD && ctx.registry.allow_push;
+    if !push_check && let Some(cached) = ctx.shared.store.lookup(digest).await? {
+        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+            return Ok(refusal);
+        }
         record.cache = CacheResult::Hit;
         return cached_blob(cached, method, headers).await;
     }
-    let url = ctx.url(&format!("/v2/{repo}/blobs/{digest}"), None)?;
+    let url = ctx.url(&path, None)?;
     let ranged = headers.contains_key(header::RANGE);
     if *method == Method::HEAD || ranged {
         // HEAD never spends an upstream GET; a range of an uncached blob is
@@ -731,6 +860,9 @@ async fn blob(
         let up = ctx
             .send(method.clone(), url, forward_headers(headers, true))
             .await?;
+        if up.response.status().is_success() {
+            ctx.granted(headers);
+        }
         return Ok(relay_response(up.response));
     }
     record.cache = CacheResult::Miss;
@@ -740,6 +872,10 @@ async fn blob(
     if up.response.status() != StatusCode::OK {
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
+    }
+    ctx.granted(headers);
+    if up.hops > 0 {
+        tracing::debug!(%digest, from = %up.final_url, hops = up.hops, "blob served by redirect target");
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);

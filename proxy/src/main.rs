@@ -20,6 +20,7 @@ mod cache;
 mod config;
 mod error;
 mod handler;
+mod metrics;
 mod oci;
 mod route;
 mod server;
@@ -131,6 +132,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
     };
 
     let listen = config.listen.clone();
+    let metrics = Arc::new(metrics::Metrics::default());
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {
             config,
@@ -140,6 +142,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         store,
         tags: Default::default(),
         tokens: Default::default(),
+        grants: Default::default(),
+        metrics: metrics.clone(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -165,7 +169,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
     }
     if let Some(l) = admin_listener {
         let ca_pem: Arc<str> = Arc::from(issuer.ca_pem());
-        tasks.spawn(admin::serve(l, ready.clone(), ca_pem, stop_rx.clone()));
+        tasks.spawn(admin::serve(
+            l,
+            ready.clone(),
+            ca_pem,
+            metrics.clone(),
+            stop_rx.clone(),
+        ));
     }
     if let Some(path) = cli.config.clone() {
         let shared = shared.clone();
@@ -226,8 +236,10 @@ fn listen_ips(config: &ProxyConfig) -> Vec<IpAddr> {
 }
 
 fn allowed_names(router: &route::Router) -> tls::AllowedNames {
-    let mut allowed = tls::AllowedNames::default();
-    allowed.registry_names = router.registry_sni_names().map(str::to_string).collect();
+    let mut allowed = tls::AllowedNames {
+        registry_names: router.registry_sni_names().map(str::to_string).collect(),
+        ..Default::default()
+    };
     for name in router.own_names() {
         match name
             .trim_start_matches('[')

@@ -132,8 +132,6 @@ fn is_alnum(b: u8) -> bool {
 pub enum ErrorCode {
     NameUnknown,
     NameInvalid,
-    ManifestUnknown,
-    BlobUnknown,
     DigestInvalid,
     ManifestInvalid,
     Denied,
@@ -146,8 +144,6 @@ impl ErrorCode {
         match self {
             ErrorCode::NameUnknown => "NAME_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
-            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
-            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
             ErrorCode::Denied => "DENIED",

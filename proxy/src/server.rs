@@ -19,6 +19,19 @@ use crate::handler::{self, Shared};
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest HTTP/1 request head (request line + headers) accepted; larger
+/// ones get 431. hyper's default (~400 KiB) let a client make the proxy
+/// buffer and forward upstream headers of hundreds of KiB; registry
+/// clients' heads, tokens included, stay far below this. (HTTP/2 is
+/// bounded by hyper's 16 KiB header-list default.)
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
+
+fn conn_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().max_buf_size(MAX_REQUEST_HEAD);
+    builder
+}
+
 /// Binds `addr`, naming it in the error.
 pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr)
@@ -54,7 +67,7 @@ pub async fn serve_proxy(
         let shared = shared.clone();
         match &acceptor {
             None => {
-                let conn = auto::Builder::new(TokioExecutor::new())
+                let conn = conn_builder()
                     .serve_connection(TokioIo::new(stream), service(shared, None))
                     .into_owned();
                 let conn = graceful.watch(conn);
@@ -82,7 +95,7 @@ pub async fn serve_proxy(
                         }
                     };
                     let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
-                    let conn = auto::Builder::new(TokioExecutor::new())
+                    let conn = conn_builder()
                         .serve_connection(TokioIo::new(tls), service(shared, sni))
                         .into_owned();
                     if let Err(err) = watcher.watch(conn).await {

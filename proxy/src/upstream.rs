@@ -94,7 +94,6 @@ pub enum UpstreamError {
 /// One client per configured registry, keyed by the registry's `host`.
 pub struct Upstreams {
     clients: HashMap<String, UpstreamClient>,
-    resolver: UpstreamResolver,
 }
 
 impl Upstreams {
@@ -110,17 +109,12 @@ impl Upstreams {
             let client = UpstreamClient::build(config, registry, resolver.clone())?;
             clients.insert(registry.host.clone(), client);
         }
-        Ok(Self { clients, resolver })
+        Ok(Self { clients })
     }
 
     /// The client for a registry by its `host` (not alias); None if unknown.
     pub fn client(&self, registry_host: &str) -> Option<&UpstreamClient> {
         self.clients.get(registry_host)
-    }
-
-    /// The resolver every client shares.
-    pub fn resolver(&self) -> &UpstreamResolver {
-        &self.resolver
     }
 }
 
@@ -137,7 +131,6 @@ pub struct UpstreamResponse {
 #[derive(Clone)]
 pub struct UpstreamClient {
     client: Client<Connector, crate::body::Body>,
-    base: Uri,
     connect_timeout: Duration,
     read_timeout: Duration,
 }
@@ -185,21 +178,9 @@ impl UpstreamClient {
             .build(connector);
         Ok(Self {
             client,
-            base,
             connect_timeout: timeouts.connect,
             read_timeout: timeouts.read,
         })
-    }
-
-    /// The registry's upstream base URL (no trailing slash in its path).
-    pub fn base_url(&self) -> &Uri {
-        &self.base
-    }
-
-    /// `upstream_timeouts.read`: callers streaming a body should bound the
-    /// wait for each chunk by this too (`send` bounds the headers only).
-    pub fn read_timeout(&self) -> Duration {
-        self.read_timeout
     }
 
     /// Sends `method url` with `headers`; follows 301/302/303/307/308
@@ -1310,7 +1291,6 @@ mod tests {
         send_sync::<UpstreamError>();
         let upstreams = Upstreams::new(&one_registry("quay.io", "https://quay.io", "")).unwrap();
         let client = upstreams.client("quay.io").unwrap();
-        assert_eq!(client.base_url().to_string(), "https://quay.io/");
         // The future can be spawned; it is dropped without being polled.
         let pending = client.send(
             Method::GET,

@@ -55,6 +55,19 @@ fn skopeo_through_the_proxy_then_from_cache_with_upstream_down() {
     proxy
         .wait_access(&[("kind", "tag"), ("reference", "1"), ("cache", "HIT")])
         .unwrap();
+    // Metrics count the same story per registry.
+    let metrics_url = format!("http://{}/metrics", proxy.addrs.admin);
+    let metrics = pullthrough_testbed::http::Get::new(&metrics_url)
+        .send()
+        .unwrap();
+    let text = String::from_utf8_lossy(&metrics.body);
+    for want in [
+        r#"pullthrough_requests_total{registry="quay.io",kind="blob",result="hit"}"#,
+        r#"pullthrough_requests_total{registry="quay.io",kind="blob",result="miss"}"#,
+        r#"pullthrough_served_bytes_total{registry="quay.io",source="cache"}"#,
+    ] {
+        assert!(text.contains(want), "{want} missing from /metrics:\n{text}");
+    }
     // The copy is bit for bit what the upstream had.
     let hex = layer.trim_start_matches("sha256:");
     let copied = std::fs::read(out.path().join("b/blobs/sha256").join(hex)).unwrap();

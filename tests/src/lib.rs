@@ -18,6 +18,7 @@ pub mod podman;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod stub;
 pub mod tls;
 pub mod tools;
 

@@ -1,0 +1,202 @@
+//! Prometheus metrics per registry, served at `/metrics` on the admin
+//! listener (OpenMetrics text).
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::access_log::{CacheResult, Kind};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum ResultLabel {
+    hit,
+    miss,
+    stale,
+    pass,
+    denied,
+    error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Source {
+    cache,
+    upstream,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    registry: String,
+    kind: String,
+    result: ResultLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    registry: String,
+    source: Source,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RegistryLabel {
+    registry: String,
+}
+
+/// Every metric the proxy exports.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    bytes: Family<BytesLabels, Counter>,
+    duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
+    upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("pullthrough");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests by registry, kind and result (hit, miss, stale, pass, denied, error)",
+            requests.clone(),
+        );
+        let bytes = Family::<BytesLabels, Counter>::default();
+        registry.register(
+            "served_bytes",
+            "Body bytes sent to clients, from the cache or relayed from the upstream",
+            bytes.clone(),
+        );
+        let duration = Family::<RegistryLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from request to the end of the response body",
+            duration.clone(),
+        );
+        let upstream = Family::<RegistryLabel, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "upstream_response_seconds",
+            "Time until the upstream's response headers arrived",
+            upstream.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            bytes,
+            duration,
+            upstream,
+        }
+    }
+}
+
+impl Metrics {
+    /// Records a finished request (called with its access-log line).
+    pub fn observe_request(
+        &self,
+        registry: &str,
+        kind: Kind,
+        cache: CacheResult,
+        failed: bool,
+        bytes: u64,
+        secs: f64,
+    ) {
+        let registry = if registry.is_empty() {
+            "none"
+        } else {
+            registry
+        }
+        .to_string();
+        let result = if failed {
+            ResultLabel::error
+        } else {
+            match cache {
+                CacheResult::Hit => ResultLabel::hit,
+                CacheResult::Miss => ResultLabel::miss,
+                CacheResult::Stale => ResultLabel::stale,
+                CacheResult::Pass => ResultLabel::pass,
+                CacheResult::Denied => ResultLabel::denied,
+            }
+        };
+        self.requests
+            .get_or_create(&RequestLabels {
+                registry: registry.clone(),
+                kind: kind.as_str().to_string(),
+                result,
+            })
+            .inc();
+        let source = match cache {
+            CacheResult::Hit | CacheResult::Stale => Source::cache,
+            _ => Source::upstream,
+        };
+        self.bytes
+            .get_or_create(&BytesLabels {
+                registry: registry.clone(),
+                source,
+            })
+            .inc_by(bytes);
+        self.duration
+            .get_or_create(&RegistryLabel { registry })
+            .observe(secs);
+    }
+
+    /// Records how long an upstream took to answer.
+    pub fn observe_upstream(&self, registry: &str, secs: f64) {
+        self.upstream
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .observe(secs);
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(err) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %err, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_by_registry_and_result() {
+        let m = Metrics::default();
+        m.observe_request("quay.io", Kind::Blob, CacheResult::Hit, false, 100, 0.01);
+        m.observe_request("quay.io", Kind::Blob, CacheResult::Miss, true, 5, 0.01);
+        m.observe_upstream("quay.io", 0.2);
+        let text = m.encode();
+        assert!(
+            text.contains(
+                r#"pullthrough_requests_total{registry="quay.io",kind="blob",result="hit"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"result="error"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"pullthrough_served_bytes_total{registry="quay.io",source="cache"} 100"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("pullthrough_upstream_response_seconds_count{registry=\"quay.io\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,643 @@
+//! A scriptable upstream registry for behaviour `docker-registry` cannot
+//! show: blob redirects to a second "storage" host (absolute, then
+//! relative Locations), corrupted blob bytes, Basic or Bearer-token auth
+//! with its own token realm, and throttled blob bodies. It serves the
+//! manifests and blobs of an OCI layout folder (see [`crate::fixtures`])
+//! under any repository name, on a loopback address, and records every
+//! request (method, path with query, headers) each of its servers saw.
+//!
+//! ```no_run
+//! # use pullthrough_testbed::stub::{Stub, StubAuth};
+//! # let layout = std::path::Path::new("/tmp/layout");
+//! let stub = Stub::builder(layout)
+//!     .redirect_blobs_to("127.0.0.2".parse().unwrap())
+//!     .auth(StubAuth::bearer("stub", "good"))
+//!     .start()
+//!     .unwrap();
+//! println!("{}", stub.url());
+//! ```
+//!
+//! The servers run on a runtime of their own, on a thread of their own;
+//! [`Stub::stop`] (or drop) shuts the runtime down, which closes the
+//! listeners and every open connection, as an upstream outage would.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, IoContext, Result};
+use crate::net;
+
+/// How the stub registry authenticates requests (the token realm itself is
+/// always open).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StubAuth {
+    None,
+    /// `401 WWW-Authenticate: Basic realm="stub"` unless the request carries
+    /// these credentials.
+    Basic {
+        user: String,
+        password: String,
+    },
+    /// `401 WWW-Authenticate: Bearer realm="http://<stub>/token",
+    /// service="<service>",scope="repository:<repo>:pull"` unless the
+    /// request carries `Authorization: Bearer <token>`; `GET /token` hands
+    /// out `{"token":"<token>","expires_in":300}` to anyone.
+    Bearer {
+        service: String,
+        token: String,
+    },
+}
+
+impl StubAuth {
+    pub fn basic(user: &str, password: &str) -> Self {
+        Self::Basic {
+            user: user.into(),
+            password: password.into(),
+        }
+    }
+
+    pub fn bearer(service: &str, token: &str) -> Self {
+        Self::Bearer {
+            service: service.into(),
+            token: token.into(),
+        }
+    }
+}
+
+/// Blob bodies sent `chunk` bytes at a time with `pause` between chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Throttle {
+    pub chunk: usize,
+    pub pause: Duration,
+}
+
+/// A request one of the stub's servers received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: Method,
+    /// Path and query, as sent.
+    pub path: String,
+    pub headers: HeaderMap,
+}
+
+/// Start options: [`Stub::builder`].
+#[derive(Debug, Clone)]
+pub struct StubBuilder {
+    layout: PathBuf,
+    ip: IpAddr,
+    auth: StubAuth,
+    storage_ip: Option<IpAddr>,
+    corrupt: HashSet<String>,
+    throttle: Option<Throttle>,
+}
+
+impl StubBuilder {
+    /// Serve on `ip` (loopback only; default 127.0.0.1).
+    pub fn ip(mut self, ip: IpAddr) -> Self {
+        self.ip = ip;
+        self
+    }
+
+    pub fn auth(mut self, auth: StubAuth) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// Blob requests get `307` with an absolute Location on a second
+    /// server on `ip` (e.g. 127.0.0.2), which answers `302` with a relative
+    /// Location to itself, and only then the bytes. The storage server asks
+    /// for no credentials.
+    pub fn redirect_blobs_to(mut self, ip: IpAddr) -> Self {
+        self.storage_ip = Some(ip);
+        self
+    }
+
+    /// Serve wrong bytes (same length) for this blob digest.
+    pub fn corrupt(mut self, digest: &str) -> Self {
+        self.corrupt.insert(digest.to_string());
+        self
+    }
+
+    pub fn throttle(mut self, throttle: Throttle) -> Self {
+        self.throttle = Some(throttle);
+        self
+    }
+
+    pub fn start(self) -> Result<Stub> {
+        Stub::start(self)
+    }
+}
+
+/// What the servers share with the test.
+#[derive(Debug)]
+struct State {
+    layout: PathBuf,
+    auth: StubAuth,
+    /// The registry server's own address (token realm).
+    addr: SocketAddr,
+    storage: Option<SocketAddr>,
+    corrupt: Mutex<HashSet<String>>,
+    throttle: Mutex<Option<Throttle>>,
+    seen: Mutex<Vec<Seen>>,
+    storage_seen: Mutex<Vec<Seen>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A running stub registry (and its storage server, when redirecting).
+pub struct Stub {
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Stub {
+    /// A stub serving the OCI layout folder `layout` (manifests by tag from
+    /// its `index.json`, everything by digest from `blobs/sha256`).
+    pub fn builder(layout: &Path) -> StubBuilder {
+        StubBuilder {
+            layout: layout.to_path_buf(),
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            auth: StubAuth::None,
+            storage_ip: None,
+            corrupt: HashSet::new(),
+            throttle: None,
+        }
+    }
+
+    fn start(opts: StubBuilder) -> Result<Self> {
+        let bind = |ip: IpAddr| -> Result<std::net::TcpListener> {
+            net::assert_loopback(SocketAddr::new(ip, 0))?;
+            let l = std::net::TcpListener::bind((ip, 0)).ctx(|| format!("binding stub on {ip}"))?;
+            l.set_nonblocking(true)
+                .ctx(|| "making the stub listener non-blocking".into())?;
+            Ok(l)
+        };
+        let registry = bind(opts.ip)?;
+        let storage = opts.storage_ip.map(bind).transpose()?;
+        let local = |l: &std::net::TcpListener| l.local_addr().ctx(|| "stub address".into());
+        let state = Arc::new(State {
+            layout: opts.layout,
+            auth: opts.auth,
+            addr: local(&registry)?,
+            storage: storage.as_ref().map(local).transpose()?,
+            corrupt: Mutex::new(opts.corrupt),
+            throttle: Mutex::new(opts.throttle),
+            seen: Mutex::new(Vec::new()),
+            storage_seen: Mutex::new(Vec::new()),
+        });
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .ctx(|| "building the stub runtime".into())?;
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let st = state.clone();
+        let thread = std::thread::Builder::new()
+            .name("registry-stub".into())
+            .spawn(move || {
+                rt.block_on(async move {
+                    let listen = |l: std::net::TcpListener| {
+                        tokio::net::TcpListener::from_std(l).ctx(|| "stub listener".into())
+                    };
+                    let registry = match listen(registry) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    tokio::spawn(serve(registry, st.clone(), false));
+                    if let Some(storage) = storage {
+                        match listen(storage) {
+                            Ok(l) => {
+                                tokio::spawn(serve(l, st.clone(), true));
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        }
+                    }
+                    let _ = ready_tx.send(Ok(()));
+                    let _ = stop_rx.await;
+                });
+                // Dropping the runtime drops every task: listeners and
+                // connections close, as in an outage.
+                rt.shutdown_background();
+            })
+            .ctx(|| "starting the stub thread".into())?;
+        let stub = Self {
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        };
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| Error::Other(format!("stub did not start: {e}")))??;
+        Ok(stub)
+    }
+
+    /// Stops both servers; every open connection is closed.
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.state.addr
+    }
+
+    /// `http://ip:port` of the registry server.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.state.addr)
+    }
+
+    /// The storage server's address, when redirecting.
+    pub fn storage_addr(&self) -> Option<SocketAddr> {
+        self.state.storage
+    }
+
+    /// Starts or stops corrupting `digest`.
+    pub fn set_corrupt(&self, digest: &str, corrupt: bool) {
+        let mut set = lock(&self.state.corrupt);
+        if corrupt {
+            set.insert(digest.to_string());
+        } else {
+            set.remove(digest);
+        }
+    }
+
+    pub fn set_throttle(&self, throttle: Option<Throttle>) {
+        *lock(&self.state.throttle) = throttle;
+    }
+
+    /// Every request the registry server saw (token requests included).
+    pub fn requests(&self) -> Vec<Seen> {
+        lock(&self.state.seen).clone()
+    }
+
+    /// Every request the storage server saw.
+    pub fn storage_requests(&self) -> Vec<Seen> {
+        lock(&self.state.storage_seen).clone()
+    }
+
+    /// Registry requests with this method whose path contains `part`.
+    pub fn count(&self, method: &str, part: &str) -> usize {
+        count(&self.requests(), method, part)
+    }
+
+    /// Storage requests with this method whose path contains `part`.
+    pub fn storage_count(&self, method: &str, part: &str) -> usize {
+        count(&self.storage_requests(), method, part)
+    }
+}
+
+fn count(seen: &[Seen], method: &str, part: &str) -> usize {
+    seen.iter()
+        .filter(|s| s.method.as_str() == method && s.path.contains(part))
+        .count()
+}
+
+impl Drop for Stub {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, state: Arc<State>, storage: bool) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let state = state.clone();
+                async move {
+                    let resp = if storage {
+                        storage_request(&state, &req)
+                    } else {
+                        registry_request(&state, &req)
+                    };
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn record(into: &Mutex<Vec<Seen>>, req: &Request<Incoming>) {
+    lock(into).push(Seen {
+        method: req.method().clone(),
+        path: req
+            .uri()
+            .path_and_query()
+            .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
+        headers: req.headers().clone(),
+    });
+}
+
+/// The stub's response body: whole, or fed by a throttling task.
+enum StubBody {
+    Full(Option<Bytes>),
+    Chunks(mpsc::Receiver<Bytes>),
+}
+
+impl hyper::body::Body for StubBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        match &mut *self {
+            StubBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            StubBody::Chunks(rx) => rx.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            StubBody::Full(b) => {
+                hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            StubBody::Chunks(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+fn respond(
+    status: StatusCode,
+    headers: &[(header::HeaderName, String)],
+    body: Bytes,
+) -> Response<StubBody> {
+    let mut resp = Response::new(StubBody::Full(Some(body)));
+    *resp.status_mut() = status;
+    for (k, v) in headers {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            resp.headers_mut().append(k.clone(), v);
+        }
+    }
+    resp
+}
+
+fn oci_error(status: StatusCode, code: &str) -> Response<StubBody> {
+    let body = format!(r#"{{"errors":[{{"code":"{code}","message":"stub","detail":null}}]}}"#);
+    respond(
+        status,
+        &[(header::CONTENT_TYPE, "application/json".into())],
+        Bytes::from(body),
+    )
+}
+
+fn registry_request(state: &State, req: &Request<Incoming>) -> Response<StubBody> {
+    record(&state.seen, req);
+    let path = req.uri().path();
+    if path == "/token" {
+        return match &state.auth {
+            StubAuth::Bearer { token, .. } => respond(
+                StatusCode::OK,
+                &[(header::CONTENT_TYPE, "application/json".into())],
+                Bytes::from(format!(r#"{{"token":"{token}","expires_in":300}}"#)),
+            ),
+            _ => oci_error(StatusCode::NOT_FOUND, "NOT_FOUND"),
+        };
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return oci_error(StatusCode::NOT_FOUND, "NOT_FOUND");
+    };
+    // /v2/<repo>/(manifests|blobs)/<ref>
+    let parts: Option<(&str, &str, &str)> = rest.rsplit_once('/').and_then(|(head, reference)| {
+        let (repo, kind) = head.rsplit_once('/')?;
+        Some((repo, kind, reference))
+    });
+    if let Some(challenge) = unauthorized(state, req, parts.map(|p| p.0)) {
+        return challenge;
+    }
+    let Some((_repo, kind, reference)) = parts else {
+        if rest.is_empty() {
+            return respond(
+                StatusCode::OK,
+                &[
+                    (header::CONTENT_TYPE, "application/json".into()),
+                    (
+                        header::HeaderName::from_static("docker-distribution-api-version"),
+                        "registry/2.0".into(),
+                    ),
+                ],
+                Bytes::from_static(b"{}"),
+            );
+        }
+        return oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN");
+    };
+    let head = req.method() == Method::HEAD;
+    match kind {
+        "manifests" => manifest(state, reference, head),
+        "blobs" => {
+            if !reference.starts_with("sha256:") || !blob_path(&state.layout, reference).is_file() {
+                return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+            }
+            match state.storage {
+                Some(storage) => respond(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    &[(
+                        header::LOCATION,
+                        format!("http://{storage}/storage/blobs/{reference}?sig=1"),
+                    )],
+                    Bytes::new(),
+                ),
+                None => blob(state, reference, head),
+            }
+        }
+        _ => oci_error(StatusCode::NOT_FOUND, "NAME_UNKNOWN"),
+    }
+}
+
+/// The 401 for a request without the right credentials, or None.
+fn unauthorized(
+    state: &State,
+    req: &Request<Incoming>,
+    repo: Option<&str>,
+) -> Option<Response<StubBody>> {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let (wanted, challenge) = match &state.auth {
+        StubAuth::None => return None,
+        StubAuth::Basic { user, password } => (
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+            ),
+            r#"Basic realm="stub""#.to_string(),
+        ),
+        StubAuth::Bearer { service, token } => {
+            let mut c = format!(
+                r#"Bearer realm="http://{}/token",service="{service}""#,
+                state.addr
+            );
+            if let Some(repo) = repo {
+                c.push_str(&format!(r#",scope="repository:{repo}:pull""#));
+            }
+            (format!("Bearer {token}"), c)
+        }
+    };
+    if given == wanted {
+        return None;
+    }
+    let mut resp = oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED");
+    if let Ok(v) = HeaderValue::from_str(&challenge) {
+        resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+    }
+    Some(resp)
+}
+
+fn manifest(state: &State, reference: &str, head: bool) -> Response<StubBody> {
+    let digest = if reference.starts_with("sha256:") {
+        Some(reference.to_string())
+    } else {
+        tag_digest(&state.layout, reference)
+    };
+    let Some(digest) = digest else {
+        return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    };
+    let Ok(bytes) = std::fs::read(blob_path(&state.layout, &digest)) else {
+        return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
+    };
+    let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|v| v["mediaType"].as_str().map(str::to_string))
+        .unwrap_or_else(|| crate::fixtures::OCI_MANIFEST.to_string());
+    let headers = [
+        (header::CONTENT_TYPE, media_type),
+        (header::CONTENT_LENGTH, bytes.len().to_string()),
+        (
+            header::HeaderName::from_static("docker-content-digest"),
+            digest,
+        ),
+    ];
+    let body = if head {
+        Bytes::new()
+    } else {
+        Bytes::from(bytes)
+    };
+    respond(StatusCode::OK, &headers, body)
+}
+
+/// The digest `index.json` gives for `tag`.
+fn tag_digest(layout: &Path, tag: &str) -> Option<String> {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).ok()?).ok()?;
+    index["manifests"]
+        .as_array()?
+        .iter()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .and_then(|m| m["digest"].as_str().map(str::to_string))
+}
+
+fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    // Only a plain hex name may reach the file system.
+    let hex = if hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex
+    } else {
+        "invalid"
+    };
+    layout.join("blobs/sha256").join(hex)
+}
+
+/// The blob's bytes (corrupted when asked), whole or throttled.
+fn blob(state: &State, digest: &str, head: bool) -> Response<StubBody> {
+    let Ok(mut bytes) = std::fs::read(blob_path(&state.layout, digest)) else {
+        return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
+    };
+    if lock(&state.corrupt).contains(digest) && !bytes.is_empty() {
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0xff;
+    }
+    let mut resp = respond(
+        StatusCode::OK,
+        &[
+            (header::CONTENT_TYPE, "application/octet-stream".into()),
+            (header::CONTENT_LENGTH, bytes.len().to_string()),
+            (
+                header::HeaderName::from_static("docker-content-digest"),
+                digest.to_string(),
+            ),
+        ],
+        Bytes::new(),
+    );
+    if head {
+        return resp;
+    }
+    let throttle = *lock(&state.throttle);
+    *resp.body_mut() = match throttle {
+        None => StubBody::Full(Some(Bytes::from(bytes))),
+        Some(t) => {
+            let (tx, rx) = mpsc::channel(1);
+            let bytes = Bytes::from(bytes);
+            tokio::spawn(async move {
+                let mut at = 0;
+                while at < bytes.len() {
+                    let end = (at + t.chunk.max(1)).min(bytes.len());
+                    if tx.send(bytes.slice(at..end)).await.is_err() {
+                        return;
+                    }
+                    at = end;
+                    tokio::time::sleep(t.pause).await;
+                }
+            });
+            StubBody::Chunks(rx)
+        }
+    };
+    resp
+}
+
+fn storage_request(state: &State, req: &Request<Incoming>) -> Response<StubBody> {
+    record(&state.storage_seen, req);
+    let path = req.uri().path();
+    let head = req.method() == Method::HEAD;
+    if let Some(digest) = path.strip_prefix("/storage/blobs/") {
+        // Relative, to the same host: resolves to /storage/real/<digest>.
+        return respond(
+            StatusCode::FOUND,
+            &[(header::LOCATION, format!("../real/{digest}?sig=2"))],
+            Bytes::new(),
+        );
+    }
+    if let Some(digest) = path.strip_prefix("/storage/real/") {
+        return blob(state, digest, head);
+    }
+    oci_error(StatusCode::NOT_FOUND, "NOT_FOUND")
+}
