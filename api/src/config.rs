@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent::{NodeOptions, NodeProxy};
 use crate::names::validate_host;
 
 /// A config problem, naming the key it is about.
@@ -60,6 +61,10 @@ pub struct ProxyConfig {
     pub upstream_timeouts: UpstreamTimeouts,
     #[serde(default)]
     pub registries: Vec<RegistryConfig>,
+    /// How nodes reach the proxy; read by the node-agent, ignored by the
+    /// proxy (see [`crate::agent`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<NodeProxy>,
 }
 
 /// Listener addresses; each one is optional.
@@ -140,6 +145,9 @@ pub struct RegistryConfig {
     /// Pass pushes through (uncached); refused otherwise.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_push: bool,
+    /// Which node runtimes the node-agent configures for this registry.
+    #[serde(default, skip_serializing_if = "NodeOptions::is_default")]
+    pub nodes: NodeOptions,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -231,6 +239,9 @@ impl ProxyConfig {
         }
         for (i, n) in self.names.iter().enumerate() {
             validate_host(n).map_err(|m| ConfigError::new(format!("names[{i}]"), m))?;
+        }
+        if let Some(proxy) = &self.proxy {
+            proxy.validate()?;
         }
         Ok(())
     }

@@ -1,6 +1,8 @@
 //! Types and conventions shared by every pullthrough program, so the proxy,
 //! the node-agent and the operator agree by construction.
 
+pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod crd;
 pub mod names;

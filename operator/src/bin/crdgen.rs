@@ -4,13 +4,19 @@ use clap::Parser;
 use pullthrough_api::cli::parse_or_exit;
 
 /// Print the MirrorRegistry CRD (YAML) derived from the Rust types, for the
-/// chart's `crds/` folder and `deploy/`.
+/// chart's `crds/` folder and `deploy/`:
+/// `cargo run -p pullthrough-operator --bin crdgen > charts/pullthrough/crds/mirrorregistries.yaml`
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {}
 
 fn main() {
     let _cli: Cli = parse_or_exit();
-    eprintln!("crdgen: the MirrorRegistry types are not defined in this build");
-    std::process::exit(1);
+    match pullthrough_operator::crd_yaml() {
+        Ok(yaml) => print!("{yaml}"),
+        Err(e) => {
+            eprintln!("crdgen: {e}");
+            std::process::exit(1);
+        }
+    }
 }
