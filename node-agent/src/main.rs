@@ -1,8 +1,12 @@
 //! `pullthrough-agent`: makes a node's container runtime pull through the proxy.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use pullthrough_agent::engine::{self, AgentError, ApplyOptions, RevertOptions};
+use pullthrough_agent::fsio::Root;
+use pullthrough_agent::runtime::{DockerActionArg, Runtime, SystemExecutor};
 use pullthrough_api::cli::parse_or_exit;
 
 /// Point this node's container runtime at the pullthrough proxy, and undo it.
@@ -26,12 +30,17 @@ enum Command {
         /// Registry table plus the `proxy:` section for nodes (YAML).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
-        /// Which runtime to configure; `auto` detects what is installed.
-        #[arg(long, value_enum, default_value_t = Runtime::Auto)]
-        runtime: Runtime,
+        /// Which runtimes to configure (comma-separated); `auto` detects
+        /// what is installed.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+        runtime: Vec<RuntimeArg>,
         /// What to do with dockerd after daemon.json changed.
-        #[arg(long, value_enum, default_value_t = DockerAction::Auto)]
-        docker_action: DockerAction,
+        #[arg(long, value_enum, default_value_t = DockerActionArg::Auto)]
+        docker_action: DockerActionArg,
+        /// Move containerd's deprecated `registry.mirrors`/`configs.*.tls`
+        /// into hosts.toml files (refused otherwise).
+        #[arg(long)]
+        migrate_containerd_mirrors: bool,
         /// Print a diff per file instead of writing.
         #[arg(long)]
         dry_run: bool,
@@ -41,6 +50,13 @@ enum Command {
         /// Host filesystem root.
         #[arg(long, value_name = "DIR", default_value = "/")]
         root: PathBuf,
+        /// Print a diff per file instead of writing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long dockerd gets to re-read daemon.json with the proxy's
+        /// keys emptied before the original file is put back.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+        reload_settle: Duration,
     },
     /// Show what is applied on this node.
     Status {
@@ -60,20 +76,12 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Runtime {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RuntimeArg {
     Auto,
     Docker,
     Containerd,
     Crio,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum DockerAction {
-    Auto,
-    Reload,
-    Restart,
-    None,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -82,13 +90,84 @@ enum Output {
     Json,
 }
 
+fn runtimes(args: &[RuntimeArg]) -> Result<Option<Vec<Runtime>>, AgentError> {
+    if args.contains(&RuntimeArg::Auto) {
+        if args.len() > 1 {
+            return Err(AgentError::Config(
+                "--runtime: `auto` cannot be combined with named runtimes".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(
+        args.iter()
+            .map(|a| match a {
+                RuntimeArg::Docker => Runtime::Docker,
+                RuntimeArg::Containerd => Runtime::Containerd,
+                _ => Runtime::Crio,
+            })
+            .collect(),
+    ))
+}
+
+fn run(cli: Cli) -> Result<(), AgentError> {
+    let mut stdout = std::io::stdout();
+    match cli.command {
+        Command::Apply {
+            root,
+            config,
+            runtime,
+            docker_action,
+            migrate_containerd_mirrors,
+            dry_run,
+        } => {
+            let runtimes = runtimes(&runtime)?;
+            let cfg = pullthrough_agent::config::load(&config).map_err(AgentError::Config)?;
+            let root = Root::new(root);
+            let mut exec = SystemExecutor::new(root.clone());
+            let opts = ApplyOptions {
+                runtimes,
+                docker_action,
+                dry_run,
+                migrate_containerd_mirrors,
+            };
+            engine::apply(&root, &cfg, &opts, &mut exec, &mut stdout).map(|_| ())
+        }
+        Command::Revert {
+            root,
+            dry_run,
+            reload_settle,
+        } => {
+            let root = Root::new(root);
+            let mut exec = SystemExecutor::new(root.clone());
+            let opts = RevertOptions {
+                dry_run,
+                reload_settle,
+            };
+            engine::revert(&root, &opts, &mut exec, &mut stdout).map(|_| ())
+        }
+        Command::Status { root, output } => {
+            let status = engine::status(&Root::new(root))?;
+            match output {
+                Output::Table => print!("{}", engine::status_table(&status)),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&status)
+                        .map_err(|e| AgentError::Other(e.to_string()))?
+                ),
+            }
+            Ok(())
+        }
+        Command::Run { .. } => Err(AgentError::Other(
+            "run (the in-cluster loop with health gate and reporting) is not implemented in this build; use apply/revert/status".into(),
+        )),
+    }
+}
+
 fn main() {
     let cli: Cli = parse_or_exit();
-    // The patchers land with the node-agent issue; until then say so plainly
-    // instead of pretending a node was configured.
-    eprintln!(
-        "pullthrough-agent: {:?} is not implemented in this build",
-        cli.command
-    );
-    std::process::exit(1);
+    if let Err(e) = run(cli) {
+        eprintln!("pullthrough-agent: {e}");
+        std::process::exit(e.exit_code());
+    }
 }

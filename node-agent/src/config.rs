@@ -1,0 +1,55 @@
+//! The agent's config: the proxy's registry table plus its `proxy:`
+//! section (how nodes reach the proxy), and the CA that section names.
+
+use std::path::{Path, PathBuf};
+
+use pullthrough_api::agent::NodeProxy;
+use pullthrough_api::config::ProxyConfig;
+
+use crate::patch::check_ca_pem;
+use crate::state::sha256_hex;
+
+/// A loaded, checked agent config.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub table: ProxyConfig,
+    pub proxy: NodeProxy,
+    /// The CA PEM (TLS mode), read from `proxy.caFile`.
+    pub ca_pem: Option<Vec<u8>>,
+    /// sha256 of the config file, recorded with each apply.
+    pub sha256: String,
+}
+
+/// Reads and checks the config file; errors name the file and the key.
+pub fn load(path: &Path) -> Result<AgentConfig, String> {
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| format!("{shown}: not UTF-8"))?;
+    let table = ProxyConfig::from_yaml(text).map_err(|e| format!("{shown}: {e}"))?;
+    let proxy = table.proxy.clone().ok_or_else(|| {
+        format!(
+            "{shown}: proxy: missing; the agent needs the `proxy:` section (address, httpsPort, caFile or httpPort)"
+        )
+    })?;
+    let ca_pem = match &proxy.ca_file {
+        None => None,
+        Some(ca) => {
+            let ca_path: PathBuf = if ca.is_absolute() {
+                ca.clone()
+            } else {
+                path.parent().unwrap_or(Path::new(".")).join(ca)
+            };
+            let pem = std::fs::read(&ca_path)
+                .map_err(|e| format!("{shown}: proxy.caFile: {}: {e}", ca_path.display()))?;
+            check_ca_pem(&pem)
+                .map_err(|e| format!("{shown}: proxy.caFile: {}: {e}", ca_path.display()))?;
+            Some(pem)
+        }
+    };
+    Ok(AgentConfig {
+        table,
+        proxy,
+        ca_pem,
+        sha256: sha256_hex(&bytes),
+    })
+}

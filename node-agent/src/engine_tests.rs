@@ -1,0 +1,574 @@
+//! Engine tests against temp roots, with a recording executor.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+use proptest::prelude::*;
+use pullthrough_api::config::ProxyConfig;
+
+use super::*;
+use crate::runtime::RecordingExecutor;
+
+pub const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
+
+fn cfg(yaml: &str) -> AgentConfig {
+    let table = ProxyConfig::from_yaml(yaml).unwrap();
+    AgentConfig {
+        proxy: table.proxy.clone().unwrap(),
+        table,
+        ca_pem: Some(PEM.as_bytes().to_vec()),
+        sha256: "0".repeat(64),
+    }
+}
+
+const CONFIG: &str = "
+proxy: {address: 10.0.0.5, caFile: ca.crt}
+registries:
+  - {host: docker.io, upstream: 'https://registry-1.docker.io'}
+  - {host: quay.io}
+  - {host: ghcr.io}
+";
+
+fn opts(runtimes: &[Runtime]) -> ApplyOptions {
+    ApplyOptions {
+        runtimes: Some(runtimes.to_vec()),
+        docker_action: DockerActionArg::Auto,
+        dry_run: false,
+        migrate_containerd_mirrors: false,
+    }
+}
+
+fn revert_opts() -> RevertOptions {
+    RevertOptions {
+        dry_run: false,
+        reload_settle: Duration::ZERO,
+    }
+}
+
+/// Every entry under the root: files with bytes and mode, dirs with mode.
+pub fn snapshot(dir: &Path) -> BTreeMap<String, (Option<Vec<u8>>, u32)> {
+    fn walk(base: &Path, dir: &Path, out: &mut BTreeMap<String, (Option<Vec<u8>>, u32)>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let rel = p.strip_prefix(base).unwrap().display().to_string();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let mode = m.permissions().mode();
+            if m.is_dir() {
+                out.insert(rel, (None, mode));
+                walk(base, &p, out);
+            } else {
+                out.insert(rel, (Some(fs::read(&p).unwrap()), mode));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn write(root: &Path, path: &str, bytes: &[u8]) {
+    let p = root.join(path.trim_start_matches('/'));
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, bytes).unwrap();
+}
+
+fn read(root: &Path, path: &str) -> String {
+    String::from_utf8(fs::read(root.join(path.trim_start_matches('/'))).unwrap()).unwrap()
+}
+
+fn run_apply(
+    root: &Root,
+    c: &AgentConfig,
+    o: &ApplyOptions,
+    exec: &mut RecordingExecutor,
+) -> (Result<Report, AgentError>, String) {
+    let mut out = Vec::new();
+    let r = apply(root, c, o, exec, &mut out);
+    (r, String::from_utf8(out).unwrap())
+}
+
+fn run_revert(root: &Root, exec: &mut RecordingExecutor) -> (Report, String) {
+    let mut out = Vec::new();
+    let r = revert(root, &revert_opts(), exec, &mut out).unwrap();
+    (r, String::from_utf8(out).unwrap())
+}
+
+const DAEMON_JSON_ORIG: &str =
+    "{\n\t\"log-driver\": \"json-file\",\n\t\"log-opts\": {\"max-size\": \"10m\"}\n}";
+const HOSTS_ORIG: &str = "127.0.0.1\tlocalhost\r\n::1 localhost ip6-localhost # v6\r\n";
+
+#[test]
+fn docker_apply_is_idempotent_and_revert_restores_every_byte() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, HOSTS_ORIG.as_bytes());
+    write(t.path(), DAEMON_JSON, DAEMON_JSON_ORIG.as_bytes());
+    fs::set_permissions(
+        t.path().join("etc/docker/daemon.json"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let c = cfg(CONFIG);
+    let mut exec = RecordingExecutor::default();
+
+    let (r, out) = run_apply(&root, &c, &opts(&[Runtime::Docker]), &mut exec);
+    let r = r.unwrap();
+    assert_eq!(
+        exec.calls,
+        ["validate daemon.json", "reload docker"],
+        "{out}"
+    );
+    assert!(out.contains("dockerd: reload (SIGHUP)"), "{out}");
+    assert!(out.contains("updated   /etc/hosts"), "{out}");
+    let hosts = read(t.path(), HOSTS);
+    assert!(hosts.starts_with(HOSTS_ORIG));
+    assert!(
+        hosts.contains("10.0.0.5\tquay.io\r\n10.0.0.5\tghcr.io\r\n"),
+        "{hosts}"
+    );
+    assert!(
+        !hosts.contains("docker.io"),
+        "Docker Hub goes through registry-mirrors"
+    );
+    let dj = read(t.path(), DAEMON_JSON);
+    assert!(
+        dj.starts_with("{\n\t\"log-driver\": \"json-file\",\n\t\"log-opts\": {"),
+        "{dj}"
+    );
+    assert!(
+        dj.contains("\"registry-mirrors\": [\n\t\t\"https://10.0.0.5\"\n\t]"),
+        "{dj}"
+    );
+    assert_eq!(
+        fs::metadata(t.path().join("etc/docker/daemon.json"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777,
+        0o600,
+        "mode kept"
+    );
+    for a in ["quay.io", "ghcr.io", "10.0.0.5"] {
+        assert_eq!(
+            read(
+                t.path(),
+                &format!("/etc/docker/certs.d/{a}/pullthrough-ca.crt")
+            ),
+            PEM
+        );
+    }
+    assert_eq!(r.files.len(), 5, "{:?}", r.files);
+
+    // Apply twice == apply once.
+    let after_first = snapshot(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &c, &opts(&[Runtime::Docker]), &mut exec);
+    assert!(r.unwrap().files.is_empty());
+    assert_eq!(out.trim(), "no changes");
+    assert!(
+        exec.calls.iter().all(|c| !c.starts_with("reload")),
+        "{:?}",
+        exec.calls
+    );
+    assert_eq!(snapshot(t.path()), after_first);
+
+    let st = status(&root).unwrap();
+    assert!(st.files.iter().all(|f| f.state == "applied"), "{st:?}");
+    assert_eq!(st.hosts_entries, ["10.0.0.5 quay.io", "10.0.0.5 ghcr.io"]);
+    assert!(status_table(&st).contains("/etc/docker/daemon.json"));
+
+    // Revert: registry-mirrors was created, so dockerd is first reloaded
+    // with it emptied, then the original bytes come back.
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_revert(&root, &mut exec);
+    assert_eq!(exec.calls, ["reload docker"], "{out}");
+    assert!(out.contains("clearing registry-mirrors"), "{out}");
+    assert_eq!(snapshot(t.path()), before);
+    assert!(!status(&root).unwrap().applied);
+}
+
+#[test]
+fn dry_run_prints_diffs_and_writes_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+    fs::create_dir_all(t.path().join("etc/docker")).unwrap();
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut o = opts(&[Runtime::Docker]);
+    o.dry_run = true;
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    r.unwrap();
+    assert!(out.contains("--- a/etc/hosts\n+++ b/etc/hosts"), "{out}");
+    assert!(out.contains("+10.0.0.5\tquay.io"), "{out}");
+    assert!(
+        out.contains("--- /dev/null\n+++ b/etc/docker/daemon.json"),
+        "{out}"
+    );
+    assert!(out.contains("dockerd: would reload"), "{out}");
+    assert!(!exec.calls.iter().any(|c| c.starts_with("reload")));
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn invalid_daemon_json_is_refused_and_nothing_is_written() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true,}\n");
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, _) = run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec);
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/etc/docker/daemon.json: is not valid JSON"),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 1);
+    assert_eq!(
+        snapshot(t.path()),
+        before,
+        "not even /etc/hosts was touched"
+    );
+}
+
+#[test]
+fn dockerd_validate_rejection_stops_the_apply() {
+    let t = tempfile::tempdir().unwrap();
+    fs::create_dir_all(t.path().join("etc/docker")).unwrap();
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor {
+        validation: Some(Err("conflicting flag".into())),
+        ..Default::default()
+    };
+    let (r, _) = run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec);
+    assert!(r.unwrap_err().to_string().contains("dockerd --validate"));
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn admin_edits_after_apply_survive_revert() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec)
+        .0
+        .unwrap();
+    // The admin adds a key and a hosts line after the agent.
+    let mut dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
+    dj["storage-driver"] = "overlay2".into();
+    write(
+        t.path(),
+        DAEMON_JSON,
+        serde_json::to_string(&dj).unwrap().as_bytes(),
+    );
+    let mut hosts = read(t.path(), HOSTS);
+    hosts.push_str("192.168.1.9 nas\n");
+    write(t.path(), HOSTS, hosts.as_bytes());
+    let st = status(&root).unwrap();
+    assert!(st.files.iter().any(|f| f.state == "changed since apply"));
+
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_revert(&root, &mut exec);
+    assert!(out.contains("changed since apply"), "{out}");
+    let dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
+    assert_eq!(
+        dj,
+        serde_json::json!({"debug": true, "storage-driver": "overlay2"})
+    );
+    assert_eq!(
+        read(t.path(), HOSTS),
+        "127.0.0.1 localhost\n192.168.1.9 nas\n"
+    );
+    assert!(!t.path().join("var/lib/pullthrough-agent").exists());
+}
+
+const CONTAINERD_V2: &str = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n";
+
+#[test]
+fn containerd_gets_config_path_hosts_toml_and_one_restart() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    // An admin's own hosts.toml for quay.io: backed up, restored on revert.
+    write(
+        t.path(),
+        "/etc/containerd/certs.d/quay.io/hosts.toml",
+        b"server = \"https://quay.io\"\n[host.\"https://mine\"]\n  capabilities = [\"pull\"]\n",
+    );
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let c = cfg(CONFIG);
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &c, &opts(&[Runtime::Containerd]), &mut exec);
+    r.unwrap();
+    assert_eq!(exec.calls, ["restart containerd"], "{out}");
+    assert!(read(t.path(), CONFIG_TOML).starts_with(CONTAINERD_V2));
+    let quay = read(t.path(), "/etc/containerd/certs.d/quay.io/hosts.toml");
+    assert!(quay.contains("server = \"https://quay.io\""), "{quay}");
+    assert!(quay.contains("[host.\"https://10.0.0.5\"]"), "{quay}");
+    assert!(
+        out.contains("replaced a hosts.toml the agent did not write"),
+        "{out}"
+    );
+    let hub = read(t.path(), "/etc/containerd/certs.d/docker.io/hosts.toml");
+    assert!(
+        hub.contains("server = \"https://registry-1.docker.io\""),
+        "{hub}"
+    );
+    assert_eq!(
+        read(
+            t.path(),
+            "/etc/containerd/certs.d/docker.io/pullthrough-ca.crt"
+        ),
+        PEM
+    );
+
+    // A new registry later: hosts.toml only, no restart.
+    let c2 = cfg(&format!("{CONFIG}  - {{host: registry.k8s.io}}\n"));
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &c2, &opts(&[Runtime::Containerd]), &mut exec);
+    assert_eq!(r.unwrap().files.len(), 2, "{out}");
+    assert!(exec.calls.is_empty(), "{:?}", exec.calls);
+    assert!(
+        out.contains("containerd: nothing to do (hosts.toml is re-read"),
+        "{out}"
+    );
+
+    // And gone again: its directory goes too.
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &c, &opts(&[Runtime::Containerd]), &mut exec)
+        .0
+        .unwrap();
+    assert!(
+        !t.path()
+            .join("etc/containerd/certs.d/registry.k8s.io")
+            .exists()
+    );
+
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn containerd_mirrors_need_the_migrate_flag() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n";
+    write(t.path(), CONFIG_TOML, conf.as_bytes());
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, _) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[Runtime::Containerd]),
+        &mut exec,
+    );
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.starts_with("/etc/containerd/config.toml: uses the deprecated"),
+        "{e}"
+    );
+    assert_eq!(snapshot(t.path()), before);
+
+    let mut o = opts(&[Runtime::Containerd]);
+    o.migrate_containerd_mirrors = true;
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    r.unwrap();
+    assert!(!read(t.path(), CONFIG_TOML).contains("mirrors"), "{out}");
+    let hub = read(t.path(), "/etc/containerd/certs.d/docker.io/hosts.toml");
+    let proxy_at = hub.find("https://10.0.0.5").unwrap();
+    let mirror_at = hub.find("https://mirror.example").unwrap();
+    assert!(
+        proxy_at < mirror_at,
+        "proxy first, then the admin's mirror: {hub}"
+    );
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn crio_drop_in_and_ca_then_revert() {
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        "/etc/containers/registries.conf",
+        b"unqualified-search-registries = [\"docker.io\"]\n",
+    );
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let c = cfg(
+        "proxy: {address: 10.0.0.5, caFile: ca.crt, httpsPort: 5443}\nregistries: [{host: quay.io}]\n",
+    );
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(
+        &root,
+        &c,
+        &ApplyOptions {
+            runtimes: None,
+            ..opts(&[])
+        },
+        &mut exec,
+    );
+    r.unwrap();
+    assert!(out.contains("crio: detected (/etc/containers)"), "{out}");
+    assert_eq!(exec.calls, ["reload crio"]);
+    let d = read(t.path(), DROP_IN);
+    assert!(d.contains("location = \"10.0.0.5:5443/quay.io\""), "{d}");
+    assert_eq!(
+        read(
+            t.path(),
+            "/etc/containers/certs.d/10.0.0.5:5443/pullthrough-ca.crt"
+        ),
+        PEM
+    );
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(exec.calls, ["reload crio"]);
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn switching_runtimes_reverts_the_old_ones_files() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec)
+        .0
+        .unwrap();
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Crio]), &mut exec);
+    r.unwrap();
+    assert_eq!(read(t.path(), HOSTS), "127.0.0.1 localhost\n", "{out}");
+    assert!(!t.path().join("etc/docker").exists(), "{out}");
+    // registry-mirrors disappeared from dockerd's config: it is reloaded.
+    assert!(
+        exec.calls.contains(&"reload docker".to_string()),
+        "{:?}",
+        exec.calls
+    );
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn no_runtime_found_is_an_error() {
+    let t = tempfile::tempdir().unwrap();
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, _) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &ApplyOptions {
+            runtimes: None,
+            ..opts(&[])
+        },
+        &mut exec,
+    );
+    assert!(
+        r.unwrap_err()
+            .to_string()
+            .contains("no container runtime found")
+    );
+    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+}
+
+#[test]
+fn revert_without_state_is_a_no_op() {
+    let t = tempfile::tempdir().unwrap();
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_revert(&root, &mut exec);
+    assert!(out.contains("nothing to revert"));
+    assert_eq!(fs::read_dir(t.path()).unwrap().count(), 0);
+}
+
+/// Foreign node files: a hosts file and daemon.json in assorted styles.
+/// Optional contents of /etc/hosts, daemon.json and config.toml.
+type NodeFiles = (Option<Vec<u8>>, Option<Vec<u8>>, Option<Vec<u8>>);
+
+fn node_files() -> impl Strategy<Value = NodeFiles> {
+    let hosts = prop::option::of(
+        (
+            prop::collection::vec(
+                prop_oneof![
+                    Just("127.0.0.1\tlocalhost".to_string()),
+                    Just("::1 localhost ip6-loopback".to_string()),
+                    "#[ -~]{0,20}",
+                    "[ \t]{0,3}",
+                    "10\\.[0-9]{1,3}\\.0\\.1[ \t]+[a-z]{1,8}",
+                ],
+                0..6,
+            ),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(|(ls, crlf, nl)| {
+                let eol = if crlf { "\r\n" } else { "\n" };
+                let mut s = ls.join(eol);
+                if nl && !s.is_empty() {
+                    s.push_str(eol);
+                }
+                s.into_bytes()
+            }),
+    );
+    let daemon = prop::option::of(prop_oneof![
+        Just(b"{}".to_vec()),
+        Just(b"\n".to_vec()),
+        Just(br#"{"registry-mirrors":["https://m.example"],"debug":true}"#.to_vec()),
+        Just(b"{\n    \"live-restore\": true,\n    \"insecure-registries\" : [ ]\n}\n".to_vec()),
+        Just(b"{\r\n\t\"log-opts\": {\"b\": \"1\", \"a\": \"2\"}\r\n}".to_vec()),
+    ]);
+    let containerd = prop::option::of(prop_oneof![
+        Just(CONTAINERD_V2.as_bytes().to_vec()),
+        Just(b"version = 3\r\n# comment\r\n[plugins.'io.containerd.cri.v1.images']\r\n  snapshotter = 'overlayfs'".to_vec()),
+        Just(b"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n".to_vec()),
+    ]);
+    (hosts, daemon, containerd)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    #[test]
+    fn apply_twice_then_revert_gives_back_the_exact_tree(
+        (hosts, daemon, containerd) in node_files(),
+        http_mode in any::<bool>(),
+    ) {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        if let Some(h) = &hosts { write(t.path(), HOSTS, h); }
+        if let Some(d) = &daemon { write(t.path(), DAEMON_JSON, d); }
+        if let Some(c) = &containerd { write(t.path(), CONFIG_TOML, c); }
+        let before = snapshot(t.path());
+        let root = Root::new(t.path());
+        let mut c = cfg(if http_mode {
+            "proxy: {address: 'fd00::5', httpPort: 80}\nregistries: [{host: docker.io}, {host: quay.io, authHosts: [auth.quay.io]}]\n"
+        } else {
+            CONFIG
+        });
+        if http_mode { c.ca_pem = None; }
+        let all = opts(&Runtime::ALL);
+        let mut exec = RecordingExecutor::default();
+        run_apply(&root, &c, &all, &mut exec).0.unwrap();
+        let once = snapshot(t.path());
+        let mut exec = RecordingExecutor::default();
+        let (r, _) = run_apply(&root, &c, &all, &mut exec);
+        prop_assert!(r.unwrap().files.is_empty());
+        prop_assert_eq!(snapshot(t.path()), once);
+        let mut exec = RecordingExecutor::default();
+        run_revert(&root, &mut exec);
+        prop_assert_eq!(snapshot(t.path()), before);
+    }
+}

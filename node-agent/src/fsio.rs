@@ -1,0 +1,351 @@
+//! File access under `--root`: host paths resolved inside the root (symlinks
+//! included), atomic writes that keep mode and owner, and directory
+//! bookkeeping.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+/// An I/O failure, naming the host path it is about.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {what}: {source}")]
+pub struct FsError {
+    /// Host path (as the node sees it, e.g. `/etc/hosts`).
+    pub path: String,
+    pub what: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+fn fs_err<'a>(path: &'a str, what: &'static str) -> impl FnOnce(io::Error) -> FsError + 'a {
+    move |source| FsError {
+        path: path.to_string(),
+        what,
+        source,
+    }
+}
+
+/// Mode of files the agent creates.
+pub const FILE_MODE: u32 = 0o644;
+/// Mode of directories the agent creates.
+pub const DIR_MODE: u32 = 0o755;
+
+/// The host filesystem root every path is resolved under.
+#[derive(Debug, Clone)]
+pub struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    /// The root directory itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the host path `host` (absolute, as the node sees it) lives
+    /// under the root. Symlinks are followed as the host would follow them:
+    /// an absolute link target is resolved under the root, never against
+    /// the agent's own filesystem, and `..` never climbs above the root.
+    /// Missing trailing components are fine (the path of a file to create).
+    pub fn resolve(&self, host: &str) -> Result<PathBuf, FsError> {
+        let mut pending: Vec<OsString> = components(host);
+        pending.reverse();
+        let mut resolved = PathBuf::new(); // relative to the root
+        let mut hops = 0;
+        while let Some(part) = pending.pop() {
+            if part == ".." {
+                resolved.pop();
+                continue;
+            }
+            let candidate = resolved.join(&part);
+            let full = self.dir.join(&candidate);
+            match fs::symlink_metadata(&full) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(FsError {
+                            path: host.to_string(),
+                            what: "resolving symlinks",
+                            source: io::Error::other("too many levels of symbolic links"),
+                        });
+                    }
+                    let target = fs::read_link(&full).map_err(fs_err(host, "reading symlink"))?;
+                    let target = target.to_string_lossy().into_owned();
+                    if target.starts_with('/') {
+                        resolved = PathBuf::new();
+                    }
+                    let mut more = components(&target);
+                    more.reverse();
+                    pending.extend(more);
+                }
+                _ => resolved = candidate,
+            }
+        }
+        Ok(self.dir.join(resolved))
+    }
+
+    /// File contents, `None` when it does not exist.
+    pub fn read(&self, host: &str) -> Result<Option<Vec<u8>>, FsError> {
+        let path = self.resolve(host)?;
+        match fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(fs_err(host, "reading")(e)),
+        }
+    }
+
+    pub fn exists(&self, host: &str) -> bool {
+        self.resolve(host).is_ok_and(|p| p.exists())
+    }
+
+    pub fn is_dir(&self, host: &str) -> bool {
+        self.resolve(host).is_ok_and(|p| p.is_dir())
+    }
+
+    /// Creates the directory and its missing parents (mode 0755); returns
+    /// the host paths of the directories it created, outermost first.
+    pub fn create_dirs(&self, host: &str) -> Result<Vec<String>, FsError> {
+        let missing = self.missing_dirs(host);
+        for dir in &missing {
+            let path = self.resolve(dir)?;
+            match fs::DirBuilder::new().mode(DIR_MODE).create(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => {}
+                Err(e) => return Err(fs_err(dir, "creating directory")(e)),
+            }
+            sync_parent(&path);
+        }
+        Ok(missing)
+    }
+
+    /// The directories [`Root::create_dirs`] would create, outermost first.
+    pub fn missing_dirs(&self, host: &str) -> Vec<String> {
+        let mut missing = Vec::new();
+        let mut cur = normalize(host);
+        while cur != "/" && !self.is_dir(&cur) {
+            missing.push(cur.clone());
+            cur = parent(&cur);
+        }
+        missing.reverse();
+        missing
+    }
+
+    /// Replaces (or creates) the file atomically: a temp file in the same
+    /// directory, fsync, rename over the target, fsync the directory. An
+    /// existing file keeps its mode and owner; a new one gets `mode`.
+    ///
+    /// Where the target is a single-file bind mount (rename fails with
+    /// EBUSY, as for `/etc/hosts` inside a container) the content is
+    /// written in place instead, still from a fully prepared buffer.
+    pub fn write_atomic(&self, host: &str, bytes: &[u8], mode: u32) -> Result<(), FsError> {
+        let path = self.resolve(host)?;
+        let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let existing = fs::metadata(&path).ok();
+        let tmp = dir.join(format!(".{name}.pullthrough-tmp.{}", std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(mode)
+                .open(&tmp)
+                .map_err(fs_err(host, "creating temp file"))?;
+            f.write_all(bytes)
+                .map_err(fs_err(host, "writing temp file"))?;
+            if let Some(m) = &existing {
+                // Owner first: chown clears setuid bits, chmod restores them.
+                let made = f.metadata().map_err(fs_err(host, "stat temp file"))?;
+                if m.uid() != made.uid() || m.gid() != made.gid() {
+                    std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))
+                        .map_err(fs_err(host, "keeping owner"))?;
+                }
+                f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
+                    .map_err(fs_err(host, "keeping mode"))?;
+            } else {
+                f.set_permissions(fs::Permissions::from_mode(mode))
+                    .map_err(fs_err(host, "setting mode"))?;
+            }
+            f.sync_all().map_err(fs_err(host, "fsync"))?;
+            drop(f);
+            match fs::rename(&tmp, &path) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                    let _ = fs::remove_file(&tmp);
+                    let mut f = OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(&path)
+                        .map_err(fs_err(host, "opening bind-mounted file"))?;
+                    f.write_all(bytes)
+                        .map_err(fs_err(host, "writing bind-mounted file"))?;
+                    f.sync_all().map_err(fs_err(host, "fsync"))?;
+                }
+                Err(e) => return Err(fs_err(host, "renaming into place")(e)),
+            }
+            sync_dir(&dir).map_err(fs_err(host, "fsync directory"))?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Removes a file (fine when already gone) and syncs its directory.
+    pub fn remove_file(&self, host: &str) -> Result<(), FsError> {
+        let path = self.resolve(host)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                sync_parent(&path);
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(fs_err(host, "removing")(e)),
+        }
+    }
+
+    /// Removes a directory if it is empty; `Ok(false)` when it is not (or
+    /// is gone already).
+    pub fn remove_dir_if_empty(&self, host: &str) -> Result<bool, FsError> {
+        let path = self.resolve(host)?;
+        match fs::read_dir(&path) {
+            Ok(mut it) => {
+                if it.next().is_some() {
+                    return Ok(false);
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(fs_err(host, "listing")(e)),
+        }
+        fs::remove_dir(&path).map_err(fs_err(host, "removing directory"))?;
+        sync_parent(&path);
+        Ok(true)
+    }
+}
+
+/// Normalized absolute host path: `/` prefixed, no `.`/empty components.
+pub fn normalize(host: &str) -> String {
+    let parts = components(host);
+    let mut out = String::new();
+    for p in parts {
+        out.push('/');
+        out.push_str(&p.to_string_lossy());
+    }
+    if out.is_empty() { "/".into() } else { out }
+}
+
+/// The parent host path (`/` for top-level entries).
+pub fn parent(host: &str) -> String {
+    match host.rfind('/') {
+        Some(0) | None => "/".into(),
+        Some(i) => host[..i].to_string(),
+    }
+}
+
+/// Path components of a host path, without root, `.` and empty ones.
+fn components(path: &str) -> Vec<OsString> {
+    Path::new(path)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_os_string()),
+            Component::ParentDir => Some(OsString::from("..")),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn sync_parent(path: &Path) {
+    if let Some(p) = path.parent() {
+        // Best effort: the entry is already in place; a failed directory
+        // fsync only weakens crash durability.
+        let _ = sync_dir(p);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn resolve_keeps_symlinks_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        fs::create_dir_all(t.path().join("real")).unwrap();
+        // Absolute target: must land under the root, not the agent's /real.
+        symlink("/real", t.path().join("etc/docker")).unwrap();
+        assert_eq!(
+            root.resolve("/etc/docker/daemon.json").unwrap(),
+            t.path().join("real/daemon.json")
+        );
+        // `..` does not climb out.
+        assert_eq!(
+            root.resolve("/../../etc/hosts").unwrap(),
+            t.path().join("etc/hosts")
+        );
+        symlink("../real/x", t.path().join("etc/rel")).unwrap();
+        assert_eq!(root.resolve("/etc/rel").unwrap(), t.path().join("real/x"));
+        symlink("/etc/loop", t.path().join("etc/loop")).unwrap();
+        assert!(root.resolve("/etc/loop/x").is_err());
+    }
+
+    #[test]
+    fn atomic_write_keeps_mode_and_leaves_no_temp_files() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        let p = t.path().join("etc/hosts");
+        fs::write(&p, b"old").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        root.write_atomic("/etc/hosts", b"new", FILE_MODE).unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"new");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        root.write_atomic("/etc/fresh", b"x", FILE_MODE).unwrap();
+        assert_eq!(
+            fs::metadata(t.path().join("etc/fresh")).unwrap().mode() & 0o777,
+            0o644
+        );
+        let names: Vec<_> = fs::read_dir(t.path().join("etc"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn create_dirs_reports_what_it_made() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        let made = root.create_dirs("/etc/docker/certs.d/quay.io").unwrap();
+        assert_eq!(
+            made,
+            [
+                "/etc/docker",
+                "/etc/docker/certs.d",
+                "/etc/docker/certs.d/quay.io"
+            ]
+        );
+        assert!(root.create_dirs("/etc/docker/certs.d").unwrap().is_empty());
+        assert!(!root.remove_dir_if_empty("/etc/docker").unwrap());
+        assert!(
+            root.remove_dir_if_empty("/etc/docker/certs.d/quay.io")
+                .unwrap()
+        );
+    }
+}

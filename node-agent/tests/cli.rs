@@ -1,0 +1,350 @@
+//! The `pullthrough-agent` binary against temp `--root`s: apply, apply
+//! again, dry run, status, revert to a byte-identical tree, exit codes, and
+//! a real SIGHUP through a pid file.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
+
+fn agent(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"))
+        .args(args)
+        .output()
+        .expect("run pullthrough-agent")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every file (bytes + mode) and directory (mode) under `dir`.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Option<Vec<u8>>, u32)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let m = fs::symlink_metadata(&p).unwrap();
+            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+            if m.is_dir() {
+                out.insert(rel, (None, m.permissions().mode()));
+                stack.push(p);
+            } else {
+                out.insert(rel, (Some(fs::read(&p).unwrap()), m.permissions().mode()));
+            }
+        }
+    }
+    out
+}
+
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+    config: PathBuf,
+}
+
+impl Fixture {
+    fn new(config: &str) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let conf_dir = tmp.path().join("conf");
+        fs::create_dir_all(root.join("etc/docker")).unwrap();
+        fs::create_dir_all(&conf_dir).unwrap();
+        fs::write(
+            root.join("etc/hosts"),
+            "127.0.0.1\tlocalhost\n::1\tlocalhost # v6",
+        )
+        .unwrap();
+        fs::write(
+            root.join("etc/docker/daemon.json"),
+            "{\n  \"debug\": true,\n  \"log-opts\": {\"max-size\": \"10m\"}\n}\n",
+        )
+        .unwrap();
+        fs::write(conf_dir.join("ca.crt"), PEM).unwrap();
+        let config_path = conf_dir.join("agent.yaml");
+        fs::write(&config_path, config).unwrap();
+        Self {
+            _tmp: tmp,
+            root,
+            config: config_path,
+        }
+    }
+
+    fn root(&self) -> &str {
+        self.root.to_str().unwrap()
+    }
+
+    fn config(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    fn read(&self, p: &str) -> String {
+        fs::read_to_string(self.root.join(p)).unwrap()
+    }
+}
+
+const CONFIG: &str = "
+proxy:
+  address: 10.0.0.5
+  caFile: ca.crt            # relative to this file
+  neverHijack: [ghcr.io]
+registries:
+  - host: docker.io
+    upstream: https://registry-1.docker.io
+  - host: quay.io
+  - host: ghcr.io
+";
+
+#[test]
+fn apply_again_status_and_revert_to_a_byte_identical_tree() {
+    let f = Fixture::new(CONFIG);
+    let before = snapshot(&f.root);
+
+    let o = agent(&["apply", "--root", f.root(), "--config", f.config()]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("docker: detected (/etc/docker)"), "{out}");
+    assert!(out.contains("docker: ghcr.io: not hijacked"), "{out}");
+    assert!(out.contains("updated   /etc/hosts"), "{out}");
+    assert!(out.contains("updated   /etc/docker/daemon.json"), "{out}");
+    assert!(
+        out.contains("created   /etc/docker/certs.d/quay.io/pullthrough-ca.crt"),
+        "{out}"
+    );
+    // No dockerd runs under the temp root: said, not failed.
+    assert!(out.contains("dockerd: reload (SIGHUP)"), "{out}");
+    assert!(out.contains("not running"), "{out}");
+    let hosts = f.read("etc/hosts");
+    assert!(
+        hosts.starts_with("127.0.0.1\tlocalhost\n::1\tlocalhost # v6\n# >>> pullthrough-agent"),
+        "{hosts}"
+    );
+    assert!(hosts.contains("10.0.0.5\tquay.io\n"), "{hosts}");
+    assert!(!hosts.contains("ghcr.io"), "{hosts}");
+    assert!(
+        !hosts.ends_with('\n'),
+        "the file had no final newline, and still has none"
+    );
+    let dj: serde_json::Value = serde_json::from_str(&f.read("etc/docker/daemon.json")).unwrap();
+    assert_eq!(
+        dj["registry-mirrors"],
+        serde_json::json!(["https://10.0.0.5"])
+    );
+    assert_eq!(
+        dj.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["debug", "log-opts", "registry-mirrors"]
+    );
+
+    let applied = snapshot(&f.root);
+    let o = agent(&[
+        "apply",
+        "--root",
+        f.root(),
+        "--config",
+        f.config(),
+        "--runtime",
+        "docker",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(stdout.lines().last(), Some("no changes"), "{stdout}");
+    assert_eq!(snapshot(&f.root), applied);
+
+    let o = agent(&["status", "--root", f.root()]);
+    assert!(o.status.success());
+    let table = text(&o);
+    assert!(table.contains("FILE"), "{table}");
+    assert!(table.contains("/etc/docker/daemon.json"), "{table}");
+    assert!(table.contains("applied"), "{table}");
+    let o = agent(&["status", "--root", f.root(), "--output", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["applied"], true);
+    assert_eq!(st["lastApply"]["proxy"], "https://10.0.0.5");
+    assert_eq!(st["hostsEntries"], serde_json::json!(["10.0.0.5 quay.io"]));
+
+    let o = agent(&["revert", "--root", f.root(), "--reload-settle", "0s"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("restored  /etc/hosts"), "{}", text(&o));
+    assert_eq!(snapshot(&f.root), before);
+
+    let o = agent(&["status", "--root", f.root(), "--output", "json"]);
+    let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(st["applied"], false);
+}
+
+#[test]
+fn dry_run_prints_a_diff_and_writes_nothing() {
+    let f = Fixture::new(CONFIG);
+    let before = snapshot(&f.root);
+    let o = agent(&[
+        "apply",
+        "--root",
+        f.root(),
+        "--config",
+        f.config(),
+        "--dry-run",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("--- a/etc/docker/daemon.json"), "{out}");
+    assert!(out.contains("+  \"registry-mirrors\": ["), "{out}");
+    assert!(
+        out.contains("+++ b/etc/docker/certs.d/10.0.0.5/pullthrough-ca.crt"),
+        "{out}"
+    );
+    assert!(out.contains("dry run: nothing was written"), "{out}");
+    assert_eq!(snapshot(&f.root), before);
+}
+
+#[test]
+fn bad_args_and_bad_config_exit_64_and_touch_nothing() {
+    let f = Fixture::new(CONFIG);
+    let before = snapshot(&f.root);
+    let cases: Vec<Vec<&str>> = vec![
+        vec![],
+        vec!["apply", "--root", f.root()],
+        vec![
+            "apply",
+            "--root",
+            f.root(),
+            "--config",
+            f.config(),
+            "--runtime",
+            "rkt",
+        ],
+        vec![
+            "apply",
+            "--root",
+            f.root(),
+            "--config",
+            f.config(),
+            "--runtime",
+            "auto,docker",
+        ],
+        vec![
+            "apply",
+            "--root",
+            f.root(),
+            "--config",
+            "/nonexistent/agent.yaml",
+        ],
+    ];
+    for args in cases {
+        let o = agent(&args);
+        assert_eq!(o.status.code(), Some(64), "{args:?}: {}", text(&o));
+    }
+    for (yaml, needle) in [
+        ("registries: [{host: quay.io}]\n", "proxy: missing"),
+        (
+            "proxy: {address: 10.0.0.5, caFile: ca.crt}\nregistries: [{host: Quay.io}]\n",
+            "registries[0].host",
+        ),
+        (
+            "proxy: {address: 10.0.0.5, caFile: missing.crt}\n",
+            "proxy.caFile",
+        ),
+        (
+            "proxy: {address: 10.0.0.5, caFile: ca.crt, port: 1}\n",
+            "port",
+        ),
+        (
+            "proxy: {address: 10.0.0.5, caFile: ca.crt, httpsPort: 5443}\nregistries: [{host: quay.io}]\n",
+            "port 443",
+        ),
+    ] {
+        fs::write(&f.config, yaml).unwrap();
+        let o = agent(&["apply", "--root", f.root(), "--config", f.config()]);
+        assert_eq!(o.status.code(), Some(64), "{yaml}: {}", text(&o));
+        assert!(text(&o).contains(needle), "{yaml}: {}", text(&o));
+    }
+    assert_eq!(snapshot(&f.root), before);
+}
+
+#[test]
+fn broken_files_fail_with_the_path_and_stay_untouched() {
+    let f = Fixture::new(CONFIG);
+    fs::write(f.root.join("etc/docker/daemon.json"), "{\"debug\": tru}").unwrap();
+    let before = snapshot(&f.root);
+    let o = agent(&["apply", "--root", f.root(), "--config", f.config()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("/etc/docker/daemon.json: is not valid JSON"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(snapshot(&f.root), before);
+}
+
+#[test]
+fn run_is_not_implemented_yet() {
+    let o = agent(&["run", "--root", "/nonexistent"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("not implemented in this build"),
+        "{}",
+        text(&o)
+    );
+}
+
+/// A process named `dockerd` (a copy of `sleep`) with its pid in the
+/// root's `/var/run/docker.pid` receives the agent's SIGHUP.
+#[test]
+fn reload_signals_dockerd_through_its_pid_file() {
+    let f = Fixture::new(CONFIG);
+    let sleep = ["/bin/sleep", "/usr/bin/sleep"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("sleep binary");
+    let fake = f.root.parent().unwrap().join("dockerd");
+    fs::copy(sleep, &fake).unwrap();
+    let mut child = Command::new(&fake).arg("60").spawn().unwrap();
+    fs::create_dir_all(f.root.join("var/run")).unwrap();
+    fs::write(
+        f.root.join("var/run/docker.pid"),
+        format!("{}\n", child.id()),
+    )
+    .unwrap();
+
+    let o = agent(&[
+        "apply",
+        "--root",
+        f.root(),
+        "--config",
+        f.config(),
+        "--runtime",
+        "docker",
+    ]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains(&format!(
+            "sent SIGHUP to dockerd (pid {} from /var/run/docker.pid)",
+            child.id()
+        )),
+        "{}",
+        text(&o)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "fake dockerd got no signal");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGHUP as i32)
+    );
+}
