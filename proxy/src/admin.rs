@@ -1,28 +1,36 @@
-//! Admin listener: liveness and readiness for kubelet probes and supervisors.
+//! Admin listener: probes, metrics, the CA, `/status` for the operator, and
+//! the cache admin API (`/admin/cache`, `/admin/stats`).
+//!
+//! `/admin/*` requires `Authorization: Bearer <adminToken>` whenever a
+//! token is configured; the proxy refuses to start with the admin listener
+//! on a non-loopback address and no token (see `main.rs`).
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::metrics::Metrics;
+use crate::handler::Shared;
+use crate::oci::Digest;
 
-/// Serves `/healthz` (process alive), `/readyz` (config and cache loaded,
-/// not shutting down) and `/ca.crt` (the CA clients must trust) until
-/// `stop` flips.
+/// Serves the admin endpoints until `stop` flips.
 pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     ca_pem: Arc<str>,
-    metrics: Arc<Metrics>,
+    shared: Arc<Shared>,
+    token: Option<Arc<str>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -38,12 +46,17 @@ pub async fn serve(
         };
         let ready = ready.clone();
         let ca_pem = ca_pem.clone();
-        let metrics = metrics.clone();
+        let shared = shared.clone();
+        let token = token.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ready = ready.load(Ordering::Relaxed);
-                let resp = handle(&req, ready, &ca_pem, &metrics);
-                async move { Ok::<_, Infallible>(resp) }
+                let (ca_pem, shared, token) = (ca_pem.clone(), shared.clone(), token.clone());
+                async move {
+                    Ok::<_, Infallible>(
+                        handle(req, ready, &ca_pem, &shared, token.as_deref()).await,
+                    )
+                }
             });
             if let Err(err) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -55,33 +68,237 @@ pub async fn serve(
     }
 }
 
-fn handle(
-    req: &Request<Incoming>,
-    ready: bool,
-    ca_pem: &str,
-    metrics: &Metrics,
-) -> Response<Full<Bytes>> {
-    if req.uri().path() == "/metrics" {
-        let mut resp = Response::new(Full::new(Bytes::from(metrics.encode())));
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static(
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
-        );
-        return resp;
-    }
-    let (status, body) = match (req.uri().path(), ready) {
-        ("/healthz", _) => (StatusCode::OK, Bytes::from_static(b"ok\n")),
-        ("/readyz", true) => (StatusCode::OK, Bytes::from_static(b"ready\n")),
-        ("/readyz", false) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Bytes::from_static(b"not ready\n"),
-        ),
-        ("/ca.crt", _) => (StatusCode::OK, Bytes::copy_from_slice(ca_pem.as_bytes())),
-        _ => (StatusCode::NOT_FOUND, Bytes::from_static(b"not found\n")),
-    };
-    let mut resp = Response::new(Full::new(body));
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *resp.status_mut() = status;
     resp
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(value.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Constant-time comparison of the presented bearer token.
+fn authorised(req: &Request<Incoming>, token: Option<&str>) -> bool {
+    let Some(token) = token else { return true };
+    let presented = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let (a, b) = (presented.as_bytes(), token.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    ready: bool,
+    ca_pem: &str,
+    shared: &Shared,
+    token: Option<&str>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    match path.as_str() {
+        "/metrics" => {
+            refresh_metrics(shared);
+            let mut resp = Response::new(Full::new(Bytes::from(shared.metrics.encode())));
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            resp
+        }
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        "/readyz" if ready => text(StatusCode::OK, "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        "/ca.crt" => {
+            let mut resp = Response::new(Full::new(Bytes::copy_from_slice(ca_pem.as_bytes())));
+            *resp.status_mut() = StatusCode::OK;
+            resp
+        }
+        "/status" => {
+            let state = shared.state.load();
+            let registries: Vec<&str> = state
+                .config
+                .registries
+                .iter()
+                .map(|r| r.host.as_str())
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({"configHash": state.config_hash, "registries": registries}),
+            )
+        }
+        "/admin/cache" | "/admin/stats" => {
+            if !authorised(&req, token) {
+                let mut resp = text(StatusCode::UNAUTHORIZED, "admin token required\n");
+                resp.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    http::HeaderValue::from_static("Bearer realm=\"pullthrough-admin\""),
+                );
+                return resp;
+            }
+            match (req.method(), path.as_str()) {
+                (&Method::GET, "/admin/stats") => json_response(StatusCode::OK, &stats(shared)),
+                (&Method::GET, "/admin/cache") => json_response(StatusCode::OK, &listing(shared)),
+                (&Method::DELETE, "/admin/cache") => purge(shared, req.uri().query()).await,
+                _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn refresh_metrics(shared: &Shared) {
+    let (bytes, entries) = shared.store.usage();
+    let st = shared.store.stats();
+    shared.metrics.set_cache(
+        bytes,
+        entries,
+        st.evictions.load(Ordering::Relaxed),
+        st.evicted_bytes.load(Ordering::Relaxed),
+    );
+}
+
+fn stats(shared: &Shared) -> serde_json::Value {
+    let (bytes, entries) = shared.store.usage();
+    let limits = shared.store.limits();
+    let st = shared.store.stats();
+    json!({
+        "bytes": bytes,
+        "entries": entries,
+        "maxSize": limits.max_size,
+        "highWatermark": limits.max_size.map(|_| limits.high_watermark),
+        "lowWatermark": limits.max_size.map(|_| limits.low_watermark),
+        "evictions": st.evictions.load(Ordering::Relaxed),
+        "evictedBytes": st.evicted_bytes.load(Ordering::Relaxed),
+        "downloadsInFlight": shared.inflight.len(),
+    })
+}
+
+/// `{"bytes", "entries", "registries": {reg: {repositories: {repo: {bytes,
+/// digests: [{digest, size, lastAccess}]}}}}, "unattributed": [...]}`:
+/// digests no repository was seen serving since the start (they were
+/// cached by an earlier run) are listed as unattributed.
+fn listing(shared: &Shared) -> serde_json::Value {
+    let (bytes, entries) = shared.store.usage();
+    let mut attributed = std::collections::HashSet::new();
+    let mut registries: BTreeMap<String, BTreeMap<String, serde_json::Value>> = BTreeMap::new();
+    for ((reg, repo), digests) in shared.repos.snapshot() {
+        let mut total = 0u64;
+        let mut list = Vec::new();
+        for d in digests {
+            if let Some(e) = shared.store.entry(&d) {
+                total += e.size;
+                list.push(json!({"digest": d.as_str(), "size": e.size, "lastAccess": unix_secs(e.last_access)}));
+                attributed.insert(d);
+            }
+        }
+        if !list.is_empty() {
+            registries
+                .entry(reg)
+                .or_default()
+                .insert(repo, json!({"bytes": total, "digests": list}));
+        }
+    }
+    let mut unattributed: Vec<_> = shared
+        .store
+        .entries()
+        .into_iter()
+        .filter(|(d, _)| !attributed.contains(d))
+        .map(|(d, e)| json!({"digest": d.as_str(), "size": e.size, "lastAccess": unix_secs(e.last_access)}))
+        .collect();
+    unattributed.sort_by(|a, b| a["digest"].as_str().cmp(&b["digest"].as_str()));
+    let registries: BTreeMap<String, serde_json::Value> = registries
+        .into_iter()
+        .map(|(r, repos)| (r, json!({"repositories": repos})))
+        .collect();
+    json!({"bytes": bytes, "entries": entries, "registries": registries, "unattributed": unattributed})
+}
+
+/// `DELETE /admin/cache?registry=..&repository=..` or `?digest=..`.
+async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut registry = None;
+    let mut repository = None;
+    let mut digest = None;
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*k {
+            "registry" => registry = Some(v.into_owned()),
+            "repository" => repository = Some(v.into_owned()),
+            "digest" => digest = Some(v.into_owned()),
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": format!("unknown parameter {k}")}),
+                );
+            }
+        }
+    }
+    let targets: Vec<Digest> = match (&digest, &registry, &repository) {
+        (Some(d), None, None) => match Digest::parse(d) {
+            Ok(d) => {
+                shared.repos.forget(&d);
+                vec![d]
+            }
+            Err(_) => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": "digest is not a sha256 digest"}),
+                );
+            }
+        },
+        (None, reg, repo) if reg.is_some() || repo.is_some() => {
+            shared.tags.purge(reg.as_deref(), repo.as_deref());
+            let set = shared.repos.take(reg.as_deref(), repo.as_deref());
+            set.into_iter().collect()
+        }
+        _ => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": "give digest=, or registry= and/or repository="}),
+            );
+        }
+    };
+    let mut removed = Vec::new();
+    let mut bytes = 0u64;
+    for d in targets {
+        let size = shared.store.entry(&d).map_or(0, |e| e.size);
+        match shared.store.remove(&d).await {
+            Ok(true) => {
+                bytes += size;
+                removed.push(d.as_str().to_string());
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, digest = %d, "purge failed");
+                return json_response(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &json!({"error": err.to_string(), "removed": removed}),
+                );
+            }
+        }
+    }
+    tracing::info!(
+        ?registry,
+        ?repository,
+        ?digest,
+        removed = removed.len(),
+        bytes,
+        "cache purged"
+    );
+    json_response(StatusCode::OK, &json!({"removed": removed, "bytes": bytes}))
 }

@@ -197,12 +197,26 @@ pub fn client_key(headers: &HeaderMap) -> String {
 }
 
 impl AccessGrants {
-    /// True when the upstream let `client` read `repo` within [`GRANT_TTL`].
-    pub fn allowed(&self, registry: &str, repo: &str, client: &str) -> bool {
+    /// True when the upstream let `client` read `repo` within `ttl`
+    /// (`authCheckTTL`, default [`GRANT_TTL`]).
+    pub fn allowed(&self, registry: &str, repo: &str, client: &str, ttl: Duration) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         grants
             .get(&(registry.to_string(), repo.to_string(), client.to_string()))
-            .is_some_and(|at| at.elapsed() < GRANT_TTL)
+            .is_some_and(|at| at.elapsed() < ttl)
+    }
+
+    /// Records that the upstream let `client` read `repo`, without ever
+    /// making the repository public (registries marked `private`).
+    pub fn grant_client(&self, registry: &str, repo: &str, client: &str) {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        if grants.len() >= MAX_GRANTS {
+            grants.retain(|_, at| at.elapsed() < PUBLIC_TTL);
+        }
+        grants.insert(
+            (registry.to_string(), repo.to_string(), client.to_string()),
+            Instant::now(),
+        );
     }
 
     /// True when an anonymous client could read `repo` within
@@ -226,7 +240,7 @@ impl AccessGrants {
         }
         let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         if grants.len() >= MAX_GRANTS {
-            grants.retain(|_, at| at.elapsed() < GRANT_TTL);
+            grants.retain(|_, at| at.elapsed() < PUBLIC_TTL);
         }
         grants.insert(
             (registry.to_string(), repo.to_string(), client.to_string()),

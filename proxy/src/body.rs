@@ -54,3 +54,12 @@ fn tokio_stream_from(
 pub fn relay(incoming: hyper::body::Incoming) -> Body {
     incoming.map_err(std::io::Error::other).boxed_unsync()
 }
+
+/// Keeps `guard` alive as long as the body (a cache lease).
+pub fn hold<T: Send + 'static>(body: Body, guard: T) -> Body {
+    body.map_frame(move |f| {
+        let _ = &guard;
+        f
+    })
+    .boxed_unsync()
+}

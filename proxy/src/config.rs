@@ -1,8 +1,11 @@
 //! Loading the config (file or embedded default), applying `--data-dir`, and
 //! watching the file so a valid change takes effect without a restart.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
+
+use serde::Deserialize;
 
 use pullthrough_api::config::{ConfigError, ProxyConfig};
 
@@ -30,23 +33,228 @@ pub enum LoadError {
 }
 
 /// Reads and validates the config from `path`, or the embedded default.
+#[cfg(test)]
 pub fn load(path: Option<&Path>) -> Result<ProxyConfig, LoadError> {
-    match path {
-        None => ProxyConfig::from_yaml(DEFAULT_CONFIG).map_err(|error| LoadError::Invalid {
-            source_name: "<embedded default>".into(),
-            error,
-        }),
-        Some(p) => {
-            let text = std::fs::read_to_string(p).map_err(|source| LoadError::Read {
+    load_full(path).map(|l| l.config)
+}
+
+/// A loaded config: the shared table, the proxy-only settings, and the
+/// sha256 of the file bytes (`/status` `configHash`).
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: ProxyConfig,
+    pub settings: Settings,
+    pub hash: String,
+}
+
+/// Reads and validates the config and the proxy-only settings.
+pub fn load_full(path: Option<&Path>) -> Result<Loaded, LoadError> {
+    let (text, source_name) = match path {
+        None => (DEFAULT_CONFIG.to_string(), "<embedded default>".to_string()),
+        Some(p) => (
+            std::fs::read_to_string(p).map_err(|source| LoadError::Read {
                 path: p.to_path_buf(),
                 source,
-            })?;
-            ProxyConfig::from_yaml(&text).map_err(|error| LoadError::Invalid {
-                source_name: p.display().to_string(),
-                error,
-            })
+            })?,
+            p.display().to_string(),
+        ),
+    };
+    let invalid = |error| LoadError::Invalid {
+        source_name: source_name.clone(),
+        error,
+    };
+    let (config, settings) = parse(&text).map_err(invalid)?;
+    use sha2::Digest as _;
+    let hash = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    Ok(Loaded {
+        config,
+        settings,
+        hash,
+    })
+}
+
+/// Proxy-only settings, kept in the same file as the registry table.
+///
+/// They are read by the proxy alone, so they are split off the YAML before
+/// the shared [`ProxyConfig`] (api crate) parses the rest; both parts
+/// reject unknown keys.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub cache: CacheSettings,
+    /// How long an upstream "this client may read this repository" answer
+    /// is reused (`authCheckTTL`, default 60 s).
+    pub auth_check_ttl: Duration,
+    /// Bearer token the admin API requires (`adminToken`, or the
+    /// `PULLTHROUGH_ADMIN_TOKEN` environment variable).
+    pub admin_token: Option<String>,
+    /// Per registry host: `private`, `cacheTags`.
+    pub registries: HashMap<String, RegistrySettings>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            cache: CacheSettings::default(),
+            auth_check_ttl: crate::auth::GRANT_TTL,
+            admin_token: None,
+            registries: HashMap::new(),
         }
     }
+}
+
+impl Settings {
+    pub fn registry(&self, host: &str) -> RegistrySettings {
+        self.registries.get(host).cloned().unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RegistrySettings {
+    /// Every repository is private: cached content is served only after a
+    /// per-client upstream check.
+    #[serde(default)]
+    pub private: bool,
+    /// Cache tag → digest answers (default true). When false every tag
+    /// request asks the upstream; the last answer is still kept for
+    /// stale-if-error.
+    #[serde(default = "yes")]
+    pub cache_tags: bool,
+}
+
+impl Default for RegistrySettings {
+    fn default() -> Self {
+        Self {
+            private: false,
+            cache_tags: true,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `cache: {maxSize, highWatermark, lowWatermark}`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Size bound of the blob store ("10GiB", "500MiB"); unbounded if unset.
+    #[serde(default)]
+    pub max_size: Option<bytesize::ByteSize>,
+    /// Eviction starts when usage passes this fraction of `maxSize`.
+    #[serde(default = "default_high")]
+    pub high_watermark: f64,
+    /// ... and removes least recently used entries down to this fraction.
+    #[serde(default = "default_low")]
+    pub low_watermark: f64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            max_size: None,
+            high_watermark: default_high(),
+            low_watermark: default_low(),
+        }
+    }
+}
+
+fn default_high() -> f64 {
+    0.9
+}
+
+fn default_low() -> f64 {
+    0.8
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TopSettings {
+    #[serde(default)]
+    cache: Option<CacheSettings>,
+    #[serde(rename = "authCheckTTL", default, with = "humantime_serde")]
+    auth_check_ttl: Option<Duration>,
+    #[serde(default)]
+    admin_token: Option<String>,
+}
+
+const TOP_KEYS: [&str; 3] = ["cache", "authCheckTTL", "adminToken"];
+const REGISTRY_KEYS: [&str; 2] = ["private", "cacheTags"];
+
+fn config_error(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        message: message.to_string(),
+    }
+}
+
+/// Splits the proxy-only keys off and parses both parts.
+pub fn parse(text: &str) -> Result<(ProxyConfig, Settings), ConfigError> {
+    use serde_norway::{Mapping, Value};
+    let mut doc: Value = match serde_norway::from_str(text) {
+        Ok(v) => v,
+        // Let the shared parser word the syntax error.
+        Err(_) => return ProxyConfig::from_yaml(text).map(|c| (c, Settings::default())),
+    };
+    let mut top = Mapping::new();
+    let mut per_registry: Vec<(usize, Mapping)> = Vec::new();
+    if let Some(map) = doc.as_mapping_mut() {
+        for k in TOP_KEYS {
+            if let Some(v) = map.remove(k) {
+                top.insert(Value::from(k), v);
+            }
+        }
+        if let Some(regs) = map.get_mut("registries").and_then(Value::as_sequence_mut) {
+            for (i, reg) in regs.iter_mut().enumerate() {
+                let Some(reg) = reg.as_mapping_mut() else {
+                    continue;
+                };
+                let mut m = Mapping::new();
+                for k in REGISTRY_KEYS {
+                    if let Some(v) = reg.remove(k) {
+                        m.insert(Value::from(k), v);
+                    }
+                }
+                if !m.is_empty() {
+                    per_registry.push((i, m));
+                }
+            }
+        }
+    }
+    let config = if top.is_empty() && per_registry.is_empty() {
+        ProxyConfig::from_yaml(text)?
+    } else {
+        let rest = serde_norway::to_string(&doc).map_err(|e| config_error("<document>", e))?;
+        ProxyConfig::from_yaml(&rest)?
+    };
+    let top: TopSettings =
+        serde_norway::from_value(Value::Mapping(top)).map_err(|e| config_error("<document>", e))?;
+    let mut settings = Settings::default();
+    if let Some(cache) = top.cache {
+        if !(0.0 < cache.low_watermark
+            && cache.low_watermark <= cache.high_watermark
+            && cache.high_watermark <= 1.0)
+        {
+            return Err(config_error(
+                "cache",
+                "watermarks must satisfy 0 < lowWatermark <= highWatermark <= 1",
+            ));
+        }
+        settings.cache = cache;
+    }
+    if let Some(ttl) = top.auth_check_ttl {
+        settings.auth_check_ttl = ttl;
+    }
+    settings.admin_token = top.admin_token.filter(|t| !t.is_empty());
+    for (i, m) in per_registry {
+        let reg: RegistrySettings = serde_norway::from_value(Value::Mapping(m))
+            .map_err(|e| config_error(format!("registries[{i}]"), e))?;
+        if let Some(r) = config.registries.get(i) {
+            settings.registries.insert(r.host.clone(), reg);
+        }
+    }
+    Ok((config, settings))
 }
 
 /// The data dir: `--data-dir`, else `dataDir`, else the default.
@@ -59,7 +267,7 @@ pub fn data_dir(cli: Option<&Path>, config: &ProxyConfig) -> PathBuf {
 /// Polls `path` and yields each new valid config; an invalid file is
 /// logged and skipped, so the running config stays. Polling (rather than
 /// inotify) also sees Kubernetes ConfigMap updates, which swap a symlink.
-pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(ProxyConfig)) {
+pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Loaded)) {
     let mut last = fingerprint(&path);
     loop {
         tokio::time::sleep(interval).await;
@@ -68,7 +276,7 @@ pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Prox
             continue;
         }
         last = now;
-        match load(Some(&path)) {
+        match load_full(Some(&path)) {
             Ok(config) => {
                 tracing::info!(path = %path.display(), "config changed; applying");
                 apply(config);
@@ -109,6 +317,32 @@ mod tests {
         );
         assert_eq!(c.default_registry.as_deref(), Some("docker.io"));
         assert!(c.listen.https.unwrap().ip().is_loopback());
+    }
+
+    #[test]
+    fn proxy_settings_are_split_off() {
+        let (c, s) = parse(
+            "cache: {maxSize: 10GiB, highWatermark: 0.9, lowWatermark: 0.8}\nauthCheckTTL: 5s\nadminToken: t\nregistries:\n  - host: quay.io\n    private: true\n    cacheTags: false\n    tagTTL: 1s\n  - host: b.io\n",
+        )
+        .unwrap();
+        assert_eq!(c.registries.len(), 2);
+        assert_eq!(c.registries[0].tag_ttl, Duration::from_secs(1));
+        assert_eq!(s.cache.max_size.unwrap().as_u64(), 10 << 30);
+        assert_eq!(s.auth_check_ttl, Duration::from_secs(5));
+        assert_eq!(s.admin_token.as_deref(), Some("t"));
+        assert!(s.registry("quay.io").private);
+        assert!(!s.registry("quay.io").cache_tags);
+        assert!(s.registry("b.io").cache_tags);
+        assert!(!s.registry("b.io").private);
+        let (_, s) = parse("cache: {maxSize: 500MiB}\n").unwrap();
+        assert_eq!(s.cache.max_size.unwrap().as_u64(), 500 << 20);
+        assert!(parse("cache: {maxSize: lots}\n").is_err());
+        assert!(parse("cache: {colour: red}\n").is_err());
+        assert!(parse("cache: {highWatermark: 0.5, lowWatermark: 0.7}\n").is_err());
+        let e = parse("registries:\n  - host: quay.io\n    private: maybe\n").unwrap_err();
+        assert_eq!(e.key, "registries[0]");
+        let e = parse("registries:\n  - host: quay.io\n    colour: red\n").unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
     }
 
     #[test]

@@ -16,9 +16,12 @@ use tokio::sync::mpsc;
 use crate::access_log::{CacheResult, Kind, Logged, Record};
 use crate::auth::{AccessGrants, AnonymousTokens, client_key, parse_bearer};
 use crate::body::{self, Body};
-use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError};
+use crate::cache::inflight::{self, Download, Inflight, Phase, Role, Stream};
+use crate::cache::repos::RepoIndex;
+use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError, is_disk_full};
 use crate::cache::tags::{TagCache, TagEntry};
-use crate::metrics::Metrics;
+use crate::config::Settings;
+use crate::metrics::{AuthResult, Metrics};
 use crate::oci::{self, Digest, ErrorCode, Reference};
 use crate::route::{ApiRequest, Router, Target, Via};
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
@@ -31,6 +34,9 @@ const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api
 /// What one config snapshot needs at request time; swapped whole on reload.
 pub struct State {
     pub config: ProxyConfig,
+    pub settings: Settings,
+    /// sha256 of the config file bytes (`/status` `configHash`).
+    pub config_hash: String,
     pub router: Router,
     pub upstreams: Upstreams,
 }
@@ -45,6 +51,10 @@ pub struct Shared {
     /// the cache only to them).
     pub grants: AccessGrants,
     pub metrics: Arc<Metrics>,
+    /// Blob downloads in flight (merged misses).
+    pub inflight: Arc<Inflight>,
+    /// Which digests each repository was served (admin API, purge).
+    pub repos: RepoIndex,
 }
 
 /// Serves one request and wraps its body so the access line is written
@@ -218,6 +228,8 @@ async fn serve(
             let ctx = Ctx {
                 shared,
                 client: client_for(&state, &registry)?,
+                settings: state.settings.registry(&registry),
+                auth_ttl: state.settings.auth_check_ttl,
                 registry: &reg_config,
                 repo: request.repo().map(str::to_string),
                 via,
@@ -241,6 +253,8 @@ fn client_for<'a>(state: &'a State, registry: &str) -> Result<&'a UpstreamClient
 struct Ctx<'a> {
     shared: &'a Shared,
     client: &'a UpstreamClient,
+    settings: crate::config::RegistrySettings,
+    auth_ttl: Duration,
     registry: &'a RegistryConfig,
     /// The repository asked for (scope of anonymous tokens).
     repo: Option<String>,
@@ -344,11 +358,15 @@ impl Ctx<'_> {
         };
         let host = self.registry.host.as_str();
         let grants = &self.shared.grants;
+        let metrics = &self.shared.metrics;
         let client = client_key(headers);
-        if grants.is_public(host, repo) || grants.allowed(host, repo, &client) {
+        let private = self.settings.private;
+        if (!private && grants.is_public(host, repo))
+            || grants.allowed(host, repo, &client, self.auth_ttl)
+        {
             return Ok(None);
         }
-        if !client.is_empty() {
+        if !client.is_empty() && !private {
             // Would an anonymous client get it? Then it is public content.
             let mut anonymous = forward_headers(headers, false);
             anonymous.remove(header::AUTHORIZATION);
@@ -358,12 +376,14 @@ impl Ctx<'_> {
             {
                 Ok(up) if up.response.status().is_success() => {
                     grants.grant(host, repo, "");
+                    metrics.auth_check(host, AuthResult::public);
                     return Ok(None);
                 }
                 Ok(_) => {}
                 Err(err) => {
                     tracing::warn!(error = %err, registry = host, repository = repo,
                         "cannot ask the upstream about access; serving from cache");
+                    metrics.auth_check(host, AuthResult::unreachable);
                     return Ok(None);
                 }
             }
@@ -377,6 +397,7 @@ impl Ctx<'_> {
             Err(err) => {
                 tracing::warn!(error = %err, registry = host, repository = repo,
                     "cannot ask the upstream about access; serving from cache");
+                metrics.auth_check(host, AuthResult::unreachable);
                 return Ok(None);
             }
         };
@@ -384,6 +405,7 @@ impl Ctx<'_> {
         // Only the registry's own 401/403 refuses: storage a blob HEAD was
         // redirected to may answer HEAD with 403 (S3).
         if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) && up.hops == 0 {
+            metrics.auth_check(host, AuthResult::denied);
             // Rebuilt, not relayed: the answer to a HEAD has no body but
             // may announce one.
             let mut resp = oci::error_response(
@@ -398,18 +420,36 @@ impl Ctx<'_> {
             }
             return Ok(Some(resp));
         }
-        if !is_outage(status) {
-            self.shared.grants.grant(host, repo, &client);
+        if is_outage(status) {
+            metrics.auth_check(host, AuthResult::unreachable);
+        } else {
+            metrics.auth_check(host, AuthResult::allowed);
+            self.grant(repo, &client);
         }
         Ok(None)
+    }
+
+    fn grant(&self, repo: &str, client: &str) {
+        let host = &self.registry.host;
+        if self.settings.private {
+            // Never "public": every client is checked.
+            self.shared.grants.grant_client(host, repo, client);
+        } else {
+            self.shared.grants.grant(host, repo, client);
+        }
     }
 
     /// Notes that the upstream just served this client the repository.
     fn granted(&self, headers: &HeaderMap) {
         if let Some(repo) = &self.repo {
-            self.shared
-                .grants
-                .grant(&self.registry.host, repo, &client_key(headers));
+            self.grant(repo, &client_key(headers));
+        }
+    }
+
+    /// Notes that `digest` belongs to the repository (admin API, purge).
+    fn served(&self, digest: &Digest) {
+        if let Some(repo) = &self.repo {
+            self.shared.repos.note(&self.registry.host, repo, digest);
         }
     }
 }
@@ -590,6 +630,7 @@ async fn manifest_by_digest(
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
+        ctx.served(digest);
         return cached_manifest(cached, method).await;
     }
     record.cache = CacheResult::Miss;
@@ -616,16 +657,8 @@ async fn manifest_by_digest(
         });
     }
     let media_type = content_type(&parts.headers);
-    ctx.shared
-        .store
-        .put(
-            digest,
-            BlobMeta {
-                media_type: media_type.clone(),
-            },
-            &bytes,
-        )
-        .await?;
+    store_manifest(ctx, digest, media_type.clone(), &bytes).await;
+    ctx.served(digest);
     Ok(manifest_response(
         digest,
         media_type.as_deref(),
@@ -648,7 +681,10 @@ async fn manifest_by_tag(
         .tags
         .get(host, repo, tag)
         .filter(|e| accepts(headers, &e.media_type));
-    if let Some(entry) = known.as_ref().filter(|e| e.is_fresh(ctx.registry.tag_ttl))
+    let cache_tags = ctx.settings.cache_tags;
+    if let Some(entry) = known
+        .as_ref()
+        .filter(|e| cache_tags && e.is_fresh(ctx.registry.tag_ttl))
         && let Some(resp) = tag_from_cache(ctx, entry, method).await?
     {
         let path = format!("/v2/{repo}/manifests/{tag}");
@@ -657,6 +693,7 @@ async fn manifest_by_tag(
         }
         record.cache = CacheResult::Hit;
         record.digest = entry.digest.to_string();
+        ctx.served(&entry.digest);
         return Ok(resp);
     }
 
@@ -738,16 +775,8 @@ async fn manifest_by_tag(
         });
     }
     record.digest = digest.to_string();
-    ctx.shared
-        .store
-        .put(
-            &digest,
-            BlobMeta {
-                media_type: media_type.clone(),
-            },
-            &bytes,
-        )
-        .await?;
+    store_manifest(ctx, &digest, media_type.clone(), &bytes).await;
+    ctx.served(&digest);
     if let Some(mt) = &media_type {
         ctx.shared.tags.put(
             host,
@@ -767,6 +796,22 @@ async fn manifest_by_tag(
         bytes.len() as u64,
         body::full(bytes),
     ))
+}
+
+/// Stores a verified manifest; a full or failing disk is logged (and
+/// counted) and the manifest served anyway.
+async fn store_manifest(ctx: &Ctx<'_>, digest: &Digest, media_type: Option<String>, bytes: &[u8]) {
+    if let Err(err) = ctx
+        .shared
+        .store
+        .put(digest, BlobMeta { media_type }, bytes)
+        .await
+    {
+        if is_disk_full(&err) {
+            ctx.shared.metrics.disk_full();
+        }
+        tracing::warn!(error = %err, %digest, "cannot cache manifest; serving it uncached");
+    }
 }
 
 /// Answers a tag from the cache when its manifest is stored.
@@ -792,13 +837,14 @@ async fn cached_manifest(
     let body = if *method == Method::HEAD {
         body::empty()
     } else {
-        body::file(&cached.path, 0, cached.size)
+        let b = body::file(&cached.path, 0, cached.size)
             .await
             .map_err(|source| StoreError::Io {
                 action: "reading cached manifest",
                 path: cached.path.clone(),
                 source,
-            })?
+            })?;
+        body::hold(b, cached.lease.clone())
     };
     Ok(manifest_response(
         &cached.digest,
@@ -849,6 +895,7 @@ async fn blob(
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
+        ctx.served(digest);
         return cached_blob(cached, method, headers).await;
     }
     let url = ctx.url(&path, None)?;
@@ -866,6 +913,26 @@ async fn blob(
         return Ok(relay_response(up.response));
     }
     record.cache = CacheResult::Miss;
+    if !ctx.shared.inflight.is_uncacheable(digest) {
+        match ctx.shared.inflight.join_or_lead(digest) {
+            Role::Leader(dl) => return lead(ctx, headers, digest, url, dl, record).await,
+            Role::Waiter(dl) => {
+                let mut rx = dl.subscribe();
+                if let Some(stream) = inflight::wait_started(&mut rx).await {
+                    // The download was started for another client: this
+                    // one must be allowed to read the repository too.
+                    if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+                        return Ok(refusal);
+                    }
+                    ctx.shared.metrics.merged_waiter(&ctx.registry.host);
+                    ctx.served(digest);
+                    let body = inflight::tail(rx, Arc::clone(&stream.file), stream.size);
+                    return Ok(blob_response(digest, &stream, body));
+                }
+                // The leader got no blob: ask on our own.
+            }
+        }
+    }
     let up = ctx
         .send(Method::GET, url, forward_headers(headers, false))
         .await?;
@@ -874,30 +941,267 @@ async fn blob(
         return Ok(relay_response(up.response));
     }
     ctx.granted(headers);
+    record.cache = CacheResult::Pass;
+    let (parts, incoming) = up.response.into_parts();
+    Ok(solo(ctx, digest, parts, incoming, None))
+}
+
+/// Publishes `NotStarted` and unregisters the download unless disarmed,
+/// so waiters never hang on a leader that gave up.
+struct LeadGuard<'a> {
+    inflight: &'a Inflight,
+    digest: &'a Digest,
+    dl: Option<Arc<Download>>,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(dl) = self.dl.take() {
+            dl.publish(Phase::NotStarted);
+            self.inflight.finish(self.digest, &dl);
+        }
+    }
+}
+
+/// The first client to miss `digest`: fetches it once for everyone.
+async fn lead(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    digest: &Digest,
+    url: Uri,
+    dl: Arc<Download>,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let mut guard = LeadGuard {
+        inflight: &ctx.shared.inflight,
+        digest,
+        dl: Some(dl),
+    };
+    let up = ctx
+        .send(Method::GET, url, forward_headers(headers, false))
+        .await?;
+    if up.response.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Ok(relay_response(up.response));
+    }
+    ctx.granted(headers);
+    ctx.served(digest);
     if up.hops > 0 {
         tracing::debug!(%digest, from = %up.final_url, hops = up.hops, "blob served by redirect target");
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
-    let writer = match ctx
-        .shared
-        .store
-        .begin(
-            digest,
-            BlobMeta {
-                media_type: media_type.clone(),
-            },
+    let size: Option<u64> = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let store = &ctx.shared.store;
+    if let Some(size) = size
+        && !has_room(
+            store.tmp_dir(),
+            size.saturating_add(ctx.shared.inflight.reserved()),
         )
-        .await
     {
-        Ok(w) => Some(w),
+        tracing::warn!(%digest, size, "cache disk full; passing the blob through");
+        ctx.shared.metrics.disk_full();
+        ctx.shared.inflight.mark_uncacheable(digest);
+        record.cache = CacheResult::Pass;
+        return Ok(solo(ctx, digest, parts, incoming, None));
+    }
+    let meta = BlobMeta {
+        media_type: media_type.clone(),
+    };
+    let writer = match store.begin(digest, meta).await {
+        Ok(w) => w,
         Err(err) => {
-            // A full or broken disk must not stop pulls: stream through.
+            if is_disk_full(&err) {
+                ctx.shared.metrics.disk_full();
+                ctx.shared.inflight.mark_uncacheable(digest);
+            }
             tracing::warn!(error = %err, %digest, "cannot cache blob; passing it through");
             record.cache = CacheResult::Pass;
-            None
+            return Ok(solo(ctx, digest, parts, incoming, None));
         }
     };
+    let file = match writer.temp_path().map(std::fs::File::open) {
+        Some(Ok(f)) => f,
+        _ => {
+            tracing::warn!(%digest, "cannot read back the temp file; passing the blob through");
+            record.cache = CacheResult::Pass;
+            return Ok(solo(ctx, digest, parts, incoming, Some(writer)));
+        }
+    };
+    let stream = Stream {
+        file: Arc::new(file),
+        size,
+        media_type,
+        on_disk: 0,
+        outcome: None,
+    };
+    let Some(dl) = guard.dl.take() else {
+        return Err(refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unavailable,
+            "download state lost",
+        ));
+    };
+    dl.publish(Phase::Streaming(stream.clone()));
+    let reserved = size.unwrap_or(0);
+    ctx.shared.inflight.reserve(reserved);
+    let rx = dl.subscribe();
+    tokio::spawn(download(
+        incoming,
+        writer,
+        digest.clone(),
+        dl,
+        DownloadEnv {
+            inflight: Arc::clone(&ctx.shared.inflight),
+            metrics: Arc::clone(&ctx.shared.metrics),
+            read_timeout: ctx.read_timeout,
+            reserved,
+        },
+    ));
+    let body = inflight::tail(rx, Arc::clone(&stream.file), size);
+    Ok(blob_response(digest, &stream, body))
+}
+
+/// Is there room for `size` more bytes (and some slack) where temp files go?
+fn has_room(dir: &std::path::Path, size: u64) -> bool {
+    const SLACK: u64 = 1 << 20;
+    // The field types differ between platforms (u64 on 64-bit Linux).
+    #[allow(clippy::useless_conversion)]
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(st) => {
+            let avail =
+                u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+            avail >= size.saturating_add(SLACK)
+        }
+        Err(_) => true,
+    }
+}
+
+/// Response head for a blob streamed from a download.
+fn blob_response(digest: &Digest, stream: &Stream, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    if let Some(len) = stream.size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        stream
+            .media_type
+            .as_deref()
+            .and_then(|m| HeaderValue::from_str(m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+/// What a merged download needs besides the body and the writer.
+struct DownloadEnv {
+    inflight: Arc<Inflight>,
+    metrics: Arc<Metrics>,
+    read_timeout: Duration,
+    /// Bytes reserved in `inflight` (released at the end).
+    reserved: u64,
+}
+
+/// The merged download: copies the upstream body into the store's temp
+/// file, publishing progress, then commits; runs to the end whoever is
+/// still listening.
+async fn download(
+    mut incoming: Incoming,
+    mut writer: crate::cache::store::BlobWriter,
+    digest: Digest,
+    dl: Arc<Download>,
+    env: DownloadEnv,
+) {
+    let DownloadEnv {
+        inflight,
+        metrics,
+        read_timeout,
+        reserved,
+    } = env;
+    let mut published = 0u64;
+    let failure: Option<String> = loop {
+        let frame = match tokio::time::timeout(read_timeout, incoming.frame()).await {
+            Err(_) => break Some("upstream stalled".to_string()),
+            Ok(None) => break None,
+            Ok(Some(Err(err))) => break Some(format!("upstream body failed: {err}")),
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if let Err(err) = writer.write(&data).await {
+            if is_disk_full(&err) {
+                metrics.disk_full();
+                inflight.mark_uncacheable(&digest);
+            }
+            break Some(format!("cache write failed: {err}"));
+        }
+        let on_disk = writer.on_disk();
+        if on_disk != published {
+            published = on_disk;
+            dl.update(|s| s.on_disk = on_disk);
+        }
+    };
+    let outcome: Result<(), String> = match failure {
+        Some(msg) => {
+            writer.abort().await;
+            Err(msg)
+        }
+        None => match writer.flush_now().await {
+            Err(err) => {
+                if is_disk_full(&err) {
+                    metrics.disk_full();
+                    inflight.mark_uncacheable(&digest);
+                }
+                writer.abort().await;
+                Err(format!("cache write failed: {err}"))
+            }
+            Ok(()) => {
+                let on_disk = writer.on_disk();
+                dl.update(|s| s.on_disk = on_disk);
+                writer.commit().await.map(|_| ()).map_err(|err| {
+                    if is_disk_full(&err) {
+                        metrics.disk_full();
+                        inflight.mark_uncacheable(&digest);
+                    }
+                    err.to_string()
+                })
+            }
+        },
+    };
+    // Unregister first: a client arriving after this finds the blob in the
+    // store (or, on failure, starts a fresh download).
+    inflight.release(reserved);
+    inflight.finish(&digest, &dl);
+    match outcome {
+        Ok(()) => dl.update(|s| s.outcome = Some(Ok(()))),
+        Err(msg) => {
+            tracing::warn!(%digest, error = %msg, "blob download failed; every waiter aborted, nothing cached");
+            dl.update(|s| s.outcome = Some(Err(Arc::from(msg.as_str()))));
+        }
+    }
+}
+
+/// One client's own transfer, not shared (the disk is full, or the
+/// download it waited for never started): `writer` caches it if given.
+fn solo(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    parts: http::response::Parts,
+    incoming: Incoming,
+    writer: Option<crate::cache::store::BlobWriter>,
+) -> Response<Body> {
+    let media_type = content_type(&parts.headers);
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(fetch_blob(
         incoming,
@@ -921,7 +1225,7 @@ async fn blob(
         h.insert(DOCKER_CONTENT_DIGEST, v);
     }
     h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
-    Ok(resp)
+    resp
 }
 
 /// Copies an upstream blob body to the client and into the store. The last
@@ -1033,13 +1337,14 @@ async fn cached_blob(
     let body = if *method == Method::HEAD {
         body::empty()
     } else {
-        body::file(&cached.path, start, len)
+        let b = body::file(&cached.path, start, len)
             .await
             .map_err(|source| StoreError::Io {
                 action: "reading cached blob",
                 path: cached.path.clone(),
                 source,
-            })?
+            })?;
+        body::hold(b, cached.lease.clone())
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;

@@ -91,7 +91,9 @@ async fn main() {
 async fn run(cli: Cli) -> Result<(), Error> {
     // Everything that can be wrong with the config is found before any port
     // is bound.
-    let config = config::load(cli.config.as_deref())?;
+    let loaded = config::load_full(cli.config.as_deref())?;
+    let config = loaded.config;
+    let settings = loaded.settings;
     if cli.print_config {
         let yaml = config
             .to_yaml()
@@ -102,6 +104,28 @@ async fn run(cli: Cli) -> Result<(), Error> {
         print!("{yaml}");
         return Ok(());
     }
+    let admin_token: Option<Arc<str>> = std::env::var("PULLTHROUGH_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| settings.admin_token.clone())
+        .map(Arc::from);
+    if let Some(admin) = config.listen.admin
+        && !admin.ip().is_loopback()
+        && admin_token.is_none()
+    {
+        return Err(Error::Config(config::LoadError::Invalid {
+            source_name: cli
+                .config
+                .as_deref()
+                .map_or_else(|| "<embedded default>".into(), |p| p.display().to_string()),
+            error: pullthrough_api::config::ConfigError {
+                key: "listen.admin".into(),
+                message: format!(
+                    "{admin} is not a loopback address: set adminToken (or PULLTHROUGH_ADMIN_TOKEN) to expose the admin API"
+                ),
+            },
+        }));
+    }
     let data_dir = config::data_dir(cli.data_dir.as_deref(), &config);
     let listen_ips = listen_ips(&config);
     let router = route::Router::new(&config, &listen_ips);
@@ -111,7 +135,12 @@ async fn run(cli: Cli) -> Result<(), Error> {
         &data_dir,
         allowed_names(&router),
     )?);
-    let store = cache::store::BlobStore::open(&data_dir)
+    let limits = cache::store::Limits {
+        max_size: settings.cache.max_size.map(|s| s.as_u64()),
+        high_watermark: settings.cache.high_watermark,
+        low_watermark: settings.cache.low_watermark,
+    };
+    let store = cache::store::BlobStore::open_with(&data_dir, limits)
         .await
         .map_err(|source| Error::Store {
             path: data_dir.clone(),
@@ -136,6 +165,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {
             config,
+            settings,
+            config_hash: loaded.hash,
             router,
             upstreams,
         }),
@@ -144,6 +175,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         tokens: Default::default(),
         grants: Default::default(),
         metrics: metrics.clone(),
+        inflight: Default::default(),
+        repos: Default::default(),
     });
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -173,7 +206,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
             l,
             ready.clone(),
             ca_pem,
-            metrics.clone(),
+            shared.clone(),
+            admin_token.clone(),
             stop_rx.clone(),
         ));
     }
@@ -184,7 +218,8 @@ async fn run(cli: Cli) -> Result<(), Error> {
         tokio::spawn(config::watch(
             path,
             cli.reload_interval,
-            move |new: ProxyConfig| {
+            move |loaded: config::Loaded| {
+                let new = loaded.config;
                 if new.listen != running_listen {
                     tracing::warn!("listen addresses changed; they take effect after a restart");
                 }
@@ -197,8 +232,13 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 };
                 let router = route::Router::new(&new, &listen_ips);
                 issuer.set_allowed(allowed_names(&router));
+                if loaded.settings.cache != shared.state.load().settings.cache {
+                    tracing::warn!("cache size settings changed; they take effect after a restart");
+                }
                 shared.state.store(Arc::new(State {
                     config: new,
+                    settings: loaded.settings,
+                    config_hash: loaded.hash,
                     router,
                     upstreams,
                 }));

@@ -4,6 +4,7 @@
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -45,6 +46,26 @@ struct RegistryLabel {
     registry: String,
 }
 
+/// Outcome of a per-client access check before cached content is served.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum AuthResult {
+    /// The upstream let the client read the repository.
+    allowed,
+    /// The upstream refused (401/403): the client got the challenge.
+    denied,
+    /// An anonymous client may read it: the repository is public.
+    public,
+    /// The upstream could not be asked (outage): the cache was served.
+    unreachable,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    registry: String,
+    result: AuthResult,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -53,6 +74,13 @@ pub struct Metrics {
     bytes: Family<BytesLabels, Counter>,
     duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
+    merged: Family<RegistryLabel, Counter>,
+    auth_checks: Family<AuthLabels, Counter>,
+    cache_bytes: Gauge,
+    cache_entries: Gauge,
+    evictions: Counter,
+    evicted_bytes: Counter,
+    disk_full: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -91,12 +119,61 @@ impl Default for Metrics {
             "Time until the upstream's response headers arrived",
             upstream.clone(),
         );
+        let merged = Family::<RegistryLabel, Counter>::default();
+        registry.register(
+            "merged_waiters",
+            "Requests for a blob that joined a download already in flight instead of fetching it again",
+            merged.clone(),
+        );
+        let auth_checks = Family::<AuthLabels, Counter>::default();
+        registry.register(
+            "auth_checks",
+            "Upstream access checks before serving cached content, by result",
+            auth_checks.clone(),
+        );
+        let cache_bytes = Gauge::default();
+        registry.register(
+            "cache_bytes",
+            "Bytes of committed blobs and manifests in the cache",
+            cache_bytes.clone(),
+        );
+        let cache_entries = Gauge::default();
+        registry.register(
+            "cache_entries",
+            "Committed blobs and manifests in the cache",
+            cache_entries.clone(),
+        );
+        let evictions = Counter::default();
+        registry.register(
+            "cache_evictions",
+            "Entries removed to keep the cache under its size bound",
+            evictions.clone(),
+        );
+        let evicted_bytes = Counter::default();
+        registry.register(
+            "cache_evicted_bytes",
+            "Bytes removed to keep the cache under its size bound",
+            evicted_bytes.clone(),
+        );
+        let disk_full = Counter::default();
+        registry.register(
+            "disk_full_events",
+            "Blobs served by pass-through because the cache disk was full",
+            disk_full.clone(),
+        );
         Self {
             registry,
             requests,
             bytes,
             duration,
             upstream,
+            merged,
+            auth_checks,
+            cache_bytes,
+            cache_entries,
+            evictions,
+            evicted_bytes,
+            disk_full,
         }
     }
 }
@@ -158,6 +235,40 @@ impl Metrics {
                 registry: registry.to_string(),
             })
             .observe(secs);
+    }
+
+    /// A request joined a download in flight.
+    pub fn merged_waiter(&self, registry: &str) {
+        self.merged
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn auth_check(&self, registry: &str, result: AuthResult) {
+        self.auth_checks
+            .get_or_create(&AuthLabels {
+                registry: registry.to_string(),
+                result,
+            })
+            .inc();
+    }
+
+    pub fn disk_full(&self) {
+        self.disk_full.inc();
+    }
+
+    /// Copies the store's figures into the gauges and counters.
+    pub fn set_cache(&self, bytes: u64, entries: usize, evictions: u64, evicted_bytes: u64) {
+        self.cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        let e = evictions.saturating_sub(self.evictions.get());
+        self.evictions.inc_by(e);
+        let b = evicted_bytes.saturating_sub(self.evicted_bytes.get());
+        self.evicted_bytes.inc_by(b);
     }
 
     /// The OpenMetrics text exposition.

@@ -1,4 +1,7 @@
-//! The cache: content-addressed blobs and manifests, and tag → digest answers.
+//! The cache: content-addressed blobs and manifests, tag → digest answers,
+//! downloads in flight, and which repository was served which digest.
 
+pub mod inflight;
+pub mod repos;
 pub mod store;
 pub mod tags;

@@ -18,11 +18,13 @@
 //! Hashing and file writes run on tokio's blocking pool, in batches of up to
 //! [`FLUSH_AT`] bytes, so the async workers only copy chunks into a buffer.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime};
 
 use sha2::{Digest as _, Sha256};
 
@@ -30,6 +32,10 @@ use crate::oci::Digest;
 
 /// Buffered bytes are hashed and written once this many are pending.
 const FLUSH_AT: usize = 256 * 1024;
+
+/// ... or once they have waited this long (so clients tailing the temp
+/// file of a slow download see bytes promptly).
+const FLUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,13 +94,110 @@ pub struct BlobMeta {
     pub media_type: Option<String>,
 }
 
-/// A committed, verified blob.
+/// A committed, verified blob. While any clone of it (its lease) lives,
+/// the blob is not evicted.
 #[derive(Debug, Clone)]
 pub struct CachedBlob {
     pub digest: Digest,
     pub path: PathBuf,
     pub size: u64,
     pub meta: BlobMeta,
+    pub lease: Option<Arc<Lease>>,
+}
+
+/// Keeps one blob from eviction while it is read.
+#[derive(Debug)]
+pub struct Lease {
+    index: Arc<Mutex<Index>>,
+    digest: Digest,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = index.entries.get_mut(&self.digest) {
+            e.readers = e.readers.saturating_sub(1);
+        }
+    }
+}
+
+/// Size and last access of one committed blob.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub size: u64,
+    pub last_access: SystemTime,
+    readers: u32,
+}
+
+/// Every committed blob, rebuilt from the files at start.
+#[derive(Debug, Default)]
+pub struct Index {
+    entries: HashMap<Digest, Entry>,
+    total: u64,
+}
+
+impl Index {
+    fn insert(&mut self, digest: Digest, size: u64, at: SystemTime) {
+        match self.entries.get_mut(&digest) {
+            Some(e) => e.last_access = at,
+            None => {
+                self.total += size;
+                self.entries.insert(
+                    digest,
+                    Entry {
+                        size,
+                        last_access: at,
+                        readers: 0,
+                    },
+                );
+            }
+        }
+    }
+
+    fn remove(&mut self, digest: &Digest) -> Option<Entry> {
+        let e = self.entries.remove(digest)?;
+        self.total = self.total.saturating_sub(e.size);
+        Some(e)
+    }
+}
+
+/// Size bound of the store.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// None: unbounded.
+    pub max_size: Option<u64>,
+    pub high_watermark: f64,
+    pub low_watermark: f64,
+}
+
+impl Limits {
+    fn high(&self) -> Option<u64> {
+        self.max_size
+            .map(|m| (m as f64 * self.high_watermark) as u64)
+    }
+    fn low(&self) -> Option<u64> {
+        self.max_size
+            .map(|m| (m as f64 * self.low_watermark) as u64)
+    }
+}
+
+/// Counters the store keeps for metrics and the admin API.
+#[derive(Debug, Default)]
+pub struct StoreStats {
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+}
+
+/// Shared state behind the store and its writers.
+#[derive(Debug)]
+struct Inner {
+    layout: Layout,
+    index: Arc<Mutex<Index>>,
+    limits: Limits,
+    stats: StoreStats,
+    /// Held while files are renamed into place or removed, so an eviction
+    /// never deletes a file a concurrent commit just put back.
+    fs_lock: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -134,7 +237,7 @@ impl Layout {
 /// The content-addressed store. Cheap to share in an `Arc`.
 #[derive(Debug)]
 pub struct BlobStore {
-    layout: Arc<Layout>,
+    inner: Arc<Inner>,
 }
 
 impl BlobStore {
@@ -142,7 +245,14 @@ impl BlobStore {
     /// meta), temp files in `<data_dir>/tmp/`. Creates the dirs (all 256
     /// shards up front); removes every leftover temp file (crash recovery)
     /// and logs how many.
+    #[cfg(test)]
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        Self::open_with(data_dir, Limits::default()).await
+    }
+
+    /// Like [`open`](Self::open), with a size bound; also rebuilds the
+    /// index (size and last access of every blob) from the files.
+    pub async fn open_with(data_dir: &Path, limits: Limits) -> Result<Self, StoreError> {
         let layout = Layout {
             blobs: data_dir.join("blobs").join("sha256"),
             tmp: data_dir.join("tmp"),
@@ -178,23 +288,110 @@ impl BlobStore {
         } else {
             tracing::debug!(dir = %layout.tmp.display(), "no leftover temp files");
         }
-        Ok(Self {
-            layout: Arc::new(layout),
+        let started = Instant::now();
+        let blobs = layout.blobs.clone();
+        let index = blocking("index", data_dir, move || rebuild_index(&blobs)).await?;
+        tracing::info!(
+            entries = index.entries.len(),
+            bytes = index.total,
+            ms = started.elapsed().as_millis() as u64,
+            "cache index rebuilt"
+        );
+        let store = Self {
+            inner: Arc::new(Inner {
+                layout,
+                index: Arc::new(Mutex::new(index)),
+                limits,
+                stats: StoreStats::default(),
+                fs_lock: Mutex::new(()),
+            }),
+        };
+        let inner = Arc::clone(&store.inner);
+        blocking("evict from", data_dir, move || {
+            evict(&inner);
+            Ok(())
         })
+        .await?;
+        Ok(store)
+    }
+
+    /// Bytes and entries committed.
+    pub fn usage(&self) -> (u64, usize) {
+        let index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
+        (index.total, index.entries.len())
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.inner.limits
+    }
+
+    pub fn stats(&self) -> &StoreStats {
+        &self.inner.stats
+    }
+
+    /// The directory temp files are written to.
+    pub fn tmp_dir(&self) -> &Path {
+        &self.inner.layout.tmp
+    }
+
+    /// Every committed blob with its size and last access.
+    pub fn entries(&self) -> Vec<(Digest, Entry)> {
+        let index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
+        index
+            .entries
+            .iter()
+            .map(|(d, e)| (d.clone(), e.clone()))
+            .collect()
+    }
+
+    /// Size and last access of one blob.
+    pub fn entry(&self, digest: &Digest) -> Option<Entry> {
+        let index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
+        index.entries.get(digest).cloned()
     }
 
     /// A committed blob, or None. Never returns a partial file. (A missing
     /// meta sidecar gives the default meta.)
+    ///
+    /// A found blob carries a lease: it is not evicted until every clone of
+    /// it is dropped, and its last access is now.
     pub async fn lookup(&self, digest: &Digest) -> Result<Option<CachedBlob>, StoreError> {
-        let layout = Arc::clone(&self.layout);
+        {
+            let mut index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
+            match index.entries.get_mut(digest) {
+                Some(e) => {
+                    e.readers += 1;
+                    e.last_access = SystemTime::now();
+                }
+                None => return Ok(None),
+            }
+        }
+        let lease = Arc::new(Lease {
+            index: Arc::clone(&self.inner.index),
+            digest: digest.clone(),
+        });
+        let inner = Arc::clone(&self.inner);
         let d = digest.clone();
-        let path = self.layout.data(digest);
-        blocking("look up", &path, move || existing(&layout, &d)).await
+        let path = self.inner.layout.data(digest);
+        let found = blocking("look up", &path, move || existing(&inner.layout, &d)).await?;
+        match found {
+            Some(mut b) => {
+                b.lease = Some(lease);
+                Ok(Some(b))
+            }
+            None => {
+                // Gone behind the index's back (removed by hand).
+                drop(lease);
+                let mut index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
+                index.remove(digest);
+                Ok(None)
+            }
+        }
     }
 
     /// Starts writing a blob expected to hash to `digest`.
     pub async fn begin(&self, digest: &Digest, meta: BlobMeta) -> Result<BlobWriter, StoreError> {
-        let temp = self.layout.temp(digest, "tmp");
+        let temp = self.inner.layout.temp(digest, "tmp");
         let p = temp.clone();
         let file = blocking("create", &temp, move || {
             fs::OpenOptions::new()
@@ -207,7 +404,7 @@ impl BlobStore {
         Ok(BlobWriter {
             digest: digest.clone(),
             meta,
-            layout: Arc::clone(&self.layout),
+            inner: Arc::clone(&self.inner),
             temp: TempFile(Some(temp)),
             sink: Some(Sink {
                 file,
@@ -215,6 +412,7 @@ impl BlobStore {
             }),
             pending: Vec::new(),
             written: 0,
+            last_flush: Instant::now(),
         })
     }
 
@@ -234,15 +432,18 @@ impl BlobStore {
     /// Removes a blob (for purge/eviction); Ok(false) if absent. The data
     /// file goes first, so a crash in between leaves only a harmless orphan
     /// sidecar, never a blob without its meta.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "used by purge and eviction, which come next")
-    )]
     pub async fn remove(&self, digest: &Digest) -> Result<bool, StoreError> {
-        let layout = Arc::clone(&self.layout);
+        let inner = Arc::clone(&self.inner);
         let d = digest.clone();
-        let path = self.layout.data(digest);
+        let path = self.inner.layout.data(digest);
         blocking("remove", &path, move || {
+            let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
+            inner
+                .index
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&d);
+            let layout = &inner.layout;
             let data = layout.data(&d);
             let existed = match fs::remove_file(&data) {
                 Ok(()) => true,
@@ -301,11 +502,12 @@ impl Drop for TempFile {
 pub struct BlobWriter {
     digest: Digest,
     meta: BlobMeta,
-    layout: Arc<Layout>,
+    inner: Arc<Inner>,
     temp: TempFile,
     sink: Option<Sink>,
     pending: Vec<u8>,
     written: u64,
+    last_flush: Instant,
 }
 
 impl std::fmt::Debug for BlobWriter {
@@ -329,13 +531,30 @@ impl BlobWriter {
         }
         self.pending.extend_from_slice(chunk);
         self.written += chunk.len() as u64;
-        if self.pending.len() >= FLUSH_AT {
+        if self.pending.len() >= FLUSH_AT || self.last_flush.elapsed() >= FLUSH_AFTER {
             self.flush().await?;
         }
         Ok(())
     }
 
+    /// Bytes written to the temp file so far (readable through
+    /// [`temp_path`](Self::temp_path)).
+    pub fn on_disk(&self) -> u64 {
+        self.written - self.pending.len() as u64
+    }
+
+    /// The temp file being written.
+    pub fn temp_path(&self) -> Option<&Path> {
+        self.temp.0.as_deref()
+    }
+
+    /// Writes out what is buffered.
+    pub async fn flush_now(&mut self) -> Result<(), StoreError> {
+        self.flush().await
+    }
+
     async fn flush(&mut self) -> Result<(), StoreError> {
+        self.last_flush = Instant::now();
         if self.pending.is_empty() {
             return Ok(());
         }
@@ -380,14 +599,16 @@ impl BlobWriter {
             });
         };
         let temp = TempFile(Some(temp_path.clone()));
-        let (layout, digest, meta, bytes) = (
-            Arc::clone(&self.layout),
+        let (inner, digest, meta, bytes) = (
+            Arc::clone(&self.inner),
             self.digest.clone(),
             self.meta.clone(),
             self.written,
         );
         blocking("commit", &temp_path, move || {
-            finish(&layout, digest, meta, bytes, sink, temp)
+            let blob = finish(&inner, digest, meta, bytes, sink, temp)?;
+            evict(&inner);
+            Ok(blob)
         })
         .await
     }
@@ -407,13 +628,14 @@ impl BlobWriter {
 /// The blocking part of `commit`. `temp` removes the temp file on every
 /// path that does not rename it into place.
 fn finish(
-    layout: &Layout,
+    inner: &Inner,
     digest: Digest,
     meta: BlobMeta,
     bytes: u64,
     sink: Sink,
     mut temp: TempFile,
 ) -> Result<CachedBlob, StoreError> {
+    let layout = &inner.layout;
     let Sink { file, hasher } = sink;
     let actual = digest_of_hash(&hasher.finalize());
     if actual != digest {
@@ -439,16 +661,23 @@ fn finish(
     let temp_path = temp.0.clone().unwrap_or_default();
     file.sync_all().map_err(io_err("fsync", &temp_path))?;
     drop(file);
+    let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
     write_meta(layout, &digest, &meta)?;
     let data = layout.data(&digest);
     fs::rename(&temp_path, &data).map_err(io_err("rename into place", &data))?;
     temp.take(); // renamed: nothing left to clean up
     fsync_dir(&layout.shard(&digest))?;
+    inner
+        .index
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(digest.clone(), bytes, SystemTime::now());
     Ok(CachedBlob {
         digest,
         path: data,
         size: bytes,
         meta,
+        lease: None,
     })
 }
 
@@ -498,7 +727,99 @@ fn existing(layout: &Layout, digest: &Digest) -> Result<Option<CachedBlob>, Stor
         path,
         size: md.len(),
         meta,
+        lease: None,
     }))
+}
+
+/// Walks `blobs/sha256/<shard>/` and indexes every data file (name = hex
+/// digest) with its size and last access (the later of atime and mtime).
+fn rebuild_index(blobs: &Path) -> Result<Index, StoreError> {
+    let mut index = Index::default();
+    for shard in fs::read_dir(blobs).map_err(io_err("list", blobs))? {
+        let shard = shard.map_err(io_err("list", blobs))?.path();
+        let Ok(files) = fs::read_dir(&shard) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.len() != 64 || name.contains('.') {
+                continue;
+            }
+            let Ok(digest) = Digest::parse(&format!("sha256:{name}")) else {
+                continue;
+            };
+            let Ok(md) = f.metadata() else { continue };
+            if !md.is_file() {
+                continue;
+            }
+            let at = match (md.accessed(), md.modified()) {
+                (Ok(a), Ok(m)) => a.max(m),
+                (Ok(t), _) | (_, Ok(t)) => t,
+                _ => SystemTime::UNIX_EPOCH,
+            };
+            index.insert(digest, md.len(), at);
+        }
+    }
+    Ok(index)
+}
+
+/// Removes least recently used blobs (never one being read) until usage is
+/// at the low watermark, once it passed the high one (blocking).
+fn evict(inner: &Inner) {
+    let (Some(high), Some(low)) = (inner.limits.high(), inner.limits.low()) else {
+        return;
+    };
+    let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let victims: Vec<(Digest, u64)> = {
+        let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
+        if index.total <= high {
+            return;
+        }
+        let mut candidates: Vec<(SystemTime, Digest, u64)> = index
+            .entries
+            .iter()
+            .filter(|(_, e)| e.readers == 0)
+            .map(|(d, e)| (e.last_access, d.clone(), e.size))
+            .collect();
+        candidates.sort();
+        let mut victims = Vec::new();
+        let mut total = index.total;
+        for (_, d, size) in candidates {
+            if total <= low {
+                break;
+            }
+            total = total.saturating_sub(size);
+            index.remove(&d);
+            victims.push((d, size));
+        }
+        victims
+    };
+    for (d, size) in victims {
+        for p in [inner.layout.data(&d), inner.layout.meta(&d)] {
+            if let Err(e) = fs::remove_file(&p)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %p.display(), error = %e, "cannot remove evicted blob");
+            }
+        }
+        inner.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        inner.stats.evicted_bytes.fetch_add(size, Ordering::Relaxed);
+        tracing::info!(digest = %d, bytes = size, "evicted");
+    }
+}
+
+/// True when `err` means the disk (or quota) is full.
+pub fn is_disk_full(err: &StoreError) -> bool {
+    match err {
+        StoreError::Io { source, .. } => {
+            matches!(
+                source.kind(),
+                io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+            ) || source.raw_os_error() == Some(28)
+        }
+        _ => false,
+    }
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
@@ -759,7 +1080,7 @@ mod tests {
         let store = BlobStore::open(dir.path()).await.unwrap();
         let digest = Digest::of(b"abc");
         store.put(&digest, meta("x/y"), b"abc").await.unwrap();
-        fs::remove_file(store.layout.meta(&digest)).unwrap();
+        fs::remove_file(store.inner.layout.meta(&digest)).unwrap();
         let found = store.lookup(&digest).await.unwrap().unwrap();
         assert_eq!(found.meta, BlobMeta::default());
         assert_eq!(found.size, 3);
@@ -783,5 +1104,72 @@ mod tests {
             store.lookup(&digest).await.unwrap().unwrap().size,
             data.len() as u64
         );
+    }
+
+    fn bounded(max: u64) -> Limits {
+        Limits {
+            max_size: Some(max),
+            high_watermark: 0.9,
+            low_watermark: 0.6,
+        }
+    }
+
+    #[tokio::test]
+    async fn eviction_is_lru_and_spares_blobs_being_read() {
+        let dir = tempfile::tempdir().unwrap();
+        // 10 000 bytes: evict above 9 000, down to 6 000.
+        let store = BlobStore::open_with(dir.path(), bounded(10_000))
+            .await
+            .unwrap();
+        let blobs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 2_000]).collect();
+        let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+        for i in 0..4 {
+            store
+                .put(&digests[i], BlobMeta::default(), &blobs[i])
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(store.usage(), (8_000, 4));
+        // Blob 0 is the oldest, but being read: it must stay.
+        let reading = store.lookup(&digests[0]).await.unwrap().unwrap();
+        // Make 1 the most recently used after 0.
+        drop(store.lookup(&digests[1]).await.unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        store
+            .put(&digests[4], BlobMeta::default(), &blobs[4])
+            .await
+            .unwrap();
+        // 10 000 > 9 000: 2 and 3 (least recently used, not leased) go.
+        assert!(store.lookup(&digests[2]).await.unwrap().is_none());
+        assert!(store.lookup(&digests[3]).await.unwrap().is_none());
+        assert!(store.lookup(&digests[1]).await.unwrap().is_some());
+        assert!(store.lookup(&digests[4]).await.unwrap().is_some());
+        assert_eq!(fs::read(&reading.path).unwrap(), blobs[0]);
+        assert_eq!(store.stats().evictions.load(Ordering::Relaxed), 2);
+        drop(reading);
+        assert_eq!(store.usage(), (6_000, 3));
+    }
+
+    /// Rebuilding the index of 100 000 entries at start (printed; the
+    /// figure is quoted in proxy/README.md).
+    #[tokio::test]
+    async fn index_rebuild_of_100k_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let layout = &store.inner.layout;
+        let created = Instant::now();
+        for i in 0..100_000u32 {
+            let d = Digest::of(&i.to_le_bytes());
+            fs::write(layout.data(&d), i.to_le_bytes()).unwrap();
+        }
+        let created = created.elapsed();
+        drop(store);
+        let started = Instant::now();
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        let took = started.elapsed();
+        println!("index rebuild: 100000 entries in {took:?} (creating them took {created:?})");
+        assert_eq!(store.usage(), (400_000, 100_000));
+        assert!(took < std::time::Duration::from_secs(30), "{took:?}");
     }
 }

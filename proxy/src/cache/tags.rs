@@ -48,6 +48,18 @@ impl TagCache {
     }
 }
 
+impl TagCache {
+    /// Drops the tags of matching repositories (None matches any).
+    pub fn purge(&self, registry: Option<&str>, repo: Option<&str>) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|(r, p, _), _| {
+                !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
+            });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,1048 @@
+//! The proxy in production: merged misses, outage survival, bounded disk,
+//! no private-image leaks, the admin API, metrics, graceful shutdown and
+//! crash safety — against the real `docker-registry` (plain and htpasswd)
+//! and the test bed's scriptable stub (throttled or corrupt bodies).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
+use pullthrough_testbed::http::Get;
+use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::stub::{Stub, Throttle};
+use serde_json::Value;
+
+// --- helpers ---------------------------------------------------------------
+
+/// What one streaming client saw.
+#[derive(Debug)]
+struct Fetched {
+    status: StatusCode,
+    body: Vec<u8>,
+    /// From sending the request to the first body byte.
+    first_byte: Option<Duration>,
+    /// Sending the request, and the end of the body, as instants.
+    started: Instant,
+    ended: Instant,
+    /// The body ended with an error (aborted response).
+    error: Option<String>,
+}
+
+/// GETs `url` over plain HTTP/1.1, streaming the body; stops reading (and
+/// drops the connection) after `give_up_after` bytes when given.
+async fn fetch(
+    url: String,
+    headers: Vec<(&'static str, String)>,
+    give_up_after: Option<usize>,
+) -> Fetched {
+    let uri: http::Uri = url.parse().unwrap();
+    let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
+    let started = Instant::now();
+    let failed = |e: String| Fetched {
+        status: StatusCode::BAD_GATEWAY,
+        body: Vec::new(),
+        first_byte: None,
+        started,
+        ended: Instant::now(),
+        error: Some(e),
+    };
+    let stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(s) => s,
+        Err(e) => return failed(format!("connect: {e}")),
+    };
+    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+    {
+        Ok(x) => x,
+        Err(e) => return failed(format!("handshake: {e}")),
+    };
+    let conn = tokio::spawn(conn);
+    let mut req = Request::get(uri.path_and_query().unwrap().as_str())
+        .header(http::header::HOST, uri.authority().unwrap().as_str());
+    for (k, v) in headers {
+        req = req.header(k, v);
+    }
+    let resp = match sender
+        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return failed(format!("send: {e}")),
+    };
+    let status = resp.status();
+    let mut body = resp.into_body();
+    let mut out = Vec::new();
+    let mut first_byte = None;
+    let mut error = None;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                error = Some(e.to_string());
+                break;
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if first_byte.is_none() && !data.is_empty() {
+                        first_byte = Some(started.elapsed());
+                    }
+                    out.extend_from_slice(&data);
+                    if give_up_after.is_some_and(|n| out.len() >= n) {
+                        drop(body);
+                        conn.abort();
+                        return Fetched {
+                            status,
+                            body: out,
+                            first_byte,
+                            started,
+                            ended: Instant::now(),
+                            error: Some("gave up".into()),
+                        };
+                    }
+                }
+            }
+        }
+    }
+    Fetched {
+        status,
+        body: out,
+        first_byte,
+        started,
+        ended: Instant::now(),
+        error,
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn blob_url(proxy: &Proxy, registry: &str, repo: &str, digest: &str) -> String {
+    format!("{}/v2/{registry}/{repo}/blobs/{digest}", proxy.http_url())
+}
+
+fn cached_path(proxy: &Proxy, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    proxy
+        .data_dir()
+        .join("blobs/sha256")
+        .join(&hex[..2])
+        .join(hex)
+}
+
+fn tmp_entries(proxy: &Proxy) -> Vec<String> {
+    std::fs::read_dir(proxy.data_dir().join("tmp"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Every committed data file under blobs/ (not the `.json` sidecars).
+fn blob_files(proxy: &Proxy) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let root = proxy.data_dir().join("blobs/sha256");
+    for shard in std::fs::read_dir(root).unwrap() {
+        for f in std::fs::read_dir(shard.unwrap().path()).unwrap() {
+            let p = f.unwrap().path();
+            if p.extension().is_none() {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+fn blob_bytes_on_disk(proxy: &Proxy) -> u64 {
+    blob_files(proxy)
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum()
+}
+
+fn metrics(proxy: &Proxy) -> String {
+    let url = format!("http://{}/metrics", proxy.addrs.admin);
+    String::from_utf8(Get::new(&url).send().unwrap().body.to_vec()).unwrap()
+}
+
+/// The value of the first metric line starting with `prefix`.
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Sends a uniquely tagged request straight to the upstream and waits for
+/// it in its access log, so every earlier request is logged too.
+fn sync_upstream_log(reg: &Registry) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let marker = format!("marker={}", N.fetch_add(1, Ordering::Relaxed));
+    let url = format!("{}/v2/?{marker}", reg.url());
+    let _ = Get::new(&url).send();
+    wait_for(
+        "the marker in the upstream log",
+        Duration::from_secs(10),
+        || Ok(reg.count_requests("GET", &marker) == 1),
+    )
+    .unwrap();
+}
+
+/// A random image (one layer per size) in its own layout under `dir`.
+fn random_image(dir: &Path, sizes: &[u64], seed: u64) -> Image {
+    LayoutBuilder::new(&dir.join("layout"))
+        .unwrap()
+        .random("1", sizes, seed)
+        .unwrap()
+}
+
+// --- 1. merged misses ------------------------------------------------------
+
+/// 50 clients ask for one uncached 64 MiB blob at once: the upstream sees
+/// one GET, every client that stays gets the exact bytes, and one client
+/// that hangs up mid-stream stops nothing.
+#[test]
+fn fifty_concurrent_misses_fetch_once_and_survive_a_quitter() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[64 << 20], 64);
+    let layer = image.layer_digests()[0].clone();
+    let expected = Arc::new(std::fs::read(image.blob_path(&layer)).unwrap());
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/big", "1").unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &registry.url(), ""),
+    )
+    .unwrap();
+    let url = blob_url(&proxy, "quay.io", "fixture/big", &layer);
+
+    let results = rt().block_on(async {
+        // Client 0 leads the download, reads 4 MiB and hangs up.
+        let mut tasks = vec![tokio::spawn(fetch(url.clone(), Vec::new(), Some(4 << 20)))];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 1..50 {
+            tasks.push(tokio::spawn(fetch(url.clone(), Vec::new(), None)));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    assert!(
+        results[0].body.len() < expected.len(),
+        "the quitter read everything"
+    );
+    for (i, r) in results.iter().enumerate().skip(1) {
+        assert_eq!(r.status, StatusCode::OK, "client {i}");
+        assert!(r.error.is_none(), "client {i}: {:?}", r.error);
+        assert_eq!(r.body.len(), expected.len(), "client {i}");
+        assert!(r.body == *expected, "client {i} got wrong bytes");
+    }
+    sync_upstream_log(&registry);
+    assert_eq!(
+        registry.count_requests("GET", &layer),
+        1,
+        "{}",
+        registry.log()
+    );
+    let m = metrics(&proxy);
+    let merged = metric(&m, "pullthrough_merged_waiters_total{registry=\"quay.io\"}");
+    assert!(merged >= 1.0, "no merged waiters counted:\n{m}");
+    let cached = std::fs::read(cached_path(&proxy, &layer)).unwrap();
+    assert_eq!(sha256_digest(&cached), layer);
+    assert!(tmp_entries(&proxy).is_empty(), "{:?}", tmp_entries(&proxy));
+}
+
+/// With a slow upstream, a waiter gets its first byte long before the
+/// download ends (no wait-for-whole-file), and still one upstream GET.
+#[test]
+fn waiters_are_streamed_bytes_as_they_arrive() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[2 << 20], 7);
+    let layer = image.layer_digests()[0].clone();
+    let expected = std::fs::read(image.blob_path(&layer)).unwrap();
+    // ~2 MiB at 64 KiB per 60 ms: about two seconds.
+    let stub = Stub::builder(&image.layout)
+        .throttle(Throttle {
+            chunk: 64 * 1024,
+            pause: Duration::from_millis(60),
+        })
+        .start()
+        .unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("slow.test", &stub.url(), ""),
+    )
+    .unwrap();
+    let url = blob_url(&proxy, "slow.test", "fixture/slow", &layer);
+    let results = rt().block_on(async {
+        let first = tokio::spawn(fetch(url.clone(), Vec::new(), None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut rest = Vec::new();
+        for _ in 0..4 {
+            rest.push(tokio::spawn(fetch(url.clone(), Vec::new(), None)));
+        }
+        let mut out = vec![first.await.unwrap()];
+        for t in rest {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let download_end = results.iter().map(|r| r.ended).max().unwrap();
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            r.error.is_none() && r.body == expected,
+            "client {i}: {:?}",
+            r.error
+        );
+        let first_byte_at = r.started + r.first_byte.unwrap();
+        let before_end = download_end - first_byte_at;
+        assert!(
+            before_end > Duration::from_millis(700),
+            "client {i} got its first byte only {before_end:?} before the end"
+        );
+    }
+    assert_eq!(stub.count("GET", &layer), 1);
+    let m = metrics(&proxy);
+    assert!(
+        metric(
+            &m,
+            "pullthrough_merged_waiters_total{registry=\"slow.test\"}"
+        ) >= 4.0,
+        "{m}"
+    );
+}
+
+/// A corrupt upstream body: every waiter's response is aborted (none gets
+/// a complete body), one upstream GET, nothing cached.
+#[test]
+fn a_failed_merged_download_aborts_every_waiter_and_caches_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20], 9);
+    let layer = image.layer_digests()[0].clone();
+    let size = std::fs::metadata(image.blob_path(&layer)).unwrap().len() as usize;
+    let stub = Stub::builder(&image.layout)
+        .corrupt(&layer)
+        .throttle(Throttle {
+            chunk: 64 * 1024,
+            pause: Duration::from_millis(40),
+        })
+        .start()
+        .unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("bad.test", &stub.url(), ""),
+    )
+    .unwrap();
+    let url = blob_url(&proxy, "bad.test", "fixture/bad", &layer);
+    let results = rt().block_on(async {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            tasks.push(tokio::spawn(fetch(url.clone(), Vec::new(), None)));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            r.error.is_some() && r.body.len() < size,
+            "client {i} got {} of {size} bytes, error {:?}",
+            r.body.len(),
+            r.error
+        );
+    }
+    assert_eq!(stub.count("GET", &layer), 1);
+    wait_for("tmp to be empty", Duration::from_secs(5), || {
+        Ok(tmp_entries(&proxy).is_empty())
+    })
+    .unwrap();
+    assert!(!cached_path(&proxy, &layer).exists(), "corrupt blob cached");
+}
+
+// --- 2. outage survival ----------------------------------------------------
+
+/// Upstream stopped after a first pull: the tag is served within tagTTL
+/// (HIT) and after it (STALE), manifests and blobs by digest from the
+/// cache; with `cacheTags: false` every tag request goes upstream, and an
+/// outage is still answered STALE.
+#[test]
+fn tags_and_digests_are_served_through_an_outage() {
+    let mut up = common::upstream(Registry::plain().unwrap());
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {u}\n    tagTTL: 1s\n  - host: nocache.test\n    upstream: {u}\n    cacheTags: false\n",
+            u = up.registry.url()
+        ),
+    )
+    .unwrap();
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let manifest = |reg: &str, reference: &str| {
+        let url = format!(
+            "{}/v2/{reg}/fixture/busybox/manifests/{reference}",
+            proxy.http_url()
+        );
+        Get::new(&url).header("Accept", accept).send().unwrap()
+    };
+    let m = &up.busybox.manifests[0];
+    let layer = up.busybox.layer_digests()[0].clone();
+    let get_blob = |d: &str| {
+        Get::new(&blob_url(&proxy, "quay.io", "fixture/busybox", d))
+            .send()
+            .unwrap()
+    };
+    // First pull (MISS) through both registries.
+    for reg in ["quay.io", "nocache.test"] {
+        let r = manifest(reg, "1");
+        assert_eq!(r.status, StatusCode::OK, "{reg}");
+        assert_eq!(sha256_digest(&r.body), m.digest);
+    }
+    assert_eq!(get_blob(&layer).status, StatusCode::OK);
+    // cacheTags: false asks upstream again while it is up.
+    sync_upstream_log(&up.registry);
+    let before = up.registry.count_requests("GET", "/manifests/1");
+    assert_eq!(manifest("nocache.test", "1").status, StatusCode::OK);
+    sync_upstream_log(&up.registry);
+    assert_eq!(
+        up.registry.count_requests("GET", "/manifests/1"),
+        before + 1
+    );
+
+    up.registry.stop().unwrap();
+    // Within tagTTL: a HIT.
+    let r = manifest("quay.io", "1");
+    assert_eq!(r.status, StatusCode::OK);
+    proxy
+        .wait_access(&[("kind", "tag"), ("registry", "quay.io"), ("cache", "HIT")])
+        .unwrap();
+    // After tagTTL: STALE, same digest.
+    std::thread::sleep(Duration::from_millis(1200));
+    let r = manifest("quay.io", "1");
+    assert_eq!(r.status, StatusCode::OK, "{}", proxy.log());
+    assert_eq!(sha256_digest(&r.body), m.digest);
+    proxy
+        .wait_access(&[("kind", "tag"), ("registry", "quay.io"), ("cache", "STALE")])
+        .unwrap();
+    // cacheTags: false, upstream down: STALE too.
+    let r = manifest("nocache.test", "1");
+    assert_eq!(r.status, StatusCode::OK);
+    proxy
+        .wait_access(&[
+            ("kind", "tag"),
+            ("registry", "nocache.test"),
+            ("cache", "STALE"),
+        ])
+        .unwrap();
+    // By digest: from the cache.
+    let r = manifest("quay.io", &m.digest);
+    assert_eq!(r.status, StatusCode::OK);
+    let r = get_blob(&layer);
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), layer);
+    proxy
+        .wait_access(&[("kind", "blob"), ("digest", &layer), ("cache", "HIT")])
+        .unwrap();
+}
+
+// --- 3. bounded disk -------------------------------------------------------
+
+/// maxSize below the working set: least recently used entries go, a blob
+/// just read stays, usage never passes the high watermark after a pull.
+#[test]
+fn bounded_cache_evicts_least_recently_used() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1_000_000; 5], 500);
+    let layers = image.layer_digests();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/lru", "1").unwrap();
+    // 4 MiB bound: eviction above 3.6 MiB, down to 2.4 MiB.
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{maxSize: 4MiB, highWatermark: 0.9, lowWatermark: 0.6}}\n{}",
+            common::one_registry("quay.io", &registry.url(), "")
+        ),
+    )
+    .unwrap();
+    let high = (4u64 << 20) * 9 / 10;
+    let pull = |d: &str| {
+        let r = Get::new(&blob_url(&proxy, "quay.io", "fixture/lru", d))
+            .send()
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(sha256_digest(&r.body), d);
+        let used = blob_bytes_on_disk(&proxy);
+        assert!(used <= high, "{used} bytes cached > high watermark {high}");
+    };
+    pull(&layers[0]);
+    pull(&layers[1]);
+    pull(&layers[2]);
+    std::thread::sleep(Duration::from_millis(20));
+    pull(&layers[0]); // a HIT: now the most recently used
+    proxy
+        .wait_access(&[("kind", "blob"), ("digest", &layers[0]), ("cache", "HIT")])
+        .unwrap();
+    pull(&layers[3]); // passes the high watermark: 1 and 2 go
+    assert!(cached_path(&proxy, &layers[0]).exists());
+    assert!(cached_path(&proxy, &layers[3]).exists());
+    assert!(!cached_path(&proxy, &layers[1]).exists());
+    assert!(!cached_path(&proxy, &layers[2]).exists());
+    pull(&layers[4]);
+    pull(&layers[1]);
+    let m = metrics(&proxy);
+    assert!(
+        metric(&m, "pullthrough_cache_evictions_total") >= 3.0,
+        "{m}"
+    );
+    assert!(metric(&m, "pullthrough_cache_bytes") <= high as f64, "{m}");
+    // The index survives a restart (rebuilt from the files).
+    let stats_before = admin_json(&proxy, "/admin/stats", None);
+    let mut proxy = proxy;
+    proxy.restart().unwrap();
+    let stats_after = admin_json(&proxy, "/admin/stats", None);
+    assert_eq!(stats_before["bytes"], stats_after["bytes"]);
+    assert_eq!(stats_before["entries"], stats_after["entries"]);
+}
+
+/// A tmpfs mounted for the test; lazily unmounted on drop.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs failed");
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A data dir on an 8 MiB tmpfs filling up: every pull still gets the
+/// right bytes (pass-through), and the disk-full events are counted.
+#[test]
+fn a_full_disk_keeps_serving_by_pass_through() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[3 << 20, 3 << 20, 3 << 20], 800);
+    let layers = image.layer_digests();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/full", "1").unwrap();
+    let mut proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &registry.url(), ""),
+    )
+    .unwrap();
+    proxy.stop().unwrap();
+    let data = proxy.data_dir();
+    std::fs::remove_dir_all(&data).unwrap();
+    let mount = Tmpfs::mount(&data, "8m");
+    proxy.start_again().unwrap();
+    // All three at once: they cannot all count on the same free space.
+    let urls: Vec<String> = layers
+        .iter()
+        .map(|d| blob_url(&proxy, "quay.io", "fixture/full", d))
+        .collect();
+    let results = rt().block_on(async {
+        let tasks: Vec<_> = urls
+            .iter()
+            .map(|u| tokio::spawn(fetch(u.clone(), Vec::new(), None)))
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (r, d) in results.iter().zip(&layers) {
+        assert!(r.error.is_none(), "{d}: {:?}\n{}", r.error, proxy.log());
+        assert_eq!(sha256_digest(&r.body), *d);
+    }
+    for round in 0..2 {
+        for d in &layers {
+            let r = Get::new(&blob_url(&proxy, "quay.io", "fixture/full", d))
+                .send()
+                .unwrap();
+            assert_eq!(r.status, StatusCode::OK, "round {round}");
+            assert_eq!(sha256_digest(&r.body), *d, "round {round}");
+        }
+    }
+    let m = metrics(&proxy);
+    assert!(
+        metric(&m, "pullthrough_disk_full_events_total") >= 1.0,
+        "{m}"
+    );
+    assert!(
+        !proxy
+            .access_matching(&[("kind", "blob"), ("cache", "PASS"), ("complete", "true")])
+            .is_empty()
+    );
+    proxy.stop().unwrap();
+    drop(mount);
+}
+
+// --- 4. private images -----------------------------------------------------
+
+/// `private: true` on an htpasswd upstream: the authorised client pulls
+/// (MISS, then HIT); no or wrong credentials get 401 and none of the
+/// content, for the manifest and each blob by digest. A public repository
+/// on a plain upstream stays anonymous (HIT with no upstream contact).
+#[test]
+fn private_registries_check_every_client() {
+    use base64::Engine as _;
+    let up = common::upstream(Registry::htpasswd("puller", "s3cret").unwrap());
+    let public = common::upstream(Registry::plain().unwrap());
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "authCheckTTL: 2s\nregistries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n    private: true\n  - host: public.test\n    upstream: {}\n",
+            up.registry.url(),
+            up.registry.ca_path().unwrap().display(),
+            public.registry.url(),
+        ),
+    )
+    .unwrap();
+    let basic = |u: &str, p: &str| {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        )
+    };
+    let good = basic("puller", "s3cret");
+    let bad = basic("puller", "wrong");
+    let m = &up.busybox.manifests[0];
+    let mut digests = vec![(format!("manifests/{}", m.digest), m.digest.clone())];
+    digests.push((
+        format!("blobs/{}", m.config.digest),
+        m.config.digest.clone(),
+    ));
+    for l in up.busybox.layer_digests() {
+        digests.push((format!("blobs/{l}"), l));
+    }
+    let req = |reg: &str, path: &str, auth: Option<&str>| {
+        let url = format!("{}/v2/{reg}/fixture/busybox/{path}", proxy.http_url());
+        let mut g = Get::new(&url).header(
+            "Accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        );
+        if let Some(a) = auth {
+            g = g.header("Authorization", a.to_string());
+        }
+        g.send().unwrap()
+    };
+    // Authorised: MISS then HIT.
+    for round in ["MISS", "HIT"] {
+        for (path, d) in &digests {
+            let r = req("private.test", path, Some(&good));
+            assert_eq!(r.status, StatusCode::OK, "{round} {path}");
+            assert_eq!(sha256_digest(&r.body), *d);
+            proxy
+                .wait_access(&[
+                    ("digest", d),
+                    ("cache", round),
+                    ("registry", "private.test"),
+                ])
+                .unwrap();
+        }
+    }
+    // Everything is cached now; others get 401 and no content.
+    for auth in [None, Some(bad.as_str())] {
+        for (path, d) in &digests {
+            let r = req("private.test", path, auth);
+            assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{path} with {auth:?}");
+            assert!(
+                r.headers.contains_key("www-authenticate"),
+                "{path}: no challenge"
+            );
+            assert_ne!(sha256_digest(&r.body), *d);
+            assert!(r.body.len() < 1024, "{path}: {} bytes", r.body.len());
+        }
+    }
+    let metrics_text = metrics(&proxy);
+    assert!(
+        metric(
+            &metrics_text,
+            "pullthrough_auth_checks_total{registry=\"private.test\",result=\"denied\"}"
+        ) >= 1.0,
+        "{metrics_text}"
+    );
+    // Public: anonymous MISS, then HITs with no upstream contact at all.
+    let pm = &public.busybox.manifests[0];
+    let layer = public.busybox.layer_digests()[0].clone();
+    assert_eq!(
+        req("public.test", &format!("blobs/{layer}"), None).status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        req("public.test", &format!("manifests/{}", pm.digest), None).status,
+        StatusCode::OK
+    );
+    sync_upstream_log(&public.registry);
+    let seen: usize = ["GET", "HEAD"]
+        .iter()
+        .map(|m| public.registry.count_requests(m, "/fixture/"))
+        .sum();
+    for _ in 0..3 {
+        let r = req("public.test", &format!("blobs/{layer}"), None);
+        assert_eq!(sha256_digest(&r.body), layer);
+        assert_eq!(
+            req("public.test", &format!("manifests/{}", pm.digest), None).status,
+            StatusCode::OK
+        );
+    }
+    sync_upstream_log(&public.registry);
+    let after: usize = ["GET", "HEAD"]
+        .iter()
+        .map(|m| public.registry.count_requests(m, "/fixture/"))
+        .sum();
+    assert_eq!(seen, after, "public HITs contacted the upstream");
+}
+
+// --- 5. admin API, status, metrics ----------------------------------------
+
+fn admin(
+    proxy: &Proxy,
+    method: http::Method,
+    path: &str,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
+    let url = format!("http://{}{path}", proxy.addrs.admin);
+    let mut g = Get::new(&url).method(method);
+    if let Some(t) = token {
+        g = g.header("Authorization", format!("Bearer {t}"));
+    }
+    let r = g.send().unwrap();
+    (
+        r.status,
+        serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+    )
+}
+
+fn admin_json(proxy: &Proxy, path: &str, token: Option<&str>) -> Value {
+    let (status, v) = admin(proxy, http::Method::GET, path, token);
+    assert_eq!(status, StatusCode::OK, "{path}");
+    v
+}
+
+#[test]
+fn admin_api_lists_purges_and_reports() {
+    let up = common::upstream(Registry::plain().unwrap());
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "adminToken: t0ken\n{}",
+            common::one_registry("quay.io", &up.registry.url(), "")
+        ),
+    )
+    .unwrap();
+    // /status: the hash of the exact file bytes, the registries.
+    let status = admin_json(&proxy, "/status", None);
+    let file = std::fs::read(proxy.config_path()).unwrap();
+    assert_eq!(
+        format!("sha256:{}", status["configHash"].as_str().unwrap()),
+        sha256_digest(&file)
+    );
+    assert_eq!(status["registries"], serde_json::json!(["quay.io"]));
+    // The token is required.
+    assert_eq!(
+        admin(&proxy, http::Method::GET, "/admin/cache", None).0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        admin(&proxy, http::Method::GET, "/admin/stats", Some("nope")).0,
+        StatusCode::UNAUTHORIZED
+    );
+    let tok = Some("t0ken");
+    let layers = up.busybox.layer_digests();
+    let m = &up.busybox.manifests[0];
+    for d in layers.iter().chain([&m.config.digest]) {
+        let r = Get::new(&blob_url(&proxy, "quay.io", "fixture/busybox", d))
+            .send()
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let cache = admin_json(&proxy, "/admin/cache", tok);
+    let repo = &cache["registries"]["quay.io"]["repositories"]["fixture/busybox"];
+    let listed: Vec<&str> = repo["digests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["digest"].as_str().unwrap())
+        .collect();
+    for d in layers.iter().chain([&m.config.digest]) {
+        assert!(listed.contains(&d.as_str()), "{d} not in {cache}");
+    }
+    assert!(repo["digests"][0]["size"].as_u64().unwrap() > 0);
+    assert!(repo["digests"][0]["lastAccess"].as_u64().unwrap() > 1_600_000_000);
+    let stats = admin_json(&proxy, "/admin/stats", tok);
+    assert_eq!(stats["entries"].as_u64().unwrap(), listed.len() as u64);
+    assert_eq!(stats["bytes"].as_u64().unwrap(), blob_bytes_on_disk(&proxy));
+
+    // Purge one digest, then the repository.
+    let (st, v) = admin(
+        &proxy,
+        http::Method::DELETE,
+        &format!("/admin/cache?digest={}", layers[0]),
+        tok,
+    );
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(!cached_path(&proxy, &layers[0]).exists());
+    assert!(cached_path(&proxy, &m.config.digest).exists());
+    let (st, v) = admin(
+        &proxy,
+        http::Method::DELETE,
+        "/admin/cache?registry=quay.io&repository=fixture/busybox",
+        tok,
+    );
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(!cached_path(&proxy, &m.config.digest).exists());
+    assert_eq!(admin_json(&proxy, "/admin/stats", tok)["entries"], 0);
+    assert_eq!(
+        admin(&proxy, http::Method::DELETE, "/admin/cache", tok).0,
+        StatusCode::BAD_REQUEST
+    );
+    // Served again after the purge (a MISS).
+    let r = Get::new(&blob_url(&proxy, "quay.io", "fixture/busybox", &layers[0]))
+        .send()
+        .unwrap();
+    assert_eq!(sha256_digest(&r.body), layers[0]);
+    // Metrics: the new families are there.
+    let text = metrics(&proxy);
+    for name in [
+        "pullthrough_cache_bytes",
+        "pullthrough_cache_entries",
+        "pullthrough_cache_evictions_total",
+        "pullthrough_disk_full_events_total",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    assert!(metric(&text, "pullthrough_cache_entries") >= 1.0, "{text}");
+}
+
+/// The admin API on a non-loopback address without a token: exit 64
+/// before anything is bound.
+#[test]
+fn exposed_admin_without_a_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: {{admin: 0.0.0.0:{}}}\ndataDir: {}\nregistries: []\n",
+            pullthrough_testbed::net::free_port().unwrap(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::proxy_bin())
+        .arg("--config")
+        .arg(&config)
+        .env_remove("PULLTHROUGH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(64),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("listen.admin") && err.contains("adminToken"),
+        "{err}"
+    );
+}
+
+// --- 7. graceful shutdown --------------------------------------------------
+
+/// SIGTERM during a slow download: the download finishes completely, new
+/// connections are refused, and the process exits 0.
+#[test]
+fn sigterm_drains_a_slow_download_and_exits_zero() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20], 77);
+    let layer = image.layer_digests()[0].clone();
+    let expected = std::fs::read(image.blob_path(&layer)).unwrap();
+    let stub = Stub::builder(&image.layout)
+        .throttle(Throttle {
+            chunk: 64 * 1024,
+            pause: Duration::from_millis(100),
+        })
+        .start()
+        .unwrap();
+    let mut proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("slow.test", &stub.url(), ""),
+    )
+    .unwrap();
+    let url = blob_url(&proxy, "slow.test", "fixture/slow", &layer);
+    let http_addr = proxy.addrs.http;
+    let runtime = rt();
+    let download = runtime.spawn(fetch(url, Vec::new(), None));
+    std::thread::sleep(Duration::from_millis(400));
+    proxy
+        .process()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    wait_for(
+        "new connections to be refused",
+        Duration::from_secs(5),
+        || Ok(std::net::TcpStream::connect(http_addr).is_err()),
+    )
+    .unwrap();
+    let r = runtime.block_on(download).unwrap();
+    assert!(r.error.is_none(), "{:?}", r.error);
+    assert!(r.body == expected, "download cut: {} bytes", r.body.len());
+    let status = proxy.stop_status().unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+// --- 8. crash safety -------------------------------------------------------
+
+/// kill -9 during 20 concurrent misses, restart on the same data dir:
+/// every file under blobs/ hashes to its name, no temp file is left, and
+/// every blob is then served whole.
+#[test]
+fn kill_9_during_misses_leaves_no_partial_entry() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[2 << 20; 20], 2000);
+    let layers = image.layer_digests();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/crash", "1").unwrap();
+    let mut proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &registry.url(), ""),
+    )
+    .unwrap();
+    let runtime = rt();
+    let tasks: Vec<_> = layers
+        .iter()
+        .map(|d| {
+            runtime.spawn(fetch(
+                blob_url(&proxy, "quay.io", "fixture/crash", d),
+                Vec::new(),
+                None,
+            ))
+        })
+        .collect();
+    // Kill once some bytes flow, before all is done.
+    wait_for("a partial download", Duration::from_secs(10), || {
+        Ok(!tmp_entries(&proxy).is_empty())
+    })
+    .unwrap();
+    proxy.kill().unwrap();
+    for t in tasks {
+        let r = runtime.block_on(t).unwrap();
+        // A cut response is never a complete-looking wrong one.
+        if r.error.is_none() && r.status == StatusCode::OK {
+            assert!(layers.contains(&sha256_digest(&r.body)));
+        }
+    }
+    proxy.start_again().unwrap();
+    assert!(tmp_entries(&proxy).is_empty(), "{:?}", tmp_entries(&proxy));
+    for f in blob_files(&proxy) {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        assert_eq!(
+            sha256_digest(&std::fs::read(&f).unwrap()),
+            format!("sha256:{name}"),
+            "{} is corrupt",
+            f.display()
+        );
+    }
+    for d in &layers {
+        let r = Get::new(&blob_url(&proxy, "quay.io", "fixture/crash", d))
+            .send()
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(sha256_digest(&r.body), *d);
+    }
+}
+
+/// A client joining a download another client started for a repository
+/// that needs credentials is checked first: without credentials it gets
+/// the upstream's 401 and none of the bytes; the download goes on for the
+/// authorised client.
+#[test]
+fn joining_a_private_download_needs_access_too() {
+    use base64::Engine as _;
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20], 31);
+    let layer = image.layer_digests()[0].clone();
+    let expected = std::fs::read(image.blob_path(&layer)).unwrap();
+    let stub = Stub::builder(&image.layout)
+        .auth(pullthrough_testbed::stub::StubAuth::basic("u", "p"))
+        .throttle(Throttle {
+            chunk: 64 * 1024,
+            pause: Duration::from_millis(60),
+        })
+        .start()
+        .unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("priv.test", &stub.url(), ""),
+    )
+    .unwrap();
+    let url = blob_url(&proxy, "priv.test", "fixture/secret", &layer);
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("u:p")
+    );
+    let (owner, intruder) = rt().block_on(async {
+        let owner = tokio::spawn(fetch(url.clone(), vec![("authorization", auth)], None));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let intruder = fetch(url.clone(), Vec::new(), None).await;
+        (owner.await.unwrap(), intruder)
+    });
+    assert!(
+        owner.error.is_none() && owner.body == expected,
+        "{:?}",
+        owner.error
+    );
+    assert_eq!(intruder.status, StatusCode::UNAUTHORIZED);
+    assert!(intruder.body.len() < 1024);
+    assert_eq!(stub.count("GET", &layer), 1);
+}
