@@ -1,28 +1,176 @@
 //! `pullthrough-operator`: reconciles `MirrorRegistry` resources.
 
-use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::Parser;
-use pullthrough_api::cli::parse_or_exit;
-
-/// Reconcile MirrorRegistry resources (pullthrough.dev/v1alpha1) into the
-/// registry table, the CA and per-registry status.
-#[derive(Debug, Parser)]
-#[command(version, about, long_about)]
-struct Cli {
-    /// Namespace pullthrough is installed in (table ConfigMap, CA Secret, Lease).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough")]
-    namespace: String,
-    /// Address serving /healthz, /readyz and /metrics.
-    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
-    listen: SocketAddr,
-}
+use pullthrough_api::cli::{EXIT_USAGE, parse_or_exit};
+use pullthrough_api::config::ProxyConfig;
+use pullthrough_operator::ca::{self, CaPolicy};
+use pullthrough_operator::cli::Args;
+use pullthrough_operator::controller::{self, Settings};
+use pullthrough_operator::leader::LeaderElector;
+use pullthrough_operator::metrics::Metrics;
+use pullthrough_operator::server;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
 
 fn main() {
-    let cli: Cli = parse_or_exit();
-    eprintln!(
-        "pullthrough-operator: the reconciler is not implemented in this build (namespace {}, listen {})",
-        cli.namespace, cli.listen
+    let args: Args = parse_or_exit();
+    init_logging(args.log_json);
+    if args.ca_rotate_before >= args.ca_validity {
+        eprintln!("pullthrough-operator: --ca-rotate-before must be shorter than --ca-validity");
+        std::process::exit(EXIT_USAGE);
+    }
+    let base = match &args.proxy_base_config {
+        None => ProxyConfig::from_yaml("{}"),
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => ProxyConfig::from_yaml(&text),
+            Err(e) => {
+                eprintln!("pullthrough-operator: {}: {e}", path.display());
+                std::process::exit(EXIT_USAGE);
+            }
+        },
+    };
+    let base = match base {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("pullthrough-operator: --proxy-base-config: {e}");
+            std::process::exit(EXIT_USAGE);
+        }
+    };
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pullthrough-operator: tokio runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let code = rt.block_on(run(args, base));
+    std::process::exit(code);
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn run(args: Args, base: ProxyConfig) -> i32 {
+    let client = match kube::Client::try_default().await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "no Kubernetes client configuration");
+            return 1;
+        }
+    };
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let (stop_tx, stop) = watch::channel(false);
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = match server::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, listen = %args.listen, "binding the metrics/health listener");
+            return 1;
+        }
+    };
+    tracing::info!(listen = %args.listen, %identity, namespace = %args.namespace, "starting");
+    let http = tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        ready.clone(),
+        stop.clone(),
+    ));
+    // SIGTERM / SIGINT: stop everything cleanly.
+    let stopper = stop_tx.clone();
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::info!("signal received, stopping");
+        let _ = stopper.send(true);
+    });
+
+    let elector = LeaderElector::new(
+        client.clone(),
+        &args.namespace,
+        &args.leader_lease,
+        &identity,
+        args.leader_lease_duration,
     );
-    std::process::exit(1);
+    // A standby replica is ready: it serves health and waits for the Lease.
+    ready.store(true, Ordering::Relaxed);
+    let mut s = stop.clone();
+    if !elector.acquire(&mut s).await {
+        let _ = http.await;
+        return 0;
+    }
+    tracing::info!("acquired the leader Lease");
+    metrics.leader.set(1);
+
+    let policy = CaPolicy {
+        validity: args.ca_validity,
+        rotate_before: args.ca_rotate_before,
+        overlap: args.ca_overlap,
+    };
+    let ca_task = {
+        let client = client.clone();
+        let ns = args.namespace.clone();
+        let name = args.ca_name.clone();
+        let every = args.ca_check_interval;
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = ca::ensure(&client, &ns, &name, &policy).await {
+                    tracing::error!(error = %e, "CA");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    };
+    let ctrl = tokio::spawn(controller::run(
+        client.clone(),
+        Settings::from_args(&args),
+        base,
+        identity.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    let mut s = stop.clone();
+    let kept = elector.keep(&mut s).await;
+    let code = if kept {
+        0
+    } else {
+        tracing::error!("lost the leader Lease, stopping");
+        1
+    };
+    let _ = stop_tx.send(true);
+    let _ = ctrl.await;
+    let _ = ca_task.await;
+    elector.release().await;
+    let _ = http.await;
+    tracing::info!("stopped");
+    code
 }

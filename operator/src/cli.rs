@@ -1,0 +1,119 @@
+//! Command-line flags of `pullthrough-operator`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Reconcile MirrorRegistry resources (pullthrough.dev/v1alpha1) into the
+/// registry table ConfigMap, the CA Secret/ConfigMap and per-registry status.
+///
+/// Object names follow docs/cluster-contract.md; every name below is a flag so
+/// the chart can pass the release's names.
+#[derive(Debug, Clone, Parser)]
+#[command(version, about, long_about)]
+pub struct Args {
+    /// Namespace pullthrough is installed in: the table and CA ConfigMaps,
+    /// the CA Secret, the leader and agent Leases, the proxy Service.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough")]
+    pub namespace: String,
+
+    /// Address serving /healthz, /readyz and /metrics.
+    #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Base proxy config file (YAML, the proxy's format): `listen`, `ca`,
+    /// `dataDir`, `names`, optionally `proxy:` defaults such as `neverHijack`.
+    /// Its `registries` are ignored; the table adds one per accepted CR.
+    /// Without it the table starts from an empty config.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_base_config: Option<PathBuf>,
+
+    /// Name of the registry-table ConfigMap (key `config.yaml`).
+    #[arg(long, default_value = "pullthrough-registries")]
+    pub table_configmap: String,
+
+    /// Directory where the proxy mounts the table ConfigMap: `tls.caBundle`
+    /// PEMs are published as extra keys and referenced as files there.
+    #[arg(long, value_name = "DIR", default_value = "/etc/pullthrough")]
+    pub table_mount_path: PathBuf,
+
+    /// Name of the CA Secret (`tls.crt`, `tls.key`) and of the CA ConfigMap
+    /// (`ca.crt`, every certificate nodes must trust).
+    #[arg(long, default_value = "pullthrough-ca")]
+    pub ca_name: String,
+
+    /// Validity of a newly generated CA certificate.
+    #[arg(long, value_parser = duration, default_value = "3650d")]
+    pub ca_validity: Duration,
+
+    /// Start rotating when the active CA expires within this time: a new CA
+    /// is generated and published next to the old one.
+    #[arg(long, value_parser = duration, default_value = "90d")]
+    pub ca_rotate_before: Duration,
+
+    /// How long both CAs are published before the new one becomes the
+    /// Secret's active CA (and how long the old one is still published
+    /// after), so nodes trust the new CA before the proxy signs with it.
+    #[arg(long, value_parser = duration, default_value = "7d")]
+    pub ca_overlap: Duration,
+
+    /// How often the CA is checked for rotation.
+    #[arg(long, value_parser = duration, default_value = "1h")]
+    pub ca_check_interval: Duration,
+
+    /// Name of the proxy Service; its ClusterIP and `https`/`http`/`admin`
+    /// ports fill the table's `proxy:` section for nodes.
+    #[arg(long, default_value = "pullthrough-proxy")]
+    pub proxy_service: String,
+
+    /// `caFile` written into the table's `proxy:` section: where agents find
+    /// the CA bundle on the node.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/etc/pullthrough/ca/ca.crt"
+    )]
+    pub node_ca_file: PathBuf,
+
+    /// URL of the proxy's `GET /status` (configHash, registries). Default:
+    /// `http://<Service ClusterIP>:<admin port>/status`.
+    #[arg(long, value_name = "URL")]
+    pub proxy_status_url: Option<String>,
+
+    /// Prefix of the agents' per-node Lease names.
+    #[arg(long, default_value = "pullthrough-agent-")]
+    pub agent_lease_prefix: String,
+
+    /// How long deleting a MirrorRegistry waits for live agents to drop it
+    /// before the finalizer is removed anyway (with a Warning event).
+    #[arg(long, value_parser = duration, default_value = "2m")]
+    pub delete_timeout: Duration,
+
+    /// How often every MirrorRegistry is reconciled without a change
+    /// (refreshes ProxyReady and NodesConfigured).
+    #[arg(long, value_parser = duration, default_value = "30s")]
+    pub resync_interval: Duration,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "pullthrough-operator")]
+    pub leader_lease: String,
+
+    /// Leader Lease duration; a replica that has not renewed for this long
+    /// loses leadership.
+    #[arg(long, value_parser = duration, default_value = "15s")]
+    pub leader_lease_duration: Duration,
+
+    /// Identity in the leader Lease (default: $POD_NAME, else hostname-pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+}

@@ -1,0 +1,126 @@
+//! Aggregates the agents' per-node Leases (`<ns>/pullthrough-agent-<node>`,
+//! docs/cluster-contract.md) into per-registry node counts.
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use pullthrough_api::crd::NodeCounts;
+
+/// Hosts applied on the node, comma-separated.
+pub const REGISTRIES_ANNOTATION: &str = "pullthrough.dev/registries";
+/// The container runtime the agent configured.
+pub const RUNTIME_ANNOTATION: &str = "pullthrough.dev/runtime";
+/// The agent's last error, if any.
+pub const LAST_ERROR_ANNOTATION: &str = "pullthrough.dev/last-error";
+/// Agents renew every 30 s; a Lease without a duration counts as live for
+/// this long after its last renewal.
+pub const DEFAULT_AGENT_LEASE_SECONDS: i64 = 90;
+
+/// One agent's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentReport {
+    pub node: String,
+    pub live: bool,
+    pub config_hash: Option<String>,
+    pub registries: Vec<String>,
+    pub last_error: Option<String>,
+}
+
+/// Reads the agent reports among `leases` (names starting with `prefix`).
+pub fn reports(leases: &[Lease], prefix: &str, now: Timestamp) -> Vec<AgentReport> {
+    leases
+        .iter()
+        .filter_map(|l| {
+            let name = l.name_any();
+            let node = name.strip_prefix(prefix)?.to_string();
+            let spec = l.spec.clone().unwrap_or_default();
+            let duration = spec
+                .lease_duration_seconds
+                .map_or(DEFAULT_AGENT_LEASE_SECONDS, i64::from);
+            let live = spec
+                .renew_time
+                .or(spec.acquire_time)
+                .is_some_and(|t| t.0.as_second() + duration >= now.as_second());
+            let ann = l.annotations();
+            Some(AgentReport {
+                node,
+                live,
+                config_hash: ann.get(crate::CONFIG_HASH_ANNOTATION).cloned(),
+                registries: ann
+                    .get(REGISTRIES_ANNOTATION)
+                    .map(|s| {
+                        s.split(',')
+                            .map(str::trim)
+                            .filter(|s| !s.is_empty())
+                            .map(String::from)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                last_error: ann
+                    .get(LAST_ERROR_ANNOTATION)
+                    .filter(|s| !s.is_empty())
+                    .cloned(),
+            })
+        })
+        .collect()
+}
+
+/// Nodes that applied `host` (live Lease listing it) of all reporting nodes.
+pub fn counts(reports: &[AgentReport], host: &str) -> NodeCounts {
+    NodeCounts {
+        configured: reports
+            .iter()
+            .filter(|r| r.live && r.registries.iter().any(|h| h == host))
+            .count() as u32,
+        total: reports.len() as u32,
+    }
+}
+
+/// Live nodes that still list `host` (deletion waits for them).
+pub fn still_listing<'a>(reports: &'a [AgentReport], host: &str) -> Vec<&'a str> {
+    reports
+        .iter()
+        .filter(|r| r.live && r.registries.iter().any(|h| h == host))
+        .map(|r| r.node.as_str())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    fn lease(name: &str, renewed: i64, regs: &str) -> Lease {
+        let mut l = Lease::default();
+        l.metadata.name = Some(name.into());
+        l.metadata.annotations = Some(
+            [(REGISTRIES_ANNOTATION.to_string(), regs.to_string())]
+                .into_iter()
+                .collect(),
+        );
+        l.spec = Some(LeaseSpec {
+            lease_duration_seconds: Some(40),
+            renew_time: Some(MicroTime(Timestamp::from_second(renewed).unwrap())),
+            ..Default::default()
+        });
+        l
+    }
+
+    #[test]
+    fn counts_live_nodes_listing_the_host() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let leases = [
+            lease("pullthrough-agent-a", 990, "quay.io, docker.io"),
+            lease("pullthrough-agent-b", 900, "quay.io"),
+            lease("pullthrough-agent-c", 995, "docker.io"),
+            lease("pullthrough-operator", 999, "quay.io"),
+        ];
+        let r = reports(&leases, "pullthrough-agent-", now);
+        assert_eq!(r.len(), 3);
+        let c = counts(&r, "quay.io");
+        assert_eq!((c.configured, c.total), (1, 3));
+        assert_eq!(still_listing(&r, "docker.io"), ["a", "c"]);
+    }
+}

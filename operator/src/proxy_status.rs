@@ -1,0 +1,46 @@
+//! The proxy's `GET /status` (docs/cluster-contract.md): the hash of the
+//! config it runs and the registries it serves.
+
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+
+/// What the proxy reports.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    pub config_hash: String,
+    #[serde(default)]
+    pub registries: Vec<String>,
+}
+
+/// Fetches `url` (plain HTTP) within `timeout`; the error is a short reason
+/// for the condition message.
+pub async fn fetch(url: &str, timeout: Duration) -> Result<ProxyStatus, String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
+    let fut = async {
+        let resp = client
+            .get(uri)
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            return Err(format!("GET {url}: HTTP {status}"));
+        }
+        serde_json::from_slice::<ProxyStatus>(&body)
+            .map_err(|e| format!("GET {url}: not a status document: {e}"))
+    };
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| format!("GET {url}: no answer within {timeout:?}"))?
+}

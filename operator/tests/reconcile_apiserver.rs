@@ -1,0 +1,575 @@
+//! The operator as a process against the test bed's real kube-apiserver,
+//! authenticated with a ServiceAccount token bound only to
+//! `operator/rbac/operator-rbac.yaml`: table ConfigMap, CA Secret/ConfigMap,
+//! conditions and printer columns, update, delete with the agent wait,
+//! restart without spurious writes, ProxyReady from a fake `/status`,
+//! NodesConfigured from a fake agent Lease, and RBAC limits.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use pullthrough_api::config::ProxyConfig;
+use pullthrough_testbed::Error;
+use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::net::{free_port, wait_for};
+use pullthrough_testbed::process::Process;
+use serde_json::{Value, json};
+
+const NS: &str = "pullthrough";
+const SA: &str = "pullthrough-operator";
+const TIMEOUT: Duration = Duration::from_secs(60);
+
+fn rbac_yaml() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("rbac/operator-rbac.yaml"))
+        .unwrap()
+}
+
+fn get(api: &KubeApiserver, args: &[&str]) -> Option<Value> {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    api.kubectl(&a)
+        .ok()
+        .map(|s| serde_json::from_str(&s).unwrap())
+}
+
+fn mreg(api: &KubeApiserver, name: &str) -> Option<Value> {
+    get(api, &["mreg", name])
+}
+
+fn cond<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// Waits until `name`'s condition `type_` has `status` (and `reason`).
+fn wait_cond(api: &KubeApiserver, name: &str, type_: &str, status: &str, reason: Option<&str>) {
+    let mut last = Value::Null;
+    let r = wait_for(&format!("{name} {type_}={status}"), TIMEOUT, || {
+        let Some(o) = mreg(api, name) else {
+            return Ok(false);
+        };
+        last = o.clone();
+        Ok(cond(&o, type_)
+            .is_some_and(|c| c["status"] == status && reason.is_none_or(|r| c["reason"] == r)))
+    });
+    if let Err(e) = r {
+        panic!("{e}: last seen {:#}", last["status"]);
+    }
+}
+
+fn table(api: &KubeApiserver) -> Option<(String, ProxyConfig, Value)> {
+    let cm = get(api, &["cm", "pullthrough-registries", "-n", NS])?;
+    let yaml = cm["data"]["config.yaml"].as_str()?.to_string();
+    let hash = cm["metadata"]["annotations"]["pullthrough.dev/config-hash"]
+        .as_str()?
+        .to_string();
+    assert_eq!(hash, pullthrough_operator::table::sha256_hex(&yaml));
+    Some((hash, ProxyConfig::from_yaml(&yaml).unwrap(), cm))
+}
+
+fn hosts(c: &ProxyConfig) -> Vec<String> {
+    c.registries.iter().map(|r| r.host.clone()).collect()
+}
+
+fn wait_table(api: &KubeApiserver, what: &str, f: impl Fn(&ProxyConfig) -> bool) -> String {
+    let mut hash = String::new();
+    wait_for(what, TIMEOUT, || {
+        Ok(match table(api) {
+            Some((h, c, _)) if f(&c) => {
+                hash = h;
+                true
+            }
+            _ => false,
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}: table {:?}", table(api).map(|t| hosts(&t.1))));
+    hash
+}
+
+/// A fake proxy `/status` on 127.0.0.1 answering what `state` holds.
+fn fake_proxy(rt: &tokio::runtime::Runtime, state: Arc<Mutex<Value>>) -> u16 {
+    let port = free_port().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
+        .unwrap();
+    rt.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let body = state.lock().unwrap().to_string();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from(body),
+                        )))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+struct Operator {
+    kubeconfig: PathBuf,
+    status_port: u16,
+    log_dir: PathBuf,
+    n: u32,
+}
+
+impl Operator {
+    fn start(&mut self) -> (Process, u16) {
+        self.n += 1;
+        let port = free_port().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"));
+        cmd.env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,pullthrough_operator=debug")
+            .args(["--namespace", NS, "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--proxy-status-url")
+            .arg(format!("http://127.0.0.1:{}/status", self.status_port))
+            .args(["--resync-interval", "1s", "--delete-timeout", "30s"])
+            .args(["--identity", &format!("test-{}", self.n)]);
+        let mut p = Process::spawn(
+            "pullthrough-operator",
+            cmd,
+            self.log_dir.join(format!("operator-{}.log", self.n)),
+        )
+        .unwrap();
+        let healthz = format!("http://127.0.0.1:{port}/healthz");
+        p.wait_ready("operator /healthz", TIMEOUT, || {
+            Ok(pullthrough_testbed::http::Get::new(&healthz)
+                .send()
+                .is_ok_and(|r| r.status.is_success()))
+        })
+        .unwrap();
+        (p, port)
+    }
+}
+
+/// The cells of `name`'s row in `kubectl get` output, cut at the header's
+/// column offsets (empty cells stay empty).
+fn row(table: &str, name: &str) -> Vec<String> {
+    let header = table.lines().next().unwrap_or_default();
+    let mut starts: Vec<usize> = header
+        .split_whitespace()
+        .map(|h| header.find(h).unwrap())
+        .collect();
+    let line = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .unwrap_or_else(|| panic!("no row {name} in\n{table}"));
+    starts.push(line.len().max(header.len()));
+    starts
+        .windows(2)
+        .map(|w| {
+            line.get(w[0]..w[1].min(line.len()))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+fn apply(api: &KubeApiserver, name: &str, spec: Value) -> Result<String, Error> {
+    let m = json!({
+        "apiVersion": "pullthrough.dev/v1alpha1",
+        "kind": "MirrorRegistry",
+        "metadata": {"name": name},
+        "spec": spec,
+    });
+    api.kubectl_stdin(&["apply", "-f", "-"], &m.to_string())
+}
+
+fn agent_lease(api: &KubeApiserver, node: &str, registries: &str) {
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let renew = humantime_rfc3339(ts);
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": format!("pullthrough-agent-{node}"), "namespace": NS,
+            "annotations": {
+                "pullthrough.dev/registries": registries,
+                "pullthrough.dev/runtime": "containerd",
+                "pullthrough.dev/config-hash": "x",
+            }},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": 3600,
+                 "renewTime": renew},
+    });
+    api.kubectl_stdin(&["apply", "-f", "-"], &lease.to_string())
+        .unwrap();
+}
+
+fn humantime_rfc3339(secs: u64) -> String {
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(secs);
+    // MicroTime: RFC 3339 with microseconds.
+    humantime::format_rfc3339_micros(t).to_string()
+}
+
+fn events(api: &KubeApiserver) -> usize {
+    get(api, &["events.v1.events.k8s.io", "-n", "default"])
+        .and_then(|v| {
+            v["items"].as_array().map(|a| {
+                a.iter()
+                    .filter(|e| e["regarding"]["kind"] == "MirrorRegistry")
+                    .map(|e| e["series"]["count"].as_u64().unwrap_or(1) as usize)
+                    .sum()
+            })
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn operator_reconciles_against_a_real_apiserver() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    // CRD, namespace, ServiceAccount and the shipped RBAC.
+    api.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &pullthrough_operator::crd_yaml().unwrap(),
+    )
+    .unwrap();
+    api.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/mirrorregistries.pullthrough.dev",
+        "--timeout=60s",
+    ])
+    .unwrap();
+    api.create_service_account(NS, SA).unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &rbac_yaml())
+        .unwrap();
+    let svc = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "pullthrough-proxy", "namespace": NS},
+        "spec": {"selector": {"app": "proxy"}, "ports": [
+            {"name": "https", "port": 443, "targetPort": 5443},
+            {"name": "http", "port": 80, "targetPort": 5080},
+            {"name": "admin", "port": 9090, "targetPort": 9090},
+        ]},
+    });
+    api.kubectl_stdin(&["apply", "-f", "-"], &svc.to_string())
+        .unwrap();
+    let cluster_ip =
+        get(&api, &["svc", "pullthrough-proxy", "-n", NS]).unwrap()["spec"]["clusterIP"]
+            .as_str()
+            .unwrap()
+            .to_string();
+
+    let proxy_state = Arc::new(Mutex::new(json!({"configHash": "none", "registries": []})));
+    let status_port = fake_proxy(&rt, proxy_state.clone());
+    let token = api.token_for(NS, SA).unwrap();
+    let kubeconfig = api.kubeconfig_for_token(&token).unwrap();
+    let mut op = Operator {
+        kubeconfig: kubeconfig.clone(),
+        status_port,
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+    };
+    let (mut proc1, _) = op.start();
+    // Exit 64 on bad flags.
+    let bad = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"))
+        .arg("--no-such-flag")
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(64));
+
+    // Three CRs: the CEL-invalid one is refused by the API server itself.
+    apply(&api, "quay", json!({"host": "quay.io", "tagTTL": "10m"})).unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // distinct creationTimestamps
+    apply(
+        &api,
+        "quay-again",
+        json!({"host": "quay-mirror.example", "aliases": ["quay.io"]}),
+    )
+    .unwrap();
+    match apply(&api, "bad-scheme", json!({"host": "https://ghcr.io"})) {
+        Err(Error::Command { output, .. }) => {
+            assert!(output.contains("without a scheme"), "{output}")
+        }
+        other => panic!("CEL must reject a host with a scheme: {other:?}"),
+    }
+    // Valid for CEL, invalid for the operator: an alias equal to the host.
+    apply(
+        &api,
+        "self-alias",
+        json!({"host": "ghcr.io", "aliases": ["ghcr.io"]}),
+    )
+    .unwrap();
+
+    let hash1 = wait_table(&api, "table with quay.io", |c| hosts(c) == ["quay.io"]);
+    let (_, config, _) = table(&api).unwrap();
+    let np = config.proxy.clone().expect("proxy: section");
+    assert_eq!(np.address, cluster_ip);
+    assert_eq!((np.https_port, np.http_port), (443, Some(80)));
+    assert_eq!(
+        np.ready_url.as_deref(),
+        Some(format!("http://{cluster_ip}:9090/readyz").as_str())
+    );
+    wait_cond(&api, "quay", "Accepted", "True", Some("Valid"));
+    wait_cond(
+        &api,
+        "quay-again",
+        "Accepted",
+        "False",
+        Some("DuplicateHost"),
+    );
+    wait_cond(&api, "self-alias", "Accepted", "False", Some("InvalidSpec"));
+    wait_cond(&api, "quay", "ProxyReady", "False", Some("ConfigPending"));
+    wait_cond(&api, "quay", "NodesConfigured", "False", Some("NoAgents"));
+    let q = mreg(&api, "quay").unwrap();
+    assert_eq!(
+        q["metadata"]["finalizers"],
+        json!(["pullthrough.dev/cleanup"])
+    );
+    assert_eq!(q["status"]["observedGeneration"], 1);
+
+    // CA Secret and trust ConfigMap.
+    let secret = get(&api, &["secret", "pullthrough-ca", "-n", NS]).expect("CA Secret");
+    assert!(secret["data"]["tls.crt"].is_string() && secret["data"]["tls.key"].is_string());
+    let ca_cm = get(&api, &["cm", "pullthrough-ca", "-n", NS]).expect("CA ConfigMap");
+    assert_eq!(
+        ca_cm["data"]["ca.crt"]
+            .as_str()
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        1
+    );
+
+    // The proxy reports the table's hash → ProxyReady; an agent → 1/1.
+    *proxy_state.lock().unwrap() = json!({"configHash": hash1, "registries": ["quay.io"]});
+    wait_cond(&api, "quay", "ProxyReady", "True", Some("Serving"));
+    agent_lease(&api, "node-1", "quay.io");
+    wait_cond(&api, "quay", "NodesConfigured", "True", None);
+    let listing = api.kubectl(&["get", "mreg"]).unwrap();
+    // Upstream is the spec's (empty: https://<host>).
+    assert_eq!(
+        row(&listing, "quay")[..5],
+        ["quay", "quay.io", "", "True", "1/1"],
+        "{listing}"
+    );
+    assert_eq!(
+        row(&listing, "quay-again")[3..5],
+        ["False", ""],
+        "{listing}"
+    );
+    eprintln!("{listing}");
+
+    // Update: a new generation re-renders the table.
+    apply(&api, "quay", json!({"host": "quay.io", "tagTTL": "1h"})).unwrap();
+    let hash2 = wait_table(&api, "tagTTL 1h", |c| {
+        c.registries
+            .first()
+            .is_some_and(|r| r.tag_ttl == Duration::from_secs(3600))
+    });
+    assert_ne!(hash1, hash2);
+    wait_cond(&api, "quay", "ProxyReady", "False", Some("ConfigPending"));
+    wait_for("observedGeneration 2", TIMEOUT, || {
+        Ok(mreg(&api, "quay").unwrap()["status"]["observedGeneration"] == 2)
+    })
+    .unwrap();
+
+    // Restart: no spurious writes (same table, same resourceVersions, no events).
+    std::thread::sleep(Duration::from_secs(3));
+    let before = (
+        table(&api).unwrap().2["metadata"]["resourceVersion"].clone(),
+        mreg(&api, "quay").unwrap()["metadata"]["resourceVersion"].clone(),
+        mreg(&api, "quay-again").unwrap()["metadata"]["resourceVersion"].clone(),
+        events(&api),
+    );
+    // A second replica waits on the leader Lease while the first holds it...
+    let (mut proc2, metrics_port) = op.start();
+    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
+    let scrape = || {
+        let r = pullthrough_testbed::http::Get::new(&metrics_url)
+            .send()
+            .unwrap();
+        String::from_utf8_lossy(&r.body).to_string()
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        scrape().contains("pullthrough_operator_leader 0"),
+        "{}",
+        scrape()
+    );
+    let lease = get(&api, &["lease", "pullthrough-operator", "-n", NS]).unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "test-1");
+    // ...and takes over when it stops (SIGTERM releases the Lease).
+    let status = proc1.stop().unwrap().expect("exit status");
+    assert!(
+        status.success(),
+        "SIGTERM must stop the operator cleanly: {status}"
+    );
+    wait_for("standby takes over", TIMEOUT, || {
+        Ok(scrape().contains("pullthrough_operator_leader 1"))
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let after = (
+        table(&api).unwrap().2["metadata"]["resourceVersion"].clone(),
+        mreg(&api, "quay").unwrap()["metadata"]["resourceVersion"].clone(),
+        mreg(&api, "quay-again").unwrap()["metadata"]["resourceVersion"].clone(),
+        events(&api),
+    );
+    assert_eq!(
+        before,
+        after,
+        "restart changed something; log:\n{}",
+        proc2.log_tail(4000)
+    );
+    assert_eq!(table(&api).unwrap().0, hash2);
+    let text = scrape();
+    assert!(
+        text.contains("pullthrough_operator_reconciles_total"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pullthrough_operator_reconcile_duration_seconds"),
+        "{text}"
+    );
+
+    // Delete: the finalizer waits for the agent to drop quay.io; meanwhile
+    // the table no longer has it and the duplicate takes over.
+    api.kubectl(&["delete", "mreg", "quay", "--wait=false"])
+        .unwrap();
+    wait_table(&api, "quay-mirror.example takes over", |c| {
+        hosts(c) == ["quay-mirror.example"]
+    });
+    wait_cond(&api, "quay-again", "Accepted", "True", Some("Valid"));
+    // quay.io is still served (as an alias): nothing to wait for.
+    wait_for("quay deleted", TIMEOUT, || Ok(mreg(&api, "quay").is_none())).unwrap();
+
+    // Deleting quay-again: the agent still lists quay-mirror.example.
+    agent_lease(&api, "node-1", "quay-mirror.example,quay.io");
+    api.kubectl(&["delete", "mreg", "quay-again", "--wait=false"])
+        .unwrap();
+    wait_table(&api, "empty table", |c| c.registries.is_empty());
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        mreg(&api, "quay-again").is_some(),
+        "finalizer must wait for the agent"
+    );
+    agent_lease(&api, "node-1", "");
+    wait_for("quay-again deleted", TIMEOUT, || {
+        Ok(mreg(&api, "quay-again").is_none())
+    })
+    .unwrap();
+
+    // RBAC: the operator's token cannot read Secrets elsewhere.
+    api.kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        "elsewhere",
+        "-n",
+        "default",
+        "--from-literal=a=b",
+    ])
+    .unwrap();
+    match api.kubectl_with(
+        &kubeconfig,
+        &["get", "secret", "elsewhere", "-n", "default"],
+    ) {
+        Err(Error::Command { output, .. }) => assert!(output.contains("Forbidden"), "{output}"),
+        other => panic!("reading a Secret in default must be forbidden: {other:?}"),
+    }
+    let status = proc2.stop().unwrap().expect("exit status");
+    assert!(status.success(), "{status}");
+}
+
+fn secret_cert(api: &KubeApiserver) -> Option<String> {
+    use base64::Engine;
+    let s = get(api, &["secret", "pullthrough-ca", "-n", NS])?;
+    let b = s["data"]["tls.crt"].as_str()?;
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()
+}
+
+fn bundle(api: &KubeApiserver) -> Option<String> {
+    get(api, &["cm", "pullthrough-ca", "-n", NS])?["data"]["ca.crt"]
+        .as_str()
+        .map(String::from)
+}
+
+/// With short thresholds the CA rotates: the new CA is published next to the
+/// old one before the Secret switches to it, and the old one is dropped
+/// only after the overlap.
+#[test]
+fn ca_rotates_with_an_overlap() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    api.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &pullthrough_operator::crd_yaml().unwrap(),
+    )
+    .unwrap();
+    api.create_service_account(NS, SA).unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &rbac_yaml())
+        .unwrap();
+    let token = api.token_for(NS, SA).unwrap();
+    let kubeconfig = api.kubeconfig_for_token(&token).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"));
+    cmd.env("KUBECONFIG", &kubeconfig)
+        .args(["--namespace", NS, "--listen"])
+        .arg(format!("127.0.0.1:{}", free_port().unwrap()))
+        .args(["--ca-validity", "30s", "--ca-rotate-before", "20s"])
+        .args(["--ca-overlap", "3s", "--ca-check-interval", "500ms"]);
+    let mut op = Process::spawn("pullthrough-operator", cmd, api.dir().join("ca-op.log")).unwrap();
+
+    let mut first = String::new();
+    wait_for("CA Secret", TIMEOUT, || {
+        first = secret_cert(&api).unwrap_or_default();
+        Ok(!first.is_empty())
+    })
+    .unwrap();
+    let count = |b: &str| b.matches("BEGIN CERTIFICATE").count();
+    // 1. Both published, the old one still active.
+    wait_for("next CA published", TIMEOUT, || {
+        Ok(bundle(&api).is_some_and(|b| count(&b) == 2 && b.contains(first.trim())))
+    })
+    .unwrap();
+    assert_eq!(
+        secret_cert(&api).unwrap(),
+        first,
+        "the old CA must stay active during the overlap"
+    );
+    // 2. The new one active, the old one still trusted.
+    let mut second = String::new();
+    wait_for("new CA active", TIMEOUT, || {
+        second = secret_cert(&api).unwrap_or_default();
+        Ok(second != first)
+    })
+    .unwrap();
+    let b = bundle(&api).unwrap();
+    assert!(
+        b.contains(second.trim()),
+        "the active CA must be trusted: {b}"
+    );
+    // 3. After the overlap, the old one is gone.
+    wait_for("old CA dropped", TIMEOUT, || {
+        Ok(bundle(&api).is_some_and(|b| !b.contains(first.trim())))
+    })
+    .unwrap();
+    let status = op.stop().unwrap().expect("exit status");
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,278 @@
+//! Reconcile scenarios against a tower-test mock API server: every request
+//! the reconciler makes is recorded and answered by a small fake.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::watcher;
+use pullthrough_api::config::ProxyConfig;
+use pullthrough_api::crd::MirrorRegistry;
+use pullthrough_operator::controller::{Context, Settings, reconcile};
+use pullthrough_operator::metrics::Metrics;
+use serde_json::{Value, json};
+
+type Req = http::Request<kube::client::Body>;
+type Resp = http::Response<kube::client::Body>;
+
+/// (method, path, body) of each request.
+type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+fn cr(name: &str, secs: i64, spec: Value, finalizer: bool) -> MirrorRegistry {
+    let mut c: MirrorRegistry = serde_json::from_value(json!({
+        "apiVersion": "pullthrough.dev/v1alpha1",
+        "kind": "MirrorRegistry",
+        "metadata": {"name": name, "generation": 1, "uid": format!("uid-{name}"),
+                     "resourceVersion": "1"},
+        "spec": spec,
+    }))
+    .unwrap();
+    c.metadata.creation_timestamp = Some(Time(Timestamp::from_second(secs).unwrap()));
+    if finalizer {
+        c.metadata.finalizers = Some(vec![pullthrough_operator::FINALIZER.into()]);
+    }
+    c
+}
+
+fn settings() -> Settings {
+    Settings {
+        namespace: "pullthrough".into(),
+        table_configmap: "pullthrough-registries".into(),
+        table_mount_path: PathBuf::from("/etc/pullthrough"),
+        proxy_service: "pullthrough-proxy".into(),
+        node_ca_file: PathBuf::from("/etc/pullthrough/ca/ca.crt"),
+        // Nothing listens on port 1: ProxyReady=False, ProxyUnreachable.
+        proxy_status_url: Some("http://127.0.0.1:1/status".into()),
+        agent_lease_prefix: "pullthrough-agent-".into(),
+        delete_timeout: Duration::from_secs(30),
+        resync_interval: Duration::from_secs(30),
+    }
+}
+
+fn json_resp(code: u16, v: &Value) -> Resp {
+    http::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(serde_json::to_vec(v).unwrap()))
+        .unwrap()
+}
+
+/// Answers like an API server holding `obj` (the reconciled CR).
+fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
+    if path.contains("/services/") {
+        return json_resp(
+            404,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "NotFound", "code": 404, "message": "not found"}),
+        );
+    }
+    if path.ends_with("/leases") {
+        return json_resp(
+            200,
+            &json!({"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
+                    "metadata": {}, "items": []}),
+        );
+    }
+    if path.ends_with("/status") {
+        let mut o = obj.clone();
+        o["status"] = body["status"].clone();
+        return json_resp(200, &o);
+    }
+    if path.contains("/mirrorregistries/") {
+        return json_resp(200, obj);
+    }
+    // ConfigMap apply, Event create: echo.
+    let _ = method;
+    json_resp(200, body)
+}
+
+async fn run(
+    obj: MirrorRegistry,
+    others: Vec<MirrorRegistry>,
+) -> (Log, kube::runtime::controller::Action) {
+    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let client = Client::new(svc, "default");
+    let (store, mut writer): (Store<MirrorRegistry>, _) = reflector::store();
+    for o in others.iter().chain([&obj]) {
+        writer.apply_watcher_event(&watcher::Event::Apply(o.clone()));
+    }
+    let log: Log = Default::default();
+    let obj_json = serde_json::to_value(&obj).unwrap();
+    let server = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_string();
+                let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let resp = answer(&method, &path, &body, &obj_json);
+                log.lock().unwrap().push((method, path, body));
+                send.send_response(resp);
+            }
+        })
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        settings(),
+        ProxyConfig::from_yaml("{}").unwrap(),
+        store,
+        "test",
+        Arc::new(Metrics::default()),
+    ));
+    let action = reconcile(Arc::new(obj), ctx).await.expect("reconcile");
+    server.abort();
+    (log, action)
+}
+
+fn find<'a>(log: &'a [(String, String, Value)], method: &str, suffix: &str) -> Vec<&'a Value> {
+    log.iter()
+        .filter(|(m, p, _)| m == method && p.ends_with(suffix))
+        .map(|(_, _, b)| b)
+        .collect()
+}
+
+fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
+    status_patch["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap()
+}
+
+fn table_yaml(log: &[(String, String, Value)]) -> String {
+    let applies = find(log, "PATCH", "/configmaps/pullthrough-registries");
+    assert_eq!(applies.len(), 1, "{log:#?}");
+    let cm = applies[0];
+    let yaml = cm["data"]["config.yaml"].as_str().unwrap().to_string();
+    assert_eq!(
+        cm["metadata"]["annotations"]["pullthrough.dev/config-hash"],
+        pullthrough_operator::table::sha256_hex(&yaml)
+    );
+    yaml
+}
+
+#[tokio::test]
+async fn create_adds_finalizer_then_applies_table_and_status() {
+    let (log, _) = run(cr("quay", 1, json!({"host": "quay.io"}), false), vec![]).await;
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 1, "first pass only adds the finalizer: {log:#?}");
+    let patch = &log[0];
+    assert_eq!(
+        patch.1,
+        "/apis/pullthrough.dev/v1alpha1/mirrorregistries/quay"
+    );
+    assert!(
+        patch.2.to_string().contains("pullthrough.dev/cleanup"),
+        "{:?}",
+        patch.2
+    );
+
+    let (log, action) = run(cr("quay", 1, json!({"host": "quay.io"}), true), vec![]).await;
+    let log = log.lock().unwrap().clone();
+    let yaml = table_yaml(&log);
+    let table = ProxyConfig::from_yaml(&yaml).unwrap();
+    assert_eq!(table.registries[0].host, "quay.io");
+    let status = find(&log, "PATCH", "/mirrorregistries/quay/status");
+    assert_eq!(status.len(), 1);
+    assert_eq!(condition(status[0], "Accepted")["status"], "True");
+    assert_eq!(
+        condition(status[0], "ProxyReady")["reason"],
+        "ProxyUnreachable"
+    );
+    assert_eq!(
+        condition(status[0], "NodesConfigured")["reason"],
+        "NoAgents"
+    );
+    assert_eq!(status[0]["status"]["observedGeneration"], 1);
+    // One Event naming every condition that changed.
+    let events = find(&log, "POST", "/namespaces/default/events");
+    assert_eq!(events.len(), 1);
+    let note = events[0]["note"].as_str().unwrap();
+    for c in ["Accepted=True", "ProxyReady=False", "NodesConfigured=False"] {
+        assert!(note.contains(c), "{note}");
+    }
+    assert_eq!(
+        action,
+        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+    );
+}
+
+#[tokio::test]
+async fn invalid_spec_is_not_accepted() {
+    let (log, _) = run(
+        cr(
+            "bad",
+            1,
+            json!({"host": "bad.io", "aliases": ["bad.io"]}),
+            true,
+        ),
+        vec![],
+    )
+    .await;
+    let log = log.lock().unwrap().clone();
+    assert!(
+        ProxyConfig::from_yaml(&table_yaml(&log))
+            .unwrap()
+            .registries
+            .is_empty()
+    );
+    let status = find(&log, "PATCH", "/mirrorregistries/bad/status");
+    let c = condition(status[0], "Accepted");
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("False"), Some("InvalidSpec"))
+    );
+    assert!(c["message"].as_str().unwrap().contains("spec."), "{c}");
+}
+
+#[tokio::test]
+async fn duplicate_host_loses_to_the_older_resource() {
+    let older = cr("first", 1, json!({"host": "quay.io"}), true);
+    let (log, _) = run(
+        cr(
+            "second",
+            2,
+            json!({"host": "mirror.example", "aliases": ["quay.io"]}),
+            true,
+        ),
+        vec![older],
+    )
+    .await;
+    let log = log.lock().unwrap().clone();
+    let table = ProxyConfig::from_yaml(&table_yaml(&log)).unwrap();
+    assert_eq!(table.registries.len(), 1);
+    assert_eq!(table.registries[0].host, "quay.io");
+    let status = find(&log, "PATCH", "/mirrorregistries/second/status");
+    let c = condition(status[0], "Accepted");
+    assert_eq!(c["reason"], "DuplicateHost");
+    assert!(c["message"].as_str().unwrap().contains("first"), "{c}");
+}
+
+#[tokio::test]
+async fn delete_removes_from_table_and_drops_finalizer() {
+    let keep = cr("keep", 1, json!({"host": "ghcr.io"}), true);
+    let mut gone = cr("gone", 2, json!({"host": "quay.io"}), true);
+    gone.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+    let (log, _) = run(gone, vec![keep]).await;
+    let log = log.lock().unwrap().clone();
+    let table = ProxyConfig::from_yaml(&table_yaml(&log)).unwrap();
+    let hosts: Vec<_> = table.registries.iter().map(|r| r.host.as_str()).collect();
+    assert_eq!(hosts, ["ghcr.io"]);
+    let patches = find(&log, "PATCH", "/mirrorregistries/gone");
+    assert_eq!(patches.len(), 1, "{log:#?}");
+    assert!(
+        patches[0].to_string().contains("\"remove\""),
+        "{}",
+        patches[0]
+    );
+    assert!(find(&log, "PATCH", "/mirrorregistries/gone/status").is_empty());
+}
