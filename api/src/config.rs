@@ -61,10 +61,47 @@ pub struct ProxyConfig {
     pub upstream_timeouts: UpstreamTimeouts,
     #[serde(default)]
     pub registries: Vec<RegistryConfig>,
+    /// Size bound and eviction of the proxy's blob store.
+    #[serde(default, skip_serializing_if = "CacheConfig::is_default")]
+    pub cache: CacheConfig,
+    /// How long an upstream "this client may read this repository" answer
+    /// is reused before cached private content is served to it again.
+    #[serde(
+        rename = "authCheckTTL",
+        with = "humantime_serde",
+        default = "default_auth_check_ttl",
+        skip_serializing_if = "is_default_auth_check_ttl"
+    )]
+    pub auth_check_ttl: Duration,
+    /// Bearer token the proxy's admin API requires (or the
+    /// `PULLTHROUGH_ADMIN_TOKEN` environment variable). Mandatory when the
+    /// admin listener is not on loopback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token: Option<String>,
     /// How nodes reach the proxy; read by the node-agent, ignored by the
     /// proxy (see [`crate::agent`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<NodeProxy>,
+}
+
+impl Default for ProxyConfig {
+    /// What an empty file means: no listeners, no registries, defaults.
+    fn default() -> Self {
+        Self {
+            listen: Listen::default(),
+            data_dir: None,
+            ca: None,
+            default_registry: None,
+            names: Vec::new(),
+            resolve: BTreeMap::new(),
+            upstream_timeouts: UpstreamTimeouts::default(),
+            registries: Vec::new(),
+            cache: CacheConfig::default(),
+            auth_check_ttl: default_auth_check_ttl(),
+            admin_token: None,
+            proxy: None,
+        }
+    }
 }
 
 /// Listener addresses; each one is optional.
@@ -145,13 +182,97 @@ pub struct RegistryConfig {
     /// Pass pushes through (uncached); refused otherwise.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_push: bool,
+    /// Every repository is private: cached content is served only after a
+    /// per-client upstream check.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub private: bool,
+    /// Cache tag → digest answers (default true). When false every tag
+    /// request asks the upstream; the last answer is still kept for
+    /// stale-if-error.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub cache_tags: bool,
     /// Which node runtimes the node-agent configures for this registry.
     #[serde(default, skip_serializing_if = "NodeOptions::is_default")]
     pub nodes: NodeOptions,
 }
 
+impl Default for RegistryConfig {
+    /// An entry with every setting at its default; `host` must be set.
+    fn default() -> Self {
+        Self {
+            host: String::new(),
+            upstream: None,
+            aliases: Vec::new(),
+            auth_hosts: Vec::new(),
+            ca_bundle: None,
+            insecure_skip_verify: false,
+            tag_ttl: default_tag_ttl(),
+            allow_push: false,
+            private: false,
+            cache_tags: true,
+            nodes: NodeOptions::default(),
+        }
+    }
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Default reuse time of a per-client access check.
+pub fn default_auth_check_ttl() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn is_default_auth_check_ttl(d: &Duration) -> bool {
+    *d == default_auth_check_ttl()
+}
+
+/// `cache: {maxSize, highWatermark, lowWatermark}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Size bound of the blob store ("10GiB", "500MiB"); unbounded if unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<bytesize::ByteSize>,
+    /// Eviction starts when usage passes this fraction of `maxSize`...
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+    /// ... and removes least recently used entries down to this fraction.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: f64,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            max_size: None,
+            high_watermark: default_high_watermark(),
+            low_watermark: default_low_watermark(),
+        }
+    }
+}
+
+impl CacheConfig {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn default_high_watermark() -> f64 {
+    0.9
+}
+
+fn default_low_watermark() -> f64 {
+    0.8
 }
 
 /// Default tag → digest reuse time.
@@ -235,6 +356,16 @@ impl ProxyConfig {
             return Err(ConfigError::new(
                 "defaultRegistry",
                 format!("`{def}` is not one of the configured registries"),
+            ));
+        }
+        let c = &self.cache;
+        if !(0.0 < c.low_watermark
+            && c.low_watermark <= c.high_watermark
+            && c.high_watermark <= 1.0)
+        {
+            return Err(ConfigError::new(
+                "cache",
+                "watermarks must satisfy 0 < lowWatermark <= highWatermark <= 1",
             ));
         }
         for (i, n) in self.names.iter().enumerate() {
@@ -339,6 +470,24 @@ registries:
 
         let e = err("listen: {http: nowhere}\n");
         assert!(e.to_string().contains("listen"), "{e}");
+    }
+
+    #[test]
+    fn defaults_equal_an_empty_file() {
+        assert_eq!(
+            ProxyConfig::from_yaml("{}").unwrap(),
+            ProxyConfig::default()
+        );
+        let r = ProxyConfig::from_yaml("registries: [{host: a.io}]").unwrap();
+        assert_eq!(
+            r.registries[0],
+            RegistryConfig {
+                host: "a.io".into(),
+                ..Default::default()
+            }
+        );
+        let e = err("cache: {highWatermark: 0.5, lowWatermark: 0.7}\n");
+        assert_eq!(e.key, "cache");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use schemars::{JsonSchema, Schema, json_schema};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::NodeOptions;
-use crate::config::{ConfigError, ProxyConfig, RegistryConfig, UpstreamTimeouts};
+use crate::config::{ConfigError, ProxyConfig, RegistryConfig};
 use crate::names::DOCKER_HUB;
 
 /// API group of every pullthrough resource.
@@ -525,6 +525,8 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
             insecure_skip_verify: tls.insecure_skip_verify,
             tag_ttl,
             allow_push: spec.allow_push,
+            private: spec.private,
+            cache_tags: true,
             nodes: NodeOptions {
                 dns_hijack: spec.nodes.dns_hijack,
                 containerd: spec.nodes.containerd,
@@ -533,15 +535,8 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
         };
         // The proxy's own checks, on a one-registry table.
         let mut table = ProxyConfig {
-            listen: Default::default(),
-            data_dir: None,
-            ca: None,
-            default_registry: None,
-            names: Vec::new(),
-            resolve: Default::default(),
-            upstream_timeouts: UpstreamTimeouts::default(),
             registries: vec![reg],
-            proxy: None,
+            ..Default::default()
         };
         table.validate().map_err(|e| ConfigError {
             key: e

@@ -161,10 +161,6 @@ impl AnonymousTokens {
     }
 }
 
-/// How long an upstream "yes, this client may read this repository" is
-/// reused before serving it anything cached asks the upstream again.
-pub const GRANT_TTL: Duration = Duration::from_secs(60);
-
 /// How long "anyone may read this repository" is trusted. Public content is
 /// then served to every client with no upstream contact at all, which is
 /// what keeps by-digest pulls working through an outage.
@@ -198,7 +194,7 @@ pub fn client_key(headers: &HeaderMap) -> String {
 
 impl AccessGrants {
     /// True when the upstream let `client` read `repo` within `ttl`
-    /// (`authCheckTTL`, default [`GRANT_TTL`]).
+    /// (`authCheckTTL`, default 60 s).
     pub fn allowed(&self, registry: &str, repo: &str, client: &str, ttl: Duration) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         grants

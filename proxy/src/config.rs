@@ -5,8 +5,6 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use serde::Deserialize;
-
 use pullthrough_api::config::{ConfigError, ProxyConfig};
 
 /// The config used when no `--config` is given.
@@ -73,16 +71,13 @@ pub fn load_full(path: Option<&Path>) -> Result<Loaded, LoadError> {
     })
 }
 
-/// Proxy-only settings, kept in the same file as the registry table.
-///
-/// They are read by the proxy alone, so they are split off the YAML before
-/// the shared [`ProxyConfig`] (api crate) parses the rest; both parts
-/// reject unknown keys.
+/// The proxy-only view of the config the request path reads: per-registry
+/// switches by host, the cache bound, the access-check TTL, the admin token.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub cache: CacheSettings,
     /// How long an upstream "this client may read this repository" answer
-    /// is reused (`authCheckTTL`, default 60 s).
+    /// is reused (`authCheckTTL`).
     pub auth_check_ttl: Duration,
     /// Bearer token the admin API requires (`adminToken`, or the
     /// `PULLTHROUGH_ADMIN_TOKEN` environment variable).
@@ -91,34 +86,46 @@ pub struct Settings {
     pub registries: HashMap<String, RegistrySettings>,
 }
 
+pub type CacheSettings = pullthrough_api::config::CacheConfig;
+
 impl Default for Settings {
     fn default() -> Self {
-        Self {
-            cache: CacheSettings::default(),
-            auth_check_ttl: crate::auth::GRANT_TTL,
-            admin_token: None,
-            registries: HashMap::new(),
-        }
+        Self::from_config(&ProxyConfig::default())
     }
 }
 
 impl Settings {
+    pub fn from_config(config: &ProxyConfig) -> Self {
+        Self {
+            cache: config.cache.clone(),
+            auth_check_ttl: config.auth_check_ttl,
+            admin_token: config.admin_token.clone().filter(|t| !t.is_empty()),
+            registries: config
+                .registries
+                .iter()
+                .map(|r| {
+                    let s = RegistrySettings {
+                        private: r.private,
+                        cache_tags: r.cache_tags,
+                    };
+                    (r.host.clone(), s)
+                })
+                .collect(),
+        }
+    }
+
     pub fn registry(&self, host: &str) -> RegistrySettings {
         self.registries.get(host).cloned().unwrap_or_default()
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RegistrySettings {
     /// Every repository is private: cached content is served only after a
     /// per-client upstream check.
-    #[serde(default)]
     pub private: bool,
-    /// Cache tag → digest answers (default true). When false every tag
-    /// request asks the upstream; the last answer is still kept for
-    /// stale-if-error.
-    #[serde(default = "yes")]
+    /// Cache tag → digest answers; when false every tag request asks the
+    /// upstream (the last answer is still kept for stale-if-error).
     pub cache_tags: bool,
 }
 
@@ -131,129 +138,10 @@ impl Default for RegistrySettings {
     }
 }
 
-fn yes() -> bool {
-    true
-}
-
-/// `cache: {maxSize, highWatermark, lowWatermark}`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct CacheSettings {
-    /// Size bound of the blob store ("10GiB", "500MiB"); unbounded if unset.
-    #[serde(default)]
-    pub max_size: Option<bytesize::ByteSize>,
-    /// Eviction starts when usage passes this fraction of `maxSize`.
-    #[serde(default = "default_high")]
-    pub high_watermark: f64,
-    /// ... and removes least recently used entries down to this fraction.
-    #[serde(default = "default_low")]
-    pub low_watermark: f64,
-}
-
-impl Default for CacheSettings {
-    fn default() -> Self {
-        Self {
-            max_size: None,
-            high_watermark: default_high(),
-            low_watermark: default_low(),
-        }
-    }
-}
-
-fn default_high() -> f64 {
-    0.9
-}
-
-fn default_low() -> f64 {
-    0.8
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct TopSettings {
-    #[serde(default)]
-    cache: Option<CacheSettings>,
-    #[serde(rename = "authCheckTTL", default, with = "humantime_serde")]
-    auth_check_ttl: Option<Duration>,
-    #[serde(default)]
-    admin_token: Option<String>,
-}
-
-const TOP_KEYS: [&str; 3] = ["cache", "authCheckTTL", "adminToken"];
-const REGISTRY_KEYS: [&str; 2] = ["private", "cacheTags"];
-
-fn config_error(key: impl Into<String>, message: impl std::fmt::Display) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        message: message.to_string(),
-    }
-}
-
-/// Splits the proxy-only keys off and parses both parts.
+/// Parses the config and derives the proxy's settings from it.
 pub fn parse(text: &str) -> Result<(ProxyConfig, Settings), ConfigError> {
-    use serde_norway::{Mapping, Value};
-    let mut doc: Value = match serde_norway::from_str(text) {
-        Ok(v) => v,
-        // Let the shared parser word the syntax error.
-        Err(_) => return ProxyConfig::from_yaml(text).map(|c| (c, Settings::default())),
-    };
-    let mut top = Mapping::new();
-    let mut per_registry: Vec<(usize, Mapping)> = Vec::new();
-    if let Some(map) = doc.as_mapping_mut() {
-        for k in TOP_KEYS {
-            if let Some(v) = map.remove(k) {
-                top.insert(Value::from(k), v);
-            }
-        }
-        if let Some(regs) = map.get_mut("registries").and_then(Value::as_sequence_mut) {
-            for (i, reg) in regs.iter_mut().enumerate() {
-                let Some(reg) = reg.as_mapping_mut() else {
-                    continue;
-                };
-                let mut m = Mapping::new();
-                for k in REGISTRY_KEYS {
-                    if let Some(v) = reg.remove(k) {
-                        m.insert(Value::from(k), v);
-                    }
-                }
-                if !m.is_empty() {
-                    per_registry.push((i, m));
-                }
-            }
-        }
-    }
-    let config = if top.is_empty() && per_registry.is_empty() {
-        ProxyConfig::from_yaml(text)?
-    } else {
-        let rest = serde_norway::to_string(&doc).map_err(|e| config_error("<document>", e))?;
-        ProxyConfig::from_yaml(&rest)?
-    };
-    let top: TopSettings =
-        serde_norway::from_value(Value::Mapping(top)).map_err(|e| config_error("<document>", e))?;
-    let mut settings = Settings::default();
-    if let Some(cache) = top.cache {
-        if !(0.0 < cache.low_watermark
-            && cache.low_watermark <= cache.high_watermark
-            && cache.high_watermark <= 1.0)
-        {
-            return Err(config_error(
-                "cache",
-                "watermarks must satisfy 0 < lowWatermark <= highWatermark <= 1",
-            ));
-        }
-        settings.cache = cache;
-    }
-    if let Some(ttl) = top.auth_check_ttl {
-        settings.auth_check_ttl = ttl;
-    }
-    settings.admin_token = top.admin_token.filter(|t| !t.is_empty());
-    for (i, m) in per_registry {
-        let reg: RegistrySettings = serde_norway::from_value(Value::Mapping(m))
-            .map_err(|e| config_error(format!("registries[{i}]"), e))?;
-        if let Some(r) = config.registries.get(i) {
-            settings.registries.insert(r.host.clone(), reg);
-        }
-    }
+    let config = ProxyConfig::from_yaml(text)?;
+    let settings = Settings::from_config(&config);
     Ok((config, settings))
 }
 
@@ -320,7 +208,7 @@ mod tests {
     }
 
     #[test]
-    fn proxy_settings_are_split_off() {
+    fn proxy_settings_come_from_the_shared_config() {
         let (c, s) = parse(
             "cache: {maxSize: 10GiB, highWatermark: 0.9, lowWatermark: 0.8}\nauthCheckTTL: 5s\nadminToken: t\nregistries:\n  - host: quay.io\n    private: true\n    cacheTags: false\n    tagTTL: 1s\n  - host: b.io\n",
         )
@@ -340,7 +228,7 @@ mod tests {
         assert!(parse("cache: {colour: red}\n").is_err());
         assert!(parse("cache: {highWatermark: 0.5, lowWatermark: 0.7}\n").is_err());
         let e = parse("registries:\n  - host: quay.io\n    private: maybe\n").unwrap_err();
-        assert_eq!(e.key, "registries[0]");
+        assert_eq!(e.key, "registries[0].private");
         let e = parse("registries:\n  - host: quay.io\n    colour: red\n").unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
     }

@@ -345,7 +345,7 @@ impl Ctx<'_> {
     /// pull, or one anonymous HEAD of `path`) is served to everyone for
     /// [`crate::auth::PUBLIC_TTL`] with no upstream contact. Otherwise the
     /// upstream is asked with the client's own credentials (a HEAD of
-    /// `path`), and the answer reused for [`crate::auth::GRANT_TTL`]. While
+    /// `path`), and the answer reused for `authCheckTTL`. While
     /// the upstream is unreachable or failing the cache is served, as
     /// stale-if-error serves tags, so pulls keep working in an outage.
     async fn check_cached(
