@@ -2,8 +2,10 @@
 //! the cache admin API (`/admin/cache`, `/admin/stats`).
 //!
 //! `/admin/*` requires `Authorization: Bearer <adminToken>` whenever a
-//! token is configured; the proxy refuses to start with the admin listener
-//! on a non-loopback address and no token (see `main.rs`).
+//! token is configured. On a non-loopback admin listener without a token
+//! the admin API is disabled (probes, `/metrics`, `/status` and `/ca.crt`
+//! stay served), so an exposed cache can never be listed or purged by
+//! anyone who reaches the port.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -24,13 +26,24 @@ use tokio::sync::watch;
 use crate::handler::Shared;
 use crate::oci::Digest;
 
+/// Who may use `/admin/*`.
+#[derive(Debug, Clone)]
+pub enum AdminAccess {
+    /// Loopback listener, no token: local callers only can reach it.
+    Open,
+    /// `Authorization: Bearer <token>` required.
+    Token(Arc<str>),
+    /// Exposed listener without a token: the admin API is off.
+    Disabled,
+}
+
 /// Serves the admin endpoints until `stop` flips.
 pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     ca_pem: Arc<str>,
     shared: Arc<Shared>,
-    token: Option<Arc<str>>,
+    access: AdminAccess,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -47,16 +60,12 @@ pub async fn serve(
         let ready = ready.clone();
         let ca_pem = ca_pem.clone();
         let shared = shared.clone();
-        let token = token.clone();
+        let access = access.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ready = ready.load(Ordering::Relaxed);
-                let (ca_pem, shared, token) = (ca_pem.clone(), shared.clone(), token.clone());
-                async move {
-                    Ok::<_, Infallible>(
-                        handle(req, ready, &ca_pem, &shared, token.as_deref()).await,
-                    )
-                }
+                let (ca_pem, shared, access) = (ca_pem.clone(), shared.clone(), access.clone());
+                async move { Ok::<_, Infallible>(handle(req, ready, &ca_pem, &shared, &access).await) }
             });
             if let Err(err) = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), svc)
@@ -85,8 +94,7 @@ fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Full
 }
 
 /// Constant-time comparison of the presented bearer token.
-fn authorised(req: &Request<Incoming>, token: Option<&str>) -> bool {
-    let Some(token) = token else { return true };
+fn authorised(req: &Request<Incoming>, token: &str) -> bool {
     let presented = req
         .headers()
         .get(http::header::AUTHORIZATION)
@@ -107,7 +115,7 @@ async fn handle(
     ready: bool,
     ca_pem: &str,
     shared: &Shared,
-    token: Option<&str>,
+    access: &AdminAccess,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     match path.as_str() {
@@ -144,7 +152,15 @@ async fn handle(
             )
         }
         "/admin/cache" | "/admin/stats" => {
-            if !authorised(&req, token) {
+            if let AdminAccess::Disabled = access {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "admin API disabled: the admin listener is exposed and no adminToken is set\n",
+                );
+            }
+            if let AdminAccess::Token(token) = access
+                && !authorised(&req, token)
+            {
                 let mut resp = text(StatusCode::UNAUTHORIZED, "admin token required\n");
                 resp.headers_mut().insert(
                     http::header::WWW_AUTHENTICATE,

@@ -109,23 +109,17 @@ async fn run(cli: Cli) -> Result<(), Error> {
         .filter(|t| !t.is_empty())
         .or_else(|| settings.admin_token.clone())
         .map(Arc::from);
-    if let Some(admin) = config.listen.admin
-        && !admin.ip().is_loopback()
-        && admin_token.is_none()
-    {
-        return Err(Error::Config(config::LoadError::Invalid {
-            source_name: cli
-                .config
-                .as_deref()
-                .map_or_else(|| "<embedded default>".into(), |p| p.display().to_string()),
-            error: pullthrough_api::config::ConfigError {
-                key: "listen.admin".into(),
-                message: format!(
-                    "{admin} is not a loopback address: set adminToken (or PULLTHROUGH_ADMIN_TOKEN) to expose the admin API"
-                ),
-            },
-        }));
-    }
+    let admin_access = match (&admin_token, config.listen.admin) {
+        (Some(t), _) => admin::AdminAccess::Token(t.clone()),
+        (None, Some(a)) if !a.ip().is_loopback() => {
+            tracing::warn!(
+                admin = %a,
+                "admin listener is exposed and no adminToken (PULLTHROUGH_ADMIN_TOKEN) is set: /admin/* is disabled"
+            );
+            admin::AdminAccess::Disabled
+        }
+        (None, _) => admin::AdminAccess::Open,
+    };
     let data_dir = config::data_dir(cli.data_dir.as_deref(), &config);
     let listen_ips = listen_ips(&config);
     let router = route::Router::new(&config, &listen_ips);
@@ -207,7 +201,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
             ready.clone(),
             ca_pem,
             shared.clone(),
-            admin_token.clone(),
+            admin_access,
             stop_rx.clone(),
         ));
     }
