@@ -53,3 +53,41 @@ pub fn load(path: &Path) -> Result<AgentConfig, String> {
         sha256: sha256_hex(&bytes),
     })
 }
+
+/// Builds the config from the table's bytes (`config.yaml` of the
+/// registry-table ConfigMap) and the CA bundle (`ca.crt` of the CA
+/// ConfigMap), as the run loop gets them from the API server. With a CA
+/// the proxy is reached over TLS whatever `caFile` says (the ConfigMap is
+/// the CA's source in a cluster); without one, a table whose `proxy:`
+/// names a `caFile` is refused (the CA is still to come) and a table
+/// without it runs in plain-HTTP mode. `sha256` is the table's hash, as in
+/// the ConfigMap's `pullthrough.dev/config-hash` annotation.
+pub fn from_parts(table_yaml: &[u8], ca_pem: Option<&[u8]>) -> Result<AgentConfig, String> {
+    let text = std::str::from_utf8(table_yaml).map_err(|_| "config.yaml: not UTF-8".to_string())?;
+    let table = ProxyConfig::from_yaml(text).map_err(|e| format!("config.yaml: {e}"))?;
+    let mut proxy = table.proxy.clone().ok_or_else(|| {
+        "config.yaml: proxy: missing; the agent needs the `proxy:` section (address, httpsPort, caFile or httpPort)".to_string()
+    })?;
+    let ca_pem = match ca_pem {
+        Some(pem) => {
+            check_ca_pem(pem).map_err(|e| format!("ca.crt: {e}"))?;
+            if proxy.ca_file.is_none() {
+                proxy.ca_file = Some(PathBuf::from("ca.crt"));
+            }
+            Some(pem.to_vec())
+        }
+        None if proxy.ca_file.is_some() => {
+            return Err(
+                "proxy.caFile is set but there is no CA bundle (ca.crt) yet; waiting for it"
+                    .to_string(),
+            );
+        }
+        None => None,
+    };
+    Ok(AgentConfig {
+        table,
+        proxy,
+        ca_pem,
+        sha256: sha256_hex(table_yaml),
+    })
+}

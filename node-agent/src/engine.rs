@@ -67,6 +67,10 @@ pub struct ApplyOptions {
     pub docker_action: DockerActionArg,
     pub dry_run: bool,
     pub migrate_containerd_mirrors: bool,
+    /// The run loop's health gate is closed (the proxy is not ready): the
+    /// `/etc/hosts` block keeps its markers but no entries, so hijacked
+    /// names resolve as without the proxy. Everything else is applied.
+    pub hosts_gate_closed: bool,
 }
 
 /// Options of `revert`.
@@ -242,8 +246,13 @@ pub fn apply(
         let want = desired::docker(cfg).map_err(AgentError::Config)?;
         notes.extend(want.notes.iter().map(|n| format!("docker: {n}")));
         let before = pl.read(HOSTS)?;
-        let p = hosts::apply(before.as_deref().unwrap_or_default(), &want.hosts)
-            .map_err(patch_err(HOSTS))?;
+        let current = before.as_deref().unwrap_or_default();
+        let p = if opts.hosts_gate_closed {
+            hosts::empty_block(current)
+        } else {
+            hosts::apply(current, &want.hosts)
+        }
+        .map_err(patch_err(HOSTS))?;
         let after = if before.is_none() && p.bytes.is_empty() {
             None
         } else {

@@ -37,6 +37,7 @@ fn opts(runtimes: &[Runtime]) -> ApplyOptions {
         docker_action: DockerActionArg::Auto,
         dry_run: false,
         migrate_containerd_mirrors: false,
+        hosts_gate_closed: false,
     }
 }
 

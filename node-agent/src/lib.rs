@@ -7,12 +7,14 @@
 //! - [`state`]: the record of what was changed, and first-edit backups;
 //! - [`runtime`]: runtime detection, reload/restart decisions, the executor;
 //! - [`desired`]: what each runtime should be told, from the config;
-//! - [`engine`]: `apply`, `revert`, `status`.
+//! - [`engine`]: `apply`, `revert`, `status`;
+//! - [`run`]: the in-cluster loop (watch, health gate, Lease report).
 
 pub mod config;
 pub mod desired;
 pub mod engine;
 pub mod fsio;
 pub mod patch;
+pub mod run;
 pub mod runtime;
 pub mod state;

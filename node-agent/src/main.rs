@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use pullthrough_agent::engine::{self, AgentError, ApplyOptions, RevertOptions};
 use pullthrough_agent::fsio::Root;
+use pullthrough_agent::run::{self, RunOptions, Source};
 use pullthrough_agent::runtime::{DockerActionArg, Runtime, SystemExecutor};
 use pullthrough_api::cli::parse_or_exit;
 
@@ -69,11 +70,67 @@ enum Command {
     },
     /// In-cluster loop: watch the registry table and CA, apply on change,
     /// gate on proxy health, report per node.
-    Run {
-        /// Host filesystem root.
-        #[arg(long, value_name = "DIR", default_value = "/host")]
-        root: PathBuf,
-    },
+    Run(Box<RunArgs>),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Host filesystem root.
+    #[arg(long, value_name = "DIR", default_value = "/host")]
+    root: PathBuf,
+    /// Read the table (with its `proxy:` section and `caFile`) from this
+    /// file, re-read on change, instead of the ConfigMaps (outside
+    /// Kubernetes; no Lease).
+    #[arg(long, value_name = "FILE")]
+    config_file: Option<PathBuf>,
+    /// Namespace of the ConfigMaps and of this node's Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough")]
+    namespace: String,
+    /// ConfigMap holding the registry table (key `config.yaml`).
+    #[arg(long, default_value = "pullthrough-registries")]
+    table_configmap: String,
+    /// ConfigMap holding the CA bundle nodes trust (key `ca.crt`).
+    #[arg(long, default_value = "pullthrough-ca")]
+    ca_configmap: String,
+    /// This node's name (the Lease is `<lease-prefix><node>`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Prefix of the per-node Lease's name.
+    #[arg(long, default_value = "pullthrough-agent-")]
+    lease_prefix: String,
+    /// How often the Lease is renewed.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    lease_renew: Duration,
+    /// The Lease's duration (a node whose Lease expired is not counted).
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// Serve `GET /healthz` here (for the DaemonSet's liveness probe).
+    #[arg(long, value_name = "ADDR")]
+    health_addr: Option<std::net::SocketAddr>,
+    /// Which runtimes to configure (comma-separated); `auto` detects them.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "auto")]
+    runtime: Vec<RuntimeArg>,
+    /// What to do with dockerd after daemon.json changed.
+    #[arg(long, value_enum, default_value_t = DockerActionArg::Auto)]
+    docker_action: DockerActionArg,
+    /// How often the proxy's `readyUrl` is probed.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_interval: Duration,
+    /// How long one probe may take.
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+    probe_timeout: Duration,
+    /// Consecutive failed probes that empty the `/etc/hosts` block.
+    #[arg(long, default_value_t = 3)]
+    fail_threshold: u32,
+    /// Consecutive successful probes that restore it.
+    #[arg(long, default_value_t = 2)]
+    success_threshold: u32,
+    /// Re-apply this often even without a change (repairs drift).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    resync: Duration,
+    /// How often `--config-file` is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -130,6 +187,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 docker_action,
                 dry_run,
                 migrate_containerd_mirrors,
+                hosts_gate_closed: false,
             };
             engine::apply(&root, &cfg, &opts, &mut exec, &mut stdout).map(|_| ())
         }
@@ -158,9 +216,56 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             }
             Ok(())
         }
-        Command::Run { .. } => Err(AgentError::Other(
-            "run (the in-cluster loop with health gate and reporting) is not implemented in this build; use apply/revert/status".into(),
-        )),
+        Command::Run(a) => {
+            let runtimes = runtimes(&a.runtime)?;
+            let (source, lease_namespace) = match a.config_file {
+                Some(path) => (
+                    Source::File {
+                        path,
+                        poll: a.poll_interval,
+                    },
+                    None,
+                ),
+                None => {
+                    if a.node_name.is_none() {
+                        return Err(AgentError::Config(
+                            "run: --node-name (or NODE_NAME) is needed for the node's Lease".into(),
+                        ));
+                    }
+                    (
+                        Source::Kube {
+                            namespace: a.namespace.clone(),
+                            table_configmap: a.table_configmap,
+                            ca_configmap: a.ca_configmap,
+                        },
+                        Some(a.namespace),
+                    )
+                }
+            };
+            let opts = RunOptions {
+                root: Root::new(a.root),
+                source,
+                runtimes,
+                docker_action: a.docker_action,
+                node_name: a.node_name,
+                lease_namespace,
+                lease_prefix: a.lease_prefix,
+                lease_renew: a.lease_renew,
+                lease_duration: a.lease_duration,
+                health_addr: a.health_addr,
+                probe_interval: a.probe_interval,
+                probe_timeout: a.probe_timeout,
+                fail_threshold: a.fail_threshold,
+                success_threshold: a.success_threshold,
+                resync: a.resync,
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| AgentError::Other(format!("starting the async runtime: {e}")))?;
+            rt.block_on(run::run(opts)).map_err(AgentError::Other)
+        }
     }
 }
 

@@ -288,14 +288,14 @@ fn broken_files_fail_with_the_path_and_stay_untouched() {
 }
 
 #[test]
-fn run_is_not_implemented_yet() {
-    let o = agent(&["run", "--root", "/nonexistent"]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(
-        text(&o).contains("not implemented in this build"),
-        "{}",
-        text(&o)
-    );
+fn run_without_a_node_name_or_config_file_exits_64() {
+    let o = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"))
+        .args(["run", "--root", "/nonexistent"])
+        .env_remove("NODE_NAME")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(64), "{}", text(&o));
+    assert!(text(&o).contains("--node-name"), "{}", text(&o));
 }
 
 /// A process named `dockerd` (a copy of `sleep`) with its pid in the

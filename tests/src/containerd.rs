@@ -38,6 +38,12 @@ pub struct ContainerdOpts {
     pub hosts: Vec<(String, IpAddr)>,
     /// The snapshotter for `ctr` and CRI (`overlayfs` or `native`).
     pub snapshotter: String,
+    /// Lay the config out as on a node under this host root (for the node
+    /// agent's `--root`): `<root>/etc/containerd/config.toml`,
+    /// `<root>/etc/containerd/certs.d` (seen as `/etc/containerd` inside the
+    /// namespace, so `config_path = "/etc/containerd/certs.d"`) and
+    /// `<root>/etc/hosts`. Default: everything in the temp dir.
+    pub host_root: Option<PathBuf>,
 }
 
 impl Default for ContainerdOpts {
@@ -45,6 +51,7 @@ impl Default for ContainerdOpts {
         Self {
             hosts: Vec::new(),
             snapshotter: "overlayfs".into(),
+            host_root: None,
         }
     }
 }
@@ -64,6 +71,7 @@ pub struct Containerd {
     ns: MountNs,
     socket: PathBuf,
     config: PathBuf,
+    certs_d: PathBuf,
     crictl_config: PathBuf,
     // Last: removed after the processes are gone.
     dir: TempDir,
@@ -91,15 +99,39 @@ impl Containerd {
             std::fs::create_dir_all(d.join(sub))
                 .ctx(|| format!("creating {}", d.join(sub).display()))?;
         }
-        let hosts = d.join("hosts");
+        let mut ns = MountNs::new().bind(d.join("run"), "/run");
+        // (hosts file, config.toml, certs.d as on the machine, certs.d as
+        // containerd sees it)
+        let (hosts, config, certs_d, seen_certs_d) = match &opts.host_root {
+            None => (
+                d.join("hosts"),
+                d.join("config.toml"),
+                d.join("certs.d"),
+                d.join("certs.d"),
+            ),
+            Some(root) => {
+                let etc = root.join("etc/containerd");
+                std::fs::create_dir_all(etc.join("certs.d"))
+                    .ctx(|| format!("creating {}", etc.display()))?;
+                ns = ns.bind(&etc, "/etc/containerd");
+                (
+                    root.join("etc/hosts"),
+                    etc.join("config.toml"),
+                    etc.join("certs.d"),
+                    PathBuf::from("/etc/containerd/certs.d"),
+                )
+            }
+        };
         let entries: Vec<(&str, IpAddr)> =
             opts.hosts.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
         write_hosts_file(&hosts, &entries)?;
 
         let socket = d.join("containerd.sock");
-        let config = d.join("config.toml");
-        std::fs::write(&config, config_toml(d, &socket, &opts.snapshotter))
-            .ctx(|| "writing containerd config.toml".into())?;
+        std::fs::write(
+            &config,
+            config_toml(d, &socket, &opts.snapshotter, &seen_certs_d),
+        )
+        .ctx(|| "writing containerd config.toml".into())?;
         let crictl_config = d.join("crictl.yaml");
         let endpoint = format!("unix://{}", socket.display());
         std::fs::write(
@@ -113,9 +145,10 @@ impl Containerd {
         let mut c = Self {
             process: None,
             // Private /run: see the module docs.
-            ns: MountNs::new().bind(d.join("run"), "/run").hosts(hosts),
+            ns: ns.hosts(hosts),
             socket,
             config,
+            certs_d,
             crictl_config,
             dir,
         };
@@ -188,7 +221,7 @@ impl Containerd {
     /// The CRI plugin's `registry.config_path`: tests (and the node agent)
     /// write `<host>/hosts.toml` here; containerd re-reads it on every pull.
     pub fn certs_d(&self) -> PathBuf {
-        self.dir.path().join("certs.d")
+        self.certs_d.clone()
     }
 
     /// The `config.toml` containerd was started with (edit, then
@@ -291,7 +324,7 @@ impl Drop for Containerd {
     }
 }
 
-fn config_toml(dir: &Path, socket: &Path, snapshotter: &str) -> String {
+fn config_toml(dir: &Path, socket: &Path, snapshotter: &str, certs_d: &Path) -> String {
     let p = |sub: &str| dir.join(sub).display().to_string();
     format!(
         r#"version = 2
@@ -340,7 +373,7 @@ disabled_plugins = [
         opt = p("opt"),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/net.d"),
-        certs_d = p("certs.d"),
+        certs_d = certs_d.display(),
     )
 }
 

@@ -45,6 +45,11 @@ pub struct DockerdOpts {
     pub netns: Option<String>,
     /// `--debug` (logs every registry endpoint it tries).
     pub debug: bool,
+    /// Lay the config out as on a node under this host root (for the node
+    /// agent's `--root`): `<root>/etc/docker` (seen as `/etc/docker`),
+    /// `<root>/etc/hosts` (seen as `/etc/hosts`) and the pid file
+    /// `<root>/var/run/docker.pid`. Default: everything in the temp dir.
+    pub host_root: Option<PathBuf>,
 }
 
 impl DockerdOpts {
@@ -76,7 +81,17 @@ impl Dockerd {
             .tempdir()
             .ctx(|| "creating dockerd temp dir".into())?;
         let d = dir.path();
-        let etc_docker = d.join("etc-docker");
+        let (etc_docker, hosts, pidfile) = match &opts.host_root {
+            None => (d.join("etc-docker"), d.join("hosts"), d.join("docker.pid")),
+            Some(root) => (
+                root.join("etc/docker"),
+                root.join("etc/hosts"),
+                root.join("var/run/docker.pid"),
+            ),
+        };
+        if let Some(dir) = pidfile.parent() {
+            std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        }
         for sub in [
             etc_docker.join("certs.d"),
             d.join("data"),
@@ -86,7 +101,6 @@ impl Dockerd {
         ] {
             std::fs::create_dir_all(&sub).ctx(|| format!("creating {}", sub.display()))?;
         }
-        let hosts = d.join("hosts");
         let entries: Vec<(&str, IpAddr)> =
             opts.hosts.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
         write_hosts_file(&hosts, &entries)?;
@@ -102,7 +116,7 @@ impl Dockerd {
         let mut ns = MountNs::new()
             .bind(d.join("run"), "/run")
             .bind(&etc_docker, "/etc/docker")
-            .hosts(hosts);
+            .hosts(&hosts);
         if let Some(name) = &opts.netns {
             ns = ns.in_netns(name);
         }
@@ -115,7 +129,7 @@ impl Dockerd {
             "--bridge=none".into(),
             format!("--data-root={}", d.join("data").display()),
             format!("--exec-root={}", d.join("exec").display()),
-            format!("--pidfile={}", d.join("docker.pid").display()),
+            format!("--pidfile={}", pidfile.display()),
             format!("--host=unix://{}", socket.display()),
         ];
         if opts.debug {

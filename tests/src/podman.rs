@@ -37,6 +37,10 @@ pub const RUN_ULIMITS: [&str; 4] = [
 pub struct PodmanOpts {
     /// `/etc/hosts` entries inside the namespace (e.g. quay.io → 127.0.0.1).
     pub hosts: Vec<(String, IpAddr)>,
+    /// Lay the config out as on a node under this host root (for the node
+    /// agent's `--root`): `<root>/etc/containers` (seen as
+    /// `/etc/containers`) and `<root>/etc/hosts`. Default: the temp dir.
+    pub host_root: Option<PathBuf>,
 }
 
 impl PodmanOpts {
@@ -68,7 +72,10 @@ impl Podman {
             .tempdir()
             .ctx(|| "creating podman temp dir".into())?;
         let d = dir.path();
-        let etc = d.join("etc-containers");
+        let etc = match &opts.host_root {
+            None => d.join("etc-containers"),
+            Some(root) => root.join("etc/containers"),
+        };
         for sub in [
             etc.join("registries.conf.d"),
             etc.join("certs.d"),
@@ -103,7 +110,10 @@ impl Podman {
                 d.join("root").display()
             ),
         )?;
-        let hosts = d.join("hosts");
+        let hosts = match &opts.host_root {
+            None => d.join("hosts"),
+            Some(root) => root.join("etc/hosts"),
+        };
         let entries: Vec<(&str, IpAddr)> =
             opts.hosts.iter().map(|(n, ip)| (n.as_str(), *ip)).collect();
         write_hosts_file(&hosts, &entries)?;

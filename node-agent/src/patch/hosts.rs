@@ -160,6 +160,30 @@ pub fn apply(current: &[u8], entries: &[HostsEntry]) -> Result<HostsPatched, Pat
     Ok(HostsPatched { bytes, notes })
 }
 
+/// The health gate's "closed" state: an existing block keeps its markers
+/// and place but loses every entry (so the names resolve as without the
+/// proxy, and reopening puts the entries back where they were, ahead of
+/// anything after the block); a file without a block is left as it is.
+pub fn empty_block(current: &[u8]) -> Result<HostsPatched, PatchError> {
+    let ls = lines(current);
+    let bytes = match find_block(&ls)? {
+        None => current.to_vec(),
+        Some((b, e)) => {
+            let eol = ls[b].terminator;
+            let final_newline = !ls[e].terminator.is_empty();
+            let mut out = current[..ls[b].start].to_vec();
+            out.extend(render_block(&[], eol, final_newline));
+            out.extend_from_slice(&current[ls[e].end..]);
+            out
+        }
+    };
+    check(&bytes, &[])?;
+    Ok(HostsPatched {
+        bytes,
+        notes: Vec::new(),
+    })
+}
+
 fn remove_block(prefix: &[u8], suffix: &[u8], eol: &[u8], final_newline: bool) -> Vec<u8> {
     let mut out = prefix.to_vec();
     // A block without a final newline was appended to a file without one,
@@ -401,5 +425,29 @@ mod tests {
             if !e.is_empty() { expect.extend_from_slice(&after); } else { expect = edited.clone(); }
             prop_assert_eq!(reverted, expect);
         }
+    }
+
+    #[test]
+    fn empty_block_keeps_markers_and_place() {
+        let e = |a: &str, n: &str| HostsEntry {
+            address: a.parse().unwrap(),
+            name: n.into(),
+        };
+        let base = b"127.0.0.1 localhost\n".to_vec();
+        let on = apply(&base, &[e("10.0.0.5", "quay.io")]).unwrap().bytes;
+        let mut with_tail = on.clone();
+        with_tail.extend_from_slice(b"10.0.0.9 quay.io\n");
+        let off = empty_block(&with_tail).unwrap().bytes;
+        let text = String::from_utf8(off.clone()).unwrap();
+        assert!(text.contains(BEGIN) && text.contains(END), "{text}");
+        assert!(!text.contains("10.0.0.5"), "{text}");
+        assert!(text.ends_with("10.0.0.9 quay.io\n"), "{text}");
+        // Reopened: the entry is back in the block, before the tail.
+        let back = apply(&off, &[e("10.0.0.5", "quay.io")]).unwrap().bytes;
+        assert_eq!(back, with_tail);
+        // No block: nothing to empty.
+        assert_eq!(empty_block(&base).unwrap().bytes, base);
+        // Revert of an emptied block gives the original back.
+        assert_eq!(revert(&empty_block(&on).unwrap().bytes).unwrap(), base);
     }
 }
