@@ -155,6 +155,9 @@ impl KubeApiserver {
             .arg(format!("--tls-private-key-file={}", serving_key.display()))
             .arg(format!("--client-ca-file={}", ca_file.display()))
             .arg("--authorization-mode=Node,RBAC")
+            // As on real clusters (kubeadm, kind, managed offerings): the
+            // node agent's DaemonSet is privileged.
+            .arg("--allow-privileged=true")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!(
                 "--service-account-key-file={}",
