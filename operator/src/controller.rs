@@ -505,8 +505,20 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
             .join("; ");
         ctx.event(&obj, type_, &lead.reason, note).await;
     }
-    Ok(Action::requeue(ctx.settings.resync_interval))
+    // Proxy reloads and agent reports are not watched (a Lease watch would
+    // wake every CR on every node's renewal): while an accepted registry is
+    // still waiting for them, look again soon, so `kubectl apply` shows
+    // ProxyReady and NodesConfigured within seconds instead of a resync.
+    let waiting = accepted && desired.iter().skip(1).any(|d| !d.status);
+    Ok(Action::requeue(if waiting {
+        PENDING_RECHECK.min(ctx.settings.resync_interval)
+    } else {
+        ctx.settings.resync_interval
+    }))
 }
+
+/// How soon a registry waiting for the proxy or the nodes is looked at again.
+const PENDING_RECHECK: Duration = Duration::from_secs(2);
 
 async fn cleanup(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error> {
     // Fresh: whether agents still list the host decides the finalizer.

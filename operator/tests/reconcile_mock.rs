@@ -200,9 +200,11 @@ async fn create_adds_finalizer_then_applies_table_and_status() {
     for c in ["Accepted=True", "ProxyReady=False", "NodesConfigured=False"] {
         assert!(note.contains(c), "{note}");
     }
+    // Accepted but still waiting for the proxy and the nodes: looked at
+    // again within seconds, not after the 30 s resync.
     assert_eq!(
         action,
-        kube::runtime::controller::Action::requeue(Duration::from_secs(30))
+        kube::runtime::controller::Action::requeue(Duration::from_secs(2))
     );
 }
 
