@@ -1,15 +1,43 @@
 //! Loopback addresses, free ports and condition polling.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
-/// A port nobody listens on right now on `ip` (the kernel picks it).
+/// Ports handed out come from below the kernel's ephemeral range
+/// (`ip_local_port_range`, 32768–60999 by default). A port the kernel picks
+/// for `bind(0)` is from that range, and so is the local port of every
+/// outgoing connection: between "found free" and "bound by the server"
+/// any connection the tests open could take it. Below the range only
+/// another explicit bind can.
+const PORT_FIRST: u16 = 20_000;
+const PORT_LAST: u16 = 32_000;
+
+/// A port nobody listens on right now on `ip`, outside the ephemeral range.
+/// Each call moves on from where the last one stopped (and each process
+/// starts at a pid-derived offset), so parallel tests in one or several
+/// test binaries do not pick the same port.
 pub fn free_port_on(ip: IpAddr) -> Result<u16> {
-    let l = TcpListener::bind((ip, 0)).ctx(|| format!("binding a free port on {ip}"))?;
-    Ok(l.local_addr().ctx(|| "reading a bound port".into())?.port())
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = u32::from(PORT_LAST - PORT_FIRST);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(2_654_435_761)) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % span;
+        let port = PORT_FIRST + offset as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(Error::Other(format!(
+        "no free port on {ip} in {PORT_FIRST}..{PORT_LAST}"
+    )))
 }
 
 /// A free port on 127.0.0.1.
