@@ -6,6 +6,7 @@
 //! Anything that could resolve a public registry name runs in a private
 //! mount namespace with a test-owned `/etc/hosts` (see [`ns`]).
 
+pub mod bins;
 pub mod containerd;
 pub mod dockerd;
 pub mod error;

@@ -1,0 +1,687 @@
+//! The system test: the operator, the proxy and the node agent as
+//! processes against a real etcd + kube-apiserver, each API client with a
+//! token for its own ServiceAccount under the chart's rendered RBAC; a real
+//! upstream registry; a real node runtime whose config root the agent
+//! manages: containerd (CRI, hosts.toml) or dockerd (DNS hijack: /etc/hosts,
+//! certs.d, daemon.json; private mount namespace). `kubectl apply` a
+//! MirrorRegistry → node configured, CR Accepted/ProxyReady/Nodes 1/1 →
+//! pull MISS → upstream stopped, pull again HIT → `kubectl delete` → node
+//! config removed, CR gone. Each test prints a `TIMELINE` line and fails
+//! when the CR's conditions take longer than [`FEW_SECONDS`].
+//!
+//! There is no kubelet: the test plays its part for the proxy's volumes,
+//! copying the table ConfigMap's `config.yaml` and the CA Secret into the
+//! files the proxy reads (as a ConfigMap/Secret volume would), and there is
+//! no kube-proxy: the proxy Service is headless, so the operator takes the
+//! node section (`proxy:` address, ports, readyUrl) from the base config,
+//! where the test names the proxy's real loopback address, and reads
+//! `/status` through `--proxy-status-url`. Nothing is ever sent to a
+//! ClusterIP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::fs;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use pullthrough_testbed::bins::{agent_bin, operator_bin};
+use pullthrough_testbed::containerd::{Containerd, ContainerdOpts};
+use pullthrough_testbed::dockerd::{Dockerd, DockerdOpts};
+use pullthrough_testbed::fixtures::LayoutBuilder;
+use pullthrough_testbed::http::Get;
+use pullthrough_testbed::kube::{Helm, KubeApiserver};
+use pullthrough_testbed::net::{
+    free_port, free_port_on, is_listening, unique_loopback_ip, wait_for,
+};
+use pullthrough_testbed::ns::MountNs;
+use pullthrough_testbed::process::Process;
+use pullthrough_testbed::proxy::proxy_bin;
+use pullthrough_testbed::registry::Registry;
+use serde_json::{Value, json};
+
+const NS: &str = "pullthrough";
+const RELEASE: &str = "pullthrough";
+const NODE: &str = "node-1";
+const IMAGE: &str = "quay.io/fixture/app:1";
+const CR: &str = "quay";
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the flow may wait for the CR's conditions (beyond the
+/// requirement, so the rest of the flow still runs and is checked).
+const CONDITIONS_TIMEOUT: Duration = Duration::from_secs(60);
+/// Issue #7: "within a few seconds" of `kubectl apply` the node is
+/// configured and the CR shows ProxyReady and Nodes 1/1.
+const FEW_SECONDS: Duration = Duration::from_secs(10);
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings,
+/// rendered with `helm template` (default values).
+fn chart_rbac(helm: &Helm) -> String {
+    let chart = workspace().join("charts/pullthrough");
+    let out = helm
+        .run(&[
+            "template",
+            RELEASE,
+            chart.to_str().unwrap(),
+            "--namespace",
+            NS,
+        ])
+        .expect("helm template");
+    let keep = [
+        "ServiceAccount",
+        "Role",
+        "ClusterRole",
+        "RoleBinding",
+        "ClusterRoleBinding",
+    ];
+    let docs: Vec<&str> = out
+        .split("\n---")
+        .filter(|doc| {
+            doc.lines()
+                .find_map(|l| l.strip_prefix("kind: "))
+                .is_some_and(|k| keep.contains(&k.trim()))
+        })
+        .collect();
+    assert!(docs.len() >= 7, "chart RBAC objects: {}", docs.len());
+    docs.join("\n---\n")
+}
+
+fn get_json(api: &KubeApiserver, args: &[&str]) -> Option<Value> {
+    let mut a = vec!["get"];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["-o", "json"]);
+    api.kubectl(&a)
+        .ok()
+        .map(|s| serde_json::from_str(&s).unwrap())
+}
+
+fn cond_status(obj: &Value, type_: &str) -> Option<String> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .and_then(|c| c["status"].as_str().map(str::to_string))
+}
+
+fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    wait_for(what, timeout, || Ok(cond())).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Writes `bytes` to `path` atomically when it differs.
+fn sync_file(path: &Path, bytes: &[u8]) {
+    if fs::read(path).ok().as_deref() == Some(bytes) {
+        return;
+    }
+    let tmp = path.with_extension("sync-tmp");
+    fs::write(&tmp, bytes).unwrap();
+    fs::rename(&tmp, path).unwrap();
+}
+
+/// The kubelet's part for the proxy's volumes: copies the table
+/// ConfigMap's `config.yaml` to the proxy's config file and the CA
+/// Secret's `tls.crt`/`tls.key` to the files the base config names.
+struct VolumeSync {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl VolumeSync {
+    fn start(kubeconfig: PathBuf, config: PathBuf, ca_dir: PathBuf) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let kubectl = pullthrough_testbed::tools::go_tool("kubectl").unwrap();
+        let thread = std::thread::spawn(move || {
+            let get = |args: &[&str]| -> Option<Value> {
+                let out = Command::new(&kubectl)
+                    .env("KUBECONFIG", &kubeconfig)
+                    .args(args)
+                    .args(["-n", NS, "-o", "json"])
+                    .output()
+                    .ok()?;
+                out.status
+                    .success()
+                    .then(|| serde_json::from_slice(&out.stdout).ok())?
+            };
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(cm) = get(&["get", "configmap", "pullthrough-registries"])
+                    && let Some(yaml) = cm["data"]["config.yaml"].as_str()
+                {
+                    sync_file(&config, yaml.as_bytes());
+                }
+                if let Some(s) = get(&["get", "secret", "pullthrough-ca"]) {
+                    for key in ["tls.crt", "tls.key"] {
+                        if let Some(b64) = s["data"][key].as_str() {
+                            use base64::Engine as _;
+                            let bytes = base64::engine::general_purpose::STANDARD
+                                .decode(b64)
+                                .unwrap();
+                            sync_file(&ca_dir.join(key), &bytes);
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for VolumeSync {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Access lines of the proxy's log (JSON, target `pullthrough::access`)
+/// with all `fields`.
+fn access(log: &str, fields: &[(&str, &str)]) -> usize {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "pullthrough::access")
+        .filter(|v| {
+            fields.iter().all(|(k, want)| match &v[*k] {
+                Value::String(s) => s == want,
+                Value::Number(n) => n.to_string() == *want,
+                _ => false,
+            })
+        })
+        .count()
+}
+
+fn wait_access(proxy: &Process, fields: &[(&str, &str)]) {
+    let r = wait_for(&format!("access line {fields:?}"), TIMEOUT, || {
+        Ok(access(&proxy.log(), fields) > 0)
+    });
+    if let Err(e) = r {
+        panic!("{e}; proxy log:\n{}", proxy.log());
+    }
+}
+
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+/// The node under test.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// containerd (CRI), mirror mode via `certs.d/<host>/hosts.toml`.
+    Containerd,
+    /// dockerd, DNS hijack: `/etc/hosts` + `certs.d` + daemon.json.
+    Dockerd,
+}
+
+enum Runtime {
+    Containerd(Containerd),
+    Dockerd(Dockerd),
+}
+
+impl Runtime {
+    fn cli(&self, args: &[&str]) -> pullthrough_testbed::Result<String> {
+        match self {
+            Runtime::Containerd(c) => c.crictl(args),
+            Runtime::Dockerd(d) => d.docker(args),
+        }
+    }
+
+    /// Pulls, retrying briefly (dockerd may still be reloading).
+    fn pull(&self) {
+        let t = Instant::now();
+        loop {
+            match self.cli(&["pull", IMAGE]) {
+                Ok(_) => return,
+                Err(e) if t.elapsed() > Duration::from_secs(10) => panic!("{e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(500)),
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        match self {
+            Runtime::Containerd(c) => c.stop().unwrap(),
+            Runtime::Dockerd(d) => d.stop().unwrap(),
+        }
+    }
+}
+
+#[test]
+fn containerd_node_from_apply_to_pull_to_delete() {
+    system_flow(Kind::Containerd);
+}
+
+/// dockerd in a private mount namespace, DNS-hijack mode. The proxy listens
+/// on a loopback address of its own (port 443, as dockerd dials the real
+/// port): dockerd treats registries resolving into 127.0.0.0/8 as insecure,
+/// so this shows the hijack and the files, not CA verification (that is
+/// `node-agent/tests/runtimes.rs`, in a network namespace).
+#[test]
+fn dockerd_node_from_apply_to_pull_to_delete() {
+    system_flow(Kind::Dockerd);
+}
+
+fn system_flow(kind: Kind) {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut api = KubeApiserver::start().expect("test bed kube-apiserver");
+
+    // CRD, namespace, the chart's RBAC (ServiceAccounts included).
+    api.kubectl(&[
+        "apply",
+        "-f",
+        workspace()
+            .join("charts/pullthrough/crds/mirrorregistries.yaml")
+            .to_str()
+            .unwrap(),
+    ])
+    .unwrap();
+    api.kubectl(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/mirrorregistries.pullthrough.dev",
+        "--timeout=60s",
+    ])
+    .unwrap();
+    api.kubectl(&["create", "namespace", NS]).unwrap();
+    let helm = api.helm().unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &chart_rbac(&helm))
+        .unwrap();
+
+    // The proxy's addresses, and its Service: headless (no kube-proxy
+    // here), ports named as the chart names them.
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let (pip, https_port) = match kind {
+        Kind::Containerd => (lo, free_port().unwrap()),
+        Kind::Dockerd => (IpAddr::V4(unique_loopback_ip()), 443),
+    };
+    let https = SocketAddr::new(pip, https_port);
+    let http = SocketAddr::new(pip, free_port_on(pip).unwrap());
+    let admin = SocketAddr::new(pip, free_port_on(pip).unwrap());
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "pullthrough-proxy", "namespace": NS},
+        "spec": {"clusterIP": "None", "selector": {"app": "pullthrough-proxy"},
+            "ports": [
+                {"name": "https", "port": https.port()},
+                {"name": "http", "port": http.port()},
+                {"name": "admin", "port": admin.port()},
+            ]},
+    });
+    api.kubectl_stdin(&["apply", "-f", "-"], &service.to_string())
+        .unwrap();
+
+    // The proxy's "volumes" and the base config (the chart's shape, the
+    // node section naming the proxy's loopback address).
+    let pdir = tmp.path().join("proxy");
+    let ca_dir = pdir.join("ca");
+    fs::create_dir_all(&ca_dir).unwrap();
+    let proxy_config = pdir.join("config.yaml");
+    let base = format!(
+        "listen: {{https: \"{https}\", http: \"{http}\", admin: \"{admin}\"}}\n\
+         dataDir: {data}\n\
+         ca:\n  cert: {ca}/tls.crt\n  key: {ca}/tls.key\n\
+         proxy:\n  address: {pip}\n  httpsPort: {hp}\n  httpPort: {p}\n  \
+         readyUrl: http://{admin}/readyz\n  caFile: /etc/pullthrough/ca/ca.crt\n",
+        data = pdir.join("data").display(),
+        ca = ca_dir.display(),
+        hp = https.port(),
+        p = http.port(),
+    );
+    let base_path = tmp.path().join("base-config.yaml");
+    fs::write(&base_path, &base).unwrap();
+
+    // Upstream with the fixture.
+    let mut upstream = Registry::plain().unwrap();
+    let busybox = LayoutBuilder::new(&tmp.path().join("fixtures"))
+        .unwrap()
+        .busybox("busybox")
+        .unwrap();
+    upstream.push_image(&busybox, "fixture/app", "1").unwrap();
+    if kind == Kind::Dockerd {
+        upstream.push_image(&busybox, "library/app", "1").unwrap();
+    }
+    let layer = busybox.layer_digests()[0].clone();
+
+    // The operator, as its ServiceAccount.
+    let op_kubeconfig = api
+        .kubeconfig_for_token(&api.token_for(NS, "pullthrough-operator").unwrap())
+        .unwrap();
+    let op_port = free_port().unwrap();
+    let mut cmd = Command::new(operator_bin().unwrap());
+    cmd.env("KUBECONFIG", &op_kubeconfig)
+        .env("RUST_LOG", "info")
+        .env_remove("POD_NAMESPACE")
+        .args(["--namespace", NS, "--listen"])
+        .arg(format!("127.0.0.1:{op_port}"))
+        .arg("--proxy-base-config")
+        .arg(&base_path)
+        .args(["--table-mount-path", pdir.to_str().unwrap()])
+        .arg("--proxy-status-url")
+        .arg(format!("http://{admin}/status"))
+        .args(["--identity", "operator-0", "--delete-timeout", "60s"]);
+    let mut operator =
+        Process::spawn("pullthrough-operator", cmd, tmp.path().join("operator.log")).unwrap();
+    let healthz = format!("http://127.0.0.1:{op_port}/healthz");
+    operator
+        .wait_ready("operator /healthz", TIMEOUT, || {
+            Ok(Get::new(&healthz)
+                .send()
+                .is_ok_and(|r| r.status.is_success()))
+        })
+        .unwrap();
+
+    // The kubelet's part: volumes for the proxy (admin credentials, as
+    // the kubelet has its own).
+    let _sync = VolumeSync::start(
+        api.kubeconfig_path().to_path_buf(),
+        proxy_config.clone(),
+        ca_dir.clone(),
+    );
+    wait("the CA Secret in the proxy's volume", TIMEOUT, || {
+        ca_dir.join("tls.key").is_file()
+    });
+    // Before any MirrorRegistry there may be no table yet: the proxy
+    // starts on the base config, as it would on an empty table.
+    if !proxy_config.is_file() {
+        sync_file(&proxy_config, base.as_bytes());
+    }
+
+    // The proxy (no API access).
+    let mut cmd = Command::new(proxy_bin().unwrap());
+    cmd.env("RUST_LOG", "info")
+        .arg("--config")
+        .arg(&proxy_config)
+        .args(["--reload-interval", "200ms"]);
+    let mut proxy = Process::spawn("pullthrough-proxy", cmd, tmp.path().join("proxy.log")).unwrap();
+    let readyz = format!("http://{admin}/readyz");
+    proxy
+        .wait_ready("proxy /readyz", TIMEOUT, || {
+            Ok(Get::new(&readyz)
+                .send()
+                .is_ok_and(|r| r.status.is_success()))
+        })
+        .unwrap();
+
+    // The runtime with its config root under the agent's root; quay.io
+    // (and Docker Hub's names) resolve to a dead loopback address, so only
+    // the proxy can serve the pull.
+    let root = tmp.path().join("root");
+    for port in [443, 80] {
+        assert!(!is_listening(SocketAddr::new(lo, port)));
+    }
+    let (mut runtime, runtime_flag, via) = match kind {
+        Kind::Containerd => {
+            let mut copts = ContainerdOpts::default().host("quay.io", lo);
+            copts.host_root = Some(root.clone());
+            (
+                Runtime::Containerd(Containerd::start(copts).unwrap()),
+                "containerd",
+                "ns",
+            )
+        }
+        Kind::Dockerd => {
+            let mut dopts = DockerdOpts::default();
+            for name in [
+                "quay.io",
+                "registry-1.docker.io",
+                "index.docker.io",
+                "docker.io",
+            ] {
+                dopts = dopts.host(name, lo);
+            }
+            dopts.host_root = Some(root.clone());
+            (
+                Runtime::Dockerd(Dockerd::start(dopts).unwrap()),
+                "docker",
+                "host",
+            )
+        }
+    };
+    let hosts_toml = root.join("etc/containerd/certs.d/quay.io/hosts.toml");
+    let docker_ca = root.join("etc/docker/certs.d/quay.io/pullthrough-ca.crt");
+    let etc_hosts = root.join("etc/hosts");
+    let hijack_line = format!("{pip}\tquay.io");
+    let daemon_json = root.join("etc/docker/daemon.json");
+    let mirror_url = format!("\"https://{pip}\"");
+    let node_configured = || match kind {
+        Kind::Containerd => hosts_toml.is_file(),
+        Kind::Dockerd => {
+            docker_ca.is_file()
+                && fs::read_to_string(&etc_hosts).is_ok_and(|h| h.contains(&hijack_line))
+                && fs::read_to_string(&daemon_json).is_ok_and(|d| d.contains(&mirror_url))
+        }
+    };
+    assert!(!node_configured());
+
+    // The agent, as its ServiceAccount.
+    let agent_kubeconfig = api
+        .kubeconfig_for_token(&api.token_for(NS, "pullthrough-agent").unwrap())
+        .unwrap();
+    // dockerd sees <root>/etc/hosts through a bind mount (pinned inode):
+    // the agent runs with that file bind-mounted onto itself, so it writes
+    // in place, as in its container (see node-agent/tests/common).
+    let mut cmd = MountNs::new()
+        .bind(&etc_hosts, &etc_hosts)
+        .command(agent_bin().unwrap(), std::iter::empty::<&str>())
+        .unwrap();
+    cmd.env("KUBECONFIG", &agent_kubeconfig)
+        .env_remove("POD_NAMESPACE")
+        .env_remove("NODE_NAME")
+        .args(["run", "--root", root.to_str().unwrap()])
+        .args(["--namespace", NS, "--node-name", NODE])
+        .args(["--runtime", runtime_flag, "--lease-renew", "1s"]);
+    let mut agent = Process::spawn("pullthrough-agent", cmd, tmp.path().join("agent.log")).unwrap();
+    agent.check_running().unwrap();
+
+    // (1) kubectl apply → node configured, Accepted, ProxyReady, 1/1.
+    let mreg = |name: &str, host: &str| {
+        format!(
+            "apiVersion: pullthrough.dev/v1alpha1\nkind: MirrorRegistry\n\
+             metadata:\n  name: {name}\nspec:\n  host: {host}\n  upstream: {}\n  \
+             allowInsecureUpstream: true\n",
+            upstream.url()
+        )
+    };
+    let mut cr = mreg(CR, "quay.io");
+    if kind == Kind::Dockerd {
+        // Docker Hub goes through daemon.json's registry-mirrors.
+        cr = format!("{cr}---\n{}", mreg("dockerhub", "docker.io"));
+    }
+    let cr_path = tmp.path().join("quay.yaml");
+    fs::write(&cr_path, &cr).unwrap();
+    let t0 = Instant::now();
+    api.kubectl(&["apply", "-f", cr_path.to_str().unwrap()])
+        .unwrap();
+    let (mut node_at, mut ready_at, mut nodes_at) = (None, None, None);
+    let mut last = Value::Null;
+    let r = wait_for(
+        "node configured, Accepted, ProxyReady, 1/1",
+        CONDITIONS_TIMEOUT,
+        || {
+            if node_at.is_none() && node_configured() {
+                node_at = Some(t0.elapsed());
+            }
+            if let Some(o) = get_json(&api, &["mreg", CR]) {
+                if ready_at.is_none() && cond_status(&o, "ProxyReady").as_deref() == Some("True") {
+                    ready_at = Some(t0.elapsed());
+                }
+                if nodes_at.is_none() && o["status"]["nodesSummary"] == "1/1" {
+                    nodes_at = Some(t0.elapsed());
+                }
+                last = o;
+            }
+            Ok(node_at.is_some() && ready_at.is_some() && nodes_at.is_some())
+        },
+    );
+    if let Err(e) = r {
+        panic!(
+            "{e}: status {:#}\noperator:\n{}\nagent:\n{}",
+            last["status"],
+            operator.log_tail(4000),
+            agent.log_tail(4000)
+        );
+    }
+    for c in ["Accepted", "ProxyReady", "NodesConfigured"] {
+        assert_eq!(
+            cond_status(&last, c).as_deref(),
+            Some("True"),
+            "{c}: {last:#}"
+        );
+    }
+    if kind == Kind::Containerd {
+        let toml = fs::read_to_string(&hosts_toml).unwrap();
+        assert!(toml.contains(&format!("https://{https}")), "{toml}");
+    }
+    let table = api.kubectl(&["get", "mreg"]).unwrap();
+    let row = table
+        .lines()
+        .find(|l| l.starts_with(CR))
+        .unwrap_or_else(|| panic!("{table}"));
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(
+        &cells[1..5],
+        ["quay.io", &upstream.url(), "True", "1/1"],
+        "{table}"
+    );
+    println!("kubectl get mreg:\n{table}");
+
+    // (2) crictl pull → MISS through the proxy (containerd mirror mode).
+    runtime.pull();
+    let pulled_at = t0.elapsed();
+    wait_access(
+        &proxy,
+        &[
+            ("kind", "tag"),
+            ("reference", "1"),
+            ("cache", "MISS"),
+            ("via", via),
+            ("registry", "quay.io"),
+        ],
+    );
+    wait_access(
+        &proxy,
+        &[
+            ("kind", "blob"),
+            ("digest", &layer),
+            ("cache", "MISS"),
+            ("via", via),
+        ],
+    );
+
+    if kind == Kind::Dockerd {
+        // Docker Hub names through the mirror dockerd was reloaded with.
+        let t = Instant::now();
+        while let Err(e) = runtime.cli(&["pull", "app:1"]) {
+            assert!(t.elapsed() < Duration::from_secs(10), "{e}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        wait_access(
+            &proxy,
+            &[
+                ("kind", "tag"),
+                ("repository", "library/app"),
+                ("via", "default"),
+                ("registry", "docker.io"),
+            ],
+        );
+    }
+
+    // (3) rmi, upstream stopped, pull again → HIT.
+    runtime.cli(&["rmi", IMAGE]).unwrap();
+    if kind == Kind::Dockerd {
+        // Same image: its layers would stay and not be fetched again.
+        runtime.cli(&["rmi", "app:1"]).unwrap();
+    }
+    upstream.stop().unwrap();
+    runtime.pull();
+    wait_access(
+        &proxy,
+        &[
+            ("kind", "blob"),
+            ("digest", &layer),
+            ("cache", "HIT"),
+            ("via", via),
+        ],
+    );
+    assert!(
+        access(
+            &proxy.log(),
+            &[("kind", "tag"), ("reference", "1"), ("via", via)]
+        ) >= 2,
+        "{}",
+        proxy.log()
+    );
+
+    // (4) kubectl delete → node config removed, finalizer done, CR gone.
+    let t_del = Instant::now();
+    api.kubectl(&["delete", "-f", cr_path.to_str().unwrap(), "--timeout=60s"])
+        .unwrap();
+    let deleted_at = t_del.elapsed();
+    assert!(!node_configured(), "node config left after delete");
+    assert!(!hosts_toml.exists() && !docker_ca.exists());
+    if let Ok(d) = fs::read_to_string(&daemon_json) {
+        assert!(!d.contains(&mirror_url), "{d}");
+    }
+    if let Ok(h) = fs::read_to_string(&etc_hosts) {
+        assert!(!h.contains(&hijack_line), "{h}");
+    }
+    assert!(get_json(&api, &["mreg", CR]).is_none());
+    let lease = get_json(
+        &api,
+        &["lease", &format!("pullthrough-agent-{NODE}"), "-n", NS],
+    )
+    .unwrap();
+    assert_eq!(
+        lease["metadata"]["annotations"]["pullthrough.dev/registries"], "",
+        "{lease:#}"
+    );
+
+    let (node_at, ready_at, nodes_at) = (node_at.unwrap(), ready_at.unwrap(), nodes_at.unwrap());
+    println!(
+        "TIMELINE {} apply → node configured {}; → ProxyReady {}; \
+         → Nodes 1/1 {}; → first pull done {}; delete → CR gone {}",
+        runtime_flag,
+        secs(node_at),
+        secs(ready_at),
+        secs(nodes_at),
+        secs(pulled_at),
+        secs(deleted_at),
+    );
+
+    agent.stop().unwrap();
+    proxy.stop().unwrap();
+    operator.stop().unwrap();
+    runtime.stop();
+    api.stop().unwrap();
+
+    // The operator runs with the chart's settings (default
+    // --resync-interval): the admin's figures.
+    let slow: Vec<String> = [
+        ("node configured", node_at),
+        ("ProxyReady", ready_at),
+        ("Nodes 1/1", nodes_at),
+    ]
+    .iter()
+    .filter(|(_, t)| *t > FEW_SECONDS)
+    .map(|(what, t)| format!("{what} after {}", secs(*t)))
+    .collect();
+    assert!(
+        slow.is_empty(),
+        "not within {} of kubectl apply: {}",
+        secs(FEW_SECONDS),
+        slow.join(", ")
+    );
+}
