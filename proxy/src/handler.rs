@@ -997,11 +997,11 @@ async fn lead(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let store = &ctx.shared.store;
+    let reserved = size.unwrap_or(0);
     if let Some(size) = size
-        && !has_room(
-            store.tmp_dir(),
-            size.saturating_add(ctx.shared.inflight.reserved()),
-        )
+        && !ctx.shared.inflight.try_reserve(size, |others| {
+            has_room(store.tmp_dir(), size.saturating_add(others))
+        })
     {
         tracing::warn!(%digest, size, "cache disk full; passing the blob through");
         ctx.shared.metrics.disk_full();
@@ -1015,6 +1015,7 @@ async fn lead(
     let writer = match store.begin(digest, meta).await {
         Ok(w) => w,
         Err(err) => {
+            ctx.shared.inflight.release(reserved);
             if is_disk_full(&err) {
                 ctx.shared.metrics.disk_full();
                 ctx.shared.inflight.mark_uncacheable(digest);
@@ -1027,6 +1028,7 @@ async fn lead(
     let file = match writer.temp_path().map(std::fs::File::open) {
         Some(Ok(f)) => f,
         _ => {
+            ctx.shared.inflight.release(reserved);
             tracing::warn!(%digest, "cannot read back the temp file; passing the blob through");
             record.cache = CacheResult::Pass;
             return Ok(solo(ctx, digest, parts, incoming, Some(writer)));
@@ -1040,6 +1042,7 @@ async fn lead(
         outcome: None,
     };
     let Some(dl) = guard.dl.take() else {
+        ctx.shared.inflight.release(reserved);
         return Err(refused(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Unavailable,
@@ -1047,8 +1050,6 @@ async fn lead(
         ));
     };
     dl.publish(Phase::Streaming(stream.clone()));
-    let reserved = size.unwrap_or(0);
-    ctx.shared.inflight.reserve(reserved);
     let rx = dl.subscribe();
     tokio::spawn(download(
         incoming,

@@ -121,10 +121,27 @@ impl Inflight {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// Notes that a download of `size` bytes is being written (so that
-    /// concurrent downloads do not all count on the same free space).
-    pub fn reserve(&self, size: u64) {
-        self.reserved.fetch_add(size, Ordering::Relaxed);
+    /// Reserves `size` bytes for a download if `fits(already_reserved)`
+    /// says the disk has room for them on top of the other downloads in
+    /// progress. Check and reservation are one atomic step: concurrent
+    /// misses must not all count on the same free space (they did, and a
+    /// write then failed with ENOSPC halfway through a shared download).
+    pub fn try_reserve(&self, size: u64, fits: impl Fn(u64) -> bool) -> bool {
+        let mut current = self.reserved.load(Ordering::Acquire);
+        loop {
+            if !fits(current) {
+                return false;
+            }
+            match self.reserved.compare_exchange(
+                current,
+                current.saturating_add(size),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => current = now,
+            }
+        }
     }
 
     pub fn release(&self, size: u64) {
@@ -133,10 +150,6 @@ impl Inflight {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
                 Some(r.saturating_sub(size))
             });
-    }
-
-    pub fn reserved(&self) -> u64 {
-        self.reserved.load(Ordering::Relaxed)
     }
 
     /// The disk was full while caching `digest`: pass it through for a while.
