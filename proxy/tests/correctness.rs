@@ -90,21 +90,16 @@ fn blob_size(image: &Image, digest: &str) -> u64 {
     std::fs::metadata(image.blob_path(digest)).unwrap().len()
 }
 
-/// Where the proxy keeps a committed blob.
 fn cached_path(proxy: &Proxy, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    proxy
-        .data_dir()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
+    proxy.cached_blob_path(digest)
 }
 
 fn tmp_entries(proxy: &Proxy) -> Vec<String> {
-    std::fs::read_dir(proxy.data_dir().join("tmp"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect()
+    assert!(
+        proxy.data_dir().join("tmp").is_dir(),
+        "the store has no tmp dir"
+    );
+    proxy.tmp_entries()
 }
 
 fn get(url: &str) -> Get<'_> {

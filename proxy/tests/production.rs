@@ -136,21 +136,11 @@ fn blob_url(proxy: &Proxy, registry: &str, repo: &str, digest: &str) -> String {
 }
 
 fn cached_path(proxy: &Proxy, digest: &str) -> PathBuf {
-    let hex = digest.trim_start_matches("sha256:");
-    proxy
-        .data_dir()
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
+    proxy.cached_blob_path(digest)
 }
 
 fn tmp_entries(proxy: &Proxy) -> Vec<String> {
-    std::fs::read_dir(proxy.data_dir().join("tmp"))
-        .map(|d| {
-            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    proxy.tmp_entries()
 }
 
 /// Every committed data file under blobs/ (not the `.json` sidecars).

@@ -216,6 +216,27 @@ impl Proxy {
         self.dir.path().join("data")
     }
 
+    /// Where the proxy keeps the committed blob `digest` (its store layout:
+    /// `blobs/sha256/<2 hex>/<hex>`).
+    pub fn cached_blob_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.data_dir()
+            .join("blobs/sha256")
+            .join(hex.get(..2).unwrap_or_default())
+            .join(hex)
+    }
+
+    /// Names of the files in the store's temp dir (none when it is absent).
+    pub fn tmp_entries(&self) -> Vec<String> {
+        std::fs::read_dir(self.data_dir().join("tmp"))
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// The proxy's CA certificate (generated into the data dir).
     pub fn ca_pem(&self) -> Result<String> {
         let p = self.data_dir().join("ca.crt");
