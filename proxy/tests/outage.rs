@@ -12,7 +12,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use pullthrough_testbed::containerd::{Containerd, ContainerdOpts};
-use pullthrough_testbed::dockerd::{Dockerd, DockerdOpts};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 
@@ -113,22 +112,7 @@ fn dockerd_pulls_tags_through_an_upstream_outage() {
         )
         .unwrap();
         let dead: std::net::IpAddr = "127.0.0.1".parse().unwrap();
-        let mut dopts = DockerdOpts::default();
-        for name in [
-            "registry-1.docker.io",
-            "index.docker.io",
-            "auth.docker.io",
-            "docker.io",
-        ] {
-            dopts = dopts.host(name, dead);
-        }
-        dopts.daemon_json = Some(serde_json::json!({
-            "registry-mirrors": [proxy.https_url()],
-        }));
-        let dockerd = Dockerd::start(dopts).unwrap();
-        dockerd
-            .write_ca(&proxy.addrs.https.to_string(), &proxy.ca_pem().unwrap())
-            .unwrap();
+        let dockerd = common::dockerd_mirroring_docker_hub_to(&proxy, dead);
         started
             .pid("docker-registry", up.registry.pid())
             .pid("pullthrough-proxy", proxy.pid())

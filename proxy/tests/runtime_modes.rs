@@ -214,22 +214,7 @@ fn dockerd_registry_mirror_for_docker_hub_names() {
         )
         .unwrap();
         let dead = dead_loopback();
-        let mut dopts = DockerdOpts::default();
-        for name in [
-            "registry-1.docker.io",
-            "index.docker.io",
-            "auth.docker.io",
-            "docker.io",
-        ] {
-            dopts = dopts.host(name, dead);
-        }
-        dopts.daemon_json = Some(serde_json::json!({
-            "registry-mirrors": [proxy.https_url()],
-        }));
-        let dockerd = Dockerd::start(dopts).unwrap();
-        dockerd
-            .write_ca(&proxy.addrs.https.to_string(), &proxy.ca_pem().unwrap())
-            .unwrap();
+        let dockerd = common::dockerd_mirroring_docker_hub_to(&proxy, dead);
         started
             .pid("docker-registry", up.registry.pid())
             .pid("pullthrough-proxy", proxy.pid())

@@ -161,3 +161,30 @@ fn cmdline(pid: u32) -> Option<String> {
             .join(" "),
     )
 }
+
+/// dockerd with `registry-mirrors` = the proxy (its CA trusted for the
+/// mirror's host:port) and every Docker Hub name resolving to `dead`, so a
+/// pull of a Docker Hub image can only succeed through the mirror.
+pub fn dockerd_mirroring_docker_hub_to(
+    proxy: &Proxy,
+    dead: std::net::IpAddr,
+) -> pullthrough_testbed::dockerd::Dockerd {
+    use pullthrough_testbed::dockerd::{Dockerd, DockerdOpts};
+    let mut opts = DockerdOpts::default();
+    for name in [
+        "registry-1.docker.io",
+        "index.docker.io",
+        "auth.docker.io",
+        "docker.io",
+    ] {
+        opts = opts.host(name, dead);
+    }
+    opts.daemon_json = Some(serde_json::json!({
+        "registry-mirrors": [proxy.https_url()],
+    }));
+    let dockerd = Dockerd::start(opts).unwrap();
+    dockerd
+        .write_ca(&proxy.addrs.https.to_string(), &proxy.ca_pem().unwrap())
+        .unwrap();
+    dockerd
+}
