@@ -179,5 +179,30 @@ fn pull_through_registry_fetches_from_its_remote() {
     let resp = Get::new(&url).send().unwrap();
     assert_eq!(resp.status, StatusCode::OK);
     verify_digest(&resp.body, &img.layer_digests()[0]).unwrap();
-    assert_eq!(origin.count_requests("GET", &img.layer_digests()[0]), 1);
+    // distribution 2.8 streams the blob to the client and, in a separate
+    // goroutine, fetches it again to store it: wait for that second GET
+    // (the origin logs a request once it has sent the whole body).
+    pullthrough_testbed::net::wait_for(
+        "the cache's background store fetch",
+        std::time::Duration::from_secs(20),
+        || Ok(origin.count_requests("GET", &img.layer_digests()[0]) >= 2),
+    )
+    .unwrap();
+    assert_eq!(origin.count_requests("GET", &img.layer_digests()[0]), 2);
+
+    // The point of the flavour: once stored, the cache serves without its
+    // remote. Writing the file may still be finishing, so wait on it.
+    let mut origin = origin;
+    origin.stop().unwrap();
+    pullthrough_testbed::net::wait_for(
+        "cache to serve with origin stopped",
+        std::time::Duration::from_secs(20),
+        || {
+            Ok(Get::new(&url).send().is_ok_and(|r| {
+                r.status == StatusCode::OK
+                    && verify_digest(&r.body, &img.layer_digests()[0]).is_ok()
+            }))
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\ncache log:\n{}", cache.log()));
 }
