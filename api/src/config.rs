@@ -170,6 +170,18 @@ pub struct RegistryConfig {
     /// Extra PEM roots trusted for this upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_bundle: Option<PathBuf>,
+    /// JSON file `{"username": "...", "password": "..."}` (see
+    /// [`UpstreamCredentials`]) the proxy authenticates to this upstream
+    /// with on behalf of clients that send no `Authorization` (Basic, or a
+    /// Bearer token fetched from the challenge's realm). Setting it makes
+    /// the registry's content readable by every client of the proxy,
+    /// unless `private` is also set: then the file is checked but unused
+    /// and every client still needs its own credentials. A relative path is
+    /// taken as is, relative to the proxy's working directory (as
+    /// `caBundle`). The proxy re-reads the file when its content changes
+    /// (a rotated Kubernetes Secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub insecure_skip_verify: bool,
     /// How long a tag → digest answer is reused before asking upstream.
@@ -205,6 +217,7 @@ impl Default for RegistryConfig {
             aliases: Vec::new(),
             auth_hosts: Vec::new(),
             ca_bundle: None,
+            credentials_file: None,
             insecure_skip_verify: false,
             tag_ttl: default_tag_ttl(),
             allow_push: false,
@@ -349,6 +362,18 @@ impl ProxyConfig {
             if let Some(up) = &reg.upstream {
                 validate_upstream(up).map_err(|m| ConfigError::new(at("upstream"), m))?;
             }
+            // The file itself is read by the proxy (the operator validates
+            // tables without it), so only its name is checked here.
+            if reg
+                .credentials_file
+                .as_ref()
+                .is_some_and(|p| p.as_os_str().is_empty())
+            {
+                return Err(ConfigError::new(
+                    at("credentialsFile"),
+                    "must be a file path, not empty",
+                ));
+            }
         }
         if let Some(def) = &self.default_registry
             && self.registry(def).is_none()
@@ -382,6 +407,99 @@ impl ProxyConfig {
         self.registries
             .iter()
             .find(|r| r.names().any(|n| n == name))
+    }
+}
+
+/// The content of a registry's `credentialsFile`: what `docker login`
+/// would be given. The operator renders it from the `MirrorRegistry`'s
+/// `credentialsSecretRef`; the proxy reads it with
+/// [`UpstreamCredentials::from_json`].
+///
+/// `Debug` is written by hand so the password never reaches a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for UpstreamCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Why a credentials file's content was rejected, naming the field (never
+/// the values: they may be secrets).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct CredentialsError {
+    /// `username`, `password`, another key the file has, or `<document>`.
+    pub field: String,
+    pub message: String,
+}
+
+impl UpstreamCredentials {
+    /// Parses `{"username": "...", "password": "..."}`: both keys required,
+    /// non-empty strings; any other key is an error.
+    ///
+    /// Checked by hand rather than with serde's derive because serde's
+    /// messages may quote the offending value, and a value here may be the
+    /// password.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, CredentialsError> {
+        let err = |field: &str, message: String| CredentialsError {
+            field: field.to_string(),
+            message,
+        };
+        // serde_json's syntax errors give only a position, never the text.
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| {
+            err(
+                "<document>",
+                format!(
+                    "not JSON (line {} column {}): expected {{\"username\": \"...\", \"password\": \"...\"}}",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })?;
+        let serde_json::Value::Object(map) = value else {
+            return Err(err(
+                "<document>",
+                "must be a JSON object {\"username\": \"...\", \"password\": \"...\"}".into(),
+            ));
+        };
+        if let Some(unknown) = map
+            .keys()
+            .find(|k| !matches!(k.as_str(), "username" | "password"))
+        {
+            return Err(err(
+                unknown,
+                "unknown key (only `username` and `password` are allowed)".into(),
+            ));
+        }
+        let field = |name: &str| -> Result<String, CredentialsError> {
+            match map.get(name) {
+                None => Err(err(name, "missing".into())),
+                Some(serde_json::Value::String(s)) if s.is_empty() => {
+                    Err(err(name, "must not be empty".into()))
+                }
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(_) => Err(err(name, "must be a string".into())),
+            }
+        };
+        let username = field("username")?;
+        if username.contains(':') {
+            // Basic authentication splits `username:password` at the first
+            // colon, so the upstream would see another user.
+            return Err(err("username", "must not contain `:`".into()));
+        }
+        Ok(Self {
+            username,
+            password: field("password")?,
+        })
     }
 }
 
@@ -421,6 +539,7 @@ registries:
     aliases: []
     authHosts: []
     caBundle: /path/extra-roots.pem
+    credentialsFile: /etc/pullthrough/credentials/quay.io.json
     insecureSkipVerify: false
     tagTTL: 10m
     allowPush: false
@@ -488,6 +607,66 @@ registries:
         );
         let e = err("cache: {highWatermark: 0.5, lowWatermark: 0.7}\n");
         assert_eq!(e.key, "cache");
+    }
+
+    #[test]
+    fn credentials_file_is_a_camel_case_path() {
+        let c = ProxyConfig::from_yaml(
+            "registries:\n  - host: quay.io\n    credentialsFile: creds/quay.json\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.registries[0].credentials_file.as_deref(),
+            Some(std::path::Path::new("creds/quay.json"))
+        );
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml().unwrap()).unwrap(), c);
+        assert!(
+            c.to_yaml()
+                .unwrap()
+                .contains("credentialsFile: creds/quay.json")
+        );
+        let e = err("registries:\n  - host: quay.io\n    credentialsFile: \"\"\n");
+        assert_eq!(e.key, "registries[0].credentialsFile");
+        let e = err("registries:\n  - host: quay.io\n    credentials_file: x\n");
+        assert!(e.to_string().contains("credentials_file"), "{e}");
+    }
+
+    #[test]
+    fn credentials_json_is_strict_and_never_quotes_values() {
+        let c =
+            UpstreamCredentials::from_json(br#"{"username": "bot", "password": "pw1"}"#).unwrap();
+        assert_eq!(c.username, "bot");
+        assert_eq!(c.password, "pw1");
+        assert!(!format!("{c:?}").contains("pw1"), "{c:?}");
+        // What the operator would render parses back.
+        let rendered = serde_json::to_vec(&c).unwrap();
+        assert_eq!(UpstreamCredentials::from_json(&rendered).unwrap(), c);
+
+        let cases: [(&[u8], &str); 8] = [
+            (
+                br#"{"username": "bot:x", "password": "hunter2"}"#,
+                "username",
+            ),
+            (b"username: bot", "<document>"),
+            (b"[\"bot\", \"hunter2\"]", "<document>"),
+            (
+                br#"{"username": "bot", "password": "hunter2", "auth": "x"}"#,
+                "auth",
+            ),
+            (br#"{"username": "bot"}"#, "password"),
+            (br#"{"password": "hunter2"}"#, "username"),
+            (br#"{"username": "bot", "password": ""}"#, "password"),
+            (br#"{"username": "bot", "password": 12345678}"#, "password"),
+        ];
+        for (text, field) in cases {
+            let e = UpstreamCredentials::from_json(text).unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+            let shown = e.to_string();
+            assert!(shown.contains(field), "{shown}");
+            for secret in ["hunter2", "12345678"] {
+                assert!(!shown.contains(secret), "{shown}");
+            }
+        }
     }
 
     #[test]

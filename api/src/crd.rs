@@ -532,6 +532,7 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
                 containerd: spec.nodes.containerd,
                 crio: spec.nodes.crio,
             },
+            ..Default::default()
         };
         // The proxy's own checks, on a one-registry table.
         let mut table = ProxyConfig {

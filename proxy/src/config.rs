@@ -3,9 +3,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use pullthrough_api::config::{ConfigError, ProxyConfig};
+
+use crate::credentials::{CredentialsFileError, RegistryCredentials};
 
 /// The config used when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.yaml");
@@ -27,6 +30,14 @@ pub enum LoadError {
         source_name: String,
         #[source]
         error: ConfigError,
+    },
+    /// A registry's `credentialsFile` is missing or unusable (names the
+    /// registry, the file and the field).
+    #[error("config {source_name}: {error}")]
+    Credentials {
+        source_name: String,
+        #[source]
+        error: CredentialsFileError,
     },
 }
 
@@ -61,7 +72,13 @@ pub fn load_full(path: Option<&Path>) -> Result<Loaded, LoadError> {
         source_name: source_name.clone(),
         error,
     };
-    let (config, settings) = parse(&text).map_err(invalid)?;
+    let (config, mut settings) = parse(&text).map_err(invalid)?;
+    settings
+        .load_credentials(&config)
+        .map_err(|error| LoadError::Credentials {
+            source_name: source_name.clone(),
+            error,
+        })?;
     use sha2::Digest as _;
     let hash = hex::encode(sha2::Sha256::digest(text.as_bytes()));
     Ok(Loaded {
@@ -107,6 +124,7 @@ impl Settings {
                     let s = RegistrySettings {
                         private: r.private,
                         cache_tags: r.cache_tags,
+                        credentials: None,
                     };
                     (r.host.clone(), s)
                 })
@@ -116,6 +134,46 @@ impl Settings {
 
     pub fn registry(&self, host: &str) -> RegistrySettings {
         self.registries.get(host).cloned().unwrap_or_default()
+    }
+
+    /// Reads every registry's `credentialsFile`; the first that is missing
+    /// or invalid is the error.
+    pub fn load_credentials(&mut self, config: &ProxyConfig) -> Result<(), CredentialsFileError> {
+        for r in &config.registries {
+            let Some(path) = &r.credentials_file else {
+                continue;
+            };
+            let creds = RegistryCredentials::load(&r.host, path)?;
+            if r.private {
+                tracing::warn!(
+                    registry = %r.host,
+                    file = %path.display(),
+                    "credentialsFile is not used for a `private` registry: every client needs its own credentials"
+                );
+            }
+            if let Some(s) = self.registries.get_mut(&r.host) {
+                s.credentials = Some(Arc::new(creds));
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps what `old` learnt with credentials that did not change (Bearer
+    /// tokens, Basic), so a reload of an unrelated setting costs no token
+    /// requests. Changed credentials keep their fresh, empty state: tokens
+    /// fetched with the old ones are dropped.
+    pub fn keep_credentials_state(&mut self, old: &Settings) {
+        for (host, s) in &mut self.registries {
+            let Some(new) = &s.credentials else { continue };
+            if let Some(prev) = old
+                .registries
+                .get(host)
+                .and_then(|o| o.credentials.as_ref())
+                && **prev == **new
+            {
+                s.credentials = Some(prev.clone());
+            }
+        }
     }
 }
 
@@ -127,6 +185,8 @@ pub struct RegistrySettings {
     /// Cache tag → digest answers; when false every tag request asks the
     /// upstream (the last answer is still kept for stale-if-error).
     pub cache_tags: bool,
+    /// From `credentialsFile`; used through [`Self::proxy_credentials`].
+    pub credentials: Option<Arc<RegistryCredentials>>,
 }
 
 impl Default for RegistrySettings {
@@ -134,7 +194,28 @@ impl Default for RegistrySettings {
         Self {
             private: false,
             cache_tags: true,
+            credentials: None,
         }
+    }
+}
+
+impl RegistrySettings {
+    /// The credentials the proxy authenticates with for clients that send
+    /// none. Never for a `private` registry: there every client must be
+    /// authorised by the upstream with its own credentials, so the
+    /// proxy's own would let anyone read what `private` protects.
+    pub fn proxy_credentials(&self) -> Option<&RegistryCredentials> {
+        self.credentials.as_deref().filter(|_| !self.private)
+    }
+
+    /// On what basis a client without credentials reads this registry:
+    /// `""` anonymously, else the fingerprint of the proxy's credentials.
+    /// A repository learnt readable on one basis is not taken as readable
+    /// on another (credentials rotated or removed).
+    pub fn anonymous_basis(&self) -> &str {
+        self.proxy_credentials()
+            .map(RegistryCredentials::fingerprint)
+            .unwrap_or_default()
     }
 }
 
@@ -152,27 +233,102 @@ pub fn data_dir(cli: Option<&Path>, config: &ProxyConfig) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR))
 }
 
-/// Polls `path` and yields each new valid config; an invalid file is
-/// logged and skipped, so the running config stays. Polling (rather than
-/// inotify) also sees Kubernetes ConfigMap updates, which swap a symlink.
-pub async fn watch(path: PathBuf, interval: Duration, mut apply: impl FnMut(Loaded)) {
-    let mut last = fingerprint(&path);
+/// Polls `path` and the `credentialsFile`s it names, and yields each new
+/// valid config; an invalid one is logged and skipped, so the running
+/// config stays. Polling (rather than inotify) also sees Kubernetes
+/// ConfigMap and Secret volume updates, which swap a symlink: files are
+/// compared by content, through the link.
+///
+/// A rejected version is retried at every poll even if nothing changes,
+/// since what made it fail may be outside the watched files' content
+/// (a Secret volume kubelet has not synced yet, a file's permissions);
+/// the error is logged again only when it changes.
+pub async fn watch(path: PathBuf, interval: Duration, apply: impl FnMut(Loaded)) {
+    watch_with(path, interval, |p| load_full(Some(p)), apply).await;
+}
+
+/// [`watch`] with the loading step given (tests make it fail on cue).
+async fn watch_with(
+    path: PathBuf,
+    interval: Duration,
+    load: impl Fn(&Path) -> Result<Loaded, LoadError>,
+    mut apply: impl FnMut(Loaded),
+) {
+    let mut last = watched(&path);
+    let mut failing: Option<String> = None;
+    // What the last applied version learnt with its credentials; the
+    // version main loaded first is not known here, so its tokens are
+    // fetched again after the first reload.
+    let mut applied: Option<Settings> = None;
     loop {
         tokio::time::sleep(interval).await;
-        let now = fingerprint(&path);
-        if now == last {
+        let now = watched(&path);
+        if now == last && failing.is_none() {
             continue;
         }
+        let credentials_changed = now.credentials != last.credentials;
         last = now;
-        match load_full(Some(&path)) {
-            Ok(config) => {
-                tracing::info!(path = %path.display(), "config changed; applying");
-                apply(config);
+        match load(&path) {
+            Ok(mut loaded) => {
+                if let Some(old) = &applied {
+                    loaded.settings.keep_credentials_state(old);
+                }
+                tracing::info!(
+                    path = %path.display(),
+                    credentials_changed,
+                    retried = failing.is_some(),
+                    "config changed; applying"
+                );
+                failing = None;
+                applied = Some(loaded.settings.clone());
+                apply(loaded);
             }
             Err(err) => {
-                tracing::error!(error = %err, "config change rejected; keeping the running config");
+                let text = err.to_string();
+                if failing.as_deref() != Some(text.as_str()) {
+                    tracing::error!(error = %text, "config change rejected; keeping the running config (retrying at every poll)");
+                } else {
+                    tracing::debug!(error = %text, "config still rejected");
+                }
+                failing = Some(text);
             }
         }
+    }
+}
+
+/// What a change of is a reason to reload: the config file, and the
+/// content of each `credentialsFile` it names.
+#[derive(Debug, PartialEq)]
+struct Watched {
+    config: Option<(SystemTime, u64, Vec<u8>)>,
+    /// Path and sha256 of the content (None: unreadable), in config order.
+    credentials: Vec<(PathBuf, Option<[u8; 32]>)>,
+}
+
+fn watched(path: &Path) -> Watched {
+    let config = fingerprint(path);
+    let credentials = config
+        .as_ref()
+        .and_then(|(_, _, bytes)| std::str::from_utf8(bytes).ok())
+        .and_then(|text| ProxyConfig::from_yaml(text).ok())
+        .map(|c| {
+            c.registries
+                .iter()
+                .filter_map(|r| r.credentials_file.clone())
+                .map(|p| {
+                    // A hash, so the secret is not kept around in memory.
+                    use sha2::Digest as _;
+                    let digest = std::fs::read(&p)
+                        .ok()
+                        .map(|b| sha2::Sha256::digest(b).into());
+                    (p, digest)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Watched {
+        config,
+        credentials,
     }
 }
 
@@ -231,6 +387,242 @@ mod tests {
         assert_eq!(e.key, "registries[0].private");
         let e = parse("registries:\n  - host: quay.io\n    colour: red\n").unwrap_err();
         assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    fn write_creds(path: &Path, user: &str, password: &str) {
+        std::fs::write(
+            path,
+            format!(r#"{{"username": "{user}", "password": "{password}"}}"#),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn credentials_files_are_read_with_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("quay.json");
+        write_creds(&creds, "bot", "hunter2");
+        let config = dir.path().join("c.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "registries:\n  - host: quay.io\n    credentialsFile: {}\n  - host: p.io\n    private: true\n    credentialsFile: {0}\n  - host: b.io\n",
+                creds.display()
+            ),
+        )
+        .unwrap();
+        let loaded = load_full(Some(&config)).unwrap();
+        let quay = loaded.settings.registry("quay.io");
+        assert!(quay.proxy_credentials().is_some());
+        assert_eq!(quay.anonymous_basis().len(), 64);
+        // private: read (and checked), never used on a client's behalf.
+        let p = loaded.settings.registry("p.io");
+        assert!(p.credentials.is_some());
+        assert!(p.proxy_credentials().is_none());
+        assert_eq!(p.anonymous_basis(), "");
+        assert!(
+            loaded
+                .settings
+                .registry("b.io")
+                .proxy_credentials()
+                .is_none()
+        );
+        assert!(!format!("{:?}", loaded.settings).contains("hunter2"));
+
+        // Each broken file: an error naming the config, the registry, the
+        // file and the field; never the password.
+        for (content, field) in [
+            (None, "No such file"),
+            (Some("{"), "not JSON"),
+            (
+                Some(r#"{"username":"bot","password":"hunter2","x":1}"#),
+                "x: unknown key",
+            ),
+            (Some(r#"{"username":"bot"}"#), "password: missing"),
+        ] {
+            match content {
+                Some(c) => std::fs::write(&creds, c).unwrap(),
+                None => std::fs::remove_file(&creds).unwrap(),
+            }
+            let e = load_full(Some(&config)).unwrap_err().to_string();
+            for needle in ["c.yaml", "quay.io", "quay.json", field] {
+                assert!(e.contains(needle), "`{needle}` not in: {e}");
+            }
+            assert!(!e.contains("hunter2"), "{e}");
+        }
+    }
+
+    /// Kubernetes updates a Secret volume by pointing `..data` at a new
+    /// directory: the file's own path and the config file do not change.
+    fn swap_secret(dir: &Path, generation: u32, user: &str, password: &str) {
+        let gen_dir = dir.join(format!("..gen{generation}"));
+        std::fs::create_dir_all(&gen_dir).unwrap();
+        write_creds(&gen_dir.join("creds.json"), user, password);
+        let tmp = dir.join("..data_tmp");
+        std::os::unix::fs::symlink(gen_dir.file_name().unwrap(), &tmp).unwrap();
+        std::fs::rename(&tmp, dir.join("..data")).unwrap();
+        if !dir.join("creds.json").exists() {
+            std::os::unix::fs::symlink("..data/creds.json", dir.join("creds.json")).unwrap();
+        }
+    }
+
+    async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Loaded>) -> Loaded {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("no reload within 5 s")
+            .unwrap()
+    }
+
+    /// True when nothing was applied for 300 ms (10 polls).
+    async fn quiet(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Loaded>) -> bool {
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn watch_applies_rotated_credentials_and_waits_for_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::create_dir(&secret).unwrap();
+        swap_secret(&secret, 1, "old", "pw1");
+        let config = dir.path().join("c.yaml");
+        let body = format!(
+            "registries:\n  - host: quay.io\n    credentialsFile: {}\n",
+            secret.join("creds.json").display()
+        );
+        std::fs::write(&config, &body).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch(
+            config.clone(),
+            Duration::from_millis(30),
+            move |l: Loaded| {
+                let _ = tx.send(l);
+            },
+        ));
+        assert!(quiet(&mut rx).await, "reloaded with nothing changed");
+
+        // Rotation by symlink swap: config file untouched.
+        let before = std::fs::read(&config).unwrap();
+        swap_secret(&secret, 2, "new", "pw2");
+        let l = next(&mut rx).await;
+        assert_eq!(std::fs::read(&config).unwrap(), before);
+        let c = l.settings.registry("quay.io").credentials.unwrap();
+        assert_eq!(
+            *c,
+            RegistryCredentials::new(
+                "quay.io",
+                &secret.join("creds.json"),
+                pullthrough_api::config::UpstreamCredentials {
+                    username: "new".into(),
+                    password: "pw2".into(),
+                }
+            )
+        );
+        assert!(quiet(&mut rx).await);
+
+        // The file vanishes (kubelet mid-sync): nothing is applied, and the
+        // reload is retried at every poll until the file is back, with no
+        // other change.
+        let gone = dir.path().join("later.json");
+        std::fs::write(
+            &config,
+            format!(
+                "registries:\n  - host: quay.io\n    credentialsFile: {}\n",
+                gone.display()
+            ),
+        )
+        .unwrap();
+        assert!(
+            quiet(&mut rx).await,
+            "a config with a missing file was applied"
+        );
+        write_creds(&gone, "third", "pw3");
+        let l = next(&mut rx).await;
+        let c = l.settings.registry("quay.io").credentials.unwrap();
+        assert_eq!(
+            *c,
+            RegistryCredentials::new(
+                "quay.io",
+                &gone,
+                pullthrough_api::config::UpstreamCredentials {
+                    username: "third".into(),
+                    password: "pw3".into(),
+                }
+            )
+        );
+        assert!(quiet(&mut rx).await);
+        watcher.abort();
+    }
+
+    /// A failure outside the watched files' content (here: the loader
+    /// fails twice) is retried at every poll with nothing changed.
+    #[tokio::test]
+    async fn watch_retries_a_failed_reload_with_nothing_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.yaml");
+        std::fs::write(&config, "registries: [{host: a.io}]\n").unwrap();
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = attempts.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch_with(
+            config.clone(),
+            Duration::from_millis(30),
+            move |p| {
+                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if n < 2 {
+                    Err(LoadError::Read {
+                        path: p.to_path_buf(),
+                        source: std::io::Error::other("not yet"),
+                    })
+                } else {
+                    load_full(Some(p))
+                }
+            },
+            move |l: Loaded| {
+                let _ = tx.send(l);
+            },
+        ));
+        assert!(quiet(&mut rx).await);
+        std::fs::write(&config, "registries: [{host: b.io}]\n").unwrap();
+        let l = next(&mut rx).await;
+        assert!(l.config.registry("b.io").is_some());
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert!(quiet(&mut rx).await);
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        watcher.abort();
+    }
+
+    #[test]
+    fn unchanged_credentials_keep_their_learnt_state_across_reloads() {
+        let dir = tempfile::tempdir().unwrap();
+        let creds = dir.path().join("q.json");
+        write_creds(&creds, "bot", "pw");
+        let config = dir.path().join("c.yaml");
+        let body = |ttl: &str| {
+            format!(
+                "registries:\n  - host: quay.io\n    tagTTL: {ttl}\n    credentialsFile: {}\n",
+                creds.display()
+            )
+        };
+        std::fs::write(&config, body("1m")).unwrap();
+        let first = load_full(Some(&config)).unwrap().settings;
+        std::fs::write(&config, body("2m")).unwrap();
+        let mut second = load_full(Some(&config)).unwrap().settings;
+        second.keep_credentials_state(&first);
+        let (a, b) = (
+            first.registry("quay.io").credentials.unwrap(),
+            second.registry("quay.io").credentials.unwrap(),
+        );
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "tokens of unchanged credentials dropped"
+        );
+        write_creds(&creds, "bot", "rotated");
+        let mut third = load_full(Some(&config)).unwrap().settings;
+        third.keep_credentials_state(&second);
+        let c = third.registry("quay.io").credentials.unwrap();
+        assert!(!Arc::ptr_eq(&b, &c), "tokens of old credentials kept");
     }
 
     #[test]

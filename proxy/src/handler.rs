@@ -275,9 +275,11 @@ impl Ctx<'_> {
         )
     }
 
-    /// Sends to the upstream. A client without credentials gets the
-    /// proxy's anonymous token for the repository when the upstream
-    /// challenges (see [`crate::auth`]).
+    /// Sends to the upstream. A client without credentials is
+    /// authenticated with the registry's `credentialsFile` (see
+    /// [`crate::credentials`]), or else gets the proxy's anonymous token
+    /// for the repository when the upstream challenges (see
+    /// [`crate::auth`]). A client's own credentials go as they are.
     async fn send(
         &self,
         method: Method,
@@ -286,6 +288,29 @@ impl Ctx<'_> {
     ) -> Result<crate::upstream::UpstreamResponse, HandlerError> {
         let host = self.registry.host.as_str();
         let scope = self.repo.as_ref().map(|r| format!("repository:{r}:pull"));
+        if !headers.contains_key(header::AUTHORIZATION)
+            && let Some(creds) = self.settings.proxy_credentials()
+        {
+            let started = std::time::Instant::now();
+            let resp = creds
+                .send(
+                    self.client,
+                    method,
+                    url,
+                    headers,
+                    scope.as_deref(),
+                    self.read_timeout,
+                )
+                .await
+                .map_err(|source| HandlerError::Upstream {
+                    registry: host.to_string(),
+                    source,
+                })?;
+            self.shared
+                .metrics
+                .observe_upstream(host, started.elapsed().as_secs_f64());
+            return Ok(resp);
+        }
         let anonymous = !headers.contains_key(header::AUTHORIZATION) && scope.is_some();
         let scope = scope.unwrap_or_default();
         if anonymous && let Some(token) = self.shared.tokens.get(host, &scope) {
@@ -345,7 +370,9 @@ impl Ctx<'_> {
     /// pull, or one anonymous HEAD of `path`) is served to everyone for
     /// [`crate::auth::PUBLIC_TTL`] with no upstream contact. Otherwise the
     /// upstream is asked with the client's own credentials (a HEAD of
-    /// `path`), and the answer reused for `authCheckTTL`. While
+    /// `path`), and the answer reused for `authCheckTTL`; a client without
+    /// any is asked about with the registry's `credentialsFile` if it has
+    /// one (not `private`), as its misses are fetched. While
     /// the upstream is unreachable or failing the cache is served, as
     /// stale-if-error serves tags, so pulls keep working in an outage.
     async fn check_cached(
@@ -361,7 +388,10 @@ impl Ctx<'_> {
         let metrics = &self.shared.metrics;
         let client = client_key(headers);
         let private = self.settings.private;
-        if (!private && grants.is_public(host, repo))
+        // A client without credentials reads as the proxy serves such
+        // clients: anonymously, or with the registry's credentialsFile.
+        let basis = self.settings.anonymous_basis();
+        if (!private && grants.is_public(host, repo, basis))
             || grants.allowed(host, repo, &client, self.auth_ttl)
         {
             return Ok(None);
@@ -375,7 +405,7 @@ impl Ctx<'_> {
                 .await
             {
                 Ok(up) if up.response.status().is_success() => {
-                    grants.grant(host, repo, "");
+                    grants.grant(host, repo, "", basis);
                     metrics.auth_check(host, AuthResult::public);
                     return Ok(None);
                 }
@@ -435,7 +465,8 @@ impl Ctx<'_> {
             // Never "public": every client is checked.
             self.shared.grants.grant_client(host, repo, client);
         } else {
-            self.shared.grants.grant(host, repo, client);
+            let basis = self.settings.anonymous_basis();
+            self.shared.grants.grant(host, repo, client, basis);
         }
     }
 
@@ -500,14 +531,12 @@ async fn registry_request(
             record.kind = Kind::Other;
             record.cache = CacheResult::Pass;
             let url = ctx.url(&request.upstream_path(), query.as_deref())?;
-            pass_through(
-                ctx.client,
-                &ctx.registry.host,
-                method,
-                url,
-                forward_headers(&headers, true),
-            )
-            .await
+            // Through ctx.send: tag lists and the like are read with the
+            // registry's credentialsFile too.
+            let up = ctx
+                .send(method, url, forward_headers(&headers, true))
+                .await?;
+            Ok(relay_response(up.response))
         }
         ApiRequest::Manifest {
             ref repo,

@@ -18,6 +18,7 @@ mod auth;
 mod body;
 mod cache;
 mod config;
+mod credentials;
 mod error;
 mod handler;
 mod metrics;

@@ -89,6 +89,17 @@ pub enum UpstreamError {
     TooManyRedirects { url: String, last: String },
     #[error("redirect from {from} has an unusable Location `{location}`")]
     BadRedirect { location: String, from: String },
+    /// The token dance with the registry's `credentialsFile` failed for a
+    /// reason other than the realm refusing the credentials (that is the
+    /// upstream's 401, relayed as such).
+    #[error(
+        "getting a token for registry {registry} from {realm} with its credentialsFile failed: {reason}"
+    )]
+    Token {
+        registry: String,
+        realm: String,
+        reason: String,
+    },
 }
 
 /// One client per configured registry, keyed by the registry's `host`.
@@ -316,9 +327,10 @@ impl UpstreamClient {
         }
     }
 
-    /// Reads a small redirect body off so the connection can be reused;
-    /// large or unknown-length bodies are dropped with their connection.
-    async fn discard(&self, response: Response<Incoming>) {
+    /// Reads a small redirect (or 401) body off so the connection can be
+    /// reused; large or unknown-length bodies are dropped with their
+    /// connection.
+    pub async fn discard(&self, response: Response<Incoming>) {
         let small = response
             .headers()
             .get(header::CONTENT_LENGTH)
