@@ -146,9 +146,13 @@ async fn handle(
                 .iter()
                 .map(|r| r.host.as_str())
                 .collect();
+            let cache: BTreeMap<&str, _> = registries
+                .iter()
+                .map(|r| (*r, shared.metrics.cache_counters(r)))
+                .collect();
             json_response(
                 StatusCode::OK,
-                &json!({"configHash": state.config_hash, "registries": registries}),
+                &json!({"configHash": state.config_hash, "registries": registries, "cache": cache}),
             )
         }
         "/admin/cache" | "/admin/stats" => {

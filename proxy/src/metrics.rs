@@ -66,6 +66,14 @@ struct AuthLabels {
     result: AuthResult,
 }
 
+/// What `/status` reports per registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CacheCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes: u64,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -271,6 +279,38 @@ impl Metrics {
         self.evicted_bytes.inc_by(b);
     }
 
+    /// Per-registry totals for `/status` (the operator copies them into
+    /// each MirrorRegistry's `status.cache`): requests answered from the
+    /// cache (hit or stale), requests that went upstream to fill it (miss),
+    /// and body bytes served from the cache.
+    pub fn cache_counters(&self, registry: &str) -> CacheCounters {
+        let count = |result: ResultLabel| {
+            [Kind::Manifest, Kind::Tag, Kind::Blob]
+                .into_iter()
+                .map(|kind| {
+                    self.requests
+                        .get(&RequestLabels {
+                            registry: registry.to_string(),
+                            kind: kind.as_str().to_string(),
+                            result: result.clone(),
+                        })
+                        .map_or(0, |c| c.get())
+                })
+                .sum::<u64>()
+        };
+        CacheCounters {
+            hits: count(ResultLabel::hit) + count(ResultLabel::stale),
+            misses: count(ResultLabel::miss),
+            bytes: self
+                .bytes
+                .get(&BytesLabels {
+                    registry: registry.to_string(),
+                    source: Source::cache,
+                })
+                .map_or(0, |c| c.get()),
+        }
+    }
+
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -309,5 +349,31 @@ mod tests {
             text.contains("pullthrough_upstream_response_seconds_count{registry=\"quay.io\"} 1"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn cache_counters_sum_kinds_for_status() {
+        let m = Metrics::default();
+        m.observe_request("quay.io", Kind::Blob, CacheResult::Hit, false, 100, 0.01);
+        m.observe_request(
+            "quay.io",
+            Kind::Manifest,
+            CacheResult::Stale,
+            false,
+            10,
+            0.01,
+        );
+        m.observe_request("quay.io", Kind::Blob, CacheResult::Miss, false, 7, 0.01);
+        m.observe_request("quay.io", Kind::Blob, CacheResult::Miss, true, 0, 0.01);
+        m.observe_request("ghcr.io", Kind::Blob, CacheResult::Hit, false, 1, 0.01);
+        assert_eq!(
+            m.cache_counters("quay.io"),
+            CacheCounters {
+                hits: 2,
+                misses: 1,
+                bytes: 110
+            }
+        );
+        assert_eq!(m.cache_counters("none.io"), CacheCounters::default());
     }
 }
