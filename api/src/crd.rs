@@ -210,6 +210,12 @@ fn non_nullable_properties(schema: &mut Schema) {
 .message("an http:// upstream is pulled from in plain text: use https://, or set allowInsecureUpstream: true to allow it")
 .field_path(".upstream")
 .reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new(
+    "!(has(self.private) && self.private && has(self.credentialsSecretRef))"
+)
+.message("private: true serves cached content only to clients the upstream authorises with their own credentials, so credentialsSecretRef would never be used: set one or the other")
+.field_path(".credentialsSecretRef")
+.reason(Reason::FieldValueForbidden))]
 #[schemars(transform = non_nullable_properties)]
 #[serde(rename_all = "camelCase")]
 pub struct MirrorRegistrySpec {
@@ -491,14 +497,11 @@ fn spec_error(key: &str, message: impl Into<String>) -> ConfigError {
 /// The registry-table entry for a spec, checked with the same validation the
 /// proxy applies to its config file (errors name the `spec.` key).
 ///
-/// Not carried into the table (no field for them in [`RegistryConfig`] yet;
-/// the operator round decides how they reach the proxy):
-/// `private`, `credentialsSecretRef`.
-///
-/// TODO(operator): `tls.caBundle` / `tls.caBundleConfigMapRef`.
-/// [`RegistryConfig::ca_bundle`] is a file path the proxy reads, so the
-/// operator has to publish the PEM (e.g. into a ConfigMap the proxy mounts)
-/// and set the path; this conversion leaves `ca_bundle` as `None`.
+/// Referenced content is the operator's job, because it needs the API
+/// server: `tls.caBundle` / `tls.caBundleConfigMapRef` become a PEM the
+/// operator publishes next to the table (setting `ca_bundle` to its path),
+/// and `credentialsSecretRef` becomes a credentials file in a Secret only the
+/// proxy mounts (setting `credentials_file`). Here both stay `None`.
 impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
     type Error = ConfigError;
 

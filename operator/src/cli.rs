@@ -43,6 +43,22 @@ pub struct Args {
     #[arg(long, value_name = "DIR", default_value = "/etc/pullthrough")]
     pub table_mount_path: PathBuf,
 
+    /// Secret (in --namespace) the operator writes the upstream credentials
+    /// of MirrorRegistries with `spec.credentialsSecretRef` into, one key
+    /// `<host>.json` per registry; only the proxy mounts it, the agents never
+    /// see it.
+    #[arg(long, default_value = "pullthrough-upstream-credentials")]
+    pub credentials_secret: String,
+
+    /// Directory where the proxy mounts --credentials-secret; the table's
+    /// `registries[].credentialsFile` points there.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/etc/pullthrough/credentials"
+    )]
+    pub credentials_mount_path: PathBuf,
+
     /// Name of the CA Secret (`tls.crt`, `tls.key`) and of the CA ConfigMap
     /// (`ca.crt`, every certificate nodes must trust).
     #[arg(long, default_value = "pullthrough-ca")]

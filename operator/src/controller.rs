@@ -6,14 +6,15 @@
 //! MirrorRegistries in the controller's cache (so order of events does not
 //! matter), then writes this object's status.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use base64::Engine;
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -30,8 +31,9 @@ use serde_json::json;
 use crate::metrics::Metrics;
 use crate::nodes::{self, AgentReport};
 use crate::proxy_status::{self, ProxyStatus};
+use crate::refs::Refs;
 use crate::status::{self, Desired};
-use crate::table::{self, Table, Verdict};
+use crate::table::{self, Mounts, Table, Verdict};
 use crate::{CONFIG_HASH_ANNOTATION, FIELD_MANAGER, FINALIZER};
 
 /// Reconcile errors; [`Error::reason`] labels the failure metric.
@@ -67,6 +69,8 @@ pub struct Settings {
     pub namespace: String,
     pub table_configmap: String,
     pub table_mount_path: PathBuf,
+    pub credentials_secret: String,
+    pub credentials_mount_path: PathBuf,
     pub proxy_service: String,
     pub node_ca_file: PathBuf,
     pub proxy_status_url: Option<String>,
@@ -81,6 +85,8 @@ impl Settings {
             namespace: a.namespace.clone(),
             table_configmap: a.table_configmap.clone(),
             table_mount_path: a.table_mount_path.clone(),
+            credentials_secret: a.credentials_secret.clone(),
+            credentials_mount_path: a.credentials_mount_path.clone(),
             proxy_service: a.proxy_service.clone(),
             node_ca_file: a.node_ca_file.clone(),
             proxy_status_url: a.proxy_status_url.clone(),
@@ -201,7 +207,19 @@ impl Context {
         let (node_proxy, admin) = self.node_proxy(service.as_ref());
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), ns);
         let leases = leases.list(&ListParams::default()).await?.items;
-        let reports = nodes::reports(&leases, &self.settings.agent_lease_prefix, Timestamp::now());
+        let mut reports =
+            nodes::reports(&leases, &self.settings.agent_lease_prefix, Timestamp::now());
+        // An expired report from a node that no longer exists is history,
+        // not a node waiting to be configured.
+        let node_api: Api<Node> = Api::all(self.client.clone());
+        match node_api.list_metadata(&ListParams::default()).await {
+            Ok(list) => {
+                let existing: std::collections::HashSet<String> =
+                    list.items.iter().map(|n| n.name_any()).collect();
+                nodes::drop_departed(&mut reports, &existing);
+            }
+            Err(e) => tracing::warn!(error = %e, "listing Nodes; counting every agent Lease"),
+        }
         let url = self.settings.proxy_status_url.clone().or(admin);
         let proxy = match url {
             Some(url) => proxy_status::fetch(&url, Duration::from_secs(2)).await,
@@ -290,19 +308,38 @@ impl Context {
         {
             return Ok(l.table.clone());
         }
+        // Referenced ConfigMaps and Secrets are read on every render, so a
+        // change to one reaches the table within --resync-interval.
+        let refs = Refs::read(&self.client, all.iter().map(AsRef::as_ref)).await?;
+        let mounts = Mounts {
+            table: self.settings.table_mount_path.clone(),
+            credentials: self.settings.credentials_mount_path.clone(),
+        };
         let t = Arc::new(table::render(
             &self.base,
             &all,
             obs.node_proxy.clone(),
-            &self.settings.table_mount_path,
+            &mounts,
+            &refs,
         )?);
         if let Some(l) = last.as_mut()
             && l.table.hash == t.hash
+            && l.table.credentials == t.credentials
             && fresh(&l.written_at)
         {
             l.fingerprint = fp;
             l.table = t.clone();
             return Ok(t);
+        }
+        // Credentials first: when the table names a credentials file, the
+        // Secret behind it already holds it. Written once after a start
+        // (dropping keys left from registries deleted meanwhile), then on
+        // change.
+        if last
+            .as_ref()
+            .is_none_or(|l| l.table.credentials != t.credentials)
+        {
+            self.apply_credentials(&t.credentials).await?;
         }
         let mut data = serde_json::Map::new();
         data.insert(table::CONFIG_KEY.into(), json!(t.yaml));
@@ -342,6 +379,40 @@ impl Context {
             written_at: Instant::now(),
         });
         Ok(t)
+    }
+
+    /// Server-side applies the proxy's credentials Secret with exactly
+    /// `keys` (keys this manager wrote before and no longer lists go away).
+    async fn apply_credentials(&self, keys: &BTreeMap<String, String>) -> Result<(), Error> {
+        let secret = json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {
+                "name": self.settings.credentials_secret,
+                "namespace": self.settings.namespace,
+                "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+            },
+            "type": "Opaque",
+            // `data`, not `stringData`: the API server folds stringData into
+            // data, so server-side apply would never remove a dropped key.
+            "data": keys
+                .iter()
+                .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v)))
+                .collect::<BTreeMap<_, _>>(),
+        });
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.settings.namespace);
+        api.patch(
+            &self.settings.credentials_secret,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&secret),
+        )
+        .await?;
+        tracing::info!(
+            secret = %self.settings.credentials_secret,
+            registries = keys.len(),
+            "upstream credentials applied"
+        );
+        Ok(())
     }
 
     async fn event(&self, obj: &MirrorRegistry, type_: EventType, reason: &str, note: String) {
@@ -463,7 +534,11 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
         conditions,
         nodes: accepted.then_some(counts),
         nodes_summary: accepted.then(|| counts.summary()),
-        cache: old.and_then(|s| s.cache),
+        // The proxy's counters while it answers; the last known otherwise.
+        cache: match &obs.proxy {
+            Ok(p) if accepted => p.cache.get(&obj.spec.host).copied(),
+            _ => old.and_then(|s| s.cache),
+        },
     };
     if old != Some(&new) {
         let api: Api<MirrorRegistry> = Api::all(ctx.client.clone());

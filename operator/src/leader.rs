@@ -2,6 +2,7 @@
 //! kube 5 ships no helper, so this is the classic acquire/renew loop with
 //! optimistic concurrency (resourceVersion) on a `coordination.k8s.io` Lease.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -120,13 +121,26 @@ impl LeaderElector {
     }
 
     /// Waits until this replica is the leader (or `stop` fires: `false`).
-    pub async fn acquire(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    /// `reachable` tells whether the last Lease round trip succeeded: a
+    /// standby that cannot reach the API server could not take over, so it
+    /// is not ready.
+    pub async fn acquire(
+        &self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        reachable: &AtomicBool,
+    ) -> bool {
         let retry = (self.duration / 3).max(Duration::from_millis(200));
         loop {
             match self.try_acquire_or_renew().await {
-                Ok(true) => return true,
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "leader election"),
+                Ok(true) => {
+                    reachable.store(true, Ordering::Relaxed);
+                    return true;
+                }
+                Ok(false) => reachable.store(true, Ordering::Relaxed),
+                Err(e) => {
+                    reachable.store(false, Ordering::Relaxed);
+                    tracing::warn!(error = %e, "leader election");
+                }
             }
             tokio::select! {
                 _ = tokio::time::sleep(retry) => {}
@@ -137,7 +151,11 @@ impl LeaderElector {
 
     /// Renews until `stop` fires (returns) or renewal keeps failing for a
     /// whole Lease duration (returns: leadership lost).
-    pub async fn keep(&self, stop: &mut tokio::sync::watch::Receiver<bool>) -> bool {
+    pub async fn keep(
+        &self,
+        stop: &mut tokio::sync::watch::Receiver<bool>,
+        reachable: &AtomicBool,
+    ) -> bool {
         let every = (self.duration / 3).max(Duration::from_millis(200));
         let mut last_ok = tokio::time::Instant::now();
         loop {
@@ -146,9 +164,13 @@ impl LeaderElector {
                 _ = stop.wait_for(|s| *s) => return true,
             }
             match self.try_acquire_or_renew().await {
-                Ok(true) => last_ok = tokio::time::Instant::now(),
+                Ok(true) => {
+                    last_ok = tokio::time::Instant::now();
+                    reachable.store(true, Ordering::Relaxed);
+                }
                 Ok(false) => return false,
                 Err(e) => {
+                    reachable.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "renewing the leader Lease");
                     if last_ok.elapsed() >= self.duration {
                         return false;

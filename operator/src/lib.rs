@@ -12,6 +12,7 @@ pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod proxy_status;
+pub mod refs;
 pub mod server;
 pub mod status;
 pub mod table;

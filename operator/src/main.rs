@@ -1,7 +1,7 @@
 //! `pullthrough-operator`: reconciles `MirrorRegistry` resources.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 
 use pullthrough_api::cli::{EXIT_USAGE, parse_or_exit};
 use pullthrough_api::config::ProxyConfig;
@@ -117,10 +117,11 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         &identity,
         args.leader_lease_duration,
     );
-    // A standby replica is ready: it serves health and waits for the Lease.
-    ready.store(true, Ordering::Relaxed);
+    // Ready = the last Lease round trip worked: a standby that reaches the
+    // API server is ready to take over (so rollouts and PDBs see both
+    // replicas); one that cannot is not. /readyz says which role it has.
     let mut s = stop.clone();
-    if !elector.acquire(&mut s).await {
+    if !elector.acquire(&mut s, &ready).await {
         let _ = http.await;
         return 0;
     }
@@ -159,7 +160,7 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         stop.clone(),
     ));
     let mut s = stop.clone();
-    let kept = elector.keep(&mut s).await;
+    let kept = elector.keep(&mut s, &ready).await;
     let code = if kept {
         0
     } else {

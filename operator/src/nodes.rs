@@ -65,6 +65,12 @@ pub fn reports(leases: &[Lease], prefix: &str, now: Timestamp) -> Vec<AgentRepor
         .collect()
 }
 
+/// Removes expired reports of nodes not in `existing` (the Node was deleted;
+/// its agent's Lease stays behind until someone deletes it).
+pub fn drop_departed(reports: &mut Vec<AgentReport>, existing: &std::collections::HashSet<String>) {
+    reports.retain(|r| r.live || existing.contains(&r.node));
+}
+
 /// Nodes that applied `host` (live Lease listing it) of all reporting nodes.
 pub fn counts(reports: &[AgentReport], host: &str) -> NodeCounts {
     NodeCounts {
@@ -122,5 +128,24 @@ mod tests {
         let c = counts(&r, "quay.io");
         assert_eq!((c.configured, c.total), (1, 3));
         assert_eq!(still_listing(&r, "docker.io"), ["a", "c"]);
+    }
+
+    #[test]
+    fn expired_reports_of_deleted_nodes_are_dropped() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let leases = [
+            lease("pullthrough-agent-live", 990, "quay.io"),
+            lease("pullthrough-agent-stale", 100, "quay.io"),
+            lease("pullthrough-agent-gone", 100, "quay.io"),
+        ];
+        let mut r = reports(&leases, "pullthrough-agent-", now);
+        let existing = ["stale".to_string()].into_iter().collect();
+        drop_departed(&mut r, &existing);
+        let names: Vec<_> = r.iter().map(|r| r.node.as_str()).collect();
+        // A live agent counts even before its Node is visible; an expired
+        // one counts only while its Node exists.
+        assert_eq!(names, ["live", "stale"]);
+        let c = counts(&r, "quay.io");
+        assert_eq!((c.configured, c.total), (1, 2));
     }
 }

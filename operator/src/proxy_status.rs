@@ -1,11 +1,14 @@
 //! The proxy's `GET /status` (docs/cluster-contract.md): the hash of the
-//! config it runs and the registries it serves.
+//! config it runs, the registries it serves and their cache counters.
+
+use std::collections::BTreeMap;
 
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+use pullthrough_api::crd::CacheStats;
 use serde::Deserialize;
 
 /// What the proxy reports.
@@ -15,6 +18,9 @@ pub struct ProxyStatus {
     pub config_hash: String,
     #[serde(default)]
     pub registries: Vec<String>,
+    /// Per registry host, since the proxy started (older proxies omit it).
+    #[serde(default)]
+    pub cache: BTreeMap<String, CacheStats>,
 }
 
 /// Fetches `url` (plain HTTP) within `timeout`; the error is a short reason

@@ -15,7 +15,8 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
-/// Serves until `stop` turns true. `ready` answers /readyz.
+/// Serves until `stop` turns true. `ready` answers /readyz (the leader
+/// gauge names the role).
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
@@ -35,12 +36,18 @@ pub async fn serve(
                 let (code, ctype, body) = match req.uri().path() {
                     "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
                     "/readyz" if ready.load(Ordering::Relaxed) => {
-                        (StatusCode::OK, "text/plain", "ok\n".to_string())
+                        let role = if metrics.leader.get() == 1 {
+                            "leader"
+                        } else {
+                            "standby"
+                        };
+                        (StatusCode::OK, "text/plain", format!("ok: {role}\n"))
                     }
                     "/readyz" => (
                         StatusCode::SERVICE_UNAVAILABLE,
                         "text/plain",
-                        "not ready\n".to_string(),
+                        "not ready: the API server did not answer the last leader Lease request\n"
+                            .to_string(),
                     ),
                     "/metrics" => (
                         StatusCode::OK,

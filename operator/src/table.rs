@@ -2,7 +2,7 @@
 //! accepted ones sorted by host, claims resolved oldest-first, content hash.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
+use std::path::PathBuf;
 
 use kube::ResourceExt;
 use pullthrough_api::agent::NodeProxy;
@@ -10,6 +10,8 @@ use pullthrough_api::config::{ProxyConfig, RegistryConfig};
 use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::names::DOCKER_HUB;
 use sha2::{Digest, Sha256};
+
+use crate::refs::Refs;
 
 /// Key of the table in the ConfigMap.
 pub const CONFIG_KEY: &str = "config.yaml";
@@ -25,11 +27,32 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    fn rejected(reason: &str, message: impl Into<String>) -> Self {
+        Verdict::Rejected {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// Reasons of `Accepted=False`.
 pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const DUPLICATE_HOST: &str = "DuplicateHost";
-    pub const UNSUPPORTED: &str = "Unsupported";
+    /// `spec.tls.caBundleConfigMapRef` cannot be read or holds no PEM.
+    pub const CA_BUNDLE_UNAVAILABLE: &str = "CABundleUnavailable";
+    /// `spec.credentialsSecretRef` cannot be read or holds no credentials.
+    pub const CREDENTIALS_UNAVAILABLE: &str = "CredentialsUnavailable";
+}
+
+/// Where the proxy finds what the table points at.
+#[derive(Debug, Clone)]
+pub struct Mounts {
+    /// The table ConfigMap's directory (CA bundle keys).
+    pub table: PathBuf,
+    /// The credentials Secret's directory.
+    pub credentials: PathBuf,
 }
 
 /// The rendered table.
@@ -41,6 +64,9 @@ pub struct Table {
     pub hash: String,
     /// Extra ConfigMap keys (`tls.caBundle` PEMs).
     pub extra: BTreeMap<String, String>,
+    /// Keys of the proxy's credentials Secret (`<host>.json`), never in the
+    /// ConfigMap the agents read.
+    pub credentials: BTreeMap<String, String>,
     /// Per MirrorRegistry name.
     pub verdicts: HashMap<String, Verdict>,
 }
@@ -50,10 +76,9 @@ pub fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
-/// ConfigMap key holding the CA bundle of `host`.
-pub fn ca_bundle_key(host: &str) -> String {
-    let safe: String = host
-        .chars()
+/// `host` as a file name (`:` → `_`).
+fn file_safe(host: &str) -> String {
+    host.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
                 c
@@ -61,8 +86,17 @@ pub fn ca_bundle_key(host: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("cabundle-{safe}.pem")
+        .collect()
+}
+
+/// ConfigMap key holding the CA bundle of `host`.
+pub fn ca_bundle_key(host: &str) -> String {
+    format!("cabundle-{}.pem", file_safe(host))
+}
+
+/// Credentials Secret key of `host`.
+pub fn credentials_key(host: &str) -> String {
+    format!("{}.json", file_safe(host))
 }
 
 /// Renders the table from every MirrorRegistry (deleting ones are left
@@ -71,7 +105,8 @@ pub fn render(
     base: &ProxyConfig,
     crs: &[std::sync::Arc<MirrorRegistry>],
     proxy: Option<NodeProxy>,
-    mount_path: &Path,
+    mounts: &Mounts,
+    refs: &Refs,
 ) -> Result<Table, pullthrough_api::config::ConfigError> {
     let mut live: Vec<&MirrorRegistry> = crs
         .iter()
@@ -88,32 +123,18 @@ pub fn render(
     let mut verdicts = HashMap::new();
     let mut registries = Vec::new();
     let mut extra = BTreeMap::new();
+    let mut credentials = BTreeMap::new();
     for cr in live {
         let name = cr.name_any();
         let mut reg = match RegistryConfig::try_from(&cr.spec) {
             Ok(r) => r,
             Err(e) => {
-                verdicts.insert(
-                    name,
-                    Verdict::Rejected {
-                        reason: reason::INVALID_SPEC.into(),
-                        message: e.to_string(),
-                    },
-                );
+                verdicts.insert(name, Verdict::rejected(reason::INVALID_SPEC, e.to_string()));
                 continue;
             }
         };
-        let tls = cr.spec.tls.clone().unwrap_or_default();
-        if tls.ca_bundle_config_map_ref.is_some() {
-            verdicts.insert(
-                name,
-                Verdict::Rejected {
-                    reason: reason::UNSUPPORTED.into(),
-                    message: "spec.tls.caBundleConfigMapRef is not supported by this operator yet: put the PEM in spec.tls.caBundle".into(),
-                },
-            );
-            continue;
-        }
+        // Claims first: an older registry whose Secret is briefly
+        // unreadable keeps its host rather than losing it to a newer one.
         let names: Vec<&str> = reg
             .names()
             .chain(reg.auth_hosts.iter().map(String::as_str))
@@ -124,20 +145,68 @@ pub fn render(
         {
             verdicts.insert(
                 name,
-                Verdict::Rejected {
-                    reason: reason::DUPLICATE_HOST.into(),
-                    message: format!("`{n}` is already served by MirrorRegistry {owner}"),
-                },
+                Verdict::rejected(
+                    reason::DUPLICATE_HOST,
+                    format!("`{n}` is already served by MirrorRegistry {owner}"),
+                ),
             );
             continue;
         }
         for n in names {
             claimed.insert(n.to_string(), name.clone());
         }
-        if let Some(pem) = tls.ca_bundle {
+        let tls = cr.spec.tls.clone().unwrap_or_default();
+        let ca_bundle = match (&tls.ca_bundle, &tls.ca_bundle_config_map_ref) {
+            (Some(pem), _) => Some(pem.clone()),
+            (None, Some(r)) => match refs.ca_bundle(r) {
+                Ok(pem) => Some(pem),
+                Err(message) => {
+                    verdicts.insert(
+                        name,
+                        Verdict::rejected(
+                            reason::CA_BUNDLE_UNAVAILABLE,
+                            format!("spec.tls.caBundleConfigMapRef: {message}"),
+                        ),
+                    );
+                    continue;
+                }
+            },
+            (None, None) => None,
+        };
+        let creds = match &cr.spec.credentials_secret_ref {
+            None => None,
+            Some(r) => {
+                let upstream_host = reg
+                    .upstream
+                    .as_deref()
+                    .and_then(|u| u.parse::<http::Uri>().ok())
+                    .and_then(|u| u.authority().map(|a| a.to_string()));
+                let mut names: Vec<&str> = reg.names().collect();
+                names.extend(upstream_host.as_deref());
+                match refs.credentials(r, &names) {
+                    Ok(c) => Some(c),
+                    Err(message) => {
+                        verdicts.insert(
+                            name,
+                            Verdict::rejected(
+                                reason::CREDENTIALS_UNAVAILABLE,
+                                format!("spec.credentialsSecretRef: {message}"),
+                            ),
+                        );
+                        continue;
+                    }
+                }
+            }
+        };
+        if let Some(pem) = ca_bundle {
             let key = ca_bundle_key(&reg.host);
-            reg.ca_bundle = Some(mount_path.join(&key));
+            reg.ca_bundle = Some(mounts.table.join(&key));
             extra.insert(key, pem);
+        }
+        if let Some(c) = creds {
+            let key = credentials_key(&reg.host);
+            reg.credentials_file = Some(mounts.credentials.join(&key));
+            credentials.insert(key, c.to_json());
         }
         registries.push(reg);
         verdicts.insert(name, Verdict::Accepted);
@@ -156,6 +225,7 @@ pub fn render(
         hash: sha256_hex(&yaml),
         yaml,
         extra,
+        credentials,
         verdicts,
     })
 }
@@ -179,6 +249,20 @@ mod tests {
         ProxyConfig::from_yaml("{}").unwrap()
     }
 
+    fn mounts() -> Mounts {
+        Mounts {
+            table: "/m".into(),
+            credentials: "/c".into(),
+        }
+    }
+
+    fn rejected(t: &Table, name: &str) -> (String, String) {
+        match &t.verdicts[name] {
+            Verdict::Rejected { reason, message } => (reason.clone(), message.clone()),
+            v => panic!("{name}: {v:?}"),
+        }
+    }
+
     #[test]
     fn sorted_by_host_oldest_claim_wins_and_stable() {
         let crs = vec![
@@ -187,7 +271,7 @@ mod tests {
             cr("dup", 3, "host: other.io\naliases: [quay.io]\n"),
             cr("bad", 0, "host: bad.io\naliases: [bad.io]\n"),
         ];
-        let t = render(&empty(), &crs, None, Path::new("/m")).unwrap();
+        let t = render(&empty(), &crs, None, &mounts(), &Refs::default()).unwrap();
         let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
         let hosts: Vec<_> = c.registries.iter().map(|r| r.host.as_str()).collect();
         assert_eq!(hosts, ["docker.io", "quay.io"]);
@@ -202,7 +286,9 @@ mod tests {
         let mut rev = crs.clone();
         rev.reverse();
         assert_eq!(
-            render(&empty(), &rev, None, Path::new("/m")).unwrap().hash,
+            render(&empty(), &rev, None, &mounts(), &Refs::default())
+                .unwrap()
+                .hash,
             t.hash
         );
         assert_eq!(t.hash, sha256_hex(&t.yaml));
@@ -215,12 +301,91 @@ mod tests {
             1,
             "host: reg.lan:5000\ntls: {caBundle: \"-----BEGIN CERTIFICATE-----\\nx\\n\"}\n",
         )];
-        let t = render(&empty(), &crs, None, Path::new("/m")).unwrap();
+        let t = render(&empty(), &crs, None, &mounts(), &Refs::default()).unwrap();
         assert!(t.extra.contains_key("cabundle-reg.lan_5000.pem"));
         assert!(
             t.yaml.contains("/m/cabundle-reg.lan_5000.pem"),
             "{}",
             t.yaml
         );
+    }
+
+    #[test]
+    fn ca_bundle_config_map_ref_is_copied_into_the_table() {
+        let pem = "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n";
+        let refs = Refs::default().with_config_map("ns", "roots", &[("ca.crt", pem)]);
+        let crs = vec![
+            cr(
+                "a",
+                1,
+                "host: reg.lan\ntls: {caBundleConfigMapRef: {name: roots, namespace: ns}}\n",
+            ),
+            cr(
+                "b",
+                2,
+                "host: other.lan\ntls: {caBundleConfigMapRef: {name: roots, namespace: ns, key: nope}}\n",
+            ),
+            cr(
+                "c",
+                3,
+                "host: third.lan\ntls: {caBundleConfigMapRef: {name: gone, namespace: ns}}\n",
+            ),
+        ];
+        let t = render(&empty(), &crs, None, &mounts(), &refs).unwrap();
+        assert_eq!(t.extra["cabundle-reg.lan.pem"], pem);
+        let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
+        assert_eq!(
+            c.registry("reg.lan").unwrap().ca_bundle.as_deref(),
+            Some(std::path::Path::new("/m/cabundle-reg.lan.pem"))
+        );
+        let (reason, message) = rejected(&t, "b");
+        assert_eq!(reason, "CABundleUnavailable");
+        assert!(message.contains("no key `nope`"), "{message}");
+        let (reason, message) = rejected(&t, "c");
+        assert_eq!(reason, "CABundleUnavailable");
+        assert!(message.contains("was not read"), "{message}");
+        assert!(c.registry("other.lan").is_none());
+    }
+
+    #[test]
+    fn credentials_go_to_the_secret_not_the_table() {
+        use k8s_openapi::ByteString;
+        let mut s = k8s_openapi::api::core::v1::Secret::default();
+        s.metadata.name = Some("creds".into());
+        s.metadata.namespace = Some("ns".into());
+        s.data = Some(
+            [("username", "robot"), ("password", "hunter2")]
+                .iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        );
+        let refs = Refs::default().with_secret(s);
+        let crs = vec![
+            cr(
+                "a",
+                1,
+                "host: reg.lan:5000\ncredentialsSecretRef: {name: creds, namespace: ns}\n",
+            ),
+            cr(
+                "b",
+                2,
+                "host: b.lan\ncredentialsSecretRef: {name: missing, namespace: ns}\n",
+            ),
+        ];
+        let t = render(&empty(), &crs, None, &mounts(), &refs).unwrap();
+        assert!(!t.yaml.contains("hunter2"), "{}", t.yaml);
+        assert_eq!(
+            t.credentials["reg.lan_5000.json"],
+            r#"{"username":"robot","password":"hunter2"}"#
+        );
+        let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
+        assert_eq!(
+            c.registry("reg.lan:5000")
+                .unwrap()
+                .credentials_file
+                .as_deref(),
+            Some(std::path::Path::new("/c/reg.lan_5000.json"))
+        );
+        assert_eq!(rejected(&t, "b").0, "CredentialsUnavailable");
     }
 }

@@ -25,18 +25,8 @@ async fn thousand_registries_converge() {
         .await
         .unwrap()
         .expect("test bed kube-apiserver");
-    api.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &pullthrough_operator::crd_yaml().unwrap(),
-    )
-    .unwrap();
-    api.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/mirrorregistries.pullthrough.dev",
-        "--timeout=60s",
-    ])
-    .unwrap();
+    api.apply_crds(&pullthrough_operator::crd_yaml().unwrap())
+        .unwrap();
     api.create_service_account("pullthrough", "pullthrough-operator")
         .unwrap();
     let rbac = std::fs::read_to_string(concat!(

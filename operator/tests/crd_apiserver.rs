@@ -109,7 +109,6 @@ fn api_server_enforces_the_mirrorregistry_crd() {
             "tls": {"caBundleConfigMapRef": {"name": "quay-ca", "namespace": "pullthrough"}},
             "credentialsSecretRef": {"name": "quay-creds", "namespace": "pullthrough"},
             "tagTTL": "1h30m",
-            "private": true,
         }),
     );
     create(&api, "docker-hub", json!({"host": "docker.io"}));
@@ -297,6 +296,13 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         "ca-path",
         json!({"host": "quay.io", "tls": {"caBundle": "/etc/ssl/ca.pem"}}),
         "must hold PEM certificates",
+    );
+    rejected(
+        &api,
+        "private-with-credentials",
+        json!({"host": "quay.io", "private": true,
+               "credentialsSecretRef": {"name": "x", "namespace": "y"}}),
+        "credentialsSecretRef would never be used",
     );
     rejected(
         &api,

@@ -32,6 +32,16 @@ fn rbac_yaml() -> String {
         .unwrap()
 }
 
+/// The CRD (established), the namespace, the operator's ServiceAccount and
+/// the shipped RBAC.
+fn install(api: &KubeApiserver) {
+    api.apply_crds(&pullthrough_operator::crd_yaml().unwrap())
+        .unwrap();
+    api.create_service_account(NS, SA).unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &rbac_yaml())
+        .unwrap();
+}
+
 fn get(api: &KubeApiserver, args: &[&str]) -> Option<Value> {
     let mut a = vec!["get"];
     a.extend_from_slice(args);
@@ -199,11 +209,16 @@ fn apply(api: &KubeApiserver, name: &str, spec: Value) -> Result<String, Error> 
 }
 
 fn agent_lease(api: &KubeApiserver, node: &str, registries: &str) {
-    let ts = std::time::SystemTime::now()
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    let renew = humantime_rfc3339(ts);
+    agent_lease_renewed(api, node, registries, now);
+}
+
+/// An agent Lease last renewed at `renewed` (unix seconds), valid an hour.
+fn agent_lease_renewed(api: &KubeApiserver, node: &str, registries: &str, renewed: u64) {
+    let renew = humantime_rfc3339(renewed);
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -243,23 +258,7 @@ fn events(api: &KubeApiserver) -> usize {
 fn operator_reconciles_against_a_real_apiserver() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
     let rt = tokio::runtime::Runtime::new().unwrap();
-
-    // CRD, namespace, ServiceAccount and the shipped RBAC.
-    api.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &pullthrough_operator::crd_yaml().unwrap(),
-    )
-    .unwrap();
-    api.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/mirrorregistries.pullthrough.dev",
-        "--timeout=60s",
-    ])
-    .unwrap();
-    api.create_service_account(NS, SA).unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &rbac_yaml())
-        .unwrap();
+    install(&api);
     let svc = json!({
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "pullthrough-proxy", "namespace": NS},
@@ -294,6 +293,44 @@ fn operator_reconciles_against_a_real_apiserver() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(64));
+    // An API server that does not answer: alive, but not ready.
+    let dead = api.dir().join("dead-kubeconfig");
+    std::fs::write(
+        &dead,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\n\
+             clusters: [{{name: c, cluster: {{server: \"https://127.0.0.1:{}\", insecure-skip-tls-verify: true}}}}]\n\
+             users: [{{name: u, user: {{token: x}}}}]\n\
+             contexts: [{{name: c, context: {{cluster: c, user: u}}}}]\n",
+            free_port().unwrap()
+        ),
+    )
+    .unwrap();
+    let dead_port = free_port().unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"));
+    cmd.env("KUBECONFIG", &dead)
+        .args(["--namespace", NS, "--listen"])
+        .arg(format!("127.0.0.1:{dead_port}"));
+    let mut lonely =
+        Process::spawn("pullthrough-operator", cmd, api.dir().join("dead-op.log")).unwrap();
+    let probe = |path: &str| {
+        pullthrough_testbed::http::Get::new(&format!("http://127.0.0.1:{dead_port}{path}"))
+            .send()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(0)
+    };
+    wait_for(
+        "operator without an API server answers /healthz",
+        TIMEOUT,
+        || Ok(probe("/healthz") == 200),
+    )
+    .unwrap();
+    // The first Lease request fails within its connect timeout.
+    wait_for("... and /readyz says not ready", TIMEOUT, || {
+        Ok(probe("/readyz") == 503)
+    })
+    .unwrap();
+    lonely.stop().unwrap();
 
     // Three CRs: the CEL-invalid one is refused by the API server itself.
     apply(&api, "quay", json!({"host": "quay.io", "tagTTL": "10m"})).unwrap();
@@ -409,11 +446,23 @@ fn operator_reconciles_against_a_real_apiserver() {
         String::from_utf8_lossy(&r.body).to_string()
     };
     std::thread::sleep(Duration::from_secs(2));
-    assert!(
-        scrape().contains("pullthrough_operator_leader 0"),
-        "{}",
+    // Exact lines: the HELP text of the gauge itself starts with "1 while".
+    let leader_is = |v: &str| {
         scrape()
-    );
+            .lines()
+            .any(|l| l == format!("pullthrough_operator_leader {v}"))
+    };
+    assert!(leader_is("0"), "{}", scrape());
+    let readyz = |port: u16| {
+        let r = pullthrough_testbed::http::Get::new(&format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .unwrap();
+        (
+            r.status.as_u16(),
+            String::from_utf8_lossy(&r.body).to_string(),
+        )
+    };
+    assert_eq!(readyz(metrics_port), (200, "ok: standby\n".to_string()));
     let lease = get(&api, &["lease", "pullthrough-operator", "-n", NS]).unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "test-1");
     // ...and takes over when it stops (SIGTERM releases the Lease).
@@ -422,10 +471,8 @@ fn operator_reconciles_against_a_real_apiserver() {
         status.success(),
         "SIGTERM must stop the operator cleanly: {status}"
     );
-    wait_for("standby takes over", TIMEOUT, || {
-        Ok(scrape().contains("pullthrough_operator_leader 1"))
-    })
-    .unwrap();
+    wait_for("standby takes over", TIMEOUT, || Ok(leader_is("1"))).unwrap();
+    assert_eq!(readyz(metrics_port), (200, "ok: leader\n".to_string()));
     std::thread::sleep(Duration::from_secs(6));
     let after = (
         table(&api).unwrap().2["metadata"]["resourceVersion"].clone(),
@@ -518,14 +565,7 @@ fn bundle(api: &KubeApiserver) -> Option<String> {
 #[test]
 fn ca_rotates_with_an_overlap() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    api.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &pullthrough_operator::crd_yaml().unwrap(),
-    )
-    .unwrap();
-    api.create_service_account(NS, SA).unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &rbac_yaml())
-        .unwrap();
+    install(&api);
     let token = api.token_for(NS, SA).unwrap();
     let kubeconfig = api.kubeconfig_for_token(&token).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"));
@@ -572,4 +612,229 @@ fn ca_rotates_with_an_overlap() {
     .unwrap();
     let status = op.stop().unwrap().expect("exit status");
     assert!(status.success(), "{status}");
+}
+
+/// A ConfigMap or Secret applied from JSON.
+fn apply_json(api: &KubeApiserver, v: Value) {
+    api.kubectl_stdin(&["apply", "-f", "-"], &v.to_string())
+        .unwrap();
+}
+
+fn basic_auth_secret(ns: &str, name: &str, user: &str, password: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
+           "metadata": {"name": name, "namespace": ns},
+           "stringData": {"username": user, "password": password}})
+}
+
+/// The proxy's credentials Secret, decoded.
+fn proxy_credentials(api: &KubeApiserver) -> Option<std::collections::BTreeMap<String, String>> {
+    use base64::Engine;
+    let s = get(
+        api,
+        &["secret", "pullthrough-upstream-credentials", "-n", NS],
+    )?;
+    Some(
+        s["data"]
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        let raw = base64::engine::general_purpose::STANDARD
+                            .decode(v.as_str().unwrap())
+                            .unwrap();
+                        (k.clone(), String::from_utf8(raw).unwrap())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// `tls.caBundleConfigMapRef` and `credentialsSecretRef` read with the
+/// shipped RBAC (release namespace yes, elsewhere only once granted the
+/// way the chart's `operator.referenceNamespaces` does), credential rotation,
+/// `status.cache` from the proxy, and node totals ignoring expired Leases
+/// of deleted Nodes.
+#[test]
+fn references_cache_counters_and_departed_nodes() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    install(&api);
+    api.kubectl(&["create", "namespace", "team"]).unwrap();
+    let proxy_state = Arc::new(Mutex::new(json!({"configHash": "none", "registries": []})));
+    let status_port = fake_proxy(&rt, proxy_state.clone());
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port,
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+    };
+    let (mut proc, _) = op.start();
+
+    // A CA bundle from a ConfigMap in the release namespace.
+    let ca = pullthrough_testbed::tls::TestCa::new("refs test CA").unwrap();
+    let pem = ca.cert_pem();
+    apply_json(
+        &api,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": "lan-roots", "namespace": NS},
+               "data": {"roots.pem": pem}}),
+    );
+    apply(
+        &api,
+        "lan",
+        json!({"host": "reg.lan:5000",
+               "tls": {"caBundleConfigMapRef": {"name": "lan-roots", "namespace": NS, "key": "roots.pem"}}}),
+    )
+    .unwrap();
+    // Credentials from a basic-auth Secret in the release namespace.
+    apply_json(
+        &api,
+        basic_auth_secret(NS, "quay-creds", "robot", "s3cret-1"),
+    );
+    apply(
+        &api,
+        "quay",
+        json!({"host": "quay.io", "credentialsSecretRef": {"name": "quay-creds", "namespace": NS}}),
+    )
+    .unwrap();
+    // ...and from a namespace the operator may not read (yet).
+    apply_json(&api, basic_auth_secret("team", "creds", "teamuser", "t3am"));
+    apply(
+        &api,
+        "team",
+        json!({"host": "team.example", "credentialsSecretRef": {"name": "creds", "namespace": "team"}}),
+    )
+    .unwrap();
+
+    wait_table(&api, "table with reg.lan:5000 and quay.io", |c| {
+        hosts(c) == ["quay.io", "reg.lan:5000"]
+    });
+    let (_, config, cm) = table(&api).unwrap();
+    assert_eq!(cm["data"]["cabundle-reg.lan_5000.pem"], pem);
+    assert_eq!(
+        config
+            .registry("reg.lan:5000")
+            .unwrap()
+            .ca_bundle
+            .as_deref(),
+        Some(Path::new("/etc/pullthrough/cabundle-reg.lan_5000.pem"))
+    );
+    assert_eq!(
+        config
+            .registry("quay.io")
+            .unwrap()
+            .credentials_file
+            .as_deref(),
+        Some(Path::new("/etc/pullthrough/credentials/quay.io.json"))
+    );
+    assert!(
+        !cm.to_string().contains("s3cret"),
+        "credentials must never reach the table the agents read"
+    );
+    let creds = proxy_credentials(&api).expect("credentials Secret");
+    assert_eq!(
+        creds["quay.io.json"],
+        r#"{"username":"robot","password":"s3cret-1"}"#
+    );
+    wait_cond(&api, "lan", "Accepted", "True", Some("Valid"));
+    wait_cond(&api, "quay", "Accepted", "True", Some("Valid"));
+    wait_cond(
+        &api,
+        "team",
+        "Accepted",
+        "False",
+        Some("CredentialsUnavailable"),
+    );
+    let msg = cond(&mreg(&api, "team").unwrap(), "Accepted").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        msg.contains("team/creds") && msg.contains("operator.referenceNamespaces"),
+        "{msg}"
+    );
+
+    // Granting read access in `team` the way the chart does (a Role with
+    // `get` there) lets the next resync accept it.
+    let grant = format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata: {{name: pullthrough-operator-references, namespace: team}}\n\
+         rules: [{{apiGroups: [\"\"], resources: [secrets, configmaps], verbs: [get]}}]\n---\n\
+         apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {{name: pullthrough-operator-references, namespace: team}}\n\
+         roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: pullthrough-operator-references}}\n\
+         subjects: [{{kind: ServiceAccount, name: {SA}, namespace: {NS}}}]\n"
+    );
+    api.kubectl_stdin(&["apply", "-f", "-"], &grant).unwrap();
+    wait_cond(&api, "team", "Accepted", "True", Some("Valid"));
+    wait_table(&api, "team.example in the table", |c| {
+        c.registry("team.example").is_some()
+    });
+
+    // Rotation: a new password reaches the proxy's Secret.
+    apply_json(
+        &api,
+        basic_auth_secret(NS, "quay-creds", "robot", "s3cret-2"),
+    );
+    wait_for("rotated credentials", TIMEOUT, || {
+        Ok(proxy_credentials(&api).is_some_and(|c| {
+            c.get("quay.io.json")
+                .is_some_and(|j| j.contains("s3cret-2"))
+        }))
+    })
+    .unwrap();
+    // A deleted Secret takes the registry out (and its credentials with it).
+    api.kubectl(&["delete", "secret", "creds", "-n", "team"])
+        .unwrap();
+    wait_cond(
+        &api,
+        "team",
+        "Accepted",
+        "False",
+        Some("CredentialsUnavailable"),
+    );
+    wait_for("team credentials removed", TIMEOUT, || {
+        Ok(proxy_credentials(&api).is_some_and(|c| !c.contains_key("team.example.json")))
+    })
+    .unwrap();
+
+    // status.cache: the proxy's counters for the host.
+    let hash = table(&api).unwrap().0;
+    *proxy_state.lock().unwrap() = json!({
+        "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
+        "cache": {"quay.io": {"hits": 7, "misses": 2, "bytes": 4096}},
+    });
+    wait_for("status.cache", TIMEOUT, || {
+        Ok(mreg(&api, "quay").unwrap()["status"]["cache"]
+            == json!({"hits": 7, "misses": 2, "bytes": 4096}))
+    })
+    .unwrap();
+
+    // Nodes: a live agent counts; an expired Lease counts while its Node
+    // exists, and stops counting once the Node is deleted.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    agent_lease(&api, "node-1", "quay.io,reg.lan:5000");
+    agent_lease_renewed(&api, "node-old", "quay.io", now - 7200);
+    apply_json(
+        &api,
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-old"}}),
+    );
+    let nodes = |name: &str| mreg(&api, name).unwrap()["status"]["nodesSummary"].clone();
+    wait_for("1/2 while node-old exists", TIMEOUT, || {
+        Ok(nodes("quay") == "1/2")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", nodes("quay")));
+    wait_cond(&api, "quay", "NodesConfigured", "False", Some("Pending"));
+    api.kubectl(&["delete", "node", "node-old"]).unwrap();
+    wait_for("1/1 once node-old is gone", TIMEOUT, || {
+        Ok(nodes("quay") == "1/1")
+    })
+    .unwrap_or_else(|e| panic!("{e}: {}", nodes("quay")));
+    wait_cond(&api, "quay", "NodesConfigured", "True", None);
+
+    let status = proc.stop().unwrap().expect("exit status");
+    assert!(status.success(), "{status}\n{}", proc.log_tail(4000));
 }

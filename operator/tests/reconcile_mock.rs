@@ -46,6 +46,8 @@ fn settings() -> Settings {
         namespace: "pullthrough".into(),
         table_configmap: "pullthrough-registries".into(),
         table_mount_path: PathBuf::from("/etc/pullthrough"),
+        credentials_secret: "pullthrough-upstream-credentials".into(),
+        credentials_mount_path: PathBuf::from("/etc/pullthrough/credentials"),
         proxy_service: "pullthrough-proxy".into(),
         node_ca_file: PathBuf::from("/etc/pullthrough/ca/ca.crt"),
         // Nothing listens on port 1: ProxyReady=False, ProxyUnreachable.
@@ -71,6 +73,31 @@ fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
             404,
             &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                     "reason": "NotFound", "code": 404, "message": "not found"}),
+        );
+    }
+    if method == "GET" && path == "/api/v1/namespaces/team/secrets/creds" {
+        return json_resp(
+            200,
+            &json!({"kind": "Secret", "apiVersion": "v1",
+                    "metadata": {"name": "creds", "namespace": "team"},
+                    "type": "kubernetes.io/basic-auth",
+                    // "robot" / "hunter2"
+                    "data": {"username": "cm9ib3Q=", "password": "aHVudGVyMg=="}}),
+        );
+    }
+    if method == "GET" && path.contains("/secrets/") {
+        return json_resp(
+            403,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "Forbidden", "code": 403,
+                    "message": "secrets is forbidden: cannot get resource"}),
+        );
+    }
+    if path == "/api/v1/nodes" {
+        return json_resp(
+            200,
+            &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                    "metadata": {}, "items": []}),
         );
     }
     if path.ends_with("/leases") {
@@ -277,4 +304,59 @@ async fn delete_removes_from_table_and_drops_finalizer() {
         patches[0]
     );
     assert!(find(&log, "PATCH", "/mirrorregistries/gone/status").is_empty());
+}
+
+#[tokio::test]
+async fn credentials_reach_the_proxy_secret_and_never_the_table() {
+    let spec = json!({"host": "reg.example", "credentialsSecretRef": {"name": "creds", "namespace": "team"}});
+    let (log, _) = run(cr("private", 1, spec, true), vec![]).await;
+    let log = log.lock().unwrap().clone();
+    let yaml = table_yaml(&log);
+    assert!(!yaml.contains("hunter2"), "{yaml}");
+    let table = ProxyConfig::from_yaml(&yaml).unwrap();
+    let file = table.registries[0].credentials_file.clone().unwrap();
+    assert_eq!(
+        file,
+        PathBuf::from("/etc/pullthrough/credentials/reg.example.json")
+    );
+    let applies = find(&log, "PATCH", "/secrets/pullthrough-upstream-credentials");
+    assert_eq!(applies.len(), 1, "{log:#?}");
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(applies[0]["data"]["reg.example.json"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(raw, br#"{"username":"robot","password":"hunter2"}"#);
+    // The Secret is written before the table that points at it.
+    let order: Vec<&str> = log
+        .iter()
+        .filter(|(m, _, _)| m == "PATCH")
+        .map(|(_, p, _)| p.as_str())
+        .collect();
+    let secret_at = order
+        .iter()
+        .position(|p| p.ends_with("/secrets/pullthrough-upstream-credentials"));
+    let table_at = order
+        .iter()
+        .position(|p| p.ends_with("/configmaps/pullthrough-registries"));
+    assert!(secret_at < table_at, "{order:?}");
+}
+
+#[tokio::test]
+async fn unreadable_credentials_reject_only_that_registry() {
+    let other = cr("public", 1, json!({"host": "quay.io"}), true);
+    let spec =
+        json!({"host": "reg.example", "credentialsSecretRef": {"name": "x", "namespace": "other"}});
+    let (log, _) = run(cr("private", 2, spec, true), vec![other]).await;
+    let log = log.lock().unwrap().clone();
+    let table = ProxyConfig::from_yaml(&table_yaml(&log)).unwrap();
+    let hosts: Vec<_> = table.registries.iter().map(|r| r.host.as_str()).collect();
+    assert_eq!(hosts, ["quay.io"]);
+    let status = find(&log, "PATCH", "/mirrorregistries/private/status");
+    let c = condition(status[0], "Accepted");
+    assert_eq!(c["reason"], "CredentialsUnavailable");
+    let msg = c["message"].as_str().unwrap();
+    assert!(
+        msg.contains("other/x") && msg.contains("operator.referenceNamespaces"),
+        "{msg}"
+    );
 }

@@ -289,6 +289,16 @@ impl KubeApiserver {
         cmd
     }
 
+    /// Applies CustomResourceDefinitions (YAML, possibly several) and waits
+    /// until the API server serves each (`Established`).
+    pub fn apply_crds(&self, yaml: &str) -> Result<()> {
+        let names = self.kubectl_stdin(&["apply", "-f", "-", "-o", "name"], yaml)?;
+        for name in names.lines().map(str::trim).filter(|n| !n.is_empty()) {
+            self.kubectl(&["wait", "--for=condition=Established", name, "--timeout=60s"])?;
+        }
+        Ok(())
+    }
+
     /// A client with the admin identity.
     pub async fn client(&self) -> Result<::kube::Client> {
         client_for_kubeconfig(&self.kubeconfig).await

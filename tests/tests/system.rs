@@ -7,11 +7,15 @@
 //! MirrorRegistry → node configured, CR Accepted/ProxyReady/Nodes 1/1 →
 //! pull MISS → upstream stopped, pull again HIT → `kubectl delete` → node
 //! config removed, CR gone. Each test prints a `TIMELINE` line and fails
-//! when the CR's conditions take longer than [`FEW_SECONDS`].
+//! when the CR's conditions take longer than [`FEW_SECONDS`]. The containerd
+//! flow's upstream is private (TLS with its own CA + htpasswd): the CR names
+//! the CA with `tls.caBundleConfigMapRef` and the credentials with
+//! `credentialsSecretRef`, and the node pulls without any pull secret.
 //!
 //! There is no kubelet: the test plays its part for the proxy's volumes,
-//! copying the table ConfigMap's `config.yaml` and the CA Secret into the
-//! files the proxy reads (as a ConfigMap/Secret volume would), and there is
+//! copying the table ConfigMap, the CA Secret and the upstream-credentials
+//! Secret into the files the proxy reads (as ConfigMap/Secret volumes
+//! would), and there is
 //! no kube-proxy: the proxy Service is headless, so the operator takes the
 //! node section (`proxy:` address, ports, readyUrl) from the base config,
 //! where the test names the proxy's real loopback address, and reads
@@ -50,6 +54,9 @@ const NODE: &str = "node-1";
 const IMAGE: &str = "quay.io/fixture/app:1";
 const CR: &str = "quay";
 const TIMEOUT: Duration = Duration::from_secs(30);
+/// The containerd flow's private upstream.
+const UPSTREAM_USER: &str = "cluster-robot";
+const UPSTREAM_PASSWORD: &str = "s3cret-upstream";
 /// How long the flow may wait for the CR's conditions (beyond the
 /// requirement, so the rest of the flow still runs and is checked).
 const CONDITIONS_TIMEOUT: Duration = Duration::from_secs(60);
@@ -127,19 +134,29 @@ fn sync_file(path: &Path, bytes: &[u8]) {
     fs::rename(&tmp, path).unwrap();
 }
 
-/// The kubelet's part for the proxy's volumes: copies the table
-/// ConfigMap's `config.yaml` to the proxy's config file and the CA
-/// Secret's `tls.crt`/`tls.key` to the files the base config names.
+/// The kubelet's part for the proxy's volumes: copies every key of the
+/// table ConfigMap (`config.yaml`, CA bundles) into `table_dir`, the CA
+/// Secret's `tls.crt`/`tls.key` into `ca_dir`, and the upstream-credentials
+/// Secret into `credentials_dir` (dropping keys it no longer has), as the
+/// ConfigMap and Secret volumes would.
 struct VolumeSync {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
+/// Where [`VolumeSync`] puts each object.
+struct Volumes {
+    table_dir: PathBuf,
+    ca_dir: PathBuf,
+    credentials_dir: PathBuf,
+}
+
 impl VolumeSync {
-    fn start(kubeconfig: PathBuf, config: PathBuf, ca_dir: PathBuf) -> Self {
+    fn start(kubeconfig: PathBuf, v: Volumes) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let kubectl = pullthrough_testbed::tools::go_tool("kubectl").unwrap();
+        fs::create_dir_all(&v.credentials_dir).unwrap();
         let thread = std::thread::spawn(move || {
             let get = |args: &[&str]| -> Option<Value> {
                 let out = Command::new(&kubectl)
@@ -152,20 +169,36 @@ impl VolumeSync {
                     .success()
                     .then(|| serde_json::from_slice(&out.stdout).ok())?
             };
+            let decode = |b64: &str| {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .unwrap()
+            };
             while !flag.load(Ordering::Relaxed) {
                 if let Some(cm) = get(&["get", "configmap", "pullthrough-registries"])
-                    && let Some(yaml) = cm["data"]["config.yaml"].as_str()
+                    && let Some(data) = cm["data"].as_object()
                 {
-                    sync_file(&config, yaml.as_bytes());
+                    for (key, text) in data {
+                        sync_file(&v.table_dir.join(key), text.as_str().unwrap().as_bytes());
+                    }
                 }
                 if let Some(s) = get(&["get", "secret", "pullthrough-ca"]) {
                     for key in ["tls.crt", "tls.key"] {
                         if let Some(b64) = s["data"][key].as_str() {
-                            use base64::Engine as _;
-                            let bytes = base64::engine::general_purpose::STANDARD
-                                .decode(b64)
-                                .unwrap();
-                            sync_file(&ca_dir.join(key), &bytes);
+                            sync_file(&v.ca_dir.join(key), &decode(b64));
+                        }
+                    }
+                }
+                if let Some(s) = get(&["get", "secret", "pullthrough-upstream-credentials"]) {
+                    let data = s["data"].as_object().cloned().unwrap_or_default();
+                    for (key, b64) in &data {
+                        sync_file(&v.credentials_dir.join(key), &decode(b64.as_str().unwrap()));
+                    }
+                    for f in fs::read_dir(&v.credentials_dir).unwrap().flatten() {
+                        let name = f.file_name().to_string_lossy().to_string();
+                        if !data.contains_key(&name) {
+                            let _ = fs::remove_file(f.path());
                         }
                     }
                 }
@@ -279,21 +312,10 @@ fn system_flow(kind: Kind) {
     let mut api = KubeApiserver::start().expect("test bed kube-apiserver");
 
     // CRD, namespace, the chart's RBAC (ServiceAccounts included).
-    api.kubectl(&[
-        "apply",
-        "-f",
-        workspace()
-            .join("charts/pullthrough/crds/mirrorregistries.yaml")
-            .to_str()
+    api.apply_crds(
+        &fs::read_to_string(workspace().join("charts/pullthrough/crds/mirrorregistries.yaml"))
             .unwrap(),
-    ])
-    .unwrap();
-    api.kubectl(&[
-        "wait",
-        "--for=condition=Established",
-        "crd/mirrorregistries.pullthrough.dev",
-        "--timeout=60s",
-    ])
+    )
     .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
     let helm = api.helm().unwrap();
@@ -329,6 +351,7 @@ fn system_flow(kind: Kind) {
     let ca_dir = pdir.join("ca");
     fs::create_dir_all(&ca_dir).unwrap();
     let proxy_config = pdir.join("config.yaml");
+    let credentials_dir = pdir.join("credentials");
     let base = format!(
         "listen: {{https: \"{https}\", http: \"{http}\", admin: \"{admin}\"}}\n\
          dataDir: {data}\n\
@@ -343,8 +366,14 @@ fn system_flow(kind: Kind) {
     let base_path = tmp.path().join("base-config.yaml");
     fs::write(&base_path, &base).unwrap();
 
-    // Upstream with the fixture.
-    let mut upstream = Registry::plain().unwrap();
+    // Upstream with the fixture. The containerd flow's upstream is private
+    // (TLS with its own CA, Basic auth): the MirrorRegistry brings the CA
+    // from a ConfigMap and the credentials from a Secret, the node pulls
+    // anonymously.
+    let mut upstream = match kind {
+        Kind::Containerd => Registry::htpasswd(UPSTREAM_USER, UPSTREAM_PASSWORD).unwrap(),
+        Kind::Dockerd => Registry::plain().unwrap(),
+    };
     let busybox = LayoutBuilder::new(&tmp.path().join("fixtures"))
         .unwrap()
         .busybox("busybox")
@@ -369,6 +398,8 @@ fn system_flow(kind: Kind) {
         .arg("--proxy-base-config")
         .arg(&base_path)
         .args(["--table-mount-path", pdir.to_str().unwrap()])
+        .arg("--credentials-mount-path")
+        .arg(&credentials_dir)
         .arg("--proxy-status-url")
         .arg(format!("http://{admin}/status"))
         .args(["--identity", "operator-0", "--delete-timeout", "60s"]);
@@ -387,8 +418,11 @@ fn system_flow(kind: Kind) {
     // the kubelet has its own).
     let _sync = VolumeSync::start(
         api.kubeconfig_path().to_path_buf(),
-        proxy_config.clone(),
-        ca_dir.clone(),
+        Volumes {
+            table_dir: pdir.clone(),
+            ca_dir: ca_dir.clone(),
+            credentials_dir: credentials_dir.clone(),
+        },
     );
     wait("the CA Secret in the proxy's volume", TIMEOUT, || {
         ca_dir.join("tls.key").is_file()
@@ -496,6 +530,24 @@ fn system_flow(kind: Kind) {
         )
     };
     let mut cr = mreg(CR, "quay.io");
+    if kind == Kind::Containerd {
+        let ca = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "upstream-ca", "namespace": NS},
+            "data": {"ca.crt": upstream.ca_pem().unwrap()},
+        });
+        let creds = json!({
+            "apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/basic-auth",
+            "metadata": {"name": "upstream-creds", "namespace": NS},
+            "stringData": {"username": UPSTREAM_USER, "password": UPSTREAM_PASSWORD},
+        });
+        api.kubectl_stdin(&["apply", "-f", "-"], &format!("{ca}\n{creds}"))
+            .unwrap();
+        cr.push_str(&format!(
+            "  tls:\n    caBundleConfigMapRef: {{name: upstream-ca, namespace: {NS}}}\n  \
+             credentialsSecretRef: {{name: upstream-creds, namespace: {NS}}}\n"
+        ));
+    }
     if kind == Kind::Dockerd {
         // Docker Hub goes through daemon.json's registry-mirrors.
         cr = format!("{cr}---\n{}", mreg("dockerhub", "docker.io"));
@@ -624,6 +676,20 @@ fn system_flow(kind: Kind) {
         "{}",
         proxy.log()
     );
+    // The counters the operator copies into status.cache.
+    let status: Value = serde_json::from_slice(
+        &Get::new(&format!("http://{admin}/status"))
+            .send()
+            .unwrap()
+            .body,
+    )
+    .unwrap();
+    let c = &status["cache"]["quay.io"];
+    assert!(
+        c["hits"].as_u64() >= Some(1) && c["misses"].as_u64() >= Some(1),
+        "{status:#}"
+    );
+    assert!(c["bytes"].as_u64() >= Some(1), "{status:#}");
 
     // (4) kubectl delete → node config removed, finalizer done, CR gone.
     let t_del = Instant::now();

@@ -1,0 +1,350 @@
+//! Objects MirrorRegistries point at: `spec.tls.caBundleConfigMapRef` (a
+//! ConfigMap key with PEM roots) and `spec.credentialsSecretRef` (upstream
+//! credentials). They are read with the operator's own token, so RBAC
+//! decides what may be referenced: the release namespace, plus the chart's
+//! `operator.referenceNamespaces`.
+//!
+//! A reference that cannot be used (missing, forbidden, malformed) is a
+//! problem of that one MirrorRegistry (`Accepted=False`); an API server that
+//! does not answer is a reconcile error, so a hiccup never drops a working
+//! registry from the table.
+
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::{Api, Client};
+use pullthrough_api::crd::{ConfigMapKeyRef, MirrorRegistry, SecretRef};
+use serde::Deserialize;
+
+/// Upstream credentials for one registry, in the form the proxy reads from
+/// `registries[].credentialsFile`: `{"username": ..., "password": ...}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Credentials {
+    /// The proxy's credentials-file content.
+    pub fn to_json(&self) -> String {
+        serde_json::json!({"username": self.username, "password": self.password}).to_string()
+    }
+}
+
+/// The referenced objects, read once per table render.
+#[derive(Debug, Default, Clone)]
+pub struct Refs {
+    config_maps: HashMap<(String, String), Result<BTreeMap<String, String>, String>>,
+    secrets: HashMap<(String, String), Result<Secret, String>>,
+}
+
+/// What went wrong reading a reference, for the condition message.
+fn describe(kind: &str, ns: &str, name: &str, e: &kube::Error) -> Option<String> {
+    match e {
+        kube::Error::Api(s) if s.code == 403 => Some(format!(
+            "the operator may not read {kind} {ns}/{name}: add `{ns}` to the chart value \
+             operator.referenceNamespaces (or keep the {kind} in the release namespace)"
+        )),
+        kube::Error::Api(s) if s.code == 404 => Some(format!("{kind} {ns}/{name} not found")),
+        kube::Error::Api(s) if (400..500).contains(&s.code) => {
+            Some(format!("reading {kind} {ns}/{name}: {}", s.message))
+        }
+        // 5xx, connection errors: not this registry's fault.
+        _ => None,
+    }
+}
+
+impl Refs {
+    /// Reads every object referenced by the live MirrorRegistries in `crs`.
+    pub async fn read<'a>(
+        client: &Client,
+        crs: impl IntoIterator<Item = &'a MirrorRegistry>,
+    ) -> Result<Self, kube::Error> {
+        let mut refs = Refs::default();
+        for cr in crs {
+            if cr.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            if let Some(r) = cr
+                .spec
+                .tls
+                .as_ref()
+                .and_then(|t| t.ca_bundle_config_map_ref.as_ref())
+            {
+                let id = (r.namespace.clone(), r.name.clone());
+                if let Entry::Vacant(slot) = refs.config_maps.entry(id) {
+                    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &r.namespace);
+                    slot.insert(match api.get(&r.name).await {
+                        Ok(cm) => Ok(cm.data.unwrap_or_default()),
+                        Err(e) => Err(describe("ConfigMap", &r.namespace, &r.name, &e).ok_or(e)?),
+                    });
+                }
+            }
+            if let Some(r) = &cr.spec.credentials_secret_ref {
+                let id = (r.namespace.clone(), r.name.clone());
+                if let Entry::Vacant(slot) = refs.secrets.entry(id) {
+                    let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
+                    slot.insert(match api.get(&r.name).await {
+                        Ok(s) => Ok(s),
+                        Err(e) => Err(describe("Secret", &r.namespace, &r.name, &e).ok_or(e)?),
+                    });
+                }
+            }
+        }
+        Ok(refs)
+    }
+
+    /// Adds an object as if read (tests).
+    pub fn with_config_map(mut self, ns: &str, name: &str, data: &[(&str, &str)]) -> Self {
+        self.config_maps.insert(
+            (ns.into(), name.into()),
+            Ok(data
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()),
+        );
+        self
+    }
+
+    /// Adds a Secret as if read (tests).
+    pub fn with_secret(mut self, secret: Secret) -> Self {
+        let id = (
+            secret.metadata.namespace.clone().unwrap_or_default(),
+            secret.metadata.name.clone().unwrap_or_default(),
+        );
+        self.secrets.insert(id, Ok(secret));
+        self
+    }
+
+    /// The PEM bundle `r` points at.
+    pub fn ca_bundle(&self, r: &ConfigMapKeyRef) -> Result<String, String> {
+        let data = self
+            .config_maps
+            .get(&(r.namespace.clone(), r.name.clone()))
+            .ok_or_else(|| format!("ConfigMap {}/{} was not read", r.namespace, r.name))?
+            .as_ref()
+            .map_err(Clone::clone)?;
+        let pem = data.get(&r.key).ok_or_else(|| {
+            format!(
+                "ConfigMap {}/{} has no key `{}` (keys: {})",
+                r.namespace,
+                r.name,
+                r.key,
+                data.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(format!(
+                "ConfigMap {}/{} key `{}` holds no PEM certificate",
+                r.namespace, r.name, r.key
+            ));
+        }
+        Ok(pem.clone())
+    }
+
+    /// The credentials `r` holds for a registry known by `names` (host,
+    /// aliases, upstream host).
+    pub fn credentials(&self, r: &SecretRef, names: &[&str]) -> Result<Credentials, String> {
+        let secret = self
+            .secrets
+            .get(&(r.namespace.clone(), r.name.clone()))
+            .ok_or_else(|| format!("Secret {}/{} was not read", r.namespace, r.name))?
+            .as_ref()
+            .map_err(Clone::clone)?;
+        credentials_from_secret(secret, names)
+            .map_err(|e| format!("Secret {}/{}: {e}", r.namespace, r.name))
+    }
+}
+
+/// `kubernetes.io/dockerconfigjson` (`.dockerconfigjson`, an `auths` entry
+/// for one of `names`, or its only entry), or `kubernetes.io/basic-auth` /
+/// any Secret with `username` and `password` keys.
+pub fn credentials_from_secret(secret: &Secret, names: &[&str]) -> Result<Credentials, String> {
+    let data = secret.data.clone().unwrap_or_default();
+    let text = |key: &str| -> Result<Option<String>, String> {
+        data.get(key)
+            .map(|b| {
+                String::from_utf8(b.0.clone()).map_err(|_| format!("key `{key}` is not UTF-8"))
+            })
+            .transpose()
+    };
+    if let Some(json) = text(".dockerconfigjson")? {
+        return from_docker_config(&json, names);
+    }
+    match (text("username")?, text("password")?) {
+        (Some(username), Some(password)) if !username.is_empty() => {
+            Ok(Credentials { username, password })
+        }
+        _ => Err(format!(
+            "expected a kubernetes.io/dockerconfigjson Secret (key .dockerconfigjson) or \
+             keys `username` and `password`; found keys: {}",
+            data.keys().cloned().collect::<Vec<_>>().join(", ")
+        )),
+    }
+}
+
+#[derive(Deserialize)]
+struct DockerConfig {
+    #[serde(default)]
+    auths: BTreeMap<String, DockerAuth>,
+}
+
+#[derive(Deserialize)]
+struct DockerAuth {
+    username: Option<String>,
+    password: Option<String>,
+    auth: Option<String>,
+}
+
+/// The registry part of an `auths` key: `https://index.docker.io/v1/` →
+/// `index.docker.io`.
+fn auth_key_host(key: &str) -> &str {
+    let k = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    k.split('/').next().unwrap_or(k)
+}
+
+fn from_docker_config(json: &str, names: &[&str]) -> Result<Credentials, String> {
+    let cfg: DockerConfig =
+        serde_json::from_str(json).map_err(|e| format!(".dockerconfigjson is not valid: {e}"))?;
+    // Docker Hub credentials are stored under index.docker.io.
+    let hub = names
+        .iter()
+        .any(|n| *n == pullthrough_api::names::DOCKER_HUB || *n == "registry-1.docker.io");
+    let wanted = |h: &str| names.contains(&h) || (hub && h == "index.docker.io");
+    let entry = cfg
+        .auths
+        .iter()
+        .find(|(k, _)| wanted(auth_key_host(k)))
+        .or_else(|| {
+            (cfg.auths.len() == 1)
+                .then(|| cfg.auths.iter().next())
+                .flatten()
+        })
+        .ok_or_else(|| {
+            format!(
+                ".dockerconfigjson has no auths entry for {} (entries: {})",
+                names.join(", "),
+                cfg.auths.keys().cloned().collect::<Vec<_>>().join(", ")
+            )
+        })?;
+    let (key, a) = entry;
+    match (&a.username, &a.password, &a.auth) {
+        (Some(u), Some(p), _) if !u.is_empty() => Ok(Credentials {
+            username: u.clone(),
+            password: p.clone(),
+        }),
+        (_, _, Some(auth)) => {
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|_| format!("auths[{key}].auth is not base64"))?;
+            let s =
+                String::from_utf8(raw).map_err(|_| format!("auths[{key}].auth is not UTF-8"))?;
+            let (u, p) = s
+                .split_once(':')
+                .ok_or_else(|| format!("auths[{key}].auth is not `user:password`"))?;
+            Ok(Credentials {
+                username: u.into(),
+                password: p.into(),
+            })
+        }
+        _ => Err(format!(
+            "auths[{key}] has neither username/password nor auth"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use k8s_openapi::ByteString;
+
+    fn secret(data: &[(&str, &str)]) -> Secret {
+        let mut s = Secret::default();
+        s.metadata.name = Some("creds".into());
+        s.metadata.namespace = Some("ns".into());
+        s.data = Some(
+            data.iter()
+                .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        );
+        s
+    }
+
+    #[test]
+    fn basic_auth_secret() {
+        let c = credentials_from_secret(
+            &secret(&[("username", "u"), ("password", "p")]),
+            &["quay.io"],
+        )
+        .unwrap();
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("u", "p"));
+        assert!(!format!("{c:?}").contains("\"p\""), "{c:?}");
+        assert_eq!(c.to_json(), r#"{"username":"u","password":"p"}"#);
+    }
+
+    #[test]
+    fn docker_config_picks_the_registry_entry() {
+        let auth = base64::engine::general_purpose::STANDARD.encode("hubuser:hubpw");
+        let json = format!(
+            r#"{{"auths": {{"quay.io": {{"username": "q", "password": "qp"}},
+                "https://index.docker.io/v1/": {{"auth": "{auth}"}}}}}}"#
+        );
+        let s = secret(&[(".dockerconfigjson", &json)]);
+        let hub = credentials_from_secret(&s, &["docker.io"]).unwrap();
+        assert_eq!(
+            (hub.username.as_str(), hub.password.as_str()),
+            ("hubuser", "hubpw")
+        );
+        let quay = credentials_from_secret(&s, &["quay.io"]).unwrap();
+        assert_eq!(quay.username, "q");
+        let err = credentials_from_secret(&s, &["ghcr.io"]).unwrap_err();
+        assert!(err.contains("no auths entry for ghcr.io"), "{err}");
+    }
+
+    #[test]
+    fn single_entry_and_errors_name_the_problem() {
+        let s = secret(&[(
+            ".dockerconfigjson",
+            r#"{"auths": {"reg.lan:5000": {"username": "a", "password": "b"}}}"#,
+        )]);
+        assert_eq!(
+            credentials_from_secret(&s, &["other.lan"])
+                .unwrap()
+                .username,
+            "a"
+        );
+        let err = credentials_from_secret(&secret(&[("token", "x")]), &["q"]).unwrap_err();
+        assert!(err.contains("found keys: token"), "{err}");
+        let err =
+            credentials_from_secret(&secret(&[(".dockerconfigjson", "{")]), &["q"]).unwrap_err();
+        assert!(err.contains(".dockerconfigjson is not valid"), "{err}");
+    }
+
+    #[test]
+    fn ca_bundle_errors_name_the_key() {
+        let refs = Refs::default().with_config_map("ns", "cm", &[("other", "x")]);
+        let r = ConfigMapKeyRef {
+            name: "cm".into(),
+            namespace: "ns".into(),
+            key: "ca.crt".into(),
+        };
+        let err = refs.ca_bundle(&r).unwrap_err();
+        assert!(err.contains("no key `ca.crt` (keys: other)"), "{err}");
+    }
+}
