@@ -6,8 +6,10 @@
 //! the credentials now configured, and `private: true` still wants the
 //! client's own credentials. A broken file at start-up is exit 64.
 //!
-//! The Bearer token dance (which needs a token server distribution does
-//! not ship) is tested in `src/credentials.rs` against in-process stubs.
+//! The Bearer token dance needs a token server distribution does not ship:
+//! it is tested through the proxy binary against the test bed's stub
+//! registry, whose realm hands a token only to the configured user, and in
+//! detail (expiry, scopes, redirects) in `src/credentials.rs`.
 //! What reached the upstream is read from the registry's own access log
 //! (`auth.user.name=`), what the proxy did from its access log.
 
@@ -27,6 +29,7 @@ use pullthrough_testbed::http::{Get, Response};
 use pullthrough_testbed::net::{free_port, is_listening, wait_for};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::stub::{Stub, StubAuth};
 
 const HOST: &str = "creds.test";
 const FIRST_PW: &str = "first-Pw-4d1f";
@@ -559,4 +562,108 @@ fn broken_credentials_files_exit_64_naming_registry_file_and_field() {
         }
         assert!(!data.exists(), "{what}: data dir created");
     }
+}
+
+/// The Bearer dance through the proxy binary: the upstream challenges with
+/// a token realm that hands a token only to `robot` (as Docker Hub's and
+/// quay.io's realms do for private repositories). A client without
+/// credentials gets the image; the realm saw the configured Basic
+/// credentials, the registry only the token; a wrong password gets the
+/// client a 401 and no content.
+#[test]
+fn bearer_realm_is_asked_with_the_configured_credentials() {
+    let work = tempfile::tempdir().unwrap();
+    let image = LayoutBuilder::new(&work.path().join("layout"))
+        .unwrap()
+        .busybox("1")
+        .unwrap();
+    let stub = Stub::builder(&image.layout)
+        .auth(StubAuth::bearer_login(
+            "stub",
+            "tok-robot",
+            "robot",
+            FIRST_PW,
+        ))
+        .start()
+        .unwrap();
+    let mut volume = SecretVolume::new(&work.path().join("secret"));
+    volume.set("robot", WRONG_PW);
+    let config = format!(
+        "registries:\n  - host: {HOST}\n    upstream: {}\n    credentialsFile: {}\n",
+        stub.url(),
+        volume.file().display()
+    );
+    let proxy = Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap();
+    let get = |path: &str| {
+        Get::new(&format!(
+            "{}/v2/{HOST}/fixture/busybox/{path}",
+            proxy.http_url()
+        ))
+        .header("accept", image.media_type.clone())
+        .send()
+        .unwrap()
+    };
+    let m = &image.manifests[0];
+
+    // Wrong password: the realm refuses it, so does the proxy.
+    refused(&get("manifests/1"), &image, "manifest, wrong password");
+    refused(
+        &get(&format!("blobs/{}", m.config.digest)),
+        &image,
+        "blob, wrong password",
+    );
+
+    // The right password (rotated in place): manifest and blobs.
+    volume.set("robot", FIRST_PW);
+    wait_for(
+        "the new credentials to be used",
+        Duration::from_secs(10),
+        || Ok(get("manifests/1").status == StatusCode::OK),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    let manifest = get(&format!("manifests/{}", image.digest));
+    assert_eq!(manifest.status, StatusCode::OK);
+    verify_digest(&manifest.body, &image.digest).unwrap();
+    for d in std::iter::once(&m.config.digest).chain(m.layers.iter().map(|l| &l.digest)) {
+        let r = get(&format!("blobs/{d}"));
+        assert_eq!(r.status, StatusCode::OK, "{d}");
+        verify_digest(&r.body, d).unwrap();
+    }
+
+    let seen = stub.requests();
+    let auth = |s: &pullthrough_testbed::stub::Seen| {
+        s.headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let tokens: Vec<_> = seen
+        .iter()
+        .filter(|s| s.path.starts_with("/token"))
+        .collect();
+    assert!(
+        tokens.iter().any(|s| auth(s) == basic("robot", FIRST_PW)
+            && s.path.contains("service=stub")
+            && (s
+                .path
+                .contains("scope=repository%3Afixture%2Fbusybox%3Apull")
+                || s.path.contains("scope=repository:fixture/busybox:pull"))),
+        "token requests: {:?}",
+        tokens.iter().map(|s| &s.path).collect::<Vec<_>>()
+    );
+    // The registry itself never sees the password, only the token.
+    for s in seen.iter().filter(|s| s.path.starts_with("/v2/")) {
+        let a = auth(s);
+        assert!(
+            a.is_empty() || a == "Bearer tok-robot",
+            "{} sent {a}",
+            s.path
+        );
+    }
+    assert!(
+        seen.iter()
+            .any(|s| s.path.starts_with("/v2/") && auth(s) == "Bearer tok-robot")
+    );
+    assert!(!proxy.log().contains(FIRST_PW));
 }

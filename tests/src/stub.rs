@@ -42,8 +42,8 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, IoContext, Result};
 use crate::net;
 
-/// How the stub registry authenticates requests (the token realm itself is
-/// always open).
+/// How the stub registry authenticates requests (the token realm is open
+/// unless [`StubAuth::Bearer::login`] is set).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StubAuth {
     None,
@@ -56,10 +56,14 @@ pub enum StubAuth {
     /// `401 WWW-Authenticate: Bearer realm="http://<stub>/token",
     /// service="<service>",scope="repository:<repo>:pull"` unless the
     /// request carries `Authorization: Bearer <token>`; `GET /token` hands
-    /// out `{"token":"<token>","expires_in":300}` to anyone.
+    /// out `{"token":"<token>","expires_in":300}` to anyone, or with
+    /// `login` only to a request with those Basic credentials (401
+    /// otherwise), as Docker Hub's or quay.io's realms do for private
+    /// repositories.
     Bearer {
         service: String,
         token: String,
+        login: Option<(String, String)>,
     },
 }
 
@@ -75,6 +79,16 @@ impl StubAuth {
         Self::Bearer {
             service: service.into(),
             token: token.into(),
+            login: None,
+        }
+    }
+
+    /// Bearer auth whose realm hands the token only to `user`/`password`.
+    pub fn bearer_login(service: &str, token: &str, user: &str, password: &str) -> Self {
+        Self::Bearer {
+            service: service.into(),
+            token: token.into(),
+            login: Some((user.into(), password.into())),
         }
     }
 }
@@ -424,6 +438,17 @@ fn registry_request(state: &State, req: &Request<Incoming>) -> Response<StubBody
     let path = req.uri().path();
     if path == "/token" {
         return match &state.auth {
+            StubAuth::Bearer {
+                login: Some((user, password)),
+                ..
+            } if req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                != Some(basic_header(user, password).as_str()) =>
+            {
+                oci_error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED")
+            }
             StubAuth::Bearer { token, .. } => respond(
                 StatusCode::OK,
                 &[(header::CONTENT_TYPE, "application/json".into())],
@@ -496,13 +521,10 @@ fn unauthorized(
     let (wanted, challenge) = match &state.auth {
         StubAuth::None => return None,
         StubAuth::Basic { user, password } => (
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
-            ),
+            basic_header(user, password),
             r#"Basic realm="stub""#.to_string(),
         ),
-        StubAuth::Bearer { service, token } => {
+        StubAuth::Bearer { service, token, .. } => {
             let mut c = format!(
                 r#"Bearer realm="http://{}/token",service="{service}""#,
                 state.addr
@@ -521,6 +543,13 @@ fn unauthorized(
         resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
     }
     Some(resp)
+}
+
+fn basic_header(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
 }
 
 fn manifest(state: &State, reference: &str, head: bool) -> Response<StubBody> {
