@@ -243,7 +243,11 @@ pub fn data_dir(cli: Option<&Path>, config: &ProxyConfig) -> PathBuf {
 /// since what made it fail may be outside the watched files' content
 /// (a Secret volume kubelet has not synced yet, a file's permissions);
 /// the error is logged again only when it changes.
-pub async fn watch(path: PathBuf, interval: Duration, apply: impl FnMut(Loaded)) {
+pub async fn watch(
+    path: PathBuf,
+    interval: Duration,
+    apply: impl FnMut(Loaded) -> Result<(), String>,
+) {
     watch_with(path, interval, |p| load_full(Some(p)), apply).await;
 }
 
@@ -252,7 +256,7 @@ async fn watch_with(
     path: PathBuf,
     interval: Duration,
     load: impl Fn(&Path) -> Result<Loaded, LoadError>,
-    mut apply: impl FnMut(Loaded),
+    mut apply: impl FnMut(Loaded) -> Result<(), String>,
 ) {
     let mut last = watched(&path);
     let mut failing: Option<String> = None;
@@ -279,9 +283,21 @@ async fn watch_with(
                     retried = failing.is_some(),
                     "config changed; applying"
                 );
-                failing = None;
-                applied = Some(loaded.settings.clone());
-                apply(loaded);
+                let settings = loaded.settings.clone();
+                // Applying can fail too (e.g. a caBundle it names is not
+                // there yet): retried at every poll like a failed load.
+                match apply(loaded) {
+                    Ok(()) => {
+                        failing = None;
+                        applied = Some(settings);
+                    }
+                    Err(text) => {
+                        if failing.as_deref() != Some(text.as_str()) {
+                            tracing::error!(error = %text, "config change rejected; keeping the running config (retrying at every poll)");
+                        }
+                        failing = Some(text);
+                    }
+                }
             }
             Err(err) => {
                 let text = err.to_string();
@@ -498,6 +514,7 @@ mod tests {
             Duration::from_millis(30),
             move |l: Loaded| {
                 let _ = tx.send(l);
+                Ok(())
             },
         ));
         assert!(quiet(&mut rx).await, "reloaded with nothing changed");
@@ -558,6 +575,37 @@ mod tests {
     /// A failure outside the watched files' content (here: the loader
     /// fails twice) is retried at every poll with nothing changed.
     #[tokio::test]
+    async fn watch_retries_a_failed_apply_with_nothing_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("c.yaml");
+        std::fs::write(&config, "registries: [{host: a.io}]\n").unwrap();
+        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = attempts.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let watcher = tokio::spawn(watch(
+            config.clone(),
+            Duration::from_millis(30),
+            move |l: Loaded| {
+                // The first two applications fail (say, a caBundle the new
+                // config names is not on disk yet).
+                if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                    return Err("caBundle not there yet".into());
+                }
+                let _ = tx.send(l);
+                Ok(())
+            },
+        ));
+        assert!(quiet(&mut rx).await);
+        std::fs::write(&config, "registries: [{host: b.io}]\n").unwrap();
+        let l = next(&mut rx).await;
+        assert!(l.config.registry("b.io").is_some());
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert!(quiet(&mut rx).await, "applied again after success");
+        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        watcher.abort();
+    }
+
+    #[tokio::test]
     async fn watch_retries_a_failed_reload_with_nothing_changed() {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("c.yaml");
@@ -581,6 +629,7 @@ mod tests {
             },
             move |l: Loaded| {
                 let _ = tx.send(l);
+                Ok(())
             },
         ));
         assert!(quiet(&mut rx).await);

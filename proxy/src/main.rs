@@ -218,13 +218,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                 if new.listen != running_listen {
                     tracing::warn!("listen addresses changed; they take effect after a restart");
                 }
-                let upstreams = match upstream::Upstreams::new(&new) {
-                    Ok(u) => u,
-                    Err(err) => {
-                        tracing::error!(error = %err, "config change rejected; keeping the running config");
-                        return;
-                    }
-                };
+                let upstreams = upstream::Upstreams::new(&new).map_err(|e| e.to_string())?;
                 let router = route::Router::new(&new, &listen_ips);
                 issuer.set_allowed(allowed_names(&router));
                 if loaded.settings.cache != shared.state.load().settings.cache {
@@ -238,6 +232,7 @@ async fn run(cli: Cli) -> Result<(), Error> {
                     upstreams,
                 }));
                 tracing::info!("config applied");
+                Ok(())
             },
         ));
     }
