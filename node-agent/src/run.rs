@@ -27,14 +27,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use futures::StreamExt;
+use http_body_util::{Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, PostParams};
 use kube::runtime::watcher;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use tokio::sync::watch;
 
 use crate::config::{self, AgentConfig};
@@ -302,7 +307,8 @@ pub async fn run(opts: RunOptions) -> Result<(), String> {
             Some(url) => {
                 if Instant::now() >= next_probe {
                     next_probe = Instant::now() + opts.probe_interval;
-                    let ok = probe(url, opts.probe_timeout).await;
+                    let ca = cfg.as_ref().and_then(|c| c.ca_pem.as_deref());
+                    let ok = probe(url, ca, opts.probe_timeout).await;
                     let before = gate.is_open();
                     let now = gate.observe(ok.is_ok());
                     if before != Some(now) {
@@ -558,91 +564,75 @@ async fn renew_lease(
     Ok(())
 }
 
-/// One `GET` of an `http://` readiness URL; Ok on 2xx.
-pub async fn probe(url: &str, timeout: Duration) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| "only http:// readyUrls can be probed".to_string())?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let connect_to = if authority.starts_with('[') {
-        if authority.contains("]:") {
-            authority.to_string()
-        } else {
-            format!("{authority}:80")
+/// One `GET` of the proxy's readiness URL; Ok on 2xx. An `https://` URL is
+/// verified against `ca_pem` (the CA the proxy's certificates chain to, as
+/// nodes are told to trust it).
+pub async fn probe(url: &str, ca_pem: Option<&[u8]>, timeout: Duration) -> Result<(), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    if uri.scheme_str() == Some("https") {
+        let pem = ca_pem.ok_or("an https:// readyUrl needs the proxy's CA (caFile)")?;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| format!("the proxy CA is not PEM: {e}"))?;
+            roots
+                .add(cert)
+                .map_err(|e| format!("the proxy CA is not usable: {e}"))?;
         }
-    } else if authority.contains(':') {
-        authority.to_string()
-    } else {
-        format!("{authority}:80")
-    };
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(&connect_to)
-            .await
-            .map_err(|e| format!("connecting to {connect_to}: {e}"))?;
-        let req = format!(
-            "GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: pullthrough-agent\r\nConnection: close\r\n\r\n"
-        );
-        s.write_all(req.as_bytes())
-            .await
-            .map_err(|e| format!("sending: {e}"))?;
-        let mut buf = Vec::new();
-        let mut chunk = [0u8; 512];
-        while !buf.windows(2).any(|w| w == b"\r\n") {
-            let n = s
-                .read(&mut chunk)
-                .await
-                .map_err(|e| format!("reading: {e}"))?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let line = String::from_utf8_lossy(&buf);
-        let status: u16 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| "no HTTP status line".to_string())?;
-        if (200..300).contains(&status) {
-            Ok(())
-        } else {
-            Err(format!("HTTP {status}"))
-        }
-    };
-    tokio::time::timeout(timeout, fut)
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build::<_, Empty<Bytes>>(connector);
+    let req = http::Request::get(uri)
+        .header(http::header::USER_AGENT, "pullthrough-agent")
+        .body(Empty::new())
+        .map_err(|e| format!("bad request for {url}: {e}"))?;
+    let resp = tokio::time::timeout(timeout, client.request(req))
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    let status = resp.status();
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {}", status.as_u16()))
+    }
 }
 
+/// `/healthz`: 200 while the loop has run within the last 30 s.
 async fn serve_health(listener: tokio::net::TcpListener, heartbeat: Arc<AtomicU64>) {
     loop {
-        let Ok((mut s, _)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let hb = heartbeat.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 1024];
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .unwrap_or(0);
-            let req = String::from_utf8_lossy(&buf[..n]);
-            let path = req.split_whitespace().nth(1).unwrap_or("");
-            let alive = now_secs().saturating_sub(hb.load(Ordering::Relaxed)) < 30;
-            let (status, body) = match path {
-                "/healthz" if alive => ("200 OK", "ok\n"),
-                "/healthz" => ("503 Service Unavailable", "loop stalled\n"),
-                _ => ("404 Not Found", "not found\n"),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = s.write_all(resp.as_bytes()).await;
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let alive = now_secs().saturating_sub(hb.load(Ordering::Relaxed)) < 30;
+                let (status, body) = match req.uri().path() {
+                    "/healthz" if alive => (http::StatusCode::OK, "ok\n"),
+                    "/healthz" => (http::StatusCode::SERVICE_UNAVAILABLE, "loop stalled\n"),
+                    _ => (http::StatusCode::NOT_FOUND, "not found\n"),
+                };
+                let resp = http::Response::builder()
+                    .status(status)
+                    .header(http::header::CONTENT_TYPE, "text/plain")
+                    .body(Full::new(Bytes::from_static(body.as_bytes())));
+                async move { resp }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
         });
     }
 }
@@ -676,6 +666,7 @@ mod tests {
 
     #[tokio::test]
     async fn probe_reports_refusals_and_statuses() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         tokio::spawn(async move {
@@ -690,8 +681,40 @@ mod tests {
         });
         let url = format!("http://{addr}/readyz");
         let t = Duration::from_secs(2);
-        probe(&url, t).await.unwrap();
-        assert!(probe(&url, t).await.unwrap_err().contains("503"));
-        assert!(probe("https://x/", t).await.is_err());
+        probe(&url, None, t).await.unwrap();
+        assert!(probe(&url, None, t).await.unwrap_err().contains("503"));
+        let closed = format!("http://127.0.0.1:{}/readyz", addr.port());
+        assert!(probe(&closed, None, t).await.is_err());
+        let err = probe("https://x/", None, t).await.unwrap_err();
+        assert!(err.contains("needs the proxy's CA"), "{err}");
+    }
+
+    /// An https readyUrl against a real proxy's TLS listener: verified
+    /// with the proxy's CA, refused with any other.
+    #[tokio::test]
+    async fn probe_verifies_https_against_the_proxy_ca() {
+        use pullthrough_testbed::proxy::{Addrs, Proxy};
+        let proxy = tokio::task::spawn_blocking(|| {
+            Proxy::start(
+                &pullthrough_testbed::proxy::proxy_bin().unwrap(),
+                Addrs::localhost().unwrap(),
+                "registries: [{host: quay.io}]\n",
+            )
+            .unwrap()
+        })
+        .await
+        .unwrap();
+        let url = format!("https://{}/v2/", proxy.addrs.https);
+        let t = Duration::from_secs(5);
+        let ca = proxy.ca_pem().unwrap();
+        probe(&url, Some(ca.as_bytes()), t).await.unwrap();
+        let other = pullthrough_testbed::tls::TestCa::new("someone else").unwrap();
+        let err = probe(&url, Some(other.cert_pem().as_bytes()), t)
+            .await
+            .unwrap_err();
+        assert!(err.contains("GET"), "{err}");
+        tokio::task::spawn_blocking(move || drop(proxy))
+            .await
+            .unwrap();
     }
 }
