@@ -648,8 +648,10 @@ nodes: {dnsHijack: false}
         assert!(r.allow_push);
         assert_eq!(r.tag_ttl, Duration::from_secs(5400));
         assert!(!r.nodes.dns_hijack && r.nodes.containerd && r.nodes.crio);
-        // TODO(operator): the CA bundle needs a file path the proxy can read.
+        // File paths the proxy reads: the operator sets them when it
+        // publishes the PEM and the credentials (operator/src/table.rs).
         assert_eq!(r.ca_bundle, None);
+        assert_eq!(r.credentials_file, None);
     }
 
     #[test]
