@@ -210,15 +210,18 @@ impl Context {
         let mut reports =
             nodes::reports(&leases, &self.settings.agent_lease_prefix, Timestamp::now());
         // An expired report from a node that no longer exists is history,
-        // not a node waiting to be configured.
-        let node_api: Api<Node> = Api::all(self.client.clone());
-        match node_api.list_metadata(&ListParams::default()).await {
-            Ok(list) => {
-                let existing: std::collections::HashSet<String> =
-                    list.items.iter().map(|n| n.name_any()).collect();
-                nodes::drop_departed(&mut reports, &existing);
+        // not a node waiting to be configured. Nodes are listed only then:
+        // in a healthy cluster every report is live.
+        if reports.iter().any(|r| !r.live) {
+            let node_api: Api<Node> = Api::all(self.client.clone());
+            match node_api.list_metadata(&ListParams::default()).await {
+                Ok(list) => {
+                    let existing: std::collections::HashSet<String> =
+                        list.items.iter().map(|n| n.name_any()).collect();
+                    nodes::drop_departed(&mut reports, &existing);
+                }
+                Err(e) => tracing::warn!(error = %e, "listing Nodes; counting every agent Lease"),
             }
-            Err(e) => tracing::warn!(error = %e, "listing Nodes; counting every agent Lease"),
         }
         let url = self.settings.proxy_status_url.clone().or(admin);
         let proxy = match url {

@@ -93,13 +93,6 @@ fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
                     "message": "secrets is forbidden: cannot get resource"}),
         );
     }
-    if path == "/api/v1/nodes" {
-        return json_resp(
-            200,
-            &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
-                    "metadata": {}, "items": []}),
-        );
-    }
     if path.ends_with("/leases") {
         return json_resp(
             200,
