@@ -417,96 +417,18 @@ fn with_auth(headers: &HeaderMap, auth: Option<HeaderValue>) -> HeaderMap {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-    use std::net::{Ipv4Addr, SocketAddr};
+    use std::net::Ipv4Addr;
     use std::sync::Arc;
     use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
-    use http::{Request, Response};
+    use http::Response;
     use http_body_util::Full;
-    use hyper::body::Incoming;
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
     use pullthrough_api::config::ProxyConfig;
 
     use super::*;
+    use crate::test_server::TestServer;
     use crate::upstream::Upstreams;
-
-    #[derive(Debug, Clone)]
-    struct Seen {
-        method: Method,
-        path: String,
-        headers: HeaderMap,
-    }
-
-    impl Seen {
-        fn auth(&self) -> Option<&str> {
-            self.headers
-                .get(header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok())
-        }
-    }
-
-    type Route = dyn Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync;
-
-    /// An in-process HTTP/1.1 server answering with `route`; records every
-    /// request.
-    struct Stub {
-        addr: SocketAddr,
-        seen: Arc<Mutex<Vec<Seen>>>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Drop for Stub {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
-
-    impl Stub {
-        async fn start(
-            route: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static,
-        ) -> Self {
-            let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-                .await
-                .unwrap();
-            let addr = listener.local_addr().unwrap();
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let route: Arc<Route> = Arc::new(route);
-            let log = seen.clone();
-            let task = tokio::spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let route = route.clone();
-                    let log = log.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req: Request<Incoming>| {
-                            let s = Seen {
-                                method: req.method().clone(),
-                                path: req
-                                    .uri()
-                                    .path_and_query()
-                                    .map(|p| p.as_str().to_string())
-                                    .unwrap_or_default(),
-                                headers: req.headers().clone(),
-                            };
-                            log.lock().unwrap().push(s.clone());
-                            let response = route(&s);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
-            Self { addr, seen, task }
-        }
-
-        fn seen(&self) -> Vec<Seen> {
-            self.seen.lock().unwrap().clone()
-        }
-    }
 
     fn respond(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Bytes>> {
         let mut b = Response::builder().status(status);
@@ -576,17 +498,20 @@ mod tests {
     /// `bot:pw` only, and a Bearer registry accepting any of them, whose
     /// blobs redirect to a storage host.
     struct BearerSetup {
-        realm: Stub,
-        registry: Stub,
-        storage: Stub,
+        realm: TestServer,
+        registry: TestServer,
+        storage: TestServer,
         upstreams: Upstreams,
     }
 
     async fn bearer_setup(expires_in: Option<u64>) -> BearerSetup {
-        let storage = Stub::start(|_| respond(200, &[], "blob bytes")).await;
+        let storage = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+            respond(200, &[], "blob bytes")
+        })
+        .await;
         let issued = Arc::new(AtomicUsize::new(0));
         let want = basic("bot", "pw");
-        let realm = Stub::start(move |s| {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |s| {
             if s.auth() != Some(want.as_str()) {
                 return respond(401, &[("www-authenticate", "Basic realm=\"auth\"")], "");
             }
@@ -599,7 +524,7 @@ mod tests {
         })
         .await;
         let (realm_port, storage_port) = (realm.addr.port(), storage.addr.port());
-        let registry = Stub::start(move |s| {
+        let registry = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |s| {
             let authed = s.auth().is_some_and(|a| a.starts_with("Bearer tok-"));
             let repo = s
                 .path
@@ -779,9 +704,10 @@ mod tests {
     #[tokio::test]
     async fn token_exchange_failures_are_errors_naming_the_registry() {
         // A realm that fails.
-        let realm = Stub::start(|_| respond(500, &[], "down")).await;
+        let realm =
+            TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| respond(500, &[], "down")).await;
         let realm_port = realm.addr.port();
-        let registry = Stub::start(move |_| {
+        let registry = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |_| {
             let c = format!(
                 "Bearer realm=\"http://auth.test:{realm_port}/token\",service=\"reg.test\""
             );
@@ -828,7 +754,7 @@ mod tests {
     #[tokio::test]
     async fn basic_challenges_are_answered_then_basic_is_sent_up_front() {
         let want = basic("bot", "pw");
-        let registry = Stub::start(move |s| {
+        let registry = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |s| {
             if s.auth() == Some(want.as_str()) {
                 respond(200, &[], "ok")
             } else {

@@ -25,6 +25,8 @@ mod metrics;
 mod oci;
 mod route;
 mod server;
+#[cfg(test)]
+mod test_server;
 mod tls;
 mod upstream;
 

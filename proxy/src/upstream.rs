@@ -765,16 +765,14 @@ impl tower_service::Service<Name> for UpstreamResolver {
 
 #[cfg(test)]
 mod tests {
-    use std::convert::Infallible;
-    use std::sync::Mutex;
     use std::time::Instant;
 
     use http_body_util::Full;
-    use hyper::service::service_fn;
     use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
     use pullthrough_testbed::registry::Registry;
 
     use super::*;
+    use crate::test_server::TestServer;
     use bytes::Bytes;
 
     // --- helpers -----------------------------------------------------------
@@ -828,73 +826,6 @@ mod tests {
         let version = got.response.version();
         let body = got.response.into_body().collect().await.unwrap().to_bytes();
         Ok((status, version, body))
-    }
-
-    #[derive(Debug, Clone)]
-    struct Seen {
-        method: Method,
-        path: String,
-        headers: HeaderMap,
-    }
-
-    /// A tiny HTTP/1.1 server on `ip` answering with `route`; records every
-    /// request it sees.
-    struct TestServer {
-        addr: SocketAddr,
-        seen: Arc<Mutex<Vec<Seen>>>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl Drop for TestServer {
-        fn drop(&mut self) {
-            self.task.abort();
-        }
-    }
-
-    impl TestServer {
-        async fn start<F>(ip: IpAddr, route: F) -> Self
-        where
-            F: Fn(&Method, &str) -> Response<Full<Bytes>> + Send + Sync + 'static,
-        {
-            let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let seen = Arc::new(Mutex::new(Vec::new()));
-            let route = Arc::new(route);
-            let log = seen.clone();
-            let task = tokio::spawn(async move {
-                loop {
-                    let Ok((stream, _)) = listener.accept().await else {
-                        return;
-                    };
-                    let route = route.clone();
-                    let log = log.clone();
-                    tokio::spawn(async move {
-                        let service = service_fn(move |req: Request<Incoming>| {
-                            let path = req
-                                .uri()
-                                .path_and_query()
-                                .map(|p| p.as_str().to_string())
-                                .unwrap_or_default();
-                            log.lock().unwrap().push(Seen {
-                                method: req.method().clone(),
-                                path: path.clone(),
-                                headers: req.headers().clone(),
-                            });
-                            let response = route(req.method(), &path);
-                            async move { Ok::<_, Infallible>(response) }
-                        });
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(TokioIo::new(stream), service)
-                            .await;
-                    });
-                }
-            });
-            Self { addr, seen, task }
-        }
-
-        fn seen(&self) -> Vec<Seen> {
-            self.seen.lock().unwrap().clone()
-        }
     }
 
     fn redirect(status: u16, location: &str) -> Response<Full<Bytes>> {
@@ -1059,7 +990,8 @@ mod tests {
     async fn upstream_redirects_across_hosts_drop_credentials() {
         let blob_ip = other_loopback().await;
         // Second host: 302 with a relative Location to itself, then bytes.
-        let storage = TestServer::start(blob_ip, |_, path| {
+        let storage = TestServer::start(blob_ip, |s| {
+            let path = s.path.as_str();
             if path.starts_with("/storage/v2/blobs/abc") {
                 redirect(302, "../real/abc?sig=2")
             } else if path == "/storage/v2/real/abc?sig=2" {
@@ -1071,7 +1003,7 @@ mod tests {
         .await;
         let storage_port = storage.addr.port();
         // First host: 307 with an absolute Location to the second.
-        let registry = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_, _| {
+        let registry = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| {
             redirect(
                 307,
                 &format!("http://blobs.test:{storage_port}/storage/v2/blobs/abc?sig=1"),
@@ -1131,10 +1063,8 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_redirect_loop_is_too_many_redirects() {
-        let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_, _| {
-            redirect(302, "/loop")
-        })
-        .await;
+        let server =
+            TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| redirect(302, "/loop")).await;
         let host = server.addr.to_string();
         let upstreams =
             Upstreams::new(&one_registry(&host, &format!("http://{host}"), "")).unwrap();
@@ -1161,7 +1091,8 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_see_other_turns_post_into_get_and_keeps_head() {
-        let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_, path| {
+        let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |s| {
+            let path = s.path.as_str();
             if path == "/result" {
                 ok(b"result")
             } else {
@@ -1207,7 +1138,7 @@ mod tests {
 
     #[tokio::test]
     async fn upstream_bad_redirect_and_header_timeout() {
-        let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_, _| {
+        let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| {
             redirect(302, "ftp://elsewhere/x")
         })
         .await;

@@ -17,7 +17,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, OCI_MANIFEST, verify_digest};
@@ -875,38 +875,6 @@ fn push_only_where_allowed() {
 
 // --- 9. config -------------------------------------------------------------
 
-/// Runs the proxy to completion (at most 20 s); exit code and stderr.
-fn run_to_exit(config: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(common::proxy_bin())
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the proxy kept running with {}", config.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Each invalid config: exit 64, the message names the key (or the file),
 /// no port bound, no data dir created.
 #[test]
@@ -960,7 +928,7 @@ fn invalid_configs_exit_64_naming_the_key_and_bind_nothing() {
             ),
         )
         .unwrap();
-        let (code, stderr) = run_to_exit(&file);
+        let (code, stderr) = common::run_to_exit(&file);
         assert_eq!(code, Some(64), "{what}: {stderr}");
         assert!(
             stderr.contains(needle.as_str()),

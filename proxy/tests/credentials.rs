@@ -19,8 +19,8 @@ mod common;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use base64::Engine as _;
 use http::StatusCode;
@@ -467,38 +467,6 @@ fn configured_credentials_serve_clients_without_any_and_rotate_without_restart()
     assert_eq!(s.proxy.pid(), pid);
 }
 
-/// Runs the proxy to completion (at most 20 s); exit code and stderr.
-fn run_to_exit(config: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(common::proxy_bin())
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            use std::io::Read;
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the proxy kept running with {}", config.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Each broken credentials file: exit 64 before any port is bound, the
 /// message names the registry, the file and the field, never the password.
 #[test]
@@ -546,7 +514,7 @@ fn broken_credentials_files_exit_64_naming_registry_file_and_field() {
             ),
         )
         .unwrap();
-        let (code, stderr) = run_to_exit(&config);
+        let (code, stderr) = common::run_to_exit(&config);
         assert_eq!(code, Some(64), "{what}: {stderr}");
         for needle in ["private.test", &*creds.to_string_lossy(), field] {
             assert!(
