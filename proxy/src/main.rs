@@ -69,9 +69,21 @@ struct Cli {
     reload_interval: Duration,
 }
 
+/// Log lines queued for the writer thread at most: seconds of peak traffic.
+const LOG_QUEUE_LINES: usize = 16 * 1024;
+
 #[tokio::main]
 async fn main() {
     let cli: Cli = parse_or_exit();
+    // Lines are written by tracing-appender's thread, off the request path
+    // (a slow stdout consumer must not stall requests). Lossless: the access
+    // log is the record of every proxied request, so a full queue makes the
+    // logging task wait (as a synchronous writer did) instead of dropping.
+    let (writer, log_guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .buffered_lines_limit(LOG_QUEUE_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stdout());
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
@@ -80,15 +92,19 @@ async fn main() {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
+        .with_writer(writer)
         .init();
     match run(cli).await {
         Ok(()) => {}
         Err(err) => {
             tracing::error!(error = %err, "cannot start");
             eprintln!("pullthrough-proxy: {err}");
+            // exit() skips destructors: write out the queued lines first.
+            drop(log_guard);
             std::process::exit(err.exit_code());
         }
     }
+    drop(log_guard);
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
