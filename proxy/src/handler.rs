@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::access_log::{CacheResult, Kind, Logged, Record};
 use crate::auth::{AccessGrants, AnonymousTokens, client_key, parse_bearer};
 use crate::body::{self, Body};
-use crate::cache::inflight::{self, Download, Inflight, Phase, Role, Stream};
+use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Role, Stream};
 use crate::cache::repos::RepoIndex;
 use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError, is_disk_full};
 use crate::cache::tags::{TagCache, TagEntry};
@@ -153,7 +153,7 @@ fn refused(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> H
 }
 
 async fn serve(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     req: Request<Incoming>,
     host: &str,
     record: &mut Record,
@@ -227,6 +227,7 @@ async fn serve(
                 .clone();
             let ctx = Ctx {
                 shared,
+                state: &state,
                 client: client_for(&state, &registry)?,
                 settings: state.settings.registry(&registry),
                 auth_ttl: state.settings.auth_check_ttl,
@@ -251,7 +252,10 @@ fn client_for<'a>(state: &'a State, registry: &str) -> Result<&'a UpstreamClient
 }
 
 struct Ctx<'a> {
-    shared: &'a Shared,
+    shared: &'a Arc<Shared>,
+    /// The config snapshot `client` and `registry` come from (owned copies
+    /// let a response body fetch from the upstream later, see `resume`).
+    state: &'a Arc<State>,
     client: &'a UpstreamClient,
     settings: crate::config::RegistrySettings,
     auth_ttl: Duration,
@@ -654,7 +658,7 @@ async fn manifest_by_digest(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let path = format!("/v2/{repo}/manifests/{digest}");
-    if let Some(cached) = ctx.shared.store.lookup(digest).await? {
+    if let Some(cached) = lookup_manifest(ctx, digest).await? {
         if let Some(refusal) = ctx.check_cached(headers, &path).await? {
             return Ok(refusal);
         }
@@ -849,10 +853,28 @@ async fn tag_from_cache(
     entry: &TagEntry,
     method: &Method,
 ) -> Result<Option<Response<Body>>, HandlerError> {
-    match ctx.shared.store.lookup(&entry.digest).await? {
+    match lookup_manifest(ctx, &entry.digest).await? {
         Some(cached) => Ok(Some(cached_manifest(cached, method).await?)),
         None => Ok(None),
     }
+}
+
+/// A cached manifest: its bytes from memory (the usual case, no file
+/// access per request), or the file of an object too large to buffer.
+enum CachedManifest {
+    Memory(Digest, BlobMeta, Bytes),
+    File(CachedBlob),
+}
+
+async fn lookup_manifest(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+) -> Result<Option<CachedManifest>, HandlerError> {
+    let store = &ctx.shared.store;
+    if let Some((bytes, meta)) = store.lookup_small(digest, MAX_MANIFEST as u64).await? {
+        return Ok(Some(CachedManifest::Memory(digest.clone(), meta, bytes)));
+    }
+    Ok(store.lookup(digest).await?.map(CachedManifest::File))
 }
 
 fn is_outage(status: StatusCode) -> bool {
@@ -860,9 +882,26 @@ fn is_outage(status: StatusCode) -> bool {
 }
 
 async fn cached_manifest(
-    cached: CachedBlob,
+    cached: CachedManifest,
     method: &Method,
 ) -> Result<Response<Body>, HandlerError> {
+    let cached = match cached {
+        CachedManifest::Memory(digest, meta, bytes) => {
+            let size = bytes.len() as u64;
+            let body = if *method == Method::HEAD {
+                body::empty()
+            } else {
+                body::full(bytes)
+            };
+            return Ok(manifest_response(
+                &digest,
+                meta.media_type.as_deref(),
+                size,
+                body,
+            ));
+        }
+        CachedManifest::File(cached) => cached,
+    };
     let body = if *method == Method::HEAD {
         body::empty()
     } else {
@@ -955,7 +994,13 @@ async fn blob(
                     }
                     ctx.shared.metrics.merged_waiter(&ctx.registry.host);
                     ctx.served(digest);
-                    let body = inflight::tail(rx, Arc::clone(&stream.file), stream.size);
+                    let body = inflight::tail(
+                        rx,
+                        &stream,
+                        digest.clone(),
+                        resume(ctx, &path, headers),
+                        ctx.read_timeout,
+                    );
                     return Ok(blob_response(digest, &stream, body));
                 }
                 // The leader got no blob: ask on our own.
@@ -1065,6 +1110,7 @@ async fn lead(
     };
     let stream = Stream {
         file: Arc::new(file),
+        recent: Arc::default(),
         size,
         media_type,
         on_disk: 0,
@@ -1090,10 +1136,76 @@ async fn lead(
             metrics: Arc::clone(&ctx.shared.metrics),
             read_timeout: ctx.read_timeout,
             reserved,
+            recent: Arc::clone(&stream.recent),
         },
     ));
-    let body = inflight::tail(rx, Arc::clone(&stream.file), size);
+    let path = format!(
+        "/v2/{}/blobs/{digest}",
+        ctx.repo.as_deref().unwrap_or_default()
+    );
+    let body = inflight::tail(
+        rx,
+        &stream,
+        digest.clone(),
+        resume(ctx, &path, headers),
+        ctx.read_timeout,
+    );
     Ok(blob_response(digest, &stream, body))
+}
+
+/// How this client gets the rest of a blob from the upstream on its own,
+/// with its own credentials, if the shared download is abandoned (the cache
+/// disk filled up mid-way). Holds owned handles: it runs inside the
+/// response body, after the handler returned.
+fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight::Resume {
+    let shared = Arc::clone(ctx.shared);
+    let state = Arc::clone(ctx.state);
+    let host = ctx.registry.host.clone();
+    let repo = ctx.repo.clone();
+    let via = ctx.via;
+    let read_timeout = ctx.read_timeout;
+    let path = path.to_string();
+    let headers = forward_headers(headers, false);
+    Arc::new(move |from: u64| {
+        let (shared, state, host, repo, path, mut headers) = (
+            Arc::clone(&shared),
+            Arc::clone(&state),
+            host.clone(),
+            repo.clone(),
+            path.clone(),
+            headers.clone(),
+        );
+        Box::pin(async move {
+            let client = state
+                .upstreams
+                .client(&host)
+                .ok_or_else(|| format!("no upstream for {host}"))?;
+            let registry = state
+                .config
+                .registry(&host)
+                .ok_or_else(|| format!("registry {host} vanished"))?;
+            let ctx = Ctx {
+                shared: &shared,
+                state: &state,
+                client,
+                settings: state.settings.registry(&host),
+                auth_ttl: state.settings.auth_check_ttl,
+                registry,
+                repo,
+                via,
+                read_timeout,
+            };
+            if let Ok(range) = HeaderValue::from_str(&format!("bytes={from}-")) {
+                headers.insert(header::RANGE, range);
+            }
+            let url = ctx.url(&path, None).map_err(|e| e.to_string())?;
+            let up = ctx
+                .send(Method::GET, url, headers)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(up.response)
+        })
+    })
 }
 
 /// Is there room for `size` more bytes (and some slack) where temp files go?
@@ -1140,6 +1252,8 @@ struct DownloadEnv {
     read_timeout: Duration,
     /// Bytes reserved in `inflight` (released at the end).
     reserved: u64,
+    /// Where written batches are handed to the clients (see `Recent`).
+    recent: Arc<inflight::Recent>,
 }
 
 /// The merged download: copies the upstream body into the store's temp
@@ -1157,24 +1271,52 @@ async fn download(
         metrics,
         read_timeout,
         reserved,
+        recent,
     } = env;
     let mut published = 0u64;
-    let failure: Option<String> = loop {
-        let frame = match tokio::time::timeout(read_timeout, incoming.frame()).await {
-            Err(_) => break Some("upstream stalled".to_string()),
-            Ok(None) => break None,
-            Ok(Some(Err(err))) => break Some(format!("upstream body failed: {err}")),
+    let end: Result<(), DownloadEnd> = loop {
+        // While a batch is written, keep receiving; publish it the moment
+        // it is on disk (not only when the next chunk arrives).
+        let next = tokio::select! {
+            biased;
+            done = writer.collect(), if writer.writing() => Err(done),
+            frame = tokio::time::timeout(read_timeout, incoming.frame()) => Ok(frame),
+        };
+        let next = match next {
+            Ok(frame) => frame,
+            Err(done) => {
+                if let Err(err) = done {
+                    break Err(DownloadEnd::Write(err));
+                }
+                for (offset, bytes) in writer.take_batches() {
+                    recent.push(offset, bytes);
+                }
+                let on_disk = writer.on_disk();
+                if on_disk != published {
+                    published = on_disk;
+                    dl.update(|s| s.on_disk = on_disk);
+                }
+                continue;
+            }
+        };
+        let frame = match next {
+            Err(_) => break Err(DownloadEnd::Upstream("upstream stalled".to_string())),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(err))) => {
+                break Err(DownloadEnd::Upstream(format!(
+                    "upstream body failed: {err}"
+                )));
+            }
             Ok(Some(Ok(frame))) => frame,
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
         if let Err(err) = writer.write(&data).await {
-            if is_disk_full(&err) {
-                metrics.disk_full();
-                inflight.mark_uncacheable(&digest);
-            }
-            break Some(format!("cache write failed: {err}"));
+            break Err(DownloadEnd::Write(err));
+        }
+        for (offset, bytes) in writer.take_batches() {
+            recent.push(offset, bytes);
         }
         let on_disk = writer.on_disk();
         if on_disk != published {
@@ -1182,44 +1324,74 @@ async fn download(
             dl.update(|s| s.on_disk = on_disk);
         }
     };
-    let outcome: Result<(), String> = match failure {
-        Some(msg) => {
+    let end = match end {
+        Ok(()) => writer.flush_now().await.map_err(DownloadEnd::Write),
+        Err(e) => Err(e),
+    };
+    for (offset, bytes) in writer.take_batches() {
+        recent.push(offset, bytes);
+    }
+    let outcome = match end {
+        Err(DownloadEnd::Upstream(msg)) => {
             writer.abort().await;
-            Err(msg)
+            Outcome::Failed(Arc::from(msg.as_str()))
         }
-        None => match writer.flush_now().await {
-            Err(err) => {
-                if is_disk_full(&err) {
-                    metrics.disk_full();
-                    inflight.mark_uncacheable(&digest);
-                }
-                writer.abort().await;
-                Err(format!("cache write failed: {err}"))
+        Err(DownloadEnd::Write(err)) => {
+            // The disk filled up (or failed) after the download started:
+            // stop caching, keep serving. The upstream body is dropped; each
+            // client finishes with its own ranged fetch (see inflight.rs).
+            drop(incoming);
+            if is_disk_full(&err) {
+                metrics.disk_full();
             }
-            Ok(()) => {
-                let on_disk = writer.on_disk();
-                dl.update(|s| s.on_disk = on_disk);
-                writer.commit().await.map(|_| ()).map_err(|err| {
+            inflight.mark_uncacheable(&digest);
+            match writer.abandon().await {
+                Some((at, hasher)) => {
+                    tracing::warn!(%digest, error = %err, at,
+                        "cache write failed mid-download; not caching, clients continue by pass-through");
+                    Outcome::Abandoned {
+                        at,
+                        hasher: Arc::new(hasher),
+                    }
+                }
+                None => Outcome::Failed(Arc::from(format!("cache write failed: {err}").as_str())),
+            }
+        }
+        Ok(()) => {
+            let on_disk = writer.on_disk();
+            dl.update(|s| s.on_disk = on_disk);
+            match writer.commit().await {
+                Ok(_) => Outcome::Verified,
+                Err(err @ StoreError::NotCommitted { .. }) => {
+                    // Verified bytes, no room to keep them: the clients read
+                    // the (unlinked) temp file to the end, nothing is cached.
                     if is_disk_full(&err) {
                         metrics.disk_full();
-                        inflight.mark_uncacheable(&digest);
                     }
-                    err.to_string()
-                })
+                    inflight.mark_uncacheable(&digest);
+                    tracing::warn!(%digest, error = %err, "verified blob not cached; served uncached");
+                    Outcome::Verified
+                }
+                Err(err) => Outcome::Failed(Arc::from(err.to_string().as_str())),
             }
-        },
+        }
     };
     // Unregister first: a client arriving after this finds the blob in the
     // store (or, on failure, starts a fresh download).
     inflight.release(reserved);
     inflight.finish(&digest, &dl);
-    match outcome {
-        Ok(()) => dl.update(|s| s.outcome = Some(Ok(()))),
-        Err(msg) => {
-            tracing::warn!(%digest, error = %msg, "blob download failed; every waiter aborted, nothing cached");
-            dl.update(|s| s.outcome = Some(Err(Arc::from(msg.as_str()))));
-        }
+    if let Outcome::Failed(msg) = &outcome {
+        tracing::warn!(%digest, error = %msg, "blob download failed; every waiter aborted, nothing cached");
     }
+    dl.update(|s| s.outcome = Some(outcome));
+}
+
+/// Why a merged download stopped early.
+enum DownloadEnd {
+    /// The upstream body failed: nothing to continue from.
+    Upstream(String),
+    /// Writing the cache failed: the bytes so far are good.
+    Write(StoreError),
 }
 
 /// One client's own transfer, not shared (the disk is full, or the

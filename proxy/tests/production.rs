@@ -609,6 +609,259 @@ fn a_full_disk_keeps_serving_by_pass_through() {
     drop(mount);
 }
 
+/// A TCP relay on loopback in front of `target` that passes the first
+/// `open_for` bytes of upstream → proxy traffic (all connections together),
+/// then holds further bytes until `gate` is set to true. Lets a test act
+/// at a precise point of a download instead of racing a fast upstream.
+async fn gated_relay(
+    target: std::net::SocketAddr,
+    open_for: u64,
+) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (gate, gate_rx) = tokio::sync::watch::channel(false);
+    let passed = Arc::new(AtomicU64::new(0));
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut ur, mut uw) = upstream.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut uw).await;
+                let _ = uw.shutdown().await;
+            });
+            let (mut gate_rx, passed) = (gate_rx.clone(), Arc::clone(&passed));
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                loop {
+                    let n = match ur.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if passed.fetch_add(n as u64, Ordering::SeqCst) >= open_for
+                        && gate_rx.wait_for(|open| *open).await.is_err()
+                    {
+                        break;
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                let _ = cw.shutdown().await;
+            });
+        }
+    });
+    (addr, gate)
+}
+
+/// Fills the filesystem holding `path` by writing one file there until
+/// ENOSPC; returns the bytes written.
+fn fill_disk(path: &Path) -> u64 {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+    written
+}
+
+/// The disk fills up *during* a download shared by six clients (another
+/// process takes the space that was free when it started): every client
+/// still gets the whole, right blob (each finishes with its own ranged
+/// upstream fetch from where the cache write stopped), the disk-full event
+/// is counted and logged once, and no entry or temp file is left behind.
+/// `docker-registry` answers the ranged fetches `206`.
+#[test]
+fn a_disk_filling_up_mid_download_still_serves_every_waiter() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[24 << 20], 801);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/filling", "1").unwrap();
+    let gets = disk_fills_mid_download(&image, registry.addr(), &|| {
+        sync_upstream_log(&registry);
+        registry.count_requests("GET", &image.layer_digests()[0])
+    });
+    assert!(gets > 1, "{gets} upstream GETs: no client resumed");
+}
+
+/// The same with an upstream that ignores `Range` (the test bed's stub
+/// answers `200` with the whole blob): each client skips to where it was.
+#[test]
+fn a_disk_filling_up_mid_download_survives_an_upstream_without_ranges() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[24 << 20], 802);
+    let stub = Stub::builder(&image.layout).start().unwrap();
+    let addr = stub.addr();
+    let gets = disk_fills_mid_download(&image, addr, &|| {
+        stub.count("GET", &image.layer_digests()[0])
+    });
+    assert!(gets > 1, "{gets} upstream GETs: no client resumed");
+}
+
+/// Six clients on one download of the image's only layer from `upstream`
+/// (through a gated relay), the data dir on a 40 MiB tmpfs filled up once
+/// bytes are on disk; returns the upstream GETs of the layer.
+fn disk_fills_mid_download(
+    image: &Image,
+    upstream: std::net::SocketAddr,
+    upstream_gets: &dyn Fn() -> usize,
+) -> usize {
+    const CLIENTS: usize = 6;
+    let layer = image.layer_digests()[0].clone();
+    let rt = rt();
+    // 4 MiB pass, then the relay holds the download until the disk is full.
+    let (relay, gate) = rt.block_on(gated_relay(upstream, 4 << 20));
+    let mut proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &format!("http://{relay}"), ""),
+    )
+    .unwrap();
+    proxy.stop().unwrap();
+    let data = proxy.data_dir();
+    std::fs::remove_dir_all(&data).unwrap();
+    // Room for the 24 MiB blob when the download starts (it is reserved).
+    let mount = Tmpfs::mount(&data, "40m");
+    proxy.start_again().unwrap();
+    let url = blob_url(&proxy, "quay.io", "fixture/filling", &layer);
+    let tasks: Vec<_> = (0..CLIENTS)
+        .map(|_| rt.spawn(fetch(url.clone(), Vec::new(), None)))
+        .collect();
+    // Every client joined the one download, and bytes are on disk.
+    wait_for(
+        "all clients on one download",
+        Duration::from_secs(30),
+        || {
+            let m = metrics(&proxy);
+            let waiters = metric(&m, "pullthrough_merged_waiters_total{registry=\"quay.io\"}");
+            let on_disk: u64 = std::fs::read_dir(data.join("tmp"))
+                .unwrap()
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            Ok(waiters >= (CLIENTS - 1) as f64 && on_disk >= 2 << 20)
+        },
+    )
+    .unwrap();
+    let filled = fill_disk(&data.join("filler"));
+    assert!(filled > 0, "the disk was already full");
+    gate.send_replace(true);
+    let results: Vec<Fetched> = rt.block_on(async {
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    let size = std::fs::metadata(image.blob_path(&layer)).unwrap().len() as usize;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.status, StatusCode::OK, "client {i}");
+        assert!(
+            r.error.is_none(),
+            "client {i} aborted after {} of {size} bytes: {:?}\n{}",
+            r.body.len(),
+            r.error,
+            proxy.log()
+        );
+        assert_eq!(sha256_digest(&r.body), layer, "client {i}");
+    }
+    let m = metrics(&proxy);
+    assert!(
+        metric(&m, "pullthrough_disk_full_events_total") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        proxy
+            .log()
+            .matches("cache write failed mid-download")
+            .count(),
+        1,
+        "{}",
+        proxy.log()
+    );
+    // One shared GET, then at most one ranged GET per client for the rest.
+    let gets = upstream_gets();
+    assert!(gets <= 1 + CLIENTS, "{gets} upstream GETs");
+    assert!(!cached_path(&proxy, &layer).exists(), "partial blob cached");
+    wait_for("tmp to be empty", Duration::from_secs(5), || {
+        Ok(tmp_entries(&proxy).is_empty())
+    })
+    .unwrap();
+    // Still serving (pass-through while the disk stays full).
+    let r = Get::new(&url).send().unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), layer);
+    proxy.stop().unwrap();
+    drop(mount);
+    drop(rt);
+    gets
+}
+
+/// Log lines are written by a log thread, never dropped: a burst of 1 000
+/// requests from 20 concurrent clients gives exactly 1 000 access lines,
+/// each a whole JSON object (lines are not interleaved), and the
+/// back-pressure counter is exported.
+#[test]
+fn every_request_gets_its_access_line_under_a_burst() {
+    const CLIENTS: usize = 20;
+    const EACH: usize = 50;
+    let stub_dir = tempfile::tempdir().unwrap();
+    let image = random_image(stub_dir.path(), &[1024], 803);
+    let stub = Stub::builder(&image.layout).start().unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &stub.url(), ""),
+    )
+    .unwrap();
+    // The proxy answers `/v2/` in mirror mode itself (a `ping` line each).
+    let url = format!("{}/v2/?ns=quay.io", proxy.http_url());
+    let statuses = rt().block_on(async {
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    for _ in 0..EACH {
+                        out.push(fetch(url.clone(), Vec::new(), None).await.status);
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        all
+    });
+    assert_eq!(statuses.len(), CLIENTS * EACH);
+    let want = CLIENTS * EACH;
+    wait_for("every access line", Duration::from_secs(10), || {
+        Ok(proxy.access_matching(&[("kind", "ping")]).len() >= want)
+    })
+    .unwrap();
+    assert_eq!(proxy.access_matching(&[("kind", "ping")]).len(), want);
+    // Every line on stdout is one JSON object.
+    for line in proxy.log().lines().filter(|l| !l.trim().is_empty()) {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok(),
+            "not one JSON object: {line}"
+        );
+    }
+}
+
 // --- 4. private images -----------------------------------------------------
 
 /// `private: true` on an htpasswd upstream: the authorised client pulls

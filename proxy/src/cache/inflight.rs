@@ -13,6 +13,17 @@
 //! The final byte is sent only after the digest was verified and the blob
 //! committed: on a failure or mismatch every client's response is aborted,
 //! never completed with wrong content.
+//!
+//! When the cache disk fills up *during* the download (another process
+//! took the space that was free at the start), the download gives up
+//! caching: its temp file is unlinked (the open read handles keep its
+//! bytes), and [`Outcome::Abandoned`] tells every client how many bytes
+//! the file holds and the sha256 state over them. Each client that has
+//! not finished reads the file up to there, then fetches the rest from the
+//! upstream itself (`Range: bytes=<at>-`, a `200` answer skipped to
+//! `<at>`), hashing it on top of that state, so the whole body is still
+//! verified before its last byte is sent. One upstream fetch per client
+//! for the remainder is the price of a full disk, paid only then.
 
 use std::collections::HashMap;
 use std::os::unix::fs::FileExt as _;
@@ -21,8 +32,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::StreamBody;
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt as _, StreamBody};
 use hyper::body::Frame;
+use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
 use crate::body::Body;
@@ -46,12 +59,73 @@ pub enum Phase {
 #[derive(Debug, Clone)]
 pub struct Stream {
     pub file: Arc<std::fs::File>,
+    /// The bytes written last, still in memory.
+    pub recent: Arc<Recent>,
     pub size: Option<u64>,
     pub media_type: Option<String>,
     pub on_disk: u64,
-    /// `Some(Ok)` once committed (verified), `Some(Err)` once failed.
-    pub outcome: Option<Result<(), Arc<str>>>,
+    /// Set once the download is over.
+    pub outcome: Option<Outcome>,
 }
+
+/// The most recently written bytes of a download, kept in memory so that
+/// clients keeping up with it are sent the very buffers that were written
+/// (no read back from the file, no copy); a client that fell behind by
+/// more than [`RECENT_MAX`] reads the file.
+#[derive(Debug, Default)]
+pub struct Recent {
+    /// Contiguous batches (offset, bytes), oldest first, and their total.
+    chunks: Mutex<(std::collections::VecDeque<(u64, Bytes)>, usize)>,
+}
+
+/// Bytes [`Recent`] keeps per download (16 batches of 256 KiB).
+const RECENT_MAX: usize = 4 << 20;
+
+impl Recent {
+    pub fn push(&self, offset: u64, bytes: Bytes) {
+        let mut c = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        c.1 += bytes.len();
+        c.0.push_back((offset, bytes));
+        while c.1 > RECENT_MAX {
+            match c.0.pop_front() {
+                Some((_, b)) => c.1 -= b.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// The bytes from `offset` to at most `limit` if they are still here.
+    fn get(&self, offset: u64, limit: u64) -> Option<Bytes> {
+        let c = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        let (start, bytes) =
+            c.0.iter()
+                .find(|(o, b)| offset >= *o && offset < o + b.len() as u64)?;
+        let end = (start + bytes.len() as u64).min(limit);
+        (end > offset).then(|| bytes.slice((offset - start) as usize..(end - start) as usize))
+    }
+}
+
+/// How a download ended.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The whole blob is in the file and its digest matched (whether or
+    /// not it could then be committed to the cache).
+    Verified,
+    /// The upstream failed or sent wrong bytes: every client is aborted.
+    Failed(Arc<str>),
+    /// Caching was given up (disk full): the file holds exactly `at` bytes,
+    /// `hasher` is the sha256 state over them; clients fetch the rest.
+    Abandoned { at: u64, hasher: Arc<Sha256> },
+}
+
+/// Fetches the blob from the upstream starting at an offset (a `Range`
+/// request with the client's own credentials); used by a client to finish
+/// on its own when the shared download was abandoned.
+pub type Resume = Arc<
+    dyn Fn(u64) -> BoxFuture<'static, Result<http::Response<hyper::body::Incoming>, String>>
+        + Send
+        + Sync,
+>;
 
 /// One digest being fetched.
 #[derive(Debug)]
@@ -183,72 +257,208 @@ pub async fn wait_started(rx: &mut watch::Receiver<Phase>) -> Option<Stream> {
 
 /// A response body that tails the download's temp file: bytes as they
 /// reach the disk, the last one only after verification, an error frame
-/// (aborting the response) on failure.
-pub fn tail(rx: watch::Receiver<Phase>, file: Arc<std::fs::File>, size: Option<u64>) -> Body {
-    struct St {
-        rx: watch::Receiver<Phase>,
-        file: Arc<std::fs::File>,
-        size: Option<u64>,
-        offset: u64,
-        done: bool,
-    }
-    let st = St {
+/// (aborting the response) on failure. If the download is abandoned, the
+/// rest comes from `resume` (see the module docs).
+pub fn tail(
+    rx: watch::Receiver<Phase>,
+    stream: &Stream,
+    digest: Digest,
+    resume: Resume,
+    read_timeout: Duration,
+) -> Body {
+    let st = Tail {
         rx,
-        file,
-        size,
+        file: Arc::clone(&stream.file),
+        recent: Arc::clone(&stream.recent),
+        size: stream.size,
+        digest,
+        resume: Some(resume),
+        read_timeout,
         offset: 0,
+        rest: None,
         done: false,
     };
     let stream = futures::stream::unfold(st, |mut st| async move {
         if st.done {
             return None;
         }
-        loop {
-            let (on_disk, outcome) = match &*st.rx.borrow_and_update() {
-                Phase::Streaming(s) => (s.on_disk, s.outcome.clone()),
-                _ => (0, Some(Err(Arc::from("download did not start")))),
-            };
-            let verified = matches!(outcome, Some(Ok(())));
-            if let Some(Err(msg)) = &outcome {
+        match st.next().await {
+            Ok(Some(bytes)) => Some((Ok(Frame::data(bytes)), st)),
+            Ok(None) => None,
+            Err(err) => {
                 st.done = true;
-                let err = std::io::Error::other(format!("blob transfer failed: {msg}"));
-                return Some((Err(err), st));
-            }
-            // Hold back the last byte of a known size until verified.
-            let limit = match (verified, st.size) {
-                (true, _) | (false, None) => on_disk,
-                (false, Some(size)) => on_disk.min(size.saturating_sub(1)),
-            };
-            if st.offset < limit {
-                let len = (limit - st.offset).min(READ_CHUNK);
-                let (file, offset) = (Arc::clone(&st.file), st.offset);
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset).map(|()| buf)
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                return match read {
-                    Ok(buf) => {
-                        st.offset += buf.len() as u64;
-                        Some((Ok(Frame::data(Bytes::from(buf))), st))
-                    }
-                    Err(e) => {
-                        st.done = true;
-                        Some((Err(e), st))
-                    }
-                };
-            }
-            if verified {
-                return None;
-            }
-            if st.rx.changed().await.is_err() {
-                st.done = true;
-                let err = std::io::Error::other("download ended without an outcome");
-                return Some((Err(err), st));
+                Some((Err(err), st))
             }
         }
     });
     http_body_util::BodyExt::boxed_unsync(StreamBody::new(stream))
+}
+
+/// One client's position in a shared download.
+struct Tail {
+    rx: watch::Receiver<Phase>,
+    file: Arc<std::fs::File>,
+    recent: Arc<Recent>,
+    size: Option<u64>,
+    digest: Digest,
+    resume: Option<Resume>,
+    read_timeout: Duration,
+    /// Bytes sent so far.
+    offset: u64,
+    /// Set once the download was abandoned and this client went on alone.
+    rest: Option<Rest>,
+    done: bool,
+}
+
+/// The rest of an abandoned download, fetched by one client.
+struct Rest {
+    body: hyper::body::Incoming,
+    hasher: Sha256,
+    /// Bytes still to drop from the front (the upstream ignored Range).
+    skip: u64,
+    /// The last chunk, sent only once the whole body is verified.
+    held: Option<Bytes>,
+}
+
+impl Tail {
+    /// The next chunk to send, `None` at the (verified) end.
+    async fn next(&mut self) -> std::io::Result<Option<Bytes>> {
+        loop {
+            if self.rest.is_some() {
+                return self.next_rest().await;
+            }
+            let (on_disk, outcome) = match &*self.rx.borrow_and_update() {
+                Phase::Streaming(s) => (s.on_disk, s.outcome.clone()),
+                _ => (
+                    0,
+                    Some(Outcome::Failed(Arc::from("download did not start"))),
+                ),
+            };
+            // Hold back the last byte of a known size until verified.
+            let limit = match (&outcome, self.size) {
+                (Some(Outcome::Failed(msg)), _) => {
+                    return Err(std::io::Error::other(format!(
+                        "blob transfer failed: {msg}"
+                    )));
+                }
+                (Some(Outcome::Verified), _) | (None, None) => on_disk,
+                (Some(Outcome::Abandoned { at, .. }), _) => *at,
+                (None, Some(size)) => on_disk.min(size.saturating_sub(1)),
+            };
+            if self.offset < limit {
+                if let Some(bytes) = self.recent.get(self.offset, limit) {
+                    self.offset += bytes.len() as u64;
+                    return Ok(Some(bytes));
+                }
+                let len = (limit - self.offset).min(READ_CHUNK);
+                let (file, offset) = (Arc::clone(&self.file), self.offset);
+                let buf = tokio::task::spawn_blocking(move || {
+                    let mut buf = vec![0u8; len as usize];
+                    file.read_exact_at(&mut buf, offset).map(|()| buf)
+                })
+                .await
+                .map_err(std::io::Error::other)??;
+                self.offset += buf.len() as u64;
+                return Ok(Some(Bytes::from(buf)));
+            }
+            match outcome {
+                Some(Outcome::Verified) => return Ok(None),
+                Some(Outcome::Abandoned { at, hasher }) => {
+                    self.start_rest(at, &hasher).await?;
+                    continue;
+                }
+                _ => {}
+            }
+            if self.rx.changed().await.is_err() {
+                return Err(std::io::Error::other("download ended without an outcome"));
+            }
+        }
+    }
+
+    /// Asks the upstream for the bytes after `at` (this client's own fetch).
+    async fn start_rest(&mut self, at: u64, hasher: &Sha256) -> std::io::Result<()> {
+        let Some(resume) = self.resume.take() else {
+            return Err(std::io::Error::other("resumed twice"));
+        };
+        let resp = tokio::time::timeout(self.read_timeout, resume(at))
+            .await
+            .map_err(|_| std::io::Error::other("upstream stalled resuming the blob"))?
+            .map_err(|e| std::io::Error::other(format!("resuming the blob at {at}: {e}")))?;
+        let skip = match resp.status() {
+            http::StatusCode::PARTIAL_CONTENT => {
+                let from = resp
+                    .headers()
+                    .get(http::header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes "))
+                    .and_then(|v| v.split('-').next())
+                    .and_then(|v| v.trim().parse::<u64>().ok());
+                if from != Some(at) {
+                    return Err(std::io::Error::other(format!(
+                        "upstream answered the range from {at} with {:?}",
+                        resp.headers().get(http::header::CONTENT_RANGE)
+                    )));
+                }
+                0
+            }
+            http::StatusCode::OK => at,
+            status => {
+                return Err(std::io::Error::other(format!(
+                    "upstream answered {status} resuming the blob at {at}"
+                )));
+            }
+        };
+        self.rest = Some(Rest {
+            body: resp.into_body(),
+            hasher: hasher.clone(),
+            skip,
+            held: None,
+        });
+        Ok(())
+    }
+
+    async fn next_rest(&mut self) -> std::io::Result<Option<Bytes>> {
+        let Some(rest) = self.rest.as_mut() else {
+            return Ok(None);
+        };
+        loop {
+            let frame = tokio::time::timeout(self.read_timeout, rest.body.frame())
+                .await
+                .map_err(|_| std::io::Error::other("upstream stalled"))?;
+            let mut data = match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => d,
+                    Err(_) => continue,
+                },
+                Some(Err(e)) => {
+                    return Err(std::io::Error::other(format!("upstream body failed: {e}")));
+                }
+                None => {
+                    let actual = hex::encode(rest.hasher.clone().finalize());
+                    let complete = self.size.is_none_or(|s| s == self.offset);
+                    if actual != self.digest.hex() || !complete {
+                        return Err(std::io::Error::other(format!(
+                            "blob {} failed verification after {} bytes (sha256 {actual})",
+                            self.digest, self.offset
+                        )));
+                    }
+                    self.done = true;
+                    return Ok(rest.held.take());
+                }
+            };
+            if rest.skip > 0 {
+                let n = rest.skip.min(data.len() as u64);
+                rest.skip -= n;
+                data = data.slice(n as usize..);
+            }
+            if data.is_empty() {
+                continue;
+            }
+            rest.hasher.update(&data);
+            self.offset += data.len() as u64;
+            if let Some(prev) = rest.held.replace(data) {
+                return Ok(Some(prev));
+            }
+        }
+    }
 }
