@@ -30,6 +30,8 @@ use pullthrough_testbed::tls::{TestCa, client_config};
 use rustls::ClientConfig;
 use tokio::net::TcpStream;
 
+mod relay;
+
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 type Sender = SendRequest<Empty<Bytes>>;
 
@@ -56,6 +58,13 @@ struct Sizes {
     rate_secs: u64,
     miss_size: u64,
     miss_clients: usize,
+    /// Upstream rate (bytes/s) of the throttled MISS phase, and its blob
+    /// size: the fetch must stay under nginx's `proxy_cache_lock_age`
+    /// (5 s) or nginx sends more upstream GETs every 5 s (seen: 256 MiB at
+    /// 16 MiB/s gave 5 and 21 GETs, 80 s and 337 s), and 50 × rate must
+    /// fit what 2 cores can serve over HTTPS next to the load generator.
+    throttle: u64,
+    throttle_size: u64,
     rss_total: u64,
     rss_streams: usize,
 }
@@ -69,6 +78,8 @@ const FULL: Sizes = Sizes {
     rate_secs: 10,
     miss_size: 256 * MIB,
     miss_clients: 50,
+    throttle: 16 * MIB,
+    throttle_size: 64 * MIB,
     rss_total: 8 * GIB,
     rss_streams: 64,
 };
@@ -82,6 +93,8 @@ const QUICK: Sizes = Sizes {
     rate_secs: 4,
     miss_size: 64 * MIB,
     miss_clients: 50,
+    throttle: 16 * MIB,
+    throttle_size: 64 * MIB,
     rss_total: 2 * GIB,
     rss_streams: 64,
 };
@@ -246,7 +259,7 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(upstream: &Registry, upstream_ca: &Path, crt: &Path, key: &Path) -> Res<Self> {
+    fn start(up: SocketAddr, upstream_ca: &Path, crt: &Path, key: &Path) -> Res<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pt-bench-nginx-")
             .tempdir()?;
@@ -264,7 +277,6 @@ impl Nginx {
         }
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let https: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let up = upstream.addr();
         let dp = d.display();
         // As rpardini/docker-registry-proxy (the seed's successor) does it:
         // key = $uri, proxy_cache_lock, long validity, one cache zone.
@@ -374,6 +386,22 @@ fn children(parent: u32) -> Vec<u32> {
 }
 
 /// A `VmXXX:` field of /proc/<pid>/status, in KiB.
+/// CPU time (user + system) a process has used, in clock ticks (1/100 s
+/// on Linux); 0 if unreadable.
+fn cpu_ticks(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the `(comm)`, which may contain spaces.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = f.get(11)?.parse().ok()?;
+            let stime: u64 = f.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0)
+}
+
 fn vm_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -447,7 +475,17 @@ fn fixtures(sizes: &Sizes, upstream: &Registry) -> Res<Fixtures> {
     big.push(upstream, REPO, "big")?;
     let many = b.random("many", &vec![sizes.many_size; sizes.many_count], 0x3a7)?;
     many.push(upstream, REPO, "many")?;
-    let miss = b.random("miss", &[sizes.miss_size, sizes.miss_size], 0x5155)?;
+    // Blobs 0 and 1: the unthrottled MISS phase; 2 and 3: the throttled one.
+    let miss = b.random(
+        "miss",
+        &[
+            sizes.miss_size,
+            sizes.miss_size,
+            sizes.throttle_size,
+            sizes.throttle_size,
+        ],
+        0x5155,
+    )?;
     miss.push(upstream, REPO, "miss")?;
     miss.push(upstream, NG_MISS_REPO, "miss")?;
     eprintln!(
@@ -680,6 +718,8 @@ async fn manifest_rate(t: &Target, f: &Fixtures, rate: u64, secs: u64) -> Res<La
 
 struct Miss {
     single_s: f64,
+    /// Request → first body byte of the single client.
+    single_first_ms: f64,
     total_s: f64,
     spread_ms: f64,
     upstream_gets: usize,
@@ -693,12 +733,17 @@ async fn miss(
     repo: &str,
     clients: usize,
     upstream: &Registry,
+    throttled: bool,
 ) -> Res<Miss> {
     let layers = &f.miss.manifests[0].layers;
-    let (single, multi) = (&layers[0], &layers[1]);
+    let first = if throttled { 2 } else { 0 };
+    let (single, multi) = (&layers[first], &layers[first + 1]);
     let r = get_once(t, true, &t.blob(repo, &single.digest)).await?;
     check(t, &r, Some(single.size), "miss single")?;
     let single_s = (r.end - r.start).as_secs_f64();
+    let single_first_ms = r
+        .first_byte
+        .map_or(f64::NAN, |f| (f - r.start).as_secs_f64() * 1000.0);
     // Connections first, so the clock measures the transfer.
     let mut senders = Vec::new();
     for _ in 0..clients {
@@ -735,6 +780,7 @@ async fn miss(
     );
     Ok(Miss {
         single_s,
+        single_first_ms,
         total_s: (end - start).as_secs_f64(),
         spread_ms: (*hi - *lo).as_secs_f64() * 1000.0,
         upstream_gets: upstream.count_requests("GET", &upstream_path),
@@ -774,9 +820,13 @@ fn main() {
 fn run() -> Res<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
+    // Only the MISS phases (for profiling the miss path).
+    let miss_only = args.iter().any(|a| a == "--miss-only");
+    // Only the manifest latency phase (comparing builds: it is short).
+    let manifest_only = args.iter().any(|a| a == "--manifest-only");
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: cargo run --release -p pullthrough-bench [-- --quick]\n\
+            "usage: cargo run --release -p pullthrough-bench [-- --quick] [--miss-only | --manifest-only]\n\
              Starts docker-registry, pullthrough-proxy (release) and nginx on loopback and\n\
              prints pullthrough vs nginx figures. --quick: smaller sizes (a few minutes)."
         );
@@ -795,6 +845,10 @@ fn run() -> Res<()> {
     let upstream = Registry::tls()?;
     let upstream_ca = upstream.ca_path().ok_or("TLS registry without a CA")?;
     let fx = fixtures(&sizes, &upstream)?;
+    // Both proxies reach the upstream through the relay (unlimited until
+    // the throttled MISS phase).
+    let relay = relay::Relay::start(upstream.addr())?;
+    let upstream_url = format!("{}://{}", upstream.scheme(), relay.addr);
 
     // One test CA for both servers' HTTPS listeners.
     let certs = tempfile::Builder::new()
@@ -817,11 +871,11 @@ fn run() -> Res<()> {
             "ca: {{cert: {}, key: {}}}\nregistries:\n  - host: {REG}\n    upstream: {}\n    caBundle: {}\n",
             ca_crt.display(),
             ca_key.display(),
-            upstream.url(),
+            upstream_url,
             upstream_ca.display()
         ),
     )?;
-    let nginx = Nginx::start(&upstream, &upstream_ca, &leaf_crt, &leaf_key)?;
+    let nginx = Nginx::start(relay.addr, &upstream_ca, &leaf_crt, &leaf_key)?;
     eprintln!(
         "upstream {} (pid {}), pullthrough {} (pid {}), nginx {} (pid {}, dir {})",
         upstream.url(),
@@ -860,6 +914,9 @@ fn run() -> Res<()> {
     let mut nginx_not_hit = 0usize;
 
     for t in [&pt, &ng] {
+        if miss_only {
+            break;
+        }
         if let Err(e) = rt.block_on(warm(t, &fx)) {
             let log = std::fs::read_to_string(nginx.dir.path().join("logs/error.log"));
             return Err(format!("{e}\nnginx error.log:\n{}", log.unwrap_or_default()).into());
@@ -872,6 +929,9 @@ fn run() -> Res<()> {
         (true, "HTTPS", "≥ 1.0×", 1.0),
         (false, "HTTP", "≥ 0.9×", 0.9),
     ] {
+        if miss_only || manifest_only {
+            break;
+        }
         let (a, _) = rt.block_on(single_big(&pt, &fx, tls_on, reps))?;
         let (b, m) = rt.block_on(single_big(&ng, &fx, tls_on, reps))?;
         nginx_not_hit += m;
@@ -889,156 +949,219 @@ fn run() -> Res<()> {
         });
     }
 
-    // 2. Concurrent clients over many blobs.
-    let (a, _) = rt.block_on(concurrent(&pt, &fx, sizes.many_clients, 1))?;
-    let (b, m) = rt.block_on(concurrent(&ng, &fx, sizes.many_clients, 1))?;
-    nginx_not_hit += m;
-    eprintln!(
-        "HIT {} clients: pullthrough {a:.0} MiB/s, nginx {b:.0} MiB/s",
-        sizes.many_clients
-    );
-    rows.push(Row {
-        name: format!(
-            "HIT, {} clients over {} blobs of {} MiB, HTTPS, aggregate",
-            sizes.many_clients,
-            sizes.many_count,
-            sizes.many_size / MIB
-        ),
-        pt: a,
-        ng: b,
-        unit: "MiB/s",
-        target: "≥ 1.0×".into(),
-        met: Some(a >= b),
-    });
+    if !miss_only {
+        if !manifest_only {
+            // 2. Concurrent clients over many blobs.
+            let (a, _) = rt.block_on(concurrent(&pt, &fx, sizes.many_clients, 1))?;
+            let (b, m) = rt.block_on(concurrent(&ng, &fx, sizes.many_clients, 1))?;
+            nginx_not_hit += m;
+            eprintln!(
+                "HIT {} clients: pullthrough {a:.0} MiB/s, nginx {b:.0} MiB/s",
+                sizes.many_clients
+            );
+            rows.push(Row {
+                name: format!(
+                    "HIT, {} clients over {} blobs of {} MiB, HTTPS, aggregate",
+                    sizes.many_clients,
+                    sizes.many_count,
+                    sizes.many_size / MIB
+                ),
+                pt: a,
+                ng: b,
+                unit: "MiB/s",
+                target: "≥ 1.0×".into(),
+                met: Some(a >= b),
+            });
+        }
 
-    // 3. Manifest latency at a fixed rate.
-    let la = rt.block_on(manifest_rate(&pt, &fx, sizes.rate, sizes.rate_secs))?;
-    let lb = rt.block_on(manifest_rate(&ng, &fx, sizes.rate, sizes.rate_secs))?;
-    nginx_not_hit += lb.misses;
-    eprintln!(
-        "manifest @{}/s: pullthrough p50 {:.2} p99 {:.2} max {:.2} ms ({} errors); nginx p50 {:.2} p99 {:.2} max {:.2} ms ({} errors)",
-        sizes.rate,
-        la.p50_ms,
-        la.p99_ms,
-        la.max_ms,
-        la.errors,
-        lb.p50_ms,
-        lb.p99_ms,
-        lb.max_ms,
-        lb.errors
-    );
-    let label = format!(
-        "manifest HIT @ {} req/s × {} s, HTTPS",
-        sizes.rate, sizes.rate_secs
-    );
-    rows.push(Row {
-        name: format!("{label}: p50"),
-        pt: la.p50_ms,
-        ng: lb.p50_ms,
-        unit: "ms",
-        target: "–".into(),
-        met: None,
-    });
-    rows.push(Row {
-        name: format!("{label}: p99"),
-        pt: la.p99_ms,
-        ng: lb.p99_ms,
-        unit: "ms",
-        target: "≤ nginx".into(),
-        met: Some(la.p99_ms <= lb.p99_ms && la.errors == 0),
-    });
-    rows.push(Row {
-        name: format!("{label}: max"),
-        pt: la.max_ms,
-        ng: lb.max_ms,
-        unit: "ms",
-        target: "–".into(),
-        met: None,
-    });
-    if la.errors + lb.errors > 0 {
-        notes.push(format!(
-            "manifest errors: pullthrough {}, nginx {}",
-            la.errors, lb.errors
-        ));
+        // 3. Manifest latency at a fixed rate.
+        // Server CPU per request too: latency on 2 shared cores is noisy,
+        // the work each request costs is not.
+        let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
+        let ng_workers = nginx.workers();
+        let c0 = cpu(&[pt.pid]);
+        let la = rt.block_on(manifest_rate(&pt, &fx, sizes.rate, sizes.rate_secs))?;
+        let c1 = cpu(&[pt.pid]);
+        let n0 = cpu(&ng_workers);
+        let lb = rt.block_on(manifest_rate(&ng, &fx, sizes.rate, sizes.rate_secs))?;
+        let n1 = cpu(&ng_workers);
+        let per_req = |ticks: u64| ticks as f64 * 10_000.0 / (sizes.rate * sizes.rate_secs) as f64;
+        eprintln!(
+            "manifest server CPU per request: pullthrough {:.0} µs, nginx {:.0} µs (clock ticks of 10 ms)",
+            per_req(c1 - c0),
+            per_req(n1 - n0)
+        );
+        nginx_not_hit += lb.misses;
+        eprintln!(
+            "manifest @{}/s: pullthrough p50 {:.2} p99 {:.2} max {:.2} ms ({} errors); nginx p50 {:.2} p99 {:.2} max {:.2} ms ({} errors)",
+            sizes.rate,
+            la.p50_ms,
+            la.p99_ms,
+            la.max_ms,
+            la.errors,
+            lb.p50_ms,
+            lb.p99_ms,
+            lb.max_ms,
+            lb.errors
+        );
+        let label = format!(
+            "manifest HIT @ {} req/s × {} s, HTTPS",
+            sizes.rate, sizes.rate_secs
+        );
+        rows.push(Row {
+            name: format!("{label}: p50"),
+            pt: la.p50_ms,
+            ng: lb.p50_ms,
+            unit: "ms",
+            target: "–".into(),
+            met: None,
+        });
+        rows.push(Row {
+            name: format!("{label}: p99"),
+            pt: la.p99_ms,
+            ng: lb.p99_ms,
+            unit: "ms",
+            target: "≤ nginx".into(),
+            met: Some(la.p99_ms <= lb.p99_ms && la.errors == 0),
+        });
+        rows.push(Row {
+            name: format!("{label}: max"),
+            pt: la.max_ms,
+            ng: lb.max_ms,
+            unit: "ms",
+            target: "–".into(),
+            met: None,
+        });
+        if la.errors + lb.errors > 0 {
+            notes.push(format!(
+                "manifest errors: pullthrough {}, nginx {}",
+                la.errors, lb.errors
+            ));
+        }
     }
 
-    // 4. MISS: merged fetch.
-    let ma = rt.block_on(miss(&pt, &fx, REPO, sizes.miss_clients, &upstream))?;
-    let mb = rt.block_on(miss(&ng, &fx, NG_MISS_REPO, sizes.miss_clients, &upstream))?;
-    let mlabel = format!(
-        "MISS, {} clients, {} MiB blob",
-        sizes.miss_clients,
-        sizes.miss_size / MIB
-    );
-    rows.push(Row {
-        name: format!("{mlabel}: upstream GETs"),
-        pt: ma.upstream_gets as f64,
-        ng: mb.upstream_gets as f64,
-        unit: "",
-        target: "1".into(),
-        met: Some(ma.upstream_gets == 1),
-    });
-    rows.push(Row {
-        name: format!("{mlabel}: first-byte spread"),
-        pt: ma.spread_ms,
-        ng: mb.spread_ms,
-        unit: "ms",
-        target: "≤ 100 ms".into(),
-        met: Some(ma.spread_ms <= 100.0),
-    });
-    rows.push(Row {
-        name: format!("{mlabel}: total time"),
-        pt: ma.total_s,
-        ng: mb.total_s,
-        unit: "s",
-        target: "–".into(),
-        met: None,
-    });
-    rows.push(Row {
-        name: "MISS, 1 client alone, same size: time".into(),
-        pt: ma.single_s,
-        ng: mb.single_s,
-        unit: "s",
-        target: "–".into(),
-        met: None,
-    });
-    rows.push(Row {
-        name: format!("{mlabel}: total / single"),
-        pt: ma.total_s / ma.single_s,
-        ng: mb.total_s / mb.single_s,
-        unit: "×",
-        target: "≤ 1.2×".into(),
-        met: Some(ma.total_s <= 1.2 * ma.single_s),
-    });
+    // 4. MISS: merged fetch, with the upstream at loopback speed, then
+    // throttled to `sizes.throttle` for both proxies.
+    for throttled in [false, true] {
+        if manifest_only {
+            break;
+        }
+        relay.set_rate(if throttled { sizes.throttle } else { 0 });
+        let ma = rt.block_on(miss(
+            &pt,
+            &fx,
+            REPO,
+            sizes.miss_clients,
+            &upstream,
+            throttled,
+        ))?;
+        let mb = rt.block_on(miss(
+            &ng,
+            &fx,
+            NG_MISS_REPO,
+            sizes.miss_clients,
+            &upstream,
+            throttled,
+        ))?;
+        relay.set_rate(0);
+        let link = if throttled {
+            format!("upstream {} MiB/s", sizes.throttle / MIB)
+        } else {
+            "upstream unthrottled".to_string()
+        };
+        eprintln!(
+            "MISS ({link}): pullthrough single {:.3}s (first byte {:.1} ms), {} clients {:.2}s; nginx single {:.3}s (first byte {:.1} ms), {} clients {:.2}s",
+            ma.single_s,
+            ma.single_first_ms,
+            sizes.miss_clients,
+            ma.total_s,
+            mb.single_s,
+            mb.single_first_ms,
+            sizes.miss_clients,
+            mb.total_s
+        );
+        let size = if throttled {
+            sizes.throttle_size
+        } else {
+            sizes.miss_size
+        };
+        let mlabel = format!(
+            "MISS, {} clients, {} MiB blob, {link}",
+            sizes.miss_clients,
+            size / MIB
+        );
+        rows.push(Row {
+            name: format!("{mlabel}: upstream GETs"),
+            pt: ma.upstream_gets as f64,
+            ng: mb.upstream_gets as f64,
+            unit: "",
+            target: "1".into(),
+            met: Some(ma.upstream_gets == 1),
+        });
+        rows.push(Row {
+            name: format!("{mlabel}: first-byte spread"),
+            pt: ma.spread_ms,
+            ng: mb.spread_ms,
+            unit: "ms",
+            target: "≤ 100 ms".into(),
+            met: Some(ma.spread_ms <= 100.0),
+        });
+        rows.push(Row {
+            name: format!("{mlabel}: total time"),
+            pt: ma.total_s,
+            ng: mb.total_s,
+            unit: "s",
+            target: "–".into(),
+            met: None,
+        });
+        rows.push(Row {
+            name: format!("MISS, 1 client alone, same size, {link}: time"),
+            pt: ma.single_s,
+            ng: mb.single_s,
+            unit: "s",
+            target: "–".into(),
+            met: None,
+        });
+        rows.push(Row {
+            name: format!("{mlabel}: total / single"),
+            pt: ma.total_s / ma.single_s,
+            ng: mb.total_s / mb.single_s,
+            unit: "×",
+            target: "≤ 1.2×".into(),
+            met: Some(ma.total_s <= 1.2 * ma.single_s),
+        });
+    }
 
-    // 5. Peak RSS under many streams.
-    let ra = rt.block_on(rss(&pt, &fx, &[pt.pid], sizes.rss_streams, sizes.rss_total))?;
-    let workers = nginx.workers();
-    let rb = rt.block_on(rss(&ng, &fx, &workers, sizes.rss_streams, sizes.rss_total))?;
-    let glabel = format!(
-        "{} GiB over {} HTTPS streams",
-        sizes.rss_total as f64 / GIB as f64,
-        sizes.rss_streams
-    );
-    rows.push(Row {
-        name: format!(
-            "peak RSS (VmHWM), {glabel}; nginx: sum of {} workers",
-            workers.len()
-        ),
-        pt: ra.peak_mib,
-        ng: rb.peak_mib,
-        unit: "MiB",
-        target: "pt ≤ 64 MiB".into(),
-        met: Some(ra.peak_mib <= 64.0),
-    });
-    rows.push(Row {
-        name: format!("throughput during the RSS run, {glabel}"),
-        pt: ra.mbps,
-        ng: rb.mbps,
-        unit: "MiB/s",
-        target: "–".into(),
-        met: None,
-    });
+    if !miss_only && !manifest_only {
+        // 5. Peak RSS under many streams.
+        let ra = rt.block_on(rss(&pt, &fx, &[pt.pid], sizes.rss_streams, sizes.rss_total))?;
+        let workers = nginx.workers();
+        let rb = rt.block_on(rss(&ng, &fx, &workers, sizes.rss_streams, sizes.rss_total))?;
+        let glabel = format!(
+            "{} GiB over {} HTTPS streams",
+            sizes.rss_total as f64 / GIB as f64,
+            sizes.rss_streams
+        );
+        rows.push(Row {
+            name: format!(
+                "peak RSS (VmHWM), {glabel}; nginx: sum of {} workers",
+                workers.len()
+            ),
+            pt: ra.peak_mib,
+            ng: rb.peak_mib,
+            unit: "MiB",
+            target: "pt ≤ 64 MiB".into(),
+            met: Some(ra.peak_mib <= 64.0),
+        });
+        rows.push(Row {
+            name: format!("throughput during the RSS run, {glabel}"),
+            pt: ra.mbps,
+            ng: rb.mbps,
+            unit: "MiB/s",
+            target: "–".into(),
+            met: None,
+        });
+    }
 
     if nginx_not_hit > 0 {
         notes.push(format!(
@@ -1067,6 +1190,7 @@ fn run() -> Res<()> {
     drop(rt);
     drop(nginx);
     drop(proxy);
+    drop(relay);
     drop(upstream);
     Ok(())
 }
