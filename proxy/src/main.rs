@@ -83,7 +83,13 @@ async fn main() {
         .lossy(false)
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .thread_name("log-writer")
-        .finish(std::io::stdout());
+        // The writer thread flushes whenever its queue runs empty: under
+        // load a batch of lines costs one write(2), idle a line goes out at
+        // once.
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     tracing_subscriber::fmt()
         .json()
         .flatten_event(true)
