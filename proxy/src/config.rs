@@ -572,23 +572,32 @@ mod tests {
         watcher.abort();
     }
 
-    /// A failure outside the watched files' content (here: the loader
-    /// fails twice) is retried at every poll with nothing changed.
-    #[tokio::test]
-    async fn watch_retries_a_failed_apply_with_nothing_changed() {
+    /// A failure outside the watched files' content, in the load step
+    /// (`fail_load`) or the apply step, twice: retried at every poll with
+    /// nothing changed, then applied once.
+    async fn retried_after_two_failures(fail_load: bool) {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("c.yaml");
         std::fs::write(&config, "registries: [{host: a.io}]\n").unwrap();
-        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = attempts.clone();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let (loads, applies) = (attempts.clone(), attempts.clone());
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = tokio::spawn(watch(
+        let watcher = tokio::spawn(watch_with(
             config.clone(),
             Duration::from_millis(30),
+            move |p| {
+                if fail_load && loads.fetch_add(1, SeqCst) < 2 {
+                    return Err(LoadError::Read {
+                        path: p.to_path_buf(),
+                        source: std::io::Error::other("not yet"),
+                    });
+                }
+                load_full(Some(p))
+            },
             move |l: Loaded| {
-                // The first two applications fail (say, a caBundle the new
-                // config names is not on disk yet).
-                if counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2 {
+                // Say, a caBundle the new config names is not on disk yet.
+                if !fail_load && applies.fetch_add(1, SeqCst) < 2 {
                     return Err("caBundle not there yet".into());
                 }
                 let _ = tx.send(l);
@@ -599,47 +608,20 @@ mod tests {
         std::fs::write(&config, "registries: [{host: b.io}]\n").unwrap();
         let l = next(&mut rx).await;
         assert!(l.config.registry("b.io").is_some());
-        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(attempts.load(SeqCst), 3);
         assert!(quiet(&mut rx).await, "applied again after success");
-        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
+        assert_eq!(attempts.load(SeqCst), 3);
         watcher.abort();
     }
 
     #[tokio::test]
     async fn watch_retries_a_failed_reload_with_nothing_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("c.yaml");
-        std::fs::write(&config, "registries: [{host: a.io}]\n").unwrap();
-        let attempts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = attempts.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let watcher = tokio::spawn(watch_with(
-            config.clone(),
-            Duration::from_millis(30),
-            move |p| {
-                let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if n < 2 {
-                    Err(LoadError::Read {
-                        path: p.to_path_buf(),
-                        source: std::io::Error::other("not yet"),
-                    })
-                } else {
-                    load_full(Some(p))
-                }
-            },
-            move |l: Loaded| {
-                let _ = tx.send(l);
-                Ok(())
-            },
-        ));
-        assert!(quiet(&mut rx).await);
-        std::fs::write(&config, "registries: [{host: b.io}]\n").unwrap();
-        let l = next(&mut rx).await;
-        assert!(l.config.registry("b.io").is_some());
-        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
-        assert!(quiet(&mut rx).await);
-        assert_eq!(attempts.load(std::sync::atomic::Ordering::SeqCst), 3);
-        watcher.abort();
+        retried_after_two_failures(true).await;
+    }
+
+    #[tokio::test]
+    async fn watch_retries_a_failed_apply_with_nothing_changed() {
+        retried_after_two_failures(false).await;
     }
 
     #[test]

@@ -1256,6 +1256,24 @@ struct DownloadEnv {
     recent: Arc<inflight::Recent>,
 }
 
+/// Hands the batches now on disk to the clients (from memory) and
+/// publishes how far the file goes.
+fn publish(
+    writer: &mut crate::cache::store::BlobWriter,
+    recent: &inflight::Recent,
+    dl: &Download,
+    published: &mut u64,
+) {
+    for (offset, bytes) in writer.take_batches() {
+        recent.push(offset, bytes);
+    }
+    let on_disk = writer.on_disk();
+    if on_disk != *published {
+        *published = on_disk;
+        dl.update(|s| s.on_disk = on_disk);
+    }
+}
+
 /// The merged download: copies the upstream body into the store's temp
 /// file, publishing progress, then commits; runs to the end whoever is
 /// still listening.
@@ -1288,14 +1306,7 @@ async fn download(
                 if let Err(err) = done {
                     break Err(DownloadEnd::Write(err));
                 }
-                for (offset, bytes) in writer.take_batches() {
-                    recent.push(offset, bytes);
-                }
-                let on_disk = writer.on_disk();
-                if on_disk != published {
-                    published = on_disk;
-                    dl.update(|s| s.on_disk = on_disk);
-                }
+                publish(&mut writer, &recent, &dl, &mut published);
                 continue;
             }
         };
@@ -1315,14 +1326,7 @@ async fn download(
         if let Err(err) = writer.write(&data).await {
             break Err(DownloadEnd::Write(err));
         }
-        for (offset, bytes) in writer.take_batches() {
-            recent.push(offset, bytes);
-        }
-        let on_disk = writer.on_disk();
-        if on_disk != published {
-            published = on_disk;
-            dl.update(|s| s.on_disk = on_disk);
-        }
+        publish(&mut writer, &recent, &dl, &mut published);
     };
     let end = match end {
         Ok(()) => writer.flush_now().await.map_err(DownloadEnd::Write),
