@@ -11,7 +11,7 @@ use pullthrough_api::config::RegistryConfig;
 use pullthrough_api::crd::{MirrorRegistry, MirrorRegistrySpec, NodeTargets};
 use pullthrough_operator::crd_yaml;
 use pullthrough_testbed::Error;
-use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::kube::{KubeApiserver, kubectl_row};
 use serde_json::{Value, json};
 
 fn manifest(name: &str, spec: Value) -> String {
@@ -42,30 +42,6 @@ fn rejected(api: &KubeApiserver, name: &str, spec: Value, message: &str) {
         Ok(out) => panic!("{name} ({spec}) must be rejected with {message:?}, was created: {out}"),
         Err(e) => panic!("{name}: unexpected failure {e}"),
     }
-}
-
-/// The cells of `name`'s row in `kubectl get` output, cut at the header's
-/// column offsets (empty cells stay empty).
-fn row(table: &str, name: &str) -> Vec<String> {
-    let header = table.lines().next().unwrap_or_default();
-    let mut starts: Vec<usize> = header
-        .split_whitespace()
-        .map(|h| header.find(h).unwrap())
-        .collect();
-    let line = table
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .unwrap_or_else(|| panic!("no row {name} in\n{table}"));
-    starts.push(line.len().max(header.len()));
-    starts
-        .windows(2)
-        .map(|w| {
-            line.get(w[0]..w[1].min(line.len()))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .collect()
 }
 
 fn get_json(api: &KubeApiserver, name: &str) -> Value {
@@ -344,7 +320,7 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         "{table}"
     );
     assert_eq!(
-        row(&table, "quay")[1..5],
+        kubectl_row(&table, "quay")[1..5],
         ["quay.io", "https://quay.io", "", ""],
         "{table}"
     );
@@ -373,16 +349,20 @@ fn api_server_enforces_the_mirrorregistry_crd() {
     .expect("patch status");
     let table = api.kubectl(&["get", "mreg"]).expect("kubectl get mreg");
     assert_eq!(
-        row(&table, "quay")[1..5],
+        kubectl_row(&table, "quay")[1..5],
         ["quay.io", "https://quay.io", "True", "3/3"],
         "{table}"
     );
     assert_eq!(
-        row(&table, "plain-http")[2],
+        kubectl_row(&table, "plain-http")[2],
         "http://10.0.0.5:5000",
         "{table}"
     );
-    assert_eq!(row(&table, "nulls")[1..3], ["e.example", ""], "{table}");
+    assert_eq!(
+        kubectl_row(&table, "nulls")[1..3],
+        ["e.example", ""],
+        "{table}"
+    );
 
     // conditions is a list-map keyed by type: one entry per type.
     let dup = json!({"status": {"conditions": [

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use pullthrough_api::config::ProxyConfig;
 use pullthrough_testbed::Error;
-use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::kube::{KubeApiserver, kubectl_row};
 use pullthrough_testbed::net::{free_port, wait_for};
 use pullthrough_testbed::process::Process;
 use serde_json::{Value, json};
@@ -172,30 +172,6 @@ impl Operator {
         .unwrap();
         (p, port)
     }
-}
-
-/// The cells of `name`'s row in `kubectl get` output, cut at the header's
-/// column offsets (empty cells stay empty).
-fn row(table: &str, name: &str) -> Vec<String> {
-    let header = table.lines().next().unwrap_or_default();
-    let mut starts: Vec<usize> = header
-        .split_whitespace()
-        .map(|h| header.find(h).unwrap())
-        .collect();
-    let line = table
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .unwrap_or_else(|| panic!("no row {name} in\n{table}"));
-    starts.push(line.len().max(header.len()));
-    starts
-        .windows(2)
-        .map(|w| {
-            line.get(w[0]..w[1].min(line.len()))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .collect()
 }
 
 fn apply(api: &KubeApiserver, name: &str, spec: Value) -> Result<String, Error> {
@@ -403,12 +379,12 @@ fn operator_reconciles_against_a_real_apiserver() {
     let listing = api.kubectl(&["get", "mreg"]).unwrap();
     // Upstream is the spec's (empty: https://<host>).
     assert_eq!(
-        row(&listing, "quay")[..5],
+        kubectl_row(&listing, "quay")[..5],
         ["quay", "quay.io", "", "True", "1/1"],
         "{listing}"
     );
     assert_eq!(
-        row(&listing, "quay-again")[3..5],
+        kubectl_row(&listing, "quay-again")[3..5],
         ["False", ""],
         "{listing}"
     );

@@ -681,3 +681,30 @@ fn strictify(v: &mut Value, def_name: &str) {
         }
     }
 }
+
+/// The cells of `name`'s row in `kubectl get` output, cut at the header's
+/// column offsets (empty cells stay empty, which splitting on whitespace
+/// would lose). Panics when there is no such row: a test helper.
+pub fn kubectl_row(table: &str, name: &str) -> Vec<String> {
+    let header = table.lines().next().unwrap_or_default();
+    let mut starts: Vec<usize> = header
+        .split_whitespace()
+        .filter_map(|h| header.find(h))
+        .collect();
+    let Some(line) = table
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+    else {
+        panic!("no row {name} in\n{table}");
+    };
+    starts.push(line.len().max(header.len()));
+    starts
+        .windows(2)
+        .map(|w| {
+            line.get(w[0]..w[1].min(line.len()))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
