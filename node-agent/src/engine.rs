@@ -167,6 +167,19 @@ impl Planner<'_> {
         });
     }
 
+    /// Stages the proxy CA at `path` (runtimes' certs.d trust files).
+    fn stage_ca(&mut self, path: &str, ca: &[u8]) -> Result<(), AgentError> {
+        let before = self.read(path)?;
+        self.stage(
+            path,
+            before,
+            Some(ca.to_vec()),
+            FileKind::CaCert,
+            Vec::new(),
+        );
+        Ok(())
+    }
+
     fn prev_kind(&self, path: &str) -> Option<&FileKind> {
         self.state.files.get(path).map(|r| &r.kind)
     }
@@ -293,14 +306,7 @@ pub fn apply(
                 DOCKER_CERTS_D,
                 want.ca_authorities.iter().map(String::as_str),
             ) {
-                let before = pl.read(&path)?;
-                pl.stage(
-                    &path,
-                    before,
-                    Some(ca.clone()),
-                    FileKind::CaCert,
-                    Vec::new(),
-                );
+                pl.stage_ca(&path, ca)?;
             }
         }
     }
@@ -407,14 +413,7 @@ pub fn apply(
                 && let Some(ca) = &ca
             {
                 let ca_path = format!("{dir}/{CA_FILE_NAME}");
-                let before = pl.read(&ca_path)?;
-                pl.stage(
-                    &ca_path,
-                    before,
-                    Some(ca.clone()),
-                    FileKind::CaCert,
-                    Vec::new(),
-                );
+                pl.stage_ca(&ca_path, ca)?;
             }
         }
     }
@@ -438,14 +437,7 @@ pub fn apply(
         {
             for path in docker_certs::ca_paths(CONTAINERS_CERTS_D, [cfg.proxy.authority().as_str()])
             {
-                let before = pl.read(&path)?;
-                pl.stage(
-                    &path,
-                    before,
-                    Some(ca.clone()),
-                    FileKind::CaCert,
-                    Vec::new(),
-                );
+                pl.stage_ca(&path, ca)?;
             }
         }
     }
