@@ -46,16 +46,7 @@ fn containerd_cri_pulls_through_the_proxy_until_revert() {
     let root = tmp.path().join("root");
     let mut dirs = vec![tmp.path().to_path_buf()];
     {
-        let up = common::upstream(Registry::plain().unwrap(), &["fixture/busybox"]);
-        let proxy = Proxy::start(
-            common::proxy_bin(),
-            Addrs::localhost().unwrap(),
-            &format!(
-                "registries:\n  - host: quay.io\n    upstream: {}\n",
-                up.registry.url()
-            ),
-        )
-        .unwrap();
+        let (up, proxy) = common::quay_behind_proxy();
         let mut copts = ContainerdOpts::default().host("quay.io", common::dead_loopback());
         copts.host_root = Some(root.clone());
         let containerd = Containerd::start(copts).unwrap();
@@ -336,16 +327,7 @@ fn podman_pulls_through_the_path_prefix_drop_in_until_revert() {
     let root = tmp.path().join("root");
     let mut dirs = vec![tmp.path().to_path_buf()];
     {
-        let up = common::upstream(Registry::plain().unwrap(), &["fixture/busybox"]);
-        let proxy = Proxy::start(
-            common::proxy_bin(),
-            Addrs::localhost().unwrap(),
-            &format!(
-                "registries:\n  - host: quay.io\n    upstream: {}\n",
-                up.registry.url()
-            ),
-        )
-        .unwrap();
+        let (up, proxy) = common::quay_behind_proxy();
         let mut popts = PodmanOpts::default().host("quay.io", common::dead_loopback());
         popts.host_root = Some(root.clone());
         let podman = Podman::new(popts).unwrap();

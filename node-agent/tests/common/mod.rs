@@ -18,6 +18,7 @@ use std::time::Duration;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder};
 use pullthrough_testbed::net::{is_listening, wait_for};
 use pullthrough_testbed::ns::MountNs;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 
 pub const QUAY_IMAGE: &str = "quay.io/fixture/busybox:1";
@@ -140,6 +141,22 @@ pub fn upstream(registry: Registry, repos: &[&str]) -> Upstream {
         busybox,
         _work: work,
     }
+}
+
+/// A plain upstream holding `fixture/busybox:1` and a proxy on loopback
+/// serving it as quay.io.
+pub fn quay_behind_proxy() -> (Upstream, Proxy) {
+    let up = upstream(Registry::plain().unwrap(), &["fixture/busybox"]);
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {}\n",
+            up.registry.url()
+        ),
+    )
+    .unwrap();
+    (up, proxy)
 }
 
 /// A loopback address where nothing listens on 443 or 80: names mapped
