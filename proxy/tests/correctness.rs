@@ -271,12 +271,7 @@ fn redirects_are_followed_without_credentials_and_cached_by_digest() {
         .redirect_blobs_to(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("redirect.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("redirect.test", &stub.url());
     let certs = common::ca_dir(&proxy);
     let hosts = work.path().join("hosts");
     write_hosts_file(&hosts, &[("redirect.test", LOCALHOST)]).unwrap();
@@ -379,12 +374,7 @@ fn corrupt_upstream_bytes_are_never_cached_or_served_whole() {
         .corrupt(&layer)
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("bad.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("bad.test", &stub.url());
     let certs = common::ca_dir(&proxy);
     let src = format!("docker://{}/bad.test/fixture/busybox:1", proxy.addrs.https);
 
@@ -477,12 +467,7 @@ fn corrupt_upstream_bytes_are_never_cached_or_served_whole() {
 #[test]
 fn unconfigured_names_are_refused_before_any_upstream_request() {
     let up = Registry::plain().unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &up.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("quay.io", &up.url());
     let ca = proxy.ca_pem().unwrap();
     sync_upstream_log(&up);
     let before = upstream_requests(&up);
@@ -1039,12 +1024,7 @@ fn anonymous_bearer_tokens_are_fetched_once_and_reused() {
         .auth(StubAuth::bearer("stub", "good"))
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("token.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("token.test", &stub.url());
     let certs = common::ca_dir(&proxy);
     let (ok, out) = skopeo_copy(
         None,

@@ -216,12 +216,7 @@ fn fifty_concurrent_misses_fetch_once_and_survive_a_quitter() {
     let expected = Arc::new(std::fs::read(image.blob_path(&layer)).unwrap());
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, "fixture/big", "1").unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &registry.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("quay.io", &registry.url());
     let url = blob_url(&proxy, "quay.io", "fixture/big", &layer);
 
     let results = rt().block_on(async {
@@ -278,12 +273,7 @@ fn waiters_are_streamed_bytes_as_they_arrive() {
         })
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("slow.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("slow.test", &stub.url());
     let url = blob_url(&proxy, "slow.test", "fixture/slow", &layer);
     let results = rt().block_on(async {
         let first = tokio::spawn(fetch(url.clone(), Vec::new(), None));
@@ -339,12 +329,7 @@ fn a_failed_merged_download_aborts_every_waiter_and_caches_nothing() {
         })
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("bad.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("bad.test", &stub.url());
     let url = blob_url(&proxy, "bad.test", "fixture/bad", &layer);
     let results = rt().block_on(async {
         let mut tasks = Vec::new();
@@ -555,12 +540,7 @@ fn a_full_disk_keeps_serving_by_pass_through() {
     let layers = image.layer_digests();
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, "fixture/full", "1").unwrap();
-    let mut proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &registry.url(), ""),
-    )
-    .unwrap();
+    let mut proxy = common::proxy_serving("quay.io", &registry.url());
     proxy.stop().unwrap();
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
@@ -722,12 +702,7 @@ fn disk_fills_mid_download(
     let rt = rt();
     // 4 MiB pass, then the relay holds the download until the disk is full.
     let (relay, gate) = rt.block_on(gated_relay(upstream, 4 << 20));
-    let mut proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &format!("http://{relay}"), ""),
-    )
-    .unwrap();
+    let mut proxy = common::proxy_serving("quay.io", &format!("http://{relay}"));
     proxy.stop().unwrap();
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
@@ -819,12 +794,7 @@ fn every_request_gets_its_access_line_under_a_burst() {
     let stub_dir = tempfile::tempdir().unwrap();
     let image = random_image(stub_dir.path(), &[1024], 803);
     let stub = Stub::builder(&image.layout).start().unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("quay.io", &stub.url());
     // The proxy answers `/v2/` in mirror mode itself (a `ping` line each).
     let url = format!("{}/v2/?ns=quay.io", proxy.http_url());
     let statuses = rt().block_on(async {
@@ -1178,12 +1148,7 @@ fn sigterm_drains_a_slow_download_and_exits_zero() {
         })
         .start()
         .unwrap();
-    let mut proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("slow.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let mut proxy = common::proxy_serving("slow.test", &stub.url());
     let url = blob_url(&proxy, "slow.test", "fixture/slow", &layer);
     let http_addr = proxy.addrs.http;
     let runtime = rt();
@@ -1219,12 +1184,7 @@ fn kill_9_during_misses_leaves_no_partial_entry() {
     let layers = image.layer_digests();
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, "fixture/crash", "1").unwrap();
-    let mut proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &registry.url(), ""),
-    )
-    .unwrap();
+    let mut proxy = common::proxy_serving("quay.io", &registry.url());
     let runtime = rt();
     let tasks: Vec<_> = layers
         .iter()
@@ -1288,12 +1248,7 @@ fn joining_a_private_download_needs_access_too() {
         })
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("priv.test", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("priv.test", &stub.url());
     let url = blob_url(&proxy, "priv.test", "fixture/secret", &layer);
     let auth = format!(
         "Basic {}",

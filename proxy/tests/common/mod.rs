@@ -48,14 +48,19 @@ pub fn one_registry(host: &str, upstream_url: &str, extra: &str) -> String {
     format!("registries:\n  - host: {host}\n    upstream: {upstream_url}\n{extra}")
 }
 
-/// The proxy on free localhost ports in front of `upstream` as `quay.io`.
-pub fn proxy_for(up: &Upstream) -> Proxy {
+/// The proxy on free localhost ports serving `upstream_url` as `host`.
+pub fn proxy_serving(host: &str, upstream_url: &str) -> Proxy {
     Proxy::start(
         proxy_bin(),
         Addrs::localhost().unwrap(),
-        &one_registry("quay.io", &up.registry.url(), ""),
+        &one_registry(host, upstream_url, ""),
     )
     .unwrap()
+}
+
+/// The proxy on free localhost ports in front of `upstream` as `quay.io`.
+pub fn proxy_for(up: &Upstream) -> Proxy {
+    proxy_serving("quay.io", &up.registry.url())
 }
 
 /// Writes the proxy CA as `<dir>/ca.crt` (a cert dir for skopeo/podman).
