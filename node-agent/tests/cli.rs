@@ -4,9 +4,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
+mod common;
+
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -27,26 +27,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Every file (bytes + mode) and directory (mode) under `dir`.
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Option<Vec<u8>>, u32)> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            let m = fs::symlink_metadata(&p).unwrap();
-            let rel = p.strip_prefix(dir).unwrap().to_path_buf();
-            if m.is_dir() {
-                out.insert(rel, (None, m.permissions().mode()));
-                stack.push(p);
-            } else {
-                out.insert(rel, (Some(fs::read(&p).unwrap()), m.permissions().mode()));
-            }
-        }
-    }
-    out
 }
 
 struct Fixture {
@@ -110,7 +90,7 @@ registries:
 #[test]
 fn apply_again_status_and_revert_to_a_byte_identical_tree() {
     let f = Fixture::new(CONFIG);
-    let before = snapshot(&f.root);
+    let before = common::snapshot(&f.root);
 
     let o = agent(&["apply", "--root", f.root(), "--config", f.config()]);
     assert!(o.status.success(), "{}", text(&o));
@@ -147,7 +127,7 @@ fn apply_again_status_and_revert_to_a_byte_identical_tree() {
         ["debug", "log-opts", "registry-mirrors"]
     );
 
-    let applied = snapshot(&f.root);
+    let applied = common::snapshot(&f.root);
     let o = agent(&[
         "apply",
         "--root",
@@ -160,7 +140,7 @@ fn apply_again_status_and_revert_to_a_byte_identical_tree() {
     assert!(o.status.success(), "{}", text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert_eq!(stdout.lines().last(), Some("no changes"), "{stdout}");
-    assert_eq!(snapshot(&f.root), applied);
+    assert_eq!(common::snapshot(&f.root), applied);
 
     let o = agent(&["status", "--root", f.root()]);
     assert!(o.status.success());
@@ -177,7 +157,7 @@ fn apply_again_status_and_revert_to_a_byte_identical_tree() {
     let o = agent(&["revert", "--root", f.root(), "--reload-settle", "0s"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("restored  /etc/hosts"), "{}", text(&o));
-    assert_eq!(snapshot(&f.root), before);
+    assert_eq!(common::snapshot(&f.root), before);
 
     let o = agent(&["status", "--root", f.root(), "--output", "json"]);
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -187,7 +167,7 @@ fn apply_again_status_and_revert_to_a_byte_identical_tree() {
 #[test]
 fn dry_run_prints_a_diff_and_writes_nothing() {
     let f = Fixture::new(CONFIG);
-    let before = snapshot(&f.root);
+    let before = common::snapshot(&f.root);
     let o = agent(&[
         "apply",
         "--root",
@@ -205,13 +185,13 @@ fn dry_run_prints_a_diff_and_writes_nothing() {
         "{out}"
     );
     assert!(out.contains("dry run: nothing was written"), "{out}");
-    assert_eq!(snapshot(&f.root), before);
+    assert_eq!(common::snapshot(&f.root), before);
 }
 
 #[test]
 fn bad_args_and_bad_config_exit_64_and_touch_nothing() {
     let f = Fixture::new(CONFIG);
-    let before = snapshot(&f.root);
+    let before = common::snapshot(&f.root);
     let cases: Vec<Vec<&str>> = vec![
         vec![],
         vec!["apply", "--root", f.root()],
@@ -269,14 +249,14 @@ fn bad_args_and_bad_config_exit_64_and_touch_nothing() {
         assert_eq!(o.status.code(), Some(64), "{yaml}: {}", text(&o));
         assert!(text(&o).contains(needle), "{yaml}: {}", text(&o));
     }
-    assert_eq!(snapshot(&f.root), before);
+    assert_eq!(common::snapshot(&f.root), before);
 }
 
 #[test]
 fn broken_files_fail_with_the_path_and_stay_untouched() {
     let f = Fixture::new(CONFIG);
     fs::write(f.root.join("etc/docker/daemon.json"), "{\"debug\": tru}").unwrap();
-    let before = snapshot(&f.root);
+    let before = common::snapshot(&f.root);
     let o = agent(&["apply", "--root", f.root(), "--config", f.config()]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
@@ -284,7 +264,7 @@ fn broken_files_fail_with_the_path_and_stay_untouched() {
         "{}",
         text(&o)
     );
-    assert_eq!(snapshot(&f.root), before);
+    assert_eq!(common::snapshot(&f.root), before);
 }
 
 #[test]
