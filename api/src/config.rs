@@ -12,23 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{NodeOptions, NodeProxy};
 use crate::names::validate_host;
 
-/// A config problem, naming the key it is about.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{key}: {message}")]
-pub struct ConfigError {
-    /// Dotted path of the offending key, e.g. `registries[1].upstream`.
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
+pub use crate::error::ConfigError;
 
 /// The whole config file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -673,5 +657,78 @@ registries:
     fn alias_clash_across_registries_is_rejected() {
         let e = err("registries:\n  - host: a.io\n    aliases: [b.io]\n  - host: b.io\n");
         assert_eq!(e.key, "registries[1].host");
+    }
+}
+
+#[cfg(test)]
+mod node_section_tests {
+    use crate::config::{ConfigError, ProxyConfig};
+
+    fn proxy(yaml: &str) -> Result<ProxyConfig, ConfigError> {
+        ProxyConfig::from_yaml(yaml)
+    }
+
+    #[test]
+    fn proxy_section_parses_with_defaults() {
+        let c =
+            proxy("proxy: {address: 10.0.0.5, caFile: ca.crt}\nregistries: [{host: quay.io}]\n")
+                .unwrap();
+        let p = c.proxy.as_ref().unwrap();
+        assert_eq!(p.https_port, 443);
+        assert_eq!(p.authority(), "10.0.0.5");
+        assert_eq!(p.base_url(), "https://10.0.0.5");
+        assert!(c.registries[0].nodes.is_default());
+        // Defaults are not written back out.
+        let yaml = c.to_yaml().unwrap();
+        assert!(!yaml.contains("nodes"), "{yaml}");
+        assert!(!yaml.contains("httpPort"), "{yaml}");
+        assert_eq!(ProxyConfig::from_yaml(&yaml).unwrap(), c);
+    }
+
+    #[test]
+    fn ipv6_and_http_mode_authorities() {
+        let c = proxy("proxy: {address: 'fd00::5', httpPort: 8080}\n").unwrap();
+        let p = c.proxy.unwrap();
+        assert!(!p.uses_tls());
+        assert_eq!(p.authority(), "[fd00::5]:8080");
+        assert_eq!(p.base_url(), "http://[fd00::5]:8080");
+    }
+
+    #[test]
+    fn node_options_round_trip() {
+        let c = proxy("registries: [{host: quay.io, nodes: {dnsHijack: false}}]\n").unwrap();
+        let n = c.registries[0].nodes;
+        assert!(!n.dns_hijack && n.containerd && n.crio);
+        let yaml = c.to_yaml().unwrap();
+        assert!(yaml.contains("dnsHijack: false"), "{yaml}");
+        assert_eq!(ProxyConfig::from_yaml(&yaml).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_proxy_sections_name_the_key() {
+        for (yaml, key) in [
+            ("proxy: {address: 'x:80', caFile: a}\n", "proxy.address"),
+            ("proxy: {address: 'Bad', caFile: a}\n", "proxy.address"),
+            ("proxy: {address: a.b}\n", "proxy.caFile"),
+            (
+                "proxy: {address: a.b, caFile: a, httpsPort: 0}\n",
+                "proxy.httpsPort",
+            ),
+            (
+                "proxy: {address: a.b, caFile: a, readyUrl: 'ftp://x'}\n",
+                "proxy.readyUrl",
+            ),
+            (
+                "proxy: {address: a.b, caFile: a, neverHijack: ['Q']}\n",
+                "proxy.neverHijack[0]",
+            ),
+        ] {
+            let e = proxy(yaml).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+        }
+        let e = proxy("proxy: {address: a.b, caFile: a, colour: red}\n").unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+        let e = proxy("registries: [{host: q.io, nodes: {docker: true}}]\n").unwrap_err();
+        assert!(e.to_string().contains("docker"), "{e}");
     }
 }

@@ -4,5 +4,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod contract;
 pub mod crd;
+pub mod error;
 pub mod names;

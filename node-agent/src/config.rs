@@ -88,6 +88,6 @@ pub fn from_parts(table_yaml: &[u8], ca_pem: Option<&[u8]>) -> Result<AgentConfi
         table,
         proxy,
         ca_pem,
-        sha256: sha256_hex(table_yaml),
+        sha256: pullthrough_api::contract::config_hash(table_yaml),
     })
 }

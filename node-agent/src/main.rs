@@ -1,5 +1,6 @@
 //! `pullthrough-agent`: makes a node's container runtime pull through the proxy.
 
+use pullthrough_api::contract;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -84,19 +85,19 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     config_file: Option<PathBuf>,
     /// Namespace of the ConfigMaps and of this node's Lease.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough")]
+    #[arg(long, env = "POD_NAMESPACE", default_value = contract::DEFAULT_NAMESPACE)]
     namespace: String,
     /// ConfigMap holding the registry table (key `config.yaml`).
-    #[arg(long, default_value = "pullthrough-registries")]
+    #[arg(long, default_value = contract::TABLE_CONFIGMAP)]
     table_configmap: String,
     /// ConfigMap holding the CA bundle nodes trust (key `ca.crt`).
-    #[arg(long, default_value = "pullthrough-ca")]
+    #[arg(long, default_value = contract::CA_NAME)]
     ca_configmap: String,
     /// This node's name (the Lease is `<lease-prefix><node>`).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
     /// Prefix of the per-node Lease's name.
-    #[arg(long, default_value = "pullthrough-agent-")]
+    #[arg(long, default_value = contract::AGENT_LEASE_PREFIX)]
     lease_prefix: String,
     /// How often the Lease is renewed.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]

@@ -48,11 +48,13 @@ use crate::fsio::Root;
 use crate::runtime::{DockerActionArg, Runtime, SystemExecutor};
 use crate::state::sha256_hex;
 
+use pullthrough_api::contract::{
+    AGENT_COMPONENT, AGENT_FIELD_MANAGER, CA_BUNDLE_KEY, COMPONENT_LABEL, TABLE_KEY,
+};
 /// Lease annotations (docs/cluster-contract.md).
-pub const CONFIG_HASH_ANNOTATION: &str = "pullthrough.dev/config-hash";
-pub const RUNTIME_ANNOTATION: &str = "pullthrough.dev/runtime";
-pub const REGISTRIES_ANNOTATION: &str = "pullthrough.dev/registries";
-pub const LAST_ERROR_ANNOTATION: &str = "pullthrough.dev/last-error";
+pub use pullthrough_api::contract::{
+    CONFIG_HASH_ANNOTATION, LAST_ERROR_ANNOTATION, REGISTRIES_ANNOTATION, RUNTIME_ANNOTATION,
+};
 
 const TICK: Duration = Duration::from_millis(250);
 const RETRY: Duration = Duration::from_secs(5);
@@ -446,8 +448,8 @@ fn spawn_watches(client: kube::Client, source: &Source, tx: watch::Sender<Inputs
     let api: Api<ConfigMap> = Api::namespaced(client, namespace);
     let tx = Arc::new(tx);
     for (name, key, is_table) in [
-        (table_configmap.clone(), "config.yaml", true),
-        (ca_configmap.clone(), "ca.crt", false),
+        (table_configmap.clone(), TABLE_KEY, true),
+        (ca_configmap.clone(), CA_BUNDLE_KEY, false),
     ] {
         let api = api.clone();
         let tx = tx.clone();
@@ -522,7 +524,7 @@ async fn renew_lease(
     let now = MicroTime(Timestamp::now());
     let duration = i32::try_from(opts.lease_duration.as_secs()).unwrap_or(i32::MAX);
     let pp = PostParams {
-        field_manager: Some("pullthrough-agent".into()),
+        field_manager: Some(AGENT_FIELD_MANAGER.into()),
         ..PostParams::default()
     };
     match api.get_opt(name).await.map_err(|e| e.to_string())? {
@@ -532,8 +534,8 @@ async fn renew_lease(
                     name: Some(name.to_string()),
                     annotations: Some(ann),
                     labels: Some(BTreeMap::from([(
-                        "app.kubernetes.io/component".to_string(),
-                        "node-agent".to_string(),
+                        COMPONENT_LABEL.to_string(),
+                        AGENT_COMPONENT.to_string(),
                     )])),
                     ..ObjectMeta::default()
                 },

@@ -318,7 +318,7 @@ fn run_watches_the_configmaps_and_reports_in_a_lease() {
         let took = changed.elapsed();
 
         // The Lease: report of what was applied.
-        let want_hash = pullthrough_agent::state::sha256_hex(table2.as_bytes());
+        let want_hash = pullthrough_api::contract::config_hash(table2.as_bytes());
         let mut lease = serde_json::Value::Null;
         wait("the Lease report", Duration::from_secs(10), || {
             lease = kubectl_json(

@@ -20,18 +20,19 @@ use kube::{Api, Client};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 use crate::FIELD_MANAGER;
+use pullthrough_api::contract::MANAGED_BY_LABEL;
 
-pub const CERT_KEY: &str = "tls.crt";
-pub const KEY_KEY: &str = "tls.key";
-pub const NEXT_CERT_KEY: &str = "next.crt";
-pub const NEXT_KEY_KEY: &str = "next.key";
+pub use pullthrough_api::contract::CA_CERT_KEY as CERT_KEY;
+pub use pullthrough_api::contract::CA_KEY_KEY as KEY_KEY;
+pub use pullthrough_api::contract::CA_NEXT_CERT_KEY as NEXT_CERT_KEY;
+pub use pullthrough_api::contract::CA_NEXT_KEY_KEY as NEXT_KEY_KEY;
 pub const PREVIOUS_CERT_KEY: &str = "previous.crt";
 /// Key of the trust bundle in the CA ConfigMap.
-pub const BUNDLE_KEY: &str = "ca.crt";
+pub use pullthrough_api::contract::CA_BUNDLE_KEY as BUNDLE_KEY;
 /// When `next.crt` was generated (unix seconds).
-pub const NEXT_SINCE_ANNOTATION: &str = "pullthrough.dev/next-ca-since";
+pub use pullthrough_api::contract::CA_NEXT_SINCE_ANNOTATION as NEXT_SINCE_ANNOTATION;
 /// When the last rotation promoted `next.crt` (unix seconds).
-pub const ROTATED_AT_ANNOTATION: &str = "pullthrough.dev/ca-rotated-at";
+pub use pullthrough_api::contract::CA_ROTATED_AT_ANNOTATION as ROTATED_AT_ANNOTATION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaError {
@@ -148,7 +149,7 @@ impl CaState {
                 namespace: Some(ns.into()),
                 annotations: Some(ann),
                 labels: Some(BTreeMap::from([(
-                    "app.kubernetes.io/managed-by".to_string(),
+                    MANAGED_BY_LABEL.to_string(),
                     FIELD_MANAGER.to_string(),
                 )])),
                 ..Default::default()
@@ -261,7 +262,7 @@ pub async fn ensure(
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": name, "namespace": ns,
-            "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER}},
+            "labels": {MANAGED_BY_LABEL: FIELD_MANAGER}},
         "data": {BUNDLE_KEY: state.bundle()},
     });
     cms.patch(

@@ -1,5 +1,6 @@
 //! Command-line flags of `pullthrough-operator`.
 
+use pullthrough_api::contract;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -20,7 +21,7 @@ fn duration(s: &str) -> Result<Duration, String> {
 pub struct Args {
     /// Namespace pullthrough is installed in: the table and CA ConfigMaps,
     /// the CA Secret, the leader and agent Leases, the proxy Service.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "pullthrough")]
+    #[arg(long, env = "POD_NAMESPACE", default_value = contract::DEFAULT_NAMESPACE)]
     pub namespace: String,
 
     /// Address serving /healthz, /readyz and /metrics.
@@ -35,7 +36,7 @@ pub struct Args {
     pub proxy_base_config: Option<PathBuf>,
 
     /// Name of the registry-table ConfigMap (key `config.yaml`).
-    #[arg(long, default_value = "pullthrough-registries")]
+    #[arg(long, default_value = contract::TABLE_CONFIGMAP)]
     pub table_configmap: String,
 
     /// Directory where the proxy mounts the table ConfigMap: `tls.caBundle`
@@ -47,7 +48,7 @@ pub struct Args {
     /// of MirrorRegistries with `spec.credentialsSecretRef` into, one key
     /// `<host>.json` per registry; only the proxy mounts it, the agents never
     /// see it.
-    #[arg(long, default_value = "pullthrough-upstream-credentials")]
+    #[arg(long, default_value = contract::CREDENTIALS_SECRET)]
     pub credentials_secret: String,
 
     /// Directory where the proxy mounts --credentials-secret; the table's
@@ -61,7 +62,7 @@ pub struct Args {
 
     /// Name of the CA Secret (`tls.crt`, `tls.key`) and of the CA ConfigMap
     /// (`ca.crt`, every certificate nodes must trust).
-    #[arg(long, default_value = "pullthrough-ca")]
+    #[arg(long, default_value = contract::CA_NAME)]
     pub ca_name: String,
 
     /// Validity of a newly generated CA certificate.
@@ -85,7 +86,7 @@ pub struct Args {
 
     /// Name of the proxy Service; its ClusterIP and `https`/`http`/`admin`
     /// ports fill the table's `proxy:` section for nodes.
-    #[arg(long, default_value = "pullthrough-proxy")]
+    #[arg(long, default_value = contract::PROXY_SERVICE)]
     pub proxy_service: String,
 
     /// `caFile` written into the table's `proxy:` section: where agents find
@@ -103,7 +104,7 @@ pub struct Args {
     pub proxy_status_url: Option<String>,
 
     /// Prefix of the agents' per-node Lease names.
-    #[arg(long, default_value = "pullthrough-agent-")]
+    #[arg(long, default_value = contract::AGENT_LEASE_PREFIX)]
     pub agent_lease_prefix: String,
 
     /// How long deleting a MirrorRegistry waits for live agents to drop it
@@ -117,7 +118,7 @@ pub struct Args {
     pub resync_interval: Duration,
 
     /// Name of the leader-election Lease.
-    #[arg(long, default_value = "pullthrough-operator")]
+    #[arg(long, default_value = contract::LEADER_LEASE)]
     pub leader_lease: String,
 
     /// Leader Lease duration; a replica that has not renewed for this long

@@ -35,6 +35,7 @@ use crate::refs::Refs;
 use crate::status::{self, Desired};
 use crate::table::{self, Mounts, Table, Verdict};
 use crate::{CONFIG_HASH_ANNOTATION, FIELD_MANAGER, FINALIZER};
+use pullthrough_api::contract::MANAGED_BY_LABEL;
 
 /// Reconcile errors; [`Error::reason`] labels the failure metric.
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +356,7 @@ impl Context {
             "metadata": {
                 "name": self.settings.table_configmap,
                 "namespace": self.settings.namespace,
-                "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+                "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
                 "annotations": {CONFIG_HASH_ANNOTATION: t.hash},
             },
             "data": data,
@@ -393,7 +394,7 @@ impl Context {
             "metadata": {
                 "name": self.settings.credentials_secret,
                 "namespace": self.settings.namespace,
-                "labels": {"app.kubernetes.io/managed-by": FIELD_MANAGER},
+                "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
             },
             "type": "Opaque",
             // `data`, not `stringData`: the API server folds stringData into

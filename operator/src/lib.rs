@@ -18,12 +18,8 @@ pub mod status;
 pub mod table;
 
 /// Field manager of every server-side apply the operator makes.
-pub const FIELD_MANAGER: &str = "pullthrough-operator";
-/// Finalizer the operator puts on every `MirrorRegistry`.
-pub const FINALIZER: &str = "pullthrough.dev/cleanup";
-/// Annotation carrying the sha256 of the table's `config.yaml` (on the table
-/// ConfigMap, and on agent Leases for the table they applied).
-pub const CONFIG_HASH_ANNOTATION: &str = "pullthrough.dev/config-hash";
+pub use pullthrough_api::contract::OPERATOR_FIELD_MANAGER as FIELD_MANAGER;
+pub use pullthrough_api::contract::{CONFIG_HASH_ANNOTATION, FINALIZER};
 
 /// Files that must hold exactly [`crd_yaml`]'s output, relative to the
 /// workspace root.

@@ -6,12 +6,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use pullthrough_api::crd::NodeCounts;
 
-/// Hosts applied on the node, comma-separated.
-pub const REGISTRIES_ANNOTATION: &str = "pullthrough.dev/registries";
-/// The container runtime the agent configured.
-pub const RUNTIME_ANNOTATION: &str = "pullthrough.dev/runtime";
 /// The agent's last error, if any.
-pub const LAST_ERROR_ANNOTATION: &str = "pullthrough.dev/last-error";
+pub use pullthrough_api::contract::LAST_ERROR_ANNOTATION;
+/// Hosts applied on the node, comma-separated.
+pub use pullthrough_api::contract::REGISTRIES_ANNOTATION;
+/// The container runtime the agent configured.
+pub use pullthrough_api::contract::RUNTIME_ANNOTATION;
 /// Agents renew every 30 s; a Lease without a duration counts as live for
 /// this long after its last renewal.
 pub const DEFAULT_AGENT_LEASE_SECONDS: i64 = 90;

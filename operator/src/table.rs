@@ -7,14 +7,14 @@ use std::path::PathBuf;
 use kube::ResourceExt;
 use pullthrough_api::agent::NodeProxy;
 use pullthrough_api::config::{ProxyConfig, RegistryConfig};
+use pullthrough_api::contract::config_hash;
 use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::names::DOCKER_HUB;
-use sha2::{Digest, Sha256};
 
 use crate::refs::Refs;
 
 /// Key of the table in the ConfigMap.
-pub const CONFIG_KEY: &str = "config.yaml";
+pub use pullthrough_api::contract::TABLE_KEY as CONFIG_KEY;
 
 /// Why a MirrorRegistry is (not) in the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,11 +69,6 @@ pub struct Table {
     pub credentials: BTreeMap<String, String>,
     /// Per MirrorRegistry name.
     pub verdicts: HashMap<String, Verdict>,
-}
-
-/// sha256 hex of `text`.
-pub fn sha256_hex(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// `host` as a file name (`:` → `_`).
@@ -222,7 +217,7 @@ pub fn render(
     config.validate()?;
     let yaml = config.to_yaml()?;
     Ok(Table {
-        hash: sha256_hex(&yaml),
+        hash: config_hash(yaml.as_bytes()),
         yaml,
         extra,
         credentials,
@@ -291,7 +286,7 @@ mod tests {
                 .hash,
             t.hash
         );
-        assert_eq!(t.hash, sha256_hex(&t.yaml));
+        assert_eq!(t.hash, config_hash(t.yaml.as_bytes()));
     }
 
     #[test]

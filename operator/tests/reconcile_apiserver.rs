@@ -84,7 +84,10 @@ fn table(api: &KubeApiserver) -> Option<(String, ProxyConfig, Value)> {
     let hash = cm["metadata"]["annotations"]["pullthrough.dev/config-hash"]
         .as_str()?
         .to_string();
-    assert_eq!(hash, pullthrough_operator::table::sha256_hex(&yaml));
+    assert_eq!(
+        hash,
+        pullthrough_api::contract::config_hash(yaml.as_bytes())
+    );
     Some((hash, ProxyConfig::from_yaml(&yaml).unwrap(), cm))
 }
 

@@ -175,7 +175,7 @@ fn table_yaml(log: &[(String, String, Value)]) -> String {
     let yaml = cm["data"]["config.yaml"].as_str().unwrap().to_string();
     assert_eq!(
         cm["metadata"]["annotations"]["pullthrough.dev/config-hash"],
-        pullthrough_operator::table::sha256_hex(&yaml)
+        pullthrough_api::contract::config_hash(yaml.as_bytes())
     );
     yaml
 }

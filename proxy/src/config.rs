@@ -79,8 +79,7 @@ pub fn load_full(path: Option<&Path>) -> Result<Loaded, LoadError> {
             source_name: source_name.clone(),
             error,
         })?;
-    use sha2::Digest as _;
-    let hash = hex::encode(sha2::Sha256::digest(text.as_bytes()));
+    let hash = pullthrough_api::contract::config_hash(text.as_bytes());
     Ok(Loaded {
         config,
         settings,
