@@ -1,0 +1,258 @@
+//! Hostile input against the cluster side: each test plays an attacker with
+//! the credentials that attacker would really hold, against the real API
+//! server and the chart's own objects, and asserts the attack is refused.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::net::wait_for;
+
+const NS: &str = "pullthrough";
+const AGENT_SA: &str = "pullthrough-agent";
+
+fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+}
+
+/// The chart's agent ServiceAccount, Role, RoleBinding and Lease policy,
+/// rendered with default values.
+fn agent_objects(api: &KubeApiserver) -> String {
+    let chart = workspace().join("charts/pullthrough");
+    let mut args = vec!["template", "pullthrough", chart.to_str().unwrap()];
+    args.extend(["--namespace", NS]);
+    for t in [
+        "templates/serviceaccounts.yaml",
+        "templates/rbac-agent.yaml",
+        "templates/agent-lease-policy.yaml",
+    ] {
+        args.extend(["--show-only", t]);
+    }
+    api.helm().unwrap().run(&args).expect("helm template")
+}
+
+fn lease(name: &str) -> String {
+    format!(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: {name}, namespace: {NS}}}\n\
+         spec: {{holderIdentity: {name}, leaseDurationSeconds: 90}}\n"
+    )
+}
+
+/// A Node, and the agent's Pod bound to it (stored only: nothing runs it,
+/// but a token bound to it carries the node's name like a kubelet-issued one).
+fn node_and_agent_pod(node: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: agent-{node}, namespace: {NS}}}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {AGENT_SA}\n  automountServiceAccountToken: false\n\
+         \x20 containers: [{{name: agent, image: pullthrough-agent:test}}]\n"
+    )
+}
+
+/// Issue #10, point 12: RBAC lets the agent's ServiceAccount write every
+/// Lease in the namespace; the chart's ValidatingAdmissionPolicy must hold
+/// each agent to its own node's Lease, with the token a real agent Pod gets.
+#[test]
+fn an_agent_token_writes_only_its_own_nodes_lease() {
+    let api = KubeApiserver::start().unwrap();
+    api.kubectl(&["create", "namespace", NS]).unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &agent_objects(&api))
+        .unwrap();
+    api.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "{}---\n{}",
+            node_and_agent_pod("node-a"),
+            node_and_agent_pod("node-b")
+        ),
+    )
+    .unwrap();
+    // The operator's leader Lease and node-b's Lease already exist: the
+    // attacker on node-a tries to overwrite them.
+    api.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &format!(
+            "{}---\n{}",
+            lease("pullthrough-operator"),
+            lease("pullthrough-agent-node-b")
+        ),
+    )
+    .unwrap();
+
+    let pod_token = |node: &str| {
+        let pod = format!("agent-{node}");
+        let token = api
+            .kubectl(&[
+                "create",
+                "token",
+                AGENT_SA,
+                "-n",
+                NS,
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                &pod,
+            ])
+            .unwrap();
+        api.kubeconfig_for_token(token.trim()).unwrap()
+    };
+    let node_a = pod_token("node-a");
+    let unbound = api
+        .kubeconfig_for_token(&api.token_for(NS, AGENT_SA).unwrap())
+        .unwrap();
+    let as_agent = |kubeconfig: &Path, args: &[&str], input: &str| {
+        let mut all = vec!["--kubeconfig", kubeconfig.to_str().unwrap()];
+        all.extend_from_slice(args);
+        api.kubectl_stdin(&all, input)
+    };
+
+    // The policy is enforced once the API server's admission informer has
+    // it: wait until a server-side dry run of a forged Lease is refused.
+    wait_for(
+        "the Lease policy to be enforced",
+        Duration::from_secs(30),
+        || {
+            Ok(as_agent(
+                &node_a,
+                &["create", "--dry-run=server", "-f", "-"],
+                &lease("pullthrough-agent-node-c"),
+            )
+            .is_err())
+        },
+    )
+    .unwrap();
+
+    // Its own Lease: create, then update, as the agent does.
+    as_agent(
+        &node_a,
+        &["create", "-f", "-"],
+        &lease("pullthrough-agent-node-a"),
+    )
+    .expect("node-a creates its own Lease");
+    as_agent(
+        &node_a,
+        &[
+            "annotate",
+            "lease",
+            "-n",
+            NS,
+            "pullthrough-agent-node-a",
+            "pullthrough.dev/registries=quay.io",
+        ],
+        "",
+    )
+    .expect("node-a updates its own Lease");
+
+    // Everything else is refused, with a message that says why.
+    let refused = |what: &str, r: pullthrough_testbed::Result<String>, says: &str| {
+        let e = r.expect_err(what).to_string();
+        assert!(e.contains(says), "{what}: {e}");
+    };
+    refused(
+        "node-a overwrites node-b's report",
+        as_agent(
+            &node_a,
+            &[
+                "annotate",
+                "--overwrite",
+                "lease",
+                "-n",
+                NS,
+                "pullthrough-agent-node-b",
+                "pullthrough.dev/registries=forged",
+            ],
+            "",
+        ),
+        "may write only its own Lease pullthrough-agent-node-a",
+    );
+    refused(
+        "node-a takes the operator's leader Lease",
+        as_agent(
+            &node_a,
+            &[
+                "patch",
+                "lease",
+                "-n",
+                NS,
+                "pullthrough-operator",
+                "--type=merge",
+                "-p",
+                r#"{"spec":{"holderIdentity":"node-a"}}"#,
+            ],
+            "",
+        ),
+        "not pullthrough-operator",
+    );
+    refused(
+        "node-a creates a Lease for a node that does not exist",
+        as_agent(
+            &node_a,
+            &["create", "-f", "-"],
+            &lease("pullthrough-agent-node-c"),
+        ),
+        "may write only its own Lease",
+    );
+    refused(
+        "a token bound to no Pod writes a Lease",
+        as_agent(
+            &unbound,
+            &["create", "-f", "-"],
+            &lease("pullthrough-agent-node-z"),
+        ),
+        "names no node",
+    );
+    refused(
+        "a token bound to no Pod writes the Lease whose name it guesses",
+        as_agent(
+            &unbound,
+            &[
+                "annotate",
+                "--overwrite",
+                "lease",
+                "-n",
+                NS,
+                "pullthrough-agent-node-a",
+                "pullthrough.dev/registries=forged",
+            ],
+            "",
+        ),
+        "names no node",
+    );
+
+    // Nothing forged landed.
+    let registries = |name: &str| {
+        api.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            NS,
+            name,
+            "-o",
+            "jsonpath={.metadata.annotations.pullthrough\\.dev/registries}",
+        ])
+        .unwrap()
+    };
+    assert_eq!(registries("pullthrough-agent-node-a"), "quay.io");
+    assert_eq!(registries("pullthrough-agent-node-b"), "");
+    let holder = api
+        .kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            NS,
+            "pullthrough-operator",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .unwrap();
+    assert_eq!(holder, "pullthrough-operator");
+    assert!(
+        api.kubectl(&["get", "lease", "-n", NS, "pullthrough-agent-node-c"])
+            .is_err(),
+        "no Lease for node-c"
+    );
+}
