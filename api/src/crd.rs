@@ -60,6 +60,10 @@ const HOST_LIST_MAX_ITEMS: u64 = 32;
 /// [`crate::names::validate_host`] in the operator.
 const HOST_PATTERN: &str = r"^([a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*|\[[0-9a-f:.]+\])(:[0-9]{1,5})?$";
 
+/// `localhost`, `*.localhost`, 127.0.0.0/8, 169.254.0.0/16, 0.0.0.0, [::1],
+/// [::], fe80::/10, each with an optional port.
+const RESERVED_HOST_PATTERN: &str = r"^(([a-z0-9-]+\.)*localhost|127\.[0-9.]+|169\.254\.[0-9.]+|0\.0\.0\.0|\[(::1?|fe[89ab][0-9a-f]:[0-9a-f:.]*)\])(:[0-9]{1,5})?$";
+
 /// Go `time.ParseDuration` syntax, restricted to non-negative whole numbers
 /// of `h`, `m`, `s`, `ms`, `us`, `ns` (or a bare `0`). With at most 6 digits
 /// per component and 16 characters in all, the value cannot overflow Go's
@@ -83,6 +87,12 @@ fn host_rules() -> serde_json::Value {
                 "self.contains('://') || self != self.lowerAscii() || self.matches(r'{HOST_PATTERN}')"
             ),
             "message": "must be a host name or IP address with an optional :port (quay.io, registry.example:5000, [fd00::1]:5000)",
+        },
+        {
+            // The common spellings; the operator refuses every spelling
+            // (`names::reserved_host`) with Accepted=False.
+            "rule": format!("!self.matches(r'{RESERVED_HOST_PATTERN}')"),
+            "message": "must not be localhost or a loopback, link-local or unspecified address: those name the node itself",
         },
         {
             "rule": "!self.matches(':[0-9]{1,5}$') || (int(self.substring(self.lastIndexOf(':') + 1)) >= 1 && int(self.substring(self.lastIndexOf(':') + 1)) <= 65535)",
@@ -506,6 +516,24 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
     type Error = ConfigError;
 
     fn try_from(spec: &MirrorRegistrySpec) -> Result<Self, ConfigError> {
+        let names = std::iter::once(("host".to_string(), &spec.host))
+            .chain(
+                spec.aliases
+                    .iter()
+                    .enumerate()
+                    .map(|(i, a)| (format!("aliases[{i}]"), a)),
+            )
+            .chain(
+                (spec.auth_hosts.iter().enumerate()).map(|(i, a)| (format!("authHosts[{i}]"), a)),
+            );
+        for (key, name) in names {
+            if let Some(why) = crate::names::reserved_host(name) {
+                return Err(spec_error(
+                    &key,
+                    format!("`{name}` may not be mirrored: {why}"),
+                ));
+            }
+        }
         let tag_ttl = spec.tag_ttl().map_err(|m| spec_error("tagTTL", m))?;
         let upstream = spec.upstream_url();
         if upstream
@@ -601,6 +629,30 @@ mod tests {
         // Overflow is an error, not a panic.
         assert!(parse_go_duration("99999999999999999999h").is_err());
         assert!(parse_go_duration("5000000000h").is_err());
+    }
+
+    /// Issue #10, point 11: a MirrorRegistry cannot take over a name the
+    /// node itself depends on, under any of its name fields or spellings
+    /// (the CRD's CEL rule only catches the common spellings).
+    #[test]
+    fn names_the_node_depends_on_are_refused() {
+        for (yaml, key) in [
+            ("host: localhost:5000", "spec.host"),
+            ("host: '[0:0:0:0:0:0:0:1]:5000'", "spec.host"),
+            (
+                "host: quay.io\naliases: [quay.example, 169.254.169.254]",
+                "spec.aliases[1]",
+            ),
+            (
+                "host: docker.io\nauthHosts: ['[::ffff:127.0.0.1]']",
+                "spec.authHosts[0]",
+            ),
+        ] {
+            let e = convert(yaml).unwrap_err();
+            assert_eq!(e.key, key, "{yaml}: {e}");
+            assert!(e.message.contains("may not be mirrored"), "{e}");
+        }
+        assert!(convert("host: registry.lan:5000\naliases: [10.0.0.5:5000]").is_ok());
     }
 
     #[test]

@@ -48,6 +48,45 @@ pub fn validate_host(host: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Why `host` may not be mirrored, if it is a name the node itself depends
+/// on: `localhost` (and `*.localhost`, RFC 6761), or an IP literal that is
+/// loopback, link-local or unspecified. A registry under such a name would
+/// have the agent hijack the node's own services, and the proxy would dial
+/// itself or the cloud's metadata endpoint (169.254.169.254).
+pub fn reserved_host(host: &str) -> Option<&'static str> {
+    let (name, _) = split_port(host);
+    if name == "localhost" || name.ends_with(".localhost") {
+        return Some("localhost names the node itself");
+    }
+    let ip: std::net::IpAddr = name
+        .strip_prefix('[')
+        .and_then(|n| n.strip_suffix(']'))
+        .unwrap_or(name)
+        .parse()
+        .ok()?;
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    let link_local = match ip {
+        std::net::IpAddr::V4(v4) => v4.is_link_local(),
+        std::net::IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    };
+    if ip.is_loopback() {
+        Some("a loopback address names the node itself")
+    } else if link_local {
+        Some(
+            "a link-local address reaches the node's own network (e.g. the cloud metadata service)",
+        )
+    } else if ip.is_unspecified() {
+        Some("the unspecified address reaches the node itself")
+    } else {
+        None
+    }
+}
+
 /// Splits `host[:port]` (IPv6 in brackets) into name and port.
 pub fn split_port(host: &str) -> (&str, Option<&str>) {
     if let Some(rest) = host.strip_prefix('[') {
@@ -100,6 +139,36 @@ mod tests {
             "quay io",
         ] {
             assert!(validate_host(h).is_err(), "{h}");
+        }
+    }
+
+    #[test]
+    fn refuses_names_the_node_itself_depends_on() {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "registry.localhost",
+            "127.0.0.1",
+            "127.1.2.3:443",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]",
+            "[0:0:0:0:0:0:0:1]",
+            "169.254.169.254",
+            "[fe80::1]:5000",
+            "0.0.0.0",
+            "[::]",
+        ] {
+            assert!(reserved_host(h).is_some(), "{h}");
+        }
+        for h in [
+            "quay.io",
+            "localhost.example",
+            "10.0.0.5:5000",
+            "[fd00::1]:5000",
+            "128.0.0.1",
+            "169.255.0.1",
+        ] {
+            assert_eq!(reserved_host(h), None, "{h}");
         }
     }
 

@@ -174,6 +174,23 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         json!({"host": "docker.io", "authHosts": ["https://auth.docker.io"]}),
         SCHEME,
     );
+    // Issue #10, point 11: names the node itself depends on.
+    for (name, spec) in [
+        ("localhost", json!({"host": "localhost:5000"})),
+        ("loopback", json!({"host": "127.0.0.1:5000"})),
+        ("loopback6", json!({"host": "[::1]:5000"})),
+        (
+            "metadata-alias",
+            json!({"host": "quay.io", "aliases": ["169.254.169.254"]}),
+        ),
+        (
+            "linklocal-auth",
+            json!({"host": "docker.io", "authHosts": ["[fe80::1]"]}),
+        ),
+        ("sub-localhost", json!({"host": "registry.localhost"})),
+    ] {
+        rejected(&api, name, spec, "must not be localhost or a loopback");
+    }
     rejected(
         &api,
         "alias-dup",
