@@ -1,10 +1,23 @@
-//! Conditions: `observedGeneration` on each, `lastTransitionTime` kept while
-//! the status value is unchanged, and the list of changes to report as
-//! Events.
+//! A MirrorRegistry's status: the conditions it should carry, merged with
+//! the old ones (`observedGeneration` on each, `lastTransitionTime` kept
+//! while the status value is unchanged), the Event naming what changed, and
+//! the patch that writes it.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use pullthrough_api::crd::MirrorRegistryStatus;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Api, Client};
+use pullthrough_api::crd::{MirrorRegistry, MirrorRegistryStatus, NodeCounts, condition};
+
+use crate::error::{Error, KubeContext};
+use crate::nodes;
+use crate::observe::Observed;
+use crate::table::{Table, Verdict};
+
+/// `ProxyReady` and `NodesConfigured` reason while `Accepted` is False: a
+/// consequence, not a problem of its own, so it never leads a Warning.
+pub const NOT_ACCEPTED: &str = "NotAccepted";
 
 /// A desired condition (type, status, reason, message).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +79,154 @@ pub fn merge(
         out.push(cond);
     }
     (out, changed)
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+/// The conditions of an existing (not deleting) MirrorRegistry, and its
+/// node counts.
+pub fn desired_conditions(
+    verdict: Option<&Verdict>,
+    host: &str,
+    table: &Table,
+    obs: &Observed,
+) -> (Vec<Desired>, NodeCounts) {
+    let counts = nodes::counts(&obs.reports, host);
+    let accepted = match verdict {
+        Some(Verdict::Accepted) => Desired::new(
+            condition::ACCEPTED,
+            true,
+            "Valid",
+            "the registry is in the registry table",
+        ),
+        Some(Verdict::Rejected { reason, message }) => {
+            Desired::new(condition::ACCEPTED, false, reason.clone(), message.clone())
+        }
+        None => Desired::new(condition::ACCEPTED, false, "Unknown", "not rendered"),
+    };
+    if !accepted.status {
+        let msg = "the registry is not accepted";
+        return (
+            vec![
+                accepted,
+                Desired::new(condition::PROXY_READY, false, NOT_ACCEPTED, msg),
+                Desired::new(condition::NODES_CONFIGURED, false, NOT_ACCEPTED, msg),
+            ],
+            counts,
+        );
+    }
+    let proxy = match &obs.proxy {
+        Err(e) => Desired::new(condition::PROXY_READY, false, "ProxyUnreachable", e.clone()),
+        Ok(s) if s.config_hash != table.hash => Desired::new(
+            condition::PROXY_READY,
+            false,
+            "ConfigPending",
+            format!(
+                "the proxy runs config {}, the table is {}",
+                short(&s.config_hash),
+                short(&table.hash)
+            ),
+        ),
+        Ok(s) if !s.registries.iter().any(|r| r == host) => Desired::new(
+            condition::PROXY_READY,
+            false,
+            "NotServed",
+            "the proxy runs the current table but does not list this registry",
+        ),
+        Ok(_) => Desired::new(
+            condition::PROXY_READY,
+            true,
+            "Serving",
+            "the proxy serves the current registry table",
+        ),
+    };
+    let errors: Vec<String> = obs
+        .reports
+        .iter()
+        .filter_map(|r| r.last_error.as_ref().map(|e| format!("{}: {e}", r.node)))
+        .collect();
+    let nodes = if counts.total == 0 {
+        Desired::new(
+            condition::NODES_CONFIGURED,
+            false,
+            "NoAgents",
+            "no node agent has reported",
+        )
+    } else if counts.configured == counts.total {
+        Desired::new(
+            condition::NODES_CONFIGURED,
+            true,
+            "AllNodesConfigured",
+            format!("{} nodes configured", counts.summary()),
+        )
+    } else {
+        let mut m = format!("{} nodes configured", counts.summary());
+        if !errors.is_empty() {
+            m.push_str("; errors: ");
+            m.push_str(&errors.join("; "));
+        }
+        Desired::new(condition::NODES_CONFIGURED, false, "Pending", m)
+    };
+    (vec![accepted, proxy, nodes], counts)
+}
+
+/// An Event about a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub type_: EventType,
+    pub reason: String,
+    pub note: String,
+}
+
+/// The one Event for the conditions that `changed`, naming every change.
+/// Its reason is the first condition that turned False (else the first
+/// change); Warning only when something itself went wrong.
+pub fn change_event(changed: &[Condition]) -> Option<Note> {
+    let turned_false = |c: &&Condition| c.status == status_str(false) && c.reason != NOT_ACCEPTED;
+    let lead = changed.iter().find(turned_false).or(changed.first())?;
+    let type_ = if lead.status == status_str(true) || lead.reason == NOT_ACCEPTED {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    let note = changed
+        .iter()
+        .map(|c| format!("{}={} ({}): {}", c.type_, c.status, c.reason, c.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(Note {
+        type_,
+        reason: lead.reason.clone(),
+        note,
+    })
+}
+
+/// Writes `status` of MirrorRegistry `name` through the status subresource.
+pub async fn apply(
+    client: &Client,
+    name: &str,
+    status: &MirrorRegistryStatus,
+) -> Result<(), Error> {
+    let api: Api<MirrorRegistry> = Api::all(client.clone());
+    // A JSON merge patch replaces lists whole; null clears dropped fields.
+    let mut st = serde_json::to_value(status)
+        .map_err(kube::Error::SerdeError)
+        .context(|| format!("encoding the status of MirrorRegistry {name}"))?;
+    if let Some(m) = st.as_object_mut() {
+        for k in ["nodes", "nodesSummary"] {
+            m.entry(k).or_insert(serde_json::Value::Null);
+        }
+    }
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": st })),
+    )
+    .await
+    .context(|| format!("patching the status of MirrorRegistry {name}"))?;
+    Ok(())
 }
 
 #[cfg(test)]
