@@ -1,15 +1,17 @@
 //! A MirrorRegistry's status: the conditions it should carry, merged with
 //! the old ones (`observedGeneration` on each, `lastTransitionTime` kept
 //! while the status value is unchanged), the Event naming what changed, and
-//! the patch that writes it.
+//! the server-side apply that writes it.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::EventType;
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use pullthrough_api::crd::{MirrorRegistry, MirrorRegistryStatus, NodeCounts, condition};
+use serde::Serialize;
 
+use crate::FIELD_MANAGER;
 use crate::error::{Error, KubeContext};
 use crate::nodes;
 use crate::observe::Observed;
@@ -203,30 +205,90 @@ pub fn change_event(changed: &[Condition]) -> Option<Note> {
     })
 }
 
-/// Writes `status` of MirrorRegistry `name` through the status subresource.
+/// Server-side apply body for the status subresource: the whole status this
+/// manager owns, so a field it leaves out (e.g. `nodes` once a registry is
+/// no longer accepted) is removed.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: ApplyMeta<'a>,
+    status: &'a MirrorRegistryStatus,
+}
+
+#[derive(Debug, Serialize)]
+struct ApplyMeta<'a> {
+    name: &'a str,
+}
+
+/// Writes `status` of MirrorRegistry `name` by server-side apply with the
+/// operator's field manager; conditions merge by `type` (a list-map in the
+/// CRD).
 pub async fn apply(
     client: &Client,
     name: &str,
     status: &MirrorRegistryStatus,
 ) -> Result<(), Error> {
     let api: Api<MirrorRegistry> = Api::all(client.clone());
-    // A JSON merge patch replaces lists whole; null clears dropped fields.
-    let mut st = serde_json::to_value(status)
-        .map_err(kube::Error::SerdeError)
-        .context(|| format!("encoding the status of MirrorRegistry {name}"))?;
-    if let Some(m) = st.as_object_mut() {
-        for k in ["nodes", "nodesSummary"] {
-            m.entry(k).or_insert(serde_json::Value::Null);
-        }
+    let body = StatusApply {
+        api_version: &MirrorRegistry::api_version(&()),
+        kind: &MirrorRegistry::kind(&()),
+        metadata: ApplyMeta { name },
+        status,
+    };
+    let written = api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .context(|| format!("applying the status of MirrorRegistry {name}"))?;
+    // Operators before server-side apply wrote status by merge patch; the
+    // fields that wrote stay co-owned by that patch's manager, so leaving
+    // them out of an apply does not remove them. Clear them the old way.
+    let stale = dropped_but_present(status, written.status.as_ref());
+    if !stale.is_empty() {
+        let nulls: serde_json::Map<String, serde_json::Value> = stale
+            .iter()
+            .map(|k| (k.to_string(), serde_json::Value::Null))
+            .collect();
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let patch = serde_json::Value::Object(
+            [("status".to_string(), serde_json::Value::Object(nulls))]
+                .into_iter()
+                .collect(),
+        );
+        api.patch_status(name, &params, &Patch::Merge(patch))
+            .await
+            .context(|| format!("clearing {} of MirrorRegistry {name}", stale.join(", ")))?;
     }
-    api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(serde_json::json!({ "status": st })),
-    )
-    .await
-    .context(|| format!("patching the status of MirrorRegistry {name}"))?;
     Ok(())
+}
+
+/// Optional status fields `wanted` leaves out but `written` still holds.
+fn dropped_but_present(
+    wanted: &MirrorRegistryStatus,
+    written: Option<&MirrorRegistryStatus>,
+) -> Vec<&'static str> {
+    let Some(w) = written else {
+        return Vec::new();
+    };
+    [
+        ("nodes", wanted.nodes.is_none() && w.nodes.is_some()),
+        (
+            "nodesSummary",
+            wanted.nodes_summary.is_none() && w.nodes_summary.is_some(),
+        ),
+        ("cache", wanted.cache.is_none() && w.cache.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, stale)| stale.then_some(k))
+    .collect()
 }
 
 #[cfg(test)]
