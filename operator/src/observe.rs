@@ -151,3 +151,78 @@ pub fn node_proxy(
     }
     (Some(np), admin.map(|a| format!("http://{host}:{a}/status")))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::path::PathBuf;
+
+    fn settings() -> Settings {
+        Settings {
+            namespace: "ns".into(),
+            table_configmap: "t".into(),
+            table_mount_path: PathBuf::from("/t"),
+            credentials_secret: "c".into(),
+            credentials_mount_path: PathBuf::from("/c"),
+            proxy_service: "proxy".into(),
+            node_ca_file: PathBuf::from("/ca.crt"),
+            proxy_status_url: None,
+            agent_lease_prefix: "a-".into(),
+            delete_timeout: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn service(ip: &str, ports: &[(&str, i32)]) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "proxy"},
+            "spec": {
+                "clusterIP": ip,
+                "ports": ports.iter().map(|(n, p)| serde_json::json!({"name": n, "port": p}))
+                    .collect::<Vec<_>>(),
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn service_ports_fill_the_proxy_section() {
+        let svc = service(
+            "fd00::10",
+            &[("https", 8443), ("http", 80), ("admin", 9090)],
+        );
+        let (np, status) = node_proxy(&settings(), None, Some(&svc));
+        let np = np.unwrap();
+        assert_eq!((np.address.as_str(), np.https_port), ("fd00::10", 8443));
+        assert_eq!(np.http_port, Some(80));
+        assert_eq!(np.ca_file, Some(PathBuf::from("/ca.crt")));
+        assert_eq!(
+            np.ready_url.as_deref(),
+            Some("http://[fd00::10]:9090/readyz")
+        );
+        assert_eq!(status.as_deref(), Some("http://[fd00::10]:9090/status"));
+    }
+
+    #[test]
+    fn headless_or_missing_service_keeps_the_base_section() {
+        let base = NodeProxy {
+            address: "10.0.0.1".into(),
+            https_port: 443,
+            http_port: None,
+            ready_url: None,
+            ca_file: None,
+            never_hijack: vec!["internal.example".into()],
+        };
+        let headless = service("None", &[("https", 443)]);
+        for svc in [None, Some(&headless)] {
+            let (np, status) = node_proxy(&settings(), Some(&base), svc);
+            assert_eq!(np.as_ref(), Some(&base));
+            assert_eq!(status, None);
+        }
+        let svc = service("10.96.0.5", &[]);
+        let np = node_proxy(&settings(), Some(&base), Some(&svc)).0.unwrap();
+        assert_eq!(np.address, "10.96.0.5");
+        assert_eq!(np.never_hijack, base.never_hijack);
+    }
+}

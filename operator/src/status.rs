@@ -317,4 +317,58 @@ mod tests {
         assert_eq!(ch3.len(), 1);
         assert_eq!(c3[0].last_transition_time.0, t1);
     }
+
+    fn changes(list: &[(&str, bool, &str)]) -> Vec<Condition> {
+        let d: Vec<Desired> = list
+            .iter()
+            .map(|(t, s, r)| Desired {
+                type_: condition::ACCEPTED,
+                status: *s,
+                reason: r.to_string(),
+                message: format!("{t} message"),
+            })
+            .collect();
+        merge(None, &d, Some(1), Timestamp::from_second(1).unwrap()).0
+    }
+
+    #[test]
+    fn event_leads_with_the_first_real_problem() {
+        assert_eq!(change_event(&[]), None);
+        let ok = change_event(&changes(&[("a", true, "Valid")])).unwrap();
+        assert_eq!((ok.type_, ok.reason.as_str()), (EventType::Normal, "Valid"));
+        let bad = change_event(&changes(&[
+            ("a", true, "Valid"),
+            ("b", false, NOT_ACCEPTED),
+            ("c", false, "ProxyUnreachable"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (bad.type_, bad.reason.as_str()),
+            (EventType::Warning, "ProxyUnreachable")
+        );
+        assert_eq!(bad.note.matches("; ").count(), 2, "{}", bad.note);
+        // Only consequences of not being accepted: no Warning of their own.
+        let follow = change_event(&changes(&[("b", false, NOT_ACCEPTED)])).unwrap();
+        assert_eq!(follow.type_, EventType::Normal);
+    }
+
+    #[test]
+    fn fields_an_apply_cannot_drop_are_found() {
+        let counts = NodeCounts {
+            configured: 1,
+            total: 1,
+        };
+        let written = MirrorRegistryStatus {
+            nodes: Some(counts),
+            nodes_summary: Some(counts.summary()),
+            ..Default::default()
+        };
+        let wanted = MirrorRegistryStatus::default();
+        assert_eq!(
+            dropped_but_present(&wanted, Some(&written)),
+            ["nodes", "nodesSummary"]
+        );
+        assert!(dropped_but_present(&written, Some(&written)).is_empty());
+        assert!(dropped_but_present(&wanted, None).is_empty());
+    }
 }
