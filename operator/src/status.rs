@@ -1,10 +1,25 @@
-//! Conditions: `observedGeneration` on each, `lastTransitionTime` kept while
-//! the status value is unchanged, and the list of changes to report as
-//! Events.
+//! A MirrorRegistry's status: the conditions it should carry, merged with
+//! the old ones (`observedGeneration` on each, `lastTransitionTime` kept
+//! while the status value is unchanged), the Event naming what changed, and
+//! the server-side apply that writes it.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use pullthrough_api::crd::MirrorRegistryStatus;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::{Api, Client, Resource};
+use pullthrough_api::crd::{MirrorRegistry, MirrorRegistryStatus, NodeCounts, condition};
+use serde::Serialize;
+
+use crate::FIELD_MANAGER;
+use crate::error::{Error, KubeContext};
+use crate::nodes;
+use crate::observe::Observed;
+use crate::table::{Table, Verdict};
+
+/// `ProxyReady` and `NodesConfigured` reason while `Accepted` is False: a
+/// consequence, not a problem of its own, so it never leads a Warning.
+pub const NOT_ACCEPTED: &str = "NotAccepted";
 
 /// A desired condition (type, status, reason, message).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,6 +83,214 @@ pub fn merge(
     (out, changed)
 }
 
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}
+
+/// The conditions of an existing (not deleting) MirrorRegistry, and its
+/// node counts.
+pub fn desired_conditions(
+    verdict: Option<&Verdict>,
+    host: &str,
+    table: &Table,
+    obs: &Observed,
+) -> (Vec<Desired>, NodeCounts) {
+    let counts = nodes::counts(&obs.reports, host);
+    let accepted = match verdict {
+        Some(Verdict::Accepted) => Desired::new(
+            condition::ACCEPTED,
+            true,
+            "Valid",
+            "the registry is in the registry table",
+        ),
+        Some(Verdict::Rejected { reason, message }) => {
+            Desired::new(condition::ACCEPTED, false, reason.clone(), message.clone())
+        }
+        None => Desired::new(condition::ACCEPTED, false, "Unknown", "not rendered"),
+    };
+    if !accepted.status {
+        let msg = "the registry is not accepted";
+        return (
+            vec![
+                accepted,
+                Desired::new(condition::PROXY_READY, false, NOT_ACCEPTED, msg),
+                Desired::new(condition::NODES_CONFIGURED, false, NOT_ACCEPTED, msg),
+            ],
+            counts,
+        );
+    }
+    let proxy = match &obs.proxy {
+        Err(e) => Desired::new(condition::PROXY_READY, false, "ProxyUnreachable", e.clone()),
+        Ok(s) if s.config_hash != table.hash => Desired::new(
+            condition::PROXY_READY,
+            false,
+            "ConfigPending",
+            format!(
+                "the proxy runs config {}, the table is {}",
+                short(&s.config_hash),
+                short(&table.hash)
+            ),
+        ),
+        Ok(s) if !s.registries.iter().any(|r| r == host) => Desired::new(
+            condition::PROXY_READY,
+            false,
+            "NotServed",
+            "the proxy runs the current table but does not list this registry",
+        ),
+        Ok(_) => Desired::new(
+            condition::PROXY_READY,
+            true,
+            "Serving",
+            "the proxy serves the current registry table",
+        ),
+    };
+    let errors: Vec<String> = obs
+        .reports
+        .iter()
+        .filter_map(|r| r.last_error.as_ref().map(|e| format!("{}: {e}", r.node)))
+        .collect();
+    let nodes = if counts.total == 0 {
+        Desired::new(
+            condition::NODES_CONFIGURED,
+            false,
+            "NoAgents",
+            "no node agent has reported",
+        )
+    } else if counts.configured == counts.total {
+        Desired::new(
+            condition::NODES_CONFIGURED,
+            true,
+            "AllNodesConfigured",
+            format!("{} nodes configured", counts.summary()),
+        )
+    } else {
+        let mut m = format!("{} nodes configured", counts.summary());
+        if !errors.is_empty() {
+            m.push_str("; errors: ");
+            m.push_str(&errors.join("; "));
+        }
+        Desired::new(condition::NODES_CONFIGURED, false, "Pending", m)
+    };
+    (vec![accepted, proxy, nodes], counts)
+}
+
+/// An Event about a reconcile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub type_: EventType,
+    pub reason: String,
+    pub note: String,
+}
+
+/// The one Event for the conditions that `changed`, naming every change.
+/// Its reason is the first condition that turned False (else the first
+/// change); Warning only when something itself went wrong.
+pub fn change_event(changed: &[Condition]) -> Option<Note> {
+    let turned_false = |c: &&Condition| c.status == status_str(false) && c.reason != NOT_ACCEPTED;
+    let lead = changed.iter().find(turned_false).or(changed.first())?;
+    let type_ = if lead.status == status_str(true) || lead.reason == NOT_ACCEPTED {
+        EventType::Normal
+    } else {
+        EventType::Warning
+    };
+    let note = changed
+        .iter()
+        .map(|c| format!("{}={} ({}): {}", c.type_, c.status, c.reason, c.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(Note {
+        type_,
+        reason: lead.reason.clone(),
+        note,
+    })
+}
+
+/// Server-side apply body for the status subresource: the whole status this
+/// manager owns, so a field it leaves out (e.g. `nodes` once a registry is
+/// no longer accepted) is removed.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusApply<'a> {
+    api_version: &'a str,
+    kind: &'a str,
+    metadata: ApplyMeta<'a>,
+    status: &'a MirrorRegistryStatus,
+}
+
+#[derive(Debug, Serialize)]
+struct ApplyMeta<'a> {
+    name: &'a str,
+}
+
+/// Writes `status` of MirrorRegistry `name` by server-side apply with the
+/// operator's field manager; conditions merge by `type` (a list-map in the
+/// CRD).
+pub async fn apply(
+    client: &Client,
+    name: &str,
+    status: &MirrorRegistryStatus,
+) -> Result<(), Error> {
+    let api: Api<MirrorRegistry> = Api::all(client.clone());
+    let body = StatusApply {
+        api_version: &MirrorRegistry::api_version(&()),
+        kind: &MirrorRegistry::kind(&()),
+        metadata: ApplyMeta { name },
+        status,
+    };
+    let written = api
+        .patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await
+        .context(|| format!("applying the status of MirrorRegistry {name}"))?;
+    // Operators before server-side apply wrote status by merge patch; the
+    // fields that wrote stay co-owned by that patch's manager, so leaving
+    // them out of an apply does not remove them. Clear them the old way.
+    let stale = dropped_but_present(status, written.status.as_ref());
+    if !stale.is_empty() {
+        let nulls: serde_json::Map<String, serde_json::Value> = stale
+            .iter()
+            .map(|k| (k.to_string(), serde_json::Value::Null))
+            .collect();
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        let patch = serde_json::Value::Object(
+            [("status".to_string(), serde_json::Value::Object(nulls))]
+                .into_iter()
+                .collect(),
+        );
+        api.patch_status(name, &params, &Patch::Merge(patch))
+            .await
+            .context(|| format!("clearing {} of MirrorRegistry {name}", stale.join(", ")))?;
+    }
+    Ok(())
+}
+
+/// Optional status fields `wanted` leaves out but `written` still holds.
+fn dropped_but_present(
+    wanted: &MirrorRegistryStatus,
+    written: Option<&MirrorRegistryStatus>,
+) -> Vec<&'static str> {
+    let Some(w) = written else {
+        return Vec::new();
+    };
+    [
+        ("nodes", wanted.nodes.is_none() && w.nodes.is_some()),
+        (
+            "nodesSummary",
+            wanted.nodes_summary.is_none() && w.nodes_summary.is_some(),
+        ),
+        ("cache", wanted.cache.is_none() && w.cache.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(k, stale)| stale.then_some(k))
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -93,5 +316,59 @@ mod tests {
         let (c3, ch3) = merge(Some(&old), &d3, Some(2), t1);
         assert_eq!(ch3.len(), 1);
         assert_eq!(c3[0].last_transition_time.0, t1);
+    }
+
+    fn changes(list: &[(&str, bool, &str)]) -> Vec<Condition> {
+        let d: Vec<Desired> = list
+            .iter()
+            .map(|(t, s, r)| Desired {
+                type_: condition::ACCEPTED,
+                status: *s,
+                reason: r.to_string(),
+                message: format!("{t} message"),
+            })
+            .collect();
+        merge(None, &d, Some(1), Timestamp::from_second(1).unwrap()).0
+    }
+
+    #[test]
+    fn event_leads_with_the_first_real_problem() {
+        assert_eq!(change_event(&[]), None);
+        let ok = change_event(&changes(&[("a", true, "Valid")])).unwrap();
+        assert_eq!((ok.type_, ok.reason.as_str()), (EventType::Normal, "Valid"));
+        let bad = change_event(&changes(&[
+            ("a", true, "Valid"),
+            ("b", false, NOT_ACCEPTED),
+            ("c", false, "ProxyUnreachable"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (bad.type_, bad.reason.as_str()),
+            (EventType::Warning, "ProxyUnreachable")
+        );
+        assert_eq!(bad.note.matches("; ").count(), 2, "{}", bad.note);
+        // Only consequences of not being accepted: no Warning of their own.
+        let follow = change_event(&changes(&[("b", false, NOT_ACCEPTED)])).unwrap();
+        assert_eq!(follow.type_, EventType::Normal);
+    }
+
+    #[test]
+    fn fields_an_apply_cannot_drop_are_found() {
+        let counts = NodeCounts {
+            configured: 1,
+            total: 1,
+        };
+        let written = MirrorRegistryStatus {
+            nodes: Some(counts),
+            nodes_summary: Some(counts.summary()),
+            ..Default::default()
+        };
+        let wanted = MirrorRegistryStatus::default();
+        assert_eq!(
+            dropped_but_present(&wanted, Some(&written)),
+            ["nodes", "nodesSummary"]
+        );
+        assert!(dropped_but_present(&written, Some(&written)).is_empty());
+        assert!(dropped_but_present(&wanted, None).is_empty());
     }
 }

@@ -360,6 +360,22 @@ fn operator_reconciles_against_a_real_apiserver() {
         json!(["pullthrough.dev/cleanup"])
     );
     assert_eq!(q["status"]["observedGeneration"], 1);
+    // Status is written only by server-side apply with the operator's field
+    // manager (never by a patch that leaves fields behind).
+    let managed = get(&api, &["mreg", "quay", "--show-managed-fields"]).unwrap();
+    let status_managers: Vec<(&str, &str)> = managed["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["subresource"] == "status")
+        .map(|m| {
+            (
+                m["manager"].as_str().unwrap(),
+                m["operation"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(status_managers, [("pullthrough-operator", "Apply")]);
 
     // CA Secret and trust ConfigMap.
     let secret = get(&api, &["secret", "pullthrough-ca", "-n", NS]).expect("CA Secret");

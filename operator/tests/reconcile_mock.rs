@@ -22,8 +22,9 @@ use serde_json::{Value, json};
 type Req = http::Request<kube::client::Body>;
 type Resp = http::Response<kube::client::Body>;
 
-/// (method, path, body) of each request.
-type Log = Arc<Mutex<Vec<(String, String, Value)>>>;
+/// (method, path, body, "content-type?query") of each request.
+type Entry = (String, String, Value, String);
+type Log = Arc<Mutex<Vec<Entry>>>;
 
 fn cr(name: &str, secs: i64, spec: Value, finalizer: bool) -> MirrorRegistry {
     let mut c: MirrorRegistry = serde_json::from_value(json!({
@@ -101,8 +102,18 @@ fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
         );
     }
     if path.ends_with("/status") {
+        // Fields the body does not name survive, as when another field
+        // manager co-owns them; null removes one (merge patch).
         let mut o = obj.clone();
-        o["status"] = body["status"].clone();
+        let mut status = obj["status"].as_object().cloned().unwrap_or_default();
+        for (k, v) in body["status"].as_object().into_iter().flatten() {
+            if v.is_null() {
+                status.remove(k);
+            } else {
+                status.insert(k.clone(), v.clone());
+            }
+        }
+        o["status"] = Value::Object(status);
         return json_resp(200, &o);
     }
     if path.contains("/mirrorregistries/") {
@@ -131,10 +142,16 @@ async fn run(
             while let Some((req, send)) = handle.next_request().await {
                 let method = req.method().to_string();
                 let path = req.uri().path().to_string();
+                let content_type = req
+                    .headers()
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                let meta = format!("{content_type}?{}", req.uri().query().unwrap_or_default());
                 let bytes = req.into_body().collect().await.unwrap().to_bytes();
                 let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
                 let resp = answer(&method, &path, &body, &obj_json);
-                log.lock().unwrap().push((method, path, body));
+                log.lock().unwrap().push((method, path, body, meta));
                 send.send_response(resp);
             }
         })
@@ -152,10 +169,18 @@ async fn run(
     (log, action)
 }
 
-fn find<'a>(log: &'a [(String, String, Value)], method: &str, suffix: &str) -> Vec<&'a Value> {
+fn find<'a>(log: &'a [Entry], method: &str, suffix: &str) -> Vec<&'a Value> {
     log.iter()
-        .filter(|(m, p, _)| m == method && p.ends_with(suffix))
-        .map(|(_, _, b)| b)
+        .filter(|(m, p, _, _)| m == method && p.ends_with(suffix))
+        .map(|(_, _, b, _)| b)
+        .collect()
+}
+
+/// The "content-type?query" of each request to a path ending in `suffix`.
+fn metas<'a>(log: &'a [Entry], suffix: &str) -> Vec<&'a str> {
+    log.iter()
+        .filter(|(_, p, _, _)| p.ends_with(suffix))
+        .map(|(_, _, _, m)| m.as_str())
         .collect()
 }
 
@@ -168,7 +193,7 @@ fn condition<'a>(status_patch: &'a Value, type_: &str) -> &'a Value {
         .unwrap()
 }
 
-fn table_yaml(log: &[(String, String, Value)]) -> String {
+fn table_yaml(log: &[Entry]) -> String {
     let applies = find(log, "PATCH", "/configmaps/pullthrough-registries");
     assert_eq!(applies.len(), 1, "{log:#?}");
     let cm = applies[0];
@@ -213,6 +238,16 @@ async fn create_adds_finalizer_then_applies_table_and_status() {
         "NoAgents"
     );
     assert_eq!(status[0]["status"]["observedGeneration"], 1);
+    // Server-side apply of the status subresource by the operator's field
+    // manager; the body names what it applies to.
+    let meta = metas(&log, "/mirrorregistries/quay/status");
+    let (content_type, query) = meta[0].split_once('?').unwrap();
+    assert_eq!(content_type, "application/apply-patch+yaml");
+    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    params.sort();
+    assert_eq!(params, ["fieldManager=pullthrough-operator", "force=true"]);
+    assert_eq!(status[0]["apiVersion"], "pullthrough.dev/v1alpha1");
+    assert_eq!(status[0]["kind"], "MirrorRegistry");
     // One Event naming every condition that changed.
     let events = find(&log, "POST", "/namespaces/default/events");
     assert_eq!(events.len(), 1);
@@ -322,8 +357,8 @@ async fn credentials_reach_the_proxy_secret_and_never_the_table() {
     // The Secret is written before the table that points at it.
     let order: Vec<&str> = log
         .iter()
-        .filter(|(m, _, _)| m == "PATCH")
-        .map(|(_, p, _)| p.as_str())
+        .filter(|(m, _, _, _)| m == "PATCH")
+        .map(|(_, p, _, _)| p.as_str())
         .collect();
     let secret_at = order
         .iter()
@@ -351,5 +386,38 @@ async fn unreadable_credentials_reject_only_that_registry() {
     assert!(
         msg.contains("other/x") && msg.contains("operator.referenceNamespaces"),
         "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn status_fields_left_by_a_merge_patch_are_cleared() {
+    // Written by an operator that patched status by merge patch: `nodes`
+    // survives an apply that leaves it out, so it is cleared explicitly.
+    let mut obj = cr(
+        "legacy",
+        1,
+        json!({"host": "bad.io", "aliases": ["bad.io"]}),
+        true,
+    );
+    obj.status = serde_json::from_value(json!({
+        "observedGeneration": 1,
+        "nodes": {"configured": 1, "total": 1},
+        "nodesSummary": "1/1",
+    }))
+    .unwrap();
+    let (log, _) = run(obj, vec![]).await;
+    let log = log.lock().unwrap().clone();
+    let writes = find(&log, "PATCH", "/mirrorregistries/legacy/status");
+    assert_eq!(writes.len(), 2, "{log:#?}");
+    assert_eq!(condition(writes[0], "Accepted")["reason"], "InvalidSpec");
+    assert!(writes[0]["status"].get("nodes").is_none(), "{}", writes[0]);
+    assert_eq!(
+        writes[1],
+        &json!({"status": {"nodes": null, "nodesSummary": null}})
+    );
+    let metas = metas(&log, "/mirrorregistries/legacy/status");
+    assert!(
+        metas[1].starts_with("application/merge-patch+json?"),
+        "{metas:?}"
     );
 }

@@ -1,0 +1,228 @@
+//! What a reconcile reads about the cluster besides MirrorRegistries: the
+//! proxy Service (the table's `proxy:` section), the agents' Leases (node
+//! counts) and the proxy's `/status`, cached briefly for all reconciles.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use pullthrough_api::agent::NodeProxy;
+
+use crate::controller::Settings;
+use crate::error::{Error, KubeContext};
+use crate::nodes::{self, AgentReport};
+use crate::proxy_status::{self, ProxyStatus};
+
+/// A burst of 1000 reconciles shares one observation instead of making
+/// 1000 LISTs; a second is short enough that status stays current.
+const TTL: Duration = Duration::from_secs(1);
+/// How long the proxy gets to answer `GET /status`.
+const PROXY_STATUS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The cluster as last observed.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    pub node_proxy: Option<NodeProxy>,
+    pub reports: Vec<AgentReport>,
+    /// The error is the `ProxyUnreachable` condition message.
+    pub proxy: Result<ProxyStatus, String>,
+}
+
+/// The last observation, shared by reconciles.
+#[derive(Default)]
+pub struct Observer {
+    last: tokio::sync::Mutex<Option<(Instant, Observed)>>,
+}
+
+impl Observer {
+    /// The cluster as observed at most [`TTL`] ago (`fresh`: now).
+    pub async fn observe(
+        &self,
+        client: &Client,
+        settings: &Settings,
+        base: Option<&NodeProxy>,
+        fresh: bool,
+    ) -> Result<Observed, Error> {
+        let mut cached = self.last.lock().await;
+        if let Some((at, o)) = cached.as_ref()
+            && !fresh
+            && at.elapsed() < TTL
+        {
+            return Ok(o.clone());
+        }
+        let ns = &settings.namespace;
+        let services: Api<Service> = Api::namespaced(client.clone(), ns);
+        // Without the Service the base config's `proxy:` still makes a
+        // usable table; a missing Service must not stop reconciles.
+        let service = match services.get_opt(&settings.proxy_service).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the proxy Service");
+                None
+            }
+        };
+        let (node_proxy, admin) = node_proxy(settings, base, service.as_ref());
+        let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+        let leases = leases
+            .list(&ListParams::default())
+            .await
+            .context(|| format!("listing Leases in {ns}"))?
+            .items;
+        let mut reports = nodes::reports(&leases, &settings.agent_lease_prefix, Timestamp::now());
+        // An expired report from a node that no longer exists is history,
+        // not a node waiting to be configured. Nodes are listed only then:
+        // in a healthy cluster every report is live.
+        if reports.iter().any(|r| !r.live) {
+            let node_api: Api<Node> = Api::all(client.clone());
+            match node_api.list_metadata(&ListParams::default()).await {
+                Ok(list) => {
+                    let existing: HashSet<String> =
+                        list.items.iter().map(|n| n.name_any()).collect();
+                    nodes::drop_departed(&mut reports, &existing);
+                }
+                Err(e) => tracing::warn!(error = %e, "listing Nodes; counting every agent Lease"),
+            }
+        }
+        let url = settings.proxy_status_url.clone().or(admin);
+        let proxy = match url {
+            Some(url) => proxy_status::fetch(&url, PROXY_STATUS_TIMEOUT).await,
+            None => Err(format!(
+                "proxy Service {ns}/{} not found and no --proxy-status-url",
+                settings.proxy_service
+            )),
+        };
+        let o = Observed {
+            node_proxy,
+            reports,
+            proxy,
+        };
+        *cached = Some((Instant::now(), o.clone()));
+        Ok(o)
+    }
+}
+
+/// The table's `proxy:` section from the Service (the base config's section
+/// as defaults), and the default `/status` URL.
+pub fn node_proxy(
+    settings: &Settings,
+    base: Option<&NodeProxy>,
+    svc: Option<&Service>,
+) -> (Option<NodeProxy>, Option<String>) {
+    let base = base.cloned();
+    let Some(spec) = svc.and_then(|s| s.spec.as_ref()) else {
+        return (base, None);
+    };
+    let Some(ip) = spec
+        .cluster_ip
+        .clone()
+        .filter(|ip| !ip.is_empty() && ip != "None")
+    else {
+        return (base, None);
+    };
+    let port = |name: &str| {
+        spec.ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name))
+            .and_then(|p| u16::try_from(p.port).ok())
+    };
+    let mut np = base.unwrap_or(NodeProxy {
+        address: String::new(),
+        https_port: 443,
+        http_port: None,
+        ready_url: None,
+        ca_file: None,
+        never_hijack: Vec::new(),
+    });
+    np.address = ip;
+    if let Some(p) = port("https") {
+        np.https_port = p;
+    }
+    np.http_port = port("http").or(np.http_port);
+    np.ca_file = Some(settings.node_ca_file.clone());
+    let host = np.host_for_url();
+    let admin = port("admin");
+    if let Some(a) = admin {
+        np.ready_url = Some(format!("http://{host}:{a}/readyz"));
+    }
+    (Some(np), admin.map(|a| format!("http://{host}:{a}/status")))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::path::PathBuf;
+
+    fn settings() -> Settings {
+        Settings {
+            namespace: "ns".into(),
+            table_configmap: "t".into(),
+            table_mount_path: PathBuf::from("/t"),
+            credentials_secret: "c".into(),
+            credentials_mount_path: PathBuf::from("/c"),
+            proxy_service: "proxy".into(),
+            node_ca_file: PathBuf::from("/ca.crt"),
+            proxy_status_url: None,
+            agent_lease_prefix: "a-".into(),
+            delete_timeout: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(1),
+        }
+    }
+
+    fn service(ip: &str, ports: &[(&str, i32)]) -> Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "proxy"},
+            "spec": {
+                "clusterIP": ip,
+                "ports": ports.iter().map(|(n, p)| serde_json::json!({"name": n, "port": p}))
+                    .collect::<Vec<_>>(),
+            },
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn service_ports_fill_the_proxy_section() {
+        let svc = service(
+            "fd00::10",
+            &[("https", 8443), ("http", 80), ("admin", 9090)],
+        );
+        let (np, status) = node_proxy(&settings(), None, Some(&svc));
+        let np = np.unwrap();
+        assert_eq!((np.address.as_str(), np.https_port), ("fd00::10", 8443));
+        assert_eq!(np.http_port, Some(80));
+        assert_eq!(np.ca_file, Some(PathBuf::from("/ca.crt")));
+        assert_eq!(
+            np.ready_url.as_deref(),
+            Some("http://[fd00::10]:9090/readyz")
+        );
+        assert_eq!(status.as_deref(), Some("http://[fd00::10]:9090/status"));
+    }
+
+    #[test]
+    fn headless_or_missing_service_keeps_the_base_section() {
+        let base = NodeProxy {
+            address: "10.0.0.1".into(),
+            https_port: 443,
+            http_port: None,
+            ready_url: None,
+            ca_file: None,
+            never_hijack: vec!["internal.example".into()],
+        };
+        let headless = service("None", &[("https", 443)]);
+        for svc in [None, Some(&headless)] {
+            let (np, status) = node_proxy(&settings(), Some(&base), svc);
+            assert_eq!(np.as_ref(), Some(&base));
+            assert_eq!(status, None);
+        }
+        let svc = service("10.96.0.5", &[]);
+        let np = node_proxy(&settings(), Some(&base), Some(&svc)).0.unwrap();
+        assert_eq!(np.address, "10.96.0.5");
+        assert_eq!(np.never_hijack, base.never_hijack);
+    }
+}

@@ -1,0 +1,269 @@
+//! Publishing the rendered registry table: the table ConfigMap (with the
+//! `tls.caBundle` PEMs next to `config.yaml`) and the proxy's
+//! upstream-credentials Secret, both by server-side apply, and only when
+//! what they would hold changed. (The CA ConfigMap is published by
+//! `ca::ensure`, next to the CA it is derived from.)
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use pullthrough_api::agent::NodeProxy;
+use pullthrough_api::contract::MANAGED_BY_LABEL;
+use pullthrough_api::crd::MirrorRegistry;
+use serde_json::{Value, json};
+
+use crate::controller::Context;
+use crate::error::{Error, KubeContext};
+use crate::refs::Refs;
+use crate::table::{self, Mounts, Table, Verdict};
+use crate::{CONFIG_HASH_ANNOTATION, FIELD_MANAGER};
+
+/// The table last written.
+struct Published {
+    fingerprint: u64,
+    table: Arc<Table>,
+    written_at: Instant,
+}
+
+/// The last table written, shared by reconciles; its lock serializes
+/// renders.
+#[derive(Default)]
+pub struct Publisher {
+    last: tokio::sync::Mutex<Option<Published>>,
+}
+
+/// Everything the table depends on besides the base config: each CR's
+/// identity, spec generation, deletion and age, and the Service's section.
+fn fingerprint(all: &[Arc<MirrorRegistry>], proxy: Option<&NodeProxy>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut keys: Vec<_> = all
+        .iter()
+        .map(|c| {
+            (
+                c.name_any(),
+                c.metadata.uid.clone(),
+                c.metadata.generation,
+                c.metadata.deletion_timestamp.is_some(),
+                c.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                // Without a generation (never from a real API server) the
+                // spec itself.
+                c.metadata
+                    .generation
+                    .is_none()
+                    .then(|| serde_json::to_string(&c.spec).unwrap_or_default()),
+            )
+        })
+        .collect();
+    keys.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    keys.hash(&mut h);
+    format!("{proxy:?}").hash(&mut h);
+    h.finish()
+}
+
+impl Publisher {
+    /// Renders the table from the cache (with `current` replacing its cached
+    /// copy) and applies it when it changed.
+    pub async fn converge(
+        &self,
+        ctx: &Context,
+        current: &Arc<MirrorRegistry>,
+        node_proxy: Option<&NodeProxy>,
+    ) -> Result<Arc<Table>, Error> {
+        let settings = &ctx.config.settings;
+        let name = current.name_any();
+        // Under the lock, from the cache as it is now: reconciles queued
+        // behind a write find their object already in the written table and
+        // skip (one write per burst, not one per object). Rendering is
+        // skipped too while no spec, claim order or Service changed.
+        let mut last = self.last.lock().await;
+        let mut all: Vec<Arc<MirrorRegistry>> = ctx
+            .kube
+            .store
+            .state()
+            .into_iter()
+            .filter(|c| c.name_any() != name)
+            .collect();
+        all.push(current.clone());
+        let fp = fingerprint(&all, node_proxy);
+        let fresh = |at: &Instant| at.elapsed() < settings.resync_interval;
+        if let Some(l) = last.as_ref()
+            && l.fingerprint == fp
+            && fresh(&l.written_at)
+        {
+            return Ok(l.table.clone());
+        }
+        // Referenced ConfigMaps and Secrets are read on every render, so a
+        // change to one reaches the table within --resync-interval.
+        let refs = Refs::read(&ctx.kube.client, all.iter().map(AsRef::as_ref))
+            .await
+            .context(|| "reading the ConfigMaps and Secrets MirrorRegistries reference".into())?;
+        let mounts = Mounts {
+            table: settings.table_mount_path.clone(),
+            credentials: settings.credentials_mount_path.clone(),
+        };
+        let t = Arc::new(table::render(
+            &ctx.config.base,
+            &all,
+            node_proxy.cloned(),
+            &mounts,
+            &refs,
+        )?);
+        if let Some(l) = last.as_mut()
+            && l.table.hash == t.hash
+            && l.table.credentials == t.credentials
+            && fresh(&l.written_at)
+        {
+            l.fingerprint = fp;
+            l.table = t.clone();
+            return Ok(t);
+        }
+        // Credentials first: when the table names a credentials file, the
+        // Secret behind it already holds it. Written once after a start
+        // (dropping keys left from registries deleted meanwhile), then on
+        // change.
+        if last
+            .as_ref()
+            .is_none_or(|l| l.table.credentials != t.credentials)
+        {
+            apply_credentials(
+                &ctx.kube.client,
+                &settings.namespace,
+                &settings.credentials_secret,
+                &t.credentials,
+            )
+            .await?;
+        }
+        apply_table(
+            &ctx.kube.client,
+            &settings.namespace,
+            &settings.table_configmap,
+            &t,
+        )
+        .await?;
+        if last.as_ref().is_none_or(|l| l.table.hash != t.hash) {
+            let accepted = t
+                .verdicts
+                .values()
+                .filter(|v| **v == Verdict::Accepted)
+                .count();
+            tracing::info!(hash = %t.hash, registries = accepted, "registry table applied");
+            ctx.metrics.table_writes.inc();
+        }
+        *last = Some(Published {
+            fingerprint: fp,
+            table: t.clone(),
+            written_at: Instant::now(),
+        });
+        Ok(t)
+    }
+}
+
+/// The table ConfigMap: `config.yaml`, its hash as an annotation, and the
+/// extra keys (CA bundles) the table points at.
+pub fn table_configmap(ns: &str, name: &str, t: &Table) -> Value {
+    let mut data = serde_json::Map::new();
+    data.insert(table::CONFIG_KEY.into(), json!(t.yaml));
+    for (k, v) in &t.extra {
+        data.insert(k.clone(), json!(v));
+    }
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
+            "annotations": {CONFIG_HASH_ANNOTATION: t.hash},
+        },
+        "data": data,
+    })
+}
+
+/// The proxy's credentials Secret with exactly `keys`.
+pub fn credentials_secret(ns: &str, name: &str, keys: &BTreeMap<String, String>) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
+        },
+        "type": "Opaque",
+        // `data`, not `stringData`: the API server folds stringData into
+        // data, so server-side apply would never remove a dropped key.
+        "data": keys
+            .iter()
+            .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v)))
+            .collect::<BTreeMap<_, _>>(),
+    })
+}
+
+async fn apply_table(client: &Client, ns: &str, name: &str, t: &Table) -> Result<(), Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&table_configmap(ns, name, t)),
+    )
+    .await
+    .context(|| format!("applying the registry table ConfigMap {ns}/{name}"))?;
+    Ok(())
+}
+
+/// Server-side apply with exactly `keys`: keys this manager wrote before and
+/// no longer lists go away.
+async fn apply_credentials(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    keys: &BTreeMap<String, String>,
+) -> Result<(), Error> {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&credentials_secret(ns, name, keys)),
+    )
+    .await
+    .context(|| format!("applying the upstream credentials Secret {ns}/{name}"))?;
+    tracing::info!(secret = %name, registries = keys.len(), "upstream credentials applied");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn table_configmap_carries_hash_and_extra_keys() {
+        let t = Table {
+            yaml: "registries: []\n".into(),
+            hash: "abc".into(),
+            extra: [("cabundle-reg.lan.pem".to_string(), "PEM".to_string())].into(),
+            credentials: [("reg.lan.json".to_string(), "secret".to_string())].into(),
+            verdicts: Default::default(),
+        };
+        let cm = table_configmap("ns", "tbl", &t);
+        assert_eq!(cm["metadata"]["annotations"][CONFIG_HASH_ANNOTATION], "abc");
+        assert_eq!(cm["data"][table::CONFIG_KEY], "registries: []\n");
+        assert_eq!(cm["data"]["cabundle-reg.lan.pem"], "PEM");
+        assert!(!cm.to_string().contains("secret"), "{cm}");
+    }
+
+    #[test]
+    fn credentials_secret_uses_data_so_dropped_keys_go_away() {
+        let keys = [("reg.lan.json".to_string(), "{}".to_string())].into();
+        let s = credentials_secret("ns", "creds", &keys);
+        assert_eq!(s["data"]["reg.lan.json"], "e30=");
+        assert!(s.get("stringData").is_none());
+        assert_eq!(s["metadata"]["labels"][MANAGED_BY_LABEL], FIELD_MANAGER);
+    }
+}
