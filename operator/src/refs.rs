@@ -168,9 +168,11 @@ impl Refs {
     }
 }
 
-/// `kubernetes.io/dockerconfigjson` (`.dockerconfigjson`, an `auths` entry
-/// for one of `names`, or its only entry), or `kubernetes.io/basic-auth` /
-/// any Secret with `username` and `password` keys.
+/// `kubernetes.io/dockerconfigjson` (`.dockerconfigjson`, the `auths` entry
+/// for one of `names`), or `kubernetes.io/basic-auth` / any Secret with
+/// `username` and `password` keys. A dockerconfigjson entry for another
+/// registry is never used, even as the only one: those credentials would go
+/// to an upstream they were not issued for.
 pub fn credentials_from_secret(secret: &Secret, names: &[&str]) -> Result<Credentials, String> {
     let data = secret.data.clone().unwrap_or_default();
     let text = |key: &str| -> Result<Option<String>, String> {
@@ -230,11 +232,6 @@ fn from_docker_config(json: &str, names: &[&str]) -> Result<Credentials, String>
         .auths
         .iter()
         .find(|(k, _)| wanted(auth_key_host(k)))
-        .or_else(|| {
-            (cfg.auths.len() == 1)
-                .then(|| cfg.auths.iter().next())
-                .flatten()
-        })
         .ok_or_else(|| {
             format!(
                 ".dockerconfigjson has no auths entry for {} (entries: {})",
@@ -318,17 +315,26 @@ mod tests {
     }
 
     #[test]
-    fn single_entry_and_errors_name_the_problem() {
+    fn an_entry_for_another_registry_is_never_used() {
         let s = secret(&[(
             ".dockerconfigjson",
             r#"{"auths": {"reg.lan:5000": {"username": "a", "password": "b"}}}"#,
         )]);
+        let err = credentials_from_secret(&s, &["other.lan"]).unwrap_err();
+        assert!(
+            err.contains("no auths entry for other.lan (entries: reg.lan:5000)"),
+            "{err}"
+        );
         assert_eq!(
-            credentials_from_secret(&s, &["other.lan"])
+            credentials_from_secret(&s, &["reg.lan:5000"])
                 .unwrap()
                 .username,
             "a"
         );
+    }
+
+    #[test]
+    fn errors_name_the_problem() {
         let err = credentials_from_secret(&secret(&[("token", "x")]), &["q"]).unwrap_err();
         assert!(err.contains("found keys: token"), "{err}");
         let err =
