@@ -103,6 +103,11 @@ pub struct Args {
     #[arg(long, value_name = "URL")]
     pub proxy_status_url: Option<String>,
 
+    /// The cluster's DNS domain: no MirrorRegistry may claim a name under
+    /// it (nor under `.svc`, nor the proxy's own Service names).
+    #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
+    pub cluster_domain: String,
+
     /// Prefix of the agents' per-node Lease names.
     #[arg(long, default_value = contract::AGENT_LEASE_PREFIX)]
     pub agent_lease_prefix: String,

@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::nodes;
 use crate::observe::{Observed, Observer};
 use crate::publish::Publisher;
+use crate::reserved::ReservedNames;
 use crate::status::{self, Note};
 use crate::{FIELD_MANAGER, FINALIZER};
 
@@ -44,6 +45,10 @@ pub struct Settings {
     pub agent_lease_prefix: String,
     pub delete_timeout: Duration,
     pub resync_interval: Duration,
+    pub cluster_domain: String,
+    /// The API server's host as this operator reaches it; no registry may
+    /// claim it.
+    pub api_server_host: Option<String>,
 }
 
 impl Settings {
@@ -60,7 +65,19 @@ impl Settings {
             agent_lease_prefix: a.agent_lease_prefix.clone(),
             delete_timeout: a.delete_timeout,
             resync_interval: a.resync_interval,
+            cluster_domain: a.cluster_domain.clone(),
+            api_server_host: None,
         }
+    }
+
+    /// The names no MirrorRegistry may claim in this installation.
+    pub fn reserved_names(&self) -> ReservedNames {
+        ReservedNames::new(
+            &self.namespace,
+            &self.proxy_service,
+            &self.cluster_domain,
+            self.api_server_host.as_deref(),
+        )
     }
 }
 

@@ -16,6 +16,7 @@ pub mod observe;
 pub mod proxy_status;
 pub mod publish;
 pub mod refs;
+pub mod reserved;
 pub mod server;
 pub mod status;
 pub mod table;

@@ -63,10 +63,19 @@ fn init_logging(json: bool) {
 }
 
 async fn run(args: Args, base: ProxyConfig) -> i32 {
-    let client = match kube::Client::try_default().await {
+    let config = match kube::Config::infer().await {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "no Kubernetes client configuration");
+            return 1;
+        }
+    };
+    // No MirrorRegistry may claim the API server's name: remember it.
+    let api_server_host = config.cluster_url.host().map(str::to_string);
+    let client = match kube::Client::try_from(config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "building the Kubernetes client");
             return 1;
         }
     };
@@ -153,7 +162,10 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
     };
     let ctrl = tokio::spawn(controller::run(
         client.clone(),
-        Settings::from_args(&args),
+        Settings {
+            api_server_host,
+            ..Settings::from_args(&args)
+        },
         base,
         identity.clone(),
         metrics.clone(),

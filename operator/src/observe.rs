@@ -171,6 +171,8 @@ mod tests {
             agent_lease_prefix: "a-".into(),
             delete_timeout: Duration::from_secs(1),
             resync_interval: Duration::from_secs(1),
+            cluster_domain: "cluster.local".into(),
+            api_server_host: None,
         }
     }
 

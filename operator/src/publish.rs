@@ -113,6 +113,7 @@ impl Publisher {
             node_proxy.cloned(),
             &mounts,
             &refs,
+            &settings.reserved_names(),
         )?);
         if let Some(l) = last.as_mut()
             && l.table.hash == t.hash

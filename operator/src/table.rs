@@ -12,6 +12,7 @@ use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::names::DOCKER_HUB;
 
 use crate::refs::Refs;
+use crate::reserved::ReservedNames;
 
 /// Key of the table in the ConfigMap.
 pub use pullthrough_api::contract::TABLE_KEY as CONFIG_KEY;
@@ -40,6 +41,8 @@ impl Verdict {
 pub mod reason {
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const DUPLICATE_HOST: &str = "DuplicateHost";
+    /// A host, alias or auth host the cluster itself depends on.
+    pub const RESERVED_HOST: &str = "ReservedHost";
     /// `spec.tls.caBundleConfigMapRef` cannot be read or holds no PEM.
     pub const CA_BUNDLE_UNAVAILABLE: &str = "CABundleUnavailable";
     /// `spec.credentialsSecretRef` cannot be read or holds no credentials.
@@ -102,6 +105,7 @@ pub fn render(
     proxy: Option<NodeProxy>,
     mounts: &Mounts,
     refs: &Refs,
+    reserved: &ReservedNames,
 ) -> Result<Table, pullthrough_api::config::ConfigError> {
     let mut live: Vec<&MirrorRegistry> = crs
         .iter()
@@ -134,6 +138,16 @@ pub fn render(
             .names()
             .chain(reg.auth_hosts.iter().map(String::as_str))
             .collect();
+        if let Some((n, why)) = names.iter().find_map(|n| reserved.why(n).map(|w| (n, w))) {
+            verdicts.insert(
+                name,
+                Verdict::rejected(
+                    reason::RESERVED_HOST,
+                    format!("`{n}` may not be mirrored: it is {why}"),
+                ),
+            );
+            continue;
+        }
         if let Some((n, owner)) = names
             .iter()
             .find_map(|n| claimed.get(*n).map(|o| (n.to_string(), o.clone())))
@@ -244,6 +258,10 @@ mod tests {
         ProxyConfig::from_yaml("{}").unwrap()
     }
 
+    fn reserved() -> ReservedNames {
+        ReservedNames::new("ns", "proxy", "cluster.local", None)
+    }
+
     fn mounts() -> Mounts {
         Mounts {
             table: "/m".into(),
@@ -258,6 +276,52 @@ mod tests {
         }
     }
 
+    /// Issue #10, point 11: a CR cannot claim the proxy's own Service, a
+    /// cluster-internal name or the API server under any name field, and
+    /// a refused CR claims nothing (a later CR may still use its free names).
+    #[test]
+    fn names_the_cluster_depends_on_are_refused() {
+        let crs = vec![
+            cr("self", 1, "host: proxy.ns.svc\n"),
+            cr(
+                "svc",
+                2,
+                "host: quay.io\naliases: [registry.kube-system.svc.cluster.local]\n",
+            ),
+            cr(
+                "api",
+                3,
+                "host: docker.io\nauthHosts: ['kubernetes.default:443']\n",
+            ),
+            cr("fine", 4, "host: quay.io\n"),
+        ];
+        let t = render(
+            &empty(),
+            &crs,
+            None,
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap();
+        for (name, says) in [
+            (
+                "self",
+                "`proxy.ns.svc` may not be mirrored: it is the proxy's own Service ns/proxy",
+            ),
+            ("svc", "under the cluster domain cluster.local"),
+            ("api", "the Kubernetes API server"),
+        ] {
+            let (reason, message) = rejected(&t, name);
+            assert_eq!(reason, reason::RESERVED_HOST, "{name}");
+            assert!(message.contains(says), "{name}: {message}");
+        }
+        assert_eq!(t.verdicts["fine"], Verdict::Accepted);
+        let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
+        let hosts: Vec<_> = c.registries.iter().map(|r| r.host.as_str()).collect();
+        assert_eq!(hosts, ["quay.io"]);
+    }
+
     #[test]
     fn sorted_by_host_oldest_claim_wins_and_stable() {
         let crs = vec![
@@ -266,7 +330,15 @@ mod tests {
             cr("dup", 3, "host: other.io\naliases: [quay.io]\n"),
             cr("bad", 0, "host: bad.io\naliases: [bad.io]\n"),
         ];
-        let t = render(&empty(), &crs, None, &mounts(), &Refs::default()).unwrap();
+        let t = render(
+            &empty(),
+            &crs,
+            None,
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap();
         let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
         let hosts: Vec<_> = c.registries.iter().map(|r| r.host.as_str()).collect();
         assert_eq!(hosts, ["docker.io", "quay.io"]);
@@ -281,9 +353,16 @@ mod tests {
         let mut rev = crs.clone();
         rev.reverse();
         assert_eq!(
-            render(&empty(), &rev, None, &mounts(), &Refs::default())
-                .unwrap()
-                .hash,
+            render(
+                &empty(),
+                &rev,
+                None,
+                &mounts(),
+                &Refs::default(),
+                &reserved()
+            )
+            .unwrap()
+            .hash,
             t.hash
         );
         assert_eq!(t.hash, config_hash(t.yaml.as_bytes()));
@@ -296,7 +375,15 @@ mod tests {
             1,
             "host: reg.lan:5000\ntls: {caBundle: \"-----BEGIN CERTIFICATE-----\\nx\\n\"}\n",
         )];
-        let t = render(&empty(), &crs, None, &mounts(), &Refs::default()).unwrap();
+        let t = render(
+            &empty(),
+            &crs,
+            None,
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap();
         assert!(t.extra.contains_key("cabundle-reg.lan_5000.pem"));
         assert!(
             t.yaml.contains("/m/cabundle-reg.lan_5000.pem"),
@@ -326,7 +413,7 @@ mod tests {
                 "host: third.lan\ntls: {caBundleConfigMapRef: {name: gone, namespace: ns}}\n",
             ),
         ];
-        let t = render(&empty(), &crs, None, &mounts(), &refs).unwrap();
+        let t = render(&empty(), &crs, None, &mounts(), &refs, &reserved()).unwrap();
         assert_eq!(t.extra["cabundle-reg.lan.pem"], pem);
         let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
         assert_eq!(
@@ -367,7 +454,7 @@ mod tests {
                 "host: b.lan\ncredentialsSecretRef: {name: missing, namespace: ns}\n",
             ),
         ];
-        let t = render(&empty(), &crs, None, &mounts(), &refs).unwrap();
+        let t = render(&empty(), &crs, None, &mounts(), &refs, &reserved()).unwrap();
         assert!(!t.yaml.contains("hunter2"), "{}", t.yaml);
         assert_eq!(
             t.credentials["reg.lan_5000.json"],

@@ -56,6 +56,8 @@ fn settings() -> Settings {
         agent_lease_prefix: "pullthrough-agent-".into(),
         delete_timeout: Duration::from_secs(30),
         resync_interval: Duration::from_secs(30),
+        cluster_domain: "cluster.local".into(),
+        api_server_host: None,
     }
 }
 
