@@ -4,11 +4,14 @@ use pullthrough_api::contract;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::io::IsTerminal;
+
 use clap::{Parser, Subcommand, ValueEnum};
-use pullthrough_agent::engine::{self, AgentError, ApplyOptions, RevertOptions};
+use pullthrough_agent::engine::{self, ApplyOptions, RevertOptions};
+use pullthrough_agent::error::{AgentError, ConfigError};
 use pullthrough_agent::fsio::Root;
 use pullthrough_agent::run::{self, RunOptions, Source};
-use pullthrough_agent::runtime::{DockerActionArg, Runtime, SystemExecutor};
+use pullthrough_agent::runtime::{DockerActionArg, RuntimeKind, SystemExecutor};
 use pullthrough_api::cli::parse_or_exit;
 
 /// Point this node's container runtime at the pullthrough proxy, and undo it.
@@ -20,6 +23,9 @@ use pullthrough_api::cli::parse_or_exit;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log as JSON lines instead of text (stderr; `RUST_LOG` filters).
+    #[arg(long, global = true)]
+    log_json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,21 +154,19 @@ enum Output {
     Json,
 }
 
-fn runtimes(args: &[RuntimeArg]) -> Result<Option<Vec<Runtime>>, AgentError> {
+fn runtimes(args: &[RuntimeArg]) -> Result<Option<Vec<RuntimeKind>>, ConfigError> {
     if args.contains(&RuntimeArg::Auto) {
         if args.len() > 1 {
-            return Err(AgentError::Config(
-                "--runtime: `auto` cannot be combined with named runtimes".into(),
-            ));
+            return Err(ConfigError::AutoWithNamedRuntimes);
         }
         return Ok(None);
     }
     Ok(Some(
         args.iter()
             .map(|a| match a {
-                RuntimeArg::Docker => Runtime::Docker,
-                RuntimeArg::Containerd => Runtime::Containerd,
-                _ => Runtime::Crio,
+                RuntimeArg::Docker => RuntimeKind::Docker,
+                RuntimeArg::Containerd => RuntimeKind::Containerd,
+                _ => RuntimeKind::Crio,
             })
             .collect(),
     ))
@@ -180,7 +184,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
             dry_run,
         } => {
             let runtimes = runtimes(&runtime)?;
-            let cfg = pullthrough_agent::config::load(&config).map_err(AgentError::Config)?;
+            let cfg = pullthrough_agent::config::load(&config)?;
             let root = Root::new(root);
             let mut exec = SystemExecutor::new(root.clone());
             let opts = ApplyOptions {
@@ -211,8 +215,10 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 Output::Table => print!("{}", engine::status_table(&status)),
                 Output::Json => println!(
                     "{}",
-                    serde_json::to_string_pretty(&status)
-                        .map_err(|e| AgentError::Other(e.to_string()))?
+                    serde_json::to_string_pretty(&status).map_err(|source| AgentError::Json {
+                        what: "status".into(),
+                        source,
+                    })?
                 ),
             }
             Ok(())
@@ -229,9 +235,7 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 ),
                 None => {
                     if a.node_name.is_none() {
-                        return Err(AgentError::Config(
-                            "run: --node-name (or NODE_NAME) is needed for the node's Lease".into(),
-                        ));
+                        return Err(ConfigError::NoNodeName.into());
                     }
                     (
                         Source::Kube {
@@ -264,16 +268,37 @@ fn run(cli: Cli) -> Result<(), AgentError> {
                 .worker_threads(2)
                 .enable_all()
                 .build()
-                .map_err(|e| AgentError::Other(format!("starting the async runtime: {e}")))?;
-            rt.block_on(run::run(opts)).map_err(AgentError::Other)
+                .map_err(AgentError::AsyncRuntime)?;
+            Ok(rt.block_on(run::run(opts))?)
         }
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        // Escape codes only for a person watching, not in a log file.
+        b.with_ansi(std::io::stderr().is_terminal()).init();
     }
 }
 
 fn main() {
     let cli: Cli = parse_or_exit();
+    init_logging(cli.log_json);
+    let daemon = matches!(cli.command, Command::Run(_));
     if let Err(e) = run(cli) {
-        eprintln!("pullthrough-agent: {e}");
+        if daemon {
+            tracing::error!(error = %e, "stopped: {e}");
+        } else {
+            // apply/revert/status: the message is the command's answer.
+            eprintln!("pullthrough-agent: {e}");
+        }
         std::process::exit(e.exit_code());
     }
 }
