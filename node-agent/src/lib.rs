@@ -10,8 +10,10 @@
 //! - [`desired`]: what each runtime should be told, from the config;
 //! - [`engine`]: `apply`, `revert`, `status` over the runtimes;
 //! - [`run`]: the in-cluster loop (inputs, health gate, Lease report);
-//! - [`error`]: the error types.
+//! - [`error`]: the error types;
+//! - [`cli`]: the command line.
 
+pub mod cli;
 pub mod config;
 pub mod desired;
 pub mod engine;
