@@ -9,10 +9,10 @@ use pullthrough_api::names::DOCKER_HUB;
 
 use crate::config::AgentConfig;
 use crate::error::ConfigError;
-use crate::patch::containerd::server_for;
 use crate::patch::crio::CrioRegistry;
 use crate::patch::daemon_json::DaemonJsonWant;
 use crate::patch::hosts::HostsEntry;
+use crate::patch::hosts_toml::server_for;
 
 /// dockerd's share.
 #[derive(Debug, Clone, PartialEq, Eq)]

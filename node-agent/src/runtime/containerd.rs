@@ -13,10 +13,9 @@ use crate::desired;
 use crate::engine::plan::Planner;
 use crate::error::AgentError;
 use crate::fsio::Root;
-use crate::patch::containerd::{
-    self, CONFIG_TOML, ConfigRecord, HostTls, MirrorHost, authority, host_dir_name,
-};
+use crate::patch::containerd::{self, CONFIG_TOML, ConfigRecord, authority};
 use crate::patch::docker_certs::CA_FILE_NAME;
+use crate::patch::hosts_toml::{self, HostTls, MirrorHost, host_dir_name};
 use crate::patch::is_generated;
 use crate::state::FileKind;
 
@@ -126,7 +125,7 @@ impl Runtime for Containerd {
             let server = files
                 .get(&name)
                 .map(|f| f.0.clone())
-                .unwrap_or_else(|| containerd::server_for(&name, None));
+                .unwrap_or_else(|| hosts_toml::server_for(&name, None));
             let server_tls = m.tls.get(authority(&server)).cloned().unwrap_or_default();
             let entry = files
                 .entry(name.clone())
@@ -148,7 +147,7 @@ impl Runtime for Containerd {
             }
             let dir = format!("{hosts_dir}/{}", host_dir_name(&name));
             let path = format!("{dir}/hosts.toml");
-            let bytes = containerd::hosts_toml(&server, &server_tls, &hosts_list)
+            let bytes = hosts_toml::hosts_toml(&server, &server_tls, &hosts_list)
                 .map_err(AgentError::patch(&path))?;
             let before = pl.read(&path)?;
             let mut notes = Vec::new();
