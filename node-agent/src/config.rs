@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use pullthrough_api::agent::NodeProxy;
 use pullthrough_api::config::ProxyConfig;
+use pullthrough_api::contract::{CA_BUNDLE_KEY, TABLE_KEY};
 
+use crate::error::ConfigError;
 use crate::patch::check_ca_pem;
 use crate::state::sha256_hex;
 
@@ -21,16 +23,21 @@ pub struct AgentConfig {
 }
 
 /// Reads and checks the config file; errors name the file and the key.
-pub fn load(path: &Path) -> Result<AgentConfig, String> {
-    let shown = path.display();
-    let bytes = std::fs::read(path).map_err(|e| format!("{shown}: {e}"))?;
-    let text = std::str::from_utf8(&bytes).map_err(|_| format!("{shown}: not UTF-8"))?;
-    let table = ProxyConfig::from_yaml(text).map_err(|e| format!("{shown}: {e}"))?;
-    let proxy = table.proxy.clone().ok_or_else(|| {
-        format!(
-            "{shown}: proxy: missing; the agent needs the `proxy:` section (address, httpsPort, caFile or httpPort)"
-        )
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    let file = || path.display().to_string();
+    let bytes = std::fs::read(path).map_err(|source| ConfigError::Read {
+        file: file(),
+        source,
     })?;
+    let text = std::str::from_utf8(&bytes).map_err(|_| ConfigError::NotUtf8 { file: file() })?;
+    let table = ProxyConfig::from_yaml(text).map_err(|source| ConfigError::Table {
+        file: file(),
+        source,
+    })?;
+    let proxy = table
+        .proxy
+        .clone()
+        .ok_or_else(|| ConfigError::NoProxySection { file: file() })?;
     let ca_pem = match &proxy.ca_file {
         None => None,
         Some(ca) => {
@@ -39,10 +46,16 @@ pub fn load(path: &Path) -> Result<AgentConfig, String> {
             } else {
                 path.parent().unwrap_or(Path::new(".")).join(ca)
             };
-            let pem = std::fs::read(&ca_path)
-                .map_err(|e| format!("{shown}: proxy.caFile: {}: {e}", ca_path.display()))?;
-            check_ca_pem(&pem)
-                .map_err(|e| format!("{shown}: proxy.caFile: {}: {e}", ca_path.display()))?;
+            let pem = std::fs::read(&ca_path).map_err(|source| ConfigError::CaUnreadable {
+                file: file(),
+                ca: ca_path.clone(),
+                source,
+            })?;
+            check_ca_pem(&pem).map_err(|source| ConfigError::CaInvalid {
+                file: file(),
+                ca: ca_path.clone(),
+                source,
+            })?;
             Some(pem)
         }
     };
@@ -62,26 +75,27 @@ pub fn load(path: &Path) -> Result<AgentConfig, String> {
 /// names a `caFile` is refused (the CA is still to come) and a table
 /// without it runs in plain-HTTP mode. `sha256` is the table's hash, as in
 /// the ConfigMap's `pullthrough.dev/config-hash` annotation.
-pub fn from_parts(table_yaml: &[u8], ca_pem: Option<&[u8]>) -> Result<AgentConfig, String> {
-    let text = std::str::from_utf8(table_yaml).map_err(|_| "config.yaml: not UTF-8".to_string())?;
-    let table = ProxyConfig::from_yaml(text).map_err(|e| format!("config.yaml: {e}"))?;
-    let mut proxy = table.proxy.clone().ok_or_else(|| {
-        "config.yaml: proxy: missing; the agent needs the `proxy:` section (address, httpsPort, caFile or httpPort)".to_string()
+pub fn from_parts(table_yaml: &[u8], ca_pem: Option<&[u8]>) -> Result<AgentConfig, ConfigError> {
+    let file = || TABLE_KEY.to_string();
+    let text =
+        std::str::from_utf8(table_yaml).map_err(|_| ConfigError::NotUtf8 { file: file() })?;
+    let table = ProxyConfig::from_yaml(text).map_err(|source| ConfigError::Table {
+        file: file(),
+        source,
     })?;
+    let mut proxy = table
+        .proxy
+        .clone()
+        .ok_or_else(|| ConfigError::NoProxySection { file: file() })?;
     let ca_pem = match ca_pem {
         Some(pem) => {
-            check_ca_pem(pem).map_err(|e| format!("ca.crt: {e}"))?;
+            check_ca_pem(pem).map_err(ConfigError::CaBundle)?;
             if proxy.ca_file.is_none() {
-                proxy.ca_file = Some(PathBuf::from("ca.crt"));
+                proxy.ca_file = Some(PathBuf::from(CA_BUNDLE_KEY));
             }
             Some(pem.to_vec())
         }
-        None if proxy.ca_file.is_some() => {
-            return Err(
-                "proxy.caFile is set but there is no CA bundle (ca.crt) yet; waiting for it"
-                    .to_string(),
-            );
-        }
+        None if proxy.ca_file.is_some() => return Err(ConfigError::CaPending),
         None => None,
     };
     Ok(AgentConfig {

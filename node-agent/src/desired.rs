@@ -8,10 +8,11 @@ use pullthrough_api::config::RegistryConfig;
 use pullthrough_api::names::DOCKER_HUB;
 
 use crate::config::AgentConfig;
-use crate::patch::containerd::server_for;
+use crate::error::ConfigError;
 use crate::patch::crio::CrioRegistry;
 use crate::patch::daemon_json::DaemonJsonWant;
 use crate::patch::hosts::HostsEntry;
+use crate::patch::hosts_toml::server_for;
 
 /// dockerd's share.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,7 +47,7 @@ fn is_docker_hub(r: &RegistryConfig) -> bool {
 /// ignores certs.d, so hijacking it would need the system trust store);
 /// every other registry with `nodes.dnsHijack` through `/etc/hosts`, except
 /// those `proxy.neverHijack` protects.
-pub fn docker(cfg: &AgentConfig) -> Result<DockerWant, String> {
+pub fn docker(cfg: &AgentConfig) -> Result<DockerWant, ConfigError> {
     let p = &cfg.proxy;
     let mut notes = Vec::new();
     let mut hijacked: Vec<String> = Vec::new();
@@ -70,12 +71,9 @@ pub fn docker(cfg: &AgentConfig) -> Result<DockerWant, String> {
     }
     let mut hosts = Vec::new();
     if !hijacked.is_empty() {
-        let address: IpAddr = p.address.parse().map_err(|_| {
-            format!(
-                "proxy.address: `{}` is a name, but /etc/hosts needs an IP for the hijacked registries ({}); use the proxy's IP, or set nodes.dnsHijack: false on them",
-                p.address,
-                hijacked.join(", ")
-            )
+        let address: IpAddr = p.address.parse().map_err(|_| ConfigError::AddressNotIp {
+            address: p.address.clone(),
+            names: hijacked.join(", "),
         })?;
         let (port, needed, key) = if p.uses_tls() {
             (p.https_port, 443, "httpsPort")
@@ -83,11 +81,13 @@ pub fn docker(cfg: &AgentConfig) -> Result<DockerWant, String> {
             (p.http_port.unwrap_or(0), 80, "httpPort")
         };
         if port != needed {
-            return Err(format!(
-                "proxy.{key}: {port}, but dockerd dials hijacked registries ({}) on port {needed}; serve the proxy on {needed} at {}, or set nodes.dnsHijack: false on them",
-                hijacked.join(", "),
-                p.address
-            ));
+            return Err(ConfigError::HijackPort {
+                key,
+                port,
+                needed,
+                names: hijacked.join(", "),
+                address: p.address.clone(),
+            });
         }
         hosts = hijacked
             .iter()
@@ -207,11 +207,11 @@ registries:
         let c = cfg(&format!(
             "proxy: {{address: proxy.local, caFile: c}}\n{TABLE}"
         ));
-        assert!(docker(&c).unwrap_err().contains("needs an IP"));
+        assert!(docker(&c).unwrap_err().to_string().contains("needs an IP"));
         let c = cfg(&format!(
             "proxy: {{address: 10.0.0.5, caFile: c, httpsPort: 5443}}\n{TABLE}"
         ));
-        assert!(docker(&c).unwrap_err().contains("port 443"));
+        assert!(docker(&c).unwrap_err().to_string().contains("port 443"));
         // Only Docker Hub: no hijack, so any address and port will do.
         let c = cfg(
             "proxy: {address: proxy.local, caFile: c, httpsPort: 5443}\nregistries: [{host: docker.io}]\n",

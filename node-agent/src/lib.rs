@@ -5,14 +5,19 @@
 //!   their inverses, one module per file format;
 //! - [`fsio`]: paths under `--root`, atomic writes;
 //! - [`state`]: the record of what was changed, and first-edit backups;
-//! - [`runtime`]: runtime detection, reload/restart decisions, the executor;
+//! - [`runtime`]: one type per runtime behind the `Runtime` trait
+//!   (detection, plan, what the daemon needs after), and the executor;
 //! - [`desired`]: what each runtime should be told, from the config;
-//! - [`engine`]: `apply`, `revert`, `status`;
-//! - [`run`]: the in-cluster loop (watch, health gate, Lease report).
+//! - [`engine`]: `apply`, `revert`, `status` over the runtimes;
+//! - [`run`]: the in-cluster loop (inputs, health gate, Lease report);
+//! - [`error`]: the error types;
+//! - [`cli`]: the command line.
 
+pub mod cli;
 pub mod config;
 pub mod desired;
 pub mod engine;
+pub mod error;
 pub mod fsio;
 pub mod patch;
 pub mod run;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::error::StateError;
 use crate::fsio::{FILE_MODE, FsError, Root};
 use crate::patch::containerd::ConfigRecord;
 use crate::patch::daemon_json::Added;
@@ -129,20 +130,17 @@ pub fn backup_path(path: &str) -> String {
 }
 
 /// Loads the state; `None` when the agent never applied here.
-pub fn load(root: &Root) -> Result<Option<State>, String> {
-    let Some(bytes) = root.read(STATE_FILE).map_err(|e| e.to_string())? else {
+pub fn load(root: &Root) -> Result<Option<State>, StateError> {
+    let Some(bytes) = root.read(STATE_FILE)? else {
         return Ok(None);
     };
-    let state: State = serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "{STATE_FILE}: unreadable agent state ({e}); inspect it (backups are under {BACKUP_DIR}) before removing it"
-        )
-    })?;
+    let state: State =
+        serde_json::from_slice(&bytes).map_err(|source| StateError::Unreadable { source })?;
     if state.version != STATE_VERSION {
-        return Err(format!(
-            "{STATE_FILE}: state version {} is not {STATE_VERSION}; use the agent version that wrote it",
-            state.version
-        ));
+        return Err(StateError::Version {
+            found: state.version,
+            expected: STATE_VERSION,
+        });
     }
     Ok(Some(state))
 }
@@ -243,6 +241,6 @@ mod tests {
         let root = Root::new(t.path());
         root.create_dirs(STATE_DIR).unwrap();
         root.write_atomic(STATE_FILE, b"{", 0o600).unwrap();
-        assert!(load(&root).unwrap_err().contains("unreadable"));
+        assert!(load(&root).unwrap_err().to_string().contains("unreadable"));
     }
 }

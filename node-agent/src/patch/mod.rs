@@ -8,6 +8,7 @@ pub mod crio;
 pub mod daemon_json;
 pub mod docker_certs;
 pub mod hosts;
+pub mod hosts_toml;
 
 /// Why a patcher refused; the caller prefixes the file's path.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -9,7 +9,9 @@ use proptest::prelude::*;
 use pullthrough_api::config::ProxyConfig;
 
 use super::*;
-use crate::runtime::RecordingExecutor;
+use crate::patch::containerd::CONFIG_TOML;
+use crate::patch::crio::DROP_IN;
+use crate::runtime::{RecordingExecutor, Rejected};
 
 pub const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
 
@@ -31,7 +33,7 @@ registries:
   - {host: ghcr.io}
 ";
 
-fn opts(runtimes: &[Runtime]) -> ApplyOptions {
+fn opts(runtimes: &[RuntimeKind]) -> ApplyOptions {
     ApplyOptions {
         runtimes: Some(runtimes.to_vec()),
         docker_action: DockerActionArg::Auto,
@@ -116,7 +118,7 @@ fn docker_apply_is_idempotent_and_revert_restores_every_byte() {
     let c = cfg(CONFIG);
     let mut exec = RecordingExecutor::default();
 
-    let (r, out) = run_apply(&root, &c, &opts(&[Runtime::Docker]), &mut exec);
+    let (r, out) = run_apply(&root, &c, &opts(&[RuntimeKind::Docker]), &mut exec);
     let r = r.unwrap();
     assert_eq!(
         exec.calls,
@@ -167,7 +169,7 @@ fn docker_apply_is_idempotent_and_revert_restores_every_byte() {
     // Apply twice == apply once.
     let after_first = snapshot(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(&root, &c, &opts(&[Runtime::Docker]), &mut exec);
+    let (r, out) = run_apply(&root, &c, &opts(&[RuntimeKind::Docker]), &mut exec);
     assert!(r.unwrap().files.is_empty());
     assert_eq!(out.trim(), "no changes");
     assert!(
@@ -199,7 +201,7 @@ fn dry_run_prints_diffs_and_writes_nothing() {
     fs::create_dir_all(t.path().join("etc/docker")).unwrap();
     let before = snapshot(t.path());
     let root = Root::new(t.path());
-    let mut o = opts(&[Runtime::Docker]);
+    let mut o = opts(&[RuntimeKind::Docker]);
     o.dry_run = true;
     let mut exec = RecordingExecutor::default();
     let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
@@ -223,7 +225,12 @@ fn invalid_daemon_json_is_refused_and_nothing_is_written() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, _) = run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec);
+    let (r, _) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    );
     let e = r.unwrap_err();
     assert!(
         e.to_string()
@@ -245,10 +252,15 @@ fn dockerd_validate_rejection_stops_the_apply() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor {
-        validation: Some(Err("conflicting flag".into())),
+        validation: Some(Err(Rejected("conflicting flag".into()))),
         ..Default::default()
     };
-    let (r, _) = run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec);
+    let (r, _) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    );
     assert!(r.unwrap_err().to_string().contains("dockerd --validate"));
     assert_eq!(snapshot(t.path()), before);
 }
@@ -260,9 +272,14 @@ fn admin_edits_after_apply_survive_revert() {
     write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec)
-        .0
-        .unwrap();
+    run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    )
+    .0
+    .unwrap();
     // The admin adds a key and a hosts line after the agent.
     let mut dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
     dj["storage-driver"] = "overlay2".into();
@@ -308,7 +325,7 @@ fn containerd_gets_config_path_hosts_toml_and_one_restart() {
     let root = Root::new(t.path());
     let c = cfg(CONFIG);
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(&root, &c, &opts(&[Runtime::Containerd]), &mut exec);
+    let (r, out) = run_apply(&root, &c, &opts(&[RuntimeKind::Containerd]), &mut exec);
     r.unwrap();
     assert_eq!(exec.calls, ["restart containerd"], "{out}");
     assert!(read(t.path(), CONFIG_TOML).starts_with(CONTAINERD_V2));
@@ -335,7 +352,7 @@ fn containerd_gets_config_path_hosts_toml_and_one_restart() {
     // A new registry later: hosts.toml only, no restart.
     let c2 = cfg(&format!("{CONFIG}  - {{host: registry.k8s.io}}\n"));
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(&root, &c2, &opts(&[Runtime::Containerd]), &mut exec);
+    let (r, out) = run_apply(&root, &c2, &opts(&[RuntimeKind::Containerd]), &mut exec);
     assert_eq!(r.unwrap().files.len(), 2, "{out}");
     assert!(exec.calls.is_empty(), "{:?}", exec.calls);
     assert!(
@@ -345,7 +362,7 @@ fn containerd_gets_config_path_hosts_toml_and_one_restart() {
 
     // And gone again: its directory goes too.
     let mut exec = RecordingExecutor::default();
-    run_apply(&root, &c, &opts(&[Runtime::Containerd]), &mut exec)
+    run_apply(&root, &c, &opts(&[RuntimeKind::Containerd]), &mut exec)
         .0
         .unwrap();
     assert!(
@@ -370,7 +387,7 @@ fn containerd_mirrors_need_the_migrate_flag() {
     let (r, _) = run_apply(
         &root,
         &cfg(CONFIG),
-        &opts(&[Runtime::Containerd]),
+        &opts(&[RuntimeKind::Containerd]),
         &mut exec,
     );
     let e = r.unwrap_err().to_string();
@@ -380,7 +397,7 @@ fn containerd_mirrors_need_the_migrate_flag() {
     );
     assert_eq!(snapshot(t.path()), before);
 
-    let mut o = opts(&[Runtime::Containerd]);
+    let mut o = opts(&[RuntimeKind::Containerd]);
     o.migrate_containerd_mirrors = true;
     let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
     r.unwrap();
@@ -445,11 +462,16 @@ fn switching_runtimes_reverts_the_old_ones_files() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Docker]), &mut exec)
-        .0
-        .unwrap();
+    run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    )
+    .0
+    .unwrap();
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[Runtime::Crio]), &mut exec);
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
     r.unwrap();
     assert_eq!(read(t.path(), HOSTS), "127.0.0.1 localhost\n", "{out}");
     assert!(!t.path().join("etc/docker").exists(), "{out}");
@@ -560,7 +582,7 @@ proptest! {
             CONFIG
         });
         if http_mode { c.ca_pem = None; }
-        let all = opts(&Runtime::ALL);
+        let all = opts(&RuntimeKind::ALL);
         let mut exec = RecordingExecutor::default();
         run_apply(&root, &c, &all, &mut exec).0.unwrap();
         let once = snapshot(t.path());

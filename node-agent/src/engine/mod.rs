@@ -1,0 +1,310 @@
+//! `apply`, `revert` and `status` over the runtimes: every runtime stages
+//! its files into one plan (all patchers run and validate before anything
+//! is written), then the plan is backed up, recorded and written, and
+//! finally each runtime says what its daemon needs.
+
+pub mod plan;
+mod status;
+
+use std::io::Write;
+use std::time::{Duration, SystemTime};
+
+use crate::config::AgentConfig;
+use crate::error::{ActionError, AgentError, ConfigError};
+use crate::fsio::Root;
+use crate::patch::docker_certs;
+use crate::runtime::{
+    self, Action, AfterApply, BeforeRevert, DockerActionArg, Executor, Outcome, PlanInput, Planned,
+    RuntimeKind, Step,
+};
+use crate::state::{self, LastApply};
+use plan::{Planner, commit, prune_dirs, revert_file, write_diff, write_files, writeln_out};
+
+pub use crate::runtime::docker::{DAEMON_JSON, HOSTS};
+pub use status::{FileStatus, Status, status, status_table};
+
+/// Options of `apply`.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// `None`: detect what is installed.
+    pub runtimes: Option<Vec<RuntimeKind>>,
+    pub docker_action: DockerActionArg,
+    pub dry_run: bool,
+    pub migrate_containerd_mirrors: bool,
+    /// The run loop's health gate is closed (the proxy is not ready): the
+    /// `/etc/hosts` block keeps its markers but no entries, so hijacked
+    /// names resolve as without the proxy. Everything else is applied.
+    pub hosts_gate_closed: bool,
+}
+
+/// Options of `revert`.
+#[derive(Debug, Clone)]
+pub struct RevertOptions {
+    pub dry_run: bool,
+    /// How long dockerd gets to re-read an intermediate daemon.json (see
+    /// `Runtime::before_revert` of dockerd).
+    pub reload_settle: Duration,
+}
+
+/// What a command did, for tests and callers.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// `(verb, path)` of each file changed (or to change, in a dry run).
+    pub files: Vec<(String, String)>,
+    /// Runtime actions taken (or planned), one line each.
+    pub actions: Vec<String>,
+}
+
+/// Carries out daemon steps, printing a line for each and collecting
+/// failures: a failed reload must not stop the other daemons from hearing
+/// about their files.
+pub struct Actor<'a> {
+    exec: &'a mut dyn Executor,
+    out: &'a mut dyn Write,
+    actions: Vec<String>,
+    failed: Vec<ActionError>,
+}
+
+impl<'a> Actor<'a> {
+    fn new(exec: &'a mut dyn Executor, out: &'a mut dyn Write) -> Self {
+        Self {
+            exec,
+            out,
+            actions: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// Carries out one step; `true` when the daemon was actually told.
+    pub fn act(&mut self, step: &Step) -> bool {
+        let who = step.service.process();
+        let res = match step.action {
+            Action::Nothing => Ok(None),
+            Action::Reload => self.exec.reload(step.service).map(Some),
+            Action::Restart => self.exec.restart(step.service).map(Some),
+        };
+        let done = matches!(res, Ok(Some(Outcome::Done(_))));
+        let reason = &step.reason;
+        let line = match (step.action, res) {
+            (Action::Nothing, _) | (_, Ok(None)) => format!("{who}: nothing to do ({reason})"),
+            (a, Ok(Some(o))) => format!("{who}: {} ({reason}): {}", a.word(), o.message()),
+            (a, Err(e)) => {
+                let line = format!("{who}: {} ({reason}) FAILED: {e}", a.word());
+                self.failed.push(ActionError {
+                    daemon: who,
+                    source: e,
+                });
+                line
+            }
+        };
+        writeln_out(self.out, &line);
+        self.actions.push(line);
+        done
+    }
+
+    /// The step as a dry run prints it, if it does.
+    fn dry_run(&mut self, step: &Step) {
+        if let Some(reason) = &step.dry_run_reason {
+            let line = format!(
+                "{}: would {} ({reason})",
+                step.service.process(),
+                step.action.word()
+            );
+            writeln_out(self.out, &line);
+            self.actions.push(line);
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Applies the config once: plans, prints, writes, tells runtimes.
+pub fn apply(
+    root: &Root,
+    cfg: &AgentConfig,
+    opts: &ApplyOptions,
+    exec: &mut dyn Executor,
+    out: &mut dyn Write,
+) -> Result<Report, AgentError> {
+    let mut st = state::load(root)?.unwrap_or_default();
+    let mut notes = Vec::new();
+    let selected = runtime::select(root, opts.runtimes.as_deref(), &mut notes)?;
+    let ca = match &cfg.ca_pem {
+        Some(pem) => Some(docker_certs::ca_file(pem).map_err(ConfigError::CaFile)?),
+        None => None,
+    };
+    let input = PlanInput {
+        cfg,
+        opts,
+        ca: ca.as_deref(),
+    };
+    let mut pl = Planner::new(root, &st);
+    let mut planned: Vec<(RuntimeKind, Planned)> = Vec::new();
+    for kind in RuntimeKind::ALL
+        .into_iter()
+        .filter(|k| selected.contains(k))
+    {
+        let mut p = kind.runtime().plan(&input, &mut pl, exec)?;
+        notes.append(&mut p.notes);
+        planned.push((kind, p));
+    }
+    let changes = pl.finish()?;
+
+    for n in &notes {
+        writeln_out(out, n);
+    }
+    let mut report = Report::default();
+    for c in changes.iter().filter(|c| c.changed()) {
+        report.files.push((c.verb().to_string(), c.path.clone()));
+    }
+    let not_planned = Planned::default();
+    let steps: Vec<Step> = RuntimeKind::ALL
+        .into_iter()
+        .filter_map(|kind| {
+            let planned = planned
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .map_or(&not_planned, |(_, p)| p);
+            kind.runtime().after_apply(&AfterApply {
+                selected: selected.contains(&kind),
+                planned,
+                changes: &changes,
+                docker_action: opts.docker_action,
+            })
+        })
+        .collect();
+
+    if opts.dry_run {
+        for c in changes.iter().filter(|c| c.changed()) {
+            write_diff(out, c);
+        }
+        if report.files.is_empty() {
+            writeln_out(out, "no changes");
+            return Ok(report);
+        }
+        let mut actor = Actor::new(exec, out);
+        for step in &steps {
+            actor.dry_run(step);
+        }
+        report.actions = actor.actions;
+        writeln_out(out, "dry run: nothing was written");
+        return Ok(report);
+    }
+
+    if report.files.is_empty() {
+        writeln_out(out, "no changes");
+        return Ok(report);
+    }
+    commit(root, &mut st, changes, out)?;
+
+    let mut actor = Actor::new(exec, out);
+    for step in &steps {
+        actor.act(step);
+    }
+    report.actions = actor.actions;
+    st.last_apply = Some(LastApply {
+        config_sha256: cfg.sha256.clone(),
+        proxy: cfg.proxy.base_url(),
+        runtimes: selected.iter().map(|r| r.name().to_string()).collect(),
+        at_unix: now_unix(),
+        actions: report.actions.clone(),
+    });
+    state::save(root, &mut st)?;
+    if !actor.failed.is_empty() {
+        return Err(AgentError::Actions {
+            done: "written",
+            failed: actor.failed,
+        });
+    }
+    Ok(report)
+}
+
+/// Removes everything the agent ever added and restores first-edit
+/// backups, then the state itself; each runtime's daemon is told before
+/// (dockerd's interim daemon.json) or after the files are back.
+pub fn revert(
+    root: &Root,
+    opts: &RevertOptions,
+    exec: &mut dyn Executor,
+    out: &mut dyn Write,
+) -> Result<Report, AgentError> {
+    let Some(mut st) = state::load(root)? else {
+        writeln_out(
+            out,
+            "nothing to revert: the agent has not applied anything here",
+        );
+        return Ok(Report::default());
+    };
+    let mut changes = Vec::new();
+    for (path, rec) in &st.files {
+        changes.push(revert_file(root, path, rec)?);
+    }
+    let mut report = Report::default();
+    for c in changes.iter().filter(|c| c.changed()) {
+        report.files.push((c.verb().to_string(), c.path.clone()));
+    }
+    if opts.dry_run {
+        for c in changes.iter().filter(|c| c.changed()) {
+            write_diff(out, c);
+        }
+        let mut actor = Actor::new(exec, out);
+        for kind in RuntimeKind::ALL {
+            if let Some(step) = kind.runtime().after_revert(&changes) {
+                actor.dry_run(&step);
+            }
+        }
+        report.actions = actor.actions;
+        writeln_out(out, "dry run: nothing was written");
+        return Ok(report);
+    }
+
+    let mut actor = Actor::new(exec, &mut *out);
+    let mut done = Vec::new();
+    for kind in RuntimeKind::ALL {
+        let mut cx = BeforeRevert {
+            root,
+            changes: &mut changes,
+            actor: &mut actor,
+            reload_settle: opts.reload_settle,
+        };
+        if kind.runtime().before_revert(&mut cx)? {
+            done.push(kind);
+        }
+    }
+    let (mut actions, mut failed) = (actor.actions, actor.failed);
+
+    write_files(root, &changes, out)?;
+    st.files.clear();
+    prune_dirs(root, &mut st)?;
+    for d in &st.created_dirs {
+        writeln_out(out, &format!("kept      {d}/ (not empty)"));
+    }
+    state::remove_all(root, &st)?;
+
+    let mut actor = Actor::new(exec, out);
+    for kind in RuntimeKind::ALL.into_iter().filter(|k| !done.contains(k)) {
+        if let Some(step) = kind.runtime().after_revert(&changes) {
+            actor.act(&step);
+        }
+    }
+    actions.append(&mut actor.actions);
+    failed.append(&mut actor.failed);
+    report.actions = actions;
+    if report.files.is_empty() {
+        writeln_out(out, "no changes (the agent's files were already gone)");
+    }
+    if !failed.is_empty() {
+        return Err(AgentError::Actions {
+            done: "restored",
+            failed,
+        });
+    }
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests;

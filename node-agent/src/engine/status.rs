@@ -1,0 +1,131 @@
+//! `status`: what the agent has applied on this node, as a table or JSON.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::error::AgentError;
+use crate::fsio::Root;
+use crate::patch::hosts;
+use crate::runtime::docker::HOSTS;
+use crate::state::{self, LastApply, sha256_hex};
+
+/// One file in `status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FileStatus {
+    pub path: String,
+    pub what: String,
+    /// `applied`, `changed since apply`, `missing`, `removed`.
+    pub state: String,
+    pub existed_before: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup: Option<String>,
+}
+
+/// `status` output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub applied: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_apply: Option<LastApply>,
+    pub files: Vec<FileStatus>,
+    /// `/etc/hosts` block entries (`address name`).
+    pub hosts_entries: Vec<String>,
+}
+
+/// What the agent has applied on this node.
+pub fn status(root: &Root) -> Result<Status, AgentError> {
+    let Some(st) = state::load(root)? else {
+        return Ok(Status {
+            applied: false,
+            last_apply: None,
+            files: Vec::new(),
+            hosts_entries: Vec::new(),
+        });
+    };
+    let mut files = Vec::new();
+    for (path, rec) in &st.files {
+        let current = root.read(path)?;
+        let state = match (&current, &rec.written_sha256) {
+            (None, None) => "removed",
+            (None, Some(_)) => "missing",
+            (Some(c), Some(w)) if &sha256_hex(c) == w => "applied",
+            _ => "changed since apply",
+        };
+        files.push(FileStatus {
+            path: path.clone(),
+            what: rec.kind.label().into(),
+            state: state.into(),
+            existed_before: rec.existed_before,
+            backup: rec.backup.clone(),
+        });
+    }
+    let hosts_entries = match root.read(HOSTS)? {
+        Some(b) => hosts::block_entries(&b)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(a, n)| format!("{a} {n}"))
+            .collect(),
+        None => Vec::new(),
+    };
+    Ok(Status {
+        applied: true,
+        last_apply: st.last_apply,
+        files,
+        hosts_entries,
+    })
+}
+
+/// The human table of `status`.
+pub fn status_table(s: &Status) -> String {
+    let mut out = String::new();
+    if !s.applied {
+        out.push_str("not applied: the agent has not changed anything here\n");
+        return out;
+    }
+    if let Some(l) = &s.last_apply {
+        let at = humantime::format_rfc3339_seconds(
+            SystemTime::UNIX_EPOCH + Duration::from_secs(l.at_unix),
+        );
+        out.push_str(&format!(
+            "last apply: {at}  proxy: {}  runtimes: {}  config sha256: {}\n",
+            l.proxy,
+            l.runtimes.join(","),
+            l.config_sha256.get(..12).unwrap_or(&l.config_sha256)
+        ));
+        for a in &l.actions {
+            out.push_str(&format!("  action: {a}\n"));
+        }
+    }
+    let w = s
+        .files
+        .iter()
+        .map(|f| f.path.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    out.push_str(&format!(
+        "{:<w$}  {:<22}  {:<19}  BACKUP\n",
+        "FILE", "WHAT", "STATE"
+    ));
+    for f in &s.files {
+        out.push_str(&format!(
+            "{:<w$}  {:<22}  {:<19}  {}\n",
+            f.path,
+            f.what,
+            f.state,
+            f.backup
+                .as_deref()
+                .unwrap_or(if f.existed_before { "-" } else { "(created)" })
+        ));
+    }
+    if !s.hosts_entries.is_empty() {
+        out.push_str(&format!(
+            "/etc/hosts block: {}\n",
+            s.hosts_entries.join(", ")
+        ));
+    }
+    out
+}

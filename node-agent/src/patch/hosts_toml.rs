@@ -1,0 +1,167 @@
+//! containerd's generated `<config_path>/<host>/hosts.toml`: the upstream
+//! as `server`, the proxy (and any migrated mirrors) as hosts tried before
+//! it, each checked by reading it back as containerd would.
+
+use toml_edit::{Array, DocumentMut, Item, Table, value};
+
+use super::containerd::parse;
+use super::{GENERATED_HEADER, PatchError};
+
+/// TLS settings of one host (or the `server`) in a hosts.toml.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostTls {
+    pub ca: Option<String>,
+    pub client: Option<(String, String)>,
+    pub skip_verify: Option<bool>,
+}
+
+/// One `[host."<url>"]` entry of a hosts.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorHost {
+    pub url: String,
+    /// CA file, relative to the hosts.toml directory or absolute.
+    pub tls: HostTls,
+}
+
+/// The `server` a hosts.toml names for a registry: its upstream
+/// (`docker.io` is served from `registry-1.docker.io`).
+pub fn server_for(host: &str, upstream: Option<&str>) -> String {
+    match upstream {
+        Some(u) => u.trim_end_matches('/').to_string(),
+        None if host == pullthrough_api::names::DOCKER_HUB => "https://registry-1.docker.io".into(),
+        None => format!("https://{host}"),
+    }
+}
+
+/// The directory name containerd looks up for a registry name (`*` → the
+/// catch-all `_default`).
+pub fn host_dir_name(name: &str) -> &str {
+    if name == "*" { "_default" } else { name }
+}
+
+/// A generated hosts.toml: header, `server`, then each mirror host with
+/// `capabilities = ["pull", "resolve"]`, tried in order before `server`.
+pub fn hosts_toml(
+    server: &str,
+    server_tls: &HostTls,
+    hosts: &[MirrorHost],
+) -> Result<Vec<u8>, PatchError> {
+    if hosts.is_empty() {
+        // containerd rejects a host tree without hosts and silently pulls
+        // upstream: never write one.
+        return Err(PatchError::new(
+            "internal error: hosts.toml without a mirror host",
+        ));
+    }
+    let mut doc = DocumentMut::new();
+    doc.decor_mut().set_prefix(format!("{GENERATED_HEADER}\n"));
+    doc.insert("server", value(server));
+    put_tls(doc.as_table_mut(), server_tls);
+    let mut host_table = Table::new();
+    host_table.set_implicit(true);
+    for h in hosts {
+        let mut t = Table::new();
+        let mut caps = Array::new();
+        caps.push("pull");
+        caps.push("resolve");
+        t.insert("capabilities", value(caps));
+        put_tls(&mut t, &h.tls);
+        host_table.insert(&h.url, Item::Table(t));
+    }
+    doc.insert("host", Item::Table(host_table));
+    let out = doc.to_string().into_bytes();
+    check_hosts_toml(&out, server, hosts.len())?;
+    Ok(out)
+}
+
+fn put_tls(t: &mut Table, tls: &HostTls) {
+    if let Some(ca) = &tls.ca {
+        t.insert("ca", value(ca.as_str()));
+    }
+    if let Some((cert, key)) = &tls.client {
+        let mut pair = Array::new();
+        pair.push(cert.as_str());
+        pair.push(key.as_str());
+        let mut outer = Array::new();
+        outer.push(pair);
+        t.insert("client", value(outer));
+    }
+    if let Some(skip) = tls.skip_verify {
+        t.insert("skip_verify", value(skip));
+    }
+}
+
+/// Parse-back check of a hosts.toml, as containerd reads it.
+pub fn check_hosts_toml(bytes: &[u8], server: &str, hosts: usize) -> Result<(), PatchError> {
+    let doc = parse(bytes)?;
+    if doc.get("server").and_then(Item::as_str) != Some(server) {
+        return Err(PatchError::new(
+            "internal error: hosts.toml `server` does not read back",
+        ));
+    }
+    let got = doc
+        .get("host")
+        .and_then(Item::as_table_like)
+        .map(|t| {
+            t.iter()
+                .filter(|(_, h)| {
+                    h.as_table_like()
+                        .and_then(|h| h.get("capabilities"))
+                        .and_then(Item::as_array)
+                        .is_some_and(|a| !a.is_empty())
+                })
+                .count()
+        })
+        .unwrap_or(0);
+    if got != hosts || hosts == 0 {
+        return Err(PatchError::new(format!(
+            "internal error: hosts.toml reads back with {got} mirror hosts, expected {hosts}"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(b: &[u8]) -> &str {
+        std::str::from_utf8(b).unwrap()
+    }
+
+    #[test]
+    fn hosts_toml_reads_back_as_containerd_expects() {
+        let out = hosts_toml(
+            "https://quay.io",
+            &HostTls::default(),
+            &[MirrorHost {
+                url: "https://10.0.0.5".into(),
+                tls: HostTls {
+                    ca: Some("pullthrough-ca.crt".into()),
+                    ..HostTls::default()
+                },
+            }],
+        )
+        .unwrap();
+        assert_eq!(
+            s(&out),
+            format!(
+                "{GENERATED_HEADER}\nserver = \"https://quay.io\"\n\n[host.\"https://10.0.0.5\"]\ncapabilities = [\"pull\", \"resolve\"]\nca = \"pullthrough-ca.crt\"\n"
+            )
+        );
+        assert!(hosts_toml("https://quay.io", &HostTls::default(), &[]).is_err());
+    }
+
+    #[test]
+    fn server_names() {
+        assert_eq!(
+            server_for("docker.io", None),
+            "https://registry-1.docker.io"
+        );
+        assert_eq!(server_for("quay.io", None), "https://quay.io");
+        assert_eq!(
+            server_for("r.io", Some("http://r.io:5000/")),
+            "http://r.io:5000"
+        );
+    }
+}

@@ -1,0 +1,261 @@
+//! `pullthrough-agent run`: the in-cluster loop. Each tick (250 ms) it
+//!
+//! 1. reads its **inputs** (`inputs.rs`): the registry table and CA, from
+//!    the operator's ConfigMaps or a polled config file;
+//! 2. consults the **health gate** (`health.rs`): the proxy's `readyUrl`,
+//!    probed with hysteresis; while it is closed the `/etc/hosts` block
+//!    keeps its markers but no entries, so dockerd pulls go upstream
+//!    instead of failing;
+//! 3. **applies** on every change of the table, the CA or the gate, retries
+//!    a failed apply, and re-applies every `resync` (idempotent: repairs
+//!    drift);
+//! 4. **reports** (`report.rs`) through the node's Lease.
+//!
+//! `GET /healthz` on `health_addr` answers 200 while the loop turns.
+//! SIGTERM/SIGINT stop the loop *without* reverting (a rolling update
+//! sends one too); `pullthrough-agent revert` undoes everything.
+
+mod health;
+mod inputs;
+mod report;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::Api;
+
+use crate::config::AgentConfig;
+use crate::engine::{self, ApplyOptions};
+use crate::error::{AgentError, ConfigError, RunError};
+use crate::fsio::Root;
+use crate::runtime::{DockerActionArg, RuntimeKind, SystemExecutor};
+use crate::state::sha256_hex;
+use health::{HealthCheck, Heartbeat};
+use inputs::Inputs;
+use report::{Applied, Reporter};
+
+pub use health::{Gate, probe};
+pub use inputs::Source;
+
+const TICK: Duration = Duration::from_millis(250);
+/// A failed apply is retried this soon.
+const RETRY: Duration = Duration::from_secs(5);
+
+/// Options of `run`.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub root: Root,
+    pub source: Source,
+    pub runtimes: Option<Vec<RuntimeKind>>,
+    pub docker_action: DockerActionArg,
+    /// Node name for the Lease (`None`: no Lease, e.g. file mode outside a
+    /// cluster).
+    pub node_name: Option<String>,
+    /// Namespace and name prefix of the per-node Lease (needs the API).
+    pub lease_namespace: Option<String>,
+    pub lease_prefix: String,
+    pub lease_renew: Duration,
+    pub lease_duration: Duration,
+    pub health_addr: Option<SocketAddr>,
+    pub probe_interval: Duration,
+    pub probe_timeout: Duration,
+    pub fail_threshold: u32,
+    pub success_threshold: u32,
+    pub resync: Duration,
+}
+
+/// When the config was last applied, and how that went.
+#[derive(Default)]
+struct ApplyState {
+    /// Config (table and CA hashes) and gate of the last success.
+    last_key: Option<(String, bool)>,
+    last_attempt: Option<Instant>,
+    /// The last failure, as reported; `None` after a success.
+    error: Option<String>,
+    applied: Option<Applied>,
+}
+
+impl ApplyState {
+    fn due(&self, key: &(String, bool), resync: Duration) -> bool {
+        self.last_key.as_ref() != Some(key)
+            || self
+                .last_attempt
+                .is_some_and(|t| t.elapsed() >= if self.error.is_some() { RETRY } else { resync })
+    }
+}
+
+/// Runs until SIGTERM/SIGINT; never reverts.
+pub async fn run(opts: RunOptions) -> Result<(), RunError> {
+    let heartbeat = Heartbeat::new();
+    if let Some(addr) = opts.health_addr {
+        health::serve_liveness(addr, heartbeat.clone()).await?;
+    }
+    let needs_api = matches!(opts.source, Source::Kube { .. })
+        || (opts.node_name.is_some() && opts.lease_namespace.is_some());
+    let client = if needs_api {
+        Some(kube::Client::try_default().await.map_err(RunError::Kube)?)
+    } else {
+        None
+    };
+    let mut inputs = Inputs::start(&opts.source, client.as_ref());
+    let mut reporter = match (&client, &opts.lease_namespace, &opts.node_name) {
+        (Some(c), Some(ns), Some(node)) => Some(Reporter::new(
+            Api::<Lease>::namespaced(c.clone(), ns),
+            format!("{}{node}", opts.lease_prefix),
+            node.clone(),
+            opts.lease_renew,
+            opts.lease_duration,
+        )),
+        _ => None,
+    };
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(RunError::Signal)?;
+    let mut health = HealthCheck::new(
+        Gate::new(opts.fail_threshold, opts.success_threshold),
+        opts.probe_interval,
+        opts.probe_timeout,
+    );
+    let mut cfg: Option<AgentConfig> = None;
+    let mut input_error: Option<ConfigError> = None;
+    let mut state = ApplyState::default();
+    let mut ticker = tokio::time::interval(TICK);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tracing::info!("started");
+
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping (the node keeps its config; `pullthrough-agent revert` undoes it)");
+                return Ok(());
+            }
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("SIGINT: stopping (the node keeps its config)");
+                return Ok(());
+            }
+        }
+        heartbeat.beat();
+
+        if let Some(update) = inputs.poll() {
+            match update {
+                Ok(c) => {
+                    cfg = Some(c);
+                    input_error = None;
+                }
+                Err(e) => input_error = Some(e),
+            }
+            if let Some(r) = &mut reporter {
+                r.changed();
+            }
+        }
+
+        let open = health.open(cfg.as_ref()).await;
+
+        if let Some(c) = &cfg
+            && apply_if_due(&opts, c, open, &mut state).await
+            && let Some(r) = &mut reporter
+        {
+            r.changed();
+        }
+
+        if let Some(r) = &mut reporter {
+            let error = state
+                .error
+                .clone()
+                .or_else(|| input_error.as_ref().map(ToString::to_string));
+            r.tick(state.applied.as_ref(), error.as_deref()).await;
+        }
+    }
+}
+
+/// Applies `cfg` when it, its CA or the gate changed, or a retry or
+/// resync is due; `true` when it tried.
+async fn apply_if_due(
+    opts: &RunOptions,
+    cfg: &AgentConfig,
+    open: bool,
+    st: &mut ApplyState,
+) -> bool {
+    // The CA is part of what is applied (rotation changes only it).
+    let ca_hash = cfg.ca_pem.as_deref().map(sha256_hex).unwrap_or_default();
+    let key = (format!("{}:{ca_hash}", cfg.sha256), open);
+    if !st.due(&key, opts.resync) {
+        return false;
+    }
+    st.last_attempt = Some(Instant::now());
+    match apply_once(opts, cfg, !open).await {
+        Ok((a, out)) => {
+            if !out.trim().is_empty() && st.last_key.as_ref() != Some(&key) {
+                for l in out.lines() {
+                    tracing::info!("apply: {l}");
+                }
+            }
+            st.applied = Some(a);
+            st.error = None;
+            st.last_key = Some(key);
+        }
+        Err(e) => {
+            let e = e.to_string();
+            if st.error.as_deref() != Some(e.as_str()) {
+                tracing::error!(error = %e, "apply failed: {e}");
+            }
+            st.error = Some(e);
+            st.last_key = None;
+        }
+    }
+    true
+}
+
+/// One apply off the async threads (it writes files and may wait for
+/// daemons); returns what to report and the apply's output.
+async fn apply_once(
+    opts: &RunOptions,
+    cfg: &AgentConfig,
+    gate_closed: bool,
+) -> Result<(Applied, String), AgentError> {
+    let root = opts.root.clone();
+    let cfg = cfg.clone();
+    let apply_opts = ApplyOptions {
+        runtimes: opts.runtimes.clone(),
+        docker_action: opts.docker_action,
+        dry_run: false,
+        migrate_containerd_mirrors: false,
+        hosts_gate_closed: gate_closed,
+    };
+    tokio::task::spawn_blocking(move || {
+        let mut exec = SystemExecutor::new(root.clone());
+        let mut out = Vec::new();
+        let report = engine::apply(&root, &cfg, &apply_opts, &mut exec, &mut out)?;
+        let text = if report.files.is_empty() && report.actions.is_empty() {
+            String::new()
+        } else {
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let runtimes = crate::state::load(&root)
+            .ok()
+            .flatten()
+            .and_then(|s| s.last_apply)
+            .map(|l| l.runtimes)
+            .unwrap_or_default();
+        let mut registries: Vec<String> = cfg
+            .table
+            .registries
+            .iter()
+            .map(|r| r.host.clone())
+            .collect();
+        registries.sort();
+        registries.dedup();
+        Ok((
+            Applied {
+                hash: cfg.sha256.clone(),
+                runtimes,
+                registries,
+            },
+            text,
+        ))
+    })
+    .await
+    .map_err(AgentError::Task)?
+}

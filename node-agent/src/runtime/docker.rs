@@ -1,0 +1,367 @@
+//! dockerd: a marker block in `/etc/hosts` for the hijacked registries,
+//! `registry-mirrors`/`insecure-registries` in daemon.json, the proxy CA in
+//! `/etc/docker/certs.d`; then a reload, a restart or nothing, as the
+//! changed keys and `--docker-action` allow.
+
+use std::collections::BTreeSet;
+
+use super::{
+    Action, AfterApply, BeforeRevert, Executor, PlanInput, Planned, Runtime, RuntimeKind, Service,
+    Step,
+};
+use crate::desired;
+use crate::engine::plan::{Change, Planner};
+use crate::error::AgentError;
+use crate::fsio::FILE_MODE;
+use crate::patch::daemon_json::{self, Added, INSECURE_REGISTRIES, REGISTRY_MIRRORS};
+use crate::patch::docker_certs::{self, DOCKER_CERTS_D};
+use crate::patch::hosts;
+use crate::state::FileKind;
+
+/// `/etc/hosts`.
+pub const HOSTS: &str = "/etc/hosts";
+/// dockerd's config.
+pub const DAEMON_JSON: &str = "/etc/docker/daemon.json";
+
+/// dockerd.
+pub struct Docker;
+
+impl Runtime for Docker {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Docker
+    }
+
+    fn evidence(&self) -> &'static [&'static str] {
+        &[
+            "/etc/docker",
+            "/var/run/docker.sock",
+            "/run/docker.sock",
+            "/usr/bin/dockerd",
+            "/usr/local/bin/dockerd",
+        ]
+    }
+
+    fn plan(
+        &self,
+        input: &PlanInput<'_>,
+        pl: &mut Planner<'_>,
+        exec: &mut dyn Executor,
+    ) -> Result<Planned, AgentError> {
+        let want = desired::docker(input.cfg)?;
+        let mut planned = Planned {
+            notes: want.notes.iter().map(|n| format!("docker: {n}")).collect(),
+            ..Planned::default()
+        };
+        let before = pl.read(HOSTS)?;
+        let current = before.as_deref().unwrap_or_default();
+        let p = if input.opts.hosts_gate_closed {
+            hosts::empty_block(current)
+        } else {
+            hosts::apply(current, &want.hosts)
+        }
+        .map_err(AgentError::patch(HOSTS))?;
+        let after = if before.is_none() && p.bytes.is_empty() {
+            None
+        } else {
+            Some(p.bytes)
+        };
+        pl.stage(HOSTS, before, after, FileKind::HostsBlock, p.notes);
+
+        let before = pl.read(DAEMON_JSON)?;
+        let prev = match pl.prev_kind(DAEMON_JSON) {
+            Some(FileKind::DaemonJson { added }) => added.clone(),
+            _ => Added::new(),
+        };
+        let p = daemon_json::apply(before.as_deref(), &want.daemon_json, &prev)
+            .map_err(AgentError::patch(DAEMON_JSON))?;
+        if p.bytes != before
+            && let Some(bytes) = &p.bytes
+            && let Some(Err(e)) = exec.validate_daemon_json(bytes)
+        {
+            return Err(AgentError::Rejected {
+                path: DAEMON_JSON.into(),
+                reason: e.0,
+            });
+        }
+        planned.live_restore = daemon_json::live_restore(p.bytes.as_deref());
+        planned.changed_keys = p.changed_keys.clone();
+        pl.stage(
+            DAEMON_JSON,
+            before,
+            p.bytes,
+            FileKind::DaemonJson { added: p.added },
+            Vec::new(),
+        );
+
+        if let Some(ca) = input.ca {
+            for path in docker_certs::ca_paths(
+                DOCKER_CERTS_D,
+                want.ca_authorities.iter().map(String::as_str),
+            ) {
+                pl.stage_ca(&path, ca)?;
+            }
+        }
+        Ok(planned)
+    }
+
+    fn after_apply(&self, cx: &AfterApply<'_>) -> Option<Step> {
+        // Not configured any more: only undoing an earlier daemon.json
+        // can concern dockerd.
+        let keys = if cx.selected {
+            cx.planned.changed_keys.clone()
+        } else {
+            cx.changes
+                .iter()
+                .find(|c| c.path == DAEMON_JSON)
+                .map(|c| removed_or_changed_keys(c.before.as_deref(), c.after.as_deref()))
+                .unwrap_or_default()
+        };
+        if !cx.selected && keys.is_empty() {
+            return None;
+        }
+        let other = cx
+            .changes
+            .iter()
+            .filter(|c| c.changed())
+            .any(|c| c.path == HOSTS || c.path.starts_with(DOCKER_CERTS_D));
+        let d = decide_docker_action(&keys, other, cx.docker_action, cx.planned.live_restore);
+        Some(Step {
+            service: Service::Docker,
+            action: d.action,
+            dry_run_reason: Some(d.reason.clone()),
+            reason: d.reason,
+        })
+    }
+
+    /// dockerd's reload applies only keys present in daemon.json: when
+    /// revert removes `registry-mirrors` entirely, a plain SIGHUP would
+    /// leave the proxy mirror in the running daemon. So the file is first
+    /// written with the removed keys set to `[]`, dockerd reloaded, and
+    /// after `reload_settle` the exact original is put back.
+    fn before_revert(&self, cx: &mut BeforeRevert<'_, '_>) -> Result<bool, AgentError> {
+        let Some(c) = cx
+            .changes
+            .iter_mut()
+            .find(|c| c.path == DAEMON_JSON && c.changed())
+        else {
+            return Ok(false);
+        };
+        let keys = removed_or_changed_keys(c.before.as_deref(), c.after.as_deref());
+        let after_map = c
+            .after
+            .as_deref()
+            .map(daemon_json::parse)
+            .transpose()
+            .map_err(AgentError::patch(DAEMON_JSON))?
+            .unwrap_or_default();
+        let cleared: Vec<&str> = keys
+            .iter()
+            .map(String::as_str)
+            .filter(|k| RELOADABLE_KEYS.contains(k))
+            .filter(|k| !after_map.contains_key(*k))
+            .collect();
+        if cleared.is_empty() {
+            return Ok(false);
+        }
+        let mut interim = after_map.clone();
+        for k in &cleared {
+            interim.insert((*k).to_string(), serde_json::Value::Array(Vec::new()));
+        }
+        let bytes =
+            serde_json::to_vec_pretty(&serde_json::Value::Object(interim)).map_err(|source| {
+                AgentError::Json {
+                    what: format!("{DAEMON_JSON} (interim)"),
+                    source,
+                }
+            })?;
+        cx.root.write_atomic(DAEMON_JSON, &bytes, FILE_MODE)?;
+        let settle = cx.actor.act(&Step {
+            service: Service::Docker,
+            action: Action::Reload,
+            reason: format!(
+                "clearing {} before daemon.json is restored",
+                cleared.join(", ")
+            ),
+            dry_run_reason: None,
+        });
+        if settle {
+            std::thread::sleep(cx.reload_settle);
+        }
+        c.before = Some(bytes);
+        Ok(true)
+    }
+
+    fn after_revert(&self, changes: &[Change]) -> Option<Step> {
+        let c = changes
+            .iter()
+            .find(|c| c.path == DAEMON_JSON && c.changed())?;
+        let keys = removed_or_changed_keys(c.before.as_deref(), c.after.as_deref());
+        let reason = format!(
+            "{} changed",
+            keys.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+        Some(Step {
+            service: Service::Docker,
+            action: Action::Reload,
+            dry_run_reason: Some(reason.clone()),
+            reason,
+        })
+    }
+}
+
+/// daemon.json keys present in `before` and different (or gone) in
+/// `after`.
+fn removed_or_changed_keys(before: Option<&[u8]>, after: Option<&[u8]>) -> BTreeSet<String> {
+    let b = before
+        .and_then(|b| daemon_json::parse(b).ok())
+        .unwrap_or_default();
+    let a = after
+        .and_then(|a| daemon_json::parse(a).ok())
+        .unwrap_or_default();
+    b.keys()
+        .chain(a.keys())
+        .filter(|k| b.get(*k) != a.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// `--docker-action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DockerActionArg {
+    /// What the change needs (a restart only with live-restore on).
+    Auto,
+    /// At most a reload (SIGHUP), whatever changed.
+    Reload,
+    /// Restart dockerd when daemon.json changed, even without live-restore.
+    Restart,
+    /// Never touch dockerd; print what it would need.
+    None,
+}
+
+/// An action and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    pub reason: String,
+}
+
+/// daemon.json keys dockerd re-reads on SIGHUP.
+pub const RELOADABLE_KEYS: &[&str] = &[
+    REGISTRY_MIRRORS,
+    INSECURE_REGISTRIES,
+    "live-restore",
+    "debug",
+    "labels",
+    "max-concurrent-downloads",
+    "max-concurrent-uploads",
+    "max-download-attempts",
+    "shutdown-timeout",
+    "default-runtime",
+    "runtimes",
+    "allow-nondistributable-artifacts",
+];
+
+/// What dockerd needs after a change: nothing for `/etc/hosts` and
+/// certs.d (re-read on use), SIGHUP for reloadable daemon.json keys, a
+/// restart for anything else, as `--docker-action` allows. Without
+/// live-restore a restart would stop every container, so `auto` does not
+/// restart then and says so.
+pub fn decide_docker_action(
+    changed_keys: &BTreeSet<String>,
+    other_changes: bool,
+    arg: DockerActionArg,
+    live_restore: bool,
+) -> Decision {
+    let keys = changed_keys.iter().cloned().collect::<Vec<_>>().join(", ");
+    let needed = if changed_keys.is_empty() {
+        Action::Nothing
+    } else if changed_keys
+        .iter()
+        .all(|k| RELOADABLE_KEYS.contains(&k.as_str()))
+    {
+        Action::Reload
+    } else {
+        Action::Restart
+    };
+    let d = |action, reason: String| Decision { action, reason };
+    match (needed, arg) {
+        (Action::Nothing, _) if other_changes => d(
+            Action::Nothing,
+            "only /etc/hosts and certs.d changed; dockerd re-reads them on use".into(),
+        ),
+        (Action::Nothing, _) => d(Action::Nothing, "no dockerd setting changed".into()),
+        (_, DockerActionArg::None) => d(
+            Action::Nothing,
+            format!(
+                "{keys} changed; --docker-action none: dockerd needs a {} to use it",
+                if needed == Action::Reload {
+                    "reload (SIGHUP)"
+                } else {
+                    "restart"
+                }
+            ),
+        ),
+        (_, DockerActionArg::Restart) => d(
+            Action::Restart,
+            format!("{keys} changed; restart requested (--docker-action restart)"),
+        ),
+        (Action::Restart, DockerActionArg::Reload) => d(
+            Action::Reload,
+            format!(
+                "{keys} changed; --docker-action reload: settings outside SIGHUP's reach wait for the next restart"
+            ),
+        ),
+        (Action::Reload, _) => d(Action::Reload, format!("{keys} changed (reloadable)")),
+        (Action::Restart, _) if !live_restore => d(
+            Action::Nothing,
+            format!(
+                "{keys} changed and need a restart, but live-restore is off: restarting dockerd would stop every container. Restart it yourself, or pass --docker-action restart"
+            ),
+        ),
+        (Action::Restart, _) => d(
+            Action::Restart,
+            format!("{keys} changed (needs a restart; live-restore is on)"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(k: &[&str]) -> BTreeSet<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn docker_action_table() {
+        use Action::*;
+        use DockerActionArg as A;
+        let mirrors = keys(&[REGISTRY_MIRRORS]);
+        let other = keys(&["storage-driver"]);
+        let none = keys(&[]);
+        for (changed, others, arg, live, want) in [
+            (&none, true, A::Auto, false, Nothing),
+            (&none, false, A::Restart, true, Nothing),
+            (&mirrors, false, A::Auto, false, Reload),
+            (&mirrors, false, A::Reload, false, Reload),
+            (&mirrors, false, A::Restart, false, Restart),
+            (&mirrors, false, A::None, true, Nothing),
+            (&other, false, A::Auto, false, Nothing),
+            (&other, false, A::Auto, true, Restart),
+            (&other, false, A::Reload, false, Reload),
+            (&other, false, A::Restart, false, Restart),
+        ] {
+            let d = decide_docker_action(changed, others, arg, live);
+            assert_eq!(
+                d.action, want,
+                "{changed:?} {arg:?} live={live}: {}",
+                d.reason
+            );
+        }
+        let d = decide_docker_action(&other, false, A::Auto, false);
+        assert!(d.reason.contains("live-restore is off"), "{}", d.reason);
+        let d = decide_docker_action(&none, true, A::Auto, false);
+        assert!(d.reason.contains("re-reads"), "{}", d.reason);
+    }
+}

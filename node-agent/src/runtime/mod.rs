@@ -1,0 +1,253 @@
+//! The node's container runtimes. Each one is a type behind [`Runtime`]
+//! (`docker.rs`, `containerd.rs`, `crio.rs`): how it is detected, which
+//! files it wants (its plan), and what its daemon needs once they changed.
+//! The engine only walks [`RuntimeKind::ALL`]; it never asks which runtime
+//! it holds. The executor that reloads or restarts daemons is in `exec.rs`.
+
+pub mod containerd;
+pub mod crio;
+pub mod docker;
+pub mod exec;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use crate::config::AgentConfig;
+use crate::engine::ApplyOptions;
+use crate::engine::plan::{Change, Planner};
+use crate::error::AgentError;
+use crate::fsio::Root;
+
+pub use docker::{DockerActionArg, RELOADABLE_KEYS};
+pub use exec::{Executor, Outcome, RecordingExecutor, Rejected, Service, SystemExecutor};
+
+/// A runtime the agent configures, by name (flags, options, the state).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RuntimeKind {
+    /// dockerd: `/etc/hosts`, daemon.json, `/etc/docker/certs.d`.
+    Docker,
+    /// containerd (CRI): config_path + hosts.toml.
+    Containerd,
+    /// CRI-O and podman: registries.conf.d drop-in + certs.d.
+    Crio,
+}
+
+impl RuntimeKind {
+    /// Every runtime, in the order the engine plans and acts on them.
+    pub const ALL: [RuntimeKind; 3] = [
+        RuntimeKind::Docker,
+        RuntimeKind::Containerd,
+        RuntimeKind::Crio,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Docker => "docker",
+            RuntimeKind::Containerd => "containerd",
+            RuntimeKind::Crio => "crio",
+        }
+    }
+
+    /// The runtime's implementation.
+    pub fn runtime(self) -> &'static dyn Runtime {
+        match self {
+            RuntimeKind::Docker => &docker::Docker,
+            RuntimeKind::Containerd => &containerd::Containerd,
+            RuntimeKind::Crio => &crio::Crio,
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What to do with a daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Nothing,
+    Reload,
+    Restart,
+}
+
+impl Action {
+    /// How the action reads in a report line.
+    pub fn word(self) -> &'static str {
+        match self {
+            Action::Nothing => "do nothing",
+            Action::Reload => "reload (SIGHUP)",
+            Action::Restart => "restart",
+        }
+    }
+}
+
+/// A daemon action the engine carries out after the files changed (or
+/// prints, in a dry run).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub service: Service,
+    pub action: Action,
+    pub reason: String,
+    /// What a dry run says about it; `None`: a dry run does not mention it.
+    pub dry_run_reason: Option<String>,
+}
+
+/// What detection found under the root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Detection {
+    Absent,
+    /// Installed; the path that shows it.
+    Found(&'static str),
+    /// Installed but not to be configured; the line saying why.
+    Skipped(String),
+}
+
+/// What every runtime's plan step is given.
+pub struct PlanInput<'a> {
+    pub cfg: &'a AgentConfig,
+    pub opts: &'a ApplyOptions,
+    /// The proxy CA as the runtimes' trust files hold it (TLS mode).
+    pub ca: Option<&'a [u8]>,
+}
+
+/// What a plan step found out that its after-apply step needs: the
+/// daemon's decision depends on what the patchers saw, not only on which
+/// files changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Planned {
+    /// Lines printed before the changes (why something was left out).
+    pub notes: Vec<String>,
+    /// Daemon settings whose value changes (dockerd's daemon.json keys).
+    pub changed_keys: BTreeSet<String>,
+    /// dockerd keeps containers across a restart (live-restore).
+    pub live_restore: bool,
+    /// A change only a restart picks up (containerd's new config_path).
+    pub restart_needed: bool,
+}
+
+/// What an after-apply step looks at.
+pub struct AfterApply<'a> {
+    /// The runtime was configured by this apply; otherwise only files it
+    /// owned from an earlier apply may have been undone.
+    pub selected: bool,
+    /// Its plan step's findings (default when it was not selected).
+    pub planned: &'a Planned,
+    /// Every planned change, stale files included, changed or not.
+    pub changes: &'a [Change],
+    pub docker_action: DockerActionArg,
+}
+
+/// What the engine does with the daemons around a revert.
+pub struct BeforeRevert<'a, 'b> {
+    pub root: &'a Root,
+    /// Every file the revert restores or removes; a runtime may write an
+    /// interim version first (and must then record it as `before`).
+    pub changes: &'a mut [Change],
+    pub actor: &'a mut crate::engine::Actor<'b>,
+    pub reload_settle: std::time::Duration,
+}
+
+/// One container runtime: what it is told and how it is told.
+pub trait Runtime: Sync {
+    fn kind(&self) -> RuntimeKind;
+
+    /// Paths whose presence under the root shows the runtime is installed.
+    fn evidence(&self) -> &'static [&'static str];
+
+    /// Whether the runtime is installed and should be configured.
+    fn detect(&self, root: &Root) -> Result<Detection, AgentError> {
+        Ok(first_present(root, self.evidence()).map_or(Detection::Absent, Detection::Found))
+    }
+
+    /// Stages every file this runtime wants into the plan; nothing is
+    /// written yet, and a patcher's refusal stops the whole apply.
+    fn plan(
+        &self,
+        input: &PlanInput<'_>,
+        pl: &mut Planner<'_>,
+        exec: &mut dyn Executor,
+    ) -> Result<Planned, AgentError>;
+
+    /// What the daemon needs once the planned changes are written.
+    fn after_apply(&self, cx: &AfterApply<'_>) -> Option<Step>;
+
+    /// Acts before a revert writes its files; `true` when the daemon has
+    /// been dealt with and [`Runtime::after_revert`] is not needed.
+    fn before_revert(&self, _cx: &mut BeforeRevert<'_, '_>) -> Result<bool, AgentError> {
+        Ok(false)
+    }
+
+    /// What the daemon needs once a revert restored its files.
+    fn after_revert(&self, _changes: &[Change]) -> Option<Step> {
+        None
+    }
+}
+
+fn first_present(root: &Root, paths: &'static [&'static str]) -> Option<&'static str> {
+    paths.iter().find(|p| root.exists(p)).copied()
+}
+
+/// The runtimes with files present under the root, each with the path
+/// that shows it.
+pub fn detect(root: &Root) -> Vec<(RuntimeKind, &'static str)> {
+    RuntimeKind::ALL
+        .iter()
+        .filter_map(|&k| first_present(root, k.runtime().evidence()).map(|p| (k, p)))
+        .collect()
+}
+
+/// Which runtimes to configure: those asked for, or those detected (with
+/// a line each saying why).
+pub fn select(
+    root: &Root,
+    requested: Option<&[RuntimeKind]>,
+    notes: &mut Vec<String>,
+) -> Result<Vec<RuntimeKind>, AgentError> {
+    if let Some(list) = requested {
+        let mut l = list.to_vec();
+        l.sort();
+        l.dedup();
+        return Ok(l);
+    }
+    let mut found = Vec::new();
+    for kind in RuntimeKind::ALL {
+        match kind.runtime().detect(root)? {
+            Detection::Absent => {}
+            Detection::Skipped(why) => notes.push(why),
+            Detection::Found(evidence) => {
+                notes.push(format!("{kind}: detected ({evidence})"));
+                found.push(kind);
+            }
+        }
+    }
+    if found.is_empty() {
+        return Err(AgentError::NoRuntime {
+            root: root.dir().to_path_buf(),
+        });
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_runtimes_by_their_files() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        assert!(detect(&root).is_empty());
+        std::fs::create_dir_all(t.path().join("etc/docker")).unwrap();
+        std::fs::create_dir_all(t.path().join("run/containerd")).unwrap();
+        std::fs::write(t.path().join("run/containerd/containerd.sock"), b"").unwrap();
+        assert_eq!(
+            detect(&root),
+            [
+                (RuntimeKind::Docker, "/etc/docker"),
+                (RuntimeKind::Containerd, "/run/containerd/containerd.sock")
+            ]
+        );
+    }
+}
