@@ -151,54 +151,52 @@ impl Root {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let existing = fs::metadata(&path).ok();
-        let tmp = dir.join(format!(".{name}.pullthrough-tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(mode)
-                .open(&tmp)
-                .map_err(fs_err(host, "creating temp file"))?;
-            f.write_all(bytes)
-                .map_err(fs_err(host, "writing temp file"))?;
-            if let Some(m) = &existing {
-                // Owner first: chown clears setuid bits, chmod restores them.
-                let made = f.metadata().map_err(fs_err(host, "stat temp file"))?;
-                if m.uid() != made.uid() || m.gid() != made.gid() {
-                    std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid()))
-                        .map_err(fs_err(host, "keeping owner"))?;
-                }
-                f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
-                    .map_err(fs_err(host, "keeping mode"))?;
-            } else {
-                f.set_permissions(fs::Permissions::from_mode(mode))
-                    .map_err(fs_err(host, "setting mode"))?;
+        // A random name created with O_EXCL: a link planted where the temp
+        // file will be is never followed, and the name cannot be guessed.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(&format!(".{name}.pullthrough-tmp."))
+            .rand_bytes(12)
+            .permissions(fs::Permissions::from_mode(mode))
+            .tempfile_in(&dir)
+            .map_err(fs_err(host, "creating temp file"))?;
+        let f = tmp.as_file_mut();
+        f.write_all(bytes)
+            .map_err(fs_err(host, "writing temp file"))?;
+        if let Some(m) = &existing {
+            // Owner first: chown clears setuid bits, chmod restores them.
+            let made = f.metadata().map_err(fs_err(host, "stat temp file"))?;
+            if m.uid() != made.uid() || m.gid() != made.gid() {
+                std::os::unix::fs::fchown(&*f, Some(m.uid()), Some(m.gid()))
+                    .map_err(fs_err(host, "keeping owner"))?;
             }
-            f.sync_all().map_err(fs_err(host, "fsync"))?;
-            drop(f);
-            match fs::rename(&tmp, &path) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
-                    let _ = fs::remove_file(&tmp);
-                    let mut f = OpenOptions::new()
-                        .write(true)
-                        .truncate(true)
-                        .open(&path)
-                        .map_err(fs_err(host, "opening bind-mounted file"))?;
-                    f.write_all(bytes)
-                        .map_err(fs_err(host, "writing bind-mounted file"))?;
-                    f.sync_all().map_err(fs_err(host, "fsync"))?;
-                }
-                Err(e) => return Err(fs_err(host, "renaming into place")(e)),
-            }
-            sync_dir(&dir).map_err(fs_err(host, "fsync directory"))?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+            f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
+                .map_err(fs_err(host, "keeping mode"))?;
+        } else {
+            f.set_permissions(fs::Permissions::from_mode(mode))
+                .map_err(fs_err(host, "setting mode"))?;
         }
-        result
+        f.sync_all().map_err(fs_err(host, "fsync"))?;
+        // rename(2) replaces a link at the target itself, never its target.
+        match tmp.persist(&path) {
+            Ok(_) => {}
+            Err(e) if e.error.raw_os_error() == Some(nix::libc::EBUSY) => {
+                drop(e.file); // removes the temp file
+                // O_NOFOLLOW: a link swapped in for the bind-mounted file
+                // since it was resolved is refused, not written through.
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .truncate(true)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&path)
+                    .map_err(fs_err(host, "opening bind-mounted file"))?;
+                f.write_all(bytes)
+                    .map_err(fs_err(host, "writing bind-mounted file"))?;
+                f.sync_all().map_err(fs_err(host, "fsync"))?;
+            }
+            Err(e) => return Err(fs_err(host, "renaming into place")(e.error)),
+        }
+        sync_dir(&dir).map_err(fs_err(host, "fsync directory"))?;
+        Ok(())
     }
 
     /// Removes a file (fine when already gone) and syncs its directory.
@@ -325,6 +323,73 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// Issue #10, point 13: the old temp name was `.<name>.pullthrough-tmp.<pid>`,
+    /// opened without O_EXCL, so a link planted there by anyone who can
+    /// write the directory redirected the write anywhere on the agent's
+    /// own filesystem. Plant such links (and a dangling one) for this pid:
+    /// none is written through, and the file lands where it belongs.
+    #[test]
+    fn planted_temp_links_are_never_written_through() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let root = Root::new(t.path());
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        let pid = std::process::id();
+        symlink(
+            &victim,
+            t.path().join(format!("etc/.hosts.pullthrough-tmp.{pid}")),
+        )
+        .unwrap();
+        let dangling = outside.path().join("created-through-a-link");
+        symlink(
+            &dangling,
+            t.path().join(format!("etc/.fresh.pullthrough-tmp.{pid}")),
+        )
+        .unwrap();
+        root.write_atomic("/etc/hosts", b"new", FILE_MODE).unwrap();
+        root.write_atomic("/etc/fresh", b"x", FILE_MODE).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!dangling.exists());
+        assert_eq!(fs::read(t.path().join("etc/hosts")).unwrap(), b"new");
+        assert_eq!(fs::read(t.path().join("etc/fresh")).unwrap(), b"x");
+    }
+
+    /// A target that is a link to an absolute path is followed inside the
+    /// root (as the host would see it), never to the same path in the
+    /// agent's own filesystem.
+    #[test]
+    fn a_linked_target_is_written_inside_the_root() {
+        let t = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        let root = Root::new(t.path());
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        symlink(&victim, t.path().join("etc/daemon.json")).unwrap();
+        // The link's target does not exist under the root: a clear error
+        // naming the host path, and nothing written outside.
+        let e = root
+            .write_atomic("/etc/daemon.json", b"{}", FILE_MODE)
+            .unwrap_err();
+        assert_eq!(e.path, "/etc/daemon.json");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        // Once it does, that is the file written.
+        let inside = t.path().join(victim.strip_prefix("/").unwrap());
+        fs::create_dir_all(inside.parent().unwrap()).unwrap();
+        root.write_atomic("/etc/daemon.json", b"{}", FILE_MODE)
+            .unwrap();
+        assert_eq!(fs::read(&inside).unwrap(), b"{}");
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(
+            fs::symlink_metadata(t.path().join("etc/daemon.json"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
     }
 
     #[test]

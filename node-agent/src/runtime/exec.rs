@@ -2,7 +2,8 @@
 //! its pid file, or systemctl in the host's namespaces), behind a trait so
 //! tests record the calls instead of signalling anything.
 
-use std::path::{Path, PathBuf};
+use std::io::Write as _;
+use std::path::Path;
 use std::process::Command;
 
 use nix::sys::signal::{Signal, kill};
@@ -223,14 +224,20 @@ impl Executor for SystemExecutor {
         .iter()
         .filter_map(|p| self.root.resolve(p).ok())
         .find(|p| p.is_file())?;
-        let tmp = tempfile_path();
-        std::fs::write(&tmp, bytes).ok()?;
+        // Random name, O_EXCL: on a plain host /tmp is world-writable, and
+        // a guessable name there would let anyone plant a link this root
+        // process writes through. Removed on drop.
+        let mut tmp = tempfile::Builder::new()
+            .prefix("pullthrough-agent-daemon-json.")
+            .suffix(".json")
+            .tempfile()
+            .ok()?;
+        tmp.write_all(bytes).ok()?;
         let out = Command::new(&bin)
             .args(["--validate", "--config-file"])
-            .arg(&tmp)
-            .output();
-        let _ = std::fs::remove_file(&tmp);
-        let out = out.ok()?;
+            .arg(tmp.path())
+            .output()
+            .ok()?;
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
             return Some(Ok(()));
@@ -244,13 +251,6 @@ impl Executor for SystemExecutor {
         }
         Some(Err(Rejected(stderr.trim().to_string())))
     }
-}
-
-fn tempfile_path() -> PathBuf {
-    std::env::temp_dir().join(format!(
-        "pullthrough-agent-daemon-json.{}.json",
-        std::process::id()
-    ))
 }
 
 /// Records what would have been done (tests, `--dry-run`).
