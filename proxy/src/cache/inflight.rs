@@ -191,8 +191,13 @@ impl Inflight {
         }
     }
 
+    /// Downloads in progress (admin status).
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Reserves `size` bytes for a download if `fits(already_reserved)`
