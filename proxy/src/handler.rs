@@ -13,7 +13,6 @@ use hyper::body::Incoming;
 use pullthrough_api::config::{ProxyConfig, RegistryConfig};
 use tokio::sync::mpsc;
 
-use crate::access_log::{CacheResult, Kind, Logged, Record};
 use crate::auth::{AccessGrants, AnonymousTokens, client_key, parse_bearer};
 use crate::body::{self, Body};
 use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Role, Stream};
@@ -21,7 +20,9 @@ use crate::cache::repos::RepoIndex;
 use crate::cache::store::{BlobMeta, BlobStore, CachedBlob, StoreError, is_disk_full};
 use crate::cache::tags::{TagCache, TagEntry};
 use crate::config::Settings;
-use crate::metrics::{AuthResult, Metrics};
+use crate::observe::access_log::{Logged, Record};
+use crate::observe::labels::{CacheResult, Kind};
+use crate::observe::metrics::{AuthResult, Metrics};
 use crate::oci::{self, Digest, ErrorCode, Reference};
 use crate::route::{ApiRequest, Router, Target, Via};
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};

@@ -13,7 +13,6 @@ use clap::Parser;
 use pullthrough_api::config::ProxyConfig;
 use tokio::sync::watch;
 
-pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod body;
@@ -22,7 +21,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod handler;
-pub mod metrics;
+pub mod observe;
 pub mod oci;
 pub mod route;
 pub mod server;
@@ -140,7 +139,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     };
 
     let listen = config.listen.clone();
-    let metrics = Arc::new(metrics::Metrics::default());
+    let metrics = Arc::new(observe::metrics::Metrics::default());
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {
             config,

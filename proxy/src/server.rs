@@ -113,9 +113,11 @@ fn service(
     sni: Option<Arc<str>>,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
-    Response = http::Response<crate::access_log::Logged>,
+    Response = http::Response<crate::observe::access_log::Logged>,
     Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<crate::access_log::Logged>, Infallible>> + Send,
+    Future = impl Future<
+        Output = Result<http::Response<crate::observe::access_log::Logged>, Infallible>,
+    > + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
         let shared = shared.clone();
