@@ -161,101 +161,6 @@ impl AnonymousTokens {
     }
 }
 
-/// How long "anyone may read this repository" is trusted. Public content is
-/// then served to every client with no upstream contact at all, which is
-/// what keeps by-digest pulls working through an outage.
-pub const PUBLIC_TTL: Duration = Duration::from_secs(3600);
-
-/// Entries kept before expired ones are swept out.
-const MAX_GRANTS: usize = 10_000;
-
-/// Which clients the upstream recently let read a repository, so the cache
-/// (one copy per digest, shared by everyone) serves a private repository's
-/// content only to clients the upstream currently authorises (DESIGN.md,
-/// Cache semantics). Keyed by registry, repository and a hash of the
-/// client's Authorization header (empty for none), so credentials are
-/// never kept in memory as such.
-#[derive(Debug, Default)]
-pub struct AccessGrants {
-    grants: Mutex<HashMap<(String, String, String), Instant>>,
-    /// Repositories a client without credentials was allowed to read, and
-    /// the basis it read them on: `""` anonymously, else the fingerprint
-    /// of the proxy's `credentialsFile` credentials it was served with.
-    public: Mutex<HashMap<(String, String), (Instant, String)>>,
-}
-
-/// The grant key of a client: sha256 of its Authorization header, or ""
-/// for a client without one.
-pub fn client_key(headers: &HeaderMap) -> String {
-    use sha2::Digest as _;
-    headers
-        .get(http::header::AUTHORIZATION)
-        .map(|v| hex::encode(sha2::Sha256::digest(v.as_bytes())))
-        .unwrap_or_default()
-}
-
-impl AccessGrants {
-    /// True when the upstream let `client` read `repo` within `ttl`
-    /// (`authCheckTTL`, default 60 s).
-    pub fn allowed(&self, registry: &str, repo: &str, client: &str, ttl: Duration) -> bool {
-        let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        grants
-            .get(&(registry.to_string(), repo.to_string(), client.to_string()))
-            .is_some_and(|at| at.elapsed() < ttl)
-    }
-
-    /// Records that the upstream let `client` read `repo`, without ever
-    /// making the repository public (registries marked `private`).
-    pub fn grant_client(&self, registry: &str, repo: &str, client: &str) {
-        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        if grants.len() >= MAX_GRANTS {
-            grants.retain(|_, at| at.elapsed() < PUBLIC_TTL);
-        }
-        grants.insert(
-            (registry.to_string(), repo.to_string(), client.to_string()),
-            Instant::now(),
-        );
-    }
-
-    /// True when a client without credentials could read `repo` within
-    /// [`PUBLIC_TTL`], anonymously or on `basis` (the fingerprint of the
-    /// proxy's credentials now configured for the registry, `""` for none):
-    /// content learnt readable with other credentials does not count.
-    pub fn is_public(&self, registry: &str, repo: &str, basis: &str) -> bool {
-        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-        public
-            .get(&(registry.to_string(), repo.to_string()))
-            .is_some_and(|(at, how)| at.elapsed() < PUBLIC_TTL && (how.is_empty() || how == basis))
-    }
-
-    /// Records that the upstream just let `client` read `repo`; a client
-    /// without credentials (`""`) makes the repository public on `basis`
-    /// (see [`Self::is_public`]). Such a client is then judged by
-    /// [`Self::is_public`] alone, so no per-client grant is kept for it
-    /// that would outlive a change of basis.
-    pub fn grant(&self, registry: &str, repo: &str, client: &str, basis: &str) {
-        if client.is_empty() {
-            let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-            if public.len() >= MAX_GRANTS {
-                public.retain(|_, (at, _)| at.elapsed() < PUBLIC_TTL);
-            }
-            public.insert(
-                (registry.to_string(), repo.to_string()),
-                (Instant::now(), basis.to_string()),
-            );
-            return;
-        }
-        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        if grants.len() >= MAX_GRANTS {
-            grants.retain(|_, at| at.elapsed() < PUBLIC_TTL);
-        }
-        grants.insert(
-            (registry.to_string(), repo.to_string(), client.to_string()),
-            Instant::now(),
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,25 +182,6 @@ mod tests {
         assert_eq!(c.scope, None);
         assert_eq!(parse_bearer(r#"Basic realm="x""#), None);
         assert_eq!(parse_bearer(r#"Bearer service="x""#), None);
-    }
-
-    #[test]
-    fn public_grants_hold_only_on_their_basis() {
-        let g = AccessGrants::default();
-        g.grant("r", "anon/repo", "", "");
-        g.grant("r", "creds/repo", "", "fp1");
-        // Anonymously readable: readable whatever the proxy's credentials.
-        assert!(g.is_public("r", "anon/repo", ""));
-        assert!(g.is_public("r", "anon/repo", "fp2"));
-        // Read with credentials fp1: only while fp1 is configured.
-        assert!(g.is_public("r", "creds/repo", "fp1"));
-        assert!(!g.is_public("r", "creds/repo", "fp2"));
-        assert!(!g.is_public("r", "creds/repo", ""));
-        // A client without credentials gets no per-client grant that
-        // would outlive its basis.
-        assert!(!g.allowed("r", "creds/repo", "", Duration::from_secs(60)));
-        g.grant("r", "creds/repo", "client-hash", "fp1");
-        assert!(g.allowed("r", "creds/repo", "client-hash", Duration::from_secs(60)));
     }
 
     #[test]

@@ -15,14 +15,14 @@ use tokio::sync::watch;
 
 pub mod admin;
 pub mod auth;
-pub mod body;
 pub mod cache;
 pub mod config;
 pub mod credentials;
 pub mod error;
-pub mod handler;
+pub mod http;
 pub mod observe;
 pub mod oci;
+pub mod pipeline;
 pub mod route;
 pub mod server;
 #[cfg(test)]
@@ -31,7 +31,7 @@ pub mod tls;
 pub mod upstream;
 
 pub use error::Error;
-use handler::{Shared, State};
+use pipeline::{Shared, State};
 
 /// Caching proxy for the OCI distribution pull API.
 ///

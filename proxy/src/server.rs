@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::handler::{self, Shared};
+use crate::pipeline::{self, Shared};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -122,7 +122,7 @@ fn service(
     hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let sni = sni.clone();
-        async move { Ok::<_, Infallible>(handler::handle(shared, req, sni).await) }
+        async move { Ok::<_, Infallible>(pipeline::handle(shared, req, sni).await) }
     })
 }
 

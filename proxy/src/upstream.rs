@@ -141,7 +141,7 @@ pub struct UpstreamResponse {
 /// A pooled HTTP/1.1 + HTTP/2 client for one registry; cheap to clone.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<Connector, crate::body::Body>,
+    client: Client<Connector, crate::http::body::Body>,
     connect_timeout: Duration,
     read_timeout: Duration,
 }
@@ -285,7 +285,7 @@ impl UpstreamClient {
         method: Method,
         url: Uri,
         headers: HeaderMap,
-        body: crate::body::Body,
+        body: crate::http::body::Body,
     ) -> Result<Response<Incoming>, UpstreamError> {
         Origin::of(&url).map_err(|reason| UpstreamError::BadUrl {
             url: url.to_string(),
@@ -312,7 +312,7 @@ impl UpstreamClient {
         url: &Uri,
         headers: &HeaderMap,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut request = Request::new(crate::body::empty());
+        let mut request = Request::new(crate::http::body::empty());
         *request.method_mut() = method.clone();
         *request.uri_mut() = url.clone();
         *request.headers_mut() = headers.clone();

@@ -38,7 +38,7 @@ use hyper::body::Frame;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use crate::body::Body;
+use crate::http::body::Body;
 use crate::oci::Digest;
 
 /// Largest chunk a waiter reads from the temp file at once.

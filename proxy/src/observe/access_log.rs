@@ -12,7 +12,7 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
 use super::labels::{CacheResult, Kind};
 use super::metrics::Metrics;
-use crate::body::Body;
+use crate::http::body::Body;
 
 /// The fields of one access-log line.
 #[derive(Debug, Clone)]
