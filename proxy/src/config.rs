@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use pullthrough_api::config::{ConfigError, ProxyConfig};
 
-use crate::credentials::{CredentialsFileError, RegistryCredentials};
+use crate::upstream::credentials::{CredentialsFileError, RegistryCredentials};
 
 /// The config used when no `--config` is given.
 pub const DEFAULT_CONFIG: &str = include_str!("default-config.yaml");

@@ -14,10 +14,8 @@ use pullthrough_api::config::ProxyConfig;
 use tokio::sync::watch;
 
 pub mod admin;
-pub mod auth;
 pub mod cache;
 pub mod config;
-pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod observe;

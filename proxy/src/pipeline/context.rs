@@ -10,10 +10,10 @@ use http::{Method, StatusCode, Uri};
 use pullthrough_api::config::RegistryConfig;
 
 use super::{HandlerError, Shared, State, parse_url};
-use crate::auth::parse_bearer;
 use crate::config::RegistrySettings;
 use crate::http::headers::insert_bearer;
 use crate::route::Via;
+use crate::upstream::token::parse_bearer;
 use crate::upstream::{UpstreamClient, UpstreamResponse};
 
 pub(crate) struct Ctx<'a> {
@@ -46,9 +46,9 @@ impl Ctx<'_> {
 
     /// Sends to the upstream. A client without credentials is
     /// authenticated with the registry's `credentialsFile` (see
-    /// [`crate::credentials`]), or else gets the proxy's anonymous token
+    /// [`crate::upstream::credentials`]), or else gets the proxy's anonymous token
     /// for the repository when the upstream challenges (see
-    /// [`crate::auth`]). A client's own credentials go as they are.
+    /// [`crate::upstream::token`]). A client's own credentials go as they are.
     pub(crate) async fn send(
         &self,
         method: Method,

@@ -25,7 +25,6 @@ use pullthrough_api::config::ProxyConfig;
 pub use access::{AccessGrants, PUBLIC_TTL, client_key};
 use context::Ctx;
 
-use crate::auth::AnonymousTokens;
 use crate::cache::inflight::Inflight;
 use crate::cache::repos::RepoIndex;
 use crate::cache::store::{BlobStore, StoreError};
@@ -38,6 +37,7 @@ use crate::observe::labels::{CacheResult, Kind};
 use crate::observe::metrics::Metrics;
 use crate::oci::{self, ErrorCode, Reference};
 use crate::route::{ApiRequest, Router, Target, Via};
+use crate::upstream::AnonymousTokens;
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
 
 /// What one config snapshot needs at request time; swapped whole on reload.
