@@ -285,7 +285,101 @@ impl AnonymousTokens {
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
+    use bytes::Bytes;
+    use http::Response;
+    use http_body_util::Full;
+    use pullthrough_api::config::ProxyConfig;
+
     use super::*;
+    use crate::test_server::TestServer;
+    use crate::upstream::Upstreams;
+
+    fn respond(status: u16, body: &str) -> Response<Full<Bytes>> {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    }
+
+    fn upstreams() -> Upstreams {
+        let config = ProxyConfig::from_yaml(
+            "upstreamTimeouts: {connect: 3s, read: 10s}\n\
+             registries:\n  - host: reg.test\n    upstream: \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        Upstreams::new(&config).unwrap()
+    }
+
+    fn challenge(realm: String) -> Challenge {
+        Challenge {
+            realm,
+            service: Some("reg.test".into()),
+            scope: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn anonymous_tokens_are_fetched_without_credentials_and_kept_per_scope() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |s| {
+            if s.auth().is_some() {
+                return respond(400, "{}");
+            }
+            respond(200, r#"{"token":"anon-1","expires_in":300}"#)
+        })
+        .await;
+        let upstreams = upstreams();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let c = challenge(format!("http://{}/token", realm.addr));
+        let scope = "repository:library/busybox:pull";
+        let got = tokens
+            .fetch(client, "reg.test", &c, Some(scope), Duration::from_secs(5))
+            .await;
+        assert_eq!(got.as_deref(), Some("anon-1"));
+        assert_eq!(tokens.get("reg.test", scope).as_deref(), Some("anon-1"));
+        assert_eq!(tokens.get("reg.test", "repository:other:pull"), None);
+        let seen = realm.seen();
+        assert_eq!(seen.len(), 1);
+        assert!(
+            seen[0].path.contains("service=reg.test"),
+            "{}",
+            seen[0].path
+        );
+        assert!(
+            seen[0]
+                .path
+                .contains("scope=repository%3Alibrary%2Fbusybox%3Apull"),
+            "{}",
+            seen[0].path
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_or_unusable_realms_give_no_anonymous_token() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| respond(401, "{}")).await;
+        let upstreams = upstreams();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let timeout = Duration::from_secs(5);
+        let refused = challenge(format!("http://{}/token", realm.addr));
+        assert_eq!(
+            tokens
+                .fetch(client, "reg.test", &refused, None, timeout)
+                .await,
+            None
+        );
+        let not_http = challenge(format!("ftp://{}/token", realm.addr));
+        assert_eq!(
+            tokens
+                .fetch(client, "reg.test", &not_http, None, timeout)
+                .await,
+            None
+        );
+        assert_eq!(realm.seen().len(), 1, "the ftp realm was not followed");
+    }
 
     #[test]
     fn parses_bearer_challenges() {
