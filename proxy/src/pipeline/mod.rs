@@ -37,8 +37,7 @@ use crate::observe::labels::{CacheResult, Kind};
 use crate::observe::metrics::Metrics;
 use crate::oci::{self, ErrorCode, Reference};
 use crate::route::{ApiRequest, Router, Target, Via};
-use crate::upstream::AnonymousTokens;
-use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
+use crate::upstream::{AnonymousTokens, UpstreamClient, UpstreamError, Upstreams};
 
 /// What one config snapshot needs at request time; swapped whole on reload.
 pub struct State {

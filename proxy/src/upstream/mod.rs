@@ -1,4 +1,9 @@
-//! Upstream HTTP client: TLS settings per registry, DNS that ignores the hosts file, redirects.
+//! Everything that talks to upstream registries: the client ([`client`]:
+//! TLS settings per registry in [`trust`], DNS that ignores the hosts file
+//! in [`resolve`], redirects in [`redirect`]), and authentication towards
+//! them: Bearer tokens from a realm ([`token`], one fetcher for anonymous
+//! and configured tokens) and the registry's `credentialsFile`
+//! ([`credentials`]).
 //!
 //! [`Upstreams`] holds one pooled client per configured registry. Each client
 //! speaks HTTP/1.1 and HTTP/2 (ALPN) over rustls (ring), trusting the webpki
