@@ -15,8 +15,9 @@
 //! files. Every path is built from the validated `Digest` hex, so nothing is
 //! written outside `data_dir`.
 //!
-//! Hashing and file writes run on tokio's blocking pool, in batches of up to
-//! `FLUSH_AT` bytes (see `writer`), so the async workers only copy chunks into a buffer.
+//! Hashing and file writes run on tokio's blocking pool, in batches of up
+//! to 256 KiB (see [`writer`]), so the async workers only copy chunks into
+//! a buffer. The index of committed blobs and eviction are in [`index`].
 
 mod index;
 #[cfg(test)]

@@ -19,7 +19,7 @@ use crate::upstream::{UpstreamClient, UpstreamResponse};
 pub(crate) struct Ctx<'a> {
     pub(crate) shared: &'a Arc<Shared>,
     /// The config snapshot `client` and `registry` come from (owned copies
-    /// let a response body fetch from the upstream later, see `resume`).
+    /// let a response body fetch from the upstream later, see `download::resume`).
     pub(crate) state: &'a Arc<State>,
     pub(crate) client: &'a UpstreamClient,
     pub(crate) settings: RegistrySettings,

@@ -158,7 +158,7 @@ pub(crate) async fn lead(
 /// How this client gets the rest of a blob from the upstream on its own,
 /// with its own credentials, if the shared download is abandoned (the cache
 /// disk filled up mid-way). Holds owned handles: it runs inside the
-/// response body, after the handler returned.
+/// response body, after the pipeline returned.
 pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight::Resume {
     let shared = Arc::clone(ctx.shared);
     let state = Arc::clone(ctx.state);
@@ -323,7 +323,7 @@ pub(crate) async fn download(
         Err(DownloadEnd::Write(err)) => {
             // The disk filled up (or failed) after the download started:
             // stop caching, keep serving. The upstream body is dropped; each
-            // client finishes with its own ranged fetch (see inflight.rs).
+            // client finishes with its own ranged fetch (see `cache::inflight`).
             drop(incoming);
             if is_disk_full(&err) {
                 metrics.disk_full();
