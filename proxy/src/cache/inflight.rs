@@ -71,7 +71,7 @@ pub struct Stream {
 /// The most recently written bytes of a download, kept in memory so that
 /// clients keeping up with it are sent the very buffers that were written
 /// (no read back from the file, no copy); a client that fell behind by
-/// more than [`RECENT_MAX`] reads the file.
+/// more than `RECENT_MAX` reads the file.
 #[derive(Debug, Default)]
 pub struct Recent {
     /// Contiguous batches (offset, bytes), oldest first, and their total.

@@ -16,8 +16,8 @@
 //! written outside `data_dir`.
 //!
 //! Hashing and file writes run on tokio's blocking pool, in batches of up
-//! to 256 KiB (see [`writer`]), so the async workers only copy chunks into
-//! a buffer. The index of committed blobs and eviction are in [`index`].
+//! to 256 KiB (see `writer`), so the async workers only copy chunks into
+//! a buffer. The index of committed blobs and eviction are in `index`.
 
 mod index;
 #[cfg(test)]
@@ -213,17 +213,17 @@ pub struct BlobStore {
 }
 
 impl BlobStore {
-    /// Layout: `<data_dir>/blobs/sha256/<first 2 hex>/<hex>` (+ `<hex>.json`
-    /// meta), temp files in `<data_dir>/tmp/`. Creates the dirs (all 256
-    /// shards up front); removes every leftover temp file (crash recovery)
-    /// and logs how many.
+    /// [`open_with`](Self::open_with) without a size bound.
     #[cfg(test)]
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
         Self::open_with(data_dir, Limits::default()).await
     }
 
-    /// Like [`open`](Self::open), with a size bound; also rebuilds the
-    /// index (size and last access of every blob) from the files.
+    /// Layout: `<data_dir>/blobs/sha256/<first 2 hex>/<hex>` (+ `<hex>.json`
+    /// meta), temp files in `<data_dir>/tmp/`. Creates the dirs (all 256
+    /// shards up front); removes every leftover temp file (crash recovery)
+    /// and logs how many; rebuilds the index (size and last access of
+    /// every blob) from the files.
     pub async fn open_with(data_dir: &Path, limits: Limits) -> Result<Self, StoreError> {
         let layout = Layout {
             blobs: data_dir.join("blobs").join("sha256"),
@@ -363,7 +363,7 @@ impl BlobStore {
 
     /// A committed object of at most `max` bytes, whole, in memory (for
     /// manifests): from the in-memory copy when there is one, else read from
-    /// its file once and kept (up to [`SMALL_MAX`]). `Ok(None)` when it is
+    /// its file once and kept (up to `SMALL_MAX`). `Ok(None)` when it is
     /// not cached or larger than `max` (use [`lookup`](Self::lookup)).
     /// Refreshes the last access like `lookup`.
     pub async fn lookup_small(

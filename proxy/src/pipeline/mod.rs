@@ -1,9 +1,9 @@
 //! The request pipeline: route the request, check the client may read
 //! what the cache holds, then answer from the cache or fetch from the
-//! upstream while caching. One step per module: [`manifest`] (by digest),
-//! [`tags`] (by tag, stale-if-error), [`blob`] and [`download`] (merged
-//! misses), [`push`] (writes relayed uncached), [`access`] (the auth gate
-//! before cached content is served); [`context`] sends to the upstream.
+//! upstream while caching. One step per module: `manifest` (by digest),
+//! `tags` (by tag, stale-if-error), `blob` and `download` (merged
+//! misses), `push` (writes relayed uncached), `access` (the auth gate
+//! before cached content is served); `context` sends to the upstream.
 
 mod access;
 mod blob;

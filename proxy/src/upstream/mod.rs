@@ -1,6 +1,6 @@
-//! Everything that talks to upstream registries: the client ([`client`]:
-//! TLS settings per registry in [`trust`], DNS that ignores the hosts file
-//! in [`resolve`], redirects in [`redirect`]), and authentication towards
+//! Everything that talks to upstream registries: the client (`client`:
+//! TLS settings per registry in `trust`, DNS that ignores the hosts file
+//! in `resolve`, redirects in `redirect`), and authentication towards
 //! them: Bearer tokens from a realm ([`token`], one fetcher for anonymous
 //! and configured tokens) and the registry's `credentialsFile`
 //! ([`credentials`]).

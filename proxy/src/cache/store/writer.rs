@@ -107,7 +107,7 @@ impl std::fmt::Debug for BlobWriter {
 
 impl BlobWriter {
     /// Appends to the temp file and updates the sha256 (batched: bytes are
-    /// hashed and written on the blocking pool every [`FLUSH_AT`] bytes).
+    /// hashed and written on the blocking pool every `FLUSH_AT` bytes).
     pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         if (self.sink.is_none() && self.in_flight.is_none()) || self.write_failed {
             return Err(StoreError::WriterBroken {
