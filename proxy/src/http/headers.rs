@@ -74,7 +74,7 @@ pub(crate) fn relay_parts(parts: http::response::Parts, body: Body) -> Response<
     resp
 }
 
-pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

@@ -212,7 +212,7 @@ impl Ctx<'_> {
         Ok(None)
     }
 
-    pub(crate) fn grant(&self, repo: &str, client: &str) {
+    fn grant(&self, repo: &str, client: &str) {
         let host = &self.registry.host;
         if self.settings.private {
             // Never "public": every client is checked.

@@ -130,7 +130,7 @@ impl Ctx<'_> {
 }
 
 /// The query without containerd's `ns=` (the upstream must not see it).
-pub(crate) fn strip_ns(query: &str) -> String {
+fn strip_ns(query: &str) -> String {
     query
         .split('&')
         .filter(|kv| !kv.starts_with("ns="))
@@ -143,7 +143,7 @@ mod tests {
     use super::*;
 
     #[test]
-    pub(crate) fn ns_is_not_forwarded() {
+    fn ns_is_not_forwarded() {
         assert_eq!(strip_ns("ns=docker.io&n=10"), "n=10");
         assert_eq!(strip_ns("ns=docker.io"), "");
     }

@@ -98,7 +98,7 @@ pub async fn handle(
     Response::from_parts(parts, Logged::new(body, record, shared.metrics.clone()))
 }
 
-pub(crate) fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> String {
+fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> String {
     req.headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
@@ -266,7 +266,7 @@ pub(crate) fn client_for<'a>(
     })
 }
 
-pub(crate) async fn registry_request(
+async fn registry_request(
     ctx: Ctx<'_>,
     req: Request<Incoming>,
     request: ApiRequest,
@@ -358,7 +358,7 @@ pub(crate) fn is_outage(status: StatusCode) -> bool {
 }
 
 /// `200 {}` to `GET /v2/`, answered by the proxy itself.
-pub(crate) fn local_ping() -> Response<Body> {
+fn local_ping() -> Response<Body> {
     let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -369,7 +369,7 @@ pub(crate) fn local_ping() -> Response<Body> {
     resp
 }
 
-pub(crate) async fn pass_through(
+async fn pass_through(
     client: &UpstreamClient,
     registry: &str,
     method: Method,

@@ -55,7 +55,7 @@ pub(crate) async fn push_through(
 /// Maps an upstream `Location` on the upstream's own origin to a path the
 /// client sends back to the proxy (with the registry prefix or `ns=` it
 /// used). Other Locations are left alone.
-pub(crate) fn proxied_location(ctx: &Ctx<'_>, location: &str) -> Option<String> {
+fn proxied_location(ctx: &Ctx<'_>, location: &str) -> Option<String> {
     let base = url::Url::parse(&ctx.registry.upstream_url()).ok()?;
     let target = base.join(location).ok()?;
     if target.origin() != base.origin() {

@@ -150,7 +150,7 @@ pub(crate) async fn manifest_by_tag(
 }
 
 /// Answers a tag from the cache when its manifest is stored.
-pub(crate) async fn tag_from_cache(
+async fn tag_from_cache(
     ctx: &Ctx<'_>,
     entry: &TagEntry,
     method: &Method,
