@@ -8,3 +8,4 @@ pub mod contract;
 pub mod crd;
 pub mod error;
 pub mod names;
+pub mod pki;

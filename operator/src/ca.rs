@@ -17,10 +17,10 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
 use crate::FIELD_MANAGER;
 use pullthrough_api::contract::MANAGED_BY_LABEL;
+use pullthrough_api::pki::{self, PkiError};
 
 pub use pullthrough_api::contract::CA_CERT_KEY as CERT_KEY;
 pub use pullthrough_api::contract::CA_KEY_KEY as KEY_KEY;
@@ -52,37 +52,19 @@ pub struct CaPolicy {
     pub overlap: Duration,
 }
 
-/// A new self-signed ECDSA P-256 CA: (cert PEM, key PEM).
+/// A new self-signed ECDSA P-256 CA: (cert PEM, key PEM). The same CA the
+/// proxy generates for itself in standalone mode (see [`pki::generate_ca`]).
 pub fn generate(validity: Duration) -> Result<(String, String), CaError> {
-    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params
-        .distinguished_name
-        .push(DnType::CommonName, "pullthrough proxy CA");
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, "pullthrough");
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::minutes(5);
-    params.not_after = now + time::Duration::try_from(validity).unwrap_or(time::Duration::MAX);
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), key.serialize_pem()))
+    match pki::generate_ca(validity) {
+        Ok(ca) => Ok((ca.cert_pem, ca.key_pem)),
+        Err(PkiError::Generate(e)) => Err(CaError::Rcgen(e)),
+        Err(e) => Err(CaError::Invalid(e.to_string())),
+    }
 }
 
 /// `notAfter` of the first certificate in `pem`, as unix seconds.
 pub fn not_after(pem: &str) -> Result<i64, CaError> {
-    let (_, p) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
-        .map_err(|e| CaError::Invalid(format!("not a PEM certificate: {e}")))?;
-    let cert = p
-        .parse_x509()
-        .map_err(|e| CaError::Invalid(format!("not an X.509 certificate: {e}")))?;
-    Ok(cert.validity().not_after.timestamp())
+    pki::not_after(pem).map_err(|e| CaError::Invalid(e.to_string()))
 }
 
 fn unix(t: SystemTime) -> i64 {

@@ -23,8 +23,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::handler::Shared;
 use crate::oci::Digest;
+use crate::pipeline::Shared;
 
 /// Who may use `/admin/*`.
 #[derive(Debug, Clone)]

@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::error::Error;
-use crate::handler::{self, Shared};
+use crate::pipeline::{self, Shared};
 
 /// How long a TLS handshake may take before the connection is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,14 +113,16 @@ fn service(
     sni: Option<Arc<str>>,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
-    Response = http::Response<crate::access_log::Logged>,
+    Response = http::Response<crate::observe::access_log::Logged>,
     Error = Infallible,
-    Future = impl Future<Output = Result<http::Response<crate::access_log::Logged>, Infallible>> + Send,
+    Future = impl Future<
+        Output = Result<http::Response<crate::observe::access_log::Logged>, Infallible>,
+    > + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let sni = sni.clone();
-        async move { Ok::<_, Infallible>(handler::handle(shared, req, sni).await) }
+        async move { Ok::<_, Infallible>(pipeline::handle(shared, req, sni).await) }
     })
 }
 

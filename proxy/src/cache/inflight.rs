@@ -38,7 +38,7 @@ use hyper::body::Frame;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
 
-use crate::body::Body;
+use crate::http::body::Body;
 use crate::oci::Digest;
 
 /// Largest chunk a waiter reads from the temp file at once.
@@ -71,7 +71,7 @@ pub struct Stream {
 /// The most recently written bytes of a download, kept in memory so that
 /// clients keeping up with it are sent the very buffers that were written
 /// (no read back from the file, no copy); a client that fell behind by
-/// more than [`RECENT_MAX`] reads the file.
+/// more than `RECENT_MAX` reads the file.
 #[derive(Debug, Default)]
 pub struct Recent {
     /// Contiguous batches (offset, bytes), oldest first, and their total.
@@ -191,8 +191,13 @@ impl Inflight {
         }
     }
 
+    /// Downloads in progress (admin status).
     pub fn len(&self) -> usize {
         self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Reserves `size` bytes for a download if `fits(already_reserved)`

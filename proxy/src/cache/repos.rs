@@ -1,5 +1,5 @@
 //! Which digests each (registry, repository) was served, learnt as the
-//! handler serves them (in memory: after a restart it fills again as
+//! pipeline serves them (in memory: after a restart it fills again as
 //! clients pull). The store itself is shared by all repositories.
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use pullthrough_api::pki::{self, CLOCK_SKEW};
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SignatureAlgorithm,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SanType, SignatureAlgorithm,
 };
 use rustls::SignatureScheme;
 use rustls::client::WebPkiServerVerifier;
@@ -19,9 +20,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::sign::Signer;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
-use x509_parser::x509::{SubjectPublicKeyInfo, X509Name};
+use x509_parser::x509::SubjectPublicKeyInfo;
 
 use super::TlsError;
 
@@ -29,8 +29,6 @@ use super::TlsError;
 pub(super) const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
 /// Generated CA lifetime.
 const CA_VALIDITY: Duration = Duration::from_secs(3650 * 86_400);
-/// Back-dating of `notBefore`, for clients whose clocks run behind.
-const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// A loaded CA closer than this to expiry is logged at warn.
 const CA_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
 const SELF_TEST_NAME: &str = "ca-self-test.pullthrough.invalid";
@@ -117,10 +115,14 @@ impl Ca {
             path: data_dir.to_owned(),
             source,
         })?;
-        let (cert_pem, key_pem) = generate().map_err(|e| TlsError::Generate {
-            path: cert_path.clone(),
-            reason: e.to_string(),
-        })?;
+        let pki::GeneratedCa { cert_pem, key_pem } =
+            pki::generate_ca(CA_VALIDITY).map_err(|e| TlsError::Generate {
+                path: cert_path.clone(),
+                reason: match e {
+                    pki::PkiError::Generate(rcgen) => rcgen.to_string(),
+                    other => other.to_string(),
+                },
+            })?;
         write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
         write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
         let ca = Self::from_pem(
@@ -171,29 +173,17 @@ impl Ca {
                 "no PEM CERTIFICATE block found{hint}"
             )));
         };
-        let (_, x509) = x509_parser::parse_x509_certificate(&ca_der)
-            .map_err(|e| invalid_cert(format!("not a usable X.509 certificate: {e}")))?;
-        let not_ca = |reason: String| TlsError::NotCa {
-            path: cert_path.to_owned(),
-            reason,
-        };
-        let basic_constraints = x509
-            .basic_constraints()
-            .map_err(|e| invalid_cert(format!("basicConstraints: {e}")))?;
-        if !basic_constraints.is_some_and(|bc| bc.value.ca) {
-            return Err(not_ca(
-                "basicConstraints does not say cA=true (is this a leaf certificate?)".into(),
-            ));
-        }
-        let key_usage = x509
-            .key_usage()
-            .map_err(|e| invalid_cert(format!("keyUsage: {e}")))?;
-        if key_usage.is_some_and(|ku| !ku.value.key_cert_sign()) {
-            return Err(not_ca("its keyUsage does not allow keyCertSign".into()));
-        }
-        check_subject(x509.subject()).map_err(invalid_cert)?;
-        let not_before = system_time(x509.validity().not_before.timestamp());
-        let not_after = system_time(x509.validity().not_after.timestamp());
+        let checked = pki::check_ca_certificate(&ca_der).map_err(|e| {
+            if e.is_not_a_ca() {
+                TlsError::NotCa {
+                    path: cert_path.to_owned(),
+                    reason: e.to_string(),
+                }
+            } else {
+                invalid_cert(e.to_string())
+            }
+        })?;
+        let (not_before, not_after) = (checked.not_before, checked.not_after);
         let now = SystemTime::now();
         if not_after <= now {
             return Err(TlsError::Expired {
@@ -227,17 +217,15 @@ impl Ca {
                 cert_path.display()
             ))
         })?;
-        if key.der_bytes() != x509.public_key().subject_public_key.data.as_ref() {
+        if key.der_bytes() != checked.public_key.as_slice() {
             return Err(TlsError::KeyMismatch {
                 cert: cert_path.to_owned(),
                 key: key_path.to_owned(),
             });
         }
 
-        let use_aki = x509
-            .iter_extensions()
-            .any(|ext| ext.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER);
-        let subject_cn = common_name(&x509).unwrap_or_default();
+        let use_aki = checked.has_subject_key_id;
+        let subject_cn = checked.common_name.unwrap_or_default();
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, key)
             .map_err(|e| invalid_cert(format!("cannot issue under this certificate: {e}")))?;
         let ca = Self {
@@ -390,65 +378,6 @@ impl rcgen::SigningKey for CaKey {
             rcgen::Error::RemoteKeyError
         })
     }
-}
-
-/// rcgen re-issues under the subject as one value per attribute type and
-/// one attribute per RDN; refuse other subjects with a clear reason.
-fn check_subject(subject: &X509Name<'_>) -> Result<(), String> {
-    let mut seen = Vec::new();
-    for rdn in subject.iter() {
-        if rdn.iter().count() != 1 {
-            return Err("subject has a multi-valued RDN, which cannot be re-issued".into());
-        }
-        for attr in rdn.iter() {
-            if seen.contains(&attr.attr_type()) {
-                return Err("subject repeats an attribute type, which cannot be re-issued".into());
-            }
-            seen.push(attr.attr_type());
-        }
-    }
-    Ok(())
-}
-
-/// The subject's commonName, for logs.
-fn common_name(cert: &X509Certificate<'_>) -> Option<String> {
-    let attr = cert.subject().iter_common_name().next()?;
-    Some(match attr.as_str() {
-        Ok(s) => s.to_owned(),
-        Err(_) => String::from_utf8_lossy(attr.attr_value().data).into_owned(),
-    })
-}
-
-/// A certificate time (seconds since the epoch) as a `SystemTime`;
-/// times before 1970 clamp to the epoch.
-fn system_time(timestamp: i64) -> SystemTime {
-    match u64::try_from(timestamp) {
-        Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
-        Err(_) => SystemTime::UNIX_EPOCH,
-    }
-}
-
-/// A self-signed ECDSA P-256 CA: (certificate PEM, key PEM).
-fn generate() -> Result<(String, String), rcgen::Error> {
-    let now = SystemTime::now();
-    let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, "pullthrough CA");
-    dn.push(DnType::OrganizationName, "pullthrough");
-    params.distinguished_name = dn;
-    // Path length 0: it signs leaves only.
-    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    params.not_before =
-        rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now.checked_sub(CLOCK_SKEW).unwrap_or(now));
-    params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(now + CA_VALIDITY);
-    let key = KeyPair::generate()?;
-    let cert = params.self_signed(&key)?;
-    Ok((cert.pem(), key.serialize_pem()))
 }
 
 fn since_epoch(t: SystemTime) -> Duration {

@@ -5,61 +5,14 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, SizeHint};
 
-use std::sync::Arc;
-
-use crate::body::Body;
-use crate::metrics::Metrics;
-
-/// How the cache took part in a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CacheResult {
-    Hit,
-    Miss,
-    Stale,
-    /// Passed through without caching (auth challenges, tag lists, pushes).
-    Pass,
-    /// Refused by the proxy itself.
-    Denied,
-}
-
-impl CacheResult {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CacheResult::Hit => "HIT",
-            CacheResult::Miss => "MISS",
-            CacheResult::Stale => "STALE",
-            CacheResult::Pass => "PASS",
-            CacheResult::Denied => "DENIED",
-        }
-    }
-}
-
-/// What kind of request it was.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Ping,
-    Manifest,
-    Tag,
-    Blob,
-    Token,
-    Other,
-}
-
-impl Kind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Ping => "ping",
-            Kind::Manifest => "manifest",
-            Kind::Tag => "tag",
-            Kind::Blob => "blob",
-            Kind::Token => "token",
-            Kind::Other => "other",
-        }
-    }
-}
+use super::labels::{CacheResult, Kind};
+use super::metrics::Metrics;
+use crate::http::body::Body;
 
 /// The fields of one access-log line.
 #[derive(Debug, Clone)]

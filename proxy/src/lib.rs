@@ -1,0 +1,283 @@
+//! `pullthrough-proxy` as a library: the modules of the caching proxy and
+//! [`run`], which loads the config, binds the listeners and serves until
+//! SIGTERM. The binary only parses the command line and sets up logging.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use clap::Parser;
+use pullthrough_api::config::ProxyConfig;
+use tokio::sync::watch;
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod observe;
+pub mod oci;
+pub mod pipeline;
+pub mod route;
+pub mod server;
+#[cfg(test)]
+mod test_server;
+pub mod tls;
+pub mod upstream;
+
+pub use error::Error;
+use pipeline::{Shared, State};
+
+/// Caching proxy for the OCI distribution pull API.
+///
+/// Serves Docker Hub, quay.io, registry.k8s.io, gcr.io and ghcr.io (the
+/// embedded default) or the registries of a config file, and caches every
+/// manifest and blob it serves by digest. Clients reach it as a mirror
+/// (containerd `?ns=`, CRI-O/podman path prefix, dockerd registry-mirrors)
+/// or by name (DNS hijack, with TLS certificates minted from its CA).
+/// Exit codes: 0 after a clean shutdown, 64 for an invalid config or
+/// arguments, 1 for other start-up failures.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+pub struct Cli {
+    /// YAML config file (listeners, CA, registries). Without it the embedded
+    /// default is used. The file is re-read when it changes; an invalid new
+    /// version is logged and ignored.
+    #[arg(long, value_name = "FILE", env = "PULLTHROUGH_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Directory for the cache and the generated CA; overrides `dataDir`
+    /// from the config [default: /var/lib/pullthrough].
+    #[arg(long, value_name = "DIR", env = "PULLTHROUGH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Print the effective config (after defaults) as YAML and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
+    /// How long in-flight transfers may continue after SIGTERM.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// How often the config file is checked for changes.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub reload_interval: Duration,
+}
+
+/// Serves until SIGTERM or Ctrl-C, then drains transfers for
+/// `--shutdown-grace`. Everything that can be wrong with the config is
+/// reported before any port is bound.
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    // Everything that can be wrong with the config is found before any port
+    // is bound.
+    let loaded = config::load_full(cli.config.as_deref())?;
+    let config = loaded.config;
+    let settings = loaded.settings;
+    if cli.print_config {
+        let yaml = config
+            .to_yaml()
+            .map_err(|error| config::LoadError::Invalid {
+                source_name: "config".into(),
+                error,
+            })?;
+        print!("{yaml}");
+        return Ok(());
+    }
+    let admin_token: Option<Arc<str>> = std::env::var("PULLTHROUGH_ADMIN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .or_else(|| settings.admin_token.clone())
+        .map(Arc::from);
+    let admin_access = match (&admin_token, config.listen.admin) {
+        (Some(t), _) => admin::AdminAccess::Token(t.clone()),
+        (None, Some(a)) if !a.ip().is_loopback() => {
+            tracing::warn!(
+                admin = %a,
+                "admin listener is exposed and no adminToken (PULLTHROUGH_ADMIN_TOKEN) is set: /admin/* is disabled"
+            );
+            admin::AdminAccess::Disabled
+        }
+        (None, _) => admin::AdminAccess::Open,
+    };
+    let data_dir = config::data_dir(cli.data_dir.as_deref(), &config);
+    let listen_ips = listen_ips(&config);
+    let router = route::Router::new(&config, &listen_ips);
+    let upstreams = upstream::Upstreams::new(&config)?;
+    let issuer = Arc::new(tls::Issuer::load_or_generate(
+        config.ca.as_ref(),
+        &data_dir,
+        allowed_names(&router),
+    )?);
+    let limits = cache::store::Limits {
+        max_size: settings.cache.max_size.map(|s| s.as_u64()),
+        high_watermark: settings.cache.high_watermark,
+        low_watermark: settings.cache.low_watermark,
+    };
+    let store = cache::store::BlobStore::open_with(&data_dir, limits)
+        .await
+        .map_err(|source| Error::Store {
+            path: data_dir.clone(),
+            source,
+        })?;
+
+    let http = match config.listen.http {
+        Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+    let https = match config.listen.https {
+        Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+    let admin_listener = match config.listen.admin {
+        Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+
+    let listen = config.listen.clone();
+    let metrics = Arc::new(observe::metrics::Metrics::default());
+    let shared = Arc::new(Shared {
+        state: ArcSwap::from_pointee(State {
+            config,
+            settings,
+            config_hash: loaded.hash,
+            router,
+            upstreams,
+        }),
+        store,
+        tags: Default::default(),
+        tokens: Default::default(),
+        grants: Default::default(),
+        metrics: metrics.clone(),
+        inflight: Default::default(),
+        repos: Default::default(),
+    });
+    let ready = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(l) = http {
+        tasks.spawn(server::serve_proxy(
+            l,
+            None,
+            shared.clone(),
+            stop_rx.clone(),
+            cli.shutdown_grace,
+        ));
+    }
+    if let Some(l) = https {
+        let tls = issuer.server_config();
+        tasks.spawn(server::serve_proxy(
+            l,
+            Some(tls),
+            shared.clone(),
+            stop_rx.clone(),
+            cli.shutdown_grace,
+        ));
+    }
+    if let Some(l) = admin_listener {
+        let ca_pem: Arc<str> = Arc::from(issuer.ca_pem());
+        tasks.spawn(admin::serve(
+            l,
+            ready.clone(),
+            ca_pem,
+            shared.clone(),
+            admin_access,
+            stop_rx.clone(),
+        ));
+    }
+    if let Some(path) = cli.config.clone() {
+        let shared = shared.clone();
+        let issuer = issuer.clone();
+        let running_listen = listen.clone();
+        tokio::spawn(config::watch(
+            path,
+            cli.reload_interval,
+            move |loaded: config::Loaded| {
+                let new = loaded.config;
+                if new.listen != running_listen {
+                    tracing::warn!("listen addresses changed; they take effect after a restart");
+                }
+                let upstreams = upstream::Upstreams::new(&new).map_err(|e| e.to_string())?;
+                let router = route::Router::new(&new, &listen_ips);
+                issuer.set_allowed(allowed_names(&router));
+                if loaded.settings.cache != shared.state.load().settings.cache {
+                    tracing::warn!("cache size settings changed; they take effect after a restart");
+                }
+                shared.state.store(Arc::new(State {
+                    config: new,
+                    settings: loaded.settings,
+                    config_hash: loaded.hash,
+                    router,
+                    upstreams,
+                }));
+                tracing::info!("config applied");
+                Ok(())
+            },
+        ));
+    }
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(
+        http = ?listen.http,
+        https = ?listen.https,
+        admin = ?listen.admin,
+        data_dir = %data_dir.display(),
+        "pullthrough-proxy ready"
+    );
+
+    shutdown_signal().await;
+    tracing::info!(
+        grace_secs = cli.shutdown_grace.as_secs(),
+        "shutting down: no new connections, draining transfers"
+    );
+    ready.store(false, Ordering::Relaxed);
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn listen_ips(config: &ProxyConfig) -> Vec<IpAddr> {
+    [config.listen.http, config.listen.https]
+        .into_iter()
+        .flatten()
+        .map(|a| a.ip())
+        .collect()
+}
+
+fn allowed_names(router: &route::Router) -> tls::AllowedNames {
+    let mut allowed = tls::AllowedNames {
+        registry_names: router.registry_sni_names().map(str::to_string).collect(),
+        ..Default::default()
+    };
+    for name in router.own_names() {
+        match name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            Ok(ip) => allowed.own_ips.push(ip),
+            Err(_) => allowed.own_names.push(name.to_string()),
+        }
+    }
+    allowed.own_ips.sort();
+    allowed.own_ips.dedup();
+    allowed
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,7 @@
+//! Observability: Prometheus metrics, the access log (one line per
+//! request) and the labels they share. The access log feeds the metrics
+//! when a response body ends; the metrics never look at the log.
+
+pub mod access_log;
+pub mod labels;
+pub mod metrics;

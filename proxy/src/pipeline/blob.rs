@@ -1,0 +1,156 @@
+//! Blobs: served from the cache (with ranges), joined to a download in
+//! flight, led as a new merged download, or passed through on their own
+//! (the fetching itself is in `download`).
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode};
+
+use super::HandlerError;
+use super::context::Ctx;
+use super::download::{blob_response, lead, resume, solo};
+use crate::cache::inflight::{self, Role};
+use crate::cache::store::{CachedBlob, StoreError};
+use crate::http::body::{self, Body};
+use crate::http::headers::{API_VERSION, DOCKER_CONTENT_DIGEST, forward_headers, relay_response};
+use crate::http::range::{RangeSpec, parse_range};
+use crate::observe::access_log::Record;
+use crate::observe::labels::CacheResult;
+use crate::oci::Digest;
+
+pub(crate) async fn blob(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    repo: &str,
+    digest: &Digest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let path = format!("/v2/{repo}/blobs/{digest}");
+    // Where push is enabled, a HEAD asks whether *this upstream repository*
+    // has the blob (a pushing client skips the upload when it does); the
+    // cache, shared by every repository, cannot answer that: a wrong 200
+    // made pushes of already-pulled layers fail with "blob unknown".
+    let push_check = *method == Method::HEAD && ctx.registry.allow_push;
+    if !push_check && let Some(cached) = ctx.shared.store.lookup(digest).await? {
+        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+            return Ok(refusal);
+        }
+        record.cache = CacheResult::Hit;
+        ctx.served(digest);
+        return cached_blob(cached, method, headers).await;
+    }
+    let url = ctx.url(&path, None)?;
+    let ranged = headers.contains_key(header::RANGE);
+    if *method == Method::HEAD || ranged {
+        // HEAD never spends an upstream GET; a range of an uncached blob is
+        // relayed as asked, without caching.
+        record.cache = CacheResult::Pass;
+        let up = ctx
+            .send(method.clone(), url, forward_headers(headers, true))
+            .await?;
+        if up.response.status().is_success() {
+            ctx.granted(headers);
+        }
+        return Ok(relay_response(up.response));
+    }
+    record.cache = CacheResult::Miss;
+    if !ctx.shared.inflight.is_uncacheable(digest) {
+        match ctx.shared.inflight.join_or_lead(digest) {
+            Role::Leader(dl) => return lead(ctx, headers, digest, url, dl, record).await,
+            Role::Waiter(dl) => {
+                let mut rx = dl.subscribe();
+                if let Some(stream) = inflight::wait_started(&mut rx).await {
+                    // The download was started for another client: this
+                    // one must be allowed to read the repository too.
+                    if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+                        return Ok(refusal);
+                    }
+                    ctx.shared.metrics.merged_waiter(&ctx.registry.host);
+                    ctx.served(digest);
+                    let body = inflight::tail(
+                        rx,
+                        &stream,
+                        digest.clone(),
+                        resume(ctx, &path, headers),
+                        ctx.read_timeout,
+                    );
+                    return Ok(blob_response(digest, &stream, body));
+                }
+                // The leader got no blob: ask on our own.
+            }
+        }
+    }
+    let up = ctx
+        .send(Method::GET, url, forward_headers(headers, false))
+        .await?;
+    if up.response.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Ok(relay_response(up.response));
+    }
+    ctx.granted(headers);
+    record.cache = CacheResult::Pass;
+    let (parts, incoming) = up.response.into_parts();
+    Ok(solo(ctx, digest, parts, incoming, None))
+}
+
+async fn cached_blob(
+    cached: CachedBlob,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response<Body>, HandlerError> {
+    let size = cached.size;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .map(|r| parse_range(r, size));
+    let (status, start, len) = match range {
+        None | Some(RangeSpec::Ignore) => (StatusCode::OK, 0, size),
+        Some(RangeSpec::Satisfiable(start, end)) => {
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+        Some(RangeSpec::Unsatisfiable) => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::RANGE_NOT_SATISFIABLE;
+            if let Ok(v) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                resp.headers_mut().insert(header::CONTENT_RANGE, v);
+            }
+            return Ok(resp);
+        }
+    };
+    let body = if *method == Method::HEAD {
+        body::empty()
+    } else {
+        let b = body::file(&cached.path, start, len)
+            .await
+            .map_err(|source| StoreError::Io {
+                action: "reading cached blob",
+                path: cached.path.clone(),
+                source,
+            })?;
+        body::hold(b, cached.lease.clone())
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    h.insert(
+        header::CONTENT_TYPE,
+        cached
+            .meta
+            .media_type
+            .as_deref()
+            .and_then(|m| HeaderValue::from_str(m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    h.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    if let Ok(v) = HeaderValue::from_str(cached.digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{size}", start + len - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    Ok(resp)
+}

@@ -1,0 +1,523 @@
+//! Fetching a missed blob. Merged: the first client leads one upstream
+//! fetch into the store; every client (the leader too) tails the temp file
+//! as it grows, and finishes on its own if caching is abandoned. Solo: one
+//! client's own transfer when the download cannot be shared.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tokio::sync::mpsc;
+
+use super::context::Ctx;
+use super::{HandlerError, refused};
+use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Stream};
+use crate::cache::store::{BlobMeta, BlobWriter, StoreError, is_disk_full};
+use crate::http::body::{self, Body};
+use crate::http::headers::{
+    API_VERSION, DOCKER_CONTENT_DIGEST, content_type, forward_headers, relay_response,
+};
+use crate::observe::access_log::Record;
+use crate::observe::labels::CacheResult;
+use crate::observe::metrics::Metrics;
+use crate::oci::{Digest, ErrorCode};
+
+/// Publishes `NotStarted` and unregisters the download unless disarmed,
+/// so waiters never hang on a leader that gave up.
+struct LeadGuard<'a> {
+    inflight: &'a Inflight,
+    digest: &'a Digest,
+    dl: Option<Arc<Download>>,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(dl) = self.dl.take() {
+            dl.publish(Phase::NotStarted);
+            self.inflight.finish(self.digest, &dl);
+        }
+    }
+}
+
+/// The first client to miss `digest`: fetches it once for everyone.
+pub(crate) async fn lead(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    digest: &Digest,
+    url: Uri,
+    dl: Arc<Download>,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let mut guard = LeadGuard {
+        inflight: &ctx.shared.inflight,
+        digest,
+        dl: Some(dl),
+    };
+    let up = ctx
+        .send(Method::GET, url, forward_headers(headers, false))
+        .await?;
+    if up.response.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Ok(relay_response(up.response));
+    }
+    ctx.granted(headers);
+    ctx.served(digest);
+    if up.hops > 0 {
+        tracing::debug!(%digest, from = %up.final_url, hops = up.hops, "blob served by redirect target");
+    }
+    let (parts, incoming) = up.response.into_parts();
+    let media_type = content_type(&parts.headers);
+    let size: Option<u64> = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    let store = &ctx.shared.store;
+    let reserved = size.unwrap_or(0);
+    if let Some(size) = size
+        && !ctx.shared.inflight.try_reserve(size, |others| {
+            has_room(store.tmp_dir(), size.saturating_add(others))
+        })
+    {
+        tracing::warn!(%digest, size, "cache disk full; passing the blob through");
+        ctx.shared.metrics.disk_full();
+        ctx.shared.inflight.mark_uncacheable(digest);
+        record.cache = CacheResult::Pass;
+        return Ok(solo(ctx, digest, parts, incoming, None));
+    }
+    let meta = BlobMeta {
+        media_type: media_type.clone(),
+    };
+    let writer = match store.begin(digest, meta).await {
+        Ok(w) => w,
+        Err(err) => {
+            ctx.shared.inflight.release(reserved);
+            if is_disk_full(&err) {
+                ctx.shared.metrics.disk_full();
+                ctx.shared.inflight.mark_uncacheable(digest);
+            }
+            tracing::warn!(error = %err, %digest, "cannot cache blob; passing it through");
+            record.cache = CacheResult::Pass;
+            return Ok(solo(ctx, digest, parts, incoming, None));
+        }
+    };
+    let file = match writer.temp_path().map(std::fs::File::open) {
+        Some(Ok(f)) => f,
+        _ => {
+            ctx.shared.inflight.release(reserved);
+            tracing::warn!(%digest, "cannot read back the temp file; passing the blob through");
+            record.cache = CacheResult::Pass;
+            return Ok(solo(ctx, digest, parts, incoming, Some(writer)));
+        }
+    };
+    let stream = Stream {
+        file: Arc::new(file),
+        recent: Arc::default(),
+        size,
+        media_type,
+        on_disk: 0,
+        outcome: None,
+    };
+    let Some(dl) = guard.dl.take() else {
+        ctx.shared.inflight.release(reserved);
+        return Err(refused(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorCode::Unavailable,
+            "download state lost",
+        ));
+    };
+    dl.publish(Phase::Streaming(stream.clone()));
+    let rx = dl.subscribe();
+    tokio::spawn(download(
+        incoming,
+        writer,
+        digest.clone(),
+        dl,
+        DownloadEnv {
+            inflight: Arc::clone(&ctx.shared.inflight),
+            metrics: Arc::clone(&ctx.shared.metrics),
+            read_timeout: ctx.read_timeout,
+            reserved,
+            recent: Arc::clone(&stream.recent),
+        },
+    ));
+    let path = format!(
+        "/v2/{}/blobs/{digest}",
+        ctx.repo.as_deref().unwrap_or_default()
+    );
+    let body = inflight::tail(
+        rx,
+        &stream,
+        digest.clone(),
+        resume(ctx, &path, headers),
+        ctx.read_timeout,
+    );
+    Ok(blob_response(digest, &stream, body))
+}
+
+/// How this client gets the rest of a blob from the upstream on its own,
+/// with its own credentials, if the shared download is abandoned (the cache
+/// disk filled up mid-way). Holds owned handles: it runs inside the
+/// response body, after the pipeline returned.
+pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight::Resume {
+    let shared = Arc::clone(ctx.shared);
+    let state = Arc::clone(ctx.state);
+    let host = ctx.registry.host.clone();
+    let repo = ctx.repo.clone();
+    let via = ctx.via;
+    let read_timeout = ctx.read_timeout;
+    let path = path.to_string();
+    let headers = forward_headers(headers, false);
+    Arc::new(move |from: u64| {
+        let (shared, state, host, repo, path, mut headers) = (
+            Arc::clone(&shared),
+            Arc::clone(&state),
+            host.clone(),
+            repo.clone(),
+            path.clone(),
+            headers.clone(),
+        );
+        Box::pin(async move {
+            let client = state
+                .upstreams
+                .client(&host)
+                .ok_or_else(|| format!("no upstream for {host}"))?;
+            let registry = state
+                .config
+                .registry(&host)
+                .ok_or_else(|| format!("registry {host} vanished"))?;
+            let ctx = Ctx {
+                shared: &shared,
+                state: &state,
+                client,
+                settings: state.settings.registry(&host),
+                auth_ttl: state.settings.auth_check_ttl,
+                registry,
+                repo,
+                via,
+                read_timeout,
+            };
+            if let Ok(range) = HeaderValue::from_str(&format!("bytes={from}-")) {
+                headers.insert(header::RANGE, range);
+            }
+            let url = ctx.url(&path, None).map_err(|e| e.to_string())?;
+            let up = ctx
+                .send(Method::GET, url, headers)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(up.response)
+        })
+    })
+}
+
+/// Is there room for `size` more bytes (and some slack) where temp files go?
+fn has_room(dir: &std::path::Path, size: u64) -> bool {
+    const SLACK: u64 = 1 << 20;
+    // The field types differ between platforms (u64 on 64-bit Linux).
+    #[allow(clippy::useless_conversion)]
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(st) => {
+            let avail =
+                u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size()));
+            avail >= size.saturating_add(SLACK)
+        }
+        Err(_) => true,
+    }
+}
+
+/// What a merged download needs besides the body and the writer.
+struct DownloadEnv {
+    inflight: Arc<Inflight>,
+    metrics: Arc<Metrics>,
+    read_timeout: Duration,
+    /// Bytes reserved in `inflight` (released at the end).
+    reserved: u64,
+    /// Where written batches are handed to the clients (see `Recent`).
+    recent: Arc<inflight::Recent>,
+}
+
+/// Hands the batches now on disk to the clients (from memory) and
+/// publishes how far the file goes.
+pub(crate) fn publish(
+    writer: &mut BlobWriter,
+    recent: &inflight::Recent,
+    dl: &Download,
+    published: &mut u64,
+) {
+    for (offset, bytes) in writer.take_batches() {
+        recent.push(offset, bytes);
+    }
+    let on_disk = writer.on_disk();
+    if on_disk != *published {
+        *published = on_disk;
+        dl.update(|s| s.on_disk = on_disk);
+    }
+}
+
+/// The merged download: copies the upstream body into the store's temp
+/// file, publishing progress, then commits; runs to the end whoever is
+/// still listening.
+async fn download(
+    mut incoming: Incoming,
+    mut writer: BlobWriter,
+    digest: Digest,
+    dl: Arc<Download>,
+    env: DownloadEnv,
+) {
+    let DownloadEnv {
+        inflight,
+        metrics,
+        read_timeout,
+        reserved,
+        recent,
+    } = env;
+    let mut published = 0u64;
+    let end: Result<(), DownloadEnd> = loop {
+        // While a batch is written, keep receiving; publish it the moment
+        // it is on disk (not only when the next chunk arrives).
+        let next = tokio::select! {
+            biased;
+            done = writer.collect(), if writer.writing() => Err(done),
+            frame = tokio::time::timeout(read_timeout, incoming.frame()) => Ok(frame),
+        };
+        let next = match next {
+            Ok(frame) => frame,
+            Err(done) => {
+                if let Err(err) = done {
+                    break Err(DownloadEnd::Write(err));
+                }
+                publish(&mut writer, &recent, &dl, &mut published);
+                continue;
+            }
+        };
+        let frame = match next {
+            Err(_) => break Err(DownloadEnd::Upstream("upstream stalled".to_string())),
+            Ok(None) => break Ok(()),
+            Ok(Some(Err(err))) => {
+                break Err(DownloadEnd::Upstream(format!(
+                    "upstream body failed: {err}"
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if let Err(err) = writer.write(&data).await {
+            break Err(DownloadEnd::Write(err));
+        }
+        publish(&mut writer, &recent, &dl, &mut published);
+    };
+    let end = match end {
+        Ok(()) => writer.flush_now().await.map_err(DownloadEnd::Write),
+        Err(e) => Err(e),
+    };
+    for (offset, bytes) in writer.take_batches() {
+        recent.push(offset, bytes);
+    }
+    let outcome = match end {
+        Err(DownloadEnd::Upstream(msg)) => {
+            writer.abort().await;
+            Outcome::Failed(Arc::from(msg.as_str()))
+        }
+        Err(DownloadEnd::Write(err)) => {
+            // The disk filled up (or failed) after the download started:
+            // stop caching, keep serving. The upstream body is dropped; each
+            // client finishes with its own ranged fetch (see `cache::inflight`).
+            drop(incoming);
+            if is_disk_full(&err) {
+                metrics.disk_full();
+            }
+            inflight.mark_uncacheable(&digest);
+            match writer.abandon().await {
+                Some((at, hasher)) => {
+                    tracing::warn!(%digest, error = %err, at,
+                        "cache write failed mid-download; not caching, clients continue by pass-through");
+                    Outcome::Abandoned {
+                        at,
+                        hasher: Arc::new(hasher),
+                    }
+                }
+                None => Outcome::Failed(Arc::from(format!("cache write failed: {err}").as_str())),
+            }
+        }
+        Ok(()) => {
+            let on_disk = writer.on_disk();
+            dl.update(|s| s.on_disk = on_disk);
+            match writer.commit().await {
+                Ok(_) => Outcome::Verified,
+                Err(err @ StoreError::NotCommitted { .. }) => {
+                    // Verified bytes, no room to keep them: the clients read
+                    // the (unlinked) temp file to the end, nothing is cached.
+                    if is_disk_full(&err) {
+                        metrics.disk_full();
+                    }
+                    inflight.mark_uncacheable(&digest);
+                    tracing::warn!(%digest, error = %err, "verified blob not cached; served uncached");
+                    Outcome::Verified
+                }
+                Err(err) => Outcome::Failed(Arc::from(err.to_string().as_str())),
+            }
+        }
+    };
+    // Unregister first: a client arriving after this finds the blob in the
+    // store (or, on failure, starts a fresh download).
+    inflight.release(reserved);
+    inflight.finish(&digest, &dl);
+    if let Outcome::Failed(msg) = &outcome {
+        tracing::warn!(%digest, error = %msg, "blob download failed; every waiter aborted, nothing cached");
+    }
+    dl.update(|s| s.outcome = Some(outcome));
+}
+
+/// Why a merged download stopped early.
+enum DownloadEnd {
+    /// The upstream body failed: nothing to continue from.
+    Upstream(String),
+    /// Writing the cache failed: the bytes so far are good.
+    Write(StoreError),
+}
+
+/// Response head for a blob streamed from a download.
+pub(crate) fn blob_response(digest: &Digest, stream: &Stream, body: Body) -> Response<Body> {
+    let mut resp = Response::new(body);
+    let h = resp.headers_mut();
+    if let Some(len) = stream.size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        stream
+            .media_type
+            .as_deref()
+            .and_then(|m| HeaderValue::from_str(m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+/// One client's own transfer, not shared (the disk is full, or the
+/// download it waited for never started): `writer` caches it if given.
+pub(crate) fn solo(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    parts: http::response::Parts,
+    incoming: Incoming,
+    writer: Option<BlobWriter>,
+) -> Response<Body> {
+    let media_type = content_type(&parts.headers);
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(fetch_blob(
+        incoming,
+        writer,
+        digest.clone(),
+        tx,
+        ctx.read_timeout,
+    ));
+    let mut resp = Response::new(body::channel(rx));
+    let h = resp.headers_mut();
+    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
+        h.insert(header::CONTENT_LENGTH, len.clone());
+    }
+    h.insert(
+        header::CONTENT_TYPE,
+        media_type
+            .and_then(|m| HeaderValue::from_str(&m).ok())
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+    );
+    if let Ok(v) = HeaderValue::from_str(digest.as_str()) {
+        h.insert(DOCKER_CONTENT_DIGEST, v);
+    }
+    h.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+/// Copies an upstream blob body to the client and into the store. The last
+/// chunk is held back until the digest is verified, so a client never
+/// receives a complete body whose digest is wrong: on mismatch its response
+/// is aborted instead. The download continues if the client leaves, so the
+/// cache is filled for the next one.
+async fn fetch_blob(
+    mut incoming: Incoming,
+    mut writer: Option<BlobWriter>,
+    digest: Digest,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    read_timeout: Duration,
+) {
+    let mut held: Option<Bytes> = None;
+    let mut client_alive = true;
+    let abort = |tx: &mpsc::Sender<std::io::Result<Bytes>>, msg: String| {
+        let _ = tx.try_send(Err(std::io::Error::other(msg)));
+    };
+    loop {
+        let frame = match tokio::time::timeout(read_timeout, incoming.frame()).await {
+            Err(_) => {
+                tracing::warn!(%digest, "upstream stalled; aborting blob transfer");
+                abort(&tx, "upstream stalled".into());
+                if let Some(w) = writer.take() {
+                    w.abort().await;
+                }
+                return;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(err))) => {
+                tracing::warn!(%digest, error = %err, "upstream body failed; aborting blob transfer");
+                abort(&tx, format!("upstream body failed: {err}"));
+                if let Some(w) = writer.take() {
+                    w.abort().await;
+                }
+                return;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if let Some(w) = writer.as_mut()
+            && let Err(err) = w.write(&data).await
+        {
+            tracing::warn!(%digest, error = %err, "cache write failed; continuing as pass-through");
+            if let Some(w) = writer.take() {
+                w.abort().await;
+            }
+        }
+        if let Some(prev) = held.replace(data)
+            && client_alive
+            && tx.send(Ok(prev)).await.is_err()
+        {
+            client_alive = false;
+            if writer.is_none() {
+                return;
+            }
+        }
+    }
+    let verified = match writer.take() {
+        Some(w) => match w.commit().await {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::error!(%digest, error = %err, "blob not cached");
+                // Only a digest mismatch means the bytes are wrong; other
+                // commit failures (disk) leave a correct transfer.
+                !matches!(err, StoreError::DigestMismatch { .. })
+            }
+        },
+        None => true,
+    };
+    if verified {
+        if let Some(last) = held
+            && client_alive
+        {
+            let _ = tx.send(Ok(last)).await;
+        }
+    } else {
+        abort(&tx, format!("blob {digest} failed verification"));
+    }
+}

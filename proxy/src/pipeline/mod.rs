@@ -1,0 +1,394 @@
+//! The request pipeline: route the request, check the client may read
+//! what the cache holds, then answer from the cache or fetch from the
+//! upstream while caching. One step per module: `manifest` (by digest),
+//! `tags` (by tag, stale-if-error), `blob` and `download` (merged
+//! misses), `push` (writes relayed uncached), `access` (the auth gate
+//! before cached content is served); `context` sends to the upstream.
+
+mod access;
+mod blob;
+mod context;
+mod download;
+mod manifest;
+mod push;
+mod tags;
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use pullthrough_api::config::ProxyConfig;
+
+pub use access::{AccessGrants, PUBLIC_TTL, client_key};
+use context::Ctx;
+
+use crate::cache::inflight::Inflight;
+use crate::cache::repos::RepoIndex;
+use crate::cache::store::{BlobStore, StoreError};
+use crate::cache::tags::TagCache;
+use crate::config::Settings;
+use crate::http::body::{self, Body};
+use crate::http::headers::{API_VERSION, forward_headers, relay_response};
+use crate::observe::access_log::{Logged, Record};
+use crate::observe::labels::{CacheResult, Kind};
+use crate::observe::metrics::Metrics;
+use crate::oci::{self, ErrorCode, Reference};
+use crate::route::{ApiRequest, Router, Target, Via};
+use crate::upstream::{AnonymousTokens, UpstreamClient, UpstreamError, Upstreams};
+
+/// What one config snapshot needs at request time; swapped whole on reload.
+pub struct State {
+    pub config: ProxyConfig,
+    pub settings: Settings,
+    /// sha256 of the config file bytes (`/status` `configHash`).
+    pub config_hash: String,
+    pub router: Router,
+    pub upstreams: Upstreams,
+}
+
+/// Shared by every connection for the process lifetime.
+pub struct Shared {
+    pub state: ArcSwap<State>,
+    pub store: BlobStore,
+    pub tags: TagCache,
+    pub tokens: AnonymousTokens,
+    /// Who the upstream recently let read which repository (served from
+    /// the cache only to them).
+    pub grants: AccessGrants,
+    pub metrics: Arc<Metrics>,
+    /// Blob downloads in flight (merged misses).
+    pub inflight: Arc<Inflight>,
+    /// Which digests each repository was served (admin API, purge).
+    pub repos: RepoIndex,
+}
+
+/// Serves one request and wraps its body so the access line is written
+/// when the body is done.
+pub async fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    sni: Option<Arc<str>>,
+) -> Response<Logged> {
+    let host = request_host(&req, sni.as_deref());
+    let mut record = Record::new(req.method().as_str(), &host, req.uri().path());
+    let span = tracing::debug_span!("request", method = %req.method(), host = %host, path = %req.uri().path());
+    let _enter = span.enter();
+    drop(_enter);
+    let resp = match serve(&shared, req, &host, &mut record).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::warn!(error = %err, registry = %record.registry, path = %record.path, "request failed");
+            if record.cache != CacheResult::Denied {
+                record.cache = CacheResult::Pass;
+            }
+            err.into_response()
+        }
+    };
+    record.status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    // Lets the access line tell a whole body from a cut one (see Logged).
+    record.expected_bytes = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
+    Response::from_parts(parts, Logged::new(body, record, shared.metrics.clone()))
+}
+
+fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> String {
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.as_str().to_string()))
+        .or_else(|| sni.map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// Failures that end a request with an OCI error.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum HandlerError {
+    #[error("refused: {message}")]
+    Refused {
+        status: StatusCode,
+        code: ErrorCode,
+        message: String,
+    },
+    #[error("upstream {registry}: {source}")]
+    Upstream {
+        registry: String,
+        #[source]
+        source: UpstreamError,
+    },
+    #[error("upstream {registry} sent a bad response: {message}")]
+    BadUpstream { registry: String, message: String },
+    #[error("cache: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl HandlerError {
+    fn into_response(self) -> Response<Body> {
+        let (status, code, message) = match &self {
+            HandlerError::Refused {
+                status,
+                code,
+                message,
+            } => (*status, *code, message.clone()),
+            HandlerError::Upstream { .. } | HandlerError::BadUpstream { .. } => (
+                StatusCode::BAD_GATEWAY,
+                ErrorCode::Unavailable,
+                self.to_string(),
+            ),
+            HandlerError::Store(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Unavailable,
+                "cache error".to_string(),
+            ),
+        };
+        oci::error_response(status, code, &message).map(body::full)
+    }
+}
+
+pub(crate) fn refused(
+    status: StatusCode,
+    code: ErrorCode,
+    message: impl Into<String>,
+) -> HandlerError {
+    HandlerError::Refused {
+        status,
+        code,
+        message: message.into(),
+    }
+}
+
+pub(crate) async fn serve(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    host: &str,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let state = shared.state.load_full();
+    let target = match state.router.route(
+        Some(host).filter(|h| !h.is_empty()),
+        req.uri().path(),
+        req.uri().query(),
+    ) {
+        Ok(t) => t,
+        Err(refusal) => {
+            record.cache = CacheResult::Denied;
+            return Err(refused(refusal.status, refusal.code, refusal.message));
+        }
+    };
+
+    match target {
+        Target::LocalPing => {
+            record.kind = Kind::Ping;
+            record.cache = CacheResult::Hit;
+            Ok(local_ping())
+        }
+        Target::Token {
+            registry,
+            auth_host,
+        } => {
+            record.registry = registry.to_string();
+            record.kind = Kind::Token;
+            record.cache = CacheResult::Pass;
+            let client = client_for(&state, &registry)?;
+            if req.method() != Method::GET {
+                return Err(refused(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    ErrorCode::Unsupported,
+                    "only GET token requests are relayed",
+                ));
+            }
+            let path_q = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let url = parse_url(&format!("https://{auth_host}{path_q}"), &registry)?;
+            let headers = forward_headers(req.headers(), true);
+            pass_through(client, &registry, Method::GET, url, headers).await
+        }
+        Target::Registry {
+            registry,
+            request,
+            via,
+        } => {
+            record.registry = registry.to_string();
+            record.repository = request.repo().unwrap_or_default().to_string();
+            record.via = match via {
+                Via::Ns => "ns",
+                Via::PathPrefix => "path",
+                Via::Host => "host",
+                Via::Default => "default",
+            };
+            let reg_config = state
+                .config
+                .registry(&registry)
+                .ok_or_else(|| {
+                    refused(
+                        StatusCode::NOT_FOUND,
+                        ErrorCode::NameUnknown,
+                        "registry vanished",
+                    )
+                })?
+                .clone();
+            let ctx = Ctx {
+                shared,
+                state: &state,
+                client: client_for(&state, &registry)?,
+                settings: state.settings.registry(&registry),
+                auth_ttl: state.settings.auth_check_ttl,
+                registry: &reg_config,
+                repo: request.repo().map(str::to_string),
+                via,
+                read_timeout: state.config.upstream_timeouts.read,
+            };
+            registry_request(ctx, req, request, record).await
+        }
+    }
+}
+
+pub(crate) fn client_for<'a>(
+    state: &'a State,
+    registry: &str,
+) -> Result<&'a UpstreamClient, HandlerError> {
+    state.upstreams.client(registry).ok_or_else(|| {
+        refused(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            format!("no upstream for {registry}"),
+        )
+    })
+}
+
+async fn registry_request(
+    ctx: Ctx<'_>,
+    req: Request<Incoming>,
+    request: ApiRequest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let method = req.method().clone();
+    let read_only = method == Method::GET || method == Method::HEAD;
+    if !read_only || matches!(request, ApiRequest::Upload { .. }) {
+        record.kind = Kind::Other;
+        if !ctx.registry.allow_push {
+            record.cache = CacheResult::Denied;
+            return Err(refused(
+                StatusCode::METHOD_NOT_ALLOWED,
+                ErrorCode::Unsupported,
+                format!(
+                    "pushing to {} through this proxy is not enabled (allowPush)",
+                    ctx.registry.host
+                ),
+            ));
+        }
+        record.cache = CacheResult::Pass;
+        return push::push_through(&ctx, req, &request).await;
+    }
+    let headers = req.headers().clone();
+    let query = req.uri().query().map(str::to_string);
+    match request {
+        ApiRequest::Ping => {
+            record.kind = Kind::Ping;
+            record.cache = CacheResult::Pass;
+            let url = ctx.url("/v2/", None)?;
+            match ctx.send(method, url, forward_headers(&headers, true)).await {
+                Ok(up) if !is_outage(up.response.status()) => Ok(relay_response(up.response)),
+                _ => {
+                    // The upstream is down: answer the version check so
+                    // clients that insist on it (containers/image accepts
+                    // only 200/401) go on to requests the cache can serve.
+                    record.cache = CacheResult::Stale;
+                    Ok(local_ping())
+                }
+            }
+        }
+        ApiRequest::Other { .. } => {
+            record.kind = Kind::Other;
+            record.cache = CacheResult::Pass;
+            let url = ctx.url(&request.upstream_path(), query.as_deref())?;
+            // Through ctx.send: tag lists and the like are read with the
+            // registry's credentialsFile too.
+            let up = ctx
+                .send(method, url, forward_headers(&headers, true))
+                .await?;
+            Ok(relay_response(up.response))
+        }
+        ApiRequest::Manifest {
+            ref repo,
+            reference: Reference::Digest(ref digest),
+        } => {
+            record.kind = Kind::Manifest;
+            record.reference = digest.to_string();
+            record.digest = digest.to_string();
+            manifest::manifest_by_digest(&ctx, &method, &headers, repo, digest, record).await
+        }
+        ApiRequest::Manifest {
+            ref repo,
+            reference: Reference::Tag(ref tag),
+        } => {
+            record.kind = Kind::Tag;
+            record.reference = tag.clone();
+            tags::manifest_by_tag(&ctx, &method, &headers, repo, tag, record).await
+        }
+        ApiRequest::Blob {
+            ref repo,
+            ref digest,
+        } => {
+            record.kind = Kind::Blob;
+            record.reference = digest.to_string();
+            record.digest = digest.to_string();
+            blob::blob(&ctx, &method, &headers, repo, digest, record).await
+        }
+        ApiRequest::Upload { .. } => Err(refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "uploads are not served",
+        )),
+    }
+}
+
+pub(crate) fn is_outage(status: StatusCode) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error()
+}
+
+/// `200 {}` to `GET /v2/`, answered by the proxy itself.
+fn local_ping() -> Response<Body> {
+    let mut resp = Response::new(body::full(Bytes::from_static(b"{}")));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp.headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    resp
+}
+
+async fn pass_through(
+    client: &UpstreamClient,
+    registry: &str,
+    method: Method,
+    url: Uri,
+    headers: HeaderMap,
+) -> Result<Response<Body>, HandlerError> {
+    let up = client
+        .send(method, url, headers)
+        .await
+        .map_err(|source| HandlerError::Upstream {
+            registry: registry.to_string(),
+            source,
+        })?;
+    Ok(relay_response(up.response))
+}
+
+pub(crate) fn parse_url(url: &str, registry: &str) -> Result<Uri, HandlerError> {
+    url.parse().map_err(|e| HandlerError::BadUpstream {
+        registry: registry.to_string(),
+        message: format!("cannot form upstream URL {url}: {e}"),
+    })
+}

@@ -1,0 +1,272 @@
+//! The issuer: mints leaf certificates from the CA during the handshake
+//! for the names the proxy may serve, and keeps them until a week before
+//! they expire.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rcgen::SanType;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ConfigBuilder, ServerConfig, WantsVerifier};
+use rustls_pki_types::PrivateKeyDer;
+
+use super::ca::{Ca, Minted};
+use super::{AllowedNames, TlsError, normalize};
+
+/// Re-mint a cached leaf once it is this close to expiry.
+const RENEW_BEFORE: Duration = Duration::from_secs(7 * 86_400);
+
+/// A minted certificate and when to replace it.
+pub(super) struct Cached {
+    key: Arc<CertifiedKey>,
+    renew_at: SystemTime,
+}
+
+/// The shared certificate for the proxy's own names, and the names it was
+/// minted for.
+struct OwnCert {
+    names: Vec<String>,
+    ips: Vec<IpAddr>,
+    cert: Cached,
+}
+
+#[derive(Default)]
+pub(super) struct Cache {
+    pub(super) leaves: HashMap<String, Cached>,
+    own: Option<OwnCert>,
+}
+
+/// The proxy's TLS certificate issuer and rustls cert resolver.
+pub struct Issuer {
+    ca: Ca,
+    allowed: ArcSwap<AllowedNames>,
+    cache: Mutex<Cache>,
+    provider: Arc<CryptoProvider>,
+    builder: ConfigBuilder<ServerConfig, WantsVerifier>,
+}
+
+impl std::fmt::Debug for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let allowed = self.allowed.load();
+        f.debug_struct("Issuer")
+            .field("ca", &self.ca.cert_path)
+            .field("ca_subject", &self.ca.subject_cn)
+            .field("registry_names", &allowed.registry_names.len())
+            .field("own_names", &allowed.own_names)
+            .field("own_ips", &allowed.own_ips)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Issuer {
+    /// `ca: Some(files)` loads cert + key PEM from those files (error names the file and what is wrong: unreadable, not PEM, not a CA, key does not match).
+    /// `None`: uses `<data_dir>/ca.crt` + `<data_dir>/ca.key` if both exist, else generates an ECDSA P-256 CA (CN "pullthrough proxy CA", see `pullthrough_api::pki`, ~10 years, KeyCertSign) and writes them (key mode 0600, atomic write: temp in same dir + fsync + rename), so restarts reuse it.
+    ///
+    /// PKCS#8, SEC1 (`EC PRIVATE KEY`) and PKCS#1 (`RSA PRIVATE KEY`) keys
+    /// are accepted. Certificates after the first one in the cert file are
+    /// sent as the chain after each leaf (intermediate CA).
+    pub fn load_or_generate(
+        ca: Option<&pullthrough_api::config::CaFiles>,
+        data_dir: &Path,
+        allowed: AllowedNames,
+    ) -> Result<Self, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let ca = match ca {
+            Some(files) => Ca::load_files(&files.cert, &files.key, &provider)?,
+            None => Ca::load_or_generate_in(data_dir, &provider)?,
+        };
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Config {
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            ca,
+            allowed: ArcSwap::from_pointee(allowed.normalized()),
+            cache: Mutex::new(Cache::default()),
+            provider,
+            builder,
+        })
+    }
+
+    /// The CA certificate PEM clients must trust (never the key).
+    pub fn ca_pem(&self) -> &str {
+        self.ca.pem()
+    }
+
+    /// Swap the allowed names (config reload); previously minted certs for names no longer allowed must not be served any more.
+    pub fn set_allowed(&self, allowed: AllowedNames) {
+        let allowed = allowed.normalized();
+        {
+            let mut cache = self.lock_cache();
+            cache
+                .leaves
+                .retain(|name, _| allowed.registry_names.contains(name));
+        }
+        tracing::debug!(
+            registry_names = allowed.registry_names.len(),
+            own_names = ?allowed.own_names,
+            own_ips = ?allowed.own_ips,
+            "TLS names updated"
+        );
+        // Handshakes check this first, so a removed name is refused from
+        // now on even if a racing handshake re-caches its leaf.
+        self.allowed.store(Arc::new(allowed));
+    }
+
+    /// rustls ServerConfig using this issuer as cert resolver; ALPN ["h2", "http/1.1"]; ring provider via ServerConfig::builder_with_provider.
+    ///
+    /// Session resumption is off: a resumed session would skip the
+    /// resolver, and with it the check that the name is still served.
+    pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        let mut config = self
+            .builder
+            .clone()
+            .with_no_client_auth()
+            .with_cert_resolver(self.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        Arc::new(config)
+    }
+
+    pub(super) fn lock_cache(&self) -> MutexGuard<'_, Cache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The certificate for a handshake with `sni` (`None`: no SNI, e.g. a
+    /// client connecting by IP), or `None` to refuse it.
+    pub(super) fn certificate_for(
+        &self,
+        sni: Option<&str>,
+        now: SystemTime,
+    ) -> Option<Arc<CertifiedKey>> {
+        let allowed = self.allowed.load();
+        let Some(sni) = sni else {
+            return self.own_cert(&allowed, now);
+        };
+        let name = normalize(sni);
+        if allowed.registry_names.contains(&name) {
+            self.registry_cert(&name, now)
+        } else if allowed.own_names.contains(&name) {
+            self.own_cert(&allowed, now)
+        } else {
+            tracing::debug!(sni = %name, "TLS handshake refused: not a configured registry or proxy name");
+            None
+        }
+    }
+
+    fn registry_cert(&self, name: &str, now: SystemTime) -> Option<Arc<CertifiedKey>> {
+        let mut cache = self.lock_cache();
+        if let Some(c) = cache.leaves.get(name)
+            && now < c.renew_at
+        {
+            return Some(c.key.clone());
+        }
+        let san = match name.try_into() {
+            Ok(n) => SanType::DnsName(n),
+            Err(e) => {
+                tracing::warn!(sni = %name, error = %e, "cannot mint a TLS certificate for this name");
+                return None;
+            }
+        };
+        let cached = self.mint(vec![san], name, now, name)?;
+        let key = cached.key.clone();
+        cache.leaves.insert(name.to_owned(), cached);
+        Some(key)
+    }
+
+    fn own_cert(&self, allowed: &AllowedNames, now: SystemTime) -> Option<Arc<CertifiedKey>> {
+        let mut cache = self.lock_cache();
+        if let Some(own) = &cache.own
+            && own.names == allowed.own_names
+            && own.ips == allowed.own_ips
+            && now < own.cert.renew_at
+        {
+            return Some(own.cert.key.clone());
+        }
+        let mut sans = Vec::new();
+        for name in &allowed.own_names {
+            match name.as_str().try_into() {
+                Ok(n) => sans.push(SanType::DnsName(n)),
+                Err(e) => tracing::warn!(name = %name, error = %e, "skipping invalid own name"),
+            }
+        }
+        sans.extend(allowed.own_ips.iter().copied().map(SanType::IpAddress));
+        if sans.is_empty() {
+            tracing::debug!("TLS handshake refused: no SNI and the proxy has no own names or IPs");
+            return None;
+        }
+        let label = format!("{:?} {:?}", allowed.own_names, allowed.own_ips);
+        let cert = self.mint(sans, "pullthrough", now, &label)?;
+        let key = cert.key.clone();
+        cache.own = Some(OwnCert {
+            names: allowed.own_names.clone(),
+            ips: allowed.own_ips.clone(),
+            cert,
+        });
+        Some(key)
+    }
+
+    fn mint(
+        &self,
+        sans: Vec<SanType>,
+        common_name: &str,
+        now: SystemTime,
+        label: &str,
+    ) -> Option<Cached> {
+        let Minted {
+            chain,
+            key,
+            not_after,
+        } = match self.ca.mint(sans, common_name, now) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(names = %label, error = %e, "minting a TLS certificate failed");
+                return None;
+            }
+        };
+        let signing_key = match self
+            .provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(key))
+        {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(names = %label, error = %e, "loading a minted TLS key failed");
+                return None;
+            }
+        };
+        let lifetime = not_after.duration_since(now).unwrap_or_default();
+        let renew_at = if lifetime > 2 * RENEW_BEFORE {
+            not_after - RENEW_BEFORE
+        } else {
+            // The CA itself expires soon: renew halfway, at least hourly.
+            now + (lifetime / 2).max(Duration::from_secs(3600)).min(lifetime)
+        };
+        if not_after < self.ca.not_after() && lifetime <= 2 * RENEW_BEFORE {
+            tracing::warn!(names = %label, "minted a short-lived TLS certificate");
+        }
+        tracing::debug!(
+            names = %label,
+            not_after = %humantime::format_rfc3339_seconds(not_after),
+            "minted TLS certificate"
+        );
+        Some(Cached {
+            key: Arc::new(CertifiedKey::new(chain, signing_key)),
+            renew_at,
+        })
+    }
+}
+
+impl ResolvesServerCert for Issuer {
+    fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.certificate_for(client_hello.server_name(), SystemTime::now())
+    }
+}

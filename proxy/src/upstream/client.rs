@@ -1,0 +1,319 @@
+//! The pooled HTTP/1.1 + HTTP/2 client of one registry: connect timeout
+//! around TCP + TLS, redirects followed server-side, errors that name the
+//! URL and the cause.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{self, HeaderMap};
+use http::{Method, Request, Response, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pullthrough_api::config::{ProxyConfig, RegistryConfig};
+use tokio::net::TcpStream;
+
+use super::redirect::{
+    CREDENTIAL_HEADERS, Origin, is_redirect, redirect_method, resolve_location, sanitize,
+};
+use super::resolve::UpstreamResolver;
+use super::trust::tls_config;
+use super::{MAX_REDIRECTS, UpstreamError, UpstreamResponse};
+
+/// Redirect bodies up to this size are read off so the connection is reused.
+pub(super) const DRAIN_LIMIT: u64 = 64 * 1024;
+
+pub(super) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A pooled HTTP/1.1 + HTTP/2 client for one registry; cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamClient {
+    client: Client<Connector, crate::http::body::Body>,
+    connect_timeout: Duration,
+    read_timeout: Duration,
+}
+
+impl UpstreamClient {
+    pub(super) fn build(
+        config: &ProxyConfig,
+        registry: &RegistryConfig,
+        resolver: UpstreamResolver,
+    ) -> Result<Self, UpstreamError> {
+        let url = registry.upstream_url();
+        let base: Uri = url.parse().map_err(|e| UpstreamError::BadUpstreamUrl {
+            registry: registry.host.clone(),
+            url: url.clone(),
+            reason: format!("{e}"),
+        })?;
+        Origin::of(&base).map_err(|reason| UpstreamError::BadUpstreamUrl {
+            registry: registry.host.clone(),
+            url: url.clone(),
+            reason,
+        })?;
+        let tls = tls_config(registry)?;
+        let timeouts = &config.upstream_timeouts;
+
+        let mut http = HttpConnector::new_with_resolver(resolver);
+        // The https wrapper passes https:// URIs through to this connector.
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(timeouts.connect));
+        http.set_keepalive(Some(Duration::from_secs(60)));
+        let https = HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let connector = Connector {
+            inner: https,
+            timeout: timeouts.connect,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(connector);
+        Ok(Self {
+            client,
+            connect_timeout: timeouts.connect,
+            read_timeout: timeouts.read,
+        })
+    }
+
+    /// Sends `method url` with `headers`; follows 301/302/303/307/308
+    /// server-side up to 5 hops, resolving relative Locations against the
+    /// current URL; sends Authorization (and Cookie, Proxy-Authorization)
+    /// only while the target scheme/host/port equals the original URL's —
+    /// never across hosts, and once dropped never re-added. 303 turns into
+    /// GET (except HEAD, which stays HEAD so a HEAD never spends a GET);
+    /// 301/302 turn POST into GET; 307/308 keep the method. The final
+    /// response's body is streamed (not buffered). Waiting for response
+    /// headers is bounded by `upstream_timeouts.read` (plus the connect
+    /// timeout when a new connection is needed). `Host` and hop-by-hop
+    /// headers in `headers` are dropped: the client sets its own.
+    pub async fn send(
+        &self,
+        method: Method,
+        url: Uri,
+        headers: HeaderMap,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let original = url.clone();
+        let origin = Origin::of(&url).map_err(|reason| UpstreamError::BadUrl {
+            url: url.to_string(),
+            reason,
+        })?;
+        let mut headers = sanitize(headers);
+        let mut credentials = true;
+        let mut method = method;
+        let mut url = url;
+        let mut hops: u8 = 0;
+        loop {
+            let here = Origin::of(&url).map_err(|reason| UpstreamError::BadUrl {
+                url: url.to_string(),
+                reason,
+            })?;
+            if credentials && here != origin {
+                for name in CREDENTIAL_HEADERS {
+                    headers.remove(name);
+                }
+                credentials = false;
+            }
+            let response = self.exchange(&method, &url, &headers).await?;
+            let status = response.status();
+            if !is_redirect(status) {
+                return Ok(UpstreamResponse {
+                    response,
+                    final_url: url,
+                    hops,
+                });
+            }
+            let Some(location) = response.headers().get(header::LOCATION) else {
+                // A 3xx without a Location is the upstream's answer as is.
+                return Ok(UpstreamResponse {
+                    response,
+                    final_url: url,
+                    hops,
+                });
+            };
+            let bad = || UpstreamError::BadRedirect {
+                location: String::from_utf8_lossy(location.as_bytes()).into_owned(),
+                from: url.to_string(),
+            };
+            let next = location
+                .to_str()
+                .ok()
+                .and_then(|l| resolve_location(&url, l))
+                .ok_or_else(bad)?;
+            if hops >= MAX_REDIRECTS {
+                return Err(UpstreamError::TooManyRedirects {
+                    url: original.to_string(),
+                    last: next.to_string(),
+                });
+            }
+            tracing::debug!(%status, from = %url, to = %next, "following upstream redirect");
+            self.discard(response).await;
+            let next_method = redirect_method(status, &method);
+            if next_method != method {
+                headers.remove(header::CONTENT_TYPE);
+                headers.remove(header::CONTENT_LENGTH);
+                method = next_method;
+            }
+            hops += 1;
+            url = next;
+        }
+    }
+
+    /// Sends a request with a streamed body (push pass-through). Redirects
+    /// are not followed — a streamed body cannot be sent twice — and the
+    /// upstream's answer, 3xx included, is returned as is.
+    pub async fn send_body(
+        &self,
+        method: Method,
+        url: Uri,
+        headers: HeaderMap,
+        body: crate::http::body::Body,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        Origin::of(&url).map_err(|reason| UpstreamError::BadUrl {
+            url: url.to_string(),
+            reason,
+        })?;
+        let mut request = Request::new(body);
+        *request.method_mut() = method;
+        *request.uri_mut() = url.clone();
+        *request.headers_mut() = sanitize(headers);
+        let wait = self.connect_timeout + self.read_timeout;
+        match tokio::time::timeout(wait, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(classify(&url, &err)),
+            Err(_) => Err(UpstreamError::Timeout {
+                url: url.to_string(),
+                after: wait,
+            }),
+        }
+    }
+
+    pub(super) async fn exchange(
+        &self,
+        method: &Method,
+        url: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let mut request = Request::new(crate::http::body::empty());
+        *request.method_mut() = method.clone();
+        *request.uri_mut() = url.clone();
+        *request.headers_mut() = headers.clone();
+        let wait = self.connect_timeout + self.read_timeout;
+        match tokio::time::timeout(wait, self.client.request(request)).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(err)) => Err(classify(url, &err)),
+            Err(_) => Err(UpstreamError::Timeout {
+                url: url.to_string(),
+                after: wait,
+            }),
+        }
+    }
+
+    /// Reads a small redirect (or 401) body off so the connection can be
+    /// reused; large or unknown-length bodies are dropped with their
+    /// connection.
+    pub async fn discard(&self, response: Response<Incoming>) {
+        let small = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .is_some_and(|n| n <= DRAIN_LIMIT);
+        if small {
+            let body = response.into_body().collect();
+            let _ = tokio::time::timeout(Duration::from_secs(2).min(self.read_timeout), body).await;
+        }
+    }
+}
+
+/// Turns a client error into one naming the URL, with the cause chain.
+pub(super) fn classify(url: &Uri, err: &hyper_util::client::legacy::Error) -> UpstreamError {
+    let url = url.to_string();
+    let mut parts: Vec<String> = Vec::new();
+    let mut tls = false;
+    let mut timed_out = None;
+    let mut current: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = current {
+        inspect(e, &mut tls, &mut timed_out);
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        current = e.source();
+    }
+    let detail = parts.join(": ");
+    if let Some(after) = timed_out {
+        UpstreamError::ConnectTimeout { url, after }
+    } else if tls {
+        UpstreamError::Tls { url, detail }
+    } else if err.is_connect() {
+        UpstreamError::Connect { url, detail }
+    } else {
+        UpstreamError::Protocol { url, detail }
+    }
+}
+
+/// Notes a rustls error or our connect timeout in `e`, looking through
+/// `io::Error` wrappers (hyper-rustls nests the handshake error twice).
+pub(super) fn inspect(
+    e: &(dyn StdError + 'static),
+    tls: &mut bool,
+    timed_out: &mut Option<Duration>,
+) {
+    if let Some(t) = e.downcast_ref::<ConnectTimedOut>() {
+        *timed_out = Some(t.0);
+    }
+    *tls |= e.downcast_ref::<rustls::Error>().is_some();
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+    {
+        inspect(inner, tls, timed_out);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("connect (TCP + TLS) timed out after {0:?}")]
+pub(super) struct ConnectTimedOut(Duration);
+
+/// The https connector with TCP + TLS bounded by the connect timeout.
+#[derive(Clone)]
+pub(super) struct Connector {
+    inner: HttpsConnector<HttpConnector<UpstreamResolver>>,
+    timeout: Duration,
+}
+
+pub(super) type ConnectFuture =
+    Pin<Box<dyn Future<Output = Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError>> + Send>>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = MaybeHttpsStream<TokioIo<TcpStream>>;
+    type Error = BoxError;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let timeout = self.timeout;
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, connecting).await {
+                Ok(result) => result,
+                Err(_) => Err(Box::new(ConnectTimedOut(timeout)) as BoxError),
+            }
+        })
+    }
+}

@@ -1,0 +1,361 @@
+//! Per-registry upstream credentials (`credentialsFile`).
+//!
+//! A cluster admin who gives a registry credentials makes its content
+//! available to every client of the proxy. For a client request that
+//! carries no `Authorization`, the proxy authenticates to the upstream
+//! itself, the way `docker login` + pull would: on
+//! `401 WWW-Authenticate: Basic` it retries with Basic credentials; on
+//! `Bearer realm="…",service="…",scope="…"` it GETs a token from the realm
+//! with Basic credentials and retries with the token. Tokens are kept per
+//! scope until shortly before they expire and sent up front (as is Basic,
+//! once the registry asked for it), so a pull costs one token request per
+//! repository rather than a 401 round trip per request.
+//!
+//! Credentials go only to the registry's own origin and to the realm its
+//! challenge names (https, unless the upstream itself is plain http) —
+//! never across a redirect to another host ([`UpstreamClient::send`] drops
+//! `Authorization` there), and never into a log (`Debug` is written by
+//! hand, header values are marked sensitive).
+//!
+//! A [`RegistryCredentials`] belongs to one config snapshot: a reload that
+//! changes the credentials builds a new one, so tokens fetched with the old
+//! credentials are dropped with it (see `config::watch`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode, Uri};
+use pullthrough_api::config::{CredentialsError, UpstreamCredentials};
+
+use super::token::{self, Challenge, TokenError, TokenRequest, parse_bearer};
+use super::{UpstreamClient, UpstreamError, UpstreamResponse};
+
+/// Token lifetime when the realm does not say (the distribution token spec).
+const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
+
+/// A token is renewed this long before it expires (at most a fifth of its
+/// life), so a request never leaves with a token that expires in flight.
+const RENEW_MARGIN: Duration = Duration::from_secs(10);
+
+/// Cached tokens kept before expired ones are swept out.
+const MAX_TOKENS: usize = 1000;
+
+/// A `credentialsFile` that cannot be used, naming the registry and the
+/// file (and the field, never a value).
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsFileError {
+    #[error("cannot read credentialsFile {path} of registry {registry}: {source}")]
+    Read {
+        registry: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("credentialsFile {path} of registry {registry}: {source}")]
+    Invalid {
+        registry: String,
+        path: PathBuf,
+        #[source]
+        source: CredentialsError,
+    },
+}
+
+/// Reads and parses a `credentialsFile`.
+pub fn read_file(registry: &str, path: &Path) -> Result<UpstreamCredentials, CredentialsFileError> {
+    let bytes = std::fs::read(path).map_err(|source| CredentialsFileError::Read {
+        registry: registry.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })?;
+    UpstreamCredentials::from_json(&bytes).map_err(|source| CredentialsFileError::Invalid {
+        registry: registry.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// One registry's credentials and what the proxy learnt using them: the
+/// Bearer tokens per scope, and whether the registry wants Basic.
+pub struct RegistryCredentials {
+    registry: String,
+    file: PathBuf,
+    credentials: UpstreamCredentials,
+    /// `Basic base64(username:password)`, marked sensitive.
+    basic: HeaderValue,
+    /// sha256 of `basic`: tells apart grants learnt with other credentials.
+    fingerprint: String,
+    /// The registry answered with a Basic challenge: send Basic up front.
+    wants_basic: AtomicBool,
+    /// Bearer tokens by scope (`""` for requests without a repository).
+    tokens: Mutex<HashMap<String, Token>>,
+}
+
+struct Token {
+    /// `Bearer <token>`, marked sensitive.
+    header: HeaderValue,
+    until: Instant,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password, the Basic header or a token.
+        f.debug_struct("RegistryCredentials")
+            .field("registry", &self.registry)
+            .field("file", &self.file)
+            .field("username", &self.credentials.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Equal when built from the same file content for the same registry: what
+/// a reload compares to decide whether learnt tokens may be kept.
+impl PartialEq for RegistryCredentials {
+    fn eq(&self, other: &Self) -> bool {
+        self.registry == other.registry
+            && self.file == other.file
+            && self.credentials == other.credentials
+    }
+}
+
+/// What went up front with a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Nothing,
+    Basic,
+    Bearer,
+}
+
+/// The challenge of a 401 the proxy can answer.
+enum Wanted {
+    Basic,
+    Bearer(Challenge),
+}
+
+impl RegistryCredentials {
+    /// Reads `path` for `registry`.
+    pub fn load(registry: &str, path: &Path) -> Result<Self, CredentialsFileError> {
+        let credentials = read_file(registry, path)?;
+        Ok(Self::new(registry, path, credentials))
+    }
+
+    pub fn new(registry: &str, file: &Path, credentials: UpstreamCredentials) -> Self {
+        use sha2::Digest as _;
+        let encoded = base64::engine::general_purpose::STANDARD
+            .encode(format!("{}:{}", credentials.username, credentials.password));
+        // Base64 output is always a valid header value.
+        let mut basic = HeaderValue::from_str(&format!("Basic {encoded}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("Basic"));
+        basic.set_sensitive(true);
+        let fingerprint = hex::encode(sha2::Sha256::digest(basic.as_bytes()));
+        Self {
+            registry: registry.to_string(),
+            file: file.to_path_buf(),
+            credentials,
+            basic,
+            fingerprint,
+            wants_basic: AtomicBool::new(false),
+            tokens: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A stable, non-reversible name of these credentials: content the
+    /// upstream served with them is readable "as the proxy serves anonymous
+    /// clients" only while the same credentials are configured.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    /// Sends `method url` with `headers` (which carry no `Authorization`)
+    /// to the registry, authenticated with these credentials: a cached
+    /// token for `scope`, or Basic once the registry asked for it, up
+    /// front; on a 401 Basic or Bearer challenge one retry with Basic or a
+    /// token fetched from the challenge's realm.
+    ///
+    /// When the registry or the realm refuses the credentials the
+    /// registry's 401 (with its challenge) is returned as is, so a client
+    /// learns that it must authenticate itself. A token exchange that fails
+    /// otherwise (realm unreachable, not https, a 5xx, no token in the
+    /// answer) is an [`UpstreamError::Token`].
+    #[tracing::instrument(level = "debug", skip_all, fields(registry = %self.registry, %method, scope))]
+    pub async fn send(
+        &self,
+        client: &UpstreamClient,
+        method: Method,
+        url: Uri,
+        headers: HeaderMap,
+        scope: Option<&str>,
+        timeout: Duration,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let key = scope.unwrap_or_default();
+        tracing::Span::current().record("scope", key);
+        let (sent, up_front) = self.up_front(key);
+        let resp = client
+            .send(method.clone(), url.clone(), with_auth(&headers, up_front))
+            .await?;
+        if resp.response.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let retry_with = match wanted(resp.response.headers()) {
+            None => return Ok(resp),
+            Some(Wanted::Basic) => {
+                if sent == Sent::Basic {
+                    self.refused("the registry");
+                    return Ok(resp);
+                }
+                self.wants_basic.store(true, Ordering::Relaxed);
+                self.basic.clone()
+            }
+            Some(Wanted::Bearer(challenge)) => {
+                self.wants_basic.store(false, Ordering::Relaxed);
+                if sent == Sent::Bearer {
+                    // Revoked or expired early: never offer it again.
+                    self.forget(key);
+                }
+                match self
+                    .fetch_token(client, &url, &challenge, key, timeout)
+                    .await?
+                {
+                    Some(token) => token,
+                    None => {
+                        self.refused("the token realm");
+                        return Ok(resp);
+                    }
+                }
+            }
+        };
+        client.discard(resp.response).await;
+        client
+            .send(method, url, with_auth(&headers, Some(retry_with)))
+            .await
+    }
+
+    fn refused(&self, by: &str) {
+        tracing::warn!(
+            registry = %self.registry,
+            file = %self.file.display(),
+            "{by} refused the credentials of credentialsFile; relaying the upstream's 401"
+        );
+    }
+
+    /// What to send before any challenge: a fresh token for `scope`, else
+    /// Basic if the registry asked for Basic before.
+    fn up_front(&self, scope: &str) -> (Sent, Option<HeaderValue>) {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = tokens.get(scope).filter(|t| Instant::now() < t.until) {
+            return (Sent::Bearer, Some(t.header.clone()));
+        }
+        if self.wants_basic.load(Ordering::Relaxed) {
+            return (Sent::Basic, Some(self.basic.clone()));
+        }
+        (Sent::Nothing, None)
+    }
+
+    fn forget(&self, scope: &str) {
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens.remove(scope);
+    }
+
+    /// GETs a token from the challenge's realm with Basic credentials
+    /// (`service` and `scope` as query parameters) and caches it for
+    /// `key`. `None` when the realm refuses the credentials (401/403).
+    #[tracing::instrument(skip_all, fields(registry = %self.registry, scope = key))]
+    async fn fetch_token(
+        &self,
+        client: &UpstreamClient,
+        upstream: &Uri,
+        challenge: &Challenge,
+        key: &str,
+        timeout: Duration,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let fail = |reason: String| UpstreamError::Token {
+            registry: self.registry.clone(),
+            realm: challenge.realm.clone(),
+            reason,
+        };
+        let scope = challenge
+            .scope
+            .as_deref()
+            .or(Some(key))
+            .filter(|s| !s.is_empty());
+        let request = TokenRequest {
+            challenge,
+            scope,
+            authorization: Some(&self.basic),
+            // Plain http only where the registry itself is plain http
+            // (tests, labs): the realm gets the password.
+            allow_http: upstream.scheme_str() == Some("http"),
+            timeout,
+        };
+        let issued = match token::fetch(client, request).await {
+            Ok(issued) => issued,
+            Err(TokenError::Refused { .. }) => return Ok(None),
+            Err(TokenError::Send(err)) => return Err(err),
+            Err(err) => return Err(fail(err.to_string())),
+        };
+        if issued.token.is_empty() {
+            return Err(fail(TokenError::NoToken.to_string()));
+        }
+        let mut header = HeaderValue::from_str(&format!("Bearer {}", issued.token))
+            .map_err(|_| fail("the token has characters a header cannot carry".into()))?;
+        header.set_sensitive(true);
+        let life = issued
+            .expires_in
+            .map_or(DEFAULT_TOKEN_LIFE, Duration::from_secs);
+        let keep = life.saturating_sub(RENEW_MARGIN.min(life / 5));
+        if !keep.is_zero() {
+            let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+            if tokens.len() >= MAX_TOKENS {
+                let now = Instant::now();
+                tokens.retain(|_, t| now < t.until);
+            }
+            tokens.insert(
+                key.to_string(),
+                Token {
+                    header: header.clone(),
+                    until: Instant::now() + keep,
+                },
+            );
+        }
+        tracing::debug!(
+            lifetime_secs = life.as_secs(),
+            "fetched an upstream token with the configured credentials"
+        );
+        Ok(Some(header))
+    }
+}
+
+/// The challenge to answer: Bearer if offered (it names the scope), else
+/// Basic; None for anything else.
+fn wanted(headers: &HeaderMap) -> Option<Wanted> {
+    let values: Vec<&str> = headers
+        .get_all(header::WWW_AUTHENTICATE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if let Some(challenge) = values.iter().find_map(|v| parse_bearer(v)) {
+        return Some(Wanted::Bearer(challenge));
+    }
+    values
+        .iter()
+        .any(|v| {
+            let scheme = v.trim().split([' ', ',']).next().unwrap_or_default();
+            scheme.eq_ignore_ascii_case("basic")
+        })
+        .then_some(Wanted::Basic)
+}
+
+fn with_auth(headers: &HeaderMap, auth: Option<HeaderValue>) -> HeaderMap {
+    let mut headers = headers.clone();
+    if let Some(v) = auth {
+        headers.insert(header::AUTHORIZATION, v);
+    }
+    headers
+}
+
+#[cfg(test)]
+mod tests;

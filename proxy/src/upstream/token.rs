@@ -1,0 +1,417 @@
+//! Bearer tokens from a registry's token realm: the challenge that names
+//! the realm, the one fetcher that asks it, and the anonymous tokens the
+//! proxy keeps for clients that bring no credentials.
+//!
+//! In mirror mode a client talks to many upstreams through one name and
+//! cannot follow each upstream's token realm (the proxy answers its own
+//! `/v2/` ping). When such a client sends no Authorization and the upstream
+//! answers with a Bearer challenge, the proxy fetches an anonymous token
+//! from the challenge's realm itself and retries ([`AnonymousTokens`]).
+//! This grants exactly what anonymous access grants; clients that send
+//! credentials get their requests relayed untouched. A registry's
+//! `credentialsFile` uses the same fetcher with Basic credentials (see
+//! [`super::credentials`]).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, StatusCode, Uri};
+use http_body_util::BodyExt;
+
+use super::{UpstreamClient, UpstreamError};
+
+/// Largest token response read.
+const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
+
+/// A parsed `WWW-Authenticate: Bearer ...` challenge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Challenge {
+    pub realm: String,
+    pub service: Option<String>,
+    pub scope: Option<String>,
+}
+
+/// Parses a Bearer challenge (`Bearer realm="...",service="...",scope="..."`);
+/// quoted values may contain commas.
+pub fn parse_bearer(value: &str) -> Option<Challenge> {
+    let (scheme, rest) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut chars = rest.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| *c == ',' || c.is_whitespace()) {
+            chars.next();
+        }
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        if key.is_empty() {
+            break;
+        }
+        let mut val = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => val.extend(chars.next()),
+                    '"' => break,
+                    c => val.push(c),
+                }
+            }
+        } else {
+            while let Some(c) = chars.peek() {
+                if *c == ',' {
+                    break;
+                }
+                val.push(*c);
+                chars.next();
+            }
+        }
+        params.insert(key.trim().to_ascii_lowercase(), val.trim().to_string());
+    }
+    Some(Challenge {
+        realm: params.remove("realm")?,
+        service: params.remove("service"),
+        scope: params.remove("scope"),
+    })
+}
+
+/// What a realm answers (the distribution token spec; `access_token` is
+/// the OAuth2 spelling some registries use instead).
+#[derive(serde::Deserialize)]
+struct TokenResponse {
+    token: Option<String>,
+    access_token: Option<String>,
+    expires_in: Option<u64>,
+}
+
+/// A token a realm issued, as it came.
+#[derive(Debug)]
+pub struct IssuedToken {
+    /// `token`, else `access_token`; may be empty if the realm sent that.
+    pub token: String,
+    /// Seconds, when the realm said.
+    pub expires_in: Option<u64>,
+}
+
+/// What to ask a realm for.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenRequest<'a> {
+    pub challenge: &'a Challenge,
+    /// Sent as `scope` when not empty.
+    pub scope: Option<&'a str>,
+    /// Sent to the realm (Basic credentials), if any.
+    pub authorization: Option<&'a HeaderValue>,
+    /// Whether an `http://` realm may be asked (else https only).
+    pub allow_http: bool,
+    /// Bound on the whole exchange.
+    pub timeout: Duration,
+}
+
+/// Why no token came back. Messages never quote the realm's answer: it
+/// may hold a token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the realm is not a URL: {0}")]
+    RealmNotUrl(#[source] url::ParseError),
+    #[error(
+        "the realm is {scheme}://, and credentials are sent only over https \
+         (or http when the upstream itself is http)"
+    )]
+    Scheme { scheme: String },
+    #[error("the realm is not a usable URL: {0}")]
+    RealmUnusable(#[source] http::uri::InvalidUri),
+    /// The realm could not be reached; the upstream error says why.
+    #[error(transparent)]
+    Send(UpstreamError),
+    /// 401 or 403: the realm does not give this caller a token.
+    #[error("the realm refused ({status})")]
+    Refused { status: StatusCode },
+    #[error("the realm answered {status}")]
+    Status { status: StatusCode },
+    #[error("reading the realm's answer: {reason}")]
+    Read { reason: String },
+    #[error("the realm's answer is not JSON with `token` or `access_token`")]
+    NotJson,
+    #[error("the realm's answer has no `token` or `access_token`")]
+    NoToken,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// GETs a token from the challenge's realm through the registry's client
+/// (`service` and `scope` as query parameters). The one place a realm is
+/// asked: anonymous tokens and `credentialsFile` tokens differ only in
+/// what they send and how long they keep the answer.
+pub async fn fetch(
+    client: &UpstreamClient,
+    request: TokenRequest<'_>,
+) -> Result<IssuedToken, TokenError> {
+    let challenge = request.challenge;
+    let mut realm = url::Url::parse(&challenge.realm).map_err(TokenError::RealmNotUrl)?;
+    match realm.scheme() {
+        "https" => {}
+        "http" if request.allow_http => {}
+        other => {
+            return Err(TokenError::Scheme {
+                scheme: other.to_string(),
+            });
+        }
+    }
+    {
+        let mut q = realm.query_pairs_mut();
+        if let Some(service) = &challenge.service {
+            q.append_pair("service", service);
+        }
+        if let Some(scope) = request.scope.filter(|s| !s.is_empty()) {
+            q.append_pair("scope", scope);
+        }
+    }
+    let uri: Uri = realm.as_str().parse().map_err(TokenError::RealmUnusable)?;
+    let mut headers = HeaderMap::new();
+    if let Some(auth) = request.authorization {
+        headers.insert(header::AUTHORIZATION, auth.clone());
+    }
+    let exchange = async {
+        let resp = client
+            .send(Method::GET, uri, headers)
+            .await
+            .map_err(TokenError::Send)?;
+        let status = resp.response.status();
+        if status != StatusCode::OK {
+            client.discard(resp.response).await;
+            return Err(
+                if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                    TokenError::Refused { status }
+                } else {
+                    TokenError::Status { status }
+                },
+            );
+        }
+        let body = http_body_util::Limited::new(resp.response.into_body(), MAX_TOKEN_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| TokenError::Read {
+                reason: e.to_string(),
+            })?
+            .to_bytes();
+        // Not the parse error: it may quote the token.
+        let parsed: TokenResponse =
+            serde_json::from_slice(&body).map_err(|_| TokenError::NotJson)?;
+        let token = parsed
+            .token
+            .or(parsed.access_token)
+            .ok_or(TokenError::NoToken)?;
+        Ok(IssuedToken {
+            token,
+            expires_in: parsed.expires_in,
+        })
+    };
+    tokio::time::timeout(request.timeout, exchange)
+        .await
+        .map_err(|_| TokenError::Timeout(request.timeout))?
+}
+
+/// Anonymous tokens per (registry, scope), kept until shortly before they
+/// expire.
+#[derive(Debug, Default)]
+pub struct AnonymousTokens {
+    tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+}
+
+impl AnonymousTokens {
+    pub fn get(&self, registry: &str, scope: &str) -> Option<String> {
+        let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        tokens
+            .get(&(registry.to_string(), scope.to_string()))
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(t, _)| t.clone())
+    }
+
+    /// Fetches an anonymous token for `challenge` from its realm through
+    /// the registry's upstream client; None (logged) when the realm refuses.
+    pub async fn fetch(
+        &self,
+        client: &UpstreamClient,
+        registry: &str,
+        challenge: &Challenge,
+        default_scope: Option<&str>,
+        timeout: Duration,
+    ) -> Option<String> {
+        let scope = challenge
+            .scope
+            .as_deref()
+            .or(default_scope)
+            .unwrap_or_default();
+        let request = TokenRequest {
+            challenge,
+            scope: Some(scope),
+            authorization: None,
+            // Nothing secret goes to the realm: plain http is acceptable.
+            allow_http: true,
+            timeout,
+        };
+        let issued = match fetch(client, request).await {
+            Ok(issued) => issued,
+            Err(TokenError::Scheme { .. }) => {
+                tracing::warn!(registry, realm = %challenge.realm, "token realm is not http(s); not following it");
+                return None;
+            }
+            Err(TokenError::Refused { status } | TokenError::Status { status }) => {
+                tracing::info!(
+                    registry,
+                    status = status.as_u16(),
+                    "anonymous token refused by the realm"
+                );
+                return None;
+            }
+            Err(_) => return None,
+        };
+        // Registries default to 60 s; renew 10 s early.
+        let life = Duration::from_secs(issued.expires_in.unwrap_or(60).saturating_sub(10).max(10));
+        self.tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                (registry.to_string(), scope.to_string()),
+                (issued.token.clone(), Instant::now() + life),
+            );
+        tracing::debug!(registry, scope, "fetched anonymous upstream token");
+        Some(issued.token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use bytes::Bytes;
+    use http::Response;
+    use http_body_util::Full;
+    use pullthrough_api::config::ProxyConfig;
+
+    use super::*;
+    use crate::test_server::TestServer;
+    use crate::upstream::Upstreams;
+
+    fn respond(status: u16, body: &str) -> Response<Full<Bytes>> {
+        Response::builder()
+            .status(status)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+            .unwrap()
+    }
+
+    fn upstreams() -> Upstreams {
+        let config = ProxyConfig::from_yaml(
+            "upstreamTimeouts: {connect: 3s, read: 10s}\n\
+             registries:\n  - host: reg.test\n    upstream: \"http://127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        Upstreams::new(&config).unwrap()
+    }
+
+    fn challenge(realm: String) -> Challenge {
+        Challenge {
+            realm,
+            service: Some("reg.test".into()),
+            scope: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn anonymous_tokens_are_fetched_without_credentials_and_kept_per_scope() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |s| {
+            if s.auth().is_some() {
+                return respond(400, "{}");
+            }
+            respond(200, r#"{"token":"anon-1","expires_in":300}"#)
+        })
+        .await;
+        let upstreams = upstreams();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let c = challenge(format!("http://{}/token", realm.addr));
+        let scope = "repository:library/busybox:pull";
+        let got = tokens
+            .fetch(client, "reg.test", &c, Some(scope), Duration::from_secs(5))
+            .await;
+        assert_eq!(got.as_deref(), Some("anon-1"));
+        assert_eq!(tokens.get("reg.test", scope).as_deref(), Some("anon-1"));
+        assert_eq!(tokens.get("reg.test", "repository:other:pull"), None);
+        let seen = realm.seen();
+        assert_eq!(seen.len(), 1);
+        assert!(
+            seen[0].path.contains("service=reg.test"),
+            "{}",
+            seen[0].path
+        );
+        assert!(
+            seen[0]
+                .path
+                .contains("scope=repository%3Alibrary%2Fbusybox%3Apull"),
+            "{}",
+            seen[0].path
+        );
+    }
+
+    #[tokio::test]
+    async fn refused_or_unusable_realms_give_no_anonymous_token() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| respond(401, "{}")).await;
+        let upstreams = upstreams();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let timeout = Duration::from_secs(5);
+        let refused = challenge(format!("http://{}/token", realm.addr));
+        assert_eq!(
+            tokens
+                .fetch(client, "reg.test", &refused, None, timeout)
+                .await,
+            None
+        );
+        let not_http = challenge(format!("ftp://{}/token", realm.addr));
+        assert_eq!(
+            tokens
+                .fetch(client, "reg.test", &not_http, None, timeout)
+                .await,
+            None
+        );
+        assert_eq!(realm.seen().len(), 1, "the ftp realm was not followed");
+    }
+
+    #[test]
+    fn parses_bearer_challenges() {
+        let c = parse_bearer(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/busybox:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(c.realm, "https://auth.docker.io/token");
+        assert_eq!(c.service.as_deref(), Some("registry.docker.io"));
+        assert_eq!(
+            c.scope.as_deref(),
+            Some("repository:library/busybox:pull,push")
+        );
+        let c = parse_bearer(r#"bearer realm="https://ghcr.io/token", service="ghcr.io""#).unwrap();
+        assert_eq!(c.service.as_deref(), Some("ghcr.io"));
+        assert_eq!(c.scope, None);
+        assert_eq!(parse_bearer(r#"Basic realm="x""#), None);
+        assert_eq!(parse_bearer(r#"Bearer service="x""#), None);
+    }
+
+    #[test]
+    fn tokens_expire() {
+        let t = AnonymousTokens::default();
+        t.tokens.lock().unwrap().insert(
+            ("r".into(), "s".into()),
+            ("tok".into(), Instant::now() + Duration::from_secs(5)),
+        );
+        assert_eq!(t.get("r", "s").as_deref(), Some("tok"));
+        t.tokens
+            .lock()
+            .unwrap()
+            .insert(("r".into(), "s".into()), ("tok".into(), Instant::now()));
+        assert_eq!(t.get("r", "s"), None);
+    }
+}
