@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
 use kube::{Api, Client};
 
 use crate::FIELD_MANAGER;
@@ -28,7 +28,6 @@ pub use pullthrough_api::contract::CA_NEXT_CERT_KEY as NEXT_CERT_KEY;
 pub use pullthrough_api::contract::CA_NEXT_KEY_KEY as NEXT_KEY_KEY;
 pub const PREVIOUS_CERT_KEY: &str = "previous.crt";
 /// Key of the trust bundle in the CA ConfigMap.
-pub use pullthrough_api::contract::CA_BUNDLE_KEY as BUNDLE_KEY;
 /// When `next.crt` was generated (unix seconds).
 pub use pullthrough_api::contract::CA_NEXT_SINCE_ANNOTATION as NEXT_SINCE_ANNOTATION;
 /// When the last rotation promoted `next.crt` (unix seconds).
@@ -39,7 +38,7 @@ pub enum CaError {
     #[error("kubernetes API: {0}")]
     Kube(#[from] kube::Error),
     #[error("generating the CA: {0}")]
-    Rcgen(#[from] rcgen::Error),
+    Generate(#[from] PkiError),
     #[error("CA Secret: {0}")]
     Invalid(String),
 }
@@ -55,11 +54,8 @@ pub struct CaPolicy {
 /// A new self-signed ECDSA P-256 CA: (cert PEM, key PEM). The same CA the
 /// proxy generates for itself in standalone mode (see [`pki::generate_ca`]).
 pub fn generate(validity: Duration) -> Result<(String, String), CaError> {
-    match pki::generate_ca(validity) {
-        Ok(ca) => Ok((ca.cert_pem, ca.key_pem)),
-        Err(PkiError::Generate(e)) => Err(CaError::Rcgen(e)),
-        Err(e) => Err(CaError::Invalid(e.to_string())),
-    }
+    let ca = pki::generate_ca(validity)?;
+    Ok((ca.cert_pem, ca.key_pem))
 }
 
 /// `notAfter` of the first certificate in `pem`, as unix seconds.
@@ -239,20 +235,7 @@ pub async fn ensure(
             state
         }
     };
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let cm = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {"name": name, "namespace": ns,
-            "labels": {MANAGED_BY_LABEL: FIELD_MANAGER}},
-        "data": {BUNDLE_KEY: state.bundle()},
-    });
-    cms.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&cm),
-    )
-    .await?;
+    crate::publish::apply_ca_bundle(client, ns, name, &state.bundle()).await?;
     Ok(state)
 }
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, ResourceExt};
 use pullthrough_api::agent::NodeProxy;
-use pullthrough_api::contract::MANAGED_BY_LABEL;
+use pullthrough_api::contract::{CA_BUNDLE_KEY, MANAGED_BY_LABEL};
 use pullthrough_api::crd::MirrorRegistry;
 use serde_json::{Value, json};
 
@@ -204,6 +204,37 @@ pub fn credentials_secret(ns: &str, name: &str, keys: &BTreeMap<String, String>)
             .map(|(k, v)| (k.clone(), base64::engine::general_purpose::STANDARD.encode(v)))
             .collect::<BTreeMap<_, _>>(),
     })
+}
+
+/// The CA ConfigMap nodes trust: every CA certificate in `bundle`.
+pub fn ca_configmap(ns: &str, name: &str, bundle: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {MANAGED_BY_LABEL: FIELD_MANAGER},
+        },
+        "data": {CA_BUNDLE_KEY: bundle},
+    })
+}
+
+/// Server-side applies the CA ConfigMap (`ca.rs` decides its content).
+pub async fn apply_ca_bundle(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    bundle: &str,
+) -> Result<(), kube::Error> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&ca_configmap(ns, name, bundle)),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn apply_table(client: &Client, ns: &str, name: &str, t: &Table) -> Result<(), Error> {
