@@ -395,9 +395,10 @@ impl Conn {
         mode: BodyMode,
         head_timeout: Option<Duration>,
     ) -> Result<Fetched> {
-        let url = format!("{}://{}{path}", self.scheme, self.authority);
+        // Formatted only when needed: a load generator sends many.
+        let url = || format!("{}://{}{path}", self.scheme, self.authority);
         let err = |message: String| Error::Http {
-            url: url.clone(),
+            url: url(),
             message,
         };
         let mut req = Request::builder().method(method);
@@ -405,7 +406,7 @@ impl Conn {
             Sender::H1(_) => req
                 .uri(path)
                 .header(http::header::HOST, self.authority.as_str()),
-            Sender::H2(_) => req.uri(url.as_str()),
+            Sender::H2(_) => req.uri(url()),
         };
         for (k, v) in headers {
             req = req.header(*k, *v);
