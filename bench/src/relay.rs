@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+use crate::Res;
 
 /// Bytes the bucket holds at most: bursts stay short next to the rate.
 const BURST: f64 = 256.0 * 1024.0;
