@@ -204,15 +204,7 @@ fn dockerd_registry_mirror_for_docker_hub_names() {
     let mut started = common::Started::default();
     {
         let mut up = common::upstream_at(Registry::plain().unwrap(), "library/busybox");
-        let proxy = Proxy::start(
-            common::proxy_bin(),
-            Addrs::localhost().unwrap(),
-            &format!(
-                "defaultRegistry: docker.io\n{}",
-                common::one_registry("docker.io", &up.registry.url(), "")
-            ),
-        )
-        .unwrap();
+        let proxy = common::proxy_for_docker_hub(&up, "");
         let dead = dead_loopback();
         let dockerd = common::dockerd_mirroring_docker_hub_to(&proxy, dead);
         started

@@ -63,6 +63,21 @@ pub fn proxy_for(up: &Upstream) -> Proxy {
     proxy_serving("quay.io", &up.registry.url())
 }
 
+/// The proxy on free localhost ports serving `upstream` as `docker.io`,
+/// its `defaultRegistry` (requests naming no registry go there), with
+/// `extra` lines of that registry's config.
+pub fn proxy_for_docker_hub(upstream: &Upstream, extra: &str) -> Proxy {
+    Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "defaultRegistry: docker.io\n{}",
+            one_registry("docker.io", &upstream.registry.url(), extra)
+        ),
+    )
+    .unwrap()
+}
+
 /// Writes the proxy CA as `<dir>/ca.crt` (a cert dir for skopeo/podman).
 pub fn ca_dir(proxy: &Proxy) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
