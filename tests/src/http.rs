@@ -177,7 +177,8 @@ impl<'a> Get<'a> {
             };
             let config = match (https, self.ca_pem) {
                 (false, _) => None,
-                (true, Some(ca)) => Some(tls_config(ca, &[b"http/1.1"])?),
+                // No ALPN: HTTP/1.1, as any server speaks it.
+                (true, Some(ca)) => Some(tls_config(ca, &[])?),
                 (true, None) => return Err(self.err("https needs a CA".into())),
             };
             // Every address the name resolves to, in turn (as connect does).
