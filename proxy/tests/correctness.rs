@@ -657,10 +657,16 @@ fn ranges_of_cached_blobs() {
         format!("bytes */{size}").as_str()
     );
 
-    let hits = proxy
-        .access_matching(&[("digest", &layer), ("cache", "HIT")])
-        .len();
-    assert_eq!(hits, 3, "{}", proxy.log());
+    // A line is written a moment after its response: wait for the third.
+    let hits = || {
+        proxy
+            .access_matching(&[("digest", &layer), ("cache", "HIT")])
+            .len()
+    };
+    let _ = wait_for("three HIT lines", Duration::from_secs(10), || {
+        Ok(hits() >= 3)
+    });
+    assert_eq!(hits(), 3, "{}", proxy.log());
 }
 
 // --- 7. HEAD ---------------------------------------------------------------
