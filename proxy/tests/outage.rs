@@ -95,13 +95,7 @@ fn dockerd_pulls_tags_through_an_upstream_outage() {
         let proxy = common::proxy_for_docker_hub(&up, "    tagTTL: 4s\n");
         let dead: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let dockerd = common::dockerd_mirroring_docker_hub_to(&proxy, dead);
-        started
-            .pid("docker-registry", up.registry.pid())
-            .pid("pullthrough-proxy", proxy.pid())
-            .pid("dockerd", dockerd.pid())
-            .dir(up.registry.dir())
-            .dir(proxy.dir())
-            .dir(dockerd.dir());
+        started.upstream_and_proxy(&up, &proxy).dockerd(&dockerd);
 
         dockerd.docker(["pull", "busybox:1"]).unwrap();
         proxy

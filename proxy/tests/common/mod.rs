@@ -107,6 +107,18 @@ impl Started {
         self
     }
 
+    /// The upstream registry and the proxy: their PIDs and dirs.
+    pub fn upstream_and_proxy(&mut self, up: &Upstream, proxy: &Proxy) -> &mut Self {
+        self.pid("docker-registry", up.registry.pid())
+            .pid("pullthrough-proxy", proxy.pid())
+            .dir(up.registry.dir())
+            .dir(proxy.dir())
+    }
+
+    pub fn dockerd(&mut self, dockerd: &pullthrough_testbed::dockerd::Dockerd) -> &mut Self {
+        self.pid("dockerd", dockerd.pid()).dir(dockerd.dir())
+    }
+
     pub fn netns(&mut self, name: &str) -> &mut Self {
         self.netns.push(name.to_string());
         self
