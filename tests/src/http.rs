@@ -481,3 +481,56 @@ impl Conn {
         Ok(fetched)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::stub::Stub;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn one_connection_serves_many_requests_kept_counted_or_given_up() {
+        let stub = Stub::canned()
+            .respond("/a", StatusCode::OK, "text/plain", "hello world")
+            .start()
+            .unwrap();
+        stub.set_json("/status", &serde_json::json!({"ok": true}));
+        rt().block_on(async {
+            let mut conn = Conn::plain(stub.addr()).await.unwrap();
+            assert_eq!(conn.version(), http::Version::HTTP_11);
+            let r = conn.get("/a", &[], BodyMode::Keep).await.unwrap();
+            assert_eq!(
+                (r.status, &r.body[..]),
+                (StatusCode::OK, &b"hello world"[..])
+            );
+            assert_eq!(r.header("content-type"), Some("text/plain"));
+            assert!(r.first_byte.is_some() && r.error.is_none());
+            let r = conn.get("/a", &[], BodyMode::Count).await.unwrap();
+            assert_eq!((r.bytes, r.body.len()), (11, 0));
+            let r = conn
+                .get("/status", &[("x-test", "1")], BodyMode::Keep)
+                .await
+                .unwrap();
+            assert_eq!(&r.body[..], br#"{"ok":true}"#);
+            let r = conn.get("/nothing", &[], BodyMode::Keep).await.unwrap();
+            assert_eq!(r.status, StatusCode::NOT_FOUND);
+            let r = conn.get("/a", &[], BodyMode::GiveUpAfter(1)).await.unwrap();
+            assert_eq!(r.error.as_deref(), Some("gave up"));
+        });
+        let seen = stub.requests();
+        assert_eq!(seen.len(), 5);
+        assert!(seen[2].headers.contains_key("x-test"));
+        let url = format!("{}/a", stub.url());
+        let r = Get::new(&url).send().unwrap();
+        assert_eq!(&r.body[..], b"hello world");
+        let r = rt().block_on(Get::new(&url).send_async()).unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+}
