@@ -10,11 +10,11 @@
 //! by PID when it ends, also on error. Loads are bounded in request count
 //! and time, loopback only. Not part of the test suite.
 //!
-//! [`targets`] starts the servers and sends the load generator's requests,
+//! [`targets`] starts the servers (the upstream behind the test bed's
+//! throttling relay) and sends the load generator's requests,
 //! [`scenario`] holds one module per measurement, [`report`] the table.
 
 mod procfs;
-mod relay;
 mod report;
 mod scenario;
 mod targets;

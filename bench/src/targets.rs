@@ -16,10 +16,10 @@ use pullthrough_testbed::net::{free_port, is_listening};
 use pullthrough_testbed::process::Process;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::relay::Relay;
 use pullthrough_testbed::tls::{TestCa, client_config};
 use rustls::ClientConfig;
 
-use crate::relay::Relay;
 use crate::{MIB, NG_MISS_REPO, REG, REPO, Res, Sizes};
 
 /// Bound on any single transfer.
@@ -167,7 +167,8 @@ impl Bench {
         let upstream_ca = upstream.ca_path().ok_or("TLS registry without a CA")?;
         let fx = fixtures(sizes, &upstream)?;
         // Both proxies reach the upstream through the relay (unlimited until
-        // the throttled MISS phase).
+        // the throttled MISS phase): the MISS figures are then taken with an
+        // upstream slower than the machine, as the internet is.
         let relay = Relay::start(upstream.addr())?;
         let upstream_url = format!("{}://{}", upstream.scheme(), relay.addr);
 

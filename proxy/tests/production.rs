@@ -17,6 +17,7 @@ use pullthrough_testbed::http::{BodyMode, Fetched, Get};
 use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::relay::Relay;
 use pullthrough_testbed::stub::{Stub, Throttle};
 use serde_json::Value;
 
@@ -512,55 +513,6 @@ fn a_full_disk_keeps_serving_by_pass_through() {
     drop(mount);
 }
 
-/// A TCP relay on loopback in front of `target` that passes the first
-/// `open_for` bytes of upstream → proxy traffic (all connections together),
-/// then holds further bytes until `gate` is set to true. Lets a test act
-/// at a precise point of a download instead of racing a fast upstream.
-async fn gated_relay(
-    target: std::net::SocketAddr,
-    open_for: u64,
-) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (gate, gate_rx) = tokio::sync::watch::channel(false);
-    let passed = Arc::new(AtomicU64::new(0));
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
-                continue;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut ur, mut uw) = upstream.into_split();
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut cr, &mut uw).await;
-                let _ = uw.shutdown().await;
-            });
-            let (mut gate_rx, passed) = (gate_rx.clone(), Arc::clone(&passed));
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match ur.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if passed.fetch_add(n as u64, Ordering::SeqCst) >= open_for
-                        && gate_rx.wait_for(|open| *open).await.is_err()
-                    {
-                        break;
-                    }
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = cw.shutdown().await;
-            });
-        }
-    });
-    (addr, gate)
-}
-
 /// Fills the filesystem holding `path` by writing one file there until
 /// ENOSPC; returns the bytes written.
 fn fill_disk(path: &Path) -> u64 {
@@ -613,7 +565,7 @@ fn a_disk_filling_up_mid_download_survives_an_upstream_without_ranges() {
 }
 
 /// Six clients on one download of the image's only layer from `upstream`
-/// (through a gated relay), the data dir on a 40 MiB tmpfs filled up once
+/// (through the test bed's relay, holding it), the data dir on a 40 MiB tmpfs filled up once
 /// bytes are on disk; returns the upstream GETs of the layer.
 fn disk_fills_mid_download(
     image: &Image,
@@ -624,8 +576,9 @@ fn disk_fills_mid_download(
     let layer = image.layer_digests()[0].clone();
     let rt = rt();
     // 4 MiB pass, then the relay holds the download until the disk is full.
-    let (relay, gate) = rt.block_on(gated_relay(upstream, 4 << 20));
-    let mut proxy = common::proxy_serving("quay.io", &format!("http://{relay}"));
+    let relay = Relay::start(upstream).unwrap();
+    relay.hold_after(4 << 20);
+    let mut proxy = common::proxy_serving("quay.io", &format!("http://{}", relay.addr));
     proxy.stop().unwrap();
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
@@ -657,7 +610,7 @@ fn disk_fills_mid_download(
     .unwrap();
     let filled = fill_disk(&data.join("filler"));
     assert!(filled > 0, "the disk was already full");
-    gate.send_replace(true);
+    relay.release();
     let results: Vec<Fetched> = rt.block_on(async {
         let mut out = Vec::new();
         for t in tasks {
