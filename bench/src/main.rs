@@ -128,10 +128,7 @@ fn run() -> Res<()> {
     eprintln!("sizes: {sizes:?}");
     let bin = targets::proxy_release_bin()?;
     let bench = Bench::start(&sizes, &bin)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = pullthrough_testbed::http::runtime()?;
     let report = measure(&bench, &rt, &sizes, &phases)?;
     report.print(phases.quick, &procfs::machine());
     drop(rt);

@@ -125,10 +125,7 @@ fn sync_upstream_log(reg: &Registry) {
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    pullthrough_testbed::http::runtime().unwrap()
 }
 
 // --- 1. credentials --------------------------------------------------------

@@ -44,11 +44,7 @@ async fn fetch(url: String, headers: Vec<(&'static str, String)>, mode: BodyMode
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    pullthrough_testbed::http::runtime().unwrap()
 }
 
 fn blob_url(proxy: &Proxy, registry: &str, repo: &str, digest: &str) -> String {

@@ -216,6 +216,16 @@ impl<'a> Get<'a> {
     }
 }
 
+/// A runtime for a test's async clients (two worker threads, so spawned
+/// clients run side by side).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Other(format!("building a tokio runtime: {e}")))
+}
+
 /// A client TLS config trusting only `ca_pem`, offering `alpn` (e.g.
 /// `&[b"h2", b"http/1.1"]`; empty: no ALPN).
 pub fn tls_config(ca_pem: &str, alpn: &[&[u8]]) -> Result<Arc<rustls::ClientConfig>> {
@@ -489,10 +499,7 @@ mod tests {
     use crate::stub::Stub;
 
     fn rt() -> tokio::runtime::Runtime {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
+        runtime().unwrap()
     }
 
     #[test]
