@@ -9,18 +9,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use pullthrough_api::config::ProxyConfig;
 use pullthrough_testbed::Error;
 use pullthrough_testbed::kube::{KubeApiserver, kubectl_row};
 use pullthrough_testbed::net::{free_port, wait_for};
 use pullthrough_testbed::process::Process;
+use pullthrough_testbed::stub::Stub;
 use serde_json::{Value, json};
 
 const NS: &str = "pullthrough";
@@ -110,34 +106,12 @@ fn wait_table(api: &KubeApiserver, what: &str, f: impl Fn(&ProxyConfig) -> bool)
     hash
 }
 
-/// A fake proxy `/status` on 127.0.0.1 answering what `state` holds.
-fn fake_proxy(rt: &tokio::runtime::Runtime, state: Arc<Mutex<Value>>) -> u16 {
-    let port = free_port().unwrap();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(("127.0.0.1", port)))
-        .unwrap();
-    rt.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let state = state.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                    let body = state.lock().unwrap().to_string();
-                    async move {
-                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
-                            Bytes::from(body),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    port
+/// A fake proxy `/status` on 127.0.0.1 (the test bed's stub) answering
+/// `status` until the test sets another.
+fn fake_proxy(status: Value) -> Stub {
+    let stub = Stub::canned().start().unwrap();
+    stub.set_json("/status", &status);
+    stub
 }
 
 struct Operator {
@@ -236,7 +210,6 @@ fn events(api: &KubeApiserver) -> usize {
 #[test]
 fn operator_reconciles_against_a_real_apiserver() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    let rt = tokio::runtime::Runtime::new().unwrap();
     install(&api);
     let svc = json!({
         "apiVersion": "v1", "kind": "Service",
@@ -255,8 +228,8 @@ fn operator_reconciles_against_a_real_apiserver() {
             .unwrap()
             .to_string();
 
-    let proxy_state = Arc::new(Mutex::new(json!({"configHash": "none", "registries": []})));
-    let status_port = fake_proxy(&rt, proxy_state.clone());
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let status_port = fake.addr().port();
     let token = api.token_for(NS, SA).unwrap();
     let kubeconfig = api.kubeconfig_for_token(&token).unwrap();
     let mut op = Operator {
@@ -391,7 +364,10 @@ fn operator_reconciles_against_a_real_apiserver() {
     );
 
     // The proxy reports the table's hash → ProxyReady; an agent → 1/1.
-    *proxy_state.lock().unwrap() = json!({"configHash": hash1, "registries": ["quay.io"]});
+    fake.set_json(
+        "/status",
+        &json!({"configHash": hash1, "registries": ["quay.io"]}),
+    );
     wait_cond(&api, "quay", "ProxyReady", "True", Some("Serving"));
     agent_lease(&api, "node-1", "quay.io");
     wait_cond(&api, "quay", "NodesConfigured", "True", None);
@@ -653,11 +629,10 @@ fn proxy_credentials(api: &KubeApiserver) -> Option<std::collections::BTreeMap<S
 #[test]
 fn references_cache_counters_and_departed_nodes() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    let rt = tokio::runtime::Runtime::new().unwrap();
     install(&api);
     api.kubectl(&["create", "namespace", "team"]).unwrap();
-    let proxy_state = Arc::new(Mutex::new(json!({"configHash": "none", "registries": []})));
-    let status_port = fake_proxy(&rt, proxy_state.clone());
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let status_port = fake.addr().port();
     let token = api.token_for(NS, SA).unwrap();
     let mut op = Operator {
         kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
@@ -795,10 +770,13 @@ fn references_cache_counters_and_departed_nodes() {
 
     // status.cache: the proxy's counters for the host.
     let hash = table(&api).unwrap().0;
-    *proxy_state.lock().unwrap() = json!({
-        "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
-        "cache": {"quay.io": {"hits": 7, "misses": 2, "bytes": 4096}},
-    });
+    fake.set_json(
+        "/status",
+        &json!({
+            "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
+            "cache": {"quay.io": {"hits": 7, "misses": 2, "bytes": 4096}},
+        }),
+    );
     wait_for("status.cache", TIMEOUT, || {
         Ok(mreg(&api, "quay").unwrap()["status"]["cache"]
             == json!({"hits": 7, "misses": 2, "bytes": 4096}))

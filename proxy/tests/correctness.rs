@@ -16,12 +16,11 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, OCI_MANIFEST, verify_digest};
-use pullthrough_testbed::http::{Get, Response};
+use pullthrough_testbed::http::{BodyMode, Conn, Get, Response, tls_config, tls_connect};
 use pullthrough_testbed::net::{free_port, is_listening, wait_for};
 use pullthrough_testbed::ns::{MountNs, write_hosts_file};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
@@ -121,44 +120,12 @@ fn upstream_requests(reg: &Registry) -> usize {
         .sum()
 }
 
-/// Sends a uniquely tagged request straight to the upstream and waits for
-/// it in its access log, so every earlier request is logged too.
 fn sync_upstream_log(reg: &Registry) {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let marker = format!("marker={}", N.fetch_add(1, Ordering::Relaxed));
-    let url = format!("{}/v2/?{marker}", reg.url());
-    get(&url).send().unwrap();
-    wait_for(
-        "the marker in the upstream log",
-        Duration::from_secs(10),
-        || Ok(reg.count_requests("GET", &marker) == 1),
-    )
-    .unwrap();
+    reg.sync_log().unwrap();
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// A TLS handshake with the proxy's https listener for `sni`, offering
-/// `alpn`; the negotiated protocol, or the error.
-async fn tls_connect(
-    addr: SocketAddr,
-    ca_pem: &str,
-    sni: &str,
-    alpn: &[&[u8]],
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let mut cfg = pullthrough_testbed::tls::client_config(ca_pem).unwrap();
-    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    let name = rustls_pki_types::ServerName::try_from(sni.to_string()).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(name, tcp)
-        .await
+    pullthrough_testbed::http::runtime().unwrap()
 }
 
 // --- 1. credentials --------------------------------------------------------
@@ -472,13 +439,14 @@ fn unconfigured_names_are_refused_before_any_upstream_request() {
     sync_upstream_log(&up);
     let before = upstream_requests(&up);
 
+    let tls = tls_config(&ca, &[b"http/1.1"]).unwrap();
     rt().block_on(async {
         // A configured name gets a verified handshake: the refusal below is
         // about the name, not about the client.
-        tls_connect(proxy.addrs.https, &ca, "quay.io", &[b"http/1.1"])
+        tls_connect(proxy.addrs.https, tls.clone(), "quay.io")
             .await
             .expect("handshake for a configured name");
-        match tls_connect(proxy.addrs.https, &ca, "evil.example", &[b"http/1.1"]).await {
+        match tls_connect(proxy.addrs.https, tls, "evil.example").await {
             Ok(_) => panic!("handshake for evil.example succeeded"),
             Err(err) => eprintln!("evil.example handshake refused: {err}"),
         }
@@ -686,10 +654,16 @@ fn ranges_of_cached_blobs() {
         format!("bytes */{size}").as_str()
     );
 
-    let hits = proxy
-        .access_matching(&[("digest", &layer), ("cache", "HIT")])
-        .len();
-    assert_eq!(hits, 3, "{}", proxy.log());
+    // A line is written a moment after its response: wait for the third.
+    let hits = || {
+        proxy
+            .access_matching(&[("digest", &layer), ("cache", "HIT")])
+            .len()
+    };
+    let _ = wait_for("three HIT lines", Duration::from_secs(10), || {
+        Ok(hits() >= 3)
+    });
+    assert_eq!(hits(), 3, "{}", proxy.log());
 }
 
 // --- 7. HEAD ---------------------------------------------------------------
@@ -1084,31 +1058,17 @@ fn http2_clients_are_served() {
     let https = proxy.addrs.https;
     let manifest_digest = up.busybox.digest.clone();
     rt().block_on(async {
-        use http_body_util::{BodyExt, Empty};
-        let tls = tls_connect(https, &ca, "127.0.0.1", &[b"h2", b"http/1.1"])
-            .await
-            .unwrap();
-        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-        let (mut send, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tls),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
-        let mut fetch = |path: String| {
-            let req = http::Request::get(format!("https://{https}{path}"))
-                .header("accept", OCI_MANIFEST)
-                .body(Empty::<bytes::Bytes>::new())
+        let tls = tls_config(&ca, &[b"h2", b"http/1.1"]).unwrap();
+        let mut conn = Conn::tls(https, tls, "127.0.0.1").await.unwrap();
+        assert_eq!(conn.version(), http::Version::HTTP_2);
+        let mut fetch = async |path: String| {
+            let r = conn
+                .get(&path, &[("accept", OCI_MANIFEST)], BodyMode::Keep)
+                .await
                 .unwrap();
-            let sent = send.send_request(req);
-            async move {
-                let resp = sent.await.unwrap();
-                assert_eq!(resp.version(), http::Version::HTTP_2);
-                let status = resp.status();
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                (status, body)
-            }
+            assert_eq!(r.version, http::Version::HTTP_2);
+            assert!(r.error.is_none(), "{path}: {:?}", r.error);
+            (r.status, r.body)
         };
         let (status, _) = fetch("/v2/".into()).await;
         assert_eq!(status, StatusCode::OK);

@@ -37,18 +37,8 @@ fn crictl_pulls_tags_through_an_upstream_outage() {
     let ctd =
         Containerd::start(ContainerdOpts::default().host("quay.io", "127.0.0.1".parse().unwrap()))
             .unwrap();
-    let ca = ctd.certs_d().join("quay.io/proxy-ca.crt");
-    std::fs::create_dir_all(ca.parent().unwrap()).unwrap();
-    std::fs::write(&ca, proxy.ca_pem().unwrap()).unwrap();
-    ctd.write_hosts_toml(
-        "quay.io",
-        &format!(
-            "server = \"https://127.0.0.1:1\"\n\n[host.\"https://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
-            proxy.addrs.https,
-            ca.display()
-        ),
-    )
-    .unwrap();
+    ctd.mirror_to("quay.io", proxy.addrs.https, &proxy.ca_pem().unwrap())
+        .unwrap();
     let image = "quay.io/fixture/busybox:1";
     ctd.crictl(["pull", image]).unwrap();
     proxy
@@ -102,24 +92,10 @@ fn dockerd_pulls_tags_through_an_upstream_outage() {
     let mut started = common::Started::default();
     {
         let mut up = common::upstream_at(Registry::plain().unwrap(), "library/busybox");
-        let proxy = Proxy::start(
-            common::proxy_bin(),
-            Addrs::localhost().unwrap(),
-            &format!(
-                "defaultRegistry: docker.io\n{}",
-                common::one_registry("docker.io", &up.registry.url(), "    tagTTL: 4s\n")
-            ),
-        )
-        .unwrap();
+        let proxy = common::proxy_for_docker_hub(&up, "    tagTTL: 4s\n");
         let dead: std::net::IpAddr = "127.0.0.1".parse().unwrap();
         let dockerd = common::dockerd_mirroring_docker_hub_to(&proxy, dead);
-        started
-            .pid("docker-registry", up.registry.pid())
-            .pid("pullthrough-proxy", proxy.pid())
-            .pid("dockerd", dockerd.pid())
-            .dir(up.registry.dir())
-            .dir(proxy.dir())
-            .dir(dockerd.dir());
+        started.upstream_and_proxy(&up, &proxy).dockerd(&dockerd);
 
         dockerd.docker(["pull", "busybox:1"]).unwrap();
         proxy

@@ -9,126 +9,42 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
-use pullthrough_testbed::http::Get;
+use pullthrough_testbed::http::{BodyMode, Fetched, Get};
 use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::relay::Relay;
 use pullthrough_testbed::stub::{Stub, Throttle};
 use serde_json::Value;
 
 // --- helpers ---------------------------------------------------------------
 
-/// What one streaming client saw.
-#[derive(Debug)]
-struct Fetched {
-    status: StatusCode,
-    body: Vec<u8>,
-    /// From sending the request to the first body byte.
-    first_byte: Option<Duration>,
-    /// Sending the request, and the end of the body, as instants.
-    started: Instant,
-    ended: Instant,
-    /// The body ended with an error (aborted response).
-    error: Option<String>,
-}
-
-/// GETs `url` over plain HTTP/1.1, streaming the body; stops reading (and
-/// drops the connection) after `give_up_after` bytes when given.
-async fn fetch(
+/// GETs `url` on a connection of its own, streaming the body as `mode`
+/// says (the body is not bounded in time, the response head is); an
+/// error when no response head came back.
+async fn try_fetch(
     url: String,
     headers: Vec<(&'static str, String)>,
-    give_up_after: Option<usize>,
-) -> Fetched {
-    let uri: http::Uri = url.parse().unwrap();
-    let addr = format!("{}:{}", uri.host().unwrap(), uri.port_u16().unwrap());
-    let started = Instant::now();
-    let failed = |e: String| Fetched {
-        status: StatusCode::BAD_GATEWAY,
-        body: Vec::new(),
-        first_byte: None,
-        started,
-        ended: Instant::now(),
-        error: Some(e),
-    };
-    let stream = match tokio::net::TcpStream::connect(addr).await {
-        Ok(s) => s,
-        Err(e) => return failed(format!("connect: {e}")),
-    };
-    let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
-    {
-        Ok(x) => x,
-        Err(e) => return failed(format!("handshake: {e}")),
-    };
-    let conn = tokio::spawn(conn);
-    let mut req = Request::get(uri.path_and_query().unwrap().as_str())
-        .header(http::header::HOST, uri.authority().unwrap().as_str());
+    mode: BodyMode,
+) -> pullthrough_testbed::Result<Fetched> {
+    let mut get = Get::new(&url).timeout(Duration::from_secs(60));
     for (k, v) in headers {
-        req = req.header(k, v);
+        get = get.header(k, v);
     }
-    let resp = match sender
-        .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-        .await
-    {
-        Ok(r) => r,
-        Err(e) => return failed(format!("send: {e}")),
-    };
-    let status = resp.status();
-    let mut body = resp.into_body();
-    let mut out = Vec::new();
-    let mut first_byte = None;
-    let mut error = None;
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(e)) => {
-                error = Some(e.to_string());
-                break;
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if first_byte.is_none() && !data.is_empty() {
-                        first_byte = Some(started.elapsed());
-                    }
-                    out.extend_from_slice(&data);
-                    if give_up_after.is_some_and(|n| out.len() >= n) {
-                        drop(body);
-                        conn.abort();
-                        return Fetched {
-                            status,
-                            body: out,
-                            first_byte,
-                            started,
-                            ended: Instant::now(),
-                            error: Some("gave up".into()),
-                        };
-                    }
-                }
-            }
-        }
-    }
-    Fetched {
-        status,
-        body: out,
-        first_byte,
-        started,
-        ended: Instant::now(),
-        error,
-    }
+    get.fetch(mode).await
+}
+
+/// [`try_fetch`] that must get a response head.
+async fn fetch(url: String, headers: Vec<(&'static str, String)>, mode: BodyMode) -> Fetched {
+    try_fetch(url, headers, mode).await.unwrap()
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    pullthrough_testbed::http::runtime().unwrap()
 }
 
 fn blob_url(proxy: &Proxy, registry: &str, repo: &str, digest: &str) -> String {
@@ -170,29 +86,23 @@ fn metrics(proxy: &Proxy) -> String {
     String::from_utf8(Get::new(&url).send().unwrap().body.to_vec()).unwrap()
 }
 
-/// The value of the first metric line starting with `prefix`.
-fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+/// The value of the sample `series` (name and labels exactly as exported,
+/// e.g. `pullthrough_merged_waiters_total{registry="quay.io"}`), or None
+/// when the proxy does not export it.
+fn metric_opt(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
-/// Sends a uniquely tagged request straight to the upstream and waits for
-/// it in its access log, so every earlier request is logged too.
+/// The value of the sample `series`; fails when it is not exported.
+fn metric(text: &str, series: &str) -> f64 {
+    metric_opt(text, series).unwrap_or_else(|| panic!("no metric {series} in:\n{text}"))
+}
+
 fn sync_upstream_log(reg: &Registry) {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let marker = format!("marker={}", N.fetch_add(1, Ordering::Relaxed));
-    let url = format!("{}/v2/?{marker}", reg.url());
-    let _ = Get::new(&url).send();
-    wait_for(
-        "the marker in the upstream log",
-        Duration::from_secs(10),
-        || Ok(reg.count_requests("GET", &marker) == 1),
-    )
-    .unwrap();
+    reg.sync_log().unwrap();
 }
 
 /// A random image (one layer per size) in its own layout under `dir`.
@@ -221,10 +131,14 @@ fn fifty_concurrent_misses_fetch_once_and_survive_a_quitter() {
 
     let results = rt().block_on(async {
         // Client 0 leads the download, reads 4 MiB and hangs up.
-        let mut tasks = vec![tokio::spawn(fetch(url.clone(), Vec::new(), Some(4 << 20)))];
+        let mut tasks = vec![tokio::spawn(fetch(
+            url.clone(),
+            Vec::new(),
+            BodyMode::GiveUpAfter(4 << 20),
+        ))];
         tokio::time::sleep(Duration::from_millis(50)).await;
         for _ in 1..50 {
-            tasks.push(tokio::spawn(fetch(url.clone(), Vec::new(), None)));
+            tasks.push(tokio::spawn(fetch(url.clone(), Vec::new(), BodyMode::Keep)));
         }
         let mut out = Vec::new();
         for t in tasks {
@@ -276,11 +190,11 @@ fn waiters_are_streamed_bytes_as_they_arrive() {
     let proxy = common::proxy_serving("slow.test", &stub.url());
     let url = blob_url(&proxy, "slow.test", "fixture/slow", &layer);
     let results = rt().block_on(async {
-        let first = tokio::spawn(fetch(url.clone(), Vec::new(), None));
+        let first = tokio::spawn(fetch(url.clone(), Vec::new(), BodyMode::Keep));
         tokio::time::sleep(Duration::from_millis(300)).await;
         let mut rest = Vec::new();
         for _ in 0..4 {
-            rest.push(tokio::spawn(fetch(url.clone(), Vec::new(), None)));
+            rest.push(tokio::spawn(fetch(url.clone(), Vec::new(), BodyMode::Keep)));
         }
         let mut out = vec![first.await.unwrap()];
         for t in rest {
@@ -295,7 +209,7 @@ fn waiters_are_streamed_bytes_as_they_arrive() {
             "client {i}: {:?}",
             r.error
         );
-        let first_byte_at = r.started + r.first_byte.unwrap();
+        let first_byte_at = r.first_byte.unwrap();
         let before_end = download_end - first_byte_at;
         assert!(
             before_end > Duration::from_millis(700),
@@ -334,7 +248,11 @@ fn a_failed_merged_download_aborts_every_waiter_and_caches_nothing() {
     let results = rt().block_on(async {
         let mut tasks = Vec::new();
         for _ in 0..8 {
-            tasks.push(tokio::spawn(fetch(url.clone(), Vec::new(), None)));
+            tasks.push(tokio::spawn(try_fetch(
+                url.clone(),
+                Vec::new(),
+                BodyMode::Keep,
+            )));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let mut out = Vec::new();
@@ -344,6 +262,8 @@ fn a_failed_merged_download_aborts_every_waiter_and_caches_nothing() {
         out
     });
     for (i, r) in results.iter().enumerate() {
+        // No response head at all is an aborted response too.
+        let Ok(r) = r else { continue };
         assert!(
             r.error.is_some() && r.body.len() < size,
             "client {i} got {} of {size} bytes, error {:?}",
@@ -554,7 +474,7 @@ fn a_full_disk_keeps_serving_by_pass_through() {
     let results = rt().block_on(async {
         let tasks: Vec<_> = urls
             .iter()
-            .map(|u| tokio::spawn(fetch(u.clone(), Vec::new(), None)))
+            .map(|u| tokio::spawn(fetch(u.clone(), Vec::new(), BodyMode::Keep)))
             .collect();
         let mut out = Vec::new();
         for t in tasks {
@@ -587,55 +507,6 @@ fn a_full_disk_keeps_serving_by_pass_through() {
     );
     proxy.stop().unwrap();
     drop(mount);
-}
-
-/// A TCP relay on loopback in front of `target` that passes the first
-/// `open_for` bytes of upstream → proxy traffic (all connections together),
-/// then holds further bytes until `gate` is set to true. Lets a test act
-/// at a precise point of a download instead of racing a fast upstream.
-async fn gated_relay(
-    target: std::net::SocketAddr,
-    open_for: u64,
-) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (gate, gate_rx) = tokio::sync::watch::channel(false);
-    let passed = Arc::new(AtomicU64::new(0));
-    tokio::spawn(async move {
-        while let Ok((client, _)) = listener.accept().await {
-            let Ok(upstream) = tokio::net::TcpStream::connect(target).await else {
-                continue;
-            };
-            let (mut cr, mut cw) = client.into_split();
-            let (mut ur, mut uw) = upstream.into_split();
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut cr, &mut uw).await;
-                let _ = uw.shutdown().await;
-            });
-            let (mut gate_rx, passed) = (gate_rx.clone(), Arc::clone(&passed));
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                loop {
-                    let n = match ur.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => n,
-                    };
-                    if passed.fetch_add(n as u64, Ordering::SeqCst) >= open_for
-                        && gate_rx.wait_for(|open| *open).await.is_err()
-                    {
-                        break;
-                    }
-                    if cw.write_all(&buf[..n]).await.is_err() {
-                        break;
-                    }
-                }
-                let _ = cw.shutdown().await;
-            });
-        }
-    });
-    (addr, gate)
 }
 
 /// Fills the filesystem holding `path` by writing one file there until
@@ -690,7 +561,7 @@ fn a_disk_filling_up_mid_download_survives_an_upstream_without_ranges() {
 }
 
 /// Six clients on one download of the image's only layer from `upstream`
-/// (through a gated relay), the data dir on a 40 MiB tmpfs filled up once
+/// (through the test bed's relay, holding it), the data dir on a 40 MiB tmpfs filled up once
 /// bytes are on disk; returns the upstream GETs of the layer.
 fn disk_fills_mid_download(
     image: &Image,
@@ -701,8 +572,9 @@ fn disk_fills_mid_download(
     let layer = image.layer_digests()[0].clone();
     let rt = rt();
     // 4 MiB pass, then the relay holds the download until the disk is full.
-    let (relay, gate) = rt.block_on(gated_relay(upstream, 4 << 20));
-    let mut proxy = common::proxy_serving("quay.io", &format!("http://{relay}"));
+    let relay = Relay::start(upstream).unwrap();
+    relay.hold_after(4 << 20);
+    let mut proxy = common::proxy_serving("quay.io", &format!("http://{}", relay.addr));
     proxy.stop().unwrap();
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
@@ -711,7 +583,7 @@ fn disk_fills_mid_download(
     proxy.start_again().unwrap();
     let url = blob_url(&proxy, "quay.io", "fixture/filling", &layer);
     let tasks: Vec<_> = (0..CLIENTS)
-        .map(|_| rt.spawn(fetch(url.clone(), Vec::new(), None)))
+        .map(|_| rt.spawn(fetch(url.clone(), Vec::new(), BodyMode::Keep)))
         .collect();
     // Every client joined the one download, and bytes are on disk.
     wait_for(
@@ -719,7 +591,10 @@ fn disk_fills_mid_download(
         Duration::from_secs(30),
         || {
             let m = metrics(&proxy);
-            let waiters = metric(&m, "pullthrough_merged_waiters_total{registry=\"quay.io\"}");
+            // Absent until the first client joins: the series for quay.io
+            // is created by the first merged waiter.
+            let waiters = metric_opt(&m, "pullthrough_merged_waiters_total{registry=\"quay.io\"}")
+                .unwrap_or(0.0);
             let on_disk: u64 = std::fs::read_dir(data.join("tmp"))
                 .unwrap()
                 .filter_map(|e| e.ok()?.metadata().ok())
@@ -731,7 +606,7 @@ fn disk_fills_mid_download(
     .unwrap();
     let filled = fill_disk(&data.join("filler"));
     assert!(filled > 0, "the disk was already full");
-    gate.send_replace(true);
+    relay.release();
     let results: Vec<Fetched> = rt.block_on(async {
         let mut out = Vec::new();
         for t in tasks {
@@ -784,27 +659,50 @@ fn disk_fills_mid_download(
 }
 
 /// Log lines are written by a log thread, never dropped: a burst of 1 000
-/// requests from 20 concurrent clients gives exactly 1 000 access lines,
-/// each a whole JSON object (lines are not interleaved), and the
-/// back-pressure counter is exported.
+/// requests from 20 concurrent clients, through to the real upstream —
+/// pings and tag lists relayed (PASS), a tag and a blob fetched (MISS, then
+/// HIT), an unknown blob the upstream answers 404 — gets the right status
+/// for every request and exactly one access line each, with that status,
+/// each a whole JSON object (lines are not interleaved); the request
+/// counter exported with the lines agrees.
 #[test]
 fn every_request_gets_its_access_line_under_a_burst() {
     const CLIENTS: usize = 20;
     const EACH: usize = 50;
-    let stub_dir = tempfile::tempdir().unwrap();
-    let image = random_image(stub_dir.path(), &[1024], 803);
-    let stub = Stub::builder(&image.layout).start().unwrap();
-    let proxy = common::proxy_serving("quay.io", &stub.url());
-    // The proxy answers `/v2/` in mirror mode itself (a `ping` line each).
-    let url = format!("{}/v2/?ns=quay.io", proxy.http_url());
-    let statuses = rt().block_on(async {
+    let up = common::upstream(Registry::plain().unwrap());
+    let proxy = common::proxy_for(&up);
+    let repo = format!("{}/v2/quay.io/fixture/busybox", proxy.http_url());
+    let layer = up.busybox.layer_digests()[0].clone();
+    let unknown = format!("sha256:{}", "0".repeat(64));
+    // (url, kind in the access log, status): clients take turns through them.
+    let mix: Arc<Vec<(String, &str, StatusCode)>> = Arc::new(vec![
+        (
+            format!("{}/v2/?ns=quay.io", proxy.http_url()),
+            "ping",
+            StatusCode::OK,
+        ),
+        (format!("{repo}/tags/list"), "other", StatusCode::OK),
+        (format!("{repo}/manifests/1"), "tag", StatusCode::OK),
+        (format!("{repo}/blobs/{layer}"), "blob", StatusCode::OK),
+        (
+            format!("{repo}/blobs/{unknown}"),
+            "blob",
+            StatusCode::NOT_FOUND,
+        ),
+    ]);
+    let accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+    let seen = rt().block_on(async {
         let tasks: Vec<_> = (0..CLIENTS)
-            .map(|_| {
-                let url = url.clone();
+            .map(|c| {
+                let mix = Arc::clone(&mix);
                 tokio::spawn(async move {
                     let mut out = Vec::new();
-                    for _ in 0..EACH {
-                        out.push(fetch(url.clone(), Vec::new(), None).await.status);
+                    for k in 0..EACH {
+                        let which = (c + k) % mix.len();
+                        let url = mix[which].0.clone();
+                        let r = fetch(url, vec![("accept", accept.into())], BodyMode::Keep).await;
+                        assert!(r.error.is_none(), "{}: {:?}", mix[which].0, r.error);
+                        out.push((which, r.status));
                     }
                     out
                 })
@@ -816,13 +714,55 @@ fn every_request_gets_its_access_line_under_a_burst() {
         }
         all
     });
-    assert_eq!(statuses.len(), CLIENTS * EACH);
     let want = CLIENTS * EACH;
+    assert_eq!(seen.len(), want);
+    for (which, status) in &seen {
+        let (url, _, expected) = &mix[*which];
+        assert_eq!(status, expected, "{url}\n{}", proxy.log());
+    }
     wait_for("every access line", Duration::from_secs(10), || {
-        Ok(proxy.access_matching(&[("kind", "ping")]).len() >= want)
+        Ok(proxy.access_lines().len() >= want)
     })
     .unwrap();
-    assert_eq!(proxy.access_matching(&[("kind", "ping")]).len(), want);
+    assert_eq!(proxy.access_lines().len(), want);
+    // One line per request, with the kind and status it was answered with.
+    // (No two entries of the mix share a kind and a status.)
+    for (which, (url, kind, status)) in mix.iter().enumerate() {
+        let sent = seen.iter().filter(|(w, _)| *w == which).count();
+        let logged = proxy
+            .access_matching(&[("kind", kind), ("status", status.as_str())])
+            .len();
+        assert_eq!(logged, sent, "{url}");
+    }
+    // The upstream was really in the burst: tag lists relayed every time,
+    // the tag and the blob fetched on a MISS, the unknown blob asked for.
+    for (kind, cache) in [("other", "PASS"), ("tag", "MISS"), ("blob", "MISS")] {
+        assert!(
+            !proxy
+                .access_matching(&[("kind", kind), ("cache", cache)])
+                .is_empty(),
+            "no {kind} {cache} line"
+        );
+    }
+    sync_upstream_log(&up.registry);
+    let lists = seen.iter().filter(|(w, _)| *w == 1).count();
+    assert_eq!(
+        up.registry
+            .count_requests("GET", "/fixture/busybox/tags/list"),
+        lists
+    );
+    assert!(
+        up.registry.count_requests("GET", &unknown) + up.registry.count_requests("HEAD", &unknown)
+            >= 1
+    );
+    // The request counter is updated with each line.
+    let m = metrics(&proxy);
+    let counted: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("pullthrough_requests_total{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(counted, want as f64, "{m}");
     // Every line on stdout is one JSON object.
     for line in proxy.log().lines().filter(|l| !l.trim().is_empty()) {
         assert!(
@@ -1152,7 +1092,7 @@ fn sigterm_drains_a_slow_download_and_exits_zero() {
     let url = blob_url(&proxy, "slow.test", "fixture/slow", &layer);
     let http_addr = proxy.addrs.http;
     let runtime = rt();
-    let download = runtime.spawn(fetch(url, Vec::new(), None));
+    let download = runtime.spawn(fetch(url, Vec::new(), BodyMode::Keep));
     std::thread::sleep(Duration::from_millis(400));
     proxy
         .process()
@@ -1189,10 +1129,10 @@ fn kill_9_during_misses_leaves_no_partial_entry() {
     let tasks: Vec<_> = layers
         .iter()
         .map(|d| {
-            runtime.spawn(fetch(
+            runtime.spawn(try_fetch(
                 blob_url(&proxy, "quay.io", "fixture/crash", d),
                 Vec::new(),
-                None,
+                BodyMode::Keep,
             ))
         })
         .collect();
@@ -1203,9 +1143,11 @@ fn kill_9_during_misses_leaves_no_partial_entry() {
     .unwrap();
     proxy.kill().unwrap();
     for t in tasks {
-        let r = runtime.block_on(t).unwrap();
         // A cut response is never a complete-looking wrong one.
-        if r.error.is_none() && r.status == StatusCode::OK {
+        if let Ok(r) = runtime.block_on(t).unwrap()
+            && r.error.is_none()
+            && r.status == StatusCode::OK
+        {
             assert!(layers.contains(&sha256_digest(&r.body)));
         }
     }
@@ -1255,9 +1197,13 @@ fn joining_a_private_download_needs_access_too() {
         base64::engine::general_purpose::STANDARD.encode("u:p")
     );
     let (owner, intruder) = rt().block_on(async {
-        let owner = tokio::spawn(fetch(url.clone(), vec![("authorization", auth)], None));
+        let owner = tokio::spawn(fetch(
+            url.clone(),
+            vec![("authorization", auth)],
+            BodyMode::Keep,
+        ));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let intruder = fetch(url.clone(), Vec::new(), None).await;
+        let intruder = fetch(url.clone(), Vec::new(), BodyMode::Keep).await;
         (owner.await.unwrap(), intruder)
     });
     assert!(

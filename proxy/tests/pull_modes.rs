@@ -85,18 +85,8 @@ fn crictl_through_containerd_mirror_then_from_cache_with_upstream_down() {
     let ctd =
         Containerd::start(ContainerdOpts::default().host("quay.io", "127.0.0.1".parse().unwrap()))
             .unwrap();
-    let ca = ctd.certs_d().join("quay.io/proxy-ca.crt");
-    std::fs::create_dir_all(ca.parent().unwrap()).unwrap();
-    std::fs::write(&ca, proxy.ca_pem().unwrap()).unwrap();
-    ctd.write_hosts_toml(
-        "quay.io",
-        &format!(
-            "server = \"https://127.0.0.1:1\"\n\n[host.\"https://{}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
-            proxy.addrs.https,
-            ca.display()
-        ),
-    )
-    .unwrap();
+    ctd.mirror_to("quay.io", proxy.addrs.https, &proxy.ca_pem().unwrap())
+        .unwrap();
 
     ctd.crictl(["pull", "quay.io/fixture/busybox:1"]).unwrap();
     let layer = &up.busybox.layer_digests()[0];

@@ -96,13 +96,7 @@ fn dockerd_dns_hijack_over_verified_tls_in_a_netns() {
         let mut dopts = DockerdOpts::default().host("quay.io", vip);
         dopts.netns = Some(netns.name().to_string());
         let dockerd = Dockerd::start(dopts).unwrap();
-        started
-            .pid("docker-registry", up.registry.pid())
-            .pid("pullthrough-proxy", proxy.pid())
-            .pid("dockerd", dockerd.pid())
-            .dir(up.registry.dir())
-            .dir(proxy.dir())
-            .dir(dockerd.dir());
+        started.upstream_and_proxy(&up, &proxy).dockerd(&dockerd);
         let inside = netns_of(dockerd.pid());
         assert_ne!(inside, netns_of(std::process::id()));
         assert_eq!(netns_of(proxy.pid()), inside);
@@ -204,24 +198,10 @@ fn dockerd_registry_mirror_for_docker_hub_names() {
     let mut started = common::Started::default();
     {
         let mut up = common::upstream_at(Registry::plain().unwrap(), "library/busybox");
-        let proxy = Proxy::start(
-            common::proxy_bin(),
-            Addrs::localhost().unwrap(),
-            &format!(
-                "defaultRegistry: docker.io\n{}",
-                common::one_registry("docker.io", &up.registry.url(), "")
-            ),
-        )
-        .unwrap();
+        let proxy = common::proxy_for_docker_hub(&up, "");
         let dead = dead_loopback();
         let dockerd = common::dockerd_mirroring_docker_hub_to(&proxy, dead);
-        started
-            .pid("docker-registry", up.registry.pid())
-            .pid("pullthrough-proxy", proxy.pid())
-            .pid("dockerd", dockerd.pid())
-            .dir(up.registry.dir())
-            .dir(proxy.dir())
-            .dir(dockerd.dir());
+        started.upstream_and_proxy(&up, &proxy).dockerd(&dockerd);
         let ready = t0.elapsed();
 
         dockerd.docker(["pull", "busybox:1"]).unwrap();
@@ -308,12 +288,7 @@ fn podman_path_prefix_mirror_from_registries_conf_d() {
                 ),
             )
             .unwrap();
-        started
-            .pid("docker-registry", up.registry.pid())
-            .pid("pullthrough-proxy", proxy.pid())
-            .dir(up.registry.dir())
-            .dir(proxy.dir())
-            .dir(podman.dir());
+        started.upstream_and_proxy(&up, &proxy).dir(podman.dir());
 
         podman.podman(["pull", "-q", QUAY_IMAGE]).unwrap();
         let layer = &up.busybox.layer_digests()[0];
@@ -393,12 +368,7 @@ fn podman_dns_hijack_keeps_pulling_from_cache_during_an_outage() {
         podman
             .write_ca("quay.io", &proxy.ca_pem().unwrap())
             .unwrap();
-        started
-            .pid("docker-registry", up.registry.pid())
-            .pid("pullthrough-proxy", proxy.pid())
-            .dir(up.registry.dir())
-            .dir(proxy.dir())
-            .dir(podman.dir());
+        started.upstream_and_proxy(&up, &proxy).dir(podman.dir());
 
         podman.podman(["pull", "-q", QUAY_IMAGE]).unwrap();
         let layer = &up.busybox.layer_digests()[0];

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -228,6 +228,24 @@ impl Containerd {
     /// [`Containerd::restart`]).
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// Sends `host`'s pulls to the mirror at `mirror` over HTTPS trusting
+    /// `ca_pem` (`<certs.d>/<host>/proxy-ca.crt`), and nowhere else:
+    /// `server` is a dead loopback port, so a fallback past the mirror
+    /// fails. Returns the hosts.toml path.
+    pub fn mirror_to(&self, host: &str, mirror: SocketAddr, ca_pem: &str) -> Result<PathBuf> {
+        let dir = self.certs_d().join(host);
+        std::fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let ca = dir.join("proxy-ca.crt");
+        std::fs::write(&ca, ca_pem).ctx(|| format!("writing {}", ca.display()))?;
+        self.write_hosts_toml(
+            host,
+            &format!(
+                "server = \"https://127.0.0.1:1\"\n\n[host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"\n",
+                ca.display()
+            ),
+        )
     }
 
     /// Writes `<certs.d>/<host>/hosts.toml`.

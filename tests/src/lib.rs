@@ -19,6 +19,7 @@ pub mod podman;
 pub mod process;
 pub mod proxy;
 pub mod registry;
+pub mod relay;
 pub mod stub;
 pub mod tls;
 pub mod tools;

@@ -300,36 +300,10 @@ impl Proxy {
 
 /// The `pullthrough-proxy` binary for tests outside the proxy crate (which
 /// cannot use `CARGO_BIN_EXE_pullthrough-proxy`): `PULLTHROUGH_PROXY_BIN`,
-/// else `<target>/debug/pullthrough-proxy` of this workspace. When that is
-/// missing it is built with `cargo build -p pullthrough-proxy` into a target
-/// dir of its own (`<target>/testbed-proxy`): the running `cargo test` holds
-/// the lock on the main one. An existing binary is used as is, so run
-/// `cargo build -p pullthrough-proxy` first to test the current source.
+/// else `<target>/debug/pullthrough-proxy` of this workspace, built when
+/// missing — see [`crate::bins::workspace_bin`]. An existing binary is used
+/// as is, so run `cargo build -p pullthrough-proxy` first to test the
+/// current source.
 pub fn proxy_bin() -> Result<PathBuf> {
-    if let Some(p) = std::env::var_os("PULLTHROUGH_PROXY_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .ok_or_else(|| Error::Other("test bed crate has no parent dir".into()))?
-        .to_path_buf();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target"));
-    let bin = target.join("debug/pullthrough-proxy");
-    if bin.is_file() {
-        return Ok(bin);
-    }
-    let own = target.join("testbed-proxy");
-    let built = own.join("debug/pullthrough-proxy");
-    if !built.is_file() {
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        crate::process::run(
-            std::process::Command::new(cargo)
-                .current_dir(&workspace)
-                .env("CARGO_TARGET_DIR", &own)
-                .args(["build", "-p", "pullthrough-proxy"]),
-        )?;
-    }
-    Ok(built)
+    crate::bins::workspace_bin("pullthrough-proxy", "pullthrough-proxy")
 }

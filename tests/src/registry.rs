@@ -320,6 +320,33 @@ impl Registry {
             .count()
     }
 
+    /// Waits until every request the registry answered so far is in its
+    /// access log: sends a uniquely tagged `GET /v2/?marker=N` straight to
+    /// it and waits (up to 10 s) for that line, which comes after them.
+    pub fn sync_log(&self) -> Result<()> {
+        use base64::Engine as _;
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let marker = format!("marker={}-{n}-end", std::process::id());
+        let url = format!("{}/v2/?{marker}", self.url());
+        let mut get = Get::new(&url);
+        if let Some(ca) = self.ca_pem() {
+            get = get.ca(ca);
+        }
+        if let Some(creds) = self.credentials() {
+            let basic = base64::engine::general_purpose::STANDARD.encode(creds);
+            get = get.header("Authorization", format!("Basic {basic}"));
+        }
+        // The answer does not matter, its access-log line does.
+        let _ = get.send();
+        net::wait_for(
+            "the marker in the registry's log",
+            Duration::from_secs(10),
+            || Ok(self.count_requests("GET", &marker) == 1),
+        )
+    }
+
     /// Flags telling skopeo how to reach this registry as a destination
     /// (`dest`) or source (`src`).
     pub fn skopeo_flags(&self, side: &str) -> Vec<String> {

@@ -17,11 +17,22 @@
 //! println!("{}", stub.url());
 //! ```
 //!
+//! It also answers any path with a canned response set by the test
+//! ([`Stub::set_response`], [`Stub::set_json`]); [`Stub::canned`] starts
+//! one with nothing else (no layout), e.g. a fake `/status` endpoint:
+//!
+//! ```no_run
+//! # use pullthrough_testbed::stub::Stub;
+//! let status = Stub::canned().start().unwrap();
+//! status.set_json("/status", &serde_json::json!({"configHash": "none"}));
+//! println!("{}/status", status.url());
+//! ```
+//!
 //! The servers run on a runtime of their own, on a thread of their own;
 //! [`Stub::stop`] (or drop) shuts the runtime down, which closes the
 //! listeners and every open connection, as an upstream outage would.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -109,15 +120,24 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
-/// Start options: [`Stub::builder`].
+/// A response set by the test for one path.
+#[derive(Debug, Clone)]
+struct Canned {
+    status: StatusCode,
+    content_type: String,
+    body: Bytes,
+}
+
+/// Start options: [`Stub::builder`], [`Stub::canned`].
 #[derive(Debug, Clone)]
 pub struct StubBuilder {
-    layout: PathBuf,
+    layout: Option<PathBuf>,
     ip: IpAddr,
     auth: StubAuth,
     storage_ip: Option<IpAddr>,
     corrupt: HashSet<String>,
     throttle: Option<Throttle>,
+    canned: HashMap<String, Canned>,
 }
 
 impl StubBuilder {
@@ -152,6 +172,26 @@ impl StubBuilder {
         self
     }
 
+    /// Answer requests for `path` (without the query) with this response,
+    /// before anything else; see [`Stub::set_response`].
+    pub fn respond(
+        mut self,
+        path: &str,
+        status: StatusCode,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) -> Self {
+        self.canned.insert(
+            path.to_string(),
+            Canned {
+                status,
+                content_type: content_type.to_string(),
+                body: body.into(),
+            },
+        );
+        self
+    }
+
     pub fn start(self) -> Result<Stub> {
         Stub::start(self)
     }
@@ -160,7 +200,8 @@ impl StubBuilder {
 /// What the servers share with the test.
 #[derive(Debug)]
 struct State {
-    layout: PathBuf,
+    /// None: a canned-only stub, every registry path is unknown.
+    layout: Option<PathBuf>,
     auth: StubAuth,
     /// The registry server's own address (token realm).
     addr: SocketAddr,
@@ -169,6 +210,7 @@ struct State {
     throttle: Mutex<Option<Throttle>>,
     seen: Mutex<Vec<Seen>>,
     storage_seen: Mutex<Vec<Seen>>,
+    canned: Mutex<HashMap<String, Canned>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -187,12 +229,23 @@ impl Stub {
     /// its `index.json`, everything by digest from `blobs/sha256`).
     pub fn builder(layout: &Path) -> StubBuilder {
         StubBuilder {
-            layout: layout.to_path_buf(),
+            layout: Some(layout.to_path_buf()),
+            ..Self::canned()
+        }
+    }
+
+    /// A stub serving no image: only the responses the test sets
+    /// ([`StubBuilder::respond`], [`Stub::set_response`]); anything else
+    /// is a registry `404` (`/v2/` still answers `200`).
+    pub fn canned() -> StubBuilder {
+        StubBuilder {
+            layout: None,
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             auth: StubAuth::None,
             storage_ip: None,
             corrupt: HashSet::new(),
             throttle: None,
+            canned: HashMap::new(),
         }
     }
 
@@ -216,6 +269,7 @@ impl Stub {
             throttle: Mutex::new(opts.throttle),
             seen: Mutex::new(Vec::new()),
             storage_seen: Mutex::new(Vec::new()),
+            canned: Mutex::new(opts.canned),
         });
 
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -307,6 +361,30 @@ impl Stub {
 
     pub fn set_throttle(&self, throttle: Option<Throttle>) {
         *lock(&self.state.throttle) = throttle;
+    }
+
+    /// From now on, requests for `path` (without the query, any method)
+    /// get this response, before auth and the registry routes.
+    pub fn set_response(
+        &self,
+        path: &str,
+        status: StatusCode,
+        content_type: &str,
+        body: impl Into<Bytes>,
+    ) {
+        lock(&self.state.canned).insert(
+            path.to_string(),
+            Canned {
+                status,
+                content_type: content_type.to_string(),
+                body: body.into(),
+            },
+        );
+    }
+
+    /// [`Stub::set_response`] with `200` and `value` as JSON.
+    pub fn set_json(&self, path: &str, value: &serde_json::Value) {
+        self.set_response(path, StatusCode::OK, "application/json", value.to_string());
     }
 
     /// Every request the registry server saw (token requests included).
@@ -436,6 +514,13 @@ fn oci_error(status: StatusCode, code: &str) -> Response<StubBody> {
 fn registry_request(state: &State, req: &Request<Incoming>) -> Response<StubBody> {
     record(&state.seen, req);
     let path = req.uri().path();
+    if let Some(c) = lock(&state.canned).get(path) {
+        return respond(
+            c.status,
+            &[(header::CONTENT_TYPE, c.content_type.clone())],
+            c.body.clone(),
+        );
+    }
     if path == "/token" {
         return match &state.auth {
             StubAuth::Bearer {
@@ -488,7 +573,9 @@ fn registry_request(state: &State, req: &Request<Incoming>) -> Response<StubBody
     match kind {
         "manifests" => manifest(state, reference, head),
         "blobs" => {
-            if !reference.starts_with("sha256:") || !blob_path(&state.layout, reference).is_file() {
+            if !reference.starts_with("sha256:")
+                || !blob_path(&state.layout, reference).is_some_and(|p| p.is_file())
+            {
                 return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
             }
             match state.storage {
@@ -556,12 +643,15 @@ fn manifest(state: &State, reference: &str, head: bool) -> Response<StubBody> {
     let digest = if reference.starts_with("sha256:") {
         Some(reference.to_string())
     } else {
-        tag_digest(&state.layout, reference)
+        state
+            .layout
+            .as_deref()
+            .and_then(|layout| tag_digest(layout, reference))
     };
     let Some(digest) = digest else {
         return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
     };
-    let Ok(bytes) = std::fs::read(blob_path(&state.layout, &digest)) else {
+    let Some(Ok(bytes)) = blob_path(&state.layout, &digest).map(std::fs::read) else {
         return oci_error(StatusCode::NOT_FOUND, "MANIFEST_UNKNOWN");
     };
     let media_type = serde_json::from_slice::<serde_json::Value>(&bytes)
@@ -595,7 +685,7 @@ fn tag_digest(layout: &Path, tag: &str) -> Option<String> {
         .and_then(|m| m["digest"].as_str().map(str::to_string))
 }
 
-fn blob_path(layout: &Path, digest: &str) -> PathBuf {
+fn blob_path(layout: &Option<PathBuf>, digest: &str) -> Option<PathBuf> {
     let hex = digest.trim_start_matches("sha256:");
     // Only a plain hex name may reach the file system.
     let hex = if hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -603,12 +693,12 @@ fn blob_path(layout: &Path, digest: &str) -> PathBuf {
     } else {
         "invalid"
     };
-    layout.join("blobs/sha256").join(hex)
+    Some(layout.as_ref()?.join("blobs/sha256").join(hex))
 }
 
 /// The blob's bytes (corrupted when asked), whole or throttled.
 fn blob(state: &State, digest: &str, head: bool) -> Response<StubBody> {
-    let Ok(mut bytes) = std::fs::read(blob_path(&state.layout, digest)) else {
+    let Some(Ok(mut bytes)) = blob_path(&state.layout, digest).map(std::fs::read) else {
         return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
     };
     if lock(&state.corrupt).contains(digest) && !bytes.is_empty() {

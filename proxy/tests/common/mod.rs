@@ -63,6 +63,21 @@ pub fn proxy_for(up: &Upstream) -> Proxy {
     proxy_serving("quay.io", &up.registry.url())
 }
 
+/// The proxy on free localhost ports serving `upstream` as `docker.io`,
+/// its `defaultRegistry` (requests naming no registry go there), with
+/// `extra` lines of that registry's config.
+pub fn proxy_for_docker_hub(upstream: &Upstream, extra: &str) -> Proxy {
+    Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "defaultRegistry: docker.io\n{}",
+            one_registry("docker.io", &upstream.registry.url(), extra)
+        ),
+    )
+    .unwrap()
+}
+
 /// Writes the proxy CA as `<dir>/ca.crt` (a cert dir for skopeo/podman).
 pub fn ca_dir(proxy: &Proxy) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -90,6 +105,18 @@ impl Started {
     pub fn dir(&mut self, dir: &Path) -> &mut Self {
         self.dirs.push(dir.to_path_buf());
         self
+    }
+
+    /// The upstream registry and the proxy: their PIDs and dirs.
+    pub fn upstream_and_proxy(&mut self, up: &Upstream, proxy: &Proxy) -> &mut Self {
+        self.pid("docker-registry", up.registry.pid())
+            .pid("pullthrough-proxy", proxy.pid())
+            .dir(up.registry.dir())
+            .dir(proxy.dir())
+    }
+
+    pub fn dockerd(&mut self, dockerd: &pullthrough_testbed::dockerd::Dockerd) -> &mut Self {
+        self.pid("dockerd", dockerd.pid()).dir(dockerd.dir())
     }
 
     pub fn netns(&mut self, name: &str) -> &mut Self {
