@@ -330,6 +330,67 @@ impl KubeApiserver {
         Ok(token.to_string())
     }
 
+    /// A token for ServiceAccount `ns/sa` bound to a Pod on `node`, as the
+    /// kubelet hands one to a DaemonSet's pod: the API server puts the
+    /// node's name in the request's user info
+    /// (`authentication.kubernetes.io/node-name`). The Node and the Pod
+    /// `<sa>-<node>` are created (stored only: nothing runs them).
+    pub fn pod_token_on_node(&self, ns: &str, sa: &str, node: &str) -> Result<String> {
+        let pod = format!("{sa}-{node}");
+        let objects = json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}},
+            {"apiVersion": "v1", "kind": "Pod",
+             "metadata": {"name": pod, "namespace": ns},
+             "spec": {"nodeName": node, "serviceAccountName": sa,
+                      "automountServiceAccountToken": false,
+                      "containers": [{"name": "main", "image": "pullthrough-test:none"}]}},
+        ]});
+        self.kubectl_stdin(&["apply", "-f", "-"], &objects.to_string())?;
+        let token = self.kubectl(&[
+            "create",
+            "token",
+            sa,
+            "-n",
+            ns,
+            "--bound-object-kind",
+            "Pod",
+            "--bound-object-name",
+            &pod,
+        ])?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(Error::Other(format!("empty token for {ns}/{sa} on {node}")));
+        }
+        Ok(token.to_string())
+    }
+
+    /// Waits until `kubectl create --dry-run=server` of `manifest` as
+    /// whoever `kubeconfig` authenticates is refused, and returns why: an
+    /// admission policy is enforced only once the API server's informer
+    /// has it, a moment after it was created.
+    pub fn wait_until_refused(
+        &self,
+        kubeconfig: &Path,
+        manifest: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        let mut why = String::new();
+        let flag = format!("--kubeconfig={}", kubeconfig.display());
+        let args = [flag.as_str(), "create", "--dry-run=server", "-f", "-"];
+        crate::net::wait_for(
+            "the API server to refuse the object",
+            timeout,
+            || match self.kubectl_stdin(&args, manifest) {
+                Ok(_) => Ok(false),
+                Err(e) => {
+                    why = e.to_string();
+                    Ok(true)
+                }
+            },
+        )?;
+        Ok(why)
+    }
+
     /// Writes a kubeconfig that authenticates with `token` (and trusts the
     /// API server's CA), so a component runs with exactly its RBAC.
     pub fn kubeconfig_for_token(&self, token: &str) -> Result<PathBuf> {

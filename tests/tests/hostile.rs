@@ -8,7 +8,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use pullthrough_testbed::kube::KubeApiserver;
-use pullthrough_testbed::net::wait_for;
 
 const NS: &str = "pullthrough";
 const AGENT_SA: &str = "pullthrough-agent";
@@ -42,17 +41,6 @@ fn lease(name: &str) -> String {
     )
 }
 
-/// A Node, and the agent's Pod bound to it (stored only: nothing runs it,
-/// but a token bound to it carries the node's name like a kubelet-issued one).
-fn node_and_agent_pod(node: &str) -> String {
-    format!(
-        "apiVersion: v1\nkind: Node\nmetadata: {{name: {node}}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: agent-{node}, namespace: {NS}}}\n\
-         spec:\n  nodeName: {node}\n  serviceAccountName: {AGENT_SA}\n  automountServiceAccountToken: false\n\
-         \x20 containers: [{{name: agent, image: pullthrough-agent:test}}]\n"
-    )
-}
-
 /// Issue #10, point 12: RBAC lets the agent's ServiceAccount write every
 /// Lease in the namespace; the chart's ValidatingAdmissionPolicy must hold
 /// each agent to its own node's Lease, with the token a real agent Pod gets.
@@ -62,15 +50,10 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
     api.kubectl(&["create", "namespace", NS]).unwrap();
     api.kubectl_stdin(&["apply", "-f", "-"], &agent_objects(&api))
         .unwrap();
-    api.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &format!(
-            "{}---\n{}",
-            node_and_agent_pod("node-a"),
-            node_and_agent_pod("node-b")
-        ),
-    )
-    .unwrap();
+    let node_a = api
+        .kubeconfig_for_token(&api.pod_token_on_node(NS, AGENT_SA, "node-a").unwrap())
+        .unwrap();
+    api.pod_token_on_node(NS, AGENT_SA, "node-b").unwrap();
     // The operator's leader Lease and node-b's Lease already exist: the
     // attacker on node-a tries to overwrite them.
     api.kubectl_stdin(
@@ -83,24 +66,6 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
     )
     .unwrap();
 
-    let pod_token = |node: &str| {
-        let pod = format!("agent-{node}");
-        let token = api
-            .kubectl(&[
-                "create",
-                "token",
-                AGENT_SA,
-                "-n",
-                NS,
-                "--bound-object-kind",
-                "Pod",
-                "--bound-object-name",
-                &pod,
-            ])
-            .unwrap();
-        api.kubeconfig_for_token(token.trim()).unwrap()
-    };
-    let node_a = pod_token("node-a");
     let unbound = api
         .kubeconfig_for_token(&api.token_for(NS, AGENT_SA).unwrap())
         .unwrap();
@@ -110,19 +75,11 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
         api.kubectl_stdin(&all, input)
     };
 
-    // The policy is enforced once the API server's admission informer has
-    // it: wait until a server-side dry run of a forged Lease is refused.
-    wait_for(
-        "the Lease policy to be enforced",
+    // Enforced once the API server's admission informer has the policy.
+    api.wait_until_refused(
+        &node_a,
+        &lease("pullthrough-agent-node-c"),
         Duration::from_secs(30),
-        || {
-            Ok(as_agent(
-                &node_a,
-                &["create", "--dry-run=server", "-f", "-"],
-                &lease("pullthrough-agent-node-c"),
-            )
-            .is_err())
-        },
     )
     .unwrap();
 

@@ -71,9 +71,10 @@ fn workspace() -> PathBuf {
         .to_path_buf()
 }
 
-/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings,
-/// rendered with `helm template` (default values).
-fn chart_rbac(helm: &Helm) -> String {
+/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings, and
+/// the agents' Lease admission policy, rendered with `helm template`
+/// (default values).
+fn chart_access(helm: &Helm) -> String {
     let chart = workspace().join("charts/pullthrough");
     let out = helm
         .run(&[
@@ -90,6 +91,8 @@ fn chart_rbac(helm: &Helm) -> String {
         "ClusterRole",
         "RoleBinding",
         "ClusterRoleBinding",
+        "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding",
     ];
     let docs: Vec<&str> = out
         .split("\n---")
@@ -99,7 +102,11 @@ fn chart_rbac(helm: &Helm) -> String {
                 .is_some_and(|k| keep.contains(&k.trim()))
         })
         .collect();
-    assert!(docs.len() >= 7, "chart RBAC objects: {}", docs.len());
+    assert!(
+        docs.len() >= 9,
+        "chart RBAC and policy objects: {}",
+        docs.len()
+    );
     docs.join("\n---\n")
 }
 
@@ -311,7 +318,8 @@ fn system_flow(kind: Kind) {
     let tmp = tempfile::tempdir().unwrap();
     let mut api = KubeApiserver::start().expect("test bed kube-apiserver");
 
-    // CRD, namespace, the chart's RBAC (ServiceAccounts included).
+    // CRD, namespace, the chart's RBAC (ServiceAccounts included) and the
+    // agents' Lease policy.
     api.apply_crds(
         &fs::read_to_string(workspace().join("charts/pullthrough/crds/mirrorregistries.yaml"))
             .unwrap(),
@@ -319,7 +327,7 @@ fn system_flow(kind: Kind) {
     .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
     let helm = api.helm().unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &chart_rbac(&helm))
+    api.kubectl_stdin(&["apply", "-f", "-"], &chart_access(&helm))
         .unwrap();
 
     // The proxy's addresses, and its Service: headless (no kube-proxy
@@ -500,9 +508,20 @@ fn system_flow(kind: Kind) {
     };
     assert!(!node_configured());
 
-    // The agent, as its ServiceAccount.
+    // The agent, as its ServiceAccount with the token its Pod on NODE gets,
+    // under the chart's policy (each agent writes only its own Lease), once
+    // that policy is enforced.
     let agent_kubeconfig = api
-        .kubeconfig_for_token(&api.token_for(NS, "pullthrough-agent").unwrap())
+        .kubeconfig_for_token(
+            &api.pod_token_on_node(NS, "pullthrough-agent", NODE)
+                .unwrap(),
+        )
+        .unwrap();
+    let other_node = format!(
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\n\
+         metadata: {{name: pullthrough-agent-not-{NODE}, namespace: {NS}}}\n"
+    );
+    api.wait_until_refused(&agent_kubeconfig, &other_node, Duration::from_secs(30))
         .unwrap();
     // dockerd sees <root>/etc/hosts through a bind mount (pinned inode):
     // the agent runs with that file bind-mounted onto itself, so it writes
