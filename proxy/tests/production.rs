@@ -763,6 +763,11 @@ fn every_request_gets_its_access_line_under_a_burst() {
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum();
     assert_eq!(counted, want as f64, "{m}");
+    // Back-pressure is counted, and this burst (a 16 Ki-line queue, a file
+    // as stdout) never made a request wait for the log writer. That a full
+    // queue is counted and loses nothing is shown with a blocked writer in
+    // `observe::log_queue`'s tests.
+    assert_eq!(metric(&m, "pullthrough_log_queue_full_total"), 0.0, "{m}");
     // Every line on stdout is one JSON object.
     for line in proxy.log().lines().filter(|l| !l.trim().is_empty()) {
         assert!(

@@ -169,6 +169,11 @@ impl Default for Metrics {
             "Blobs served by pass-through because the cache disk was full",
             disk_full.clone(),
         );
+        registry.register(
+            "log_queue_full",
+            "Log lines that found the log writer's queue full and waited for room (the logging request waited; no line is dropped)",
+            super::log_queue::PROCESS_QUEUE_FULL.clone(),
+        );
         Self {
             registry,
             requests,
