@@ -36,3 +36,22 @@ where
         }
     }
 }
+
+/// Logs to stderr through `tracing`, filtered by `RUST_LOG` (default
+/// `info`): JSON lines with `json`, else text, with colour only when a
+/// person watches a terminal (not in a log file). The operator and the
+/// agent log the same way; the proxy, whose access log is the product,
+/// writes JSON to stdout through its own writer thread.
+pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use pullthrough_api::cli::{EXIT_USAGE, parse_or_exit};
+use pullthrough_api::cli::{EXIT_USAGE, init_logging, parse_or_exit};
 use pullthrough_api::config::ProxyConfig;
 use pullthrough_operator::ca::{self, CaPolicy};
 use pullthrough_operator::cli::Args;
@@ -47,19 +47,6 @@ fn main() {
     };
     let code = rt.block_on(run(args, base));
     std::process::exit(code);
-}
-
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
 }
 
 async fn run(args: Args, base: ProxyConfig) -> i32 {
