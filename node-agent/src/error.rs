@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::fsio::FsError;
 use crate::patch::PatchError;
-use crate::state::{BACKUP_DIR, STATE_FILE};
+pub use crate::state::StateError;
 
 /// A config (file, ConfigMap key or flag) the agent cannot use.
 #[derive(Debug, thiserror::Error)]
@@ -75,27 +75,6 @@ pub enum ConfigError {
     AutoWithNamedRuntimes,
     #[error("run: --node-name (or NODE_NAME) is needed for the node's Lease")]
     NoNodeName,
-}
-
-/// The agent's state record cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error(transparent)]
-    Fs(#[from] FsError),
-    #[error(
-        "{}: unreadable agent state ({source}); inspect it (backups are under {}) before removing it",
-        STATE_FILE,
-        BACKUP_DIR
-    )]
-    Unreadable {
-        #[source]
-        source: serde_json::Error,
-    },
-    #[error(
-        "{}: state version {found} is not {expected}; use the agent version that wrote it",
-        STATE_FILE
-    )]
-    Version { found: u32, expected: u32 },
 }
 
 /// A reload or restart that did not happen.

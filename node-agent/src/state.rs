@@ -7,7 +7,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::StateError;
 use crate::fsio::{FILE_MODE, FsError, Root};
 use crate::patch::containerd::ConfigRecord;
 use crate::patch::daemon_json::Added;
@@ -18,6 +17,27 @@ pub const STATE_DIR: &str = "/var/lib/pullthrough-agent";
 pub const STATE_FILE: &str = "/var/lib/pullthrough-agent/state.json";
 /// First-edit backups, mirroring host paths (`backups/etc/hosts`).
 pub const BACKUP_DIR: &str = "/var/lib/pullthrough-agent/backups";
+
+/// The agent's state record cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Fs(#[from] FsError),
+    #[error(
+        "{}: unreadable agent state ({source}); inspect it (backups are under {}) before removing it",
+        STATE_FILE,
+        BACKUP_DIR
+    )]
+    Unreadable {
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error(
+        "{}: state version {found} is not {expected}; use the agent version that wrote it",
+        STATE_FILE
+    )]
+    Version { found: u32, expected: u32 },
+}
 
 const STATE_VERSION: u32 = 1;
 

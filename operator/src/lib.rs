@@ -7,6 +7,7 @@ use pullthrough_api::crd::MirrorRegistry;
 
 pub mod ca;
 pub mod cli;
+pub mod context;
 pub mod controller;
 pub mod error;
 pub mod leader;

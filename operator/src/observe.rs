@@ -12,7 +12,7 @@ use kube::api::ListParams;
 use kube::{Api, Client, ResourceExt};
 use pullthrough_api::agent::NodeProxy;
 
-use crate::controller::Settings;
+use crate::context::Settings;
 use crate::error::{Error, KubeContext};
 use crate::nodes::{self, AgentReport};
 use crate::proxy_status::{self, ProxyStatus};

@@ -17,8 +17,9 @@ use pullthrough_api::contract::{CA_BUNDLE_KEY, MANAGED_BY_LABEL};
 use pullthrough_api::crd::MirrorRegistry;
 use serde_json::{Value, json};
 
-use crate::controller::Context;
+use crate::context::{Config, Kube};
 use crate::error::{Error, KubeContext};
+use crate::metrics::Metrics;
 use crate::refs::Refs;
 use crate::table::{self, Mounts, Table, Verdict};
 use crate::{CONFIG_HASH_ANNOTATION, FIELD_MANAGER};
@@ -71,19 +72,20 @@ impl Publisher {
     /// copy) and applies it when it changed.
     pub async fn converge(
         &self,
-        ctx: &Context,
+        config: &Config,
+        kube: &Kube,
+        metrics: &Metrics,
         current: &Arc<MirrorRegistry>,
         node_proxy: Option<&NodeProxy>,
     ) -> Result<Arc<Table>, Error> {
-        let settings = &ctx.config.settings;
+        let settings = &config.settings;
         let name = current.name_any();
         // Under the lock, from the cache as it is now: reconciles queued
         // behind a write find their object already in the written table and
         // skip (one write per burst, not one per object). Rendering is
         // skipped too while no spec, claim order or Service changed.
         let mut last = self.last.lock().await;
-        let mut all: Vec<Arc<MirrorRegistry>> = ctx
-            .kube
+        let mut all: Vec<Arc<MirrorRegistry>> = kube
             .store
             .state()
             .into_iter()
@@ -100,7 +102,7 @@ impl Publisher {
         }
         // Referenced ConfigMaps and Secrets are read on every render, so a
         // change to one reaches the table within --resync-interval.
-        let refs = Refs::read(&ctx.kube.client, all.iter().map(AsRef::as_ref))
+        let refs = Refs::read(&kube.client, all.iter().map(AsRef::as_ref))
             .await
             .context(|| "reading the ConfigMaps and Secrets MirrorRegistries reference".into())?;
         let mounts = Mounts {
@@ -108,7 +110,7 @@ impl Publisher {
             credentials: settings.credentials_mount_path.clone(),
         };
         let t = Arc::new(table::render(
-            &ctx.config.base,
+            &config.base,
             &all,
             node_proxy.cloned(),
             &mounts,
@@ -133,7 +135,7 @@ impl Publisher {
             .is_none_or(|l| l.table.credentials != t.credentials)
         {
             apply_credentials(
-                &ctx.kube.client,
+                &kube.client,
                 &settings.namespace,
                 &settings.credentials_secret,
                 &t.credentials,
@@ -141,7 +143,7 @@ impl Publisher {
             .await?;
         }
         apply_table(
-            &ctx.kube.client,
+            &kube.client,
             &settings.namespace,
             &settings.table_configmap,
             &t,
@@ -154,7 +156,7 @@ impl Publisher {
                 .filter(|v| **v == Verdict::Accepted)
                 .count();
             tracing::info!(hash = %t.hash, registries = accepted, "registry table applied");
-            ctx.metrics.table_writes.inc();
+            metrics.table_writes.inc();
         }
         *last = Some(Published {
             fingerprint: fp,

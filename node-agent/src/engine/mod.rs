@@ -10,32 +10,18 @@ use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use crate::config::AgentConfig;
-use crate::error::{ActionError, AgentError, ConfigError};
+use crate::error::{AgentError, ConfigError};
 use crate::fsio::Root;
 use crate::patch::docker_certs;
 use crate::runtime::{
-    self, Action, AfterApply, BeforeRevert, DockerActionArg, Executor, Outcome, PlanInput, Planned,
-    RuntimeKind, Step,
+    self, AfterApply, BeforeRevert, Executor, PlanInput, Planned, RuntimeKind, Step,
 };
 use crate::state::{self, LastApply};
 use plan::{Planner, commit, prune_dirs, revert_file, write_diff, write_files, writeln_out};
 
 pub use crate::runtime::docker::{DAEMON_JSON, HOSTS};
+pub use crate::runtime::{Actor, ApplyOptions};
 pub use status::{FileStatus, Status, status, status_table};
-
-/// Options of `apply`.
-#[derive(Debug, Clone)]
-pub struct ApplyOptions {
-    /// `None`: detect what is installed.
-    pub runtimes: Option<Vec<RuntimeKind>>,
-    pub docker_action: DockerActionArg,
-    pub dry_run: bool,
-    pub migrate_containerd_mirrors: bool,
-    /// The run loop's health gate is closed (the proxy is not ready): the
-    /// `/etc/hosts` block keeps its markers but no entries, so hijacked
-    /// names resolve as without the proxy. Everything else is applied.
-    pub hosts_gate_closed: bool,
-}
 
 /// Options of `revert`.
 #[derive(Debug, Clone)]
@@ -53,67 +39,6 @@ pub struct Report {
     pub files: Vec<(String, String)>,
     /// Runtime actions taken (or planned), one line each.
     pub actions: Vec<String>,
-}
-
-/// Carries out daemon steps, printing a line for each and collecting
-/// failures: a failed reload must not stop the other daemons from hearing
-/// about their files.
-pub struct Actor<'a> {
-    exec: &'a mut dyn Executor,
-    out: &'a mut dyn Write,
-    actions: Vec<String>,
-    failed: Vec<ActionError>,
-}
-
-impl<'a> Actor<'a> {
-    fn new(exec: &'a mut dyn Executor, out: &'a mut dyn Write) -> Self {
-        Self {
-            exec,
-            out,
-            actions: Vec::new(),
-            failed: Vec::new(),
-        }
-    }
-
-    /// Carries out one step; `true` when the daemon was actually told.
-    pub fn act(&mut self, step: &Step) -> bool {
-        let who = step.service.process();
-        let res = match step.action {
-            Action::Nothing => Ok(None),
-            Action::Reload => self.exec.reload(step.service).map(Some),
-            Action::Restart => self.exec.restart(step.service).map(Some),
-        };
-        let done = matches!(res, Ok(Some(Outcome::Done(_))));
-        let reason = &step.reason;
-        let line = match (step.action, res) {
-            (Action::Nothing, _) | (_, Ok(None)) => format!("{who}: nothing to do ({reason})"),
-            (a, Ok(Some(o))) => format!("{who}: {} ({reason}): {}", a.word(), o.message()),
-            (a, Err(e)) => {
-                let line = format!("{who}: {} ({reason}) FAILED: {e}", a.word());
-                self.failed.push(ActionError {
-                    daemon: who,
-                    source: e,
-                });
-                line
-            }
-        };
-        writeln_out(self.out, &line);
-        self.actions.push(line);
-        done
-    }
-
-    /// The step as a dry run prints it, if it does.
-    fn dry_run(&mut self, step: &Step) {
-        if let Some(reason) = &step.dry_run_reason {
-            let line = format!(
-                "{}: would {} ({reason})",
-                step.service.process(),
-                step.action.word()
-            );
-            writeln_out(self.out, &line);
-            self.actions.push(line);
-        }
-    }
 }
 
 fn now_unix() -> u64 {

@@ -1,5 +1,6 @@
 //! Engine tests against temp roots, with a recording executor.
 
+use crate::runtime::DockerActionArg;
 use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use toml_edit::{DocumentMut, Item, Table, TableLike, value};
 
 use super::hosts_toml::HostTls;
-use super::{GENERATED_HEADER, PatchError};
+use super::{GENERATED_HEADER, PatchError, parse_containerd_toml as parse};
 
 /// Where containerd's config lives.
 pub const CONFIG_TOML: &str = "/etc/containerd/config.toml";
@@ -99,18 +99,6 @@ pub struct ConfigPatched {
     /// Registries moved out of `registry.mirrors`, by registry name
     /// (`*` for the catch-all).
     pub migrated: BTreeMap<String, MigratedRegistry>,
-}
-
-/// Parses containerd TOML, refusing what containerd would refuse.
-pub(super) fn parse(bytes: &[u8]) -> Result<DocumentMut, PatchError> {
-    let text = std::str::from_utf8(bytes)
-        .map_err(|_| PatchError::new("is not UTF-8 text, so not TOML; fix it first"))?;
-    text.parse::<DocumentMut>().map_err(|e| {
-        PatchError::new(format!(
-            "is not valid TOML ({}); containerd would not start with it. Fix it first; the file was left untouched",
-            e.to_string().trim()
-        ))
-    })
 }
 
 /// Gives `output` (toml_edit's rendering, LF line ends, final newline)

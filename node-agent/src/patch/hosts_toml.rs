@@ -4,8 +4,7 @@
 
 use toml_edit::{Array, DocumentMut, Item, Table, value};
 
-use super::containerd::parse;
-use super::{GENERATED_HEADER, PatchError};
+use super::{GENERATED_HEADER, PatchError, parse_containerd_toml as parse};
 
 /// TLS settings of one host (or the `server`) in a hosts.toml.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -21,6 +21,19 @@ impl PatchError {
     }
 }
 
+/// Parses containerd TOML (`config.toml`, `hosts.toml`), refusing what
+/// containerd would refuse.
+pub(crate) fn parse_containerd_toml(bytes: &[u8]) -> Result<toml_edit::DocumentMut, PatchError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| PatchError::new("is not UTF-8 text, so not TOML; fix it first"))?;
+    text.parse::<toml_edit::DocumentMut>().map_err(|e| {
+        PatchError::new(format!(
+            "is not valid TOML ({}); containerd would not start with it. Fix it first; the file was left untouched",
+            e.to_string().trim()
+        ))
+    })
+}
+
 /// First line of every file the agent generates whole; a file that starts
 /// with it is the agent's to rewrite or remove.
 pub const GENERATED_HEADER: &str =

@@ -11,10 +11,11 @@ pub mod exec;
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::io::Write;
 
 use crate::config::AgentConfig;
-use crate::engine::ApplyOptions;
-use crate::engine::plan::{Change, Planner};
+use crate::engine::plan::{Change, Planner, writeln_out};
+use crate::error::ActionError;
 use crate::error::AgentError;
 use crate::fsio::Root;
 
@@ -104,6 +105,81 @@ pub enum Detection {
     Skipped(String),
 }
 
+/// Options of `apply`.
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// `None`: detect what is installed.
+    pub runtimes: Option<Vec<RuntimeKind>>,
+    pub docker_action: DockerActionArg,
+    pub dry_run: bool,
+    pub migrate_containerd_mirrors: bool,
+    /// The run loop's health gate is closed (the proxy is not ready): the
+    /// `/etc/hosts` block keeps its markers but no entries, so hijacked
+    /// names resolve as without the proxy. Everything else is applied.
+    pub hosts_gate_closed: bool,
+}
+
+/// Carries out daemon steps, printing a line for each and collecting
+/// failures: a failed reload must not stop the other daemons from hearing
+/// about their files.
+pub struct Actor<'a> {
+    exec: &'a mut dyn Executor,
+    out: &'a mut dyn Write,
+    pub(crate) actions: Vec<String>,
+    pub(crate) failed: Vec<ActionError>,
+}
+
+impl<'a> Actor<'a> {
+    pub(crate) fn new(exec: &'a mut dyn Executor, out: &'a mut dyn Write) -> Self {
+        Self {
+            exec,
+            out,
+            actions: Vec::new(),
+            failed: Vec::new(),
+        }
+    }
+
+    /// Carries out one step; `true` when the daemon was actually told.
+    pub fn act(&mut self, step: &Step) -> bool {
+        let who = step.service.process();
+        let res = match step.action {
+            Action::Nothing => Ok(None),
+            Action::Reload => self.exec.reload(step.service).map(Some),
+            Action::Restart => self.exec.restart(step.service).map(Some),
+        };
+        let done = matches!(res, Ok(Some(Outcome::Done(_))));
+        let reason = &step.reason;
+        let line = match (step.action, res) {
+            (Action::Nothing, _) | (_, Ok(None)) => format!("{who}: nothing to do ({reason})"),
+            (a, Ok(Some(o))) => format!("{who}: {} ({reason}): {}", a.word(), o.message()),
+            (a, Err(e)) => {
+                let line = format!("{who}: {} ({reason}) FAILED: {e}", a.word());
+                self.failed.push(ActionError {
+                    daemon: who,
+                    source: e,
+                });
+                line
+            }
+        };
+        writeln_out(self.out, &line);
+        self.actions.push(line);
+        done
+    }
+
+    /// The step as a dry run prints it, if it does.
+    pub(crate) fn dry_run(&mut self, step: &Step) {
+        if let Some(reason) = &step.dry_run_reason {
+            let line = format!(
+                "{}: would {} ({reason})",
+                step.service.process(),
+                step.action.word()
+            );
+            writeln_out(self.out, &line);
+            self.actions.push(line);
+        }
+    }
+}
+
 /// What every runtime's plan step is given.
 pub struct PlanInput<'a> {
     pub cfg: &'a AgentConfig,
@@ -145,7 +221,7 @@ pub struct BeforeRevert<'a, 'b> {
     /// Every file the revert restores or removes; a runtime may write an
     /// interim version first (and must then record it as `before`).
     pub changes: &'a mut [Change],
-    pub actor: &'a mut crate::engine::Actor<'b>,
+    pub actor: &'a mut Actor<'b>,
     pub reload_settle: std::time::Duration,
 }
 

@@ -1,0 +1,80 @@
+//! What the reconciler is given: the settings from the flags, the base
+//! proxy config, and its handles on the API server. Apart from the
+//! controller's [`Context`](crate::controller::Context) so the modules that
+//! observe, publish and write status can take just the parts they use.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kube::Client;
+use kube::runtime::events::Recorder;
+use kube::runtime::reflector::Store;
+use pullthrough_api::config::ProxyConfig;
+use pullthrough_api::crd::MirrorRegistry;
+
+use crate::reserved::ReservedNames;
+
+/// What the reconciler needs from the flags.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub namespace: String,
+    pub table_configmap: String,
+    pub table_mount_path: PathBuf,
+    pub credentials_secret: String,
+    pub credentials_mount_path: PathBuf,
+    pub proxy_service: String,
+    pub node_ca_file: PathBuf,
+    pub proxy_status_url: Option<String>,
+    pub agent_lease_prefix: String,
+    pub delete_timeout: Duration,
+    pub resync_interval: Duration,
+    pub cluster_domain: String,
+    /// The API server's host as this operator reaches it; no registry may
+    /// claim it.
+    pub api_server_host: Option<String>,
+}
+
+impl Settings {
+    pub fn from_args(a: &crate::cli::Args) -> Self {
+        Self {
+            namespace: a.namespace.clone(),
+            table_configmap: a.table_configmap.clone(),
+            table_mount_path: a.table_mount_path.clone(),
+            credentials_secret: a.credentials_secret.clone(),
+            credentials_mount_path: a.credentials_mount_path.clone(),
+            proxy_service: a.proxy_service.clone(),
+            node_ca_file: a.node_ca_file.clone(),
+            proxy_status_url: a.proxy_status_url.clone(),
+            agent_lease_prefix: a.agent_lease_prefix.clone(),
+            delete_timeout: a.delete_timeout,
+            resync_interval: a.resync_interval,
+            cluster_domain: a.cluster_domain.clone(),
+            api_server_host: None,
+        }
+    }
+
+    /// The names no MirrorRegistry may claim in this installation.
+    pub fn reserved_names(&self) -> ReservedNames {
+        ReservedNames::new(
+            &self.namespace,
+            &self.proxy_service,
+            &self.cluster_domain,
+            self.api_server_host.as_deref(),
+        )
+    }
+}
+
+/// What the operator was told: flags and the base proxy config the table
+/// is rendered onto.
+pub struct Config {
+    pub settings: Settings,
+    pub base: ProxyConfig,
+}
+
+/// How the reconciler reaches the API server: the client, the controller's
+/// MirrorRegistry cache, and the Event recorder.
+pub struct Kube {
+    pub client: Client,
+    pub store: Store<MirrorRegistry>,
+    pub recorder: Recorder,
+}
