@@ -120,6 +120,18 @@ pub struct Seen {
     pub headers: HeaderMap,
 }
 
+impl Seen {
+    /// The request's `Authorization` header, if any.
+    pub fn auth(&self) -> Option<&str> {
+        self.headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+    }
+}
+
+/// How a routed stub answers each request ([`StubBuilder::route`]).
+pub type Route = dyn Fn(&Seen) -> Response<Bytes> + Send + Sync;
+
 /// A response set by the test for one path.
 #[derive(Debug, Clone)]
 struct Canned {
@@ -129,7 +141,7 @@ struct Canned {
 }
 
 /// Start options: [`Stub::builder`], [`Stub::canned`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct StubBuilder {
     layout: Option<PathBuf>,
     ip: IpAddr,
@@ -138,6 +150,17 @@ pub struct StubBuilder {
     corrupt: HashSet<String>,
     throttle: Option<Throttle>,
     canned: HashMap<String, Canned>,
+    route: Option<Arc<Route>>,
+}
+
+impl std::fmt::Debug for StubBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StubBuilder")
+            .field("layout", &self.layout)
+            .field("ip", &self.ip)
+            .field("routed", &self.route.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl StubBuilder {
@@ -192,14 +215,25 @@ impl StubBuilder {
         self
     }
 
+    /// Answer every request of the registry server with `route`, a
+    /// scripted upstream (redirect loops, failing realms, challenges); the
+    /// request is recorded first, as always.
+    pub fn route(
+        mut self,
+        route: impl Fn(&Seen) -> Response<Bytes> + Send + Sync + 'static,
+    ) -> Self {
+        self.route = Some(Arc::new(route));
+        self
+    }
+
     pub fn start(self) -> Result<Stub> {
         Stub::start(self)
     }
 }
 
 /// What the servers share with the test.
-#[derive(Debug)]
 struct State {
+    route: Option<Arc<Route>>,
     /// None: a canned-only stub, every registry path is unknown.
     layout: Option<PathBuf>,
     auth: StubAuth,
@@ -246,6 +280,7 @@ impl Stub {
             corrupt: HashSet::new(),
             throttle: None,
             canned: HashMap::new(),
+            route: None,
         }
     }
 
@@ -270,6 +305,7 @@ impl Stub {
             seen: Mutex::new(Vec::new()),
             storage_seen: Mutex::new(Vec::new()),
             canned: Mutex::new(opts.canned),
+            route: opts.route,
         });
 
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -446,15 +482,18 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<State>, storage: bo
     }
 }
 
-fn record(into: &Mutex<Vec<Seen>>, req: &Request<Incoming>) {
-    lock(into).push(Seen {
+/// Records the request and returns what was recorded.
+fn record(into: &Mutex<Vec<Seen>>, req: &Request<Incoming>) -> Seen {
+    let seen = Seen {
         method: req.method().clone(),
         path: req
             .uri()
             .path_and_query()
             .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string()),
         headers: req.headers().clone(),
-    });
+    };
+    lock(into).push(seen.clone());
+    seen
 }
 
 /// The stub's response body: whole, or fed by a throttling task.
@@ -512,7 +551,11 @@ fn oci_error(status: StatusCode, code: &str) -> Response<StubBody> {
 }
 
 fn registry_request(state: &State, req: &Request<Incoming>) -> Response<StubBody> {
-    record(&state.seen, req);
+    let seen = record(&state.seen, req);
+    if let Some(route) = &state.route {
+        let (parts, body) = route(&seen).into_parts();
+        return Response::from_parts(parts, StubBody::Full(Some(body)));
+    }
     let path = req.uri().path();
     if let Some(c) = lock(&state.canned).get(path) {
         return respond(
@@ -759,4 +802,28 @@ fn storage_request(state: &State, req: &Request<Incoming>) -> Response<StubBody>
         return blob(state, digest, head);
     }
     oci_error(StatusCode::NOT_FOUND, "NOT_FOUND")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::http::Get;
+
+    #[test]
+    fn a_routed_stub_answers_with_the_route_and_records_the_request() {
+        let stub = Stub::canned()
+            .route(|seen| {
+                let mut r = Response::new(Bytes::from(format!("saw {}", seen.path)));
+                *r.status_mut() = StatusCode::IM_A_TEAPOT;
+                r
+            })
+            .start()
+            .unwrap();
+        let url = format!("{}/anything?q=1", stub.url());
+        let got = Get::new(&url).send().unwrap();
+        assert_eq!(got.status, StatusCode::IM_A_TEAPOT);
+        assert_eq!(&got.body[..], b"saw /anything?q=1");
+        assert_eq!(stub.count("GET", "/anything?q=1"), 1);
+    }
 }
