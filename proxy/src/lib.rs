@@ -177,14 +177,35 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         ));
     }
     if let Some(l) = admin_listener {
-        let ca_pem: Arc<str> = Arc::from(issuer.ca_pem());
         tasks.spawn(admin::serve(
             l,
             ready.clone(),
-            ca_pem,
+            issuer.clone(),
             shared.clone(),
             admin_access,
             stop_rx.clone(),
+        ));
+    }
+    metrics.set_ca_not_after(issuer.ca_info().not_after);
+    {
+        // CA rotation: follow the files the CA comes from. Read from the
+        // running config at each poll, so a reload that moves `ca:` is
+        // followed too.
+        let shared = shared.clone();
+        let metrics = metrics.clone();
+        let data_dir = data_dir.clone();
+        tokio::spawn(tls::watch::watch(
+            issuer.clone(),
+            cli.reload_interval,
+            move || match &shared.state.load().config.ca {
+                Some(files) => (files.cert.clone(), files.key.clone()),
+                None => tls::generated_ca_files(&data_dir),
+            },
+            move |outcome| match outcome {
+                tls::watch::CaReload::Swapped(info) => metrics.ca_reloaded(Some(info.not_after)),
+                tls::watch::CaReload::Rejected(_) => metrics.ca_reloaded(None),
+                tls::watch::CaReload::Unchanged => {}
+            },
         ));
     }
     if let Some(path) = cli.config.clone() {
