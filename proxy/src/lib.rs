@@ -62,7 +62,8 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// How often the config file is checked for changes.
+    /// How often the config file, its credentials files and the CA files
+    /// are checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 }
