@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::oci::Digest;
 use crate::pipeline::Shared;
+use crate::tls::Issuer;
 
 /// Who may use `/admin/*`.
 #[derive(Debug, Clone)]
@@ -41,7 +42,7 @@ pub enum AdminAccess {
 pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
-    ca_pem: Arc<str>,
+    issuer: Arc<Issuer>,
     shared: Arc<Shared>,
     access: AdminAccess,
     mut stop: watch::Receiver<bool>,
@@ -58,13 +59,15 @@ pub async fn serve(
             _ = stop.changed() => return,
         };
         let ready = ready.clone();
-        let ca_pem = ca_pem.clone();
+        let issuer = issuer.clone();
         let shared = shared.clone();
         let access = access.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let ready = ready.load(Ordering::Relaxed);
-                let (ca_pem, shared, access) = (ca_pem.clone(), shared.clone(), access.clone());
+                // Per request: the CA may have been rotated since.
+                let ca_pem = issuer.ca_pem();
+                let (shared, access) = (shared.clone(), access.clone());
                 async move { Ok::<_, Infallible>(handle(req, ready, &ca_pem, &shared, &access).await) }
             });
             if let Err(err) = auto::Builder::new(TokioExecutor::new())

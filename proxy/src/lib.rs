@@ -62,7 +62,8 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// How often the config file is checked for changes.
+    /// How often the config file, its credentials files and the CA files
+    /// are checked for changes.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
     pub reload_interval: Duration,
 }
@@ -177,14 +178,35 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         ));
     }
     if let Some(l) = admin_listener {
-        let ca_pem: Arc<str> = Arc::from(issuer.ca_pem());
         tasks.spawn(admin::serve(
             l,
             ready.clone(),
-            ca_pem,
+            issuer.clone(),
             shared.clone(),
             admin_access,
             stop_rx.clone(),
+        ));
+    }
+    metrics.set_ca_not_after(issuer.ca_info().not_after);
+    {
+        // CA rotation: follow the files the CA comes from. Read from the
+        // running config at each poll, so a reload that moves `ca:` is
+        // followed too.
+        let shared = shared.clone();
+        let metrics = metrics.clone();
+        let data_dir = data_dir.clone();
+        tokio::spawn(tls::watch::watch(
+            issuer.clone(),
+            cli.reload_interval,
+            move || match &shared.state.load().config.ca {
+                Some(files) => (files.cert.clone(), files.key.clone()),
+                None => tls::generated_ca_files(&data_dir),
+            },
+            move |outcome| match outcome {
+                tls::watch::CaReload::Swapped(info) => metrics.ca_reloaded(Some(info.not_after)),
+                tls::watch::CaReload::Rejected(_) => metrics.ca_reloaded(None),
+                tls::watch::CaReload::Unchanged => {}
+            },
         ));
     }
     if let Some(path) = cli.config.clone() {

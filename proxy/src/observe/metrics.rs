@@ -89,6 +89,9 @@ pub struct Metrics {
     evictions: Counter,
     evicted_bytes: Counter,
     disk_full: Counter,
+    ca_reloads: Counter,
+    ca_reload_errors: Counter,
+    ca_not_after: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -174,6 +177,24 @@ impl Default for Metrics {
             "Log lines that found the log writer's queue full and waited for room (the logging request waited; no line is dropped)",
             super::log_queue::PROCESS_QUEUE_FULL.clone(),
         );
+        let ca_reloads = Counter::default();
+        registry.register(
+            "ca_reloads",
+            "Times a changed CA was loaded from its files and swapped in (CA rotation)",
+            ca_reloads.clone(),
+        );
+        let ca_reload_errors = Counter::default();
+        registry.register(
+            "ca_reload_errors",
+            "Attempts to load changed CA files that failed; the previous CA stays in use",
+            ca_reload_errors.clone(),
+        );
+        let ca_not_after = Gauge::default();
+        registry.register(
+            "ca_not_after_seconds",
+            "notAfter of the CA leaf certificates are signed with, unix seconds",
+            ca_not_after.clone(),
+        );
         Self {
             registry,
             requests,
@@ -187,11 +208,35 @@ impl Default for Metrics {
             evictions,
             evicted_bytes,
             disk_full,
+            ca_reloads,
+            ca_reload_errors,
+            ca_not_after,
         }
     }
 }
 
 impl Metrics {
+    /// The CA in use now expires at `not_after`.
+    pub fn set_ca_not_after(&self, not_after: std::time::SystemTime) {
+        let secs = not_after
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        self.ca_not_after.set(secs);
+    }
+
+    /// A CA reload attempt: swapped in (with its `notAfter`) or rejected.
+    pub fn ca_reloaded(&self, swapped: Option<std::time::SystemTime>) {
+        match swapped {
+            Some(not_after) => {
+                self.ca_reloads.inc();
+                self.set_ca_not_after(not_after);
+            }
+            None => {
+                self.ca_reload_errors.inc();
+            }
+        }
+    }
+
     /// Records a finished request (called with its access-log line).
     pub fn observe_request(
         &self,

@@ -39,8 +39,9 @@ pub(super) const CA_KEY_FILE: &str = "ca.key";
 /// A loaded CA, ready to sign.
 pub(super) struct Ca {
     issuer: rcgen::Issuer<'static, CaKey>,
-    /// The CA certificate(s), normalized PEM (never the key).
-    pem: String,
+    /// The CA certificate(s), normalized PEM (never the key); shared with
+    /// `/ca.crt` readers without copying.
+    pub(super) pem: Arc<str>,
     /// Certificates sent after each leaf (those following the CA
     /// certificate in its file, for an intermediate CA).
     chain: Vec<CertificateDer<'static>>,
@@ -60,10 +61,6 @@ pub(super) struct Minted {
 }
 
 impl Ca {
-    pub(super) fn pem(&self) -> &str {
-        &self.pem
-    }
-
     pub(super) fn not_after(&self) -> SystemTime {
         self.not_after
     }
@@ -230,7 +227,11 @@ impl Ca {
             .map_err(|e| invalid_cert(format!("cannot issue under this certificate: {e}")))?;
         let ca = Self {
             issuer,
-            pem: certs.iter().map(|c| pem_encode(c)).collect(),
+            pem: certs
+                .iter()
+                .map(|c| pem_encode(c))
+                .collect::<String>()
+                .into(),
             chain: certs[1..].to_vec(),
             not_after,
             use_aki,

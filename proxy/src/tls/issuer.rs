@@ -22,6 +22,13 @@ use super::{AllowedNames, TlsError, normalize};
 /// Re-mint a cached leaf once it is this close to expiry.
 const RENEW_BEFORE: Duration = Duration::from_secs(7 * 86_400);
 
+/// What identifies a loaded CA in logs and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaInfo {
+    pub subject: String,
+    pub not_after: SystemTime,
+}
+
 /// A minted certificate and when to replace it.
 pub(super) struct Cached {
     key: Arc<CertifiedKey>,
@@ -44,7 +51,9 @@ pub(super) struct Cache {
 
 /// The proxy's TLS certificate issuer and rustls cert resolver.
 pub struct Issuer {
-    ca: Ca,
+    /// Swapped whole by [`Issuer::reload`] (CA rotation); replaced only
+    /// while `cache` is locked, so no leaf of the old CA is cached after.
+    ca: ArcSwap<Ca>,
     allowed: ArcSwap<AllowedNames>,
     cache: Mutex<Cache>,
     provider: Arc<CryptoProvider>,
@@ -54,9 +63,10 @@ pub struct Issuer {
 impl std::fmt::Debug for Issuer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let allowed = self.allowed.load();
+        let ca = self.ca.load();
         f.debug_struct("Issuer")
-            .field("ca", &self.ca.cert_path)
-            .field("ca_subject", &self.ca.subject_cn)
+            .field("ca", &ca.cert_path)
+            .field("ca_subject", &ca.subject_cn)
             .field("registry_names", &allowed.registry_names.len())
             .field("own_names", &allowed.own_names)
             .field("own_ips", &allowed.own_ips)
@@ -87,7 +97,7 @@ impl Issuer {
                 reason: e.to_string(),
             })?;
         Ok(Self {
-            ca,
+            ca: ArcSwap::from_pointee(ca),
             allowed: ArcSwap::from_pointee(allowed.normalized()),
             cache: Mutex::new(Cache::default()),
             provider,
@@ -95,9 +105,46 @@ impl Issuer {
         })
     }
 
-    /// The CA certificate PEM clients must trust (never the key).
-    pub fn ca_pem(&self) -> &str {
-        self.ca.pem()
+    /// The CA certificate PEM clients must trust (never the key): the
+    /// current one, so `/ca.crt` follows a reload.
+    pub fn ca_pem(&self) -> Arc<str> {
+        self.ca.load().pem.clone()
+    }
+
+    /// The current CA's subject CN and `notAfter`.
+    pub fn ca_info(&self) -> CaInfo {
+        let ca = self.ca.load();
+        CaInfo {
+            subject: ca.subject_cn.clone(),
+            not_after: ca.not_after(),
+        }
+    }
+
+    /// Loads the CA from `cert` + `key` with every check the start-up load
+    /// makes (readable PEM, a CA, key matches, not expired, signs leaves
+    /// that verify) and, when it differs from the current one, swaps it in
+    /// and drops every cached leaf so new handshakes get leaves of the new
+    /// CA. `Ok(None)`: the files hold the current CA. On error nothing
+    /// changes: a pair caught half-updated (cert before key) keeps the old
+    /// CA until the pair is consistent.
+    pub fn reload(&self, cert: &Path, key: &Path) -> Result<Option<CaInfo>, TlsError> {
+        let new = Ca::load_files(cert, key, &self.provider)?;
+        if *new.pem == *self.ca.load().pem {
+            return Ok(None);
+        }
+        let info = CaInfo {
+            subject: new.subject_cn.clone(),
+            not_after: new.not_after(),
+        };
+        // Minting happens with the cache locked: storing the CA under the
+        // same lock means a handshake racing with the swap either minted
+        // before (and is cleared here) or mints with the new CA.
+        let mut cache = self.lock_cache();
+        self.ca.store(Arc::new(new));
+        cache.leaves.clear();
+        cache.own = None;
+        drop(cache);
+        Ok(Some(info))
     }
 
     /// Swap the allowed names (config reload); previously minted certs for names no longer allowed must not be served any more.
@@ -221,11 +268,12 @@ impl Issuer {
         now: SystemTime,
         label: &str,
     ) -> Option<Cached> {
+        let ca = self.ca.load();
         let Minted {
             chain,
             key,
             not_after,
-        } = match self.ca.mint(sans, common_name, now) {
+        } = match ca.mint(sans, common_name, now) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(names = %label, error = %e, "minting a TLS certificate failed");
@@ -250,7 +298,7 @@ impl Issuer {
             // The CA itself expires soon: renew halfway, at least hourly.
             now + (lifetime / 2).max(Duration::from_secs(3600)).min(lifetime)
         };
-        if not_after < self.ca.not_after() && lifetime <= 2 * RENEW_BEFORE {
+        if not_after < ca.not_after() && lifetime <= 2 * RENEW_BEFORE {
             tracing::warn!(names = %label, "minted a short-lived TLS certificate");
         }
         tracing::debug!(

@@ -5,18 +5,29 @@
 //! demand from the CA during the handshake, kept in memory and re-minted a
 //! week before they expire. A name that is neither a registry nor one of
 //! the proxy's own names gets no certificate: the handshake is refused.
+//! The CA files are watched ([`watch`]): a rotated CA is swapped in live.
 
 mod ca;
 mod issuer;
 #[cfg(test)]
 mod tests;
+pub mod watch;
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::SystemTime;
 
-pub use issuer::Issuer;
+pub use issuer::{CaInfo, Issuer};
+
+/// Where the CA lives when the config names no `ca:` files: generated
+/// into the data dir (cert, key).
+pub fn generated_ca_files(data_dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    (
+        data_dir.join(ca::CA_CERT_FILE),
+        data_dir.join(ca::CA_KEY_FILE),
+    )
+}
 
 /// Names the proxy serves TLS for.
 #[derive(Debug, Clone, Default)]

@@ -93,7 +93,7 @@ fn generated_ca_is_written_once_and_reused() {
     let data = dir.path().join("data");
     let first = Issuer::load_or_generate(None, &data, default_allowed()).unwrap();
     let cert_pem = std::fs::read_to_string(data.join("ca.crt")).unwrap();
-    assert_eq!(first.ca_pem(), cert_pem);
+    assert_eq!(&*first.ca_pem(), cert_pem);
     assert!(first.ca_pem().starts_with("-----BEGIN CERTIFICATE-----"));
     assert!(!first.ca_pem().contains("PRIVATE KEY"));
     let key_mode = std::fs::metadata(data.join("ca.key"))
@@ -182,7 +182,7 @@ async fn loads_sec1_ec_private_key() {
         Arc::new(Issuer::load_or_generate(Some(&files), dir.path(), default_allowed()).unwrap());
     handshake(
         issuer.server_config(),
-        client(issuer.ca_pem()),
+        client(&issuer.ca_pem()),
         dns("quay.io"),
     )
     .await
@@ -277,7 +277,7 @@ fn explicit_ca_errors_name_the_file() {
 async fn allowed_registry_name_gets_a_verified_leaf_with_h2() {
     let dir = tempfile::tempdir().unwrap();
     let issuer = Arc::new(Issuer::load_or_generate(None, dir.path(), default_allowed()).unwrap());
-    let client = client(issuer.ca_pem());
+    let client = client(&issuer.ca_pem());
     // The client verifies the chain to the CA and the name quay.io.
     let hs = handshake(issuer.server_config(), client.clone(), dns("quay.io"))
         .await
@@ -303,7 +303,7 @@ async fn allowed_registry_name_gets_a_verified_leaf_with_h2() {
 async fn http1_only_client_gets_http1() {
     let dir = tempfile::tempdir().unwrap();
     let issuer = Arc::new(Issuer::load_or_generate(None, dir.path(), default_allowed()).unwrap());
-    let mut cfg = pullthrough_testbed::tls::client_config(issuer.ca_pem()).unwrap();
+    let mut cfg = pullthrough_testbed::tls::client_config(&issuer.ca_pem()).unwrap();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     let hs = handshake(issuer.server_config(), Arc::new(cfg), dns("quay.io"))
         .await
@@ -317,7 +317,7 @@ async fn unknown_name_is_refused() {
     let issuer = Arc::new(Issuer::load_or_generate(None, dir.path(), default_allowed()).unwrap());
     let err = handshake(
         issuer.server_config(),
-        client(issuer.ca_pem()),
+        client(&issuer.ca_pem()),
         dns("evil.example"),
     )
     .await
@@ -342,7 +342,7 @@ async fn ip_and_own_names_get_the_own_cert() {
         )
         .unwrap(),
     );
-    let client = client(issuer.ca_pem());
+    let client = client(&issuer.ca_pem());
     let by_ip = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
     let ip = handshake(issuer.server_config(), client.clone(), by_ip.clone())
         .await
@@ -400,7 +400,7 @@ async fn removed_name_is_refused_after_set_allowed() {
     // One server and one client config throughout, as in production: a
     // resumed session must not get around the removal either.
     let server = issuer.server_config();
-    let client = client(issuer.ca_pem());
+    let client = client(&issuer.ca_pem());
     let first = handshake(server.clone(), client.clone(), dns("quay.io"))
         .await
         .unwrap();
@@ -462,4 +462,116 @@ fn allowed_names_are_normalized() {
             "::1".parse::<IpAddr>().unwrap()
         ]
     );
+}
+
+/// Writes `text` to `path` the way a Secret volume update lands: a new
+/// file renamed over the old one.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("swap");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A rotated CA is swapped into the running issuer: new handshakes, for
+/// registry names and for the own names (both cached before), get leaves
+/// of the new CA, which clients trusting only the old CA refuse, and
+/// `ca_pem` (`/ca.crt`) is the new CA.
+#[tokio::test]
+async fn reload_swaps_the_ca_and_drops_cached_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = TestCa::new("old CA").unwrap();
+    let files = write_ca(dir.path(), &old, "ca");
+    let issuer =
+        Arc::new(Issuer::load_or_generate(Some(&files), dir.path(), default_allowed()).unwrap());
+    for name in ["quay.io", "localhost"] {
+        handshake(issuer.server_config(), client(&old.cert_pem()), dns(name))
+            .await
+            .unwrap();
+    }
+    // Same files: nothing to do.
+    assert!(issuer.reload(&files.cert, &files.key).unwrap().is_none());
+
+    let new = TestCa::new("new CA").unwrap();
+    replace_file(&files.cert, &new.cert_pem());
+    replace_file(&files.key, &new.key_pem());
+    let info = issuer.reload(&files.cert, &files.key).unwrap().unwrap();
+    assert_eq!(info.subject, "new CA");
+    assert_eq!(issuer.ca_info(), info);
+    assert_eq!(issuer.ca_pem().trim(), new.cert_pem().trim());
+    for name in ["quay.io", "localhost"] {
+        handshake(issuer.server_config(), client(&new.cert_pem()), dns(name))
+            .await
+            .unwrap();
+        let refused = handshake(issuer.server_config(), client(&old.cert_pem()), dns(name)).await;
+        assert!(refused.is_err(), "{name}: a leaf of the old CA was served");
+    }
+}
+
+/// A pair caught half-updated (the new certificate with the old key) is
+/// refused and the running CA stays; once the key follows, the watch swaps
+/// the new CA in.
+#[tokio::test]
+async fn watch_keeps_the_old_ca_until_the_pair_matches() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = TestCa::new("old CA").unwrap();
+    let files = write_ca(dir.path(), &old, "ca");
+    let issuer =
+        Arc::new(Issuer::load_or_generate(Some(&files), dir.path(), default_allowed()).unwrap());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let paths = (files.cert.clone(), files.key.clone());
+    let task = tokio::spawn(watch::watch(
+        issuer.clone(),
+        Duration::from_millis(20),
+        move || paths.clone(),
+        move |outcome| {
+            let _ = tx.send(match outcome {
+                watch::CaReload::Swapped(info) => format!("swapped {}", info.subject),
+                watch::CaReload::Unchanged => "unchanged".to_string(),
+                watch::CaReload::Rejected(e) => format!("rejected {e}"),
+            });
+        },
+    ));
+    // The first poll checks what was loaded at start-up.
+    assert_eq!(next(&mut rx).await, "unchanged");
+
+    let new = TestCa::new("new CA").unwrap();
+    replace_file(&files.cert, &new.cert_pem());
+    let rejected = next(&mut rx).await;
+    assert!(
+        rejected.starts_with("rejected") && rejected.contains("does not match"),
+        "{rejected}"
+    );
+    assert_eq!(issuer.ca_pem().trim(), old.cert_pem().trim());
+    handshake(
+        issuer.server_config(),
+        client(&old.cert_pem()),
+        dns("quay.io"),
+    )
+    .await
+    .unwrap();
+    // Retried at every poll while the files stay inconsistent.
+    assert!(next(&mut rx).await.starts_with("rejected"));
+
+    replace_file(&files.key, &new.key_pem());
+    let mut outcome = next(&mut rx).await;
+    while outcome.starts_with("rejected") {
+        outcome = next(&mut rx).await;
+    }
+    assert_eq!(outcome, "swapped new CA");
+    assert_eq!(issuer.ca_pem().trim(), new.cert_pem().trim());
+    handshake(
+        issuer.server_config(),
+        client(&new.cert_pem()),
+        dns("quay.io"),
+    )
+    .await
+    .unwrap();
+    task.abort();
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap()
 }
