@@ -67,7 +67,7 @@ pub(crate) async fn lead(
     ctx.granted(headers);
     ctx.served(digest);
     if up.hops > 0 {
-        tracing::debug!(%digest, from = %up.final_url, hops = up.hops, "blob served by redirect target");
+        tracing::debug!(%digest, from = %crate::upstream::redact(&up.final_url), hops = up.hops, "blob served by redirect target");
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);

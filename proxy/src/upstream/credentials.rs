@@ -216,10 +216,7 @@ impl RegistryCredentials {
                     // Revoked or expired early: never offer it again.
                     self.forget(key);
                 }
-                match self
-                    .fetch_token(client, &url, &challenge, key, timeout)
-                    .await?
-                {
+                match self.fetch_token(client, &challenge, key, timeout).await? {
                     Some(token) => token,
                     None => {
                         self.refused("the token realm");
@@ -267,16 +264,30 @@ impl RegistryCredentials {
     async fn fetch_token(
         &self,
         client: &UpstreamClient,
-        upstream: &Uri,
         challenge: &Challenge,
         key: &str,
         timeout: Duration,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         let fail = |reason: String| UpstreamError::Token {
             registry: self.registry.clone(),
-            realm: challenge.realm.clone(),
+            realm: super::redact_str(&challenge.realm),
             reason,
         };
+        // The password goes only where the admin sent it: the upstream's
+        // own host and its `authHosts`, never a host the upstream names.
+        let realm_host = url::Url::parse(&challenge.realm)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string));
+        match realm_host {
+            Some(host) if client.is_credential_host(&host) => {}
+            Some(host) => {
+                return Err(fail(format!(
+                    "the realm's host `{host}` is neither the upstream's host nor one of \
+                     the registry's authHosts; the credentials are not sent there"
+                )));
+            }
+            None => return Err(fail("the realm is not a URL with a host".into())),
+        }
         let scope = challenge
             .scope
             .as_deref()
@@ -288,7 +299,7 @@ impl RegistryCredentials {
             authorization: Some(&self.basic),
             // Plain http only where the registry itself is plain http
             // (tests, labs): the realm gets the password.
-            allow_http: upstream.scheme_str() == Some("http"),
+            allow_http: client.is_plain_http(),
             timeout,
         };
         let issued = match token::fetch(client, request).await {

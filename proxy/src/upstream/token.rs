@@ -249,14 +249,22 @@ impl AnonymousTokens {
             challenge,
             scope: Some(scope),
             authorization: None,
-            // Nothing secret goes to the realm: plain http is acceptable.
-            allow_http: true,
+            // No password goes along, but a token fetched over http from an
+            // https upstream's realm could be swapped on the way: the realm
+            // is http only where the upstream itself is.
+            allow_http: client.is_plain_http(),
             timeout,
         };
         let issued = match fetch(client, request).await {
             Ok(issued) => issued,
-            Err(TokenError::Scheme { .. }) => {
-                tracing::warn!(registry, realm = %challenge.realm, "token realm is not http(s); not following it");
+            Err(TokenError::Scheme { scheme }) => {
+                tracing::warn!(registry, realm = %super::redact_str(&challenge.realm), scheme,
+                    "token realm is not https (nor http on an http upstream); not following it");
+                return None;
+            }
+            Err(TokenError::Send(err)) => {
+                // Refused by the egress rules, or unreachable.
+                tracing::warn!(registry, error = %err, "cannot fetch an anonymous token");
                 return None;
             }
             Err(TokenError::Refused { status } | TokenError::Status { status }) => {

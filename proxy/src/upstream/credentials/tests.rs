@@ -38,13 +38,15 @@ fn creds(user: &str, password: &str) -> RegistryCredentials {
     )
 }
 
-/// A client for the registry at `upstream`, with `auth.test` and
-/// `blobs.test` pinned to loopback.
+/// A client for the registry at `upstream`, with `auth.test` (its auth
+/// host: credentials may go there) and `blobs.test` (storage the upstream
+/// redirects to: a private address, so opted in) pinned to loopback.
 fn client_for(upstream: &str) -> Upstreams {
     let config = ProxyConfig::from_yaml(&format!(
         "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
          resolve: {{auth.test: 127.0.0.1, blobs.test: 127.0.0.1}}\n\
-         registries:\n  - host: reg.test\n    upstream: \"{upstream}\"\n"
+         registries:\n  - host: reg.test\n    upstream: \"{upstream}\"\n    \
+         authHosts: [auth.test]\n    allowPrivateNetworks: true\n"
     ))
     .unwrap();
     Upstreams::new(&config).unwrap()
@@ -322,7 +324,6 @@ async fn token_exchange_failures_are_errors_naming_the_registry() {
     let err = creds
         .fetch_token(
             upstreams.client("reg.test").unwrap(),
-            &"https://reg.test/v2/".parse().unwrap(),
             &challenge,
             "",
             Duration::from_secs(5),
@@ -430,4 +431,33 @@ fn file_errors_name_the_registry_the_file_and_the_field() {
     assert_eq!(c.file, ok);
     assert_eq!(c, RegistryCredentials::load("quay.io", &ok).unwrap());
     assert_ne!(c.fingerprint(), creds("bot", "other").fingerprint());
+}
+
+/// A realm on a host that is neither the upstream's nor one of its
+/// `authHosts` never gets the password, even where the egress rules would
+/// let the proxy connect there (`allowPrivateNetworks`).
+#[tokio::test]
+async fn credentials_go_only_to_the_upstream_and_its_auth_hosts() {
+    let s = bearer_setup(Some(300)).await;
+    let config = ProxyConfig::from_yaml(&format!(
+        "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
+         resolve: {{auth.test: 127.0.0.1}}\n\
+         registries:\n  - host: reg.test\n    upstream: \"http://{}\"\n    \
+         allowPrivateNetworks: true\n",
+        s.registry.addr
+    ))
+    .unwrap();
+    let upstreams = Upstreams::new(&config).unwrap();
+    let creds = creds("bot", "pw");
+    let url = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr);
+    let err = get(&creds, &upstreams, &url, Some("repository:team/app:pull"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, UpstreamError::Token { .. }), "{text}");
+    assert!(
+        text.contains("authHosts") && text.contains("auth.test"),
+        "{text}"
+    );
+    assert!(s.realm.seen().is_empty(), "the realm was asked");
 }
