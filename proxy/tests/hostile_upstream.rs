@@ -233,3 +233,99 @@ fn token_realms_on_private_addresses_are_not_asked() {
         assert_eq!(stub.count("GET", "/token"), 0);
     }
 }
+
+/// A tmpfs mounted for the test; lazily unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount tmpfs failed");
+        Self(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Wrong bytes from the upstream while nothing can be cached (the data
+/// dir is a 1 MiB tmpfs: every blob passes through uncached): no client
+/// gets the whole body with status 200, neither a plain GET nor a ranged
+/// one the upstream answers with the whole blob; the transfers are logged
+/// incomplete. With the upstream fixed, the same pass-through delivers.
+#[test]
+fn corrupt_bytes_are_never_served_whole_when_nothing_is_cached() {
+    let work = tempfile::tempdir().unwrap();
+    let image = busybox(work.path());
+    let layer = image.layer_digests()[0].clone();
+    let size = std::fs::metadata(image.blob_path(&layer)).unwrap().len();
+    assert!(
+        size > 64 * 1024,
+        "the layer should not fit the disk's slack"
+    );
+    let stub = Stub::builder(&image.layout)
+        .corrupt(&layer)
+        .start()
+        .unwrap();
+    let mut proxy = start_proxy(Addrs::localhost().unwrap(), &stub.url(), "", "");
+    proxy.stop().unwrap();
+    let data = proxy.data_dir();
+    std::fs::remove_dir_all(&data).unwrap();
+    let mount = Tmpfs::mount(&data, "1m");
+    proxy.start_again().unwrap();
+    let url = format!(
+        "{}/v2/fixture/busybox/blobs/{layer}?ns=hostile.test",
+        proxy.http_url()
+    );
+    for range in [None, Some("bytes=0-")] {
+        let mut get = Get::new(&url);
+        if let Some(r) = range {
+            get = get.header("range", r);
+        }
+        match get.send() {
+            Err(_) => {}
+            Ok(resp) => assert!(
+                resp.status != StatusCode::OK || (resp.body.len() as u64) < size,
+                "{range:?}: got {} of {size} bytes with status {}",
+                resp.body.len(),
+                resp.status
+            ),
+        }
+    }
+    pullthrough_testbed::net::wait_for(
+        "two incomplete transfers logged",
+        std::time::Duration::from_secs(10),
+        || {
+            Ok(proxy
+                .access_matching(&[("digest", &layer), ("complete", "false")])
+                .len()
+                >= 2)
+        },
+    )
+    .unwrap();
+    assert!(
+        !proxy
+            .access_matching(&[("digest", &layer), ("cache", "PASS")])
+            .is_empty(),
+        "not a pass-through: {}",
+        proxy.log()
+    );
+
+    stub.set_corrupt(&layer, false);
+    let resp = Get::new(&url).send().unwrap();
+    assert_eq!(resp.status, StatusCode::OK);
+    verify_digest(&resp.body, &layer).unwrap();
+    proxy.stop().unwrap();
+    drop(mount);
+}
