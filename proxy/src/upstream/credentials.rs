@@ -21,7 +21,6 @@
 //! changes the credentials builds a new one, so tokens fetched with the old
 //! credentials are dropped with it (see `config::watch`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +31,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use pullthrough_api::config::{CredentialsError, UpstreamCredentials};
 
+use super::bounded::Bounded;
 use super::token::{self, Challenge, TokenError, TokenRequest, parse_bearer};
 use super::{UpstreamClient, UpstreamError, UpstreamResponse};
 
@@ -42,8 +42,9 @@ const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
 /// life), so a request never leaves with a token that expires in flight.
 const RENEW_MARGIN: Duration = Duration::from_secs(10);
 
-/// Cached tokens kept before expired ones are swept out.
-const MAX_TOKENS: usize = 1000;
+/// Cached tokens kept at most (one per scope, and clients choose the
+/// scope); past this the oldest go first.
+pub const MAX_TOKENS: usize = 1000;
 
 /// A `credentialsFile` that cannot be used, naming the registry and the
 /// file (and the field, never a value).
@@ -91,8 +92,9 @@ pub struct RegistryCredentials {
     fingerprint: String,
     /// The registry answered with a Basic challenge: send Basic up front.
     wants_basic: AtomicBool,
-    /// Bearer tokens by scope (`""` for requests without a repository).
-    tokens: Mutex<HashMap<String, Token>>,
+    /// Bearer tokens by scope (`""` for requests without a repository),
+    /// at most [`MAX_TOKENS`].
+    tokens: Mutex<Bounded<String, Token>>,
 }
 
 struct Token {
@@ -159,7 +161,7 @@ impl RegistryCredentials {
             basic,
             fingerprint,
             wants_basic: AtomicBool::new(false),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Bounded::new(MAX_TOKENS)),
         }
     }
 
@@ -320,10 +322,6 @@ impl RegistryCredentials {
         let keep = life.saturating_sub(RENEW_MARGIN.min(life / 5));
         if !keep.is_zero() {
             let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            if tokens.len() >= MAX_TOKENS {
-                let now = Instant::now();
-                tokens.retain(|_, t| now < t.until);
-            }
             tokens.insert(
                 key.to_string(),
                 Token {

@@ -20,6 +20,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 
+use super::bounded::Bounded;
 use super::{UpstreamClient, UpstreamError};
 
 /// Largest token response read.
@@ -214,20 +215,46 @@ pub async fn fetch(
         .map_err(|_| TokenError::Timeout(request.timeout))?
 }
 
+/// Anonymous tokens kept at most: one per (registry, scope), and a client
+/// chooses the scope (any repository name), so the map must not grow with
+/// what clients invent. Past this the oldest go first.
+pub const MAX_ANONYMOUS_TOKENS: usize = 10_000;
+
 /// Anonymous tokens per (registry, scope), kept until shortly before they
-/// expire.
-#[derive(Debug, Default)]
+/// expire, at most [`MAX_ANONYMOUS_TOKENS`] of them.
+#[derive(Debug)]
 pub struct AnonymousTokens {
-    tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+    tokens: Mutex<Bounded<(String, String), (String, Instant)>>,
+}
+
+impl Default for AnonymousTokens {
+    fn default() -> Self {
+        Self::with_capacity(MAX_ANONYMOUS_TOKENS)
+    }
 }
 
 impl AnonymousTokens {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            tokens: Mutex::new(Bounded::new(capacity)),
+        }
+    }
+
     pub fn get(&self, registry: &str, scope: &str) -> Option<String> {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens
             .get(&(registry.to_string(), scope.to_string()))
             .filter(|(_, until)| Instant::now() < *until)
             .map(|(t, _)| t.clone())
+    }
+
+    /// How many tokens are kept (expired ones included until evicted).
+    pub fn len(&self) -> usize {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Fetches an anonymous token for `challenge` from its realm through
@@ -406,6 +433,24 @@ mod tests {
         assert_eq!(c.scope, None);
         assert_eq!(parse_bearer(r#"Basic realm="x""#), None);
         assert_eq!(parse_bearer(r#"Bearer service="x""#), None);
+    }
+
+    #[test]
+    fn anonymous_tokens_are_capped() {
+        let t = AnonymousTokens::with_capacity(100);
+        let until = Instant::now() + Duration::from_secs(60);
+        for i in 0..100_000 {
+            t.tokens.lock().unwrap().insert(
+                ("r".into(), format!("repository:flood/{i}:pull")),
+                ("tok".into(), until),
+            );
+        }
+        assert_eq!(t.len(), 100);
+        assert_eq!(
+            t.get("r", "repository:flood/99999:pull").as_deref(),
+            Some("tok")
+        );
+        assert_eq!(t.get("r", "repository:flood/0:pull"), None);
     }
 
     #[test]

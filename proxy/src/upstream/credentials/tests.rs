@@ -461,3 +461,31 @@ async fn credentials_go_only_to_the_upstream_and_its_auth_hosts() {
     );
     assert!(s.realm.seen().is_empty(), "the realm was asked");
 }
+
+/// Tokens are kept per scope, and clients choose scopes (any repository
+/// name): past `MAX_TOKENS` fresh tokens the oldest are dropped, so the
+/// cache cannot grow with a flood of invented names.
+#[tokio::test]
+async fn the_token_cache_is_capped() {
+    let s = bearer_setup(Some(300)).await;
+    let creds = creds("bot", "pw");
+    let client = s.upstreams.client("reg.test").unwrap();
+    let challenge = Challenge {
+        realm: format!("http://auth.test:{}/token", s.realm.addr.port()),
+        service: Some("reg.test".into()),
+        scope: None,
+    };
+    for i in 0..MAX_TOKENS + 50 {
+        let scope = format!("repository:flood/{i}:pull");
+        let got = creds
+            .fetch_token(client, &challenge, &scope, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(got.is_some());
+    }
+    let kept = creds.tokens.lock().unwrap().len();
+    assert_eq!(kept, MAX_TOKENS);
+    let (sent, _) = creds.up_front(&format!("repository:flood/{}:pull", MAX_TOKENS + 49));
+    assert_eq!(sent, Sent::Bearer, "the newest token is kept");
+    assert_eq!(creds.up_front("repository:flood/0:pull").0, Sent::Nothing);
+}
