@@ -416,6 +416,32 @@ mod tests {
         assert_eq!(realm.seen().len(), 1, "the ftp realm was not followed");
     }
 
+    /// An https upstream's challenge naming an http realm: no anonymous
+    /// token is fetched over plain http (it could be swapped on the way).
+    #[tokio::test]
+    async fn an_https_upstream_gets_no_anonymous_token_from_an_http_realm() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+            respond(200, r#"{"token":"anon-1","expires_in":300}"#)
+        })
+        .await;
+        let config = ProxyConfig::from_yaml(&format!(
+            "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
+             registries:\n  - host: reg.test\n    upstream: \"https://127.0.0.1:1\"\n    \
+             authHosts: [\"{}\"]\n",
+            realm.addr.ip()
+        ))
+        .unwrap();
+        let upstreams = Upstreams::new(&config).unwrap();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let c = challenge(format!("http://{}/token", realm.addr));
+        let got = tokens
+            .fetch(client, "reg.test", &c, None, Duration::from_secs(5))
+            .await;
+        assert_eq!(got, None);
+        assert!(realm.seen().is_empty(), "the http realm was asked");
+    }
+
     #[test]
     fn parses_bearer_challenges() {
         let c = parse_bearer(
