@@ -3,8 +3,9 @@
 //! name that resolves to loopback, the proxy's own admin port, the cloud
 //! metadata address) are refused before any connection, unless the
 //! registry opts in with `allowPrivateNetworks` (never for the proxy's own
-//! listeners); presigned query strings stay out of the proxy's log and
-//! error bodies. The upstream is the test bed's stub; "inside" services
+//! listeners); an https upstream cannot redirect to http; presigned
+//! query strings stay out of the proxy's log and error bodies; wrong bytes
+//! are never served whole, also when nothing is cached. The upstream is the test bed's stub; "inside" services
 //! are bare listeners whose accept queue shows whether anything connected
 //! (the kernel completes a handshake even before `accept`).
 //!
@@ -328,4 +329,95 @@ fn corrupt_bytes_are_never_served_whole_when_nothing_is_cached() {
     verify_digest(&resp.body, &layer).unwrap();
     proxy.stop().unwrap();
     drop(mount);
+}
+
+/// A TLS front for a plain upstream: terminates TLS on 127.0.0.1 with a
+/// self-signed certificate for that address and relays the bytes to
+/// `target`. Returns its address and the certificate (PEM, a caBundle).
+fn tls_front(target: SocketAddr) -> (SocketAddr, String, tokio::runtime::Runtime) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST))];
+    let cert = params.self_signed(&key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![cert.der().clone()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (addr, cert.pem(), rt)
+}
+
+/// An https upstream redirecting a blob to plain http is refused before
+/// anything is fetched over http, even with `allowPrivateNetworks` (the
+/// target is loopback): a downgrade is refused on its own.
+#[test]
+fn https_to_http_redirects_are_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let image = busybox(work.path());
+    let layer = image.layer_digests()[0].clone();
+    let plain = Stub::builder(&image.layout)
+        .ip(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
+        .start()
+        .unwrap();
+    let stub = Stub::builder(&image.layout)
+        .redirect_blobs_to_url(&format!(
+            "{}/v2/fixture/busybox/blobs/{{digest}}?X-Amz-Signature={SECRET}",
+            plain.url()
+        ))
+        .start()
+        .unwrap();
+    let (front, pem, _rt) = tls_front(stub.addr());
+    let ca = work.path().join("front.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let extra = format!(
+        "    caBundle: {}\n    allowPrivateNetworks: true\n",
+        ca.display()
+    );
+    let proxy = start_proxy(
+        Addrs::localhost().unwrap(),
+        &format!("https://{front}"),
+        "",
+        &extra,
+    );
+    let resp = get_blob(&proxy, &layer);
+    let body = String::from_utf8_lossy(&resp.body);
+    assert_eq!(resp.status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(
+        body.contains("plain http") && body.contains("refused"),
+        "{body}"
+    );
+    assert!(!body.contains(SECRET), "signature echoed: {body}");
+    assert!(!proxy.log().contains(SECRET), "signature logged");
+    assert_eq!(stub.count("GET", &layer), 1, "the https upstream was asked");
+    assert!(plain.requests().is_empty(), "fetched over http");
 }
