@@ -168,6 +168,13 @@ pub struct RegistryConfig {
     pub credentials_file: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub insecure_skip_verify: bool,
+    /// Let redirects and token realms the upstream names (hosts other than
+    /// `upstream` and `authHosts`) resolve to loopback, link-local, private
+    /// (RFC 1918, ULA, CGNAT, ...) addresses. Off by default: an upstream
+    /// must not steer the proxy into the cluster (SSRF). The proxy's own
+    /// listeners stay refused either way.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_private_networks: bool,
     /// How long a tag → digest answer is reused before asking upstream.
     #[serde(
         rename = "tagTTL",
@@ -203,6 +210,7 @@ impl Default for RegistryConfig {
             ca_bundle: None,
             credentials_file: None,
             insecure_skip_verify: false,
+            allow_private_networks: false,
             tag_ttl: default_tag_ttl(),
             allow_push: false,
             private: false,

@@ -284,6 +284,12 @@ pub struct MirrorRegistrySpec {
     #[serde(default)]
     pub allow_insecure_upstream: bool,
 
+    /// Let redirects and token realms the upstream names (hosts other than
+    /// `upstream` and `authHosts`) reach loopback, link-local and private
+    /// addresses (off: an upstream cannot steer the proxy into the cluster).
+    #[serde(default)]
+    pub allow_private_networks: bool,
+
     /// Which node runtimes the node-agent points at the proxy for this
     /// registry.
     #[serde(default)]
@@ -554,6 +560,7 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
             auth_hosts: spec.auth_hosts.clone(),
             ca_bundle: None,
             insecure_skip_verify: tls.insecure_skip_verify,
+            allow_private_networks: spec.allow_private_networks,
             tag_ttl,
             allow_push: spec.allow_push,
             private: spec.private,
@@ -712,7 +719,10 @@ nodes: {dnsHijack: false}
         assert_eq!(r.upstream.as_deref(), Some("https://ghcr.io"));
         assert_eq!(r.tag_ttl, crate::config::default_tag_ttl());
         assert!(!r.allow_push && !r.insecure_skip_verify);
+        assert!(!r.allow_private_networks);
         assert!(r.nodes.is_default());
+        let r = convert("host: lab.io\nallowPrivateNetworks: true\n").unwrap();
+        assert!(r.allow_private_networks);
         // docker.io means Docker Hub, whose API lives elsewhere.
         let r = convert("host: docker.io\n").unwrap();
         assert_eq!(r.upstream.as_deref(), Some(DOCKER_HUB_UPSTREAM));

@@ -459,6 +459,7 @@ fn api_server_enforces_the_mirrorregistry_crd() {
             private: false,
             allow_push: true,
             allow_insecure_upstream: false,
+            allow_private_networks: false,
             nodes: NodeTargets {
                 dns_hijack: false,
                 ..NodeTargets::default()

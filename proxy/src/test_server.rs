@@ -52,6 +52,36 @@ impl TestServer {
         ip: IpAddr,
         route: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static,
     ) -> Self {
+        Self::serve(ip, None, route).await
+    }
+
+    /// The same over TLS, with a self-signed certificate for `ip`; also
+    /// returns that certificate (PEM) for a `caBundle`.
+    pub async fn start_tls(
+        ip: IpAddr,
+        route: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> (Self, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
+        let cert = params.self_signed(&key).unwrap();
+        let pem = cert.pem();
+        let config = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Self::serve(ip, Some(acceptor), route).await, pem)
+    }
+
+    async fn serve(
+        ip: IpAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        route: impl Fn(&Seen) -> Response<Full<Bytes>> + Send + Sync + 'static,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
@@ -61,6 +91,7 @@ impl TestServer {
             while let Ok((stream, _)) = listener.accept().await {
                 let route = route.clone();
                 let log = log.clone();
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let service = service_fn(move |req: Request<Incoming>| {
                         let s = Seen {
@@ -76,9 +107,17 @@ impl TestServer {
                         let response = route(&s);
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        None => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Some(tls) => {
+                            if let Ok(stream) = tls.accept(stream).await {
+                                let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                            }
+                        }
+                    }
                 });
             }
         });

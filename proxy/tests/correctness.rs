@@ -238,7 +238,17 @@ fn redirects_are_followed_without_credentials_and_cached_by_digest() {
         .redirect_blobs_to(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)))
         .start()
         .unwrap();
-    let proxy = common::proxy_serving("redirect.test", &stub.url());
+    // The storage host is loopback, chosen by the upstream: opted in.
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry(
+            "redirect.test",
+            &stub.url(),
+            "    allowPrivateNetworks: true\n",
+        ),
+    )
+    .unwrap();
     let certs = common::ca_dir(&proxy);
     let hosts = work.path().join("hosts");
     write_hosts_file(&hosts, &[("redirect.test", LOCALHOST)]).unwrap();

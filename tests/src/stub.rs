@@ -147,6 +147,8 @@ pub struct StubBuilder {
     ip: IpAddr,
     auth: StubAuth,
     storage_ip: Option<IpAddr>,
+    blob_location: Option<String>,
+    realm: Option<String>,
     corrupt: HashSet<String>,
     throttle: Option<Throttle>,
     canned: HashMap<String, Canned>,
@@ -181,6 +183,20 @@ impl StubBuilder {
     /// for no credentials.
     pub fn redirect_blobs_to(mut self, ip: IpAddr) -> Self {
         self.storage_ip = Some(ip);
+        self
+    }
+
+    /// A hostile upstream: blob requests get `307` with this Location
+    /// (`{digest}` replaced by the blob's digest), wherever it points.
+    pub fn redirect_blobs_to_url(mut self, location: &str) -> Self {
+        self.blob_location = Some(location.to_string());
+        self
+    }
+
+    /// A hostile upstream: Bearer challenges name this realm instead of
+    /// the stub's own `/token`.
+    pub fn realm(mut self, realm: &str) -> Self {
+        self.realm = Some(realm.to_string());
         self
     }
 
@@ -240,6 +256,8 @@ struct State {
     /// The registry server's own address (token realm).
     addr: SocketAddr,
     storage: Option<SocketAddr>,
+    blob_location: Option<String>,
+    realm: Option<String>,
     corrupt: Mutex<HashSet<String>>,
     throttle: Mutex<Option<Throttle>>,
     seen: Mutex<Vec<Seen>>,
@@ -277,6 +295,8 @@ impl Stub {
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
             auth: StubAuth::None,
             storage_ip: None,
+            blob_location: None,
+            realm: None,
             corrupt: HashSet::new(),
             throttle: None,
             canned: HashMap::new(),
@@ -300,6 +320,8 @@ impl Stub {
             auth: opts.auth,
             addr: local(&registry)?,
             storage: storage.as_ref().map(local).transpose()?,
+            blob_location: opts.blob_location,
+            realm: opts.realm,
             corrupt: Mutex::new(opts.corrupt),
             throttle: Mutex::new(opts.throttle),
             seen: Mutex::new(Vec::new()),
@@ -621,6 +643,13 @@ fn registry_request(state: &State, req: &Request<Incoming>) -> Response<StubBody
             {
                 return oci_error(StatusCode::NOT_FOUND, "BLOB_UNKNOWN");
             }
+            if let Some(location) = &state.blob_location {
+                return respond(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    &[(header::LOCATION, location.replace("{digest}", reference))],
+                    Bytes::new(),
+                );
+            }
             match state.storage {
                 Some(storage) => respond(
                     StatusCode::TEMPORARY_REDIRECT,
@@ -655,10 +684,11 @@ fn unauthorized(
             r#"Basic realm="stub""#.to_string(),
         ),
         StubAuth::Bearer { service, token, .. } => {
-            let mut c = format!(
-                r#"Bearer realm="http://{}/token",service="{service}""#,
-                state.addr
-            );
+            let realm = state
+                .realm
+                .clone()
+                .unwrap_or_else(|| format!("http://{}/token", state.addr));
+            let mut c = format!(r#"Bearer realm="{realm}",service="{service}""#);
             if let Some(repo) = repo {
                 c.push_str(&format!(r#",scope="repository:{repo}:pull""#));
             }

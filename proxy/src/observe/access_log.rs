@@ -1,6 +1,7 @@
 //! One structured line per proxied request, written when the response body
 //! has been sent (or abandoned), so `bytes` and `ms` are the real figures.
 
+use std::borrow::Cow;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -13,6 +14,26 @@ use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use super::labels::{CacheResult, Kind};
 use super::metrics::Metrics;
 use crate::http::body::Body;
+
+/// Longest text field written to an access-log line, in bytes. Clients
+/// choose most fields (host, path, repository, reference): a line must not
+/// carry whatever megabytes a client puts there. Legal names fit: an OCI
+/// repository name with a registry prefix, a tag or a digest are far
+/// shorter.
+pub const MAX_FIELD: usize = 512;
+
+/// `text` cut to [`MAX_FIELD`] bytes at a character boundary, saying how
+/// much was dropped.
+pub fn clip(text: &str) -> Cow<'_, str> {
+    if text.len() <= MAX_FIELD {
+        return Cow::Borrowed(text);
+    }
+    let mut end = MAX_FIELD;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}…(+{} bytes)", &text[..end], text.len() - end))
+}
 
 /// The fields of one access-log line.
 #[derive(Debug, Clone)]
@@ -65,14 +86,14 @@ impl Record {
         );
         tracing::info!(
             target: "pullthrough::access",
-            method = %self.method,
-            host = %self.host,
-            path = %self.path,
-            registry = %self.registry,
-            repository = %self.repository,
+            method = %clip(&self.method),
+            host = %clip(&self.host),
+            path = %clip(&self.path),
+            registry = %clip(&self.registry),
+            repository = %clip(&self.repository),
             kind = self.kind.as_str(),
-            reference = %self.reference,
-            digest = %self.digest,
+            reference = %clip(&self.reference),
+            digest = %clip(&self.digest),
             via = self.via,
             status = self.status,
             cache = self.cache.as_str(),
@@ -162,5 +183,59 @@ impl Drop for Logged {
             .is_some_and(|n| n == self.bytes);
         let complete = !self.failed && (self.inner.is_end_stream() || all_sent);
         self.finish(complete);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn clip_keeps_short_text_and_cuts_at_a_char_boundary() {
+        assert_eq!(clip("library/busybox"), "library/busybox");
+        let long = "é".repeat(MAX_FIELD);
+        let cut = clip(&long);
+        assert!(cut.len() <= MAX_FIELD + 32, "{}", cut.len());
+        assert!(cut.ends_with(&format!("…(+{} bytes)", long.len() - MAX_FIELD)));
+    }
+
+    /// A client's 100 KB path, host and repository make a line of a few
+    /// KB, not hundreds.
+    #[test]
+    fn log_lines_carry_clipped_fields() {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .with_writer(move || writer.clone())
+            .finish();
+        let huge = "a".repeat(100_000);
+        let mut record = Record::new("GET", &huge, &format!("/v2/{huge}/manifests/1"));
+        record.repository = huge.clone();
+        record.reference = huge.clone();
+        tracing::subscriber::with_default(subscriber, || {
+            record.emit(0, true, &Metrics::default());
+        });
+        let line = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        assert!(line.contains("\"repository\""), "{line}");
+        assert!(line.len() < 8 * MAX_FIELD, "a {} byte line", line.len());
     }
 }

@@ -51,6 +51,12 @@ pub(crate) async fn blob(
         if up.response.status().is_success() {
             ctx.granted(headers);
         }
+        // An upstream that ignores the range sends the whole blob: that
+        // is verified like any other (a 206 part cannot be).
+        if *method == Method::GET && up.response.status() == StatusCode::OK {
+            let (parts, incoming) = up.response.into_parts();
+            return Ok(solo(ctx, digest, parts, incoming, None));
+        }
         return Ok(relay_response(up.response));
     }
     record.cache = CacheResult::Miss;

@@ -67,7 +67,7 @@ pub(crate) async fn lead(
     ctx.granted(headers);
     ctx.served(digest);
     if up.hops > 0 {
-        tracing::debug!(%digest, from = %up.final_url, hops = up.hops, "blob served by redirect target");
+        tracing::debug!(%digest, from = %crate::upstream::redact(&up.final_url), hops = up.hops, "blob served by redirect target");
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
@@ -443,8 +443,10 @@ pub(crate) fn solo(
 /// Copies an upstream blob body to the client and into the store. The last
 /// chunk is held back until the digest is verified, so a client never
 /// receives a complete body whose digest is wrong: on mismatch its response
-/// is aborted instead. The download continues if the client leaves, so the
-/// cache is filled for the next one.
+/// is aborted instead. The bytes are hashed here whether or not they are
+/// cached (the store's own check covers only what it writes, and there is
+/// no store when the disk is full or the write failed). The download
+/// continues if the client leaves, so the cache is filled for the next one.
 async fn fetch_blob(
     mut incoming: Incoming,
     mut writer: Option<BlobWriter>,
@@ -452,6 +454,8 @@ async fn fetch_blob(
     tx: mpsc::Sender<std::io::Result<Bytes>>,
     read_timeout: Duration,
 ) {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
     let mut held: Option<Bytes> = None;
     let mut client_alive = true;
     let abort = |tx: &mpsc::Sender<std::io::Result<Bytes>>, msg: String| {
@@ -481,6 +485,7 @@ async fn fetch_blob(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        hasher.update(&data);
         if let Some(w) = writer.as_mut()
             && let Err(err) = w.write(&data).await
         {
@@ -499,18 +504,20 @@ async fn fetch_blob(
             }
         }
     }
-    let verified = match writer.take() {
-        Some(w) => match w.commit().await {
-            Ok(_) => true,
-            Err(err) => {
+    let verified = hex::encode(hasher.finalize()) == digest.hex();
+    if let Some(w) = writer.take() {
+        if verified {
+            if let Err(err) = w.commit().await {
+                // Correct bytes, not kept (disk): the transfer still stands.
                 tracing::error!(%digest, error = %err, "blob not cached");
-                // Only a digest mismatch means the bytes are wrong; other
-                // commit failures (disk) leave a correct transfer.
-                !matches!(err, StoreError::DigestMismatch { .. })
             }
-        },
-        None => true,
-    };
+        } else {
+            w.abort().await;
+        }
+    }
+    if !verified {
+        tracing::warn!(%digest, "upstream blob failed verification; aborting the transfer before its last chunk");
+    }
     if verified {
         if let Some(last) = held
             && client_alive

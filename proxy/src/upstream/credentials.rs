@@ -21,7 +21,6 @@
 //! changes the credentials builds a new one, so tokens fetched with the old
 //! credentials are dropped with it (see `config::watch`).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,6 +31,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use pullthrough_api::config::{CredentialsError, UpstreamCredentials};
 
+use super::bounded::Bounded;
 use super::token::{self, Challenge, TokenError, TokenRequest, parse_bearer};
 use super::{UpstreamClient, UpstreamError, UpstreamResponse};
 
@@ -42,8 +42,9 @@ const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
 /// life), so a request never leaves with a token that expires in flight.
 const RENEW_MARGIN: Duration = Duration::from_secs(10);
 
-/// Cached tokens kept before expired ones are swept out.
-const MAX_TOKENS: usize = 1000;
+/// Cached tokens kept at most (one per scope, and clients choose the
+/// scope); past this the oldest go first.
+pub const MAX_TOKENS: usize = 1000;
 
 /// A `credentialsFile` that cannot be used, naming the registry and the
 /// file (and the field, never a value).
@@ -91,8 +92,9 @@ pub struct RegistryCredentials {
     fingerprint: String,
     /// The registry answered with a Basic challenge: send Basic up front.
     wants_basic: AtomicBool,
-    /// Bearer tokens by scope (`""` for requests without a repository).
-    tokens: Mutex<HashMap<String, Token>>,
+    /// Bearer tokens by scope (`""` for requests without a repository),
+    /// at most [`MAX_TOKENS`].
+    tokens: Mutex<Bounded<String, Token>>,
 }
 
 struct Token {
@@ -159,7 +161,7 @@ impl RegistryCredentials {
             basic,
             fingerprint,
             wants_basic: AtomicBool::new(false),
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Bounded::new(MAX_TOKENS)),
         }
     }
 
@@ -216,10 +218,7 @@ impl RegistryCredentials {
                     // Revoked or expired early: never offer it again.
                     self.forget(key);
                 }
-                match self
-                    .fetch_token(client, &url, &challenge, key, timeout)
-                    .await?
-                {
+                match self.fetch_token(client, &challenge, key, timeout).await? {
                     Some(token) => token,
                     None => {
                         self.refused("the token realm");
@@ -267,16 +266,30 @@ impl RegistryCredentials {
     async fn fetch_token(
         &self,
         client: &UpstreamClient,
-        upstream: &Uri,
         challenge: &Challenge,
         key: &str,
         timeout: Duration,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         let fail = |reason: String| UpstreamError::Token {
             registry: self.registry.clone(),
-            realm: challenge.realm.clone(),
+            realm: super::redact_str(&challenge.realm),
             reason,
         };
+        // The password goes only where the admin sent it: the upstream's
+        // own host and its `authHosts`, never a host the upstream names.
+        let realm_host = url::Url::parse(&challenge.realm)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string));
+        match realm_host {
+            Some(host) if client.is_credential_host(&host) => {}
+            Some(host) => {
+                return Err(fail(format!(
+                    "the realm's host `{host}` is neither the upstream's host nor one of \
+                     the registry's authHosts; the credentials are not sent there"
+                )));
+            }
+            None => return Err(fail("the realm is not a URL with a host".into())),
+        }
         let scope = challenge
             .scope
             .as_deref()
@@ -288,7 +301,7 @@ impl RegistryCredentials {
             authorization: Some(&self.basic),
             // Plain http only where the registry itself is plain http
             // (tests, labs): the realm gets the password.
-            allow_http: upstream.scheme_str() == Some("http"),
+            allow_http: client.is_plain_http(),
             timeout,
         };
         let issued = match token::fetch(client, request).await {
@@ -309,10 +322,6 @@ impl RegistryCredentials {
         let keep = life.saturating_sub(RENEW_MARGIN.min(life / 5));
         if !keep.is_zero() {
             let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-            if tokens.len() >= MAX_TOKENS {
-                let now = Instant::now();
-                tokens.retain(|_, t| now < t.until);
-            }
             tokens.insert(
                 key.to_string(),
                 Token {

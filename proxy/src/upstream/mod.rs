@@ -12,10 +12,15 @@
 //! the config's `resolve` pins first, then DNS from `/etc/resolv.conf` —
 //! never `/etc/hosts`, which on a node may send registry names back to this
 //! proxy. [`UpstreamClient::send`] follows redirects server-side (blob
-//! storage) without carrying credentials across hosts.
+//! storage) without carrying credentials across hosts, never from https
+//! down to http, and only to addresses the registry's egress rules allow
+//! (`egress`: no loopback, link-local or private addresses the upstream
+//! chose unless `allowPrivateNetworks`, never the proxy's own listeners).
 
+mod bounded;
 mod client;
 pub mod credentials;
+mod egress;
 mod redirect;
 mod resolve;
 #[cfg(test)]
@@ -33,6 +38,8 @@ use pullthrough_api::config::ProxyConfig;
 
 pub use client::UpstreamClient;
 pub use credentials::{CredentialsFileError, RegistryCredentials};
+pub use egress::HopRefused;
+pub(crate) use redirect::{redact, redact_str};
 pub use resolve::{ResolveError, UpstreamResolver};
 pub use token::{AnonymousTokens, Challenge, TokenError, parse_bearer};
 
@@ -81,6 +88,13 @@ pub enum UpstreamError {
     TooManyRedirects { url: String, last: String },
     #[error("redirect from {from} has an unusable Location `{location}`")]
     BadRedirect { location: String, from: String },
+    /// The upstream (a redirect, a token realm) pointed at an address the
+    /// registry's egress rules refuse; nothing was sent there.
+    #[error("not following {url}: {refusal}")]
+    Refused { url: String, refusal: HopRefused },
+    /// An https upstream redirected to plain http.
+    #[error("redirect from {from} to plain http ({to}) refused: the upstream is https")]
+    Downgrade { from: String, to: String },
     /// The token dance with the registry's `credentialsFile` failed for a
     /// reason other than the realm refusing the credentials (that is the
     /// upstream's 401, relayed as such).

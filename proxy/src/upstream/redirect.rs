@@ -53,9 +53,9 @@ pub(super) fn redirect_method(status: StatusCode, method: &Method) -> Method {
 /// Scheme, host and effective port of an absolute http(s) URL.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Origin {
-    scheme: String,
-    host: String,
-    port: u16,
+    pub(super) scheme: String,
+    pub(super) host: String,
+    pub(super) port: u16,
 }
 
 impl Origin {
@@ -97,4 +97,19 @@ pub(super) fn resolve_location(base: &Uri, location: &str) -> Option<Uri> {
     let uri: Uri = target.as_str().parse().ok()?;
     Origin::of(&uri).ok()?;
     Some(uri)
+}
+
+/// A URL for logs and error messages: its query replaced, because a
+/// presigned storage URL carries its signature (a bearer credential for
+/// that object) there.
+pub(crate) fn redact(url: &Uri) -> String {
+    redact_str(&url.to_string())
+}
+
+/// [`redact`] for a URL as text (a raw `Location` header, a realm).
+pub(crate) fn redact_str(url: &str) -> String {
+    match url.split_once('?') {
+        Some((before, _)) => format!("{before}?<redacted>"),
+        None => url.to_string(),
+    }
 }

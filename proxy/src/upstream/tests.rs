@@ -227,6 +227,111 @@ fn upstream_ca_bundle_errors_name_the_file() {
 
 // --- redirects ---------------------------------------------------------
 
+/// GETs `/v2/` of a registry at `http://<addr>` through its own client.
+async fn get_root(upstreams: &Upstreams, host: &str, url: &str) -> Result<u16, UpstreamError> {
+    let client = upstreams.client(host).unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
+    let got = client
+        .send(Method::GET, url.parse().unwrap(), headers)
+        .await?;
+    Ok(got.response.status().as_u16())
+}
+
+/// Redirects the upstream chooses into loopback (by IP or by a name that
+/// resolves there), link-local (cloud metadata) or the proxy's own
+/// listener are refused before connecting, and the error names the rule
+/// but not the presigned query; the opt-in lets the loopback one through,
+/// never the proxy's own listener.
+#[tokio::test]
+async fn redirects_into_private_networks_are_refused_before_connecting() {
+    let inside_ip = other_loopback().await;
+    let inside = TestServer::start(inside_ip, |_| ok(b"internal")).await;
+    let inside_port = inside.addr.port();
+    let own = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let own_addr = own.local_addr().unwrap();
+    let targets = [
+        format!("http://{inside_ip}:{inside_port}/x?X-Amz-Signature=s3cr3t"),
+        format!("http://inside.test:{inside_port}/x?X-Amz-Signature=s3cr3t"),
+        "http://169.254.169.254/latest/meta-data/?X-Amz-Signature=s3cr3t".to_string(),
+        format!("http://{own_addr}/metrics?X-Amz-Signature=s3cr3t"),
+    ];
+    for (i, target) in targets.iter().enumerate() {
+        let to = target.clone();
+        let registry =
+            TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| redirect(307, &to)).await;
+        let host = registry.addr.to_string();
+        let url = format!("http://{host}/v2/");
+        for opt_in in [false, true] {
+            let extra = if opt_in {
+                "    allowPrivateNetworks: true\n"
+            } else {
+                ""
+            };
+            let config = config(&format!(
+                "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
+                 listen: {{admin: \"{own_addr}\"}}\n\
+                 resolve: {{inside.test: {inside_ip}}}\n\
+                 registries:\n  - host: \"{host}\"\n    upstream: \"http://{host}\"\n{extra}"
+            ));
+            let upstreams = Upstreams::new(&config).unwrap();
+            let result = get_root(&upstreams, &host, &url).await;
+            if opt_in && i < 2 {
+                assert_eq!(result.unwrap(), 200, "{target} with the opt-in");
+                continue;
+            }
+            if opt_in && i == 2 {
+                // Never connect to 169.254.x from a test, not even opted in.
+                continue;
+            }
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::Refused { .. }),
+                "{target}: {err}"
+            );
+            let text = err.to_string();
+            assert!(!text.contains("s3cr3t"), "{text}");
+            assert!(text.contains("nothing was sent"), "{text}");
+        }
+    }
+    // Only the two opted-in fetches reached the inside server.
+    assert_eq!(inside.seen().len(), 2);
+    // The proxy's own listener never saw a connection.
+    let accepted = tokio::time::timeout(Duration::from_millis(50), own.accept()).await;
+    assert!(
+        accepted.is_err(),
+        "the proxy's own listener was connected to"
+    );
+}
+
+/// An https upstream redirecting to plain http is refused, before
+/// anything is sent over http; an http upstream may redirect to http.
+#[tokio::test]
+async fn https_to_http_redirects_are_refused() {
+    let plain = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| ok(b"plain")).await;
+    let to = format!("http://{}/blob", plain.addr);
+    let (secure, pem) =
+        TestServer::start_tls(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| redirect(302, &to)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pem).unwrap();
+    let host = secure.addr.to_string();
+    let config = one_registry(
+        &host,
+        &format!("https://{host}"),
+        &format!("    caBundle: \"{}\"\n", ca.display()),
+    );
+    let upstreams = Upstreams::new(&config).unwrap();
+    let err = get_root(&upstreams, &host, &format!("https://{host}/v2/"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, UpstreamError::Downgrade { .. }), "{err}");
+    assert_eq!(secure.seen().len(), 1);
+    assert!(plain.seen().is_empty(), "the http target was fetched");
+}
+
 #[tokio::test]
 async fn upstream_redirects_across_hosts_drop_credentials() {
     let blob_ip = other_loopback().await;
@@ -252,9 +357,11 @@ async fn upstream_redirects_across_hosts_drop_credentials() {
     })
     .await;
 
+    // Storage on loopback: a private address the upstream chose.
     let config = config(&format!(
         "resolve: {{blobs.test: {blob_ip}}}\n\
-         registries:\n  - host: \"{0}\"\n    upstream: \"http://{0}\"\n",
+         registries:\n  - host: \"{0}\"\n    upstream: \"http://{0}\"\n    \
+         allowPrivateNetworks: true\n",
         registry.addr
     ));
     let upstreams = Upstreams::new(&config).unwrap();

@@ -20,6 +20,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 
+use super::bounded::Bounded;
 use super::{UpstreamClient, UpstreamError};
 
 /// Largest token response read.
@@ -214,20 +215,46 @@ pub async fn fetch(
         .map_err(|_| TokenError::Timeout(request.timeout))?
 }
 
+/// Anonymous tokens kept at most: one per (registry, scope), and a client
+/// chooses the scope (any repository name), so the map must not grow with
+/// what clients invent. Past this the oldest go first.
+pub const MAX_ANONYMOUS_TOKENS: usize = 10_000;
+
 /// Anonymous tokens per (registry, scope), kept until shortly before they
-/// expire.
-#[derive(Debug, Default)]
+/// expire, at most [`MAX_ANONYMOUS_TOKENS`] of them.
+#[derive(Debug)]
 pub struct AnonymousTokens {
-    tokens: Mutex<HashMap<(String, String), (String, Instant)>>,
+    tokens: Mutex<Bounded<(String, String), (String, Instant)>>,
+}
+
+impl Default for AnonymousTokens {
+    fn default() -> Self {
+        Self::with_capacity(MAX_ANONYMOUS_TOKENS)
+    }
 }
 
 impl AnonymousTokens {
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            tokens: Mutex::new(Bounded::new(capacity)),
+        }
+    }
+
     pub fn get(&self, registry: &str, scope: &str) -> Option<String> {
         let tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
         tokens
             .get(&(registry.to_string(), scope.to_string()))
             .filter(|(_, until)| Instant::now() < *until)
             .map(|(t, _)| t.clone())
+    }
+
+    /// How many tokens are kept (expired ones included until evicted).
+    pub fn len(&self) -> usize {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Fetches an anonymous token for `challenge` from its realm through
@@ -249,14 +276,22 @@ impl AnonymousTokens {
             challenge,
             scope: Some(scope),
             authorization: None,
-            // Nothing secret goes to the realm: plain http is acceptable.
-            allow_http: true,
+            // No password goes along, but a token fetched over http from an
+            // https upstream's realm could be swapped on the way: the realm
+            // is http only where the upstream itself is.
+            allow_http: client.is_plain_http(),
             timeout,
         };
         let issued = match fetch(client, request).await {
             Ok(issued) => issued,
-            Err(TokenError::Scheme { .. }) => {
-                tracing::warn!(registry, realm = %challenge.realm, "token realm is not http(s); not following it");
+            Err(TokenError::Scheme { scheme }) => {
+                tracing::warn!(registry, realm = %super::redact_str(&challenge.realm), scheme,
+                    "token realm is not https (nor http on an http upstream); not following it");
+                return None;
+            }
+            Err(TokenError::Send(err)) => {
+                // Refused by the egress rules, or unreachable.
+                tracing::warn!(registry, error = %err, "cannot fetch an anonymous token");
                 return None;
             }
             Err(TokenError::Refused { status } | TokenError::Status { status }) => {
@@ -381,6 +416,32 @@ mod tests {
         assert_eq!(realm.seen().len(), 1, "the ftp realm was not followed");
     }
 
+    /// An https upstream's challenge naming an http realm: no anonymous
+    /// token is fetched over plain http (it could be swapped on the way).
+    #[tokio::test]
+    async fn an_https_upstream_gets_no_anonymous_token_from_an_http_realm() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+            respond(200, r#"{"token":"anon-1","expires_in":300}"#)
+        })
+        .await;
+        let config = ProxyConfig::from_yaml(&format!(
+            "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
+             registries:\n  - host: reg.test\n    upstream: \"https://127.0.0.1:1\"\n    \
+             authHosts: [\"{}\"]\n",
+            realm.addr.ip()
+        ))
+        .unwrap();
+        let upstreams = Upstreams::new(&config).unwrap();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let c = challenge(format!("http://{}/token", realm.addr));
+        let got = tokens
+            .fetch(client, "reg.test", &c, None, Duration::from_secs(5))
+            .await;
+        assert_eq!(got, None);
+        assert!(realm.seen().is_empty(), "the http realm was asked");
+    }
+
     #[test]
     fn parses_bearer_challenges() {
         let c = parse_bearer(
@@ -398,6 +459,24 @@ mod tests {
         assert_eq!(c.scope, None);
         assert_eq!(parse_bearer(r#"Basic realm="x""#), None);
         assert_eq!(parse_bearer(r#"Bearer service="x""#), None);
+    }
+
+    #[test]
+    fn anonymous_tokens_are_capped() {
+        let t = AnonymousTokens::with_capacity(100);
+        let until = Instant::now() + Duration::from_secs(60);
+        for i in 0..100_000 {
+            t.tokens.lock().unwrap().insert(
+                ("r".into(), format!("repository:flood/{i}:pull")),
+                ("tok".into(), until),
+            );
+        }
+        assert_eq!(t.len(), 100);
+        assert_eq!(
+            t.get("r", "repository:flood/99999:pull").as_deref(),
+            Some("tok")
+        );
+        assert_eq!(t.get("r", "repository:flood/0:pull"), None);
     }
 
     #[test]

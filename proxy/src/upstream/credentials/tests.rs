@@ -38,13 +38,15 @@ fn creds(user: &str, password: &str) -> RegistryCredentials {
     )
 }
 
-/// A client for the registry at `upstream`, with `auth.test` and
-/// `blobs.test` pinned to loopback.
+/// A client for the registry at `upstream`, with `auth.test` (its auth
+/// host: credentials may go there) and `blobs.test` (storage the upstream
+/// redirects to: a private address, so opted in) pinned to loopback.
 fn client_for(upstream: &str) -> Upstreams {
     let config = ProxyConfig::from_yaml(&format!(
         "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
          resolve: {{auth.test: 127.0.0.1, blobs.test: 127.0.0.1}}\n\
-         registries:\n  - host: reg.test\n    upstream: \"{upstream}\"\n"
+         registries:\n  - host: reg.test\n    upstream: \"{upstream}\"\n    \
+         authHosts: [auth.test]\n    allowPrivateNetworks: true\n"
     ))
     .unwrap();
     Upstreams::new(&config).unwrap()
@@ -322,7 +324,6 @@ async fn token_exchange_failures_are_errors_naming_the_registry() {
     let err = creds
         .fetch_token(
             upstreams.client("reg.test").unwrap(),
-            &"https://reg.test/v2/".parse().unwrap(),
             &challenge,
             "",
             Duration::from_secs(5),
@@ -430,4 +431,61 @@ fn file_errors_name_the_registry_the_file_and_the_field() {
     assert_eq!(c.file, ok);
     assert_eq!(c, RegistryCredentials::load("quay.io", &ok).unwrap());
     assert_ne!(c.fingerprint(), creds("bot", "other").fingerprint());
+}
+
+/// A realm on a host that is neither the upstream's nor one of its
+/// `authHosts` never gets the password, even where the egress rules would
+/// let the proxy connect there (`allowPrivateNetworks`).
+#[tokio::test]
+async fn credentials_go_only_to_the_upstream_and_its_auth_hosts() {
+    let s = bearer_setup(Some(300)).await;
+    let config = ProxyConfig::from_yaml(&format!(
+        "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
+         resolve: {{auth.test: 127.0.0.1}}\n\
+         registries:\n  - host: reg.test\n    upstream: \"http://{}\"\n    \
+         allowPrivateNetworks: true\n",
+        s.registry.addr
+    ))
+    .unwrap();
+    let upstreams = Upstreams::new(&config).unwrap();
+    let creds = creds("bot", "pw");
+    let url = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr);
+    let err = get(&creds, &upstreams, &url, Some("repository:team/app:pull"))
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, UpstreamError::Token { .. }), "{text}");
+    assert!(
+        text.contains("authHosts") && text.contains("auth.test"),
+        "{text}"
+    );
+    assert!(s.realm.seen().is_empty(), "the realm was asked");
+}
+
+/// Tokens are kept per scope, and clients choose scopes (any repository
+/// name): past `MAX_TOKENS` fresh tokens the oldest are dropped, so the
+/// cache cannot grow with a flood of invented names.
+#[tokio::test]
+async fn the_token_cache_is_capped() {
+    let s = bearer_setup(Some(300)).await;
+    let creds = creds("bot", "pw");
+    let client = s.upstreams.client("reg.test").unwrap();
+    let challenge = Challenge {
+        realm: format!("http://auth.test:{}/token", s.realm.addr.port()),
+        service: Some("reg.test".into()),
+        scope: None,
+    };
+    for i in 0..MAX_TOKENS + 50 {
+        let scope = format!("repository:flood/{i}:pull");
+        let got = creds
+            .fetch_token(client, &challenge, &scope, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(got.is_some());
+    }
+    let kept = creds.tokens.lock().unwrap().len();
+    assert_eq!(kept, MAX_TOKENS);
+    let (sent, _) = creds.up_front(&format!("repository:flood/{}:pull", MAX_TOKENS + 49));
+    assert_eq!(sent, Sent::Bearer, "the newest token is kept");
+    assert_eq!(creds.up_front("repository:flood/0:pull").0, Sent::Nothing);
 }
