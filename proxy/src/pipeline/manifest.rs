@@ -20,8 +20,15 @@ use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
 
-/// Largest manifest the proxy buffers (the distribution spec suggests 4 MiB).
+/// Largest manifest the proxy accepts from the upstream (the distribution
+/// spec suggests 4 MiB).
 pub(crate) const MAX_MANIFEST: usize = 16 << 20;
+
+/// Largest cached manifest served from memory; larger ones stream from
+/// their file, so a request costs at most this much memory whatever size
+/// the cached object has (the store keeps objects up to this size in
+/// memory anyway).
+pub(crate) const MEMORY_MANIFEST: u64 = 256 * 1024;
 
 pub(crate) async fn manifest_by_digest(
     ctx: &Ctx<'_>,
@@ -32,13 +39,15 @@ pub(crate) async fn manifest_by_digest(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let path = format!("/v2/{repo}/manifests/{digest}");
+    // Access first: nothing of the object is read before the client is
+    // known to be allowed it (a refused client costs no memory or disk).
     if let Some(cached) = lookup_manifest(ctx, digest).await? {
-        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+        if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
         ctx.served(digest);
-        return cached_manifest(cached, method).await;
+        return cached_manifest(ctx, cached, method).await;
     }
     record.cache = CacheResult::Miss;
     let url = ctx.url(&path, None)?;
@@ -46,7 +55,7 @@ pub(crate) async fn manifest_by_digest(
         .send(method.clone(), url, forward_headers(headers, false))
         .await?;
     if up.response.status() == StatusCode::OK {
-        ctx.granted(headers);
+        ctx.granted(headers, digest);
     }
     if up.response.status() != StatusCode::OK || *method == Method::HEAD {
         if up.response.status() != StatusCode::OK {
@@ -82,6 +91,13 @@ pub(crate) async fn store_manifest(
     media_type: Option<String>,
     bytes: &[u8],
 ) {
+    // Only objects stored with a manifest media type are served under
+    // `/manifests/` later: an upstream that labels a manifest oddly (or
+    // not at all) is read by the `mediaType` the manifest names itself.
+    let media_type = match media_type {
+        Some(mt) if is_manifest_type(&mt) => Some(mt),
+        other => named_media_type(bytes).or(other),
+    };
     if let Err(err) = ctx
         .shared
         .store
@@ -95,60 +111,108 @@ pub(crate) async fn store_manifest(
     }
 }
 
-/// A cached manifest: its bytes from memory (the usual case, no file
-/// access per request), or the file of an object too large to buffer.
-pub(crate) enum CachedManifest {
-    Memory(Digest, BlobMeta, Bytes),
-    File(CachedBlob),
+/// True for the media types served under `/manifests/`: image manifests
+/// and indexes (OCI and Docker), and the legacy Docker schema 1. Anything
+/// else the store holds (layers, configs) is a blob, never a manifest.
+pub(crate) fn is_manifest_type(media_type: &str) -> bool {
+    let mt = media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        mt.as_str(),
+        "application/vnd.oci.image.manifest.v1+json"
+            | "application/vnd.oci.image.index.v1+json"
+            | "application/vnd.oci.artifact.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v2+json"
+            | "application/vnd.docker.distribution.manifest.list.v2+json"
+            | "application/vnd.docker.distribution.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    )
 }
 
+/// The manifest media type a manifest names in its `mediaType` field.
+fn named_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Named>(bytes)
+        .ok()?
+        .media_type
+        .filter(|mt| is_manifest_type(mt))
+}
+
+/// A cached object that may be served as a manifest: stored with a
+/// manifest media type. Only its metadata is read here (and a lease taken
+/// on the file); its bytes wait for [`cached_manifest`], after the access
+/// check.
 pub(crate) async fn lookup_manifest(
     ctx: &Ctx<'_>,
     digest: &Digest,
-) -> Result<Option<CachedManifest>, HandlerError> {
-    let store = &ctx.shared.store;
-    if let Some((bytes, meta)) = store.lookup_small(digest, MAX_MANIFEST as u64).await? {
-        return Ok(Some(CachedManifest::Memory(digest.clone(), meta, bytes)));
+) -> Result<Option<CachedBlob>, HandlerError> {
+    let Some(cached) = ctx.shared.store.lookup(digest).await? else {
+        return Ok(None);
+    };
+    if !cached
+        .meta
+        .media_type
+        .as_deref()
+        .is_some_and(is_manifest_type)
+    {
+        // A layer asked for as a manifest: not one, whatever its digest;
+        // the upstream answers for it instead.
+        return Ok(None);
     }
-    Ok(store.lookup(digest).await?.map(CachedManifest::File))
+    Ok(Some(cached))
 }
 
+/// Serves a cached manifest once access is granted: small ones from
+/// memory (the usual case, no file access per request), anything larger
+/// than [`MEMORY_MANIFEST`] streamed from its file, and a HEAD with no
+/// read at all.
 pub(crate) async fn cached_manifest(
-    cached: CachedManifest,
+    ctx: &Ctx<'_>,
+    cached: CachedBlob,
     method: &Method,
 ) -> Result<Response<Body>, HandlerError> {
-    let cached = match cached {
-        CachedManifest::Memory(digest, meta, bytes) => {
-            let size = bytes.len() as u64;
-            let body = if *method == Method::HEAD {
-                body::empty()
-            } else {
-                body::full(bytes)
-            };
-            return Ok(manifest_response(
-                &digest,
-                meta.media_type.as_deref(),
-                size,
-                body,
-            ));
-        }
-        CachedManifest::File(cached) => cached,
-    };
-    let body = if *method == Method::HEAD {
-        body::empty()
-    } else {
-        let b = body::file(&cached.path, 0, cached.size)
-            .await
-            .map_err(|source| StoreError::Io {
-                action: "reading cached manifest",
-                path: cached.path.clone(),
-                source,
-            })?;
-        body::hold(b, cached.lease.clone())
-    };
+    let media_type = cached.meta.media_type.clone();
+    if *method == Method::HEAD {
+        return Ok(manifest_response(
+            &cached.digest,
+            media_type.as_deref(),
+            cached.size,
+            body::empty(),
+        ));
+    }
+    if cached.size <= MEMORY_MANIFEST
+        && let Some((bytes, meta)) = ctx
+            .shared
+            .store
+            .lookup_small(&cached.digest, MEMORY_MANIFEST)
+            .await?
+    {
+        return Ok(manifest_response(
+            &cached.digest,
+            meta.media_type.as_deref(),
+            bytes.len() as u64,
+            body::full(bytes),
+        ));
+    }
+    let b = body::file(&cached.path, 0, cached.size)
+        .await
+        .map_err(|source| StoreError::Io {
+            action: "reading cached manifest",
+            path: cached.path.clone(),
+            source,
+        })?;
+    let body = body::hold(b, cached.lease.clone());
     Ok(manifest_response(
         &cached.digest,
-        cached.meta.media_type.as_deref(),
+        media_type.as_deref(),
         cached.size,
         body,
     ))
