@@ -146,39 +146,58 @@ fn named_media_type(bytes: &[u8]) -> Option<String> {
         .filter(|mt| is_manifest_type(mt))
 }
 
-/// A cached object that may be served as a manifest: stored with a
-/// manifest media type. Only its metadata is read here (and a lease taken
-/// on the file); its bytes wait for [`cached_manifest`], after the access
-/// check.
+/// A cached object that may be served as a manifest (stored with a
+/// manifest media type): the in-memory copy the store keeps of small
+/// objects, or only the file's metadata (and a lease on it) — its bytes
+/// wait for [`cached_manifest`], after the access check.
+pub(crate) enum CachedManifest {
+    Memory(Digest, BlobMeta, Bytes),
+    File(CachedBlob),
+}
+
 pub(crate) async fn lookup_manifest(
     ctx: &Ctx<'_>,
     digest: &Digest,
-) -> Result<Option<CachedBlob>, HandlerError> {
-    let Some(cached) = ctx.shared.store.lookup(digest).await? else {
+) -> Result<Option<CachedManifest>, HandlerError> {
+    let store = &ctx.shared.store;
+    let is_manifest = |meta: &BlobMeta| meta.media_type.as_deref().is_some_and(is_manifest_type);
+    // A layer asked for as a manifest is not one, whatever its digest:
+    // the upstream answers for it instead.
+    if let Some((bytes, meta)) = store.memory_copy(digest) {
+        return Ok(is_manifest(&meta).then(|| CachedManifest::Memory(digest.clone(), meta, bytes)));
+    }
+    let Some(cached) = store.lookup(digest).await? else {
         return Ok(None);
     };
-    if !cached
-        .meta
-        .media_type
-        .as_deref()
-        .is_some_and(is_manifest_type)
-    {
-        // A layer asked for as a manifest: not one, whatever its digest;
-        // the upstream answers for it instead.
-        return Ok(None);
-    }
-    Ok(Some(cached))
+    Ok(is_manifest(&cached.meta).then_some(CachedManifest::File(cached)))
 }
 
-/// Serves a cached manifest once access is granted: small ones from
-/// memory (the usual case, no file access per request), anything larger
-/// than [`MEMORY_MANIFEST`] streamed from its file, and a HEAD with no
-/// read at all.
+/// Serves a cached manifest once access is granted: from memory when the
+/// store keeps it there (the usual case, no file access per request),
+/// read whole when it is at most [`MEMORY_MANIFEST`], else streamed from
+/// its file; a HEAD reads nothing.
 pub(crate) async fn cached_manifest(
     ctx: &Ctx<'_>,
-    cached: CachedBlob,
+    cached: CachedManifest,
     method: &Method,
 ) -> Result<Response<Body>, HandlerError> {
+    let cached = match cached {
+        CachedManifest::Memory(digest, meta, bytes) => {
+            let size = bytes.len() as u64;
+            let body = if *method == Method::HEAD {
+                body::empty()
+            } else {
+                body::full(bytes)
+            };
+            return Ok(manifest_response(
+                &digest,
+                meta.media_type.as_deref(),
+                size,
+                body,
+            ));
+        }
+        CachedManifest::File(cached) => cached,
+    };
     let media_type = cached.meta.media_type.clone();
     if *method == Method::HEAD {
         return Ok(manifest_response(
@@ -276,4 +295,43 @@ pub(crate) async fn read_limited(
         }
     }
     Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_manifest_media_types_are_manifests() {
+        for mt in [
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "Application/VND.OCI.image.manifest.v1+json; charset=utf-8",
+        ] {
+            assert!(is_manifest_type(mt), "{mt}");
+        }
+        for mt in [
+            "application/octet-stream",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.config.v1+json",
+            "application/json",
+            "",
+        ] {
+            assert!(!is_manifest_type(mt), "{mt}");
+        }
+    }
+
+    #[test]
+    fn an_unlabelled_manifest_is_known_by_the_type_it_names() {
+        let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        assert_eq!(
+            named_media_type(m).as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        let config = br#"{"mediaType":"application/vnd.oci.image.config.v1+json"}"#;
+        assert_eq!(named_media_type(config), None);
+        assert_eq!(named_media_type(b"\x1f\x8b not json"), None);
+    }
 }
