@@ -686,6 +686,15 @@ fn ranges_of_cached_blobs() {
         format!("bytes */{size}").as_str()
     );
 
+    // An access line is written once its body is done, which may be just
+    // after the client has read it: wait for all three.
+    let counted = wait_for("three HIT lines", Duration::from_secs(10), || {
+        Ok(proxy
+            .access_matching(&[("digest", &layer), ("cache", "HIT")])
+            .len()
+            >= 3)
+    });
+    assert!(counted.is_ok(), "{}", proxy.log());
     let hits = proxy
         .access_matching(&[("digest", &layer), ("cache", "HIT")])
         .len();
