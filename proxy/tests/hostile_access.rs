@@ -461,58 +461,8 @@ fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
         .wait_access(&[("digest", &layer), ("cache", "MISS"), ("complete", "true")])
         .unwrap();
 
-    let ca = proxy.ca_pem().unwrap();
-    let https = proxy.addrs.https;
-    let pid = proxy.pid();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let (statuses, rss) = rt.block_on(async {
-        use http_body_util::Empty;
-        let mut cfg = pullthrough_testbed::tls::client_config(&ca).unwrap();
-        cfg.alpn_protocols = vec![b"h2".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-        let mut held = Vec::new();
-        // The connections stay open while their senders live.
-        let mut senders = Vec::new();
-        // 4 connections × 50 streams.
-        for _ in 0..4 {
-            let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
-            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
-            let tls = connector.connect(name, tcp).await.unwrap();
-            let (send, conn) = hyper::client::conn::http2::handshake(
-                hyper_util::rt::TokioExecutor::new(),
-                hyper_util::rt::TokioIo::new(tls),
-            )
-            .await
-            .unwrap();
-            tokio::spawn(conn);
-            let mut pending = Vec::new();
-            for _ in 0..50 {
-                let mut send = send.clone();
-                let req = http::Request::get(format!(
-                    "https://{https}/v2/quay.io/big/layer/manifests/{layer}"
-                ))
-                .header("accept", ACCEPT)
-                .body(Empty::<bytes::Bytes>::new())
-                .unwrap();
-                pending.push(async move { send.send_request(req).await });
-            }
-            for resp in futures::future::join_all(pending).await {
-                // The head only: the body stays unread, held by the stream.
-                held.push(resp.unwrap());
-            }
-            senders.push(send);
-        }
-        // Whatever the proxy buffered for these streams is buffered now.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rss = vm_rss_kib(pid);
-        let statuses: Vec<StatusCode> = held.iter().map(|r| r.status()).collect();
-        drop(held);
-        drop(senders);
-        (statuses, rss)
-    });
+    let (statuses, rss) =
+        unread_streams(&proxy, &format!("/v2/quay.io/big/layer/manifests/{layer}"));
     assert!(
         rss < 128 * 1024,
         "proxy RSS {rss} KiB with 200 unread streams"
@@ -533,6 +483,130 @@ fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
     assert_eq!(sha256_digest(&r.body), manifest);
     proxy
         .wait_access(&[("digest", &manifest), ("cache", "HIT")])
+        .unwrap();
+}
+
+/// Asks for `path` on 200 HTTP/2 streams (4 connections × 50) and reads
+/// only the response heads; with every body still unread, the proxy's
+/// RSS in KiB. The statuses of the 200 answers.
+fn unread_streams(proxy: &Proxy, path: &str) -> (Vec<StatusCode>, u64) {
+    let ca = proxy.ca_pem().unwrap();
+    let https = proxy.addrs.https;
+    let pid = proxy.pid();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use http_body_util::Empty;
+        let mut cfg = pullthrough_testbed::tls::client_config(&ca).unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let mut held = Vec::new();
+        // The connections stay open while their senders live.
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let (send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let mut pending = Vec::new();
+            for _ in 0..50 {
+                let mut send = send.clone();
+                let req = http::Request::get(format!("https://{https}{path}"))
+                    .header("accept", ACCEPT)
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                pending.push(async move { send.send_request(req).await });
+            }
+            for resp in futures::future::join_all(pending).await {
+                // The head only: the body stays unread, held by the stream.
+                held.push(resp.unwrap());
+            }
+            senders.push(send);
+        }
+        // Whatever the proxy buffered for these streams is buffered now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss = vm_rss_kib(pid);
+        eprintln!("proxy RSS with {} unread streams of {path}: {rss} KiB", held.len());
+        let statuses = held.iter().map(|r| r.status()).collect();
+        drop(held);
+        drop(senders);
+        (statuses, rss)
+    })
+}
+
+/// Point 3, the other half: a real manifest above the in-memory bound
+/// (2 MiB, padded with an annotation) on 200 unread HTTP/2 streams is
+/// served to each from its file, not read whole per request: RSS stays
+/// under 128 MiB.
+#[test]
+fn a_large_cached_manifest_on_200_unread_streams_is_streamed() {
+    let work = tempfile::tempdir().unwrap();
+    let base = random_image(work.path(), &[1000], 0x1eaf_0005);
+    let mut m: serde_json::Value = serde_json::from_slice(&base.manifests[0].bytes).unwrap();
+    m["annotations"] = serde_json::json!({"pad": "p".repeat(2 << 20)});
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let digest = sha256_digest(&bytes);
+    let blobs = base.layout.join("blobs/sha256");
+    std::fs::write(blobs.join(digest.trim_start_matches("sha256:")), &bytes).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": base.media_type, "digest": digest, "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "big"},
+    }]});
+    std::fs::write(
+        base.layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let mut manifest = base.manifests[0].clone();
+    manifest.digest = digest.clone();
+    manifest.bytes = bytes.clone();
+    let image = Image {
+        layout: base.layout.clone(),
+        tag: "big".into(),
+        digest: digest.clone(),
+        media_type: base.media_type.clone(),
+        bytes,
+        manifests: vec![manifest],
+    };
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "big/manifest", "1").unwrap();
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {}\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let path = format!("/v2/quay.io/big/manifest/manifests/{digest}");
+    let r = request(&proxy, Method::GET, &path, None);
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), digest);
+
+    let (statuses, rss) = unread_streams(&proxy, &path);
+    assert!(
+        rss < 128 * 1024,
+        "proxy RSS {rss} KiB with 200 unread streams"
+    );
+    assert_eq!(statuses.len(), 200);
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    // And each is whole when read.
+    let r = request(&proxy, Method::GET, &path, None);
+    assert_eq!(sha256_digest(&r.body), digest);
+    proxy
+        .wait_access(&[("digest", &digest), ("cache", "HIT"), ("complete", "true")])
         .unwrap();
 }
 

@@ -30,6 +30,9 @@ pub(crate) const MAX_MANIFEST: usize = 16 << 20;
 /// memory anyway).
 pub(crate) const MEMORY_MANIFEST: u64 = 256 * 1024;
 
+/// Read size when a cached manifest above [`MEMORY_MANIFEST`] streams.
+const MANIFEST_CHUNK: usize = 32 * 1024;
+
 pub(crate) async fn manifest_by_digest(
     ctx: &Ctx<'_>,
     method: &Method,
@@ -221,7 +224,9 @@ pub(crate) async fn cached_manifest(
             body::full(bytes),
         ));
     }
-    let b = body::file(&cached.path, 0, cached.size)
+    // Small chunks: a large manifest is rare, and many clients that never
+    // read it must not each hold much of it.
+    let b = body::file_in_chunks(&cached.path, 0, cached.size, MANIFEST_CHUNK)
         .await
         .map_err(|source| StoreError::Io {
             action: "reading cached manifest",
