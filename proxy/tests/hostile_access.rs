@@ -534,7 +534,10 @@ fn unread_streams(proxy: &Proxy, path: &str) -> (Vec<StatusCode>, u64) {
         // Whatever the proxy buffered for these streams is buffered now.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss = vm_rss_kib(pid);
-        eprintln!("proxy RSS with {} unread streams of {path}: {rss} KiB", held.len());
+        eprintln!(
+            "proxy RSS with {} unread streams of {path}: {rss} KiB",
+            held.len()
+        );
         let statuses = held.iter().map(|r| r.status()).collect();
         drop(held);
         drop(senders);
