@@ -194,6 +194,13 @@ pub struct RegistryConfig {
     /// stale-if-error.
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub cache_tags: bool,
+    /// Serve cached content while the upstream cannot answer an access
+    /// check (unreachable, 429, 5xx) even to clients it was never seen to
+    /// let read that content (default false: only content this client
+    /// class, or anyone, was recently let read is served then). Turning it
+    /// on trades the per-client check for availability in an outage.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub serve_cached_on_auth_error: bool,
     /// Which node runtimes the node-agent configures for this registry.
     #[serde(default, skip_serializing_if = "NodeOptions::is_default")]
     pub nodes: NodeOptions,
@@ -215,6 +222,7 @@ impl Default for RegistryConfig {
             allow_push: false,
             private: false,
             cache_tags: true,
+            serve_cached_on_auth_error: false,
             nodes: NodeOptions::default(),
         }
     }

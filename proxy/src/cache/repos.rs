@@ -1,65 +1,127 @@
 //! Which digests each (registry, repository) was served, learnt as the
 //! pipeline serves them (in memory: after a restart it fills again as
-//! clients pull). The store itself is shared by all repositories.
+//! clients pull). The store itself is shared by all repositories. Bounded:
+//! clients choose repository names, so past [`MAX_ENTRIES`] pairs the one
+//! noted longest ago is forgotten (it only steers the admin API's purge;
+//! access is decided by the grants, not here).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
+use super::bounded::BoundedMap;
 use crate::oci::Digest;
 
-#[derive(Debug, Default)]
+/// (registry, repository, digest) entries kept.
+pub const MAX_ENTRIES: usize = 50_000;
+
+type Entry = (String, String, Digest);
+
+#[derive(Debug)]
 pub struct RepoIndex {
-    map: Mutex<BTreeMap<(String, String), BTreeSet<Digest>>>,
+    map: Mutex<BoundedMap<Entry, ()>>,
+}
+
+impl Default for RepoIndex {
+    fn default() -> Self {
+        Self::with_capacity(MAX_ENTRIES)
+    }
 }
 
 impl RepoIndex {
-    pub fn note(&self, registry: &str, repo: &str, digest: &Digest) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (registry.to_string(), repo.to_string());
-        match map.get_mut(&key) {
-            Some(set) => {
-                if !set.contains(digest) {
-                    set.insert(digest.clone());
-                }
-            }
-            None => {
-                map.insert(key, BTreeSet::from([digest.clone()]));
-            }
+    pub fn with_capacity(cap: usize) -> Self {
+        Self {
+            map: Mutex::new(BoundedMap::new(cap)),
         }
     }
 
-    /// Every (registry, repository) with its digests.
+    /// (registry, repository, digest) entries kept.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<Entry, ()>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn note(&self, registry: &str, repo: &str, digest: &Digest) {
+        self.lock()
+            .insert((registry.to_string(), repo.to_string(), digest.clone()), ());
+    }
+
+    /// Every (registry, repository) with its digests, sorted.
     pub fn snapshot(&self) -> Vec<((String, String), Vec<Digest>)> {
-        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        map.iter()
-            .map(|(k, v)| (k.clone(), v.iter().cloned().collect()))
+        let map = self.lock();
+        let mut grouped: BTreeMap<(String, String), BTreeSet<Digest>> = BTreeMap::new();
+        for (r, p, d) in map.keys() {
+            grouped
+                .entry((r.clone(), p.clone()))
+                .or_default()
+                .insert(d.clone());
+        }
+        grouped
+            .into_iter()
+            .map(|(k, v)| (k, v.into_iter().collect()))
             .collect()
     }
 
     /// Removes the matching repositories (None matches any) and returns
     /// their digests.
     pub fn take(&self, registry: Option<&str>, repo: Option<&str>) -> BTreeSet<Digest> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        let keys: Vec<_> = map
-            .keys()
-            .filter(|(r, p)| registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
-            .cloned()
-            .collect();
+        let mut map = self.lock();
         let mut out = BTreeSet::new();
-        for k in keys {
-            if let Some(set) = map.remove(&k) {
-                out.extend(set);
+        map.retain(|(r, p, d), _| {
+            let matches = registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p);
+            if matches {
+                out.insert(d.clone());
             }
-        }
+            !matches
+        });
         out
     }
 
     /// Forgets a digest everywhere.
     pub fn forget(&self, digest: &Digest) {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        for set in map.values_mut() {
-            set.remove(digest);
+        self.lock().retain(|(_, _, d), _| d != digest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_random_repositories_keeps_the_index_at_its_cap() {
+        let index = RepoIndex::with_capacity(10_000);
+        let mut x: u64 = 0xD1B5_4A32_D192_ED03;
+        for i in 0..100_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            index.note("r", &format!("flood/{x:x}"), &Digest::of(&i.to_be_bytes()));
         }
-        map.retain(|_, s| !s.is_empty());
+        assert_eq!(index.len(), 10_000);
+        assert_eq!(index.snapshot().len(), 10_000);
+    }
+
+    #[test]
+    fn take_and_forget() {
+        let index = RepoIndex::default();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        index.note("r", "one", &a);
+        index.note("r", "one", &b);
+        index.note("r", "two", &a);
+        index.note("s", "one", &b);
+        assert_eq!(index.snapshot().len(), 3);
+        index.forget(&a);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.take(Some("r"), None), BTreeSet::from([b.clone()]));
+        assert_eq!(
+            index.snapshot(),
+            vec![(("s".to_string(), "one".to_string()), vec![b])]
+        );
     }
 }

@@ -361,6 +361,18 @@ impl BlobStore {
         }
     }
 
+    /// The in-memory copy of a small committed object, if one is kept: no
+    /// file access at all (the manifest fast path). Refreshes the last
+    /// access like `lookup`.
+    pub fn memory_copy(&self, digest: &Digest) -> Option<(bytes::Bytes, BlobMeta)> {
+        let mut index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
+        let found = index.small.get(digest).cloned()?;
+        if let Some(e) = index.entries.get_mut(digest) {
+            e.last_access = SystemTime::now();
+        }
+        Some(found)
+    }
+
     /// A committed object of at most `max` bytes, whole, in memory (for
     /// manifests): from the in-memory copy when there is one, else read from
     /// its file once and kept (up to `SMALL_MAX`). `Ok(None)` when it is

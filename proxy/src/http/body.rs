@@ -29,12 +29,24 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
 
 /// Streams `len` bytes of `file` from `offset`.
 pub async fn file(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<Body> {
+    file_in_chunks(path, offset, len, 256 * 1024).await
+}
+
+/// [`file`] read `chunk` bytes at a time: each response holds about one
+/// or two chunks while its client does not read, so a small chunk bounds
+/// what many slow clients of rarely read, large objects cost.
+pub async fn file_in_chunks(
+    path: &std::path::Path,
+    offset: u64,
+    len: u64,
+    chunk: usize,
+) -> std::io::Result<Body> {
     let mut f = tokio::fs::File::open(path).await?;
     if offset > 0 {
         f.seek(SeekFrom::Start(offset)).await?;
     }
     let stream =
-        ReaderStream::with_capacity(f.take(len), 256 * 1024).map(|chunk| chunk.map(Frame::data));
+        ReaderStream::with_capacity(f.take(len), chunk).map(|chunk| chunk.map(Frame::data));
     Ok(StreamBody::new(stream).boxed_unsync())
 }
 

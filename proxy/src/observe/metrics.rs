@@ -50,13 +50,14 @@ struct RegistryLabel {
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
 pub enum AuthResult {
-    /// The upstream let the client read the repository.
+    /// The upstream let the client read the digest in the repository.
     allowed,
-    /// The upstream refused (401/403): the client got the challenge.
+    /// The upstream refused (401/403, or 404: not in this repository).
     denied,
-    /// An anonymous client may read it: the repository is public.
+    /// An anonymous client may read it: the digest is public there.
     public,
-    /// The upstream could not be asked (outage): the cache was served.
+    /// The upstream could not answer (outage): the cache was served only
+    /// to a client class known to read it, else a 503.
     unreachable,
 }
 

@@ -1,10 +1,13 @@
 //! The auth gate before cached content is served. The cache holds one
-//! copy per digest for every client, so a private repository's content is
-//! served only to clients the upstream recently let read it: this module
-//! keeps those answers ([`AccessGrants`]) and asks the upstream when it
-//! has none.
+//! copy per digest for every client and every repository, so an object is
+//! served only to a client the upstream recently let read *that digest in
+//! that repository of that registry*: this module keeps those answers
+//! ([`AccessGrants`]) and asks the upstream when it has none. A 404 is a
+//! refusal (the repository does not hold the digest), and an upstream that
+//! cannot answer (unreachable, 429, 5xx) opens only what this client class
+//! is already known to read, unless the registry opts in with
+//! `serveCachedOnAuthError`.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -13,32 +16,62 @@ use http::{Method, Response, StatusCode};
 
 use super::HandlerError;
 use super::context::Ctx;
+use crate::cache::bounded::BoundedMap;
 use crate::http::body::{self, Body};
 use crate::http::headers::forward_headers;
 use crate::observe::metrics::AuthResult;
 use crate::oci::{self, Digest, ErrorCode};
 
-/// How long "anyone may read this repository" is trusted. Public content is
-/// then served to every client with no upstream contact at all, which is
-/// what keeps by-digest pulls working through an outage.
+/// How long "anyone may read this digest in this repository" is trusted.
+/// Public content is then served to every client with no upstream contact
+/// at all, which is what keeps by-digest pulls working through an outage.
 pub const PUBLIC_TTL: Duration = Duration::from_secs(3600);
 
-/// Entries kept before expired ones are swept out.
-const MAX_GRANTS: usize = 10_000;
+/// How old an answer of the upstream may be and still open the cache
+/// while the upstream cannot be asked (stale-if-error for access): the
+/// same client class (or anyone, for public content) read this very
+/// digest in this very repository within that time.
+pub const OUTAGE_GRACE: Duration = Duration::from_secs(24 * 3600);
 
-/// Which clients the upstream recently let read a repository, so the cache
-/// (one copy per digest, shared by everyone) serves a private repository's
-/// content only to clients the upstream currently authorises (DESIGN.md,
-/// Cache semantics). Keyed by registry, repository and a hash of the
-/// client's Authorization header (empty for none), so credentials are
-/// never kept in memory as such.
-#[derive(Debug, Default)]
+/// Entries kept per map; the oldest write goes first beyond it. An entry
+/// is a 32-byte hash and a timestamp (plus the basis for public ones), so
+/// a full map is a few MiB whatever names clients make up.
+pub const MAX_GRANTS: usize = 50_000;
+
+/// A grant's key: sha256 over the length-prefixed registry, repository,
+/// digest and client key, so neither names of any length nor credentials
+/// are kept in memory as such.
+type GrantKey = [u8; 32];
+
+fn grant_key(registry: &str, repo: &str, digest: &Digest, client: &str) -> GrantKey {
+    use sha2::Digest as _;
+    let mut h = sha2::Sha256::new();
+    for part in [registry, repo, digest.as_str(), client] {
+        h.update((part.len() as u64).to_be_bytes());
+        h.update(part.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// Which clients the upstream recently let read which digest of which
+/// repository, so the cache (one copy per digest, shared by everyone)
+/// serves an object only to clients the upstream let read it there
+/// (DESIGN.md, Cache semantics). Keyed by registry, repository, digest and
+/// a hash of the client's Authorization header (empty for none).
+#[derive(Debug)]
 pub struct AccessGrants {
-    grants: Mutex<HashMap<(String, String, String), Instant>>,
-    /// Repositories a client without credentials was allowed to read, and
-    /// the basis it read them on: `""` anonymously, else the fingerprint
-    /// of the proxy's `credentialsFile` credentials it was served with.
-    public: Mutex<HashMap<(String, String), (Instant, String)>>,
+    grants: Mutex<BoundedMap<GrantKey, Instant>>,
+    /// Digests of repositories a client without credentials was allowed
+    /// to read, and the basis it read them on: `""` anonymously, else the
+    /// fingerprint of the proxy's `credentialsFile` credentials it was
+    /// served with.
+    public: Mutex<BoundedMap<GrantKey, (Instant, String)>>,
+}
+
+impl Default for AccessGrants {
+    fn default() -> Self {
+        Self::with_capacity(MAX_GRANTS)
+    }
 }
 
 /// The grant key of a client: sha256 of its Authorization header, or ""
@@ -52,86 +85,117 @@ pub fn client_key(headers: &HeaderMap) -> String {
 }
 
 impl AccessGrants {
-    /// True when the upstream let `client` read `repo` within `ttl`
-    /// (`authCheckTTL`, default 60 s).
-    pub fn allowed(&self, registry: &str, repo: &str, client: &str, ttl: Duration) -> bool {
+    /// Maps holding at most `cap` entries each.
+    pub fn with_capacity(cap: usize) -> Self {
+        Self {
+            grants: Mutex::new(BoundedMap::new(cap)),
+            public: Mutex::new(BoundedMap::new(cap)),
+        }
+    }
+
+    /// Entries kept (client grants, public grants).
+    pub fn len(&self) -> (usize, usize) {
+        let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        (grants.len(), public.len())
+    }
+
+    /// True when the upstream let `client` read `digest` in `repo` within
+    /// `ttl` (`authCheckTTL`, default 60 s).
+    pub fn allowed(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        client: &str,
+        ttl: Duration,
+    ) -> bool {
         let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         grants
-            .get(&(registry.to_string(), repo.to_string(), client.to_string()))
+            .get(&grant_key(registry, repo, digest, client))
             .is_some_and(|at| at.elapsed() < ttl)
     }
 
-    /// Records that the upstream let `client` read `repo`, without ever
-    /// making the repository public (registries marked `private`).
-    pub fn grant_client(&self, registry: &str, repo: &str, client: &str) {
+    /// Records that the upstream let `client` read `digest` in `repo`,
+    /// without ever making it public (registries marked `private`).
+    pub fn grant_client(&self, registry: &str, repo: &str, digest: &Digest, client: &str) {
         let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        if grants.len() >= MAX_GRANTS {
-            grants.retain(|_, at| at.elapsed() < PUBLIC_TTL);
-        }
-        grants.insert(
-            (registry.to_string(), repo.to_string(), client.to_string()),
-            Instant::now(),
-        );
+        grants.insert(grant_key(registry, repo, digest, client), Instant::now());
     }
 
-    /// True when a client without credentials could read `repo` within
-    /// [`PUBLIC_TTL`], anonymously or on `basis` (the fingerprint of the
-    /// proxy's credentials now configured for the registry, `""` for none):
-    /// content learnt readable with other credentials does not count.
-    pub fn is_public(&self, registry: &str, repo: &str, basis: &str) -> bool {
+    /// True when a client without credentials could read `digest` in
+    /// `repo` within `ttl`, anonymously or on `basis` (the fingerprint of
+    /// the proxy's credentials now configured for the registry, `""` for
+    /// none): content learnt readable with other credentials does not
+    /// count.
+    pub fn is_public(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        basis: &str,
+        ttl: Duration,
+    ) -> bool {
         let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
         public
-            .get(&(registry.to_string(), repo.to_string()))
-            .is_some_and(|(at, how)| at.elapsed() < PUBLIC_TTL && (how.is_empty() || how == basis))
+            .get(&grant_key(registry, repo, digest, ""))
+            .is_some_and(|(at, how)| at.elapsed() < ttl && (how.is_empty() || how == basis))
     }
 
-    /// Records that the upstream just let `client` read `repo`; a client
-    /// without credentials (`""`) makes the repository public on `basis`
-    /// (see [`Self::is_public`]). Such a client is then judged by
+    /// Records that the upstream just let `client` read `digest` in
+    /// `repo`; a client without credentials (`""`) makes it public on
+    /// `basis` (see [`Self::is_public`]). Such a client is then judged by
     /// [`Self::is_public`] alone, so no per-client grant is kept for it
     /// that would outlive a change of basis.
-    pub fn grant(&self, registry: &str, repo: &str, client: &str, basis: &str) {
+    pub fn grant(&self, registry: &str, repo: &str, digest: &Digest, client: &str, basis: &str) {
         if client.is_empty() {
             let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-            if public.len() >= MAX_GRANTS {
-                public.retain(|_, (at, _)| at.elapsed() < PUBLIC_TTL);
-            }
             public.insert(
-                (registry.to_string(), repo.to_string()),
+                grant_key(registry, repo, digest, ""),
                 (Instant::now(), basis.to_string()),
             );
             return;
         }
-        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        if grants.len() >= MAX_GRANTS {
-            grants.retain(|_, at| at.elapsed() < PUBLIC_TTL);
-        }
-        grants.insert(
-            (registry.to_string(), repo.to_string(), client.to_string()),
-            Instant::now(),
-        );
+        self.grant_client(registry, repo, digest, client);
     }
 }
 
+/// What the upstream said when asked whether a client may read an object.
+enum Answer {
+    /// 2xx, or a redirect to storage (the registry only redirects a
+    /// client it let read the object).
+    Allowed,
+    /// The registry itself refused (401, 403) or does not hold the object
+    /// in this repository (404 and any other answer that is no outage).
+    Refused(Response<Body>),
+    /// Unreachable, timed out, 429 or 5xx: no answer about access.
+    Outage,
+}
+
 impl Ctx<'_> {
-    /// Asked before cached content of the repository is served: `None`
-    /// when this client may have it, else the refusal to send. The cache is
-    /// shared by every client, so without this a private image pulled once
-    /// would be served to anyone afterwards.
+    /// Asked before cached content of `digest` is served under the
+    /// repository: `None` when this client may have it, else the refusal
+    /// to send. The cache is shared by every client and every repository,
+    /// so without this a private image pulled once would be served to
+    /// anyone afterwards, under any repository name.
     ///
-    /// A repository anonymous clients may read (learnt from an anonymous
-    /// pull, or one anonymous HEAD of `path`) is served to everyone for
-    /// [`PUBLIC_TTL`] with no upstream contact. Otherwise the
-    /// upstream is asked with the client's own credentials (a HEAD of
-    /// `path`), and the answer reused for `authCheckTTL`; a client without
-    /// any is asked about with the registry's `credentialsFile` if it has
-    /// one (not `private`), as its misses are fetched. While
-    /// the upstream is unreachable or failing the cache is served, as
-    /// stale-if-error serves tags, so pulls keep working in an outage.
+    /// A digest anonymous clients may read in this repository (learnt
+    /// from an anonymous pull, or one anonymous HEAD of `path`) is served
+    /// to everyone for [`PUBLIC_TTL`] with no upstream contact. Otherwise
+    /// the upstream is asked with the client's own credentials (a HEAD of
+    /// `path`, which names the repository and the digest), and the answer
+    /// reused for `authCheckTTL`; a client without any is asked about
+    /// with the registry's `credentialsFile` if it has one (not
+    /// `private`), as its misses are fetched. While the upstream cannot
+    /// answer, only what this client class was let read within
+    /// [`OUTAGE_GRACE`] is served (or everything, with the registry's
+    /// `serveCachedOnAuthError`): failing closed, so a rate-limited or
+    /// failing upstream opens nothing it would refuse.
     pub(crate) async fn check_cached(
         &self,
         headers: &HeaderMap,
         path: &str,
+        digest: &Digest,
     ) -> Result<Option<Response<Body>>, HandlerError> {
         let Some(repo) = self.repo.as_deref() else {
             return Ok(None);
@@ -144,89 +208,132 @@ impl Ctx<'_> {
         // A client without credentials reads as the proxy serves such
         // clients: anonymously, or with the registry's credentialsFile.
         let basis = self.settings.anonymous_basis();
-        if (!private && grants.is_public(host, repo, basis))
-            || grants.allowed(host, repo, &client, self.auth_ttl)
+        if (!private && grants.is_public(host, repo, digest, basis, PUBLIC_TTL))
+            || grants.allowed(host, repo, digest, &client, self.auth_ttl)
         {
             return Ok(None);
         }
+        let mut answer = None;
         if !client.is_empty() && !private {
             // Would an anonymous client get it? Then it is public content.
             let mut anonymous = forward_headers(headers, false);
             anonymous.remove(header::AUTHORIZATION);
-            match self
-                .send(Method::HEAD, self.url(path, None)?, anonymous)
-                .await
-            {
-                Ok(up) if up.response.status().is_success() => {
-                    grants.grant(host, repo, "", basis);
+            match self.ask(path, anonymous).await? {
+                Answer::Allowed => {
+                    grants.grant(host, repo, digest, "", basis);
                     metrics.auth_check(host, AuthResult::public);
                     return Ok(None);
                 }
-                Ok(_) => {}
-                Err(err) => {
-                    tracing::warn!(error = %err, registry = host, repository = repo,
-                        "cannot ask the upstream about access; serving from cache");
-                    metrics.auth_check(host, AuthResult::unreachable);
-                    return Ok(None);
-                }
+                // No answer now: the client's own ask would get none either.
+                Answer::Outage => answer = Some(Answer::Outage),
+                Answer::Refused(_) => {}
             }
         }
+        let answer = match answer {
+            Some(a) => a,
+            None => self.ask(path, forward_headers(headers, false)).await?,
+        };
+        match answer {
+            Answer::Allowed => {
+                metrics.auth_check(host, AuthResult::allowed);
+                self.grant(repo, digest, &client);
+                Ok(None)
+            }
+            Answer::Refused(resp) => {
+                metrics.auth_check(host, AuthResult::denied);
+                Ok(Some(resp))
+            }
+            Answer::Outage => {
+                metrics.auth_check(host, AuthResult::unreachable);
+                let known = (!private && grants.is_public(host, repo, digest, basis, OUTAGE_GRACE))
+                    || grants.allowed(host, repo, digest, &client, OUTAGE_GRACE);
+                if known || self.registry.serve_cached_on_auth_error {
+                    tracing::warn!(registry = host, repository = repo, %digest, known,
+                        "cannot ask the upstream about access; serving from cache");
+                    return Ok(None);
+                }
+                tracing::warn!(registry = host, repository = repo, %digest,
+                    "cannot ask the upstream about access; not serving content this client was never let read");
+                Ok(Some(
+                    oci::error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        ErrorCode::Unavailable,
+                        &format!(
+                            "{host} cannot confirm access to {repo}@{digest} now; try again later"
+                        ),
+                    )
+                    .map(body::full),
+                ))
+            }
+        }
+    }
+
+    /// One HEAD of `path` (which names the repository and the digest) with
+    /// `headers`; what it says about access.
+    async fn ask(&self, path: &str, headers: HeaderMap) -> Result<Answer, HandlerError> {
+        let host = self.registry.host.as_str();
+        let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
-        let up = match self
-            .send(Method::HEAD, url, forward_headers(headers, false))
-            .await
-        {
+        let up = match self.send(Method::HEAD, url, headers).await {
             Ok(up) => up,
             Err(err) => {
                 tracing::warn!(error = %err, registry = host, repository = repo,
-                    "cannot ask the upstream about access; serving from cache");
-                metrics.auth_check(host, AuthResult::unreachable);
-                return Ok(None);
+                    "cannot ask the upstream about access");
+                return Ok(Answer::Outage);
             }
         };
         let status = up.response.status();
-        // Only the registry's own 401/403 refuses: storage a blob HEAD was
-        // redirected to may answer HEAD with 403 (S3).
-        if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) && up.hops == 0 {
-            metrics.auth_check(host, AuthResult::denied);
-            // Rebuilt, not relayed: the answer to a HEAD has no body but
-            // may announce one.
-            let mut resp = oci::error_response(
+        // A redirect means the registry let the client read the object;
+        // storage a blob HEAD was redirected to may answer HEAD with 403
+        // (S3), which is no refusal of the registry's.
+        if status.is_success() || up.hops > 0 {
+            return Ok(Answer::Allowed);
+        }
+        if super::is_outage(status) {
+            return Ok(Answer::Outage);
+        }
+        let (status, code, message) = match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => (
                 status,
                 ErrorCode::Denied,
-                &format!("{host} does not let this client read {repo}"),
-            )
-            .map(body::full);
+                format!("{host} does not let this client read {repo}"),
+            ),
+            // 404, and anything else that is no answer of "yes": the
+            // repository does not hold the object for this client.
+            _ => (
+                StatusCode::NOT_FOUND,
+                ErrorCode::NameUnknown,
+                format!("{host} has no such object in {repo} for this client"),
+            ),
+        };
+        // Rebuilt, not relayed: the answer to a HEAD has no body but may
+        // announce one.
+        let mut resp = oci::error_response(status, code, &message).map(body::full);
+        if status == StatusCode::UNAUTHORIZED {
             for v in up.response.headers().get_all(header::WWW_AUTHENTICATE) {
                 resp.headers_mut()
                     .append(header::WWW_AUTHENTICATE, v.clone());
             }
-            return Ok(Some(resp));
         }
-        if super::is_outage(status) {
-            metrics.auth_check(host, AuthResult::unreachable);
-        } else {
-            metrics.auth_check(host, AuthResult::allowed);
-            self.grant(repo, &client);
-        }
-        Ok(None)
+        Ok(Answer::Refused(resp))
     }
 
-    fn grant(&self, repo: &str, client: &str) {
+    fn grant(&self, repo: &str, digest: &Digest, client: &str) {
         let host = &self.registry.host;
         if self.settings.private {
             // Never "public": every client is checked.
-            self.shared.grants.grant_client(host, repo, client);
+            self.shared.grants.grant_client(host, repo, digest, client);
         } else {
             let basis = self.settings.anonymous_basis();
-            self.shared.grants.grant(host, repo, client, basis);
+            self.shared.grants.grant(host, repo, digest, client, basis);
         }
     }
 
-    /// Notes that the upstream just served this client the repository.
-    pub(crate) fn granted(&self, headers: &HeaderMap) {
+    /// Notes that the upstream just served this client `digest` in the
+    /// repository.
+    pub(crate) fn granted(&self, headers: &HeaderMap, digest: &Digest) {
         if let Some(repo) = &self.repo {
-            self.grant(repo, &client_key(headers));
+            self.grant(repo, digest, &client_key(headers));
         }
     }
 
@@ -242,22 +349,52 @@ impl Ctx<'_> {
 mod tests {
     use super::*;
 
+    fn d(n: u64) -> Digest {
+        Digest::of(&n.to_be_bytes())
+    }
+
     #[test]
-    fn public_grants_hold_only_on_their_basis() {
+    fn public_grants_hold_only_on_their_basis_and_for_their_digest() {
         let g = AccessGrants::default();
-        g.grant("r", "anon/repo", "", "");
-        g.grant("r", "creds/repo", "", "fp1");
+        let ttl = Duration::from_secs(60);
+        g.grant("r", "anon/repo", &d(1), "", "");
+        g.grant("r", "creds/repo", &d(1), "", "fp1");
         // Anonymously readable: readable whatever the proxy's credentials.
-        assert!(g.is_public("r", "anon/repo", ""));
-        assert!(g.is_public("r", "anon/repo", "fp2"));
+        assert!(g.is_public("r", "anon/repo", &d(1), "", ttl));
+        assert!(g.is_public("r", "anon/repo", &d(1), "fp2", ttl));
+        // Only that digest, in that repository, of that registry.
+        assert!(!g.is_public("r", "anon/repo", &d(2), "", ttl));
+        assert!(!g.is_public("r", "other/repo", &d(1), "", ttl));
+        assert!(!g.is_public("r2", "anon/repo", &d(1), "", ttl));
         // Read with credentials fp1: only while fp1 is configured.
-        assert!(g.is_public("r", "creds/repo", "fp1"));
-        assert!(!g.is_public("r", "creds/repo", "fp2"));
-        assert!(!g.is_public("r", "creds/repo", ""));
+        assert!(g.is_public("r", "creds/repo", &d(1), "fp1", ttl));
+        assert!(!g.is_public("r", "creds/repo", &d(1), "fp2", ttl));
+        assert!(!g.is_public("r", "creds/repo", &d(1), "", ttl));
         // A client without credentials gets no per-client grant that
         // would outlive its basis.
-        assert!(!g.allowed("r", "creds/repo", "", Duration::from_secs(60)));
-        g.grant("r", "creds/repo", "client-hash", "fp1");
-        assert!(g.allowed("r", "creds/repo", "client-hash", Duration::from_secs(60)));
+        assert!(!g.allowed("r", "creds/repo", &d(1), "", ttl));
+        g.grant("r", "creds/repo", &d(1), "client-hash", "fp1");
+        assert!(g.allowed("r", "creds/repo", &d(1), "client-hash", ttl));
+        assert!(!g.allowed("r", "creds/repo", &d(1), "other-client", ttl));
+        assert!(!g.allowed("r", "creds/repo", &d(2), "client-hash", ttl));
+        assert!(!g.allowed("r", "creds/repo", &d(1), "client-hash", Duration::ZERO));
+    }
+
+    #[test]
+    fn a_flood_of_grants_keeps_both_maps_at_their_cap() {
+        let g = AccessGrants::with_capacity(10_000);
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for i in 0..100_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let repo = format!("flood/{x:x}");
+            g.grant("r", &repo, &d(i), "", "");
+            g.grant("r", &repo, &d(i), "client", "");
+        }
+        assert_eq!(g.len(), (10_000, 10_000));
+        // The newest are kept.
+        let ttl = Duration::from_secs(60);
+        assert!(g.allowed("r", &format!("flood/{x:x}"), &d(99_999), "client", ttl));
     }
 }

@@ -32,7 +32,7 @@ pub(crate) async fn blob(
     // made pushes of already-pulled layers fail with "blob unknown".
     let push_check = *method == Method::HEAD && ctx.registry.allow_push;
     if !push_check && let Some(cached) = ctx.shared.store.lookup(digest).await? {
-        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+        if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
@@ -49,7 +49,7 @@ pub(crate) async fn blob(
             .send(method.clone(), url, forward_headers(headers, true))
             .await?;
         if up.response.status().is_success() {
-            ctx.granted(headers);
+            ctx.granted(headers, digest);
         }
         // An upstream that ignores the range sends the whole blob: that
         // is verified like any other (a 206 part cannot be).
@@ -68,7 +68,7 @@ pub(crate) async fn blob(
                 if let Some(stream) = inflight::wait_started(&mut rx).await {
                     // The download was started for another client: this
                     // one must be allowed to read the repository too.
-                    if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+                    if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
                         return Ok(refusal);
                     }
                     ctx.shared.metrics.merged_waiter(&ctx.registry.host);
@@ -93,7 +93,7 @@ pub(crate) async fn blob(
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
     }
-    ctx.granted(headers);
+    ctx.granted(headers, digest);
     record.cache = CacheResult::Pass;
     let (parts, incoming) = up.response.into_parts();
     Ok(solo(ctx, digest, parts, incoming, None))

@@ -64,7 +64,7 @@ pub(crate) async fn lead(
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
     }
-    ctx.granted(headers);
+    ctx.granted(headers, digest);
     ctx.served(digest);
     if up.hops > 0 {
         tracing::debug!(%digest, from = %crate::upstream::redact(&up.final_url), hops = up.hops, "blob served by redirect target");

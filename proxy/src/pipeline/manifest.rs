@@ -20,8 +20,18 @@ use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
 
-/// Largest manifest the proxy buffers (the distribution spec suggests 4 MiB).
+/// Largest manifest the proxy accepts from the upstream (the distribution
+/// spec suggests 4 MiB).
 pub(crate) const MAX_MANIFEST: usize = 16 << 20;
+
+/// Largest cached manifest served from memory; larger ones stream from
+/// their file, so a request costs at most this much memory whatever size
+/// the cached object has (the store keeps objects up to this size in
+/// memory anyway).
+pub(crate) const MEMORY_MANIFEST: u64 = 256 * 1024;
+
+/// Read size when a cached manifest above [`MEMORY_MANIFEST`] streams.
+const MANIFEST_CHUNK: usize = 32 * 1024;
 
 pub(crate) async fn manifest_by_digest(
     ctx: &Ctx<'_>,
@@ -32,13 +42,15 @@ pub(crate) async fn manifest_by_digest(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let path = format!("/v2/{repo}/manifests/{digest}");
+    // Access first: nothing of the object is read before the client is
+    // known to be allowed it (a refused client costs no memory or disk).
     if let Some(cached) = lookup_manifest(ctx, digest).await? {
-        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+        if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
         ctx.served(digest);
-        return cached_manifest(cached, method).await;
+        return cached_manifest(ctx, cached, method).await;
     }
     record.cache = CacheResult::Miss;
     let url = ctx.url(&path, None)?;
@@ -46,7 +58,7 @@ pub(crate) async fn manifest_by_digest(
         .send(method.clone(), url, forward_headers(headers, false))
         .await?;
     if up.response.status() == StatusCode::OK {
-        ctx.granted(headers);
+        ctx.granted(headers, digest);
     }
     if up.response.status() != StatusCode::OK || *method == Method::HEAD {
         if up.response.status() != StatusCode::OK {
@@ -82,6 +94,13 @@ pub(crate) async fn store_manifest(
     media_type: Option<String>,
     bytes: &[u8],
 ) {
+    // Only objects stored with a manifest media type are served under
+    // `/manifests/` later: an upstream that labels a manifest oddly (or
+    // not at all) is read by the `mediaType` the manifest names itself.
+    let media_type = match media_type {
+        Some(mt) if is_manifest_type(&mt) => Some(mt),
+        other => named_media_type(bytes).or(other),
+    };
     if let Err(err) = ctx
         .shared
         .store
@@ -95,8 +114,45 @@ pub(crate) async fn store_manifest(
     }
 }
 
-/// A cached manifest: its bytes from memory (the usual case, no file
-/// access per request), or the file of an object too large to buffer.
+/// True for the media types served under `/manifests/`: image manifests
+/// and indexes (OCI and Docker), and the legacy Docker schema 1. Anything
+/// else the store holds (layers, configs) is a blob, never a manifest.
+pub(crate) fn is_manifest_type(media_type: &str) -> bool {
+    let mt = media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        mt.as_str(),
+        "application/vnd.oci.image.manifest.v1+json"
+            | "application/vnd.oci.image.index.v1+json"
+            | "application/vnd.oci.artifact.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v2+json"
+            | "application/vnd.docker.distribution.manifest.list.v2+json"
+            | "application/vnd.docker.distribution.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    )
+}
+
+/// The manifest media type a manifest names in its `mediaType` field.
+fn named_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Named {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Named>(bytes)
+        .ok()?
+        .media_type
+        .filter(|mt| is_manifest_type(mt))
+}
+
+/// A cached object that may be served as a manifest (stored with a
+/// manifest media type): the in-memory copy the store keeps of small
+/// objects, or only the file's metadata (and a lease on it) — its bytes
+/// wait for [`cached_manifest`], after the access check.
 pub(crate) enum CachedManifest {
     Memory(Digest, BlobMeta, Bytes),
     File(CachedBlob),
@@ -107,13 +163,24 @@ pub(crate) async fn lookup_manifest(
     digest: &Digest,
 ) -> Result<Option<CachedManifest>, HandlerError> {
     let store = &ctx.shared.store;
-    if let Some((bytes, meta)) = store.lookup_small(digest, MAX_MANIFEST as u64).await? {
-        return Ok(Some(CachedManifest::Memory(digest.clone(), meta, bytes)));
+    let is_manifest = |meta: &BlobMeta| meta.media_type.as_deref().is_some_and(is_manifest_type);
+    // A layer asked for as a manifest is not one, whatever its digest:
+    // the upstream answers for it instead.
+    if let Some((bytes, meta)) = store.memory_copy(digest) {
+        return Ok(is_manifest(&meta).then(|| CachedManifest::Memory(digest.clone(), meta, bytes)));
     }
-    Ok(store.lookup(digest).await?.map(CachedManifest::File))
+    let Some(cached) = store.lookup(digest).await? else {
+        return Ok(None);
+    };
+    Ok(is_manifest(&cached.meta).then_some(CachedManifest::File(cached)))
 }
 
+/// Serves a cached manifest once access is granted: from memory when the
+/// store keeps it there (the usual case, no file access per request),
+/// read whole when it is at most [`MEMORY_MANIFEST`], else streamed from
+/// its file; a HEAD reads nothing.
 pub(crate) async fn cached_manifest(
+    ctx: &Ctx<'_>,
     cached: CachedManifest,
     method: &Method,
 ) -> Result<Response<Body>, HandlerError> {
@@ -134,21 +201,42 @@ pub(crate) async fn cached_manifest(
         }
         CachedManifest::File(cached) => cached,
     };
-    let body = if *method == Method::HEAD {
-        body::empty()
-    } else {
-        let b = body::file(&cached.path, 0, cached.size)
-            .await
-            .map_err(|source| StoreError::Io {
-                action: "reading cached manifest",
-                path: cached.path.clone(),
-                source,
-            })?;
-        body::hold(b, cached.lease.clone())
-    };
+    let media_type = cached.meta.media_type.clone();
+    if *method == Method::HEAD {
+        return Ok(manifest_response(
+            &cached.digest,
+            media_type.as_deref(),
+            cached.size,
+            body::empty(),
+        ));
+    }
+    if cached.size <= MEMORY_MANIFEST
+        && let Some((bytes, meta)) = ctx
+            .shared
+            .store
+            .lookup_small(&cached.digest, MEMORY_MANIFEST)
+            .await?
+    {
+        return Ok(manifest_response(
+            &cached.digest,
+            meta.media_type.as_deref(),
+            bytes.len() as u64,
+            body::full(bytes),
+        ));
+    }
+    // Small chunks: a large manifest is rare, and many clients that never
+    // read it must not each hold much of it.
+    let b = body::file_in_chunks(&cached.path, 0, cached.size, MANIFEST_CHUNK)
+        .await
+        .map_err(|source| StoreError::Io {
+            action: "reading cached manifest",
+            path: cached.path.clone(),
+            source,
+        })?;
+    let body = body::hold(b, cached.lease.clone());
     Ok(manifest_response(
         &cached.digest,
-        cached.meta.media_type.as_deref(),
+        media_type.as_deref(),
         cached.size,
         body,
     ))
@@ -212,4 +300,43 @@ pub(crate) async fn read_limited(
         }
     }
     Ok(Bytes::from(buf))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_manifest_media_types_are_manifests() {
+        for mt in [
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.index.v1+json",
+            "application/vnd.docker.distribution.manifest.v2+json",
+            "application/vnd.docker.distribution.manifest.list.v2+json",
+            "Application/VND.OCI.image.manifest.v1+json; charset=utf-8",
+        ] {
+            assert!(is_manifest_type(mt), "{mt}");
+        }
+        for mt in [
+            "application/octet-stream",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.config.v1+json",
+            "application/json",
+            "",
+        ] {
+            assert!(!is_manifest_type(mt), "{mt}");
+        }
+    }
+
+    #[test]
+    fn an_unlabelled_manifest_is_known_by_the_type_it_names() {
+        let m = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+        assert_eq!(
+            named_media_type(m).as_deref(),
+            Some("application/vnd.oci.image.manifest.v1+json")
+        );
+        let config = br#"{"mediaType":"application/vnd.oci.image.config.v1+json"}"#;
+        assert_eq!(named_media_type(config), None);
+        assert_eq!(named_media_type(b"\x1f\x8b not json"), None);
+    }
 }

@@ -36,16 +36,18 @@ pub(crate) async fn manifest_by_tag(
     if let Some(entry) = known
         .as_ref()
         .filter(|e| cache_tags && e.is_fresh(ctx.registry.tag_ttl))
-        && let Some(resp) = tag_from_cache(ctx, entry, method).await?
+        && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
     {
-        let path = format!("/v2/{repo}/manifests/{tag}");
-        if let Some(refusal) = ctx.check_cached(headers, &path).await? {
+        // Access to the digest the tag points at, in this repository:
+        // asked before anything of it is read.
+        let path = format!("/v2/{repo}/manifests/{}", entry.digest);
+        if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
         record.digest = entry.digest.to_string();
         ctx.served(&entry.digest);
-        return Ok(resp);
+        return cached_manifest(ctx, cached, method).await;
     }
 
     record.cache = CacheResult::Miss;
@@ -59,8 +61,15 @@ pub(crate) async fn manifest_by_tag(
             // Upstream down or failing: the last known answer keeps the
             // cluster pulling (stale-if-error).
             if let Some(entry) = &known
-                && let Some(resp) = tag_from_cache(ctx, entry, method).await?
+                && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
             {
+                // Checked like a fresh tag: with the upstream failing,
+                // only what this client class is known to read opens.
+                let path = format!("/v2/{repo}/manifests/{}", entry.digest);
+                if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
+                    record.cache = CacheResult::Denied;
+                    return Ok(refusal);
+                }
                 record.cache = CacheResult::Stale;
                 record.digest = entry.digest.to_string();
                 tracing::warn!(
@@ -69,7 +78,8 @@ pub(crate) async fn manifest_by_tag(
                     tag,
                     "upstream failing; serving the last known digest"
                 );
-                return Ok(resp);
+                ctx.served(&entry.digest);
+                return cached_manifest(ctx, cached, method).await;
             }
             let up = other?;
             record.cache = CacheResult::Pass;
@@ -80,7 +90,6 @@ pub(crate) async fn manifest_by_tag(
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
     }
-    ctx.granted(headers);
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
     let claimed = parts
@@ -98,6 +107,7 @@ pub(crate) async fn manifest_by_tag(
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
             record.digest = digest.to_string();
+            ctx.granted(headers, digest);
             ctx.shared.tags.put(
                 host,
                 repo,
@@ -126,6 +136,7 @@ pub(crate) async fn manifest_by_tag(
         });
     }
     record.digest = digest.to_string();
+    ctx.granted(headers, &digest);
     store_manifest(ctx, &digest, media_type.clone(), &bytes).await;
     ctx.served(&digest);
     if let Some(mt) = &media_type {
@@ -147,16 +158,4 @@ pub(crate) async fn manifest_by_tag(
         bytes.len() as u64,
         body::full(bytes),
     ))
-}
-
-/// Answers a tag from the cache when its manifest is stored.
-async fn tag_from_cache(
-    ctx: &Ctx<'_>,
-    entry: &TagEntry,
-    method: &Method,
-) -> Result<Option<Response<Body>>, HandlerError> {
-    match lookup_manifest(ctx, &entry.digest).await? {
-        Some(cached) => Ok(Some(cached_manifest(cached, method).await?)),
-        None => Ok(None),
-    }
 }

@@ -1,0 +1,626 @@
+//! The cache against clients that try to read what the upstream would not
+//! give them (issue #10, points 1–3): the cache holds one copy per digest
+//! for every client and every repository, so each test caches a private
+//! image for an authorised client first, then attacks it:
+//!
+//! - by digest through a repository the attacker may read (a public
+//!   registry's repository, the attacker's own empty one): 401/404 and
+//!   no byte of it;
+//! - while the upstream cannot answer the access check (stopped, 503,
+//!   429): nothing opens that this client class was never let read, stale
+//!   tags included; the registry's `serveCachedOnAuthError` opts out;
+//! - by asking for a cached 10 MiB layer as a manifest on 200 HTTP/2
+//!   streams that are never read: the proxy's memory stays bounded.
+//!
+//! Real `docker-registry` upstreams (TLS + htpasswd for the private one),
+//! the proxy binary, everything on loopback.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use http::{Method, StatusCode};
+use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
+use pullthrough_testbed::http::{Get, Response};
+use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+
+const PULLER: (&str, &str) = ("puller", "s3cret-9e1a");
+const OTHER: (&str, &str) = ("other", "0ther-pw-41c7");
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+fn proxy_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_pullthrough-proxy"))
+}
+
+fn basic((user, password): (&str, &str)) -> String {
+    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    format!("Basic {enc}")
+}
+
+/// A TLS + htpasswd registry knowing PULLER and OTHER (htpasswd lets
+/// every user read every repository: OTHER is refused only where a
+/// repository does not hold the digest).
+fn private_registry() -> Registry {
+    let registry = Registry::htpasswd(PULLER.0, PULLER.1).unwrap();
+    let mut text = String::new();
+    for (user, password) in [PULLER, OTHER] {
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "htpasswd");
+        text.push_str(String::from_utf8(out.stdout).unwrap().trim_end());
+        text.push('\n');
+    }
+    std::fs::write(registry.dir().join("htpasswd"), text).unwrap();
+    let url = format!("{}/v2/", registry.url());
+    wait_for(
+        "the registry to know the second user",
+        Duration::from_secs(20),
+        || {
+            Ok(Get::new(&url)
+                .ca(registry.ca_pem().unwrap())
+                .header("authorization", basic(OTHER))
+                .send()
+                .is_ok_and(|r| r.status == StatusCode::OK))
+        },
+    )
+    .unwrap();
+    registry
+}
+
+/// A random image (seeded: digests no other test uses) in a layout under
+/// `dir`.
+fn random_image(dir: &Path, sizes: &[u64], seed: u64) -> Image {
+    LayoutBuilder::new(&dir.join("layout"))
+        .unwrap()
+        .random("1", sizes, seed)
+        .unwrap()
+}
+
+/// `(path under the repository, digest)` of everything `image` holds.
+fn objects(image: &Image) -> Vec<(String, String)> {
+    let m = &image.manifests[0];
+    let mut out = vec![(format!("manifests/{}", m.digest), m.digest.clone())];
+    out.push((
+        format!("blobs/{}", m.config.digest),
+        m.config.digest.clone(),
+    ));
+    for l in image.layer_digests() {
+        out.push((format!("blobs/{l}"), l));
+    }
+    out
+}
+
+fn request(proxy: &Proxy, method: Method, path: &str, auth: Option<(&str, &str)>) -> Response {
+    let url = format!("{}{path}", proxy.http_url());
+    let mut g = Get::new(&url).method(method).header("Accept", ACCEPT);
+    if let Some(creds) = auth {
+        g = g.header("Authorization", basic(creds));
+    }
+    g.send().unwrap()
+}
+
+/// The attacker got nothing of `digest`: a refusal with `status` and a
+/// short error body.
+fn refused(r: &Response, status: StatusCode, digest: &str, what: &str) {
+    assert_eq!(r.status, status, "{what}: {:?}", r.body);
+    assert!(r.body.len() < 1024, "{what}: {} bytes", r.body.len());
+    assert_ne!(sha256_digest(&r.body), digest, "{what}: got the object");
+}
+
+/// Writes `body` as the proxy's config and waits until it runs it
+/// (`/status` reports the sha256 of the file it loaded).
+fn reconfigure(proxy: &Proxy, body: &str) {
+    proxy.write_config(body).unwrap();
+    let want = sha256_digest(&std::fs::read(proxy.config_path()).unwrap());
+    let want = want.trim_start_matches("sha256:").to_string();
+    let url = format!("http://{}/status", proxy.addrs.admin);
+    wait_for(
+        "the proxy to load the new config",
+        Duration::from_secs(20),
+        || {
+            let r = Get::new(&url).send()?;
+            let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap_or_default();
+            Ok(v["configHash"].as_str().is_some_and(|h| h.ends_with(&want)))
+        },
+    )
+    .unwrap();
+}
+
+/// An upstream that answers every request with `status` (a rate-limited
+/// or failing registry), until dropped. Plain HTTP/1.1, one request per
+/// connection.
+struct Failing {
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Failing {
+    fn start(status: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
+                        // Reads the request head (a HEAD or GET has no body).
+                        let mut head = Vec::new();
+                        let mut buf = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 65536 {
+                            match conn.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => head.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        let _ = conn.write_all(
+                            format!(
+                                "HTTP/1.1 {status} Failing\r\nretry-after: 1\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Self {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Failing {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Point 1: a private image pulled by an authorised client is not served
+/// by digest to anyone else — not anonymously through a public registry's
+/// repository (by path prefix and by `?ns=`), not through the private
+/// registry without credentials, not to another user through a
+/// repository of their own that does not hold it (the upstream's 404 is a
+/// refusal). The authorised client keeps getting HITs.
+#[test]
+fn cached_private_digests_are_served_only_where_the_upstream_lets_the_client_read_them() {
+    let work = tempfile::tempdir().unwrap();
+    let private = private_registry();
+    let secret = random_image(&work.path().join("secret"), &[40_000, 30_000], 0x1eaf_0001);
+    private.push_image(&secret, "secret/app", "1").unwrap();
+    let public = Registry::plain().unwrap();
+    let open = random_image(&work.path().join("open"), &[20_000], 0x1eaf_0002);
+    public.push_image(&open, "library/alpine", "1").unwrap();
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n  - host: public.test\n    upstream: {}\n",
+            private.url(),
+            private.ca_path().unwrap().display(),
+            public.url(),
+        ),
+    )
+    .unwrap();
+
+    // The authorised client: MISS, then HIT.
+    let secrets = objects(&secret);
+    for round in ["MISS", "HIT"] {
+        for (path, d) in &secrets {
+            let r = request(
+                &proxy,
+                Method::GET,
+                &format!("/v2/private.test/secret/app/{path}"),
+                Some(PULLER),
+            );
+            assert_eq!(r.status, StatusCode::OK, "{round} {path}");
+            assert_eq!(sha256_digest(&r.body), *d);
+            proxy
+                .wait_access(&[("digest", d), ("cache", round)])
+                .unwrap();
+        }
+    }
+    // An anonymous client reads the public repository (so it is known
+    // readable to anonymous clients).
+    for (path, d) in objects(&open) {
+        let r = request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/public.test/library/alpine/{path}"),
+            None,
+        );
+        assert_eq!(r.status, StatusCode::OK, "public {path}");
+        assert_eq!(sha256_digest(&r.body), d);
+    }
+
+    for (path, d) in &secrets {
+        for method in [Method::GET, Method::HEAD] {
+            // Anonymous, through the public repository, by path prefix
+            // and the way containerd asks (`?ns=`).
+            for via in [
+                format!("/v2/public.test/library/alpine/{path}"),
+                format!("/v2/library/alpine/{path}?ns=public.test"),
+            ] {
+                let r = request(&proxy, method.clone(), &via, None);
+                refused(
+                    &r,
+                    StatusCode::NOT_FOUND,
+                    d,
+                    &format!("anonymous {method} {via}"),
+                );
+            }
+            // Anonymous, through the private repository itself.
+            let via = format!("/v2/private.test/secret/app/{path}");
+            let r = request(&proxy, method.clone(), &via, None);
+            refused(
+                &r,
+                StatusCode::UNAUTHORIZED,
+                d,
+                &format!("anonymous {method} {via}"),
+            );
+            // Another user, through a repository of their own (empty
+            // upstream: 404) and through the public one.
+            for via in [
+                format!("/v2/private.test/other/empty/{path}"),
+                format!("/v2/public.test/library/alpine/{path}"),
+            ] {
+                let r = request(&proxy, method.clone(), &via, Some(OTHER));
+                refused(
+                    &r,
+                    StatusCode::NOT_FOUND,
+                    d,
+                    &format!("{} {method} {via}", OTHER.0),
+                );
+            }
+        }
+    }
+
+    // The authorised client still reads it from the cache.
+    for (path, d) in &secrets {
+        let r = request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/private.test/secret/app/{path}"),
+            Some(PULLER),
+        );
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(sha256_digest(&r.body), *d);
+    }
+    // No refusal let a byte through: every line for a secret digest that
+    // is not the authorised client's is a refusal.
+    for (_, d) in &secrets {
+        for line in proxy.access_matching(&[("digest", d)]) {
+            let status = line["status"].as_u64().unwrap_or(0);
+            let repo = line["repository"].as_str().unwrap_or_default();
+            if status == 200 {
+                assert_eq!(repo, "secret/app", "{line}");
+            }
+        }
+    }
+}
+
+/// Point 2: while the upstream cannot answer an access check — stopped,
+/// answering 503, answering 429 — cached content opens only to the
+/// client class the upstream let read it (stale-if-error for access);
+/// anonymous clients and other users get a 503 and no byte, also for a
+/// stale tag. Public content keeps being served through an outage
+/// (`production.rs::tags_and_digests_are_served_through_an_outage`,
+/// `outage.rs`). `serveCachedOnAuthError: true` serves everyone.
+#[test]
+fn an_upstream_that_cannot_answer_the_access_check_opens_nothing_new() {
+    let work = tempfile::tempdir().unwrap();
+    let mut private = private_registry();
+    let secret = random_image(&work.path().join("secret"), &[25_000], 0x1eaf_0003);
+    private.push_image(&secret, "secret/app", "1").unwrap();
+    let registry = |upstream: &str, extra: &str| {
+        format!(
+            "authCheckTTL: 1s\nregistries:\n  - host: private.test\n    upstream: {upstream}\n    tagTTL: 1s\n{extra}"
+        )
+    };
+    let tls = format!("    caBundle: {}\n", private.ca_path().unwrap().display());
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &registry(&private.url(), &tls),
+    )
+    .unwrap();
+    let secrets = objects(&secret);
+    let tag = "/v2/private.test/secret/app/manifests/1";
+    let r = request(&proxy, Method::GET, tag, Some(PULLER));
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), secrets[0].1);
+    for (path, d) in &secrets {
+        let r = request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/private.test/secret/app/{path}"),
+            Some(PULLER),
+        );
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(sha256_digest(&r.body), *d);
+    }
+
+    let attack = |proxy: &Proxy, when: &str| {
+        // Past authCheckTTL and tagTTL: every answer must come from a
+        // check now.
+        std::thread::sleep(Duration::from_millis(1200));
+        for who in [None, Some(OTHER)] {
+            let name = who.map_or("anonymous", |w| w.0);
+            for (path, d) in &secrets {
+                let via = format!("/v2/private.test/secret/app/{path}");
+                for method in [Method::GET, Method::HEAD] {
+                    let r = request(proxy, method.clone(), &via, who);
+                    refused(
+                        &r,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        d,
+                        &format!("{when}: {name} {method} {via}"),
+                    );
+                }
+            }
+            // The stale tag is checked as a fresh one.
+            let r = request(proxy, Method::GET, tag, who);
+            refused(
+                &r,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &secrets[0].1,
+                &format!("{when}: {name} stale tag"),
+            );
+        }
+        // The client the upstream let read it keeps reading it.
+        for (path, d) in &secrets {
+            let via = format!("/v2/private.test/secret/app/{path}");
+            let r = request(proxy, Method::GET, &via, Some(PULLER));
+            assert_eq!(r.status, StatusCode::OK, "{when}: puller {via}");
+            assert_eq!(sha256_digest(&r.body), *d);
+        }
+        let r = request(proxy, Method::GET, tag, Some(PULLER));
+        assert_eq!(r.status, StatusCode::OK, "{when}: puller stale tag");
+        assert_eq!(sha256_digest(&r.body), secrets[0].1);
+    };
+
+    private.stop().unwrap();
+    attack(&proxy, "upstream stopped");
+    for status in [503, 429] {
+        let failing = Failing::start(status);
+        reconfigure(&proxy, &registry(&format!("http://{}", failing.addr), ""));
+        attack(&proxy, &format!("upstream answering {status}"));
+        drop(failing);
+    }
+
+    // The opt-in: availability over the per-client check.
+    let failing = Failing::start(503);
+    reconfigure(
+        &proxy,
+        &registry(
+            &format!("http://{}", failing.addr),
+            "    serveCachedOnAuthError: true\n",
+        ),
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    for (path, d) in &secrets {
+        let via = format!("/v2/private.test/secret/app/{path}");
+        let r = request(&proxy, Method::GET, &via, None);
+        assert_eq!(r.status, StatusCode::OK, "opt-in: anonymous {via}");
+        assert_eq!(sha256_digest(&r.body), *d);
+    }
+}
+
+/// Point 3: a cached 10 MiB layer asked for as a manifest on 200 HTTP/2
+/// streams whose bodies are never read: it is no manifest, so nothing of
+/// it is read into memory, and the proxy's RSS stays under 128 MiB. Real
+/// manifests are still served from the cache.
+#[test]
+fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[10 << 20], 0x1eaf_0004);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "big/layer", "1").unwrap();
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {}\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let layer = image.layer_digests()[0].clone();
+    let manifest = image.manifests[0].digest.clone();
+    for (kind, d) in [("blobs", &layer), ("manifests", &manifest)] {
+        let r = request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/quay.io/big/layer/{kind}/{d}"),
+            None,
+        );
+        assert_eq!(r.status, StatusCode::OK, "{kind}");
+        assert_eq!(sha256_digest(&r.body), *d);
+    }
+    proxy
+        .wait_access(&[("digest", &layer), ("cache", "MISS"), ("complete", "true")])
+        .unwrap();
+
+    let (statuses, rss) =
+        unread_streams(&proxy, &format!("/v2/quay.io/big/layer/manifests/{layer}"));
+    assert!(
+        rss < 128 * 1024,
+        "proxy RSS {rss} KiB with 200 unread streams"
+    );
+    assert_eq!(statuses.len(), 200);
+    assert!(
+        statuses.iter().all(|s| *s != StatusCode::OK),
+        "a layer was served as a manifest: {statuses:?}"
+    );
+    // Real manifests: still HITs.
+    let r = request(
+        &proxy,
+        Method::GET,
+        &format!("/v2/quay.io/big/layer/manifests/{manifest}"),
+        None,
+    );
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), manifest);
+    proxy
+        .wait_access(&[("digest", &manifest), ("cache", "HIT")])
+        .unwrap();
+}
+
+/// Asks for `path` on 200 HTTP/2 streams (4 connections × 50) and reads
+/// only the response heads; with every body still unread, the proxy's
+/// RSS in KiB. The statuses of the 200 answers.
+fn unread_streams(proxy: &Proxy, path: &str) -> (Vec<StatusCode>, u64) {
+    let ca = proxy.ca_pem().unwrap();
+    let https = proxy.addrs.https;
+    let pid = proxy.pid();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        use http_body_util::Empty;
+        let mut cfg = pullthrough_testbed::tls::client_config(&ca).unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let mut held = Vec::new();
+        // The connections stay open while their senders live.
+        let mut senders = Vec::new();
+        for _ in 0..4 {
+            let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+            let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+            let tls = connector.connect(name, tcp).await.unwrap();
+            let (send, conn) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(tls),
+            )
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let mut pending = Vec::new();
+            for _ in 0..50 {
+                let mut send = send.clone();
+                let req = http::Request::get(format!("https://{https}{path}"))
+                    .header("accept", ACCEPT)
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap();
+                pending.push(async move { send.send_request(req).await });
+            }
+            for resp in futures::future::join_all(pending).await {
+                // The head only: the body stays unread, held by the stream.
+                held.push(resp.unwrap());
+            }
+            senders.push(send);
+        }
+        // Whatever the proxy buffered for these streams is buffered now.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rss = vm_rss_kib(pid);
+        eprintln!(
+            "proxy RSS with {} unread streams of {path}: {rss} KiB",
+            held.len()
+        );
+        let statuses = held.iter().map(|r| r.status()).collect();
+        drop(held);
+        drop(senders);
+        (statuses, rss)
+    })
+}
+
+/// Point 3, the other half: a real manifest above the in-memory bound
+/// (2 MiB, padded with an annotation) on 200 unread HTTP/2 streams is
+/// served to each from its file, not read whole per request: RSS stays
+/// under 128 MiB.
+#[test]
+fn a_large_cached_manifest_on_200_unread_streams_is_streamed() {
+    let work = tempfile::tempdir().unwrap();
+    let base = random_image(work.path(), &[1000], 0x1eaf_0005);
+    let mut m: serde_json::Value = serde_json::from_slice(&base.manifests[0].bytes).unwrap();
+    m["annotations"] = serde_json::json!({"pad": "p".repeat(2 << 20)});
+    let bytes = serde_json::to_vec(&m).unwrap();
+    let digest = sha256_digest(&bytes);
+    let blobs = base.layout.join("blobs/sha256");
+    std::fs::write(blobs.join(digest.trim_start_matches("sha256:")), &bytes).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [{
+        "mediaType": base.media_type, "digest": digest, "size": bytes.len(),
+        "annotations": {"org.opencontainers.image.ref.name": "big"},
+    }]});
+    std::fs::write(
+        base.layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let mut manifest = base.manifests[0].clone();
+    manifest.digest = digest.clone();
+    manifest.bytes = bytes.clone();
+    let image = Image {
+        layout: base.layout.clone(),
+        tag: "big".into(),
+        digest: digest.clone(),
+        media_type: base.media_type.clone(),
+        bytes,
+        manifests: vec![manifest],
+    };
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "big/manifest", "1").unwrap();
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {}\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let path = format!("/v2/quay.io/big/manifest/manifests/{digest}");
+    let r = request(&proxy, Method::GET, &path, None);
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), digest);
+
+    let (statuses, rss) = unread_streams(&proxy, &path);
+    assert!(
+        rss < 128 * 1024,
+        "proxy RSS {rss} KiB with 200 unread streams"
+    );
+    assert_eq!(statuses.len(), 200);
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    // And each is whole when read.
+    let r = request(&proxy, Method::GET, &path, None);
+    assert_eq!(sha256_digest(&r.body), digest);
+    proxy
+        .wait_access(&[("digest", &digest), ("cache", "HIT"), ("complete", "true")])
+        .unwrap();
+}
+
+/// The resident set of process `pid`, in KiB (`VmRSS` of
+/// /proc/<pid>/status).
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
