@@ -807,6 +807,94 @@ registries:
 }
 
 #[cfg(test)]
+mod loader_properties {
+    use proptest::prelude::*;
+
+    use super::ProxyConfig;
+
+    /// Keys the loader knows, misspelt ones and values of every YAML shape,
+    /// so generated documents reach the validation, not only the parser.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("listen".to_string()),
+            Just("http".to_string()),
+            Just("names".to_string()),
+            Just("registries".to_string()),
+            Just("host".to_string()),
+            Just("upstream".to_string()),
+            Just("aliases".to_string()),
+            Just("tagTTL".to_string()),
+            Just("cache".to_string()),
+            Just("maxSize".to_string()),
+            Just("highWatermark".to_string()),
+            Just("limits".to_string()),
+            Just("maxConnections".to_string()),
+            Just("idleTimeout".to_string()),
+            Just("authCheckTTL".to_string()),
+            Just("defaultRegistry".to_string()),
+            Just("proxy".to_string()),
+            Just("address".to_string()),
+            "[a-zA-Z]{1,12}",
+        ]
+    }
+
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "-?[0-9]{1,25}(\\.[0-9]{0,5})?",
+            "[0-9]{1,22}(ns|ms|s|m|h|d|years|GiB|KB)",
+            "[a-z0-9.:/-]{0,30}",
+            Just("18446744073709551615".to_string()),
+            Just("1e400".to_string()),
+            Just("~".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("'127.0.0.1:5080'".to_string()),
+            Just("\"quay.io\"".to_string()),
+            "\\PC{0,12}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        scalar().prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+                proptest::collection::vec((key(), inner), 0..4).prop_map(|v| {
+                    let body: Vec<String> = v.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!("{{{}}}", body.join(", "))
+                }),
+            ]
+        })
+    }
+
+    fn document() -> impl Strategy<Value = String> {
+        proptest::collection::vec((key(), value()), 0..6)
+            .prop_map(|entries| entries.iter().map(|(k, v)| format!("{k}: {v}\n")).collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// YAML-ish documents: loaded or refused with an error naming a
+        /// key (or `<document>`), never a panic.
+        #[test]
+        fn yaml_ish_documents_load_or_name_a_key(doc in document()) {
+            if let Err(e) = ProxyConfig::from_yaml(&doc) {
+                prop_assert!(!e.key.is_empty(), "{doc:?}: {e}");
+                prop_assert!(!e.message.is_empty(), "{doc:?}: {e}");
+            }
+        }
+
+        /// Arbitrary text, control characters and all.
+        #[test]
+        fn arbitrary_text_never_panics(doc in "\\PC{0,200}", bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = ProxyConfig::from_yaml(&doc);
+            let _ = ProxyConfig::from_yaml(&String::from_utf8_lossy(&bytes));
+        }
+    }
+}
+
+#[cfg(test)]
 mod node_section_tests {
     use crate::config::{ConfigError, ProxyConfig};
 

@@ -651,4 +651,42 @@ mod tests {
             .unwrap());
         assert_eq!(req.upstream_path(), "/v2/a/tags/list");
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Any Host, path and query: a target or a 4xx refusal, never a
+        /// panic; a path prefix routes only on the proxy's own names; a
+        /// repository handed on is always a valid one.
+        #[test]
+        fn any_request_routes_or_is_refused(
+            host in proptest::option::of(proptest::prop_oneof![
+                "\\PC{0,40}",
+                "(quay.io|docker.io|localhost|127.0.0.1|pullthrough.svc|evil.example|10.0.0.5|\\[::1\\])(:[0-9]{1,6})?",
+            ]),
+            path in proptest::prop_oneof![
+                "\\PC{0,120}",
+                "/v2/((quay.io|docker.io|localhost:5000|[a-z0-9._-]{1,12})/){0,4}(manifests|blobs|tags|referrers|uploads|_catalog)?(/[a-zA-Z0-9:._-]{0,70})?",
+            ],
+            query in proptest::option::of("(ns=[a-z.:0-9]{0,20}|\\PC{0,30})"),
+        ) {
+            let router = router();
+            match router.route(host.as_deref(), &path, query.as_deref()) {
+                Ok(Target::Registry { request, via, .. }) => {
+                    if via == Via::PathPrefix {
+                        let name = host.as_deref().map(|h| split_port(&h.to_ascii_lowercase()).0.to_string());
+                        proptest::prop_assert!(
+                            name.as_deref().is_none_or(|n| router.own_names.contains(n)),
+                            "prefix routed on {host:?}"
+                        );
+                    }
+                    if let Some(repo) = request.repo() {
+                        proptest::prop_assert!(validate_repository(repo).is_ok(), "{repo}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert!(e.status.is_client_error(), "{e:?}"),
+            }
+        }
+    }
 }
