@@ -203,8 +203,13 @@ where
     E: std::fmt::Display,
 {
     let mut conn = std::pin::pin!(conn);
+    // The deadline moves with traffic, also earlier (a request arrives on
+    // a fresh connection and `idleTimeout` is shorter than what is left of
+    // `headerReadTimeout`), so look again at least this often.
+    let tick =
+        (limits.header_read_timeout.min(limits.idle_timeout) / 2).max(Duration::from_millis(1));
     loop {
-        let deadline = activity.deadline(limits);
+        let deadline = activity.deadline(limits).min(Instant::now() + tick);
         tokio::select! {
             res = &mut conn => {
                 if let Err(err) = res {
@@ -380,5 +385,159 @@ pub async fn drain(graceful: GracefulShutdown, grace: Duration) {
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    /// Serves `svc` on one end of an in-memory pipe under `supervise`;
+    /// returns the client end and the server's task.
+    fn serve_pipe<S>(
+        limits: Limits,
+        svc: S,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>)
+    where
+        S: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<Empty<Bytes>>,
+                Error = Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let activity = Activity::new();
+            let seen = activity.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                seen.request_seen();
+                svc.clone().call(req)
+            });
+            let io = Watched {
+                inner: server,
+                activity: activity.clone(),
+            };
+            let builder = conn_builder(&limits);
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            supervise(conn, &activity, &limits, peer()).await;
+        });
+        (client, task)
+    }
+
+    fn hang_forever(
+        in_flight: Arc<AtomicUsize>,
+    ) -> impl hyper::service::Service<
+        http::Request<Incoming>,
+        Response = http::Response<Empty<Bytes>>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<http::Response<Empty<Bytes>>, Infallible>> + Send,
+    > + Clone
+    + Send {
+        hyper::service::service_fn(move |_req| {
+            let in_flight = in_flight.clone();
+            async move {
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(http::Response::new(Empty::new()))
+            }
+        })
+    }
+
+    /// The server announces `maxStreamsPerConnection`: a client with ten
+    /// requests never has more than four in flight.
+    #[tokio::test]
+    async fn http2_streams_per_connection_are_limited() {
+        let limits = Limits {
+            max_streams_per_connection: 4,
+            ..Limits::default()
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (client, _server) = serve_pipe(limits, hang_forever(in_flight.clone()));
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..10 {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get("http://proxy/v2/")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                if send.ready().await.is_ok() {
+                    let _ = send.send_request(req).await;
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_flight.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Give the other six every chance to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(in_flight.load(Ordering::SeqCst), 4);
+    }
+
+    /// A client that connects and sends nothing (so hyper never even
+    /// learns the protocol) is closed after `headerReadTimeout`.
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_the_header_timeout() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (mut client, _server) = serve_pipe(limits, hang_forever(Arc::default()));
+        let start = Instant::now();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("still open long after the timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        assert!(start.elapsed() >= Duration::from_millis(250));
+    }
+
+    /// An HTTP/2 connection whose client stops sending and reading after
+    /// a request is closed after `idleTimeout`.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed() {
+        let limits = Limits {
+            idle_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (client, server) = serve_pipe(limits, hang_forever(in_flight.clone()));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let req = http::Request::get("http://proxy/v2/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let _ = send.send_request(req).await;
+            // Keep the sender so only the server can end the connection.
+            std::future::pending::<()>().await;
+        });
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the idle connection was not closed")
+            .unwrap();
+        assert_eq!(in_flight.load(Ordering::SeqCst), 1);
+        assert!(start.elapsed() >= Duration::from_millis(300));
     }
 }
