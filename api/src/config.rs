@@ -43,6 +43,11 @@ pub struct ProxyConfig {
     pub resolve: BTreeMap<String, IpAddr>,
     #[serde(default)]
     pub upstream_timeouts: UpstreamTimeouts,
+    /// What one client may hold of the proxy's listeners: connections,
+    /// HTTP/2 streams, and how long a connection may sit without sending
+    /// a request.
+    #[serde(default, skip_serializing_if = "Limits::is_default")]
+    pub limits: Limits,
     #[serde(default)]
     pub registries: Vec<RegistryConfig>,
     /// Size bound and eviction of the proxy's blob store.
@@ -79,6 +84,7 @@ impl Default for ProxyConfig {
             names: Vec::new(),
             resolve: BTreeMap::new(),
             upstream_timeouts: UpstreamTimeouts::default(),
+            limits: Limits::default(),
             registries: Vec::new(),
             cache: CacheConfig::default(),
             auth_check_ttl: default_auth_check_ttl(),
@@ -134,6 +140,108 @@ fn default_connect_timeout() -> Duration {
 
 fn default_read_timeout() -> Duration {
     Duration::from_secs(60)
+}
+
+/// `limits:`: bounds on what clients may hold of the proxy's listeners.
+/// Without them one client could keep thousands of connections open that
+/// never finish a request and exhaust the proxy's file descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Connections the HTTP and HTTPS listeners hold at once (together).
+    /// Further clients wait in the kernel's accept queue until one closes.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Concurrent HTTP/2 streams per connection.
+    #[serde(default = "default_max_streams_per_connection")]
+    pub max_streams_per_connection: u32,
+    /// Longest time from connect (or from the end of the previous request
+    /// on a kept-alive HTTP/1 connection) to a complete request head.
+    #[serde(with = "humantime_serde", default = "default_header_read_timeout")]
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves in either direction for this
+    /// long is closed (also an HTTP/2 connection with streams whose client
+    /// stopped reading).
+    #[serde(with = "humantime_serde", default = "default_idle_timeout")]
+    pub idle_timeout: Duration,
+    /// Longest TLS handshake on the HTTPS listener.
+    #[serde(with = "humantime_serde", default = "default_tls_handshake_timeout")]
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: default_max_connections(),
+            max_streams_per_connection: default_max_streams_per_connection(),
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            tls_handshake_timeout: default_tls_handshake_timeout(),
+        }
+    }
+}
+
+impl Limits {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Upper bound of every timeout: a deadline is `now + timeout`, which
+    /// must not overflow, and a day is already far beyond any useful value.
+    pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+    /// Upper bound of `maxConnections` (far above any file-descriptor limit
+    /// a proxy runs with).
+    pub const MAX_CONNECTIONS: u32 = 1_000_000;
+    /// Upper bound of `maxStreamsPerConnection`.
+    pub const MAX_STREAMS: u32 = 10_000;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections) {
+            return Err(ConfigError::new(
+                "limits.maxConnections",
+                format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
+            ));
+        }
+        if !(1..=Self::MAX_STREAMS).contains(&self.max_streams_per_connection) {
+            return Err(ConfigError::new(
+                "limits.maxStreamsPerConnection",
+                format!("must be between 1 and {}", Self::MAX_STREAMS),
+            ));
+        }
+        for (key, value) in [
+            ("limits.headerReadTimeout", self.header_read_timeout),
+            ("limits.idleTimeout", self.idle_timeout),
+            ("limits.tlsHandshakeTimeout", self.tls_handshake_timeout),
+        ] {
+            if value.is_zero() || value > Self::MAX_TIMEOUT {
+                return Err(ConfigError::new(
+                    key,
+                    "must be more than 0s and at most 24h",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn default_max_connections() -> u32 {
+    8192
+}
+
+fn default_max_streams_per_connection() -> u32 {
+    128
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(20)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+
+fn default_tls_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// One upstream registry.
@@ -396,6 +504,7 @@ impl ProxyConfig {
         for (i, n) in self.names.iter().enumerate() {
             validate_host(n).map_err(|m| ConfigError::new(format!("names[{i}]"), m))?;
         }
+        self.limits.validate()?;
         if let Some(proxy) = &self.proxy {
             proxy.validate()?;
         }
@@ -670,9 +779,134 @@ registries:
     }
 
     #[test]
+    fn limits_have_defaults_and_bad_values_name_the_key() {
+        let c = ProxyConfig::from_yaml("limits: {maxConnections: 10, headerReadTimeout: 2s}\n")
+            .unwrap();
+        assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(c.limits.idle_timeout, Limits::default().idle_timeout);
+        assert_eq!(ProxyConfig::from_yaml(&c.to_yaml().unwrap()).unwrap(), c);
+        assert!(!ProxyConfig::default().to_yaml().unwrap().contains("limits"));
+        for (yaml, key) in [
+            ("limits: {maxConnections: 0}\n", "limits.maxConnections"),
+            (
+                "limits: {maxConnections: 1000001}\n",
+                "limits.maxConnections",
+            ),
+            (
+                "limits: {maxStreamsPerConnection: 0}\n",
+                "limits.maxStreamsPerConnection",
+            ),
+            (
+                "limits: {headerReadTimeout: 0s}\n",
+                "limits.headerReadTimeout",
+            ),
+            ("limits: {idleTimeout: 1000years}\n", "limits.idleTimeout"),
+            (
+                "limits: {tlsHandshakeTimeout: 25h}\n",
+                "limits.tlsHandshakeTimeout",
+            ),
+        ] {
+            assert_eq!(err(yaml).key, key, "{yaml}");
+        }
+        let e = err("limits: {maxConnections: -1}\n");
+        assert!(e.to_string().contains("limits"), "{e}");
+        let e = err("limits: {colour: red}\n");
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
     fn alias_clash_across_registries_is_rejected() {
         let e = err("registries:\n  - host: a.io\n    aliases: [b.io]\n  - host: b.io\n");
         assert_eq!(e.key, "registries[1].host");
+    }
+}
+
+#[cfg(test)]
+mod loader_properties {
+    use proptest::prelude::*;
+
+    use super::ProxyConfig;
+
+    /// Keys the loader knows, misspelt ones and values of every YAML shape,
+    /// so generated documents reach the validation, not only the parser.
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just("listen".to_string()),
+            Just("http".to_string()),
+            Just("names".to_string()),
+            Just("registries".to_string()),
+            Just("host".to_string()),
+            Just("upstream".to_string()),
+            Just("aliases".to_string()),
+            Just("tagTTL".to_string()),
+            Just("cache".to_string()),
+            Just("maxSize".to_string()),
+            Just("highWatermark".to_string()),
+            Just("limits".to_string()),
+            Just("maxConnections".to_string()),
+            Just("idleTimeout".to_string()),
+            Just("authCheckTTL".to_string()),
+            Just("defaultRegistry".to_string()),
+            Just("proxy".to_string()),
+            Just("address".to_string()),
+            "[a-zA-Z]{1,12}",
+        ]
+    }
+
+    fn scalar() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "-?[0-9]{1,25}(\\.[0-9]{0,5})?",
+            "[0-9]{1,22}(ns|ms|s|m|h|d|years|GiB|KB)",
+            "[a-z0-9.:/-]{0,30}",
+            Just("18446744073709551615".to_string()),
+            Just("1e400".to_string()),
+            Just("~".to_string()),
+            Just("[]".to_string()),
+            Just("{}".to_string()),
+            Just("'127.0.0.1:5080'".to_string()),
+            Just("\"quay.io\"".to_string()),
+            "\\PC{0,12}",
+        ]
+    }
+
+    fn value() -> impl Strategy<Value = String> {
+        scalar().prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(", "))),
+                proptest::collection::vec((key(), inner), 0..4).prop_map(|v| {
+                    let body: Vec<String> = v.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+                    format!("{{{}}}", body.join(", "))
+                }),
+            ]
+        })
+    }
+
+    fn document() -> impl Strategy<Value = String> {
+        proptest::collection::vec((key(), value()), 0..6)
+            .prop_map(|entries| entries.iter().map(|(k, v)| format!("{k}: {v}\n")).collect())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4096))]
+
+        /// YAML-ish documents: loaded or refused with an error naming a
+        /// key (or `<document>`), never a panic.
+        #[test]
+        fn yaml_ish_documents_load_or_name_a_key(doc in document()) {
+            if let Err(e) = ProxyConfig::from_yaml(&doc) {
+                prop_assert!(!e.key.is_empty(), "{doc:?}: {e}");
+                prop_assert!(!e.message.is_empty(), "{doc:?}: {e}");
+            }
+        }
+
+        /// Arbitrary text, control characters and all.
+        #[test]
+        fn arbitrary_text_never_panics(doc in "\\PC{0,200}", bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = ProxyConfig::from_yaml(&doc);
+            let _ = ProxyConfig::from_yaml(&String::from_utf8_lossy(&bytes));
+        }
     }
 }
 

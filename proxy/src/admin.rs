@@ -17,14 +17,15 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
+use pullthrough_api::config::Limits;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::oci::Digest;
 use crate::pipeline::Shared;
+use crate::server;
 use crate::tls::Issuer;
 
 /// Who may use `/admin/*`.
@@ -38,44 +39,46 @@ pub enum AdminAccess {
     Disabled,
 }
 
-/// Serves the admin endpoints until `stop` flips.
+/// Serves the admin endpoints until `stop` flips, with the proxy
+/// listeners' timeouts and a pool of its own
+/// ([`server::ADMIN_MAX_CONNECTIONS`]).
 pub async fn serve(
     listener: TcpListener,
     ready: Arc<AtomicBool>,
     issuer: Arc<Issuer>,
     shared: Arc<Shared>,
     access: AdminAccess,
+    limits: Limits,
     mut stop: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, peer) = tokio::select! {
-            res = listener.accept() => match res {
-                Ok(conn) => conn,
-                Err(err) => {
-                    tracing::warn!(error = %err, "admin accept failed");
-                    continue;
-                }
-            },
-            _ = stop.changed() => return,
-        };
+    let permits = Arc::new(Semaphore::new(server::ADMIN_MAX_CONNECTIONS));
+    while let Some((stream, peer, permit)) =
+        server::accept(&listener, &permits, &mut stop, "admin").await
+    {
         let ready = ready.clone();
         let issuer = issuer.clone();
         let shared = shared.clone();
         let access = access.clone();
+        let limits = limits.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let activity = server::Activity::new();
+            let seen = activity.clone();
             let svc = hyper::service::service_fn(move |req| {
+                seen.request_seen();
                 let ready = ready.load(Ordering::Relaxed);
                 // Per request: the CA may have been rotated since.
                 let ca_pem = issuer.ca_pem();
                 let (shared, access) = (shared.clone(), access.clone());
                 async move { Ok::<_, Infallible>(handle(req, ready, &ca_pem, &shared, &access).await) }
             });
-            if let Err(err) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(%peer, error = %err, "admin connection ended with an error");
-            }
+            let stream = server::Watched {
+                inner: stream,
+                activity: activity.clone(),
+            };
+            let builder = server::conn_builder(&limits);
+            let conn = builder.serve_connection(TokioIo::new(stream), svc);
+            server::supervise(conn, &activity, &limits, peer).await;
         });
     }
 }

@@ -138,6 +138,10 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     };
 
     let listen = config.listen.clone();
+    // Connection limits take effect at start-up (like the listen
+    // addresses): the pool is shared by the HTTP and HTTPS listeners.
+    let conn_limits = config.limits.clone();
+    let permits = server::connection_permits(&conn_limits);
     let metrics = Arc::new(observe::metrics::Metrics::default());
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {
@@ -163,6 +167,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             l,
             None,
             shared.clone(),
+            conn_limits.clone(),
+            permits.clone(),
             stop_rx.clone(),
             cli.shutdown_grace,
         ));
@@ -173,6 +179,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             l,
             Some(tls),
             shared.clone(),
+            conn_limits.clone(),
+            permits.clone(),
             stop_rx.clone(),
             cli.shutdown_grace,
         ));
@@ -184,6 +192,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             issuer.clone(),
             shared.clone(),
             admin_access,
+            conn_limits.clone(),
             stop_rx.clone(),
         ));
     }
@@ -213,6 +222,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         let shared = shared.clone();
         let issuer = issuer.clone();
         let running_listen = listen.clone();
+        let running_limits = conn_limits.clone();
         tokio::spawn(config::watch(
             path,
             cli.reload_interval,
@@ -220,6 +230,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 let new = loaded.config;
                 if new.listen != running_listen {
                     tracing::warn!("listen addresses changed; they take effect after a restart");
+                }
+                if new.limits != running_limits {
+                    tracing::warn!("connection limits changed; they take effect after a restart");
                 }
                 let upstreams = upstream::Upstreams::new(&new).map_err(|e| e.to_string())?;
                 let router = route::Router::new(&new, &listen_ips);

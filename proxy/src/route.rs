@@ -1,9 +1,10 @@
 //! Which registry a request is for, and what it asks for.
 //!
 //! Order (DESIGN.md): `?ns=` (containerd mirror mode), a leading path segment
-//! naming a configured registry (CRI-O/podman mirror mode), the Host/SNI name
-//! (DNS-hijack mode), then the default registry for the proxy's own names
-//! (dockerd `registry-mirrors`). Anything else is refused here, before any
+//! naming a configured registry (CRI-O/podman mirror mode; only when the
+//! Host/SNI is one of the proxy's own names), the Host/SNI name (DNS-hijack
+//! mode), then the default registry for the proxy's own names (dockerd
+//! `registry-mirrors`). Anything else is refused here, before any
 //! upstream connection exists: this is not an open proxy.
 
 use std::collections::{HashMap, HashSet};
@@ -230,7 +231,20 @@ impl Router {
             });
         }
 
-        if let Some((first, after)) = rest.split_once('/')
+        // A request without a Host (HTTP/1.0) can only have reached the
+        // proxy by one of its own addresses.
+        let own = match &host_name {
+            None => true,
+            Some(n) => self.own_names.contains(n),
+        };
+
+        // The path prefix names a registry only on the proxy's own names
+        // (mirror mode). On a registry's name (DNS-hijack mode) the first
+        // segment is part of that registry's repository: `myreg.example`
+        // may well hold a repository `quay.io/...`, and its clients must
+        // get it, not quay.io's.
+        if own
+            && let Some((first, after)) = rest.split_once('/')
             && let Some(registry) = self.registries.get(first)
         {
             return Ok(Target::Registry {
@@ -253,10 +267,6 @@ impl Router {
             });
         }
 
-        let own = match &host_name {
-            None => true,
-            Some(n) => self.own_names.contains(n),
-        };
         if !own {
             return Err(Refusal::new(
                 StatusCode::FORBIDDEN,
@@ -481,6 +491,52 @@ mod tests {
     }
 
     #[test]
+    fn path_prefix_routes_only_on_the_proxys_own_names() {
+        let blob = format!("/v2/quay.io/fixture/app/blobs/{}", digest());
+        // On a registry's own name (DNS hijack) the first segment is part
+        // of that registry's repository.
+        let (r, req, via) = reg(router().route(Some("docker.io"), &blob, None).unwrap());
+        assert_eq!((r.as_str(), via), ("docker.io", Via::Host));
+        assert_eq!(req.repo(), Some("quay.io/fixture/app"));
+        let (r, req, via) = reg(router()
+            .route(
+                Some("registry-1.docker.io:443"),
+                "/v2/quay.io/x/manifests/1",
+                None,
+            )
+            .unwrap());
+        assert_eq!((r.as_str(), via), ("docker.io", Via::Host));
+        assert_eq!(req.upstream_path(), "/v2/quay.io/x/manifests/1");
+        // ...and the registry itself, named twice, keeps its prefix too.
+        let (r, req, _) = reg(router()
+            .route(Some("quay.io"), "/v2/quay.io/x/manifests/1", None)
+            .unwrap());
+        assert_eq!((r.as_str(), req.repo()), ("quay.io", Some("quay.io/x")));
+        // An unknown name gets nothing, prefix or not.
+        for host in ["evil.example", "evil.example:5443", "10.9.9.9"] {
+            let e = router().route(Some(host), &blob, None).unwrap_err();
+            assert_eq!(
+                (e.status, e.code),
+                (StatusCode::FORBIDDEN, ErrorCode::Denied),
+                "{host}"
+            );
+        }
+        // Every own name, and no Host at all, still route by prefix.
+        for host in [
+            Some("localhost:5443"),
+            Some("127.0.0.1"),
+            Some("10.0.0.5:5443"),
+            Some("PullThrough.svc"),
+            Some("[::1]:5443"),
+            None,
+        ] {
+            let (r, req, via) = reg(router().route(host, &blob, None).unwrap());
+            assert_eq!((r.as_str(), via), ("quay.io", Via::PathPrefix), "{host:?}");
+            assert_eq!(req.repo(), Some("fixture/app"));
+        }
+    }
+
+    #[test]
     fn host_routing_for_dns_hijack() {
         let (r, req, via) = reg(router()
             .route(Some("quay.io"), "/v2/fixture/app/manifests/1", None)
@@ -594,5 +650,43 @@ mod tests {
             .route(Some("quay.io"), "/v2/a/tags/list", None)
             .unwrap());
         assert_eq!(req.upstream_path(), "/v2/a/tags/list");
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Any Host, path and query: a target or a 4xx refusal, never a
+        /// panic; a path prefix routes only on the proxy's own names; a
+        /// repository handed on is always a valid one.
+        #[test]
+        fn any_request_routes_or_is_refused(
+            host in proptest::option::of(proptest::prop_oneof![
+                "\\PC{0,40}",
+                "(quay.io|docker.io|localhost|127.0.0.1|pullthrough.svc|evil.example|10.0.0.5|\\[::1\\])(:[0-9]{1,6})?",
+            ]),
+            path in proptest::prop_oneof![
+                "\\PC{0,120}",
+                "/v2/((quay.io|docker.io|localhost:5000|[a-z0-9._-]{1,12})/){0,4}(manifests|blobs|tags|referrers|uploads|_catalog)?(/[a-zA-Z0-9:._-]{0,70})?",
+            ],
+            query in proptest::option::of("(ns=[a-z.:0-9]{0,20}|\\PC{0,30})"),
+        ) {
+            let router = router();
+            match router.route(host.as_deref(), &path, query.as_deref()) {
+                Ok(Target::Registry { request, via, .. }) => {
+                    if via == Via::PathPrefix {
+                        let name = host.as_deref().map(|h| split_port(&h.to_ascii_lowercase()).0.to_string());
+                        proptest::prop_assert!(
+                            name.as_deref().is_none_or(|n| router.own_names.contains(n)),
+                            "prefix routed on {host:?}"
+                        );
+                    }
+                    if let Some(repo) = request.repo() {
+                        proptest::prop_assert!(validate_repository(repo).is_ok(), "{repo}");
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => proptest::prop_assert!(e.status.is_client_error(), "{e:?}"),
+            }
+        }
     }
 }

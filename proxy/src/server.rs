@@ -1,23 +1,33 @@
 //! Listeners: plain HTTP, HTTPS (TLS with per-name certificates) and admin;
 //! HTTP/1.1 and HTTP/2 on each; graceful drain on shutdown.
+//!
+//! What one client can hold is bounded (`limits:` in the config): the
+//! number of connections (at the limit a listener stops accepting, so
+//! further clients wait in the kernel's queue instead of costing file
+//! descriptors), the TLS handshake time, the time to a complete request
+//! head, the time a connection may move no byte, and HTTP/2 streams per
+//! connection.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use pullthrough_api::config::Limits;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::time::Instant;
 
 use crate::error::Error;
 use crate::pipeline::{self, Shared};
-
-/// How long a TLS handshake may take before the connection is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest HTTP/1 request head (request line + headers) accepted; larger
 /// ones get 431. hyper's default (~400 KiB) let a client make the proxy
@@ -26,9 +36,30 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// bounded by hyper's 16 KiB header-list default.)
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
-fn conn_builder() -> auto::Builder<TokioExecutor> {
+/// Connections the admin listener holds at once: probes, scrapes and the
+/// operator, never thousands; its own pool, so a flood on the proxy ports
+/// cannot starve `/healthz`.
+pub const ADMIN_MAX_CONNECTIONS: usize = 256;
+
+/// First and longest pause after a failed `accept` (EMFILE, ENFILE,
+/// ENOBUFS): the error repeats until a descriptor frees, and retrying at
+/// once would spin a core.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// A connection builder with hyper's timer, so the HTTP/1 header-read
+/// timeout (which hyper applies only when a timer is set) takes effect.
+pub fn conn_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().max_buf_size(MAX_REQUEST_HEAD);
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(MAX_REQUEST_HEAD);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams_per_connection);
     builder
 }
 
@@ -39,50 +70,102 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
+/// The shared connection pool of the proxy listeners (HTTP and HTTPS).
+pub fn connection_permits(limits: &Limits) -> Arc<Semaphore> {
+    // u32 → usize never truncates on the targets the proxy runs on.
+    Arc::new(Semaphore::new(limits.max_connections as usize))
+}
+
+/// Accepts one connection and takes a connection permit for it; `None`
+/// when `stop` flips. Accept errors back off exponentially instead of
+/// spinning.
+///
+/// At the limit the accepted connection waits here for a permit and the
+/// listener accepts no other, so waiting clients stay in the kernel's
+/// queue and cost the proxy at most one descriptor per listener. (Taking
+/// the permit before `accept` would let an idle listener hold a permit
+/// that the other listener's clients need.)
+pub async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    stop: &mut watch::Receiver<bool>,
+    what: &'static str,
+) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let (stream, peer) = loop {
+        tokio::select! {
+            res = listener.accept() => match res {
+                Ok(conn) => break conn,
+                Err(err) => {
+                    tracing::warn!(listener = what, error = %err, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = stop.changed() => return None,
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            },
+            _ = stop.changed() => return None,
+        }
+    };
+    let permit = match permits.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            tracing::warn!(listener = what, %peer, "connection limit reached; waiting for a connection to close");
+            tokio::select! {
+                p = permits.clone().acquire_owned() => p.ok()?,
+                _ = stop.changed() => return None,
+            }
+        }
+    };
+    Some((stream, peer, permit))
+}
+
 /// Serves proxy requests on `listener` until `stop` flips, then drains
 /// in-flight connections for up to `grace`.
 pub async fn serve_proxy(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     shared: Arc<Shared>,
+    limits: Limits,
+    permits: Arc<Semaphore>,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
-    loop {
-        let (stream, peer) = tokio::select! {
-            res = listener.accept() => match res {
-                Ok(conn) => conn,
-                Err(err) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
+    let what = if acceptor.is_some() { "https" } else { "http" };
+    while let Some((stream, peer, permit)) = accept(&listener, &permits, &mut stop, what).await {
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        match &acceptor {
-            None => {
-                let conn = conn_builder()
-                    .serve_connection(TokioIo::new(stream), service(shared, None))
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(err) = conn.await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
-                    }
-                });
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-                        .await
+        let limits = limits.clone();
+        let watcher = graceful.watcher();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            // Held until the connection ends.
+            let _permit = permit;
+            let activity = Activity::new();
+            let stream = Watched {
+                inner: stream,
+                activity: activity.clone(),
+            };
+            match acceptor {
+                None => {
+                    let conn = conn_builder(&limits)
+                        .serve_connection(
+                            TokioIo::new(stream),
+                            service(shared, None, activity.clone()),
+                        )
+                        .into_owned();
+                    let conn = watcher.watch(conn);
+                    supervise(conn, &activity, &limits, peer).await;
+                }
+                Some(acceptor) => {
+                    let tls = match tokio::time::timeout(
+                        limits.tls_handshake_timeout,
+                        acceptor.accept(stream),
+                    )
+                    .await
                     {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(err)) => {
@@ -95,22 +178,192 @@ pub async fn serve_proxy(
                         }
                     };
                     let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
-                    let conn = conn_builder()
-                        .serve_connection(TokioIo::new(tls), service(shared, sni))
+                    let conn = conn_builder(&limits)
+                        .serve_connection(TokioIo::new(tls), service(shared, sni, activity.clone()))
                         .into_owned();
-                    if let Err(err) = watcher.watch(conn).await {
-                        tracing::debug!(%peer, error = %err, "connection ended with an error");
+                    let conn = watcher.watch(conn);
+                    supervise(conn, &activity, &limits, peer).await;
+                }
+            }
+        });
+    }
+    drain(graceful, grace).await;
+}
+
+/// Runs a connection until it ends, or closes it (by dropping it) when
+/// its first request head is not complete within `headerReadTimeout` of
+/// the connect, or no byte moved for `idleTimeout`.
+///
+/// hyper's own header-read timeout covers only HTTP/1 heads after the
+/// protocol was detected; this also covers a client that sends nothing,
+/// stops inside the HTTP/2 preface, or opens HTTP/2 and never a stream.
+pub async fn supervise<F, E>(conn: F, activity: &Activity, limits: &Limits, peer: SocketAddr)
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut conn = std::pin::pin!(conn);
+    // The deadline moves with traffic, also earlier (a request arrives on
+    // a fresh connection and `idleTimeout` is shorter than what is left of
+    // `headerReadTimeout`), so look again at least this often.
+    let tick =
+        (limits.header_read_timeout.min(limits.idle_timeout) / 2).max(Duration::from_millis(1));
+    loop {
+        let deadline = activity.deadline(limits).min(Instant::now() + tick);
+        tokio::select! {
+            res = &mut conn => {
+                if let Err(err) = res {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                // Activity may have moved the deadline while asleep.
+                if Instant::now() >= activity.deadline(limits) {
+                    if activity.got_request() {
+                        tracing::debug!(%peer, "connection idle; closing");
+                    } else {
+                        tracing::info!(%peer, "no complete request head in time; closing");
                     }
-                });
+                    return;
+                }
             }
         }
     }
-    drain(graceful, grace).await;
+}
+
+/// When a connection last moved a byte, and whether it has sent a
+/// complete request head yet; shared by the connection's IO, its service
+/// and its supervisor.
+#[derive(Debug, Clone)]
+pub struct Activity(Arc<ActivityInner>);
+
+#[derive(Debug)]
+struct ActivityInner {
+    started: Instant,
+    /// Milliseconds after `started` of the last read or write.
+    last_io_ms: AtomicU64,
+    got_request: AtomicBool,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self(Arc::new(ActivityInner {
+            started: Instant::now(),
+            last_io_ms: AtomicU64::new(0),
+            got_request: AtomicBool::new(false),
+        }))
+    }
+
+    fn started(&self) -> Instant {
+        self.0.started
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_io_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last_io(&self) -> Instant {
+        self.0.started + Duration::from_millis(self.0.last_io_ms.load(Ordering::Relaxed))
+    }
+
+    /// Called by the service: hyper has parsed a whole request head.
+    pub fn request_seen(&self) {
+        self.touch();
+        self.0.got_request.store(true, Ordering::Relaxed);
+    }
+
+    fn got_request(&self) -> bool {
+        self.0.got_request.load(Ordering::Relaxed)
+    }
+
+    /// When the supervisor closes the connection unless something happens.
+    fn deadline(&self, limits: &Limits) -> Instant {
+        if self.got_request() {
+            self.last_io() + limits.idle_timeout
+        } else {
+            self.started() + limits.header_read_timeout
+        }
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream that records in [`Activity`] every read or write that
+    /// moved bytes.
+    pub struct Watched<S> {
+        #[pin]
+        pub inner: S,
+        pub activity: Activity,
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Watched<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        let res = this.inner.poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.activity.touch();
+        }
+        res
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Watched<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write(cx, buf);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        res
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let res = this.inner.poll_write_vectored(cx, bufs);
+        if matches!(res, Poll::Ready(Ok(n)) if n > 0) {
+            this.activity.touch();
+        }
+        res
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
 }
 
 fn service(
     shared: Arc<Shared>,
     sni: Option<Arc<str>>,
+    activity: Activity,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
     Response = http::Response<crate::observe::access_log::Logged>,
@@ -120,6 +373,7 @@ fn service(
     > + Send,
 > + Clone {
     hyper::service::service_fn(move |req| {
+        activity.request_seen();
         let shared = shared.clone();
         let sni = sni.clone();
         async move { Ok::<_, Infallible>(pipeline::handle(shared, req, sni).await) }
@@ -131,5 +385,159 @@ pub async fn drain(graceful: GracefulShutdown, grace: Duration) {
     tokio::select! {
         _ = graceful.shutdown() => tracing::info!("all connections drained"),
         _ = tokio::time::sleep(grace) => tracing::warn!(grace_secs = grace.as_secs(), "grace period over; closing remaining connections"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    /// Serves `svc` on one end of an in-memory pipe under `supervise`;
+    /// returns the client end and the server's task.
+    fn serve_pipe<S>(
+        limits: Limits,
+        svc: S,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>)
+    where
+        S: hyper::service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<Empty<Bytes>>,
+                Error = Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(async move {
+            let activity = Activity::new();
+            let seen = activity.clone();
+            let svc = hyper::service::service_fn(move |req| {
+                seen.request_seen();
+                svc.clone().call(req)
+            });
+            let io = Watched {
+                inner: server,
+                activity: activity.clone(),
+            };
+            let builder = conn_builder(&limits);
+            let conn = builder.serve_connection(TokioIo::new(io), svc);
+            supervise(conn, &activity, &limits, peer()).await;
+        });
+        (client, task)
+    }
+
+    fn hang_forever(
+        in_flight: Arc<AtomicUsize>,
+    ) -> impl hyper::service::Service<
+        http::Request<Incoming>,
+        Response = http::Response<Empty<Bytes>>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<http::Response<Empty<Bytes>>, Infallible>> + Send,
+    > + Clone
+    + Send {
+        hyper::service::service_fn(move |_req| {
+            let in_flight = in_flight.clone();
+            async move {
+                in_flight.fetch_add(1, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(http::Response::new(Empty::new()))
+            }
+        })
+    }
+
+    /// The server announces `maxStreamsPerConnection`: a client with ten
+    /// requests never has more than four in flight.
+    #[tokio::test]
+    async fn http2_streams_per_connection_are_limited() {
+        let limits = Limits {
+            max_streams_per_connection: 4,
+            ..Limits::default()
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (client, _server) = serve_pipe(limits, hang_forever(in_flight.clone()));
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        for _ in 0..10 {
+            let mut send = send.clone();
+            tokio::spawn(async move {
+                let req = http::Request::get("http://proxy/v2/")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                if send.ready().await.is_ok() {
+                    let _ = send.send_request(req).await;
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_flight.load(Ordering::SeqCst) < 4 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Give the other six every chance to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(in_flight.load(Ordering::SeqCst), 4);
+    }
+
+    /// A client that connects and sends nothing (so hyper never even
+    /// learns the protocol) is closed after `headerReadTimeout`.
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_the_header_timeout() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let (mut client, _server) = serve_pipe(limits, hang_forever(Arc::default()));
+        let start = Instant::now();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut buf))
+            .await
+            .expect("still open long after the timeout");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+        assert!(start.elapsed() >= Duration::from_millis(250));
+    }
+
+    /// An HTTP/2 connection whose client stops sending and reading after
+    /// a request is closed after `idleTimeout`.
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed() {
+        let limits = Limits {
+            idle_timeout: Duration::from_millis(400),
+            ..Limits::default()
+        };
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let (client, server) = serve_pipe(limits, hang_forever(in_flight.clone()));
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let req = http::Request::get("http://proxy/v2/")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let _ = send.send_request(req).await;
+            // Keep the sender so only the server can end the connection.
+            std::future::pending::<()>().await;
+        });
+        let start = Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the idle connection was not closed")
+            .unwrap();
+        assert_eq!(in_flight.load(Ordering::SeqCst), 1);
+        assert!(start.elapsed() >= Duration::from_millis(300));
     }
 }

@@ -67,4 +67,42 @@ mod tests {
         assert_eq!(parse_range("items=0-1", 100), RangeSpec::Ignore);
         assert_eq!(parse_range("bytes=9-1", 100), RangeSpec::Ignore);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Any header value against any size: no panic, and a satisfiable
+        /// answer always lies inside the blob.
+        #[test]
+        fn any_range_value_is_safe(value in "\\PC{0,64}", size in proptest::num::u64::ANY) {
+            if let RangeSpec::Satisfiable(a, b) = parse_range(&value, size) {
+                proptest::prop_assert!(a <= b && b < size, "{value:?} {size}: {a}-{b}");
+            }
+        }
+
+        /// Range-shaped values with numbers of any size (u64::MAX and
+        /// beyond included).
+        #[test]
+        fn range_shaped_values_are_safe(
+            a in "[0-9]{0,22}",
+            b in "[0-9]{0,22}",
+            sep in "(-| - |--|,)",
+            size in proptest::prop_oneof![proptest::num::u64::ANY, 0u64..1024],
+        ) {
+            let value = format!("bytes={a}{sep}{b}");
+            if let RangeSpec::Satisfiable(x, y) = parse_range(&value, size) {
+                proptest::prop_assert!(x <= y && y < size, "{value:?} {size}: {x}-{y}");
+            }
+        }
+
+        /// A well-formed range inside the blob is served exactly.
+        #[test]
+        fn ranges_inside_the_blob_are_exact(size in 1u64..u64::MAX, x in proptest::num::u64::ANY, y in proptest::num::u64::ANY) {
+            let (a, b) = ((x % size).min(y % size), (x % size).max(y % size));
+            proptest::prop_assert_eq!(
+                parse_range(&format!("bytes={a}-{b}"), size),
+                RangeSpec::Satisfiable(a, b)
+            );
+        }
+    }
 }

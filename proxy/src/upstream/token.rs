@@ -26,6 +26,11 @@ use super::{UpstreamClient, UpstreamError};
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
 
+/// Longest `expires_in` believed: callers add it to `Instant::now()`,
+/// which panics on overflow, and a realm may send any u64 (up to
+/// 18446744073709551615). No registry issues tokens for longer than a day.
+pub const MAX_TOKEN_LIFE_SECS: u64 = 24 * 3600;
+
 /// A parsed `WWW-Authenticate: Bearer ...` challenge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Challenge {
@@ -207,7 +212,7 @@ pub async fn fetch(
             .ok_or(TokenError::NoToken)?;
         Ok(IssuedToken {
             token,
-            expires_in: parsed.expires_in,
+            expires_in: parsed.expires_in.map(|s| s.min(MAX_TOKEN_LIFE_SECS)),
         })
     };
     tokio::time::timeout(request.timeout, exchange)
@@ -440,6 +445,89 @@ mod tests {
             .await;
         assert_eq!(got, None);
         assert!(realm.seen().is_empty(), "the http realm was asked");
+    }
+
+    /// A realm may answer any u64 as `expires_in`; adding it to the clock
+    /// used to panic the request's task.
+    #[tokio::test]
+    async fn an_expires_in_of_u64_max_is_clamped_not_a_panic() {
+        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+            respond(
+                200,
+                r#"{"token":"anon-max","expires_in":18446744073709551615}"#,
+            )
+        })
+        .await;
+        let upstreams = upstreams();
+        let client = upstreams.client("reg.test").unwrap();
+        let c = challenge(format!("http://{}/token", realm.addr));
+        let tokens = AnonymousTokens::default();
+        let scope = "repository:a:pull";
+        let got = tokens
+            .fetch(client, "reg.test", &c, Some(scope), Duration::from_secs(5))
+            .await;
+        assert_eq!(got.as_deref(), Some("anon-max"));
+        assert_eq!(tokens.get("reg.test", scope).as_deref(), Some("anon-max"));
+        // The clamp is in `fetch`, so the configured-credentials path
+        // (`credentials.rs`) gets a bounded life too.
+        let issued = fetch(
+            client,
+            TokenRequest {
+                challenge: &c,
+                scope: None,
+                authorization: None,
+                allow_http: true,
+                timeout: Duration::from_secs(5),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(issued.expires_in, Some(MAX_TOKEN_LIFE_SECS));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Any header value, huge or malformed, parses or is refused;
+        /// never a panic.
+        #[test]
+        fn any_www_authenticate_value_is_parsed_without_panic(value in "\\PC{0,2048}") {
+            let _ = parse_bearer(&value);
+        }
+
+        #[test]
+        fn challenge_shaped_values_are_parsed_without_panic(
+            scheme in "(Bearer|bearer|BEARER|Basic|)",
+            params in proptest::collection::vec(
+                ("[a-zA-Z ]{0,8}", "[=\"\\\\, a-z:/.]{0,40}"),
+                0..8,
+            ),
+        ) {
+            let mut value = format!("{scheme} ");
+            for (k, v) in &params {
+                value.push_str(&format!("{k}={v},"));
+            }
+            let _ = parse_bearer(&value);
+        }
+
+        /// What a registry sends round-trips.
+        #[test]
+        fn well_formed_challenges_round_trip(
+            realm in "https://[a-z0-9.]{1,20}(:[0-9]{1,5})?/[a-z/]{0,20}",
+            service in proptest::option::of("[a-zA-Z0-9.:-]{1,30}"),
+            scope in proptest::option::of("repository:[a-z0-9/]{1,20}:(pull|pull,push)"),
+            space in "( |)",
+        ) {
+            let mut value = format!("Bearer realm=\"{realm}\"");
+            if let Some(s) = &service {
+                value.push_str(&format!(",{space}service=\"{s}\""));
+            }
+            if let Some(s) = &scope {
+                value.push_str(&format!(",{space}scope=\"{s}\""));
+            }
+            let c = parse_bearer(&value).unwrap();
+            proptest::prop_assert_eq!(c, Challenge { realm, service, scope });
+        }
     }
 
     #[test]

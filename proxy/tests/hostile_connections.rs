@@ -1,0 +1,286 @@
+//! One client must not be able to take the proxy down by holding
+//! connections: thousands of TLS connections that never finish a request
+//! head are closed after `limits.headerReadTimeout` while `/healthz` and a
+//! real pull keep answering, and at `limits.maxConnections` further
+//! clients wait until a connection frees.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pullthrough_testbed::process::run;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const FLOOD: usize = 5_000;
+/// Short enough for a test, long enough that all of the flood is open at
+/// once while the pull runs.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Accepts any server certificate: only for the flood, whose 5 000
+/// handshakes verified by a debug build of rustls/webpki on two shared
+/// cores take longer than the timeout under test. The probe and the pull
+/// verify the proxy's certificate as usual.
+#[derive(Debug)]
+struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &[rustls_pki_types::CertificateDer<'_>],
+        _: &rustls_pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls_pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn flood_client() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth()
+}
+
+/// The test process holds one descriptor per flood connection; the proxy
+/// child inherits the raised limit, so what bounds it is `maxConnections`,
+/// not EMFILE.
+fn raise_nofile(needed: u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    assert!(
+        hard >= needed,
+        "RLIMIT_NOFILE hard limit {hard} is below the {needed} descriptors this test needs"
+    );
+    if soft < needed {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    }
+}
+
+/// TLS-connects to `addr`, sends a request head
+/// without its final empty line, and returns the stream and when the head
+/// was sent.
+async fn unfinished_request(
+    addr: SocketAddr,
+    connector: tokio_rustls::TlsConnector,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, Instant) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: slow")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    (tls, Instant::now())
+}
+
+/// Reads until the proxy closes the connection; how long after `sent`.
+async fn closed_after(
+    mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+    sent: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                // A 408 (or any answer) before the close is fine.
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(limit, read_all).await.ok()?;
+    Some(sent.elapsed())
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn unfinished_tls_requests_are_closed_while_health_and_pulls_go_on() {
+    raise_nofile(FLOOD as u64 + 2_000);
+    let up = common::upstream(Registry::plain().unwrap());
+    let config = format!(
+        "limits: {{headerReadTimeout: {}s, maxConnections: {}}}\n{}",
+        HEADER_TIMEOUT.as_secs(),
+        FLOOD + 100,
+        common::one_registry("quay.io", &up.registry.url(), ""),
+    );
+    let proxy = Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(flood_client()));
+    let https = proxy.addrs.https;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Open the whole flood first (64 handshakes at a time), so all of it
+    // is held at once while the proxy is asked to work.
+    let started = Instant::now();
+    let streams = rt.block_on(async {
+        use futures::StreamExt;
+        futures::stream::iter(0..FLOOD)
+            .map(|_| unfinished_request(https, connector.clone()))
+            .buffer_unordered(64)
+            .collect::<Vec<_>>()
+            .await
+    });
+    let opened_in = started.elapsed();
+    eprintln!("{FLOOD} unfinished TLS requests opened in {opened_in:?}");
+    assert_eq!(streams.len(), FLOOD);
+    assert!(
+        opened_in < HEADER_TIMEOUT,
+        "opening the flood took {opened_in:?}, longer than the timeout under test"
+    );
+    let first_sent = streams.iter().map(|(_, t)| *t).min().unwrap();
+    let waiters: Vec<_> = streams
+        .into_iter()
+        .map(|(tls, sent)| rt.spawn(closed_after(tls, sent, HEADER_TIMEOUT * 4)))
+        .collect();
+
+    // While every connection of the flood is held: the probe and a real
+    // pull through the same HTTPS listener answer.
+    let healthz = format!("http://{}/healthz", proxy.addrs.admin);
+    let resp = pullthrough_testbed::http::Get::new(&healthz)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status, 200);
+    let certs = common::ca_dir(&proxy);
+    let out = tempfile::tempdir().unwrap();
+    let mut skopeo = Command::new("skopeo");
+    skopeo
+        .args(["--insecure-policy", "copy", "-q"])
+        .arg(format!("--src-cert-dir={}", certs.path().display()))
+        .arg(format!("docker://{https}/quay.io/fixture/busybox:1"))
+        .arg(format!("oci:{}:x", out.path().join("img").display()));
+    run(&mut skopeo).unwrap();
+    assert!(
+        first_sent.elapsed() < HEADER_TIMEOUT,
+        "the pull finished after the flood's first connections could have been closed; \
+         the test proved nothing about serving under the flood"
+    );
+    let layer = &up.busybox.layer_digests()[0];
+    proxy
+        .wait_access(&[("kind", "blob"), ("digest", layer)])
+        .unwrap();
+
+    // Every flood connection is closed by the proxy, after the timeout and
+    // not much later.
+    let lifetimes: Vec<Option<Duration>> = rt.block_on(async {
+        let mut out = Vec::with_capacity(waiters.len());
+        for w in waiters {
+            out.push(w.await.unwrap());
+        }
+        out
+    });
+    let still_open = lifetimes.iter().filter(|l| l.is_none()).count();
+    assert_eq!(
+        still_open,
+        0,
+        "{still_open} of {FLOOD} connections were still open {:?} after their head began",
+        HEADER_TIMEOUT * 4
+    );
+    let shortest = lifetimes.iter().flatten().min().unwrap();
+    let longest = lifetimes.iter().flatten().max().unwrap();
+    assert!(
+        *shortest >= HEADER_TIMEOUT - Duration::from_secs(2),
+        "a connection was closed after {shortest:?}, before the {HEADER_TIMEOUT:?} timeout"
+    );
+    assert!(
+        *longest <= HEADER_TIMEOUT * 2,
+        "a connection was closed only after {longest:?}"
+    );
+    drop(rt);
+    // The proxy let go of the descriptors too.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_fds(proxy.pid()) > 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(open_fds(proxy.pid()) <= 200, "{}", open_fds(proxy.pid()));
+    let resp = pullthrough_testbed::http::Get::new(&healthz)
+        .send()
+        .unwrap();
+    assert_eq!(resp.status, 200);
+}
+
+/// At `maxConnections` the proxy stops accepting: a further client's
+/// request is answered only once a held connection closes.
+#[test]
+fn at_the_connection_limit_further_clients_wait_for_a_free_slot() {
+    let config = format!(
+        "limits: {{maxConnections: 4, headerReadTimeout: 60s}}\n{}",
+        common::one_registry("quay.io", "http://127.0.0.1:9", "")
+    );
+    let proxy = Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap();
+    let http = proxy.addrs.http;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(TcpStream::connect(http).await.unwrap());
+        }
+        let mut extra = TcpStream::connect(http).await.unwrap();
+        extra
+            .write_all(b"GET /not-a-registry-path HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 256];
+        let early = tokio::time::timeout(Duration::from_millis(1500), extra.read(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "the fifth connection was served while four were held: {early:?}"
+        );
+        drop(held.pop());
+        let n = tokio::time::timeout(Duration::from_secs(10), extra.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no answer after a slot freed; proxy log:\n{}", proxy.log()))
+            .unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 "),
+            "{}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    });
+}
