@@ -135,6 +135,7 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         nulls,
         json!({"host": "e.example", "tls": {"insecureSkipVerify": false},
                "private": false, "allowPush": false, "allowInsecureUpstream": false,
+               "allowPrivateNetworks": false,
                "nodes": {"dnsHijack": true, "containerd": true, "crio": true}}),
     );
 
