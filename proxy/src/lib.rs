@@ -24,7 +24,7 @@ pub mod pipeline;
 pub mod route;
 pub mod server;
 #[cfg(test)]
-mod test_server;
+mod test_util;
 pub mod tls;
 pub mod upstream;
 

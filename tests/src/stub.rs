@@ -153,6 +153,7 @@ pub struct StubBuilder {
     throttle: Option<Throttle>,
     canned: HashMap<String, Canned>,
     route: Option<Arc<Route>>,
+    tls: bool,
 }
 
 impl std::fmt::Debug for StubBuilder {
@@ -242,6 +243,14 @@ impl StubBuilder {
         self
     }
 
+    /// Serve the registry server over TLS with a self-signed certificate
+    /// for its IP ([`Stub::tls_cert_pem`] for a client's trust); the
+    /// storage server stays plain.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     pub fn start(self) -> Result<Stub> {
         Stub::start(self)
     }
@@ -250,6 +259,8 @@ impl StubBuilder {
 /// What the servers share with the test.
 struct State {
     route: Option<Arc<Route>>,
+    /// The registry server's certificate (PEM), when it serves TLS.
+    tls_cert_pem: Option<String>,
     /// None: a canned-only stub, every registry path is unknown.
     layout: Option<PathBuf>,
     auth: StubAuth,
@@ -301,6 +312,7 @@ impl Stub {
             throttle: None,
             canned: HashMap::new(),
             route: None,
+            tls: false,
         }
     }
 
@@ -313,6 +325,11 @@ impl Stub {
             Ok(l)
         };
         let registry = bind(opts.ip)?;
+        let tls = if opts.tls {
+            Some(self_signed(opts.ip)?)
+        } else {
+            None
+        };
         let storage = opts.storage_ip.map(bind).transpose()?;
         let local = |l: &std::net::TcpListener| l.local_addr().ctx(|| "stub address".into());
         let state = Arc::new(State {
@@ -328,7 +345,9 @@ impl Stub {
             storage_seen: Mutex::new(Vec::new()),
             canned: Mutex::new(opts.canned),
             route: opts.route,
+            tls_cert_pem: tls.as_ref().map(|(pem, _)| pem.clone()),
         });
+        let acceptor = tls.map(|(_, a)| a);
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -352,11 +371,11 @@ impl Stub {
                             return;
                         }
                     };
-                    tokio::spawn(serve(registry, st.clone(), false));
+                    tokio::spawn(serve(registry, st.clone(), false, acceptor));
                     if let Some(storage) = storage {
                         match listen(storage) {
                             Ok(l) => {
-                                tokio::spawn(serve(l, st.clone(), true));
+                                tokio::spawn(serve(l, st.clone(), true, None));
                             }
                             Err(e) => {
                                 let _ = ready_tx.send(Err(e));
@@ -397,9 +416,21 @@ impl Stub {
         self.state.addr
     }
 
-    /// `http://ip:port` of the registry server.
+    /// `http://ip:port` (`https://` with [`StubBuilder::tls`]) of the
+    /// registry server.
     pub fn url(&self) -> String {
-        format!("http://{}", self.state.addr)
+        let scheme = if self.state.tls_cert_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.state.addr)
+    }
+
+    /// The registry server's self-signed certificate, with
+    /// [`StubBuilder::tls`].
+    pub fn tls_cert_pem(&self) -> Option<&str> {
+        self.state.tls_cert_pem.as_deref()
     }
 
     /// The storage server's address, when redirecting.
@@ -478,13 +509,42 @@ impl Drop for Stub {
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, state: Arc<State>, storage: bool) {
+/// A self-signed certificate for `ip` (PEM) and an acceptor serving it.
+fn self_signed(ip: IpAddr) -> Result<(String, tokio_rustls::TlsAcceptor)> {
+    let fail = |e: &dyn std::fmt::Display| Error::Other(format!("stub TLS certificate: {e}"));
+    let key = rcgen::KeyPair::generate().map_err(|e| fail(&e))?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).map_err(|e| fail(&e))?;
+    params.subject_alt_names = vec![rcgen::SanType::IpAddress(ip)];
+    let cert = params.self_signed(&key).map_err(|e| fail(&e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(&e))?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .map_err(|e| fail(&e))?;
+    Ok((
+        cert.pem(),
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+    ))
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<State>,
+    storage: bool,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         let state = state.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
@@ -497,9 +557,17 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<State>, storage: bo
                     Ok::<_, Infallible>(resp)
                 }
             });
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let http = auto::Builder::new(TokioExecutor::new());
+            match tls {
+                None => {
+                    let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(tls) => {
+                    if let Ok(stream) = tls.accept(stream).await {
+                        let _ = http.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                }
+            }
         });
     }
 }

@@ -9,13 +9,13 @@ use std::time::Instant;
 use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
 use pullthrough_testbed::registry::Registry;
 
 use super::redirect::{Origin, resolve_location};
 use super::*;
-use crate::test_server::TestServer;
+use crate::test_util::{routed, routed_tls};
 
 // --- helpers -----------------------------------------------------------
 
@@ -70,23 +70,20 @@ async fn get_manifest(
     Ok((status, version, body))
 }
 
-fn redirect(status: u16, location: &str) -> Response<Full<Bytes>> {
+fn redirect(status: u16, location: &str) -> Response<Bytes> {
     Response::builder()
         .status(status)
         .header(header::LOCATION, location)
-        .body(Full::new(Bytes::from_static(b"moved")))
+        .body(Bytes::from_static(b"moved"))
         .unwrap()
 }
 
-fn ok(body: &'static [u8]) -> Response<Full<Bytes>> {
-    Response::new(Full::new(Bytes::from_static(body)))
+fn ok(body: &'static [u8]) -> Response<Bytes> {
+    Response::new(Bytes::from_static(body))
 }
 
-fn not_found() -> Response<Full<Bytes>> {
-    Response::builder()
-        .status(404)
-        .body(Full::new(Bytes::new()))
-        .unwrap()
+fn not_found() -> Response<Bytes> {
+    Response::builder().status(404).body(Bytes::new()).unwrap()
 }
 
 /// A second loopback address for a "different host", if the kernel
@@ -246,8 +243,8 @@ async fn get_root(upstreams: &Upstreams, host: &str, url: &str) -> Result<u16, U
 #[tokio::test]
 async fn redirects_into_private_networks_are_refused_before_connecting() {
     let inside_ip = other_loopback().await;
-    let inside = TestServer::start(inside_ip, |_| ok(b"internal")).await;
-    let inside_port = inside.addr.port();
+    let inside = routed(inside_ip, |_| ok(b"internal"));
+    let inside_port = inside.addr().port();
     let own = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .unwrap();
@@ -260,9 +257,8 @@ async fn redirects_into_private_networks_are_refused_before_connecting() {
     ];
     for (i, target) in targets.iter().enumerate() {
         let to = target.clone();
-        let registry =
-            TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| redirect(307, &to)).await;
-        let host = registry.addr.to_string();
+        let registry = routed(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| redirect(307, &to));
+        let host = registry.addr().to_string();
         let url = format!("http://{host}/v2/");
         for opt_in in [false, true] {
             let extra = if opt_in {
@@ -297,7 +293,7 @@ async fn redirects_into_private_networks_are_refused_before_connecting() {
         }
     }
     // Only the two opted-in fetches reached the inside server.
-    assert_eq!(inside.seen().len(), 2);
+    assert_eq!(inside.requests().len(), 2);
     // The proxy's own listener never saw a connection.
     let accepted = tokio::time::timeout(Duration::from_millis(50), own.accept()).await;
     assert!(
@@ -310,14 +306,13 @@ async fn redirects_into_private_networks_are_refused_before_connecting() {
 /// anything is sent over http; an http upstream may redirect to http.
 #[tokio::test]
 async fn https_to_http_redirects_are_refused() {
-    let plain = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| ok(b"plain")).await;
-    let to = format!("http://{}/blob", plain.addr);
-    let (secure, pem) =
-        TestServer::start_tls(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| redirect(302, &to)).await;
+    let plain = routed(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| ok(b"plain"));
+    let to = format!("http://{}/blob", plain.addr());
+    let (secure, pem) = routed_tls(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| redirect(302, &to));
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.pem");
     std::fs::write(&ca, pem).unwrap();
-    let host = secure.addr.to_string();
+    let host = secure.addr().to_string();
     let config = one_registry(
         &host,
         &format!("https://{host}"),
@@ -328,15 +323,15 @@ async fn https_to_http_redirects_are_refused() {
         .await
         .unwrap_err();
     assert!(matches!(err, UpstreamError::Downgrade { .. }), "{err}");
-    assert_eq!(secure.seen().len(), 1);
-    assert!(plain.seen().is_empty(), "the http target was fetched");
+    assert_eq!(secure.requests().len(), 1);
+    assert!(plain.requests().is_empty(), "the http target was fetched");
 }
 
 #[tokio::test]
 async fn upstream_redirects_across_hosts_drop_credentials() {
     let blob_ip = other_loopback().await;
     // Second host: 302 with a relative Location to itself, then bytes.
-    let storage = TestServer::start(blob_ip, |s| {
+    let storage = routed(blob_ip, |s| {
         let path = s.path.as_str();
         if path.starts_with("/storage/v2/blobs/abc") {
             redirect(302, "../real/abc?sig=2")
@@ -345,33 +340,31 @@ async fn upstream_redirects_across_hosts_drop_credentials() {
         } else {
             not_found()
         }
-    })
-    .await;
-    let storage_port = storage.addr.port();
+    });
+    let storage_port = storage.addr().port();
     // First host: 307 with an absolute Location to the second.
-    let registry = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| {
+    let registry = routed(IpAddr::V4(Ipv4Addr::LOCALHOST), move |_| {
         redirect(
             307,
             &format!("http://blobs.test:{storage_port}/storage/v2/blobs/abc?sig=1"),
         )
-    })
-    .await;
+    });
 
     // Storage on loopback: a private address the upstream chose.
     let config = config(&format!(
         "resolve: {{blobs.test: {blob_ip}}}\n\
          registries:\n  - host: \"{0}\"\n    upstream: \"http://{0}\"\n    \
          allowPrivateNetworks: true\n",
-        registry.addr
+        registry.addr()
     ));
     let upstreams = Upstreams::new(&config).unwrap();
-    let client = upstreams.client(&registry.addr.to_string()).unwrap();
+    let client = upstreams.client(&registry.addr().to_string()).unwrap();
     let mut headers = HeaderMap::new();
     headers.insert(header::AUTHORIZATION, "Bearer secret".parse().unwrap());
     headers.insert(header::COOKIE, "session=1".parse().unwrap());
     headers.insert("x-trace", "kept".parse().unwrap());
     headers.insert(header::HOST, "spoofed.example".parse().unwrap());
-    let url: Uri = format!("http://{}/v2/team/app/blobs/sha256:abc", registry.addr)
+    let url: Uri = format!("http://{}/v2/team/app/blobs/sha256:abc", registry.addr())
         .parse()
         .unwrap();
     let got = client.send(Method::GET, url, headers).await.unwrap();
@@ -384,16 +377,16 @@ async fn upstream_redirects_across_hosts_drop_credentials() {
     let body = got.response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"the blob bytes");
 
-    let first = registry.seen();
+    let first = registry.requests();
     assert_eq!(first.len(), 1);
     assert_eq!(first[0].headers[header::AUTHORIZATION], "Bearer secret");
     assert_eq!(first[0].headers[header::COOKIE], "session=1");
     assert_eq!(
         first[0].headers[header::HOST],
-        registry.addr.to_string().as_str()
+        registry.addr().to_string().as_str()
     );
 
-    let second = storage.seen();
+    let second = storage.requests();
     assert_eq!(second.len(), 2);
     for seen in &second {
         assert!(
@@ -411,9 +404,8 @@ async fn upstream_redirects_across_hosts_drop_credentials() {
 
 #[tokio::test]
 async fn upstream_redirect_loop_is_too_many_redirects() {
-    let server =
-        TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| redirect(302, "/loop")).await;
-    let host = server.addr.to_string();
+    let server = routed(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| redirect(302, "/loop"));
+    let host = server.addr().to_string();
     let upstreams = Upstreams::new(&one_registry(&host, &format!("http://{host}"), "")).unwrap();
     let started = Instant::now();
     let err = upstreams
@@ -433,21 +425,20 @@ async fn upstream_redirect_loop_is_too_many_redirects() {
     );
     assert!(started.elapsed() < Duration::from_secs(5));
     // The original request plus 5 followed hops.
-    assert_eq!(server.seen().len(), 1 + usize::from(MAX_REDIRECTS));
+    assert_eq!(server.requests().len(), 1 + usize::from(MAX_REDIRECTS));
 }
 
 #[tokio::test]
 async fn upstream_see_other_turns_post_into_get_and_keeps_head() {
-    let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |s| {
+    let server = routed(IpAddr::V4(Ipv4Addr::LOCALHOST), |s| {
         let path = s.path.as_str();
         if path == "/result" {
             ok(b"result")
         } else {
             redirect(303, "/result")
         }
-    })
-    .await;
-    let host = server.addr.to_string();
+    });
+    let host = server.addr().to_string();
     let upstreams = Upstreams::new(&one_registry(&host, &format!("http://{host}"), "")).unwrap();
     let client = upstreams.client(&host).unwrap();
 
@@ -467,7 +458,7 @@ async fn upstream_see_other_turns_post_into_get_and_keeps_head() {
     assert_eq!(got.response.status(), StatusCode::OK);
 
     let methods: Vec<(Method, String)> = server
-        .seen()
+        .requests()
         .into_iter()
         .map(|s| (s.method, s.path))
         .collect();
@@ -484,11 +475,10 @@ async fn upstream_see_other_turns_post_into_get_and_keeps_head() {
 
 #[tokio::test]
 async fn upstream_bad_redirect_and_header_timeout() {
-    let server = TestServer::start(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| {
+    let server = routed(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| {
         redirect(302, "ftp://elsewhere/x")
-    })
-    .await;
-    let host = server.addr.to_string();
+    });
+    let host = server.addr().to_string();
     let upstreams = Upstreams::new(&one_registry(&host, &format!("http://{host}"), "")).unwrap();
     let err = upstreams
         .client(&host)

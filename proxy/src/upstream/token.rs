@@ -329,18 +329,17 @@ mod tests {
 
     use bytes::Bytes;
     use http::Response;
-    use http_body_util::Full;
     use pullthrough_api::config::ProxyConfig;
 
     use super::*;
-    use crate::test_server::TestServer;
+    use crate::test_util::routed;
     use crate::upstream::Upstreams;
 
-    fn respond(status: u16, body: &str) -> Response<Full<Bytes>> {
+    fn respond(status: u16, body: &str) -> Response<Bytes> {
         Response::builder()
             .status(status)
             .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.to_string())))
+            .body(Bytes::from(body.to_string()))
             .unwrap()
     }
 
@@ -363,17 +362,16 @@ mod tests {
 
     #[tokio::test]
     async fn anonymous_tokens_are_fetched_without_credentials_and_kept_per_scope() {
-        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |s| {
+        let realm = routed(Ipv4Addr::LOCALHOST.into(), |s| {
             if s.auth().is_some() {
                 return respond(400, "{}");
             }
             respond(200, r#"{"token":"anon-1","expires_in":300}"#)
-        })
-        .await;
+        });
         let upstreams = upstreams();
         let client = upstreams.client("reg.test").unwrap();
         let tokens = AnonymousTokens::default();
-        let c = challenge(format!("http://{}/token", realm.addr));
+        let c = challenge(format!("http://{}/token", realm.addr()));
         let scope = "repository:library/busybox:pull";
         let got = tokens
             .fetch(client, "reg.test", &c, Some(scope), Duration::from_secs(5))
@@ -381,7 +379,7 @@ mod tests {
         assert_eq!(got.as_deref(), Some("anon-1"));
         assert_eq!(tokens.get("reg.test", scope).as_deref(), Some("anon-1"));
         assert_eq!(tokens.get("reg.test", "repository:other:pull"), None);
-        let seen = realm.seen();
+        let seen = realm.requests();
         assert_eq!(seen.len(), 1);
         assert!(
             seen[0].path.contains("service=reg.test"),
@@ -399,68 +397,66 @@ mod tests {
 
     #[tokio::test]
     async fn refused_or_unusable_realms_give_no_anonymous_token() {
-        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| respond(401, "{}")).await;
+        let realm = routed(Ipv4Addr::LOCALHOST.into(), |_| respond(401, "{}"));
         let upstreams = upstreams();
         let client = upstreams.client("reg.test").unwrap();
         let tokens = AnonymousTokens::default();
         let timeout = Duration::from_secs(5);
-        let refused = challenge(format!("http://{}/token", realm.addr));
+        let refused = challenge(format!("http://{}/token", realm.addr()));
         assert_eq!(
             tokens
                 .fetch(client, "reg.test", &refused, None, timeout)
                 .await,
             None
         );
-        let not_http = challenge(format!("ftp://{}/token", realm.addr));
+        let not_http = challenge(format!("ftp://{}/token", realm.addr()));
         assert_eq!(
             tokens
                 .fetch(client, "reg.test", &not_http, None, timeout)
                 .await,
             None
         );
-        assert_eq!(realm.seen().len(), 1, "the ftp realm was not followed");
+        assert_eq!(realm.requests().len(), 1, "the ftp realm was not followed");
     }
 
     /// An https upstream's challenge naming an http realm: no anonymous
     /// token is fetched over plain http (it could be swapped on the way).
     #[tokio::test]
     async fn an_https_upstream_gets_no_anonymous_token_from_an_http_realm() {
-        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+        let realm = routed(Ipv4Addr::LOCALHOST.into(), |_| {
             respond(200, r#"{"token":"anon-1","expires_in":300}"#)
-        })
-        .await;
+        });
         let config = ProxyConfig::from_yaml(&format!(
             "upstreamTimeouts: {{connect: 3s, read: 10s}}\n\
              registries:\n  - host: reg.test\n    upstream: \"https://127.0.0.1:1\"\n    \
              authHosts: [\"{}\"]\n",
-            realm.addr.ip()
+            realm.addr().ip()
         ))
         .unwrap();
         let upstreams = Upstreams::new(&config).unwrap();
         let client = upstreams.client("reg.test").unwrap();
         let tokens = AnonymousTokens::default();
-        let c = challenge(format!("http://{}/token", realm.addr));
+        let c = challenge(format!("http://{}/token", realm.addr()));
         let got = tokens
             .fetch(client, "reg.test", &c, None, Duration::from_secs(5))
             .await;
         assert_eq!(got, None);
-        assert!(realm.seen().is_empty(), "the http realm was asked");
+        assert!(realm.requests().is_empty(), "the http realm was asked");
     }
 
     /// A realm may answer any u64 as `expires_in`; adding it to the clock
     /// used to panic the request's task.
     #[tokio::test]
     async fn an_expires_in_of_u64_max_is_clamped_not_a_panic() {
-        let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+        let realm = routed(Ipv4Addr::LOCALHOST.into(), |_| {
             respond(
                 200,
                 r#"{"token":"anon-max","expires_in":18446744073709551615}"#,
             )
-        })
-        .await;
+        });
         let upstreams = upstreams();
         let client = upstreams.client("reg.test").unwrap();
-        let c = challenge(format!("http://{}/token", realm.addr));
+        let c = challenge(format!("http://{}/token", realm.addr()));
         let tokens = AnonymousTokens::default();
         let scope = "repository:a:pull";
         let got = tokens

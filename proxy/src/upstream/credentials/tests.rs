@@ -7,19 +7,19 @@ use std::sync::atomic::AtomicUsize;
 
 use bytes::Bytes;
 use http::Response;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use pullthrough_api::config::ProxyConfig;
 
 use super::*;
-use crate::test_server::TestServer;
+use crate::test_util::{Stub, routed};
 use crate::upstream::Upstreams;
 
-fn respond(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Full<Bytes>> {
+fn respond(status: u16, headers: &[(&str, &str)], body: &str) -> Response<Bytes> {
     let mut b = Response::builder().status(status);
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    b.body(Full::new(Bytes::from(body.to_string()))).unwrap()
+    b.body(Bytes::from(body.to_string())).unwrap()
 }
 
 fn basic(user: &str, password: &str) -> String {
@@ -84,20 +84,19 @@ async fn get(
 /// `bot:pw` only, and a Bearer registry accepting any of them, whose
 /// blobs redirect to a storage host.
 struct BearerSetup {
-    realm: TestServer,
-    registry: TestServer,
-    storage: TestServer,
+    realm: Stub,
+    registry: Stub,
+    storage: Stub,
     upstreams: Upstreams,
 }
 
 async fn bearer_setup(expires_in: Option<u64>) -> BearerSetup {
-    let storage = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| {
+    let storage = routed(Ipv4Addr::LOCALHOST.into(), |_| {
         respond(200, &[], "blob bytes")
-    })
-    .await;
+    });
     let issued = Arc::new(AtomicUsize::new(0));
     let want = basic("bot", "pw");
-    let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |s| {
+    let realm = routed(Ipv4Addr::LOCALHOST.into(), move |s| {
         if s.auth() != Some(want.as_str()) {
             return respond(401, &[("www-authenticate", "Basic realm=\"auth\"")], "");
         }
@@ -107,10 +106,9 @@ async fn bearer_setup(expires_in: Option<u64>) -> BearerSetup {
             None => format!(r#"{{"access_token":"tok-{n}"}}"#),
         };
         respond(200, &[("content-type", "application/json")], &body)
-    })
-    .await;
-    let (realm_port, storage_port) = (realm.addr.port(), storage.addr.port());
-    let registry = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |s| {
+    });
+    let (realm_port, storage_port) = (realm.addr().port(), storage.addr().port());
+    let registry = routed(Ipv4Addr::LOCALHOST.into(), move |s| {
         let authed = s.auth().is_some_and(|a| a.starts_with("Bearer tok-"));
         let repo = s
             .path
@@ -131,9 +129,8 @@ async fn bearer_setup(expires_in: Option<u64>) -> BearerSetup {
             return respond(307, &[("location", &to)], "");
         }
         respond(200, &[], "manifest bytes")
-    })
-    .await;
-    let upstreams = client_for(&format!("http://{}", registry.addr));
+    });
+    let upstreams = client_for(&format!("http://{}", registry.addr()));
     BearerSetup {
         realm,
         registry,
@@ -146,7 +143,7 @@ async fn bearer_setup(expires_in: Option<u64>) -> BearerSetup {
 async fn bearer_tokens_are_fetched_with_basic_credentials_cached_and_reused() {
     let s = bearer_setup(Some(300)).await;
     let creds = creds("bot", "pw");
-    let base = format!("http://{}", s.registry.addr);
+    let base = format!("http://{}", s.registry.addr());
     let manifest = format!("{base}/v2/team/app/manifests/v1");
     let blob = format!("{base}/v2/team/app/blobs/sha256:abc");
     let scope = Some("repository:team/app:pull");
@@ -154,7 +151,7 @@ async fn bearer_tokens_are_fetched_with_basic_credentials_cached_and_reused() {
     let (status, body) = get(&creds, &s.upstreams, &manifest, scope).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"manifest bytes");
-    let tokens = s.realm.seen();
+    let tokens = s.realm.requests();
     assert_eq!(tokens.len(), 1, "{tokens:#?}");
     assert_eq!(tokens[0].auth(), Some(basic("bot", "pw").as_str()));
     assert!(tokens[0].path.starts_with("/token?"), "{}", tokens[0].path);
@@ -179,8 +176,8 @@ async fn bearer_tokens_are_fetched_with_basic_credentials_cached_and_reused() {
     let (status, body) = get(&creds, &s.upstreams, &blob, scope).await.unwrap();
     assert_eq!(status, StatusCode::OK);
     assert_eq!(&body[..], b"blob bytes");
-    assert_eq!(s.realm.seen().len(), 1);
-    let at_registry = s.registry.seen();
+    assert_eq!(s.realm.requests().len(), 1);
+    let at_registry = s.registry.requests();
     // 401, retry, 3 manifests, 1 blob.
     assert_eq!(at_registry.len(), 6, "{at_registry:#?}");
     assert_eq!(at_registry[0].auth(), None);
@@ -189,7 +186,7 @@ async fn bearer_tokens_are_fetched_with_basic_credentials_cached_and_reused() {
     }
 
     // The redirect target (another origin) got no credentials at all.
-    let at_storage = s.storage.seen();
+    let at_storage = s.storage.requests();
     assert_eq!(at_storage.len(), 1);
     assert_eq!(at_storage[0].method, Method::GET);
     assert_eq!(at_storage[0].auth(), None, "{:?}", at_storage[0]);
@@ -206,7 +203,7 @@ async fn bearer_tokens_are_fetched_with_basic_credentials_cached_and_reused() {
     .await
     .unwrap();
     assert_eq!(status, StatusCode::OK);
-    let tokens = s.realm.seen();
+    let tokens = s.realm.requests();
     assert_eq!(tokens.len(), 2);
     assert!(
         tokens[1]
@@ -218,7 +215,7 @@ async fn bearer_tokens_are_fetched_with_basic_credentials_cached_and_reused() {
     // The registry itself never saw the password.
     assert!(
         s.registry
-            .seen()
+            .requests()
             .iter()
             .all(|r| !r.auth().unwrap_or_default().starts_with("Basic")),
     );
@@ -229,7 +226,7 @@ async fn bearer_tokens_are_refreshed_after_they_expire() {
     // access_token, expires_in 1 s: kept for 0.8 s.
     let s = bearer_setup(Some(1)).await;
     let creds = creds("bot", "pw");
-    let manifest = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr);
+    let manifest = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr());
     let scope = Some("repository:team/app:pull");
     assert_eq!(
         get(&creds, &s.upstreams, &manifest, scope).await.unwrap().0,
@@ -239,14 +236,14 @@ async fn bearer_tokens_are_refreshed_after_they_expire() {
         get(&creds, &s.upstreams, &manifest, scope).await.unwrap().0,
         StatusCode::OK
     );
-    assert_eq!(s.realm.seen().len(), 1, "reused while fresh");
+    assert_eq!(s.realm.requests().len(), 1, "reused while fresh");
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(
         get(&creds, &s.upstreams, &manifest, scope).await.unwrap().0,
         StatusCode::OK
     );
-    assert_eq!(s.realm.seen().len(), 2, "refreshed after expiry");
-    let last = s.registry.seen().pop().unwrap();
+    assert_eq!(s.realm.requests().len(), 2, "refreshed after expiry");
+    let last = s.registry.requests().pop().unwrap();
     assert_eq!(last.auth(), Some("Bearer tok-2"));
 
     // No expires_in: the default 60 s, so reused.
@@ -256,7 +253,7 @@ async fn bearer_tokens_are_refreshed_after_they_expire() {
             get(
                 &creds,
                 &s.upstreams,
-                &format!("http://{}/v2/a/manifests/1", s.registry.addr),
+                &format!("http://{}/v2/a/manifests/1", s.registry.addr()),
                 Some("repository:a:pull")
             )
             .await
@@ -265,14 +262,14 @@ async fn bearer_tokens_are_refreshed_after_they_expire() {
             StatusCode::OK
         );
     }
-    assert_eq!(s.realm.seen().len(), 1);
+    assert_eq!(s.realm.requests().len(), 1);
 }
 
 #[tokio::test]
 async fn a_realm_refusing_the_credentials_relays_the_registry_401() {
     let s = bearer_setup(Some(300)).await;
     let wrong = creds("bot", "not-it");
-    let manifest = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr);
+    let manifest = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr());
     let (status, _) = get(
         &wrong,
         &s.upstreams,
@@ -282,28 +279,27 @@ async fn a_realm_refusing_the_credentials_relays_the_registry_401() {
     .await
     .unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(s.realm.seen().len(), 1);
+    assert_eq!(s.realm.requests().len(), 1);
     // Only the unauthenticated try: nothing to retry with.
-    assert_eq!(s.registry.seen().len(), 1);
+    assert_eq!(s.registry.requests().len(), 1);
 }
 
 #[tokio::test]
 async fn token_exchange_failures_are_errors_naming_the_registry() {
     // A realm that fails.
-    let realm = TestServer::start(Ipv4Addr::LOCALHOST.into(), |_| respond(500, &[], "down")).await;
-    let realm_port = realm.addr.port();
-    let registry = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |_| {
+    let realm = routed(Ipv4Addr::LOCALHOST.into(), |_| respond(500, &[], "down"));
+    let realm_port = realm.addr().port();
+    let registry = routed(Ipv4Addr::LOCALHOST.into(), move |_| {
         let c =
             format!("Bearer realm=\"http://auth.test:{realm_port}/token\",service=\"reg.test\"");
         respond(401, &[("www-authenticate", &c)], "")
-    })
-    .await;
-    let upstreams = client_for(&format!("http://{}", registry.addr));
+    });
+    let upstreams = client_for(&format!("http://{}", registry.addr()));
     let creds = creds("bot", "pw");
     let err = get(
         &creds,
         &upstreams,
-        &format!("http://{}/v2/", registry.addr),
+        &format!("http://{}/v2/", registry.addr()),
         None,
     )
     .await
@@ -320,7 +316,7 @@ async fn token_exchange_failures_are_errors_naming_the_registry() {
         service: Some("reg.test".into()),
         scope: None,
     };
-    let before = realm.seen().len();
+    let before = realm.requests().len();
     let err = creds
         .fetch_token(
             upstreams.client("reg.test").unwrap(),
@@ -331,43 +327,42 @@ async fn token_exchange_failures_are_errors_naming_the_registry() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("https"), "{err}");
-    assert_eq!(realm.seen().len(), before, "the realm was contacted");
+    assert_eq!(realm.requests().len(), before, "the realm was contacted");
 }
 
 #[tokio::test]
 async fn basic_challenges_are_answered_then_basic_is_sent_up_front() {
     let want = basic("bot", "pw");
-    let registry = TestServer::start(Ipv4Addr::LOCALHOST.into(), move |s| {
+    let registry = routed(Ipv4Addr::LOCALHOST.into(), move |s| {
         if s.auth() == Some(want.as_str()) {
             respond(200, &[], "ok")
         } else {
             respond(401, &[("www-authenticate", "Basic realm=\"reg\"")], "")
         }
-    })
-    .await;
-    let url = format!("http://{}/v2/team/app/manifests/v1", registry.addr);
-    let upstreams = client_for(&format!("http://{}", registry.addr));
+    });
+    let url = format!("http://{}/v2/team/app/manifests/v1", registry.addr());
+    let upstreams = client_for(&format!("http://{}", registry.addr()));
     let good = creds("bot", "pw");
     let scope = Some("repository:team/app:pull");
     assert_eq!(
         get(&good, &upstreams, &url, scope).await.unwrap().0,
         StatusCode::OK
     );
-    assert_eq!(registry.seen().len(), 2, "401, then Basic");
+    assert_eq!(registry.requests().len(), 2, "401, then Basic");
     assert_eq!(
         get(&good, &upstreams, &url, scope).await.unwrap().0,
         StatusCode::OK
     );
-    assert_eq!(registry.seen().len(), 3, "Basic up front");
+    assert_eq!(registry.requests().len(), 3, "Basic up front");
 
     // Wrong credentials: one retry, then the registry's 401.
     let wrong = creds("bot", "nope");
     let (status, _) = get(&wrong, &upstreams, &url, scope).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(registry.seen().len(), 5);
+    assert_eq!(registry.requests().len(), 5);
     let (status, _) = get(&wrong, &upstreams, &url, scope).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    assert_eq!(registry.seen().len(), 6, "refused Basic is not retried");
+    assert_eq!(registry.requests().len(), 6, "refused Basic is not retried");
 }
 
 #[test]
@@ -444,12 +439,12 @@ async fn credentials_go_only_to_the_upstream_and_its_auth_hosts() {
          resolve: {{auth.test: 127.0.0.1}}\n\
          registries:\n  - host: reg.test\n    upstream: \"http://{}\"\n    \
          allowPrivateNetworks: true\n",
-        s.registry.addr
+        s.registry.addr()
     ))
     .unwrap();
     let upstreams = Upstreams::new(&config).unwrap();
     let creds = creds("bot", "pw");
-    let url = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr);
+    let url = format!("http://{}/v2/team/app/manifests/v1", s.registry.addr());
     let err = get(&creds, &upstreams, &url, Some("repository:team/app:pull"))
         .await
         .unwrap_err();
@@ -459,7 +454,7 @@ async fn credentials_go_only_to_the_upstream_and_its_auth_hosts() {
         text.contains("authHosts") && text.contains("auth.test"),
         "{text}"
     );
-    assert!(s.realm.seen().is_empty(), "the realm was asked");
+    assert!(s.realm.requests().is_empty(), "the realm was asked");
 }
 
 /// Tokens are kept per scope, and clients choose scopes (any repository
@@ -471,7 +466,7 @@ async fn the_token_cache_is_capped() {
     let creds = creds("bot", "pw");
     let client = s.upstreams.client("reg.test").unwrap();
     let challenge = Challenge {
-        realm: format!("http://auth.test:{}/token", s.realm.addr.port()),
+        realm: format!("http://auth.test:{}/token", s.realm.addr().port()),
         service: Some("reg.test".into()),
         scope: None,
     };
