@@ -6,6 +6,7 @@ pub mod cli;
 pub mod config;
 pub mod contract;
 pub mod crd;
+pub mod credentials;
 pub mod error;
 pub mod names;
 pub mod pki;
