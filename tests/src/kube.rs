@@ -532,6 +532,47 @@ impl Helm {
     pub fn run(&self, args: &[&str]) -> Result<String> {
         run(self.cmd().args(args))
     }
+
+    /// The chart `charts/pullthrough` rendered with default values as
+    /// `release` in `ns`, keeping only the objects whose kind is in `kinds`
+    /// (e.g. [`CHART_ACCESS_KINDS`]), as one YAML stream.
+    pub fn chart_objects(&self, release: &str, ns: &str, kinds: &[&str]) -> Result<String> {
+        let chart = workspace_dir()?.join("charts/pullthrough");
+        let chart = chart
+            .to_str()
+            .ok_or_else(|| Error::Other(format!("chart path {} is not UTF-8", chart.display())))?;
+        let out = self.run(&["template", release, chart, "--namespace", ns])?;
+        let docs: Vec<&str> = out
+            .split("\n---")
+            .filter(|doc| {
+                doc.lines()
+                    .find_map(|l| l.strip_prefix("kind: "))
+                    .is_some_and(|k| kinds.contains(&k.trim()))
+            })
+            .collect();
+        Ok(docs.join("\n---\n"))
+    }
+}
+
+/// The kinds that make up what the chart lets each program do: its
+/// ServiceAccounts, RBAC, and the agents' Lease admission policy. Tests that
+/// run the programs as processes apply these instead of the workloads.
+pub const CHART_ACCESS_KINDS: &[&str] = &[
+    "ServiceAccount",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
+
+/// The workspace's root directory (the parent of the test bed crate).
+pub fn workspace_dir() -> Result<PathBuf> {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Other("the test bed crate has no parent directory".into()))
 }
 
 /// `kubeconform` reading only local schemas from `schemas` (never the

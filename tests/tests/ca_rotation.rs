@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use pullthrough_testbed::bins::operator_bin;
 use pullthrough_testbed::http::Get;
-use pullthrough_testbed::kube::{Helm, KubeApiserver};
+use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver, workspace_dir};
 use pullthrough_testbed::net::{free_port, wait_for};
 use pullthrough_testbed::process::Process;
 use pullthrough_testbed::proxy::{Addrs, Proxy, proxy_bin};
@@ -49,43 +49,6 @@ const OVERLAP: &str = "3s";
 const CHECK_INTERVAL: &str = "250ms";
 /// Upper bound for the two rotations (they need ~20 s).
 const ROTATIONS_TIMEOUT: Duration = Duration::from_secs(45);
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings,
-/// rendered with `helm template` (default values).
-fn chart_rbac(helm: &Helm) -> String {
-    let chart = workspace().join("charts/pullthrough");
-    let out = helm
-        .run(&[
-            "template",
-            RELEASE,
-            chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-        ])
-        .expect("helm template");
-    let keep = [
-        "ServiceAccount",
-        "Role",
-        "ClusterRole",
-        "RoleBinding",
-        "ClusterRoleBinding",
-    ];
-    out.split("\n---")
-        .filter(|doc| {
-            doc.lines()
-                .find_map(|l| l.strip_prefix("kind: "))
-                .is_some_and(|k| keep.contains(&k.trim()))
-        })
-        .collect::<Vec<_>>()
-        .join("\n---\n")
-}
 
 /// `kubectl get <kind> pullthrough-ca -o json` with `kubeconfig`.
 fn get(kubectl: &Path, kubeconfig: &Path, kind: &str) -> Option<Value> {
@@ -224,14 +187,21 @@ fn proxy_follows_two_ca_rotations_without_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
     api.apply_crds(
-        &fs::read_to_string(workspace().join("charts/pullthrough/crds/mirrorregistries.yaml"))
-            .unwrap(),
+        &fs::read_to_string(
+            workspace_dir()
+                .unwrap()
+                .join("charts/pullthrough/crds/mirrorregistries.yaml"),
+        )
+        .unwrap(),
     )
     .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
     let helm = api.helm().unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &chart_rbac(&helm))
-        .unwrap();
+    api.kubectl_stdin(
+        &["apply", "-f", "-"],
+        &helm.chart_objects(RELEASE, NS, CHART_ACCESS_KINDS).unwrap(),
+    )
+    .unwrap();
 
     // The operator as its ServiceAccount, rotating every few seconds. Its
     // `/status` poll goes to a closed loopback port, never a ClusterIP.

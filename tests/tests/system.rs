@@ -38,7 +38,7 @@ use pullthrough_testbed::containerd::{Containerd, ContainerdOpts};
 use pullthrough_testbed::dockerd::{Dockerd, DockerdOpts};
 use pullthrough_testbed::fixtures::LayoutBuilder;
 use pullthrough_testbed::http::Get;
-use pullthrough_testbed::kube::{Helm, KubeApiserver};
+use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, Helm, KubeApiserver, workspace_dir};
 use pullthrough_testbed::net::{
     free_port, free_port_on, is_listening, unique_loopback_ip, wait_for,
 };
@@ -64,50 +64,15 @@ const CONDITIONS_TIMEOUT: Duration = Duration::from_secs(60);
 /// configured and the CR shows ProxyReady and Nodes 1/1.
 const FEW_SECONDS: Duration = Duration::from_secs(10);
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
-}
-
-/// The chart's ServiceAccounts, Roles, ClusterRoles and their bindings, and
-/// the agents' Lease admission policy, rendered with `helm template`
-/// (default values).
+/// What the chart lets each program do (RBAC and the agents' Lease
+/// policy), rendered with default values.
 fn chart_access(helm: &Helm) -> String {
-    let chart = workspace().join("charts/pullthrough");
-    let out = helm
-        .run(&[
-            "template",
-            RELEASE,
-            chart.to_str().unwrap(),
-            "--namespace",
-            NS,
-        ])
+    let objects = helm
+        .chart_objects(RELEASE, NS, CHART_ACCESS_KINDS)
         .expect("helm template");
-    let keep = [
-        "ServiceAccount",
-        "Role",
-        "ClusterRole",
-        "RoleBinding",
-        "ClusterRoleBinding",
-        "ValidatingAdmissionPolicy",
-        "ValidatingAdmissionPolicyBinding",
-    ];
-    let docs: Vec<&str> = out
-        .split("\n---")
-        .filter(|doc| {
-            doc.lines()
-                .find_map(|l| l.strip_prefix("kind: "))
-                .is_some_and(|k| keep.contains(&k.trim()))
-        })
-        .collect();
-    assert!(
-        docs.len() >= 9,
-        "chart RBAC and policy objects: {}",
-        docs.len()
-    );
-    docs.join("\n---\n")
+    let n = objects.matches("\nkind: ").count() + usize::from(objects.starts_with("kind: "));
+    assert!(n >= 9, "chart RBAC and policy objects: {n}\n{objects}");
+    objects
 }
 
 fn get_json(api: &KubeApiserver, args: &[&str]) -> Option<Value> {
@@ -321,8 +286,12 @@ fn system_flow(kind: Kind) {
     // CRD, namespace, the chart's RBAC (ServiceAccounts included) and the
     // agents' Lease policy.
     api.apply_crds(
-        &fs::read_to_string(workspace().join("charts/pullthrough/crds/mirrorregistries.yaml"))
-            .unwrap(),
+        &fs::read_to_string(
+            workspace_dir()
+                .unwrap()
+                .join("charts/pullthrough/crds/mirrorregistries.yaml"),
+        )
+        .unwrap(),
     )
     .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
