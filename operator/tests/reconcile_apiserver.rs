@@ -38,17 +38,8 @@ fn install(api: &KubeApiserver) {
         .unwrap();
 }
 
-fn get(api: &KubeApiserver, args: &[&str]) -> Option<Value> {
-    let mut a = vec!["get"];
-    a.extend_from_slice(args);
-    a.extend_from_slice(&["-o", "json"]);
-    api.kubectl(&a)
-        .ok()
-        .map(|s| serde_json::from_str(&s).unwrap())
-}
-
 fn mreg(api: &KubeApiserver, name: &str) -> Option<Value> {
-    get(api, &["mreg", name])
+    api.get_json(&["mreg", name])
 }
 
 fn cond<'a>(obj: &'a Value, type_: &str) -> Option<&'a Value> {
@@ -75,7 +66,7 @@ fn wait_cond(api: &KubeApiserver, name: &str, type_: &str, status: &str, reason:
 }
 
 fn table(api: &KubeApiserver) -> Option<(String, ProxyConfig, Value)> {
-    let cm = get(api, &["cm", "pullthrough-registries", "-n", NS])?;
+    let cm = api.get_json(&["cm", "pullthrough-registries", "-n", NS])?;
     let yaml = cm["data"]["config.yaml"].as_str()?.to_string();
     let hash = cm["metadata"]["annotations"]["pullthrough.dev/config-hash"]
         .as_str()?
@@ -195,7 +186,7 @@ fn humantime_rfc3339(secs: u64) -> String {
 }
 
 fn events(api: &KubeApiserver) -> usize {
-    get(api, &["events.v1.events.k8s.io", "-n", "default"])
+    api.get_json(&["events.v1.events.k8s.io", "-n", "default"])
         .and_then(|v| {
             v["items"].as_array().map(|a| {
                 a.iter()
@@ -222,11 +213,12 @@ fn operator_reconciles_against_a_real_apiserver() {
     });
     api.kubectl_stdin(&["apply", "-f", "-"], &svc.to_string())
         .unwrap();
-    let cluster_ip =
-        get(&api, &["svc", "pullthrough-proxy", "-n", NS]).unwrap()["spec"]["clusterIP"]
-            .as_str()
-            .unwrap()
-            .to_string();
+    let cluster_ip = api
+        .get_json(&["svc", "pullthrough-proxy", "-n", NS])
+        .unwrap()["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_string();
 
     let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
     let status_port = fake.addr().port();
@@ -335,7 +327,9 @@ fn operator_reconciles_against_a_real_apiserver() {
     assert_eq!(q["status"]["observedGeneration"], 1);
     // Status is written only by server-side apply with the operator's field
     // manager (never by a patch that leaves fields behind).
-    let managed = get(&api, &["mreg", "quay", "--show-managed-fields"]).unwrap();
+    let managed = api
+        .get_json(&["mreg", "quay", "--show-managed-fields"])
+        .unwrap();
     let status_managers: Vec<(&str, &str)> = managed["metadata"]["managedFields"]
         .as_array()
         .unwrap()
@@ -351,9 +345,13 @@ fn operator_reconciles_against_a_real_apiserver() {
     assert_eq!(status_managers, [("pullthrough-operator", "Apply")]);
 
     // CA Secret and trust ConfigMap.
-    let secret = get(&api, &["secret", "pullthrough-ca", "-n", NS]).expect("CA Secret");
+    let secret = api
+        .get_json(&["secret", "pullthrough-ca", "-n", NS])
+        .expect("CA Secret");
     assert!(secret["data"]["tls.crt"].is_string() && secret["data"]["tls.key"].is_string());
-    let ca_cm = get(&api, &["cm", "pullthrough-ca", "-n", NS]).expect("CA ConfigMap");
+    let ca_cm = api
+        .get_json(&["cm", "pullthrough-ca", "-n", NS])
+        .expect("CA ConfigMap");
     assert_eq!(
         ca_cm["data"]["ca.crt"]
             .as_str()
@@ -434,7 +432,9 @@ fn operator_reconciles_against_a_real_apiserver() {
         )
     };
     assert_eq!(readyz(metrics_port), (200, "ok: standby\n".to_string()));
-    let lease = get(&api, &["lease", "pullthrough-operator", "-n", NS]).unwrap();
+    let lease = api
+        .get_json(&["lease", "pullthrough-operator", "-n", NS])
+        .unwrap();
     assert_eq!(lease["spec"]["holderIdentity"], "test-1");
     // ...and takes over when it stops (SIGTERM releases the Lease).
     let status = proc1.stop().unwrap().expect("exit status");
@@ -519,13 +519,13 @@ fn operator_reconciles_against_a_real_apiserver() {
 
 fn secret_cert(api: &KubeApiserver) -> Option<String> {
     use base64::Engine;
-    let s = get(api, &["secret", "pullthrough-ca", "-n", NS])?;
+    let s = api.get_json(&["secret", "pullthrough-ca", "-n", NS])?;
     let b = s["data"]["tls.crt"].as_str()?;
     String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()
 }
 
 fn bundle(api: &KubeApiserver) -> Option<String> {
-    get(api, &["cm", "pullthrough-ca", "-n", NS])?["data"]["ca.crt"]
+    api.get_json(&["cm", "pullthrough-ca", "-n", NS])?["data"]["ca.crt"]
         .as_str()
         .map(String::from)
 }
@@ -600,10 +600,7 @@ fn basic_auth_secret(ns: &str, name: &str, user: &str, password: &str) -> Value 
 /// The proxy's credentials Secret, decoded.
 fn proxy_credentials(api: &KubeApiserver) -> Option<std::collections::BTreeMap<String, String>> {
     use base64::Engine;
-    let s = get(
-        api,
-        &["secret", "pullthrough-upstream-credentials", "-n", NS],
-    )?;
+    let s = api.get_json(&["secret", "pullthrough-upstream-credentials", "-n", NS])?;
     Some(
         s["data"]
             .as_object()

@@ -266,6 +266,19 @@ impl KubeApiserver {
         self.kubectl_with(&self.kubeconfig, args)
     }
 
+    /// `kubectl get ARGS... -o json` as admin, parsed; `None` when kubectl
+    /// fails (e.g. the object does not exist). Output that is not JSON
+    /// fails the test: kubectl broke its contract.
+    pub fn get_json(&self, args: &[&str]) -> Option<Value> {
+        let mut all = vec!["get"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["-o", "json"]);
+        self.kubectl(&all).ok().map(|s| {
+            serde_json::from_str(&s)
+                .unwrap_or_else(|e| panic!("kubectl {all:?} printed no JSON ({e}): {s}"))
+        })
+    }
+
     /// `kubectl` as whoever `kubeconfig` authenticates.
     pub fn kubectl_with(&self, kubeconfig: &Path, args: &[&str]) -> Result<String> {
         run(self.kubectl_cmd(kubeconfig).args(args))

@@ -75,15 +75,6 @@ fn chart_access(helm: &Helm) -> String {
     objects
 }
 
-fn get_json(api: &KubeApiserver, args: &[&str]) -> Option<Value> {
-    let mut a = vec!["get"];
-    a.extend_from_slice(args);
-    a.extend_from_slice(&["-o", "json"]);
-    api.kubectl(&a)
-        .ok()
-        .map(|s| serde_json::from_str(&s).unwrap())
-}
-
 fn cond_status(obj: &Value, type_: &str) -> Option<String> {
     obj["status"]["conditions"]
         .as_array()?
@@ -554,7 +545,7 @@ fn system_flow(kind: Kind) {
             if node_at.is_none() && node_configured() {
                 node_at = Some(t0.elapsed());
             }
-            if let Some(o) = get_json(&api, &["mreg", CR]) {
+            if let Some(o) = api.get_json(&["mreg", CR]) {
                 if ready_at.is_none() && cond_status(&o, "ProxyReady").as_deref() == Some("True") {
                     ready_at = Some(t0.elapsed());
                 }
@@ -692,12 +683,10 @@ fn system_flow(kind: Kind) {
     if let Ok(h) = fs::read_to_string(&etc_hosts) {
         assert!(!h.contains(&hijack_line), "{h}");
     }
-    assert!(get_json(&api, &["mreg", CR]).is_none());
-    let lease = get_json(
-        &api,
-        &["lease", &format!("pullthrough-agent-{NODE}"), "-n", NS],
-    )
-    .unwrap();
+    assert!(api.get_json(&["mreg", CR]).is_none());
+    let lease = api
+        .get_json(&["lease", &format!("pullthrough-agent-{NODE}"), "-n", NS])
+        .unwrap();
     assert_eq!(
         lease["metadata"]["annotations"]["pullthrough.dev/registries"], "",
         "{lease:#}"
