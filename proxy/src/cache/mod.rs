@@ -1,7 +1,6 @@
 //! The cache: content-addressed blobs and manifests, tag → digest answers,
 //! downloads in flight, and which repository was served which digest.
 
-pub mod bounded;
 pub mod inflight;
 pub mod repos;
 pub mod store;

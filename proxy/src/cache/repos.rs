@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
-use super::bounded::BoundedMap;
+use crate::bounded::BoundedMap;
 use crate::oci::Digest;
 
 /// (registry, repository, digest) entries kept.

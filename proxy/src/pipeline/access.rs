@@ -16,7 +16,7 @@ use http::{Method, Response, StatusCode};
 
 use super::HandlerError;
 use super::context::Ctx;
-use crate::cache::bounded::BoundedMap;
+use crate::bounded::BoundedMap;
 use crate::http::body::{self, Body};
 use crate::http::headers::forward_headers;
 use crate::observe::metrics::AuthResult;

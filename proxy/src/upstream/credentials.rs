@@ -31,9 +31,9 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use pullthrough_api::config::{CredentialsError, UpstreamCredentials};
 
-use super::bounded::Bounded;
 use super::token::{self, Challenge, TokenError, TokenRequest, parse_bearer};
 use super::{UpstreamClient, UpstreamError, UpstreamResponse};
+use crate::bounded::BoundedMap;
 
 /// Token lifetime when the realm does not say (the distribution token spec).
 const DEFAULT_TOKEN_LIFE: Duration = Duration::from_secs(60);
@@ -94,7 +94,7 @@ pub struct RegistryCredentials {
     wants_basic: AtomicBool,
     /// Bearer tokens by scope (`""` for requests without a repository),
     /// at most [`MAX_TOKENS`].
-    tokens: Mutex<Bounded<String, Token>>,
+    tokens: Mutex<BoundedMap<String, Token>>,
 }
 
 struct Token {
@@ -161,7 +161,7 @@ impl RegistryCredentials {
             basic,
             fingerprint,
             wants_basic: AtomicBool::new(false),
-            tokens: Mutex::new(Bounded::new(MAX_TOKENS)),
+            tokens: Mutex::new(BoundedMap::new(MAX_TOKENS)),
         }
     }
 

@@ -17,7 +17,6 @@
 //! (`egress`: no loopback, link-local or private addresses the upstream
 //! chose unless `allowPrivateNetworks`, never the proxy's own listeners).
 
-mod bounded;
 mod client;
 pub mod credentials;
 mod egress;

@@ -20,8 +20,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use http_body_util::BodyExt;
 
-use super::bounded::Bounded;
 use super::{UpstreamClient, UpstreamError};
+use crate::bounded::BoundedMap;
 
 /// Largest token response read.
 const MAX_TOKEN_RESPONSE: usize = 64 * 1024;
@@ -229,7 +229,7 @@ pub const MAX_ANONYMOUS_TOKENS: usize = 10_000;
 /// expire, at most [`MAX_ANONYMOUS_TOKENS`] of them.
 #[derive(Debug)]
 pub struct AnonymousTokens {
-    tokens: Mutex<Bounded<(String, String), (String, Instant)>>,
+    tokens: Mutex<BoundedMap<(String, String), (String, Instant)>>,
 }
 
 impl Default for AnonymousTokens {
@@ -241,7 +241,7 @@ impl Default for AnonymousTokens {
 impl AnonymousTokens {
     pub fn with_capacity(capacity: usize) -> Self {
         Self {
-            tokens: Mutex::new(Bounded::new(capacity)),
+            tokens: Mutex::new(BoundedMap::new(capacity)),
         }
     }
 

@@ -1,8 +1,9 @@
 //! A map with a fixed capacity for state a client can grow (access grants,
-//! the repository index): once full, each insert of a new key drops the
+//! the repository index, upstream tokens per repository scope): once full, each insert of a new key drops the
 //! key written longest ago. Inserting is O(1) (amortised), so a flood of
 //! made-up names costs neither unbounded memory nor a sweep per request.
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
@@ -38,7 +39,11 @@ impl<K: Hash + Eq + Clone, V> BoundedMap<K, V> {
         self.map.is_empty()
     }
 
-    pub fn get(&self, key: &K) -> Option<&V> {
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         self.map.get(key).map(|(v, _)| v)
     }
 
@@ -66,7 +71,11 @@ impl<K: Hash + Eq + Clone, V> BoundedMap<K, V> {
         }
     }
 
-    pub fn remove(&mut self, key: &K) -> Option<V> {
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         // The key's copy in `order` goes stale and is skipped later.
         self.map.remove(key).map(|(v, _)| v)
     }
