@@ -12,6 +12,17 @@ pub(crate) const DOCKER_CONTENT_DIGEST: HeaderName =
 pub(crate) const API_VERSION: HeaderName =
     HeaderName::from_static("docker-distribution-api-version");
 
+/// The body length a `Content-Length` header announces, when it is one
+/// plain decimal number that fits a u64; anything else (a list, a sign,
+/// spaces, a value of any length an upstream may send) is no length.
+pub(crate) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::CONTENT_LENGTH)?.to_str().ok()?;
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
+}
+
 /// Does the client's Accept cover `media_type`? No Accept header, or a
 /// wildcard, accepts anything.
 pub(crate) fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
@@ -109,5 +120,53 @@ mod tests {
             HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
         );
         assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+    }
+
+    fn with_length(value: &[u8]) -> Option<HeaderMap> {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_bytes(value).ok()?);
+        Some(h)
+    }
+
+    #[test]
+    fn content_lengths() {
+        assert_eq!(content_length(&HeaderMap::new()), None);
+        for (v, want) in [
+            (&b"0"[..], Some(0)),
+            (b"1234", Some(1234)),
+            (b"18446744073709551615", Some(u64::MAX)),
+            (b"18446744073709551616", None),
+            (b"+5", None),
+            (b"-1", None),
+            (b" 5", None),
+            (b"5, 5", None),
+            (b"0x10", None),
+        ] {
+            assert_eq!(content_length(&with_length(v).unwrap()), want, "{v:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(4096))]
+
+        /// Issue #10, point 8: any value an upstream sends, huge or
+        /// malformed, is a length or no length; never a panic.
+        #[test]
+        fn any_content_length_value_is_safe(value in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            if let Some(h) = with_length(&value) {
+                let got = content_length(&h);
+                // A length is only ever the number the header spells.
+                if let Some(n) = got {
+                    let text = std::str::from_utf8(&value).unwrap();
+                    proptest::prop_assert_eq!(text.parse::<u64>().ok(), Some(n));
+                }
+            }
+        }
+
+        #[test]
+        fn digit_strings_of_any_size_are_exact_or_none(digits in "[0-9]{1,40}") {
+            let h = with_length(digits.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(content_length(&h), digits.parse::<u64>().ok());
+        }
     }
 }

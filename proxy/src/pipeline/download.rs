@@ -71,11 +71,7 @@ pub(crate) async fn lead(
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
-    let size: Option<u64> = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    let size: Option<u64> = crate::http::headers::content_length(&parts.headers);
     let store = &ctx.shared.store;
     let reserved = size.unwrap_or(0);
     if let Some(size) = size

@@ -90,11 +90,7 @@ pub async fn handle(
     record.status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
     // Lets the access line tell a whole body from a cut one (see Logged).
-    record.expected_bytes = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok());
+    record.expected_bytes = crate::http::headers::content_length(&parts.headers);
     Response::from_parts(parts, Logged::new(body, record, shared.metrics.clone()))
 }
 

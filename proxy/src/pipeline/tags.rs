@@ -1,7 +1,7 @@
 //! Manifests by tag: tag → digest answers cached per registry TTL, and
 //! the last known answer served while the upstream fails (stale-if-error).
 
-use http::header::{self, HeaderMap};
+use http::header::HeaderMap;
 use http::{Method, Response, StatusCode};
 
 use super::context::Ctx;
@@ -100,12 +100,7 @@ pub(crate) async fn manifest_by_tag(
 
     if *method == Method::HEAD {
         if let (Some(digest), Some(mt)) = (&claimed, &media_type) {
-            let size = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            let size = crate::http::headers::content_length(&parts.headers).unwrap_or(0);
             record.digest = digest.to_string();
             ctx.granted(headers, digest);
             ctx.shared.tags.put(

@@ -257,11 +257,7 @@ impl UpstreamClient {
     /// reused; large or unknown-length bodies are dropped with their
     /// connection.
     pub async fn discard(&self, response: Response<Incoming>) {
-        let small = response
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
+        let small = crate::http::headers::content_length(response.headers())
             .is_some_and(|n| n <= DRAIN_LIMIT);
         if small {
             let body = response.into_body().collect();
