@@ -229,26 +229,33 @@ pub async fn apply_ca_bundle(
     name: &str,
     bundle: &str,
 ) -> Result<(), kube::Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    apply::<ConfigMap>(client, ns, name, &ca_configmap(ns, name, bundle)).await
+}
+
+/// Server-side applies `body` as the operator's field manager, forcing
+/// ownership of the fields it lists.
+async fn apply<K>(client: &Client, ns: &str, name: &str, body: &Value) -> Result<(), kube::Error>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
     api.patch(
         name,
         &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&ca_configmap(ns, name, bundle)),
+        &Patch::Apply(body),
     )
     .await?;
     Ok(())
 }
 
 async fn apply_table(client: &Client, ns: &str, name: &str, t: &Table) -> Result<(), Error> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&table_configmap(ns, name, t)),
-    )
-    .await
-    .context(|| format!("applying the registry table ConfigMap {ns}/{name}"))?;
-    Ok(())
+    apply::<ConfigMap>(client, ns, name, &table_configmap(ns, name, t))
+        .await
+        .context(|| format!("applying the registry table ConfigMap {ns}/{name}"))
 }
 
 /// Server-side apply with exactly `keys`: keys this manager wrote before and
@@ -259,14 +266,9 @@ async fn apply_credentials(
     name: &str,
     keys: &BTreeMap<String, String>,
 ) -> Result<(), Error> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&credentials_secret(ns, name, keys)),
-    )
-    .await
-    .context(|| format!("applying the upstream credentials Secret {ns}/{name}"))?;
+    apply::<Secret>(client, ns, name, &credentials_secret(ns, name, keys))
+        .await
+        .context(|| format!("applying the upstream credentials Secret {ns}/{name}"))?;
     tracing::info!(secret = %name, registries = keys.len(), "upstream credentials applied");
     Ok(())
 }

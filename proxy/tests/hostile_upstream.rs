@@ -20,6 +20,7 @@ use std::path::Path;
 use http::StatusCode;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, verify_digest};
 use pullthrough_testbed::http::{Get, Response};
+use pullthrough_testbed::ns::Tmpfs;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::stub::{Stub, StubAuth};
 
@@ -235,31 +236,6 @@ fn token_realms_on_private_addresses_are_not_asked() {
     }
 }
 
-/// A tmpfs mounted for the test; lazily unmounted on drop.
-struct Tmpfs(std::path::PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs failed");
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// Wrong bytes from the upstream while nothing can be cached (the data
 /// dir is a 1 MiB tmpfs: every blob passes through uncached): no client
 /// gets the whole body with status 200, neither a plain GET nor a ranged
@@ -283,7 +259,7 @@ fn corrupt_bytes_are_never_served_whole_when_nothing_is_cached() {
     proxy.stop().unwrap();
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
-    let mount = Tmpfs::mount(&data, "1m");
+    let mount = Tmpfs::mount(&data, "1m").unwrap();
     proxy.start_again().unwrap();
     let url = format!(
         "{}/v2/fixture/busybox/blobs/{layer}?ns=hostile.test",

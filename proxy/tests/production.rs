@@ -15,6 +15,7 @@ use http::StatusCode;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
 use pullthrough_testbed::http::{BodyMode, Fetched, Get};
 use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::ns::Tmpfs;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::relay::Relay;
@@ -426,31 +427,6 @@ fn bounded_cache_evicts_least_recently_used() {
     assert_eq!(stats_before["entries"], stats_after["entries"]);
 }
 
-/// A tmpfs mounted for the test; lazily unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> Self {
-        std::fs::create_dir_all(dir).unwrap();
-        let st = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .status()
-            .unwrap();
-        assert!(st.success(), "mount tmpfs failed");
-        Self(dir.to_path_buf())
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 /// A data dir on an 8 MiB tmpfs filling up: every pull still gets the
 /// right bytes (pass-through), and the disk-full events are counted.
 #[test]
@@ -464,7 +440,7 @@ fn a_full_disk_keeps_serving_by_pass_through() {
     proxy.stop().unwrap();
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
-    let mount = Tmpfs::mount(&data, "8m");
+    let mount = Tmpfs::mount(&data, "8m").unwrap();
     proxy.start_again().unwrap();
     // All three at once: they cannot all count on the same free space.
     let urls: Vec<String> = layers
@@ -579,7 +555,7 @@ fn disk_fills_mid_download(
     let data = proxy.data_dir();
     std::fs::remove_dir_all(&data).unwrap();
     // Room for the 24 MiB blob when the download starts (it is reserved).
-    let mount = Tmpfs::mount(&data, "40m");
+    let mount = Tmpfs::mount(&data, "40m").unwrap();
     proxy.start_again().unwrap();
     let url = blob_url(&proxy, "quay.io", "fixture/filling", &layer);
     let tasks: Vec<_> = (0..CLIENTS)

@@ -108,6 +108,28 @@ impl MountNs {
     }
 }
 
+/// A tmpfs of `size` (e.g. `8m`) mounted on a test's directory, so the
+/// test can fill the filesystem a program writes to; lazily unmounted on
+/// drop. (Mounted on the test's own temp dir: the program under test must
+/// see it without entering a namespace.)
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Result<Self> {
+        std::fs::create_dir_all(dir).ctx(|| format!("creating {}", dir.display()))?;
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir))?;
+        Ok(Self(dir.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 /// A network namespace created by the test, with loopback up and a dummy
 /// interface carrying addresses that exist only inside it. Deleted on drop.
 pub struct NetNs {
