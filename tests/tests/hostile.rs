@@ -7,32 +7,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver};
 
 const NS: &str = "pullthrough";
 const AGENT_SA: &str = "pullthrough-agent";
-
-fn workspace() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-}
-
-/// The chart's agent ServiceAccount, Role, RoleBinding and Lease policy,
-/// rendered with default values.
-fn agent_objects(api: &KubeApiserver) -> String {
-    let chart = workspace().join("charts/pullthrough");
-    let mut args = vec!["template", "pullthrough", chart.to_str().unwrap()];
-    args.extend(["--namespace", NS]);
-    for t in [
-        "templates/serviceaccounts.yaml",
-        "templates/rbac-agent.yaml",
-        "templates/agent-lease-policy.yaml",
-    ] {
-        args.extend(["--show-only", t]);
-    }
-    api.helm().unwrap().run(&args).expect("helm template")
-}
 
 fn lease(name: &str) -> String {
     format!(
@@ -48,8 +26,13 @@ fn lease(name: &str) -> String {
 fn an_agent_token_writes_only_its_own_nodes_lease() {
     let api = KubeApiserver::start().unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &agent_objects(&api))
+    // The chart's ServiceAccounts, RBAC and the agents' Lease policy.
+    let access = api
+        .helm()
+        .unwrap()
+        .chart_objects("pullthrough", NS, CHART_ACCESS_KINDS)
         .unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &access).unwrap();
     let node_a = api
         .kubeconfig_for_token(&api.pod_token_on_node(NS, AGENT_SA, "node-a").unwrap())
         .unwrap();
