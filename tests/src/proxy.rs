@@ -300,10 +300,8 @@ impl Proxy {
 
 /// The `pullthrough-proxy` binary for tests outside the proxy crate (which
 /// cannot use `CARGO_BIN_EXE_pullthrough-proxy`): `PULLTHROUGH_PROXY_BIN`,
-/// else `<target>/debug/pullthrough-proxy` of this workspace, built when
-/// missing — see [`crate::bins::workspace_bin`]. An existing binary is used
-/// as is, so run `cargo build -p pullthrough-proxy` first to test the
-/// current source.
+/// else `<target>/debug/pullthrough-proxy` when it is current, else a build
+/// of the current tree — see [`crate::bins::workspace_bin`].
 pub fn proxy_bin() -> Result<PathBuf> {
     crate::bins::workspace_bin("pullthrough-proxy", "pullthrough-proxy")
 }
