@@ -172,6 +172,42 @@ fn deploy_manifests_match_the_chart() {
     );
 }
 
+/// `images/README.md` describes the agent's probes as the chart renders
+/// them: HTTP `GET /healthz` on the `health` port 9102 (the agent's
+/// `--health-addr`), for liveness and readiness — not an exec probe.
+#[test]
+fn images_readme_describes_the_agents_probes() {
+    let helm = Helm::new(None).expect("helm");
+    let rendered = template(&helm, "pullthrough", "pullthrough", &["--no-hooks"]);
+    let ds = rendered
+        .split("\n---")
+        .find(|d| d.lines().any(|l| l == "kind: DaemonSet"))
+        .unwrap_or_else(|| panic!("no DaemonSet in\n{rendered}"));
+    for probe in ["livenessProbe:", "readinessProbe:"] {
+        let at = ds.find(probe).unwrap_or_else(|| panic!("{probe}\n{ds}"));
+        let block: Vec<&str> = ds[at..].lines().skip(1).take(3).map(str::trim).collect();
+        assert_eq!(
+            block,
+            ["httpGet:", "path: /healthz", "port: health"],
+            "{probe}\n{ds}"
+        );
+    }
+    assert!(ds.contains("containerPort: 9102"), "{ds}");
+    assert!(ds.contains("- --health-addr=0.0.0.0:9102"), "{ds}");
+
+    let readme = std::fs::read_to_string(root().join("images/README.md")).unwrap();
+    let flat = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+    for says in [
+        "liveness and readiness probes are HTTP",
+        "`GET /healthz` on its `health` port (`agent.healthPort`, 9102",
+        "`--health-addr=0.0.0.0:9102`",
+        "| 9102 health (`/healthz`) |",
+    ] {
+        assert!(flat.contains(says), "images/README.md must say {says:?}");
+    }
+    assert!(!flat.contains("probe runs"), "images/README.md: {flat}");
+}
+
 /// `helm lint --strict` on default and all-features values, and the values
 /// schema refusing unknown keys and bad values.
 #[test]
