@@ -209,6 +209,18 @@ fn wait_access(proxy: &Process, fields: &[(&str, &str)]) {
     }
 }
 
+/// `path` exists and holds exactly `before`.
+fn assert_restored(path: &Path, before: &[u8]) {
+    let after = fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(
+        after == before,
+        "{} not restored:\n--- before\n{}\n--- after\n{}",
+        path.display(),
+        String::from_utf8_lossy(before),
+        String::from_utf8_lossy(&after)
+    );
+}
+
 fn secs(d: Duration) -> String {
     format!("{:.2} s", d.as_secs_f64())
 }
@@ -467,6 +479,14 @@ fn system_flow(kind: Kind) {
         }
     };
     assert!(!node_configured());
+    // What the agent must restore on delete, byte for byte: the runtime's
+    // /etc/hosts and (dockerd only) its daemon.json; containerd has none.
+    let hosts_before = fs::read(&etc_hosts).unwrap();
+    let daemon_json_before = match kind {
+        Kind::Containerd => None,
+        Kind::Dockerd => Some(fs::read(&daemon_json).unwrap()),
+    };
+    assert_eq!(daemon_json.exists(), daemon_json_before.is_some());
 
     // The agent, as its ServiceAccount with the token its Pod on NODE gets,
     // under the chart's policy (each agent writes only its own Lease), once
@@ -676,12 +696,13 @@ fn system_flow(kind: Kind) {
         .unwrap();
     let deleted_at = t_del.elapsed();
     assert!(!node_configured(), "node config left after delete");
-    assert!(!hosts_toml.exists() && !docker_ca.exists());
-    if let Ok(d) = fs::read_to_string(&daemon_json) {
-        assert!(!d.contains(&mirror_url), "{d}");
-    }
-    if let Ok(h) = fs::read_to_string(&etc_hosts) {
-        assert!(!h.contains(&hijack_line), "{h}");
+    assert!(!hosts_toml.exists(), "{} left", hosts_toml.display());
+    assert!(!docker_ca.exists(), "{} left", docker_ca.display());
+    // Reverted, not deleted: a missing file fails here too.
+    assert_restored(&etc_hosts, &hosts_before);
+    match &daemon_json_before {
+        None => assert!(!daemon_json.exists(), "{} created", daemon_json.display()),
+        Some(before) => assert_restored(&daemon_json, before),
     }
     assert!(api.get_json(&["mreg", CR]).is_none());
     let lease = api
