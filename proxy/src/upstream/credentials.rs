@@ -43,7 +43,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
 use pullthrough_api::config::{CredentialsError, Limits, UpstreamCredentials};
 
-use super::throttle::{Empty, TokenBucket};
+use super::throttle::{Empty, Permit, TokenBucket};
 use super::token::{self, Challenge, TokenError, TokenRequest, parse_bearer};
 use super::{UpstreamClient, UpstreamError, UpstreamResponse};
 use crate::bounded::BoundedMap;
@@ -261,15 +261,22 @@ impl RegistryCredentials {
         let key = scope.unwrap_or_default();
         tracing::Span::current().record("scope", key);
         let (sent, up_front) = self.up_front(key);
-        if sent == Sent::Nothing && self.wants_bearer.load(Ordering::Relaxed) && !self.is_known(key)
+        // The registry will challenge, and only a new token could answer:
+        // the permit for it is taken before the registry is asked, so a
+        // flood costs the registry nothing either once the bucket is
+        // empty. It goes back if it turns out not to be needed.
+        let permit = if sent == Sent::Nothing
+            && self.wants_bearer.load(Ordering::Relaxed)
+            && !self.is_known(key)
         {
-            // The registry will challenge, and only a token from the
-            // bucket could answer: when there is none, spare the registry
-            // the round trip too.
-            self.new_scopes
-                .check(Instant::now())
-                .map_err(|empty| self.throttled(empty))?;
-        }
+            Some(
+                self.new_scopes
+                    .take(Instant::now())
+                    .map_err(|empty| self.throttled(empty))?,
+            )
+        } else {
+            None
+        };
         let resp = client
             .send(
                 method.clone(),
@@ -303,7 +310,7 @@ impl RegistryCredentials {
                     self.forget(key, rejected);
                 }
                 match self
-                    .token_for(client, &challenge, key, rejected.as_ref(), timeout)
+                    .token_for(client, &challenge, key, rejected.as_ref(), permit, timeout)
                     .await?
                 {
                     Some(token) => {
@@ -329,15 +336,17 @@ impl RegistryCredentials {
 
     /// A token for `key` after the registry challenged: one another
     /// request for the scope just fetched, else one from the realm — for
-    /// a scope never read with these credentials only if the throttle
-    /// allows. `rejected` (the token the registry just refused) is never
-    /// handed out again.
+    /// a scope never read with these credentials only with a permit of
+    /// the throttle (`permit`, taken before the registry was asked, or
+    /// one taken now). `rejected` (the token the registry just refused)
+    /// is never handed out again.
     async fn token_for(
         &self,
         client: &UpstreamClient,
         challenge: &Challenge,
         key: &str,
         rejected: Option<&HeaderValue>,
+        permit: Option<Permit<'_>>,
         timeout: Duration,
     ) -> Result<Option<HeaderValue>, UpstreamError> {
         let turn = self.turn(key);
@@ -345,12 +354,18 @@ impl RegistryCredentials {
         if let (Sent::Bearer, Some(token)) = self.up_front(key)
             && rejected != Some(&token)
         {
+            // `permit`, unspent, goes back.
             return Ok(Some(token));
         }
         if !self.is_known(key) {
-            self.new_scopes
-                .try_take(Instant::now())
-                .map_err(|empty| self.throttled(empty))?;
+            let permit = match permit {
+                Some(p) => p,
+                None => self
+                    .new_scopes
+                    .take(Instant::now())
+                    .map_err(|empty| self.throttled(empty))?,
+            };
+            permit.spend();
         }
         self.fetch_token(client, challenge, key, timeout).await
     }

@@ -67,21 +67,12 @@ impl TokenBucket {
         )
     }
 
-    /// Takes one permit, or says how long until one is there.
-    pub fn try_take(&self, now: Instant) -> Result<(), Empty> {
-        self.with_level(now, |level| {
-            level.permits -= 1.0;
-            level.dry = false;
-        })
-    }
-
-    /// Whether [`Self::try_take`] would pass now, taking nothing: lets a
-    /// caller skip work that only a permit would make useful.
-    pub fn check(&self, now: Instant) -> Result<(), Empty> {
-        self.with_level(now, |_| {})
-    }
-
-    fn with_level(&self, now: Instant, granted: impl FnOnce(&mut Level)) -> Result<(), Empty> {
+    /// Takes one permit, or says how long until one is there. The permit
+    /// goes back into the bucket unless [`Permit::spend`] is called: a
+    /// caller can take it before work that only a permit makes useful
+    /// (so that work is skipped when there is none) and return it when
+    /// it turns out not to be needed.
+    pub fn take(&self, now: Instant) -> Result<Permit<'_>, Empty> {
         let mut level = self.level.lock().unwrap_or_else(|p| p.into_inner());
         // An `Instant` from before the last call (callers on other threads)
         // refills nothing rather than panicking or going backwards.
@@ -89,8 +80,12 @@ impl TokenBucket {
         level.permits = (level.permits + elapsed.as_secs_f64() * self.per_second).min(self.burst);
         level.at = level.at.max(now);
         if level.permits >= 1.0 {
-            granted(&mut level);
-            return Ok(());
+            level.permits -= 1.0;
+            level.dry = false;
+            return Ok(Permit {
+                bucket: self,
+                spent: false,
+            });
         }
         let first = !level.dry;
         level.dry = true;
@@ -104,9 +99,38 @@ impl TokenBucket {
     }
 }
 
+/// One permit of a [`TokenBucket`], returned to it when dropped unspent.
+#[derive(Debug)]
+#[must_use = "an unspent permit goes back into the bucket when dropped"]
+pub struct Permit<'a> {
+    bucket: &'a TokenBucket,
+    spent: bool,
+}
+
+impl Permit<'_> {
+    /// The permit was used: it does not go back.
+    pub fn spend(mut self) {
+        self.spent = true;
+    }
+}
+
+impl Drop for Permit<'_> {
+    fn drop(&mut self) {
+        if !self.spent {
+            let mut level = self.bucket.level.lock().unwrap_or_else(|p| p.into_inner());
+            level.permits = (level.permits + 1.0).min(self.bucket.burst);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Takes and spends a permit.
+    fn take(b: &TokenBucket, now: Instant) -> Result<(), Empty> {
+        b.take(now).map(Permit::spend)
+    }
 
     #[test]
     fn a_burst_then_the_rate() {
@@ -114,22 +138,22 @@ mod tests {
         // 3 at once, then one a second.
         let b = TokenBucket::new(60, 3, t0);
         for _ in 0..3 {
-            assert_eq!(b.try_take(t0), Ok(()));
+            assert!(take(&b, t0).is_ok());
         }
-        let empty = b.try_take(t0).unwrap_err();
+        let empty = take(&b, t0).unwrap_err();
         assert_eq!(empty.retry_after, Duration::from_secs(1));
         assert!(empty.first);
-        assert!(!b.try_take(t0).unwrap_err().first, "warned once");
+        assert!(!take(&b, t0).unwrap_err().first, "warned once");
         // Half a second refills half a permit: still nothing.
-        assert!(b.try_take(t0 + Duration::from_millis(500)).is_err());
-        assert_eq!(b.try_take(t0 + Duration::from_secs(1)), Ok(()));
-        assert!(b.try_take(t0 + Duration::from_secs(1)).is_err());
+        assert!(take(&b, t0 + Duration::from_millis(500)).is_err());
+        assert!(take(&b, t0 + Duration::from_secs(1)).is_ok());
+        assert!(take(&b, t0 + Duration::from_secs(1)).is_err());
         // A long pause refills up to the burst, not beyond.
         let later = t0 + Duration::from_secs(3600);
         for _ in 0..3 {
-            assert_eq!(b.try_take(later), Ok(()));
+            assert!(take(&b, later).is_ok());
         }
-        let again = b.try_take(later).unwrap_err();
+        let again = take(&b, later).unwrap_err();
         assert!(again.first, "a new episode after a grant");
     }
 
@@ -143,7 +167,7 @@ mod tests {
         // 100 000 asks over 30 s.
         for i in 0..100_000u64 {
             let now = t0 + Duration::from_micros(i * 300);
-            if b.try_take(now).is_ok() {
+            if take(&b, now).is_ok() {
                 granted += 1;
             }
         }
@@ -152,32 +176,35 @@ mod tests {
     }
 
     #[test]
-    fn check_takes_nothing_and_slow_rates_say_when() {
+    fn unspent_permits_go_back_and_slow_rates_say_when() {
         let t0 = Instant::now();
         let b = TokenBucket::new(1, 1, t0);
-        assert_eq!(b.check(t0), Ok(()));
-        assert_eq!(b.check(t0), Ok(()));
-        assert_eq!(b.try_take(t0), Ok(()));
-        let empty = b.check(t0 + Duration::from_secs(15)).unwrap_err();
+        for _ in 0..3 {
+            let permit = b.take(t0).unwrap();
+            assert!(b.take(t0).is_err(), "taken while held");
+            drop(permit);
+        }
+        assert!(take(&b, t0).is_ok());
+        let empty = take(&b, t0 + Duration::from_secs(15)).unwrap_err();
         assert_eq!(empty.retry_after, Duration::from_secs(45));
-        assert_eq!(b.try_take(t0 + Duration::from_secs(60)), Ok(()));
+        assert_eq!(take(&b, t0 + Duration::from_secs(60)), Ok(()));
     }
 
     #[test]
     fn an_earlier_instant_refills_nothing() {
         let t0 = Instant::now() + Duration::from_secs(10);
         let b = TokenBucket::new(60, 1, t0);
-        assert_eq!(b.try_take(t0), Ok(()));
-        assert!(b.try_take(t0 - Duration::from_secs(5)).is_err());
-        assert!(b.try_take(t0 + Duration::from_millis(999)).is_err());
-        assert_eq!(b.try_take(t0 + Duration::from_secs(1)), Ok(()));
+        assert!(take(&b, t0).is_ok());
+        assert!(take(&b, t0 - Duration::from_secs(5)).is_err());
+        assert!(take(&b, t0 + Duration::from_millis(999)).is_err());
+        assert!(take(&b, t0 + Duration::from_secs(1)).is_ok());
     }
 
     #[test]
     fn configured_from_limits() {
         let t0 = Instant::now();
         let b = TokenBucket::for_new_repositories(&Limits::default(), t0);
-        let granted = (0..1000).filter(|_| b.try_take(t0).is_ok()).count();
+        let granted = (0..1000).filter(|_| take(&b, t0).is_ok()).count();
         assert_eq!(granted, 100);
     }
 }
