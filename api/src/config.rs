@@ -143,9 +143,12 @@ fn default_read_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-/// `limits:`: bounds on what clients may hold of the proxy's listeners.
-/// Without them one client could keep thousands of connections open that
-/// never finish a request and exhaust the proxy's file descriptors.
+/// `limits:`: bounds on what clients may hold of the proxy's listeners,
+/// and on the upstream work they can make it do. Without them one client
+/// could keep thousands of connections open that never finish a request
+/// and exhaust the proxy's file descriptors, or make up repository names
+/// so that the proxy asks a token realm with its `credentialsFile`
+/// credentials once per name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
@@ -168,6 +171,17 @@ pub struct Limits {
     /// Longest TLS handshake on the HTTPS listener.
     #[serde(with = "humantime_serde", default = "default_tls_handshake_timeout")]
     pub tls_handshake_timeout: Duration,
+    /// Token requests per minute, per registry, that the proxy makes with
+    /// a registry's `credentialsFile` credentials for repositories it holds
+    /// no token for and never read with them (a token bucket refilled at
+    /// this rate). Renewals for repositories already read are not counted.
+    /// Past it such a request is answered `429` without asking the realm.
+    #[serde(default = "default_new_repository_tokens_per_minute")]
+    pub new_repository_tokens_per_minute: u32,
+    /// How many of those token requests may go at once before the rate
+    /// applies (the bucket's size).
+    #[serde(default = "default_new_repository_token_burst")]
+    pub new_repository_token_burst: u32,
 }
 
 impl Default for Limits {
@@ -178,6 +192,8 @@ impl Default for Limits {
             header_read_timeout: default_header_read_timeout(),
             idle_timeout: default_idle_timeout(),
             tls_handshake_timeout: default_tls_handshake_timeout(),
+            new_repository_tokens_per_minute: default_new_repository_tokens_per_minute(),
+            new_repository_token_burst: default_new_repository_token_burst(),
         }
     }
 }
@@ -195,6 +211,11 @@ impl Limits {
     pub const MAX_CONNECTIONS: u32 = 1_000_000;
     /// Upper bound of `maxStreamsPerConnection`.
     pub const MAX_STREAMS: u32 = 10_000;
+    /// Upper bound of `newRepositoryTokensPerMinute` (1000 a second: more
+    /// is no limit on a realm at all).
+    pub const MAX_TOKENS_PER_MINUTE: u32 = 60_000;
+    /// Upper bound of `newRepositoryTokenBurst`.
+    pub const MAX_TOKEN_BURST: u32 = 100_000;
 
     fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections) {
@@ -207,6 +228,18 @@ impl Limits {
             return Err(ConfigError::new(
                 "limits.maxStreamsPerConnection",
                 format!("must be between 1 and {}", Self::MAX_STREAMS),
+            ));
+        }
+        if !(1..=Self::MAX_TOKENS_PER_MINUTE).contains(&self.new_repository_tokens_per_minute) {
+            return Err(ConfigError::new(
+                "limits.newRepositoryTokensPerMinute",
+                format!("must be between 1 and {}", Self::MAX_TOKENS_PER_MINUTE),
+            ));
+        }
+        if !(1..=Self::MAX_TOKEN_BURST).contains(&self.new_repository_token_burst) {
+            return Err(ConfigError::new(
+                "limits.newRepositoryTokenBurst",
+                format!("must be between 1 and {}", Self::MAX_TOKEN_BURST),
             ));
         }
         for (key, value) in [
@@ -243,6 +276,18 @@ fn default_idle_timeout() -> Duration {
 
 fn default_tls_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+/// One a second: a cluster starting workloads from new repositories pulls
+/// far fewer distinct ones than that once the burst is spent.
+fn default_new_repository_tokens_per_minute() -> u32 {
+    60
+}
+
+/// A node or a rollout pulling a hundred new repositories at once is not
+/// slowed at all.
+fn default_new_repository_token_burst() -> u32 {
+    100
 }
 
 /// One upstream registry.
@@ -693,6 +738,19 @@ registries:
         assert_eq!(c.limits.max_connections, 10);
         assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
         assert_eq!(c.limits.idle_timeout, Limits::default().idle_timeout);
+        assert_eq!(c.limits.new_repository_tokens_per_minute, 60);
+        assert_eq!(c.limits.new_repository_token_burst, 100);
+        let c = ProxyConfig::from_yaml(
+            "limits: {newRepositoryTokensPerMinute: 6, newRepositoryTokenBurst: 3}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                c.limits.new_repository_tokens_per_minute,
+                c.limits.new_repository_token_burst
+            ),
+            (6, 3)
+        );
         assert_eq!(ProxyConfig::from_yaml(&c.to_yaml().unwrap()).unwrap(), c);
         assert!(!ProxyConfig::default().to_yaml().unwrap().contains("limits"));
         for (yaml, key) in [
@@ -713,6 +771,22 @@ registries:
             (
                 "limits: {tlsHandshakeTimeout: 25h}\n",
                 "limits.tlsHandshakeTimeout",
+            ),
+            (
+                "limits: {newRepositoryTokensPerMinute: 0}\n",
+                "limits.newRepositoryTokensPerMinute",
+            ),
+            (
+                "limits: {newRepositoryTokensPerMinute: 60001}\n",
+                "limits.newRepositoryTokensPerMinute",
+            ),
+            (
+                "limits: {newRepositoryTokenBurst: 0}\n",
+                "limits.newRepositoryTokenBurst",
+            ),
+            (
+                "limits: {newRepositoryTokenBurst: 100001}\n",
+                "limits.newRepositoryTokenBurst",
             ),
         ] {
             assert_eq!(err(yaml).key, key, "{yaml}");
@@ -754,6 +828,7 @@ mod loader_properties {
             Just("limits".to_string()),
             Just("maxConnections".to_string()),
             Just("idleTimeout".to_string()),
+            Just("newRepositoryTokenBurst".to_string()),
             Just("authCheckTTL".to_string()),
             Just("defaultRegistry".to_string()),
             Just("proxy".to_string()),

@@ -142,7 +142,7 @@ impl Settings {
             let Some(path) = &r.credentials_file else {
                 continue;
             };
-            let creds = RegistryCredentials::load(&r.host, path)?;
+            let creds = RegistryCredentials::load(&r.host, path)?.limited(&config.limits);
             if r.private {
                 tracing::warn!(
                     registry = %r.host,

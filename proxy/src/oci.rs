@@ -137,6 +137,7 @@ pub enum ErrorCode {
     Denied,
     Unsupported,
     Unavailable,
+    TooManyRequests,
 }
 
 impl ErrorCode {
@@ -149,6 +150,7 @@ impl ErrorCode {
             ErrorCode::Denied => "DENIED",
             ErrorCode::Unsupported => "UNSUPPORTED",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
         }
     }
 }

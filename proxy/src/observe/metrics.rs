@@ -59,6 +59,9 @@ pub enum AuthResult {
     /// The upstream could not answer (outage): the cache was served only
     /// to a client class known to read it, else a 503.
     unreachable,
+    /// The proxy did not ask: its throttle on token requests for new
+    /// repositories was empty; nothing was served (a 429).
+    throttled,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +88,7 @@ pub struct Metrics {
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     merged: Family<RegistryLabel, Counter>,
     auth_checks: Family<AuthLabels, Counter>,
+    tokens_throttled: Family<RegistryLabel, Counter>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     evictions: Counter,
@@ -142,6 +146,12 @@ impl Default for Metrics {
             "auth_checks",
             "Upstream access checks before serving cached content, by result",
             auth_checks.clone(),
+        );
+        let tokens_throttled = Family::<RegistryLabel, Counter>::default();
+        registry.register(
+            "token_requests_throttled",
+            "Requests answered 429 because a token for a repository never read with the registry's credentialsFile was not asked for (limits.newRepositoryTokensPerMinute)",
+            tokens_throttled.clone(),
         );
         let cache_bytes = Gauge::default();
         registry.register(
@@ -204,6 +214,7 @@ impl Default for Metrics {
             upstream,
             merged,
             auth_checks,
+            tokens_throttled,
             cache_bytes,
             cache_entries,
             evictions,
@@ -310,6 +321,16 @@ impl Metrics {
             .get_or_create(&AuthLabels {
                 registry: registry.to_string(),
                 result,
+            })
+            .inc();
+    }
+
+    /// A request was refused by the throttle on credentialed token
+    /// requests for new repositories.
+    pub fn token_throttled(&self, registry: &str) {
+        self.tokens_throttled
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
             })
             .inc();
     }

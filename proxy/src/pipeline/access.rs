@@ -170,6 +170,11 @@ enum Answer {
     Refused(Response<Body>),
     /// Unreachable, timed out, 429 or 5xx: no answer about access.
     Outage,
+    /// The proxy's own throttle on token requests for new repositories
+    /// (see `upstream::throttle`) kept it from asking: the client caused
+    /// it, so nothing opens — not even what an outage would open — and it
+    /// is told to come back later.
+    Throttled(Response<Body>),
 }
 
 impl Ctx<'_> {
@@ -226,6 +231,9 @@ impl Ctx<'_> {
                 }
                 // No answer now: the client's own ask would get none either.
                 Answer::Outage => answer = Some(Answer::Outage),
+                // The proxy's credentials are not used for a client
+                // bringing its own: ask with those.
+                Answer::Throttled(_) => {}
                 Answer::Refused(_) => {}
             }
         }
@@ -241,6 +249,10 @@ impl Ctx<'_> {
             }
             Answer::Refused(resp) => {
                 metrics.auth_check(host, AuthResult::denied);
+                Ok(Some(resp))
+            }
+            Answer::Throttled(resp) => {
+                metrics.auth_check(host, AuthResult::throttled);
                 Ok(Some(resp))
             }
             Answer::Outage => {
@@ -276,6 +288,9 @@ impl Ctx<'_> {
         let url = self.url(path, None)?;
         let up = match self.send(Method::HEAD, url, headers).await {
             Ok(up) => up,
+            Err(err) if err.is_throttled() => {
+                return Ok(Answer::Throttled(err.into_response()));
+            }
             Err(err) => {
                 tracing::warn!(error = %err, registry = host, repository = repo,
                     "cannot ask the upstream about access");

@@ -14,7 +14,7 @@ use crate::config::RegistrySettings;
 use crate::http::headers::insert_bearer;
 use crate::route::Via;
 use crate::upstream::token::parse_bearer;
-use crate::upstream::{UpstreamClient, UpstreamResponse};
+use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse};
 
 pub(crate) struct Ctx<'a> {
     pub(crate) shared: &'a Arc<Shared>,
@@ -71,9 +71,14 @@ impl Ctx<'_> {
                     self.read_timeout,
                 )
                 .await
-                .map_err(|source| HandlerError::Upstream {
-                    registry: host.to_string(),
-                    source,
+                .map_err(|source| {
+                    if matches!(source, UpstreamError::Throttled { .. }) {
+                        self.shared.metrics.token_throttled(host);
+                    }
+                    HandlerError::Upstream {
+                        registry: host.to_string(),
+                        source,
+                    }
                 })?;
             self.shared
                 .metrics

@@ -79,6 +79,13 @@ pub async fn handle(
     drop(_enter);
     let resp = match serve(&shared, req, &host, &mut record).await {
         Ok(resp) => resp,
+        Err(err) if err.is_throttled() => {
+            // Warned once per episode where it is decided (a flood would
+            // otherwise write a line per request); counted in metrics.
+            tracing::debug!(error = %err, registry = %record.registry, path = %record.path, "request throttled");
+            record.cache = CacheResult::Pass;
+            err.into_response()
+        }
         Err(err) => {
             tracing::warn!(error = %err, registry = %record.registry, path = %record.path, "request failed");
             if record.cache != CacheResult::Denied {
@@ -126,7 +133,26 @@ pub(crate) enum HandlerError {
 }
 
 impl HandlerError {
+    /// A token request the throttle did not allow: the client may retry
+    /// later, nothing went upstream.
+    pub(crate) fn is_throttled(&self) -> bool {
+        matches!(
+            self,
+            HandlerError::Upstream {
+                source: UpstreamError::Throttled { .. },
+                ..
+            }
+        )
+    }
+
     fn into_response(self) -> Response<Body> {
+        if let HandlerError::Upstream {
+            source: UpstreamError::Throttled { retry_after, .. },
+            ..
+        } = &self
+        {
+            return too_many_requests(&self.to_string(), *retry_after);
+        }
         let (status, code, message) = match &self {
             HandlerError::Refused {
                 status,
@@ -146,6 +172,23 @@ impl HandlerError {
         };
         oci::error_response(status, code, &message).map(body::full)
     }
+}
+
+/// `429 TOOMANYREQUESTS` with `Retry-After` (whole seconds), as a
+/// registry answers a client over its rate limit: clients back off and
+/// retry instead of failing the pull for good.
+pub(crate) fn too_many_requests(message: &str, retry_after: std::time::Duration) -> Response<Body> {
+    let mut resp = oci::error_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyRequests,
+        message,
+    )
+    .map(body::full);
+    resp.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(retry_after.as_secs().max(1)),
+    );
+    resp
 }
 
 pub(crate) fn refused(

@@ -17,20 +17,33 @@
 //! `Authorization` there), and never into a log (`Debug` is written by
 //! hand, header values are marked sensitive).
 //!
+//! Clients choose repository names, and each new one costs a token request
+//! with the credentials, so those are bounded: concurrent requests for one
+//! scope share one token request, and token requests for scopes the
+//! upstream never served with these credentials draw from a per-registry
+//! [`TokenBucket`] (`limits.newRepositoryTokenBurst`, refilled at
+//! `newRepositoryTokensPerMinute`). When it is empty the request fails with
+//! [`UpstreamError::Throttled`] before the realm — and, once the registry is
+//! known to want tokens, before the registry — is contacted. Repositories
+//! already read (at most [`MAX_KNOWN_SCOPES`]) renew their tokens without
+//! drawing from it, so a flood of made-up names cannot starve real pulls.
+//!
 //! A [`RegistryCredentials`] belongs to one config snapshot: a reload that
 //! changes the credentials builds a new one, so tokens fetched with the old
 //! credentials are dropped with it (see `config::watch`).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, StatusCode, Uri};
-use pullthrough_api::config::{CredentialsError, UpstreamCredentials};
+use pullthrough_api::config::{CredentialsError, Limits, UpstreamCredentials};
 
+use super::throttle::{Empty, Permit, TokenBucket};
 use super::token::{self, Challenge, TokenError, TokenRequest, parse_bearer};
 use super::{UpstreamClient, UpstreamError, UpstreamResponse};
 use crate::bounded::BoundedMap;
@@ -45,6 +58,12 @@ const RENEW_MARGIN: Duration = Duration::from_secs(10);
 /// Cached tokens kept at most (one per scope, and clients choose the
 /// scope); past this the oldest go first.
 pub const MAX_TOKENS: usize = 1000;
+
+/// Scopes remembered as read with these credentials (their token renewals
+/// are not throttled); past this the ones read longest ago go first. Only
+/// what the upstream served joins, so made-up names cannot push real
+/// repositories out faster than the throttle lets them be asked for.
+pub const MAX_KNOWN_SCOPES: usize = 10_000;
 
 /// A `credentialsFile` that cannot be used, naming the registry and the
 /// file (and the field, never a value).
@@ -92,9 +111,22 @@ pub struct RegistryCredentials {
     fingerprint: String,
     /// The registry answered with a Basic challenge: send Basic up front.
     wants_basic: AtomicBool,
+    /// The registry answered with a Bearer challenge: a scope without a
+    /// fresh token will need one from the realm.
+    wants_bearer: AtomicBool,
     /// Bearer tokens by scope (`""` for requests without a repository),
     /// at most [`MAX_TOKENS`].
     tokens: Mutex<BoundedMap<String, Token>>,
+    /// Scopes the upstream served with a token of these credentials, at
+    /// most [`MAX_KNOWN_SCOPES`]: their renewals skip `new_scopes`.
+    known: Mutex<BoundedMap<String, ()>>,
+    /// Token requests for scopes not in `known`.
+    new_scopes: TokenBucket,
+    /// One gate per scope whose token is being fetched, so concurrent
+    /// requests for a scope wait for one realm answer instead of each
+    /// asking (and each drawing from `new_scopes`). An entry lives only
+    /// while some request holds it.
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 struct Token {
@@ -132,6 +164,25 @@ enum Sent {
     Bearer,
 }
 
+/// A gate of [`RegistryCredentials::fetching`], removed from the map by
+/// the last request that held it.
+struct Turn<'a> {
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: &'a str,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Clones are made under this lock: two references (the map's and
+        // ours) mean nobody else waits on this gate.
+        if Arc::strong_count(&self.gate) <= 2 {
+            map.remove(self.key);
+        }
+    }
+}
+
 /// The challenge of a 401 the proxy can answer.
 enum Wanted {
     Basic,
@@ -143,6 +194,14 @@ impl RegistryCredentials {
     pub fn load(registry: &str, path: &Path) -> Result<Self, CredentialsFileError> {
         let credentials = read_file(registry, path)?;
         Ok(Self::new(registry, path, credentials))
+    }
+
+    /// Throttles token requests for new scopes as `limits` say (the
+    /// default limits until called).
+    #[must_use]
+    pub fn limited(mut self, limits: &Limits) -> Self {
+        self.new_scopes = TokenBucket::for_new_repositories(limits, Instant::now());
+        self
     }
 
     pub fn new(registry: &str, file: &Path, credentials: UpstreamCredentials) -> Self {
@@ -161,7 +220,11 @@ impl RegistryCredentials {
             basic,
             fingerprint,
             wants_basic: AtomicBool::new(false),
+            wants_bearer: AtomicBool::new(false),
             tokens: Mutex::new(BoundedMap::new(MAX_TOKENS)),
+            known: Mutex::new(BoundedMap::new(MAX_KNOWN_SCOPES)),
+            new_scopes: TokenBucket::for_new_repositories(&Limits::default(), Instant::now()),
+            fetching: Mutex::new(HashMap::new()),
         }
     }
 
@@ -182,7 +245,9 @@ impl RegistryCredentials {
     /// registry's 401 (with its challenge) is returned as is, so a client
     /// learns that it must authenticate itself. A token exchange that fails
     /// otherwise (realm unreachable, not https, a 5xx, no token in the
-    /// answer) is an [`UpstreamError::Token`].
+    /// answer) is an [`UpstreamError::Token`]; one the throttle does not
+    /// allow now is an [`UpstreamError::Throttled`], before the realm is
+    /// asked.
     #[tracing::instrument(level = "debug", skip_all, fields(registry = %self.registry, %method, scope))]
     pub async fn send(
         &self,
@@ -196,12 +261,36 @@ impl RegistryCredentials {
         let key = scope.unwrap_or_default();
         tracing::Span::current().record("scope", key);
         let (sent, up_front) = self.up_front(key);
+        // The registry will challenge, and only a new token could answer:
+        // the permit for it is taken before the registry is asked, so a
+        // flood costs the registry nothing either once the bucket is
+        // empty. It goes back if it turns out not to be needed.
+        let permit = if sent == Sent::Nothing
+            && self.wants_bearer.load(Ordering::Relaxed)
+            && !self.is_known(key)
+        {
+            Some(
+                self.new_scopes
+                    .take(Instant::now())
+                    .map_err(|empty| self.throttled(empty))?,
+            )
+        } else {
+            None
+        };
         let resp = client
-            .send(method.clone(), url.clone(), with_auth(&headers, up_front))
+            .send(
+                method.clone(),
+                url.clone(),
+                with_auth(&headers, up_front.clone()),
+            )
             .await?;
         if resp.response.status() != StatusCode::UNAUTHORIZED {
+            if sent == Sent::Bearer {
+                self.note_read(key, &resp);
+            }
             return Ok(resp);
         }
+        let mut with_token = false;
         let retry_with = match wanted(resp.response.headers()) {
             None => return Ok(resp),
             Some(Wanted::Basic) => {
@@ -214,12 +303,20 @@ impl RegistryCredentials {
             }
             Some(Wanted::Bearer(challenge)) => {
                 self.wants_basic.store(false, Ordering::Relaxed);
-                if sent == Sent::Bearer {
+                self.wants_bearer.store(true, Ordering::Relaxed);
+                let rejected = up_front.filter(|_| sent == Sent::Bearer);
+                if let Some(rejected) = &rejected {
                     // Revoked or expired early: never offer it again.
-                    self.forget(key);
+                    self.forget(key, rejected);
                 }
-                match self.fetch_token(client, &challenge, key, timeout).await? {
-                    Some(token) => token,
+                match self
+                    .token_for(client, &challenge, key, rejected.as_ref(), permit, timeout)
+                    .await?
+                {
+                    Some(token) => {
+                        with_token = true;
+                        token
+                    }
                     None => {
                         self.refused("the token realm");
                         return Ok(resp);
@@ -228,9 +325,97 @@ impl RegistryCredentials {
             }
         };
         client.discard(resp.response).await;
-        client
+        let resp = client
             .send(method, url, with_auth(&headers, Some(retry_with)))
-            .await
+            .await?;
+        if with_token {
+            self.note_read(key, &resp);
+        }
+        Ok(resp)
+    }
+
+    /// A token for `key` after the registry challenged: one another
+    /// request for the scope just fetched, else one from the realm — for
+    /// a scope never read with these credentials only with a permit of
+    /// the throttle (`permit`, taken before the registry was asked, or
+    /// one taken now). `rejected` (the token the registry just refused)
+    /// is never handed out again.
+    async fn token_for(
+        &self,
+        client: &UpstreamClient,
+        challenge: &Challenge,
+        key: &str,
+        rejected: Option<&HeaderValue>,
+        permit: Option<Permit<'_>>,
+        timeout: Duration,
+    ) -> Result<Option<HeaderValue>, UpstreamError> {
+        let turn = self.turn(key);
+        let _held = turn.gate.lock().await;
+        if let (Sent::Bearer, Some(token)) = self.up_front(key)
+            && rejected != Some(&token)
+        {
+            // `permit`, unspent, goes back.
+            return Ok(Some(token));
+        }
+        if !self.is_known(key) {
+            let permit = match permit {
+                Some(p) => p,
+                None => self
+                    .new_scopes
+                    .take(Instant::now())
+                    .map_err(|empty| self.throttled(empty))?,
+            };
+            permit.spend();
+        }
+        self.fetch_token(client, challenge, key, timeout).await
+    }
+
+    /// The gate of `key`'s token fetches (see [`Self::fetching`]).
+    fn turn<'a>(&'a self, key: &'a str) -> Turn<'a> {
+        let mut map = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        let gate = map.entry(key.to_string()).or_default().clone();
+        Turn {
+            map: &self.fetching,
+            key,
+            gate,
+        }
+    }
+
+    fn is_known(&self, key: &str) -> bool {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        known.get(key).is_some()
+    }
+
+    /// Remembers `key` as read with these credentials when the upstream
+    /// served the request (a redirect to storage is serving it too), so
+    /// its token renewals are never throttled. A 404 of a made-up name
+    /// does not count.
+    fn note_read(&self, key: &str, resp: &UpstreamResponse) {
+        if !(resp.response.status().is_success() || resp.hops > 0) {
+            return;
+        }
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if known.get(key).is_none() {
+            known.insert(key.to_string(), ());
+        }
+    }
+
+    fn throttled(&self, empty: Empty) -> UpstreamError {
+        if empty.first {
+            // Once per episode: a flood would otherwise log a line per
+            // request.
+            tracing::warn!(
+                registry = %self.registry,
+                retry_after_secs = empty.retry_after.as_secs(),
+                "too many new repositories asked for with the registry's credentialsFile; \
+                 answering 429 instead of asking the token realm (limits.newRepositoryTokensPerMinute, \
+                 limits.newRepositoryTokenBurst)"
+            );
+        }
+        UpstreamError::Throttled {
+            registry: self.registry.clone(),
+            retry_after: empty.retry_after,
+        }
     }
 
     fn refused(&self, by: &str) {
@@ -254,9 +439,13 @@ impl RegistryCredentials {
         (Sent::Nothing, None)
     }
 
-    fn forget(&self, scope: &str) {
+    /// Drops the token of `scope` if it is still `rejected` (another
+    /// request may have replaced it with a fresh one meanwhile).
+    fn forget(&self, scope: &str, rejected: &HeaderValue) {
         let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
-        tokens.remove(scope);
+        if tokens.get(scope).is_some_and(|t| t.header == rejected) {
+            tokens.remove(scope);
+        }
     }
 
     /// GETs a token from the challenge's realm with Basic credentials

@@ -3,7 +3,8 @@
 //! in `resolve`, redirects in `redirect`), and authentication towards
 //! them: Bearer tokens from a realm ([`token`], one fetcher for anonymous
 //! and configured tokens) and the registry's `credentialsFile`
-//! ([`credentials`]).
+//! ([`credentials`], whose token requests for new repositories are
+//! rate limited by [`throttle`]).
 //!
 //! [`Upstreams`] holds one pooled client per configured registry. Each client
 //! speaks HTTP/1.1 and HTTP/2 (ALPN) over rustls (ring), trusting the webpki
@@ -24,6 +25,7 @@ mod redirect;
 mod resolve;
 #[cfg(test)]
 mod tests;
+pub mod throttle;
 pub mod token;
 mod trust;
 
@@ -104,6 +106,18 @@ pub enum UpstreamError {
         registry: String,
         realm: String,
         reason: String,
+    },
+    /// Too many repositories the proxy never read with the registry's
+    /// `credentialsFile` were asked for lately: the realm is not asked for
+    /// another token now (`limits.newRepositoryTokensPerMinute`). Nothing
+    /// was sent upstream for it; the client gets a `429`.
+    #[error(
+        "not asking the token realm of registry {registry} for a token for another new          repository now (limits.newRepositoryTokensPerMinute); retry in {}s",
+        retry_after.as_secs()
+    )]
+    Throttled {
+        registry: String,
+        retry_after: Duration,
     },
 }
 
