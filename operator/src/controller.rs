@@ -122,7 +122,7 @@ impl Context {
                 &self.config,
                 &self.kube,
                 &self.metrics,
-                current,
+                Some(current),
                 obs.node_proxy.as_ref(),
             )
             .await
@@ -273,6 +273,51 @@ pub fn error_policy(obj: Arc<MirrorRegistry>, err: &Error, ctx: Arc<Context>) ->
     }
 }
 
+/// Reconciles run per MirrorRegistry, so with none there would be no
+/// table: the proxy (which mounts it) would never start after a fresh
+/// `helm install`. Once the first list is in the cache, converge the table
+/// as it stands, registries or not (never before: an empty cache would
+/// drop every registry from the nodes), retrying until it is written.
+async fn publish_initial_table(ctx: Arc<Context>) {
+    // Re-polled each second: the store's readiness signal wakes only the
+    // waiter polled last (kube-runtime's DelayedInit keeps one waker), and
+    // the controller's own runner waits on it too.
+    loop {
+        match tokio::time::timeout(Duration::from_secs(1), ctx.kube.store.wait_until_ready()).await
+        {
+            Ok(Ok(())) => break,
+            Ok(Err(_)) => return,
+            Err(_elapsed) => continue,
+        }
+    }
+    let mut attempt = 0;
+    loop {
+        let published = match ctx.observe(true).await {
+            Ok(obs) => ctx
+                .state
+                .publisher
+                .converge(
+                    &ctx.config,
+                    &ctx.kube,
+                    &ctx.metrics,
+                    None,
+                    obs.node_proxy.as_ref(),
+                )
+                .await
+                .map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok(()) => return,
+            Err(e) => {
+                attempt += 1;
+                tracing::warn!(error = %e, attempt, "publishing the registry table failed; retrying");
+                tokio::time::sleep(error::backoff(attempt)).await;
+            }
+        }
+    }
+}
+
 /// Runs the controller until `stop` fires.
 pub async fn run(
     client: Client,
@@ -288,6 +333,7 @@ pub async fn run(
     let ctx = Arc::new(Context::new(
         client, settings, base, store, &identity, metrics,
     ));
+    let initial = tokio::spawn(publish_initial_table(ctx.clone()));
     controller
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -299,4 +345,5 @@ pub async fn run(
             }
         })
         .await;
+    initial.abort();
 }

@@ -68,18 +68,18 @@ fn fingerprint(all: &[Arc<MirrorRegistry>], proxy: Option<&NodeProxy>) -> u64 {
 }
 
 impl Publisher {
-    /// Renders the table from the cache (with `current` replacing its cached
-    /// copy) and applies it when it changed.
+    /// Renders the table from the cache (with `current`, when given,
+    /// replacing its cached copy) and applies it when it changed.
     pub async fn converge(
         &self,
         config: &Config,
         kube: &Kube,
         metrics: &Metrics,
-        current: &Arc<MirrorRegistry>,
+        current: Option<&Arc<MirrorRegistry>>,
         node_proxy: Option<&NodeProxy>,
     ) -> Result<Arc<Table>, Error> {
         let settings = &config.settings;
-        let name = current.name_any();
+        let name = current.map(|c| c.name_any());
         // Under the lock, from the cache as it is now: reconciles queued
         // behind a write find their object already in the written table and
         // skip (one write per burst, not one per object). Rendering is
@@ -89,9 +89,9 @@ impl Publisher {
             .store
             .state()
             .into_iter()
-            .filter(|c| c.name_any() != name)
+            .filter(|c| Some(c.name_any()) != name)
             .collect();
-        all.push(current.clone());
+        all.extend(current.cloned());
         let fp = fingerprint(&all, node_proxy);
         let fresh = |at: &Instant| at.elapsed() < settings.resync_interval;
         if let Some(l) = last.as_ref()

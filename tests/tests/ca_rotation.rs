@@ -244,6 +244,17 @@ fn proxy_follows_two_ca_rotations_without_restart() {
     })
     .unwrap();
     let first = volume.cert();
+    // With no MirrorRegistry at all, the leader still publishes the
+    // (empty) registry table: the proxy mounts it and cannot start
+    // without it (a fresh `helm install`).
+    wait_for("the registry table ConfigMap", TIMEOUT, || {
+        Ok(Command::new(&kubectl)
+            .env("KUBECONFIG", &admin)
+            .args(["get", "configmap", "pullthrough-registries", "-n", NS])
+            .output()
+            .is_ok_and(|o| o.status.success()))
+    })
+    .unwrap_or_else(|e| panic!("{e}\noperator log:\n{}", operator.log()));
 
     // ONE proxy for the whole test.
     let body = format!(
