@@ -304,6 +304,21 @@ fn own_names(config: &ProxyConfig, listen_ips: &[IpAddr]) -> Vec<String> {
         "[::1]".into(),
     ];
     names.extend(config.names.iter().map(|n| split_port(n).0.to_string()));
+    // The address nodes dial (in the cluster, the Service's ClusterIP; a
+    // node's containerd connects to it by IP, with no SNI and that IP as
+    // Host): the proxy must answer to it and hold a certificate for it.
+    let reached_at = config.proxy.as_ref().map(|p| {
+        p.address
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string()
+    });
+    for addr in reached_at.into_iter().filter(|a| !a.is_empty()) {
+        if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+            names.push(format!("[{addr}]"));
+        }
+        names.push(addr);
+    }
     for ip in listen_ips {
         if !ip.is_unspecified() {
             names.push(ip.to_string());

@@ -143,6 +143,39 @@ fn host_routing_for_dns_hijack() {
     );
 }
 
+/// In a cluster, containerd dials the proxy's Service by ClusterIP (no
+/// SNI, `Host: <ClusterIP>`, `?ns=`): that address, which the table's
+/// `proxy.address` carries, is one of the proxy's own names.
+#[test]
+fn the_address_nodes_reach_the_proxy_at_is_an_own_name() {
+    let config = ProxyConfig::from_yaml(
+        "proxy: {address: 10.96.0.154, caFile: /ca.crt}\nregistries:\n- host: registry.test\n",
+    )
+    .unwrap();
+    let router = Router::new(&config, &[]);
+    assert!(
+        router.own_names().any(|n| n == "10.96.0.154"),
+        "{:?}",
+        router.own_names().collect::<Vec<_>>()
+    );
+    let (r, req, via) = reg(router
+        .route(
+            Some("10.96.0.154"),
+            "/v2/team/app/manifests/v1",
+            Some("ns=registry.test"),
+        )
+        .unwrap());
+    assert_eq!((r.as_str(), via), ("registry.test", Via::Ns));
+    assert_eq!(req.repo(), Some("team/app"));
+    let v6 = ProxyConfig::from_yaml("proxy: {address: \"fd00::1\", caFile: /ca.crt}\n").unwrap();
+    let v6 = Router::new(&v6, &[]);
+    let names: Vec<&str> = v6.own_names().collect();
+    assert!(
+        names.contains(&"fd00::1") && names.contains(&"[fd00::1]"),
+        "{names:?}"
+    );
+}
+
 #[test]
 fn own_names_use_the_default_registry() {
     for host in [
