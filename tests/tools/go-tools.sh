@@ -14,7 +14,7 @@
 set -euo pipefail
 
 # ---- pinned versions: the first one of each list that builds wins ----------
-K8S_VERSIONS="v1.34.4 v1.34.3"        # k8s.io/kubernetes: kube-apiserver, kubectl
+K8S_VERSIONS="v1.34.4 v1.34.3"        # k8s.io/kubernetes: control plane, kubelet, kube-proxy, kubectl
 CRICTL_VERSIONS="v1.34.0 v1.37.0"     # sigs.k8s.io/cri-tools (CRI v1, fine for containerd 1.6)
 HELM_VERSIONS="v3.19.0 v3.19.5"       # helm.sh/helm/v3
 KUBECONFORM_VERSIONS="v0.7.0 v0.6.7"  # github.com/yannh/kubeconform
@@ -72,7 +72,10 @@ k8s_module() {  # k8s_module VERSION LOG -> prints the module dir
   local ver="$1" log="$2" dir="$BUILD_DIR/k8s-$1"
   local stagever="v0.${ver#v1.}"   # v1.34.4 -> v0.34.4
   mkdir -p "$dir"
-  if [[ ! -s "$dir/go.sum" ]]; then
+  # go.sum is complete for the commands listed in tools.go; a module dir made
+  # for a shorter list (an older checkout) is tidied again.
+  local stamp="$dir/.tidy-${K8S_CMDS// /+}"
+  if [[ ! -s "$dir/go.sum" || ! -e "$stamp" ]]; then
     # Read the staging list from kubernetes' own go.mod at this tag.
     local json gomod
     json="$(GOTOOLCHAIN=local go mod download -json "k8s.io/kubernetes@$ver" 2>>"$log")" || {
@@ -96,18 +99,14 @@ k8s_module() {  # k8s_module VERSION LOG -> prints the module dir
       echo ")"
     } >"$dir/go.mod"
     # Blank imports (never compiled: build tag) so `go mod tidy` records
-    # every module these two commands need in go.mod / go.sum.
-    cat >"$dir/tools.go" <<'EOF'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-EOF
+    # every module these commands need in go.mod / go.sum.
+    {
+      printf '//go:build tools\n\npackage tools\n\nimport (\n'
+      for c in $K8S_CMDS; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$c"; done
+      printf ')\n'
+    } >"$dir/tools.go"
     (cd "$dir" && run_go "$log" mod tidy) || { rm -f "$dir/go.sum"; return 1; }
+    rm -f "$dir"/.tidy-*; : >"$stamp"
   fi
   echo "$dir"
 }
@@ -128,6 +127,9 @@ build_k8s() {  # build_k8s TOOL VERSION LOG OUT
   (cd "$dir" && run_go "$log" build -trimpath -buildvcs=false -ldflags "$ld" \
     -o "$out" "k8s.io/kubernetes/cmd/$tool")
 }
+
+# Every k8s.io/kubernetes command the tests run (one module, one go.sum).
+K8S_CMDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy kubectl"
 
 # ---- plain `go install pkg@version` tools -----------------------------------
 # GOBIN points at a temp dir so nothing lands in ~/go/bin.
@@ -187,6 +189,11 @@ ensure() {
 total=$SECONDS
 ensure kube-apiserver build_k8s         "$K8S_VERSIONS"
 ensure kubectl        build_k8s         "$K8S_VERSIONS"
+# The one-node cluster (tests/tests/cluster.rs).
+ensure kube-controller-manager build_k8s "$K8S_VERSIONS"
+ensure kube-scheduler build_k8s         "$K8S_VERSIONS"
+ensure kubelet        build_k8s         "$K8S_VERSIONS"
+ensure kube-proxy     build_k8s         "$K8S_VERSIONS"
 ensure crictl         build_crictl      "$CRICTL_VERSIONS"
 ensure helm           build_helm        "$HELM_VERSIONS"
 ensure kubeconform    build_kubeconform "$KUBECONFORM_VERSIONS"
