@@ -486,7 +486,7 @@ pub async fn client_for_kubeconfig(path: &Path) -> Result<::kube::Client> {
 }
 
 /// A one-cluster, one-user kubeconfig (JSON, which is YAML).
-fn kubeconfig_json(url: &str, ca_pem: &str, user: Value) -> String {
+pub(crate) fn kubeconfig_json(url: &str, ca_pem: &str, user: Value) -> String {
     json!({
         "apiVersion": "v1",
         "kind": "Config",
@@ -502,7 +502,7 @@ fn kubeconfig_json(url: &str, ca_pem: &str, user: Value) -> String {
 }
 
 /// Standard base64 with padding (kubeconfig `*-data` fields).
-fn base64(data: &[u8]) -> String {
+pub(crate) fn base64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
 }
@@ -514,6 +514,7 @@ pub struct Helm {
     bin: PathBuf,
     home: TempDir,
     kubeconfig: Option<PathBuf>,
+    netns: Option<String>,
 }
 
 impl Helm {
@@ -522,11 +523,20 @@ impl Helm {
             bin: go_tool("helm")?,
             home: tempdir("pullthrough-helm-")?,
             kubeconfig: kubeconfig.map(Path::to_path_buf),
+            netns: None,
         })
     }
 
+    /// Runs helm inside the network namespace `name` (an API server that
+    /// listens only there).
+    pub fn in_netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_string());
+        self
+    }
+
     fn cmd(&self) -> Command {
-        let mut cmd = Command::new(&self.bin);
+        let no_args: [&str; 0] = [];
+        let mut cmd = crate::ns::maybe_in_netns(self.netns.as_deref(), &self.bin, no_args);
         let home = self.home.path();
         cmd.env("HELM_CACHE_HOME", home.join("cache"))
             .env("HELM_CONFIG_HOME", home.join("config"))

@@ -7,11 +7,13 @@
 //! mount namespace with a test-owned `/etc/hosts` (see [`ns`]).
 
 pub mod bins;
+pub mod cluster;
 pub mod containerd;
 pub mod dockerd;
 pub mod error;
 pub mod fixtures;
 pub mod http;
+pub mod images;
 pub mod kube;
 pub mod net;
 pub mod ns;

@@ -1,0 +1,596 @@
+//! `helm install` on a real one-node cluster runs every pod of the chart,
+//! a MirrorRegistry makes the node pull through the proxy, and
+//! `helm uninstall` reverts the node byte for byte.
+//!
+//! The cluster (tests/src/cluster) is the real thing, as processes in
+//! namespaces this test owns: etcd, kube-apiserver, kube-controller-manager,
+//! kube-scheduler, kubelet and kube-proxy from one Kubernetes release,
+//! Debian's containerd, runc and CNI plugins. The chart's three images are
+//! built offline from this tree (tests/src/images.rs) and imported into
+//! the node's containerd; so are the two utility images its uninstall hook
+//! uses (pause, kubectl). The upstream is a real docker-registry with TLS
+//! and htpasswd, inside the cluster's network namespace.
+//!
+//! Everything happens through `helm` and `kubectl`, as an admin would:
+//! 1. `helm install --wait`: operator, proxy and agent pods Ready;
+//! 2. `kubectl apply` a MirrorRegistry (+ credentials Secret): Ready,
+//!    Nodes 1/1, the node's containerd config points at the proxy;
+//! 3. a Pod whose image is on the upstream runs: pulled through the proxy
+//!    (MISS in its log, the upstream served the blobs); then the image is
+//!    removed from the node and the upstream restarted: the Pod runs again
+//!    from the cache (HIT, the upstream served no blob);
+//! 4. `helm uninstall`: the post-delete hook reverts the node (its
+//!    /etc/hosts, containerd, docker and containers files byte-identical to
+//!    before the install) and no pullthrough object is left but the CRD.
+//!
+//! It prints a timeline of those steps.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pullthrough_testbed::cluster::node::PAUSE_IMAGE;
+use pullthrough_testbed::cluster::{Cluster, NODE_IP};
+use pullthrough_testbed::images::{
+    ImageArchive, busybox_layer, oci_archive, oci_layout, program_image, program_images,
+};
+use pullthrough_testbed::kube::workspace_dir;
+use pullthrough_testbed::process::run;
+use pullthrough_testbed::registry::{Flavour, Registry, RegistryOpts};
+use pullthrough_testbed::tools::go_tool;
+use serde_json::json;
+
+const NS: &str = "pullthrough";
+const RELEASE: &str = "pullthrough";
+const MIRRORED: &str = "registry.test";
+const USER: &str = "puller";
+const PASSWORD: &str = "s3cret-pull";
+const WORKLOAD: &str = "registry.test/team/app:v1";
+
+/// The node's files the agent may touch; all of them must be as before
+/// once the chart is uninstalled.
+const NODE_FILES: &[&str] = &[
+    "/etc/hosts",
+    "/etc/containerd",
+    "/etc/docker",
+    "/etc/containers",
+    "/var/lib/pullthrough-agent",
+];
+
+struct Timeline {
+    t0: Instant,
+    steps: Vec<(String, Duration)>,
+}
+
+impl Timeline {
+    fn mark(&mut self, step: &str) {
+        let at = self.t0.elapsed();
+        eprintln!("[{:6.1}s] {step}", at.as_secs_f64());
+        self.steps.push((step.to_string(), at));
+    }
+
+    fn print(&self) {
+        let mut prev = Duration::ZERO;
+        eprintln!("\ntimeline (seconds since the test began; step duration):");
+        for (step, at) in &self.steps {
+            eprintln!(
+                "  {:6.1}  (+{:5.1})  {step}",
+                at.as_secs_f64(),
+                (*at - prev).as_secs_f64()
+            );
+            prev = *at;
+        }
+    }
+}
+
+/// Every `image:` the chart renders with `values` (hooks included).
+fn chart_images(chart: &str, values: &Path) -> Vec<String> {
+    let helm = pullthrough_testbed::kube::Helm::new(None).unwrap();
+    let out = helm
+        .run(&[
+            "template",
+            RELEASE,
+            chart,
+            "--namespace",
+            NS,
+            "-f",
+            values.to_str().unwrap(),
+        ])
+        .expect("helm template");
+    let mut images: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("image: "))
+        .map(|i| i.trim_matches('"').to_string())
+        .collect();
+    images.sort();
+    images.dedup();
+    images
+}
+
+/// The images the chart needs, built offline: the three programs of this
+/// tree, a pause image (busybox that exits on SIGTERM) and kubectl.
+fn build_images(dir: &Path, wanted: &[String]) -> Vec<ImageArchive> {
+    let mut out = Vec::new();
+    let program = |suffix: &str| wanted.iter().find(|i| i.contains(suffix)).cloned();
+    let (proxy, operator, agent) = (
+        program("/pullthrough-proxy:").expect("the chart's proxy image"),
+        program("/pullthrough-operator:").expect("the chart's operator image"),
+        program("/pullthrough-agent:").expect("the chart's agent image"),
+    );
+    let (prefix, tag) = proxy
+        .rsplit_once("/pullthrough-proxy:")
+        .expect("<prefix>/pullthrough-proxy:<tag>");
+    assert_eq!(operator, format!("{prefix}/pullthrough-operator:{tag}"));
+    assert_eq!(agent, format!("{prefix}/pullthrough-agent:{tag}"));
+    out.extend(program_images(dir, prefix, tag, &[]).expect("program images"));
+
+    // The sandbox image and the revert hook's "done" container.
+    let layer = busybox_layer(dir, "pause-layer.tar", &["sh", "sleep"]).unwrap();
+    let pause = oci_archive(
+        dir,
+        PAUSE_IMAGE,
+        &layer,
+        json!({
+            "Entrypoint": ["/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 2147483647 & wait"],
+            "User": "65535:65535",
+        }),
+    )
+    .unwrap();
+    out.push(ImageArchive {
+        name: PAUSE_IMAGE.into(),
+        archive: pause,
+    });
+    for image in wanted {
+        let known = [&proxy, &operator, &agent].contains(&image) || image == PAUSE_IMAGE;
+        if known {
+            continue;
+        }
+        if image.contains("/kubectl:") {
+            out.push(
+                program_image(
+                    dir,
+                    image,
+                    &go_tool("kubectl").unwrap(),
+                    "/bin/kubectl",
+                    json!({"Entrypoint": ["/bin/kubectl"], "Env": ["PATH=/bin"], "User": "65532:65532"}),
+                )
+                .unwrap(),
+            );
+        } else if image.contains("/pause:") {
+            let layer = busybox_layer(dir, "pause2-layer.tar", &["sh", "sleep"]).unwrap();
+            let archive = oci_archive(
+                dir,
+                image,
+                &layer,
+                json!({"Entrypoint": ["/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 2147483647 & wait"]}),
+            )
+            .unwrap();
+            out.push(ImageArchive {
+                name: image.clone(),
+                archive,
+            });
+        } else {
+            panic!("the chart wants an image this test cannot build offline: {image}");
+        }
+    }
+    out
+}
+
+fn proxy_log(cluster: &Cluster) -> String {
+    cluster
+        .kubectl(&[
+            "logs",
+            "-n",
+            NS,
+            &format!("deploy/{RELEASE}-proxy"),
+            "--tail=-1",
+        ])
+        .unwrap_or_else(|e| e.to_string())
+}
+
+/// Access-log lines of blob GETs of the workload's repository with
+/// `cache` (HIT or MISS), in the proxy's log (text or JSON).
+fn blob_lines(log: &str, cache: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains("team/app"))
+        .filter(|l| l.contains("kind=blob") || l.contains("\"kind\":\"blob\""))
+        .filter(|l| {
+            l.contains(&format!("cache={cache}")) || l.contains(&format!("\"cache\":\"{cache}\""))
+        })
+        .count()
+}
+
+fn workload_manifest(name: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: app
+      image: {WORKLOAD}
+      imagePullPolicy: Always
+      command: ["/bin/sh", "-c", "echo pulled-through-pullthrough; trap 'exit 0' TERM; sleep 600 & wait"]
+"#
+    )
+}
+
+fn snapshot(cluster: &Cluster) -> BTreeMap<String, Vec<u8>> {
+    cluster
+        .node
+        .snapshot(NODE_FILES)
+        .expect("snapshot node files")
+}
+
+fn diff(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (k, v) in before {
+        match after.get(k) {
+            None => out.push(format!("gone: {k}")),
+            Some(w) if w != v => out.push(format!(
+                "changed: {k}\n--- before\n{}\n--- after\n{}",
+                String::from_utf8_lossy(v),
+                String::from_utf8_lossy(w)
+            )),
+            _ => {}
+        }
+    }
+    for k in after.keys() {
+        if !before.contains_key(k) {
+            out.push(format!("new: {k}"));
+        }
+    }
+    out
+}
+
+#[test]
+fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
+    let mut tl = Timeline {
+        t0: Instant::now(),
+        steps: Vec::new(),
+    };
+    let work = tempfile::Builder::new()
+        .prefix("pt-cluster-test-")
+        .tempdir()
+        .unwrap();
+    let chart = workspace_dir().unwrap().join("charts/pullthrough");
+    let chart = chart.to_str().unwrap().to_string();
+    // Test values: no StorageClass in this cluster, so the cache is an
+    // emptyDir; everything else as shipped.
+    let values = work.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        "proxy:\n  cache:\n    type: emptyDir\n    emptyDirSizeLimit: 2Gi\n",
+    )
+    .unwrap();
+
+    // The images go in before the node starts; the chart names them.
+    let wanted = chart_images(&chart, &values);
+    let images = build_images(work.path(), &wanted);
+    tl.mark("images built offline");
+
+    let cluster = Cluster::start(&images).expect("one-node cluster");
+    tl.mark("cluster up (control plane + node Ready)");
+
+    // The upstream: TLS + htpasswd, on the node's address, with the
+    // workload image (busybox) pushed.
+    let mut upstream = Registry::start(RegistryOpts {
+        ip: NODE_IP,
+        netns: Some(cluster.netns().to_string()),
+        ..RegistryOpts::new(Flavour::TlsHtpasswd {
+            user: USER.into(),
+            password: PASSWORD.into(),
+        })
+    })
+    .expect("upstream registry");
+    let layer = busybox_layer(work.path(), "app-layer.tar", &["sh", "sleep", "echo"]).unwrap();
+    let layout = oci_layout(
+        work.path(),
+        "app:v1",
+        &layer,
+        json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let mut args: Vec<String> = vec!["--insecure-policy".into(), "copy".into(), "-q".into()];
+    args.extend(upstream.skopeo_flags("dest"));
+    args.push(format!("oci:{}:v1", layout.display()));
+    args.push(format!("docker://{}/team/app:v1", upstream.host()));
+    run(&mut upstream.command("skopeo", &args)).expect("push the workload image upstream");
+
+    let before = snapshot(&cluster);
+    assert!(
+        before.contains_key("/etc/containerd/config.toml"),
+        "{:?}",
+        before.keys()
+    );
+
+    // 1. helm install: every pod Ready.
+    let helm = cluster.helm().unwrap();
+    let installed = helm.run(&[
+        "install",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NS,
+        "--create-namespace",
+        "-f",
+        values.to_str().unwrap(),
+        "--wait",
+        "--timeout=240s",
+    ]);
+    if let Err(e) = installed {
+        panic!("helm install: {e}\n{}", cluster.diagnostics());
+    }
+    // helm's --wait lets a DaemonSet be short of maxUnavailable (10% of
+    // one node rounds up to one): wait for every pod's Ready condition.
+    cluster
+        .wait(
+            "every pod of the release Ready",
+            Duration::from_secs(120),
+            &[
+                "wait",
+                "-n",
+                NS,
+                "--for=condition=Ready",
+                "pods",
+                "--all",
+                "--timeout=5s",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let pods = cluster
+        .kubectl(&["get", "pods", "-n", NS, "-o", "json"])
+        .unwrap();
+    let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
+    let mut components = Vec::new();
+    for p in pods["items"].as_array().unwrap() {
+        let ready = p["status"]["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        assert!(ready, "pod not Ready: {p}\n{}", cluster.diagnostics());
+        components.push(
+            p["metadata"]["labels"]["app.kubernetes.io/component"]
+                .as_str()
+                .unwrap_or("?")
+                .to_string(),
+        );
+    }
+    components.sort();
+    assert_eq!(
+        components,
+        ["agent", "operator", "operator", "proxy"],
+        "{}",
+        cluster.diagnostics()
+    );
+    tl.mark("helm install --wait: operator x2, proxy, agent Ready");
+
+    // 2. A MirrorRegistry for the upstream.
+    let ca = upstream.ca_pem().unwrap().to_string();
+    let mreg = json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "kubernetes.io/basic-auth",
+                "metadata": {"name": "upstream-creds", "namespace": NS},
+                "stringData": {"username": USER, "password": PASSWORD},
+            },
+            {
+                "apiVersion": "pullthrough.dev/v1alpha1",
+                "kind": "MirrorRegistry",
+                "metadata": {"name": "test-upstream"},
+                "spec": {
+                    "host": MIRRORED,
+                    "upstream": format!("https://{}", upstream.host()),
+                    "tls": {"caBundle": ca},
+                    "credentialsSecretRef": {"name": "upstream-creds", "namespace": NS},
+                },
+            },
+        ],
+    });
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], &mreg.to_string())
+        .expect("kubectl apply MirrorRegistry");
+    for condition in ["Accepted", "ProxyReady", "NodesConfigured"] {
+        let arg = format!("--for=condition={condition}");
+        cluster
+            .wait(
+                &format!("MirrorRegistry {condition}"),
+                Duration::from_secs(120),
+                &["wait", &arg, "mirrorregistry/test-upstream", "--timeout=5s"],
+            )
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    }
+    let row = cluster.kubectl(&["get", "mreg", "test-upstream"]).unwrap();
+    eprintln!("{row}");
+    let cols = pullthrough_testbed::kube::kubectl_row(&row, "test-upstream");
+    assert!(cols.iter().any(|c| c == "1/1"), "Nodes 1/1 in: {row}");
+    assert!(cols.iter().any(|c| c == "True"), "Ready True in: {row}");
+    let hosts_toml = cluster
+        .node
+        .path(&format!("/etc/containerd/certs.d/{MIRRORED}/hosts.toml"));
+    let hosts_toml = std::fs::read_to_string(&hosts_toml)
+        .unwrap_or_else(|e| panic!("{}: {e}", hosts_toml.display()));
+    // The node really changed (so "identical after uninstall" means
+    // reverted, not untouched).
+    let during = diff(&before, &snapshot(&cluster));
+    for changed in [
+        format!("new: /etc/containerd/certs.d/{MIRRORED}/hosts.toml"),
+        "changed: /etc/hosts".to_string(),
+    ] {
+        assert!(
+            during.iter().any(|d| d.starts_with(&changed)),
+            "{changed} after apply; changes: {during:#?}"
+        );
+    }
+    tl.mark("MirrorRegistry applied: Ready, Nodes 1/1 (node configured)");
+    eprintln!("the node's hosts.toml for {MIRRORED}:\n{hosts_toml}");
+
+    // 3. A workload from the upstream, pulled by kubelet through the proxy.
+    let blob_gets = |u: &Registry| u.count_requests("GET", "/blobs/sha256:");
+    let run_workload = |name: &str| {
+        cluster
+            .kubectl_stdin(&["apply", "-f", "-"], &workload_manifest(name))
+            .expect("kubectl apply workload");
+        cluster
+            .wait(
+                "workload Pod Running",
+                Duration::from_secs(120),
+                &[
+                    "wait",
+                    "-n",
+                    "default",
+                    "--for=jsonpath={.status.phase}=Running",
+                    &format!("pod/{name}"),
+                    "--timeout=5s",
+                ],
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{e}\nproxy log:\n{}\n{}",
+                    proxy_log(&cluster),
+                    cluster.diagnostics()
+                )
+            });
+        let log = cluster
+            .kubectl(&["logs", "-n", "default", name])
+            .expect("workload log");
+        assert!(log.contains("pulled-through-pullthrough"), "{log}");
+    };
+    run_workload("app-miss");
+    let log = proxy_log(&cluster);
+    assert!(
+        blob_lines(&log, "MISS") >= 1,
+        "a MISS for the workload's blobs in the proxy log:\n{log}"
+    );
+    let upstream_blobs = blob_gets(&upstream);
+    assert!(
+        upstream_blobs >= 1,
+        "the upstream served the blobs:\n{}",
+        upstream.log()
+    );
+    tl.mark("first pull: Pod Running, image pulled through the proxy (MISS)");
+
+    // Again from the cache: the image leaves the node, the upstream restarts.
+    cluster
+        .kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            "default",
+            "app-miss",
+            "--wait=true",
+            "--timeout=60s",
+        ])
+        .expect("delete the first workload Pod");
+    cluster
+        .node
+        .crictl(&["rmi", WORKLOAD])
+        .expect("remove the image from containerd");
+    let images_left = cluster.node.crictl(&["images", "-q"]).unwrap();
+    assert!(
+        !cluster
+            .node
+            .ctr(&["images", "ls", "-q"])
+            .unwrap()
+            .contains(WORKLOAD),
+        "{images_left}"
+    );
+    let blobs_before_restart = blob_gets(&upstream);
+    upstream.restart().expect("restart the upstream");
+    let hits_before = blob_lines(&proxy_log(&cluster), "HIT");
+    run_workload("app-hit");
+    let log = proxy_log(&cluster);
+    assert!(
+        blob_lines(&log, "HIT") > hits_before,
+        "the second pull's blobs were HITs:\n{log}"
+    );
+    assert_eq!(
+        blob_gets(&upstream),
+        blobs_before_restart,
+        "no blob GET reached the restarted upstream:\n{}",
+        upstream.log()
+    );
+    tl.mark("second pull: image removed, upstream restarted, Pod Running from the cache (HIT)");
+    cluster
+        .kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            "default",
+            "app-hit",
+            "--wait=true",
+            "--timeout=60s",
+        ])
+        .expect("delete the second workload Pod");
+
+    // 4. helm uninstall: the hook reverts the node.
+    let uninstalled = helm.run(&[
+        "uninstall",
+        RELEASE,
+        "--namespace",
+        NS,
+        "--wait",
+        "--timeout=240s",
+    ]);
+    if let Err(e) = uninstalled {
+        panic!("helm uninstall: {e}\n{}", cluster.diagnostics());
+    }
+    tl.mark("helm uninstall: post-delete revert hook done");
+    let after = snapshot(&cluster);
+    let changes = diff(&before, &after);
+    assert!(
+        changes.is_empty(),
+        "the node's files differ from before the install:\n{}",
+        changes.join("\n")
+    );
+    // Nothing of the release is left once garbage collection has run (the
+    // hook's pods terminate after helm returns); the CRD stays (Helm keeps
+    // crds/).
+    let release_objects = || {
+        cluster
+            .kubectl(&[
+                "get",
+                "all,configmaps,secrets,serviceaccounts,roles,rolebindings,leases,pdb",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/instance=pullthrough",
+                "-o",
+                "name",
+            ])
+            .unwrap()
+    };
+    let gone = pullthrough_testbed::net::wait_for(
+        "the release's objects to be deleted",
+        Duration::from_secs(60),
+        || Ok(release_objects().trim().is_empty()),
+    );
+    assert!(gone.is_ok(), "left in {NS}: {}", release_objects());
+    let cluster_scoped = cluster
+        .kubectl(&[
+            "get",
+            "clusterroles,clusterrolebindings,validatingadmissionpolicies,validatingadmissionpolicybindings",
+            "-l",
+            "app.kubernetes.io/instance=pullthrough",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    assert!(cluster_scoped.trim().is_empty(), "left: {cluster_scoped}");
+    cluster
+        .kubectl(&["get", "crd", "mirrorregistries.pullthrough.dev"])
+        .expect("the CRD is kept");
+    tl.mark("node files byte-identical to before the install; nothing left");
+    tl.print();
+}
