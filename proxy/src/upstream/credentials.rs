@@ -265,10 +265,12 @@ impl RegistryCredentials {
         // the permit for it is taken before the registry is asked, so a
         // flood costs the registry nothing either once the bucket is
         // empty. It goes back if it turns out not to be needed.
-        let permit = if sent == Sent::Nothing
-            && self.wants_bearer.load(Ordering::Relaxed)
-            && !self.is_known(key)
-        {
+        // A Basic registry gets the credentials with this very request, so
+        // for a repository never read the permit is needed just the same.
+        let new_scope_with_credentials = (sent == Sent::Nothing
+            && self.wants_bearer.load(Ordering::Relaxed))
+            || sent == Sent::Basic;
+        let permit = if new_scope_with_credentials && !self.is_known(key) {
             Some(
                 self.new_scopes
                     .take(Instant::now())
@@ -284,13 +286,19 @@ impl RegistryCredentials {
                 with_auth(&headers, up_front.clone()),
             )
             .await?;
+        let mut permit = permit;
+        if sent == Sent::Basic
+            && let Some(p) = permit.take()
+        {
+            // Sent with the credentials: spent whatever the answer.
+            p.spend();
+        }
         if resp.response.status() != StatusCode::UNAUTHORIZED {
-            if sent == Sent::Bearer {
+            if sent == Sent::Bearer || sent == Sent::Basic {
                 self.note_read(key, &resp);
             }
             return Ok(resp);
         }
-        let mut with_token = false;
         let retry_with = match wanted(resp.response.headers()) {
             None => return Ok(resp),
             Some(Wanted::Basic) => {
@@ -313,10 +321,7 @@ impl RegistryCredentials {
                     .token_for(client, &challenge, key, rejected.as_ref(), permit, timeout)
                     .await?
                 {
-                    Some(token) => {
-                        with_token = true;
-                        token
-                    }
+                    Some(token) => token,
                     None => {
                         self.refused("the token realm");
                         return Ok(resp);
@@ -328,9 +333,9 @@ impl RegistryCredentials {
         let resp = client
             .send(method, url, with_auth(&headers, Some(retry_with)))
             .await?;
-        if with_token {
-            self.note_read(key, &resp);
-        }
+        // The retry carried the credentials (Basic or a token from them):
+        // a repository it reads is one the throttle need not guard.
+        self.note_read(key, &resp);
         Ok(resp)
     }
 

@@ -559,6 +559,70 @@ async fn a_flood_of_new_repositories_asks_the_realm_at_most_the_burst() {
     );
 }
 
+/// The same bound for a registry that takes Basic: once it has asked for
+/// Basic, every request carries the credentials, so requests for
+/// repositories it never served draw from the throttle too; repositories
+/// it served keep getting through.
+#[tokio::test]
+async fn a_flood_of_new_repositories_reaches_a_basic_registry_at_most_the_burst() {
+    let want = basic("bot", "pw");
+    let registry = routed(Ipv4Addr::LOCALHOST.into(), move |s| {
+        if s.auth() != Some(want.as_str()) {
+            respond(401, &[("www-authenticate", "Basic realm=\"reg\"")], "")
+        } else if s.path.starts_with("/v2/team/app/") {
+            respond(200, &[], "ok")
+        } else {
+            respond(404, &[], "")
+        }
+    });
+    let upstreams = client_for(&format!("http://{}", registry.addr()));
+    let creds = limited_creds(5);
+    let url = |repo: &str| format!("http://{}/v2/{repo}/manifests/v1", registry.addr());
+    let app = get(
+        &creds,
+        &upstreams,
+        &url("team/app"),
+        Some("repository:team/app:pull"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(app.0, StatusCode::OK);
+    let before = registry.requests().len();
+    assert_eq!(before, 2, "401, then Basic");
+    let mut throttled = 0;
+    for i in 0..50 {
+        let repo = format!("missing/{i}");
+        match get(
+            &creds,
+            &upstreams,
+            &url(&repo),
+            Some(&format!("repository:{repo}:pull")),
+        )
+        .await
+        {
+            Ok((status, _)) => assert_eq!(status, StatusCode::NOT_FOUND),
+            Err(UpstreamError::Throttled { .. }) => throttled += 1,
+            Err(other) => panic!("{other}"),
+        }
+    }
+    // Five made-up names reach the registry (the burst), one request each;
+    // the other 45 reach nothing.
+    assert_eq!(throttled, 45);
+    assert_eq!(registry.requests().len() - before, 5);
+    // The repository already served is not throttled.
+    for _ in 0..3 {
+        let (status, _) = get(
+            &creds,
+            &upstreams,
+            &url("team/app"),
+            Some("repository:team/app:pull"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, StatusCode::OK);
+    }
+}
+
 /// A repository the upstream served with the credentials renews its token
 /// without drawing from the throttle: a flood of made-up names cannot
 /// starve real pulls. A 404'd made-up name never becomes such a
