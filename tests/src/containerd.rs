@@ -342,21 +342,24 @@ impl Drop for Containerd {
     }
 }
 
-fn config_toml(dir: &Path, socket: &Path, snapshotter: &str, certs_d: &Path) -> String {
-    let p = |sub: &str| dir.join(sub).display().to_string();
-    format!(
-        r#"version = 2
-root = "{root}"
-state = "{state}"
-# Snapshotters that cannot work here; disabling them only quiets the log.
-disabled_plugins = [
+/// The `disabled_plugins` line of every test containerd: snapshotters that
+/// cannot work here and tracing; disabling them only quiets the log.
+pub(crate) const DISABLED_PLUGINS: &str = r#"disabled_plugins = [
   "io.containerd.snapshotter.v1.aufs",
   "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper",
   "io.containerd.snapshotter.v1.zfs",
   "io.containerd.tracing.processor.v1.otlp",
   "io.containerd.internal.v1.tracing",
-]
+]"#;
+
+fn config_toml(dir: &Path, socket: &Path, snapshotter: &str, certs_d: &Path) -> String {
+    let p = |sub: &str| dir.join(sub).display().to_string();
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+{DISABLED_PLUGINS}
 
 [grpc]
   address = "{socket}"

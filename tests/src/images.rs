@@ -147,20 +147,10 @@ impl Rootfs {
 
     /// A regular file owned by root.
     pub fn file(&mut self, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        let path = path.trim_start_matches('/');
-        if !self.files.insert(path.to_string()) {
+        let Some(path) = self.claim(path)? else {
             return Ok(());
-        }
-        if let Some((parent, _)) = path.rsplit_once('/') {
-            self.dir(parent, 0o755, 0)?;
-        }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
+        };
+        let mut h = header(tar::EntryType::Regular, data.len() as u64, mode);
         self.tar
             .append_data(&mut h, path, data)
             .map_err(|e| self.io(e))
@@ -168,21 +158,26 @@ impl Rootfs {
 
     /// A symlink `path` → `target`.
     pub fn symlink(&mut self, path: &str, target: &str) -> Result<()> {
+        let Some(path) = self.claim(path)? else {
+            return Ok(());
+        };
+        let mut h = header(tar::EntryType::Symlink, 0, 0o777);
+        self.tar
+            .append_link(&mut h, path, target)
+            .map_err(|e| self.io(e))
+    }
+
+    /// `path` without its leading `/`, with its parent directories added;
+    /// `None` when the layer already has an entry there (the first wins).
+    fn claim<'p>(&mut self, path: &'p str) -> Result<Option<&'p str>> {
         let path = path.trim_start_matches('/');
         if !self.files.insert(path.to_string()) {
-            return Ok(());
+            return Ok(None);
         }
         if let Some((parent, _)) = path.rsplit_once('/') {
             self.dir(parent, 0o755, 0)?;
         }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_size(0);
-        h.set_mode(0o777);
-        h.set_mtime(0);
-        self.tar
-            .append_link(&mut h, path, target)
-            .map_err(|e| self.io(e))
+        Ok(Some(path))
     }
 
     /// `host` (symlinks followed) at `at` in the image, with the libraries
@@ -241,6 +236,18 @@ impl Rootfs {
         w.flush().ctx(|| format!("flushing {}", path.display()))?;
         Ok(path)
     }
+}
+
+/// A root-owned entry header with a fixed mtime (reproducible layers).
+fn header(kind: tar::EntryType, size: u64, mode: u32) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
 }
 
 /// The OCI architecture name of this machine.

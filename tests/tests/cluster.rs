@@ -221,6 +221,20 @@ spec:
     )
 }
 
+fn delete_pod(cluster: &Cluster, name: &str) {
+    cluster
+        .kubectl(&[
+            "delete",
+            "pod",
+            "-n",
+            "default",
+            name,
+            "--wait=true",
+            "--timeout=60s",
+        ])
+        .unwrap_or_else(|e| panic!("delete pod {name}: {e}"));
+}
+
 fn snapshot(cluster: &Cluster) -> BTreeMap<String, Vec<u8>> {
     cluster
         .node
@@ -482,17 +496,7 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     tl.mark("first pull: Pod Running, image pulled through the proxy (MISS)");
 
     // Again from the cache: the image leaves the node, the upstream restarts.
-    cluster
-        .kubectl(&[
-            "delete",
-            "pod",
-            "-n",
-            "default",
-            "app-miss",
-            "--wait=true",
-            "--timeout=60s",
-        ])
-        .expect("delete the first workload Pod");
+    delete_pod(&cluster, "app-miss");
     cluster
         .node
         .crictl(&["rmi", WORKLOAD])
@@ -522,17 +526,7 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
         upstream.log()
     );
     tl.mark("second pull: image removed, upstream restarted, Pod Running from the cache (HIT)");
-    cluster
-        .kubectl(&[
-            "delete",
-            "pod",
-            "-n",
-            "default",
-            "app-hit",
-            "--wait=true",
-            "--timeout=60s",
-        ])
-        .expect("delete the second workload Pod");
+    delete_pod(&cluster, "app-hit");
 
     // 4. helm uninstall: the hook reverts the node.
     let uninstalled = helm.run(&[

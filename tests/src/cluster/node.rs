@@ -452,14 +452,7 @@ fn containerd_config(dir: &Path) -> String {
         r#"version = 2
 root = "{root}"
 state = "{state}"
-disabled_plugins = [
-  "io.containerd.snapshotter.v1.aufs",
-  "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.devmapper",
-  "io.containerd.snapshotter.v1.zfs",
-  "io.containerd.tracing.processor.v1.otlp",
-  "io.containerd.internal.v1.tracing",
-]
+{DISABLED_PLUGINS}
 
 [grpc]
   address = "/run/containerd/containerd.sock"
@@ -477,6 +470,7 @@ disabled_plugins = [
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "/etc/containerd/certs.d"
 "#,
+        DISABLED_PLUGINS = crate::containerd::DISABLED_PLUGINS,
         root = dir.join("containerd/root").display(),
         state = dir.join("containerd/state").display(),
         cni = dir.join("cni").display(),
