@@ -337,8 +337,29 @@ pub struct ImageArchive {
     pub archive: PathBuf,
 }
 
+/// One image named `name`: a layer holding the base files plus what
+/// `fill` adds, and the process `config`. Every image of the test bed is
+/// made this way.
+pub fn image(
+    dir: &Path,
+    name: &str,
+    config: Value,
+    fill: impl FnOnce(&mut Rootfs) -> Result<()>,
+) -> Result<ImageArchive> {
+    let stem = name.replace(['/', ':'], "_");
+    let mut fs = Rootfs::new(&dir.join(format!("{stem}-layer.tar")))?;
+    fs.base_files()?;
+    fill(&mut fs)?;
+    let layer = fs.finish()?;
+    let archive = oci_archive(dir, name, &layer, config)?;
+    Ok(ImageArchive {
+        name: name.to_string(),
+        archive,
+    })
+}
+
 /// The three program images as `images/Dockerfile.*` build them, named
-/// `<repo_prefix>/pullthrough-{proxy,operator,agent}:<tag>`. `extra`
+/// `<repo_prefix>/pullthrough-{proxy,operator,agent}:<tag>`. `proxy_extra`
 /// adds files to the proxy image (e.g. a baked-in config).
 pub fn program_images(
     dir: &Path,
@@ -353,93 +374,71 @@ pub fn program_images(
             .map(|(_, p)| p.clone())
             .ok_or_else(|| Error::Other(format!("{name} not built")))
     };
-    let mut out = Vec::new();
-
-    // The proxy: distroless-like, uid 65532.
-    let mut fs = Rootfs::new(&dir.join("proxy-layer.tar"))?;
-    fs.base_files()?;
-    fs.program(
-        &bin("pullthrough-proxy")?,
-        "/usr/local/bin/pullthrough-proxy",
-    )?;
-    for (path, data) in proxy_extra {
-        fs.file(path, data, 0o644)?;
-    }
-    fs.dir("var/lib/pullthrough", 0o750, NONROOT)?;
-    let layer = fs.finish()?;
-    let name = format!("{repo_prefix}/pullthrough-proxy:{tag}");
-    let archive = oci_archive(
-        dir,
-        &name,
-        &layer,
-        json!({
-            "User": "65532:65532",
-            "Entrypoint": ["/usr/local/bin/pullthrough-proxy"],
-            "Env": [
-                "PATH=/usr/local/bin:/usr/bin:/bin",
-                "PULLTHROUGH_DATA_DIR=/var/lib/pullthrough",
-            ],
-            "ExposedPorts": {"8443/tcp": {}, "8080/tcp": {}, "9090/tcp": {}},
-        }),
-    )?;
-    out.push(ImageArchive { name, archive });
-
-    // The operator: same base, uid 65532.
-    let mut fs = Rootfs::new(&dir.join("operator-layer.tar"))?;
-    fs.base_files()?;
-    fs.program(
-        &bin("pullthrough-operator")?,
-        "/usr/local/bin/pullthrough-operator",
-    )?;
-    let layer = fs.finish()?;
-    let name = format!("{repo_prefix}/pullthrough-operator:{tag}");
-    let archive = oci_archive(
-        dir,
-        &name,
-        &layer,
-        json!({
-            "User": "65532:65532",
-            "Entrypoint": ["/usr/local/bin/pullthrough-operator"],
-            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
-            "ExposedPorts": {"8080/tcp": {}},
-        }),
-    )?;
-    out.push(ImageArchive { name, archive });
-
-    // The agent: root, with nsenter (it restarts runtimes in the host's
-    // namespaces), default command `run --root=/host`.
-    let mut fs = Rootfs::new(&dir.join("agent-layer.tar"))?;
-    fs.base_files()?;
-    fs.program(
-        &bin("pullthrough-agent")?,
-        "/usr/local/bin/pullthrough-agent",
-    )?;
-    fs.program(&crate::tools::system_tool("nsenter")?, "/usr/bin/nsenter")?;
-    fs.dir("host", 0o755, 0)?;
-    let layer = fs.finish()?;
-    let name = format!("{repo_prefix}/pullthrough-agent:{tag}");
-    let archive = oci_archive(
-        dir,
-        &name,
-        &layer,
-        json!({
-            "User": "0:0",
-            "Entrypoint": ["/usr/local/bin/pullthrough-agent"],
-            "Cmd": ["run", "--root=/host"],
-            "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
-        }),
-    )?;
-    out.push(ImageArchive { name, archive });
-    Ok(out)
+    let (proxy, operator, agent) = (
+        bin("pullthrough-proxy")?,
+        bin("pullthrough-operator")?,
+        bin("pullthrough-agent")?,
+    );
+    let nsenter = crate::tools::system_tool("nsenter")?;
+    Ok(vec![
+        // The proxy: distroless-like, uid 65532.
+        image(
+            dir,
+            &format!("{repo_prefix}/pullthrough-proxy:{tag}"),
+            json!({
+                "User": "65532:65532",
+                "Entrypoint": ["/usr/local/bin/pullthrough-proxy"],
+                "Env": [
+                    "PATH=/usr/local/bin:/usr/bin:/bin",
+                    "PULLTHROUGH_DATA_DIR=/var/lib/pullthrough",
+                ],
+                "ExposedPorts": {"8443/tcp": {}, "8080/tcp": {}, "9090/tcp": {}},
+            }),
+            |fs| {
+                fs.program(&proxy, "/usr/local/bin/pullthrough-proxy")?;
+                for (path, data) in proxy_extra {
+                    fs.file(path, data, 0o644)?;
+                }
+                fs.dir("var/lib/pullthrough", 0o750, NONROOT)
+            },
+        )?,
+        // The operator: same base, uid 65532.
+        image(
+            dir,
+            &format!("{repo_prefix}/pullthrough-operator:{tag}"),
+            json!({
+                "User": "65532:65532",
+                "Entrypoint": ["/usr/local/bin/pullthrough-operator"],
+                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+                "ExposedPorts": {"8080/tcp": {}},
+            }),
+            |fs| fs.program(&operator, "/usr/local/bin/pullthrough-operator"),
+        )?,
+        // The agent: root, with nsenter (it restarts runtimes in the host's
+        // namespaces), default command `run --root=/host`.
+        image(
+            dir,
+            &format!("{repo_prefix}/pullthrough-agent:{tag}"),
+            json!({
+                "User": "0:0",
+                "Entrypoint": ["/usr/local/bin/pullthrough-agent"],
+                "Cmd": ["run", "--root=/host"],
+                "Env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+            }),
+            |fs| {
+                fs.program(&agent, "/usr/local/bin/pullthrough-agent")?;
+                fs.program(&nsenter, "/usr/bin/nsenter")?;
+                fs.dir("host", 0o755, 0)
+            },
+        )?,
+    ])
 }
 
-/// A layer (file `file` in `dir`) with busybox (from Debian's
-/// busybox-static) at `/bin/busybox` and the given applets beside it: the
-/// stand-in for small utility images (the pause image, a workload).
-pub fn busybox_layer(dir: &Path, file: &str, applets: &[&str]) -> Result<PathBuf> {
+/// Adds busybox (from Debian's busybox-static) at `/bin/busybox` and the
+/// given applets beside it: the stand-in for small utility images (the
+/// pause image, a workload).
+pub fn add_busybox(fs: &mut Rootfs, applets: &[&str]) -> Result<()> {
     let busybox = crate::tools::system_tool("busybox")?;
-    let mut fs = Rootfs::new(&dir.join(file))?;
-    fs.base_files()?;
     for d in ["proc", "sys", "dev"] {
         fs.dir(d, 0o755, 0)?;
     }
@@ -448,27 +447,15 @@ pub fn busybox_layer(dir: &Path, file: &str, applets: &[&str]) -> Result<PathBuf
     for a in applets {
         fs.symlink(&format!("bin/{a}"), "busybox")?;
     }
-    fs.finish()
+    Ok(())
 }
 
-/// An image named `name` with `program` (a host binary and its libraries)
-/// at `at`: e.g. `registry.k8s.io/kubectl` from the kubectl the test bed
-/// built.
-pub fn program_image(
-    dir: &Path,
-    name: &str,
-    program: &Path,
-    at: &str,
-    config: Value,
-) -> Result<ImageArchive> {
-    let stem = name.replace(['/', ':'], "_");
-    let mut fs = Rootfs::new(&dir.join(format!("{stem}-layer.tar")))?;
+/// A busybox layer (file `file` in `dir`) with the base files and
+/// [`add_busybox`], for an image built as a layout (to push) rather than
+/// an archive.
+pub fn busybox_layer(dir: &Path, file: &str, applets: &[&str]) -> Result<PathBuf> {
+    let mut fs = Rootfs::new(&dir.join(file))?;
     fs.base_files()?;
-    fs.program(program, at)?;
-    let layer = fs.finish()?;
-    let archive = oci_archive(dir, name, &layer, config)?;
-    Ok(ImageArchive {
-        name: name.to_string(),
-        archive,
-    })
+    add_busybox(&mut fs, applets)?;
+    fs.finish()
 }

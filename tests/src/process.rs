@@ -181,6 +181,16 @@ fn tail(path: &Path, bytes: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
+/// The last `bytes` of each process's log under a `--- name ---` header:
+/// what a failing multi-process test prints.
+pub fn log_tails(procs: &[Process], bytes: u64) -> String {
+    procs
+        .iter()
+        .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(bytes)))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// Runs a command to completion; returns stdout, or an error with both
 /// streams when it fails.
 pub fn run(cmd: &mut Command) -> Result<String> {

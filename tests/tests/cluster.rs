@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use pullthrough_testbed::cluster::node::PAUSE_IMAGE;
 use pullthrough_testbed::cluster::{Cluster, NODE_IP};
 use pullthrough_testbed::images::{
-    ImageArchive, busybox_layer, oci_archive, oci_layout, program_image, program_images,
+    ImageArchive, add_busybox, busybox_layer, image, oci_layout, program_images,
 };
 use pullthrough_testbed::kube::workspace_dir;
 use pullthrough_testbed::process::run;
@@ -126,53 +126,43 @@ fn build_images(dir: &Path, wanted: &[String]) -> Vec<ImageArchive> {
     assert_eq!(agent, format!("{prefix}/pullthrough-agent:{tag}"));
     out.extend(program_images(dir, prefix, tag, &[]).expect("program images"));
 
+    // A pause image: busybox that exits on SIGTERM, as the real one does,
+    // as the real one's user.
+    let pause = |name: &str| {
+        image(
+            dir,
+            name,
+            json!({
+                "Entrypoint": ["/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 2147483647 & wait"],
+                "User": "65535:65535",
+            }),
+            |fs| add_busybox(fs, &["sh", "sleep"]),
+        )
+        .unwrap()
+    };
     // The sandbox image and the revert hook's "done" container.
-    let layer = busybox_layer(dir, "pause-layer.tar", &["sh", "sleep"]).unwrap();
-    let pause = oci_archive(
-        dir,
-        PAUSE_IMAGE,
-        &layer,
-        json!({
-            "Entrypoint": ["/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 2147483647 & wait"],
-            "User": "65535:65535",
-        }),
-    )
-    .unwrap();
-    out.push(ImageArchive {
-        name: PAUSE_IMAGE.into(),
-        archive: pause,
-    });
-    for image in wanted {
-        let known = [&proxy, &operator, &agent].contains(&image) || image == PAUSE_IMAGE;
+    out.push(pause(PAUSE_IMAGE));
+    for wanted_image in wanted {
+        let known =
+            [&proxy, &operator, &agent].contains(&wanted_image) || wanted_image == PAUSE_IMAGE;
         if known {
             continue;
         }
-        if image.contains("/kubectl:") {
+        if wanted_image.contains("/kubectl:") {
+            let kubectl = go_tool("kubectl").unwrap();
             out.push(
-                program_image(
+                image(
                     dir,
-                    image,
-                    &go_tool("kubectl").unwrap(),
-                    "/bin/kubectl",
+                    wanted_image,
                     json!({"Entrypoint": ["/bin/kubectl"], "Env": ["PATH=/bin"], "User": "65532:65532"}),
+                    |fs| fs.program(&kubectl, "/bin/kubectl"),
                 )
                 .unwrap(),
             );
-        } else if image.contains("/pause:") {
-            let layer = busybox_layer(dir, "pause2-layer.tar", &["sh", "sleep"]).unwrap();
-            let archive = oci_archive(
-                dir,
-                image,
-                &layer,
-                json!({"Entrypoint": ["/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 2147483647 & wait"]}),
-            )
-            .unwrap();
-            out.push(ImageArchive {
-                name: image.clone(),
-                archive,
-            });
+        } else if wanted_image.contains("/pause:") {
+            out.push(pause(wanted_image));
         } else {
-            panic!("the chart wants an image this test cannot build offline: {image}");
+            panic!("the chart wants an image this test cannot build offline: {wanted_image}");
         }
     }
     out

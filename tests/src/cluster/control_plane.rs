@@ -282,11 +282,7 @@ impl ControlPlane {
 
     /// The log files of the control plane's processes, newest lines last.
     pub fn log_tails(&self, bytes: u64) -> String {
-        self.procs
-            .iter()
-            .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(bytes)))
-            .collect::<Vec<_>>()
-            .join("\n")
+        crate::process::log_tails(&self.procs, bytes)
     }
 
     /// Stops every process by PID: scheduler and controller manager first,

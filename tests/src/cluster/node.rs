@@ -59,7 +59,8 @@ pub struct Node {
     /// The init's PID as the machine sees it (for `nsenter -t`).
     init_pid: u32,
     daemons: Vec<Process>,
-    cgroups: Vec<PathBuf>,
+    /// The cgroup root's name, made in every hierarchy; removed on stop.
+    cgroup_root: Option<String>,
     dir: PathBuf,
     name: String,
 }
@@ -107,12 +108,12 @@ impl Node {
         }
 
         let cgroup_root = format!("/pullthrough-test-{}", std::process::id());
-        let cgroups = make_cgroup_root(&cgroup_root)?;
+        make_cgroup_root(&cgroup_root)?;
         let mut node = Self {
             init: None,
             init_pid: 0,
             daemons: Vec::new(),
-            cgroups,
+            cgroup_root: Some(cgroup_root.clone()),
             dir: dir.to_path_buf(),
             name: spec.name.to_string(),
         };
@@ -284,11 +285,7 @@ exec sleep 2147483647
 
     /// Last lines of each daemon's log.
     pub fn log_tails(&self, bytes: u64) -> String {
-        self.daemons
-            .iter()
-            .map(|p| format!("--- {} ---\n{}", p.name(), p.log_tail(bytes)))
-            .collect::<Vec<_>>()
-            .join("\n")
+        crate::process::log_tails(&self.daemons, bytes)
     }
 
     /// Kills the node's init (by PID), which ends every process in the
@@ -308,18 +305,9 @@ exec sleep 2147483647
             let _ = p.kill();
         }
         crate::containerd::kill_processes_using(&self.dir);
-        // runc also mirrors the tree into hierarchies the test did not
-        // create it in (cgroup v1's `unified`): remove it everywhere.
-        let mut roots = self.cgroups.clone();
-        if let Some(name) = self.cgroups.first().and_then(|p| p.file_name())
-            && let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup")
-        {
-            roots.extend(rd.filter_map(|e| e.ok()).map(|e| e.path().join(name)));
+        if let Some(name) = self.cgroup_root.take() {
+            remove_cgroups(&name);
         }
-        roots.sort();
-        roots.dedup();
-        remove_cgroups(&roots);
-        self.cgroups.clear();
     }
 }
 
@@ -371,10 +359,9 @@ fn comm(pid: u32) -> Option<String> {
 }
 
 /// Creates `root` in every cgroup v1 hierarchy (cpuset initialised from
-/// its parent) or in the v2 hierarchy; returns the directories made.
-fn make_cgroup_root(root: &str) -> Result<Vec<PathBuf>> {
+/// its parent) or in the v2 hierarchy.
+fn make_cgroup_root(root: &str) -> Result<()> {
     let base = Path::new("/sys/fs/cgroup");
-    let mut made = Vec::new();
     let v2 = base.join("cgroup.controllers").exists();
     let hierarchies: Vec<PathBuf> = if v2 {
         vec![base.to_path_buf()]
@@ -389,7 +376,6 @@ fn make_cgroup_root(root: &str) -> Result<Vec<PathBuf>> {
     for h in hierarchies {
         let dir = h.join(root.trim_start_matches('/'));
         std::fs::create_dir_all(&dir).ctx(|| format!("creating cgroup {}", dir.display()))?;
-        made.push(dir.clone());
         if h.ends_with("cpuset") {
             for f in ["cpuset.cpus", "cpuset.mems"] {
                 let v = std::fs::read_to_string(h.join(f))
@@ -399,12 +385,20 @@ fn make_cgroup_root(root: &str) -> Result<Vec<PathBuf>> {
             }
         }
     }
-    Ok(made)
+    Ok(())
 }
 
-/// Removes cgroup trees depth-first (a cgroup goes once its processes
-/// have exited; retried briefly while the kernel finishes).
-fn remove_cgroups(roots: &[PathBuf]) {
+/// Removes the tree `root` from every hierarchy depth-first — also from
+/// those the test did not create it in, where runc mirrors it (cgroup v1's
+/// `unified`). A cgroup goes once its processes have exited; retried
+/// briefly while the kernel finishes.
+fn remove_cgroups(root: &str) {
+    let base = Path::new("/sys/fs/cgroup");
+    let root = root.trim_start_matches('/');
+    let mut roots = vec![base.join(root)];
+    if let Ok(rd) = std::fs::read_dir(base) {
+        roots.extend(rd.filter_map(|e| e.ok()).map(|e| e.path().join(root)));
+    }
     fn dirs(p: &Path, out: &mut Vec<PathBuf>) {
         if let Ok(rd) = std::fs::read_dir(p) {
             for e in rd.filter_map(|e| e.ok()) {
@@ -415,9 +409,9 @@ fn remove_cgroups(roots: &[PathBuf]) {
         }
         out.push(p.to_path_buf());
     }
-    for root in roots {
+    for tree in roots {
         let mut all = Vec::new();
-        dirs(root, &mut all);
+        dirs(&tree, &mut all);
         for d in all {
             let _ = wait_for("cgroup removal", Duration::from_secs(10), || {
                 Ok(std::fs::remove_dir(&d).is_ok() || !d.exists())

@@ -90,28 +90,21 @@ async fn a_flood_of_new_repositories_reaches_a_basic_registry_at_most_the_burst(
     let upstreams = client_for(&format!("http://{}", registry.addr()));
     let creds = limited_creds(5);
     let url = |repo: &str| format!("http://{}/v2/{repo}/manifests/v1", registry.addr());
-    let app = get(
-        &creds,
-        &upstreams,
-        &url("team/app"),
-        Some("repository:team/app:pull"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(app.0, StatusCode::OK);
+    let pull = async |repo: &str| {
+        get(
+            &creds,
+            &upstreams,
+            &url(repo),
+            Some(&format!("repository:{repo}:pull")),
+        )
+        .await
+    };
+    assert_eq!(pull("team/app").await.unwrap().0, StatusCode::OK);
     let before = registry.requests().len();
     assert_eq!(before, 2, "401, then Basic");
     let mut throttled = 0;
     for i in 0..50 {
-        let repo = format!("missing/{i}");
-        match get(
-            &creds,
-            &upstreams,
-            &url(&repo),
-            Some(&format!("repository:{repo}:pull")),
-        )
-        .await
-        {
+        match pull(&format!("missing/{i}")).await {
             Ok((status, _)) => assert_eq!(status, StatusCode::NOT_FOUND),
             Err(UpstreamError::Throttled { .. }) => throttled += 1,
             Err(other) => panic!("{other}"),
@@ -123,15 +116,7 @@ async fn a_flood_of_new_repositories_reaches_a_basic_registry_at_most_the_burst(
     assert_eq!(registry.requests().len() - before, 5);
     // The repository already served is not throttled.
     for _ in 0..3 {
-        let (status, _) = get(
-            &creds,
-            &upstreams,
-            &url("team/app"),
-            Some("repository:team/app:pull"),
-        )
-        .await
-        .unwrap();
-        assert_eq!(status, StatusCode::OK);
+        assert_eq!(pull("team/app").await.unwrap().0, StatusCode::OK);
     }
 }
 
