@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::{NodeOptions, NodeProxy};
 use crate::names::validate_host;
+pub use crate::storage::{CredentialSource, Peers, S3Credentials, S3Storage, SharedStorage};
 
 pub use crate::credentials::{CredentialsError, UpstreamCredentials};
 pub use crate::error::ConfigError;
@@ -72,6 +73,12 @@ pub struct ProxyConfig {
     /// proxy (see [`crate::agent`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<NodeProxy>,
+    /// An object store shared by every replica; absent: the local disk only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<SharedStorage>,
+    /// The other replicas, so that each blob is fetched once per cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<Peers>,
 }
 
 impl Default for ProxyConfig {
@@ -91,6 +98,8 @@ impl Default for ProxyConfig {
             auth_check_ttl: default_auth_check_ttl(),
             admin_token: None,
             proxy: None,
+            storage: None,
+            peers: None,
         }
     }
 }
@@ -553,6 +562,12 @@ impl ProxyConfig {
         self.limits.validate()?;
         if let Some(proxy) = &self.proxy {
             proxy.validate()?;
+        }
+        if let Some(storage) = &self.storage {
+            storage.validate()?;
+        }
+        if let Some(peers) = &self.peers {
+            peers.validate()?;
         }
         Ok(())
     }

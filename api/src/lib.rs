@@ -10,3 +10,4 @@ pub mod credentials;
 pub mod error;
 pub mod names;
 pub mod pki;
+pub mod storage;
