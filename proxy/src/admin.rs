@@ -198,6 +198,9 @@ fn refresh_metrics(shared: &Shared) {
         st.evictions.load(Ordering::Relaxed),
         st.evicted_bytes.load(Ordering::Relaxed),
     );
+    if let Some(uploads) = &shared.uploads {
+        shared.metrics.set_shared(&uploads.figures());
+    }
 }
 
 fn stats(shared: &Shared) -> serde_json::Value {
@@ -213,6 +216,16 @@ fn stats(shared: &Shared) -> serde_json::Value {
         "evictions": st.evictions.load(Ordering::Relaxed),
         "evictedBytes": st.evicted_bytes.load(Ordering::Relaxed),
         "downloadsInFlight": shared.inflight.len(),
+        "sharedStorage": shared.uploads.as_ref().map(|u| {
+            let f = u.figures();
+            json!({
+                "location": u.tier().location(),
+                "up": f.up,
+                "errors": f.errors,
+                "uploads": f.uploads.iter().map(|(r, n)| (format!("{r:?}"), *n)).collect::<BTreeMap<_, _>>(),
+                "uploadedBytes": f.uploaded_bytes,
+            })
+        }),
     })
 }
 

@@ -16,6 +16,8 @@ pub enum Error {
     Upstream(#[from] crate::upstream::UpstreamError),
     #[error("CA: {0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("shared storage: {0}")]
+    SharedStorage(#[source] crate::cache::shared::TierError),
     #[error("cache at {path}: {source}")]
     Store {
         path: std::path::PathBuf,
@@ -29,7 +31,7 @@ impl Error {
     /// config, 1 for everything else.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Error::Config(_) | Error::Upstream(_) | Error::Tls(_) => {
+            Error::Config(_) | Error::Upstream(_) | Error::Tls(_) | Error::SharedStorage(_) => {
                 pullthrough_api::cli::EXIT_USAGE
             }
             Error::Bind { .. } | Error::Store { .. } => 1,

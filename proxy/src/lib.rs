@@ -125,6 +125,19 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             source,
         })?;
 
+    // The client is built (credential files read, CA parsed) before any
+    // port is bound; whether the bucket answers is checked after start
+    // and never stops the proxy: it serves without the tier meanwhile.
+    let tier = match &config.storage {
+        Some(storage) => Some(Arc::new(
+            cache::shared::build_s3(storage).map_err(Error::SharedStorage)?,
+        )),
+        None => None,
+    };
+    let uploads = tier
+        .as_ref()
+        .map(|t| Arc::new(cache::shared::Uploads::new(Arc::clone(t))));
+
     let http = match config.listen.http {
         Some(a) => Some(server::bind(a).await?),
         None => None,
@@ -159,7 +172,19 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         metrics: metrics.clone(),
         inflight: Default::default(),
         repos: Default::default(),
+        tier: tier.clone(),
+        uploads,
     });
+    if let Some(tier) = tier {
+        tokio::spawn(async move {
+            let replica =
+                std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
+            // On failure Health has logged the cause; serving goes on.
+            if tier.probe(&replica).await.is_ok() {
+                tracing::info!(storage = tier.location(), "shared storage answers");
+            }
+        });
+    }
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
@@ -224,6 +249,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         let issuer = issuer.clone();
         let running_listen = listen.clone();
         let running_limits = conn_limits.clone();
+        let running_storage = shared.state.load().config.storage.clone();
+        let running_peers = shared.state.load().config.peers.clone();
         tokio::spawn(config::watch(
             path,
             cli.reload_interval,
@@ -231,6 +258,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 let new = loaded.config;
                 if new.listen != running_listen {
                     tracing::warn!("listen addresses changed; they take effect after a restart");
+                }
+                if new.storage != running_storage || new.peers != running_peers {
+                    tracing::warn!("storage or peers changed; they take effect after a restart");
                 }
                 if new.limits != running_limits {
                     tracing::warn!("connection limits changed; they take effect after a restart");

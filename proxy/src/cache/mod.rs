@@ -3,5 +3,6 @@
 
 pub mod inflight;
 pub mod repos;
+pub mod shared;
 pub mod store;
 pub mod tags;

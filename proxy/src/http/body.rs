@@ -62,6 +62,16 @@ fn tokio_stream_from(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// A body from a stream of chunks (the shared tier's GET).
+pub fn stream<S, E>(chunks: S) -> Body
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + 'static,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    StreamBody::new(chunks.map(|c| c.map(Frame::data).map_err(std::io::Error::other)))
+        .boxed_unsync()
+}
+
 /// Relays an upstream body unchanged.
 pub fn relay(incoming: hyper::body::Incoming) -> Body {
     incoming.map_err(std::io::Error::other).boxed_unsync()

@@ -6,6 +6,8 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheResult {
     Hit,
+    /// Missed this replica's disk, found in the shared storage (S3).
+    SharedHit,
     Miss,
     Stale,
     /// Passed through without caching (auth challenges, tag lists, pushes).
@@ -18,6 +20,7 @@ impl CacheResult {
     pub fn as_str(self) -> &'static str {
         match self {
             CacheResult::Hit => "HIT",
+            CacheResult::SharedHit => "SHARED_HIT",
             CacheResult::Miss => "MISS",
             CacheResult::Stale => "STALE",
             CacheResult::Pass => "PASS",

@@ -14,6 +14,7 @@ use super::labels::{CacheResult, Kind};
 #[allow(non_camel_case_types)]
 pub enum ResultLabel {
     hit,
+    shared_hit,
     miss,
     stale,
     pass,
@@ -25,6 +26,8 @@ pub enum ResultLabel {
 #[allow(non_camel_case_types)]
 pub enum Source {
     cache,
+    /// The shared storage (S3) of several replicas.
+    shared,
     upstream,
 }
 
@@ -97,6 +100,36 @@ pub struct Metrics {
     ca_reloads: Counter,
     ca_reload_errors: Counter,
     ca_not_after: Gauge,
+    shared_up: Gauge,
+    shared_errors: Counter,
+    shared_uploads: Family<UploadLabels, Counter>,
+    shared_uploaded_bytes: Counter,
+}
+
+/// What became of a blob queued for the shared storage.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum UploadResult {
+    uploaded,
+    /// Another replica had put it there.
+    already_there,
+    failed,
+    /// The upload queue was full.
+    dropped,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UploadLabels {
+    result: UploadResult,
+}
+
+/// The shared storage's figures, copied into the metrics at each scrape.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedFigures {
+    pub up: bool,
+    pub errors: u64,
+    pub uploads: [(UploadResult, u64); 4],
+    pub uploaded_bytes: u64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -206,6 +239,30 @@ impl Default for Metrics {
             "notAfter of the CA leaf certificates are signed with, unix seconds",
             ca_not_after.clone(),
         );
+        let shared_up = Gauge::default();
+        registry.register(
+            "shared_storage_up",
+            "1 while the shared storage (storage.s3) answers, 0 while it is skipped after an error; absent without shared storage",
+            shared_up.clone(),
+        );
+        let shared_errors = Counter::default();
+        registry.register(
+            "shared_storage_errors",
+            "Requests to the shared storage that failed (each one was served without it)",
+            shared_errors.clone(),
+        );
+        let shared_uploads = Family::<UploadLabels, Counter>::default();
+        registry.register(
+            "shared_storage_uploads",
+            "Blobs fetched from an upstream and queued for the shared storage, by result",
+            shared_uploads.clone(),
+        );
+        let shared_uploaded_bytes = Counter::default();
+        registry.register(
+            "shared_storage_uploaded_bytes",
+            "Bytes copied to the shared storage",
+            shared_uploaded_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -223,6 +280,10 @@ impl Default for Metrics {
             ca_reloads,
             ca_reload_errors,
             ca_not_after,
+            shared_up,
+            shared_errors,
+            shared_uploads,
+            shared_uploaded_bytes,
         }
     }
 }
@@ -270,6 +331,7 @@ impl Metrics {
         } else {
             match cache {
                 CacheResult::Hit => ResultLabel::hit,
+                CacheResult::SharedHit => ResultLabel::shared_hit,
                 CacheResult::Miss => ResultLabel::miss,
                 CacheResult::Stale => ResultLabel::stale,
                 CacheResult::Pass => ResultLabel::pass,
@@ -285,6 +347,7 @@ impl Metrics {
             .inc();
         let source = match cache {
             CacheResult::Hit | CacheResult::Stale => Source::cache,
+            CacheResult::SharedHit => Source::shared,
             _ => Source::upstream,
         };
         self.bytes
@@ -349,6 +412,20 @@ impl Metrics {
         self.evictions.inc_by(e);
         let b = evicted_bytes.saturating_sub(self.evicted_bytes.get());
         self.evicted_bytes.inc_by(b);
+    }
+
+    /// Copies the shared storage's figures into the metrics.
+    pub fn set_shared(&self, f: &SharedFigures) {
+        self.shared_up.set(i64::from(f.up));
+        let up_to = |c: &Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
+        up_to(&self.shared_errors, f.errors);
+        up_to(&self.shared_uploaded_bytes, f.uploaded_bytes);
+        for (result, n) in f.uploads {
+            up_to(
+                &self.shared_uploads.get_or_create(&UploadLabels { result }),
+                n,
+            );
+        }
     }
 
     /// Per-registry totals for `/status` (the operator copies them into

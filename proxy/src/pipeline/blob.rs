@@ -2,16 +2,21 @@
 //! flight, led as a new merged download, or passed through on their own
 //! (the fetching itself is in `download`).
 
+use std::sync::Arc;
+
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::HandlerError;
 use super::context::Ctx;
-use super::download::{blob_response, lead, resume, solo};
+use super::download::{Source, blob_response, lead, resume, solo};
 use crate::cache::inflight::{self, Role};
 use crate::cache::store::{CachedBlob, StoreError};
 use crate::http::body::{self, Body};
-use crate::http::headers::{API_VERSION, DOCKER_CONTENT_DIGEST, forward_headers, relay_response};
+use crate::http::headers::{
+    API_VERSION, DOCKER_CONTENT_DIGEST, content_length, content_type, forward_headers,
+    relay_response,
+};
 use crate::http::range::{RangeSpec, parse_range};
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
@@ -55,14 +60,34 @@ pub(crate) async fn blob(
         // is verified like any other (a 206 part cannot be).
         if *method == Method::GET && up.response.status() == StatusCode::OK {
             let (parts, incoming) = up.response.into_parts();
-            return Ok(solo(ctx, digest, parts, incoming, None));
+            return Ok(solo(
+                ctx,
+                digest,
+                content_length(&parts.headers),
+                content_type(&parts.headers),
+                body::relay(incoming),
+                None,
+            ));
         }
         return Ok(relay_response(up.response));
     }
     record.cache = CacheResult::Miss;
     if !ctx.shared.inflight.is_uncacheable(digest) {
         match ctx.shared.inflight.join_or_lead(digest) {
-            Role::Leader(dl) => return lead(ctx, headers, digest, url, dl, record).await,
+            Role::Leader(dl) => {
+                let source = match in_shared_tier(ctx, digest).await {
+                    Some(found) => {
+                        // Another replica fetched it: the same gate as a
+                        // HIT on this replica's disk.
+                        if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
+                            return Ok(refusal);
+                        }
+                        found
+                    }
+                    None => Source::Upstream(url),
+                };
+                return lead(ctx, headers, digest, source, dl, record).await;
+            }
             Role::Waiter(dl) => {
                 let mut rx = dl.subscribe();
                 if let Some(stream) = inflight::wait_started(&mut rx).await {
@@ -96,7 +121,28 @@ pub(crate) async fn blob(
     ctx.granted(headers, digest);
     record.cache = CacheResult::Pass;
     let (parts, incoming) = up.response.into_parts();
-    Ok(solo(ctx, digest, parts, incoming, None))
+    Ok(solo(
+        ctx,
+        digest,
+        content_length(&parts.headers),
+        content_type(&parts.headers),
+        body::relay(incoming),
+        None,
+    ))
+}
+
+/// The shared tier's copy of `digest`, if there is a tier and it has one
+/// (an unreachable tier counts as not having it).
+async fn in_shared_tier(ctx: &Ctx<'_>, digest: &Digest) -> Option<Source> {
+    let tier = ctx.shared.tier.as_ref()?;
+    match tier.stat(digest).await {
+        Ok(Some(stat)) => Some(Source::Tier(Arc::clone(tier), stat)),
+        Ok(None) => None,
+        Err(err) => {
+            tracing::debug!(%digest, error = %err, "shared storage not consulted");
+            None
+        }
+    }
 }
 
 async fn cached_blob(

@@ -10,12 +10,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use tokio::sync::mpsc;
 
 use super::context::Ctx;
 use super::{HandlerError, refused};
 use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Stream};
+use crate::cache::shared::{SharedTier, TierStat, Uploads};
 use crate::cache::store::{BlobMeta, BlobWriter, StoreError, is_disk_full};
 use crate::http::body::{self, Body};
 use crate::http::headers::{
@@ -43,12 +43,20 @@ impl Drop for LeadGuard<'_> {
     }
 }
 
+/// Where a merged download reads the blob from.
+pub(crate) enum Source {
+    /// The registry, at this URL, with the leading client's credentials.
+    Upstream(Uri),
+    /// The shared tier, which holds the blob: no upstream request at all.
+    Tier(Arc<SharedTier>, TierStat),
+}
+
 /// The first client to miss `digest`: fetches it once for everyone.
 pub(crate) async fn lead(
     ctx: &Ctx<'_>,
     headers: &HeaderMap,
     digest: &Digest,
-    url: Uri,
+    source: Source,
     dl: Arc<Download>,
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
@@ -56,6 +64,28 @@ pub(crate) async fn lead(
         inflight: &ctx.shared.inflight,
         digest,
         dl: Some(dl),
+    };
+    let url = match source {
+        Source::Upstream(url) => url,
+        Source::Tier(tier, stat) => match tier.open(digest, 0).await {
+            Ok(Some(chunks)) => {
+                record.cache = CacheResult::SharedHit;
+                let opened = Opened {
+                    body: body::stream(chunks),
+                    size: Some(stat.size),
+                    media_type: stat.meta.media_type,
+                    from_upstream: false,
+                };
+                return start(ctx, headers, digest, opened, &mut guard, record).await;
+            }
+            // Gone since the HEAD (evicted) or the tier failed: the
+            // upstream it is.
+            Ok(None) => ctx.url(&upstream_path(ctx, digest), None)?,
+            Err(err) => {
+                tracing::debug!(%digest, error = %err, "shared storage read failed; fetching from the upstream");
+                ctx.url(&upstream_path(ctx, digest), None)?
+            }
+        },
     };
     let up = ctx
         .send(Method::GET, url, forward_headers(headers, false))
@@ -65,25 +95,65 @@ pub(crate) async fn lead(
         return Ok(relay_response(up.response));
     }
     ctx.granted(headers, digest);
-    ctx.served(digest);
     if up.hops > 0 {
         tracing::debug!(%digest, from = %crate::upstream::redact(&up.final_url), hops = up.hops, "blob served by redirect target");
     }
     let (parts, incoming) = up.response.into_parts();
-    let media_type = content_type(&parts.headers);
-    let size: Option<u64> = crate::http::headers::content_length(&parts.headers);
+    let opened = Opened {
+        media_type: content_type(&parts.headers),
+        size: crate::http::headers::content_length(&parts.headers),
+        body: body::relay(incoming),
+        from_upstream: true,
+    };
+    start(ctx, headers, digest, opened, &mut guard, record).await
+}
+
+fn upstream_path(ctx: &Ctx<'_>, digest: &Digest) -> String {
+    format!(
+        "/v2/{}/blobs/{digest}",
+        ctx.repo.as_deref().unwrap_or_default()
+    )
+}
+
+/// A source answered with the blob.
+struct Opened {
+    body: Body,
+    size: Option<u64>,
+    media_type: Option<String>,
+    /// Copy it to the shared tier once committed (not when it came from
+    /// there).
+    from_upstream: bool,
+}
+
+/// Starts the merged download of an opened source and answers the
+/// leading client from it.
+async fn start(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    digest: &Digest,
+    opened: Opened,
+    guard: &mut LeadGuard<'_>,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    ctx.served(digest);
+    let Opened {
+        body: incoming,
+        size,
+        media_type,
+        from_upstream,
+    } = opened;
     let store = &ctx.shared.store;
     let reserved = size.unwrap_or(0);
-    if let Some(size) = size
-        && !ctx.shared.inflight.try_reserve(size, |others| {
-            has_room(store.tmp_dir(), size.saturating_add(others))
+    if let Some(n) = size
+        && !ctx.shared.inflight.try_reserve(n, |others| {
+            has_room(store.tmp_dir(), n.saturating_add(others))
         })
     {
-        tracing::warn!(%digest, size, "cache disk full; passing the blob through");
+        tracing::warn!(%digest, size = n, "cache disk full; passing the blob through");
         ctx.shared.metrics.disk_full();
         ctx.shared.inflight.mark_uncacheable(digest);
         record.cache = CacheResult::Pass;
-        return Ok(solo(ctx, digest, parts, incoming, None));
+        return Ok(solo(ctx, digest, size, media_type, incoming, None));
     }
     let meta = BlobMeta {
         media_type: media_type.clone(),
@@ -98,7 +168,7 @@ pub(crate) async fn lead(
             }
             tracing::warn!(error = %err, %digest, "cannot cache blob; passing it through");
             record.cache = CacheResult::Pass;
-            return Ok(solo(ctx, digest, parts, incoming, None));
+            return Ok(solo(ctx, digest, size, media_type, incoming, None));
         }
     };
     let file = match writer.temp_path().map(std::fs::File::open) {
@@ -107,7 +177,7 @@ pub(crate) async fn lead(
             ctx.shared.inflight.release(reserved);
             tracing::warn!(%digest, "cannot read back the temp file; passing the blob through");
             record.cache = CacheResult::Pass;
-            return Ok(solo(ctx, digest, parts, incoming, Some(writer)));
+            return Ok(solo(ctx, digest, size, media_type, incoming, Some(writer)));
         }
     };
     let stream = Stream {
@@ -139,12 +209,10 @@ pub(crate) async fn lead(
             read_timeout: ctx.read_timeout,
             reserved,
             recent: Arc::clone(&stream.recent),
+            uploads: from_upstream.then(|| ctx.shared.uploads.clone()).flatten(),
         },
     ));
-    let path = format!(
-        "/v2/{}/blobs/{digest}",
-        ctx.repo.as_deref().unwrap_or_default()
-    );
+    let path = upstream_path(ctx, digest);
     let body = inflight::tail(
         rx,
         &stream,
@@ -234,6 +302,8 @@ struct DownloadEnv {
     reserved: u64,
     /// Where written batches are handed to the clients (see `Recent`).
     recent: Arc<inflight::Recent>,
+    /// Copies the committed blob to the shared tier.
+    uploads: Option<Arc<Uploads>>,
 }
 
 /// Hands the batches now on disk to the clients (from memory) and
@@ -258,7 +328,7 @@ pub(crate) fn publish(
 /// file, publishing progress, then commits; runs to the end whoever is
 /// still listening.
 async fn download(
-    mut incoming: Incoming,
+    mut incoming: Body,
     mut writer: BlobWriter,
     digest: Digest,
     dl: Arc<Download>,
@@ -270,6 +340,7 @@ async fn download(
         read_timeout,
         reserved,
         recent,
+        uploads,
     } = env;
     let mut published = 0u64;
     let end: Result<(), DownloadEnd> = loop {
@@ -345,7 +416,12 @@ async fn download(
             let on_disk = writer.on_disk();
             dl.update(|s| s.on_disk = on_disk);
             match writer.commit().await {
-                Ok(_) => Outcome::Verified,
+                Ok(blob) => {
+                    if let Some(uploads) = &uploads {
+                        uploads.submit(blob);
+                    }
+                    Outcome::Verified
+                }
                 Err(err @ StoreError::NotCommitted { .. }) => {
                     // Verified bytes, no room to keep them: the clients read
                     // the (unlinked) temp file to the end, nothing is cached.
@@ -405,11 +481,11 @@ pub(crate) fn blob_response(digest: &Digest, stream: &Stream, body: Body) -> Res
 pub(crate) fn solo(
     ctx: &Ctx<'_>,
     digest: &Digest,
-    parts: http::response::Parts,
-    incoming: Incoming,
+    size: Option<u64>,
+    media_type: Option<String>,
+    incoming: Body,
     writer: Option<BlobWriter>,
 ) -> Response<Body> {
-    let media_type = content_type(&parts.headers);
     let (tx, rx) = mpsc::channel(8);
     tokio::spawn(fetch_blob(
         incoming,
@@ -420,8 +496,8 @@ pub(crate) fn solo(
     ));
     let mut resp = Response::new(body::channel(rx));
     let h = resp.headers_mut();
-    if let Some(len) = parts.headers.get(header::CONTENT_LENGTH) {
-        h.insert(header::CONTENT_LENGTH, len.clone());
+    if let Some(len) = size {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     }
     h.insert(
         header::CONTENT_TYPE,
@@ -444,7 +520,7 @@ pub(crate) fn solo(
 /// no store when the disk is full or the write failed). The download
 /// continues if the client leaves, so the cache is filled for the next one.
 async fn fetch_blob(
-    mut incoming: Incoming,
+    mut incoming: Body,
     mut writer: Option<BlobWriter>,
     digest: Digest,
     tx: mpsc::Sender<std::io::Result<Bytes>>,

@@ -1,6 +1,7 @@
 //! Manifests by digest: served from the cache (memory for small ones) or
 //! fetched, verified against the digest asked for, and stored.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use hyper::body::Incoming;
 
 use super::HandlerError;
 use super::context::Ctx;
+use crate::cache::shared::{TierError, TierStat};
 use crate::cache::store::{BlobMeta, CachedBlob, StoreError, is_disk_full};
 use crate::http::body::{self, Body};
 use crate::http::headers::{
@@ -48,7 +50,10 @@ pub(crate) async fn manifest_by_digest(
         if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
             return Ok(refusal);
         }
-        record.cache = CacheResult::Hit;
+        record.cache = match cached {
+            CachedManifest::Shared(..) => CacheResult::SharedHit,
+            _ => CacheResult::Hit,
+        };
         ctx.served(digest);
         return cached_manifest(ctx, cached, method).await;
     }
@@ -101,16 +106,24 @@ pub(crate) async fn store_manifest(
         Some(mt) if is_manifest_type(&mt) => Some(mt),
         other => named_media_type(bytes).or(other),
     };
-    if let Err(err) = ctx
-        .shared
-        .store
-        .put(digest, BlobMeta { media_type }, bytes)
-        .await
-    {
+    let meta = BlobMeta { media_type };
+    if let Err(err) = ctx.shared.store.put(digest, meta.clone(), bytes).await {
         if is_disk_full(&err) {
             ctx.shared.metrics.disk_full();
         }
         tracing::warn!(error = %err, %digest, "cannot cache manifest; serving it uncached");
+    }
+    if let Some(tier) = &ctx.shared.tier {
+        let (tier, digest, bytes) = (
+            Arc::clone(tier),
+            digest.clone(),
+            Bytes::copy_from_slice(bytes),
+        );
+        tokio::spawn(async move {
+            if let Err(err) = tier.put_small(&digest, &meta, bytes).await {
+                tracing::debug!(%digest, error = %err, "manifest not copied to shared storage");
+            }
+        });
     }
 }
 
@@ -156,6 +169,9 @@ fn named_media_type(bytes: &[u8]) -> Option<String> {
 pub(crate) enum CachedManifest {
     Memory(Digest, BlobMeta, Bytes),
     File(CachedBlob),
+    /// Not on this replica's disk, in the shared tier (only its HEAD
+    /// was read).
+    Shared(Digest, TierStat),
 }
 
 pub(crate) async fn lookup_manifest(
@@ -169,10 +185,22 @@ pub(crate) async fn lookup_manifest(
     if let Some((bytes, meta)) = store.memory_copy(digest) {
         return Ok(is_manifest(&meta).then(|| CachedManifest::Memory(digest.clone(), meta, bytes)));
     }
-    let Some(cached) = store.lookup(digest).await? else {
+    if let Some(cached) = store.lookup(digest).await? {
+        return Ok(is_manifest(&cached.meta).then_some(CachedManifest::File(cached)));
+    }
+    let Some(tier) = &ctx.shared.tier else {
         return Ok(None);
     };
-    Ok(is_manifest(&cached.meta).then_some(CachedManifest::File(cached)))
+    match tier.stat(digest).await {
+        Ok(Some(stat)) if is_manifest(&stat.meta) && stat.size <= MAX_MANIFEST as u64 => {
+            Ok(Some(CachedManifest::Shared(digest.clone(), stat)))
+        }
+        Ok(_) => Ok(None),
+        Err(err) => {
+            tracing::debug!(%digest, error = %err, "shared storage not consulted");
+            Ok(None)
+        }
+    }
 }
 
 /// Serves a cached manifest once access is granted: from memory when the
@@ -200,6 +228,37 @@ pub(crate) async fn cached_manifest(
             ));
         }
         CachedManifest::File(cached) => cached,
+        CachedManifest::Shared(digest, stat) => {
+            let tier = ctx
+                .shared
+                .tier
+                .as_ref()
+                .ok_or_else(|| TierError::Config("shared storage went away".to_string()))?;
+            let Some((bytes, meta)) = tier.read_small(&digest, stat.size).await? else {
+                return Err(TierError::Store {
+                    op: "GET",
+                    key: digest.to_string(),
+                    message: "gone since its HEAD".to_string(),
+                }
+                .into());
+            };
+            // Kept on this replica's disk: the next request is a HIT here.
+            if let Err(err) = ctx.shared.store.put(&digest, meta.clone(), &bytes).await {
+                tracing::warn!(error = %err, %digest, "cannot cache manifest from shared storage locally");
+            }
+            let size = bytes.len() as u64;
+            let body = if *method == Method::HEAD {
+                body::empty()
+            } else {
+                body::full(bytes)
+            };
+            return Ok(manifest_response(
+                &digest,
+                meta.media_type.as_deref(),
+                size,
+                body,
+            ));
+        }
     };
     let media_type = cached.meta.media_type.clone();
     if *method == Method::HEAD {

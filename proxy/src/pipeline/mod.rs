@@ -27,6 +27,7 @@ use context::Ctx;
 
 use crate::cache::inflight::Inflight;
 use crate::cache::repos::RepoIndex;
+use crate::cache::shared::{SharedTier, TierError, Uploads};
 use crate::cache::store::{BlobStore, StoreError};
 use crate::cache::tags::TagCache;
 use crate::config::Settings;
@@ -63,6 +64,10 @@ pub struct Shared {
     pub inflight: Arc<Inflight>,
     /// Which digests each repository was served (admin API, purge).
     pub repos: RepoIndex,
+    /// The object store shared by every replica (`storage:`), if any.
+    pub tier: Option<Arc<SharedTier>>,
+    /// Copies what this replica fetched from upstreams into `tier`.
+    pub uploads: Option<Arc<Uploads>>,
 }
 
 /// Serves one request and wraps its body so the access line is written
@@ -130,6 +135,8 @@ pub(crate) enum HandlerError {
     BadUpstream { registry: String, message: String },
     #[error("cache: {0}")]
     Store(#[from] StoreError),
+    #[error("shared storage: {0}")]
+    Shared(#[from] TierError),
 }
 
 impl HandlerError {
@@ -168,6 +175,13 @@ impl HandlerError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::Unavailable,
                 "cache error".to_string(),
+            ),
+            // The tier said it had the object, then failed to give it;
+            // it is skipped for a while, so a retry goes upstream.
+            HandlerError::Shared(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "shared storage failed; retry".to_string(),
             ),
         };
         oci::error_response(status, code, &message).map(body::full)

@@ -1,0 +1,388 @@
+//! The shared tier: content-addressed blobs in an object store (S3) that
+//! every replica reads and writes, below each replica's own disk.
+//!
+//! ```text
+//! <prefix>/blobs/sha256/<first 2 hex>/<hex>    verified content, Content-Type = media type
+//! ```
+//!
+//! Only verified bytes get a key: an object is written by a multipart
+//! upload that is completed only once the bytes sent hash to the digest
+//! (and aborted otherwise); an unfinished upload is invisible to GET,
+//! HEAD and LIST. Two replicas completing the same digest write the same
+//! bytes, so neither needs a lock.
+//!
+//! The tier is an optimisation, never a dependency: every error is logged,
+//! counted and answered as a miss, and after one the tier is skipped for
+//! a while ([`Health`]) so pass-through serving is not slowed by an object
+//! store that is down.
+
+mod health;
+pub(crate) mod s3;
+#[cfg(test)]
+mod tests;
+mod upload;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream::BoxStream};
+use object_store::path::Path as Key;
+use object_store::{
+    Attribute, AttributeValue, Attributes, GetOptions, GetRange, ObjectStore, ObjectStoreExt,
+    PutMode, PutMultipartOptions, PutOptions, PutPayload,
+};
+use sha2::{Digest as _, Sha256};
+
+pub use health::Health;
+pub use s3::build_s3;
+pub use upload::Uploads;
+
+use crate::cache::store::BlobMeta;
+use crate::oci::Digest;
+
+/// Longest wait for a metadata answer (HEAD, small GET) on the request
+/// path: past it the request goes on as a miss.
+const META_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Part size of multipart uploads (S3 minimum is 5 MiB).
+const PART: usize = 8 << 20;
+/// Parts of one upload in flight at once.
+const PARTS_IN_FLIGHT: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    #[error("object store {op} of {key} failed: {message}")]
+    Store {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    #[error("object store {op} of {key} timed out after {secs}s")]
+    Timeout {
+        op: &'static str,
+        key: String,
+        secs: u64,
+    },
+    #[error("blob {expected} from the object store hashes to {actual}: not used")]
+    DigestMismatch { expected: Digest, actual: Digest },
+    #[error("cannot read {path}: {source}")]
+    File {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the object store is skipped for {secs}s more after an error")]
+    Skipped { secs: u64 },
+    #[error("storage.s3: {0}")]
+    Config(String),
+}
+
+/// What the tier knows of one blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierStat {
+    pub size: u64,
+    pub meta: BlobMeta,
+}
+
+pub type ByteStream = BoxStream<'static, Result<Bytes, TierError>>;
+
+/// The shared tier. Cheap to share in an `Arc`.
+#[derive(Debug)]
+pub struct SharedTier {
+    store: Arc<dyn ObjectStore>,
+    prefix: Key,
+    /// `s3://bucket/prefix`, for logs.
+    location: String,
+    health: Health,
+}
+
+impl SharedTier {
+    pub fn new(store: Arc<dyn ObjectStore>, prefix: &str, location: String) -> Self {
+        Self {
+            store,
+            prefix: Key::from(prefix.trim_matches('/')),
+            location,
+            health: Health::default(),
+        }
+    }
+
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    fn key(&self, d: &Digest) -> Key {
+        let hex = d.hex();
+        let rel = format!("blobs/sha256/{}/{hex}", &hex[..2]);
+        if self.prefix.as_ref().is_empty() {
+            Key::from(rel)
+        } else {
+            Key::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    fn err(&self, op: &'static str, key: &Key, e: object_store::Error) -> TierError {
+        let err = TierError::Store {
+            op,
+            key: key.to_string(),
+            message: s3::explain(&e, &self.location),
+        };
+        self.health.failed(&err);
+        err
+    }
+
+    /// Fails fast while the store is marked down.
+    fn usable(&self) -> Result<(), TierError> {
+        match self.health.skip_for() {
+            Some(left) => Err(TierError::Skipped {
+                secs: left.as_secs().max(1),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Checks that the bucket answers and accepts these credentials: a
+    /// write, a read and a delete of a probe object. Run at start so a
+    /// misconfiguration is reported at once, not at the first miss.
+    pub async fn probe(&self, replica: &str) -> Result<(), TierError> {
+        let key = self.prefix.clone().join("probe").join(replica);
+        let payload = PutPayload::from_static(b"pullthrough probe");
+        let timed = |op| {
+            let key = key.to_string();
+            move |_| TierError::Timeout {
+                op,
+                key,
+                secs: META_TIMEOUT.as_secs() * 2,
+            }
+        };
+        tokio::time::timeout(META_TIMEOUT * 2, self.store.put(&key, payload))
+            .await
+            .map_err(timed("write"))?
+            .map_err(|e| self.err("write", &key, e))?;
+        tokio::time::timeout(META_TIMEOUT * 2, self.store.head(&key))
+            .await
+            .map_err(timed("read"))?
+            .map_err(|e| self.err("read", &key, e))?;
+        tokio::time::timeout(META_TIMEOUT * 2, self.store.delete(&key))
+            .await
+            .map_err(timed("delete"))?
+            .map_err(|e| self.err("delete", &key, e))?;
+        self.health.succeeded();
+        Ok(())
+    }
+
+    /// Size and media type of a blob, `None` if the tier does not have it.
+    pub async fn stat(&self, d: &Digest) -> Result<Option<TierStat>, TierError> {
+        self.usable()?;
+        let key = self.key(d);
+        let opts = GetOptions {
+            head: true,
+            ..GetOptions::default()
+        };
+        let got = match tokio::time::timeout(META_TIMEOUT, self.store.get_opts(&key, opts)).await {
+            Err(_) => {
+                let err = TierError::Timeout {
+                    op: "HEAD",
+                    key: key.to_string(),
+                    secs: META_TIMEOUT.as_secs(),
+                };
+                self.health.failed(&err);
+                return Err(err);
+            }
+            Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
+            Ok(Err(e)) => return Err(self.err("HEAD", &key, e)),
+            Ok(Ok(got)) => got,
+        };
+        self.health.succeeded();
+        Ok(Some(TierStat {
+            size: got.meta.size,
+            meta: meta_of(&got.attributes),
+        }))
+    }
+
+    /// The bytes of a blob from offset `from`, as the store sends them
+    /// (the caller verifies: it hashes the whole blob as it goes).
+    pub async fn open(&self, d: &Digest, from: u64) -> Result<Option<ByteStream>, TierError> {
+        self.usable()?;
+        let key = self.key(d);
+        let opts = GetOptions {
+            range: (from > 0).then_some(GetRange::Offset(from)),
+            ..GetOptions::default()
+        };
+        let got = match tokio::time::timeout(META_TIMEOUT, self.store.get_opts(&key, opts)).await {
+            Err(_) => {
+                let err = TierError::Timeout {
+                    op: "GET",
+                    key: key.to_string(),
+                    secs: META_TIMEOUT.as_secs(),
+                };
+                self.health.failed(&err);
+                return Err(err);
+            }
+            Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
+            Ok(Err(e)) => return Err(self.err("GET", &key, e)),
+            Ok(Ok(got)) => got,
+        };
+        let k = key.to_string();
+        let location = self.location.clone();
+        Ok(Some(
+            got.into_stream()
+                .map_err(move |e| TierError::Store {
+                    op: "GET body",
+                    key: k.clone(),
+                    message: s3::explain(&e, &location),
+                })
+                .boxed(),
+        ))
+    }
+
+    /// A whole small object (a manifest), verified; `None` if absent or
+    /// larger than `max`.
+    pub async fn read_small(
+        &self,
+        d: &Digest,
+        max: u64,
+    ) -> Result<Option<(Bytes, BlobMeta)>, TierError> {
+        let Some(stat) = self.stat(d).await? else {
+            return Ok(None);
+        };
+        if stat.size > max {
+            return Ok(None);
+        }
+        let Some(mut body) = self.open(d, 0).await? else {
+            return Ok(None);
+        };
+        let mut buf = Vec::with_capacity(stat.size as usize);
+        let read = async {
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk?;
+                if (buf.len() + chunk.len()) as u64 > max {
+                    return Ok(false);
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok::<_, TierError>(true)
+        };
+        match tokio::time::timeout(META_TIMEOUT, read).await {
+            Err(_) => {
+                return Err(TierError::Timeout {
+                    op: "GET",
+                    key: self.key(d).to_string(),
+                    secs: META_TIMEOUT.as_secs(),
+                });
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(false)) => return Ok(None),
+            Ok(Ok(true)) => {}
+        }
+        verify(d, &Sha256::digest(&buf))?;
+        Ok(Some((Bytes::from(buf), stat.meta)))
+    }
+
+    /// Stores a small verified object in one request, unless present.
+    pub async fn put_small(
+        &self,
+        d: &Digest,
+        meta: &BlobMeta,
+        bytes: Bytes,
+    ) -> Result<(), TierError> {
+        self.usable()?;
+        verify(d, &Sha256::digest(&bytes))?;
+        let key = self.key(d);
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            attributes: attributes(meta),
+            ..PutOptions::default()
+        };
+        match self.store.put_opts(&key, bytes.into(), opts).await {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {
+                self.health.succeeded();
+                Ok(())
+            }
+            Err(e) => Err(self.err("PUT", &key, e)),
+        }
+    }
+
+    /// Uploads a blob from a stream of its bytes; completes the upload only
+    /// if they hash to `d`, else aborts it (nothing appears under the key).
+    pub async fn upload(
+        &self,
+        d: &Digest,
+        meta: &BlobMeta,
+        mut bytes: BoxStream<'_, Result<Bytes, TierError>>,
+    ) -> Result<u64, TierError> {
+        self.usable()?;
+        let key = self.key(d);
+        let opts = PutMultipartOptions {
+            attributes: attributes(meta),
+            ..PutMultipartOptions::default()
+        };
+        let up = self
+            .store
+            .put_multipart_opts(&key, opts)
+            .await
+            .map_err(|e| self.err("start upload", &key, e))?;
+        let mut w = object_store::WriteMultipart::new_with_chunk_size(up, PART);
+        let mut hasher = Sha256::new();
+        let mut sent = 0u64;
+        let failed = loop {
+            match bytes.next().await {
+                None => break None,
+                Some(Err(e)) => break Some(e),
+                Some(Ok(chunk)) => {
+                    if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
+                        break Some(self.err("upload part", &key, e));
+                    }
+                    hasher.update(&chunk);
+                    sent += chunk.len() as u64;
+                    w.put(chunk);
+                }
+            }
+        };
+        let failed = failed.or_else(|| verify(d, &hasher.finalize()).err());
+        if let Some(e) = failed {
+            if let Err(abort) = w.abort().await {
+                tracing::warn!(%d, error = %abort, "aborting the upload failed; the store's lifecycle rule removes its parts");
+            }
+            return Err(e);
+        }
+        w.finish()
+            .await
+            .map_err(|e| self.err("complete upload", &key, e))?;
+        self.health.succeeded();
+        Ok(sent)
+    }
+}
+
+fn verify(expected: &Digest, hash: &[u8]) -> Result<(), TierError> {
+    let hex = hex::encode(hash);
+    if hex == expected.hex() {
+        return Ok(());
+    }
+    Err(TierError::DigestMismatch {
+        expected: expected.clone(),
+        actual: Digest::parse(&format!("sha256:{hex}")).unwrap_or_else(|_| expected.clone()),
+    })
+}
+
+fn attributes(meta: &BlobMeta) -> Attributes {
+    let mut a = Attributes::new();
+    if let Some(mt) = &meta.media_type {
+        a.insert(Attribute::ContentType, AttributeValue::from(mt.clone()));
+    }
+    a
+}
+
+fn meta_of(a: &Attributes) -> BlobMeta {
+    BlobMeta {
+        media_type: a
+            .get(&Attribute::ContentType)
+            .map(|v| v.as_ref().to_string())
+            // Stores answer this for objects written without a type.
+            .filter(|m| !m.is_empty() && m != "binary/octet-stream"),
+    }
+}

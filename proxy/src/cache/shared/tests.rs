@@ -1,0 +1,196 @@
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt, stream};
+use object_store::memory::InMemory;
+use object_store::{ObjectStore, ObjectStoreExt};
+use sha2::{Digest as _, Sha256};
+
+use super::*;
+
+fn digest_of(bytes: &[u8]) -> Digest {
+    Digest::parse(&format!("sha256:{}", hex::encode(Sha256::digest(bytes)))).unwrap()
+}
+
+fn tier() -> (Arc<InMemory>, SharedTier) {
+    let mem = Arc::new(InMemory::new());
+    let store: Arc<dyn ObjectStore> = mem.clone();
+    (mem, SharedTier::new(store, "/cache/", "memory://".into()))
+}
+
+fn chunks(data: &[u8], size: usize) -> BoxStream<'static, Result<Bytes, TierError>> {
+    let parts: Vec<_> = data
+        .chunks(size)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect();
+    stream::iter(parts).boxed()
+}
+
+fn layer() -> BlobMeta {
+    BlobMeta {
+        media_type: Some("application/vnd.oci.image.layer.v1.tar+gzip".into()),
+    }
+}
+
+#[tokio::test]
+async fn a_verified_upload_is_stored_under_its_digest_with_its_media_type() {
+    let (mem, tier) = tier();
+    let data: Vec<u8> = (0..(20u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let d = digest_of(&data);
+    assert_eq!(tier.stat(&d).await.unwrap(), None);
+    let sent = tier
+        .upload(&d, &layer(), chunks(&data, 300_000))
+        .await
+        .unwrap();
+    assert_eq!(sent, data.len() as u64);
+    let key = format!("cache/blobs/sha256/{}/{}", &d.hex()[..2], d.hex());
+    assert_eq!(
+        mem.head(&key.as_str().into()).await.unwrap().size,
+        data.len() as u64
+    );
+    assert_eq!(
+        tier.stat(&d).await.unwrap(),
+        Some(TierStat {
+            size: data.len() as u64,
+            meta: layer()
+        })
+    );
+    let from = 5_000_000u64;
+    let tail: Vec<Bytes> = tier
+        .open(&d, from)
+        .await
+        .unwrap()
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(tail.concat(), data[from as usize..]);
+}
+
+#[tokio::test]
+async fn bytes_that_do_not_hash_to_the_digest_leave_no_object() {
+    let (mem, tier) = tier();
+    let data = vec![7u8; 9 << 20];
+    let d = digest_of(b"something else");
+    let err = tier
+        .upload(&d, &layer(), chunks(&data, 1 << 20))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TierError::DigestMismatch { .. }), "{err}");
+    assert_eq!(tier.stat(&d).await.unwrap(), None);
+    let all: Vec<_> = mem.list(None).try_collect().await.unwrap();
+    assert!(all.is_empty(), "{all:?}");
+}
+
+#[tokio::test]
+async fn a_source_that_fails_mid_way_leaves_no_object() {
+    let (mem, tier) = tier();
+    let data = vec![1u8; 12 << 20];
+    let d = digest_of(&data);
+    let broken = chunks(&data[..6 << 20], 1 << 20)
+        .chain(stream::iter([Err(TierError::Config("source cut".into()))]))
+        .boxed();
+    assert!(tier.upload(&d, &layer(), broken).await.is_err());
+    let all: Vec<_> = mem.list(None).try_collect().await.unwrap();
+    assert!(all.is_empty(), "{all:?}");
+}
+
+#[tokio::test]
+async fn small_objects_round_trip_and_are_verified() {
+    let (mem, tier) = tier();
+    let manifest = Bytes::from_static(br#"{"schemaVersion":2}"#);
+    let d = digest_of(&manifest);
+    let meta = BlobMeta {
+        media_type: Some("application/vnd.oci.image.manifest.v1+json".into()),
+    };
+    tier.put_small(&d, &meta, manifest.clone()).await.unwrap();
+    // Present already: not an error.
+    tier.put_small(&d, &meta, manifest.clone()).await.unwrap();
+    assert_eq!(
+        tier.read_small(&d, 1024).await.unwrap(),
+        Some((manifest.clone(), meta.clone()))
+    );
+    assert_eq!(tier.read_small(&d, 4).await.unwrap(), None, "over max");
+    // Wrong bytes are refused on the way in...
+    assert!(
+        tier.put_small(&digest_of(b"x"), &meta, manifest.clone())
+            .await
+            .is_err()
+    );
+    // ...and on the way out, if the store's copy was altered behind us.
+    let key = format!("cache/blobs/sha256/{}/{}", &d.hex()[..2], d.hex());
+    mem.put(&key.as_str().into(), Bytes::from_static(b"tampered").into())
+        .await
+        .unwrap();
+    assert!(matches!(
+        tier.read_small(&d, 1024).await,
+        Err(TierError::DigestMismatch { .. })
+    ));
+}
+
+#[tokio::test]
+async fn after_an_error_the_tier_is_skipped_then_retried() {
+    let (_, tier) = tier();
+    tier.health().failed(&TierError::Config("boom".into()));
+    assert!(!tier.health().is_up());
+    let d = digest_of(b"a");
+    assert!(matches!(
+        tier.stat(&d).await,
+        Err(TierError::Skipped { .. })
+    ));
+    assert!(tier.health().skip_for().is_some());
+}
+
+#[tokio::test]
+async fn credential_files_are_read_reread_and_named_when_missing() {
+    use object_store::CredentialProvider;
+    let dir = tempfile::tempdir().unwrap();
+    let files = s3::FileCredentials::rereading(dir.path().to_path_buf(), std::time::Duration::ZERO);
+    let err = files.read().unwrap_err().to_string();
+    assert!(err.contains("accessKeyId"), "{err}");
+    std::fs::write(dir.path().join("accessKeyId"), "AKID\n").unwrap();
+    std::fs::write(dir.path().join("secretAccessKey"), "").unwrap();
+    let err = files.read().unwrap_err().to_string();
+    assert!(
+        err.contains("secretAccessKey") && err.contains("empty"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("secretAccessKey"), "s3cr3t\n").unwrap();
+    let c = files.get_credential().await.unwrap();
+    assert_eq!(
+        (c.key_id.as_str(), c.secret_key.as_str(), c.token.as_deref()),
+        ("AKID", "s3cr3t", None)
+    );
+    // A rotated Secret is picked up...
+    std::fs::write(dir.path().join("secretAccessKey"), "rotated").unwrap();
+    std::fs::write(dir.path().join("sessionToken"), "tok").unwrap();
+    let c = files.get_credential().await.unwrap();
+    assert_eq!(
+        (c.secret_key.as_str(), c.token.as_deref()),
+        ("rotated", Some("tok"))
+    );
+    // ...and one caught half-written keeps the last good keys.
+    std::fs::remove_file(dir.path().join("accessKeyId")).unwrap();
+    let c = files.get_credential().await.unwrap();
+    assert_eq!(c.key_id, "AKID");
+}
+
+#[test]
+fn store_errors_name_the_cause_an_admin_can_fix() {
+    let generic = |msg: &str| object_store::Error::Generic {
+        store: "S3",
+        source: msg.to_string().into(),
+    };
+    let e = s3::explain(&generic("<Code>NoSuchBucket</Code>"), "s3://cache/");
+    assert!(
+        e.starts_with("s3://cache/: the bucket does not exist"),
+        "{e}"
+    );
+    let e = s3::explain(&generic("<Code>InvalidAccessKeyId</Code>"), "s3://cache/");
+    assert!(e.contains("credentials were refused"), "{e}");
+    let e = s3::explain(
+        &generic("error sending request: Connection refused"),
+        "s3://cache/",
+    );
+    assert!(e.contains("cannot be reached"), "{e}");
+}

@@ -1,0 +1,130 @@
+//! Copies blobs this replica fetched from the upstream into the shared
+//! tier, in the background, once they are committed (verified) on the
+//! local disk: the client is never held by the upload, and only a replica
+//! that got the bytes from the upstream uploads them (one copied from the
+//! tier or from a peer is already there or on its way).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Semaphore;
+
+use super::{SharedTier, TierError};
+use crate::cache::store::CachedBlob;
+use crate::observe::metrics::{SharedFigures, UploadResult};
+
+/// Uploads running at once; each buffers up to `PART × PARTS_IN_FLIGHT`.
+const CONCURRENT: usize = 4;
+/// Uploads waiting for a slot; past it new ones are dropped (counted), so
+/// a burst of misses cannot pin unbounded disk leases and tasks.
+const QUEUED: usize = 1024;
+/// Read size from the local file.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Debug)]
+pub struct Uploads {
+    tier: Arc<SharedTier>,
+    slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    pub stats: Arc<UploadStats>,
+}
+
+#[derive(Debug, Default)]
+pub struct UploadStats {
+    pub uploaded: AtomicU64,
+    pub uploaded_bytes: AtomicU64,
+    pub already_there: AtomicU64,
+    pub failed: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+impl Uploads {
+    pub fn new(tier: Arc<SharedTier>) -> Self {
+        Self {
+            tier,
+            slots: Arc::new(Semaphore::new(CONCURRENT)),
+            waiting: Arc::default(),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn tier(&self) -> &Arc<SharedTier> {
+        &self.tier
+    }
+
+    /// Totals for the metrics.
+    pub fn figures(&self) -> SharedFigures {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let s = &self.stats;
+        SharedFigures {
+            up: self.tier.health().is_up(),
+            errors: self.tier.health().errors(),
+            uploads: [
+                (UploadResult::uploaded, n(&s.uploaded)),
+                (UploadResult::already_there, n(&s.already_there)),
+                (UploadResult::failed, n(&s.failed)),
+                (UploadResult::dropped, n(&s.dropped)),
+            ],
+            uploaded_bytes: n(&s.uploaded_bytes),
+        }
+    }
+
+    /// Queues `blob` (held by its lease until uploaded) for upload.
+    pub fn submit(&self, blob: CachedBlob) {
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUED {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(digest = %blob.digest, "shared storage upload queue full; blob stays local only");
+            return;
+        }
+        let (tier, slots, waiting, stats) = (
+            Arc::clone(&self.tier),
+            Arc::clone(&self.slots),
+            Arc::clone(&self.waiting),
+            Arc::clone(&self.stats),
+        );
+        tokio::spawn(async move {
+            let permit = slots.acquire_owned().await;
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            let Ok(_permit) = permit else { return };
+            let digest = blob.digest.clone();
+            match upload(&tier, &blob).await {
+                Ok(Some(bytes)) => {
+                    stats.uploaded.fetch_add(1, Ordering::Relaxed);
+                    stats.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
+                    tracing::debug!(%digest, bytes, to = tier.location(), "blob copied to shared storage");
+                }
+                Ok(None) => {
+                    stats.already_there.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(err) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%digest, error = %err, "blob not copied to shared storage; it stays in the local cache");
+                }
+            }
+        });
+    }
+}
+
+/// `Ok(None)`: another replica put it there already.
+async fn upload(tier: &SharedTier, blob: &CachedBlob) -> Result<Option<u64>, TierError> {
+    if tier.stat(&blob.digest).await?.is_some() {
+        return Ok(None);
+    }
+    let path = blob.path.clone();
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|source| TierError::File {
+            path: path.display().to_string(),
+            source,
+        })?;
+    let shown = path.display().to_string();
+    let body = tokio_util::io::ReaderStream::with_capacity(file, CHUNK)
+        .map_err(move |source| TierError::File {
+            path: shown.clone(),
+            source,
+        })
+        .boxed();
+    tier.upload(&blob.digest, &blob.meta, body).await.map(Some)
+}
