@@ -21,6 +21,7 @@ pub mod error;
 pub mod http;
 pub mod observe;
 pub mod oci;
+pub mod peers;
 pub mod pipeline;
 pub mod route;
 pub mod server;
@@ -62,6 +63,13 @@ pub struct Cli {
     /// How long in-flight transfers may continue after SIGTERM.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// This replica's address as its peers reach it (`ip:port` of the
+    /// `peers.listen` port), e.g. the Pod IP. Needed with `peers.dns`;
+    /// with `peers.static` it defaults to `peers.listen` if that is in the
+    /// list.
+    #[arg(long, value_name = "IP:PORT", env = "PULLTHROUGH_PEER_ADDRESS")]
+    pub peer_address: Option<std::net::SocketAddr>,
 
     /// How often the config file, its credentials files and the CA files
     /// are checked for changes.
@@ -137,6 +145,24 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let uploads = tier
         .as_ref()
         .map(|t| Arc::new(cache::shared::Uploads::new(Arc::clone(t))));
+    let peer_tls = Arc::new(tls::peer::PeerTls::new(issuer.clone()));
+    let peers = match &config.peers {
+        Some(p) => {
+            let me = peers::members::self_address(p, cli.peer_address).map_err(|error| {
+                config::LoadError::Invalid {
+                    source_name: "peers".into(),
+                    error,
+                }
+            })?;
+            // Minted now so a CA that cannot issue one fails the start.
+            peer_tls.server()?;
+            Some(Arc::new(peers::Peers {
+                members: Arc::new(peers::Members::new(me, &p.r#static)),
+                client: peers::PeerClient::new(peer_tls.clone()),
+            }))
+        }
+        None => None,
+    };
 
     let http = match config.listen.http {
         Some(a) => Some(server::bind(a).await?),
@@ -144,6 +170,10 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     };
     let https = match config.listen.https {
         Some(a) => Some(server::bind(a).await?),
+        None => None,
+    };
+    let peer_listener = match &config.peers {
+        Some(p) => Some(server::bind(p.listen).await?),
         None => None,
     };
     let admin_listener = match config.listen.admin {
@@ -174,6 +204,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         repos: Default::default(),
         tier: tier.clone(),
         uploads,
+        peers: peers.clone(),
     });
     if let Some(tier) = tier {
         tokio::spawn(async move {
@@ -209,6 +240,27 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             permits.clone(),
             stop_rx.clone(),
             cli.shutdown_grace,
+        ));
+    }
+    if let Some(l) = peer_listener {
+        tasks.spawn(peers::listener::serve_peers(
+            l,
+            peer_tls.clone(),
+            shared.clone(),
+            conn_limits.clone(),
+            stop_rx.clone(),
+            cli.shutdown_grace,
+        ));
+    }
+    if let (Some(peers), Some(p)) = (&peers, &shared.state.load().config.peers)
+        && let Some(name) = &p.dns
+    {
+        tokio::spawn(peers::members::follow_dns(
+            peers.members.clone(),
+            name.clone(),
+            p.listen.port(),
+            p.refresh,
+            stop_rx.clone(),
         ));
     }
     if let Some(l) = admin_listener {

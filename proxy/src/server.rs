@@ -154,7 +154,7 @@ pub async fn serve_proxy(
                     let conn = conn_builder(&limits)
                         .serve_connection(
                             TokioIo::new(stream),
-                            service(shared, None, activity.clone()),
+                            service(shared, None, activity.clone(), false),
                         )
                         .into_owned();
                     let conn = watcher.watch(conn);
@@ -179,7 +179,10 @@ pub async fn serve_proxy(
                     };
                     let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
                     let conn = conn_builder(&limits)
-                        .serve_connection(TokioIo::new(tls), service(shared, sni, activity.clone()))
+                        .serve_connection(
+                            TokioIo::new(tls),
+                            service(shared, sni, activity.clone(), false),
+                        )
                         .into_owned();
                     let conn = watcher.watch(conn);
                     supervise(conn, &activity, &limits, peer).await;
@@ -360,10 +363,13 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
     }
 }
 
-fn service(
+/// The proxy's service for one connection; `from_peer` marks requests
+/// of the peer listener (see [`crate::peers::listener`]).
+pub(crate) fn service(
     shared: Arc<Shared>,
     sni: Option<Arc<str>>,
     activity: Activity,
+    from_peer: bool,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
     Response = http::Response<crate::observe::access_log::Logged>,
@@ -372,8 +378,12 @@ fn service(
         Output = Result<http::Response<crate::observe::access_log::Logged>, Infallible>,
     > + Send,
 > + Clone {
-    hyper::service::service_fn(move |req| {
+    hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         activity.request_seen();
+        if from_peer {
+            req.extensions_mut()
+                .insert(crate::peers::listener::FromPeer);
+        }
         let shared = shared.clone();
         let sni = sni.clone();
         async move { Ok::<_, Infallible>(pipeline::handle(shared, req, sni).await) }

@@ -127,6 +127,49 @@ pub type Resume = Arc<
         + Sync,
 >;
 
+/// How many bytes of a resumed response to drop so that it starts at
+/// `at`: a `206` must start exactly there, a `200` is the whole blob.
+fn resumed_skip(resp: &http::Response<hyper::body::Incoming>, at: u64) -> Result<u64, String> {
+    match resp.status() {
+        http::StatusCode::PARTIAL_CONTENT => {
+            let from = resp
+                .headers()
+                .get(http::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("bytes "))
+                .and_then(|v| v.split('-').next())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if from != Some(at) {
+                return Err(format!(
+                    "upstream answered the range from {at} with {:?}",
+                    resp.headers().get(http::header::CONTENT_RANGE)
+                ));
+            }
+            Ok(0)
+        }
+        http::StatusCode::OK => Ok(at),
+        status => Err(format!(
+            "upstream answered {status} resuming the blob at {at}"
+        )),
+    }
+}
+
+/// The rest of a blob from byte `at`, through `resume`.
+pub async fn resume_body(
+    resume: &Resume,
+    at: u64,
+    timeout: std::time::Duration,
+) -> Result<crate::http::body::Body, String> {
+    let resp = tokio::time::timeout(timeout, resume(at))
+        .await
+        .map_err(|_| "upstream stalled resuming the blob".to_string())??;
+    let skip = resumed_skip(&resp, at)?;
+    Ok(crate::http::body::skip(
+        crate::http::body::relay(resp.into_body()),
+        skip,
+    ))
+}
+
 /// One digest being fetched.
 #[derive(Debug)]
 pub struct Download {
@@ -389,30 +432,7 @@ impl Tail {
             .await
             .map_err(|_| std::io::Error::other("upstream stalled resuming the blob"))?
             .map_err(|e| std::io::Error::other(format!("resuming the blob at {at}: {e}")))?;
-        let skip = match resp.status() {
-            http::StatusCode::PARTIAL_CONTENT => {
-                let from = resp
-                    .headers()
-                    .get(http::header::CONTENT_RANGE)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("bytes "))
-                    .and_then(|v| v.split('-').next())
-                    .and_then(|v| v.trim().parse::<u64>().ok());
-                if from != Some(at) {
-                    return Err(std::io::Error::other(format!(
-                        "upstream answered the range from {at} with {:?}",
-                        resp.headers().get(http::header::CONTENT_RANGE)
-                    )));
-                }
-                0
-            }
-            http::StatusCode::OK => at,
-            status => {
-                return Err(std::io::Error::other(format!(
-                    "upstream answered {status} resuming the blob at {at}"
-                )));
-            }
-        };
+        let skip = resumed_skip(&resp, at).map_err(std::io::Error::other)?;
         self.rest = Some(Rest {
             body: resp.into_body(),
             hasher: hasher.clone(),

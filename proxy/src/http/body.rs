@@ -72,6 +72,20 @@ where
         .boxed_unsync()
 }
 
+/// `body` without its first `n` bytes.
+pub fn skip(body: Body, n: u64) -> Body {
+    let mut left = n;
+    body.map_frame(move |frame| match frame.into_data() {
+        Ok(mut data) => {
+            let cut = left.min(data.len() as u64);
+            left -= cut;
+            Frame::data(data.split_off(cut as usize))
+        }
+        Err(frame) => frame,
+    })
+    .boxed_unsync()
+}
+
 /// Relays an upstream body unchanged.
 pub fn relay(incoming: hyper::body::Incoming) -> Body {
     incoming.map_err(std::io::Error::other).boxed_unsync()

@@ -21,6 +21,7 @@ use crate::http::range::{RangeSpec, parse_range};
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
+use crate::peers::Owner;
 
 pub(crate) async fn blob(
     ctx: &Ctx<'_>,
@@ -84,7 +85,10 @@ pub(crate) async fn blob(
                         }
                         found
                     }
-                    None => Source::Upstream(url),
+                    None => match owning_peer(ctx, digest) {
+                        Some(peer) => Source::Peer(peer, url),
+                        None => Source::Upstream(url),
+                    },
                 };
                 return lead(ctx, headers, digest, source, dl, record).await;
             }
@@ -142,6 +146,18 @@ async fn in_shared_tier(ctx: &Ctx<'_>, digest: &Digest) -> Option<Source> {
             tracing::debug!(%digest, error = %err, "shared storage not consulted");
             None
         }
+    }
+}
+
+/// The replica that owns `digest`, when it is not this one and this
+/// request did not come from a peer (one hop at most).
+fn owning_peer(ctx: &Ctx<'_>, digest: &Digest) -> Option<std::net::SocketAddr> {
+    if ctx.from_peer {
+        return None;
+    }
+    match ctx.shared.peers.as_ref()?.members.owner(digest) {
+        Owner::Peer(peer) => Some(peer),
+        Owner::Me => None,
     }
 }
 

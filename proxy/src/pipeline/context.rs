@@ -29,6 +29,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) repo: Option<String>,
     pub(crate) via: Via,
     pub(crate) read_timeout: Duration,
+    /// Asked by another replica (peer listener): served by this replica
+    /// itself, never sent on to a peer.
+    pub(crate) from_peer: bool,
 }
 
 impl Ctx<'_> {

@@ -3,6 +3,7 @@
 //! as it grows, and finishes on its own if caching is abandoned. Solo: one
 //! client's own transfer when the download cannot be shared.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,6 +50,9 @@ pub(crate) enum Source {
     Upstream(Uri),
     /// The shared tier, which holds the blob: no upstream request at all.
     Tier(Arc<SharedTier>, TierStat),
+    /// The replica that owns the digest (its own merged download serves
+    /// this one); the upstream URL if it cannot be reached.
+    Peer(SocketAddr, Uri),
 }
 
 /// The first client to miss `digest`: fetches it once for everyone.
@@ -67,6 +71,13 @@ pub(crate) async fn lead(
     };
     let url = match source {
         Source::Upstream(url) => url,
+        Source::Peer(peer, url) => match from_peer(ctx, headers, digest, peer, record).await {
+            Some(Ok(opened)) => {
+                return start(ctx, headers, digest, opened, &mut guard, record).await;
+            }
+            Some(Err(refusal)) => return Ok(refusal),
+            None => url,
+        },
         Source::Tier(tier, stat) => match tier.open(digest, 0).await {
             Ok(Some(chunks)) => {
                 record.cache = CacheResult::SharedHit;
@@ -75,6 +86,7 @@ pub(crate) async fn lead(
                     size: Some(stat.size),
                     media_type: stat.meta.media_type,
                     from_upstream: false,
+                    takeover: None,
                 };
                 return start(ctx, headers, digest, opened, &mut guard, record).await;
             }
@@ -104,8 +116,71 @@ pub(crate) async fn lead(
         size: crate::http::headers::content_length(&parts.headers),
         body: body::relay(incoming),
         from_upstream: true,
+        takeover: None,
     };
     start(ctx, headers, digest, opened, &mut guard, record).await
+}
+
+/// Asks the owning replica for the blob. `None`: it cannot be reached
+/// (it is suspected for a while, the caller goes to the upstream);
+/// `Some(Err(response))`: its answer when that is not the blob (a
+/// refusal or an upstream error, relayed as the upstream's would be).
+async fn from_peer(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    digest: &Digest,
+    peer: SocketAddr,
+    record: &mut Record,
+) -> Option<Result<Opened, Response<Body>>> {
+    let peers = ctx.shared.peers.as_ref()?;
+    let path = upstream_path(ctx, digest);
+    let asked = peers
+        .client
+        .get(
+            peer,
+            &ctx.registry.host,
+            &path,
+            forward_headers(headers, false),
+            ctx.read_timeout,
+        )
+        .await;
+    let resp = match asked {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::warn!(%digest, error = %err, "owner replica unreachable; fetching from the upstream");
+            peers.members.suspect(peer);
+            return None;
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Some(Err(relay_response(resp)));
+    }
+    // The owner served it only after its own access check or the
+    // upstream's 200 for these credentials.
+    ctx.granted(headers, digest);
+    tracing::debug!(%digest, %peer, "blob streamed from its owner replica");
+    let members = Arc::clone(&peers.members);
+    let (parts, incoming) = resp.into_parts();
+    Some(Ok(Opened {
+        media_type: content_type(&parts.headers),
+        size: crate::http::headers::content_length(&parts.headers),
+        body: body::relay(incoming),
+        from_upstream: false,
+        takeover: Some(Takeover {
+            resume: resume(ctx, &path, headers),
+            failed: Box::new(move || members.suspect(peer)),
+        }),
+    }))
+}
+
+/// How a download from a peer continues when that peer dies mid-way:
+/// from the upstream, with `Range` from the bytes already written (and
+/// hashed), so nothing is fetched twice and the digest is checked over
+/// the whole.
+pub(crate) struct Takeover {
+    resume: inflight::Resume,
+    failed: Box<dyn FnOnce() + Send>,
 }
 
 fn upstream_path(ctx: &Ctx<'_>, digest: &Digest) -> String {
@@ -123,6 +198,7 @@ struct Opened {
     /// Copy it to the shared tier once committed (not when it came from
     /// there).
     from_upstream: bool,
+    takeover: Option<Takeover>,
 }
 
 /// Starts the merged download of an opened source and answers the
@@ -141,6 +217,7 @@ async fn start(
         size,
         media_type,
         from_upstream,
+        takeover,
     } = opened;
     let store = &ctx.shared.store;
     let reserved = size.unwrap_or(0);
@@ -210,6 +287,7 @@ async fn start(
             reserved,
             recent: Arc::clone(&stream.recent),
             uploads: from_upstream.then(|| ctx.shared.uploads.clone()).flatten(),
+            takeover,
         },
     ));
     let path = upstream_path(ctx, digest);
@@ -264,6 +342,7 @@ pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight
                 repo,
                 via,
                 read_timeout,
+                from_peer: false,
             };
             if let Ok(range) = HeaderValue::from_str(&format!("bytes={from}-")) {
                 headers.insert(header::RANGE, range);
@@ -304,6 +383,7 @@ struct DownloadEnv {
     recent: Arc<inflight::Recent>,
     /// Copies the committed blob to the shared tier.
     uploads: Option<Arc<Uploads>>,
+    takeover: Option<Takeover>,
 }
 
 /// Hands the batches now on disk to the clients (from memory) and
@@ -341,44 +421,51 @@ async fn download(
         reserved,
         recent,
         uploads,
+        mut takeover,
     } = env;
     let mut published = 0u64;
-    let end: Result<(), DownloadEnd> = loop {
-        // While a batch is written, keep receiving; publish it the moment
-        // it is on disk (not only when the next chunk arrives).
-        let next = tokio::select! {
-            biased;
-            done = writer.collect(), if writer.writing() => Err(done),
-            frame = tokio::time::timeout(read_timeout, incoming.frame()) => Ok(frame),
-        };
-        let next = match next {
-            Ok(frame) => frame,
-            Err(done) => {
-                if let Err(err) = done {
-                    break Err(DownloadEnd::Write(err));
-                }
-                publish(&mut writer, &recent, &dl, &mut published);
-                continue;
-            }
-        };
-        let frame = match next {
-            Err(_) => break Err(DownloadEnd::Upstream("upstream stalled".to_string())),
-            Ok(None) => break Ok(()),
-            Ok(Some(Err(err))) => {
-                break Err(DownloadEnd::Upstream(format!(
-                    "upstream body failed: {err}"
-                )));
-            }
-            Ok(Some(Ok(frame))) => frame,
-        };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if let Err(err) = writer.write(&data).await {
-            break Err(DownloadEnd::Write(err));
+    let mut end = pump(
+        &mut incoming,
+        &mut writer,
+        &recent,
+        &dl,
+        &mut published,
+        read_timeout,
+    )
+    .await;
+    // The owner replica died mid-way: continue from the upstream at the
+    // first byte not yet written.
+    while let Err(DownloadEnd::Upstream(msg)) = &end
+        && let Some(t) = takeover.take()
+    {
+        (t.failed)();
+        if let Err(err) = writer.flush_now().await {
+            end = Err(DownloadEnd::Write(err));
+            break;
         }
         publish(&mut writer, &recent, &dl, &mut published);
-    };
+        let at = writer.on_disk();
+        match inflight::resume_body(&t.resume, at, read_timeout).await {
+            Ok(rest) => {
+                tracing::warn!(%digest, at, error = %msg, "owner replica failed mid-blob; continuing from the upstream");
+                incoming = rest;
+                end = pump(
+                    &mut incoming,
+                    &mut writer,
+                    &recent,
+                    &dl,
+                    &mut published,
+                    read_timeout,
+                )
+                .await;
+            }
+            Err(err) => {
+                end = Err(DownloadEnd::Upstream(format!(
+                    "{msg}; continuing from the upstream at {at} failed: {err}"
+                )));
+            }
+        }
+    }
     let end = match end {
         Ok(()) => writer.flush_now().await.map_err(DownloadEnd::Write),
         Err(e) => Err(e),
@@ -444,6 +531,54 @@ async fn download(
         tracing::warn!(%digest, error = %msg, "blob download failed; every waiter aborted, nothing cached");
     }
     dl.update(|s| s.outcome = Some(outcome));
+}
+
+/// Copies `incoming` into the writer until it ends or fails, publishing
+/// progress.
+async fn pump(
+    incoming: &mut Body,
+    writer: &mut BlobWriter,
+    recent: &inflight::Recent,
+    dl: &Download,
+    published: &mut u64,
+    read_timeout: Duration,
+) -> Result<(), DownloadEnd> {
+    loop {
+        // While a batch is written, keep receiving; publish it the moment
+        // it is on disk (not only when the next chunk arrives).
+        let next = tokio::select! {
+            biased;
+            done = writer.collect(), if writer.writing() => Err(done),
+            frame = tokio::time::timeout(read_timeout, incoming.frame()) => Ok(frame),
+        };
+        let next = match next {
+            Ok(frame) => frame,
+            Err(done) => {
+                if let Err(err) = done {
+                    return Err(DownloadEnd::Write(err));
+                }
+                publish(writer, recent, dl, published);
+                continue;
+            }
+        };
+        let frame = match next {
+            Err(_) => return Err(DownloadEnd::Upstream("upstream stalled".to_string())),
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(err))) => {
+                return Err(DownloadEnd::Upstream(format!(
+                    "upstream body failed: {err}"
+                )));
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if let Err(err) = writer.write(&data).await {
+            return Err(DownloadEnd::Write(err));
+        }
+        publish(writer, recent, dl, published);
+    }
 }
 
 /// Why a merged download stopped early.

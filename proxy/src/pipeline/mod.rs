@@ -37,6 +37,8 @@ use crate::observe::access_log::{Logged, Record};
 use crate::observe::labels::{CacheResult, Kind};
 use crate::observe::metrics::Metrics;
 use crate::oci::{self, ErrorCode, Reference};
+use crate::peers::Peers;
+use crate::peers::listener::FromPeer;
 use crate::route::{ApiRequest, Router, Target, Via};
 use crate::upstream::{AnonymousTokens, UpstreamClient, UpstreamError, Upstreams};
 
@@ -68,6 +70,8 @@ pub struct Shared {
     pub tier: Option<Arc<SharedTier>>,
     /// Copies what this replica fetched from upstreams into `tier`.
     pub uploads: Option<Arc<Uploads>>,
+    /// The other replicas (`peers:`), if any.
+    pub peers: Option<Arc<Peers>>,
 }
 
 /// Serves one request and wraps its body so the access line is written
@@ -224,6 +228,7 @@ pub(crate) async fn serve(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let state = shared.state.load_full();
+    let from_peer = req.extensions().get::<FromPeer>().is_some();
     let target = match state.router.route(
         Some(host).filter(|h| !h.is_empty()),
         req.uri().path(),
@@ -270,7 +275,9 @@ pub(crate) async fn serve(
             registry,
             request,
             via,
-        } => {
+        } if !from_peer
+            || (req.method() == Method::GET && matches!(request, ApiRequest::Blob { .. })) =>
+        {
             record.registry = registry.to_string();
             record.repository = request.repo().unwrap_or_default().to_string();
             record.via = match via {
@@ -279,6 +286,9 @@ pub(crate) async fn serve(
                 Via::Host => "host",
                 Via::Default => "default",
             };
+            if from_peer {
+                record.via = "peer";
+            }
             let reg_config = state
                 .config
                 .registry(&registry)
@@ -300,8 +310,18 @@ pub(crate) async fn serve(
                 repo: request.repo().map(str::to_string),
                 via,
                 read_timeout: state.config.upstream_timeouts.read,
+                from_peer,
             };
             registry_request(ctx, req, request, record).await
+        }
+        // Replicas ask each other for blobs and nothing else.
+        _ => {
+            record.cache = CacheResult::Denied;
+            Err(refused(
+                StatusCode::FORBIDDEN,
+                ErrorCode::Denied,
+                "the peer listener serves blob GETs only",
+            ))
         }
     }
 }

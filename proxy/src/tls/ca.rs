@@ -288,6 +288,39 @@ impl Ca {
         common_name: &str,
         now: SystemTime,
     ) -> Result<Minted, rcgen::Error> {
+        self.mint_for(
+            sans,
+            common_name,
+            now,
+            vec![ExtendedKeyUsagePurpose::ServerAuth],
+        )
+    }
+
+    /// Mints the certificate replicas present to each other, as server
+    /// and as client: the only one the proxy issues for client auth.
+    pub(super) fn mint_peer(&self, now: SystemTime) -> Result<Minted, rcgen::Error> {
+        let sans = vec![
+            SanType::DnsName(super::peer::PEER_NAME.try_into()?),
+            SanType::URI(super::peer::PEER_URI.try_into()?),
+        ];
+        self.mint_for(
+            sans,
+            "pullthrough peer",
+            now,
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        )
+    }
+
+    fn mint_for(
+        &self,
+        sans: Vec<SanType>,
+        common_name: &str,
+        now: SystemTime,
+        usages: Vec<ExtendedKeyUsagePurpose>,
+    ) -> Result<Minted, rcgen::Error> {
         let not_after = (now + LEAF_VALIDITY).min(self.not_after);
         let not_before = now.checked_sub(CLOCK_SKEW).unwrap_or(now);
         let mut params = CertificateParams::default();
@@ -302,7 +335,7 @@ impl Ca {
         params.subject_alt_names = sans;
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.extended_key_usages = usages;
         params.use_authority_key_identifier_extension = self.use_aki;
         params.not_before = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_before);
         params.not_after = rcgen::date_time_ymd(1970, 1, 1) + since_epoch(not_after);

@@ -105,6 +105,14 @@ impl Issuer {
         })
     }
 
+    pub(super) fn current_ca(&self) -> Arc<Ca> {
+        self.ca.load_full()
+    }
+
+    pub(super) fn provider(&self) -> Arc<CryptoProvider> {
+        self.provider.clone()
+    }
+
     /// The CA certificate PEM clients must trust (never the key): the
     /// current one, so `/ca.crt` follows a reload.
     pub fn ca_pem(&self) -> Arc<str> {

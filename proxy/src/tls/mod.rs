@@ -9,6 +9,7 @@
 
 mod ca;
 mod issuer;
+pub mod peer;
 #[cfg(test)]
 mod tests;
 pub mod watch;
