@@ -35,6 +35,10 @@ pub struct SharedStorage {
     /// streaming it from the bucket).
     #[serde(with = "humantime_serde", default = "default_min_age")]
     pub min_age: Duration,
+    /// How often the replica holding the eviction lease checks the
+    /// bucket's size (and every replica writes its access journal).
+    #[serde(with = "humantime_serde", default = "default_eviction_interval")]
+    pub eviction_interval: Duration,
 }
 
 /// `storage.s3`: an S3-compatible bucket (AWS S3, MinIO, SeaweedFS, Ceph RGW, ...).
@@ -125,6 +129,10 @@ fn default_min_age() -> Duration {
     Duration::from_secs(600)
 }
 
+fn default_eviction_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
 fn default_refresh() -> Duration {
     Duration::from_secs(5)
 }
@@ -195,6 +203,13 @@ impl SharedStorage {
                 ));
             }
             _ => {}
+        }
+        if self.eviction_interval.is_zero() || self.eviction_interval > Duration::from_secs(86_400)
+        {
+            return Err(ConfigError::new(
+                "storage.evictionInterval",
+                "must be more than 0s and at most 24h",
+            ));
         }
         if !(0.0 < self.low_watermark
             && self.low_watermark <= self.high_watermark

@@ -199,7 +199,9 @@ fn refresh_metrics(shared: &Shared) {
         st.evicted_bytes.load(Ordering::Relaxed),
     );
     if let Some(uploads) = &shared.uploads {
-        shared.metrics.set_shared(&uploads.figures());
+        shared
+            .metrics
+            .set_shared(&uploads.figures(shared.evictions.as_deref()));
     }
 }
 
@@ -217,13 +219,19 @@ fn stats(shared: &Shared) -> serde_json::Value {
         "evictedBytes": st.evicted_bytes.load(Ordering::Relaxed),
         "downloadsInFlight": shared.inflight.len(),
         "sharedStorage": shared.uploads.as_ref().map(|u| {
-            let f = u.figures();
+            let f = u.figures(shared.evictions.as_deref());
             json!({
                 "location": u.tier().location(),
                 "up": f.up,
                 "errors": f.errors,
                 "uploads": f.uploads.iter().map(|(r, n)| (format!("{r:?}"), *n)).collect::<BTreeMap<_, _>>(),
                 "uploadedBytes": f.uploaded_bytes,
+                "evictor": f.evictor.map(|e| json!({
+                    "holder": e.holder,
+                    "bucketBytes": e.bucket_bytes,
+                    "evictions": e.evictions,
+                    "evictedBytes": e.evicted_bytes,
+                })),
             })
         }),
     })

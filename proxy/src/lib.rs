@@ -172,6 +172,22 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Some(a) => Some(server::bind(a).await?),
         None => None,
     };
+    // Journals and the lease are named after the replica: unique per pod
+    // (its peer address, else its host name).
+    let replica = match &peers {
+        Some(p) => p.members.me().to_string().replace(':', "_"),
+        None => std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id())),
+    };
+    let journal = tier
+        .as_ref()
+        .map(|_| Arc::new(cache::shared::Journal::default()));
+    let evictor = match (&tier, &config.storage, &journal) {
+        (Some(t), Some(s), Some(j)) => {
+            cache::shared::Evictor::new(Arc::clone(t), s, replica.clone(), Arc::clone(j))
+                .map(Arc::new)
+        }
+        _ => None,
+    };
     let peer_listener = match &config.peers {
         Some(p) => Some(server::bind(p.listen).await?),
         None => None,
@@ -204,8 +220,11 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         repos: Default::default(),
         tier: tier.clone(),
         uploads,
+        journal: journal.clone(),
+        evictions: evictor.as_ref().map(|e| Arc::clone(&e.stats)),
         peers: peers.clone(),
     });
+
     if let Some(tier) = tier {
         tokio::spawn(async move {
             let replica =
@@ -218,6 +237,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     }
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(evictor) = &evictor {
+        tokio::spawn(Arc::clone(evictor).run(stop_rx.clone()));
+    }
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(l) = http {
         tasks.spawn(server::serve_proxy(

@@ -104,6 +104,10 @@ pub struct Metrics {
     shared_errors: Counter,
     shared_uploads: Family<UploadLabels, Counter>,
     shared_uploaded_bytes: Counter,
+    shared_evictor: Gauge,
+    shared_bucket_bytes: Gauge,
+    shared_evictions: Counter,
+    shared_evicted_bytes: Counter,
 }
 
 /// What became of a blob queued for the shared storage.
@@ -130,6 +134,17 @@ pub struct SharedFigures {
     pub errors: u64,
     pub uploads: [(UploadResult, u64); 4],
     pub uploaded_bytes: u64,
+    /// With `storage.maxSize`: whether this replica holds the eviction
+    /// lease, the bucket's size at its last check, what it evicted.
+    pub evictor: Option<EvictorFigures>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EvictorFigures {
+    pub holder: bool,
+    pub bucket_bytes: u64,
+    pub evictions: u64,
+    pub evicted_bytes: u64,
 }
 
 fn latency_histogram() -> Histogram {
@@ -263,6 +278,30 @@ impl Default for Metrics {
             "Bytes copied to the shared storage",
             shared_uploaded_bytes.clone(),
         );
+        let shared_evictor = Gauge::default();
+        registry.register(
+            "shared_storage_evictor",
+            "1 on the replica holding the shared storage's eviction lease",
+            shared_evictor.clone(),
+        );
+        let shared_bucket_bytes = Gauge::default();
+        registry.register(
+            "shared_storage_bytes",
+            "Bytes of blobs in the shared storage at the evictor's last check (on the lease holder)",
+            shared_bucket_bytes.clone(),
+        );
+        let shared_evictions = Counter::default();
+        registry.register(
+            "shared_storage_evictions",
+            "Blobs this replica evicted from the shared storage to keep it under storage.maxSize",
+            shared_evictions.clone(),
+        );
+        let shared_evicted_bytes = Counter::default();
+        registry.register(
+            "shared_storage_evicted_bytes",
+            "Bytes this replica evicted from the shared storage",
+            shared_evicted_bytes.clone(),
+        );
         Self {
             registry,
             requests,
@@ -284,6 +323,10 @@ impl Default for Metrics {
             shared_errors,
             shared_uploads,
             shared_uploaded_bytes,
+            shared_evictor,
+            shared_bucket_bytes,
+            shared_evictions,
+            shared_evicted_bytes,
         }
     }
 }
@@ -420,6 +463,13 @@ impl Metrics {
         let up_to = |c: &Counter, total: u64| c.inc_by(total.saturating_sub(c.get()));
         up_to(&self.shared_errors, f.errors);
         up_to(&self.shared_uploaded_bytes, f.uploaded_bytes);
+        if let Some(e) = f.evictor {
+            self.shared_evictor.set(i64::from(e.holder));
+            self.shared_bucket_bytes
+                .set(i64::try_from(e.bucket_bytes).unwrap_or(i64::MAX));
+            up_to(&self.shared_evictions, e.evictions);
+            up_to(&self.shared_evicted_bytes, e.evicted_bytes);
+        }
         for (result, n) in f.uploads {
             up_to(
                 &self.shared_uploads.get_or_create(&UploadLabels { result }),

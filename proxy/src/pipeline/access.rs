@@ -354,6 +354,9 @@ impl Ctx<'_> {
 
     /// Notes that `digest` belongs to the repository (admin API, purge).
     pub(crate) fn served(&self, digest: &Digest) {
+        if let Some(journal) = &self.shared.journal {
+            journal.touch(digest);
+        }
         if let Some(repo) = &self.repo {
             self.shared.repos.note(&self.registry.host, repo, digest);
         }

@@ -27,7 +27,7 @@ use context::Ctx;
 
 use crate::cache::inflight::Inflight;
 use crate::cache::repos::RepoIndex;
-use crate::cache::shared::{SharedTier, TierError, Uploads};
+use crate::cache::shared::{EvictStats, Journal, SharedTier, TierError, Uploads};
 use crate::cache::store::{BlobStore, StoreError};
 use crate::cache::tags::TagCache;
 use crate::config::Settings;
@@ -70,6 +70,10 @@ pub struct Shared {
     pub tier: Option<Arc<SharedTier>>,
     /// Copies what this replica fetched from upstreams into `tier`.
     pub uploads: Option<Arc<Uploads>>,
+    /// What this replica served, for the shared tier's eviction order.
+    pub journal: Option<Arc<Journal>>,
+    /// What the shared tier's evictor did (with `storage.maxSize`).
+    pub evictions: Option<Arc<EvictStats>>,
     /// The other replicas (`peers:`), if any.
     pub peers: Option<Arc<Peers>>,
 }

@@ -16,6 +16,8 @@
 //! a while ([`Health`]) so pass-through serving is not slowed by an object
 //! store that is down.
 
+mod coord;
+mod evict;
 mod health;
 pub(crate) mod s3;
 #[cfg(test)]
@@ -34,6 +36,8 @@ use object_store::{
 };
 use sha2::{Digest as _, Sha256};
 
+pub use coord::{Listed, Version};
+pub use evict::{EvictStats, Evictor, Journal};
 pub use health::Health;
 pub use s3::build_s3;
 pub use upload::Uploads;

@@ -194,3 +194,106 @@ fn store_errors_name_the_cause_an_admin_can_fix() {
     );
     assert!(e.contains("cannot be reached"), "{e}");
 }
+
+fn storage(max: u64, min_age_secs: u64, every_ms: u64) -> pullthrough_api::config::SharedStorage {
+    let yaml = format!(
+        "storage:\n  s3: {{bucket: b}}\n  maxSize: {max}\n  highWatermark: 0.9\n  lowWatermark: 0.5\n  minAge: {min_age_secs}s\n  evictionInterval: {every_ms}ms\n"
+    );
+    pullthrough_api::config::ProxyConfig::from_yaml(&yaml)
+        .unwrap()
+        .storage
+        .unwrap()
+}
+
+async fn put_blob(tier: &SharedTier, seed: u8, size: usize) -> Digest {
+    let data = vec![seed; size];
+    let d = digest_of(&data);
+    tier.put_small(&d, &layer(), Bytes::from(data))
+        .await
+        .unwrap();
+    d
+}
+
+/// Two replicas' evictors on one bucket: one holds the lease; the bucket
+/// goes from over its bound to the low watermark, least recently used
+/// first by the journals of both; a young blob stays; when the holder
+/// stops renewing, the other takes over after three rounds.
+#[tokio::test]
+async fn one_evictor_bounds_the_bucket_least_recently_used_first() {
+    let (_, tier) = tier();
+    let tier = Arc::new(tier);
+    // 10 blobs of 10 KiB under a 60 KiB bound (high 54, low 30).
+    let mut blobs = Vec::new();
+    for i in 0..10u8 {
+        blobs.push(put_blob(&tier, i, 10 << 10).await);
+    }
+    let (ja, jb) = (Arc::new(Journal::default()), Arc::new(Journal::default()));
+    // After the uploads, replica A uses 0..5, then B uses 9: the five
+    // blobs nobody used since their upload are the least recent.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    for d in &blobs[..5] {
+        ja.touch(d);
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    jb.touch(&blobs[9]);
+    let s = storage(60 << 10, 0, 50);
+    let a = Evictor::new(tier.clone(), &s, "a".into(), ja).unwrap();
+    let b = Evictor::new(tier.clone(), &s, "b".into(), jb).unwrap();
+    b.write_journal().await.unwrap();
+    a.round_for_test().await.unwrap();
+    b.round_for_test().await.unwrap();
+    let holders = [&a, &b]
+        .iter()
+        .filter(|e| e.stats.holder.load(std::sync::atomic::Ordering::Relaxed))
+        .count();
+    assert_eq!(holders, 1, "exactly one replica evicts");
+    let left: Vec<Digest> = tier
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.digest)
+        .collect();
+    let bytes: u64 = left.len() as u64 * (10 << 10);
+    assert!(bytes <= 30 << 10, "{} blobs left", left.len());
+    assert!(left.contains(&blobs[9]), "b's recent use kept it");
+    // Evicted first: the five nobody used since upload (5..9).
+    for d in &blobs[5..9] {
+        assert!(!left.contains(d), "unused blob kept");
+    }
+    // The holder stops; the other takes over only after three rounds.
+    let before = b.stats.holder.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(!before);
+    b.round_for_test().await.unwrap();
+    assert!(
+        !b.stats.holder.load(std::sync::atomic::Ordering::Relaxed),
+        "took over at once"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    b.round_for_test().await.unwrap();
+    assert!(
+        b.stats.holder.load(std::sync::atomic::Ordering::Relaxed),
+        "never took over"
+    );
+    // The old holder finds it lost the lease.
+    a.round_for_test().await.unwrap();
+    assert!(!a.stats.holder.load(std::sync::atomic::Ordering::Relaxed));
+}
+
+#[tokio::test]
+async fn blobs_used_within_min_age_are_never_evicted() {
+    let (_, tier) = tier();
+    let tier = Arc::new(tier);
+    for i in 0..10u8 {
+        put_blob(&tier, i, 10 << 10).await;
+    }
+    let e = Evictor::new(
+        tier.clone(),
+        &storage(60 << 10, 3600, 50),
+        "a".into(),
+        Arc::default(),
+    )
+    .unwrap();
+    e.round_for_test().await.unwrap();
+    assert_eq!(tier.list_blobs().await.unwrap().len(), 10);
+}

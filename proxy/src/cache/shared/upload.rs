@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
+use super::EvictStats;
 use super::{SharedTier, TierError};
 use crate::cache::store::CachedBlob;
-use crate::observe::metrics::{SharedFigures, UploadResult};
+use crate::observe::metrics::{EvictorFigures, SharedFigures, UploadResult};
 
 /// Uploads running at once; each buffers up to `PART × PARTS_IN_FLIGHT`.
 const CONCURRENT: usize = 4;
@@ -54,7 +55,7 @@ impl Uploads {
     }
 
     /// Totals for the metrics.
-    pub fn figures(&self) -> SharedFigures {
+    pub fn figures(&self, evictions: Option<&EvictStats>) -> SharedFigures {
         let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let s = &self.stats;
         SharedFigures {
@@ -67,6 +68,12 @@ impl Uploads {
                 (UploadResult::dropped, n(&s.dropped)),
             ],
             uploaded_bytes: n(&s.uploaded_bytes),
+            evictor: evictions.map(|e| EvictorFigures {
+                holder: e.holder.load(Ordering::Relaxed),
+                bucket_bytes: n(&e.bucket_bytes),
+                evictions: n(&e.evictions),
+                evicted_bytes: n(&e.evicted_bytes),
+            }),
         }
     }
 

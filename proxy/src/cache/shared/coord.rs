@@ -1,0 +1,147 @@
+//! What the shared tier holds besides blobs, and how it is listed: the
+//! coordination objects under `<prefix>/coord/` (the eviction lease, each
+//! replica's access journal), written with compare-and-swap where two
+//! replicas may race.
+
+use bytes::Bytes;
+use futures::TryStreamExt;
+use object_store::path::Path as Key;
+use object_store::{ObjectStoreExt, PutMode, PutOptions};
+
+use super::{SharedTier, TierError};
+use crate::oci::Digest;
+
+/// A coordination object's version, for compare-and-swap.
+pub type Version = object_store::UpdateVersion;
+
+/// One blob as LIST shows it.
+#[derive(Debug, Clone)]
+pub struct Listed {
+    pub digest: Digest,
+    pub size: u64,
+    pub modified: std::time::SystemTime,
+}
+
+impl SharedTier {
+    fn coord_key(&self, name: &str) -> Key {
+        let rel = format!("coord/{name}");
+        if self.prefix.as_ref().is_empty() {
+            Key::from(rel)
+        } else {
+            Key::from(format!("{}/{rel}", self.prefix))
+        }
+    }
+
+    /// A coordination object (lease, access journal) and its version.
+    pub async fn read_coord(&self, name: &str) -> Result<Option<(Bytes, Version)>, TierError> {
+        let key = self.coord_key(name);
+        let got = match self.store.get(&key).await {
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.err("GET", &key, e)),
+            Ok(got) => got,
+        };
+        let version = Version {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.err("GET body", &key, e))?;
+        Ok(Some((bytes, version)))
+    }
+
+    /// Writes a coordination object: `expect: None` only if it does not
+    /// exist, `Some(v)` only if it is still at version `v`. `Ok(None)`:
+    /// someone else wrote first.
+    pub async fn write_coord(
+        &self,
+        name: &str,
+        body: Bytes,
+        expect: Option<Version>,
+    ) -> Result<Option<Version>, TierError> {
+        let key = self.coord_key(name);
+        let mode = match expect {
+            None => PutMode::Create,
+            Some(v) => PutMode::Update(v),
+        };
+        let opts = PutOptions {
+            mode,
+            ..PutOptions::default()
+        };
+        match self.store.put_opts(&key, body.into(), opts).await {
+            Ok(r) => Ok(Some(Version {
+                e_tag: r.e_tag,
+                version: r.version,
+            })),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Ok(None),
+            Err(e) => Err(self.err("PUT", &key, e)),
+        }
+    }
+
+    /// Overwrites a coordination object this replica alone writes.
+    pub async fn put_coord(&self, name: &str, body: Bytes) -> Result<(), TierError> {
+        let key = self.coord_key(name);
+        self.store
+            .put(&key, body.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.err("PUT", &key, e))
+    }
+
+    /// Names (relative to `coord/`) under `coord/<dir>/`.
+    pub async fn list_coord(&self, dir: &str) -> Result<Vec<String>, TierError> {
+        let root = self.coord_key("");
+        let key = self.coord_key(dir);
+        let found: Vec<_> = self
+            .store
+            .list(Some(&key))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("LIST", &key, e))?;
+        let root = format!("{root}/");
+        Ok(found
+            .into_iter()
+            .filter_map(|m| m.location.as_ref().strip_prefix(&root).map(str::to_string))
+            .collect())
+    }
+
+    /// Every blob in the tier.
+    pub async fn list_blobs(&self) -> Result<Vec<Listed>, TierError> {
+        let key = if self.prefix.as_ref().is_empty() {
+            Key::from("blobs/sha256")
+        } else {
+            Key::from(format!("{}/blobs/sha256", self.prefix))
+        };
+        let found: Vec<_> = self
+            .store
+            .list(Some(&key))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("LIST", &key, e))?;
+        Ok(found
+            .into_iter()
+            .filter_map(|m| {
+                let hex = m.location.filename()?;
+                let digest = Digest::parse(&format!("sha256:{hex}")).ok()?;
+                Some(Listed {
+                    digest,
+                    size: m.size,
+                    modified: m.last_modified.into(),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes a blob (eviction); absent is fine.
+    pub async fn delete(&self, d: &Digest) -> Result<(), TierError> {
+        let key = self.key(d);
+        match self.store.delete(&key).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err("DELETE", &key, e)),
+        }
+    }
+}

@@ -1,0 +1,315 @@
+//! Keeps the bucket under `storage.maxSize` with all replicas writing to
+//! it: one replica at a time evicts, the holder of a lease that is an
+//! object in the bucket itself (compare-and-swap on its ETag: no API
+//! server needed, works outside Kubernetes). A holder renews it every
+//! round; another replica takes it over only after seeing the same
+//! version for three rounds on its own clock, as Kubernetes leader
+//! election does, so no clocks are compared across machines.
+//!
+//! Least recently used across replicas: each replica writes the digests
+//! it served, with when, to its own journal object every round; the
+//! evictor orders blobs by the latest of those and their upload time,
+//! and never removes one used within `minAge` (a replica may be
+//! streaming it).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use pullthrough_api::config::SharedStorage;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{SharedTier, TierError, Version};
+use crate::bounded::BoundedMap;
+use crate::oci::Digest;
+
+const LEASE: &str = "evictor";
+const JOURNALS: &str = "access";
+/// Digests one journal remembers at most (the most recent ones).
+const JOURNAL_MAX: usize = 200_000;
+
+/// Digests this replica served, with when (unix milliseconds).
+#[derive(Debug)]
+pub struct Journal {
+    seen: Mutex<BoundedMap<Digest, u64>>,
+    dirty: AtomicBool,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Self {
+            seen: Mutex::new(BoundedMap::new(JOURNAL_MAX)),
+            dirty: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Journal {
+    pub fn touch(&self, digest: &Digest) {
+        let now = unix_ms(SystemTime::now());
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.clone(), now);
+        self.dirty.store(true, Ordering::Relaxed);
+    }
+
+    fn encode(&self) -> Option<Bytes> {
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        let file = JournalFile {
+            seen: seen
+                .keys()
+                .filter_map(|d| seen.get(d).map(|t| (d.hex().to_string(), *t)))
+                .collect(),
+        };
+        serde_json::to_vec(&file).ok().map(Bytes::from)
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct JournalFile {
+    /// sha256 hex → unix milliseconds of the last use.
+    seen: HashMap<String, u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LeaseFile {
+    holder: String,
+    /// Unix milliseconds, for people reading the bucket; not used to decide.
+    renewed: u64,
+}
+
+/// What the evictor did, for metrics and `/status`.
+#[derive(Debug, Default)]
+pub struct EvictStats {
+    pub holder: AtomicBool,
+    pub bucket_bytes: AtomicU64,
+    pub evictions: AtomicU64,
+    pub evicted_bytes: AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Evictor {
+    tier: Arc<SharedTier>,
+    me: String,
+    max: u64,
+    high: u64,
+    low: u64,
+    min_age: Duration,
+    every: Duration,
+    journal: Arc<Journal>,
+    pub stats: Arc<EvictStats>,
+    /// The lease version as last seen, and since when, on this clock.
+    seen: Mutex<Option<(Version, Instant)>>,
+    held: Mutex<Option<Version>>,
+}
+
+impl Evictor {
+    /// `None` when the bucket has no `maxSize` (nothing to bound).
+    pub fn new(
+        tier: Arc<SharedTier>,
+        storage: &SharedStorage,
+        me: String,
+        journal: Arc<Journal>,
+    ) -> Option<Self> {
+        let max = storage.max_size?.as_u64();
+        Some(Self {
+            tier,
+            me,
+            max,
+            high: (max as f64 * storage.high_watermark) as u64,
+            low: (max as f64 * storage.low_watermark) as u64,
+            min_age: storage.min_age,
+            every: storage.eviction_interval,
+            journal,
+            stats: Arc::default(),
+            seen: Mutex::new(None),
+            held: Mutex::new(None),
+        })
+    }
+
+    /// Writes the journal and, while holding the lease, evicts; every
+    /// `evictionInterval` until `stop`.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            if let Err(err) = self.round().await {
+                tracing::warn!(error = %err, "shared storage eviction round failed");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(super) async fn round_for_test(&self) -> Result<(), TierError> {
+        self.round().await
+    }
+
+    /// Writes this replica's journal if it changed.
+    pub(super) async fn write_journal(&self) -> Result<(), TierError> {
+        if let Some(body) = self.journal.encode() {
+            self.tier
+                .put_coord(&format!("{JOURNALS}/{}.json", self.me), body)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn round(&self) -> Result<(), TierError> {
+        self.write_journal().await?;
+        let holder = self.lease().await?;
+        self.stats.holder.store(holder, Ordering::Relaxed);
+        if holder {
+            self.evict().await?;
+        }
+        Ok(())
+    }
+
+    /// Takes or renews the lease; true while this replica holds it.
+    async fn lease(&self) -> Result<bool, TierError> {
+        let body = Bytes::from(
+            serde_json::to_vec(&LeaseFile {
+                holder: self.me.clone(),
+                renewed: unix_ms(SystemTime::now()),
+            })
+            .unwrap_or_default(),
+        );
+        let current = self.tier.read_coord(LEASE).await?;
+        let expect = match current {
+            None => None,
+            Some((bytes, version)) => {
+                let holder = serde_json::from_slice::<LeaseFile>(&bytes)
+                    .map(|l| l.holder)
+                    .unwrap_or_default();
+                let mine = holder == self.me
+                    && self
+                        .held
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .as_ref()
+                        .is_some_and(|v| v.e_tag == version.e_tag);
+                if !mine && !self.expired(&version) {
+                    *self.held.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                    return Ok(false);
+                }
+                if !mine {
+                    tracing::info!(previous = %holder, "taking over the shared storage eviction lease");
+                }
+                Some(version)
+            }
+        };
+        let won = self.tier.write_coord(LEASE, body, expect).await?;
+        let holds = won.is_some();
+        if holds
+            && self
+                .held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_none()
+        {
+            tracing::info!(replica = %self.me, "holding the shared storage eviction lease");
+        }
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = won;
+        Ok(holds)
+    }
+
+    /// True once the lease has shown the same version for three rounds.
+    fn expired(&self, version: &Version) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.as_ref() {
+            Some((v, since)) if v.e_tag == version.e_tag && v.version == version.version => {
+                since.elapsed() > self.every * 3
+            }
+            _ => {
+                *seen = Some((version.clone(), Instant::now()));
+                false
+            }
+        }
+    }
+
+    async fn evict(&self) -> Result<(), TierError> {
+        let blobs = self.tier.list_blobs().await?;
+        let mut total: u64 = blobs.iter().map(|b| b.size).sum();
+        self.stats.bucket_bytes.store(total, Ordering::Relaxed);
+        if total <= self.high {
+            return Ok(());
+        }
+        let used = self.last_uses().await?;
+        let mut order: Vec<_> = blobs
+            .into_iter()
+            .map(|b| {
+                let used = used
+                    .get(b.digest.hex())
+                    .copied()
+                    .unwrap_or(0)
+                    .max(unix_ms(b.modified));
+                (used, b)
+            })
+            .collect();
+        order.sort_by_key(|(used, _)| *used);
+        let young = unix_ms(SystemTime::now())
+            .saturating_sub(u64::try_from(self.min_age.as_millis()).unwrap_or(u64::MAX));
+        let (mut removed, mut bytes) = (0u64, 0u64);
+        for (used, blob) in order {
+            if total <= self.low {
+                break;
+            }
+            if used > young {
+                tracing::warn!(
+                    bytes = total,
+                    max = self.max,
+                    "shared storage over its bound but every remaining blob was used within minAge"
+                );
+                break;
+            }
+            self.tier.delete(&blob.digest).await?;
+            total = total.saturating_sub(blob.size);
+            removed += 1;
+            bytes += blob.size;
+        }
+        self.stats.evictions.fetch_add(removed, Ordering::Relaxed);
+        self.stats.evicted_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.stats.bucket_bytes.store(total, Ordering::Relaxed);
+        tracing::info!(
+            removed,
+            bytes,
+            left = total,
+            max = self.max,
+            "shared storage evicted least recently used blobs"
+        );
+        Ok(())
+    }
+
+    /// The latest use of each digest over every replica's journal.
+    async fn last_uses(&self) -> Result<HashMap<String, u64>, TierError> {
+        let mut used: HashMap<String, u64> = HashMap::new();
+        for name in self.tier.list_coord(JOURNALS).await? {
+            let Some((bytes, _)) = self.tier.read_coord(&name).await? else {
+                continue;
+            };
+            let Ok(file) = serde_json::from_slice::<JournalFile>(&bytes) else {
+                tracing::warn!(journal = %name, "unreadable access journal skipped");
+                continue;
+            };
+            for (hex, t) in file.seen {
+                let e = used.entry(hex).or_insert(0);
+                *e = (*e).max(t);
+            }
+        }
+        Ok(used)
+    }
+}
+
+/// Milliseconds: uses within one second still order.
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
