@@ -155,6 +155,35 @@ pub async fn follow_dns(
 mod tests {
     use super::*;
 
+    /// The replica set follows what the name resolves to (here the
+    /// loopback names of the machine's own hosts file: a headless
+    /// Service's A records in a cluster). Only a hosts-file name: a test
+    /// sends no DNS query off the machine.
+    #[tokio::test]
+    async fn the_set_follows_the_dns_name() {
+        let me: SocketAddr = "10.9.9.9:8444".parse().unwrap();
+        let members = Arc::new(Members::new(me, &[]));
+        let (stop_tx, stop) = watch::channel(false);
+        let task = tokio::spawn(follow_dns(
+            members.clone(),
+            "localhost".into(),
+            8444,
+            Duration::from_millis(20),
+            stop.clone(),
+        ));
+        let want: SocketAddr = "127.0.0.1:8444".parse().unwrap();
+        for _ in 0..100 {
+            if members.list().contains(&want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(members.list().contains(&want), "{:?}", members.list());
+        assert!(members.list().contains(&me));
+        stop_tx.send_replace(true);
+        task.await.unwrap();
+    }
+
     #[test]
     fn a_suspected_peer_owns_nothing_and_me_is_always_a_member() {
         let me: SocketAddr = "127.0.0.1:1".parse().unwrap();
