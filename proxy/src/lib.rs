@@ -225,10 +225,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         peers: peers.clone(),
     });
 
-    if let Some(tier) = tier {
+    if let Some(tier) = tier.clone() {
+        let replica = replica.clone();
         tokio::spawn(async move {
-            let replica =
-                std::env::var("HOSTNAME").unwrap_or_else(|_| format!("pid-{}", std::process::id()));
             // On failure Health has logged the cause; serving goes on.
             if tier.probe(&replica).await.is_ok() {
                 tracing::info!(storage = tier.location(), "shared storage answers");
@@ -237,10 +236,42 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     }
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut grant_sharing = None;
+    if let (Some(tier), Some(storage)) = (&tier, &shared.state.load().config.storage) {
+        // What the other replicas learnt is public, before the first
+        // request: a replica that starts during an upstream outage serves
+        // public content from the bucket (bounded: the bucket never holds
+        // up the start for long).
+        match tokio::time::timeout(
+            Duration::from_secs(5),
+            cache::shared::grants::import(tier, &shared.grants),
+        )
+        .await
+        {
+            Ok(Ok(n)) => {
+                tracing::info!(grants = n, "public access answers read from shared storage")
+            }
+            Ok(Err(err)) => tracing::debug!(error = %err, "public access answers not read"),
+            Err(_) => tracing::warn!(
+                "shared storage did not answer within 5s; starting without its access answers"
+            ),
+        }
+        // Joined at shutdown: its last write must land before exit.
+        grant_sharing = Some(cache::shared::grants::share(
+            Arc::clone(tier),
+            Arc::clone(&shared),
+            replica.clone(),
+            storage.eviction_interval.min(Duration::from_secs(30)),
+            stop_rx.clone(),
+        ));
+    }
     if let Some(evictor) = &evictor {
         tokio::spawn(Arc::clone(evictor).run(stop_rx.clone()));
     }
     let mut tasks = tokio::task::JoinSet::new();
+    if let Some(sharing) = grant_sharing {
+        tasks.spawn(sharing);
+    }
     if let Some(l) = http {
         tasks.spawn(server::serve_proxy(
             l,

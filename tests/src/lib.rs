@@ -22,6 +22,7 @@ pub mod process;
 pub mod proxy;
 pub mod registry;
 pub mod relay;
+pub mod seaweed;
 pub mod stub;
 pub mod tls;
 pub mod tools;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Go-only test tools (kube-apiserver, kubectl, crictl, helm,
-# kubeconform) from the Go module proxy and cache them by version, so only the
+# kubeconform, SeaweedFS's weed) from the Go module proxy and cache them by version, so only the
 # first run on a machine pays for the build (kube-apiserver: many minutes).
 #
 # Layout of $BIN_DIR:  <tool>-<version>  (the binary)
@@ -18,6 +18,9 @@ K8S_VERSIONS="v1.34.4 v1.34.3"        # k8s.io/kubernetes: control plane, kubele
 CRICTL_VERSIONS="v1.34.0 v1.37.0"     # sigs.k8s.io/cri-tools (CRI v1, fine for containerd 1.6)
 HELM_VERSIONS="v3.19.0 v3.19.5"       # helm.sh/helm/v3
 KUBECONFORM_VERSIONS="v0.7.0 v0.6.7"  # github.com/yannh/kubeconform
+# github.com/seaweedfs/seaweedfs (the object store of the scale-out tests);
+# the module proxy serves it only as a pseudo-version.
+WEED_VERSIONS="v0.0.0-20261109003541-7506e5f91cd6"
 # The only newer Go toolchain this workplace serves (via the module proxy);
 # used only if a module's go.mod demands more than the local Go.
 NEWER_GO="go1.27.3"
@@ -158,6 +161,18 @@ build_kubeconform() {
     "-X main.version=$2" "$3" "$4"
 }
 
+# SeaweedFS's go.mod has a `replace`, which `go install pkg@version` refuses:
+# build inside the downloaded (read-only) module, with its own go.mod/go.sum.
+build_weed() {
+  local ver="$2" log="$3" out="$4" json dir
+  json="$(GOTOOLCHAIN=local go mod download -json "github.com/seaweedfs/seaweedfs@$ver" 2>>"$log")" || {
+    echo "$json" >>"$log"; return 1; }
+  dir="$(sed -n 's/^[[:space:]]*"Dir": "\(.*\)",*$/\1/p' <<<"$json")"
+  [[ -d "$dir" ]] || { echo "no Dir in: $json" >>"$log"; return 1; }
+  (cd "$dir" && GOFLAGS=-mod=readonly run_go "$log" build -trimpath -buildvcs=false \
+    -ldflags "-s -w" -o "$out" ./weed)
+}
+
 # ensure TOOL BUILDER "VERSIONS": use the first cached version, else build the
 # versions in order until one works. Prints one status line.
 ensure() {
@@ -197,6 +212,7 @@ ensure kube-proxy     build_k8s         "$K8S_VERSIONS"
 ensure crictl         build_crictl      "$CRICTL_VERSIONS"
 ensure helm           build_helm        "$HELM_VERSIONS"
 ensure kubeconform    build_kubeconform "$KUBECONFORM_VERSIONS"
+ensure weed           build_weed        "$WEED_VERSIONS"
 echo "tools in $BIN_DIR ($((SECONDS - total))s)"
 
 if ((${#FAILED[@]})); then

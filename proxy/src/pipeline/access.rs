@@ -66,6 +66,18 @@ pub struct AccessGrants {
     /// fingerprint of the proxy's `credentialsFile` credentials it was
     /// served with.
     public: Mutex<BoundedMap<GrantKey, (Instant, String)>>,
+    /// Bumped on every public grant (the shared tier writes them out
+    /// when it moved).
+    public_version: std::sync::atomic::AtomicU64,
+}
+
+/// A public grant as replicas share it: the grant key (a hash: no names,
+/// no credentials), how long ago it was learnt, and its basis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedGrant {
+    pub key: [u8; 32],
+    pub age: Duration,
+    pub basis: String,
 }
 
 impl Default for AccessGrants {
@@ -90,6 +102,45 @@ impl AccessGrants {
         Self {
             grants: Mutex::new(BoundedMap::new(cap)),
             public: Mutex::new(BoundedMap::new(cap)),
+            public_version: Default::default(),
+        }
+    }
+
+    /// Changes whenever a public grant is learnt here.
+    pub fn public_version(&self) -> u64 {
+        self.public_version
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Public grants younger than `max_age`, for the other replicas.
+    pub fn export_public(&self, max_age: Duration) -> Vec<SharedGrant> {
+        let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        public
+            .keys()
+            .filter_map(|k| {
+                let (at, basis) = public.get(k)?;
+                let age = at.elapsed();
+                (age < max_age).then(|| SharedGrant {
+                    key: *k,
+                    age,
+                    basis: basis.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Public grants another replica learnt: kept unless this one knows a
+    /// fresher answer for the same key.
+    pub fn import_public(&self, shared: impl IntoIterator<Item = SharedGrant>) {
+        let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
+        for g in shared {
+            let Some(at) = Instant::now().checked_sub(g.age) else {
+                continue;
+            };
+            if public.get(&g.key).is_some_and(|(mine, _)| *mine >= at) {
+                continue;
+            }
+            public.insert(g.key, (at, g.basis));
         }
     }
 
@@ -154,6 +205,8 @@ impl AccessGrants {
                 grant_key(registry, repo, digest, ""),
                 (Instant::now(), basis.to_string()),
             );
+            self.public_version
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
         self.grant_client(registry, repo, digest, client);
@@ -369,6 +422,35 @@ mod tests {
 
     fn d(n: u64) -> Digest {
         Digest::of(&n.to_be_bytes())
+    }
+
+    /// What one replica learnt is public holds on another with its age
+    /// and basis; per-client grants are never shared.
+    #[test]
+    fn public_grants_move_between_replicas_with_their_age_and_basis() {
+        let a = AccessGrants::default();
+        a.grant("r", "pub/repo", &d(1), "", "fp");
+        a.grant("r", "priv/repo", &d(2), "client-hash", "");
+        let v = a.public_version();
+        a.grant("r", "pub/repo", &d(3), "", "");
+        assert_ne!(a.public_version(), v);
+        let shared = a.export_public(OUTAGE_GRACE);
+        assert_eq!(shared.len(), 2);
+        let b = AccessGrants::default();
+        b.import_public(shared.clone());
+        let ttl = Duration::from_secs(60);
+        assert!(b.is_public("r", "pub/repo", &d(1), "fp", ttl));
+        assert!(!b.is_public("r", "pub/repo", &d(1), "other-fp", ttl));
+        assert!(b.is_public("r", "pub/repo", &d(3), "", ttl));
+        assert!(!b.allowed("r", "priv/repo", &d(2), "client-hash", ttl));
+        // An old answer stays old on the other side.
+        let c = AccessGrants::default();
+        c.import_public(shared.into_iter().map(|mut g| {
+            g.age = Duration::from_secs(120);
+            g
+        }));
+        assert!(!c.is_public("r", "pub/repo", &d(3), "", ttl));
+        assert!(c.is_public("r", "pub/repo", &d(3), "", Duration::from_secs(600)));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 use pullthrough_api::config::ProxyConfig;
 
-pub use access::{AccessGrants, PUBLIC_TTL, client_key};
+pub use access::{AccessGrants, OUTAGE_GRACE, PUBLIC_TTL, SharedGrant, client_key};
 use context::Ctx;
 
 use crate::cache::inflight::Inflight;

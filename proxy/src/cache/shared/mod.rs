@@ -18,6 +18,7 @@
 
 mod coord;
 mod evict;
+pub mod grants;
 mod health;
 pub(crate) mod s3;
 #[cfg(test)]

@@ -1,0 +1,454 @@
+//! The shared tier on a real object store (issue #12): SeaweedFS with its
+//! S3 gateway on loopback, started by the test bed, and real
+//! `pullthrough-proxy` processes over one bucket.
+//!
+//! - a replica that lost its disk serves manifests and blobs from the
+//!   bucket with the upstream stopped;
+//! - 50 clients over 3 replicas on one bucket: 1 upstream GET, 1 object;
+//! - corrupt upstream bytes never reach the bucket;
+//! - eviction across 3 replicas keeps the bucket under `maxSize`;
+//! - a missing bucket, refused credentials, a stopped server: a clear
+//!   error in the log, and pulls go on by pass-through.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use pullthrough_proxy::oci::Digest;
+use pullthrough_proxy::peers::rendezvous;
+use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
+use pullthrough_testbed::http::{BodyMode, Get};
+use pullthrough_testbed::net::{free_port, wait_for};
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::relay::Relay;
+use pullthrough_testbed::seaweed::SeaweedFs;
+use pullthrough_testbed::stub::Stub;
+
+const HOST: &str = "quay.io";
+
+/// The bucket's credentials as a mounted Secret would give them.
+fn credentials_dir(s3: &SeaweedFs, access: &str, secret: &str) -> tempfile::TempDir {
+    let _ = s3;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("accessKeyId"), access).unwrap();
+    std::fs::write(dir.path().join("secretAccessKey"), secret).unwrap();
+    dir
+}
+
+/// `storage:` for `bucket` on `s3`, credentials from `creds`.
+fn storage(s3: &SeaweedFs, bucket: &str, creds: &Path, extra: &str) -> String {
+    format!(
+        "storage:\n  s3:\n    endpoint: '{}'\n    allowHttp: true\n    pathStyle: true\n    bucket: {bucket}\n    prefix: pullthrough\n    credentials: {{source: files, dir: '{}'}}\n{extra}",
+        s3.endpoint(),
+        creds.display()
+    )
+}
+
+fn start_proxy(upstream: &str, extra: &str) -> Proxy {
+    Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!("{}{extra}", common::one_registry(HOST, upstream, "")),
+    )
+    .unwrap()
+}
+
+/// `n` replicas with one CA, a static peer list and `extra` (storage).
+fn replicas(
+    n: usize,
+    upstream: &str,
+    extra: &str,
+) -> (Vec<Proxy>, Vec<SocketAddr>, tempfile::TempDir) {
+    let ca = tempfile::tempdir().unwrap();
+    let generated = pullthrough_api::pki::generate_ca(Duration::from_secs(86_400)).unwrap();
+    std::fs::write(ca.path().join("ca.crt"), &generated.cert_pem).unwrap();
+    std::fs::write(ca.path().join("ca.key"), &generated.key_pem).unwrap();
+    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let peers: Vec<SocketAddr> = (0..n)
+        .map(|_| SocketAddr::new(lo, free_port().unwrap()))
+        .collect();
+    let list = peers
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let proxies = peers
+        .iter()
+        .map(|me| {
+            start_proxy(
+                upstream,
+                &format!(
+                    "ca: {{cert: '{}', key: '{}'}}\npeers:\n  listen: '{me}'\n  static: [{list}]\n{extra}",
+                    ca.path().join("ca.crt").display(),
+                    ca.path().join("ca.key").display(),
+                ),
+            )
+        })
+        .collect();
+    (proxies, peers, ca)
+}
+
+fn url(proxy: &Proxy, repo: &str, kind: &str, reference: &str) -> String {
+    format!("{}/v2/{HOST}/{repo}/{kind}/{reference}", proxy.http_url())
+}
+
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+fn get_ok(url: &str) -> Vec<u8> {
+    let resp = Get::new(url)
+        .header("accept", ACCEPT)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "{url}: {}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    resp.body.to_vec()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    pullthrough_testbed::http::runtime().unwrap()
+}
+
+fn random_image(dir: &Path, sizes: &[u64], seed: u64) -> Image {
+    LayoutBuilder::new(&dir.join("layout"))
+        .unwrap()
+        .random("1", sizes, seed)
+        .unwrap()
+}
+
+/// Keys of blob objects in the bucket, by digest hex, with sizes.
+fn bucket_blobs(s3: &SeaweedFs, bucket: &str) -> Vec<(String, u64)> {
+    s3.objects(bucket, "pullthrough/blobs/")
+        .unwrap()
+        .into_iter()
+        .map(|o| {
+            (
+                o.key.rsplit('/').next().unwrap_or_default().to_string(),
+                o.size,
+            )
+        })
+        .collect()
+}
+
+fn wait_in_bucket(s3: &SeaweedFs, bucket: &str, digests: &[String]) {
+    wait_for(
+        "the blobs to reach the bucket",
+        Duration::from_secs(30),
+        || {
+            let have = bucket_blobs(s3, bucket);
+            Ok(digests
+                .iter()
+                .all(|d| have.iter().any(|(k, _)| d.ends_with(k.as_str()))))
+        },
+    )
+    .unwrap();
+}
+
+/// Replica A pulls an image (manifest by digest, config, layers); they
+/// reach the bucket with their media types. A then loses its disk (an
+/// emptyDir after a reschedule) and the upstream stops: A serves every
+/// object again, from the bucket, byte-exact, logged SHARED_HIT.
+#[test]
+fn a_replica_that_lost_its_disk_serves_from_the_bucket_with_the_upstream_stopped() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[3 << 20, 9 << 20], 21);
+    let mut registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+    let mut proxy = start_proxy(&registry.url(), &storage(&s3, "cache", creds.path(), ""));
+    let manifest_digest = image.digest.clone();
+    let manifest = get_ok(&url(&proxy, "fixture/app", "manifests", &manifest_digest));
+    let mut blobs = image.layer_digests();
+    blobs.push(image.manifests[0].config.digest.clone());
+    for d in &blobs {
+        let body = get_ok(&url(&proxy, "fixture/app", "blobs", d));
+        assert_eq!(&sha256_digest(&body), d);
+    }
+    let mut all = blobs.clone();
+    all.push(manifest_digest.clone());
+    wait_in_bucket(&s3, "cache", &all);
+    // Each object carries the media type it is served with (a manifest's
+    // decides how it is served again).
+    let types = s3.objects("cache", "pullthrough/blobs/").unwrap();
+    let type_of = |d: &str| {
+        types
+            .iter()
+            .find(|o| d.ends_with(o.key.rsplit('/').next().unwrap_or("-")))
+            .and_then(|o| o.content_type.clone())
+    };
+    assert_eq!(
+        type_of(&manifest_digest).as_deref(),
+        Some(image.media_type.as_str())
+    );
+    assert_eq!(
+        type_of(&blobs[0]).as_deref(),
+        Some("application/octet-stream")
+    );
+
+    registry.stop().unwrap();
+    proxy.stop().unwrap();
+    std::fs::remove_dir_all(proxy.data_dir().join("blobs")).unwrap();
+    proxy.start_again().unwrap();
+    let again = get_ok(&url(&proxy, "fixture/app", "manifests", &manifest_digest));
+    assert_eq!(again, manifest);
+    for d in &blobs {
+        let body = get_ok(&url(&proxy, "fixture/app", "blobs", d));
+        assert_eq!(&sha256_digest(&body), d, "from the bucket");
+    }
+    let shared = proxy.access_matching(&[("cache", "SHARED_HIT")]);
+    assert_eq!(shared.len(), all.len(), "{shared:#?}");
+    // Now on the local disk again: the next read is a plain HIT.
+    get_ok(&url(&proxy, "fixture/app", "blobs", &blobs[0]));
+    proxy
+        .wait_access(&[("cache", "HIT"), ("digest", &blobs[0])])
+        .unwrap();
+}
+
+/// 50 clients spread over 3 replicas on one bucket miss one blob: one
+/// upstream GET, every body exact, one object in the bucket (uploaded by
+/// the owner; the others got it from the owner and upload nothing).
+#[test]
+fn fifty_misses_over_three_replicas_on_one_bucket_fetch_and_store_once() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[24 << 20], 22);
+    let layer = image.layer_digests()[0].clone();
+    let expected = Arc::new(std::fs::read(image.blob_path(&layer)).unwrap());
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/big", "1").unwrap();
+    let relay = Relay::start(registry.addr()).unwrap();
+    relay.set_rate(16 << 20);
+    let (proxies, peers, _ca) = replicas(
+        3,
+        &format!("http://{}", relay.addr),
+        &storage(&s3, "cache", creds.path(), ""),
+    );
+    let owner = rendezvous::owner(&Digest::parse(&layer).unwrap(), &peers).unwrap();
+    let results = rt().block_on(async {
+        let tasks: Vec<_> = (0..50)
+            .map(|i| {
+                let u = url(&proxies[i % 3], "fixture/big", "blobs", &layer);
+                tokio::spawn(async move {
+                    Get::new(&u)
+                        .timeout(Duration::from_secs(90))
+                        .fetch(BodyMode::Keep)
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (i, f) in results.iter().enumerate() {
+        assert_eq!(f.status, StatusCode::OK, "client {i}");
+        assert!(f.error.is_none() && f.body == *expected, "client {i}");
+    }
+    registry.sync_log().unwrap();
+    assert_eq!(
+        registry.count_requests("GET", &layer),
+        1,
+        "{}",
+        registry.log()
+    );
+    wait_in_bucket(&s3, "cache", std::slice::from_ref(&layer));
+    let objects = bucket_blobs(&s3, "cache");
+    assert_eq!(objects.len(), 1, "{objects:?}");
+    assert_eq!(objects[0].1, expected.len() as u64);
+    for (i, p) in proxies.iter().enumerate() {
+        let status = admin_stats(p);
+        let uploaded = status["sharedStorage"]["uploads"]["uploaded"]
+            .as_u64()
+            .unwrap_or(0);
+        let expect = u64::from(peers[i] == owner);
+        assert_eq!(uploaded, expect, "replica {i} uploads: {status:#}");
+    }
+}
+
+fn admin_stats(p: &Proxy) -> serde_json::Value {
+    let resp = Get::new(&format!("http://{}/admin/stats", p.addrs.admin))
+        .send()
+        .unwrap();
+    serde_json::from_slice(&resp.body).unwrap()
+}
+
+fn metrics(p: &Proxy) -> String {
+    let resp = Get::new(&format!("http://{}/metrics", p.addrs.admin))
+        .send()
+        .unwrap();
+    String::from_utf8(resp.body.to_vec()).unwrap()
+}
+
+/// An upstream sending a corrupt layer: the client is cut off, and the
+/// bucket never gets an object for that digest (nor for anything else).
+#[test]
+fn corrupt_upstream_bytes_never_reach_the_bucket() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[6 << 20, 1 << 20], 23);
+    let bad = image.layer_digests()[0].clone();
+    let good = image.layer_digests()[1].clone();
+    let stub = Stub::builder(&image.layout).corrupt(&bad).start().unwrap();
+    let proxy = start_proxy(&stub.url(), &storage(&s3, "cache", creds.path(), ""));
+    let resp = Get::new(&url(&proxy, "fixture/app", "blobs", &bad))
+        .timeout(Duration::from_secs(30))
+        .send();
+    let whole = resp
+        .as_ref()
+        .is_ok_and(|r| r.status == StatusCode::OK && sha256_digest(&r.body) == bad);
+    assert!(!whole);
+    proxy
+        .wait_access(&[("digest", &bad), ("complete", "false")])
+        .unwrap();
+    // A good blob afterwards does reach the bucket: the uploader works,
+    // so the bad one's absence is not an idle uploader.
+    get_ok(&url(&proxy, "fixture/app", "blobs", &good));
+    wait_in_bucket(&s3, "cache", std::slice::from_ref(&good));
+    let keys = bucket_blobs(&s3, "cache");
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(good.ends_with(&keys[0].0));
+}
+
+/// 3 replicas on a bucket bounded to 24 MiB pull 12 blobs of 4 MiB, each
+/// replica its own share: the lease holder (exactly one) evicts least
+/// recently used blobs, and the bucket ends under its bound with the
+/// most recently pulled blobs still in it.
+#[test]
+fn eviction_across_replicas_keeps_the_bucket_under_max_size() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let sizes = vec![4u64 << 20; 12];
+    let image = random_image(work.path(), &sizes, 24);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/many", "1").unwrap();
+    let bound = 24u64 << 20;
+    let (proxies, _, _ca) = replicas(
+        3,
+        &registry.url(),
+        &storage(
+            &s3,
+            "cache",
+            creds.path(),
+            &format!(
+                "  maxSize: {bound}\n  highWatermark: 0.9\n  lowWatermark: 0.7\n  minAge: 0s\n  evictionInterval: 300ms\n"
+            ),
+        ),
+    );
+    let layers = image.layer_digests();
+    for (i, d) in layers.iter().enumerate() {
+        get_ok(&url(&proxies[i % 3], "fixture/many", "blobs", d));
+        // Let the upload land before the next pull: the order of pulls is
+        // the order of use.
+        wait_in_bucket(&s3, "cache", std::slice::from_ref(d));
+    }
+    wait_for(
+        "the bucket to be back under its bound",
+        Duration::from_secs(30),
+        || {
+            let total: u64 = bucket_blobs(&s3, "cache").iter().map(|(_, s)| s).sum();
+            Ok(total <= (bound as f64 * 0.9) as u64)
+        },
+    )
+    .unwrap();
+    let left = bucket_blobs(&s3, "cache");
+    let total: u64 = left.iter().map(|(_, s)| s).sum();
+    assert!(total <= bound, "{total} > {bound}");
+    let last = layers.last().unwrap();
+    assert!(
+        left.iter().any(|(k, _)| last.ends_with(k.as_str())),
+        "the newest blob was evicted"
+    );
+    assert!(
+        !left.iter().any(|(k, _)| layers[0].ends_with(k.as_str())),
+        "the oldest blob was kept"
+    );
+    let holders: Vec<f64> = proxies
+        .iter()
+        .map(|p| metric(&metrics(p), "pullthrough_shared_storage_evictor"))
+        .collect();
+    assert_eq!(holders.iter().sum::<f64>(), 1.0, "{holders:?}");
+}
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// Object-store failures are reported with their cause and never stop a
+/// pull: a bucket that does not exist, credentials the store refuses, and
+/// the store going away while the proxy runs.
+#[test]
+fn object_store_failures_are_explained_and_pulls_pass_through() {
+    let mut s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let good = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let wrong = credentials_dir(&s3, s3.access_key(), "not-the-secret");
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20, 1 << 20, 1 << 20], 25);
+    let layers = image.layer_digests();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+
+    for (bucket, creds, cause) in [
+        ("missing", good.path(), "the bucket does not exist"),
+        ("cache", wrong.path(), "the credentials were refused"),
+    ] {
+        let proxy = start_proxy(&registry.url(), &storage(&s3, bucket, creds, ""));
+        wait_for(
+            "the storage error to be logged",
+            Duration::from_secs(20),
+            || Ok(proxy.log().contains(cause)),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+        let body = get_ok(&url(&proxy, "fixture/app", "blobs", &layers[0]));
+        assert_eq!(sha256_digest(&body), layers[0], "{cause}");
+        assert_eq!(
+            metric(&metrics(&proxy), "pullthrough_shared_storage_up"),
+            0.0,
+            "{cause}"
+        );
+    }
+
+    let proxy = start_proxy(&registry.url(), &storage(&s3, "cache", good.path(), ""));
+    get_ok(&url(&proxy, "fixture/app", "blobs", &layers[1]));
+    wait_in_bucket(&s3, "cache", std::slice::from_ref(&layers[1]));
+    s3.kill().unwrap();
+    let started = std::time::Instant::now();
+    let body = get_ok(&url(&proxy, "fixture/app", "blobs", &layers[2]));
+    assert_eq!(sha256_digest(&body), layers[2]);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the pull waited on the dead store"
+    );
+    wait_for("the outage to be logged", Duration::from_secs(20), || {
+        Ok(proxy.log().contains("the object store cannot be reached"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+}
