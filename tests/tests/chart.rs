@@ -265,6 +265,10 @@ fn chart_lints_strict_and_schema_rejects_bad_values() {
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
         ("proxy.cache.maxSize=lots", "/proxy/cache/maxSize"),
         (
+            "proxy.serviceAccount.annotations.a=1",
+            "/proxy/serviceAccount/annotations/a",
+        ),
+        (
             "proxy.replicas=2",
             "set proxy.cache.accessModes to [ReadWriteMany]",
         ),
