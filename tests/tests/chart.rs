@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use pullthrough_api::config::ProxyConfig;
+use pullthrough_api::config::{CredentialSource, ProxyConfig};
 use pullthrough_testbed::Error;
 use pullthrough_testbed::kube::{Helm, KubeApiserver, Kubeconform};
 use pullthrough_testbed::process::run;
@@ -268,10 +268,6 @@ fn chart_lints_strict_and_schema_rejects_bad_values() {
             "proxy.serviceAccount.annotations.a=1",
             "/proxy/serviceAccount/annotations/a",
         ),
-        (
-            "proxy.replicas=2",
-            "set proxy.cache.accessModes to [ReadWriteMany]",
-        ),
     ] {
         let r = helm.run(&["template", "x", &chart, "--set", set]);
         assert!(
@@ -345,6 +341,400 @@ fn base_config_parses_and_bounds_the_disk_cache() {
         "{:?}",
         bounded.cache
     );
+}
+
+/// Several proxy replicas over one bucket (issue #12): the values of a
+/// cluster admin with a MinIO/Ceph-style endpoint, keys in a Secret, a
+/// private CA, and emptyDir local tiers.
+const S3_VALUES: &str = "\
+proxy:
+  replicas: 3
+  cache:
+    type: emptyDir
+    emptyDirSizeLimit: 20Gi
+    maxSize: 18GiB
+  storage:
+    s3:
+      bucket: pullthrough-cache
+      endpoint: https://s3.storage.svc:9000
+      region: eu-central-1
+      prefix: cluster-a/
+      pathStyle: true
+      allowHttp: false
+      existingSecret: pullthrough-s3
+      caBundleConfigMap: {name: s3-ca, key: bundle.pem}
+    maxSize: 500GiB
+networkPolicy:
+  enabled: true
+";
+
+/// `helm template` with `yaml` as a values file.
+fn template_with_values(helm: &Helm, yaml: &str, extra: &[&str]) -> Result<String, Error> {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let values = dir.path().join("values.yaml");
+    std::fs::write(&values, yaml).expect("write values");
+    let values = values.display().to_string();
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        "pullthrough",
+        &chart,
+        "--namespace",
+        "pullthrough",
+        "--no-hooks",
+        "-f",
+        &values,
+    ];
+    args.extend_from_slice(extra);
+    helm.run(&args)
+}
+
+/// The proxy container of the rendered Deployment `pullthrough-proxy`.
+fn proxy_container(docs: &[serde_json::Value]) -> &serde_json::Value {
+    &document(docs, "Deployment", "pullthrough-proxy")["spec"]["template"]["spec"]["containers"][0]
+}
+
+/// Default values: one replica on its own disk, exactly as before the
+/// shared tier — no `storage:` or `peers:`, no peers Service, no peer port
+/// or address, no anti-affinity.
+#[test]
+fn default_values_render_no_bucket_and_no_peers() {
+    let helm = Helm::new(None).expect("helm");
+    let rendered = template(&helm, "pullthrough", "pullthrough", &["--no-hooks"]);
+    let docs = documents(&rendered);
+    let base = base_config(&docs);
+    assert_eq!(base.storage, None);
+    assert_eq!(base.peers, None);
+    assert!(
+        !objects(&rendered).contains(&"Service/pullthrough-proxy-peers".to_string()),
+        "{:?}",
+        objects(&rendered)
+    );
+    let container = proxy_container(&docs);
+    let ports: Vec<&serde_json::Value> = container["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["name"])
+        .collect();
+    assert_eq!(ports, ["https", "http", "admin"]);
+    let deployment = document(&docs, "Deployment", "pullthrough-proxy").to_string();
+    for absent in ["PULLTHROUGH_PEER_ADDRESS", "s3-credentials", "affinity"] {
+        assert!(
+            !deployment.contains(absent),
+            "{absent} in the default proxy Deployment"
+        );
+    }
+}
+
+/// `proxy.storage.s3` with three replicas: the base config carries the
+/// bucket and the peers' DNS name (and parses as the operator parses it),
+/// the headless Service selects the proxy pods on the peer port, the
+/// Secret is mounted read-only where the config says, each pod learns its
+/// own peer address, the replicas prefer different nodes, the
+/// NetworkPolicy lets them reach each other, and the PDB keeps N-1 up.
+/// Without a Secret the proxy uses the AWS environment (IRSA).
+#[test]
+fn replicas_over_s3_share_a_bucket_and_find_each_other() {
+    let helm = Helm::new(None).expect("helm");
+    let rendered = template_with_values(&helm, S3_VALUES, &[]).expect("render with S3");
+    let docs = documents(&rendered);
+
+    let base = base_config(&docs);
+    let storage = base.storage.as_ref().expect("storage: in the base config");
+    let s3 = &storage.s3;
+    assert_eq!(s3.bucket, "pullthrough-cache");
+    assert_eq!(s3.endpoint.as_deref(), Some("https://s3.storage.svc:9000"));
+    assert_eq!(s3.region, "eu-central-1");
+    assert_eq!(s3.prefix, "cluster-a/");
+    assert!(s3.path_style && !s3.allow_http);
+    assert_eq!(
+        s3.ca_file.as_deref(),
+        Some(Path::new("/etc/pullthrough/s3-ca/bundle.pem"))
+    );
+    assert_eq!(s3.credentials.source, CredentialSource::Files);
+    let creds_dir = s3.credentials.dir.clone().expect("credentials.dir");
+    assert_eq!(storage.max_size.map(|b| b.as_u64()), Some(500 << 30));
+    assert_eq!(base.cache.max_size.map(|b| b.as_u64()), Some(18 << 30));
+    let peers = base.peers.as_ref().expect("peers: in the base config");
+    assert_eq!(peers.listen.to_string(), "0.0.0.0:8444");
+    assert_eq!(
+        peers.dns.as_deref(),
+        Some("pullthrough-proxy-peers.pullthrough.svc.cluster.local")
+    );
+
+    let deployment = document(&docs, "Deployment", "pullthrough-proxy");
+    assert_eq!(deployment["spec"]["replicas"], 3);
+    assert!(
+        deployment["spec"]["strategy"].is_null(),
+        "emptyDir local tiers roll: {}",
+        deployment["spec"]["strategy"]
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    let pod_labels = &deployment["spec"]["selector"]["matchLabels"];
+
+    // The headless Service whose addresses are the ready replicas.
+    let peers_svc = document(&docs, "Service", "pullthrough-proxy-peers");
+    assert_eq!(peers_svc["spec"]["clusterIP"], "None");
+    assert_eq!(peers_svc["spec"]["publishNotReadyAddresses"], false);
+    assert_eq!(&peers_svc["spec"]["selector"], pod_labels);
+    assert_eq!(
+        peers_svc["spec"]["ports"],
+        serde_json::json!([{"name": "peer", "port": 8444, "targetPort": "peer", "protocol": "TCP"}])
+    );
+
+    // The container: peer port, own address, the Secret and the CA mounted.
+    let container = proxy_container(&docs);
+    assert!(
+        container["ports"].as_array().unwrap().contains(
+            &serde_json::json!({"name": "peer", "containerPort": 8444, "protocol": "TCP"})
+        ),
+        "{}",
+        container["ports"]
+    );
+    let env = container["env"].as_array().unwrap();
+    let pos = |name: &str| {
+        env.iter()
+            .position(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("env {name} in {env:?}"))
+    };
+    assert_eq!(
+        env[pos("POD_IP")]["valueFrom"]["fieldRef"]["fieldPath"],
+        "status.podIP"
+    );
+    assert_eq!(
+        env[pos("PULLTHROUGH_PEER_ADDRESS")]["value"],
+        "$(POD_IP):8444"
+    );
+    assert!(
+        pos("POD_IP") < pos("PULLTHROUGH_PEER_ADDRESS"),
+        "$(POD_IP) expands only variables defined before it"
+    );
+    let mount = |name: &str| {
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("volumeMount {name}"))
+            .clone()
+    };
+    let volume = |name: &str| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+            .clone()
+    };
+    let creds = mount("s3-credentials");
+    assert_eq!(creds["mountPath"], creds_dir.display().to_string());
+    assert_eq!(creds["readOnly"], true);
+    assert!(
+        creds.get("subPath").is_none(),
+        "a directory mount follows rotations"
+    );
+    assert_eq!(
+        volume("s3-credentials")["secret"]["secretName"],
+        "pullthrough-s3"
+    );
+    assert_eq!(mount("s3-ca")["mountPath"], "/etc/pullthrough/s3-ca");
+    assert_eq!(volume("s3-ca")["configMap"]["name"], "s3-ca");
+    assert_eq!(volume("cache")["emptyDir"]["sizeLimit"], "20Gi");
+
+    // Replicas spread over nodes where possible.
+    let preferred =
+        &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(
+        preferred["podAffinityTerm"]["topologyKey"],
+        "kubernetes.io/hostname"
+    );
+    assert_eq!(
+        &preferred["podAffinityTerm"]["labelSelector"]["matchLabels"],
+        pod_labels
+    );
+    // An affinity of the admin's own replaces the default.
+    let own = template_with_values(
+        &helm,
+        S3_VALUES,
+        &["--set", "proxy.affinity.podAntiAffinity.requiredDuringSchedulingIgnoredDuringExecution[0].topologyKey=topology.kubernetes.io/zone"],
+    )
+    .expect("render with own affinity");
+    let own_docs = documents(&own);
+    let own_affinity = &document(&own_docs, "Deployment", "pullthrough-proxy")["spec"]["template"]
+        ["spec"]["affinity"]["podAntiAffinity"];
+    assert!(
+        own_affinity["preferredDuringSchedulingIgnoredDuringExecution"].is_null()
+            && own_affinity["requiredDuringSchedulingIgnoredDuringExecution"][0]["topologyKey"]
+                == "topology.kubernetes.io/zone",
+        "{own_affinity}"
+    );
+
+    // The replicas may reach each other's peer port, from proxy pods only.
+    let policy = document(&docs, "NetworkPolicy", "pullthrough-proxy");
+    let rule = policy["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["ports"][0]["port"] == "peer")
+        .unwrap_or_else(|| panic!("a peer rule in {}", policy["spec"]["ingress"]));
+    assert_eq!(
+        rule["from"],
+        serde_json::json!([{"podSelector": {"matchLabels": pod_labels}}])
+    );
+
+    // Drains take one replica at a time.
+    let pdb = document(&docs, "PodDisruptionBudget", "pullthrough-proxy");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(&pdb["spec"]["selector"]["matchLabels"], pod_labels);
+
+    // The all-features values (lint, kubeconform, install) take this path
+    // too, with their own peer port and watermarks.
+    let all = documents(&template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &["--no-hooks", "-f", &all_features()],
+    ));
+    let all_base = base_config(&all);
+    let all_storage = all_base.storage.expect("all features: storage");
+    assert_eq!(
+        (all_storage.high_watermark, all_storage.low_watermark),
+        (0.95, 0.85)
+    );
+    assert_eq!(all_storage.min_age, Duration::from_secs(900));
+    assert_eq!(
+        all_base.peers.expect("all features: peers").listen.port(),
+        8445
+    );
+    assert_eq!(
+        document(&all, "Service", "pullthrough-proxy-peers")["spec"]["ports"][0]["port"],
+        8445
+    );
+
+    // IRSA: no Secret, the AWS environment, the role on the ServiceAccount.
+    let irsa = template_with_values(
+        &helm,
+        S3_VALUES,
+        &[
+            "--set",
+            "proxy.storage.s3.existingSecret=",
+            "--set",
+            "proxy.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::111122223333:role/pullthrough",
+        ],
+    )
+    .expect("render with IRSA");
+    let docs = documents(&irsa);
+    let s3 = base_config(&docs).storage.expect("storage").s3;
+    assert_eq!(s3.credentials.source, CredentialSource::Env);
+    assert_eq!(s3.credentials.dir, None);
+    assert!(!irsa.contains("s3-credentials"), "no Secret to mount");
+    assert_eq!(
+        document(&docs, "ServiceAccount", "pullthrough-proxy")["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::111122223333:role/pullthrough"
+    );
+}
+
+/// What a cluster admin gets wrong is refused at render time, naming what
+/// to set: several replicas on one ReadWriteOnce volume (with or without a
+/// bucket), a bucket setting without the bucket, a plain-HTTP endpoint,
+/// crossed watermarks, a peer port taken by another listener.
+#[test]
+fn several_replicas_on_a_read_write_once_volume_are_refused() {
+    let helm = Helm::new(None).expect("helm");
+    let chart = chart();
+    let refused = |sets: &[&str], complaints: &[&str]| {
+        // `--set` makes 0.95 a string: numbers go through --set-json.
+        let mut args = vec!["template", "x", chart.as_str()];
+        for s in sets {
+            match s.strip_prefix("json:") {
+                Some(json) => args.extend(["--set-json", json]),
+                None => args.extend(["--set", s]),
+            }
+        }
+        let r = helm.run(&args);
+        let Err(Error::Command { output, .. }) = &r else {
+            panic!("{sets:?} must be refused, got {r:?}");
+        };
+        for c in complaints {
+            assert!(output.contains(c), "{sets:?}: {c:?} not in {output}");
+        }
+    };
+    refused(
+        &["proxy.replicas=2"],
+        &[
+            "proxy.replicas=2 would share one ReadWriteOnce cache volume",
+            "set proxy.storage.s3.bucket",
+            "proxy.cache.type: emptyDir",
+            "set proxy.cache.accessModes to [ReadWriteMany]",
+        ],
+    );
+    refused(
+        &[
+            "proxy.replicas=3",
+            "proxy.cache.accessModes={ReadWriteOncePod}",
+        ],
+        &["one ReadWriteOncePod cache volume"],
+    );
+    refused(
+        &["proxy.replicas=2", "proxy.storage.s3.bucket=b"],
+        &[
+            "proxy.replicas=2 over S3 would share one ReadWriteOnce cache volume",
+            "set proxy.cache.type: emptyDir",
+        ],
+    );
+    refused(
+        &["proxy.storage.s3.existingSecret=keys"],
+        &["/proxy/storage/s3/bucket"],
+    );
+    refused(
+        &[
+            "proxy.storage.s3.bucket=b",
+            "proxy.storage.s3.endpoint=http://seaweedfs:8333",
+        ],
+        &["is plain HTTP", "proxy.storage.s3.allowHttp: true"],
+    );
+    refused(
+        &[
+            "proxy.storage.s3.bucket=b",
+            "json:proxy.storage.lowWatermark=0.95",
+        ],
+        &["proxy.storage.lowWatermark (0.95) must not exceed proxy.storage.highWatermark (0.9)"],
+    );
+    refused(
+        &["proxy.storage.s3.bucket=b", "proxy.peers.port=9090"],
+        &["proxy.peers.port 9090 is already one of proxy.ports"],
+    );
+    refused(&["proxy.peers.port=443"], &["/proxy/peers/port"]);
+    refused(
+        &["proxy.storage.s3.bucket=b", "proxy.storage.s3.prefix=/abs"],
+        &["/proxy/storage/s3/prefix"],
+    );
+
+    // Still rendered: several replicas on ReadWriteMany or on emptyDir
+    // caches of their own, with or without a bucket.
+    for sets in [
+        &[
+            "proxy.replicas=2",
+            "proxy.cache.accessModes={ReadWriteMany}",
+        ][..],
+        &["proxy.replicas=2", "proxy.cache.type=emptyDir"],
+        &[
+            "proxy.replicas=2",
+            "proxy.cache.type=emptyDir",
+            "proxy.storage.s3.bucket=b",
+            "proxy.storage.s3.endpoint=http://seaweedfs:8333",
+            "proxy.storage.s3.allowHttp=true",
+        ],
+    ] {
+        let mut args = vec!["template", "x", chart.as_str()];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        helm.run(&args)
+            .unwrap_or_else(|e| panic!("{sets:?} must render: {e}"));
+    }
 }
 
 /// A loose ServiceMonitor CRD (the Prometheus Operator's real one is not
@@ -567,6 +957,22 @@ fn chart_validates_installs_and_uninstalls() {
     let all_render = template(&helm, "pullthrough", "pullthrough", &["-f", &all]);
     kubeconform_strict(&kc, "default values", &default_render);
     kubeconform_strict(&kc, "all features", &all_render);
+    let s3_render = template_with_values(&helm, S3_VALUES, &[]).expect("render with S3");
+    kubeconform_strict(&kc, "replicas over S3", &s3_render);
+    let rwx_render = template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &[
+            "--set",
+            "proxy.replicas=2",
+            "--set",
+            "proxy.cache.accessModes={ReadWriteMany}",
+            "--set",
+            "proxy.cache.storageClass=shared-rwx",
+        ],
+    );
+    kubeconform_strict(&kc, "replicas on ReadWriteMany", &rwx_render);
     // The CRD's schema really is applied: a MirrorRegistry with a typo fails.
     let typo = "apiVersion: pullthrough.dev/v1alpha1\nkind: MirrorRegistry\nmetadata: {name: q}\nspec: {host: quay.io, tagTTl: 1m}\n";
     assert!(
