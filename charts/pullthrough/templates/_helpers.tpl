@@ -54,6 +54,40 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pullthrough.credentialsName" -}}{{ include "pullthrough.fullname" . }}-upstream-credentials{{- end -}}
 {{- define "pullthrough.baseConfigName" -}}{{ include "pullthrough.fullname" . }}-proxy-base{{- end -}}
 {{- define "pullthrough.revertName" -}}{{ include "pullthrough.fullname" . }}-agent-revert{{- end -}}
+{{- define "pullthrough.peersName" -}}{{ include "pullthrough.fullname" . }}-proxy-peers{{- end -}}
+
+{{/* Where the proxy reads the bucket's access keys and its CA bundle. */}}
+{{- define "pullthrough.s3CredentialsDir" -}}/etc/pullthrough/s3{{- end -}}
+{{- define "pullthrough.s3CaDir" -}}/etc/pullthrough/s3-ca{{- end -}}
+
+{{/*
+Settings the values schema cannot check because they span several values;
+each failure says what to set. Included (for its failures only) by the
+proxy Deployment.
+*/}}
+{{- define "pullthrough.validateProxy" -}}
+{{- $p := .Values.proxy -}}
+{{- $s3 := $p.storage.s3.bucket -}}
+{{- $replicas := int $p.replicas -}}
+{{- if and (gt $replicas 1) (eq $p.cache.type "pvc") (not (has "ReadWriteMany" $p.cache.accessModes)) -}}
+{{- if $s3 -}}
+{{- fail (printf "proxy.replicas=%d over S3 would share one %s cache volume, which only one node can mount: set proxy.cache.type: emptyDir (each replica keeps its own local tier in front of the bucket; bound it with proxy.cache.maxSize below proxy.cache.emptyDirSizeLimit)" $replicas (join "/" $p.cache.accessModes)) -}}
+{{- else -}}
+{{- fail (printf "proxy.replicas=%d would share one %s cache volume, which only one node can mount. Run the replicas over a shared bucket: set proxy.storage.s3.bucket (and its credentials, see the chart's README) with proxy.cache.type: emptyDir; or set proxy.cache.accessModes to [ReadWriteMany] (a shared file system); or proxy.replicas: 1" $replicas (join "/" $p.cache.accessModes)) -}}
+{{- end -}}
+{{- end -}}
+{{- if $s3 -}}
+{{- if gt (float64 $p.storage.lowWatermark) (float64 $p.storage.highWatermark) -}}
+{{- fail (printf "proxy.storage.lowWatermark (%v) must not exceed proxy.storage.highWatermark (%v)" $p.storage.lowWatermark $p.storage.highWatermark) -}}
+{{- end -}}
+{{- if and (hasPrefix "http://" $p.storage.s3.endpoint) (not $p.storage.s3.allowHttp) -}}
+{{- fail (printf "proxy.storage.s3.endpoint %s is plain HTTP: use https://, or set proxy.storage.s3.allowHttp: true (the bucket's content and access keys then travel unencrypted)" $p.storage.s3.endpoint) -}}
+{{- end -}}
+{{- if has (int $p.peers.port) (list (int $p.ports.https) (int $p.ports.http) (int $p.ports.admin)) -}}
+{{- fail (printf "proxy.peers.port %d is already one of proxy.ports: choose another port" (int $p.peers.port)) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 
 {{/*
 Registries serving pullthrough's own images: nodes must pull them without
