@@ -64,12 +64,12 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// This replica's address as its peers reach it (`ip:port` of the
-    /// `peers.listen` port), e.g. the Pod IP. Needed with `peers.dns`;
-    /// with `peers.static` it defaults to `peers.listen` if that is in the
-    /// list.
-    #[arg(long, value_name = "IP:PORT", env = "PULLTHROUGH_PEER_ADDRESS")]
-    pub peer_address: Option<std::net::SocketAddr>,
+    /// This replica's address as its peers reach it, e.g. the Pod IP: an
+    /// IP (IPv4 or IPv6; the port is that of `peers.listen`) or
+    /// `ip:port` / `[ipv6]:port`. Needed with `peers.dns`; with
+    /// `peers.static` it defaults to `peers.listen` if that is in the list.
+    #[arg(long, value_name = "IP[:PORT]", env = "PULLTHROUGH_PEER_ADDRESS", value_parser = peers::members::parse_peer_address)]
+    pub peer_address: Option<peers::members::PeerAddress>,
 
     /// How often the config file, its credentials files and the CA files
     /// are checked for changes.

@@ -88,18 +88,37 @@ impl Members {
     }
 }
 
+/// `--peer-address`: an IP (port from `peers.listen`) or a socket address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerAddress {
+    Ip(std::net::IpAddr),
+    Socket(SocketAddr),
+}
+
+pub fn parse_peer_address(s: &str) -> Result<PeerAddress, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(PeerAddress::Socket(a));
+    }
+    s.trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+        .map(PeerAddress::Ip)
+        .map_err(|_| format!("`{s}` is neither an IP nor ip:port"))
+}
+
 /// This replica's peer address: `--peer-address`, else (static list
 /// only) `peers.listen` when it is one of the list.
 pub fn self_address(
     peers: &pullthrough_api::config::Peers,
-    given: Option<SocketAddr>,
+    given: Option<PeerAddress>,
 ) -> Result<SocketAddr, pullthrough_api::config::ConfigError> {
     let err = |m: String| pullthrough_api::config::ConfigError {
         key: "peers".into(),
         message: m,
     };
     let me = match given {
-        Some(a) => a,
+        Some(PeerAddress::Socket(a)) => a,
+        Some(PeerAddress::Ip(ip)) => SocketAddr::new(ip, peers.listen.port()),
         None if peers.r#static.contains(&peers.listen) => peers.listen,
         None => {
             return Err(err(
@@ -154,6 +173,34 @@ pub async fn follow_dns(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bare_pod_ip_takes_the_listen_port_also_for_ipv6() {
+        let peers = pullthrough_api::config::ProxyConfig::from_yaml(
+            "peers: {listen: '[::]:8444', dns: peers.ns.svc}",
+        )
+        .unwrap()
+        .peers
+        .unwrap();
+        let v6 = parse_peer_address("fd00::17").unwrap();
+        assert_eq!(
+            self_address(&peers, Some(v6)).unwrap(),
+            "[fd00::17]:8444".parse().unwrap()
+        );
+        let v4 = parse_peer_address("10.1.2.3").unwrap();
+        assert_eq!(
+            self_address(&peers, Some(v4)).unwrap(),
+            "10.1.2.3:8444".parse().unwrap()
+        );
+        let full = parse_peer_address("[fd00::17]:9000").unwrap();
+        assert_eq!(
+            self_address(&peers, Some(full)).unwrap(),
+            "[fd00::17]:9000".parse().unwrap()
+        );
+        assert!(parse_peer_address("pod-1:8444").is_err());
+        let err = self_address(&peers, None).unwrap_err();
+        assert!(err.message.contains("--peer-address"), "{err}");
+    }
 
     /// The replica set follows what the name resolves to (here the
     /// loopback names of the machine's own hosts file: a headless
