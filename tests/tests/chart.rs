@@ -601,6 +601,7 @@ fn replicas_over_s3_share_a_bucket_and_find_each_other() {
         (0.95, 0.85)
     );
     assert_eq!(all_storage.min_age, Duration::from_secs(900));
+    assert_eq!(all_storage.eviction_interval, Duration::from_secs(30));
     assert_eq!(
         all_base.peers.expect("all features: peers").listen.port(),
         8445
