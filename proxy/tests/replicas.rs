@@ -15,110 +15,26 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
-use pullthrough_proxy::oci::Digest;
-use pullthrough_proxy::peers::rendezvous;
+use common::Replicas;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
-use pullthrough_testbed::http::{BodyMode, Fetched, Get};
-use pullthrough_testbed::net::{free_port, wait_for};
-use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::proxy::Proxy;
 use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::relay::Relay;
 
 const HOST: &str = "quay.io";
 const REPO: &str = "fixture/big";
 
-/// Replicas sharing one CA and a static peer list.
-struct Replicas {
-    proxies: Vec<Proxy>,
-    peers: Vec<SocketAddr>,
-    ca: tempfile::TempDir,
-}
-
-impl Replicas {
-    /// `n` replicas serving `upstream` as quay.io; `extra` is appended to
-    /// every config (e.g. `storage:`).
-    fn start(n: usize, upstream: &str, extra: &str) -> Self {
-        let ca = tempfile::tempdir().unwrap();
-        let generated = pullthrough_api::pki::generate_ca(Duration::from_secs(86_400)).unwrap();
-        std::fs::write(ca.path().join("ca.crt"), &generated.cert_pem).unwrap();
-        std::fs::write(ca.path().join("ca.key"), &generated.key_pem).unwrap();
-        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let peers: Vec<SocketAddr> = (0..n)
-            .map(|_| SocketAddr::new(lo, free_port().unwrap()))
-            .collect();
-        let list = peers
-            .iter()
-            .map(|p| format!("'{p}'"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let proxies = peers
-            .iter()
-            .map(|me| {
-                let config = format!(
-                    "ca: {{cert: {}, key: {}}}\npeers:\n  listen: '{me}'\n  static: [{list}]\n{}{extra}",
-                    ca.path().join("ca.crt").display(),
-                    ca.path().join("ca.key").display(),
-                    common::one_registry(HOST, upstream, ""),
-                );
-                Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap()
-            })
-            .collect();
-        Self { proxies, peers, ca }
-    }
-
-    /// Index of the replica that owns `digest`.
-    fn owner(&self, digest: &str) -> usize {
-        let d = Digest::parse(digest).unwrap();
-        let owner = rendezvous::owner(&d, &self.peers).unwrap();
-        self.peers.iter().position(|p| *p == owner).unwrap()
-    }
-
-    fn blob_url(&self, i: usize, digest: &str) -> String {
-        format!(
-            "{}/v2/{HOST}/{REPO}/blobs/{digest}",
-            self.proxies[i].http_url()
-        )
-    }
-
-    fn ca_files(&self) -> (std::path::PathBuf, std::path::PathBuf) {
-        (self.ca.path().join("ca.crt"), self.ca.path().join("ca.key"))
-    }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    pullthrough_testbed::http::runtime().unwrap()
-}
-
 fn random_image(dir: &Path, size: u64, seed: u64) -> Image {
     LayoutBuilder::new(&dir.join("layout"))
         .unwrap()
         .random("1", &[size], seed)
         .unwrap()
-}
-
-/// GET with a fresh connection; on a connection error (the replica it
-/// reached died) asks the next one in `urls`, as a client behind a
-/// Service would land on another pod.
-async fn fetch_any(urls: Vec<String>) -> Fetched {
-    let mut last = None;
-    for url in &urls {
-        match Get::new(url)
-            .timeout(Duration::from_secs(90))
-            .fetch(BodyMode::Keep)
-            .await
-        {
-            Ok(f) if f.error.is_none() => return f,
-            Ok(f) => last = Some(format!("{url}: body failed: {:?}", f.error)),
-            Err(e) => last = Some(format!("{url}: {e}")),
-        }
-    }
-    panic!("no replica served the blob: {last:?}");
 }
 
 fn peer_lines(proxy: &Proxy, digest: &str) -> usize {
@@ -144,27 +60,15 @@ fn fifty_misses_over_three_replicas_fetch_the_blob_once() {
     // Slower than loopback, so the 50 requests really overlap the fill.
     let relay = Relay::start(registry.addr()).unwrap();
     relay.set_rate(24 << 20);
-    let r = Replicas::start(3, &format!("http://{}", relay.addr), "");
+    let r = Replicas::start(3, HOST, &format!("http://{}", relay.addr), "");
     let owner = r.owner(&layer);
 
-    let results = rt().block_on(async {
-        let tasks: Vec<_> = (0..50)
-            .map(|i| tokio::spawn(fetch_any(vec![r.blob_url(i % 3, &layer)])))
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    });
-    for (i, f) in results.iter().enumerate() {
-        assert_eq!(f.status, StatusCode::OK, "client {i}");
-        assert!(
-            f.body == *expected,
-            "client {i} got {} wrong bytes",
-            f.body.len()
-        );
-    }
+    let results = common::fetch_all(
+        (0..50)
+            .map(|i| vec![r.blob_url(i % 3, HOST, REPO, &layer)])
+            .collect(),
+    );
+    common::assert_all_exact(&results, &expected);
     registry.sync_log().unwrap();
     assert_eq!(
         registry.count_requests("GET", &layer),
@@ -210,87 +114,8 @@ fn the_owner_dying_mid_blob_leaves_every_client_a_verified_body() {
     let relay = Relay::start(registry.addr()).unwrap();
     // The owner's fetch stops at 12 MiB until the test releases it.
     relay.hold_after(12 << 20);
-    let mut r = Replicas::start(3, &format!("http://{}", relay.addr), "");
-    let owner = r.owner(&layer);
-    let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
-    let rt = rt();
-    let tasks: Vec<_> = (0..30)
-        .map(|i| {
-            let first = i % 3;
-            let urls: Vec<String> = std::iter::once(first)
-                .chain(others.iter().copied().filter(|o| *o != first))
-                .map(|j| r.blob_url(j, &layer))
-                .collect();
-            rt.spawn(fetch_any(urls))
-        })
-        .collect();
-    // Every survivor has part of the blob from the owner before it dies.
-    wait_for(
-        "the survivors to hold part of the blob",
-        Duration::from_secs(30),
-        || {
-            Ok(others.iter().all(|&i| {
-                let tmp = r.proxies[i].data_dir().join("tmp");
-                std::fs::read_dir(tmp).is_ok_and(|d| {
-                    d.flatten()
-                        .any(|e| e.metadata().is_ok_and(|m| m.len() >= 4 << 20))
-                })
-            }))
-        },
-    )
-    .unwrap();
-    r.proxies[owner].kill().unwrap();
-    relay.release();
-    let results: Vec<Fetched> = rt.block_on(async {
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    });
-    for (i, f) in results.iter().enumerate() {
-        assert_eq!(f.status, StatusCode::OK, "client {i}");
-        assert!(
-            f.body == *expected,
-            "client {i} got {} wrong bytes",
-            f.body.len()
-        );
-    }
-    registry.sync_log().unwrap();
-    // The owner's GET, and at most one ranged continuation per survivor.
-    let gets = registry.count_requests("GET", &layer);
-    assert!(
-        (2..=3).contains(&gets),
-        "{gets} upstream GETs: the survivors should continue with one ranged GET each, not start over:\n{}",
-        registry.log()
-    );
-    let partial = registry
-        .log()
-        .lines()
-        .filter(|l| l.contains("\"GET ") && l.contains(&layer) && l.contains("\" 206 "))
-        .count();
-    assert_eq!(
-        partial,
-        gets - 1,
-        "continuations must be ranged:\n{}",
-        registry.log()
-    );
-    for &i in &others {
-        let p = &r.proxies[i];
-        let cached = std::fs::read(p.cached_blob_path(&layer)).unwrap();
-        assert_eq!(sha256_digest(&cached), layer, "replica {i}");
-        assert!(
-            p.tmp_entries().is_empty(),
-            "replica {i}: {:?}",
-            p.tmp_entries()
-        );
-        assert!(
-            p.log()
-                .contains("owner replica failed mid-blob; continuing from the upstream"),
-            "replica {i} did not take over:\n{}",
-            p.log()
-        );
-    }
+    let mut r = Replicas::start(3, HOST, &format!("http://{}", relay.addr), "");
+    common::kill_owner_mid_blob(&mut r, &relay, &registry, (HOST, REPO, &layer), &expected);
 }
 
 /// TLS client config for the peer listener: trusts the CA, presents
@@ -372,8 +197,8 @@ fn the_peer_listener_serves_only_peers_and_only_blobs() {
     let layer = image.layer_digests()[0].clone();
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, REPO, "1").unwrap();
-    let r = Replicas::start(2, &registry.url(), "");
-    let (ca_crt, ca_key) = r.ca_files();
+    let r = Replicas::start(2, HOST, &registry.url(), "");
+    let (ca_crt, ca_key) = (r.ca.path().join("ca.crt"), r.ca.path().join("ca.key"));
     let ca_pem = std::fs::read_to_string(&ca_crt).unwrap();
     let other = tempfile::tempdir().unwrap();
     let other_ca = pullthrough_api::pki::generate_ca(Duration::from_secs(86_400)).unwrap();
@@ -382,26 +207,28 @@ fn the_peer_listener_serves_only_peers_and_only_blobs() {
     let blob = format!("/v2/{REPO}/blobs/{layer}");
     let manifest = format!("/v2/{REPO}/manifests/1");
     let peer = r.peers[0];
-    rt().block_on(async {
-        let none = peer_get(peer, peer_client(&ca_pem, None), &blob).await;
-        assert!(none.is_err(), "no client certificate: {none:?}");
-        let not_peer = client_cert((&ca_crt, &ca_key), "urn:someone:else");
-        let got = peer_get(peer, peer_client(&ca_pem, Some(not_peer)), &blob).await;
-        assert!(
-            got.is_err(),
-            "CA certificate without the peer identity: {got:?}"
-        );
-        let foreign = client_cert(
-            (&other.path().join("ca.crt"), &other.path().join("ca.key")),
-            "urn:pullthrough:peer",
-        );
-        let got = peer_get(peer, peer_client(&ca_pem, Some(foreign)), &blob).await;
-        assert!(got.is_err(), "peer identity from another CA: {got:?}");
-        let real = client_cert((&ca_crt, &ca_key), "urn:pullthrough:peer");
-        let config = peer_client(&ca_pem, Some(real));
-        assert_eq!(peer_get(peer, config.clone(), &manifest).await, Ok(403));
-        assert_eq!(peer_get(peer, config, &blob).await, Ok(200));
-    });
+    pullthrough_testbed::http::runtime()
+        .unwrap()
+        .block_on(async {
+            let none = peer_get(peer, peer_client(&ca_pem, None), &blob).await;
+            assert!(none.is_err(), "no client certificate: {none:?}");
+            let not_peer = client_cert((&ca_crt, &ca_key), "urn:someone:else");
+            let got = peer_get(peer, peer_client(&ca_pem, Some(not_peer)), &blob).await;
+            assert!(
+                got.is_err(),
+                "CA certificate without the peer identity: {got:?}"
+            );
+            let foreign = client_cert(
+                (&other.path().join("ca.crt"), &other.path().join("ca.key")),
+                "urn:pullthrough:peer",
+            );
+            let got = peer_get(peer, peer_client(&ca_pem, Some(foreign)), &blob).await;
+            assert!(got.is_err(), "peer identity from another CA: {got:?}");
+            let real = client_cert((&ca_crt, &ca_key), "urn:pullthrough:peer");
+            let config = peer_client(&ca_pem, Some(real));
+            assert_eq!(peer_get(peer, config.clone(), &manifest).await, Ok(403));
+            assert_eq!(peer_get(peer, config, &blob).await, Ok(200));
+        });
     registry.sync_log().unwrap();
     assert_eq!(
         registry.count_requests("GET", "/manifests/"),

@@ -5,6 +5,7 @@
 //! - a replica that lost its disk serves manifests and blobs from the
 //!   bucket with the upstream stopped;
 //! - 50 clients over 3 replicas on one bucket: 1 upstream GET, 1 object;
+//! - the owner SIGKILLed mid-blob: nothing partial reaches the bucket;
 //! - corrupt upstream bytes never reach the bucket;
 //! - eviction across 3 replicas keeps the bucket under `maxSize`;
 //! - a missing bucket, refused credentials, a stopped server: a clear
@@ -14,17 +15,15 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::Replicas;
 use http::StatusCode;
-use pullthrough_proxy::oci::Digest;
-use pullthrough_proxy::peers::rendezvous;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
-use pullthrough_testbed::http::{BodyMode, Get};
-use pullthrough_testbed::net::{free_port, wait_for};
+use pullthrough_testbed::http::Get;
+use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::relay::Relay;
@@ -60,41 +59,6 @@ fn start_proxy(upstream: &str, extra: &str) -> Proxy {
     .unwrap()
 }
 
-/// `n` replicas with one CA, a static peer list and `extra` (storage).
-fn replicas(
-    n: usize,
-    upstream: &str,
-    extra: &str,
-) -> (Vec<Proxy>, Vec<SocketAddr>, tempfile::TempDir) {
-    let ca = tempfile::tempdir().unwrap();
-    let generated = pullthrough_api::pki::generate_ca(Duration::from_secs(86_400)).unwrap();
-    std::fs::write(ca.path().join("ca.crt"), &generated.cert_pem).unwrap();
-    std::fs::write(ca.path().join("ca.key"), &generated.key_pem).unwrap();
-    let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let peers: Vec<SocketAddr> = (0..n)
-        .map(|_| SocketAddr::new(lo, free_port().unwrap()))
-        .collect();
-    let list = peers
-        .iter()
-        .map(|p| format!("'{p}'"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let proxies = peers
-        .iter()
-        .map(|me| {
-            start_proxy(
-                upstream,
-                &format!(
-                    "ca: {{cert: '{}', key: '{}'}}\npeers:\n  listen: '{me}'\n  static: [{list}]\n{extra}",
-                    ca.path().join("ca.crt").display(),
-                    ca.path().join("ca.key").display(),
-                ),
-            )
-        })
-        .collect();
-    (proxies, peers, ca)
-}
-
 fn url(proxy: &Proxy, repo: &str, kind: &str, reference: &str) -> String {
     format!("{}/v2/{HOST}/{repo}/{kind}/{reference}", proxy.http_url())
 }
@@ -114,10 +78,6 @@ fn get_ok(url: &str) -> Vec<u8> {
         String::from_utf8_lossy(&resp.body)
     );
     resp.body.to_vec()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    pullthrough_testbed::http::runtime().unwrap()
 }
 
 fn random_image(dir: &Path, sizes: &[u64], seed: u64) -> Image {
@@ -233,35 +193,19 @@ fn fifty_misses_over_three_replicas_on_one_bucket_fetch_and_store_once() {
     registry.push_image(&image, "fixture/big", "1").unwrap();
     let relay = Relay::start(registry.addr()).unwrap();
     relay.set_rate(16 << 20);
-    let (proxies, peers, _ca) = replicas(
+    let r = Replicas::start(
         3,
+        HOST,
         &format!("http://{}", relay.addr),
         &storage(&s3, "cache", creds.path(), ""),
     );
-    let owner = rendezvous::owner(&Digest::parse(&layer).unwrap(), &peers).unwrap();
-    let results = rt().block_on(async {
-        let tasks: Vec<_> = (0..50)
-            .map(|i| {
-                let u = url(&proxies[i % 3], "fixture/big", "blobs", &layer);
-                tokio::spawn(async move {
-                    Get::new(&u)
-                        .timeout(Duration::from_secs(90))
-                        .fetch(BodyMode::Keep)
-                        .await
-                        .unwrap()
-                })
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    });
-    for (i, f) in results.iter().enumerate() {
-        assert_eq!(f.status, StatusCode::OK, "client {i}");
-        assert!(f.error.is_none() && f.body == *expected, "client {i}");
-    }
+    let owner = r.owner(&layer);
+    let results = common::fetch_all(
+        (0..50)
+            .map(|i| vec![url(&r.proxies[i % 3], "fixture/big", "blobs", &layer)])
+            .collect(),
+    );
+    common::assert_all_exact(&results, &expected);
     registry.sync_log().unwrap();
     assert_eq!(
         registry.count_requests("GET", &layer),
@@ -273,13 +217,52 @@ fn fifty_misses_over_three_replicas_on_one_bucket_fetch_and_store_once() {
     let objects = bucket_blobs(&s3, "cache");
     assert_eq!(objects.len(), 1, "{objects:?}");
     assert_eq!(objects[0].1, expected.len() as u64);
-    for (i, p) in proxies.iter().enumerate() {
+    for (i, p) in r.proxies.iter().enumerate() {
         let status = admin_stats(p);
         let uploaded = status["sharedStorage"]["uploads"]["uploaded"]
             .as_u64()
             .unwrap_or(0);
-        let expect = u64::from(peers[i] == owner);
+        let expect = u64::from(i == owner);
         assert_eq!(uploaded, expect, "replica {i} uploads: {status:#}");
+    }
+}
+
+/// The owner dies mid-blob with the bucket configured: the survivors
+/// take over from the upstream with `Range` (see `replicas.rs`), and the
+/// bucket ends with the verified blob (uploaded by a survivor that
+/// fetched part of it from the upstream) or nothing — never a partial or
+/// corrupt object.
+#[test]
+fn the_owner_dying_mid_blob_leaves_nothing_partial_in_the_bucket() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[32 << 20], 26);
+    let layer = image.layer_digests()[0].clone();
+    let expected = std::fs::read(image.blob_path(&layer)).unwrap();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/big", "1").unwrap();
+    let relay = Relay::start(registry.addr()).unwrap();
+    relay.hold_after(12 << 20);
+    let mut r = Replicas::start(
+        3,
+        HOST,
+        &format!("http://{}", relay.addr),
+        &storage(&s3, "cache", creds.path(), ""),
+    );
+    common::kill_owner_mid_blob(
+        &mut r,
+        &relay,
+        &registry,
+        (HOST, "fixture/big", &layer),
+        &expected,
+    );
+    let objects = s3.objects("cache", "pullthrough/blobs/").unwrap();
+    assert!(objects.len() <= 1, "{objects:?}");
+    if let Some(o) = objects.first() {
+        assert!(layer.ends_with(o.key.rsplit('/').next().unwrap()), "{o:?}");
+        assert_eq!(o.size, expected.len() as u64, "{o:?}");
     }
 }
 
@@ -344,8 +327,9 @@ fn eviction_across_replicas_keeps_the_bucket_under_max_size() {
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, "fixture/many", "1").unwrap();
     let bound = 24u64 << 20;
-    let (proxies, _, _ca) = replicas(
+    let r = Replicas::start(
         3,
+        HOST,
         &registry.url(),
         &storage(
             &s3,
@@ -358,7 +342,7 @@ fn eviction_across_replicas_keeps_the_bucket_under_max_size() {
     );
     let layers = image.layer_digests();
     for (i, d) in layers.iter().enumerate() {
-        get_ok(&url(&proxies[i % 3], "fixture/many", "blobs", d));
+        get_ok(&url(&r.proxies[i % 3], "fixture/many", "blobs", d));
         // Let the upload land before the next pull: the order of pulls is
         // the order of use.
         wait_in_bucket(&s3, "cache", std::slice::from_ref(d));
@@ -384,7 +368,8 @@ fn eviction_across_replicas_keeps_the_bucket_under_max_size() {
         !left.iter().any(|(k, _)| layers[0].ends_with(k.as_str())),
         "the oldest blob was kept"
     );
-    let holders: Vec<f64> = proxies
+    let holders: Vec<f64> = r
+        .proxies
         .iter()
         .map(|p| metric(&metrics(p), "pullthrough_shared_storage_evictor"))
         .collect();

@@ -253,3 +253,208 @@ pub fn run_to_exit(config: &Path) -> (Option<i32>, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Proxy replicas (issue #12) sharing one CA and a static peer list on
+/// loopback, serving `upstream` as `host`; `extra` is appended to every
+/// config (e.g. `storage:`).
+pub struct Replicas {
+    pub proxies: Vec<Proxy>,
+    pub peers: Vec<std::net::SocketAddr>,
+    pub ca: tempfile::TempDir,
+}
+
+impl Replicas {
+    pub fn start(n: usize, host: &str, upstream: &str, extra: &str) -> Self {
+        use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+        let ca = tempfile::tempdir().unwrap();
+        let generated = pullthrough_api::pki::generate_ca(Duration::from_secs(86_400)).unwrap();
+        std::fs::write(ca.path().join("ca.crt"), &generated.cert_pem).unwrap();
+        std::fs::write(ca.path().join("ca.key"), &generated.key_pem).unwrap();
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let peers: Vec<SocketAddr> = (0..n)
+            .map(|_| SocketAddr::new(lo, pullthrough_testbed::net::free_port().unwrap()))
+            .collect();
+        let list = peers
+            .iter()
+            .map(|p| format!("'{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let proxies = peers
+            .iter()
+            .map(|me| {
+                let config = format!(
+                    "ca: {{cert: '{}', key: '{}'}}\npeers:\n  listen: '{me}'\n  static: [{list}]\n{}{extra}",
+                    ca.path().join("ca.crt").display(),
+                    ca.path().join("ca.key").display(),
+                    one_registry(host, upstream, ""),
+                );
+                Proxy::start(proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap()
+            })
+            .collect();
+        Self { proxies, peers, ca }
+    }
+
+    /// Index of the replica that owns `digest` (the proxy's own hashing).
+    pub fn owner(&self, digest: &str) -> usize {
+        let d = pullthrough_proxy::oci::Digest::parse(digest).unwrap();
+        let owner = pullthrough_proxy::peers::rendezvous::owner(&d, &self.peers).unwrap();
+        self.peers.iter().position(|p| *p == owner).unwrap()
+    }
+
+    pub fn blob_url(&self, i: usize, host: &str, repo: &str, digest: &str) -> String {
+        format!(
+            "{}/v2/{host}/{repo}/blobs/{digest}",
+            self.proxies[i].http_url()
+        )
+    }
+}
+
+/// GETs each client's first URL at once, each on a connection of its own
+/// (HTTP, streamed, 90 s bound); on a connection or body error a client
+/// asks the next URL of its list, as a client behind a Service lands on
+/// another pod. [`Fetches::finish`] waits for all of them.
+pub fn start_fetches(clients: Vec<Vec<String>>) -> Fetches {
+    use pullthrough_testbed::http::{BodyMode, Get};
+    async fn fetch_any(urls: Vec<String>) -> pullthrough_testbed::http::Fetched {
+        let mut last = None;
+        for url in &urls {
+            match Get::new(url)
+                .timeout(Duration::from_secs(90))
+                .fetch(BodyMode::Keep)
+                .await
+            {
+                Ok(f) if f.error.is_none() => return f,
+                Ok(f) => last = Some(format!("{url}: body failed: {:?}", f.error)),
+                Err(e) => last = Some(format!("{url}: {e}")),
+            }
+        }
+        panic!("no replica served the blob: {last:?}");
+    }
+    let rt = pullthrough_testbed::http::runtime().unwrap();
+    let tasks = clients
+        .into_iter()
+        .map(|urls| rt.spawn(fetch_any(urls)))
+        .collect();
+    Fetches { rt, tasks }
+}
+
+pub struct Fetches {
+    rt: tokio::runtime::Runtime,
+    tasks: Vec<tokio::task::JoinHandle<pullthrough_testbed::http::Fetched>>,
+}
+
+impl Fetches {
+    pub fn finish(self) -> Vec<pullthrough_testbed::http::Fetched> {
+        let Fetches { rt, tasks } = self;
+        rt.block_on(async {
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.unwrap());
+            }
+            out
+        })
+    }
+}
+
+/// Every client got status 200 and exactly `expected`.
+pub fn assert_all_exact(results: &[pullthrough_testbed::http::Fetched], expected: &[u8]) {
+    for (i, f) in results.iter().enumerate() {
+        assert_eq!(f.status, http::StatusCode::OK, "client {i}");
+        assert!(
+            f.body == expected,
+            "client {i} got {} wrong bytes",
+            f.body.len()
+        );
+    }
+}
+
+/// The owner of `layer` is SIGKILLed while it streams the blob to the
+/// other replicas (the upstream behind `relay`, held after 12 MiB): 30
+/// clients over all replicas (those of the dead one retry on another)
+/// must all get the exact bytes; each survivor must have taken over with
+/// `Range` and cached only the verified blob. Returns the survivors.
+pub fn kill_owner_mid_blob(
+    r: &mut Replicas,
+    relay: &pullthrough_testbed::relay::Relay,
+    registry: &Registry,
+    (host, repo, layer): (&str, &str, &str),
+    expected: &[u8],
+) -> Vec<usize> {
+    let n = r.proxies.len();
+    let owner = r.owner(layer);
+    let others: Vec<usize> = (0..n).filter(|i| *i != owner).collect();
+    let fetches = start_fetches(
+        (0..30)
+            .map(|i| {
+                let first = i % n;
+                std::iter::once(first)
+                    .chain(others.iter().copied().filter(|o| *o != first))
+                    .map(|j| r.blob_url(j, host, repo, layer))
+                    .collect()
+            })
+            .collect(),
+    );
+    // Every survivor has part of the blob from the owner before it dies.
+    pullthrough_testbed::net::wait_for(
+        "the survivors to hold part of the blob",
+        Duration::from_secs(30),
+        || {
+            Ok(others.iter().all(|&i| {
+                let tmp = r.proxies[i].data_dir().join("tmp");
+                std::fs::read_dir(tmp).is_ok_and(|d| {
+                    d.flatten()
+                        .any(|e| e.metadata().is_ok_and(|m| m.len() >= 4 << 20))
+                })
+            }))
+        },
+    )
+    .unwrap();
+    r.proxies[owner].kill().unwrap();
+    relay.release();
+    assert_all_exact(&fetches.finish(), expected);
+    registry.sync_log().unwrap();
+    // The owner's GET, and at most one ranged continuation per survivor.
+    let gets = registry.count_requests("GET", layer);
+    assert!(
+        (2..=n).contains(&gets),
+        "{gets} upstream GETs: the survivors should continue with one ranged GET each, not start over:\n{}",
+        registry.log()
+    );
+    let partial = registry
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"GET ") && l.contains(layer) && l.contains("\" 206 "))
+        .count();
+    assert_eq!(
+        partial,
+        gets - 1,
+        "continuations must be ranged:\n{}",
+        registry.log()
+    );
+    for &i in &others {
+        let p = &r.proxies[i];
+        let cached = std::fs::read(p.cached_blob_path(layer)).unwrap();
+        assert_eq!(
+            pullthrough_testbed::fixtures::sha256_digest(&cached),
+            layer,
+            "replica {i}"
+        );
+        assert!(
+            p.tmp_entries().is_empty(),
+            "replica {i}: {:?}",
+            p.tmp_entries()
+        );
+        assert!(
+            p.log()
+                .contains("owner replica failed mid-blob; continuing from the upstream"),
+            "replica {i} did not take over:\n{}",
+            p.log()
+        );
+    }
+    others
+}
+
+/// [`start_fetches`] and wait for all of them.
+pub fn fetch_all(clients: Vec<Vec<String>>) -> Vec<pullthrough_testbed::http::Fetched> {
+    start_fetches(clients).finish()
+}
