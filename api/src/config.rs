@@ -546,16 +546,7 @@ impl ProxyConfig {
                 format!("`{def}` is not one of the configured registries"),
             ));
         }
-        let c = &self.cache;
-        if !(0.0 < c.low_watermark
-            && c.low_watermark <= c.high_watermark
-            && c.high_watermark <= 1.0)
-        {
-            return Err(ConfigError::new(
-                "cache",
-                "watermarks must satisfy 0 < lowWatermark <= highWatermark <= 1",
-            ));
-        }
+        validate_watermarks("cache", self.cache.low_watermark, self.cache.high_watermark)?;
         for (i, n) in self.names.iter().enumerate() {
             validate_host(n).map_err(|m| ConfigError::new(format!("names[{i}]"), m))?;
         }
@@ -578,6 +569,17 @@ impl ProxyConfig {
             .iter()
             .find(|r| r.names().any(|n| n == name))
     }
+}
+
+/// `0 < low <= high <= 1`, reported on `key`.
+pub(crate) fn validate_watermarks(key: &str, low: f64, high: f64) -> Result<(), ConfigError> {
+    if 0.0 < low && low <= high && high <= 1.0 {
+        return Ok(());
+    }
+    Err(ConfigError::new(
+        key,
+        "watermarks must satisfy 0 < lowWatermark <= highWatermark <= 1",
+    ))
 }
 
 fn validate_upstream(url: &str) -> Result<(), String> {

@@ -211,16 +211,7 @@ impl SharedStorage {
                 "must be more than 0s and at most 24h",
             ));
         }
-        if !(0.0 < self.low_watermark
-            && self.low_watermark <= self.high_watermark
-            && self.high_watermark <= 1.0)
-        {
-            return Err(ConfigError::new(
-                "storage",
-                "watermarks must satisfy 0 < lowWatermark <= highWatermark <= 1",
-            ));
-        }
-        Ok(())
+        crate::config::validate_watermarks("storage", self.low_watermark, self.high_watermark)
     }
 }
 

@@ -161,21 +161,8 @@ pub async fn serve_proxy(
                     supervise(conn, &activity, &limits, peer).await;
                 }
                 Some(acceptor) => {
-                    let tls = match tokio::time::timeout(
-                        limits.tls_handshake_timeout,
-                        acceptor.accept(stream),
-                    )
-                    .await
-                    {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(err)) => {
-                            tracing::info!(%peer, error = %err, "TLS handshake refused");
-                            return;
-                        }
-                        Err(_) => {
-                            tracing::info!(%peer, "TLS handshake timed out");
-                            return;
-                        }
+                    let Some(tls) = handshake(&acceptor, stream, &limits, peer).await else {
+                        return;
                     };
                     let sni: Option<Arc<str>> = tls.get_ref().1.server_name().map(Arc::from);
                     let conn = conn_builder(&limits)
@@ -191,6 +178,27 @@ pub async fn serve_proxy(
         });
     }
     drain(graceful, grace).await;
+}
+
+/// A TLS handshake bounded by `limits.tlsHandshakeTimeout`; `None` (logged)
+/// when it fails or times out.
+pub async fn handshake(
+    acceptor: &tokio_rustls::TlsAcceptor,
+    stream: Watched<TcpStream>,
+    limits: &Limits,
+    peer: SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<Watched<TcpStream>>> {
+    match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(err)) => {
+            tracing::info!(%peer, error = %err, "TLS handshake refused");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// Runs a connection until it ends, or closes it (by dropping it) when

@@ -12,7 +12,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::pipeline::Shared;
-use crate::server::{Activity, Watched, accept, conn_builder, drain, service, supervise};
+use crate::server::{
+    Activity, Watched, accept, conn_builder, drain, handshake, service, supervise,
+};
 use crate::tls::peer::{PeerTls, is_peer};
 
 /// Connections the peer listener holds at once: a few per replica.
@@ -51,20 +53,9 @@ pub async fn serve_peers(
                 activity: activity.clone(),
             };
             let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let tls =
-                match tokio::time::timeout(limits.tls_handshake_timeout, acceptor.accept(stream))
-                    .await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(err)) => {
-                        tracing::warn!(%peer, error = %err, "peer TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::warn!(%peer, "peer TLS handshake timed out");
-                        return;
-                    }
-                };
+            let Some(tls) = handshake(&acceptor, stream, &limits, peer).await else {
+                return;
+            };
             let identified = tls
                 .get_ref()
                 .1

@@ -214,51 +214,13 @@ pub(crate) async fn cached_manifest(
 ) -> Result<Response<Body>, HandlerError> {
     let cached = match cached {
         CachedManifest::Memory(digest, meta, bytes) => {
-            let size = bytes.len() as u64;
-            let body = if *method == Method::HEAD {
-                body::empty()
-            } else {
-                body::full(bytes)
-            };
-            return Ok(manifest_response(
-                &digest,
-                meta.media_type.as_deref(),
-                size,
-                body,
-            ));
+            return Ok(whole_manifest(&digest, &meta, bytes, method));
+        }
+        CachedManifest::Shared(digest, stat) => {
+            let (bytes, meta) = from_shared_tier(ctx, &digest, stat.size).await?;
+            return Ok(whole_manifest(&digest, &meta, bytes, method));
         }
         CachedManifest::File(cached) => cached,
-        CachedManifest::Shared(digest, stat) => {
-            let tier = ctx
-                .shared
-                .tier
-                .as_ref()
-                .ok_or_else(|| TierError::Config("shared storage went away".to_string()))?;
-            let Some((bytes, meta)) = tier.read_small(&digest, stat.size).await? else {
-                return Err(TierError::Store {
-                    op: "GET",
-                    key: digest.to_string(),
-                    message: "gone since its HEAD".to_string(),
-                }
-                .into());
-            };
-            // Kept on this replica's disk: the next request is a HIT here.
-            if let Err(err) = ctx.shared.store.put(&digest, meta.clone(), &bytes).await {
-                tracing::warn!(error = %err, %digest, "cannot cache manifest from shared storage locally");
-            }
-            let size = bytes.len() as u64;
-            let body = if *method == Method::HEAD {
-                body::empty()
-            } else {
-                body::full(bytes)
-            };
-            return Ok(manifest_response(
-                &digest,
-                meta.media_type.as_deref(),
-                size,
-                body,
-            ));
-        }
     };
     let media_type = cached.meta.media_type.clone();
     if *method == Method::HEAD {
@@ -299,6 +261,48 @@ pub(crate) async fn cached_manifest(
         cached.size,
         body,
     ))
+}
+
+/// A manifest held whole in memory, as a response (no body for HEAD).
+fn whole_manifest(
+    digest: &Digest,
+    meta: &BlobMeta,
+    bytes: Bytes,
+    method: &Method,
+) -> Response<Body> {
+    let size = bytes.len() as u64;
+    let body = if *method == Method::HEAD {
+        body::empty()
+    } else {
+        body::full(bytes)
+    };
+    manifest_response(digest, meta.media_type.as_deref(), size, body)
+}
+
+/// A manifest the shared tier holds, verified, and kept on this replica's
+/// disk so the next request is a HIT here.
+async fn from_shared_tier(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    size: u64,
+) -> Result<(Bytes, BlobMeta), HandlerError> {
+    let tier = ctx
+        .shared
+        .tier
+        .as_ref()
+        .ok_or_else(|| TierError::Config("shared storage went away".to_string()))?;
+    let Some((bytes, meta)) = tier.read_small(digest, size).await? else {
+        return Err(TierError::Store {
+            op: "GET",
+            key: digest.to_string(),
+            message: "gone since its HEAD".to_string(),
+        }
+        .into());
+    };
+    if let Err(err) = ctx.shared.store.put(digest, meta.clone(), &bytes).await {
+        tracing::warn!(error = %err, %digest, "cannot cache manifest from shared storage locally");
+    }
+    Ok((bytes, meta))
 }
 
 pub(crate) fn manifest_response(

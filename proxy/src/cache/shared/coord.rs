@@ -4,7 +4,6 @@
 //! replicas may race.
 
 use bytes::Bytes;
-use futures::TryStreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStoreExt, PutMode, PutOptions};
 
@@ -24,12 +23,7 @@ pub struct Listed {
 
 impl SharedTier {
     fn coord_key(&self, name: &str) -> Key {
-        let rel = format!("coord/{name}");
-        if self.prefix.as_ref().is_empty() {
-            Key::from(rel)
-        } else {
-            Key::from(format!("{}/{rel}", self.prefix))
-        }
+        self.under_prefix(&format!("coord/{name}"))
     }
 
     /// A coordination object (lease, access journal) and its version.
@@ -96,12 +90,7 @@ impl SharedTier {
     pub async fn list_coord(&self, dir: &str) -> Result<Vec<String>, TierError> {
         let root = self.coord_key("");
         let key = self.coord_key(dir);
-        let found: Vec<_> = self
-            .store
-            .list(Some(&key))
-            .try_collect()
-            .await
-            .map_err(|e| self.err("LIST", &key, e))?;
+        let found = self.list(&key).await?;
         let root = format!("{root}/");
         Ok(found
             .into_iter()
@@ -111,17 +100,7 @@ impl SharedTier {
 
     /// Every blob in the tier.
     pub async fn list_blobs(&self) -> Result<Vec<Listed>, TierError> {
-        let key = if self.prefix.as_ref().is_empty() {
-            Key::from("blobs/sha256")
-        } else {
-            Key::from(format!("{}/blobs/sha256", self.prefix))
-        };
-        let found: Vec<_> = self
-            .store
-            .list(Some(&key))
-            .try_collect()
-            .await
-            .map_err(|e| self.err("LIST", &key, e))?;
+        let found = self.list(&self.under_prefix("blobs/sha256")).await?;
         Ok(found
             .into_iter()
             .filter_map(|m| {

@@ -120,14 +120,27 @@ impl SharedTier {
         &self.health
     }
 
-    fn key(&self, d: &Digest) -> Key {
-        let hex = d.hex();
-        let rel = format!("blobs/sha256/{}/{hex}", &hex[..2]);
+    /// `rel` under the configured prefix.
+    fn under_prefix(&self, rel: &str) -> Key {
         if self.prefix.as_ref().is_empty() {
             Key::from(rel)
         } else {
             Key::from(format!("{}/{rel}", self.prefix))
         }
+    }
+
+    fn key(&self, d: &Digest) -> Key {
+        let hex = d.hex();
+        self.under_prefix(&format!("blobs/sha256/{}/{hex}", &hex[..2]))
+    }
+
+    /// Every object under `key`.
+    async fn list(&self, key: &Key) -> Result<Vec<object_store::ObjectMeta>, TierError> {
+        self.store
+            .list(Some(key))
+            .try_collect()
+            .await
+            .map_err(|e| self.err("LIST", key, e))
     }
 
     fn err(&self, op: &'static str, key: &Key, e: object_store::Error) -> TierError {
@@ -180,57 +193,59 @@ impl SharedTier {
         Ok(())
     }
 
-    /// Size and media type of a blob, `None` if the tier does not have it.
-    pub async fn stat(&self, d: &Digest) -> Result<Option<TierStat>, TierError> {
+    /// A GET (or HEAD) of `key` bounded by [`META_TIMEOUT`] for its
+    /// answer; `None` when the object does not exist.
+    async fn get(
+        &self,
+        op: &'static str,
+        key: &Key,
+        opts: GetOptions,
+    ) -> Result<Option<object_store::GetResult>, TierError> {
         self.usable()?;
-        let key = self.key(d);
-        let opts = GetOptions {
-            head: true,
-            ..GetOptions::default()
-        };
-        let got = match tokio::time::timeout(META_TIMEOUT, self.store.get_opts(&key, opts)).await {
+        match tokio::time::timeout(META_TIMEOUT, self.store.get_opts(key, opts)).await {
             Err(_) => {
                 let err = TierError::Timeout {
-                    op: "HEAD",
+                    op,
                     key: key.to_string(),
                     secs: META_TIMEOUT.as_secs(),
                 };
                 self.health.failed(&err);
-                return Err(err);
+                Err(err)
             }
-            Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
-            Ok(Err(e)) => return Err(self.err("HEAD", &key, e)),
-            Ok(Ok(got)) => got,
+            Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
+            Ok(Err(e)) => Err(self.err(op, key, e)),
+            Ok(Ok(got)) => {
+                self.health.succeeded();
+                Ok(Some(got))
+            }
+        }
+    }
+
+    /// Size and media type of a blob, `None` if the tier does not have it.
+    pub async fn stat(&self, d: &Digest) -> Result<Option<TierStat>, TierError> {
+        let head = GetOptions {
+            head: true,
+            ..GetOptions::default()
         };
-        self.health.succeeded();
-        Ok(Some(TierStat {
-            size: got.meta.size,
-            meta: meta_of(&got.attributes),
-        }))
+        Ok(self
+            .get("HEAD", &self.key(d), head)
+            .await?
+            .map(|got| TierStat {
+                size: got.meta.size,
+                meta: meta_of(&got.attributes),
+            }))
     }
 
     /// The bytes of a blob from offset `from`, as the store sends them
     /// (the caller verifies: it hashes the whole blob as it goes).
     pub async fn open(&self, d: &Digest, from: u64) -> Result<Option<ByteStream>, TierError> {
-        self.usable()?;
         let key = self.key(d);
         let opts = GetOptions {
             range: (from > 0).then_some(GetRange::Offset(from)),
             ..GetOptions::default()
         };
-        let got = match tokio::time::timeout(META_TIMEOUT, self.store.get_opts(&key, opts)).await {
-            Err(_) => {
-                let err = TierError::Timeout {
-                    op: "GET",
-                    key: key.to_string(),
-                    secs: META_TIMEOUT.as_secs(),
-                };
-                self.health.failed(&err);
-                return Err(err);
-            }
-            Ok(Err(object_store::Error::NotFound { .. })) => return Ok(None),
-            Ok(Err(e)) => return Err(self.err("GET", &key, e)),
-            Ok(Ok(got)) => got,
+        let Some(got) = self.get("GET", &key, opts).await? else {
+            return Ok(None);
         };
         let k = key.to_string();
         let location = self.location.clone();
