@@ -443,11 +443,11 @@ impl CacheConfig {
     }
 }
 
-fn default_high_watermark() -> f64 {
+pub(crate) fn default_high_watermark() -> f64 {
     0.9
 }
 
-fn default_low_watermark() -> f64 {
+pub(crate) fn default_low_watermark() -> f64 {
     0.8
 }
 

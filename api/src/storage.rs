@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{default_high_watermark, default_low_watermark};
 use crate::error::ConfigError;
 use crate::names::validate_host;
 
@@ -115,14 +116,6 @@ pub struct Peers {
 
 fn default_region() -> String {
     "us-east-1".to_string()
-}
-
-fn default_high_watermark() -> f64 {
-    0.9
-}
-
-fn default_low_watermark() -> f64 {
-    0.8
 }
 
 fn default_min_age() -> Duration {

@@ -60,15 +60,7 @@ pub(crate) async fn blob(
         // An upstream that ignores the range sends the whole blob: that
         // is verified like any other (a 206 part cannot be).
         if *method == Method::GET && up.response.status() == StatusCode::OK {
-            let (parts, incoming) = up.response.into_parts();
-            return Ok(solo(
-                ctx,
-                digest,
-                content_length(&parts.headers),
-                content_type(&parts.headers),
-                body::relay(incoming),
-                None,
-            ));
+            return Ok(solo_upstream(ctx, digest, up.response));
         }
         return Ok(relay_response(up.response));
     }
@@ -124,15 +116,24 @@ pub(crate) async fn blob(
     }
     ctx.granted(headers, digest);
     record.cache = CacheResult::Pass;
-    let (parts, incoming) = up.response.into_parts();
-    Ok(solo(
+    Ok(solo_upstream(ctx, digest, up.response))
+}
+
+/// An upstream's whole blob to this client alone, verified, not cached.
+fn solo_upstream(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    response: Response<hyper::body::Incoming>,
+) -> Response<Body> {
+    let (parts, incoming) = response.into_parts();
+    solo(
         ctx,
         digest,
         content_length(&parts.headers),
         content_type(&parts.headers),
         body::relay(incoming),
         None,
-    ))
+    )
 }
 
 /// The shared tier's copy of `digest`, if there is a tier and it has one
