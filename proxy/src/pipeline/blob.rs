@@ -9,7 +9,8 @@ use http::{Method, Response, StatusCode};
 
 use super::HandlerError;
 use super::context::Ctx;
-use super::download::{Source, blob_response, lead, resume, solo};
+use super::download::{blob_response, resume, solo};
+use super::lead::{Source, lead};
 use crate::cache::inflight::{self, Role};
 use crate::cache::store::{CachedBlob, StoreError};
 use crate::http::body::{self, Body};

@@ -9,6 +9,7 @@ mod access;
 mod blob;
 mod context;
 mod download;
+mod lead;
 mod manifest;
 mod push;
 mod tags;

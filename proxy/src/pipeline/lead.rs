@@ -1,0 +1,196 @@
+//! Where a merged download reads a missed blob from, chosen by its
+//! leader: the upstream, the shared tier (another replica fetched it), or
+//! the replica that owns the digest — and how a download from a peer
+//! continues from the upstream when that peer dies. The download itself is
+//! in `download`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::header::HeaderMap;
+use http::{Method, Response, StatusCode, Uri};
+
+use super::HandlerError;
+use super::context::Ctx;
+use super::download::{resume, start};
+use crate::cache::inflight::{self, Download, Inflight, Phase};
+use crate::cache::shared::{SharedTier, TierStat};
+use crate::http::body::{self, Body};
+use crate::http::headers::{content_length, content_type, forward_headers, relay_response};
+use crate::observe::access_log::Record;
+use crate::observe::labels::CacheResult;
+use crate::oci::Digest;
+
+/// Publishes `NotStarted` and unregisters the download unless disarmed,
+/// so waiters never hang on a leader that gave up.
+pub(super) struct LeadGuard<'a> {
+    inflight: &'a Inflight,
+    digest: &'a Digest,
+    pub(super) dl: Option<Arc<Download>>,
+}
+
+impl Drop for LeadGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(dl) = self.dl.take() {
+            dl.publish(Phase::NotStarted);
+            self.inflight.finish(self.digest, &dl);
+        }
+    }
+}
+
+/// Where a merged download reads the blob from.
+pub(crate) enum Source {
+    /// The registry, at this URL, with the leading client's credentials.
+    Upstream(Uri),
+    /// The shared tier, which holds the blob: no upstream request at all.
+    Tier(Arc<SharedTier>, TierStat),
+    /// The replica that owns the digest (its own merged download serves
+    /// this one); the upstream URL if it cannot be reached.
+    Peer(SocketAddr, Uri),
+}
+
+/// The first client to miss `digest`: fetches it once for everyone.
+pub(crate) async fn lead(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    digest: &Digest,
+    source: Source,
+    dl: Arc<Download>,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let mut guard = LeadGuard {
+        inflight: &ctx.shared.inflight,
+        digest,
+        dl: Some(dl),
+    };
+    let url = match source {
+        Source::Upstream(url) => url,
+        Source::Peer(peer, url) => match from_peer(ctx, headers, digest, peer, record).await {
+            Some(Ok(opened)) => {
+                return start(ctx, headers, digest, opened, &mut guard, record).await;
+            }
+            Some(Err(refusal)) => return Ok(refusal),
+            None => url,
+        },
+        Source::Tier(tier, stat) => match tier.open(digest, 0).await {
+            Ok(Some(chunks)) => {
+                record.cache = CacheResult::SharedHit;
+                let opened = Opened {
+                    body: body::stream(chunks),
+                    size: Some(stat.size),
+                    media_type: stat.meta.media_type,
+                    from_upstream: false,
+                    takeover: None,
+                };
+                return start(ctx, headers, digest, opened, &mut guard, record).await;
+            }
+            // Gone since the HEAD (evicted) or the tier failed: the
+            // upstream it is.
+            Ok(None) => ctx.url(&upstream_path(ctx, digest), None)?,
+            Err(err) => {
+                tracing::debug!(%digest, error = %err, "shared storage read failed; fetching from the upstream");
+                ctx.url(&upstream_path(ctx, digest), None)?
+            }
+        },
+    };
+    let up = ctx
+        .send(Method::GET, url, forward_headers(headers, false))
+        .await?;
+    if up.response.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Ok(relay_response(up.response));
+    }
+    ctx.granted(headers, digest);
+    if up.hops > 0 {
+        tracing::debug!(%digest, from = %crate::upstream::redact(&up.final_url), hops = up.hops, "blob served by redirect target");
+    }
+    let (parts, incoming) = up.response.into_parts();
+    let opened = Opened {
+        media_type: content_type(&parts.headers),
+        size: content_length(&parts.headers),
+        body: body::relay(incoming),
+        from_upstream: true,
+        takeover: None,
+    };
+    start(ctx, headers, digest, opened, &mut guard, record).await
+}
+
+/// Asks the owning replica for the blob. `None`: it cannot be reached
+/// (it is suspected for a while, the caller goes to the upstream);
+/// `Some(Err(response))`: its answer when that is not the blob (a
+/// refusal or an upstream error, relayed as the upstream's would be).
+async fn from_peer(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    digest: &Digest,
+    peer: SocketAddr,
+    record: &mut Record,
+) -> Option<Result<Opened, Response<Body>>> {
+    let peers = ctx.shared.peers.as_ref()?;
+    let path = upstream_path(ctx, digest);
+    let asked = peers
+        .client
+        .get(
+            peer,
+            &ctx.registry.host,
+            &path,
+            forward_headers(headers, false),
+            ctx.read_timeout,
+        )
+        .await;
+    let resp = match asked {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::warn!(%digest, error = %err, "owner replica unreachable; fetching from the upstream");
+            peers.members.suspect(peer);
+            return None;
+        }
+    };
+    if resp.status() != StatusCode::OK {
+        record.cache = CacheResult::Pass;
+        return Some(Err(relay_response(resp)));
+    }
+    // The owner served it only after its own access check or the
+    // upstream's 200 for these credentials.
+    ctx.granted(headers, digest);
+    tracing::debug!(%digest, %peer, "blob streamed from its owner replica");
+    let members = Arc::clone(&peers.members);
+    let (parts, incoming) = resp.into_parts();
+    Some(Ok(Opened {
+        media_type: content_type(&parts.headers),
+        size: content_length(&parts.headers),
+        body: body::relay(incoming),
+        from_upstream: false,
+        takeover: Some(Takeover {
+            resume: resume(ctx, &path, headers),
+            failed: Box::new(move || members.suspect(peer)),
+        }),
+    }))
+}
+
+/// How a download from a peer continues when that peer dies mid-way:
+/// from the upstream, with `Range` from the bytes already written (and
+/// hashed), so nothing is fetched twice and the digest is checked over
+/// the whole.
+pub(crate) struct Takeover {
+    pub(super) resume: inflight::Resume,
+    pub(super) failed: Box<dyn FnOnce() + Send>,
+}
+
+pub(super) fn upstream_path(ctx: &Ctx<'_>, digest: &Digest) -> String {
+    format!(
+        "/v2/{}/blobs/{digest}",
+        ctx.repo.as_deref().unwrap_or_default()
+    )
+}
+
+/// A source answered with the blob.
+pub(super) struct Opened {
+    pub(super) body: Body,
+    pub(super) size: Option<u64>,
+    pub(super) media_type: Option<String>,
+    /// Copy it to the shared tier once committed (not when it came from
+    /// there).
+    pub(super) from_upstream: bool,
+    pub(super) takeover: Option<Takeover>,
+}
