@@ -437,3 +437,91 @@ fn object_store_failures_are_explained_and_pulls_pass_through() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
 }
+
+/// `credentials.source: env` with web identity, as IRSA sets it up on EKS:
+/// the proxy exchanges the projected token at STS (a stub on loopback,
+/// `AWS_ENDPOINT_URL_STS`, over TLS trusted through `caFile`) for
+/// temporary keys and writes to the bucket with them; the token and role
+/// reach STS as sent.
+#[test]
+fn web_identity_credentials_are_exchanged_at_sts_and_used() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let (access, secret) = (s3.access_key(), s3.secret_key());
+    let sts = pullthrough_testbed::stub::Stub::canned()
+        .route(move |seen| {
+            let xml = format!(
+                "<AssumeRoleWithWebIdentityResponse><AssumeRoleWithWebIdentityResult><Credentials>\
+                 <AccessKeyId>{access}</AccessKeyId><SecretAccessKey>{secret}</SecretAccessKey>\
+                 <SessionToken>session-from-sts</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration>\
+                 </Credentials></AssumeRoleWithWebIdentityResult></AssumeRoleWithWebIdentityResponse>"
+            );
+            let ok = seen.method == http::Method::POST
+                && seen.path.contains("Action=AssumeRoleWithWebIdentity")
+                && seen.path.contains("WebIdentityToken=projected-sa-token");
+            http::Response::builder()
+                .status(if ok { 200 } else { 403 })
+                .body(bytes::Bytes::from(xml))
+                .unwrap()
+        })
+        // The STS client refuses plain HTTP; caFile makes it trust the stub.
+        .tls()
+        .start()
+        .unwrap();
+    let token_dir = tempfile::tempdir().unwrap();
+    let sts_ca = token_dir.path().join("sts-ca.pem");
+    std::fs::write(&sts_ca, sts.tls_cert_pem().unwrap()).unwrap();
+    let token = token_dir.path().join("token");
+    std::fs::write(&token, "projected-sa-token").unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20], 27);
+    let layer = image.layer_digests()[0].clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+    let config = format!(
+        "{}storage:\n  s3: {{endpoint: '{}', allowHttp: true, pathStyle: true, bucket: cache, prefix: pullthrough, caFile: '{}', credentials: {{source: env}}}}\n",
+        common::one_registry(HOST, &registry.url(), ""),
+        s3.endpoint(),
+        sts_ca.display()
+    );
+    let sts_url = sts.url();
+    let proxy = Proxy::start_env(
+        common::proxy_bin(),
+        pullthrough_testbed::proxy::Addrs::localhost().unwrap(),
+        &config,
+        &[
+            ("AWS_WEB_IDENTITY_TOKEN_FILE", token.to_str().unwrap()),
+            ("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/pullthrough"),
+            ("AWS_ENDPOINT_URL_STS", &sts_url),
+            ("AWS_REGION", "us-east-1"),
+            // Were web identity ignored, the instance-metadata fallback
+            // must hit a dead loopback port, never 169.254.169.254.
+            ("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9"),
+        ],
+    )
+    .unwrap();
+    get_ok(&url(&proxy, "fixture/app", "blobs", &layer));
+    if wait_for("the blob in the bucket", Duration::from_secs(30), || {
+        Ok(!bucket_blobs(&s3, "cache").is_empty())
+    })
+    .is_err()
+    {
+        panic!(
+            "not uploaded; STS saw {:?}\n{}",
+            sts.requests(),
+            proxy.log()
+        );
+    }
+    assert!(
+        sts.count("POST", "AssumeRoleWithWebIdentity") >= 1,
+        "{:?}",
+        sts.requests()
+    );
+    assert!(
+        sts.requests().iter().all(|r| r
+            .path
+            .contains("RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fpullthrough")),
+        "{:?}",
+        sts.requests()
+    );
+}

@@ -66,6 +66,8 @@ pub struct Proxy {
     dir: tempfile::TempDir,
     bin: PathBuf,
     netns: Option<String>,
+    /// Extra environment of the process (kept across restarts).
+    env: Vec<(String, String)>,
     pub addrs: Addrs,
 }
 
@@ -73,7 +75,7 @@ impl Proxy {
     /// Starts `bin` with `listen:` from `addrs` followed by `config_body`
     /// (the rest of the YAML: registries, defaultRegistry, ...).
     pub fn start(bin: &Path, addrs: Addrs, config_body: &str) -> Result<Self> {
-        Self::start_with(None, bin, addrs, config_body)
+        Self::start_with(None, bin, addrs, config_body, Vec::new())
     }
 
     /// Like [`Proxy::start`], inside the network namespace `netns`
@@ -81,7 +83,21 @@ impl Proxy {
     /// (the namespace's own) or an address of that namespace (see
     /// [`Addrs::in_netns`]). Readiness is probed from inside it.
     pub fn start_in(netns: &str, bin: &Path, addrs: Addrs, config_body: &str) -> Result<Self> {
-        Self::start_with(Some(netns), bin, addrs, config_body)
+        Self::start_with(Some(netns), bin, addrs, config_body, Vec::new())
+    }
+
+    /// Like [`Proxy::start`], with extra environment variables.
+    pub fn start_env(
+        bin: &Path,
+        addrs: Addrs,
+        config_body: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start_with(None, bin, addrs, config_body, env)
     }
 
     fn start_with(
@@ -89,6 +105,7 @@ impl Proxy {
         bin: &Path,
         addrs: Addrs,
         config_body: &str,
+        env: Vec<(String, String)>,
     ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pt-proxy-")
@@ -102,6 +119,7 @@ impl Proxy {
             dir,
             bin: bin.to_path_buf(),
             netns: netns.map(str::to_string),
+            env,
             addrs,
         };
         proxy.write_config(config_body)?;
@@ -137,6 +155,7 @@ impl Proxy {
             ],
         );
         cmd.env("RUST_LOG", "info");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let mut p = Process::spawn("pullthrough-proxy", cmd, self.dir.path().join("proxy.log"))?;
         let url = format!("http://{}/readyz", self.addrs.admin);
         let netns = self.netns.clone();
