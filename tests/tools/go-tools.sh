@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build the Go-only test tools (kube-apiserver, kubectl, crictl, helm,
-# kubeconform, SeaweedFS's weed) from the Go module proxy and cache them by version, so only the
-# first run on a machine pays for the build (kube-apiserver: many minutes).
+# kubeconform, SeaweedFS's weed) from the Go module proxy and cache them by
+# version, so only the first run on a machine pays for the build
+# (kube-apiserver: many minutes; weed about 7).
 #
 # Layout of $BIN_DIR:  <tool>-<version>  (the binary)
 #                      <tool> -> <tool>-<version>  (symlink to use in tests)
@@ -10,7 +11,8 @@
 # Needs only `go` and the Go module proxy (GOPROXY). Idempotent: a tool whose
 # <tool>-<version> exists and is executable is not rebuilt.
 #
-# Usage: tests/tools/go-tools.sh        (then put $BIN_DIR on PATH)
+# Usage: tests/tools/go-tools.sh [TOOL...]   (then put $BIN_DIR on PATH)
+#        With TOOL names, only those are checked and built (e.g. `weed`).
 set -euo pipefail
 
 # ---- pinned versions: the first one of each list that builds wins ----------
@@ -40,6 +42,19 @@ exec 9>"$BIN_DIR/.lock"
 flock 9
 
 FAILED=()
+ONLY=("$@")
+TOOLS="weed kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy crictl helm kubeconform"
+for t in "${ONLY[@]}"; do
+  [[ " $TOOLS " == *" $t "* ]] || { echo "go-tools.sh: unknown tool '$t' (known: $TOOLS)" >&2; exit 2; }
+done
+
+# wanted TOOL: true when no tools were named on the command line, or TOOL was.
+wanted() {
+  ((${#ONLY[@]} == 0)) && return 0
+  local t
+  for t in "${ONLY[@]}"; do [[ "$t" == "$1" ]] && return 0; done
+  return 1
+}
 
 # run_go LOG ARGS...: run `go ARGS` with the local toolchain, output to LOG.
 # If the module says it needs a newer Go ("requires go >= ... GOTOOLCHAIN=local"),
@@ -201,18 +216,49 @@ ensure() {
   FAILED+=("$tool")
 }
 
+# ensure_bg TOOL BUILDER "VERSIONS": `ensure` in the background, for a tool
+# that shares nothing with the others (its own module): its downloads and
+# compiles overlap theirs, filling the cores while the others download or run
+# their single-threaded links. Its own process group, so an interrupted run
+# stops that whole build too. Collected by wait_bg.
+BG_PIDS=()
+BG_TOOLS=()
+ensure_bg() {
+  set -m
+  ( ensure "$@"; ((${#FAILED[@]} == 0)) ) &
+  set +m
+  BG_PIDS+=("$!")
+  BG_TOOLS+=("$1")
+}
+wait_bg() {
+  local i
+  for i in "${!BG_PIDS[@]}"; do
+    wait "${BG_PIDS[$i]}" || FAILED+=("${BG_TOOLS[$i]}")
+  done
+  BG_PIDS=()
+}
+stop_bg() {
+  local pid
+  for pid in "${BG_PIDS[@]}"; do kill -- "-$pid" 2>/dev/null || true; done
+}
+trap stop_bg EXIT
+trap 'stop_bg; exit 130' INT
+trap 'stop_bg; exit 143' TERM
+
 total=$SECONDS
-ensure kube-apiserver build_k8s         "$K8S_VERSIONS"
-ensure kubectl        build_k8s         "$K8S_VERSIONS"
-# The one-node cluster (tests/tests/cluster.rs).
-ensure kube-controller-manager build_k8s "$K8S_VERSIONS"
-ensure kube-scheduler build_k8s         "$K8S_VERSIONS"
-ensure kubelet        build_k8s         "$K8S_VERSIONS"
-ensure kube-proxy     build_k8s         "$K8S_VERSIONS"
-ensure crictl         build_crictl      "$CRICTL_VERSIONS"
-ensure helm           build_helm        "$HELM_VERSIONS"
-ensure kubeconform    build_kubeconform "$KUBECONFORM_VERSIONS"
-ensure weed           build_weed        "$WEED_VERSIONS"
+# SeaweedFS (the object store of the scale-out tests) first and alongside
+# the rest: cold it takes ~7 min, which would otherwise start only after the
+# ~11 of the k8s.io/kubernetes builds.
+wanted weed && ensure_bg weed build_weed "$WEED_VERSIONS"
+for t in kube-apiserver kubectl \
+         kube-controller-manager kube-scheduler kubelet kube-proxy; do
+  # kube-controller-manager .. kube-proxy: the one-node cluster (tests/tests/cluster.rs).
+  wanted "$t" && ensure "$t" build_k8s "$K8S_VERSIONS"
+done
+wanted crictl      && ensure crictl      build_crictl      "$CRICTL_VERSIONS"
+wanted helm        && ensure helm        build_helm        "$HELM_VERSIONS"
+wanted kubeconform && ensure kubeconform build_kubeconform "$KUBECONFORM_VERSIONS"
+wait_bg
 echo "tools in $BIN_DIR ($((SECONDS - total))s)"
 
 if ((${#FAILED[@]})); then
