@@ -129,12 +129,17 @@ impl Process {
     /// SIGTERM, wait up to a grace period, then SIGKILL; then SIGKILL whatever
     /// is left of its process group (helpers it forked).
     pub fn stop(&mut self) -> Result<Option<ExitStatus>> {
+        self.stop_within(STOP_GRACE)
+    }
+
+    /// [`Self::stop`] with a grace period of `grace` before the SIGKILL.
+    pub fn stop_within(&mut self, grace: Duration) -> Result<Option<ExitStatus>> {
         let Some(mut child) = self.child.take() else {
             return Ok(None);
         };
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + STOP_GRACE;
+        let deadline = Instant::now() + grace;
         let status = loop {
             match child.try_wait() {
                 Ok(Some(status)) => break Some(status),
