@@ -48,10 +48,25 @@ pub struct SeaweedFs {
     process: Option<Process>,
     dir: tempfile::TempDir,
     ports: Ports,
+    volumes: u32,
 }
+
+/// Size of one volume (`-master.volumeSizeLimitMB`), in MiB.
+pub const VOLUME_MIB: u64 = 64;
+
+/// Volumes a server gets from [`SeaweedFs::start`]: 16 × 64 MiB = 1 GiB
+/// of objects, plenty for a test.
+const DEFAULT_VOLUMES: u32 = 16;
 
 impl SeaweedFs {
     pub fn start() -> Result<Self> {
+        Self::start_with_volumes(DEFAULT_VOLUMES)
+    }
+
+    /// Like [`SeaweedFs::start`] with room for `volumes` volumes of
+    /// [`VOLUME_MIB`] (`-volume.max`): a benchmark storing gigabytes needs
+    /// more than the default 1 GiB.
+    pub fn start_with_volumes(volumes: u32) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pt-seaweed-")
             .tempdir()
@@ -78,6 +93,7 @@ impl SeaweedFs {
             process: None,
             dir,
             ports,
+            volumes: volumes.max(1),
         };
         fs.spawn()?;
         Ok(fs)
@@ -97,11 +113,9 @@ impl SeaweedFs {
             .args(["-s3", &format!("-s3.port={}", p.s3)])
             .args(["-s3.port.iceberg=0", "-s3.port.lance=0"])
             .arg(format!("-s3.config={}", dir.join("s3.json").display()))
-            .args([
-                "-master.telemetry=false",
-                "-master.volumeSizeLimitMB=64",
-                "-volume.max=16",
-            ])
+            .arg("-master.telemetry=false")
+            .arg(format!("-master.volumeSizeLimitMB={VOLUME_MIB}"))
+            .arg(format!("-volume.max={}", self.volumes))
             // As AWS S3: writing to a bucket that does not exist is an error.
             .arg("-s3.autoCreateBucket=false")
             // Its unix sockets and temp files stay in the test's dir.
