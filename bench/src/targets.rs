@@ -28,7 +28,7 @@ pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// One server under test, as the load generator reaches it.
 #[derive(Clone)]
 pub struct Target {
-    pub name: &'static str,
+    pub name: String,
     pub https: SocketAddr,
     pub http: SocketAddr,
     pub tls: Arc<ClientConfig>,
@@ -209,7 +209,7 @@ impl Bench {
             nginx.dir.path().display()
         );
         let pt = Target {
-            name: "pullthrough",
+            name: "pullthrough".into(),
             https: proxy.addrs.https,
             http: proxy.addrs.http,
             tls: tls.clone(),
@@ -218,7 +218,7 @@ impl Bench {
             is_nginx: false,
         };
         let ng = Target {
-            name: "nginx",
+            name: "nginx".into(),
             https: nginx.https,
             http: nginx.http,
             tls,
