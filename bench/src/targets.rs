@@ -9,7 +9,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use http::StatusCode;
+use object_store::{GetOptions, ObjectStore};
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder};
 use pullthrough_testbed::http::{BodyMode, Conn, Fetched, Get};
 use pullthrough_testbed::net::{free_port, is_listening};
@@ -410,6 +412,36 @@ impl Cluster {
                 (hex, o.size)
             })
             .collect())
+    }
+
+    /// Reads blob `digest`'s object straight from the bucket, `reps`
+    /// times, with the S3 client the proxy uses (object_store), in the
+    /// load generator: the bucket's own speed, best MiB/s. Blocking.
+    pub fn read_object(&self, rt: &tokio::runtime::Runtime, digest: &str, reps: usize) -> Res<f64> {
+        let hex = digest.trim_start_matches("sha256:");
+        let key = self
+            .s3
+            .objects(BUCKET, &format!("{BUCKET_PREFIX}/blobs/"))?
+            .into_iter()
+            .find(|o| o.key.ends_with(hex))
+            .ok_or_else(|| format!("{digest} is not in the bucket"))?
+            .key;
+        let store = self.s3.client(BUCKET)?;
+        let path = object_store::path::Path::from(key);
+        rt.block_on(async {
+            let mut best = 0.0f64;
+            for _ in 0..reps {
+                let start = Instant::now();
+                let got = store.get_opts(&path, GetOptions::default()).await?;
+                let mut chunks = got.into_stream();
+                let mut bytes = 0u64;
+                while let Some(chunk) = chunks.next().await {
+                    bytes += chunk?.len() as u64;
+                }
+                best = best.max(mbps(bytes, start.elapsed()));
+            }
+            Res::Ok(best)
+        })
     }
 
     /// Waits (up to `timeout`) until every digest is an object in the

@@ -198,6 +198,16 @@ fn measure(
         core_pct(ticks(&[me]) - cm, secs)
     );
     let shared_single = c.wait_lines(0, &big.digest, &[("cache", "SHARED_HIT")], REPS);
+    // The bucket's own speed for the same object, without a replica.
+    let t = Instant::now();
+    let (cw, cm) = (ticks(&[weed]), ticks(&[me]));
+    let bucket_single = c.read_object(rt, &big.digest, REPS)?;
+    let secs = t.elapsed().as_secs_f64();
+    let cpu_bucket = format!(
+        "SeaweedFS {:.0} %, load generator {:.0} %",
+        core_pct(ticks(&[weed]) - cw, secs),
+        core_pct(ticks(&[me]) - cm, secs)
+    );
 
     // --- HIT from disk, one client: replica 0 (now holding the blob),
     // one replica alone, nginx.
@@ -207,7 +217,7 @@ fn measure(
     report.nginx_not_hit += m;
     let disk_lines = c.wait_lines(0, &big.digest, &[("cache", "HIT")], REPS);
     eprintln!(
-        "scale-out HIT 1 client: S3 {s3_single:.0} MiB/s ({cpu_single}), replica disk {disk_single:.0}, 1 replica {pt_single:.0}, nginx {ng_single:.0} MiB/s"
+        "scale-out HIT 1 client: S3 {s3_single:.0} MiB/s ({cpu_single}), bucket alone {bucket_single:.0} MiB/s ({cpu_bucket}), replica disk {disk_single:.0}, 1 replica {pt_single:.0}, nginx {ng_single:.0} MiB/s"
     );
 
     // --- S3 HIT, many clients round-robin over the replicas, every disk
@@ -336,6 +346,17 @@ fn measure(
         met: None,
     });
     rows.push(ScaleRow {
+        name: format!(
+            "the same object read straight from the bucket by the load generator (object_store, no replica; best of {REPS})"
+        ),
+        replicas: bucket_single,
+        pt: None,
+        ng: None,
+        unit: "MiB/s",
+        target: "–".into(),
+        met: None,
+    });
+    rows.push(ScaleRow {
         name: "S3 HIT / disk HIT, 1 client".into(),
         replicas: s3_single / disk_single,
         pt: None,
@@ -444,6 +465,9 @@ fn measure(
     ));
     notes.push(format!(
         "S3 HIT, 1 client: {shared_single} of {REPS} reads logged SHARED_HIT; CPU during them: {cpu_single} of one core"
+    ));
+    notes.push(format!(
+        "the bucket read alone (plain HTTP, no TLS, nothing written): CPU {cpu_bucket} of one core"
     ));
     notes.push(format!(
         "S3 HIT, {} clients: {shared_many} SHARED_HIT lines for {} (replica, blob) pairs; CPU: {cpu_many} of one core",
