@@ -3,10 +3,13 @@
 //! `sendfile on`) side by side on loopback, in front of one real
 //! `docker-registry` upstream holding random-layer fixtures.
 //!
+//! Then (the scale-out phase, issue #12) 3 pullthrough replicas over one
+//! SeaweedFS bucket are measured next to the single replica and nginx.
+//!
 //! Run it with `cargo run --release -p pullthrough-bench [-- --quick]`.
 //! It builds `target/release/pullthrough-proxy` itself
 //! (`cargo build --release -p pullthrough-proxy`; `PULLTHROUGH_PROXY_BIN`
-//! overrides). Every process it starts (registry, proxy, nginx) is stopped
+//! overrides). Every process it starts (registry, proxies, nginx, SeaweedFS) is stopped
 //! by PID when it ends, also on error. Loads are bounded in request count
 //! and time, loopback only. Not part of the test suite.
 //!
@@ -20,7 +23,7 @@ mod scenario;
 mod targets;
 
 use report::Report;
-use scenario::{concurrent, hit, manifest, miss, rss, warm};
+use scenario::{concurrent, hit, manifest, miss, rss, scaleout, warm};
 use targets::Bench;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -94,6 +97,11 @@ struct Phases {
     miss_only: bool,
     /// Only the manifest latency phase (comparing builds: it is short).
     manifest_only: bool,
+    /// Only the scale-out phase (replicas over S3 vs one replica vs
+    /// nginx), after the warm-up it needs.
+    scaleout_only: bool,
+    /// Skip the scale-out phase (it starts SeaweedFS and 3 replicas).
+    no_scaleout: bool,
 }
 
 fn main() {
@@ -109,14 +117,24 @@ fn run() -> Res<()> {
         quick: args.iter().any(|a| a == "--quick"),
         miss_only: args.iter().any(|a| a == "--miss-only"),
         manifest_only: args.iter().any(|a| a == "--manifest-only"),
+        scaleout_only: args.iter().any(|a| a == "--scaleout-only"),
+        no_scaleout: args.iter().any(|a| a == "--no-scaleout"),
     };
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: cargo run --release -p pullthrough-bench [-- --quick] [--miss-only | --manifest-only]\n\
+            "usage: cargo run --release -p pullthrough-bench [-- --quick] [--miss-only | --manifest-only | --scaleout-only | --no-scaleout]\n\
              Starts docker-registry, pullthrough-proxy (release) and nginx on loopback and\n\
-             prints pullthrough vs nginx figures. --quick: smaller sizes (a few minutes)."
+             prints pullthrough vs nginx figures; then 3 replicas over one SeaweedFS bucket\n\
+             next to both. --quick: smaller sizes."
         );
         return Ok(());
+    }
+    let only = [phases.miss_only, phases.manifest_only, phases.scaleout_only];
+    if only.iter().filter(|o| **o).count() > 1 {
+        return Err("--miss-only, --manifest-only and --scaleout-only exclude each other".into());
+    }
+    if phases.scaleout_only && phases.no_scaleout {
+        return Err("--scaleout-only and --no-scaleout exclude each other".into());
     }
     if cfg!(debug_assertions) {
         eprintln!(
@@ -126,6 +144,15 @@ fn run() -> Res<()> {
     }
     let sizes = if phases.quick { QUICK } else { FULL };
     eprintln!("sizes: {sizes:?}");
+    let scale =
+        (!phases.miss_only && !phases.manifest_only && !phases.no_scaleout) || phases.scaleout_only;
+    if scale && let Err(e) = pullthrough_testbed::tools::go_tool("weed") {
+        // Found out now, not after the other phases' two minutes.
+        return Err(format!(
+            "the scale-out phase needs SeaweedFS: {e} (or run with --no-scaleout)"
+        )
+        .into());
+    }
     let bin = targets::proxy_release_bin()?;
     let bench = Bench::start(&sizes, &bin)?;
     let rt = pullthrough_testbed::http::runtime()?;
@@ -133,27 +160,40 @@ fn run() -> Res<()> {
     report.print(phases.quick, &procfs::machine());
     drop(rt);
     drop(bench);
-    Ok(())
+    match report.failed {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// Every scenario the phases ask for, in order.
 fn measure(b: &Bench, rt: &tokio::runtime::Runtime, sizes: &Sizes, p: &Phases) -> Res<Report> {
     let mut report = Report::default();
+    // All phases unless one is asked for alone.
+    let all = !p.miss_only && !p.manifest_only && !p.scaleout_only;
     if !p.miss_only {
         warm::run(b, rt)?;
     }
-    if !p.miss_only && !p.manifest_only {
+    if all {
         hit::run(b, rt, sizes, &mut report)?;
         concurrent::run(b, rt, sizes, &mut report)?;
     }
-    if !p.miss_only {
+    if all || p.manifest_only {
         manifest::run(b, rt, sizes, &mut report)?;
     }
-    if !p.manifest_only {
-        miss::run(b, rt, sizes, &mut report)?;
+    let mut throttled = None;
+    if all || p.miss_only {
+        throttled = miss::run(b, rt, sizes, &mut report)?;
     }
-    if !p.miss_only && !p.manifest_only {
+    if all {
         rss::run(b, rt, sizes, &mut report)?;
+    }
+    if (all && !p.no_scaleout) || p.scaleout_only {
+        // The figures of the other phases are printed even if this one
+        // fails (the run still exits non-zero).
+        if let Err(e) = scaleout::run(b, rt, sizes, &mut report, throttled) {
+            report.failed = Some(format!("scale-out phase: {e}"));
+        }
     }
     if report.nginx_not_hit > 0 {
         report.notes.push(format!(

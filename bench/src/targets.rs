@@ -3,24 +3,31 @@
 //! nginx with one test CA — and the load generator's requests to them,
 //! on the test bed's client ([`Conn`]).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use http::StatusCode;
+use object_store::{GetOptions, ObjectStore};
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder};
-use pullthrough_testbed::http::{BodyMode, Conn, Fetched};
+use pullthrough_testbed::http::{BodyMode, Conn, Fetched, Get};
 use pullthrough_testbed::net::{free_port, is_listening};
 use pullthrough_testbed::process::Process;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::relay::Relay;
+use pullthrough_testbed::seaweed::{SeaweedFs, VOLUME_MIB};
 use pullthrough_testbed::tls::{TestCa, client_config};
 use rustls::ClientConfig;
+use sha2::{Digest as _, Sha256};
 
 use crate::{MIB, NG_MISS_REPO, REG, REPO, Res, Sizes};
+
+/// pullthrough's path prefix (path mode, registry [`REG`]).
+const PT_PREFIX: &str = "/v2/bench.test/";
 
 /// Bound on any single transfer.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
@@ -28,7 +35,7 @@ pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(600);
 /// One server under test, as the load generator reaches it.
 #[derive(Clone)]
 pub struct Target {
-    pub name: &'static str,
+    pub name: String,
     pub https: SocketAddr,
     pub http: SocketAddr,
     pub tls: Arc<ClientConfig>,
@@ -156,6 +163,14 @@ pub struct Bench {
     pub fx: Fixtures,
     pub pt: Target,
     pub ng: Target,
+    /// The pullthrough binary under test.
+    pub bin: PathBuf,
+    /// pullthrough's config after `listen:`/`dataDir:` (CA, registry,
+    /// upstream through the relay): the replicas of the scale-out phase
+    /// start from it.
+    pub proxy_config: String,
+    /// Trusts the test CA every server's HTTPS leaf comes from.
+    pub tls: Arc<ClientConfig>,
     _certs: tempfile::TempDir,
 }
 
@@ -186,17 +201,14 @@ impl Bench {
             .write(certs.path(), "nginx")?;
         let tls = Arc::new(client_config(&ca.cert_pem())?);
 
-        let proxy = Proxy::start(
-            bin,
-            Addrs::localhost()?,
-            &format!(
-                "ca: {{cert: {}, key: {}}}\nregistries:\n  - host: {REG}\n    upstream: {}\n    caBundle: {}\n",
-                ca_crt.display(),
-                ca_key.display(),
-                upstream_url,
-                upstream_ca.display()
-            ),
-        )?;
+        let proxy_config = format!(
+            "ca: {{cert: '{}', key: '{}'}}\nregistries:\n  - host: {REG}\n    upstream: {}\n    caBundle: '{}'\n",
+            ca_crt.display(),
+            ca_key.display(),
+            upstream_url,
+            upstream_ca.display()
+        );
+        let proxy = Proxy::start(bin, Addrs::localhost()?, &proxy_config)?;
         let nginx = Nginx::start(relay.addr, &upstream_ca, &leaf_crt, &leaf_key)?;
         eprintln!(
             "upstream {} (pid {}), pullthrough {} (pid {}), nginx {} (pid {}, dir {})",
@@ -209,19 +221,19 @@ impl Bench {
             nginx.dir.path().display()
         );
         let pt = Target {
-            name: "pullthrough",
+            name: "pullthrough".into(),
             https: proxy.addrs.https,
             http: proxy.addrs.http,
             tls: tls.clone(),
-            prefix: "/v2/bench.test/",
+            prefix: PT_PREFIX,
             pid: proxy.pid(),
             is_nginx: false,
         };
         let ng = Target {
-            name: "nginx",
+            name: "nginx".into(),
             https: nginx.https,
             http: nginx.http,
-            tls,
+            tls: tls.clone(),
             prefix: "/v2/",
             pid: nginx.process.pid(),
             is_nginx: true,
@@ -234,8 +246,248 @@ impl Bench {
             fx,
             pt,
             ng,
+            bin: bin.to_path_buf(),
+            proxy_config,
+            tls,
             _certs: certs,
         })
+    }
+}
+
+// ---------------------------------------------------------------- replicas
+
+/// Bucket the replicas share, and the key prefix they write under.
+const BUCKET: &str = "bench";
+const BUCKET_PREFIX: &str = "pullthrough";
+
+/// Several pullthrough replicas over one SeaweedFS bucket (`storage:`),
+/// with one CA (the bench's) and a static peer list (`peers:`), as
+/// `proxy/tests/shared_storage.rs` starts them: a miss is fetched from the
+/// upstream once by the digest's owner, the others stream it from the
+/// owner over mutual TLS; a replica whose disk lacks a blob the bucket
+/// holds serves it from the bucket (`SHARED_HIT`). Dropped (every process
+/// stopped by PID, replicas first) in field order.
+pub struct Cluster {
+    pub replicas: Vec<Proxy>,
+    pub s3: SeaweedFs,
+    pub targets: Vec<Target>,
+    /// Peer listener of replica i, the static list every replica has.
+    pub peers: Vec<SocketAddr>,
+    _creds: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// SeaweedFS with room for `capacity` bytes of objects, a bucket, and
+    /// `n` replicas of `b.bin` with `b`'s registry config.
+    pub fn start(b: &Bench, n: usize, capacity: u64) -> Res<Self> {
+        let volume = VOLUME_MIB * MIB;
+        // A quarter more than the objects, and a few volumes spare: a
+        // volume is not filled to the byte.
+        let volumes = u32::try_from((capacity + capacity / 4).div_ceil(volume) + 4)?;
+        let s3 = SeaweedFs::start_with_volumes(volumes)?;
+        s3.create_bucket(BUCKET)?;
+        let creds = tempfile::Builder::new()
+            .prefix("pt-bench-s3creds-")
+            .tempdir()?;
+        std::fs::write(creds.path().join("accessKeyId"), s3.access_key())?;
+        std::fs::write(creds.path().join("secretAccessKey"), s3.secret_key())?;
+        let storage = format!(
+            "storage:\n  s3:\n    endpoint: '{}'\n    allowHttp: true\n    pathStyle: true\n    bucket: {BUCKET}\n    prefix: {BUCKET_PREFIX}\n    credentials: {{source: files, dir: '{}'}}\n",
+            s3.endpoint(),
+            creds.path().display()
+        );
+        let lo = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let peers = (0..n)
+            .map(|_| Ok(SocketAddr::new(lo, free_port()?)))
+            .collect::<Res<Vec<_>>>()?;
+        let list = peers
+            .iter()
+            .map(|p| format!("'{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // A replica that fails to start drops (stops) those before it.
+        let replicas = peers
+            .iter()
+            .map(|me| {
+                let config = format!(
+                    "{}peers:\n  listen: '{me}'\n  static: [{list}]\n{storage}",
+                    b.proxy_config
+                );
+                Ok(Proxy::start(&b.bin, Addrs::localhost()?, &config)?)
+            })
+            .collect::<Res<Vec<_>>>()?;
+        let targets = replicas
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Target {
+                name: format!("replica {i}"),
+                https: p.addrs.https,
+                http: p.addrs.http,
+                tls: b.tls.clone(),
+                prefix: PT_PREFIX,
+                pid: p.pid(),
+                is_nginx: false,
+            })
+            .collect();
+        Ok(Self {
+            replicas,
+            s3,
+            targets,
+            peers,
+            _creds: creds,
+        })
+    }
+
+    /// Index of the replica that owns `digest`: rendezvous hashing as the
+    /// proxy computes it (`proxy/src/peers/rendezvous.rs`: highest first 8
+    /// bytes of sha256("<peer addr>/<hex>"), ties to the higher address).
+    /// A prediction: the scenario checks it against the access logs.
+    pub fn owner(&self, digest: &str) -> usize {
+        let hex = digest.trim_start_matches("sha256:");
+        let score = |p: &SocketAddr| {
+            let mut h = Sha256::new();
+            h.update(p.to_string().as_bytes());
+            h.update(b"/");
+            h.update(hex.as_bytes());
+            let out = h.finalize();
+            let mut first = [0u8; 8];
+            first.copy_from_slice(&out[..8]);
+            u64::from_be_bytes(first)
+        };
+        (0..self.peers.len())
+            .max_by_key(|&i| (score(&self.peers[i]), self.peers[i]))
+            .unwrap_or(0)
+    }
+
+    /// Removes `digest` from replica i's disk (`DELETE /admin/cache`; the
+    /// bucket keeps it). Blocking: call it outside the runtime.
+    pub fn purge(&self, i: usize, digest: &str) -> Res<()> {
+        let url = format!(
+            "http://{}/admin/cache?digest={digest}",
+            self.replicas[i].addrs.admin
+        );
+        let resp = Get::new(&url).method(http::Method::DELETE).send()?;
+        if resp.status != StatusCode::OK {
+            return Err(format!(
+                "replica {i}: purge {digest}: {} {}",
+                resp.status,
+                String::from_utf8_lossy(&resp.body)
+            )
+            .into());
+        }
+        if self.replicas[i].cached_blob_path(digest).exists() {
+            return Err(format!("replica {i}: {digest} still on disk after the purge").into());
+        }
+        Ok(())
+    }
+
+    /// Access-log lines of replica i for blob `digest` with these fields.
+    pub fn lines(&self, i: usize, digest: &str, fields: &[(&str, &str)]) -> usize {
+        let mut all = vec![("digest", digest), ("kind", "blob")];
+        all.extend_from_slice(fields);
+        self.replicas[i].access_matching(&all).len()
+    }
+
+    /// Waits (up to 10 s: lines are written as bodies end) until replica
+    /// i has at least `n` such lines; the count then.
+    pub fn wait_lines(&self, i: usize, digest: &str, fields: &[(&str, &str)], n: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let have = self.lines(i, digest, fields);
+            if have >= n || Instant::now() > deadline {
+                return have;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Blob objects in the bucket, as (digest hex, size).
+    pub fn bucket_blobs(&self) -> Res<Vec<(String, u64)>> {
+        Ok(self
+            .s3
+            .objects(BUCKET, &format!("{BUCKET_PREFIX}/blobs/"))?
+            .into_iter()
+            .map(|o| {
+                let hex = o.key.rsplit('/').next().unwrap_or_default().to_string();
+                (hex, o.size)
+            })
+            .collect())
+    }
+
+    /// Reads blob `digest`'s object straight from the bucket, `reps`
+    /// times, with the S3 client the proxy uses (object_store), in the
+    /// load generator: the bucket's own speed, best MiB/s. Blocking.
+    pub fn read_object(&self, rt: &tokio::runtime::Runtime, digest: &str, reps: usize) -> Res<f64> {
+        let hex = digest.trim_start_matches("sha256:");
+        let key = self
+            .s3
+            .objects(BUCKET, &format!("{BUCKET_PREFIX}/blobs/"))?
+            .into_iter()
+            .find(|o| o.key.ends_with(hex))
+            .ok_or_else(|| format!("{digest} is not in the bucket"))?
+            .key;
+        let store = self.s3.client(BUCKET)?;
+        let path = object_store::path::Path::from(key);
+        rt.block_on(async {
+            let mut best = 0.0f64;
+            for _ in 0..reps {
+                let start = Instant::now();
+                let got = store.get_opts(&path, GetOptions::default()).await?;
+                let mut chunks = got.into_stream();
+                let mut bytes = 0u64;
+                while let Some(chunk) = chunks.next().await {
+                    bytes += chunk?.len() as u64;
+                }
+                best = best.max(mbps(bytes, start.elapsed()));
+            }
+            Res::Ok(best)
+        })
+    }
+
+    /// Waits (up to `timeout`) until every digest is an object in the
+    /// bucket (uploads finish after the client has its last byte).
+    pub fn wait_in_bucket(&self, digests: &[&str], timeout: Duration) -> Res<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let have = self.bucket_blobs()?;
+            let missing: Vec<&&str> = digests
+                .iter()
+                .filter(|d| !have.iter().any(|(h, _)| d.ends_with(h.as_str())))
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} blobs not in the bucket after {timeout:?}: {missing:?}",
+                    missing.len()
+                )
+                .into());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Blobs each replica uploaded to the bucket (`/admin/stats`).
+    pub fn uploads(&self) -> Res<Vec<u64>> {
+        self.replicas
+            .iter()
+            .map(|p| {
+                let resp = Get::new(&format!("http://{}/admin/stats", p.addrs.admin)).send()?;
+                let v: serde_json::Value = serde_json::from_slice(&resp.body)?;
+                Ok(v["sharedStorage"]["uploads"]["uploaded"]
+                    .as_u64()
+                    .unwrap_or(0))
+            })
+            .collect()
+    }
+
+    /// PIDs of the replicas and of SeaweedFS.
+    pub fn pids(&self) -> (Vec<u32>, u32) {
+        (
+            self.replicas.iter().map(Proxy::pid).collect(),
+            self.s3.pid(),
+        )
     }
 }
 

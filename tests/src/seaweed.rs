@@ -116,17 +116,32 @@ pub struct SeaweedFs {
     /// Unix sockets weed made outside `dir`, with the inode it made: each
     /// is removed once the process is gone, if it is still that file.
     outside_sockets: Vec<(PathBuf, u64)>,
+    volumes: u32,
 }
+
+/// Size of one volume (`-master.volumeSizeLimitMB`), in MiB.
+pub const VOLUME_MIB: u64 = 64;
+
+/// Volumes a server gets from [`SeaweedFs::start`]: 64 × 64 MiB = 4 GiB of
+/// objects, plenty for a test.
+const DEFAULT_VOLUMES: u32 = 64;
 
 impl SeaweedFs {
     /// Starts on free loopback ports with a temp dir of its own (removed on
     /// drop); returns once the store takes writes.
     pub fn start() -> Result<Self> {
+        Self::start_with_volumes(DEFAULT_VOLUMES)
+    }
+
+    /// Like [`SeaweedFs::start`] with room for `volumes` volumes of
+    /// [`VOLUME_MIB`] (`-volume.max`): a benchmark storing gigabytes needs
+    /// more than the default.
+    pub fn start_with_volumes(volumes: u32) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("pt-seaweed-")
             .tempdir()
             .ctx(|| "creating SeaweedFS temp dir".into())?;
-        Self::start_with(Dir::Own(dir))
+        Self::start_with(Dir::Own(dir), volumes)
     }
 
     /// As [`Self::start`], with every file of the store in `dir` (an existing
@@ -140,10 +155,10 @@ impl SeaweedFs {
                 dir.display()
             )));
         }
-        Self::start_with(Dir::Given(dir.to_path_buf()))
+        Self::start_with(Dir::Given(dir.to_path_buf()), DEFAULT_VOLUMES)
     }
 
-    fn start_with(dir: Dir) -> Result<Self> {
+    fn start_with(dir: Dir, volumes: u32) -> Result<Self> {
         let ports = Ports::pick()?;
         let root = dir.path();
         for d in ["data", "tmp"] {
@@ -171,6 +186,7 @@ impl SeaweedFs {
             dir,
             ports,
             outside_sockets: Vec::new(),
+            volumes: volumes.max(1),
         };
         fs.spawn()?;
         Ok(fs)
@@ -219,7 +235,8 @@ impl SeaweedFs {
             .arg("-master.telemetry=false")
             // A restarted master elects itself in ~1 s, not 10.
             .arg("-master.electionTimeout=1s")
-            .args(["-master.volumeSizeLimitMB=64", "-volume.max=64"])
+            .arg(format!("-master.volumeSizeLimitMB={VOLUME_MIB}"))
+            .arg(format!("-volume.max={}", self.volumes))
             .arg(format!("-volume.port={}", p.volume))
             // Close the volumes at once on SIGTERM (default: 10 s later,
             // after [`STOP_GRACE`] has run out).

@@ -41,11 +41,25 @@ pub async fn concurrent(
     clients: usize,
     per_client: usize,
 ) -> Res<(f64, usize)> {
+    concurrent_over(std::slice::from_ref(t), f, clients, per_client).await
+}
+
+/// [`concurrent`] with client i on `ts[i % len]` (round-robin over
+/// replicas).
+pub async fn concurrent_over(
+    ts: &[Target],
+    f: &Fixtures,
+    clients: usize,
+    per_client: usize,
+) -> Res<(f64, usize)> {
+    if ts.is_empty() {
+        return Err("concurrent: no target".into());
+    }
     let layers = f.many.manifests[0].layers.clone();
     let start = Instant::now();
     let mut tasks = Vec::new();
     for i in 0..clients {
-        let t = t.clone();
+        let t = ts[i % ts.len()].clone();
         let layers = layers.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = t.connect(true).await?;
@@ -66,9 +80,9 @@ pub async fn concurrent(
     }
     let mut bytes = 0;
     let mut misses = 0;
-    for task in tasks {
+    for (i, task) in tasks.into_iter().enumerate() {
         let fetches = task.await??;
-        misses += not_hit(t, &fetches);
+        misses += not_hit(&ts[i % ts.len()], &fetches);
         bytes += fetches.iter().map(|f| f.bytes).sum::<u64>();
     }
     Ok((mbps(bytes, start.elapsed()), misses))

@@ -34,7 +34,7 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
 }
 
 /// One client, one big blob, `reps` times; best throughput (MiB/s).
-async fn single_big(t: &Target, f: &Fixtures, tls: bool, reps: usize) -> Res<(f64, usize)> {
+pub async fn single_big(t: &Target, f: &Fixtures, tls: bool, reps: usize) -> Res<(f64, usize)> {
     let big = &f.big.manifests[0].layers[0];
     let mut best = 0.0f64;
     let mut misses = 0;

@@ -6,4 +6,5 @@ pub mod hit;
 pub mod manifest;
 pub mod miss;
 pub mod rss;
+pub mod scaleout;
 pub mod warm;
