@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::{NodeOptions, NodeProxy};
 use crate::names::validate_host;
 pub use crate::storage::{CredentialSource, Peers, S3Credentials, S3Storage, SharedStorage};
+use crate::tags::{TagPolicy, TagRule};
 
 pub use crate::credentials::{CredentialsError, UpstreamCredentials};
 pub use crate::error::ConfigError;
@@ -345,6 +346,10 @@ pub struct RegistryConfig {
         default = "default_tag_ttl"
     )]
     pub tag_ttl: Duration,
+    /// Ordered `{pattern, ttl}` rules overriding `tagTTL` per tag (see
+    /// [`crate::tags`]); the first whose pattern matches the whole tag wins.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tag_policy: Vec<TagRule>,
     /// Pass pushes through (uncached); refused otherwise.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_push: bool,
@@ -382,6 +387,7 @@ impl Default for RegistryConfig {
             insecure_skip_verify: false,
             allow_private_networks: false,
             tag_ttl: default_tag_ttl(),
+            tag_policy: Vec::new(),
             allow_push: false,
             private: false,
             cache_tags: true,
@@ -469,6 +475,11 @@ impl RegistryConfig {
     pub fn names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.host.as_str()).chain(self.aliases.iter().map(String::as_str))
     }
+
+    /// `tagPolicy` compiled over `tagTTL` (checked by [`ProxyConfig::validate`]).
+    pub fn tag_policy(&self) -> Result<TagPolicy, crate::tags::RuleError> {
+        TagPolicy::compile(&self.tag_policy, self.tag_ttl)
+    }
 }
 
 impl ProxyConfig {
@@ -522,6 +533,12 @@ impl ProxyConfig {
                     ));
                 }
             }
+            reg.tag_policy().map_err(|e| {
+                let key = e
+                    .index
+                    .map_or_else(|| "tagPolicy".into(), |j| format!("tagPolicy[{j}]"));
+                ConfigError::new(at(&key), e.message)
+            })?;
             if let Some(up) = &reg.upstream {
                 validate_upstream(up).map_err(|m| ConfigError::new(at("upstream"), m))?;
             }
@@ -650,6 +667,14 @@ registries:
             e.to_string().contains("tagTTL") || e.key.contains("tagTTL"),
             "{e}"
         );
+
+        let e = err(
+            "registries:\n  - host: quay.io\n    tagPolicy:\n      - {pattern: latest, ttl: 0s}\n      - {pattern: 'v[', ttl: immutable}\n",
+        );
+        assert_eq!(e.key, "registries[0].tagPolicy[1]");
+        assert!(e.to_string().contains("v["), "{e}");
+        let e = err("registries:\n  - host: quay.io\n    tagPolicy: [{pattern: a, ttl: later}]\n");
+        assert!(e.to_string().contains("later"), "{e}");
 
         let e = err("registries:\n  - host: quay.io\n    colour: red\n");
         assert!(e.to_string().contains("colour"), "{e}");

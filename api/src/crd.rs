@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::agent::NodeOptions;
 use crate::config::{ConfigError, ProxyConfig, RegistryConfig};
 use crate::names::DOCKER_HUB;
+use crate::tags::{TagRule, TagTtl};
 
 /// API group of every pullthrough resource.
 pub const GROUP: &str = "pullthrough.dev";
@@ -120,6 +121,36 @@ fn host_list_schema(_: &mut SchemaGenerator) -> Schema {
             "minLength": 1,
             "maxLength": HOST_MAX_LEN,
             "x-kubernetes-validations": host_rules(),
+        },
+    })
+}
+
+fn tag_policy_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": crate::tags::MAX_RULES,
+        "items": {
+            "type": "object",
+            "required": ["pattern", "ttl"],
+            "properties": {
+                "pattern": {
+                    "description": "Regular expression (Rust syntax) the whole tag must match, e.g. `latest|main|stable` or `v?[0-9]+\\.[0-9]+\\.[0-9]+`.",
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": crate::tags::MAX_PATTERN_LEN,
+                },
+                "ttl": {
+                    "description": "`immutable` (never asked again while cached) or a Go duration from 0s to 168h (`0s`: asked on every pull).",
+                    "type": "string",
+                    "maxLength": TAG_TTL_MAX_LEN,
+                    "x-kubernetes-validations": [{
+                        "rule": format!(
+                            "self == 'immutable' || (self.matches('{TAG_TTL_PATTERN}') && duration(self) <= duration('168h'))"
+                        ),
+                        "message": "must be `immutable` or a duration from 0s to 168h in Go syntax, e.g. 0s, 10m, 1h30m",
+                    }],
+                },
+            },
         },
     })
 }
@@ -271,6 +302,14 @@ pub struct MirrorRegistrySpec {
     #[schemars(schema_with = "tag_ttl_schema")]
     pub tag_ttl: Option<String>,
 
+    /// Per-tag freshness, overriding `tagTTL`: ordered `{pattern, ttl}`
+    /// rules, the first whose pattern matches the whole tag wins; e.g.
+    /// `latest|main|stable` → `0s` (asked every pull, with a HEAD),
+    /// release tags → `immutable`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "tag_policy_schema")]
+    pub tag_policy: Vec<TagRuleSpec>,
+
     /// Cached content is served only to clients the upstream currently
     /// authorises for the repository (checked with an upstream HEAD).
     #[serde(default)]
@@ -347,6 +386,31 @@ pub struct SecretRef {
     pub namespace: String,
 }
 
+/// One `tagPolicy` rule as written in the resource (`ttl` in Go syntax).
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TagRuleSpec {
+    pub pattern: String,
+    pub ttl: String,
+}
+
+impl TagRuleSpec {
+    fn to_rule(&self) -> Result<TagRule, String> {
+        let ttl = TagTtl::parse_with(&self.ttl, |s| {
+            let d = parse_go_duration(s)?;
+            if d > MAX_TAG_TTL {
+                return Err(format!("`{s}` is longer than 168h (7 days)"));
+            }
+            Ok(d)
+        })
+        .map_err(|e| format!("ttl: {e}; or `{}`", crate::tags::IMMUTABLE))?;
+        Ok(TagRule {
+            pattern: self.pattern.clone(),
+            ttl,
+        })
+    }
+}
+
 /// Node runtimes to configure; each defaults to true.
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -402,6 +466,11 @@ pub struct MirrorRegistryStatus {
     /// Cache counters for this registry, when the proxy reports them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheStats>,
+
+    /// The last tag move reported (each one is also an Event, reason
+    /// `TagMoved`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_tag_move: Option<TagMoveStatus>,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -425,6 +494,26 @@ pub struct CacheStats {
     pub misses: u64,
     /// Bytes served from the cache.
     pub bytes: u64,
+    /// Tags seen pointing at a new digest (by the replica that answered).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub tag_moves: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// A tag the proxy saw pointing at a new digest.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TagMoveStatus {
+    pub repository: String,
+    pub tag: String,
+    /// The digest it pointed at before.
+    pub from: String,
+    pub to: String,
+    /// When the proxy saw it (RFC 3339).
+    pub at: String,
 }
 
 impl MirrorRegistryStatus {
@@ -541,6 +630,12 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
             }
         }
         let tag_ttl = spec.tag_ttl().map_err(|m| spec_error("tagTTL", m))?;
+        let tag_policy = (spec.tag_policy.iter().enumerate())
+            .map(|(i, r)| {
+                r.to_rule()
+                    .map_err(|m| spec_error(&format!("tagPolicy[{i}]"), m))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let upstream = spec.upstream_url();
         if upstream
             .get(..7)
@@ -562,6 +657,7 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
             insecure_skip_verify: tls.insecure_skip_verify,
             allow_private_networks: spec.allow_private_networks,
             tag_ttl,
+            tag_policy,
             allow_push: spec.allow_push,
             private: spec.private,
             cache_tags: true,
@@ -730,6 +826,21 @@ nodes: {dnsHijack: false}
             convert("tagTTL: 0s\nhost: a.io\n").unwrap().tag_ttl,
             Duration::ZERO
         );
+        let r = convert(
+            "host: a.io\ntagPolicy:\n- {pattern: latest, ttl: 0s}\n- {pattern: 'v.*', ttl: immutable}\n- {pattern: '.*-rc', ttl: 1h30m}\n",
+        )
+        .unwrap();
+        let ttls: Vec<TagTtl> = r.tag_policy.iter().map(|t| t.ttl).collect();
+        assert_eq!(
+            ttls,
+            [
+                TagTtl::After(Duration::ZERO),
+                TagTtl::Immutable,
+                TagTtl::After(Duration::from_secs(5400))
+            ]
+        );
+        assert_eq!(r.tag_policy[1].pattern, "v.*");
+        assert!(r.tag_policy().unwrap().ttl("v1") == TagTtl::Immutable);
     }
 
     #[test]
@@ -747,6 +858,22 @@ nodes: {dnsHijack: false}
         assert_eq!(key("host: quay.io\nupstream: quay.io\n"), "spec.upstream");
         assert_eq!(key("host: quay.io\ntagTTL: 8d\n"), "spec.tagTTL");
         assert_eq!(key("host: quay.io\ntagTTL: 169h\n"), "spec.tagTTL");
+        let policy = |rules: &str| format!("host: quay.io\ntagPolicy:\n{rules}");
+        assert_eq!(
+            key(&policy(
+                "- {pattern: a, ttl: 1m}\n- {pattern: b, ttl: 8d}\n"
+            )),
+            "spec.tagPolicy[1]"
+        );
+        assert_eq!(
+            key(&policy("- {pattern: a, ttl: forever}\n")),
+            "spec.tagPolicy[0]"
+        );
+        // The pattern is compiled by the proxy's own check.
+        assert_eq!(
+            key(&policy("- {pattern: '[', ttl: 1m}\n")),
+            "spec.tagPolicy[0]"
+        );
         let e = convert("host: lan.io\nupstream: http://lan.io\n").unwrap_err();
         assert_eq!(e.key, "spec.upstream");
         assert!(e.message.contains("allowInsecureUpstream"), "{e}");

@@ -11,3 +11,4 @@ pub mod error;
 pub mod names;
 pub mod pki;
 pub mod storage;
+pub mod tags;

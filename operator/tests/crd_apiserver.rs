@@ -8,7 +8,7 @@
 use kube::Api;
 use kube::api::PostParams;
 use pullthrough_api::config::RegistryConfig;
-use pullthrough_api::crd::{MirrorRegistry, MirrorRegistrySpec, NodeTargets};
+use pullthrough_api::crd::{MirrorRegistry, MirrorRegistrySpec, NodeTargets, TagRuleSpec};
 use pullthrough_operator::crd_yaml;
 use pullthrough_testbed::Error;
 use pullthrough_testbed::kube::{KubeApiserver, kubectl_row};
@@ -58,6 +58,7 @@ const PORT: &str = "port must be between 1 and 65535";
 const INSECURE: &str = "set allowInsecureUpstream: true";
 const URL: &str = "must be an http:// or https:// URL";
 const TTL: &str = "must be a duration from 0s to 168h (7 days)";
+const POLICY_TTL: &str = "must be `immutable` or a duration from 0s to 168h";
 
 #[test]
 fn api_server_enforces_the_mirrorregistry_crd() {
@@ -117,6 +118,15 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         &api,
         "ttl-max-minutes",
         json!({"host": "c.example", "tagTTL": "10080m"}),
+    );
+    create(
+        &api,
+        "tag-policy",
+        json!({"host": "g.example", "tagPolicy": [
+            {"pattern": "latest|main|stable", "ttl": "0s"},
+            {"pattern": "v?[0-9]+\\.[0-9]+\\.[0-9]+", "ttl": "immutable"},
+            {"pattern": ".*-rc[0-9]*", "ttl": "168h"},
+        ]}),
     );
     create(
         &api,
@@ -233,6 +243,24 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         "query",
         json!({"host": "quay.io", "upstream": "https://quay.io/?x=1"}),
         URL,
+    );
+    rejected(
+        &api,
+        "policy-ttl-days",
+        json!({"host": "quay.io", "tagPolicy": [{"pattern": "a", "ttl": "8d"}]}),
+        POLICY_TTL,
+    );
+    rejected(
+        &api,
+        "policy-ttl-words",
+        json!({"host": "quay.io", "tagPolicy": [{"pattern": "a", "ttl": "forever"}]}),
+        POLICY_TTL,
+    );
+    rejected(
+        &api,
+        "policy-no-ttl",
+        json!({"host": "quay.io", "tagPolicy": [{"pattern": "a"}]}),
+        "ttl: Required value",
     );
     rejected(
         &api,
@@ -457,6 +485,10 @@ fn api_server_enforces_the_mirrorregistry_crd() {
             tls: None,
             credentials_secret_ref: None,
             tag_ttl: Some("5m".into()),
+            tag_policy: vec![TagRuleSpec {
+                pattern: "latest".into(),
+                ttl: "0s".into(),
+            }],
             private: false,
             allow_push: true,
             allow_insecure_upstream: false,

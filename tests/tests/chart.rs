@@ -262,6 +262,10 @@ fn chart_lints_strict_and_schema_rejects_bad_values() {
             "registries.items[0].spec.host=https://quay.io",
             "/registries/items/0/spec/host",
         ),
+        (
+            "registries.items[0].spec.tagPolicy[0].pattern=latest,registries.items[0].spec.tagPolicy[0].ttl=forever",
+            "/registries/items/0/spec/tagPolicy/0/ttl",
+        ),
         ("serviceMonitor.interval=often", "/serviceMonitor/interval"),
         ("proxy.cache.maxSize=lots", "/proxy/cache/maxSize"),
         (
