@@ -158,10 +158,15 @@ async fn handle(
                 .collect();
             json_response(
                 StatusCode::OK,
-                &json!({"configHash": state.config_hash, "registries": registries, "cache": cache}),
+                &json!({
+                    "configHash": state.config_hash,
+                    "registries": registries,
+                    "cache": cache,
+                    "tagMoves": shared.tags.recent_moves(),
+                }),
             )
         }
-        "/admin/cache" | "/admin/stats" => {
+        "/admin/cache" | "/admin/stats" | "/admin/tags" => {
             if let AdminAccess::Disabled = access {
                 return text(
                     StatusCode::FORBIDDEN,
@@ -181,6 +186,7 @@ async fn handle(
             match (req.method(), path.as_str()) {
                 (&Method::GET, "/admin/stats") => json_response(StatusCode::OK, &stats(shared)),
                 (&Method::GET, "/admin/cache") => json_response(StatusCode::OK, &listing(shared)),
+                (&Method::GET, "/admin/tags") => tags(shared, req.uri().query()),
                 (&Method::DELETE, "/admin/cache") => purge(shared, req.uri().query()).await,
                 _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
             }
@@ -235,6 +241,45 @@ fn stats(shared: &Shared) -> serde_json::Value {
             })
         }),
     })
+}
+
+/// `GET /admin/tags[?registry=..&repository=..]`: every tag answer held,
+/// with the digests the tag pointed at before (newest first).
+fn tags(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
+    let (mut registry, mut repository) = (None, None);
+    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match k.as_ref() {
+            "registry" => registry = Some(v.into_owned()),
+            "repository" => repository = Some(v.into_owned()),
+            _ => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &json!({"error": format!("unknown parameter {k} (registry, repository)")}),
+                );
+            }
+        }
+    }
+    let list: Vec<serde_json::Value> = shared
+        .tags
+        .list(registry.as_deref(), repository.as_deref())
+        .into_iter()
+        .map(|((reg, repo, tag), e)| {
+            json!({
+                "registry": reg,
+                "repository": repo,
+                "tag": tag,
+                "digest": e.digest.as_str(),
+                "mediaType": e.media_type,
+                "since": crate::cache::tags::unix_ms(e.since),
+                "checkedSecondsAgo": e.resolved_at.elapsed().as_secs(),
+                "previous": e.previous.iter().map(|(d, until)| json!({
+                    "digest": d.as_str(),
+                    "until": crate::cache::tags::unix_ms(*until),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json_response(StatusCode::OK, &json!({"tags": list}))
 }
 
 /// `{"bytes", "entries", "registries": {reg: {repositories: {repo: {bytes,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use pullthrough_api::config::{ConfigError, ProxyConfig};
+use pullthrough_api::tags::TagPolicy;
 
 use crate::upstream::credentials::{CredentialsFileError, RegistryCredentials};
 
@@ -120,9 +121,16 @@ impl Settings {
                 .registries
                 .iter()
                 .map(|r| {
+                    // Checked by `validate` when the config was parsed; a
+                    // config built in code without it keeps its tagTTL.
+                    let tag_policy = r.tag_policy().unwrap_or_else(|e| {
+                        tracing::error!(registry = %r.host, rule = ?e.index, error = %e.message, "tagPolicy not applied");
+                        TagPolicy::uniform(r.tag_ttl)
+                    });
                     let s = RegistrySettings {
                         private: r.private,
                         cache_tags: r.cache_tags,
+                        tag_policy: Arc::new(tag_policy),
                         credentials: None,
                     };
                     (r.host.clone(), s)
@@ -184,6 +192,8 @@ pub struct RegistrySettings {
     /// Cache tag → digest answers; when false every tag request asks the
     /// upstream (the last answer is still kept for stale-if-error).
     pub cache_tags: bool,
+    /// How long each tag's answer is trusted (`tagPolicy` over `tagTTL`).
+    pub tag_policy: Arc<TagPolicy>,
     /// From `credentialsFile`; used through [`Self::proxy_credentials`].
     pub credentials: Option<Arc<RegistryCredentials>>,
 }
@@ -193,6 +203,9 @@ impl Default for RegistrySettings {
         Self {
             private: false,
             cache_tags: true,
+            tag_policy: Arc::new(TagPolicy::uniform(
+                pullthrough_api::config::default_tag_ttl(),
+            )),
             credentials: None,
         }
     }

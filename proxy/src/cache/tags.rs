@@ -1,16 +1,28 @@
-//! Tag → digest answers, per (registry, repository, tag), reused for the
-//! registry's `tagTTL` and served stale through an upstream outage. Bounded:
-//! clients choose repository and tag names, so a flood of made-up ones
-//! evicts the oldest answers instead of growing without limit.
+//! Tag → digest answers, per (registry, repository, tag), reused as the
+//! registry's tag policy allows and served stale through an upstream
+//! outage. Bounded: clients choose repository and tag names, so a flood of
+//! made-up ones evicts the oldest answers instead of growing without limit.
+//!
+//! Each answer keeps a short history of the digests the tag pointed at
+//! before, and a tag seen pointing somewhere new is a *move*: counted, and
+//! kept in a short list of recent moves that `/status` reports (the
+//! operator turns them into Events on the MirrorRegistry).
 
+use std::collections::VecDeque;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::{Instant, SystemTime};
+
+use serde::Serialize;
 
 use crate::bounded::BoundedMap;
 use crate::oci::Digest;
 
 /// Tag answers kept at most; far more tags than a cluster pulls from.
 pub const MAX_TAGS: usize = 50_000;
+/// Earlier digests kept per tag.
+pub const HISTORY: usize = 4;
+/// Recent moves kept for `/status`.
+pub const RECENT_MOVES: usize = 64;
 
 /// What a tag resolved to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,13 +30,42 @@ pub struct TagEntry {
     pub digest: Digest,
     pub media_type: String,
     pub size: u64,
+    /// When the upstream last confirmed it (freshness is measured from here).
     pub resolved_at: Instant,
+    /// When the tag was first seen at this digest.
+    pub since: SystemTime,
+    /// Earlier digests, newest first, with when the tag left each.
+    pub previous: Vec<(Digest, SystemTime)>,
+    /// The last digest seen per media type: a move is a new digest in the
+    /// same representation, whatever clients asked in between.
+    last_by_type: Vec<(String, Digest)>,
 }
 
 impl TagEntry {
-    pub fn is_fresh(&self, ttl: Duration) -> bool {
-        self.resolved_at.elapsed() < ttl
+    pub fn new(digest: Digest, media_type: String, size: u64) -> Self {
+        Self {
+            digest,
+            media_type,
+            size,
+            resolved_at: Instant::now(),
+            since: SystemTime::now(),
+            previous: Vec::new(),
+            last_by_type: Vec::new(),
+        }
     }
+}
+
+/// A tag seen pointing at a new digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagMove {
+    pub registry: String,
+    pub repository: String,
+    pub tag: String,
+    pub from: String,
+    pub to: String,
+    /// Unix milliseconds.
+    pub at: u64,
 }
 
 type Key = (String, String, String);
@@ -32,6 +73,7 @@ type Key = (String, String, String);
 #[derive(Debug)]
 pub struct TagCache {
     entries: Mutex<BoundedMap<Key, TagEntry>>,
+    moves: Mutex<VecDeque<TagMove>>,
 }
 
 impl Default for TagCache {
@@ -40,18 +82,28 @@ impl Default for TagCache {
     }
 }
 
+/// Unix milliseconds, for JSON.
+pub fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 impl TagCache {
     pub fn with_capacity(cap: usize) -> Self {
         Self {
             entries: Mutex::new(BoundedMap::new(cap)),
+            moves: Mutex::new(VecDeque::with_capacity(RECENT_MOVES)),
         }
     }
 
-    pub fn len(&self) -> usize {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<Key, TagEntry>> {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -60,31 +112,110 @@ impl TagCache {
 
     pub fn get(&self, registry: &str, repo: &str, tag: &str) -> Option<TagEntry> {
         let key = (registry.to_string(), repo.to_string(), tag.to_string());
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .get(&key)
-            .cloned()
+        self.lock().get(&key).cloned()
     }
 
-    pub fn put(&self, registry: &str, repo: &str, tag: &str, entry: TagEntry) {
+    /// Stores what the upstream answered for the tag. Returns the move when
+    /// the tag pointed elsewhere before *in the same representation*: a
+    /// client that accepts only single-platform manifests is answered with
+    /// another digest than one accepting indexes, without anything moving.
+    pub fn put(
+        &self,
+        registry: &str,
+        repo: &str,
+        tag: &str,
+        mut entry: TagEntry,
+    ) -> Option<TagMove> {
         let key = (registry.to_string(), repo.to_string(), tag.to_string());
-        self.entries
+        let mut entries = self.lock();
+        let mut moved = None;
+        if let Some(old) = entries.get(&key) {
+            entry.previous = old.previous.clone();
+            entry.last_by_type = old.last_by_type.clone();
+            if old.digest == entry.digest {
+                entry.since = old.since;
+            }
+            let before = (old.last_by_type.iter())
+                .find(|(mt, _)| *mt == entry.media_type)
+                .map(|(_, d)| d.clone());
+            if let Some(before) = before
+                && before != entry.digest
+            {
+                let now = SystemTime::now();
+                entry.previous = std::iter::once((before.clone(), now))
+                    .chain(old.previous.iter().cloned())
+                    .take(HISTORY)
+                    .collect();
+                moved = Some(TagMove {
+                    registry: registry.to_string(),
+                    repository: repo.to_string(),
+                    tag: tag.to_string(),
+                    from: before.to_string(),
+                    to: entry.digest.to_string(),
+                    at: unix_ms(now),
+                });
+            }
+        }
+        entry.last_by_type.retain(|(mt, _)| *mt != entry.media_type);
+        entry
+            .last_by_type
+            .insert(0, (entry.media_type.clone(), entry.digest.clone()));
+        entry.last_by_type.truncate(HISTORY);
+        entries.insert(key, entry);
+        drop(entries);
+        if let Some(m) = &moved {
+            let mut moves = self
+                .moves
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if moves.len() == RECENT_MOVES {
+                moves.pop_front();
+            }
+            moves.push_back(m.clone());
+        }
+        moved
+    }
+
+    /// Marks the answer as just confirmed by the upstream (a revalidation
+    /// found the tag where it was).
+    pub fn confirm(&self, registry: &str, repo: &str, tag: &str, digest: &Digest) {
+        let key = (registry.to_string(), repo.to_string(), tag.to_string());
+        let mut entries = self.lock();
+        if let Some(e) = entries.get(&key).filter(|e| &e.digest == digest) {
+            let mut e = e.clone();
+            e.resolved_at = Instant::now();
+            entries.insert(key, e);
+        }
+    }
+
+    /// The last [`RECENT_MOVES`] moves, oldest first.
+    pub fn recent_moves(&self) -> Vec<TagMove> {
+        self.moves
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(key, entry);
+            .iter()
+            .cloned()
+            .collect()
     }
-}
 
-impl TagCache {
+    /// Every answer of matching repositories (None matches any), for the
+    /// admin API: `(registry, repository, tag, entry)`.
+    pub fn list(&self, registry: Option<&str>, repo: Option<&str>) -> Vec<(Key, TagEntry)> {
+        let entries = self.lock();
+        let mut out: Vec<(Key, TagEntry)> = entries
+            .keys()
+            .filter(|(r, p, _)| registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
+            .filter_map(|k| entries.get(k).map(|e| (k.clone(), e.clone())))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Drops the tags of matching repositories (None matches any).
     pub fn purge(&self, registry: Option<&str>, repo: Option<&str>) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retain(|(r, p, _), _| {
-                !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
-            });
+        self.lock().retain(|(r, p, _), _| {
+            !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
+        });
     }
 }
 
@@ -92,21 +223,99 @@ impl TagCache {
 mod tests {
     use super::*;
 
+    fn entry(body: &[u8], media_type: &str) -> TagEntry {
+        TagEntry::new(Digest::of(body), media_type.into(), 1)
+    }
+
     #[test]
-    fn entries_are_per_registry_and_expire() {
+    fn entries_are_per_registry() {
         let cache = TagCache::default();
-        let d = Digest::of(b"x");
-        let entry = TagEntry {
-            digest: d.clone(),
-            media_type: "m".into(),
-            size: 1,
-            resolved_at: Instant::now(),
-        };
-        cache.put("quay.io", "a", "1", entry.clone());
-        assert_eq!(cache.get("quay.io", "a", "1"), Some(entry.clone()));
+        let e = entry(b"x", "m");
+        assert_eq!(cache.put("quay.io", "a", "1", e.clone()), None);
+        assert_eq!(
+            cache.get("quay.io", "a", "1").map(|x| x.digest),
+            Some(e.digest)
+        );
         assert_eq!(cache.get("docker.io", "a", "1"), None);
-        assert!(entry.is_fresh(Duration::from_secs(60)));
-        assert!(!entry.is_fresh(Duration::ZERO));
+    }
+
+    #[test]
+    fn a_tag_that_moves_is_counted_and_remembered() {
+        let cache = TagCache::default();
+        let oci = "application/vnd.oci.image.index.v1+json";
+        cache.put("quay.io", "app", "latest", entry(b"v1", oci));
+        // The same digest again: no move, history unchanged.
+        assert_eq!(
+            cache.put("quay.io", "app", "latest", entry(b"v1", oci)),
+            None
+        );
+        let m = cache
+            .put("quay.io", "app", "latest", entry(b"v2", oci))
+            .unwrap();
+        assert_eq!(
+            (m.from.as_str(), m.to.as_str()),
+            (Digest::of(b"v1").as_str(), Digest::of(b"v2").as_str())
+        );
+        assert_eq!((m.repository.as_str(), m.tag.as_str()), ("app", "latest"));
+        // Another representation (an old client's single manifest) is not
+        // a move, and does not lose the history.
+        let single = "application/vnd.docker.distribution.manifest.v2+json";
+        assert_eq!(
+            cache.put("quay.io", "app", "latest", entry(b"amd64", single)),
+            None
+        );
+        for v in [b"v3", b"v4", b"v5", b"v6", b"v7"] {
+            cache.put("quay.io", "app", "latest", entry(v, oci));
+        }
+        let e = cache.get("quay.io", "app", "latest").unwrap();
+        assert_eq!(e.digest, Digest::of(b"v7"));
+        let previous: Vec<Digest> = e.previous.iter().map(|(d, _)| d.clone()).collect();
+        assert_eq!(
+            previous,
+            [b"v6", b"v5", b"v4", b"v3"].map(|v| Digest::of(v)),
+            "newest first, {HISTORY} kept"
+        );
+        // v1→v2, then v3..v7 each moved from the one before (v2→v3 included).
+        assert_eq!(cache.recent_moves().len(), 6);
+    }
+
+    #[test]
+    fn recent_moves_are_bounded_oldest_dropped() {
+        let cache = TagCache::default();
+        for i in 0..(RECENT_MOVES + 10) {
+            cache.put("r", "a", "t", entry(i.to_string().as_bytes(), "m"));
+        }
+        let moves = cache.recent_moves();
+        assert_eq!(moves.len(), RECENT_MOVES);
+        assert_eq!(moves[RECENT_MOVES - 1].to, Digest::of(b"73").to_string());
+    }
+
+    #[test]
+    fn confirm_refreshes_only_the_same_digest() {
+        let cache = TagCache::default();
+        let mut e = entry(b"x", "m");
+        e.resolved_at = Instant::now() - std::time::Duration::from_secs(60);
+        cache.put("r", "a", "t", e.clone());
+        cache.confirm("r", "a", "t", &Digest::of(b"other"));
+        assert!(
+            cache
+                .get("r", "a", "t")
+                .unwrap()
+                .resolved_at
+                .elapsed()
+                .as_secs()
+                >= 60
+        );
+        cache.confirm("r", "a", "t", &e.digest);
+        assert!(
+            cache
+                .get("r", "a", "t")
+                .unwrap()
+                .resolved_at
+                .elapsed()
+                .as_secs()
+                < 60
+        );
     }
 
     /// Issue #10, point 7: 100 000 made-up repositories keep the cache at
@@ -114,14 +323,9 @@ mod tests {
     #[test]
     fn a_flood_of_made_up_tags_keeps_the_cache_at_its_cap() {
         let cache = TagCache::with_capacity(1000);
-        let entry = TagEntry {
-            digest: Digest::of(b"x"),
-            media_type: "m".into(),
-            size: 1,
-            resolved_at: Instant::now(),
-        };
+        let e = entry(b"x", "m");
         for i in 0..100_000 {
-            cache.put("quay.io", &format!("flood/{i}"), "latest", entry.clone());
+            cache.put("quay.io", &format!("flood/{i}"), "latest", e.clone());
             assert!(cache.len() <= 1000);
         }
         assert_eq!(cache.len(), 1000);

@@ -75,10 +75,29 @@ struct AuthLabels {
 
 /// What `/status` reports per registry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct CacheCounters {
     pub hits: u64,
     pub misses: u64,
     pub bytes: u64,
+    /// Tags seen pointing at a new digest.
+    pub tag_moves: u64,
+}
+
+/// What an expired tag answer's revalidation (a HEAD upstream) found.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Revalidation {
+    /// Same digest: the cached manifest was served, no GET.
+    unchanged,
+    /// Another digest (or none given): the manifest was fetched with a GET.
+    changed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RevalidationLabels {
+    registry: String,
+    result: Revalidation,
 }
 
 /// Every metric the proxy exports.
@@ -92,6 +111,8 @@ pub struct Metrics {
     merged: Family<RegistryLabel, Counter>,
     auth_checks: Family<AuthLabels, Counter>,
     tokens_throttled: Family<RegistryLabel, Counter>,
+    tag_moves: Family<RegistryLabel, Counter>,
+    tag_revalidations: Family<RevalidationLabels, Counter>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     evictions: Counter,
@@ -200,6 +221,18 @@ impl Default for Metrics {
             "token_requests_throttled",
             "Requests answered 429 because a token for a repository never read with the registry's credentialsFile was not asked for (limits.newRepositoryTokensPerMinute)",
             tokens_throttled.clone(),
+        );
+        let tag_moves = Family::<RegistryLabel, Counter>::default();
+        registry.register(
+            "tag_moves",
+            "Tags seen pointing at a new digest (same media type) since the start",
+            tag_moves.clone(),
+        );
+        let tag_revalidations = Family::<RevalidationLabels, Counter>::default();
+        registry.register(
+            "tag_revalidations",
+            "Expired tag answers checked with a HEAD upstream, by what it found",
+            tag_revalidations.clone(),
         );
         let cache_bytes = Gauge::default();
         registry.register(
@@ -311,6 +344,8 @@ impl Default for Metrics {
             merged,
             auth_checks,
             tokens_throttled,
+            tag_moves,
+            tag_revalidations,
             cache_bytes,
             cache_entries,
             evictions,
@@ -441,6 +476,23 @@ impl Metrics {
             .inc();
     }
 
+    pub fn tag_moved(&self, registry: &str) {
+        self.tag_moves
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn tag_revalidated(&self, registry: &str, result: Revalidation) {
+        self.tag_revalidations
+            .get_or_create(&RevalidationLabels {
+                registry: registry.to_string(),
+                result,
+            })
+            .inc();
+    }
+
     pub fn disk_full(&self) {
         self.disk_full.inc();
     }
@@ -507,6 +559,12 @@ impl Metrics {
                     source: Source::cache,
                 })
                 .map_or(0, |c| c.get()),
+            tag_moves: self
+                .tag_moves
+                .get(&RegistryLabel {
+                    registry: registry.to_string(),
+                })
+                .map_or(0, |c| c.get()),
         }
     }
 
@@ -570,7 +628,8 @@ mod tests {
             CacheCounters {
                 hits: 2,
                 misses: 1,
-                bytes: 110
+                bytes: 110,
+                tag_moves: 0,
             }
         );
         assert_eq!(m.cache_counters("none.io"), CacheCounters::default());

@@ -1,12 +1,15 @@
-//! Manifests by tag: tag → digest answers cached per registry TTL, and
-//! the last known answer served while the upstream fails (stale-if-error).
+//! Manifests by tag: tag → digest answers trusted as the registry's tag
+//! policy says, revalidated with a HEAD once expired (free on Docker Hub,
+//! where a GET counts against the pull limit), and the last known answer
+//! served while the upstream fails (stale-if-error).
 
 use http::header::HeaderMap;
 use http::{Method, Response, StatusCode};
 
 use super::context::Ctx;
 use super::manifest::{
-    MAX_MANIFEST, cached_manifest, lookup_manifest, manifest_response, read_limited, store_manifest,
+    CachedManifest, MAX_MANIFEST, cached_manifest, lookup_manifest, manifest_response,
+    read_limited, store_manifest,
 };
 use super::{HandlerError, is_outage};
 use crate::cache::tags::TagEntry;
@@ -16,7 +19,9 @@ use crate::http::headers::{
 };
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
+use crate::observe::metrics::Revalidation;
 use crate::oci::Digest;
+use crate::upstream::UpstreamResponse;
 
 pub(crate) async fn manifest_by_tag(
     ctx: &Ctx<'_>,
@@ -33,21 +38,77 @@ pub(crate) async fn manifest_by_tag(
         .get(host, repo, tag)
         .filter(|e| accepts(headers, &e.media_type));
     let cache_tags = ctx.settings.cache_tags;
-    if let Some(entry) = known
-        .as_ref()
-        .filter(|e| cache_tags && e.is_fresh(ctx.registry.tag_ttl))
+    let ttl = ctx.settings.tag_policy.ttl(tag);
+    if let Some(entry) = known.as_ref().filter(|_| cache_tags)
         && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
     {
-        // Access to the digest the tag points at, in this repository:
-        // asked before anything of it is read.
-        let path = format!("/v2/{repo}/manifests/{}", entry.digest);
-        if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
-            return Ok(refusal);
+        if ttl.is_fresh(entry.resolved_at.elapsed()) {
+            return serve_known(
+                ctx,
+                headers,
+                repo,
+                entry,
+                cached,
+                method,
+                record,
+                CacheResult::Hit,
+            )
+            .await;
         }
-        record.cache = CacheResult::Hit;
-        record.digest = entry.digest.to_string();
-        ctx.served(&entry.digest);
-        return cached_manifest(ctx, cached, method).await;
+        // Expired: does the tag still point there? A HEAD answers without
+        // the manifest (and without a Docker Hub pull).
+        let url = ctx.url(&format!("/v2/{repo}/manifests/{tag}"), None)?;
+        match ctx
+            .send(Method::HEAD, url, forward_headers(headers, false))
+            .await
+        {
+            Ok(up)
+                if up.response.status() == StatusCode::OK
+                    && claimed_digest(&up).as_ref() == Some(&entry.digest) =>
+            {
+                ctx.shared
+                    .metrics
+                    .tag_revalidated(host, Revalidation::unchanged);
+                ctx.shared.tags.confirm(host, repo, tag, &entry.digest);
+                return serve_known(
+                    ctx,
+                    headers,
+                    repo,
+                    entry,
+                    cached,
+                    method,
+                    record,
+                    CacheResult::Hit,
+                )
+                .await;
+            }
+            Ok(up) if !is_outage(up.response.status()) => {
+                // Moved, gone, or a registry that names no digest on HEAD:
+                // the GET below finds out.
+                ctx.shared
+                    .metrics
+                    .tag_revalidated(host, Revalidation::changed);
+            }
+            _ => {
+                tracing::warn!(
+                    registry = host,
+                    repository = repo,
+                    tag,
+                    "upstream failing; serving the last known digest"
+                );
+                return serve_known(
+                    ctx,
+                    headers,
+                    repo,
+                    entry,
+                    cached,
+                    method,
+                    record,
+                    CacheResult::Stale,
+                )
+                .await;
+            }
+        }
     }
 
     record.cache = CacheResult::Miss;
@@ -63,23 +124,23 @@ pub(crate) async fn manifest_by_tag(
             if let Some(entry) = &known
                 && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
             {
-                // Checked like a fresh tag: with the upstream failing,
-                // only what this client class is known to read opens.
-                let path = format!("/v2/{repo}/manifests/{}", entry.digest);
-                if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
-                    record.cache = CacheResult::Denied;
-                    return Ok(refusal);
-                }
-                record.cache = CacheResult::Stale;
-                record.digest = entry.digest.to_string();
                 tracing::warn!(
                     registry = host,
                     repository = repo,
                     tag,
                     "upstream failing; serving the last known digest"
                 );
-                ctx.served(&entry.digest);
-                return cached_manifest(ctx, cached, method).await;
+                return serve_known(
+                    ctx,
+                    headers,
+                    repo,
+                    entry,
+                    cached,
+                    method,
+                    record,
+                    CacheResult::Stale,
+                )
+                .await;
             }
             let up = other?;
             record.cache = CacheResult::Pass;
@@ -92,27 +153,18 @@ pub(crate) async fn manifest_by_tag(
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
-    let claimed = parts
-        .headers
-        .get(&DOCKER_CONTENT_DIGEST)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| Digest::parse(v).ok());
+    let claimed = header_digest(&parts.headers);
 
     if *method == Method::HEAD {
         if let (Some(digest), Some(mt)) = (&claimed, &media_type) {
             let size = crate::http::headers::content_length(&parts.headers).unwrap_or(0);
             record.digest = digest.to_string();
             ctx.granted(headers, digest);
-            ctx.shared.tags.put(
-                host,
+            remember(
+                ctx,
                 repo,
                 tag,
-                TagEntry {
-                    digest: digest.clone(),
-                    media_type: mt.clone(),
-                    size,
-                    resolved_at: std::time::Instant::now(),
-                },
+                TagEntry::new(digest.clone(), mt.clone(), size),
             );
         }
         return Ok(relay_parts(parts, body::empty()));
@@ -135,16 +187,11 @@ pub(crate) async fn manifest_by_tag(
     store_manifest(ctx, &digest, media_type.clone(), &bytes).await;
     ctx.served(&digest);
     if let Some(mt) = &media_type {
-        ctx.shared.tags.put(
-            host,
+        remember(
+            ctx,
             repo,
             tag,
-            TagEntry {
-                digest: digest.clone(),
-                media_type: mt.clone(),
-                size: bytes.len() as u64,
-                resolved_at: std::time::Instant::now(),
-            },
+            TagEntry::new(digest.clone(), mt.clone(), bytes.len() as u64),
         );
     }
     Ok(manifest_response(
@@ -153,4 +200,59 @@ pub(crate) async fn manifest_by_tag(
         bytes.len() as u64,
         body::full(bytes),
     ))
+}
+
+/// Serves the manifest a known tag answer points at, as `result` (a HIT
+/// or, with the upstream failing, STALE). Access to the digest in this
+/// repository is checked before anything of it is read; with the upstream
+/// failing, only what this client class is known to read opens.
+#[allow(clippy::too_many_arguments)]
+async fn serve_known(
+    ctx: &Ctx<'_>,
+    headers: &HeaderMap,
+    repo: &str,
+    entry: &TagEntry,
+    cached: CachedManifest,
+    method: &Method,
+    record: &mut Record,
+    result: CacheResult,
+) -> Result<Response<Body>, HandlerError> {
+    let path = format!("/v2/{repo}/manifests/{}", entry.digest);
+    if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
+        if result == CacheResult::Stale {
+            record.cache = CacheResult::Denied;
+        }
+        return Ok(refusal);
+    }
+    record.cache = result;
+    record.digest = entry.digest.to_string();
+    ctx.served(&entry.digest);
+    cached_manifest(ctx, cached, method).await
+}
+
+/// Stores a tag answer; a tag that moved is counted and logged.
+fn remember(ctx: &Ctx<'_>, repo: &str, tag: &str, entry: TagEntry) {
+    let host = ctx.registry.host.as_str();
+    if let Some(moved) = ctx.shared.tags.put(host, repo, tag, entry) {
+        ctx.shared.metrics.tag_moved(host);
+        tracing::info!(
+            registry = host,
+            repository = repo,
+            tag,
+            from = %moved.from,
+            to = %moved.to,
+            "tag moved"
+        );
+    }
+}
+
+fn header_digest(headers: &HeaderMap) -> Option<Digest> {
+    headers
+        .get(&DOCKER_CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| Digest::parse(v).ok())
+}
+
+fn claimed_digest(up: &UpstreamResponse) -> Option<Digest> {
+    header_digest(up.response.headers())
 }

@@ -1,0 +1,212 @@
+//! Issue #14, point 2 (and point 1's "revalidate tags with HEAD"): a
+//! registry's `tagPolicy` decides per tag when the upstream is asked again;
+//! an expired answer is revalidated with a HEAD (no GET while the tag has
+//! not moved); a tag that moved is counted, kept in the tag's history and
+//! reported in `/status` for the operator. Against a real registry
+//! (distribution) whose request log is counted.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use http::StatusCode;
+use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
+use pullthrough_testbed::http::Get;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+use serde_json::Value;
+
+const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+const TOKEN: &str = "t0ken";
+
+fn manifest(proxy: &Proxy, tag: &str) -> String {
+    let url = format!("{}/v2/quay.io/app/manifests/{tag}", proxy.http_url());
+    let r = Get::new(&url).header("Accept", ACCEPT).send().unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{tag}: {}", proxy.log());
+    sha256_digest(&r.body)
+}
+
+/// Upstream requests for the tag's manifest so far: (GET, HEAD).
+fn asked(reg: &Registry, tag: &str) -> (usize, usize) {
+    reg.sync_log().unwrap();
+    let path = format!("/v2/app/manifests/{tag}");
+    (
+        reg.count_requests("GET", &path),
+        reg.count_requests("HEAD", &path),
+    )
+}
+
+fn admin(proxy: &Proxy, path: &str) -> String {
+    let url = format!("http://{}{path}", proxy.addrs.admin);
+    let r = Get::new(&url)
+        .header("Authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{path}");
+    String::from_utf8(r.body.to_vec()).unwrap()
+}
+
+fn metric(proxy: &Proxy, series: &str) -> f64 {
+    admin(proxy, "/metrics")
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+fn images(dir: &std::path::Path) -> (Image, Image) {
+    let mut b = LayoutBuilder::new(dir).unwrap();
+    let v1 = b.random("v1", &[2048], 1).unwrap();
+    let v2 = b.random("v2", &[2048], 2).unwrap();
+    (v1, v2)
+}
+
+#[test]
+fn the_tag_policy_decides_when_the_upstream_is_asked_and_moves_are_counted() {
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = images(work.path());
+    let (d1, d2) = (&v1.manifests[0].digest, &v2.manifests[0].digest);
+    let mut up = Registry::plain().unwrap();
+    for tag in ["latest", "1.0.0", "edge"] {
+        up.push_image(&v1, "app", tag).unwrap();
+    }
+    // `latest`: asked every pull; x.y.z: never again once cached; any other
+    // tag: tagTTL (1 s, so that the test can outlive it).
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "adminToken: {TOKEN}\n{}",
+            common::one_registry(
+                "quay.io",
+                &up.url(),
+                "    tagTTL: 1s\n    tagPolicy:\n      - {pattern: 'latest|main', ttl: 0s}\n      - {pattern: '[0-9]+\\.[0-9]+\\.[0-9]+', ttl: immutable}\n",
+            )
+        ),
+    )
+    .unwrap();
+
+    // First pulls: one GET each.
+    for tag in ["latest", "1.0.0", "edge"] {
+        assert_eq!(&manifest(&proxy, tag), d1);
+        assert_eq!(asked(&up, tag), (1, 0), "{tag}");
+    }
+
+    // `latest` (0s) again: a HEAD finds it unmoved, the cache answers (HIT,
+    // no second GET). `1.0.0` and `edge` (within 1 s): not asked at all.
+    assert_eq!(&manifest(&proxy, "latest"), d1);
+    assert_eq!(asked(&up, "latest"), (1, 1));
+    let hits = proxy
+        .wait_access(&[("kind", "tag"), ("cache", "HIT")])
+        .unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(&manifest(&proxy, "1.0.0"), d1);
+    assert_eq!(asked(&up, "1.0.0"), (1, 0));
+    let unchanged = r#"pullthrough_tag_revalidations_total{registry="quay.io",result="unchanged"}"#;
+    assert_eq!(metric(&proxy, unchanged), 1.0);
+
+    // Every tag moves upstream.
+    for tag in ["latest", "1.0.0", "edge"] {
+        up.push_image(&v2, "app", tag).unwrap();
+    }
+    // `latest`: the HEAD sees another digest, a GET fetches it.
+    assert_eq!(&manifest(&proxy, "latest"), d2);
+    assert_eq!(asked(&up, "latest"), (2, 2));
+    // Past tagTTL (1 s): `edge` is revalidated and follows; `1.0.0` is
+    // immutable: still v1, the upstream never asked again.
+    std::thread::sleep(Duration::from_millis(1100));
+    assert_eq!(&manifest(&proxy, "edge"), d2);
+    assert_eq!(asked(&up, "edge"), (2, 1));
+    assert_eq!(&manifest(&proxy, "1.0.0"), d1);
+    assert_eq!(asked(&up, "1.0.0"), (1, 0));
+
+    // Two moves: counted, in /status (what the operator turns into
+    // Events), and in the tag's history.
+    assert_eq!(
+        metric(&proxy, r#"pullthrough_tag_moves_total{registry="quay.io"}"#),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &proxy,
+            r#"pullthrough_tag_revalidations_total{registry="quay.io",result="changed"}"#
+        ),
+        2.0
+    );
+    let status: Value = serde_json::from_str(&admin(&proxy, "/status")).unwrap();
+    assert_eq!(status["cache"]["quay.io"]["tagMoves"], 2, "{status}");
+    let moves = status["tagMoves"].as_array().unwrap();
+    let moved: Vec<(&str, &str, &str)> = moves
+        .iter()
+        .map(|m| {
+            (
+                m["tag"].as_str().unwrap(),
+                m["from"].as_str().unwrap(),
+                m["to"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        moved,
+        [
+            ("latest", d1.as_str(), d2.as_str()),
+            ("edge", d1.as_str(), d2.as_str())
+        ]
+    );
+    assert!(
+        moves
+            .iter()
+            .all(|m| m["registry"] == "quay.io" && m["repository"] == "app")
+    );
+    let tags: Value = serde_json::from_str(&admin(
+        &proxy,
+        "/admin/tags?registry=quay.io&repository=app",
+    ))
+    .unwrap();
+    let latest = tags["tags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["tag"] == "latest")
+        .unwrap();
+    assert_eq!(latest["digest"], d2.as_str());
+    assert_eq!(latest["previous"][0]["digest"], d1.as_str(), "{tags}");
+
+    // Upstream gone: `latest` (always revalidated) is answered STALE from
+    // the last known digest, not an error.
+    up.stop().unwrap();
+    assert_eq!(&manifest(&proxy, "latest"), d2);
+    proxy
+        .wait_access(&[("kind", "tag"), ("cache", "STALE")])
+        .unwrap();
+}
+
+/// A bad rule is refused at start with the key named, exit 64, before any
+/// port is bound.
+#[test]
+fn a_bad_tag_rule_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(
+        &config,
+        "registries:\n  - host: quay.io\n    tagPolicy:\n      - {pattern: ok, ttl: 0s}\n      - {pattern: 'v[0-9', ttl: 1m}\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::proxy_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("registries[0].tagPolicy[1]") && stderr.contains("v[0-9"),
+        "{stderr}"
+    );
+}
