@@ -77,4 +77,6 @@ pub struct Kube {
     pub client: Client,
     pub store: Store<MirrorRegistry>,
     pub recorder: Recorder,
+    /// This replica's name in the Events it writes (`reportingInstance`).
+    pub instance: String,
 }

@@ -28,6 +28,7 @@ use crate::nodes;
 use crate::observe::{Observed, Observer};
 use crate::publish::Publisher;
 use crate::status::{self, Note};
+use crate::tag_moves;
 use crate::{FIELD_MANAGER, FINALIZER};
 
 /// What reconciles share between runs.
@@ -93,6 +94,7 @@ impl Context {
                 client,
                 store,
                 recorder,
+                instance: identity.into(),
             },
             metrics,
             state: State::default(),
@@ -157,6 +159,11 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     let (conditions, changed) =
         status::merge(old, &desired, obj.metadata.generation, Timestamp::now());
     let accepted = desired.first().is_some_and(|d| d.status);
+    let last_move = old.and_then(|s| s.last_tag_move.as_ref());
+    let moved = match &obs.proxy {
+        Ok(p) if accepted => tag_moves::unseen(&p.tag_moves, &obj.spec.host, last_move),
+        _ => Vec::new(),
+    };
     let new = MirrorRegistryStatus {
         observed_generation: obj.metadata.generation,
         conditions,
@@ -167,6 +174,10 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
             Ok(p) if accepted => p.cache.get(&obj.spec.host).copied(),
             _ => old.and_then(|s| s.cache),
         },
+        last_tag_move: moved
+            .last()
+            .map(|m| tag_moves::to_status(m))
+            .or_else(|| last_move.cloned()),
     };
     // Unchanged status is not written: a restart makes no writes.
     if old != Some(&new) {
@@ -174,6 +185,11 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     }
     if let Some(note) = status::change_event(&changed) {
         ctx.event(&obj, note).await;
+    }
+    // After the status that records them: a failed write retries the
+    // reconcile, and the moves are told then instead of twice.
+    for note in tag_moves::notes(&obj.spec.host, &moved) {
+        tag_moves::publish(&ctx.kube, &obj.object_ref(&()), note).await;
     }
     // Proxy reloads and agent reports are not watched (a Lease watch would
     // wake every CR on every node's renewal): while an accepted registry is

@@ -21,6 +21,7 @@ pub mod reserved;
 pub mod server;
 pub mod status;
 pub mod table;
+pub mod tag_moves;
 
 /// Field manager of every server-side apply the operator makes.
 pub use pullthrough_api::contract::OPERATOR_FIELD_MANAGER as FIELD_MANAGER;

@@ -21,6 +21,22 @@ pub struct ProxyStatus {
     /// Per registry host, since the proxy started (older proxies omit it).
     #[serde(default)]
     pub cache: BTreeMap<String, CacheStats>,
+    /// Recent tag moves, oldest first (older proxies omit it).
+    #[serde(default)]
+    pub tag_moves: Vec<TagMove>,
+}
+
+/// A tag the proxy saw pointing at a new digest.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagMove {
+    pub registry: String,
+    pub repository: String,
+    pub tag: String,
+    pub from: String,
+    pub to: String,
+    /// Unix milliseconds.
+    pub at: i64,
 }
 
 /// Fetches `url` (plain HTTP) within `timeout`; the error is a short reason

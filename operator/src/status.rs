@@ -285,6 +285,10 @@ fn dropped_but_present(
             wanted.nodes_summary.is_none() && w.nodes_summary.is_some(),
         ),
         ("cache", wanted.cache.is_none() && w.cache.is_some()),
+        (
+            "lastTagMove",
+            wanted.last_tag_move.is_none() && w.last_tag_move.is_some(),
+        ),
     ]
     .into_iter()
     .filter_map(|(k, stale)| stale.then_some(k))

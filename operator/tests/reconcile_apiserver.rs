@@ -780,6 +780,78 @@ fn references_cache_counters_and_departed_nodes() {
     })
     .unwrap();
 
+    // Tag moves the proxy reports (issue #14, point 2): one Event each on
+    // the registry they belong to, told once however often the same list
+    // is seen, and the last in status.lastTagMove.
+    let moved = |tag: &str, at: u64| {
+        json!({"registry": "quay.io", "repository": "app", "tag": tag,
+               "from": format!("sha256:{}", "a".repeat(64)),
+               "to": format!("sha256:{}", "b".repeat(64)), "at": at})
+    };
+    fake.set_json(
+        "/status",
+        &json!({
+            "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
+            "cache": {"quay.io": {"hits": 7, "misses": 2, "bytes": 4096, "tagMoves": 2}},
+            "tagMoves": [moved("latest", 1_700_000_000_000), moved("edge", 1_700_000_000_500)],
+        }),
+    );
+    wait_for("status.lastTagMove", TIMEOUT, || {
+        Ok(mreg(&api, "quay").unwrap()["status"]["lastTagMove"]["tag"] == "edge")
+    })
+    .unwrap();
+    let status = mreg(&api, "quay").unwrap()["status"].clone();
+    assert_eq!(status["cache"]["tagMoves"], 2, "{status}");
+    assert_eq!(
+        status["lastTagMove"]["at"], "2023-11-14T22:13:20.5Z",
+        "{status}"
+    );
+    // Not on the other registry.
+    assert!(mreg(&api, "lan").is_some_and(|r| r["status"]["lastTagMove"].is_null()));
+    let tag_events = || -> Vec<String> {
+        let v = api
+            .get_json(&["events.v1.events.k8s.io", "-n", "default"])
+            .unwrap();
+        let mut notes: Vec<String> = v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["reason"] == "TagMoved")
+            .flat_map(|e| {
+                let n = e["series"]["count"].as_u64().unwrap_or(1) as usize;
+                std::iter::repeat_n(format!("{} {}", e["regarding"]["name"], e["note"]), n)
+            })
+            .collect();
+        notes.sort();
+        notes
+    };
+    wait_for("two TagMoved events", TIMEOUT, || {
+        Ok(tag_events().len() == 2)
+    })
+    .unwrap();
+    let notes = tag_events();
+    assert!(
+        notes[0].contains("\"quay\"")
+            && notes[0].contains("quay.io/app:edge moved from sha256:aaaa"),
+        "{notes:?}"
+    );
+    assert!(notes[1].contains("quay.io/app:latest moved"), "{notes:?}");
+    // Later reconciles see the same list: no new Events. A change to the
+    // status (new counters) forces one and proves it ran.
+    fake.set_json(
+        "/status",
+        &json!({
+            "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
+            "cache": {"quay.io": {"hits": 8, "misses": 2, "bytes": 4096, "tagMoves": 2}},
+            "tagMoves": [moved("latest", 1_700_000_000_000), moved("edge", 1_700_000_000_500)],
+        }),
+    );
+    wait_for("status.cache.hits 8", TIMEOUT, || {
+        Ok(mreg(&api, "quay").unwrap()["status"]["cache"]["hits"] == 8)
+    })
+    .unwrap();
+    assert_eq!(tag_events().len(), 2, "{:?}", tag_events());
+
     // Nodes: a live agent counts; an expired Lease counts while its Node
     // exists, and stops counting once the Node is deleted.
     let now = std::time::SystemTime::now()
