@@ -350,6 +350,15 @@ pub struct RegistryConfig {
     /// [`crate::tags`]); the first whose pattern matches the whole tag wins.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tag_policy: Vec<TagRule>,
+    /// Pulls of the upstream's rate limit (Docker Hub's
+    /// `ratelimit-remaining`) kept for pulls that need the upstream: at or
+    /// under it, and while a 429's `Retry-After` runs, cached tags are
+    /// served without asking the upstream.
+    #[serde(
+        default = "default_upstream_reserve",
+        skip_serializing_if = "is_default_upstream_reserve"
+    )]
+    pub upstream_reserve: u64,
     /// Pass pushes through (uncached); refused otherwise.
     #[serde(default, skip_serializing_if = "is_false")]
     pub allow_push: bool,
@@ -388,6 +397,7 @@ impl Default for RegistryConfig {
             allow_private_networks: false,
             tag_ttl: default_tag_ttl(),
             tag_policy: Vec::new(),
+            upstream_reserve: default_upstream_reserve(),
             allow_push: false,
             private: false,
             cache_tags: true,
@@ -395,6 +405,16 @@ impl Default for RegistryConfig {
             nodes: NodeOptions::default(),
         }
     }
+}
+
+/// 10 of Docker Hub's 100 anonymous pulls per 6 h: enough for the misses
+/// that need the upstream while tags wait.
+pub fn default_upstream_reserve() -> u64 {
+    10
+}
+
+fn is_default_upstream_reserve(n: &u64) -> bool {
+    *n == default_upstream_reserve()
 }
 
 fn is_false(b: &bool) -> bool {

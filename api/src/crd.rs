@@ -310,6 +310,14 @@ pub struct MirrorRegistrySpec {
     #[schemars(schema_with = "tag_policy_schema")]
     pub tag_policy: Vec<TagRuleSpec>,
 
+    /// Pulls of the upstream's rate limit (Docker Hub's
+    /// `ratelimit-remaining`) kept for pulls that need the upstream: at or
+    /// under it, and while a 429's `Retry-After` runs, cached tags are
+    /// served without asking (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1_000_000))]
+    pub upstream_reserve: Option<u32>,
+
     /// Cached content is served only to clients the upstream currently
     /// authorises for the repository (checked with an upstream HEAD).
     #[serde(default)]
@@ -471,6 +479,35 @@ pub struct MirrorRegistryStatus {
     /// `TagMoved`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_tag_move: Option<TagMoveStatus>,
+
+    /// What the upstream says is left of its rate limit, when it says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamBudget>,
+}
+
+/// The upstream's rate-limit figures at its last answer (Docker Hub's
+/// `ratelimit-*` headers, a 429's `Retry-After`), as the proxy reports them.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct UpstreamBudget {
+    /// Pulls allowed per window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
+    /// Pulls left in the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+    /// Whose budget it is (`docker-ratelimit-source`: an IP or account).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// Unix seconds until which the upstream asked not to be asked (429).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_until: Option<u64>,
+    /// Cached tags are served without asking the upstream: pulls left at
+    /// or under `upstreamReserve`, or a Retry-After running.
+    #[serde(default)]
+    pub low: bool,
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -658,6 +695,9 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
             allow_private_networks: spec.allow_private_networks,
             tag_ttl,
             tag_policy,
+            upstream_reserve: spec
+                .upstream_reserve
+                .map_or_else(crate::config::default_upstream_reserve, u64::from),
             allow_push: spec.allow_push,
             private: spec.private,
             cache_tags: true,
@@ -841,6 +881,9 @@ nodes: {dnsHijack: false}
         );
         assert_eq!(r.tag_policy[1].pattern, "v.*");
         assert!(r.tag_policy().unwrap().ttl("v1") == TagTtl::Immutable);
+        assert_eq!(r.upstream_reserve, 10, "default reserve");
+        let r = convert("host: a.io\nupstreamReserve: 0\n").unwrap();
+        assert_eq!(r.upstream_reserve, 0);
     }
 
     #[test]

@@ -174,6 +174,10 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
             Ok(p) if accepted => p.cache.get(&obj.spec.host).copied(),
             _ => old.and_then(|s| s.cache),
         },
+        upstream: match &obs.proxy {
+            Ok(p) if accepted => p.upstream.get(&obj.spec.host).cloned(),
+            _ => old.and_then(|s| s.upstream.clone()),
+        },
         last_tag_move: moved
             .last()
             .map(|m| tag_moves::to_status(m))

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use pullthrough_api::crd::CacheStats;
+use pullthrough_api::crd::{CacheStats, UpstreamBudget};
 use serde::Deserialize;
 
 /// What the proxy reports.
@@ -24,6 +24,9 @@ pub struct ProxyStatus {
     /// Recent tag moves, oldest first (older proxies omit it).
     #[serde(default)]
     pub tag_moves: Vec<TagMove>,
+    /// Per registry host that sent rate-limit figures.
+    #[serde(default)]
+    pub upstream: BTreeMap<String, UpstreamBudget>,
 }
 
 /// A tag the proxy saw pointing at a new digest.

@@ -286,6 +286,10 @@ fn dropped_but_present(
         ),
         ("cache", wanted.cache.is_none() && w.cache.is_some()),
         (
+            "upstream",
+            wanted.upstream.is_none() && w.upstream.is_some(),
+        ),
+        (
             "lastTagMove",
             wanted.last_tag_move.is_none() && w.last_tag_move.is_some(),
         ),

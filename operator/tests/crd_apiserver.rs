@@ -122,7 +122,7 @@ fn api_server_enforces_the_mirrorregistry_crd() {
     create(
         &api,
         "tag-policy",
-        json!({"host": "g.example", "tagPolicy": [
+        json!({"host": "g.example", "upstreamReserve": 0, "tagPolicy": [
             {"pattern": "latest|main|stable", "ttl": "0s"},
             {"pattern": "v?[0-9]+\\.[0-9]+\\.[0-9]+", "ttl": "immutable"},
             {"pattern": ".*-rc[0-9]*", "ttl": "168h"},
@@ -243,6 +243,12 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         "query",
         json!({"host": "quay.io", "upstream": "https://quay.io/?x=1"}),
         URL,
+    );
+    rejected(
+        &api,
+        "reserve-negative",
+        json!({"host": "quay.io", "upstreamReserve": -1}),
+        "spec.upstreamReserve",
     );
     rejected(
         &api,
@@ -489,6 +495,7 @@ fn api_server_enforces_the_mirrorregistry_crd() {
                 pattern: "latest".into(),
                 ttl: "0s".into(),
             }],
+            upstream_reserve: Some(20),
             private: false,
             allow_push: true,
             allow_insecure_upstream: false,

@@ -844,6 +844,8 @@ fn references_cache_counters_and_departed_nodes() {
             "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
             "cache": {"quay.io": {"hits": 8, "misses": 2, "bytes": 4096, "tagMoves": 2}},
             "tagMoves": [moved("latest", 1_700_000_000_000), moved("edge", 1_700_000_000_500)],
+            "upstream": {"quay.io": {"limit": 100, "remaining": 3, "windowSeconds": 21600,
+                                     "source": "203.0.113.7", "low": true}},
         }),
     );
     wait_for("status.cache.hits 8", TIMEOUT, || {
@@ -851,6 +853,12 @@ fn references_cache_counters_and_departed_nodes() {
     })
     .unwrap();
     assert_eq!(tag_events().len(), 2, "{:?}", tag_events());
+    // The upstream budget the proxy reports (issue #14, point 1).
+    assert_eq!(
+        mreg(&api, "quay").unwrap()["status"]["upstream"],
+        json!({"limit": 100, "remaining": 3, "windowSeconds": 21600,
+               "source": "203.0.113.7", "low": true})
+    );
 
     // Nodes: a live agent counts; an expired Lease counts while its Node
     // exists, and stops counting once the Node is deleted.

@@ -163,6 +163,7 @@ async fn handle(
                     "registries": registries,
                     "cache": cache,
                     "tagMoves": shared.tags.recent_moves(),
+                    "upstream": budgets(shared).into_iter().collect::<BTreeMap<_, _>>(),
                 }),
             )
         }
@@ -195,7 +196,25 @@ async fn handle(
     }
 }
 
+/// Each registry's budget report, with its `upstreamReserve`.
+fn budgets(
+    shared: &Shared,
+) -> std::collections::HashMap<String, crate::upstream::budget::BudgetReport> {
+    let state = shared.state.load();
+    shared.budgets.report(|r| {
+        state
+            .config
+            .registry(r)
+            .map_or(pullthrough_api::config::default_upstream_reserve(), |c| {
+                c.upstream_reserve
+            })
+    })
+}
+
 fn refresh_metrics(shared: &Shared) {
+    for (registry, b) in budgets(shared) {
+        shared.metrics.set_budget(&registry, &b);
+    }
     let (bytes, entries) = shared.store.usage();
     let st = shared.store.stats();
     shared.metrics.set_cache(

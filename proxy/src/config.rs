@@ -131,6 +131,7 @@ impl Settings {
                         private: r.private,
                         cache_tags: r.cache_tags,
                         tag_policy: Arc::new(tag_policy),
+                        upstream_reserve: r.upstream_reserve,
                         credentials: None,
                     };
                     (r.host.clone(), s)
@@ -194,6 +195,9 @@ pub struct RegistrySettings {
     pub cache_tags: bool,
     /// How long each tag's answer is trusted (`tagPolicy` over `tagTTL`).
     pub tag_policy: Arc<TagPolicy>,
+    /// `upstreamReserve`: at or under this many pulls left upstream,
+    /// cached tags are not revalidated.
+    pub upstream_reserve: u64,
     /// From `credentialsFile`; used through [`Self::proxy_credentials`].
     pub credentials: Option<Arc<RegistryCredentials>>,
 }
@@ -206,6 +210,7 @@ impl Default for RegistrySettings {
             tag_policy: Arc::new(TagPolicy::uniform(
                 pullthrough_api::config::default_tag_ttl(),
             )),
+            upstream_reserve: pullthrough_api::config::default_upstream_reserve(),
             credentials: None,
         }
     }

@@ -213,6 +213,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         }),
         store,
         tags: Default::default(),
+        budgets: Default::default(),
         tokens: Default::default(),
         grants: Default::default(),
         metrics: metrics.clone(),

@@ -94,6 +94,14 @@ pub enum Revalidation {
     changed,
 }
 
+/// Whose rate limit: the registry, and `docker-ratelimit-source` (the
+/// client IP or account the upstream counts against).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BudgetLabels {
+    registry: String,
+    source: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RevalidationLabels {
     registry: String,
@@ -113,6 +121,10 @@ pub struct Metrics {
     tokens_throttled: Family<RegistryLabel, Counter>,
     tag_moves: Family<RegistryLabel, Counter>,
     tag_revalidations: Family<RevalidationLabels, Counter>,
+    ratelimit_limit: Family<BudgetLabels, Gauge>,
+    ratelimit_remaining: Family<BudgetLabels, Gauge>,
+    budget_low: Family<RegistryLabel, Gauge>,
+    upstream_throttled: Family<RegistryLabel, Counter>,
     cache_bytes: Gauge,
     cache_entries: Gauge,
     evictions: Counter,
@@ -234,6 +246,30 @@ impl Default for Metrics {
             "Expired tag answers checked with a HEAD upstream, by what it found",
             tag_revalidations.clone(),
         );
+        let ratelimit_limit = Family::<BudgetLabels, Gauge>::default();
+        registry.register(
+            "upstream_ratelimit_limit",
+            "The upstream's pull limit per window (Docker Hub's ratelimit-limit), by registry and whose budget it is (docker-ratelimit-source)",
+            ratelimit_limit.clone(),
+        );
+        let ratelimit_remaining = Family::<BudgetLabels, Gauge>::default();
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "Pulls left in the upstream's window at its last answer (ratelimit-remaining)",
+            ratelimit_remaining.clone(),
+        );
+        let budget_low = Family::<RegistryLabel, Gauge>::default();
+        registry.register(
+            "upstream_budget_low",
+            "1 while cached tags are served without asking the upstream: pulls left at or under upstreamReserve, or a 429's Retry-After running",
+            budget_low.clone(),
+        );
+        let upstream_throttled = Family::<RegistryLabel, Counter>::default();
+        registry.register(
+            "upstream_throttled_responses",
+            "429 answers from the upstream",
+            upstream_throttled.clone(),
+        );
         let cache_bytes = Gauge::default();
         registry.register(
             "cache_bytes",
@@ -346,6 +382,10 @@ impl Default for Metrics {
             tokens_throttled,
             tag_moves,
             tag_revalidations,
+            ratelimit_limit,
+            ratelimit_remaining,
+            budget_low,
+            upstream_throttled,
             cache_bytes,
             cache_entries,
             evictions,
@@ -491,6 +531,36 @@ impl Metrics {
                 result,
             })
             .inc();
+    }
+
+    pub fn upstream_throttled(&self, registry: &str) {
+        self.upstream_throttled
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .inc();
+    }
+
+    /// Copies a registry's budget into the gauges (at each scrape).
+    pub fn set_budget(&self, registry: &str, b: &crate::upstream::budget::BudgetReport) {
+        let labels = BudgetLabels {
+            registry: registry.to_string(),
+            source: b.source.clone(),
+        };
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        if let Some(n) = b.limit {
+            self.ratelimit_limit.get_or_create(&labels).set(gauge(n));
+        }
+        if let Some(n) = b.remaining {
+            self.ratelimit_remaining
+                .get_or_create(&labels)
+                .set(gauge(n));
+        }
+        self.budget_low
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .set(i64::from(b.low));
     }
 
     pub fn disk_full(&self) {

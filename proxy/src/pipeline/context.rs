@@ -56,6 +56,26 @@ impl Ctx<'_> {
         &self,
         method: Method,
         url: Uri,
+        headers: HeaderMap,
+    ) -> Result<UpstreamResponse, HandlerError> {
+        let resp = self.send_authenticated(method, url, headers).await?;
+        let host = self.registry.host.as_str();
+        let status = resp.response.status();
+        if self
+            .shared
+            .budgets
+            .observe(host, status, resp.response.headers())
+            && status == StatusCode::TOO_MANY_REQUESTS
+        {
+            self.shared.metrics.upstream_throttled(host);
+        }
+        Ok(resp)
+    }
+
+    async fn send_authenticated(
+        &self,
+        method: Method,
+        url: Uri,
         mut headers: HeaderMap,
     ) -> Result<UpstreamResponse, HandlerError> {
         let host = self.registry.host.as_str();

@@ -41,6 +41,7 @@ use crate::oci::{self, ErrorCode, Reference};
 use crate::peers::Peers;
 use crate::peers::listener::FromPeer;
 use crate::route::{ApiRequest, Router, Target, Via};
+use crate::upstream::budget::Budgets;
 use crate::upstream::{AnonymousTokens, UpstreamClient, UpstreamError, Upstreams};
 
 /// What one config snapshot needs at request time; swapped whole on reload.
@@ -58,6 +59,8 @@ pub struct Shared {
     pub state: ArcSwap<State>,
     pub store: BlobStore,
     pub tags: TagCache,
+    /// What each upstream says is left of its rate limit.
+    pub budgets: Budgets,
     pub tokens: AnonymousTokens,
     /// Who the upstream recently let read which repository (served from
     /// the cache only to them).

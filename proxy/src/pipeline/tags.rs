@@ -1,7 +1,8 @@
 //! Manifests by tag: tag → digest answers trusted as the registry's tag
 //! policy says, revalidated with a HEAD once expired (free on Docker Hub,
 //! where a GET counts against the pull limit), and the last known answer
-//! served while the upstream fails (stale-if-error).
+//! served while the upstream fails (stale-if-error) or its budget is low
+//! (see [`crate::upstream::budget`]).
 
 use http::header::HeaderMap;
 use http::{Method, Response, StatusCode};
@@ -52,6 +53,32 @@ pub(crate) async fn manifest_by_tag(
                 method,
                 record,
                 CacheResult::Hit,
+            )
+            .await;
+        }
+        // The upstream's budget is nearly spent, or it asked to be left
+        // alone (429 + Retry-After): what is cached serves, the budget left
+        // goes to pulls that need the upstream.
+        if ctx
+            .shared
+            .budgets
+            .is_low(host, ctx.settings.upstream_reserve)
+        {
+            tracing::debug!(
+                registry = host,
+                repository = repo,
+                tag,
+                "upstream budget low; serving the cached digest unrevalidated"
+            );
+            return serve_known(
+                ctx,
+                headers,
+                repo,
+                entry,
+                cached,
+                method,
+                record,
+                CacheResult::Stale,
             )
             .await;
         }

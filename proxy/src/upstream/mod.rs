@@ -18,6 +18,7 @@
 //! (`egress`: no loopback, link-local or private addresses the upstream
 //! chose unless `allowPrivateNetworks`, never the proxy's own listeners).
 
+pub mod budget;
 mod client;
 pub mod credentials;
 mod egress;
