@@ -37,6 +37,13 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("pullthrough_operator");
         let reconciles = Counter::default();
         let failures = Family::<ReasonLabels, Counter>::default();
+        // Every reason at 0 from the start: an alert's increase() then
+        // counts the first failure too.
+        for reason in crate::error::Error::REASONS {
+            let _created = failures.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            });
+        }
         let duration = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
@@ -131,6 +138,10 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == line), "{line}\n{text}");
         }
+        assert!(
+            text.contains(r#"pullthrough_operator_reconcile_failures_total{reason="kube_api"} 0"#),
+            "failure counters exist before the first failure: {text}"
+        );
         m.set_nodes(&[(NodeState::Failed, 0)]);
         assert!(
             m.encode()
