@@ -6,7 +6,8 @@
 //!   a wrong expectation does fail, so the unit tests are not vacuous).
 //! - Every metric name the dashboard and the rules read is exported by a
 //!   real proxy (after real traffic) and a real operator (the leader,
-//!   against a real API server), scraped at `/metrics`; the
+//!   against a real API server, counting nodes from agent Leases in each
+//!   state), scraped at `/metrics`; the
 //!   only exceptions are the two upstream rate-limit gauges that issue #14
 //!   item 1 adds ([`EXPECTED_FROM_ITEM_1`]).
 //! - The dashboard ConfigMap carries the Grafana sidecar's label, lands in
@@ -22,6 +23,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -272,9 +275,29 @@ fn proxy_metrics() -> String {
     text
 }
 
+/// An agent's per-node Lease as the node agent writes it
+/// (docs/cluster-contract.md): applied table hash, registries, last error.
+fn agent_lease(node: &str, hash: &str, error: &str, renewed: Timestamp, secs: i32) -> String {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": format!("pullthrough-agent-{node}"), "namespace": "pullthrough",
+            "annotations": {
+                "pullthrough.dev/config-hash": hash,
+                "pullthrough.dev/registries": "",
+                "pullthrough.dev/runtime": "containerd",
+                "pullthrough.dev/last-error": error,
+            }},
+        "spec": {"holderIdentity": node, "leaseDurationSeconds": secs,
+                 "renewTime": MicroTime(renewed)},
+    })
+    .to_string()
+}
+
 /// The operator's `/metrics`: the real binary as the leader against a
 /// real API server, once it has published the registry table and counted
-/// the nodes (none here). Stopped by PID before returning.
+/// four nodes from their agents' Leases, one in each state. Stopped by PID
+/// before returning.
 fn operator_metrics() -> String {
     let api = KubeApiserver::start().expect("start etcd + kube-apiserver");
     let crd = std::fs::read_to_string(root().join("charts/pullthrough/crds/mirrorregistries.yaml"))
@@ -296,15 +319,67 @@ fn operator_metrics() -> String {
         Process::spawn("pullthrough-operator", cmd, api.dir().join("operator.log")).unwrap();
     let url = format!("http://127.0.0.1:{port}/metrics");
     let mut text = String::new();
-    op.wait_ready("operator counting nodes", Duration::from_secs(60), || {
-        text = Get::new(&url)
-            .send()
-            .map(|r| String::from_utf8_lossy(&r.body).into_owned())
-            .unwrap_or_default();
-        Ok(text.contains(r#"pullthrough_operator_nodes{state="configured"} 0"#))
-    })
-    .unwrap_or_else(|e| panic!("{e}\n{text}"));
-    assert!(text.contains("pullthrough_operator_leader 1"), "{text}");
+    let mut wait_for = |op: &mut Process, what: &str, lines: &[&str]| {
+        op.wait_ready(what, Duration::from_secs(60), || {
+            text = Get::new(&url)
+                .send()
+                .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+                .unwrap_or_default();
+            Ok(lines.iter().all(|l| text.lines().any(|t| t == *l)))
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{text}"));
+        text.clone()
+    };
+    wait_for(
+        &mut op,
+        "the leader counting no nodes",
+        &[
+            "pullthrough_operator_leader 1",
+            r#"pullthrough_operator_nodes{state="configured"} 0"#,
+        ],
+    );
+    // The table the operator wrote; agents report the hash they applied.
+    let hash = api
+        .kubectl(&[
+            "get",
+            "configmap",
+            "pullthrough-registries",
+            "-n",
+            "pullthrough",
+            "-o",
+            r"jsonpath={.metadata.annotations.pullthrough\.dev/config-hash}",
+        ])
+        .unwrap();
+    assert_eq!(hash.trim().len(), 64, "table hash {hash:?}");
+    let now = Timestamp::now();
+    let hour_ago = Timestamp::from_second(now.as_second() - 3600).unwrap();
+    for lease in [
+        agent_lease("node-a", hash.trim(), "", now, 3600),
+        agent_lease("node-b", "an-older-table", "", now, 3600),
+        agent_lease(
+            "node-c",
+            hash.trim(),
+            "hosts.toml: permission denied",
+            now,
+            3600,
+        ),
+        agent_lease("node-d", hash.trim(), "", hour_ago, 40),
+        // node-d's Node exists: its expired Lease is a node gone silent,
+        // not history.
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-d"}}).to_string(),
+    ] {
+        api.kubectl_stdin(&["apply", "-f", "-"], &lease).unwrap();
+    }
+    let text = wait_for(
+        &mut op,
+        "one node in each state",
+        &[
+            r#"pullthrough_operator_nodes{state="configured"} 1"#,
+            r#"pullthrough_operator_nodes{state="pending"} 1"#,
+            r#"pullthrough_operator_nodes{state="failed"} 1"#,
+            r#"pullthrough_operator_nodes{state="expired"} 1"#,
+        ],
+    );
     op.stop().unwrap();
     drop(api);
     text
