@@ -567,43 +567,45 @@ fn dashboard_configmap_carries_the_sidecar_label_and_the_json_file() {
     );
 }
 
-const P: &str = r#"job="pullthrough-proxy",namespace="pullthrough""#;
-const O: &str = r#"job="pullthrough-operator-metrics",namespace="pullthrough""#;
-
-/// `{labels}` of a series: the proxy's or operator's job labels plus `extra`.
-fn series(metric: &str, job: &str, extra: &str, values: &str) -> Value {
-    let sep = if extra.is_empty() { "" } else { "," };
-    json!({"series": format!("{metric}{{{job}{sep}{extra}}}"), "values": values})
-}
-
-/// One expected alert: its labels and annotations (`description` copied
-/// from the rendered rule, which carries no Prometheus template).
-fn fired(rules: &[&Value], alert: &str, labels: Value, summary: &str) -> Value {
-    let rule = rules
-        .iter()
-        .find(|r| r["alert"] == alert)
-        .unwrap_or_else(|| panic!("no rule {alert}"));
-    let description = rule["annotations"]["description"]
-        .as_str()
-        .expect("description");
-    assert!(!description.contains("{{"), "{alert}: static description");
-    let mut labels = labels;
-    labels["severity"] = rule["labels"]["severity"].clone();
-    json!({
-        "exp_labels": labels,
-        "exp_annotations": {"summary": summary, "description": description},
-    })
-}
-
 fn promtool(args: &[&str], dir: &Path) -> Result<String, Error> {
     run(Command::new(go_tool("promtool")?)
         .current_dir(dir)
         .args(args))
 }
 
+/// A promtool unit-test file for `rules` from `tests`: each expected
+/// alert gets its rule's `severity` label and its (static, Helm-rendered)
+/// `description`, so the fixture spells out only what the alert's values
+/// decide.
+fn unit_tests(rules: &[&Value], mut tests: Value) -> Value {
+    let groups = tests["tests"].as_array_mut().expect("tests");
+    for case in groups.iter_mut().flat_map(|g| {
+        g["alert_rule_test"]
+            .as_array_mut()
+            .expect("alert_rule_test")
+    }) {
+        let name = case["alertname"].as_str().expect("alertname").to_string();
+        let rule = rules
+            .iter()
+            .find(|r| r["alert"] == name.as_str())
+            .unwrap_or_else(|| panic!("no rule {name}"));
+        let description = rule["annotations"]["description"]
+            .as_str()
+            .expect("description");
+        assert!(!description.contains("{{"), "{name}: static description");
+        for alert in case["exp_alerts"].as_array_mut().expect("exp_alerts") {
+            alert["exp_labels"]["severity"] = rule["labels"]["severity"].clone();
+            alert["exp_annotations"]["description"] = json!(description);
+        }
+    }
+    tests["rule_files"] = json!(["rules.yaml"]);
+    tests
+}
+
 /// `promtool check rules` on the rendered PrometheusRule's spec, then
-/// `promtool test rules`: input series, and the alerts each must (and must
-/// not) fire at a given time. A deliberately wrong expectation fails.
+/// `promtool test rules` with `tests/fixtures/prometheusrule-tests.yaml`:
+/// input series, and the alerts each must (and must not) fire at a given
+/// time. A deliberately wrong expectation fails.
 #[test]
 fn prometheus_rule_passes_promtool_check_and_unit_tests() {
     let helm = Helm::new(None).expect("helm");
@@ -614,7 +616,7 @@ fn prometheus_rule_passes_promtool_check_and_unit_tests() {
     let spec = &rule[0]["spec"];
     let rules = alert_rules(spec);
     let names: BTreeSet<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
-    for want in [
+    let all = [
         "PullthroughProxyDown",
         "PullthroughHitRatioLow",
         "PullthroughUpstreamBudgetLow",
@@ -626,9 +628,8 @@ fn prometheus_rule_passes_promtool_check_and_unit_tests() {
         "PullthroughOperatorDown",
         "PullthroughOperatorNoLeader",
         "PullthroughReconcileFailures",
-    ] {
-        assert!(names.contains(want), "{want} in {names:?}");
-    }
+    ];
+    assert_eq!(names, BTreeSet::from(all));
 
     let dir = tempfile::tempdir().unwrap();
     // JSON is YAML: promtool reads the spec as a rules file as it stands.
@@ -640,237 +641,41 @@ fn prometheus_rule_passes_promtool_check_and_unit_tests() {
         "{checked}"
     );
 
-    let lbl = |pairs: &[(&str, &str)]| -> Value {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), json!(v)))
-            .collect::<serde_json::Map<_, _>>()
-            .into()
-    };
-    let pj = [("job", "pullthrough-proxy"), ("namespace", "pullthrough")];
-    let oj = [
-        ("job", "pullthrough-operator-metrics"),
-        ("namespace", "pullthrough"),
-    ];
-    let with = |base: &[(&str, &str)], more: &[(&str, &str)]| {
-        let mut v = base.to_vec();
-        v.extend_from_slice(more);
-        lbl(&v)
-    };
-    let requests = "pullthrough_requests_total";
-    let blob = |registry: &str, result: &str, values: &str| {
-        series(
-            requests,
-            P,
-            &format!(r#"registry="{registry}",kind="blob",result="{result}""#),
-            values,
-        )
-    };
-
-    let tests = json!([
-        {
-            // One replica down of two; the other up: one alert.
-            "interval": "1m",
-            "input_series": [
-                series("up", P, r#"instance="10.0.0.1:9090",pod="proxy-a""#, "0x10"),
-                series("up", P, r#"instance="10.0.0.2:9090",pod="proxy-b""#, "1x10"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "3m", "alertname": "PullthroughProxyDown", "exp_alerts": []},
-                {"eval_time": "6m", "alertname": "PullthroughProxyDown", "exp_alerts": [
-                    fired(&rules, "PullthroughProxyDown",
-                          with(&pj, &[("instance", "10.0.0.1:9090"), ("pod", "proxy-a")]),
-                          "pullthrough proxy 10.0.0.1:9090 does not answer scrapes"),
-                ]},
-            ],
-        },
-        {
-            // No proxy target at all (absent), while the operator is scraped.
-            "interval": "1m",
-            "input_series": [series("up", O, r#"pod="operator-a""#, "1x10")],
-            "alert_rule_test": [
-                {"eval_time": "6m", "alertname": "PullthroughProxyDown", "exp_alerts": [
-                    fired(&rules, "PullthroughProxyDown", lbl(&pj),
-                          "no pullthrough proxy target is scraped"),
-                ]},
-                {"eval_time": "6m", "alertname": "PullthroughOperatorDown", "exp_alerts": []},
-                // No operator metrics at all: no leader alert either
-                // (OperatorDown is the one that speaks then).
-                {"eval_time": "6m", "alertname": "PullthroughOperatorNoLeader", "exp_alerts": []},
-            ],
-        },
-        {
-            // Blob hit ratios over 1h: docker.io 10% (fires), quay.io 90%
-            // (quiet), ghcr.io all misses and never a hit series (fires at
-            // 0%), gcr.io 0% but only 60 requests an hour (quiet).
-            "interval": "1m",
-            "input_series": [
-                blob("docker.io", "hit", "0+1x120"),
-                blob("docker.io", "miss", "0+9x120"),
-                blob("quay.io", "hit", "0+9x120"),
-                blob("quay.io", "miss", "0+1x120"),
-                blob("ghcr.io", "miss", "0+10x120"),
-                blob("gcr.io", "miss", "0+1x120"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "100m", "alertname": "PullthroughHitRatioLow", "exp_alerts": [
-                    fired(&rules, "PullthroughHitRatioLow", with(&pj, &[("registry", "docker.io")]),
-                          "docker.io: only 10% of blob requests answered from the cache"),
-                    fired(&rules, "PullthroughHitRatioLow", with(&pj, &[("registry", "ghcr.io")]),
-                          "ghcr.io: only 0% of blob requests answered from the cache"),
-                ]},
-            ],
-        },
-        {
-            // Upstream budget: 5 of 100 left (fires), 50 of 100 (quiet).
-            "interval": "1m",
-            "input_series": [
-                series("pullthrough_upstream_ratelimit_remaining", P,
-                       r#"registry="docker.io",source="anonymous",pod="proxy-a""#, "5x10"),
-                series("pullthrough_upstream_ratelimit_limit", P,
-                       r#"registry="docker.io",source="anonymous",pod="proxy-a""#, "100x10"),
-                series("pullthrough_upstream_ratelimit_remaining", P,
-                       r#"registry="docker.io",source="credentials",pod="proxy-a""#, "50x10"),
-                series("pullthrough_upstream_ratelimit_limit", P,
-                       r#"registry="docker.io",source="credentials",pod="proxy-a""#, "100x10"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "10m", "alertname": "PullthroughUpstreamBudgetLow", "exp_alerts": [
-                    fired(&rules, "PullthroughUpstreamBudgetLow",
-                          with(&pj, &[("registry", "docker.io"), ("source", "anonymous")]),
-                          "docker.io (anonymous): 5% of the upstream pull budget left"),
-                ]},
-            ],
-        },
-        {
-            // A proxy of today, without the rate-limit gauges: silent.
-            "interval": "1m",
-            "input_series": [
-                series("up", P, r#"instance="10.0.0.1:9090",pod="proxy-a""#, "1x30"),
-                blob("docker.io", "hit", "0+1x30"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "30m", "alertname": "PullthroughUpstreamBudgetLow", "exp_alerts": []},
-                {"eval_time": "30m", "alertname": "PullthroughProxyDown", "exp_alerts": []},
-            ],
-        },
-        {
-            // Disk caches: 96 of 100 (fires), 50 of 100 (quiet), 1000 and
-            // unbounded (quiet).
-            "interval": "1m",
-            "input_series": [
-                series("pullthrough_cache_bytes", P, r#"pod="proxy-a""#, "96x20"),
-                series("pullthrough_cache_max_bytes", P, r#"pod="proxy-a""#, "100x20"),
-                series("pullthrough_cache_bytes", P, r#"pod="proxy-b""#, "50x20"),
-                series("pullthrough_cache_max_bytes", P, r#"pod="proxy-b""#, "100x20"),
-                series("pullthrough_cache_bytes", P, r#"pod="proxy-c""#, "1000x20"),
-                series("pullthrough_cache_max_bytes", P, r#"pod="proxy-c""#, "0x20"),
-                series("pullthrough_disk_full_events_total", P, r#"pod="proxy-b""#, "0x5 1x15"),
-                series("pullthrough_disk_full_events_total", P, r#"pod="proxy-c""#, "0x20"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "10m", "alertname": "PullthroughCacheNearMaxSize", "exp_alerts": []},
-                {"eval_time": "20m", "alertname": "PullthroughCacheNearMaxSize", "exp_alerts": [
-                    fired(&rules, "PullthroughCacheNearMaxSize", with(&pj, &[("pod", "proxy-a")]),
-                          "proxy-a: disk cache at 96% of its maxSize"),
-                ]},
-                {"eval_time": "12m", "alertname": "PullthroughCacheDiskFull", "exp_alerts": [
-                    fired(&rules, "PullthroughCacheDiskFull", with(&pj, &[("pod", "proxy-b")]),
-                          "proxy-b: cache disk full, blobs passed through uncached"),
-                ]},
-            ],
-        },
-        {
-            // The operator leader's view of the nodes: 3 configured,
-            // 2 pending (fires, once, for "pending"), none failed.
-            "interval": "1m",
-            "input_series": [
-                series("pullthrough_operator_nodes", O, r#"pod="operator-a",state="configured""#, "3x30"),
-                series("pullthrough_operator_nodes", O, r#"pod="operator-a",state="pending""#, "2x30"),
-                series("pullthrough_operator_nodes", O, r#"pod="operator-a",state="failed""#, "0x30"),
-                series("pullthrough_operator_nodes", O, r#"pod="operator-a",state="expired""#, "0x30"),
-                series("pullthrough_operator_leader", O, r#"pod="operator-a""#, "1x30"),
-                series("pullthrough_operator_leader", O, r#"pod="operator-b""#, "0x30"),
-                series("up", O, r#"pod="operator-a""#, "1x30"),
-                series("up", O, r#"pod="operator-b""#, "1x30"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "10m", "alertname": "PullthroughNodesNotConfigured", "exp_alerts": []},
-                {"eval_time": "20m", "alertname": "PullthroughNodesNotConfigured", "exp_alerts": [
-                    fired(&rules, "PullthroughNodesNotConfigured", with(&oj, &[("state", "pending")]),
-                          "2 node(s) pending: not pulling through pullthrough as configured"),
-                ]},
-                {"eval_time": "20m", "alertname": "PullthroughOperatorDown", "exp_alerts": []},
-                {"eval_time": "20m", "alertname": "PullthroughOperatorNoLeader", "exp_alerts": []},
-            ],
-        },
-        {
-            // Both operator replicas down; then none leads.
-            "interval": "1m",
-            "input_series": [
-                series("up", O, r#"pod="operator-a""#, "0x20"),
-                series("up", O, r#"pod="operator-b""#, "0x20"),
-                series("pullthrough_operator_leader", O, r#"pod="operator-c""#, "0x20"),
-                series("pullthrough_operator_reconcile_failures_total", O,
-                       r#"pod="operator-c",reason="kube_api""#, "0+1x40"),
-                series("pullthrough_operator_reconcile_failures_total", O,
-                       r#"pod="operator-c",reason="waiting_for_agents""#, "0+5x40"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "15m", "alertname": "PullthroughOperatorDown", "exp_alerts": [
-                    fired(&rules, "PullthroughOperatorDown", lbl(&oj),
-                          "no pullthrough operator replica answers scrapes"),
-                ]},
-                {"eval_time": "15m", "alertname": "PullthroughOperatorNoLeader", "exp_alerts": [
-                    fired(&rules, "PullthroughOperatorNoLeader", lbl(&oj),
-                          "no pullthrough operator replica holds the leader Lease"),
-                ]},
-                {"eval_time": "30m", "alertname": "PullthroughReconcileFailures", "exp_alerts": [
-                    fired(&rules, "PullthroughReconcileFailures", with(&oj, &[("reason", "kube_api")]),
-                          "pullthrough operator reconciles fail (kube_api)"),
-                ]},
-            ],
-        },
-        {
-            // CAs: one expires in 10 days (fires), one in 400 (quiet); one
-            // bucket that does not answer.
-            "interval": "1m",
-            "input_series": [
-                series("pullthrough_ca_not_after_seconds", P, r#"pod="proxy-a""#, "864000x150"),
-                series("pullthrough_ca_not_after_seconds", P, r#"pod="proxy-b""#, "34560000x150"),
-                series("pullthrough_shared_storage_up", P, r#"pod="proxy-a""#, "0x150"),
-                series("pullthrough_shared_storage_up", P, r#"pod="proxy-b""#, "1x150"),
-            ],
-            "alert_rule_test": [
-                {"eval_time": "2h", "alertname": "PullthroughCAExpiresSoon", "exp_alerts": [
-                    fired(&rules, "PullthroughCAExpiresSoon", with(&pj, &[("pod", "proxy-a")]),
-                          "proxy-a: the CA it signs with expires in 9d 22h 0m 0s"),
-                ]},
-                {"eval_time": "30m", "alertname": "PullthroughSharedStorageDown", "exp_alerts": [
-                    fired(&rules, "PullthroughSharedStorageDown", with(&pj, &[("pod", "proxy-a")]),
-                          "proxy-a: shared storage (S3) does not answer"),
-                ]},
-            ],
-        },
-    ]);
-    let file = |tests: &Value| json!({"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests});
-    std::fs::write(dir.path().join("tests.yaml"), file(&tests).to_string()).unwrap();
+    let fixture =
+        std::fs::read_to_string(root().join("tests/fixtures/prometheusrule-tests.yaml")).unwrap();
+    let tests = unit_tests(
+        &rules,
+        serde_norway::from_str(&fixture).expect("fixture YAML"),
+    );
+    // Every alert is seen firing at least once.
+    let fired: BTreeSet<&str> = tests["tests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["alert_rule_test"].as_array().unwrap())
+        .filter(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()))
+        .filter_map(|c| c["alertname"].as_str())
+        .collect();
+    assert_eq!(fired, BTreeSet::from(all), "alerts the fixture sees firing");
+    std::fs::write(dir.path().join("tests.yaml"), tests.to_string()).unwrap();
     let out = promtool(&["test", "rules", "tests.yaml"], dir.path())
         .unwrap_or_else(|e| panic!("promtool test rules: {e}"));
     assert!(out.contains("SUCCESS"), "{out}");
 
     // Not vacuous: expecting the budget alert while its gauges are absent
     // fails.
-    let wrong = json!([{
-        "interval": "1m",
-        "input_series": [series("up", P, r#"pod="proxy-a""#, "1x30")],
-        "alert_rule_test": [{"eval_time": "30m", "alertname": "PullthroughUpstreamBudgetLow", "exp_alerts": [
-            fired(&rules, "PullthroughUpstreamBudgetLow",
-                  with(&pj, &[("registry", "docker.io"), ("source", "anonymous")]),
-                  "docker.io (anonymous): 5% of the upstream pull budget left"),
-        ]}],
-    }]);
-    std::fs::write(dir.path().join("wrong.yaml"), file(&wrong).to_string()).unwrap();
+    let wrong = unit_tests(
+        &rules,
+        json!({"evaluation_interval": "1m", "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": r#"up{job="pullthrough-proxy",namespace="pullthrough"}"#, "values": "1x30"}],
+            "alert_rule_test": [{"eval_time": "30m", "alertname": "PullthroughUpstreamBudgetLow", "exp_alerts": [{
+                "exp_labels": {"job": "pullthrough-proxy", "namespace": "pullthrough", "registry": "docker.io", "source": "anonymous"},
+                "exp_annotations": {"summary": "docker.io (anonymous): 5% of the upstream pull budget left"},
+            }]}],
+        }]}),
+    );
+    std::fs::write(dir.path().join("wrong.yaml"), wrong.to_string()).unwrap();
     let r = promtool(&["test", "rules", "wrong.yaml"], dir.path());
     assert!(
         matches!(&r, Err(Error::Command { output, .. }) if output.contains("PullthroughUpstreamBudgetLow")),
