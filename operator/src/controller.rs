@@ -153,6 +153,8 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     let name = obj.name_any();
     let obs = ctx.observe(false).await?;
     let table = ctx.converge_table(&obj, &obs).await?;
+    ctx.metrics
+        .set_nodes(&nodes::states(&obs.reports, &table.hash));
     let (desired, counts) =
         status::desired_conditions(table.verdicts.get(&name), &obj.spec.host, &table, &obs);
     let old = obj.status.as_ref();
@@ -338,6 +340,21 @@ async fn publish_initial_table(ctx: Arc<Context>) {
     }
 }
 
+/// Keeps `pullthrough_operator_nodes` current without reconciles (there
+/// are none while no MirrorRegistry exists): every resync interval, the
+/// agents' reports against the table last written.
+async fn refresh_node_metrics(ctx: Arc<Context>) {
+    loop {
+        if let Some(hash) = ctx.state.publisher.last_hash().await {
+            match ctx.observe(false).await {
+                Ok(obs) => ctx.metrics.set_nodes(&nodes::states(&obs.reports, &hash)),
+                Err(e) => tracing::debug!(error = %e, "observing the nodes for metrics"),
+            }
+        }
+        tokio::time::sleep(ctx.config.settings.resync_interval).await;
+    }
+}
+
 /// Runs the controller until `stop` fires.
 pub async fn run(
     client: Client,
@@ -354,6 +371,7 @@ pub async fn run(
         client, settings, base, store, &identity, metrics,
     ));
     let initial = tokio::spawn(publish_initial_table(ctx.clone()));
+    let node_metrics = tokio::spawn(refresh_node_metrics(ctx.clone()));
     controller
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
@@ -366,4 +384,5 @@ pub async fn run(
         })
         .await;
     initial.abort();
+    node_metrics.abort();
 }

@@ -57,6 +57,10 @@ impl Error {
         }
     }
 
+    /// Every value of [`Error::reason`], so the failure counters exist
+    /// (at 0) before the first failure.
+    pub const REASONS: [&'static str; 4] = ["kube_api", "finalizer", "table", "waiting_for_agents"];
+
     /// The `reason` label of `reconcile_failures_total`.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -122,6 +126,7 @@ mod tests {
         let e = Error::from_finalizer(finalizer::Error::CleanupFailed(wait));
         assert_eq!(e.retry(), Retry::Poll(AGENT_POLL));
         assert_eq!(e.reason(), "waiting_for_agents");
+        assert!(Error::REASONS.contains(&e.reason()));
         assert_eq!(e.to_string(), "waiting for agents on a,b to drop quay.io");
     }
 
@@ -133,7 +138,14 @@ mod tests {
             e.to_string().starts_with("applying ConfigMap ns/x: "),
             "{e}"
         );
+        assert!(Error::REASONS.contains(&e.reason()));
         let e = Error::from_finalizer(finalizer::Error::UnnamedObject);
         assert_eq!((e.reason(), e.retry()), ("finalizer", Retry::Backoff));
+        assert!(Error::REASONS.contains(&e.reason()));
+        let e = Error::Table(ConfigError {
+            key: "registries".into(),
+            message: "x".into(),
+        });
+        assert!(Error::REASONS.contains(&e.reason()));
     }
 }

@@ -1,4 +1,5 @@
-//! Prometheus metrics: reconcile runs, failures by reason, duration.
+//! Prometheus metrics: reconcile runs, failures by reason, duration, and
+//! the nodes by what their agents report.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -7,9 +8,16 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::nodes::NodeState;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
 }
 
 /// The operator's metrics.
@@ -21,6 +29,7 @@ pub struct Metrics {
     pub duration: Histogram,
     pub table_writes: Counter,
     pub leader: Gauge,
+    pub nodes: Family<StateLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -28,11 +37,19 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("pullthrough_operator");
         let reconciles = Counter::default();
         let failures = Family::<ReasonLabels, Counter>::default();
+        // Every reason at 0 from the start: an alert's increase() then
+        // counts the first failure too.
+        for reason in crate::error::Error::REASONS {
+            let _created = failures.get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            });
+        }
         let duration = Histogram::new([
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let table_writes = Counter::default();
         let leader = Gauge::default();
+        let nodes = Family::<StateLabels, Gauge>::default();
         registry.register(
             "reconciles",
             "MirrorRegistry reconcile runs",
@@ -58,6 +75,11 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease",
             leader.clone(),
         );
+        registry.register(
+            "nodes",
+            "Nodes by their agent's last report against the current registry table: configured, pending (older table or none), failed (reports an error), expired (Lease expired, Node still there); set by the leader",
+            nodes.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -65,6 +87,7 @@ impl Default for Metrics {
             duration,
             table_writes,
             leader,
+            nodes,
         }
     }
 }
@@ -78,6 +101,17 @@ impl Metrics {
             .inc();
     }
 
+    /// Sets `nodes{state}` for every state.
+    pub fn set_nodes(&self, counts: &[(NodeState, u32)]) {
+        for (state, n) in counts {
+            self.nodes
+                .get_or_create(&StateLabels {
+                    state: state.as_str().to_string(),
+                })
+                .set(i64::from(*n));
+        }
+    }
+
     /// Text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -85,5 +119,33 @@ impl Metrics {
             out.clear();
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodes_by_state_are_encoded() {
+        let m = Metrics::default();
+        m.set_nodes(&[(NodeState::Configured, 3), (NodeState::Failed, 1)]);
+        let text = m.encode();
+        for line in [
+            "# TYPE pullthrough_operator_nodes gauge",
+            r#"pullthrough_operator_nodes{state="configured"} 3"#,
+            r#"pullthrough_operator_nodes{state="failed"} 1"#,
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        }
+        assert!(
+            text.contains(r#"pullthrough_operator_reconcile_failures_total{reason="kube_api"} 0"#),
+            "failure counters exist before the first failure: {text}"
+        );
+        m.set_nodes(&[(NodeState::Failed, 0)]);
+        assert!(
+            m.encode()
+                .contains(r#"pullthrough_operator_nodes{state="failed"} 0"#)
+        );
     }
 }

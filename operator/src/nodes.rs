@@ -82,6 +82,62 @@ pub fn counts(reports: &[AgentReport], host: &str) -> NodeCounts {
     }
 }
 
+/// A node as its agent last reported it, against the registry table the
+/// operator publishes now (`pullthrough_operator_nodes{state}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeState {
+    /// Live Lease, no error, the current table applied.
+    Configured,
+    /// Live Lease, no error, an older table (or none yet) applied.
+    Pending,
+    /// Live Lease carrying the agent's last error.
+    Failed,
+    /// The Lease expired while the Node still exists: the agent stopped
+    /// reporting.
+    Expired,
+}
+
+impl NodeState {
+    pub const ALL: [NodeState; 4] = [
+        NodeState::Configured,
+        NodeState::Pending,
+        NodeState::Failed,
+        NodeState::Expired,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Configured => "configured",
+            NodeState::Pending => "pending",
+            NodeState::Failed => "failed",
+            NodeState::Expired => "expired",
+        }
+    }
+
+    pub fn of(report: &AgentReport, table_hash: &str) -> NodeState {
+        if !report.live {
+            NodeState::Expired
+        } else if report.last_error.is_some() {
+            NodeState::Failed
+        } else if report.config_hash.as_deref() == Some(table_hash) {
+            NodeState::Configured
+        } else {
+            NodeState::Pending
+        }
+    }
+}
+
+/// How many reporting nodes are in each state (every state, zeros too).
+pub fn states(reports: &[AgentReport], table_hash: &str) -> [(NodeState, u32); 4] {
+    NodeState::ALL.map(|s| {
+        let n = reports
+            .iter()
+            .filter(|r| NodeState::of(r, table_hash) == s)
+            .count();
+        (s, u32::try_from(n).unwrap_or(u32::MAX))
+    })
+}
+
 /// Live nodes that still list `host` (deletion waits for them).
 pub fn still_listing<'a>(reports: &'a [AgentReport], host: &str) -> Vec<&'a str> {
     reports
@@ -128,6 +184,48 @@ mod tests {
         let c = counts(&r, "quay.io");
         assert_eq!((c.configured, c.total), (1, 3));
         assert_eq!(still_listing(&r, "docker.io"), ["a", "c"]);
+    }
+
+    #[test]
+    fn node_states_against_the_current_table() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let hashed = |name: &str, renewed: i64, hash: Option<&str>, error: &str| {
+            let mut l = lease(name, renewed, "quay.io");
+            let ann = l.metadata.annotations.get_or_insert_default();
+            if let Some(h) = hash {
+                ann.insert(crate::CONFIG_HASH_ANNOTATION.into(), h.into());
+            }
+            ann.insert(LAST_ERROR_ANNOTATION.into(), error.into());
+            l
+        };
+        let leases = [
+            hashed("pullthrough-agent-a", 990, Some("new"), ""),
+            hashed("pullthrough-agent-b", 995, Some("new"), ""),
+            hashed("pullthrough-agent-c", 990, Some("old"), ""),
+            hashed("pullthrough-agent-d", 990, None, ""),
+            hashed(
+                "pullthrough-agent-e",
+                990,
+                Some("new"),
+                "hosts.toml: denied",
+            ),
+            hashed("pullthrough-agent-f", 100, Some("new"), ""),
+        ];
+        let r = reports(&leases, "pullthrough-agent-", now);
+        let got: Vec<_> = states(&r, "new")
+            .iter()
+            .map(|(s, n)| (s.as_str(), *n))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("configured", 2),
+                ("pending", 2),
+                ("failed", 1),
+                ("expired", 1)
+            ]
+        );
+        assert_eq!(states(&[], "new").map(|(_, n)| n), [0; 4]);
     }
 
     #[test]

@@ -68,6 +68,15 @@ fn fingerprint(all: &[Arc<MirrorRegistry>], proxy: Option<&NodeProxy>) -> u64 {
 }
 
 impl Publisher {
+    /// The hash of the table last written (None before the first write).
+    pub async fn last_hash(&self) -> Option<String> {
+        self.last
+            .lock()
+            .await
+            .as_ref()
+            .map(|l| l.table.hash.clone())
+    }
+
     /// Renders the table from the cache (with `current`, when given,
     /// replacing its cached copy) and applies it when it changed.
     pub async fn converge(

@@ -223,6 +223,7 @@ fn refresh_metrics(shared: &Shared) {
         st.evictions.load(Ordering::Relaxed),
         st.evicted_bytes.load(Ordering::Relaxed),
     );
+    shared.metrics.set_cache_max(shared.store.limits().max_size);
     if let Some(uploads) = &shared.uploads {
         shared
             .metrics

@@ -16,7 +16,8 @@ pub fn tools_dir() -> PathBuf {
 }
 
 /// Path of a Go-built tool (`kube-apiserver`, `kubectl`, `crictl`, `helm`,
-/// `kubeconform`); an error that says how to install it when missing.
+/// `kubeconform`, `promtool`, ...); an error that says how to install it
+/// when missing.
 pub fn go_tool(name: &str) -> Result<PathBuf> {
     let path = tools_dir().join(name);
     if path.is_file() {

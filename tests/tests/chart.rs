@@ -739,31 +739,11 @@ fn several_replicas_on_a_read_write_once_volume_are_refused() {
     }
 }
 
-/// A loose ServiceMonitor CRD (the Prometheus Operator's real one is not
-/// available offline): lets the all-features release install, and gives
-/// kubeconform a schema for the kind (checked for apiVersion/kind/metadata
-/// only; its spec is not validated here).
-const SERVICE_MONITOR_CRD: &str = r#"
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata:
-  name: servicemonitors.monitoring.coreos.com
-spec:
-  group: monitoring.coreos.com
-  scope: Namespaced
-  names: {plural: servicemonitors, singular: servicemonitor, kind: ServiceMonitor, listKind: ServiceMonitorList}
-  versions:
-    - name: v1
-      served: true
-      storage: true
-      schema:
-        openAPIV3Schema:
-          type: object
-          properties:
-            spec:
-              type: object
-              x-kubernetes-preserve-unknown-fields: true
-"#;
+/// Stand-ins for the Prometheus Operator's ServiceMonitor and
+/// PrometheusRule CRDs (the real ones are not available offline): they let
+/// the all-features release install, and give kubeconform a schema for each
+/// kind (see the file).
+const MONITORING_CRDS: &str = include_str!("../fixtures/prometheus-operator-crds.yaml");
 
 fn kubeconform_strict(kc: &Kubeconform, what: &str, manifest: &str) {
     let summary = kc
@@ -934,16 +914,17 @@ fn chart_validates_installs_and_uninstalls() {
     let helm = api.helm().expect("helm");
 
     // CRDs: the chart's (as helm would install it) and the stand-in
-    // ServiceMonitor.
+    // ServiceMonitor and PrometheusRule.
     let crd = std::fs::read_to_string(root().join("charts/pullthrough/crds/mirrorregistries.yaml"))
         .expect("chart CRD");
     api.kubectl_stdin(&["apply", "-f", "-"], &crd)
         .expect("apply MirrorRegistry CRD");
-    api.kubectl_stdin(&["apply", "-f", "-"], SERVICE_MONITOR_CRD)
-        .expect("apply ServiceMonitor CRD");
+    api.kubectl_stdin(&["apply", "-f", "-"], MONITORING_CRDS)
+        .expect("apply ServiceMonitor and PrometheusRule CRDs");
     for name in [
         "crd/mirrorregistries.pullthrough.dev",
         "crd/servicemonitors.monitoring.coreos.com",
+        "crd/prometheusrules.monitoring.coreos.com",
     ] {
         api.kubectl(&["wait", "--for=condition=established", "--timeout=60s", name])
             .expect("CRD established");
@@ -952,6 +933,7 @@ fn chart_validates_installs_and_uninstalls() {
         .kubeconform_with(&[
             ("pullthrough.dev/v1alpha1", "MirrorRegistry"),
             ("monitoring.coreos.com/v1", "ServiceMonitor"),
+            ("monitoring.coreos.com/v1", "PrometheusRule"),
         ])
         .expect("kubeconform schemas");
     let all = all_features();
@@ -981,6 +963,11 @@ fn chart_validates_installs_and_uninstalls() {
         matches!(kc.run(&["-strict"], typo), Err(Error::Command { output, .. }) if output.contains("tagTTl")),
         "kubeconform must check MirrorRegistry's schema"
     );
+    let typo = "apiVersion: monitoring.coreos.com/v1\nkind: PrometheusRule\nmetadata: {name: r}\nspec: {groups: [{name: g, rules: [{alert: A, expr: up == 0, anotations: {}}]}]}\n";
+    assert!(
+        matches!(kc.run(&["-strict"], typo), Err(Error::Command { output, .. }) if output.contains("anotations")),
+        "kubeconform must check PrometheusRule's rules"
+    );
     // The operator's RBAC is what its integration test runs with.
     let operator_rbac = std::fs::read_to_string(root().join("operator/rbac/operator-rbac.yaml"))
         .expect("operator/rbac/operator-rbac.yaml");
@@ -1000,9 +987,12 @@ fn chart_validates_installs_and_uninstalls() {
     let validated = started.elapsed();
 
     let n_default = install_check_uninstall(&api, &helm, "pullthrough", "pullthrough", None);
-    // The all-features release references namespace team-a.
+    // The all-features release references namespace team-a and puts its
+    // Grafana dashboard in namespace monitoring.
     api.create_service_account("team-a", "default")
         .expect("namespace team-a");
+    api.kubectl(&["create", "namespace", "monitoring"])
+        .expect("namespace monitoring");
     let n_all = install_check_uninstall(&api, &helm, "pullthrough", "pullthrough-all", Some(&all));
     // Its starter MirrorRegistries passed the CRD's CEL rules and are gone.
     let mregs = api

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Go-only test tools (kube-apiserver, kubectl, crictl, helm,
-# kubeconform, SeaweedFS's weed) from the Go module proxy and cache them by
+# kubeconform, promtool, SeaweedFS's weed) from the Go module proxy and cache them by
 # version, so only the first run on a machine pays for the build
 # (kube-apiserver: many minutes; weed about 7).
 #
@@ -20,6 +20,9 @@ K8S_VERSIONS="v1.34.4 v1.34.3"        # k8s.io/kubernetes: control plane, kubele
 CRICTL_VERSIONS="v1.34.0 v1.37.0"     # sigs.k8s.io/cri-tools (CRI v1, fine for containerd 1.6)
 HELM_VERSIONS="v3.19.0 v3.19.5"       # helm.sh/helm/v3
 KUBECONFORM_VERSIONS="v0.7.0 v0.6.7"  # github.com/yannh/kubeconform
+# github.com/prometheus/prometheus (module v0.316.0 = Prometheus 3.16.0):
+# promtool checks and unit-tests the chart's PrometheusRule.
+PROMTOOL_VERSIONS="v0.316.0 v0.315.1"
 # github.com/seaweedfs/seaweedfs (the object store of the scale-out tests);
 # the module proxy serves it only as a pseudo-version.
 WEED_VERSIONS="v0.0.0-20261109003541-7506e5f91cd6"
@@ -43,7 +46,7 @@ flock 9
 
 FAILED=()
 ONLY=("$@")
-TOOLS="weed kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy crictl helm kubeconform"
+TOOLS="weed kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy crictl helm kubeconform promtool"
 for t in "${ONLY[@]}"; do
   [[ " $TOOLS " == *" $t "* ]] || { echo "go-tools.sh: unknown tool '$t' (known: $TOOLS)" >&2; exit 2; }
 done
@@ -175,6 +178,10 @@ build_kubeconform() {
   go_install github.com/yannh/kubeconform/cmd/kubeconform "$2" \
     "-X main.version=$2" "$3" "$4"
 }
+build_promtool() {
+  go_install github.com/prometheus/prometheus/cmd/promtool "$2" \
+    "-X github.com/prometheus/common/version.Version=$2" "$3" "$4"
+}
 
 # SeaweedFS's go.mod has a `replace`, which `go install pkg@version` refuses:
 # build inside the downloaded (read-only) module, with its own go.mod/go.sum.
@@ -258,6 +265,7 @@ done
 wanted crictl      && ensure crictl      build_crictl      "$CRICTL_VERSIONS"
 wanted helm        && ensure helm        build_helm        "$HELM_VERSIONS"
 wanted kubeconform && ensure kubeconform build_kubeconform "$KUBECONFORM_VERSIONS"
+wanted promtool    && ensure promtool    build_promtool    "$PROMTOOL_VERSIONS"
 wait_bg
 echo "tools in $BIN_DIR ($((SECONDS - total))s)"
 

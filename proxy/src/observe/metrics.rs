@@ -126,6 +126,7 @@ pub struct Metrics {
     budget_low: Family<RegistryLabel, Gauge>,
     upstream_throttled: Family<RegistryLabel, Counter>,
     cache_bytes: Gauge,
+    cache_max_bytes: Gauge,
     cache_entries: Gauge,
     evictions: Counter,
     evicted_bytes: Counter,
@@ -276,6 +277,12 @@ impl Default for Metrics {
             "Bytes of committed blobs and manifests in the cache",
             cache_bytes.clone(),
         );
+        let cache_max_bytes = Gauge::default();
+        registry.register(
+            "cache_max_bytes",
+            "Size bound of the cache (cache.maxSize); 0 while unbounded",
+            cache_max_bytes.clone(),
+        );
         let cache_entries = Gauge::default();
         registry.register(
             "cache_entries",
@@ -387,6 +394,7 @@ impl Default for Metrics {
             budget_low,
             upstream_throttled,
             cache_bytes,
+            cache_max_bytes,
             cache_entries,
             evictions,
             evicted_bytes,
@@ -579,6 +587,12 @@ impl Metrics {
         self.evicted_bytes.inc_by(b);
     }
 
+    /// The cache's size bound (`cache.maxSize`); None: unbounded (0).
+    pub fn set_cache_max(&self, max_size: Option<u64>) {
+        self.cache_max_bytes
+            .set(max_size.map_or(0, |b| i64::try_from(b).unwrap_or(i64::MAX)));
+    }
+
     /// Copies the shared storage's figures into the metrics.
     pub fn set_shared(&self, f: &SharedFigures) {
         self.shared_up.set(i64::from(f.up));
@@ -675,6 +689,24 @@ mod tests {
         assert!(
             text.contains("pullthrough_upstream_response_seconds_count{registry=\"quay.io\"} 1"),
             "{text}"
+        );
+    }
+
+    #[test]
+    fn cache_max_bytes_is_the_bound_or_zero() {
+        let m = Metrics::default();
+        m.set_cache(50, 1, 0, 0);
+        m.set_cache_max(Some(36 << 30));
+        let text = m.encode();
+        assert!(text.contains("pullthrough_cache_bytes 50\n"), "{text}");
+        assert!(
+            text.contains(&format!("pullthrough_cache_max_bytes {}\n", 36u64 << 30)),
+            "{text}"
+        );
+        m.set_cache_max(None);
+        assert!(
+            m.encode().contains("pullthrough_cache_max_bytes 0\n"),
+            "unbounded is 0"
         );
     }
 
