@@ -10,78 +10,12 @@
 
 mod common;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-
-use bytes::Bytes;
-use http::{Method, Response, StatusCode};
+use http::StatusCode;
 use pullthrough_testbed::fixtures::sha256_digest;
 use pullthrough_testbed::http::Get;
+use pullthrough_testbed::hub::{Hub, MEDIA_TYPE as MT, SOURCE};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
-use pullthrough_testbed::stub::Stub;
 use serde_json::Value;
-
-const MT: &str = "application/vnd.oci.image.manifest.v1+json";
-const SOURCE: &str = "203.0.113.7";
-
-fn manifest_bytes(n: u8) -> Bytes {
-    Bytes::from(format!(
-        r#"{{"schemaVersion":2,"mediaType":"{MT}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[]}}"#,
-        format!("{n:02x}").repeat(32)
-    ))
-}
-
-/// Docker Hub as far as the budget goes.
-#[derive(Default)]
-struct Hub {
-    remaining: AtomicU64,
-    storm: AtomicBool,
-}
-
-impl Hub {
-    fn answer(&self, method: &Method, path: &str) -> Response<Bytes> {
-        let mut b = Response::builder();
-        if self.storm.load(Ordering::SeqCst) {
-            return b
-                .status(StatusCode::TOO_MANY_REQUESTS)
-                .header("retry-after", "120")
-                .body(Bytes::from_static(
-                    br#"{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your pull rate limit."}]}"#,
-                ))
-                .unwrap();
-        }
-        if path == "/v2/" {
-            return b
-                .status(StatusCode::OK)
-                .body(Bytes::from_static(b"{}"))
-                .unwrap();
-        }
-        let body = match path {
-            "/v2/library/app/manifests/latest" => manifest_bytes(1),
-            "/v2/library/app/manifests/other" => manifest_bytes(2),
-            _ => return b.status(StatusCode::NOT_FOUND).body(Bytes::new()).unwrap(),
-        };
-        // A GET of a manifest is a pull; a HEAD is free.
-        if method == Method::GET {
-            self.remaining.fetch_sub(1, Ordering::SeqCst);
-        }
-        let left = self.remaining.load(Ordering::SeqCst);
-        b = b
-            .status(StatusCode::OK)
-            .header("content-type", MT)
-            .header("docker-content-digest", sha256_digest(&body))
-            .header("content-length", body.len())
-            .header("ratelimit-limit", "100;w=21600")
-            .header("ratelimit-remaining", format!("{left};w=21600"))
-            .header("docker-ratelimit-source", SOURCE);
-        let body = if method == Method::HEAD {
-            Bytes::new()
-        } else {
-            body
-        };
-        b.body(body).unwrap()
-    }
-}
 
 fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
     let url = format!("http://{}/metrics", proxy.addrs.admin);
@@ -100,13 +34,7 @@ fn upstream_status(proxy: &Proxy) -> Value {
 
 #[test]
 fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
-    let hub = Arc::new(Hub::default());
-    hub.remaining.store(50, Ordering::SeqCst);
-    let h = hub.clone();
-    let stub = Stub::canned()
-        .route(move |seen| h.answer(&seen.method, seen.path.split('?').next().unwrap_or("")))
-        .start()
-        .unwrap();
+    let (hub, stub) = Hub::start(50).unwrap();
     let proxy = Proxy::start(
         common::proxy_bin(),
         Addrs::localhost().unwrap(),
@@ -126,7 +54,7 @@ fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
     };
     let gets = || stub.count("GET", "/manifests/");
     let heads = || stub.count("HEAD", "/manifests/");
-    let latest = sha256_digest(&manifest_bytes(1));
+    let latest = sha256_digest(&hub.manifest("latest"));
 
     // First pull: one GET; the figures are exported per registry and source.
     assert_eq!(pull("latest").status, StatusCode::OK);
@@ -156,7 +84,7 @@ fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
 
     // The budget falls to the reserve (5): the HEAD that reads it still
     // answers, then cached tags are served without asking (STALE).
-    hub.remaining.store(5, Ordering::SeqCst);
+    hub.set_remaining(5);
     assert_eq!(pull("latest").status, StatusCode::OK);
     assert_eq!((gets(), heads()), (1, 2));
     assert_eq!(upstream_status(&proxy)["low"], true);
@@ -187,7 +115,7 @@ fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
 
     // A pull that needs the upstream still goes (the reserve is for it),
     // and the new reading ends the low state.
-    hub.remaining.store(91, Ordering::SeqCst);
+    hub.set_remaining(91);
     assert_eq!(pull("other").status, StatusCode::OK);
     assert_eq!(gets(), 2);
     assert_eq!(upstream_status(&proxy)["low"], false);
@@ -197,7 +125,7 @@ fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
     // A 429 storm: the client of the cached tag gets the cache, the
     // Retry-After is honoured (nothing asked again), and only a tag that
     // was never cached gets the 429.
-    hub.storm.store(true, Ordering::SeqCst);
+    hub.set_storm(true);
     let asked = stub.requests().len();
     for _ in 0..5 {
         let r = pull("latest");

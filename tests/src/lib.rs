@@ -13,6 +13,7 @@ pub mod dockerd;
 pub mod error;
 pub mod fixtures;
 pub mod http;
+pub mod hub;
 pub mod images;
 pub mod kube;
 pub mod net;

@@ -7,9 +7,8 @@
 //! - Every metric name the dashboard and the rules read is exported by a
 //!   real proxy (after real traffic) and a real operator (the leader,
 //!   against a real API server, counting nodes from agent Leases in each
-//!   state), scraped at `/metrics`; the
-//!   only exceptions are the two upstream rate-limit gauges that issue #14
-//!   item 1 adds ([`EXPECTED_FROM_ITEM_1`]).
+//!   state), scraped at `/metrics`, the upstream budget and tag series
+//!   included (an upstream scripted like Docker Hub, [`Hub`]).
 //! - The dashboard ConfigMap carries the Grafana sidecar's label, lands in
 //!   the namespace asked for, and holds the chart's JSON file.
 //!
@@ -32,22 +31,13 @@ use pullthrough_testbed::Error;
 use pullthrough_testbed::bins::operator_bin;
 use pullthrough_testbed::fixtures::LayoutBuilder;
 use pullthrough_testbed::http::{BodyMode, Get, runtime};
+use pullthrough_testbed::hub::{Hub, MEDIA_TYPE};
 use pullthrough_testbed::kube::{Helm, KubeApiserver};
 use pullthrough_testbed::net::free_port;
 use pullthrough_testbed::process::{Process, run};
 use pullthrough_testbed::proxy::{Addrs, Proxy, proxy_bin};
 use pullthrough_testbed::stub::{Stub, Throttle};
 use pullthrough_testbed::tools::go_tool;
-
-/// Gauges the rules read that no program exports yet: the upstream budget
-/// feature (issue #14 item 1) adds them, from Docker Hub's
-/// `ratelimit-remaining` / `ratelimit-limit` headers, with labels
-/// `registry` and `source`. PullthroughUpstreamBudgetLow is silent while
-/// they are absent (proved by `promtool test rules` below).
-const EXPECTED_FROM_ITEM_1: &[&str] = &[
-    "pullthrough_upstream_ratelimit_remaining",
-    "pullthrough_upstream_ratelimit_limit",
-];
 
 const BOTH: &[&str] = &[
     "--set",
@@ -213,6 +203,7 @@ fn proxy_metrics() -> String {
         .unwrap();
     let layer = image.layer_digests()[0].clone();
     // 1 MiB at 64 KiB per 40 ms: the download lasts about 0.6 s.
+    let (hub, hub_stub) = Hub::start(50).unwrap();
     let stub = Stub::builder(&image.layout)
         .throttle(Throttle {
             chunk: 64 * 1024,
@@ -224,8 +215,9 @@ fn proxy_metrics() -> String {
         &proxy_bin().unwrap(),
         Addrs::localhost().unwrap(),
         &format!(
-            "cache: {{maxSize: 1GiB}}\nregistries:\n  - host: stub.test\n    upstream: {}\n    private: true\n",
-            stub.url()
+            "cache: {{maxSize: 1GiB}}\nregistries:\n  - host: stub.test\n    upstream: {}\n    private: true\n  - host: hub.test\n    upstream: {}\n    tagPolicy: [{{pattern: latest, ttl: 0s}}]\n",
+            stub.url(),
+            hub_stub.url()
         ),
     )
     .unwrap();
@@ -265,6 +257,30 @@ fn proxy_metrics() -> String {
         proxy.log()
     );
     assert_eq!(stub.count("GET", &layer), 1, "one upstream GET of the blob");
+    // The upstream budget and the tag series: a pull (budget figures), a
+    // revalidation that finds the tag unmoved, one that finds it moved (a
+    // move), and one that meets a 429 (served from the cache).
+    let latest = format!(
+        "{}/v2/hub.test/library/app/manifests/latest",
+        proxy.http_url()
+    );
+    for step in 0..4 {
+        match step {
+            2 => hub.move_tags(),
+            3 => hub.set_storm(true),
+            _ => {}
+        }
+        let r = Get::new(&latest)
+            .header("Accept", MEDIA_TYPE)
+            .send()
+            .unwrap();
+        assert_eq!(
+            r.status,
+            http::StatusCode::OK,
+            "step {step}: {}",
+            proxy.log()
+        );
+    }
     let text = scrape(&format!("http://{}/metrics", proxy.addrs.admin));
     // The bound the cache alert divides by is the configured one.
     assert!(
@@ -444,21 +460,11 @@ fn every_metric_the_dashboard_and_the_alerts_read_is_exported() {
         Vec::<String>::new(),
         "the dashboard reads metrics nobody exports"
     );
-    let mut expected_later: Vec<String> =
-        EXPECTED_FROM_ITEM_1.iter().map(|s| s.to_string()).collect();
-    expected_later.sort();
     assert_eq!(
         missing(&in_rules),
-        expected_later,
-        "the rules read metrics nobody exports (beyond those of issue #14 item 1); \
-         once item 1 exports them, drop them from EXPECTED_FROM_ITEM_1"
+        Vec::<String>::new(),
+        "the rules read metrics nobody exports"
     );
-    for m in EXPECTED_FROM_ITEM_1 {
-        assert!(
-            !in_dashboard.contains(*m),
-            "the dashboard must not read {m} before it exists"
-        );
-    }
     eprintln!(
         "{} metrics in the dashboard, {} in the rules, {} series names exported",
         in_dashboard.len(),
