@@ -375,6 +375,7 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
         },
         (None, reg, repo) if reg.is_some() || repo.is_some() => {
             shared.tags.purge(reg.as_deref(), repo.as_deref());
+            shared.referrers.purge(reg.as_deref(), repo.as_deref());
             let set = shared.repos.take(reg.as_deref(), repo.as_deref());
             set.into_iter().collect()
         }

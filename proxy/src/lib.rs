@@ -214,6 +214,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         store,
         tags: Default::default(),
         budgets: Default::default(),
+        referrers: Default::default(),
         tokens: Default::default(),
         grants: Default::default(),
         metrics: metrics.clone(),

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the Go-only test tools (kube-apiserver, kubectl, crictl, helm,
-# kubeconform, promtool, SeaweedFS's weed) from the Go module proxy and cache them by
+# kubeconform, promtool, oras, SeaweedFS's weed) from the Go module proxy and cache them by
 # version, so only the first run on a machine pays for the build
 # (kube-apiserver: many minutes; weed about 7).
 #
@@ -23,6 +23,8 @@ KUBECONFORM_VERSIONS="v0.7.0 v0.6.7"  # github.com/yannh/kubeconform
 # github.com/prometheus/prometheus (module v0.316.0 = Prometheus 3.16.0):
 # promtool checks and unit-tests the chart's PrometheusRule.
 PROMTOOL_VERSIONS="v0.316.0 v0.315.1"
+# oras pushes and pulls OCI artifacts (Helm charts, signatures, referrers).
+ORAS_VERSIONS="v1.3.6 v1.3.5"
 # github.com/seaweedfs/seaweedfs (the object store of the scale-out tests);
 # the module proxy serves it only as a pseudo-version.
 WEED_VERSIONS="v0.0.0-20261109003541-7506e5f91cd6"
@@ -46,7 +48,7 @@ flock 9
 
 FAILED=()
 ONLY=("$@")
-TOOLS="weed kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy crictl helm kubeconform promtool"
+TOOLS="weed kube-apiserver kubectl kube-controller-manager kube-scheduler kubelet kube-proxy crictl helm kubeconform promtool oras"
 for t in "${ONLY[@]}"; do
   [[ " $TOOLS " == *" $t "* ]] || { echo "go-tools.sh: unknown tool '$t' (known: $TOOLS)" >&2; exit 2; }
 done
@@ -182,6 +184,10 @@ build_promtool() {
   go_install github.com/prometheus/prometheus/cmd/promtool "$2" \
     "-X github.com/prometheus/common/version.Version=$2" "$3" "$4"
 }
+build_oras() {
+  go_install oras.land/oras/cmd/oras "$2" \
+    "-X oras.land/oras/internal/version.Version=${2#v} -X oras.land/oras/internal/version.BuildMetadata=" "$3" "$4"
+}
 
 # SeaweedFS's go.mod has a `replace`, which `go install pkg@version` refuses:
 # build inside the downloaded (read-only) module, with its own go.mod/go.sum.
@@ -266,6 +272,7 @@ wanted crictl      && ensure crictl      build_crictl      "$CRICTL_VERSIONS"
 wanted helm        && ensure helm        build_helm        "$HELM_VERSIONS"
 wanted kubeconform && ensure kubeconform build_kubeconform "$KUBECONFORM_VERSIONS"
 wanted promtool    && ensure promtool    build_promtool    "$PROMTOOL_VERSIONS"
+wanted oras        && ensure oras        build_oras        "$ORAS_VERSIONS"
 wait_bg
 echo "tools in $BIN_DIR ($((SECONDS - total))s)"
 

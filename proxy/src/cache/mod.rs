@@ -2,6 +2,7 @@
 //! downloads in flight, and which repository was served which digest.
 
 pub mod inflight;
+pub mod referrers;
 pub mod repos;
 pub mod shared;
 pub mod store;

@@ -74,6 +74,15 @@ type Key = (String, String, String);
 pub struct TagCache {
     entries: Mutex<BoundedMap<Key, TagEntry>>,
     moves: Mutex<VecDeque<TagMove>>,
+    /// Referrers tag-schema tags (`sha256-<hex>`) the upstream said do not
+    /// exist: "no referrers", still answered in an outage.
+    absent: Mutex<BoundedMap<Key, ()>>,
+}
+
+/// A tag of the OCI referrers tag schema: `sha256-<64 hex>`.
+pub fn is_referrers_tag(tag: &str) -> bool {
+    tag.strip_prefix("sha256-")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
 impl Default for TagCache {
@@ -93,6 +102,7 @@ impl TagCache {
         Self {
             entries: Mutex::new(BoundedMap::new(cap)),
             moves: Mutex::new(VecDeque::with_capacity(RECENT_MOVES)),
+            absent: Mutex::new(BoundedMap::new(cap)),
         }
     }
 
@@ -176,6 +186,29 @@ impl TagCache {
         moved
     }
 
+    /// Remembers that the upstream has no such referrers-schema tag.
+    pub fn note_absent(&self, registry: &str, repo: &str, tag: &str) {
+        if is_referrers_tag(tag) {
+            let key = (registry.to_string(), repo.to_string(), tag.to_string());
+            self.absent
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .insert(key, ());
+        }
+    }
+
+    /// Whether the upstream last said this referrers-schema tag does not
+    /// exist (and nothing has been stored under it since).
+    pub fn was_absent(&self, registry: &str, repo: &str, tag: &str) -> bool {
+        let key = (registry.to_string(), repo.to_string(), tag.to_string());
+        self.absent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&key)
+            .is_some()
+            && self.lock().get(&key).is_none()
+    }
+
     /// Marks the answer as just confirmed by the upstream (a revalidation
     /// found the tag where it was).
     pub fn confirm(&self, registry: &str, repo: &str, tag: &str, digest: &Digest) {
@@ -213,9 +246,13 @@ impl TagCache {
 
     /// Drops the tags of matching repositories (None matches any).
     pub fn purge(&self, registry: Option<&str>, repo: Option<&str>) {
-        self.lock().retain(|(r, p, _), _| {
-            !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
-        });
+        let keep =
+            |(r, p, _): &Key| !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p));
+        self.lock().retain(|k, _| keep(k));
+        self.absent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .retain(|k, _| keep(k));
     }
 }
 
@@ -225,6 +262,20 @@ mod tests {
 
     fn entry(body: &[u8], media_type: &str) -> TagEntry {
         TagEntry::new(Digest::of(body), media_type.into(), 1)
+    }
+
+    #[test]
+    fn absent_referrers_tags_are_remembered_until_one_exists() {
+        let cache = TagCache::default();
+        let tag = format!("sha256-{}", "ab".repeat(32));
+        cache.note_absent("r", "a", "latest");
+        assert!(!cache.was_absent("r", "a", "latest"), "only referrers tags");
+        cache.note_absent("r", "a", &tag);
+        assert!(cache.was_absent("r", "a", &tag));
+        assert!(!cache.was_absent("r", "b", &tag));
+        cache.put("r", "a", &tag, entry(b"index", "m"));
+        assert!(!cache.was_absent("r", "a", &tag));
+        assert!(!is_referrers_tag("sha256-abc"));
     }
 
     #[test]

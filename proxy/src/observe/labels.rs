@@ -37,6 +37,8 @@ pub enum Kind {
     Tag,
     Blob,
     Token,
+    /// `/v2/<repo>/referrers/<digest>`.
+    Referrers,
     Other,
 }
 
@@ -48,6 +50,7 @@ impl Kind {
             Kind::Tag => "tag",
             Kind::Blob => "blob",
             Kind::Token => "token",
+            Kind::Referrers => "referrers",
             Kind::Other => "other",
         }
     }

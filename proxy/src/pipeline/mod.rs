@@ -12,6 +12,7 @@ mod download;
 mod lead;
 mod manifest;
 mod push;
+mod referrers;
 mod tags;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ pub use access::{AccessGrants, OUTAGE_GRACE, PUBLIC_TTL, SharedGrant, client_key
 use context::Ctx;
 
 use crate::cache::inflight::Inflight;
+use crate::cache::referrers::ReferrersCache;
 use crate::cache::repos::RepoIndex;
 use crate::cache::shared::{EvictStats, Journal, SharedTier, TierError, Uploads};
 use crate::cache::store::{BlobStore, StoreError};
@@ -59,6 +61,8 @@ pub struct Shared {
     pub state: ArcSwap<State>,
     pub store: BlobStore,
     pub tags: TagCache,
+    /// Referrers answers (OCI 1.1), cached like tags.
+    pub referrers: ReferrersCache,
     /// What each upstream says is left of its rate limit.
     pub budgets: Budgets,
     pub tokens: AnonymousTokens,
@@ -399,6 +403,23 @@ async fn registry_request(
                 .send(method, url, forward_headers(&headers, true))
                 .await?;
             Ok(relay_response(up.response))
+        }
+        ApiRequest::Referrers {
+            ref repo,
+            ref digest,
+        } => {
+            record.kind = Kind::Referrers;
+            record.reference = digest.to_string();
+            referrers::referrers(
+                &ctx,
+                &method,
+                &headers,
+                repo,
+                digest,
+                query.as_deref(),
+                record,
+            )
+            .await
         }
         ApiRequest::Manifest {
             ref repo,

@@ -169,11 +169,20 @@ pub(crate) async fn manifest_by_tag(
                 )
                 .await;
             }
+            // A referrers tag the upstream said does not exist: still "no
+            // referrers" (a client reads a 404 so and goes on).
+            if known.is_none() && ctx.shared.tags.was_absent(host, repo, tag) {
+                record.cache = CacheResult::Stale;
+                return Ok(manifest_unknown(repo, tag));
+            }
             let up = other?;
             record.cache = CacheResult::Pass;
             return Ok(relay_response(up.response));
         }
     };
+    if up.response.status() == StatusCode::NOT_FOUND {
+        ctx.shared.tags.note_absent(host, repo, tag);
+    }
     if up.response.status() != StatusCode::OK {
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
@@ -255,6 +264,22 @@ async fn serve_known(
     record.digest = entry.digest.to_string();
     ctx.served(&entry.digest);
     cached_manifest(ctx, cached, method).await
+}
+
+/// `404 MANIFEST_UNKNOWN`, as a registry answers for a tag it does not have.
+fn manifest_unknown(repo: &str, tag: &str) -> Response<Body> {
+    let body = serde_json::json!({"errors": [{
+        "code": "MANIFEST_UNKNOWN",
+        "message": "manifest unknown",
+        "detail": {"name": repo, "tag": tag},
+    }]});
+    let mut resp = Response::new(body::full(bytes::Bytes::from(body.to_string())));
+    *resp.status_mut() = StatusCode::NOT_FOUND;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
 }
 
 /// Stores a tag answer; a tag that moved is counted and logged.

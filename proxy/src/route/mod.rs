@@ -35,7 +35,13 @@ pub enum ApiRequest {
         repo: String,
         rest: String,
     },
-    /// Tag lists, referrers, catalog: passed through uncached.
+    /// `GET /v2/<repo>/referrers/<digest>` (OCI 1.1): what refers to the
+    /// digest (signatures, SBOMs), cached like a tag answer.
+    Referrers {
+        repo: String,
+        digest: Digest,
+    },
+    /// Tag lists, catalog: passed through uncached.
     Other {
         repo: Option<String>,
         rest: String,
@@ -48,7 +54,8 @@ impl ApiRequest {
             ApiRequest::Ping => None,
             ApiRequest::Manifest { repo, .. }
             | ApiRequest::Blob { repo, .. }
-            | ApiRequest::Upload { repo, .. } => Some(repo),
+            | ApiRequest::Upload { repo, .. }
+            | ApiRequest::Referrers { repo, .. } => Some(repo),
             ApiRequest::Other { repo, .. } => repo.as_deref(),
         }
     }
@@ -62,6 +69,7 @@ impl ApiRequest {
             }
             ApiRequest::Blob { repo, digest } => format!("/v2/{repo}/blobs/{digest}"),
             ApiRequest::Upload { repo, rest } => format!("/v2/{repo}/blobs/uploads/{rest}"),
+            ApiRequest::Referrers { repo, digest } => format!("/v2/{repo}/referrers/{digest}"),
             ApiRequest::Other {
                 repo: Some(repo),
                 rest,
@@ -411,9 +419,9 @@ pub fn parse_api(rest: &str) -> Result<ApiRequest, Refusal> {
                 let digest = Digest::parse(segs[n - 1]).map_err(|m| {
                     Refusal::new(StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid, m)
                 })?;
-                return Ok(ApiRequest::Other {
-                    repo: Some(repo_of(n - 2)?),
-                    rest: format!("referrers/{digest}"),
+                return Ok(ApiRequest::Referrers {
+                    repo: repo_of(n - 2)?,
+                    digest,
                 });
             }
             _ => {}
