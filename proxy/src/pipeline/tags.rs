@@ -40,6 +40,12 @@ pub(crate) async fn manifest_by_tag(
         .filter(|e| accepts(headers, &e.media_type));
     let cache_tags = ctx.settings.cache_tags;
     let ttl = ctx.settings.tag_policy.ttl(tag);
+    let known_at = |entry, cached| Known {
+        repo,
+        tag,
+        entry,
+        cached,
+    };
     if let Some(entry) = known.as_ref().filter(|_| cache_tags)
         && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
     {
@@ -47,11 +53,9 @@ pub(crate) async fn manifest_by_tag(
             return serve_known(
                 ctx,
                 headers,
-                repo,
-                entry,
-                cached,
                 method,
                 record,
+                known_at(entry, cached),
                 CacheResult::Hit,
             )
             .await;
@@ -73,11 +77,9 @@ pub(crate) async fn manifest_by_tag(
             return serve_known(
                 ctx,
                 headers,
-                repo,
-                entry,
-                cached,
                 method,
                 record,
+                known_at(entry, cached),
                 CacheResult::Stale,
             )
             .await;
@@ -100,11 +102,9 @@ pub(crate) async fn manifest_by_tag(
                 return serve_known(
                     ctx,
                     headers,
-                    repo,
-                    entry,
-                    cached,
                     method,
                     record,
+                    known_at(entry, cached),
                     CacheResult::Hit,
                 )
                 .await;
@@ -117,20 +117,12 @@ pub(crate) async fn manifest_by_tag(
                     .tag_revalidated(host, Revalidation::changed);
             }
             _ => {
-                tracing::warn!(
-                    registry = host,
-                    repository = repo,
-                    tag,
-                    "upstream failing; serving the last known digest"
-                );
                 return serve_known(
                     ctx,
                     headers,
-                    repo,
-                    entry,
-                    cached,
                     method,
                     record,
+                    known_at(entry, cached),
                     CacheResult::Stale,
                 )
                 .await;
@@ -151,20 +143,12 @@ pub(crate) async fn manifest_by_tag(
             if let Some(entry) = &known
                 && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
             {
-                tracing::warn!(
-                    registry = host,
-                    repository = repo,
-                    tag,
-                    "upstream failing; serving the last known digest"
-                );
                 return serve_known(
                     ctx,
                     headers,
-                    repo,
-                    entry,
-                    cached,
                     method,
                     record,
+                    known_at(entry, cached),
                     CacheResult::Stale,
                 )
                 .await;
@@ -238,27 +222,48 @@ pub(crate) async fn manifest_by_tag(
     ))
 }
 
+/// A known tag answer whose manifest is cached.
+struct Known<'a> {
+    repo: &'a str,
+    tag: &'a str,
+    entry: &'a TagEntry,
+    cached: CachedManifest,
+}
+
 /// Serves the manifest a known tag answer points at, as `result` (a HIT
-/// or, with the upstream failing, STALE). Access to the digest in this
-/// repository is checked before anything of it is read; with the upstream
-/// failing, only what this client class is known to read opens.
-#[allow(clippy::too_many_arguments)]
+/// or, with the upstream failing or its budget low, STALE). Access to the
+/// digest in this repository is checked before anything of it is read;
+/// with the upstream failing, only what this client class is known to
+/// read opens.
 async fn serve_known(
     ctx: &Ctx<'_>,
     headers: &HeaderMap,
-    repo: &str,
-    entry: &TagEntry,
-    cached: CachedManifest,
     method: &Method,
     record: &mut Record,
+    known: Known<'_>,
     result: CacheResult,
 ) -> Result<Response<Body>, HandlerError> {
+    let Known {
+        repo,
+        tag,
+        entry,
+        cached,
+    } = known;
     let path = format!("/v2/{repo}/manifests/{}", entry.digest);
     if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
         if result == CacheResult::Stale {
             record.cache = CacheResult::Denied;
         }
         return Ok(refusal);
+    }
+    if result == CacheResult::Stale {
+        tracing::warn!(
+            registry = %ctx.registry.host,
+            repository = repo,
+            tag,
+            digest = %entry.digest,
+            "upstream failing or sparing its budget; serving the last known digest"
+        );
     }
     record.cache = result;
     record.digest = entry.digest.to_string();
