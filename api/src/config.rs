@@ -123,6 +123,22 @@ pub struct Listen {
 pub struct CaFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The CA the operator has generated to take over next (the CA
+    /// Secret's `next.crt`/`next.key`; absent outside a rotation). Nodes
+    /// trust it from the moment it exists, so the proxy signs with it the
+    /// names the current CA's name constraints do not permit (a registry
+    /// added since the current CA was made). Either both or neither.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_key: Option<PathBuf>,
+}
+
+impl CaFiles {
+    /// The next CA's (cert, key) files, when both are configured.
+    pub fn next(&self) -> Option<(&std::path::Path, &std::path::Path)> {
+        self.next_cert.as_deref().zip(self.next_key.as_deref())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -574,6 +590,19 @@ impl ProxyConfig {
                     "must be a file path, not empty",
                 ));
             }
+        }
+        if let Some(ca) = &self.ca
+            && ca.next_cert.is_some() != ca.next_key.is_some()
+        {
+            let (set, unset) = if ca.next_cert.is_some() {
+                ("nextCert", "nextKey")
+            } else {
+                ("nextKey", "nextCert")
+            };
+            return Err(ConfigError::new(
+                format!("ca.{unset}"),
+                format!("must be set when ca.{set} is (the next CA is a certificate and its key)"),
+            ));
         }
         if let Some(def) = &self.default_registry
             && self.registry(def).is_none()

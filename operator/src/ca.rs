@@ -9,6 +9,13 @@
 //! `overlap` the old one is dropped. Nodes thus trust the new CA before the
 //! proxy signs with it, and keep trusting the old one while leaf
 //! certificates it signed may still be served.
+//!
+//! Name constraints: each CA permits only the names of the registry table
+//! it was made for (the mirrored registries and the proxy's own names), so
+//! its key, if it leaks, cannot impersonate any other host to the nodes.
+//! When the table's names change, a next CA is made for the new names and
+//! takes over through the same overlap; meanwhile the proxy signs the
+//! names only the next CA permits with it (nodes trust it from the start).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -20,7 +27,7 @@ use kube::{Api, Client};
 
 use crate::FIELD_MANAGER;
 use pullthrough_api::contract::MANAGED_BY_LABEL;
-use pullthrough_api::pki::{self, PkiError};
+use pullthrough_api::pki::{self, PermittedNames, PkiError};
 
 pub use pullthrough_api::contract::CA_CERT_KEY as CERT_KEY;
 pub use pullthrough_api::contract::CA_KEY_KEY as KEY_KEY;
@@ -51,11 +58,23 @@ pub struct CaPolicy {
     pub overlap: Duration,
 }
 
-/// A new self-signed ECDSA P-256 CA: (cert PEM, key PEM). The same CA the
-/// proxy generates for itself in standalone mode (see [`pki::generate_ca`]).
-pub fn generate(validity: Duration) -> Result<(String, String), CaError> {
-    let ca = pki::generate_ca(validity)?;
+/// A new self-signed ECDSA P-256 CA: (cert PEM, key PEM), permitting only
+/// `permitted` when given. The same CA the proxy generates for itself in
+/// standalone mode (see [`pki::generate_constrained_ca`]).
+pub fn generate(
+    validity: Duration,
+    permitted: Option<&PermittedNames>,
+) -> Result<(String, String), CaError> {
+    let ca = match permitted {
+        Some(p) => pki::generate_constrained_ca(validity, p)?,
+        None => pki::generate_ca(validity)?,
+    };
     Ok((ca.cert_pem, ca.key_pem))
+}
+
+/// The name constraints of the first certificate in `pem`.
+fn permitted_of(pem: &str) -> Result<Option<PermittedNames>, CaError> {
+    PermittedNames::of_pem(pem).map_err(|e| CaError::Invalid(e.to_string()))
 }
 
 /// `notAfter` of the first certificate in `pem`, as unix seconds.
@@ -138,8 +157,15 @@ impl CaState {
         }
     }
 
-    /// One rotation step at `now` (unix seconds); true when changed.
-    pub fn step(&mut self, now: i64, policy: &CaPolicy) -> Result<bool, CaError> {
+    /// One rotation step at `now` (unix seconds) towards a CA that
+    /// permits exactly `names` (None: keep the constraints as they are);
+    /// true when changed.
+    pub fn step(
+        &mut self,
+        now: i64,
+        policy: &CaPolicy,
+        names: Option<&PermittedNames>,
+    ) -> Result<bool, CaError> {
         let overlap = policy.overlap.as_secs() as i64;
         let mut changed = false;
         if let Some(t) = self.rotated_at
@@ -149,10 +175,20 @@ impl CaState {
             self.previous = None;
             changed = true;
         }
-        if self.next.is_none()
-            && not_after(&self.cert)? - now < policy.rotate_before.as_secs() as i64
+        // The names changed: (re)make the next CA for the new names. A
+        // next CA made for older names is replaced and its overlap starts
+        // again, so nodes always trust a CA before the proxy signs with it.
+        let renamed = match (names, &self.next) {
+            (None, _) => false,
+            (Some(want), Some((next, _))) => permitted_of(next)?.as_ref() != Some(want),
+            (Some(want), None) => permitted_of(&self.cert)?.as_ref() != Some(want),
+        };
+        if renamed
+            || (self.next.is_none()
+                && not_after(&self.cert)? - now < policy.rotate_before.as_secs() as i64)
         {
-            self.next = Some(generate(policy.validity)?);
+            let names = names.cloned().or(permitted_of(&self.cert)?);
+            self.next = Some(generate(policy.validity, names.as_ref())?);
             self.next_since = Some(now);
             changed = true;
         } else if let Some(since) = self.next_since
@@ -191,12 +227,13 @@ pub async fn ensure(
     ns: &str,
     name: &str,
     policy: &CaPolicy,
+    names: Option<&PermittedNames>,
 ) -> Result<CaState, CaError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let now = unix(SystemTime::now());
     let state = match secrets.get_opt(name).await? {
         None => {
-            let (cert, key) = generate(policy.validity)?;
+            let (cert, key) = generate(policy.validity, names)?;
             let state = CaState {
                 cert,
                 key,
@@ -219,7 +256,7 @@ pub async fn ensure(
         }
         Some(secret) => {
             let mut state = CaState::from_secret(&secret)?;
-            if state.step(now, policy)? {
+            if state.step(now, policy, names)? {
                 let mut updated = state.clone().into_secret(name, ns);
                 updated.metadata.resource_version = secret.metadata.resource_version.clone();
                 secrets
@@ -251,7 +288,7 @@ mod tests {
             rotate_before: Duration::from_secs(50),
             overlap: Duration::from_secs(10),
         };
-        let (cert, key) = generate(Duration::from_secs(100)).unwrap();
+        let (cert, key) = generate(Duration::from_secs(100), None).unwrap();
         let exp = not_after(&cert).unwrap();
         let mut s = CaState {
             cert: cert.clone(),
@@ -259,20 +296,70 @@ mod tests {
             ..Default::default()
         };
         let now = exp - 90;
-        assert!(!s.step(now, &policy).unwrap());
+        assert!(!s.step(now, &policy, None).unwrap());
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 1);
         // Within rotate_before: a next CA, both published, old still active.
-        assert!(s.step(exp - 40, &policy).unwrap());
+        assert!(s.step(exp - 40, &policy, None).unwrap());
         assert_eq!(s.cert, cert);
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 2);
-        assert!(!s.step(exp - 35, &policy).unwrap());
+        assert!(!s.step(exp - 35, &policy, None).unwrap());
         // After the overlap: promoted, old one still published.
-        assert!(s.step(exp - 30, &policy).unwrap());
+        assert!(s.step(exp - 30, &policy, None).unwrap());
         assert_ne!(s.cert, cert);
         assert_eq!(s.previous.as_deref(), Some(cert.as_str()));
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 2);
         // After another overlap: the old one is gone.
-        assert!(s.step(exp - 20, &policy).unwrap());
+        assert!(s.step(exp - 20, &policy, None).unwrap());
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 1);
+    }
+
+    /// A change of the table's names makes a next CA for the new names
+    /// (trusted by nodes at once, promoted after the overlap); a second
+    /// change during the overlap replaces it and restarts the overlap; an
+    /// unchanged set changes nothing.
+    #[test]
+    fn new_names_rotate_to_a_ca_that_permits_them() {
+        let policy = CaPolicy {
+            validity: Duration::from_secs(10_000),
+            rotate_before: Duration::from_secs(50),
+            overlap: Duration::from_secs(10),
+        };
+        let quay = PermittedNames::new(["quay.io"], []);
+        let both = PermittedNames::new(["quay.io", "ghcr.io"], []);
+        let three = PermittedNames::new(["quay.io", "ghcr.io", "gcr.io"], []);
+        let (cert, key) = generate(policy.validity, Some(&quay)).unwrap();
+        let mut s = CaState {
+            cert: cert.clone(),
+            key,
+            ..Default::default()
+        };
+        let now = 1_000;
+        assert!(!s.step(now, &policy, Some(&quay)).unwrap());
+        assert!(!s.step(now, &policy, None).unwrap());
+        assert!(s.step(now, &policy, Some(&both)).unwrap());
+        let (next, _) = s.next.clone().unwrap();
+        assert_eq!(permitted_of(&next).unwrap(), Some(both.clone()));
+        assert_eq!(s.cert, cert, "the current CA stays until the overlap ends");
+        assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(!s.step(now + 1, &policy, Some(&both)).unwrap());
+        // Changed again during the overlap: a new next, the overlap restarts.
+        assert!(s.step(now + 5, &policy, Some(&three)).unwrap());
+        assert_ne!(s.next.as_ref().unwrap().0, next);
+        assert!(!s.step(now + 12, &policy, Some(&three)).unwrap());
+        assert!(s.step(now + 15, &policy, Some(&three)).unwrap());
+        assert_eq!(permitted_of(&s.cert).unwrap(), Some(three.clone()));
+        assert_eq!(s.previous.as_deref(), Some(cert.as_str()));
+        // An unconstrained CA (made before constraints existed) is replaced.
+        let (cert, key) = generate(policy.validity, None).unwrap();
+        let mut old = CaState {
+            cert,
+            key,
+            ..Default::default()
+        };
+        assert!(old.step(now, &policy, Some(&quay)).unwrap());
+        assert_eq!(
+            permitted_of(&old.next.unwrap().0).unwrap(),
+            Some(quay.clone())
+        );
     }
 }

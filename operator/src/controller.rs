@@ -101,6 +101,16 @@ impl Context {
         }
     }
 
+    /// Tells `ca_names` what each rendered table needs the CA to permit
+    /// (see [`crate::ca`]).
+    pub fn with_ca_names(
+        mut self,
+        ca_names: tokio::sync::watch::Sender<Option<pullthrough_api::pki::PermittedNames>>,
+    ) -> Self {
+        self.state.publisher = Publisher::with_ca_names(ca_names);
+        self
+    }
+
     async fn observe(&self, fresh: bool) -> Result<Observed, Error> {
         self.state
             .observer
@@ -362,14 +372,15 @@ pub async fn run(
     base: ProxyConfig,
     identity: String,
     metrics: Arc<Metrics>,
+    ca_names: tokio::sync::watch::Sender<Option<pullthrough_api::pki::PermittedNames>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let api: Api<MirrorRegistry> = Api::all(client.clone());
     let controller = Controller::new(api, watcher::Config::default().any_semantic());
     let store = controller.store();
-    let ctx = Arc::new(Context::new(
-        client, settings, base, store, &identity, metrics,
-    ));
+    let ctx = Arc::new(
+        Context::new(client, settings, base, store, &identity, metrics).with_ca_names(ca_names),
+    );
     let initial = tokio::spawn(publish_initial_table(ctx.clone()));
     let node_metrics = tokio::spawn(refresh_node_metrics(ctx.clone()));
     controller

@@ -129,6 +129,9 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         rotate_before: args.ca_rotate_before,
         overlap: args.ca_overlap,
     };
+    // The names the CA must permit come from the registry table: the CA
+    // is made (and re-made through rotation) for the table's names.
+    let (ca_names_tx, mut ca_names) = tokio::sync::watch::channel(None);
     let ca_task = {
         let client = client.clone();
         let ns = args.namespace.clone();
@@ -136,12 +139,20 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         let every = args.ca_check_interval;
         let mut stop = stop.clone();
         tokio::spawn(async move {
+            // The first table is written within seconds of the start (with
+            // or without MirrorRegistries); the CA waits for its names.
+            tokio::select! {
+                r = ca_names.wait_for(Option::is_some) => if r.is_err() { return },
+                _ = stop.wait_for(|s| *s) => return,
+            }
             loop {
-                if let Err(e) = ca::ensure(&client, &ns, &name, &policy).await {
+                let names = ca_names.borrow_and_update().clone();
+                if let Err(e) = ca::ensure(&client, &ns, &name, &policy, names.as_ref()).await {
                     tracing::error!(error = %e, "CA");
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(every) => {}
+                    r = ca_names.changed() => if r.is_err() { return },
                     _ = stop.wait_for(|s| *s) => return,
                 }
             }
@@ -156,6 +167,7 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         base,
         identity.clone(),
         metrics.clone(),
+        ca_names_tx,
         stop.clone(),
     ));
     let mut s = stop.clone();

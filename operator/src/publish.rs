@@ -15,6 +15,7 @@ use kube::{Api, Client, ResourceExt};
 use pullthrough_api::agent::NodeProxy;
 use pullthrough_api::contract::{CA_BUNDLE_KEY, MANAGED_BY_LABEL};
 use pullthrough_api::crd::MirrorRegistry;
+use pullthrough_api::pki::PermittedNames;
 use serde_json::{Value, json};
 
 use crate::context::{Config, Kube};
@@ -36,6 +37,9 @@ struct Published {
 #[derive(Default)]
 pub struct Publisher {
     last: tokio::sync::Mutex<Option<Published>>,
+    /// Told the names of each table rendered: the CA loop re-issues the
+    /// CA when they change (name constraints).
+    ca_names: Option<tokio::sync::watch::Sender<Option<PermittedNames>>>,
 }
 
 /// Everything the table depends on besides the base config: each CR's
@@ -68,6 +72,27 @@ fn fingerprint(all: &[Arc<MirrorRegistry>], proxy: Option<&NodeProxy>) -> u64 {
 }
 
 impl Publisher {
+    /// A publisher that tells `ca_names` what each table needs the CA to
+    /// permit.
+    pub fn with_ca_names(ca_names: tokio::sync::watch::Sender<Option<PermittedNames>>) -> Self {
+        Self {
+            last: Default::default(),
+            ca_names: Some(ca_names),
+        }
+    }
+
+    fn tell_ca(&self, t: &Table) {
+        if let Some(tx) = &self.ca_names {
+            tx.send_if_modified(|names| {
+                let changed = names.as_ref() != Some(&t.permitted);
+                if changed {
+                    *names = Some(t.permitted.clone());
+                }
+                changed
+            });
+        }
+    }
+
     /// The hash of the table last written (None before the first write).
     pub async fn last_hash(&self) -> Option<String> {
         self.last
@@ -133,6 +158,7 @@ impl Publisher {
         {
             l.fingerprint = fp;
             l.table = t.clone();
+            self.tell_ca(&t);
             return Ok(t);
         }
         // Credentials first: when the table names a credentials file, the
@@ -172,6 +198,7 @@ impl Publisher {
             table: t.clone(),
             written_at: Instant::now(),
         });
+        self.tell_ca(&t);
         Ok(t)
     }
 }
@@ -295,6 +322,7 @@ mod tests {
             extra: [("cabundle-reg.lan.pem".to_string(), "PEM".to_string())].into(),
             credentials: [("reg.lan.json".to_string(), "secret".to_string())].into(),
             verdicts: Default::default(),
+            permitted: Default::default(),
         };
         let cm = table_configmap("ns", "tbl", &t);
         assert_eq!(cm["metadata"]["annotations"][CONFIG_HASH_ANNOTATION], "abc");

@@ -10,6 +10,7 @@ use pullthrough_api::config::{ProxyConfig, RegistryConfig};
 use pullthrough_api::contract::config_hash;
 use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::names::DOCKER_HUB;
+use pullthrough_api::pki::PermittedNames;
 
 use crate::refs::Refs;
 use crate::reserved::ReservedNames;
@@ -72,6 +73,9 @@ pub struct Table {
     pub credentials: BTreeMap<String, String>,
     /// Per MirrorRegistry name.
     pub verdicts: HashMap<String, Verdict>,
+    /// What the proxy CA must permit to serve this table (its name
+    /// constraints): every registry name and the proxy's own names.
+    pub permitted: PermittedNames,
 }
 
 /// `host` as a file name (`:` → `_`).
@@ -230,7 +234,11 @@ pub fn render(
     config.proxy = proxy;
     config.validate()?;
     let yaml = config.to_yaml()?;
+    // The proxy's pod IP is not known here; it serves its own IPs only
+    // through the Service address in `proxy`, which is included.
+    let permitted = PermittedNames::for_config(&config, &[]);
     Ok(Table {
+        permitted,
         hash: config_hash(yaml.as_bytes()),
         yaml,
         extra,

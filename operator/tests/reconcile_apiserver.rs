@@ -12,6 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use pullthrough_api::config::ProxyConfig;
+use pullthrough_api::pki::PermittedNames;
 use pullthrough_testbed::Error;
 use pullthrough_testbed::kube::{KubeApiserver, kubectl_row};
 use pullthrough_testbed::net::{free_port, wait_for};
@@ -349,17 +350,52 @@ fn operator_reconciles_against_a_real_apiserver() {
         .get_json(&["secret", "pullthrough-ca", "-n", NS])
         .expect("CA Secret");
     assert!(secret["data"]["tls.crt"].is_string() && secret["data"]["tls.key"].is_string());
-    let ca_cm = api
-        .get_json(&["cm", "pullthrough-ca", "-n", NS])
-        .expect("CA ConfigMap");
-    assert_eq!(
-        ca_cm["data"]["ca.crt"]
-            .as_str()
-            .unwrap()
-            .matches("BEGIN CERTIFICATE")
-            .count(),
-        1
+    // The CA is made for the names of the first table; quay.io came
+    // later, so a next CA that permits it is published next to it (nodes
+    // trust it at once; it takes over after the overlap). Every CA is
+    // name-constrained; the newest permits quay.io and nothing unmirrored.
+    let certs_of = |pem: &str| -> Vec<String> {
+        pem.split_inclusive("-----END CERTIFICATE-----\n")
+            .filter(|c| c.contains("BEGIN CERTIFICATE"))
+            .map(str::to_string)
+            .collect()
+    };
+    let permits_quay = |cert: &str| {
+        PermittedNames::of_pem(cert)
+            .ok()
+            .flatten()
+            .is_some_and(|p| p.permits_dns("quay.io"))
+    };
+    let mut trusted = Vec::new();
+    wait_for("a CA that permits quay.io in the bundle", TIMEOUT, || {
+        trusted = certs_of(&bundle(&api).unwrap_or_default());
+        Ok(trusted.iter().any(|c| permits_quay(c)))
+    })
+    .unwrap();
+    // The proxy signs quay.io with the Secret's CA that permits it: the
+    // active one, or else the next one.
+    let secret = api
+        .get_json(&["secret", "pullthrough-ca", "-n", NS])
+        .expect("CA Secret");
+    let decode = |key: &str| {
+        use base64::Engine;
+        secret["data"][key].as_str().map(|b| {
+            String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).unwrap()).unwrap()
+        })
+    };
+    let active = decode("tls.crt").unwrap();
+    assert!(
+        permits_quay(&active) || decode("next.crt").is_some_and(|n| permits_quay(&n)),
+        "neither the active nor the next CA permits quay.io"
     );
+    assert!((1..=2).contains(&trusted.len()), "{trusted:?}");
+    for cert in &trusted {
+        let p = PermittedNames::of_pem(cert)
+            .unwrap()
+            .expect("a name-constrained CA");
+        assert!(!p.permits_dns("example.com"), "{p}");
+        assert!(p.permits_dns(pullthrough_api::pki::PEER_NAME), "{p}");
+    }
 
     // The proxy reports the table's hash → ProxyReady; an agent → 1/1.
     fake.set_json(

@@ -341,8 +341,19 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             issuer.clone(),
             cli.reload_interval,
             move || match &shared.state.load().config.ca {
-                Some(files) => (files.cert.clone(), files.key.clone()),
-                None => tls::generated_ca_files(&data_dir),
+                Some(files) => tls::watch::CaPaths {
+                    cert: files.cert.clone(),
+                    key: files.key.clone(),
+                    next: files.next().map(|(c, k)| (c.to_owned(), k.to_owned())),
+                },
+                None => {
+                    let (cert, key) = tls::generated_ca_files(&data_dir);
+                    tls::watch::CaPaths {
+                        cert,
+                        key,
+                        next: None,
+                    }
+                }
             },
             move |outcome| match outcome {
                 tls::watch::CaReload::Swapped(info) => metrics.ca_reloaded(Some(info.not_after)),
@@ -452,5 +463,48 @@ async fn shutdown_signal() {
             tracing::warn!(error = %err, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod ca_names_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use pullthrough_api::pki::PermittedNames;
+
+    /// The operator makes the cluster CA for `PermittedNames::for_config`
+    /// of the table; the proxy serves TLS for `allowed_names`. A name the
+    /// router serves that the CA does not permit would fail every
+    /// handshake for it, so the two must agree.
+    #[test]
+    fn the_ca_names_of_a_config_cover_every_name_the_proxy_serves() {
+        let mut config = config::load(None).unwrap();
+        config.names = vec![
+            "pullthrough-proxy.pullthrough.svc".into(),
+            "10.0.0.7".into(),
+        ];
+        config.proxy =
+            Some(serde_json::from_value(serde_json::json!({"address": "fd00::10"})).unwrap());
+        assert!(!config.registries.is_empty());
+        let listen = vec!["192.0.2.1".parse().unwrap()];
+        let router = route::Router::new(&config, &listen);
+        let allowed = allowed_names(&router);
+        let permitted = PermittedNames::for_config(&config, &listen);
+        let mut checked = 0;
+        for name in allowed.registry_names.iter().chain(&allowed.own_names) {
+            assert!(permitted.permits_dns(name), "{name} not in {permitted}");
+            checked += 1;
+        }
+        for ip in &allowed.own_ips {
+            assert!(permitted.permits_ip(*ip), "{ip} not in {permitted}");
+            checked += 1;
+        }
+        assert!(checked > 10, "{checked}");
+        for ip in ["10.0.0.7", "fd00::10", "192.0.2.1", "127.0.0.1", "::1"] {
+            assert!(permitted.permits_ip(ip.parse().unwrap()), "{ip}");
+        }
+        assert!(permitted.permits_dns(pullthrough_api::pki::PEER_NAME));
+        assert!(!permitted.permits_dns("example.com"));
     }
 }

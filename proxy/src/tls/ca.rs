@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use pullthrough_api::pki::{self, CLOCK_SKEW};
+use pullthrough_api::pki::{self, CLOCK_SKEW, PermittedNames, SELF_TEST_NAME};
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, PublicKeyData, SanType, SignatureAlgorithm,
@@ -31,7 +31,6 @@ pub(super) const LEAF_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
 const CA_VALIDITY: Duration = Duration::from_secs(3650 * 86_400);
 /// A loaded CA closer than this to expiry is logged at warn.
 const CA_EXPIRY_WARNING: Duration = Duration::from_secs(30 * 86_400);
-const SELF_TEST_NAME: &str = "ca-self-test.pullthrough.invalid";
 
 pub(super) const CA_CERT_FILE: &str = "ca.crt";
 pub(super) const CA_KEY_FILE: &str = "ca.key";
@@ -50,6 +49,8 @@ pub(super) struct Ca {
     use_aki: bool,
     pub(super) subject_cn: String,
     pub(super) cert_path: PathBuf,
+    /// Its name constraints; `None`: it may vouch for any name.
+    pub(super) permitted: Option<PermittedNames>,
 }
 
 /// A freshly minted leaf.
@@ -63,6 +64,16 @@ pub(super) struct Minted {
 impl Ca {
     pub(super) fn not_after(&self) -> SystemTime {
         self.not_after
+    }
+
+    /// Whether clients would accept a leaf of this CA for DNS name `name`.
+    pub(super) fn permits_dns(&self, name: &str) -> bool {
+        self.permitted.as_ref().is_none_or(|p| p.permits_dns(name))
+    }
+
+    /// Whether clients would accept a leaf of this CA for `ip`.
+    pub(super) fn permits_ip(&self, ip: std::net::IpAddr) -> bool {
+        self.permitted.as_ref().is_none_or(|p| p.permits_ip(ip))
     }
 
     /// Loads the CA from explicitly configured files.
@@ -79,15 +90,17 @@ impl Ca {
             key = %key.display(),
             subject = %ca.subject_cn,
             not_after = %humantime::format_rfc3339_seconds(ca.not_after),
+            permitted = %ca.permitted.as_ref().map_or_else(|| "any name".to_string(), |p| p.to_string()),
             "loaded TLS CA"
         );
         Ok(ca)
     }
 
     /// Loads `<data_dir>/ca.crt` + `ca.key`, generating and writing them
-    /// first when absent.
+    /// first when absent: a CA constrained to `permitted`.
     pub(super) fn load_or_generate_in(
         data_dir: &Path,
+        permitted: &PermittedNames,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, TlsError> {
         let cert_path = data_dir.join(CA_CERT_FILE);
@@ -113,12 +126,14 @@ impl Ca {
             source,
         })?;
         let pki::GeneratedCa { cert_pem, key_pem } =
-            pki::generate_ca(CA_VALIDITY).map_err(|e| TlsError::Generate {
-                path: cert_path.clone(),
-                reason: match e {
-                    pki::PkiError::Generate(rcgen) => rcgen.to_string(),
-                    other => other.to_string(),
-                },
+            pki::generate_constrained_ca(CA_VALIDITY, permitted).map_err(|e| {
+                TlsError::Generate {
+                    path: cert_path.clone(),
+                    reason: match e {
+                        pki::PkiError::Generate(rcgen) => rcgen.to_string(),
+                        other => other.to_string(),
+                    },
+                }
             })?;
         write_atomic(&key_path, key_pem.as_bytes(), 0o600)?;
         write_atomic(&cert_path, cert_pem.as_bytes(), 0o644)?;
@@ -133,6 +148,7 @@ impl Ca {
             cert = %cert_path.display(),
             key = %key_path.display(),
             not_after = %humantime::format_rfc3339_seconds(ca.not_after),
+            permitted = %permitted,
             "generated TLS CA; clients must trust {}", cert_path.display()
         );
         Ok(ca)
@@ -221,6 +237,8 @@ impl Ca {
             });
         }
 
+        let permitted =
+            PermittedNames::of_certificate(&ca_der).map_err(|e| invalid_cert(e.to_string()))?;
         let use_aki = checked.has_subject_key_id;
         let subject_cn = checked.common_name.unwrap_or_default();
         let issuer = rcgen::Issuer::from_ca_cert_der(&ca_der, key)
@@ -237,6 +255,7 @@ impl Ca {
             use_aki,
             subject_cn,
             cert_path: cert_path.to_owned(),
+            permitted,
         };
         ca.self_test(ca_der, provider)
             .map_err(|reason| TlsError::Unusable {
@@ -262,15 +281,29 @@ impl Ca {
             WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                 .build()
                 .map_err(|e| format!("building a verifier: {e}"))?;
+        // A CA constrained by someone else may not permit our probe name:
+        // probe with a name it does permit (one it has no use for otherwise
+        // would fail every handshake anyway).
+        let probe_name = match &self.permitted {
+            Some(p) if !p.permits_dns(SELF_TEST_NAME) => match p.dns_names().next() {
+                Some(n) => n.to_string(),
+                None => {
+                    tracing::debug!(cert = %self.cert_path.display(), "CA permits no DNS name: self-test skipped");
+                    return Ok(());
+                }
+            },
+            _ => SELF_TEST_NAME.to_string(),
+        };
         let san = SanType::DnsName(
-            SELF_TEST_NAME
+            probe_name
+                .as_str()
                 .try_into()
                 .map_err(|e| format!("self-test name: {e}"))?,
         );
         let probe = self
-            .mint(vec![san], SELF_TEST_NAME, SystemTime::now())
+            .mint(vec![san], &probe_name, SystemTime::now())
             .map_err(|e| format!("signing a test certificate: {e}"))?;
-        let name = ServerName::try_from(SELF_TEST_NAME).map_err(|e| e.to_string())?;
+        let name = ServerName::try_from(probe_name).map_err(|e| e.to_string())?;
         let (leaf, rest) = probe
             .chain
             .split_first()
@@ -300,7 +333,7 @@ impl Ca {
     /// and as client: the only one the proxy issues for client auth.
     pub(super) fn mint_peer(&self, now: SystemTime) -> Result<Minted, rcgen::Error> {
         let sans = vec![
-            SanType::DnsName(super::peer::PEER_NAME.try_into()?),
+            SanType::DnsName(pki::PEER_NAME.try_into()?),
             SanType::URI(super::peer::PEER_URI.try_into()?),
         ];
         self.mint_for(

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use pullthrough_api::pki::{PEER_NAME, PermittedNames, SELF_TEST_NAME};
 use rcgen::SanType;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -54,6 +55,10 @@ pub struct Issuer {
     /// Swapped whole by [`Issuer::reload`] (CA rotation); replaced only
     /// while `cache` is locked, so no leaf of the old CA is cached after.
     ca: ArcSwap<Ca>,
+    /// The CA that takes over next (operator rotation), trusted by nodes
+    /// already: it signs the names `ca`'s name constraints do not permit.
+    /// Swapped under the cache lock, like `ca`.
+    next: ArcSwapOption<Ca>,
     allowed: ArcSwap<AllowedNames>,
     cache: Mutex<Cache>,
     provider: Arc<CryptoProvider>,
@@ -87,22 +92,40 @@ impl Issuer {
         allowed: AllowedNames,
     ) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let allowed = allowed.normalized();
+        let mut next = None;
         let ca = match ca {
-            Some(files) => Ca::load_files(&files.cert, &files.key, &provider)?,
-            None => Ca::load_or_generate_in(data_dir, &provider)?,
+            Some(files) => {
+                if let Some((cert, key)) = files.next() {
+                    // Only a help during a rotation: without it the
+                    // current CA still serves what it permits.
+                    match Ca::load_files(cert, key, &provider) {
+                        Ok(ca) => next = Some(Arc::new(ca)),
+                        Err(e) if e.is_missing() => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "next CA not usable; signing with the current CA only")
+                        }
+                    }
+                }
+                Ca::load_files(&files.cert, &files.key, &provider)?
+            }
+            None => Ca::load_or_generate_in(data_dir, &permitted_for(&allowed), &provider)?,
         };
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::Config {
                 reason: e.to_string(),
             })?;
-        Ok(Self {
+        let issuer = Self {
             ca: ArcSwap::from_pointee(ca),
-            allowed: ArcSwap::from_pointee(allowed.normalized()),
+            next: ArcSwapOption::new(next),
+            allowed: ArcSwap::from_pointee(allowed),
             cache: Mutex::new(Cache::default()),
             provider,
             builder,
-        })
+        };
+        issuer.warn_unpermitted();
+        Ok(issuer)
     }
 
     pub(super) fn current_ca(&self) -> Arc<Ca> {
@@ -152,7 +175,89 @@ impl Issuer {
         cache.leaves.clear();
         cache.own = None;
         drop(cache);
+        self.warn_unpermitted();
         Ok(Some(info))
+    }
+
+    /// Follows the next CA's files: loads them when both exist (`None`, or
+    /// files that are gone: there is no next CA). True when what signs
+    /// changed; then every cached leaf is dropped, so a name the current
+    /// CA does not permit gets a leaf of the new next CA. On error nothing
+    /// changes.
+    pub fn reload_next(&self, files: Option<(&Path, &Path)>) -> Result<bool, TlsError> {
+        let new = match files {
+            None => None,
+            Some((cert, key)) => match Ca::load_files(cert, key, &self.provider) {
+                Ok(ca) => Some(ca),
+                Err(e) if e.is_missing() => None,
+                Err(e) => return Err(e),
+            },
+        };
+        let current = self.next.load();
+        let same = match (&new, current.as_deref()) {
+            (None, None) => true,
+            (Some(a), Some(b)) => *a.pem == *b.pem,
+            _ => false,
+        };
+        if same {
+            return Ok(false);
+        }
+        let mut cache = self.lock_cache();
+        self.next.store(new.map(Arc::new));
+        cache.leaves.clear();
+        cache.own = None;
+        drop(cache);
+        self.warn_unpermitted();
+        Ok(true)
+    }
+
+    /// The CA to sign a leaf with: the current one when its constraints
+    /// permit the leaf's names, else the next one when it does, else the
+    /// current one (clients will refuse the leaf; [`Self::warn_unpermitted`]
+    /// has said so).
+    fn ca_for(&self, permits: impl Fn(&Ca) -> bool) -> Arc<Ca> {
+        let ca = self.ca.load_full();
+        if permits(&ca) {
+            return ca;
+        }
+        match self.next.load_full() {
+            Some(next) if permits(&next) => next,
+            _ => ca,
+        }
+    }
+
+    /// Logs the names no loaded CA may vouch for: their handshakes will
+    /// be refused by clients until a CA that permits them is in place.
+    fn warn_unpermitted(&self) {
+        let allowed = self.allowed.load();
+        let ca = self.ca.load();
+        let next = self.next.load();
+        let permitted_by_any = |f: &dyn Fn(&Ca) -> bool| f(&ca) || next.as_deref().is_some_and(f);
+        let mut refused: Vec<String> = allowed
+            .registry_names
+            .iter()
+            .chain(&allowed.own_names)
+            .filter(|n| !permitted_by_any(&|c: &Ca| c.permits_dns(n)))
+            .cloned()
+            .collect();
+        refused.extend(
+            allowed
+                .own_ips
+                .iter()
+                .filter(|ip| !permitted_by_any(&|c: &Ca| c.permits_ip(**ip)))
+                .map(IpAddr::to_string),
+        );
+        if !refused.is_empty() {
+            refused.sort();
+            tracing::warn!(
+                names = ?refused,
+                ca = %ca.cert_path.display(),
+                "the CA's name constraints do not permit these names: clients will refuse their TLS \
+                 certificates. In a cluster the operator issues a CA that permits them; with a CA the \
+                 proxy generated, delete its ca.crt and ca.key to generate one for the current names \
+                 (clients must then trust the new CA)"
+            );
+        }
     }
 
     /// Swap the allowed names (config reload); previously minted certs for names no longer allowed must not be served any more.
@@ -173,6 +278,7 @@ impl Issuer {
         // Handshakes check this first, so a removed name is refused from
         // now on even if a racing handshake re-caches its leaf.
         self.allowed.store(Arc::new(allowed));
+        self.warn_unpermitted();
     }
 
     /// rustls ServerConfig using this issuer as cert resolver; ALPN ["h2", "http/1.1"]; ring provider via ServerConfig::builder_with_provider.
@@ -231,7 +337,8 @@ impl Issuer {
                 return None;
             }
         };
-        let cached = self.mint(vec![san], name, now, name)?;
+        let ca = self.ca_for(|ca| ca.permits_dns(name));
+        let cached = self.mint(&ca, vec![san], name, now, name)?;
         let key = cached.key.clone();
         cache.leaves.insert(name.to_owned(), cached);
         Some(key)
@@ -259,7 +366,11 @@ impl Issuer {
             return None;
         }
         let label = format!("{:?} {:?}", allowed.own_names, allowed.own_ips);
-        let cert = self.mint(sans, "pullthrough", now, &label)?;
+        let ca = self.ca_for(|ca| {
+            allowed.own_names.iter().all(|n| ca.permits_dns(n))
+                && allowed.own_ips.iter().all(|ip| ca.permits_ip(*ip))
+        });
+        let cert = self.mint(&ca, sans, "pullthrough", now, &label)?;
         let key = cert.key.clone();
         cache.own = Some(OwnCert {
             names: allowed.own_names.clone(),
@@ -271,12 +382,12 @@ impl Issuer {
 
     fn mint(
         &self,
+        ca: &Ca,
         sans: Vec<SanType>,
         common_name: &str,
         now: SystemTime,
         label: &str,
     ) -> Option<Cached> {
-        let ca = self.ca.load();
         let Minted {
             chain,
             key,
@@ -325,4 +436,16 @@ impl ResolvesServerCert for Issuer {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         self.certificate_for(client_hello.server_name(), SystemTime::now())
     }
+}
+
+/// What a CA the proxy generates may vouch for: the names it serves TLS
+/// for, the peer name and the self-test name.
+fn permitted_for(allowed: &AllowedNames) -> PermittedNames {
+    let names = allowed
+        .registry_names
+        .iter()
+        .chain(&allowed.own_names)
+        .map(String::as_str)
+        .chain([PEER_NAME, SELF_TEST_NAME]);
+    PermittedNames::new(names, allowed.own_ips.iter().copied())
 }

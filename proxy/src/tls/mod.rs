@@ -120,3 +120,11 @@ pub enum TlsError {
     #[error("building the TLS server config: {reason}")]
     Config { reason: String },
 }
+
+impl TlsError {
+    /// A file that does not exist (as opposed to one that is unreadable
+    /// or holds something unusable).
+    pub(crate) fn is_missing(&self) -> bool {
+        matches!(self, TlsError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
+}

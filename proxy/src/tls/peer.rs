@@ -16,7 +16,7 @@ use super::{Issuer, TlsError};
 
 /// The name a replica's server certificate carries and its peers verify
 /// (they connect by IP; `.invalid` never resolves).
-pub const PEER_NAME: &str = "peer.pullthrough.invalid";
+pub use pullthrough_api::pki::PEER_NAME;
 /// The identity a client certificate must carry on the peer listener.
 pub const PEER_URI: &str = "urn:pullthrough:peer";
 

@@ -145,7 +145,12 @@ fn write_ca(dir: &Path, ca: &TestCa, stem: &str) -> CaFiles {
     let key = dir.join(format!("{stem}.key"));
     std::fs::write(&cert, ca.cert_pem()).unwrap();
     std::fs::write(&key, ca.key_pem()).unwrap();
-    CaFiles { cert, key }
+    CaFiles {
+        cert,
+        key,
+        next_cert: None,
+        next_key: None,
+    }
 }
 
 #[tokio::test]
@@ -210,6 +215,8 @@ fn explicit_ca_errors_name_the_file() {
         let files = CaFiles {
             cert: cert.to_owned(),
             key: key.to_owned(),
+            next_cert: None,
+            next_key: None,
         };
         Issuer::load_or_generate(Some(&files), dir.path(), default_allowed())
             .unwrap_err()
@@ -330,9 +337,12 @@ async fn unknown_name_is_refused() {
 #[tokio::test]
 async fn ip_and_own_names_get_the_own_cert() {
     let dir = tempfile::tempdir().unwrap();
+    // A CA without name constraints: names are added after it was made
+    // (a generated CA permits only the names it was generated for).
+    let files = write_ca(dir.path(), &TestCa::new("any name").unwrap(), "ca");
     let issuer = Arc::new(
         Issuer::load_or_generate(
-            None,
+            Some(&files),
             dir.path(),
             allowed(
                 &["quay.io"],
@@ -396,7 +406,10 @@ async fn ip_and_own_names_get_the_own_cert() {
 #[tokio::test]
 async fn removed_name_is_refused_after_set_allowed() {
     let dir = tempfile::tempdir().unwrap();
-    let issuer = Arc::new(Issuer::load_or_generate(None, dir.path(), default_allowed()).unwrap());
+    // Unconstrained: `ghcr.io` is added after the CA was made.
+    let files = write_ca(dir.path(), &TestCa::new("any name").unwrap(), "ca");
+    let issuer =
+        Arc::new(Issuer::load_or_generate(Some(&files), dir.path(), default_allowed()).unwrap());
     // One server and one client config throughout, as in production: a
     // resumed session must not get around the removal either.
     let server = issuer.server_config();
@@ -518,7 +531,11 @@ async fn watch_keeps_the_old_ca_until_the_pair_matches() {
     let issuer =
         Arc::new(Issuer::load_or_generate(Some(&files), dir.path(), default_allowed()).unwrap());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let paths = (files.cert.clone(), files.key.clone());
+    let paths = watch::CaPaths {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        next: None,
+    };
     let task = tokio::spawn(watch::watch(
         issuer.clone(),
         Duration::from_millis(20),
@@ -574,4 +591,30 @@ async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
         .await
         .unwrap()
         .unwrap()
+}
+
+/// A CA the proxy generates permits only the names it serves then: a name
+/// added by a later reload gets a leaf clients refuse (name constraints),
+/// while the names it was made for keep working.
+#[tokio::test]
+async fn a_generated_ca_permits_only_the_names_it_was_made_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Arc::new(Issuer::load_or_generate(None, dir.path(), default_allowed()).unwrap());
+    let client = client(&issuer.ca_pem());
+    handshake(issuer.server_config(), client.clone(), dns("quay.io"))
+        .await
+        .unwrap();
+    issuer.set_allowed(allowed(
+        &["quay.io", "ghcr.io"],
+        &["localhost"],
+        &[IpAddr::V4(Ipv4Addr::LOCALHOST)],
+    ));
+    let err = handshake(issuer.server_config(), client.clone(), dns("ghcr.io"))
+        .await
+        .err()
+        .expect("a leaf for a name the CA does not permit");
+    assert!(err.contains("NameConstraint"), "{err}");
+    handshake(issuer.server_config(), client, dns("quay.io"))
+        .await
+        .unwrap();
 }

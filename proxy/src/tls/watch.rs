@@ -27,9 +27,19 @@ pub enum CaReload {
     Rejected(String),
 }
 
-/// Polls the CA files every `interval` and swaps a changed, valid CA in.
-/// `files` says where they are at each poll (a config reload may move
-/// them); `on_reload` is told every attempt (metrics).
+/// Where the CA is read from at a poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The next CA's (cert, key), during an operator rotation.
+    pub next: Option<(PathBuf, PathBuf)>,
+}
+
+/// Polls the CA files every `interval` and swaps a changed, valid CA in
+/// (and the next CA, see [`Issuer::reload_next`]). `files` says where they
+/// are at each poll (a config reload may move them); `on_reload` is told
+/// every attempt at the current CA (metrics).
 ///
 /// Files are compared by content through any symlink, like the config
 /// watch: a Secret volume update swaps a `..data` link, which leaves the
@@ -40,7 +50,7 @@ pub enum CaReload {
 pub async fn watch(
     issuer: Arc<Issuer>,
     interval: Duration,
-    files: impl Fn() -> (PathBuf, PathBuf),
+    files: impl Fn() -> CaPaths,
     mut on_reload: impl FnMut(&CaReload),
 ) {
     // None: the first poll checks the files even if they match what was
@@ -50,13 +60,23 @@ pub async fn watch(
     let mut failing: Option<String> = None;
     loop {
         tokio::time::sleep(interval).await;
-        let (cert, key) = files();
-        let now = fingerprint(&cert, &key);
+        let paths = files();
+        let (cert, key) = (&paths.cert, &paths.key);
+        let now = fingerprint(&paths);
         if last.as_ref() == Some(&now) && failing.is_none() {
             continue;
         }
         last = Some(now);
-        let outcome = reload_once(&issuer, &cert, &key);
+        let outcome = reload_once(&issuer, cert, key);
+        let next = paths.next.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        match issuer.reload_next(next) {
+            Ok(true) => tracing::info!(
+                next = ?paths.next,
+                "next CA changed: names the current CA does not permit are signed by the next CA"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "next CA not usable; keeping the previous state"),
+        }
         match &outcome {
             CaReload::Swapped(info) => {
                 tracing::info!(
@@ -96,18 +116,23 @@ pub fn reload_once(issuer: &Issuer, cert: &Path, key: &Path) -> CaReload {
 /// not kept around in memory.
 #[derive(Debug, PartialEq)]
 struct Fingerprint {
-    cert: Option<[u8; 32]>,
-    key: Option<[u8; 32]>,
+    cert: FileHash,
+    key: FileHash,
+    next: Option<(FileHash, FileHash)>,
 }
 
-fn fingerprint(cert: &Path, key: &Path) -> Fingerprint {
+/// sha256 of a file's content; None: unreadable.
+type FileHash = Option<[u8; 32]>;
+
+fn fingerprint(paths: &CaPaths) -> Fingerprint {
     let hash = |p: &Path| {
         std::fs::read(p)
             .ok()
             .map(|b| sha2::Sha256::digest(b).into())
     };
     Fingerprint {
-        cert: hash(cert),
-        key: hash(key),
+        cert: hash(&paths.cert),
+        key: hash(&paths.key),
+        next: paths.next.as_ref().map(|(c, k)| (hash(c), hash(k))),
     }
 }

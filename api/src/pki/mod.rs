@@ -12,6 +12,9 @@ use rcgen::{
 use x509_parser::certificate::X509Certificate;
 use x509_parser::x509::X509Name;
 
+mod constraints;
+pub use constraints::{PEER_NAME, PermittedNames, SELF_TEST_NAME};
+
 /// Subject commonName of every CA pullthrough generates.
 pub const CA_COMMON_NAME: &str = "pullthrough proxy CA";
 /// Subject organizationName of every CA pullthrough generates.
@@ -70,8 +73,25 @@ impl std::fmt::Debug for GeneratedCa {
 }
 
 /// A new self-signed ECDSA P-256 CA valid for `validity` (from
-/// [`CLOCK_SKEW`] ago). Path length 0: it signs leaves only.
+/// [`CLOCK_SKEW`] ago). Path length 0: it signs leaves only. It may vouch
+/// for any name: see [`generate_constrained_ca`].
 pub fn generate_ca(validity: Duration) -> Result<GeneratedCa, PkiError> {
+    generate(validity, None)
+}
+
+/// Like [`generate_ca`], with a critical nameConstraints extension that
+/// permits only `permitted`.
+pub fn generate_constrained_ca(
+    validity: Duration,
+    permitted: &PermittedNames,
+) -> Result<GeneratedCa, PkiError> {
+    generate(validity, Some(permitted))
+}
+
+fn generate(
+    validity: Duration,
+    permitted: Option<&PermittedNames>,
+) -> Result<GeneratedCa, PkiError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -90,6 +110,7 @@ pub fn generate_ca(validity: Duration) -> Result<GeneratedCa, PkiError> {
     let validity = time::Duration::try_from(validity).unwrap_or(time::Duration::MAX);
     params.not_before = now.saturating_sub(skew);
     params.not_after = now.saturating_add(validity);
+    params.name_constraints = permitted.map(PermittedNames::to_rcgen);
     let cert = params.self_signed(&key)?;
     Ok(GeneratedCa {
         cert_pem: cert.pem(),
