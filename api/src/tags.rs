@@ -183,6 +183,21 @@ fn compile_pattern(pattern: &str) -> Result<regex::Regex, String> {
         .map_err(|e| format!("`{pattern}` is not a regular expression: {e}"))
 }
 
+/// A tag the proxy saw pointing at a new digest: an entry of `tagMoves`
+/// in its `GET /status` (docs/cluster-contract.md), which the operator
+/// turns into Events on the MirrorRegistry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TagMove {
+    pub registry: String,
+    pub repository: String,
+    pub tag: String,
+    pub from: String,
+    pub to: String,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -9,6 +9,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use pullthrough_api::crd::{CacheStats, UpstreamBudget};
+pub use pullthrough_api::tags::TagMove;
 use serde::Deserialize;
 
 /// What the proxy reports.
@@ -27,19 +28,6 @@ pub struct ProxyStatus {
     /// Per registry host that sent rate-limit figures.
     #[serde(default)]
     pub upstream: BTreeMap<String, UpstreamBudget>,
-}
-
-/// A tag the proxy saw pointing at a new digest.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TagMove {
-    pub registry: String,
-    pub repository: String,
-    pub tag: String,
-    pub from: String,
-    pub to: String,
-    /// Unix milliseconds.
-    pub at: i64,
 }
 
 /// Fetches `url` (plain HTTP) within `timeout`; the error is a short reason

@@ -290,11 +290,11 @@ fn tags(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
                 "tag": tag,
                 "digest": e.digest.as_str(),
                 "mediaType": e.media_type,
-                "since": crate::cache::tags::unix_ms(e.since),
+                "since": crate::cache::unix_ms(e.since),
                 "checkedSecondsAgo": e.resolved_at.elapsed().as_secs(),
                 "previous": e.previous.iter().map(|(d, until)| json!({
                     "digest": d.as_str(),
-                    "until": crate::cache::tags::unix_ms(*until),
+                    "until": crate::cache::unix_ms(*until),
                 })).collect::<Vec<_>>(),
             })
         })

@@ -7,3 +7,11 @@ pub mod repos;
 pub mod shared;
 pub mod store;
 pub mod tags;
+
+/// `t` as milliseconds since the epoch (0 before it): the clock the shared
+/// bucket's coordination files, `/status` and the admin API use, where uses
+/// within one second must still order.
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}

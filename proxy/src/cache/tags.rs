@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
-use serde::Serialize;
+pub use pullthrough_api::tags::TagMove;
 
 use crate::bounded::BoundedMap;
 use crate::oci::Digest;
@@ -55,19 +55,6 @@ impl TagEntry {
     }
 }
 
-/// A tag seen pointing at a new digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct TagMove {
-    pub registry: String,
-    pub repository: String,
-    pub tag: String,
-    pub from: String,
-    pub to: String,
-    /// Unix milliseconds.
-    pub at: u64,
-}
-
 type Key = (String, String, String);
 
 #[derive(Debug)]
@@ -89,12 +76,6 @@ impl Default for TagCache {
     fn default() -> Self {
         Self::with_capacity(MAX_TAGS)
     }
-}
-
-/// Unix milliseconds, for JSON.
-pub fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl TagCache {
@@ -162,7 +143,7 @@ impl TagCache {
                     tag: tag.to_string(),
                     from: before.to_string(),
                     to: entry.digest.to_string(),
-                    at: unix_ms(now),
+                    at: i64::try_from(super::unix_ms(now)).unwrap_or(i64::MAX),
                 });
             }
         }

@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use pullthrough_api::config::SharedStorage;
@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use super::{SharedTier, TierError, Version};
 use crate::bounded::BoundedMap;
+use crate::cache::unix_ms;
 use crate::oci::Digest;
 
 const LEASE: &str = "evictor";
@@ -306,10 +307,4 @@ impl Evictor {
         }
         Ok(used)
     }
-}
-
-/// Milliseconds: uses within one second still order.
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

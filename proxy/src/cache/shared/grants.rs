@@ -32,7 +32,7 @@ struct GrantsFile {
 
 /// Reads every replica's public answers into `grants`.
 pub async fn import(tier: &SharedTier, grants: &AccessGrants) -> Result<usize, TierError> {
-    let now = unix_ms();
+    let now = crate::cache::unix_ms(std::time::SystemTime::now());
     let mut n = 0;
     for name in tier.list_coord(DIR).await? {
         let Some((bytes, _)) = tier.read_coord(&name).await? else {
@@ -100,7 +100,7 @@ pub async fn share(
 
 async fn write(tier: &SharedTier, grants: &AccessGrants, me: &str) -> Result<(), TierError> {
     let file = GrantsFile {
-        written: unix_ms(),
+        written: crate::cache::unix_ms(std::time::SystemTime::now()),
         grants: grants
             .export_public(OUTAGE_GRACE)
             .into_iter()
@@ -114,10 +114,4 @@ async fn write(tier: &SharedTier, grants: &AccessGrants, me: &str) -> Result<(),
         .map(Bytes::from)
         .unwrap_or_default();
     tier.put_coord(&format!("{DIR}/{me}.json"), body).await
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
