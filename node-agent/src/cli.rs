@@ -10,6 +10,7 @@ use pullthrough_api::contract;
 use crate::engine::{self, ApplyOptions, RevertOptions};
 use crate::error::{AgentError, ConfigError};
 use crate::fsio::Root;
+use crate::lock::{LOCK_FILE, NodeLock};
 use crate::run::{self, RunOptions, Source};
 use crate::runtime::{DockerActionArg, RuntimeKind, SystemExecutor};
 
@@ -59,6 +60,11 @@ enum Command {
         /// Print a diff per file instead of writing.
         #[arg(long)]
         dry_run: bool,
+        /// How long to wait for a running `pullthrough-agent run` on this
+        /// node to stop (it holds the node lock, /run/pullthrough-agent.lock,
+        /// and would overwrite what this command does).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        wait_for_agent: Duration,
     },
     /// Remove everything the agent ever added and restore first-edit backups.
     Revert {
@@ -72,6 +78,11 @@ enum Command {
         /// keys emptied before the original file is put back.
         #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
         reload_settle: Duration,
+        /// How long to wait for a running `pullthrough-agent run` on this
+        /// node to stop (it holds the node lock, /run/pullthrough-agent.lock,
+        /// and would overwrite what this command does).
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+        wait_for_agent: Duration,
     },
     /// Show what is applied on this node.
     Status {
@@ -179,6 +190,17 @@ fn runtimes(args: &[RuntimeArg]) -> Result<Option<Vec<RuntimeKind>>, ConfigError
     ))
 }
 
+/// The node lock for a one-shot command, waiting up to `wait` for a
+/// running agent to stop.
+fn node_lock(root: &Root, wait: Duration) -> Result<NodeLock, AgentError> {
+    Ok(NodeLock::acquire(root, wait, || {
+        tracing::warn!(
+            lock = LOCK_FILE,
+            "a pullthrough-agent runs on this node; waiting up to {wait:?} for it to stop"
+        );
+    })?)
+}
+
 /// Carries out the command.
 pub fn execute(cli: Cli) -> Result<(), AgentError> {
     let mut stdout = std::io::stdout();
@@ -190,10 +212,14 @@ pub fn execute(cli: Cli) -> Result<(), AgentError> {
             docker_action,
             migrate_containerd_mirrors,
             dry_run,
+            wait_for_agent,
         } => {
             let runtimes = runtimes(&runtime)?;
             let cfg = crate::config::load(&config)?;
             let root = Root::new(root);
+            let _lock = (!dry_run)
+                .then(|| node_lock(&root, wait_for_agent))
+                .transpose()?;
             let mut exec = SystemExecutor::new(root.clone());
             let opts = ApplyOptions {
                 runtimes,
@@ -208,8 +234,12 @@ pub fn execute(cli: Cli) -> Result<(), AgentError> {
             root,
             dry_run,
             reload_settle,
+            wait_for_agent,
         } => {
             let root = Root::new(root);
+            let _lock = (!dry_run)
+                .then(|| node_lock(&root, wait_for_agent))
+                .transpose()?;
             let mut exec = SystemExecutor::new(root.clone());
             let opts = RevertOptions {
                 dry_run,

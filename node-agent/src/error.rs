@@ -156,6 +156,8 @@ pub enum RunError {
     Kube(#[source] kube::Error),
     #[error("installing the SIGTERM handler: {0}")]
     Signal(#[source] io::Error),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 /// A failed command, with its exit code.
@@ -197,6 +199,8 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
     #[error("starting the async runtime: {0}")]
     AsyncRuntime(#[source] io::Error),
     #[error("apply task: {0}")]

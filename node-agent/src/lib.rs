@@ -9,6 +9,7 @@
 //!   (detection, plan, what the daemon needs after), and the executor;
 //! - [`desired`]: what each runtime should be told, from the config;
 //! - [`engine`]: `apply`, `revert`, `status` over the runtimes;
+//! - [`lock`]: one writer per node (the loop, `apply`, `revert`);
 //! - [`run`]: the in-cluster loop (inputs, health gate, Lease report);
 //! - [`error`]: the error types;
 //! - [`cli`]: the command line.
@@ -19,6 +20,7 @@ pub mod desired;
 pub mod engine;
 pub mod error;
 pub mod fsio;
+pub mod lock;
 pub mod patch;
 pub mod run;
 pub mod runtime;

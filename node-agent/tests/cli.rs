@@ -41,6 +41,8 @@ impl Fixture {
         let root = tmp.path().join("root");
         let conf_dir = tmp.path().join("conf");
         fs::create_dir_all(root.join("etc/docker")).unwrap();
+        // Every host has /run; the node lock lives there.
+        fs::create_dir_all(root.join("run")).unwrap();
         fs::create_dir_all(&conf_dir).unwrap();
         fs::write(
             root.join("etc/hosts"),
@@ -327,4 +329,89 @@ fn reload_signals_dockerd_through_its_pid_file() {
         status.signal(),
         Some(nix::sys::signal::Signal::SIGHUP as i32)
     );
+}
+
+/// `helm uninstall` starts the revert while the old agent pod may still be
+/// in its grace period, and that loop re-applies when the proxy goes away.
+/// So `revert` waits for a running agent to exit (the node lock), and
+/// refuses, touching nothing, when it does not exit in time.
+#[test]
+fn revert_waits_for_the_running_agent_to_exit() {
+    use pullthrough_testbed::net::wait_for;
+    use pullthrough_testbed::process::Process;
+
+    let f = Fixture::new(CONFIG);
+    let before = common::snapshot(&f.root);
+    let dir = f.root.parent().unwrap().to_path_buf();
+    let bin = env!("CARGO_BIN_EXE_pullthrough-agent");
+    let mut run = Command::new(bin);
+    run.args([
+        "run",
+        "--root",
+        f.root(),
+        "--config-file",
+        f.config(),
+        "--runtime",
+        "docker",
+    ]);
+    let mut running = Process::spawn("agent", run, dir.join("agent.log")).unwrap();
+    running
+        .wait_ready("the agent's first apply", Duration::from_secs(20), || {
+            Ok(
+                fs::read_to_string(f.root.join("var/lib/pullthrough-agent/state.json"))
+                    .is_ok_and(|s| s.contains("lastApply")),
+            )
+        })
+        .unwrap();
+    let applied = common::snapshot(&f.root);
+
+    // Not in time: refused, nothing reverted.
+    let o = agent(&["revert", "--root", f.root(), "--wait-for-agent", "300ms"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("another pullthrough-agent still runs on this node"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("/run/pullthrough-agent.lock"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(common::snapshot(&f.root), applied);
+
+    // Waiting: the revert starts only once the agent is gone.
+    let mut revert = Command::new(bin);
+    revert.args([
+        "revert",
+        "--root",
+        f.root(),
+        "--reload-settle",
+        "0s",
+        "--wait-for-agent",
+        "60s",
+    ]);
+    let revert_log = dir.join("revert.log");
+    let mut revert = Process::spawn("revert", revert, &revert_log).unwrap();
+    revert
+        .wait_ready("the revert to wait", Duration::from_secs(20), || {
+            Ok(fs::read_to_string(&revert_log)
+                .unwrap_or_default()
+                .contains("waiting up to"))
+        })
+        .unwrap();
+    assert_eq!(
+        common::snapshot(&f.root),
+        applied,
+        "nothing reverted while the agent runs"
+    );
+    let status = running.stop().unwrap().unwrap();
+    assert!(status.success(), "{status:?}: {}", running.log());
+    wait_for("the revert to finish", Duration::from_secs(20), || {
+        Ok(revert.check_running().is_err())
+    })
+    .unwrap();
+    let log = revert.log();
+    assert!(log.contains("restored  /etc/hosts"), "{log}");
+    common::assert_same_tree(&before, &common::snapshot(&f.root));
 }

@@ -66,6 +66,8 @@ fn containerd_cri_pulls_through_the_proxy_until_revert() {
             u = up.registry.url()
         );
         containerd.write_hosts_toml("quay.io", &admin).unwrap();
+        // Every host has /run, where the node lock lives.
+        fs::create_dir_all(root.join("run")).unwrap();
         let before = snapshot(&root);
 
         let config = common::write_agent_config(
@@ -217,6 +219,8 @@ fn dockerd_hijack_and_mirror_over_verified_tls_until_revert() {
         dockerd
             .write_ca("quay.io", up.registry.ca_pem().unwrap())
             .unwrap();
+        // Every host has /run, where the node lock lives.
+        fs::create_dir_all(root.join("run")).unwrap();
         let before = snapshot(&root);
         let hosts_before = fs::read_to_string(root.join("etc/hosts")).unwrap();
 
@@ -346,6 +350,8 @@ fn podman_pulls_through_the_path_prefix_drop_in_until_revert() {
                 ),
             )
             .unwrap();
+        // Every host has /run, where the node lock lives.
+        fs::create_dir_all(root.join("run")).unwrap();
         let before = snapshot(&root);
 
         let config = common::write_agent_config(

@@ -295,7 +295,9 @@ fn chart_lints_strict_and_schema_rejects_bad_values() {
         "mountPath: /host",
         "- --root=/host",
         "helm.sh/hook: post-delete",
-        "args: [revert, --root=/host]",
+        "- revert",
+        // The revert waits for the old agent pod to exit.
+        "- --wait-for-agent=300s",
         "type: ClusterIP",
     ] {
         assert!(

@@ -11,6 +11,9 @@
 //!    drift);
 //! 4. **reports** (`report.rs`) through the node's Lease.
 //!
+//! It holds the node lock (`crate::lock`) for its whole life, so a
+//! `revert` waits until this process is gone.
+//!
 //! `GET /healthz` on `health_addr` answers 200 while the loop turns.
 //! SIGTERM/SIGINT stop the loop *without* reverting (a rolling update
 //! sends one too); `pullthrough-agent revert` undoes everything.
@@ -29,6 +32,7 @@ use crate::config::AgentConfig;
 use crate::engine::{self, ApplyOptions};
 use crate::error::{AgentError, ConfigError, RunError};
 use crate::fsio::Root;
+use crate::lock::{LOCK_FILE, NodeLock};
 use crate::runtime::{DockerActionArg, RuntimeKind, SystemExecutor};
 use crate::state::sha256_hex;
 use health::{HealthCheck, Heartbeat};
@@ -112,6 +116,28 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(RunError::Signal)?;
+    // Held until the process ends; see `crate::lock`. Waits (beating the
+    // liveness heartbeat) while a terminating agent of a rolling update
+    // still holds it.
+    let mut waited = false;
+    let _lock = loop {
+        if let Some(lock) = NodeLock::try_acquire(&opts.root)? {
+            break lock;
+        }
+        if !waited {
+            waited = true;
+            tracing::warn!(
+                lock = LOCK_FILE,
+                "another pullthrough-agent holds the node lock; waiting for it to stop"
+            );
+        }
+        heartbeat.beat();
+        tokio::select! {
+            () = tokio::time::sleep(TICK) => {}
+            _ = term.recv() => return Ok(()),
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+    };
     let mut health = HealthCheck::new(
         Gate::new(opts.fail_threshold, opts.success_threshold),
         opts.probe_interval,
