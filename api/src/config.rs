@@ -454,7 +454,7 @@ fn is_default_auth_check_ttl(d: &Duration) -> bool {
     *d == default_auth_check_ttl()
 }
 
-/// `cache: {maxSize, highWatermark, lowWatermark}`.
+/// `cache: {maxSize, highWatermark, lowWatermark, pinsFile}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CacheConfig {
@@ -467,6 +467,11 @@ pub struct CacheConfig {
     /// ... and removes least recently used entries down to this fraction.
     #[serde(default = "default_low_watermark")]
     pub low_watermark: f64,
+    /// The operator's pins (`pins.json`: images running pods and recent
+    /// ReplicaSet revisions use), never evicted. Read again every reload
+    /// interval; a missing file pins nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pins_file: Option<PathBuf>,
 }
 
 impl Default for CacheConfig {
@@ -475,6 +480,7 @@ impl Default for CacheConfig {
             max_size: None,
             high_watermark: default_high_watermark(),
             low_watermark: default_low_watermark(),
+            pins_file: None,
         }
     }
 }

@@ -534,6 +534,22 @@ pub struct CacheStats {
     /// Tags seen pointing at a new digest (by the replica that answered).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub tag_moves: u64,
+    /// What eviction may not touch: the images running pods and recent
+    /// ReplicaSet revisions use (absent while nothing is pinned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<PinnedStats>,
+}
+
+/// Pinned images of one registry, as found in the cache.
+#[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PinnedStats {
+    /// Pinned image references whose manifest is in the cache.
+    pub images: u64,
+    /// Distinct manifests, configs and layers they hold in the cache.
+    pub blobs: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 fn is_zero(n: &u64) -> bool {

@@ -9,6 +9,7 @@ pub mod crd;
 pub mod credentials;
 pub mod error;
 pub mod names;
+pub mod pins;
 pub mod pki;
 pub mod storage;
 pub mod tags;

@@ -152,9 +152,14 @@ async fn handle(
                 .iter()
                 .map(|r| r.host.as_str())
                 .collect();
+            let pins = shared.pins.current();
             let cache: BTreeMap<&str, _> = registries
                 .iter()
-                .map(|r| (*r, shared.metrics.cache_counters(r)))
+                .map(|r| {
+                    let mut c = shared.metrics.cache_counters(r);
+                    c.pinned = pins.per_registry.get(*r).copied();
+                    (*r, c)
+                })
                 .collect();
             json_response(
                 StatusCode::OK,
@@ -224,6 +229,11 @@ fn refresh_metrics(shared: &Shared) {
         st.evicted_bytes.load(Ordering::Relaxed),
     );
     shared.metrics.set_cache_max(shared.store.limits().max_size);
+    let pins = shared.pins.current();
+    for r in &shared.state.load().config.registries {
+        let bytes = pins.per_registry.get(&r.host).map_or(0, |p| p.bytes);
+        shared.metrics.set_pinned(&r.host, bytes);
+    }
     if let Some(uploads) = &shared.uploads {
         shared
             .metrics

@@ -203,6 +203,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let conn_limits = config.limits.clone();
     let permits = server::connection_permits(&conn_limits);
     let metrics = Arc::new(observe::metrics::Metrics::default());
+    // Read at start-up, like the listen addresses.
+    let pins = Arc::new(cache::pins::Pinning::new(config.cache.pins_file.clone()));
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {
             config,
@@ -225,6 +227,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         journal: journal.clone(),
         evictions: evictor.as_ref().map(|e| Arc::clone(&e.stats)),
         peers: peers.clone(),
+        pins: Arc::clone(&pins),
     });
 
     if let Some(tier) = tier.clone() {
@@ -267,6 +270,12 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             stop_rx.clone(),
         ));
     }
+    tokio::spawn(pins.run(
+        Arc::clone(&shared),
+        evictor.clone(),
+        cli.reload_interval,
+        stop_rx.clone(),
+    ));
     if let Some(evictor) = &evictor {
         tokio::spawn(Arc::clone(evictor).run(stop_rx.clone()));
     }

@@ -2,6 +2,7 @@
 //! downloads in flight, and which repository was served which digest.
 
 pub mod inflight;
+pub mod pins;
 pub mod referrers;
 pub mod repos;
 pub mod shared;

@@ -24,6 +24,7 @@ mod index;
 mod tests;
 mod writer;
 
+use std::collections::HashSet;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -170,6 +171,8 @@ struct Inner {
     /// Held while files are renamed into place or removed, so an eviction
     /// never deletes a file a concurrent commit just put back.
     fs_lock: Mutex<()>,
+    /// Digests eviction skips (`cache::pins`).
+    pinned: arc_swap::ArcSwap<HashSet<Digest>>,
 }
 
 #[derive(Debug)]
@@ -276,6 +279,7 @@ impl BlobStore {
                 limits,
                 stats: StoreStats::default(),
                 fs_lock: Mutex::new(()),
+                pinned: Default::default(),
             }),
         };
         let inner = Arc::clone(&store.inner);
@@ -285,6 +289,12 @@ impl BlobStore {
         })
         .await?;
         Ok(store)
+    }
+
+    /// From now on eviction skips `digests` (the pinned images' manifests
+    /// and blobs).
+    pub fn pin(&self, digests: Arc<HashSet<Digest>>) {
+        self.inner.pinned.store(digests);
     }
 
     /// Bytes and entries committed.

@@ -73,16 +73,9 @@ struct AuthLabels {
     result: AuthResult,
 }
 
-/// What `/status` reports per registry.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct CacheCounters {
-    pub hits: u64,
-    pub misses: u64,
-    pub bytes: u64,
-    /// Tags seen pointing at a new digest.
-    pub tag_moves: u64,
-}
+/// What `/status` reports per registry: the operator copies it into the
+/// MirrorRegistry's `status.cache`.
+pub use pullthrough_api::crd::CacheStats as CacheCounters;
 
 /// What an expired tag answer's revalidation (a HEAD upstream) found.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -124,6 +117,7 @@ pub struct Metrics {
     ratelimit_limit: Family<BudgetLabels, Gauge>,
     ratelimit_remaining: Family<BudgetLabels, Gauge>,
     budget_low: Family<RegistryLabel, Gauge>,
+    pinned_bytes: Family<RegistryLabel, Gauge>,
     upstream_throttled: Family<RegistryLabel, Counter>,
     cache_bytes: Gauge,
     cache_max_bytes: Gauge,
@@ -265,6 +259,12 @@ impl Default for Metrics {
             "1 while cached tags are served without asking the upstream: pulls left at or under upstreamReserve, or a 429's Retry-After running",
             budget_low.clone(),
         );
+        let pinned_bytes = Family::<RegistryLabel, Gauge>::default();
+        registry.register(
+            "cache_pinned_bytes",
+            "Bytes of pinned images (running pods, recent ReplicaSet revisions) held in the cache; never evicted",
+            pinned_bytes.clone(),
+        );
         let upstream_throttled = Family::<RegistryLabel, Counter>::default();
         registry.register(
             "upstream_throttled_responses",
@@ -392,6 +392,7 @@ impl Default for Metrics {
             ratelimit_limit,
             ratelimit_remaining,
             budget_low,
+            pinned_bytes,
             upstream_throttled,
             cache_bytes,
             cache_max_bytes,
@@ -587,6 +588,15 @@ impl Metrics {
         self.evicted_bytes.inc_by(b);
     }
 
+    /// Bytes of `registry`'s pinned images in the cache.
+    pub fn set_pinned(&self, registry: &str, bytes: u64) {
+        self.pinned_bytes
+            .get_or_create(&RegistryLabel {
+                registry: registry.to_string(),
+            })
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+    }
+
     /// The cache's size bound (`cache.maxSize`); None: unbounded (0).
     pub fn set_cache_max(&self, max_size: Option<u64>) {
         self.cache_max_bytes
@@ -649,6 +659,7 @@ impl Metrics {
                     registry: registry.to_string(),
                 })
                 .map_or(0, |c| c.get()),
+            pinned: None,
         }
     }
 
@@ -732,6 +743,7 @@ mod tests {
                 misses: 1,
                 bytes: 110,
                 tag_moves: 0,
+                pinned: None,
             }
         );
         assert_eq!(m.cache_counters("none.io"), CacheCounters::default());

@@ -10,7 +10,7 @@ mod blob;
 mod context;
 mod download;
 mod lead;
-mod manifest;
+pub(crate) mod manifest;
 mod push;
 mod referrers;
 mod tags;
@@ -84,6 +84,8 @@ pub struct Shared {
     pub evictions: Option<Arc<EvictStats>>,
     /// The other replicas (`peers:`), if any.
     pub peers: Option<Arc<Peers>>,
+    /// Images eviction keeps (`cache.pinsFile`).
+    pub pins: Arc<crate::cache::pins::Pinning>,
 }
 
 /// Serves one request and wraps its body so the access line is written

@@ -109,6 +109,8 @@ pub struct Evictor {
     /// The lease version as last seen, and since when, on this clock.
     seen: Mutex<Option<(Version, Instant)>>,
     held: Mutex<Option<Version>>,
+    /// Digests eviction skips (`cache::pins`).
+    pinned: arc_swap::ArcSwap<std::collections::HashSet<Digest>>,
 }
 
 impl Evictor {
@@ -132,7 +134,13 @@ impl Evictor {
             stats: Arc::default(),
             seen: Mutex::new(None),
             held: Mutex::new(None),
+            pinned: Default::default(),
         })
+    }
+
+    /// From now on eviction skips `digests`.
+    pub fn pin(&self, digests: Arc<std::collections::HashSet<Digest>>) {
+        self.pinned.store(digests);
     }
 
     /// Writes the journal and, while holding the lease, evicts; every
@@ -259,9 +267,13 @@ impl Evictor {
         let young = unix_ms(SystemTime::now())
             .saturating_sub(u64::try_from(self.min_age.as_millis()).unwrap_or(u64::MAX));
         let (mut removed, mut bytes) = (0u64, 0u64);
+        let pinned = self.pinned.load();
         for (used, blob) in order {
             if total <= self.low {
                 break;
+            }
+            if pinned.contains(&blob.digest) {
+                continue;
             }
             if used > young {
                 tracing::warn!(

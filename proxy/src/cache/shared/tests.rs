@@ -297,3 +297,37 @@ async fn blobs_used_within_min_age_are_never_evicted() {
     e.round_for_test().await.unwrap();
     assert_eq!(tier.list_blobs().await.unwrap().len(), 10);
 }
+
+/// Pinned blobs stay in the bucket even as the least recently used; the
+/// others go down to the low watermark.
+#[tokio::test]
+async fn pinned_blobs_are_never_evicted_from_the_bucket() {
+    let (_, tier) = tier();
+    let tier = Arc::new(tier);
+    // 10 blobs of 10 KiB under a 60 KiB bound (high 54, low 30); the
+    // first three (the oldest) pinned.
+    let mut blobs = Vec::new();
+    for i in 0..10u8 {
+        blobs.push(put_blob(&tier, i, 10 << 10).await);
+    }
+    let e = Evictor::new(
+        tier.clone(),
+        &storage(60 << 10, 0, 50),
+        "a".into(),
+        Arc::default(),
+    )
+    .unwrap();
+    e.pin(Arc::new(blobs[..3].iter().cloned().collect()));
+    e.round_for_test().await.unwrap();
+    let left: Vec<Digest> = tier
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.digest)
+        .collect();
+    assert_eq!(left.len(), 3, "down to the low watermark");
+    for d in &blobs[..3] {
+        assert!(left.contains(d), "pinned blob evicted");
+    }
+}

@@ -119,13 +119,15 @@ pub(super) fn rebuild_index(blobs: &Path) -> Result<Index, StoreError> {
     Ok(index)
 }
 
-/// Removes least recently used blobs (never one being read) until usage is
-/// at the low watermark, once it passed the high one (blocking).
+/// Removes least recently used blobs (never one being read, never a pinned
+/// one) until usage is at the low watermark, once it passed the high one
+/// (blocking).
 pub(super) fn evict(inner: &Inner) {
     let (Some(high), Some(low)) = (inner.limits.high(), inner.limits.low()) else {
         return;
     };
     let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
+    let pinned = inner.pinned.load();
     let victims: Vec<(Digest, u64)> = {
         let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
         if index.total <= high {
@@ -134,7 +136,7 @@ pub(super) fn evict(inner: &Inner) {
         let mut candidates: Vec<(SystemTime, Digest, u64)> = index
             .entries
             .iter()
-            .filter(|(_, e)| e.readers == 0)
+            .filter(|(d, e)| e.readers == 0 && !pinned.contains(*d))
             .map(|(d, e)| (e.last_access, d.clone(), e.size))
             .collect();
         candidates.sort();
@@ -147,6 +149,14 @@ pub(super) fn evict(inner: &Inner) {
             total = total.saturating_sub(size);
             index.remove(&d);
             victims.push((d, size));
+        }
+        if total > low {
+            tracing::warn!(
+                bytes = total,
+                low,
+                pinned = pinned.len(),
+                "cache over its low watermark with nothing left to evict: the rest is pinned or being read"
+            );
         }
         victims
     };

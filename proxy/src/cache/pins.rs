@@ -1,0 +1,241 @@
+//! Pinned images (`cache.pinsFile`, written by the operator from running
+//! pods and recent ReplicaSet revisions): their manifests, configs and
+//! layers are never evicted, from the disk nor from the shared bucket.
+//!
+//! A pin names an image; eviction works on digests. Each refresh resolves
+//! every pin through what the cache holds: a tag through the tag cache, a
+//! manifest (or index, and its cached children) from the store or the
+//! bucket. What is not cached yet pins nothing until it is, so the file is
+//! read and the set resolved again every poll (the config's reload
+//! interval) as pulls fill the cache.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use pullthrough_api::crd::PinnedStats;
+use pullthrough_api::pins::{PinnedImage, Pins};
+use serde::Deserialize;
+
+use crate::oci::Digest;
+use crate::pipeline::Shared;
+use crate::pipeline::manifest::MAX_MANIFEST;
+
+/// An index names its children, which name their blobs: no deeper.
+const MAX_DEPTH: u8 = 2;
+
+/// The resolved pins.
+#[derive(Debug, Default)]
+pub struct PinSet {
+    pub digests: Arc<HashSet<Digest>>,
+    /// Per registry host, only where something is pinned.
+    pub per_registry: BTreeMap<String, PinnedStats>,
+}
+
+/// The pins file as last read, and what it resolved to.
+#[derive(Debug, Default)]
+pub struct Pinning {
+    file: Option<PathBuf>,
+    doc: std::sync::Mutex<Option<Vec<u8>>>,
+    current: ArcSwap<PinSet>,
+}
+
+impl Pinning {
+    pub fn new(file: Option<PathBuf>) -> Self {
+        Self {
+            file,
+            ..Self::default()
+        }
+    }
+
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
+    pub fn current(&self) -> Arc<PinSet> {
+        self.current.load_full()
+    }
+
+    /// Reads the file. A missing file is no pins (the ConfigMap is written once the
+    /// operator saw the cluster's pods); an unreadable or malformed one
+    /// keeps the pins of the last good read, and says why.
+    fn reload(&self) -> Option<Pins> {
+        let path = self.file.as_ref()?;
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot read the pins; keeping the last ones");
+                return None;
+            }
+        };
+        let mut last = self.doc.lock().unwrap_or_else(|p| p.into_inner());
+        let parsed = if bytes.is_empty() {
+            Pins::default()
+        } else {
+            match serde_json::from_slice::<Pins>(&bytes) {
+                Ok(p) => p,
+                Err(e) => {
+                    if last.as_deref() != Some(&bytes) {
+                        tracing::warn!(file = %path.display(), error = %e, "the pins are not a pins document; keeping the last ones");
+                        *last = Some(bytes);
+                    }
+                    return None;
+                }
+            }
+        };
+        if last.as_deref() != Some(&bytes) {
+            tracing::info!(file = %path.display(), images = parsed.images.len(), "pins read");
+            *last = Some(bytes);
+        }
+        Some(parsed)
+    }
+
+    /// Reads the file and resolves its pins against the cache; the new
+    /// set takes effect for the store and `evictor` at once.
+    pub async fn refresh(&self, shared: &Shared, evictor: Option<&crate::cache::shared::Evictor>) {
+        let Some(doc) = self.reload() else {
+            return;
+        };
+        let set = resolve(&doc, shared).await;
+        shared.store.pin(Arc::clone(&set.digests));
+        if let Some(e) = evictor {
+            e.pin(Arc::clone(&set.digests));
+        }
+        self.current.store(Arc::new(set));
+    }
+
+    /// Refreshes at start, then every `every`, until `stop`.
+    pub async fn run(
+        self: Arc<Self>,
+        shared: Arc<Shared>,
+        evictor: Option<Arc<crate::cache::shared::Evictor>>,
+        every: Duration,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
+        if self.file.is_none() {
+            return;
+        }
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            self.refresh(&shared, evictor.as_deref()).await;
+        }
+    }
+}
+
+/// The digests `pins` hold in the cache, with per-registry figures.
+pub async fn resolve(pins: &Pins, shared: &Shared) -> PinSet {
+    let mut digests = HashSet::new();
+    let mut per_registry: BTreeMap<String, (u64, BTreeMap<Digest, u64>)> = BTreeMap::new();
+    for image in &pins.images {
+        let Some(p) = PinnedImage::parse(image) else {
+            tracing::debug!(image = %image, "pin names no image; skipped");
+            continue;
+        };
+        let root = if p.by_digest() {
+            match Digest::parse(&p.reference) {
+                Ok(d) => d,
+                Err(_) => continue,
+            }
+        } else {
+            match shared.tags.get(&p.registry, &p.repository, &p.reference) {
+                Some(t) => t.digest,
+                None => continue,
+            }
+        };
+        let mut held = BTreeMap::new();
+        if !walk(shared, &root, 0, &mut held).await {
+            continue;
+        }
+        let entry = per_registry.entry(p.registry.clone()).or_default();
+        entry.0 += 1;
+        for (d, size) in held {
+            digests.insert(d.clone());
+            entry.1.insert(d, size);
+        }
+    }
+    let per_registry = per_registry
+        .into_iter()
+        .map(|(r, (images, blobs))| {
+            let stats = PinnedStats {
+                images,
+                blobs: blobs.len() as u64,
+                bytes: blobs.values().sum(),
+            };
+            (r, stats)
+        })
+        .collect();
+    PinSet {
+        digests: Arc::new(digests),
+        per_registry,
+    }
+}
+
+/// Descriptor fields of manifests and indexes that name content.
+#[derive(Deserialize)]
+struct Manifest {
+    #[serde(default)]
+    config: Option<Descriptor>,
+    #[serde(default)]
+    layers: Vec<Descriptor>,
+    #[serde(default)]
+    manifests: Vec<Descriptor>,
+}
+
+#[derive(Deserialize)]
+struct Descriptor {
+    digest: String,
+    #[serde(default)]
+    size: u64,
+}
+
+/// Adds the manifest `d` and what it names to `held`; `false` when the
+/// manifest itself is not cached.
+async fn walk(shared: &Shared, d: &Digest, depth: u8, held: &mut BTreeMap<Digest, u64>) -> bool {
+    let Some(bytes) = manifest(shared, d).await else {
+        return false;
+    };
+    held.insert(d.clone(), bytes.len() as u64);
+    let Ok(m) = serde_json::from_slice::<Manifest>(&bytes) else {
+        return true;
+    };
+    for desc in m.config.iter().chain(&m.layers) {
+        if let Ok(b) = Digest::parse(&desc.digest) {
+            held.insert(b, desc.size);
+        }
+    }
+    if depth < MAX_DEPTH {
+        for child in &m.manifests {
+            if let Ok(c) = Digest::parse(&child.digest) {
+                // Children not pulled (other platforms) pin nothing.
+                Box::pin(walk(shared, &c, depth + 1, held)).await;
+            }
+        }
+    }
+    true
+}
+
+/// A cached manifest's bytes, from the disk or else the shared bucket.
+async fn manifest(shared: &Shared, d: &Digest) -> Option<Bytes> {
+    match shared.store.lookup_small(d, MAX_MANIFEST as u64).await {
+        Ok(Some((b, _))) => return Some(b),
+        Ok(None) => {}
+        Err(e) => tracing::debug!(digest = %d, error = %e, "pinned manifest unreadable"),
+    }
+    let tier = shared.tier.as_ref()?;
+    match tier.read_small(d, MAX_MANIFEST as u64).await {
+        Ok(found) => found.map(|(b, _)| b),
+        Err(e) => {
+            tracing::debug!(digest = %d, error = %e, "pinned manifest unreadable from the bucket");
+            None
+        }
+    }
+}

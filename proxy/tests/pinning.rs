@@ -1,0 +1,183 @@
+//! Pinned images (`cache.pinsFile`, the operator's pins ConfigMap):
+//! eviction under `maxSize` keeps them, by tag and by digest, `/status`
+//! reports them per registry, and unpinning hands them back to the LRU.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use http::StatusCode;
+use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
+use pullthrough_testbed::http::Get;
+use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+use serde_json::Value;
+
+const ACCEPT: &str =
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+fn image(dir: &Path, name: &str, sizes: &[u64], seed: u64) -> Image {
+    LayoutBuilder::new(&dir.join(name))
+        .unwrap()
+        .random("1", sizes, seed)
+        .unwrap()
+}
+
+fn get(proxy: &Proxy, repo: &str, what: &str, reference: &str) -> Vec<u8> {
+    let url = format!("{}/v2/quay.io/{repo}/{what}/{reference}", proxy.http_url());
+    let r = Get::new(&url).header("Accept", ACCEPT).send().unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{url}\n{}", proxy.log());
+    r.body.to_vec()
+}
+
+fn pinned(proxy: &Proxy) -> Value {
+    let url = format!("http://{}/status", proxy.addrs.admin);
+    let status: Value = serde_json::from_slice(&Get::new(&url).send().unwrap().body).unwrap();
+    status["cache"]["quay.io"]["pinned"].clone()
+}
+
+fn write_pins(path: &Path, images: &[String]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::json!({ "images": images }).to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A 5 MiB cache keeps two pinned images (2 MB pinned by tag, 0.5 MB by
+/// digest as kubelet reports a running image), pulled first and so the
+/// least recently used, while 5 MB of other layers stream through it.
+/// `/status` counts them; once unpinned they are evicted like anything
+/// else.
+#[test]
+fn pinned_images_survive_eviction_until_unpinned() {
+    let work = tempfile::tempdir().unwrap();
+    let app = image(work.path(), "app", &[1_000_000, 1_000_000], 600);
+    let side = image(work.path(), "side", &[500_000], 601);
+    let other = image(work.path(), "other", &[1_000_000; 5], 700);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&app, "fixture/app", "1").unwrap();
+    registry.push_image(&side, "fixture/side", "1").unwrap();
+    registry.push_image(&other, "fixture/other", "1").unwrap();
+    let (a, b) = (&app.manifests[0], &side.manifests[0]);
+    let pins = work.path().join("pins.json");
+    write_pins(
+        &pins,
+        &[
+            "quay.io/fixture/app:1".to_string(),
+            format!("quay.io/fixture/side@{}", b.digest),
+        ],
+    );
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{maxSize: 5MiB, highWatermark: 0.9, lowWatermark: 0.6, pinsFile: {}}}\n{}",
+            pins.display(),
+            common::one_registry("quay.io", &registry.url(), "")
+        ),
+    )
+    .unwrap();
+
+    // The pinned images, whole: manifest (by tag, by digest), config, layers.
+    assert_eq!(
+        sha256_digest(&get(&proxy, "fixture/app", "manifests", "1")),
+        a.digest
+    );
+    assert_eq!(
+        sha256_digest(&get(&proxy, "fixture/side", "manifests", &b.digest)),
+        b.digest
+    );
+    let mut kept = vec![(a.digest.clone(), a.bytes.len() as u64)];
+    kept.push((b.digest.clone(), b.bytes.len() as u64));
+    for (repo, m) in [("fixture/app", a), ("fixture/side", b)] {
+        for blob in std::iter::once(&m.config).chain(&m.layers) {
+            assert_eq!(
+                sha256_digest(&get(&proxy, repo, "blobs", &blob.digest)),
+                blob.digest
+            );
+            kept.push((blob.digest.clone(), blob.size));
+        }
+    }
+    let want_bytes: u64 = kept.iter().map(|(_, s)| s).sum();
+    wait_for("both pins resolved", Duration::from_secs(10), || {
+        Ok(pinned(&proxy)["images"] == 2)
+    })
+    .unwrap();
+    let p = pinned(&proxy);
+    assert_eq!(p["blobs"], kept.len(), "manifests, configs, layers: {p}");
+    assert_eq!(p["bytes"], want_bytes, "{p}");
+    let metrics_url = format!("http://{}/metrics", proxy.addrs.admin);
+    let metrics = String::from_utf8(Get::new(&metrics_url).send().unwrap().body.to_vec()).unwrap();
+    assert!(
+        metrics.contains(&format!(
+            "pullthrough_cache_pinned_bytes{{registry=\"quay.io\"}} {want_bytes}"
+        )),
+        "{metrics}"
+    );
+
+    // 5 MB of other layers through the cache.
+    let stream_others = |proxy: &Proxy| {
+        for l in other.layer_digests() {
+            assert_eq!(sha256_digest(&get(proxy, "fixture/other", "blobs", &l)), l);
+        }
+    };
+    stream_others(&proxy);
+    let gone = |d: &str| !proxy.cached_blob_path(d).exists();
+    assert!(
+        other.layer_digests().iter().any(|d| gone(d)),
+        "the cache evicted some of the other layers:\n{}",
+        proxy.log()
+    );
+    for (d, _) in &kept {
+        assert!(!gone(d), "pinned {d} was evicted:\n{}", proxy.log());
+    }
+
+    // Unpinned: the least recently used images go first.
+    write_pins(&pins, &[]);
+    wait_for("the pins dropped", Duration::from_secs(10), || {
+        Ok(pinned(&proxy).is_null())
+    })
+    .unwrap();
+    stream_others(&proxy);
+    for (d, _) in &kept[2..] {
+        assert!(gone(d), "once unpinned, {d} is evicted:\n{}", proxy.log());
+    }
+}
+
+/// A pins file that is not a pins document keeps the last good pins, and
+/// says why in the log.
+#[test]
+fn a_malformed_pins_file_keeps_the_last_pins() {
+    let work = tempfile::tempdir().unwrap();
+    let app = image(work.path(), "app", &[1000], 602);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&app, "fixture/app", "1").unwrap();
+    let pins = work.path().join("pins.json");
+    write_pins(&pins, &["quay.io/fixture/app:1".to_string()]);
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{pinsFile: {}}}\n{}",
+            pins.display(),
+            common::one_registry("quay.io", &registry.url(), "")
+        ),
+    )
+    .unwrap();
+    get(&proxy, "fixture/app", "manifests", "1");
+    wait_for("the pin resolved", Duration::from_secs(10), || {
+        Ok(pinned(&proxy)["images"] == 1)
+    })
+    .unwrap();
+    std::fs::write(&pins, "{not json").unwrap();
+    wait_for("the complaint", Duration::from_secs(10), || {
+        Ok(proxy
+            .log()
+            .contains("the pins are not a pins document; keeping the last ones"))
+    })
+    .unwrap();
+    assert_eq!(pinned(&proxy)["images"], 1);
+}
