@@ -33,6 +33,11 @@ pub const CA_BUNDLE_KEY: &str = "ca.crt";
 /// credentials; only the proxy mounts it.
 pub const CREDENTIALS_SECRET: &str = "pullthrough-upstream-credentials";
 
+/// ConfigMap with the images the proxy never evicts (key
+/// [`crate::pins::PINS_KEY`]), written by the operator and mounted by the
+/// proxy only: it changes with every rollout, the table does not.
+pub const PINS_CONFIGMAP: &str = "pullthrough-pins";
+
 /// The proxy's Service: its ClusterIP and ports fill the table's `proxy:`.
 pub const PROXY_SERVICE: &str = "pullthrough-proxy";
 

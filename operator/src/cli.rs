@@ -60,6 +60,18 @@ pub struct Args {
     )]
     pub credentials_mount_path: PathBuf,
 
+    /// ConfigMap (in --namespace) the operator keeps the pins in: the
+    /// images of every unfinished Pod and of the last --pin-revisions
+    /// ReplicaSets of each Deployment, which the proxy never evicts. Empty:
+    /// no pinning (and no Pod/ReplicaSet watch).
+    #[arg(long, default_value = contract::PINS_CONFIGMAP)]
+    pub pins_configmap: String,
+
+    /// How many ReplicaSet revisions of each Deployment are pinned (the
+    /// current one and what a rollback goes back to).
+    #[arg(long, default_value_t = 2)]
+    pub pin_revisions: usize,
+
     /// Name of the CA Secret (`tls.crt`, `tls.key`) and of the CA ConfigMap
     /// (`ca.crt`, every certificate nodes must trust).
     #[arg(long, default_value = contract::CA_NAME)]

@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod observe;
+pub mod pins;
 pub mod proxy_status;
 pub mod publish;
 pub mod refs;

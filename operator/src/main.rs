@@ -158,6 +158,15 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
             }
         })
     };
+    let pins_task = (!args.pins_configmap.is_empty()).then(|| {
+        tokio::spawn(pullthrough_operator::pins::run(
+            client.clone(),
+            args.namespace.clone(),
+            args.pins_configmap.clone(),
+            args.pin_revisions,
+            stop.clone(),
+        ))
+    });
     let ctrl = tokio::spawn(controller::run(
         client.clone(),
         Settings {
@@ -181,6 +190,9 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
     let _ = stop_tx.send(true);
     let _ = ctrl.await;
     let _ = ca_task.await;
+    if let Some(t) = pins_task {
+        let _ = t.await;
+    }
     elector.release().await;
     let _ = http.await;
     tracing::info!("stopped");

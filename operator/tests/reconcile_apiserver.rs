@@ -878,7 +878,8 @@ fn references_cache_counters_and_departed_nodes() {
         "/status",
         &json!({
             "configHash": hash, "registries": ["quay.io", "reg.lan:5000"],
-            "cache": {"quay.io": {"hits": 8, "misses": 2, "bytes": 4096, "tagMoves": 2}},
+            "cache": {"quay.io": {"hits": 8, "misses": 2, "bytes": 4096, "tagMoves": 2,
+                                  "pinned": {"images": 3, "blobs": 11, "bytes": 52_428_800}}},
             "tagMoves": [moved("latest", 1_700_000_000_000), moved("edge", 1_700_000_000_500)],
             "upstream": {"quay.io": {"limit": 100, "remaining": 3, "windowSeconds": 21600,
                                      "source": "203.0.113.7", "low": true}},
@@ -889,6 +890,11 @@ fn references_cache_counters_and_departed_nodes() {
     })
     .unwrap();
     assert_eq!(tag_events().len(), 2, "{:?}", tag_events());
+    // What the proxy keeps pinned (issue #14, point 6).
+    assert_eq!(
+        mreg(&api, "quay").unwrap()["status"]["cache"]["pinned"],
+        json!({"images": 3, "blobs": 11, "bytes": 52_428_800})
+    );
     // The upstream budget the proxy reports (issue #14, point 1).
     assert_eq!(
         mreg(&api, "quay").unwrap()["status"]["upstream"],
@@ -923,4 +929,123 @@ fn references_cache_counters_and_departed_nodes() {
 
     let status = proc.stop().unwrap().expect("exit status");
     assert!(status.success(), "{status}\n{}", proc.log_tail(4000));
+}
+
+fn pins(api: &KubeApiserver) -> Option<Vec<String>> {
+    let cm = api.get_json(&["cm", "pullthrough-pins", "-n", NS])?;
+    let doc: Value = serde_json::from_str(cm["data"]["pins.json"].as_str()?).unwrap();
+    Some(
+        doc["images"]
+            .as_array()?
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect(),
+    )
+}
+
+fn wait_pins(api: &KubeApiserver, want: &[&str]) {
+    let mut last = None;
+    let r = wait_for("the pins ConfigMap", TIMEOUT, || {
+        last = pins(api);
+        Ok(last.as_deref().is_some_and(|p| p == want))
+    });
+    if let Err(e) = r {
+        panic!("{e}: last seen {last:?}");
+    }
+}
+
+/// Pinning (issue #14, point 6) with the shipped RBAC: the pins ConfigMap
+/// lists the digest a running pod runs (as kubelet reports it), the
+/// reference of a pod still pulling, and the images of the last two
+/// ReplicaSet revisions of a Deployment (not the third); it follows pods
+/// that finish or go away.
+#[test]
+fn pins_follow_pods_and_replica_sets() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    api.kubectl(&["create", "namespace", "apps"]).unwrap();
+    api.create_service_account("apps", "default").unwrap();
+    let mut fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port: fake.addr().port(),
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+    };
+    let (mut proc, _) = op.start();
+    wait_pins(&api, &[]);
+
+    for revision in 1..=3 {
+        apply_json(
+            &api,
+            json!({"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                   "metadata": {"name": format!("web-{revision}"), "namespace": "apps",
+                                "annotations": {"deployment.kubernetes.io/revision": revision.to_string()},
+                                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment",
+                                    "name": "web", "uid": "7d3c5a52-0000-4000-8000-000000000001",
+                                    "controller": true}]},
+                   "spec": {"replicas": 0,
+                            "selector": {"matchLabels": {"app": "web", "rev": revision.to_string()}},
+                            "template": {"metadata": {"labels": {"app": "web", "rev": revision.to_string()}},
+                                         "spec": {"containers": [{"name": "web",
+                                                  "image": format!("registry.test/web:{revision}")}]}}}}),
+        );
+    }
+    let pod = |name: &str, image: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "apps"},
+               "spec": {"automountServiceAccountToken": false,
+                        "containers": [{"name": "c", "image": image}]}})
+    };
+    apply_json(&api, pod("api", "quay.io/app/api:1"));
+    apply_json(&api, pod("pulling", "ghcr.io/org/tool:2"));
+    let digest = format!("sha256:{}", "1".repeat(64));
+    let running = json!({"status": {"phase": "Running", "containerStatuses": [{
+        "name": "c", "image": "quay.io/app/api:1",
+        "imageID": format!("quay.io/app/api@{digest}"),
+        "ready": true, "restartCount": 0, "started": true,
+        "state": {"running": {"startedAt": "2026-12-05T00:00:00Z"}}}]}});
+    api.kubectl(&[
+        "patch",
+        "pod",
+        "api",
+        "-n",
+        "apps",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &running.to_string(),
+    ])
+    .unwrap();
+    let api_pin = format!("quay.io/app/api@{digest}");
+    wait_pins(
+        &api,
+        &[
+            "ghcr.io/org/tool:2",
+            &api_pin,
+            "registry.test/web:2",
+            "registry.test/web:3",
+        ],
+    );
+
+    // A finished pod pins nothing; a deleted one neither.
+    api.kubectl(&[
+        "patch",
+        "pod",
+        "pulling",
+        "-n",
+        "apps",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status": {"phase": "Failed"}}"#,
+    ])
+    .unwrap();
+    api.kubectl(&["delete", "pod", "api", "-n", "apps", "--wait=false"])
+        .unwrap();
+    wait_pins(&api, &["registry.test/web:2", "registry.test/web:3"]);
+    assert!(proc.log().contains("pins published"), "{}", proc.log());
+    proc.stop().unwrap();
+    fake.stop();
 }

@@ -51,6 +51,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pullthrough.agentName" -}}{{ include "pullthrough.fullname" . }}-agent{{- end -}}
 {{- define "pullthrough.tableName" -}}{{ include "pullthrough.fullname" . }}-registries{{- end -}}
 {{- define "pullthrough.caName" -}}{{ include "pullthrough.fullname" . }}-ca{{- end -}}
+{{- define "pullthrough.pinsName" -}}{{ include "pullthrough.fullname" . }}-pins{{- end -}}
 {{- define "pullthrough.credentialsName" -}}{{ include "pullthrough.fullname" . }}-upstream-credentials{{- end -}}
 {{- define "pullthrough.baseConfigName" -}}{{ include "pullthrough.fullname" . }}-proxy-base{{- end -}}
 {{- define "pullthrough.revertName" -}}{{ include "pullthrough.fullname" . }}-agent-revert{{- end -}}
