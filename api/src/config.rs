@@ -472,6 +472,16 @@ pub struct CacheConfig {
     /// interval; a missing file pins nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pins_file: Option<PathBuf>,
+    /// How many pinned images not yet cached are fetched into the cache at
+    /// once, through the proxy's own HTTP listener (0: no prefetch). Only
+    /// the pins file's `platforms` of a multi-platform image; never while
+    /// the registry's upstream budget is low.
+    #[serde(default = "default_prefetch_concurrency")]
+    pub prefetch_concurrency: usize,
+}
+
+pub(crate) fn default_prefetch_concurrency() -> usize {
+    2
 }
 
 impl Default for CacheConfig {
@@ -481,6 +491,7 @@ impl Default for CacheConfig {
             high_watermark: default_high_watermark(),
             low_watermark: default_low_watermark(),
             pins_file: None,
+            prefetch_concurrency: default_prefetch_concurrency(),
         }
     }
 }

@@ -125,6 +125,25 @@ fn host_list_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
+/// Most `spec.prefetch` entries: each is fetched and pinned.
+pub const PREFETCH_MAX_ITEMS: usize = 256;
+
+fn prefetch_schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "array",
+        "maxItems": PREFETCH_MAX_ITEMS,
+        "x-kubernetes-list-type": "set",
+        "items": {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": 512,
+            // The distribution grammar's repository name, then a tag or a
+            // sha256 digest.
+            "pattern": "^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9._-]{0,127}|@sha256:[a-f0-9]{64})$",
+        },
+    })
+}
+
 fn tag_policy_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
@@ -317,6 +336,13 @@ pub struct MirrorRegistrySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 1_000_000))]
     pub upstream_reserve: Option<u32>,
+
+    /// Images of this registry kept in the cache: fetched before anyone
+    /// asks (for the nodes' platforms) and never evicted. `repository:tag`
+    /// or `repository@sha256:…`, e.g. `library/nginx:1.27`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "prefetch_schema")]
+    pub prefetch: Vec<String>,
 
     /// Cached content is served only to clients the upstream currently
     /// authorises for the repository (checked with an upstream HEAD).

@@ -23,6 +23,25 @@ pub struct Pins {
     /// `registry/repository@sha256:…` or `registry/repository:tag`,
     /// normalized (`docker.io/library/…`), sorted, each once.
     pub images: BTreeSet<String>,
+    /// `os/architecture[/variant]` of the cluster's nodes: what the proxy
+    /// prefetches of a multi-platform image (empty: every platform).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub platforms: BTreeSet<String>,
+}
+
+/// True when an index entry for `os/arch[/variant]` serves one of
+/// `platforms` (an entry without a variant there matches every variant).
+pub fn platform_wanted(
+    platforms: &BTreeSet<String>,
+    os: &str,
+    arch: &str,
+    variant: Option<&str>,
+) -> bool {
+    if platforms.is_empty() {
+        return true;
+    }
+    let base = format!("{os}/{arch}");
+    platforms.contains(&base) || variant.is_some_and(|v| platforms.contains(&format!("{base}/{v}")))
 }
 
 /// One pinned image, split.
@@ -116,6 +135,18 @@ mod tests {
         assert_eq!(PinnedImage::parse(""), None);
         assert_eq!(PinnedImage::parse("UPPER/Case"), None);
         assert_eq!(PinnedImage::parse("a/b@sha256:short"), None);
+    }
+
+    #[test]
+    fn platforms_match_with_or_without_a_variant() {
+        let want: BTreeSet<String> = ["linux/amd64", "linux/arm/v7"].map(String::from).into();
+        assert!(platform_wanted(&want, "linux", "amd64", None));
+        assert!(platform_wanted(&want, "linux", "amd64", Some("v3")));
+        assert!(platform_wanted(&want, "linux", "arm", Some("v7")));
+        assert!(!platform_wanted(&want, "linux", "arm", Some("v6")));
+        assert!(!platform_wanted(&want, "linux", "arm64", None));
+        assert!(!platform_wanted(&want, "unknown", "unknown", None));
+        assert!(platform_wanted(&BTreeSet::new(), "linux", "s390x", None));
     }
 
     #[test]

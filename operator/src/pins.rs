@@ -6,21 +6,27 @@
 //!   reports (`imageID`) once the container started, else the spec's
 //!   reference (a pod still pulling);
 //! - every image of the last `revisions` ReplicaSets of each Deployment
-//!   (by `deployment.kubernetes.io/revision`), scaled to zero or not.
+//!   (by `deployment.kubernetes.io/revision`), scaled to zero or not;
+//! - every image of each DaemonSet's and StatefulSet's pod template;
+//! - each MirrorRegistry's `spec.prefetch`;
 //!
-//! Every proxy replica mounts the ConfigMap and keeps what it names.
+//! and the `os/arch[/variant]` of the cluster's nodes. Every proxy replica
+//! mounts the ConfigMap, keeps what it names and fetches what it does not
+//! hold yet (for those platforms): a new template's images reach the cache
+//! while the rollout starts, before its pods reach most nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::ReplicaSet;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, PodSpec};
+use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodSpec};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use pullthrough_api::contract::MANAGED_BY_LABEL;
+use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::pins::{PINS_KEY, PinnedImage, Pins};
 use serde_json::json;
 use tokio::sync::watch;
@@ -101,7 +107,67 @@ pub fn pins_of<'a>(
             }
         }
     }
-    Pins { images }
+    Pins {
+        images,
+        platforms: BTreeSet::new(),
+    }
+}
+
+/// The images of DaemonSet and StatefulSet pod templates (what their next
+/// rollout, or a new node, pulls).
+pub fn templates_of<'a>(
+    daemon_sets: impl IntoIterator<Item = &'a DaemonSet>,
+    stateful_sets: impl IntoIterator<Item = &'a StatefulSet>,
+) -> BTreeSet<String> {
+    let specs = daemon_sets
+        .into_iter()
+        .filter_map(|d| d.spec.as_ref()?.template.spec.as_ref())
+        .chain(
+            stateful_sets
+                .into_iter()
+                .filter_map(|s| s.spec.as_ref()?.template.spec.as_ref()),
+        );
+    specs
+        .flat_map(spec_images)
+        .filter_map(|(_, image)| Some(PinnedImage::parse(image)?.to_string()))
+        .collect()
+}
+
+/// Each MirrorRegistry's `spec.prefetch`, as full references.
+pub fn prefetch_of<'a>(
+    registries: impl IntoIterator<Item = &'a MirrorRegistry>,
+) -> BTreeSet<String> {
+    registries
+        .into_iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .flat_map(|r| {
+            r.spec.prefetch.iter().filter_map(|e| {
+                Some(PinnedImage::parse(&format!("{}/{e}", r.spec.host))?.to_string())
+            })
+        })
+        .collect()
+}
+
+/// `os/arch` of every node (the well-known labels kubelet sets, else its
+/// nodeInfo); a variant (arm v7) is not known here, so every variant of the
+/// architecture is fetched.
+pub fn platforms_of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeSet<String> {
+    nodes
+        .into_iter()
+        .filter_map(|n| {
+            let labels = n.labels();
+            let info = n.status.as_ref().and_then(|s| s.node_info.as_ref());
+            let os = labels
+                .get("kubernetes.io/os")
+                .cloned()
+                .or_else(|| info.map(|i| i.operating_system.clone()))?;
+            let arch = labels
+                .get("kubernetes.io/arch")
+                .cloned()
+                .or_else(|| info.map(|i| i.architecture.clone()))?;
+            Some(format!("{os}/{arch}"))
+        })
+        .collect()
 }
 
 /// (container name, image) of every container and init container.
@@ -112,8 +178,36 @@ fn spec_images(spec: &PodSpec) -> impl Iterator<Item = (&str, &str)> {
         .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
 }
 
-/// Keeps `name` (in `namespace`) holding the pins of the cluster's Pods and
-/// ReplicaSets until `stop`.
+/// A store of every `K` in the cluster, kept by a watch that signals each
+/// change on `changed`.
+fn reflect<K>(api: Api<K>, changed: watch::Sender<()>) -> (Store<K>, impl Future<Output = ()>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let kind = K::kind(&()).into_owned();
+    let events = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .for_each(move |r| {
+            if let Err(e) = r {
+                tracing::warn!(%kind, error = %e, "watching for pins");
+            }
+            let _ = changed.send(());
+            async {}
+        });
+    (store, events)
+}
+
+/// Keeps `name` (in `namespace`) holding the pins of the cluster's
+/// workloads, MirrorRegistries and nodes until `stop`.
 pub async fn run(
     client: Client,
     namespace: String,
@@ -121,51 +215,42 @@ pub async fn run(
     revisions: usize,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (pods, pods_w) = reflector::store::<Pod>();
-    let (sets, sets_w) = reflector::store::<ReplicaSet>();
-    let (changed_tx, mut changed) = watch::channel(());
-    let pod_events = {
-        let tx = changed_tx.clone();
-        watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .reflect(pods_w)
-            .applied_objects()
-            .for_each(move |r| {
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "watching Pods for pins");
-                }
-                let _ = tx.send(());
-                async {}
-            })
-    };
-    let set_events = {
-        let tx = changed_tx;
-        watcher(
-            Api::<ReplicaSet>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(sets_w)
-        .applied_objects()
-        .for_each(move |r| {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "watching ReplicaSets for pins");
-            }
-            let _ = tx.send(());
-            async {}
-        })
-    };
+    let (tx, mut changed) = watch::channel(());
+    let (pods, pods_w) = reflect(Api::<Pod>::all(client.clone()), tx.clone());
+    let (sets, sets_w) = reflect(Api::<ReplicaSet>::all(client.clone()), tx.clone());
+    let (daemons, daemons_w) = reflect(Api::<DaemonSet>::all(client.clone()), tx.clone());
+    let (stateful, stateful_w) = reflect(Api::<StatefulSet>::all(client.clone()), tx.clone());
+    let (nodes, nodes_w) = reflect(Api::<Node>::all(client.clone()), tx.clone());
+    let (mregs, mregs_w) = reflect(Api::<MirrorRegistry>::all(client.clone()), tx);
     let api = Api::<ConfigMap>::namespaced(client, &namespace);
     let publish = async {
-        // Deletions surface only through the stores: wait for both lists.
-        let _ = tokio::join!(pods.wait_until_ready(), sets.wait_until_ready());
+        // Deletions surface only through the stores: wait for every list.
+        let _ = tokio::join!(
+            pods.wait_until_ready(),
+            sets.wait_until_ready(),
+            daemons.wait_until_ready(),
+            stateful.wait_until_ready(),
+            nodes.wait_until_ready(),
+            mregs.wait_until_ready(),
+        );
         let mut last: Option<Pins> = None;
         loop {
-            let now = compute(&pods, &sets, revisions);
+            let mut now = pins_of(
+                pods.state().iter().map(|p| p.as_ref()),
+                sets.state().iter().map(|s| s.as_ref()),
+                revisions,
+            );
+            now.images.extend(templates_of(
+                daemons.state().iter().map(|d| d.as_ref()),
+                stateful.state().iter().map(|s| s.as_ref()),
+            ));
+            now.images
+                .extend(prefetch_of(mregs.state().iter().map(|m| m.as_ref())));
+            now.platforms = platforms_of(nodes.state().iter().map(|n| n.as_ref()));
             if last.as_ref() != Some(&now) {
                 match write(&api, &name, &now).await {
                     Ok(()) => {
-                        tracing::info!(configmap = %name, images = now.images.len(), "pins published");
+                        tracing::info!(configmap = %name, images = now.images.len(), platforms = ?now.platforms, "pins published");
                         last = Some(now);
                     }
                     Err(e) => tracing::warn!(configmap = %name, error = %e, "publishing the pins"),
@@ -177,21 +262,15 @@ pub async fn run(
         }
     };
     tokio::select! {
-        _ = pod_events => {}
-        _ = set_events => {}
+        () = pods_w => {}
+        () = sets_w => {}
+        () = daemons_w => {}
+        () = stateful_w => {}
+        () = nodes_w => {}
+        () = mregs_w => {}
         () = publish => {}
         _ = stop.wait_for(|s| *s) => {}
     }
-}
-
-fn compute(pods: &Store<Pod>, sets: &Store<ReplicaSet>, revisions: usize) -> Pins {
-    let pods = pods.state();
-    let sets = sets.state();
-    pins_of(
-        pods.iter().map(|p| p.as_ref()),
-        sets.iter().map(|s| s.as_ref()),
-        revisions,
-    )
 }
 
 async fn write(api: &Api<ConfigMap>, name: &str, pins: &Pins) -> Result<(), kube::Error> {
@@ -217,6 +296,8 @@ async fn write(api: &Api<ConfigMap>, name: &str, pins: &Pins) -> Result<(), kube
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use serde_json::Value;
 
     use super::*;
 
@@ -296,6 +377,69 @@ mod tests {
                 "docker.io/library/web:2",
                 "docker.io/library/web:3",
             ]
+        );
+    }
+
+    #[test]
+    fn templates_prefetch_lists_and_node_platforms() {
+        let ds: DaemonSet = serde_json::from_value(json!({
+            "metadata": {"name": "agent"},
+            "spec": {"selector": {}, "template": {"spec": {
+                "initContainers": [{"name": "i", "image": "quay.io/a/init:1"}],
+                "containers": [{"name": "c", "image": "quay.io/a/agent:1"}]}}},
+        }))
+        .unwrap();
+        let sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": {"name": "db"},
+            "spec": {"selector": {}, "serviceName": "db",
+                     "template": {"spec": {"containers": [{"name": "c", "image": "postgres:17"}]}}},
+        }))
+        .unwrap();
+        assert_eq!(
+            templates_of([&ds], [&sts]).into_iter().collect::<Vec<_>>(),
+            vec![
+                "docker.io/library/postgres:17",
+                "quay.io/a/agent:1",
+                "quay.io/a/init:1"
+            ]
+        );
+        let mreg: MirrorRegistry = serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "MirrorRegistry",
+            "metadata": {"name": "hub"},
+            "spec": {"host": "docker.io", "prefetch": ["library/nginx:1.27", format!("org/app@{D1}")]},
+        }))
+        .unwrap();
+        assert_eq!(
+            prefetch_of([&mreg]).into_iter().collect::<Vec<_>>(),
+            vec![
+                "docker.io/library/nginx:1.27".to_string(),
+                format!("docker.io/org/app@{D1}")
+            ]
+        );
+        let node = |labels: Value, arch: &str| -> Node {
+            serde_json::from_value(json!({
+                "metadata": {"name": "n", "labels": labels},
+                "status": {"nodeInfo": {"architecture": arch, "operatingSystem": "linux",
+                    "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "",
+                    "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+                    "osImage": "", "systemUUID": ""}},
+            }))
+            .unwrap()
+        };
+        let nodes = [
+            node(
+                json!({"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}),
+                "amd64",
+            ),
+            node(json!({}), "arm64"),
+            node(
+                json!({"kubernetes.io/os": "linux", "kubernetes.io/arch": "amd64"}),
+                "amd64",
+            ),
+        ];
+        assert_eq!(
+            platforms_of(&nodes).into_iter().collect::<Vec<_>>(),
+            vec!["linux/amd64", "linux/arm64"]
         );
     }
 }

@@ -130,6 +130,15 @@ fn api_server_enforces_the_mirrorregistry_crd() {
     );
     create(
         &api,
+        "prefetch",
+        json!({"host": "h.example", "prefetch": [
+            "library/nginx:1.27",
+            format!("org/app@sha256:{}", "a".repeat(64)),
+            "a/b/c_d-e:v1.2.3-rc.1",
+        ]}),
+    );
+    create(
+        &api,
         "pem",
         json!({"host": "d.example", "tls": {"caBundle": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}}),
     );
@@ -244,6 +253,15 @@ fn api_server_enforces_the_mirrorregistry_crd() {
         json!({"host": "quay.io", "upstream": "https://quay.io/?x=1"}),
         URL,
     );
+    for (name, entry) in [
+        ("prefetch-no-tag", "library/nginx"),
+        ("prefetch-port", "quay.io:443/x:1"),
+        ("prefetch-upper", "Library/nginx:1"),
+        ("prefetch-short-digest", "nginx@sha256:abc"),
+    ] {
+        let spec = json!({"host": "quay.io", "prefetch": [entry]});
+        rejected(&api, name, spec, "spec.prefetch[0]");
+    }
     rejected(
         &api,
         "reserve-negative",
@@ -496,6 +514,7 @@ fn api_server_enforces_the_mirrorregistry_crd() {
                 ttl: "0s".into(),
             }],
             upstream_reserve: Some(20),
+            prefetch: vec!["org/tool:1".into()],
             private: false,
             allow_push: true,
             allow_insecure_upstream: false,

@@ -931,11 +931,14 @@ fn references_cache_counters_and_departed_nodes() {
     assert!(status.success(), "{status}\n{}", proc.log_tail(4000));
 }
 
-fn pins(api: &KubeApiserver) -> Option<Vec<String>> {
+fn pins_doc(api: &KubeApiserver) -> Option<Value> {
     let cm = api.get_json(&["cm", "pullthrough-pins", "-n", NS])?;
-    let doc: Value = serde_json::from_str(cm["data"]["pins.json"].as_str()?).unwrap();
+    Some(serde_json::from_str(cm["data"]["pins.json"].as_str()?).unwrap())
+}
+
+fn pins(api: &KubeApiserver) -> Option<Vec<String>> {
     Some(
-        doc["images"]
+        pins_doc(api)?["images"]
             .as_array()?
             .iter()
             .map(|v| v.as_str().unwrap().to_string())
@@ -954,11 +957,12 @@ fn wait_pins(api: &KubeApiserver, want: &[&str]) {
     }
 }
 
-/// Pinning (issue #14, point 6) with the shipped RBAC: the pins ConfigMap
-/// lists the digest a running pod runs (as kubelet reports it), the
-/// reference of a pod still pulling, and the images of the last two
-/// ReplicaSet revisions of a Deployment (not the third); it follows pods
-/// that finish or go away.
+/// Pinning and prefetch (issue #14, points 6 and 7) with the shipped RBAC:
+/// the pins ConfigMap lists the digest a running pod runs (as kubelet
+/// reports it), the reference of a pod still pulling, the images of the
+/// last two ReplicaSet revisions of a Deployment (not the third), a
+/// DaemonSet's template and a MirrorRegistry's `spec.prefetch`, with the
+/// nodes' platforms; it follows pods that finish or go away.
 #[test]
 fn pins_follow_pods_and_replica_sets() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
@@ -975,6 +979,29 @@ fn pins_follow_pods_and_replica_sets() {
     };
     let (mut proc, _) = op.start();
     wait_pins(&api, &[]);
+    for (name, arch) in [("n1", "amd64"), ("n2", "arm64"), ("n3", "amd64")] {
+        apply_json(
+            &api,
+            json!({"apiVersion": "v1", "kind": "Node",
+                   "metadata": {"name": name, "labels": {"kubernetes.io/os": "linux",
+                                                         "kubernetes.io/arch": arch}}}),
+        );
+    }
+    apply_json(
+        &api,
+        json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+               "metadata": {"name": "logs", "namespace": "apps"},
+               "spec": {"selector": {"matchLabels": {"app": "logs"}},
+                        "template": {"metadata": {"labels": {"app": "logs"}},
+                                     "spec": {"containers": [{"name": "c",
+                                              "image": "registry.test/logs:5"}]}}}}),
+    );
+    apply(
+        &api,
+        "quay",
+        json!({"host": "quay.io", "prefetch": ["org/warm:1"]}),
+    )
+    .unwrap();
 
     for revision in 1..=3 {
         apply_json(
@@ -1024,9 +1051,15 @@ fn pins_follow_pods_and_replica_sets() {
         &[
             "ghcr.io/org/tool:2",
             &api_pin,
+            "quay.io/org/warm:1",
+            "registry.test/logs:5",
             "registry.test/web:2",
             "registry.test/web:3",
         ],
+    );
+    assert_eq!(
+        pins_doc(&api).unwrap()["platforms"],
+        json!(["linux/amd64", "linux/arm64"])
     );
 
     // A finished pod pins nothing; a deleted one neither.
@@ -1044,7 +1077,15 @@ fn pins_follow_pods_and_replica_sets() {
     .unwrap();
     api.kubectl(&["delete", "pod", "api", "-n", "apps", "--wait=false"])
         .unwrap();
-    wait_pins(&api, &["registry.test/web:2", "registry.test/web:3"]);
+    wait_pins(
+        &api,
+        &[
+            "quay.io/org/warm:1",
+            "registry.test/logs:5",
+            "registry.test/web:2",
+            "registry.test/web:3",
+        ],
+    );
     assert!(proc.log().contains("pins published"), "{}", proc.log());
     proc.stop().unwrap();
     fake.stop();

@@ -23,6 +23,7 @@ pub mod observe;
 pub mod oci;
 pub mod peers;
 pub mod pipeline;
+pub mod prefetch;
 pub mod route;
 pub mod server;
 #[cfg(test)]
@@ -204,7 +205,18 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let permits = server::connection_permits(&conn_limits);
     let metrics = Arc::new(observe::metrics::Metrics::default());
     // Read at start-up, like the listen addresses.
-    let pins = Arc::new(cache::pins::Pinning::new(config.cache.pins_file.clone()));
+    let prefetcher =
+        prefetch::Prefetcher::new(config.listen.http, config.cache.prefetch_concurrency);
+    if config.cache.pins_file.is_some()
+        && prefetcher.is_none()
+        && config.cache.prefetch_concurrency > 0
+    {
+        tracing::warn!("no HTTP listener (listen.http): pinned images are kept, not prefetched");
+    }
+    let pins = Arc::new(cache::pins::Pinning::new(
+        config.cache.pins_file.clone(),
+        prefetcher.map(Arc::new),
+    ));
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {
             config,

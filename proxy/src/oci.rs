@@ -8,6 +8,36 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use serde_json::json;
 
+/// The fields of a manifest or index that name content: what pinning keeps
+/// and prefetch fetches (the rest is the upstream's business).
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct ContentRefs {
+    #[serde(default)]
+    pub config: Option<Descriptor>,
+    #[serde(default)]
+    pub layers: Vec<Descriptor>,
+    /// An index's platform manifests.
+    #[serde(default)]
+    pub manifests: Vec<Descriptor>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Descriptor {
+    pub digest: String,
+    #[serde(default)]
+    pub size: u64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
 /// A validated `sha256:<64 lowercase hex>` digest. Only sha256 is accepted:
 /// it is what every registry serves and what the cache verifies.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -211,6 +211,31 @@ spec:
     )
 }
 
+/// A Deployment of the second image with `replicas` pods.
+fn rollout_manifest(replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: rollout
+  namespace: default
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels: {{app: rollout}}
+  template:
+    metadata:
+      labels: {{app: rollout}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: app
+          image: registry.test/team/app:v2
+          command: ["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"]
+"#
+    )
+}
+
 fn delete_pod(cluster: &Cluster, name: &str) {
     cluster
         .kubectl(&[
@@ -517,6 +542,94 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     );
     tl.mark("second pull: image removed, upstream restarted, Pod Running from the cache (HIT)");
     delete_pod(&cluster, "app-hit");
+
+    // 3b. Prefetch: a new image's Deployment, created with no replicas.
+    // Its ReplicaSet is pinned; the proxy fetches the image before any pod
+    // exists; with the upstream stopped, the scaled-up pod starts from the
+    // cache.
+    let layer2 = busybox_layer(
+        work.path(),
+        "app-layer-2.tar",
+        &["sh", "sleep", "echo", "true"],
+    )
+    .unwrap();
+    let layout2 = oci_layout(
+        work.path(),
+        "app:v2",
+        &layer2,
+        json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let mut args: Vec<String> = vec!["--insecure-policy".into(), "copy".into(), "-q".into()];
+    args.extend(upstream.skopeo_flags("dest"));
+    args.push(format!("oci:{}:v2", layout2.display()));
+    args.push(format!("docker://{}/team/app:v2", upstream.host()));
+    run(&mut upstream.command("skopeo", &args)).expect("push the second image upstream");
+    let blobs_before_prefetch = blob_gets(&upstream);
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], &rollout_manifest(0))
+        .expect("apply the rollout Deployment");
+    pullthrough_testbed::net::wait_for(
+        "the proxy to prefetch the new image",
+        Duration::from_secs(120),
+        || Ok(proxy_log(&cluster).contains("\"prefetched\"")),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}\n{}\npins: {:?}\n{}",
+            proxy_log(&cluster),
+            cluster.kubectl(&[
+                "get",
+                "cm",
+                "-n",
+                NS,
+                &format!("{RELEASE}-pins"),
+                "-o",
+                "yaml"
+            ]),
+            cluster.diagnostics()
+        )
+    });
+    let prefetched = blob_gets(&upstream) - blobs_before_prefetch;
+    assert!(prefetched >= 2, "config and layer fetched: {prefetched}");
+    upstream.stop().expect("stop the upstream");
+    cluster
+        .kubectl_stdin(&["apply", "-f", "-"], &rollout_manifest(1))
+        .expect("scale the rollout up");
+    cluster
+        .wait(
+            "the rollout's pod Available",
+            Duration::from_secs(120),
+            &[
+                "wait",
+                "-n",
+                "default",
+                "--for=condition=Available",
+                "deployment/rollout",
+                "--timeout=5s",
+            ],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nproxy log:\n{}\n{}",
+                proxy_log(&cluster),
+                cluster.diagnostics()
+            )
+        });
+    tl.mark(
+        "prefetch: new image cached before its pods existed; pod started with the upstream down",
+    );
+    cluster
+        .kubectl(&[
+            "delete",
+            "deployment",
+            "-n",
+            "default",
+            "rollout",
+            "--wait=true",
+            "--timeout=60s",
+        ])
+        .expect("delete the rollout");
 
     // 4. helm uninstall: the hook reverts the node.
     let uninstalled = helm.run(&[

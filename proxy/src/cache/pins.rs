@@ -18,11 +18,11 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use pullthrough_api::crd::PinnedStats;
 use pullthrough_api::pins::{PinnedImage, Pins};
-use serde::Deserialize;
 
-use crate::oci::Digest;
+use crate::oci::{ContentRefs as Manifest, Digest};
 use crate::pipeline::Shared;
 use crate::pipeline::manifest::MAX_MANIFEST;
+use crate::prefetch::Prefetcher;
 
 /// An index names its children, which name their blobs: no deeper.
 const MAX_DEPTH: u8 = 2;
@@ -41,12 +41,15 @@ pub struct Pinning {
     file: Option<PathBuf>,
     doc: std::sync::Mutex<Option<Vec<u8>>>,
     current: ArcSwap<PinSet>,
+    /// Fetches what is pinned but not cached yet.
+    prefetch: Option<Arc<Prefetcher>>,
 }
 
 impl Pinning {
-    pub fn new(file: Option<PathBuf>) -> Self {
+    pub fn new(file: Option<PathBuf>, prefetch: Option<Arc<Prefetcher>>) -> Self {
         Self {
             file,
+            prefetch,
             ..Self::default()
         }
     }
@@ -95,11 +98,19 @@ impl Pinning {
     }
 
     /// Reads the file and resolves its pins against the cache; the new
-    /// set takes effect for the store and `evictor` at once.
-    pub async fn refresh(&self, shared: &Shared, evictor: Option<&crate::cache::shared::Evictor>) {
+    /// set takes effect for the store and `evictor` at once. What is not
+    /// cached whole yet is prefetched.
+    pub async fn refresh(
+        &self,
+        shared: &Arc<Shared>,
+        evictor: Option<&crate::cache::shared::Evictor>,
+    ) {
         let Some(doc) = self.reload() else {
             return;
         };
+        if let Some(p) = &self.prefetch {
+            p.kick(shared, &doc);
+        }
         let set = resolve(&doc, shared).await;
         shared.store.pin(Arc::clone(&set.digests));
         if let Some(e) = evictor {
@@ -177,24 +188,6 @@ pub async fn resolve(pins: &Pins, shared: &Shared) -> PinSet {
         digests: Arc::new(digests),
         per_registry,
     }
-}
-
-/// Descriptor fields of manifests and indexes that name content.
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(default)]
-    config: Option<Descriptor>,
-    #[serde(default)]
-    layers: Vec<Descriptor>,
-    #[serde(default)]
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Descriptor {
-    digest: String,
-    #[serde(default)]
-    size: u64,
 }
 
 /// Adds the manifest `d` and what it names to `held`; `false` when the

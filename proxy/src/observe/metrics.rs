@@ -101,6 +101,13 @@ struct RevalidationLabels {
     result: Revalidation,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PrefetchLabels {
+    registry: String,
+    /// `fetched`, `failed`, `postponed` (upstream budget low).
+    result: &'static str,
+}
+
 /// Every metric the proxy exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -118,6 +125,7 @@ pub struct Metrics {
     ratelimit_remaining: Family<BudgetLabels, Gauge>,
     budget_low: Family<RegistryLabel, Gauge>,
     pinned_bytes: Family<RegistryLabel, Gauge>,
+    prefetches: Family<PrefetchLabels, Counter>,
     upstream_throttled: Family<RegistryLabel, Counter>,
     cache_bytes: Gauge,
     cache_max_bytes: Gauge,
@@ -265,6 +273,12 @@ impl Default for Metrics {
             "Bytes of pinned images (running pods, recent ReplicaSet revisions) held in the cache; never evicted",
             pinned_bytes.clone(),
         );
+        let prefetches = Family::<PrefetchLabels, Counter>::default();
+        registry.register(
+            "prefetches",
+            "Pinned images fetched into the cache before a client asked, by result (fetched, failed, postponed while the upstream budget is low)",
+            prefetches.clone(),
+        );
         let upstream_throttled = Family::<RegistryLabel, Counter>::default();
         registry.register(
             "upstream_throttled_responses",
@@ -393,6 +407,7 @@ impl Default for Metrics {
             ratelimit_remaining,
             budget_low,
             pinned_bytes,
+            prefetches,
             upstream_throttled,
             cache_bytes,
             cache_max_bytes,
@@ -586,6 +601,16 @@ impl Metrics {
         self.evictions.inc_by(e);
         let b = evicted_bytes.saturating_sub(self.evicted_bytes.get());
         self.evicted_bytes.inc_by(b);
+    }
+
+    /// One prefetch of an image of `registry` ended with `result`.
+    pub fn prefetch(&self, registry: &str, result: &'static str) {
+        self.prefetches
+            .get_or_create(&PrefetchLabels {
+                registry: registry.to_string(),
+                result,
+            })
+            .inc();
     }
 
     /// Bytes of `registry`'s pinned images in the cache.

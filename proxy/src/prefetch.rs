@@ -1,0 +1,259 @@
+//! Prefetch: a pinned image the cache does not hold yet is fetched into it
+//! before pods ask, so a rollout's pods start from the cache. The operator
+//! pins the new ReplicaSet's images as soon as the Deployment controller
+//! creates it, before its pods are scheduled.
+//!
+//! The fetch goes through the proxy's own HTTP listener, as a client would:
+//! routing, upstream credentials, merged misses, verification and the
+//! access log all apply, and the blobs land in the cache (and the bucket)
+//! exactly as for a pull. Of a multi-platform image only the pins'
+//! `platforms` (the nodes' architectures) are fetched. Nothing is fetched
+//! for a registry the proxy does not serve, nor while its upstream budget
+//! is low: prefetch is speculative work and a pod's pull comes first.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use pullthrough_api::pins::{PinnedImage, Pins, platform_wanted};
+use tokio::sync::Semaphore;
+
+use crate::oci::{ContentRefs as Manifest, Digest};
+use crate::pipeline::Shared;
+
+/// What a manifest GET accepts: images and indexes, OCI and Docker.
+const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// One image's fetch may take this long (layers of GBs over a slow link).
+const IMAGE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Fetches pinned images into the cache, a few at a time.
+pub struct Prefetcher {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    /// `http://<own listener>`
+    base: String,
+    permits: Arc<Semaphore>,
+    /// Pins fetched whole (not fetched again until the process restarts),
+    /// and those being fetched.
+    done: Mutex<HashSet<String>>,
+    running: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Prefetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prefetcher")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one image's prefetch did.
+#[derive(Debug, Default)]
+struct Fetched {
+    manifests: usize,
+    blobs: usize,
+    /// Blobs already cached, not fetched.
+    present: usize,
+}
+
+impl Prefetcher {
+    /// `None` without an HTTP listener to go through, or with
+    /// `concurrency` 0.
+    pub fn new(http: Option<SocketAddr>, concurrency: usize) -> Option<Self> {
+        let mut addr = http?;
+        if concurrency == 0 {
+            return None;
+        }
+        // A wildcard listener is reached on loopback.
+        match addr.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => addr.set_ip(Ipv4Addr::LOCALHOST.into()),
+            IpAddr::V6(ip) if ip.is_unspecified() => addr.set_ip(Ipv6Addr::LOCALHOST.into()),
+            _ => {}
+        }
+        Some(Self {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            base: format!("http://{addr}"),
+            permits: Arc::new(Semaphore::new(concurrency)),
+            done: Mutex::default(),
+            running: Mutex::default(),
+        })
+    }
+
+    /// Starts a fetch for each pin not fetched yet and not in flight.
+    pub fn kick(self: &Arc<Self>, shared: &Arc<Shared>, pins: &Pins) {
+        // An image unpinned and pinned again is checked again.
+        self.done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| pins.images.contains(i));
+        for image in &pins.images {
+            {
+                let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+                let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+                if done.contains(image) || !running.insert(image.clone()) {
+                    continue;
+                }
+            }
+            let (me, shared) = (Arc::clone(self), Arc::clone(shared));
+            let (image, platforms) = (image.clone(), pins.platforms.clone());
+            tokio::spawn(async move {
+                let ok = me.prefetch(&shared, &image, &platforms).await;
+                me.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&image);
+                if ok {
+                    me.done
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(image);
+                }
+            });
+        }
+    }
+
+    /// `true` when the image is whole in the cache (or never will be here:
+    /// a registry the proxy does not serve, a name that does not parse).
+    async fn prefetch(&self, shared: &Shared, image: &str, platforms: &BTreeSet<String>) -> bool {
+        let Some(p) = PinnedImage::parse(image) else {
+            return true;
+        };
+        let reserve = {
+            let state = shared.state.load();
+            match state.config.registry(&p.registry) {
+                Some(r) => r.upstream_reserve,
+                None => return true,
+            }
+        };
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        if shared.budgets.is_low(&p.registry, reserve) {
+            tracing::info!(image, "prefetch postponed: the upstream budget is low");
+            shared.metrics.prefetch(&p.registry, "postponed");
+            return false;
+        }
+        let walk = tokio::time::timeout(IMAGE_TIMEOUT, self.walk(shared, &p, platforms));
+        match walk.await {
+            Ok(Ok(f)) => {
+                if f.blobs > 0 {
+                    tracing::info!(
+                        image,
+                        manifests = f.manifests,
+                        blobs = f.blobs,
+                        present = f.present,
+                        "prefetched"
+                    );
+                    shared.metrics.prefetch(&p.registry, "fetched");
+                }
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(image, error = %e, "prefetch failed; tried again with the next pins refresh");
+                shared.metrics.prefetch(&p.registry, "failed");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(image, secs = IMAGE_TIMEOUT.as_secs(), "prefetch timed out");
+                shared.metrics.prefetch(&p.registry, "failed");
+                false
+            }
+        }
+    }
+
+    async fn walk(
+        &self,
+        shared: &Shared,
+        p: &PinnedImage,
+        platforms: &BTreeSet<String>,
+    ) -> Result<Fetched, String> {
+        let mut f = Fetched::default();
+        let root = self.manifest(p, &p.reference).await?;
+        f.manifests += 1;
+        let mut images = Vec::new();
+        if root.manifests.is_empty() {
+            images.push(root);
+        } else {
+            for child in &root.manifests {
+                let wanted = child.platform.as_ref().is_some_and(|pl| {
+                    platform_wanted(platforms, &pl.os, &pl.architecture, pl.variant.as_deref())
+                });
+                if wanted {
+                    images.push(self.manifest(p, &child.digest).await?);
+                    f.manifests += 1;
+                }
+            }
+        }
+        for m in images {
+            for blob in m.config.iter().chain(&m.layers) {
+                let d = Digest::parse(&blob.digest).map_err(|e| format!("{}: {e}", blob.digest))?;
+                if cached(shared, &d).await {
+                    f.present += 1;
+                    continue;
+                }
+                self.drain(&format!("{}/blobs/{}", self.repo_url(p), blob.digest))
+                    .await?;
+                f.blobs += 1;
+            }
+        }
+        Ok(f)
+    }
+
+    fn repo_url(&self, p: &PinnedImage) -> String {
+        format!("{}/v2/{}/{}", self.base, p.registry, p.repository)
+    }
+
+    async fn manifest(&self, p: &PinnedImage, reference: &str) -> Result<Manifest, String> {
+        let url = format!("{}/manifests/{reference}", self.repo_url(p));
+        let body = self.get(&url).await?.collect().await;
+        let body = body.map_err(|e| format!("GET {url}: {e}"))?.to_bytes();
+        serde_json::from_slice(&body).map_err(|e| format!("GET {url}: not a manifest: {e}"))
+    }
+
+    /// GETs `url` and reads the body to its end (the proxy caches it on
+    /// the way, verified).
+    async fn drain(&self, url: &str) -> Result<(), String> {
+        let mut body = self.get(url).await?;
+        while let Some(frame) = body.frame().await {
+            frame.map_err(|e| format!("GET {url}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn get(&self, url: &str) -> Result<hyper::body::Incoming, String> {
+        let req = http::Request::get(url)
+            .header(http::header::ACCEPT, ACCEPT)
+            .header(http::header::USER_AGENT, "pullthrough-prefetch")
+            .body(Empty::new())
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        let resp = self
+            .client
+            .request(req)
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if !resp.status().is_success() {
+            return Err(format!("GET {url}: HTTP {}", resp.status()));
+        }
+        Ok(resp.into_body())
+    }
+}
+
+/// In this replica's store, or in the shared bucket.
+async fn cached(shared: &Shared, d: &Digest) -> bool {
+    if shared.store.entry(d).is_some() {
+        return true;
+    }
+    match &shared.tier {
+        Some(t) => matches!(t.stat(d).await, Ok(Some(_))),
+        None => false,
+    }
+}

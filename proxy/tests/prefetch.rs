@@ -1,0 +1,167 @@
+//! Prefetch (issue #14, point 7): a pinned image the cache does not hold is
+//! fetched into it before any client asks, only for the nodes' platforms,
+//! and never while the upstream budget is low.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use http::StatusCode;
+use pullthrough_testbed::fixtures::{LayoutBuilder, sha256_digest};
+use pullthrough_testbed::http::Get;
+use pullthrough_testbed::hub::{Hub, MEDIA_TYPE};
+use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::registry::Registry;
+use serde_json::{Value, json};
+
+const ACCEPT: &str =
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
+
+fn write_pins(path: &Path, pins: &Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pins.to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+fn status(proxy: &Proxy) -> Value {
+    let url = format!("http://{}/status", proxy.addrs.admin);
+    serde_json::from_slice(&Get::new(&url).send().unwrap().body).unwrap()
+}
+
+fn metrics(proxy: &Proxy) -> String {
+    let url = format!("http://{}/metrics", proxy.addrs.admin);
+    String::from_utf8(Get::new(&url).send().unwrap().body.to_vec()).unwrap()
+}
+
+/// A two-platform image pinned for linux/amd64 nodes: the proxy fetches
+/// the index, the amd64 manifest and its blobs (once each), not the arm64
+/// ones; with the upstream then stopped, a client pulls the whole amd64
+/// image from the cache.
+#[test]
+fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
+    let work = tempfile::tempdir().unwrap();
+    let image = LayoutBuilder::new(&work.path().join("layout"))
+        .unwrap()
+        .multi_arch("1")
+        .unwrap();
+    let mut registry = Registry::plain().unwrap();
+    image.push(&registry, "fixture/multi", "1").unwrap();
+    let (amd, arm) = (&image.manifests[0], &image.manifests[1]);
+    let pins = work.path().join("pins.json");
+    write_pins(
+        &pins,
+        &json!({"images": ["quay.io/fixture/multi:1"], "platforms": ["linux/amd64"]}),
+    );
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{pinsFile: {}}}\n{}",
+            pins.display(),
+            common::one_registry("quay.io", &registry.url(), "")
+        ),
+    )
+    .unwrap();
+
+    wait_for("the prefetch", Duration::from_secs(30), || {
+        Ok(proxy.log().contains("\"prefetched\""))
+    })
+    .unwrap();
+    let amd_blobs: Vec<_> = std::iter::once(&amd.config)
+        .chain(&amd.layers)
+        .map(|b| b.digest.clone())
+        .collect();
+    for d in &amd_blobs {
+        assert!(
+            proxy.cached_blob_path(d).exists(),
+            "amd64 blob {d} prefetched:\n{}",
+            proxy.log()
+        );
+    }
+    for b in std::iter::once(&arm.config).chain(&arm.layers) {
+        assert!(
+            !proxy.cached_blob_path(&b.digest).exists(),
+            "arm64 blob {} not fetched for amd64 nodes",
+            b.digest
+        );
+    }
+    registry.sync_log().unwrap();
+    for d in &amd_blobs {
+        assert_eq!(
+            registry.count_requests("GET", &format!("/blobs/{d}")),
+            1,
+            "{d}"
+        );
+    }
+    assert!(
+        metrics(&proxy)
+            .contains(r#"pullthrough_prefetches_total{registry="quay.io",result="fetched"} 1"#),
+        "{}",
+        metrics(&proxy)
+    );
+    // Pinned, now that it is cached: resolved at a later refresh.
+    wait_for("the pin resolved", Duration::from_secs(10), || {
+        Ok(status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
+    })
+    .unwrap();
+
+    // The upstream is gone; the node's pull is served from the cache.
+    registry.stop().unwrap();
+    let get = |what: &str, r: &str| {
+        let url = format!("{}/v2/quay.io/fixture/multi/{what}/{r}", proxy.http_url());
+        let resp = Get::new(&url).header("Accept", ACCEPT).send().unwrap();
+        assert_eq!(resp.status, StatusCode::OK, "{url}\n{}", proxy.log());
+        resp.body
+    };
+    assert_eq!(sha256_digest(&get("manifests", "1")), image.digest);
+    assert_eq!(sha256_digest(&get("manifests", &amd.digest)), amd.digest);
+    for d in &amd_blobs {
+        assert_eq!(&sha256_digest(&get("blobs", d)), d);
+    }
+}
+
+/// With the upstream's budget at its reserve, a pinned image that is not
+/// cached is not fetched: a pod's pull may need the pulls left.
+#[test]
+fn no_prefetch_while_the_upstream_budget_is_low() {
+    let work = tempfile::tempdir().unwrap();
+    // 6 pulls left, reserve 5: one client pull makes the budget low.
+    let (_hub, stub) = Hub::start(6).unwrap();
+    let pins = work.path().join("pins.json");
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{pinsFile: {}}}\n{}",
+            pins.display(),
+            common::one_registry("hub.test", &stub.url(), "    upstreamReserve: 5\n")
+        ),
+    )
+    .unwrap();
+    let url = format!(
+        "{}/v2/hub.test/library/app/manifests/latest",
+        proxy.http_url()
+    );
+    let r = Get::new(&url).header("Accept", MEDIA_TYPE).send().unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(status(&proxy)["upstream"]["hub.test"]["low"], true);
+    let gets = || stub.count("GET", "/manifests/");
+    assert_eq!(gets(), 1);
+
+    write_pins(&pins, &json!({"images": ["hub.test/library/app:v2"]}));
+    wait_for("the postponement", Duration::from_secs(10), || {
+        Ok(proxy
+            .log()
+            .contains("prefetch postponed: the upstream budget is low"))
+    })
+    .unwrap();
+    assert_eq!(gets(), 1, "no prefetch GET while the budget is low");
+    assert!(
+        metrics(&proxy)
+            .contains(r#"pullthrough_prefetches_total{registry="hub.test",result="postponed"}"#)
+    );
+}
