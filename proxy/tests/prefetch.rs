@@ -165,3 +165,61 @@ fn no_prefetch_while_the_upstream_budget_is_low() {
             .contains(r#"pullthrough_prefetches_total{registry="hub.test",result="postponed"}"#)
     );
 }
+
+/// A rollout of 50 pods of a new image meeting its prefetch: the image is
+/// pinned and, at the same moment, 50 clients pull its config and layers.
+/// The upstream sees exactly one GET per blob, and every client gets the
+/// exact bytes.
+#[test]
+fn a_rollout_racing_its_prefetch_costs_one_upstream_get_per_blob() {
+    let work = tempfile::tempdir().unwrap();
+    let image = LayoutBuilder::new(&work.path().join("layout"))
+        .unwrap()
+        .random("1", &[1 << 20, 2 << 20, 3 << 20], 900)
+        .unwrap();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/rollout", "1").unwrap();
+    let m = &image.manifests[0];
+    let pins = work.path().join("pins.json");
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{pinsFile: {}}}\n{}",
+            pins.display(),
+            common::one_registry("quay.io", &registry.url(), "")
+        ),
+    )
+    .unwrap();
+    let blobs: Vec<_> = std::iter::once(&m.config).chain(&m.layers).collect();
+    let mut clients = Vec::new();
+    for _pod in 0..50 {
+        for b in &blobs {
+            clients.push(vec![format!(
+                "{}/v2/quay.io/fixture/rollout/blobs/{}",
+                proxy.http_url(),
+                b.digest
+            )]);
+        }
+    }
+    write_pins(&pins, &json!({"images": ["quay.io/fixture/rollout:1"]}));
+    let results = common::fetch_all(clients);
+    for (i, f) in results.iter().enumerate() {
+        let want = &blobs[i % blobs.len()].digest;
+        assert_eq!(f.status, StatusCode::OK, "client {i}");
+        assert_eq!(&sha256_digest(&f.body), want, "client {i}");
+    }
+    wait_for("the prefetch", Duration::from_secs(30), || {
+        Ok(status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
+    })
+    .unwrap();
+    registry.sync_log().unwrap();
+    for b in &blobs {
+        assert_eq!(
+            registry.count_requests("GET", &format!("/blobs/{}", b.digest)),
+            1,
+            "upstream GETs of {}",
+            b.digest
+        );
+    }
+}
