@@ -7,6 +7,7 @@ pub mod config;
 pub mod contract;
 pub mod crd;
 pub mod credentials;
+pub mod discovered;
 pub mod error;
 pub mod names;
 pub mod pins;

@@ -72,6 +72,13 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     pub pin_revisions: usize,
 
+    /// Registries pods pull from that no MirrorRegistry mirrors: `report`
+    /// keeps a DiscoveredRegistry per host (pods, nodes, example images)
+    /// with a `Discovered` Event; `create` also creates its MirrorRegistry;
+    /// `off` does neither.
+    #[arg(long, value_enum, default_value = "report")]
+    pub discovery: crate::discovery::Mode,
+
     /// Name of the CA Secret (`tls.crt`, `tls.key`) and of the CA ConfigMap
     /// (`ca.crt`, every certificate nodes must trust).
     #[arg(long, default_value = contract::CA_NAME)]

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod context;
 pub mod controller;
+pub mod discovery;
 pub mod error;
 pub mod leader;
 pub mod metrics;
@@ -28,15 +29,37 @@ pub mod tag_moves;
 pub use pullthrough_api::contract::OPERATOR_FIELD_MANAGER as FIELD_MANAGER;
 pub use pullthrough_api::contract::{CONFIG_HASH_ANNOTATION, FINALIZER};
 
-/// Files that must hold exactly [`crd_yaml`]'s output, relative to the
-/// workspace root.
-pub const CRD_FILES: &[&str] = &[
-    "charts/pullthrough/crds/mirrorregistries.yaml",
-    "deploy/crds/mirrorregistries.yaml",
-];
+/// Folders (relative to the workspace root) that must hold exactly
+/// [`crd_files`], as `crdgen --out-dir` writes them.
+pub const CRD_DIRS: &[&str] = &["charts/pullthrough/crds", "deploy/crds"];
 
-/// The `MirrorRegistry` CustomResourceDefinition as YAML, as `crdgen`
-/// prints it and the chart ships it.
+/// Every CustomResourceDefinition pullthrough ships, with its file name.
+pub fn crds() -> Vec<(
+    &'static str,
+    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+)> {
+    vec![
+        ("mirrorregistries.yaml", MirrorRegistry::crd()),
+        (
+            "discoveredregistries.yaml",
+            pullthrough_api::discovered::DiscoveredRegistry::crd(),
+        ),
+    ]
+}
+
+/// Each CRD file's name and YAML, as the chart ships them.
+pub fn crd_files() -> Result<Vec<(&'static str, String)>, serde_norway::Error> {
+    crds()
+        .into_iter()
+        .map(|(file, crd)| Ok((file, serde_norway::to_string(&crd)?)))
+        .collect()
+}
+
+/// Every CRD as one multi-document YAML (what a test applies).
 pub fn crd_yaml() -> Result<String, serde_norway::Error> {
-    serde_norway::to_string(&MirrorRegistry::crd())
+    Ok(crd_files()?
+        .into_iter()
+        .map(|(_, y)| y)
+        .collect::<Vec<_>>()
+        .join("---\n"))
 }

@@ -158,12 +158,18 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
             }
         })
     };
-    let pins_task = (!args.pins_configmap.is_empty()).then(|| {
+    let watches_workloads = !args.pins_configmap.is_empty()
+        || args.discovery != pullthrough_operator::discovery::Mode::Off;
+    let pins_task = watches_workloads.then(|| {
         tokio::spawn(pullthrough_operator::pins::run(
             client.clone(),
-            args.namespace.clone(),
-            args.pins_configmap.clone(),
-            args.pin_revisions,
+            pullthrough_operator::pins::Settings {
+                namespace: args.namespace.clone(),
+                configmap: args.pins_configmap.clone(),
+                revisions: args.pin_revisions,
+                discovery: args.discovery,
+                identity: identity.clone(),
+            },
             stop.clone(),
         ))
     });

@@ -206,15 +206,36 @@ where
     (store, events)
 }
 
-/// Keeps `name` (in `namespace`) holding the pins of the cluster's
-/// workloads, MirrorRegistries and nodes until `stop`.
-pub async fn run(
-    client: Client,
-    namespace: String,
-    name: String,
-    revisions: usize,
-    mut stop: watch::Receiver<bool>,
-) {
+/// Where the pins go, and what discovery does with the same stores.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub namespace: String,
+    /// The pins ConfigMap; empty: no pins written.
+    pub configmap: String,
+    pub revisions: usize,
+    pub discovery: crate::discovery::Mode,
+    /// This replica, in the Events it records.
+    pub identity: String,
+}
+
+/// Keeps the pins ConfigMap holding the pins of the cluster's workloads,
+/// MirrorRegistries and nodes, and the DiscoveredRegistries saying which
+/// registries pods pull from unmirrored, until `stop`.
+pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<bool>) {
+    let Settings {
+        namespace,
+        configmap: name,
+        revisions,
+        discovery,
+        identity,
+    } = settings;
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(identity),
+        },
+    );
     let (tx, mut changed) = watch::channel(());
     let (pods, pods_w) = reflect(Api::<Pod>::all(client.clone()), tx.clone());
     let (sets, sets_w) = reflect(Api::<ReplicaSet>::all(client.clone()), tx.clone());
@@ -222,7 +243,7 @@ pub async fn run(
     let (stateful, stateful_w) = reflect(Api::<StatefulSet>::all(client.clone()), tx.clone());
     let (nodes, nodes_w) = reflect(Api::<Node>::all(client.clone()), tx.clone());
     let (mregs, mregs_w) = reflect(Api::<MirrorRegistry>::all(client.clone()), tx);
-    let api = Api::<ConfigMap>::namespaced(client, &namespace);
+    let api = Api::<ConfigMap>::namespaced(client.clone(), &namespace);
     let publish = async {
         // Deletions surface only through the stores: wait for every list.
         let _ = tokio::join!(
@@ -247,7 +268,14 @@ pub async fn run(
             now.images
                 .extend(prefetch_of(mregs.state().iter().map(|m| m.as_ref())));
             now.platforms = platforms_of(nodes.state().iter().map(|n| n.as_ref()));
-            if last.as_ref() != Some(&now) {
+            let found = crate::discovery::unmirrored(
+                pods.state().iter().map(|p| p.as_ref()),
+                &crate::discovery::mirrored(mregs.state().iter().map(|m| m.as_ref())),
+            );
+            crate::discovery::publish(&client, &recorder, discovery, &found).await;
+            if name.is_empty() {
+                // Discovery only.
+            } else if last.as_ref() != Some(&now) {
                 match write(&api, &name, &now).await {
                     Ok(()) => {
                         tracing::info!(configmap = %name, images = now.images.len(), platforms = ?now.platforms, "pins published");

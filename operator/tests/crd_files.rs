@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
 use pullthrough_api::crd::MirrorRegistry;
-use pullthrough_operator::{CRD_FILES, crd_yaml};
+use pullthrough_operator::{CRD_DIRS, crd_files};
 
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -18,23 +18,25 @@ fn workspace_root() -> PathBuf {
 
 #[test]
 fn committed_crd_files_match_crdgen() {
-    let generated = crd_yaml().expect("render CRD");
+    let generated = crd_files().expect("render CRDs");
     let mut stale = Vec::new();
-    for file in CRD_FILES {
-        let path = workspace_root().join(file);
-        match std::fs::read_to_string(&path) {
-            Ok(committed) if committed == generated => {}
-            Ok(_) => stale.push(format!("{file} differs from the generated CRD")),
-            Err(e) => stale.push(format!("{file}: {e}")),
+    for dir in CRD_DIRS {
+        for (file, yaml) in &generated {
+            let path = workspace_root().join(dir).join(file);
+            match std::fs::read_to_string(&path) {
+                Ok(committed) if committed == *yaml => {}
+                Ok(_) => stale.push(format!("{dir}/{file} differs from the generated CRD")),
+                Err(e) => stale.push(format!("{dir}/{file}: {e}")),
+            }
         }
     }
     assert!(
         stale.is_empty(),
         "{}\nRegenerate with:\n{}",
         stale.join("\n"),
-        CRD_FILES
+        CRD_DIRS
             .iter()
-            .map(|f| format!("  cargo run -p pullthrough-operator --bin crdgen > {f}"))
+            .map(|d| format!("  cargo run -p pullthrough-operator --bin crdgen -- --out-dir {d}"))
             .collect::<Vec<_>>()
             .join("\n")
     );
@@ -47,14 +49,28 @@ const SCHEMA_SNAPSHOT: &str = "tests/snapshots/crd-schema.json";
 /// then bless it with `UPDATE_SNAPSHOTS=1 cargo test -p pullthrough-operator --test crd_files`.
 #[test]
 fn crd_schema_snapshot() {
-    let crd = MirrorRegistry::crd();
+    schema_snapshot(MirrorRegistry::crd(), SCHEMA_SNAPSHOT);
+}
+
+#[test]
+fn discovered_registry_schema_snapshot() {
+    schema_snapshot(
+        pullthrough_api::discovered::DiscoveredRegistry::crd(),
+        "tests/snapshots/crd-schema-discoveredregistries.json",
+    );
+}
+
+fn schema_snapshot(
+    crd: k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    snapshot: &str,
+) {
     let pinned = serde_json::json!({
         "names": crd.spec.names,
         "scope": crd.spec.scope,
         "versions": crd.spec.versions,
     });
     let rendered = serde_json::to_string_pretty(&pinned).unwrap() + "\n";
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(SCHEMA_SNAPSHOT);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(snapshot);
     if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
         std::fs::write(&path, &rendered).expect("write snapshot");
         return;
@@ -69,10 +85,11 @@ fn crd_schema_snapshot() {
             .map(|(i, (a, b))| format!("line {}:\n  snapshot: {a}\n  code:     {b}", i + 1))
             .unwrap_or_else(|| "one is a prefix of the other".into());
         panic!(
-            "the MirrorRegistry schema changed ({SCHEMA_SNAPSHOT}); first difference at {first_diff}\n\
+            "the {} schema changed ({snapshot}); first difference at {first_diff}\n\
              If the change is intended, bless it with \
              `UPDATE_SNAPSHOTS=1 cargo test -p pullthrough-operator --test crd_files` \
-             and regenerate the committed CRD files with crdgen."
+             and regenerate the committed CRD files with crdgen.",
+            crd.spec.names.kind
         );
     }
 }

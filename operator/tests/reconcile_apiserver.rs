@@ -111,6 +111,8 @@ struct Operator {
     status_port: u16,
     log_dir: PathBuf,
     n: u32,
+    /// Flags besides the harness's own.
+    args: Vec<String>,
 }
 
 impl Operator {
@@ -125,7 +127,8 @@ impl Operator {
             .arg("--proxy-status-url")
             .arg(format!("http://127.0.0.1:{}/status", self.status_port))
             .args(["--resync-interval", "1s", "--delete-timeout", "30s"])
-            .args(["--identity", &format!("test-{}", self.n)]);
+            .args(["--identity", &format!("test-{}", self.n)])
+            .args(&self.args);
         let mut p = Process::spawn(
             "pullthrough-operator",
             cmd,
@@ -230,6 +233,7 @@ fn operator_reconciles_against_a_real_apiserver() {
         status_port,
         log_dir: api.dir().to_path_buf(),
         n: 0,
+        args: Vec::new(),
     };
     let (mut proc1, _) = op.start();
     // Exit 64 on bad flags.
@@ -672,6 +676,7 @@ fn references_cache_counters_and_departed_nodes() {
         status_port,
         log_dir: api.dir().to_path_buf(),
         n: 0,
+        args: Vec::new(),
     };
     let (mut proc, _) = op.start();
 
@@ -976,6 +981,7 @@ fn pins_follow_pods_and_replica_sets() {
         status_port: fake.addr().port(),
         log_dir: api.dir().to_path_buf(),
         n: 0,
+        args: Vec::new(),
     };
     let (mut proc, _) = op.start();
     wait_pins(&api, &[]);
@@ -1087,6 +1093,122 @@ fn pins_follow_pods_and_replica_sets() {
         ],
     );
     assert!(proc.log().contains("pins published"), "{}", proc.log());
+    proc.stop().unwrap();
+    fake.stop();
+}
+
+fn dreg(api: &KubeApiserver, name: &str) -> Option<Value> {
+    api.get_json(&["dreg", name])
+}
+
+/// Discovery (issue #14, point 5) with the shipped RBAC: pods pulling from
+/// ghcr.io, which no MirrorRegistry mirrors, make a DiscoveredRegistry
+/// with their pod and node counts and a `Discovered` Event; a mirrored
+/// registry (quay.io, and its alias) makes none; a MirrorRegistry for
+/// ghcr.io removes it; with `--discovery=create` the operator creates that
+/// MirrorRegistry itself.
+#[test]
+fn discovery_lists_unmirrored_registries_and_creates_on_request() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    api.kubectl(&["create", "namespace", "apps"]).unwrap();
+    api.create_service_account("apps", "default").unwrap();
+    let mut fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port: fake.addr().port(),
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+        args: Vec::new(),
+    };
+    let (mut proc, _) = op.start();
+    apply(
+        &api,
+        "quay",
+        json!({"host": "quay.io", "aliases": ["quay.example"]}),
+    )
+    .unwrap();
+    let pod = |name: &str, node: &str, image: &str| {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "apps"},
+               "spec": {"nodeName": node, "automountServiceAccountToken": false,
+                        "containers": [{"name": "c", "image": image}]}})
+    };
+    apply_json(&api, pod("a", "n1", "ghcr.io/org/a:1"));
+    apply_json(&api, pod("b", "n2", "ghcr.io/org/b:1"));
+    apply_json(&api, pod("c", "n2", "ghcr.io/org/a:1"));
+    apply_json(&api, pod("q", "n1", "quay.io/org/q:1"));
+    apply_json(&api, pod("qa", "n1", "quay.example/org/q:1"));
+    let mut last = None;
+    wait_for("DiscoveredRegistry ghcr.io", TIMEOUT, || {
+        last = dreg(&api, "ghcr.io");
+        Ok(last.as_ref().is_some_and(|d| d["status"]["pods"] == 3))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {last:?}\n{}", proc.log()));
+    let d = dreg(&api, "ghcr.io").unwrap();
+    assert_eq!(d["spec"]["host"], "ghcr.io");
+    assert_eq!(d["status"]["nodes"], 2, "{d}");
+    assert_eq!(
+        d["status"]["images"],
+        json!(["ghcr.io/org/a:1", "ghcr.io/org/b:1"])
+    );
+    let all = api.get_json(&["dreg"]).unwrap();
+    assert_eq!(
+        all["items"].as_array().unwrap().len(),
+        1,
+        "only ghcr.io: {all}"
+    );
+    let row = api.kubectl(&["get", "dreg", "ghcr.io"]).unwrap();
+    assert_eq!(
+        kubectl_row(&row, "ghcr.io")[..4],
+        ["ghcr.io", "ghcr.io", "3", "2"],
+        "{row}"
+    );
+    wait_for("the Discovered Event", TIMEOUT, || {
+        let v = api
+            .get_json(&["events.v1.events.k8s.io", "-n", "default"])
+            .unwrap();
+        Ok(v["items"].as_array().unwrap().iter().any(|e| {
+            e["reason"] == "Discovered"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("3 pod(s) on 2 node(s) pull from ghcr.io"))
+        }))
+    })
+    .unwrap();
+
+    // Mirrored by the admin: no longer discovered.
+    apply(&api, "ghcr", json!({"host": "ghcr.io"})).unwrap();
+    wait_for("DiscoveredRegistry ghcr.io gone", TIMEOUT, || {
+        Ok(dreg(&api, "ghcr.io").is_none())
+    })
+    .unwrap();
+    api.kubectl(&["delete", "mreg", "ghcr", "--wait=true", "--timeout=60s"])
+        .unwrap();
+    wait_for("DiscoveredRegistry ghcr.io back", TIMEOUT, || {
+        Ok(dreg(&api, "ghcr.io").is_some())
+    })
+    .unwrap();
+
+    // create: the operator makes the MirrorRegistry.
+    proc.stop().unwrap();
+    op.args = vec!["--discovery=create".into()];
+    let (mut proc, _) = op.start();
+    wait_for("MirrorRegistry ghcr.io created", TIMEOUT, || {
+        Ok(mreg(&api, "ghcr.io").is_some_and(|m| m["spec"]["host"] == "ghcr.io"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log()));
+    assert_eq!(
+        mreg(&api, "ghcr.io").unwrap()["metadata"]["labels"]["pullthrough.dev/discovered"],
+        "true"
+    );
+    wait_for(
+        "DiscoveredRegistry ghcr.io gone once mirrored",
+        TIMEOUT,
+        || Ok(dreg(&api, "ghcr.io").is_none()),
+    )
+    .unwrap();
     proc.stop().unwrap();
     fake.stop();
 }

@@ -598,6 +598,23 @@ pub fn workspace_dir() -> Result<PathBuf> {
         .ok_or_else(|| Error::Other("the test bed crate has no parent directory".into()))
 }
 
+/// Every CRD the chart ships (`charts/pullthrough/crds/*.yaml`), as one
+/// multi-document YAML: what `helm install` applies first.
+pub fn chart_crds() -> Result<String> {
+    let dir = workspace_dir()?.join("charts/pullthrough/crds");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ctx(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml"))
+        .collect();
+    files.sort();
+    let mut docs = Vec::new();
+    for f in files {
+        docs.push(std::fs::read_to_string(&f).ctx(|| format!("reading {}", f.display()))?);
+    }
+    Ok(docs.join("---\n"))
+}
+
 /// `kubeconform` reading only local schemas from `schemas` (never the
 /// network: no default schema location is passed).
 pub struct Kubeconform {

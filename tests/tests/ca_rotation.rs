@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use pullthrough_testbed::bins::operator_bin;
 use pullthrough_testbed::http::Get;
-use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver, workspace_dir};
+use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver};
 use pullthrough_testbed::net::{free_port, wait_for};
 use pullthrough_testbed::process::Process;
 use pullthrough_testbed::proxy::{Addrs, Proxy, proxy_bin};
@@ -186,15 +186,8 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn proxy_follows_two_ca_rotations_without_restart() {
     let tmp = tempfile::tempdir().unwrap();
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    api.apply_crds(
-        &fs::read_to_string(
-            workspace_dir()
-                .unwrap()
-                .join("charts/pullthrough/crds/mirrorregistries.yaml"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    api.apply_crds(&pullthrough_testbed::kube::chart_crds().unwrap())
+        .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
     let helm = api.helm().unwrap();
     api.kubectl_stdin(

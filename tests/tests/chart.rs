@@ -917,10 +917,9 @@ fn chart_validates_installs_and_uninstalls() {
 
     // CRDs: the chart's (as helm would install it) and the stand-in
     // ServiceMonitor and PrometheusRule.
-    let crd = std::fs::read_to_string(root().join("charts/pullthrough/crds/mirrorregistries.yaml"))
-        .expect("chart CRD");
+    let crd = pullthrough_testbed::kube::chart_crds().expect("chart CRDs");
     api.kubectl_stdin(&["apply", "-f", "-"], &crd)
-        .expect("apply MirrorRegistry CRD");
+        .expect("apply the chart's CRDs");
     api.kubectl_stdin(&["apply", "-f", "-"], MONITORING_CRDS)
         .expect("apply ServiceMonitor and PrometheusRule CRDs");
     for name in [

@@ -316,9 +316,8 @@ fn agent_lease(node: &str, hash: &str, error: &str, renewed: Timestamp, secs: i3
 /// before returning.
 fn operator_metrics() -> String {
     let api = KubeApiserver::start().expect("start etcd + kube-apiserver");
-    let crd = std::fs::read_to_string(root().join("charts/pullthrough/crds/mirrorregistries.yaml"))
+    api.apply_crds(&pullthrough_testbed::kube::chart_crds().unwrap())
         .unwrap();
-    api.apply_crds(&crd).unwrap();
     api.kubectl(&["create", "namespace", "pullthrough"])
         .unwrap();
     let port = free_port().unwrap();

@@ -38,7 +38,7 @@ use pullthrough_testbed::containerd::{Containerd, ContainerdOpts};
 use pullthrough_testbed::dockerd::{Dockerd, DockerdOpts};
 use pullthrough_testbed::fixtures::LayoutBuilder;
 use pullthrough_testbed::http::Get;
-use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, Helm, KubeApiserver, workspace_dir};
+use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, Helm, KubeApiserver};
 use pullthrough_testbed::net::{
     free_port, free_port_on, is_listening, unique_loopback_ip, wait_for,
 };
@@ -288,15 +288,8 @@ fn system_flow(kind: Kind) {
 
     // CRD, namespace, the chart's RBAC (ServiceAccounts included) and the
     // agents' Lease policy.
-    api.apply_crds(
-        &fs::read_to_string(
-            workspace_dir()
-                .unwrap()
-                .join("charts/pullthrough/crds/mirrorregistries.yaml"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    api.apply_crds(&pullthrough_testbed::kube::chart_crds().unwrap())
+        .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
     let helm = api.helm().unwrap();
     api.kubectl_stdin(&["apply", "-f", "-"], &chart_access(&helm))
