@@ -1135,7 +1135,11 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
                "spec": {"nodeName": node, "automountServiceAccountToken": false,
                         "containers": [{"name": "c", "image": image}]}})
     };
-    apply_json(&api, pod("a", "n1", "ghcr.io/org/a:1"));
+    // Pod specs carry more than images: none of it may leave the operator.
+    let mut a = pod("a", "n1", "ghcr.io/org/a:1");
+    a["spec"]["containers"][0]["env"] = json!([{"name": "TOKEN", "value": "hunter2-in-env"}]);
+    a["spec"]["containers"][0]["args"] = json!(["--password=hunter2-in-args"]);
+    apply_json(&api, a);
     apply_json(&api, pod("b", "n2", "ghcr.io/org/b:1"));
     apply_json(&api, pod("c", "n2", "ghcr.io/org/a:1"));
     apply_json(&api, pod("q", "n1", "quay.io/org/q:1"));
@@ -1158,6 +1162,20 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
         all["items"].as_array().unwrap().len(),
         1,
         "only ghcr.io: {all}"
+    );
+    wait_for("the pins", TIMEOUT, || {
+        Ok(pins(&api).is_some_and(|p| p.contains(&"ghcr.io/org/a:1".to_string())))
+    })
+    .unwrap();
+    let written = format!(
+        "{all}{}{}",
+        api.get_json(&["cm", "pullthrough-pins", "-n", NS]).unwrap(),
+        api.get_json(&["events.v1.events.k8s.io", "-n", "default"])
+            .unwrap()
+    );
+    assert!(
+        !written.contains("hunter2"),
+        "pod content leaked: {written}"
     );
     let row = api.kubectl(&["get", "dreg", "ghcr.io"]).unwrap();
     assert_eq!(
