@@ -936,6 +936,40 @@ fn references_cache_counters_and_departed_nodes() {
     assert!(status.success(), "{status}\n{}", proc.log_tail(4000));
 }
 
+/// An API server with a namespace `apps` for workloads, a fake proxy and
+/// the operator started with the shipped RBAC.
+struct Workloads {
+    api: KubeApiserver,
+    fake: Stub,
+    op: Operator,
+    proc: Process,
+}
+
+impl Workloads {
+    fn start() -> Self {
+        let api = KubeApiserver::start().expect("test bed kube-apiserver");
+        install(&api);
+        api.kubectl(&["create", "namespace", "apps"]).unwrap();
+        api.create_service_account("apps", "default").unwrap();
+        let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+        let token = api.token_for(NS, SA).unwrap();
+        let mut op = Operator {
+            kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+            status_port: fake.addr().port(),
+            log_dir: api.dir().to_path_buf(),
+            n: 0,
+            args: Vec::new(),
+        };
+        let (proc, _) = op.start();
+        Self {
+            api,
+            fake,
+            op,
+            proc,
+        }
+    }
+}
+
 fn pins_doc(api: &KubeApiserver) -> Option<Value> {
     let cm = api.get_json(&["cm", "pullthrough-pins", "-n", NS])?;
     Some(serde_json::from_str(cm["data"]["pins.json"].as_str()?).unwrap())
@@ -970,20 +1004,12 @@ fn wait_pins(api: &KubeApiserver, want: &[&str]) {
 /// nodes' platforms; it follows pods that finish or go away.
 #[test]
 fn pins_follow_pods_and_replica_sets() {
-    let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    install(&api);
-    api.kubectl(&["create", "namespace", "apps"]).unwrap();
-    api.create_service_account("apps", "default").unwrap();
-    let mut fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-    let token = api.token_for(NS, SA).unwrap();
-    let mut op = Operator {
-        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-        status_port: fake.addr().port(),
-        log_dir: api.dir().to_path_buf(),
-        n: 0,
-        args: Vec::new(),
-    };
-    let (mut proc, _) = op.start();
+    let Workloads {
+        api,
+        mut fake,
+        op: _,
+        mut proc,
+    } = Workloads::start();
     wait_pins(&api, &[]);
     for (name, arch) in [("n1", "amd64"), ("n2", "arm64"), ("n3", "amd64")] {
         apply_json(
@@ -1109,20 +1135,12 @@ fn dreg(api: &KubeApiserver, name: &str) -> Option<Value> {
 /// MirrorRegistry itself.
 #[test]
 fn discovery_lists_unmirrored_registries_and_creates_on_request() {
-    let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    install(&api);
-    api.kubectl(&["create", "namespace", "apps"]).unwrap();
-    api.create_service_account("apps", "default").unwrap();
-    let mut fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-    let token = api.token_for(NS, SA).unwrap();
-    let mut op = Operator {
-        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-        status_port: fake.addr().port(),
-        log_dir: api.dir().to_path_buf(),
-        n: 0,
-        args: Vec::new(),
-    };
-    let (mut proc, _) = op.start();
+    let Workloads {
+        api,
+        mut fake,
+        mut op,
+        mut proc,
+    } = Workloads::start();
     apply(
         &api,
         "quay",

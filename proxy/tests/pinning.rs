@@ -13,9 +13,9 @@ use http::StatusCode;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
 use pullthrough_testbed::http::Get;
 use pullthrough_testbed::net::wait_for;
-use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::proxy::Proxy;
 use pullthrough_testbed::registry::Registry;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const ACCEPT: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
@@ -35,15 +35,7 @@ fn get(proxy: &Proxy, repo: &str, what: &str, reference: &str) -> Vec<u8> {
 }
 
 fn pinned(proxy: &Proxy) -> Value {
-    let url = format!("http://{}/status", proxy.addrs.admin);
-    let status: Value = serde_json::from_slice(&Get::new(&url).send().unwrap().body).unwrap();
-    status["cache"]["quay.io"]["pinned"].clone()
-}
-
-fn write_pins(path: &Path, images: &[String]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, serde_json::json!({ "images": images }).to_string()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    common::status(proxy)["cache"]["quay.io"]["pinned"].clone()
 }
 
 /// A 5 MiB cache keeps two pinned images (2 MB pinned by tag, 0.5 MB by
@@ -63,23 +55,18 @@ fn pinned_images_survive_eviction_until_unpinned() {
     registry.push_image(&other, "fixture/other", "1").unwrap();
     let (a, b) = (&app.manifests[0], &side.manifests[0]);
     let pins = work.path().join("pins.json");
-    write_pins(
+    common::write_pins(
         &pins,
-        &[
-            "quay.io/fixture/app:1".to_string(),
-            format!("quay.io/fixture/side@{}", b.digest),
-        ],
+        &json!({"images": ["quay.io/fixture/app:1".to_string(),
+            format!("quay.io/fixture/side@{}", b.digest)]}),
     );
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "cache: {{maxSize: 5MiB, highWatermark: 0.9, lowWatermark: 0.6, pinsFile: {}}}\n{}",
-            pins.display(),
-            common::one_registry("quay.io", &registry.url(), "")
-        ),
-    )
-    .unwrap();
+    let proxy = common::proxy_with_pins(
+        &pins,
+        "maxSize: 5MiB, highWatermark: 0.9, lowWatermark: 0.6, ",
+        "quay.io",
+        &registry.url(),
+        "",
+    );
 
     // The pinned images, whole: manifest (by tag, by digest), config, layers.
     assert_eq!(
@@ -136,7 +123,7 @@ fn pinned_images_survive_eviction_until_unpinned() {
     }
 
     // Unpinned: the least recently used images go first.
-    write_pins(&pins, &[]);
+    common::write_pins(&pins, &json!({"images": []}));
     wait_for("the pins dropped", Duration::from_secs(10), || {
         Ok(pinned(&proxy).is_null())
     })
@@ -156,17 +143,11 @@ fn a_malformed_pins_file_keeps_the_last_pins() {
     let registry = Registry::plain().unwrap();
     registry.push_image(&app, "fixture/app", "1").unwrap();
     let pins = work.path().join("pins.json");
-    write_pins(&pins, &["quay.io/fixture/app:1".to_string()]);
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "cache: {{pinsFile: {}}}\n{}",
-            pins.display(),
-            common::one_registry("quay.io", &registry.url(), "")
-        ),
-    )
-    .unwrap();
+    common::write_pins(
+        &pins,
+        &json!({"images": ["quay.io/fixture/app:1".to_string()]}),
+    );
+    let proxy = common::proxy_with_pins(&pins, "", "quay.io", &registry.url(), "");
     get(&proxy, "fixture/app", "manifests", "1");
     wait_for("the pin resolved", Duration::from_secs(10), || {
         Ok(pinned(&proxy)["images"] == 1)

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use http::StatusCode;
@@ -14,23 +13,12 @@ use pullthrough_testbed::fixtures::{LayoutBuilder, sha256_digest};
 use pullthrough_testbed::http::Get;
 use pullthrough_testbed::hub::{Hub, MEDIA_TYPE};
 use pullthrough_testbed::net::wait_for;
-use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::proxy::Proxy;
 use pullthrough_testbed::registry::Registry;
-use serde_json::{Value, json};
+use serde_json::json;
 
 const ACCEPT: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
-
-fn write_pins(path: &Path, pins: &Value) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, pins.to_string()).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-fn status(proxy: &Proxy) -> Value {
-    let url = format!("http://{}/status", proxy.addrs.admin);
-    serde_json::from_slice(&Get::new(&url).send().unwrap().body).unwrap()
-}
 
 fn metrics(proxy: &Proxy) -> String {
     let url = format!("http://{}/metrics", proxy.addrs.admin);
@@ -52,20 +40,11 @@ fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
     image.push(&registry, "fixture/multi", "1").unwrap();
     let (amd, arm) = (&image.manifests[0], &image.manifests[1]);
     let pins = work.path().join("pins.json");
-    write_pins(
+    common::write_pins(
         &pins,
         &json!({"images": ["quay.io/fixture/multi:1"], "platforms": ["linux/amd64"]}),
     );
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "cache: {{pinsFile: {}}}\n{}",
-            pins.display(),
-            common::one_registry("quay.io", &registry.url(), "")
-        ),
-    )
-    .unwrap();
+    let proxy = common::proxy_with_pins(&pins, "", "quay.io", &registry.url(), "");
 
     wait_for("the prefetch", Duration::from_secs(30), || {
         Ok(proxy.log().contains("\"prefetched\""))
@@ -105,7 +84,7 @@ fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
     );
     // Pinned, now that it is cached: resolved at a later refresh.
     wait_for("the pin resolved", Duration::from_secs(10), || {
-        Ok(status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
+        Ok(common::status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
     })
     .unwrap();
 
@@ -132,27 +111,24 @@ fn no_prefetch_while_the_upstream_budget_is_low() {
     // 6 pulls left, reserve 5: one client pull makes the budget low.
     let (_hub, stub) = Hub::start(6).unwrap();
     let pins = work.path().join("pins.json");
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "cache: {{pinsFile: {}}}\n{}",
-            pins.display(),
-            common::one_registry("hub.test", &stub.url(), "    upstreamReserve: 5\n")
-        ),
-    )
-    .unwrap();
+    let proxy = common::proxy_with_pins(
+        &pins,
+        "",
+        "hub.test",
+        &stub.url(),
+        "    upstreamReserve: 5\n",
+    );
     let url = format!(
         "{}/v2/hub.test/library/app/manifests/latest",
         proxy.http_url()
     );
     let r = Get::new(&url).header("Accept", MEDIA_TYPE).send().unwrap();
     assert_eq!(r.status, StatusCode::OK);
-    assert_eq!(status(&proxy)["upstream"]["hub.test"]["low"], true);
+    assert_eq!(common::status(&proxy)["upstream"]["hub.test"]["low"], true);
     let gets = || stub.count("GET", "/manifests/");
     assert_eq!(gets(), 1);
 
-    write_pins(&pins, &json!({"images": ["hub.test/library/app:v2"]}));
+    common::write_pins(&pins, &json!({"images": ["hub.test/library/app:v2"]}));
     wait_for("the postponement", Duration::from_secs(10), || {
         Ok(proxy
             .log()
@@ -181,16 +157,7 @@ fn a_rollout_racing_its_prefetch_costs_one_upstream_get_per_blob() {
     registry.push_image(&image, "fixture/rollout", "1").unwrap();
     let m = &image.manifests[0];
     let pins = work.path().join("pins.json");
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "cache: {{pinsFile: {}}}\n{}",
-            pins.display(),
-            common::one_registry("quay.io", &registry.url(), "")
-        ),
-    )
-    .unwrap();
+    let proxy = common::proxy_with_pins(&pins, "", "quay.io", &registry.url(), "");
     let blobs: Vec<_> = std::iter::once(&m.config).chain(&m.layers).collect();
     let mut clients = Vec::new();
     for _pod in 0..50 {
@@ -202,7 +169,7 @@ fn a_rollout_racing_its_prefetch_costs_one_upstream_get_per_blob() {
             )]);
         }
     }
-    write_pins(&pins, &json!({"images": ["quay.io/fixture/rollout:1"]}));
+    common::write_pins(&pins, &json!({"images": ["quay.io/fixture/rollout:1"]}));
     let results = common::fetch_all(clients);
     for (i, f) in results.iter().enumerate() {
         let want = &blobs[i % blobs.len()].digest;
@@ -210,7 +177,7 @@ fn a_rollout_racing_its_prefetch_costs_one_upstream_get_per_blob() {
         assert_eq!(&sha256_digest(&f.body), want, "client {i}");
     }
     wait_for("the prefetch", Duration::from_secs(30), || {
-        Ok(status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
+        Ok(common::status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
     })
     .unwrap();
     registry.sync_log().unwrap();

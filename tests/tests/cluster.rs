@@ -211,6 +211,43 @@ spec:
     )
 }
 
+/// `kubectl wait -n default <condition> <object>` for up to 2 minutes;
+/// on timeout fails with the proxy's log and the cluster's diagnostics.
+fn wait_in_default(cluster: &Cluster, what: &str, condition: &str, object: &str) {
+    cluster
+        .wait(
+            what,
+            Duration::from_secs(120),
+            &["wait", "-n", "default", condition, object, "--timeout=5s"],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nproxy log:\n{}\n{}",
+                proxy_log(cluster),
+                cluster.diagnostics()
+            )
+        });
+}
+
+/// Builds a busybox image with `applets` (offline, under `work`) and
+/// pushes it to the upstream as `team/app:<tag>`.
+fn push(upstream: &Registry, work: &Path, tag: &str, applets: &[&str]) {
+    let layer = busybox_layer(work, &format!("app-layer-{tag}.tar"), applets).unwrap();
+    let layout = oci_layout(
+        work,
+        &format!("app:{tag}"),
+        &layer,
+        json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]}),
+    )
+    .unwrap();
+    let mut args: Vec<String> = vec!["--insecure-policy".into(), "copy".into(), "-q".into()];
+    args.extend(upstream.skopeo_flags("dest"));
+    args.push(format!("oci:{}:{tag}", layout.display()));
+    args.push(format!("docker://{}/team/app:{tag}", upstream.host()));
+    run(&mut upstream.command("skopeo", &args))
+        .unwrap_or_else(|e| panic!("push team/app:{tag} upstream: {e}"));
+}
+
 /// A Deployment of the second image with `replicas` pods.
 fn rollout_manifest(replicas: u32) -> String {
     format!(
@@ -318,19 +355,7 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
         })
     })
     .expect("upstream registry");
-    let layer = busybox_layer(work.path(), "app-layer.tar", &["sh", "sleep", "echo"]).unwrap();
-    let layout = oci_layout(
-        work.path(),
-        "app:v1",
-        &layer,
-        json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]}),
-    )
-    .unwrap();
-    let mut args: Vec<String> = vec!["--insecure-policy".into(), "copy".into(), "-q".into()];
-    args.extend(upstream.skopeo_flags("dest"));
-    args.push(format!("oci:{}:v1", layout.display()));
-    args.push(format!("docker://{}/team/app:v1", upstream.host()));
-    run(&mut upstream.command("skopeo", &args)).expect("push the workload image upstream");
+    push(&upstream, work.path(), "v1", &["sh", "sleep", "echo"]);
 
     let before = snapshot(&cluster);
     assert!(
@@ -471,26 +496,12 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
         cluster
             .kubectl_stdin(&["apply", "-f", "-"], &workload_manifest(name))
             .expect("kubectl apply workload");
-        cluster
-            .wait(
-                "workload Pod Running",
-                Duration::from_secs(120),
-                &[
-                    "wait",
-                    "-n",
-                    "default",
-                    "--for=jsonpath={.status.phase}=Running",
-                    &format!("pod/{name}"),
-                    "--timeout=5s",
-                ],
-            )
-            .unwrap_or_else(|e| {
-                panic!(
-                    "{e}\nproxy log:\n{}\n{}",
-                    proxy_log(&cluster),
-                    cluster.diagnostics()
-                )
-            });
+        wait_in_default(
+            &cluster,
+            "workload Pod Running",
+            "--for=jsonpath={.status.phase}=Running",
+            &format!("pod/{name}"),
+        );
         let log = cluster
             .kubectl(&["logs", "-n", "default", name])
             .expect("workload log");
@@ -547,24 +558,13 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     // Its ReplicaSet is pinned; the proxy fetches the image before any pod
     // exists; with the upstream stopped, the scaled-up pod starts from the
     // cache.
-    let layer2 = busybox_layer(
+    // Other applets: another layer, nothing of it cached yet.
+    push(
+        &upstream,
         work.path(),
-        "app-layer-2.tar",
+        "v2",
         &["sh", "sleep", "echo", "true"],
-    )
-    .unwrap();
-    let layout2 = oci_layout(
-        work.path(),
-        "app:v2",
-        &layer2,
-        json!({"Entrypoint": ["/bin/sh"], "Env": ["PATH=/bin"]}),
-    )
-    .unwrap();
-    let mut args: Vec<String> = vec!["--insecure-policy".into(), "copy".into(), "-q".into()];
-    args.extend(upstream.skopeo_flags("dest"));
-    args.push(format!("oci:{}:v2", layout2.display()));
-    args.push(format!("docker://{}/team/app:v2", upstream.host()));
-    run(&mut upstream.command("skopeo", &args)).expect("push the second image upstream");
+    );
     let blobs_before_prefetch = blob_gets(&upstream);
     cluster
         .kubectl_stdin(&["apply", "-f", "-"], &rollout_manifest(0))
@@ -596,26 +596,12 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     cluster
         .kubectl_stdin(&["apply", "-f", "-"], &rollout_manifest(1))
         .expect("scale the rollout up");
-    cluster
-        .wait(
-            "the rollout's pod Available",
-            Duration::from_secs(120),
-            &[
-                "wait",
-                "-n",
-                "default",
-                "--for=condition=Available",
-                "deployment/rollout",
-                "--timeout=5s",
-            ],
-        )
-        .unwrap_or_else(|e| {
-            panic!(
-                "{e}\nproxy log:\n{}\n{}",
-                proxy_log(&cluster),
-                cluster.diagnostics()
-            )
-        });
+    wait_in_default(
+        &cluster,
+        "the rollout's pod Available",
+        "--for=condition=Available",
+        "deployment/rollout",
+    );
     tl.mark(
         "prefetch: new image cached before its pods existed; pod started with the upstream down",
     );

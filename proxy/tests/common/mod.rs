@@ -58,6 +58,48 @@ pub fn proxy_serving(host: &str, upstream_url: &str) -> Proxy {
     .unwrap()
 }
 
+/// The proxy on free localhost ports serving `upstream_url` as `host` (with
+/// `extra` lines of that registry's config), its pins read from `pins`
+/// (`cache.pinsFile`) and `cache` holding `cache` settings besides.
+pub fn proxy_with_pins(
+    pins: &Path,
+    cache: &str,
+    host: &str,
+    upstream_url: &str,
+    extra: &str,
+) -> Proxy {
+    Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "cache: {{{cache}pinsFile: {}}}\n{}",
+            pins.display(),
+            one_registry(host, upstream_url, extra)
+        ),
+    )
+    .unwrap()
+}
+
+/// Replaces the pins document at `path` in one rename, as the kubelet
+/// swaps a ConfigMap volume.
+pub fn write_pins(path: &Path, pins: &serde_json::Value) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, pins.to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// The proxy's `GET /status`.
+pub fn status(proxy: &Proxy) -> serde_json::Value {
+    let url = format!("http://{}/status", proxy.addrs.admin);
+    serde_json::from_slice(
+        &pullthrough_testbed::http::Get::new(&url)
+            .send()
+            .unwrap()
+            .body,
+    )
+    .unwrap()
+}
+
 /// The proxy on free localhost ports in front of `upstream` as `quay.io`.
 pub fn proxy_for(up: &Upstream) -> Proxy {
     proxy_serving("quay.io", &up.registry.url())

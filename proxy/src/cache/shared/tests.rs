@@ -214,19 +214,25 @@ async fn put_blob(tier: &SharedTier, seed: u8, size: usize) -> Digest {
     d
 }
 
+/// A bucket holding 10 blobs of 10 KiB, oldest first.
+async fn ten_blobs() -> (Arc<SharedTier>, Vec<Digest>) {
+    let (_, tier) = tier();
+    let tier = Arc::new(tier);
+    let mut blobs = Vec::new();
+    for i in 0..10u8 {
+        blobs.push(put_blob(&tier, i, 10 << 10).await);
+    }
+    (tier, blobs)
+}
+
 /// Two replicas' evictors on one bucket: one holds the lease; the bucket
 /// goes from over its bound to the low watermark, least recently used
 /// first by the journals of both; a young blob stays; when the holder
 /// stops renewing, the other takes over after three rounds.
 #[tokio::test]
 async fn one_evictor_bounds_the_bucket_least_recently_used_first() {
-    let (_, tier) = tier();
-    let tier = Arc::new(tier);
-    // 10 blobs of 10 KiB under a 60 KiB bound (high 54, low 30).
-    let mut blobs = Vec::new();
-    for i in 0..10u8 {
-        blobs.push(put_blob(&tier, i, 10 << 10).await);
-    }
+    // Under a 60 KiB bound (high 54, low 30).
+    let (tier, blobs) = ten_blobs().await;
     let (ja, jb) = (Arc::new(Journal::default()), Arc::new(Journal::default()));
     // After the uploads, replica A uses 0..5, then B uses 9: the five
     // blobs nobody used since their upload are the least recent.
@@ -282,11 +288,7 @@ async fn one_evictor_bounds_the_bucket_least_recently_used_first() {
 
 #[tokio::test]
 async fn blobs_used_within_min_age_are_never_evicted() {
-    let (_, tier) = tier();
-    let tier = Arc::new(tier);
-    for i in 0..10u8 {
-        put_blob(&tier, i, 10 << 10).await;
-    }
+    let (tier, _) = ten_blobs().await;
     let e = Evictor::new(
         tier.clone(),
         &storage(60 << 10, 3600, 50),
@@ -302,14 +304,9 @@ async fn blobs_used_within_min_age_are_never_evicted() {
 /// others go down to the low watermark.
 #[tokio::test]
 async fn pinned_blobs_are_never_evicted_from_the_bucket() {
-    let (_, tier) = tier();
-    let tier = Arc::new(tier);
-    // 10 blobs of 10 KiB under a 60 KiB bound (high 54, low 30); the
-    // first three (the oldest) pinned.
-    let mut blobs = Vec::new();
-    for i in 0..10u8 {
-        blobs.push(put_blob(&tier, i, 10 << 10).await);
-    }
+    // Under a 60 KiB bound (high 54, low 30); the first three (the
+    // oldest) pinned.
+    let (tier, blobs) = ten_blobs().await;
     let e = Evictor::new(
         tier.clone(),
         &storage(60 << 10, 0, 50),
