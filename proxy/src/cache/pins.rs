@@ -6,13 +6,14 @@
 //! every pin through what the cache holds: a tag through the tag cache, a
 //! manifest (or index, and its cached children) from the store or the
 //! bucket. What is not cached yet pins nothing until it is, so the file is
-//! read and the set resolved again every poll (the config's reload
-//! interval) as pulls fill the cache.
+//! read every poll (the config's reload interval) and the set resolved
+//! again whenever the file or this replica's store changed, and at least
+//! every [`RESOLVE_EVERY`].
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -23,6 +24,10 @@ use crate::oci::{ContentRefs as Manifest, Digest};
 use crate::pipeline::Shared;
 use crate::pipeline::manifest::MAX_MANIFEST;
 use crate::prefetch::Prefetcher;
+
+/// Resolved again at least this often while neither the pins nor this
+/// replica's store change.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
 
 /// An index names its children, which name their blobs: no deeper.
 const MAX_DEPTH: u8 = 2;
@@ -43,6 +48,8 @@ pub struct Pinning {
     current: ArcSwap<PinSet>,
     /// Fetches what is pinned but not cached yet.
     prefetch: Option<Arc<Prefetcher>>,
+    /// The store's usage (bytes, entries) at the last resolution, and when.
+    resolved: std::sync::Mutex<Option<((u64, usize), Instant)>>,
 }
 
 impl Pinning {
@@ -54,18 +61,15 @@ impl Pinning {
         }
     }
 
-    pub fn file(&self) -> Option<&Path> {
-        self.file.as_deref()
-    }
-
     pub fn current(&self) -> Arc<PinSet> {
         self.current.load_full()
     }
 
-    /// Reads the file. A missing file is no pins (the ConfigMap is written once the
+    /// Reads the file, and says whether its bytes changed since the last
+    /// read. A missing file is no pins (the ConfigMap is written once the
     /// operator saw the cluster's pods); an unreadable or malformed one
     /// keeps the pins of the last good read, and says why.
-    fn reload(&self) -> Option<Pins> {
+    fn reload(&self) -> Option<(Pins, bool)> {
         let path = self.file.as_ref()?;
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
@@ -90,28 +94,43 @@ impl Pinning {
                 }
             }
         };
-        if last.as_deref() != Some(&bytes) {
+        let changed = last.as_deref() != Some(&bytes);
+        if changed {
             tracing::info!(file = %path.display(), images = parsed.images.len(), "pins read");
             *last = Some(bytes);
         }
-        Some(parsed)
+        Some((parsed, changed))
     }
 
-    /// Reads the file and resolves its pins against the cache; the new
-    /// set takes effect for the store and `evictor` at once. What is not
-    /// cached whole yet is prefetched.
+    /// Reads the file and, when the pins or what this replica's store
+    /// holds changed (or [`RESOLVE_EVERY`] passed: the bucket may have
+    /// gained what another replica fetched), resolves the pins against
+    /// the cache; the new set takes effect for the store and `evictor` at
+    /// once. What is not cached whole yet is prefetched.
     pub async fn refresh(
         &self,
         shared: &Arc<Shared>,
         evictor: Option<&crate::cache::shared::Evictor>,
     ) {
-        let Some(doc) = self.reload() else {
+        let Some((doc, changed)) = self.reload() else {
             return;
         };
         if let Some(p) = &self.prefetch {
             p.kick(shared, &doc);
         }
+        // Resolving reads every pinned manifest (from the bucket, for those
+        // this replica lacks): not every poll when nothing moved.
+        let usage = shared.store.usage();
+        let unchanged = self
+            .resolved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|(u, at)| u == usage && at.elapsed() < RESOLVE_EVERY);
+        if !changed && unchanged {
+            return;
+        }
         let set = resolve(&doc, shared).await;
+        *self.resolved.lock().unwrap_or_else(|p| p.into_inner()) = Some((usage, Instant::now()));
         shared.store.pin(Arc::clone(&set.digests));
         if let Some(e) = evictor {
             e.pin(Arc::clone(&set.digests));
