@@ -25,6 +25,7 @@ use pullthrough_api::pins::PinnedImage;
 use serde_json::json;
 
 use crate::FIELD_MANAGER;
+use crate::pins::{spec_images, unfinished};
 
 /// What discovery does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,17 +73,10 @@ pub fn unmirrored<'a>(
 ) -> BTreeMap<String, Usage> {
     let mut out: BTreeMap<String, Usage> = BTreeMap::new();
     for pod in pods {
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
+        let Some(spec) = unfinished(pod) else {
             continue;
-        }
-        let Some(spec) = &pod.spec else { continue };
-        let images = spec
-            .containers
-            .iter()
-            .chain(spec.init_containers.iter().flatten())
-            .filter_map(|c| c.image.as_deref());
-        for image in images {
+        };
+        for (_, image) in spec_images(spec) {
             let Some(p) = PinnedImage::parse(image) else {
                 continue;
             };

@@ -54,11 +54,9 @@ pub fn pins_of<'a>(
         }
     };
     for pod in pods {
-        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-        if matches!(phase, Some("Succeeded" | "Failed")) {
+        let Some(spec) = unfinished(pod) else {
             continue;
-        }
-        let Some(spec) = &pod.spec else { continue };
+        };
         // Per container name: the digest it runs, when known.
         let mut running: BTreeMap<&str, &str> = BTreeMap::new();
         if let Some(st) = &pod.status {
@@ -170,8 +168,18 @@ pub fn platforms_of<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> BTreeSet<S
         .collect()
 }
 
+/// The spec of a pod that has not finished (neither Succeeded nor Failed):
+/// what pinning and discovery count.
+pub(crate) fn unfinished(pod: &Pod) -> Option<&PodSpec> {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return None;
+    }
+    pod.spec.as_ref()
+}
+
 /// (container name, image) of every container and init container.
-fn spec_images(spec: &PodSpec) -> impl Iterator<Item = (&str, &str)> {
+pub(crate) fn spec_images(spec: &PodSpec) -> impl Iterator<Item = (&str, &str)> {
     spec.containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
