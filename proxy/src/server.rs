@@ -27,6 +27,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
 use crate::error::Error;
+use crate::http::sendfile::{Sendfile, SendfileStream};
 use crate::pipeline::{self, Shared};
 
 /// Largest HTTP/1 request head (request line + headers) accepted; larger
@@ -145,22 +146,31 @@ pub async fn serve_proxy(
             // Held until the connection ends.
             let _permit = permit;
             let activity = Activity::new();
-            let stream = Watched {
-                inner: stream,
-                activity: activity.clone(),
-            };
             match acceptor {
                 None => {
-                    let conn = conn_builder(&limits)
+                    let sendfile = Sendfile::new(shared.metrics.sendfile_counter());
+                    let stream = Watched {
+                        inner: SendfileStream::new(stream, sendfile.clone()),
+                        activity: activity.clone(),
+                    };
+                    let mut builder = conn_builder(&limits);
+                    // The sendfile path needs hyper to hand over body
+                    // buffers as they are (see `http::sendfile`).
+                    builder.http1().writev(true);
+                    let conn = builder
                         .serve_connection(
                             TokioIo::new(stream),
-                            service(shared, None, activity.clone(), false),
+                            service(shared, None, activity.clone(), false, Some(sendfile)),
                         )
                         .into_owned();
                     let conn = watcher.watch(conn);
                     supervise(conn, &activity, &limits, peer).await;
                 }
                 Some(acceptor) => {
+                    let stream = Watched {
+                        inner: stream,
+                        activity: activity.clone(),
+                    };
                     let Some(tls) = handshake(&acceptor, stream, &limits, peer).await else {
                         return;
                     };
@@ -168,7 +178,7 @@ pub async fn serve_proxy(
                     let conn = conn_builder(&limits)
                         .serve_connection(
                             TokioIo::new(tls),
-                            service(shared, sni, activity.clone(), false),
+                            service(shared, sni, activity.clone(), false, None),
                         )
                         .into_owned();
                     let conn = watcher.watch(conn);
@@ -372,12 +382,14 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
 }
 
 /// The proxy's service for one connection; `from_peer` marks requests
-/// of the peer listener (see [`crate::peers::listener`]).
+/// of the peer listener (see [`crate::peers::listener`]); `sendfile`, the
+/// plain listener's, is handed to its HTTP/1 requests.
 pub(crate) fn service(
     shared: Arc<Shared>,
     sni: Option<Arc<str>>,
     activity: Activity,
     from_peer: bool,
+    sendfile: Option<Sendfile>,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
     Response = http::Response<crate::observe::access_log::Logged>,
@@ -391,6 +403,11 @@ pub(crate) fn service(
         if from_peer {
             req.extensions_mut()
                 .insert(crate::peers::listener::FromPeer);
+        }
+        if let Some(sendfile) = &sendfile
+            && req.version() <= http::Version::HTTP_11
+        {
+            req.extensions_mut().insert(sendfile.clone());
         }
         let shared = shared.clone();
         let sni = sni.clone();

@@ -270,6 +270,21 @@ impl Proxy {
         format!("https://{}", self.addrs.https)
     }
 
+    /// The admin listener's `/metrics` text.
+    pub fn metrics(&self) -> Result<String> {
+        let url = format!("http://{}/metrics", self.addrs.admin);
+        let resp = Get::new(&url).send()?;
+        String::from_utf8(resp.body.to_vec())
+            .map_err(|e| Error::Other(format!("{url}: not UTF-8: {e}")))
+    }
+
+    /// The value of the sample `series` (name and labels exactly as
+    /// exported, e.g. `pullthrough_sendfile_bytes_total`), or None when the
+    /// proxy does not export it.
+    pub fn metric(&self, series: &str) -> Result<Option<f64>> {
+        Ok(metric_in(&self.metrics()?, series))
+    }
+
     pub fn log(&self) -> String {
         std::fs::read(self.dir.path().join("proxy.log"))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -315,6 +330,14 @@ impl Proxy {
         .map_err(|e| Error::Other(format!("{e}; proxy log:\n{}", self.log())))?;
         Ok(found)
     }
+}
+
+/// The value of the sample `series` in a Prometheus text exposition.
+pub fn metric_in(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
 }
 
 /// The `pullthrough-proxy` binary for tests outside the proxy crate (which

@@ -1,6 +1,7 @@
 //! HTTP pieces the pipeline is built from: response bodies, header
-//! plumbing and byte ranges.
+//! plumbing, byte ranges and the `sendfile` path for plain HTTP/1.
 
 pub mod body;
 pub mod headers;
 pub mod range;
+pub mod sendfile;

@@ -114,6 +114,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
+    sendfile_bytes: Counter,
     duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     merged: Family<RegistryLabel, Counter>,
@@ -202,6 +203,12 @@ impl Default for Metrics {
             "served_bytes",
             "Body bytes sent to clients, from the cache or relayed from the upstream",
             bytes.clone(),
+        );
+        let sendfile_bytes = Counter::default();
+        registry.register(
+            "sendfile_bytes",
+            "Of the cache's served bytes, those sent from the file with sendfile (plain HTTP/1 blob hits)",
+            sendfile_bytes.clone(),
         );
         let duration = Family::<RegistryLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
@@ -396,6 +403,7 @@ impl Default for Metrics {
             registry,
             requests,
             bytes,
+            sendfile_bytes,
             duration,
             upstream,
             merged,
@@ -431,6 +439,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counts the bytes each plain HTTP/1 connection sends with `sendfile`.
+    pub fn sendfile_counter(&self) -> Counter {
+        self.sendfile_bytes.clone()
+    }
+
     /// The CA in use now expires at `not_after`.
     pub fn set_ca_not_after(&self, not_after: std::time::SystemTime) {
         let secs = not_after

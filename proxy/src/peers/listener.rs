@@ -69,7 +69,7 @@ pub async fn serve_peers(
             let conn = conn_builder(&limits)
                 .serve_connection(
                     TokioIo::new(tls),
-                    service(shared, None, activity.clone(), true),
+                    service(shared, None, activity.clone(), true, None),
                 )
                 .into_owned();
             let conn = watcher.watch(conn);

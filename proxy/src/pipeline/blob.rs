@@ -19,6 +19,7 @@ use crate::http::headers::{
     relay_response,
 };
 use crate::http::range::{RangeSpec, parse_range};
+use crate::http::sendfile::Sendfile;
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
@@ -44,7 +45,7 @@ pub(crate) async fn blob(
         }
         record.cache = CacheResult::Hit;
         ctx.served(digest);
-        return cached_blob(cached, method, headers).await;
+        return cached_blob(cached, method, headers, ctx.sendfile.as_ref()).await;
     }
     let url = ctx.url(&path, None)?;
     let ranged = headers.contains_key(header::RANGE);
@@ -167,6 +168,7 @@ async fn cached_blob(
     cached: CachedBlob,
     method: &Method,
     headers: &HeaderMap,
+    sendfile: Option<&Sendfile>,
 ) -> Result<Response<Body>, HandlerError> {
     let size = cached.size;
     let range = headers
@@ -190,13 +192,24 @@ async fn cached_blob(
     let body = if *method == Method::HEAD {
         body::empty()
     } else {
-        let b = body::file(&cached.path, start, len)
-            .await
-            .map_err(|source| StoreError::Io {
-                action: "reading cached blob",
-                path: cached.path.clone(),
-                source,
-            })?;
+        let reading = |source| StoreError::Io {
+            action: "reading cached blob",
+            path: cached.path.clone(),
+            source,
+        };
+        let b = match sendfile {
+            Some(sendfile) => {
+                let file = tokio::fs::File::open(&cached.path)
+                    .await
+                    .map_err(reading)?
+                    .into_std()
+                    .await;
+                sendfile.body(file, start, len)
+            }
+            None => body::file(&cached.path, start, len)
+                .await
+                .map_err(reading)?,
+        };
         body::hold(b, cached.lease.clone())
     };
     let mut resp = Response::new(body);

@@ -12,6 +12,7 @@ use pullthrough_api::config::RegistryConfig;
 use super::{HandlerError, Shared, State, parse_url};
 use crate::config::RegistrySettings;
 use crate::http::headers::insert_bearer;
+use crate::http::sendfile::Sendfile;
 use crate::route::Via;
 use crate::upstream::token::parse_bearer;
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse};
@@ -32,6 +33,9 @@ pub(crate) struct Ctx<'a> {
     /// Asked by another replica (peer listener): served by this replica
     /// itself, never sent on to a peer.
     pub(crate) from_peer: bool,
+    /// The plain HTTP/1 connection's `sendfile` queue: cached blobs go
+    /// from the file to the socket without a copy.
+    pub(crate) sendfile: Option<Sendfile>,
 }
 
 impl Ctx<'_> {

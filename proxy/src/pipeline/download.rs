@@ -167,6 +167,7 @@ pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight
                 via,
                 read_timeout,
                 from_peer: false,
+                sendfile: None,
             };
             if let Ok(range) = HeaderValue::from_str(&format!("bytes={from}-")) {
                 headers.insert(header::RANGE, range);

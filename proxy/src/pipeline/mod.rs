@@ -36,6 +36,7 @@ use crate::cache::tags::TagCache;
 use crate::config::Settings;
 use crate::http::body::{self, Body};
 use crate::http::headers::{API_VERSION, forward_headers, relay_response};
+use crate::http::sendfile::Sendfile;
 use crate::observe::access_log::{Logged, Record};
 use crate::observe::labels::{CacheResult, Kind};
 use crate::observe::metrics::Metrics;
@@ -243,6 +244,7 @@ pub(crate) async fn serve(
 ) -> Result<Response<Body>, HandlerError> {
     let state = shared.state.load_full();
     let from_peer = req.extensions().get::<FromPeer>().is_some();
+    let sendfile = req.extensions().get::<Sendfile>().cloned();
     let target = match state.router.route(
         Some(host).filter(|h| !h.is_empty()),
         req.uri().path(),
@@ -325,6 +327,7 @@ pub(crate) async fn serve(
                 via,
                 read_timeout: state.config.upstream_timeouts.read,
                 from_peer,
+                sendfile,
             };
             registry_request(ctx, req, request, record).await
         }
