@@ -21,8 +21,7 @@ const ACCEPT: &str =
     "application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json";
 
 fn metrics(proxy: &Proxy) -> String {
-    let url = format!("http://{}/metrics", proxy.addrs.admin);
-    String::from_utf8(Get::new(&url).send().unwrap().body.to_vec()).unwrap()
+    proxy.metrics().unwrap()
 }
 
 /// A two-platform image pinned for linux/amd64 nodes: the proxy fetches

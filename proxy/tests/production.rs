@@ -83,19 +83,10 @@ fn blob_bytes_on_disk(proxy: &Proxy) -> u64 {
 }
 
 fn metrics(proxy: &Proxy) -> String {
-    let url = format!("http://{}/metrics", proxy.addrs.admin);
-    String::from_utf8(Get::new(&url).send().unwrap().body.to_vec()).unwrap()
+    proxy.metrics().unwrap()
 }
 
-/// The value of the sample `series` (name and labels exactly as exported,
-/// e.g. `pullthrough_merged_waiters_total{registry="quay.io"}`), or None
-/// when the proxy does not export it.
-fn metric_opt(text: &str, series: &str) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
-}
+use pullthrough_testbed::proxy::metric_in as metric_opt;
 
 /// The value of the sample `series`; fails when it is not exported.
 fn metric(text: &str, series: &str) -> f64 {

@@ -274,10 +274,7 @@ fn admin_stats(p: &Proxy) -> serde_json::Value {
 }
 
 fn metrics(p: &Proxy) -> String {
-    let resp = Get::new(&format!("http://{}/metrics", p.addrs.admin))
-        .send()
-        .unwrap();
-    String::from_utf8(resp.body.to_vec()).unwrap()
+    p.metrics().unwrap()
 }
 
 /// An upstream sending a corrupt layer: the client is cut off, and the
@@ -377,12 +374,7 @@ fn eviction_across_replicas_keeps_the_bucket_under_max_size() {
 }
 
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
+    pullthrough_testbed::proxy::metric_in(text, series)
         .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
 }
 

@@ -49,13 +49,7 @@ fn admin(proxy: &Proxy, path: &str) -> String {
 }
 
 fn metric(proxy: &Proxy, series: &str) -> f64 {
-    admin(proxy, "/metrics")
-        .lines()
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok())?
-        })
-        .unwrap_or(0.0)
+    proxy.metric(series).unwrap().unwrap_or(0.0)
 }
 
 fn images(dir: &std::path::Path) -> (Image, Image) {

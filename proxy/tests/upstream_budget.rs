@@ -18,12 +18,7 @@ use pullthrough_testbed::proxy::{Addrs, Proxy};
 use serde_json::Value;
 
 fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
-    let url = format!("http://{}/metrics", proxy.addrs.admin);
-    let text = String::from_utf8(Get::new(&url).send().unwrap().body.to_vec()).unwrap();
-    text.lines().find_map(|l| {
-        let (name, value) = l.rsplit_once(' ')?;
-        (name == series).then(|| value.parse().ok())?
-    })
+    proxy.metric(series).unwrap()
 }
 
 fn upstream_status(proxy: &Proxy) -> Value {

@@ -176,11 +176,7 @@ fn log_without_access(log: &str) -> String {
         .join("\n")
 }
 
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-}
+use pullthrough_testbed::proxy::metric_in as metric;
 
 #[test]
 fn proxy_follows_two_ca_rotations_without_restart() {
