@@ -97,6 +97,8 @@ struct Phases {
     miss_only: bool,
     /// Only the manifest latency phase (comparing builds: it is short).
     manifest_only: bool,
+    /// Only the 1-client HIT phases (HTTPS and plain HTTP).
+    hit_only: bool,
     /// Only the scale-out phase (replicas over S3 vs one replica vs
     /// nginx), after the warm-up it needs.
     scaleout_only: bool,
@@ -117,21 +119,30 @@ fn run() -> Res<()> {
         quick: args.iter().any(|a| a == "--quick"),
         miss_only: args.iter().any(|a| a == "--miss-only"),
         manifest_only: args.iter().any(|a| a == "--manifest-only"),
+        hit_only: args.iter().any(|a| a == "--hit-only"),
         scaleout_only: args.iter().any(|a| a == "--scaleout-only"),
         no_scaleout: args.iter().any(|a| a == "--no-scaleout"),
     };
     if args.iter().any(|a| a == "-h" || a == "--help") {
         println!(
-            "usage: cargo run --release -p pullthrough-bench [-- --quick] [--miss-only | --manifest-only | --scaleout-only | --no-scaleout]\n\
+            "usage: cargo run --release -p pullthrough-bench [-- --quick] [--miss-only | --manifest-only | --hit-only | --scaleout-only | --no-scaleout]\n\
              Starts docker-registry, pullthrough-proxy (release) and nginx on loopback and\n\
              prints pullthrough vs nginx figures; then 3 replicas over one SeaweedFS bucket\n\
              next to both. --quick: smaller sizes."
         );
         return Ok(());
     }
-    let only = [phases.miss_only, phases.manifest_only, phases.scaleout_only];
+    let only = [
+        phases.miss_only,
+        phases.manifest_only,
+        phases.hit_only,
+        phases.scaleout_only,
+    ];
     if only.iter().filter(|o| **o).count() > 1 {
-        return Err("--miss-only, --manifest-only and --scaleout-only exclude each other".into());
+        return Err(
+            "--miss-only, --manifest-only, --hit-only and --scaleout-only exclude each other"
+                .into(),
+        );
     }
     if phases.scaleout_only && phases.no_scaleout {
         return Err("--scaleout-only and --no-scaleout exclude each other".into());
@@ -145,7 +156,8 @@ fn run() -> Res<()> {
     let sizes = if phases.quick { QUICK } else { FULL };
     eprintln!("sizes: {sizes:?}");
     let scale =
-        (!phases.miss_only && !phases.manifest_only && !phases.no_scaleout) || phases.scaleout_only;
+        (!phases.miss_only && !phases.manifest_only && !phases.hit_only && !phases.no_scaleout)
+            || phases.scaleout_only;
     if scale && let Err(e) = pullthrough_testbed::tools::go_tool("weed") {
         // Found out now, not after the other phases' two minutes.
         return Err(format!(
@@ -170,12 +182,14 @@ fn run() -> Res<()> {
 fn measure(b: &Bench, rt: &tokio::runtime::Runtime, sizes: &Sizes, p: &Phases) -> Res<Report> {
     let mut report = Report::default();
     // All phases unless one is asked for alone.
-    let all = !p.miss_only && !p.manifest_only && !p.scaleout_only;
+    let all = !p.miss_only && !p.manifest_only && !p.hit_only && !p.scaleout_only;
     if !p.miss_only {
         warm::run(b, rt)?;
     }
-    if all {
+    if all || p.hit_only {
         hit::run(b, rt, sizes, &mut report)?;
+    }
+    if all {
         concurrent::run(b, rt, sizes, &mut report)?;
     }
     if all || p.manifest_only {
