@@ -20,6 +20,7 @@
 mod procfs;
 mod report;
 mod scenario;
+mod splice_sink;
 mod targets;
 
 use report::Report;

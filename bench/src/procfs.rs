@@ -29,7 +29,11 @@ pub fn children(parent: u32) -> Vec<u32> {
 /// CPU time (user + system) a process has used, in clock ticks (1/100 s
 /// on Linux); 0 if unreadable.
 pub fn cpu_ticks(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+    stat_cpu_ticks(&format!("/proc/{pid}/stat"))
+}
+
+fn stat_cpu_ticks(path: &str) -> u64 {
+    std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
             // Fields after the `(comm)`, which may contain spaces.
@@ -40,6 +44,11 @@ pub fn cpu_ticks(pid: u32) -> u64 {
             Some(utime + stime)
         })
         .unwrap_or(0)
+}
+
+/// CPU time the calling thread has used, in clock ticks; 0 if unreadable.
+pub fn thread_cpu_ticks() -> u64 {
+    stat_cpu_ticks("/proc/thread-self/stat")
 }
 
 /// A `VmXXX:` field of /proc/<pid>/status, in KiB.
