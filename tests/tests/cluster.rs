@@ -1,25 +1,31 @@
-//! `helm install` on a real one-node cluster runs every pod of the chart,
-//! a MirrorRegistry makes the node pull through the proxy, and
-//! `helm uninstall` reverts the node byte for byte.
+//! `helm install` on a real two-node cluster runs every pod of the chart,
+//! a MirrorRegistry makes the nodes pull through the proxy, a 50-pod
+//! rollout of a new image starts on both nodes from the cache, and
+//! `helm uninstall` reverts every node byte for byte.
 //!
 //! The cluster (tests/src/cluster) is the real thing, as processes in
 //! namespaces this test owns: etcd, kube-apiserver, kube-controller-manager,
 //! kube-scheduler, kubelet and kube-proxy from one Kubernetes release,
 //! Debian's containerd, runc and CNI plugins. The chart's three images are
 //! built offline from this tree (tests/src/images.rs) and imported into
-//! the node's containerd; so are the two utility images its uninstall hook
+//! each node's containerd; so are the two utility images its uninstall hook
 //! uses (pause, kubectl). The upstream is a real docker-registry with TLS
 //! and htpasswd, inside the cluster's network namespace.
 //!
 //! Everything happens through `helm` and `kubectl`, as an admin would:
-//! 1. `helm install --wait`: operator, proxy and agent pods Ready;
+//! 1. `helm install --wait`: operator, proxy and an agent per node Ready;
 //! 2. `kubectl apply` a MirrorRegistry (+ credentials Secret): Ready,
-//!    Nodes 1/1, the node's containerd config points at the proxy;
+//!    Nodes 2/2, each node's containerd config points at the proxy;
 //! 3. a Pod whose image is on the upstream runs: pulled through the proxy
 //!    (MISS in its log, the upstream served the blobs); then the image is
 //!    removed from the node and the upstream restarted: the Pod runs again
 //!    from the cache (HIT, the upstream served no blob);
-//! 4. `helm uninstall`: the post-delete hook reverts the node (its
+//! 4. a Deployment of a new image, created with no replicas: the proxy
+//!    prefetches the image; the upstream is stopped and the Deployment
+//!    scaled to 50 pods: all of them Ready, on both nodes, each node's
+//!    pull served from the cache; over the whole test the upstream
+//!    answered exactly one GET per blob;
+//! 5. `helm uninstall`: the post-delete hook reverts each node (its
 //!    /etc/hosts, containerd, docker and containers files byte-identical to
 //!    before the install) and no pullthrough object is left but the CRD.
 //!
@@ -32,7 +38,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use pullthrough_testbed::cluster::node::PAUSE_IMAGE;
-use pullthrough_testbed::cluster::{Cluster, NODE_IP};
+use pullthrough_testbed::cluster::{Cluster, NODE_IP, NODE_NAME};
 use pullthrough_testbed::images::{
     ImageArchive, add_busybox, busybox_layer, image, oci_layout, program_images,
 };
@@ -48,6 +54,10 @@ const MIRRORED: &str = "registry.test";
 const USER: &str = "puller";
 const PASSWORD: &str = "s3cret-pull";
 const WORKLOAD: &str = "registry.test/team/app:v1";
+/// Nodes in the cluster, and pods in the rollout (issue #14's target: a
+/// 50-pod rollout reaches every node from the cache).
+const NODES: usize = 2;
+const ROLLOUT_PODS: u32 = 50;
 
 /// The node's files the agent may touch; all of them must be as before
 /// once the chart is uninstalled.
@@ -200,6 +210,8 @@ metadata:
   name: {name}
   namespace: default
 spec:
+  # The test removes the image from this node's containerd between pulls.
+  nodeName: {NODE_NAME}
   restartPolicy: Never
   terminationGracePeriodSeconds: 1
   containers:
@@ -273,6 +285,24 @@ spec:
     )
 }
 
+/// GETs per blob digest in a docker-registry access log.
+fn blob_get_counts(log: &str) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for line in log.lines() {
+        let Some(path) = line
+            .split("\"GET ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+        else {
+            continue;
+        };
+        if let Some((_, digest)) = path.split_once("/blobs/") {
+            *out.entry(digest.to_string()).or_insert(0) += 1;
+        }
+    }
+    out
+}
+
 fn delete_pod(cluster: &Cluster, name: &str) {
     cluster
         .kubectl(&[
@@ -287,11 +317,18 @@ fn delete_pod(cluster: &Cluster, name: &str) {
         .unwrap_or_else(|e| panic!("delete pod {name}: {e}"));
 }
 
+/// Every node's files, keyed `<node>:<path>`.
 fn snapshot(cluster: &Cluster) -> BTreeMap<String, Vec<u8>> {
-    cluster
-        .node
-        .snapshot(NODE_FILES)
-        .expect("snapshot node files")
+    let mut all = BTreeMap::new();
+    for node in &cluster.nodes {
+        let files = node.snapshot(NODE_FILES).expect("snapshot node files");
+        all.extend(
+            files
+                .into_iter()
+                .map(|(k, v)| (format!("{}:{k}", node.name()), v)),
+        );
+    }
+    all
 }
 
 fn diff(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>) -> Vec<String> {
@@ -316,7 +353,7 @@ fn diff(before: &BTreeMap<String, Vec<u8>>, after: &BTreeMap<String, Vec<u8>>) -
 }
 
 #[test]
-fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
+fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
     let mut tl = Timeline {
         t0: Instant::now(),
         steps: Vec::new(),
@@ -341,8 +378,8 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     let images = build_images(work.path(), &wanted);
     tl.mark("images built offline");
 
-    let cluster = Cluster::start(&images).expect("one-node cluster");
-    tl.mark("cluster up (control plane + node Ready)");
+    let cluster = Cluster::start(&images, NODES).expect("two-node cluster");
+    tl.mark("cluster up (control plane + 2 nodes Ready)");
 
     // The upstream: TLS + htpasswd, on the node's address, with the
     // workload image (busybox) pushed.
@@ -358,11 +395,13 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     push(&upstream, work.path(), "v1", &["sh", "sleep", "echo"]);
 
     let before = snapshot(&cluster);
-    assert!(
-        before.contains_key("/etc/containerd/config.toml"),
-        "{:?}",
-        before.keys()
-    );
+    for node in &cluster.nodes {
+        assert!(
+            before.contains_key(&format!("{}:/etc/containerd/config.toml", node.name())),
+            "{:?}",
+            before.keys()
+        );
+    }
 
     // 1. helm install: every pod Ready.
     let helm = cluster.helm().unwrap();
@@ -420,11 +459,11 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     components.sort();
     assert_eq!(
         components,
-        ["agent", "operator", "operator", "proxy"],
+        ["agent", "agent", "operator", "operator", "proxy"],
         "{}",
         cluster.diagnostics()
     );
-    tl.mark("helm install --wait: operator x2, proxy, agent Ready");
+    tl.mark("helm install --wait: operator x2, proxy, agent x2 Ready");
 
     // 2. A MirrorRegistry for the upstream.
     let ca = upstream.ca_pem().unwrap().to_string();
@@ -468,27 +507,32 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     let row = cluster.kubectl(&["get", "mreg", "test-upstream"]).unwrap();
     eprintln!("{row}");
     let cols = pullthrough_testbed::kube::kubectl_row(&row, "test-upstream");
-    assert!(cols.iter().any(|c| c == "1/1"), "Nodes 1/1 in: {row}");
+    assert!(cols.iter().any(|c| c == "2/2"), "Nodes 2/2 in: {row}");
     assert!(cols.iter().any(|c| c == "True"), "Ready True in: {row}");
     let hosts_toml = cluster
-        .node
+        .node()
         .path(&format!("/etc/containerd/certs.d/{MIRRORED}/hosts.toml"));
     let hosts_toml = std::fs::read_to_string(&hosts_toml)
         .unwrap_or_else(|e| panic!("{}: {e}", hosts_toml.display()));
-    // The node really changed (so "identical after uninstall" means
+    // Every node really changed (so "identical after uninstall" means
     // reverted, not untouched).
     let during = diff(&before, &snapshot(&cluster));
-    for changed in [
-        format!("new: /etc/containerd/certs.d/{MIRRORED}/hosts.toml"),
-        "changed: /etc/hosts".to_string(),
-    ] {
-        assert!(
-            during.iter().any(|d| d.starts_with(&changed)),
-            "{changed} after apply; changes: {during:#?}"
-        );
+    for node in &cluster.nodes {
+        for changed in [
+            format!(
+                "new: {}:/etc/containerd/certs.d/{MIRRORED}/hosts.toml",
+                node.name()
+            ),
+            format!("changed: {}:/etc/hosts", node.name()),
+        ] {
+            assert!(
+                during.iter().any(|d| d.starts_with(&changed)),
+                "{changed} after apply; changes: {during:#?}"
+            );
+        }
     }
-    tl.mark("MirrorRegistry applied: Ready, Nodes 1/1 (node configured)");
-    eprintln!("the node's hosts.toml for {MIRRORED}:\n{hosts_toml}");
+    tl.mark("MirrorRegistry applied: Ready, Nodes 2/2 (every node configured)");
+    eprintln!("{NODE_NAME}'s hosts.toml for {MIRRORED}:\n{hosts_toml}");
 
     // 3. A workload from the upstream, pulled by kubelet through the proxy.
     let blob_gets = |u: &Registry| u.count_requests("GET", "/blobs/sha256:");
@@ -524,13 +568,13 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     // Again from the cache: the image leaves the node, the upstream restarts.
     delete_pod(&cluster, "app-miss");
     cluster
-        .node
+        .node()
         .crictl(&["rmi", WORKLOAD])
         .expect("remove the image from containerd");
-    let images_left = cluster.node.crictl(&["images", "-q"]).unwrap();
+    let images_left = cluster.node().crictl(&["images", "-q"]).unwrap();
     assert!(
         !cluster
-            .node
+            .node()
             .ctr(&["images", "ls", "-q"])
             .unwrap()
             .contains(WORKLOAD),
@@ -554,10 +598,10 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     tl.mark("second pull: image removed, upstream restarted, Pod Running from the cache (HIT)");
     delete_pod(&cluster, "app-hit");
 
-    // 3b. Prefetch: a new image's Deployment, created with no replicas.
+    // 4. Prefetch: a new image's Deployment, created with no replicas.
     // Its ReplicaSet is pinned; the proxy fetches the image before any pod
-    // exists; with the upstream stopped, the scaled-up pod starts from the
-    // cache.
+    // exists; with the upstream stopped, the Deployment scales to 50 pods
+    // over both nodes, and every node's pull comes from the cache.
     // Other applets: another layer, nothing of it cached yet.
     push(
         &upstream,
@@ -593,18 +637,75 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
     let prefetched = blob_gets(&upstream) - blobs_before_prefetch;
     assert!(prefetched >= 2, "config and layer fetched: {prefetched}");
     upstream.stop().expect("stop the upstream");
+    for node in &cluster.nodes {
+        let images = node.ctr(&["images", "ls", "-q"]).unwrap();
+        assert!(
+            !images.contains("team/app:v2"),
+            "{} has the new image before the rollout: {images}",
+            node.name()
+        );
+    }
     cluster
-        .kubectl_stdin(&["apply", "-f", "-"], &rollout_manifest(1))
+        .kubectl_stdin(&["apply", "-f", "-"], &rollout_manifest(ROLLOUT_PODS))
         .expect("scale the rollout up");
-    wait_in_default(
-        &cluster,
-        "the rollout's pod Available",
-        "--for=condition=Available",
-        "deployment/rollout",
+    cluster
+        .wait(
+            "every pod of the rollout Ready",
+            Duration::from_secs(300),
+            &[
+                "wait",
+                "-n",
+                "default",
+                &format!("--for=jsonpath={{.status.readyReplicas}}={ROLLOUT_PODS}"),
+                "deployment/rollout",
+                "--timeout=5s",
+            ],
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nproxy log:\n{}\n{}",
+                proxy_log(&cluster),
+                cluster.diagnostics()
+            )
+        });
+    // Every node ran some of them: each node pulled the image, from the
+    // proxy's cache (the upstream is down).
+    let placed = cluster
+        .kubectl(&[
+            "get",
+            "pods",
+            "-n",
+            "default",
+            "-l",
+            "app=rollout",
+            "-o",
+            "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}",
+        ])
+        .unwrap();
+    let mut per_node = BTreeMap::new();
+    for n in placed.lines() {
+        *per_node.entry(n.to_string()).or_insert(0usize) += 1;
+    }
+    eprintln!("rollout pods per node: {per_node:?}");
+    for node in &cluster.nodes {
+        assert!(
+            per_node.get(node.name()).is_some_and(|n| *n > 0),
+            "no rollout pod on {}: {per_node:?}",
+            node.name()
+        );
+    }
+    // Over the whole test (first pull, pull after restart, prefetch and
+    // the rollout on every node) the upstream answered one GET per blob.
+    let gets = blob_get_counts(&upstream.log());
+    assert!(gets.len() >= 4, "v1 and v2 config and layer: {gets:?}");
+    assert!(
+        gets.values().all(|n| *n == 1),
+        "blob GETs per digest at the upstream: {gets:?}"
     );
-    tl.mark(
-        "prefetch: new image cached before its pods existed; pod started with the upstream down",
-    );
+    tl.mark(&format!(
+        "prefetch: new image cached before its pods existed; {ROLLOUT_PODS} pods Ready on {} nodes ({per_node:?}) with the upstream down; one upstream GET per blob",
+        cluster.nodes.len()
+    ));
     cluster
         .kubectl(&[
             "delete",
@@ -613,11 +714,11 @@ fn helm_install_runs_every_pod_and_uninstall_reverts_the_node() {
             "default",
             "rollout",
             "--wait=true",
-            "--timeout=60s",
+            "--timeout=180s",
         ])
         .expect("delete the rollout");
 
-    // 4. helm uninstall: the hook reverts the node.
+    // 5. helm uninstall: the hook reverts the node.
     let uninstalled = helm.run(&[
         "uninstall",
         RELEASE,

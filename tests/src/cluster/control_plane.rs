@@ -35,9 +35,10 @@ pub struct Kubeconfigs {
     /// `system:masters`: the test itself, the controller manager, the
     /// scheduler and kube-proxy.
     pub admin: PathBuf,
-    /// `system:node:<node>` in `system:nodes`: the kubelet, so the Node
-    /// authorizer and NodeRestriction apply to it as on a real node.
-    pub node: PathBuf,
+    /// `system:node:<node>` in `system:nodes`, one per node in the order
+    /// given: the kubelets, so the Node authorizer and NodeRestriction
+    /// apply to each as on a real node.
+    pub nodes: Vec<PathBuf>,
 }
 
 /// The running control plane; dropped (stopped by PID) after the node.
@@ -56,7 +57,7 @@ impl ControlPlane {
     /// certificates and kubeconfigs under `dir`, and waits until the API
     /// server is ready and the controller manager has published the
     /// cluster's root CA ConfigMap (pods' token volumes need it).
-    pub fn start(dir: &Path, netns: &str, ip: IpAddr, node_name: &str) -> Result<Self> {
+    pub fn start(dir: &Path, netns: &str, ip: IpAddr, node_names: &[&str]) -> Result<Self> {
         let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).ctx(|| format!("creating {}", pki.display()))?;
         let ca = TestCa::new("pullthrough-cluster-ca")?;
@@ -106,11 +107,10 @@ impl ControlPlane {
         };
         let kubeconfigs = Kubeconfigs {
             admin: kubeconfig("admin", "admin", &["system:masters"])?,
-            node: kubeconfig(
-                "node",
-                &format!("system:node:{node_name}"),
-                &["system:nodes"],
-            )?,
+            nodes: node_names
+                .iter()
+                .map(|n| kubeconfig(n, &format!("system:node:{n}"), &["system:nodes"]))
+                .collect::<Result<_>>()?,
         };
 
         let logs = dir.join("logs");

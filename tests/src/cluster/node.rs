@@ -32,8 +32,6 @@ use crate::net::wait_for;
 use crate::process::{Process, run};
 use crate::tools::{go_tool, system_tool};
 
-/// Pods' addresses (one /24 on the node's bridge).
-pub const POD_CIDR: &str = "10.244.0.0/24";
 /// The sandbox image containerd uses, imported by the test (no pulls).
 pub const PAUSE_IMAGE: &str = "registry.k8s.io/pause:3.10";
 
@@ -44,6 +42,8 @@ pub struct NodeSpec<'a> {
     pub name: &'a str,
     pub ip: IpAddr,
     pub netns: &'a str,
+    /// Pods' addresses: one /24 of 10.244.0.0/16 on the node's bridge.
+    pub pod_cidr: &'a str,
     /// The kubelet's and kube-proxy's kubeconfigs.
     pub kubelet_kubeconfig: &'a Path,
     pub proxy_kubeconfig: &'a Path,
@@ -95,7 +95,10 @@ impl Node {
             d("etc-upper/containerd/config.toml"),
             &containerd_config(dir),
         )?;
-        write(d("cni/10-pullthrough-test.conflist"), CNI_CONFLIST)?;
+        write(
+            d("cni/10-pullthrough-test.conflist"),
+            &cni_conflist(spec.pod_cidr),
+        )?;
         // kubelet's "kernel tunables", at the values it wants: it reads
         // them and leaves them alone (it would otherwise write them, and
         // they are machine-wide).
@@ -107,7 +110,7 @@ impl Node {
             write(d(&format!("sysctl/{file}")), value)?;
         }
 
-        let cgroup_root = format!("/pullthrough-test-{}", std::process::id());
+        let cgroup_root = format!("/pullthrough-test-{}-{}", std::process::id(), spec.name);
         make_cgroup_root(&cgroup_root)?;
         let mut node = Self {
             init: None,
@@ -420,26 +423,30 @@ fn remove_cgroups(root: &str) {
     }
 }
 
-const CNI_CONFLIST: &str = r#"{
+fn cni_conflist(subnet: &str) -> String {
+    format!(
+        r#"{{
   "cniVersion": "0.4.0",
   "name": "pullthrough-test",
   "plugins": [
-    {
+    {{
       "type": "bridge",
       "bridge": "cni0",
       "isGateway": true,
       "ipMasq": false,
       "hairpinMode": true,
-      "ipam": {
+      "ipam": {{
         "type": "host-local",
-        "ranges": [[{"subnet": "10.244.0.0/24"}]],
-        "routes": [{"dst": "0.0.0.0/0"}]
-      }
-    },
-    {"type": "portmap", "capabilities": {"portMappings": true}}
+        "ranges": [[{{"subnet": "{subnet}"}}]],
+        "routes": [{{"dst": "0.0.0.0/0"}}]
+      }}
+    }},
+    {{"type": "portmap", "capabilities": {{"portMappings": true}}}}
   ]
+}}
+"#
+    )
 }
-"#;
 
 fn containerd_config(dir: &Path) -> String {
     format!(
