@@ -88,7 +88,10 @@ pub fn get(addr: SocketAddr, path: &str) -> Res<Spliced> {
         }
         let mut drained = 0;
         while drained < n {
-            drained += splice(&pipe_r, None, &null, None, n - drained, flags)?;
+            match splice(&pipe_r, None, &null, None, n - drained, flags)? {
+                0 => return Err("splice to /dev/null moved nothing".into()),
+                m => drained += m,
+            }
         }
         r.bytes += n as u64;
     }

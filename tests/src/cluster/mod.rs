@@ -35,11 +35,11 @@ pub const NODE_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 250, 0, 1));
 pub const NODE_NAME: &str = "node-1";
 
 /// Node `i` (from 0): `node-<i+1>` on 10.250.0.<i+1>, pods on 10.244.<i>.0/24.
-pub fn node_name(i: usize) -> String {
+fn node_name(i: usize) -> String {
     format!("node-{}", i + 1)
 }
 
-pub fn node_ip(i: usize) -> IpAddr {
+fn node_ip(i: usize) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 250, 0, i as u8 + 1))
 }
 
