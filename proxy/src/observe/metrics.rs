@@ -1,7 +1,6 @@
 //! Prometheus metrics per registry, served at `/metrics` on the admin
 //! listener (OpenMetrics text).
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -9,104 +8,15 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use super::labels::{CacheResult, Kind};
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum ResultLabel {
-    hit,
-    shared_hit,
-    miss,
-    stale,
-    pass,
-    denied,
-    error,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum Source {
-    cache,
-    /// The shared storage (S3) of several replicas.
-    shared,
-    upstream,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    registry: String,
-    kind: String,
-    result: ResultLabel,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BytesLabels {
-    registry: String,
-    source: Source,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RegistryLabel {
-    registry: String,
-}
-
-/// Outcome of a per-client access check before cached content is served.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum AuthResult {
-    /// The upstream let the client read the digest in the repository.
-    allowed,
-    /// The upstream refused (401/403, or 404: not in this repository).
-    denied,
-    /// An anonymous client may read it: the digest is public there.
-    public,
-    /// The upstream could not answer (outage): the cache was served only
-    /// to a client class known to read it, else a 503.
-    unreachable,
-    /// The proxy did not ask: its throttle on token requests for new
-    /// repositories was empty; nothing was served (a 429).
-    throttled,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct AuthLabels {
-    registry: String,
-    result: AuthResult,
-}
+use super::metric_labels::{
+    AuthLabels, AuthResult, BudgetLabels, BytesLabels, PrefetchLabels, RegistryLabel,
+    RequestLabels, ResultLabel, Revalidation, RevalidationLabels, Source, UploadLabels,
+    UploadResult,
+};
 
 /// What `/status` reports per registry: the operator copies it into the
 /// MirrorRegistry's `status.cache`.
 pub use pullthrough_api::crd::CacheStats as CacheCounters;
-
-/// What an expired tag answer's revalidation (a HEAD upstream) found.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum Revalidation {
-    /// Same digest: the cached manifest was served, no GET.
-    unchanged,
-    /// Another digest (or none given): the manifest was fetched with a GET.
-    changed,
-}
-
-/// Whose rate limit: the registry, and `docker-ratelimit-source` (the
-/// client IP or account the upstream counts against).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BudgetLabels {
-    registry: String,
-    source: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RevalidationLabels {
-    registry: String,
-    result: Revalidation,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct PrefetchLabels {
-    registry: String,
-    /// `fetched`, `failed`, `postponed` (upstream budget low).
-    result: &'static str,
-}
 
 /// Every metric the proxy exports.
 #[derive(Debug)]
@@ -145,23 +55,6 @@ pub struct Metrics {
     shared_bucket_bytes: Gauge,
     shared_evictions: Counter,
     shared_evicted_bytes: Counter,
-}
-
-/// What became of a blob queued for the shared storage.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
-#[allow(non_camel_case_types)]
-pub enum UploadResult {
-    uploaded,
-    /// Another replica had put it there.
-    already_there,
-    failed,
-    /// The upload queue was full.
-    dropped,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct UploadLabels {
-    result: UploadResult,
 }
 
 /// The shared storage's figures, copied into the metrics at each scrape.

@@ -6,4 +6,5 @@
 pub mod access_log;
 pub mod labels;
 pub mod log_queue;
+pub mod metric_labels;
 pub mod metrics;

@@ -19,7 +19,7 @@ use super::context::Ctx;
 use crate::bounded::BoundedMap;
 use crate::http::body::{self, Body};
 use crate::http::headers::forward_headers;
-use crate::observe::metrics::AuthResult;
+use crate::observe::metric_labels::AuthResult;
 use crate::oci::{self, Digest, ErrorCode};
 
 /// How long "anyone may read this digest in this repository" is trusted.

@@ -20,7 +20,7 @@ use crate::http::headers::{
 };
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
-use crate::observe::metrics::Revalidation;
+use crate::observe::metric_labels::Revalidation;
 use crate::oci::Digest;
 use crate::upstream::UpstreamResponse;
 

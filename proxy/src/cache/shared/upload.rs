@@ -13,7 +13,8 @@ use tokio::sync::Semaphore;
 use super::EvictStats;
 use super::{SharedTier, TierError};
 use crate::cache::store::CachedBlob;
-use crate::observe::metrics::{EvictorFigures, SharedFigures, UploadResult};
+use crate::observe::metric_labels::UploadResult;
+use crate::observe::metrics::{EvictorFigures, SharedFigures};
 
 /// Uploads running at once; each buffers up to `PART × PARTS_IN_FLIGHT`.
 const CONCURRENT: usize = 4;
