@@ -46,6 +46,11 @@ fn stat_cpu_ticks(path: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time of `pids` together, in clock ticks (see [`cpu_ticks`]).
+pub fn cpu_ticks_of(pids: &[u32]) -> u64 {
+    pids.iter().map(|p| cpu_ticks(*p)).sum()
+}
+
 /// CPU time the calling thread has used, in clock ticks; 0 if unreadable.
 pub fn thread_cpu_ticks() -> u64 {
     stat_cpu_ticks("/proc/thread-self/stat")

@@ -2,7 +2,7 @@
 
 use tokio::runtime::Runtime;
 
-use crate::procfs::{cpu_ticks, thread_cpu_ticks};
+use crate::procfs::{cpu_ticks_of, thread_cpu_ticks};
 use crate::report::{Report, Row};
 use crate::splice_sink;
 use crate::targets::{Bench, Fixtures, Target, check, get_once, mbps, not_hit};
@@ -26,17 +26,16 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
         // Server CPU per GiB too: with both servers keeping the socket
         // full, the throughput is the load generator's as much as the
         // server's; the CPU a server spends on each byte is its own.
-        let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
         let ng_workers = b.nginx.workers();
         let (mut pts, mut ngs) = (Vec::new(), Vec::new());
         let (mut pt_ticks, mut ng_ticks) = (0, 0);
         for _ in 0..REPS {
-            let c0 = cpu(&[b.pt.pid]);
+            let c0 = cpu_ticks_of(&[b.pt.pid]);
             let (x, _) = rt.block_on(single_big(&b.pt, &b.fx, tls_on, 1))?;
-            let c1 = cpu(&[b.pt.pid]);
-            let n0 = cpu(&ng_workers);
+            let c1 = cpu_ticks_of(&[b.pt.pid]);
+            let n0 = cpu_ticks_of(&ng_workers);
             let (y, m) = rt.block_on(single_big(&b.ng, &b.fx, tls_on, 1))?;
-            let n1 = cpu(&ng_workers);
+            let n1 = cpu_ticks_of(&ng_workers);
             report.nginx_not_hit += m;
             pt_ticks += c1 - c0;
             ng_ticks += n1 - n0;
@@ -68,9 +67,7 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
             _ => format!("this build does not export {SENDFILE}"),
         };
         eprintln!("HIT 1 client {label}: pullthrough {a:.0} MiB/s, nginx {ng:.0} MiB/s ({sent})");
-        // Clock ticks are 10 ms; each server read REPS blobs of `big` bytes.
-        let gib = (REPS as u64 * big) as f64 / (1u64 << 30) as f64;
-        let (pt_ms, ng_ms) = (pt_ticks as f64 * 10.0 / gib, ng_ticks as f64 * 10.0 / gib);
+        let (pt_ms, ng_ms) = (ms_per_gib(pt_ticks, big), ms_per_gib(ng_ticks, big));
         eprintln!(
             "HIT {label}: server CPU per GiB: pullthrough {pt_ms:.0} ms, nginx {ng_ms:.0} ms"
         );
@@ -163,18 +160,17 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
         let hit = !t.is_nginx || r.header("x-cache-status") == Some("hit");
         Ok((mbps(r.bytes, r.elapsed), hit))
     };
-    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
     let ng_workers = b.nginx.workers();
     let (mut pts, mut ngs) = (Vec::new(), Vec::new());
     // Ticks: [server, reader] for each side.
     let (mut pt_t, mut ng_t) = ([0u64; 2], [0u64; 2]);
     for _ in 0..REPS {
-        let (s0, r0) = (cpu(&[b.pt.pid]), thread_cpu_ticks());
+        let (s0, r0) = (cpu_ticks_of(&[b.pt.pid]), thread_cpu_ticks());
         pts.push(read(&b.pt)?.0);
-        let (s1, r1) = (cpu(&[b.pt.pid]), thread_cpu_ticks());
-        let n0 = cpu(&ng_workers);
+        let (s1, r1) = (cpu_ticks_of(&[b.pt.pid]), thread_cpu_ticks());
+        let n0 = cpu_ticks_of(&ng_workers);
         let (y, hit) = read(&b.ng)?;
-        let (n1, r2) = (cpu(&ng_workers), thread_cpu_ticks());
+        let (n1, r2) = (cpu_ticks_of(&ng_workers), thread_cpu_ticks());
         pt_t[0] += s1 - s0;
         pt_t[1] += r1 - r0;
         ng_t[0] += n1 - n0;
@@ -183,9 +179,7 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
         ngs.push(y);
     }
     eprintln!("HIT HTTP zero-copy reads, MiB/s: pullthrough {pts:.0?}, nginx {ngs:.0?}");
-    // Clock ticks are 10 ms.
-    let gib = (REPS as u64 * big.size) as f64 / (1u64 << 30) as f64;
-    let ms = |t: u64| t as f64 * 10.0 / gib;
+    let ms = |t: u64| ms_per_gib(t, big.size);
     Ok(ZeroCopy {
         pt: median(&mut pts),
         ng: median(&mut ngs),
@@ -194,6 +188,13 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
         pt_reader_ms: ms(pt_t[1]),
         ng_reader_ms: ms(ng_t[1]),
     })
+}
+
+/// `ticks` of CPU (10 ms each) spent on REPS reads of a `blob`-byte blob,
+/// as ms per GiB served.
+fn ms_per_gib(ticks: u64, blob: u64) -> f64 {
+    let gib = (REPS as u64 * blob) as f64 / (1u64 << 30) as f64;
+    ticks as f64 * 10.0 / gib
 }
 
 fn median(v: &mut [f64]) -> f64 {

@@ -9,7 +9,7 @@ use pullthrough_testbed::fixtures::OCI_MANIFEST;
 use pullthrough_testbed::http::Conn;
 use tokio::runtime::Runtime;
 
-use crate::procfs::cpu_ticks;
+use crate::procfs::cpu_ticks_of;
 use crate::report::{Report, Row};
 use crate::targets::{Bench, Fixtures, Target, get, not_hit};
 use crate::{Res, Sizes};
@@ -21,14 +21,13 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
     let (pt, ng) = (&b.pt, &b.ng);
     // Server CPU per request too: latency on 2 shared cores is noisy,
     // the work each request costs is not.
-    let cpu = |pids: &[u32]| pids.iter().map(|p| cpu_ticks(*p)).sum::<u64>();
     let ng_workers = b.nginx.workers();
-    let c0 = cpu(&[pt.pid]);
+    let c0 = cpu_ticks_of(&[pt.pid]);
     let la = rt.block_on(manifest_rate(pt, &b.fx, sizes.rate, sizes.rate_secs))?;
-    let c1 = cpu(&[pt.pid]);
-    let n0 = cpu(&ng_workers);
+    let c1 = cpu_ticks_of(&[pt.pid]);
+    let n0 = cpu_ticks_of(&ng_workers);
     let lb = rt.block_on(manifest_rate(ng, &b.fx, sizes.rate, sizes.rate_secs))?;
-    let n1 = cpu(&ng_workers);
+    let n1 = cpu_ticks_of(&ng_workers);
     let per_req = |ticks: u64| ticks as f64 * 10_000.0 / (sizes.rate * sizes.rate_secs) as f64;
     eprintln!(
         "manifest server CPU per request: pullthrough {:.0} µs, nginx {:.0} µs (clock ticks of 10 ms)",

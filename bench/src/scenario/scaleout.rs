@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder};
 use tokio::runtime::Runtime;
 
-use crate::procfs::cpu_ticks;
+use crate::procfs::cpu_ticks_of;
 use crate::report::{Report, ScaleRow};
 use crate::scenario::concurrent::concurrent_over;
 use crate::scenario::hit::single_big;
@@ -101,11 +101,6 @@ fn cold_blobs(b: &Bench, sizes: &Sizes) -> Res<Image> {
     Ok(image)
 }
 
-/// CPU clock ticks (10 ms) of some processes, to tell who used the cores.
-fn ticks(pids: &[u32]) -> u64 {
-    pids.iter().map(|p| cpu_ticks(*p)).sum()
-}
-
 /// Percent of one core that `ticks` (10 ms each) is over `secs`.
 fn core_pct(ticks: u64, secs: f64) -> f64 {
     ticks as f64 * 0.01 / secs * 100.0
@@ -180,7 +175,11 @@ fn measure(
     let r0 = &c.targets[0];
     let weed = c.s3.pid();
     let me = std::process::id();
-    let (cw, cr, cm) = (ticks(&[weed]), ticks(&[r0.pid]), ticks(&[me]));
+    let (cw, cr, cm) = (
+        cpu_ticks_of(&[weed]),
+        cpu_ticks_of(&[r0.pid]),
+        cpu_ticks_of(&[me]),
+    );
     let t = Instant::now();
     let mut s3_single = 0.0f64;
     for rep in 0..REPS {
@@ -193,20 +192,20 @@ fn measure(
     let secs = t.elapsed().as_secs_f64();
     let cpu_single = format!(
         "SeaweedFS {:.0} %, replica {:.0} %, load generator {:.0} %",
-        core_pct(ticks(&[weed]) - cw, secs),
-        core_pct(ticks(&[r0.pid]) - cr, secs),
-        core_pct(ticks(&[me]) - cm, secs)
+        core_pct(cpu_ticks_of(&[weed]) - cw, secs),
+        core_pct(cpu_ticks_of(&[r0.pid]) - cr, secs),
+        core_pct(cpu_ticks_of(&[me]) - cm, secs)
     );
     let shared_single = c.wait_lines(0, &big.digest, &[("cache", "SHARED_HIT")], REPS);
     // The bucket's own speed for the same object, without a replica.
     let t = Instant::now();
-    let (cw, cm) = (ticks(&[weed]), ticks(&[me]));
+    let (cw, cm) = (cpu_ticks_of(&[weed]), cpu_ticks_of(&[me]));
     let bucket_single = c.read_object(rt, &big.digest, REPS)?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_bucket = format!(
         "SeaweedFS {:.0} %, load generator {:.0} %",
-        core_pct(ticks(&[weed]) - cw, secs),
-        core_pct(ticks(&[me]) - cm, secs)
+        core_pct(cpu_ticks_of(&[weed]) - cw, secs),
+        core_pct(cpu_ticks_of(&[me]) - cm, secs)
     );
 
     // --- HIT from disk, one client: replica 0 (now holding the blob),
@@ -223,15 +222,19 @@ fn measure(
     // --- S3 HIT, many clients round-robin over the replicas, every disk
     // cleared of the many blobs (done above).
     let all: Vec<u32> = c.targets.iter().map(|t| t.pid).collect();
-    let (cw, cr, cm) = (ticks(&[weed]), ticks(&all), ticks(&[me]));
+    let (cw, cr, cm) = (
+        cpu_ticks_of(&[weed]),
+        cpu_ticks_of(&all),
+        cpu_ticks_of(&[me]),
+    );
     let t = Instant::now();
     let (s3_many, _) = rt.block_on(concurrent_over(&c.targets, fx, sizes.many_clients, 1))?;
     let secs = t.elapsed().as_secs_f64();
     let cpu_many = format!(
         "SeaweedFS {:.0} %, replicas {:.0} %, load generator {:.0} %",
-        core_pct(ticks(&[weed]) - cw, secs),
-        core_pct(ticks(&all) - cr, secs),
-        core_pct(ticks(&[me]) - cm, secs)
+        core_pct(cpu_ticks_of(&[weed]) - cw, secs),
+        core_pct(cpu_ticks_of(&all) - cr, secs),
+        core_pct(cpu_ticks_of(&[me]) - cm, secs)
     );
     // One SHARED_HIT per (replica, blob) its clients asked for; a second
     // client of the same blob on the same replica joins that read.
