@@ -194,6 +194,17 @@ fn referrers_answers_are_cached_per_filter_and_served_through_an_outage() {
                 }
                 return b.body(index(filtered)).unwrap();
             }
+            // A cached answer is served only to a client the registry lets
+            // read the subject in this repository: the proxy asks with a
+            // HEAD of it.
+            if seen.method == Method::HEAD && seen.path == format!("/v2/app/manifests/{s}") {
+                return b
+                    .status(StatusCode::OK)
+                    .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                    .header("docker-content-digest", s.as_str())
+                    .body(Bytes::new())
+                    .unwrap();
+            }
             b.status(StatusCode::NOT_FOUND).body(Bytes::new()).unwrap()
         })
         .start()

@@ -10,7 +10,9 @@
 //!   429): nothing opens that this client class was never let read, stale
 //!   tags included; the registry's `serveCachedOnAuthError` opts out;
 //! - by asking for a cached 10 MiB layer as a manifest on 200 HTTP/2
-//!   streams that are never read: the proxy's memory stays bounded.
+//!   streams that are never read: the proxy's memory stays bounded;
+//! - by asking an OCI 1.1 registry what refers to the digest (it answers
+//!   200 for any digest) and then for the digest itself: no byte of it.
 //!
 //! Real `docker-registry` upstreams (TLS + htpasswd for the private one),
 //! the proxy binary, everything on loopback.
@@ -32,6 +34,7 @@ use pullthrough_testbed::http::{Get, Response};
 use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
+use pullthrough_testbed::stub::Stub;
 
 const PULLER: (&str, &str) = ("puller", "s3cret-9e1a");
 const OTHER: (&str, &str) = ("other", "0ther-pw-41c7");
@@ -317,6 +320,212 @@ fn cached_private_digests_are_served_only_where_the_upstream_lets_the_client_rea
             }
         }
     }
+}
+
+/// A referrers answer is no access check: a registry with the OCI 1.1
+/// API answers 200 (an empty index) for any digest, whether the
+/// repository holds it or not. An anonymous client asks what refers to
+/// each cached private digest through a public repository, gets that
+/// 200, and then asks for the digest there: refused, no byte of it (the
+/// answer once granted the client the subject, which opened every cached
+/// digest through any repository of any such registry).
+#[test]
+fn a_referrers_answer_for_a_cached_private_digest_opens_nothing() {
+    const EMPTY: &[u8] =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
+    let work = tempfile::tempdir().unwrap();
+    let private = private_registry();
+    let secret = random_image(&work.path().join("secret"), &[30_000], 0x1eaf_0007);
+    private.push_image(&secret, "secret/app", "1").unwrap();
+    let public = Stub::canned()
+        .route(|seen| {
+            let ok = seen.path == "/v2/" || seen.path.starts_with("/v2/library/alpine/referrers/");
+            let b = http::Response::builder();
+            if ok {
+                b.status(StatusCode::OK)
+                    .header("content-type", "application/vnd.oci.image.index.v1+json")
+                    .body(bytes::Bytes::from_static(EMPTY))
+                    .unwrap()
+            } else {
+                b.status(StatusCode::NOT_FOUND)
+                    .body(bytes::Bytes::new())
+                    .unwrap()
+            }
+        })
+        .start()
+        .unwrap();
+    // `tagTTL: 0s`: every referrers request reaches the upstream, where
+    // its answer was taken for a grant (a cached answer is served only
+    // after the access check).
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n  - host: public.test\n    upstream: {}\n    tagTTL: 0s\n",
+            private.url(),
+            private.ca_path().unwrap().display(),
+            public.url(),
+        ),
+    )
+    .unwrap();
+    let secrets = objects(&secret);
+    for (path, d) in &secrets {
+        let r = request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/private.test/secret/app/{path}"),
+            Some(PULLER),
+        );
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        assert_eq!(sha256_digest(&r.body), *d);
+        proxy
+            .wait_access(&[("digest", d), ("cache", "MISS")])
+            .unwrap();
+    }
+
+    for (path, d) in &secrets {
+        for (referrers, object) in [
+            (
+                format!("/v2/public.test/library/alpine/referrers/{d}"),
+                format!("/v2/public.test/library/alpine/{path}"),
+            ),
+            (
+                format!("/v2/library/alpine/referrers/{d}?ns=public.test"),
+                format!("/v2/library/alpine/{path}?ns=public.test"),
+            ),
+        ] {
+            let r = request(&proxy, Method::GET, &referrers, None);
+            assert_eq!(r.status, StatusCode::OK, "{referrers}: {:?}", r.body);
+            assert_eq!(&r.body[..], EMPTY, "{referrers}");
+            for method in [Method::GET, Method::HEAD] {
+                let r = request(&proxy, method.clone(), &object, None);
+                refused(
+                    &r,
+                    StatusCode::NOT_FOUND,
+                    d,
+                    &format!("anonymous {method} {object} after its referrers"),
+                );
+            }
+        }
+    }
+    // The upstream was asked about each object (the check ran) and no
+    // line for a secret digest outside its repository says 200.
+    assert!(public.count("HEAD", "/v2/library/alpine/") >= secrets.len());
+    for (_, d) in &secrets {
+        for line in proxy.access_matching(&[("digest", d)]) {
+            if line["status"].as_u64() == Some(200) {
+                assert_eq!(line["repository"], "secret/app", "{line}");
+            }
+        }
+    }
+}
+
+/// A redirect is no access grant by itself. A registry redirects a
+/// cached blob's access check (a HEAD) two ways here: from the repository
+/// that holds it to storage, which answers a HEAD of a URL signed for GET
+/// with 403 (S3 does): served, the registry said yes by redirecting; and,
+/// for any other repository, to a canonical host before checking
+/// anything, which answers 404: refused, no byte (any redirect once
+/// counted as a yes). `private: true`: every client is checked.
+#[test]
+fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_yes() {
+    let bytes = bytes::Bytes::from(
+        (0..60_000u32)
+            .map(|i| (i * 13 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let d = sha256_digest(&bytes);
+    let signed = format!("/signed/{d}");
+    let storage = {
+        let (bytes, signed) = (bytes.clone(), signed.clone());
+        Stub::canned()
+            .ip(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)))
+            .route(move |seen| {
+                let r = http::Response::builder();
+                match (seen.path == signed, seen.method == Method::GET) {
+                    (true, true) => r
+                        .status(StatusCode::OK)
+                        .header("content-length", bytes.len())
+                        .body(bytes.clone()),
+                    (true, false) => r.status(StatusCode::FORBIDDEN).body(bytes::Bytes::new()),
+                    _ => r.status(StatusCode::NOT_FOUND).body(bytes::Bytes::new()),
+                }
+                .unwrap()
+            })
+            .start()
+            .unwrap()
+    };
+    let canonical = Stub::canned()
+        .ip(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3)))
+        .start()
+        .unwrap();
+    let registry = {
+        let (to_storage, to_canonical) = (format!("{}{signed}", storage.url()), canonical.url());
+        let held = format!("/v2/team/app/blobs/{d}");
+        Stub::canned()
+            .route(move |seen| {
+                let r = http::Response::builder();
+                if seen.path == held {
+                    r.status(StatusCode::TEMPORARY_REDIRECT)
+                        .header("location", to_storage.as_str())
+                } else if seen.path == "/v2/" {
+                    r.status(StatusCode::OK)
+                } else {
+                    r.status(StatusCode::TEMPORARY_REDIRECT)
+                        .header("location", format!("{to_canonical}{}", seen.path))
+                }
+                .body(bytes::Bytes::new())
+                .unwrap()
+            })
+            .start()
+            .unwrap()
+    };
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: redir.test\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let get = |path: &str, auth: Option<(&str, &str)>| {
+        request(&proxy, Method::GET, &format!("/v2/redir.test/{path}"), auth)
+    };
+    let r = get(&format!("team/app/blobs/{d}"), None);
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body, bytes);
+    proxy
+        .wait_access(&[("digest", &d), ("cache", "MISS")])
+        .unwrap();
+
+    // Another client, through the repository that holds it: the check is
+    // redirected to storage, which refuses the HEAD; served from the cache.
+    let r = get(&format!("team/app/blobs/{d}"), Some(PULLER));
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body, bytes);
+    proxy
+        .wait_access(&[("digest", &d), ("cache", "HIT")])
+        .unwrap();
+    assert!(
+        storage.count("HEAD", &signed) >= 1,
+        "the check reached storage"
+    );
+
+    // Through any other repository: redirected before any check, 404.
+    for client in [None, Some(OTHER)] {
+        let r = get(&format!("other/app/blobs/{d}"), client);
+        refused(
+            &r,
+            StatusCode::NOT_FOUND,
+            &d,
+            &format!("{client:?} via other/app"),
+        );
+    }
+    assert!(
+        canonical.count("HEAD", "/v2/other/app/") >= 2,
+        "the checks reached the canonical host"
+    );
 }
 
 /// Point 2: while the upstream cannot answer an access check — stopped,

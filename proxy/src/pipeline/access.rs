@@ -339,6 +339,7 @@ impl Ctx<'_> {
         let host = self.registry.host.as_str();
         let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
+        let asked = url.authority().cloned();
         let up = match self.send(Method::HEAD, url, headers).await {
             Ok(up) => up,
             Err(err) if err.is_throttled() => {
@@ -351,10 +352,14 @@ impl Ctx<'_> {
             }
         };
         let status = up.response.status();
-        // A redirect means the registry let the client read the object;
-        // storage a blob HEAD was redirected to may answer HEAD with 403
-        // (S3), which is no refusal of the registry's.
-        if status.is_success() || up.hops > 0 {
+        // A registry redirects a blob to storage once it let the client
+        // read it, and storage may answer a HEAD of a URL signed for GET
+        // with 403 (S3): that is no refusal of the registry's. Any other
+        // answer after a redirect counts as it is: a registry that
+        // redirects before it checks (to a canonical host, which gets no
+        // credentials) answers 401 or 404 there, and that is a no.
+        let elsewhere = up.hops > 0 && up.final_url.authority() != asked.as_ref();
+        if status.is_success() || (elsewhere && status == StatusCode::FORBIDDEN) {
             return Ok(Answer::Allowed);
         }
         if super::is_outage(status) {

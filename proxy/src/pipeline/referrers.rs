@@ -5,6 +5,11 @@
 //! upstream fails. A registry without the API answers 404, remembered too,
 //! so that in an outage clients still fall back to the `sha256-<hex>` tag
 //! schema, whose tags the proxy caches as tags.
+//!
+//! A cached answer is served only to a client the registry lets read the
+//! subject in that repository (asked with a HEAD of the subject, as for any
+//! cached manifest): the upstream's own 200 for the referrers of a digest
+//! proves nothing, since registries answer it for digests they do not hold.
 
 use http::header::HeaderMap;
 use http::{HeaderValue, Method, Response, StatusCode};
@@ -101,8 +106,11 @@ pub(crate) async fn referrers(
             let bytes = read_limited(incoming, MAX_MANIFEST, ctx.read_timeout, host).await?;
             let digest = Digest::of(&bytes);
             store_manifest(ctx, &digest, Some(media_type.clone()), &bytes).await;
-            // The upstream let this client see what refers to the subject.
-            ctx.granted(headers, subject);
+            // No grant for the subject: a registry with the API answers
+            // 200 (an empty index) for any digest, held by the repository
+            // or not, so this answer says nothing about whether the client
+            // may read the subject there (granting it opened any cached
+            // digest through any repository the client can list).
             ctx.shared.referrers.put(
                 host,
                 repo,
