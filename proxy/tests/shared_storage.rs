@@ -4,6 +4,8 @@
 //!
 //! - a replica that lost its disk serves manifests and blobs from the
 //!   bucket with the upstream stopped;
+//! - a client refused a blob the bucket holds gets no byte of it, and the
+//!   next client is served from the bucket at once;
 //! - 50 clients over 3 replicas on one bucket: 1 upstream GET, 1 object;
 //! - the owner SIGKILLed mid-blob: nothing partial reaches the bucket;
 //! - corrupt upstream bytes never reach the bucket;
@@ -175,6 +177,67 @@ fn a_replica_that_lost_its_disk_serves_from_the_bucket_with_the_upstream_stopped
     proxy
         .wait_access(&[("cache", "HIT"), ("digest", &blobs[0])])
         .unwrap();
+}
+
+/// Bucket content passes the same access gate as a HIT on the disk, and a
+/// refusal there ends the merged download it started: a replica without
+/// the blobs on its disk (they are in the bucket) is asked for each one
+/// through a repository the upstream does not hold it in (404, no byte),
+/// then through its own repository, which must be served at once (the
+/// refused leader once left its download registered, never started, and
+/// every later pull of the digest on that replica waited on it).
+#[test]
+fn a_refusal_on_a_bucket_hit_opens_nothing_and_stalls_no_later_pull() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[2 << 20, 1 << 20], 23);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+    let mut proxy = start_proxy(&registry.url(), &storage(&s3, "cache", creds.path(), ""));
+    let mut blobs = image.layer_digests();
+    blobs.push(image.manifests[0].config.digest.clone());
+    for d in &blobs {
+        get_ok(&url(&proxy, "fixture/app", "blobs", d));
+    }
+    wait_in_bucket(&s3, "cache", &blobs);
+    proxy.stop().unwrap();
+    std::fs::remove_dir_all(proxy.data_dir().join("blobs")).unwrap();
+    proxy.start_again().unwrap();
+
+    for d in &blobs {
+        let r = Get::new(&url(&proxy, "other/empty", "blobs", d))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .unwrap();
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{d} through other/empty");
+        assert_ne!(
+            &sha256_digest(&r.body),
+            d,
+            "got the blob through other/empty"
+        );
+        assert!(r.body.len() < 1024, "{} bytes", r.body.len());
+        // Well inside the proxy's idle timeout, which is what ended the
+        // stalled pull before.
+        let r = Get::new(&url(&proxy, "fixture/app", "blobs", d))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .unwrap_or_else(|e| panic!("{d} after the refusal: {e}"));
+        assert_eq!(r.status, StatusCode::OK, "{d}");
+        assert_eq!(&sha256_digest(&r.body), d);
+    }
+    assert_eq!(
+        proxy.access_matching(&[("cache", "SHARED_HIT")]).len(),
+        blobs.len(),
+        "each blob served from the bucket once it was asked for where it belongs"
+    );
+    let refused = proxy.access_matching(&[("repository", "other/empty")]);
+    assert_eq!(refused.len(), blobs.len(), "{refused:#?}");
+    for line in &refused {
+        assert_eq!(line["cache"], "DENIED", "{line}");
+        assert_eq!(line["status"], 404, "{line}");
+    }
 }
 
 /// 50 clients spread over 3 replicas on one bucket miss one blob: one

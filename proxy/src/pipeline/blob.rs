@@ -10,7 +10,7 @@ use http::{Method, Response, StatusCode};
 use super::HandlerError;
 use super::context::Ctx;
 use super::download::{blob_response, resume, solo};
-use super::lead::{Source, lead};
+use super::lead::{LeadGuard, Source, lead};
 use crate::cache::inflight::{self, Role};
 use crate::cache::store::{CachedBlob, StoreError};
 use crate::http::body::{self, Body};
@@ -41,6 +41,7 @@ pub(crate) async fn blob(
     let push_check = *method == Method::HEAD && ctx.registry.allow_push;
     if !push_check && let Some(cached) = ctx.shared.store.lookup(digest).await? {
         if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
+            record.cache = CacheResult::Denied;
             return Ok(refusal);
         }
         record.cache = CacheResult::Hit;
@@ -70,11 +71,13 @@ pub(crate) async fn blob(
     if !ctx.shared.inflight.is_uncacheable(digest) {
         match ctx.shared.inflight.join_or_lead(digest) {
             Role::Leader(dl) => {
+                let guard = LeadGuard::new(&ctx.shared.inflight, digest, dl);
                 let source = match in_shared_tier(ctx, digest).await {
                     Some(found) => {
                         // Another replica fetched it: the same gate as a
                         // HIT on this replica's disk.
                         if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
+                            record.cache = CacheResult::Denied;
                             return Ok(refusal);
                         }
                         found
@@ -84,7 +87,7 @@ pub(crate) async fn blob(
                         None => Source::Upstream(url),
                     },
                 };
-                return lead(ctx, headers, digest, source, dl, record).await;
+                return lead(ctx, headers, digest, source, guard, record).await;
             }
             Role::Waiter(dl) => {
                 let mut rx = dl.subscribe();
@@ -92,6 +95,7 @@ pub(crate) async fn blob(
                     // The download was started for another client: this
                     // one must be allowed to read the repository too.
                     if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
+                        record.cache = CacheResult::Denied;
                         return Ok(refusal);
                     }
                     ctx.shared.metrics.merged_waiter(&ctx.registry.host);

@@ -29,6 +29,20 @@ pub(super) struct LeadGuard<'a> {
     pub(super) dl: Option<Arc<Download>>,
 }
 
+impl<'a> LeadGuard<'a> {
+    /// Taken the moment a request becomes the leader, before anything it
+    /// awaits: a leader that returns early (a refusal, an error) or whose
+    /// client leaves must not leave its waiters, and every later request
+    /// for the digest, waiting on a download that never starts.
+    pub(super) fn new(inflight: &'a Inflight, digest: &'a Digest, dl: Arc<Download>) -> Self {
+        Self {
+            inflight,
+            digest,
+            dl: Some(dl),
+        }
+    }
+}
+
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
         if let Some(dl) = self.dl.take() {
@@ -55,14 +69,9 @@ pub(crate) async fn lead(
     headers: &HeaderMap,
     digest: &Digest,
     source: Source,
-    dl: Arc<Download>,
+    mut guard: LeadGuard<'_>,
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
-    let mut guard = LeadGuard {
-        inflight: &ctx.shared.inflight,
-        digest,
-        dl: Some(dl),
-    };
     let url = match source {
         Source::Upstream(url) => url,
         Source::Peer(peer, url) => match from_peer(ctx, headers, digest, peer, record).await {

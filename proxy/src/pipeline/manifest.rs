@@ -48,6 +48,7 @@ pub(crate) async fn manifest_by_digest(
     // known to be allowed it (a refused client costs no memory or disk).
     if let Some(cached) = lookup_manifest(ctx, digest).await? {
         if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
+            record.cache = CacheResult::Denied;
             return Ok(refusal);
         }
         record.cache = match cached {

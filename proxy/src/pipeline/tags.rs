@@ -251,9 +251,7 @@ async fn serve_known(
     } = known;
     let path = format!("/v2/{repo}/manifests/{}", entry.digest);
     if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
-        if result == CacheResult::Stale {
-            record.cache = CacheResult::Denied;
-        }
+        record.cache = CacheResult::Denied;
         return Ok(refusal);
     }
     if result == CacheResult::Stale {
