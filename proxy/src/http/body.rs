@@ -50,16 +50,39 @@ pub async fn file_in_chunks(
     Ok(StreamBody::new(stream).boxed_unsync())
 }
 
-/// A body fed chunk by chunk from a channel (a fetch task on the other end).
-pub fn channel(rx: mpsc::Receiver<std::io::Result<Bytes>>) -> Body {
-    let stream = tokio_stream_from(rx).map(|chunk| chunk.map(Frame::data));
-    StreamBody::new(stream).boxed_unsync()
+/// What a fetch task sends a [`channel`] body.
+#[derive(Debug)]
+pub enum Piece {
+    Data(Bytes),
+    /// Every byte was sent (and verified): the body may end.
+    End,
 }
 
-fn tokio_stream_from(
-    mut rx: mpsc::Receiver<std::io::Result<Bytes>>,
-) -> impl futures::Stream<Item = std::io::Result<Bytes>> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+/// A body fed piece by piece from a channel (a fetch task on the other
+/// end). It ends only on [`Piece::End`]: a sender dropped without it (its
+/// task failed while the channel was full, or panicked) aborts the
+/// response, since a body without a Content-Length would otherwise end as
+/// cleanly as a complete one.
+pub fn channel(mut rx: mpsc::Receiver<std::io::Result<Piece>>) -> Body {
+    let mut done = false;
+    let stream = futures::stream::poll_fn(move |cx| {
+        if done {
+            return std::task::Poll::Ready(None);
+        }
+        let next = match std::task::ready!(rx.poll_recv(cx)) {
+            Some(Ok(Piece::Data(data))) => {
+                return std::task::Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            Some(Ok(Piece::End)) => None,
+            Some(Err(err)) => Some(Err(err)),
+            None => Some(Err(std::io::Error::other(
+                "the transfer stopped before its end",
+            ))),
+        };
+        done = true;
+        std::task::Poll::Ready(next)
+    });
+    StreamBody::new(stream).boxed_unsync()
 }
 
 /// A body from a stream of chunks (the shared tier's GET).

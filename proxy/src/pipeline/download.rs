@@ -18,7 +18,7 @@ use super::{HandlerError, refused};
 use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Stream};
 use crate::cache::shared::Uploads;
 use crate::cache::store::{BlobMeta, BlobWriter, StoreError, is_disk_full};
-use crate::http::body::{self, Body};
+use crate::http::body::{self, Body, Piece};
 use crate::http::headers::{API_VERSION, DOCKER_CONTENT_DIGEST, forward_headers};
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
@@ -475,7 +475,8 @@ pub(crate) fn solo(
 /// Copies an upstream blob body to the client and into the store. The last
 /// chunk is held back until the digest is verified, so a client never
 /// receives a complete body whose digest is wrong: on mismatch its response
-/// is aborted instead. The bytes are hashed here whether or not they are
+/// is aborted instead (the body ends only on [`Piece::End`], so an error
+/// that finds the channel full still aborts it). The bytes are hashed here whether or not they are
 /// cached (the store's own check covers only what it writes, and there is
 /// no store when the disk is full or the write failed). The download
 /// continues if the client leaves, so the cache is filled for the next one.
@@ -483,14 +484,14 @@ async fn fetch_blob(
     mut incoming: Body,
     mut writer: Option<BlobWriter>,
     digest: Digest,
-    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    tx: mpsc::Sender<std::io::Result<Piece>>,
     read_timeout: Duration,
 ) {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     let mut held: Option<Bytes> = None;
     let mut client_alive = true;
-    let abort = |tx: &mpsc::Sender<std::io::Result<Bytes>>, msg: String| {
+    let abort = |tx: &mpsc::Sender<std::io::Result<Piece>>, msg: String| {
         let _ = tx.try_send(Err(std::io::Error::other(msg)));
     };
     loop {
@@ -528,7 +529,7 @@ async fn fetch_blob(
         }
         if let Some(prev) = held.replace(data)
             && client_alive
-            && tx.send(Ok(prev)).await.is_err()
+            && tx.send(Ok(Piece::Data(prev))).await.is_err()
         {
             client_alive = false;
             if writer.is_none() {
@@ -551,12 +552,80 @@ async fn fetch_blob(
         tracing::warn!(%digest, "upstream blob failed verification; aborting the transfer before its last chunk");
     }
     if verified {
-        if let Some(last) = held
-            && client_alive
-        {
-            let _ = tx.send(Ok(last)).await;
+        if client_alive {
+            if let Some(last) = held {
+                let _ = tx.send(Ok(Piece::Data(last))).await;
+            }
+            let _ = tx.send(Ok(Piece::End)).await;
         }
     } else {
         abort(&tx, format!("blob {digest} failed verification"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tokio::sync::mpsc;
+
+    use super::fetch_blob;
+    use crate::http::body;
+    use crate::oci::Digest;
+
+    /// An upstream body without a length whose bytes fail verification,
+    /// read by a client slow enough that the channel is full when the
+    /// check fails: the client's body still ends with an error, never
+    /// cleanly (it once ended cleanly, one chunk short).
+    #[tokio::test]
+    async fn a_failed_check_aborts_the_body_of_a_slow_client() {
+        let chunks: Vec<std::io::Result<Bytes>> =
+            (0..20u8).map(|i| Ok(Bytes::from(vec![i; 1000]))).collect();
+        let upstream = body::stream(futures::stream::iter(chunks));
+        let (tx, rx) = mpsc::channel(1);
+        let task = tokio::spawn(fetch_blob(
+            upstream,
+            None,
+            Digest::of(b"other bytes"),
+            tx,
+            Duration::from_secs(5),
+        ));
+        let mut client = body::channel(rx);
+        // 18 of the 19 chunks sent before the check (the 20th is held
+        // back): the 19th then fills the channel, and the task ends.
+        for _ in 0..18 {
+            let frame = client.frame().await.expect("a frame").expect("data");
+            assert!(frame.is_data());
+        }
+        task.await.expect("the fetch task");
+        let mut rest = Vec::new();
+        while let Some(frame) = client.frame().await {
+            rest.push(frame.map(|f| f.into_data().map(|d| d.len()).unwrap_or(0)));
+        }
+        assert_eq!(rest.len(), 2, "{rest:?}");
+        assert_eq!(rest[0].as_ref().ok(), Some(&1000));
+        assert!(rest[1].is_err(), "the body ended cleanly: {rest:?}");
+    }
+
+    /// A verified body ends cleanly with every byte.
+    #[tokio::test]
+    async fn a_verified_body_ends_cleanly_with_every_byte() {
+        let bytes: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        let chunks: Vec<std::io::Result<Bytes>> = bytes
+            .chunks(1000)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        let (tx, rx) = mpsc::channel(1);
+        tokio::spawn(fetch_blob(
+            body::stream(futures::stream::iter(chunks)),
+            None,
+            Digest::of(&bytes),
+            tx,
+            Duration::from_secs(5),
+        ));
+        let got = body::channel(rx).collect().await.expect("a clean end");
+        assert_eq!(got.to_bytes(), Bytes::from(bytes));
     }
 }
