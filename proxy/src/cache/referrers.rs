@@ -14,6 +14,12 @@ use crate::oci::Digest;
 /// Answers kept at most.
 pub const MAX_REFERRERS: usize = 20_000;
 
+/// Longest query kept as part of a key. Clients send `artifactType=<media
+/// type>` (media types are at most 255 bytes, RFC 6838); a longer query is
+/// answered but not cached, so that 20,000 keys cannot each hold a request
+/// line's worth of bytes.
+pub const MAX_QUERY: usize = 512;
+
 /// What the upstream answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Referrers {
@@ -75,6 +81,9 @@ impl ReferrersCache {
         query: &str,
         referrers: Referrers,
     ) {
+        if query.len() > MAX_QUERY {
+            return;
+        }
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -101,6 +110,18 @@ impl ReferrersCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_longer_than_a_filter_is_not_kept() {
+        let cache = ReferrersCache::default();
+        let subject = Digest::of(b"subject");
+        let long = format!("artifactType={}", "x".repeat(MAX_QUERY));
+        cache.put("r", "a", &subject, &long, Referrers::Unsupported);
+        assert_eq!(cache.get("r", "a", &subject, &long), None);
+        let fits = format!("artifactType={}", "x".repeat(255));
+        cache.put("r", "a", &subject, &fits, Referrers::Unsupported);
+        assert!(cache.get("r", "a", &subject, &fits).is_some());
+    }
 
     #[test]
     fn answers_are_per_subject_and_filter_and_bounded() {
