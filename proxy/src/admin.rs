@@ -111,6 +111,33 @@ fn authorised(req: &Request<Incoming>, token: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Whether the caller may see what the admin API shows: the listener is
+/// loopback-only, or the caller presented the token.
+fn trusted(req: &Request<Incoming>, access: &AdminAccess) -> bool {
+    match access {
+        AdminAccess::Open => true,
+        AdminAccess::Token(token) => authorised(req, token),
+        AdminAccess::Disabled => false,
+    }
+}
+
+/// The recent tag moves `/status` may show. `/status` needs no token (the
+/// operator reads it), so the moves of a `private` registry, whose
+/// repository and tag names are not for everyone, are shown only to a
+/// trusted caller; the per-registry counts stay.
+fn visible_moves(
+    shared: &Shared,
+    settings: &crate::config::Settings,
+    trusted: bool,
+) -> Vec<crate::cache::tags::TagMove> {
+    shared
+        .tags
+        .recent_moves()
+        .into_iter()
+        .filter(|m| trusted || !settings.registry(&m.registry).private)
+        .collect()
+}
+
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -167,7 +194,7 @@ async fn handle(
                     "configHash": state.config_hash,
                     "registries": registries,
                     "cache": cache,
-                    "tagMoves": shared.tags.recent_moves(),
+                    "tagMoves": visible_moves(shared, &state.settings, trusted(&req, access)),
                     "upstream": budgets(shared).into_iter().collect::<BTreeMap<_, _>>(),
                 }),
             )

@@ -204,3 +204,46 @@ fn a_bad_tag_rule_is_refused_naming_it() {
         "{stderr}"
     );
 }
+
+/// `/status` needs no token (the operator reads it): a private registry's
+/// moves, which name its repositories and tags, are listed only to a
+/// caller with the admin token; the count is there for everyone.
+#[test]
+fn the_moves_of_a_private_registry_are_listed_only_with_the_admin_token() {
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = images(work.path());
+    let up = Registry::plain().unwrap();
+    up.push_image(&v1, "app", "latest").unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "adminToken: {TOKEN}\n{}",
+            common::one_registry(
+                "quay.io",
+                &up.url(),
+                "    private: true\n    tagPolicy:\n      - {pattern: latest, ttl: 0s}\n",
+            )
+        ),
+    )
+    .unwrap();
+    assert_eq!(manifest(&proxy, "latest"), v1.manifests[0].digest);
+    up.push_image(&v2, "app", "latest").unwrap();
+    assert_eq!(manifest(&proxy, "latest"), v2.manifests[0].digest);
+
+    let url = format!("http://{}/status", proxy.addrs.admin);
+    let anonymous = Get::new(&url).send().unwrap();
+    assert_eq!(anonymous.status, StatusCode::OK);
+    let status: Value = serde_json::from_slice(&anonymous.body).unwrap();
+    assert_eq!(status["cache"]["quay.io"]["tagMoves"], 1, "{status}");
+    assert_eq!(status["tagMoves"], serde_json::json!([]), "{status}");
+    assert!(
+        !String::from_utf8_lossy(&anonymous.body).contains("\"app\""),
+        "{status}"
+    );
+
+    let status: Value = serde_json::from_str(&admin(&proxy, "/status")).unwrap();
+    let moves = status["tagMoves"].as_array().unwrap();
+    assert_eq!(moves.len(), 1, "{status}");
+    assert_eq!(moves[0]["repository"], "app");
+}
