@@ -2,7 +2,8 @@
 //! connections: thousands of TLS connections that never finish a request
 //! head are closed after `limits.headerReadTimeout` while `/healthz` and a
 //! real pull keep answering, and at `limits.maxConnections` further
-//! clients wait until a connection frees.
+//! clients wait until a connection frees. A client that hangs up before
+//! its answer still leaves its access-log line.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -283,4 +284,61 @@ fn at_the_connection_limit_further_clients_wait_for_a_free_slot() {
             String::from_utf8_lossy(&buf[..n])
         );
     });
+}
+
+/// A client that hangs up while the proxy still waits on the upstream for
+/// its answer makes the server drop the request: it still gets its
+/// access-log line (status 499, incomplete), so that a client cannot make
+/// requests the log never shows.
+#[test]
+fn a_client_gone_before_its_answer_still_gets_an_access_line() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use bytes::Bytes;
+    use http::{Response, StatusCode};
+    use pullthrough_testbed::stub::Stub;
+
+    let release = Arc::new(AtomicBool::new(false));
+    let held = release.clone();
+    let stub = Stub::canned()
+        .route(move |_| {
+            // Holds the answer until the test has hung up (10 s at most,
+            // so that a failing test still ends).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !held.load(Ordering::SeqCst) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Bytes::new())
+                .unwrap()
+        })
+        .start()
+        .unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &stub.url(), ""),
+    )
+    .unwrap();
+    let mut conn = std::net::TcpStream::connect(proxy.addrs.http).unwrap();
+    write!(
+        conn,
+        "GET /v2/quay.io/app/manifests/gone HTTP/1.1\r\nHost: {}\r\n\r\n",
+        proxy.addrs.http
+    )
+    .unwrap();
+    pullthrough_testbed::net::wait_for("the upstream asked", Duration::from_secs(10), || {
+        Ok(stub.count("GET", "/v2/app/manifests/gone") > 0)
+    })
+    .unwrap();
+    drop(conn);
+    let lines = proxy
+        .wait_access(&[("reference", "gone"), ("status", "499")])
+        .unwrap();
+    release.store(true, Ordering::SeqCst);
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["complete"], false, "{lines:?}");
+    assert_eq!(lines[0]["registry"], "quay.io", "{lines:?}");
 }

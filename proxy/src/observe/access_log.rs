@@ -105,6 +105,51 @@ impl Record {
     }
 }
 
+/// Status logged for a request whose client went away before it was
+/// answered (nginx's "client closed request").
+pub const CLIENT_CLOSED: u16 = 499;
+
+/// Holds a request's record until it has a response: a client that goes
+/// away while the proxy is still working on it (waiting on the upstream, a
+/// lock, a download it joined) makes the server drop the handler, and this
+/// guard then writes the line, status [`CLIENT_CLOSED`], so that no request
+/// escapes the log.
+pub struct Unanswered {
+    record: Record,
+    metrics: Arc<Metrics>,
+    answered: bool,
+}
+
+impl Unanswered {
+    pub fn new(record: Record, metrics: Arc<Metrics>) -> Self {
+        Self {
+            record,
+            metrics,
+            answered: false,
+        }
+    }
+
+    pub fn record(&mut self) -> &mut Record {
+        &mut self.record
+    }
+
+    /// The record, for the response's [`Logged`] body to write.
+    pub fn answered(mut self) -> Record {
+        self.answered = true;
+        let blank = Record::new("", "", "");
+        std::mem::replace(&mut self.record, blank)
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if !self.answered {
+            self.record.status = CLIENT_CLOSED;
+            self.record.emit(0, false, &self.metrics);
+        }
+    }
+}
+
 /// Wraps a response body; logs the record once the body ends, fails, or is
 /// dropped by a client that went away.
 pub struct Logged {

@@ -37,7 +37,7 @@ use crate::config::Settings;
 use crate::http::body::{self, Body};
 use crate::http::headers::{API_VERSION, forward_headers, relay_response};
 use crate::http::sendfile::Sendfile;
-use crate::observe::access_log::{Logged, Record};
+use crate::observe::access_log::{Logged, Record, Unanswered};
 use crate::observe::labels::{CacheResult, Kind};
 use crate::observe::metrics::Metrics;
 use crate::oci::{self, ErrorCode, Reference};
@@ -97,11 +97,15 @@ pub async fn handle(
     sni: Option<Arc<str>>,
 ) -> Response<Logged> {
     let host = request_host(&req, sni.as_deref());
-    let mut record = Record::new(req.method().as_str(), &host, req.uri().path());
+    let mut pending = Unanswered::new(
+        Record::new(req.method().as_str(), &host, req.uri().path()),
+        shared.metrics.clone(),
+    );
     let span = tracing::debug_span!("request", method = %req.method(), host = %host, path = %req.uri().path());
     let _enter = span.enter();
     drop(_enter);
-    let resp = match serve(&shared, req, &host, &mut record).await {
+    let record = pending.record();
+    let resp = match serve(&shared, req, &host, &mut *record).await {
         Ok(resp) => resp,
         Err(err) if err.is_throttled() => {
             // Warned once per episode where it is decided (a flood would
@@ -118,6 +122,7 @@ pub async fn handle(
             err.into_response()
         }
     };
+    let mut record = pending.answered();
     record.status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
     // Lets the access line tell a whole body from a cut one (see Logged).
