@@ -410,6 +410,9 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 if loaded.settings.cache != shared.state.load().settings.cache {
                     tracing::warn!("cache size settings changed; they take effect after a restart");
                 }
+                if loaded.settings.admin_token != shared.state.load().settings.admin_token {
+                    tracing::warn!("adminToken changed; it takes effect after a restart");
+                }
                 shared.state.store(Arc::new(State {
                     config: new,
                     settings: loaded.settings,
