@@ -191,6 +191,13 @@ pub enum AgentError {
         done: &'static str,
         failed: Vec<ActionError>,
     },
+    /// Some files could not be reverted; the others were. Each error
+    /// names its file.
+    #[error(
+        "revert incomplete: {}; every other file was reverted, these keep their record and backup: fix them and run revert again",
+        join(failed)
+    )]
+    RevertIncomplete { failed: Vec<AgentError> },
     #[error("{what}: {source}")]
     Json {
         what: String,
@@ -207,7 +214,7 @@ pub enum AgentError {
     Task(#[source] tokio::task::JoinError),
 }
 
-fn join(errors: &[ActionError]) -> String {
+fn join<E: std::fmt::Display>(errors: &[E]) -> String {
     errors
         .iter()
         .map(ToString::to_string)

@@ -58,6 +58,12 @@ pub struct State {
     pub state_dirs: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_apply: Option<LastApply>,
+    /// Daemon actions owed for files already written: recorded before the
+    /// files are written and cleared only once the action succeeded, so a
+    /// failed reload or restart is retried by the next apply even when no
+    /// file changes then.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending_actions: Vec<PendingAction>,
 }
 
 impl Default for State {
@@ -68,6 +74,7 @@ impl Default for State {
             created_dirs: BTreeSet::new(),
             state_dirs: Vec::new(),
             last_apply: None,
+            pending_actions: Vec::new(),
         }
     }
 }
@@ -121,6 +128,18 @@ impl FileKind {
             FileKind::CaCert => "CA certificate",
         }
     }
+}
+
+/// A daemon action not yet carried out (see [`State::pending_actions`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PendingAction {
+    /// The daemon's unit name (`docker`, `containerd`, `crio`).
+    pub service: String,
+    /// `reload` or `restart`.
+    pub action: String,
+    /// Why it is needed.
+    pub reason: String,
 }
 
 /// Summary of the last apply, for `status`.
@@ -195,6 +214,14 @@ pub fn write_backup(
         root.write_atomic(&backup, original, FILE_MODE)?;
     }
     Ok(backup)
+}
+
+/// Removes the backup of `path`, once the file is no longer the agent's
+/// and has been given back: a backup left behind would be taken for the
+/// original the next time the agent manages the file, and revert would
+/// then restore that old content over the admin's later edits.
+pub fn remove_backup(root: &Root, path: &str) -> Result<(), FsError> {
+    root.remove_file(&backup_path(path))
 }
 
 /// Removes the state file, the backups and the directories created for

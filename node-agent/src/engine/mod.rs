@@ -102,12 +102,31 @@ pub fn apply(
             })
         })
         .collect();
+    // Daemon actions an earlier apply wrote files for but could not carry
+    // out are owed until they succeed, whether or not a file changes now.
+    let owed: Vec<Step> = st
+        .pending_actions
+        .iter()
+        .filter_map(Step::from_pending)
+        .collect();
+    for s in &owed {
+        writeln_out(
+            out,
+            &format!(
+                "{}: {} still owed (it failed at an earlier apply)",
+                s.service.process(),
+                s.action.word()
+            ),
+        );
+    }
+    let retrying = !owed.is_empty();
+    let steps = merge_steps(owed, steps);
 
     if opts.dry_run {
         for c in changes.iter().filter(|c| c.changed()) {
             write_diff(out, c);
         }
-        if report.files.is_empty() {
+        if report.files.is_empty() && !retrying {
             writeln_out(out, "no changes");
             return Ok(report);
         }
@@ -120,16 +139,29 @@ pub fn apply(
         return Ok(report);
     }
 
-    if report.files.is_empty() {
+    if report.files.is_empty() && !retrying {
         writeln_out(out, "no changes");
         return Ok(report);
     }
-    commit(root, &mut st, changes, out)?;
+    // Owed from before the files are written: a failed (or interrupted)
+    // action is then retried by the next apply.
+    st.pending_actions = steps.iter().filter_map(Step::to_pending).collect();
+    if report.files.is_empty() {
+        writeln_out(out, "no file changes");
+    } else {
+        commit(root, &mut st, changes, out)?;
+    }
 
     let mut actor = Actor::new(exec, out);
+    let mut still_owed = Vec::new();
     for step in &steps {
+        let failed_before = actor.failed.len();
         actor.act(step);
+        if actor.failed.len() > failed_before {
+            still_owed.extend(step.to_pending());
+        }
     }
+    st.pending_actions = still_owed;
     report.actions = actor.actions;
     st.last_apply = Some(LastApply {
         config_sha256: cfg.sha256.clone(),
@@ -148,6 +180,21 @@ pub fn apply(
     Ok(report)
 }
 
+/// This apply's steps plus those owed from earlier ones: one step per
+/// daemon, the stronger action winning (a restart covers a reload), in
+/// the order the runtimes are walked.
+fn merge_steps(owed: Vec<Step>, mut steps: Vec<Step>) -> Vec<Step> {
+    for o in owed {
+        match steps.iter_mut().find(|s| s.service == o.service) {
+            Some(s) if s.action >= o.action => {}
+            Some(s) => *s = o,
+            None => steps.push(o),
+        }
+    }
+    steps.sort_by_key(|s| s.service);
+    steps
+}
+
 /// Removes everything the agent ever added and restores first-edit
 /// backups, then the state itself; each runtime's daemon is told before
 /// (dockerd's interim daemon.json) or after the files are back.
@@ -164,9 +211,16 @@ pub fn revert(
         );
         return Ok(Report::default());
     };
+    // A file that cannot be reverted (an admin broke its syntax) must not
+    // keep the others pointing at the proxy: revert the rest, and keep the
+    // record and backup of the failed ones for a revert after the fix.
     let mut changes = Vec::new();
+    let mut unreverted = Vec::new();
     for (path, rec) in &st.files {
-        changes.push(revert_file(root, path, rec)?);
+        match revert_file(root, path, rec) {
+            Ok(c) => changes.push(c),
+            Err(e) => unreverted.push(e),
+        }
     }
     let mut report = Report::default();
     for c in changes.iter().filter(|c| c.changed()) {
@@ -184,6 +238,9 @@ pub fn revert(
         }
         report.actions = actor.actions;
         writeln_out(out, "dry run: nothing was written");
+        if !unreverted.is_empty() {
+            return Err(AgentError::RevertIncomplete { failed: unreverted });
+        }
         return Ok(report);
     }
 
@@ -203,12 +260,23 @@ pub fn revert(
     let (mut actions, mut failed) = (actor.actions, actor.failed);
 
     write_files(root, &changes, out)?;
-    st.files.clear();
-    prune_dirs(root, &mut st)?;
-    for d in &st.created_dirs {
-        writeln_out(out, &format!("kept      {d}/ (not empty)"));
+    for c in &changes {
+        st.files.remove(&c.path);
     }
-    state::remove_all(root, &st)?;
+    prune_dirs(root, &mut st)?;
+    if unreverted.is_empty() {
+        for d in &st.created_dirs {
+            writeln_out(out, &format!("kept      {d}/ (not empty)"));
+        }
+        state::remove_all(root, &st)?;
+    } else {
+        for c in &changes {
+            state::remove_backup(root, &c.path)?;
+        }
+        // Owed for the configuration being removed, not for what is left.
+        st.pending_actions.clear();
+        state::save(root, &mut st)?;
+    }
 
     let mut actor = Actor::new(exec, out);
     for kind in RuntimeKind::ALL.into_iter().filter(|k| !done.contains(k)) {
@@ -221,6 +289,15 @@ pub fn revert(
     report.actions = actions;
     if report.files.is_empty() {
         writeln_out(out, "no changes (the agent's files were already gone)");
+    }
+    if !unreverted.is_empty() {
+        if !failed.is_empty() {
+            unreverted.push(AgentError::Actions {
+                done: "restored",
+                failed,
+            });
+        }
+        return Err(AgentError::RevertIncomplete { failed: unreverted });
     }
     if !failed.is_empty() {
         return Err(AgentError::Actions {

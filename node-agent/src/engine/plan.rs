@@ -250,6 +250,11 @@ pub fn commit(
     state::save(root, st)?;
     // 4. The files.
     write_files(root, &changes, out)?;
+    // Backups of files no longer managed (only now that the file is back:
+    // a crash before this point still finds the original).
+    for c in changes.iter().filter(|c| c.record.is_none()) {
+        state::remove_backup(root, &c.path)?;
+    }
     // 5. Directories no managed file needs any more.
     prune_dirs(root, st)?;
     Ok(())

@@ -33,6 +33,10 @@ pub struct Status {
     pub files: Vec<FileStatus>,
     /// `/etc/hosts` block entries (`address name`).
     pub hosts_entries: Vec<String>,
+    /// Daemon actions that failed and are retried on the next apply
+    /// (`containerd restart (why)`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pending_actions: Vec<String>,
 }
 
 /// What the agent has applied on this node.
@@ -43,6 +47,7 @@ pub fn status(root: &Root) -> Result<Status, AgentError> {
             last_apply: None,
             files: Vec::new(),
             hosts_entries: Vec::new(),
+            pending_actions: Vec::new(),
         });
     };
     let mut files = Vec::new();
@@ -75,6 +80,11 @@ pub fn status(root: &Root) -> Result<Status, AgentError> {
         last_apply: st.last_apply,
         files,
         hosts_entries,
+        pending_actions: st
+            .pending_actions
+            .iter()
+            .map(|p| format!("{} {} ({})", p.service, p.action, p.reason))
+            .collect(),
     })
 }
 
@@ -98,6 +108,11 @@ pub fn status_table(s: &Status) -> String {
         for a in &l.actions {
             out.push_str(&format!("  action: {a}\n"));
         }
+    }
+    for p in &s.pending_actions {
+        out.push_str(&format!(
+            "  pending: {p}: failed, retried on the next apply\n"
+        ));
     }
     let w = s
         .files

@@ -380,7 +380,7 @@ fn containerd_gets_config_path_hosts_toml_and_one_restart() {
 #[test]
 fn containerd_mirrors_need_the_migrate_flag() {
     let t = tempfile::tempdir().unwrap();
-    let conf = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n";
+    let conf = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"mirror.only\"]\n  endpoint = [\"https://own.example\"]\n";
     write(t.path(), CONFIG_TOML, conf.as_bytes());
     let before = snapshot(t.path());
     let root = Root::new(t.path());
@@ -409,6 +409,23 @@ fn containerd_mirrors_need_the_migrate_flag() {
     assert!(
         proxy_at < mirror_at,
         "proxy first, then the admin's mirror: {hub}"
+    );
+    let own = read(t.path(), "/etc/containerd/certs.d/mirror.only/hosts.toml");
+    // The run loop re-applies without the flag: the moved mirrors stay.
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    );
+    assert!(r.unwrap().files.is_empty(), "{out}");
+    assert_eq!(
+        read(t.path(), "/etc/containerd/certs.d/docker.io/hosts.toml"),
+        hub
+    );
+    assert_eq!(
+        read(t.path(), "/etc/containerd/certs.d/mirror.only/hosts.toml"),
+        own
     );
     let mut exec = RecordingExecutor::default();
     run_revert(&root, &mut exec);
@@ -595,4 +612,115 @@ proptest! {
         run_revert(&root, &mut exec);
         prop_assert_eq!(snapshot(t.path()), before);
     }
+}
+
+#[test]
+fn a_file_managed_again_after_an_admin_edit_reverts_to_that_edit() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    let quay = "/etc/containerd/certs.d/quay.io/hosts.toml";
+    let a = "server = \"https://quay.io\"\n# A\n";
+    let b = "server = \"https://quay.io\"\n# B\n";
+    write(t.path(), quay, a.as_bytes());
+    let root = Root::new(t.path());
+    let o = opts(&[RuntimeKind::Containerd]);
+    let without_quay = "
+proxy: {address: 10.0.0.5, caFile: ca.crt}
+registries:
+  - {host: docker.io, upstream: 'https://registry-1.docker.io'}
+";
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    // quay.io leaves the table: the admin's A comes back.
+    run_apply(&root, &cfg(without_quay), &o, &mut exec)
+        .0
+        .unwrap();
+    assert_eq!(read(t.path(), quay), a);
+    // The admin edits it, then quay.io comes back.
+    write(t.path(), quay, b.as_bytes());
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    assert!(read(t.path(), quay).contains("10.0.0.5"));
+    run_revert(&root, &mut exec);
+    assert_eq!(read(t.path(), quay), b, "the admin's latest edit, not A");
+}
+
+#[test]
+fn a_failed_daemon_action_is_retried_until_it_succeeds() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    let root = Root::new(t.path());
+    let o = opts(&[RuntimeKind::Containerd]);
+    let mut exec = RecordingExecutor {
+        fail: 2,
+        ..Default::default()
+    };
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("containerd"), "{e}");
+    assert!(
+        out.contains("restart (config_path enabled in config.toml) FAILED"),
+        "{out}"
+    );
+    assert_eq!(status(&root).unwrap().pending_actions.len(), 1);
+
+    // No file changes now, but the restart is still owed: tried again,
+    // and still reported as a failure while it fails.
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    assert!(r.is_err(), "{out}");
+    assert!(status_table(&status(&root).unwrap()).contains("pending: containerd restart"));
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    let r = r.unwrap();
+    assert!(r.files.is_empty(), "{out}");
+    assert_eq!(r.actions.len(), 1, "{out}");
+    assert_eq!(
+        exec.calls,
+        [
+            "restart containerd",
+            "restart containerd",
+            "restart containerd"
+        ]
+    );
+    assert!(status(&root).unwrap().pending_actions.is_empty());
+
+    // Done: nothing owed any more.
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    assert!(r.unwrap().actions.is_empty(), "{out}");
+    assert!(out.contains("no changes"), "{out}");
+    assert_eq!(exec.calls.len(), 3);
+}
+
+#[test]
+fn one_broken_file_does_not_stop_the_revert_of_the_others() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, HOSTS_ORIG.as_bytes());
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let o = opts(&[RuntimeKind::Docker, RuntimeKind::Containerd]);
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    let applied = read(t.path(), CONFIG_TOML);
+    let broken = format!("{applied}[plugins\n");
+    write(t.path(), CONFIG_TOML, broken.as_bytes());
+
+    let mut out = Vec::new();
+    let e = revert(&root, &revert_opts(), &mut exec, &mut out)
+        .unwrap_err()
+        .to_string();
+    let out = String::from_utf8(out).unwrap();
+    assert!(e.contains(CONFIG_TOML), "{e}");
+    assert!(!e.contains("/etc/hosts"), "{e}");
+    assert_eq!(read(t.path(), HOSTS), HOSTS_ORIG, "{out}");
+    assert_eq!(read(t.path(), CONFIG_TOML), broken);
+    assert!(!t.path().join("etc/docker/daemon.json").exists(), "{out}");
+    let st = status(&root).unwrap();
+    assert_eq!(
+        st.files.iter().map(|f| f.path.as_str()).collect::<Vec<_>>(),
+        [CONFIG_TOML]
+    );
+
+    // The admin repairs the file: the next revert finishes the job.
+    write(t.path(), CONFIG_TOML, applied.as_bytes());
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
 }

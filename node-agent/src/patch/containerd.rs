@@ -75,10 +75,16 @@ pub struct ConfigRecord {
     /// `registry.mirrors` / `configs.*.tls` were moved into hosts.toml.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub migrated: bool,
+    /// What was moved, by registry name: config.toml no longer has it, so
+    /// every later apply (the run loop's, without the migrate flag) builds
+    /// the hosts.toml files from here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub moved: BTreeMap<String, MigratedRegistry>,
 }
 
 /// A registry's deprecated settings, moved out of config.toml.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MigratedRegistry {
     /// Mirror endpoint URLs, in order.
     pub endpoints: Vec<String>,
@@ -97,7 +103,7 @@ pub struct ConfigPatched {
     /// `config_path` had to be enabled: containerd needs one restart.
     pub enabled: bool,
     /// Registries moved out of `registry.mirrors`, by registry name
-    /// (`*` for the catch-all).
+    /// (`*` for the catch-all): by this apply or an earlier one.
     pub migrated: BTreeMap<String, MigratedRegistry>,
 }
 
@@ -289,11 +295,11 @@ pub fn ensure_config_path(
                 .join(", ")
         )));
     }
-    let mut migrated = BTreeMap::new();
     if has_deprecated {
-        migrated = take_deprecated(&mut doc, version)?;
+        record.moved.extend(take_deprecated(&mut doc, version)?);
         record.migrated = true;
     }
+    let migrated = record.moved.clone();
     if let Some(dir) = info.hosts_dir() {
         if !has_deprecated {
             return Ok(ConfigPatched {

@@ -7,7 +7,8 @@ use toml_edit::{Array, DocumentMut, Item, Table, value};
 use super::{GENERATED_HEADER, PatchError, parse_containerd_toml as parse};
 
 /// TLS settings of one host (or the `server`) in a hosts.toml.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HostTls {
     pub ca: Option<String>,
     pub client: Option<(String, String)>,

@@ -72,7 +72,9 @@ pub struct RunOptions {
 /// When the config was last applied, and how that went.
 #[derive(Default)]
 struct ApplyState {
-    /// Config (table and CA hashes) and gate of the last success.
+    /// Config (table and CA hashes) and gate of the last attempt (a
+    /// failed one included, so its retry waits `RETRY`: a daemon restart
+    /// that keeps failing is not tried every tick).
     last_key: Option<(String, bool)>,
     last_attempt: Option<Instant>,
     /// The last failure, as reported; `None` after a success.
@@ -213,7 +215,9 @@ async fn apply_if_due(
     st.last_attempt = Some(Instant::now());
     match apply_once(opts, cfg, !open).await {
         Ok((a, out)) => {
-            if !out.trim().is_empty() && st.last_key.as_ref() != Some(&key) {
+            // `out` is empty unless a file or a daemon was touched: a
+            // resync that repaired drift or retried an action says so too.
+            if !out.trim().is_empty() {
                 for l in out.lines() {
                     tracing::info!("apply: {l}");
                 }
@@ -228,7 +232,7 @@ async fn apply_if_due(
                 tracing::error!(error = %e, "apply failed: {e}");
             }
             st.error = Some(e);
-            st.last_key = None;
+            st.last_key = Some(key);
         }
     }
     true
@@ -284,4 +288,140 @@ async fn apply_once(
     })
     .await
     .map_err(AgentError::Task)?
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// Collects the messages of events logged on this thread.
+    struct Capture(Arc<Mutex<Vec<String>>>);
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, e: &tracing::Event<'_>) {
+            struct Message(String);
+            impl tracing::field::Visit for Message {
+                fn record_debug(&mut self, f: &tracing::field::Field, v: &dyn std::fmt::Debug) {
+                    if f.name() == "message" {
+                        self.0 = format!("{v:?}");
+                    }
+                }
+            }
+            let mut m = Message(String::new());
+            e.record(&mut m);
+            self.0.lock().unwrap().push(m.0);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    fn run_opts(root: &std::path::Path, runtime: RuntimeKind) -> RunOptions {
+        RunOptions {
+            root: Root::new(root),
+            source: Source::File {
+                path: root.join("unused.yaml"),
+                poll: Duration::from_secs(1),
+            },
+            runtimes: Some(vec![runtime]),
+            docker_action: DockerActionArg::Auto,
+            node_name: None,
+            lease_namespace: None,
+            lease_prefix: String::new(),
+            lease_renew: Duration::from_secs(30),
+            lease_duration: Duration::from_secs(90),
+            health_addr: None,
+            probe_interval: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(1),
+            fail_threshold: 3,
+            success_threshold: 2,
+            resync: Duration::ZERO,
+        }
+    }
+
+    /// Runs one `apply_if_due`, returning whether it tried and what it
+    /// logged.
+    fn apply_logged(opts: &RunOptions, cfg: &AgentConfig, st: &mut ApplyState) -> (bool, String) {
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let tried = tracing::subscriber::with_default(Capture(logs.clone()), || {
+            rt.block_on(apply_if_due(opts, cfg, true, st))
+        });
+        let logs = logs.lock().unwrap().join("\n");
+        (tried, logs)
+    }
+
+    const HTTP_TABLE: &[u8] =
+        b"proxy: {address: 10.0.0.5, httpPort: 80}\nregistries: [{host: quay.io}]\n";
+
+    #[test]
+    fn a_resync_that_repairs_drift_logs_it() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("etc")).unwrap();
+        std::fs::write(t.path().join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+        let opts = run_opts(t.path(), RuntimeKind::Docker);
+        let cfg = crate::config::from_parts(HTTP_TABLE, None).unwrap();
+        let mut st = ApplyState::default();
+        let (tried, logs) = apply_logged(&opts, &cfg, &mut st);
+        assert!(
+            tried && logs.contains("apply: updated   /etc/hosts"),
+            "{logs}"
+        );
+        // Resync, nothing drifted: quiet.
+        let (tried, logs) = apply_logged(&opts, &cfg, &mut st);
+        assert!(tried && logs.is_empty(), "{logs}");
+        // Someone dropped the block: the resync repairs it and says so.
+        std::fs::write(t.path().join("etc/hosts"), "127.0.0.1 localhost\n").unwrap();
+        let (tried, logs) = apply_logged(&opts, &cfg, &mut st);
+        assert!(
+            tried && logs.contains("apply: updated   /etc/hosts"),
+            "{logs}"
+        );
+        assert_eq!(st.error, None);
+    }
+
+    #[test]
+    fn a_failing_daemon_action_is_retried_after_the_retry_delay_not_every_tick() {
+        let t = tempfile::tempdir().unwrap();
+        // A running containerd (its socket) but no systemd: the restart
+        // that enabling config_path needs fails.
+        std::fs::create_dir_all(t.path().join("run/containerd")).unwrap();
+        std::fs::write(t.path().join("run/containerd/containerd.sock"), "").unwrap();
+        let opts = run_opts(t.path(), RuntimeKind::Containerd);
+        let cfg = crate::config::from_parts(HTTP_TABLE, None).unwrap();
+        let mut st = ApplyState::default();
+        let (tried, logs) = apply_logged(&opts, &cfg, &mut st);
+        assert!(tried, "{logs}");
+        let e = st.error.clone().unwrap();
+        assert!(e.contains("containerd"), "{e}");
+        // The next tick: not yet.
+        let (tried, _) = apply_logged(&opts, &cfg, &mut st);
+        assert!(!tried);
+        // Due again: the restart is tried again (no file changed) and the
+        // failure is still reported.
+        st.last_attempt = Some(Instant::now() - RETRY);
+        let (tried, logs) = apply_logged(&opts, &cfg, &mut st);
+        assert!(tried, "{logs}");
+        assert_eq!(st.error.as_deref(), Some(e.as_str()));
+        assert!(
+            crate::state::load(&opts.root)
+                .unwrap()
+                .unwrap()
+                .pending_actions
+                .len()
+                == 1,
+            "the restart stays owed"
+        );
+    }
 }

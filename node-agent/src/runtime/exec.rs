@@ -17,8 +17,9 @@ use crate::fsio::Root;
 #[error("{0}")]
 pub struct Rejected(pub String);
 
-/// A daemon the agent may reload or restart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A daemon the agent may reload or restart (in the order the engine
+/// acts on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Service {
     Docker,
     Containerd,
@@ -32,6 +33,13 @@ impl Service {
             Service::Containerd => "containerd",
             Service::Crio => "crio",
         }
+    }
+
+    /// The daemon by its unit name.
+    pub fn from_unit(unit: &str) -> Option<Service> {
+        [Service::Docker, Service::Containerd, Service::Crio]
+            .into_iter()
+            .find(|s| s.unit() == unit)
     }
 
     /// The daemon's process name, as report lines name it.
@@ -261,17 +269,19 @@ pub struct RecordingExecutor {
     pub not_running: bool,
     /// `validate_daemon_json` answer.
     pub validation: Option<Result<(), Rejected>>,
+    /// Fail this many of the next reloads and restarts.
+    pub fail: u32,
 }
 
 impl Executor for RecordingExecutor {
     fn reload(&mut self, service: Service) -> Result<Outcome, ExecError> {
         self.calls.push(format!("reload {}", service.unit()));
-        Ok(self.answer(service))
+        self.answer(service)
     }
 
     fn restart(&mut self, service: Service) -> Result<Outcome, ExecError> {
         self.calls.push(format!("restart {}", service.unit()));
-        Ok(self.answer(service))
+        self.answer(service)
     }
 
     fn validate_daemon_json(&mut self, _bytes: &[u8]) -> Option<Result<(), Rejected>> {
@@ -281,12 +291,19 @@ impl Executor for RecordingExecutor {
 }
 
 impl RecordingExecutor {
-    fn answer(&self, service: Service) -> Outcome {
-        if self.not_running {
+    fn answer(&mut self, service: Service) -> Result<Outcome, ExecError> {
+        if self.fail > 0 {
+            self.fail -= 1;
+            return Err(ExecError::Failed {
+                command: format!("systemctl {}", service.unit()),
+                stderr: "recorded failure".into(),
+            });
+        }
+        Ok(if self.not_running {
             Outcome::NotRunning(format!("{} not running", service.unit()))
         } else {
             Outcome::Done(format!("recorded for {}", service.unit()))
-        }
+        })
     }
 }
 

@@ -18,6 +18,7 @@ use crate::engine::plan::{Change, Planner, writeln_out};
 use crate::error::ActionError;
 use crate::error::AgentError;
 use crate::fsio::Root;
+use crate::state::PendingAction;
 
 pub use docker::{DockerActionArg, RELOADABLE_KEYS};
 pub use exec::{Executor, Outcome, RecordingExecutor, Rejected, Service, SystemExecutor};
@@ -65,8 +66,8 @@ impl fmt::Display for RuntimeKind {
     }
 }
 
-/// What to do with a daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What to do with a daemon, weakest first (a restart also reloads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
     Nothing,
     Reload,
@@ -93,6 +94,39 @@ pub struct Step {
     pub reason: String,
     /// What a dry run says about it; `None`: a dry run does not mention it.
     pub dry_run_reason: Option<String>,
+}
+
+impl Step {
+    /// The step as the state keeps it while it is owed; `None` when it
+    /// asks nothing of the daemon.
+    pub fn to_pending(&self) -> Option<PendingAction> {
+        let action = match self.action {
+            Action::Nothing => return None,
+            Action::Reload => "reload",
+            Action::Restart => "restart",
+        };
+        Some(PendingAction {
+            service: self.service.unit().into(),
+            action: action.into(),
+            reason: self.reason.clone(),
+        })
+    }
+
+    /// A step owed since an earlier apply; `None` for a record this
+    /// version cannot read.
+    pub fn from_pending(p: &PendingAction) -> Option<Step> {
+        let action = match p.action.as_str() {
+            "reload" => Action::Reload,
+            "restart" => Action::Restart,
+            _ => return None,
+        };
+        Some(Step {
+            service: Service::from_unit(&p.service)?,
+            action,
+            reason: p.reason.clone(),
+            dry_run_reason: Some(format!("{}; failed before", p.reason)),
+        })
+    }
 }
 
 /// What detection found under the root.
