@@ -16,6 +16,10 @@
 //! When the table's names change, a next CA is made for the new names and
 //! takes over through the same overlap; meanwhile the proxy signs the
 //! names only the next CA permits with it (nodes trust it from the start).
+//! While the active CA is due for rotation, a pending next CA is not
+//! replaced for new names: it is promoted after its overlap, then a next CA
+//! for the new names follows, so frequent name changes cannot postpone the
+//! rotation past the active CA's expiry.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
@@ -46,8 +50,43 @@ pub enum CaError {
     Kube(#[from] kube::Error),
     #[error("generating the CA: {0}")]
     Generate(#[from] PkiError),
-    #[error("CA Secret: {0}")]
-    Invalid(String),
+    /// A certificate that cannot be read; [`ensure`] names the Secret it
+    /// came from (as [`CaError::Invalid`]).
+    #[error("reading a CA certificate: {0}")]
+    Certificate(String),
+    #[error("CA Secret {secret}: {reason}")]
+    Invalid { secret: String, reason: String },
+}
+
+impl CaError {
+    /// Names `secret` (`<ns>/<name>`) in an error about its content, so the
+    /// log says which object to fix.
+    fn in_secret(self, secret: &str) -> Self {
+        match self {
+            Self::Certificate(reason) => Self::Invalid {
+                secret: secret.to_string(),
+                reason,
+            },
+            other => other,
+        }
+    }
+}
+
+/// First wait after a failed CA step.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+
+/// How long to wait before the next CA step after `failures` failed ones in
+/// a row: the check interval after a success, else 1 s doubling up to the
+/// interval. A conflict or an API server hiccup must not leave a CA step
+/// (creation, rotation, new names) waiting a whole `--ca-check-interval`.
+pub fn retry_delay(failures: u32, interval: Duration) -> Duration {
+    if failures == 0 {
+        return interval;
+    }
+    RETRY_FIRST
+        .checked_mul(1 << (failures - 1).min(30))
+        .unwrap_or(interval)
+        .min(interval)
 }
 
 /// Rotation thresholds.
@@ -74,12 +113,12 @@ pub fn generate(
 
 /// The name constraints of the first certificate in `pem`.
 fn permitted_of(pem: &str) -> Result<Option<PermittedNames>, CaError> {
-    PermittedNames::of_pem(pem).map_err(|e| CaError::Invalid(e.to_string()))
+    PermittedNames::of_pem(pem).map_err(|e| CaError::Certificate(e.to_string()))
 }
 
 /// `notAfter` of the first certificate in `pem`, as unix seconds.
 pub fn not_after(pem: &str) -> Result<i64, CaError> {
-    pki::not_after(pem).map_err(|e| CaError::Invalid(e.to_string()))
+    pki::not_after(pem).map_err(|e| CaError::Certificate(e.to_string()))
 }
 
 fn unix(t: SystemTime) -> i64 {
@@ -109,9 +148,17 @@ impl CaState {
         let data = s.data.clone().unwrap_or_default();
         let ann = s.metadata.annotations.clone().unwrap_or_default();
         let num = |k: &str| ann.get(k).and_then(|v| v.parse::<i64>().ok());
+        let missing = |key: &str| CaError::Invalid {
+            secret: format!(
+                "{}/{}",
+                s.metadata.namespace.as_deref().unwrap_or_default(),
+                s.metadata.name.as_deref().unwrap_or_default()
+            ),
+            reason: format!("no {key}"),
+        };
         Ok(Self {
-            cert: text(&data, CERT_KEY).ok_or_else(|| CaError::Invalid("no tls.crt".into()))?,
-            key: text(&data, KEY_KEY).ok_or_else(|| CaError::Invalid("no tls.key".into()))?,
+            cert: text(&data, CERT_KEY).ok_or_else(|| missing(CERT_KEY))?,
+            key: text(&data, KEY_KEY).ok_or_else(|| missing(KEY_KEY))?,
             next: text(&data, NEXT_CERT_KEY).zip(text(&data, NEXT_KEY_KEY)),
             next_since: num(NEXT_SINCE_ANNOTATION),
             previous: text(&data, PREVIOUS_CERT_KEY),
@@ -175,23 +222,10 @@ impl CaState {
             self.previous = None;
             changed = true;
         }
-        // The names changed: (re)make the next CA for the new names. A
-        // next CA made for older names is replaced and its overlap starts
-        // again, so nodes always trust a CA before the proxy signs with it.
-        let renamed = match (names, &self.next) {
-            (None, _) => false,
-            (Some(want), Some((next, _))) => permitted_of(next)?.as_ref() != Some(want),
-            (Some(want), None) => permitted_of(&self.cert)?.as_ref() != Some(want),
-        };
-        if renamed
-            || (self.next.is_none()
-                && not_after(&self.cert)? - now < policy.rotate_before.as_secs() as i64)
-        {
-            let names = names.cloned().or(permitted_of(&self.cert)?);
-            self.next = Some(generate(policy.validity, names.as_ref())?);
-            self.next_since = Some(now);
-            changed = true;
-        } else if let Some(since) = self.next_since
+        // A next CA whose overlap is over is promoted before anything else:
+        // a change of names below would otherwise replace it and start its
+        // overlap again.
+        if let Some(since) = self.next_since
             && self.next.is_some()
             && now - since >= overlap
             && let Some((c, k)) = self.next.take()
@@ -200,6 +234,27 @@ impl CaState {
             self.key = k;
             self.next_since = None;
             self.rotated_at = Some(now);
+            changed = true;
+        }
+        let due = not_after(&self.cert)? - now < policy.rotate_before.as_secs() as i64;
+        // The names changed: (re)make the next CA for the new names. A
+        // next CA made for older names is replaced and its overlap starts
+        // again, so nodes always trust a CA before the proxy signs with it.
+        let renamed = match (names, &self.next) {
+            (None, _) => false,
+            (Some(want), Some((next, _))) => permitted_of(next)?.as_ref() != Some(want),
+            (Some(want), None) => permitted_of(&self.cert)?.as_ref() != Some(want),
+        };
+        // Except while the active CA is due for rotation: names that change
+        // more often than the overlap (discovery.create) would restart it
+        // every time and the active CA would expire unreplaced. The pending
+        // next is promoted after its overlap; the new names get their next
+        // CA in that same step, so they wait at most one overlap.
+        let keep_pending = due && self.next.is_some();
+        if (renamed && !keep_pending) || (self.next.is_none() && due) {
+            let names = names.cloned().or(permitted_of(&self.cert)?);
+            self.next = Some(generate(policy.validity, names.as_ref())?);
+            self.next_since = Some(now);
             changed = true;
         }
         Ok(changed)
@@ -256,7 +311,10 @@ pub async fn ensure(
         }
         Some(secret) => {
             let mut state = CaState::from_secret(&secret)?;
-            if state.step(now, policy, names)? {
+            if state
+                .step(now, policy, names)
+                .map_err(|e| e.in_secret(&format!("{ns}/{name}")))?
+            {
                 let mut updated = state.clone().into_secret(name, ns);
                 updated.metadata.resource_version = secret.metadata.resource_version.clone();
                 secrets
@@ -280,6 +338,43 @@ pub async fn ensure(
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn failed_steps_back_off_from_a_second_to_the_interval() {
+        let hour = Duration::from_secs(3600);
+        let delays: Vec<u64> = (0..15).map(|f| retry_delay(f, hour).as_secs()).collect();
+        assert_eq!(
+            delays,
+            [
+                3600, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 3600, 3600
+            ]
+        );
+        assert_eq!(retry_delay(u32::MAX, hour), hour, "no overflow");
+        let short = Duration::from_millis(500);
+        assert_eq!(retry_delay(1, short), short, "never beyond the interval");
+    }
+
+    #[test]
+    fn invalid_secret_content_names_the_secret() {
+        let secret = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some("pullthrough-ca".into()),
+                namespace: Some("pullthrough".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let e = CaState::from_secret(&secret).unwrap_err().to_string();
+        assert_eq!(e, "CA Secret pullthrough/pullthrough-ca: no tls.crt");
+        let e = not_after("not a certificate")
+            .unwrap_err()
+            .in_secret("pullthrough/pullthrough-ca")
+            .to_string();
+        assert!(
+            e.starts_with("CA Secret pullthrough/pullthrough-ca: "),
+            "{e}"
+        );
+    }
 
     #[test]
     fn rotation_publishes_both_then_promotes_then_drops() {
@@ -311,6 +406,54 @@ mod tests {
         // After another overlap: the old one is gone.
         assert!(s.step(exp - 20, &policy, None).unwrap());
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 1);
+    }
+
+    /// Names that change every half overlap (discovery.create adding
+    /// registries) must not postpone the rotation: once the active CA is
+    /// due, the pending next is kept through its overlap and promoted well
+    /// before the active one expires, and the newest names get a next CA in
+    /// the same step.
+    #[test]
+    fn frequent_name_changes_do_not_postpone_rotation() {
+        let policy = CaPolicy {
+            validity: Duration::from_secs(10_000),
+            rotate_before: Duration::from_secs(50),
+            overlap: Duration::from_secs(10),
+        };
+        let names = |i: i64| PermittedNames::new(["quay.io".to_string(), format!("r{i}.io")], []);
+        let (cert, key) = generate(Duration::from_secs(100), Some(&names(0))).unwrap();
+        let exp = not_after(&cert).unwrap();
+        let mut s = CaState {
+            cert: cert.clone(),
+            key,
+            ..Default::default()
+        };
+        let mut promoted_at = None;
+        for (i, now) in (exp - 100..exp).step_by(5).enumerate() {
+            let want = names(i as i64 + 1);
+            s.step(now, &policy, Some(&want)).unwrap();
+            if s.cert != cert && promoted_at.is_none() {
+                promoted_at = Some(now);
+                assert_eq!(s.previous.as_deref(), Some(cert.as_str()));
+            }
+            assert!(
+                not_after(&s.cert).unwrap() > now,
+                "the active CA expired at {now} (notAfter {exp})"
+            );
+        }
+        let promoted_at = promoted_at.expect("the active CA was never replaced");
+        assert!(
+            promoted_at <= exp - 50 + 10 + 5,
+            "promoted {} s before expiry",
+            exp - promoted_at
+        );
+        // The last names are permitted by the next CA (or the active one).
+        let last = names(20);
+        let next = s.next.as_ref().map(|(c, _)| permitted_of(c).unwrap());
+        assert!(
+            next == Some(Some(last.clone())) || permitted_of(&s.cert).unwrap() == Some(last),
+            "the newest names have no CA"
+        );
     }
 
     /// A change of the table's names makes a next CA for the new names

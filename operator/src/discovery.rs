@@ -20,7 +20,7 @@ use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::discovered::{
     DiscoveredRegistry, DiscoveredRegistryStatus, EXAMPLE_IMAGES, object_name,
 };
-use pullthrough_api::names::DOCKER_HUB;
+use pullthrough_api::names::{DOCKER_HUB, reserved_host, validate_host};
 use pullthrough_api::pins::PinnedImage;
 use serde_json::json;
 
@@ -100,14 +100,60 @@ pub fn unmirrored<'a>(
     out
 }
 
+/// Hosts `--discovery=create` makes no MirrorRegistry for, with why: names
+/// no MirrorRegistry may have (`localhost:5000`, loopback and link-local
+/// IPs), and hosts whose create the API server refused as invalid. A create
+/// that can never succeed is otherwise tried again on every pod change.
+#[derive(Debug, Default)]
+pub struct Uncreatable(BTreeMap<String, String>);
+
+impl Uncreatable {
+    /// Whether a MirrorRegistry for `host` may be created; the first time
+    /// one may not, says why (once per host, not on every pod change).
+    pub fn may_create(&mut self, host: &str) -> bool {
+        if self.0.contains_key(host) {
+            return false;
+        }
+        let Some(why) = validate_host(host)
+            .err()
+            .or_else(|| reserved_host(host).map(String::from))
+        else {
+            return true;
+        };
+        tracing::info!(%host, %why, "no MirrorRegistry is created for this discovered registry");
+        self.0.insert(host.to_string(), why);
+        false
+    }
+
+    /// Remembers `host` when the API server refused its MirrorRegistry as
+    /// invalid (400, 422): the same object would be refused again. Conflicts,
+    /// throttling and server errors are retried. True when remembered.
+    pub fn refused(&mut self, host: &str, err: &kube::Error) -> bool {
+        match err {
+            kube::Error::Api(s) if matches!(s.code, 400 | 422) => {
+                self.0.insert(host.to_string(), s.message.clone());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets hosts no pod pulls from any more: if one comes back (after a
+    /// CRD upgrade, say), its create is tried once again.
+    pub fn keep_only(&mut self, found: &BTreeMap<String, Usage>) {
+        self.0.retain(|host, _| found.contains_key(host));
+    }
+}
+
 /// Makes the DiscoveredRegistry objects say `found`; in `Create` mode also
-/// creates the missing MirrorRegistries. Errors are logged: discovery is a
-/// report, it never stops pinning.
+/// creates the missing MirrorRegistries, except for `uncreatable` hosts.
+/// Errors are logged: discovery is a report, it never stops pinning.
 pub async fn publish(
     client: &Client,
     recorder: &Recorder,
     mode: Mode,
     found: &BTreeMap<String, Usage>,
+    uncreatable: &mut Uncreatable,
 ) {
     if mode == Mode::Off {
         return;
@@ -122,13 +168,16 @@ pub async fn publish(
             }
         };
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
+    uncreatable.keep_only(found);
     for (host, usage) in found {
         let name = object_name(host);
         let status = usage.status();
         let before = existing.get(&name);
-        if let (Some(d), Mode::Create) = (before, mode) {
+        if let (Some(d), Mode::Create) = (before, mode)
+            && uncreatable.may_create(host)
+        {
             // Found again while create is on: its MirrorRegistry is missing.
-            create_mirror(client, recorder, d, host).await;
+            create_mirror(client, recorder, d, host, uncreatable).await;
         }
         if before.and_then(|d| d.status.as_ref()) == Some(&status) {
             continue;
@@ -163,8 +212,8 @@ pub async fn publish(
                 status.images.first().map_or("", String::as_str)
             );
             event(recorder, &written, "Discovered", note).await;
-            if mode == Mode::Create {
-                create_mirror(client, recorder, &written, host).await;
+            if mode == Mode::Create && uncreatable.may_create(host) {
+                create_mirror(client, recorder, &written, host, uncreatable).await;
             }
         }
     }
@@ -185,6 +234,7 @@ async fn create_mirror(
     recorder: &Recorder,
     found: &DiscoveredRegistry,
     host: &str,
+    uncreatable: &mut Uncreatable,
 ) {
     let api = Api::<MirrorRegistry>::all(client.clone());
     let name = object_name(host);
@@ -214,6 +264,9 @@ async fn create_mirror(
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
             tracing::info!(%host, mirrorregistry = %name, "a MirrorRegistry of that name exists; not created");
+        }
+        Err(e) if uncreatable.refused(host, &e) => {
+            tracing::warn!(%host, error = %e, "the MirrorRegistry was refused; not tried again while pods pull from the host");
         }
         Err(e) => tracing::warn!(%host, error = %e, "creating the MirrorRegistry"),
     }
@@ -250,6 +303,43 @@ mod tests {
             "status": {"phase": phase},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn hosts_that_cannot_be_mirrored_are_not_created() {
+        let mut u = Uncreatable::default();
+        for host in [
+            "localhost:5000",
+            "registry.localhost",
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "169.254.169.254",
+            "0.0.0.0:5000",
+            "Upper.example",
+        ] {
+            assert!(!u.may_create(host), "{host}");
+            assert!(!u.may_create(host), "{host}, asked again");
+        }
+        assert!(u.may_create("ghcr.io"));
+        assert!(u.may_create("registry.example:5000"));
+        assert!(u.may_create("10.0.0.5:5000"));
+
+        // Refused as invalid: not tried again while pods pull from it.
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(
+                serde_json::from_value(json!({"code": code, "message": "refused"})).unwrap(),
+            ))
+        };
+        for code in [409, 429, 500, 503] {
+            assert!(!u.refused("quay.io", &api(code)), "{code}");
+            assert!(u.may_create("quay.io"), "retried after {code}");
+        }
+        assert!(u.refused("quay.io", &api(422)));
+        assert!(!u.may_create("quay.io"));
+        // Once no pod pulls from it, a later return is tried once more.
+        let still = BTreeMap::from([("ghcr.io".to_string(), Usage::default())]);
+        u.keep_only(&still);
+        assert!(u.may_create("quay.io"));
     }
 
     #[test]

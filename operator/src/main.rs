@@ -145,13 +145,21 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
                 r = ca_names.wait_for(Option::is_some) => if r.is_err() { return },
                 _ = stop.wait_for(|s| *s) => return,
             }
+            // Failed steps in a row: a failure is retried after a backoff
+            // (1 s doubling), not a whole check interval later.
+            let mut failures = 0u32;
             loop {
                 let names = ca_names.borrow_and_update().clone();
-                if let Err(e) = ca::ensure(&client, &ns, &name, &policy, names.as_ref()).await {
-                    tracing::error!(error = %e, "CA");
+                match ca::ensure(&client, &ns, &name, &policy, names.as_ref()).await {
+                    Ok(_) => failures = 0,
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        let retry = ca::retry_delay(failures, every);
+                        tracing::error!(error = %e, retry_in = ?retry, "CA");
+                    }
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
+                    _ = tokio::time::sleep(ca::retry_delay(failures, every)) => {}
                     r = ca_names.changed() => if r.is_err() { return },
                     _ = stop.wait_for(|s| *s) => return,
                 }

@@ -263,6 +263,7 @@ pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<b
             mregs.wait_until_ready(),
         );
         let mut last: Option<Pins> = None;
+        let mut uncreatable = crate::discovery::Uncreatable::default();
         loop {
             let mut now = pins_of(
                 pods.state().iter().map(|p| p.as_ref()),
@@ -280,7 +281,8 @@ pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<b
                 pods.state().iter().map(|p| p.as_ref()),
                 &crate::discovery::mirrored(mregs.state().iter().map(|m| m.as_ref())),
             );
-            crate::discovery::publish(&client, &recorder, discovery, &found).await;
+            crate::discovery::publish(&client, &recorder, discovery, &found, &mut uncreatable)
+                .await;
             if name.is_empty() {
                 // Discovery only.
             } else if last.as_ref() != Some(&now) {

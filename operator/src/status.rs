@@ -144,11 +144,6 @@ pub fn desired_conditions(
             "the proxy serves the current registry table",
         ),
     };
-    let errors: Vec<String> = obs
-        .reports
-        .iter()
-        .filter_map(|r| r.last_error.as_ref().map(|e| format!("{}: {e}", r.node)))
-        .collect();
     let nodes = if counts.total == 0 {
         Desired::new(
             condition::NODES_CONFIGURED,
@@ -165,13 +160,57 @@ pub fn desired_conditions(
         )
     } else {
         let mut m = format!("{} nodes configured", counts.summary());
-        if !errors.is_empty() {
+        if let Some(errors) = node_errors(&obs.reports) {
             m.push_str("; errors: ");
-            m.push_str(&errors.join("; "));
+            m.push_str(&errors);
         }
         Desired::new(condition::NODES_CONFIGURED, false, "Pending", m)
     };
     (vec![accepted, proxy, nodes], counts)
+}
+
+/// Node errors a `NodesConfigured` message names; the others are counted.
+/// Each agent's `last-error` may be 1024 characters, and the message goes
+/// into the Event of the change and the status (at most 32768).
+const LISTED_NODE_ERRORS: usize = 3;
+
+/// `<node>: <last-error>` of the first [`LISTED_NODE_ERRORS`] reporting
+/// nodes with an error, then how many more; `None` without errors.
+fn node_errors(reports: &[nodes::AgentReport]) -> Option<String> {
+    let errors: Vec<String> = reports
+        .iter()
+        .filter_map(|r| r.last_error.as_ref().map(|e| format!("{}: {e}", r.node)))
+        .collect();
+    if errors.is_empty() {
+        return None;
+    }
+    let mut m = errors[..errors.len().min(LISTED_NODE_ERRORS)].join("; ");
+    if let Some(more) = errors.len().checked_sub(LISTED_NODE_ERRORS)
+        && more > 0
+    {
+        m.push_str(&format!("; and {more} more"));
+    }
+    Some(m)
+}
+
+/// Longest Event note in bytes: events.k8s.io/v1 refuses a longer one,
+/// and kube-runtime's `Recorder` does not shorten it.
+pub const EVENT_NOTE_MAX: usize = 1024;
+
+/// `note` cut to [`EVENT_NOTE_MAX`] bytes on a character boundary, ending
+/// in `…` when cut, so an Event is never lost for its length.
+pub fn event_note(mut note: String) -> String {
+    if note.len() <= EVENT_NOTE_MAX {
+        return note;
+    }
+    const MORE: char = '…';
+    let mut end = EVENT_NOTE_MAX - MORE.len_utf8();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    note.truncate(end);
+    note.push(MORE);
+    note
 }
 
 /// An Event about a reconcile.
@@ -201,7 +240,7 @@ pub fn change_event(changed: &[Condition]) -> Option<Note> {
     Some(Note {
         type_,
         reason: lead.reason.clone(),
-        note,
+        note: event_note(note),
     })
 }
 
@@ -358,6 +397,47 @@ mod tests {
         // Only consequences of not being accepted: no Warning of their own.
         let follow = change_event(&changes(&[("b", false, NOT_ACCEPTED)])).unwrap();
         assert_eq!(follow.type_, EventType::Normal);
+    }
+
+    #[test]
+    fn long_event_notes_are_cut_on_a_character_boundary() {
+        let long = Desired::new(
+            condition::NODES_CONFIGURED,
+            false,
+            "Pending",
+            "é".repeat(2000),
+        );
+        let changed = merge(None, &[long], Some(1), Timestamp::from_second(1).unwrap()).1;
+        let note = change_event(&changed).unwrap().note;
+        assert!(note.len() <= EVENT_NOTE_MAX, "{} bytes", note.len());
+        assert!(note.len() > EVENT_NOTE_MAX - 8, "{} bytes", note.len());
+        assert!(note.ends_with('…'));
+        assert!(note.starts_with("NodesConfigured=False (Pending): éé"));
+        let short = "x".repeat(EVENT_NOTE_MAX);
+        assert_eq!(event_note(short.clone()), short);
+    }
+
+    #[test]
+    fn node_errors_are_listed_up_to_three() {
+        let report = |node: &str, error: Option<&str>| nodes::AgentReport {
+            node: node.into(),
+            live: true,
+            config_hash: None,
+            registries: Vec::new(),
+            last_error: error.map(String::from),
+        };
+        assert_eq!(node_errors(&[report("a", None)]), None);
+        let long = "e".repeat(1024);
+        let mut reports: Vec<_> = (0..10)
+            .map(|i| report(&format!("n{i}"), Some(&long)))
+            .collect();
+        reports.push(report("ok", None));
+        let m = node_errors(&reports).unwrap();
+        assert!(m.starts_with(&format!("n0: {long}; n1: {long}; n2: {long}")));
+        assert!(m.ends_with("; and 7 more"), "{}", &m[m.len() - 40..]);
+        assert!(!m.contains("n3:"));
+        let three = node_errors(&reports[..3]).unwrap();
+        assert!(!three.contains("more"), "{three}");
     }
 
     #[test]

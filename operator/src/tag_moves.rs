@@ -102,7 +102,7 @@ pub async fn publish(kube: &Kube, regarding: &ObjectReference, note: Note) {
         },
         action: Some("ObserveTags".into()),
         reason: Some(note.reason),
-        note: Some(note.note),
+        note: Some(crate::status::event_note(note.note)),
         type_: Some(
             match note.type_ {
                 EventType::Normal => "Normal",
