@@ -402,8 +402,10 @@ fn operator_metrics() -> String {
 
 /// Every `pullthrough_*` metric the dashboard and the alerts read is one
 /// that a real proxy or operator exports (a renamed metric fails here),
-/// except the two gauges of the upstream budget feature, which the rules
-/// must reference and the proxy must not export yet.
+/// with no exception: the upstream budget gauges the rules read
+/// (`pullthrough_upstream_ratelimit_remaining` and `_limit`) are exported
+/// by the proxy scraped here once it has pulled from the Docker Hub stub
+/// (`ratelimit-*` headers).
 #[test]
 fn every_metric_the_dashboard_and_the_alerts_read_is_exported() {
     let helm = Helm::new(None).expect("helm");
