@@ -233,6 +233,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         grants: Default::default(),
         metrics: metrics.clone(),
         inflight: Default::default(),
+        manifest_turns: Default::default(),
         repos: Default::default(),
         tier: tier.clone(),
         uploads,

@@ -163,6 +163,76 @@ fn fifty_concurrent_misses_fetch_once_and_survive_a_quitter() {
     assert!(tmp_entries(&proxy).is_empty(), "{:?}", tmp_entries(&proxy));
 }
 
+/// 50 clients ask for one uncached manifest by digest at once (a
+/// rollout's nodes): the upstream sees one GET — each counts against
+/// Docker Hub's pull limit — and every client gets the manifest.
+#[test]
+fn fifty_concurrent_manifest_misses_fetch_once() {
+    use bytes::Bytes;
+    use http::{Method, Response};
+
+    const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+    let manifest = Bytes::from(
+        serde_json::json!({
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": sha256_digest(b"config"), "size": 6},
+            "layers": []})
+        .to_string(),
+    );
+    let digest = sha256_digest(&manifest);
+    let (body, d) = (manifest.clone(), digest.clone());
+    let stub = Stub::canned()
+        .route(move |seen| {
+            if seen.method == Method::GET && seen.path == format!("/v2/app/manifests/{d}") {
+                // Slow enough that every client asks while the first
+                // fetch is under way.
+                std::thread::sleep(Duration::from_millis(100));
+                return Response::builder()
+                    .status(StatusCode::OK)
+                    .header("content-type", MANIFEST_TYPE)
+                    .header("docker-content-digest", d.as_str())
+                    .body(body.clone())
+                    .unwrap();
+            }
+            Response::builder()
+                .status(StatusCode::NOT_FOUND)
+                .body(Bytes::new())
+                .unwrap()
+        })
+        .start()
+        .unwrap();
+    let proxy = common::proxy_serving("quay.io", &stub.url());
+    let url = format!("{}/v2/quay.io/app/manifests/{digest}", proxy.http_url());
+    let results = rt().block_on(async {
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let headers = vec![("Accept", MANIFEST_TYPE.to_string())];
+                tokio::spawn(fetch(url.clone(), headers, BodyMode::Keep))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.status, StatusCode::OK, "client {i}: {}", proxy.log());
+        assert_eq!(&r.body[..], &manifest[..], "client {i}");
+    }
+    assert_eq!(
+        stub.count("GET", &format!("/v2/app/manifests/{digest}")),
+        1,
+        "{:?}",
+        stub.requests()
+    );
+    let misses = proxy
+        .wait_access(&[("kind", "manifest"), ("cache", "MISS")])
+        .unwrap();
+    assert_eq!(misses.len(), 1, "{misses:?}");
+}
+
 /// With a slow upstream, a waiter gets its first byte long before the
 /// download ends (no wait-for-whole-file), and still one upstream GET.
 #[test]

@@ -1,5 +1,6 @@
 //! The cache: content-addressed blobs and manifests, tag → digest answers,
-//! downloads in flight, and which repository was served which digest.
+//! downloads in flight (and turns for manifest fetches), and which
+//! repository was served which digest.
 
 pub mod inflight;
 pub mod pins;
@@ -8,6 +9,7 @@ pub mod repos;
 pub mod shared;
 pub mod store;
 pub mod tags;
+pub mod turns;
 
 /// `t` as milliseconds since the epoch (0 before it): the clock the shared
 /// bucket's coordination files, `/status` and the admin API use, where uses

@@ -44,20 +44,20 @@ pub(crate) async fn manifest_by_digest(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let path = format!("/v2/{repo}/manifests/{digest}");
-    // Access first: nothing of the object is read before the client is
-    // known to be allowed it (a refused client costs no memory or disk).
     if let Some(cached) = lookup_manifest(ctx, digest).await? {
-        if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
-            record.cache = CacheResult::Denied;
-            return Ok(refusal);
-        }
-        record.cache = match cached {
-            CachedManifest::Shared(..) => CacheResult::SharedHit,
-            _ => CacheResult::Hit,
-        };
-        ctx.served(digest);
-        return cached_manifest(ctx, cached, method).await;
+        return serve_cached(ctx, method, headers, &path, digest, cached, record).await;
     }
+    // Concurrent misses of a digest take turns: the first fetches it, the
+    // others then find it cached (a HEAD only looks, it stores nothing).
+    let _turn = if *method == Method::GET {
+        let turn = ctx.shared.manifest_turns.take(digest).await;
+        if let Some(cached) = lookup_manifest(ctx, digest).await? {
+            return serve_cached(ctx, method, headers, &path, digest, cached, record).await;
+        }
+        Some(turn)
+    } else {
+        None
+    };
     record.cache = CacheResult::Miss;
     let url = ctx.url(&path, None)?;
     let up = ctx
@@ -90,6 +90,30 @@ pub(crate) async fn manifest_by_digest(
         bytes.len() as u64,
         body::full(bytes),
     ))
+}
+
+/// A cached manifest, to a client the upstream lets read it. Access first:
+/// nothing of the object is read before the client is known to be allowed
+/// it (a refused client costs no memory or disk).
+async fn serve_cached(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    path: &str,
+    digest: &Digest,
+    cached: CachedManifest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    if let Some(refusal) = ctx.check_cached(headers, path, digest).await? {
+        record.cache = CacheResult::Denied;
+        return Ok(refusal);
+    }
+    record.cache = match cached {
+        CachedManifest::Shared(..) => CacheResult::SharedHit,
+        _ => CacheResult::Hit,
+    };
+    ctx.served(digest);
+    cached_manifest(ctx, cached, method).await
 }
 
 /// Stores a verified manifest; a full or failing disk is logged (and

@@ -73,6 +73,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Blob downloads in flight (merged misses).
     pub inflight: Arc<Inflight>,
+    /// Manifest fetches by digest, one at a time per digest.
+    pub manifest_turns: crate::cache::turns::Turns<crate::oci::Digest>,
     /// Which digests each repository was served (admin API, purge).
     pub repos: RepoIndex,
     /// The object store shared by every replica (`storage:`), if any.
