@@ -197,6 +197,28 @@ pub fn error_response(status: StatusCode, code: ErrorCode, message: &str) -> Res
     resp
 }
 
+/// True for the media types served under `/manifests/`: image manifests
+/// and indexes (OCI and Docker), and the legacy Docker schema 1. Anything
+/// else the store holds (layers, configs) is a blob, never a manifest.
+pub fn is_manifest_type(media_type: &str) -> bool {
+    let mt = media_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    matches!(
+        mt.as_str(),
+        "application/vnd.oci.image.manifest.v1+json"
+            | "application/vnd.oci.image.index.v1+json"
+            | "application/vnd.oci.artifact.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v2+json"
+            | "application/vnd.docker.distribution.manifest.list.v2+json"
+            | "application/vnd.docker.distribution.manifest.v1+json"
+            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

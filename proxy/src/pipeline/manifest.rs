@@ -21,6 +21,7 @@ use crate::http::headers::{
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
+pub(crate) use crate::oci::is_manifest_type;
 
 /// Largest manifest the proxy accepts from the upstream (the distribution
 /// spec suggests 4 MiB).
@@ -150,28 +151,6 @@ pub(crate) async fn store_manifest(
             }
         });
     }
-}
-
-/// True for the media types served under `/manifests/`: image manifests
-/// and indexes (OCI and Docker), and the legacy Docker schema 1. Anything
-/// else the store holds (layers, configs) is a blob, never a manifest.
-pub(crate) fn is_manifest_type(media_type: &str) -> bool {
-    let mt = media_type
-        .split(';')
-        .next()
-        .unwrap_or_default()
-        .trim()
-        .to_ascii_lowercase();
-    matches!(
-        mt.as_str(),
-        "application/vnd.oci.image.manifest.v1+json"
-            | "application/vnd.oci.image.index.v1+json"
-            | "application/vnd.oci.artifact.manifest.v1+json"
-            | "application/vnd.docker.distribution.manifest.v2+json"
-            | "application/vnd.docker.distribution.manifest.list.v2+json"
-            | "application/vnd.docker.distribution.manifest.v1+json"
-            | "application/vnd.docker.distribution.manifest.v1+prettyjws"
-    )
 }
 
 /// The manifest media type a manifest names in its `mediaType` field.

@@ -40,10 +40,13 @@ impl Index {
     /// Keeps `bytes` of a committed entry in memory, making room by
     /// dropping other copies (any: they are only a shortcut to the file).
     pub(super) fn keep_small(&mut self, digest: &Digest, bytes: &bytes::Bytes, meta: &BlobMeta) {
-        if bytes.len() > SMALL_MAX
-            || !self.entries.contains_key(digest)
-            || self.small.contains_key(digest)
-        {
+        if bytes.len() > SMALL_MAX || !self.entries.contains_key(digest) {
+            return;
+        }
+        // Already kept: the bytes are the same (same digest), the meta may
+        // have been filled in since.
+        if let Some((_, kept)) = self.small.get_mut(digest) {
+            *kept = meta.clone();
             return;
         }
         while self.small_bytes + bytes.len() > SMALL_TOTAL {

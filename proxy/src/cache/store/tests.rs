@@ -376,3 +376,44 @@ async fn index_rebuild_of_100k_entries() {
     assert_eq!(store.usage(), (400_000, 100_000));
     assert!(took < std::time::Duration::from_secs(30), "{took:?}");
 }
+
+/// A manifest's bytes first stored as a blob (a client asked for them
+/// under `/blobs/`) become a manifest once fetched as one; a later blob
+/// fetch does not make a manifest a blob again.
+#[tokio::test]
+async fn bytes_stored_as_a_blob_become_a_manifest_when_fetched_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).await.unwrap();
+    let manifest =
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#;
+    let digest = Digest::of(manifest);
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+
+    store
+        .put(&digest, meta("application/octet-stream"), manifest)
+        .await
+        .unwrap();
+    let stored = store.put(&digest, meta(oci), manifest).await.unwrap();
+    assert_eq!(stored.meta, meta(oci));
+    assert_eq!(
+        store.lookup(&digest).await.unwrap().unwrap().meta,
+        meta(oci)
+    );
+    assert_eq!(store.memory_copy(&digest).unwrap().1, meta(oci));
+
+    store
+        .put(&digest, meta("application/octet-stream"), manifest)
+        .await
+        .unwrap();
+    assert_eq!(
+        store.lookup(&digest).await.unwrap().unwrap().meta,
+        meta(oci)
+    );
+    // Reopened: the sidecar on disk says so too.
+    drop(store);
+    let store = BlobStore::open(dir.path()).await.unwrap();
+    assert_eq!(
+        store.lookup(&digest).await.unwrap().unwrap().meta,
+        meta(oci)
+    );
+}

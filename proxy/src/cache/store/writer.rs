@@ -354,8 +354,18 @@ pub(super) fn place(
     if let Some(mut found) = existing(layout, &digest)? {
         drop(file);
         drop(temp);
-        // Fill in a sidecar an earlier writer did not have.
-        if found.meta == BlobMeta::default() && meta != BlobMeta::default() {
+        // Fill in a sidecar an earlier writer did not have, and let a
+        // manifest fetched as one be a manifest: the same bytes first
+        // stored through `/blobs/` (as octet-stream) would otherwise never
+        // be served under `/manifests/` and be fetched again every time.
+        let is_manifest = |m: &BlobMeta| {
+            m.media_type
+                .as_deref()
+                .is_some_and(crate::oci::is_manifest_type)
+        };
+        if (found.meta == BlobMeta::default() && meta != BlobMeta::default())
+            || (is_manifest(&meta) && !is_manifest(&found.meta))
+        {
             write_meta(layout, &digest, &meta)?;
             fsync_dir(&layout.shard(&digest))?;
             found.meta = meta;
