@@ -39,6 +39,18 @@ fn hijack_names(r: &RegistryConfig) -> impl Iterator<Item = &str> {
     r.names().chain(r.auth_hosts.iter().map(String::as_str))
 }
 
+/// `host:port` (an IPv6 literal is bracketed, `[::1]:5000`).
+fn has_port(name: &str) -> bool {
+    match name.rsplit_once(':') {
+        Some((host, port)) => {
+            !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!host.contains(':') || host.ends_with(']'))
+        }
+        None => false,
+    }
+}
+
 fn is_docker_hub(r: &RegistryConfig) -> bool {
     r.names().any(|n| n == DOCKER_HUB)
 }
@@ -63,6 +75,17 @@ pub fn docker(cfg: &AgentConfig) -> Result<DockerWant, ConfigError> {
         if let Some(n) = hijack_names(r).find(|n| p.never_hijack.iter().any(|h| h == n)) {
             notes.push(format!(
                 "{}: not hijacked ({n} is in proxy.neverHijack: pullthrough's own images come from there)",
+                r.host
+            ));
+            continue;
+        }
+        // /etc/hosts maps names, not ports: dockerd would dial the port
+        // the name carries on the proxy's address, where nothing listens,
+        // or (the entry being invalid) resolve the name as before and pull
+        // around the proxy. Said, not done.
+        if let Some(n) = hijack_names(r).find(|n| has_port(n)) {
+            notes.push(format!(
+                "{}: not hijacked for dockerd ({n} has a port, which /etc/hosts cannot redirect; containerd and CRI-O mirror it)",
                 r.host
             ));
             continue;
@@ -186,6 +209,32 @@ registries:
         assert!(d.daemon_json.insecure_registries.is_empty());
         assert_eq!(d.ca_authorities, ["quay.io", "cdn.quay.io", "10.0.0.5"]);
         assert!(d.notes[0].contains("neverHijack"), "{:?}", d.notes);
+    }
+
+    #[test]
+    fn a_name_with_a_port_is_not_hijacked_and_says_so() {
+        let c = cfg("proxy: {address: 10.0.0.5, caFile: c}
+registries:
+  - {host: 'registry.local:5000'}
+  - {host: quay.io, aliases: ['quay.local:8443']}
+  - {host: ghcr.io}
+");
+        let d = docker(&c).unwrap();
+        let names: Vec<_> = d.hosts.iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["ghcr.io"]);
+        assert_eq!(d.ca_authorities, ["ghcr.io", "10.0.0.5"]);
+        assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
+        assert!(
+            d.notes[0].contains("registry.local:5000 has a port"),
+            "{:?}",
+            d.notes
+        );
+        assert!(
+            d.notes[1].contains("quay.local:8443 has a port"),
+            "{:?}",
+            d.notes
+        );
+        assert!(has_port("[::1]:5000") && !has_port("fd00::1") && !has_port("quay.io"));
     }
 
     #[test]
