@@ -173,6 +173,11 @@ pub enum AgentError {
         #[source]
         source: PatchError,
     },
+    /// Someone else wrote the file between the agent's read and its write.
+    #[error(
+        "{path} changed while the agent planned its edit; nothing was written, the next apply reads it again"
+    )]
+    ChangedMeanwhile { path: String },
     /// `dockerd --validate` refused the patched daemon.json.
     #[error("{path}: dockerd --validate rejects the result: {reason}; nothing was written")]
     Rejected { path: String, reason: String },

@@ -222,6 +222,17 @@ pub fn commit(
     mut changes: Vec<Change>,
     out: &mut dyn Write,
 ) -> Result<(), AgentError> {
+    // 0. Every file is still as it was read for the plan: another writer
+    //    (an admin's editor, a config manager) that changed one since would
+    //    otherwise lose its change to this write. The window left is the
+    //    few steps below, not the whole plan.
+    for c in changes.iter().filter(|c| c.changed()) {
+        if root.read(&c.path)? != c.before {
+            return Err(AgentError::ChangedMeanwhile {
+                path: c.path.clone(),
+            });
+        }
+    }
     // 1. First-edit backups.
     for c in changes.iter_mut().filter(|c| c.changed()) {
         if let Some(rec) = &mut c.record

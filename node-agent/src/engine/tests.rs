@@ -724,3 +724,47 @@ fn one_broken_file_does_not_stop_the_revert_of_the_others() {
     run_revert(&root, &mut exec);
     assert_eq!(snapshot(t.path()), before);
 }
+
+/// A file someone else writes between the agent's read (the plan) and its
+/// write keeps their content: the commit refuses, writes nothing, records
+/// nothing, and the next apply plans from what is there now.
+#[test]
+fn a_file_changed_between_plan_and_write_is_not_overwritten() {
+    let t = tempfile::tempdir().unwrap();
+    let ours = b"127.0.0.1 localhost\n";
+    let theirs = "127.0.0.1 localhost\n10.1.1.1 theirs.example\n";
+    write(t.path(), "/etc/hosts", ours);
+    let root = Root::new(t.path());
+    let mut st = state::State::default();
+    let change = plan::Change {
+        path: "/etc/hosts".into(),
+        before: Some(ours.to_vec()),
+        after: Some(b"127.0.0.1 localhost\n10.0.0.5 quay.io\n".to_vec()),
+        record: None,
+        mode: 0o644,
+        notes: Vec::new(),
+        restored: false,
+    };
+    write(t.path(), "/etc/hosts", theirs.as_bytes());
+    let mut out = Vec::new();
+    let err = plan::commit(&root, &mut st, vec![change], &mut out).unwrap_err();
+    assert!(
+        matches!(&err, AgentError::ChangedMeanwhile { path } if path == "/etc/hosts"),
+        "{err}"
+    );
+    assert_eq!(read(t.path(), "/etc/hosts"), theirs);
+    assert!(state::load(&root).unwrap().is_none());
+
+    // The next apply starts from their content and keeps it.
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    );
+    r.unwrap();
+    let hosts = read(t.path(), "/etc/hosts");
+    assert!(hosts.starts_with(theirs), "{out}\n{hosts}");
+    assert!(hosts.contains("quay.io"), "{hosts}");
+}
