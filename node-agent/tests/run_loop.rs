@@ -263,6 +263,19 @@ fn run_watches_the_configmaps_and_reports_in_a_lease() {
             api.kubectl_with(&kubeconfig, &["get", "configmaps", "-n", "default"])
                 .is_err()
         );
+        // Nor another ConfigMap of its own namespace.
+        api.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &configmap("someone-elses", "secret.txt", "not for agents"),
+        )
+        .unwrap();
+        assert!(
+            api.kubectl_with(
+                &kubeconfig,
+                &["get", "configmap", "someone-elses", "-n", "pullthrough"]
+            )
+            .is_err()
+        );
 
         let ca = TestCa::new("pullthrough test proxy CA").unwrap();
         let table1 = "proxy:\n  address: 10.96.0.50\n  caFile: /etc/pullthrough/ca/ca.crt\n\
