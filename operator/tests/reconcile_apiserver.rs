@@ -126,9 +126,12 @@ impl Operator {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--proxy-status-url")
             .arg(format!("http://127.0.0.1:{}/status", self.status_port))
-            .args(["--resync-interval", "1s", "--delete-timeout", "30s"])
+            .args(["--resync-interval", "1s"])
             .args(["--identity", &format!("test-{}", self.n)])
             .args(&self.args);
+        if !self.args.iter().any(|a| a == "--delete-timeout") {
+            cmd.args(["--delete-timeout", "30s"]);
+        }
         let mut p = Process::spawn(
             "pullthrough-operator",
             cmd,
@@ -555,6 +558,117 @@ fn operator_reconciles_against_a_real_apiserver() {
     }
     let status = proc2.stop().unwrap().expect("exit status");
     assert!(status.success(), "{status}");
+}
+
+/// An agent that never drops a deleted registry (a dead node's last
+/// report) holds the finalizer for `--delete-timeout` only: then it goes,
+/// with a `CleanupTimeout` Warning naming the node.
+#[test]
+fn a_finalizer_held_by_an_agent_goes_after_the_delete_timeout() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port: fake.addr().port(),
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+        args: vec!["--delete-timeout".into(), "5s".into()],
+    };
+    let (mut proc, _) = op.start();
+    apply(&api, "quay", json!({"host": "quay.io"})).unwrap();
+    wait_table(&api, "quay.io in the table", |c| hosts(c) == ["quay.io"]);
+    assert!(
+        mreg(&api, "quay").unwrap()["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+    );
+    agent_lease(&api, "node-1", "quay.io");
+    let deleted = std::time::Instant::now();
+    api.kubectl(&["delete", "mreg", "quay", "--wait=false"])
+        .unwrap();
+    wait_table(&api, "empty table", |c| c.registries.is_empty());
+    assert!(
+        mreg(&api, "quay").is_some(),
+        "the agent still lists quay.io"
+    );
+    wait_for("quay deleted", TIMEOUT, || Ok(mreg(&api, "quay").is_none()))
+        .unwrap_or_else(|e| panic!("{e}\n{}", proc.log()));
+    // deletionTimestamp has whole seconds: at least 4 of the 5.
+    assert!(
+        deleted.elapsed() >= Duration::from_secs(4),
+        "removed after {:?}",
+        deleted.elapsed()
+    );
+    let events = api
+        .get_json(&["events.v1.events.k8s.io", "-n", "default"])
+        .unwrap();
+    let timeout = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "CleanupTimeout")
+        .unwrap_or_else(|| panic!("no CleanupTimeout Event: {events}"));
+    assert_eq!(timeout["type"], "Warning", "{timeout}");
+    assert_eq!(timeout["regarding"]["name"], "quay", "{timeout}");
+    let note = timeout["note"].as_str().unwrap();
+    assert!(
+        note.contains("node-1") && note.contains("quay.io"),
+        "{note}"
+    );
+    let status = proc.stop().unwrap().expect("exit status");
+    assert!(status.success(), "{status}");
+}
+
+/// A leader that finds its Lease held by another replica (it was cut off
+/// past the Lease duration and a standby took over) stops at once, exit
+/// code 1, so that two replicas never write the table together; and it
+/// leaves the other's Lease alone on its way out.
+#[test]
+fn a_leader_whose_lease_was_taken_over_exits() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port: fake.addr().port(),
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+        args: vec!["--leader-lease-duration".into(), "3s".into()],
+    };
+    let (mut proc, _) = op.start();
+    apply(&api, "quay", json!({"host": "quay.io"})).unwrap();
+    wait_table(&api, "quay.io in the table", |c| hosts(c) == ["quay.io"]);
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let lease = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "pullthrough-operator", "namespace": NS},
+        "spec": {"holderIdentity": "another-replica", "leaseDurationSeconds": 3600,
+                 "renewTime": humantime_rfc3339(now)},
+    });
+    api.kubectl_stdin(&["apply", "-f", "-"], &lease.to_string())
+        .unwrap();
+    wait_for("the old leader exits", TIMEOUT, || {
+        Ok(proc.check_running().is_err())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log()));
+    let status = proc.stop().unwrap().expect("exit status");
+    assert_eq!(status.code(), Some(1), "{}", proc.log());
+    assert!(
+        proc.log().contains("lost the leader Lease"),
+        "{}",
+        proc.log()
+    );
+    let held = api
+        .get_json(&["lease", "pullthrough-operator", "-n", NS])
+        .unwrap();
+    assert_eq!(held["spec"]["holderIdentity"], "another-replica", "{held}");
 }
 
 fn secret_cert(api: &KubeApiserver) -> Option<String> {
