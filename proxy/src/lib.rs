@@ -234,6 +234,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         metrics: metrics.clone(),
         inflight: Default::default(),
         manifest_turns: Default::default(),
+        tag_turns: Default::default(),
         repos: Default::default(),
         tier: tier.clone(),
         uploads,

@@ -163,9 +163,9 @@ fn fifty_concurrent_misses_fetch_once_and_survive_a_quitter() {
     assert!(tmp_entries(&proxy).is_empty(), "{:?}", tmp_entries(&proxy));
 }
 
-/// 50 clients ask for one uncached manifest by digest at once (a
-/// rollout's nodes): the upstream sees one GET — each counts against
-/// Docker Hub's pull limit — and every client gets the manifest.
+/// 50 clients ask for one uncached manifest at once (a rollout's nodes),
+/// by digest and then by tag: the upstream sees one GET each — each counts
+/// against Docker Hub's pull limit — and every client gets the manifest.
 #[test]
 fn fifty_concurrent_manifest_misses_fetch_once() {
     use bytes::Bytes;
@@ -184,7 +184,8 @@ fn fifty_concurrent_manifest_misses_fetch_once() {
     let (body, d) = (manifest.clone(), digest.clone());
     let stub = Stub::canned()
         .route(move |seen| {
-            if seen.method == Method::GET && seen.path == format!("/v2/app/manifests/{d}") {
+            let by_digest = seen.path == format!("/v2/app/manifests/{d}");
+            if seen.method == Method::GET && (by_digest || seen.path == "/v2/app/manifests/v1") {
                 // Slow enough that every client asks while the first
                 // fetch is under way.
                 std::thread::sleep(Duration::from_millis(100));
@@ -231,6 +232,31 @@ fn fifty_concurrent_manifest_misses_fetch_once() {
         .wait_access(&[("kind", "manifest"), ("cache", "MISS")])
         .unwrap();
     assert_eq!(misses.len(), 1, "{misses:?}");
+
+    let url = format!("{}/v2/quay.io/app/manifests/v1", proxy.http_url());
+    let results = rt().block_on(async {
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let headers = vec![("Accept", MANIFEST_TYPE.to_string())];
+                tokio::spawn(fetch(url.clone(), headers, BodyMode::Keep))
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.unwrap());
+        }
+        out
+    });
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.status, StatusCode::OK, "client {i}: {}", proxy.log());
+        assert_eq!(&r.body[..], &manifest[..], "client {i} (tag)");
+    }
+    assert_eq!(
+        stub.count("GET", "/v2/app/manifests/v1"),
+        1,
+        "{:?}",
+        stub.requests()
+    );
 }
 
 /// With a slow upstream, a waiter gets its first byte long before the

@@ -1,8 +1,9 @@
 //! One upstream fetch at a time per key, for the small objects that are
-//! read whole (manifests by digest): concurrent misses take turns, and
-//! everyone after the first finds the object in the cache. Without this a
-//! rollout's nodes asking for one manifest at once each cost an upstream
-//! `GET` — and on Docker Hub each counts against the pull limit.
+//! read whole (manifests by digest and by tag): concurrent misses take
+//! turns, and everyone after the first finds the object in the cache.
+//! Without this a rollout's nodes asking for one manifest at once each
+//! cost an upstream `GET` — and on Docker Hub each counts against the pull
+//! limit.
 //!
 //! Blobs have their own, streaming, merge (`inflight`): a waiter there
 //! reads the download as it arrives. A manifest is small, so waiting for

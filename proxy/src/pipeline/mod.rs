@@ -75,6 +75,8 @@ pub struct Shared {
     pub inflight: Arc<Inflight>,
     /// Manifest fetches by digest, one at a time per digest.
     pub manifest_turns: crate::cache::turns::Turns<crate::oci::Digest>,
+    /// First fetches of a tag, one at a time per (registry, repository, tag).
+    pub tag_turns: crate::cache::turns::Turns<(String, String, String)>,
     /// Which digests each repository was served (admin API, purge).
     pub repos: RepoIndex,
     /// The object store shared by every replica (`storage:`), if any.

@@ -130,6 +130,32 @@ pub(crate) async fn manifest_by_tag(
         }
     }
 
+    // Concurrent first asks for a tag (a rollout's nodes) take turns: the
+    // first asks the upstream, the others get the answer it stored, which
+    // is no older than their own request (a `GET` by tag counts against
+    // Docker Hub's pull limit).
+    let _turn = if known.is_none() && *method == Method::GET && cache_tags {
+        let key = (host.to_string(), repo.to_string(), tag.to_string());
+        let turn = ctx.shared.tag_turns.take(&key).await;
+        if let Some(entry) = ctx
+            .shared
+            .tags
+            .get(host, repo, tag)
+            .filter(|e| accepts(headers, &e.media_type) && e.resolved_at >= record.started)
+            && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
+        {
+            let known = Known {
+                repo,
+                tag,
+                entry: &entry,
+                cached,
+            };
+            return serve_known(ctx, headers, method, record, known, CacheResult::Hit).await;
+        }
+        Some(turn)
+    } else {
+        None
+    };
     record.cache = CacheResult::Miss;
     let url = ctx.url(&format!("/v2/{repo}/manifests/{tag}"), None)?;
     let up = match ctx
