@@ -227,8 +227,17 @@ fn a_refusal_on_a_bucket_hit_opens_nothing_and_stalls_no_later_pull() {
         assert_eq!(r.status, StatusCode::OK, "{d}");
         assert_eq!(&sha256_digest(&r.body), d);
     }
+    // A line is written once its body is done, a moment after the client
+    // has it: wait for the last one.
+    let hits = || proxy.access_matching(&[("cache", "SHARED_HIT")]).len();
+    wait_for(
+        "a SHARED_HIT line per blob",
+        Duration::from_secs(10),
+        || Ok(hits() >= blobs.len()),
+    )
+    .unwrap_or_else(|e| panic!("{e}: {:#?}", proxy.access_lines()));
     assert_eq!(
-        proxy.access_matching(&[("cache", "SHARED_HIT")]).len(),
+        hits(),
         blobs.len(),
         "each blob served from the bucket once it was asked for where it belongs"
     );
