@@ -29,7 +29,7 @@ impl SharedTier {
     /// A coordination object (lease, access journal) and its version.
     pub async fn read_coord(&self, name: &str) -> Result<Option<(Bytes, Version)>, TierError> {
         let key = self.coord_key(name);
-        let got = match self.store.get(&key).await {
+        let got = match self.bounded("GET", &key, self.store.get(&key)).await? {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(self.err("GET", &key, e)),
             Ok(got) => got,
@@ -38,9 +38,9 @@ impl SharedTier {
             e_tag: got.meta.e_tag.clone(),
             version: got.meta.version.clone(),
         };
-        let bytes = got
-            .bytes()
-            .await
+        let bytes = self
+            .bounded("GET body", &key, got.bytes())
+            .await?
             .map_err(|e| self.err("GET body", &key, e))?;
         Ok(Some((bytes, version)))
     }
@@ -63,7 +63,8 @@ impl SharedTier {
             mode,
             ..PutOptions::default()
         };
-        match self.store.put_opts(&key, body.into(), opts).await {
+        let put = self.store.put_opts(&key, body.into(), opts);
+        match self.bounded("PUT", &key, put).await? {
             Ok(r) => Ok(Some(Version {
                 e_tag: r.e_tag,
                 version: r.version,
@@ -79,9 +80,8 @@ impl SharedTier {
     /// Overwrites a coordination object this replica alone writes.
     pub async fn put_coord(&self, name: &str, body: Bytes) -> Result<(), TierError> {
         let key = self.coord_key(name);
-        self.store
-            .put(&key, body.into())
-            .await
+        self.bounded("PUT", &key, self.store.put(&key, body.into()))
+            .await?
             .map(|_| ())
             .map_err(|e| self.err("PUT", &key, e))
     }
@@ -118,7 +118,10 @@ impl SharedTier {
     /// Removes a blob (eviction); absent is fine.
     pub async fn delete(&self, d: &Digest) -> Result<(), TierError> {
         let key = self.key(d);
-        match self.store.delete(&key).await {
+        match self
+            .bounded("DELETE", &key, self.store.delete(&key))
+            .await?
+        {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(self.err("DELETE", &key, e)),
         }

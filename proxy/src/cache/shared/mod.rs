@@ -50,6 +50,13 @@ use crate::oci::Digest;
 /// path: past it the request goes on as a miss.
 const META_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest one object-store call made off the request path may take (a
+/// part upload, a coordination write, a LIST). The client's own request
+/// timeout is off so that blob bodies can stream as long as they need;
+/// without this a bucket that accepts connections and never answers would
+/// hold an upload slot, the evictor or the grant sharing for good.
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Part size of multipart uploads (S3 minimum is 5 MiB).
 const PART: usize = 8 << 20;
 /// Parts of one upload in flight at once.
@@ -100,6 +107,8 @@ pub struct SharedTier {
     /// `s3://bucket/prefix`, for logs.
     location: String,
     health: Health,
+    /// [`BACKGROUND_TIMEOUT`], shorter in tests.
+    background_timeout: Duration,
 }
 
 impl SharedTier {
@@ -109,7 +118,37 @@ impl SharedTier {
             prefix: Key::from(prefix.trim_matches('/')),
             location,
             health: Health::default(),
+            background_timeout: BACKGROUND_TIMEOUT,
         }
+    }
+
+    #[cfg(test)]
+    pub fn with_background_timeout(mut self, timeout: Duration) -> Self {
+        self.background_timeout = timeout;
+        self
+    }
+
+    /// `call`, failed as a timeout (and counted against the store's health)
+    /// past the background timeout; the store's own answer otherwise, for
+    /// the caller to read (NotFound, AlreadyExists and Precondition are
+    /// answers, not failures).
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        key: &Key,
+        call: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<object_store::Result<T>, TierError> {
+        tokio::time::timeout(self.background_timeout, call)
+            .await
+            .map_err(|_| {
+                let err = TierError::Timeout {
+                    op,
+                    key: key.to_string(),
+                    secs: self.background_timeout.as_secs().max(1),
+                };
+                self.health.failed(&err);
+                err
+            })
     }
 
     pub fn location(&self) -> &str {
@@ -136,10 +175,9 @@ impl SharedTier {
 
     /// Every object under `key`.
     async fn list(&self, key: &Key) -> Result<Vec<object_store::ObjectMeta>, TierError> {
-        self.store
-            .list(Some(key))
-            .try_collect()
-            .await
+        let listing = self.store.list(Some(key)).try_collect();
+        self.bounded("LIST", key, listing)
+            .await?
             .map_err(|e| self.err("LIST", key, e))
     }
 
@@ -318,7 +356,8 @@ impl SharedTier {
             attributes: attributes(meta),
             ..PutOptions::default()
         };
-        match self.store.put_opts(&key, bytes.into(), opts).await {
+        let put = self.store.put_opts(&key, bytes.into(), opts);
+        match self.bounded("PUT", &key, put).await? {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {
                 self.health.succeeded();
                 Ok(())
@@ -342,9 +381,12 @@ impl SharedTier {
             ..PutMultipartOptions::default()
         };
         let up = self
-            .store
-            .put_multipart_opts(&key, opts)
-            .await
+            .bounded(
+                "start upload",
+                &key,
+                self.store.put_multipart_opts(&key, opts),
+            )
+            .await?
             .map_err(|e| self.err("start upload", &key, e))?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(up, PART);
         let mut hasher = Sha256::new();
@@ -354,8 +396,11 @@ impl SharedTier {
                 None => break None,
                 Some(Err(e)) => break Some(e),
                 Some(Ok(chunk)) => {
-                    if let Err(e) = w.wait_for_capacity(PARTS_IN_FLIGHT).await {
-                        break Some(self.err("upload part", &key, e));
+                    let room = w.wait_for_capacity(PARTS_IN_FLIGHT);
+                    match self.bounded("upload part", &key, room).await {
+                        Err(timeout) => break Some(timeout),
+                        Ok(Err(e)) => break Some(self.err("upload part", &key, e)),
+                        Ok(Ok(())) => {}
                     }
                     hasher.update(&chunk);
                     sent += chunk.len() as u64;
@@ -365,13 +410,18 @@ impl SharedTier {
         };
         let failed = failed.or_else(|| verify(d, &hasher.finalize()).err());
         if let Some(e) = failed {
-            if let Err(abort) = w.abort().await {
+            let aborted = match self.bounded("abort upload", &key, w.abort()).await {
+                Ok(Ok(())) => None,
+                Ok(Err(abort)) => Some(abort.to_string()),
+                Err(abort) => Some(abort.to_string()),
+            };
+            if let Some(abort) = aborted {
                 tracing::warn!(%d, error = %abort, "aborting the upload failed; the store's lifecycle rule removes its parts");
             }
             return Err(e);
         }
-        w.finish()
-            .await
+        self.bounded("complete upload", &key, w.finish())
+            .await?
             .map_err(|e| self.err("complete upload", &key, e))?;
         self.health.succeeded();
         Ok(sent)

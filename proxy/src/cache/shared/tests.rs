@@ -328,3 +328,62 @@ async fn pinned_blobs_are_never_evicted_from_the_bucket() {
         assert!(left.contains(d), "pinned blob evicted");
     }
 }
+
+/// A bucket that accepts connections and never answers: every call made
+/// off the request path fails as a timeout, and marks the store down,
+/// instead of hanging (an upload slot, the evictor or the grant sharing
+/// would otherwise wait for good).
+#[tokio::test]
+async fn calls_off_the_request_path_to_a_silent_bucket_time_out() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let creds = tempfile::tempdir().unwrap();
+    std::fs::write(creds.path().join("accessKeyId"), "key").unwrap();
+    std::fs::write(creds.path().join("secretAccessKey"), "secret").unwrap();
+    let yaml = format!(
+        "storage:\n  s3:\n    endpoint: 'http://{addr}'\n    allowHttp: true\n    pathStyle: true\n    bucket: b\n    credentials: {{source: files, dir: '{}'}}\n",
+        creds.path().display()
+    );
+    let storage = pullthrough_api::config::ProxyConfig::from_yaml(&yaml)
+        .unwrap()
+        .storage
+        .unwrap();
+    let tier = s3::build_s3(&storage)
+        .unwrap()
+        .with_background_timeout(Duration::from_millis(300));
+    let data = vec![7u8; 1 << 20];
+    let d = digest_of(&data);
+    let timed_out = |what: &str, r: Result<(), TierError>| {
+        assert!(matches!(r, Err(TierError::Timeout { .. })), "{what}: {r:?}");
+        assert!(
+            tier.health().skip_for().is_some(),
+            "{what}: not marked down"
+        );
+        tier.health().succeeded();
+    };
+    let calls = async {
+        let up = tier.upload(&d, &layer(), chunks(&data, 64 << 10)).await;
+        timed_out("upload", up.map(|_| ()));
+        let small = tier
+            .put_small(&d, &layer(), Bytes::from(data.clone()))
+            .await;
+        timed_out("put_small", small);
+        timed_out("put_coord", tier.put_coord("journal/a", Bytes::new()).await);
+        let written = tier.write_coord("lease", Bytes::new(), None).await;
+        timed_out("write_coord", written.map(|_| ()));
+        timed_out("read_coord", tier.read_coord("lease").await.map(|_| ()));
+        timed_out("list_blobs", tier.list_blobs().await.map(|_| ()));
+        timed_out("list_coord", tier.list_coord("journal").await.map(|_| ()));
+        timed_out("delete", tier.delete(&d).await);
+    };
+    tokio::time::timeout(Duration::from_secs(30), calls)
+        .await
+        .expect("a call to the silent bucket hung");
+    hold.abort();
+}
