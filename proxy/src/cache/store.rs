@@ -125,6 +125,17 @@ pub struct Lease {
     digest: Digest,
 }
 
+/// A lease on an indexed blob (None if it is not in the index).
+fn lease(inner: &Inner, digest: &Digest) -> Option<Arc<Lease>> {
+    let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = index.entries.get_mut(digest)?;
+    entry.readers += 1;
+    Some(Arc::new(Lease {
+        index: Arc::clone(&inner.index),
+        digest: digest.clone(),
+    }))
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());

@@ -417,3 +417,41 @@ async fn bytes_stored_as_a_blob_become_a_manifest_when_fetched_as_one() {
         meta(oci)
     );
 }
+
+/// A committed blob is leased to whoever committed it (the bucket upload
+/// queue opens its file later): a store filling past its bound evicts the
+/// others, not it, until that blob is dropped.
+#[tokio::test]
+async fn a_committed_blob_is_not_evicted_while_its_committer_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    // 10 000 bytes: evict above 9 000, down to 6 000.
+    let store = BlobStore::open_with(dir.path(), bounded(10_000))
+        .await
+        .unwrap();
+    let first = vec![9u8; 2_000];
+    let d = Digest::of(&first);
+    let held = store.put(&d, BlobMeta::default(), &first).await.unwrap();
+    for i in 0..5u8 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = vec![i; 2_000];
+        drop(
+            store
+                .put(&Digest::of(&b), BlobMeta::default(), &b)
+                .await
+                .unwrap(),
+        );
+    }
+    // The least recently used, yet still there: others went instead.
+    assert!(store.stats().evictions.load(Ordering::Relaxed) > 0);
+    assert_eq!(fs::read(&held.path).unwrap(), first);
+    assert!(store.entry(&d).is_some());
+    drop(held);
+    let b = vec![7u8; 4_000];
+    drop(
+        store
+            .put(&Digest::of(&b), BlobMeta::default(), &b)
+            .await
+            .unwrap(),
+    );
+    assert!(store.entry(&d).is_none(), "dropped, it is evictable again");
+}

@@ -248,7 +248,7 @@ impl BlobWriter {
 
     /// Verifies sha256 == expected digest. On match: fsync the file, write
     /// the meta sidecar, rename into place, fsync the directory, and return
-    /// the blob. On mismatch: delete the temp file, `Err(DigestMismatch)`. If
+    /// the blob, leased (not evicted while it is held). On mismatch: delete the temp file, `Err(DigestMismatch)`. If
     /// the blob already exists (another writer won the race), the temp file
     /// is dropped and the existing blob returned.
     ///
@@ -279,7 +279,11 @@ impl BlobWriter {
             self.written,
         );
         blocking("commit", &temp_path, move || {
-            let blob = finish(&inner, digest, meta, bytes, sink, temp)?;
+            let mut blob = finish(&inner, digest, meta, bytes, sink, temp)?;
+            // Leased before eviction runs: whoever committed it reads it
+            // next (the bucket upload queue opens it later), and a full
+            // store must not delete it from under them meanwhile.
+            blob.lease = super::lease(&inner, &blob.digest);
             evict(&inner);
             Ok(blob)
         })
