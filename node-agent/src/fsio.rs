@@ -100,6 +100,24 @@ impl Root {
         }
     }
 
+    /// Names of the entries of directory `host`, sorted; none when it does
+    /// not exist.
+    pub fn list_dir(&self, host: &str) -> Result<Vec<String>, FsError> {
+        let path = self.resolve(host)?;
+        let entries = match fs::read_dir(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(fs_err(host, "listing")(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(fs_err(host, "listing"))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
+
     pub fn exists(&self, host: &str) -> bool {
         self.resolve(host).is_ok_and(|p| p.exists())
     }

@@ -61,6 +61,11 @@ impl<'a> Planner<'a> {
         }
     }
 
+    /// The host root the plan reads from.
+    pub fn root(&self) -> &Root {
+        self.root
+    }
+
     /// Current contents of a host path, `None` when it does not exist.
     pub fn read(&self, path: &str) -> Result<Option<Vec<u8>>, AgentError> {
         Ok(self.root.read(path)?)

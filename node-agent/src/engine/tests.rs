@@ -768,3 +768,150 @@ fn a_file_changed_between_plan_and_write_is_not_overwritten() {
     assert!(hosts.starts_with(theirs), "{out}\n{hosts}");
     assert!(hosts.contains("quay.io"), "{hosts}");
 }
+
+/// containerd merges the files of `imports` over config.toml, the last
+/// `config_path` winning: hosts.toml files go where that one points,
+/// config.toml is not touched (nor containerd restarted), and revert gives
+/// every byte back. Relative entries and `*` patterns resolve as
+/// containerd resolves them.
+#[test]
+fn an_imported_config_path_decides_where_hosts_toml_goes() {
+    let t = tempfile::tempdir().unwrap();
+    let main = "version = 2\nimports = [\"conf.d/*.toml\", \"/etc/containerd/last.toml\"]\n";
+    write(t.path(), CONFIG_TOML, main.as_bytes());
+    let section = |dir: &str| {
+        format!("[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"{dir}\"\n")
+    };
+    write(
+        t.path(),
+        "/etc/containerd/conf.d/10-registry.toml",
+        section("/etc/containerd/first").as_bytes(),
+    );
+    write(
+        t.path(),
+        "/etc/containerd/conf.d/README",
+        b"not toml, not imported\n",
+    );
+    // Loaded after the conf.d files: its config_path wins.
+    write(
+        t.path(),
+        "/etc/containerd/last.toml",
+        section("/etc/containerd/registries:/etc/docker/certs.d").as_bytes(),
+    );
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    );
+    r.unwrap();
+    assert_eq!(read(t.path(), CONFIG_TOML), main, "{out}");
+    assert!(exec.calls.is_empty(), "no restart: {:?}", exec.calls);
+    let quay = read(t.path(), "/etc/containerd/registries/quay.io/hosts.toml");
+    assert!(quay.contains("https://10.0.0.5"), "{quay}");
+    assert!(!t.path().join("etc/containerd/certs.d").exists(), "{out}");
+    assert!(!t.path().join("etc/containerd/first").exists(), "{out}");
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
+}
+
+/// What containerd would choke on in an imported file is refused, naming
+/// that file, and nothing is written: deprecated mirrors next to a
+/// config_path, `config_path = ""`, an import that does not exist. A
+/// pattern matching nothing is no import at all.
+#[test]
+fn imports_containerd_would_choke_on_are_refused_naming_the_file() {
+    let cases = [
+        (
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://m.example\"]\n",
+            "/etc/containerd/extra.toml: has containerd's deprecated",
+        ),
+        (
+            "[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"\"\n",
+            "/etc/containerd/extra.toml: sets the CRI registry's `config_path` to \"\"",
+        ),
+    ];
+    for (extra, want) in cases {
+        let t = tempfile::tempdir().unwrap();
+        write(
+            t.path(),
+            CONFIG_TOML,
+            b"version = 2\nimports = [\"/etc/containerd/extra.toml\"]\n",
+        );
+        write(t.path(), "/etc/containerd/extra.toml", extra.as_bytes());
+        let before = snapshot(t.path());
+        let root = Root::new(t.path());
+        let mut exec = RecordingExecutor::default();
+        let (r, _) = run_apply(
+            &root,
+            &cfg(CONFIG),
+            &opts(&[RuntimeKind::Containerd]),
+            &mut exec,
+        );
+        let e = r.unwrap_err().to_string();
+        assert!(e.starts_with(want), "{e}");
+        assert_eq!(snapshot(t.path()), before);
+    }
+
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        CONFIG_TOML,
+        b"version = 2\nimports = [\"/etc/containerd/gone.toml\"]\n",
+    );
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, _) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    );
+    let e = r.unwrap_err().to_string();
+    assert!(
+        e.starts_with("/etc/containerd/gone.toml: is in containerd's `imports` but does not exist"),
+        "{e}"
+    );
+
+    let t = tempfile::tempdir().unwrap();
+    write(
+        t.path(),
+        CONFIG_TOML,
+        b"version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n",
+    );
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    );
+    r.unwrap();
+    assert!(
+        read(t.path(), CONFIG_TOML).contains("config_path = \"/etc/containerd/certs.d\""),
+        "{out}"
+    );
+    assert!(
+        t.path()
+            .join("etc/containerd/certs.d/quay.io/hosts.toml")
+            .exists()
+    );
+}
+
+#[test]
+fn import_entries_resolve_as_containerd_resolves_them() {
+    use crate::patch::containerd::import_path;
+    let main = "/etc/containerd/config.toml";
+    assert_eq!(
+        import_path(main, "conf.d/a.toml"),
+        "/etc/containerd/conf.d/a.toml"
+    );
+    assert_eq!(import_path(main, "/opt/x.toml"), "/opt/x.toml");
+    assert_eq!(import_path(main, "../x//./y.toml"), "/etc/x/y.toml");
+    assert_eq!(import_path("/a.toml", "../../b.toml"), "/b.toml");
+}

@@ -210,6 +210,101 @@ fn inspect_doc(doc: &DocumentMut) -> Result<ContainerdInfo, PatchError> {
     })
 }
 
+/// What a file containerd loads through `imports` says that matters here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    /// Host path.
+    pub path: String,
+    /// The CRI registry's `config_path`, as written (an empty one too: it
+    /// turns hosts.toml off).
+    pub config_path: Option<String>,
+    /// Deprecated `registry.mirrors` or `registry.configs.*.tls`.
+    pub deprecated: bool,
+    pub cri_disabled: bool,
+    /// Its own `imports`, as written.
+    pub imports: Vec<String>,
+}
+
+/// The `imports` of a containerd config file, as written.
+pub fn imports_of(bytes: &[u8]) -> Result<Vec<String>, PatchError> {
+    imports_in(&parse(bytes)?)
+}
+
+fn imports_in(doc: &DocumentMut) -> Result<Vec<String>, PatchError> {
+    let Some(item) = doc.as_table().get("imports") else {
+        return Ok(Vec::new());
+    };
+    let not_strings = || PatchError::new("`imports` is not an array of strings");
+    item.as_array()
+        .ok_or_else(not_strings)?
+        .iter()
+        .map(|v| v.as_str().map(str::to_string).ok_or_else(not_strings))
+        .collect()
+}
+
+/// Reads an imported file. Both CRI registry sections are looked at: which
+/// one containerd reads depends on versions the agent cannot see from one
+/// file (an imported file is merged into the main one as it is).
+pub fn inspect_import(path: &str, bytes: &[u8]) -> Result<Imported, PatchError> {
+    let doc = parse(bytes)?;
+    let info = inspect_doc(&doc)?;
+    let root = doc.as_table() as &dyn TableLike;
+    let mut config_path = None;
+    let mut deprecated = false;
+    for section in [CRI_V3_IMAGES, CRI_V2] {
+        let Some(reg) =
+            get_path(root, &["plugins", section, "registry"]).and_then(Item::as_table_like)
+        else {
+            continue;
+        };
+        if config_path.is_none()
+            && let Some(v) = reg.get("config_path")
+        {
+            config_path = Some(
+                v.as_str()
+                    .ok_or_else(|| PatchError::new("`registry.config_path` is not a string"))?
+                    .to_string(),
+            );
+        }
+        let tls = reg
+            .get("configs")
+            .and_then(Item::as_table_like)
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|(_, v)| v.as_table_like().is_some_and(|t| t.contains_key("tls")))
+            });
+        deprecated |= reg.contains_key("mirrors") || tls;
+    }
+    Ok(Imported {
+        path: path.to_string(),
+        config_path,
+        deprecated,
+        cri_disabled: info.cri_disabled,
+        imports: imports_in(&doc)?,
+    })
+}
+
+/// Where containerd looks for an `imports` entry of the file `importer`:
+/// cleaned by text, a relative entry against the importer's directory.
+pub fn import_path(importer: &str, entry: &str) -> String {
+    let joined = if entry.starts_with('/') {
+        entry.to_string()
+    } else {
+        format!("{}/{entry}", crate::fsio::parent(importer))
+    };
+    let mut parts: Vec<&str> = Vec::new();
+    for part in joined.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    format!("/{}", parts.join("/"))
+}
+
 /// Reads what matters in config.toml (`None`: no file).
 pub fn inspect(current: Option<&[u8]>) -> Result<ContainerdInfo, PatchError> {
     match current {

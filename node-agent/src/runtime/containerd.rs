@@ -3,7 +3,7 @@
 //! registry name under it, with the proxy CA beside it. Deprecated
 //! `registry.mirrors` are migrated into hosts.toml only when asked.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::{
     Action, AfterApply, Detection, Executor, PlanInput, Planned, Runtime, RuntimeKind, Service,
@@ -13,7 +13,8 @@ use crate::desired;
 use crate::engine::plan::Planner;
 use crate::error::AgentError;
 use crate::fsio::Root;
-use crate::patch::containerd::{self, CONFIG_TOML, ConfigRecord, authority};
+use crate::patch::PatchError;
+use crate::patch::containerd::{self, CONFIG_TOML, ConfigRecord, Imported, authority};
 use crate::patch::docker_certs::CA_FILE_NAME;
 use crate::patch::hosts_toml::{self, HostTls, MirrorHost, host_dir_name};
 use crate::patch::is_generated;
@@ -24,6 +25,78 @@ pub struct Containerd;
 
 /// One hosts.toml: its `server`, the server's TLS settings, its hosts.
 type HostsFile = (String, HostTls, Vec<MirrorHost>);
+
+/// Files containerd may load through `imports`, at most.
+const MAX_IMPORTS: usize = 256;
+
+/// The files containerd loads after config.toml through `imports` (theirs
+/// too), in its order: each file's entries in turn, a file already loaded
+/// skipped. As containerd resolves them: a relative entry against the
+/// importing file's directory; an entry with `*` is a pattern (only its
+/// file name may hold one here) and may match nothing; a plain entry that
+/// does not exist stops containerd from starting, so it is refused.
+fn imported(root: &Root, main: Option<&[u8]>) -> Result<Vec<Imported>, AgentError> {
+    let Some(main) = main else {
+        return Ok(Vec::new());
+    };
+    let entries = containerd::imports_of(main).map_err(AgentError::patch(CONFIG_TOML))?;
+    let mut pending: VecDeque<String> = expand(root, CONFIG_TOML, &entries)?.into();
+    let mut seen = BTreeSet::from([CONFIG_TOML.to_string()]);
+    let mut out = Vec::new();
+    while let Some(path) = pending.pop_front() {
+        if !seen.insert(path.clone()) {
+            continue;
+        }
+        if out.len() == MAX_IMPORTS {
+            return Err(AgentError::patch(CONFIG_TOML)(PatchError::new(format!(
+                "imports more than {MAX_IMPORTS} files"
+            ))));
+        }
+        let bytes = root.read(&path)?.ok_or_else(|| {
+            AgentError::patch(&path)(PatchError::new(
+                "is in containerd's `imports` but does not exist: containerd would not start",
+            ))
+        })?;
+        let file = containerd::inspect_import(&path, &bytes).map_err(AgentError::patch(&path))?;
+        pending.extend(expand(root, &path, &file.imports)?);
+        out.push(file);
+    }
+    Ok(out)
+}
+
+/// The paths the `imports` entries of `importer` name.
+fn expand(root: &Root, importer: &str, entries: &[String]) -> Result<Vec<String>, AgentError> {
+    let mut out = Vec::new();
+    for entry in entries {
+        let path = containerd::import_path(importer, entry);
+        // containerd globs only entries with a `*`.
+        if !entry.contains('*') {
+            out.push(path);
+            continue;
+        }
+        let dir = crate::fsio::parent(&path);
+        let name = &path[dir.len()..].trim_start_matches('/');
+        let refuse = |why: String| AgentError::patch(importer)(PatchError::new(why));
+        if dir.contains(['*', '?', '[']) {
+            return Err(refuse(format!(
+                "imports `{entry}`: a pattern in a directory name is not supported, only in the file name"
+            )));
+        }
+        let pattern = glob::Pattern::new(name)
+            .map_err(|e| refuse(format!("imports `{entry}`: not a pattern: {e}")))?;
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: false,
+        };
+        for found in root.list_dir(&dir)? {
+            if pattern.matches_with(&found, opts) {
+                out.push(format!("{}/{found}", dir.trim_end_matches('/')));
+            }
+        }
+    }
+    Ok(out)
+}
 
 impl Runtime for Containerd {
     fn kind(&self) -> RuntimeKind {
@@ -46,8 +119,10 @@ impl Runtime for Containerd {
             return Ok(Detection::Absent);
         };
         let cfg = root.read(CONFIG_TOML)?;
+        let disabled_in_import =
+            imported(root, cfg.as_deref()).is_ok_and(|files| files.iter().any(|f| f.cri_disabled));
         if let Ok(info) = containerd::inspect(cfg.as_deref())
-            && info.cri_disabled
+            && (info.cri_disabled || disabled_in_import)
         {
             return Ok(Detection::Skipped(format!(
                 "containerd: skipped (found {evidence}, but its CRI plugin is disabled: it only serves dockerd)"
@@ -70,10 +145,39 @@ impl Runtime for Containerd {
         };
         let info =
             containerd::inspect(before.as_deref()).map_err(AgentError::patch(CONFIG_TOML))?;
+        // Files containerd merges over config.toml: their `config_path`
+        // wins (the last one), and their deprecated mirrors stop the CRI
+        // plugin as the main file's would.
+        let imports = imported(pl.root(), before.as_deref())?;
+        if let Some(f) = imports.iter().find(|f| f.deprecated) {
+            return Err(AgentError::patch(&f.path)(PatchError::new(
+                "has containerd's deprecated `registry.mirrors` or `registry.configs.*.tls`: next to `config_path` (which hosts.toml needs) they stop the CRI plugin from loading; move them into hosts.toml files (the agent migrates only config.toml's own)",
+            )));
+        }
+        let imported_dir = match imports
+            .iter()
+            .rev()
+            .find_map(|f| f.config_path.as_deref().map(|p| (f.path.as_str(), p)))
+        {
+            Some((path, p)) => match p.split(':').find(|s| !s.is_empty()) {
+                Some(dir) => Some(dir.to_string()),
+                None => {
+                    return Err(AgentError::patch(path)(PatchError::new(
+                        "sets the CRI registry's `config_path` to \"\", which turns hosts.toml files off for containerd: remove the key or name a directory",
+                    )));
+                }
+            },
+            None => None,
+        };
         let p = match (
             &info.hosts_dir(),
             info.mirrors.is_empty() && info.tls_configs.is_empty(),
         ) {
+            // An imported file decides where hosts.toml files go: the main
+            // file is not the agent's to edit. (An edit the agent made
+            // before stays as it is: undoing it could bring back mirrors it
+            // migrated; the import overrides its config_path anyway.)
+            _ if imported_dir.is_some() && !pl.is_recorded(CONFIG_TOML) => None,
             // config_path already set, nothing deprecated: leave the file
             // alone (and out of the record unless the agent set it).
             (Some(_), true) if !pl.is_recorded(CONFIG_TOML) => None,
@@ -86,7 +190,7 @@ impl Runtime for Containerd {
                 .map_err(AgentError::patch(CONFIG_TOML))?,
             ),
         };
-        let (hosts_dir, migrated) = match p {
+        let (main_dir, migrated) = match p {
             None => (
                 info.hosts_dir()
                     .unwrap_or(containerd::DEFAULT_CERTS_D)
@@ -107,6 +211,7 @@ impl Runtime for Containerd {
                 (dir, p.migrated)
             }
         };
+        let hosts_dir = imported_dir.unwrap_or(main_dir);
         let proxy_host = MirrorHost {
             url: input.cfg.proxy.base_url(),
             tls: HostTls {
