@@ -565,18 +565,12 @@ fn operator_reconciles_against_a_real_apiserver() {
 /// with a `CleanupTimeout` Warning naming the node.
 #[test]
 fn a_finalizer_held_by_an_agent_goes_after_the_delete_timeout() {
-    let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    install(&api);
-    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-    let token = api.token_for(NS, SA).unwrap();
-    let mut op = Operator {
-        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-        status_port: fake.addr().port(),
-        log_dir: api.dir().to_path_buf(),
-        n: 0,
-        args: vec!["--delete-timeout".into(), "5s".into()],
-    };
-    let (mut proc, _) = op.start();
+    let Workloads {
+        api,
+        mut proc,
+        fake: _fake,
+        op: _op,
+    } = Workloads::start_with(&["--delete-timeout", "5s"]);
     apply(&api, "quay", json!({"host": "quay.io"})).unwrap();
     wait_table(&api, "quay.io in the table", |c| hosts(c) == ["quay.io"]);
     assert!(
@@ -627,18 +621,12 @@ fn a_finalizer_held_by_an_agent_goes_after_the_delete_timeout() {
 /// leaves the other's Lease alone on its way out.
 #[test]
 fn a_leader_whose_lease_was_taken_over_exits() {
-    let api = KubeApiserver::start().expect("test bed kube-apiserver");
-    install(&api);
-    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-    let token = api.token_for(NS, SA).unwrap();
-    let mut op = Operator {
-        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-        status_port: fake.addr().port(),
-        log_dir: api.dir().to_path_buf(),
-        n: 0,
-        args: vec!["--leader-lease-duration".into(), "3s".into()],
-    };
-    let (mut proc, _) = op.start();
+    let Workloads {
+        api,
+        mut proc,
+        fake: _fake,
+        op: _op,
+    } = Workloads::start_with(&["--leader-lease-duration", "3s"]);
     apply(&api, "quay", json!({"host": "quay.io"})).unwrap();
     wait_table(&api, "quay.io in the table", |c| hosts(c) == ["quay.io"]);
 
@@ -1061,6 +1049,11 @@ struct Workloads {
 
 impl Workloads {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// [`Workloads::start`] with these operator flags.
+    fn start_with(args: &[&str]) -> Self {
         let api = KubeApiserver::start().expect("test bed kube-apiserver");
         install(&api);
         api.kubectl(&["create", "namespace", "apps"]).unwrap();
@@ -1072,7 +1065,7 @@ impl Workloads {
             status_port: fake.addr().port(),
             log_dir: api.dir().to_path_buf(),
             n: 0,
-            args: Vec::new(),
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         let (proc, _) = op.start();
         Self {

@@ -27,3 +27,17 @@ pub fn routed_tls(
     let pem = stub.tls_cert_pem().unwrap().to_string();
     (stub, pem)
 }
+
+/// A server on 127.0.0.1 that accepts connections and never answers (a
+/// peer that is alive but stuck), until the returned task is aborted.
+pub async fn silent_listener() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    (addr, hold)
+}

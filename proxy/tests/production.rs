@@ -204,59 +204,43 @@ fn fifty_concurrent_manifest_misses_fetch_once() {
         .start()
         .unwrap();
     let proxy = common::proxy_serving("quay.io", &stub.url());
-    let url = format!("{}/v2/quay.io/app/manifests/{digest}", proxy.http_url());
-    let results = rt().block_on(async {
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let headers = vec![("Accept", MANIFEST_TYPE.to_string())];
-                tokio::spawn(fetch(url.clone(), headers, BodyMode::Keep))
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
+    // 50 clients at once for `reference`: every one gets the manifest, the
+    // upstream is asked once.
+    let fifty_get_one = |reference: &str| {
+        let url = format!("{}/v2/quay.io/app/manifests/{reference}", proxy.http_url());
+        let results = rt().block_on(async {
+            let tasks: Vec<_> = (0..50)
+                .map(|_| {
+                    let headers = vec![("Accept", MANIFEST_TYPE.to_string())];
+                    tokio::spawn(fetch(url.clone(), headers, BodyMode::Keep))
+                })
+                .collect();
+            futures::future::join_all(tasks).await
+        });
+        for (i, r) in results.into_iter().enumerate() {
+            let r = r.unwrap();
+            assert_eq!(
+                r.status,
+                StatusCode::OK,
+                "{reference}, client {i}: {}",
+                proxy.log()
+            );
+            assert_eq!(&r.body[..], &manifest[..], "{reference}, client {i}");
         }
-        out
-    });
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(r.status, StatusCode::OK, "client {i}: {}", proxy.log());
-        assert_eq!(&r.body[..], &manifest[..], "client {i}");
-    }
-    assert_eq!(
-        stub.count("GET", &format!("/v2/app/manifests/{digest}")),
-        1,
-        "{:?}",
-        stub.requests()
-    );
+        let path = format!("/v2/app/manifests/{reference}");
+        assert_eq!(
+            stub.count("GET", &path),
+            1,
+            "{reference}: {:?}",
+            stub.requests()
+        );
+    };
+    fifty_get_one(&digest);
     let misses = proxy
         .wait_access(&[("kind", "manifest"), ("cache", "MISS")])
         .unwrap();
     assert_eq!(misses.len(), 1, "{misses:?}");
-
-    let url = format!("{}/v2/quay.io/app/manifests/v1", proxy.http_url());
-    let results = rt().block_on(async {
-        let tasks: Vec<_> = (0..50)
-            .map(|_| {
-                let headers = vec![("Accept", MANIFEST_TYPE.to_string())];
-                tokio::spawn(fetch(url.clone(), headers, BodyMode::Keep))
-            })
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap());
-        }
-        out
-    });
-    for (i, r) in results.iter().enumerate() {
-        assert_eq!(r.status, StatusCode::OK, "client {i}: {}", proxy.log());
-        assert_eq!(&r.body[..], &manifest[..], "client {i} (tag)");
-    }
-    assert_eq!(
-        stub.count("GET", "/v2/app/manifests/v1"),
-        1,
-        "{:?}",
-        stub.requests()
-    );
+    fifty_get_one("v1");
 }
 
 /// With a slow upstream, a waiter gets its first byte long before the

@@ -819,12 +819,34 @@ fn an_imported_config_path_decides_where_hosts_toml_goes() {
     assert_eq!(snapshot(t.path()), before);
 }
 
+/// A root holding `files` (host path, content) and a containerd apply of
+/// [`CONFIG`] on it: the root, the result and the output.
+fn containerd_apply_on(
+    files: &[(&str, &str)],
+) -> (tempfile::TempDir, Result<Report, AgentError>, String) {
+    let t = tempfile::tempdir().unwrap();
+    for (path, content) in files {
+        write(t.path(), path, content.as_bytes());
+    }
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    );
+    (t, r, out)
+}
+
 /// What containerd would choke on in an imported file is refused, naming
 /// that file, and nothing is written: deprecated mirrors next to a
 /// config_path, `config_path = ""`, an import that does not exist. A
 /// pattern matching nothing is no import at all.
 #[test]
 fn imports_containerd_would_choke_on_are_refused_naming_the_file() {
+    let importing = |what: &str| format!("version = 2\nimports = [\"{what}\"]\n");
+    let extra = "/etc/containerd/extra.toml";
     let cases = [
         (
             "[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://m.example\"]\n",
@@ -835,62 +857,26 @@ fn imports_containerd_would_choke_on_are_refused_naming_the_file() {
             "/etc/containerd/extra.toml: sets the CRI registry's `config_path` to \"\"",
         ),
     ];
-    for (extra, want) in cases {
-        let t = tempfile::tempdir().unwrap();
-        write(
-            t.path(),
-            CONFIG_TOML,
-            b"version = 2\nimports = [\"/etc/containerd/extra.toml\"]\n",
-        );
-        write(t.path(), "/etc/containerd/extra.toml", extra.as_bytes());
-        let before = snapshot(t.path());
-        let root = Root::new(t.path());
-        let mut exec = RecordingExecutor::default();
-        let (r, _) = run_apply(
-            &root,
-            &cfg(CONFIG),
-            &opts(&[RuntimeKind::Containerd]),
-            &mut exec,
-        );
+    for (content, want) in cases {
+        let main = importing(extra);
+        let files = [(CONFIG_TOML, main.as_str()), (extra, content)];
+        let (t, r, _) = containerd_apply_on(&files);
         let e = r.unwrap_err().to_string();
         assert!(e.starts_with(want), "{e}");
-        assert_eq!(snapshot(t.path()), before);
+        assert_eq!(read(t.path(), CONFIG_TOML), main);
+        assert!(!t.path().join("etc/containerd/certs.d").exists());
     }
 
-    let t = tempfile::tempdir().unwrap();
-    write(
-        t.path(),
-        CONFIG_TOML,
-        b"version = 2\nimports = [\"/etc/containerd/gone.toml\"]\n",
-    );
-    let root = Root::new(t.path());
-    let mut exec = RecordingExecutor::default();
-    let (r, _) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    );
+    let main = importing("/etc/containerd/gone.toml");
+    let (_t, r, _) = containerd_apply_on(&[(CONFIG_TOML, main.as_str())]);
     let e = r.unwrap_err().to_string();
     assert!(
         e.starts_with("/etc/containerd/gone.toml: is in containerd's `imports` but does not exist"),
         "{e}"
     );
 
-    let t = tempfile::tempdir().unwrap();
-    write(
-        t.path(),
-        CONFIG_TOML,
-        b"version = 2\nimports = [\"/etc/containerd/conf.d/*.toml\"]\n",
-    );
-    let root = Root::new(t.path());
-    let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    );
+    let main = importing("/etc/containerd/conf.d/*.toml");
+    let (t, r, out) = containerd_apply_on(&[(CONFIG_TOML, main.as_str())]);
     r.unwrap();
     assert!(
         read(t.path(), CONFIG_TOML).contains("config_path = \"/etc/containerd/certs.d\""),

@@ -497,14 +497,7 @@ async fn upstream_bad_redirect_and_header_timeout() {
     );
 
     // Accepts, never answers: bounded by the read timeout.
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (addr, hold) = crate::test_util::silent_listener().await;
     let config = config(&format!(
         "upstreamTimeouts: {{connect: 1s, read: 300ms}}\n\
          registries:\n  - host: \"{addr}\"\n    upstream: \"http://{addr}\"\n"

@@ -335,14 +335,7 @@ async fn pinned_blobs_are_never_evicted_from_the_bucket() {
 /// would otherwise wait for good).
 #[tokio::test]
 async fn calls_off_the_request_path_to_a_silent_bucket_time_out() {
-    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = silent.local_addr().unwrap();
-    let hold = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((s, _)) = silent.accept().await {
-            held.push(s);
-        }
-    });
+    let (addr, hold) = crate::test_util::silent_listener().await;
     let creds = tempfile::tempdir().unwrap();
     std::fs::write(creds.path().join("accessKeyId"), "key").unwrap();
     std::fs::write(creds.path().join("secretAccessKey"), "secret").unwrap();
