@@ -169,6 +169,7 @@ pub fn crio(cfg: &AgentConfig) -> Vec<CrioRegistry> {
                 prefix: n.to_string(),
                 mirror: format!("{}/{}", p.authority(), r.host),
                 insecure: !p.uses_tls(),
+                admin: None,
             })
         })
         .collect()

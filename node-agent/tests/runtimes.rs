@@ -319,9 +319,10 @@ fn dockerd_hijack_and_mirror_over_verified_tls_until_revert() {
 }
 
 /// podman (containers/image, as CRI-O): the agent's drop-in
-/// `registries.conf.d/50-pullthrough.conf` overrides the admin's own entry
-/// for quay.io (straight to the upstream, `10-local.conf`) with a
-/// path-prefix mirror on the proxy (via=path), verified with the CA the
+/// `registries.conf.d/50-pullthrough.conf` replaces the admin's own entry
+/// for quay.io (straight to the upstream, `10-local.conf`), keeping its
+/// location and `insecure`, with a path-prefix mirror on the proxy first
+/// (via=path), verified with the CA the
 /// agent put in `certs.d/<proxy>/`. After `revert` the admin's entry is in
 /// force again: a direct pull.
 #[test]
@@ -371,9 +372,12 @@ fn podman_pulls_through_the_path_prefix_drop_in_until_revert() {
             None,
             &["apply", "--root", r, "--config", c, "--runtime", "crio"],
         );
+        let drop_in =
+            fs::read_to_string(root.join("etc/containers/registries.conf.d/50-pullthrough.conf"))
+                .unwrap();
         assert!(
-            root.join("etc/containers/registries.conf.d/50-pullthrough.conf")
-                .is_file()
+            drop_in.contains(&format!("location = \"{}\"", up.registry.addr())),
+            "the admin's location is kept: {drop_in}"
         );
         let applied = t0.elapsed();
 

@@ -901,3 +901,66 @@ fn import_entries_resolve_as_containerd_resolves_them() {
     assert_eq!(import_path(main, "../x//./y.toml"), "/etc/x/y.toml");
     assert_eq!(import_path("/a.toml", "../../b.toml"), "/b.toml");
 }
+
+/// containers/image lets a later `[[registry]]` for a prefix replace an
+/// earlier one whole, so the drop-in carries what the admin set for the
+/// prefixes it routes (location, insecure, their mirrors after the
+/// proxy's), leaves a blocked registry out, and says when a drop-in read
+/// after it replaces the proxy mirror.
+#[test]
+fn crio_keeps_what_the_admin_set_for_a_registry() {
+    let conf = "unqualified-search-registries = [\"docker.io\"]\n\
+        [[registry]]\nlocation = \"quay.io\"\nblocked = true\n\
+        [[registry]]\nprefix = \"ghcr.io\"\nlocation = \"ghcr.internal\"\ninsecure = true\n\
+        [[registry.mirror]]\nlocation = \"own-mirror.example\"\npull-from-mirror = \"digest-only\"\n";
+    let later = "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n";
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), "/etc/containers/registries.conf", conf.as_bytes());
+    write(
+        t.path(),
+        "/etc/containers/registries.conf.d/90-site.conf",
+        later.as_bytes(),
+    );
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
+    r.unwrap();
+    let d = read(t.path(), DROP_IN);
+    let doc: toml_edit::DocumentMut = d.parse().unwrap();
+    let regs = doc["registry"].as_array_of_tables().unwrap();
+    let prefixes: Vec<_> = regs.iter().map(|r| r["prefix"].as_str().unwrap()).collect();
+    assert_eq!(
+        prefixes,
+        ["docker.io", "ghcr.io"],
+        "quay.io stays blocked: {d}"
+    );
+    let ghcr = regs.get(1).unwrap();
+    assert_eq!(ghcr["location"].as_str(), Some("ghcr.internal"), "{d}");
+    assert_eq!(ghcr["insecure"].as_bool(), Some(true), "{d}");
+    let mirrors = ghcr["mirror"].as_array_of_tables().unwrap();
+    let locations: Vec<_> = mirrors
+        .iter()
+        .map(|m| m["location"].as_str().unwrap())
+        .collect();
+    assert_eq!(locations, ["10.0.0.5/ghcr.io", "own-mirror.example"], "{d}");
+    assert_eq!(
+        mirrors.get(1).unwrap()["pull-from-mirror"].as_str(),
+        Some("digest-only")
+    );
+    assert!(
+        out.contains("crio: quay.io is blocked in /etc/containers/registries.conf: left blocked"),
+        "{out}"
+    );
+    assert!(
+        out.contains("crio: /etc/containers/registries.conf.d/90-site.conf also has a [[registry]] for docker.io"),
+        "{out}"
+    );
+    // Said again on an apply that changes nothing.
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
+    assert!(r.unwrap().files.is_empty(), "{out}");
+    assert!(out.contains("quay.io is blocked"), "{out}");
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
+}

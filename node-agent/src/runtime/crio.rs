@@ -2,13 +2,15 @@
 //! at the proxy, the proxy CA in `/etc/containers/certs.d`; CRI-O reloads
 //! on SIGHUP, podman reads the drop-in on each run.
 
+use std::collections::BTreeMap;
+
 use super::{
     Action, AfterApply, Executor, PlanInput, Planned, Runtime, RuntimeKind, Service, Step,
 };
 use crate::desired;
 use crate::engine::plan::{Change, Planner};
 use crate::error::AgentError;
-use crate::patch::crio::{self, DROP_IN};
+use crate::patch::crio::{self, AdminEntry, DROP_IN, DROP_IN_DIR, REGISTRIES_CONF};
 use crate::patch::docker_certs::{self, CONTAINERS_CERTS_D};
 use crate::patch::is_generated;
 use crate::state::FileKind;
@@ -37,7 +39,31 @@ impl Runtime for Crio {
         pl: &mut Planner<'_>,
         _exec: &mut dyn Executor,
     ) -> Result<Planned, AgentError> {
-        let regs = desired::crio(input.cfg);
+        // Said on every apply, not only when the drop-in changes.
+        let mut said = Vec::new();
+        let (earlier, later) = admin_entries(pl)?;
+        let mut regs = desired::crio(input.cfg);
+        regs.retain_mut(|r| {
+            if let Some((file, _)) = later.iter().find(|(_, p)| *p == r.prefix) {
+                said.push(format!(
+                    "crio: {file} also has a [[registry]] for {} and is read after the agent's drop-in: it replaces the proxy mirror there",
+                    r.prefix
+                ));
+            }
+            match earlier.get(&r.prefix) {
+                Some(a) if a.blocked => {
+                    said.push(format!(
+                        "crio: {} is blocked in {}: left blocked, not mirrored",
+                        r.prefix, a.file
+                    ));
+                    false
+                }
+                found => {
+                    r.admin = found.cloned();
+                    true
+                }
+            }
+        });
         let bytes = crio::drop_in(&regs).map_err(AgentError::patch(DROP_IN))?;
         let before = pl.read(DROP_IN)?;
         let mut notes = Vec::new();
@@ -59,7 +85,10 @@ impl Runtime for Crio {
                 pl.stage_ca(&path, ca)?;
             }
         }
-        Ok(Planned::default())
+        Ok(Planned {
+            notes: said,
+            ..Planned::default()
+        })
     }
 
     /// Also when CRI-O is no longer configured: removing its drop-in is a
@@ -81,6 +110,50 @@ impl Runtime for Crio {
             dry_run_reason: None,
         })
     }
+}
+
+/// The admin's `[[registry]]` entries: the effective one per prefix from
+/// registries.conf and the drop-ins read before the agent's, and the
+/// (file, prefix) pairs of drop-ins read after it, which replace the
+/// agent's entries for those prefixes.
+type AdminEntries = (BTreeMap<String, AdminEntry>, Vec<(String, String)>);
+
+fn admin_entries(pl: &Planner<'_>) -> Result<AdminEntries, AgentError> {
+    let ours = DROP_IN.rsplit('/').next().unwrap_or_default();
+    let mut files = vec![REGISTRIES_CONF.to_string()];
+    let mut after = Vec::new();
+    for name in pl.root().list_dir(DROP_IN_DIR)? {
+        if name == ours || !name.ends_with(".conf") {
+            continue;
+        }
+        let path = format!("{DROP_IN_DIR}/{name}");
+        if name.as_str() < ours {
+            files.push(path);
+        } else {
+            after.push(path);
+        }
+    }
+    let mut earlier = BTreeMap::new();
+    for file in files {
+        let Some(bytes) = pl.read(&file)? else {
+            continue;
+        };
+        for (prefix, entry) in
+            crio::admin_entries(&file, &bytes).map_err(AgentError::patch(&file))?
+        {
+            earlier.insert(prefix, entry);
+        }
+    }
+    let mut later = Vec::new();
+    for file in after {
+        let Some(bytes) = pl.read(&file)? else {
+            continue;
+        };
+        for (prefix, _) in crio::admin_entries(&file, &bytes).map_err(AgentError::patch(&file))? {
+            later.push((file.clone(), prefix));
+        }
+    }
+    Ok((earlier, later))
 }
 
 fn drop_in_changed(changes: &[Change]) -> bool {
