@@ -189,6 +189,7 @@ impl Root {
             }
             f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
                 .map_err(fs_err(host, "keeping mode"))?;
+            keep_label(&path, f).map_err(fs_err(host, "keeping the SELinux label"))?;
         } else {
             f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(fs_err(host, "setting mode"))?;
@@ -265,6 +266,33 @@ pub fn parent(host: &str) -> String {
     match host.rfind('/') {
         Some(0) | None => "/".into(),
         Some(i) => host[..i].to_string(),
+    }
+}
+
+/// The SELinux label xattr.
+const SELINUX_LABEL: &str = "security.selinux";
+
+/// Gives `to` the SELinux label of `from`. A new file takes its
+/// directory's default label (`etc_t` in /etc), and a confined daemon
+/// allowed to read only the file's own type (`net_conf_t` for /etc/hosts)
+/// would lose it. Nothing to do where there is no label or no xattr support.
+fn keep_label(from: &Path, to: &fs::File) -> io::Result<()> {
+    use xattr::FileExt;
+    let unsupported = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(nix::libc::ENOTSUP | nix::libc::ENODATA)
+        )
+    };
+    let label = match xattr::get(from, SELINUX_LABEL) {
+        Ok(Some(label)) => label,
+        Ok(None) => return Ok(()),
+        Err(e) if unsupported(&e) => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    match to.set_xattr(SELINUX_LABEL, &label) {
+        Err(e) if unsupported(&e) => Ok(()),
+        other => other,
     }
 }
 
@@ -348,6 +376,43 @@ mod tests {
     /// write the directory redirected the write anywhere on the agent's
     /// own filesystem. Plant such links (and a dangling one) for this pid:
     /// none is written through, and the file lands where it belongs.
+    /// A replaced file keeps its SELinux label (set here by hand: a
+    /// kernel without SELinux stores the xattr as it is given).
+    #[test]
+    fn a_replaced_file_keeps_its_selinux_label() {
+        let t = tempfile::tempdir().unwrap();
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        let hosts = t.path().join("etc/hosts");
+        fs::write(&hosts, b"127.0.0.1 localhost\n").unwrap();
+        let label = b"system_u:object_r:net_conf_t:s0\0";
+        if let Err(e) = xattr::set(&hosts, SELINUX_LABEL, label) {
+            // A file system without xattrs: nothing to keep.
+            eprintln!("skipped: cannot set {SELINUX_LABEL} here: {e}");
+            return;
+        }
+        let root = Root::new(t.path());
+        root.write_atomic(
+            "/etc/hosts",
+            b"127.0.0.1 localhost\n10.0.0.5 quay.io\n",
+            0o644,
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read(&hosts).unwrap(),
+            b"127.0.0.1 localhost\n10.0.0.5 quay.io\n"
+        );
+        assert_eq!(
+            xattr::get(&hosts, SELINUX_LABEL).unwrap().as_deref(),
+            Some(&label[..])
+        );
+        // A new file gets no label of ours (its directory's default).
+        root.write_atomic("/etc/new", b"x", 0o644).unwrap();
+        assert_eq!(
+            xattr::get(t.path().join("etc/new"), SELINUX_LABEL).unwrap(),
+            None
+        );
+    }
+
     #[test]
     fn planted_temp_links_are_never_written_through() {
         let t = tempfile::tempdir().unwrap();
