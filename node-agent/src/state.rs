@@ -114,6 +114,8 @@ pub enum FileKind {
     ContainerdConfig { record: ConfigRecord },
     /// A whole file with the generated header (hosts.toml, the drop-in).
     Generated,
+    /// An admin's own hosts.toml with the proxy host (this URL) added.
+    HostsTomlEdit { host: String },
     /// A CA certificate copy.
     CaCert,
 }
@@ -125,6 +127,7 @@ impl FileKind {
             FileKind::DaemonJson { .. } => "daemon.json keys",
             FileKind::ContainerdConfig { .. } => "containerd config_path",
             FileKind::Generated => "generated file",
+            FileKind::HostsTomlEdit { .. } => "hosts.toml proxy host",
             FileKind::CaCert => "CA certificate",
         }
     }

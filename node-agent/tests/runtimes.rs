@@ -37,8 +37,9 @@ fn content_lines(proxy: &Proxy) -> usize {
 /// `certs.d/quay.io/hosts.toml` under the root (containerd already has
 /// `config_path`, so config.toml stays untouched and nothing restarts), and
 /// `crictl pull` goes through the proxy (via=ns). The admin's own
-/// hosts.toml for quay.io (straight to the upstream) is backed up, and
-/// `revert` brings it back byte for byte: the next pull is direct.
+/// hosts.toml for quay.io (straight to the upstream) gets the proxy as its
+/// first host, theirs kept after it, and `revert` brings it back byte for
+/// byte: the next pull is direct.
 #[test]
 fn containerd_cri_pulls_through_the_proxy_until_revert() {
     let t0 = Instant::now();
@@ -98,10 +99,13 @@ fn containerd_cri_pulls_through_the_proxy_until_revert() {
         assert!(!out.contains("restart"), "no restart needed: {out}");
         let hosts_toml =
             fs::read_to_string(root.join("etc/containerd/certs.d/quay.io/hosts.toml")).unwrap();
-        assert!(
-            hosts_toml.contains(&format!("https://127.0.0.1:{}", proxy.addrs.https.port())),
-            "{hosts_toml}"
-        );
+        let ours = hosts_toml
+            .find(&format!("https://127.0.0.1:{}", proxy.addrs.https.port()))
+            .unwrap_or_else(|| panic!("{hosts_toml}"));
+        let theirs = hosts_toml
+            .find(&format!("[host.\"{}\"]", up.registry.url()))
+            .unwrap_or_else(|| panic!("the admin's host is kept: {hosts_toml}"));
+        assert!(ours < theirs, "{hosts_toml}");
         assert_eq!(
             fs::read(root.join("etc/containerd/config.toml")).unwrap(),
             before[std::path::Path::new("etc/containerd/config.toml")]

@@ -180,6 +180,9 @@ pub fn revert_file(root: &Root, path: &str, rec: &FileRecord) -> Result<Change, 
             notes.extend(n);
             b
         }
+        (FileKind::HostsTomlEdit { host }, Some(c)) => {
+            Some(crate::patch::hosts_toml::unmerge(c, host).map_err(AgentError::patch(path))?)
+        }
         (FileKind::Generated, Some(c)) if is_generated(c) => original.clone(),
         (FileKind::CaCert, Some(c)) if Some(sha256_hex(c)) == rec.written_sha256 => {
             original.clone()

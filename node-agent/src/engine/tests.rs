@@ -312,11 +312,47 @@ fn admin_edits_after_apply_survive_revert() {
 
 const CONTAINERD_V2: &str = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n";
 
+/// An admin who edits their hosts.toml after the apply keeps the edit on
+/// revert: only the proxy host goes.
+#[test]
+fn an_admins_hosts_toml_edited_after_apply_loses_only_the_proxy_on_revert() {
+    let quay = "/etc/containerd/certs.d/quay.io/hosts.toml";
+    let admin =
+        "server = \"https://quay.io\"\n[host.\"https://mine\"]\n  capabilities = [\"pull\"]\n";
+    let (t, r, out) = containerd_apply_on(&[
+        (
+            CONFIG_TOML,
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+        ),
+        (quay, admin),
+    ]);
+    r.unwrap();
+    let applied = read(t.path(), quay);
+    assert!(applied.contains("https://10.0.0.5"), "{out}");
+    let edited = format!("{applied}[host.\"https://second\"]\n  capabilities = [\"pull\"]\n");
+    write(t.path(), quay, edited.as_bytes());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_revert(&root, &mut exec);
+    let left = read(t.path(), quay);
+    assert!(!left.contains("10.0.0.5"), "{out}\n{left}");
+    assert!(
+        left.contains("https://mine") && left.contains("https://second"),
+        "{left}"
+    );
+    assert!(
+        !t.path()
+            .join("etc/containerd/certs.d/quay.io/pullthrough-ca.crt")
+            .exists()
+    );
+}
+
 #[test]
 fn containerd_gets_config_path_hosts_toml_and_one_restart() {
     let t = tempfile::tempdir().unwrap();
     write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
-    // An admin's own hosts.toml for quay.io: backed up, restored on revert.
+    // An admin's own hosts.toml for quay.io: the proxy goes first, their
+    // host stays after it; revert gives the file back byte for byte.
     write(
         t.path(),
         "/etc/containerd/certs.d/quay.io/hosts.toml",
@@ -332,11 +368,10 @@ fn containerd_gets_config_path_hosts_toml_and_one_restart() {
     assert!(read(t.path(), CONFIG_TOML).starts_with(CONTAINERD_V2));
     let quay = read(t.path(), "/etc/containerd/certs.d/quay.io/hosts.toml");
     assert!(quay.contains("server = \"https://quay.io\""), "{quay}");
-    assert!(quay.contains("[host.\"https://10.0.0.5\"]"), "{quay}");
-    assert!(
-        out.contains("replaced a hosts.toml the agent did not write"),
-        "{out}"
-    );
+    let ours = quay.find("[host.\"https://10.0.0.5\"]").expect(&quay);
+    let theirs = quay.find("[host.\"https://mine\"]").expect(&quay);
+    assert!(ours < theirs, "{quay}");
+    assert!(!out.contains("replaced a hosts.toml"), "{out}");
     let hub = read(t.path(), "/etc/containerd/certs.d/docker.io/hosts.toml");
     assert!(
         hub.contains("server = \"https://registry-1.docker.io\""),

@@ -121,9 +121,123 @@ pub fn check_hosts_toml(bytes: &[u8], server: &str, hosts: usize) -> Result<(), 
     Ok(())
 }
 
+/// An admin's own hosts.toml with the proxy added as the first host tried
+/// (containerd tries hosts in file order, then `server`): everything they
+/// wrote — `server`, their hosts and each setting — stays as it is. Run
+/// again on its own output it gives the same bytes.
+pub fn merge(current: &[u8], proxy: &MirrorHost) -> Result<Vec<u8>, PatchError> {
+    let mut doc = parse(current)?;
+    let mut t = Table::new();
+    let mut caps = Array::new();
+    caps.push("pull");
+    caps.push("resolve");
+    t.insert("capabilities", value(caps));
+    put_tls(&mut t, &proxy.tls);
+    let hosts = host_table(&mut doc)?;
+    hosts.remove(&proxy.url);
+    // Before every other host: containerd orders them by position.
+    let first = hosts
+        .iter()
+        .filter_map(|(_, h)| h.as_table().and_then(Table::position))
+        .min();
+    let last = doc
+        .as_table()
+        .iter()
+        .filter_map(|(_, i)| i.as_table().and_then(Table::position))
+        .max();
+    t.set_position(match (first, last) {
+        (Some(p), _) => Some(p - 1),
+        (None, Some(p)) => Some(p + 1),
+        (None, None) => None,
+    });
+    host_table(&mut doc)?.insert(&proxy.url, Item::Table(t));
+    let out = doc.to_string().into_bytes();
+    let back = parse(&out)?;
+    if first_host(&back).as_deref() != Some(proxy.url.as_str()) {
+        return Err(PatchError::new(
+            "internal error: the proxy does not read back as the first host",
+        ));
+    }
+    Ok(out)
+}
+
+/// An admin's hosts.toml without the proxy host [`merge`] added.
+pub fn unmerge(current: &[u8], proxy_url: &str) -> Result<Vec<u8>, PatchError> {
+    let mut doc = parse(current)?;
+    if let Some(hosts) = doc.get_mut("host").and_then(Item::as_table_like_mut) {
+        hosts.remove(proxy_url);
+    }
+    Ok(doc.to_string().into_bytes())
+}
+
+/// The `host` table, created (implicit) when missing.
+fn host_table(doc: &mut DocumentMut) -> Result<&mut Table, PatchError> {
+    let item = doc.entry("host").or_insert_with(|| {
+        let mut t = Table::new();
+        t.set_implicit(true);
+        Item::Table(t)
+    });
+    item.as_table_mut().ok_or_else(|| {
+        PatchError::new(
+            "`host` is not a table of [host.\"<url>\"] entries; the agent edits only that form",
+        )
+    })
+}
+
+/// The host containerd tries first: the `[host."…"]` table written first.
+fn first_host(doc: &DocumentMut) -> Option<String> {
+    doc.get("host")?
+        .as_table()?
+        .iter()
+        .filter_map(|(k, h)| Some((h.as_table()?.position()?, k.to_string())))
+        .min()
+        .map(|(_, k)| k)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const ADMIN: &str = "# ours: the build farm's cache first\nserver = \"https://quay.io\"\n\n[host.\"https://cache.farm.example\"]\n  capabilities = [\"pull\"]\n  skip_verify = true\n  [host.\"https://cache.farm.example\".header]\n    x-farm = [\"1\"]\n";
+
+    fn proxy() -> MirrorHost {
+        MirrorHost {
+            url: "https://10.0.0.5".into(),
+            tls: HostTls {
+                ca: Some("pullthrough-ca.crt".into()),
+                ..HostTls::default()
+            },
+        }
+    }
+
+    #[test]
+    fn an_admins_hosts_toml_gets_the_proxy_first_and_keeps_the_rest() {
+        let merged = merge(ADMIN.as_bytes(), &proxy()).unwrap();
+        let text = s(&merged);
+        let ours = text.find("[host.\"https://10.0.0.5\"]").unwrap();
+        let theirs = text.find("[host.\"https://cache.farm.example\"]").unwrap();
+        assert!(ours < theirs, "{text}");
+        for kept in [
+            "# ours: the build farm's cache first",
+            "server = \"https://quay.io\"",
+            "  skip_verify = true",
+            "    x-farm = [\"1\"]",
+        ] {
+            assert!(text.contains(kept), "{kept}: {text}");
+        }
+        assert_eq!(merge(&merged, &proxy()).unwrap(), merged, "idempotent");
+        let back = unmerge(&merged, "https://10.0.0.5").unwrap();
+        assert!(!s(&back).contains("10.0.0.5"), "{}", s(&back));
+        assert!(s(&back).contains("cache.farm.example"));
+        // Only a server: the proxy becomes its one host.
+        let merged = merge(b"server = \"https://quay.io\"\n", &proxy()).unwrap();
+        assert!(
+            s(&merged).contains("[host.\"https://10.0.0.5\"]"),
+            "{}",
+            s(&merged)
+        );
+        assert!(merge(b"host = 1\n", &proxy()).is_err());
+    }
 
     fn s(b: &[u8]) -> &str {
         std::str::from_utf8(b).unwrap()

@@ -252,12 +252,35 @@ impl Runtime for Containerd {
             }
             let dir = format!("{hosts_dir}/{}", host_dir_name(&name));
             let path = format!("{dir}/hosts.toml");
-            let bytes = hosts_toml::hosts_toml(&server, &server_tls, &hosts_list)
-                .map_err(AgentError::patch(&path))?;
             let before = pl.read(&path)?;
+            // An admin's own hosts.toml for the registry (their mirrors,
+            // TLS settings): the proxy goes in as its first host, the rest
+            // stays theirs. (A file whose mirrors the agent migrated out
+            // of config.toml is generated whole.)
+            let admins = before.as_ref().is_some_and(|b| !is_generated(b))
+                && matches!(
+                    pl.prev_kind(&path),
+                    None | Some(FileKind::HostsTomlEdit { .. })
+                )
+                && hosts_list.len() == 1
+                && hosts_list[0].url == proxy_host.url;
+            let (bytes, kind) = match &before {
+                Some(b) if admins => (
+                    hosts_toml::merge(b, &proxy_host).map_err(AgentError::patch(&path))?,
+                    FileKind::HostsTomlEdit {
+                        host: proxy_host.url.clone(),
+                    },
+                ),
+                _ => (
+                    hosts_toml::hosts_toml(&server, &server_tls, &hosts_list)
+                        .map_err(AgentError::patch(&path))?,
+                    FileKind::Generated,
+                ),
+            };
             let mut notes = Vec::new();
             if let Some(b) = &before
                 && !is_generated(b)
+                && !admins
                 && !pl.is_recorded(&path)
             {
                 notes.push(
@@ -265,7 +288,7 @@ impl Runtime for Containerd {
                         .into(),
                 );
             }
-            pl.stage(&path, before, Some(bytes), FileKind::Generated, notes);
+            pl.stage(&path, before, Some(bytes), kind, notes);
             if hosts_list.iter().any(|h| h.url == proxy_host.url)
                 && let Some(ca) = input.ca
             {
