@@ -9,7 +9,9 @@
 //!   exact bytes, the survivors continue with `Range` from what they have
 //!   and cache only a verified blob;
 //! - the peer listener refuses clients without a peer certificate from
-//!   the CA, and serves a peer nothing but blob GETs.
+//!   the CA, and serves a peer nothing but blob GETs;
+//! - a blob the owner holds opens through another replica only to a
+//!   client the upstream lets read it there.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -96,6 +98,59 @@ fn fifty_misses_over_three_replicas_fetch_the_blob_once() {
             assert_eq!(served_to_peers, 0, "replica {i} is not the owner");
         }
     }
+}
+
+/// A blob cached on its owner, asked for through another replica by a
+/// client the upstream would refuse (through a repository that does not
+/// hold it): the owner checks with the client's own request, the refusal
+/// comes back, nothing of the blob leaves; the same client asking where
+/// the blob belongs gets it.
+#[test]
+fn a_blob_from_its_owner_opens_only_where_the_upstream_lets_the_client_read_it() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), 1 << 20, 14);
+    let layer = image.layer_digests()[0].clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, REPO, "1").unwrap();
+    let r = Replicas::start(2, HOST, &registry.url(), "");
+    let owner = r.owner(&layer);
+    let other = 1 - owner;
+    let get = |i: usize, repo: &str| {
+        pullthrough_testbed::http::Get::new(&r.blob_url(i, HOST, repo, &layer))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .unwrap()
+    };
+    let cached = get(owner, REPO);
+    assert_eq!(cached.status, http::StatusCode::OK);
+    assert_eq!(sha256_digest(&cached.body), layer);
+
+    let refused = get(other, "other/empty");
+    assert_eq!(
+        refused.status,
+        http::StatusCode::NOT_FOUND,
+        "through other/empty"
+    );
+    assert_ne!(sha256_digest(&refused.body), layer);
+    assert!(refused.body.len() < 1024, "{} bytes", refused.body.len());
+    assert!(
+        !r.proxies[other].cached_blob_path(&layer).exists(),
+        "nothing of it cached on the replica that asked"
+    );
+    wait_for("the owner's refusal line", Duration::from_secs(10), || {
+        Ok(!r.proxies[owner]
+            .access_matching(&[("repository", "other/empty"), ("cache", "DENIED")])
+            .is_empty())
+    })
+    .unwrap();
+
+    let allowed = get(other, REPO);
+    assert_eq!(allowed.status, http::StatusCode::OK);
+    assert_eq!(sha256_digest(&allowed.body), layer);
+    wait_for("the owner served its peer", Duration::from_secs(10), || {
+        Ok(peer_lines(&r.proxies[owner], &layer) >= 1)
+    })
+    .unwrap();
 }
 
 /// The owner is SIGKILLed while it streams the blob to the others: each
