@@ -13,9 +13,16 @@ const NS: &str = "pullthrough";
 const AGENT_SA: &str = "pullthrough-agent";
 
 fn lease(name: &str) -> String {
+    lease_held_by(name, name, "")
+}
+
+/// A Lease `name` held by `holder`, with `registries` as the agent's
+/// report annotation.
+fn lease_held_by(name: &str, holder: &str, registries: &str) -> String {
     format!(
-        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: {name}, namespace: {NS}}}\n\
-         spec: {{holderIdentity: {name}, leaseDurationSeconds: 90}}\n"
+        "apiVersion: coordination.k8s.io/v1\nkind: Lease\nmetadata: {{name: {name}, namespace: {NS}, \
+         annotations: {{pullthrough.dev/registries: '{registries}'}}}}\n\
+         spec: {{holderIdentity: {holder}, leaseDurationSeconds: 90}}\n"
     )
 }
 
@@ -75,15 +82,8 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
     .expect("node-a creates its own Lease");
     as_agent(
         &node_a,
-        &[
-            "annotate",
-            "lease",
-            "-n",
-            NS,
-            "pullthrough-agent-node-a",
-            "pullthrough.dev/registries=quay.io",
-        ],
-        "",
+        &["replace", "-f", "-"],
+        &lease_held_by("pullthrough-agent-node-a", "node-a", "quay.io"),
     )
     .expect("node-a updates its own Lease");
 
@@ -96,16 +96,8 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
         "node-a overwrites node-b's report",
         as_agent(
             &node_a,
-            &[
-                "annotate",
-                "--overwrite",
-                "lease",
-                "-n",
-                NS,
-                "pullthrough-agent-node-b",
-                "pullthrough.dev/registries=forged",
-            ],
-            "",
+            &["replace", "-f", "-"],
+            &lease_held_by("pullthrough-agent-node-b", "node-b", "forged"),
         ),
         "may write only its own Lease pullthrough-agent-node-a",
     );
@@ -113,19 +105,28 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
         "node-a takes the operator's leader Lease",
         as_agent(
             &node_a,
+            &["replace", "-f", "-"],
+            &lease_held_by("pullthrough-operator", "node-a", ""),
+        ),
+        "not pullthrough-operator",
+    );
+    // The agent never patches: RBAC does not let it, not even its own.
+    refused(
+        "node-a patches its own Lease",
+        as_agent(
+            &node_a,
             &[
-                "patch",
+                "annotate",
+                "--overwrite",
                 "lease",
                 "-n",
                 NS,
-                "pullthrough-operator",
-                "--type=merge",
-                "-p",
-                r#"{"spec":{"holderIdentity":"node-a"}}"#,
+                "pullthrough-agent-node-a",
+                "pullthrough.dev/registries=patched",
             ],
             "",
         ),
-        "not pullthrough-operator",
+        "cannot patch resource \"leases\"",
     );
     refused(
         "node-a creates a Lease for a node that does not exist",
@@ -149,16 +150,8 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
         "a token bound to no Pod writes the Lease whose name it guesses",
         as_agent(
             &unbound,
-            &[
-                "annotate",
-                "--overwrite",
-                "lease",
-                "-n",
-                NS,
-                "pullthrough-agent-node-a",
-                "pullthrough.dev/registries=forged",
-            ],
-            "",
+            &["replace", "-f", "-"],
+            &lease_held_by("pullthrough-agent-node-a", "node-a", "forged"),
         ),
         "names no node",
     );
