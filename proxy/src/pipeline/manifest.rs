@@ -49,13 +49,20 @@ pub(crate) async fn manifest_by_digest(
         return serve_cached(ctx, method, headers, &path, digest, cached, record).await;
     }
     // Concurrent misses of a digest take turns: the first fetches it, the
-    // others then find it cached (a HEAD only looks, it stores nothing).
+    // others then find it cached and are served without holding the turn
+    // (a HEAD only looks, it stores nothing). A turn not had within the
+    // read timeout (the first is stuck on a failing upstream) is not
+    // waited for: each waiter would otherwise add a whole timeout.
     let _turn = if *method == Method::GET {
-        let turn = ctx.shared.manifest_turns.take(digest).await;
+        let key = (ctx.registry.host.clone(), digest.clone());
+        let turn = tokio::time::timeout(ctx.read_timeout, ctx.shared.manifest_turns.take(&key))
+            .await
+            .ok();
         if let Some(cached) = lookup_manifest(ctx, digest).await? {
+            drop(turn);
             return serve_cached(ctx, method, headers, &path, digest, cached, record).await;
         }
-        Some(turn)
+        turn
     } else {
         None
     };

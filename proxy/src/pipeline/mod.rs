@@ -73,8 +73,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Blob downloads in flight (merged misses).
     pub inflight: Arc<Inflight>,
-    /// Manifest fetches by digest, one at a time per digest.
-    pub manifest_turns: crate::cache::turns::Turns<crate::oci::Digest>,
+    /// Manifest fetches by digest, one at a time per (registry, digest).
+    pub manifest_turns: crate::cache::turns::Turns<(String, crate::oci::Digest)>,
     /// First fetches of a tag, one at a time per (registry, repository, tag).
     pub tag_turns: crate::cache::turns::Turns<(String, String, String)>,
     /// Which digests each repository was served (admin API, purge).

@@ -136,7 +136,10 @@ pub(crate) async fn manifest_by_tag(
     // Docker Hub's pull limit).
     let _turn = if known.is_none() && *method == Method::GET && cache_tags {
         let key = (host.to_string(), repo.to_string(), tag.to_string());
-        let turn = ctx.shared.tag_turns.take(&key).await;
+        // Not waited for past the read timeout (see manifest_by_digest).
+        let turn = tokio::time::timeout(ctx.read_timeout, ctx.shared.tag_turns.take(&key))
+            .await
+            .ok();
         if let Some(entry) = ctx
             .shared
             .tags
@@ -144,6 +147,7 @@ pub(crate) async fn manifest_by_tag(
             .filter(|e| accepts(headers, &e.media_type) && e.resolved_at >= record.started)
             && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
         {
+            drop(turn);
             let known = Known {
                 repo,
                 tag,
@@ -152,7 +156,7 @@ pub(crate) async fn manifest_by_tag(
             };
             return serve_known(ctx, headers, method, record, known, CacheResult::Hit).await;
         }
-        Some(turn)
+        turn
     } else {
         None
     };
