@@ -125,15 +125,54 @@ pub struct Lease {
     digest: Digest,
 }
 
-/// A lease on an indexed blob (None if it is not in the index).
-fn lease(inner: &Inner, digest: &Digest) -> Option<Arc<Lease>> {
-    let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
+/// A lease on an indexed blob (None if it is not in the index), taken
+/// with `index` (the lock of `shared`) held.
+fn lease_locked(
+    index: &mut Index,
+    shared: &Arc<Mutex<Index>>,
+    digest: &Digest,
+) -> Option<Arc<Lease>> {
     let entry = index.entries.get_mut(digest)?;
     entry.readers += 1;
     Some(Arc::new(Lease {
-        index: Arc::clone(&inner.index),
+        index: Arc::clone(shared),
         digest: digest.clone(),
     }))
+}
+
+/// [`lease_locked`], taking the lock.
+fn lease(shared: &Arc<Mutex<Index>>, digest: &Digest) -> Option<Arc<Lease>> {
+    let mut index = shared.lock().unwrap_or_else(|p| p.into_inner());
+    lease_locked(&mut index, shared, digest)
+}
+
+/// A committed blob without a hold on it, for a queue to keep while it
+/// waits: waiting pins no disk, and [`Unleased::lease`] holds it again
+/// when its turn comes (if it was not evicted meanwhile).
+#[derive(Debug)]
+pub struct Unleased {
+    blob: CachedBlob,
+    index: Arc<Mutex<Index>>,
+}
+
+impl CachedBlob {
+    /// Lets go of the lease (`None` for a blob that had none).
+    pub fn unleased(mut self) -> Option<Unleased> {
+        let index = Arc::clone(&self.lease.take()?.index);
+        Some(Unleased { blob: self, index })
+    }
+}
+
+impl Unleased {
+    pub fn digest(&self) -> &Digest {
+        &self.blob.digest
+    }
+
+    /// The blob, held again; `None` once it was evicted.
+    pub fn lease(mut self) -> Option<CachedBlob> {
+        self.blob.lease = Some(lease(&self.index, &self.blob.digest)?);
+        Some(self.blob)
+    }
 }
 
 impl Drop for Lease {

@@ -19,7 +19,9 @@ use crate::observe::metrics::{EvictorFigures, SharedFigures};
 /// Uploads running at once; each buffers up to `PART × PARTS_IN_FLIGHT`.
 const CONCURRENT: usize = 4;
 /// Uploads waiting for a slot; past it new ones are dropped (counted), so
-/// a burst of misses cannot pin unbounded disk leases and tasks.
+/// a burst of misses cannot queue unbounded tasks. A waiting upload holds
+/// no lease (a slow bucket must not keep the local disk from evicting);
+/// one whose blob was evicted before its turn is dropped.
 const QUEUED: usize = 1024;
 /// Read size from the local file.
 const CHUNK: usize = 1 << 20;
@@ -78,12 +80,18 @@ impl Uploads {
         }
     }
 
-    /// Queues `blob` (held by its lease until uploaded) for upload.
+    /// Queues `blob` for upload; it is held again (leased) only once a
+    /// slot is free.
     pub fn submit(&self, blob: CachedBlob) {
+        let Some(queued) = blob.unleased() else {
+            // Not a committed blob of the store: nothing to hold it by.
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUED {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(digest = %blob.digest, "shared storage upload queue full; blob stays local only");
+            tracing::warn!(digest = %queued.digest(), "shared storage upload queue full; blob stays local only");
             return;
         }
         let (tier, slots, waiting, stats) = (
@@ -96,7 +104,12 @@ impl Uploads {
             let permit = slots.acquire_owned().await;
             waiting.fetch_sub(1, Ordering::AcqRel);
             let Ok(_permit) = permit else { return };
-            let digest = blob.digest.clone();
+            let digest = queued.digest().clone();
+            let Some(blob) = queued.lease() else {
+                stats.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%digest, "evicted from the local disk before its upload; not copied to shared storage");
+                return;
+            };
             match upload(&tier, &blob).await {
                 Ok(Some(bytes)) => {
                     stats.uploaded.fetch_add(1, Ordering::Relaxed);

@@ -455,3 +455,56 @@ async fn a_committed_blob_is_not_evicted_while_its_committer_holds_it() {
     );
     assert!(store.entry(&d).is_none(), "dropped, it is evictable again");
 }
+
+/// What the upload queue keeps while it waits holds nothing: a store
+/// filling up evicts such a blob, and leasing it again then says so; leased
+/// again in time, it stays.
+#[tokio::test]
+async fn an_unleased_blob_can_be_evicted_and_says_so_when_leased_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open_with(dir.path(), bounded(10_000))
+        .await
+        .unwrap();
+    let fill = |seed: u8| vec![seed; 2_000];
+    let first = fill(200);
+    let d = Digest::of(&first);
+    let queued = store
+        .put(&d, BlobMeta::default(), &first)
+        .await
+        .unwrap()
+        .unleased()
+        .expect("a committed blob is leased");
+    for i in 0..5u8 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = fill(i);
+        drop(
+            store
+                .put(&Digest::of(&b), BlobMeta::default(), &b)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(store.entry(&d).is_none(), "evicted while only queued");
+    assert!(queued.lease().is_none());
+
+    let second = fill(201);
+    let d = Digest::of(&second);
+    let queued = store
+        .put(&d, BlobMeta::default(), &second)
+        .await
+        .unwrap()
+        .unleased()
+        .unwrap();
+    let held = queued.lease().expect("still there");
+    for i in 10..15u8 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = fill(i);
+        drop(
+            store
+                .put(&Digest::of(&b), BlobMeta::default(), &b)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(fs::read(&held.path).unwrap(), second);
+}

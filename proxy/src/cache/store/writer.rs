@@ -279,11 +279,10 @@ impl BlobWriter {
             self.written,
         );
         blocking("commit", &temp_path, move || {
-            let mut blob = finish(&inner, digest, meta, bytes, sink, temp)?;
-            // Leased before eviction runs: whoever committed it reads it
-            // next (the bucket upload queue opens it later), and a full
-            // store must not delete it from under them meanwhile.
-            blob.lease = super::lease(&inner, &blob.digest);
+            // Leased (in `place`, under the lock that indexes it) before
+            // any eviction runs: whoever committed it reads it next, and a
+            // full store must not delete it from under them meanwhile.
+            let blob = finish(&inner, digest, meta, bytes, sink, temp)?;
             evict(&inner);
             Ok(blob)
         })
@@ -358,6 +357,7 @@ pub(super) fn place(
     if let Some(mut found) = existing(layout, &digest)? {
         drop(file);
         drop(temp);
+        found.lease = super::lease(&inner.index, &digest);
         // Fill in a sidecar an earlier writer did not have, and let a
         // manifest fetched as one be a manifest: the same bytes first
         // stored through `/blobs/` (as octet-stream) would otherwise never
@@ -385,17 +385,17 @@ pub(super) fn place(
     fs::rename(&temp_path, &data).map_err(io_err("rename into place", &data))?;
     temp.take(); // renamed: nothing left to clean up
     fsync_dir(&layout.shard(&digest))?;
-    inner
-        .index
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .insert(digest.clone(), bytes, SystemTime::now());
+    let lease = {
+        let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
+        index.insert(digest.clone(), bytes, SystemTime::now());
+        super::lease_locked(&mut index, &inner.index, &digest)
+    };
     Ok(CachedBlob {
         digest,
         path: data,
         size: bytes,
         meta,
-        lease: None,
+        lease,
     })
 }
 
