@@ -175,10 +175,17 @@ impl SharedTier {
 
     /// Every object under `key`.
     async fn list(&self, key: &Key) -> Result<Vec<object_store::ObjectMeta>, TierError> {
-        let listing = self.store.list(Some(key)).try_collect();
-        self.bounded("LIST", key, listing)
+        // Bounded per page, not as a whole: a big bucket takes many pages.
+        let mut pages = self.store.list(Some(key));
+        let mut out = Vec::new();
+        while let Some(meta) = self
+            .bounded("LIST", key, async { pages.next().await.transpose() })
             .await?
-            .map_err(|e| self.err("LIST", key, e))
+            .map_err(|e| self.err("LIST", key, e))?
+        {
+            out.push(meta);
+        }
+        Ok(out)
     }
 
     fn err(&self, op: &'static str, key: &Key, e: object_store::Error) -> TierError {
