@@ -341,4 +341,10 @@ fn a_client_gone_before_its_answer_still_gets_an_access_line() {
     assert_eq!(lines.len(), 1, "{lines:?}");
     assert_eq!(lines[0]["complete"], false, "{lines:?}");
     assert_eq!(lines[0]["registry"], "quay.io", "{lines:?}");
+    // Counted, but not as the proxy's error: kubelets cancel pulls in
+    // every rollout.
+    let error = r#"pullthrough_requests_total{registry="quay.io",kind="tag",result="error"}"#;
+    assert_eq!(proxy.metric(error).unwrap(), None);
+    let miss = r#"pullthrough_requests_total{registry="quay.io",kind="tag",result="miss"}"#;
+    assert_eq!(proxy.metric(miss).unwrap(), Some(1.0));
 }

@@ -80,7 +80,9 @@ impl Record {
             &self.registry,
             self.kind,
             self.cache,
-            !complete || self.status >= 500,
+            // A client that left before its answer is not the proxy's
+            // failure (kubelets cancel pulls in every rollout).
+            (!complete && self.status != CLIENT_CLOSED) || self.status >= 500,
             bytes,
             elapsed.as_secs_f64(),
         );
