@@ -339,7 +339,7 @@ impl Ctx<'_> {
         let host = self.registry.host.as_str();
         let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
-        let asked = url.authority().cloned();
+        let asked = origin(&url);
         let up = match self.send(Method::HEAD, url, headers).await {
             Ok(up) => up,
             Err(err) if err.is_throttled() => {
@@ -358,7 +358,7 @@ impl Ctx<'_> {
         // answer after a redirect counts as it is: a registry that
         // redirects before it checks (to a canonical host, which gets no
         // credentials) answers 401 or 404 there, and that is a no.
-        let elsewhere = up.hops > 0 && up.final_url.authority() != asked.as_ref();
+        let elsewhere = up.hops > 0 && origin(&up.final_url) != asked;
         if status.is_success() || (elsewhere && status == StatusCode::FORBIDDEN) {
             return Ok(Answer::Allowed);
         }
@@ -421,8 +421,28 @@ impl Ctx<'_> {
     }
 }
 
+/// Scheme, lower-cased host and port (the scheme's default when none is
+/// written) of `url`: `host` and `host:443` are one server.
+fn origin(url: &http::Uri) -> Option<(String, String, u16)> {
+    let scheme = url.scheme_str()?.to_ascii_lowercase();
+    let port = url
+        .port_u16()
+        .unwrap_or(if scheme == "http" { 80 } else { 443 });
+    Some((scheme, url.host()?.to_ascii_lowercase(), port))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_server_is_one_origin_however_written() {
+        let o = |u: &str| super::origin(&u.parse().unwrap());
+        assert_eq!(o("https://Quay.io/v2/"), o("https://quay.io:443/x"));
+        assert_eq!(o("http://r:80/a"), o("http://r/b"));
+        assert_ne!(o("https://r/a"), o("http://r/a"));
+        assert_ne!(o("https://r/a"), o("https://r:5000/a"));
+        assert_ne!(o("https://r/a"), o("https://storage.r/a"));
+    }
+
     use super::*;
 
     fn d(n: u64) -> Digest {
