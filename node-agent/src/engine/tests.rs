@@ -312,6 +312,54 @@ fn admin_edits_after_apply_survive_revert() {
 
 const CONTAINERD_V2: &str = "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"registry.k8s.io/pause:3.9\"\n";
 
+/// The proxy moves: the admin's hosts.toml gets the new address first and
+/// loses the old one; revert still gives every byte back.
+#[test]
+fn an_admins_hosts_toml_follows_the_proxy_to_a_new_address() {
+    let quay = "/etc/containerd/certs.d/quay.io/hosts.toml";
+    let (t, r, _) = containerd_apply_on(&[
+        (
+            CONFIG_TOML,
+            "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = \"/etc/containerd/certs.d\"\n",
+        ),
+        (
+            quay,
+            "server = \"https://quay.io\"\n[host.\"https://mine\"]\n  capabilities = [\"pull\"]\n",
+        ),
+    ]);
+    r.unwrap();
+    let root = Root::new(t.path());
+    let before = {
+        let mut exec = RecordingExecutor::default();
+        run_revert(&root, &mut exec);
+        snapshot(t.path())
+    };
+    let mut exec = RecordingExecutor::default();
+    run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    )
+    .0
+    .unwrap();
+    let moved = CONFIG.replace("10.0.0.5", "10.0.0.6");
+    let (r, out) = run_apply(
+        &root,
+        &cfg(&moved),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    );
+    r.unwrap();
+    let now = read(t.path(), quay);
+    assert!(!now.contains("10.0.0.5"), "{out}\n{now}");
+    let ours = now.find("[host.\"https://10.0.0.6\"]").unwrap();
+    assert!(ours < now.find("[host.\"https://mine\"]").unwrap(), "{now}");
+    let mut exec = RecordingExecutor::default();
+    run_revert(&root, &mut exec);
+    assert_eq!(snapshot(t.path()), before);
+}
+
 /// An admin who edits their hosts.toml after the apply keeps the edit on
 /// revert: only the proxy host goes.
 #[test]
@@ -939,16 +987,18 @@ fn import_entries_resolve_as_containerd_resolves_them() {
 
 /// containers/image lets a later `[[registry]]` for a prefix replace an
 /// earlier one whole, so the drop-in carries what the admin set for the
-/// prefixes it routes (location, insecure, their mirrors after the
-/// proxy's), leaves a blocked registry out, and says when a drop-in read
-/// after it replaces the proxy mirror.
+/// prefixes it routes (insecure, their mirrors after the proxy's), leaves
+/// out a registry the admin blocked or sends elsewhere than the proxy's
+/// upstream, and says when a drop-in read after it replaces the proxy
+/// mirror.
 #[test]
 fn crio_keeps_what_the_admin_set_for_a_registry() {
     let conf = "unqualified-search-registries = [\"docker.io\"]\n\
         [[registry]]\nlocation = \"quay.io\"\nblocked = true\n\
-        [[registry]]\nprefix = \"ghcr.io\"\nlocation = \"ghcr.internal\"\ninsecure = true\n\
+        [[registry]]\nprefix = \"docker.io\"\nlocation = \"hub.corp.example/docker\"\n\
+        [[registry]]\nprefix = \"ghcr.io\"\nlocation = \"ghcr.io\"\ninsecure = true\n\
         [[registry.mirror]]\nlocation = \"own-mirror.example\"\npull-from-mirror = \"digest-only\"\n";
-    let later = "[[registry]]\nprefix = \"docker.io\"\nlocation = \"docker.io\"\n";
+    let later = "[[registry]]\nprefix = \"ghcr.io\"\nlocation = \"ghcr.io\"\n";
     let t = tempfile::tempdir().unwrap();
     write(t.path(), "/etc/containers/registries.conf", conf.as_bytes());
     write(
@@ -965,13 +1015,9 @@ fn crio_keeps_what_the_admin_set_for_a_registry() {
     let doc: toml_edit::DocumentMut = d.parse().unwrap();
     let regs = doc["registry"].as_array_of_tables().unwrap();
     let prefixes: Vec<_> = regs.iter().map(|r| r["prefix"].as_str().unwrap()).collect();
-    assert_eq!(
-        prefixes,
-        ["docker.io", "ghcr.io"],
-        "quay.io stays blocked: {d}"
-    );
-    let ghcr = regs.get(1).unwrap();
-    assert_eq!(ghcr["location"].as_str(), Some("ghcr.internal"), "{d}");
+    assert_eq!(prefixes, ["ghcr.io"], "{out}\n{d}");
+    let ghcr = regs.get(0).unwrap();
+    assert_eq!(ghcr["location"].as_str(), Some("ghcr.io"), "{d}");
     assert_eq!(ghcr["insecure"].as_bool(), Some(true), "{d}");
     let mirrors = ghcr["mirror"].as_array_of_tables().unwrap();
     let locations: Vec<_> = mirrors
@@ -983,14 +1029,13 @@ fn crio_keeps_what_the_admin_set_for_a_registry() {
         mirrors.get(1).unwrap()["pull-from-mirror"].as_str(),
         Some("digest-only")
     );
-    assert!(
-        out.contains("crio: quay.io is blocked in /etc/containers/registries.conf: left blocked"),
-        "{out}"
-    );
-    assert!(
-        out.contains("crio: /etc/containers/registries.conf.d/90-site.conf also has a [[registry]] for docker.io"),
-        "{out}"
-    );
+    for said in [
+        "crio: quay.io is blocked in /etc/containers/registries.conf: left blocked",
+        "crio: docker.io is rewritten to hub.corp.example/docker in /etc/containers/registries.conf, not to registry-1.docker.io",
+        "crio: /etc/containers/registries.conf.d/90-site.conf also has a [[registry]] for ghcr.io",
+    ] {
+        assert!(out.contains(said), "{said}:\n{out}");
+    }
     // Said again on an apply that changes nothing.
     let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
     assert!(r.unwrap().files.is_empty(), "{out}");

@@ -265,12 +265,22 @@ impl Runtime for Containerd {
                 && hosts_list.len() == 1
                 && hosts_list[0].url == proxy_host.url;
             let (bytes, kind) = match &before {
-                Some(b) if admins => (
-                    hosts_toml::merge(b, &proxy_host).map_err(AgentError::patch(&path))?,
-                    FileKind::HostsTomlEdit {
-                        host: proxy_host.url.clone(),
-                    },
-                ),
+                Some(b) if admins => {
+                    // The proxy moved: its old host goes, or containerd
+                    // would try a dead address first.
+                    let base = match pl.prev_kind(&path) {
+                        Some(FileKind::HostsTomlEdit { host }) if *host != proxy_host.url => {
+                            hosts_toml::unmerge(b, host).map_err(AgentError::patch(&path))?
+                        }
+                        _ => b.clone(),
+                    };
+                    (
+                        hosts_toml::merge(&base, &proxy_host).map_err(AgentError::patch(&path))?,
+                        FileKind::HostsTomlEdit {
+                            host: proxy_host.url.clone(),
+                        },
+                    )
+                }
                 _ => (
                     hosts_toml::hosts_toml(&server, &server_tls, &hosts_list)
                         .map_err(AgentError::patch(&path))?,
