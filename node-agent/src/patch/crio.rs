@@ -104,6 +104,8 @@ pub struct CrioRegistry {
     pub mirror: String,
     /// The mirror speaks plain HTTP.
     pub insecure: bool,
+    /// Where the proxy fetches this registry from (`host[:port][/path]`).
+    pub upstream: String,
     /// What an earlier file set for this prefix, kept.
     pub admin: Option<AdminEntry>,
 }
@@ -203,12 +205,14 @@ mod tests {
                 prefix: "quay.io".into(),
                 mirror: "10.0.0.5/quay.io".into(),
                 insecure: false,
+                upstream: String::new(),
                 admin: None,
             },
             CrioRegistry {
                 prefix: "docker.io".into(),
                 mirror: "10.0.0.5/docker.io".into(),
                 insecure: false,
+                upstream: String::new(),
                 admin: None,
             },
         ])
@@ -230,6 +234,7 @@ mod tests {
             prefix: "quay.io".into(),
             mirror: "10.0.0.5:8080/quay.io".into(),
             insecure: true,
+            upstream: String::new(),
             admin: None,
         }])
         .unwrap()

@@ -58,6 +58,24 @@ impl Runtime for Crio {
                     ));
                     false
                 }
+                // The admin sends this prefix somewhere else than the
+                // proxy's upstream for it (an internal copy, an air gap):
+                // the proxy mirror would go around that.
+                Some(a)
+                    if a
+                        .location
+                        .as_deref()
+                        .is_some_and(|l| l != r.prefix && l != r.upstream) =>
+                {
+                    said.push(format!(
+                        "crio: {} is rewritten to {} in {}, not to {}, where the proxy fetches it: left as the admin set it, not mirrored",
+                        r.prefix,
+                        a.location.as_deref().unwrap_or_default(),
+                        a.file,
+                        r.upstream
+                    ));
+                    false
+                }
                 found => {
                     r.admin = found.cloned();
                     true
