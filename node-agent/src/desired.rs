@@ -80,17 +80,17 @@ pub fn docker(cfg: &AgentConfig) -> Result<DockerWant, ConfigError> {
             continue;
         }
         // /etc/hosts maps names, not ports: dockerd would dial the port
-        // the name carries on the proxy's address, where nothing listens,
-        // or (the entry being invalid) resolve the name as before and pull
-        // around the proxy. Said, not done.
-        if let Some(n) = hijack_names(r).find(|n| has_port(n)) {
+        // such a name carries on the proxy's address, where nothing
+        // listens, or (the entry being invalid) resolve the name as before
+        // and pull around the proxy. Said, not done; the registry's other
+        // names are hijacked as usual.
+        for n in hijack_names(r).filter(|n| has_port(n)) {
             notes.push(format!(
-                "{}: not hijacked for dockerd ({n} has a port, which /etc/hosts cannot redirect; containerd and CRI-O mirror it)",
+                "{}: {n} not hijacked for dockerd (it has a port, which /etc/hosts cannot redirect; containerd and CRI-O mirror it)",
                 r.host
             ));
-            continue;
         }
-        hijacked.extend(hijack_names(r).map(String::from));
+        hijacked.extend(hijack_names(r).filter(|n| !has_port(n)).map(String::from));
     }
     let mut hosts = Vec::new();
     if !hijacked.is_empty() {
@@ -169,6 +169,9 @@ pub fn crio(cfg: &AgentConfig) -> Vec<CrioRegistry> {
                 prefix: n.to_string(),
                 mirror: format!("{}/{}", p.authority(), r.host),
                 insecure: !p.uses_tls(),
+                upstream: crate::patch::hosts_toml::server_for(&r.host, r.upstream.as_deref())
+                    .split_once("://")
+                    .map_or_else(String::new, |(_, rest)| rest.to_string()),
                 admin: None,
             })
         })
@@ -214,24 +217,21 @@ registries:
 
     #[test]
     fn a_name_with_a_port_is_not_hijacked_and_says_so() {
-        let c = cfg("proxy: {address: 10.0.0.5, caFile: c}
-registries:
-  - {host: 'registry.local:5000'}
-  - {host: quay.io, aliases: ['quay.local:8443']}
-  - {host: ghcr.io}
-");
+        let c = cfg(
+            "proxy: {address: 10.0.0.5, caFile: c}\nregistries:\n  - {host: 'registry.local:5000'}\n  - {host: quay.io, aliases: ['quay.local:8443']}\n  - {host: ghcr.io}\n",
+        );
         let d = docker(&c).unwrap();
         let names: Vec<_> = d.hosts.iter().map(|e| e.name.as_str()).collect();
-        assert_eq!(names, ["ghcr.io"]);
-        assert_eq!(d.ca_authorities, ["ghcr.io", "10.0.0.5"]);
+        assert_eq!(names, ["quay.io", "ghcr.io"]);
+        assert_eq!(d.ca_authorities, ["quay.io", "ghcr.io", "10.0.0.5"]);
         assert_eq!(d.notes.len(), 2, "{:?}", d.notes);
         assert!(
-            d.notes[0].contains("registry.local:5000 has a port"),
+            d.notes[0].contains("registry.local:5000 not hijacked"),
             "{:?}",
             d.notes
         );
         assert!(
-            d.notes[1].contains("quay.local:8443 has a port"),
+            d.notes[1].contains("quay.local:8443 not hijacked"),
             "{:?}",
             d.notes
         );
