@@ -129,26 +129,36 @@ impl SharedTier {
     }
 
     /// `call`, failed as a timeout (and counted against the store's health)
-    /// past the background timeout; the store's own answer otherwise, for
-    /// the caller to read (NotFound, AlreadyExists and Precondition are
-    /// answers, not failures).
+    /// past `limit`; the store's own answer otherwise, for the caller to
+    /// read (NotFound, AlreadyExists and Precondition are answers, not
+    /// failures).
+    async fn within<T>(
+        &self,
+        limit: Duration,
+        op: &'static str,
+        key: &Key,
+        call: impl std::future::Future<Output = object_store::Result<T>>,
+    ) -> Result<object_store::Result<T>, TierError> {
+        tokio::time::timeout(limit, call).await.map_err(|_| {
+            let err = TierError::Timeout {
+                op,
+                key: key.to_string(),
+                secs: limit.as_secs().max(1),
+            };
+            self.health.failed(&err);
+            err
+        })
+    }
+
+    /// [`Self::within`] the background timeout (calls off the request
+    /// path).
     async fn bounded<T>(
         &self,
         op: &'static str,
         key: &Key,
         call: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<object_store::Result<T>, TierError> {
-        tokio::time::timeout(self.background_timeout, call)
-            .await
-            .map_err(|_| {
-                let err = TierError::Timeout {
-                    op,
-                    key: key.to_string(),
-                    secs: self.background_timeout.as_secs().max(1),
-                };
-                self.health.failed(&err);
-                err
-            })
+        self.within(self.background_timeout, op, key, call).await
     }
 
     pub fn location(&self) -> &str {
@@ -247,19 +257,11 @@ impl SharedTier {
         opts: GetOptions,
     ) -> Result<Option<object_store::GetResult>, TierError> {
         self.usable()?;
-        match tokio::time::timeout(META_TIMEOUT, self.store.get_opts(key, opts)).await {
-            Err(_) => {
-                let err = TierError::Timeout {
-                    op,
-                    key: key.to_string(),
-                    secs: META_TIMEOUT.as_secs(),
-                };
-                self.health.failed(&err);
-                Err(err)
-            }
-            Ok(Err(object_store::Error::NotFound { .. })) => Ok(None),
-            Ok(Err(e)) => Err(self.err(op, key, e)),
-            Ok(Ok(got)) => {
+        let got = self.store.get_opts(key, opts);
+        match self.within(META_TIMEOUT, op, key, got).await? {
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.err(op, key, e)),
+            Ok(got) => {
                 self.health.succeeded();
                 Ok(Some(got))
             }
