@@ -64,6 +64,13 @@ impl<K: Eq + Hash + Clone> Turns<K> {
         turn
     }
 
+    /// [`Turns::take`], waited for at most `limit`: `None` past it (the
+    /// one ahead is stuck on a failing upstream; each waiter would
+    /// otherwise add a whole timeout), and the caller goes on without one.
+    pub async fn take_within(&self, key: &K, limit: std::time::Duration) -> Option<Turn<'_, K>> {
+        tokio::time::timeout(limit, self.take(key)).await.ok()
+    }
+
     /// Keys with a turn held or awaited.
     pub fn len(&self) -> usize {
         self.lock().len()

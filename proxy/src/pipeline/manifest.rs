@@ -50,14 +50,12 @@ pub(crate) async fn manifest_by_digest(
     }
     // Concurrent misses of a digest take turns: the first fetches it, the
     // others then find it cached and are served without holding the turn
-    // (a HEAD only looks, it stores nothing). A turn not had within the
-    // read timeout (the first is stuck on a failing upstream) is not
-    // waited for: each waiter would otherwise add a whole timeout.
+    // (a HEAD only looks, it stores nothing). A turn is waited for up to
+    // the read timeout.
     let _turn = if *method == Method::GET {
         let key = (ctx.registry.host.clone(), digest.clone());
-        let turn = tokio::time::timeout(ctx.read_timeout, ctx.shared.manifest_turns.take(&key))
-            .await
-            .ok();
+        let turns = &ctx.shared.manifest_turns;
+        let turn = turns.take_within(&key, ctx.read_timeout).await;
         if let Some(cached) = lookup_manifest(ctx, digest).await? {
             drop(turn);
             return serve_cached(ctx, method, headers, &path, digest, cached, record).await;

@@ -136,10 +136,11 @@ pub(crate) async fn manifest_by_tag(
     // Docker Hub's pull limit).
     let _turn = if known.is_none() && *method == Method::GET && cache_tags {
         let key = (host.to_string(), repo.to_string(), tag.to_string());
-        // Not waited for past the read timeout (see manifest_by_digest).
-        let turn = tokio::time::timeout(ctx.read_timeout, ctx.shared.tag_turns.take(&key))
-            .await
-            .ok();
+        let turn = ctx
+            .shared
+            .tag_turns
+            .take_within(&key, ctx.read_timeout)
+            .await;
         if let Some(entry) = ctx
             .shared
             .tags
