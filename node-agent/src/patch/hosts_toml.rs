@@ -60,18 +60,24 @@ pub fn hosts_toml(
     let mut host_table = Table::new();
     host_table.set_implicit(true);
     for h in hosts {
-        let mut t = Table::new();
-        let mut caps = Array::new();
-        caps.push("pull");
-        caps.push("resolve");
-        t.insert("capabilities", value(caps));
-        put_tls(&mut t, &h.tls);
-        host_table.insert(&h.url, Item::Table(t));
+        host_table.insert(&h.url, Item::Table(host_entry(h)));
     }
     doc.insert("host", Item::Table(host_table));
     let out = doc.to_string().into_bytes();
     check_hosts_toml(&out, server, hosts.len())?;
     Ok(out)
+}
+
+/// A mirror host's table: pull and resolve through it, with its TLS
+/// settings.
+fn host_entry(h: &MirrorHost) -> Table {
+    let mut t = Table::new();
+    let mut caps = Array::new();
+    caps.push("pull");
+    caps.push("resolve");
+    t.insert("capabilities", value(caps));
+    put_tls(&mut t, &h.tls);
+    t
 }
 
 fn put_tls(t: &mut Table, tls: &HostTls) {
@@ -127,12 +133,7 @@ pub fn check_hosts_toml(bytes: &[u8], server: &str, hosts: usize) -> Result<(), 
 /// again on its own output it gives the same bytes.
 pub fn merge(current: &[u8], proxy: &MirrorHost) -> Result<Vec<u8>, PatchError> {
     let mut doc = parse(current)?;
-    let mut t = Table::new();
-    let mut caps = Array::new();
-    caps.push("pull");
-    caps.push("resolve");
-    t.insert("capabilities", value(caps));
-    put_tls(&mut t, &proxy.tls);
+    let mut t = host_entry(proxy);
     let hosts = host_table(&mut doc)?;
     hosts.remove(&proxy.url);
     // Before every other host: containerd orders them by position.

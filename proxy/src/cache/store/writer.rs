@@ -248,9 +248,10 @@ impl BlobWriter {
 
     /// Verifies sha256 == expected digest. On match: fsync the file, write
     /// the meta sidecar, rename into place, fsync the directory, and return
-    /// the blob, leased (not evicted while it is held). On mismatch: delete the temp file, `Err(DigestMismatch)`. If
-    /// the blob already exists (another writer won the race), the temp file
-    /// is dropped and the existing blob returned.
+    /// the blob, leased (not evicted while it is held). On mismatch: delete
+    /// the temp file, `Err(DigestMismatch)`. If the blob already exists
+    /// (another writer won the race), the temp file is dropped and the
+    /// existing blob returned.
     ///
     /// The final step runs to completion on the blocking pool even if this
     /// future is dropped, so a commit is never left half done.
