@@ -247,3 +247,91 @@ fn the_moves_of_a_private_registry_are_listed_only_with_the_admin_token() {
     assert_eq!(moves.len(), 1, "{status}");
     assert_eq!(moves[0]["repository"], "app");
 }
+
+/// A registry answers a tag that points at a manifest list according to
+/// what the client accepts: the list to a runtime, the linux/amd64
+/// manifest to a client that takes single manifests only (a scanner, a
+/// script with one `Accept`). The cached answer serves only clients the
+/// upstream would have answered the same: the narrow client's manifest
+/// never reaches an arm64 node's runtime, whichever asked first, and the
+/// narrow answer does not push the list out of the cache.
+#[test]
+fn a_narrow_accept_never_gets_a_runtime_the_wrong_platform() {
+    const V2: &str = "application/vnd.docker.distribution.manifest.v2+json";
+    const LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    let runtime_accept = format!(
+        "{V2}, {LIST}, application/vnd.oci.image.manifest.v1+json, application/vnd.oci.image.index.v1+json"
+    );
+    let work = tempfile::tempdir().unwrap();
+    let multi = LayoutBuilder::new(work.path())
+        .unwrap()
+        .multi_arch("1")
+        .unwrap();
+    let up = Registry::plain().unwrap();
+    // Pushed as Docker's formats: distribution hands a client that does
+    // not take lists the default platform's manifest out of a Docker list.
+    for tag in ["1", "2"] {
+        let mut args: Vec<String> = [
+            "--insecure-policy",
+            "copy",
+            "--all",
+            "--format",
+            "v2s2",
+            "-q",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(up.skopeo_flags("dest"));
+        args.push(format!("oci:{}:1", multi.layout.display()));
+        args.push(format!("docker://{}/app:{tag}", up.host()));
+        pullthrough_testbed::process::run(&mut up.command("skopeo", args)).unwrap();
+    }
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &up.url(), ""),
+    )
+    .unwrap();
+    let get = |tag: &str, accept: &str| {
+        let url = format!("{}/v2/quay.io/app/manifests/{tag}", proxy.http_url());
+        let r = Get::new(&url).header("Accept", accept).send().unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{tag} {accept}: {}", proxy.log());
+        let mt = r.headers["content-type"].to_str().unwrap().to_string();
+        (mt, sha256_digest(&r.body))
+    };
+
+    let mut lists = Vec::new();
+    for tag in ["1", "2"] {
+        // The upstream's own answers, asked directly.
+        let direct = |accept: &str| {
+            let url = format!("{}/v2/app/manifests/{tag}", up.url());
+            let r = Get::new(&url).header("Accept", accept).send().unwrap();
+            sha256_digest(&r.body)
+        };
+        let (list, amd64) = (direct(&runtime_accept), direct(V2));
+        assert_ne!(list, amd64, "the registry answers by Accept");
+        lists.push(list.clone());
+        // Tag 1: the narrow client first; tag 2: the runtime first.
+        let order: [&str; 3] = if tag == "1" {
+            [V2, &runtime_accept, V2]
+        } else {
+            [&runtime_accept, V2, &runtime_accept]
+        };
+        for accept in order {
+            let (mt, digest) = get(tag, accept);
+            if accept == V2 {
+                assert_eq!((mt.as_str(), &digest), (V2, &amd64), "{tag}: narrow client");
+            } else {
+                assert_eq!((mt.as_str(), &digest), (LIST, &list), "{tag}: runtime");
+            }
+        }
+    }
+    // Once the list is cached, a runtime is answered from the cache: the
+    // narrow client's answer did not replace it (tag 2's last pull is the
+    // one HIT; every narrow ask went to the upstream).
+    let hits = proxy
+        .wait_access(&[("kind", "tag"), ("cache", "HIT")])
+        .unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+    assert_eq!(hits[0]["digest"], lists[1].as_str(), "{hits:?}");
+}

@@ -39,11 +39,17 @@ pub struct TagEntry {
     /// The last digest seen per media type: a move is a new digest in the
     /// same representation, whatever clients asked in between.
     last_by_type: Vec<(String, Digest)>,
+    /// Whether the ask took platform lists, so that the answer is what
+    /// the tag holds; otherwise it may be one platform's manifest the
+    /// registry picked out of a list, right only for clients that take no
+    /// list either.
+    pub whole: bool,
 }
 
 impl TagEntry {
-    pub fn new(digest: Digest, media_type: String, size: u64) -> Self {
+    pub fn new(digest: Digest, media_type: String, size: u64, whole: bool) -> Self {
         Self {
+            whole,
             digest,
             media_type,
             size,
@@ -110,6 +116,8 @@ impl TagCache {
     /// the tag pointed elsewhere before *in the same representation*: a
     /// client that accepts only single-platform manifests is answered with
     /// another digest than one accepting indexes, without anything moving.
+    /// A narrow answer (not [`TagEntry::whole`]) does not replace a whole
+    /// one: runtimes, which take lists, keep being answered from the cache.
     pub fn put(
         &self,
         registry: &str,
@@ -152,6 +160,14 @@ impl TagCache {
             .last_by_type
             .insert(0, (entry.media_type.clone(), entry.digest.clone()));
         entry.last_by_type.truncate(HISTORY);
+        let entry = match entries.get(&key) {
+            Some(old) if old.whole && !entry.whole => TagEntry {
+                previous: entry.previous,
+                last_by_type: entry.last_by_type,
+                ..old.clone()
+            },
+            _ => entry,
+        };
         entries.insert(key, entry);
         drop(entries);
         if let Some(m) = &moved {
@@ -242,7 +258,7 @@ mod tests {
     use super::*;
 
     fn entry(body: &[u8], media_type: &str) -> TagEntry {
-        TagEntry::new(Digest::of(body), media_type.into(), 1)
+        TagEntry::new(Digest::of(body), media_type.into(), 1, true)
     }
 
     #[test]

@@ -40,6 +40,19 @@ pub(crate) fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
     !any
 }
 
+/// Media types of a list of per-platform manifests.
+pub(crate) const LIST_TYPES: [&str; 2] = [
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Does the client take a list of platforms, named or by wildcard? A
+/// registry answers a tag that holds a list with one platform's manifest
+/// (its default) to a client that takes none, or that sends no Accept.
+pub(crate) fn accepts_lists(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::ACCEPT) && LIST_TYPES.iter().any(|t| accepts(headers, t))
+}
+
 pub(crate) fn content_type(headers: &HeaderMap) -> Option<String> {
     headers
         .get(header::CONTENT_TYPE)

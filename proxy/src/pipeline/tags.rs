@@ -16,7 +16,8 @@ use super::{HandlerError, is_outage};
 use crate::cache::tags::TagEntry;
 use crate::http::body::{self, Body};
 use crate::http::headers::{
-    DOCKER_CONTENT_DIGEST, accepts, content_type, forward_headers, relay_parts, relay_response,
+    DOCKER_CONTENT_DIGEST, LIST_TYPES, accepts, accepts_lists, content_type, forward_headers,
+    relay_parts, relay_response,
 };
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
@@ -37,7 +38,7 @@ pub(crate) async fn manifest_by_tag(
         .shared
         .tags
         .get(host, repo, tag)
-        .filter(|e| accepts(headers, &e.media_type));
+        .filter(|e| answers(e, headers));
     let cache_tags = ctx.settings.cache_tags;
     let ttl = ctx.settings.tag_policy.ttl(tag);
     let known_at = |entry, cached| Known {
@@ -145,7 +146,7 @@ pub(crate) async fn manifest_by_tag(
             .shared
             .tags
             .get(host, repo, tag)
-            .filter(|e| accepts(headers, &e.media_type) && e.resolved_at >= record.started)
+            .filter(|e| answers(e, headers) && e.resolved_at >= record.started)
             && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
         {
             drop(turn);
@@ -215,7 +216,7 @@ pub(crate) async fn manifest_by_tag(
                 ctx,
                 repo,
                 tag,
-                TagEntry::new(digest.clone(), mt.clone(), size),
+                TagEntry::new(digest.clone(), mt.clone(), size, accepts_lists(headers)),
             );
         }
         return Ok(relay_parts(parts, body::empty()));
@@ -242,7 +243,12 @@ pub(crate) async fn manifest_by_tag(
             ctx,
             repo,
             tag,
-            TagEntry::new(digest.clone(), mt.clone(), bytes.len() as u64),
+            TagEntry::new(
+                digest.clone(),
+                mt.clone(),
+                bytes.len() as u64,
+                accepts_lists(headers),
+            ),
         );
     }
     Ok(manifest_response(
@@ -251,6 +257,19 @@ pub(crate) async fn manifest_by_tag(
         bytes.len() as u64,
         body::full(bytes),
     ))
+}
+
+/// Would the upstream give this client the answer `entry` holds? A list
+/// only to a client that takes lists; a manifest picked out of a list
+/// (asked without taking lists) only to a client that takes none either.
+fn answers(entry: &TagEntry, headers: &HeaderMap) -> bool {
+    let takes_lists = accepts_lists(headers);
+    accepts(headers, &entry.media_type)
+        && if LIST_TYPES.contains(&entry.media_type.as_str()) {
+            takes_lists
+        } else {
+            entry.whole || !takes_lists
+        }
 }
 
 /// A known tag answer whose manifest is cached.
