@@ -143,6 +143,11 @@ pub struct PendingAction {
     pub action: String,
     /// Why it is needed.
     pub reason: String,
+    /// A restart begun by an agent that did not live to see how it
+    /// ended: restarting dockerd can stop the agent's own pod (cri-dockerd
+    /// nodes), so such a restart is not begun again (see `engine::apply`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub started: bool,
 }
 
 /// Summary of the last apply, for `status`.

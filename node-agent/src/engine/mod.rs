@@ -14,7 +14,7 @@ use crate::error::{AgentError, ConfigError};
 use crate::fsio::Root;
 use crate::patch::docker_certs;
 use crate::runtime::{
-    self, AfterApply, BeforeRevert, Executor, PlanInput, Planned, RuntimeKind, Step,
+    self, Action, AfterApply, BeforeRevert, Executor, PlanInput, Planned, RuntimeKind, Step,
 };
 use crate::state::{self, LastApply};
 use plan::{Planner, commit, prune_dirs, revert_file, write_diff, write_files, writeln_out};
@@ -103,21 +103,43 @@ pub fn apply(
         })
         .collect();
     // Daemon actions an earlier apply wrote files for but could not carry
-    // out are owed until they succeed, whether or not a file changes now.
-    let owed: Vec<Step> = st
-        .pending_actions
-        .iter()
-        .filter_map(Step::from_pending)
-        .collect();
-    for s in &owed {
-        writeln_out(
-            out,
-            &format!(
-                "{}: {} still owed (it failed at an earlier apply)",
-                s.service.process(),
-                s.action.word()
-            ),
-        );
+    // out are owed until they succeed, whether or not a file changes now;
+    // but this apply's `--docker-action` decides what dockerd gets, and a
+    // restart an earlier agent began without seeing its end is not begun
+    // again: it may be what stopped that agent (`systemctl restart docker`
+    // stops the agent's own pod on a cri-dockerd node), and repeating it
+    // would stop this one too, for ever.
+    let mut owed: Vec<Step> = Vec::new();
+    let mut not_done: Vec<String> = Vec::new();
+    for p in &st.pending_actions {
+        let Some(s) = Step::from_pending(p) else {
+            continue;
+        };
+        let who = s.service.process();
+        if p.started {
+            not_done.push(format!(
+                "{who}: owed {} ({}) not repeated: an earlier agent began it and did not see it end (the restart may have stopped that agent)",
+                s.action.word(),
+                p.reason
+            ));
+            continue;
+        }
+        match s.owed_under(opts.docker_action) {
+            Ok(s) => {
+                writeln_out(
+                    out,
+                    &format!(
+                        "{who}: {} still owed (it failed at an earlier apply)",
+                        s.action.word()
+                    ),
+                );
+                owed.push(s);
+            }
+            Err(line) => not_done.push(line),
+        }
+    }
+    for line in &not_done {
+        writeln_out(out, line);
     }
     let retrying = !owed.is_empty();
     let steps = merge_steps(owed, steps);
@@ -140,6 +162,12 @@ pub fn apply(
     }
 
     if report.files.is_empty() && !retrying {
+        if !not_done.is_empty() {
+            // Not owed any more.
+            st.pending_actions.clear();
+            state::save(root, &mut st)?;
+            report.actions = not_done;
+        }
         writeln_out(out, "no changes");
         return Ok(report);
     }
@@ -155,6 +183,17 @@ pub fn apply(
     let mut actor = Actor::new(exec, out);
     let mut still_owed = Vec::new();
     for step in &steps {
+        if step.action == Action::Restart {
+            // Recorded as begun before it begins (see `owed` above).
+            for p in st
+                .pending_actions
+                .iter_mut()
+                .filter(|p| p.service == step.service.unit())
+            {
+                p.started = true;
+            }
+            state::save(root, &mut st)?;
+        }
         let failed_before = actor.failed.len();
         actor.act(step);
         if actor.failed.len() > failed_before {
@@ -162,7 +201,8 @@ pub fn apply(
         }
     }
     st.pending_actions = still_owed;
-    report.actions = actor.actions;
+    report.actions = not_done;
+    report.actions.append(&mut actor.actions);
     st.last_apply = Some(LastApply {
         config_sha256: cfg.sha256.clone(),
         proxy: cfg.proxy.base_url(),

@@ -43,8 +43,10 @@ pub use health::{Gate, probe};
 pub use inputs::Source;
 
 const TICK: Duration = Duration::from_millis(250);
-/// A failed apply is retried this soon.
+/// A failed apply is retried this soon; the wait doubles with each
+/// further failure in a row, up to `MAX_RETRY`.
 const RETRY: Duration = Duration::from_secs(5);
+const MAX_RETRY: Duration = Duration::from_secs(300);
 
 /// Options of `run`.
 #[derive(Debug, Clone)]
@@ -79,15 +81,28 @@ struct ApplyState {
     last_attempt: Option<Instant>,
     /// The last failure, as reported; `None` after a success.
     error: Option<String>,
+    /// Failed attempts since the last success (the retry backs off).
+    failures: u32,
     applied: Option<Applied>,
 }
 
 impl ApplyState {
     fn due(&self, key: &(String, bool), resync: Duration) -> bool {
         self.last_key.as_ref() != Some(key)
-            || self
-                .last_attempt
-                .is_some_and(|t| t.elapsed() >= if self.error.is_some() { RETRY } else { resync })
+            || self.last_attempt.is_some_and(|t| {
+                t.elapsed()
+                    >= if self.error.is_some() {
+                        self.retry()
+                    } else {
+                        resync
+                    }
+            })
+    }
+
+    /// How long after a failure the next attempt waits.
+    fn retry(&self) -> Duration {
+        let doublings = self.failures.saturating_sub(1).min(16);
+        (RETRY * 2u32.pow(doublings)).min(MAX_RETRY)
     }
 }
 
@@ -224,6 +239,7 @@ async fn apply_if_due(
             }
             st.applied = Some(a);
             st.error = None;
+            st.failures = 0;
             st.last_key = Some(key);
         }
         Err(e) => {
@@ -232,6 +248,7 @@ async fn apply_if_due(
                 tracing::error!(error = %e, "apply failed: {e}");
             }
             st.error = Some(e);
+            st.failures = st.failures.saturating_add(1);
             st.last_key = Some(key);
         }
     }
@@ -423,5 +440,36 @@ mod tests {
                 == 1,
             "the restart stays owed"
         );
+    }
+
+    /// A daemon action that keeps failing is not tried every 5 s for ever:
+    /// the wait doubles with each failure, up to 5 minutes.
+    #[test]
+    fn a_failing_apply_backs_off_up_to_five_minutes() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("run/containerd")).unwrap();
+        std::fs::write(t.path().join("run/containerd/containerd.sock"), "").unwrap();
+        let opts = run_opts(t.path(), RuntimeKind::Containerd);
+        let cfg = crate::config::from_parts(HTTP_TABLE, None).unwrap();
+        let mut st = ApplyState::default();
+        let long_ago = Instant::now() - Duration::from_secs(3600);
+        for _ in 0..3 {
+            st.last_attempt = Some(long_ago);
+            assert!(apply_logged(&opts, &cfg, &mut st).0);
+            assert!(st.error.is_some());
+        }
+        // Three failures: 5 s, 10 s, then 20 s.
+        st.last_attempt = Some(Instant::now() - Duration::from_secs(19));
+        assert!(!apply_logged(&opts, &cfg, &mut st).0);
+        st.last_attempt = Some(Instant::now() - Duration::from_secs(20));
+        assert!(apply_logged(&opts, &cfg, &mut st).0);
+        for _ in 0..20 {
+            st.last_attempt = Some(long_ago);
+            apply_logged(&opts, &cfg, &mut st);
+        }
+        st.last_attempt = Some(Instant::now() - Duration::from_secs(299));
+        assert!(!apply_logged(&opts, &cfg, &mut st).0);
+        st.last_attempt = Some(Instant::now() - Duration::from_secs(300));
+        assert!(apply_logged(&opts, &cfg, &mut st).0, "at most 5 minutes");
     }
 }

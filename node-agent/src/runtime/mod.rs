@@ -109,7 +109,37 @@ impl Step {
             service: self.service.unit().into(),
             action: action.into(),
             reason: self.reason.clone(),
+            started: false,
         })
+    }
+
+    /// This owed step as the admin's current `--docker-action` allows it:
+    /// for dockerd the flag of this apply decides, not the one of the
+    /// apply that owed it. `Err`: the line saying why it is not done.
+    pub fn owed_under(self, docker_action: DockerActionArg) -> Result<Step, String> {
+        if self.service != Service::Docker {
+            return Ok(self);
+        }
+        match (docker_action, self.action) {
+            (DockerActionArg::None, a) => Err(format!(
+                "{}: owed {} not done: --docker-action none",
+                self.service.process(),
+                a.word()
+            )),
+            (DockerActionArg::Reload, Action::Restart) => {
+                let reason = format!(
+                    "{}; --docker-action reload: a reload instead of the owed restart",
+                    self.reason
+                );
+                Ok(Step {
+                    action: Action::Reload,
+                    dry_run_reason: Some(reason.clone()),
+                    reason,
+                    ..self
+                })
+            }
+            _ => Ok(self),
+        }
     }
 
     /// A step owed since an earlier apply; `None` for a record this

@@ -610,3 +610,85 @@ fn a_file_changed_between_plan_and_write_is_not_overwritten() {
     assert!(hosts.starts_with(theirs), "{out}\n{hosts}");
     assert!(hosts.contains("quay.io"), "{hosts}");
 }
+
+/// A restart owed since an earlier apply follows the admin's current
+/// `--docker-action`: dropped under `none`, a reload under `reload`.
+#[test]
+fn an_owed_docker_restart_obeys_the_current_docker_action() {
+    for (arg, calls, said) in [
+        (
+            DockerActionArg::None,
+            &[][..],
+            "dockerd: owed restart not done: --docker-action none",
+        ),
+        (
+            DockerActionArg::Reload,
+            &["reload docker"][..],
+            "--docker-action reload: a reload instead of the owed restart",
+        ),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+        let root = Root::new(t.path());
+        let mut o = opts(&[RuntimeKind::Docker]);
+        o.docker_action = DockerActionArg::Restart;
+        let mut exec = RecordingExecutor {
+            fail: 1,
+            ..Default::default()
+        };
+        let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+        assert!(r.is_err(), "{out}");
+        assert_eq!(status(&root).unwrap().pending_actions.len(), 1, "{out}");
+
+        o.docker_action = arg;
+        let mut exec = RecordingExecutor::default();
+        let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+        r.unwrap();
+        assert_eq!(exec.calls, calls, "{arg:?}: {out}");
+        assert!(out.contains(said), "{arg:?}: {out}");
+        assert!(status(&root).unwrap().pending_actions.is_empty(), "{arg:?}");
+        // Not owed any more: the next apply is quiet.
+        let (_, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+        assert_eq!(out.trim(), "no changes", "{arg:?}");
+    }
+}
+
+/// `systemctl restart docker` stops the agent's own pod on a cri-dockerd
+/// node before the agent can record that it succeeded: the agent that
+/// comes up next must not restart dockerd again (and be stopped again).
+#[test]
+fn a_restart_that_stopped_the_agent_is_not_repeated() {
+    use crate::error::ExecError;
+    use crate::runtime::{Outcome, Service};
+    struct StopsTheAgent;
+    impl Executor for StopsTheAgent {
+        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            unreachable!("no reload here")
+        }
+        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            panic!("the restart stopped the agent");
+        }
+        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
+            None
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Docker]);
+    o.docker_action = DockerActionArg::Restart;
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
+    }));
+    assert!(stopped.is_err());
+
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    r.unwrap();
+    assert!(exec.calls.is_empty(), "{out}");
+    assert!(out.contains("not repeated"), "{out}");
+    assert!(status(&root).unwrap().pending_actions.is_empty());
+    let (_, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    assert_eq!(out.trim(), "no changes");
+    assert!(exec.calls.is_empty());
+}
