@@ -206,8 +206,15 @@ pub fn save(root: &Root, state: &mut State) -> Result<(), FsError> {
     root.write_atomic(STATE_FILE, &bytes, 0o600)
 }
 
-/// Writes the first-edit backup of `path` unless one exists; returns its
-/// host path. Directories made for the state are recorded in `state`.
+/// Writes the first-edit backup of `path` from `original` (the file as
+/// this apply found it); returns its host path. Directories made for the
+/// state are recorded in `state`.
+///
+/// Called only for a file the state holds no backup for, so a backup
+/// already on disk is an orphan (a crash before [`remove_backup`], or a
+/// state file someone deleted): it is overwritten, never taken for the
+/// original, or revert would put that stale content over the admin's
+/// later edits.
 pub fn write_backup(
     root: &Root,
     state: &mut State,
@@ -217,10 +224,8 @@ pub fn write_backup(
     let made = root.create_dirs(STATE_DIR)?;
     state.state_dirs.extend(made);
     let backup = backup_path(path);
-    if root.read(&backup)?.is_none() {
-        root.create_dirs(&crate::fsio::parent(&backup))?;
-        root.write_atomic(&backup, original, FILE_MODE)?;
-    }
+    root.create_dirs(&crate::fsio::parent(&backup))?;
+    root.write_atomic(&backup, original, FILE_MODE)?;
     Ok(backup)
 }
 

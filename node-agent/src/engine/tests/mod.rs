@@ -692,3 +692,29 @@ fn a_restart_that_stopped_the_agent_is_not_repeated() {
     assert_eq!(out.trim(), "no changes");
     assert!(exec.calls.is_empty());
 }
+
+/// A backup left behind without a record (a crash before it was removed,
+/// or an admin who deleted state.json) is not the original of a file the
+/// agent manages anew: revert gives back the file as it was at this apply.
+#[test]
+fn an_orphan_backup_is_not_taken_for_the_original() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, b"127.0.0.1 localhost NEW\n");
+    write(
+        t.path(),
+        &state::backup_path(HOSTS),
+        b"127.0.0.1 localhost OLD\n",
+    );
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    )
+    .0
+    .unwrap();
+    run_revert(&root, &mut exec);
+    assert_eq!(read(t.path(), HOSTS), "127.0.0.1 localhost NEW\n");
+}
