@@ -127,12 +127,13 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         high_watermark: settings.cache.high_watermark,
         low_watermark: settings.cache.low_watermark,
     };
-    let store = cache::store::BlobStore::open_with(&data_dir, limits)
-        .await
-        .map_err(|source| Error::Store {
-            path: data_dir.clone(),
-            source,
-        })?;
+    let store =
+        cache::store::BlobStore::open_with(&data_dir, limits, config.cache.pins_file.is_some())
+            .await
+            .map_err(|source| Error::Store {
+                path: data_dir.clone(),
+                source,
+            })?;
 
     // The client is built (credential files read, CA parsed) before any
     // port is bound; whether the bucket answers is checked after start
@@ -183,10 +184,14 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         .as_ref()
         .map(|_| Arc::new(cache::shared::Journal::default()));
     let evictor = match (&tier, &config.storage, &journal) {
-        (Some(t), Some(s), Some(j)) => {
-            cache::shared::Evictor::new(Arc::clone(t), s, replica.clone(), Arc::clone(j))
-                .map(Arc::new)
-        }
+        (Some(t), Some(s), Some(j)) => cache::shared::Evictor::new(
+            Arc::clone(t),
+            s,
+            replica.clone(),
+            Arc::clone(j),
+            config.cache.pins_file.is_some(),
+        )
+        .map(Arc::new),
         _ => None,
     };
     let peer_listener = match &config.peers {
@@ -216,6 +221,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     let pins = Arc::new(cache::pins::Pinning::new(
         config.cache.pins_file.clone(),
         prefetcher.map(Arc::new),
+        &data_dir,
     ));
     let shared = Arc::new(Shared {
         state: ArcSwap::from_pointee(State {

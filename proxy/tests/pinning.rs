@@ -162,3 +162,64 @@ fn a_malformed_pins_file_keeps_the_last_pins() {
     .unwrap();
     assert_eq!(pinned(&proxy)["images"], 1);
 }
+
+/// A restart empties the tag cache: an image pinned by tag stays pinned
+/// (what the tag resolved to is kept in the data dir), and nothing is
+/// evicted before the pins are resolved again, while other layers push
+/// the cache over its bound right after the restart.
+#[test]
+fn an_image_pinned_by_tag_stays_pinned_across_a_restart() {
+    let work = tempfile::tempdir().unwrap();
+    let app = image(work.path(), "app", &[1_000_000, 1_000_000], 610);
+    let other = image(work.path(), "other", &[1_000_000; 5], 710);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&app, "fixture/app", "1").unwrap();
+    registry.push_image(&other, "fixture/other", "1").unwrap();
+    let a = &app.manifests[0];
+    let pins = work.path().join("pins.json");
+    common::write_pins(&pins, &json!({"images": ["quay.io/fixture/app:1"]}));
+    let mut proxy = common::proxy_with_pins(
+        &pins,
+        "maxSize: 5MiB, highWatermark: 0.9, lowWatermark: 0.6, ",
+        "quay.io",
+        &registry.url(),
+        "",
+    );
+    get(&proxy, "fixture/app", "manifests", "1");
+    let mut kept = vec![a.digest.clone()];
+    for blob in std::iter::once(&a.config).chain(&a.layers) {
+        get(&proxy, "fixture/app", "blobs", &blob.digest);
+        kept.push(blob.digest.clone());
+    }
+    wait_for("the pin resolved", Duration::from_secs(10), || {
+        Ok(pinned(&proxy)["images"] == 1)
+    })
+    .unwrap();
+    // 2 MB of others: 4 MB in all, under the high watermark (4.5 MiB).
+    let layers = other.layer_digests();
+    for l in &layers[..2] {
+        get(&proxy, "fixture/other", "blobs", l);
+    }
+
+    proxy.restart().unwrap();
+    // 3 MB more: over the bound; the eviction down to 3 MiB must take
+    // the older others, not the (older still) pinned image.
+    for l in &layers[2..] {
+        get(&proxy, "fixture/other", "blobs", l);
+    }
+    let gone = |d: &str| !proxy.cached_blob_path(d).exists();
+    // Commits evict after their answer: wait for the cache to be back
+    // under its bound (at most 3 MiB, of which 2 MB are pinned).
+    wait_for("the eviction", Duration::from_secs(10), || {
+        Ok(layers.iter().filter(|d| gone(d)).count() >= 4 || kept.iter().any(|d| gone(d)))
+    })
+    .unwrap();
+    for d in &kept {
+        assert!(
+            !gone(d),
+            "pinned {d} was evicted after the restart:\n{}",
+            proxy.log()
+        );
+    }
+    assert_eq!(pinned(&proxy)["images"], 1);
+}

@@ -9,9 +9,13 @@
 //! read every poll (the config's reload interval) and the set resolved
 //! again whenever the file or this replica's store changed, and at least
 //! every [`RESOLVE_EVERY`].
+//!
+//! What a pinned tag pointed at is remembered in the data dir: after a
+//! restart the tag cache is empty (and a flood of other tags can push a
+//! pinned one out of it), and the pinned image must stay pinned meanwhile.
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,9 @@ use crate::prefetch::Prefetcher;
 /// Resolved again at least this often while neither the pins nor this
 /// replica's store change.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// In the data dir: pinned tag → the digest it last resolved to.
+pub const ROOTS_FILE: &str = "pinned-tags.json";
 
 /// An index names its children, which name their blobs: no deeper.
 const MAX_DEPTH: u8 = 2;
@@ -50,13 +57,21 @@ pub struct Pinning {
     prefetch: Option<Arc<Prefetcher>>,
     /// The store's usage (bytes, entries) at the last resolution, and when.
     resolved: std::sync::Mutex<Option<((u64, usize), Instant)>>,
+    /// Pinned tag → the digest it last resolved to, and where that is kept.
+    roots: std::sync::Mutex<BTreeMap<String, Digest>>,
+    roots_file: Option<PathBuf>,
 }
 
 impl Pinning {
-    pub fn new(file: Option<PathBuf>, prefetch: Option<Arc<Prefetcher>>) -> Self {
+    /// `data_dir` keeps what pinned tags resolved to across restarts.
+    pub fn new(file: Option<PathBuf>, prefetch: Option<Arc<Prefetcher>>, data_dir: &Path) -> Self {
+        let roots_file = file.as_ref().map(|_| data_dir.join(ROOTS_FILE));
+        let roots = roots_file.as_deref().map(read_roots).unwrap_or_default();
         Self {
             file,
             prefetch,
+            roots: std::sync::Mutex::new(roots),
+            roots_file,
             ..Self::default()
         }
     }
@@ -129,7 +144,15 @@ impl Pinning {
         if !changed && unchanged {
             return;
         }
-        let set = resolve(&doc, shared).await;
+        let mut roots = self.roots.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let before = roots.clone();
+        let set = resolve(&doc, shared, &mut roots).await;
+        if roots != before
+            && let Some(path) = &self.roots_file
+        {
+            write_roots(path, &roots);
+        }
+        *self.roots.lock().unwrap_or_else(|p| p.into_inner()) = roots;
         *self.resolved.lock().unwrap_or_else(|p| p.into_inner()) = Some((usage, Instant::now()));
         shared.store.pin(Arc::clone(&set.digests));
         if let Some(e) = evictor {
@@ -161,8 +184,12 @@ impl Pinning {
     }
 }
 
-/// The digests `pins` hold in the cache, with per-registry figures.
-pub async fn resolve(pins: &Pins, shared: &Shared) -> PinSet {
+/// The digests `pins` hold in the cache, with per-registry figures. A
+/// pinned tag the tag cache does not know (any more) holds what it last
+/// resolved to in `roots`, which follows the tag cache and forgets
+/// unpinned images.
+pub async fn resolve(pins: &Pins, shared: &Shared, roots: &mut BTreeMap<String, Digest>) -> PinSet {
+    roots.retain(|image, _| pins.images.contains(image));
     let mut digests = HashSet::new();
     let mut per_registry: BTreeMap<String, (u64, BTreeMap<Digest, u64>)> = BTreeMap::new();
     for image in &pins.images {
@@ -177,8 +204,14 @@ pub async fn resolve(pins: &Pins, shared: &Shared) -> PinSet {
             }
         } else {
             match shared.tags.get(&p.registry, &p.repository, &p.reference) {
-                Some(t) => t.digest,
-                None => continue,
+                Some(t) => {
+                    roots.insert(image.clone(), t.digest.clone());
+                    t.digest
+                }
+                None => match roots.get(image) {
+                    Some(d) => d.clone(),
+                    None => continue,
+                },
             }
         };
         let mut held = BTreeMap::new();
@@ -249,5 +282,44 @@ async fn manifest(shared: &Shared, d: &Digest) -> Option<Bytes> {
             tracing::debug!(digest = %d, error = %e, "pinned manifest unreadable from the bucket");
             None
         }
+    }
+}
+
+/// The remembered tag roots; a missing file is none, an unreadable one is
+/// none and says why (the pins resolve again as tags are fetched).
+fn read_roots(path: &Path) -> BTreeMap<String, Digest> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return BTreeMap::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read what pinned tags resolved to");
+            return BTreeMap::new();
+        }
+    };
+    match serde_json::from_slice::<BTreeMap<String, String>>(&bytes) {
+        Ok(m) => m
+            .into_iter()
+            .filter_map(|(image, d)| Digest::parse(&d).ok().map(|d| (image, d)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "what pinned tags resolved to is not readable; starting without it");
+            BTreeMap::new()
+        }
+    }
+}
+
+/// Replaces the file in one rename, so a crash leaves the old or the new.
+fn write_roots(path: &Path, roots: &BTreeMap<String, Digest>) {
+    let doc: BTreeMap<&str, String> = roots
+        .iter()
+        .map(|(image, d)| (image.as_str(), d.to_string()))
+        .collect();
+    let tmp = path.with_extension("json.tmp");
+    let written = serde_json::to_vec(&doc)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(file = %path.display(), error = %e, "cannot keep what pinned tags resolved to");
     }
 }

@@ -221,8 +221,10 @@ struct Inner {
     /// Held while files are renamed into place or removed, so an eviction
     /// never deletes a file a concurrent commit just put back.
     fs_lock: Mutex<()>,
-    /// Digests eviction skips (`cache::pins`).
-    pinned: arc_swap::ArcSwap<HashSet<Digest>>,
+    /// Digests eviction skips (`cache::pins`); `None` while pins exist
+    /// but are not resolved yet: until then nothing is evicted, so a
+    /// restart never deletes what the pins hold before it knows them.
+    pinned: arc_swap::ArcSwapOption<HashSet<Digest>>,
 }
 
 #[derive(Debug)]
@@ -269,15 +271,20 @@ impl BlobStore {
     /// [`open_with`](Self::open_with) without a size bound.
     #[cfg(test)]
     pub async fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        Self::open_with(data_dir, Limits::default()).await
+        Self::open_with(data_dir, Limits::default(), false).await
     }
 
     /// Layout: `<data_dir>/blobs/sha256/<first 2 hex>/<hex>` (+ `<hex>.json`
     /// meta), temp files in `<data_dir>/tmp/`. Creates the dirs (all 256
     /// shards up front); removes every leftover temp file (crash recovery)
     /// and logs how many; rebuilds the index (size and last access of
-    /// every blob) from the files.
-    pub async fn open_with(data_dir: &Path, limits: Limits) -> Result<Self, StoreError> {
+    /// every blob) from the files. With `awaits_pins`, eviction waits for
+    /// the first [`pin`](Self::pin).
+    pub async fn open_with(
+        data_dir: &Path,
+        limits: Limits,
+        awaits_pins: bool,
+    ) -> Result<Self, StoreError> {
         let layout = Layout {
             blobs: data_dir.join("blobs").join("sha256"),
             tmp: data_dir.join("tmp"),
@@ -329,7 +336,9 @@ impl BlobStore {
                 limits,
                 stats: StoreStats::default(),
                 fs_lock: Mutex::new(()),
-                pinned: Default::default(),
+                pinned: arc_swap::ArcSwapOption::new(
+                    (!awaits_pins).then(|| Arc::new(HashSet::new())),
+                ),
             }),
         };
         let inner = Arc::clone(&store.inner);
@@ -344,7 +353,7 @@ impl BlobStore {
     /// From now on eviction skips `digests` (the pinned images' manifests
     /// and blobs).
     pub fn pin(&self, digests: Arc<HashSet<Digest>>) {
-        self.inner.pinned.store(digests);
+        self.inner.pinned.store(Some(digests));
     }
 
     /// Bytes and entries committed.

@@ -109,8 +109,9 @@ pub struct Evictor {
     /// The lease version as last seen, and since when, on this clock.
     seen: Mutex<Option<(Version, Instant)>>,
     held: Mutex<Option<Version>>,
-    /// Digests eviction skips (`cache::pins`).
-    pinned: arc_swap::ArcSwap<std::collections::HashSet<Digest>>,
+    /// Digests eviction skips (`cache::pins`); `None` while pins exist
+    /// but are not resolved yet (nothing is evicted until they are).
+    pinned: arc_swap::ArcSwapOption<std::collections::HashSet<Digest>>,
 }
 
 impl Evictor {
@@ -120,6 +121,7 @@ impl Evictor {
         storage: &SharedStorage,
         me: String,
         journal: Arc<Journal>,
+        awaits_pins: bool,
     ) -> Option<Self> {
         let max = storage.max_size?.as_u64();
         Some(Self {
@@ -134,13 +136,15 @@ impl Evictor {
             stats: Arc::default(),
             seen: Mutex::new(None),
             held: Mutex::new(None),
-            pinned: Default::default(),
+            pinned: arc_swap::ArcSwapOption::new(
+                (!awaits_pins).then(|| Arc::new(std::collections::HashSet::new())),
+            ),
         })
     }
 
     /// From now on eviction skips `digests`.
     pub fn pin(&self, digests: Arc<std::collections::HashSet<Digest>>) {
-        self.pinned.store(digests);
+        self.pinned.store(Some(digests));
     }
 
     /// Writes the journal and, while holding the lease, evicts; every
@@ -267,7 +271,10 @@ impl Evictor {
         let young = unix_ms(SystemTime::now())
             .saturating_sub(u64::try_from(self.min_age.as_millis()).unwrap_or(u64::MAX));
         let (mut removed, mut bytes) = (0u64, 0u64);
-        let pinned = self.pinned.load();
+        let Some(pinned) = self.pinned.load_full() else {
+            tracing::info!("shared storage over its bound; eviction waits for the pins");
+            return Ok(());
+        };
         for (used, blob) in order {
             if total <= self.low {
                 break;

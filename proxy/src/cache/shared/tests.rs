@@ -243,8 +243,8 @@ async fn one_evictor_bounds_the_bucket_least_recently_used_first() {
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     jb.touch(&blobs[9]);
     let s = storage(60 << 10, 0, 50);
-    let a = Evictor::new(tier.clone(), &s, "a".into(), ja).unwrap();
-    let b = Evictor::new(tier.clone(), &s, "b".into(), jb).unwrap();
+    let a = Evictor::new(tier.clone(), &s, "a".into(), ja, false).unwrap();
+    let b = Evictor::new(tier.clone(), &s, "b".into(), jb, false).unwrap();
     b.write_journal().await.unwrap();
     a.round_for_test().await.unwrap();
     b.round_for_test().await.unwrap();
@@ -294,6 +294,7 @@ async fn blobs_used_within_min_age_are_never_evicted() {
         &storage(60 << 10, 3600, 50),
         "a".into(),
         Arc::default(),
+        false,
     )
     .unwrap();
     e.round_for_test().await.unwrap();
@@ -312,6 +313,7 @@ async fn pinned_blobs_are_never_evicted_from_the_bucket() {
         &storage(60 << 10, 0, 50),
         "a".into(),
         Arc::default(),
+        false,
     )
     .unwrap();
     e.pin(Arc::new(blobs[..3].iter().cloned().collect()));
@@ -379,4 +381,32 @@ async fn calls_off_the_request_path_to_a_silent_bucket_time_out() {
         .await
         .expect("a call to the silent bucket hung");
     hold.abort();
+}
+
+/// A replica with a pins file evicts nothing from the bucket until its
+/// pins are resolved: the oldest blobs may be exactly what is pinned.
+#[tokio::test]
+async fn the_bucket_is_not_evicted_before_the_pins_are_known() {
+    let (tier, blobs) = ten_blobs().await;
+    let e = Evictor::new(
+        tier.clone(),
+        &storage(60 << 10, 0, 50),
+        "a".into(),
+        Arc::default(),
+        true,
+    )
+    .unwrap();
+    e.round_for_test().await.unwrap();
+    assert_eq!(tier.list_blobs().await.unwrap().len(), 10);
+    e.pin(Arc::new(blobs[..3].iter().cloned().collect()));
+    e.round_for_test().await.unwrap();
+    let left: Vec<Digest> = tier
+        .list_blobs()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| b.digest)
+        .collect();
+    assert!(left.len() < 10, "{left:?}");
+    assert!(blobs[..3].iter().all(|d| left.contains(d)), "{left:?}");
 }

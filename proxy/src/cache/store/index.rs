@@ -129,8 +129,11 @@ pub(super) fn evict(inner: &Inner) {
     let (Some(high), Some(low)) = (inner.limits.high(), inner.limits.low()) else {
         return;
     };
+    let Some(pinned) = inner.pinned.load_full() else {
+        tracing::debug!("pins not resolved yet; eviction waits for them");
+        return;
+    };
     let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
-    let pinned = inner.pinned.load();
     let victims: Vec<(Digest, u64)> = {
         let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
         if index.total <= high {

@@ -322,7 +322,7 @@ fn bounded(max: u64) -> Limits {
 async fn eviction_is_lru_and_spares_blobs_being_read() {
     let dir = tempfile::tempdir().unwrap();
     // 10 000 bytes: evict above 9 000, down to 6 000.
-    let store = BlobStore::open_with(dir.path(), bounded(10_000))
+    let store = BlobStore::open_with(dir.path(), bounded(10_000), false)
         .await
         .unwrap();
     let blobs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 2_000]).collect();
@@ -425,7 +425,7 @@ async fn bytes_stored_as_a_blob_become_a_manifest_when_fetched_as_one() {
 async fn a_committed_blob_is_not_evicted_while_its_committer_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     // 10 000 bytes: evict above 9 000, down to 6 000.
-    let store = BlobStore::open_with(dir.path(), bounded(10_000))
+    let store = BlobStore::open_with(dir.path(), bounded(10_000), false)
         .await
         .unwrap();
     let first = vec![9u8; 2_000];
@@ -462,7 +462,7 @@ async fn a_committed_blob_is_not_evicted_while_its_committer_holds_it() {
 #[tokio::test]
 async fn an_unleased_blob_can_be_evicted_and_says_so_when_leased_again() {
     let dir = tempfile::tempdir().unwrap();
-    let store = BlobStore::open_with(dir.path(), bounded(10_000))
+    let store = BlobStore::open_with(dir.path(), bounded(10_000), false)
         .await
         .unwrap();
     let fill = |seed: u8| vec![seed; 2_000];
@@ -507,4 +507,43 @@ async fn an_unleased_blob_can_be_evicted_and_says_so_when_leased_again() {
         );
     }
     assert_eq!(fs::read(&held.path).unwrap(), second);
+}
+
+/// A store opened with pins to come evicts nothing, at open nor on
+/// commit, until they are known: a restart over the high watermark would
+/// otherwise delete the least recently used blobs, pinned or not.
+#[tokio::test]
+async fn a_store_awaiting_its_pins_evicts_nothing_until_it_has_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 2_000]).collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+    {
+        let store = BlobStore::open(dir.path()).await.unwrap();
+        for i in 0..4 {
+            store
+                .put(&digests[i], BlobMeta::default(), &blobs[i])
+                .await
+                .unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    // 8 000 bytes under a 5 000 bound (evict above 4 500, down to 3 000).
+    let store = BlobStore::open_with(dir.path(), bounded(5_000), true)
+        .await
+        .unwrap();
+    assert_eq!(store.usage(), (8_000, 4));
+    store
+        .put(&digests[4], BlobMeta::default(), &blobs[4])
+        .await
+        .unwrap();
+    assert_eq!(store.usage(), (10_000, 5));
+    // Blob 0, the oldest, is pinned: the next commit evicts the others.
+    store.pin(Arc::new([digests[0].clone()].into_iter().collect()));
+    let extra = vec![9u8; 10];
+    store
+        .put(&Digest::of(&extra), BlobMeta::default(), &extra)
+        .await
+        .unwrap();
+    assert!(store.usage().0 <= 3_000, "{:?}", store.usage());
+    assert!(store.entry(&digests[0]).is_some());
 }
