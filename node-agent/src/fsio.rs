@@ -100,6 +100,16 @@ impl Root {
         }
     }
 
+    /// Permission bits of the file, `None` when it does not exist.
+    pub fn mode(&self, host: &str) -> Result<Option<u32>, FsError> {
+        let path = self.resolve(host)?;
+        match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.mode() & 0o7777)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(fs_err(host, "stat")(e)),
+        }
+    }
+
     /// Names of the entries of directory `host`, sorted; none when it does
     /// not exist.
     pub fn list_dir(&self, host: &str) -> Result<Vec<String>, FsError> {

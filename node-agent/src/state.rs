@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::fsio::{FILE_MODE, FsError, Root};
+use crate::fsio::{FsError, Root};
 use crate::patch::containerd::ConfigRecord;
 use crate::patch::daemon_json::Added;
 
@@ -215,6 +215,11 @@ pub fn save(root: &Root, state: &mut State) -> Result<(), FsError> {
 /// state file someone deleted): it is overwritten, never taken for the
 /// original, or revert would put that stale content over the admin's
 /// later edits.
+///
+/// The backup may be read by no more users than the file: it keeps the
+/// file's read bits (a containerd config.toml with registry passwords is
+/// 0600), is written by no one but its owner, and is 0600 when the
+/// file's mode cannot be told.
 pub fn write_backup(
     root: &Root,
     state: &mut State,
@@ -224,8 +229,11 @@ pub fn write_backup(
     let made = root.create_dirs(STATE_DIR)?;
     state.state_dirs.extend(made);
     let backup = backup_path(path);
+    let mode = root.mode(path).ok().flatten().map_or(0o600, |m| m & 0o644);
     root.create_dirs(&crate::fsio::parent(&backup))?;
-    root.write_atomic(&backup, original, FILE_MODE)?;
+    // A new file, so it takes `mode` (an existing one would keep its own).
+    root.remove_file(&backup)?;
+    root.write_atomic(&backup, original, mode)?;
     Ok(backup)
 }
 

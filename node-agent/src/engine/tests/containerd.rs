@@ -338,3 +338,28 @@ fn import_entries_resolve_as_containerd_resolves_them() {
     assert_eq!(import_path(main, "../x//./y.toml"), "/etc/x/y.toml");
     assert_eq!(import_path("/a.toml", "../../b.toml"), "/b.toml");
 }
+
+/// A config.toml holding registry passwords is 0600: its backup is not
+/// readable by more users than the file itself.
+#[test]
+fn a_backup_keeps_the_originals_mode() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    let config = t.path().join(CONFIG_TOML.trim_start_matches('/'));
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o600)).unwrap();
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Containerd]),
+        &mut exec,
+    )
+    .0
+    .unwrap();
+    let backup = t
+        .path()
+        .join(state::backup_path(CONFIG_TOML).trim_start_matches('/'));
+    let mode = fs::metadata(backup).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}
