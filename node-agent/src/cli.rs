@@ -60,6 +60,10 @@ enum Command {
         /// Print a diff per file instead of writing.
         #[arg(long)]
         dry_run: bool,
+        /// How long dockerd gets to re-read daemon.json with the keys the
+        /// apply removes emptied before the final file is put back.
+        #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+        reload_settle: Duration,
         /// How long to wait for a running `pullthrough-agent run` on this
         /// node to stop (it holds the node lock, /run/pullthrough-agent.lock,
         /// and would overwrite what this command does).
@@ -138,6 +142,10 @@ struct RunArgs {
     /// What to do with dockerd after daemon.json changed.
     #[arg(long, value_enum, default_value_t = DockerActionArg::Auto)]
     docker_action: DockerActionArg,
+    /// How long dockerd gets to re-read daemon.json with the keys an
+    /// apply removes emptied before the final file is put back.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    reload_settle: Duration,
     /// How often the proxy's `readyUrl` is probed.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
     probe_interval: Duration,
@@ -212,6 +220,7 @@ pub fn execute(cli: Cli) -> Result<(), AgentError> {
             docker_action,
             migrate_containerd_mirrors,
             dry_run,
+            reload_settle,
             wait_for_agent,
         } => {
             let runtimes = runtimes(&runtime)?;
@@ -224,6 +233,7 @@ pub fn execute(cli: Cli) -> Result<(), AgentError> {
             let opts = ApplyOptions {
                 runtimes,
                 docker_action,
+                reload_settle,
                 dry_run,
                 migrate_containerd_mirrors,
                 hosts_gate_closed: false,
@@ -290,6 +300,7 @@ pub fn execute(cli: Cli) -> Result<(), AgentError> {
                 source,
                 runtimes,
                 docker_action: a.docker_action,
+                reload_settle: a.reload_settle,
                 node_name: a.node_name,
                 lease_namespace,
                 lease_prefix: a.lease_prefix,

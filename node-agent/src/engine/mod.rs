@@ -195,7 +195,7 @@ pub fn apply(
             state::save(root, &mut st)?;
         }
         let failed_before = actor.failed.len();
-        actor.act(step);
+        actor.act_after_apply(root, step, opts.reload_settle)?;
         if actor.failed.len() > failed_before {
             still_owed.extend(step.to_pending());
         }

@@ -55,6 +55,8 @@ pub struct RunOptions {
     pub source: Source,
     pub runtimes: Option<Vec<RuntimeKind>>,
     pub docker_action: DockerActionArg,
+    /// See [`ApplyOptions::reload_settle`].
+    pub reload_settle: Duration,
     /// Node name for the Lease (`None`: no Lease, e.g. file mode outside a
     /// cluster).
     pub node_name: Option<String>,
@@ -267,6 +269,7 @@ async fn apply_once(
     let apply_opts = ApplyOptions {
         runtimes: opts.runtimes.clone(),
         docker_action: opts.docker_action,
+        reload_settle: opts.reload_settle,
         dry_run: false,
         migrate_containerd_mirrors: false,
         hosts_gate_closed: gate_closed,
@@ -351,6 +354,7 @@ mod tests {
             },
             runtimes: Some(vec![runtime]),
             docker_action: DockerActionArg::Auto,
+            reload_settle: Duration::ZERO,
             node_name: None,
             lease_namespace: None,
             lease_prefix: String::new(),

@@ -326,6 +326,7 @@ impl Runtime for Containerd {
                 action: Action::Restart,
                 reason: "config_path enabled in config.toml".into(),
                 dry_run_reason: Some("config_path enabled".into()),
+                interim: None,
             }
         } else {
             Step {
@@ -333,6 +334,7 @@ impl Runtime for Containerd {
                 action: Action::Nothing,
                 reason: "hosts.toml is re-read on every pull".into(),
                 dry_run_reason: None,
+                interim: None,
             }
         })
     }

@@ -117,6 +117,7 @@ impl Runtime for Crio {
             action: Action::Reload,
             reason: "registries.conf.d drop-in changed (podman reads it on each run)".into(),
             dry_run_reason: Some("registries.conf.d drop-in changed".into()),
+            interim: None,
         })
     }
 
@@ -126,6 +127,7 @@ impl Runtime for Crio {
             action: Action::Reload,
             reason: "registries.conf.d drop-in removed".into(),
             dry_run_reason: None,
+            interim: None,
         })
     }
 }

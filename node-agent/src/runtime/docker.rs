@@ -6,13 +6,12 @@
 use std::collections::BTreeSet;
 
 use super::{
-    Action, AfterApply, BeforeRevert, Executor, PlanInput, Planned, Runtime, RuntimeKind, Service,
-    Step,
+    Action, AfterApply, BeforeRevert, Executor, Interim, PlanInput, Planned, Runtime, RuntimeKind,
+    Service, Step,
 };
 use crate::desired;
 use crate::engine::plan::{Change, Planner};
 use crate::error::AgentError;
-use crate::fsio::FILE_MODE;
 use crate::patch::daemon_json::{self, Added, INSECURE_REGISTRIES, REGISTRY_MIRRORS};
 use crate::patch::docker_certs::{self, DOCKER_CERTS_D};
 use crate::patch::hosts;
@@ -105,15 +104,16 @@ impl Runtime for Docker {
     }
 
     fn after_apply(&self, cx: &AfterApply<'_>) -> Option<Step> {
+        let dj = cx
+            .changes
+            .iter()
+            .find(|c| c.path == DAEMON_JSON && c.changed());
         // Not configured any more: only undoing an earlier daemon.json
         // can concern dockerd.
         let keys = if cx.selected {
             cx.planned.changed_keys.clone()
         } else {
-            cx.changes
-                .iter()
-                .find(|c| c.path == DAEMON_JSON)
-                .map(|c| removed_or_changed_keys(c.before.as_deref(), c.after.as_deref()))
+            dj.map(|c| removed_or_changed_keys(c.before.as_deref(), c.after.as_deref()))
                 .unwrap_or_default()
         };
         if !cx.selected && keys.is_empty() {
@@ -125,19 +125,41 @@ impl Runtime for Docker {
             .filter(|c| c.changed())
             .any(|c| c.path == HOSTS || c.path.starts_with(DOCKER_CERTS_D));
         let d = decide_docker_action(&keys, other, cx.docker_action, cx.planned.live_restore);
+        // A reload alone would leave a key the file no longer has (the
+        // proxy's mirror, insecure-registries of plain-HTTP mode) in the
+        // running daemon.
+        let interim = match dj {
+            Some(c) if d.action == Action::Reload => {
+                interim_daemon_json(c.before.as_deref(), c.after.as_deref())
+            }
+            _ => None,
+        };
+        let reason = match &interim {
+            Some((_, cleared)) => format!(
+                "{}; {} emptied first: dockerd's reload skips keys that are gone",
+                d.reason,
+                cleared.join(", ")
+            ),
+            None => d.reason,
+        };
         Some(Step {
             service: Service::Docker,
             action: d.action,
-            dry_run_reason: Some(d.reason.clone()),
-            reason: d.reason,
+            dry_run_reason: Some(reason.clone()),
+            reason,
+            interim: interim.map(|(bytes, _)| Interim {
+                path: DAEMON_JSON.into(),
+                bytes,
+                after: dj.and_then(|c| c.after.clone()),
+            }),
         })
     }
 
     /// dockerd's reload applies only keys present in daemon.json: when
     /// revert removes `registry-mirrors` entirely, a plain SIGHUP would
-    /// leave the proxy mirror in the running daemon. So the file is first
-    /// written with the removed keys set to `[]`, dockerd reloaded, and
-    /// after `reload_settle` the exact original is put back.
+    /// leave the proxy mirror in the running daemon. So dockerd is first
+    /// reloaded through [`interim_daemon_json`], and after `reload_settle`
+    /// the exact original is put back.
     fn before_revert(&self, cx: &mut BeforeRevert<'_, '_>) -> Result<bool, AgentError> {
         let Some(c) = cx
             .changes
@@ -146,36 +168,11 @@ impl Runtime for Docker {
         else {
             return Ok(false);
         };
-        let keys = removed_or_changed_keys(c.before.as_deref(), c.after.as_deref());
-        let after_map = c
-            .after
-            .as_deref()
-            .map(daemon_json::parse)
-            .transpose()
-            .map_err(AgentError::patch(DAEMON_JSON))?
-            .unwrap_or_default();
-        let cleared: Vec<&str> = keys
-            .iter()
-            .map(String::as_str)
-            .filter(|k| RELOADABLE_KEYS.contains(k))
-            .filter(|k| !after_map.contains_key(*k))
-            .collect();
-        if cleared.is_empty() {
+        let Some((bytes, cleared)) = interim_daemon_json(c.before.as_deref(), c.after.as_deref())
+        else {
             return Ok(false);
-        }
-        let mut interim = after_map.clone();
-        for k in &cleared {
-            interim.insert((*k).to_string(), serde_json::Value::Array(Vec::new()));
-        }
-        let bytes =
-            serde_json::to_vec_pretty(&serde_json::Value::Object(interim)).map_err(|source| {
-                AgentError::Json {
-                    what: format!("{DAEMON_JSON} (interim)"),
-                    source,
-                }
-            })?;
-        cx.root.write_atomic(DAEMON_JSON, &bytes, FILE_MODE)?;
-        let settle = cx.actor.act(&Step {
+        };
+        let step = Step {
             service: Service::Docker,
             action: Action::Reload,
             reason: format!(
@@ -183,10 +180,10 @@ impl Runtime for Docker {
                 cleared.join(", ")
             ),
             dry_run_reason: None,
-        });
-        if settle {
-            std::thread::sleep(cx.reload_settle);
-        }
+            interim: None,
+        };
+        cx.actor
+            .act_through(cx.root, &step, DAEMON_JSON, &bytes, cx.reload_settle)?;
         c.before = Some(bytes);
         Ok(true)
     }
@@ -205,8 +202,40 @@ impl Runtime for Docker {
             action: Action::Reload,
             dry_run_reason: Some(reason.clone()),
             reason,
+            interim: None,
         })
     }
+}
+
+/// daemon.json as dockerd must read it on its way from `before` to
+/// `after`, and the keys it empties; `None` when a reload of `after`
+/// alone will do. dockerd's reload applies only keys present in the file,
+/// so a managed list `before` has and `after` lacks would keep its old
+/// values in the running daemon: the interim is `after` with each such
+/// key set to `[]`.
+pub fn interim_daemon_json(
+    before: Option<&[u8]>,
+    after: Option<&[u8]>,
+) -> Option<(Vec<u8>, Vec<String>)> {
+    let before = before.and_then(|b| daemon_json::parse(b).ok())?;
+    let mut interim = match after {
+        Some(a) => daemon_json::parse(a).ok()?,
+        None => serde_json::Map::new(),
+    };
+    let cleared: Vec<String> = [REGISTRY_MIRRORS, INSECURE_REGISTRIES]
+        .into_iter()
+        .filter(|k| before.contains_key(*k) && !interim.contains_key(*k))
+        .map(String::from)
+        .collect();
+    if cleared.is_empty() {
+        return None;
+    }
+    for k in &cleared {
+        interim.insert(k.clone(), serde_json::Value::Array(Vec::new()));
+    }
+    let mut bytes = serde_json::to_vec_pretty(&serde_json::Value::Object(interim)).ok()?;
+    bytes.push(b'\n');
+    Some((bytes, cleared))
 }
 
 /// daemon.json keys present in `before` and different (or gone) in

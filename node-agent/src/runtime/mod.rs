@@ -17,7 +17,7 @@ use crate::config::AgentConfig;
 use crate::engine::plan::{Change, Planner, writeln_out};
 use crate::error::ActionError;
 use crate::error::AgentError;
-use crate::fsio::Root;
+use crate::fsio::{FILE_MODE, Root};
 use crate::state::PendingAction;
 
 pub use docker::{DockerActionArg, RELOADABLE_KEYS};
@@ -94,6 +94,20 @@ pub struct Step {
     pub reason: String,
     /// What a dry run says about it; `None`: a dry run does not mention it.
     pub dry_run_reason: Option<String>,
+    /// A version of a file the daemon must read through this reload
+    /// before the file's final content (dockerd's daemon.json with the
+    /// keys an apply removes emptied: see `docker::interim_daemon_json`).
+    pub interim: Option<Interim>,
+}
+
+/// A file version a reload goes through (see [`Step::interim`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interim {
+    pub path: String,
+    pub bytes: Vec<u8>,
+    /// The file's final content, put back after the reload (`None`: the
+    /// file goes).
+    pub after: Option<Vec<u8>>,
 }
 
 impl Step {
@@ -155,6 +169,7 @@ impl Step {
             action,
             reason: p.reason.clone(),
             dry_run_reason: Some(format!("{}; failed before", p.reason)),
+            interim: None,
         })
     }
 }
@@ -175,6 +190,9 @@ pub struct ApplyOptions {
     /// `None`: detect what is installed.
     pub runtimes: Option<Vec<RuntimeKind>>,
     pub docker_action: DockerActionArg,
+    /// How long dockerd gets to re-read an interim daemon.json (see
+    /// [`Step::interim`]).
+    pub reload_settle: std::time::Duration,
     pub dry_run: bool,
     pub migrate_containerd_mirrors: bool,
     /// The run loop's health gate is closed (the proxy is not ready): the
@@ -228,6 +246,54 @@ impl<'a> Actor<'a> {
         writeln_out(self.out, &line);
         self.actions.push(line);
         done
+    }
+
+    /// Carries out `step` with `interim` in `path` while the daemon is
+    /// told, then waits `settle` for it to read the file (when it was
+    /// told); `true` when it was. The caller puts the final content back.
+    pub fn act_through(
+        &mut self,
+        root: &Root,
+        step: &Step,
+        path: &str,
+        interim: &[u8],
+        settle: std::time::Duration,
+    ) -> Result<bool, AgentError> {
+        root.write_atomic(path, interim, FILE_MODE)?;
+        let told = self.act(step);
+        if told {
+            std::thread::sleep(settle);
+        }
+        Ok(told)
+    }
+
+    /// Carries out an apply's step, through its interim file if it has
+    /// one (written where the apply left the file, then the final content
+    /// put back); `true` when the daemon was told.
+    pub fn act_after_apply(
+        &mut self,
+        root: &Root,
+        step: &Step,
+        settle: std::time::Duration,
+    ) -> Result<bool, AgentError> {
+        let Some(i) = step
+            .interim
+            .as_ref()
+            .filter(|_| step.action == Action::Reload)
+        else {
+            return Ok(self.act(step));
+        };
+        // The apply may have removed the file and its directory.
+        let made = root.create_dirs(&crate::fsio::parent(&i.path))?;
+        let told = self.act_through(root, step, &i.path, &i.bytes, settle)?;
+        match &i.after {
+            Some(b) => root.write_atomic(&i.path, b, FILE_MODE)?,
+            None => root.remove_file(&i.path)?,
+        }
+        for d in made.iter().rev() {
+            root.remove_dir_if_empty(d)?;
+        }
+        Ok(told)
     }
 
     /// The step as a dry run prints it, if it does.

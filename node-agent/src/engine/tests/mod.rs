@@ -41,6 +41,7 @@ fn opts(runtimes: &[RuntimeKind]) -> ApplyOptions {
     ApplyOptions {
         runtimes: Some(runtimes.to_vec()),
         docker_action: DockerActionArg::Auto,
+        reload_settle: Duration::ZERO,
         dry_run: false,
         migrate_containerd_mirrors: false,
         hosts_gate_closed: false,
@@ -335,12 +336,13 @@ fn switching_runtimes_reverts_the_old_ones_files() {
     r.unwrap();
     assert_eq!(read(t.path(), HOSTS), "127.0.0.1 localhost\n", "{out}");
     assert!(!t.path().join("etc/docker").exists(), "{out}");
-    // registry-mirrors disappeared from dockerd's config: it is reloaded.
+    // registry-mirrors left dockerd's config: dockerd reads it emptied
+    // first (its reload skips keys that are gone), then the file goes.
     assert!(
-        exec.calls.contains(&"reload docker".to_string()),
-        "{:?}",
-        exec.calls
+        out.contains("dockerd: reload (SIGHUP) (registry-mirrors changed (reloadable); registry-mirrors emptied first"),
+        "{out}"
     );
+    assert_eq!(exec.calls, ["reload docker", "reload crio"], "{out}");
     let mut exec = RecordingExecutor::default();
     run_revert(&root, &mut exec);
     assert_eq!(snapshot(t.path()), before);
@@ -717,4 +719,81 @@ fn an_orphan_backup_is_not_taken_for_the_original() {
     .unwrap();
     run_revert(&root, &mut exec);
     assert_eq!(read(t.path(), HOSTS), "127.0.0.1 localhost NEW\n");
+}
+
+/// An executor that records daemon.json as dockerd reads it at each
+/// reload.
+struct SeesDaemonJson {
+    file: std::path::PathBuf,
+    seen: Vec<Option<serde_json::Value>>,
+}
+
+impl Executor for SeesDaemonJson {
+    fn reload(
+        &mut self,
+        _: crate::runtime::Service,
+    ) -> Result<crate::runtime::Outcome, crate::error::ExecError> {
+        let now = fs::read(&self.file).ok();
+        self.seen
+            .push(now.map(|b| serde_json::from_slice(&b).unwrap()));
+        Ok(crate::runtime::Outcome::Done("seen".into()))
+    }
+    fn restart(
+        &mut self,
+        s: crate::runtime::Service,
+    ) -> Result<crate::runtime::Outcome, crate::error::ExecError> {
+        panic!("no restart of {s:?} expected")
+    }
+    fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
+        None
+    }
+}
+
+/// dockerd's SIGHUP applies only keys present in daemon.json: when an
+/// apply drops `insecure-registries` (the proxy moved from plain HTTP to
+/// TLS), dockerd must first read it emptied, or it keeps trusting the
+/// names over plain HTTP until its next restart.
+#[test]
+fn a_key_an_apply_removes_is_cleared_in_dockerd() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let o = opts(&[RuntimeKind::Docker]);
+    let mut http = cfg("proxy: {address: 10.0.0.5, httpPort: 80}\nregistries: [{host: quay.io}]\n");
+    http.ca_pem = None;
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &http, &o, &mut exec).0.unwrap();
+    assert!(read(t.path(), DAEMON_JSON).contains("insecure-registries"));
+
+    let mut exec = SeesDaemonJson {
+        file: t.path().join("etc/docker/daemon.json"),
+        seen: Vec::new(),
+    };
+    let mut out = Vec::new();
+    apply(&root, &cfg(CONFIG), &o, &mut exec, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(
+        exec.seen,
+        [Some(serde_json::json!({
+            "debug": true,
+            "registry-mirrors": ["https://10.0.0.5"],
+            "insecure-registries": [],
+        }))],
+        "{out}"
+    );
+    let dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
+    assert_eq!(
+        dj,
+        serde_json::json!({"debug": true, "registry-mirrors": ["https://10.0.0.5"]}),
+        "{out}"
+    );
+    assert_eq!(
+        status(&root)
+            .unwrap()
+            .files
+            .iter()
+            .filter(|f| f.state != "applied")
+            .count(),
+        0
+    );
 }
