@@ -10,7 +10,7 @@ use super::{
     Step, first_present,
 };
 use crate::desired;
-use crate::engine::plan::Planner;
+use crate::engine::plan::{Change, Planner};
 use crate::error::AgentError;
 use crate::fsio::Root;
 use crate::patch::PatchError;
@@ -307,6 +307,23 @@ impl Runtime for Containerd {
             }
         }
         Ok(planned)
+    }
+
+    /// containerd reads config.toml only when it starts: a revert that
+    /// changed it (the agent's `config_path` gone, mirrors moved out by
+    /// `--migrate-containerd-mirrors` back in place of the hosts.toml files
+    /// it removed) takes effect with a restart, not before.
+    fn after_revert(&self, changes: &[Change]) -> Option<Step> {
+        changes
+            .iter()
+            .any(|c| c.path == CONFIG_TOML && c.changed())
+            .then(|| Step {
+                service: Service::Containerd,
+                action: Action::Restart,
+                reason: "config.toml restored".into(),
+                dry_run_reason: Some("config.toml restored".into()),
+                interim: None,
+            })
     }
 
     /// hosts.toml is re-read on every pull; only enabling config_path

@@ -363,3 +363,24 @@ fn a_backup_keeps_the_originals_mode() {
     let mode = fs::metadata(backup).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "{mode:o}");
 }
+
+/// Revert after `--migrate-containerd-mirrors` gives config.toml its
+/// `registry.mirrors` back and removes their hosts.toml files: containerd
+/// only sees its mirrors again once restarted.
+#[test]
+fn revert_of_migrated_mirrors_restarts_containerd() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n";
+    write(t.path(), CONFIG_TOML, conf.as_bytes());
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Containerd]);
+    o.migrate_containerd_mirrors = true;
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    assert_eq!(exec.calls, ["restart containerd"]);
+
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_revert(&root, &mut exec);
+    assert_eq!(read(t.path(), CONFIG_TOML), conf);
+    assert_eq!(exec.calls, ["restart containerd"], "{out}");
+}
