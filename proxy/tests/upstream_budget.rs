@@ -145,3 +145,63 @@ fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
     let r = pull("never-cached");
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS);
 }
+
+/// Docker Hub's token service failing (`503`) just as the token the proxy
+/// holds expires: a client of a cached tag gets it (STALE), never the
+/// registry's `401` (it is no refusal of the client); a tag never cached
+/// gets a `502` naming the realm, not a `401`. Once the realm is back,
+/// the tag is revalidated again.
+#[test]
+fn a_failing_token_service_never_reaches_a_client_of_a_cached_tag() {
+    let (hub, stub) = Hub::start_with_tokens(50).unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry(
+            "hub.test",
+            &stub.url(),
+            "    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
+        ),
+    )
+    .unwrap();
+    let pull = |tag: &str| {
+        let url = format!(
+            "{}/v2/hub.test/library/app/manifests/{tag}",
+            proxy.http_url()
+        );
+        Get::new(&url).header("Accept", MT).send().unwrap()
+    };
+    let latest = sha256_digest(&hub.manifest("latest"));
+    let r = pull("latest");
+    assert_eq!(r.status, StatusCode::OK, "{}", proxy.log());
+    assert_eq!(sha256_digest(&r.body), latest);
+    assert_eq!(stub.count("GET", "/token"), 1);
+
+    hub.expire_tokens();
+    hub.set_realm_down(true);
+    for _ in 0..3 {
+        let r = pull("latest");
+        assert_eq!(r.status, StatusCode::OK, "{}", proxy.log());
+        assert_eq!(sha256_digest(&r.body), latest);
+    }
+    let stale = proxy
+        .wait_accesses(&[("kind", "tag"), ("cache", "STALE")], 3)
+        .unwrap();
+    assert_eq!(stale.len(), 3, "{stale:?}");
+    assert!(stub.count("GET", "/token") > 1, "the realm was asked again");
+    let r = pull("never-cached");
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{:?}", r.body);
+    assert!(
+        String::from_utf8_lossy(&r.body).contains("token"),
+        "{:?}",
+        r.body
+    );
+
+    hub.set_realm_down(false);
+    let r = pull("latest");
+    assert_eq!(r.status, StatusCode::OK);
+    let hits = proxy
+        .wait_access(&[("kind", "tag"), ("cache", "HIT")])
+        .unwrap();
+    assert_eq!(hits.len(), 1, "revalidated with a new token: {hits:?}");
+}

@@ -3,7 +3,9 @@
 //! a pull counted down in `ratelimit-remaining` (`<n>;w=21600`, with
 //! `ratelimit-limit: 100;w=21600` and `docker-ratelimit-source`), a `HEAD`
 //! is free, tags can be moved to a new manifest, and a storm answers
-//! every request `429` with `Retry-After: 120`.
+//! every request `429` with `Retry-After: 120`. With tokens
+//! ([`Hub::start_with_tokens`]) it also wants a Bearer token from its
+//! realm (`/token`), whose tokens can be expired and which can fail.
 //!
 //! ```no_run
 //! # use pullthrough_testbed::hub::Hub;
@@ -20,7 +22,7 @@ use http::{Method, Response, StatusCode};
 
 use crate::Result;
 use crate::fixtures::sha256_digest;
-use crate::stub::Stub;
+use crate::stub::{Seen, Stub};
 
 /// The manifests' media type.
 pub const MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -35,21 +37,94 @@ pub struct Hub {
     remaining: AtomicU64,
     storm: AtomicBool,
     generation: AtomicU64,
+    /// Bearer tokens wanted; the valid one is `t<epoch>`.
+    tokens: AtomicBool,
+    token_epoch: AtomicU64,
+    realm_down: AtomicBool,
 }
 
 impl Hub {
     /// A stub answering like Docker Hub with `remaining` pulls left.
     pub fn start(remaining: u64) -> Result<(Arc<Hub>, Stub)> {
-        let hub = Arc::new(Hub::default());
+        Self::start_as(Hub::default(), remaining)
+    }
+
+    /// [`Hub::start`], with `/v2/` wanting a Bearer token from the realm
+    /// `http://<stub>/token` (anyone gets one, as on Docker Hub for public
+    /// repositories).
+    pub fn start_with_tokens(remaining: u64) -> Result<(Arc<Hub>, Stub)> {
+        let hub = Hub::default();
+        hub.tokens.store(true, Ordering::SeqCst);
+        Self::start_as(hub, remaining)
+    }
+
+    fn start_as(hub: Hub, remaining: u64) -> Result<(Arc<Hub>, Stub)> {
+        let hub = Arc::new(hub);
         hub.set_remaining(remaining);
         let h = hub.clone();
         let stub = Stub::canned()
             .route(move |seen| {
                 let path = seen.path.split('?').next().unwrap_or_default();
-                h.answer(&seen.method, path)
+                h.token_check(seen, path)
+                    .unwrap_or_else(|| h.answer(&seen.method, path))
             })
             .start()?;
         Ok((hub, stub))
+    }
+
+    /// Every token handed out so far is refused from now on (expired).
+    pub fn expire_tokens(&self) {
+        self.token_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// The realm answers `503` while on.
+    pub fn set_realm_down(&self, on: bool) {
+        self.realm_down.store(on, Ordering::SeqCst);
+    }
+
+    /// The realm's answer, or the registry's 401 for a request without
+    /// the valid token; `None` when the request may go on.
+    fn token_check(&self, seen: &Seen, path: &str) -> Option<Response<Bytes>> {
+        if !self.tokens.load(Ordering::SeqCst) {
+            return None;
+        }
+        let valid = format!("t{}", self.token_epoch.load(Ordering::SeqCst));
+        let b = Response::builder();
+        let built = if path == "/token" {
+            if self.realm_down.load(Ordering::SeqCst) {
+                b.status(StatusCode::SERVICE_UNAVAILABLE)
+                    .body(Bytes::from_static(b"upstream connect error"))
+            } else {
+                b.status(StatusCode::OK)
+                    .header("content-type", "application/json")
+                    .body(Bytes::from(format!(
+                        r#"{{"token":"{valid}","expires_in":300}}"#
+                    )))
+            }
+        } else if seen.auth() == Some(format!("Bearer {valid}").as_str()) {
+            return None;
+        } else {
+            let host = seen
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            let repo = path
+                .strip_prefix("/v2/")
+                .and_then(|r| r.rsplit_once("/manifests/").or(r.rsplit_once("/blobs/")))
+                .map(|(repo, _)| repo)
+                .unwrap_or_default();
+            let mut challenge = format!(r#"Bearer realm="http://{host}/token",service="hub.test""#);
+            if !repo.is_empty() {
+                challenge.push_str(&format!(r#",scope="repository:{repo}:pull""#));
+            }
+            b.status(StatusCode::UNAUTHORIZED)
+                .header("www-authenticate", challenge)
+                .body(Bytes::from_static(
+                    br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+                ))
+        };
+        Some(built.unwrap_or_else(|_| Response::new(Bytes::new())))
     }
 
     pub fn set_remaining(&self, n: u64) {

@@ -318,13 +318,18 @@ impl Proxy {
     /// Waits until an access line with these fields exists (lines are
     /// written when a body finishes, a moment after the client has it).
     pub fn wait_access(&self, fields: &[(&str, &str)]) -> Result<Vec<Value>> {
+        self.wait_accesses(fields, 1)
+    }
+
+    /// Waits until at least `n` access lines with these fields exist.
+    pub fn wait_accesses(&self, fields: &[(&str, &str)], n: usize) -> Result<Vec<Value>> {
         let mut found = Vec::new();
         net::wait_for(
-            &format!("access line {fields:?}"),
+            &format!("{n} access lines {fields:?}"),
             Duration::from_secs(10),
             || {
                 found = self.access_matching(fields);
-                Ok(!found.is_empty())
+                Ok(found.len() >= n)
             },
         )
         .map_err(|e| Error::Other(format!("{e}; proxy log:\n{}", self.log())))?;

@@ -153,6 +153,7 @@ impl Ctx<'_> {
                 self.read_timeout,
             )
             .await
+            .map_err(map)?
         else {
             return Ok(resp);
         };

@@ -108,6 +108,14 @@ pub enum UpstreamError {
         realm: String,
         reason: String,
     },
+    /// The realm of an anonymous token failed (unreachable, `429`, `5xx`,
+    /// no token in its answer): an outage, not a refusal.
+    #[error("getting an anonymous token for registry {registry} from {realm} failed: {reason}")]
+    AnonymousToken {
+        registry: String,
+        realm: String,
+        reason: String,
+    },
     /// Too many repositories the proxy never read with the registry's
     /// `credentialsFile` were asked for lately: the realm is not asked for
     /// another token now (`limits.newRepositoryTokensPerMinute`). Nothing

@@ -263,7 +263,11 @@ impl AnonymousTokens {
     }
 
     /// Fetches an anonymous token for `challenge` from its realm through
-    /// the registry's upstream client; None (logged) when the realm refuses.
+    /// the registry's upstream client. `Ok(None)` (logged) when the realm
+    /// refuses, or is not one to follow: the registry's 401 stands. An
+    /// error when the realm fails (unreachable, `429`, `5xx`, no answer, an
+    /// answer without a token): an outage, not a refusal of the client, so
+    /// cached content keeps serving as through any upstream outage.
     pub async fn fetch(
         &self,
         client: &UpstreamClient,
@@ -271,7 +275,7 @@ impl AnonymousTokens {
         challenge: &Challenge,
         default_scope: Option<&str>,
         timeout: Duration,
-    ) -> Option<String> {
+    ) -> Result<Option<String>, UpstreamError> {
         let scope = challenge
             .scope
             .as_deref()
@@ -287,17 +291,33 @@ impl AnonymousTokens {
             allow_http: client.is_plain_http(),
             timeout,
         };
+        let failed = |reason: String| UpstreamError::AnonymousToken {
+            registry: registry.to_string(),
+            realm: super::redact_str(&challenge.realm),
+            reason,
+        };
         let issued = match fetch(client, request).await {
-            Ok(issued) => issued,
+            Ok(issued) if !issued.token.is_empty() => issued,
+            Ok(_) => return Err(failed(TokenError::NoToken.to_string())),
             Err(TokenError::Scheme { scheme }) => {
                 tracing::warn!(registry, realm = %super::redact_str(&challenge.realm), scheme,
                     "token realm is not https (nor http on an http upstream); not following it");
-                return None;
+                return Ok(None);
+            }
+            Err(TokenError::Send(
+                err @ (UpstreamError::Refused { .. } | UpstreamError::Downgrade { .. }),
+            )) => {
+                // The egress rules, or an https → http redirect: policy,
+                // nothing to wait out.
+                tracing::warn!(registry, error = %err, "not fetching an anonymous token");
+                return Ok(None);
             }
             Err(TokenError::Send(err)) => {
-                // Refused by the egress rules, or unreachable.
                 tracing::warn!(registry, error = %err, "cannot fetch an anonymous token");
-                return None;
+                return Err(err);
+            }
+            Err(TokenError::Status { status }) if crate::pipeline::is_outage(status) => {
+                return Err(failed(format!("the realm answered {status}")));
             }
             Err(TokenError::Refused { status } | TokenError::Status { status }) => {
                 tracing::info!(
@@ -305,9 +325,13 @@ impl AnonymousTokens {
                     status = status.as_u16(),
                     "anonymous token refused by the realm"
                 );
-                return None;
+                return Ok(None);
             }
-            Err(_) => return None,
+            Err(err @ (TokenError::RealmNotUrl(_) | TokenError::RealmUnusable(_))) => {
+                tracing::warn!(registry, error = %err, "not following the token realm");
+                return Ok(None);
+            }
+            Err(err) => return Err(failed(err.to_string())),
         };
         // Registries default to 60 s; renew 10 s early.
         let life = Duration::from_secs(issued.expires_in.unwrap_or(60).saturating_sub(10).max(10));
@@ -319,7 +343,7 @@ impl AnonymousTokens {
                 (issued.token.clone(), Instant::now() + life),
             );
         tracing::debug!(registry, scope, "fetched anonymous upstream token");
-        Some(issued.token)
+        Ok(Some(issued.token))
     }
 }
 
@@ -375,7 +399,8 @@ mod tests {
         let scope = "repository:library/busybox:pull";
         let got = tokens
             .fetch(client, "reg.test", &c, Some(scope), Duration::from_secs(5))
-            .await;
+            .await
+            .unwrap();
         assert_eq!(got.as_deref(), Some("anon-1"));
         assert_eq!(tokens.get("reg.test", scope).as_deref(), Some("anon-1"));
         assert_eq!(tokens.get("reg.test", "repository:other:pull"), None);
@@ -406,17 +431,48 @@ mod tests {
         assert_eq!(
             tokens
                 .fetch(client, "reg.test", &refused, None, timeout)
-                .await,
+                .await
+                .unwrap(),
             None
         );
         let not_http = challenge(format!("ftp://{}/token", realm.addr()));
         assert_eq!(
             tokens
                 .fetch(client, "reg.test", &not_http, None, timeout)
-                .await,
+                .await
+                .unwrap(),
             None
         );
         assert_eq!(realm.requests().len(), 1, "the ftp realm was not followed");
+    }
+
+    /// A realm that fails (429, 5xx, an answer without a token) is an
+    /// outage, not a refusal: an error, so that cached content keeps
+    /// serving, where a refusal (401/403) relays the registry's 401.
+    #[tokio::test]
+    async fn a_failing_realm_is_an_outage_not_a_refusal() {
+        let upstreams = upstreams();
+        let client = upstreams.client("reg.test").unwrap();
+        let tokens = AnonymousTokens::default();
+        let timeout = Duration::from_secs(5);
+        for (status, body) in [(503, "down"), (429, "slow down"), (200, r#"{"nope":1}"#)] {
+            let realm = routed(Ipv4Addr::LOCALHOST.into(), move |_| respond(status, body));
+            let c = challenge(format!("http://{}/token", realm.addr()));
+            let err = tokens
+                .fetch(client, "reg.test", &c, None, timeout)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, UpstreamError::AnonymousToken { .. }),
+                "{status}: {err}"
+            );
+        }
+        for status in [401, 403] {
+            let realm = routed(Ipv4Addr::LOCALHOST.into(), move |_| respond(status, "{}"));
+            let c = challenge(format!("http://{}/token", realm.addr()));
+            let got = tokens.fetch(client, "reg.test", &c, None, timeout).await;
+            assert_eq!(got.unwrap(), None, "{status}");
+        }
     }
 
     /// An https upstream's challenge naming an http realm: no anonymous
@@ -439,7 +495,8 @@ mod tests {
         let c = challenge(format!("http://{}/token", realm.addr()));
         let got = tokens
             .fetch(client, "reg.test", &c, None, Duration::from_secs(5))
-            .await;
+            .await
+            .unwrap();
         assert_eq!(got, None);
         assert!(realm.requests().is_empty(), "the http realm was asked");
     }
@@ -461,7 +518,8 @@ mod tests {
         let scope = "repository:a:pull";
         let got = tokens
             .fetch(client, "reg.test", &c, Some(scope), Duration::from_secs(5))
-            .await;
+            .await
+            .unwrap();
         assert_eq!(got.as_deref(), Some("anon-max"));
         assert_eq!(tokens.get("reg.test", scope).as_deref(), Some("anon-max"));
         // The clamp is in `fetch`, so the configured-credentials path
