@@ -127,19 +127,21 @@ impl Prefetcher {
         let Some(p) = PinnedImage::parse(image) else {
             return true;
         };
-        let reserve = {
+        // Budgets and metrics are kept under the configured host, whatever
+        // name (an alias) the pin uses.
+        let (host, reserve) = {
             let state = shared.state.load();
             match state.config.registry(&p.registry) {
-                Some(r) => r.upstream_reserve,
+                Some(r) => (r.host.clone(), r.upstream_reserve),
                 None => return true,
             }
         };
         let Ok(_permit) = self.permits.acquire().await else {
             return false;
         };
-        if shared.budgets.is_low(&p.registry, reserve) {
+        if shared.budgets.is_low(&host, reserve) {
             tracing::info!(image, "prefetch postponed: the upstream budget is low");
-            shared.metrics.prefetch(&p.registry, "postponed");
+            shared.metrics.prefetch(&host, "postponed");
             return false;
         }
         let walk = tokio::time::timeout(IMAGE_TIMEOUT, self.walk(shared, &p, platforms));
@@ -153,18 +155,18 @@ impl Prefetcher {
                         present = f.present,
                         "prefetched"
                     );
-                    shared.metrics.prefetch(&p.registry, "fetched");
+                    shared.metrics.prefetch(&host, "fetched");
                 }
                 true
             }
             Ok(Err(e)) => {
                 tracing::warn!(image, error = %e, "prefetch failed; tried again with the next pins refresh");
-                shared.metrics.prefetch(&p.registry, "failed");
+                shared.metrics.prefetch(&host, "failed");
                 false
             }
             Err(_) => {
                 tracing::warn!(image, secs = IMAGE_TIMEOUT.as_secs(), "prefetch timed out");
-                shared.metrics.prefetch(&p.registry, "failed");
+                shared.metrics.prefetch(&host, "failed");
                 false
             }
         }

@@ -103,7 +103,8 @@ fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
 }
 
 /// With the upstream's budget at its reserve, a pinned image that is not
-/// cached is not fetched: a pod's pull may need the pulls left.
+/// cached is not fetched: a pod's pull may need the pulls left. Also when
+/// the pin names the registry by an alias.
 #[test]
 fn no_prefetch_while_the_upstream_budget_is_low() {
     let work = tempfile::tempdir().unwrap();
@@ -115,7 +116,7 @@ fn no_prefetch_while_the_upstream_budget_is_low() {
         "",
         "hub.test",
         &stub.url(),
-        "    upstreamReserve: 5\n",
+        "    upstreamReserve: 5\n    aliases: [hub-alias.test]\n",
     );
     let url = format!(
         "{}/v2/hub.test/library/app/manifests/latest",
@@ -127,11 +128,16 @@ fn no_prefetch_while_the_upstream_budget_is_low() {
     let gets = || stub.count("GET", "/manifests/");
     assert_eq!(gets(), 1);
 
-    common::write_pins(&pins, &json!({"images": ["hub.test/library/app:v2"]}));
-    wait_for("the postponement", Duration::from_secs(10), || {
-        Ok(proxy
-            .log()
-            .contains("prefetch postponed: the upstream budget is low"))
+    let images = ["hub.test/library/app:v2", "hub-alias.test/library/app:v3"];
+    common::write_pins(&pins, &json!({ "images": images }));
+    wait_for("both postponements", Duration::from_secs(10), || {
+        let log = proxy.log();
+        Ok(images.iter().all(|i| {
+            log.lines().any(|l| {
+                l.contains("prefetch postponed: the upstream budget is low")
+                    && l.contains(&format!("\"image\":\"{i}\""))
+            })
+        }))
     })
     .unwrap();
     assert_eq!(gets(), 1, "no prefetch GET while the budget is low");
