@@ -3,9 +3,13 @@
 //! file is handled as bytes (it need not be UTF-8).
 //!
 //! The block takes the file's line ending (CRLF or LF, from its first line
-//! break). Appended to a file without a final newline, the block ends
-//! without one too, so the file keeps that property and [`revert`] can give
-//! back the exact original bytes without any outside record.
+//! break) and always ends with one, so a line an admin appends later
+//! (`echo "10.1.1.1 db" >> /etc/hosts`) is a line of its own, never part of
+//! the closing marker. Appended to a file without a final newline, the
+//! block follows a line break the agent added, and says so in its opening
+//! marker ([`BEGIN_AFTER_ADDED_BREAK`]): [`revert`] takes that break away
+//! again when nothing follows the block, giving back the exact original
+//! bytes without any outside record.
 
 use std::net::IpAddr;
 
@@ -13,6 +17,9 @@ use super::PatchError;
 
 /// Opening marker line of the managed block.
 pub const BEGIN: &str = "# >>> pullthrough-agent: managed block, do not edit (`pullthrough-agent revert` removes it) >>>";
+/// Opening marker line of a block appended to a file that ended without a
+/// line break: the break before the block is the agent's.
+pub const BEGIN_AFTER_ADDED_BREAK: &str = "# >>> pullthrough-agent: managed block, do not edit (`pullthrough-agent revert` removes it; the line break before it is the agent's) >>>";
 /// Closing marker line of the managed block.
 pub const END: &str = "# <<< pullthrough-agent <<<";
 const BEGIN_PREFIX: &[u8] = b"# >>> pullthrough-agent";
@@ -104,19 +111,29 @@ fn find_block(ls: &[Line<'_>]) -> Result<Option<(usize, usize)>, PatchError> {
     Ok(found)
 }
 
-fn render_block(entries: &[HostsEntry], eol: &[u8], final_newline: bool) -> Vec<u8> {
+fn render_block(entries: &[HostsEntry], eol: &[u8], added_break: bool) -> Vec<u8> {
     let mut out = Vec::new();
-    out.extend_from_slice(BEGIN.as_bytes());
+    let begin = if added_break {
+        BEGIN_AFTER_ADDED_BREAK
+    } else {
+        BEGIN
+    };
+    out.extend_from_slice(begin.as_bytes());
     out.extend_from_slice(eol);
     for e in entries {
         out.extend_from_slice(format!("{}\t{}", e.address, e.name).as_bytes());
         out.extend_from_slice(eol);
     }
     out.extend_from_slice(END.as_bytes());
-    if final_newline {
-        out.extend_from_slice(eol);
-    }
+    out.extend_from_slice(eol);
     out
+}
+
+/// The line break before the block at lines `b..=e` is the agent's: its
+/// opening marker says so, or (a block an earlier version appended to a
+/// file without a final newline) it ends the file without one.
+fn added_break(ls: &[Line<'_>], b: usize, e: usize) -> bool {
+    ls[b].content == BEGIN_AFTER_ADDED_BREAK.as_bytes() || ls[e].terminator.is_empty()
 }
 
 /// The file with the block set to `entries` (added at the end if absent,
@@ -128,14 +145,14 @@ pub fn apply(current: &[u8], entries: &[HostsEntry]) -> Result<HostsPatched, Pat
     let bytes = match block {
         Some((b, e)) => {
             let eol = ls[b].terminator;
-            let final_newline = !ls[e].terminator.is_empty();
+            let added = added_break(&ls, b, e);
             let prefix = &current[..ls[b].start];
             let suffix = &current[ls[e].end..];
             if entries.is_empty() {
-                remove_block(prefix, suffix, eol, final_newline)
+                remove_block(prefix, suffix, eol, added)
             } else {
                 let mut out = prefix.to_vec();
-                out.extend(render_block(entries, eol, final_newline));
+                out.extend(render_block(entries, eol, added));
                 out.extend_from_slice(suffix);
                 out
             }
@@ -148,10 +165,10 @@ pub fn apply(current: &[u8], entries: &[HostsEntry]) -> Result<HostsPatched, Pat
             };
             let mut out = current.to_vec();
             if current.is_empty() || current.ends_with(b"\n") {
-                out.extend(render_block(entries, eol, true));
+                out.extend(render_block(entries, eol, false));
             } else {
                 out.extend_from_slice(eol);
-                out.extend(render_block(entries, eol, false));
+                out.extend(render_block(entries, eol, true));
             }
             out
         }
@@ -170,9 +187,8 @@ pub fn empty_block(current: &[u8]) -> Result<HostsPatched, PatchError> {
         None => current.to_vec(),
         Some((b, e)) => {
             let eol = ls[b].terminator;
-            let final_newline = !ls[e].terminator.is_empty();
             let mut out = current[..ls[b].start].to_vec();
-            out.extend(render_block(&[], eol, final_newline));
+            out.extend(render_block(&[], eol, added_break(&ls, b, e)));
             out.extend_from_slice(&current[ls[e].end..]);
             out
         }
@@ -184,11 +200,12 @@ pub fn empty_block(current: &[u8]) -> Result<HostsPatched, PatchError> {
     })
 }
 
-fn remove_block(prefix: &[u8], suffix: &[u8], eol: &[u8], final_newline: bool) -> Vec<u8> {
+fn remove_block(prefix: &[u8], suffix: &[u8], eol: &[u8], added_break: bool) -> Vec<u8> {
     let mut out = prefix.to_vec();
-    // A block without a final newline was appended to a file without one,
-    // after the line break the agent added: take that break away again.
-    if !final_newline && suffix.is_empty() && out.ends_with(eol) && !eol.is_empty() {
+    // The block was appended to a file without a final newline, after a
+    // line break the agent added: take that break away again, unless
+    // someone appended lines after the block (they need it).
+    if added_break && suffix.is_empty() && out.ends_with(eol) && !eol.is_empty() {
         out.truncate(out.len() - eol.len());
     }
     out.extend_from_slice(suffix);
@@ -299,8 +316,17 @@ mod tests {
     fn no_trailing_newline_and_crlf_are_kept() {
         let orig = b"127.0.0.1 localhost";
         let p = apply(orig, &entries()).unwrap();
-        assert!(!p.bytes.ends_with(b"\n"));
+        assert!(p.bytes.ends_with(format!("{END}\n").as_bytes()));
+        assert!(
+            String::from_utf8_lossy(&p.bytes)
+                .starts_with(&format!("127.0.0.1 localhost\n{BEGIN_AFTER_ADDED_BREAK}\n"))
+        );
         assert_eq!(revert(&p.bytes).unwrap(), orig);
+        // A block an earlier version appended without a final newline.
+        let old = format!("127.0.0.1 localhost\n{BEGIN}\n10.0.0.5\tquay.io\n{END}");
+        assert_eq!(revert(old.as_bytes()).unwrap(), orig);
+        let again = apply(old.as_bytes(), &entries()).unwrap().bytes;
+        assert_eq!(revert(&again).unwrap(), orig);
 
         let orig = b"127.0.0.1 localhost\r\n::1 localhost\r\n";
         let p = apply(orig, &entries()).unwrap();
@@ -309,6 +335,28 @@ mod tests {
                 .contains(&format!("{BEGIN}\r\n10.0.0.5\tquay.io\r\n"))
         );
         assert_eq!(revert(&p.bytes).unwrap(), orig);
+    }
+
+    /// On a file without a final newline, a line an admin appends after
+    /// the block (`echo "10.1.1.1 db" >> /etc/hosts`) stays a line of its
+    /// own through the next apply and a revert.
+    #[test]
+    fn a_line_appended_after_the_block_survives() {
+        let orig = b"127.0.0.1 localhost";
+        let once = apply(orig, &entries()).unwrap().bytes;
+        let mut edited = once.clone();
+        edited.extend_from_slice(b"10.1.1.1 db\n");
+        let again = apply(&edited, &entries()).unwrap().bytes;
+        assert_eq!(
+            String::from_utf8_lossy(&again),
+            String::from_utf8_lossy(&edited)
+        );
+        assert_eq!(
+            revert(&edited).unwrap(),
+            b"127.0.0.1 localhost\n10.1.1.1 db\n"
+        );
+        // Nothing appended: the original comes back byte for byte.
+        assert_eq!(revert(&once).unwrap(), orig);
     }
 
     #[test]
@@ -415,6 +463,7 @@ mod tests {
             orig in foreign(), after in foreign(), e in some_entries()
         ) {
             let once = apply(&orig, &e).unwrap().bytes;
+            prop_assert!(e.is_empty() || once.ends_with(b"\n"));
             prop_assume!(once.ends_with(b"\n"));
             let mut edited = once.clone();
             edited.extend_from_slice(&after);
@@ -422,6 +471,12 @@ mod tests {
             prop_assert_eq!(&again, &edited);
             let reverted = revert(&edited).unwrap();
             let mut expect = orig.clone();
+            // The agent's line break after an original without a final
+            // newline stays when lines follow the block.
+            if !orig.is_empty() && !orig.ends_with(b"\n") && !after.is_empty() {
+                let eol: &[u8] = if once[orig.len()..].starts_with(b"\r\n") { b"\r\n" } else { b"\n" };
+                expect.extend_from_slice(eol);
+            }
             if !e.is_empty() { expect.extend_from_slice(&after); } else { expect = edited.clone(); }
             prop_assert_eq!(reverted, expect);
         }
