@@ -24,6 +24,10 @@ pub const SOURCE: &str = "docker-ratelimit-source";
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 /// A 429 without `Retry-After`: back off this long.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(60);
+/// A `ratelimit-remaining` without a window (`w=`) holds this long: a
+/// cached tag is revalidated only by asking, so a low reading that never
+/// lapsed would keep every tag stale for good.
+const NO_WINDOW_VALID: Duration = Duration::from_secs(300);
 
 /// The last figures a registry sent.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -50,11 +54,9 @@ impl Budget {
         if self.retry_until.is_some_and(|t| now < t) {
             return true;
         }
-        let still_valid = match (self.observed, self.window) {
-            (Some(at), Some(w)) => now.duration_since(at) < w,
-            (Some(_), None) => true,
-            _ => false,
-        };
+        let still_valid = self
+            .observed
+            .is_some_and(|at| now.duration_since(at) < self.window.unwrap_or(NO_WINDOW_VALID));
         still_valid && self.remaining.is_some_and(|r| r <= reserve)
     }
 
@@ -87,15 +89,26 @@ pub fn parse_quota(value: &str) -> Option<(u64, Option<Duration>)> {
     Some((n, window))
 }
 
-/// `Retry-After` as delay seconds (the HTTP-date form is rare from
-/// registries and read as the default).
+/// `Retry-After` as delay seconds or an HTTP date (a date already past
+/// is no wait); anything else is the default.
 fn retry_after(headers: &HeaderMap) -> Duration {
-    headers
+    let Some(v) = headers
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(DEFAULT_RETRY_AFTER, Duration::from_secs)
-        .min(MAX_RETRY_AFTER)
+        .map(str::trim)
+    else {
+        return DEFAULT_RETRY_AFTER;
+    };
+    let wait = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => match httpdate::parse_http_date(v) {
+            Ok(at) => at
+                .duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO),
+            Err(_) => DEFAULT_RETRY_AFTER,
+        },
+    };
+    wait.min(MAX_RETRY_AFTER)
 }
 
 /// Per registry host.
@@ -186,6 +199,35 @@ mod tests {
         );
         assert_eq!(parse_quota("5"), Some((5, None)));
         assert_eq!(parse_quota("lots"), None);
+    }
+
+    #[test]
+    fn retry_after_is_read_as_seconds_or_a_date() {
+        let h = |v: &str| headers(&[("retry-after", v)]);
+        assert_eq!(retry_after(&h("120")), Duration::from_secs(120));
+        assert_eq!(retry_after(&h("99999999")), MAX_RETRY_AFTER);
+        assert_eq!(retry_after(&h("soon")), DEFAULT_RETRY_AFTER);
+        assert_eq!(retry_after(&HeaderMap::new()), DEFAULT_RETRY_AFTER);
+        let in_10_min = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(600));
+        let wait = retry_after(&h(&in_10_min));
+        assert!(
+            wait > Duration::from_secs(590) && wait <= Duration::from_secs(600),
+            "{wait:?}"
+        );
+        let past = httpdate::fmt_http_date(SystemTime::now() - Duration::from_secs(600));
+        assert_eq!(retry_after(&h(&past)), Duration::ZERO);
+    }
+
+    /// A registry that names no window: its low reading lapses, or the
+    /// tags it spares would never be revalidated again.
+    #[test]
+    fn a_reading_without_a_window_lapses() {
+        let b = Budgets::default();
+        assert!(b.observe("quay.io", StatusCode::OK, &headers(&[(REMAINING, "3")])));
+        let budget = b.get("quay.io").unwrap();
+        let now = Instant::now();
+        assert!(budget.is_low(5, now));
+        assert!(!budget.is_low(5, now + NO_WINDOW_VALID));
     }
 
     #[test]
