@@ -26,14 +26,9 @@ fn an_admins_hosts_toml_follows_the_proxy_to_a_new_address() {
         snapshot(t.path())
     };
     let mut exec = RecordingExecutor::default();
-    run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    )
-    .0
-    .unwrap();
+    apply_config(&root, &[RuntimeKind::Containerd], &mut exec)
+        .0
+        .unwrap();
     let moved = CONFIG.replace("10.0.0.5", "10.0.0.6");
     let (r, out) = run_apply(
         &root,
@@ -46,9 +41,7 @@ fn an_admins_hosts_toml_follows_the_proxy_to_a_new_address() {
     assert!(!now.contains("10.0.0.5"), "{out}\n{now}");
     let ours = now.find("[host.\"https://10.0.0.6\"]").unwrap();
     assert!(ours < now.find("[host.\"https://mine\"]").unwrap(), "{now}");
-    let mut exec = RecordingExecutor::default();
-    run_revert(&root, &mut exec);
-    assert_eq!(snapshot(t.path()), before);
+    assert_reverts_to(&root, t.path(), &before);
 }
 
 /// An admin who edits their hosts.toml after the apply keeps the edit on
@@ -146,9 +139,7 @@ fn containerd_gets_config_path_hosts_toml_and_one_restart() {
             .exists()
     );
 
-    let mut exec = RecordingExecutor::default();
-    run_revert(&root, &mut exec);
-    assert_eq!(snapshot(t.path()), before);
+    assert_reverts_to(&root, t.path(), &before);
 }
 
 #[test]
@@ -159,12 +150,7 @@ fn containerd_mirrors_need_the_migrate_flag() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, _) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    );
+    let (r, _) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
     let e = r.unwrap_err().to_string();
     assert!(
         e.starts_with("/etc/containerd/config.toml: uses the deprecated"),
@@ -186,12 +172,7 @@ fn containerd_mirrors_need_the_migrate_flag() {
     );
     let own = read(t.path(), "/etc/containerd/certs.d/mirror.only/hosts.toml");
     // The run loop re-applies without the flag: the moved mirrors stay.
-    let (r, out) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    );
+    let (r, out) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
     assert!(r.unwrap().files.is_empty(), "{out}");
     assert_eq!(
         read(t.path(), "/etc/containerd/certs.d/docker.io/hosts.toml"),
@@ -201,9 +182,7 @@ fn containerd_mirrors_need_the_migrate_flag() {
         read(t.path(), "/etc/containerd/certs.d/mirror.only/hosts.toml"),
         own
     );
-    let mut exec = RecordingExecutor::default();
-    run_revert(&root, &mut exec);
-    assert_eq!(snapshot(t.path()), before);
+    assert_reverts_to(&root, t.path(), &before);
 }
 
 /// containerd merges the files of `imports` over config.toml, the last
@@ -238,12 +217,7 @@ fn an_imported_config_path_decides_where_hosts_toml_goes() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    );
+    let (r, out) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
     r.unwrap();
     assert_eq!(read(t.path(), CONFIG_TOML), main, "{out}");
     assert!(exec.calls.is_empty(), "no restart: {:?}", exec.calls);
@@ -251,9 +225,7 @@ fn an_imported_config_path_decides_where_hosts_toml_goes() {
     assert!(quay.contains("https://10.0.0.5"), "{quay}");
     assert!(!t.path().join("etc/containerd/certs.d").exists(), "{out}");
     assert!(!t.path().join("etc/containerd/first").exists(), "{out}");
-    let mut exec = RecordingExecutor::default();
-    run_revert(&root, &mut exec);
-    assert_eq!(snapshot(t.path()), before);
+    assert_reverts_to(&root, t.path(), &before);
 }
 
 /// A root holding `files` (host path, content) and a containerd apply of
@@ -267,12 +239,7 @@ fn containerd_apply_on(
     }
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Containerd]),
-        &mut exec,
-    );
+    let (r, out) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
     (t, r, out)
 }
 

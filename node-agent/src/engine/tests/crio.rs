@@ -68,7 +68,7 @@ fn crio_keeps_what_the_admin_set_for_a_registry() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
+    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
     r.unwrap();
     let d = read(t.path(), DROP_IN);
     let doc: toml_edit::DocumentMut = d.parse().unwrap();
@@ -96,10 +96,8 @@ fn crio_keeps_what_the_admin_set_for_a_registry() {
         assert!(out.contains(said), "{said}:\n{out}");
     }
     // Said again on an apply that changes nothing.
-    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
+    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
     assert!(r.unwrap().files.is_empty(), "{out}");
     assert!(out.contains("quay.io is blocked"), "{out}");
-    let mut exec = RecordingExecutor::default();
-    run_revert(&root, &mut exec);
-    assert_eq!(snapshot(t.path()), before);
+    assert_reverts_to(&root, t.path(), &before);
 }

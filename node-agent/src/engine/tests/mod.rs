@@ -98,6 +98,22 @@ fn run_apply(
     (r, String::from_utf8(out).unwrap())
 }
 
+/// `apply` of the usual [`CONFIG`] for these runtimes.
+fn apply_config(
+    root: &Root,
+    runtimes: &[RuntimeKind],
+    exec: &mut RecordingExecutor,
+) -> (Result<Report, AgentError>, String) {
+    run_apply(root, &cfg(CONFIG), &opts(runtimes), exec)
+}
+
+/// Revert, then every byte and mode under `dir` is as in `before`.
+fn assert_reverts_to(root: &Root, dir: &Path, before: &BTreeMap<String, (Option<Vec<u8>>, u32)>) {
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_revert(root, &mut exec);
+    assert_eq!(&snapshot(dir), before, "{out}");
+}
+
 fn run_revert(root: &Root, exec: &mut RecordingExecutor) -> (Report, String) {
     let mut out = Vec::new();
     let r = revert(root, &revert_opts(), exec, &mut out).unwrap();
@@ -232,12 +248,7 @@ fn invalid_daemon_json_is_refused_and_nothing_is_written() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, _) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Docker]),
-        &mut exec,
-    );
+    let (r, _) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
     let e = r.unwrap_err();
     assert!(
         e.to_string()
@@ -262,12 +273,7 @@ fn dockerd_validate_rejection_stops_the_apply() {
         validation: Some(Err(Rejected("conflicting flag".into()))),
         ..Default::default()
     };
-    let (r, _) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Docker]),
-        &mut exec,
-    );
+    let (r, _) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
     assert!(r.unwrap_err().to_string().contains("dockerd --validate"));
     assert_eq!(snapshot(t.path()), before);
 }
@@ -279,14 +285,9 @@ fn admin_edits_after_apply_survive_revert() {
     write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Docker]),
-        &mut exec,
-    )
-    .0
-    .unwrap();
+    apply_config(&root, &[RuntimeKind::Docker], &mut exec)
+        .0
+        .unwrap();
     // The admin adds a key and a hosts line after the agent.
     let mut dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
     dj["storage-driver"] = "overlay2".into();
@@ -323,16 +324,11 @@ fn switching_runtimes_reverts_the_old_ones_files() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Docker]),
-        &mut exec,
-    )
-    .0
-    .unwrap();
+    apply_config(&root, &[RuntimeKind::Docker], &mut exec)
+        .0
+        .unwrap();
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(&root, &cfg(CONFIG), &opts(&[RuntimeKind::Crio]), &mut exec);
+    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
     r.unwrap();
     assert_eq!(read(t.path(), HOSTS), "127.0.0.1 localhost\n", "{out}");
     assert!(!t.path().join("etc/docker").exists(), "{out}");
@@ -343,9 +339,7 @@ fn switching_runtimes_reverts_the_old_ones_files() {
         "{out}"
     );
     assert_eq!(exec.calls, ["reload docker", "reload crio"], "{out}");
-    let mut exec = RecordingExecutor::default();
-    run_revert(&root, &mut exec);
-    assert_eq!(snapshot(t.path()), before);
+    assert_reverts_to(&root, t.path(), &before);
 }
 
 #[test]
@@ -601,12 +595,7 @@ fn a_file_changed_between_plan_and_write_is_not_overwritten() {
 
     // The next apply starts from their content and keeps it.
     let mut exec = RecordingExecutor::default();
-    let (r, out) = run_apply(
-        &root,
-        &cfg(CONFIG),
-        &opts(&[RuntimeKind::Docker]),
-        &mut exec,
-    );
+    let (r, out) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
     r.unwrap();
     let hosts = read(t.path(), "/etc/hosts");
     assert!(hosts.starts_with(theirs), "{out}\n{hosts}");
