@@ -205,3 +205,51 @@ fn a_failing_token_service_never_reaches_a_client_of_a_cached_tag() {
         .unwrap();
     assert_eq!(hits.len(), 1, "revalidated with a new token: {hits:?}");
 }
+
+/// A client pulling with its own credentials spends its own account's
+/// budget: what the upstream tells it (nearly spent, say) does not make
+/// the proxy spare the registry for everyone else, and its account
+/// (`docker-ratelimit-source`) does not become a label.
+#[test]
+fn a_clients_own_budget_is_not_the_proxys() {
+    let (hub, stub) = Hub::start(50).unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry(
+            "hub.test",
+            &stub.url(),
+            "    upstreamReserve: 5\n    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
+        ),
+    )
+    .unwrap();
+    let pull = |tag: &str, auth: Option<&str>| {
+        let url = format!(
+            "{}/v2/hub.test/library/app/manifests/{tag}",
+            proxy.http_url()
+        );
+        let mut get = Get::new(&url).header("Accept", MT);
+        if let Some(a) = auth {
+            get = get.header("Authorization", a);
+        }
+        get.send().unwrap()
+    };
+    assert_eq!(pull("latest", None).status, StatusCode::OK);
+    assert_eq!(upstream_status(&proxy)["remaining"], 49);
+
+    // A client with its own account, nearly spent.
+    hub.set_remaining(3);
+    assert_eq!(pull("other", Some("Bearer its-own")).status, StatusCode::OK);
+    assert_eq!(upstream_status(&proxy)["remaining"], 49, "not the proxy's");
+    assert_eq!(upstream_status(&proxy)["low"], false);
+
+    // An anonymous pull of `latest` (0s) is revalidated as usual.
+    hub.set_remaining(40);
+    let heads = || stub.count("HEAD", "/manifests/latest");
+    assert_eq!(pull("latest", None).status, StatusCode::OK);
+    assert_eq!(heads(), 1);
+    let hits = proxy
+        .wait_access(&[("kind", "tag"), ("cache", "HIT")])
+        .unwrap();
+    assert_eq!(hits.len(), 1, "{hits:?}");
+}

@@ -62,15 +62,20 @@ impl Ctx<'_> {
         url: Uri,
         headers: HeaderMap,
     ) -> Result<UpstreamResponse, HandlerError> {
+        // A client's own credentials spend its own account's budget: only
+        // what the proxy's identity (anonymous, or the credentialsFile)
+        // is told is the budget that decides what the proxy spares.
+        let own_identity = !headers.contains_key(header::AUTHORIZATION);
         let resp = self.send_authenticated(method, url, headers).await?;
         let host = self.registry.host.as_str();
         let status = resp.response.status();
-        if self
-            .shared
-            .budgets
-            .observe(host, status, resp.response.headers())
-            && status == StatusCode::TOO_MANY_REQUESTS
-        {
+        let throttled = status == StatusCode::TOO_MANY_REQUESTS;
+        if own_identity {
+            self.shared
+                .budgets
+                .observe(host, status, resp.response.headers());
+        }
+        if throttled {
             self.shared.metrics.upstream_throttled(host);
         }
         Ok(resp)
