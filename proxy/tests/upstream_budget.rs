@@ -253,3 +253,49 @@ fn a_clients_own_budget_is_not_the_proxys() {
         .unwrap();
     assert_eq!(hits.len(), 1, "{hits:?}");
 }
+
+/// A rollout right after `latest` moved: many nodes ask for the expired
+/// tag at once. One HEAD finds it moved and one GET fetches it (a GET is
+/// a pull on Docker Hub); the others are answered with what that one
+/// stored. Unmoved, one HEAD answers them all.
+#[test]
+fn concurrent_asks_for_an_expired_tag_cost_one_upstream_trip() {
+    let (hub, stub) = Hub::start(1000).unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry(
+            "hub.test",
+            &stub.url(),
+            "    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
+        ),
+    )
+    .unwrap();
+    let url = format!(
+        "{}/v2/hub.test/library/app/manifests/latest",
+        proxy.http_url()
+    );
+    let pull = || Get::new(&url).header("Accept", MT).send().unwrap();
+    let gets = || stub.count("GET", "/manifests/latest");
+    let heads = || stub.count("HEAD", "/manifests/latest");
+    assert_eq!(pull().status, StatusCode::OK);
+    assert_eq!((gets(), heads()), (1, 0));
+
+    let rollout = |want: &str| {
+        std::thread::scope(|s| {
+            let pulls: Vec<_> = (0..20).map(|_| s.spawn(pull)).collect();
+            for p in pulls {
+                let r = p.join().unwrap();
+                assert_eq!(r.status, StatusCode::OK);
+                assert_eq!(sha256_digest(&r.body), want);
+            }
+        })
+    };
+    // Every upstream answer takes 300 ms: the 20 asks overlap the first.
+    hub.set_latency(std::time::Duration::from_millis(300));
+    hub.move_tags();
+    rollout(&sha256_digest(&hub.manifest("latest")));
+    assert_eq!((gets(), heads()), (2, 1), "moved: one HEAD, one GET");
+    rollout(&sha256_digest(&hub.manifest("latest")));
+    assert_eq!((gets(), heads()), (2, 2), "unmoved: one HEAD");
+}

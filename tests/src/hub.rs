@@ -41,6 +41,8 @@ pub struct Hub {
     tokens: AtomicBool,
     token_epoch: AtomicU64,
     realm_down: AtomicBool,
+    /// Milliseconds each manifest answer takes.
+    latency_ms: AtomicU64,
 }
 
 impl Hub {
@@ -75,6 +77,13 @@ impl Hub {
     /// Every token handed out so far is refused from now on (expired).
     pub fn expire_tokens(&self) {
         self.token_epoch.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Each manifest answer takes this long from now on (the stub's
+    /// handler sleeps: the requests it gets meanwhile wait their turn).
+    pub fn set_latency(&self, latency: std::time::Duration) {
+        let ms = u64::try_from(latency.as_millis()).unwrap_or(u64::MAX);
+        self.latency_ms.store(ms, Ordering::SeqCst);
     }
 
     /// The realm answers `503` while on.
@@ -158,6 +167,10 @@ impl Hub {
         } else if path == "/v2/" {
             b.status(StatusCode::OK).body(Bytes::from_static(b"{}"))
         } else if let Some((_, tag)) = path.rsplit_once("/manifests/") {
+            let latency = self.latency_ms.load(Ordering::SeqCst);
+            if latency > 0 {
+                std::thread::sleep(std::time::Duration::from_millis(latency));
+            }
             let body = self.manifest(tag);
             // A GET of a manifest is a pull; a HEAD is free.
             if method == Method::GET {

@@ -34,19 +34,81 @@ pub(crate) async fn manifest_by_tag(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let host = ctx.registry.host.as_str();
-    let known = ctx
-        .shared
-        .tags
-        .get(host, repo, tag)
-        .filter(|e| answers(e, headers));
+    let lookup = || {
+        ctx.shared
+            .tags
+            .get(host, repo, tag)
+            .filter(|e| answers(e, headers))
+    };
+    let mut known = lookup();
     let cache_tags = ctx.settings.cache_tags;
     let ttl = ctx.settings.tag_policy.ttl(tag);
-    let known_at = |entry, cached| Known {
-        repo,
-        tag,
-        entry,
-        cached,
+    if cache_tags
+        && let Some(entry) = &known
+        && ttl.is_fresh(entry.resolved_at.elapsed())
+        && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
+    {
+        return serve_known(
+            ctx,
+            headers,
+            method,
+            record,
+            Known {
+                repo,
+                tag,
+                entry,
+                cached,
+            },
+            CacheResult::Hit,
+        )
+        .await;
+    }
+
+    // Whatever comes next asks the upstream. Concurrent asks for the tag
+    // (a rollout's nodes, right after it moved or expired) take turns: the
+    // first asks, the others get the answer it stored or confirmed, which
+    // is no older than their own request (a `GET` by tag counts against
+    // Docker Hub's pull limit; a `ttl: 0s` tag still is asked after each
+    // pull began). A HEAD with no manifest cached to answer from goes
+    // alone: waiting would only put the free HEADs in a row.
+    let worth_a_turn = cache_tags
+        && (*method == Method::GET
+            || match &known {
+                Some(e) => lookup_manifest(ctx, &e.digest).await?.is_some(),
+                None => false,
+            });
+    let _turn = if worth_a_turn {
+        let key = (host.to_string(), repo.to_string(), tag.to_string());
+        let turn = ctx
+            .shared
+            .tag_turns
+            .take_within(&key, ctx.read_timeout)
+            .await;
+        known = lookup();
+        if let Some(entry) = known.as_ref().filter(|e| e.resolved_at >= record.started)
+            && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
+        {
+            drop(turn);
+            return serve_known(
+                ctx,
+                headers,
+                method,
+                record,
+                Known {
+                    repo,
+                    tag,
+                    entry,
+                    cached,
+                },
+                CacheResult::Hit,
+            )
+            .await;
+        }
+        turn
+    } else {
+        None
     };
+
     if let Some(entry) = known.as_ref().filter(|_| cache_tags)
         && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
     {
@@ -56,7 +118,12 @@ pub(crate) async fn manifest_by_tag(
                 headers,
                 method,
                 record,
-                known_at(entry, cached),
+                Known {
+                    repo,
+                    tag,
+                    entry,
+                    cached,
+                },
                 CacheResult::Hit,
             )
             .await;
@@ -80,7 +147,12 @@ pub(crate) async fn manifest_by_tag(
                 headers,
                 method,
                 record,
-                known_at(entry, cached),
+                Known {
+                    repo,
+                    tag,
+                    entry,
+                    cached,
+                },
                 CacheResult::Stale,
             )
             .await;
@@ -105,7 +177,12 @@ pub(crate) async fn manifest_by_tag(
                     headers,
                     method,
                     record,
-                    known_at(entry, cached),
+                    Known {
+                        repo,
+                        tag,
+                        entry,
+                        cached,
+                    },
                     CacheResult::Hit,
                 )
                 .await;
@@ -123,7 +200,12 @@ pub(crate) async fn manifest_by_tag(
                     headers,
                     method,
                     record,
-                    known_at(entry, cached),
+                    Known {
+                        repo,
+                        tag,
+                        entry,
+                        cached,
+                    },
                     CacheResult::Stale,
                 )
                 .await;
@@ -131,37 +213,6 @@ pub(crate) async fn manifest_by_tag(
         }
     }
 
-    // Concurrent first asks for a tag (a rollout's nodes) take turns: the
-    // first asks the upstream, the others get the answer it stored, which
-    // is no older than their own request (a `GET` by tag counts against
-    // Docker Hub's pull limit).
-    let _turn = if known.is_none() && *method == Method::GET && cache_tags {
-        let key = (host.to_string(), repo.to_string(), tag.to_string());
-        let turn = ctx
-            .shared
-            .tag_turns
-            .take_within(&key, ctx.read_timeout)
-            .await;
-        if let Some(entry) = ctx
-            .shared
-            .tags
-            .get(host, repo, tag)
-            .filter(|e| answers(e, headers) && e.resolved_at >= record.started)
-            && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
-        {
-            drop(turn);
-            let known = Known {
-                repo,
-                tag,
-                entry: &entry,
-                cached,
-            };
-            return serve_known(ctx, headers, method, record, known, CacheResult::Hit).await;
-        }
-        turn
-    } else {
-        None
-    };
     record.cache = CacheResult::Miss;
     let url = ctx.url(&format!("/v2/{repo}/manifests/{tag}"), None)?;
     let up = match ctx
@@ -180,7 +231,12 @@ pub(crate) async fn manifest_by_tag(
                     headers,
                     method,
                     record,
-                    known_at(entry, cached),
+                    Known {
+                        repo,
+                        tag,
+                        entry,
+                        cached,
+                    },
                     CacheResult::Stale,
                 )
                 .await;
