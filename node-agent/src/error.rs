@@ -199,10 +199,15 @@ pub enum AgentError {
     /// Some files could not be reverted; the others were. Each error
     /// names its file.
     #[error(
-        "revert incomplete: {}; every other file was reverted, these keep their record and backup: fix them and run revert again",
+        "revert incomplete: {}; every other file was reverted, these keep their record and backup: fix them (or use the agent version that wrote them) and run revert again",
         join(failed)
     )]
     RevertIncomplete { failed: Vec<AgentError> },
+    /// A file a newer agent recorded with a kind this one does not know.
+    #[error(
+        "{path}: managed by a newer agent (record kind `{kind}`): left alone with its record and backup; revert it with an agent version that knows that kind"
+    )]
+    NewerAgentFile { path: String, kind: String },
     #[error("{what}: {source}")]
     Json {
         what: String,

@@ -33,75 +33,268 @@ pub enum StateError {
         source: serde_json::Error,
     },
     #[error(
-        "{}: state version {found} is not {expected}; use the agent version that wrote it",
+        "{}: written by a newer agent for readers of version {needs} or later, and this agent reads version {reads}: nothing was touched; apply or revert with an agent version at least as new as the one that wrote it",
         STATE_FILE
     )]
-    Version { found: u32, expected: u32 },
+    TooNew { needs: u32, reads: u32 },
 }
 
+/// The state format this agent writes (`version`). A writer bumps it for
+/// every format change; readers do not refuse a higher one.
 const STATE_VERSION: u32 = 1;
+/// The state format this agent reads: a file whose `minReaderVersion` is
+/// above it is refused. A writer raises `minReaderVersion` only for a
+/// change an older reader would get wrong (not for a field or a file kind
+/// it can ignore: those are kept as they are and left alone).
+const READER_VERSION: u32 = 1;
+/// The `minReaderVersion` a file written by this agent asks for.
+const MIN_READER_VERSION: u32 = 1;
+
+fn is_default_min_reader(v: &u32) -> bool {
+    *v == MIN_READER_VERSION
+}
+
+fn default_min_reader() -> u32 {
+    MIN_READER_VERSION
+}
+
+fn default_version() -> u32 {
+    STATE_VERSION
+}
+
+/// Fields of a state object this agent does not know (written by a newer
+/// one): kept as they are when it saves the file again.
+pub type Extra = serde_json::Map<String, serde_json::Value>;
 
 /// Everything the agent changed.
+///
+/// Read leniently, so an agent rolled back under a state file a newer one
+/// wrote still applies and reverts: unknown fields (at every level the
+/// agent writes itself) are kept, and a file record of a kind this agent
+/// does not know is kept in [`State::newer_files`] and left alone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(try_from = "RawState", into = "RawState")]
 pub struct State {
+    /// The format of the file (see [`STATE_VERSION`]).
     pub version: u32,
+    /// The oldest reader that may use the file (see [`READER_VERSION`]).
+    pub min_reader_version: u32,
     /// Per host path, what the agent did to it.
-    #[serde(default)]
     pub files: BTreeMap<String, FileRecord>,
+    /// Files a newer agent recorded with a kind this one does not know,
+    /// as recorded: neither apply nor revert touches them or their backup.
+    pub newer_files: BTreeMap<String, serde_json::Value>,
     /// Directories the agent created for its files (removed on revert
     /// when empty).
-    #[serde(default)]
     pub created_dirs: BTreeSet<String>,
     /// Directories created to hold the state itself.
-    #[serde(default)]
     pub state_dirs: Vec<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_apply: Option<LastApply>,
     /// Daemon actions owed for files already written: recorded before the
     /// files are written and cleared only once the action succeeded, so a
     /// failed reload or restart is retried by the next apply even when no
     /// file changes then.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending_actions: Vec<PendingAction>,
+    /// Top-level fields of a newer agent.
+    pub extra: Extra,
+}
+
+/// [`State`] as the file holds it: file records parsed one by one.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawState {
+    #[serde(default = "default_version")]
+    version: u32,
+    #[serde(
+        default = "default_min_reader",
+        skip_serializing_if = "is_default_min_reader"
+    )]
+    min_reader_version: u32,
+    #[serde(default)]
+    files: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    created_dirs: BTreeSet<String>,
+    #[serde(default)]
+    state_dirs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_apply: Option<LastApply>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pending_actions: Vec<PendingAction>,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl TryFrom<RawState> for State {
+    type Error = String;
+
+    fn try_from(raw: RawState) -> Result<Self, String> {
+        let mut files = BTreeMap::new();
+        let mut newer_files = BTreeMap::new();
+        for (path, value) in raw.files {
+            if FileKind::unknown_type(&value).is_some() {
+                newer_files.insert(path, value);
+                continue;
+            }
+            let rec = serde_json::from_value(value).map_err(|e| format!("files.{path}: {e}"))?;
+            files.insert(path, rec);
+        }
+        Ok(State {
+            version: raw.version,
+            min_reader_version: raw.min_reader_version,
+            files,
+            newer_files,
+            created_dirs: raw.created_dirs,
+            state_dirs: raw.state_dirs,
+            last_apply: raw.last_apply,
+            pending_actions: raw.pending_actions,
+            extra: raw.extra,
+        })
+    }
+}
+
+impl From<State> for RawState {
+    fn from(s: State) -> Self {
+        let mut files = s.newer_files;
+        for (path, rec) in s.files {
+            // A FileRecord always serializes (string keys, no floats).
+            let value = serde_json::to_value(rec).unwrap_or_default();
+            files.insert(path, value);
+        }
+        RawState {
+            // A file a newer agent wrote keeps saying so.
+            version: s.version.max(STATE_VERSION),
+            min_reader_version: s.min_reader_version.max(MIN_READER_VERSION),
+            files,
+            created_dirs: s.created_dirs,
+            state_dirs: s.state_dirs,
+            last_apply: s.last_apply,
+            pending_actions: s.pending_actions,
+            extra: s.extra,
+        }
+    }
 }
 
 impl Default for State {
     fn default() -> Self {
         Self {
             version: STATE_VERSION,
+            min_reader_version: MIN_READER_VERSION,
             files: BTreeMap::new(),
+            newer_files: BTreeMap::new(),
             created_dirs: BTreeSet::new(),
             state_dirs: Vec::new(),
             last_apply: None,
             pending_actions: Vec::new(),
+            extra: Extra::new(),
         }
     }
 }
 
 /// What the agent did to one file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(try_from = "RawFileRecord", into = "RawFileRecord")]
 pub struct FileRecord {
     pub kind: FileKind,
+    /// Fields of the `kind` object this agent does not know.
+    pub kind_extra: Extra,
     /// The file existed before the agent first wrote it.
     pub existed_before: bool,
     /// Host path of the first-edit backup (files that existed).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup: Option<String>,
     /// sha256 of what the agent last wrote (`None`: it removed the file).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub written_sha256: Option<String>,
     /// Someone else changed the file after an agent write: the backup no
     /// longer tells the whole story, so revert removes only the agent's
     /// part instead of restoring it.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub diverged: bool,
+    /// Fields of the record this agent does not know.
+    pub extra: Extra,
+}
+
+impl FileRecord {
+    /// A new record, with no fields of a newer agent.
+    pub fn new(
+        kind: FileKind,
+        existed_before: bool,
+        backup: Option<String>,
+        written_sha256: Option<String>,
+    ) -> Self {
+        Self {
+            kind,
+            kind_extra: Extra::new(),
+            existed_before,
+            backup,
+            written_sha256,
+            diverged: false,
+            extra: Extra::new(),
+        }
+    }
+}
+
+/// [`FileRecord`] as the file holds it.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RawFileRecord {
+    kind: serde_json::Value,
+    existed_before: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    backup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    written_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    diverged: bool,
+    #[serde(flatten)]
+    extra: Extra,
+}
+
+impl TryFrom<RawFileRecord> for FileRecord {
+    type Error = String;
+
+    fn try_from(raw: RawFileRecord) -> Result<Self, String> {
+        let kind: FileKind = serde_json::from_value(raw.kind.clone()).map_err(|e| e.to_string())?;
+        // What the known kind does not write back is a newer agent's.
+        let known = serde_json::to_value(&kind).map_err(|e| e.to_string())?;
+        let kind_extra = match raw.kind {
+            serde_json::Value::Object(m) => m
+                .into_iter()
+                .filter(|(k, _)| known.get(k).is_none())
+                .collect(),
+            _ => Extra::new(),
+        };
+        Ok(FileRecord {
+            kind,
+            kind_extra,
+            existed_before: raw.existed_before,
+            backup: raw.backup,
+            written_sha256: raw.written_sha256,
+            diverged: raw.diverged,
+            extra: raw.extra,
+        })
+    }
+}
+
+impl From<FileRecord> for RawFileRecord {
+    fn from(r: FileRecord) -> Self {
+        let mut kind = serde_json::to_value(&r.kind).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut kind {
+            for (k, v) in r.kind_extra {
+                m.entry(k).or_insert(v);
+            }
+        }
+        RawFileRecord {
+            kind,
+            existed_before: r.existed_before,
+            backup: r.backup,
+            written_sha256: r.written_sha256,
+            diverged: r.diverged,
+            extra: r.extra,
+        }
+    }
 }
 
 /// Which patcher owns the file, with what it needs to undo its part.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "camelCase")]
 pub enum FileKind {
     /// `/etc/hosts` with the marker block.
     HostsBlock,
@@ -120,6 +313,16 @@ pub enum FileKind {
     CaCert,
 }
 
+/// The `type` of every [`FileKind`] (see [`FileKind::type_name`]).
+const KNOWN_KINDS: [&str; 6] = [
+    "hostsBlock",
+    "daemonJson",
+    "containerdConfig",
+    "generated",
+    "hostsTomlEdit",
+    "caCert",
+];
+
 impl FileKind {
     pub fn label(&self) -> &'static str {
         match self {
@@ -131,11 +334,30 @@ impl FileKind {
             FileKind::CaCert => "CA certificate",
         }
     }
+
+    /// The kind's `type` in the state file.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            FileKind::HostsBlock => KNOWN_KINDS[0],
+            FileKind::DaemonJson { .. } => KNOWN_KINDS[1],
+            FileKind::ContainerdConfig { .. } => KNOWN_KINDS[2],
+            FileKind::Generated => KNOWN_KINDS[3],
+            FileKind::HostsTomlEdit { .. } => KNOWN_KINDS[4],
+            FileKind::CaCert => KNOWN_KINDS[5],
+        }
+    }
+
+    /// The `kind.type` of a file record as the state holds it, when this
+    /// agent does not know it (a newer agent's kind).
+    pub fn unknown_type(record: &serde_json::Value) -> Option<&str> {
+        let t = record.get("kind")?.get("type")?.as_str()?;
+        (!KNOWN_KINDS.contains(&t)).then_some(t)
+    }
 }
 
 /// A daemon action not yet carried out (see [`State::pending_actions`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct PendingAction {
     /// The daemon's unit name (`docker`, `containerd`, `crio`).
     pub service: String,
@@ -148,11 +370,14 @@ pub struct PendingAction {
     /// nodes), so such a restart is not begun again (see `engine::apply`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub started: bool,
+    /// Fields of a newer agent.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// Summary of the last apply, for `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct LastApply {
     /// sha256 of the config file applied.
     pub config_sha256: String,
@@ -164,6 +389,9 @@ pub struct LastApply {
     /// Runtime actions taken.
     #[serde(default)]
     pub actions: Vec<String>,
+    /// Fields of a newer agent.
+    #[serde(flatten)]
+    pub extra: Extra,
 }
 
 /// Hex sha256 of bytes.
@@ -181,14 +409,23 @@ pub fn load(root: &Root) -> Result<Option<State>, StateError> {
     let Some(bytes) = root.read(STATE_FILE)? else {
         return Ok(None);
     };
-    let state: State =
+    let value: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|source| StateError::Unreadable { source })?;
-    if state.version != STATE_VERSION {
-        return Err(StateError::Version {
-            found: state.version,
-            expected: STATE_VERSION,
+    // Before the rest is parsed: a file for newer readers may not parse.
+    let needs = match value.get("minReaderVersion") {
+        None => MIN_READER_VERSION,
+        Some(v) => v
+            .as_u64()
+            .map_or(u32::MAX, |v| u32::try_from(v).unwrap_or(u32::MAX)),
+    };
+    if needs > READER_VERSION {
+        return Err(StateError::TooNew {
+            needs,
+            reads: READER_VERSION,
         });
     }
+    let state =
+        serde_json::from_value(value).map_err(|source| StateError::Unreadable { source })?;
     Ok(Some(state))
 }
 
@@ -280,13 +517,12 @@ mod tests {
         let backup = write_backup(&root, &mut s, "/etc/hosts", b"orig").unwrap();
         s.files.insert(
             "/etc/hosts".into(),
-            FileRecord {
-                kind: FileKind::HostsBlock,
-                existed_before: true,
-                backup: Some(backup),
-                written_sha256: Some(sha256_hex(b"x")),
-                diverged: false,
-            },
+            FileRecord::new(
+                FileKind::HostsBlock,
+                true,
+                Some(backup),
+                Some(sha256_hex(b"x")),
+            ),
         );
         save(&root, &mut s).unwrap();
         assert_eq!(
@@ -301,6 +537,127 @@ mod tests {
         );
         remove_all(&root, &s).unwrap();
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 0);
+    }
+
+    /// What a newer agent may write: a field this one does not know at
+    /// every level, a file kind it does not know, an owed action it
+    /// cannot read.
+    pub const NEWER_STATE: &str = r#"{
+  "version": 3,
+  "newTopLevel": {"a": [1, 2]},
+  "files": {
+    "/etc/hosts": {
+      "kind": {"type": "hostsBlock", "newInKind": "k"},
+      "existedBefore": true,
+      "backup": "/var/lib/pullthrough-agent/backups/etc/hosts",
+      "writtenSha256": "00",
+      "newInRecord": 7
+    },
+    "/etc/newer/thing.conf": {
+      "kind": {"type": "somethingNew", "how": {"x": 1}},
+      "existedBefore": true,
+      "backup": "/var/lib/pullthrough-agent/backups/etc/newer/thing.conf",
+      "writtenSha256": "11"
+    }
+  },
+  "createdDirs": [],
+  "stateDirs": [],
+  "lastApply": {
+    "configSha256": "22",
+    "proxy": "https://10.0.0.5",
+    "runtimes": ["docker"],
+    "atUnix": 5,
+    "actions": [],
+    "newInLastApply": true
+  },
+  "pendingActions": [
+    {"service": "containerd", "action": "restart", "reason": "r", "newInAction": "n"},
+    {"service": "docker", "action": "reexec", "reason": "newer"}
+  ]
+}
+"#;
+
+    fn write_state(root: &Root, json: &str) {
+        root.create_dirs(STATE_DIR).unwrap();
+        root.write_atomic(STATE_FILE, json.as_bytes(), 0o600)
+            .unwrap();
+    }
+
+    /// A rolled-back agent reads what a newer one wrote, and saving it
+    /// again loses nothing the newer one will look for.
+    #[test]
+    fn a_newer_agents_state_loads_and_saves_with_what_it_does_not_know() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        write_state(&root, NEWER_STATE);
+        let mut s = load(&root).unwrap().unwrap();
+        assert_eq!(s.files.len(), 1);
+        assert_eq!(s.files["/etc/hosts"].kind, FileKind::HostsBlock);
+        assert_eq!(
+            s.newer_files.keys().collect::<Vec<_>>(),
+            ["/etc/newer/thing.conf"]
+        );
+        save(&root, &mut s).unwrap();
+        let saved: serde_json::Value =
+            serde_json::from_slice(&root.read(STATE_FILE).unwrap().unwrap()).unwrap();
+        let mut want: serde_json::Value = serde_json::from_str(NEWER_STATE).unwrap();
+        want["stateDirs"] = serde_json::json!(s.state_dirs);
+        assert_eq!(saved, want);
+    }
+
+    /// A file for newer readers only is refused, naming the file and
+    /// both versions, before anything else about it is read.
+    #[test]
+    fn a_state_for_newer_readers_only_is_refused_clearly() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        write_state(
+            &root,
+            r#"{"version": 9, "minReaderVersion": 2, "files": {"/x": "a new shape"}}"#,
+        );
+        let e = load(&root).unwrap_err().to_string();
+        assert!(
+            e.contains(STATE_FILE) && e.contains("version 2 or later") && e.contains("version 1"),
+            "{e}"
+        );
+        // One this agent can read is not refused for its `version`.
+        write_state(&root, r#"{"version": 9, "minReaderVersion": 1}"#);
+        assert!(load(&root).unwrap().is_some());
+    }
+
+    /// Unless a newer agent asked for more, the file stays readable by
+    /// agents that predate `minReaderVersion`.
+    #[test]
+    fn the_default_min_reader_version_is_not_written() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        save(&root, &mut State::default()).unwrap();
+        let saved = String::from_utf8(root.read(STATE_FILE).unwrap().unwrap()).unwrap();
+        assert!(!saved.contains("minReaderVersion"), "{saved}");
+        assert!(saved.contains("\"version\": 1"), "{saved}");
+    }
+
+    #[test]
+    fn every_file_kind_is_known_by_its_type() {
+        for k in [
+            FileKind::HostsBlock,
+            FileKind::DaemonJson {
+                added: Added::default(),
+            },
+            FileKind::ContainerdConfig {
+                record: ConfigRecord::default(),
+            },
+            FileKind::Generated,
+            FileKind::HostsTomlEdit { host: "h".into() },
+            FileKind::CaCert,
+        ] {
+            let v = serde_json::to_value(&k).unwrap();
+            assert_eq!(v["type"], k.type_name());
+            assert_eq!(
+                FileKind::unknown_type(&serde_json::json!({ "kind": v })),
+                None
+            );
+        }
     }
 
     #[test]

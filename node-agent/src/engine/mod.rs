@@ -78,6 +78,11 @@ pub fn apply(
         planned.push((kind, p));
     }
     let changes = pl.finish()?;
+    for (path, kind) in newer_files(&st) {
+        notes.push(format!(
+            "{path}: left alone: managed by a newer agent (record kind `{kind}`)"
+        ));
+    }
 
     for n in &notes {
         writeln_out(out, n);
@@ -111,8 +116,11 @@ pub fn apply(
     // would stop this one too, for ever.
     let mut owed: Vec<Step> = Vec::new();
     let mut not_done: Vec<String> = Vec::new();
+    // Owed actions this agent cannot read (a newer one's) stay owed for it.
+    let mut unknown_owed = Vec::new();
     for p in &st.pending_actions {
         let Some(s) = Step::from_pending(p) else {
+            unknown_owed.push(p.clone());
             continue;
         };
         let who = s.service.process();
@@ -164,7 +172,7 @@ pub fn apply(
     if report.files.is_empty() && !retrying {
         if !not_done.is_empty() {
             // Not owed any more.
-            st.pending_actions.clear();
+            st.pending_actions = unknown_owed;
             state::save(root, &mut st)?;
             report.actions = not_done;
         }
@@ -174,6 +182,7 @@ pub fn apply(
     // Owed from before the files are written: a failed (or interrupted)
     // action is then retried by the next apply.
     st.pending_actions = steps.iter().filter_map(Step::to_pending).collect();
+    st.pending_actions.extend(unknown_owed.iter().cloned());
     if report.files.is_empty() {
         writeln_out(out, "no file changes");
     } else {
@@ -201,6 +210,7 @@ pub fn apply(
         }
     }
     st.pending_actions = still_owed;
+    st.pending_actions.extend(unknown_owed);
     report.actions = not_done;
     report.actions.append(&mut actor.actions);
     st.last_apply = Some(LastApply {
@@ -209,6 +219,7 @@ pub fn apply(
         runtimes: selected.iter().map(|r| r.name().to_string()).collect(),
         at_unix: now_unix(),
         actions: report.actions.clone(),
+        extra: Default::default(),
     });
     state::save(root, &mut st)?;
     if !actor.failed.is_empty() {
@@ -235,6 +246,17 @@ fn merge_steps(owed: Vec<Step>, mut steps: Vec<Step>) -> Vec<Step> {
     steps
 }
 
+/// The files a newer agent recorded with a kind this one does not know,
+/// with that kind.
+fn newer_files(st: &state::State) -> impl Iterator<Item = (&str, &str)> {
+    st.newer_files.iter().map(|(path, rec)| {
+        (
+            path.as_str(),
+            state::FileKind::unknown_type(rec).unwrap_or("?"),
+        )
+    })
+}
+
 /// Removes everything the agent ever added and restores first-edit
 /// backups, then the state itself; each runtime's daemon is told before
 /// (dockerd's interim daemon.json) or after the files are back.
@@ -255,7 +277,14 @@ pub fn revert(
     // keep the others pointing at the proxy: revert the rest, and keep the
     // record and backup of the failed ones for a revert after the fix.
     let mut changes = Vec::new();
-    let mut unreverted = Vec::new();
+    // A newer agent's files are its own to revert: left alone, with their
+    // record and backup, and named in the error.
+    let mut unreverted: Vec<AgentError> = newer_files(&st)
+        .map(|(path, kind)| AgentError::NewerAgentFile {
+            path: path.to_string(),
+            kind: kind.to_string(),
+        })
+        .collect();
     for (path, rec) in &st.files {
         match revert_file(root, path, rec) {
             Ok(c) => changes.push(c),

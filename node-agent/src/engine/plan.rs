@@ -81,6 +81,10 @@ impl<'a> Planner<'a> {
         notes: Vec<String>,
     ) {
         self.desired.insert(path.to_string());
+        if self.left_alone(path) {
+            // A newer agent's: its record and backup stay as they are.
+            return;
+        }
         let prev = self.state.files.get(path);
         if prev.is_none() && before == after {
             // Not ours and nothing to do: keep out of the record.
@@ -88,13 +92,20 @@ impl<'a> Planner<'a> {
         }
         let before_sha = before.as_deref().map(sha256_hex);
         let diverged = prev.is_some_and(|r| r.diverged || r.written_sha256 != before_sha);
-        let record = FileRecord {
+        let mut record = FileRecord::new(
             kind,
-            existed_before: prev.map_or(before.is_some(), |r| r.existed_before),
-            backup: prev.and_then(|r| r.backup.clone()),
-            written_sha256: after.as_deref().map(sha256_hex),
-            diverged,
-        };
+            prev.map_or(before.is_some(), |r| r.existed_before),
+            prev.and_then(|r| r.backup.clone()),
+            after.as_deref().map(sha256_hex),
+        );
+        record.diverged = diverged;
+        if let Some(p) = prev {
+            // A newer agent's fields stay for when it runs again.
+            record.extra = p.extra.clone();
+            if p.kind.type_name() == record.kind.type_name() {
+                record.kind_extra = p.kind_extra.clone();
+            }
+        }
         self.changes.push(Change {
             path: path.to_string(),
             before,
@@ -122,6 +133,12 @@ impl<'a> Planner<'a> {
     /// What the agent recorded for `path` at the last apply.
     pub fn prev_kind(&self, path: &str) -> Option<&FileKind> {
         self.state.files.get(path).map(|r| &r.kind)
+    }
+
+    /// A newer agent recorded `path` with a kind this one does not know:
+    /// nothing is staged for it.
+    pub fn left_alone(&self, path: &str) -> bool {
+        self.state.newer_files.contains_key(path)
     }
 
     /// The agent has a record of `path` (it wrote it before).

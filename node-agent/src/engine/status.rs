@@ -16,7 +16,9 @@ use crate::state::{self, LastApply, sha256_hex};
 pub struct FileStatus {
     pub path: String,
     pub what: String,
-    /// `applied`, `changed since apply`, `missing`, `removed`.
+    /// `applied`, `changed since apply`, `missing`, `removed`, `managed
+    /// by a newer agent` (a record kind this agent does not know: apply
+    /// and revert leave the file alone).
     pub state: String,
     pub existed_before: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -67,6 +69,23 @@ pub fn status(root: &Root) -> Result<Status, AgentError> {
             backup: rec.backup.clone(),
         });
     }
+    for (path, rec) in &st.newer_files {
+        let kind = state::FileKind::unknown_type(rec).unwrap_or("?");
+        files.push(FileStatus {
+            path: path.clone(),
+            what: format!("{kind} (unknown kind)"),
+            state: "managed by a newer agent".into(),
+            existed_before: rec
+                .get("existedBefore")
+                .and_then(serde_json::Value::as_bool)
+                .unwrap_or(true),
+            backup: rec
+                .get("backup")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string),
+        });
+    }
+    files.sort_by(|a, b| a.path.cmp(&b.path));
     let hosts_entries = match root.read(HOSTS)? {
         Some(b) => hosts::block_entries(&b)
             .unwrap_or_default()

@@ -84,7 +84,7 @@ pub struct ConfigRecord {
 
 /// A registry's deprecated settings, moved out of config.toml.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct MigratedRegistry {
     /// Mirror endpoint URLs, in order.
     pub endpoints: Vec<String>,

@@ -8,7 +8,7 @@ use super::{GENERATED_HEADER, PatchError, parse_containerd_toml as parse};
 
 /// TLS settings of one host (or the `server`) in a hosts.toml.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase")]
 pub struct HostTls {
     pub ca: Option<String>,
     pub client: Option<(String, String)>,

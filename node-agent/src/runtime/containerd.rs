@@ -198,8 +198,9 @@ impl Runtime for Containerd {
                 BTreeMap::new(),
             ),
             Some(p) => {
-                planned.restart_needed =
-                    p.enabled && p.bytes.as_slice() != before.as_deref().unwrap_or_default();
+                planned.restart_needed = p.enabled
+                    && p.bytes.as_slice() != before.as_deref().unwrap_or_default()
+                    && !pl.left_alone(CONFIG_TOML);
                 let dir = p.hosts_dir.clone();
                 pl.stage(
                     CONFIG_TOML,

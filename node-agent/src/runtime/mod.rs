@@ -124,6 +124,7 @@ impl Step {
             action: action.into(),
             reason: self.reason.clone(),
             started: false,
+            extra: Default::default(),
         })
     }
 
