@@ -88,6 +88,11 @@ pub enum ExecError {
     },
     #[error("{command} failed: {stderr}")]
     Failed { command: String, stderr: String },
+    #[error(
+        "{command} did not finish within {}: killed it (a job systemd already took on may still be under way)",
+        humantime::format_duration(*after)
+    )]
+    TimedOut { command: String, after: Duration },
     #[error("sending SIGHUP to {process} (pid {pid}): {source}")]
     Signal {
         process: &'static str,

@@ -171,7 +171,13 @@ impl Heartbeat {
         self.0.store(now_secs(), Ordering::Relaxed);
     }
 
-    fn alive(&self) -> bool {
+    /// One whose last beat is long gone (tests).
+    #[cfg(test)]
+    pub(super) fn stalled() -> Self {
+        Self(Arc::new(AtomicU64::new(0)))
+    }
+
+    pub(super) fn alive(&self) -> bool {
         now_secs().saturating_sub(self.0.load(Ordering::Relaxed)) < STALLED_AFTER_SECS
     }
 }

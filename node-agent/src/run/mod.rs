@@ -47,6 +47,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// further failure in a row, up to `MAX_RETRY`.
 const RETRY: Duration = Duration::from_secs(5);
 const MAX_RETRY: Duration = Duration::from_secs(300);
+/// How long the loop keeps the liveness heartbeat going while an apply
+/// runs: every command of an apply is bounded (`COMMAND_TIMEOUT`, 90 s;
+/// a few per daemon), so one still running after this is stuck, and the
+/// liveness probe may restart the pod.
+const APPLY_BEAT_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 /// Options of `run`.
 #[derive(Debug, Clone)]
@@ -198,8 +203,16 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
 
         let open = health.open(cfg.as_ref()).await;
 
+        // A daemon restart may take a while (up to `COMMAND_TIMEOUT`):
+        // the heartbeat goes on meanwhile, or the liveness probe would kill
+        // the pod in the middle of it.
         if let Some(c) = &cfg
-            && apply_if_due(&opts, c, open, &mut state).await
+            && beating(
+                &heartbeat,
+                APPLY_BEAT_LIMIT,
+                apply_if_due(&opts, c, open, &mut state),
+            )
+            .await
             && let Some(r) = &mut reporter
         {
             r.changed();
@@ -211,6 +224,23 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 .clone()
                 .or_else(|| input_error.as_ref().map(ToString::to_string));
             r.tick(state.applied.as_ref(), error.as_deref()).await;
+        }
+    }
+}
+
+/// Awaits `fut`, beating `heartbeat` every tick meanwhile, for `limit` at
+/// most (then only awaits it).
+async fn beating<F: std::future::Future>(
+    heartbeat: &Heartbeat,
+    limit: Duration,
+    fut: F,
+) -> F::Output {
+    let start = Instant::now();
+    let mut fut = std::pin::pin!(fut);
+    loop {
+        tokio::select! {
+            out = &mut fut => return out,
+            () = tokio::time::sleep(TICK), if start.elapsed() < limit => heartbeat.beat(),
         }
     }
 }
@@ -381,6 +411,24 @@ mod tests {
         });
         let logs = logs.lock().unwrap().join("\n");
         (tried, logs)
+    }
+
+    /// A daemon restart may outlast the liveness probe's patience: the
+    /// heartbeat goes on while the apply runs, up to the limit.
+    #[test]
+    fn the_heartbeat_goes_on_while_an_apply_runs() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        for (limit, beats) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+            let hb = Heartbeat::stalled();
+            let alive = rt.block_on(beating(&hb, limit, async {
+                tokio::time::sleep(TICK * 3).await;
+                hb.alive()
+            }));
+            assert_eq!(alive, beats, "limit {limit:?}");
+        }
     }
 
     const HTTP_TABLE: &[u8] =

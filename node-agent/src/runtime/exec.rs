@@ -2,11 +2,14 @@
 //! its pid file, or systemctl in the host's namespaces), behind a trait so
 //! tests record the calls instead of signalling anything.
 
-use std::io::Write as _;
-use std::path::Path;
-use std::process::Command;
+use std::io::{Read, Write as _};
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
 use crate::error::ExecError;
@@ -88,17 +91,43 @@ pub trait Executor {
     fn validate_daemon_json(&mut self, bytes: &[u8]) -> Option<Result<(), Rejected>>;
 }
 
+/// How long one command the agent runs (`systemctl`, through `nsenter`
+/// or not, and `dockerd --validate`) may take before it is killed and the
+/// action counts as failed (retried by the next apply). docker.service
+/// ships `TimeoutStartSec=0`, so `systemctl restart docker` alone could
+/// wait for ever.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
+
 /// Signals daemons through their pid file under the root (checked against
 /// `/proc/<pid>/comm`, so a stale pid file never signals a stranger), or
 /// runs `systemctl` in the host's namespaces (`nsenter -t 1`) where the
-/// root has systemd.
+/// root has systemd. Every command is bounded by [`COMMAND_TIMEOUT`].
 pub struct SystemExecutor {
     root: Root,
+    timeout: Duration,
+    /// A stand-in for `systemctl` (tests).
+    systemctl_bin: Option<PathBuf>,
 }
 
 impl SystemExecutor {
     pub fn new(root: Root) -> Self {
-        Self { root }
+        Self {
+            root,
+            timeout: COMMAND_TIMEOUT,
+            systemctl_bin: None,
+        }
+    }
+
+    /// Bounds each command by `timeout` instead of [`COMMAND_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs `bin` where `systemctl` would run (tests).
+    pub fn with_systemctl(mut self, bin: PathBuf) -> Self {
+        self.systemctl_bin = Some(bin);
+        self
     }
 
     fn live_pid(&self, service: Service) -> Option<(i32, &'static str)> {
@@ -125,7 +154,9 @@ impl SystemExecutor {
     }
 
     fn systemctl(&self, args: &[&str]) -> Command {
-        let mut cmd = if self.root.dir() == Path::new("/") {
+        let mut cmd = if let Some(bin) = &self.systemctl_bin {
+            Command::new(bin)
+        } else if self.root.dir() == Path::new("/") {
             Command::new("systemctl")
         } else {
             // The root is mounted from the host (e.g. /host): act in the
@@ -139,25 +170,21 @@ impl SystemExecutor {
     }
 
     fn unit_active(&self, service: Service) -> Result<bool, ExecError> {
-        let status = self
-            .systemctl(&["is-active", "--quiet", service.unit()])
-            .status()
-            .map_err(|source| ExecError::Spawn {
-                command: "systemctl".into(),
-                source,
-            })?;
-        Ok(status.success())
+        let out = run_bounded(
+            self.systemctl(&["is-active", "--quiet", service.unit()]),
+            &format!("systemctl is-active {}", service.unit()),
+            self.timeout,
+        )?;
+        Ok(out.status.success())
     }
 
     fn run_systemctl(&self, verb: &str, service: Service) -> Result<Outcome, ExecError> {
         let command = format!("systemctl {verb} {}", service.unit());
-        let out = self
-            .systemctl(&[verb, service.unit()])
-            .output()
-            .map_err(|source| ExecError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+        let out = run_bounded(
+            self.systemctl(&[verb, service.unit()]),
+            &command,
+            self.timeout,
+        )?;
         if out.status.success() {
             Ok(Outcome::Done(command))
         } else {
@@ -241,11 +268,15 @@ impl Executor for SystemExecutor {
             .tempfile()
             .ok()?;
         tmp.write_all(bytes).ok()?;
-        let out = Command::new(&bin)
-            .args(["--validate", "--config-file"])
-            .arg(tmp.path())
-            .output()
-            .ok()?;
+        let mut cmd = Command::new(&bin);
+        cmd.args(["--validate", "--config-file"]).arg(tmp.path());
+        let out = match run_bounded(cmd, "dockerd --validate", self.timeout) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!("daemon.json not validated: {e}");
+                return None;
+            }
+        };
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
             return Some(Ok(()));
@@ -259,6 +290,71 @@ impl Executor for SystemExecutor {
         }
         Some(Err(Rejected(stderr.trim().to_string())))
     }
+}
+
+/// Runs `cmd` to its end or for `timeout` at most, collecting its output.
+/// It runs in a process group of its own, all killed on timeout: `nsenter`
+/// forks the `systemctl` it runs, which would outlive `nsenter` alone. (A
+/// job systemd already took on goes on without the client.)
+fn run_bounded(mut cmd: Command, command: &str, timeout: Duration) -> Result<Output, ExecError> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let mut child = cmd.spawn().map_err(|source| ExecError::Spawn {
+        command: command.to_string(),
+        source,
+    })?;
+    // Read as it comes (a full pipe would stall the command), on threads
+    // not waited for beyond the command's end: a straggler holding the
+    // pipe open cannot hold the agent too.
+    fn drain<R: Read + Send + 'static>(r: Option<R>) -> mpsc::Receiver<Vec<u8>> {
+        let (tx, rx) = mpsc::channel();
+        if let Some(mut r) = r {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let _ = r.read_to_end(&mut buf);
+                let _ = tx.send(buf);
+            });
+        }
+        rx
+    }
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    if let Ok(pid) = i32::try_from(child.id()) {
+                        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(ExecError::TimedOut {
+                        command: command.to_string(),
+                        after: timeout,
+                    });
+                }
+                std::thread::sleep((deadline - now).min(Duration::from_millis(20)));
+            }
+            Err(source) => {
+                return Err(ExecError::Spawn {
+                    command: command.to_string(),
+                    source,
+                });
+            }
+        }
+    };
+    let collect =
+        |rx: mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(1)).unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout: collect(stdout),
+        stderr: collect(stderr),
+    })
 }
 
 /// Records what would have been done (tests, `--dry-run`).
@@ -328,5 +424,99 @@ mod tests {
             Outcome::NotRunning(_)
         ));
         assert!(ex.validate_daemon_json(b"{}").is_none());
+    }
+
+    /// A stand-in for `systemctl` under `dir`: `is-active` says yes, any
+    /// other verb starts a child that sleeps `secs` (its pid in
+    /// `systemctl.pid`) and waits for it.
+    pub fn slow_systemctl(dir: &Path, secs: u32) -> PathBuf {
+        let bin = dir.join("systemctl");
+        std::fs::write(
+            &bin,
+            format!(
+                "#!/bin/sh\ncase \"$1\" in is-active) exit 0;; esac\nsleep {secs} &\necho $! > \"$0.pid\"\nwait\n"
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        bin
+    }
+
+    /// docker.service has `TimeoutStartSec=0`: a restart that never ends
+    /// is killed at the bound (with the child it started) and fails.
+    #[test]
+    fn a_command_past_its_bound_is_killed_and_fails() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("run/systemd/system")).unwrap();
+        let bin = slow_systemctl(t.path(), 30);
+        let mut ex = SystemExecutor::new(Root::new(t.path()))
+            .with_timeout(Duration::from_millis(300))
+            .with_systemctl(bin.clone());
+        let start = Instant::now();
+        let e = ex.restart(Service::Docker).unwrap_err();
+        assert!(start.elapsed() < Duration::from_secs(10), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("systemctl restart docker did not finish within 300ms: killed it"),
+            "{e}"
+        );
+        // The sleep it started went with it.
+        let pid = std::fs::read_to_string(bin.with_extension("pid")).unwrap();
+        let stat = format!("/proc/{}/stat", pid.trim());
+        let gone = |s: &str| {
+            std::fs::read_to_string(s).map_or(true, |st| {
+                st.rsplit(')')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start()
+                    .starts_with('Z')
+            })
+        };
+        let until = Instant::now() + Duration::from_secs(5);
+        while !gone(&stat) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(gone(&stat), "the command's child still runs");
+    }
+
+    /// A restart killed at the bound is a failed action: the apply says
+    /// so and the restart stays owed, for the next apply (the run loop's,
+    /// after its backoff) to try again.
+    #[test]
+    fn a_timed_out_restart_fails_the_apply_and_stays_owed() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(t.path().join("run/systemd/system")).unwrap();
+        let bin = slow_systemctl(t.path(), 30);
+        let root = Root::new(t.path());
+        let cfg = crate::config::from_parts(
+            b"proxy: {address: 10.0.0.5, httpPort: 80}\nregistries: [{host: quay.io}]\n",
+            None,
+        )
+        .unwrap();
+        let opts = crate::runtime::ApplyOptions {
+            runtimes: Some(vec![crate::runtime::RuntimeKind::Containerd]),
+            docker_action: crate::runtime::DockerActionArg::Auto,
+            reload_settle: Duration::ZERO,
+            dry_run: false,
+            migrate_containerd_mirrors: false,
+            hosts_gate_closed: false,
+        };
+        let mut ex = SystemExecutor::new(root.clone())
+            .with_timeout(Duration::from_millis(300))
+            .with_systemctl(bin);
+        let e = crate::engine::apply(&root, &cfg, &opts, &mut ex, &mut Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("containerd: systemctl restart containerd did not finish within 300ms"),
+            "{e}"
+        );
+        let owed = crate::state::load(&root).unwrap().unwrap().pending_actions;
+        assert_eq!(owed.len(), 1, "{owed:?}");
+        assert_eq!(
+            (owed[0].action.as_str(), owed[0].started),
+            ("restart", false)
+        );
     }
 }
