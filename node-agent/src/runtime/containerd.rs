@@ -328,14 +328,18 @@ impl Runtime for Containerd {
     }
 
     /// hosts.toml is re-read on every pull; only enabling config_path
-    /// needs a restart.
+    /// needs a restart. containerd dropped from the config has its
+    /// config.toml given back by the apply: restarted as after a revert.
     fn after_apply(&self, cx: &AfterApply<'_>) -> Option<Step> {
+        if !cx.selected {
+            return self.after_revert(cx.changes);
+        }
         let touched = cx
             .changes
             .iter()
             .filter(|c| c.changed())
             .any(|c| c.path == CONFIG_TOML || c.path.ends_with("/hosts.toml"));
-        if !cx.selected || !touched {
+        if !touched {
             return None;
         }
         Some(if cx.planned.restart_needed {

@@ -351,3 +351,51 @@ fn revert_of_migrated_mirrors_restarts_containerd() {
     assert_eq!(read(t.path(), CONFIG_TOML), conf);
     assert_eq!(exec.calls, ["restart containerd"], "{out}");
 }
+
+/// containerd dropped from the config (not reverted): the apply gives
+/// config.toml back, mirrors moved out by `--migrate-containerd-mirrors`
+/// included, and containerd only sees them again once restarted.
+#[test]
+fn deselecting_containerd_after_migrated_mirrors_restarts_it() {
+    let t = tempfile::tempdir().unwrap();
+    let conf = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\"]\n";
+    write(t.path(), CONFIG_TOML, conf.as_bytes());
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Docker, RuntimeKind::Containerd]);
+    o.migrate_containerd_mirrors = true;
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    assert!(exec.calls.contains(&"restart containerd".to_string()));
+
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    );
+    r.unwrap();
+    assert_eq!(read(t.path(), CONFIG_TOML), conf, "{out}");
+    assert!(
+        out.contains("containerd: restart (config.toml restored)"),
+        "{out}"
+    );
+    assert_eq!(
+        exec.calls
+            .iter()
+            .filter(|c| c.as_str() == "restart containerd")
+            .count(),
+        1,
+        "{out}"
+    );
+    // Done: the next apply leaves containerd alone.
+    let mut exec = RecordingExecutor::default();
+    let (_, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    );
+    assert_eq!(out.trim(), "no changes");
+    assert!(exec.calls.is_empty(), "{out}");
+}
