@@ -8,7 +8,8 @@
 //!   next client is served from the bucket at once;
 //! - 50 clients over 3 replicas on one bucket: 1 upstream GET, 1 object;
 //! - the owner SIGKILLed mid-blob: nothing partial reaches the bucket;
-//! - corrupt upstream bytes never reach the bucket;
+//! - corrupt upstream bytes never reach the bucket, and a bad object in
+//!   the bucket is dropped and fetched again;
 //! - eviction across 3 replicas keeps the bucket under `maxSize`;
 //! - a missing bucket, refused credentials, a stopped server: a clear
 //!   error in the log, and pulls go on by pass-through.
@@ -45,9 +46,13 @@ fn credentials_dir(s3: &SeaweedFs, access: &str, secret: &str) -> tempfile::Temp
 
 /// `storage:` for `bucket` on `s3`, credentials from `creds`.
 fn storage(s3: &SeaweedFs, bucket: &str, creds: &Path, extra: &str) -> String {
+    storage_at(&s3.endpoint(), bucket, creds, extra)
+}
+
+/// `storage:` for `bucket` at `endpoint` (a relay in front of the server).
+fn storage_at(endpoint: &str, bucket: &str, creds: &Path, extra: &str) -> String {
     format!(
-        "storage:\n  s3:\n    endpoint: '{}'\n    allowHttp: true\n    pathStyle: true\n    bucket: {bucket}\n    prefix: pullthrough\n    credentials: {{source: files, dir: '{}'}}\n{extra}",
-        s3.endpoint(),
+        "storage:\n  s3:\n    endpoint: '{endpoint}'\n    allowHttp: true\n    pathStyle: true\n    bucket: {bucket}\n    prefix: pullthrough\n    credentials: {{source: files, dir: '{}'}}\n{extra}",
         creds.display()
     )
 }
@@ -379,6 +384,115 @@ fn corrupt_upstream_bytes_never_reach_the_bucket() {
     let keys = bucket_blobs(&s3, "cache");
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert!(good.ends_with(&keys[0].0));
+}
+
+/// An object in the bucket that went bad (bit rot, an operator's copy,
+/// another tool writing the key) does not break its digest for the whole
+/// cluster: a replica that reads it finds the digest wrong, serves none of
+/// it as whole, drops it from the bucket, and the next pull fetches the
+/// blob from the upstream, which puts a good copy back.
+#[test]
+fn a_bad_object_in_the_bucket_is_dropped_and_fetched_again() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[2 << 20], 24);
+    let d = image.layer_digests()[0].clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+    let mut proxy = start_proxy(&registry.url(), &storage(&s3, "cache", creds.path(), ""));
+    get_ok(&url(&proxy, "fixture/app", "blobs", &d));
+    wait_in_bucket(&s3, "cache", std::slice::from_ref(&d));
+    let key = s3
+        .objects("cache", "pullthrough/blobs/")
+        .unwrap()
+        .into_iter()
+        .find(|o| d.ends_with(o.key.rsplit('/').next().unwrap_or("-")))
+        .unwrap()
+        .key;
+    s3.overwrite("cache", &key, vec![0x5a; 2 << 20]).unwrap();
+    // The replica's own disk is gone: the bucket is where it looks.
+    proxy.stop().unwrap();
+    std::fs::remove_dir_all(proxy.data_dir().join("blobs")).unwrap();
+    proxy.start_again().unwrap();
+
+    let first = Get::new(&url(&proxy, "fixture/app", "blobs", &d))
+        .timeout(Duration::from_secs(30))
+        .send();
+    let whole = first
+        .as_ref()
+        .is_ok_and(|r| r.status == StatusCode::OK && sha256_digest(&r.body) == d);
+    assert!(!whole, "the bad object was served as the blob");
+    wait_for("the bad object dropped", Duration::from_secs(10), || {
+        Ok(s3
+            .read("cache", &key)
+            .unwrap()
+            .is_none_or(|b| sha256_digest(&b) == d))
+    })
+    .unwrap();
+    assert_eq!(
+        sha256_digest(&get_ok(&url(&proxy, "fixture/app", "blobs", &d))),
+        d
+    );
+    wait_for("a good copy in the bucket", Duration::from_secs(30), || {
+        Ok(s3
+            .read("cache", &key)
+            .unwrap()
+            .is_some_and(|b| sha256_digest(&b) == d))
+    })
+    .unwrap();
+}
+
+/// The bucket failing in the middle of a blob a replica streams from it:
+/// the replica continues from the upstream at the first byte it lacks, and
+/// the client gets the whole blob.
+#[test]
+fn a_bucket_failing_mid_blob_is_continued_from_the_upstream() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[8 << 20], 25);
+    let d = image.layer_digests()[0].clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+    let relay = Relay::start(s3.addr()).unwrap();
+    let endpoint = format!("http://{}", relay.addr);
+    let mut proxy = start_proxy(
+        &registry.url(),
+        &storage_at(&endpoint, "cache", creds.path(), ""),
+    );
+    get_ok(&url(&proxy, "fixture/app", "blobs", &d));
+    wait_in_bucket(&s3, "cache", std::slice::from_ref(&d));
+    proxy.stop().unwrap();
+    std::fs::remove_dir_all(proxy.data_dir().join("blobs")).unwrap();
+    proxy.start_again().unwrap();
+
+    // 2 MiB of the blob pass, then the bucket goes away.
+    let held = relay.passed() + (2 << 20);
+    relay.hold_after(held);
+    let blob_url = url(&proxy, "fixture/app", "blobs", &d);
+    let pull = std::thread::spawn(move || get_ok(&blob_url));
+    wait_for("the bucket's bytes held", Duration::from_secs(30), || {
+        Ok(relay.passed() >= held)
+    })
+    .unwrap();
+    drop(relay);
+    let body = pull.join().unwrap();
+    assert_eq!(sha256_digest(&body), d);
+    let log = proxy.log();
+    assert!(
+        log.contains("failed mid-blob; continuing from the upstream"),
+        "{log}"
+    );
+    proxy
+        .wait_access(&[
+            ("digest", &d),
+            ("cache", "SHARED_HIT"),
+            ("complete", "true"),
+        ])
+        .unwrap();
 }
 
 /// 3 replicas on a bucket bounded to 24 MiB pull 12 blobs of 4 MiB, each

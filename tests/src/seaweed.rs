@@ -436,6 +436,52 @@ impl SeaweedFs {
         Ok(Arc::new(store))
     }
 
+    /// Replaces the object `key` of `bucket` with `bytes` (its attributes
+    /// kept): a bucket whose content went bad behind the proxy's back.
+    pub fn overwrite(&self, bucket: &str, key: &str, bytes: Vec<u8>) -> Result<()> {
+        let store = self.client(bucket)?;
+        let key = Key::from(key);
+        crate::http::runtime()?.block_on(async move {
+            let attributes = store
+                .get_opts(
+                    &key,
+                    GetOptions {
+                        head: true,
+                        ..GetOptions::default()
+                    },
+                )
+                .await
+                .map_err(|e| Error::Other(format!("HEAD {key}: {e}")))?
+                .attributes;
+            let opts = object_store::PutOptions {
+                attributes,
+                ..Default::default()
+            };
+            store
+                .put_opts(&key, bytes.into(), opts)
+                .await
+                .map_err(|e| Error::Other(format!("PUT {key}: {e}")))?;
+            Ok(())
+        })
+    }
+
+    /// The bytes of object `key` in `bucket`; `None` if there is none.
+    pub fn read(&self, bucket: &str, key: &str) -> Result<Option<Vec<u8>>> {
+        let store = self.client(bucket)?;
+        let key = Key::from(key);
+        crate::http::runtime()?.block_on(async move {
+            match store.get_opts(&key, GetOptions::default()).await {
+                Ok(r) => r
+                    .bytes()
+                    .await
+                    .map(|b| Some(b.to_vec()))
+                    .map_err(|e| Error::Other(format!("GET {key}: {e}"))),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(Error::Other(format!("GET {key}: {e}"))),
+            }
+        })
+    }
+
     /// Every object under `prefix` in `bucket`, with its Content-Type (a
     /// HEAD each).
     pub fn objects(&self, bucket: &str, prefix: &str) -> Result<Vec<Object>> {

@@ -42,6 +42,7 @@ pub(super) async fn start(
         media_type,
         from_upstream,
         takeover,
+        discard,
     } = opened;
     let store = &ctx.shared.store;
     let reserved = size.unwrap_or(0);
@@ -112,6 +113,7 @@ pub(super) async fn start(
             recent: Arc::clone(&stream.recent),
             uploads: from_upstream.then(|| ctx.shared.uploads.clone()).flatten(),
             takeover,
+            discard,
         },
     ));
     let path = upstream_path(ctx, digest);
@@ -209,6 +211,7 @@ struct DownloadEnv {
     /// Copies the committed blob to the shared tier.
     uploads: Option<Arc<Uploads>>,
     takeover: Option<Takeover>,
+    discard: Option<super::lead::Discard>,
 }
 
 /// Hands the batches now on disk to the clients (from memory) and
@@ -247,6 +250,7 @@ async fn download(
         recent,
         uploads,
         mut takeover,
+        discard,
     } = env;
     let mut published = 0u64;
     let mut end = pump(
@@ -258,8 +262,8 @@ async fn download(
         read_timeout,
     )
     .await;
-    // The owner replica died mid-way: continue from the upstream at the
-    // first byte not yet written.
+    // The owner replica or the bucket failed mid-way: continue from the
+    // upstream at the first byte not yet written.
     while let Err(DownloadEnd::Upstream(msg)) = &end
         && let Some(t) = takeover.take()
     {
@@ -272,7 +276,7 @@ async fn download(
         let at = writer.on_disk();
         match inflight::resume_body(&t.resume, at, read_timeout).await {
             Ok(rest) => {
-                tracing::warn!(%digest, at, error = %msg, "owner replica failed mid-blob; continuing from the upstream");
+                tracing::warn!(%digest, at, error = %msg, "source (owner replica or shared storage) failed mid-blob; continuing from the upstream");
                 incoming = rest;
                 end = pump(
                     &mut incoming,
@@ -344,7 +348,12 @@ async fn download(
                     tracing::warn!(%digest, error = %err, "verified blob not cached; served uncached");
                     Outcome::Verified
                 }
-                Err(err) => Outcome::Failed(Arc::from(err.to_string().as_str())),
+                Err(err) => {
+                    if let (StoreError::DigestMismatch { .. }, Some(discard)) = (&err, discard) {
+                        discard();
+                    }
+                    Outcome::Failed(Arc::from(err.to_string().as_str()))
+                }
             }
         }
     };

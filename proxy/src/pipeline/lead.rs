@@ -84,12 +84,32 @@ pub(crate) async fn lead(
         Source::Tier(tier, stat) => match tier.open(digest, 0).await {
             Ok(Some(chunks)) => {
                 record.cache = CacheResult::SharedHit;
+                // A bad object in the bucket would otherwise fail every
+                // pull of the digest, on every replica, for good (each
+                // read even keeps it recently used).
+                let bad = digest.clone();
+                let discard: Discard = Box::new(move || {
+                    tokio::spawn(async move {
+                        match tier.delete(&bad).await {
+                            Ok(()) => tracing::warn!(digest = %bad,
+                                "the shared storage's copy failed its digest; deleted, the next pull fetches it from the upstream"),
+                            Err(err) => tracing::warn!(digest = %bad, error = %err,
+                                "the shared storage's copy failed its digest and could not be deleted"),
+                        }
+                    });
+                });
                 let opened = Opened {
                     body: body::stream(chunks),
                     size: Some(stat.size),
                     media_type: stat.meta.media_type,
                     from_upstream: false,
-                    takeover: None,
+                    // The bucket failing mid-blob: the rest from the
+                    // upstream, as for a peer.
+                    takeover: Some(Takeover {
+                        resume: resume(ctx, &upstream_path(ctx, digest), headers),
+                        failed: Box::new(|| {}),
+                    }),
+                    discard: Some(discard),
                 };
                 return start(ctx, headers, digest, opened, &mut guard, record).await;
             }
@@ -120,6 +140,7 @@ pub(crate) async fn lead(
         body: body::relay(incoming),
         from_upstream: true,
         takeover: None,
+        discard: None,
     };
     start(ctx, headers, digest, opened, &mut guard, record).await
 }
@@ -174,6 +195,7 @@ async fn from_peer(
             resume: resume(ctx, &path, headers),
             failed: Box::new(move || members.suspect(peer)),
         }),
+        discard: None,
     }))
 }
 
@@ -202,4 +224,9 @@ pub(super) struct Opened {
     /// there).
     pub(super) from_upstream: bool,
     pub(super) takeover: Option<Takeover>,
+    /// Run when the bytes fail their digest: the source's copy is bad.
+    pub(super) discard: Option<Discard>,
 }
+
+/// What to do with a source whose copy turned out bad.
+pub(super) type Discard = Box<dyn FnOnce() + Send>;

@@ -488,7 +488,7 @@ pub fn kill_owner_mid_blob(
         );
         assert!(
             p.log()
-                .contains("owner replica failed mid-blob; continuing from the upstream"),
+                .contains("failed mid-blob; continuing from the upstream"),
             "replica {i} did not take over:\n{}",
             p.log()
         );
