@@ -8,7 +8,8 @@ use crate::error::AgentError;
 use crate::fsio::Root;
 use crate::patch::hosts;
 use crate::runtime::docker::HOSTS;
-use crate::state::{self, LastApply, sha256_hex};
+use crate::runtime::{Action, Service, Step};
+use crate::state::{self, LastApply, PendingAction, sha256_hex};
 
 /// One file in `status`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,8 +36,9 @@ pub struct Status {
     pub files: Vec<FileStatus>,
     /// `/etc/hosts` block entries (`address name`).
     pub hosts_entries: Vec<String>,
-    /// Daemon actions that failed and are retried on the next apply
-    /// (`containerd restart (why)`).
+    /// Daemon actions owed since an earlier apply, each with what the next
+    /// apply does with it (`containerd restart (why): failed, retried on
+    /// the next apply`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pending_actions: Vec<String>,
 }
@@ -99,12 +101,27 @@ pub fn status(root: &Root) -> Result<Status, AgentError> {
         last_apply: st.last_apply,
         files,
         hosts_entries,
-        pending_actions: st
-            .pending_actions
-            .iter()
-            .map(|p| format!("{} {} ({})", p.service, p.action, p.reason))
-            .collect(),
+        pending_actions: st.pending_actions.iter().map(pending_line).collect(),
     })
+}
+
+/// An owed action and what the next apply does with it (see
+/// `engine::apply`).
+fn pending_line(p: &PendingAction) -> String {
+    let next = match Step::from_pending(p) {
+        None => "recorded by a newer agent: left for it",
+        Some(_) if p.started => {
+            "begun by an earlier agent that did not see it end: not repeated, the next apply drops it"
+        }
+        Some(s) if s.service == Service::Docker && s.action == Action::Restart => {
+            "failed, retried on the next apply (a reload under --docker-action reload, dropped under none)"
+        }
+        Some(s) if s.service == Service::Docker => {
+            "failed, retried on the next apply (dropped under --docker-action none)"
+        }
+        Some(_) => "failed, retried on the next apply",
+    };
+    format!("{} {} ({}): {next}", p.service, p.action, p.reason)
 }
 
 /// The human table of `status`.
@@ -129,9 +146,7 @@ pub fn status_table(s: &Status) -> String {
         }
     }
     for p in &s.pending_actions {
-        out.push_str(&format!(
-            "  pending: {p}: failed, retried on the next apply\n"
-        ));
+        out.push_str(&format!("  pending: {p}\n"));
     }
     let w = s
         .files

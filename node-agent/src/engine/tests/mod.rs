@@ -889,3 +889,58 @@ fn a_newer_agents_file_is_left_alone_by_apply_and_revert() {
     );
     assert_eq!(left["newTopLevel"], st["newTopLevel"]);
 }
+
+/// A restart an agent began and did not see end (it may have stopped the
+/// agent) is not repeated: `status` says so, not that it is retried.
+#[test]
+fn status_says_a_begun_restart_is_not_repeated() {
+    use crate::error::ExecError;
+    use crate::runtime::{Outcome, Service};
+    struct StopsTheAgent;
+    impl Executor for StopsTheAgent {
+        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            unreachable!("no reload here")
+        }
+        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            panic!("the restart stopped the agent");
+        }
+        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
+            None
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Docker]);
+    o.docker_action = DockerActionArg::Restart;
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
+    }));
+    assert!(stopped.is_err());
+
+    let table = status_table(&status(&root).unwrap());
+    let line = table
+        .lines()
+        .find(|l| l.contains("pending: docker restart"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(!line.contains("retried"), "{line}");
+    assert!(
+        line.ends_with("begun by an earlier agent that did not see it end: not repeated, the next apply drops it"),
+        "{line}"
+    );
+
+    // One that failed is retried.
+    let t = tempfile::tempdir().unwrap();
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor {
+        fail: 1,
+        ..Default::default()
+    };
+    let (r, _) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
+    assert!(r.is_err());
+    let table = status_table(&status(&root).unwrap());
+    assert!(
+        table.contains("pending: containerd restart (config_path enabled in config.toml): failed, retried on the next apply\n"),
+        "{table}"
+    );
+}
