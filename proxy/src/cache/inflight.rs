@@ -208,6 +208,30 @@ pub struct Inflight {
     reserved: AtomicU64,
 }
 
+/// Disk space held for one download, given back when dropped: however
+/// the download ends, and also when the request setting it up is dropped
+/// at an await (a client hanging up; a reservation released only on the
+/// paths that ran to the end leaked then, until every miss was passed
+/// through for a full disk that was not).
+#[must_use]
+#[derive(Debug)]
+pub struct Reservation {
+    inflight: Arc<Inflight>,
+    size: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let size = self.size;
+        let _ = self
+            .inflight
+            .reserved
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
+                Some(r.saturating_sub(size))
+            });
+    }
+}
+
 /// Either the caller leads a new download, or joins one in flight.
 pub enum Role {
     Leader(Arc<Download>),
@@ -248,11 +272,11 @@ impl Inflight {
     /// progress. Check and reservation are one atomic step: concurrent
     /// misses must not all count on the same free space (they did, and a
     /// write then failed with ENOSPC halfway through a shared download).
-    pub fn try_reserve(&self, size: u64, fits: impl Fn(u64) -> bool) -> bool {
+    pub fn reserve(self: &Arc<Self>, size: u64, fits: impl Fn(u64) -> bool) -> Option<Reservation> {
         let mut current = self.reserved.load(Ordering::Acquire);
         loop {
             if !fits(current) {
-                return false;
+                return None;
             }
             match self.reserved.compare_exchange(
                 current,
@@ -260,18 +284,20 @@ impl Inflight {
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    return Some(Reservation {
+                        inflight: Arc::clone(self),
+                        size,
+                    });
+                }
                 Err(now) => current = now,
             }
         }
     }
 
-    pub fn release(&self, size: u64) {
-        let _ = self
-            .reserved
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |r| {
-                Some(r.saturating_sub(size))
-            });
+    /// Bytes reserved by downloads in progress.
+    pub fn reserved(&self) -> u64 {
+        self.reserved.load(Ordering::Acquire)
     }
 
     /// The disk was full while caching `digest`: pass it through for a while.
@@ -485,5 +511,39 @@ impl Tail {
                 return Ok(Some(prev));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Inflight;
+
+    /// Disk space reserved by a request that is dropped at an await (its
+    /// client hung up while the download was set up) comes back: once it
+    /// leaked, and enough leaks passed every miss through as if the disk
+    /// were full.
+    #[tokio::test]
+    async fn a_reservation_comes_back_when_its_request_is_dropped_midway() {
+        let inflight = Arc::new(Inflight::default());
+        let fits = |others: u64| others + 100 <= 150;
+        let held = inflight.reserve(100, fits);
+        assert!(held.is_some());
+        assert_eq!(inflight.reserved(), 100);
+        assert!(inflight.reserve(100, fits).is_none(), "no room for two");
+        drop(held);
+        assert_eq!(inflight.reserved(), 0);
+
+        let i = Arc::clone(&inflight);
+        let mut setup = Box::pin(async move {
+            let _held = i.reserve(100, fits);
+            std::future::pending::<()>().await;
+        });
+        assert!(futures::poll!(&mut setup).is_pending());
+        assert_eq!(inflight.reserved(), 100);
+        drop(setup);
+        assert_eq!(inflight.reserved(), 0);
+        assert!(inflight.reserve(100, fits).is_some());
     }
 }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::context::Ctx;
 use super::lead::{LeadGuard, Opened, Takeover, upstream_path};
 use super::{HandlerError, refused};
-use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Stream};
+use crate::cache::inflight::{self, Download, Inflight, Outcome, Phase, Reservation, Stream};
 use crate::cache::shared::Uploads;
 use crate::cache::store::{BlobMeta, BlobWriter, StoreError, is_disk_full};
 use crate::http::body::{self, Body, Piece};
@@ -45,25 +45,27 @@ pub(super) async fn start(
         discard,
     } = opened;
     let store = &ctx.shared.store;
-    let reserved = size.unwrap_or(0);
-    if let Some(n) = size
-        && !ctx.shared.inflight.try_reserve(n, |others| {
+    let reservation = match size {
+        Some(n) => match ctx.shared.inflight.reserve(n, |others| {
             has_room(store.tmp_dir(), n.saturating_add(others))
-        })
-    {
-        tracing::warn!(%digest, size = n, "cache disk full; passing the blob through");
-        ctx.shared.metrics.disk_full();
-        ctx.shared.inflight.mark_uncacheable(digest);
-        record.cache = CacheResult::Pass;
-        return Ok(solo(ctx, digest, size, media_type, incoming, None));
-    }
+        }) {
+            Some(r) => Some(r),
+            None => {
+                tracing::warn!(%digest, size = n, "cache disk full; passing the blob through");
+                ctx.shared.metrics.disk_full();
+                ctx.shared.inflight.mark_uncacheable(digest);
+                record.cache = CacheResult::Pass;
+                return Ok(solo(ctx, digest, size, media_type, incoming, None));
+            }
+        },
+        None => None,
+    };
     let meta = BlobMeta {
         media_type: media_type.clone(),
     };
     let writer = match store.begin(digest, meta).await {
         Ok(w) => w,
         Err(err) => {
-            ctx.shared.inflight.release(reserved);
             if is_disk_full(&err) {
                 ctx.shared.metrics.disk_full();
                 ctx.shared.inflight.mark_uncacheable(digest);
@@ -76,7 +78,6 @@ pub(super) async fn start(
     let file = match writer.temp_path().map(std::fs::File::open) {
         Some(Ok(f)) => f,
         _ => {
-            ctx.shared.inflight.release(reserved);
             tracing::warn!(%digest, "cannot read back the temp file; passing the blob through");
             record.cache = CacheResult::Pass;
             return Ok(solo(ctx, digest, size, media_type, incoming, Some(writer)));
@@ -91,7 +92,6 @@ pub(super) async fn start(
         outcome: None,
     };
     let Some(dl) = guard.dl.take() else {
-        ctx.shared.inflight.release(reserved);
         return Err(refused(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Unavailable,
@@ -109,7 +109,7 @@ pub(super) async fn start(
             inflight: Arc::clone(&ctx.shared.inflight),
             metrics: Arc::clone(&ctx.shared.metrics),
             read_timeout: ctx.read_timeout,
-            reserved,
+            reservation,
             recent: Arc::clone(&stream.recent),
             uploads: from_upstream.then(|| ctx.shared.uploads.clone()).flatten(),
             takeover,
@@ -204,8 +204,8 @@ struct DownloadEnv {
     inflight: Arc<Inflight>,
     metrics: Arc<Metrics>,
     read_timeout: Duration,
-    /// Bytes reserved in `inflight` (released at the end).
-    reserved: u64,
+    /// Disk space held in `inflight` (given back at the end).
+    reservation: Option<Reservation>,
     /// Where written batches are handed to the clients (see `Recent`).
     recent: Arc<inflight::Recent>,
     /// Copies the committed blob to the shared tier.
@@ -246,7 +246,7 @@ async fn download(
         inflight,
         metrics,
         read_timeout,
-        reserved,
+        reservation,
         recent,
         uploads,
         mut takeover,
@@ -359,7 +359,7 @@ async fn download(
     };
     // Unregister first: a client arriving after this finds the blob in the
     // store (or, on failure, starts a fresh download).
-    inflight.release(reserved);
+    drop(reservation);
     inflight.finish(&digest, &dl);
     if let Outcome::Failed(msg) = &outcome {
         tracing::warn!(%digest, error = %msg, "blob download failed; every waiter aborted, nothing cached");
