@@ -109,6 +109,8 @@ pub struct Evictor {
     /// The lease version as last seen, and since when, on this clock.
     seen: Mutex<Option<(Version, Instant)>>,
     held: Mutex<Option<Version>>,
+    /// The last round stopped at its deadline above the low watermark.
+    unfinished: AtomicBool,
     /// Digests eviction skips (`cache::pins`); `None` while pins exist
     /// but are not resolved yet (nothing is evicted until they are).
     pinned: arc_swap::ArcSwapOption<std::collections::HashSet<Digest>>,
@@ -136,6 +138,7 @@ impl Evictor {
             stats: Arc::default(),
             seen: Mutex::new(None),
             held: Mutex::new(None),
+            unfinished: AtomicBool::new(false),
             pinned: arc_swap::ArcSwapOption::new(
                 (!awaits_pins).then(|| Arc::new(std::collections::HashSet::new())),
             ),
@@ -178,10 +181,11 @@ impl Evictor {
 
     async fn round(&self) -> Result<(), TierError> {
         self.write_journal().await?;
+        let renewed = Instant::now();
         let holder = self.lease().await?;
         self.stats.holder.store(holder, Ordering::Relaxed);
         if holder {
-            self.evict().await?;
+            self.evict(renewed + self.every).await?;
         }
         Ok(())
     }
@@ -248,11 +252,19 @@ impl Evictor {
         }
     }
 
-    async fn evict(&self) -> Result<(), TierError> {
+    /// Deletes least recently used blobs down to the low watermark, until
+    /// `deadline` at most: the lease is renewed only between rounds and
+    /// another replica takes it over once it looks stale, so a longer
+    /// round would go on deleting beside the new holder, from journals
+    /// read before blobs were used again.
+    async fn evict(&self, deadline: Instant) -> Result<(), TierError> {
         let blobs = self.tier.list_blobs().await?;
         let mut total: u64 = blobs.iter().map(|b| b.size).sum();
         self.stats.bucket_bytes.store(total, Ordering::Relaxed);
-        if total <= self.high {
+        // A round cut short by its deadline goes on down to the low
+        // watermark in the next one.
+        let unfinished = self.unfinished.swap(false, Ordering::Relaxed);
+        if total <= self.high && !(unfinished && total > self.low) {
             return Ok(());
         }
         let used = self.last_uses().await?;
@@ -277,6 +289,15 @@ impl Evictor {
         };
         for (used, blob) in order {
             if total <= self.low {
+                break;
+            }
+            if Instant::now() >= deadline {
+                self.unfinished.store(true, Ordering::Relaxed);
+                tracing::info!(
+                    bytes = total,
+                    low = self.low,
+                    "shared storage eviction round reached its interval; the next round, with the lease renewed, goes on"
+                );
                 break;
             }
             if pinned.contains(&blob.digest) {

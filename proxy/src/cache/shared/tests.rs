@@ -410,3 +410,49 @@ async fn the_bucket_is_not_evicted_before_the_pins_are_known() {
     assert!(left.len() < 10, "{left:?}");
     assert!(blobs[..3].iter().all(|d| left.contains(d)), "{left:?}");
 }
+
+/// A round with more to delete than one interval allows stops at the
+/// interval (the lease is renewed only between rounds; another replica
+/// takes it over once it looks stale); the next rounds finish the job.
+#[tokio::test]
+async fn an_eviction_round_ends_within_its_interval() {
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    let slow = ThrottledStore::new(
+        InMemory::new(),
+        ThrottleConfig {
+            wait_delete_per_call: Duration::from_millis(100),
+            ..ThrottleConfig::default()
+        },
+    );
+    let tier = Arc::new(SharedTier::new(
+        Arc::new(slow),
+        "/cache/",
+        "memory://".into(),
+    ));
+    for i in 0..10u8 {
+        put_blob(&tier, i, 10 << 10).await;
+    }
+    // 100 KiB under a 60 KiB bound: 7 deletes (700 ms) to reach 30 KiB,
+    // with an interval of 250 ms.
+    let e = Evictor::new(
+        tier.clone(),
+        &storage(60 << 10, 0, 250),
+        "a".into(),
+        Arc::default(),
+        false,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    e.round_for_test().await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "{:?}",
+        started.elapsed()
+    );
+    let left = tier.list_blobs().await.unwrap().len();
+    assert!((4..10).contains(&left), "{left} left after one round");
+    for _ in 0..5 {
+        e.round_for_test().await.unwrap();
+    }
+    assert_eq!(tier.list_blobs().await.unwrap().len(), 3);
+}
