@@ -88,14 +88,35 @@ impl SharedTier {
 
     /// Names (relative to `coord/`) under `coord/<dir>/`.
     pub async fn list_coord(&self, dir: &str) -> Result<Vec<String>, TierError> {
+        Ok(self
+            .list_coord_dated(dir)
+            .await?
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect())
+    }
+
+    /// [`list_coord`](Self::list_coord) with each file's last write.
+    pub async fn list_coord_dated(
+        &self,
+        dir: &str,
+    ) -> Result<Vec<(String, std::time::SystemTime)>, TierError> {
         let root = self.coord_key("");
         let key = self.coord_key(dir);
         let found = self.list(&key).await?;
         let root = format!("{root}/");
         Ok(found
             .into_iter()
-            .filter_map(|m| m.location.as_ref().strip_prefix(&root).map(str::to_string))
+            .filter_map(|m| {
+                let name = m.location.as_ref().strip_prefix(&root)?.to_string();
+                Some((name, m.last_modified.into()))
+            })
             .collect())
+    }
+
+    /// Removes a coordination file (relative to `coord/`); absent is fine.
+    pub async fn delete_coord(&self, name: &str) -> Result<(), TierError> {
+        self.delete_key(&self.coord_key(name)).await
     }
 
     /// Every blob in the tier.
@@ -117,13 +138,13 @@ impl SharedTier {
 
     /// Removes a blob (eviction); absent is fine.
     pub async fn delete(&self, d: &Digest) -> Result<(), TierError> {
-        let key = self.key(d);
-        match self
-            .bounded("DELETE", &key, self.store.delete(&key))
-            .await?
-        {
+        self.delete_key(&self.key(d)).await
+    }
+
+    async fn delete_key(&self, key: &object_store::path::Path) -> Result<(), TierError> {
+        match self.bounded("DELETE", key, self.store.delete(key)).await? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err("DELETE", &key, e)),
+            Err(e) => Err(self.err("DELETE", key, e)),
         }
     }
 }

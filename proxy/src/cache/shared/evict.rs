@@ -29,6 +29,13 @@ use crate::oci::Digest;
 
 const LEASE: &str = "evictor";
 const JOURNALS: &str = "access";
+/// Per-replica coordination files (journals, public access answers) not
+/// written for this long belong to replicas gone (named after pod IPs, a
+/// restart leaves the old ones behind): the lease holder deletes them, or
+/// every round reads more of them. A live replica rewrites its own on the
+/// next change; an answer this old is past use anyway
+/// ([`crate::pipeline::OUTAGE_GRACE`]).
+const STALE_COORD: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Digests one journal remembers at most (the most recent ones).
 const JOURNAL_MAX: usize = 200_000;
 
@@ -111,6 +118,8 @@ pub struct Evictor {
     held: Mutex<Option<Version>>,
     /// The last round stopped at its deadline above the low watermark.
     unfinished: AtomicBool,
+    /// [`STALE_COORD`], shorter in tests.
+    stale_after: Duration,
     /// Digests eviction skips (`cache::pins`); `None` while pins exist
     /// but are not resolved yet (nothing is evicted until they are).
     pinned: arc_swap::ArcSwapOption<std::collections::HashSet<Digest>>,
@@ -139,6 +148,7 @@ impl Evictor {
             seen: Mutex::new(None),
             held: Mutex::new(None),
             unfinished: AtomicBool::new(false),
+            stale_after: STALE_COORD,
             pinned: arc_swap::ArcSwapOption::new(
                 (!awaits_pins).then(|| Arc::new(std::collections::HashSet::new())),
             ),
@@ -185,9 +195,34 @@ impl Evictor {
         let holder = self.lease().await?;
         self.stats.holder.store(holder, Ordering::Relaxed);
         if holder {
+            self.sweep_stale().await?;
             self.evict(renewed + self.every).await?;
         }
         Ok(())
+    }
+
+    /// Deletes other replicas' coordination files not written for
+    /// [`STALE_COORD`].
+    async fn sweep_stale(&self) -> Result<(), TierError> {
+        let now = SystemTime::now();
+        for dir in [JOURNALS, super::grants::DIR] {
+            for (name, written) in self.tier.list_coord_dated(dir).await? {
+                let mine = name.strip_prefix(dir).and_then(|n| n.strip_prefix('/'))
+                    == Some(&format!("{}.json", self.me));
+                let age = now.duration_since(written).unwrap_or_default();
+                if !mine && age >= self.stale_after {
+                    self.tier.delete_coord(&name).await?;
+                    tracing::info!(file = %name, age_secs = age.as_secs(), "deleted a gone replica's coordination file");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(super) fn with_stale_after(mut self, d: Duration) -> Self {
+        self.stale_after = d;
+        self
     }
 
     /// Takes or renews the lease; true while this replica holds it.

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use super::{SharedTier, TierError};
 use crate::pipeline::{AccessGrants, OUTAGE_GRACE, Shared, SharedGrant};
 
-const DIR: &str = "public";
+pub(super) const DIR: &str = "public";
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct GrantsFile {

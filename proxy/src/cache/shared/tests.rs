@@ -456,3 +456,43 @@ async fn an_eviction_round_ends_within_its_interval() {
     }
     assert_eq!(tier.list_blobs().await.unwrap().len(), 3);
 }
+
+/// The lease holder deletes other replicas' journals and public access
+/// answers that were not written for a long time (replicas gone: they are
+/// named after pod IPs), and keeps its own and recent ones.
+#[tokio::test]
+async fn coordination_files_of_gone_replicas_are_deleted() {
+    let (tier, _) = ten_blobs().await;
+    for name in [
+        "access/gone.json",
+        "public/gone.json",
+        "access/a.json",
+        "public/a.json",
+    ] {
+        tier.put_coord(name, Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tier.put_coord("access/live.json", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    let e = Evictor::new(
+        tier.clone(),
+        &storage(1 << 30, 0, 50),
+        "a".into(),
+        Arc::default(),
+        false,
+    )
+    .unwrap()
+    .with_stale_after(Duration::from_millis(40));
+    e.round_for_test().await.unwrap();
+    let mut left: Vec<String> = tier.list_coord("access").await.unwrap();
+    left.extend(tier.list_coord("public").await.unwrap());
+    left.sort();
+    assert_eq!(
+        left,
+        ["access/a.json", "access/live.json", "public/a.json"],
+        "{left:?}"
+    );
+}
