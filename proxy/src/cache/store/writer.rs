@@ -355,10 +355,25 @@ pub(super) fn place(
     mut temp: TempFile,
 ) -> Result<CachedBlob, StoreError> {
     let layout = &inner.layout;
-    if let Some(mut found) = existing(layout, &digest)? {
+    // Checked again under the lock eviction deletes with: a file being
+    // evicted is not taken for a copy.
+    let evicting =
+        existing(layout, &digest)?.map(|_| inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner()));
+    if evicting.is_some()
+        && let Some(mut found) = existing(layout, &digest)?
+    {
         drop(file);
         drop(temp);
-        found.lease = super::lease(&inner.index, &digest);
+        found.lease = {
+            let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
+            // A copy the index lost (an eviction whose delete failed, a
+            // crash between rename and index) counts again.
+            if !index.entries.contains_key(&digest) {
+                tracing::warn!(%digest, bytes = found.size, "a cached blob the index had lost is indexed again");
+                index.insert(digest.clone(), found.size, SystemTime::now());
+            }
+            super::lease_locked(&mut index, &inner.index, &digest)
+        };
         // Fill in a sidecar an earlier writer did not have, and let a
         // manifest fetched as one be a manifest: the same bytes first
         // stored through `/blobs/` (as octet-stream) would otherwise never
@@ -377,6 +392,7 @@ pub(super) fn place(
         }
         return Ok(found);
     }
+    drop(evicting);
     let temp_path = temp.0.clone().unwrap_or_default();
     file.sync_all().map_err(io_err("fsync", &temp_path))?;
     drop(file);
