@@ -187,6 +187,9 @@ pub async fn serve_proxy(
             }
         });
     }
+    // Closed before the drain: new clients are refused at once (and fall
+    // back) instead of waiting in a backlog nobody accepts from.
+    drop(listener);
     drain(graceful, grace).await;
 }
 

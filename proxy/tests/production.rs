@@ -1130,7 +1130,8 @@ fn exposed_admin_without_a_token_disables_the_admin_api() {
 #[test]
 fn sigterm_drains_a_slow_download_and_exits_zero() {
     let work = tempfile::tempdir().unwrap();
-    let image = random_image(work.path(), &[1 << 20], 77);
+    // 3 MiB at 640 KiB/s: ~5 s, so the drain outlasts the check below.
+    let image = random_image(work.path(), &[3 << 20], 77);
     let layer = image.layer_digests()[0].clone();
     let expected = std::fs::read(image.blob_path(&layer)).unwrap();
     let stub = Stub::builder(&image.layout)
@@ -1151,12 +1152,16 @@ fn sigterm_drains_a_slow_download_and_exits_zero() {
         .unwrap()
         .signal(nix::sys::signal::Signal::SIGTERM)
         .unwrap();
+    // Refused at once, while the drain goes on: a client (a runtime, a
+    // peer replica) falls back instead of hanging in a backlog nobody
+    // accepts from until the process exits.
     wait_for(
         "new connections to be refused",
-        Duration::from_secs(5),
+        Duration::from_secs(1),
         || Ok(std::net::TcpStream::connect(http_addr).is_err()),
     )
     .unwrap();
+    assert!(!download.is_finished(), "the drain was over before the check");
     let r = runtime.block_on(download).unwrap();
     assert!(r.error.is_none(), "{:?}", r.error);
     assert!(r.body == expected, "download cut: {} bytes", r.body.len());

@@ -76,5 +76,7 @@ pub async fn serve_peers(
             supervise(conn, &activity, &limits, peer).await;
         });
     }
+    // Refused at once while draining: a peer falls back to the upstream.
+    drop(listener);
     drain(graceful, grace).await;
 }
