@@ -112,29 +112,59 @@ fn authorised(req: &Request<Incoming>, token: &str) -> bool {
 }
 
 /// Whether the caller may see what the admin API shows: the listener is
-/// loopback-only, or the caller presented the token.
+/// loopback-only (and the caller names it so), or the caller presented the
+/// token.
 fn trusted(req: &Request<Incoming>, access: &AdminAccess) -> bool {
     match access {
-        AdminAccess::Open => true,
+        AdminAccess::Open => names_loopback(req),
         AdminAccess::Token(token) => authorised(req, token),
         AdminAccess::Disabled => false,
     }
 }
 
+/// Whether the request names the listener by a loopback name (`localhost`
+/// or a loopback IP), as every local tool does. A web page whose own name
+/// was rebound to 127.0.0.1 (DNS rebinding) reaches a loopback listener
+/// too, but sends its own name: an open admin API must not take it for a
+/// local caller.
+fn names_loopback(req: &Request<Incoming>) -> bool {
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri().host());
+    let Some(host) = host else {
+        return true;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The recent tag moves `/status` may show. `/status` needs no token (the
 /// operator reads it), so the moves of a `private` registry, whose
 /// repository and tag names are not for everyone, are shown only to a
-/// trusted caller; the per-registry counts stay.
+/// trusted caller; the per-registry counts stay. So are the moves of a
+/// registry the config no longer names: it may have been private.
 fn visible_moves(
     shared: &Shared,
-    settings: &crate::config::Settings,
+    state: &crate::pipeline::State,
     trusted: bool,
 ) -> Vec<crate::cache::tags::TagMove> {
     shared
         .tags
         .recent_moves()
         .into_iter()
-        .filter(|m| trusted || !settings.registry(&m.registry).private)
+        .filter(|m| {
+            trusted
+                || (state.config.registry(&m.registry).is_some()
+                    && !state.settings.registry(&m.registry).private)
+        })
         .collect()
 }
 
@@ -194,7 +224,7 @@ async fn handle(
                     "configHash": state.config_hash,
                     "registries": registries,
                     "cache": cache,
-                    "tagMoves": visible_moves(shared, &state.settings, trusted(&req, access)),
+                    "tagMoves": visible_moves(shared, &state, trusted(&req, access)),
                     "upstream": budgets(shared).into_iter().collect::<BTreeMap<_, _>>(),
                 }),
             )
@@ -204,6 +234,14 @@ async fn handle(
                 return text(
                     StatusCode::FORBIDDEN,
                     "admin API disabled: the admin listener is exposed and no adminToken is set\n",
+                );
+            }
+            if let AdminAccess::Open = access
+                && !names_loopback(&req)
+            {
+                return text(
+                    StatusCode::FORBIDDEN,
+                    "the admin API without a token answers only requests to a loopback name (localhost, 127.0.0.1, [::1])\n",
                 );
             }
             if let AdminAccess::Token(token) = access

@@ -1064,6 +1064,68 @@ fn admin_api_lists_purges_and_reports() {
     assert!(metric(&text, "pullthrough_cache_entries") >= 1.0, "{text}");
 }
 
+/// A loopback admin listener without a token (the embedded default)
+/// trusts its callers, but only those that name it by a loopback name: a
+/// web page whose own name was rebound to 127.0.0.1 (DNS rebinding) sends
+/// its own Host, and must neither purge the cache nor read what `/status`
+/// shows trusted callers only.
+#[test]
+fn an_open_admin_listener_refuses_a_foreign_host_name() {
+    let up = common::upstream(Registry::plain().unwrap());
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &up.registry.url(), ""),
+    )
+    .unwrap();
+    let port = proxy.addrs.admin.port();
+    let call = |method: http::Method, path: &str, host: &str| {
+        let url = format!("http://{}{path}", proxy.addrs.admin);
+        Get::new(&url)
+            .method(method)
+            .header("Host", host)
+            .send()
+            .unwrap()
+            .status
+    };
+    for host in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        format!("[::1]:{port}"),
+    ] {
+        assert_eq!(
+            call(http::Method::GET, "/admin/stats", &host),
+            StatusCode::OK,
+            "{host}"
+        );
+    }
+    for host in [
+        format!("evil.example:{port}"),
+        "evil.example".to_string(),
+        format!("127.0.0.1.nip.io:{port}"),
+    ] {
+        assert_eq!(
+            call(http::Method::DELETE, "/admin/cache?registry=quay.io", &host),
+            StatusCode::FORBIDDEN,
+            "{host}"
+        );
+        assert_eq!(
+            call(http::Method::GET, "/admin/tags", &host),
+            StatusCode::FORBIDDEN,
+            "{host}"
+        );
+    }
+    // Probes and metrics stay open to anyone (kubelet, Prometheus).
+    assert_eq!(
+        call(
+            http::Method::GET,
+            "/healthz",
+            &format!("evil.example:{port}")
+        ),
+        StatusCode::OK
+    );
+}
+
 /// The admin listener on a non-loopback address without a token: probes,
 /// metrics and /status are served (kubelet and the operator need them), the
 /// cache admin API is disabled. The listener binds the wildcard address but
@@ -1161,7 +1223,10 @@ fn sigterm_drains_a_slow_download_and_exits_zero() {
         || Ok(std::net::TcpStream::connect(http_addr).is_err()),
     )
     .unwrap();
-    assert!(!download.is_finished(), "the drain was over before the check");
+    assert!(
+        !download.is_finished(),
+        "the drain was over before the check"
+    );
     let r = runtime.block_on(download).unwrap();
     assert!(r.error.is_none(), "{:?}", r.error);
     assert!(r.body == expected, "download cut: {} bytes", r.body.len());

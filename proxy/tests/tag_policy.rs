@@ -246,6 +246,22 @@ fn the_moves_of_a_private_registry_are_listed_only_with_the_admin_token() {
     let moves = status["tagMoves"].as_array().unwrap();
     assert_eq!(moves.len(), 1, "{status}");
     assert_eq!(moves[0]["repository"], "app");
+
+    // The private registry leaves the config: its moves, still kept, stay
+    // hidden (a registry the config no longer names is not known public).
+    let path = proxy.config_path();
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, config.replace("host: quay.io", "host: other.io")).unwrap();
+    pullthrough_testbed::net::wait_for("the reload", Duration::from_secs(10), || {
+        let status: Value = serde_json::from_slice(&Get::new(&url).send()?.body).unwrap();
+        Ok(status["registries"] == serde_json::json!(["other.io"]))
+    })
+    .unwrap();
+    let anonymous = Get::new(&url).send().unwrap();
+    let status: Value = serde_json::from_slice(&anonymous.body).unwrap();
+    assert_eq!(status["tagMoves"], serde_json::json!([]), "{status}");
+    let status: Value = serde_json::from_str(&admin(&proxy, "/status")).unwrap();
+    assert_eq!(status["tagMoves"].as_array().unwrap().len(), 1, "{status}");
 }
 
 /// A registry answers a tag that points at a manifest list according to

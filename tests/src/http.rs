@@ -413,7 +413,11 @@ impl Conn {
             message,
         };
         let mut req = Request::builder().method(method);
+        // A Host the caller gives replaces the URL's (one Host header, as
+        // a browser sends).
+        let own_host = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host"));
         req = match self.sender {
+            Sender::H1(_) if own_host => req.uri(path),
             Sender::H1(_) => req
                 .uri(path)
                 .header(http::header::HOST, self.authority.as_str()),
