@@ -136,10 +136,8 @@ fn names_loopback(req: &Request<Incoming>) -> bool {
     let Some(host) = host else {
         return true;
     };
-    let name = match host.strip_prefix('[') {
-        Some(v6) => v6.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
-    };
+    let (name, _) = pullthrough_api::names::split_port(host);
+    let name = name.trim_start_matches('[').trim_end_matches(']');
     name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()

@@ -188,19 +188,22 @@ impl Router {
         path: &str,
         query: Option<&str>,
     ) -> Result<Target, Refusal> {
-        let host = host.map(|h| h.to_ascii_lowercase());
+        let host = host.map(fully_qualified_as_plain);
         let host_name = host.as_deref().map(|h| split_port(h).0.to_string());
 
-        // Token requests in DNS-hijack mode: any path on an auth host.
+        // Token requests in DNS-hijack mode: any path on an auth host, as
+        // it was named (a port the registry's challenge gave stays).
         if let Some(h) = &host {
-            let hit = self
-                .auth_hosts
-                .get(h.as_str())
-                .or_else(|| host_name.as_deref().and_then(|n| self.auth_hosts.get(n)));
-            if let Some(registry) = hit {
+            let hit = match self.auth_hosts.get(h.as_str()) {
+                Some(registry) => Some((registry, h.clone())),
+                None => host_name
+                    .as_deref()
+                    .and_then(|n| self.auth_hosts.get(n).map(|r| (r, n.to_string()))),
+            };
+            if let Some((registry, auth_host)) = hit {
                 return Ok(Target::Token {
                     registry: registry.clone(),
-                    auth_host: host_name.clone().unwrap_or_default(),
+                    auth_host,
                 });
             }
         }
@@ -241,9 +244,10 @@ impl Router {
 
         // A request without a Host (HTTP/1.0) can only have reached the
         // proxy by one of its own addresses.
-        let own = match &host_name {
-            None => true,
-            Some(n) => self.own_names.contains(n),
+        // (`localhost` is an own name; `localhost:5000` may be a registry.)
+        let own = match (&host_name, &host) {
+            (Some(n), Some(h)) => self.own_names.contains(n) && !self.registries.contains_key(h),
+            _ => true,
         };
 
         // The path prefix names a registry only on the proxy's own names
@@ -432,6 +436,19 @@ pub fn parse_api(rest: &str) -> Result<ApiRequest, Refusal> {
         ErrorCode::NameUnknown,
         "not a registry API path",
     ))
+}
+
+/// The Host lowercased, a fully qualified name (`quay.io.`, `quay.io.:443`)
+/// as the plain one: the same name, which TLS already accepts in SNI.
+fn fully_qualified_as_plain(host: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    match split_port(&host) {
+        (name, port) if name.len() > 1 && name.ends_with('.') => {
+            let name = &name[..name.len() - 1];
+            port.map_or_else(|| name.to_string(), |p| format!("{name}:{p}"))
+        }
+        _ => host,
+    }
 }
 
 #[cfg(test)]

@@ -56,6 +56,58 @@ fn ns_parameter_wins() {
     assert_eq!(e.code, ErrorCode::NameUnknown);
 }
 
+/// A Host that is a configured registry with its port (`localhost:5000`)
+/// is that registry, though `localhost` alone is one of the proxy's own
+/// names: its first path segment is part of the repository.
+#[test]
+fn a_registry_host_with_a_port_is_not_an_own_name() {
+    let (r, req, via) = reg(router()
+        .route(Some("localhost:5000"), "/v2/quay.io/x/manifests/1", None)
+        .unwrap());
+    assert_eq!((r.as_str(), via), ("localhost:5000", Via::Host));
+    assert_eq!(req.repo(), Some("quay.io/x"));
+}
+
+/// A fully qualified Host (`quay.io.`, as the TLS layer already accepts
+/// in SNI) is the same name.
+#[test]
+fn a_trailing_dot_is_the_same_host() {
+    let (r, _, via) = reg(router()
+        .route(Some("quay.io."), "/v2/a/manifests/1", None)
+        .unwrap());
+    assert_eq!((r.as_str(), via), ("quay.io", Via::Host));
+    let (r, _, _) = reg(router()
+        .route(Some("quay.io.:443"), "/v2/a/manifests/1", None)
+        .unwrap());
+    assert_eq!(r, "quay.io");
+}
+
+/// An auth host configured with a port keeps it: the token request goes
+/// where the registry's challenge said.
+#[test]
+fn an_auth_host_keeps_its_port() {
+    let config = ProxyConfig::from_yaml(
+        "registries:\n- host: reg.example\n  authHosts: [auth.example:8443]\n",
+    )
+    .unwrap();
+    let router = Router::new(&config, &[]);
+    match router
+        .route(Some("auth.example:8443"), "/token", Some("scope=x"))
+        .unwrap()
+    {
+        Target::Token {
+            registry,
+            auth_host,
+        } => {
+            assert_eq!(
+                (&*registry, auth_host.as_str()),
+                ("reg.example", "auth.example:8443")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
 #[test]
 fn path_prefix_mirror_mode() {
     let (r, req, via) = reg(router()
