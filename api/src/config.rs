@@ -2,7 +2,7 @@
 //! which the operator renders from `MirrorRegistry` resources and the
 //! node-agent reads too.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -566,7 +566,8 @@ impl ProxyConfig {
 
     /// Semantic checks serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let mut seen: HashSet<&str> = HashSet::new();
+        // Per name (see `claim_key`), the registry claiming it.
+        let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, reg) in self.registries.iter().enumerate() {
             let at = |k: &str| format!("registries[{i}].{k}");
             validate_host(&reg.host).map_err(|m| ConfigError::new(at("host"), m))?;
@@ -578,8 +579,15 @@ impl ProxyConfig {
                 validate_host(h)
                     .map_err(|m| ConfigError::new(at(&format!("authHosts[{j}]")), m))?;
             }
+            let mut own = std::collections::HashSet::new();
             for name in reg.names().chain(reg.auth_hosts.iter().map(String::as_str)) {
-                if !seen.insert(name) {
+                if !own.insert(name) {
+                    return Err(ConfigError::new(
+                        at("host"),
+                        format!("`{name}` is listed twice"),
+                    ));
+                }
+                if *seen.entry(crate::names::claim_key(name)).or_insert(i) != i {
                     return Err(ConfigError::new(
                         at("host"),
                         format!("`{name}` is claimed by more than one registry"),
@@ -723,6 +731,29 @@ registries:
 
     fn err(yaml: &str) -> ConfigError {
         ProxyConfig::from_yaml(yaml).unwrap_err()
+    }
+
+    /// A name belongs to one registry, however its port is spelled: a
+    /// client writing `quay.io:443` (Go keeps an explicit port) must not
+    /// reach another registry than `quay.io`'s. One registry may list
+    /// both spellings.
+    #[test]
+    fn a_name_is_claimed_once_whatever_its_https_port_spelling() {
+        for yaml in [
+            "registries:\n- host: quay.io\n- host: mirror.example\n  aliases: ['quay.io:443']\n",
+            "registries:\n- host: quay.io:443\n- host: quay.io\n",
+            "registries:\n- host: a.example\n- host: b.example\n  authHosts: [a.example]\n",
+        ] {
+            let e = err(yaml);
+            assert!(
+                e.to_string().contains("claimed by more than one registry"),
+                "{yaml}: {e}"
+            );
+        }
+        ProxyConfig::from_yaml("registries:\n- host: quay.io\n  aliases: ['quay.io:443']\n")
+            .unwrap();
+        // Another port is another name.
+        ProxyConfig::from_yaml("registries:\n- host: quay.io\n- host: quay.io:5000\n").unwrap();
     }
 
     #[test]

@@ -87,6 +87,13 @@ pub fn reserved_host(host: &str) -> Option<&'static str> {
     }
 }
 
+/// The name a registry claims `name` under: `host:443` is `host`, the
+/// HTTPS port a client may write out (Go keeps an explicit port) and still
+/// reach the same name. Two registries may not claim one key.
+pub fn claim_key(name: &str) -> &str {
+    name.strip_suffix(":443").unwrap_or(name)
+}
+
 /// Splits `host[:port]` (IPv6 in brackets) into name and port.
 pub fn split_port(host: &str) -> (&str, Option<&str>) {
     if let Some(rest) = host.strip_prefix('[') {

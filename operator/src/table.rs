@@ -9,7 +9,7 @@ use pullthrough_api::agent::NodeProxy;
 use pullthrough_api::config::{ProxyConfig, RegistryConfig};
 use pullthrough_api::contract::config_hash;
 use pullthrough_api::crd::MirrorRegistry;
-use pullthrough_api::names::DOCKER_HUB;
+use pullthrough_api::names::{DOCKER_HUB, claim_key};
 use pullthrough_api::pki::PermittedNames;
 
 use crate::refs::Refs;
@@ -152,10 +152,11 @@ pub fn render(
             );
             continue;
         }
-        if let Some((n, owner)) = names
-            .iter()
-            .find_map(|n| claimed.get(*n).map(|o| (n.to_string(), o.clone())))
-        {
+        if let Some((n, owner)) = names.iter().find_map(|n| {
+            claimed
+                .get(claim_key(n))
+                .map(|o| (n.to_string(), o.clone()))
+        }) {
             verdicts.insert(
                 name,
                 Verdict::rejected(
@@ -166,7 +167,7 @@ pub fn render(
             continue;
         }
         for n in names {
-            claimed.insert(n.to_string(), name.clone());
+            claimed.insert(claim_key(n).to_string(), name.clone());
         }
         let tls = cr.spec.tls.clone().unwrap_or_default();
         let ca_bundle = match (&tls.ca_bundle, &tls.ca_bundle_config_map_ref) {
@@ -336,6 +337,8 @@ mod tests {
             cr("z", 1, "host: quay.io\n"),
             cr("a", 2, "host: docker.io\n"),
             cr("dup", 3, "host: other.io\naliases: [quay.io]\n"),
+            // The same name with the HTTPS port written out.
+            cr("dup443", 4, "host: more.io\naliases: ['quay.io:443']\n"),
             cr("bad", 0, "host: bad.io\naliases: [bad.io]\n"),
         ];
         let t = render(
@@ -352,9 +355,12 @@ mod tests {
         assert_eq!(hosts, ["docker.io", "quay.io"]);
         assert_eq!(c.default_registry.as_deref(), Some("docker.io"));
         assert_eq!(t.verdicts["z"], Verdict::Accepted);
-        assert!(
-            matches!(&t.verdicts["dup"], Verdict::Rejected { reason, .. } if reason == "DuplicateHost")
-        );
+        for dup in ["dup", "dup443"] {
+            assert!(
+                matches!(&t.verdicts[dup], Verdict::Rejected { reason, .. } if reason == "DuplicateHost"),
+                "{dup}"
+            );
+        }
         assert!(
             matches!(&t.verdicts["bad"], Verdict::Rejected { reason, .. } if reason == "InvalidSpec")
         );
