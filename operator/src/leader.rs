@@ -3,6 +3,7 @@
 //! optimistic concurrency (resourceVersion) on a `coordination.k8s.io` Lease.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -10,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
+use tokio::time::Instant;
 
 /// One replica's view of the leader Lease.
 #[derive(Clone)]
@@ -18,6 +20,10 @@ pub struct LeaderElector {
     name: String,
     identity: String,
     duration: Duration,
+    /// When the last successful acquire or renew *began*: the renewTime it
+    /// wrote is no earlier, so the Lease is ours until at least this plus
+    /// the duration.
+    renewed: Arc<Mutex<Option<Instant>>>,
 }
 
 fn conflict(e: &kube::Error) -> bool {
@@ -31,6 +37,32 @@ impl LeaderElector {
             name: name.into(),
             identity: identity.into(),
             duration,
+            renewed: Arc::default(),
+        }
+    }
+
+    /// How long after its last successful renewal the leader keeps
+    /// reconciling without another: two thirds of the Lease (client-go's
+    /// 10 s of 15 s), leaving the rest for in-flight work to stop before a
+    /// standby may take the Lease over.
+    pub fn renew_deadline(&self) -> Duration {
+        self.duration * 2 / 3
+    }
+
+    /// How long a leader that lost its Lease may wait for in-flight
+    /// reconciles before it exits anyway: the part of the Lease
+    /// [`renew_deadline`](Self::renew_deadline) leaves.
+    pub fn step_down_grace(&self) -> Duration {
+        self.duration.saturating_sub(self.renew_deadline())
+    }
+
+    fn last_renewed(&self) -> Option<Instant> {
+        self.renewed.lock().ok().and_then(|r| *r)
+    }
+
+    fn set_renewed(&self, at: Instant) {
+        if let Ok(mut r) = self.renewed.lock() {
+            *r = Some(at);
         }
     }
 
@@ -131,15 +163,23 @@ impl LeaderElector {
     ) -> bool {
         let retry = (self.duration / 3).max(Duration::from_millis(200));
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
+            let start = Instant::now();
+            // Bounded: a Lease written by an attempt that took longer than
+            // the renew deadline would be stale before it is used.
+            match tokio::time::timeout(self.renew_deadline(), self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
                     reachable.store(true, Ordering::Relaxed);
+                    self.set_renewed(start);
                     return true;
                 }
-                Ok(false) => reachable.store(true, Ordering::Relaxed),
-                Err(e) => {
+                Ok(Ok(false)) => reachable.store(true, Ordering::Relaxed),
+                Ok(Err(e)) => {
                     reachable.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "leader election");
+                }
+                Err(_) => {
+                    reachable.store(false, Ordering::Relaxed);
+                    tracing::warn!(timeout = ?self.renew_deadline(), "leader election: no answer from the API server");
                 }
             }
             tokio::select! {
@@ -149,32 +189,46 @@ impl LeaderElector {
         }
     }
 
-    /// Renews until `stop` fires (returns) or renewal keeps failing for a
-    /// whole Lease duration (returns: leadership lost).
+    /// Renews until `stop` fires (returns `true`) or the Lease is lost
+    /// (returns `false`): another replica holds it, or no renewal succeeded
+    /// within [`renew_deadline`](Self::renew_deadline) of the last one.
+    /// Each renewal is bounded by the time left, so an API server that
+    /// never answers cannot keep this replica reconciling after a standby
+    /// took the Lease over.
     pub async fn keep(
         &self,
         stop: &mut tokio::sync::watch::Receiver<bool>,
         reachable: &AtomicBool,
     ) -> bool {
         let every = (self.duration / 3).max(Duration::from_millis(200));
-        let mut last_ok = tokio::time::Instant::now();
+        let mut last_ok = self.last_renewed().unwrap_or_else(Instant::now);
         loop {
+            let deadline = last_ok + self.renew_deadline();
             tokio::select! {
-                _ = tokio::time::sleep(every) => {}
+                _ = tokio::time::sleep_until((Instant::now() + every).min(deadline)) => {}
                 _ = stop.wait_for(|s| *s) => return true,
             }
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
-                    last_ok = tokio::time::Instant::now();
+            let start = Instant::now();
+            if start >= deadline {
+                reachable.store(false, Ordering::Relaxed);
+                tracing::error!(since = ?start - last_ok, "the leader Lease was not renewed in time");
+                return false;
+            }
+            match tokio::time::timeout_at(deadline, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => {
+                    last_ok = start;
+                    self.set_renewed(start);
                     reachable.store(true, Ordering::Relaxed);
                 }
-                Ok(false) => return false,
-                Err(e) => {
+                Ok(Ok(false)) => return false,
+                Ok(Err(e)) => {
                     reachable.store(false, Ordering::Relaxed);
                     tracing::warn!(error = %e, "renewing the leader Lease");
-                    if last_ok.elapsed() >= self.duration {
-                        return false;
-                    }
+                }
+                Err(_) => {
+                    reachable.store(false, Ordering::Relaxed);
+                    tracing::error!(since = ?start - last_ok, "renewing the leader Lease: no answer from the API server in time");
+                    return false;
                 }
             }
         }

@@ -14,6 +14,10 @@ use pullthrough_operator::server;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
 
+/// How long a clean shutdown waits for in-flight work, and for the Lease
+/// release, before it exits anyway.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 fn main() {
     let args: Args = parse_or_exit();
     init_logging(args.log_json);
@@ -202,12 +206,34 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         1
     };
     let _ = stop_tx.send(true);
-    let _ = ctrl.await;
-    let _ = ca_task.await;
-    if let Some(t) = pins_task {
-        let _ = t.await;
+    // In-flight reconciles get a bounded time to finish: after a lost
+    // Lease only what the renew deadline left of it (a standby may take
+    // over then), after a signal a few seconds.
+    let grace = if kept {
+        SHUTDOWN_GRACE
+    } else {
+        elector.step_down_grace()
+    };
+    let mut tasks = vec![ctrl, ca_task];
+    tasks.extend(pins_task);
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    if tokio::time::timeout(grace, futures::future::join_all(tasks))
+        .await
+        .is_err()
+    {
+        tracing::warn!(?grace, "in-flight work did not stop in time; abandoning it");
+        for a in aborts {
+            a.abort();
+        }
     }
-    elector.release().await;
+    // Also after a lost Lease: if it is still ours, a standby takes over at
+    // once; if another replica holds it, release leaves it alone.
+    if tokio::time::timeout(SHUTDOWN_GRACE, elector.release())
+        .await
+        .is_err()
+    {
+        tracing::warn!("releasing the leader Lease: no answer from the API server");
+    }
     let _ = http.await;
     tracing::info!("stopped");
     code
