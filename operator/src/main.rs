@@ -182,6 +182,7 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
                 discovery: args.discovery,
                 identity: identity.clone(),
             },
+            metrics.clone(),
             stop.clone(),
         ))
     });

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub table_writes: Counter,
     pub leader: Gauge,
     pub nodes: Family<StateLabels, Gauge>,
+    pub pins_images: Gauge,
+    pub pins_dropped: Gauge,
+    pub pins_write_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -50,6 +53,9 @@ impl Default for Metrics {
         let table_writes = Counter::default();
         let leader = Gauge::default();
         let nodes = Family::<StateLabels, Gauge>::default();
+        let pins_images = Gauge::default();
+        let pins_dropped = Gauge::default();
+        let pins_write_failures = Counter::default();
         registry.register(
             "reconciles",
             "MirrorRegistry reconcile runs",
@@ -80,6 +86,21 @@ impl Default for Metrics {
             "Nodes by their agent's last report against the current registry table: configured, pending (older table or none), failed (reports an error), expired (Lease expired, Node still there); set by the leader",
             nodes.clone(),
         );
+        registry.register(
+            "pins_images",
+            "Images in the pins ConfigMap as last computed",
+            pins_images.clone(),
+        );
+        registry.register(
+            "pins_dropped",
+            "Images left out of the pins ConfigMap to keep it under the ConfigMap size limit (least important first: old ReplicaSet revisions); not 0 means some are not protected from eviction",
+            pins_dropped.clone(),
+        );
+        registry.register(
+            "pins_write_failures",
+            "Failed writes of the pins ConfigMap (the proxy keeps the last pins written)",
+            pins_write_failures.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -88,6 +109,9 @@ impl Default for Metrics {
             table_writes,
             leader,
             nodes,
+            pins_images,
+            pins_dropped,
+            pins_write_failures,
         }
     }
 }

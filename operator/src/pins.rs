@@ -16,12 +16,14 @@
 //! while the rollout starts, before its pods reach most nodes.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, PodSpec};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -32,9 +34,15 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::FIELD_MANAGER;
+use crate::metrics::Metrics;
 
 /// The annotation the Deployment controller numbers ReplicaSets with.
 const REVISION: &str = "deployment.kubernetes.io/revision";
+
+/// The pins document is kept under this size: a ConfigMap holds at most
+/// 1 MiB in all, and the API server refuses a larger one (422), which
+/// would freeze the pins at the last document that fit.
+pub const MAX_PINS_BYTES: usize = 900 * 1024;
 
 /// Changes are gathered this long before the pins are computed again
 /// (a rollout changes many pods at once).
@@ -47,12 +55,22 @@ pub fn pins_of<'a>(
     replica_sets: impl IntoIterator<Item = &'a ReplicaSet>,
     revisions: usize,
 ) -> Pins {
+    let mut images = pod_images(pods);
+    images.extend(
+        revision_images(replica_sets, revisions)
+            .into_iter()
+            .flatten(),
+    );
+    Pins {
+        images,
+        platforms: BTreeSet::new(),
+    }
+}
+
+/// What the pods that have not finished run: the digest kubelet reports
+/// once a container started, else the spec's reference.
+pub fn pod_images<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeSet<String> {
     let mut images = BTreeSet::new();
-    let mut add = |r: &str| {
-        if let Some(p) = PinnedImage::parse(r) {
-            images.insert(p.to_string());
-        }
-    };
     for pod in pods {
         let Some(spec) = unfinished(pod) else {
             continue;
@@ -72,9 +90,21 @@ pub fn pins_of<'a>(
             }
         }
         for (name, image) in spec_images(spec) {
-            add(running.get(name).copied().unwrap_or(image));
+            if let Some(p) = PinnedImage::parse(running.get(name).copied().unwrap_or(image)) {
+                images.insert(p.to_string());
+            }
         }
     }
+    images
+}
+
+/// The images of the last `revisions` ReplicaSets of each Deployment, by
+/// age: `[0]` holds each Deployment's newest revision, `[1]` the one
+/// before, and so on.
+pub fn revision_images<'a>(
+    replica_sets: impl IntoIterator<Item = &'a ReplicaSet>,
+    revisions: usize,
+) -> Vec<BTreeSet<String>> {
     // Per Deployment (owner uid): (revision, ReplicaSet).
     let mut owned: BTreeMap<&str, Vec<(u64, &ReplicaSet)>> = BTreeMap::new();
     for rs in replica_sets {
@@ -92,23 +122,26 @@ pub fn pins_of<'a>(
             .unwrap_or(0);
         owned.entry(&owner.uid).or_default().push((revision, rs));
     }
+    let mut ranks: Vec<BTreeSet<String>> = Vec::new();
     for (_, mut sets) in owned {
         sets.sort_by_key(|s| std::cmp::Reverse(s.0));
-        for (_, rs) in sets.into_iter().take(revisions) {
+        for (rank, (_, rs)) in sets.into_iter().take(revisions).enumerate() {
             let spec = rs
                 .spec
                 .as_ref()
                 .and_then(|s| s.template.as_ref())
                 .and_then(|t| t.spec.as_ref());
-            for (_, image) in spec.into_iter().flat_map(spec_images) {
-                add(image);
+            if ranks.len() <= rank {
+                ranks.resize_with(rank + 1, BTreeSet::new);
             }
+            ranks[rank].extend(
+                spec.into_iter()
+                    .flat_map(spec_images)
+                    .filter_map(|(_, image)| Some(PinnedImage::parse(image)?.to_string())),
+            );
         }
     }
-    Pins {
-        images,
-        platforms: BTreeSet::new(),
-    }
+    ranks
 }
 
 /// The images of DaemonSet and StatefulSet pod templates (what their next
@@ -214,6 +247,86 @@ where
     (store, events)
 }
 
+/// What the pins are computed from.
+#[derive(Debug, Default)]
+pub struct Cluster<'a> {
+    pub pods: Vec<&'a Pod>,
+    pub replica_sets: Vec<&'a ReplicaSet>,
+    pub daemon_sets: Vec<&'a DaemonSet>,
+    pub stateful_sets: Vec<&'a StatefulSet>,
+    pub registries: Vec<&'a MirrorRegistry>,
+    pub nodes: Vec<&'a Node>,
+}
+
+/// The pins document to publish, and what was left out of it.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Built {
+    pub pins: Pins,
+    /// Images left out to keep the document under the size cap.
+    pub dropped: usize,
+}
+
+/// The pins document of `cluster`: only images of registries a
+/// MirrorRegistry names (host or alias; the proxy serves no other), and no
+/// more than `cap` bytes of it. What goes in first stays when the cap is
+/// reached: what pods run now, then `spec.prefetch`, DaemonSet and
+/// StatefulSet templates, and the Deployments' revisions, newest first.
+/// What is left out is counted in [`Built::dropped`].
+pub fn build(cluster: &Cluster<'_>, revisions: usize, cap: usize) -> Built {
+    let mirrored = crate::discovery::mirrored(cluster.registries.iter().copied());
+    let tiers = [
+        pod_images(cluster.pods.iter().copied()),
+        prefetch_of(cluster.registries.iter().copied()),
+        templates_of(
+            cluster.daemon_sets.iter().copied(),
+            cluster.stateful_sets.iter().copied(),
+        ),
+    ]
+    .into_iter()
+    .chain(revision_images(
+        cluster.replica_sets.iter().copied(),
+        revisions,
+    ));
+    let mut built = Built {
+        pins: Pins {
+            images: BTreeSet::new(),
+            platforms: platforms_of(cluster.nodes.iter().copied()),
+        },
+        dropped: 0,
+    };
+    let mut size = serde_json::to_string(&built.pins).map_or(0, |d| d.len());
+    let mut left_out = BTreeSet::new();
+    for image in tiers.flatten() {
+        if !mirrored.contains(&registry_of(&image)) || built.pins.images.contains(&image) {
+            continue;
+        }
+        // The image, its quotes (escapes, if any) and a comma.
+        let len = serde_json::to_string(&image).map_or(usize::MAX, |j| j.len()) + 1;
+        // Once one does not fit, nothing after it goes in: a shorter
+        // name of a later revision never takes the place of what runs.
+        if left_out.is_empty() && size.saturating_add(len) <= cap {
+            size += len;
+            built.pins.images.insert(image);
+        } else {
+            left_out.insert(image);
+        }
+    }
+    built.dropped = left_out.len();
+    built
+}
+
+/// The registry host of a normalized pin, as MirrorRegistries name it
+/// (Docker Hub's other names as `docker.io`).
+fn registry_of(image: &str) -> String {
+    let host = image.split('/').next().unwrap_or_default();
+    match host {
+        "index.docker.io" | "registry-1.docker.io" => {
+            pullthrough_api::names::DOCKER_HUB.to_string()
+        }
+        h => h.to_ascii_lowercase(),
+    }
+}
+
 /// Where the pins go, and what discovery does with the same stores.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -229,7 +342,12 @@ pub struct Settings {
 /// Keeps the pins ConfigMap holding the pins of the cluster's workloads,
 /// MirrorRegistries and nodes, and the DiscoveredRegistries saying which
 /// registries pods pull from unmirrored, until `stop`.
-pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<bool>) {
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
     let Settings {
         namespace,
         configmap: name,
@@ -237,7 +355,7 @@ pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<b
         discovery,
         identity,
     } = settings;
-    let recorder = kube::runtime::events::Recorder::new(
+    let recorder = Recorder::new(
         client.clone(),
         kube::runtime::events::Reporter {
             controller: FIELD_MANAGER.into(),
@@ -263,20 +381,28 @@ pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<b
             mregs.wait_until_ready(),
         );
         let mut last: Option<Pins> = None;
+        // Whether the last pins written were truncated, the last write
+        // failed: a Warning Event when either begins.
+        let (mut truncated, mut failing) = (false, false);
         let mut uncreatable = crate::discovery::Uncreatable::default();
         loop {
-            let mut now = pins_of(
-                pods.state().iter().map(|p| p.as_ref()),
-                sets.state().iter().map(|s| s.as_ref()),
-                revisions,
+            let (p, r, d, st, m, n) = (
+                pods.state(),
+                sets.state(),
+                daemons.state(),
+                stateful.state(),
+                mregs.state(),
+                nodes.state(),
             );
-            now.images.extend(templates_of(
-                daemons.state().iter().map(|d| d.as_ref()),
-                stateful.state().iter().map(|s| s.as_ref()),
-            ));
-            now.images
-                .extend(prefetch_of(mregs.state().iter().map(|m| m.as_ref())));
-            now.platforms = platforms_of(nodes.state().iter().map(|n| n.as_ref()));
+            let cluster = Cluster {
+                pods: p.iter().map(AsRef::as_ref).collect(),
+                replica_sets: r.iter().map(AsRef::as_ref).collect(),
+                daemon_sets: d.iter().map(AsRef::as_ref).collect(),
+                stateful_sets: st.iter().map(AsRef::as_ref).collect(),
+                registries: m.iter().map(AsRef::as_ref).collect(),
+                nodes: n.iter().map(AsRef::as_ref).collect(),
+            };
+            let Built { pins: now, dropped } = build(&cluster, revisions, MAX_PINS_BYTES);
             let found = crate::discovery::unmirrored(
                 pods.state().iter().map(|p| p.as_ref()),
                 &crate::discovery::mirrored(mregs.state().iter().map(|m| m.as_ref())),
@@ -286,12 +412,39 @@ pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<b
             if name.is_empty() {
                 // Discovery only.
             } else if last.as_ref() != Some(&now) {
+                let images = now.images.len();
                 match write(&api, &name, &now).await {
                     Ok(()) => {
-                        tracing::info!(configmap = %name, images = now.images.len(), platforms = ?now.platforms, "pins published");
+                        tracing::info!(configmap = %name, images, dropped, platforms = ?now.platforms, "pins published");
+                        metrics
+                            .pins_images
+                            .set(i64::try_from(images).unwrap_or(i64::MAX));
+                        metrics
+                            .pins_dropped
+                            .set(i64::try_from(dropped).unwrap_or(i64::MAX));
+                        if dropped > 0 && !truncated {
+                            let note = format!(
+                                "{dropped} image(s) left out of {name} to keep it under the ConfigMap size limit ({images} kept, what pods run first); the proxy may evict those"
+                            );
+                            tracing::warn!(configmap = %name, dropped, images, "pins truncated");
+                            pins_event(&recorder, &namespace, &name, "PinsTruncated", note).await;
+                        }
+                        truncated = dropped > 0;
+                        failing = false;
                         last = Some(now);
                     }
-                    Err(e) => tracing::warn!(configmap = %name, error = %e, "publishing the pins"),
+                    Err(e) => {
+                        metrics.pins_write_failures.inc();
+                        tracing::warn!(configmap = %name, error = %e, "publishing the pins");
+                        if !failing {
+                            let note = format!(
+                                "writing {name} failed ({e}); the proxy keeps the pins last written, retrying"
+                            );
+                            pins_event(&recorder, &namespace, &name, "PinsNotPublished", note)
+                                .await;
+                        }
+                        failing = true;
+                    }
                 }
             }
             // On any change, or every minute (a failed write is retried).
@@ -308,6 +461,27 @@ pub async fn run(client: Client, settings: Settings, mut stop: watch::Receiver<b
         () = mregs_w => {}
         () = publish => {}
         _ = stop.wait_for(|s| *s) => {}
+    }
+}
+
+/// A Warning Event on the pins ConfigMap (best effort).
+async fn pins_event(recorder: &Recorder, namespace: &str, name: &str, reason: &str, note: String) {
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note),
+        action: "PublishPins".into(),
+        secondary: None,
+    };
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("ConfigMap".into()),
+        namespace: Some(namespace.into()),
+        name: Some(name.into()),
+        ..ObjectReference::default()
+    };
+    if let Err(e) = recorder.publish(&ev, &regarding).await {
+        tracing::warn!(error = %e, "publishing an event");
     }
 }
 
@@ -478,6 +652,84 @@ mod tests {
         assert_eq!(
             platforms_of(&nodes).into_iter().collect::<Vec<_>>(),
             vec!["linux/amd64", "linux/arm64"]
+        );
+    }
+
+    fn digest(i: usize) -> String {
+        format!("sha256:{i:064x}")
+    }
+
+    fn mirror(host: &str) -> MirrorRegistry {
+        serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "MirrorRegistry",
+            "metadata": {"name": host},
+            "spec": {"host": host},
+        }))
+        .unwrap()
+    }
+
+    /// A big cluster's pins stay under the ConfigMap size limit (past it
+    /// every write is refused and the pins freeze): what runs now is kept,
+    /// old revisions go first, images of registries the proxy does not
+    /// mirror are not listed at all, and what was left out is counted.
+    #[test]
+    fn pins_of_a_big_cluster_fit_in_a_configmap_keeping_what_runs() {
+        let pods: Vec<Pod> = (0..5000)
+            .map(|i| {
+                pod(
+                    "Running",
+                    &[("c", &format!("quay.io/org/app-{i}:1"))],
+                    &[("c", &format!("quay.io/org/app-{i}@{}", digest(i)))],
+                )
+            })
+            .collect();
+        let unmirrored = pod(
+            "Running",
+            &[("c", "ghcr.io/other/tool:1")],
+            &[("c", &format!("ghcr.io/other/tool@{}", digest(1)))],
+        );
+        // Each Deployment's older revisions, at other digests.
+        let sets: Vec<ReplicaSet> = (0..3000)
+            .flat_map(|i| {
+                [1, 2].map(|r| {
+                    rs(
+                        &format!("d{i}"),
+                        r,
+                        &format!(
+                            "quay.io/org/app-{i}@{}",
+                            digest(100_000 + 2 * i + r as usize)
+                        ),
+                    )
+                })
+            })
+            .collect();
+        let quay = mirror("quay.io");
+        let cluster = Cluster {
+            pods: pods.iter().chain([&unmirrored]).collect(),
+            replica_sets: sets.iter().collect(),
+            registries: vec![&quay],
+            ..Cluster::default()
+        };
+        let built = build(&cluster, 2, MAX_PINS_BYTES);
+        let doc = serde_json::to_string(&built.pins).unwrap();
+        assert!(
+            doc.len() <= MAX_PINS_BYTES,
+            "{} bytes, over the cap {MAX_PINS_BYTES}",
+            doc.len()
+        );
+        for i in 0..5000 {
+            let running = format!("quay.io/org/app-{i}@{}", digest(i));
+            assert!(built.pins.images.contains(&running), "{running} left out");
+        }
+        assert!(
+            !built.pins.images.iter().any(|i| i.starts_with("ghcr.io/")),
+            "no MirrorRegistry mirrors ghcr.io"
+        );
+        assert!(built.dropped > 0, "nothing reported as left out");
+        assert_eq!(
+            built.pins.images.len() + built.dropped,
+            5000 + 6000,
+            "every pin is either published or counted as left out"
         );
     }
 }
