@@ -66,6 +66,11 @@ pub struct AccessGrants {
     /// fingerprint of the proxy's `credentialsFile` credentials it was
     /// served with.
     public: Mutex<BoundedMap<GrantKey, (Instant, String)>>,
+    /// Digests of repositories an anonymous ask was refused since they
+    /// were learnt public, and when: a public grant older than its refusal
+    /// counts for nothing (not even through an outage, nor when another
+    /// replica shares it again).
+    refused: Mutex<BoundedMap<GrantKey, Instant>>,
     /// Bumped on every public grant (the shared tier writes them out
     /// when it moved).
     public_version: std::sync::atomic::AtomicU64,
@@ -102,6 +107,7 @@ impl AccessGrants {
         Self {
             grants: Mutex::new(BoundedMap::new(cap)),
             public: Mutex::new(BoundedMap::new(cap)),
+            refused: Mutex::new(BoundedMap::new(cap)),
             public_version: Default::default(),
         }
     }
@@ -187,10 +193,28 @@ impl AccessGrants {
         basis: &str,
         ttl: Duration,
     ) -> bool {
+        let key = grant_key(registry, repo, digest, "");
+        let refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .copied();
         let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-        public
-            .get(&grant_key(registry, repo, digest, ""))
-            .is_some_and(|(at, how)| at.elapsed() < ttl && (how.is_empty() || how == basis))
+        public.get(&key).is_some_and(|(at, how)| {
+            at.elapsed() < ttl
+                && (how.is_empty() || how == basis)
+                && refused.is_none_or(|r| r < *at)
+        })
+    }
+
+    /// Records that an anonymous ask for `digest` in `repo` was just
+    /// refused: what was learnt public before is not any more.
+    pub fn refuse_public(&self, registry: &str, repo: &str, digest: &Digest) {
+        self.refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(grant_key(registry, repo, digest, ""), Instant::now());
     }
 
     /// Records that the upstream just let `client` read `digest` in
@@ -287,13 +311,18 @@ impl Ctx<'_> {
                 // The proxy's credentials are not used for a client
                 // bringing its own: ask with those.
                 Answer::Throttled(_) => {}
-                Answer::Refused(_) => {}
+                // Not public (any more): an outage of the client's own
+                // ask must not open it as public content.
+                Answer::Refused(_) => grants.refuse_public(host, repo, digest),
             }
         }
         let answer = match answer {
             Some(a) => a,
             None => self.ask(path, forward_headers(headers, false)).await?,
         };
+        if client.is_empty() && matches!(answer, Answer::Refused(_)) {
+            grants.refuse_public(host, repo, digest);
+        }
         match answer {
             Answer::Allowed => {
                 metrics.auth_check(host, AuthResult::allowed);
@@ -447,6 +476,33 @@ mod tests {
 
     fn d(n: u64) -> Digest {
         Digest::of(&n.to_be_bytes())
+    }
+
+    /// A digest learnt public and later refused to an anonymous ask (the
+    /// repository went private) is public no more: not for the usual
+    /// window, not through an outage (where a client that can make its
+    /// own check fail would otherwise get it for a day), and not when
+    /// another replica shares the older grant again; a newer anonymous
+    /// yes makes it public again.
+    #[test]
+    fn a_refused_anonymous_ask_ends_what_was_learnt_public() {
+        let (g, other) = (AccessGrants::default(), AccessGrants::default());
+        g.grant("r", "app", &d(1), "", "");
+        other.grant("r", "app", &d(1), "", "");
+        assert!(g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
+        std::thread::sleep(Duration::from_millis(2));
+        g.refuse_public("r", "app", &d(1));
+        assert!(!g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
+        assert!(!g.is_public("r", "app", &d(1), "", PUBLIC_TTL));
+        // Another replica's grant, learnt before the refusal.
+        g.import_public(other.export_public(OUTAGE_GRACE));
+        assert!(!g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
+        // Other digests and repositories are untouched.
+        g.grant("r", "app", &d(2), "", "");
+        assert!(g.is_public("r", "app", &d(2), "", OUTAGE_GRACE));
+        std::thread::sleep(Duration::from_millis(2));
+        g.grant("r", "app", &d(1), "", "");
+        assert!(g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
     }
 
     /// What one replica learnt is public holds on another with its age
