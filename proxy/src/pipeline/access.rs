@@ -21,6 +21,7 @@ use crate::http::body::{self, Body};
 use crate::http::headers::forward_headers;
 use crate::observe::metric_labels::AuthResult;
 use crate::oci::{self, Digest, ErrorCode};
+use crate::upstream::Origin;
 
 /// How long "anyone may read this digest in this repository" is trusted.
 /// Public content is then served to every client with no upstream contact
@@ -368,7 +369,7 @@ impl Ctx<'_> {
         let host = self.registry.host.as_str();
         let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
-        let asked = origin(&url);
+        let asked = Origin::of(&url).ok();
         let up = match self.send(Method::HEAD, url, headers).await {
             Ok(up) => up,
             Err(err) if err.is_throttled() => {
@@ -387,7 +388,7 @@ impl Ctx<'_> {
         // answer after a redirect counts as it is: a registry that
         // redirects before it checks (to a canonical host, which gets no
         // credentials) answers 401 or 404 there, and that is a no.
-        let elsewhere = up.hops > 0 && origin(&up.final_url) != asked;
+        let elsewhere = up.hops > 0 && Origin::of(&up.final_url).ok() != asked;
         if status.is_success() || (elsewhere && status == StatusCode::FORBIDDEN) {
             return Ok(Answer::Allowed);
         }
@@ -450,22 +451,13 @@ impl Ctx<'_> {
     }
 }
 
-/// Scheme, lower-cased host and port (the scheme's default when none is
-/// written) of `url`: `host` and `host:443` are one server.
-fn origin(url: &http::Uri) -> Option<(String, String, u16)> {
-    let scheme = url.scheme_str()?.to_ascii_lowercase();
-    let port = url
-        .port_u16()
-        .unwrap_or(if scheme == "http" { 80 } else { 443 });
-    Some((scheme, url.host()?.to_ascii_lowercase(), port))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
     fn one_server_is_one_origin_however_written() {
-        let o = |u: &str| super::origin(&u.parse().unwrap());
+        let o = |u: &str| crate::upstream::Origin::of(&u.parse().unwrap()).ok();
         assert_eq!(o("https://Quay.io/v2/"), o("https://quay.io:443/x"));
+        assert_eq!(o("https://reg.example./v2/"), o("https://reg.example/x"));
         assert_eq!(o("http://r:80/a"), o("http://r/b"));
         assert_ne!(o("https://r/a"), o("http://r/a"));
         assert_ne!(o("https://r/a"), o("https://r:5000/a"));

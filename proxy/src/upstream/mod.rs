@@ -23,6 +23,7 @@ mod client;
 pub mod credentials;
 mod egress;
 mod redirect;
+pub(crate) use redirect::Origin;
 mod resolve;
 #[cfg(test)]
 mod tests;

@@ -50,16 +50,17 @@ pub(super) fn redirect_method(status: StatusCode, method: &Method) -> Method {
     }
 }
 
-/// Scheme, host and effective port of an absolute http(s) URL.
+/// Scheme, host and effective port of an absolute http(s) URL: `host`,
+/// `host.`, `HOST` and `host:443` are one server.
 #[derive(Debug, PartialEq, Eq)]
-pub(super) struct Origin {
+pub(crate) struct Origin {
     pub(super) scheme: String,
     pub(super) host: String,
     pub(super) port: u16,
 }
 
 impl Origin {
-    pub(super) fn of(url: &Uri) -> Result<Self, String> {
+    pub(crate) fn of(url: &Uri) -> Result<Self, String> {
         let scheme = url
             .scheme_str()
             .map(str::to_ascii_lowercase)
