@@ -16,6 +16,9 @@
 //! When the table's names change, a next CA is made for the new names and
 //! takes over through the same overlap; meanwhile the proxy signs the
 //! names only the next CA permits with it (nodes trust it from the start).
+//! A next CA replaced by one for newer names stays in the bundle (in the
+//! Secret's `replaced.crt`, never used to sign again) for an overlap: the
+//! proxy signs with it until the kubelet brings it the new Secret.
 //! While the active CA is due for rotation, a pending next CA is not
 //! replaced for new names: it is promoted after its overlap, then a next CA
 //! for the new names follows, so frequent name changes cannot postpone the
@@ -38,6 +41,15 @@ pub use pullthrough_api::contract::CA_KEY_KEY as KEY_KEY;
 pub use pullthrough_api::contract::CA_NEXT_CERT_KEY as NEXT_CERT_KEY;
 pub use pullthrough_api::contract::CA_NEXT_KEY_KEY as NEXT_KEY_KEY;
 pub const PREVIOUS_CERT_KEY: &str = "previous.crt";
+/// Next CAs replaced (by newer names) within the last overlap, each still
+/// trusted: the proxy may sign with one until it reads the new Secret.
+pub const REPLACED_CERT_KEY: &str = "replaced.crt";
+/// When each of [`REPLACED_CERT_KEY`]'s certificates was replaced (unix
+/// seconds, comma-separated, in the same order).
+pub const REPLACED_AT_ANNOTATION: &str = "pullthrough.dev/ca-replaced-at";
+/// At most this many replaced next CAs are kept (names changing faster
+/// than the overlap would otherwise grow the bundle without bound).
+const MAX_REPLACED: usize = 8;
 /// Key of the trust bundle in the CA ConfigMap.
 /// When `next.crt` was generated (unix seconds).
 pub use pullthrough_api::contract::CA_NEXT_SINCE_ANNOTATION as NEXT_SINCE_ANNOTATION;
@@ -141,6 +153,9 @@ pub struct CaState {
     pub next_since: Option<i64>,
     pub previous: Option<String>,
     pub rotated_at: Option<i64>,
+    /// Replaced next CAs (certificate only: never used to sign again) and
+    /// when each was replaced, oldest first.
+    pub replaced: Vec<(String, i64)>,
 }
 
 impl CaState {
@@ -163,6 +178,10 @@ impl CaState {
             next_since: num(NEXT_SINCE_ANNOTATION),
             previous: text(&data, PREVIOUS_CERT_KEY),
             rotated_at: num(ROTATED_AT_ANNOTATION),
+            replaced: replaced_of(
+                text(&data, REPLACED_CERT_KEY).as_deref(),
+                ann.get(REPLACED_AT_ANNOTATION).map(String::as_str),
+            ),
         })
     }
 
@@ -181,6 +200,15 @@ impl CaState {
             put(PREVIOUS_CERT_KEY, p);
         }
         let mut ann = BTreeMap::new();
+        if !self.replaced.is_empty() {
+            let (certs, times): (Vec<_>, Vec<_>) = self
+                .replaced
+                .iter()
+                .map(|(c, t)| (format!("{}\n", c.trim_end()), t.to_string()))
+                .unzip();
+            put(REPLACED_CERT_KEY, certs.concat());
+            ann.insert(REPLACED_AT_ANNOTATION.to_string(), times.join(","));
+        }
         if let Some(t) = self.next_since {
             ann.insert(NEXT_SINCE_ANNOTATION.to_string(), t.to_string());
         }
@@ -222,6 +250,9 @@ impl CaState {
             self.previous = None;
             changed = true;
         }
+        let replaced = self.replaced.len();
+        self.replaced.retain(|(_, at)| now - at < overlap);
+        changed |= self.replaced.len() != replaced;
         // A next CA whose overlap is over is promoted before anything else:
         // a change of names below would otherwise replace it and start its
         // overlap again.
@@ -253,26 +284,53 @@ impl CaState {
         let keep_pending = due && self.next.is_some();
         if (renamed && !keep_pending) || (self.next.is_none() && due) {
             let names = names.cloned().or(permitted_of(&self.cert)?);
-            self.next = Some(generate(policy.validity, names.as_ref())?);
+            let made = generate(policy.validity, names.as_ref())?;
+            // The next CA it replaces stays trusted for an overlap: the
+            // proxy signs with it until the kubelet brings it the new
+            // Secret, and nodes must accept what it signed meanwhile.
+            if let Some((old, _key)) = self.next.replace(made) {
+                self.replaced.push((old.trim().to_string(), now));
+                let excess = self.replaced.len().saturating_sub(MAX_REPLACED);
+                self.replaced.drain(..excess);
+            }
             self.next_since = Some(now);
             changed = true;
         }
         Ok(changed)
     }
 
-    /// Every certificate nodes must trust: active, next, previous.
+    /// Every certificate nodes must trust: active, next, previous, and the
+    /// next CAs replaced within the last overlap.
     pub fn bundle(&self) -> String {
         let mut out = String::new();
         let next = self.next.as_ref().map(|(c, _)| c);
         for pem in [Some(&self.cert), next, self.previous.as_ref()]
             .into_iter()
             .flatten()
+            .chain(self.replaced.iter().map(|(c, _)| c))
         {
             out.push_str(pem.trim_end());
             out.push('\n');
         }
         out
     }
+}
+
+/// The replaced next CAs from the Secret: the PEMs of `certs`, each with
+/// its time in `times`; what does not pair up is dropped (it is only kept
+/// for trust, and is gone after an overlap anyway).
+fn replaced_of(certs: Option<&str>, times: Option<&str>) -> Vec<(String, i64)> {
+    let (Some(certs), Some(times)) = (certs, times) else {
+        return Vec::new();
+    };
+    const END: &str = "-----END CERTIFICATE-----";
+    let pems = certs
+        .split_inclusive(END)
+        .map(str::trim)
+        .filter(|p| p.ends_with(END));
+    pems.zip(times.split(','))
+        .filter_map(|(p, t)| Some((p.to_string(), t.trim().parse().ok()?)))
+        .collect()
 }
 
 /// Creates the CA Secret on first start, advances rotation, and applies the
@@ -458,8 +516,9 @@ mod tests {
 
     /// A change of the table's names makes a next CA for the new names
     /// (trusted by nodes at once, promoted after the overlap); a second
-    /// change during the overlap replaces it and restarts the overlap; an
-    /// unchanged set changes nothing.
+    /// change during the overlap replaces it and restarts the overlap,
+    /// the replaced one staying trusted for an overlap; an unchanged set
+    /// changes nothing.
     #[test]
     fn new_names_rotate_to_a_ca_that_permits_them() {
         let policy = CaPolicy {
@@ -488,10 +547,26 @@ mod tests {
         // Changed again during the overlap: a new next, the overlap restarts.
         assert!(s.step(now + 5, &policy, Some(&three)).unwrap());
         assert_ne!(s.next.as_ref().unwrap().0, next);
+        // The replaced next stays trusted (not used to sign) for an
+        // overlap: the proxy signs with it until the kubelet refreshes its
+        // Secret volume, and nodes must accept what it signed meanwhile.
+        let trusted = |s: &CaState, pem: &str| s.bundle().contains(pem.trim());
+        assert!(trusted(&s, &next), "the replaced next CA left the bundle");
+        assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 3);
+        let secret = s.clone().into_secret("pullthrough-ca", "pullthrough");
+        assert_eq!(
+            CaState::from_secret(&secret).unwrap(),
+            s,
+            "kept in the Secret"
+        );
         assert!(!s.step(now + 12, &policy, Some(&three)).unwrap());
+        assert!(trusted(&s, &next));
         assert!(s.step(now + 15, &policy, Some(&three)).unwrap());
         assert_eq!(permitted_of(&s.cert).unwrap(), Some(three.clone()));
         assert_eq!(s.previous.as_deref(), Some(cert.as_str()));
+        // An overlap after it was replaced, the replaced next is dropped.
+        assert!(!trusted(&s, &next), "the replaced next CA is kept for ever");
+        assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 2);
         // An unconstrained CA (made before constraints existed) is replaced.
         let (cert, key) = generate(policy.validity, None).unwrap();
         let mut old = CaState {
