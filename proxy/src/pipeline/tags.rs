@@ -34,6 +34,13 @@ pub(crate) async fn manifest_by_tag(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let host = ctx.registry.host.as_str();
+    let asked = Asked {
+        ctx,
+        headers,
+        method,
+        repo,
+        tag,
+    };
     let lookup = || {
         ctx.shared
             .tags
@@ -48,20 +55,7 @@ pub(crate) async fn manifest_by_tag(
         && ttl.is_fresh(entry.resolved_at.elapsed())
         && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
     {
-        return serve_known(
-            ctx,
-            headers,
-            method,
-            record,
-            Known {
-                repo,
-                tag,
-                entry,
-                cached,
-            },
-            CacheResult::Hit,
-        )
-        .await;
+        return asked.serve(record, entry, cached, CacheResult::Hit).await;
     }
 
     // Whatever comes next asks the upstream. Concurrent asks for the tag
@@ -89,20 +83,7 @@ pub(crate) async fn manifest_by_tag(
             && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
         {
             drop(turn);
-            return serve_known(
-                ctx,
-                headers,
-                method,
-                record,
-                Known {
-                    repo,
-                    tag,
-                    entry,
-                    cached,
-                },
-                CacheResult::Hit,
-            )
-            .await;
+            return asked.serve(record, entry, cached, CacheResult::Hit).await;
         }
         turn
     } else {
@@ -113,20 +94,7 @@ pub(crate) async fn manifest_by_tag(
         && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
     {
         if ttl.is_fresh(entry.resolved_at.elapsed()) {
-            return serve_known(
-                ctx,
-                headers,
-                method,
-                record,
-                Known {
-                    repo,
-                    tag,
-                    entry,
-                    cached,
-                },
-                CacheResult::Hit,
-            )
-            .await;
+            return asked.serve(record, entry, cached, CacheResult::Hit).await;
         }
         // The upstream's budget is nearly spent, or it asked to be left
         // alone (429 + Retry-After): what is cached serves, the budget left
@@ -142,20 +110,7 @@ pub(crate) async fn manifest_by_tag(
                 tag,
                 "upstream budget low; serving the cached digest unrevalidated"
             );
-            return serve_known(
-                ctx,
-                headers,
-                method,
-                record,
-                Known {
-                    repo,
-                    tag,
-                    entry,
-                    cached,
-                },
-                CacheResult::Stale,
-            )
-            .await;
+            return asked.serve(record, entry, cached, CacheResult::Stale).await;
         }
         // Expired: does the tag still point there? A HEAD answers without
         // the manifest (and without a Docker Hub pull).
@@ -172,20 +127,7 @@ pub(crate) async fn manifest_by_tag(
                     .metrics
                     .tag_revalidated(host, Revalidation::unchanged);
                 ctx.shared.tags.confirm(host, repo, tag, &entry.digest);
-                return serve_known(
-                    ctx,
-                    headers,
-                    method,
-                    record,
-                    Known {
-                        repo,
-                        tag,
-                        entry,
-                        cached,
-                    },
-                    CacheResult::Hit,
-                )
-                .await;
+                return asked.serve(record, entry, cached, CacheResult::Hit).await;
             }
             Ok(up) if !is_outage(up.response.status()) => {
                 // Moved, gone, or a registry that names no digest on HEAD:
@@ -195,20 +137,7 @@ pub(crate) async fn manifest_by_tag(
                     .tag_revalidated(host, Revalidation::changed);
             }
             _ => {
-                return serve_known(
-                    ctx,
-                    headers,
-                    method,
-                    record,
-                    Known {
-                        repo,
-                        tag,
-                        entry,
-                        cached,
-                    },
-                    CacheResult::Stale,
-                )
-                .await;
+                return asked.serve(record, entry, cached, CacheResult::Stale).await;
             }
         }
     }
@@ -226,20 +155,7 @@ pub(crate) async fn manifest_by_tag(
             if let Some(entry) = &known
                 && let Some(cached) = lookup_manifest(ctx, &entry.digest).await?
             {
-                return serve_known(
-                    ctx,
-                    headers,
-                    method,
-                    record,
-                    Known {
-                        repo,
-                        tag,
-                        entry,
-                        cached,
-                    },
-                    CacheResult::Stale,
-                )
-                .await;
+                return asked.serve(record, entry, cached, CacheResult::Stale).await;
             }
             // A referrers tag the upstream said does not exist: still "no
             // referrers" (a client reads a 404 so and goes on).
@@ -328,51 +244,54 @@ fn answers(entry: &TagEntry, headers: &HeaderMap) -> bool {
         }
 }
 
-/// A known tag answer whose manifest is cached.
-struct Known<'a> {
+/// What a client asked for: a tag of a repository.
+struct Asked<'a, 'c> {
+    ctx: &'a Ctx<'c>,
+    headers: &'a HeaderMap,
+    method: &'a Method,
     repo: &'a str,
     tag: &'a str,
-    entry: &'a TagEntry,
-    cached: CachedManifest,
 }
 
-/// Serves the manifest a known tag answer points at, as `result` (a HIT
-/// or, with the upstream failing or its budget low, STALE). Access to the
-/// digest in this repository is checked before anything of it is read;
-/// with the upstream failing, only what this client class is known to
-/// read opens.
-async fn serve_known(
-    ctx: &Ctx<'_>,
-    headers: &HeaderMap,
-    method: &Method,
-    record: &mut Record,
-    known: Known<'_>,
-    result: CacheResult,
-) -> Result<Response<Body>, HandlerError> {
-    let Known {
-        repo,
-        tag,
-        entry,
-        cached,
-    } = known;
-    let path = format!("/v2/{repo}/manifests/{}", entry.digest);
-    if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
-        record.cache = CacheResult::Denied;
-        return Ok(refusal);
-    }
-    if result == CacheResult::Stale {
-        tracing::warn!(
-            registry = %ctx.registry.host,
-            repository = repo,
+impl Asked<'_, '_> {
+    /// Serves the manifest a known tag answer points at, whose bytes are
+    /// `cached`, as `result` (a HIT or, with the upstream failing or its
+    /// budget low, STALE). Access to the digest in this repository is
+    /// checked before anything of it is read; with the upstream failing,
+    /// only what this client class is known to read opens.
+    async fn serve(
+        &self,
+        record: &mut Record,
+        entry: &TagEntry,
+        cached: CachedManifest,
+        result: CacheResult,
+    ) -> Result<Response<Body>, HandlerError> {
+        let Self {
+            ctx,
+            headers,
+            method,
+            repo,
             tag,
-            digest = %entry.digest,
-            "upstream failing or sparing its budget; serving the last known digest"
-        );
+        } = *self;
+        let path = format!("/v2/{repo}/manifests/{}", entry.digest);
+        if let Some(refusal) = ctx.check_cached(headers, &path, &entry.digest).await? {
+            record.cache = CacheResult::Denied;
+            return Ok(refusal);
+        }
+        if result == CacheResult::Stale {
+            tracing::warn!(
+                registry = %ctx.registry.host,
+                repository = repo,
+                tag,
+                digest = %entry.digest,
+                "upstream failing or sparing its budget; serving the last known digest"
+            );
+        }
+        record.cache = result;
+        record.digest = entry.digest.to_string();
+        ctx.served(&entry.digest);
+        cached_manifest(ctx, cached, method).await
     }
-    record.cache = result;
-    record.digest = entry.digest.to_string();
-    ctx.served(&entry.digest);
-    cached_manifest(ctx, cached, method).await
 }
 
 /// `404 MANIFEST_UNKNOWN`, as a registry answers for a tag it does not have.
