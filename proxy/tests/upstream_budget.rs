@@ -12,9 +12,10 @@ mod common;
 
 use http::StatusCode;
 use pullthrough_testbed::fixtures::sha256_digest;
-use pullthrough_testbed::http::Get;
+use pullthrough_testbed::http::{Get, Response};
 use pullthrough_testbed::hub::{Hub, MEDIA_TYPE as MT, SOURCE};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
+use pullthrough_testbed::stub::Stub;
 use serde_json::Value;
 
 fn metric(proxy: &Proxy, series: &str) -> Option<f64> {
@@ -27,26 +28,38 @@ fn upstream_status(proxy: &Proxy) -> Value {
     v["upstream"]["hub.test"].clone()
 }
 
+/// A proxy mirroring the scripted hub as `hub.test`, with `extra`
+/// registry settings.
+fn proxy_for(stub: &Stub, extra: &str) -> Proxy {
+    Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("hub.test", &stub.url(), extra),
+    )
+    .unwrap()
+}
+
+/// A GET of `library/app:<tag>` through `proxy`, with `auth` if given.
+fn pull(proxy: &Proxy, tag: &str, auth: Option<&str>) -> Response {
+    let url = format!(
+        "{}/v2/hub.test/library/app/manifests/{tag}",
+        proxy.http_url()
+    );
+    let mut get = Get::new(&url).header("Accept", MT);
+    if let Some(a) = auth {
+        get = get.header("Authorization", a);
+    }
+    get.send().unwrap()
+}
+
 #[test]
 fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
     let (hub, stub) = Hub::start(50).unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry(
-            "hub.test",
-            &stub.url(),
-            "    upstreamReserve: 5\n    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
-        ),
-    )
-    .unwrap();
-    let pull = |tag: &str| {
-        let url = format!(
-            "{}/v2/hub.test/library/app/manifests/{tag}",
-            proxy.http_url()
-        );
-        Get::new(&url).header("Accept", MT).send().unwrap()
-    };
+    let proxy = proxy_for(
+        &stub,
+        "    upstreamReserve: 5\n    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
+    );
+    let pull = |tag: &str| pull(&proxy, tag, None);
     let gets = || stub.count("GET", "/manifests/");
     let heads = || stub.count("HEAD", "/manifests/");
     let latest = sha256_digest(&hub.manifest("latest"));
@@ -154,23 +167,8 @@ fn a_spent_budget_or_a_429_storm_never_reaches_a_client_of_a_cached_tag() {
 #[test]
 fn a_failing_token_service_never_reaches_a_client_of_a_cached_tag() {
     let (hub, stub) = Hub::start_with_tokens(50).unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry(
-            "hub.test",
-            &stub.url(),
-            "    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
-        ),
-    )
-    .unwrap();
-    let pull = |tag: &str| {
-        let url = format!(
-            "{}/v2/hub.test/library/app/manifests/{tag}",
-            proxy.http_url()
-        );
-        Get::new(&url).header("Accept", MT).send().unwrap()
-    };
+    let proxy = proxy_for(&stub, "    tagPolicy: [{pattern: latest, ttl: 0s}]\n");
+    let pull = |tag: &str| pull(&proxy, tag, None);
     let latest = sha256_digest(&hub.manifest("latest"));
     let r = pull("latest");
     assert_eq!(r.status, StatusCode::OK, "{}", proxy.log());
@@ -213,27 +211,11 @@ fn a_failing_token_service_never_reaches_a_client_of_a_cached_tag() {
 #[test]
 fn a_clients_own_budget_is_not_the_proxys() {
     let (hub, stub) = Hub::start(50).unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry(
-            "hub.test",
-            &stub.url(),
-            "    upstreamReserve: 5\n    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
-        ),
-    )
-    .unwrap();
-    let pull = |tag: &str, auth: Option<&str>| {
-        let url = format!(
-            "{}/v2/hub.test/library/app/manifests/{tag}",
-            proxy.http_url()
-        );
-        let mut get = Get::new(&url).header("Accept", MT);
-        if let Some(a) = auth {
-            get = get.header("Authorization", a);
-        }
-        get.send().unwrap()
-    };
+    let proxy = proxy_for(
+        &stub,
+        "    upstreamReserve: 5\n    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
+    );
+    let pull = |tag: &str, auth: Option<&str>| pull(&proxy, tag, auth);
     assert_eq!(pull("latest", None).status, StatusCode::OK);
     assert_eq!(upstream_status(&proxy)["remaining"], 49);
 
@@ -261,21 +243,8 @@ fn a_clients_own_budget_is_not_the_proxys() {
 #[test]
 fn concurrent_asks_for_an_expired_tag_cost_one_upstream_trip() {
     let (hub, stub) = Hub::start(1000).unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry(
-            "hub.test",
-            &stub.url(),
-            "    tagPolicy: [{pattern: latest, ttl: 0s}]\n",
-        ),
-    )
-    .unwrap();
-    let url = format!(
-        "{}/v2/hub.test/library/app/manifests/latest",
-        proxy.http_url()
-    );
-    let pull = || Get::new(&url).header("Accept", MT).send().unwrap();
+    let proxy = proxy_for(&stub, "    tagPolicy: [{pattern: latest, ttl: 0s}]\n");
+    let pull = || pull(&proxy, "latest", None);
     let gets = || stub.count("GET", "/manifests/latest");
     let heads = || stub.count("HEAD", "/manifests/latest");
     assert_eq!(pull().status, StatusCode::OK);
