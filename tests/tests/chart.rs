@@ -1010,3 +1010,116 @@ fn chart_validates_installs_and_uninstalls() {
     );
     drop(api);
 }
+
+/// What the chart's README and NOTES tell an admin to run before `helm
+/// upgrade`: Helm installs `crds/` on install only and never updates them.
+const APPLY_CRDS: &str =
+    "kubectl apply --server-side --force-conflicts -f charts/pullthrough/crds/";
+
+/// `helm upgrade` leaves the CRDs as the first install created them: the
+/// NOTES of an upgrade (not of an install) say so and give the command, the
+/// READMEs give the same one, and that command, run against CRDs Helm
+/// created, updates them (server-side; `--force-conflicts` takes over the
+/// fields Helm's create owns, without it the apply is refused).
+#[test]
+fn upgrade_notes_say_to_apply_the_crds_first() {
+    let api = KubeApiserver::start().expect("start etcd + kube-apiserver");
+    let helm = api.helm().expect("helm");
+    let chart = chart();
+    let installed = helm
+        .run(&[
+            "install",
+            "pullthrough",
+            &chart,
+            "--namespace",
+            "pullthrough",
+            "--create-namespace",
+            "--wait=false",
+        ])
+        .expect("helm install");
+    assert!(
+        !installed.contains("--server-side"),
+        "an install needs no CRD step:\n{installed}"
+    );
+
+    // A newer chart's CRDs (a changed description), applied as documented
+    // over the CRDs `helm install` created. (Not `helm show crds | kubectl
+    // apply -f -`: it joins the files with no `---`, and kubectl silently
+    // applies only the last CRD.)
+    let marker = "upgraded by the documented command";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let crds_dir = dir.path().join("charts/pullthrough/crds");
+    std::fs::create_dir_all(&crds_dir).unwrap();
+    for entry in std::fs::read_dir(root().join("charts/pullthrough/crds")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let newer = text
+            .replacen(
+                "\nmetadata:\n",
+                &format!("\nmetadata:\n  annotations:\n    pullthrough.dev/test: {marker}\n"),
+                1,
+            )
+            .replacen(
+                "- description: Unfinished pods",
+                "- description: Pods not finished",
+                1,
+            );
+        assert_ne!(newer, text, "a description to change in {}", path.display());
+        std::fs::write(crds_dir.join(path.file_name().unwrap()), newer).unwrap();
+    }
+    let apply = |command: &str| {
+        let mut cmd = Command::new(go_tool("kubectl").expect("kubectl"));
+        cmd.current_dir(dir.path())
+            .arg(format!("--kubeconfig={}", api.kubeconfig_path().display()))
+            .args(command.split(' ').skip(1));
+        run(&mut cmd)
+    };
+    // Helm created the CRDs: their fields are its, and a plain server-side
+    // apply of a changed schema conflicts with it.
+    let plain = apply(&APPLY_CRDS.replace(" --force-conflicts", ""));
+    assert!(
+        matches!(&plain, Err(Error::Command { output, .. }) if output.contains("conflict with \"helm\"")),
+        "{plain:?}"
+    );
+    let applied = apply(APPLY_CRDS).unwrap_or_else(|e| panic!("{APPLY_CRDS}: {e}"));
+    assert_eq!(applied.lines().count(), 2, "{applied}");
+    for crd in [
+        "mirrorregistries.pullthrough.dev",
+        "discoveredregistries.pullthrough.dev",
+    ] {
+        let live = api
+            .kubectl(&["get", "crd", crd, "-o", "yaml"])
+            .expect("get crd");
+        assert!(live.contains(marker), "{crd} was not updated:\n{live}");
+    }
+
+    let upgraded = helm
+        .run(&[
+            "upgrade",
+            "pullthrough",
+            &chart,
+            "--namespace",
+            "pullthrough",
+            "--wait=false",
+        ])
+        .expect("helm upgrade");
+    let flat = upgraded.split_whitespace().collect::<Vec<_>>().join(" ");
+    for says in ["helm upgrade does not update CRDs", APPLY_CRDS, "helm pull"] {
+        assert!(
+            flat.contains(says),
+            "upgrade NOTES must say {says:?}:\n{upgraded}"
+        );
+    }
+
+    let flat = |file: &str| {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    assert!(flat("charts/pullthrough/README.md").contains("## Upgrading"));
+    for file in ["charts/pullthrough/README.md", "README.md"] {
+        assert!(
+            flat(file).contains(APPLY_CRDS),
+            "{file} must say {APPLY_CRDS}"
+        );
+    }
+}
