@@ -1123,3 +1123,57 @@ fn upgrade_notes_say_to_apply_the_crds_first() {
         );
     }
 }
+
+/// The pod spec of the rendered `kind/name`.
+fn pod_spec<'a>(docs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    &document(docs, kind, name)["spec"]["template"]["spec"]
+}
+
+/// On a cluster with Windows nodes every pod of the chart stays on Linux
+/// nodes: the agent tolerates every taint (Windows nodes' too), and its pods
+/// there never started; the revert hook's DaemonSet then never became
+/// ready, and `helm uninstall` failed waiting for it. The admin's own
+/// selector adds to the default; `kubernetes.io/os: null` drops it.
+#[test]
+fn every_workload_and_the_revert_hook_default_to_linux_nodes() {
+    let helm = Helm::new(None).expect("helm");
+    let docs = documents(&template(&helm, "pullthrough", "pullthrough", &[]));
+    let linux = serde_json::json!({"kubernetes.io/os": "linux"});
+    for (kind, name) in [
+        ("DaemonSet", "pullthrough-agent"),
+        ("DaemonSet", "pullthrough-agent-revert"),
+        ("Job", "pullthrough-agent-revert-wait"),
+        ("Deployment", "pullthrough-proxy"),
+        ("Deployment", "pullthrough-operator"),
+    ] {
+        assert_eq!(
+            pod_spec(&docs, kind, name)["nodeSelector"],
+            linux,
+            "{kind}/{name}"
+        );
+    }
+
+    let docs = documents(&template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &["--set", "agent.nodeSelector.pool=builders"],
+    ));
+    for name in ["pullthrough-agent", "pullthrough-agent-revert"] {
+        assert_eq!(
+            pod_spec(&docs, "DaemonSet", name)["nodeSelector"],
+            serde_json::json!({"kubernetes.io/os": "linux", "pool": "builders"}),
+            "{name}: the admin's selector and the default"
+        );
+    }
+    let docs = documents(&template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &["--set", "proxy.nodeSelector.kubernetes\\.io/os=null"],
+    ));
+    assert!(
+        pod_spec(&docs, "Deployment", "pullthrough-proxy")["nodeSelector"].is_null(),
+        "kubernetes.io/os: null drops the default"
+    );
+}
