@@ -1177,3 +1177,40 @@ fn every_workload_and_the_revert_hook_default_to_linux_nodes() {
         "kubernetes.io/os: null drops the default"
     );
 }
+
+/// The proxy's rollout strategy follows its cache volume: `Recreate` (the
+/// old pod's volume must detach before the new pod can mount it) only for a
+/// PVC no two nodes can mount; replicas on a ReadWriteMany PVC roll one by
+/// one, where `Recreate` stopped every replica at once on each upgrade.
+#[test]
+fn only_a_single_node_cache_volume_makes_the_proxy_recreate() {
+    let helm = Helm::new(None).expect("helm");
+    let strategy = |sets: &[&str]| {
+        let mut args = vec!["--no-hooks"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        let docs = documents(&template(&helm, "pullthrough", "pullthrough", &args));
+        document(&docs, "Deployment", "pullthrough-proxy")["spec"]["strategy"].clone()
+    };
+    let recreate = serde_json::json!({"type": "Recreate"});
+    assert_eq!(strategy(&[]), recreate, "default ReadWriteOnce PVC");
+    assert_eq!(
+        strategy(&["proxy.cache.accessModes={ReadWriteOncePod}"]),
+        recreate
+    );
+    for sets in [
+        &[
+            "proxy.replicas=3",
+            "proxy.cache.accessModes={ReadWriteMany}",
+        ][..],
+        &["proxy.cache.accessModes={ReadWriteOnce,ReadWriteMany}"],
+        &["proxy.replicas=2", "proxy.cache.type=emptyDir"],
+    ] {
+        assert!(
+            strategy(sets).is_null(),
+            "{sets:?}: the default RollingUpdate, got {}",
+            strategy(sets)
+        );
+    }
+}
