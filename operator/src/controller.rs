@@ -15,8 +15,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{Predicate, PredicateConfig, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use pullthrough_api::config::ProxyConfig;
 use pullthrough_api::crd::{MirrorRegistry, MirrorRegistryStatus};
@@ -37,6 +37,76 @@ struct State {
     observer: Observer,
     publisher: Publisher,
     failures: Failures,
+    pace: Pace,
+}
+
+/// Per object: how soon a registry that waits is looked at again, and
+/// when the proxy's counters were last written to its status.
+#[derive(Default)]
+struct Pace(Mutex<HashMap<String, Paced>>);
+
+#[derive(Default, Clone, Copy)]
+struct Paced {
+    /// The last recheck delay while waiting; `None`: not waiting.
+    recheck: Option<Duration>,
+    /// When the status last carried fresh proxy counters.
+    figures_at: Option<Instant>,
+}
+
+impl Pace {
+    fn with<T>(&self, name: &str, f: impl FnOnce(&mut Paced) -> T) -> T {
+        match self.0.lock() {
+            Ok(mut m) => f(m.entry(name.to_string()).or_default()),
+            // A poisoned lock only loses the pace: as for a new object.
+            Err(_) => f(&mut Paced::default()),
+        }
+    }
+
+    /// The requeue of a registry that is `waiting` for the proxy or the
+    /// nodes: [`PENDING_RECHECK`] after a status change, else double the
+    /// last delay, up to `resync` (a NotReady node can keep a registry
+    /// waiting for days, and each look LISTs Leases and Nodes).
+    fn requeue(&self, name: &str, waiting: bool, changed: bool, resync: Duration) -> Duration {
+        self.with(name, |p| {
+            if !waiting {
+                p.recheck = None;
+                return resync;
+            }
+            let next = match p.recheck {
+                Some(last) if !changed => last.saturating_mul(2),
+                _ => PENDING_RECHECK,
+            }
+            .min(resync);
+            p.recheck = Some(next);
+            next
+        })
+    }
+
+    /// Whether the proxy's counters are due in the status again: they
+    /// change with every pull, so they alone are written once per `resync`,
+    /// not on every recheck.
+    fn figures_due(&self, name: &str, resync: Duration) -> bool {
+        self.with(name, |p| p.figures_at.is_none_or(|t| t.elapsed() >= resync))
+    }
+
+    fn figures_written(&self, name: &str) {
+        self.with(name, |p| p.figures_at = Some(Instant::now()));
+    }
+
+    fn forget(&self, name: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.remove(name);
+        }
+    }
+}
+
+/// `status` without the proxy's live figures (counters and rate limits).
+fn without_figures(status: &MirrorRegistryStatus) -> MirrorRegistryStatus {
+    MirrorRegistryStatus {
+        cache: None,
+        upstream: None,
+        ..status.clone()
+    }
 }
 
 /// Consecutive failures per object, for its backoff.
@@ -176,7 +246,7 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
         Ok(p) if accepted => tag_moves::unseen(&p.tag_moves, &obj.spec.host, last_move),
         _ => Vec::new(),
     };
-    let new = MirrorRegistryStatus {
+    let mut new = MirrorRegistryStatus {
         observed_generation: obj.metadata.generation,
         conditions,
         nodes: accepted.then_some(counts),
@@ -195,9 +265,17 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
             .map(|m| tag_moves::to_status(m))
             .or_else(|| last_move.cloned()),
     };
+    let pace = &ctx.state.pace;
+    // Only the proxy's figures changed: they wait for the resync.
+    let figures_only = old.is_some_and(|o| without_figures(o) == without_figures(&new));
+    if figures_only && !pace.figures_due(&name, settings.resync_interval) {
+        new.cache = old.and_then(|s| s.cache);
+        new.upstream = old.and_then(|s| s.upstream.clone());
+    }
     // Unchanged status is not written: a restart makes no writes.
     if old != Some(&new) {
         status::apply(&ctx.kube.client, &name, &new).await?;
+        pace.figures_written(&name);
     }
     if let Some(note) = status::change_event(&changed) {
         ctx.event(&obj, note).await;
@@ -211,12 +289,16 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     // wake every CR on every node's renewal): while an accepted registry is
     // still waiting for them, look again soon, so `kubectl apply` shows
     // ProxyReady and NodesConfigured within seconds instead of a resync.
+    // The recheck backs off while nothing changes (a NotReady node's
+    // agent may not report for days).
     let waiting = accepted && desired.iter().skip(1).any(|d| !d.status);
-    Ok(Action::requeue(if waiting {
-        PENDING_RECHECK.min(settings.resync_interval)
-    } else {
-        settings.resync_interval
-    }))
+    let changed = old.map(without_figures) != Some(without_figures(&new));
+    Ok(Action::requeue(pace.requeue(
+        &name,
+        waiting,
+        changed,
+        settings.resync_interval,
+    )))
 }
 
 async fn cleanup(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error> {
@@ -258,6 +340,7 @@ async fn cleanup(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Erro
         };
         ctx.event(&obj, note).await;
     }
+    ctx.state.pace.forget(&obj.name_any());
     let note = Note {
         type_: EventType::Normal,
         reason: "Removed".into(),
@@ -365,6 +448,12 @@ async fn refresh_node_metrics(ctx: Arc<Context>) {
     }
 }
 
+/// Whether the object is being deleted (a trigger even where the API
+/// server does not bump the generation for it).
+fn deleting(obj: &MirrorRegistry) -> Option<u64> {
+    Some(u64::from(obj.metadata.deletion_timestamp.is_some()))
+}
+
 /// Runs the controller until `stop` fires.
 pub async fn run(
     client: Client,
@@ -376,8 +465,23 @@ pub async fn run(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let api: Api<MirrorRegistry> = Api::all(client.clone());
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
-    let store = controller.store();
+    let (store, writer) = reflector::store();
+    // The cache sees every change; a reconcile is triggered only by what
+    // the spec or metadata says, never by a status write (the operator's
+    // own, with the proxy's counters, would otherwise wake it each time).
+    let changes = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::labels)
+                .combine(predicates::annotations)
+                .combine(predicates::finalizers)
+                .combine(deleting),
+            PredicateConfig::default(),
+        );
+    let controller = Controller::for_stream(changes, store.clone());
     let ctx = Arc::new(
         Context::new(client, settings, base, store, &identity, metrics).with_ca_names(ca_names),
     );

@@ -126,9 +126,11 @@ impl Operator {
             .arg(format!("127.0.0.1:{port}"))
             .arg("--proxy-status-url")
             .arg(format!("http://127.0.0.1:{}/status", self.status_port))
-            .args(["--resync-interval", "1s"])
             .args(["--identity", &format!("test-{}", self.n)])
             .args(&self.args);
+        if !self.args.iter().any(|a| a == "--resync-interval") {
+            cmd.args(["--resync-interval", "1s"]);
+        }
         if !self.args.iter().any(|a| a == "--delete-timeout") {
             cmd.args(["--delete-timeout", "30s"]);
         }
@@ -1368,4 +1370,83 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
     .unwrap();
     proc.stop().unwrap();
     fake.stop();
+}
+
+/// `pullthrough_operator_reconciles_total` of the operator serving
+/// /metrics on `port`.
+fn reconciles(port: u16) -> u64 {
+    let r = pullthrough_testbed::http::Get::new(&format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .unwrap();
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix("pullthrough_operator_reconciles_total "))
+        .unwrap_or_else(|| panic!("no reconciles_total: {text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// A change of status alone (the operator's own writes, the proxy's
+/// counters it copies) does not make another reconcile: otherwise every
+/// status write wakes the registry again and reconciles never settle.
+/// A change of the spec still does.
+#[test]
+fn a_status_only_change_does_not_trigger_a_reconcile() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port: fake.addr().port(),
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+        args: vec!["--resync-interval".into(), "10m".into()],
+    };
+    let (mut proc, port) = op.start();
+    // Not accepted: nothing to wait for, next look at the resync (10 min).
+    apply(
+        &api,
+        "bad",
+        json!({"host": "bad.io", "aliases": ["bad.io"]}),
+    )
+    .unwrap();
+    wait_cond(&api, "bad", "Accepted", "False", Some("InvalidSpec"));
+    let mut settled = reconciles(port);
+    wait_for("reconciles settle", TIMEOUT, || {
+        std::thread::sleep(Duration::from_secs(3));
+        let now = reconciles(port);
+        let same = now == settled;
+        settled = now;
+        Ok(same)
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_tail(4000)));
+    api.kubectl(&[
+        "patch",
+        "mreg",
+        "bad",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status": {"cache": {"hits": 7, "misses": 1, "bytes": 100}}}"#,
+    ])
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        reconciles(port),
+        settled,
+        "a status change made a reconcile\n{}",
+        proc.log_tail(4000)
+    );
+    // The spec (a new generation) still does.
+    apply(
+        &api,
+        "bad",
+        json!({"host": "bad.io", "aliases": ["other.io"]}),
+    )
+    .unwrap();
+    wait_cond(&api, "bad", "Accepted", "True", Some("Valid"));
+    assert!(reconciles(port) > settled);
+    proc.stop().unwrap();
 }

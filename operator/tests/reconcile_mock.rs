@@ -423,3 +423,86 @@ async fn status_fields_left_by_a_merge_patch_are_cleared() {
         "{metas:?}"
     );
 }
+
+/// A registry that waits for a node whose agent stopped reporting (its
+/// Lease expired, the Node is still there: NotReady) is looked at again
+/// less and less often while nothing changes: 2 s doubling up to the
+/// resync interval, not every 2 s for ever (each look LISTs the Leases and
+/// the Nodes and asks the proxy).
+#[tokio::test]
+async fn waiting_for_a_dead_node_backs_off_to_the_resync_interval() {
+    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let client = Client::new(svc, "default");
+    let obj = Arc::new(Mutex::new(cr("quay", 1, json!({"host": "quay.io"}), true)));
+    let (store, mut writer): (Store<MirrorRegistry>, _) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Apply(obj.lock().unwrap().clone()));
+    let current = obj.clone();
+    let server = tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let bytes = req.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let resp = if path.ends_with("/leases") {
+                json_resp(
+                    200,
+                    &json!({"kind": "LeaseList", "apiVersion": "coordination.k8s.io/v1",
+                        "metadata": {}, "items": [{
+                            "metadata": {"name": "pullthrough-agent-n1", "namespace": "pullthrough",
+                                         "annotations": {"pullthrough.dev/registries": "quay.io"}},
+                            "spec": {"holderIdentity": "n1", "leaseDurationSeconds": 90,
+                                     "renewTime": "2020-01-01T00:00:00.000000Z"}}]}),
+                )
+            } else if path == "/api/v1/nodes" {
+                json_resp(
+                    200,
+                    &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                        "metadata": {}, "items": [{
+                            "kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                            "metadata": {"name": "n1"}}]}),
+                )
+            } else {
+                let o = serde_json::to_value(&*current.lock().unwrap()).unwrap();
+                if method == "PATCH" && path.ends_with("/quay/status") {
+                    // What the reconcile applied is the status it sees next.
+                    current.lock().unwrap().status =
+                        serde_json::from_value(body["status"].clone()).unwrap();
+                }
+                answer(&method, &path, &body, &o)
+            };
+            send.send_response(resp);
+        }
+    });
+    let ctx = Arc::new(Context::new(
+        client,
+        settings(),
+        ProxyConfig::from_yaml("{}").unwrap(),
+        store,
+        "test",
+        Arc::new(Metrics::default()),
+    ));
+    let mut requeues = Vec::new();
+    for _ in 0..7 {
+        let o = obj.lock().unwrap().clone();
+        let action = reconcile(Arc::new(o), ctx.clone())
+            .await
+            .expect("reconcile");
+        requeues.push(action);
+    }
+    let status = obj.lock().unwrap().status.clone().unwrap();
+    assert_eq!(status.nodes_summary.as_deref(), Some("0/1"), "{status:?}");
+    server.abort();
+    let secs = |s: u64| kube::runtime::controller::Action::requeue(Duration::from_secs(s));
+    assert_eq!(
+        requeues,
+        [
+            secs(2),
+            secs(4),
+            secs(8),
+            secs(16),
+            secs(30),
+            secs(30),
+            secs(30)
+        ]
+    );
+}
