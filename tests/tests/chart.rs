@@ -1214,3 +1214,25 @@ fn only_a_single_node_cache_volume_makes_the_proxy_recreate() {
         );
     }
 }
+
+/// Pods with an `fsGroup` change a volume's ownership only when its root
+/// does not already match: without `fsGroupChangePolicy: OnRootMismatch`
+/// the kubelet re-chowned the whole proxy cache (every blob) before each
+/// start of the proxy, minutes on a large cache.
+#[test]
+fn the_cache_volume_is_chowned_only_when_its_root_does_not_match() {
+    let helm = Helm::new(None).expect("helm");
+    let docs = documents(&template(&helm, "pullthrough", "pullthrough", &[]));
+    for (kind, name) in [
+        ("Deployment", "pullthrough-proxy"),
+        ("Deployment", "pullthrough-operator"),
+        ("Job", "pullthrough-agent-revert-wait"),
+    ] {
+        let sc = &pod_spec(&docs, kind, name)["securityContext"];
+        assert_eq!(sc["fsGroup"], 65532, "{kind}/{name}: {sc}");
+        assert_eq!(
+            sc["fsGroupChangePolicy"], "OnRootMismatch",
+            "{kind}/{name}: {sc}"
+        );
+    }
+}

@@ -122,6 +122,10 @@ runAsNonRoot: true
 runAsUser: 65532
 runAsGroup: 65532
 fsGroup: 65532
+# Volumes (the proxy's cache) are re-owned only when their root is not
+# already 65532's: a recursive chown of a full cache at every start took
+# minutes.
+fsGroupChangePolicy: OnRootMismatch
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
