@@ -1236,3 +1236,79 @@ fn the_cache_volume_is_chowned_only_when_its_root_does_not_match() {
         );
     }
 }
+
+/// `agent.priorityClassName` may be emptied (no priority class on the
+/// agent's pods; the schema refused ""), and on clusters that admit critical
+/// priorities only against a matching ResourceQuota (GKE: outside
+/// kube-system, "insufficient quota to match these scopes")
+/// `agent.criticalPodsQuota.create` renders one — and a hook copy, since the
+/// release's own is deleted before the post-delete revert creates its pods.
+#[test]
+fn the_agents_priority_class_can_be_emptied_or_given_its_quota() {
+    let helm = Helm::new(None).expect("helm");
+    let render = |sets: &[&str]| {
+        let mut args = Vec::new();
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        documents(&template(&helm, "pullthrough", "pullthrough", &args))
+    };
+    let kinds =
+        |docs: &[serde_json::Value], kind: &str| docs.iter().filter(|d| d["kind"] == kind).count();
+
+    let default = render(&[]);
+    for ds in ["pullthrough-agent", "pullthrough-agent-revert"] {
+        assert_eq!(
+            pod_spec(&default, "DaemonSet", ds)["priorityClassName"],
+            "system-node-critical"
+        );
+    }
+    assert_eq!(kinds(&default, "ResourceQuota"), 0, "no quota by default");
+
+    let none = render(&["agent.priorityClassName="]);
+    for ds in ["pullthrough-agent", "pullthrough-agent-revert"] {
+        let pod = pod_spec(&none, "DaemonSet", ds);
+        assert!(pod.get("priorityClassName").is_none(), "{ds}: {pod}");
+    }
+
+    let quota = render(&["agent.criticalPodsQuota.create=true"]);
+    let scope = serde_json::json!({"matchExpressions": [{
+        "scopeName": "PriorityClass",
+        "operator": "In",
+        "values": ["system-node-critical"],
+    }]});
+    let release = document(&quota, "ResourceQuota", "pullthrough-agent-critical-pods");
+    assert_eq!(release["metadata"]["namespace"], "pullthrough");
+    assert_eq!(release["spec"]["scopeSelector"], scope);
+    assert!(release["spec"]["hard"]["pods"].is_string(), "{release}");
+    assert!(release["metadata"]["annotations"]["helm.sh/hook"].is_null());
+    let hook = document(
+        &quota,
+        "ResourceQuota",
+        "pullthrough-agent-revert-critical-pods",
+    );
+    assert_eq!(hook["spec"], release["spec"]);
+    assert_eq!(
+        hook["metadata"]["annotations"]["helm.sh/hook"],
+        "post-delete"
+    );
+    assert_eq!(
+        hook["metadata"]["annotations"]["helm.sh/hook-weight"],
+        "-10"
+    );
+
+    let own = render(&[
+        "agent.criticalPodsQuota.create=true",
+        "agent.priorityClassName=node-agents",
+    ]);
+    assert_eq!(
+        document(&own, "ResourceQuota", "pullthrough-agent-critical-pods")["spec"]["scopeSelector"]
+            ["matchExpressions"][0]["values"],
+        serde_json::json!(["node-agents"])
+    );
+    let none = render(&[
+        "agent.criticalPodsQuota.create=true",
+        "agent.priorityClassName=",
+    ]);
+    assert_eq!(kinds(&none, "ResourceQuota"), 0, "no class, no quota");
+}

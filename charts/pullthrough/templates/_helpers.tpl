@@ -141,7 +141,9 @@ capabilities:
 {{/* The node-agent's pod settings shared by the DaemonSet and the revert hook. */}}
 {{- define "pullthrough.agentPodCommon" -}}
 hostPID: true
-priorityClassName: {{ .Values.agent.priorityClassName }}
+{{- with .Values.agent.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
 {{- with .Values.agent.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
@@ -176,4 +178,20 @@ imagePullSecrets:
   - name: {{ . }}
   {{- end }}
 {{- end }}
+{{- end -}}
+
+
+{{/*
+The spec of a ResourceQuota that admits the agent's priority class in the
+release namespace (GKE refuses pods of system-node-critical outside
+kube-system unless one matches); the bound is nominal.
+*/}}
+{{- define "pullthrough.criticalPodsQuotaSpec" -}}
+hard:
+  pods: "1G"
+scopeSelector:
+  matchExpressions:
+    - scopeName: PriorityClass
+      operator: In
+      values: [{{ .Values.agent.priorityClassName | quote }}]
 {{- end -}}
