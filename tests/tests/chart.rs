@@ -1312,3 +1312,54 @@ fn the_agents_priority_class_can_be_emptied_or_given_its_quota() {
     ]);
     assert_eq!(kinds(&none, "ResourceQuota"), 0, "no class, no quota");
 }
+
+/// A `commonLabels` key the chart sets itself rendered the label twice in
+/// every object (a duplicate mapping key: kubeconform and strict YAML
+/// parsers refuse it, others keep either value): the schema refuses each
+/// label the chart renders, naming it; other keys still render.
+#[test]
+fn common_labels_may_not_repeat_the_charts_own_labels() {
+    let helm = Helm::new(None).expect("helm");
+    let chart = chart();
+    let docs = documents(&template(&helm, "pullthrough", "pullthrough", &[]));
+    let mut own: Vec<String> = Vec::new();
+    for doc in &docs {
+        for labels in [
+            &doc["metadata"]["labels"],
+            &doc["spec"]["template"]["metadata"]["labels"],
+        ] {
+            for key in labels.as_object().into_iter().flat_map(|m| m.keys()) {
+                if !own.contains(key) {
+                    own.push(key.clone());
+                }
+            }
+        }
+    }
+    assert!(own.len() >= 7, "{own:?}");
+    for key in &own {
+        let json = format!("commonLabels={{\"{key}\":\"x\"}}");
+        let r = helm.run(&["template", "x", &chart, "--set-json", &json]);
+        let Err(Error::Command { output, .. }) = &r else {
+            panic!("commonLabels.{key} must be refused; it rendered");
+        };
+        for says in [
+            "/commonLabels/",
+            &format!("the chart sets {key} itself; remove it from commonLabels"),
+        ] {
+            assert!(
+                output.contains(says),
+                "commonLabels.{key}: {says:?} in {output}"
+            );
+        }
+    }
+    let ok = helm
+        .run(&[
+            "template",
+            "x",
+            &chart,
+            "--set-json",
+            r#"commonLabels={"team":"platform","example.com/owner":"a"}"#,
+        ])
+        .expect("other commonLabels render");
+    assert!(ok.contains("example.com/owner: a"), "{ok}");
+}
