@@ -6,7 +6,8 @@
 //!
 //! A reference that cannot be used (missing, forbidden, malformed) is a
 //! problem of that one MirrorRegistry (`Accepted=False`); an API server that
-//! does not answer is a reconcile error, so a hiccup never drops a working
+//! does not answer, or answers anything but 404 or 403 (429 when it sheds
+//! load, 401, 5xx), is a reconcile error, so a hiccup never drops a working
 //! registry from the table.
 
 use std::collections::hash_map::Entry;
@@ -58,10 +59,10 @@ fn describe(kind: &str, ns: &str, name: &str, e: &kube::Error) -> Option<String>
              operator.referenceNamespaces (or keep the {kind} in the release namespace)"
         )),
         kube::Error::Api(s) if s.code == 404 => Some(format!("{kind} {ns}/{name} not found")),
-        kube::Error::Api(s) if (400..500).contains(&s.code) => {
-            Some(format!("reading {kind} {ns}/{name}: {}", s.message))
-        }
-        // 5xx, connection errors: not this registry's fault.
+        // Any other answer (429 after the client's retries, 401 for the
+        // operator's own token, 408, 5xx) and connection errors say
+        // nothing about the registry: the reconcile fails and is retried,
+        // and the table keeps the registry as it was.
         _ => None,
     }
 }

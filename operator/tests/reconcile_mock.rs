@@ -88,6 +88,14 @@ fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
                     "data": {"username": "cm9ib3Q=", "password": "aHVudGVyMg=="}}),
         );
     }
+    if method == "GET" && path == "/api/v1/namespaces/team/secrets/busy" {
+        return json_resp(
+            429,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "TooManyRequests", "code": 429,
+                    "message": "too many requests, please try again later"}),
+        );
+    }
     if method == "GET" && path.contains("/secrets/") {
         return json_resp(
             403,
@@ -130,6 +138,17 @@ async fn run(
     obj: MirrorRegistry,
     others: Vec<MirrorRegistry>,
 ) -> (Log, kube::runtime::controller::Action) {
+    let (log, action) = try_run(obj, others).await;
+    (log, action.expect("reconcile"))
+}
+
+async fn try_run(
+    obj: MirrorRegistry,
+    others: Vec<MirrorRegistry>,
+) -> (
+    Log,
+    Result<kube::runtime::controller::Action, pullthrough_operator::error::Error>,
+) {
     let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
     let client = Client::new(svc, "default");
     let (store, mut writer): (Store<MirrorRegistry>, _) = reflector::store();
@@ -166,7 +185,7 @@ async fn run(
         "test",
         Arc::new(Metrics::default()),
     ));
-    let action = reconcile(Arc::new(obj), ctx).await.expect("reconcile");
+    let action = reconcile(Arc::new(obj), ctx).await;
     server.abort();
     (log, action)
 }
@@ -504,5 +523,28 @@ async fn waiting_for_a_dead_node_backs_off_to_the_resync_interval() {
             secs(30),
             secs(30)
         ]
+    );
+}
+
+/// An API server that answers 429 (it sheds load) when the referenced
+/// Secret is read says nothing about the registry: the reconcile fails and
+/// is retried, and the table (with the registry as it was) is not touched.
+#[tokio::test]
+async fn a_throttled_reference_read_fails_the_reconcile_and_keeps_the_table() {
+    let spec = json!({"host": "reg.example", "credentialsSecretRef": {"name": "busy", "namespace": "team"}});
+    let (log, res) = try_run(cr("private", 1, spec, true), vec![]).await;
+    let log = log.lock().unwrap().clone();
+    let err = res.expect_err("a 429 must fail the reconcile");
+    assert!(
+        err.to_string().contains("team/busy") || err.to_string().contains("429"),
+        "{err}"
+    );
+    assert!(
+        find(&log, "PATCH", "/configmaps/pullthrough-registries").is_empty(),
+        "the table was written: {log:#?}"
+    );
+    assert!(
+        find(&log, "PATCH", "/mirrorregistries/private/status").is_empty(),
+        "the status was written: {log:#?}"
     );
 }
