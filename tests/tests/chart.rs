@@ -1363,3 +1363,91 @@ fn common_labels_may_not_repeat_the_charts_own_labels() {
         .expect("other commonLabels render");
     assert!(ok.contains("example.com/owner: a"), "{ok}");
 }
+
+/// `tests/tools/go-tools.sh` with `go` reporting `version`: its output and
+/// whether it succeeded. A fake `go` (anything but `env GOVERSION` fails)
+/// and a tools dir already holding `helm`, so a Go the script accepts has
+/// nothing to build.
+fn go_tools_with(version: &str) -> (bool, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bin = dir.path().join("bin");
+    let tools = dir.path().join("tools");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&tools).unwrap();
+    let exe = |path: &Path, text: &str| {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    };
+    exe(
+        &bin.join("go"),
+        &format!(
+            "#!/bin/sh\n[ \"$*\" = \"env GOVERSION\" ] && {{ echo {version}; exit 0; }}\n\
+             [ \"$1\" = version ] && {{ echo \"go version {version} linux/amd64\"; exit 0; }}\n\
+             echo \"go: invalid go version '1.24.0': must match format 1.23\" >&2; exit 1\n"
+        ),
+    );
+    exe(&tools.join("helm-v3.19.0"), "#!/bin/sh\n");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .arg(root().join("tests/tools/go-tools.sh"))
+        .arg("helm")
+        .env("PATH", path)
+        .env("PULLTHROUGH_TOOLS_DIR", &tools)
+        .output()
+        .expect("run go-tools.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Debian bookworm's `golang` is Go 1.19: it cannot read the tools' go.mod
+/// files (`go 1.24.0`, `toolchain` lines) nor fetch a newer toolchain, and
+/// the builds failed minutes later with "invalid go version" in a log. The
+/// script now stops at once naming the minimum (Go 1.21, the first with
+/// toolchain switching); README.md names it too, and no longer says the
+/// agent may patch Leases (its Role grants get, create, update).
+#[test]
+fn go_tools_refuse_a_go_older_than_1_21_and_the_readmes_say_so() {
+    for old in ["go1.19.8", "go1.20.14"] {
+        let (ok, out) = go_tools_with(old);
+        assert!(!ok, "{old}: {out}");
+        for says in [
+            format!("Go {} is too old", old.trim_start_matches("go")),
+            "Go 1.21 or newer".to_string(),
+        ] {
+            assert!(out.contains(&says), "{old}: {says:?} in\n{out}");
+        }
+        assert!(
+            !out.contains("building"),
+            "{old}: stopped before building\n{out}"
+        );
+    }
+    for new in ["go1.21.0", "go1.26.8", "go1.22rc1"] {
+        let (ok, out) = go_tools_with(new);
+        assert!(ok && out.contains("cached"), "{new}: {out}");
+    }
+
+    let flat = |file: &str| {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        text.split_whitespace().collect::<Vec<_>>().join(" ")
+    };
+    let readme = flat("README.md");
+    assert!(readme.contains("Go 1.21 or newer"), "README.md");
+    assert!(!readme.contains("and Go installed"), "README.md");
+    for file in ["README.md", "charts/pullthrough/README.md"] {
+        let text = flat(file);
+        assert!(
+            !text.contains("create/update/patch of Leases"),
+            "{file}: the agent's Role has no patch on Leases"
+        );
+    }
+    assert!(flat("charts/pullthrough/README.md").contains("get/create/update of Leases"));
+}

@@ -39,6 +39,18 @@ BUILD_DIR="$(dirname "$BIN_DIR")/build"
 mkdir -p "$BUILD_DIR"
 
 command -v go >/dev/null || { echo "go-tools.sh: 'go' not found on PATH" >&2; exit 1; }
+# Go 1.21 is the oldest that reads these modules' go.mod files (`go 1.24.0`,
+# `toolchain` lines) and can switch toolchains (GOTOOLCHAIN, run_go below);
+# an older one (Debian bookworm's golang is 1.19) would fail every build
+# minutes later with "invalid go version" in a log.
+MIN_GO_MINOR=21
+GO_VERSION="$(GOTOOLCHAIN=local go env GOVERSION 2>/dev/null || true)"
+if [[ "$GO_VERSION" =~ ^go1\.([0-9]+) ]] && ((BASH_REMATCH[1] < MIN_GO_MINOR)); then
+  echo "go-tools.sh: Go ${GO_VERSION#go} is too old: these builds need Go 1.$MIN_GO_MINOR or newer" \
+    "(it fetches $NEWER_GO through the module proxy for modules that need more)." \
+    "Debian bookworm's golang package is 1.19: install a newer Go (https://go.dev/dl/) first on PATH." >&2
+  exit 1
+fi
 # A go.work somewhere above the build dir must not leak into our temp modules.
 export GOWORK=off
 
