@@ -958,6 +958,20 @@ fn chart_validates_installs_and_uninstalls() {
         ],
     );
     kubeconform_strict(&kc, "replicas on ReadWriteMany", &rwx_render);
+    let lb_render = template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &[
+            "--set",
+            "proxy.service.type=LoadBalancer",
+            "--set",
+            "serviceMonitor.enabled=true",
+            "--set",
+            "prometheusRule.enabled=true",
+        ],
+    );
+    kubeconform_strict(&kc, "LoadBalancer proxy Service", &lb_render);
     // The CRD's schema really is applied: a MirrorRegistry with a typo fails.
     let typo = "apiVersion: pullthrough.dev/v1alpha1\nkind: MirrorRegistry\nmetadata: {name: q}\nspec: {host: quay.io, tagTTl: 1m}\n";
     assert!(
@@ -1450,4 +1464,116 @@ fn go_tools_refuse_a_go_older_than_1_21_and_the_readmes_say_so() {
         );
     }
     assert!(flat("charts/pullthrough/README.md").contains("get/create/update of Leases"));
+}
+
+/// A LoadBalancer or NodePort proxy Service published the admin port 9090
+/// (`/metrics`, `/status`) outside the cluster with the pull ports. Now
+/// such a Service carries only https and http; the admin port is on a
+/// ClusterIP Service `<prefix>-proxy-admin` that the operator (`/status`),
+/// the agents' health gate (`readyUrl`) and the ServiceMonitor use, its
+/// job still `<prefix>-proxy` as the PrometheusRule selects it. A ClusterIP
+/// proxy Service keeps its admin port, as before.
+#[test]
+fn a_public_proxy_service_keeps_the_admin_port_inside_the_cluster() {
+    let helm = Helm::new(None).expect("helm");
+    let admin_host = "pullthrough-proxy-admin.pullthrough.svc.cluster.local:9090";
+    let render = |kind: &str| {
+        documents(&template(
+            &helm,
+            "pullthrough",
+            "pullthrough",
+            &[
+                "--no-hooks",
+                "--set",
+                &format!("proxy.service.type={kind}"),
+                "--set",
+                "serviceMonitor.enabled=true",
+                "--set",
+                "prometheusRule.enabled=true",
+            ],
+        ))
+    };
+    let port_names = |svc: &serde_json::Value| -> Vec<String> {
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["name"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let operator_args = |docs: &[serde_json::Value]| -> Vec<String> {
+        pod_spec(docs, "Deployment", "pullthrough-operator")["containers"][0]["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let rule =
+        |docs: &[serde_json::Value]| document(docs, "PrometheusRule", "pullthrough").to_string();
+
+    for kind in ["LoadBalancer", "NodePort"] {
+        let docs = render(kind);
+        let public = document(&docs, "Service", "pullthrough-proxy");
+        assert_eq!(public["spec"]["type"], kind);
+        assert_eq!(port_names(public), ["https", "http"], "{kind}");
+
+        let admin = document(&docs, "Service", "pullthrough-proxy-admin");
+        assert_eq!(admin["spec"]["type"], "ClusterIP", "{kind}");
+        assert_eq!(admin["spec"]["selector"], public["spec"]["selector"]);
+        assert_eq!(
+            admin["spec"]["ports"],
+            serde_json::json!([{"name": "admin", "port": 9090, "targetPort": "admin", "protocol": "TCP"}])
+        );
+
+        assert!(
+            operator_args(&docs)
+                .contains(&format!("--proxy-status-url=http://{admin_host}/status")),
+            "{kind}: {:?}",
+            operator_args(&docs)
+        );
+        let node = base_config(&docs).proxy.expect("proxy: section");
+        assert_eq!(
+            node.ready_url.as_deref(),
+            Some(format!("http://{admin_host}/readyz").as_str()),
+            "{kind}"
+        );
+
+        // Scraped through the admin Service, under the job the rules name.
+        let monitor = document(&docs, "ServiceMonitor", "pullthrough-proxy");
+        let selector = monitor["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .unwrap();
+        for (k, v) in selector {
+            assert_eq!(&admin["metadata"]["labels"][k], v, "{kind}: label {k}");
+        }
+        let endpoint = &monitor["spec"]["endpoints"][0];
+        assert_eq!(endpoint["port"], "admin");
+        assert_eq!(
+            endpoint["relabelings"],
+            serde_json::json!([{"targetLabel": "job", "replacement": "pullthrough-proxy"}]),
+            "{kind}"
+        );
+        assert!(
+            rule(&docs).contains(r#"job=\"pullthrough-proxy\""#),
+            "{kind}"
+        );
+    }
+
+    let docs = render("ClusterIP");
+    assert_eq!(
+        port_names(document(&docs, "Service", "pullthrough-proxy")),
+        ["https", "http", "admin"]
+    );
+    assert!(
+        !objects(&template(&helm, "pullthrough", "pullthrough", &[]))
+            .contains(&"Service/pullthrough-proxy-admin".to_string())
+    );
+    assert!(
+        !operator_args(&docs)
+            .iter()
+            .any(|a| a.starts_with("--proxy-status-url")),
+        "the operator reads the admin port off the ClusterIP Service"
+    );
+    assert_eq!(base_config(&docs).proxy.unwrap().ready_url, None);
 }

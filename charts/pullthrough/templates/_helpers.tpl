@@ -56,6 +56,24 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pullthrough.baseConfigName" -}}{{ include "pullthrough.fullname" . }}-proxy-base{{- end -}}
 {{- define "pullthrough.revertName" -}}{{ include "pullthrough.fullname" . }}-agent-revert{{- end -}}
 {{- define "pullthrough.peersName" -}}{{ include "pullthrough.fullname" . }}-proxy-peers{{- end -}}
+{{- define "pullthrough.proxyAdminName" -}}{{ include "pullthrough.fullname" . }}-proxy-admin{{- end -}}
+
+{{/*
+The proxy's admin port (/metrics, /status, /readyz) stays inside the
+cluster: on a ClusterIP proxy Service it is one of its ports; a
+LoadBalancer or NodePort Service would publish it, so the port moves to
+the ClusterIP Service <prefix>-proxy-admin, and "pullthrough.proxyAdminUrl"
+is its base URL for the operator and the agents (else empty: they read the
+port off the proxy Service).
+*/}}
+{{- define "pullthrough.proxyAdminSeparate" -}}
+{{- if ne .Values.proxy.service.type "ClusterIP" }}true{{ end -}}
+{{- end -}}
+{{- define "pullthrough.proxyAdminUrl" -}}
+{{- if include "pullthrough.proxyAdminSeparate" . -}}
+http://{{ include "pullthrough.proxyAdminName" . }}.{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}:9090
+{{- end -}}
+{{- end -}}
 
 {{/* Where the proxy reads the bucket's access keys and its CA bundle. */}}
 {{- define "pullthrough.s3CredentialsDir" -}}/etc/pullthrough/s3{{- end -}}
