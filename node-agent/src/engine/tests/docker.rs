@@ -1,0 +1,272 @@
+//! dockerd: daemon.json checks and the daemon actions an apply owes.
+
+use super::*;
+
+#[test]
+fn invalid_daemon_json_is_refused_and_nothing_is_written() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true,}\n");
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, _) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
+    let e = r.unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/etc/docker/daemon.json: is not valid JSON"),
+        "{e}"
+    );
+    assert_eq!(e.exit_code(), 1);
+    assert_eq!(
+        snapshot(t.path()),
+        before,
+        "not even /etc/hosts was touched"
+    );
+}
+
+#[test]
+fn dockerd_validate_rejection_stops_the_apply() {
+    let t = tempfile::tempdir().unwrap();
+    fs::create_dir_all(t.path().join("etc/docker")).unwrap();
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor {
+        validation: Some(Err(Rejected("conflicting flag".into()))),
+        ..Default::default()
+    };
+    let (r, _) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
+    assert!(r.unwrap_err().to_string().contains("dockerd --validate"));
+    assert_eq!(snapshot(t.path()), before);
+}
+
+#[test]
+fn a_failed_daemon_action_is_retried_until_it_succeeds() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    let root = Root::new(t.path());
+    let o = opts(&[RuntimeKind::Containerd]);
+    let mut exec = RecordingExecutor {
+        fail: 2,
+        ..Default::default()
+    };
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    let e = r.unwrap_err().to_string();
+    assert!(e.contains("containerd"), "{e}");
+    assert!(
+        out.contains("restart (config_path enabled in config.toml) FAILED"),
+        "{out}"
+    );
+    assert_eq!(status(&root).unwrap().pending_actions.len(), 1);
+
+    // No file changes now, but the restart is still owed: tried again,
+    // and still reported as a failure while it fails.
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    assert!(r.is_err(), "{out}");
+    assert!(status_table(&status(&root).unwrap()).contains("pending: containerd restart"));
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    let r = r.unwrap();
+    assert!(r.files.is_empty(), "{out}");
+    assert_eq!(r.actions.len(), 1, "{out}");
+    assert_eq!(
+        exec.calls,
+        [
+            "restart containerd",
+            "restart containerd",
+            "restart containerd"
+        ]
+    );
+    assert!(status(&root).unwrap().pending_actions.is_empty());
+
+    // Done: nothing owed any more.
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    assert!(r.unwrap().actions.is_empty(), "{out}");
+    assert!(out.contains("no changes"), "{out}");
+    assert_eq!(exec.calls.len(), 3);
+}
+
+/// A restart owed since an earlier apply follows the admin's current
+/// `--docker-action`: dropped under `none`, a reload under `reload`.
+#[test]
+fn an_owed_docker_restart_obeys_the_current_docker_action() {
+    for (arg, calls, said) in [
+        (
+            DockerActionArg::None,
+            &[][..],
+            "dockerd: owed restart not done: --docker-action none",
+        ),
+        (
+            DockerActionArg::Reload,
+            &["reload docker"][..],
+            "--docker-action reload: a reload instead of the owed restart",
+        ),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+        let root = Root::new(t.path());
+        let mut o = opts(&[RuntimeKind::Docker]);
+        o.docker_action = DockerActionArg::Restart;
+        let mut exec = RecordingExecutor {
+            fail: 1,
+            ..Default::default()
+        };
+        let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+        assert!(r.is_err(), "{out}");
+        assert_eq!(status(&root).unwrap().pending_actions.len(), 1, "{out}");
+
+        o.docker_action = arg;
+        let mut exec = RecordingExecutor::default();
+        let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+        r.unwrap();
+        assert_eq!(exec.calls, calls, "{arg:?}: {out}");
+        assert!(out.contains(said), "{arg:?}: {out}");
+        assert!(status(&root).unwrap().pending_actions.is_empty(), "{arg:?}");
+        // Not owed any more: the next apply is quiet.
+        let (_, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+        assert_eq!(out.trim(), "no changes", "{arg:?}");
+    }
+}
+
+/// `systemctl restart docker` stops the agent's own pod on a cri-dockerd
+/// node before the agent can record that it succeeded: the agent that
+/// comes up next must not restart dockerd again (and be stopped again).
+#[test]
+fn a_restart_that_stopped_the_agent_is_not_repeated() {
+    use crate::error::ExecError;
+    use crate::runtime::{Outcome, Service};
+    struct StopsTheAgent;
+    impl Executor for StopsTheAgent {
+        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            unreachable!("no reload here")
+        }
+        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            panic!("the restart stopped the agent");
+        }
+        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
+            None
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Docker]);
+    o.docker_action = DockerActionArg::Restart;
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
+    }));
+    assert!(stopped.is_err());
+
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    r.unwrap();
+    assert!(exec.calls.is_empty(), "{out}");
+    assert!(out.contains("not repeated"), "{out}");
+    assert!(status(&root).unwrap().pending_actions.is_empty());
+    let (_, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
+    assert_eq!(out.trim(), "no changes");
+    assert!(exec.calls.is_empty());
+}
+
+/// dockerd's SIGHUP applies only keys present in daemon.json: when an
+/// apply drops `insecure-registries` (the proxy moved from plain HTTP to
+/// TLS), dockerd must first read it emptied, or it keeps trusting the
+/// names over plain HTTP until its next restart.
+#[test]
+fn a_key_an_apply_removes_is_cleared_in_dockerd() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let o = opts(&[RuntimeKind::Docker]);
+    let mut http = cfg("proxy: {address: 10.0.0.5, httpPort: 80}\nregistries: [{host: quay.io}]\n");
+    http.ca_pem = None;
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &http, &o, &mut exec).0.unwrap();
+    assert!(read(t.path(), DAEMON_JSON).contains("insecure-registries"));
+
+    let mut exec = SeesDaemonJson {
+        file: t.path().join("etc/docker/daemon.json"),
+        seen: Vec::new(),
+    };
+    let mut out = Vec::new();
+    apply(&root, &cfg(CONFIG), &o, &mut exec, &mut out).unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert_eq!(
+        exec.seen,
+        [Some(serde_json::json!({
+            "debug": true,
+            "registry-mirrors": ["https://10.0.0.5"],
+            "insecure-registries": [],
+        }))],
+        "{out}"
+    );
+    let dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
+    assert_eq!(
+        dj,
+        serde_json::json!({"debug": true, "registry-mirrors": ["https://10.0.0.5"]}),
+        "{out}"
+    );
+    assert_eq!(
+        status(&root)
+            .unwrap()
+            .files
+            .iter()
+            .filter(|f| f.state != "applied")
+            .count(),
+        0
+    );
+}
+
+/// A restart an agent began and did not see end (it may have stopped the
+/// agent) is not repeated: `status` says so, not that it is retried.
+#[test]
+fn status_says_a_begun_restart_is_not_repeated() {
+    use crate::error::ExecError;
+    use crate::runtime::{Outcome, Service};
+    struct StopsTheAgent;
+    impl Executor for StopsTheAgent {
+        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            unreachable!("no reload here")
+        }
+        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            panic!("the restart stopped the agent");
+        }
+        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
+            None
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Docker]);
+    o.docker_action = DockerActionArg::Restart;
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
+    }));
+    assert!(stopped.is_err());
+
+    let table = status_table(&status(&root).unwrap());
+    let line = table
+        .lines()
+        .find(|l| l.contains("pending: docker restart"))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(!line.contains("retried"), "{line}");
+    assert!(
+        line.ends_with("begun by an earlier agent that did not see it end: not repeated, the next apply drops it"),
+        "{line}"
+    );
+
+    // One that failed is retried.
+    let t = tempfile::tempdir().unwrap();
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor {
+        fail: 1,
+        ..Default::default()
+    };
+    let (r, _) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
+    assert!(r.is_err());
+    let table = status_table(&status(&root).unwrap());
+    assert!(
+        table.contains("pending: containerd restart (config_path enabled in config.toml): failed, retried on the next apply\n"),
+        "{table}"
+    );
+}
