@@ -38,6 +38,7 @@ struct State {
     publisher: Publisher,
     failures: Failures,
     pace: Pace,
+    told: tag_moves::Told,
 }
 
 /// Per object: how soon a registry that waits is looked at again, and
@@ -243,7 +244,10 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     let accepted = desired.first().is_some_and(|d| d.status);
     let last_move = old.and_then(|s| s.last_tag_move.as_ref());
     let moved = match &obs.proxy {
-        Ok(p) if accepted => tag_moves::unseen(&p.tag_moves, &obj.spec.host, last_move),
+        Ok(p) if accepted => ctx
+            .state
+            .told
+            .unseen(&p.tag_moves, &obj.spec.host, last_move),
         _ => Vec::new(),
     };
     let mut new = MirrorRegistryStatus {
@@ -260,10 +264,7 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
             Ok(p) if accepted => p.upstream.get(&obj.spec.host).cloned(),
             _ => old.and_then(|s| s.upstream.clone()),
         },
-        last_tag_move: moved
-            .last()
-            .map(|m| tag_moves::to_status(m))
-            .or_else(|| last_move.cloned()),
+        last_tag_move: tag_moves::latest(&moved, last_move),
     };
     let pace = &ctx.state.pace;
     // Only the proxy's figures changed: they wait for the resync.
@@ -284,6 +285,11 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     // reconcile, and the moves are told then instead of twice.
     for note in tag_moves::notes(&obj.spec.host, &moved) {
         tag_moves::publish(&ctx.kube, &obj.object_ref(&()), note).await;
+    }
+    if let Ok(p) = &obs.proxy
+        && accepted
+    {
+        ctx.state.told.told(&moved, &p.tag_moves);
     }
     // Proxy reloads and agent reports are not watched (a Lease watch would
     // wake every CR on every node's renewal): while an accepted registry is
@@ -341,6 +347,7 @@ async fn cleanup(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Erro
         ctx.event(&obj, note).await;
     }
     ctx.state.pace.forget(&obj.name_any());
+    ctx.state.told.forget(host);
     let note = Note {
         type_: EventType::Normal,
         reason: "Removed".into(),

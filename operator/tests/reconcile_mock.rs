@@ -548,3 +548,112 @@ async fn a_throttled_reference_read_fails_the_reconcile_and_keeps_the_table() {
         "the status was written: {log:#?}"
     );
 }
+
+/// A fake proxy `/status` behind a Service with several replicas: each
+/// request is answered by the next of `docs`, in turn.
+async fn replicas(docs: Vec<Value>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/status", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        for doc in docs.iter().cycle() {
+            let Ok((mut conn, _)) = listener.accept().await else {
+                return;
+            };
+            let mut buf = vec![0u8; 4096];
+            let _ = conn.read(&mut buf).await;
+            let body = doc.to_string();
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes()).await;
+        }
+    });
+    url
+}
+
+/// Tag moves with two proxy replicas behind the Service: each reconcile
+/// sees the moves one replica saw, with its own timestamps. Each move is
+/// one `TagMoved` Event: none lost because the other replica reported a
+/// later one first, none told twice because both saw it.
+#[tokio::test]
+async fn tag_moves_of_two_replicas_are_each_told_once() {
+    let mv = |tag: &str, from: &str, to: &str, at: i64| {
+        json!({"registry": "quay.io", "repository": "app", "tag": tag,
+               "from": from, "to": to, "at": at})
+    };
+    let doc = |moves: Vec<Value>| json!({"configHash": "x", "registries": ["quay.io"], "tagMoves": moves});
+    let a = doc(vec![
+        mv("one", "sha256:1", "sha256:2", 1_000),
+        mv("three", "sha256:5", "sha256:6", 3_000),
+    ]);
+    let b = doc(vec![
+        mv("one", "sha256:1", "sha256:2", 1_500),
+        mv("two", "sha256:3", "sha256:4", 2_000),
+        mv("three", "sha256:5", "sha256:6", 3_500),
+    ]);
+    let mut settings = settings();
+    settings.proxy_status_url = Some(replicas(vec![a, b]).await);
+
+    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let client = Client::new(svc, "default");
+    let obj = Arc::new(Mutex::new(cr("quay", 1, json!({"host": "quay.io"}), true)));
+    let (store, mut writer): (Store<MirrorRegistry>, _) = reflector::store();
+    writer.apply_watcher_event(&watcher::Event::Apply(obj.lock().unwrap().clone()));
+    let current = obj.clone();
+    let log: Log = Default::default();
+    let server = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_string();
+                let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let o = serde_json::to_value(&*current.lock().unwrap()).unwrap();
+                if method == "PATCH" && path.ends_with("/quay/status") {
+                    current.lock().unwrap().status =
+                        serde_json::from_value(body["status"].clone()).unwrap();
+                }
+                let resp = answer(&method, &path, &body, &o);
+                log.lock()
+                    .unwrap()
+                    .push((method, path, body, String::new()));
+                send.send_response(resp);
+            }
+        })
+    };
+    let ctx = Arc::new(Context::new(
+        client,
+        settings,
+        ProxyConfig::from_yaml("{}").unwrap(),
+        store,
+        "test",
+        Arc::new(Metrics::default()),
+    ));
+    for _ in 0..4 {
+        let o = obj.lock().unwrap().clone();
+        reconcile(Arc::new(o), ctx.clone())
+            .await
+            .expect("reconcile");
+        // Past the observation's cache: the next one asks the proxy again.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    server.abort();
+    let log = log.lock().unwrap().clone();
+    let mut told: Vec<String> = find(&log, "POST", "/events")
+        .into_iter()
+        .filter(|e| e["reason"] == "TagMoved")
+        .map(|e| e["note"].as_str().unwrap().to_string())
+        .collect();
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            "quay.io/app:one moved from sha256:1 to sha256:2",
+            "quay.io/app:three moved from sha256:5 to sha256:6",
+            "quay.io/app:two moved from sha256:3 to sha256:4",
+        ]
+    );
+}
