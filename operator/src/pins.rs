@@ -224,6 +224,7 @@ pub(crate) fn spec_images(spec: &PodSpec) -> impl Iterator<Item = (&str, &str)> 
 fn reflect<K>(api: Api<K>, changed: watch::Sender<()>) -> (Store<K>, impl Future<Output = ()>)
 where
     K: kube::Resource<DynamicType = ()>
+        + Slim
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -235,6 +236,7 @@ where
     let kind = K::kind(&()).into_owned();
     let events = watcher(api, watcher::Config::default())
         .default_backoff()
+        .modify(K::slim)
         .reflect(writer)
         .applied_objects()
         .for_each(move |r| {
@@ -245,6 +247,38 @@ where
             async {}
         });
     (store, events)
+}
+
+/// What the stores keep of an object: what pins and discovery read. Every
+/// Pod, ReplicaSet, Node, ... of the cluster is cached, so the parts no
+/// one reads (managedFields, kubectl's last-applied copy of the whole
+/// object, a node's list of every image it holds) are dropped as objects
+/// arrive; on a big cluster they are most of the operator's memory.
+pub trait Slim: kube::Resource {
+    fn slim(&mut self) {
+        slim_meta(self.meta_mut());
+    }
+}
+
+fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = meta.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+impl Slim for Pod {}
+impl Slim for ReplicaSet {}
+impl Slim for DaemonSet {}
+impl Slim for StatefulSet {}
+impl Slim for MirrorRegistry {}
+impl Slim for Node {
+    fn slim(&mut self) {
+        slim_meta(kube::Resource::meta_mut(self));
+        if let Some(status) = self.status.as_mut() {
+            status.images = None;
+        }
+    }
 }
 
 /// What the pins are computed from.
@@ -512,6 +546,40 @@ mod tests {
     use serde_json::Value;
 
     use super::*;
+
+    /// The stores keep what pins and discovery read, not managedFields,
+    /// kubectl's last-applied copy or a node's image list.
+    #[test]
+    fn cached_objects_are_slimmed_to_what_is_read() {
+        let mut p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "n",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "me"},
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+            "spec": {"containers": [{"name": "c", "image": "quay.io/a:1"}]},
+        }))
+        .unwrap();
+        p.slim();
+        assert!(p.metadata.managed_fields.is_none());
+        let a = p.metadata.annotations.as_ref().unwrap();
+        assert_eq!(a.keys().collect::<Vec<_>>(), ["keep"]);
+        assert_eq!(spec_images(p.spec.as_ref().unwrap()).count(), 1);
+        let mut n: Node = serde_json::from_value(json!({
+            "metadata": {"name": "n", "managedFields": [{"manager": "kubelet"}]},
+            "status": {"images": [{"names": ["quay.io/a:1"], "sizeBytes": 1}],
+                "nodeInfo": {"architecture": "arm64", "operatingSystem": "linux",
+                    "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "",
+                    "kubeProxyVersion": "", "kubeletVersion": "", "machineID": "",
+                    "osImage": "", "systemUUID": ""}},
+        }))
+        .unwrap();
+        n.slim();
+        assert!(n.metadata.managed_fields.is_none());
+        assert!(n.status.as_ref().unwrap().images.is_none());
+        assert_eq!(
+            platforms_of([&n]).into_iter().collect::<Vec<_>>(),
+            ["linux/arm64"]
+        );
+    }
 
     const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
     const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
