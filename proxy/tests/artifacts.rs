@@ -258,3 +258,72 @@ fn referrers_answers_are_cached_per_filter_and_served_through_an_outage() {
         .wait_access(&[("kind", "referrers"), ("cache", "STALE")])
         .unwrap();
 }
+
+/// A registry hiding a repository from a client answers its referrers
+/// request 404, as a registry without the API does. That 404 is no "no
+/// referrers API here" for everyone: a client the registry lets read the
+/// subject, asking next, gets the upstream's index.
+#[test]
+fn a_404_for_a_client_that_cannot_read_the_subject_is_not_every_clients_answer() {
+    const USER: &str = "Basic dTpw";
+    let subject = sha256_digest(b"a private subject");
+    let index = Bytes::from(
+        serde_json::json!({"schemaVersion": 2, "mediaType": INDEX, "manifests": [
+            {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+             "digest": sha256_digest(b"signature"), "size": 100, "artifactType": SIG_TYPE}]})
+        .to_string(),
+    );
+    let (s, served) = (subject.clone(), index.clone());
+    let upstream = Stub::canned()
+        .route(move |seen| {
+            let reads = seen.auth() == Some(USER);
+            let b = Response::builder();
+            let hidden = || {
+                Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("content-type", "application/json")
+                    .body(Bytes::from_static(
+                        br#"{"errors":[{"code":"NAME_UNKNOWN","message":"repository name not known to registry"}]}"#,
+                    ))
+                    .unwrap()
+            };
+            if seen.path == "/v2/" {
+                b.status(StatusCode::OK).body(Bytes::new()).unwrap()
+            } else if seen.path == format!("/v2/app/manifests/{s}") && seen.method == Method::HEAD {
+                if reads {
+                    b.status(StatusCode::OK)
+                        .header("docker-content-digest", s.as_str())
+                        .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+                        .body(Bytes::new())
+                        .unwrap()
+                } else {
+                    hidden()
+                }
+            } else if seen.path.starts_with(&format!("/v2/app/referrers/{s}")) {
+                if reads {
+                    b.status(StatusCode::OK)
+                        .header("content-type", INDEX)
+                        .body(served.clone())
+                        .unwrap()
+                } else {
+                    hidden()
+                }
+            } else {
+                hidden()
+            }
+        })
+        .start()
+        .unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("priv.test", &upstream.url(), ""),
+    )
+    .unwrap();
+    let url = format!("{}/v2/priv.test/app/referrers/{subject}", proxy.http_url());
+    let anonymous = Get::new(&url).send().unwrap();
+    assert_eq!(anonymous.status, StatusCode::NOT_FOUND);
+    let user = Get::new(&url).header("Authorization", USER).send().unwrap();
+    assert_eq!(user.status, StatusCode::OK, "{:?}", user.body);
+    assert_eq!(sha256_digest(&user.body), sha256_digest(&index));
+}

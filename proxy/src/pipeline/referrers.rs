@@ -89,9 +89,17 @@ pub(crate) async fn referrers(
     };
     match up.response.status() {
         StatusCode::NOT_FOUND => {
-            ctx.shared
-                .referrers
-                .put(host, repo, subject, query, Referrers::Unsupported);
+            // "No referrers API here" only if this client may read the
+            // subject: a registry hiding a repository from a client
+            // answers 404 too, and that must not become every client's
+            // answer (an authorised one would get no referrers for
+            // `tagTTL`).
+            let path = format!("/v2/{repo}/manifests/{subject}");
+            if ctx.check_cached(headers, &path, subject).await?.is_none() {
+                ctx.shared
+                    .referrers
+                    .put(host, repo, subject, query, Referrers::Unsupported);
+            }
             record.cache = CacheResult::Pass;
             Ok(relay_response(up.response))
         }
