@@ -13,7 +13,9 @@
 //! and htpasswd, inside the cluster's network namespace.
 //!
 //! Everything happens through `helm` and `kubectl`, as an admin would:
-//! 1. `helm install --wait`: operator, proxy and an agent per node Ready;
+//! 1. `helm install --wait`: operator, proxy and an agent per node Ready,
+//!    with a starter MirrorRegistry of the release's own
+//!    (`registries.create`);
 //! 2. `kubectl apply` a MirrorRegistry (+ credentials Secret): Ready,
 //!    Nodes 2/2, each node's containerd config points at the proxy;
 //! 3. a Pod whose image is on the upstream runs: pulled through the proxy
@@ -25,9 +27,11 @@
 //!    scaled to 50 pods: all of them Ready, on both nodes, each node's
 //!    pull served from the cache; over the whole test the upstream
 //!    answered exactly one GET per blob;
-//! 5. `helm uninstall`: the post-delete hook reverts each node (its
-//!    /etc/hosts, containerd, docker and containers files byte-identical to
-//!    before the install) and no pullthrough object is left but the CRD.
+//! 5. `helm uninstall`: the pre-delete hook deletes the starter
+//!    MirrorRegistry while the operator runs (none is left Terminating),
+//!    the post-delete hook reverts each node (its /etc/hosts, containerd,
+//!    docker and containers files byte-identical to before the install)
+//!    and no pullthrough object is left but the CRD.
 //!
 //! It prints a timeline of those steps.
 
@@ -51,6 +55,8 @@ use serde_json::json;
 const NS: &str = "pullthrough";
 const RELEASE: &str = "pullthrough";
 const MIRRORED: &str = "registry.test";
+/// A MirrorRegistry the release itself creates (registries.create).
+const STARTER: &str = "starter.test";
 const USER: &str = "puller";
 const PASSWORD: &str = "s3cret-pull";
 const WORKLOAD: &str = "registry.test/team/app:v1";
@@ -403,7 +409,22 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
         );
     }
 
-    // 1. helm install: every pod Ready.
+    // 1. helm install: every pod Ready. The release also creates a
+    // starter MirrorRegistry (registries.create), which uninstall must
+    // delete while the operator still runs (its finalizer).
+    let starter = work.path().join("starter.yaml");
+    std::fs::write(
+        &starter,
+        serde_json::to_string(&json!({"registries": {"create": true, "items": [
+            {"name": STARTER, "spec": {
+                "host": STARTER,
+                "upstream": format!("https://{}", upstream.host()),
+                "tls": {"caBundle": upstream.ca_pem().unwrap()},
+            }},
+        ]}}))
+        .unwrap(),
+    )
+    .unwrap();
     let helm = cluster.helm().unwrap();
     let installed = helm.run(&[
         "install",
@@ -414,6 +435,8 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
         "--create-namespace",
         "-f",
         values.to_str().unwrap(),
+        "-f",
+        starter.to_str().unwrap(),
         "--wait",
         "--timeout=240s",
     ]);
@@ -731,6 +754,15 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
         panic!("helm uninstall: {e}\n{}", cluster.diagnostics());
     }
     tl.mark("helm uninstall: post-delete revert hook done");
+    // The release's own MirrorRegistry is gone, not left Terminating with
+    // a finalizer no operator will remove.
+    let starter_left = cluster
+        .kubectl(&["get", "mirrorregistries", "-o", "name"])
+        .unwrap();
+    assert!(
+        !starter_left.contains(STARTER),
+        "left after uninstall: {starter_left}"
+    );
     let after = snapshot(&cluster);
     let changes = diff(&before, &after);
     assert!(
