@@ -205,6 +205,22 @@ fn storage(max: u64, min_age_secs: u64, every_ms: u64) -> pullthrough_api::confi
         .unwrap()
 }
 
+/// Replica `a`'s evictor over `tier`, with a journal of its own.
+fn evictor_a(
+    tier: &Arc<SharedTier>,
+    storage: &pullthrough_api::config::SharedStorage,
+    awaits_pins: bool,
+) -> Evictor {
+    Evictor::new(
+        Arc::clone(tier),
+        storage,
+        "a".into(),
+        Arc::default(),
+        awaits_pins,
+    )
+    .unwrap()
+}
+
 async fn put_blob(tier: &SharedTier, seed: u8, size: usize) -> Digest {
     let data = vec![seed; size];
     let d = digest_of(&data);
@@ -289,14 +305,7 @@ async fn one_evictor_bounds_the_bucket_least_recently_used_first() {
 #[tokio::test]
 async fn blobs_used_within_min_age_are_never_evicted() {
     let (tier, _) = ten_blobs().await;
-    let e = Evictor::new(
-        tier.clone(),
-        &storage(60 << 10, 3600, 50),
-        "a".into(),
-        Arc::default(),
-        false,
-    )
-    .unwrap();
+    let e = evictor_a(&tier, &storage(60 << 10, 3600, 50), false);
     e.round_for_test().await.unwrap();
     assert_eq!(tier.list_blobs().await.unwrap().len(), 10);
 }
@@ -308,14 +317,7 @@ async fn pinned_blobs_are_never_evicted_from_the_bucket() {
     // Under a 60 KiB bound (high 54, low 30); the first three (the
     // oldest) pinned.
     let (tier, blobs) = ten_blobs().await;
-    let e = Evictor::new(
-        tier.clone(),
-        &storage(60 << 10, 0, 50),
-        "a".into(),
-        Arc::default(),
-        false,
-    )
-    .unwrap();
+    let e = evictor_a(&tier, &storage(60 << 10, 0, 50), false);
     e.pin(Arc::new(blobs[..3].iter().cloned().collect()));
     e.round_for_test().await.unwrap();
     let left: Vec<Digest> = tier
@@ -388,14 +390,7 @@ async fn calls_off_the_request_path_to_a_silent_bucket_time_out() {
 #[tokio::test]
 async fn the_bucket_is_not_evicted_before_the_pins_are_known() {
     let (tier, blobs) = ten_blobs().await;
-    let e = Evictor::new(
-        tier.clone(),
-        &storage(60 << 10, 0, 50),
-        "a".into(),
-        Arc::default(),
-        true,
-    )
-    .unwrap();
+    let e = evictor_a(&tier, &storage(60 << 10, 0, 50), true);
     e.round_for_test().await.unwrap();
     assert_eq!(tier.list_blobs().await.unwrap().len(), 10);
     e.pin(Arc::new(blobs[..3].iter().cloned().collect()));
@@ -434,14 +429,7 @@ async fn an_eviction_round_ends_within_its_interval() {
     }
     // 100 KiB under a 60 KiB bound: 7 deletes (700 ms) to reach 30 KiB,
     // with an interval of 250 ms.
-    let e = Evictor::new(
-        tier.clone(),
-        &storage(60 << 10, 0, 250),
-        "a".into(),
-        Arc::default(),
-        false,
-    )
-    .unwrap();
+    let e = evictor_a(&tier, &storage(60 << 10, 0, 250), false);
     let started = std::time::Instant::now();
     e.round_for_test().await.unwrap();
     assert!(
@@ -477,15 +465,8 @@ async fn coordination_files_of_gone_replicas_are_deleted() {
     tier.put_coord("access/live.json", Bytes::from_static(b"{}"))
         .await
         .unwrap();
-    let e = Evictor::new(
-        tier.clone(),
-        &storage(1 << 30, 0, 50),
-        "a".into(),
-        Arc::default(),
-        false,
-    )
-    .unwrap()
-    .with_stale_after(Duration::from_millis(40));
+    let e = evictor_a(&tier, &storage(1 << 30, 0, 50), false)
+        .with_stale_after(Duration::from_millis(40));
     e.round_for_test().await.unwrap();
     let mut left: Vec<String> = tier.list_coord("access").await.unwrap();
     left.extend(tier.list_coord("public").await.unwrap());
