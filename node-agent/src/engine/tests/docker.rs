@@ -132,29 +132,7 @@ fn an_owed_docker_restart_obeys_the_current_docker_action() {
 /// comes up next must not restart dockerd again (and be stopped again).
 #[test]
 fn a_restart_that_stopped_the_agent_is_not_repeated() {
-    use crate::error::ExecError;
-    use crate::runtime::{Outcome, Service};
-    struct StopsTheAgent;
-    impl Executor for StopsTheAgent {
-        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
-            unreachable!("no reload here")
-        }
-        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
-            panic!("the restart stopped the agent");
-        }
-        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
-            None
-        }
-    }
-    let t = tempfile::tempdir().unwrap();
-    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
-    let root = Root::new(t.path());
-    let mut o = opts(&[RuntimeKind::Docker]);
-    o.docker_action = DockerActionArg::Restart;
-    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
-    }));
-    assert!(stopped.is_err());
+    let (_dir, root, o) = a_restart_stops_the_agent();
 
     let mut exec = RecordingExecutor::default();
     let (r, out) = run_apply(&root, &cfg(CONFIG), &o, &mut exec);
@@ -220,29 +198,7 @@ fn a_key_an_apply_removes_is_cleared_in_dockerd() {
 /// agent) is not repeated: `status` says so, not that it is retried.
 #[test]
 fn status_says_a_begun_restart_is_not_repeated() {
-    use crate::error::ExecError;
-    use crate::runtime::{Outcome, Service};
-    struct StopsTheAgent;
-    impl Executor for StopsTheAgent {
-        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
-            unreachable!("no reload here")
-        }
-        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
-            panic!("the restart stopped the agent");
-        }
-        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
-            None
-        }
-    }
-    let t = tempfile::tempdir().unwrap();
-    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
-    let root = Root::new(t.path());
-    let mut o = opts(&[RuntimeKind::Docker]);
-    o.docker_action = DockerActionArg::Restart;
-    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
-    }));
-    assert!(stopped.is_err());
+    let (_dir, root, _) = a_restart_stops_the_agent();
 
     let table = status_table(&status(&root).unwrap());
     let line = table
@@ -269,4 +225,34 @@ fn status_says_a_begun_restart_is_not_repeated() {
         table.contains("pending: containerd restart (config_path enabled in config.toml): failed, retried on the next apply\n"),
         "{table}"
     );
+}
+
+/// An apply with `--docker-action restart` whose restart stops the agent
+/// itself (the executor panics where the process would die): the node's
+/// dir, its root and the options used.
+fn a_restart_stops_the_agent() -> (tempfile::TempDir, Root, ApplyOptions) {
+    use crate::error::ExecError;
+    use crate::runtime::{Outcome, Service};
+    struct StopsTheAgent;
+    impl Executor for StopsTheAgent {
+        fn reload(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            unreachable!("no reload here")
+        }
+        fn restart(&mut self, _: Service) -> Result<Outcome, ExecError> {
+            panic!("the restart stopped the agent");
+        }
+        fn validate_daemon_json(&mut self, _: &[u8]) -> Option<Result<(), Rejected>> {
+            None
+        }
+    }
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let root = Root::new(t.path());
+    let mut o = opts(&[RuntimeKind::Docker]);
+    o.docker_action = DockerActionArg::Restart;
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        apply(&root, &cfg(CONFIG), &o, &mut StopsTheAgent, &mut Vec::new())
+    }));
+    assert!(stopped.is_err());
+    (t, root, o)
 }
