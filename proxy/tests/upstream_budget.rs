@@ -268,3 +268,26 @@ fn concurrent_asks_for_an_expired_tag_cost_one_upstream_trip() {
     rollout(&sha256_digest(&hub.manifest("latest")));
     assert_eq!((gets(), heads()), (2, 2), "unmoved: one HEAD");
 }
+
+/// The proxy's own token realm failing is no outage of the registry: a
+/// client bringing its own credentials is asked about with those, and
+/// gets the cached manifest the registry lets it read.
+#[test]
+fn a_failing_token_service_still_lets_a_clients_own_credentials_through() {
+    let (hub, stub) = Hub::start_with_tokens(50).unwrap();
+    let proxy = proxy_for(&stub, "");
+    let digest = sha256_digest(&hub.manifest("latest"));
+    // Cached by one user, with its own token (granted to that user only).
+    let first = pull(&proxy, "latest", Some("Bearer user-a"));
+    assert_eq!(first.status, StatusCode::OK, "{}", proxy.log());
+    assert_eq!(sha256_digest(&first.body), digest);
+
+    hub.set_realm_down(true);
+    // Another user, by digest: not known to the proxy yet.
+    let other = pull(&proxy, &digest, Some("Bearer user-b"));
+    assert_eq!(other.status, StatusCode::OK, "{:?}", other.body);
+    assert_eq!(sha256_digest(&other.body), digest);
+    // Without credentials there is still no answer: nothing opens.
+    let anonymous = pull(&proxy, &digest, None);
+    assert_ne!(anonymous.status, StatusCode::OK);
+}

@@ -110,7 +110,11 @@ impl Hub {
                         r#"{{"token":"{valid}","expires_in":300}}"#
                     )))
             }
-        } else if seen.auth() == Some(format!("Bearer {valid}").as_str()) {
+        } else if seen.auth() == Some(format!("Bearer {valid}").as_str())
+            || seen.auth().is_some_and(|a| a.starts_with("Bearer user-"))
+        {
+            // The realm's current token, or a user's own (a personal
+            // access token: `Bearer user-<anything>`).
             return None;
         } else {
             let host = seen

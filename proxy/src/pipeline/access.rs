@@ -248,6 +248,10 @@ enum Answer {
     Refused(Response<Body>),
     /// Unreachable, timed out, 429 or 5xx: no answer about access.
     Outage,
+    /// The realm of the proxy's own anonymous token failed: no answer for
+    /// a client without credentials, though the registry itself may still
+    /// answer a client's own.
+    TokenOutage,
     /// The proxy's own throttle on token requests for new repositories
     /// (see `upstream::throttle`) kept it from asking: the client caused
     /// it, so nothing opens — not even what an outage would open — and it
@@ -309,6 +313,9 @@ impl Ctx<'_> {
                 }
                 // No answer now: the client's own ask would get none either.
                 Answer::Outage => answer = Some(Answer::Outage),
+                // Only the proxy's anonymous token failed: the client's
+                // own credentials may still get the registry's answer.
+                Answer::TokenOutage => {}
                 // The proxy's credentials are not used for a client
                 // bringing its own: ask with those.
                 Answer::Throttled(_) => {}
@@ -338,7 +345,7 @@ impl Ctx<'_> {
                 metrics.auth_check(host, AuthResult::throttled);
                 Ok(Some(resp))
             }
-            Answer::Outage => {
+            Answer::Outage | Answer::TokenOutage => {
                 metrics.auth_check(host, AuthResult::unreachable);
                 let known = (!private && grants.is_public(host, repo, digest, basis, OUTAGE_GRACE))
                     || grants.allowed(host, repo, digest, &client, OUTAGE_GRACE);
@@ -374,6 +381,11 @@ impl Ctx<'_> {
             Ok(up) => up,
             Err(err) if err.is_throttled() => {
                 return Ok(Answer::Throttled(err.into_response()));
+            }
+            Err(err) if err.is_anonymous_token_failure() => {
+                tracing::warn!(error = %err, registry = host, repository = repo,
+                    "cannot ask the upstream about access as an anonymous client");
+                return Ok(Answer::TokenOutage);
             }
             Err(err) => {
                 tracing::warn!(error = %err, registry = host, repository = repo,

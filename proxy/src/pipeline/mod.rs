@@ -180,6 +180,17 @@ impl HandlerError {
         )
     }
 
+    /// The realm of the proxy's own anonymous token failed.
+    pub(crate) fn is_anonymous_token_failure(&self) -> bool {
+        matches!(
+            self,
+            HandlerError::Upstream {
+                source: UpstreamError::AnonymousToken { .. },
+                ..
+            }
+        )
+    }
+
     fn into_response(self) -> Response<Body> {
         if let HandlerError::Upstream {
             source: UpstreamError::Throttled { retry_after, .. },
