@@ -14,6 +14,7 @@ use pullthrough_api::config::ProxyConfig;
 use tokio::sync::watch;
 
 pub mod admin;
+pub mod atomic_file;
 pub mod bounded;
 pub mod cache;
 pub mod config;

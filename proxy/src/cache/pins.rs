@@ -308,17 +308,15 @@ fn read_roots(path: &Path) -> BTreeMap<String, Digest> {
     }
 }
 
-/// Replaces the file in one rename, so a crash leaves the old or the new.
+/// Replaces the file whole, so a crash leaves the old or the new.
 fn write_roots(path: &Path, roots: &BTreeMap<String, Digest>) {
     let doc: BTreeMap<&str, String> = roots
         .iter()
         .map(|(image, d)| (image.as_str(), d.to_string()))
         .collect();
-    let tmp = path.with_extension("json.tmp");
     let written = serde_json::to_vec(&doc)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, path));
+        .and_then(|bytes| crate::atomic_file::write(path, &bytes, 0o644));
     if let Err(e) = written {
         tracing::warn!(file = %path.display(), error = %e, "cannot keep what pinned tags resolved to");
     }

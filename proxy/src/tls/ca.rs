@@ -1,9 +1,8 @@
 //! The CA: loading it from files, generating one into the data dir, and
 //! minting leaf certificates from it.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -481,35 +480,9 @@ fn warn_if_key_readable(path: &Path) {
     }
 }
 
-/// Writes `path` atomically: a temp file in the same directory, fsync,
-/// rename, fsync of the directory.
+/// [`crate::atomic_file::write`], its error naming the file.
 fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let nanos = since_epoch(SystemTime::now()).subsec_nanos();
-    let tmp = dir.join(format!(".{file_name}.tmp-{}-{nanos}", std::process::id()));
-    let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        drop(file);
-        fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result.map_err(|source| TlsError::Write {
+    crate::atomic_file::write(path, contents, mode).map_err(|source| TlsError::Write {
         path: path.to_owned(),
         source,
     })
