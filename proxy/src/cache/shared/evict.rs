@@ -36,6 +36,9 @@ const JOURNALS: &str = "access";
 /// next change; an answer this old is past use anyway
 /// ([`crate::pipeline::OUTAGE_GRACE`]).
 const STALE_COORD: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How often the lease holder looks for such files: not every round (each
+/// look LISTs two folders), files a week stale can wait an hour.
+const SWEEP_EVERY: Duration = Duration::from_secs(3600);
 /// Digests one journal remembers at most (the most recent ones).
 const JOURNAL_MAX: usize = 200_000;
 
@@ -120,6 +123,8 @@ pub struct Evictor {
     unfinished: AtomicBool,
     /// [`STALE_COORD`], shorter in tests.
     stale_after: Duration,
+    /// When this replica last swept, while holding the lease.
+    swept: Mutex<Option<Instant>>,
     /// Digests eviction skips (`cache::pins`); `None` while pins exist
     /// but are not resolved yet (nothing is evicted until they are).
     pinned: arc_swap::ArcSwapOption<std::collections::HashSet<Digest>>,
@@ -149,6 +154,7 @@ impl Evictor {
             held: Mutex::new(None),
             unfinished: AtomicBool::new(false),
             stale_after: STALE_COORD,
+            swept: Mutex::new(None),
             pinned: arc_swap::ArcSwapOption::new(
                 (!awaits_pins).then(|| Arc::new(std::collections::HashSet::new())),
             ),
@@ -195,7 +201,17 @@ impl Evictor {
         let holder = self.lease().await?;
         self.stats.holder.store(holder, Ordering::Relaxed);
         if holder {
-            self.sweep_stale().await?;
+            let due = {
+                let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+                let due = swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+                if due {
+                    *swept = Some(Instant::now());
+                }
+                due
+            };
+            if due {
+                self.sweep_stale().await?;
+            }
             self.evict(renewed + self.every).await?;
         }
         Ok(())
