@@ -116,7 +116,8 @@ fn request(proxy: &Proxy, method: Method, path: &str, auth: Option<(&str, &str)>
 /// The attacker got nothing of `digest`: a refusal with `status` and a
 /// short error body.
 fn refused(r: &Response, status: StatusCode, digest: &str, what: &str) {
-    assert_eq!(r.status, status, "{what}: {:?}", r.body);
+    let head = &r.body[..r.body.len().min(200)];
+    assert_eq!(r.status, status, "{what}: {} bytes, {head:?}", r.body.len());
     assert!(r.body.len() < 1024, "{what}: {} bytes", r.body.len());
     assert_ne!(sha256_digest(&r.body), digest, "{what}: got the object");
 }
@@ -422,8 +423,8 @@ fn a_referrers_answer_for_a_cached_private_digest_opens_nothing() {
 
 /// A redirect is no access grant by itself. A registry redirects a
 /// cached blob's access check (a HEAD) two ways here: from the repository
-/// that holds it to storage, which answers a HEAD of a URL signed for GET
-/// with 403 (S3 does): served, the registry said yes by redirecting; and,
+/// that holds it to storage, which answers 403 once the URL's signature
+/// has expired: served, the registry said yes by redirecting; and,
 /// for any other repository, to a canonical host before checking
 /// anything, which answers 404: refused, no byte (any redirect once
 /// counted as a yes). `private: true`: every client is checked.
@@ -436,21 +437,31 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
     );
     let d = sha256_digest(&bytes);
     let signed = format!("/signed/{d}");
+    // Storage serves the signed URL once; after that its signature has
+    // expired (403), as a registry's presigned URLs do.
     let storage = {
         let (bytes, signed) = (bytes.clone(), signed.clone());
+        let used = AtomicBool::new(false);
         Stub::canned()
             .ip(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)))
             .route(move |seen| {
                 let r = http::Response::builder();
-                match (seen.path == signed, seen.method == Method::GET) {
-                    (true, true) => r
-                        .status(StatusCode::OK)
-                        .header("content-length", bytes.len())
-                        .body(bytes.clone()),
-                    (true, false) => r.status(StatusCode::FORBIDDEN).body(bytes::Bytes::new()),
-                    _ => r.status(StatusCode::NOT_FOUND).body(bytes::Bytes::new()),
+                if seen.path != signed {
+                    return r
+                        .status(StatusCode::NOT_FOUND)
+                        .body(bytes::Bytes::new())
+                        .unwrap();
                 }
-                .unwrap()
+                if used.swap(true, Ordering::SeqCst) {
+                    return r
+                        .status(StatusCode::FORBIDDEN)
+                        .body(bytes::Bytes::new())
+                        .unwrap();
+                }
+                r.status(StatusCode::OK)
+                    .header("content-length", bytes.len())
+                    .body(bytes.clone())
+                    .unwrap()
             })
             .start()
             .unwrap()
@@ -500,7 +511,8 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
         .unwrap();
 
     // Another client, through the repository that holds it: the check is
-    // redirected to storage, which refuses the HEAD; served from the cache.
+    // redirected to storage, whose signature has expired; served from the
+    // cache.
     let r = get(&format!("team/app/blobs/{d}"), Some(PULLER));
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body, bytes);
@@ -508,7 +520,7 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
         .wait_access(&[("digest", &d), ("cache", "HIT")])
         .unwrap();
     assert!(
-        storage.count("HEAD", &signed) >= 1,
+        storage.count("GET", &signed) >= 2,
         "the check reached storage"
     );
 
@@ -523,8 +535,130 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
         );
     }
     assert!(
-        canonical.count("HEAD", "/v2/other/app/") >= 2,
+        canonical.count("GET", "/v2/other/app/") >= 2,
         "the checks reached the canonical host"
+    );
+}
+
+/// A registry where checking for a layer and reading it need different
+/// rights, as ECR's do: a push-only role may HEAD any layer (to skip
+/// uploading it) but is refused its download. A client with such
+/// credentials gets no byte of a layer another client cached, though a
+/// HEAD with its credentials says 200 (the access check once asked with
+/// a HEAD and served it); another reader still gets it from the cache,
+/// asked about with a one-byte GET. `private: true`: every client is checked.
+#[test]
+fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
+    const PUSHER: (&str, &str) = ("pusher", "push-only-7d2f");
+    let bytes = bytes::Bytes::from(
+        (0..70_000u32)
+            .map(|i| (i * 31 % 241) as u8)
+            .collect::<Vec<u8>>(),
+    );
+    let d = sha256_digest(&bytes);
+    let held = format!("/v2/team/app/blobs/{d}");
+    let registry = {
+        let (bytes, held) = (bytes.clone(), held.clone());
+        let (readers, pusher) = ([basic(PULLER), basic(OTHER)], basic(PUSHER));
+        Stub::canned()
+            .route(move |seen| {
+                let r = http::Response::builder();
+                let who = seen.auth().unwrap_or_default();
+                let reader = readers.iter().any(|r| r == who);
+                let known = reader || who == pusher;
+                let empty = bytes::Bytes::new;
+                if !known {
+                    return r
+                        .status(StatusCode::UNAUTHORIZED)
+                        .header("www-authenticate", r#"Basic realm="ecr""#)
+                        .body(empty())
+                        .unwrap();
+                }
+                if seen.path == "/v2/" {
+                    return r.status(StatusCode::OK).body(empty()).unwrap();
+                }
+                if seen.path != held {
+                    return r.status(StatusCode::NOT_FOUND).body(empty()).unwrap();
+                }
+                if seen.method == Method::HEAD {
+                    return r
+                        .status(StatusCode::OK)
+                        .header("content-length", bytes.len())
+                        .body(empty())
+                        .unwrap();
+                }
+                if !reader {
+                    return r.status(StatusCode::FORBIDDEN).body(empty()).unwrap();
+                }
+                let one_byte = seen.headers.get("range").is_some_and(|v| v == "bytes=0-0");
+                if one_byte {
+                    return r
+                        .status(StatusCode::PARTIAL_CONTENT)
+                        .header("content-range", format!("bytes 0-0/{}", bytes.len()))
+                        .header("content-length", 1)
+                        .body(bytes.slice(0..1))
+                        .unwrap();
+                }
+                r.status(StatusCode::OK)
+                    .header("content-length", bytes.len())
+                    .body(bytes.clone())
+                    .unwrap()
+            })
+            .start()
+            .unwrap()
+    };
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: ecr.test\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let get = |auth| {
+        request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/ecr.test/team/app/blobs/{d}"),
+            auth,
+        )
+    };
+    let r = get(Some(PULLER));
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body, bytes);
+    proxy
+        .wait_access(&[("digest", &d), ("cache", "MISS")])
+        .unwrap();
+
+    let r = get(Some(PUSHER));
+    refused(&r, StatusCode::FORBIDDEN, &d, "the push-only credential");
+    let asked = registry
+        .requests()
+        .into_iter()
+        .filter(|s| s.path == held && s.auth() == Some(basic(PUSHER).as_str()))
+        .collect::<Vec<_>>();
+    assert!(
+        !asked.is_empty()
+            && asked.iter().all(|s| s.method == Method::GET
+                && s.headers.get("range").is_some_and(|v| v == "bytes=0-0")),
+        "the check is a one-byte GET: {:?}",
+        asked.iter().map(|s| &s.method).collect::<Vec<_>>()
+    );
+
+    // Another reader is asked about the same way, and served from the
+    // cache.
+    let before = registry.count("GET", &held);
+    let r = get(Some(OTHER));
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body, bytes);
+    proxy
+        .wait_access(&[("digest", &d), ("cache", "HIT")])
+        .unwrap();
+    assert_eq!(
+        registry.count("GET", &held),
+        before + 1,
+        "one check, no download"
     );
 }
 

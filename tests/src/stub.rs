@@ -491,6 +491,16 @@ impl Stub {
         count(&self.requests(), method, part)
     }
 
+    /// Whole downloads of paths containing `part`: GETs without a `Range`
+    /// (the proxy asks about access to a blob with a one-byte ranged GET).
+    pub fn downloads(&self, part: &str) -> usize {
+        self.requests()
+            .iter()
+            .filter(|s| s.method == Method::GET && s.path.contains(part))
+            .filter(|s| !s.headers.contains_key(header::RANGE))
+            .count()
+    }
+
     /// Storage requests with this method whose path contains `part`.
     pub fn storage_count(&self, method: &str, part: &str) -> usize {
         count(&self.storage_requests(), method, part)

@@ -256,7 +256,13 @@ fn proxy_metrics() -> String {
         "{statuses:?}\n{}",
         proxy.log()
     );
-    assert_eq!(stub.count("GET", &layer), 1, "one upstream GET of the blob");
+    // One download; the hit under another repository was only asked about
+    // (a one-byte GET).
+    assert_eq!(
+        stub.downloads(&layer),
+        1,
+        "one upstream download of the blob"
+    );
     // The upstream budget and the tag series: a pull (budget figures), a
     // revalidation that finds the tag unmoved, one that finds it moved (a
     // move), and one that meets a 429 (served from the cache).

@@ -267,10 +267,11 @@ impl Ctx<'_> {
     /// anyone afterwards, under any repository name.
     ///
     /// A digest anonymous clients may read in this repository (learnt
-    /// from an anonymous pull, or one anonymous HEAD of `path`) is served
+    /// from an anonymous pull, or one anonymous ask about `path`) is served
     /// to everyone for [`PUBLIC_TTL`] with no upstream contact. Otherwise
-    /// the upstream is asked with the client's own credentials (a HEAD of
-    /// `path`, which names the repository and the digest), and the answer
+    /// the upstream is asked with the client's own credentials (a request
+    /// for `path`, which names the repository and the digest: see
+    /// [`Ctx::ask`]), and the answer
     /// reused for `authCheckTTL`; a client without any is asked about
     /// with the registry's `credentialsFile` if it has one (not
     /// `private`), as its misses are fetched. While the upstream cannot
@@ -370,14 +371,30 @@ impl Ctx<'_> {
         }
     }
 
-    /// One HEAD of `path` (which names the repository and the digest) with
-    /// `headers`; what it says about access.
-    async fn ask(&self, path: &str, headers: HeaderMap) -> Result<Answer, HandlerError> {
+    /// One request for `path` (which names the repository and the digest)
+    /// with `headers`; what it says about access.
+    ///
+    /// A blob is asked for with a one-byte GET, not a HEAD: where reading
+    /// and checking need different rights (ECR: a push-only role may HEAD
+    /// any layer, to skip uploading it, but not download it), a HEAD's
+    /// yes is no right to read. A manifest keeps the HEAD: a GET of one
+    /// counts against Docker Hub's pull limit and a HEAD does not, and no
+    /// registry known splits the two rights for manifests.
+    async fn ask(&self, path: &str, mut headers: HeaderMap) -> Result<Answer, HandlerError> {
         let host = self.registry.host.as_str();
         let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
         let asked = Origin::of(&url).ok();
-        let up = match self.send(Method::HEAD, url, headers).await {
+        let method = if path.rsplit('/').nth(1) == Some("blobs") {
+            headers.insert(header::RANGE, header::HeaderValue::from_static("bytes=0-0"));
+            Method::GET
+        } else {
+            Method::HEAD
+        };
+        // The body of a GET is never read: dropping the answer closes that
+        // connection, which costs less than reading a registry that ignores
+        // the range.
+        let up = match self.send(method, url, headers).await {
             Ok(up) => up,
             Err(err) if err.is_throttled() => {
                 return Ok(Answer::Throttled(err.into_response()));
@@ -395,13 +412,19 @@ impl Ctx<'_> {
         };
         let status = up.response.status();
         // A registry redirects a blob to storage once it let the client
-        // read it, and storage may answer a HEAD of a URL signed for GET
-        // with 403 (S3): that is no refusal of the registry's. Any other
+        // read it, and storage may refuse a URL whose signature expired
+        // on the way, or answer 403 to a request it was not signed for
+        // (S3): that is no refusal of the registry's. Any other
         // answer after a redirect counts as it is: a registry that
         // redirects before it checks (to a canonical host, which gets no
         // credentials) answers 401 or 404 there, and that is a no.
         let elsewhere = up.hops > 0 && Origin::of(&up.final_url).ok() != asked;
-        if status.is_success() || (elsewhere && status == StatusCode::FORBIDDEN) {
+        // 416: the blob is there and the client may read it, but it is
+        // empty, so even one byte is out of range.
+        if status.is_success()
+            || status == StatusCode::RANGE_NOT_SATISFIABLE
+            || (elsewhere && status == StatusCode::FORBIDDEN)
+        {
             return Ok(Answer::Allowed);
         }
         if super::is_outage(status) {
@@ -422,7 +445,7 @@ impl Ctx<'_> {
             ),
         };
         // Rebuilt, not relayed: the answer to a HEAD has no body but may
-        // announce one.
+        // announce one, and a GET's body is not read.
         let mut resp = oci::error_response(status, code, &message).map(body::full);
         if status == StatusCode::UNAUTHORIZED {
             for v in up.response.headers().get_all(header::WWW_AUTHENTICATE) {
