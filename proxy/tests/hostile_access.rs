@@ -122,6 +122,47 @@ fn refused(r: &Response, status: StatusCode, digest: &str, what: &str) {
     assert_ne!(sha256_digest(&r.body), digest, "{what}: got the object");
 }
 
+/// A proxy for one `private: true` registry, `host`, whose upstream is
+/// the loopback `stub`.
+fn private_stub_proxy(host: &str, stub: &Stub) -> Proxy {
+    Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: {host}\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n",
+            stub.url()
+        ),
+    )
+    .unwrap()
+}
+
+/// `len` bytes of a pattern that `step` varies, for blobs no other test
+/// serves.
+fn patterned(len: u32, step: u32) -> bytes::Bytes {
+    bytes::Bytes::from(
+        (0..len)
+            .map(|i| (i * step % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// A stub route's answer with no body.
+fn empty(status: StatusCode) -> http::Response<bytes::Bytes> {
+    http::Response::builder()
+        .status(status)
+        .body(bytes::Bytes::new())
+        .unwrap()
+}
+
+/// A stub route's 200 with all of `bytes`.
+fn whole(bytes: &bytes::Bytes) -> http::Response<bytes::Bytes> {
+    http::Response::builder()
+        .status(StatusCode::OK)
+        .header("content-length", bytes.len())
+        .body(bytes.clone())
+        .unwrap()
+}
+
 /// Writes `body` as the proxy's config and waits until it runs it
 /// (`/status` reports the sha256 of the file it loaded).
 fn reconfigure(proxy: &Proxy, body: &str) {
@@ -430,11 +471,7 @@ fn a_referrers_answer_for_a_cached_private_digest_opens_nothing() {
 /// counted as a yes). `private: true`: every client is checked.
 #[test]
 fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_yes() {
-    let bytes = bytes::Bytes::from(
-        (0..60_000u32)
-            .map(|i| (i * 13 % 251) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let bytes = patterned(60_000, 13);
     let d = sha256_digest(&bytes);
     let signed = format!("/signed/{d}");
     // Storage serves the signed URL once; after that its signature has
@@ -445,23 +482,13 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
         Stub::canned()
             .ip(std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2)))
             .route(move |seen| {
-                let r = http::Response::builder();
                 if seen.path != signed {
-                    return r
-                        .status(StatusCode::NOT_FOUND)
-                        .body(bytes::Bytes::new())
-                        .unwrap();
+                    return empty(StatusCode::NOT_FOUND);
                 }
                 if used.swap(true, Ordering::SeqCst) {
-                    return r
-                        .status(StatusCode::FORBIDDEN)
-                        .body(bytes::Bytes::new())
-                        .unwrap();
+                    return empty(StatusCode::FORBIDDEN);
                 }
-                r.status(StatusCode::OK)
-                    .header("content-length", bytes.len())
-                    .body(bytes.clone())
-                    .unwrap()
+                whole(&bytes)
             })
             .start()
             .unwrap()
@@ -491,15 +518,7 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
             .start()
             .unwrap()
     };
-    let proxy = Proxy::start(
-        proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "registries:\n  - host: redir.test\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n",
-            registry.url()
-        ),
-    )
-    .unwrap();
+    let proxy = private_stub_proxy("redir.test", &registry);
     let get = |path: &str, auth: Option<(&str, &str)>| {
         request(&proxy, Method::GET, &format!("/v2/redir.test/{path}"), auth)
     };
@@ -550,11 +569,7 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
 #[test]
 fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
     const PUSHER: (&str, &str) = ("pusher", "push-only-7d2f");
-    let bytes = bytes::Bytes::from(
-        (0..70_000u32)
-            .map(|i| (i * 31 % 241) as u8)
-            .collect::<Vec<u8>>(),
-    );
+    let bytes = patterned(70_000, 31);
     let d = sha256_digest(&bytes);
     let held = format!("/v2/team/app/blobs/{d}");
     let registry = {
@@ -566,29 +581,28 @@ fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
                 let who = seen.auth().unwrap_or_default();
                 let reader = readers.iter().any(|r| r == who);
                 let known = reader || who == pusher;
-                let empty = bytes::Bytes::new;
                 if !known {
                     return r
                         .status(StatusCode::UNAUTHORIZED)
                         .header("www-authenticate", r#"Basic realm="ecr""#)
-                        .body(empty())
+                        .body(bytes::Bytes::new())
                         .unwrap();
                 }
                 if seen.path == "/v2/" {
-                    return r.status(StatusCode::OK).body(empty()).unwrap();
+                    return empty(StatusCode::OK);
                 }
                 if seen.path != held {
-                    return r.status(StatusCode::NOT_FOUND).body(empty()).unwrap();
+                    return empty(StatusCode::NOT_FOUND);
                 }
                 if seen.method == Method::HEAD {
                     return r
                         .status(StatusCode::OK)
                         .header("content-length", bytes.len())
-                        .body(empty())
+                        .body(bytes::Bytes::new())
                         .unwrap();
                 }
                 if !reader {
-                    return r.status(StatusCode::FORBIDDEN).body(empty()).unwrap();
+                    return empty(StatusCode::FORBIDDEN);
                 }
                 let one_byte = seen.headers.get("range").is_some_and(|v| v == "bytes=0-0");
                 if one_byte {
@@ -599,23 +613,12 @@ fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
                         .body(bytes.slice(0..1))
                         .unwrap();
                 }
-                r.status(StatusCode::OK)
-                    .header("content-length", bytes.len())
-                    .body(bytes.clone())
-                    .unwrap()
+                whole(&bytes)
             })
             .start()
             .unwrap()
     };
-    let proxy = Proxy::start(
-        proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "registries:\n  - host: ecr.test\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n",
-            registry.url()
-        ),
-    )
-    .unwrap();
+    let proxy = private_stub_proxy("ecr.test", &registry);
     let get = |auth| {
         request(
             &proxy,
