@@ -210,12 +210,21 @@ impl AccessGrants {
     }
 
     /// Records that an anonymous ask for `digest` in `repo` was just
-    /// refused: what was learnt public before is not any more.
+    /// refused: what was learnt public before is not any more. The grant
+    /// itself goes too, not only shadowed by the refusal: refusals are
+    /// as cheap to cause as asking about made-up repositories, and a
+    /// flood of them that pushed this one out of its bounded map would
+    /// otherwise make the old grant count again.
     pub fn refuse_public(&self, registry: &str, repo: &str, digest: &Digest) {
+        let key = grant_key(registry, repo, digest, "");
+        self.public
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
         self.refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(grant_key(registry, repo, digest, ""), Instant::now());
+            .insert(key, Instant::now());
     }
 
     /// Records that the upstream just let `client` read `digest` in
@@ -530,6 +539,21 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         g.grant("r", "app", &d(1), "", "");
         assert!(g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
+    }
+
+    /// Refusals for made-up repositories, as many as the map holds and
+    /// more, do not bring back a grant refused before them.
+    #[test]
+    fn a_flood_of_refusals_does_not_revive_a_refused_grant() {
+        let g = AccessGrants::with_capacity(100);
+        g.grant("r", "app", &d(1), "", "");
+        std::thread::sleep(Duration::from_millis(2));
+        g.refuse_public("r", "app", &d(1));
+        for i in 0..1_000u64 {
+            g.refuse_public("r", &format!("made-up/{i}"), &d(1));
+        }
+        assert!(!g.is_public("r", "app", &d(1), "", PUBLIC_TTL));
+        assert!(!g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
     }
 
     /// What one replica learnt is public holds on another with its age
