@@ -94,6 +94,31 @@ pub fn claim_key(name: &str) -> &str {
     name.strip_suffix(":443").unwrap_or(name)
 }
 
+/// How registry name `host` is written as the first segment of a mirror
+/// location's path (`<proxy>/<segment>`, the proxy's path-prefix routing):
+/// `host:port` as `host_port`. containers/image builds a mirror's
+/// reference by putting the location in front of the repository, and a
+/// ':' in a path makes that no reference at all (the whole pull fails, the
+/// registry itself untried). No host name holds a '_', so the form is
+/// unambiguous. None for an IPv6 literal, which no path segment can hold.
+pub fn path_segment(host: &str) -> Option<String> {
+    if host.starts_with('[') {
+        return None;
+    }
+    Some(match split_port(host) {
+        (name, Some(port)) => format!("{name}_{port}"),
+        (name, None) => name.to_string(),
+    })
+}
+
+/// The registry name `host:port` a path segment `host_port` stands for
+/// (see [`path_segment`]); None for a segment not of that form.
+pub fn from_path_segment(segment: &str) -> Option<String> {
+    let (name, port) = segment.rsplit_once('_')?;
+    let digits = !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
+    (digits && !name.is_empty()).then(|| format!("{name}:{port}"))
+}
+
 /// Splits `host[:port]` (IPv6 in brackets) into name and port.
 pub fn split_port(host: &str) -> (&str, Option<&str>) {
     if let Some(rest) = host.strip_prefix('[') {
@@ -176,6 +201,29 @@ mod tests {
             "169.255.0.1",
         ] {
             assert_eq!(reserved_host(h), None, "{h}");
+        }
+    }
+
+    /// The mirror-path form of a name is a valid reference path segment
+    /// and reads back as the name.
+    #[test]
+    fn names_with_ports_have_a_path_segment_that_reads_back() {
+        for (host, segment) in [
+            ("quay.io", "quay.io"),
+            ("registry.local:5000", "registry.local_5000"),
+            ("10.0.0.5:443", "10.0.0.5_443"),
+        ] {
+            assert_eq!(path_segment(host).as_deref(), Some(segment));
+            // Reference grammar: lowercase alphanumerics split by `.`, `_`,
+            // `__` or dashes; no ':'.
+            assert!(!segment.contains(':'), "{segment}");
+            if host.contains(':') {
+                assert_eq!(from_path_segment(segment).as_deref(), Some(host));
+            }
+        }
+        assert_eq!(path_segment("[fd00::1]:5000"), None);
+        for s in ["quay.io", "my_repo", "a_", "_5000", "a_50x"] {
+            assert_eq!(from_path_segment(s), None, "{s}");
         }
     }
 

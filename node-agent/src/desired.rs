@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 
 use pullthrough_api::config::RegistryConfig;
-use pullthrough_api::names::DOCKER_HUB;
+use pullthrough_api::names::{self, DOCKER_HUB};
 
 use crate::config::AgentConfig;
 use crate::error::ConfigError;
@@ -157,17 +157,27 @@ pub fn containerd(cfg: &AgentConfig) -> Vec<ContainerdRegistry> {
 }
 
 /// CRI-O/podman: a `[[registry]]` per name with `nodes.crio`, mirrored at
-/// `<proxy>/<host>`.
+/// `<proxy>/<host>` (`host_port` for a host with a port: see
+/// [`names::path_segment`]). A registry named by an IPv6 literal has no
+/// such path and is left to CRI-O's own config, with a warning.
 pub fn crio(cfg: &AgentConfig) -> Vec<CrioRegistry> {
     let p = &cfg.proxy;
     cfg.table
         .registries
         .iter()
         .filter(|r| r.nodes.crio)
-        .flat_map(|r| {
+        .filter_map(|r| {
+            let segment = names::path_segment(&r.host);
+            if segment.is_none() {
+                tracing::warn!(registry = %r.host,
+                    "an IPv6 literal cannot be a mirror path for CRI-O/podman; not mirrored there");
+            }
+            segment.map(|segment| (r, segment))
+        })
+        .flat_map(|(r, segment)| {
             r.names().map(move |n| CrioRegistry {
                 prefix: n.to_string(),
-                mirror: format!("{}/{}", p.authority(), r.host),
+                mirror: format!("{}/{segment}", p.authority()),
                 insecure: !p.uses_tls(),
                 upstream: crate::patch::hosts_toml::server_for(&r.host, r.upstream.as_deref())
                     .split_once("://")

@@ -417,3 +417,78 @@ fn podman_pulls_through_the_path_prefix_drop_in_until_revert() {
     }
     assert_all_gone(&dirs, &[]);
 }
+
+/// podman (containers/image, as CRI-O) pulls from a registry whose name
+/// has a port through the agent's drop-in. The mirror location names it
+/// `<proxy>/registry.test_5999`: with the name as it is
+/// (`<proxy>/registry.test:5999`) the mirror's reference is no reference,
+/// and containers/image failed the whole pull, the registry itself
+/// untried. Nothing listens on the name's own address, so only the
+/// mirror can serve it.
+#[test]
+fn podman_pulls_a_registry_named_with_a_port_through_the_drop_in() {
+    const NAME: &str = "registry.test:5999";
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    let mut dirs = vec![tmp.path().to_path_buf()];
+    {
+        let up = common::upstream(Registry::plain().unwrap(), &["fixture/busybox"]);
+        let proxy = Proxy::start(
+            common::proxy_bin(),
+            Addrs::localhost().unwrap(),
+            &format!(
+                "registries:\n  - host: {NAME}\n    upstream: {}\n",
+                up.registry.url()
+            ),
+        )
+        .unwrap();
+        let dead = common::dead_loopback();
+        assert!(!pullthrough_testbed::net::is_listening(SocketAddr::new(
+            dead, 5999
+        )));
+        let mut popts = PodmanOpts::default().host("registry.test", dead);
+        popts.host_root = Some(root.clone());
+        let podman = Podman::new(popts).unwrap();
+        dirs.extend([
+            up.registry.dir().to_path_buf(),
+            proxy.dir().to_path_buf(),
+            podman.dir().to_path_buf(),
+        ]);
+        fs::create_dir_all(root.join("run")).unwrap();
+        let config = common::write_agent_config(
+            &tmp.path().join("conf"),
+            &format!(
+                "proxy:\n  address: 127.0.0.1\n  httpsPort: {}\n  caFile: ca.crt\n\
+                 registries:\n  - host: {NAME}\n    upstream: {}\n",
+                proxy.addrs.https.port(),
+                up.registry.url()
+            ),
+            Some(&proxy.ca_pem().unwrap()),
+        );
+        let r = root.to_str().unwrap();
+        let c = config.to_str().unwrap();
+        agent(
+            &root,
+            None,
+            &["apply", "--root", r, "--config", c, "--runtime", "crio"],
+        );
+        let drop_in =
+            fs::read_to_string(root.join("etc/containers/registries.conf.d/50-pullthrough.conf"))
+                .unwrap();
+        assert!(drop_in.contains("/registry.test_5999\""), "{drop_in}");
+
+        podman
+            .podman(["pull", "-q", &format!("{NAME}/fixture/busybox:1")])
+            .unwrap();
+        proxy
+            .wait_access(&[
+                ("kind", "blob"),
+                ("digest", &up.busybox.layer_digests()[0]),
+                ("via", "path"),
+                ("registry", NAME),
+            ])
+            .unwrap();
+        agent(&root, None, &["revert", "--root", r]);
+    }
+    assert_all_gone(&dirs, &[]);
+}

@@ -255,9 +255,14 @@ impl Router {
         // segment is part of that registry's repository: `myreg.example`
         // may well hold a repository `quay.io/...`, and its clients must
         // get it, not quay.io's.
+        // A name with a port comes as `host_port` (a ':' is no part of a
+        // reference path: see `names::path_segment`).
         if own
             && let Some((first, after)) = rest.split_once('/')
-            && let Some(registry) = self.registries.get(first)
+            && let Some(registry) = self.registries.get(first).or_else(|| {
+                pullthrough_api::names::from_path_segment(first)
+                    .and_then(|name| self.registries.get(&name))
+            })
         {
             return Ok(Target::Registry {
                 registry: registry.clone(),

@@ -127,6 +127,33 @@ fn path_prefix_mirror_mode() {
         )
         .unwrap());
     assert_eq!(r, "localhost:5000");
+    // As a CRI-O mirror location writes it (no ':' in a reference path).
+    let (r, req, via) = reg(router()
+        .route(
+            Some("pullthrough.svc"),
+            "/v2/localhost_5000/a/manifests/x",
+            None,
+        )
+        .unwrap());
+    assert_eq!((r.as_str(), via), ("localhost:5000", Via::PathPrefix));
+    assert_eq!(req.repo(), Some("a"));
+    // Not a configured name with a port: a Docker Hub-style repository
+    // of the default registry, if any, as before.
+    assert!(
+        router()
+            .route(
+                Some("pullthrough.svc"),
+                "/v2/quay.io_5000/a/manifests/x",
+                None
+            )
+            .map_or(true, |t| !matches!(
+                t,
+                Target::Registry {
+                    via: Via::PathPrefix,
+                    ..
+                }
+            ))
+    );
 }
 
 #[test]
