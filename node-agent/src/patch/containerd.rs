@@ -552,6 +552,126 @@ fn take_deprecated(
     Ok(out)
 }
 
+/// Puts the `registry.mirrors` and `configs.<host>.tls` tables
+/// [`take_deprecated`] moved out back into config.toml. What the admin
+/// wrote there since (a mirror or TLS table of the same name) wins. While
+/// a `config_path` is still set (the admin's own) they cannot go back:
+/// next to it they would stop the CRI plugin from loading, so they are
+/// named in a note, as TOML to paste, instead of vanishing silently.
+fn put_back_migrated(
+    doc: &mut DocumentMut,
+    version: i64,
+    moved: &BTreeMap<String, MigratedRegistry>,
+    notes: &mut Vec<String>,
+) -> Result<(), PatchError> {
+    let path = registry_path(version);
+    let mirrors: Vec<(&String, &Vec<String>)> = moved
+        .iter()
+        .filter(|(_, m)| !m.endpoints.is_empty())
+        .map(|(name, m)| (name, &m.endpoints))
+        .collect();
+    let tls: Vec<(&String, &HostTls)> = moved.values().flat_map(|m| m.tls.iter()).collect();
+    if mirrors.is_empty() && tls.is_empty() {
+        return Ok(());
+    }
+    let mut staged = DocumentMut::new();
+    {
+        let reg = ensure_tables(staged.as_table_mut(), &path)?;
+        for (name, endpoints) in &mirrors {
+            let mut t = Table::new();
+            t.insert(
+                "endpoint",
+                value(endpoints.iter().collect::<toml_edit::Array>()),
+            );
+            ensure_tables(reg, &["mirrors"])?.insert(name, Item::Table(t));
+        }
+        for (host, tls) in &tls {
+            ensure_tables(reg, &["configs", host])?.insert("tls", Item::Table(tls_table(tls)));
+        }
+    }
+    let still_set = get_path(doc.as_table(), &path)
+        .and_then(Item::as_table_like)
+        .and_then(|r| r.get("config_path"))
+        .and_then(Item::as_str)
+        .is_some_and(|p| !p.is_empty());
+    if still_set {
+        notes.push(format!(
+            "config_path is still set, so the registry mirrors moved out by --migrate-containerd-mirrors were not put back (next to it they stop the CRI plugin); their settings were:\n{}",
+            staged.to_string().trim_end()
+        ));
+        return Ok(());
+    }
+    let reg = ensure_tables(doc.as_table_mut(), &path)?;
+    for (name, endpoints) in mirrors {
+        let ours = ensure_tables(reg, &["mirrors"])?;
+        if ours.contains_key(name) {
+            notes.push(format!(
+                "registry.mirrors.\"{name}\" was written again since the migration: kept as it is now"
+            ));
+            continue;
+        }
+        let mut t = Table::new();
+        t.insert(
+            "endpoint",
+            value(endpoints.iter().collect::<toml_edit::Array>()),
+        );
+        ours.insert(name, Item::Table(t));
+    }
+    for (host, t) in tls {
+        let entry = ensure_tables(reg, &["configs", host])?;
+        if entry.contains_key("tls") {
+            notes.push(format!(
+                "registry.configs.\"{host}\".tls was written again since the migration: kept as it is now"
+            ));
+            continue;
+        }
+        entry.insert("tls", Item::Table(tls_table(t)));
+    }
+    notes.push(
+        "the registry mirrors moved out by --migrate-containerd-mirrors are back in config.toml"
+            .into(),
+    );
+    Ok(())
+}
+
+/// The table at `path` under `t`, with implicit tables created on the way
+/// (so only tables holding keys get a header).
+fn ensure_tables<'a>(
+    t: &'a mut dyn TableLike,
+    path: &[&str],
+) -> Result<&'a mut dyn TableLike, PatchError> {
+    let mut cur = t;
+    for (i, seg) in path.iter().enumerate() {
+        if !cur.contains_key(seg) {
+            let mut n = Table::new();
+            n.set_implicit(true);
+            cur.insert(seg, Item::Table(n));
+        }
+        cur = cur
+            .get_mut(seg)
+            .and_then(Item::as_table_like_mut)
+            .ok_or_else(|| PatchError::new(format!("`{}` is not a table", path[..=i].join("."))))?;
+    }
+    Ok(cur)
+}
+
+/// A `registry.configs.<host>.tls` table, as containerd's CRI plugin
+/// spells it.
+fn tls_table(tls: &HostTls) -> Table {
+    let mut t = Table::new();
+    if let Some(ca) = &tls.ca {
+        t.insert("ca_file", value(ca.as_str()));
+    }
+    if let Some((cert, key)) = &tls.client {
+        t.insert("cert_file", value(cert.as_str()));
+        t.insert("key_file", value(key.as_str()));
+    }
+    if let Some(skip) = tls.skip_verify {
+        t.insert("insecure_skip_verify", value(skip));
+    }
+    t
+}
+
 /// `host[:port]` of a URL (or of a bare `host[:port]`).
 pub fn authority(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -572,8 +692,9 @@ fn check_config(bytes: &[u8], dir: &str) -> Result<(), PatchError> {
 
 /// Removes what `record` says the agent added. `delete_if_empty`: the agent
 /// created the file, and if nothing else is left in it, it goes (`None`).
-/// Migrated tables cannot be put back from the record; the first-edit
-/// backup holds them (see the notes).
+/// Mirrors moved out by `--migrate-containerd-mirrors` come back from the
+/// record: the hosts.toml files that held them are removed by the same
+/// revert, and the first-edit backup with them.
 pub fn revert_config(
     current: &[u8],
     record: &ConfigRecord,
@@ -632,9 +753,7 @@ pub fn revert_config(
         doc.remove("version");
     }
     if record.migrated {
-        notes.push(
-            "the deprecated registry.mirrors/configs tables were migrated to hosts.toml; the first-edit backup holds them".into(),
-        );
+        put_back_migrated(&mut doc, version, &record.moved, &mut notes)?;
     }
     if delete_if_empty && doc.as_table().is_empty() {
         return Ok((None, notes));
@@ -745,6 +864,29 @@ root = "/var/lib/containerd"   # keep me
         assert_eq!(
             m.tls["mirror.example"].ca.as_deref(),
             Some("/etc/ssl/mirror.pem")
+        );
+    }
+
+    /// Mirrors moved out of a file that keeps a `config_path` of the
+    /// admin's cannot go back next to it (the CRI plugin would not load):
+    /// revert names them, as TOML, rather than dropping them silently.
+    #[test]
+    fn migrated_mirrors_next_to_an_admins_config_path_are_named_on_revert() {
+        let t = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "/etc/containerd/certs.d"
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+  endpoint = ["https://mirror.example"]
+"#;
+        let p = ensure_config_path(Some(t.as_bytes()), &ConfigRecord::default(), true).unwrap();
+        let (back, notes) = revert_config(&p.bytes, &p.record, false).unwrap();
+        let back = back.unwrap();
+        assert!(!s(&back).contains("mirrors"), "{}", s(&back));
+        let note = notes.join("\n");
+        assert!(
+            note.contains("were not put back")
+                && note.contains("endpoint = [\"https://mirror.example\"]"),
+            "{note}"
         );
     }
 

@@ -399,3 +399,72 @@ fn deselecting_containerd_after_migrated_mirrors_restarts_it() {
     assert_eq!(out.trim(), "no changes");
     assert!(exec.calls.is_empty(), "{out}");
 }
+
+/// A config.toml whose mirrors `--migrate-containerd-mirrors` moved into
+/// hosts.toml files, edited after the apply so its backup is not put
+/// back: revert (and dropping containerd from the config) must give the
+/// moved `registry.mirrors` and `configs.*.tls` back to config.toml along
+/// with the admin's edit, since the hosts.toml files that held them go.
+#[test]
+fn migrated_mirrors_survive_revert_after_an_admin_edit() {
+    let conf = "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry.mirrors.\"docker.io\"]\n  endpoint = [\"https://mirror.example\", \"https://registry-1.docker.io\"]\n[plugins.\"io.containerd.grpc.v1.cri\".registry.configs.\"mirror.example\".tls]\n  ca_file = \"/etc/ssl/mirror.pem\"\n  insecure_skip_verify = true\n";
+    let edit = |t: &Path| {
+        let now = read(t, CONFIG_TOML);
+        write(
+            t,
+            CONFIG_TOML,
+            format!("oom_score = -999\n{now}").as_bytes(),
+        );
+    };
+    let check = |t: &Path, out: &str| {
+        let back = read(t, CONFIG_TOML);
+        assert!(back.starts_with("oom_score = -999\n"), "{out}\n{back}");
+        let info = crate::patch::containerd::inspect(Some(back.as_bytes())).unwrap();
+        assert_eq!(info.mirrors, ["docker.io"], "{out}\n{back}");
+        assert_eq!(info.tls_configs, ["mirror.example"], "{out}\n{back}");
+        assert_eq!(info.config_path, None, "{back}");
+        let doc: toml_edit::DocumentMut = back.parse().unwrap();
+        let reg = &doc["plugins"]["io.containerd.grpc.v1.cri"]["registry"];
+        let endpoints: Vec<&str> = reg["mirrors"]["docker.io"]["endpoint"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v.as_str())
+            .collect();
+        assert_eq!(
+            endpoints,
+            ["https://mirror.example", "https://registry-1.docker.io"]
+        );
+        let tls = &reg["configs"]["mirror.example"]["tls"];
+        assert_eq!(tls["ca_file"].as_str(), Some("/etc/ssl/mirror.pem"));
+        assert_eq!(tls["insecure_skip_verify"].as_bool(), Some(true));
+    };
+    let mut o = opts(&[RuntimeKind::Docker, RuntimeKind::Containerd]);
+    o.migrate_containerd_mirrors = true;
+
+    // Reverted.
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, conf.as_bytes());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    edit(t.path());
+    let (_, out) = run_revert(&root, &mut exec);
+    check(t.path(), &out);
+
+    // containerd dropped from the config.
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, conf.as_bytes());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    run_apply(&root, &cfg(CONFIG), &o, &mut exec).0.unwrap();
+    edit(t.path());
+    let (r, out) = run_apply(
+        &root,
+        &cfg(CONFIG),
+        &opts(&[RuntimeKind::Docker]),
+        &mut exec,
+    );
+    r.unwrap();
+    check(t.path(), &out);
+}
