@@ -48,7 +48,69 @@ fn now_unix() -> u64 {
 }
 
 /// Applies the config once: plans, prints, writes, tells runtimes.
+///
+/// With the health gate closed, a failure anywhere (another runtime's
+/// refused file, a daemon.json dockerd rejects) still empties the
+/// `/etc/hosts` block: hijacked names must not keep pointing at a proxy
+/// that is down because of something unrelated. The failure is still
+/// the apply's error.
 pub fn apply(
+    root: &Root,
+    cfg: &AgentConfig,
+    opts: &ApplyOptions,
+    exec: &mut dyn Executor,
+    out: &mut dyn Write,
+) -> Result<Report, AgentError> {
+    let res = apply_all(root, cfg, opts, exec, out);
+    if res.is_err() && opts.hosts_gate_closed && !opts.dry_run {
+        match close_hosts_gate(root, out) {
+            Ok(true) => writeln_out(
+                out,
+                &format!("{HOSTS}: health gate closed: block emptied although the apply failed"),
+            ),
+            Ok(false) => {}
+            Err(e) => writeln_out(
+                out,
+                &format!("{HOSTS}: health gate closed, but the block could not be emptied: {e}"),
+            ),
+        }
+    }
+    res
+}
+
+/// Empties the agent's `/etc/hosts` block on its own, leaving every other
+/// file and record as it is; `true` when the file changed.
+fn close_hosts_gate(root: &Root, out: &mut dyn Write) -> Result<bool, AgentError> {
+    let Some(mut st) = state::load(root)? else {
+        return Ok(false);
+    };
+    if !matches!(
+        st.files.get(HOSTS).map(|r| &r.kind),
+        Some(state::FileKind::HostsBlock)
+    ) {
+        return Ok(false);
+    }
+    let Some(before) = root.read(HOSTS)? else {
+        return Ok(false);
+    };
+    let p = crate::patch::hosts::empty_block(&before).map_err(AgentError::patch(HOSTS))?;
+    if p.bytes == before {
+        return Ok(false);
+    }
+    let mut pl = Planner::new(root, &st);
+    pl.stage(
+        HOSTS,
+        Some(before),
+        Some(p.bytes),
+        state::FileKind::HostsBlock,
+        p.notes,
+    );
+    let changes = pl.staged();
+    commit(root, &mut st, changes, out)?;
+    Ok(true)
+}
+
+fn apply_all(
     root: &Root,
     cfg: &AgentConfig,
     opts: &ApplyOptions,

@@ -146,6 +146,12 @@ impl<'a> Planner<'a> {
         self.state.files.contains_key(path)
     }
 
+    /// Only what was staged: the state's other files stay as they are (a
+    /// partial apply, such as closing the health gate alone).
+    pub fn staged(self) -> Vec<Change> {
+        self.changes
+    }
+
     /// Undoes the files of an earlier apply that no runtime wants now, and
     /// returns every change.
     pub fn finish(mut self) -> Result<Vec<Change>, AgentError> {

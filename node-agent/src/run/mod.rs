@@ -307,7 +307,17 @@ async fn apply_once(
     tokio::task::spawn_blocking(move || {
         let mut exec = SystemExecutor::new(root.clone());
         let mut out = Vec::new();
-        let report = engine::apply(&root, &cfg, &apply_opts, &mut exec, &mut out)?;
+        let report = match engine::apply(&root, &cfg, &apply_opts, &mut exec, &mut out) {
+            Ok(r) => r,
+            Err(e) => {
+                // A failed apply may still have done something an admin
+                // must hear of: the health gate's /etc/hosts block emptied.
+                for l in String::from_utf8_lossy(&out).lines() {
+                    tracing::info!("apply: {l}");
+                }
+                return Err(e);
+            }
+        };
         let text = if report.files.is_empty() && report.actions.is_empty() {
             String::new()
         } else {

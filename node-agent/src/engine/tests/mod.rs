@@ -18,6 +18,7 @@ mod compat;
 mod containerd;
 mod crio;
 mod docker;
+mod gate;
 
 pub const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
 
