@@ -85,20 +85,49 @@ impl<'a> Planner<'a> {
             // A newer agent's: its record and backup stay as they are.
             return;
         }
+        let mut notes = notes;
         let prev = self.state.files.get(path);
         if prev.is_none() && before == after {
             // Not ours and nothing to do: keep out of the record.
             return;
         }
         let before_sha = before.as_deref().map(sha256_hex);
-        let diverged = prev.is_some_and(|r| r.diverged || r.written_sha256 != before_sha);
-        let mut record = FileRecord::new(
-            kind,
-            prev.map_or(before.is_some(), |r| r.existed_before),
-            prev.and_then(|r| r.backup.clone()),
-            after.as_deref().map(sha256_hex),
-        );
-        record.diverged = diverged;
+        if after.is_none() && self.taken_over(path, before.as_deref()) {
+            // The agent no longer wants its file, and what is there is
+            // the admin's: left in place and given up.
+            self.changes.push(Change {
+                path: path.to_string(),
+                before: before.clone(),
+                after: before,
+                record: None,
+                mode: FILE_MODE,
+                notes: vec![
+                    "replaced by someone else since the agent wrote it: left in place as the admin's"
+                        .into(),
+                ],
+                restored: false,
+            });
+            return;
+        }
+        let mut record = if self.taken_over(path, before.as_deref()) {
+            // Recorded afresh, as a file the admin had before the agent
+            // came: commit backs up what they wrote (over an older
+            // backup, which their file supersedes), revert restores it.
+            notes.push(
+                "replaced by someone else since the agent wrote it: taken as the admin's, backed up, revert restores it"
+                    .into(),
+            );
+            FileRecord::new(kind, true, None, after.as_deref().map(sha256_hex))
+        } else {
+            let mut r = FileRecord::new(
+                kind,
+                prev.map_or(before.is_some(), |r| r.existed_before),
+                prev.and_then(|r| r.backup.clone()),
+                after.as_deref().map(sha256_hex),
+            );
+            r.diverged = prev.is_some_and(|r| r.diverged || r.written_sha256 != before_sha);
+            r
+        };
         if let Some(p) = prev {
             // A newer agent's fields stay for when it runs again.
             record.extra = p.extra.clone();
@@ -128,6 +157,21 @@ impl<'a> Planner<'a> {
             Vec::new(),
         );
         Ok(())
+    }
+
+    /// A file the agent wrote whole (a generated file, a CA copy) that
+    /// someone replaced with their own: no agent header any more, or not
+    /// the CA the agent wrote. An admin would expect such a file to be
+    /// theirs from then on, not overwritten without a trace.
+    pub fn taken_over(&self, path: &str, current: Option<&[u8]>) -> bool {
+        let (Some(rec), Some(cur)) = (self.state.files.get(path), current) else {
+            return false;
+        };
+        match rec.kind {
+            FileKind::Generated => !is_generated(cur),
+            FileKind::CaCert => rec.written_sha256.as_deref() != Some(sha256_hex(cur).as_str()),
+            _ => false,
+        }
     }
 
     /// What the agent recorded for `path` at the last apply.

@@ -256,13 +256,14 @@ impl Runtime for Containerd {
             let before = pl.read(&path)?;
             // An admin's own hosts.toml for the registry (their mirrors,
             // TLS settings): the proxy goes in as its first host, the rest
-            // stays theirs. (A file whose mirrors the agent migrated out
+            // stays theirs; so too for their own file in place of one the
+            // agent generated. (A file whose mirrors the agent migrated out
             // of config.toml is generated whole.)
             let admins = before.as_ref().is_some_and(|b| !is_generated(b))
-                && matches!(
+                && (matches!(
                     pl.prev_kind(&path),
                     None | Some(FileKind::HostsTomlEdit { .. })
-                )
+                ) || pl.taken_over(&path, before.as_deref()))
                 && hosts_list.len() == 1
                 && hosts_list[0].url == proxy_host.url;
             let (bytes, kind) = match &before {
