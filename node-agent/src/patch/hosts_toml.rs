@@ -131,9 +131,16 @@ pub fn check_hosts_toml(bytes: &[u8], server: &str, hosts: usize) -> Result<(), 
 /// (containerd tries hosts in file order, then `server`): everything they
 /// wrote — `server`, their hosts and each setting — stays as it is. Run
 /// again on its own output it gives the same bytes.
+///
+/// Hosts written as inline tables (`[host]` then `"https://a" = {…}`),
+/// dotted keys (`host."https://a".capabilities = […]`) or a `host = {…}`
+/// value are rewritten as `[host."…"]` tables, in the same order and with
+/// the same settings: only a table's position can put the proxy before
+/// them, and containerd reads both forms alike.
 pub fn merge(current: &[u8], proxy: &MirrorHost) -> Result<Vec<u8>, PatchError> {
     let mut doc = parse(current)?;
     let mut t = host_entry(proxy);
+    normalize_hosts(&mut doc)?;
     let hosts = host_table(&mut doc)?;
     hosts.remove(&proxy.url);
     // Before every other host: containerd orders them by position.
@@ -162,6 +169,88 @@ pub fn merge(current: &[u8], proxy: &MirrorHost) -> Result<Vec<u8>, PatchError> 
     Ok(out)
 }
 
+/// Makes every `host` entry a `[host."…"]` table with a position, when
+/// one is not: an inline table or dotted keys has no position, so
+/// nothing could be put before it. Entries keep their order (the order
+/// they were read in, which is the file's), their subtables follow them.
+fn normalize_hosts(doc: &mut DocumentMut) -> Result<(), PatchError> {
+    let positioned = |h: &Item| {
+        h.as_table()
+            .is_some_and(|t| !t.is_dotted() && t.position().is_some())
+    };
+    let needed = match doc.get("host") {
+        None => false,
+        Some(Item::Table(t)) => t.is_dotted() || !t.iter().all(|(_, h)| positioned(h)),
+        Some(Item::Value(v)) => v.is_inline_table(),
+        Some(_) => false,
+    };
+    if !needed {
+        return Ok(());
+    }
+    if let Some(item) = doc.get_mut("host")
+        && let Item::Value(toml_edit::Value::InlineTable(_)) = item
+    {
+        let taken = std::mem::take(item);
+        if let Item::Value(toml_edit::Value::InlineTable(it)) = taken {
+            *item = Item::Table(it.into_table());
+        }
+    }
+    let mut next = max_position(doc.as_table()).map_or(0, |p| p + 1);
+    let hosts = host_table(doc)?;
+    hosts.set_dotted(false);
+    hosts.set_implicit(true);
+    let keys: Vec<String> = hosts.iter().map(|(k, _)| k.to_string()).collect();
+    for k in keys {
+        let Some(item) = hosts.get_mut(&k) else {
+            continue;
+        };
+        if let Item::Value(toml_edit::Value::InlineTable(_)) = item {
+            let taken = std::mem::take(item);
+            if let Item::Value(toml_edit::Value::InlineTable(it)) = taken {
+                *item = Item::Table(it.into_table());
+            }
+        }
+        let Some(t) = item.as_table_mut() else {
+            return Err(PatchError::new(format!(
+                "`host.\"{k}\"` is not a table; the agent edits only [host.\"<url>\"] entries"
+            )));
+        };
+        t.set_dotted(false);
+        t.set_implicit(false);
+        // The spacing of `"…" = ` or a dotted key would end up inside
+        // the new header.
+        t.decor_mut().clear();
+        renumber(t, &mut next);
+        if let Some(mut key) = hosts.key_mut(&k) {
+            key.leaf_decor_mut().clear();
+            key.dotted_decor_mut().clear();
+        }
+    }
+    Ok(())
+}
+
+/// Gives `t` and its subtables positions from `next` on, in order.
+fn renumber(t: &mut Table, next: &mut isize) {
+    t.set_position(Some(*next));
+    *next += 1;
+    for (_, item) in t.iter_mut() {
+        if let Some(sub) = item.as_table_mut()
+            && !sub.is_dotted()
+        {
+            renumber(sub, next);
+        }
+    }
+}
+
+/// The highest position of any table in `t`, subtables included.
+fn max_position(t: &Table) -> Option<isize> {
+    t.iter()
+        .filter_map(|(_, i)| i.as_table())
+        .flat_map(|sub| [sub.position(), max_position(sub)])
+        .flatten()
+        .max()
+}
+
 /// An admin's hosts.toml without the proxy host [`merge`] added.
 pub fn unmerge(current: &[u8], proxy_url: &str) -> Result<Vec<u8>, PatchError> {
     let mut doc = parse(current)?;
@@ -186,13 +275,16 @@ fn host_table(doc: &mut DocumentMut) -> Result<&mut Table, PatchError> {
 }
 
 /// The host containerd tries first: the `[host."…"]` table written first.
+/// `None` when the order cannot be told, because some host is not such a
+/// table (an inline table, dotted keys): the caller then refuses.
 fn first_host(doc: &DocumentMut) -> Option<String> {
-    doc.get("host")?
-        .as_table()?
-        .iter()
-        .filter_map(|(k, h)| Some((h.as_table()?.position()?, k.to_string())))
-        .min()
-        .map(|(_, k)| k)
+    let hosts = doc.get("host")?.as_table()?;
+    let mut order = Vec::new();
+    for (k, h) in hosts.iter() {
+        let t = h.as_table().filter(|t| !t.is_dotted())?;
+        order.push((t.position()?, k.to_string()));
+    }
+    order.into_iter().min().map(|(_, k)| k)
 }
 
 #[cfg(test)]
@@ -242,6 +334,42 @@ mod tests {
 
     fn s(b: &[u8]) -> &str {
         std::str::from_utf8(b).unwrap()
+    }
+
+    /// containerd orders hosts by the line that defines them, whatever
+    /// the form: an inline table under `[host]`, dotted keys, a
+    /// `host = {…}` value. The proxy still comes first, and the admin's
+    /// hosts keep every setting.
+    #[test]
+    fn the_proxy_comes_first_whatever_form_the_admins_hosts_take() {
+        for admin in [
+            "server = \"https://quay.io\"\n[host]\n\"https://a\" = { capabilities = [\"pull\"], skip_verify = true }\n\"https://b\" = { capabilities = [\"pull\"] }\n",
+            "server = \"https://quay.io\"\nhost.\"https://a\".capabilities = [\"pull\"]\nhost.\"https://a\".skip_verify = true\nhost.\"https://b\".capabilities = [\"pull\"]\n",
+            "server = \"https://quay.io\"\nhost = { \"https://a\" = { capabilities = [\"pull\"], skip_verify = true }, \"https://b\" = { capabilities = [\"pull\"] } }\n",
+            "server = \"https://quay.io\"\n[host]\n\"https://a\" = { capabilities = [\"pull\"], skip_verify = true }\n[host.\"https://b\"]\ncapabilities = [\"pull\"]\n",
+        ] {
+            let merged = merge(admin.as_bytes(), &proxy()).unwrap();
+            let text = s(&merged);
+            let at = |k: &str| text.find(k).unwrap_or_else(|| panic!("{k}: {text}"));
+            assert!(
+                at("https://10.0.0.5") < at("https://a"),
+                "{admin}\n=>\n{text}"
+            );
+            assert!(at("https://a") < at("https://b"), "{admin}\n=>\n{text}");
+            assert!(text.contains("\n[host.\"https://a\"]\n"), "{text}");
+            let doc: DocumentMut = text.parse().unwrap();
+            assert_eq!(
+                doc["host"]["https://a"]["skip_verify"].as_bool(),
+                Some(true),
+                "{text}"
+            );
+            check_hosts_toml(&merged, "https://quay.io", 3).unwrap();
+            assert_eq!(
+                merge(&merged, &proxy()).unwrap(),
+                merged,
+                "idempotent: {text}"
+            );
+        }
     }
 
     #[test]
