@@ -42,7 +42,8 @@ pub struct AdminMirror {
 }
 
 /// The `[[registry]]` entries of a registries.conf file (version 2), by
-/// prefix (the location when no prefix is given).
+/// prefix (the location when no prefix is given); for a file in the v1
+/// format, the entries containers/image makes of it.
 pub fn admin_entries(file: &str, bytes: &[u8]) -> Result<Vec<(String, AdminEntry)>, PatchError> {
     let text = std::str::from_utf8(bytes).map_err(|_| PatchError::new("is not UTF-8 text"))?;
     let doc = text.parse::<DocumentMut>().map_err(|e| {
@@ -52,7 +53,7 @@ pub fn admin_entries(file: &str, bytes: &[u8]) -> Result<Vec<(String, AdminEntry
         ))
     })?;
     let Some(regs) = doc.get("registry") else {
-        return Ok(Vec::new());
+        return v1_entries(file, &doc);
     };
     let regs = regs
         .as_array_of_tables()
@@ -91,6 +92,59 @@ pub fn admin_entries(file: &str, bytes: &[u8]) -> Result<Vec<(String, AdminEntry
                 mirrors,
             },
         ));
+    }
+    Ok(out)
+}
+
+/// The entries containers/image makes of a v1 registries.conf
+/// (`[registries.insecure]`, `[registries.block]`, each with a
+/// `registries` list): one per name, prefix and location alike. The
+/// agent's drop-in replaces such an entry as it would a `[[registry]]`,
+/// so what they say has to be carried the same way.
+fn v1_entries(file: &str, doc: &DocumentMut) -> Result<Vec<(String, AdminEntry)>, PatchError> {
+    let Some(v1) = doc.get("registries") else {
+        return Ok(Vec::new());
+    };
+    let v1 = v1.as_table_like().ok_or_else(|| {
+        PatchError::new("`registries` is not a table of the v1 format ([registries.block] …)")
+    })?;
+    let mut out: Vec<(String, AdminEntry)> = Vec::new();
+    for (list, blocked) in [("insecure", false), ("block", true)] {
+        let Some(names) = v1
+            .get(list)
+            .and_then(Item::as_table_like)
+            .and_then(|t| t.get("registries"))
+        else {
+            continue;
+        };
+        let not_strings = || {
+            PatchError::new(format!(
+                "`registries.{list}.registries` is not an array of strings"
+            ))
+        };
+        for name in names.as_array().ok_or_else(not_strings)?.iter() {
+            let name = name.as_str().ok_or_else(not_strings)?.to_string();
+            let i = match out.iter().position(|(p, _)| *p == name) {
+                Some(i) => i,
+                None => {
+                    out.push((
+                        name.clone(),
+                        AdminEntry {
+                            file: file.to_string(),
+                            location: Some(name),
+                            ..AdminEntry::default()
+                        },
+                    ));
+                    out.len() - 1
+                }
+            };
+            let e = &mut out[i].1;
+            if blocked {
+                e.blocked = true;
+            } else {
+                e.insecure = true;
+            }
+        }
     }
     Ok(out)
 }

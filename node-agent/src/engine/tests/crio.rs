@@ -101,3 +101,36 @@ fn crio_keeps_what_the_admin_set_for_a_registry() {
     assert!(out.contains("quay.io is blocked"), "{out}");
     assert_reverts_to(&root, t.path(), &before);
 }
+
+/// A registries.conf in the v1 format: containers/image turns
+/// `[registries.block]` and `[registries.insecure]` into per-registry
+/// entries that the agent's drop-in would replace, so a blocked registry
+/// stays blocked (not mirrored) and an insecure one keeps `insecure`.
+#[test]
+fn crio_keeps_a_v1_registries_conf_block_and_insecure() {
+    let conf = "[registries.search]\nregistries = [\"docker.io\"]\n\
+        [registries.insecure]\nregistries = [\"ghcr.io\"]\n\
+        [registries.block]\nregistries = [\"quay.io\"]\n";
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), "/etc/containers/registries.conf", conf.as_bytes());
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
+    r.unwrap();
+    let d = read(t.path(), DROP_IN);
+    let doc: toml_edit::DocumentMut = d.parse().unwrap();
+    let regs = doc["registry"].as_array_of_tables().unwrap();
+    let prefixes: Vec<_> = regs.iter().map(|r| r["prefix"].as_str().unwrap()).collect();
+    assert!(!prefixes.contains(&"quay.io"), "{out}\n{d}");
+    let ghcr = regs
+        .iter()
+        .find(|r| r["prefix"].as_str() == Some("ghcr.io"))
+        .unwrap();
+    assert_eq!(ghcr["insecure"].as_bool(), Some(true), "{d}");
+    assert!(
+        out.contains("crio: quay.io is blocked in /etc/containers/registries.conf"),
+        "{out}"
+    );
+    assert_reverts_to(&root, t.path(), &before);
+}
