@@ -48,6 +48,13 @@ pub const ADMIN_MAX_CONNECTIONS: usize = 256;
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// What an HTTP/2 stream buffers of its response before it stops taking
+/// more from the body (hyper's default is 400 KiB): with up to 128 streams
+/// per connection whose client may never read, that is what a connection
+/// can make the proxy hold, on top of a body chunk per stream
+/// (`body::MULTIPLEXED_CHUNK`).
+pub const H2_SEND_BUFFER: usize = 32 * 1024;
+
 /// A connection builder with hyper's timer, so the HTTP/1 header-read
 /// timeout (which hyper applies only when a timer is set) takes effect.
 pub fn conn_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
@@ -60,7 +67,8 @@ pub fn conn_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     builder
         .http2()
         .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_streams_per_connection);
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_send_buf_size(H2_SEND_BUFFER);
     builder
 }
 

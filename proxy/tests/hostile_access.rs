@@ -807,8 +807,11 @@ fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
         .wait_access(&[("digest", &layer), ("cache", "MISS"), ("complete", "true")])
         .unwrap();
 
-    let (statuses, rss) =
-        unread_streams(&proxy, &format!("/v2/quay.io/big/layer/manifests/{layer}"));
+    let (statuses, rss) = unread_streams(
+        &proxy,
+        &format!("/v2/quay.io/big/layer/manifests/{layer}"),
+        50,
+    );
     assert!(
         rss < 128 * 1024,
         "proxy RSS {rss} KiB with 200 unread streams"
@@ -832,10 +835,53 @@ fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
         .unwrap();
 }
 
-/// Asks for `path` on 200 HTTP/2 streams (4 connections × 50) and reads
-/// only the response heads; with every body still unread, the proxy's
-/// RSS in KiB. The statuses of the 200 answers.
-fn unread_streams(proxy: &Proxy, path: &str) -> (Vec<StatusCode>, u64) {
+/// A cached 10 MiB layer on 4 HTTP/2 connections × 128 streams (the
+/// default `maxStreamsPerConnection`) whose bodies are never read: each
+/// stream holds about one 64 KiB chunk, not two of 256 KiB (hyper's send
+/// buffer was 400 KiB) and the file's own read buffer: that was 67 MiB
+/// per connection, so a few dozen such connections had the proxy killed
+/// for memory.
+#[test]
+fn a_layer_on_512_unread_streams_costs_a_bounded_memory() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[10 << 20], 0x1eaf_0006);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "big/layer", "1").unwrap();
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {}\n",
+            registry.url()
+        ),
+    )
+    .unwrap();
+    let layer = image.layer_digests()[0].clone();
+    let path = format!("/v2/quay.io/big/layer/blobs/{layer}");
+    let r = request(&proxy, Method::GET, &path, None);
+    assert_eq!(sha256_digest(&r.body), layer);
+    proxy
+        .wait_access(&[("digest", &layer), ("cache", "MISS"), ("complete", "true")])
+        .unwrap();
+    let before = vm_rss_kib(proxy.pid());
+    let (statuses, rss) = unread_streams(&proxy, &path, 128);
+    assert_eq!(statuses.len(), 512);
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let grown = rss.saturating_sub(before);
+    // 273 MiB before; about 52 MiB now.
+    assert!(
+        grown < 80 * 1024,
+        "proxy RSS grew {grown} KiB ({before} → {rss}) with 512 unread streams of a layer"
+    );
+}
+
+/// Asks for `path` on HTTP/2 streams (4 connections × `per_connection`)
+/// and reads only the response heads; with every body still unread, the
+/// proxy's RSS in KiB. The statuses of the answers.
+fn unread_streams(proxy: &Proxy, path: &str, per_connection: usize) -> (Vec<StatusCode>, u64) {
     let ca = proxy.ca_pem().unwrap();
     let https = proxy.addrs.https;
     let pid = proxy.pid();
@@ -863,7 +909,7 @@ fn unread_streams(proxy: &Proxy, path: &str) -> (Vec<StatusCode>, u64) {
             .unwrap();
             tokio::spawn(conn);
             let mut pending = Vec::new();
-            for _ in 0..50 {
+            for _ in 0..per_connection {
                 let mut send = send.clone();
                 let req = http::Request::get(format!("https://{https}{path}"))
                     .header("accept", ACCEPT)
@@ -941,7 +987,7 @@ fn a_large_cached_manifest_on_200_unread_streams_is_streamed() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(sha256_digest(&r.body), digest);
 
-    let (statuses, rss) = unread_streams(&proxy, &path);
+    let (statuses, rss) = unread_streams(&proxy, &path, 50);
     assert!(
         rss < 128 * 1024,
         "proxy RSS {rss} KiB with 200 unread streams"

@@ -41,9 +41,6 @@ use tokio::sync::watch;
 use crate::http::body::Body;
 use crate::oci::Digest;
 
-/// Largest chunk a waiter reads from the temp file at once.
-const READ_CHUNK: u64 = 256 * 1024;
-
 /// What a download is doing.
 #[derive(Debug, Clone)]
 pub enum Phase {
@@ -339,8 +336,10 @@ pub fn tail(
     digest: Digest,
     resume: Resume,
     read_timeout: Duration,
+    chunk: usize,
 ) -> Body {
     let st = Tail {
+        chunk: chunk as u64,
         rx,
         file: Arc::clone(&stream.file),
         recent: Arc::clone(&stream.recent),
@@ -377,6 +376,8 @@ struct Tail {
     digest: Digest,
     resume: Option<Resume>,
     read_timeout: Duration,
+    /// Largest read from the temp file at once.
+    chunk: u64,
     /// Bytes sent so far.
     offset: u64,
     /// Set once the download was abandoned and this client went on alone.
@@ -424,7 +425,7 @@ impl Tail {
                     self.offset += bytes.len() as u64;
                     return Ok(Some(bytes));
                 }
-                let len = (limit - self.offset).min(READ_CHUNK);
+                let len = (limit - self.offset).min(self.chunk);
                 let (file, offset) = (Arc::clone(&self.file), self.offset);
                 let buf = tokio::task::spawn_blocking(move || {
                     let mut buf = vec![0u8; len as usize];

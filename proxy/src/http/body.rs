@@ -1,16 +1,12 @@
 //! Response bodies: whole buffers, cached files (with ranges), and streams
 //! fed by a fetch task, all behind one boxed type.
 
-use std::io::SeekFrom;
-
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::Frame;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
-use tokio_util::io::ReaderStream;
 
 /// Every response body the proxy sends. An `Err` frame aborts the response
 /// (connection reset / RST_STREAM), so a client never mistakes a broken
@@ -27,26 +23,51 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed_unsync()
 }
 
-/// Streams `len` bytes of `file` from `offset`.
-pub async fn file(path: &std::path::Path, offset: u64, len: u64) -> std::io::Result<Body> {
-    file_in_chunks(path, offset, len, 256 * 1024).await
-}
+/// Chunk of a file-backed body on a connection that carries one response
+/// at a time (HTTP/1): large, for few reads per byte.
+pub const FILE_CHUNK: usize = 256 * 1024;
 
-/// [`file`] read `chunk` bytes at a time: each response holds about one
-/// or two chunks while its client does not read, so a small chunk bounds
-/// what many slow clients of rarely read, large objects cost.
+/// Chunk of a file-backed body on an HTTP/2 connection: each of its up to
+/// `limits.maxStreamsPerConnection` streams holds about a chunk its client
+/// has not read (see `server::H2_SEND_BUFFER`). 128 unread streams of two
+/// 256 KiB chunks each held 67 MiB per connection; with 64 KiB chunks it
+/// is 13 MiB (`hostile_access.rs::a_layer_on_512_unread_streams_costs_a_bounded_memory`).
+/// HTTP/2 cuts data into 16 KiB frames anyway.
+pub const MULTIPLEXED_CHUNK: usize = 64 * 1024;
+
+/// Streams `len` bytes of the file at `path` from `offset`, `chunk` bytes
+/// at a time: each response holds about one or two chunks while its
+/// client does not read, so a small chunk bounds what many slow clients
+/// of rarely read, large objects cost.
 pub async fn file_in_chunks(
     path: &std::path::Path,
     offset: u64,
     len: u64,
     chunk: usize,
 ) -> std::io::Result<Body> {
-    let mut f = tokio::fs::File::open(path).await?;
-    if offset > 0 {
-        f.seek(SeekFrom::Start(offset)).await?;
-    }
-    let stream =
-        ReaderStream::with_capacity(f.take(len), chunk).map(|chunk| chunk.map(Frame::data));
+    use std::os::unix::fs::FileExt;
+    let file = std::sync::Arc::new(tokio::fs::File::open(path).await?.into_std().await);
+    // Positional reads straight into the chunk handed on: a tokio file
+    // would read into a buffer of its own first, one more chunk held (and
+    // copied) per response.
+    let chunk = chunk.max(1) as u64;
+    let stream = futures::stream::try_unfold((offset, len), move |(at, left)| {
+        let file = std::sync::Arc::clone(&file);
+        async move {
+            if left == 0 {
+                return Ok(None);
+            }
+            let n = left.min(chunk);
+            let buf = tokio::task::spawn_blocking(move || {
+                // `n` ≤ `chunk`, a usize.
+                let mut buf = vec![0u8; n as usize];
+                file.read_exact_at(&mut buf, at).map(|()| buf)
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            Ok(Some((Frame::data(Bytes::from(buf)), (at + n, left - n))))
+        }
+    });
     Ok(StreamBody::new(stream).boxed_unsync())
 }
 

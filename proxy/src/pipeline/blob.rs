@@ -19,7 +19,6 @@ use crate::http::headers::{
     relay_response,
 };
 use crate::http::range::{RangeSpec, parse_range};
-use crate::http::sendfile::Sendfile;
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
@@ -46,7 +45,7 @@ pub(crate) async fn blob(
         }
         record.cache = CacheResult::Hit;
         ctx.served(digest);
-        return cached_blob(cached, method, headers, ctx.sendfile.as_ref()).await;
+        return cached_blob(cached, method, headers, ctx).await;
     }
     let url = ctx.url(&path, None)?;
     let ranged = headers.contains_key(header::RANGE);
@@ -106,6 +105,7 @@ pub(crate) async fn blob(
                         digest.clone(),
                         resume(ctx, &path, headers),
                         ctx.read_timeout,
+                        ctx.file_chunk(),
                     );
                     return Ok(blob_response(digest, &stream, body));
                 }
@@ -172,7 +172,7 @@ async fn cached_blob(
     cached: CachedBlob,
     method: &Method,
     headers: &HeaderMap,
-    sendfile: Option<&Sendfile>,
+    ctx: &Ctx<'_>,
 ) -> Result<Response<Body>, HandlerError> {
     let size = cached.size;
     let range = headers
@@ -201,7 +201,7 @@ async fn cached_blob(
             path: cached.path.clone(),
             source,
         };
-        let b = match sendfile {
+        let b = match &ctx.sendfile {
             Some(sendfile) => {
                 let file = tokio::fs::File::open(&cached.path)
                     .await
@@ -210,7 +210,7 @@ async fn cached_blob(
                     .await;
                 sendfile.body(file, start, len)
             }
-            None => body::file(&cached.path, start, len)
+            None => body::file_in_chunks(&cached.path, start, len, ctx.file_chunk())
                 .await
                 .map_err(reading)?,
         };

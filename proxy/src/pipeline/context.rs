@@ -11,6 +11,7 @@ use pullthrough_api::config::RegistryConfig;
 
 use super::{HandlerError, Shared, State, parse_url};
 use crate::config::RegistrySettings;
+use crate::http::body;
 use crate::http::headers::insert_bearer;
 use crate::http::sendfile::Sendfile;
 use crate::route::Via;
@@ -36,9 +37,21 @@ pub(crate) struct Ctx<'a> {
     /// The plain HTTP/1 connection's `sendfile` queue: cached blobs go
     /// from the file to the socket without a copy.
     pub(crate) sendfile: Option<Sendfile>,
+    /// The request came on an HTTP/2 connection, whose many streams each
+    /// hold what they were handed and not yet sent.
+    pub(crate) multiplexed: bool,
 }
 
 impl Ctx<'_> {
+    /// How much of a blob file a response reads at a time.
+    pub(crate) fn file_chunk(&self) -> usize {
+        if self.multiplexed {
+            body::MULTIPLEXED_CHUNK
+        } else {
+            body::FILE_CHUNK
+        }
+    }
+
     pub(crate) fn url(&self, path: &str, query: Option<&str>) -> Result<Uri, HandlerError> {
         let query = query
             .map(strip_ns)

@@ -123,6 +123,7 @@ pub(super) async fn start(
         digest.clone(),
         resume(ctx, &path, headers),
         ctx.read_timeout,
+        ctx.file_chunk(),
     );
     Ok(blob_response(digest, &stream, body))
 }
@@ -170,6 +171,8 @@ pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight
                 read_timeout,
                 from_peer: false,
                 sendfile: None,
+                // Only sends one request of its own; reads no file.
+                multiplexed: false,
             };
             if let Ok(range) = HeaderValue::from_str(&format!("bytes={from}-")) {
                 headers.insert(header::RANGE, range);

@@ -348,6 +348,7 @@ pub(crate) async fn serve(
                 read_timeout: state.config.upstream_timeouts.read,
                 from_peer,
                 sendfile,
+                multiplexed: req.version() == http::Version::HTTP_2,
             };
             registry_request(ctx, req, request, record).await
         }
