@@ -175,7 +175,15 @@ fn a_replica_that_lost_its_disk_serves_from_the_bucket_with_the_upstream_stopped
         let body = get_ok(&url(&proxy, "fixture/app", "blobs", d));
         assert_eq!(&sha256_digest(&body), d, "from the bucket");
     }
-    let shared = proxy.access_matching(&[("cache", "SHARED_HIT")]);
+    // Access lines are written after the response: wait for them.
+    let shared_hits = || proxy.access_matching(&[("cache", "SHARED_HIT")]);
+    wait_for(
+        "a SHARED_HIT line per object",
+        Duration::from_secs(10),
+        || Ok(shared_hits().len() >= all.len()),
+    )
+    .unwrap();
+    let shared = shared_hits();
     assert_eq!(shared.len(), all.len(), "{shared:#?}");
     // Now on the local disk again: the next read is a plain HIT.
     get_ok(&url(&proxy, "fixture/app", "blobs", &blobs[0]));
