@@ -348,3 +348,98 @@ fn a_client_gone_before_its_answer_still_gets_an_access_line() {
     let miss = r#"pullthrough_requests_total{registry="quay.io",kind="tag",result="miss"}"#;
     assert_eq!(proxy.metric(miss).unwrap(), Some(1.0));
 }
+
+/// The other side of closing clients that make no progress: a slow push
+/// over HTTP/2 is progress all along, though no answer goes back until
+/// its last byte. A 384 KiB blob uploaded in 64 KiB pieces 600 ms apart
+/// (3.6 s) lands upstream with `idleTimeout` 1 s (the upload's data is the
+/// connection's progress) and the upstream timeouts 1 s + 1 s (they count
+/// from the upload's last byte, not from its first: pushes of a layer
+/// that took longer than connect + read failed with 502, every retry).
+#[test]
+fn a_slow_push_over_http2_outlasting_every_timeout_lands() {
+    use http_body_util::{BodyExt, Empty, StreamBody};
+    let registry = Registry::plain().unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "limits:\n  idleTimeout: 1s\nupstreamTimeouts:\n  connect: 1s\n  read: 1s\n{}",
+            common::one_registry("quay.io", &registry.url(), "    allowPush: true\n")
+        ),
+    )
+    .unwrap();
+    let piece = bytes::Bytes::from((0..64 * 1024).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
+    let pieces = 6;
+    let digest = {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for _ in 0..pieces {
+            h.update(&piece);
+        }
+        format!("sha256:{}", hex::encode(h.finalize()))
+    };
+    let https = proxy.addrs.https;
+    let ca = proxy.ca_pem().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (status, took) = rt.block_on(async {
+        type Upload = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
+        let mut cfg = pullthrough_testbed::tls::client_config(&ca).unwrap();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake::<_, _, Upload>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let start = http::Request::post(format!(
+            "https://{https}/v2/quay.io/pushed/slow/blobs/uploads/"
+        ))
+        .body(Empty::new().boxed())
+        .unwrap();
+        let resp = send.send_request(start).await.unwrap();
+        assert_eq!(resp.status(), http::StatusCode::ACCEPTED);
+        let location = resp.headers()["location"].to_str().unwrap().to_string();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let url = if location.starts_with("http") {
+            format!("{location}{sep}digest={digest}")
+        } else {
+            format!("https://{https}{location}{sep}digest={digest}")
+        };
+        let trickle = futures::stream::unfold(0, move |i| {
+            let piece = piece.clone();
+            async move {
+                if i == pieces {
+                    return None;
+                }
+                tokio::time::sleep(Duration::from_millis(600)).await;
+                Some((
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(piece)),
+                    i + 1,
+                ))
+            }
+        });
+        let put = http::Request::put(url)
+            .header("content-type", "application/octet-stream")
+            .header("content-length", (pieces * 64 * 1024).to_string())
+            .body(StreamBody::new(trickle).boxed())
+            .unwrap();
+        let started = Instant::now();
+        let resp = send.send_request(put).await.unwrap();
+        (resp.status(), started.elapsed())
+    });
+    assert_eq!(status, http::StatusCode::CREATED, "{}", proxy.log());
+    assert!(took >= Duration::from_secs(3), "{took:?}");
+    let url = format!("{}/v2/pushed/slow/blobs/{digest}", registry.url());
+    let got = pullthrough_testbed::http::Get::new(&url).send().unwrap();
+    assert_eq!(got.status, http::StatusCode::OK);
+    assert_eq!(got.body.len(), pieces * 64 * 1024);
+}

@@ -135,6 +135,17 @@ pub fn relay(incoming: hyper::body::Incoming) -> Body {
     incoming.map_err(std::io::Error::other).boxed_unsync()
 }
 
+/// `body`, calling `seen` for each of its data frames.
+pub fn on_data(body: Body, seen: impl Fn() + Send + 'static) -> Body {
+    body.map_frame(move |f| {
+        if f.is_data() {
+            seen();
+        }
+        f
+    })
+    .boxed_unsync()
+}
+
 /// Keeps `guard` alive as long as the body (a cache lease).
 pub fn hold<T: Send + 'static>(body: Body, guard: T) -> Body {
     body.map_frame(move |f| {

@@ -206,6 +206,11 @@ impl UpstreamClient {
     /// Sends a request with a streamed body (push pass-through). Redirects
     /// are not followed — a streamed body cannot be sent twice — and the
     /// upstream's answer, 3xx included, is returned as is.
+    ///
+    /// The upstream answers an upload only once it has all of it, so the
+    /// timeout (connect + read) counts from the body's last data, not from
+    /// the start: a layer that took longer than that to upload failed with
+    /// a 502 on every retry.
     pub async fn send_body(
         &self,
         method: Method,
@@ -217,18 +222,38 @@ impl UpstreamClient {
             url: redact(&url),
             reason,
         })?;
+        let started = tokio::time::Instant::now();
+        let sent_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let body = {
+            let sent_ms = Arc::clone(&sent_ms);
+            crate::http::body::on_data(body, move || {
+                let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+                sent_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+            })
+        };
         let mut request = Request::new(body);
         *request.method_mut() = method;
         *request.uri_mut() = url.clone();
         *request.headers_mut() = sanitize(headers);
         let wait = self.connect_timeout + self.read_timeout;
-        match tokio::time::timeout(wait, self.client.request(request)).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(err)) => Err(classify(&url, &err)),
-            Err(_) => Err(UpstreamError::Timeout {
-                url: redact(&url),
-                after: wait,
-            }),
+        let deadline = || {
+            let ms = sent_ms.load(std::sync::atomic::Ordering::Relaxed);
+            started + Duration::from_millis(ms) + wait
+        };
+        let mut answer = std::pin::pin!(self.client.request(request));
+        loop {
+            tokio::select! {
+                res = &mut answer => return res.map_err(|err| classify(&url, &err)),
+                _ = tokio::time::sleep_until(deadline()) => {
+                    // Data may have gone out while asleep.
+                    if tokio::time::Instant::now() >= deadline() {
+                        return Err(UpstreamError::Timeout {
+                            url: redact(&url),
+                            after: wait,
+                        });
+                    }
+                }
+            }
         }
     }
 
