@@ -189,9 +189,11 @@ pub struct Limits {
     /// on a kept-alive HTTP/1 connection) to a complete request head.
     #[serde(with = "humantime_serde", default = "default_header_read_timeout")]
     pub header_read_timeout: Duration,
-    /// A connection on which no byte moves in either direction for this
-    /// long is closed (also an HTTP/2 connection with streams whose client
-    /// stopped reading).
+    /// A connection that makes no progress for this long is closed. On
+    /// HTTP/1 progress is any byte moving either way; on HTTP/2 it is a
+    /// request arriving, request body data, response data taken by the
+    /// client, or a response ending: pings and other frames alone do not
+    /// keep a connection whose client reads none of its responses.
     #[serde(with = "humantime_serde", default = "default_idle_timeout")]
     pub idle_timeout: Duration,
     /// Longest TLS handshake on the HTTPS listener.

@@ -264,9 +264,9 @@ where
     }
 }
 
-/// When a connection last moved a byte, and whether it has sent a
-/// complete request head yet; shared by the connection's IO, its service
-/// and its supervisor.
+/// When a connection last moved a byte or made progress, and whether it
+/// has sent a complete request head yet; shared by the connection's IO,
+/// its service, its response bodies and its supervisor.
 #[derive(Debug, Clone)]
 pub struct Activity(Arc<ActivityInner>);
 
@@ -275,7 +275,12 @@ struct ActivityInner {
     started: Instant,
     /// Milliseconds after `started` of the last read or write.
     last_io_ms: AtomicU64,
+    /// Milliseconds after `started` of the last progress: a request head,
+    /// request body data, response body data handed on, a response's end.
+    progress_ms: AtomicU64,
     got_request: AtomicBool,
+    /// An HTTP/2 connection: judged by progress, not by bytes.
+    multiplexed: AtomicBool,
 }
 
 impl Activity {
@@ -283,7 +288,9 @@ impl Activity {
         Self(Arc::new(ActivityInner {
             started: Instant::now(),
             last_io_ms: AtomicU64::new(0),
+            progress_ms: AtomicU64::new(0),
             got_request: AtomicBool::new(false),
+            multiplexed: AtomicBool::new(false),
         }))
     }
 
@@ -291,19 +298,40 @@ impl Activity {
         self.0.started
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn touch(&self) {
-        let ms = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.0.last_io_ms.store(ms, Ordering::Relaxed);
+        self.0.last_io_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     fn last_io(&self) -> Instant {
         self.0.started + Duration::from_millis(self.0.last_io_ms.load(Ordering::Relaxed))
     }
 
+    /// Notes progress: a request body's data arrived, a response body
+    /// handed data on (its client took what was sent before), a response
+    /// ended.
+    pub fn progressed(&self) {
+        self.0.progress_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    fn last_progress(&self) -> Instant {
+        self.0.started + Duration::from_millis(self.0.progress_ms.load(Ordering::Relaxed))
+    }
+
     /// Called by the service: hyper has parsed a whole request head.
     pub fn request_seen(&self) {
         self.touch();
+        self.progressed();
         self.0.got_request.store(true, Ordering::Relaxed);
+    }
+
+    /// Called by the service for an HTTP/2 request: the connection's bytes
+    /// say nothing of its progress from now on.
+    pub fn multiplexed(&self) {
+        self.0.multiplexed.store(true, Ordering::Relaxed);
     }
 
     fn got_request(&self) -> bool {
@@ -311,12 +339,66 @@ impl Activity {
     }
 
     /// When the supervisor closes the connection unless something happens.
+    ///
+    /// On HTTP/2 only progress counts. Its client may send frames that
+    /// need no answer (PRIORITY, WINDOW_UPDATE) or only one from hyper
+    /// (PING), forever, while reading nothing of its responses: counting
+    /// those bytes, such a connection held its slot and every stream's
+    /// buffers for good. A client that reads, however slowly, has its
+    /// responses take more data; one that asks, has requests arrive.
     fn deadline(&self, limits: &Limits) -> Instant {
-        if self.got_request() {
-            self.last_io() + limits.idle_timeout
-        } else {
+        if !self.got_request() {
             self.started() + limits.header_read_timeout
+        } else if self.0.multiplexed.load(Ordering::Relaxed) {
+            self.last_progress() + limits.idle_timeout
+        } else {
+            self.last_io() + limits.idle_timeout
         }
+    }
+}
+
+/// A response body that tells its connection's [`Activity`] when it hands
+/// data on and when it ends (see [`Activity::deadline`]).
+pub struct Tracked<B> {
+    inner: B,
+    activity: Activity,
+}
+
+impl<B> Tracked<B> {
+    pub fn new(inner: B, activity: Activity) -> Self {
+        Self { inner, activity }
+    }
+}
+
+impl<B> Drop for Tracked<B> {
+    fn drop(&mut self) {
+        self.activity.progressed();
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let res = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &res
+            && frame.is_data()
+        {
+            self.activity.progressed();
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -403,14 +485,19 @@ pub(crate) fn service(
     sendfile: Option<Sendfile>,
 ) -> impl hyper::service::Service<
     http::Request<Incoming>,
-    Response = http::Response<crate::observe::access_log::Logged>,
+    Response = http::Response<Tracked<crate::observe::access_log::Logged>>,
     Error = Infallible,
     Future = impl Future<
-        Output = Result<http::Response<crate::observe::access_log::Logged>, Infallible>,
+        Output = Result<http::Response<Tracked<crate::observe::access_log::Logged>>, Infallible>,
     > + Send,
 > + Clone {
     hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         activity.request_seen();
+        if req.version() == http::Version::HTTP_2 {
+            activity.multiplexed();
+        }
+        // For bodies the handler reads (uploads): their data is progress.
+        req.extensions_mut().insert(activity.clone());
         if from_peer {
             req.extensions_mut()
                 .insert(crate::peers::listener::FromPeer);
@@ -422,7 +509,11 @@ pub(crate) fn service(
         }
         let shared = shared.clone();
         let sni = sni.clone();
-        async move { Ok::<_, Infallible>(pipeline::handle(shared, req, sni).await) }
+        let activity = activity.clone();
+        async move {
+            let resp = pipeline::handle(shared, req, sni).await;
+            Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, activity)))
+        }
     })
 }
 
@@ -439,7 +530,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
-    use http_body_util::Empty;
+    use http_body_util::{BodyExt, Empty};
     use tokio::io::AsyncReadExt;
 
     use super::*;
@@ -448,29 +539,38 @@ mod tests {
         SocketAddr::from(([127, 0, 0, 1], 1))
     }
 
-    /// Serves `svc` on one end of an in-memory pipe under `supervise`;
-    /// returns the client end and the server's task.
-    fn serve_pipe<S>(
+    /// Serves `svc` on one end of an in-memory pipe under `supervise`,
+    /// noting activity as [`service`] does; returns the client end and the
+    /// server's task.
+    fn serve_pipe<S, B>(
         limits: Limits,
         svc: S,
     ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>)
     where
         S: hyper::service::Service<
                 http::Request<Incoming>,
-                Response = http::Response<Empty<Bytes>>,
+                Response = http::Response<B>,
                 Error = Infallible,
             > + Clone
             + Send
             + 'static,
         S::Future: Send + 'static,
+        B: hyper::body::Body<Data = Bytes, Error = Infallible> + Unpin + Send + 'static,
     {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(async move {
             let activity = Activity::new();
             let seen = activity.clone();
-            let svc = hyper::service::service_fn(move |req| {
+            let svc = hyper::service::service_fn(move |req: http::Request<Incoming>| {
                 seen.request_seen();
-                svc.clone().call(req)
+                if req.version() == http::Version::HTTP_2 {
+                    seen.multiplexed();
+                }
+                let (svc, seen) = (svc.clone(), seen.clone());
+                async move {
+                    let resp = svc.call(req).await?;
+                    Ok::<_, Infallible>(resp.map(|b| Tracked::new(b, seen)))
+                }
             });
             let io = Watched {
                 inner: server,
@@ -553,6 +653,95 @@ mod tests {
             .expect("still open long after the timeout");
         assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
         assert!(start.elapsed() >= Duration::from_millis(250));
+    }
+
+    /// A body of 16 KiB chunks without end.
+    struct Endless;
+
+    impl hyper::body::Body for Endless {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+            Poll::Ready(Some(Ok(hyper::body::Frame::data(Bytes::from(
+                vec![7u8; 16 * 1024],
+            )))))
+        }
+    }
+
+    /// A service whose every answer is [`Endless`].
+    fn endless() -> impl hyper::service::Service<
+        http::Request<Incoming>,
+        Response = http::Response<Endless>,
+        Error = Infallible,
+        Future = impl Future<Output = Result<http::Response<Endless>, Infallible>> + Send,
+    > + Clone
+    + Send {
+        hyper::service::service_fn(|_req| async { Ok(http::Response::new(Endless)) })
+    }
+
+    /// An HTTP/2 client asking for an endless answer on a small window,
+    /// pinging every 100 ms; `read_every`: how often it reads a frame of
+    /// the body (never, if None). Whether the server still serves it
+    /// after `after`.
+    async fn still_served(read_every: Option<Duration>, after: Duration) -> bool {
+        let limits = Limits {
+            idle_timeout: Duration::from_millis(800),
+            ..Limits::default()
+        };
+        let (client, server) = serve_pipe(limits, endless());
+        let (mut send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(64 * 1024)
+            .initial_connection_window_size(64 * 1024)
+            .handshake(TokioIo::new(client))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://proxy/v2/")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let _send = send;
+            loop {
+                match read_every {
+                    Some(every) => {
+                        tokio::time::sleep(every).await;
+                        if body.frame().await.is_none() {
+                            return;
+                        }
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+        });
+        let served = tokio::time::timeout(after, server).await.is_err();
+        reader.abort();
+        served
+    }
+
+    /// An HTTP/2 client that reads none of its answer but pings (reads
+    /// and writes that are no progress) is closed after `idleTimeout`;
+    /// it was kept for good, with its streams' buffers.
+    #[tokio::test]
+    async fn an_http2_client_that_reads_nothing_is_closed_though_it_pings() {
+        assert!(!still_served(None, Duration::from_secs(5)).await);
+    }
+
+    /// One that reads, slowly, keeps its connection: a 16 KiB frame every
+    /// 100 ms frees half its 64 KiB window every 200–300 ms, and each time
+    /// the server's body hands on more (`idleTimeout` 800 ms).
+    #[tokio::test]
+    async fn an_http2_client_that_reads_slowly_is_kept() {
+        let every = Some(Duration::from_millis(100));
+        assert!(still_served(every, Duration::from_secs(3)).await);
     }
 
     /// An HTTP/2 connection whose client stops sending and reading after

@@ -31,9 +31,14 @@ pub(crate) async fn push_through(
             headers.insert(name, v.clone());
         }
     }
+    let mut upload = body::relay(incoming);
+    // An upload is its connection's progress while no answer goes back.
+    if let Some(activity) = parts.extensions.get::<crate::server::Activity>().cloned() {
+        upload = body::on_data(upload, move || activity.progressed());
+    }
     let resp = ctx
         .client
-        .send_body(parts.method, url, headers, body::relay(incoming))
+        .send_body(parts.method, url, headers, upload)
         .await
         .map_err(|source| HandlerError::Upstream {
             registry: ctx.registry.host.clone(),
