@@ -219,6 +219,16 @@ async fn peer_get(
     config: Arc<rustls::ClientConfig>,
     path: &str,
 ) -> Result<u16, String> {
+    peer_get_from(addr, config, HOST, path).await
+}
+
+/// [`peer_get`] with `Host: host`.
+async fn peer_get_from(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    host: &str,
+    path: &str,
+) -> Result<u16, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(addr)
         .await
@@ -228,7 +238,7 @@ async fn peer_get(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     tls.write_all(req.as_bytes())
         .await
         .map_err(|e| format!("write: {e}"))?;
@@ -244,7 +254,10 @@ async fn peer_get(
 /// Only a peer certificate from the CA opens the peer listener, and a
 /// peer may only GET blobs there: no client certificate, a certificate
 /// from the CA without the peer identity, or one from another CA are
-/// refused; a manifest request from a real peer is 403.
+/// refused; a manifest request from a real peer is 403, and so are a
+/// token request (on the registry's auth host: it was relayed to the
+/// realm with the Authorization it carried) and a ping on the proxy's own
+/// name.
 #[test]
 fn the_peer_listener_serves_only_peers_and_only_blobs() {
     let work = tempfile::tempdir().unwrap();
@@ -252,7 +265,8 @@ fn the_peer_listener_serves_only_peers_and_only_blobs() {
     let layer = image.layer_digests()[0].clone();
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, REPO, "1").unwrap();
-    let r = Replicas::start(2, HOST, &registry.url(), "");
+    // Right after the registry's `upstream:`, so the registry's own.
+    let r = Replicas::start(2, HOST, &registry.url(), "    authHosts: ['auth.test']\n");
     let (ca_crt, ca_key) = (r.ca.path().join("ca.crt"), r.ca.path().join("ca.key"));
     let ca_pem = std::fs::read_to_string(&ca_crt).unwrap();
     let other = tempfile::tempdir().unwrap();
@@ -282,6 +296,11 @@ fn the_peer_listener_serves_only_peers_and_only_blobs() {
             let real = client_cert((&ca_crt, &ca_key), "urn:pullthrough:peer");
             let config = peer_client(&ca_pem, Some(real));
             assert_eq!(peer_get(peer, config.clone(), &manifest).await, Ok(403));
+            let token = "/token?scope=repository:x:pull";
+            let got = peer_get_from(peer, config.clone(), "auth.test", token).await;
+            assert_eq!(got, Ok(403), "a token request");
+            let got = peer_get_from(peer, config.clone(), "localhost", "/v2/").await;
+            assert_eq!(got, Ok(403), "a ping on the proxy's own name");
             assert_eq!(peer_get(peer, config, &blob).await, Ok(200));
         });
     registry.sync_log().unwrap();

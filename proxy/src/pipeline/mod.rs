@@ -278,7 +278,7 @@ pub(crate) async fn serve(
     };
 
     match target {
-        Target::LocalPing => {
+        Target::LocalPing if !from_peer => {
             record.kind = Kind::Ping;
             record.cache = CacheResult::Hit;
             Ok(local_ping())
@@ -286,7 +286,7 @@ pub(crate) async fn serve(
         Target::Token {
             registry,
             auth_host,
-        } => {
+        } if !from_peer => {
             record.registry = registry.to_string();
             record.kind = Kind::Token;
             record.cache = CacheResult::Pass;
