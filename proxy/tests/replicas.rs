@@ -251,6 +251,43 @@ async fn peer_get_from(
     }
 }
 
+/// Anything that reaches the peer port can open connections and send
+/// nothing. From one address it holds at most a few of the listener's
+/// 256 slots, so a real peer (another address) is served at once; before,
+/// 256 silent connections took every slot and peers waited out their
+/// handshake timeout, suspected each other and went to the upstream.
+#[test]
+fn silent_connections_from_one_address_do_not_keep_peers_out() {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), 1 << 20, 15);
+    let layer = image.layer_digests()[0].clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, REPO, "1").unwrap();
+    let r = Replicas::start(2, HOST, &registry.url(), "");
+    let (ca_crt, ca_key) = (r.ca.path().join("ca.crt"), r.ca.path().join("ca.key"));
+    let ca_pem = std::fs::read_to_string(&ca_crt).unwrap();
+    let peer = r.peers[0];
+    let blob = format!("/v2/{REPO}/blobs/{layer}");
+    pullthrough_testbed::http::runtime()
+        .unwrap()
+        .block_on(async {
+            let mut silent = Vec::new();
+            for _ in 0..300 {
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+                silent.push(socket.connect(peer).await.unwrap());
+            }
+            let real = client_cert((&ca_crt, &ca_key), "urn:pullthrough:peer");
+            let got = tokio::time::timeout(
+                Duration::from_secs(3),
+                peer_get(peer, peer_client(&ca_pem, Some(real)), &blob),
+            )
+            .await;
+            assert_eq!(got, Ok(Ok(200)), "a peer behind 300 silent connections");
+            drop(silent);
+        });
+}
+
 /// Only a peer certificate from the CA opens the peer listener, and a
 /// peer may only GET blobs there: no client certificate, a certificate
 /// from the CA without the peer identity, or one from another CA are

@@ -20,6 +20,55 @@ use crate::tls::peer::{PeerTls, is_peer};
 /// Connections the peer listener holds at once: a few per replica.
 const MAX_PEER_CONNECTIONS: usize = 256;
 
+/// Connections one source address may hold on the peer listener. A
+/// replica's client keeps a few; anything that can reach the port could
+/// otherwise hold all of them without a certificate (silent until the
+/// handshake times out), and replicas whose handshakes then time out
+/// suspect each other and fetch every miss from the upstream themselves.
+const MAX_PER_SOURCE: usize = 16;
+
+/// Longest TLS handshake of a peer: replicas are in one cluster, and a
+/// silent connection should hold its slot no longer than that.
+const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Connections per source address, held by [`SourceSlot`]s.
+#[derive(Debug, Default)]
+struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place in [`Sources`], given back on drop.
+struct SourceSlot {
+    sources: Arc<Sources>,
+    ip: std::net::IpAddr,
+}
+
+impl Sources {
+    /// A slot for a connection from `ip`, unless it holds `MAX_PER_SOURCE`.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(ip).or_default();
+        if *n >= MAX_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Marks a request that came in on the peer listener.
 #[derive(Debug, Clone, Copy)]
 pub struct FromPeer;
@@ -34,7 +83,16 @@ pub async fn serve_peers(
 ) {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
+    let sources = Arc::new(Sources::default());
+    let limits = Limits {
+        tls_handshake_timeout: limits.tls_handshake_timeout.min(PEER_HANDSHAKE_TIMEOUT),
+        ..limits
+    };
     while let Some((stream, peer, permit)) = accept(&listener, &permits, &mut stop, "peers").await {
+        let Some(slot) = sources.take(peer.ip()) else {
+            tracing::debug!(%peer, "peer connection refused: its address holds {MAX_PER_SOURCE} already");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         // Built per connection: a rotated CA is used at once.
         let config = match tls.server() {
@@ -46,7 +104,7 @@ pub async fn serve_peers(
         };
         let (shared, limits, watcher) = (shared.clone(), limits.clone(), graceful.watcher());
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, slot);
             let activity = Activity::new();
             let stream = Watched {
                 inner: stream,
