@@ -414,8 +414,15 @@ impl Issuer {
         let renew_at = if lifetime > 2 * RENEW_BEFORE {
             not_after - RENEW_BEFORE
         } else {
-            // The CA itself expires soon: renew halfway, at least hourly.
-            now + (lifetime / 2).max(Duration::from_secs(3600)).min(lifetime)
+            // The CA itself expires soon: renew halfway, at least hourly,
+            // and never more than once a minute. Past the CA's end a new
+            // leaf helps no client (only a new CA does, and a reload drops
+            // the cached leaves), while minting one per handshake under
+            // the cache lock stalled every handshake.
+            now + (lifetime / 2)
+                .max(Duration::from_secs(3600))
+                .min(lifetime)
+                .max(Duration::from_secs(60))
         };
         if not_after < ca.not_after() && lifetime <= 2 * RENEW_BEFORE {
             tracing::warn!(names = %label, "minted a short-lived TLS certificate");

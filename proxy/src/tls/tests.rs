@@ -457,6 +457,20 @@ fn leaves_are_reminted_a_week_before_expiry() {
     assert_ne!(first.cert[0], renewed.cert[0]);
 }
 
+/// Past the CA's end, a leaf is not minted again on every handshake.
+#[test]
+fn an_expired_ca_does_not_mint_a_leaf_per_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = Issuer::load_or_generate(None, dir.path(), default_allowed()).unwrap();
+    let past_the_ca = SystemTime::now() + Duration::from_secs(11 * 365 * 86_400);
+    let first = issuer.certificate_for(Some("quay.io"), past_the_ca);
+    let next = issuer.certificate_for(Some("quay.io"), past_the_ca + Duration::from_secs(1));
+    match (first, next) {
+        (Some(first), Some(next)) => assert!(Arc::ptr_eq(&first, &next), "minted again"),
+        (first, next) => panic!("no leaf: {:?} {:?}", first.is_some(), next.is_some()),
+    }
+}
+
 #[test]
 fn allowed_names_are_normalized() {
     let n = AllowedNames {
