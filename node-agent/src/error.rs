@@ -186,6 +186,21 @@ pub enum AgentError {
     /// `dockerd --validate` refused the patched daemon.json.
     #[error("{path}: dockerd --validate rejects the result: {reason}; nothing was written")]
     Rejected { path: String, reason: String },
+    /// dockerd runs with the command-line flag for a daemon.json key the
+    /// agent would write: dockerd would ignore the next SIGHUP and not
+    /// start again with both.
+    #[error(
+        "{path}: dockerd (pid {pid} in {pid_file}) runs with {flag}, and dockerd refuses a daemon.json that also sets `{key}` (\"specified both as a flag and in the configuration file\"): it would not start again. The agent needs {values} in `{key}`, so nothing was written (on this node nothing is configured until this is fixed). {remedy}"
+    )]
+    DockerdFlag {
+        path: String,
+        pid: i32,
+        pid_file: &'static str,
+        flag: &'static str,
+        key: &'static str,
+        values: String,
+        remedy: &'static str,
+    },
     #[error(transparent)]
     Fs(#[from] FsError),
     #[error(transparent)]

@@ -16,6 +16,16 @@ pub const REGISTRY_MIRRORS: &str = "registry-mirrors";
 pub const INSECURE_REGISTRIES: &str = "insecure-registries";
 pub const LIVE_RESTORE: &str = "live-restore";
 
+/// dockerd's command-line flag for each managed key. dockerd refuses to
+/// start (and ignores a SIGHUP) when a key is set both ways, whatever the
+/// values (`the following directives are specified both as a flag and in
+/// the configuration file`), so the agent must not write a key whose flag
+/// dockerd runs with.
+pub const DOCKERD_FLAGS: [(&str, &str); 2] = [
+    ("--registry-mirror", REGISTRY_MIRRORS),
+    ("--insecure-registry", INSECURE_REGISTRIES),
+];
+
 /// The values the proxy needs in each managed key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DaemonJsonWant {
@@ -27,7 +37,8 @@ pub struct DaemonJsonWant {
 }
 
 impl DaemonJsonWant {
-    fn for_key(&self, key: &str) -> &[String] {
+    /// The values wanted in a managed key.
+    pub fn for_key(&self, key: &str) -> &[String] {
         match key {
             REGISTRY_MIRRORS => &self.registry_mirrors,
             _ => &self.insecure_registries,

@@ -12,7 +12,10 @@ use super::{
 use crate::desired;
 use crate::engine::plan::{Change, Planner};
 use crate::error::AgentError;
-use crate::patch::daemon_json::{self, Added, INSECURE_REGISTRIES, REGISTRY_MIRRORS};
+use crate::fsio::Root;
+use crate::patch::daemon_json::{
+    self, Added, DOCKERD_FLAGS, DaemonJsonWant, INSECURE_REGISTRIES, REGISTRY_MIRRORS,
+};
 use crate::patch::docker_certs::{self, DOCKER_CERTS_D};
 use crate::patch::hosts;
 use crate::state::FileKind;
@@ -21,6 +24,8 @@ use crate::state::FileKind;
 pub const HOSTS: &str = "/etc/hosts";
 /// dockerd's config.
 pub const DAEMON_JSON: &str = "/etc/docker/daemon.json";
+/// dockerd's pid files, as the executor signals it through them.
+const PID_FILES: [&str; 2] = ["/var/run/docker.pid", "/run/docker.pid"];
 
 /// dockerd.
 pub struct Docker;
@@ -47,6 +52,9 @@ impl Runtime for Docker {
         exec: &mut dyn Executor,
     ) -> Result<Planned, AgentError> {
         let want = desired::docker(input.cfg)?;
+        // Before anything is staged: a refusal here leaves every file of
+        // the node as it was.
+        refuse_keys_set_by_flags(pl.root(), &want.daemon_json)?;
         let mut planned = Planned {
             notes: want.notes.iter().map(|n| format!("docker: {n}")).collect(),
             ..Planned::default()
@@ -207,6 +215,105 @@ impl Runtime for Docker {
     }
 }
 
+/// The running dockerd, as its pid file and `/proc` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningDockerd {
+    pub pid: i32,
+    pub pid_file: &'static str,
+    /// Its arguments after the program name.
+    pub args: Vec<String>,
+}
+
+/// The dockerd a pid file under the root names, with its command line from
+/// `/proc/<pid>/cmdline` under the root: the agent runs with `hostPID` and
+/// the host's `/` (with its `/proc`) at the root, and `/proc` under a test
+/// root is a plain directory the test writes. `None` when no pid file
+/// names a live process whose program is `dockerd` (a stale pid file must
+/// not stand for dockerd's flags).
+pub fn running_dockerd(root: &Root) -> Result<Option<RunningDockerd>, AgentError> {
+    for pid_file in PID_FILES {
+        let Some(bytes) = root.read(pid_file)? else {
+            continue;
+        };
+        let Ok(pid) = String::from_utf8_lossy(&bytes).trim().parse::<i32>() else {
+            continue;
+        };
+        if pid <= 1 {
+            continue;
+        }
+        let Some(cmdline) = root.read(&format!("/proc/{pid}/cmdline"))? else {
+            continue;
+        };
+        let mut argv = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned());
+        let program = argv.next().unwrap_or_default();
+        if std::path::Path::new(&program)
+            .file_name()
+            .is_none_or(|n| n != "dockerd")
+        {
+            continue;
+        }
+        // cmdline ends with a NUL, which leaves one empty piece.
+        let mut args: Vec<String> = argv.collect();
+        if args.last().is_some_and(String::is_empty) {
+            args.pop();
+        }
+        return Ok(Some(RunningDockerd {
+            pid,
+            pid_file,
+            args,
+        }));
+    }
+    Ok(None)
+}
+
+/// Whether dockerd's arguments set `flag` (`--flag value` or
+/// `--flag=value`; pflag has no other long form), before a `--` that ends
+/// the flags.
+pub fn has_flag(args: &[String], flag: &str) -> bool {
+    args.iter().take_while(|a| *a != "--").any(|a| {
+        a.strip_prefix(flag)
+            .is_some_and(|r| r.is_empty() || r.starts_with('='))
+    })
+}
+
+/// Refuses the apply when the running dockerd has the command-line flag
+/// for a daemon.json key the agent would write. dockerd refuses a config
+/// file setting a key its flags set (whatever the values), while
+/// `dockerd --validate` runs without the unit's flags and passes: the
+/// SIGHUP would fail in dockerd's log only and its next start would fail
+/// for good. Leaving the key out instead is not safe either: without
+/// `insecure-registries` the hijacked names would be dialled over TLS at a
+/// plain-HTTP proxy, and a Docker Hub mirror silently not set would hide
+/// the proxy being bypassed; so the admin is told what to change.
+fn refuse_keys_set_by_flags(root: &Root, want: &DaemonJsonWant) -> Result<(), AgentError> {
+    let Some(dockerd) = running_dockerd(root)? else {
+        return Ok(());
+    };
+    for (flag, key) in DOCKERD_FLAGS {
+        let values = want.for_key(key);
+        if values.is_empty() || !has_flag(&dockerd.args, flag) {
+            continue;
+        }
+        let remedy = if key == INSECURE_REGISTRIES {
+            "Drop --insecure-registry from dockerd's unit and put its values in daemon.json's `insecure-registries` (the agent keeps them), then restart dockerd; or serve the proxy over TLS (proxy.caFile), which needs no insecure-registries"
+        } else {
+            "Drop --registry-mirror from dockerd's unit and put its mirrors in daemon.json's `registry-mirrors` (the agent keeps them, after the proxy), then restart dockerd; or set nodes.dnsHijack: false on docker.io, which needs no registry-mirrors"
+        };
+        return Err(AgentError::DockerdFlag {
+            path: DAEMON_JSON.into(),
+            pid: dockerd.pid,
+            pid_file: dockerd.pid_file,
+            flag,
+            key,
+            values: values.join(", "),
+            remedy,
+        });
+    }
+    Ok(())
+}
+
 /// daemon.json as dockerd must read it on its way from `before` to
 /// `after`, and the keys it empties; `None` when a reload of `after`
 /// alone will do. dockerd's reload applies only keys present in the file,
@@ -360,6 +467,20 @@ mod tests {
 
     fn keys(k: &[&str]) -> BTreeSet<String> {
         k.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn dockerd_flags_are_found_in_both_long_forms_and_only_before_a_double_dash() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let flag = "--insecure-registry";
+        assert!(has_flag(
+            &args(&["-H", "fd://", flag, "10.96.0.0/12"]),
+            flag
+        ));
+        assert!(has_flag(&args(&["--insecure-registry=10.96.0.0/12"]), flag));
+        assert!(!has_flag(&args(&["--insecure-registryx=1"]), flag));
+        assert!(!has_flag(&args(&["--registry-mirror", "https://m"]), flag));
+        assert!(!has_flag(&args(&["--", flag, "10.96.0.0/12"]), flag));
     }
 
     #[test]

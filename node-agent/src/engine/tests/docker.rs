@@ -40,6 +40,100 @@ fn dockerd_validate_rejection_stops_the_apply() {
     assert_eq!(snapshot(t.path()), before);
 }
 
+/// A running dockerd under the root: its pid file and the command line
+/// `/proc/<pid>/cmdline` holds (NUL-separated, NUL-terminated).
+fn fake_dockerd(root: &Path, pid_file: &str, pid: u32, argv: &[&str]) {
+    write(root, pid_file, format!("{pid}\n").as_bytes());
+    let mut cmdline = Vec::new();
+    for a in argv {
+        cmdline.extend_from_slice(a.as_bytes());
+        cmdline.push(0);
+    }
+    write(root, &format!("/proc/{pid}/cmdline"), &cmdline);
+}
+
+/// dockerd refuses a daemon.json setting a key its command line sets
+/// (minikube runs it with `--insecure-registry 10.96.0.0/12`), and
+/// `dockerd --validate` does not see the unit's flags: the agent must not
+/// write such a key, and leaves every file as it was.
+#[test]
+fn a_daemon_json_key_dockerd_has_as_a_flag_is_refused_and_nothing_is_written() {
+    let plain_http = || {
+        let mut c =
+            cfg("proxy: {address: 10.0.0.5, httpPort: 80}\nregistries: [{host: quay.io}]\n");
+        c.ca_pem = None;
+        c
+    };
+    for (config, argv, flag, key) in [
+        (
+            plain_http(),
+            &[
+                "/usr/bin/dockerd",
+                "-H",
+                "fd://",
+                "--insecure-registry",
+                "10.96.0.0/12",
+            ][..],
+            "--insecure-registry",
+            "insecure-registries",
+        ),
+        (
+            cfg(CONFIG),
+            &["dockerd", "--registry-mirror=https://mirror.gcr.io"][..],
+            "--registry-mirror",
+            "registry-mirrors",
+        ),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+        write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+        fake_dockerd(t.path(), "/run/docker.pid", 4242, argv);
+        let before = snapshot(t.path());
+        let root = Root::new(t.path());
+        let mut exec = RecordingExecutor::default();
+        let (r, out) = run_apply(&root, &config, &opts(&[RuntimeKind::Docker]), &mut exec);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "/etc/docker/daemon.json: dockerd (pid 4242 in /run/docker.pid) runs with {flag}, and dockerd refuses a daemon.json that also sets `{key}`"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("nothing was written"), "{e}");
+        assert!(
+            e.contains(&format!("Drop {flag} from dockerd's unit")),
+            "{e}"
+        );
+        assert_eq!(snapshot(t.path()), before, "{out}");
+        assert!(exec.calls.is_empty(), "{:?}", exec.calls);
+    }
+}
+
+/// Only a key the agent writes conflicts (TLS mode writes no
+/// `insecure-registries`), and a stale pid file whose process is not
+/// dockerd says nothing about dockerd's flags.
+#[test]
+fn dockerd_flags_the_agent_does_not_write_or_a_stale_pid_file_do_not_stop_the_apply() {
+    for argv in [
+        &["/usr/bin/dockerd", "--insecure-registry=10.96.0.0/12"][..],
+        &["/bin/sleep", "--registry-mirror", "https://mirror.gcr.io"][..],
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+        fake_dockerd(t.path(), "/var/run/docker.pid", 4242, argv);
+        let root = Root::new(t.path());
+        let mut exec = RecordingExecutor::default();
+        let (r, out) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
+        r.unwrap_or_else(|e| panic!("{argv:?}: {e}\n{out}"));
+        let dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
+        assert_eq!(
+            dj,
+            serde_json::json!({"debug": true, "registry-mirrors": ["https://10.0.0.5"]}),
+            "{argv:?}"
+        );
+    }
+}
+
 #[test]
 fn a_failed_daemon_action_is_retried_until_it_succeeds() {
     let t = tempfile::tempdir().unwrap();
