@@ -322,6 +322,34 @@ fn dockerd_hijack_and_mirror_over_verified_tls_until_revert() {
     assert_all_gone(&dirs, &netns_names);
 }
 
+/// `apply --runtime crio` under `root` for one registry `host` (upstream
+/// `upstream`) behind `proxy`, its config written under `tmp`; the
+/// agent's drop-in.
+fn apply_crio(
+    root: &std::path::Path,
+    tmp: &std::path::Path,
+    proxy: &Proxy,
+    host: &str,
+    upstream: &str,
+) -> String {
+    let config = common::write_agent_config(
+        &tmp.join("conf"),
+        &format!(
+            "proxy:\n  address: 127.0.0.1\n  httpsPort: {}\n  caFile: ca.crt\n\
+             registries:\n  - host: {host}\n    upstream: {upstream}\n",
+            proxy.addrs.https.port(),
+        ),
+        Some(&proxy.ca_pem().unwrap()),
+    );
+    let (r, c) = (root.to_str().unwrap(), config.to_str().unwrap());
+    agent(
+        root,
+        None,
+        &["apply", "--root", r, "--config", c, "--runtime", "crio"],
+    );
+    fs::read_to_string(root.join("etc/containers/registries.conf.d/50-pullthrough.conf")).unwrap()
+}
+
 /// podman (containers/image, as CRI-O): the agent's drop-in
 /// `registries.conf.d/50-pullthrough.conf` replaces the admin's own entry
 /// for quay.io (straight to the upstream, `10-local.conf`), keeping its
@@ -359,26 +387,8 @@ fn podman_pulls_through_the_path_prefix_drop_in_until_revert() {
         fs::create_dir_all(root.join("run")).unwrap();
         let before = snapshot(&root);
 
-        let config = common::write_agent_config(
-            &tmp.path().join("conf"),
-            &format!(
-                "proxy:\n  address: 127.0.0.1\n  httpsPort: {}\n  caFile: ca.crt\n\
-                 registries:\n  - host: quay.io\n    upstream: {}\n",
-                proxy.addrs.https.port(),
-                up.registry.url()
-            ),
-            Some(&proxy.ca_pem().unwrap()),
-        );
+        let drop_in = apply_crio(&root, tmp.path(), &proxy, "quay.io", &up.registry.url());
         let r = root.to_str().unwrap();
-        let c = config.to_str().unwrap();
-        agent(
-            &root,
-            None,
-            &["apply", "--root", r, "--config", c, "--runtime", "crio"],
-        );
-        let drop_in =
-            fs::read_to_string(root.join("etc/containers/registries.conf.d/50-pullthrough.conf"))
-                .unwrap();
         assert!(
             drop_in.contains(&format!("location = \"{}\"", up.registry.addr())),
             "the admin's location is kept: {drop_in}"
@@ -455,26 +465,8 @@ fn podman_pulls_a_registry_named_with_a_port_through_the_drop_in() {
             podman.dir().to_path_buf(),
         ]);
         fs::create_dir_all(root.join("run")).unwrap();
-        let config = common::write_agent_config(
-            &tmp.path().join("conf"),
-            &format!(
-                "proxy:\n  address: 127.0.0.1\n  httpsPort: {}\n  caFile: ca.crt\n\
-                 registries:\n  - host: {NAME}\n    upstream: {}\n",
-                proxy.addrs.https.port(),
-                up.registry.url()
-            ),
-            Some(&proxy.ca_pem().unwrap()),
-        );
+        let drop_in = apply_crio(&root, tmp.path(), &proxy, NAME, &up.registry.url());
         let r = root.to_str().unwrap();
-        let c = config.to_str().unwrap();
-        agent(
-            &root,
-            None,
-            &["apply", "--root", r, "--config", c, "--runtime", "crio"],
-        );
-        let drop_in =
-            fs::read_to_string(root.join("etc/containers/registries.conf.d/50-pullthrough.conf"))
-                .unwrap();
         assert!(drop_in.contains("/registry.test_5999\""), "{drop_in}");
 
         podman

@@ -772,14 +772,11 @@ fn an_upstream_that_cannot_answer_the_access_check_opens_nothing_new() {
     }
 }
 
-/// Point 3: a cached 10 MiB layer asked for as a manifest on 200 HTTP/2
-/// streams whose bodies are never read: it is no manifest, so nothing of
-/// it is read into memory, and the proxy's RSS stays under 128 MiB. Real
-/// manifests are still served from the cache.
-#[test]
-fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
+/// An image of one 10 MiB layer (`seed`) as quay.io's `big/layer:1`
+/// behind a proxy: its work dir, the image, the registry, the proxy.
+fn big_layer_behind_proxy(seed: u64) -> (tempfile::TempDir, Image, Registry, Proxy) {
     let work = tempfile::tempdir().unwrap();
-    let image = random_image(work.path(), &[10 << 20], 0x1eaf_0004);
+    let image = random_image(work.path(), &[10 << 20], seed);
     let registry = Registry::plain().unwrap();
     registry.push_image(&image, "big/layer", "1").unwrap();
     let proxy = Proxy::start(
@@ -791,6 +788,16 @@ fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
         ),
     )
     .unwrap();
+    (work, image, registry, proxy)
+}
+
+/// Point 3: a cached 10 MiB layer asked for as a manifest on 200 HTTP/2
+/// streams whose bodies are never read: it is no manifest, so nothing of
+/// it is read into memory, and the proxy's RSS stays under 128 MiB. Real
+/// manifests are still served from the cache.
+#[test]
+fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
+    let (_work, image, _registry, proxy) = big_layer_behind_proxy(0x1eaf_0004);
     let layer = image.layer_digests()[0].clone();
     let manifest = image.manifests[0].digest.clone();
     for (kind, d) in [("blobs", &layer), ("manifests", &manifest)] {
@@ -843,19 +850,7 @@ fn a_layer_asked_for_as_a_manifest_on_200_unread_streams_costs_no_memory() {
 /// for memory.
 #[test]
 fn a_layer_on_512_unread_streams_costs_a_bounded_memory() {
-    let work = tempfile::tempdir().unwrap();
-    let image = random_image(work.path(), &[10 << 20], 0x1eaf_0006);
-    let registry = Registry::plain().unwrap();
-    registry.push_image(&image, "big/layer", "1").unwrap();
-    let proxy = Proxy::start(
-        proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "registries:\n  - host: quay.io\n    upstream: {}\n",
-            registry.url()
-        ),
-    )
-    .unwrap();
+    let (_work, image, _registry, proxy) = big_layer_behind_proxy(0x1eaf_0006);
     let layer = image.layer_digests()[0].clone();
     let path = format!("/v2/quay.io/big/layer/blobs/{layer}");
     let r = request(&proxy, Method::GET, &path, None);
