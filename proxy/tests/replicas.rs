@@ -251,6 +251,22 @@ async fn peer_get_from(
     }
 }
 
+/// Two replicas of `HOST` with `extra` config, over a registry holding a
+/// 1 MiB layer (`seed`) as `REPO:1`: its work dir, the layer's digest, the
+/// registry, the replicas.
+fn two_replicas_with_a_layer(
+    seed: u64,
+    extra: &str,
+) -> (tempfile::TempDir, String, Registry, Replicas) {
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), 1 << 20, seed);
+    let layer = image.layer_digests()[0].clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, REPO, "1").unwrap();
+    let r = Replicas::start(2, HOST, &registry.url(), extra);
+    (work, layer, registry, r)
+}
+
 /// Anything that reaches the peer port can open connections and send
 /// nothing. From one address it holds at most a few of the listener's
 /// 256 slots, so a real peer (another address) is served at once; before,
@@ -258,12 +274,7 @@ async fn peer_get_from(
 /// handshake timeout, suspected each other and went to the upstream.
 #[test]
 fn silent_connections_from_one_address_do_not_keep_peers_out() {
-    let work = tempfile::tempdir().unwrap();
-    let image = random_image(work.path(), 1 << 20, 15);
-    let layer = image.layer_digests()[0].clone();
-    let registry = Registry::plain().unwrap();
-    registry.push_image(&image, REPO, "1").unwrap();
-    let r = Replicas::start(2, HOST, &registry.url(), "");
+    let (_work, layer, _registry, r) = two_replicas_with_a_layer(15, "");
     let (ca_crt, ca_key) = (r.ca.path().join("ca.crt"), r.ca.path().join("ca.key"));
     let ca_pem = std::fs::read_to_string(&ca_crt).unwrap();
     let peer = r.peers[0];
@@ -297,13 +308,9 @@ fn silent_connections_from_one_address_do_not_keep_peers_out() {
 /// name.
 #[test]
 fn the_peer_listener_serves_only_peers_and_only_blobs() {
-    let work = tempfile::tempdir().unwrap();
-    let image = random_image(work.path(), 1 << 20, 14);
-    let layer = image.layer_digests()[0].clone();
-    let registry = Registry::plain().unwrap();
-    registry.push_image(&image, REPO, "1").unwrap();
     // Right after the registry's `upstream:`, so the registry's own.
-    let r = Replicas::start(2, HOST, &registry.url(), "    authHosts: ['auth.test']\n");
+    let (_work, layer, registry, r) =
+        two_replicas_with_a_layer(14, "    authHosts: ['auth.test']\n");
     let (ca_crt, ca_key) = (r.ca.path().join("ca.crt"), r.ca.path().join("ca.key"));
     let ca_pem = std::fs::read_to_string(&ca_crt).unwrap();
     let other = tempfile::tempdir().unwrap();
