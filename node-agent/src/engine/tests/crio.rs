@@ -3,6 +3,19 @@
 
 use super::*;
 
+/// Applies the CRI-O part; the drop-in as text and as TOML, and the
+/// apply's output.
+fn apply_crio(
+    root: &Root,
+    exec: &mut RecordingExecutor,
+) -> (String, toml_edit::DocumentMut, String) {
+    let (r, out) = apply_config(root, &[RuntimeKind::Crio], exec);
+    r.unwrap();
+    let d = read(root.dir(), DROP_IN);
+    let doc = d.parse().unwrap();
+    (d, doc, out)
+}
+
 #[test]
 fn crio_drop_in_and_ca_then_revert() {
     let t = tempfile::tempdir().unwrap();
@@ -68,10 +81,7 @@ fn crio_keeps_what_the_admin_set_for_a_registry() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
-    r.unwrap();
-    let d = read(t.path(), DROP_IN);
-    let doc: toml_edit::DocumentMut = d.parse().unwrap();
+    let (d, doc, out) = apply_crio(&root, &mut exec);
     let regs = doc["registry"].as_array_of_tables().unwrap();
     let prefixes: Vec<_> = regs.iter().map(|r| r["prefix"].as_str().unwrap()).collect();
     assert_eq!(prefixes, ["ghcr.io"], "{out}\n{d}");
@@ -116,10 +126,7 @@ fn crio_keeps_a_v1_registries_conf_block_and_insecure() {
     let before = snapshot(t.path());
     let root = Root::new(t.path());
     let mut exec = RecordingExecutor::default();
-    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
-    r.unwrap();
-    let d = read(t.path(), DROP_IN);
-    let doc: toml_edit::DocumentMut = d.parse().unwrap();
+    let (d, doc, out) = apply_crio(&root, &mut exec);
     let regs = doc["registry"].as_array_of_tables().unwrap();
     let prefixes: Vec<_> = regs.iter().map(|r| r["prefix"].as_str().unwrap()).collect();
     assert!(!prefixes.contains(&"quay.io"), "{out}\n{d}");
