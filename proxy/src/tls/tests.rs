@@ -332,6 +332,14 @@ async fn unknown_name_is_refused() {
     .expect("handshake for evil.example must fail");
     assert!(!err.is_empty());
     assert!(issuer.lock_cache().leaves.is_empty(), "nothing minted");
+    // Refused by the server, not only by the client (which would refuse
+    // any certificate not naming evil.example, e.g. the proxy's own).
+    assert!(
+        issuer
+            .certificate_for(Some("evil.example"), SystemTime::now())
+            .is_none(),
+        "a certificate was offered for evil.example"
+    );
 }
 
 #[tokio::test]
@@ -433,6 +441,12 @@ async fn removed_name_is_refused_after_set_allowed() {
             .is_err()
     );
     assert!(!issuer.lock_cache().leaves.contains_key("quay.io"));
+    assert!(
+        issuer
+            .certificate_for(Some("quay.io"), SystemTime::now())
+            .is_none(),
+        "a certificate was offered for the removed name"
+    );
     handshake(server, client, dns("ghcr.io")).await.unwrap();
 }
 
