@@ -319,7 +319,10 @@ fn the_peer_listener_serves_only_peers_and_only_blobs() {
     std::fs::write(other.path().join("ca.key"), &other_ca.key_pem).unwrap();
     let blob = format!("/v2/{REPO}/blobs/{layer}");
     let manifest = format!("/v2/{REPO}/manifests/1");
-    let peer = r.peers[0];
+    // Not the blob's owner: a peer's request is served here, never sent
+    // on to the owner (one hop at most; no loops when views differ).
+    let owner = r.owner(&layer);
+    let peer = r.peers[1 - owner];
     pullthrough_testbed::http::runtime()
         .unwrap()
         .block_on(async {
@@ -354,4 +357,11 @@ fn the_peer_listener_serves_only_peers_and_only_blobs() {
         "{}",
         registry.log()
     );
+    assert_eq!(
+        registry.count_requests("GET", &layer),
+        1,
+        "fetched upstream"
+    );
+    let forwarded = r.proxies[owner].access_matching(&[("digest", &layer)]);
+    assert!(forwarded.is_empty(), "the owner was asked: {forwarded:#?}");
 }
