@@ -183,7 +183,7 @@ impl Root {
         // file will be is never followed, and the name cannot be guessed.
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}.pullthrough-tmp."))
-            .rand_bytes(12)
+            .rand_bytes(temp_rand_bytes())
             .permissions(fs::Permissions::from_mode(mode))
             .tempfile_in(&dir)
             .map_err(fs_err(host, "creating temp file"))?;
@@ -258,6 +258,24 @@ impl Root {
         sync_parent(&path);
         Ok(true)
     }
+}
+
+/// Random characters in a temp file's name.
+#[cfg(not(test))]
+fn temp_rand_bytes() -> usize {
+    12
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set 0 to know the temp name (`.<name>.pullthrough-tmp.`) and
+    /// plant a link at it.
+    static TEMP_RAND_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(12) };
+}
+
+#[cfg(test)]
+fn temp_rand_bytes() -> usize {
+    TEMP_RAND_BYTES.with(std::cell::Cell::get)
 }
 
 /// Normalized absolute host path: `/` prefixed, no `.`/empty components.
@@ -393,11 +411,6 @@ mod tests {
         assert_eq!(names.len(), 2, "{names:?}");
     }
 
-    /// Issue #10, point 13: the old temp name was `.<name>.pullthrough-tmp.<pid>`,
-    /// opened without O_EXCL, so a link planted there by anyone who can
-    /// write the directory redirected the write anywhere on the agent's
-    /// own filesystem. Plant such links (and a dangling one) for this pid:
-    /// none is written through, and the file lands where it belongs.
     /// A replaced file keeps its SELinux label (set here by hand: a
     /// kernel without SELinux stores the xattr as it is given).
     #[test]
@@ -429,6 +442,13 @@ mod tests {
         );
     }
 
+    /// Issue #10, point 13: the old temp name was `.<name>.pullthrough-tmp.<pid>`,
+    /// opened without O_EXCL, so a link planted there by anyone who can
+    /// write the directory redirected the write anywhere on the agent's
+    /// own filesystem. The name is random now, so the test makes it known
+    /// (no random part) and plants links at exactly that name, one to a
+    /// victim file and one dangling: O_EXCL refuses both, and nothing is
+    /// written through either.
     #[test]
     fn planted_temp_links_are_never_written_through() {
         let t = tempfile::tempdir().unwrap();
@@ -436,25 +456,35 @@ mod tests {
         let victim = outside.path().join("victim");
         fs::write(&victim, b"precious").unwrap();
         let root = Root::new(t.path());
-        fs::create_dir_all(t.path().join("etc")).unwrap();
-        let pid = std::process::id();
-        symlink(
-            &victim,
-            t.path().join(format!("etc/.hosts.pullthrough-tmp.{pid}")),
-        )
-        .unwrap();
+        let etc = t.path().join("etc");
+        fs::create_dir_all(&etc).unwrap();
+        fs::write(etc.join("hosts"), b"old").unwrap();
+        let to_victim = etc.join(".hosts.pullthrough-tmp.");
+        symlink(&victim, &to_victim).unwrap();
         let dangling = outside.path().join("created-through-a-link");
-        symlink(
-            &dangling,
-            t.path().join(format!("etc/.fresh.pullthrough-tmp.{pid}")),
-        )
-        .unwrap();
+        let to_dangling = etc.join(".fresh.pullthrough-tmp.");
+        symlink(&dangling, &to_dangling).unwrap();
+
+        TEMP_RAND_BYTES.with(|n| n.set(0));
+        for (host, link) in [("/etc/hosts", &to_victim), ("/etc/fresh", &to_dangling)] {
+            let e = root.write_atomic(host, b"new", FILE_MODE).unwrap_err();
+            assert_eq!((e.path.as_str(), e.what), (host, "creating temp file"));
+            assert_eq!(e.source.kind(), io::ErrorKind::AlreadyExists, "{e}");
+            assert!(fs::symlink_metadata(link).unwrap().is_symlink());
+        }
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert!(!dangling.exists());
+        assert_eq!(fs::read(etc.join("hosts")).unwrap(), b"old");
+        assert!(!etc.join("fresh").exists());
+
+        // With random names the links are simply not in the way.
+        TEMP_RAND_BYTES.with(|n| n.set(12));
         root.write_atomic("/etc/hosts", b"new", FILE_MODE).unwrap();
         root.write_atomic("/etc/fresh", b"x", FILE_MODE).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert!(!dangling.exists());
-        assert_eq!(fs::read(t.path().join("etc/hosts")).unwrap(), b"new");
-        assert_eq!(fs::read(t.path().join("etc/fresh")).unwrap(), b"x");
+        assert_eq!(fs::read(etc.join("hosts")).unwrap(), b"new");
+        assert_eq!(fs::read(etc.join("fresh")).unwrap(), b"x");
     }
 
     /// A target that is a link to an absolute path is followed inside the
