@@ -762,6 +762,91 @@ fn proxy_credentials(api: &KubeApiserver) -> Option<std::collections::BTreeMap<S
     )
 }
 
+/// The forms a credential can take in text: the password itself, and base64
+/// (padded, unpadded, URL-safe) of `user:password` (a docker config's
+/// `auth`, a basic-auth header) and of the password alone.
+fn credential_forms(user: &str, password: &str) -> Vec<String> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let mut forms = vec![password.to_string()];
+    for raw in [format!("{user}:{password}"), password.to_string()] {
+        for engine in [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD] {
+            forms.push(engine.encode(&raw));
+        }
+    }
+    forms.sort();
+    forms.dedup();
+    forms
+}
+
+/// Asserts the table ConfigMap the agents read carries no credentials:
+/// its data is `config.yaml` and CA bundles only, `config.yaml` has no
+/// credential field anywhere (`credentialsFile`, a path, is how a registry
+/// names them), and no form of any of `used` (user, password) is anywhere
+/// in the object's text.
+fn assert_table_has_no_credentials(api: &KubeApiserver, used: &[(&str, &str)]) {
+    let (_, config, cm) = table(api).expect("the table ConfigMap");
+    let raw = cm.to_string();
+    let yaml = cm["data"]["config.yaml"].as_str().unwrap();
+    let leaked: Vec<String> = used
+        .iter()
+        .flat_map(|(u, p)| credential_forms(u, p))
+        .filter(|f| raw.contains(f.as_str()))
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "credentials reached the table the agents read as {leaked:?}: {cm:#}"
+    );
+    for key in cm["data"].as_object().unwrap().keys() {
+        assert!(
+            key == "config.yaml" || (key.starts_with("cabundle-") && key.ends_with(".pem")),
+            "table key {key:?} is neither the config nor a CA bundle: {cm:#}"
+        );
+    }
+    fn field_names(v: &serde_norway::Value, out: &mut Vec<String>) {
+        match v {
+            serde_norway::Value::Mapping(m) => {
+                for (k, v) in m {
+                    out.extend(k.as_str().map(str::to_ascii_lowercase));
+                    field_names(v, out);
+                }
+            }
+            serde_norway::Value::Sequence(s) => s.iter().for_each(|v| field_names(v, out)),
+            serde_norway::Value::Tagged(t) => field_names(&t.value, out),
+            _ => {}
+        }
+    }
+    let mut fields = Vec::new();
+    field_names(&serde_norway::from_str(yaml).unwrap(), &mut fields);
+    let credential_fields = [
+        "auth",
+        "auths",
+        "username",
+        "password",
+        "credentials",
+        "identitytoken",
+        "registrytoken",
+        "token",
+    ];
+    let found: Vec<&String> = fields
+        .iter()
+        .filter(|f| credential_fields.contains(&f.as_str()))
+        .collect();
+    assert!(
+        found.is_empty(),
+        "credential fields {found:?} in the table: {yaml}"
+    );
+    for r in &config.registries {
+        if let Some(f) = &r.credentials_file {
+            assert!(
+                f.starts_with("/etc/pullthrough/credentials/"),
+                "{}: credentialsFile {f:?} is not the credentials Secret's mount",
+                r.host
+            );
+        }
+    }
+}
+
 /// `tls.caBundleConfigMapRef` and `credentialsSecretRef` read with the
 /// shipped RBAC (release namespace yes, elsewhere only once granted the
 /// way the chart's `operator.referenceNamespaces` does), credential rotation,
@@ -841,10 +926,14 @@ fn references_cache_counters_and_departed_nodes() {
             .as_deref(),
         Some(Path::new("/etc/pullthrough/credentials/quay.io.json"))
     );
-    assert!(
-        !cm.to_string().contains("s3cret"),
-        "credentials must never reach the table the agents read"
-    );
+    // Credentials never reach the table the agents read: neither password
+    // (nor the rotated one), plain or base64, at any point below.
+    let used = [
+        ("robot", "s3cret-1"),
+        ("robot", "s3cret-2"),
+        ("teamuser", "t3am"),
+    ];
+    assert_table_has_no_credentials(&api, &used);
     let creds = proxy_credentials(&api).expect("credentials Secret");
     assert_eq!(
         creds["quay.io.json"],
@@ -882,6 +971,7 @@ fn references_cache_counters_and_departed_nodes() {
     wait_table(&api, "team.example in the table", |c| {
         c.registry("team.example").is_some()
     });
+    assert_table_has_no_credentials(&api, &used);
 
     // Rotation: a new password reaches the proxy's Secret.
     apply_json(
@@ -895,6 +985,7 @@ fn references_cache_counters_and_departed_nodes() {
         }))
     })
     .unwrap();
+    assert_table_has_no_credentials(&api, &used);
     // A deleted Secret takes the registry out (and its credentials with it).
     api.kubectl(&["delete", "secret", "creds", "-n", "team"])
         .unwrap();
