@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use common::{QUAY_IMAGE, assert_all_gone, wait};
 use pullthrough_testbed::dockerd::{Dockerd, DockerdOpts};
 use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::ns::{NetNs, netns_http_status};
 use pullthrough_testbed::process::Process;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
@@ -254,30 +255,6 @@ fn run_watches_the_configmaps_and_reports_in_a_lease() {
         api.kubectl_stdin(&["apply", "-f", "-"], &rbac).unwrap();
         let token = api.token_for("pullthrough", "pullthrough-agent").unwrap();
         let kubeconfig = api.kubeconfig_for_token(&token).unwrap();
-        // Least privilege: no Secrets, nothing outside the namespace.
-        assert!(
-            api.kubectl_with(&kubeconfig, &["get", "secrets", "-n", "pullthrough"])
-                .is_err()
-        );
-        assert!(
-            api.kubectl_with(&kubeconfig, &["get", "configmaps", "-n", "default"])
-                .is_err()
-        );
-        // Nor another ConfigMap of its own namespace.
-        api.kubectl_stdin(
-            &["apply", "-f", "-"],
-            &configmap("someone-elses", "secret.txt", "not for agents"),
-        )
-        .unwrap();
-        assert!(
-            api.kubectl_with(
-                &kubeconfig,
-                &["get", "configmap", "someone-elses", "-n", "pullthrough"]
-            )
-            .is_err()
-        );
-
-        let ca = TestCa::new("pullthrough test proxy CA").unwrap();
         let table1 = "proxy:\n  address: 10.96.0.50\n  caFile: /etc/pullthrough/ca/ca.crt\n\
                       registries:\n- host: quay.io\n";
         api.kubectl_stdin(
@@ -285,6 +262,65 @@ fn run_watches_the_configmaps_and_reports_in_a_lease() {
             &configmap("pullthrough-registries", "config.yaml", table1),
         )
         .unwrap();
+        api.kubectl_stdin(
+            &["apply", "-f", "-"],
+            &configmap("someone-elses", "secret.txt", "not for agents"),
+        )
+        .unwrap();
+        let as_agent = |args: &[&str]| api.kubectl_with(&kubeconfig, args);
+        // The API server authorizes from a cache of the RBAC objects: first
+        // a read the Role allows, until it works, so the refusals below are
+        // RBAC saying no and not a binding it has not seen yet (nor a token
+        // it does not take).
+        let mut last = String::new();
+        wait_for(
+            "the agent to read its table ConfigMap",
+            Duration::from_secs(30),
+            || {
+                let r = as_agent(&[
+                    "get",
+                    "configmap",
+                    "pullthrough-registries",
+                    "-n",
+                    "pullthrough",
+                    "-o",
+                    "jsonpath={.data.config\\.yaml}",
+                ]);
+                last = format!("{r:?}");
+                Ok(r.is_ok_and(|t| t == table1))
+            },
+        )
+        .unwrap_or_else(|e| panic!("{e}: last answer {last}"));
+        let refused = |args: &[&str], verb: &str, resource: &str, ns: &str| {
+            let e = as_agent(args).expect_err("refused").to_string();
+            let says = format!(
+                "User \"system:serviceaccount:pullthrough:pullthrough-agent\" cannot {verb} \
+                 resource \"{resource}\" in API group \"\" in the namespace \"{ns}\""
+            );
+            assert!(e.contains("(Forbidden)") && e.contains(&says), "{e}");
+        };
+        // Least privilege: no Secrets, nothing outside the namespace.
+        refused(
+            &["get", "secrets", "-n", "pullthrough"],
+            "list",
+            "secrets",
+            "pullthrough",
+        );
+        refused(
+            &["get", "configmaps", "-n", "default"],
+            "list",
+            "configmaps",
+            "default",
+        );
+        // Nor another ConfigMap of its own namespace.
+        refused(
+            &["get", "configmap", "someone-elses", "-n", "pullthrough"],
+            "get",
+            "configmaps",
+            "pullthrough",
+        );
+
+        let ca = TestCa::new("pullthrough test proxy CA").unwrap();
         api.kubectl_stdin(
             &["apply", "-f", "-"],
             &configmap("pullthrough-ca", "ca.crt", &ca.cert_pem()),
