@@ -1332,6 +1332,44 @@ fn dreg(api: &KubeApiserver, name: &str) -> Option<Value> {
     api.get_json(&["dreg", name])
 }
 
+/// Asserts no trace of `secret` (pod content: an env value, an argument)
+/// is in what the operator writes from pods: the pins ConfigMap, every
+/// Event (core `message` and events.k8s.io `note`, whole objects), the
+/// DiscoveredRegistries (status included) and the MirrorRegistries.
+fn assert_no_pod_content(api: &KubeApiserver, secret: &str, when: &str) {
+    let written = [
+        api.get_json(&["cm", "pullthrough-pins", "-n", NS])
+            .expect("the pins ConfigMap"),
+        api.get_json(&["events", "-A"]).unwrap(),
+        api.get_json(&["events.v1.events.k8s.io", "-A"]).unwrap(),
+        api.get_json(&["dreg"]).unwrap(),
+        api.get_json(&["mreg"]).unwrap(),
+    ];
+    for w in &written {
+        assert!(
+            !w.to_string().contains(secret),
+            "pod content leaked {when}: {w:#}"
+        );
+    }
+}
+
+/// Waits for an Event with `reason` whose note contains `note`.
+fn wait_event(api: &KubeApiserver, reason: &str, note: &str) {
+    let mut last = Value::Null;
+    let r =
+        wait_for(&format!("the {reason} Event"), TIMEOUT, || {
+            last = api
+                .get_json(&["events.v1.events.k8s.io", "-n", "default"])
+                .unwrap();
+            Ok(last["items"].as_array().unwrap().iter().any(|e| {
+                e["reason"] == reason && e["note"].as_str().is_some_and(|n| n.contains(note))
+            }))
+        });
+    if let Err(e) = r {
+        panic!("{e}: {last:#}");
+    }
+}
+
 /// Discovery (issue #14, point 5) with the shipped RBAC: pods pulling from
 /// ghcr.io, which no MirrorRegistry mirrors, make a DiscoveredRegistry
 /// with their pod and node counts and a `Discovered` Event; a mirrored
@@ -1358,14 +1396,18 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
                "spec": {"nodeName": node, "automountServiceAccountToken": false,
                         "containers": [{"name": "c", "image": image}]}})
     };
-    // Pod specs carry more than images: none of it may leave the operator.
-    let mut a = pod("a", "n1", "ghcr.io/org/a:1");
-    a["spec"]["containers"][0]["env"] = json!([{"name": "TOKEN", "value": "hunter2-in-env"}]);
-    a["spec"]["containers"][0]["args"] = json!(["--password=hunter2-in-args"]);
-    apply_json(&api, a);
+    // Pod specs carry more than images: none of it may leave the operator,
+    // from a pod of a mirrored registry (pinned) or of an unmirrored one
+    // (discovered, then pinned once mirrored).
+    let with_secrets = |mut p: Value| {
+        p["spec"]["containers"][0]["env"] = json!([{"name": "TOKEN", "value": "hunter2-in-env"}]);
+        p["spec"]["containers"][0]["args"] = json!(["--password=hunter2-in-args"]);
+        p
+    };
+    apply_json(&api, with_secrets(pod("a", "n1", "ghcr.io/org/a:1")));
     apply_json(&api, pod("b", "n2", "ghcr.io/org/b:1"));
     apply_json(&api, pod("c", "n2", "ghcr.io/org/a:1"));
-    apply_json(&api, pod("q", "n1", "quay.io/org/q:1"));
+    apply_json(&api, with_secrets(pod("q", "n1", "quay.io/org/q:1")));
     apply_json(&api, pod("qa", "n1", "quay.example/org/q:1"));
     let mut last = None;
     wait_for("DiscoveredRegistry ghcr.io", TIMEOUT, || {
@@ -1399,41 +1441,30 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
         "{:?}",
         pins(&api)
     );
-    let written = format!(
-        "{all}{}{}",
-        api.get_json(&["cm", "pullthrough-pins", "-n", NS]).unwrap(),
-        api.get_json(&["events.v1.events.k8s.io", "-n", "default"])
-            .unwrap()
-    );
-    assert!(
-        !written.contains("hunter2"),
-        "pod content leaked: {written}"
-    );
     let row = api.kubectl(&["get", "dreg", "ghcr.io"]).unwrap();
     assert_eq!(
         kubectl_row(&row, "ghcr.io")[..4],
         ["ghcr.io", "ghcr.io", "3", "2"],
         "{row}"
     );
-    wait_for("the Discovered Event", TIMEOUT, || {
-        let v = api
-            .get_json(&["events.v1.events.k8s.io", "-n", "default"])
-            .unwrap();
-        Ok(v["items"].as_array().unwrap().iter().any(|e| {
-            e["reason"] == "Discovered"
-                && e["note"]
-                    .as_str()
-                    .is_some_and(|n| n.contains("3 pod(s) on 2 node(s) pull from ghcr.io"))
-        }))
-    })
-    .unwrap();
+    wait_event(
+        &api,
+        "Discovered",
+        "3 pod(s) on 2 node(s) pull from ghcr.io",
+    );
+    assert_no_pod_content(&api, "hunter2", "once discovered");
 
-    // Mirrored by the admin: no longer discovered.
+    // Mirrored by the admin: no longer discovered, and pinned.
     apply(&api, "ghcr", json!({"host": "ghcr.io"})).unwrap();
     wait_for("DiscoveredRegistry ghcr.io gone", TIMEOUT, || {
         Ok(dreg(&api, "ghcr.io").is_none())
     })
     .unwrap();
+    wait_for("ghcr.io in the pins", TIMEOUT, || {
+        Ok(pins(&api).is_some_and(|p| p.contains(&"ghcr.io/org/a:1".to_string())))
+    })
+    .unwrap();
+    assert_no_pod_content(&api, "hunter2", "once ghcr.io is mirrored");
     api.kubectl(&["delete", "mreg", "ghcr", "--wait=true", "--timeout=60s"])
         .unwrap();
     wait_for("DiscoveredRegistry ghcr.io back", TIMEOUT, || {
@@ -1459,6 +1490,16 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
         || Ok(dreg(&api, "ghcr.io").is_none()),
     )
     .unwrap();
+    wait_event(
+        &api,
+        "MirrorRegistryCreated",
+        "created MirrorRegistry ghcr.io",
+    );
+    wait_for("ghcr.io pinned again", TIMEOUT, || {
+        Ok(pins(&api).is_some_and(|p| p.contains(&"ghcr.io/org/a:1".to_string())))
+    })
+    .unwrap();
+    assert_no_pod_content(&api, "hunter2", "once the MirrorRegistry is created");
     proc.stop().unwrap();
     fake.stop();
 }
