@@ -182,6 +182,12 @@ pub struct Limits {
     /// Further clients wait in the kernel's accept queue until one closes.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
+    /// Of those, the connections one client address may hold: a node's
+    /// runtime pulls over a few, while without a bound one pod could take
+    /// them all (requests it never reads hold a connection for
+    /// `idleTimeout`) and every node would wait in the accept queue.
+    #[serde(default = "default_max_connections_per_source")]
+    pub max_connections_per_source: u32,
     /// Concurrent HTTP/2 streams per connection.
     #[serde(default = "default_max_streams_per_connection")]
     pub max_streams_per_connection: u32,
@@ -216,6 +222,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: default_max_connections(),
+            max_connections_per_source: default_max_connections_per_source(),
             max_streams_per_connection: default_max_streams_per_connection(),
             header_read_timeout: default_header_read_timeout(),
             idle_timeout: default_idle_timeout(),
@@ -249,6 +256,12 @@ impl Limits {
         if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections) {
             return Err(ConfigError::new(
                 "limits.maxConnections",
+                format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
+            ));
+        }
+        if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections_per_source) {
+            return Err(ConfigError::new(
+                "limits.maxConnectionsPerSource",
                 format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
             ));
         }
@@ -288,6 +301,10 @@ impl Limits {
 
 fn default_max_connections() -> u32 {
     8192
+}
+
+fn default_max_connections_per_source() -> u32 {
+    512
 }
 
 fn default_max_streams_per_connection() -> u32 {
@@ -877,6 +894,7 @@ registries:
         let c = ProxyConfig::from_yaml("limits: {maxConnections: 10, headerReadTimeout: 2s}\n")
             .unwrap();
         assert_eq!(c.limits.max_connections, 10);
+        assert_eq!(c.limits.max_connections_per_source, 512);
         assert_eq!(c.limits.header_read_timeout, Duration::from_secs(2));
         assert_eq!(c.limits.idle_timeout, Limits::default().idle_timeout);
         assert_eq!(c.limits.new_repository_tokens_per_minute, 60);
@@ -896,6 +914,10 @@ registries:
         assert!(!ProxyConfig::default().to_yaml().unwrap().contains("limits"));
         for (yaml, key) in [
             ("limits: {maxConnections: 0}\n", "limits.maxConnections"),
+            (
+                "limits: {maxConnectionsPerSource: 0}\n",
+                "limits.maxConnectionsPerSource",
+            ),
             (
                 "limits: {maxConnections: 1000001}\n",
                 "limits.maxConnections",

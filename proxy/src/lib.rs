@@ -208,7 +208,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     // Connection limits take effect at start-up (like the listen
     // addresses): the pool is shared by the HTTP and HTTPS listeners.
     let conn_limits = config.limits.clone();
-    let permits = server::connection_permits(&conn_limits);
+    let pool = server::connection_pool(&conn_limits);
     let metrics = Arc::new(observe::metrics::Metrics::default());
     // Read at start-up, like the listen addresses.
     let prefetcher =
@@ -310,7 +310,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             None,
             shared.clone(),
             conn_limits.clone(),
-            permits.clone(),
+            pool.clone(),
             stop_rx.clone(),
             cli.shutdown_grace,
         ));
@@ -322,7 +322,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             Some(tls),
             shared.clone(),
             conn_limits.clone(),
-            permits.clone(),
+            pool.clone(),
             stop_rx.clone(),
             cli.shutdown_grace,
         ));

@@ -79,10 +79,70 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
         .map_err(|source| Error::Bind { addr, source })
 }
 
-/// The shared connection pool of the proxy listeners (HTTP and HTTPS).
-pub fn connection_permits(limits: &Limits) -> Arc<Semaphore> {
+/// The connection pool the proxy listeners (HTTP and HTTPS) share: all
+/// connections, and those of each client address.
+#[derive(Debug, Clone)]
+pub struct ConnectionPool {
+    pub permits: Arc<Semaphore>,
+    pub sources: Arc<SourceSlots>,
+}
+
+pub fn connection_pool(limits: &Limits) -> ConnectionPool {
     // u32 → usize never truncates on the targets the proxy runs on.
-    Arc::new(Semaphore::new(limits.max_connections as usize))
+    ConnectionPool {
+        permits: Arc::new(Semaphore::new(limits.max_connections as usize)),
+        sources: Arc::new(SourceSlots::new(limits.max_connections_per_source as usize)),
+    }
+}
+
+/// Connections per client address, at most `cap` each, held by
+/// [`SourceSlot`]s.
+#[derive(Debug)]
+pub struct SourceSlots {
+    cap: usize,
+    held: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One connection's place in [`SourceSlots`], given back on drop.
+#[derive(Debug)]
+pub struct SourceSlot {
+    slots: Arc<SourceSlots>,
+    ip: std::net::IpAddr,
+}
+
+impl SourceSlots {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            held: Default::default(),
+        }
+    }
+
+    /// A slot for a connection from `ip`, unless it holds `cap` already.
+    pub fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let n = held.entry(ip).or_default();
+        if *n >= self.cap {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            slots: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut held = self.slots.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Accepts one connection and takes a connection permit for it; `None`
@@ -137,14 +197,20 @@ pub async fn serve_proxy(
     tls: Option<Arc<rustls::ServerConfig>>,
     shared: Arc<Shared>,
     limits: Limits,
-    permits: Arc<Semaphore>,
+    pool: ConnectionPool,
     mut stop: watch::Receiver<bool>,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let what = if acceptor.is_some() { "https" } else { "http" };
-    while let Some((stream, peer, permit)) = accept(&listener, &permits, &mut stop, what).await {
+    while let Some((stream, peer, permit)) = accept(&listener, &pool.permits, &mut stop, what).await
+    {
+        let Some(slot) = pool.sources.take(peer.ip()) else {
+            shared.metrics.connection_refused_per_source();
+            tracing::debug!(%peer, "connection refused: its address holds limits.maxConnectionsPerSource already");
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let limits = limits.clone();
@@ -152,7 +218,7 @@ pub async fn serve_proxy(
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             // Held until the connection ends.
-            let _permit = permit;
+            let _held = (permit, slot);
             let activity = Activity::new();
             match acceptor {
                 None => {

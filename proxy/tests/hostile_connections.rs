@@ -139,9 +139,12 @@ fn open_fds(pid: u32) -> usize {
 fn unfinished_tls_requests_are_closed_while_health_and_pulls_go_on() {
     raise_nofile(FLOOD as u64 + 2_000);
     let up = common::upstream(Registry::plain().unwrap());
+    // The flood comes from the one address the probe and the pull use
+    // too: the per-address share is another test's.
     let config = format!(
-        "limits: {{headerReadTimeout: {}s, maxConnections: {}}}\n{}",
+        "limits: {{headerReadTimeout: {}s, maxConnections: {}, maxConnectionsPerSource: {}}}\n{}",
         HEADER_TIMEOUT.as_secs(),
+        FLOOD + 100,
         FLOOD + 100,
         common::one_registry("quay.io", &up.registry.url(), ""),
     );
@@ -442,4 +445,78 @@ fn a_slow_push_over_http2_outlasting_every_timeout_lands() {
     let got = pullthrough_testbed::http::Get::new(&url).send().unwrap();
     assert_eq!(got.status, http::StatusCode::OK);
     assert_eq!(got.body.len(), pieces * 64 * 1024);
+}
+
+/// One client address holds at most `limits.maxConnectionsPerSource` of
+/// the proxy's connections: past it a connection is closed at once (and
+/// counted), while other addresses are served, and a freed slot serves
+/// that address again. Without it one pod could hold every connection.
+#[test]
+fn one_address_holds_at_most_its_share_of_connections() {
+    let registry = Registry::plain().unwrap();
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "limits:\n  maxConnectionsPerSource: 4\n{}",
+            common::one_registry("quay.io", &registry.url(), "")
+        ),
+    )
+    .unwrap();
+    let http = proxy.addrs.http;
+    let from = |ip: &str| {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(SocketAddr::new(ip, 0)).unwrap();
+            socket.connect(http).await.unwrap()
+        }
+    };
+    // One request on a fresh connection; the status line, or None when
+    // the proxy closed the connection without an answer.
+    async fn ping(mut tcp: TcpStream) -> Option<String> {
+        tcp.write_all(b"GET /v2/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        let read = tcp.read_to_end(&mut answer);
+        tokio::time::timeout(Duration::from_secs(5), read)
+            .await
+            .unwrap()
+            .ok()?;
+        let text = String::from_utf8_lossy(&answer);
+        text.lines().next().map(str::to_string)
+    }
+    pullthrough_testbed::http::runtime()
+        .unwrap()
+        .block_on(async {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                held.push(from("127.0.0.2").await);
+            }
+            assert_eq!(ping(from("127.0.0.2").await).await, None, "a fifth");
+            let other = ping(from("127.0.0.1").await).await;
+            assert_eq!(other.as_deref(), Some("HTTP/1.1 200 OK"), "another address");
+            drop(held.pop());
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let again = ping(from("127.0.0.2").await).await;
+                if again.as_deref() == Some("HTTP/1.1 200 OK") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the freed slot never served: {again:?}"
+                );
+                tokio::task::yield_now().await;
+            }
+        });
+    let metrics = proxy.metrics().unwrap();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("pullthrough_connections_refused_per_source_total ")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
 }

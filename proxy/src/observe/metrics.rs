@@ -25,6 +25,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
     sendfile_bytes: Counter,
+    refused_per_source: Counter,
     duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     merged: Family<RegistryLabel, Counter>,
@@ -102,6 +103,12 @@ impl Default for Metrics {
             "sendfile_bytes",
             "Of the cache's served bytes, those sent from the file with sendfile (plain HTTP/1 blob hits)",
             sendfile_bytes.clone(),
+        );
+        let refused_per_source = Counter::default();
+        registry.register(
+            "connections_refused_per_source",
+            "Connections closed at once because their client address held limits.maxConnectionsPerSource already",
+            refused_per_source.clone(),
         );
         let duration = Family::<RegistryLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
@@ -297,6 +304,7 @@ impl Default for Metrics {
             requests,
             bytes,
             sendfile_bytes,
+            refused_per_source,
             duration,
             upstream,
             merged,
@@ -332,6 +340,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// A connection closed at once: its address held its share already.
+    pub fn connection_refused_per_source(&self) {
+        self.refused_per_source.inc();
+    }
+
     /// Counts the bytes each plain HTTP/1 connection sends with `sendfile`.
     pub fn sendfile_counter(&self) -> Counter {
         self.sendfile_bytes.clone()

@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::pipeline::Shared;
 use crate::server::{
-    Activity, Watched, accept, conn_builder, drain, handshake, service, supervise,
+    Activity, SourceSlots, Watched, accept, conn_builder, drain, handshake, service, supervise,
 };
 use crate::tls::peer::{PeerTls, is_peer};
 
@@ -31,44 +31,6 @@ const MAX_PER_SOURCE: usize = 16;
 /// silent connection should hold its slot no longer than that.
 const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Connections per source address, held by [`SourceSlot`]s.
-#[derive(Debug, Default)]
-struct Sources(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
-
-/// One connection's place in [`Sources`], given back on drop.
-struct SourceSlot {
-    sources: Arc<Sources>,
-    ip: std::net::IpAddr,
-}
-
-impl Sources {
-    /// A slot for a connection from `ip`, unless it holds `MAX_PER_SOURCE`.
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<SourceSlot> {
-        let mut held = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let n = held.entry(ip).or_default();
-        if *n >= MAX_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            sources: Arc::clone(self),
-            ip,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut held = self.sources.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = held.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.ip);
-            }
-        }
-    }
-}
-
 /// Marks a request that came in on the peer listener.
 #[derive(Debug, Clone, Copy)]
 pub struct FromPeer;
@@ -83,7 +45,7 @@ pub async fn serve_peers(
 ) {
     let graceful = GracefulShutdown::new();
     let permits = Arc::new(Semaphore::new(MAX_PEER_CONNECTIONS));
-    let sources = Arc::new(Sources::default());
+    let sources = Arc::new(SourceSlots::new(MAX_PER_SOURCE));
     let limits = Limits {
         tls_handshake_timeout: limits.tls_handshake_timeout.min(PEER_HANDSHAKE_TIMEOUT),
         ..limits
