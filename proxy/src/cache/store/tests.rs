@@ -335,21 +335,27 @@ async fn eviction_is_lru_and_spares_blobs_being_read() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     assert_eq!(store.usage(), (8_000, 4));
-    // Blob 0 is the oldest, but being read: it must stay.
+    // Blob 0 is being read (the lookup's lease)...
     let reading = store.lookup(&digests[0]).await.unwrap().unwrap();
-    // Make 1 the most recently used after 0.
-    drop(store.lookup(&digests[1]).await.unwrap());
+    // ...and the least recently used again once 1, 2, 3 are read after
+    // it (the lookup itself made it the most recent).
+    for d in &digests[1..4] {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        drop(store.lookup(d).await.unwrap());
+    }
     std::thread::sleep(std::time::Duration::from_millis(2));
     store
         .put(&digests[4], BlobMeta::default(), &blobs[4])
         .await
         .unwrap();
-    // 10 000 > 9 000: 2 and 3 (least recently used, not leased) go.
-    assert!(store.lookup(&digests[2]).await.unwrap().is_none());
-    assert!(store.lookup(&digests[3]).await.unwrap().is_none());
-    assert!(store.lookup(&digests[1]).await.unwrap().is_some());
-    assert!(store.lookup(&digests[4]).await.unwrap().is_some());
+    // 10 000 > 9 000: the least recently used go, down to 6 000; 0 is
+    // skipped for its lease, so 1 and 2 go.
     assert_eq!(fs::read(&reading.path).unwrap(), blobs[0]);
+    assert!(store.lookup(&digests[1]).await.unwrap().is_none());
+    assert!(store.lookup(&digests[2]).await.unwrap().is_none());
+    assert!(store.lookup(&digests[3]).await.unwrap().is_some());
+    assert!(store.lookup(&digests[4]).await.unwrap().is_some());
+    assert!(store.lookup(&digests[0]).await.unwrap().is_some());
     assert_eq!(store.stats().evictions.load(Ordering::Relaxed), 2);
     drop(reading);
     assert_eq!(store.usage(), (6_000, 3));
