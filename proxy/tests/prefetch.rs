@@ -81,11 +81,22 @@ fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
         "{}",
         metrics(&proxy)
     );
-    // Pinned, now that it is cached: resolved at a later refresh.
+    // Pinned, now that it is cached: resolved at a later refresh. The
+    // pin holds the index (the digest kubelet reports for a multi-platform
+    // image), and through it the amd64 manifest, its config and layers.
     wait_for("the pin resolved", Duration::from_secs(10), || {
         Ok(common::status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
     })
     .unwrap();
+    let pinned = common::status(&proxy)["cache"]["quay.io"]["pinned"].clone();
+    let amd_bytes: u64 = std::iter::once(&amd.config)
+        .chain(&amd.layers)
+        .map(|b| b.size)
+        .sum::<u64>()
+        + amd.bytes.len() as u64
+        + image.bytes.len() as u64;
+    assert_eq!(pinned["blobs"], 2 + amd_blobs.len() as u64, "{pinned}");
+    assert_eq!(pinned["bytes"], amd_bytes, "{pinned}");
 
     // The upstream is gone; the node's pull is served from the cache.
     registry.stop().unwrap();
