@@ -343,6 +343,115 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// (type, status, reason) of each desired condition.
+    fn summary(
+        verdict: Option<&Verdict>,
+        proxy: Result<(&str, &[&str]), &str>,
+        reports: Vec<nodes::AgentReport>,
+    ) -> Vec<(&'static str, bool, String)> {
+        let table = Table {
+            yaml: String::new(),
+            hash: "c0ffee".repeat(10),
+            extra: Default::default(),
+            credentials: Default::default(),
+            verdicts: Default::default(),
+            permitted: Default::default(),
+        };
+        let proxy = proxy
+            .map(|(hash, hosts)| crate::proxy_status::ProxyStatus {
+                config_hash: hash.replace("CURRENT", &table.hash),
+                registries: hosts.iter().map(|h| h.to_string()).collect(),
+                cache: Default::default(),
+                tag_moves: Vec::new(),
+                upstream: Default::default(),
+            })
+            .map_err(String::from);
+        let obs = Observed {
+            node_proxy: None,
+            reports,
+            proxy,
+        };
+        desired_conditions(verdict, "quay.io", &table, &obs)
+            .0
+            .into_iter()
+            .map(|d| (d.type_, d.status, d.reason))
+            .collect()
+    }
+
+    fn agent(node: &str, registries: &[&str], error: Option<&str>) -> nodes::AgentReport {
+        nodes::AgentReport {
+            node: node.into(),
+            live: true,
+            config_hash: None,
+            registries: registries.iter().map(|h| h.to_string()).collect(),
+            last_error: error.map(String::from),
+        }
+    }
+
+    /// Every reason a condition is False for, and True only when the proxy
+    /// runs the current table *and* lists the host (README, cluster
+    /// contract), and every reporting node lists it.
+    #[test]
+    fn each_condition_is_false_for_each_of_its_reasons() {
+        use condition::{ACCEPTED, NODES_CONFIGURED, PROXY_READY};
+        let accepted = Verdict::Accepted;
+        let serving = Ok(("CURRENT", &["ghcr.io", "quay.io"][..]));
+        let all = |x: &str| x.to_string();
+        // Not accepted: the other two follow, whatever the proxy says.
+        let rejected = Verdict::Rejected {
+            reason: "DuplicateHost".into(),
+            message: "taken".into(),
+        };
+        for (verdict, reason) in [(None, "Unknown"), (Some(&rejected), "DuplicateHost")] {
+            assert_eq!(
+                summary(verdict, serving, vec![agent("n1", &["quay.io"], None)]),
+                [
+                    (ACCEPTED, false, all(reason)),
+                    (PROXY_READY, false, all(NOT_ACCEPTED)),
+                    (NODES_CONFIGURED, false, all(NOT_ACCEPTED)),
+                ]
+            );
+        }
+        let proxy_ready = |proxy| summary(Some(&accepted), proxy, Vec::new())[1].clone();
+        assert_eq!(
+            proxy_ready(Err("GET /status: refused")),
+            (PROXY_READY, false, all("ProxyUnreachable"))
+        );
+        assert_eq!(
+            proxy_ready(Ok(("older", &["quay.io"][..]))),
+            (PROXY_READY, false, all("ConfigPending"))
+        );
+        // The current table, but the host is not among what it serves.
+        for hosts in [&[][..], &["ghcr.io"][..], &["quay.io.evil"][..]] {
+            assert_eq!(
+                proxy_ready(Ok(("CURRENT", hosts))),
+                (PROXY_READY, false, all("NotServed")),
+                "{hosts:?}"
+            );
+        }
+        assert_eq!(proxy_ready(serving), (PROXY_READY, true, all("Serving")));
+        let nodes = |reports| summary(Some(&accepted), serving, reports)[2].clone();
+        assert_eq!(
+            nodes(Vec::new()),
+            (NODES_CONFIGURED, false, all("NoAgents"))
+        );
+        assert_eq!(
+            nodes(vec![
+                agent("n1", &["quay.io"], None),
+                agent("n2", &["ghcr.io"], Some("no space")),
+            ]),
+            (NODES_CONFIGURED, false, all("Pending"))
+        );
+        assert_eq!(
+            nodes(vec![agent("n1", &["quay.io"], None)]),
+            (NODES_CONFIGURED, true, all("AllNodesConfigured"))
+        );
+        assert_eq!(
+            summary(Some(&accepted), serving, Vec::new())[0],
+            (ACCEPTED, true, all("Valid"))
+        );
+    }
+
     #[test]
     fn transition_time_kept_while_unchanged() {
         let t0 = Timestamp::from_second(100).unwrap();
