@@ -466,6 +466,45 @@ mod tests {
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 1);
     }
 
+    /// After a promotion the old CA is only in the Secret's `previous.crt`
+    /// (and its promotion time in an annotation): read back, the state
+    /// still trusts it until an overlap after the promotion. Otherwise the
+    /// next check would drop it from the bundle at once, while the proxy
+    /// may still serve leaf certificates it signed.
+    #[test]
+    fn previous_ca_survives_the_secret_round_trip() {
+        let policy = CaPolicy {
+            validity: Duration::from_secs(1000),
+            rotate_before: Duration::from_secs(50),
+            overlap: Duration::from_secs(10),
+        };
+        let (cert, key) = generate(Duration::from_secs(100), None).unwrap();
+        let exp = not_after(&cert).unwrap();
+        let mut s = CaState {
+            cert: cert.clone(),
+            key,
+            ..Default::default()
+        };
+        assert!(s.step(exp - 40, &policy, None).unwrap());
+        assert!(s.step(exp - 30, &policy, None).unwrap());
+        assert_eq!(s.previous.as_deref(), Some(cert.as_str()));
+        assert_eq!(s.rotated_at, Some(exp - 30));
+        let secret = s.clone().into_secret("pullthrough-ca", "pullthrough");
+        let mut read = CaState::from_secret(&secret).unwrap();
+        assert_eq!(read, s, "the Secret lost part of the state");
+        assert!(
+            read.bundle().contains(cert.trim()),
+            "the old CA left the bundle at its promotion"
+        );
+        // A check within the overlap keeps it; the one after drops it.
+        assert!(!read.step(exp - 21, &policy, None).unwrap());
+        assert!(read.bundle().contains(cert.trim()));
+        let secret = read.clone().into_secret("pullthrough-ca", "pullthrough");
+        let mut read = CaState::from_secret(&secret).unwrap();
+        assert!(read.step(exp - 20, &policy, None).unwrap());
+        assert!(!read.bundle().contains(cert.trim()));
+    }
+
     /// Names that change every half overlap (discovery.create adding
     /// registries) must not postpone the rotation: once the active CA is
     /// due, the pending next is kept through its overlap and promoted well
