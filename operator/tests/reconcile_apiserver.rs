@@ -674,11 +674,38 @@ fn bundle(api: &KubeApiserver) -> Option<String> {
         .map(String::from)
 }
 
+/// The active CA and the promotion time (`pullthrough.dev/ca-rotated-at`,
+/// unix seconds) of the CA Secret, read together.
+fn secret_rotation(api: &KubeApiserver) -> Option<(String, Option<u64>)> {
+    use base64::Engine;
+    let s = api.get_json(&["secret", "pullthrough-ca", "-n", NS])?;
+    let b = s["data"]["tls.crt"].as_str()?;
+    let cert = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b).ok()?).ok()?;
+    let at = s["metadata"]["annotations"][pullthrough_api::contract::CA_ROTATED_AT_ANNOTATION]
+        .as_str()
+        .and_then(|t| t.parse().ok());
+    Some((cert, at))
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
 /// With short thresholds the CA rotates: the new CA is published next to the
-/// old one before the Secret switches to it, and the old one is dropped
-/// only after the overlap.
+/// old one before the Secret switches to it, the old one stays published for
+/// the whole overlap after the promotion (not just until the next check),
+/// and is dropped only then.
 #[test]
 fn ca_rotates_with_an_overlap() {
+    // The overlap is many check intervals long, so an old CA dropped at
+    // the first check after its promotion is told from one kept for the
+    // overlap. Rotation starts 18 s after creation (validity - rotate
+    // before), the promotion follows an overlap later and the old CA goes
+    // one more overlap later, before the second CA is due (36 s).
+    const OVERLAP: u64 = 8;
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
     install(&api);
     let token = api.token_for(NS, SA).unwrap();
@@ -687,8 +714,9 @@ fn ca_rotates_with_an_overlap() {
     cmd.env("KUBECONFIG", &kubeconfig)
         .args(["--namespace", NS, "--listen"])
         .arg(format!("127.0.0.1:{}", free_port().unwrap()))
-        .args(["--ca-validity", "30s", "--ca-rotate-before", "20s"])
-        .args(["--ca-overlap", "3s", "--ca-check-interval", "500ms"]);
+        .args(["--ca-validity", "28s", "--ca-rotate-before", "10s"])
+        .args(["--ca-overlap", &format!("{OVERLAP}s")])
+        .args(["--ca-check-interval", "250ms"]);
     let mut op = Process::spawn("pullthrough-operator", cmd, api.dir().join("ca-op.log")).unwrap();
 
     let mut first = String::new();
@@ -708,23 +736,53 @@ fn ca_rotates_with_an_overlap() {
         first,
         "the old CA must stay active during the overlap"
     );
-    // 2. The new one active, the old one still trusted.
+    // 2. The new one active, the old one still trusted: right after the
+    // promotion, and on every look until half an overlap after it.
     let mut second = String::new();
+    let mut rotated_at = None;
     wait_for("new CA active", TIMEOUT, || {
-        second = secret_cert(&api).unwrap_or_default();
-        Ok(second != first)
+        (second, rotated_at) = secret_rotation(&api).unwrap_or_default();
+        Ok(!second.is_empty() && second != first)
     })
     .unwrap();
+    let rotated_at = rotated_at.expect("a promotion records its time") as f64;
     let b = bundle(&api).unwrap();
     assert!(
         b.contains(second.trim()),
         "the active CA must be trusted: {b}"
     );
-    // 3. After the overlap, the old one is gone.
+    assert!(
+        b.contains(first.trim()),
+        "the old CA left the bundle at its promotion: {b}\n{}",
+        op.log_tail(4000)
+    );
+    let half = rotated_at + OVERLAP as f64 / 2.0;
+    let mut looks = 0;
+    loop {
+        let at = unix_now();
+        let b = bundle(&api).unwrap();
+        looks += 1;
+        assert!(
+            b.contains(first.trim()),
+            "the old CA left the bundle {:.1} s after its promotion, within the {OVERLAP} s overlap (look {looks})\n{}",
+            at - rotated_at,
+            op.log_tail(4000)
+        );
+        if at >= half {
+            break;
+        }
+    }
+    // 3. After the overlap, the old one is gone, and not before.
     wait_for("old CA dropped", TIMEOUT, || {
         Ok(bundle(&api).is_some_and(|b| !b.contains(first.trim())))
     })
     .unwrap();
+    let dropped_by = unix_now();
+    assert!(
+        dropped_by >= rotated_at + OVERLAP as f64,
+        "the old CA was dropped {:.1} s after its promotion, before the {OVERLAP} s overlap",
+        dropped_by - rotated_at
+    );
     let status = op.stop().unwrap().expect("exit status");
     assert!(status.success(), "{status}");
 }
