@@ -406,6 +406,10 @@ fn operator_reconciles_against_a_real_apiserver() {
         assert!(p.permits_dns(pullthrough_api::pki::PEER_NAME), "{p}");
     }
 
+    // The proxy runs the current table but does not list quay.io: not
+    // ready (the hash alone is not enough).
+    fake.set_json("/status", &json!({"configHash": hash1, "registries": []}));
+    wait_cond(&api, "quay", "ProxyReady", "False", Some("NotServed"));
     // The proxy reports the table's hash → ProxyReady; an agent → 1/1.
     fake.set_json(
         "/status",
