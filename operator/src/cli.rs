@@ -72,6 +72,12 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     pub pin_revisions: usize,
 
+    /// Size cap of the pins document in bytes, at most (and by default)
+    /// what a ConfigMap holds. Hidden: only tests lower it, to see the
+    /// truncation reported without a cluster's worth of images.
+    #[arg(long, hide = true, default_value_t = crate::pins::MAX_PINS_BYTES)]
+    pub pins_max_bytes: usize,
+
     /// Registries pods pull from that no MirrorRegistry mirrors: `report`
     /// keeps a DiscoveredRegistry per host (pods, nodes, example images)
     /// with a `Discovered` Event; `create` also creates its MirrorRegistry;

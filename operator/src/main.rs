@@ -179,6 +179,7 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
                 namespace: args.namespace.clone(),
                 configmap: args.pins_configmap.clone(),
                 revisions: args.pin_revisions,
+                max_bytes: args.pins_max_bytes,
                 discovery: args.discovery,
                 identity: identity.clone(),
             },

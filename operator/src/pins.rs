@@ -368,6 +368,8 @@ pub struct Settings {
     /// The pins ConfigMap; empty: no pins written.
     pub configmap: String,
     pub revisions: usize,
+    /// Size cap of the pins document; [`MAX_PINS_BYTES`] at most.
+    pub max_bytes: usize,
     pub discovery: crate::discovery::Mode,
     /// This replica, in the Events it records.
     pub identity: String,
@@ -386,9 +388,11 @@ pub async fn run(
         namespace,
         configmap: name,
         revisions,
+        max_bytes,
         discovery,
         identity,
     } = settings;
+    let max_bytes = max_bytes.min(MAX_PINS_BYTES);
     let recorder = Recorder::new(
         client.clone(),
         kube::runtime::events::Reporter {
@@ -436,7 +440,7 @@ pub async fn run(
                 registries: m.iter().map(AsRef::as_ref).collect(),
                 nodes: n.iter().map(AsRef::as_ref).collect(),
             };
-            let Built { pins: now, dropped } = build(&cluster, revisions, MAX_PINS_BYTES);
+            let Built { pins: now, dropped } = build(&cluster, revisions, max_bytes);
             let found = crate::discovery::unmirrored(
                 pods.state().iter().map(|p| p.as_ref()),
                 &crate::discovery::mirrored(mregs.state().iter().map(|m| m.as_ref())),

@@ -1390,6 +1390,128 @@ fn pins_follow_pods_and_replica_sets() {
     fake.stop();
 }
 
+/// The value of metric `name` (no labels) of the operator serving
+/// /metrics on `port`.
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let r = pullthrough_testbed::http::Get::new(&format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .ok()?;
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Pins that do not fit the size cap (lowered here with the hidden
+/// `--pins-max-bytes`; 900 KiB in a cluster) are cut to fit, with a
+/// `PinsTruncated` Warning on the pins ConfigMap and
+/// `pullthrough_operator_pins_dropped` counting what was left out; a
+/// write the API server refuses (the ConfigMap made immutable) makes a
+/// `PinsNotPublished` Warning and counts in
+/// `pullthrough_operator_pins_write_failures_total`.
+#[test]
+fn pins_over_the_cap_and_refused_writes_are_reported() {
+    const CAP: usize = 200;
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let token = api.token_for(NS, SA).unwrap();
+    let mut op = Operator {
+        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+        status_port: fake.addr().port(),
+        log_dir: api.dir().to_path_buf(),
+        n: 0,
+        args: vec!["--pins-max-bytes".into(), CAP.to_string()],
+    };
+    let (mut proc, port) = op.start();
+    wait_pins(&api, &[]);
+    assert_eq!(metric(port, "pullthrough_operator_pins_dropped"), Some(0.0));
+    assert_eq!(
+        metric(port, "pullthrough_operator_pins_write_failures_total"),
+        Some(0.0)
+    );
+
+    // 20 images of 25 bytes each in the document: 7 fit.
+    let prefetch: Vec<String> = (10..30).map(|i| format!("org/image-{i}:1")).collect();
+    apply(
+        &api,
+        "quay",
+        json!({"host": "quay.io", "prefetch": prefetch}),
+    )
+    .unwrap();
+    let mut last = None;
+    wait_for("the capped pins", TIMEOUT, || {
+        last = pins(&api);
+        Ok(last.as_ref().is_some_and(|p| !p.is_empty()))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {last:?}\n{}", proc.log_tail(4000)));
+    let cm = api.get_json(&["cm", "pullthrough-pins", "-n", NS]).unwrap();
+    let doc = cm["data"]["pins.json"].as_str().unwrap();
+    assert!(doc.len() <= CAP, "{} bytes: {doc}", doc.len());
+    let kept = pins(&api).unwrap().len();
+    assert!((1..20).contains(&kept), "{doc}");
+    wait_event_in(
+        &api,
+        NS,
+        "PinsTruncated",
+        &format!("{} image(s) left out of pullthrough-pins", 20 - kept),
+    );
+    let events = api
+        .get_json(&["events.v1.events.k8s.io", "-n", NS])
+        .unwrap();
+    let truncated = events["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["reason"] == "PinsTruncated")
+        .unwrap();
+    assert_eq!(truncated["type"], "Warning", "{truncated}");
+    assert_eq!(truncated["regarding"]["kind"], "ConfigMap", "{truncated}");
+    assert_eq!(
+        truncated["regarding"]["name"], "pullthrough-pins",
+        "{truncated}"
+    );
+    let dropped = metric(port, "pullthrough_operator_pins_dropped");
+    assert_eq!(dropped, Some((20 - kept) as f64), "{}", proc.log_tail(4000));
+
+    // The ConfigMap made immutable: the next pins cannot be written.
+    api.kubectl(&[
+        "patch",
+        "cm",
+        "pullthrough-pins",
+        "-n",
+        NS,
+        "--type=merge",
+        "-p",
+        r#"{"immutable": true}"#,
+    ])
+    .unwrap();
+    apply(
+        &api,
+        "quay",
+        json!({"host": "quay.io", "prefetch": ["org/other:1"]}),
+    )
+    .unwrap();
+    wait_event_in(
+        &api,
+        NS,
+        "PinsNotPublished",
+        "writing pullthrough-pins failed",
+    );
+    let mut failures = None;
+    wait_for("a counted write failure", TIMEOUT, || {
+        failures = metric(port, "pullthrough_operator_pins_write_failures_total");
+        Ok(failures.is_some_and(|f| f >= 1.0))
+    })
+    .unwrap_or_else(|e| panic!("{e}: {failures:?}\n{}", proc.log_tail(4000)));
+    assert_eq!(
+        pins(&api).unwrap().len(),
+        kept,
+        "the last pins written stay"
+    );
+    proc.stop().unwrap();
+}
+
 fn dreg(api: &KubeApiserver, name: &str) -> Option<Value> {
     api.get_json(&["dreg", name])
 }
@@ -1417,11 +1539,16 @@ fn assert_no_pod_content(api: &KubeApiserver, secret: &str, when: &str) {
 
 /// Waits for an Event with `reason` whose note contains `note`.
 fn wait_event(api: &KubeApiserver, reason: &str, note: &str) {
+    wait_event_in(api, "default", reason, note);
+}
+
+/// [`wait_event`] among the Events of namespace `ns`.
+fn wait_event_in(api: &KubeApiserver, ns: &str, reason: &str, note: &str) {
     let mut last = Value::Null;
     let r =
         wait_for(&format!("the {reason} Event"), TIMEOUT, || {
             last = api
-                .get_json(&["events.v1.events.k8s.io", "-n", "default"])
+                .get_json(&["events.v1.events.k8s.io", "-n", ns])
                 .unwrap();
             Ok(last["items"].as_array().unwrap().iter().any(|e| {
                 e["reason"] == reason && e["note"].as_str().is_some_and(|n| n.contains(note))
