@@ -72,10 +72,18 @@ pub struct Args {
     #[arg(long, default_value_t = 2)]
     pub pin_revisions: usize,
 
-    /// Size cap of the pins document in bytes, at most (and by default)
-    /// what a ConfigMap holds. Hidden: only tests lower it, to see the
-    /// truncation reported without a cluster's worth of images.
-    #[arg(long, hide = true, default_value_t = crate::pins::MAX_PINS_BYTES)]
+    /// Size cap of the pins document in bytes: at most (and by default)
+    /// 900 KiB, what a ConfigMap safely holds. What does not fit is left
+    /// out (what pods run goes in first, older revisions last) and
+    /// reported (PinsTruncated Event,
+    /// pullthrough_operator_pins_dropped). Lower it to keep the ConfigMap
+    /// small.
+    #[arg(
+        long,
+        default_value_t = crate::pins::MAX_PINS_BYTES,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new()
+            .range(1..=crate::pins::MAX_PINS_BYTES as u64),
+    )]
     pub pins_max_bytes: usize,
 
     /// Registries pods pull from that no MirrorRegistry mirrors: `report`

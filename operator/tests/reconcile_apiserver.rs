@@ -241,12 +241,23 @@ fn operator_reconciles_against_a_real_apiserver() {
         args: Vec::new(),
     };
     let (mut proc1, _) = op.start();
-    // Exit 64 on bad flags.
-    let bad = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"))
-        .arg("--no-such-flag")
-        .output()
-        .unwrap();
-    assert_eq!(bad.status.code(), Some(64));
+    // Exit 64 on bad flags, naming the flag.
+    for args in [
+        &["--no-such-flag"][..],
+        &["--pins-max-bytes", "2000000"],
+        &["--pins-max-bytes", "0"],
+    ] {
+        let bad = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(bad.status.code(), Some(64), "{args:?}");
+        assert!(
+            String::from_utf8_lossy(&bad.stderr).contains(args[0]),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&bad.stderr)
+        );
+    }
     // An API server that does not answer: alive, but not ready.
     let dead = api.dir().join("dead-kubeconfig");
     std::fs::write(
