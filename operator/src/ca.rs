@@ -434,8 +434,10 @@ mod tests {
         );
     }
 
-    #[test]
-    fn rotation_publishes_both_then_promotes_then_drops() {
+    /// A policy (validity 1000 s, rotate 50 s before the end, 10 s
+    /// overlap) and a state whose CA ends in 100 s: its certificate, its
+    /// end (unix seconds) and the state.
+    fn about_to_rotate() -> (CaPolicy, String, i64, CaState) {
         let policy = CaPolicy {
             validity: Duration::from_secs(1000),
             rotate_before: Duration::from_secs(50),
@@ -443,11 +445,17 @@ mod tests {
         };
         let (cert, key) = generate(Duration::from_secs(100), None).unwrap();
         let exp = not_after(&cert).unwrap();
-        let mut s = CaState {
+        let state = CaState {
             cert: cert.clone(),
             key,
             ..Default::default()
         };
+        (policy, cert, exp, state)
+    }
+
+    #[test]
+    fn rotation_publishes_both_then_promotes_then_drops() {
+        let (policy, cert, exp, mut s) = about_to_rotate();
         let now = exp - 90;
         assert!(!s.step(now, &policy, None).unwrap());
         assert_eq!(s.bundle().matches("BEGIN CERTIFICATE").count(), 1);
@@ -473,18 +481,7 @@ mod tests {
     /// may still serve leaf certificates it signed.
     #[test]
     fn previous_ca_survives_the_secret_round_trip() {
-        let policy = CaPolicy {
-            validity: Duration::from_secs(1000),
-            rotate_before: Duration::from_secs(50),
-            overlap: Duration::from_secs(10),
-        };
-        let (cert, key) = generate(Duration::from_secs(100), None).unwrap();
-        let exp = not_after(&cert).unwrap();
-        let mut s = CaState {
-            cert: cert.clone(),
-            key,
-            ..Default::default()
-        };
+        let (policy, cert, exp, mut s) = about_to_rotate();
         assert!(s.step(exp - 40, &policy, None).unwrap());
         assert!(s.step(exp - 30, &policy, None).unwrap());
         assert_eq!(s.previous.as_deref(), Some(cert.as_str()));

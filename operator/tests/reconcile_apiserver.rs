@@ -116,6 +116,19 @@ struct Operator {
 }
 
 impl Operator {
+    /// The operator as the release's ServiceAccount on `api`, with the
+    /// fake proxy `fake` and `args` besides the harness's own flags.
+    fn new(api: &KubeApiserver, fake: &Stub, args: &[&str]) -> Self {
+        let token = api.token_for(NS, SA).unwrap();
+        Self {
+            kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
+            status_port: fake.addr().port(),
+            log_dir: api.dir().to_path_buf(),
+            n: 0,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        }
+    }
+
     fn start(&mut self) -> (Process, u16) {
         self.n += 1;
         let port = free_port().unwrap();
@@ -1225,14 +1238,7 @@ impl Workloads {
         api.kubectl(&["create", "namespace", "apps"]).unwrap();
         api.create_service_account("apps", "default").unwrap();
         let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-        let token = api.token_for(NS, SA).unwrap();
-        let mut op = Operator {
-            kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-            status_port: fake.addr().port(),
-            log_dir: api.dir().to_path_buf(),
-            n: 0,
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
+        let mut op = Operator::new(&api, &fake, args);
         let (proc, _) = op.start();
         Self {
             api,
@@ -1426,14 +1432,7 @@ fn pins_over_the_cap_and_refused_writes_are_reported() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
     install(&api);
     let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-    let token = api.token_for(NS, SA).unwrap();
-    let mut op = Operator {
-        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-        status_port: fake.addr().port(),
-        log_dir: api.dir().to_path_buf(),
-        n: 0,
-        args: vec!["--pins-max-bytes".into(), CAP.to_string()],
-    };
+    let mut op = Operator::new(&api, &fake, &["--pins-max-bytes", &CAP.to_string()]);
     let (mut proc, port) = op.start();
     wait_pins(&api, &[]);
     assert_eq!(metric(port, "pullthrough_operator_pins_dropped"), Some(0.0));
@@ -1728,14 +1727,7 @@ fn a_status_only_change_does_not_trigger_a_reconcile() {
     let api = KubeApiserver::start().expect("test bed kube-apiserver");
     install(&api);
     let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
-    let token = api.token_for(NS, SA).unwrap();
-    let mut op = Operator {
-        kubeconfig: api.kubeconfig_for_token(&token).unwrap(),
-        status_port: fake.addr().port(),
-        log_dir: api.dir().to_path_buf(),
-        n: 0,
-        args: vec!["--resync-interval".into(), "10m".into()],
-    };
+    let mut op = Operator::new(&api, &fake, &["--resync-interval", "10m"]);
     let (mut proc, port) = op.start();
     // Not accepted: nothing to wait for, next look at the resync (10 min).
     apply(
