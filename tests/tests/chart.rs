@@ -347,6 +347,34 @@ fn base_config_parses_and_bounds_the_disk_cache() {
         "{:?}",
         bounded.cache
     );
+    // `proxy.limits` reaches the proxy's `limits:`; unset keys keep the
+    // proxy's defaults, and the schema refuses what the proxy would.
+    assert_eq!(default.limits, Default::default());
+    let limited = base_config(&documents(&template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &[
+            "--set",
+            "proxy.limits.maxConnectionsPerSource=2048",
+            "--set",
+            "proxy.limits.idleTimeout=5m",
+        ],
+    )));
+    assert_eq!(limited.limits.max_connections_per_source, 2048);
+    assert_eq!(
+        limited.limits.idle_timeout,
+        std::time::Duration::from_secs(300)
+    );
+    assert_eq!(limited.limits.max_connections, 8192);
+    let chart = chart();
+    for bad in [
+        "proxy.limits.maxConnectionsPerSource=0",
+        "proxy.limits.maxConections=10",
+    ] {
+        let refused = helm.run(&["template", "pullthrough", &chart, "--set", bad]);
+        assert!(refused.is_err(), "{bad} was rendered");
+    }
 }
 
 /// Several proxy replicas over one bucket (issue #12): the values of a
