@@ -9,6 +9,7 @@ pub mod crd;
 pub mod credentials;
 pub mod discovered;
 pub mod error;
+pub mod limits;
 pub mod names;
 pub mod pins;
 pub mod pki;
