@@ -91,35 +91,39 @@ impl Limits {
     pub const MAX_TOKEN_BURST: u32 = 100_000;
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections) {
-            return Err(ConfigError::new(
+        for (key, value, max) in [
+            (
                 "limits.maxConnections",
-                format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
-            ));
-        }
-        if !(1..=Self::MAX_CONNECTIONS).contains(&self.max_connections_per_source) {
-            return Err(ConfigError::new(
+                self.max_connections,
+                Self::MAX_CONNECTIONS,
+            ),
+            (
                 "limits.maxConnectionsPerSource",
-                format!("must be between 1 and {}", Self::MAX_CONNECTIONS),
-            ));
-        }
-        if !(1..=Self::MAX_STREAMS).contains(&self.max_streams_per_connection) {
-            return Err(ConfigError::new(
+                self.max_connections_per_source,
+                Self::MAX_CONNECTIONS,
+            ),
+            (
                 "limits.maxStreamsPerConnection",
-                format!("must be between 1 and {}", Self::MAX_STREAMS),
-            ));
-        }
-        if !(1..=Self::MAX_TOKENS_PER_MINUTE).contains(&self.new_repository_tokens_per_minute) {
-            return Err(ConfigError::new(
+                self.max_streams_per_connection,
+                Self::MAX_STREAMS,
+            ),
+            (
                 "limits.newRepositoryTokensPerMinute",
-                format!("must be between 1 and {}", Self::MAX_TOKENS_PER_MINUTE),
-            ));
-        }
-        if !(1..=Self::MAX_TOKEN_BURST).contains(&self.new_repository_token_burst) {
-            return Err(ConfigError::new(
+                self.new_repository_tokens_per_minute,
+                Self::MAX_TOKENS_PER_MINUTE,
+            ),
+            (
                 "limits.newRepositoryTokenBurst",
-                format!("must be between 1 and {}", Self::MAX_TOKEN_BURST),
-            ));
+                self.new_repository_token_burst,
+                Self::MAX_TOKEN_BURST,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::new(
+                    key,
+                    format!("must be between 1 and {max}"),
+                ));
+            }
         }
         for (key, value) in [
             ("limits.headerReadTimeout", self.header_read_timeout),
