@@ -25,6 +25,16 @@ const FLOOD: usize = 5_000;
 /// once while the pull runs.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A proxy serving `upstream` as quay.io (`registry_extra` in its entry),
+/// with `top` (top-level keys: limits, timeouts) before the registries.
+fn quay_proxy(top: &str, upstream: &str, registry_extra: &str) -> Proxy {
+    let config = format!(
+        "{top}{}",
+        common::one_registry("quay.io", upstream, registry_extra)
+    );
+    Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap()
+}
+
 /// Accepts any server certificate: only for the flood, whose 5 000
 /// handshakes verified by a debug build of rustls/webpki on two shared
 /// cores take longer than the timeout under test. The probe and the pull
@@ -141,14 +151,13 @@ fn unfinished_tls_requests_are_closed_while_health_and_pulls_go_on() {
     let up = common::upstream(Registry::plain().unwrap());
     // The flood comes from the one address the probe and the pull use
     // too: the per-address share is another test's.
-    let config = format!(
-        "limits: {{headerReadTimeout: {}s, maxConnections: {}, maxConnectionsPerSource: {}}}\n{}",
+    let limits = format!(
+        "limits: {{headerReadTimeout: {}s, maxConnections: {}, maxConnectionsPerSource: {}}}\n",
         HEADER_TIMEOUT.as_secs(),
         FLOOD + 100,
         FLOOD + 100,
-        common::one_registry("quay.io", &up.registry.url(), ""),
     );
-    let proxy = Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap();
+    let proxy = quay_proxy(&limits, &up.registry.url(), "");
     let connector = tokio_rustls::TlsConnector::from(Arc::new(flood_client()));
     let https = proxy.addrs.https;
 
@@ -250,11 +259,11 @@ fn unfinished_tls_requests_are_closed_while_health_and_pulls_go_on() {
 /// request is answered only once a held connection closes.
 #[test]
 fn at_the_connection_limit_further_clients_wait_for_a_free_slot() {
-    let config = format!(
-        "limits: {{maxConnections: 4, headerReadTimeout: 60s}}\n{}",
-        common::one_registry("quay.io", "http://127.0.0.1:9", "")
+    let proxy = quay_proxy(
+        "limits: {maxConnections: 4, headerReadTimeout: 60s}\n",
+        "http://127.0.0.1:9",
+        "",
     );
-    let proxy = Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap();
     let http = proxy.addrs.http;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -319,12 +328,7 @@ fn a_client_gone_before_its_answer_still_gets_an_access_line() {
         })
         .start()
         .unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &common::one_registry("quay.io", &stub.url(), ""),
-    )
-    .unwrap();
+    let proxy = common::proxy_serving("quay.io", &stub.url());
     let mut conn = std::net::TcpStream::connect(proxy.addrs.http).unwrap();
     write!(
         conn,
@@ -363,15 +367,11 @@ fn a_client_gone_before_its_answer_still_gets_an_access_line() {
 fn a_slow_push_over_http2_outlasting_every_timeout_lands() {
     use http_body_util::{BodyExt, Empty, StreamBody};
     let registry = Registry::plain().unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "limits:\n  idleTimeout: 1s\nupstreamTimeouts:\n  connect: 1s\n  read: 1s\n{}",
-            common::one_registry("quay.io", &registry.url(), "    allowPush: true\n")
-        ),
-    )
-    .unwrap();
+    let proxy = quay_proxy(
+        "limits:\n  idleTimeout: 1s\nupstreamTimeouts:\n  connect: 1s\n  read: 1s\n",
+        &registry.url(),
+        "    allowPush: true\n",
+    );
     let piece = bytes::Bytes::from((0..64 * 1024).map(|i| (i % 253) as u8).collect::<Vec<u8>>());
     let pieces = 6;
     let digest = {
@@ -454,15 +454,11 @@ fn a_slow_push_over_http2_outlasting_every_timeout_lands() {
 #[test]
 fn one_address_holds_at_most_its_share_of_connections() {
     let registry = Registry::plain().unwrap();
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "limits:\n  maxConnectionsPerSource: 4\n{}",
-            common::one_registry("quay.io", &registry.url(), "")
-        ),
-    )
-    .unwrap();
+    let proxy = quay_proxy(
+        "limits:\n  maxConnectionsPerSource: 4\n",
+        &registry.url(),
+        "",
+    );
     let http = proxy.addrs.http;
     let from = |ip: &str| {
         let ip: std::net::IpAddr = ip.parse().unwrap();
