@@ -214,6 +214,25 @@ impl Cluster {
         let pods = self
             .kubectl(&["get", "pods", "-A", "-o", "wide"])
             .unwrap_or_else(|e| e.to_string());
+        // Taints and pressure conditions first: they explain Pending pods.
+        let nodes = self
+            .kubectl(&[
+                "get",
+                "nodes",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name} taints={.spec.taints} pressure={.status.conditions[?(@.status==\"True\")].type}{\"\\n\"}{end}",
+            ])
+            .unwrap_or_else(|e| e.to_string());
+        // Why a pod stopped (an eviction names the resource it was short of).
+        let stopped = self
+            .kubectl(&[
+                "get",
+                "pods",
+                "-A",
+                "-o",
+                "jsonpath={range .items[?(@.status.reason)]}{.metadata.name}: {.status.reason}: {.status.message}{\"\\n\"}{end}",
+            ])
+            .unwrap_or_else(|e| e.to_string());
         let events = self
             .kubectl(&["get", "events", "-A", "--sort-by=.lastTimestamp"])
             .unwrap_or_else(|e| e.to_string());
@@ -237,7 +256,7 @@ impl Cluster {
             }
         }
         format!(
-            "pods:\n{pods}\nevents:\n{events}\n{pod_logs}\n{}\n{}",
+            "nodes:\n{nodes}\npods:\n{pods}\n{stopped}\nevents:\n{events}\n{pod_logs}\n{}\n{}",
             self.node_log_tails(3000),
             self.control.log_tails(1500)
         )
