@@ -54,7 +54,8 @@ enum Command {
         #[arg(long, value_enum, default_value_t = DockerActionArg::Auto)]
         docker_action: DockerActionArg,
         /// Move containerd's deprecated `registry.mirrors`/`configs.*.tls`
-        /// into hosts.toml files (refused otherwise).
+        /// into hosts.toml files (refused otherwise). A setting hosts.toml
+        /// cannot hold (e.g. `rewrite`) is refused, naming it.
         #[arg(long)]
         migrate_containerd_mirrors: bool,
         /// Print a diff per file instead of writing.

@@ -666,6 +666,38 @@ root = "/var/lib/containerd"   # keep me
         );
     }
 
+    /// A mirror setting hosts.toml has no place for (containerd 1.7's
+    /// `rewrite`) or an unknown TLS key is refused, naming it, and the
+    /// file is not touched: moved out silently it would change pulls,
+    /// and a revert could not give it back.
+    #[test]
+    fn mirror_settings_the_migration_cannot_carry_are_refused() {
+        let rewrite = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+  endpoint = ["https://mirror.example"]
+  rewrite = { "^library/(.*)" = "mirrored/$1" }
+"#;
+        let e = ensure_config_path(Some(rewrite.as_bytes()), &ConfigRecord::default(), true)
+            .unwrap_err();
+        assert!(
+            e.0.contains("registry.mirrors.\"docker.io\".rewrite"),
+            "{e}"
+        );
+        let tls = r#"version = 2
+[plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+  endpoint = ["https://mirror.example"]
+[plugins."io.containerd.grpc.v1.cri".registry.configs."mirror.example".tls]
+  ca_file = "/etc/ssl/mirror.pem"
+  min_version = "1.3"
+"#;
+        let e =
+            ensure_config_path(Some(tls.as_bytes()), &ConfigRecord::default(), true).unwrap_err();
+        assert!(
+            e.0.contains("registry.configs.\"mirror.example\".tls.min_version"),
+            "{e}"
+        );
+    }
+
     /// Mirrors moved out of a file that keeps a `config_path` of the
     /// admin's cannot go back next to it (the CRI plugin would not load):
     /// revert names them, as TOML, rather than dropping them silently.

@@ -26,6 +26,7 @@ pub(super) fn take_deprecated(
             .ok_or_else(|| PatchError::new("registry table vanished"))?;
     }
     let reg = cur;
+    refuse_uncarried(&*reg)?;
     if let Some(mirrors) = reg.remove("mirrors") {
         let mirrors = mirrors
             .as_table_like()
@@ -93,6 +94,51 @@ pub(super) fn take_deprecated(
         out.entry(owner).or_default().tls.insert(host, tls);
     }
     Ok(out)
+}
+
+/// What a hosts.toml file can hold of a deprecated mirror and TLS table.
+const MIRROR_KEYS: &[&str] = &["endpoint"];
+const TLS_KEYS: &[&str] = &["ca_file", "cert_file", "key_file", "insecure_skip_verify"];
+
+/// Refuses a mirror or TLS table with a setting the migration would not
+/// carry into hosts.toml (containerd 1.7's `rewrite`, say): moved out, it
+/// would change how the node pulls, and a revert could not give it back.
+/// Checked before anything is removed, so a refusal leaves the file as is.
+fn refuse_uncarried(reg: &dyn TableLike) -> Result<(), PatchError> {
+    let tables = |name: &str, sub: Option<&str>| -> Vec<(String, &dyn TableLike)> {
+        let Some(outer) = reg.get(name).and_then(Item::as_table_like) else {
+            return Vec::new();
+        };
+        outer
+            .iter()
+            .filter_map(|(host, item)| {
+                let t = item.as_table_like()?;
+                match sub {
+                    None => Some((host.to_string(), t)),
+                    Some(sub) => Some((host.to_string(), t.get(sub)?.as_table_like()?)),
+                }
+            })
+            .collect()
+    };
+    let checks = [
+        ("mirrors", None, MIRROR_KEYS),
+        ("configs", Some("tls"), TLS_KEYS),
+    ];
+    for (name, sub, known) in checks {
+        for (host, t) in tables(name, sub) {
+            if let Some((key, _)) = t.iter().find(|(k, _)| !known.contains(k)) {
+                let at = match sub {
+                    None => format!("registry.{name}.\"{host}\".{key}"),
+                    Some(sub) => format!("registry.{name}.\"{host}\".{sub}.{key}"),
+                };
+                return Err(PatchError::new(format!(
+                    "`{at}` cannot be carried into a hosts.toml file by --migrate-containerd-mirrors (it knows {}): move that registry's settings into hosts.toml yourself, or drop the key; config.toml was left as it is",
+                    known.join(", ")
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Puts the `registry.mirrors` and `configs.<host>.tls` tables
