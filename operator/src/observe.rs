@@ -57,14 +57,15 @@ impl Observer {
         let ns = &settings.namespace;
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
         // Without the Service the base config's `proxy:` still makes a
-        // usable table; a missing Service must not stop reconciles.
-        let service = match services.get_opt(&settings.proxy_service).await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading the proxy Service");
-                None
-            }
-        };
+        // usable table; a missing Service must not stop reconciles. A
+        // Service that could not be read is another matter: taken as
+        // missing, a passing API error would rewrite every node's proxy
+        // address and re-issue the CA for the changed names, and flip it
+        // all back a moment later. The reconcile fails and is retried.
+        let service = services
+            .get_opt(&settings.proxy_service)
+            .await
+            .context(|| format!("reading the proxy Service {ns}/{}", settings.proxy_service))?;
         let (node_proxy, admin) = node_proxy(settings, base, service.as_ref());
         let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
         let leases = leases

@@ -71,6 +71,14 @@ fn json_resp(code: u16, v: &Value) -> Resp {
 
 /// Answers like an API server holding `obj` (the reconciled CR).
 fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
+    if path.contains("/services/") && obj["metadata"]["name"] == "api-hiccup.test" {
+        return json_resp(
+            500,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "InternalError", "code": 500,
+                    "message": "etcdserver: request timed out"}),
+        );
+    }
     if path.contains("/services/") {
         return json_resp(
             404,
@@ -547,6 +555,25 @@ async fn a_throttled_reference_read_fails_the_reconcile_and_keeps_the_table() {
         find(&log, "PATCH", "/mirrorregistries/private/status").is_empty(),
         "the status was written: {log:#?}"
     );
+}
+
+/// A Service read that fails (a 500 in a control-plane upgrade) is not a
+/// Service that is missing: taken as missing, the table's proxy address
+/// fell back to the base config's (every node rewritten, the CA re-issued
+/// for the changed names) until the next read flipped it all back. The
+/// reconcile fails, naming the Service, and writes nothing.
+#[tokio::test]
+async fn a_failed_proxy_service_read_fails_the_reconcile_and_keeps_the_table() {
+    let spec = json!({"host": "reg.example"});
+    let (log, res) = try_run(cr("api-hiccup.test", 1, spec, true), vec![]).await;
+    let log = log.lock().unwrap().clone();
+    let err = res.expect_err("a 500 reading the Service must fail the reconcile");
+    assert!(
+        err.to_string().contains("pullthrough/pullthrough-proxy"),
+        "{err}"
+    );
+    let writes: Vec<&Entry> = log.iter().filter(|(m, ..)| m != "GET").collect();
+    assert!(writes.is_empty(), "written on a failed read: {writes:#?}");
 }
 
 /// A fake proxy `/status` behind a Service with several replicas: each
