@@ -218,7 +218,10 @@ pub async fn publish(
         }
     }
     for (name, d) in &existing {
-        if !found.contains_key(&d.spec.host) {
+        // One named otherwise was named by an older operator (one name
+        // for `reg.example:5000` and `reg.example-5000`); the host's own
+        // object replaces it.
+        if !found.contains_key(&d.spec.host) || *name != object_name(&d.spec.host) {
             tracing::info!(host = %d.spec.host, "no longer pulled from unmirrored");
             if let Err(e) = api.delete(name, &DeleteParams::default()).await {
                 tracing::warn!(host = %d.spec.host, error = %e, "deleting DiscoveredRegistry");
