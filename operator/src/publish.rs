@@ -136,9 +136,7 @@ impl Publisher {
         }
         // Referenced ConfigMaps and Secrets are read on every render, so a
         // change to one reaches the table within --resync-interval.
-        let refs = Refs::read(&kube.client, all.iter().map(AsRef::as_ref))
-            .await
-            .context(|| "reading the ConfigMaps and Secrets MirrorRegistries reference".into())?;
+        let refs = Refs::read(&kube.client, all.iter().map(AsRef::as_ref)).await?;
         let mounts = Mounts {
             table: settings.table_mount_path.clone(),
             credentials: settings.credentials_mount_path.clone(),

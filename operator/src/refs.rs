@@ -20,6 +20,8 @@ use kube::{Api, Client};
 use pullthrough_api::crd::{ConfigMapKeyRef, MirrorRegistry, SecretRef};
 use serde::Deserialize;
 
+use crate::error::Error;
+
 /// Upstream credentials for one registry, in the form the proxy reads from
 /// `registries[].credentialsFile`: `{"username": ..., "password": ...}`.
 #[derive(Clone, PartialEq, Eq)]
@@ -67,12 +69,21 @@ fn describe(kind: &str, ns: &str, name: &str, e: &kube::Error) -> Option<String>
     }
 }
 
+/// [`describe`]'s message, or the error that fails the reconcile, naming
+/// the object it could not read.
+fn describe_or_fail(kind: &str, ns: &str, name: &str, e: kube::Error) -> Result<String, Error> {
+    describe(kind, ns, name, &e).ok_or_else(|| Error::Kube {
+        action: format!("reading {kind} {ns}/{name}"),
+        source: e,
+    })
+}
+
 impl Refs {
     /// Reads every object referenced by the live MirrorRegistries in `crs`.
     pub async fn read<'a>(
         client: &Client,
         crs: impl IntoIterator<Item = &'a MirrorRegistry>,
-    ) -> Result<Self, kube::Error> {
+    ) -> Result<Self, Error> {
         let mut refs = Refs::default();
         for cr in crs {
             if cr.metadata.deletion_timestamp.is_some() {
@@ -89,7 +100,7 @@ impl Refs {
                     let api: Api<ConfigMap> = Api::namespaced(client.clone(), &r.namespace);
                     slot.insert(match api.get(&r.name).await {
                         Ok(cm) => Ok(cm.data.unwrap_or_default()),
-                        Err(e) => Err(describe("ConfigMap", &r.namespace, &r.name, &e).ok_or(e)?),
+                        Err(e) => Err(describe_or_fail("ConfigMap", &r.namespace, &r.name, e)?),
                     });
                 }
             }
@@ -99,7 +110,7 @@ impl Refs {
                     let api: Api<Secret> = Api::namespaced(client.clone(), &r.namespace);
                     slot.insert(match api.get(&r.name).await {
                         Ok(s) => Ok(s),
-                        Err(e) => Err(describe("Secret", &r.namespace, &r.name, &e).ok_or(e)?),
+                        Err(e) => Err(describe_or_fail("Secret", &r.namespace, &r.name, e)?),
                     });
                 }
             }
@@ -222,8 +233,23 @@ fn auth_key_host(key: &str) -> &str {
 }
 
 fn from_docker_config(json: &str, names: &[&str]) -> Result<Credentials, String> {
-    let cfg: DockerConfig =
-        serde_json::from_str(json).map_err(|e| format!(".dockerconfigjson is not valid: {e}"))?;
+    // serde_json's message quotes the value it choked on, which may be a
+    // password: only the kind of error and where it is go into the
+    // condition and the Event (both readable well beyond the Secret).
+    let cfg: DockerConfig = serde_json::from_str(json).map_err(|e| {
+        let kind = match e.classify() {
+            serde_json::error::Category::Data => "not shaped like a Docker config",
+            serde_json::error::Category::Eof => "cut short",
+            serde_json::error::Category::Syntax | serde_json::error::Category::Io => {
+                "not valid JSON"
+            }
+        };
+        format!(
+            ".dockerconfigjson is {kind} (at line {}, column {}; expected {{\"auths\": {{\"<host>\": {{\"username\", \"password\"}} or {{\"auth\"}}}}}})",
+            e.line(),
+            e.column()
+        )
+    })?;
     // Docker Hub credentials are stored under index.docker.io.
     let hub = names
         .iter()
@@ -340,7 +366,27 @@ mod tests {
         assert!(err.contains("found keys: token"), "{err}");
         let err =
             credentials_from_secret(&secret(&[(".dockerconfigjson", "{")]), &["q"]).unwrap_err();
-        assert!(err.contains(".dockerconfigjson is not valid"), "{err}");
+        assert!(err.contains(".dockerconfigjson is cut short"), "{err}");
+    }
+
+    /// A malformed dockerconfigjson must not have its values quoted in the
+    /// error: it becomes a condition message and an Event, readable by
+    /// many more than the Secret.
+    #[test]
+    fn a_malformed_docker_config_is_not_quoted() {
+        for json in [
+            r#"{"auths": {"q": "robot:hunter2"}}"#,
+            r#"{"auths": {"q": {"username": "robot", "password": 271828}}}"#,
+            r#"{"auths": {"q": {"username": "robot", "password": "hunter2"}"#,
+            r#"{"auths": {"q": {"username": "robot", "password": hunter2}}}"#,
+        ] {
+            let err = credentials_from_secret(&secret(&[(".dockerconfigjson", json)]), &["q"])
+                .unwrap_err();
+            assert!(err.contains(".dockerconfigjson is"), "{err}");
+            for secret in ["hunter2", "271828", "robot"] {
+                assert!(!err.contains(secret), "{secret} quoted: {err}");
+            }
+        }
     }
 
     #[test]
