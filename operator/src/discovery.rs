@@ -80,10 +80,15 @@ pub fn unmirrored<'a>(
             let Some(p) = PinnedImage::parse(image) else {
                 continue;
             };
-            // Docker Hub is known by several names in references.
-            let host = match p.registry.as_str() {
-                "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.to_string(),
-                h => h.to_string(),
+            // Host names are case-insensitive: `Quay.io/x` goes through a
+            // mirror of quay.io (the MirrorRegistry hosts are compared
+            // lowercase too). Docker Hub is known by several names in
+            // references.
+            let host = match p.registry.to_ascii_lowercase() {
+                h if h == "index.docker.io" || h == "registry-1.docker.io" => {
+                    DOCKER_HUB.to_string()
+                }
+                h => h,
             };
             if mirrored.contains(&host) {
                 continue;
@@ -382,5 +387,32 @@ mod tests {
         );
         assert_eq!(found["docker.io"].pods.len(), 2);
         assert_eq!(found["docker.io"].status().nodes, 2);
+    }
+
+    /// A reference's host in another case is the same registry: mirrored
+    /// if its lowercase is, and one DiscoveredRegistry otherwise.
+    #[test]
+    fn hosts_are_compared_case_insensitively() {
+        let mreg: MirrorRegistry = serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "MirrorRegistry",
+            "metadata": {"name": "q"},
+            "spec": {"host": "quay.io"},
+        }))
+        .unwrap();
+        let pods = [pod(
+            "a",
+            Some("n1"),
+            "Running",
+            &[
+                "Quay.io/x/y:1",
+                "QUAY.IO/x/z:1",
+                "GHCR.io/o/a:1",
+                "ghcr.io/o/b:1",
+                "Index.Docker.io/library/redis:7",
+            ],
+        )];
+        let found = unmirrored(&pods, &mirrored([&mreg]));
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["docker.io", "ghcr.io"]);
+        assert_eq!(found["ghcr.io"].images.len(), 2);
     }
 }
