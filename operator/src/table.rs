@@ -48,7 +48,17 @@ pub mod reason {
     pub const CA_BUNDLE_UNAVAILABLE: &str = "CABundleUnavailable";
     /// `spec.credentialsSecretRef` cannot be read or holds no credentials.
     pub const CREDENTIALS_UNAVAILABLE: &str = "CredentialsUnavailable";
+    /// With this registry (its CA bundle, mostly) the table ConfigMap
+    /// would pass [`super::TABLE_MAX_BYTES`].
+    pub const TABLE_TOO_LARGE: &str = "TableTooLarge";
 }
+
+/// What the table ConfigMap (`config.yaml` and the CA bundle keys) may
+/// hold. The API server refuses a ConfigMap over 1 MiB, and a refused
+/// table write fails every reconcile: no status anywhere, no deletion
+/// finished. Registries are taken oldest first while they fit, so a
+/// newer one with a large CA bundle is refused alone, with a reason.
+pub const TABLE_MAX_BYTES: usize = 900 * 1024;
 
 /// Where the proxy finds what the table points at.
 #[derive(Debug, Clone)]
@@ -127,6 +137,9 @@ pub fn render(
     let mut registries = Vec::new();
     let mut extra = BTreeMap::new();
     let mut credentials = BTreeMap::new();
+    // The ConfigMap's size so far: the base config, then each registry's
+    // entry (as it will be rendered) and CA bundle key.
+    let mut table_bytes = base.to_yaml()?.len();
     for cr in live {
         let name = cr.name_any();
         let mut reg = match RegistryConfig::try_from(&cr.spec) {
@@ -212,15 +225,36 @@ pub fn render(
                 }
             }
         };
-        if let Some(pem) = ca_bundle {
-            let key = ca_bundle_key(&reg.host);
-            reg.ca_bundle = Some(mounts.table.join(&key));
+        let bundle = ca_bundle.map(|pem| (ca_bundle_key(&reg.host), pem));
+        if let Some((key, _)) = &bundle {
+            reg.ca_bundle = Some(mounts.table.join(key));
+        }
+        if creds.is_some() {
+            reg.credentials_file = Some(mounts.credentials.join(credentials_key(&reg.host)));
+        }
+        let entry_bytes = serde_norway::to_string(&reg).map_or(0, |y| y.len())
+            + bundle.as_ref().map_or(0, |(k, pem)| k.len() + pem.len());
+        if table_bytes + entry_bytes > TABLE_MAX_BYTES {
+            verdicts.insert(
+                name,
+                Verdict::rejected(
+                    reason::TABLE_TOO_LARGE,
+                    format!(
+                        "the registry table ConfigMap would pass {TABLE_MAX_BYTES} bytes with this registry ({entry_bytes} bytes, {} of them its CA bundle; {table_bytes} bytes taken by older registries): trim spec.tls's bundle to the CAs this registry needs",
+                        bundle.as_ref().map_or(0, |(_, pem)| pem.len())
+                    ),
+                ),
+            );
+            // Its names stay claimed: a newer registry must not take a
+            // host because this one's bundle is too big.
+            continue;
+        }
+        table_bytes += entry_bytes;
+        if let Some((key, pem)) = bundle {
             extra.insert(key, pem);
         }
         if let Some(c) = creds {
-            let key = credentials_key(&reg.host);
-            reg.credentials_file = Some(mounts.credentials.join(&key));
-            credentials.insert(key, c.to_json());
+            credentials.insert(credentials_key(&reg.host), c.to_json());
         }
         registries.push(reg);
         verdicts.insert(name, Verdict::Accepted);
@@ -403,6 +437,52 @@ mod tests {
             t.yaml.contains("/m/cabundle-reg.lan_5000.pem"),
             "{}",
             t.yaml
+        );
+    }
+
+    /// Two registries with 600 KB CA bundles (a system bundle copied
+    /// twice, say) would make a table ConfigMap the API server refuses,
+    /// and a refused table write fails every reconcile. The newer one is
+    /// refused alone, its names kept; the others, later ones included,
+    /// still make the table.
+    #[test]
+    fn a_table_past_the_configmap_limit_refuses_the_newest_bundle() {
+        let pem = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+            "A".repeat(600 * 1024)
+        );
+        let big = |host: &str| format!("host: {host}\ntls: {{caBundle: {pem:?}}}\n");
+        let crs = vec![
+            cr("older", 1, &big("a.example")),
+            cr("newer", 2, &big("b.example")),
+            cr("late-small", 3, "host: c.example\n"),
+            cr("late-same-host", 4, "host: b.example\n"),
+        ];
+        let t = render(
+            &empty(),
+            &crs,
+            None,
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap();
+        assert_eq!(t.verdicts["older"], Verdict::Accepted);
+        assert_eq!(t.verdicts["late-small"], Verdict::Accepted);
+        let (reason, message) = rejected(&t, "newer");
+        assert_eq!(reason, reason::TABLE_TOO_LARGE, "{message}");
+        assert!(message.contains("CA bundle"), "{message}");
+        assert_eq!(rejected(&t, "late-same-host").0, reason::DUPLICATE_HOST);
+        let size = t.yaml.len()
+            + t.extra
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        assert!(size <= TABLE_MAX_BYTES, "{size} bytes");
+        assert!(
+            !t.yaml.contains("b.example"),
+            "{}",
+            &t.yaml[..t.yaml.len().min(400)]
         );
     }
 
