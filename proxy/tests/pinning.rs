@@ -163,6 +163,46 @@ fn a_malformed_pins_file_keeps_the_last_pins() {
     assert_eq!(pinned(&proxy)["images"], 1);
 }
 
+/// A pins file that is not a pins document when the proxy starts (no
+/// good read to keep) must not switch eviction off: the cache stays
+/// bounded, and the log says why nothing is pinned. It once evicted
+/// nothing until the file was fixed, growing until the disk was full.
+#[test]
+fn a_pins_file_malformed_at_start_does_not_stop_eviction() {
+    let work = tempfile::tempdir().unwrap();
+    let other = image(work.path(), "other", &[1_000_000; 6], 620);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&other, "fixture/other", "1").unwrap();
+    let pins = work.path().join("pins.json");
+    std::fs::write(&pins, "{not json").unwrap();
+    let proxy = common::proxy_with_pins(
+        &pins,
+        "maxSize: 3MiB, highWatermark: 0.9, lowWatermark: 0.6, ",
+        "quay.io",
+        &registry.url(),
+        "",
+    );
+    wait_for("the complaint", Duration::from_secs(10), || {
+        Ok(proxy
+            .log()
+            .contains("the pins are not a pins document, and none were read before"))
+    })
+    .unwrap();
+    // 6 MB through a 3 MiB cache.
+    let layers = other.layer_digests();
+    for l in &layers {
+        assert_eq!(sha256_digest(&get(&proxy, "fixture/other", "blobs", l)), *l);
+    }
+    let gone = |d: &str| !proxy.cached_blob_path(d).exists();
+    // Commits evict after their answer.
+    wait_for("the eviction", Duration::from_secs(10), || {
+        Ok(layers.iter().filter(|d| gone(d)).count() >= 3)
+    })
+    .map_err(|e| format!("{e}\n{}", proxy.log()))
+    .unwrap();
+    assert!(pinned(&proxy).is_null(), "{}", pinned(&proxy));
+}
+
 /// A restart empties the tag cache: an image pinned by tag stays pinned
 /// (what the tag resolved to is kept in the data dir), and nothing is
 /// evicted before the pins are resolved again, while other layers push

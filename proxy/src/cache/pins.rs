@@ -13,13 +13,21 @@
 //! What a pinned tag pointed at is remembered in the data dir: after a
 //! restart the tag cache is empty (and a flood of other tags can push a
 //! pinned one out of it), and the pinned image must stay pinned meanwhile.
+//!
+//! The store and the bucket evict nothing until the pins are first
+//! resolved (the least recently used blobs may be exactly what is
+//! pinned). A file that cannot be read or parsed must not hold that off
+//! for good, or the cache grows until the disk is full: without a good
+//! read yet, the pins are what the remembered tags resolve to, logged as
+//! an error; and whatever happens to the resolution, eviction waits for
+//! it at most [`PINS_WAIT`].
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use pullthrough_api::crd::PinnedStats;
 use pullthrough_api::pins::{PinnedImage, Pins};
@@ -32,6 +40,13 @@ use crate::prefetch::Prefetcher;
 /// Resolved again at least this often while neither the pins nor this
 /// replica's store change.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(30);
+
+/// Longest the store and the bucket evictor hold eviction back for pins
+/// not resolved yet; then they evict as if nothing were pinned (and say
+/// so) until the pins arrive. The first resolution runs at start and
+/// takes milliseconds unless the bucket is slow; the disk's headroom over
+/// `maxSize` has to absorb whatever is pulled meanwhile.
+pub const PINS_WAIT: Duration = Duration::from_secs(120);
 
 /// In the data dir: pinned tag → the digest it last resolved to.
 pub const ROOTS_FILE: &str = "pinned-tags.json";
@@ -60,6 +75,9 @@ pub struct Pinning {
     /// Pinned tag → the digest it last resolved to, and where that is kept.
     roots: std::sync::Mutex<BTreeMap<String, Digest>>,
     roots_file: Option<PathBuf>,
+    /// The file was read and parsed at least once: from then on a bad
+    /// read keeps the pins of the last good one.
+    read_once: std::sync::atomic::AtomicBool,
 }
 
 impl Pinning {
@@ -83,12 +101,19 @@ impl Pinning {
     /// Reads the file, and says whether its bytes changed since the last
     /// read. A missing file is no pins (the ConfigMap is written once the
     /// operator saw the cluster's pods); an unreadable or malformed one
-    /// keeps the pins of the last good read, and says why.
+    /// keeps the pins of the last good read, and says why. Before any
+    /// good read there are no last ones: that is an error, as eviction
+    /// then goes on with only the remembered tags pinned.
     fn reload(&self) -> Option<(Pins, bool)> {
         let path = self.file.as_ref()?;
+        let first = !self.read_once.load(std::sync::atomic::Ordering::Relaxed);
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) if first => {
+                tracing::error!(file = %path.display(), error = %e, "cannot read the pins, and none were read before: eviction goes on, keeping only the images pinned by tag before the restart");
+                return None;
+            }
             Err(e) => {
                 tracing::warn!(file = %path.display(), error = %e, "cannot read the pins; keeping the last ones");
                 return None;
@@ -102,13 +127,19 @@ impl Pinning {
                 Ok(p) => p,
                 Err(e) => {
                     if last.as_deref() != Some(&bytes) {
-                        tracing::warn!(file = %path.display(), error = %e, "the pins are not a pins document; keeping the last ones");
+                        if first {
+                            tracing::error!(file = %path.display(), error = %e, "the pins are not a pins document, and none were read before: eviction goes on, keeping only the images pinned by tag before the restart");
+                        } else {
+                            tracing::warn!(file = %path.display(), error = %e, "the pins are not a pins document; keeping the last ones");
+                        }
                         *last = Some(bytes);
                     }
                     return None;
                 }
             }
         };
+        self.read_once
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let changed = last.as_deref() != Some(&bytes);
         if changed {
             tracing::info!(file = %path.display(), images = parsed.images.len(), "pins read");
@@ -127,12 +158,35 @@ impl Pinning {
         shared: &Arc<Shared>,
         evictor: Option<&crate::cache::shared::Evictor>,
     ) {
-        let Some((doc, changed)) = self.reload() else {
-            return;
+        let (doc, changed) = match self.reload() {
+            Some(read) => {
+                if let Some(p) = &self.prefetch {
+                    p.kick(shared, &read.0);
+                }
+                read
+            }
+            // A bad read after a good one: the pins in force stay.
+            None if self.read_once.load(std::sync::atomic::Ordering::Relaxed) => return,
+            // No good read yet: the store and the bucket evict nothing
+            // until pins are set, so set what is known (the tags pinned
+            // before a restart, kept in the data dir) rather than hold
+            // eviction off until someone fixes the file. Not prefetched:
+            // they may not be pinned any more.
+            None => {
+                let images = self
+                    .roots
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .keys()
+                    .cloned()
+                    .collect();
+                let doc = Pins {
+                    images,
+                    ..Pins::default()
+                };
+                (doc, false)
+            }
         };
-        if let Some(p) = &self.prefetch {
-            p.kick(shared, &doc);
-        }
         // Resolving reads every pinned manifest (from the bucket, for those
         // this replica lacks): not every poll when nothing moved.
         let usage = shared.store.usage();
@@ -180,6 +234,40 @@ impl Pinning {
                 _ = stop.wait_for(|s| *s) => return,
             }
             self.refresh(&shared, evictor.as_deref()).await;
+        }
+    }
+}
+
+/// The pins eviction goes by (`pinned` as the store or the bucket evictor
+/// keeps them): `None` while they are not resolved yet, until
+/// `wait_until`; past it, no pins, set so that they are logged once and
+/// the pins override them when they come. Nothing is evicted before the
+/// pins are known, as what is least recently used may be what is pinned;
+/// but not for ever, or a resolution that never ends fills the disk.
+pub fn for_eviction(
+    pinned: &ArcSwapOption<HashSet<Digest>>,
+    wait_until: Instant,
+    tier: &'static str,
+) -> Option<Arc<HashSet<Digest>>> {
+    if let Some(p) = pinned.load_full() {
+        return Some(p);
+    }
+    if Instant::now() < wait_until {
+        tracing::debug!(tier, "pins not resolved yet; eviction waits for them");
+        return None;
+    }
+    let none = Arc::new(HashSet::new());
+    let before = pinned.compare_and_swap(&None::<Arc<HashSet<Digest>>>, Some(Arc::clone(&none)));
+    match before.as_ref() {
+        // Resolved meanwhile.
+        Some(p) => Some(Arc::clone(p)),
+        None => {
+            tracing::warn!(
+                tier,
+                waited_secs = PINS_WAIT.as_secs(),
+                "pins still not resolved: evicting as if nothing were pinned until they are"
+            );
+            Some(none)
         }
     }
 }

@@ -223,8 +223,11 @@ struct Inner {
     fs_lock: Mutex<()>,
     /// Digests eviction skips (`cache::pins`); `None` while pins exist
     /// but are not resolved yet: until then nothing is evicted, so a
-    /// restart never deletes what the pins hold before it knows them.
+    /// restart never deletes what the pins hold before it knows them...
     pinned: arc_swap::ArcSwapOption<HashSet<Digest>>,
+    /// ...but only until then ([`crate::cache::pins::PINS_WAIT`] after
+    /// open), so pins that never resolve do not fill the disk.
+    pins_wait_until: Mutex<Instant>,
 }
 
 #[derive(Debug)]
@@ -339,6 +342,7 @@ impl BlobStore {
                 pinned: arc_swap::ArcSwapOption::new(
                     (!awaits_pins).then(|| Arc::new(HashSet::new())),
                 ),
+                pins_wait_until: Mutex::new(Instant::now() + crate::cache::pins::PINS_WAIT),
             }),
         };
         let inner = Arc::clone(&store.inner);
@@ -354,6 +358,16 @@ impl BlobStore {
     /// and blobs).
     pub fn pin(&self, digests: Arc<HashSet<Digest>>) {
         self.inner.pinned.store(Some(digests));
+    }
+
+    /// Eviction stops waiting for the pins at `at` instead.
+    #[cfg(test)]
+    pub(crate) fn wait_for_pins_until(&self, at: Instant) {
+        *self
+            .inner
+            .pins_wait_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = at;
     }
 
     /// Bytes and entries committed.

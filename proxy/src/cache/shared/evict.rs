@@ -126,8 +126,11 @@ pub struct Evictor {
     /// When this replica last swept, while holding the lease.
     swept: Mutex<Option<Instant>>,
     /// Digests eviction skips (`cache::pins`); `None` while pins exist
-    /// but are not resolved yet (nothing is evicted until they are).
+    /// but are not resolved yet (nothing is evicted until they are, or
+    /// until `pins_wait_until`: pins that never resolve must not let the
+    /// bucket grow for good).
     pinned: arc_swap::ArcSwapOption<std::collections::HashSet<Digest>>,
+    pins_wait_until: Instant,
 }
 
 impl Evictor {
@@ -158,6 +161,7 @@ impl Evictor {
             pinned: arc_swap::ArcSwapOption::new(
                 (!awaits_pins).then(|| Arc::new(std::collections::HashSet::new())),
             ),
+            pins_wait_until: Instant::now() + crate::cache::pins::PINS_WAIT,
         })
     }
 
@@ -238,6 +242,13 @@ impl Evictor {
     #[cfg(test)]
     pub(super) fn with_stale_after(mut self, d: Duration) -> Self {
         self.stale_after = d;
+        self
+    }
+
+    /// Waits `d` from now, not [`crate::cache::pins::PINS_WAIT`], for pins.
+    #[cfg(test)]
+    pub(super) fn with_pins_wait(mut self, d: Duration) -> Self {
+        self.pins_wait_until = Instant::now() + d;
         self
     }
 
@@ -334,7 +345,9 @@ impl Evictor {
         let young = unix_ms(SystemTime::now())
             .saturating_sub(u64::try_from(self.min_age.as_millis()).unwrap_or(u64::MAX));
         let (mut removed, mut bytes) = (0u64, 0u64);
-        let Some(pinned) = self.pinned.load_full() else {
+        let Some(pinned) =
+            crate::cache::pins::for_eviction(&self.pinned, self.pins_wait_until, "shared storage")
+        else {
             tracing::info!("shared storage over its bound; eviction waits for the pins");
             return Ok(());
         };

@@ -406,6 +406,21 @@ async fn the_bucket_is_not_evicted_before_the_pins_are_known() {
     assert!(blobs[..3].iter().all(|d| left.contains(d)), "{left:?}");
 }
 
+/// Pins that never resolve hold the bucket's eviction back only until
+/// the wait for them is over; it once waited for ever, and the bucket
+/// grew without bound.
+#[tokio::test]
+async fn the_bucket_is_evicted_once_the_wait_for_pins_is_over() {
+    let (tier, _) = ten_blobs().await;
+    let e = evictor_a(&tier, &storage(60 << 10, 0, 50), true)
+        .with_pins_wait(Duration::from_millis(100));
+    e.round_for_test().await.unwrap();
+    assert_eq!(tier.list_blobs().await.unwrap().len(), 10, "still waiting");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    e.round_for_test().await.unwrap();
+    assert!(tier.list_blobs().await.unwrap().len() <= 3);
+}
+
 /// A round with more to delete than one interval allows stops at the
 /// interval (the lease is renewed only between rounds; another replica
 /// takes it over once it looks stale); the next rounds finish the job.

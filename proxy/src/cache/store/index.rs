@@ -129,16 +129,20 @@ pub(super) fn evict(inner: &Inner) {
     let (Some(high), Some(low)) = (inner.limits.high(), inner.limits.low()) else {
         return;
     };
-    let Some(pinned) = inner.pinned.load_full() else {
-        tracing::debug!("pins not resolved yet; eviction waits for them");
-        return;
-    };
     let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
     let victims: Vec<(Digest, u64)> = {
         let mut index = inner.index.lock().unwrap_or_else(|p| p.into_inner());
         if index.total <= high {
             return;
         }
+        let wait_until = *inner
+            .pins_wait_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(pinned) = crate::cache::pins::for_eviction(&inner.pinned, wait_until, "disk")
+        else {
+            return;
+        };
         let mut candidates: Vec<(SystemTime, Digest, u64)> = index
             .entries
             .iter()

@@ -554,6 +554,49 @@ async fn a_store_awaiting_its_pins_evicts_nothing_until_it_has_them() {
     assert!(store.entry(&digests[0]).is_some());
 }
 
+/// Pins that never resolve (a resolution that hangs) hold eviction back
+/// only until the wait for them is over; then the store evicts as if
+/// nothing were pinned, and the pins, once they come, count again. It
+/// once waited for ever, and the cache grew until the disk was full.
+#[tokio::test]
+async fn a_store_stops_waiting_for_pins_that_do_not_come() {
+    let dir = tempfile::tempdir().unwrap();
+    // 5 000 bytes: evict above 4 500, down to 3 000.
+    let store = BlobStore::open_with(dir.path(), bounded(5_000), true)
+        .await
+        .unwrap();
+    let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 2_000]).collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+    for i in 0..3 {
+        store
+            .put(&digests[i], BlobMeta::default(), &blobs[i])
+            .await
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    assert_eq!(store.usage(), (6_000, 3), "still waiting for the pins");
+    store.wait_for_pins_until(Instant::now());
+    store
+        .put(&digests[3], BlobMeta::default(), &blobs[3])
+        .await
+        .unwrap();
+    assert!(store.usage().0 <= 3_000, "{:?}", store.usage());
+    assert!(store.entry(&digests[0]).is_none(), "the oldest went first");
+    // The pins, late: what they hold is kept again.
+    store.pin(Arc::new([digests[3].clone()].into_iter().collect()));
+    for i in 10..14u8 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = vec![i; 2_000];
+        drop(
+            store
+                .put(&Digest::of(&b), BlobMeta::default(), &b)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(store.entry(&digests[3]).is_some(), "pinned, kept");
+}
+
 /// A blob file the index lost (an eviction whose delete failed, a crash
 /// between rename and index) is indexed again when the blob is committed
 /// again: counted against the bound, found, evictable. It once stayed
