@@ -70,32 +70,110 @@ pub fn pins_of<'a>(
 /// What the pods that have not finished run: the digest kubelet reports
 /// once a container started, else the spec's reference.
 pub fn pod_images<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeSet<String> {
-    let mut images = BTreeSet::new();
-    for pod in pods {
-        let Some(spec) = unfinished(pod) else {
-            continue;
-        };
-        // Per container name: the digest it runs, when known.
-        let mut running: BTreeMap<&str, &str> = BTreeMap::new();
-        if let Some(st) = &pod.status {
-            for cs in st
-                .container_statuses
-                .iter()
-                .flatten()
-                .chain(st.init_container_statuses.iter().flatten())
-            {
-                if !cs.image_id.is_empty() && PinnedImage::parse(&cs.image_id).is_some() {
-                    running.insert(&cs.name, &cs.image_id);
-                }
-            }
-        }
-        for (name, image) in spec_images(spec) {
-            if let Some(p) = PinnedImage::parse(running.get(name).copied().unwrap_or(image)) {
-                images.insert(p.to_string());
+    pods.into_iter()
+        .flat_map(images_of)
+        .map(|(_, image)| image)
+        .collect()
+}
+
+/// Whether a pod's image is known to run on a node, or is only asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Kubelet started the container on a node: the pod is `Running` there,
+    /// or kubelet reported the digest it runs. Only kubelet writes a pod's
+    /// status, so no tenant can claim this for an image nothing pulled.
+    Runs,
+    /// Anything else: pulling, unschedulable, or an image that does not
+    /// exist; any pod spec, from anyone allowed to create pods, can ask.
+    Waits,
+}
+
+/// The pins of one unfinished pod, each with its [`Standing`].
+fn images_of(pod: &Pod) -> Vec<(Standing, String)> {
+    let Some(spec) = unfinished(pod) else {
+        return Vec::new();
+    };
+    let status = pod.status.as_ref();
+    let scheduled = spec.node_name.as_deref().is_some_and(|n| !n.is_empty());
+    let running_pod = scheduled && status.and_then(|s| s.phase.as_deref()) == Some("Running");
+    // Per container name: the digest it runs, when known.
+    let mut running: BTreeMap<&str, &str> = BTreeMap::new();
+    if let Some(st) = status {
+        for cs in st
+            .container_statuses
+            .iter()
+            .flatten()
+            .chain(st.init_container_statuses.iter().flatten())
+        {
+            if !cs.image_id.is_empty() && PinnedImage::parse(&cs.image_id).is_some() {
+                running.insert(&cs.name, &cs.image_id);
             }
         }
     }
-    images
+    spec_images(spec)
+        .filter_map(|(name, image)| {
+            let digest = running.get(name).copied();
+            let standing = if running_pod || (scheduled && digest.is_some()) {
+                Standing::Runs
+            } else {
+                Standing::Waits
+            };
+            Some((
+                standing,
+                PinnedImage::parse(digest.unwrap_or(image))?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// The pods' pins in the order they are kept when the size cap is
+/// reached: `[0]` what runs on nodes, `[1]` what pods only ask for. Within
+/// each, namespaces take turns, and within a namespace its pods do, one
+/// image at a time: a namespace listing thousands of images (names sorting
+/// first, say) gets its share of the cap, never all of it.
+fn fair_pod_images<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> [Vec<String>; 2] {
+    // Per standing, namespace and pod: its images, in spec order.
+    type ByPod<'a> = BTreeMap<&'a str, BTreeMap<&'a str, Vec<String>>>;
+    let mut groups: [ByPod<'a>; 2] = Default::default();
+    for pod in pods {
+        let namespace = pod.metadata.namespace.as_deref().unwrap_or_default();
+        let name = pod.metadata.name.as_deref().unwrap_or_default();
+        for (standing, image) in images_of(pod) {
+            let group = match standing {
+                Standing::Runs => &mut groups[0],
+                Standing::Waits => &mut groups[1],
+            };
+            group
+                .entry(namespace)
+                .or_default()
+                .entry(name)
+                .or_default()
+                .push(image);
+        }
+    }
+    groups.map(|namespaces| {
+        round_robin(
+            namespaces
+                .into_values()
+                .map(|pods| round_robin(pods.into_values())),
+        )
+    })
+}
+
+/// The first item of each list, then the second of each, and so on.
+fn round_robin<T>(lists: impl IntoIterator<Item = Vec<T>>) -> Vec<T> {
+    let mut lists: Vec<_> = lists.into_iter().map(Vec::into_iter).collect();
+    let mut out = Vec::with_capacity(lists.iter().map(ExactSizeIterator::len).sum());
+    while !lists.is_empty() {
+        lists.retain_mut(|l| match l.next() {
+            Some(item) => {
+                out.push(item);
+                true
+            }
+            None => false,
+        });
+    }
+    out
 }
 
 /// The images of the last `revisions` ReplicaSets of each Deployment, by
@@ -303,24 +381,34 @@ pub struct Built {
 /// The pins document of `cluster`: only images of registries a
 /// MirrorRegistry names (host or alias; the proxy serves no other), and no
 /// more than `cap` bytes of it. What goes in first stays when the cap is
-/// reached: what pods run now, then `spec.prefetch`, DaemonSet and
-/// StatefulSet templates, and the Deployments' revisions, newest first.
-/// What is left out is counted in [`Built::dropped`].
+/// reached: what runs on nodes now, then `spec.prefetch` (only an admin
+/// writes it, so no tenant's pods push it out), what pending pods ask for,
+/// DaemonSet and StatefulSet templates, and the Deployments' revisions,
+/// newest first; pod images by turns per namespace and pod (see
+/// [`fair_pod_images`]). What is left out is counted in
+/// [`Built::dropped`].
 pub fn build(cluster: &Cluster<'_>, revisions: usize, cap: usize) -> Built {
     let mirrored = crate::discovery::mirrored(cluster.registries.iter().copied());
+    let [runs, waits] = fair_pod_images(cluster.pods.iter().copied());
     let tiers = [
-        pod_images(cluster.pods.iter().copied()),
-        prefetch_of(cluster.registries.iter().copied()),
+        runs,
+        prefetch_of(cluster.registries.iter().copied())
+            .into_iter()
+            .collect(),
+        waits,
         templates_of(
             cluster.daemon_sets.iter().copied(),
             cluster.stateful_sets.iter().copied(),
-        ),
+        )
+        .into_iter()
+        .collect(),
     ]
     .into_iter()
-    .chain(revision_images(
-        cluster.replica_sets.iter().copied(),
-        revisions,
-    ));
+    .chain(
+        revision_images(cluster.replica_sets.iter().copied(), revisions)
+            .into_iter()
+            .map(|rank| rank.into_iter().collect()),
+    );
     let mut built = Built {
         pins: Pins {
             images: BTreeSet::new(),
@@ -336,9 +424,11 @@ pub fn build(cluster: &Cluster<'_>, revisions: usize, cap: usize) -> Built {
         }
         // The image, its quotes (escapes, if any) and a comma.
         let len = serde_json::to_string(&image).map_or(usize::MAX, |j| j.len()) + 1;
-        // Once one does not fit, nothing after it goes in: a shorter
-        // name of a later revision never takes the place of what runs.
-        if left_out.is_empty() && size.saturating_add(len) <= cap {
+        // One that does not fit does not end the filling: a long name
+        // (anyone creating a pod chooses one) would otherwise shut out
+        // every shorter one after it. What comes later never takes the
+        // place of what came before: that was offered the room first.
+        if size.saturating_add(len) <= cap {
             size += len;
             built.pins.images.insert(image);
         } else {
@@ -803,5 +893,162 @@ mod tests {
             5000 + 6000,
             "every pin is either published or counted as left out"
         );
+    }
+
+    /// A pod `name` in `namespace`, on `node` if scheduled, whose
+    /// containers `c0`, `c1`, ... run `images`, none started yet.
+    fn pod_in(
+        namespace: &str,
+        name: &str,
+        node: Option<&str>,
+        phase: &str,
+        images: &[String],
+    ) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "nodeName": node,
+                "containers": images.iter().enumerate()
+                    .map(|(i, im)| json!({"name": format!("c{i}"), "image": im}))
+                    .collect::<Vec<_>>(),
+            },
+            "status": {"phase": phase},
+        }))
+        .unwrap()
+    }
+
+    /// `n` images whose names sort before everyone else's.
+    fn flood(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("quay.io/aaa/x:{i}")).collect()
+    }
+
+    /// The size of the pins document listing nothing.
+    fn empty_doc() -> usize {
+        serde_json::to_string(&Pins::default()).unwrap().len()
+    }
+
+    /// Anyone allowed to create pods can list thousands of images, even in
+    /// a pod that never gets scheduled: what runs on nodes stays pinned.
+    #[test]
+    fn a_tenant_listing_many_images_does_not_push_out_what_runs() {
+        let legit = pod_in(
+            "prod",
+            "app",
+            Some("n1"),
+            "Running",
+            &["quay.io/zzz/app:1".into()],
+        );
+        let hostile = pod_in("tenant", "x", None, "Pending", &flood(2000));
+        let quay = mirror("quay.io");
+        let cap = empty_doc() + 400;
+        let built = build(
+            &Cluster {
+                pods: vec![&hostile, &legit],
+                registries: vec![&quay],
+                ..Cluster::default()
+            },
+            2,
+            cap,
+        );
+        assert!(
+            built.pins.images.contains("quay.io/zzz/app:1"),
+            "{:?}",
+            built.pins.images
+        );
+        assert!(serde_json::to_string(&built.pins).unwrap().len() <= cap);
+        assert!(built.dropped > 0);
+        assert_eq!(built.pins.images.len() + built.dropped, 2001);
+    }
+
+    /// What pending pods ask for shares the cap by turns: per namespace,
+    /// then per pod in it, whatever the names sort like.
+    #[test]
+    fn pending_pods_share_the_cap_by_namespace_and_pod() {
+        let hostile = pod_in("aaa", "flood", None, "Pending", &flood(2000));
+        let neighbour = pod_in("aaa", "web", None, "Pending", &["quay.io/zzz/web:1".into()]);
+        let other = pod_in(
+            "team",
+            "new",
+            Some("n1"),
+            "Pending",
+            &["quay.io/zzz/new:2".into()],
+        );
+        let quay = mirror("quay.io");
+        let built = build(
+            &Cluster {
+                pods: vec![&hostile, &neighbour, &other],
+                registries: vec![&quay],
+                ..Cluster::default()
+            },
+            2,
+            empty_doc() + 400,
+        );
+        let images = &built.pins.images;
+        assert!(images.contains("quay.io/zzz/web:1"), "{images:?}");
+        assert!(images.contains("quay.io/zzz/new:2"), "{images:?}");
+        // The flood gets its share, not nothing.
+        assert!(
+            images.iter().any(|i| i.starts_with("quay.io/aaa/")),
+            "{images:?}"
+        );
+        assert!(built.dropped > 0);
+    }
+
+    /// Only an admin writes `spec.prefetch`: no tenant's pending pods push
+    /// it out.
+    #[test]
+    fn prefetch_is_kept_before_what_pending_pods_ask_for() {
+        let hostile = pod_in("tenant", "x", Some("n1"), "Pending", &flood(2000));
+        let quay: MirrorRegistry = serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "MirrorRegistry",
+            "metadata": {"name": "quay"},
+            "spec": {"host": "quay.io", "prefetch": ["zzz/warm:1"]},
+        }))
+        .unwrap();
+        let built = build(
+            &Cluster {
+                pods: vec![&hostile],
+                registries: vec![&quay],
+                ..Cluster::default()
+            },
+            2,
+            empty_doc() + 400,
+        );
+        assert!(
+            built.pins.images.contains("quay.io/zzz/warm:1"),
+            "{:?}",
+            built.pins.images
+        );
+    }
+
+    /// An image too long for the room left is left out, and the filling
+    /// goes on with the shorter ones after it.
+    #[test]
+    fn an_image_too_long_for_the_room_left_does_not_end_the_filling() {
+        let long = format!("quay.io/a/{}:1", "x".repeat(200));
+        let first = pod_in("a", "long", Some("n1"), "Running", &[long]);
+        let second = pod_in(
+            "b",
+            "short",
+            Some("n1"),
+            "Running",
+            &["quay.io/b/s:1".into()],
+        );
+        let quay = mirror("quay.io");
+        let cap = empty_doc() + 100;
+        let built = build(
+            &Cluster {
+                pods: vec![&first, &second],
+                registries: vec![&quay],
+                ..Cluster::default()
+            },
+            2,
+            cap,
+        );
+        assert_eq!(
+            built.pins.images.iter().collect::<Vec<_>>(),
+            ["quay.io/b/s:1"]
+        );
+        assert_eq!(built.dropped, 1);
     }
 }
