@@ -2,9 +2,10 @@
 //! it: one replica at a time evicts, the holder of a lease that is an
 //! object in the bucket itself (compare-and-swap on its ETag: no API
 //! server needed, works outside Kubernetes). A holder renews it every
-//! round; another replica takes it over only after seeing the same
-//! version for three rounds on its own clock, as Kubernetes leader
-//! election does, so no clocks are compared across machines.
+//! round, and again before it deletes; another replica takes it over
+//! only after seeing the same version for three rounds on its own clock,
+//! as Kubernetes leader election does, so no clocks are compared across
+//! machines.
 //!
 //! Least recently used across replicas: each replica writes the digests
 //! it served, with when, to its own journal object every round; the
@@ -201,7 +202,6 @@ impl Evictor {
 
     async fn round(&self) -> Result<(), TierError> {
         self.write_journal().await?;
-        let renewed = Instant::now();
         let holder = self.lease().await?;
         self.stats.holder.store(holder, Ordering::Relaxed);
         if holder {
@@ -216,7 +216,7 @@ impl Evictor {
             if due {
                 self.sweep_stale().await?;
             }
-            self.evict(renewed + self.every).await?;
+            self.evict().await?;
         }
         Ok(())
     }
@@ -314,12 +314,17 @@ impl Evictor {
         }
     }
 
-    /// Deletes least recently used blobs down to the low watermark, until
-    /// `deadline` at most: the lease is renewed only between rounds and
-    /// another replica takes it over once it looks stale, so a longer
-    /// round would go on deleting beside the new holder, from journals
-    /// read before blobs were used again.
-    async fn evict(&self, deadline: Instant) -> Result<(), TierError> {
+    /// Deletes least recently used blobs down to the low watermark, for
+    /// one interval at most after renewing the lease once the bucket is
+    /// listed and the journals read: another replica takes the lease
+    /// over once it looks stale, so a longer round would go on deleting
+    /// beside the new holder, from journals read before blobs were used
+    /// again. Counted from the renewal, not from the round's start: on a
+    /// bucket whose listing takes longer than an interval every round
+    /// would otherwise reach its deadline before its first delete, and
+    /// the bucket grow without bound.
+    async fn evict(&self) -> Result<(), TierError> {
+        let started = Instant::now();
         let blobs = self.tier.list_blobs().await?;
         let mut total: u64 = blobs.iter().map(|b| b.size).sum();
         self.stats.bucket_bytes.store(total, Ordering::Relaxed);
@@ -351,6 +356,17 @@ impl Evictor {
             tracing::info!("shared storage over its bound; eviction waits for the pins");
             return Ok(());
         };
+        let renewed = Instant::now();
+        if !self.lease().await? {
+            self.stats.holder.store(false, Ordering::Relaxed);
+            tracing::info!(
+                listed_ms =
+                    u64::try_from(renewed.duration_since(started).as_millis()).unwrap_or(u64::MAX),
+                "lost the shared storage eviction lease while listing the bucket; deleting nothing"
+            );
+            return Ok(());
+        }
+        let deadline = renewed + self.every;
         for (used, blob) in order {
             if total <= self.low {
                 break;

@@ -422,8 +422,8 @@ async fn the_bucket_is_evicted_once_the_wait_for_pins_is_over() {
 }
 
 /// A round with more to delete than one interval allows stops at the
-/// interval (the lease is renewed only between rounds; another replica
-/// takes it over once it looks stale); the next rounds finish the job.
+/// interval (another replica takes the lease over once it looks stale);
+/// the next rounds finish the job.
 #[tokio::test]
 async fn an_eviction_round_ends_within_its_interval() {
     use object_store::throttle::{ThrottleConfig, ThrottledStore};
@@ -458,6 +458,45 @@ async fn an_eviction_round_ends_within_its_interval() {
         e.round_for_test().await.unwrap();
     }
     assert_eq!(tier.list_blobs().await.unwrap().len(), 3);
+}
+
+/// A bucket whose listing takes longer than the eviction interval is
+/// still evicted: the round's deletes count their interval from the
+/// lease renewed after the listing. Counted from the round's start, every
+/// round reached its deadline before its first delete, and the bucket
+/// grew without bound.
+#[tokio::test]
+async fn a_bucket_slower_to_list_than_the_interval_is_still_evicted() {
+    use object_store::throttle::{ThrottleConfig, ThrottledStore};
+    let slow = ThrottledStore::new(
+        InMemory::new(),
+        ThrottleConfig {
+            wait_list_per_entry: Duration::from_millis(40),
+            ..ThrottleConfig::default()
+        },
+    );
+    let tier = Arc::new(SharedTier::new(
+        Arc::new(slow),
+        "/cache/",
+        "memory://".into(),
+    ));
+    for i in 0..10u8 {
+        put_blob(&tier, i, 10 << 10).await;
+    }
+    // 100 KiB under a 60 KiB bound; listing the 10 blobs takes 400 ms,
+    // the interval is 150 ms.
+    let e = evictor_a(&tier, &storage(60 << 10, 0, 150), false);
+    let mut counts = vec![tier.list_blobs().await.unwrap().len()];
+    for _ in 0..3 {
+        e.round_for_test().await.unwrap();
+        counts.push(tier.list_blobs().await.unwrap().len());
+    }
+    assert!(counts[1] < counts[0], "the first round deleted: {counts:?}");
+    assert_eq!(
+        counts.last(),
+        Some(&3),
+        "down to the low watermark: {counts:?}"
+    );
 }
 
 /// The lease holder deletes other replicas' journals and public access
