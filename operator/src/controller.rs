@@ -236,8 +236,22 @@ async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error>
     let table = ctx.converge_table(&obj, &obs).await?;
     ctx.metrics
         .set_nodes(&nodes::states(&obs.reports, &table.hash));
-    let (desired, counts) =
-        status::desired_conditions(table.verdicts.get(&name), &obj.spec.host, &table, &obs);
+    let tables = table
+        .entries
+        .get(&obj.spec.host)
+        .map(|digest| {
+            ctx.state
+                .publisher
+                .tables_with_entry(&obj.spec.host, digest)
+        })
+        .unwrap_or_default();
+    let (desired, counts) = status::desired_conditions(
+        table.verdicts.get(&name),
+        &obj.spec.host,
+        &table,
+        &tables,
+        &obs,
+    );
     let old = obj.status.as_ref();
     let (conditions, changed) =
         status::merge(old, &desired, obj.metadata.generation, Timestamp::now());

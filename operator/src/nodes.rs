@@ -1,6 +1,8 @@
 //! Aggregates the agents' per-node Leases (`<ns>/pullthrough-agent-<node>`,
 //! docs/cluster-contract.md) into per-registry node counts.
 
+use std::collections::HashSet;
+
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
@@ -67,16 +69,24 @@ pub fn reports(leases: &[Lease], prefix: &str, now: Timestamp) -> Vec<AgentRepor
 
 /// Removes expired reports of nodes not in `existing` (the Node was deleted;
 /// its agent's Lease stays behind until someone deletes it).
-pub fn drop_departed(reports: &mut Vec<AgentReport>, existing: &std::collections::HashSet<String>) {
+pub fn drop_departed(reports: &mut Vec<AgentReport>, existing: &HashSet<String>) {
     reports.retain(|r| r.live || existing.contains(&r.node));
 }
 
-/// Nodes that applied `host` (live Lease listing it) of all reporting nodes.
-pub fn counts(reports: &[AgentReport], host: &str) -> NodeCounts {
+/// Nodes that applied `host` as the current table has it (live Lease
+/// listing it, from one of `tables`: the hashes of the tables whose entry
+/// for `host` is the current one) of all reporting nodes. Listing the
+/// host is not enough: after an edit of its aliases, say, the node still
+/// lists it with the old settings until its agent applies the new table.
+pub fn counts(reports: &[AgentReport], host: &str, tables: &HashSet<String>) -> NodeCounts {
     NodeCounts {
         configured: reports
             .iter()
-            .filter(|r| r.live && r.registries.iter().any(|h| h == host))
+            .filter(|r| {
+                r.live
+                    && r.registries.iter().any(|h| h == host)
+                    && r.config_hash.as_ref().is_some_and(|h| tables.contains(h))
+            })
             .count() as u32,
         total: reports.len() as u32,
     }
@@ -154,13 +164,20 @@ mod tests {
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
+    fn tables(hashes: &[&str]) -> HashSet<String> {
+        hashes.iter().map(|h| h.to_string()).collect()
+    }
+
     fn lease(name: &str, renewed: i64, regs: &str) -> Lease {
         let mut l = Lease::default();
         l.metadata.name = Some(name.into());
         l.metadata.annotations = Some(
-            [(REGISTRIES_ANNOTATION.to_string(), regs.to_string())]
-                .into_iter()
-                .collect(),
+            [
+                (REGISTRIES_ANNOTATION.to_string(), regs.to_string()),
+                (crate::CONFIG_HASH_ANNOTATION.to_string(), "t1".to_string()),
+            ]
+            .into_iter()
+            .collect(),
         );
         l.spec = Some(LeaseSpec {
             lease_duration_seconds: Some(40),
@@ -181,8 +198,11 @@ mod tests {
         ];
         let r = reports(&leases, "pullthrough-agent-", now);
         assert_eq!(r.len(), 3);
-        let c = counts(&r, "quay.io");
+        let c = counts(&r, "quay.io", &tables(&["t1"]));
         assert_eq!((c.configured, c.total), (1, 3));
+        // Applied from a table whose quay.io entry is not the current one.
+        let c = counts(&r, "quay.io", &tables(&["t2"]));
+        assert_eq!((c.configured, c.total), (0, 3));
         assert_eq!(still_listing(&r, "docker.io"), ["a", "c"]);
     }
 
@@ -243,7 +263,7 @@ mod tests {
         // A live agent counts even before its Node is visible; an expired
         // one counts only while its Node exists.
         assert_eq!(names, ["live", "stale"]);
-        let c = counts(&r, "quay.io");
+        let c = counts(&r, "quay.io", &tables(&["t1"]));
         assert_eq!((c.configured, c.total), (1, 2));
     }
 }

@@ -4,7 +4,7 @@
 //! what they would hold changed. (The CA ConfigMap is published by
 //! `ca::ensure`, next to the CA it is derived from.)
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,7 +40,15 @@ pub struct Publisher {
     /// Told the names of each table rendered: the CA loop re-issues the
     /// CA when they change (name constraints).
     ca_names: Option<tokio::sync::watch::Sender<Option<PermittedNames>>>,
+    /// The last [`HISTORY`] tables written: hash and entry digests.
+    history: std::sync::Mutex<std::collections::VecDeque<(String, BTreeMap<String, String>)>>,
 }
+
+/// Tables remembered for [`Publisher::tables_with_entry`]: enough for the
+/// proxy and agents to catch up through a burst of edits. A table older
+/// than these (or from before a restart) counts as not having the entry,
+/// so status errs on "pending", never on "configured".
+const HISTORY: usize = 32;
 
 /// Everything the table depends on besides the base config: each CR's
 /// identity, spec generation, deletion and age, and the Service's section.
@@ -78,7 +86,31 @@ impl Publisher {
         Self {
             last: Default::default(),
             ca_names: Some(ca_names),
+            history: Default::default(),
         }
+    }
+
+    /// Hashes of the remembered tables (the current one included once
+    /// written) whose entry for `host` is `digest`: a proxy or node that
+    /// applied one of them serves `host` as the current table does.
+    pub fn tables_with_entry(&self, host: &str, digest: &str) -> HashSet<String> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history
+            .iter()
+            .filter(|(_, entries)| entries.get(host).is_some_and(|d| d == digest))
+            .map(|(hash, _)| hash.clone())
+            .collect()
+    }
+
+    fn remember(&self, t: &Table) {
+        let mut history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if history.back().is_some_and(|(h, _)| *h == t.hash) {
+            return;
+        }
+        if history.len() == HISTORY {
+            history.pop_front();
+        }
+        history.push_back((t.hash.clone(), t.entries.clone()));
     }
 
     fn tell_ca(&self, t: &Table) {
@@ -191,6 +223,7 @@ impl Publisher {
             tracing::info!(hash = %t.hash, registries = accepted, "registry table applied");
             metrics.table_writes.inc();
         }
+        self.remember(&t);
         *last = Some(Published {
             fingerprint: fp,
             table: t.clone(),
@@ -320,6 +353,7 @@ mod tests {
             extra: [("cabundle-reg.lan.pem".to_string(), "PEM".to_string())].into(),
             credentials: [("reg.lan.json".to_string(), "secret".to_string())].into(),
             verdicts: Default::default(),
+            entries: Default::default(),
             permitted: Default::default(),
         };
         let cm = table_configmap("ns", "tbl", &t);

@@ -3,6 +3,8 @@
 //! while the status value is unchanged), the Event naming what changed, and
 //! the server-side apply that writes it.
 
+use std::collections::HashSet;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -89,13 +91,19 @@ fn short(hash: &str) -> &str {
 
 /// The conditions of an existing (not deleting) MirrorRegistry, and its
 /// node counts.
+///
+/// `tables`: hashes of the tables written lately whose entry for `host` is
+/// the current table's (see [`crate::publish::Publisher::tables_with_entry`]):
+/// a proxy or node on one of those serves `host` as it is now, so a
+/// change to another registry leaves this one's conditions alone.
 pub fn desired_conditions(
     verdict: Option<&Verdict>,
     host: &str,
     table: &Table,
+    tables: &HashSet<String>,
     obs: &Observed,
 ) -> (Vec<Desired>, NodeCounts) {
-    let counts = nodes::counts(&obs.reports, host);
+    let counts = nodes::counts(&obs.reports, host, tables);
     let accepted = match verdict {
         Some(Verdict::Accepted) => Desired::new(
             condition::ACCEPTED,
@@ -121,12 +129,12 @@ pub fn desired_conditions(
     }
     let proxy = match &obs.proxy {
         Err(e) => Desired::new(condition::PROXY_READY, false, "ProxyUnreachable", e.clone()),
-        Ok(s) if s.config_hash != table.hash => Desired::new(
+        Ok(s) if !tables.contains(&s.config_hash) => Desired::new(
             condition::PROXY_READY,
             false,
             "ConfigPending",
             format!(
-                "the proxy runs config {}, the table is {}",
+                "the proxy runs config {}, which does not hold this registry as the table {} does",
                 short(&s.config_hash),
                 short(&table.hash)
             ),
@@ -355,8 +363,19 @@ mod tests {
             extra: Default::default(),
             credentials: Default::default(),
             verdicts: Default::default(),
+            entries: Default::default(),
             permitted: Default::default(),
         };
+        // The current table, and an older one whose quay.io entry is the
+        // same (another registry changed since).
+        let tables: HashSet<String> = [table.hash.clone(), "older-same".into()].into();
+        let reports = reports
+            .into_iter()
+            .map(|mut r| {
+                r.config_hash = r.config_hash.map(|h| h.replace("CURRENT", &table.hash));
+                r
+            })
+            .collect();
         let proxy = proxy
             .map(|(hash, hosts)| crate::proxy_status::ProxyStatus {
                 config_hash: hash.replace("CURRENT", &table.hash),
@@ -371,7 +390,7 @@ mod tests {
             reports,
             proxy,
         };
-        desired_conditions(verdict, "quay.io", &table, &obs)
+        desired_conditions(verdict, "quay.io", &table, &tables, &obs)
             .0
             .into_iter()
             .map(|d| (d.type_, d.status, d.reason))
@@ -379,10 +398,20 @@ mod tests {
     }
 
     fn agent(node: &str, registries: &[&str], error: Option<&str>) -> nodes::AgentReport {
+        agent_on("CURRENT", node, registries, error)
+    }
+
+    /// An agent that applied the table with hash `table`.
+    fn agent_on(
+        table: &str,
+        node: &str,
+        registries: &[&str],
+        error: Option<&str>,
+    ) -> nodes::AgentReport {
         nodes::AgentReport {
             node: node.into(),
             live: true,
-            config_hash: None,
+            config_hash: Some(table.into()),
             registries: registries.iter().map(|h| h.to_string()).collect(),
             last_error: error.map(String::from),
         }
@@ -430,6 +459,12 @@ mod tests {
             );
         }
         assert_eq!(proxy_ready(serving), (PROXY_READY, true, all("Serving")));
+        // An older table holding this registry as the current one does
+        // (only another registry changed): serving, not pending.
+        assert_eq!(
+            proxy_ready(Ok(("older-same", &["quay.io"][..]))),
+            (PROXY_READY, true, all("Serving"))
+        );
         let nodes = |reports| summary(Some(&accepted), serving, reports)[2].clone();
         assert_eq!(
             nodes(Vec::new()),
@@ -445,6 +480,22 @@ mod tests {
         assert_eq!(
             nodes(vec![agent("n1", &["quay.io"], None)]),
             (NODES_CONFIGURED, true, all("AllNodesConfigured"))
+        );
+        assert_eq!(
+            nodes(vec![
+                agent("n1", &["quay.io"], None),
+                agent_on("older-same", "n2", &["quay.io"], None),
+            ]),
+            (NODES_CONFIGURED, true, all("AllNodesConfigured"))
+        );
+        // A node listing the host from a table with another entry for it
+        // (before an edit of its aliases, say) is not configured yet.
+        assert_eq!(
+            nodes(vec![
+                agent("n1", &["quay.io"], None),
+                agent_on("older", "n2", &["quay.io"], None),
+            ]),
+            (NODES_CONFIGURED, false, all("Pending"))
         );
         assert_eq!(
             summary(Some(&accepted), serving, Vec::new())[0],

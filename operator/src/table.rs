@@ -83,6 +83,12 @@ pub struct Table {
     pub credentials: BTreeMap<String, String>,
     /// Per MirrorRegistry name.
     pub verdicts: HashMap<String, Verdict>,
+    /// Per accepted host, a digest of what the table says about it: its
+    /// entry and everything besides the registries (the proxy's address,
+    /// limits). A proxy or node running an older table whose digest for
+    /// a host is the same serves that host as this table would, so one
+    /// registry's change does not mark every other one pending.
+    pub entries: BTreeMap<String, String>,
     /// What the proxy CA must permit to serve this table (its name
     /// constraints): every registry name and the proxy's own names.
     pub permitted: PermittedNames,
@@ -269,6 +275,7 @@ pub fn render(
     config.proxy = proxy;
     config.validate()?;
     let yaml = config.to_yaml()?;
+    let entries = entry_digests(&config)?;
     // The proxy's pod IP is not known here; it serves its own IPs only
     // through the Service address in `proxy`, which is included.
     let permitted = PermittedNames::for_config(&config, &[]);
@@ -279,7 +286,24 @@ pub fn render(
         extra,
         credentials,
         verdicts,
+        entries,
     })
+}
+
+/// [`Table::entries`]: per registry, the hash of the table reduced to
+/// that registry.
+fn entry_digests(
+    config: &ProxyConfig,
+) -> Result<BTreeMap<String, String>, pullthrough_api::config::ConfigError> {
+    let mut one = config.clone();
+    config
+        .registries
+        .iter()
+        .map(|r| {
+            one.registries = vec![r.clone()];
+            Ok((r.host.clone(), config_hash(one.to_yaml()?.as_bytes())))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -484,6 +508,38 @@ mod tests {
             "{}",
             &t.yaml[..t.yaml.len().min(400)]
         );
+    }
+
+    /// A registry's entry digest moves with its own entry and with what
+    /// every registry shares (the proxy's address), not with another
+    /// registry's edit: that is what keeps one registry's change from
+    /// marking every other one pending.
+    #[test]
+    fn entry_digests_follow_the_entry_and_the_shared_parts() {
+        let render_with = |b: &str, proxy: Option<&str>| {
+            let crs = vec![cr("a", 1, "host: a.example\n"), cr("b", 2, b)];
+            let proxy = proxy.map(|address| NodeProxy {
+                address: address.into(),
+                ..serde_norway::from_str("address: x\nhttpPort: 80\n").unwrap()
+            });
+            render(
+                &empty(),
+                &crs,
+                proxy,
+                &mounts(),
+                &Refs::default(),
+                &reserved(),
+            )
+            .unwrap()
+        };
+        let t1 = render_with("host: b.example\n", Some("10.0.0.1"));
+        let t2 = render_with("host: b.example\naliases: [b2.example]\n", Some("10.0.0.1"));
+        let t3 = render_with("host: b.example\naliases: [b2.example]\n", Some("10.0.0.2"));
+        assert_ne!(t1.hash, t2.hash);
+        assert_eq!(t1.entries["a.example"], t2.entries["a.example"]);
+        assert_ne!(t1.entries["b.example"], t2.entries["b.example"]);
+        assert_ne!(t2.entries["a.example"], t3.entries["a.example"]);
+        assert_ne!(t2.entries["b.example"], t3.entries["b.example"]);
     }
 
     #[test]

@@ -182,9 +182,12 @@ fn agent_lease(api: &KubeApiserver, node: &str, registries: &str) {
     agent_lease_renewed(api, node, registries, now);
 }
 
-/// An agent Lease last renewed at `renewed` (unix seconds), valid an hour.
+/// An agent Lease last renewed at `renewed` (unix seconds), valid an hour,
+/// for the table the operator last published (as an agent that applied it
+/// reports it).
 fn agent_lease_renewed(api: &KubeApiserver, node: &str, registries: &str, renewed: u64) {
     let renew = humantime_rfc3339(renewed);
+    let hash = table(api).map(|(hash, ..)| hash).unwrap_or_default();
     let lease = json!({
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
@@ -192,7 +195,7 @@ fn agent_lease_renewed(api: &KubeApiserver, node: &str, registries: &str, renewe
             "annotations": {
                 "pullthrough.dev/registries": registries,
                 "pullthrough.dev/runtime": "containerd",
-                "pullthrough.dev/config-hash": "x",
+                "pullthrough.dev/config-hash": hash,
             }},
         "spec": {"holderIdentity": node, "leaseDurationSeconds": 3600,
                  "renewTime": renew},
@@ -455,6 +458,54 @@ fn operator_reconciles_against_a_real_apiserver() {
         "{listing}"
     );
     eprintln!("{listing}");
+
+    // Another registry joins: a new table, which the proxy and node-1 have
+    // not applied yet. quay.io's entry in it is the one they run, so quay
+    // stays Serving and 1/1 (before, every registry went ConfigPending,
+    // with a Warning each, on any registry's change), while the newcomer
+    // waits for them.
+    let quay_events = || {
+        api.get_json(&["events.v1.events.k8s.io", "-n", "default"])
+            .and_then(|v| {
+                v["items"].as_array().map(|a| {
+                    a.iter()
+                        .filter(|e| e["regarding"]["name"] == "quay")
+                        .map(|e| e["series"]["count"].as_u64().unwrap_or(1))
+                        .sum::<u64>()
+                })
+            })
+            .unwrap_or(0)
+    };
+    let events_before = quay_events();
+    apply(&api, "ghcr", json!({"host": "ghcr.io"})).unwrap();
+    let with_ghcr = wait_table(&api, "ghcr.io joins", |c| {
+        hosts(c).iter().any(|h| h == "ghcr.io")
+    });
+    assert_ne!(with_ghcr, hash1);
+    wait_cond(&api, "ghcr", "ProxyReady", "False", Some("ConfigPending"));
+    wait_cond(&api, "ghcr", "NodesConfigured", "False", Some("Pending"));
+    // Nothing to wait for when nothing should change: watch quay through
+    // a few of its 2 s rechecks.
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < until {
+        let q = mreg(&api, "quay").unwrap();
+        for (type_, reason) in [
+            ("ProxyReady", "Serving"),
+            ("NodesConfigured", "AllNodesConfigured"),
+        ] {
+            let c = cond(&q, type_).cloned().unwrap_or_default();
+            assert_eq!(c["reason"], reason, "{type_} of quay: {c:#}");
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(quay_events(), events_before, "quay got an Event");
+    api.kubectl(&["delete", "mreg", "ghcr"]).unwrap();
+    assert_eq!(
+        wait_table(&api, "ghcr.io gone", |c| !hosts(c)
+            .iter()
+            .any(|h| h == "ghcr.io")),
+        hash1
+    );
 
     // Update: a new generation re-renders the table.
     apply(&api, "quay", json!({"host": "quay.io", "tagTTL": "1h"})).unwrap();
