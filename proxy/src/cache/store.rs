@@ -123,6 +123,8 @@ pub struct CachedBlob {
 pub struct Lease {
     index: Arc<Mutex<Index>>,
     digest: Digest,
+    /// The entry's generation when leased: only that entry is released.
+    generation: u64,
 }
 
 /// A lease on an indexed blob (None if it is not in the index), taken
@@ -137,6 +139,7 @@ fn lease_locked(
     Some(Arc::new(Lease {
         index: Arc::clone(shared),
         digest: digest.clone(),
+        generation: entry.generation,
     }))
 }
 
@@ -178,7 +181,12 @@ impl Unleased {
 impl Drop for Lease {
     fn drop(&mut self) {
         let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = index.entries.get_mut(&self.digest) {
+        // The digest removed (purged) and committed again since: that
+        // entry's readers are others', and releasing one of them would
+        // let eviction delete a file being served.
+        if let Some(e) = index.entries.get_mut(&self.digest)
+            && e.generation == self.generation
+        {
             e.readers = e.readers.saturating_sub(1);
         }
     }
@@ -411,20 +419,16 @@ impl BlobStore {
     /// A found blob carries a lease: it is not evicted until every clone of
     /// it is dropped, and its last access is now.
     pub async fn lookup(&self, digest: &Digest) -> Result<Option<CachedBlob>, StoreError> {
-        {
+        let lease = {
             let mut index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
-            match index.entries.get_mut(digest) {
-                Some(e) => {
-                    e.readers += 1;
-                    e.last_access = SystemTime::now();
-                }
-                None => return Ok(None),
+            let Some(lease) = lease_locked(&mut index, &self.inner.index, digest) else {
+                return Ok(None);
+            };
+            if let Some(e) = index.entries.get_mut(digest) {
+                e.last_access = SystemTime::now();
             }
-        }
-        let lease = Arc::new(Lease {
-            index: Arc::clone(&self.inner.index),
-            digest: digest.clone(),
-        });
+            lease
+        };
         let inner = Arc::clone(&self.inner);
         let d = digest.clone();
         let path = self.inner.layout.data(digest);
@@ -435,10 +439,18 @@ impl BlobStore {
                 Ok(Some(b))
             }
             None => {
-                // Gone behind the index's back (removed by hand).
+                // Gone behind the index's back (removed by hand). Not an
+                // entry committed again meanwhile: its file is there.
+                let generation = lease.generation;
                 drop(lease);
                 let mut index = self.inner.index.lock().unwrap_or_else(|p| p.into_inner());
-                index.remove(digest);
+                if index
+                    .entries
+                    .get(digest)
+                    .is_some_and(|e| e.generation == generation)
+                {
+                    index.remove(digest);
+                }
                 Ok(None)
             }
         }

@@ -17,6 +17,10 @@ pub struct Entry {
     pub size: u64,
     pub last_access: SystemTime,
     pub(super) readers: u32,
+    /// Which indexing of the digest this is: a blob removed (purged) and
+    /// committed again is a new entry, and a lease taken on the old one
+    /// must not release the new one's readers when it is dropped.
+    pub(super) generation: u64,
 }
 
 /// Every committed blob, rebuilt from the files at start.
@@ -29,6 +33,8 @@ pub struct Index {
     /// removes an entry (eviction, purge) drops its copy too.
     pub(super) small: HashMap<Digest, (bytes::Bytes, BlobMeta)>,
     pub(super) small_bytes: usize,
+    /// The generation the last inserted entry got.
+    generation: u64,
 }
 
 /// Largest object [`BlobStore::lookup_small`] keeps in memory, and the
@@ -67,12 +73,14 @@ impl Index {
             Some(e) => e.last_access = at,
             None => {
                 self.total += size;
+                self.generation += 1;
                 self.entries.insert(
                     digest,
                     Entry {
                         size,
                         last_access: at,
                         readers: 0,
+                        generation: self.generation,
                     },
                 );
             }

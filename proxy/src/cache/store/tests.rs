@@ -597,6 +597,47 @@ async fn a_store_stops_waiting_for_pins_that_do_not_come() {
     assert!(store.entry(&digests[3]).is_some(), "pinned, kept");
 }
 
+/// A lease taken before a purge releases nothing of the blob committed
+/// again after it: a later reader's lease still keeps that file from
+/// eviction. Dropping the old lease once released the new reader's hold,
+/// and eviction deleted the file under it (a 500 for its client).
+#[tokio::test]
+async fn a_lease_from_before_a_purge_does_not_release_a_later_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    // 10 000 bytes: evict above 9 000, down to 6 000.
+    let store = BlobStore::open_with(dir.path(), bounded(10_000), false)
+        .await
+        .unwrap();
+    let bytes = vec![42u8; 2_000];
+    let d = Digest::of(&bytes);
+    drop(store.put(&d, BlobMeta::default(), &bytes).await.unwrap());
+    let before_purge = store.lookup(&d).await.unwrap().unwrap();
+    assert!(store.remove(&d).await.unwrap());
+    drop(store.put(&d, BlobMeta::default(), &bytes).await.unwrap());
+    let reading = store.lookup(&d).await.unwrap().unwrap();
+    drop(before_purge);
+    // The least recently used from here on, and 2 000 bytes over the
+    // bound once the others are in.
+    for i in 0..5u8 {
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = vec![i; 2_000];
+        drop(
+            store
+                .put(&Digest::of(&b), BlobMeta::default(), &b)
+                .await
+                .unwrap(),
+        );
+    }
+    assert!(store.stats().evictions.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        fs::read(&reading.path).unwrap(),
+        bytes,
+        "evicted while read"
+    );
+    assert!(store.entry(&d).is_some());
+    drop(reading);
+}
+
 /// A blob file the index lost (an eviction whose delete failed, a crash
 /// between rename and index) is indexed again when the blob is committed
 /// again: counted against the bound, found, evictable. It once stayed
