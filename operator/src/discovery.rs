@@ -7,9 +7,14 @@
 //! dropping one). A DiscoveredRegistry goes away when a MirrorRegistry
 //! covers its host or no unfinished pod uses it.
 //!
+//! Any pod in any namespace can name any host, so discovery reports at
+//! most [`MAX_DISCOVERED`] registries, creates at most as many
+//! MirrorRegistries, and ignores hosts no registry can have.
+//!
 //! Runs on the stores the pins watch keeps (`crate::pins`), after each
 //! change.
 
+use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -26,6 +31,21 @@ use serde_json::json;
 
 use crate::FIELD_MANAGER;
 use crate::pins::{spec_images, unfinished};
+
+/// At most this many registries are reported at a time (a
+/// DiscoveredRegistry and a `Discovered` Event each), and at most this many
+/// MirrorRegistries labelled [`DISCOVERED_LABEL`] exist for `create` to
+/// have made. Without a cap one pod naming hundreds of hosts would make as
+/// many cluster-scoped objects and Events (and mirrors, which would free
+/// the room for the next hundreds). A cluster pulling from more unmirrored
+/// registries than this has a list long enough to start with; the rest are
+/// reported once some are mirrored or unused. Registries reported already
+/// keep their place; new ones go by pod count. Overflow is logged once.
+pub const MAX_DISCOVERED: usize = 50;
+
+/// The label on the MirrorRegistries `create` makes. Removing it makes one
+/// no longer count towards [`MAX_DISCOVERED`].
+pub const DISCOVERED_LABEL: &str = "pullthrough.dev/discovered";
 
 /// What discovery does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,12 +86,25 @@ pub fn mirrored<'a>(registries: impl IntoIterator<Item = &'a MirrorRegistry>) ->
         .collect()
 }
 
+/// What [`unmirrored`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Per registry host (lowercase) no MirrorRegistry covers: who pulls
+    /// from it.
+    pub hosts: BTreeMap<String, Usage>,
+    /// How many distinct hosts pods name that no registry can have, and
+    /// one of them (cut short) for the log.
+    pub invalid: usize,
+    pub invalid_example: Option<String>,
+}
+
 /// Per registry host no MirrorRegistry covers: who pulls from it.
 pub fn unmirrored<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     mirrored: &BTreeSet<String>,
-) -> BTreeMap<String, Usage> {
-    let mut out: BTreeMap<String, Usage> = BTreeMap::new();
+) -> Found {
+    let mut out = Found::default();
+    let mut invalid = BTreeSet::new();
     for pod in pods {
         let Some(spec) = unfinished(pod) else {
             continue;
@@ -93,7 +126,14 @@ pub fn unmirrored<'a>(
             if mirrored.contains(&host) {
                 continue;
             }
-            let u = out.entry(host).or_default();
+            // References take hosts of any length, labels over 63
+            // characters and ports over 65535: no registry answers there,
+            // and an object for one would be refused on every run.
+            if validate_host(&host).is_err() {
+                invalid.insert(host);
+                continue;
+            }
+            let u = out.hosts.entry(host).or_default();
             u.pods
                 .insert((pod.namespace().unwrap_or_default(), pod.name_any()));
             if let Some(node) = &spec.node_name {
@@ -102,21 +142,89 @@ pub fn unmirrored<'a>(
             u.images.insert(p.to_string());
         }
     }
+    out.invalid = invalid.len();
+    out.invalid_example = invalid.first().map(|h| h.chars().take(80).collect());
     out
 }
 
-/// Hosts `--discovery=create` makes no MirrorRegistry for, with why: names
-/// no MirrorRegistry may have (`localhost:5000`, loopback and link-local
-/// IPs), and hosts whose create the API server refused as invalid. A create
-/// that can never succeed is otherwise tried again on every pod change.
-#[derive(Debug, Default)]
-pub struct Uncreatable(BTreeMap<String, String>);
+/// What one run makes of the DiscoveredRegistries.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Plan<'a> {
+    /// The hosts to report, with their status.
+    report: Vec<(&'a str, DiscoveredRegistryStatus)>,
+    /// Objects to delete, by name.
+    delete: Vec<&'a str>,
+    /// Unmirrored registries not reported for [`MAX_DISCOVERED`].
+    over_cap: usize,
+}
 
-impl Uncreatable {
+/// Which of `found` to report, given the `existing` objects (by name), and
+/// which objects to delete.
+fn plan<'a>(found: &'a Found, existing: &'a BTreeMap<String, DiscoveredRegistry>) -> Plan<'a> {
+    // An object named otherwise than its host is now was named by an older
+    // operator (one name for `reg.example:5000` and `reg.example-5000`);
+    // the host's own object replaces it.
+    let ours = |name: &str, d: &DiscoveredRegistry| name == object_name(&d.spec.host);
+    let reported: BTreeSet<&str> = existing
+        .iter()
+        .filter(|(n, d)| ours(n, d))
+        .map(|(_, d)| d.spec.host.as_str())
+        .collect();
+    let mut hosts: Vec<(&str, &Usage)> = found.hosts.iter().map(|(h, u)| (h.as_str(), u)).collect();
+    // Reported ones first: as pod counts shift, no object is deleted and
+    // another created in its place, each with its Event.
+    hosts.sort_by_key(|&(h, u)| (!reported.contains(h), Reverse(u.pods.len()), h));
+    let over_cap = hosts.len().saturating_sub(MAX_DISCOVERED);
+    hosts.truncate(MAX_DISCOVERED);
+    let kept: BTreeSet<&str> = hosts.iter().map(|&(h, _)| h).collect();
+    let delete = existing
+        .iter()
+        .filter(|(n, d)| !kept.contains(d.spec.host.as_str()) || !ours(n, d))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    Plan {
+        report: hosts.into_iter().map(|(h, u)| (h, u.status())).collect(),
+        delete,
+        over_cap,
+    }
+}
+
+/// What discovery remembers from one run to the next (a run follows every
+/// change to the pods):
+/// - the hosts `--discovery=create` makes no MirrorRegistry for, with why:
+///   names no MirrorRegistry may have (`localhost:5000`, loopback and
+///   link-local IPs), and hosts whose create the API server refused as
+///   invalid. A create that can never succeed would otherwise be tried on
+///   every run;
+/// - what was left out last run, so that it is logged when it begins, not
+///   on every run.
+#[derive(Debug, Default)]
+pub struct Memory {
+    uncreatable: BTreeMap<String, String>,
+    /// Unmirrored registries not reported for [`MAX_DISCOVERED`].
+    over_cap: usize,
+    /// Hosts no registry can have.
+    invalid: usize,
+    /// Whether creates were skipped for [`MAX_DISCOVERED`].
+    create_cap: bool,
+}
+
+/// The name [`crate::pins`] knows [`Memory`] by, from when the hosts not
+/// to create were all there was to it.
+pub type Uncreatable = Memory;
+
+/// Records `now` in `last`; true when it becomes nonzero.
+fn begins(last: &mut usize, now: usize) -> bool {
+    let began = *last == 0 && now > 0;
+    *last = now;
+    began
+}
+
+impl Memory {
     /// Whether a MirrorRegistry for `host` may be created; the first time
     /// one may not, says why (once per host, not on every pod change).
     pub fn may_create(&mut self, host: &str) -> bool {
-        if self.0.contains_key(host) {
+        if self.uncreatable.contains_key(host) {
             return false;
         }
         let Some(why) = validate_host(host)
@@ -126,7 +234,7 @@ impl Uncreatable {
             return true;
         };
         tracing::info!(%host, %why, "no MirrorRegistry is created for this discovered registry");
-        self.0.insert(host.to_string(), why);
+        self.uncreatable.insert(host.to_string(), why);
         false
     }
 
@@ -136,7 +244,7 @@ impl Uncreatable {
     pub fn refused(&mut self, host: &str, err: &kube::Error) -> bool {
         match err {
             kube::Error::Api(s) if matches!(s.code, 400 | 422) => {
-                self.0.insert(host.to_string(), s.message.clone());
+                self.uncreatable.insert(host.to_string(), s.message.clone());
                 true
             }
             _ => false,
@@ -146,19 +254,38 @@ impl Uncreatable {
     /// Forgets hosts no pod pulls from any more: if one comes back (after a
     /// CRD upgrade, say), its create is tried once again.
     pub fn keep_only(&mut self, found: &BTreeMap<String, Usage>) {
-        self.0.retain(|host, _| found.contains_key(host));
+        self.uncreatable.retain(|host, _| found.contains_key(host));
+    }
+
+    /// Logs what `found` and `plan` leave out, when it begins.
+    fn note_left_out(&mut self, found: &Found, over_cap: usize) {
+        if begins(&mut self.invalid, found.invalid) {
+            tracing::warn!(
+                hosts = found.invalid,
+                example = found.invalid_example.as_deref().unwrap_or_default(),
+                "pods name registry hosts no registry can have (too long, a bad label or port); not discovered"
+            );
+        }
+        if begins(&mut self.over_cap, over_cap) {
+            tracing::warn!(
+                left_out = over_cap,
+                max = MAX_DISCOVERED,
+                "more unmirrored registries than discovery reports; the rest wait until some are mirrored or unused"
+            );
+        }
     }
 }
 
-/// Makes the DiscoveredRegistry objects say `found`; in `Create` mode also
-/// creates the missing MirrorRegistries, except for `uncreatable` hosts.
+/// Makes the DiscoveredRegistry objects say `found` (up to
+/// [`MAX_DISCOVERED`] of it); in `Create` mode also creates the missing
+/// MirrorRegistries, except for hosts `memory` knows cannot have one.
 /// Errors are logged: discovery is a report, it never stops pinning.
 pub async fn publish(
     client: &Client,
     recorder: &Recorder,
     mode: Mode,
-    found: &BTreeMap<String, Usage>,
-    uncreatable: &mut Uncreatable,
+    found: &Found,
+    memory: &mut Memory,
 ) {
     if mode == Mode::Off {
         return;
@@ -173,16 +300,31 @@ pub async fn publish(
             }
         };
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
-    uncreatable.keep_only(found);
-    for (host, usage) in found {
+    memory.keep_only(&found.hosts);
+    let plan = plan(found, &existing);
+    memory.note_left_out(found, plan.over_cap);
+    // Deletes first: the objects never outnumber MAX_DISCOVERED, not even
+    // while a run replaces some.
+    for name in &plan.delete {
+        let host = existing.get(*name).map_or("", |d| d.spec.host.as_str());
+        tracing::info!(%host, "no longer reported as pulled from unmirrored");
+        if let Err(e) = api.delete(name, &DeleteParams::default()).await {
+            tracing::warn!(%host, error = %e, "deleting DiscoveredRegistry");
+        }
+    }
+    let mut creator = Creator {
+        client,
+        recorder,
+        budget: Budget::Uncounted,
+    };
+    for (host, status) in plan.report {
         let name = object_name(host);
-        let status = usage.status();
         let before = existing.get(&name);
         if let (Some(d), Mode::Create) = (before, mode)
-            && uncreatable.may_create(host)
+            && memory.may_create(host)
         {
             // Found again while create is on: its MirrorRegistry is missing.
-            create_mirror(client, recorder, d, host, uncreatable).await;
+            creator.create(d, host, memory).await;
         }
         if before.and_then(|d| d.status.as_ref()) == Some(&status) {
             continue;
@@ -217,46 +359,93 @@ pub async fn publish(
                 status.images.first().map_or("", String::as_str)
             );
             event(recorder, &written, "Discovered", note).await;
-            if mode == Mode::Create && uncreatable.may_create(host) {
-                create_mirror(client, recorder, &written, host, uncreatable).await;
+            if mode == Mode::Create && memory.may_create(host) {
+                creator.create(&written, host, memory).await;
             }
         }
     }
-    for (name, d) in &existing {
-        // One named otherwise was named by an older operator (one name
-        // for `reg.example:5000` and `reg.example-5000`); the host's own
-        // object replaces it.
-        if !found.contains_key(&d.spec.host) || *name != object_name(&d.spec.host) {
-            tracing::info!(host = %d.spec.host, "no longer pulled from unmirrored");
-            if let Err(e) = api.delete(name, &DeleteParams::default()).await {
-                tracing::warn!(host = %d.spec.host, error = %e, "deleting DiscoveredRegistry");
+}
+
+/// How many more MirrorRegistries `create` may make this run.
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    /// Not counted yet: counted on the first create of a run, so that a run
+    /// creating nothing lists nothing.
+    Uncounted,
+    Left(usize),
+    /// The count failed: nothing is created this run.
+    Unknown,
+}
+
+/// Makes the MirrorRegistries of one run.
+struct Creator<'a> {
+    client: &'a Client,
+    recorder: &'a Recorder,
+    budget: Budget,
+}
+
+impl Creator<'_> {
+    /// Creates the MirrorRegistry for `host` unless [`MAX_DISCOVERED`]
+    /// labelled ones exist.
+    async fn create(&mut self, found: &DiscoveredRegistry, host: &str, memory: &mut Memory) {
+        if let Budget::Uncounted = self.budget {
+            self.budget = self.count().await;
+        }
+        match self.budget {
+            Budget::Left(0) => {
+                if !memory.create_cap {
+                    tracing::warn!(
+                        max = MAX_DISCOVERED,
+                        "as many MirrorRegistries as discovery creates exist (label {DISCOVERED_LABEL}); no more are created"
+                    );
+                }
+                memory.create_cap = true;
+            }
+            Budget::Left(n) => {
+                memory.create_cap = false;
+                if create_mirror(self.client, self.recorder, found, host, memory).await {
+                    self.budget = Budget::Left(n.saturating_sub(1));
+                }
+            }
+            Budget::Uncounted | Budget::Unknown => {}
+        }
+    }
+
+    async fn count(&self) -> Budget {
+        let api = Api::<MirrorRegistry>::all(self.client.clone());
+        let lp = ListParams::default().labels(&format!("{DISCOVERED_LABEL}=true"));
+        match api.list_metadata(&lp).await {
+            Ok(l) => Budget::Left(MAX_DISCOVERED.saturating_sub(l.items.len())),
+            Err(e) => {
+                tracing::warn!(error = %e, "counting the MirrorRegistries discovery created; none created this run");
+                Budget::Unknown
             }
         }
     }
 }
 
 /// Creates the MirrorRegistry for `host` (defaults: `https://<host>`, every
-/// runtime); the admin owns it from then on.
+/// runtime); the admin owns it from then on. True when created.
 async fn create_mirror(
     client: &Client,
     recorder: &Recorder,
     found: &DiscoveredRegistry,
     host: &str,
-    uncreatable: &mut Uncreatable,
-) {
+    memory: &mut Memory,
+) -> bool {
     let api = Api::<MirrorRegistry>::all(client.clone());
     let name = object_name(host);
     let obj = json!({
         "apiVersion": "pullthrough.dev/v1alpha1",
         "kind": "MirrorRegistry",
-        "metadata": {"name": name, "labels": {"pullthrough.dev/discovered": "true"}},
+        "metadata": {"name": name, "labels": {DISCOVERED_LABEL: "true"}},
         "spec": {"host": host},
     });
     let mreg: MirrorRegistry = match serde_json::from_value(obj) {
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(%host, error = %e, "building the MirrorRegistry");
-            return;
+            return false;
         }
     };
     match api.create(&Default::default(), &mreg).await {
@@ -269,15 +458,17 @@ async fn create_mirror(
                 format!("created MirrorRegistry {name} (discovery.create)"),
             )
             .await;
+            return true;
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
             tracing::info!(%host, mirrorregistry = %name, "a MirrorRegistry of that name exists; not created");
         }
-        Err(e) if uncreatable.refused(host, &e) => {
+        Err(e) if memory.refused(host, &e) => {
             tracing::warn!(%host, error = %e, "the MirrorRegistry was refused; not tried again while pods pull from the host");
         }
         Err(e) => tracing::warn!(%host, error = %e, "creating the MirrorRegistry"),
     }
+    false
 }
 
 async fn event(recorder: &Recorder, obj: &DiscoveredRegistry, reason: &str, note: String) {
@@ -315,7 +506,7 @@ mod tests {
 
     #[test]
     fn hosts_that_cannot_be_mirrored_are_not_created() {
-        let mut u = Uncreatable::default();
+        let mut u = Memory::default();
         for host in [
             "localhost:5000",
             "registry.localhost",
@@ -376,7 +567,7 @@ mod tests {
                 &["index.docker.io/library/redis:7"],
             ),
         ];
-        let found = unmirrored(&pods, &m);
+        let found = unmirrored(&pods, &m).hosts;
         assert_eq!(found.keys().collect::<Vec<_>>(), ["docker.io", "ghcr.io"]);
         let g = &found["ghcr.io"];
         assert_eq!(g.pods.len(), 3);
@@ -411,8 +602,116 @@ mod tests {
                 "Index.Docker.io/library/redis:7",
             ],
         )];
-        let found = unmirrored(&pods, &mirrored([&mreg]));
+        let found = unmirrored(&pods, &mirrored([&mreg])).hosts;
         assert_eq!(found.keys().collect::<Vec<_>>(), ["docker.io", "ghcr.io"]);
         assert_eq!(found["ghcr.io"].images.len(), 2);
+    }
+
+    fn dreg(name: &str, host: &str) -> DiscoveredRegistry {
+        serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "DiscoveredRegistry",
+            "metadata": {"name": name},
+            "spec": {"host": host},
+        }))
+        .unwrap()
+    }
+
+    fn by_name(objs: &[DiscoveredRegistry]) -> BTreeMap<String, DiscoveredRegistry> {
+        objs.iter().map(|d| (d.name_any(), d.clone())).collect()
+    }
+
+    /// One pod naming 500 hosts: at most [`MAX_DISCOVERED`] reported.
+    /// Those reported already keep their place; among new ones, more pods
+    /// come first.
+    #[test]
+    fn one_pod_naming_hundreds_of_hosts_is_reported_up_to_the_cap() {
+        let images: Vec<String> = (0..500).map(|i| format!("r{i:03}.example/x:1")).collect();
+        let images: Vec<&str> = images.iter().map(String::as_str).collect();
+        let mut pods = vec![pod("flood", Some("n1"), "Running", &images)];
+        for i in 0..3 {
+            pods.push(pod(
+                &format!("app{i}"),
+                Some("n2"),
+                "Running",
+                &["zz.example/app:1"],
+            ));
+        }
+        let found = unmirrored(&pods, &BTreeSet::new());
+        assert_eq!(found.hosts.len(), 501);
+
+        let none = BTreeMap::new();
+        let p = plan(&found, &none);
+        assert_eq!(p.report.len(), MAX_DISCOVERED);
+        assert_eq!(p.over_cap, 501 - MAX_DISCOVERED);
+        assert_eq!(p.report[0].0, "zz.example", "most pods first");
+        assert!(p.delete.is_empty());
+
+        // Reported already: kept, though last by name and pod count.
+        let existing = by_name(&[dreg("r499.example", "r499.example")]);
+        let p = plan(&found, &existing);
+        assert_eq!(p.report.len(), MAX_DISCOVERED);
+        assert_eq!(p.report[0].0, "r499.example");
+        assert!(p.delete.is_empty(), "{:?}", p.delete);
+
+        // More objects than the cap (an older operator's): the rest go.
+        let many: Vec<_> = (0..MAX_DISCOVERED + 5)
+            .map(|i| {
+                let h = format!("r{i:03}.example");
+                dreg(&h, &h)
+            })
+            .collect();
+        let existing = by_name(&many);
+        let p = plan(&found, &existing);
+        assert_eq!(p.report.len(), MAX_DISCOVERED);
+        assert_eq!(p.delete.len(), 5);
+    }
+
+    #[test]
+    fn hosts_no_registry_can_have_are_ignored() {
+        // Labels of 60 characters, 305 in all.
+        let long = format!("{}example/x:1", format!("{}.", "a".repeat(60)).repeat(5));
+        let label = format!("{}.example/x:1", "a".repeat(64));
+        let pods = [pod(
+            "a",
+            Some("n1"),
+            "Running",
+            &[
+                &long,
+                &label,
+                "reg.example:99999/x:1",
+                "reg.example:0/x:1",
+                "reg.example:5000/x:1",
+                "Reg.Example:5000/y:1",
+            ],
+        )];
+        let found = unmirrored(&pods, &BTreeSet::new());
+        assert_eq!(found.hosts.keys().collect::<Vec<_>>(), ["reg.example:5000"]);
+        assert_eq!(found.invalid, 4, "{found:?}");
+        assert!(found.invalid_example.unwrap().len() <= 80);
+    }
+
+    /// An object an older operator named `reg.example-5000` for
+    /// `reg.example:5000` is replaced by the host's own.
+    #[test]
+    fn objects_named_otherwise_are_replaced() {
+        let pods = [pod("a", Some("n1"), "Running", &["reg.example:5000/x:1"])];
+        let found = unmirrored(&pods, &BTreeSet::new());
+        let existing = by_name(&[dreg("reg.example-5000", "reg.example:5000")]);
+        let p = plan(&found, &existing);
+        assert_eq!(p.report.len(), 1);
+        assert_eq!(p.report[0].0, "reg.example:5000");
+        assert_eq!(p.delete, ["reg.example-5000"]);
+    }
+
+    /// What is left out is logged when it begins, not on every run.
+    #[test]
+    fn left_out_is_noted_when_it_begins() {
+        let mut last = 0;
+        assert!(!begins(&mut last, 0));
+        assert!(begins(&mut last, 450));
+        assert!(!begins(&mut last, 450));
+        assert!(!begins(&mut last, 451));
+        assert!(!begins(&mut last, 0));
+        assert!(begins(&mut last, 1));
     }
 }

@@ -1,0 +1,236 @@
+//! Discovery runs against a tower-test fake API server that keeps the
+//! DiscoveredRegistries, MirrorRegistries and Events it is sent: what a pod
+//! naming hundreds of registry hosts can make the operator write.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http_body_util::BodyExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::runtime::events::{Recorder, Reporter};
+use pullthrough_api::crd::MirrorRegistry;
+use pullthrough_operator::discovery::{
+    MAX_DISCOVERED, Memory, Mode, mirrored, publish, unmirrored,
+};
+use serde_json::{Value, json};
+
+type Req = http::Request<kube::client::Body>;
+type Resp = http::Response<kube::client::Body>;
+
+const DREG: &str = "/apis/pullthrough.dev/v1alpha1/discoveredregistries";
+const MREG: &str = "/apis/pullthrough.dev/v1alpha1/mirrorregistries";
+
+/// What the fake API server holds, and what it was asked to write.
+#[derive(Debug, Default)]
+struct Cluster {
+    dregs: BTreeMap<String, Value>,
+    mregs: BTreeMap<String, Value>,
+    /// Event reasons, one per Event written (created or patched).
+    events: Vec<String>,
+    /// DiscoveredRegistry writes (spec and status).
+    writes: usize,
+    /// Most DiscoveredRegistries held at once.
+    most_dregs: usize,
+}
+
+fn resp(code: u16, v: &Value) -> Resp {
+    http::Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(kube::client::Body::from(serde_json::to_vec(v).unwrap()))
+        .unwrap()
+}
+
+fn status(code: u16, reason: &str) -> Resp {
+    resp(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "reason": reason, "code": code, "message": reason}),
+    )
+}
+
+fn list(kind: &str, items: Vec<Value>) -> Value {
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+impl Cluster {
+    fn answer(&mut self, method: &str, path: &str, query: &str, body: Value) -> Resp {
+        let r = self.answer_inner(method, path, query, body);
+        self.most_dregs = self.most_dregs.max(self.dregs.len());
+        r
+    }
+
+    fn answer_inner(&mut self, method: &str, path: &str, query: &str, body: Value) -> Resp {
+        if path.ends_with("/events") || path.contains("/events/") {
+            self.events
+                .push(body["reason"].as_str().unwrap_or_default().to_string());
+            return resp(201, &body);
+        }
+        if let Some(rest) = path.strip_prefix(DREG) {
+            let mut parts = rest.trim_start_matches('/').split('/');
+            let name = parts.next().unwrap_or_default().to_string();
+            let sub = parts.next();
+            return match (method, name.as_str(), sub) {
+                ("GET", "", None) => resp(
+                    200,
+                    &list(
+                        "DiscoveredRegistryList",
+                        self.dregs.values().cloned().collect(),
+                    ),
+                ),
+                ("PATCH", _, None) => {
+                    self.writes += 1;
+                    let o = self.dregs.entry(name.clone()).or_insert_with(|| {
+                        json!({"apiVersion": "pullthrough.dev/v1alpha1",
+                               "kind": "DiscoveredRegistry",
+                               "metadata": {"name": name}})
+                    });
+                    o["spec"] = body["spec"].clone();
+                    resp(200, o)
+                }
+                ("PATCH", _, Some("status")) => {
+                    self.writes += 1;
+                    match self.dregs.get_mut(&name) {
+                        Some(o) => {
+                            o["status"] = body["status"].clone();
+                            resp(200, o)
+                        }
+                        None => status(404, "NotFound"),
+                    }
+                }
+                ("DELETE", _, None) => match self.dregs.remove(&name) {
+                    Some(o) => resp(200, &o),
+                    None => status(404, "NotFound"),
+                },
+                _ => status(405, "MethodNotAllowed"),
+            };
+        }
+        if path == MREG && method == "GET" {
+            let labelled = query.contains("labelSelector");
+            let items = self
+                .mregs
+                .values()
+                .filter(|m| {
+                    !labelled || m["metadata"]["labels"]["pullthrough.dev/discovered"] == "true"
+                })
+                .map(|m| {
+                    json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                                "metadata": m["metadata"]})
+                })
+                .collect();
+            return resp(200, &list("PartialObjectMetadataList", items));
+        }
+        if path == MREG && method == "POST" {
+            let name = body["metadata"]["name"].as_str().unwrap_or_default();
+            if self.mregs.contains_key(name) {
+                return status(409, "AlreadyExists");
+            }
+            self.mregs.insert(name.to_string(), body.clone());
+            return resp(201, &body);
+        }
+        status(404, "NotFound")
+    }
+
+    fn mirror_registries(&self) -> Vec<MirrorRegistry> {
+        self.mregs
+            .values()
+            .map(|m| serde_json::from_value(m.clone()).unwrap())
+            .collect()
+    }
+}
+
+/// A fake API server and a client talking to it.
+fn fake() -> (Client, Arc<Mutex<Cluster>>) {
+    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let cluster: Arc<Mutex<Cluster>> = Default::default();
+    let c = cluster.clone();
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let query = req.uri().query().unwrap_or_default().to_string();
+            let bytes = req.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let r = c.lock().unwrap().answer(&method, &path, &query, body);
+            send.send_response(r);
+        }
+    });
+    (Client::new(svc, "default"), cluster)
+}
+
+/// One running pod in namespace `ns` with a container per image.
+fn pod(ns: &str, name: &str, images: &[String]) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "nodeName": "n1",
+            "containers": images.iter().enumerate()
+                .map(|(i, im)| json!({"name": format!("c{i}"), "image": im}))
+                .collect::<Vec<_>>(),
+        },
+        "status": {"phase": "Running"},
+    }))
+    .unwrap()
+}
+
+/// A pod naming 500 distinct registry hosts.
+fn flood() -> Pod {
+    let images: Vec<String> = (0..500)
+        .map(|i| format!("r{i:03}.attacker.example/x:1"))
+        .collect();
+    pod("anyone", "flood", &images)
+}
+
+/// Runs discovery `runs` times as the pins loop does: the MirrorRegistries
+/// it finds are those the fake holds (and `create` added).
+async fn runs(mode: Mode, pods: &[Pod], runs: usize) -> Arc<Mutex<Cluster>> {
+    let (client, cluster) = fake();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "test".into(),
+            instance: None,
+        },
+    );
+    let mut memory = Memory::default();
+    for _ in 0..runs {
+        let mregs = cluster.lock().unwrap().mirror_registries();
+        let found = unmirrored(pods, &mirrored(&mregs));
+        publish(&client, &recorder, mode, &found, &mut memory).await;
+    }
+    cluster
+}
+
+/// Report: at most [`MAX_DISCOVERED`] objects and Events, written once;
+/// later runs change nothing.
+#[tokio::test]
+async fn a_pod_naming_500_hosts_makes_at_most_the_cap_of_objects() {
+    let cluster = runs(Mode::Report, &[flood()], 5).await;
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.dregs.len(), MAX_DISCOVERED);
+    assert_eq!(c.most_dregs, MAX_DISCOVERED);
+    assert_eq!(c.events.len(), MAX_DISCOVERED, "{:?}", c.events);
+    assert_eq!(c.writes, 2 * MAX_DISCOVERED, "spec and status, once each");
+    assert!(c.mregs.is_empty());
+}
+
+/// Create: each MirrorRegistry made frees a place in the report for the
+/// next host; the MirrorRegistries discovery made count, so no more than
+/// [`MAX_DISCOVERED`] are made however many runs follow.
+#[tokio::test]
+async fn a_pod_naming_500_hosts_makes_at_most_the_cap_of_mirror_registries() {
+    let cluster = runs(Mode::Create, &[flood()], 20).await;
+    let c = cluster.lock().unwrap();
+    assert_eq!(c.mregs.len(), MAX_DISCOVERED);
+    assert!(c.most_dregs <= MAX_DISCOVERED, "{}", c.most_dregs);
+    let reasons = c
+        .events
+        .iter()
+        .filter(|r| *r == "MirrorRegistryCreated")
+        .count();
+    assert_eq!(reasons, MAX_DISCOVERED);
+    assert!(c.events.len() <= 3 * MAX_DISCOVERED, "{}", c.events.len());
+}
