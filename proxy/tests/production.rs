@@ -1338,3 +1338,86 @@ fn joining_a_private_download_needs_access_too() {
     // One download; the intruder was only asked about (a one-byte GET).
     assert_eq!(stub.downloads(&layer), 1);
 }
+
+/// A leader refused before its download starts (an anonymous ask for a
+/// private layer, held up by a slow upstream while authorised clients
+/// joined it) hands the download to one of its waiters: the upstream sends
+/// the layer once and it is cached. Before, every waiter fetched it on
+/// its own and uncached, which any client could cause on purpose.
+#[test]
+fn a_refused_leader_hands_the_download_to_a_waiter() {
+    use base64::Engine as _;
+    const WAITERS: usize = 8;
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20], 37);
+    let layer = image.layer_digests()[0].clone();
+    let expected = std::fs::read(image.blob_path(&layer)).unwrap();
+    let stub = Stub::builder(&image.layout)
+        .auth(pullthrough_testbed::stub::StubAuth::basic("u", "p"))
+        .start()
+        .unwrap();
+    // Holds every upstream answer until released: the anonymous leader's
+    // 401 arrives only once the others have joined its download.
+    let relay = Relay::start(stub.addr()).unwrap();
+    relay.hold_after(0);
+    let proxy = common::proxy_serving("priv.test", &format!("http://{}", relay.addr));
+    let url = blob_url(&proxy, "priv.test", "fixture/secret", &layer);
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("u:p")
+    );
+    let asked = |authorised: bool| {
+        stub.requests()
+            .iter()
+            .filter(|s| s.path.contains(layer.as_str()) && s.auth().is_some() == authorised)
+            .count()
+    };
+    let (leader, waiters) = rt().block_on(async {
+        let leader = tokio::spawn(fetch(url.clone(), Vec::new(), BodyMode::Keep));
+        wait_for("the leader's ask upstream", Duration::from_secs(10), || {
+            Ok(asked(false) == 1)
+        })
+        .unwrap();
+        let waiters: Vec<_> = (0..WAITERS)
+            .map(|_| {
+                tokio::spawn(fetch(
+                    url.clone(),
+                    vec![("authorization", auth.clone())],
+                    BodyMode::Keep,
+                ))
+            })
+            .collect();
+        // Joining a download leaves no trace to wait on; the waiters only
+        // need to be in before the release.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        relay.release();
+        let leader = leader.await.unwrap();
+        let mut out = Vec::new();
+        for w in waiters {
+            out.push(w.await.unwrap());
+        }
+        (leader, out)
+    });
+    assert_eq!(leader.status, StatusCode::UNAUTHORIZED);
+    for w in &waiters {
+        assert_eq!(w.status, StatusCode::OK, "{:?}", w.error);
+        assert!(w.error.is_none() && w.body == expected, "{:?}", w.error);
+    }
+    // One authorised download upstream (a waiter that joined an access
+    // check would add one-byte ranged GETs, which are not downloads).
+    let downloads = stub
+        .requests()
+        .iter()
+        .filter(|s| {
+            s.method == http::Method::GET
+                && s.path.contains(layer.as_str())
+                && s.auth().is_some()
+                && !s.headers.contains_key(http::header::RANGE)
+        })
+        .count();
+    assert_eq!(downloads, 1, "authorised downloads of the layer");
+    wait_for("the layer cached", Duration::from_secs(10), || {
+        Ok(cached_path(&proxy, &layer).exists())
+    })
+    .unwrap();
+}

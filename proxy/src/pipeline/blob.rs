@@ -24,6 +24,10 @@ use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
 use crate::peers::Owner;
 
+/// Rounds a missed blob's request waits on (or leads) a merged download
+/// whose leader gave up before it started, before asking on its own.
+const LEAD_ROUNDS: usize = 4;
+
 pub(crate) async fn blob(
     ctx: &Ctx<'_>,
     method: &Method,
@@ -67,7 +71,16 @@ pub(crate) async fn blob(
         return Ok(relay_response(up.response));
     }
     record.cache = CacheResult::Miss;
-    if !ctx.shared.inflight.is_uncacheable(digest) {
+    // A leader can give up before its download starts (its client left
+    // during the upstream round trip, or the upstream refused it): the
+    // waiters then elect a new leader among themselves rather than each
+    // fetching alone and uncached, which any client could otherwise
+    // cause on purpose with a refused ask for a popular layer. Bounded,
+    // so an upstream that refuses everyone costs each client one ask.
+    for _ in 0..LEAD_ROUNDS {
+        if ctx.shared.inflight.is_uncacheable(digest) {
+            break;
+        }
         match ctx.shared.inflight.join_or_lead(digest) {
             Role::Leader(dl) => {
                 let guard = LeadGuard::new(&ctx.shared.inflight, digest, dl);
@@ -109,7 +122,7 @@ pub(crate) async fn blob(
                     );
                     return Ok(blob_response(digest, &stream, body));
                 }
-                // The leader got no blob: ask on our own.
+                // The leader got no blob: join or lead the next round.
             }
         }
     }

@@ -46,8 +46,10 @@ impl<'a> LeadGuard<'a> {
 impl Drop for LeadGuard<'_> {
     fn drop(&mut self) {
         if let Some(dl) = self.dl.take() {
-            dl.publish(Phase::NotStarted);
+            // Unregistered first: a waiter woken by `NotStarted` that asks
+            // again must find no download or a new one, not this dead one.
             self.inflight.finish(self.digest, &dl);
+            dl.publish(Phase::NotStarted);
         }
     }
 }
