@@ -5,7 +5,8 @@
 //! exists for it (Event `MirrorRegistryCreated`; one deleted while pods
 //! still pull from the host is created again, so turn `create` off before
 //! dropping one). A DiscoveredRegistry goes away when a MirrorRegistry
-//! covers its host or no unfinished pod uses it.
+//! covers its host, or [`UNUSED_GRACE`] after the last unfinished pod
+//! using it.
 //!
 //! Any pod in any namespace can name any host, so discovery reports at
 //! most [`MAX_DISCOVERED`] registries, creates at most as many
@@ -16,6 +17,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
@@ -42,6 +44,14 @@ use crate::pins::{spec_images, unfinished};
 /// reported once some are mirrored or unused. Registries reported already
 /// keep their place; new ones go by pod count. Overflow is logged once.
 pub const MAX_DISCOVERED: usize = 50;
+
+/// How long a DiscoveredRegistry stays (with no pods) once no unfinished
+/// pod uses its host. A CronJob's pods finish between its runs; without
+/// the wait its registry would be discovered anew, with a new Event, every
+/// run. Longer than an hourly schedule's gap. Looked at on each run (at
+/// least once a minute); remembered by the process only, so a restart
+/// starts the wait again. A host a MirrorRegistry covers goes at once.
+pub const UNUSED_GRACE: Duration = Duration::from_secs(90 * 60);
 
 /// The label on the MirrorRegistries `create` makes. Removing it makes one
 /// no longer count towards [`MAX_DISCOVERED`].
@@ -96,6 +106,9 @@ pub struct Found {
     /// one of them (cut short) for the log.
     pub invalid: usize,
     pub invalid_example: Option<String>,
+    /// The hosts MirrorRegistries cover: a DiscoveredRegistry for one goes
+    /// at once, not after [`UNUSED_GRACE`].
+    pub mirrored: BTreeSet<String>,
 }
 
 /// Per registry host no MirrorRegistry covers: who pulls from it.
@@ -103,7 +116,10 @@ pub fn unmirrored<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     mirrored: &BTreeSet<String>,
 ) -> Found {
-    let mut out = Found::default();
+    let mut out = Found {
+        mirrored: mirrored.clone(),
+        ..Found::default()
+    };
     let mut invalid = BTreeSet::new();
     for pod in pods {
         let Some(spec) = unfinished(pod) else {
@@ -147,11 +163,21 @@ pub fn unmirrored<'a>(
     out
 }
 
+/// One registry to report.
+#[derive(Debug, PartialEq, Eq)]
+struct Report<'a> {
+    host: &'a str,
+    status: DiscoveredRegistryStatus,
+    /// False while kept for [`UNUSED_GRACE`]: no MirrorRegistry is created
+    /// for a registry no pod uses.
+    in_use: bool,
+}
+
 /// What one run makes of the DiscoveredRegistries.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Plan<'a> {
-    /// The hosts to report, with their status.
-    report: Vec<(&'a str, DiscoveredRegistryStatus)>,
+    /// The registries to report.
+    report: Vec<Report<'a>>,
     /// Objects to delete, by name.
     delete: Vec<&'a str>,
     /// Unmirrored registries not reported for [`MAX_DISCOVERED`].
@@ -159,8 +185,14 @@ struct Plan<'a> {
 }
 
 /// Which of `found` to report, given the `existing` objects (by name), and
-/// which objects to delete.
-fn plan<'a>(found: &'a Found, existing: &'a BTreeMap<String, DiscoveredRegistry>) -> Plan<'a> {
+/// which objects to delete. `unused_since` says since when the hosts of
+/// existing objects have been unused; updated for `now`.
+fn plan<'a>(
+    found: &'a Found,
+    existing: &'a BTreeMap<String, DiscoveredRegistry>,
+    unused_since: &mut BTreeMap<String, Instant>,
+    now: Instant,
+) -> Plan<'a> {
     // An object named otherwise than its host is now was named by an older
     // operator (one name for `reg.example:5000` and `reg.example-5000`);
     // the host's own object replaces it.
@@ -176,14 +208,53 @@ fn plan<'a>(found: &'a Found, existing: &'a BTreeMap<String, DiscoveredRegistry>
     hosts.sort_by_key(|&(h, u)| (!reported.contains(h), Reverse(u.pods.len()), h));
     let over_cap = hosts.len().saturating_sub(MAX_DISCOVERED);
     hosts.truncate(MAX_DISCOVERED);
-    let kept: BTreeSet<&str> = hosts.iter().map(|&(h, _)| h).collect();
+    let mut report: Vec<Report> = hosts
+        .into_iter()
+        .map(|(host, u)| Report {
+            host,
+            status: u.status(),
+            in_use: true,
+        })
+        .collect();
+    // Reported ones no pod uses now stay a while, in the room left.
+    unused_since.retain(|h, _| reported.contains(h.as_str()) && !found.hosts.contains_key(h));
+    for (name, d) in existing {
+        let host = d.spec.host.as_str();
+        if !ours(name, d) || found.hosts.contains_key(host) {
+            continue;
+        }
+        let since = *unused_since.entry(host.to_string()).or_insert(now);
+        if found.mirrored.contains(host)
+            || now.saturating_duration_since(since) >= UNUSED_GRACE
+            || report.len() >= MAX_DISCOVERED
+        {
+            unused_since.remove(host);
+            continue;
+        }
+        report.push(Report {
+            host,
+            status: DiscoveredRegistryStatus {
+                pods: 0,
+                nodes: 0,
+                // What was pulled from it is still what a mirror would
+                // prefetch.
+                images: d
+                    .status
+                    .as_ref()
+                    .map(|s| s.images.clone())
+                    .unwrap_or_default(),
+            },
+            in_use: false,
+        });
+    }
+    let kept: BTreeSet<&str> = report.iter().map(|r| r.host).collect();
     let delete = existing
         .iter()
         .filter(|(n, d)| !kept.contains(d.spec.host.as_str()) || !ours(n, d))
         .map(|(n, _)| n.as_str())
         .collect();
     Plan {
-        report: hosts.into_iter().map(|(h, u)| (h, u.status())).collect(),
+        report,
         delete,
         over_cap,
     }
@@ -196,11 +267,15 @@ fn plan<'a>(found: &'a Found, existing: &'a BTreeMap<String, DiscoveredRegistry>
 ///   link-local IPs), and hosts whose create the API server refused as
 ///   invalid. A create that can never succeed would otherwise be tried on
 ///   every run;
+/// - since when each reported registry has been unused, for
+///   [`UNUSED_GRACE`];
 /// - what was left out last run, so that it is logged when it begins, not
 ///   on every run.
 #[derive(Debug, Default)]
 pub struct Memory {
     uncreatable: BTreeMap<String, String>,
+    /// Since when no pod has used the host of a DiscoveredRegistry.
+    unused_since: BTreeMap<String, Instant>,
     /// Unmirrored registries not reported for [`MAX_DISCOVERED`].
     over_cap: usize,
     /// Hosts no registry can have.
@@ -301,7 +376,7 @@ pub async fn publish(
         };
     let ssa = PatchParams::apply(FIELD_MANAGER).force();
     memory.keep_only(&found.hosts);
-    let plan = plan(found, &existing);
+    let plan = plan(found, &existing, &mut memory.unused_since, Instant::now());
     memory.note_left_out(found, plan.over_cap);
     // Deletes first: the objects never outnumber MAX_DISCOVERED, not even
     // while a run replaces some.
@@ -317,10 +392,15 @@ pub async fn publish(
         recorder,
         budget: Budget::Uncounted,
     };
-    for (host, status) in plan.report {
+    for Report {
+        host,
+        status,
+        in_use,
+    } in plan.report
+    {
         let name = object_name(host);
         let before = existing.get(&name);
-        if let (Some(d), Mode::Create) = (before, mode)
+        if let (Some(d), Mode::Create, true) = (before, mode, in_use)
             && memory.may_create(host)
         {
             // Found again while create is on: its MirrorRegistry is missing.
@@ -640,17 +720,17 @@ mod tests {
         assert_eq!(found.hosts.len(), 501);
 
         let none = BTreeMap::new();
-        let p = plan(&found, &none);
+        let p = plan(&found, &none, &mut BTreeMap::new(), Instant::now());
         assert_eq!(p.report.len(), MAX_DISCOVERED);
         assert_eq!(p.over_cap, 501 - MAX_DISCOVERED);
-        assert_eq!(p.report[0].0, "zz.example", "most pods first");
+        assert_eq!(p.report[0].host, "zz.example", "most pods first");
         assert!(p.delete.is_empty());
 
         // Reported already: kept, though last by name and pod count.
         let existing = by_name(&[dreg("r499.example", "r499.example")]);
-        let p = plan(&found, &existing);
+        let p = plan(&found, &existing, &mut BTreeMap::new(), Instant::now());
         assert_eq!(p.report.len(), MAX_DISCOVERED);
-        assert_eq!(p.report[0].0, "r499.example");
+        assert_eq!(p.report[0].host, "r499.example");
         assert!(p.delete.is_empty(), "{:?}", p.delete);
 
         // More objects than the cap (an older operator's): the rest go.
@@ -661,7 +741,7 @@ mod tests {
             })
             .collect();
         let existing = by_name(&many);
-        let p = plan(&found, &existing);
+        let p = plan(&found, &existing, &mut BTreeMap::new(), Instant::now());
         assert_eq!(p.report.len(), MAX_DISCOVERED);
         assert_eq!(p.delete.len(), 5);
     }
@@ -697,9 +777,9 @@ mod tests {
         let pods = [pod("a", Some("n1"), "Running", &["reg.example:5000/x:1"])];
         let found = unmirrored(&pods, &BTreeSet::new());
         let existing = by_name(&[dreg("reg.example-5000", "reg.example:5000")]);
-        let p = plan(&found, &existing);
+        let p = plan(&found, &existing, &mut BTreeMap::new(), Instant::now());
         assert_eq!(p.report.len(), 1);
-        assert_eq!(p.report[0].0, "reg.example:5000");
+        assert_eq!(p.report[0].host, "reg.example:5000");
         assert_eq!(p.delete, ["reg.example-5000"]);
     }
 
@@ -713,5 +793,91 @@ mod tests {
         assert!(!begins(&mut last, 451));
         assert!(!begins(&mut last, 0));
         assert!(begins(&mut last, 1));
+    }
+
+    /// A registry no pod uses any more (a CronJob's, between runs) stays
+    /// [`UNUSED_GRACE`] with no pods, and its wait starts again when a pod
+    /// uses it again.
+    #[test]
+    fn unused_registries_stay_for_the_grace_period() {
+        let mut d = dreg("ghcr.io", "ghcr.io");
+        d.status = Some(DiscoveredRegistryStatus {
+            pods: 2,
+            nodes: 1,
+            images: vec!["ghcr.io/o/job:1".into()],
+        });
+        let existing = by_name(&[d]);
+        let none = Found::default();
+        let used = unmirrored(
+            &[pod("job", Some("n1"), "Running", &["ghcr.io/o/job:1"])],
+            &BTreeSet::new(),
+        );
+        let mut since = BTreeMap::new();
+        let t0 = Instant::now();
+        let minutes = |m: u64| t0 + Duration::from_secs(60 * m);
+        let grace = UNUSED_GRACE.as_secs() / 60;
+
+        let p = plan(&none, &existing, &mut since, t0);
+        assert!(p.delete.is_empty());
+        assert_eq!(
+            p.report,
+            [Report {
+                host: "ghcr.io",
+                status: DiscoveredRegistryStatus {
+                    pods: 0,
+                    nodes: 0,
+                    images: vec!["ghcr.io/o/job:1".into()],
+                },
+                in_use: false,
+            }]
+        );
+        let p = plan(&none, &existing, &mut since, minutes(grace - 1));
+        assert!(p.delete.is_empty(), "still within the grace period");
+        // Used again: the wait starts over once it is unused again.
+        let p = plan(&used, &existing, &mut since, minutes(grace - 1));
+        assert!(p.report[0].in_use);
+        let p = plan(&none, &existing, &mut since, minutes(grace));
+        assert!(p.delete.is_empty());
+        let p = plan(&none, &existing, &mut since, minutes(2 * grace - 1));
+        assert!(p.delete.is_empty());
+        let p = plan(&none, &existing, &mut since, minutes(2 * grace));
+        assert_eq!(p.delete, ["ghcr.io"]);
+        assert!(p.report.is_empty());
+        assert!(since.is_empty());
+    }
+
+    /// Mirrored now: gone at once, not after the grace period.
+    #[test]
+    fn mirrored_registries_go_at_once() {
+        let existing = by_name(&[dreg("ghcr.io", "ghcr.io")]);
+        let found = Found {
+            mirrored: ["ghcr.io".to_string()].into(),
+            ..Found::default()
+        };
+        let mut since = BTreeMap::new();
+        let p = plan(&found, &existing, &mut since, Instant::now());
+        assert_eq!(p.delete, ["ghcr.io"]);
+        assert!(since.is_empty());
+    }
+
+    /// Unused ones take only the room registries in use leave.
+    #[test]
+    fn unused_registries_make_way_for_used_ones() {
+        let unused: Vec<_> = (0..MAX_DISCOVERED)
+            .map(|i| {
+                let h = format!("old{i:02}.example");
+                dreg(&h, &h)
+            })
+            .collect();
+        let existing = by_name(&unused);
+        let found = unmirrored(
+            &[pod("a", Some("n1"), "Running", &["new.example/x:1"])],
+            &BTreeSet::new(),
+        );
+        let p = plan(&found, &existing, &mut BTreeMap::new(), Instant::now());
+        assert_eq!(p.report.len(), MAX_DISCOVERED);
+        assert_eq!(p.report[0].host, "new.example");
+        assert!(p.report[0].in_use);
+        assert_eq!(p.delete.len(), 1);
     }
 }

@@ -184,24 +184,48 @@ fn flood() -> Pod {
     pod("anyone", "flood", &images)
 }
 
-/// Runs discovery `runs` times as the pins loop does: the MirrorRegistries
-/// it finds are those the fake holds (and `create` added).
-async fn runs(mode: Mode, pods: &[Pod], runs: usize) -> Arc<Mutex<Cluster>> {
-    let (client, cluster) = fake();
-    let recorder = Recorder::new(
-        client.clone(),
-        Reporter {
-            controller: "test".into(),
-            instance: None,
-        },
-    );
-    let mut memory = Memory::default();
-    for _ in 0..runs {
-        let mregs = cluster.lock().unwrap().mirror_registries();
-        let found = unmirrored(pods, &mirrored(&mregs));
-        publish(&client, &recorder, mode, &found, &mut memory).await;
+/// Discovery against the fake, run as the pins loop runs it.
+struct Harness {
+    client: Client,
+    recorder: Recorder,
+    cluster: Arc<Mutex<Cluster>>,
+    memory: Memory,
+}
+
+impl Harness {
+    fn new() -> Self {
+        let (client, cluster) = fake();
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "test".into(),
+                instance: None,
+            },
+        );
+        Self {
+            client,
+            recorder,
+            cluster,
+            memory: Memory::default(),
+        }
     }
-    cluster
+
+    /// One run: the MirrorRegistries it finds are those the fake holds
+    /// (and `create` added).
+    async fn run(&mut self, mode: Mode, pods: &[Pod]) {
+        let mregs = self.cluster.lock().unwrap().mirror_registries();
+        let found = unmirrored(pods, &mirrored(&mregs));
+        publish(&self.client, &self.recorder, mode, &found, &mut self.memory).await;
+    }
+}
+
+/// Runs discovery `runs` times on `pods`.
+async fn runs(mode: Mode, pods: &[Pod], runs: usize) -> Arc<Mutex<Cluster>> {
+    let mut h = Harness::new();
+    for _ in 0..runs {
+        h.run(mode, pods).await;
+    }
+    h.cluster
 }
 
 /// Report: at most [`MAX_DISCOVERED`] objects and Events, written once;
@@ -233,4 +257,37 @@ async fn a_pod_naming_500_hosts_makes_at_most_the_cap_of_mirror_registries() {
         .count();
     assert_eq!(reasons, MAX_DISCOVERED);
     assert!(c.events.len() <= 3 * MAX_DISCOVERED, "{}", c.events.len());
+}
+
+/// A CronJob's pod between its runs: the registry stays reported (no
+/// pods) instead of being deleted and discovered anew, with another Event,
+/// on the next run.
+#[tokio::test]
+async fn a_registry_used_now_and_then_is_discovered_once() {
+    let job = pod("batch", "job", &["ghcr.io/o/job:1".to_string()]);
+    let mut h = Harness::new();
+    for pods in [
+        vec![job.clone()],
+        vec![],
+        vec![job.clone()],
+        vec![],
+        vec![job],
+    ] {
+        h.run(Mode::Report, &pods).await;
+    }
+    let c = h.cluster.lock().unwrap();
+    assert_eq!(c.events, ["Discovered"]);
+    assert_eq!(c.dregs["ghcr.io"]["status"]["pods"], 1);
+}
+
+/// Kept though unused: no MirrorRegistry is created for it.
+#[tokio::test]
+async fn an_unused_registry_gets_no_mirror_registry() {
+    let job = pod("batch", "job", &["ghcr.io/o/job:1".to_string()]);
+    let mut h = Harness::new();
+    h.run(Mode::Report, &[job]).await;
+    h.run(Mode::Create, &[]).await;
+    let c = h.cluster.lock().unwrap();
+    assert!(c.mregs.is_empty(), "{:?}", c.mregs);
+    assert_eq!(c.dregs["ghcr.io"]["status"]["pods"], 0);
 }
