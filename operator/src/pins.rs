@@ -20,8 +20,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::{DaemonSet, ReplicaSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Node, ObjectReference, Pod, PodSpec};
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, ReplicaSet, ReplicaSetSpec, StatefulSet, StatefulSetSpec,
+};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ContainerStatus, Node, ObjectReference, Pod, PodSpec, PodStatus,
+    PodTemplateSpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::{self, Store};
@@ -328,27 +334,138 @@ where
 }
 
 /// What the stores keep of an object: what pins and discovery read. Every
-/// Pod, ReplicaSet, Node, ... of the cluster is cached, so the parts no
-/// one reads (managedFields, kubectl's last-applied copy of the whole
-/// object, a node's list of every image it holds) are dropped as objects
-/// arrive; on a big cluster they are most of the operator's memory.
+/// Pod and ReplicaSet of the cluster is cached (thousands on a big
+/// cluster, in an operator limited to a few hundred MiB), so the stores
+/// keep only that and drop the rest as objects arrive: env, volumes,
+/// probes, resources, conditions, workloads' labels and status,
+/// managedFields, kubectl's last-applied copy, a node's list of every
+/// image it holds. Reading a
+/// new field from these stores means keeping it here too; the test
+/// `cached_objects_are_slimmed_to_what_is_read` fails until it is.
 pub trait Slim: kube::Resource {
     fn slim(&mut self) {
         slim_meta(self.meta_mut());
     }
 }
 
-fn slim_meta(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+fn slim_meta(meta: &mut ObjectMeta) {
     meta.managed_fields = None;
     if let Some(a) = meta.annotations.as_mut() {
         a.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
 }
 
-impl Slim for Pod {}
-impl Slim for ReplicaSet {}
-impl Slim for DaemonSet {}
-impl Slim for StatefulSet {}
+/// What the store itself reads: its key (name, namespace), and uid and
+/// resourceVersion, which tell one incarnation or version from another.
+fn identity(meta: ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        ..ObjectMeta::default()
+    }
+}
+
+/// What [`spec_images`] and discovery read of a pod spec: each container's
+/// name and image, and the node it runs on.
+fn slim_pod_spec(spec: PodSpec) -> PodSpec {
+    let container = |c: Container| Container {
+        name: c.name,
+        image: c.image,
+        ..Container::default()
+    };
+    PodSpec {
+        containers: spec.containers.into_iter().map(container).collect(),
+        init_containers: spec
+            .init_containers
+            .map(|cs| cs.into_iter().map(container).collect()),
+        node_name: spec.node_name,
+        ..PodSpec::default()
+    }
+}
+
+/// A workload's pod template: its spec as [`slim_pod_spec`] keeps it.
+fn slim_template(template: PodTemplateSpec) -> PodTemplateSpec {
+    PodTemplateSpec {
+        metadata: None,
+        spec: template.spec.map(slim_pod_spec),
+    }
+}
+
+impl Slim for Pod {
+    fn slim(&mut self) {
+        self.metadata = identity(std::mem::take(&mut self.metadata));
+        self.spec = self.spec.take().map(slim_pod_spec);
+        // The phase and the digest each container runs. A container
+        // status's other required fields keep their values, so nothing in
+        // the store says something false; the optional ones go.
+        let status = |c: ContainerStatus| ContainerStatus {
+            name: c.name,
+            image: c.image,
+            image_id: c.image_id,
+            ready: c.ready,
+            restart_count: c.restart_count,
+            ..ContainerStatus::default()
+        };
+        self.status = self.status.take().map(|s| PodStatus {
+            phase: s.phase,
+            container_statuses: s
+                .container_statuses
+                .map(|cs| cs.into_iter().map(status).collect()),
+            init_container_statuses: s
+                .init_container_statuses
+                .map(|cs| cs.into_iter().map(status).collect()),
+            ..PodStatus::default()
+        });
+    }
+}
+
+impl Slim for ReplicaSet {
+    fn slim(&mut self) {
+        let mut meta = std::mem::take(&mut self.metadata);
+        // The revision and the owning Deployment rank it among its
+        // siblings.
+        let revision = meta
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove_entry(REVISION));
+        let owners = meta.owner_references.take();
+        self.metadata = ObjectMeta {
+            annotations: revision.map(|r| BTreeMap::from([r])),
+            owner_references: owners,
+            ..identity(meta)
+        };
+        self.spec = self.spec.take().map(|s| ReplicaSetSpec {
+            template: s.template.map(slim_template),
+            ..ReplicaSetSpec::default()
+        });
+        self.status = None;
+    }
+}
+
+impl Slim for DaemonSet {
+    fn slim(&mut self) {
+        self.metadata = identity(std::mem::take(&mut self.metadata));
+        self.spec = self.spec.take().map(|s| DaemonSetSpec {
+            template: slim_template(s.template),
+            ..DaemonSetSpec::default()
+        });
+        self.status = None;
+    }
+}
+
+impl Slim for StatefulSet {
+    fn slim(&mut self) {
+        self.metadata = identity(std::mem::take(&mut self.metadata));
+        self.spec = self.spec.take().map(|s| StatefulSetSpec {
+            template: slim_template(s.template),
+            ..StatefulSetSpec::default()
+        });
+        self.status = None;
+    }
+}
+
 impl Slim for MirrorRegistry {}
 impl Slim for Node {
     fn slim(&mut self) {
@@ -641,22 +758,238 @@ mod tests {
 
     use super::*;
 
-    /// The stores keep what pins and discovery read, not managedFields,
-    /// kubectl's last-applied copy or a node's image list.
+    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    /// A container as manifests have it: most of it is never read.
+    fn full_container(name: &str, image: &str) -> Value {
+        json!({
+            "name": name, "image": image,
+            "command": ["/bin/app"], "args": ["--port=8080"],
+            "env": [{"name": "DB_URL", "value": "postgres://db.invalid/app"}],
+            "envFrom": [{"secretRef": {"name": "app"}}],
+            "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+            "resources": {"limits": {"memory": "128Mi"}, "requests": {"cpu": "10m"}},
+            "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080}},
+            "readinessProbe": {"tcpSocket": {"port": 8080}},
+            "securityContext": {"runAsNonRoot": true},
+            "imagePullPolicy": "IfNotPresent",
+        })
+    }
+
+    /// `base` with the fields of `extra` set.
+    fn merged(mut base: Value, extra: Value) -> Value {
+        for (k, v) in extra.as_object().unwrap() {
+            base[k] = v.clone();
+        }
+        base
+    }
+
+    /// Metadata as the API server returns it, with `extra` set.
+    fn full_meta(name: &str, extra: Value) -> Value {
+        let meta = json!({
+            "name": name, "namespace": "prod", "uid": format!("uid-{name}"),
+            "resourceVersion": "42", "generation": 3,
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+            "labels": {"app": "web"},
+            "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": "{\"the\": \"whole object\"}",
+                "prometheus.io/scrape": "true",
+            },
+            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+        });
+        merged(meta, extra)
+    }
+
+    /// A pod spec as manifests have it, running `app`.
+    fn full_pod_spec(app: &str) -> Value {
+        json!({
+            "serviceAccountName": "web",
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "tolerations": [{"key": "dedicated", "operator": "Exists"}],
+            "imagePullSecrets": [{"name": "pull"}],
+            "initContainers": [full_container("init", "quay.io/org/init:1")],
+            "containers": [
+                full_container("app", app),
+                full_container("side", "ghcr.io/other/side:2"),
+            ],
+        })
+    }
+
+    /// What [`slim_pod_spec`] keeps of [`full_pod_spec`].
+    fn slim_pod_spec_json(app: &str) -> Value {
+        json!({
+            "initContainers": [{"name": "init", "image": "quay.io/org/init:1"}],
+            "containers": [
+                {"name": "app", "image": app},
+                {"name": "side", "image": "ghcr.io/other/side:2"},
+            ],
+        })
+    }
+
+    fn slimmed<K: Slim + Clone>(full: &K) -> K {
+        let mut slim = full.clone();
+        slim.slim();
+        slim
+    }
+
+    /// The stores keep exactly what pins, discovery and the store itself
+    /// read (env, volumes, probes, resources, conditions, labels,
+    /// managedFields, kubectl's last-applied copy, a node's image list
+    /// go), and what is computed from the slim objects is what is
+    /// computed from the whole ones.
     #[test]
     fn cached_objects_are_slimmed_to_what_is_read() {
-        let mut p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "p", "namespace": "n",
-                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "me"},
-                "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-            "spec": {"containers": [{"name": "c", "image": "quay.io/a:1"}]},
+        let status = |name: &str, image: &str, id: &str, ready: bool, restarts: u32| {
+            json!({"name": name, "image": image, "imageID": id,
+                   "ready": ready, "restartCount": restarts})
+        };
+        let full_pod: Pod = serde_json::from_value(json!({
+            "metadata": full_meta("web-1", json!({"ownerReferences": [{
+                "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-abc",
+                "uid": "uid-rs", "controller": true}]})),
+            "spec": merged(full_pod_spec("quay.io/org/app:1"), json!({"nodeName": "n1"})),
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.7", "hostIP": "192.0.2.1",
+                "qosClass": "Burstable", "startTime": "2025-01-01T00:00:01Z",
+                "conditions": [{"type": "Ready", "status": "True"}],
+                "containerStatuses": [
+                    merged(status("app", "quay.io/org/app:1", &format!("quay.io/org/app@{D1}"), true, 3),
+                        json!({"containerID": "containerd://abc", "started": true,
+                               "state": {"running": {"startedAt": "2025-01-01T00:00:02Z"}},
+                               "lastState": {"terminated": {"exitCode": 137}}})),
+                    merged(status("side", "ghcr.io/other/side:2", "", false, 0),
+                        json!({"state": {"waiting": {"reason": "ContainerCreating"}}})),
+                ],
+                "initContainerStatuses": [merged(
+                    status("init", "quay.io/org/init:1", &format!("quay.io/org/init@{D2}"), true, 0),
+                    json!({"state": {"terminated": {"exitCode": 0}}}),
+                )],
+            },
         }))
         .unwrap();
-        p.slim();
-        assert!(p.metadata.managed_fields.is_none());
-        let a = p.metadata.annotations.as_ref().unwrap();
-        assert_eq!(a.keys().collect::<Vec<_>>(), ["keep"]);
-        assert_eq!(spec_images(p.spec.as_ref().unwrap()).count(), 1);
+        let slim_pod = slimmed(&full_pod);
+        assert_eq!(
+            serde_json::to_value(&slim_pod).unwrap(),
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "web-1", "namespace": "prod", "uid": "uid-web-1",
+                             "resourceVersion": "42"},
+                "spec": merged(slim_pod_spec_json("quay.io/org/app:1"), json!({"nodeName": "n1"})),
+                "status": {
+                    "phase": "Running",
+                    "containerStatuses": [
+                        status("app", "quay.io/org/app:1", &format!("quay.io/org/app@{D1}"), true, 3),
+                        status("side", "ghcr.io/other/side:2", "", false, 0),
+                    ],
+                    "initContainerStatuses": [
+                        status("init", "quay.io/org/init:1", &format!("quay.io/org/init@{D2}"), true, 0),
+                    ],
+                },
+            })
+        );
+        assert_eq!(images_of(&slim_pod), images_of(&full_pod));
+        assert_eq!(fair_pod_images([&slim_pod]), fair_pod_images([&full_pod]));
+        let quay = mirror("quay.io");
+        let mirrored = crate::discovery::mirrored([&quay]);
+        assert_eq!(
+            crate::discovery::unmirrored([&slim_pod], &mirrored),
+            crate::discovery::unmirrored([&full_pod], &mirrored)
+        );
+
+        let full_rs: ReplicaSet = serde_json::from_value(json!({
+            "metadata": full_meta("web-abc", json!({
+                "annotations": {
+                    REVISION: "4",
+                    "deployment.kubernetes.io/desired-replicas": "3",
+                    "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                },
+                "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+                    "uid": "uid-web", "controller": true, "blockOwnerDeletion": true}],
+            })),
+            "spec": {
+                "replicas": 3, "minReadySeconds": 5,
+                "selector": {"matchLabels": {"app": "web"}},
+                "template": {"metadata": {"labels": {"app": "web"}},
+                             "spec": full_pod_spec("quay.io/org/app:2")},
+            },
+            "status": {"replicas": 3, "readyReplicas": 3,
+                       "conditions": [{"type": "ReplicaFailure", "status": "False"}]},
+        }))
+        .unwrap();
+        let slim_rs = slimmed(&full_rs);
+        assert_eq!(
+            serde_json::to_value(&slim_rs).unwrap(),
+            json!({
+                "apiVersion": "apps/v1", "kind": "ReplicaSet",
+                "metadata": {"name": "web-abc", "namespace": "prod", "uid": "uid-web-abc",
+                             "resourceVersion": "42",
+                             "annotations": {REVISION: "4"},
+                             "ownerReferences": [{
+                                 "apiVersion": "apps/v1", "kind": "Deployment", "name": "web",
+                                 "uid": "uid-web", "controller": true, "blockOwnerDeletion": true}]},
+                "spec": {"selector": {},
+                         "template": {"spec": slim_pod_spec_json("quay.io/org/app:2")}},
+            })
+        );
+        // Ranked against its Deployment's other revisions, as before.
+        let (older, newer) = (
+            rs("web", 3, "quay.io/org/app:1"),
+            rs("web", 5, "quay.io/org/app:3"),
+        );
+        assert_eq!(
+            revision_images([&slim_rs, &slimmed(&older), &slimmed(&newer)], 2),
+            revision_images([&full_rs, &older, &newer], 2)
+        );
+        assert_eq!(revision_images([&slim_rs], 1)[0].len(), 3);
+
+        let slim_workload = |kind: &str| {
+            json!({
+                "apiVersion": "apps/v1", "kind": kind,
+                "metadata": {"name": "agent", "namespace": "prod", "uid": "uid-agent",
+                             "resourceVersion": "42"},
+                "spec": {"selector": {},
+                         "template": {"spec": slim_pod_spec_json("quay.io/org/agent:1")}},
+            })
+        };
+        let full_ds: DaemonSet = serde_json::from_value(json!({
+            "metadata": full_meta("agent", json!({})),
+            "spec": {"selector": {"matchLabels": {"app": "agent"}},
+                     "updateStrategy": {"type": "RollingUpdate"},
+                     "template": {"metadata": {"labels": {"app": "agent"}},
+                                  "spec": full_pod_spec("quay.io/org/agent:1")}},
+            "status": {"currentNumberScheduled": 3, "desiredNumberScheduled": 3,
+                       "numberMisscheduled": 0, "numberReady": 3},
+        }))
+        .unwrap();
+        let slim_ds = slimmed(&full_ds);
+        assert_eq!(
+            serde_json::to_value(&slim_ds).unwrap(),
+            slim_workload("DaemonSet")
+        );
+        let full_sts: StatefulSet = serde_json::from_value(json!({
+            "metadata": full_meta("agent", json!({})),
+            "spec": {"selector": {"matchLabels": {"app": "agent"}}, "serviceName": "agent",
+                     "volumeClaimTemplates": [{"metadata": {"name": "data"},
+                         "spec": {"accessModes": ["ReadWriteOnce"]}}],
+                     "template": {"metadata": {"labels": {"app": "agent"}},
+                                  "spec": full_pod_spec("quay.io/org/agent:1")}},
+            "status": {"replicas": 1, "availableReplicas": 1},
+        }))
+        .unwrap();
+        let slim_sts = slimmed(&full_sts);
+        assert_eq!(
+            serde_json::to_value(&slim_sts).unwrap(),
+            slim_workload("StatefulSet")
+        );
+        assert_eq!(
+            templates_of([&slim_ds], [&slim_sts]),
+            templates_of([&full_ds], [&full_sts])
+        );
+        assert_eq!(templates_of([&slim_ds], [&slim_sts]).len(), 3);
+
         let mut n: Node = serde_json::from_value(json!({
             "metadata": {"name": "n", "managedFields": [{"manager": "kubelet"}]},
             "status": {"images": [{"names": ["quay.io/a:1"], "sizeBytes": 1}],
@@ -674,9 +1007,6 @@ mod tests {
             ["linux/arm64"]
         );
     }
-
-    const D1: &str = "sha256:1111111111111111111111111111111111111111111111111111111111111111";
-    const D2: &str = "sha256:2222222222222222222222222222222222222222222222222222222222222222";
 
     fn pod(phase: &str, images: &[(&str, &str)], ids: &[(&str, &str)]) -> Pod {
         serde_json::from_value(json!({
