@@ -705,6 +705,79 @@ fn disk_fills_mid_download(
     gets
 }
 
+/// A small miss next to a large download half-way through is cached: the
+/// free space it is checked against already counts the large one's
+/// written bytes as used, so only its unwritten rest may stay reserved.
+/// Reserving the large one's whole size counted 16 MiB twice on a 40 MiB
+/// disk, and the small blob was passed through (and marked uncacheable).
+#[test]
+fn a_small_miss_beside_a_half_written_download_is_cached() {
+    let work = tempfile::tempdir().unwrap();
+    let big = random_image(&work.path().join("big"), &[24 << 20], 803);
+    let small = random_image(&work.path().join("small"), &[1 << 20], 804);
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&big, "fixture/big", "1").unwrap();
+    registry.push_image(&small, "fixture/small", "1").unwrap();
+    // The big layer comes through a relay that holds it after 17 MiB
+    // (headers and the writer's last batch aside, 16 reach the disk); the
+    // small one straight from the registry.
+    let relay = Relay::start(registry.addr()).unwrap();
+    relay.hold_after(17 << 20);
+    let config = format!(
+        "registries:\n  - host: quay.io\n    upstream: http://{}\n  - host: other.test\n    upstream: {}\n",
+        relay.addr,
+        registry.url()
+    );
+    let mut proxy =
+        Proxy::start(common::proxy_bin(), Addrs::localhost().unwrap(), &config).unwrap();
+    proxy.stop().unwrap();
+    let data = proxy.data_dir();
+    std::fs::remove_dir_all(&data).unwrap();
+    let mount = Tmpfs::mount(&data, "40m").unwrap();
+    proxy.start_again().unwrap();
+    let rt = rt();
+    let big_layer = big.layer_digests()[0].clone();
+    let big_task = rt.spawn(fetch(
+        blob_url(&proxy, "quay.io", "fixture/big", &big_layer),
+        Vec::new(),
+        BodyMode::Count,
+    ));
+    wait_for(
+        "16 MiB of the big layer on disk",
+        Duration::from_secs(30),
+        || {
+            let on_disk: u64 = std::fs::read_dir(data.join("tmp"))
+                .unwrap()
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            Ok(on_disk >= 16 << 20)
+        },
+    )
+    .unwrap();
+    let small_layer = small.layer_digests()[0].clone();
+    let r = Get::new(&blob_url(
+        &proxy,
+        "other.test",
+        "fixture/small",
+        &small_layer,
+    ))
+    .send()
+    .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(sha256_digest(&r.body), small_layer);
+    wait_for("the small layer cached", Duration::from_secs(10), || {
+        Ok(cached_path(&proxy, &small_layer).exists())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proxy.log()));
+    relay.release();
+    let big_fetch = rt.block_on(big_task).unwrap();
+    let size = std::fs::metadata(big.blob_path(&big_layer)).unwrap().len();
+    assert_eq!(big_fetch.bytes, size, "{:?}", big_fetch.error);
+    proxy.stop().unwrap();
+    drop(mount);
+}
+
 /// Log lines are written by a log thread, never dropped: a burst of 1 000
 /// requests from 20 concurrent clients, through to the real upstream —
 /// pings and tag lists relayed (PASS), a tag and a blob fetched (MISS, then

@@ -214,7 +214,33 @@ pub struct Inflight {
 #[derive(Debug)]
 pub struct Reservation {
     inflight: Arc<Inflight>,
+    /// Bytes still held: the download's size less what it has written.
     size: u64,
+    /// The download's size.
+    total: u64,
+}
+
+impl Reservation {
+    /// `written` bytes of the download are on disk. The free space a new
+    /// download is checked against already counts them as used, so only
+    /// the rest stays reserved; holding the whole size counted them twice,
+    /// and a small miss next to a large download half-way through was
+    /// passed through (and its digest marked uncacheable) on a disk with
+    /// room for it.
+    pub fn on_disk(&mut self, written: u64) {
+        let remaining = self.total.saturating_sub(written);
+        if remaining >= self.size {
+            return;
+        }
+        let freed = self.size - remaining;
+        self.size = remaining;
+        let _ = self
+            .inflight
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                Some(r.saturating_sub(freed))
+            });
+    }
 }
 
 impl Drop for Reservation {
@@ -285,6 +311,7 @@ impl Inflight {
                     return Some(Reservation {
                         inflight: Arc::clone(self),
                         size,
+                        total: size,
                     });
                 }
                 Err(now) => current = now,
@@ -520,6 +547,23 @@ mod tests {
     use std::sync::Arc;
 
     use super::Inflight;
+
+    /// Written bytes are used space the free-space check already sees:
+    /// the reservation keeps only the rest.
+    #[test]
+    fn a_reservation_holds_only_what_is_not_written_yet() {
+        let inflight = Arc::new(Inflight::default());
+        let mut held = inflight.reserve(100, |_| true).unwrap();
+        held.on_disk(60);
+        assert_eq!(inflight.reserved(), 40);
+        // Progress never grows it back, nor past the size.
+        held.on_disk(30);
+        assert_eq!(inflight.reserved(), 40);
+        held.on_disk(500);
+        assert_eq!(inflight.reserved(), 0);
+        drop(held);
+        assert_eq!(inflight.reserved(), 0);
+    }
 
     /// Disk space reserved by a request that is dropped at an await (its
     /// client hung up while the download was set up) comes back: once it

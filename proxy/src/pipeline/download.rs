@@ -255,6 +255,7 @@ async fn download(
         mut takeover,
         discard,
     } = env;
+    let mut reservation = reservation;
     let mut published = 0u64;
     let mut end = pump(
         &mut incoming,
@@ -262,6 +263,7 @@ async fn download(
         &recent,
         &dl,
         &mut published,
+        &mut reservation,
         read_timeout,
     )
     .await;
@@ -287,6 +289,7 @@ async fn download(
                     &recent,
                     &dl,
                     &mut published,
+                    &mut reservation,
                     read_timeout,
                 )
                 .await;
@@ -378,6 +381,7 @@ async fn pump(
     recent: &inflight::Recent,
     dl: &Download,
     published: &mut u64,
+    reservation: &mut Option<Reservation>,
     read_timeout: Duration,
 ) -> Result<(), DownloadEnd> {
     loop {
@@ -395,6 +399,9 @@ async fn pump(
                     return Err(DownloadEnd::Write(err));
                 }
                 publish(writer, recent, dl, published);
+                if let Some(r) = reservation.as_mut() {
+                    r.on_disk(*published);
+                }
                 continue;
             }
         };
@@ -415,6 +422,9 @@ async fn pump(
             return Err(DownloadEnd::Write(err));
         }
         publish(writer, recent, dl, published);
+        if let Some(r) = reservation.as_mut() {
+            r.on_disk(*published);
+        }
     }
 }
 
