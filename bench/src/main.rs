@@ -24,7 +24,7 @@ mod splice_sink;
 mod targets;
 
 use report::Report;
-use scenario::{concurrent, hit, manifest, miss, rss, scaleout, warm};
+use scenario::{concurrent, hit, hit_h2, manifest, miss, rss, scaleout, warm};
 use targets::Bench;
 
 type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -98,7 +98,7 @@ struct Phases {
     miss_only: bool,
     /// Only the manifest latency phase (comparing builds: it is short).
     manifest_only: bool,
-    /// Only the 1-client HIT phases (HTTPS and plain HTTP).
+    /// Only the 1-client HIT phases (HTTPS, plain HTTP, HTTP/2).
     hit_only: bool,
     /// Only the scale-out phase (replicas over S3 vs one replica vs
     /// nginx), after the warm-up it needs.
@@ -189,6 +189,7 @@ fn measure(b: &Bench, rt: &tokio::runtime::Runtime, sizes: &Sizes, p: &Phases) -
     }
     if all || p.hit_only {
         hit::run(b, rt, sizes, &mut report)?;
+        hit_h2::run(b, rt, sizes, &mut report)?;
     }
     if all {
         concurrent::run(b, rt, sizes, &mut report)?;

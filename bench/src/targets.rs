@@ -39,6 +39,9 @@ pub struct Target {
     pub https: SocketAddr,
     pub http: SocketAddr,
     pub tls: Arc<ClientConfig>,
+    /// The same trust, offering only `h2` by ALPN (as containerd's and
+    /// every Go client's HTTPS requests do).
+    pub tls_h2: Arc<ClientConfig>,
     /// Path prefix before `<repo>/...`: `/v2/bench.test/` for pullthrough
     /// (path mode), `/v2/` for nginx.
     pub prefix: &'static str,
@@ -53,6 +56,21 @@ impl Target {
 
     pub fn manifest(&self, digest: &str) -> String {
         format!("{}{REPO}/manifests/{digest}", self.prefix)
+    }
+
+    /// An HTTP/2 connection to the HTTPS listener; an error if the server
+    /// would not speak it.
+    pub async fn connect_h2(&self) -> Res<Conn> {
+        let conn = Conn::tls(
+            self.https,
+            self.tls_h2.clone(),
+            &self.https.ip().to_string(),
+        )
+        .await?;
+        if conn.version() != http::Version::HTTP_2 {
+            return Err(format!("{}: no HTTP/2 over TLS (ALPN h2 refused)", self.name).into());
+        }
+        Ok(conn)
     }
 
     /// A kept-alive connection (HTTP/1.1) to the HTTPS or the plain
@@ -200,6 +218,11 @@ impl Bench {
             .server(&["127.0.0.1", "localhost"])?
             .write(certs.path(), "nginx")?;
         let tls = Arc::new(client_config(&ca.cert_pem())?);
+        let tls_h2 = {
+            let mut c = client_config(&ca.cert_pem())?;
+            c.alpn_protocols = vec![b"h2".to_vec()];
+            Arc::new(c)
+        };
 
         let proxy_config = format!(
             "ca: {{cert: '{}', key: '{}'}}\nregistries:\n  - host: {REG}\n    upstream: {}\n    caBundle: '{}'\n",
@@ -225,6 +248,7 @@ impl Bench {
             https: proxy.addrs.https,
             http: proxy.addrs.http,
             tls: tls.clone(),
+            tls_h2: tls_h2.clone(),
             prefix: PT_PREFIX,
             pid: proxy.pid(),
             is_nginx: false,
@@ -234,6 +258,7 @@ impl Bench {
             https: nginx.https,
             http: nginx.http,
             tls: tls.clone(),
+            tls_h2,
             prefix: "/v2/",
             pid: nginx.process.pid(),
             is_nginx: true,
@@ -324,6 +349,7 @@ impl Cluster {
                 https: p.addrs.https,
                 http: p.addrs.http,
                 tls: b.tls.clone(),
+                tls_h2: b.pt.tls_h2.clone(),
                 prefix: PT_PREFIX,
                 pid: p.pid(),
                 is_nginx: false,
@@ -543,7 +569,7 @@ http {{
     proxy_cache_path {dp}/cache levels=1:2 keys_zone=cache:10m max_size=32g inactive=60d use_temp_path=off;
     server {{
         listen {http};
-        listen {https} ssl;
+        listen {https} ssl http2;
         ssl_certificate {crt};
         ssl_certificate_key {key};
         ssl_protocols TLSv1.2 TLSv1.3;

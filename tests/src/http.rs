@@ -267,14 +267,24 @@ enum Sender {
     H2(http2::SendRequest<Full<Bytes>>),
 }
 
-/// One client connection, kept alive across requests. Dropping it closes
-/// the connection.
+/// The task driving a connection; aborted (the connection closed) when
+/// the last handle on the connection goes.
+struct Driver(tokio::task::JoinHandle<()>);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One client connection, kept alive across requests. Dropping it (and
+/// every [`Conn::another_stream`] of it) closes the connection.
 pub struct Conn {
     sender: Sender,
     scheme: &'static str,
     /// `Host` (HTTP/1.1) or `:authority` (HTTP/2) of every request.
     authority: String,
-    task: tokio::task::JoinHandle<()>,
+    task: Arc<Driver>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -284,12 +294,6 @@ impl std::fmt::Debug for Conn {
             .field("authority", &self.authority)
             .field("version", &self.version())
             .finish()
-    }
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -310,9 +314,9 @@ impl Conn {
             sender: Sender::H1(sender),
             scheme: "http",
             authority: addr.to_string(),
-            task: tokio::spawn(async move {
+            task: Arc::new(Driver(tokio::spawn(async move {
                 let _ = conn.await;
-            }),
+            }))),
         })
     }
 
@@ -356,8 +360,24 @@ impl Conn {
             sender,
             scheme: "https",
             authority: addr.to_string(),
-            task,
+            task: Arc::new(Driver(task)),
         })
+    }
+
+    /// On HTTP/2, a handle whose requests are further streams of this
+    /// connection, running alongside this handle's (as a Go client pulls
+    /// several layers at once); `None` on HTTP/1.1, which takes one
+    /// request at a time.
+    pub fn another_stream(&self) -> Option<Conn> {
+        match &self.sender {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Conn {
+                sender: Sender::H2(s.clone()),
+                scheme: self.scheme,
+                authority: self.authority.clone(),
+                task: self.task.clone(),
+            }),
+        }
     }
 
     /// Sends `authority` as `Host` (or `:authority`) instead of the address.
@@ -486,7 +506,7 @@ impl Conn {
                 fetched.error = Some("gave up".into());
                 if let Sender::H1(_) = self.sender {
                     // Nothing else can use a connection with a body half read.
-                    self.task.abort();
+                    self.task.0.abort();
                 }
                 break;
             }

@@ -3,6 +3,7 @@
 
 pub mod concurrent;
 pub mod hit;
+pub mod hit_h2;
 pub mod manifest;
 pub mod miss;
 pub mod rss;
