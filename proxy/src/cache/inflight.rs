@@ -26,7 +26,6 @@
 //! for the remainder is the price of a full disk, paid only then.
 
 use std::collections::HashMap;
-use std::os::unix::fs::FileExt as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -453,13 +452,8 @@ impl Tail {
                     return Ok(Some(bytes));
                 }
                 let len = (limit - self.offset).min(self.chunk);
-                let (file, offset) = (Arc::clone(&self.file), self.offset);
-                let buf = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; len as usize];
-                    file.read_exact_at(&mut buf, offset).map(|()| buf)
-                })
-                .await
-                .map_err(std::io::Error::other)??;
+                let buf =
+                    crate::http::body::read_chunk(&self.file, self.offset, len as usize).await?;
                 self.offset += buf.len() as u64;
                 return Ok(Some(Bytes::from(buf)));
             }

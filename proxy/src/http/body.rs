@@ -45,7 +45,6 @@ pub async fn file_in_chunks(
     len: u64,
     chunk: usize,
 ) -> std::io::Result<Body> {
-    use std::os::unix::fs::FileExt;
     let file = std::sync::Arc::new(tokio::fs::File::open(path).await?.into_std().await);
     // Positional reads straight into the chunk handed on: a tokio file
     // would read into a buffer of its own first, one more chunk held (and
@@ -59,22 +58,33 @@ pub async fn file_in_chunks(
             }
             let n = left.min(chunk);
             // `n` ≤ `chunk`, a usize.
-            let mut buf = vec![0u8; n as usize];
-            let cached = read_cached(&file, &mut buf, at);
-            let buf = if cached == buf.len() {
-                buf
-            } else {
-                tokio::task::spawn_blocking(move || {
-                    file.read_exact_at(&mut buf[cached..], at + cached as u64)
-                        .map(|()| buf)
-                })
-                .await
-                .map_err(std::io::Error::other)??
-            };
+            let buf = read_chunk(&file, at, n as usize).await?;
             Ok(Some((Frame::data(Bytes::from(buf)), (at + n, left - n))))
         }
     });
     Ok(StreamBody::new(stream).boxed_unsync())
+}
+
+/// `len` bytes of `file` at `at`: from the page cache when it holds them
+/// (see [`read_cached`]), the rest by a blocking read.
+pub async fn read_chunk(
+    file: &std::sync::Arc<std::fs::File>,
+    at: u64,
+    len: usize,
+) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; len];
+    let cached = read_cached(file, &mut buf, at);
+    if cached == len {
+        return Ok(buf);
+    }
+    let file = std::sync::Arc::clone(file);
+    tokio::task::spawn_blocking(move || {
+        file.read_exact_at(&mut buf[cached..], at + cached as u64)
+            .map(|()| buf)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// Reads what the page cache holds of `buf.len()` bytes at `at` without
