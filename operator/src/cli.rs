@@ -141,6 +141,16 @@ pub struct Args {
     #[arg(long, env = "CLUSTER_DOMAIN", default_value = "cluster.local")]
     pub cluster_domain: String,
 
+    /// A name no MirrorRegistry may claim, besides the built-in ones (the
+    /// proxy's Service, the cluster domain, `.svc`, the API server as the
+    /// operator reaches it). Name every host nodes reach the API server by
+    /// (the server of the kubelet's kubeconfig, e.g. `api.example.com`)
+    /// and any other service they depend on by name: the agents would
+    /// point that name at the proxy. With `--discovery=create`, any pod's
+    /// image can ask for a MirrorRegistry. Repeatable, or comma-separated.
+    #[arg(long = "reserved-host", value_name = "HOST", value_delimiter = ',')]
+    pub reserved_hosts: Vec<String>,
+
     /// Prefix of the agents' per-node Lease names.
     #[arg(long, default_value = contract::AGENT_LEASE_PREFIX)]
     pub agent_lease_prefix: String,

@@ -32,6 +32,8 @@ pub struct Settings {
     /// The API server's host as this operator reaches it; no registry may
     /// claim it.
     pub api_server_host: Option<String>,
+    /// `--reserved-host`: more names no registry may claim.
+    pub reserved_hosts: Vec<String>,
 }
 
 impl Settings {
@@ -50,6 +52,7 @@ impl Settings {
             resync_interval: a.resync_interval,
             cluster_domain: a.cluster_domain.clone(),
             api_server_host: None,
+            reserved_hosts: a.reserved_hosts.clone(),
         }
     }
 
@@ -60,6 +63,7 @@ impl Settings {
             &self.proxy_service,
             &self.cluster_domain,
             self.api_server_host.as_deref(),
+            &self.reserved_hosts,
         )
     }
 }
@@ -79,4 +83,35 @@ pub struct Kube {
     pub recorder: Recorder,
     /// This replica's name in the Events it writes (`reportingInstance`).
     pub instance: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// `--reserved-host` names reach the table's reserved names, repeated
+    /// or comma-separated, with or without a port.
+    #[test]
+    fn reserved_host_flags_reserve_their_names() {
+        let args = crate::cli::Args::try_parse_from([
+            "pullthrough-operator",
+            "--reserved-host",
+            "api.nodes.example:6443,pkgs.example",
+            "--reserved-host=ntp.example",
+        ])
+        .unwrap();
+        let reserved = Settings::from_args(&args).reserved_names();
+        for host in ["api.nodes.example", "pkgs.example:443", "NTP.example"] {
+            assert!(
+                reserved
+                    .why(host)
+                    .is_some_and(|w| w.contains("--reserved-host")),
+                "{host}"
+            );
+        }
+        assert_eq!(reserved.why("quay.io"), None);
+    }
 }

@@ -174,6 +174,7 @@ mod tests {
             resync_interval: Duration::from_secs(1),
             cluster_domain: "cluster.local".into(),
             api_server_host: None,
+            reserved_hosts: Vec::new(),
         }
     }
 

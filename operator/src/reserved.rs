@@ -16,13 +16,15 @@ pub struct ReservedNames {
 }
 
 impl ReservedNames {
-    /// `proxy_service` in `namespace`, names under `cluster_domain`, and the
-    /// API server's host as the operator reaches it (when known).
+    /// `proxy_service` in `namespace`, names under `cluster_domain`, the
+    /// API server's host as the operator reaches it (when known), and the
+    /// admin's `extra` names (`--reserved-host`).
     pub fn new(
         namespace: &str,
         proxy_service: &str,
         cluster_domain: &str,
         api_server_host: Option<&str>,
+        extra: &[String],
     ) -> Self {
         let domain = cluster_domain.trim_matches('.').to_ascii_lowercase();
         let proxy = format!("the proxy's own Service {namespace}/{proxy_service}");
@@ -37,6 +39,10 @@ impl ReservedNames {
         ];
         if let Some(h) = api_server_host {
             exact.push((split_port(h).0.to_ascii_lowercase(), api));
+        }
+        for h in extra {
+            let name = split_port(h).0.trim_end_matches('.').to_ascii_lowercase();
+            exact.push((name, "reserved by --reserved-host".into()));
         }
         let suffixes = vec![
             (".svc".into(), "a cluster Service name".into()),
@@ -78,6 +84,7 @@ mod tests {
             "pullthrough-proxy",
             "cluster.local",
             Some("api.k8s.example:6443"),
+            &["API.Nodes.Example:6443".into(), "pkgs.example.".into()],
         );
         for (host, why) in [
             ("pullthrough-proxy", "the proxy's own Service"),
@@ -101,6 +108,10 @@ mod tests {
                 "under the cluster domain",
             ),
             ("api.k8s.example", "API server"),
+            // The admin's names, whatever the port or case.
+            ("api.nodes.example", "--reserved-host"),
+            ("api.nodes.example:443", "--reserved-host"),
+            ("PKGS.example", "--reserved-host"),
         ] {
             let got = r.why(host);
             assert!(got.is_some_and(|w| w.contains(why)), "{host}: {got:?}");

@@ -326,7 +326,7 @@ mod tests {
     }
 
     fn reserved() -> ReservedNames {
-        ReservedNames::new("ns", "proxy", "cluster.local", None)
+        ReservedNames::new("ns", "proxy", "cluster.local", None, &[])
     }
 
     fn mounts() -> Mounts {

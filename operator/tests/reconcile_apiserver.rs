@@ -262,6 +262,7 @@ fn operator_reconciles_against_a_real_apiserver() {
         &["--no-such-flag"][..],
         &["--pins-max-bytes", "2000000"],
         &["--pins-max-bytes", "0"],
+        &["--reserved-host", "https://api.example"],
     ] {
         let bad = Command::new(env!("CARGO_BIN_EXE_pullthrough-operator"))
             .args(args)

@@ -58,6 +58,7 @@ fn settings() -> Settings {
         resync_interval: Duration::from_secs(30),
         cluster_domain: "cluster.local".into(),
         api_server_host: None,
+        reserved_hosts: Vec::new(),
     }
 }
 

@@ -1605,3 +1605,47 @@ fn a_public_proxy_service_keeps_the_admin_port_inside_the_cluster() {
     );
     assert_eq!(base_config(&docs).proxy.unwrap().ready_url, None);
 }
+
+/// `operator.reservedHosts` reaches the operator as one `--reserved-host`
+/// each; the schema refuses what is not a host (a URL, a path).
+#[test]
+fn reserved_hosts_reach_the_operator() {
+    let helm = Helm::new(None).expect("helm");
+    let docs = documents(&template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &[
+            "--no-hooks",
+            "--set",
+            "operator.reservedHosts={api.nodes.example:6443,[fd00::1]:6443}",
+        ],
+    ));
+    let args: Vec<String> = pod_spec(&docs, "Deployment", "pullthrough-operator")["containers"][0]
+        ["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    let reserved: Vec<&String> = args
+        .iter()
+        .filter(|a| a.starts_with("--reserved-host="))
+        .collect();
+    assert_eq!(
+        reserved,
+        [
+            "--reserved-host=api.nodes.example:6443",
+            "--reserved-host=[fd00::1]:6443"
+        ],
+        "{args:?}"
+    );
+    let chart = chart();
+    for bad in [
+        "operator.reservedHosts={https://api.example}",
+        "operator.reservedHosts={api.example/v1}",
+    ] {
+        let refused = helm.run(&["template", "pullthrough", &chart, "--set", bad]);
+        assert!(refused.is_err(), "{bad} was rendered");
+    }
+}
