@@ -32,10 +32,11 @@ pub struct Observed {
     pub proxy: Result<ProxyStatus, String>,
 }
 
-/// The last observation, shared by reconciles.
+/// The last observation, shared by reconciles, with the moments it began
+/// and ended.
 #[derive(Default)]
 pub struct Observer {
-    last: tokio::sync::Mutex<Option<(Instant, Observed)>>,
+    last: tokio::sync::Mutex<Option<(Instant, Instant, Observed)>>,
 }
 
 impl Observer {
@@ -47,13 +48,17 @@ impl Observer {
         base: Option<&NodeProxy>,
         fresh: bool,
     ) -> Result<Observed, Error> {
+        let asked = Instant::now();
         let mut cached = self.last.lock().await;
-        if let Some((at, o)) = cached.as_ref()
-            && !fresh
-            && at.elapsed() < TTL
+        // A fresh observation is one begun after the ask: callers queued
+        // behind one that was (deletions polling while the proxy does not
+        // answer, 2 s each) share it instead of each taking their own.
+        if let Some((began, ended, o)) = cached.as_ref()
+            && (*began >= asked || (!fresh && ended.elapsed() < TTL))
         {
             return Ok(o.clone());
         }
+        let began = Instant::now();
         let ns = &settings.namespace;
         let services: Api<Service> = Api::namespaced(client.clone(), ns);
         // Without the Service the base config's `proxy:` still makes a
@@ -101,7 +106,7 @@ impl Observer {
             reports,
             proxy,
         };
-        *cached = Some((Instant::now(), o.clone()));
+        *cached = Some((began, Instant::now(), o.clone()));
         Ok(o)
     }
 }
@@ -159,7 +164,7 @@ mod tests {
     use super::*;
     use std::path::PathBuf;
 
-    fn settings() -> Settings {
+    pub(super) fn settings() -> Settings {
         Settings {
             namespace: "ns".into(),
             table_configmap: "t".into(),
@@ -228,5 +233,83 @@ mod tests {
         let np = node_proxy(&settings(), Some(&base), Some(&svc)).0.unwrap();
         assert_eq!(np.address, "10.96.0.5");
         assert_eq!(np.never_hijack, base.never_hijack);
+    }
+}
+
+#[cfg(test)]
+mod sharing {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    type Req = http::Request<kube::client::Body>;
+    type Resp = http::Response<kube::client::Body>;
+
+    fn json(code: u16, v: serde_json::Value) -> Resp {
+        http::Response::builder()
+            .status(code)
+            .header("content-type", "application/json")
+            .body(kube::client::Body::from(serde_json::to_vec(&v).unwrap()))
+            .unwrap()
+    }
+
+    /// Deletions poll with fresh observations every 2 s; with a proxy that
+    /// takes connections and never answers, each observation takes the
+    /// whole 2 s `/status` timeout, and ten of them queued one behind
+    /// another (20 s) held up every other reconcile. Asked together, they
+    /// now share: at most two observations for ten callers.
+    #[tokio::test]
+    async fn fresh_observations_asked_together_are_shared() {
+        // Accepted by the kernel, never answered.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut s = super::tests::settings();
+        s.proxy_status_url = Some(format!("http://{}/status", silent.local_addr().unwrap()));
+        let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+        let client = Client::new(svc, "default");
+        let lists = Arc::new(AtomicUsize::new(0));
+        let server = {
+            let lists = Arc::clone(&lists);
+            tokio::spawn(async move {
+                while let Some((req, send)) = handle.next_request().await {
+                    let resp = if req.uri().path().ends_with("/leases") {
+                        lists.fetch_add(1, Ordering::SeqCst);
+                        json(
+                            200,
+                            serde_json::json!({"kind": "LeaseList",
+                                "apiVersion": "coordination.k8s.io/v1", "metadata": {}, "items": []}),
+                        )
+                    } else {
+                        json(
+                            404,
+                            serde_json::json!({"kind": "Status", "apiVersion": "v1",
+                                "status": "Failure", "reason": "NotFound", "code": 404}),
+                        )
+                    };
+                    send.send_response(resp);
+                }
+            })
+        };
+        let observer = Arc::new(Observer::default());
+        let started = Instant::now();
+        let calls: Vec<_> = (0..10)
+            .map(|_| {
+                let (o, c, s) = (Arc::clone(&observer), client.clone(), s.clone());
+                tokio::spawn(async move { o.observe(&c, &s, None, true).await })
+            })
+            .collect();
+        for call in calls {
+            let o = call.await.unwrap().unwrap();
+            assert!(o.proxy.is_err(), "the silent proxy answered");
+        }
+        server.abort();
+        let n = lists.load(Ordering::SeqCst);
+        assert!(n <= 2, "{n} observations for 10 callers");
+        assert!(
+            started.elapsed() < 3 * PROXY_STATUS_TIMEOUT,
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
