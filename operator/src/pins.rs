@@ -559,12 +559,17 @@ pub fn build(cluster: &Cluster<'_>, revisions: usize, cap: usize) -> Built {
 /// The registry host of a normalized pin, as MirrorRegistries name it
 /// (Docker Hub's other names as `docker.io`).
 fn registry_of(image: &str) -> String {
-    let host = image.split('/').next().unwrap_or_default();
-    match host {
+    // Lowercased first: `Index.Docker.io/...` is Docker Hub too.
+    let host = image
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" => {
             pullthrough_api::names::DOCKER_HUB.to_string()
         }
-        h => h.to_ascii_lowercase(),
+        _ => host,
     }
 }
 
@@ -839,6 +844,18 @@ mod tests {
     /// managedFields, kubectl's last-applied copy, a node's image list
     /// go), and what is computed from the slim objects is what is
     /// computed from the whole ones.
+    /// The registry of an image reference as the table names it: Docker
+    /// Hub's other names, in any case, are `docker.io`.
+    #[test]
+    fn registries_of_images_are_named_as_the_table_names_them() {
+        assert_eq!(registry_of("Index.Docker.io/library/nginx:1"), "docker.io");
+        assert_eq!(
+            registry_of("registry-1.docker.io/x/y@sha256:ab"),
+            "docker.io"
+        );
+        assert_eq!(registry_of("Quay.IO/org/app:1"), "quay.io");
+    }
+
     #[test]
     fn cached_objects_are_slimmed_to_what_is_read() {
         let status = |name: &str, image: &str, id: &str, ready: bool, restarts: u32| {
