@@ -374,6 +374,7 @@ pub async fn ensure(
                 .map_err(|e| e.in_secret(&format!("{ns}/{name}")))?
             {
                 let mut updated = state.clone().into_secret(name, ns);
+                keep_foreign_metadata(&secret, &mut updated);
                 updated.metadata.resource_version = secret.metadata.resource_version.clone();
                 secrets
                     .replace(name, &PostParams::default(), &updated)
@@ -390,6 +391,23 @@ pub async fn ensure(
     };
     crate::publish::apply_ca_bundle(client, ns, name, &state.bundle()).await?;
     Ok(state)
+}
+
+/// A rotation step replaces the whole CA Secret: labels and annotations
+/// other tools put on it (a backup selector, a policy engine's marks) are
+/// carried over; ours (`pullthrough.dev/...`) are as the new state says.
+fn keep_foreign_metadata(old: &Secret, new: &mut Secret) {
+    let annotations = new.metadata.annotations.get_or_insert_default();
+    for (k, v) in old.metadata.annotations.iter().flatten() {
+        if !k.starts_with("pullthrough.dev/") {
+            annotations.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    let labels = new.metadata.labels.get_or_insert_default();
+    for (k, v) in old.metadata.labels.iter().flatten() {
+        labels.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    new.metadata.owner_references = old.metadata.owner_references.clone();
 }
 
 #[cfg(test)]

@@ -805,6 +805,26 @@ fn ca_rotates_with_an_overlap() {
         Ok(!first.is_empty())
     })
     .unwrap();
+    // Another tool's marks on the Secret survive every rotation step
+    // (each replaces the whole object).
+    api.kubectl(&[
+        "label",
+        "secret",
+        "pullthrough-ca",
+        "-n",
+        NS,
+        "backup.example/keep=yes",
+    ])
+    .unwrap();
+    api.kubectl(&[
+        "annotate",
+        "secret",
+        "pullthrough-ca",
+        "-n",
+        NS,
+        "backup.example/note=ca",
+    ])
+    .unwrap();
     let count = |b: &str| b.matches("BEGIN CERTIFICATE").count();
     // 1. Both published, the old one still active.
     wait_for("next CA published", TIMEOUT, || {
@@ -857,6 +877,11 @@ fn ca_rotates_with_an_overlap() {
         Ok(bundle(&api).is_some_and(|b| !b.contains(first.trim())))
     })
     .unwrap();
+    let meta = &api
+        .get_json(&["secret", "pullthrough-ca", "-n", NS])
+        .unwrap()["metadata"];
+    assert_eq!(meta["labels"]["backup.example/keep"], "yes", "{meta:#}");
+    assert_eq!(meta["annotations"]["backup.example/note"], "ca", "{meta:#}");
     let dropped_by = unix_now();
     assert!(
         dropped_by >= rotated_at + OVERLAP as f64,
