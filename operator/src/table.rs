@@ -70,7 +70,7 @@ pub struct Mounts {
 }
 
 /// The rendered table.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Table {
     /// `config.yaml`.
     pub yaml: String,
@@ -92,6 +92,22 @@ pub struct Table {
     /// What the proxy CA must permit to serve this table (its name
     /// constraints): every registry name and the proxy's own names.
     pub permitted: PermittedNames,
+}
+
+/// Everything but the credentials' content, which a debug line or a
+/// panic message must never carry: their keys only.
+impl std::fmt::Debug for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Table")
+            .field("hash", &self.hash)
+            .field("yaml", &self.yaml)
+            .field("extra", &self.extra.keys().collect::<Vec<_>>())
+            .field("credentials", &self.credentials.keys().collect::<Vec<_>>())
+            .field("verdicts", &self.verdicts)
+            .field("entries", &self.entries)
+            .field("permitted", &self.permitted)
+            .finish()
+    }
 }
 
 /// `host` as a file name (`:` → `_`).
@@ -438,6 +454,30 @@ mod tests {
             t.hash
         );
         assert_eq!(t.hash, config_hash(t.yaml.as_bytes()));
+    }
+
+    /// Credentials reach the proxy's Secret only: a table printed for
+    /// debugging names their keys, not their content.
+    #[test]
+    fn a_printed_table_holds_no_credentials() {
+        let refs = Refs::default().with_secret(
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "creds", "namespace": "team"},
+                "stringData": {},
+                "data": {"username": "cm9ib3Q=", "password": "aHVudGVyMg=="}
+            }))
+            .unwrap(),
+        );
+        let crs = vec![cr(
+            "a",
+            1,
+            "host: reg.example\ncredentialsSecretRef: {name: creds, namespace: team}\n",
+        )];
+        let t = render(&empty(), &crs, None, &mounts(), &refs, &reserved()).unwrap();
+        assert!(t.credentials["reg.example.json"].contains("hunter2"));
+        let printed = format!("{t:?}");
+        assert!(printed.contains("reg.example.json"), "{printed}");
+        assert!(!printed.contains("hunter2"), "{printed}");
     }
 
     #[test]
