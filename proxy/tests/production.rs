@@ -552,6 +552,22 @@ fn a_full_disk_keeps_serving_by_pass_through() {
             .access_matching(&[("kind", "blob"), ("cache", "PASS"), ("complete", "true")])
             .is_empty()
     );
+    // What did fit is still served from the cache while the disk is full:
+    // a HIT in both rounds, not a pass-through.
+    let cached: Vec<&String> = layers
+        .iter()
+        .filter(|d| cached_path(&proxy, d).exists())
+        .collect();
+    assert!(!cached.is_empty(), "nothing cached on the 8 MiB disk");
+    for d in cached {
+        wait_for("HIT lines", Duration::from_secs(5), || {
+            Ok(proxy
+                .access_matching(&[("digest", d.as_str()), ("cache", "HIT")])
+                .len()
+                >= 2)
+        })
+        .unwrap_or_else(|e| panic!("{d}: {e}\n{}", proxy.log()));
+    }
     proxy.stop().unwrap();
     drop(mount);
 }
