@@ -516,3 +516,45 @@ fn one_address_holds_at_most_its_share_of_connections() {
         "{metrics}"
     );
 }
+
+/// An upstream that takes connections and never answers: the leader of a
+/// merged miss times out, and its waiters each ask on their own at once.
+/// Handing the download to one waiter after another would make the last
+/// sit out every leader's timeout in turn (5 clients, 5 timeouts), long
+/// past a runtime's pull timeout. A leader refused for its own reasons is
+/// handed over (production.rs::a_refused_leader_hands_the_download_to_a_waiter).
+#[test]
+fn waiters_of_a_leader_the_upstream_failed_do_not_queue_behind_new_leaders() {
+    const CLIENTS: usize = 5;
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy = quay_proxy(
+        "upstreamTimeouts:\n  connect: 1s\n  read: 1s\n",
+        &format!("http://{}", silent.local_addr().unwrap()),
+        "",
+    );
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let url = format!("{}/v2/quay.io/org/app/blobs/{digest}", proxy.http_url());
+    let get = |url: String| {
+        std::thread::spawn(move || {
+            let t = Instant::now();
+            let r = pullthrough_testbed::http::Get::new(&url)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .unwrap();
+            (r.status, t.elapsed())
+        })
+    };
+    // One alone: what one upstream timeout costs here.
+    let (status, alone) = get(url.clone()).join().unwrap();
+    assert!(status.is_server_error(), "{status}");
+    let clients: Vec<_> = (0..CLIENTS).map(|_| get(url.clone())).collect();
+    for c in clients {
+        let (status, took) = c.join().unwrap();
+        assert!(status.is_server_error(), "{status}");
+        assert!(
+            took < alone * 2 + Duration::from_millis(700),
+            "{took:?} for a client next to others; {alone:?} alone"
+        );
+    }
+    drop(silent);
+}

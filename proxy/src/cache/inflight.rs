@@ -47,9 +47,22 @@ pub enum Phase {
     Starting,
     /// Bytes are arriving; `on_disk` of them can be read from `file`.
     Streaming(Stream),
-    /// The upstream did not send the blob (the leader relays its answer);
-    /// waiters fetch on their own.
-    NotStarted,
+    /// The leader got no blob. `hand_over`: for a reason of its own (its
+    /// client left, the upstream refused its credentials or said 404 to
+    /// its repository), so a waiter leads the next try; else the upstream
+    /// itself failed (timeout, connection, 5xx, 429) and each waiter asks
+    /// on its own at once rather than queue behind another such try.
+    NotStarted { hand_over: bool },
+}
+
+/// How [`wait_started`] ended.
+#[derive(Debug)]
+pub enum Started {
+    Streaming(Stream),
+    /// The leader gave up for a reason of its own: lead or join anew.
+    HandedOver,
+    /// The upstream failed the leader: ask on your own.
+    GaveUp,
 }
 
 #[derive(Debug, Clone)]
@@ -337,17 +350,17 @@ impl Inflight {
     }
 }
 
-/// Waits until the download either streams (`Some`) or will not
-/// (`None`: the caller fetches on its own).
-pub async fn wait_started(rx: &mut watch::Receiver<Phase>) -> Option<Stream> {
+/// Waits until the download either streams or will not.
+pub async fn wait_started(rx: &mut watch::Receiver<Phase>) -> Started {
     loop {
         match &*rx.borrow_and_update() {
-            Phase::Streaming(s) => return Some(s.clone()),
-            Phase::NotStarted => return None,
+            Phase::Streaming(s) => return Started::Streaming(s.clone()),
+            Phase::NotStarted { hand_over: true } => return Started::HandedOver,
+            Phase::NotStarted { hand_over: false } => return Started::GaveUp,
             Phase::Starting => {}
         }
         if rx.changed().await.is_err() {
-            return None;
+            return Started::GaveUp;
         }
     }
 }

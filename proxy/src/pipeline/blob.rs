@@ -71,12 +71,15 @@ pub(crate) async fn blob(
         return Ok(relay_response(up.response));
     }
     record.cache = CacheResult::Miss;
-    // A leader can give up before its download starts (its client left
-    // during the upstream round trip, or the upstream refused it): the
-    // waiters then elect a new leader among themselves rather than each
-    // fetching alone and uncached, which any client could otherwise
-    // cause on purpose with a refused ask for a popular layer. Bounded,
-    // so an upstream that refuses everyone costs each client one ask.
+    // A leader can give up before its download starts for a reason of
+    // its own (its client left during the upstream round trip, or the
+    // upstream refused its credentials): the waiters then elect a new
+    // leader among themselves rather than each fetching alone and
+    // uncached, which any client could otherwise cause on purpose with a
+    // refused ask for a popular layer. Bounded, so an upstream that
+    // refuses everyone costs each client one ask. When the upstream itself
+    // failed the leader (timeout, 5xx), each asks on its own at once: a
+    // queue of leaders would make every waiter sit out each one's timeout.
     for _ in 0..LEAD_ROUNDS {
         if ctx.shared.inflight.is_uncacheable(digest) {
             break;
@@ -103,26 +106,29 @@ pub(crate) async fn blob(
             }
             Role::Waiter(dl) => {
                 let mut rx = dl.subscribe();
-                if let Some(stream) = inflight::wait_started(&mut rx).await {
-                    // The download was started for another client: this
-                    // one must be allowed to read the repository too.
-                    if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
-                        record.cache = CacheResult::Denied;
-                        return Ok(refusal);
-                    }
-                    ctx.shared.metrics.merged_waiter(&ctx.registry.host);
-                    ctx.served(digest);
-                    let body = inflight::tail(
-                        rx,
-                        &stream,
-                        digest.clone(),
-                        resume(ctx, &path, headers),
-                        ctx.read_timeout,
-                        ctx.file_chunk(),
-                    );
-                    return Ok(blob_response(digest, &stream, body));
+                let stream = match inflight::wait_started(&mut rx).await {
+                    inflight::Started::Streaming(stream) => stream,
+                    // The leader got no blob: join or lead the next round.
+                    inflight::Started::HandedOver => continue,
+                    inflight::Started::GaveUp => break,
+                };
+                // The download was started for another client: this one
+                // must be allowed to read the repository too.
+                if let Some(refusal) = ctx.check_cached(headers, &path, digest).await? {
+                    record.cache = CacheResult::Denied;
+                    return Ok(refusal);
                 }
-                // The leader got no blob: join or lead the next round.
+                ctx.shared.metrics.merged_waiter(&ctx.registry.host);
+                ctx.served(digest);
+                let body = inflight::tail(
+                    rx,
+                    &stream,
+                    digest.clone(),
+                    resume(ctx, &path, headers),
+                    ctx.read_timeout,
+                    ctx.file_chunk(),
+                );
+                return Ok(blob_response(digest, &stream, body));
             }
         }
     }

@@ -27,6 +27,8 @@ pub(super) struct LeadGuard<'a> {
     inflight: &'a Inflight,
     digest: &'a Digest,
     pub(super) dl: Option<Arc<Download>>,
+    /// Whether a waiter should lead the next try (see `Phase::NotStarted`).
+    hand_over: bool,
 }
 
 impl<'a> LeadGuard<'a> {
@@ -39,7 +41,14 @@ impl<'a> LeadGuard<'a> {
             inflight,
             digest,
             dl: Some(dl),
+            hand_over: true,
         }
+    }
+
+    /// The upstream itself failed this leader: another leader would wait
+    /// out the same failure, so the waiters ask on their own.
+    fn upstream_failed(&mut self) {
+        self.hand_over = false;
     }
 }
 
@@ -49,7 +58,9 @@ impl Drop for LeadGuard<'_> {
             // Unregistered first: a waiter woken by `NotStarted` that asks
             // again must find no download or a new one, not this dead one.
             self.inflight.finish(self.digest, &dl);
-            dl.publish(Phase::NotStarted);
+            dl.publish(Phase::NotStarted {
+                hand_over: self.hand_over,
+            });
         }
     }
 }
@@ -124,10 +135,21 @@ pub(crate) async fn lead(
             }
         },
     };
-    let up = ctx
+    let up = match ctx
         .send(Method::GET, url, forward_headers(headers, false))
-        .await?;
+        .await
+    {
+        Ok(up) => up,
+        Err(err) => {
+            guard.upstream_failed();
+            return Err(err);
+        }
+    };
     if up.response.status() != StatusCode::OK {
+        let status = up.response.status();
+        if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+            guard.upstream_failed();
+        }
         record.cache = CacheResult::Pass;
         return Ok(relay_response(up.response));
     }
