@@ -11,6 +11,15 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// A `--reserved-host`: compared without case or a final dot, as every
+/// registry name is, so `API.Example.com.` is accepted and reserves
+/// `api.example.com`.
+fn reserved_host(s: &str) -> Result<String, String> {
+    let host = s.trim_end_matches('.').to_ascii_lowercase();
+    pullthrough_api::names::validate_host(&host)?;
+    Ok(host)
+}
+
 /// Reconcile MirrorRegistry resources (pullthrough.dev/v1alpha1) into the
 /// registry table ConfigMap, the CA Secret/ConfigMap and per-registry status.
 ///
@@ -148,7 +157,12 @@ pub struct Args {
     /// and any other service they depend on by name: the agents would
     /// point that name at the proxy. With `--discovery=create`, any pod's
     /// image can ask for a MirrorRegistry. Repeatable, or comma-separated.
-    #[arg(long = "reserved-host", value_name = "HOST", value_delimiter = ',')]
+    #[arg(
+        long = "reserved-host",
+        value_name = "HOST",
+        value_delimiter = ',',
+        value_parser = reserved_host
+    )]
     pub reserved_hosts: Vec<String>,
 
     /// Prefix of the agents' per-node Lease names.

@@ -99,7 +99,7 @@ mod tests {
         let args = crate::cli::Args::try_parse_from([
             "pullthrough-operator",
             "--reserved-host",
-            "api.nodes.example:6443,pkgs.example",
+            "API.Nodes.Example:6443,pkgs.example.",
             "--reserved-host=ntp.example",
         ])
         .unwrap();
@@ -113,5 +113,12 @@ mod tests {
             );
         }
         assert_eq!(reserved.why("quay.io"), None);
+        for bad in ["https://api.example", "api.example/v1", ""] {
+            assert!(
+                crate::cli::Args::try_parse_from(["pullthrough-operator", "--reserved-host", bad])
+                    .is_err(),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -21,12 +21,6 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 fn main() {
     let args: Args = parse_or_exit();
     init_logging(args.log_json);
-    for host in &args.reserved_hosts {
-        if let Err(e) = pullthrough_api::names::validate_host(host) {
-            eprintln!("pullthrough-operator: --reserved-host {host:?}: {e}");
-            std::process::exit(EXIT_USAGE);
-        }
-    }
     if args.ca_rotate_before >= args.ca_validity {
         eprintln!("pullthrough-operator: --ca-rotate-before must be shorter than --ca-validity");
         std::process::exit(EXIT_USAGE);
