@@ -85,9 +85,11 @@ pub fn pod_images<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> BTreeSet<Strin
 /// Whether a pod's image is known to run on a node, or is only asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
-    /// Kubelet started the container on a node: the pod is `Running` there,
-    /// or kubelet reported the digest it runs. Only kubelet writes a pod's
-    /// status, so no tenant can claim this for an image nothing pulled.
+    /// Kubelet reported the digest this container runs, on the node the
+    /// pod is bound to. Only kubelet writes a pod's status, and it reports
+    /// a digest per container it pulled, so no tenant can claim this for
+    /// an image nothing pulled (a `Running` pod's other containers may be
+    /// stuck on an image that does not exist: those wait).
     Runs,
     /// Anything else: pulling, unschedulable, or an image that does not
     /// exist; any pod spec, from anyone allowed to create pods, can ask.
@@ -101,7 +103,6 @@ fn images_of(pod: &Pod) -> Vec<(Standing, String)> {
     };
     let status = pod.status.as_ref();
     let scheduled = spec.node_name.as_deref().is_some_and(|n| !n.is_empty());
-    let running_pod = scheduled && status.and_then(|s| s.phase.as_deref()) == Some("Running");
     // Per container name: the digest it runs, when known.
     let mut running: BTreeMap<&str, &str> = BTreeMap::new();
     if let Some(st) = status {
@@ -119,7 +120,7 @@ fn images_of(pod: &Pod) -> Vec<(Standing, String)> {
     spec_images(spec)
         .filter_map(|(name, image)| {
             let digest = running.get(name).copied();
-            let standing = if running_pod || (scheduled && digest.is_some()) {
+            let standing = if scheduled && digest.is_some() {
                 Standing::Runs
             } else {
                 Standing::Waits
@@ -1366,6 +1367,46 @@ mod tests {
             "{:?}",
             built.pins.images
         );
+    }
+
+    /// A `Running` pod's containers stuck on images that do not exist do
+    /// not count as running: only a container kubelet reported a digest
+    /// for does. A tenant's one real container cannot lift a thousand
+    /// bogus sidecars above what an admin asked to keep warm.
+    #[test]
+    fn only_containers_kubelet_reports_count_as_running() {
+        let mut images = vec!["quay.io/t/real:1".to_string()];
+        images.extend(flood(1000));
+        let mut tenant = pod_in("tenant", "x", Some("n1"), "Running", &images);
+        tenant.status = serde_json::from_value(json!({
+            "phase": "Running",
+            "containerStatuses": [{
+                "name": "c0", "image": "quay.io/t/real:1", "ready": true, "restartCount": 0,
+                "imageID": format!("quay.io/t/real@{D1}"),
+            }],
+        }))
+        .unwrap();
+        let quay: MirrorRegistry = serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "MirrorRegistry",
+            "metadata": {"name": "quay"},
+            "spec": {"host": "quay.io", "prefetch": ["zzz/warm:1"]},
+        }))
+        .unwrap();
+        let built = build(
+            &Cluster {
+                pods: vec![&tenant],
+                registries: vec![&quay],
+                ..Cluster::default()
+            },
+            2,
+            empty_doc() + 400,
+        );
+        let images = &built.pins.images;
+        assert!(
+            images.contains(&format!("quay.io/t/real@{D1}")),
+            "{images:?}"
+        );
+        assert!(images.contains("quay.io/zzz/warm:1"), "{images:?}");
     }
 
     /// An image too long for the room left is left out, and the filling
