@@ -143,13 +143,13 @@ pub fn desired_conditions(
             condition::PROXY_READY,
             false,
             "NotServed",
-            "the proxy runs the current table but does not list this registry",
+            "the proxy runs a table holding this registry as the current one does, but does not list it",
         ),
         Ok(_) => Desired::new(
             condition::PROXY_READY,
             true,
             "Serving",
-            "the proxy serves the current registry table",
+            "the proxy serves this registry as the current table has it",
         ),
     };
     let nodes = if counts.total == 0 {
