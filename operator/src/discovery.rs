@@ -399,7 +399,11 @@ pub async fn publish(
     } in plan.report
     {
         let name = object_name(host);
-        let before = existing.get(&name);
+        // One deleted just above (named the old way, for another spelling
+        // of the host) is no longer there to skip a write for.
+        let before = existing
+            .get(&name)
+            .filter(|_| !plan.delete.iter().any(|d| **d == name));
         if let (Some(d), Mode::Create, true) = (before, mode, in_use)
             && memory.may_create(host)
         {

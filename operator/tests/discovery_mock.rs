@@ -291,3 +291,20 @@ async fn an_unused_registry_gets_no_mirror_registry() {
     assert!(c.mregs.is_empty(), "{:?}", c.mregs);
     assert_eq!(c.dregs["ghcr.io"]["status"]["pods"], 0);
 }
+
+/// An object an older operator wrote for another spelling of the host
+/// (`GHCR.io`), under the name this host now gets: it is deleted as named
+/// the old way, and written again for the host in the same run, not left
+/// out until the next one because its old status matched.
+#[tokio::test]
+async fn an_object_named_the_old_way_is_written_again_at_once() {
+    let job = pod("batch", "job", &["ghcr.io/o/job:1".to_string()]);
+    let mut h = Harness::new();
+    h.run(Mode::Report, std::slice::from_ref(&job)).await;
+    h.cluster.lock().unwrap().dregs.get_mut("ghcr.io").unwrap()["spec"]["host"] = json!("GHCR.io");
+    h.run(Mode::Report, &[job]).await;
+    let c = h.cluster.lock().unwrap();
+    let d = c.dregs.get("ghcr.io").expect("ghcr.io written again");
+    assert_eq!(d["spec"]["host"], "ghcr.io");
+    assert_eq!(d["status"]["pods"], 1);
+}
