@@ -445,27 +445,24 @@ impl Slim for ReplicaSet {
     }
 }
 
-impl Slim for DaemonSet {
-    fn slim(&mut self) {
-        self.metadata = identity(std::mem::take(&mut self.metadata));
-        self.spec = self.spec.take().map(|s| DaemonSetSpec {
-            template: slim_template(s.template),
-            ..DaemonSetSpec::default()
-        });
-        self.status = None;
-    }
+/// Workloads whose pod template is all that is read of them: identity
+/// and the template's images.
+macro_rules! slim_workload {
+    ($($kind:ty => $spec:ident),+) => {$(
+        impl Slim for $kind {
+            fn slim(&mut self) {
+                self.metadata = identity(std::mem::take(&mut self.metadata));
+                self.spec = self.spec.take().map(|s| $spec {
+                    template: slim_template(s.template),
+                    ..$spec::default()
+                });
+                self.status = None;
+            }
+        }
+    )+};
 }
 
-impl Slim for StatefulSet {
-    fn slim(&mut self) {
-        self.metadata = identity(std::mem::take(&mut self.metadata));
-        self.spec = self.spec.take().map(|s| StatefulSetSpec {
-            template: slim_template(s.template),
-            ..StatefulSetSpec::default()
-        });
-        self.status = None;
-    }
-}
+slim_workload!(DaemonSet => DaemonSetSpec, StatefulSet => StatefulSetSpec);
 
 impl Slim for MirrorRegistry {}
 impl Slim for Node {
