@@ -2,6 +2,7 @@
 
 use tokio::runtime::Runtime;
 
+use super::{Alternated, alternate, median};
 use crate::procfs::{cpu_ticks_of, thread_cpu_ticks};
 use crate::report::{Report, Row};
 use crate::splice_sink;
@@ -26,24 +27,16 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
         // Server CPU per GiB too: with both servers keeping the socket
         // full, the throughput is the load generator's as much as the
         // server's; the CPU a server spends on each byte is its own.
-        let ng_workers = b.nginx.workers();
-        let (mut pts, mut ngs) = (Vec::new(), Vec::new());
-        let (mut pt_ticks, mut ng_ticks) = (0, 0);
-        for _ in 0..REPS {
-            let c0 = cpu_ticks_of(&[b.pt.pid]);
-            let (x, _) = rt.block_on(single_big(&b.pt, &b.fx, tls_on, 1))?;
-            let c1 = cpu_ticks_of(&[b.pt.pid]);
-            let n0 = cpu_ticks_of(&ng_workers);
-            let (y, m) = rt.block_on(single_big(&b.ng, &b.fx, tls_on, 1))?;
-            let n1 = cpu_ticks_of(&ng_workers);
-            report.nginx_not_hit += m;
-            pt_ticks += c1 - c0;
-            ng_ticks += n1 - n0;
-            pts.push(x);
-            ngs.push(y);
-        }
+        let Alternated {
+            pt: pts,
+            ng: ngs,
+            pt_ticks,
+            ng_ticks,
+        } = alternate(b, REPS, report, |t| {
+            rt.block_on(single_big(t, &b.fx, tls_on, 1))
+        })?;
         eprintln!("HIT {label} reads, MiB/s: pullthrough {pts:.0?}, nginx {ngs:.0?}");
-        let (a, ng) = (median(&mut pts), median(&mut ngs));
+        let (a, ng) = (median(&pts), median(&ngs));
         let zero_copy = if tls_on {
             None
         } else {
@@ -181,8 +174,8 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
     eprintln!("HIT HTTP zero-copy reads, MiB/s: pullthrough {pts:.0?}, nginx {ngs:.0?}");
     let ms = |t: u64| ms_per_gib(t, big.size);
     Ok(ZeroCopy {
-        pt: median(&mut pts),
-        ng: median(&mut ngs),
+        pt: median(&pts),
+        ng: median(&ngs),
         pt_server_ms: ms(pt_t[0]),
         ng_server_ms: ms(ng_t[0]),
         pt_reader_ms: ms(pt_t[1]),
@@ -195,11 +188,6 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
 fn ms_per_gib(ticks: u64, blob: u64) -> f64 {
     let gib = (REPS as u64 * blob) as f64 / (1u64 << 30) as f64;
     ticks as f64 * 10.0 / gib
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn sendfile_bytes(b: &Bench) -> Res<Option<u64>> {

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tokio::runtime::Runtime;
 
-use crate::procfs::cpu_ticks_of;
+use super::{Alternated, alternate, median};
 use crate::report::{Report, Row};
 use crate::targets::{Bench, TRANSFER_TIMEOUT, Target, check, get, mbps, not_hit};
 use crate::{MIB, REPO, Res, Sizes};
@@ -25,25 +25,17 @@ const STREAMS: usize = 4;
 
 pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<()> {
     let big = &b.fx.big.manifests[0].layers[0];
-    let ng_workers = b.nginx.workers();
     for streams in [1, STREAMS] {
-        let (mut pts, mut ngs) = (Vec::new(), Vec::new());
-        let (mut pt_ticks, mut ng_ticks) = (0, 0);
-        for _ in 0..REPS {
-            let c0 = cpu_ticks_of(&[b.pt.pid]);
-            let (x, _) = rt.block_on(read_streams(&b.pt, &big.digest, big.size, streams))?;
-            let c1 = cpu_ticks_of(&[b.pt.pid]);
-            let n0 = cpu_ticks_of(&ng_workers);
-            let (y, m) = rt.block_on(read_streams(&b.ng, &big.digest, big.size, streams))?;
-            let n1 = cpu_ticks_of(&ng_workers);
-            report.nginx_not_hit += m;
-            pt_ticks += c1 - c0;
-            ng_ticks += n1 - n0;
-            pts.push(x);
-            ngs.push(y);
-        }
+        let Alternated {
+            pt: pts,
+            ng: ngs,
+            pt_ticks,
+            ng_ticks,
+        } = alternate(b, REPS, report, |t| {
+            rt.block_on(read_streams(t, &big.digest, big.size, streams))
+        })?;
         eprintln!("HIT HTTP/2, {streams} stream(s), MiB/s: pullthrough {pts:.0?}, nginx {ngs:.0?}");
-        let (a, ng) = (median(&mut pts), median(&mut ngs));
+        let (a, ng) = (median(&pts), median(&ngs));
         let served = (REPS * streams) as u64 * big.size;
         let (pt_ms, ng_ms) = (ms_per_gib(pt_ticks, served), ms_per_gib(ng_ticks, served));
         eprintln!(
@@ -112,9 +104,4 @@ async fn read_streams(t: &Target, digest: &str, size: u64, streams: usize) -> Re
 /// `ticks` of CPU (10 ms each) spent serving `bytes`, as ms per GiB.
 fn ms_per_gib(ticks: u64, bytes: u64) -> f64 {
     ticks as f64 * 10.0 / (bytes as f64 / (1u64 << 30) as f64)
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
