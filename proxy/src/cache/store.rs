@@ -363,9 +363,19 @@ impl BlobStore {
     }
 
     /// From now on eviction skips `digests` (the pinned images' manifests
-    /// and blobs).
+    /// and blobs), and an eviction pass runs: commits evict as they land,
+    /// but those that landed while the pins were unresolved (after a
+    /// restart) or pinned what is not pinned any more evicted nothing,
+    /// and without another commit the cache would stay over its bound.
     pub fn pin(&self, digests: Arc<HashSet<Digest>>) {
         self.inner.pinned.store(Some(digests));
+        let inner = Arc::clone(&self.inner);
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(move || evict(&inner));
+            }
+            Err(_) => evict(&inner),
+        }
     }
 
     /// Eviction stops waiting for the pins at `at` instead.

@@ -554,6 +554,31 @@ async fn a_store_awaiting_its_pins_evicts_nothing_until_it_has_them() {
     assert!(store.entry(&digests[0]).is_some());
 }
 
+/// Pins that arrive after the last commit still bring the cache back
+/// under its bound: resolving them runs an eviction pass. It waited for
+/// the next commit, and after a restart with nothing more pulled the
+/// cache stayed over its bound.
+#[tokio::test]
+async fn pins_arriving_after_the_last_commit_evict() {
+    let dir = tempfile::tempdir().unwrap();
+    let blobs: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 2_000]).collect();
+    let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+    let store = BlobStore::open_with(dir.path(), bounded(5_000), true)
+        .await
+        .unwrap();
+    for (d, b) in digests.iter().zip(&blobs) {
+        store.put(d, BlobMeta::default(), b).await.unwrap();
+    }
+    assert_eq!(store.usage(), (10_000, 5), "evicted before the pins came");
+    store.pin(Arc::new([digests[0].clone()].into_iter().collect()));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while store.usage().0 > 3_000 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(store.usage().0 <= 3_000, "{:?}", store.usage());
+    assert!(store.entry(&digests[0]).is_some());
+}
+
 /// Pins that never resolve (a resolution that hangs) hold eviction back
 /// only until the wait for them is over; then the store evicts as if
 /// nothing were pinned, and the pins, once they come, count again. It
