@@ -548,13 +548,16 @@ fn waiters_of_a_leader_the_upstream_failed_do_not_queue_behind_new_leaders() {
     let (status, alone) = get(url.clone()).join().unwrap();
     assert!(status.is_server_error(), "{status}");
     let clients: Vec<_> = (0..CLIENTS).map(|_| get(url.clone())).collect();
+    let mut slowest = Duration::ZERO;
     for c in clients {
         let (status, took) = c.join().unwrap();
         assert!(status.is_server_error(), "{status}");
-        assert!(
-            took < alone * 2 + Duration::from_millis(700),
-            "{took:?} for a client next to others; {alone:?} alone"
-        );
+        slowest = slowest.max(took);
     }
+    // Its own ask after the leader's: two timeouts, not five.
+    assert!(
+        slowest < alone * 2 + Duration::from_millis(1500),
+        "{slowest:?} for the slowest client next to others; {alone:?} alone"
+    );
     drop(silent);
 }
