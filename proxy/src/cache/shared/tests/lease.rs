@@ -1,0 +1,182 @@
+//! The bucket evictor's lease when the holder is held up mid-listing.
+
+use super::*;
+
+/// A store whose listings of blobs wait, once started, until the test
+/// opens the gate; everything else goes straight to `inner`. Lets a test
+/// hold an evictor mid-listing for as long as it needs, without timing.
+#[derive(Debug)]
+struct GatedListing {
+    inner: Arc<dyn ObjectStore>,
+    /// Told when a listing of blobs has started.
+    started: Arc<tokio::sync::Notify>,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl std::fmt::Display for GatedListing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GatedListing({})", self.inner)
+    }
+}
+
+#[async_trait::async_trait]
+impl ObjectStore for GatedListing {
+    async fn put_opts(
+        &self,
+        location: &Key,
+        payload: PutPayload,
+        opts: PutOptions,
+    ) -> object_store::Result<object_store::PutResult> {
+        self.inner.put_opts(location, payload, opts).await
+    }
+
+    async fn put_multipart_opts(
+        &self,
+        location: &Key,
+        opts: PutMultipartOptions,
+    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+
+    async fn get_opts(
+        &self,
+        location: &Key,
+        options: GetOptions,
+    ) -> object_store::Result<object_store::GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+
+    fn delete_stream(
+        &self,
+        locations: BoxStream<'static, object_store::Result<Key>>,
+    ) -> BoxStream<'static, object_store::Result<Key>> {
+        self.inner.delete_stream(locations)
+    }
+
+    fn list(
+        &self,
+        prefix: Option<&Key>,
+    ) -> BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
+        if !prefix.is_some_and(|p| p.as_ref().contains("blobs")) {
+            return self.inner.list(prefix);
+        }
+        let (inner, prefix) = (Arc::clone(&self.inner), prefix.cloned());
+        let (started, mut open) = (Arc::clone(&self.started), self.open.clone());
+        stream::once(async move {
+            started.notify_one();
+            let _ = open.wait_for(|open| *open).await;
+            inner.list(prefix.as_ref())
+        })
+        .flatten()
+        .boxed()
+    }
+
+    async fn list_with_delimiter(
+        &self,
+        prefix: Option<&Key>,
+    ) -> object_store::Result<object_store::ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+
+    async fn copy_opts(
+        &self,
+        from: &Key,
+        to: &Key,
+        options: object_store::CopyOptions,
+    ) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+/// Log lines written while a test runs, to read back.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A holder whose listing outlasts the lease (another replica takes it
+/// over meanwhile, after three rounds of seeing it unrenewed) deletes
+/// nothing: it renews the lease once listed, finds it gone, and stops.
+/// Deleting from that listing would go on beside the new holder, from
+/// journals read before blobs were used again.
+#[tokio::test]
+async fn a_holder_that_lost_the_lease_while_listing_deletes_nothing() {
+    let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (open, gate) = tokio::sync::watch::channel(false);
+    // Replica A lists the bucket through the gate, B straight.
+    let slow = Arc::new(SharedTier::new(
+        Arc::new(GatedListing {
+            inner: Arc::clone(&mem),
+            started: Arc::clone(&started),
+            open: gate,
+        }),
+        "/cache/",
+        "memory://".into(),
+    ));
+    let tier = Arc::new(SharedTier::new(mem, "/cache/", "memory://".into()));
+    for i in 0..10u8 {
+        put_blob(&tier, i, 10 << 10).await;
+    }
+    // 100 KiB under A's 60 KiB bound: A would delete 7. B's bound is far
+    // off, so any blob gone was deleted by A.
+    let every = Duration::from_millis(50);
+    let a = evictor_a(&slow, &storage(60 << 10, 0, 50), false);
+    let b = Evictor::new(
+        Arc::clone(&tier),
+        &storage(1 << 30, 0, 50),
+        "b".into(),
+        Arc::default(),
+        false,
+    )
+    .unwrap();
+    let holds = |e: &Evictor| e.stats.holder.load(std::sync::atomic::Ordering::Relaxed);
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _logging = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .finish(),
+    );
+    let takeover = async {
+        // A took the lease and is listing.
+        started.notified().await;
+        assert!(holds(&a), "A listed without the lease");
+        b.round_for_test().await.unwrap();
+        assert!(!holds(&b), "B took over at once");
+        // B takes over once it has seen A's lease unrenewed for three
+        // intervals on its own clock.
+        for _ in 0..100 {
+            if holds(&b) {
+                break;
+            }
+            tokio::time::sleep(every).await;
+            b.round_for_test().await.unwrap();
+        }
+        assert!(holds(&b), "B never took over");
+        open.send(true).unwrap();
+    };
+    let (round, ()) = tokio::join!(a.round_for_test(), takeover);
+    round.unwrap();
+    let left = tier.list_blobs().await.unwrap().len();
+    assert_eq!(left, 10, "A deleted after losing the lease");
+    assert_eq!(
+        a.stats.evictions.load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+    assert!(!holds(&a), "A still counts itself the holder");
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("lost the shared storage eviction lease while listing"),
+        "{logs}"
+    );
+}
