@@ -460,25 +460,36 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
             ],
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
-    let pods = cluster
-        .kubectl(&["get", "pods", "-n", NS, "-o", "json"])
-        .unwrap();
-    let pods: serde_json::Value = serde_json::from_str(&pods).unwrap();
+    // All Ready in one listing. An agent is not Ready while it applies a
+    // change (the CA the operator publishes right after the table), so a
+    // second look may catch one that `kubectl wait` saw Ready a moment ago.
     let mut components = Vec::new();
-    for p in pods["items"].as_array().unwrap() {
-        let ready = p["status"]["conditions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        assert!(ready, "pod not Ready: {p}\n{}", cluster.diagnostics());
-        components.push(
-            p["metadata"]["labels"]["app.kubernetes.io/component"]
-                .as_str()
-                .unwrap_or("?")
-                .to_string(),
-        );
-    }
+    pullthrough_testbed::net::wait_for(
+        "every pod Ready in one listing",
+        Duration::from_secs(60),
+        || {
+            let pods = cluster.kubectl(&["get", "pods", "-n", NS, "-o", "json"])?;
+            let pods: serde_json::Value = serde_json::from_str(&pods)
+                .map_err(|e| pullthrough_testbed::Error::Other(e.to_string()))?;
+            components.clear();
+            let mut all_ready = true;
+            for p in pods["items"].as_array().into_iter().flatten() {
+                all_ready &= p["status"]["conditions"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["type"] == "Ready" && c["status"] == "True");
+                components.push(
+                    p["metadata"]["labels"]["app.kubernetes.io/component"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_string(),
+                );
+            }
+            Ok(all_ready)
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
     components.sort();
     assert_eq!(
         components,
