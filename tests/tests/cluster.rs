@@ -460,9 +460,11 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
             ],
         )
         .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
-    // All Ready in one listing. An agent is not Ready while it applies a
-    // change (the CA the operator publishes right after the table), so a
-    // second look may catch one that `kubectl wait` saw Ready a moment ago.
+    // All Ready in one listing. On CI the listing right after `kubectl
+    // wait` once showed an agent un-Ready that the wait had passed (cause
+    // not established; the agent's log showed it applying normally), so
+    // this waits for one listing with them all Ready rather than
+    // judging the first.
     let mut components = Vec::new();
     pullthrough_testbed::net::wait_for(
         "every pod Ready in one listing",
