@@ -2,7 +2,7 @@
 
 use tokio::runtime::Runtime;
 
-use super::{Alternated, alternate, median};
+use super::{Alternated, alternate, median, ms_per_gib};
 use crate::procfs::{cpu_ticks_of, thread_cpu_ticks};
 use crate::report::{Report, Row};
 use crate::splice_sink;
@@ -60,7 +60,8 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
             _ => format!("this build does not export {SENDFILE}"),
         };
         eprintln!("HIT 1 client {label}: pullthrough {a:.0} MiB/s, nginx {ng:.0} MiB/s ({sent})");
-        let (pt_ms, ng_ms) = (ms_per_gib(pt_ticks, big), ms_per_gib(ng_ticks, big));
+        let served = REPS as u64 * big;
+        let (pt_ms, ng_ms) = (ms_per_gib(pt_ticks, served), ms_per_gib(ng_ticks, served));
         eprintln!(
             "HIT {label}: server CPU per GiB: pullthrough {pt_ms:.0} ms, nginx {ng_ms:.0} ms"
         );
@@ -172,7 +173,7 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
         ngs.push(y);
     }
     eprintln!("HIT HTTP zero-copy reads, MiB/s: pullthrough {pts:.0?}, nginx {ngs:.0?}");
-    let ms = |t: u64| ms_per_gib(t, big.size);
+    let ms = |t: u64| ms_per_gib(t, REPS as u64 * big.size);
     Ok(ZeroCopy {
         pt: median(&pts),
         ng: median(&ngs),
@@ -181,13 +182,6 @@ fn zero_copy_reads(b: &Bench, report: &mut Report) -> Res<ZeroCopy> {
         pt_reader_ms: ms(pt_t[1]),
         ng_reader_ms: ms(ng_t[1]),
     })
-}
-
-/// `ticks` of CPU (10 ms each) spent on REPS reads of a `blob`-byte blob,
-/// as ms per GiB served.
-fn ms_per_gib(ticks: u64, blob: u64) -> f64 {
-    let gib = (REPS as u64 * blob) as f64 / (1u64 << 30) as f64;
-    ticks as f64 * 10.0 / gib
 }
 
 fn sendfile_bytes(b: &Bench) -> Res<Option<u64>> {

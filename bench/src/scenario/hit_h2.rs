@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use tokio::runtime::Runtime;
 
-use super::{Alternated, alternate, median};
+use super::{Alternated, alternate, median, ms_per_gib};
 use crate::report::{Report, Row};
 use crate::targets::{Bench, TRANSFER_TIMEOUT, Target, check, get, mbps, not_hit};
 use crate::{MIB, REPO, Res, Sizes};
@@ -99,9 +99,4 @@ async fn read_streams(t: &Target, digest: &str, size: u64, streams: usize) -> Re
     })
     .await
     .map_err(|_| format!("{}: {streams} HTTP/2 reads timed out", t.name))?
-}
-
-/// `ticks` of CPU (10 ms each) spent serving `bytes`, as ms per GiB.
-fn ms_per_gib(ticks: u64, bytes: u64) -> f64 {
-    ticks as f64 * 10.0 / (bytes as f64 / (1u64 << 30) as f64)
 }

@@ -57,6 +57,11 @@ pub fn alternate(
     Ok(out)
 }
 
+/// `ticks` of CPU (10 ms each) spent serving `bytes`, as ms per GiB.
+pub fn ms_per_gib(ticks: u64, bytes: u64) -> f64 {
+    ticks as f64 * 10.0 / (bytes as f64 / (1u64 << 30) as f64)
+}
+
 /// The middle value (of a copy: the order of the reads stays as it was).
 pub fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
