@@ -138,29 +138,66 @@ pub type Resume = Arc<
 
 /// How many bytes of a resumed response to drop so that it starts at
 /// `at`: a `206` must start exactly there, a `200` is the whole blob.
-fn resumed_skip(resp: &http::Response<hyper::body::Incoming>, at: u64) -> Result<u64, String> {
+/// Where the blob's `size` is known, the response must also end exactly
+/// there: a client is sent the blob with that Content-Length, and the
+/// server stops reading the body once that many bytes are out, before the
+/// end where the digest is checked.
+fn resumed_skip<B>(resp: &http::Response<B>, at: u64, size: Option<u64>) -> Result<u64, String> {
+    let headers = resp.headers();
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
     match resp.status() {
         http::StatusCode::PARTIAL_CONTENT => {
-            let from = resp
-                .headers()
-                .get(http::header::CONTENT_RANGE)
+            let raw = headers.get(http::header::CONTENT_RANGE);
+            let wrong = || {
+                format!(
+                    "upstream answered the range from {at} with {raw:?} (blob size {size:?}, Content-Length {length:?})"
+                )
+            };
+            let (from, end, total) = raw
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("bytes "))
-                .and_then(|v| v.split('-').next())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if from != Some(at) {
-                return Err(format!(
-                    "upstream answered the range from {at} with {:?}",
-                    resp.headers().get(http::header::CONTENT_RANGE)
-                ));
+                .and_then(content_range)
+                .ok_or_else(wrong)?;
+            // Only the rest, to the blob's end, was asked for: anything
+            // else cannot complete it.
+            let ends_at = end.checked_add(1);
+            let to_the_end =
+                total.is_none_or(|t| ends_at == Some(t)) && size.is_none_or(|s| ends_at == Some(s));
+            let consistent = length.is_none_or(|l| Some(l) == (end - from).checked_add(1));
+            if from != at || !to_the_end || !consistent {
+                return Err(wrong());
             }
             Ok(0)
         }
-        http::StatusCode::OK => Ok(at),
+        http::StatusCode::OK => {
+            if let (Some(size), Some(length)) = (size, length)
+                && size != length
+            {
+                return Err(format!(
+                    "upstream answered the whole blob of {size} bytes with {length} resuming it at {at}"
+                ));
+            }
+            Ok(at)
+        }
         status => Err(format!(
             "upstream answered {status} resuming the blob at {at}"
         )),
     }
+}
+
+/// `bytes <from>-<end>/<total or *>`: (from, end, total).
+fn content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let (range, total) = v.trim().strip_prefix("bytes ")?.split_once('/')?;
+    let (from, end) = range.split_once('-')?;
+    let from = from.trim().parse::<u64>().ok()?;
+    let end = end.trim().parse::<u64>().ok()?;
+    let total = match total.trim() {
+        "*" => None,
+        t => Some(t.parse::<u64>().ok()?),
+    };
+    (from <= end).then_some((from, end, total))
 }
 
 /// The rest of a blob from byte `at`, through `resume`.
@@ -172,7 +209,9 @@ pub async fn resume_body(
     let resp = tokio::time::timeout(timeout, resume(at))
         .await
         .map_err(|_| "upstream stalled resuming the blob".to_string())??;
-    let skip = resumed_skip(&resp, at)?;
+    // The writer's digest check at commit covers this body whatever its
+    // length, and no client is sent past the verified end.
+    let skip = resumed_skip(&resp, at, None)?;
     Ok(crate::http::body::skip(
         crate::http::body::relay(resp.into_body()),
         skip,
@@ -493,7 +532,7 @@ impl Tail {
             .await
             .map_err(|_| std::io::Error::other("upstream stalled resuming the blob"))?
             .map_err(|e| std::io::Error::other(format!("resuming the blob at {at}: {e}")))?;
-        let skip = resumed_skip(&resp, at).map_err(std::io::Error::other)?;
+        let skip = resumed_skip(&resp, at, self.size).map_err(std::io::Error::other)?;
         self.rest = Some(Rest {
             body: resp.into_body(),
             hasher: hasher.clone(),
@@ -540,6 +579,19 @@ impl Tail {
             if data.is_empty() {
                 continue;
             }
+            // Checked as the bytes come, not at the end: once the response
+            // has sent its Content-Length, the server drops this body
+            // without asking it again, so the verification at the end of
+            // an over-long body would never run and bytes never checked
+            // would have been sent as the complete blob.
+            if let Some(size) = self.size
+                && self.offset.saturating_add(data.len() as u64) > size
+            {
+                return Err(std::io::Error::other(format!(
+                    "upstream sent more than the {size} bytes of blob {} resuming it",
+                    self.digest
+                )));
+            }
             rest.hasher.update(&data);
             self.offset += data.len() as u64;
             if let Some(prev) = rest.held.replace(data) {
@@ -551,9 +603,215 @@ impl Tail {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
+    #![allow(clippy::unwrap_used)]
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
 
-    use super::Inflight;
+    use bytes::Bytes;
+    use http_body_util::BodyExt as _;
+    use hyper_util::rt::TokioIo;
+    use sha2::Digest as _;
+
+    use super::*;
+    use crate::http::body::Body;
+
+    /// Serves `response` (once per connection, each from `make`) on a
+    /// local port; returns its address.
+    async fn serve(
+        make: impl Fn() -> http::Response<Body> + Send + Sync + 'static,
+    ) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let make = Arc::new(make);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let make = Arc::clone(&make);
+                let once = Arc::new(Mutex::new(Some(make())));
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(
+                    TokioIo::new(tcp),
+                    hyper::service::service_fn(move |_| {
+                        let resp = once.lock().unwrap().take().unwrap();
+                        async move { Ok::<_, std::convert::Infallible>(resp) }
+                    }),
+                ));
+            }
+        });
+        addr
+    }
+
+    /// One GET to `addr` (with `range`, if any), as the upstream's answer.
+    async fn get(
+        addr: std::net::SocketAddr,
+        range: Option<String>,
+    ) -> http::Response<hyper::body::Incoming> {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut req = http::Request::get("/").header(http::header::HOST, "upstream");
+        if let Some(range) = range {
+            req = req.header(http::header::RANGE, range);
+        }
+        send.send_request(req.body(crate::http::body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// A body sent chunk by chunk, without a length (chunked).
+    fn chunked(chunks: Vec<Vec<u8>>) -> Body {
+        crate::http::body::stream(futures::stream::iter(
+            chunks
+                .into_iter()
+                .map(|c| Ok::<_, std::io::Error>(Bytes::from(c))),
+        ))
+    }
+
+    /// A download of `blob` abandoned after its first `at` bytes (the
+    /// disk filled up), tailed by one client whose rest comes from
+    /// `upstream`; the client's response as an HTTP/1 server sends it
+    /// (Content-Length: the blob's size), read back by a client.
+    async fn tail_abandoned(
+        blob: &[u8],
+        at: usize,
+        upstream: std::net::SocketAddr,
+    ) -> Result<Bytes, hyper::Error> {
+        use std::io::Write as _;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&blob[..at]).unwrap();
+        let stream = Stream {
+            file: Arc::new(file),
+            recent: Arc::default(),
+            size: Some(blob.len() as u64),
+            media_type: None,
+            on_disk: at as u64,
+            outcome: Some(Outcome::Abandoned {
+                at: at as u64,
+                hasher: Arc::new(Sha256::new_with_prefix(&blob[..at])),
+            }),
+        };
+        let (_tx, rx) = watch::channel(Phase::Streaming(stream.clone()));
+        let resume: Resume = Arc::new(move |from: u64| {
+            Box::pin(async move { Ok(get(upstream, Some(format!("bytes={from}-"))).await) })
+        });
+        let body = tail(
+            rx,
+            &stream,
+            Digest::of(blob),
+            resume,
+            Duration::from_secs(5),
+            65536,
+        );
+        let size = blob.len();
+        let body = Mutex::new(Some(body));
+        let proxy = serve(move || {
+            let mut resp = http::Response::new(body.lock().unwrap().take().unwrap());
+            resp.headers_mut()
+                .insert(http::header::CONTENT_LENGTH, size.into());
+            resp
+        })
+        .await;
+        get(proxy, None)
+            .await
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+    }
+
+    /// After a disk-full abandon, an upstream whose rest runs past the
+    /// blob's size is refused as it streams and the client's response is
+    /// aborted. Checked only at the end, the server's Content-Length cut
+    /// the over-long body at the blob's size and ended it cleanly: wrong
+    /// bytes, never verified, sent as the complete blob.
+    #[tokio::test]
+    async fn an_overlong_resumed_rest_aborts_the_response() {
+        let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let at = 100_000;
+        // The right length of wrong bytes, then more: the first chunk
+        // fills the Content-Length exactly.
+        let wrong = vec![0xAB; blob.len() - at];
+        let range = format!("bytes {at}-{}/{}", blob.len() - 1, blob.len());
+        let upstream = serve(move || {
+            let mut resp = http::Response::new(chunked(vec![wrong.clone(), vec![0xCD; 1000]]));
+            *resp.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+            resp.headers_mut()
+                .insert(http::header::CONTENT_RANGE, range.parse().unwrap());
+            resp
+        })
+        .await;
+        let got = tail_abandoned(&blob, at, upstream).await;
+        assert!(
+            got.is_err(),
+            "an unverified body ended cleanly ({} bytes, right: {})",
+            got.as_ref().map_or(0, |b| b.len()),
+            got.as_ref().is_ok_and(|b| b[..] == blob[..]),
+        );
+    }
+
+    /// The rest resumed with the right bytes still completes the blob.
+    #[tokio::test]
+    async fn a_resumed_rest_completes_the_blob() {
+        let blob: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let at = 100_000;
+        let rest = blob[at..].to_vec();
+        let range = format!("bytes {at}-{}/{}", blob.len() - 1, blob.len());
+        let upstream = serve(move || {
+            let mut resp =
+                http::Response::new(chunked(rest.chunks(30_000).map(<[u8]>::to_vec).collect()));
+            *resp.status_mut() = http::StatusCode::PARTIAL_CONTENT;
+            resp.headers_mut()
+                .insert(http::header::CONTENT_RANGE, range.parse().unwrap());
+            resp
+        })
+        .await;
+        let got = tail_abandoned(&blob, at, upstream).await.unwrap();
+        assert!(got[..] == blob[..]);
+    }
+
+    /// A resumed answer whose head already says it does not end at the
+    /// blob's end (range, total or length) is refused before any of its
+    /// bytes is sent.
+    #[test]
+    fn a_resumed_answer_must_end_at_the_blobs_end() {
+        let answer = |status: u16, range: Option<&str>, length: Option<u64>| {
+            let mut resp = http::Response::new(());
+            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+            if let Some(range) = range {
+                resp.headers_mut()
+                    .insert(http::header::CONTENT_RANGE, range.parse().unwrap());
+            }
+            if let Some(length) = length {
+                resp.headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, length.into());
+            }
+            resp
+        };
+        let size = Some(1000);
+        for (resp, want) in [
+            (answer(206, Some("bytes 400-999/1000"), Some(600)), Some(0)),
+            (answer(206, Some("bytes 400-999/*"), None), Some(0)),
+            (answer(200, None, Some(1000)), Some(400)),
+            (answer(200, None, None), Some(400)),
+            (answer(206, Some("bytes 300-999/1000"), None), None),
+            (answer(206, Some("bytes 400-1099/1100"), None), None),
+            (answer(206, Some("bytes 400-999/1100"), None), None),
+            (answer(206, Some("bytes 400-899/1000"), None), None),
+            (answer(206, Some("bytes 400-999/1000"), Some(700)), None),
+            (answer(206, Some("bytes 400-999/*"), Some(700)), None),
+            (answer(206, None, None), None),
+            (answer(200, None, Some(1100)), None),
+            (answer(404, None, None), None),
+        ] {
+            let got = resumed_skip(&resp, 400, size);
+            assert_eq!(got.as_ref().ok().copied(), want, "{resp:?}: {got:?}");
+        }
+        // Without a known size, only a range that stops short is wrong.
+        let rest = answer(206, Some("bytes 400-1099/1100"), Some(700));
+        assert_eq!(resumed_skip(&rest, 400, None), Ok(0));
+        let short = answer(206, Some("bytes 400-899/1100"), None);
+        assert!(resumed_skip(&short, 400, None).is_err());
+    }
 
     /// Written bytes are used space the free-space check already sees:
     /// the reservation keeps only the rest.
