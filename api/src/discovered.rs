@@ -11,6 +11,12 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+/// The label (value `true`) on the MirrorRegistries the operator's
+/// discovery `create` makes: it counts them against its cap, and the
+/// chart's uninstall hook deletes them by it. Removing it makes one the
+/// admin's like any other.
+pub const DISCOVERED_LABEL: &str = "pullthrough.dev/discovered";
+
 /// At most this many example images are listed per registry.
 pub const EXAMPLE_IMAGES: usize = 10;
 

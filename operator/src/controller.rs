@@ -22,7 +22,8 @@ use pullthrough_api::config::ProxyConfig;
 use pullthrough_api::crd::{MirrorRegistry, MirrorRegistryStatus};
 
 pub use crate::context::{Config, Kube, Settings};
-use crate::error::{self, Error, Retry};
+use crate::discovery::{self, DISCOVERED_LABEL};
+use crate::error::{self, Error, KubeContext as _, Retry};
 use crate::metrics::Metrics;
 use crate::nodes;
 use crate::observe::{Observed, Observer};
@@ -232,6 +233,19 @@ const PENDING_RECHECK: Duration = Duration::from_secs(2);
 async fn apply(obj: Arc<MirrorRegistry>, ctx: &Context) -> Result<Action, Error> {
     let settings = &ctx.config.settings;
     let name = obj.name_any();
+    if discovery::adopted_by_admin(&obj) {
+        discovery::adopt(&ctx.kube.client, &name)
+            .await
+            .context(|| format!("removing label {DISCOVERED_LABEL} from {name}"))?;
+        let note = Note {
+            type_: EventType::Normal,
+            reason: "Adopted".into(),
+            note: format!(
+                "spec edited since discovery created it: label {DISCOVERED_LABEL} removed; helm uninstall keeps it, and the discovery cap no longer counts it"
+            ),
+        };
+        ctx.event(&obj, note).await;
+    }
     let obs = ctx.observe(false).await?;
     let table = ctx.converge_table(&obj, &obs).await?;
     ctx.metrics

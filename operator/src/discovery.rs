@@ -53,9 +53,7 @@ pub const MAX_DISCOVERED: usize = 50;
 /// starts the wait again. A host a MirrorRegistry covers goes at once.
 pub const UNUSED_GRACE: Duration = Duration::from_secs(90 * 60);
 
-/// The label on the MirrorRegistries `create` makes. Removing it makes one
-/// no longer count towards [`MAX_DISCOVERED`].
-pub const DISCOVERED_LABEL: &str = "pullthrough.dev/discovered";
+pub use pullthrough_api::discovered::DISCOVERED_LABEL;
 
 /// What discovery does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -282,6 +280,8 @@ pub struct Memory {
     invalid: usize,
     /// Whether creates were skipped for [`MAX_DISCOVERED`].
     create_cap: bool,
+    /// Whether the API server refused the last create for RBAC (403).
+    create_forbidden: bool,
 }
 
 /// The name [`crate::pins`] knows [`Memory`] by, from when the hosts not
@@ -487,8 +487,11 @@ impl Creator<'_> {
             }
             Budget::Left(n) => {
                 memory.create_cap = false;
-                if create_mirror(self.client, self.recorder, found, host, memory).await {
-                    self.budget = Budget::Left(n.saturating_sub(1));
+                match create_mirror(self.client, self.recorder, found, host, memory).await {
+                    Created::Yes => self.budget = Budget::Left(n.saturating_sub(1)),
+                    Created::No => {}
+                    // The others would be refused too.
+                    Created::Forbidden => self.budget = Budget::Unknown,
                 }
             }
             Budget::Uncounted | Budget::Unknown => {}
@@ -508,15 +511,25 @@ impl Creator<'_> {
     }
 }
 
+/// What [`create_mirror`] did.
+#[derive(Debug, PartialEq, Eq)]
+enum Created {
+    Yes,
+    No,
+    /// Refused for RBAC: no create is tried again this run.
+    Forbidden,
+}
+
 /// Creates the MirrorRegistry for `host` (defaults: `https://<host>`, every
-/// runtime); the admin owns it from then on. True when created.
+/// runtime). It keeps [`DISCOVERED_LABEL`] until the admin edits its spec
+/// ([`adopted_by_admin`]).
 async fn create_mirror(
     client: &Client,
     recorder: &Recorder,
     found: &DiscoveredRegistry,
     host: &str,
     memory: &mut Memory,
-) -> bool {
+) -> Created {
     let api = Api::<MirrorRegistry>::all(client.clone());
     let name = object_name(host);
     let obj = json!({
@@ -529,11 +542,12 @@ async fn create_mirror(
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(%host, error = %e, "building the MirrorRegistry");
-            return false;
+            return Created::No;
         }
     };
     match api.create(&Default::default(), &mreg).await {
         Ok(_) => {
+            memory.create_forbidden = false;
             tracing::info!(%host, mirrorregistry = %name, "MirrorRegistry created for a discovered registry");
             event(
                 recorder,
@@ -542,7 +556,18 @@ async fn create_mirror(
                 format!("created MirrorRegistry {name} (discovery.create)"),
             )
             .await;
-            return true;
+            return Created::Yes;
+        }
+        // The chart grants `create` by a binding of its own, which its
+        // uninstall hook deletes first: from then on every replica is
+        // refused at once, whatever mode it runs in. Said once, not per
+        // host and run.
+        Err(kube::Error::Api(e)) if e.code == 403 => {
+            if !memory.create_forbidden {
+                tracing::warn!(%host, error = %e.message, "not allowed to create MirrorRegistries (RBAC; the chart's uninstall hook removes that grant first): discovered registries are only reported");
+            }
+            memory.create_forbidden = true;
+            return Created::Forbidden;
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
             tracing::info!(%host, mirrorregistry = %name, "a MirrorRegistry of that name exists; not created");
@@ -552,7 +577,28 @@ async fn create_mirror(
         }
         Err(e) => tracing::warn!(%host, error = %e, "creating the MirrorRegistry"),
     }
-    false
+    Created::No
+}
+
+/// Whether `obj` is one discovery created (labelled [`DISCOVERED_LABEL`])
+/// whose spec someone has edited since (generation past 1): an admin
+/// who added credentials or a CA made it theirs. Such an object loses the
+/// label ([`adopt`]), so the chart's uninstall hook, which deletes the
+/// labelled ones, keeps it, and the cap no longer counts it.
+pub fn adopted_by_admin(obj: &MirrorRegistry) -> bool {
+    obj.labels()
+        .get(DISCOVERED_LABEL)
+        .is_some_and(|v| v == "true")
+        && obj.metadata.generation.is_some_and(|g| g > 1)
+}
+
+/// Removes [`DISCOVERED_LABEL`] from MirrorRegistry `name`.
+pub async fn adopt(client: &Client, name: &str) -> Result<(), kube::Error> {
+    let api = Api::<MirrorRegistry>::all(client.clone());
+    let patch = json!({"metadata": {"labels": {DISCOVERED_LABEL: null}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map(|_| ())
 }
 
 async fn event(recorder: &Recorder, obj: &DiscoveredRegistry, reason: &str, note: String) {

@@ -1651,7 +1651,8 @@ fn wait_event_in(api: &KubeApiserver, ns: &str, reason: &str, note: &str) {
 /// with their pod and node counts and a `Discovered` Event; a mirrored
 /// registry (quay.io, and its alias) makes none; a MirrorRegistry for
 /// ghcr.io removes it; with `--discovery=create` the operator creates that
-/// MirrorRegistry itself.
+/// MirrorRegistry itself, only with the binding of its own for that, and
+/// leaves it to the admin (label removed) once they edit it.
 #[test]
 fn discovery_lists_unmirrored_registries_and_creates_on_request() {
     let Workloads {
@@ -1748,14 +1749,41 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
     })
     .unwrap();
 
-    // create: the operator makes the MirrorRegistry.
+    // create without its own binding (operator-discovery-create-rbac.yaml,
+    // which the chart's uninstall hook deletes first): refused, said once,
+    // and nothing is created.
     proc.stop().unwrap();
     op.args = vec!["--discovery=create".into()];
     let (mut proc, _) = op.start();
+    wait_for("create refused for RBAC", TIMEOUT, || {
+        Ok(proc
+            .log()
+            .contains("not allowed to create MirrorRegistries"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log()));
+    assert!(mreg(&api, "ghcr.io").is_none());
+    assert!(dreg(&api, "ghcr.io").is_some(), "still reported");
+
+    // With the binding: the operator makes the MirrorRegistry (on its next
+    // run; a new pod starts one).
+    let create_rbac = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("rbac/operator-discovery-create-rbac.yaml"),
+    )
+    .unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &create_rbac)
+        .unwrap();
+    apply_json(&api, pod("d", "n1", "ghcr.io/org/d:1"));
     wait_for("MirrorRegistry ghcr.io created", TIMEOUT, || {
         Ok(mreg(&api, "ghcr.io").is_some_and(|m| m["spec"]["host"] == "ghcr.io"))
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", proc.log()));
+    assert_eq!(
+        proc.log()
+            .matches("not allowed to create MirrorRegistries")
+            .count(),
+        1,
+        "the refusal is logged once"
+    );
     assert_eq!(
         mreg(&api, "ghcr.io").unwrap()["metadata"]["labels"]["pullthrough.dev/discovered"],
         "true"
@@ -1776,6 +1804,30 @@ fn discovery_lists_unmirrored_registries_and_creates_on_request() {
     })
     .unwrap();
     assert_no_pod_content(&api, "hunter2", "once the MirrorRegistry is created");
+
+    // The admin edits it (credentials, a CA, an alias...): it is theirs now.
+    // The label goes, so the uninstall hook (which deletes the labelled
+    // ones) keeps it, and the cap no longer counts it.
+    api.kubectl(&[
+        "patch",
+        "mreg",
+        "ghcr.io",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"aliases":["ghcr.example"]}}"#,
+    ])
+    .unwrap();
+    wait_for("the label removed once edited", TIMEOUT, || {
+        Ok(mreg(&api, "ghcr.io").is_some_and(|m| {
+            m["metadata"]["labels"]
+                .get("pullthrough.dev/discovered")
+                .is_none()
+        }))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log()));
+    wait_event(&api, "Adopted", "label pullthrough.dev/discovered removed");
+    let m = mreg(&api, "ghcr.io").unwrap();
+    assert_eq!(m["spec"]["aliases"], json!(["ghcr.example"]), "{m}");
     proc.stop().unwrap();
     fake.stop();
 }
