@@ -26,6 +26,7 @@ use pullthrough_testbed::tools::go_tool;
 
 const ALL_FEATURES: &str = "charts/pullthrough/ci/all-features-values.yaml";
 const HOOK_TEMPLATE: &str = "templates/agent-revert-hook.yaml";
+const CLEANUP_HOOK_TEMPLATE: &str = "templates/mirrorregistries-cleanup-hook.yaml";
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -830,7 +831,12 @@ fn install_check_uninstall(
     );
 
     // The hooks (not created by install): accepted by the API server.
-    let mut targs = vec!["--show-only", HOOK_TEMPLATE];
+    let mut targs = vec![
+        "--show-only",
+        HOOK_TEMPLATE,
+        "--show-only",
+        CLEANUP_HOOK_TEMPLATE,
+    ];
     if let Some(v) = values {
         targs.extend(["-f", v]);
     }
@@ -1026,6 +1032,28 @@ fn chart_validates_installs_and_uninstalls() {
         rbac_rules(&api, &chart_rbac),
         want_rules,
         "charts/pullthrough/templates/rbac-operator.yaml must grant exactly operator/rbac/operator-rbac.yaml"
+    );
+    // And what `discovery.create` adds is operator-discovery-create-rbac.yaml.
+    let create_rbac =
+        std::fs::read_to_string(root().join("operator/rbac/operator-discovery-create-rbac.yaml"))
+            .expect("operator/rbac/operator-discovery-create-rbac.yaml");
+    let chart_create_rbac = template(
+        &helm,
+        "pullthrough",
+        "pullthrough",
+        &[
+            "--show-only",
+            "templates/rbac-operator-discovery-create.yaml",
+            "--set",
+            "operator.discovery.create=true",
+        ],
+    );
+    let want_rules = rbac_rules(&api, &create_rbac);
+    assert_eq!(want_rules.len(), 1, "{want_rules:?}");
+    assert_eq!(
+        rbac_rules(&api, &chart_create_rbac),
+        want_rules,
+        "charts/pullthrough/templates/rbac-operator-discovery-create.yaml must grant exactly operator/rbac/operator-discovery-create-rbac.yaml"
     );
     let validated = started.elapsed();
 

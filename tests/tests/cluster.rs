@@ -17,7 +17,9 @@
 //!    with a starter MirrorRegistry of the release's own
 //!    (`registries.create`);
 //! 2. `kubectl apply` a MirrorRegistry (+ credentials Secret): Ready,
-//!    Nodes 2/2, each node's containerd config points at the proxy;
+//!    Nodes 2/2, each node's containerd config points at the proxy.
+//!    Discovery (`create`) makes a MirrorRegistry for the registry of the
+//!    chart's own images, and every node is configured for it too;
 //! 3. a Pod whose image is on the upstream runs: pulled through the proxy
 //!    (MISS in its log, the upstream served the blobs); then the image is
 //!    removed from the node and the upstream restarted: the Pod runs again
@@ -27,8 +29,10 @@
 //!    scaled to 50 pods: all of them Ready, on both nodes, each node's
 //!    pull served from the cache; over the whole test the upstream
 //!    answered exactly one GET per blob;
-//! 5. `helm uninstall`: the pre-delete hook deletes the starter
-//!    MirrorRegistry while the operator runs (none is left Terminating),
+//! 5. `helm uninstall`: the pre-delete hook revokes discovery's right to
+//!    create MirrorRegistries, then deletes the starter and the discovered
+//!    ones while the operator runs (none is left, none Terminating; the
+//!    admin's own stays),
 //!    the post-delete hook reverts each node (its /etc/hosts, containerd,
 //!    docker and containers files byte-identical to before the install)
 //!    and no pullthrough object is left but the CRD.
@@ -41,6 +45,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use pullthrough_api::discovered::DISCOVERED_LABEL;
 use pullthrough_testbed::cluster::node::PAUSE_IMAGE;
 use pullthrough_testbed::cluster::{Cluster, NODE_IP, NODE_NAME};
 use pullthrough_testbed::images::{
@@ -57,6 +62,8 @@ const RELEASE: &str = "pullthrough";
 const MIRRORED: &str = "registry.test";
 /// A MirrorRegistry the release itself creates (registries.create).
 const STARTER: &str = "starter.test";
+/// The registry of the chart's images, which `discovery.create` mirrors.
+const DISCOVERED: &str = "ghcr.io";
 const USER: &str = "puller";
 const PASSWORD: &str = "s3cret-pull";
 const WORKLOAD: &str = "registry.test/team/app:v1";
@@ -371,11 +378,12 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
     let chart = workspace_dir().unwrap().join("charts/pullthrough");
     let chart = chart.to_str().unwrap().to_string();
     // Test values: no StorageClass in this cluster, so the cache is an
-    // emptyDir; everything else as shipped.
+    // emptyDir; discovery creates MirrorRegistries; everything else as
+    // shipped.
     let values = work.path().join("values.yaml");
     std::fs::write(
         &values,
-        "proxy:\n  cache:\n    type: emptyDir\n    emptyDirSizeLimit: 2Gi\n",
+        "proxy:\n  cache:\n    type: emptyDir\n    emptyDirSizeLimit: 2Gi\noperator:\n  discovery:\n    create: true\n",
     )
     .unwrap();
 
@@ -569,6 +577,44 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
     }
     tl.mark("MirrorRegistry applied: Ready, Nodes 2/2 (every node configured)");
     eprintln!("{NODE_NAME}'s hosts.toml for {MIRRORED}:\n{hosts_toml}");
+
+    // discovery.create: the chart's own images come from a registry no
+    // MirrorRegistry mirrors, so the operator creates one for it, and every
+    // node is configured for it. Uninstall must delete it (step 5).
+    let discovered_selector = format!("--selector={DISCOVERED_LABEL}=true");
+    cluster
+        .wait(
+            "a MirrorRegistry created by discovery, NodesConfigured",
+            Duration::from_secs(120),
+            &[
+                "wait",
+                "--for=condition=NodesConfigured",
+                "mirrorregistries",
+                &discovered_selector,
+                "--timeout=5s",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.diagnostics()));
+    let discovered = cluster
+        .kubectl(&[
+            "get",
+            "mirrorregistries",
+            &discovered_selector,
+            "-o",
+            "jsonpath={.items[*].spec.host}",
+        ])
+        .unwrap();
+    assert!(
+        discovered.split_whitespace().any(|h| h == DISCOVERED),
+        "discovered: {discovered}"
+    );
+    for node in &cluster.nodes {
+        let f = node.path(&format!("/etc/containerd/certs.d/{DISCOVERED}/hosts.toml"));
+        assert!(f.exists(), "{} configured for {DISCOVERED}", node.name());
+    }
+    tl.mark(&format!(
+        "discovery.create: MirrorRegistry for {DISCOVERED} created, every node configured"
+    ));
 
     // 3. A workload from the upstream, pulled by kubelet through the proxy.
     let blob_gets = |u: &Registry| u.count_requests("GET", "/blobs/sha256:");
@@ -767,14 +813,22 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
         panic!("helm uninstall: {e}\n{}", cluster.diagnostics());
     }
     tl.mark("helm uninstall: post-delete revert hook done");
-    // The release's own MirrorRegistry is gone, not left Terminating with
-    // a finalizer no operator will remove.
-    let starter_left = cluster
-        .kubectl(&["get", "mirrorregistries", "-o", "name"])
+    // The MirrorRegistries the release made (its starter, and the one
+    // discovery created) are gone, not left Terminating with a finalizer no
+    // operator will remove, nor left for the next install to fight over.
+    // The admin's own stays, not being deleted.
+    let left = cluster
+        .kubectl(&[
+            "get",
+            "mirrorregistries",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        ])
         .unwrap();
-    assert!(
-        !starter_left.contains(STARTER),
-        "left after uninstall: {starter_left}"
+    assert_eq!(
+        left.lines().map(str::trim).collect::<Vec<_>>(),
+        ["test-upstream"],
+        "MirrorRegistries after uninstall (name, deletion time)"
     );
     let after = snapshot(&cluster);
     let changes = diff(&before, &after);

@@ -55,6 +55,11 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pullthrough.credentialsName" -}}{{ include "pullthrough.fullname" . }}-upstream-credentials{{- end -}}
 {{- define "pullthrough.baseConfigName" -}}{{ include "pullthrough.fullname" . }}-proxy-base{{- end -}}
 {{- define "pullthrough.revertName" -}}{{ include "pullthrough.fullname" . }}-agent-revert{{- end -}}
+{{- /* The operator's --discovery. */ -}}
+{{- define "pullthrough.discoveryMode" -}}
+{{- if not .Values.operator.discovery.enabled }}off{{ else if .Values.operator.discovery.create }}create{{ else }}report{{ end -}}
+{{- end -}}
+{{- define "pullthrough.discoveryCreateName" -}}{{ include "pullthrough.operatorName" . }}-discovery-create{{- end -}}
 {{- define "pullthrough.peersName" -}}{{ include "pullthrough.fullname" . }}-proxy-peers{{- end -}}
 {{- define "pullthrough.proxyAdminName" -}}{{ include "pullthrough.fullname" . }}-proxy-admin{{- end -}}
 
