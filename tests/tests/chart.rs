@@ -939,6 +939,31 @@ fn rbac_rules(api: &KubeApiserver, manifest: &str) -> BTreeMap<String, serde_jso
         .collect()
 }
 
+/// The chart's `templates/<template>` (with `values`) grants exactly the
+/// `roles` roles of `operator/rbac/<file>`.
+fn assert_chart_grants(
+    api: &KubeApiserver,
+    helm: &Helm,
+    file: &str,
+    template_name: &str,
+    values: &[&str],
+    roles: usize,
+) {
+    let path = format!("operator/rbac/{file}");
+    let want = std::fs::read_to_string(root().join(&path)).expect(&path);
+    let shown = format!("templates/{template_name}");
+    let mut args = vec!["--show-only", shown.as_str()];
+    args.extend_from_slice(values);
+    let chart = template(helm, "pullthrough", "pullthrough", &args);
+    let want_rules = rbac_rules(api, &want);
+    assert_eq!(want_rules.len(), roles, "{want_rules:?}");
+    assert_eq!(
+        rbac_rules(api, &chart),
+        want_rules,
+        "charts/pullthrough/{shown} must grant exactly {path}"
+    );
+}
+
 /// kubeconform -strict with the API server's schemas (MirrorRegistry from
 /// the chart's CRD), then install and uninstall with default values and
 /// with every feature on.
@@ -1017,43 +1042,23 @@ fn chart_validates_installs_and_uninstalls() {
         matches!(kc.run(&["-strict"], typo), Err(Error::Command { output, .. }) if output.contains("anotations")),
         "kubeconform must check PrometheusRule's rules"
     );
-    // The operator's RBAC is what its integration test runs with.
-    let operator_rbac = std::fs::read_to_string(root().join("operator/rbac/operator-rbac.yaml"))
-        .expect("operator/rbac/operator-rbac.yaml");
-    let chart_rbac = template(
+    // The operator's RBAC is what its integration test runs with, and
+    // what `discovery.create` adds is its file too.
+    assert_chart_grants(
+        &api,
         &helm,
-        "pullthrough",
-        "pullthrough",
-        &["--show-only", "templates/rbac-operator.yaml"],
+        "operator-rbac.yaml",
+        "rbac-operator.yaml",
+        &[],
+        3,
     );
-    let want_rules = rbac_rules(&api, &operator_rbac);
-    assert_eq!(want_rules.len(), 3, "{want_rules:?}");
-    assert_eq!(
-        rbac_rules(&api, &chart_rbac),
-        want_rules,
-        "charts/pullthrough/templates/rbac-operator.yaml must grant exactly operator/rbac/operator-rbac.yaml"
-    );
-    // And what `discovery.create` adds is operator-discovery-create-rbac.yaml.
-    let create_rbac =
-        std::fs::read_to_string(root().join("operator/rbac/operator-discovery-create-rbac.yaml"))
-            .expect("operator/rbac/operator-discovery-create-rbac.yaml");
-    let chart_create_rbac = template(
+    assert_chart_grants(
+        &api,
         &helm,
-        "pullthrough",
-        "pullthrough",
-        &[
-            "--show-only",
-            "templates/rbac-operator-discovery-create.yaml",
-            "--set",
-            "operator.discovery.create=true",
-        ],
-    );
-    let want_rules = rbac_rules(&api, &create_rbac);
-    assert_eq!(want_rules.len(), 1, "{want_rules:?}");
-    assert_eq!(
-        rbac_rules(&api, &chart_create_rbac),
-        want_rules,
-        "charts/pullthrough/templates/rbac-operator-discovery-create.yaml must grant exactly operator/rbac/operator-discovery-create-rbac.yaml"
+        "operator-discovery-create-rbac.yaml",
+        "rbac-operator-discovery-create.yaml",
+        &["--set", "operator.discovery.create=true"],
+        1,
     );
     let validated = started.elapsed();
 
