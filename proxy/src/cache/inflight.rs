@@ -78,9 +78,10 @@ pub struct Stream {
 }
 
 /// The most recently written bytes of a download, kept in memory so that
-/// clients keeping up with it are sent the very buffers that were written
-/// (no read back from the file, no copy); a client that fell behind by
-/// more than `RECENT_MAX` reads the file.
+/// clients keeping up with it are sent them from memory (no read back
+/// from the file; the very buffers written, but for pieces much shorter
+/// than their batch, see `get`); a client that fell behind by more than
+/// `RECENT_MAX` reads the file.
 #[derive(Debug, Default)]
 pub struct Recent {
     /// Contiguous batches (offset, bytes), oldest first, and their total.
@@ -104,13 +105,27 @@ impl Recent {
     }
 
     /// The bytes from `offset` to at most `limit` if they are still here.
+    /// A slice keeps its whole batch allocated for as long as the client
+    /// has not read it, however short it is: one less than half its batch
+    /// (HTTP/2's 64 KiB chunks of 256 KiB+ batches, on up to 128 unread
+    /// streams a connection) is copied out, so what a stalled client holds
+    /// stays about what it was sent. HTTP/1's chunk is a batch's size and
+    /// is still sent from the very buffer written.
     fn get(&self, offset: u64, limit: u64) -> Option<Bytes> {
         let c = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
         let (start, bytes) =
             c.0.iter()
                 .find(|(o, b)| offset >= *o && offset < o + b.len() as u64)?;
         let end = (start + bytes.len() as u64).min(limit);
-        (end > offset).then(|| bytes.slice((offset - start) as usize..(end - start) as usize))
+        if end <= offset {
+            return None;
+        }
+        let range = (offset - start) as usize..(end - start) as usize;
+        Some(if range.len() * 2 < bytes.len() {
+            Bytes::copy_from_slice(&bytes[range])
+        } else {
+            bytes.slice(range)
+        })
     }
 }
 
@@ -499,7 +514,10 @@ impl Tail {
                 (None, Some(size)) => on_disk.min(size.saturating_sub(1)),
             };
             if self.offset < limit {
-                if let Some(bytes) = self.recent.get(self.offset, limit) {
+                // No more at once than a file read: the per-stream bound on
+                // what an unread response holds (see `MULTIPLEXED_CHUNK`).
+                let capped = limit.min(self.offset.saturating_add(self.chunk));
+                if let Some(bytes) = self.recent.get(self.offset, capped) {
                     self.offset += bytes.len() as u64;
                     return Ok(Some(bytes));
                 }
@@ -811,6 +829,76 @@ mod tests {
         assert_eq!(resumed_skip(&rest, 400, None), Ok(0));
         let short = answer(206, Some("bytes 400-899/1100"), None);
         assert!(resumed_skip(&short, 400, None).is_err());
+    }
+
+    /// The frames a client tailing a verified download in memory is sent,
+    /// read `chunk` bytes at a time.
+    async fn tail_frames(batch: &Bytes, chunk: usize) -> Vec<Bytes> {
+        use std::io::Write as _;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(batch).unwrap();
+        let recent = Arc::new(Recent::default());
+        recent.push(0, batch.clone());
+        let stream = Stream {
+            file: Arc::new(file),
+            recent,
+            size: Some(batch.len() as u64),
+            media_type: None,
+            on_disk: batch.len() as u64,
+            outcome: Some(Outcome::Verified),
+        };
+        let (_tx, rx) = watch::channel(Phase::Streaming(stream.clone()));
+        let resume: Resume = Arc::new(|_| Box::pin(async { Err("not abandoned".to_string()) }));
+        let mut body = tail(
+            rx,
+            &stream,
+            Digest::of(batch),
+            resume,
+            Duration::from_secs(5),
+            chunk,
+        );
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap().into_data().unwrap());
+        }
+        frames
+    }
+
+    /// Bytes still in memory are sent no more than a chunk at a time, as
+    /// from the file: a whole writer batch (256 KiB and more) handed to a
+    /// stalled HTTP/2 stream was four times the 64 KiB it may hold. A
+    /// short piece is copied out rather than keeping its batch allocated;
+    /// HTTP/1's batch-sized chunk is still the written buffer itself.
+    #[tokio::test]
+    async fn bytes_in_memory_are_sent_a_chunk_at_a_time() {
+        let batch = Bytes::from(
+            (0..300 * 1024u32)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<_>>(),
+        );
+        let in_batch = |b: &Bytes| {
+            let base = batch.as_ptr() as usize;
+            (base..base + batch.len()).contains(&(b.as_ptr() as usize))
+        };
+        for chunk in [
+            crate::http::body::MULTIPLEXED_CHUNK,
+            crate::http::body::FILE_CHUNK,
+        ] {
+            let frames = tail_frames(&batch, chunk).await;
+            let lens: Vec<usize> = frames.iter().map(Bytes::len).collect();
+            assert!(lens.iter().all(|&n| n <= chunk), "chunk {chunk}: {lens:?}");
+            assert_eq!(frames.concat(), batch[..], "chunk {chunk}");
+            let sliced: Vec<bool> = frames.iter().map(in_batch).collect();
+            let want_sliced = chunk * 2 >= batch.len();
+            assert_eq!(sliced[0], want_sliced, "chunk {chunk}: {lens:?} {sliced:?}");
+            assert!(
+                frames
+                    .iter()
+                    .zip(&sliced)
+                    .all(|(f, &s)| !s || f.len() * 2 >= batch.len()),
+                "a short slice keeps its batch: {lens:?} {sliced:?}"
+            );
+        }
     }
 
     /// Written bytes are used space the free-space check already sees:
