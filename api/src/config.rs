@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::{NodeOptions, NodeProxy};
-use crate::names::validate_host;
+use crate::names::{validate_host, validate_reference_host};
 pub use crate::storage::{CredentialSource, Peers, S3Credentials, S3Storage, SharedStorage};
 use crate::tags::{TagPolicy, TagRule};
 
@@ -424,9 +424,9 @@ impl ProxyConfig {
         let mut seen: HashMap<&str, usize> = HashMap::new();
         for (i, reg) in self.registries.iter().enumerate() {
             let at = |k: &str| format!("registries[{i}].{k}");
-            validate_host(&reg.host).map_err(|m| ConfigError::new(at("host"), m))?;
+            validate_reference_host(&reg.host).map_err(|m| ConfigError::new(at("host"), m))?;
             for (j, alias) in reg.aliases.iter().enumerate() {
-                validate_host(alias)
+                validate_reference_host(alias)
                     .map_err(|m| ConfigError::new(at(&format!("aliases[{j}]")), m))?;
             }
             for (j, h) in reg.auth_hosts.iter().enumerate() {

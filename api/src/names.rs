@@ -48,6 +48,25 @@ pub fn validate_host(host: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Validates the name of a registry as image references carry it:
+/// [`validate_host`], and a single DNS label needs a port. A reference's
+/// first component names a registry only when it holds a '.' or a ':' (or
+/// is `localhost`): `harbor/app` is Docker Hub's `docker.io/harbor/app`.
+/// So no pull could name a registry `harbor`, while the agents would still
+/// point the name `harbor` at the proxy on every node, and dockerd's Docker
+/// Hub mirror requests for `harbor/app` would be routed to it rather than
+/// to Docker Hub: one image name, two images, by runtime.
+pub fn validate_reference_host(host: &str) -> Result<(), String> {
+    validate_host(host)?;
+    let (name, port) = split_port(host);
+    if port.is_none() && !name.contains('.') && !name.starts_with('[') && name != "localhost" {
+        return Err(format!(
+            "`{host}` is a single name without a port: image references read `{host}/app` as Docker Hub's `docker.io/{host}/app`, so no pull names this registry; use a name with a dot (e.g. its cluster DNS name) or add its port (`{host}:5000`)"
+        ));
+    }
+    Ok(())
+}
+
 /// Why `host` may not be mirrored, if it is a name the node itself depends
 /// on: `localhost` (and `*.localhost`, RFC 6761), or an IP literal that is
 /// loopback, link-local or unspecified. A registry under such a name would
@@ -154,6 +173,24 @@ mod tests {
         ] {
             assert_eq!(validate_host(h), Ok(()), "{h}");
         }
+    }
+
+    #[test]
+    fn a_registry_needs_a_name_references_can_carry() {
+        for h in [
+            "quay.io",
+            "harbor:5000",
+            "harbor.registry.svc",
+            "10.0.0.1",
+            "[fd00::1]",
+            "localhost",
+        ] {
+            assert_eq!(validate_reference_host(h), Ok(()), "{h}");
+        }
+        let e = validate_reference_host("harbor").unwrap_err();
+        assert!(e.contains("docker.io/harbor/app"), "{e}");
+        // Still a host, for the names that are not registries.
+        assert_eq!(validate_host("harbor"), Ok(()));
     }
 
     #[test]

@@ -211,6 +211,23 @@ fn api_server_enforces_the_mirrorregistry_crd() {
     ] {
         rejected(&api, name, spec, "must not be localhost or a loopback");
     }
+    // A single name without a port is Docker Hub's in references: no pull
+    // names such a registry. Token hosts are URL hosts: a single name is
+    // fine there.
+    let single = "a single name without a port is Docker Hub's";
+    rejected(&api, "single-label", json!({"host": "harbor"}), single);
+    rejected(
+        &api,
+        "single-label-alias",
+        json!({"host": "harbor.example", "aliases": ["harbor"]}),
+        single,
+    );
+    create(&api, "single-label-port", json!({"host": "harbor:5000"}));
+    create(
+        &api,
+        "single-label-auth",
+        json!({"host": "harbor.example", "authHosts": ["keycloak"]}),
+    );
     rejected(
         &api,
         "alias-dup",

@@ -128,7 +128,7 @@ pub struct MirrorRegistrySpec {
 
     /// Other names image references use for this registry (routed here too).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(schema_with = "host_list_schema")]
+    #[schemars(schema_with = "alias_list_schema")]
     pub aliases: Vec<String>,
 
     /// Token-realm hosts the upstream sends clients to (e.g.

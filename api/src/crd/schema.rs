@@ -60,16 +60,30 @@ pub(super) fn host_rules() -> serde_json::Value {
     ])
 }
 
+/// [`host_rules`] for a name image references carry (`host`, `aliases[]`;
+/// not `authHosts[]`, which are URL hosts): see
+/// [`crate::names::validate_reference_host`].
+fn reference_host_rules() -> serde_json::Value {
+    let mut rules = host_rules();
+    if let Some(list) = rules.as_array_mut() {
+        list.push(serde_json::json!({
+            "rule": "self.contains('.') || self.contains(':') || self == 'localhost'",
+            "message": "a single name without a port is Docker Hub's in image references (harbor/app is docker.io/harbor/app): use the registry's name with a dot, or add its port (harbor:5000)",
+        }));
+    }
+    rules
+}
+
 pub(super) fn host_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "string",
         "minLength": 1,
         "maxLength": HOST_MAX_LEN,
-        "x-kubernetes-validations": host_rules(),
+        "x-kubernetes-validations": reference_host_rules(),
     })
 }
 
-pub(super) fn host_list_schema(_: &mut SchemaGenerator) -> Schema {
+fn list_schema(rules: serde_json::Value) -> Schema {
     json_schema!({
         "type": "array",
         "maxItems": HOST_LIST_MAX_ITEMS,
@@ -78,9 +92,17 @@ pub(super) fn host_list_schema(_: &mut SchemaGenerator) -> Schema {
             "type": "string",
             "minLength": 1,
             "maxLength": HOST_MAX_LEN,
-            "x-kubernetes-validations": host_rules(),
+            "x-kubernetes-validations": rules,
         },
     })
+}
+
+pub(super) fn alias_list_schema(_: &mut SchemaGenerator) -> Schema {
+    list_schema(reference_host_rules())
+}
+
+pub(super) fn host_list_schema(_: &mut SchemaGenerator) -> Schema {
+    list_schema(host_rules())
 }
 
 /// Most `spec.prefetch` entries: each is fetched and pinned.

@@ -169,6 +169,13 @@ fn invalid_specs_name_the_key() {
         key("host: quay.io\nauthHosts: ['x y']\n"),
         "spec.authHosts[0]"
     );
+    // Objects the API server admitted before the CRD said so.
+    assert_eq!(key("host: harbor\n"), "spec.host");
+    assert_eq!(
+        key("host: harbor.lan\naliases: [harbor]\n"),
+        "spec.aliases[0]"
+    );
+    assert!(convert("host: harbor:5000\nauthHosts: [keycloak]\n").is_ok());
     assert_eq!(key("host: quay.io\nupstream: quay.io\n"), "spec.upstream");
     assert_eq!(key("host: quay.io\ntagTTL: 8d\n"), "spec.tagTTL");
     assert_eq!(key("host: quay.io\ntagTTL: 169h\n"), "spec.tagTTL");
