@@ -1153,6 +1153,95 @@ fn admin_api_lists_purges_and_reports() {
     assert!(metric(&text, "pullthrough_cache_entries") >= 1.0, "{text}");
 }
 
+/// A purge while a HIT waits for its access check (the upstream is asked,
+/// `private: true`) does not fail the HIT: the blob was opened when it was
+/// found and is served from that file. Its path, opened anew after the
+/// check, was gone by then, and the client got a 500.
+#[test]
+fn a_purge_during_a_hits_access_check_still_serves_it() {
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 29 % 251) as u8).collect();
+    let d = sha256_digest(&bytes);
+    let held = format!("/v2/team/app/blobs/{d}");
+    // Set once the blob is cached: the next access check purges it first.
+    let purge_url: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
+    let stub = {
+        let (bytes, purge_url) = (bytes::Bytes::from(bytes.clone()), Arc::clone(&purge_url));
+        Stub::canned()
+            .route(move |seen| {
+                let r = http::Response::builder();
+                if seen.path != held {
+                    let status = if seen.path == "/v2/" { 200 } else { 404 };
+                    return r.status(status).body(bytes::Bytes::new()).unwrap();
+                }
+                if !seen.headers.contains_key("range") {
+                    return r
+                        .header("content-length", bytes.len())
+                        .body(bytes.clone())
+                        .unwrap();
+                }
+                // The access check (a one-byte GET).
+                if let Some(url) = purge_url.lock().unwrap().take() {
+                    // A thread of its own: this one runs the stub's runtime.
+                    let purged = std::thread::spawn(move || {
+                        Get::new(&url)
+                            .method(http::Method::DELETE)
+                            .send()
+                            .unwrap()
+                            .status
+                    })
+                    .join()
+                    .unwrap();
+                    assert_eq!(purged, StatusCode::OK, "the purge");
+                }
+                r.status(StatusCode::PARTIAL_CONTENT)
+                    .header("content-range", format!("bytes 0-0/{}", bytes.len()))
+                    .body(bytes.slice(..1))
+                    .unwrap()
+            })
+            .start()
+            .unwrap()
+    };
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: private.test\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n",
+            stub.url()
+        ),
+    )
+    .unwrap();
+    let url = blob_url(&proxy, "private.test", "team/app", &d);
+    let r = Get::new(&url).send().unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.body == bytes);
+    assert!(cached_path(&proxy, &d).exists());
+
+    *purge_url.lock().unwrap() = Some(format!(
+        "http://{}/admin/cache?digest={d}",
+        proxy.addrs.admin
+    ));
+    // Another client: its access is checked with the upstream.
+    let r = Get::new(&url)
+        .header("Authorization", "Bearer another-client")
+        .send()
+        .unwrap();
+    assert!(
+        purge_url.lock().unwrap().is_none(),
+        "no access check was asked"
+    );
+    assert!(!cached_path(&proxy, &d).exists(), "not purged");
+    assert_eq!(
+        r.status,
+        StatusCode::OK,
+        "{:?}",
+        String::from_utf8_lossy(&r.body)
+    );
+    assert!(r.body == bytes, "{} bytes", r.body.len());
+    proxy
+        .wait_access(&[("digest", &d), ("cache", "HIT")])
+        .unwrap();
+}
+
 /// A loopback admin listener without a token (the embedded default)
 /// trusts its callers, but only those that name it by a loopback name: a
 /// web page whose own name was rebound to 127.0.0.1 (DNS rebinding) sends

@@ -113,9 +113,16 @@ pub struct BlobMeta {
 pub struct CachedBlob {
     pub digest: Digest,
     pub path: PathBuf,
+    /// The size of `file`.
     pub size: u64,
     pub meta: BlobMeta,
     pub lease: Option<Arc<Lease>>,
+    /// The data file, opened when the blob was found (or committed). Read
+    /// it, not `path`: a purge removes a blob whatever its lease, and
+    /// between a lookup and the read (an access check asking the upstream)
+    /// a path opened anew was gone, and a HIT answered 500. Opened, its
+    /// bytes stay readable to the end.
+    pub file: Arc<fs::File>,
 }
 
 /// Keeps one blob from eviction while it is read.
@@ -150,31 +157,52 @@ fn lease(shared: &Arc<Mutex<Index>>, digest: &Digest) -> Option<Arc<Lease>> {
 }
 
 /// A committed blob without a hold on it, for a queue to keep while it
-/// waits: waiting pins no disk, and [`Unleased::lease`] holds it again
-/// when its turn comes (if it was not evicted meanwhile).
+/// waits: waiting pins no disk (nor does an open file, which would keep
+/// an evicted blob's space), and [`Unleased::lease`] holds and opens it
+/// again when its turn comes (if it was not evicted meanwhile).
 #[derive(Debug)]
 pub struct Unleased {
-    blob: CachedBlob,
+    digest: Digest,
+    path: PathBuf,
+    meta: BlobMeta,
     index: Arc<Mutex<Index>>,
 }
 
 impl CachedBlob {
-    /// Lets go of the lease (`None` for a blob that had none).
+    /// Lets go of the lease and the file (`None` for a blob that had no
+    /// lease).
     pub fn unleased(mut self) -> Option<Unleased> {
         let index = Arc::clone(&self.lease.take()?.index);
-        Some(Unleased { blob: self, index })
+        Some(Unleased {
+            digest: self.digest,
+            path: self.path,
+            meta: self.meta,
+            index,
+        })
     }
 }
 
 impl Unleased {
     pub fn digest(&self) -> &Digest {
-        &self.blob.digest
+        &self.digest
     }
 
-    /// The blob, held again; `None` once it was evicted.
-    pub fn lease(mut self) -> Option<CachedBlob> {
-        self.blob.lease = Some(lease(&self.index, &self.blob.digest)?);
-        Some(self.blob)
+    /// The blob, held and opened again; `None` once it was evicted (or
+    /// purged).
+    pub async fn lease(self) -> Result<Option<CachedBlob>, StoreError> {
+        let Some(lease) = lease(&self.index, &self.digest) else {
+            return Ok(None);
+        };
+        let path = self.path.clone();
+        let opened = blocking("open", &self.path, move || writer::open_data(&path)).await?;
+        Ok(opened.map(|(file, size)| CachedBlob {
+            digest: self.digest,
+            path: self.path,
+            size,
+            meta: self.meta,
+            lease: Some(lease),
+            file: Arc::new(file),
+        }))
     }
 }
 
@@ -501,10 +529,23 @@ impl BlobStore {
         let Some(cached) = self.lookup(digest).await? else {
             return Ok(None);
         };
+        if cached.size > max {
+            return Ok(None);
+        }
         let path = cached.path.clone();
         let meta = cached.meta.clone();
         let bytes = blocking("read", &path, move || {
-            let b = fs::read(&cached.path).map_err(io_err("read", &cached.path))?;
+            use std::os::unix::fs::FileExt as _;
+            let len = usize::try_from(cached.size).map_err(|_| StoreError::Io {
+                action: "read",
+                path: cached.path.clone(),
+                source: io::Error::other("larger than memory"),
+            })?;
+            let mut b = vec![0u8; len];
+            cached
+                .file
+                .read_exact_at(&mut b, 0)
+                .map_err(io_err("read", &cached.path))?;
             drop(cached); // the lease: the file was read
             Ok(b)
         })

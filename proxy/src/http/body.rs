@@ -35,17 +35,16 @@ pub const FILE_CHUNK: usize = 256 * 1024;
 /// HTTP/2 cuts data into 16 KiB frames anyway.
 pub const MULTIPLEXED_CHUNK: usize = 64 * 1024;
 
-/// Streams `len` bytes of the file at `path` from `offset`, `chunk` bytes
-/// at a time: each response holds about one or two chunks while its
-/// client does not read, so a small chunk bounds what many slow clients
-/// of rarely read, large objects cost.
-pub async fn file_in_chunks(
-    path: &std::path::Path,
+/// Streams `len` bytes of `file` from `offset`, `chunk` bytes at a time:
+/// each response holds about one or two chunks while its client does not
+/// read, so a small chunk bounds what many slow clients of rarely read,
+/// large objects cost.
+pub fn file_in_chunks(
+    file: std::sync::Arc<std::fs::File>,
     offset: u64,
     len: u64,
     chunk: usize,
-) -> std::io::Result<Body> {
-    let file = std::sync::Arc::new(tokio::fs::File::open(path).await?.into_std().await);
+) -> Body {
     // Positional reads straight into the chunk handed on: a tokio file
     // would read into a buffer of its own first, one more chunk held (and
     // copied) per response.
@@ -62,7 +61,7 @@ pub async fn file_in_chunks(
             Ok(Some((Frame::data(Bytes::from(buf)), (at + n, left - n))))
         }
     });
-    Ok(StreamBody::new(stream).boxed_unsync())
+    StreamBody::new(stream).boxed_unsync()
 }
 
 /// `len` bytes of `file` at `at`: from the page cache when it holds them
@@ -268,9 +267,8 @@ mod tests {
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
             )
             .unwrap();
-            let body = file_in_chunks(&path, offset as u64, len as u64, chunk)
-                .await
-                .unwrap();
+            let file = std::sync::Arc::new(std::fs::File::open(&path).unwrap());
+            let body = file_in_chunks(file, offset as u64, len as u64, chunk);
             let got = body.collect().await.unwrap().to_bytes();
             assert!(got[..] == data[offset..offset + len], "offset {offset}");
         }

@@ -84,10 +84,10 @@ impl Sendfile {
 
     /// A body of `len` bytes of `file` from `offset`, sent by this
     /// connection's stream with `sendfile`.
-    pub fn body(&self, file: File, offset: u64, len: u64) -> Body {
+    pub fn body(&self, file: Arc<File>, offset: u64, len: u64) -> Body {
         FileBody {
             spans: self.spans.clone(),
-            file: Arc::new(file),
+            file,
             offset,
             left: len,
         }
@@ -337,7 +337,8 @@ mod tests {
             got
         });
         // Two bodies on one connection: a part of the file, then all of it.
-        let body = sendfile.body(file.try_clone().unwrap(), 7, 100);
+        let file = Arc::new(file);
+        let body = sendfile.body(Arc::clone(&file), 7, 100);
         assert_eq!(send(&mut stream, body).await, [false]);
         let body = sendfile.body(file, 0, bytes.len() as u64);
         assert_eq!(send(&mut stream, body).await, [true, true, false]);

@@ -12,7 +12,7 @@ use super::context::Ctx;
 use super::download::{blob_response, resume, solo};
 use super::lead::{LeadGuard, Source, lead};
 use crate::cache::inflight::{self, Role};
-use crate::cache::store::{CachedBlob, StoreError};
+use crate::cache::store::CachedBlob;
 use crate::http::body::{self, Body};
 use crate::http::headers::{
     API_VERSION, DOCKER_CONTENT_DIGEST, content_length, content_type, forward_headers,
@@ -215,23 +215,10 @@ async fn cached_blob(
     let body = if *method == Method::HEAD {
         body::empty()
     } else {
-        let reading = |source| StoreError::Io {
-            action: "reading cached blob",
-            path: cached.path.clone(),
-            source,
-        };
+        let file = Arc::clone(&cached.file);
         let b = match &ctx.sendfile {
-            Some(sendfile) => {
-                let file = tokio::fs::File::open(&cached.path)
-                    .await
-                    .map_err(reading)?
-                    .into_std()
-                    .await;
-                sendfile.body(file, start, len)
-            }
-            None => body::file_in_chunks(&cached.path, start, len, ctx.file_chunk())
-                .await
-                .map_err(reading)?,
+            Some(sendfile) => sendfile.body(file, start, len),
+            None => body::file_in_chunks(file, start, len, ctx.file_chunk()),
         };
         body::hold(b, cached.lease.clone())
     };

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use super::HandlerError;
 use super::context::Ctx;
 use crate::cache::shared::{TierError, TierStat};
-use crate::cache::store::{BlobMeta, CachedBlob, StoreError, is_disk_full};
+use crate::cache::store::{BlobMeta, CachedBlob, is_disk_full};
 use crate::http::body::{self, Body};
 use crate::http::headers::{
     API_VERSION, DOCKER_CONTENT_DIGEST, content_type, forward_headers, relay_response,
@@ -256,13 +256,12 @@ pub(crate) async fn cached_manifest(
     }
     // Small chunks: a large manifest is rare, and many clients that never
     // read it must not each hold much of it.
-    let b = body::file_in_chunks(&cached.path, 0, cached.size, MANIFEST_CHUNK)
-        .await
-        .map_err(|source| StoreError::Io {
-            action: "reading cached manifest",
-            path: cached.path.clone(),
-            source,
-        })?;
+    let b = body::file_in_chunks(
+        std::sync::Arc::clone(&cached.file),
+        0,
+        cached.size,
+        MANIFEST_CHUNK,
+    );
     let body = body::hold(b, cached.lease.clone());
     Ok(manifest_response(
         &cached.digest,

@@ -105,10 +105,18 @@ impl Uploads {
             waiting.fetch_sub(1, Ordering::AcqRel);
             let Ok(_permit) = permit else { return };
             let digest = queued.digest().clone();
-            let Some(blob) = queued.lease() else {
-                stats.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%digest, "evicted from the local disk before its upload; not copied to shared storage");
-                return;
+            let blob = match queued.lease().await {
+                Ok(Some(blob)) => blob,
+                Ok(None) => {
+                    stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%digest, "evicted from the local disk before its upload; not copied to shared storage");
+                    return;
+                }
+                Err(err) => {
+                    stats.failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%digest, error = %err, "blob not copied to shared storage; it stays in the local cache");
+                    return;
+                }
             };
             match upload(&tier, &blob).await {
                 Ok(Some(bytes)) => {
@@ -134,8 +142,13 @@ async fn upload(tier: &SharedTier, blob: &CachedBlob) -> Result<Option<u64>, Tie
         return Ok(None);
     }
     let path = blob.path.clone();
-    let file = tokio::fs::File::open(&path)
-        .await
+    // The handle the lease opened (a purge meanwhile leaves it readable).
+    // A duplicate shares its offset, which only this stream moves: every
+    // other reader of a blob's file reads at positions.
+    let file = blob
+        .file
+        .try_clone()
+        .map(tokio::fs::File::from_std)
         .map_err(|source| TierError::File {
             path: path.display().to_string(),
             source,

@@ -491,7 +491,7 @@ async fn an_unleased_blob_can_be_evicted_and_says_so_when_leased_again() {
         );
     }
     assert!(store.entry(&d).is_none(), "evicted while only queued");
-    assert!(queued.lease().is_none());
+    assert!(queued.lease().await.unwrap().is_none());
 
     let second = fill(201);
     let d = Digest::of(&second);
@@ -501,7 +501,7 @@ async fn an_unleased_blob_can_be_evicted_and_says_so_when_leased_again() {
         .unwrap()
         .unleased()
         .unwrap();
-    let held = queued.lease().expect("still there");
+    let held = queued.lease().await.unwrap().expect("still there");
     for i in 10..15u8 {
         std::thread::sleep(std::time::Duration::from_millis(2));
         let b = fill(i);
@@ -685,4 +685,33 @@ async fn a_blob_file_the_index_lost_is_indexed_again_on_commit() {
     store.put(&d, BlobMeta::default(), &bytes).await.unwrap();
     assert_eq!(store.usage(), (5_000, 1));
     assert!(store.entry(&d).is_some());
+}
+
+/// A blob found is read through the file opened then: removed (purged)
+/// afterwards, all its bytes are still there; removed before, it is not
+/// found (a miss, not an error).
+#[tokio::test]
+async fn a_found_blob_stays_readable_after_a_purge() {
+    use std::os::unix::fs::FileExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).await.unwrap();
+    let data = content(300_000);
+    let digest = Digest::of(&data);
+    let committed = store
+        .put(&digest, BlobMeta::default(), &data)
+        .await
+        .unwrap();
+    let mut got = vec![0u8; data.len()];
+    committed.file.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == data, "the committed blob's own file");
+    drop(committed);
+
+    let found = store.lookup(&digest).await.unwrap().expect("cached");
+    assert!(store.remove(&digest).await.unwrap());
+    assert!(!found.path.exists());
+    assert_eq!(found.size, data.len() as u64);
+    let mut got = vec![0u8; data.len()];
+    found.file.read_exact_at(&mut got, 0).unwrap();
+    assert!(got == data);
+    assert!(store.lookup(&digest).await.unwrap().is_none());
 }

@@ -396,6 +396,9 @@ pub(super) fn place(
     let temp_path = temp.0.clone().unwrap_or_default();
     file.sync_all().map_err(io_err("fsync", &temp_path))?;
     drop(file);
+    // The write handle cannot read; opened before the rename, so that a
+    // failure leaves nothing in place unindexed.
+    let reader = fs::File::open(&temp_path).map_err(io_err("open", &temp_path))?;
     let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
     write_meta(layout, &digest, &meta)?;
     let data = layout.data(&digest);
@@ -413,6 +416,7 @@ pub(super) fn place(
         size: bytes,
         meta,
         lease,
+        file: Arc::new(reader),
     })
 }
 
@@ -443,14 +447,23 @@ pub(super) fn write_meta(
     Ok(())
 }
 
-/// The committed blob for `digest`, if any (blocking).
+/// The committed data file at `path`, opened, and its size; `None` if it
+/// is not there (blocking).
+pub(super) fn open_data(path: &Path) -> Result<Option<(fs::File, u64)>, StoreError> {
+    let file = match fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err("open", path)(e)),
+    };
+    let md = file.metadata().map_err(io_err("stat", path))?;
+    Ok(md.is_file().then_some((file, md.len())))
+}
+
+/// The committed blob for `digest`, if any, opened (blocking).
 pub(super) fn existing(layout: &Layout, digest: &Digest) -> Result<Option<CachedBlob>, StoreError> {
     let path = layout.data(digest);
-    let md = match fs::metadata(&path) {
-        Ok(md) if md.is_file() => md,
-        Ok(_) => return Ok(None),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err("stat", &path)(e)),
+    let Some((file, size)) = open_data(&path)? else {
+        return Ok(None);
     };
     let meta_path = layout.meta(digest);
     let meta = match fs::read(&meta_path) {
@@ -464,8 +477,9 @@ pub(super) fn existing(layout: &Layout, digest: &Digest) -> Result<Option<Cached
     Ok(Some(CachedBlob {
         digest: digest.clone(),
         path,
-        size: md.len(),
+        size,
         meta,
         lease: None,
+        file: Arc::new(file),
     }))
 }
