@@ -548,11 +548,22 @@ pub fn revert_config(
             parent.remove(last);
         }
     }
-    if record.added_version {
-        doc.remove("version");
-    }
     if record.migrated {
         put_back_migrated(&mut doc, version, &record.moved, &mut notes)?;
+    }
+    if record.added_version {
+        // containerd 1.x reads a file without `version` as version 1 and
+        // silently ignores every `[plugins."io.containerd.grpc.v1.cri"…]`
+        // table in it: settings someone added since (SystemdCgroup, a
+        // runtime) would stop applying. So the line goes only with the
+        // rest of what the agent wrote.
+        if doc.as_table().iter().all(|(k, _)| k == "version") {
+            doc.remove("version");
+        } else {
+            notes.push(format!(
+                "`version = {version}` kept although the agent added it: without it containerd would read the settings added since as version 1 and ignore them"
+            ));
+        }
     }
     if delete_if_empty && doc.as_table().is_empty() {
         return Ok((None, notes));
@@ -632,6 +643,45 @@ root = "/var/lib/containerd"   # keep me
         assert!(p.enabled);
         let (back, _) = revert_config(&p.bytes, &p.record, true).unwrap();
         assert_eq!(back, None);
+    }
+
+    /// Someone extends the file the agent created (SystemdCgroup, here):
+    /// revert takes out `config_path` but keeps `version = 2`, or
+    /// containerd 1.x would read their tables as version 1 and ignore
+    /// them. A file the agent alone wrote still goes whole.
+    #[test]
+    fn revert_keeps_the_added_version_when_others_extended_the_file() {
+        let p = ensure_config_path(None, &ConfigRecord::default(), false).unwrap();
+        let extended = format!(
+            "{}\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n",
+            s(&p.bytes)
+        );
+        let (back, notes) = revert_config(extended.as_bytes(), &p.record, true).unwrap();
+        let back = back.unwrap();
+        let info = inspect(Some(&back)).unwrap();
+        assert_eq!(info.version, Some(2), "{}", s(&back));
+        assert_eq!(info.config_path, None, "{}", s(&back));
+        assert!(s(&back).contains("SystemdCgroup = true"), "{}", s(&back));
+        assert!(notes.join("\n").contains("`version = 2` kept"), "{notes:?}");
+
+        // An empty file the agent added the line to, then extended.
+        let p = ensure_config_path(Some(b""), &ConfigRecord::default(), false).unwrap();
+        assert!(p.record.added_version);
+        let extended = format!(
+            "{}\n[plugins.\"io.containerd.grpc.v1.cri\".containerd]\n  snapshotter = \"overlayfs\"\n",
+            s(&p.bytes)
+        );
+        let (back, _) = revert_config(extended.as_bytes(), &p.record, false).unwrap();
+        let back = back.unwrap();
+        assert_eq!(
+            inspect(Some(&back)).unwrap().version,
+            Some(2),
+            "{}",
+            s(&back)
+        );
+        // Untouched: the line goes with the agent's part.
+        let (back, _) = revert_config(&p.bytes, &p.record, false).unwrap();
+        assert_eq!(s(&back.unwrap()).trim(), "");
     }
 
     #[test]

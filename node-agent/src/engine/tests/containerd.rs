@@ -468,3 +468,33 @@ fn migrated_mirrors_survive_revert_after_an_admin_edit() {
     r.unwrap();
     check(t.path(), &out);
 }
+
+/// The config.toml the agent created (no file before) that someone then
+/// extended keeps `version = 2` through revert: containerd 1.x would read
+/// the rest as version 1 and ignore the CRI tables (SystemdCgroup falls
+/// back to cgroupfs, pods stop starting).
+#[test]
+fn revert_keeps_version_in_a_created_config_toml_others_extended() {
+    let t = tempfile::tempdir().unwrap();
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    apply_config(&root, &[RuntimeKind::Containerd], &mut exec)
+        .0
+        .unwrap();
+    let created = read(t.path(), CONFIG_TOML);
+    assert!(created.contains("version = 2"), "{created}");
+    let theirs = "\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc.options]\n  SystemdCgroup = true\n";
+    write(
+        t.path(),
+        CONFIG_TOML,
+        format!("{created}{theirs}").as_bytes(),
+    );
+
+    let (_, out) = run_revert(&root, &mut exec);
+    let left = read(t.path(), CONFIG_TOML);
+    let info = crate::patch::containerd::inspect(Some(left.as_bytes())).unwrap();
+    assert_eq!(info.version, Some(2), "{out}\n{left}");
+    assert_eq!(info.config_path, None, "{left}");
+    assert!(left.contains("SystemdCgroup = true"), "{left}");
+    assert!(out.contains("`version = 2` kept"), "{out}");
+}
