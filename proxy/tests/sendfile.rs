@@ -3,8 +3,10 @@
 //! the cached file's, byte for byte, for whole blobs, ranges across the
 //! sendfile spans, keep-alive and pipelined requests and a reader too slow
 //! for the socket buffers; `pullthrough_sendfile_bytes_total` shows they
-//! took that path, and that HTTPS and HTTP/2 did not. A file cut short
-//! while it is being sent gives a cut response, never placeholder bytes.
+//! took that path, and that HTTPS and HTTP/2 did not, nor a blob whose
+//! pages are not in memory (read off the runtime thread instead). A file
+//! cut short while it is being sent gives a cut response, never
+//! placeholder bytes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -181,6 +183,57 @@ fn plain_http1_hits_are_sent_with_sendfile_byte_for_byte() {
     assert_eq!(sent(&proxy), body_bytes, "TLS or HTTP/2 went by sendfile");
     let hits = proxy.access_matching(&[("cache", "HIT"), ("complete", "true")]);
     assert_eq!(hits.len(), 10, "{}", proxy.log());
+}
+
+/// A HIT of a blob whose pages are no longer in memory is not sent with
+/// `sendfile`, which would read the disk on a runtime thread (stalling
+/// every connection it serves): its bytes are read off that thread and
+/// sent as ordinary bytes, byte for byte and not counted. Read once, the
+/// blob is in memory and the next HIT goes by `sendfile`.
+#[test]
+fn a_hit_not_in_memory_is_read_not_sent_with_sendfile() {
+    use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+    let work = tempfile::tempdir().unwrap();
+    let image = image(work.path());
+    let proxy = cached(&image);
+    let odd = &image.layer_digests()[1];
+    let bytes = std::fs::read(image.blob_path(odd)).unwrap();
+    let cached_file = std::fs::File::open(proxy.cached_blob_path(odd)).unwrap();
+    let tmpfs = nix::sys::statfs::fstatfs(&cached_file)
+        .unwrap()
+        .filesystem_type()
+        == nix::sys::statfs::TMPFS_MAGIC;
+    posix_fadvise(&cached_file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+    let rt = pullthrough_testbed::http::runtime().unwrap();
+    let get = || {
+        rt.block_on(async {
+            Conn::plain(proxy.addrs.http)
+                .await?
+                .get(&blob_path(odd), &[], BodyMode::Keep)
+                .await
+        })
+        .unwrap()
+    };
+
+    let f = get();
+    assert_eq!(f.status, StatusCode::OK);
+    assert!(f.body == bytes, "the uncached blob's bytes differ");
+    let cold = sent(&proxy);
+    if tmpfs {
+        eprintln!("the cache is on tmpfs: its pages cannot be dropped");
+    } else {
+        // At least its first chunk (page 0 was dropped) was read; the
+        // kernel's readahead may have brought later spans in meanwhile.
+        assert!(
+            cold + (256 << 10) <= bytes.len() as u64,
+            "{cold} of {} uncached bytes sent with sendfile",
+            bytes.len()
+        );
+    }
+
+    let f = get();
+    assert!(f.body == bytes, "the cached blob's bytes differ");
+    assert_eq!(sent(&proxy) - cold, bytes.len() as u64, "a HIT in memory");
 }
 
 /// A reader whose receive window is 64 KiB (the proxy's socket buffer

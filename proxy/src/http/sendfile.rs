@@ -18,6 +18,17 @@
 //!
 //! Only plain HTTP/1 gets this: TLS must encrypt in user space, and HTTP/2
 //! frames its DATA itself.
+//!
+//! `sendfile` reads pages that are not in the page cache from the disk
+//! right there, on the runtime thread that polls the connection: a HIT of
+//! a blob gone from memory (the cache is larger than RAM) or random
+//! ranges of large layers would stall every connection of that worker for
+//! the disk's latency. So before a span is queued, the pages at its two
+//! ends are probed (a one-byte `preadv2` with `RWF_NOWAIT`); a span whose
+//! ends are not both in memory is sent as ordinary bytes instead, read as
+//! the HTTPS path reads (`body::read_chunk`: from the page cache, the rest
+//! on the blocking pool), one chunk at a time, until spans are in memory
+//! again (that read brings them in, and the kernel's readahead more).
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -33,7 +44,7 @@ use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::body::Body;
+use super::body::{Body, FILE_CHUNK, read_chunk};
 
 /// Longest placeholder frame: the most one `sendfile` call is asked to send
 /// (the kernel sends what the socket buffer takes). nginx's
@@ -90,16 +101,36 @@ impl Sendfile {
             file,
             offset,
             left: len,
+            reading: None,
         }
         .boxed_unsync()
     }
 }
+
+/// A read of file bytes not in the page cache.
+type Reading = Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + Send>>;
 
 struct FileBody {
     spans: Arc<Mutex<VecDeque<Span>>>,
     file: Arc<File>,
     offset: u64,
     left: u64,
+    /// Bytes of a span not in memory, being read (see the module docs).
+    reading: Option<Reading>,
+}
+
+/// Whether `sendfile` may send the page holding byte `at` of `file`:
+/// false only when it is known not to be in the page cache. A kernel or
+/// file system without `RWF_NOWAIT` cannot tell, and gets `sendfile` as
+/// it did before the probe; a file cut short is left to `sendfile` to
+/// report.
+fn in_memory(file: &File, at: u64) -> bool {
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    match rustix::io::preadv2(file, &mut iov, at, rustix::io::ReadWriteFlags::NOWAIT) {
+        Ok(_) => true,
+        Err(e) => e != rustix::io::Errno::AGAIN,
+    }
 }
 
 impl hyper::body::Body for FileBody {
@@ -108,12 +139,30 @@ impl hyper::body::Body for FileBody {
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        if let Some(reading) = self.reading.as_mut() {
+            let read = ready!(reading.as_mut().poll(cx));
+            self.reading = None;
+            return Poll::Ready(Some(read.map(|buf| {
+                self.offset += buf.len() as u64;
+                self.left -= buf.len() as u64;
+                Frame::data(Bytes::from(buf))
+            })));
+        }
         if self.left == 0 {
             return Poll::Ready(None);
         }
         let len = self.left.min(PLACEHOLDER_LEN as u64) as usize;
+        if !in_memory(&self.file, self.offset)
+            || !in_memory(&self.file, self.offset + len as u64 - 1)
+        {
+            // ≤ FILE_CHUNK, a usize.
+            let n = self.left.min(FILE_CHUNK as u64) as usize;
+            let (file, at) = (Arc::clone(&self.file), self.offset);
+            self.reading = Some(Box::pin(async move { read_chunk(&file, at, n).await }));
+            return self.poll_frame(cx);
+        }
         let span = Span {
             file: self.file.clone(),
             offset: self.offset,
@@ -133,7 +182,7 @@ impl hyper::body::Body for FileBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.left == 0
+        self.left == 0 && self.reading.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -169,6 +218,17 @@ impl SendfileStream {
             sendfile,
             corked: false,
         }
+    }
+
+    /// Ordinary bytes were written. While corked, they are file bytes
+    /// sent without `sendfile` (not in memory): the body's end may be
+    /// among them, and no last span will uncork the socket, so it is
+    /// uncorked now (the next span corks it again).
+    fn written_plain(&mut self, written: io::Result<usize>) -> io::Result<usize> {
+        if self.corked && written.is_ok() {
+            cork(&self.tcp, &mut self.corked, false);
+        }
+        written
     }
 
     /// Sends the `want` file bytes that the placeholder bytes from `at`
@@ -249,7 +309,10 @@ impl AsyncWrite for SendfileStream {
     ) -> Poll<io::Result<usize>> {
         match placeholder_offset(buf) {
             Some(at) => self.poll_send(cx, at, buf.len()),
-            None => Pin::new(&mut self.tcp).poll_write(cx, buf),
+            None => {
+                let written = ready!(Pin::new(&mut self.tcp).poll_write(cx, buf));
+                Poll::Ready(self.written_plain(written))
+            }
         }
     }
 
@@ -270,7 +333,8 @@ impl AsyncWrite for SendfileStream {
             .iter()
             .position(|b| placeholder_offset(b).is_some())
             .map_or(bufs.len(), |i| first + i);
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[first..end])
+        let written = ready!(Pin::new(&mut self.tcp).poll_write_vectored(cx, &bufs[first..end]));
+        Poll::Ready(self.written_plain(written))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -347,6 +411,82 @@ mod tests {
         assert_eq!(&got[..100], &bytes[7..107]);
         assert!(got[100..] == bytes[..], "the file's bytes, in order");
         assert_eq!(sent.get(), want as u64);
+    }
+
+    /// A span whose pages are not in the page cache is not sent with
+    /// `sendfile` (which would read the disk on the runtime thread): it is
+    /// read and sent as ordinary bytes, the body's end uncorks the socket
+    /// all the same, and once the pages are in memory the same file goes
+    /// by `sendfile` again. Only the bytes `sendfile` sent are counted.
+    #[tokio::test]
+    async fn pages_not_in_memory_are_read_not_sent_with_sendfile() {
+        use nix::fcntl::{PosixFadviseAdvice, posix_fadvise};
+        // On the build disk: tmpfs pages are the file, never dropped.
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        std::fs::create_dir_all(&target).unwrap();
+        let dir = tempfile::tempdir_in(target).unwrap();
+        let tmpfs = nix::sys::statfs::statfs(dir.path())
+            .unwrap()
+            .filesystem_type()
+            == nix::sys::statfs::TMPFS_MAGIC;
+        let path = dir.path().join("blob");
+        let bytes: Vec<u8> = (0..2 * PLACEHOLDER_LEN + 12345)
+            .map(|i| (i * 11 + i / 4091) as u8)
+            .collect();
+        let mut f = File::create(&path).unwrap();
+        f.write_all(&bytes).unwrap();
+        f.sync_all().unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        // No readahead: the pages read are exactly those sent.
+        posix_fadvise(&*file, 0, 0, PosixFadviseAdvice::POSIX_FADV_RANDOM).unwrap();
+        posix_fadvise(&*file, 0, 0, PosixFadviseAdvice::POSIX_FADV_DONTNEED).unwrap();
+        // The first span back in memory: sent with `sendfile`, corked;
+        // the rest is not.
+        let mut first = vec![0u8; PLACEHOLDER_LEN];
+        std::os::unix::fs::FileExt::read_exact_at(&*file, &mut first, 0).unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        server.set_nodelay(true).unwrap();
+        let sent = Counter::default();
+        let sendfile = Sendfile::new(sent.clone());
+        let mut stream = SendfileStream::new(server, sendfile.clone());
+        let want = 2 * bytes.len();
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; want];
+            client.read_exact(&mut got).await.unwrap();
+            got
+        });
+
+        let body = sendfile.body(Arc::clone(&file), 0, bytes.len() as u64);
+        let corked = send(&mut stream, body).await;
+        assert_eq!(corked.first(), Some(&true), "{corked:?}");
+        assert_eq!(corked.last(), Some(&false), "left corked: {corked:?}");
+        let cold = if tmpfs {
+            eprintln!(
+                "{} is on tmpfs: only the cached path is tested",
+                dir.path().display()
+            );
+            bytes.len() as u64
+        } else {
+            assert_eq!(
+                sent.get(),
+                PLACEHOLDER_LEN as u64,
+                "uncached pages sent with sendfile"
+            );
+            PLACEHOLDER_LEN as u64
+        };
+        // The read brought the rest in.
+        let body = sendfile.body(file, 0, bytes.len() as u64);
+        assert_eq!(send(&mut stream, body).await, [true, true, false]);
+        assert_eq!(sent.get(), cold + bytes.len() as u64, "cached pages");
+
+        let got = reader.await.unwrap();
+        assert!(got[..bytes.len()] == bytes[..], "the uncached send's bytes");
+        assert!(got[bytes.len()..] == bytes[..], "the cached send's bytes");
     }
 
     /// Ordinary bytes never take the sendfile path, and placeholder bytes
