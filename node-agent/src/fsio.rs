@@ -110,6 +110,21 @@ impl Root {
         }
     }
 
+    /// Takes from the file's permission bits every one outside `allowed`;
+    /// `true` when it had any. Nothing when the file does not exist.
+    pub fn restrict_mode(&self, host: &str, allowed: u32) -> Result<bool, FsError> {
+        let Some(mode) = self.mode(host)? else {
+            return Ok(false);
+        };
+        if mode & !allowed == 0 {
+            return Ok(false);
+        }
+        let path = self.resolve(host)?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode & allowed))
+            .map_err(fs_err(host, "restricting mode"))?;
+        Ok(true)
+    }
+
     /// Names of the entries of directory `host`, sorted; none when it does
     /// not exist.
     pub fn list_dir(&self, host: &str) -> Result<Vec<String>, FsError> {
@@ -168,6 +183,11 @@ impl Root {
     /// directory, fsync, rename over the target, fsync the directory. An
     /// existing file keeps its mode and owner; a new one gets `mode`.
     ///
+    /// The temp file has the existing file's owner and mode (a new one's
+    /// is 0600) before any byte goes in: a 0600 config.toml holding
+    /// registry passwords must not be readable by everyone while it is
+    /// written.
+    ///
     /// Where the target is a single-file bind mount (rename fails with
     /// EBUSY, as for `/etc/hosts` inside a container) the content is
     /// written in place instead, still from a fully prepared buffer.
@@ -178,18 +198,22 @@ impl Root {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let existing = fs::metadata(&path).ok();
+        // A file that exists but cannot be looked at is not taken for a
+        // new one: its content would be written with `mode`.
+        let existing = match fs::metadata(&path) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(fs_err(host, "stat")(e)),
+        };
         // A random name created with O_EXCL: a link planted where the temp
         // file will be is never followed, and the name cannot be guessed.
         let mut tmp = tempfile::Builder::new()
             .prefix(&format!(".{name}.pullthrough-tmp."))
             .rand_bytes(temp_rand_bytes())
-            .permissions(fs::Permissions::from_mode(mode))
+            .permissions(fs::Permissions::from_mode(0o600))
             .tempfile_in(&dir)
             .map_err(fs_err(host, "creating temp file"))?;
         let f = tmp.as_file_mut();
-        f.write_all(bytes)
-            .map_err(fs_err(host, "writing temp file"))?;
         if let Some(m) = &existing {
             // Owner first: chown clears setuid bits, chmod restores them.
             let made = f.metadata().map_err(fs_err(host, "stat temp file"))?;
@@ -200,7 +224,16 @@ impl Root {
             f.set_permissions(fs::Permissions::from_mode(m.mode() & 0o7777))
                 .map_err(fs_err(host, "keeping mode"))?;
             keep_label(&path, f).map_err(fs_err(host, "keeping the SELinux label"))?;
-        } else {
+        }
+        #[cfg(test)]
+        temp_written_hook(f);
+        f.write_all(bytes)
+            .map_err(fs_err(host, "writing temp file"))?;
+        #[cfg(test)]
+        temp_written_hook(f);
+        if existing.is_none() {
+            // A new file's content is the agent's own; it may now be read
+            // as the caller asks.
             f.set_permissions(fs::Permissions::from_mode(mode))
                 .map_err(fs_err(host, "setting mode"))?;
         }
@@ -276,6 +309,21 @@ thread_local! {
 #[cfg(test)]
 fn temp_rand_bytes() -> usize {
     TEMP_RAND_BYTES.with(std::cell::Cell::get)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// `(mode, uid, gid)` of each temp file just before and just after
+    /// its content went in, for tests to see who could read it then.
+    static TEMP_WRITTEN: std::cell::RefCell<Vec<(u32, u32, u32)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(test)]
+fn temp_written_hook(f: &File) {
+    if let Ok(m) = f.metadata() {
+        TEMP_WRITTEN.with(|w| w.borrow_mut().push((m.mode() & 0o7777, m.uid(), m.gid())));
+    }
 }
 
 /// Normalized absolute host path: `/` prefixed, no `.`/empty components.
@@ -409,6 +457,47 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// A 0600 file (config.toml with registry passwords) is never
+    /// readable by others through its temp file: the temp file has the
+    /// file's mode and owner before its content goes in, not only once it
+    /// is written.
+    #[test]
+    fn a_private_file_is_never_readable_by_others_while_it_is_written() {
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        fs::create_dir_all(t.path().join("etc")).unwrap();
+        let p = t.path().join("etc/config.toml");
+        fs::write(&p, b"password = \"old\"").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        // Someone else's file, where the test may give it away (as root).
+        let owner = (fs::metadata(t.path()).unwrap().uid() == 0).then(|| {
+            std::os::unix::fs::chown(&p, Some(4242), Some(4343)).unwrap();
+            (4242, 4343)
+        });
+        TEMP_WRITTEN.with(|w| w.borrow_mut().clear());
+        root.write_atomic("/etc/config.toml", b"password = \"new\"", FILE_MODE)
+            .unwrap();
+        let seen = TEMP_WRITTEN.with(|w| w.borrow_mut().split_off(0));
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        for (mode, uid, gid) in seen {
+            assert_eq!(mode, 0o600, "temp file mode while written");
+            if let Some(o) = owner {
+                assert_eq!((uid, gid), o, "temp file owner while written");
+            }
+        }
+        assert_eq!(fs::read(&p).unwrap(), b"password = \"new\"");
+        assert_eq!(fs::metadata(&p).unwrap().mode() & 0o7777, 0o600);
+
+        // A new file: private while written, `mode` once in place.
+        root.write_atomic("/etc/fresh", b"x", FILE_MODE).unwrap();
+        let seen = TEMP_WRITTEN.with(|w| w.borrow_mut().split_off(0));
+        assert!(seen.iter().all(|(m, _, _)| *m == 0o600), "{seen:?}");
+        assert_eq!(
+            fs::metadata(t.path().join("etc/fresh")).unwrap().mode() & 0o777,
+            FILE_MODE
+        );
     }
 
     /// A replaced file keeps its SELinux label (set here by hand: a

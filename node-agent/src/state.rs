@@ -426,7 +426,37 @@ pub fn load(root: &Root) -> Result<Option<State>, StateError> {
     }
     let state =
         serde_json::from_value(value).map_err(|source| StateError::Unreadable { source })?;
+    tighten_backups(root, &state);
     Ok(Some(state))
+}
+
+/// The mode a backup of `path` may have: the file's read bits, written by
+/// no one but its owner; 0600 when the file's mode cannot be told.
+fn backup_mode(root: &Root, path: &str) -> u32 {
+    root.mode(path).ok().flatten().map_or(0o600, |m| m & 0o644)
+}
+
+/// Agents before [`write_backup`] kept the original's read bits wrote
+/// every backup 0644, so the backup of a 0600 config.toml with registry
+/// passwords was readable by everyone: such a backup loses the bits its
+/// file does not have. The file keeps its mode across the agent's writes,
+/// so its mode now is the original's. Best effort: a backup that cannot
+/// be tightened (a read-only root for `status`) does not stop the command.
+fn tighten_backups(root: &Root, state: &State) {
+    for (path, rec) in &state.files {
+        let Some(backup) = &rec.backup else {
+            continue;
+        };
+        match root.restrict_mode(backup, backup_mode(root, path)) {
+            Ok(true) => {
+                tracing::info!(%path, %backup, "backup made no more readable than its file");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(%path, error = %e, "cannot make the backup no more readable than its file");
+            }
+        }
+    }
 }
 
 /// Writes the state atomically, creating its directory (and recording the
@@ -466,7 +496,7 @@ pub fn write_backup(
     let made = root.create_dirs(STATE_DIR)?;
     state.state_dirs.extend(made);
     let backup = backup_path(path);
-    let mode = root.mode(path).ok().flatten().map_or(0o600, |m| m & 0o644);
+    let mode = backup_mode(root, path);
     root.create_dirs(&crate::fsio::parent(&backup))?;
     // A new file, so it takes `mode` (an existing one would keep its own).
     root.remove_file(&backup)?;
@@ -657,6 +687,46 @@ mod tests {
                 FileKind::unknown_type(&serde_json::json!({ "kind": v })),
                 None
             );
+        }
+    }
+
+    /// A backup an older agent wrote 0644 of a 0600 file (registry
+    /// passwords) or a 0640 one is cut down to the file's read bits when
+    /// the state is loaded; a backup already as strict is left alone.
+    #[test]
+    fn backups_readable_beyond_their_file_are_tightened_on_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        let mut s = State::default();
+        for (path, mode) in [
+            ("/etc/containerd/config.toml", 0o600),
+            ("/etc/docker/daemon.json", 0o640),
+            ("/etc/hosts", 0o644),
+        ] {
+            root.create_dirs(&crate::fsio::parent(path)).unwrap();
+            root.write_atomic(path, b"orig", mode).unwrap();
+            let backup = write_backup(&root, &mut s, path, b"orig").unwrap();
+            // As an older agent left it.
+            std::fs::set_permissions(
+                root.resolve(&backup).unwrap(),
+                std::fs::Permissions::from_mode(0o644),
+            )
+            .unwrap();
+            s.files.insert(
+                path.into(),
+                FileRecord::new(FileKind::CaCert, true, Some(backup), None),
+            );
+        }
+        save(&root, &mut s).unwrap();
+        load(&root).unwrap().unwrap();
+        for (path, want) in [
+            ("/etc/containerd/config.toml", 0o600),
+            ("/etc/docker/daemon.json", 0o640),
+            ("/etc/hosts", 0o644),
+        ] {
+            let got = root.mode(&backup_path(path)).unwrap().unwrap();
+            assert_eq!(got, want, "{path}: backup mode {got:o}");
         }
     }
 
