@@ -303,7 +303,7 @@ fn temp_rand_bytes() -> usize {
 thread_local! {
     /// Tests set 0 to know the temp name (`.<name>.pullthrough-tmp.`) and
     /// plant a link at it.
-    static TEMP_RAND_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(12) };
+    pub(crate) static TEMP_RAND_BYTES: std::cell::Cell<usize> = const { std::cell::Cell::new(12) };
 }
 
 #[cfg(test)]

@@ -207,8 +207,29 @@ pub struct FileRecord {
     /// longer tells the whole story, so revert removes only the agent's
     /// part instead of restoring it.
     pub diverged: bool,
+    /// A write recorded (the state is saved before the files are written)
+    /// but not yet known done: until it is, the content it replaces is
+    /// the agent's own too (see [`FileRecord::wrote`]).
+    pub pending_write: Option<PendingWrite>,
     /// Fields of the record this agent does not know.
     pub extra: Extra,
+}
+
+/// See [`FileRecord::pending_write`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PendingWrite {
+    /// sha256 of the agent's own content the write replaces (`None`: the
+    /// file did not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces_sha256: Option<String>,
+    /// sha256 of what the write puts there: the record's
+    /// `written_sha256` when it was recorded. A record whose
+    /// `written_sha256` no longer matches (carried forward as an unknown
+    /// field by an older agent that wrote something else since) has its
+    /// pending write ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writes_sha256: Option<String>,
 }
 
 impl FileRecord {
@@ -226,8 +247,25 @@ impl FileRecord {
             backup,
             written_sha256,
             diverged: false,
+            pending_write: None,
             extra: Extra::new(),
         }
+    }
+
+    /// Whether content with this sha256 (`None`: no file) is the agent's
+    /// own: what it last wrote, or, while that write is not known done
+    /// (a full disk, an immutable file, the agent killed between saving
+    /// the state and writing), what that write replaces. Without the
+    /// latter, an apply interrupted there would have the next one take
+    /// the agent's old content (an old proxy CA) for the admin's, back it
+    /// up, and have revert put it back.
+    pub fn wrote(&self, sha: Option<&str>) -> bool {
+        if self.written_sha256.as_deref() == sha {
+            return true;
+        }
+        self.pending_write.as_ref().is_some_and(|p| {
+            p.writes_sha256 == self.written_sha256 && p.replaces_sha256.as_deref() == sha
+        })
     }
 }
 
@@ -243,6 +281,8 @@ struct RawFileRecord {
     written_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     diverged: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pending_write: Option<PendingWrite>,
     #[serde(flatten)]
     extra: Extra,
 }
@@ -268,6 +308,7 @@ impl TryFrom<RawFileRecord> for FileRecord {
             backup: raw.backup,
             written_sha256: raw.written_sha256,
             diverged: raw.diverged,
+            pending_write: raw.pending_write,
             extra: raw.extra,
         })
     }
@@ -287,6 +328,7 @@ impl From<FileRecord> for RawFileRecord {
             backup: r.backup,
             written_sha256: r.written_sha256,
             diverged: r.diverged,
+            pending_write: r.pending_write,
             extra: r.extra,
         }
     }
@@ -728,6 +770,34 @@ mod tests {
             let got = root.mode(&backup_path(path)).unwrap().unwrap();
             assert_eq!(got, want, "{path}: backup mode {got:o}");
         }
+    }
+
+    /// The content a pending write replaces is the agent's own only while
+    /// the record still names what that write puts there: an older agent
+    /// that carried the field forward unknowingly and wrote something
+    /// else since does not make old content the agent's.
+    #[test]
+    fn a_pending_write_counts_only_for_the_write_it_was_recorded_with() {
+        let json = r#"{"kind": {"type": "caCert"}, "existedBefore": false,
+            "writtenSha256": "bb",
+            "pendingWrite": {"replacesSha256": "aa", "writesSha256": "bb"}}"#;
+        let rec: FileRecord = serde_json::from_str(json).unwrap();
+        assert!(rec.wrote(Some("bb")) && rec.wrote(Some("aa")));
+        assert!(!rec.wrote(Some("cc")) && !rec.wrote(None));
+        let back = serde_json::to_value(&rec).unwrap();
+        assert_eq!(back["pendingWrite"]["replacesSha256"], "aa");
+        let mut stale = rec.clone();
+        stale.written_sha256 = Some("cc".into());
+        assert!(stale.wrote(Some("cc")) && !stale.wrote(Some("aa")));
+        // A file the write was to create: no file is the agent's too.
+        let creating = FileRecord {
+            pending_write: Some(PendingWrite {
+                replaces_sha256: None,
+                writes_sha256: Some("bb".into()),
+            }),
+            ..FileRecord::new(FileKind::CaCert, false, None, Some("bb".into()))
+        };
+        assert!(creating.wrote(None));
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl<'a> Planner<'a> {
                 prev.and_then(|r| r.backup.clone()),
                 after.as_deref().map(sha256_hex),
             );
-            r.diverged = prev.is_some_and(|r| r.diverged || r.written_sha256 != before_sha);
+            r.diverged = prev.is_some_and(|r| r.diverged || !r.wrote(before_sha.as_deref()));
             r
         };
         if let Some(p) = prev {
@@ -169,7 +169,7 @@ impl<'a> Planner<'a> {
         };
         match rec.kind {
             FileKind::Generated => !is_generated(cur),
-            FileKind::CaCert => rec.written_sha256.as_deref() != Some(sha256_hex(cur).as_str()),
+            FileKind::CaCert => !rec.wrote(Some(&sha256_hex(cur))),
             _ => false,
         }
     }
@@ -224,7 +224,7 @@ pub fn revert_file(root: &Root, path: &str, rec: &FileRecord) -> Result<Change, 
         _ => None,
     };
     let backup_ok = !rec.existed_before || original.is_some();
-    let unchanged = current.as_deref().map(sha256_hex) == rec.written_sha256 && !rec.diverged;
+    let unchanged = rec.wrote(current.as_deref().map(sha256_hex).as_deref()) && !rec.diverged;
     let mut notes = Vec::new();
     let semantic: Option<Vec<u8>> = match (&rec.kind, &current) {
         (_, None) => None,
@@ -251,9 +251,7 @@ pub fn revert_file(root: &Root, path: &str, rec: &FileRecord) -> Result<Change, 
             Some(crate::patch::hosts_toml::unmerge(c, host).map_err(AgentError::patch(path))?)
         }
         (FileKind::Generated, Some(c)) if is_generated(c) => original.clone(),
-        (FileKind::CaCert, Some(c)) if Some(sha256_hex(c)) == rec.written_sha256 => {
-            original.clone()
-        }
+        (FileKind::CaCert, Some(c)) if rec.wrote(Some(&sha256_hex(c))) => original.clone(),
         (FileKind::Generated | FileKind::CaCert, Some(c)) => {
             notes.push("changed since the agent wrote it: left in place".into());
             Some(c.clone())
@@ -322,7 +320,25 @@ pub fn commit(
     for c in changes.iter().filter(|c| c.changed() && c.after.is_some()) {
         st.created_dirs.extend(root.missing_dirs(&parent(&c.path)));
     }
-    // 3. The intent.
+    // 3. The intent. Until a file is written, what it replaces stays the
+    //    agent's own when it was: a write that fails (a full disk, an
+    //    immutable file) or never happens (the agent killed) leaves that
+    //    content on disk while the state already names the new one.
+    for c in &mut changes {
+        if let Some(r) = &mut c.record
+            && c.before != c.after
+        {
+            let before_sha = c.before.as_deref().map(sha256_hex);
+            let own = st
+                .files
+                .get(&c.path)
+                .is_some_and(|p| p.wrote(before_sha.as_deref()));
+            r.pending_write = own.then(|| state::PendingWrite {
+                replaces_sha256: before_sha,
+                writes_sha256: r.written_sha256.clone(),
+            });
+        }
+    }
     for c in &changes {
         match &c.record {
             Some(r) => {
@@ -334,8 +350,19 @@ pub fn commit(
         }
     }
     state::save(root, st)?;
-    // 4. The files.
+    // 4. The files, then the state says they are written.
     write_files(root, &changes, out)?;
+    let mut confirmed = false;
+    for c in &changes {
+        if let Some(r) = st.files.get_mut(&c.path)
+            && r.pending_write.take().is_some()
+        {
+            confirmed = true;
+        }
+    }
+    if confirmed {
+        state::save(root, st)?;
+    }
     // Backups of files no longer managed (only now that the file is back:
     // a crash before this point still finds the original).
     for c in changes.iter().filter(|c| c.record.is_none()) {

@@ -57,10 +57,14 @@ pub fn status(root: &Root) -> Result<Status, AgentError> {
     let mut files = Vec::new();
     for (path, rec) in &st.files {
         let current = root.read(path)?;
-        let state = match (&current, &rec.written_sha256) {
+        let current_sha = current.as_deref().map(sha256_hex);
+        let state = match (&current_sha, &rec.written_sha256) {
             (None, None) => "removed",
+            (Some(c), Some(w)) if c == w => "applied",
+            (c, _) if rec.wrote(c.as_deref()) => {
+                "not yet written (an apply was interrupted; the next one writes it)"
+            }
             (None, Some(_)) => "missing",
-            (Some(c), Some(w)) if &sha256_hex(c) == w => "applied",
             _ => "changed since apply",
         };
         files.push(FileStatus {

@@ -19,6 +19,7 @@ mod containerd;
 mod crio;
 mod docker;
 mod gate;
+mod interrupted;
 mod takeover;
 
 pub const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
