@@ -28,6 +28,7 @@ use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::Proxy;
 use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::relay::Relay;
+use pullthrough_testbed::stub::Stub;
 
 const HOST: &str = "quay.io";
 const REPO: &str = "fixture/big";
@@ -151,6 +152,80 @@ fn a_blob_from_its_owner_opens_only_where_the_upstream_lets_the_client_read_it()
         Ok(peer_lines(&r.proxies[owner], &layer) >= 1)
     })
     .unwrap();
+}
+
+/// A blob the owner serves a peer on an answer it had kept (here a
+/// client's grant, `authCheckTTL` 6 s) stays open on the replica that
+/// asked only as long as on the owner: the repository went private
+/// meanwhile, and once the owner's answer is 6 s old the next ask there
+/// goes to the upstream and is refused. Before, the peer's 200 was kept as
+/// a fresh upstream yes, and the blob stayed open there for a whole TTL
+/// more (for a public grant: an hour, and shared with every replica).
+#[test]
+fn a_peer_fill_keeps_the_owners_answer_no_longer_than_the_owner() {
+    const TTL: Duration = Duration::from_secs(6);
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), 1 << 20, 15);
+    let layer = image.layer_digests()[0].clone();
+    let stub = Stub::builder(&image.layout).start().unwrap();
+    let r = Replicas::start(2, HOST, &stub.url(), "authCheckTTL: 6s\n");
+    let owner = r.owner(&layer);
+    let other = 1 - owner;
+    // A client with credentials of its own: its grant is its own, not
+    // public (the stub takes any).
+    let get = |i: usize| {
+        pullthrough_testbed::http::Get::new(&r.blob_url(i, HOST, REPO, &layer))
+            .header("authorization", "Basic dXNlcjpwYXNz")
+            .timeout(Duration::from_secs(20))
+            .send()
+            .unwrap()
+    };
+    let first = get(owner);
+    let answered = std::time::Instant::now();
+    assert_eq!(first.status, http::StatusCode::OK);
+    assert_eq!(sha256_digest(&first.body), layer);
+
+    // The repository goes private; half the TTL later the client asks
+    // the other replica, which the owner still serves on its answer.
+    stub.set_response(
+        &format!("/v2/{REPO}/blobs/{layer}"),
+        http::StatusCode::UNAUTHORIZED,
+        "application/json",
+        r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
+    );
+    std::thread::sleep(TTL / 2);
+    let filled = get(other);
+    assert_eq!(filled.status, http::StatusCode::OK);
+    assert_eq!(sha256_digest(&filled.body), layer);
+    wait_for("the owner served its peer", Duration::from_secs(10), || {
+        Ok(peer_lines(&r.proxies[owner], &layer) >= 1)
+    })
+    .unwrap();
+    assert!(r.proxies[other].cached_blob_path(&layer).exists());
+    let filled_at = answered.elapsed();
+    assert!(
+        filled_at < TTL,
+        "the fill took until {filled_at:?}: too slow a machine for this test"
+    );
+
+    // Past the owner's TTL, within what a fresh stamp would have given.
+    std::thread::sleep((TTL + Duration::from_millis(500)).saturating_sub(answered.elapsed()));
+    let asks = stub.count("GET", &layer);
+    let again = get(other);
+    assert!(
+        answered.elapsed() < filled_at + TTL,
+        "asked too late to tell the two apart"
+    );
+    assert_ne!(
+        again.status,
+        http::StatusCode::OK,
+        "served on the peer's answer after the owner's own had run out"
+    );
+    assert_ne!(sha256_digest(&again.body), layer);
+    assert!(
+        stub.count("GET", &layer) > asks,
+        "the replica asked the upstream"
+    );
 }
 
 /// The owner is SIGKILLed while it streams the blob to the others: each

@@ -14,6 +14,12 @@ use std::time::{Duration, Instant};
 use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 
+/// On a blob the peer listener serves another replica: milliseconds
+/// since the upstream's yes that let the client read it (absent: served
+/// on none, e.g. `serveCachedOnAuthError`). The replica that asked keeps
+/// the grant that old, never as new.
+pub(crate) const GRANT_AGE_HEADER: &str = "x-pullthrough-grant-age-ms";
+
 use super::HandlerError;
 use super::context::Ctx;
 use crate::bounded::BoundedMap;
@@ -168,17 +174,48 @@ impl AccessGrants {
         client: &str,
         ttl: Duration,
     ) -> bool {
+        self.allowed_at(registry, repo, digest, client, ttl)
+            .is_some()
+    }
+
+    /// When the upstream let `client` read `digest` in `repo`, if within
+    /// `ttl`.
+    pub fn allowed_at(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        client: &str,
+        ttl: Duration,
+    ) -> Option<Instant> {
         let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         grants
             .get(&grant_key(registry, repo, digest, client))
-            .is_some_and(|at| at.elapsed() < ttl)
+            .copied()
+            .filter(|at| at.elapsed() < ttl)
     }
 
     /// Records that the upstream let `client` read `digest` in `repo`,
     /// without ever making it public (registries marked `private`).
     pub fn grant_client(&self, registry: &str, repo: &str, digest: &Digest, client: &str) {
+        self.grant_client_at(registry, repo, digest, client, Instant::now());
+    }
+
+    /// [`Self::grant_client`] for an answer given at `at`; an answer
+    /// already kept that is fresher stays.
+    fn grant_client_at(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        client: &str,
+        at: Instant,
+    ) {
         let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        grants.insert(grant_key(registry, repo, digest, client), Instant::now());
+        let key = grant_key(registry, repo, digest, client);
+        if grants.get(&key).is_none_or(|mine| *mine < at) {
+            grants.insert(key, at);
+        }
     }
 
     /// True when a client without credentials could read `digest` in
@@ -194,6 +231,19 @@ impl AccessGrants {
         basis: &str,
         ttl: Duration,
     ) -> bool {
+        self.public_at(registry, repo, digest, basis, ttl).is_some()
+    }
+
+    /// When an anonymous client was let read `digest` in `repo`, if that
+    /// counts now (see [`Self::is_public`]).
+    pub fn public_at(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        basis: &str,
+        ttl: Duration,
+    ) -> Option<Instant> {
         let key = grant_key(registry, repo, digest, "");
         let refused = self
             .refused
@@ -202,11 +252,14 @@ impl AccessGrants {
             .get(&key)
             .copied();
         let public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-        public.get(&key).is_some_and(|(at, how)| {
-            at.elapsed() < ttl
-                && (how.is_empty() || how == basis)
-                && refused.is_none_or(|r| r < *at)
-        })
+        public
+            .get(&key)
+            .filter(|(at, how)| {
+                at.elapsed() < ttl
+                    && (how.is_empty() || how == basis)
+                    && refused.is_none_or(|r| r < *at)
+            })
+            .map(|(at, _)| *at)
     }
 
     /// Records that an anonymous ask for `digest` in `repo` was just
@@ -233,17 +286,33 @@ impl AccessGrants {
     /// [`Self::is_public`] alone, so no per-client grant is kept for it
     /// that would outlive a change of basis.
     pub fn grant(&self, registry: &str, repo: &str, digest: &Digest, client: &str, basis: &str) {
+        self.grant_at(registry, repo, digest, client, basis, Instant::now());
+    }
+
+    /// [`Self::grant`] for an answer given at `at` (another replica's, as
+    /// old as it was there); an answer already kept that is fresher stays,
+    /// and a refusal since `at` still counts (see [`Self::is_public`]).
+    pub fn grant_at(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        client: &str,
+        basis: &str,
+        at: Instant,
+    ) {
         if client.is_empty() {
             let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
-            public.insert(
-                grant_key(registry, repo, digest, ""),
-                (Instant::now(), basis.to_string()),
-            );
+            let key = grant_key(registry, repo, digest, "");
+            if public.get(&key).is_some_and(|(mine, _)| *mine >= at) {
+                return;
+            }
+            public.insert(key, (at, basis.to_string()));
             self.public_version
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        self.grant_client(registry, repo, digest, client);
+        self.grant_client_at(registry, repo, digest, client, at);
     }
 }
 
@@ -305,9 +374,12 @@ impl Ctx<'_> {
         // A client without credentials reads as the proxy serves such
         // clients: anonymously, or with the registry's credentialsFile.
         let basis = self.settings.anonymous_basis();
-        if (!private && grants.is_public(host, repo, digest, basis, PUBLIC_TTL))
-            || grants.allowed(host, repo, digest, &client, self.auth_ttl)
-        {
+        let kept = (!private)
+            .then(|| grants.public_at(host, repo, digest, basis, PUBLIC_TTL))
+            .flatten()
+            .or_else(|| grants.allowed_at(host, repo, digest, &client, self.auth_ttl));
+        if let Some(at) = kept {
+            self.answered_yes(at);
             return Ok(None);
         }
         let mut answer = None;
@@ -318,6 +390,7 @@ impl Ctx<'_> {
             match self.ask(path, anonymous).await? {
                 Answer::Allowed => {
                     grants.grant(host, repo, digest, "", basis);
+                    self.answered_yes(Instant::now());
                     metrics.auth_check(host, AuthResult::public);
                     return Ok(None);
                 }
@@ -357,8 +430,16 @@ impl Ctx<'_> {
             }
             Answer::Outage | Answer::TokenOutage => {
                 metrics.auth_check(host, AuthResult::unreachable);
-                let known = (!private && grants.is_public(host, repo, digest, basis, OUTAGE_GRACE))
-                    || grants.allowed(host, repo, digest, &client, OUTAGE_GRACE);
+                let known_at = (!private)
+                    .then(|| grants.public_at(host, repo, digest, basis, OUTAGE_GRACE))
+                    .flatten()
+                    .or_else(|| grants.allowed_at(host, repo, digest, &client, OUTAGE_GRACE));
+                // Served on an old yes, or on none (serveCachedOnAuthError):
+                // a peer is told how old, or nothing.
+                if let Some(at) = known_at {
+                    self.answered_yes(at);
+                }
+                let known = known_at.is_some();
                 if known || self.registry.serve_cached_on_auth_error {
                     tracing::warn!(registry = host, repository = repo, %digest, known,
                         "cannot ask the upstream about access; serving from cache");
@@ -466,14 +547,23 @@ impl Ctx<'_> {
     }
 
     fn grant(&self, repo: &str, digest: &Digest, client: &str) {
+        self.grant_at(repo, digest, client, Instant::now());
+    }
+
+    fn grant_at(&self, repo: &str, digest: &Digest, client: &str, at: Instant) {
         let host = &self.registry.host;
         if self.settings.private {
             // Never "public": every client is checked.
-            self.shared.grants.grant_client(host, repo, digest, client);
+            self.shared
+                .grants
+                .grant_client_at(host, repo, digest, client, at);
         } else {
             let basis = self.settings.anonymous_basis();
-            self.shared.grants.grant(host, repo, digest, client, basis);
+            self.shared
+                .grants
+                .grant_at(host, repo, digest, client, basis, at);
         }
+        self.answered_yes(at);
     }
 
     /// Notes that the upstream just served this client `digest` in the
@@ -482,6 +572,31 @@ impl Ctx<'_> {
         if let Some(repo) = &self.repo {
             self.grant(repo, digest, &client_key(headers));
         }
+    }
+
+    /// Notes that the owning replica served this client `digest` on the
+    /// upstream's yes of `age` ago (its [`GRANT_AGE_HEADER`]): kept as old
+    /// as it is, so a replica never holds a peer's answer longer than the
+    /// peer itself would.
+    pub(crate) fn granted_by_peer(&self, headers: &HeaderMap, digest: &Digest, age: Duration) {
+        if let (Some(repo), Some(at)) = (&self.repo, Instant::now().checked_sub(age)) {
+            self.grant_at(repo, digest, &client_key(headers), at);
+        }
+    }
+
+    /// Records what this request's access rests on: the upstream's yes
+    /// given at `at` (the latest, when several).
+    fn answered_yes(&self, at: Instant) {
+        let mut yes = self.yes_at.lock().unwrap_or_else(|p| p.into_inner());
+        if yes.is_none_or(|mine| mine < at) {
+            *yes = Some(at);
+        }
+    }
+
+    /// How old the upstream's yes this request rests on is, if any.
+    pub(crate) fn yes_age(&self) -> Option<Duration> {
+        let yes = self.yes_at.lock().unwrap_or_else(|p| p.into_inner());
+        yes.map(|at| at.elapsed())
     }
 
     /// Notes that `digest` belongs to the repository (admin API, purge).
@@ -539,6 +654,29 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         g.grant("r", "app", &d(1), "", "");
         assert!(g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
+    }
+
+    /// A peer's answer is kept as old as it was there: it ends when the
+    /// peer's would, does not replace a fresher one, and does not outrank
+    /// a refusal made after it.
+    #[test]
+    fn a_grant_kept_from_a_peer_keeps_its_age() {
+        let g = AccessGrants::default();
+        let ttl = Duration::from_secs(60);
+        let old = Instant::now() - Duration::from_secs(50);
+        g.grant_at("r", "app", &d(1), "client", "", old);
+        assert_eq!(g.allowed_at("r", "app", &d(1), "client", ttl), Some(old));
+        assert!(!g.allowed("r", "app", &d(1), "client", Duration::from_secs(40)));
+        g.grant("r", "app", &d(2), "client", "");
+        let fresh = g.allowed_at("r", "app", &d(2), "client", ttl).unwrap();
+        g.grant_at("r", "app", &d(2), "client", "", old);
+        assert_eq!(g.allowed_at("r", "app", &d(2), "client", ttl), Some(fresh));
+        // Public: a refusal after the peer's yes wins.
+        g.refuse_public("r", "app", &d(3));
+        g.grant_at("r", "app", &d(3), "", "", old);
+        assert!(!g.is_public("r", "app", &d(3), "", PUBLIC_TTL));
+        g.grant_at("r", "app", &d(4), "", "", old);
+        assert_eq!(g.public_at("r", "app", &d(4), "", PUBLIC_TTL), Some(old));
     }
 
     /// Refusals for made-up repositories, as many as the map holds and

@@ -40,6 +40,9 @@ pub(crate) struct Ctx<'a> {
     /// The request came on an HTTP/2 connection, whose many streams each
     /// hold what they were handed and not yet sent.
     pub(crate) multiplexed: bool,
+    /// When the upstream's yes this request's access rests on was given
+    /// (see `Ctx::yes_age`): told to the replica that asked, when it did.
+    pub(crate) yes_at: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 impl Ctx<'_> {

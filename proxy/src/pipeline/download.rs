@@ -173,6 +173,7 @@ pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight
                 sendfile: None,
                 // Only sends one request of its own; reads no file.
                 multiplexed: false,
+                yes_at: Default::default(),
             };
             if let Ok(range) = HeaderValue::from_str(&format!("bytes={from}-")) {
                 headers.insert(header::RANGE, range);

@@ -204,9 +204,20 @@ async fn from_peer(
         record.cache = CacheResult::Pass;
         return Some(Err(relay_response(resp)));
     }
-    // The owner served it only after its own access check or the
-    // upstream's 200 for these credentials.
-    ctx.granted(headers, digest);
+    // The owner may have served it on an answer it kept (a public grant
+    // up to an hour old, or one kept through an outage): kept here as old
+    // as it is there. Stamped as a fresh yes, it kept the blob open here,
+    // and on every replica once shared, past the owner's own window. No
+    // age (served on no yes at all): nothing is kept, the next ask here
+    // checks for itself.
+    if let Some(age) = resp
+        .headers()
+        .get(super::access::GRANT_AGE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        ctx.granted_by_peer(headers, digest, std::time::Duration::from_millis(age));
+    }
     tracing::debug!(%digest, %peer, "blob streamed from its owner replica");
     let members = Arc::clone(&peers.members);
     let (parts, incoming) = resp.into_parts();

@@ -349,8 +349,17 @@ pub(crate) async fn serve(
                 from_peer,
                 sendfile,
                 multiplexed: req.version() == http::Version::HTTP_2,
+                yes_at: Default::default(),
             };
-            registry_request(ctx, req, request, record).await
+            let mut resp = registry_request(&ctx, req, request, record).await?;
+            if from_peer
+                && resp.status() == StatusCode::OK
+                && let Some(age) = ctx.yes_age()
+                && let Ok(v) = http::HeaderValue::from_str(&age.as_millis().to_string())
+            {
+                resp.headers_mut().insert(access::GRANT_AGE_HEADER, v);
+            }
+            Ok(resp)
         }
         // Replicas ask each other for blobs and nothing else.
         _ => {
@@ -378,7 +387,7 @@ pub(crate) fn client_for<'a>(
 }
 
 async fn registry_request(
-    ctx: Ctx<'_>,
+    ctx: &Ctx<'_>,
     req: Request<Incoming>,
     request: ApiRequest,
     record: &mut Record,
@@ -399,7 +408,7 @@ async fn registry_request(
             ));
         }
         record.cache = CacheResult::Pass;
-        return push::push_through(&ctx, req, &request).await;
+        return push::push_through(ctx, req, &request).await;
     }
     let headers = req.headers().clone();
     let query = req.uri().query().map(str::to_string);
@@ -437,7 +446,7 @@ async fn registry_request(
             record.kind = Kind::Referrers;
             record.reference = digest.to_string();
             referrers::referrers(
-                &ctx,
+                ctx,
                 &method,
                 &headers,
                 repo,
@@ -454,7 +463,7 @@ async fn registry_request(
             record.kind = Kind::Manifest;
             record.reference = digest.to_string();
             record.digest = digest.to_string();
-            manifest::manifest_by_digest(&ctx, &method, &headers, repo, digest, record).await
+            manifest::manifest_by_digest(ctx, &method, &headers, repo, digest, record).await
         }
         ApiRequest::Manifest {
             ref repo,
@@ -462,7 +471,7 @@ async fn registry_request(
         } => {
             record.kind = Kind::Tag;
             record.reference = tag.clone();
-            tags::manifest_by_tag(&ctx, &method, &headers, repo, tag, record).await
+            tags::manifest_by_tag(ctx, &method, &headers, repo, tag, record).await
         }
         ApiRequest::Blob {
             ref repo,
@@ -471,7 +480,7 @@ async fn registry_request(
             record.kind = Kind::Blob;
             record.reference = digest.to_string();
             record.digest = digest.to_string();
-            blob::blob(&ctx, &method, &headers, repo, digest, record).await
+            blob::blob(ctx, &method, &headers, repo, digest, record).await
         }
         ApiRequest::Upload { .. } => Err(refused(
             StatusCode::METHOD_NOT_ALLOWED,
