@@ -109,7 +109,17 @@ impl<'a> Planner<'a> {
             });
             return;
         }
-        let mut record = if self.taken_over(path, before.as_deref()) {
+        let mut record = if before.is_none() && prev.is_some_and(|r| !r.wrote(None)) {
+            // Someone deleted a file the agent had written. Their deletion
+            // is the new original, as their own file in its place would
+            // be: recorded afresh as a file that did not exist, its old
+            // backup dropped (commit removes it), or revert would bring
+            // back the file they deleted.
+            notes.push(
+                "deleted by someone else since the agent wrote it: revert removes it again".into(),
+            );
+            FileRecord::new(kind, false, None, after.as_deref().map(sha256_hex))
+        } else if self.taken_over(path, before.as_deref()) {
             // Recorded afresh, as a file the admin had before the agent
             // came: commit backs up what they wrote (over an older
             // backup, which their file supersedes), revert restores it.
@@ -320,6 +330,18 @@ pub fn commit(
     for c in changes.iter().filter(|c| c.changed() && c.after.is_some()) {
         st.created_dirs.extend(root.missing_dirs(&parent(&c.path)));
     }
+    // Backups a fresh record no longer holds (a file someone deleted):
+    // removed once the files are written, as for files given up.
+    let dropped: Vec<String> = changes
+        .iter()
+        .filter(|c| {
+            c.record
+                .as_ref()
+                .is_some_and(|r| !r.existed_before && r.backup.is_none())
+                && st.files.get(&c.path).is_some_and(|p| p.backup.is_some())
+        })
+        .map(|c| c.path.clone())
+        .collect();
     // 3. The intent. Until a file is written, what it replaces stays the
     //    agent's own when it was: a write that fails (a full disk, an
     //    immutable file) or never happens (the agent killed) leaves that
@@ -367,6 +389,9 @@ pub fn commit(
     // a crash before this point still finds the original).
     for c in changes.iter().filter(|c| c.record.is_none()) {
         state::remove_backup(root, &c.path)?;
+    }
+    for path in &dropped {
+        state::remove_backup(root, path)?;
     }
     // 5. Directories no managed file needs any more.
     prune_dirs(root, st)?;

@@ -101,3 +101,74 @@ fn an_admins_file_in_place_of_a_drop_in_the_agent_gives_up_stays() {
     run_revert(&root, &mut exec);
     assert_eq!(read(t.path(), DROP_IN), own);
 }
+
+/// The agent merged its host into the admin's own hosts.toml; the admin
+/// then deletes the file. The next apply writes a generated one, and
+/// their deletion is the new original: its old backup goes, and revert
+/// removes the generated file instead of bringing theirs back.
+#[test]
+fn an_admins_hosts_toml_they_deleted_stays_deleted_after_revert() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), CONFIG_TOML, CONTAINERD_V2.as_bytes());
+    let admin =
+        "server = \"https://quay.io\"\n[host.\"https://mine\"]\n  capabilities = [\"pull\"]\n";
+    write(t.path(), QUAY, admin.as_bytes());
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    apply_config(&root, &[RuntimeKind::Containerd], &mut exec)
+        .0
+        .unwrap();
+    assert!(read(t.path(), QUAY).contains("https://mine"));
+    let backup = t
+        .path()
+        .join(state::backup_path(QUAY).trim_start_matches('/'));
+    assert!(backup.exists());
+
+    fs::remove_file(t.path().join(QUAY.trim_start_matches('/'))).unwrap();
+    let (r, out) = apply_config(&root, &[RuntimeKind::Containerd], &mut exec);
+    r.unwrap();
+    assert!(
+        crate::patch::is_generated(read(t.path(), QUAY).as_bytes()),
+        "{out}"
+    );
+    assert!(out.contains("deleted by someone else"), "{out}");
+    assert!(!backup.exists(), "the deleted file's backup stays\n{out}");
+
+    let (_, out) = run_revert(&root, &mut exec);
+    assert!(
+        !t.path().join(QUAY.trim_start_matches('/')).exists(),
+        "{out}"
+    );
+    // Their directory stays; only the agent's files left it.
+    assert!(t.path().join("etc/containerd/certs.d/quay.io").is_dir());
+}
+
+/// So too for the admin's own file the agent took over at a CA path and
+/// at the CRI-O drop-in, then deleted by them.
+#[test]
+fn an_admins_ca_or_drop_in_they_deleted_stays_deleted_after_revert() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), "/etc/containers/registries.conf", b"");
+    let ca = "/etc/containers/certs.d/10.0.0.5/pullthrough-ca.crt";
+    let own_ca = "-----BEGIN CERTIFICATE-----\nMIIBadmin\n-----END CERTIFICATE-----\n";
+    write(t.path(), ca, own_ca.as_bytes());
+    write(t.path(), DROP_IN, b"[[registry]]\nprefix = \"x.io\"\n");
+    let root = Root::new(t.path());
+    let mut exec = RecordingExecutor::default();
+    apply_config(&root, &[RuntimeKind::Crio], &mut exec)
+        .0
+        .unwrap();
+    for p in [ca, DROP_IN] {
+        fs::remove_file(t.path().join(p.trim_start_matches('/'))).unwrap();
+    }
+    let (r, out) = apply_config(&root, &[RuntimeKind::Crio], &mut exec);
+    r.unwrap();
+    assert_eq!(read(t.path(), ca), PEM, "{out}");
+    let (_, out) = run_revert(&root, &mut exec);
+    for p in [ca, DROP_IN] {
+        assert!(
+            !t.path().join(p.trim_start_matches('/')).exists(),
+            "{p}\n{out}"
+        );
+    }
+}
