@@ -183,6 +183,19 @@ pub enum AgentError {
         "{path} changed while the agent planned its edit; nothing was written, the next apply reads it again"
     )]
     ChangedMeanwhile { path: String },
+    /// Someone wrote a file after revert read it and before revert wrote
+    /// it back (revert's reload through an interim daemon.json can wait
+    /// up to `--reload-settle` in between).
+    #[error(
+        "{path} changed while the agent reverted it (someone wrote it after revert read it): left as they wrote it"
+    )]
+    ChangedDuringRevert { path: String },
+    /// Someone wrote daemon.json while dockerd was reloaded through an
+    /// interim version of it.
+    #[error(
+        "{path} changed while dockerd was reloaded through an interim version of it (someone wrote it meanwhile): left as they wrote it, not overwritten; the reload stays owed and the next apply reads the file again"
+    )]
+    ChangedDuringReload { path: String },
     /// `dockerd --validate` refused the patched daemon.json.
     #[error("{path}: dockerd --validate rejects the result: {reason}; nothing was written")]
     Rejected { path: String, reason: String },

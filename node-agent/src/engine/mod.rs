@@ -17,7 +17,9 @@ use crate::runtime::{
     self, Action, AfterApply, BeforeRevert, Executor, PlanInput, Planned, RuntimeKind, Step,
 };
 use crate::state::{self, LastApply};
-use plan::{Planner, commit, prune_dirs, revert_file, write_diff, write_files, writeln_out};
+use plan::{
+    Planner, commit, prune_dirs, revert_file, write_diff, write_files_checked, writeln_out,
+};
 
 pub use crate::runtime::docker::{DAEMON_JSON, HOSTS};
 pub use crate::runtime::{Actor, ApplyOptions};
@@ -253,6 +255,7 @@ fn apply_all(
 
     let mut actor = Actor::new(exec, out);
     let mut still_owed = Vec::new();
+    let mut changed_meanwhile = Vec::new();
     for step in &steps {
         if step.action == Action::Restart {
             // Recorded as begun before it begins (see `owed` above).
@@ -266,7 +269,18 @@ fn apply_all(
             state::save(root, &mut st)?;
         }
         let failed_before = actor.failed.len();
-        actor.act_after_apply(root, step, opts.reload_settle)?;
+        match actor.act_after_apply(root, step, opts.reload_settle) {
+            Ok(_) => {}
+            // The other daemons still hear about their files; this one's
+            // reload stays owed, and the apply fails saying why.
+            Err(e @ AgentError::ChangedDuringReload { .. }) => {
+                writeln_out(actor.out, &format!("{}: {e}", step.service.process()));
+                still_owed.extend(step.to_pending());
+                changed_meanwhile.push(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
         if actor.failed.len() > failed_before {
             still_owed.extend(step.to_pending());
         }
@@ -289,6 +303,9 @@ fn apply_all(
             done: "written",
             failed: actor.failed,
         });
+    }
+    if let Some(e) = changed_meanwhile.pop() {
+        return Err(e);
     }
     Ok(report)
 }
@@ -390,7 +407,16 @@ pub fn revert(
     }
     let (mut actions, mut failed) = (actor.actions, actor.failed);
 
-    write_files(root, &changes, out)?;
+    // A file written by someone else since it was read keeps their
+    // content, its record and its backup, like a file revert could not
+    // undo: a second revert finishes the job.
+    let left = write_files_checked(root, &changes, out)?;
+    changes.retain(|c| !left.contains(&c.path));
+    report.files.retain(|(_, p)| !left.contains(p));
+    unreverted.extend(
+        left.into_iter()
+            .map(|path| AgentError::ChangedDuringRevert { path }),
+    );
     for c in &changes {
         st.files.remove(&c.path);
     }

@@ -416,6 +416,33 @@ pub fn write_files(root: &Root, changes: &[Change], out: &mut dyn Write) -> Resu
     Ok(())
 }
 
+/// [`write_files`] for revert, each file read again just before it is
+/// written: revert reads every file first and may then wait for dockerd
+/// (`--reload-settle`), and a file someone wrote since is left as they
+/// wrote it. Returns the paths left so.
+pub fn write_files_checked(
+    root: &Root,
+    changes: &[Change],
+    out: &mut dyn Write,
+) -> Result<Vec<String>, AgentError> {
+    let mut left = Vec::new();
+    for c in changes.iter().filter(|c| c.changed()) {
+        if root.read(&c.path)? != c.before {
+            writeln_out(
+                out,
+                &format!(
+                    "{:<9} {} (someone wrote it after revert read it: left as they wrote it)",
+                    "kept", c.path
+                ),
+            );
+            left.push(c.path.clone());
+            continue;
+        }
+        write_files(root, std::slice::from_ref(c), out)?;
+    }
+    Ok(left)
+}
+
 /// Removes the directories the agent created that no managed file needs.
 pub fn prune_dirs(root: &Root, st: &mut State) -> Result<(), AgentError> {
     let mut dirs: Vec<String> = st.created_dirs.iter().cloned().collect();

@@ -190,8 +190,20 @@ impl Runtime for Docker {
             dry_run_reason: None,
             interim: None,
         };
-        cx.actor
-            .act_through(cx.root, &step, DAEMON_JSON, &bytes, cx.reload_settle)?;
+        match cx.actor.act_through(
+            cx.root,
+            &step,
+            DAEMON_JSON,
+            c.before.as_deref(),
+            &bytes,
+            cx.reload_settle,
+        ) {
+            Ok(_) => {}
+            // Someone wrote it since revert read it: nothing written
+            // here, and revert's own write leaves it to them too.
+            Err(AgentError::ChangedDuringReload { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
         c.before = Some(bytes);
         Ok(true)
     }

@@ -207,7 +207,7 @@ pub struct ApplyOptions {
 /// about their files.
 pub struct Actor<'a> {
     exec: &'a mut dyn Executor,
-    out: &'a mut dyn Write,
+    pub(crate) out: &'a mut dyn Write,
     pub(crate) actions: Vec<String>,
     pub(crate) failed: Vec<ActionError>,
 }
@@ -252,14 +252,19 @@ impl<'a> Actor<'a> {
     /// Carries out `step` with `interim` in `path` while the daemon is
     /// told, then waits `settle` for it to read the file (when it was
     /// told); `true` when it was. The caller puts the final content back.
+    /// `path` must still hold `expected` (what the agent last wrote or
+    /// read there): another writer's content is never replaced, and the
+    /// daemon is not told.
     pub fn act_through(
         &mut self,
         root: &Root,
         step: &Step,
         path: &str,
+        expected: Option<&[u8]>,
         interim: &[u8],
         settle: std::time::Duration,
     ) -> Result<bool, AgentError> {
+        still_as(root, path, expected)?;
         root.write_atomic(path, interim, FILE_MODE)?;
         let told = self.act(step);
         if told {
@@ -270,7 +275,9 @@ impl<'a> Actor<'a> {
 
     /// Carries out an apply's step, through its interim file if it has
     /// one (written where the apply left the file, then the final content
-    /// put back); `true` when the daemon was told.
+    /// put back); `true` when the daemon was told. The file is read again
+    /// before each of the two writes: an admin's edit made after the
+    /// apply wrote it, or during the settle time, stays theirs.
     pub fn act_after_apply(
         &mut self,
         root: &Root,
@@ -286,14 +293,20 @@ impl<'a> Actor<'a> {
         };
         // The apply may have removed the file and its directory.
         let made = root.create_dirs(&crate::fsio::parent(&i.path))?;
-        let told = self.act_through(root, step, &i.path, &i.bytes, settle)?;
+        let told = self.act_through(root, step, &i.path, i.after.as_deref(), &i.bytes, settle);
+        let told = match told {
+            Ok(t) => t,
+            Err(e) => {
+                remove_dirs_if_empty(root, &made)?;
+                return Err(e);
+            }
+        };
+        still_as(root, &i.path, Some(&i.bytes))?;
         match &i.after {
             Some(b) => root.write_atomic(&i.path, b, FILE_MODE)?,
             None => root.remove_file(&i.path)?,
         }
-        for d in made.iter().rev() {
-            root.remove_dir_if_empty(d)?;
-        }
+        remove_dirs_if_empty(root, &made)?;
         Ok(told)
     }
 
@@ -309,6 +322,24 @@ impl<'a> Actor<'a> {
             self.actions.push(line);
         }
     }
+}
+
+/// `path` holds `expected` (`None`: no file), else
+/// [`AgentError::ChangedDuringReload`].
+fn still_as(root: &Root, path: &str, expected: Option<&[u8]>) -> Result<(), AgentError> {
+    if root.read(path)?.as_deref() != expected {
+        return Err(AgentError::ChangedDuringReload {
+            path: path.to_string(),
+        });
+    }
+    Ok(())
+}
+
+fn remove_dirs_if_empty(root: &Root, dirs: &[String]) -> Result<(), AgentError> {
+    for d in dirs.iter().rev() {
+        root.remove_dir_if_empty(d)?;
+    }
+    Ok(())
 }
 
 /// What every runtime's plan step is given.

@@ -20,6 +20,7 @@ mod crio;
 mod docker;
 mod gate;
 mod interrupted;
+mod meanwhile;
 mod takeover;
 
 pub const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
