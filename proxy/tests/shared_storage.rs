@@ -9,7 +9,7 @@
 //! - 50 clients over 3 replicas on one bucket: 1 upstream GET, 1 object;
 //! - the owner SIGKILLed mid-blob: nothing partial reaches the bucket;
 //! - corrupt upstream bytes never reach the bucket, and a bad object in
-//!   the bucket is dropped and fetched again;
+//!   the bucket (a blob or a manifest) is dropped and fetched again;
 //! - eviction across 3 replicas keeps the bucket under `maxSize`;
 //! - a missing bucket, refused credentials, a stopped server: a clear
 //!   error in the log, and pulls go on by pass-through.
@@ -448,6 +448,69 @@ fn a_bad_object_in_the_bucket_is_dropped_and_fetched_again() {
             .read("cache", &key)
             .unwrap()
             .is_some_and(|b| sha256_digest(&b) == d))
+    })
+    .unwrap();
+}
+
+/// A manifest object in the bucket that went bad does not break its
+/// digest (and every tag pointing at it) on every replica for good: a
+/// replica that reads it finds the digest wrong, deletes it, and serves
+/// the manifest from the upstream in the same request, which puts a good
+/// copy back. Before, the request failed with 503 "shared storage failed;
+/// retry", and every retry, on every replica, read the same bad object.
+#[test]
+fn a_bad_manifest_in_the_bucket_is_dropped_and_served_from_the_upstream() {
+    let s3 = SeaweedFs::start().unwrap();
+    s3.create_bucket("cache").unwrap();
+    let creds = credentials_dir(&s3, s3.access_key(), s3.secret_key());
+    let work = tempfile::tempdir().unwrap();
+    let image = random_image(work.path(), &[1 << 20], 26);
+    let d = image.digest.clone();
+    let registry = Registry::plain().unwrap();
+    registry.push_image(&image, "fixture/app", "1").unwrap();
+    let config = storage(&s3, "cache", creds.path(), "");
+    let a = start_proxy(&registry.url(), &config);
+    let manifest = get_ok(&url(&a, "fixture/app", "manifests", &d));
+    wait_in_bucket(&s3, "cache", std::slice::from_ref(&d));
+    let key = s3
+        .objects("cache", "pullthrough/blobs/")
+        .unwrap()
+        .into_iter()
+        .find(|o| d.ends_with(o.key.rsplit('/').next().unwrap_or("-")))
+        .unwrap()
+        .key;
+    // Same length and media type: only the digest tells it is bad.
+    let mut tampered = manifest.clone();
+    tampered[0] ^= 0x20;
+    s3.overwrite("cache", &key, tampered).unwrap();
+
+    // Another replica, its disk empty: the bucket is where it looks first.
+    let b = start_proxy(&registry.url(), &config);
+    let resp = Get::new(&url(&b, "fixture/app", "manifests", &d))
+        .header("accept", ACCEPT)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .unwrap();
+    assert_eq!(
+        resp.status,
+        StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&resp.body)
+    );
+    assert_eq!(resp.body.to_vec(), manifest, "served from the upstream");
+    b.wait_access(&[("digest", &d), ("cache", "MISS")]).unwrap();
+    wait_for("the bad object dropped", Duration::from_secs(10), || {
+        Ok(s3
+            .read("cache", &key)
+            .unwrap()
+            .is_none_or(|m| sha256_digest(&m) == d))
+    })
+    .unwrap();
+    wait_for("a good copy in the bucket", Duration::from_secs(30), || {
+        Ok(s3
+            .read("cache", &key)
+            .unwrap()
+            .is_some_and(|m| sha256_digest(&m) == d))
     })
     .unwrap();
 }

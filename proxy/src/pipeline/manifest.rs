@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 
 use super::HandlerError;
 use super::context::Ctx;
-use crate::cache::shared::{TierError, TierStat};
+use crate::cache::shared::TierStat;
 use crate::cache::store::{BlobMeta, CachedBlob, is_disk_full};
 use crate::http::body::{self, Body};
 use crate::http::headers::{
@@ -45,8 +45,15 @@ pub(crate) async fn manifest_by_digest(
     record: &mut Record,
 ) -> Result<Response<Body>, HandlerError> {
     let path = format!("/v2/{repo}/manifests/{digest}");
+    // Whether the shared tier's copy was found and could not be read
+    // (bad bytes, a timeout, an error): then it is not asked again for
+    // this request, which goes to the upstream.
+    let mut tier_failed = false;
     if let Some(cached) = lookup_manifest(ctx, digest).await? {
-        return serve_cached(ctx, method, headers, &path, digest, cached, record).await;
+        match serve_cached(ctx, method, headers, &path, digest, cached, record).await? {
+            Some(resp) => return Ok(resp),
+            None => tier_failed = true,
+        }
     }
     // Concurrent misses of a digest take turns: the first fetches it, the
     // others then find it cached and are served without holding the turn
@@ -55,15 +62,38 @@ pub(crate) async fn manifest_by_digest(
     let _turn = if *method == Method::GET {
         let key = (ctx.registry.host.clone(), digest.clone());
         let turns = &ctx.shared.manifest_turns;
-        let turn = turns.take_within(&key, ctx.read_timeout).await;
-        if let Some(cached) = lookup_manifest(ctx, digest).await? {
-            drop(turn);
-            return serve_cached(ctx, method, headers, &path, digest, cached, record).await;
+        let mut turn = turns.take_within(&key, ctx.read_timeout).await;
+        if let Some(cached) = lookup_manifest_in(ctx, digest, !tier_failed).await? {
+            // A copy in the shared tier is read holding the turn: if it
+            // fails, the others wait for this request's upstream fetch
+            // instead of each making their own.
+            if !matches!(cached, CachedManifest::Shared(..)) {
+                turn = None;
+            }
+            if let Some(resp) =
+                serve_cached(ctx, method, headers, &path, digest, cached, record).await?
+            {
+                return Ok(resp);
+            }
         }
         turn
     } else {
         None
     };
+    fetch_by_digest(ctx, method, headers, repo, digest, record).await
+}
+
+/// A manifest by digest from the upstream, verified, stored, and served;
+/// anything but a 200 relayed (and a HEAD too: it stores nothing).
+pub(crate) async fn fetch_by_digest(
+    ctx: &Ctx<'_>,
+    method: &Method,
+    headers: &HeaderMap,
+    repo: &str,
+    digest: &Digest,
+    record: &mut Record,
+) -> Result<Response<Body>, HandlerError> {
+    let path = format!("/v2/{repo}/manifests/{digest}");
     record.cache = CacheResult::Miss;
     let url = ctx.url(&path, None)?;
     let up = ctx
@@ -100,7 +130,8 @@ pub(crate) async fn manifest_by_digest(
 
 /// A cached manifest, to a client the upstream lets read it. Access first:
 /// nothing of the object is read before the client is known to be allowed
-/// it (a refused client costs no memory or disk).
+/// it (a refused client costs no memory or disk). `None`: the shared
+/// tier's copy could not be read (see [`cached_manifest`]).
 async fn serve_cached(
     ctx: &Ctx<'_>,
     method: &Method,
@@ -109,17 +140,22 @@ async fn serve_cached(
     digest: &Digest,
     cached: CachedManifest,
     record: &mut Record,
-) -> Result<Response<Body>, HandlerError> {
+) -> Result<Option<Response<Body>>, HandlerError> {
     if let Some(refusal) = ctx.check_cached(headers, path, digest).await? {
         record.cache = CacheResult::Denied;
-        return Ok(refusal);
+        return Ok(Some(refusal));
     }
     record.cache = match cached {
         CachedManifest::Shared(..) => CacheResult::SharedHit,
         _ => CacheResult::Hit,
     };
-    ctx.served(digest);
-    cached_manifest(ctx, cached, method).await
+    let served = cached_manifest(ctx, cached, method).await?;
+    // Only what was served counts as used: a bad copy must not be kept
+    // recently used in the bucket's eviction order.
+    if served.is_some() {
+        ctx.served(digest);
+    }
+    Ok(served)
 }
 
 /// Stores a verified manifest; a full or failing disk is logged (and
@@ -187,6 +223,15 @@ pub(crate) async fn lookup_manifest(
     ctx: &Ctx<'_>,
     digest: &Digest,
 ) -> Result<Option<CachedManifest>, HandlerError> {
+    lookup_manifest_in(ctx, digest, true).await
+}
+
+/// [`lookup_manifest`], in the shared tier too only if `tier`.
+async fn lookup_manifest_in(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    tier: bool,
+) -> Result<Option<CachedManifest>, HandlerError> {
     let store = &ctx.shared.store;
     let is_manifest = |meta: &BlobMeta| meta.media_type.as_deref().is_some_and(is_manifest_type);
     // A layer asked for as a manifest is not one, whatever its digest:
@@ -197,7 +242,7 @@ pub(crate) async fn lookup_manifest(
     if let Some(cached) = store.lookup(digest).await? {
         return Ok(is_manifest(&cached.meta).then_some(CachedManifest::File(cached)));
     }
-    let Some(tier) = &ctx.shared.tier else {
+    let Some(tier) = ctx.shared.tier.as_ref().filter(|_| tier) else {
         return Ok(None);
     };
     match tier.stat(digest).await {
@@ -215,30 +260,32 @@ pub(crate) async fn lookup_manifest(
 /// Serves a cached manifest once access is granted: from memory when the
 /// store keeps it there (the usual case, no file access per request),
 /// read whole when it is at most [`MEMORY_MANIFEST`], else streamed from
-/// its file; a HEAD reads nothing.
+/// its file; a HEAD reads nothing. `None`: it was in the shared tier,
+/// whose copy could not be read; the caller fetches it from the upstream.
 pub(crate) async fn cached_manifest(
     ctx: &Ctx<'_>,
     cached: CachedManifest,
     method: &Method,
-) -> Result<Response<Body>, HandlerError> {
+) -> Result<Option<Response<Body>>, HandlerError> {
     let cached = match cached {
         CachedManifest::Memory(digest, meta, bytes) => {
-            return Ok(whole_manifest(&digest, &meta, bytes, method));
+            return Ok(Some(whole_manifest(&digest, &meta, bytes, method)));
         }
         CachedManifest::Shared(digest, stat) => {
-            let (bytes, meta) = from_shared_tier(ctx, &digest, stat.size).await?;
-            return Ok(whole_manifest(&digest, &meta, bytes, method));
+            return Ok(from_shared_tier(ctx, &digest, stat.size)
+                .await
+                .map(|(bytes, meta)| whole_manifest(&digest, &meta, bytes, method)));
         }
         CachedManifest::File(cached) => cached,
     };
     let media_type = cached.meta.media_type.clone();
     if *method == Method::HEAD {
-        return Ok(manifest_response(
+        return Ok(Some(manifest_response(
             &cached.digest,
             media_type.as_deref(),
             cached.size,
             body::empty(),
-        ));
+        )));
     }
     if cached.size <= MEMORY_MANIFEST
         && let Some((bytes, meta)) = ctx
@@ -247,12 +294,12 @@ pub(crate) async fn cached_manifest(
             .lookup_small(&cached.digest, MEMORY_MANIFEST)
             .await?
     {
-        return Ok(manifest_response(
+        return Ok(Some(manifest_response(
             &cached.digest,
             meta.media_type.as_deref(),
             bytes.len() as u64,
             body::full(bytes),
-        ));
+        )));
     }
     // Small chunks: a large manifest is rare, and many clients that never
     // read it must not each hold much of it.
@@ -263,12 +310,12 @@ pub(crate) async fn cached_manifest(
         MANIFEST_CHUNK,
     );
     let body = body::hold(b, cached.lease.clone());
-    Ok(manifest_response(
+    Ok(Some(manifest_response(
         &cached.digest,
         media_type.as_deref(),
         cached.size,
         body,
-    ))
+    )))
 }
 
 /// A manifest held whole in memory, as a response (no body for HEAD).
@@ -288,29 +335,28 @@ fn whole_manifest(
 }
 
 /// A manifest the shared tier holds, verified, and kept on this replica's
-/// disk so the next request is a HIT here.
-async fn from_shared_tier(
-    ctx: &Ctx<'_>,
-    digest: &Digest,
-    size: u64,
-) -> Result<(Bytes, BlobMeta), HandlerError> {
-    let tier = ctx
-        .shared
-        .tier
-        .as_ref()
-        .ok_or_else(|| TierError::Config("shared storage went away".to_string()))?;
-    let Some((bytes, meta)) = tier.read_small(digest, size).await? else {
-        return Err(TierError::Store {
-            op: "GET",
-            key: digest.to_string(),
-            message: "gone since its HEAD".to_string(),
+/// disk so the next request is a HIT here. `None` when its copy cannot be
+/// read: bad bytes (deleted by the tier), a timeout, an error, or gone
+/// since its HEAD. The request then goes to the upstream: answering an
+/// error instead failed every pull of the digest (and of the tags that
+/// point at it) on every replica, and a retry read the same copy again.
+async fn from_shared_tier(ctx: &Ctx<'_>, digest: &Digest, size: u64) -> Option<(Bytes, BlobMeta)> {
+    let tier = ctx.shared.tier.as_ref()?;
+    let (bytes, meta) = match tier.read_small(digest, size).await {
+        Ok(Some(found)) => found,
+        Ok(None) => {
+            tracing::debug!(%digest, "manifest gone from shared storage since its HEAD; fetching it from the upstream");
+            return None;
         }
-        .into());
+        Err(err) => {
+            tracing::warn!(%digest, error = %err, "manifest unreadable from shared storage; fetching it from the upstream");
+            return None;
+        }
     };
     if let Err(err) = ctx.shared.store.put(digest, meta.clone(), &bytes).await {
         tracing::warn!(error = %err, %digest, "cannot cache manifest from shared storage locally");
     }
-    Ok((bytes, meta))
+    Some((bytes, meta))
 }
 
 pub(crate) fn manifest_response(

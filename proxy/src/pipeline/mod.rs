@@ -30,7 +30,7 @@ use context::Ctx;
 use crate::cache::inflight::Inflight;
 use crate::cache::referrers::ReferrersCache;
 use crate::cache::repos::RepoIndex;
-use crate::cache::shared::{EvictStats, Journal, SharedTier, TierError, Uploads};
+use crate::cache::shared::{EvictStats, Journal, SharedTier, Uploads};
 use crate::cache::store::{BlobStore, StoreError};
 use crate::cache::tags::TagCache;
 use crate::config::Settings;
@@ -163,8 +163,6 @@ pub(crate) enum HandlerError {
     BadUpstream { registry: String, message: String },
     #[error("cache: {0}")]
     Store(#[from] StoreError),
-    #[error("shared storage: {0}")]
-    Shared(#[from] TierError),
 }
 
 impl HandlerError {
@@ -214,13 +212,6 @@ impl HandlerError {
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::Unavailable,
                 "cache error".to_string(),
-            ),
-            // The tier said it had the object, then failed to give it;
-            // it is skipped for a while, so a retry goes upstream.
-            HandlerError::Shared(_) => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                ErrorCode::Unavailable,
-                "shared storage failed; retry".to_string(),
             ),
         };
         oci::error_response(status, code, &message).map(body::full)

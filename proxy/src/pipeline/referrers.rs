@@ -194,10 +194,14 @@ async fn serve_known(
             let Some(cached) = lookup_manifest(ctx, digest).await? else {
                 return Ok(None);
             };
+            // The shared tier's copy could not be read: not answered
+            // from the cache, the upstream is asked.
+            let Some(mut resp) = cached_manifest(ctx, cached, method).await? else {
+                return Ok(None);
+            };
             record.cache = result;
             record.digest = digest.to_string();
             ctx.served(digest);
-            let mut resp = cached_manifest(ctx, cached, method).await?;
             // A referrers answer, not a manifest: no Docker-Content-Digest.
             resp.headers_mut()
                 .remove(crate::http::headers::DOCKER_CONTENT_DIGEST);

@@ -9,8 +9,8 @@ use http::{Method, Response, StatusCode};
 
 use super::context::Ctx;
 use super::manifest::{
-    CachedManifest, MAX_MANIFEST, cached_manifest, lookup_manifest, manifest_response,
-    read_limited, store_manifest,
+    CachedManifest, MAX_MANIFEST, cached_manifest, fetch_by_digest, lookup_manifest,
+    manifest_response, read_limited, store_manifest,
 };
 use super::{HandlerError, is_outage};
 use crate::cache::tags::TagEntry;
@@ -289,8 +289,15 @@ impl Asked<'_, '_> {
         }
         record.cache = result;
         record.digest = entry.digest.to_string();
-        ctx.served(&entry.digest);
-        cached_manifest(ctx, cached, method).await
+        match cached_manifest(ctx, cached, method).await? {
+            Some(resp) => {
+                ctx.served(&entry.digest);
+                Ok(resp)
+            }
+            // The shared tier's copy could not be read: the digest the tag
+            // points at, from the upstream.
+            None => fetch_by_digest(ctx, method, headers, repo, &entry.digest, record).await,
+        }
     }
 }
 

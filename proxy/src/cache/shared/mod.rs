@@ -308,7 +308,10 @@ impl SharedTier {
     }
 
     /// A whole small object (a manifest), verified; `None` if absent or
-    /// larger than `max`.
+    /// larger than `max`. An object whose bytes fail the digest is deleted
+    /// before the error is returned: it would fail every read of it, on
+    /// every replica, for good (and each read keeps it recently used),
+    /// and while it is there no good copy can be put in its place.
     pub async fn read_small(
         &self,
         d: &Digest,
@@ -346,8 +349,32 @@ impl SharedTier {
             Ok(Ok(false)) => return Ok(None),
             Ok(Ok(true)) => {}
         }
-        verify(d, &Sha256::digest(&buf))?;
+        if let Err(bad) = verify(d, &Sha256::digest(&buf)) {
+            self.discard_bad(d).await;
+            return Err(bad);
+        }
         Ok(Some((Bytes::from(buf), stat.meta)))
+    }
+
+    /// Deletes an object that failed its digest, within [`META_TIMEOUT`]
+    /// (this runs on the request path); a failure is logged, the next
+    /// reader tries again.
+    async fn discard_bad(&self, d: &Digest) {
+        let key = self.key(d);
+        let deleted = match self
+            .within(META_TIMEOUT, "DELETE", &key, self.store.delete(&key))
+            .await
+        {
+            Ok(Ok(()) | Err(object_store::Error::NotFound { .. })) => Ok(()),
+            Ok(Err(e)) => Err(self.err("DELETE", &key, e)),
+            Err(timeout) => Err(timeout),
+        };
+        match deleted {
+            Ok(()) => tracing::warn!(digest = %d,
+                "the shared storage's copy failed its digest; deleted, it is fetched from the upstream"),
+            Err(err) => tracing::warn!(digest = %d, error = %err,
+                "the shared storage's copy failed its digest and could not be deleted"),
+        }
     }
 
     /// Stores a small verified object in one request, unless present.
