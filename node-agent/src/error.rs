@@ -203,16 +203,27 @@ pub enum AgentError {
     /// agent would write: dockerd would ignore the next SIGHUP and not
     /// start again with both.
     #[error(
-        "{path}: dockerd (pid {pid} in {pid_file}) runs with {flag}, and dockerd refuses a daemon.json that also sets `{key}` (\"specified both as a flag and in the configuration file\"): it would not start again. The agent needs {values} in `{key}`, so nothing was written (on this node nothing is configured until this is fixed). {remedy}"
+        "{path}: {found}, and dockerd refuses a daemon.json that also sets `{key}` (\"specified both as a flag and in the configuration file\"): it would not start again. The agent needs {values} in `{key}`, so nothing was written (on this node nothing is configured until this is fixed). {remedy}"
     )]
     DockerdFlag {
         path: String,
-        pid: i32,
-        pid_file: &'static str,
-        flag: &'static str,
+        /// Where the flag is (`dockerd (pid 42 in /run/docker.pid) runs
+        /// with --insecure-registry`).
+        found: String,
         key: &'static str,
         values: String,
         remedy: &'static str,
+    },
+    /// dockerd does not run and how it starts cannot be told, so a key
+    /// one of its flags might set is not added.
+    #[error(
+        "{path}: dockerd is not running and the flags it starts with cannot be known ({why}). dockerd refuses a daemon.json setting a key one of its flags sets, and would then not start at all, so the agent does not add `{key}` (it needs {values}) to a file without it: nothing was written. Start dockerd (its flags are then read from its command line), or add `{key}` to daemon.json yourself"
+    )]
+    DockerdFlagsUnknown {
+        path: String,
+        why: String,
+        key: &'static str,
+        values: String,
     },
     #[error(transparent)]
     Fs(#[from] FsError),

@@ -54,7 +54,13 @@ impl Runtime for Docker {
         let want = desired::docker(input.cfg)?;
         // Before anything is staged: a refusal here leaves every file of
         // the node as it was.
-        refuse_keys_set_by_flags(pl.root(), &want.daemon_json)?;
+        let daemon_json_now = pl.read(DAEMON_JSON)?;
+        refuse_keys_set_by_flags(
+            pl.root(),
+            &want.daemon_json,
+            daemon_json_now.as_deref(),
+            exec,
+        )?;
         let mut planned = Planned {
             notes: want.notes.iter().map(|n| format!("docker: {n}")).collect(),
             ..Planned::default()
@@ -290,24 +296,198 @@ pub fn has_flag(args: &[String], flag: &str) -> bool {
     })
 }
 
-/// Refuses the apply when the running dockerd has the command-line flag
-/// for a daemon.json key the agent would write. dockerd refuses a config
-/// file setting a key its flags set (whatever the values), while
-/// `dockerd --validate` runs without the unit's flags and passes: the
-/// SIGHUP would fail in dockerd's log only and its next start would fail
-/// for good. Leaving the key out instead is not safe either: without
+/// Files dockerd's init scripts and units read its extra flags from
+/// (`DOCKER_OPTS`, `OPTIONS`, …): Debian/Ubuntu, RHEL/SUSE, OpenRC.
+pub const DOCKERD_ENV_FILES: [&str; 3] = [
+    "/etc/default/docker",
+    "/etc/sysconfig/docker",
+    "/etc/conf.d/docker",
+];
+
+/// The words of each place a stopped dockerd's flags may come from, by
+/// place; `Err` with why when they cannot be known.
+pub type FlagSources = Result<Vec<(String, Vec<String>)>, String>;
+
+/// Where a dockerd that is not running would take its flags from when it
+/// starts: its systemd unit as `systemctl show` gives it (drop-ins
+/// included: `ExecStart`, `Environment`, and the `EnvironmentFiles` it
+/// reads), and [`DOCKERD_ENV_FILES`]. Every word of every variable set
+/// there counts, used by the command line or not: a flag found where
+/// dockerd does not look is a false alarm the error names, where missing
+/// one would leave dockerd unable to start. Without systemd (an init
+/// script) only the files are read.
+pub fn dockerd_flags_at_rest(
+    root: &Root,
+    exec: &mut dyn Executor,
+) -> Result<FlagSources, AgentError> {
+    let mut sources = Vec::new();
+    let mut files: Vec<String> = Vec::new();
+    match exec.unit_start(Service::Docker) {
+        None => {}
+        Some(Err(e)) => return Ok(Err(e.to_string())),
+        Some(Ok(show)) => {
+            let unit = parse_unit_start(&show);
+            sources.push(("docker.service's ExecStart".to_string(), unit.exec_start));
+            sources.push(("docker.service's Environment".to_string(), unit.environment));
+            files = unit.environment_files;
+        }
+    }
+    for f in DOCKERD_ENV_FILES {
+        if !files.iter().any(|g| g == f) {
+            files.push(f.to_string());
+        }
+    }
+    for f in files {
+        match root.read(&f) {
+            Ok(Some(bytes)) => sources.push((f, env_file_words(&bytes))),
+            Ok(None) => {}
+            Err(e) => return Ok(Err(e.to_string())),
+        }
+    }
+    Ok(Ok(sources))
+}
+
+/// What `systemctl show docker -p ExecStart -p Environment -p
+/// EnvironmentFiles` says, as words.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct UnitStart {
+    /// The words of every `argv[]` of `ExecStart` (`$VAR`s unexpanded).
+    pub exec_start: Vec<String>,
+    /// The words of the `Environment` assignments' values.
+    pub environment: Vec<String>,
+    pub environment_files: Vec<String>,
+}
+
+/// Parses `systemctl show` output: `ExecStart={ path=… ; argv[]=… ; … }`
+/// (one `{…}` per command), `Environment=A=1 "B=x y"`,
+/// `EnvironmentFiles=/etc/default/docker (ignore_errors=yes)` (a line
+/// each).
+pub fn parse_unit_start(show: &str) -> UnitStart {
+    let mut u = UnitStart::default();
+    for line in show.lines() {
+        if let Some(v) = line.strip_prefix("ExecStart=") {
+            for part in v.split("argv[]=").skip(1) {
+                let argv = part.split(" ;").next().unwrap_or_default();
+                u.exec_start
+                    .extend(argv.split_whitespace().map(String::from));
+            }
+        } else if let Some(v) = line.strip_prefix("Environment=") {
+            // An assignment's value may hold spaces (quoted, or escaped as
+            // `\x20`): each word counts, without a `NAME=` before it.
+            for word in unquoted_words(&v.replace("\\x20", " ")) {
+                let value = match word.split_once('=') {
+                    Some((name, value))
+                        if !name.is_empty()
+                            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') =>
+                    {
+                        value.to_string()
+                    }
+                    _ => word,
+                };
+                if !value.is_empty() {
+                    u.environment.push(value);
+                }
+            }
+        } else if let Some(v) = line.strip_prefix("EnvironmentFiles=") {
+            let path = v.split(" (").next().unwrap_or_default().trim();
+            if path.starts_with('/') {
+                u.environment_files.push(path.to_string());
+            }
+        }
+    }
+    u
+}
+
+/// The words of the values an environment file sets (`KEY=value`,
+/// `export KEY="a b"`), comments skipped.
+pub fn env_file_words(bytes: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(bytes);
+    let mut words = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let line = line.strip_prefix("export ").unwrap_or(line);
+        if let Some((_, value)) = line.split_once('=') {
+            words.extend(unquoted_words(value));
+        }
+    }
+    words
+}
+
+fn unquoted_words(value: &str) -> Vec<String> {
+    value
+        .split_whitespace()
+        .map(|w| w.trim_matches(|c| c == '"' || c == '\''))
+        .filter(|w| !w.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+/// Refuses the apply when dockerd has the command-line flag for a
+/// daemon.json key the agent would write. dockerd refuses a config file
+/// setting a key its flags set (whatever the values), while `dockerd
+/// --validate` runs without the unit's flags and passes: the SIGHUP would
+/// fail in dockerd's log only and its next start would fail for good.
+/// Leaving the key out instead is not safe either: without
 /// `insecure-registries` the hijacked names would be dialled over TLS at a
 /// plain-HTTP proxy, and a Docker Hub mirror silently not set would hide
 /// the proxy being bypassed; so the admin is told what to change.
-fn refuse_keys_set_by_flags(root: &Root, want: &DaemonJsonWant) -> Result<(), AgentError> {
-    let Some(dockerd) = running_dockerd(root)? else {
-        return Ok(());
+///
+/// The flags are those of the running dockerd; of a stopped one, those
+/// its unit and environment files would give it ([`dockerd_flags_at_rest`]).
+/// When even those cannot be known (`systemctl show` failed), no key the
+/// file lacks is added: one it has already is known not to conflict, or
+/// dockerd could not have started with it.
+fn refuse_keys_set_by_flags(
+    root: &Root,
+    want: &DaemonJsonWant,
+    current: Option<&[u8]>,
+    exec: &mut dyn Executor,
+) -> Result<(), AgentError> {
+    let sources: Vec<(String, Vec<String>)> = match running_dockerd(root)? {
+        Some(d) => vec![(
+            format!("dockerd (pid {} in {}) runs with", d.pid, d.pid_file),
+            d.args,
+        )],
+        None => match dockerd_flags_at_rest(root, exec)? {
+            Ok(sources) => sources
+                .into_iter()
+                .map(|(place, words)| {
+                    (
+                        format!("dockerd is not running, and {place} would start it with"),
+                        words,
+                    )
+                })
+                .collect(),
+            Err(why) => {
+                let has = current
+                    .and_then(|b| daemon_json::parse(b).ok())
+                    .unwrap_or_default();
+                for (_, key) in DOCKERD_FLAGS {
+                    let values = want.for_key(key);
+                    if !values.is_empty() && !has.contains_key(key) {
+                        return Err(AgentError::DockerdFlagsUnknown {
+                            path: DAEMON_JSON.into(),
+                            why,
+                            key,
+                            values: values.join(", "),
+                        });
+                    }
+                }
+                return Ok(());
+            }
+        },
     };
     for (flag, key) in DOCKERD_FLAGS {
         let values = want.for_key(key);
-        if values.is_empty() || !has_flag(&dockerd.args, flag) {
+        if values.is_empty() {
             continue;
         }
+        let Some((found, _)) = sources.iter().find(|(_, words)| has_flag(words, flag)) else {
+            continue;
+        };
         let remedy = if key == INSECURE_REGISTRIES {
             "Drop --insecure-registry from dockerd's unit and put its values in daemon.json's `insecure-registries` (the agent keeps them), then restart dockerd; or serve the proxy over TLS (proxy.caFile), which needs no insecure-registries"
         } else {
@@ -315,9 +495,7 @@ fn refuse_keys_set_by_flags(root: &Root, want: &DaemonJsonWant) -> Result<(), Ag
         };
         return Err(AgentError::DockerdFlag {
             path: DAEMON_JSON.into(),
-            pid: dockerd.pid,
-            pid_file: dockerd.pid_file,
-            flag,
+            found: format!("{found} {flag}"),
             key,
             values: values.join(", "),
             remedy,
@@ -493,6 +671,53 @@ mod tests {
         assert!(!has_flag(&args(&["--insecure-registryx=1"]), flag));
         assert!(!has_flag(&args(&["--registry-mirror", "https://m"]), flag));
         assert!(!has_flag(&args(&["--", flag, "10.96.0.0/12"]), flag));
+    }
+
+    /// `systemctl show` as systemd 252 prints it for a unit with a
+    /// drop-in that replaced ExecStart, an Environment= with a quoted
+    /// value and two environment files.
+    #[test]
+    fn a_units_start_is_read_from_systemctl_show() {
+        let show = "ExecStart={ path=/usr/bin/dockerd ; argv[]=/usr/bin/dockerd -H fd:// $DOCKER_OPTS ; ignore_errors=no ; start_time=[n/a] ; stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }\n\
+Environment=HTTP_PROXY=http://p:3128 \"EXTRA=--debug --insecure-registry 10.96.0.0/12\" OTHER=--registry-mirror\\x20https://m\n\
+EnvironmentFiles=/etc/default/docker (ignore_errors=yes)\n\
+EnvironmentFiles=/etc/docker/env (ignore_errors=no)\n";
+        let u = parse_unit_start(show);
+        assert_eq!(
+            u.exec_start,
+            ["/usr/bin/dockerd", "-H", "fd://", "$DOCKER_OPTS"]
+        );
+        assert!(has_flag(&u.environment, "--insecure-registry"), "{u:?}");
+        assert!(has_flag(&u.environment, "--registry-mirror"), "{u:?}");
+        assert!(
+            !u.environment.iter().any(|w| w.starts_with("HTTP_PROXY")),
+            "{u:?}"
+        );
+        assert_eq!(
+            u.environment_files,
+            ["/etc/default/docker", "/etc/docker/env"]
+        );
+        assert_eq!(
+            parse_unit_start("ExecStart=\nEnvironment=\n"),
+            UnitStart::default()
+        );
+    }
+
+    #[test]
+    fn environment_files_give_the_words_of_their_values() {
+        let w = env_file_words(
+            b"# DOCKER_OPTS=\"--registry-mirror=https://commented\"\n\nexport DOCKER_OPTS=\"--dns 8.8.8.8 --insecure-registry=10.0.0.0/8\"\nOPTIONS='--selinux-enabled'\n",
+        );
+        assert_eq!(
+            w,
+            [
+                "--dns",
+                "8.8.8.8",
+                "--insecure-registry=10.0.0.0/8",
+                "--selinux-enabled"
+            ]
+        );
+        assert!(!has_flag(&w, "--registry-mirror"));
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub trait Executor {
     /// `dockerd --validate` on a candidate daemon.json; `None` when no
     /// usable dockerd binary is there.
     fn validate_daemon_json(&mut self, bytes: &[u8]) -> Option<Result<(), Rejected>>;
+    /// How systemd starts the daemon's unit: the output of `systemctl show
+    /// <unit> -p ExecStart -p Environment -p EnvironmentFiles` (drop-ins
+    /// included); `None` where there is no systemd to ask.
+    fn unit_start(&mut self, _service: Service) -> Option<Result<String, ExecError>> {
+        None
+    }
 }
 
 /// How long one command the agent runs (`systemctl`, through `nsenter`
@@ -250,6 +256,35 @@ impl Executor for SystemExecutor {
         })
     }
 
+    fn unit_start(&mut self, service: Service) -> Option<Result<String, ExecError>> {
+        if !self.has_systemd() {
+            return None;
+        }
+        let args = [
+            "show",
+            service.unit(),
+            "-p",
+            "ExecStart",
+            "-p",
+            "Environment",
+            "-p",
+            "EnvironmentFiles",
+        ];
+        let command = format!("systemctl {}", args.join(" "));
+        Some(
+            run_bounded(self.systemctl(&args), &command, self.timeout).and_then(|out| {
+                if out.status.success() {
+                    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+                } else {
+                    Err(ExecError::Failed {
+                        command,
+                        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                    })
+                }
+            }),
+        )
+    }
+
     fn validate_daemon_json(&mut self, bytes: &[u8]) -> Option<Result<(), Rejected>> {
         let bin = [
             "/usr/bin/dockerd",
@@ -367,6 +402,9 @@ pub struct RecordingExecutor {
     pub validation: Option<Result<(), Rejected>>,
     /// Fail this many of the next reloads and restarts.
     pub fail: u32,
+    /// `unit_start` answer: `None` as without systemd, `Err` as a failed
+    /// `systemctl show` (its stderr).
+    pub unit_start: Option<Result<String, String>>,
 }
 
 impl Executor for RecordingExecutor {
@@ -383,6 +421,14 @@ impl Executor for RecordingExecutor {
     fn validate_daemon_json(&mut self, _bytes: &[u8]) -> Option<Result<(), Rejected>> {
         self.calls.push("validate daemon.json".into());
         self.validation.clone()
+    }
+
+    fn unit_start(&mut self, service: Service) -> Option<Result<String, ExecError>> {
+        let answer = self.unit_start.clone()?;
+        Some(answer.map_err(|stderr| ExecError::Failed {
+            command: format!("systemctl show {}", service.unit()),
+            stderr,
+        }))
     }
 }
 
@@ -424,6 +470,29 @@ mod tests {
             Outcome::NotRunning(_)
         ));
         assert!(ex.validate_daemon_json(b"{}").is_none());
+    }
+
+    /// Where the root has systemd, the unit's start is asked of
+    /// `systemctl show` (what it prints is the answer; a failure is an
+    /// error); without systemd there is nothing to ask.
+    #[test]
+    fn the_units_start_comes_from_systemctl_show() {
+        use std::os::unix::fs::PermissionsExt;
+        let t = tempfile::tempdir().unwrap();
+        let root = Root::new(t.path());
+        let bin = t.path().join("systemctl");
+        std::fs::write(&bin, "#!/bin/sh\necho \"ExecStart=$*\"\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut ex = SystemExecutor::new(root.clone()).with_systemctl(bin.clone());
+        assert!(ex.unit_start(Service::Docker).is_none());
+        std::fs::create_dir_all(t.path().join("run/systemd/system")).unwrap();
+        assert_eq!(
+            ex.unit_start(Service::Docker).unwrap().unwrap(),
+            "ExecStart=show docker -p ExecStart -p Environment -p EnvironmentFiles\n"
+        );
+        std::fs::write(&bin, "#!/bin/sh\necho 'no bus' >&2\nexit 1\n").unwrap();
+        let e = ex.unit_start(Service::Docker).unwrap().unwrap_err();
+        assert!(e.to_string().contains("no bus"), "{e}");
     }
 
     /// A stand-in for `systemctl` under `dir`: `is-active` says yes, any

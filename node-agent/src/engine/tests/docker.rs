@@ -109,6 +109,121 @@ fn a_daemon_json_key_dockerd_has_as_a_flag_is_refused_and_nothing_is_written() {
     }
 }
 
+/// A dockerd that is not running has its flags read from how it would
+/// start: its unit's ExecStart (drop-ins included, as `systemctl show`
+/// gives it), the files its unit reads its environment from, and
+/// `/etc/default/docker` and the like without systemd. A conflicting flag
+/// there is refused as a running dockerd's is, and nothing is written.
+#[test]
+fn a_stopped_dockerds_flags_are_read_from_its_unit_and_environment_files() {
+    let plain_http = || {
+        let mut c =
+            cfg("proxy: {address: 10.0.0.5, httpPort: 80}\nregistries: [{host: quay.io}]\n");
+        c.ca_pem = None;
+        c
+    };
+    let unit = |argv: &str, files: &str| {
+        Some(Ok(format!(
+            "ExecStart={{ path=/usr/bin/dockerd ; argv[]={argv} ; ignore_errors=no ; start_time=[n/a] ; stop_time=[n/a] ; pid=0 ; code=(null) ; status=0/0 }}\nEnvironment=\n{files}"
+        )))
+    };
+    for (config, unit_start, env_file, found, key) in [
+        (
+            plain_http(),
+            unit(
+                "/usr/bin/dockerd -H fd:// --insecure-registry 10.96.0.0/12",
+                "",
+            ),
+            None,
+            "docker.service's ExecStart would start it with --insecure-registry",
+            "insecure-registries",
+        ),
+        (
+            cfg(CONFIG),
+            unit(
+                "/usr/bin/dockerd $OPTS",
+                "EnvironmentFiles=/etc/docker/dockerd.env (ignore_errors=yes)\n",
+            ),
+            Some((
+                "/etc/docker/dockerd.env",
+                "OPTS=\"--registry-mirror=https://mirror.gcr.io\"\n",
+            )),
+            "/etc/docker/dockerd.env would start it with --registry-mirror",
+            "registry-mirrors",
+        ),
+        (
+            cfg(CONFIG),
+            None,
+            Some((
+                "/etc/default/docker",
+                "DOCKER_OPTS=\"--registry-mirror https://mirror.gcr.io\"\n",
+            )),
+            "/etc/default/docker would start it with --registry-mirror",
+            "registry-mirrors",
+        ),
+    ] {
+        let t = tempfile::tempdir().unwrap();
+        write(t.path(), HOSTS, b"127.0.0.1 localhost\n");
+        write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+        if let Some((path, text)) = env_file {
+            write(t.path(), path, text.as_bytes());
+        }
+        let before = snapshot(t.path());
+        let root = Root::new(t.path());
+        let mut exec = RecordingExecutor {
+            unit_start,
+            ..Default::default()
+        };
+        let (r, out) = run_apply(&root, &config, &opts(&[RuntimeKind::Docker]), &mut exec);
+        let e = r.unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "/etc/docker/daemon.json: dockerd is not running, and {found}, and dockerd refuses a daemon.json that also sets `{key}`"
+            )),
+            "{e}"
+        );
+        assert_eq!(snapshot(t.path()), before, "{out}");
+    }
+}
+
+/// When a stopped dockerd's unit cannot be read (`systemctl show`
+/// fails), no key daemon.json lacks is added; one it already has cannot
+/// conflict (dockerd started with it), so that file is still managed.
+#[test]
+fn a_stopped_dockerd_with_unknown_flags_gets_no_new_key() {
+    let t = tempfile::tempdir().unwrap();
+    write(t.path(), DAEMON_JSON, b"{\"debug\": true}\n");
+    let before = snapshot(t.path());
+    let root = Root::new(t.path());
+    let failing = || RecordingExecutor {
+        unit_start: Some(Err("Failed to connect to bus".into())),
+        ..Default::default()
+    };
+    let mut exec = failing();
+    let (r, out) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
+    let e = r.unwrap_err();
+    assert!(
+        matches!(&e, AgentError::DockerdFlagsUnknown { key, .. } if *key == "registry-mirrors"),
+        "{e}\n{out}"
+    );
+    assert!(e.to_string().contains("Failed to connect to bus"), "{e}");
+    assert_eq!(snapshot(t.path()), before, "{out}");
+
+    write(
+        t.path(),
+        DAEMON_JSON,
+        b"{\"debug\": true, \"registry-mirrors\": [\"https://m.example\"]}\n",
+    );
+    let mut exec = failing();
+    let (r, out) = apply_config(&root, &[RuntimeKind::Docker], &mut exec);
+    r.unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let dj: serde_json::Value = serde_json::from_str(&read(t.path(), DAEMON_JSON)).unwrap();
+    assert_eq!(
+        dj["registry-mirrors"],
+        serde_json::json!(["https://10.0.0.5", "https://m.example"])
+    );
+}
+
 /// Only a key the agent writes conflicts (TLS mode writes no
 /// `insecure-registries`), and a stale pid file whose process is not
 /// dockerd says nothing about dockerd's flags.
