@@ -836,6 +836,8 @@ fn install_check_uninstall(
         HOOK_TEMPLATE,
         "--show-only",
         CLEANUP_HOOK_TEMPLATE,
+        "--show-only",
+        "templates/discovered-cleanup-hook.yaml",
     ];
     if let Some(v) = values {
         targs.extend(["-f", v]);

@@ -830,6 +830,16 @@ fn helm_install_rollout_from_the_cache_and_uninstall_on_two_nodes() {
         ["test-upstream"],
         "MirrorRegistries after uninstall (name, deletion time)"
     );
+    // The operator's reports go too: the hosts whose MirrorRegistry the
+    // pre-delete hook deleted were reported again before the operator
+    // stopped.
+    let reports = cluster
+        .kubectl(&["get", "discoveredregistries", "-o", "name"])
+        .unwrap();
+    assert!(
+        reports.trim().is_empty(),
+        "DiscoveredRegistries after uninstall: {reports}"
+    );
     let after = snapshot(&cluster);
     let changes = diff(&before, &after);
     assert!(
