@@ -11,7 +11,9 @@
 //! - the peer listener refuses clients without a peer certificate from
 //!   the CA, and serves a peer nothing but blob GETs;
 //! - a blob the owner holds opens through another replica only to a
-//!   client the upstream lets read it there.
+//!   client the upstream lets read it there;
+//! - an owner that refuses on its own (a config not yet reloaded) or
+//!   whose bytes fail the digest is passed over for the upstream.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -148,8 +150,13 @@ fn a_blob_from_its_owner_opens_only_where_the_upstream_lets_the_client_read_it()
     let allowed = get(other, REPO);
     assert_eq!(allowed.status, http::StatusCode::OK);
     assert_eq!(sha256_digest(&allowed.body), layer);
+    // Served by the owner: its refusal was the upstream's answer, so the
+    // replica that relayed it did not pass the owner over for the
+    // upstream.
     wait_for("the owner served its peer", Duration::from_secs(10), || {
-        Ok(peer_lines(&r.proxies[owner], &layer) >= 1)
+        Ok(!r.proxies[owner]
+            .access_matching(&[("via", "peer"), ("repository", REPO), ("digest", &layer)])
+            .is_empty())
     })
     .unwrap();
 }
@@ -246,6 +253,106 @@ fn the_owner_dying_mid_blob_leaves_every_client_a_verified_body() {
     relay.hold_after(12 << 20);
     let mut r = Replicas::start(3, HOST, &format!("http://{}", relay.addr), "");
     common::kill_owner_mid_blob(&mut r, &relay, &registry, (HOST, REPO, &layer), &expected);
+}
+
+/// The owner answering a peer with a refusal of its own is not final: a
+/// replica that just reloaded a config without the registry (replicas
+/// pick up a ConfigMap change at different times) answers 403 "neither a
+/// configured registry nor a name of this proxy". The replica that asked
+/// leaves it out of ownership and fetches the blob from the upstream;
+/// before, the owner's 403 was relayed to the client, and every retry
+/// asked the same owner again.
+#[test]
+fn an_owner_refusing_on_its_own_is_passed_over_for_the_upstream() {
+    let (_work, layer, registry, r) = two_replicas_with_a_layer(16, "");
+    let owner = r.owner(&layer);
+    let other = 1 - owner;
+    // The owner's config as Replicas::start wrote it, under another name.
+    let list = r
+        .peers
+        .iter()
+        .map(|p| format!("'{p}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let config = format!(
+        "ca: {{cert: '{}', key: '{}'}}\npeers:\n  listen: '{}'\n  static: [{list}]\n{}",
+        r.ca.path().join("ca.crt").display(),
+        r.ca.path().join("ca.key").display(),
+        r.peers[owner],
+        common::one_registry("elsewhere.test", &registry.url(), ""),
+    );
+    let applied = |p: &Proxy| p.log().matches("config applied").count();
+    let before = applied(&r.proxies[owner]);
+    r.proxies[owner].write_config(&config).unwrap();
+    wait_for(
+        "the owner to apply its new config",
+        Duration::from_secs(10),
+        || Ok(applied(&r.proxies[owner]) > before),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", r.proxies[owner].log()));
+
+    let got = pullthrough_testbed::http::Get::new(&r.blob_url(other, HOST, REPO, &layer))
+        .timeout(Duration::from_secs(20))
+        .send()
+        .unwrap();
+    assert_eq!(
+        got.status,
+        http::StatusCode::OK,
+        "{}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert_eq!(sha256_digest(&got.body), layer);
+    registry.sync_log().unwrap();
+    assert_eq!(
+        registry.count_requests("GET", &layer),
+        1,
+        "fetched upstream by the replica that asked"
+    );
+}
+
+/// An owner whose copy of a blob went bad on its disk is not asked for it
+/// again: its bytes fail the digest on the replica that asked (that pull
+/// fails, nothing is cached), which then leaves the owner out of
+/// ownership, so the retry is served from the upstream. Before, the
+/// owner was never suspected and every retry got its bad bytes again.
+#[test]
+fn an_owner_whose_bytes_fail_the_digest_is_passed_over_for_the_upstream() {
+    let (_work, layer, registry, r) = two_replicas_with_a_layer(17, "");
+    let owner = r.owner(&layer);
+    let other = 1 - owner;
+    let get = |i: usize| {
+        pullthrough_testbed::http::Get::new(&r.blob_url(i, HOST, REPO, &layer))
+            .timeout(Duration::from_secs(20))
+            .send()
+    };
+    let first = get(owner).unwrap();
+    assert_eq!(first.status, http::StatusCode::OK);
+    assert_eq!(sha256_digest(&first.body), layer);
+    // Rot on the owner's disk: same length, other bytes, same file.
+    let cached = r.proxies[owner].cached_blob_path(&layer);
+    let len = std::fs::metadata(&cached).unwrap().len();
+    std::fs::write(&cached, vec![0x5a; len as usize]).unwrap();
+
+    let bad = get(other);
+    assert!(
+        !bad.as_ref()
+            .is_ok_and(|b| b.status == http::StatusCode::OK && sha256_digest(&b.body) == layer),
+        "the owner's bad bytes passed as the blob"
+    );
+    assert!(!r.proxies[other].cached_blob_path(&layer).exists());
+    let again = get(other).unwrap();
+    assert_eq!(again.status, http::StatusCode::OK);
+    assert_eq!(
+        sha256_digest(&again.body),
+        layer,
+        "served from the upstream"
+    );
+    registry.sync_log().unwrap();
+    assert_eq!(
+        registry.count_requests("GET", &layer),
+        2,
+        "the owner's fetch, then the retry's"
+    );
 }
 
 /// TLS client config for the peer listener: trusts the CA, presents

@@ -87,8 +87,17 @@ pub(crate) fn relay_response(resp: Response<Incoming>) -> Response<Body> {
     relay_parts(parts, body::relay(incoming))
 }
 
+/// In a response's extensions (never sent as such): the answer is the
+/// upstream's own, relayed or rebuilt from its refusal, not one the
+/// proxy made. A replica that asked for a blob takes such an answer of
+/// its owner as final; any other answer means the owner cannot serve it
+/// (see `pipeline::lead`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct UpstreamAnswer;
+
 pub(crate) fn relay_parts(parts: http::response::Parts, body: Body) -> Response<Body> {
     let mut resp = Response::new(body);
+    resp.extensions_mut().insert(UpstreamAnswer);
     *resp.status_mut() = parts.status;
     for (name, value) in &parts.headers {
         if !is_hop_by_hop(name) {

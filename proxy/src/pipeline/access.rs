@@ -20,6 +20,14 @@ use http::{Method, Response, StatusCode};
 /// the grant that old, never as new.
 pub(crate) const GRANT_AGE_HEADER: &str = "x-pullthrough-grant-age-ms";
 
+/// On an answer other than a 200 the peer listener gives another replica:
+/// the answer is the upstream's own (a refusal, a 404, its error), which
+/// the replica that asked would get from the upstream too, so it relays
+/// it. Without it the answer is this replica's own (a refusal of a
+/// config not yet reloaded, a disk error), and the replica that asked
+/// fetches from the upstream instead.
+pub(crate) const UPSTREAM_ANSWER_HEADER: &str = "x-pullthrough-upstream-answer";
+
 use super::HandlerError;
 use super::context::Ctx;
 use crate::bounded::BoundedMap;
@@ -537,6 +545,8 @@ impl Ctx<'_> {
         // Rebuilt, not relayed: the answer to a HEAD has no body but may
         // announce one, and a GET's body is not read.
         let mut resp = oci::error_response(status, code, &message).map(body::full);
+        resp.extensions_mut()
+            .insert(crate::http::headers::UpstreamAnswer);
         if status == StatusCode::UNAUTHORIZED {
             for v in up.response.headers().get_all(header::WWW_AUTHENTICATE) {
                 resp.headers_mut()

@@ -169,10 +169,14 @@ pub(crate) async fn lead(
     start(ctx, headers, digest, opened, &mut guard, record).await
 }
 
-/// Asks the owning replica for the blob. `None`: it cannot be reached
-/// (it is suspected for a while, the caller goes to the upstream);
-/// `Some(Err(response))`: its answer when that is not the blob (a
-/// refusal or an upstream error, relayed as the upstream's would be).
+/// Asks the owning replica for the blob. `None`: it cannot serve it (it
+/// is suspected for a while, the caller goes to the upstream): it cannot
+/// be reached, or it answered with something of its own (a refusal while
+/// replicas load a new config at different times, an error of its disk);
+/// `Some(Err(response))`: the upstream's own answer when that is not the
+/// blob (a refusal, a 404, its error), relayed as the upstream's would be.
+/// Bytes of the owner's that fail the digest suspect it too (`discard`),
+/// so the next try goes to the upstream, not to the same owner again.
 async fn from_peer(
     ctx: &Ctx<'_>,
     headers: &HeaderMap,
@@ -201,8 +205,23 @@ async fn from_peer(
         }
     };
     if resp.status() != StatusCode::OK {
-        record.cache = CacheResult::Pass;
-        return Some(Err(relay_response(resp)));
+        if resp
+            .headers()
+            .contains_key(super::access::UPSTREAM_ANSWER_HEADER)
+        {
+            record.cache = CacheResult::Pass;
+            let mut relayed = relay_response(resp);
+            relayed
+                .headers_mut()
+                .remove(super::access::UPSTREAM_ANSWER_HEADER);
+            return Some(Err(relayed));
+        }
+        // Relayed, this made the owner's answer final: each retry asked
+        // it again and got the same.
+        tracing::warn!(%digest, %peer, status = %resp.status(),
+            "owner replica answered on its own without the blob; fetching from the upstream");
+        peers.members.suspect(peer);
+        return None;
     }
     // The owner may have served it on an answer it kept (a public grant
     // up to an hour old, or one kept through an outage): kept here as old
@@ -220,6 +239,7 @@ async fn from_peer(
     }
     tracing::debug!(%digest, %peer, "blob streamed from its owner replica");
     let members = Arc::clone(&peers.members);
+    let bad = (Arc::clone(&peers.members), digest.clone());
     let (parts, incoming) = resp.into_parts();
     Some(Ok(Opened {
         media_type: content_type(&parts.headers),
@@ -230,7 +250,12 @@ async fn from_peer(
             resume: resume(ctx, &path, headers),
             failed: Box::new(move || members.suspect(peer)),
         }),
-        discard: None,
+        discard: Some(Box::new(move || {
+            let (members, digest) = bad;
+            tracing::warn!(%digest, %peer,
+                "the owner replica's bytes failed their digest; its digests go to the others for now, the next pull fetches from the upstream");
+            members.suspect(peer);
+        })),
     }))
 }
 

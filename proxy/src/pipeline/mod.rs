@@ -343,6 +343,23 @@ pub(crate) async fn serve(
                 yes_at: Default::default(),
             };
             let mut resp = registry_request(&ctx, req, request, record).await?;
+            if from_peer {
+                // Only this proxy says these: whatever a relayed upstream
+                // answer carried under the names is dropped.
+                resp.headers_mut().remove(access::UPSTREAM_ANSWER_HEADER);
+                resp.headers_mut().remove(access::GRANT_AGE_HEADER);
+                if resp.status() != StatusCode::OK
+                    && resp
+                        .extensions()
+                        .get::<crate::http::headers::UpstreamAnswer>()
+                        .is_some()
+                {
+                    resp.headers_mut().insert(
+                        access::UPSTREAM_ANSWER_HEADER,
+                        HeaderValue::from_static("1"),
+                    );
+                }
+            }
             if from_peer
                 && resp.status() == StatusCode::OK
                 && let Some(age) = ctx.yes_age()
