@@ -11,10 +11,10 @@
 //! for a registry the proxy does not serve, nor while its upstream budget
 //! is low: prefetch is speculative work and a pod's pull comes first.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
@@ -36,6 +36,47 @@ const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 /// One image's fetch may take this long (layers of GBs over a slow link).
 const IMAGE_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// A failed image is tried again after this, doubling with each failure
+/// up to [`RETRY_MAX`]. The pins are read every `--reload-interval`
+/// (2 s): without a wait, a pin the upstream refuses or does not have (a
+/// deleted tag, a private repository) cost a token and a manifest GET,
+/// counted against Docker Hub's pull limit, every 2 s for good, and held
+/// the prefetch slots a new rollout's images wait for.
+const RETRY_FIRST: Duration = Duration::from_secs(60);
+const RETRY_MAX: Duration = Duration::from_secs(6 * 3600);
+
+/// When a failed image may be tried again.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    until: Instant,
+    failures: u32,
+}
+
+impl Backoff {
+    fn after(previous: Option<Backoff>, now: Instant) -> Backoff {
+        let failures = previous.map_or(0, |b| b.failures).saturating_add(1);
+        let wait = RETRY_FIRST
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+            .min(RETRY_MAX);
+        Backoff {
+            until: now + wait,
+            failures,
+        }
+    }
+}
+
+/// What one image's prefetch came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    /// Whole in the cache, or never to be fetched here (a registry the
+    /// proxy does not serve, a name that does not parse).
+    Done,
+    /// Tried and failed: waits its [`Backoff`].
+    Failed,
+    /// Not tried (the upstream budget is low): asked again next refresh.
+    Postponed,
+}
+
 /// Fetches pinned images into the cache, a few at a time.
 pub struct Prefetcher {
     client: Client<HttpConnector, Empty<Bytes>>,
@@ -43,9 +84,11 @@ pub struct Prefetcher {
     base: String,
     permits: Arc<Semaphore>,
     /// Pins fetched whole (not fetched again until the process restarts),
-    /// and those being fetched.
+    /// those being fetched, and those that failed (not tried again
+    /// before their backoff ends).
     done: Mutex<HashSet<String>>,
     running: Mutex<HashSet<String>>,
+    failed: Mutex<HashMap<String, Backoff>>,
 }
 
 impl std::fmt::Debug for Prefetcher {
@@ -85,47 +128,76 @@ impl Prefetcher {
             permits: Arc::new(Semaphore::new(concurrency)),
             done: Mutex::default(),
             running: Mutex::default(),
+            failed: Mutex::default(),
         })
     }
 
-    /// Starts a fetch for each pin not fetched yet and not in flight.
+    /// Starts a fetch for each pin not fetched yet, not in flight and not
+    /// waiting out a failure.
     pub fn kick(self: &Arc<Self>, shared: &Arc<Shared>, pins: &Pins) {
         // An image unpinned and pinned again is checked again.
         self.done
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|i| pins.images.contains(i));
+        self.failed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i, _| pins.images.contains(i));
+        let now = Instant::now();
         for image in &pins.images {
             {
                 let done = self.done.lock().unwrap_or_else(|p| p.into_inner());
+                let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
                 let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-                if done.contains(image) || !running.insert(image.clone()) {
+                let waiting = failed.get(image).is_some_and(|b| b.until > now);
+                if done.contains(image) || waiting || !running.insert(image.clone()) {
                     continue;
                 }
             }
             let (me, shared) = (Arc::clone(self), Arc::clone(shared));
             let (image, platforms) = (image.clone(), pins.platforms.clone());
             tokio::spawn(async move {
-                let ok = me.prefetch(&shared, &image, &platforms).await;
+                let outcome = me.prefetch(&shared, &image, &platforms).await;
+                let mut failed = me.failed.lock().unwrap_or_else(|p| p.into_inner());
+                match outcome {
+                    Outcome::Done => {
+                        failed.remove(&image);
+                        me.done
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert(image.clone());
+                    }
+                    Outcome::Failed => {
+                        let b = Backoff::after(failed.get(&image).copied(), Instant::now());
+                        tracing::info!(
+                            image,
+                            failures = b.failures,
+                            retry_in_secs =
+                                b.until.saturating_duration_since(Instant::now()).as_secs(),
+                            "prefetch to be tried again later"
+                        );
+                        failed.insert(image.clone(), b);
+                    }
+                    Outcome::Postponed => {}
+                }
+                drop(failed);
                 me.running
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&image);
-                if ok {
-                    me.done
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(image);
-                }
             });
         }
     }
 
-    /// `true` when the image is whole in the cache (or never will be here:
-    /// a registry the proxy does not serve, a name that does not parse).
-    async fn prefetch(&self, shared: &Shared, image: &str, platforms: &BTreeSet<String>) -> bool {
+    async fn prefetch(
+        &self,
+        shared: &Shared,
+        image: &str,
+        platforms: &BTreeSet<String>,
+    ) -> Outcome {
         let Some(p) = PinnedImage::parse(image) else {
-            return true;
+            return Outcome::Done;
         };
         // Budgets and metrics are kept under the configured host, whatever
         // name (an alias) the pin uses.
@@ -133,16 +205,16 @@ impl Prefetcher {
             let state = shared.state.load();
             match state.config.registry(&p.registry) {
                 Some(r) => (r.host.clone(), r.upstream_reserve),
-                None => return true,
+                None => return Outcome::Done,
             }
         };
         let Ok(_permit) = self.permits.acquire().await else {
-            return false;
+            return Outcome::Postponed;
         };
         if shared.budgets.is_low(&host, reserve) {
             tracing::info!(image, "prefetch postponed: the upstream budget is low");
             shared.metrics.prefetch(&host, "postponed");
-            return false;
+            return Outcome::Postponed;
         }
         let walk = tokio::time::timeout(IMAGE_TIMEOUT, self.walk(shared, &p, platforms));
         match walk.await {
@@ -157,17 +229,17 @@ impl Prefetcher {
                     );
                     shared.metrics.prefetch(&host, "fetched");
                 }
-                true
+                Outcome::Done
             }
             Ok(Err(e)) => {
-                tracing::warn!(image, error = %e, "prefetch failed; tried again with the next pins refresh");
+                tracing::warn!(image, error = %e, "prefetch failed");
                 shared.metrics.prefetch(&host, "failed");
-                false
+                Outcome::Failed
             }
             Err(_) => {
                 tracing::warn!(image, secs = IMAGE_TIMEOUT.as_secs(), "prefetch timed out");
                 shared.metrics.prefetch(&host, "failed");
-                false
+                Outcome::Failed
             }
         }
     }
@@ -257,5 +329,25 @@ async fn cached(shared: &Shared, d: &Digest) -> bool {
     match &shared.tier {
         Some(t) => matches!(t.stat(d).await, Ok(Some(_))),
         None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_image_waits_longer_each_time_up_to_the_cap() {
+        let now = Instant::now();
+        let mut b = None;
+        let mut waits = Vec::new();
+        for _ in 0..12 {
+            let next = Backoff::after(b, now);
+            waits.push((next.until - now).as_secs());
+            b = Some(next);
+        }
+        assert_eq!(waits[..4], [60, 120, 240, 480]);
+        assert_eq!(*waits.last().unwrap_or(&0), 6 * 3600);
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
     }
 }

@@ -113,6 +113,52 @@ fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
     }
 }
 
+/// A pinned image the upstream does not have fails once and waits: the
+/// pins are read every 200 ms here, and a later refresh (which fetches a
+/// newly pinned image) does not ask the upstream for the failed one again.
+/// Before, every refresh asked again, for good.
+#[test]
+fn a_pin_that_fails_is_not_asked_for_at_every_refresh() {
+    let work = tempfile::tempdir().unwrap();
+    let registry = Registry::plain().unwrap();
+    let pins = work.path().join("pins.json");
+    let missing = "quay.io/fixture/gone:1";
+    common::write_pins(&pins, &json!({"images": [missing]}));
+    let proxy = common::proxy_with_pins(&pins, "", "quay.io", &registry.url(), "");
+    wait_for("the failed prefetch", Duration::from_secs(30), || {
+        Ok(proxy.log().contains("prefetch to be tried again later"))
+    })
+    .unwrap();
+    registry.sync_log().unwrap();
+    let asked = || registry.count_requests("GET", "/fixture/gone/manifests/1");
+    let first = asked();
+    assert!(first >= 1, "the upstream was asked");
+
+    // A new pin: fetched at the next refresh, which passes the failed one.
+    let image = LayoutBuilder::new(&work.path().join("layout"))
+        .unwrap()
+        .random("1", &[1024], 3)
+        .unwrap();
+    registry.push_image(&image, "fixture/new", "1").unwrap();
+    common::write_pins(
+        &pins,
+        &json!({"images": [missing, "quay.io/fixture/new:1"]}),
+    );
+    wait_for("the new pin prefetched", Duration::from_secs(30), || {
+        Ok(proxy.log().contains("\"prefetched\""))
+    })
+    .unwrap();
+    registry.sync_log().unwrap();
+    assert_eq!(asked(), first, "the failed pin was asked for again");
+    assert_eq!(
+        proxy
+            .log()
+            .matches("prefetch to be tried again later")
+            .count(),
+        1
+    );
+}
+
 /// With the upstream's budget at its reserve, a pinned image that is not
 /// cached is not fetched: a pod's pull may need the pulls left. Also when
 /// the pin names the registry by an alias.
