@@ -495,6 +495,7 @@ impl ProxyConfig {
         for (i, n) in self.names.iter().enumerate() {
             validate_host(n).map_err(|m| ConfigError::new(format!("names[{i}]"), m))?;
         }
+        self.validate_listeners()?;
         self.limits.validate()?;
         if let Some(proxy) = &self.proxy {
             proxy.validate()?;
@@ -504,6 +505,37 @@ impl ProxyConfig {
         }
         if let Some(peers) = &self.peers {
             peers.validate()?;
+        }
+        Ok(())
+    }
+
+    /// No two listeners on one address (a wildcard IP takes its port on
+    /// every IP; port 0 is any free port): otherwise the second bind fails
+    /// after start-up work, with a less clear error than this one.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let listeners = [
+            ("listen.http", self.listen.http),
+            ("listen.https", self.listen.https),
+            ("listen.admin", self.listen.admin),
+            ("peers.listen", self.peers.as_ref().map(|p| p.listen)),
+        ];
+        let set: Vec<(&str, SocketAddr)> = listeners
+            .into_iter()
+            .filter_map(|(k, a)| a.filter(|a| a.port() != 0).map(|a| (k, a)))
+            .collect();
+        for (i, (key, a)) in set.iter().enumerate() {
+            for (other, b) in &set[..i] {
+                let ips_meet =
+                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                if a.port() == b.port() && ips_meet {
+                    return Err(ConfigError::new(
+                        *key,
+                        format!(
+                            "{a} is also {other} ({b}): each listener needs an address of its own"
+                        ),
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -644,6 +676,15 @@ registries:
 
         let e = err("listen: {http: nowhere}\n");
         assert!(e.to_string().contains("listen"), "{e}");
+        let e = err("listen: {http: 127.0.0.1:5080, admin: 127.0.0.1:5080}\n");
+        assert_eq!(e.key, "listen.admin", "{e}");
+        let e = err("listen: {http: '0.0.0.0:5080', https: 127.0.0.1:5080}\n");
+        assert_eq!(e.key, "listen.https", "{e}");
+        let ok = |y: &str| ProxyConfig::from_yaml(y).and_then(|c| c.validate()).is_ok();
+        assert!(ok(
+            "listen: {http: 127.0.0.1:5080, https: 127.0.0.2:5080}\n"
+        ));
+        assert!(ok("listen: {http: 127.0.0.1:0, https: 127.0.0.1:0}\n"));
     }
 
     #[test]

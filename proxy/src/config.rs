@@ -260,22 +260,40 @@ pub fn data_dir(cli: Option<&Path>, config: &ProxyConfig) -> PathBuf {
 /// since what made it fail may be outside the watched files' content
 /// (a Secret volume kubelet has not synced yet, a file's permissions);
 /// the error is logged again only when it changes.
+///
+/// `baseline` is what the files held when the running config was read
+/// ([`Baseline::take`] just before [`load_full`]): a change between that
+/// read and the first poll (start-up rebuilds the cache index first, which
+/// can take a while) is applied. A baseline taken at the first poll
+/// instead made such a change the baseline, never applied.
 pub async fn watch(
     path: PathBuf,
     interval: Duration,
+    baseline: Baseline,
     apply: impl FnMut(Loaded) -> Result<(), String>,
 ) {
-    watch_with(path, interval, |p| load_full(Some(p)), apply).await;
+    watch_with(path, interval, baseline, |p| load_full(Some(p)), apply).await;
+}
+
+/// What the watched files held at a moment.
+#[derive(Debug)]
+pub struct Baseline(Watched);
+
+impl Baseline {
+    pub fn take(path: &Path) -> Self {
+        Self(watched(path))
+    }
 }
 
 /// [`watch`] with the loading step given (tests make it fail on cue).
 async fn watch_with(
     path: PathBuf,
     interval: Duration,
+    Baseline(baseline): Baseline,
     load: impl Fn(&Path) -> Result<Loaded, LoadError>,
     mut apply: impl FnMut(Loaded) -> Result<(), String>,
 ) {
-    let mut last = watched(&path);
+    let mut last = baseline;
     let mut failing: Option<String> = None;
     // What the last applied version learnt with its credentials; the
     // version main loaded first is not known here, so its tokens are

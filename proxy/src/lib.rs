@@ -73,10 +73,20 @@ pub struct Cli {
     #[arg(long, value_name = "IP[:PORT]", env = "PULLTHROUGH_PEER_ADDRESS", value_parser = peers::members::parse_peer_address)]
     pub peer_address: Option<peers::members::PeerAddress>,
 
-    /// How often the config file, its credentials files and the CA files
-    /// are checked for changes.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    /// How often the config file, its credentials files, the CA files and
+    /// the pins file are checked for changes (at least 100ms).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_reload_interval)]
     pub reload_interval: Duration,
+}
+
+/// A `--reload-interval`: 0 made the pins task panic (a zero tokio
+/// interval), pinned images evictable, and the watchers spin a core.
+fn parse_reload_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_millis(100) {
+        return Err(format!("{s} is too short: at least 100ms"));
+    }
+    Ok(d)
 }
 
 /// Serves until SIGTERM or Ctrl-C, then drains transfers for
@@ -85,6 +95,8 @@ pub struct Cli {
 pub async fn run(cli: Cli) -> Result<(), Error> {
     // Everything that can be wrong with the config is found before any port
     // is bound.
+    // Before the read: a change from here on is seen by the watcher.
+    let baseline = cli.config.as_deref().map(config::Baseline::take);
     let loaded = config::load_full(cli.config.as_deref())?;
     let config = loaded.config;
     let settings = loaded.settings;
@@ -392,7 +404,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             },
         ));
     }
-    if let Some(path) = cli.config.clone() {
+    if let (Some(path), Some(baseline)) = (cli.config.clone(), baseline) {
         let shared = shared.clone();
         let issuer = issuer.clone();
         let running_listen = listen.clone();
@@ -402,6 +414,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         tokio::spawn(config::watch(
             path,
             cli.reload_interval,
+            baseline,
             move |loaded: config::Loaded| {
                 let new = loaded.config;
                 if new.listen != running_listen {
@@ -539,5 +552,23 @@ mod ca_names_tests {
         }
         assert!(permitted.permits_dns(pullthrough_api::pki::PEER_NAME));
         assert!(!permitted.permits_dns("example.com"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reload_interval_under_100ms_is_refused() {
+        assert!(parse_reload_interval("0s").is_err());
+        assert!(parse_reload_interval("99ms").is_err());
+        assert_eq!(
+            parse_reload_interval("100ms"),
+            Ok(Duration::from_millis(100))
+        );
+        let cli =
+            <Cli as clap::Parser>::try_parse_from(["pullthrough-proxy", "--reload-interval", "0"]);
+        assert!(cli.is_err());
     }
 }

@@ -139,6 +139,35 @@ async fn quiet(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Loaded>) -> bool {
         .is_err()
 }
 
+/// The config changes after the running one was read and before the
+/// watcher's first poll (at start-up, while the cache index is rebuilt):
+/// the change is applied. Before, the watcher took what it first saw as
+/// the baseline, and the change was never applied.
+#[tokio::test]
+async fn a_change_before_the_first_poll_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.yaml");
+    std::fs::write(&config, "registries: [{host: a.io}]\n").unwrap();
+    let baseline = Baseline::take(&config);
+    let running = load_full(Some(&config)).unwrap();
+    assert!(running.config.registry("a.io").is_some());
+    std::fs::write(&config, "registries: [{host: b.io}]\n").unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = tokio::spawn(watch(
+        config.clone(),
+        Duration::from_millis(30),
+        baseline,
+        move |l: Loaded| {
+            let _ = tx.send(l);
+            Ok(())
+        },
+    ));
+    let l = next(&mut rx).await;
+    assert!(l.config.registry("b.io").is_some());
+    assert!(quiet(&mut rx).await);
+    watcher.abort();
+}
+
 #[tokio::test]
 async fn watch_applies_rotated_credentials_and_waits_for_a_missing_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -155,6 +184,7 @@ async fn watch_applies_rotated_credentials_and_waits_for_a_missing_file() {
     let watcher = tokio::spawn(watch(
         config.clone(),
         Duration::from_millis(30),
+        Baseline::take(&config),
         move |l: Loaded| {
             let _ = tx.send(l);
             Ok(())
@@ -229,6 +259,7 @@ async fn retried_after_two_failures(fail_load: bool) {
     let watcher = tokio::spawn(watch_with(
         config.clone(),
         Duration::from_millis(30),
+        Baseline::take(&config),
         move |p| {
             if fail_load && loads.fetch_add(1, SeqCst) < 2 {
                 return Err(LoadError::Read {
