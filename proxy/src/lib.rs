@@ -66,6 +66,15 @@ pub struct Cli {
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// After SIGTERM, keep accepting new connections this long with
+    /// /readyz failing, then close the listeners and drain. Kubernetes
+    /// takes a moment to drop a terminating pod from its Service, and
+    /// the connections still sent to it would be refused (a node whose
+    /// registry names point at the proxy has no fallback). The chart sets
+    /// 5s; 0 closes at once.
+    #[arg(long, value_name = "DURATION", env = "PULLTHROUGH_SHUTDOWN_DELAY", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub shutdown_delay: Duration,
+
     /// This replica's address as its peers reach it, e.g. the Pod IP: an
     /// IP (IPv4 or IPv6; the port is that of `peers.listen`) or
     /// `ip:port` / `[ipv6]:port`. Needed with `peers.dns`; with
@@ -457,11 +466,22 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     );
 
     shutdown_signal().await;
+    ready.store(false, Ordering::Relaxed);
+    if !cli.shutdown_delay.is_zero() {
+        tracing::info!(
+            delay_ms = cli.shutdown_delay.as_millis() as u64,
+            "shutting down: not ready, still accepting while the Service forgets this pod"
+        );
+        // A second signal cuts the wait short.
+        tokio::select! {
+            _ = tokio::time::sleep(cli.shutdown_delay) => {}
+            _ = shutdown_signal() => {}
+        }
+    }
     tracing::info!(
         grace_secs = cli.shutdown_grace.as_secs(),
         "shutting down: no new connections, draining transfers"
     );
-    ready.store(false, Ordering::Relaxed);
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     tracing::info!("stopped");

@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::StatusCode;
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
@@ -1408,6 +1408,51 @@ fn sigterm_drains_a_slow_download_and_exits_zero() {
     let r = runtime.block_on(download).unwrap();
     assert!(r.error.is_none(), "{:?}", r.error);
     assert!(r.body == expected, "download cut: {} bytes", r.body.len());
+    let status = proxy.stop_status().unwrap().unwrap();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+/// With a shutdown delay (the chart's 5s; 2s here), SIGTERM first turns
+/// /readyz to 503 while new connections are still accepted and served, so
+/// the clients kube-proxy sends before the Service forgets the pod are not
+/// refused; then the listeners close and the process exits 0.
+#[test]
+fn sigterm_with_a_delay_keeps_serving_while_not_ready() {
+    let registry = Registry::plain().unwrap();
+    let mut proxy = Proxy::start_env(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &common::one_registry("quay.io", &registry.url(), ""),
+        &[("PULLTHROUGH_SHUTDOWN_DELAY", "2s")],
+    )
+    .unwrap();
+    let ready_url = format!("http://{}/readyz", proxy.addrs.admin);
+    let ping = format!("{}/v2/", proxy.http_url());
+    proxy
+        .process()
+        .unwrap()
+        .signal(nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let signalled = Instant::now();
+    wait_for("/readyz to fail", Duration::from_secs(1), || {
+        Ok(Get::new(&ready_url)
+            .send()
+            .is_ok_and(|r| r.status == StatusCode::SERVICE_UNAVAILABLE))
+    })
+    .unwrap();
+    // A new connection, during the delay: served.
+    let r = Get::new(&ping).send().unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", proxy.log());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(2),
+        "too slow a machine to ask within the delay"
+    );
+    let http_addr = proxy.addrs.http;
+    wait_for("the listeners closed", Duration::from_secs(5), || {
+        Ok(std::net::TcpStream::connect(http_addr).is_err())
+    })
+    .unwrap();
+    assert!(signalled.elapsed() >= Duration::from_secs(2));
     let status = proxy.stop_status().unwrap().unwrap();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
