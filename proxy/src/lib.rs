@@ -435,7 +435,12 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 if new.limits != running_limits {
                     tracing::warn!("connection limits changed; they take effect after a restart");
                 }
-                let upstreams = upstream::Upstreams::new(&new).map_err(|e| e.to_string())?;
+                // Listeners move only at a restart: the upstreams must keep
+                // refusing the ones bound now, not those the file names.
+                let mut bound = new.clone();
+                bound.listen = running_listen.clone();
+                bound.peers = running_peers.clone();
+                let upstreams = upstream::Upstreams::new(&bound).map_err(|e| e.to_string())?;
                 let router = route::Router::new(&new, &listen_ips);
                 issuer.set_allowed(allowed_names(&router));
                 if loaded.settings.cache != shared.state.load().settings.cache {

@@ -194,6 +194,57 @@ fn opted_in_loopback_redirects_work_but_never_to_the_proxy_itself() {
     assert!(!proxy.log().contains(SECRET), "signature logged");
 }
 
+/// A reload that moves a listener (which takes effect only after a
+/// restart) leaves the proxy's bound listeners guarded: a redirect to the
+/// admin port the proxy still listens on stays refused. Before, the
+/// reloaded `listen` addresses were taken as the proxy's own, and the real
+/// admin port was open to an `allowPrivateNetworks` registry's redirects.
+#[test]
+fn a_reload_moving_a_listener_leaves_the_bound_one_guarded() {
+    let work = tempfile::tempdir().unwrap();
+    let image = busybox(work.path());
+    let layer = image.layer_digests()[0].clone();
+    let addrs = Addrs::localhost().unwrap();
+    let stub = Stub::builder(&image.layout)
+        .redirect_blobs_to_url(&format!(
+            "http://{}/metrics?X-Amz-Signature={SECRET}",
+            addrs.admin
+        ))
+        .start()
+        .unwrap();
+    let body = format!(
+        "registries:\n  - host: hostile.test\n    upstream: {}\n    allowPrivateNetworks: true\n",
+        stub.url()
+    );
+    let proxy = Proxy::start(proxy_bin(), addrs, &body).unwrap();
+    let moved = Addrs::localhost().unwrap();
+    let text = format!(
+        "listen: {{http: \"{}\", https: \"{}\", admin: \"{}\"}}\ndataDir: {}\n{body}",
+        addrs.http,
+        addrs.https,
+        moved.admin,
+        proxy.data_dir().display(),
+    );
+    let path = proxy.config_path();
+    std::fs::write(path.with_extension("tmp"), text).unwrap();
+    std::fs::rename(path.with_extension("tmp"), &path).unwrap();
+    pullthrough_testbed::net::wait_for("the reload", std::time::Duration::from_secs(10), || {
+        Ok(proxy.log().contains("listen addresses changed"))
+    })
+    .unwrap();
+    pullthrough_testbed::net::wait_for(
+        "the reload applied",
+        std::time::Duration::from_secs(10),
+        || Ok(proxy.log().contains("config applied")),
+    )
+    .unwrap();
+    assert_refused(
+        &get_blob(&proxy, &layer),
+        &proxy,
+        "the proxy's own listeners",
+    );
+}
+
 /// A Bearer challenge naming a realm on a private address: the proxy does
 /// not fetch an anonymous token there (the client gets the upstream's 401),
 /// and with a `credentialsFile` the password is not sent there either.

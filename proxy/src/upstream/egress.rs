@@ -43,7 +43,9 @@ pub(super) struct EgressPolicy {
     trusted: HashSet<String>,
     /// `allowPrivateNetworks`: other hosts may be non-public too.
     allow_private: bool,
-    /// The proxy's own listeners (from the config's `listen`).
+    /// The proxy's own listeners (the config's `listen` and
+    /// `peers.listen`; on a reload, those bound at start, see
+    /// `Upstreams::new`).
     own: Vec<SocketAddr>,
 }
 
@@ -58,10 +60,11 @@ impl EgressPolicy {
             .map(host_key)
             .collect();
         let listen = &config.listen;
+        let peers = config.peers.as_ref().map(|p| p.listen);
         Self {
             trusted,
             allow_private: registry.allow_private_networks,
-            own: [listen.http, listen.https, listen.admin]
+            own: [listen.http, listen.https, listen.admin, peers]
                 .into_iter()
                 .flatten()
                 .collect(),
@@ -257,5 +260,9 @@ mod tests {
             assert!(p.check("pod", addr("10.0.0.7:9090")).is_err());
             assert!(p.check("127.0.0.1", addr("127.0.0.1:5000")).is_ok());
         }
+        // The peer listener is one of them too.
+        let peers = "peers: {listen: '0.0.0.0:8444', static: ['127.0.0.1:8444']}\n";
+        let p = policy("    allowPrivateNetworks: true\n", peers);
+        assert!(p.check("pod", addr("10.0.0.7:8444")).is_err());
     }
 }
