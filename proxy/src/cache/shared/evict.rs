@@ -2,10 +2,10 @@
 //! it: one replica at a time evicts, the holder of a lease that is an
 //! object in the bucket itself (compare-and-swap on its ETag: no API
 //! server needed, works outside Kubernetes). A holder renews it every
-//! round, and again before it deletes; another replica takes it over
-//! only after seeing the same version for three rounds on its own clock,
-//! as Kubernetes leader election does, so no clocks are compared across
-//! machines.
+//! round, every interval while a round runs, and again before it
+//! deletes; another replica takes it over only after seeing the same
+//! version for three rounds on its own clock, as Kubernetes leader
+//! election does, so no clocks are compared across machines.
 //!
 //! Least recently used across replicas: each replica writes the digests
 //! it served, with when, to its own journal object every round; the
@@ -120,6 +120,11 @@ pub struct Evictor {
     /// The lease version as last seen, and since when, on this clock.
     seen: Mutex<Option<(Version, Instant)>>,
     held: Mutex<Option<Version>>,
+    /// One lease read-and-write at a time: the renewal beside a round and
+    /// the round's own renewal would otherwise both write over the same
+    /// version, and the one that lost the compare-and-swap would take it
+    /// for the lease lost.
+    lease_turn: tokio::sync::Mutex<()>,
     /// The last round stopped at its deadline above the low watermark.
     unfinished: AtomicBool,
     /// [`STALE_COORD`], shorter in tests.
@@ -156,6 +161,7 @@ impl Evictor {
             stats: Arc::default(),
             seen: Mutex::new(None),
             held: Mutex::new(None),
+            lease_turn: tokio::sync::Mutex::new(()),
             unfinished: AtomicBool::new(false),
             stale_after: STALE_COORD,
             swept: Mutex::new(None),
@@ -205,20 +211,64 @@ impl Evictor {
         let holder = self.lease().await?;
         self.stats.holder.store(holder, Ordering::Relaxed);
         if holder {
-            let due = {
-                let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
-                let due = swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+            let work = async {
+                let due = {
+                    let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+                    let due = swept.is_none_or(|at| at.elapsed() >= SWEEP_EVERY);
+                    if due {
+                        *swept = Some(Instant::now());
+                    }
+                    due
+                };
                 if due {
-                    *swept = Some(Instant::now());
+                    self.sweep_stale().await?;
                 }
-                due
+                self.evict().await
             };
-            if due {
-                self.sweep_stale().await?;
-            }
-            self.evict().await?;
+            self.holding(work).await?;
         }
         Ok(())
+    }
+
+    /// Runs `work` while renewing the lease every interval beside it: a
+    /// round on a big or slow bucket (listing it, reading the journals)
+    /// takes longer than the three intervals after which another replica
+    /// takes an unrenewed lease over, and renewed only at its start and
+    /// before its deletes, every holder lost the lease mid-round, deleted
+    /// nothing, and the bucket grew without bound. The round stops (its
+    /// deletes too) the moment a renewal finds the lease lost or fails:
+    /// it must not go on beside another holder.
+    async fn holding(
+        &self,
+        work: impl std::future::Future<Output = Result<(), TierError>>,
+    ) -> Result<(), TierError> {
+        let renew = async {
+            let mut every =
+                tokio::time::interval_at(tokio::time::Instant::now() + self.every, self.every);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                every.tick().await;
+                if !self.lease().await? {
+                    return Ok::<(), TierError>(());
+                }
+            }
+        };
+        tokio::select! {
+            done = work => done,
+            lost = renew => {
+                self.stats.holder.store(false, Ordering::Relaxed);
+                match lost {
+                    Ok(()) => {
+                        tracing::info!("lost the shared storage eviction lease mid-round; the round stops");
+                        Ok(())
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "renewing the shared storage eviction lease failed; the round stops");
+                        Err(err)
+                    }
+                }
+            }
+        }
     }
 
     /// Deletes other replicas' coordination files not written for
@@ -254,6 +304,7 @@ impl Evictor {
 
     /// Takes or renews the lease; true while this replica holds it.
     async fn lease(&self) -> Result<bool, TierError> {
+        let _turn = self.lease_turn.lock().await;
         let body = Bytes::from(
             serde_json::to_vec(&LeaseFile {
                 holder: self.me.clone(),
@@ -316,10 +367,10 @@ impl Evictor {
 
     /// Deletes least recently used blobs down to the low watermark, for
     /// one interval at most after renewing the lease once the bucket is
-    /// listed and the journals read: another replica takes the lease
-    /// over once it looks stale, so a longer round would go on deleting
-    /// beside the new holder, from journals read before blobs were used
-    /// again. Counted from the renewal, not from the round's start: on a
+    /// listed and the journals read: the journals age as the round goes
+    /// on, and a longer round would delete from uses read before blobs
+    /// were used again (and, should renewals beside it stall, beside a
+    /// new holder). Counted from the renewal, not from the round's start: on a
     /// bucket whose listing takes longer than an interval every round
     /// would otherwise reach its deadline before its first delete, and
     /// the bucket grow without bound.

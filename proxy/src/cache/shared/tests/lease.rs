@@ -5,12 +5,33 @@ use super::*;
 /// A store whose listings of blobs wait, once started, until the test
 /// opens the gate; everything else goes straight to `inner`. Lets a test
 /// hold an evictor mid-listing for as long as it needs, without timing.
+/// With `gate_lease_writes`, writes of the lease wait for the gate too
+/// once a listing has started (a bucket that stops taking them).
 #[derive(Debug)]
 struct GatedListing {
     inner: Arc<dyn ObjectStore>,
     /// Told when a listing of blobs has started.
     started: Arc<tokio::sync::Notify>,
     open: tokio::sync::watch::Receiver<bool>,
+    gate_lease_writes: bool,
+    listing: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl GatedListing {
+    fn new(
+        inner: Arc<dyn ObjectStore>,
+        started: Arc<tokio::sync::Notify>,
+        open: tokio::sync::watch::Receiver<bool>,
+        gate_lease_writes: bool,
+    ) -> Self {
+        Self {
+            inner,
+            started,
+            open,
+            gate_lease_writes,
+            listing: Arc::default(),
+        }
+    }
 }
 
 impl std::fmt::Display for GatedListing {
@@ -27,6 +48,12 @@ impl ObjectStore for GatedListing {
         payload: PutPayload,
         opts: PutOptions,
     ) -> object_store::Result<object_store::PutResult> {
+        if self.gate_lease_writes
+            && location.as_ref().ends_with("coord/evictor")
+            && self.listing.load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let _ = self.open.clone().wait_for(|open| *open).await;
+        }
         self.inner.put_opts(location, payload, opts).await
     }
 
@@ -62,7 +89,9 @@ impl ObjectStore for GatedListing {
         }
         let (inner, prefix) = (Arc::clone(&self.inner), prefix.cloned());
         let (started, mut open) = (Arc::clone(&self.started), self.open.clone());
+        let listing = Arc::clone(&self.listing);
         stream::once(async move {
+            listing.store(true, std::sync::atomic::Ordering::SeqCst);
             started.notify_one();
             let _ = open.wait_for(|open| *open).await;
             inner.list(prefix.as_ref())
@@ -103,11 +132,11 @@ impl std::io::Write for Logs {
     }
 }
 
-/// A holder whose listing outlasts the lease (another replica takes it
-/// over meanwhile, after three rounds of seeing it unrenewed) deletes
-/// nothing: it renews the lease once listed, finds it gone, and stops.
-/// Deleting from that listing would go on beside the new holder, from
-/// journals read before blobs were used again.
+/// A holder whose renewals stall while it lists (the bucket stops taking
+/// its lease writes), so that another replica takes the lease over after
+/// three rounds of seeing it unrenewed, deletes nothing: it finds the
+/// lease gone and stops. Deleting from that listing would go on beside
+/// the new holder, from journals read before blobs were used again.
 #[tokio::test]
 async fn a_holder_that_lost_the_lease_while_listing_deletes_nothing() {
     let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
@@ -115,11 +144,12 @@ async fn a_holder_that_lost_the_lease_while_listing_deletes_nothing() {
     let (open, gate) = tokio::sync::watch::channel(false);
     // Replica A lists the bucket through the gate, B straight.
     let slow = Arc::new(SharedTier::new(
-        Arc::new(GatedListing {
-            inner: Arc::clone(&mem),
-            started: Arc::clone(&started),
-            open: gate,
-        }),
+        Arc::new(GatedListing::new(
+            Arc::clone(&mem),
+            Arc::clone(&started),
+            gate,
+            true,
+        )),
         "/cache/",
         "memory://".into(),
     ));
@@ -176,7 +206,61 @@ async fn a_holder_that_lost_the_lease_while_listing_deletes_nothing() {
     assert!(!holds(&a), "A still counts itself the holder");
     let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(
-        logs.contains("lost the shared storage eviction lease while listing"),
+        logs.contains("lost the shared storage eviction lease"),
         "{logs}"
     );
+}
+
+/// A holder whose listing takes longer than three intervals (a big or
+/// slow bucket) keeps the lease through it, renewing it beside the
+/// listing, and evicts. Renewed only at the round's start and once
+/// listed, it lost the lease to another replica mid-listing every round,
+/// deleted nothing, and the bucket grew without bound.
+#[tokio::test]
+async fn a_holder_keeps_the_lease_through_a_listing_longer_than_three_intervals() {
+    let mem: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let slow = Arc::new(SharedTier::new(
+        Arc::new(GatedListing::new(
+            Arc::clone(&mem),
+            Arc::clone(&started),
+            gate,
+            false,
+        )),
+        "/cache/",
+        "memory://".into(),
+    ));
+    let tier = Arc::new(SharedTier::new(mem, "/cache/", "memory://".into()));
+    for i in 0..10u8 {
+        put_blob(&tier, i, 10 << 10).await;
+    }
+    // 100 KiB under A's 60 KiB bound: A deletes 7. B's bound is far off.
+    let every = Duration::from_millis(50);
+    let a = evictor_a(&slow, &storage(60 << 10, 0, 50), false);
+    let b = Evictor::new(
+        Arc::clone(&tier),
+        &storage(1 << 30, 0, 50),
+        "b".into(),
+        Arc::default(),
+        false,
+    )
+    .unwrap();
+    let holds = |e: &Evictor| e.stats.holder.load(std::sync::atomic::Ordering::Relaxed);
+    let others = async {
+        started.notified().await;
+        assert!(holds(&a), "A listed without the lease");
+        // Ten intervals of listing; B would take over after three.
+        for _ in 0..10 {
+            b.round_for_test().await.unwrap();
+            assert!(!holds(&b), "B took the lease over while A was listing");
+            tokio::time::sleep(every).await;
+        }
+        open.send(true).unwrap();
+    };
+    let (round, ()) = tokio::join!(a.round_for_test(), others);
+    round.unwrap();
+    assert!(holds(&a), "A lost the lease");
+    let left = tier.list_blobs().await.unwrap().len();
+    assert_eq!(left, 3, "A evicted down to the low watermark");
 }
