@@ -364,7 +364,7 @@ async fn manifest(shared: &Shared, d: &Digest) -> Option<Bytes> {
         Err(e) => tracing::debug!(digest = %d, error = %e, "pinned manifest unreadable"),
     }
     let tier = shared.tier.as_ref()?;
-    match tier.read_small(d, MAX_MANIFEST as u64).await {
+    match tier.read_small_background(d, MAX_MANIFEST as u64).await {
         Ok(found) => found.map(|(b, _)| b),
         Err(e) => {
             tracing::debug!(digest = %d, error = %e, "pinned manifest unreadable from the bucket");

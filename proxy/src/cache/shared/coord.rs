@@ -31,7 +31,7 @@ impl SharedTier {
         let key = self.coord_key(name);
         let got = match self.bounded("GET", &key, self.store.get(&key)).await? {
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.err("GET", &key, e)),
+            Err(e) => return Err(self.err(super::Caller::Background, "GET", &key, e)),
             Ok(got) => got,
         };
         let version = Version {
@@ -41,7 +41,7 @@ impl SharedTier {
         let bytes = self
             .bounded("GET body", &key, got.bytes())
             .await?
-            .map_err(|e| self.err("GET body", &key, e))?;
+            .map_err(|e| self.err(super::Caller::Background, "GET body", &key, e))?;
         Ok(Some((bytes, version)))
     }
 
@@ -73,7 +73,7 @@ impl SharedTier {
                 object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. },
             ) => Ok(None),
-            Err(e) => Err(self.err("PUT", &key, e)),
+            Err(e) => Err(self.err(super::Caller::Background, "PUT", &key, e)),
         }
     }
 
@@ -83,7 +83,7 @@ impl SharedTier {
         self.bounded("PUT", &key, self.store.put(&key, body.into()))
             .await?
             .map(|_| ())
-            .map_err(|e| self.err("PUT", &key, e))
+            .map_err(|e| self.err(super::Caller::Background, "PUT", &key, e))
     }
 
     /// Names (relative to `coord/`) under `coord/<dir>/`.
@@ -144,7 +144,7 @@ impl SharedTier {
     async fn delete_key(&self, key: &object_store::path::Path) -> Result<(), TierError> {
         match self.bounded("DELETE", key, self.store.delete(key)).await? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err("DELETE", key, e)),
+            Err(e) => Err(self.err(super::Caller::Background, "DELETE", key, e)),
         }
     }
 }

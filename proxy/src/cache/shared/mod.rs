@@ -12,9 +12,12 @@
 //! bytes, so neither needs a lock.
 //!
 //! The tier is an optimisation, never a dependency: every error is logged,
-//! counted and answered as a miss, and after one the tier is skipped for
-//! a while ([`Health`]) so pass-through serving is not slowed by an object
-//! store that is down.
+//! counted and answered as a miss, and after one on the request path the
+//! tier is skipped there for a while ([`Health`]) so pass-through serving
+//! is not slowed by an object store that is down. Errors of calls made
+//! off the request path (uploads, the evictor, coordination objects) are
+//! counted but switch nothing off: one failed part upload or LIST is no
+//! sign that reads fail, and those calls retry on their own.
 
 mod coord;
 mod evict;
@@ -66,6 +69,15 @@ const PARTS_IN_FLIGHT: usize = 2;
 pub enum TierError {
     #[error("object store {op} of {key} failed: {message}")]
     Store {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+    /// The store asked this client to slow down (`503 SlowDown`, or a
+    /// `429`/`503` status without a body, as on a HEAD): a reason to back
+    /// off, not a sign that it is down.
+    #[error("object store {op} of {key}: asked to slow down: {message}")]
+    SlowDown {
         op: &'static str,
         key: String,
         message: String,
@@ -128,12 +140,13 @@ impl SharedTier {
         self
     }
 
-    /// `call`, failed as a timeout (and counted against the store's health)
-    /// past `limit`; the store's own answer otherwise, for the caller to
-    /// read (NotFound, AlreadyExists and Precondition are answers, not
-    /// failures).
+    /// `call`, failed as a timeout (and counted against the store's health
+    /// as `caller` sees it) past `limit`; the store's own answer otherwise,
+    /// for the caller to read (NotFound, AlreadyExists and Precondition
+    /// are answers, not failures).
     async fn within<T>(
         &self,
+        caller: Caller,
         limit: Duration,
         op: &'static str,
         key: &Key,
@@ -145,20 +158,31 @@ impl SharedTier {
                 key: key.to_string(),
                 secs: limit.as_secs().max(1),
             };
-            self.health.failed(&err);
+            self.noted(caller, &err);
             err
         })
     }
 
-    /// [`Self::within`] the background timeout (calls off the request
-    /// path).
+    /// [`Self::within`] the background timeout, off the request path.
     async fn bounded<T>(
         &self,
         op: &'static str,
         key: &Key,
         call: impl std::future::Future<Output = object_store::Result<T>>,
     ) -> Result<object_store::Result<T>, TierError> {
-        self.within(self.background_timeout, op, key, call).await
+        self.within(Caller::Background, self.background_timeout, op, key, call)
+            .await
+    }
+
+    /// Counts a failure, and on the request path marks the store down
+    /// (skipped there for a while) or, asked to slow down, backs off
+    /// briefly.
+    fn noted(&self, caller: Caller, err: &TierError) {
+        match (caller, err) {
+            (Caller::Background, _) => self.health.background_failed(),
+            (Caller::Request, TierError::SlowDown { .. }) => self.health.slowed(err),
+            (Caller::Request, _) => self.health.failed(err),
+        }
     }
 
     pub fn location(&self) -> &str {
@@ -191,20 +215,28 @@ impl SharedTier {
         while let Some(meta) = self
             .bounded("LIST", key, async { pages.next().await.transpose() })
             .await?
-            .map_err(|e| self.err("LIST", key, e))?
+            .map_err(|e| self.err(Caller::Background, "LIST", key, e))?
         {
             out.push(meta);
         }
         Ok(out)
     }
 
-    fn err(&self, op: &'static str, key: &Key, e: object_store::Error) -> TierError {
-        let err = TierError::Store {
-            op,
-            key: key.to_string(),
-            message: s3::explain(&e, &self.location),
+    /// The tier's error for a failed call, counted as `caller` sees it.
+    fn err(
+        &self,
+        caller: Caller,
+        op: &'static str,
+        key: &Key,
+        e: object_store::Error,
+    ) -> TierError {
+        let (key, message) = (key.to_string(), s3::explain(&e, &self.location));
+        let err = if s3::is_slow_down(&e) {
+            TierError::SlowDown { op, key, message }
+        } else {
+            TierError::Store { op, key, message }
         };
-        self.health.failed(&err);
+        self.noted(caller, &err);
         err
     }
 
@@ -235,32 +267,40 @@ impl SharedTier {
         tokio::time::timeout(META_TIMEOUT * 2, self.store.put(&key, payload))
             .await
             .map_err(timed("write"))?
-            .map_err(|e| self.err("write", &key, e))?;
+            .map_err(|e| self.err(Caller::Request, "write", &key, e))?;
         tokio::time::timeout(META_TIMEOUT * 2, self.store.head(&key))
             .await
             .map_err(timed("read"))?
-            .map_err(|e| self.err("read", &key, e))?;
+            .map_err(|e| self.err(Caller::Request, "read", &key, e))?;
         tokio::time::timeout(META_TIMEOUT * 2, self.store.delete(&key))
             .await
             .map_err(timed("delete"))?
-            .map_err(|e| self.err("delete", &key, e))?;
+            .map_err(|e| self.err(Caller::Request, "delete", &key, e))?;
         self.health.succeeded();
         Ok(())
     }
 
-    /// A GET (or HEAD) of `key` bounded by [`META_TIMEOUT`] for its
-    /// answer; `None` when the object does not exist.
+    /// A GET (or HEAD) of `key` bounded for its answer ([`META_TIMEOUT`]
+    /// on the request path, where a store marked down is not asked at
+    /// all); `None` when the object does not exist.
     async fn get(
         &self,
+        caller: Caller,
         op: &'static str,
         key: &Key,
         opts: GetOptions,
     ) -> Result<Option<object_store::GetResult>, TierError> {
-        self.usable()?;
+        let limit = match caller {
+            Caller::Request => {
+                self.usable()?;
+                META_TIMEOUT
+            }
+            Caller::Background => self.background_timeout,
+        };
         let got = self.store.get_opts(key, opts);
-        match self.within(META_TIMEOUT, op, key, got).await? {
+        match self.within(caller, limit, op, key, got).await? {
             Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(self.err(op, key, e)),
+            Err(e) => Err(self.err(caller, op, key, e)),
             Ok(got) => {
                 self.health.succeeded();
                 Ok(Some(got))
@@ -270,12 +310,23 @@ impl SharedTier {
 
     /// Size and media type of a blob, `None` if the tier does not have it.
     pub async fn stat(&self, d: &Digest) -> Result<Option<TierStat>, TierError> {
+        self.stat_as(Caller::Request, d).await
+    }
+
+    /// [`Self::stat`] off the request path (an upload checking whether
+    /// another replica put the blob there already): not skipped while the
+    /// request path finds the store down, and its failure marks nothing.
+    pub async fn stat_background(&self, d: &Digest) -> Result<Option<TierStat>, TierError> {
+        self.stat_as(Caller::Background, d).await
+    }
+
+    async fn stat_as(&self, caller: Caller, d: &Digest) -> Result<Option<TierStat>, TierError> {
         let head = GetOptions {
             head: true,
             ..GetOptions::default()
         };
         Ok(self
-            .get("HEAD", &self.key(d), head)
+            .get(caller, "HEAD", &self.key(d), head)
             .await?
             .map(|got| TierStat {
                 size: got.meta.size,
@@ -286,12 +337,21 @@ impl SharedTier {
     /// The bytes of a blob from offset `from`, as the store sends them
     /// (the caller verifies: it hashes the whole blob as it goes).
     pub async fn open(&self, d: &Digest, from: u64) -> Result<Option<ByteStream>, TierError> {
+        self.open_as(Caller::Request, d, from).await
+    }
+
+    async fn open_as(
+        &self,
+        caller: Caller,
+        d: &Digest,
+        from: u64,
+    ) -> Result<Option<ByteStream>, TierError> {
         let key = self.key(d);
         let opts = GetOptions {
             range: (from > 0).then_some(GetRange::Offset(from)),
             ..GetOptions::default()
         };
-        let Some(got) = self.get("GET", &key, opts).await? else {
+        let Some(got) = self.get(caller, "GET", &key, opts).await? else {
             return Ok(None);
         };
         let k = key.to_string();
@@ -317,13 +377,31 @@ impl SharedTier {
         d: &Digest,
         max: u64,
     ) -> Result<Option<(Bytes, BlobMeta)>, TierError> {
-        let Some(stat) = self.stat(d).await? else {
+        self.read_small_as(Caller::Request, d, max).await
+    }
+
+    /// [`Self::read_small`] off the request path (resolving pins).
+    pub async fn read_small_background(
+        &self,
+        d: &Digest,
+        max: u64,
+    ) -> Result<Option<(Bytes, BlobMeta)>, TierError> {
+        self.read_small_as(Caller::Background, d, max).await
+    }
+
+    async fn read_small_as(
+        &self,
+        caller: Caller,
+        d: &Digest,
+        max: u64,
+    ) -> Result<Option<(Bytes, BlobMeta)>, TierError> {
+        let Some(stat) = self.stat_as(caller, d).await? else {
             return Ok(None);
         };
         if stat.size > max {
             return Ok(None);
         }
-        let Some(mut body) = self.open(d, 0).await? else {
+        let Some(mut body) = self.open_as(caller, d, 0).await? else {
             return Ok(None);
         };
         let mut buf = Vec::with_capacity(stat.size as usize);
@@ -358,15 +436,22 @@ impl SharedTier {
 
     /// Deletes an object that failed its digest, within [`META_TIMEOUT`]
     /// (this runs on the request path); a failure is logged, the next
-    /// reader tries again.
+    /// reader tries again. It marks nothing: a delete that fails says
+    /// nothing of whether reads do.
     async fn discard_bad(&self, d: &Digest) {
         let key = self.key(d);
         let deleted = match self
-            .within(META_TIMEOUT, "DELETE", &key, self.store.delete(&key))
+            .within(
+                Caller::Background,
+                META_TIMEOUT,
+                "DELETE",
+                &key,
+                self.store.delete(&key),
+            )
             .await
         {
             Ok(Ok(()) | Err(object_store::Error::NotFound { .. })) => Ok(()),
-            Ok(Err(e)) => Err(self.err("DELETE", &key, e)),
+            Ok(Err(e)) => Err(self.err(Caller::Background, "DELETE", &key, e)),
             Err(timeout) => Err(timeout),
         };
         match deleted {
@@ -378,13 +463,13 @@ impl SharedTier {
     }
 
     /// Stores a small verified object in one request, unless present.
+    /// Off the request path: not skipped while reads find the store down.
     pub async fn put_small(
         &self,
         d: &Digest,
         meta: &BlobMeta,
         bytes: Bytes,
     ) -> Result<(), TierError> {
-        self.usable()?;
         verify(d, &Sha256::digest(&bytes))?;
         let key = self.key(d);
         let opts = PutOptions {
@@ -398,19 +483,20 @@ impl SharedTier {
                 self.health.succeeded();
                 Ok(())
             }
-            Err(e) => Err(self.err("PUT", &key, e)),
+            Err(e) => Err(self.err(Caller::Background, "PUT", &key, e)),
         }
     }
 
     /// Uploads a blob from a stream of its bytes; completes the upload only
     /// if they hash to `d`, else aborts it (nothing appears under the key).
+    /// Off the request path: not skipped while reads find the store down
+    /// (the upload queue retries a failed one itself).
     pub async fn upload(
         &self,
         d: &Digest,
         meta: &BlobMeta,
         mut bytes: BoxStream<'_, Result<Bytes, TierError>>,
     ) -> Result<u64, TierError> {
-        self.usable()?;
         let key = self.key(d);
         let opts = PutMultipartOptions {
             attributes: attributes(meta),
@@ -423,7 +509,7 @@ impl SharedTier {
                 self.store.put_multipart_opts(&key, opts),
             )
             .await?
-            .map_err(|e| self.err("start upload", &key, e))?;
+            .map_err(|e| self.err(Caller::Background, "start upload", &key, e))?;
         let mut w = object_store::WriteMultipart::new_with_chunk_size(up, PART);
         let mut hasher = Sha256::new();
         let mut sent = 0u64;
@@ -435,7 +521,9 @@ impl SharedTier {
                     let room = w.wait_for_capacity(PARTS_IN_FLIGHT);
                     match self.bounded("upload part", &key, room).await {
                         Err(timeout) => break Some(timeout),
-                        Ok(Err(e)) => break Some(self.err("upload part", &key, e)),
+                        Ok(Err(e)) => {
+                            break Some(self.err(Caller::Background, "upload part", &key, e));
+                        }
                         Ok(Ok(())) => {}
                     }
                     hasher.update(&chunk);
@@ -458,9 +546,31 @@ impl SharedTier {
         }
         self.bounded("complete upload", &key, w.finish())
             .await?
-            .map_err(|e| self.err("complete upload", &key, e))?;
+            .map_err(|e| self.err(Caller::Background, "complete upload", &key, e))?;
         self.health.succeeded();
         Ok(sent)
+    }
+}
+
+/// Who makes a call, for what its failure means: on the request path a
+/// failure skips the store there for a while; off it, it is counted only.
+#[derive(Debug, Clone, Copy)]
+enum Caller {
+    Request,
+    Background,
+}
+
+impl TierError {
+    /// Worth trying again later: the store failed, timed out or asked to
+    /// slow down (not bad bytes, a local file or the config).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            TierError::Store { .. }
+                | TierError::SlowDown { .. }
+                | TierError::Timeout { .. }
+                | TierError::Skipped { .. }
+        )
     }
 }
 

@@ -113,6 +113,20 @@ pub(super) fn explain(err: &object_store::Error, location: &str) -> String {
     format!("{location}: {cause} ({text})")
 }
 
+/// Whether the store asked this client to slow down: S3's `SlowDown`
+/// error code, or a `503`/`429` status (a HEAD's answer has no body to
+/// carry the code). The client's own retries are spent by then.
+pub(super) fn is_slow_down(err: &object_store::Error) -> bool {
+    let text = err.to_string();
+    [
+        "SlowDown",
+        "503 Service Unavailable",
+        "429 Too Many Requests",
+    ]
+    .iter()
+    .any(|c| text.contains(c))
+}
+
 /// Access keys from the files of a mounted Secret: `accessKeyId`,
 /// `secretAccessKey` and optionally `sessionToken`.
 #[derive(Debug)]

@@ -3,16 +3,23 @@
 //! local disk: the client is never held by the upload, and only a replica
 //! that got the bytes from the upstream uploads them (one copied from the
 //! tier or from a peer is already there or on its way).
+//!
+//! An upload the store fails (an error, a timeout, `SlowDown`) goes back
+//! in the queue after a wait that doubles with each try, a few times:
+//! given up at once, a blob fetched while the bucket hiccupped never
+//! reached it, and every other replica fetched it from the upstream
+//! again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::Semaphore;
 
 use super::EvictStats;
 use super::{SharedTier, TierError};
-use crate::cache::store::CachedBlob;
+use crate::cache::store::{CachedBlob, Unleased};
 use crate::observe::metric_labels::UploadResult;
 use crate::observe::metrics::{EvictorFigures, SharedFigures};
 
@@ -25,6 +32,12 @@ const CONCURRENT: usize = 4;
 const QUEUED: usize = 1024;
 /// Read size from the local file.
 const CHUNK: usize = 1 << 20;
+/// Tries of one upload before it is given up (counted failed).
+const TRIES: u32 = 5;
+/// Wait before the second try, doubled before each further one (2, 4,
+/// 8, 16 s: a bucket that throttles or fails for half a minute still
+/// gets the blob).
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug)]
 pub struct Uploads {
@@ -94,16 +107,42 @@ impl Uploads {
             tracing::warn!(digest = %queued.digest(), "shared storage upload queue full; blob stays local only");
             return;
         }
-        let (tier, slots, waiting, stats) = (
-            Arc::clone(&self.tier),
-            Arc::clone(&self.slots),
-            Arc::clone(&self.waiting),
-            Arc::clone(&self.stats),
-        );
-        tokio::spawn(async move {
-            let permit = slots.acquire_owned().await;
+        let queue = Queue {
+            tier: Arc::clone(&self.tier),
+            slots: Arc::clone(&self.slots),
+            waiting: Arc::clone(&self.waiting),
+            stats: Arc::clone(&self.stats),
+        };
+        tokio::spawn(queue.run(queued));
+    }
+}
+
+/// What one queued upload needs of the queue.
+struct Queue {
+    tier: Arc<SharedTier>,
+    slots: Arc<Semaphore>,
+    waiting: Arc<AtomicUsize>,
+    stats: Arc<UploadStats>,
+}
+
+impl Queue {
+    /// Waits for a slot, uploads, and on a failure of the store waits and
+    /// queues again (holding neither slot nor lease meanwhile), up to
+    /// [`TRIES`] times. Counted once `waiting` (done by `submit`).
+    async fn run(self, mut queued: Unleased) {
+        let Self {
+            tier,
+            slots,
+            waiting,
+            stats,
+        } = self;
+        let mut wait = RETRY_AFTER;
+        let mut tried: u32 = 0;
+        loop {
+            tried += 1;
+            let permit = Arc::clone(&slots).acquire_owned().await;
             waiting.fetch_sub(1, Ordering::AcqRel);
-            let Ok(_permit) = permit else { return };
+            let Ok(permit) = permit else { return };
             let digest = queued.digest().clone();
             let blob = match queued.lease().await {
                 Ok(Some(blob)) => blob,
@@ -118,27 +157,49 @@ impl Uploads {
                     return;
                 }
             };
-            match upload(&tier, &blob).await {
+            let err = match upload(&tier, &blob).await {
                 Ok(Some(bytes)) => {
                     stats.uploaded.fetch_add(1, Ordering::Relaxed);
                     stats.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
                     tracing::debug!(%digest, bytes, to = tier.location(), "blob copied to shared storage");
+                    return;
                 }
                 Ok(None) => {
                     stats.already_there.fetch_add(1, Ordering::Relaxed);
+                    return;
                 }
-                Err(err) => {
-                    stats.failed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(%digest, error = %err, "blob not copied to shared storage; it stays in the local cache");
-                }
+                Err(err) => err,
+            };
+            drop(permit);
+            if !err.is_transient() || tried >= TRIES {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%digest, error = %err, tries = tried, "blob not copied to shared storage; it stays in the local cache");
+                return;
             }
-        });
+            // Back in the queue, within its bound: a bucket failing every
+            // upload must not pile up waiting tasks.
+            let Some(again) = blob.unleased() else {
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            if waiting.fetch_add(1, Ordering::AcqRel) >= QUEUED {
+                waiting.fetch_sub(1, Ordering::AcqRel);
+                stats.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%digest, error = %err, "blob not copied to shared storage and the upload queue is full; it stays in the local cache");
+                return;
+            }
+            tracing::info!(%digest, error = %err, retry_in_ms = wait.as_millis() as u64,
+                "copying a blob to shared storage failed; trying again");
+            tokio::time::sleep(wait).await;
+            wait = wait.saturating_mul(2);
+            queued = again;
+        }
     }
 }
 
 /// `Ok(None)`: another replica put it there already.
 async fn upload(tier: &SharedTier, blob: &CachedBlob) -> Result<Option<u64>, TierError> {
-    if tier.stat(&blob.digest).await?.is_some() {
+    if tier.stat_background(&blob.digest).await?.is_some() {
         return Ok(None);
     }
     let path = blob.path.clone();
