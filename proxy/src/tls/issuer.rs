@@ -5,8 +5,9 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use pullthrough_api::pki::{PEER_NAME, PermittedNames, SELF_TEST_NAME};
@@ -22,6 +23,14 @@ use super::{AllowedNames, TlsError, normalize};
 
 /// Re-mint a cached leaf once it is this close to expiry.
 const RENEW_BEFORE: Duration = Duration::from_secs(7 * 86_400);
+
+/// How long peers keep trusting the CA a reload replaced. Replicas see a
+/// rotated Secret at different times (kubelet syncs each Pod's volume on
+/// its own period, about a minute plus its cache TTL); until a lagging
+/// replica has caught up it still presents a leaf of the old CA. Ten
+/// minutes covers that lag with room, and is short enough that a CA
+/// rotated away because it leaked stops being trusted soon.
+pub(super) const PREVIOUS_CA_GRACE: Duration = Duration::from_secs(600);
 
 /// What identifies a loaded CA in logs and metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +53,26 @@ struct OwnCert {
     cert: Cached,
 }
 
+/// The CA a reload replaced, and until when peers still trust it.
+struct Replaced {
+    ca: Arc<Ca>,
+    until: Instant,
+}
+
+/// The CAs peer connections trust, for [`super::peer::PeerTls`].
+pub(super) struct PeerTrust {
+    /// [`Issuer::trust_generation`] when this was read.
+    pub generation: u64,
+    /// The CA to mint this replica's own peer leaf with.
+    pub current: Arc<Ca>,
+    /// Current, next, and the replaced CA while its grace lasts; no
+    /// certificate twice.
+    pub trusted: Vec<Arc<Ca>>,
+    /// When the replaced CA stops being trusted: the set shrinks then
+    /// without any reload.
+    pub until: Option<Instant>,
+}
+
 #[derive(Default)]
 pub(super) struct Cache {
     pub(super) leaves: HashMap<String, Cached>,
@@ -59,6 +88,12 @@ pub struct Issuer {
     /// already: it signs the names `ca`'s name constraints do not permit.
     /// Swapped under the cache lock, like `ca`.
     next: ArcSwapOption<Ca>,
+    /// The CA the last reload replaced, trusted by peers for
+    /// [`PREVIOUS_CA_GRACE`] (never used to sign). Swapped with `ca`.
+    previous: ArcSwapOption<Replaced>,
+    /// Bumped after every change of `ca`, `next` or `previous`, so peer
+    /// configs built from an older set of CAs are rebuilt.
+    generation: AtomicU64,
     allowed: ArcSwap<AllowedNames>,
     cache: Mutex<Cache>,
     provider: Arc<CryptoProvider>,
@@ -119,6 +154,8 @@ impl Issuer {
         let issuer = Self {
             ca: ArcSwap::from_pointee(ca),
             next: ArcSwapOption::new(next),
+            previous: ArcSwapOption::empty(),
+            generation: AtomicU64::new(0),
             allowed: ArcSwap::from_pointee(allowed),
             cache: Mutex::new(Cache::default()),
             provider,
@@ -128,8 +165,40 @@ impl Issuer {
         Ok(issuer)
     }
 
-    pub(super) fn current_ca(&self) -> Arc<Ca> {
-        self.ca.load_full()
+    /// Changes whenever the CAs [`Self::peer_trust`] returns may have.
+    pub(super) fn trust_generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// The CAs peers trust at `now`. During a rotation replicas disagree
+    /// for a while on which CA is current: trusting the next CA lets a
+    /// lagging replica accept one that has promoted it already, and
+    /// trusting the replaced one for a while lets an updated replica
+    /// accept one that has not.
+    pub(super) fn peer_trust(&self, now: Instant) -> PeerTrust {
+        // Read first: a reload racing with the loads below leaves newer
+        // CAs under an older generation, which only costs a rebuild.
+        let generation = self.trust_generation();
+        let current = self.ca.load_full();
+        let previous = self.previous.load_full().filter(|p| now < p.until);
+        let until = previous.as_ref().map(|p| p.until);
+        let mut trusted = vec![current.clone()];
+        for ca in self
+            .next
+            .load_full()
+            .into_iter()
+            .chain(previous.map(|p| p.ca.clone()))
+        {
+            if !trusted.iter().any(|t| *t.pem == *ca.pem) {
+                trusted.push(ca);
+            }
+        }
+        PeerTrust {
+            generation,
+            current,
+            trusted,
+            until,
+        }
     }
 
     pub(super) fn provider(&self) -> Arc<CryptoProvider> {
@@ -171,7 +240,16 @@ impl Issuer {
         // same lock means a handshake racing with the swap either minted
         // before (and is cleared here) or mints with the new CA.
         let mut cache = self.lock_cache();
-        self.ca.store(Arc::new(new));
+        let replaced = self.ca.swap(Arc::new(new));
+        // A clock that cannot add ten minutes gives no grace, not a panic.
+        let previous = Instant::now().checked_add(PREVIOUS_CA_GRACE).map(|until| {
+            Arc::new(Replaced {
+                ca: replaced,
+                until,
+            })
+        });
+        self.previous.store(previous);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         cache.leaves.clear();
         cache.own = None;
         drop(cache);
@@ -204,6 +282,7 @@ impl Issuer {
         }
         let mut cache = self.lock_cache();
         self.next.store(new.map(Arc::new));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         cache.leaves.clear();
         cache.own = None;
         drop(cache);
