@@ -7,7 +7,7 @@
 //! stay served), so an exposed cache can never be listed or purged by
 //! anyone who reaches the port.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -433,11 +433,18 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
             }
         }
     }
-    let targets: Vec<Digest> = match (&digest, &registry, &repository) {
+    // The repositories' record of the digests, taken out first (a blob
+    // being removed is no longer listed under them) and put back for
+    // each blob not removed, so the purge can be retried.
+    let taken = match (&digest, &registry, &repository) {
         (Some(d), None, None) => match Digest::parse(d) {
             Ok(d) => {
-                shared.repos.forget(&d);
-                vec![d]
+                let mut taken = shared.repos.take_digest(&d);
+                if taken.is_empty() {
+                    // Cached before this start: no repository noted it.
+                    taken.push((String::new(), String::new(), d));
+                }
+                taken
             }
             Err(_) => {
                 return json_response(
@@ -449,8 +456,7 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
         (None, reg, repo) if reg.is_some() || repo.is_some() => {
             shared.tags.purge(reg.as_deref(), repo.as_deref());
             shared.referrers.purge(reg.as_deref(), repo.as_deref());
-            let set = shared.repos.take(reg.as_deref(), repo.as_deref());
-            set.into_iter().collect()
+            shared.repos.take(reg.as_deref(), repo.as_deref())
         }
         _ => {
             return json_response(
@@ -459,8 +465,12 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
             );
         }
     };
+    let targets: BTreeSet<Digest> = taken.iter().map(|(_, _, d)| d.clone()).collect();
     let mut removed = Vec::new();
+    let mut failed = BTreeMap::new();
     let mut bytes = 0u64;
+    // Every blob is tried: one that cannot be removed (a file system
+    // error) does not keep the others.
     for d in targets {
         let size = shared.store.entry(&d).map_or(0, |e| e.size);
         match shared.store.remove(&d).await {
@@ -470,11 +480,8 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
             }
             Ok(false) => {}
             Err(err) => {
-                tracing::warn!(error = %err, digest = %d, "purge failed");
-                return json_response(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &json!({"error": err.to_string(), "removed": removed}),
-                );
+                tracing::warn!(error = %err, digest = %d, "purge: blob not removed");
+                failed.insert(d, err.to_string());
             }
         }
     }
@@ -483,8 +490,29 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
         ?repository,
         ?digest,
         removed = removed.len(),
+        failed = failed.len(),
         bytes,
         "cache purged"
     );
-    json_response(StatusCode::OK, &json!({"removed": removed, "bytes": bytes}))
+    if failed.is_empty() {
+        return json_response(StatusCode::OK, &json!({"removed": removed, "bytes": bytes}));
+    }
+    shared.repos.restore(
+        taken
+            .into_iter()
+            .filter(|(r, _, d)| !r.is_empty() && failed.contains_key(d)),
+    );
+    let failed: Vec<_> = failed
+        .into_iter()
+        .map(|(d, error)| json!({"digest": d.as_str(), "error": error}))
+        .collect();
+    json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        &json!({
+            "error": format!("{} blob(s) not removed", failed.len()),
+            "removed": removed,
+            "bytes": bytes,
+            "failed": failed,
+        }),
+    )
 }

@@ -1153,6 +1153,77 @@ fn admin_api_lists_purges_and_reports() {
     assert!(metric(&text, "pullthrough_cache_entries") >= 1.0, "{text}");
 }
 
+/// A purge that cannot remove one blob (a file system error) removes the
+/// others, says which failed, and keeps the failed one listed under its
+/// repository, so the same purge can be retried. Before, the repository's
+/// record was dropped first: a retry found nothing to remove, and the
+/// blob stayed on disk, no longer listed.
+#[test]
+fn a_purge_that_fails_for_one_blob_can_be_retried() {
+    let up = common::upstream(Registry::plain().unwrap());
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "adminToken: t0ken\n{}",
+            common::one_registry("quay.io", &up.registry.url(), "")
+        ),
+    )
+    .unwrap();
+    let tok = Some("t0ken");
+    let m = &up.busybox.manifests[0];
+    let digests: Vec<String> = up
+        .busybox
+        .layer_digests()
+        .into_iter()
+        .chain([m.config.digest.clone()])
+        .collect();
+    for d in &digests {
+        let r = Get::new(&blob_url(&proxy, "quay.io", "fixture/busybox", d))
+            .send()
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    // The config blob cannot be unlinked: a non-empty directory in its place.
+    let stuck = &m.config.digest;
+    let path = cached_path(&proxy, stuck);
+    std::fs::remove_file(&path).unwrap();
+    std::fs::create_dir(&path).unwrap();
+    std::fs::write(path.join("obstacle"), b"x").unwrap();
+
+    let purge = "/admin/cache?registry=quay.io&repository=fixture/busybox";
+    let (st, v) = admin(&proxy, http::Method::DELETE, purge, tok);
+    assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(v["failed"][0]["digest"], stuck.as_str(), "{v}");
+    assert!(
+        v["failed"][0]["error"].as_str().unwrap().contains("remove"),
+        "{v}"
+    );
+    let removed: Vec<&str> = v["removed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap())
+        .collect();
+    for d in digests.iter().filter(|d| *d != stuck) {
+        assert!(removed.contains(&d.as_str()), "{d} not removed: {v}");
+        assert!(!cached_path(&proxy, d).exists());
+    }
+    let cache = admin_json(&proxy, "/admin/cache", tok);
+    let listed = &cache["registries"]["quay.io"]["repositories"]["fixture/busybox"]["digests"];
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{cache}");
+    assert_eq!(listed[0]["digest"], stuck.as_str(), "{cache}");
+    assert_eq!(admin_json(&proxy, "/admin/stats", tok)["entries"], 1);
+
+    // The obstacle gone, the same purge finishes the job.
+    std::fs::remove_dir_all(&path).unwrap();
+    let (st, v) = admin(&proxy, http::Method::DELETE, purge, tok);
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(admin_json(&proxy, "/admin/stats", tok)["entries"], 0);
+    let cache = admin_json(&proxy, "/admin/cache", tok);
+    assert!(cache["registries"].get("quay.io").is_none(), "{cache}");
+}
+
 /// A purge while a HIT waits for its access check (the upstream is asked,
 /// `private: true`) does not fail the HIT: the blob was opened when it was
 /// found and is served from that file. Its path, opened anew after the

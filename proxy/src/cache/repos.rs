@@ -14,7 +14,8 @@ use crate::oci::Digest;
 /// (registry, repository, digest) entries kept.
 pub const MAX_ENTRIES: usize = 50_000;
 
-type Entry = (String, String, Digest);
+/// (registry, repository, digest).
+pub type Entry = (String, String, Digest);
 
 #[derive(Debug)]
 pub struct RepoIndex {
@@ -69,23 +70,41 @@ impl RepoIndex {
     }
 
     /// Removes the matching repositories (None matches any) and returns
-    /// their digests.
-    pub fn take(&self, registry: Option<&str>, repo: Option<&str>) -> BTreeSet<Digest> {
+    /// their entries, for [`Self::restore`] if removing some digest fails.
+    pub fn take(&self, registry: Option<&str>, repo: Option<&str>) -> Vec<Entry> {
+        self.take_where(|(r, p, _)| registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
+    }
+
+    /// Removes a digest from every repository and returns its entries.
+    pub fn take_digest(&self, digest: &Digest) -> Vec<Entry> {
+        self.take_where(|(_, _, d)| d == digest)
+    }
+
+    fn take_where(&self, matches: impl Fn(&Entry) -> bool) -> Vec<Entry> {
         let mut map = self.lock();
-        let mut out = BTreeSet::new();
-        map.retain(|(r, p, d), _| {
-            let matches = registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p);
-            if matches {
-                out.insert(d.clone());
+        let mut out = Vec::new();
+        map.retain(|e, _| {
+            let m = matches(e);
+            if m {
+                out.push(e.clone());
             }
-            !matches
+            !m
         });
         out
     }
 
+    /// Puts back entries [`Self::take`] returned whose blob a purge could
+    /// not remove, so a retried purge of the repository finds them.
+    pub fn restore(&self, entries: impl IntoIterator<Item = Entry>) {
+        let mut map = self.lock();
+        for e in entries {
+            map.insert(e, ());
+        }
+    }
+
     /// Forgets a digest everywhere.
     pub fn forget(&self, digest: &Digest) {
-        self.lock().retain(|(_, _, d), _| d != digest);
+        self.take_digest(digest);
     }
 }
 
@@ -118,10 +137,16 @@ mod tests {
         assert_eq!(index.snapshot().len(), 3);
         index.forget(&a);
         assert_eq!(index.len(), 2);
-        assert_eq!(index.take(Some("r"), None), BTreeSet::from([b.clone()]));
+        let taken = index.take(Some("r"), None);
+        assert_eq!(taken, vec![("r".into(), "one".into(), b.clone())]);
         assert_eq!(
             index.snapshot(),
-            vec![(("s".to_string(), "one".to_string()), vec![b])]
+            vec![(("s".to_string(), "one".to_string()), vec![b.clone()])]
         );
+        // A purge that could not remove the blob puts its entries back.
+        index.restore(taken);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.take_digest(&b).len(), 2);
+        assert!(index.is_empty());
     }
 }

@@ -623,17 +623,22 @@ impl BlobStore {
         let path = self.inner.layout.data(digest);
         blocking("remove", &path, move || {
             let _fs = inner.fs_lock.lock().unwrap_or_else(|p| p.into_inner());
-            inner
-                .index
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&d);
+            let index = || inner.index.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = index().remove(&d);
             let layout = &inner.layout;
             let data = layout.data(&d);
             let existed = match fs::remove_file(&data) {
                 Ok(()) => true,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-                Err(e) => return Err(io_err("remove", &data)(e)),
+                Err(e) => {
+                    // Still on disk: indexed again, so its bytes count
+                    // against the limits and a later purge or eviction
+                    // finds it (the fs lock kept any commit of it out).
+                    if let Some(entry) = entry {
+                        index().put_back(d, entry);
+                    }
+                    return Err(io_err("remove", &data)(e));
+                }
             };
             let meta = layout.meta(&d);
             match fs::remove_file(&meta) {

@@ -87,6 +87,15 @@ impl Index {
         }
     }
 
+    /// An entry [`Self::remove`] returned, as it was (its readers and
+    /// generation too: leases taken on it stay valid).
+    pub(super) fn put_back(&mut self, digest: Digest, entry: Entry) {
+        if !self.entries.contains_key(&digest) {
+            self.total += entry.size;
+            self.entries.insert(digest, entry);
+        }
+    }
+
     pub(super) fn remove(&mut self, digest: &Digest) -> Option<Entry> {
         if let Some((b, _)) = self.small.remove(digest) {
             self.small_bytes = self.small_bytes.saturating_sub(b.len());

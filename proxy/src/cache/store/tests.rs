@@ -365,3 +365,29 @@ async fn a_found_blob_stays_readable_after_a_purge() {
     assert!(got == data);
     assert!(store.lookup(&digest).await.unwrap().is_none());
 }
+
+/// A blob whose file cannot be removed stays indexed: its bytes still
+/// count against the limits, and a retried purge or an eviction finds it.
+/// Before, the index forgot it while the file stayed on disk.
+#[tokio::test]
+async fn a_blob_that_cannot_be_removed_stays_indexed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).await.unwrap();
+    let data = content(4096);
+    let digest = Digest::of(&data);
+    let blob = store.put(&digest, meta("x"), &data).await.unwrap();
+    let before = store.usage();
+    // A non-empty directory where the file was: unlink fails, even as root.
+    fs::remove_file(&blob.path).unwrap();
+    fs::create_dir(&blob.path).unwrap();
+    fs::write(blob.path.join("obstacle"), b"x").unwrap();
+
+    assert!(store.remove(&digest).await.is_err());
+    assert!(store.entry(&digest).is_some(), "the index forgot the blob");
+    assert_eq!(store.usage(), before);
+
+    fs::remove_dir_all(&blob.path).unwrap();
+    assert!(!store.remove(&digest).await.unwrap());
+    assert!(store.entry(&digest).is_none());
+    assert_eq!(store.usage(), (0, 0));
+}
