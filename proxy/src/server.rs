@@ -222,7 +222,8 @@ pub async fn serve_proxy(
             let activity = Activity::new();
             match acceptor {
                 None => {
-                    let sendfile = Sendfile::new(shared.metrics.sendfile_counter());
+                    let (sent, cold) = shared.metrics.sendfile_counters();
+                    let sendfile = Sendfile::new(sent, cold);
                     let stream = Watched {
                         inner: SendfileStream::new(stream, sendfile.clone()),
                         activity: activity.clone(),

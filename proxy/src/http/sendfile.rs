@@ -83,13 +83,17 @@ pub struct Sendfile {
     spans: Arc<Mutex<VecDeque<Span>>>,
     /// `pullthrough_sendfile_bytes_total`.
     sent: Counter,
+    /// `pullthrough_sendfile_cold_bytes_total`: bytes of these bodies read
+    /// and sent as ordinary bytes, their pages not being in memory.
+    cold: Counter,
 }
 
 impl Sendfile {
-    pub fn new(sent: Counter) -> Self {
+    pub fn new(sent: Counter, cold: Counter) -> Self {
         Self {
             spans: Arc::default(),
             sent,
+            cold,
         }
     }
 
@@ -98,6 +102,7 @@ impl Sendfile {
     pub fn body(&self, file: Arc<File>, offset: u64, len: u64) -> Body {
         FileBody {
             spans: self.spans.clone(),
+            cold: self.cold.clone(),
             file,
             offset,
             left: len,
@@ -112,6 +117,7 @@ type Reading = Pin<Box<dyn Future<Output = io::Result<Vec<u8>>> + Send>>;
 
 struct FileBody {
     spans: Arc<Mutex<VecDeque<Span>>>,
+    cold: Counter,
     file: Arc<File>,
     offset: u64,
     left: u64,
@@ -145,6 +151,7 @@ impl hyper::body::Body for FileBody {
             let read = ready!(reading.as_mut().poll(cx));
             self.reading = None;
             return Poll::Ready(Some(read.map(|buf| {
+                self.cold.inc_by(buf.len() as u64);
                 self.offset += buf.len() as u64;
                 self.left -= buf.len() as u64;
                 Frame::data(Bytes::from(buf))
@@ -391,8 +398,8 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&bytes).unwrap();
 
-        let sent = Counter::default();
-        let sendfile = Sendfile::new(sent.clone());
+        let (sent, cold) = (Counter::default(), Counter::default());
+        let sendfile = Sendfile::new(sent.clone(), cold.clone());
         let mut stream = SendfileStream::new(server, sendfile.clone());
         let want = bytes.len() + 100;
         let reader = tokio::spawn(async move {
@@ -411,6 +418,7 @@ mod tests {
         assert_eq!(&got[..100], &bytes[7..107]);
         assert!(got[100..] == bytes[..], "the file's bytes, in order");
         assert_eq!(sent.get(), want as u64);
+        assert_eq!(cold.get(), 0);
     }
 
     /// A span whose pages are not in the page cache is not sent with
@@ -451,8 +459,8 @@ mod tests {
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
         server.set_nodelay(true).unwrap();
-        let sent = Counter::default();
-        let sendfile = Sendfile::new(sent.clone());
+        let (sent, read) = (Counter::default(), Counter::default());
+        let sendfile = Sendfile::new(sent.clone(), read.clone());
         let mut stream = SendfileStream::new(server, sendfile.clone());
         let want = 2 * bytes.len();
         let reader = tokio::spawn(async move {
@@ -477,12 +485,18 @@ mod tests {
                 PLACEHOLDER_LEN as u64,
                 "uncached pages sent with sendfile"
             );
+            assert_eq!(
+                read.get(),
+                (bytes.len() - PLACEHOLDER_LEN) as u64,
+                "uncached bytes not counted as read"
+            );
             PLACEHOLDER_LEN as u64
         };
         // The read brought the rest in.
         let body = sendfile.body(file, 0, bytes.len() as u64);
         assert_eq!(send(&mut stream, body).await, [true, true, false]);
         assert_eq!(sent.get(), cold + bytes.len() as u64, "cached pages");
+        assert_eq!(sent.get() + read.get(), 2 * bytes.len() as u64);
 
         let got = reader.await.unwrap();
         assert!(got[..bytes.len()] == bytes[..], "the uncached send's bytes");
@@ -498,7 +512,7 @@ mod tests {
             .await
             .unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let sendfile = Sendfile::new(Counter::default());
+        let sendfile = Sendfile::new(Counter::default(), Counter::default());
         let mut stream = SendfileStream::new(server, sendfile);
         stream.write_all(&[0u8; 64]).await.unwrap();
         let err = stream.write_all(&placeholder()[..64]).await.unwrap_err();

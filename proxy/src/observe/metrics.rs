@@ -25,6 +25,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     bytes: Family<BytesLabels, Counter>,
     sendfile_bytes: Counter,
+    sendfile_cold_bytes: Counter,
     refused_per_source: Counter,
     duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
@@ -103,6 +104,12 @@ impl Default for Metrics {
             "sendfile_bytes",
             "Of the cache's served bytes, those sent from the file with sendfile (plain HTTP/1 blob hits)",
             sendfile_bytes.clone(),
+        );
+        let sendfile_cold_bytes = Counter::default();
+        registry.register(
+            "sendfile_cold_bytes",
+            "Of plain HTTP/1 blob hits, bytes read from the disk and sent as ordinary bytes because their pages were not in memory (sendfile would have read them on a runtime thread)",
+            sendfile_cold_bytes.clone(),
         );
         let refused_per_source = Counter::default();
         registry.register(
@@ -304,6 +311,7 @@ impl Default for Metrics {
             requests,
             bytes,
             sendfile_bytes,
+            sendfile_cold_bytes,
             refused_per_source,
             duration,
             upstream,
@@ -345,9 +353,13 @@ impl Metrics {
         self.refused_per_source.inc();
     }
 
-    /// Counts the bytes each plain HTTP/1 connection sends with `sendfile`.
-    pub fn sendfile_counter(&self) -> Counter {
-        self.sendfile_bytes.clone()
+    /// Count the bytes each plain HTTP/1 connection sends with `sendfile`,
+    /// and those it reads instead (pages not in memory).
+    pub fn sendfile_counters(&self) -> (Counter, Counter) {
+        (
+            self.sendfile_bytes.clone(),
+            self.sendfile_cold_bytes.clone(),
+        )
     }
 
     /// The CA in use now expires at `not_after`.
