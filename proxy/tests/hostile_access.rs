@@ -38,6 +38,8 @@ use pullthrough_testbed::stub::Stub;
 
 const PULLER: (&str, &str) = ("puller", "s3cret-9e1a");
 const OTHER: (&str, &str) = ("other", "0ther-pw-41c7");
+/// May check for a layer (HEAD) but not download it, see [`ecr_like`].
+const PUSHER: (&str, &str) = ("pusher", "push-only-7d2f");
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
 fn proxy_bin() -> &'static Path {
@@ -560,20 +562,11 @@ fn a_redirected_access_check_opens_a_cached_blob_only_where_the_registry_said_ye
 }
 
 /// A registry where checking for a layer and reading it need different
-/// rights, as ECR's do: a push-only role may HEAD any layer (to skip
-/// uploading it) but is refused its download. A client with such
-/// credentials gets no byte of a layer another client cached, though a
-/// HEAD with its credentials says 200 (the access check once asked with
-/// a HEAD and served it); another reader still gets it from the cache,
-/// asked about with a one-byte GET. `private: true`: every client is checked.
-#[test]
-fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
-    const PUSHER: (&str, &str) = ("pusher", "push-only-7d2f");
-    let bytes = patterned(70_000, 31);
-    let d = sha256_digest(&bytes);
-    let held = format!("/v2/team/app/blobs/{d}");
-    let registry = {
-        let (bytes, held) = (bytes.clone(), held.clone());
+/// rights, as ECR's do: PULLER and OTHER may read `held`, PUSHER may only
+/// HEAD it (a push-only role skipping an upload), anyone else gets 401.
+fn ecr_like(bytes: &bytes::Bytes, held: &str) -> Stub {
+    let (bytes, held) = (bytes.clone(), held.to_string());
+    {
         let (readers, pusher) = ([basic(PULLER), basic(OTHER)], basic(PUSHER));
         Stub::canned()
             .route(move |seen| {
@@ -617,7 +610,22 @@ fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
             })
             .start()
             .unwrap()
-    };
+    }
+}
+
+/// A registry where checking for a layer and reading it need different
+/// rights, as ECR's do: a push-only role may HEAD any layer (to skip
+/// uploading it) but is refused its download. A client with such
+/// credentials gets no byte of a layer another client cached, though a
+/// HEAD with its credentials says 200 (the access check once asked with
+/// a HEAD and served it); another reader still gets it from the cache,
+/// asked about with a one-byte GET. `private: true`: every client is checked.
+#[test]
+fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
+    let bytes = patterned(70_000, 31);
+    let d = sha256_digest(&bytes);
+    let held = format!("/v2/team/app/blobs/{d}");
+    let registry = ecr_like(&bytes, &held);
     let proxy = private_stub_proxy("ecr.test", &registry);
     let get = |auth| {
         request(
@@ -663,6 +671,47 @@ fn a_credential_that_may_only_check_for_a_layer_gets_no_cached_byte_of_it() {
         before + 1,
         "one check, no download"
     );
+}
+
+/// A HEAD the upstream answers 200 says the client may check for the
+/// layer, not that it may read it (ECR: push-only roles). It grants no
+/// read: before, a push-only credential's HEAD was recorded as a grant and
+/// its GET then served the cached layer, whether the HEAD came before the
+/// layer was cached or after (`allowPush`, where a HEAD skips the cache).
+#[test]
+fn a_head_the_upstream_answers_grants_no_download() {
+    for (n, allow_push) in [(0u32, false), (1, true)] {
+        let bytes = patterned(60_000 + n, 37 + n);
+        let d = sha256_digest(&bytes);
+        let held = format!("/v2/team/app/blobs/{d}");
+        let registry = ecr_like(&bytes, &held);
+        let proxy = Proxy::start(
+            proxy_bin(),
+            Addrs::localhost().unwrap(),
+            &format!(
+                "registries:\n  - host: ecr.test\n    upstream: {}\n    private: true\n    allowPrivateNetworks: true\n    allowPush: {allow_push}\n",
+                registry.url()
+            ),
+        )
+        .unwrap();
+        let path = format!("/v2/ecr.test/team/app/blobs/{d}");
+        let head = || request(&proxy, Method::HEAD, &path, Some(PUSHER));
+        let what = format!("allowPush: {allow_push}");
+        if !allow_push {
+            // Before the layer is cached: relayed, 200.
+            assert_eq!(head().status, StatusCode::OK, "{what}");
+        }
+        let r = request(&proxy, Method::GET, &path, Some(PULLER));
+        assert_eq!(r.status, StatusCode::OK, "{what}");
+        assert_eq!(r.body, bytes, "{what}");
+        if allow_push {
+            // After: a push check goes to the upstream, 200.
+            assert_eq!(head().status, StatusCode::OK, "{what}");
+            assert!(registry.count("HEAD", &held) >= 1, "{what}: not asked");
+        }
+        let r = request(&proxy, Method::GET, &path, Some(PUSHER));
+        refused(&r, StatusCode::FORBIDDEN, &d, &what);
+    }
 }
 
 /// Point 2: while the upstream cannot answer an access check — stopped,
@@ -731,6 +780,14 @@ fn an_upstream_that_cannot_answer_the_access_check_opens_nothing_new() {
                 StatusCode::SERVICE_UNAVAILABLE,
                 &secrets[0].1,
                 &format!("{when}: {name} stale tag"),
+            );
+            // Nor what the tag points to: the digest is the proxy's
+            // secret here, the client named only the tag.
+            let hex = secrets[0].1.trim_start_matches("sha256:");
+            let said = format!("{:?} {}", r.headers, String::from_utf8_lossy(&r.body));
+            assert!(
+                !said.contains(hex),
+                "{when}: {name} stale tag: the refusal names the digest: {said}"
             );
         }
         // The client the upstream let read it keeps reading it.

@@ -459,9 +459,9 @@ impl Ctx<'_> {
                     oci::error_response(
                         StatusCode::SERVICE_UNAVAILABLE,
                         ErrorCode::Unavailable,
-                        &format!(
-                            "{host} cannot confirm access to {repo}@{digest} now; try again later"
-                        ),
+                        // Not the digest: for a tag it is the cached
+                        // answer, which this client may not learn.
+                        &format!("{host} cannot confirm access to {repo} now; try again later"),
                     )
                     .map(body::full),
                 ))

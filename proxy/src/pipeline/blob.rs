@@ -60,7 +60,10 @@ pub(crate) async fn blob(
         let up = ctx
             .send(method.clone(), url, forward_headers(headers, true))
             .await?;
-        if up.response.status().is_success() {
+        // Only a read proves the client may read: a registry may answer a
+        // HEAD to credentials it refuses the download (ECR's push-only
+        // roles check for layers they would otherwise upload).
+        if *method == Method::GET && up.response.status().is_success() {
             ctx.granted(headers, digest);
         }
         // An upstream that ignores the range sends the whole blob: that
