@@ -24,6 +24,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::oci::Digest;
+use crate::pipeline::OUTAGE_GRACE;
 use crate::pipeline::Shared;
 use crate::server;
 use crate::tls::Issuer;
@@ -145,10 +146,12 @@ fn names_loopback(req: &Request<Incoming>) -> bool {
 }
 
 /// The recent tag moves `/status` may show. `/status` needs no token (the
-/// operator reads it), so the moves of a `private` registry, whose
-/// repository and tag names are not for everyone, are shown only to a
-/// trusted caller; the per-registry counts stay. So are the moves of a
-/// registry the config no longer names: it may have been private.
+/// operator reads it), so to an untrusted caller it shows only moves an
+/// anonymous client could see for itself: on a registry the config names,
+/// not `private`, to a digest anonymous clients were let read (within
+/// [`OUTAGE_GRACE`]). Registries that are not `private` still hold private
+/// repositories (Docker Hub, GHCR), whose repository and tag names are
+/// not for everyone. The per-registry counts stay.
 fn visible_moves(
     shared: &Shared,
     state: &crate::pipeline::State,
@@ -159,9 +162,26 @@ fn visible_moves(
         .recent_moves()
         .into_iter()
         .filter(|m| {
-            trusted
-                || (state.config.registry(&m.registry).is_some()
-                    && !state.settings.registry(&m.registry).private)
+            if trusted {
+                return true;
+            }
+            if state.config.registry(&m.registry).is_none() {
+                return false;
+            }
+            let settings = state.settings.registry(&m.registry);
+            !settings.private
+                && Digest::parse(&m.to).is_ok_and(|to| {
+                    shared
+                        .grants
+                        .public_at(
+                            &m.registry,
+                            &m.repository,
+                            &to,
+                            settings.anonymous_basis(),
+                            OUTAGE_GRACE,
+                        )
+                        .is_some()
+                })
         })
         .collect()
 }

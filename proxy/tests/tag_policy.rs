@@ -351,3 +351,84 @@ fn a_narrow_accept_never_gets_a_runtime_the_wrong_platform() {
     assert_eq!(hits.len(), 1, "{hits:?}");
     assert_eq!(hits[0]["digest"], lists[1].as_str(), "{hits:?}");
 }
+
+/// A registry that is not `private` still holds repositories only some
+/// clients may read (Docker Hub, GHCR). `/status` needs no token, so it
+/// shows an untrusted caller only the moves anonymous clients were let
+/// see: a public repository's move is listed (the operator reads it),
+/// one in a repository that needs credentials only with the admin token.
+/// Before, every move of a registry not marked `private` was listed.
+#[test]
+fn a_move_in_a_repository_that_needs_credentials_is_listed_only_with_the_admin_token() {
+    const USER: (&str, &str) = ("puller", "s3cret-51d0");
+    let work = tempfile::tempdir().unwrap();
+    let (v1, v2) = images(work.path());
+    let public = Registry::plain().unwrap();
+    let guarded = Registry::htpasswd(USER.0, USER.1).unwrap();
+    public.push_image(&v1, "app", "latest").unwrap();
+    guarded.push_image(&v1, "secret-app", "latest").unwrap();
+    let policy = "    tagPolicy:\n      - {pattern: latest, ttl: 0s}\n";
+    let proxy = Proxy::start(
+        common::proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "adminToken: {TOKEN}\nregistries:\n  - host: quay.io\n    upstream: {}\n{policy}  - host: ghcr.io\n    upstream: {}\n    caBundle: {}\n{policy}",
+            public.url(),
+            guarded.url(),
+            guarded.ca_path().unwrap().display()
+        ),
+    )
+    .unwrap();
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:{}", USER.0, USER.1)
+        )
+    );
+    let guarded_manifest = || {
+        let url = format!(
+            "{}/v2/ghcr.io/secret-app/manifests/latest",
+            proxy.http_url()
+        );
+        let r = Get::new(&url)
+            .header("Accept", ACCEPT)
+            .header("Authorization", &basic)
+            .send()
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "{}", proxy.log());
+        sha256_digest(&r.body)
+    };
+    assert_eq!(manifest(&proxy, "latest"), v1.manifests[0].digest);
+    assert_eq!(guarded_manifest(), v1.manifests[0].digest);
+    public.push_image(&v2, "app", "latest").unwrap();
+    guarded.push_image(&v2, "secret-app", "latest").unwrap();
+    assert_eq!(manifest(&proxy, "latest"), v2.manifests[0].digest);
+    assert_eq!(guarded_manifest(), v2.manifests[0].digest);
+
+    let url = format!("http://{}/status", proxy.addrs.admin);
+    let anonymous = Get::new(&url).send().unwrap();
+    let status: Value = serde_json::from_slice(&anonymous.body).unwrap();
+    assert_eq!(status["cache"]["ghcr.io"]["tagMoves"], 1, "{status}");
+    let repos: Vec<&str> = status["tagMoves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["repository"].as_str().unwrap())
+        .collect();
+    assert_eq!(repos, ["app"], "{status}");
+    assert!(
+        !String::from_utf8_lossy(&anonymous.body).contains("secret-app"),
+        "{status}"
+    );
+
+    let status: Value = serde_json::from_str(&admin(&proxy, "/status")).unwrap();
+    let mut repos: Vec<&str> = status["tagMoves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["repository"].as_str().unwrap())
+        .collect();
+    repos.sort_unstable();
+    assert_eq!(repos, ["app", "secret-app"], "{status}");
+}
