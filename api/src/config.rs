@@ -133,6 +133,13 @@ pub struct CaFiles {
     pub next_cert: Option<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_key: Option<PathBuf>,
+    /// The CA the operator's last rotation replaced (the CA Secret's
+    /// `previous.crt`, kept there for one overlap; absent otherwise).
+    /// Trusted for replica-to-replica TLS only, never used to sign: a
+    /// replica that starts after a rotation still accepts a replica that
+    /// has not yet picked the rotation up and presents an old-CA leaf.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_cert: Option<PathBuf>,
 }
 
 impl CaFiles {

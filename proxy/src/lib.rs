@@ -396,6 +396,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                     cert: files.cert.clone(),
                     key: files.key.clone(),
                     next: files.next().map(|(c, k)| (c.to_owned(), k.to_owned())),
+                    previous: files.previous_cert.clone(),
                 },
                 None => {
                     let (cert, key) = tls::generated_ca_files(&data_dir);
@@ -403,6 +404,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                         cert,
                         key,
                         next: None,
+                        previous: None,
                     }
                 }
             },

@@ -489,7 +489,7 @@ fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<(), TlsError>
 }
 
 /// PEM-encodes one certificate.
-fn pem_encode(der: &[u8]) -> String {
+pub(super) fn pem_encode(der: &[u8]) -> String {
     // LF line endings: the file is read by shell tools and runtimes alike.
     let config = pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF);
     pem::encode_config(&pem::Pem::new("CERTIFICATE", der.to_vec()), config)

@@ -65,9 +65,9 @@ pub(super) struct PeerTrust {
     pub generation: u64,
     /// The CA to mint this replica's own peer leaf with.
     pub current: Arc<Ca>,
-    /// Current, next, and the replaced CA while its grace lasts; no
-    /// certificate twice.
-    pub trusted: Vec<Arc<Ca>>,
+    /// PEM of each CA trusted: current, next, the operator's previous
+    /// ones, and the replaced CA while its grace lasts; none twice.
+    pub trusted: Vec<Arc<str>>,
     /// When the replaced CA stops being trusted: the set shrinks then
     /// without any reload.
     pub until: Option<Instant>,
@@ -91,6 +91,11 @@ pub struct Issuer {
     /// The CA the last reload replaced, trusted by peers for
     /// [`PREVIOUS_CA_GRACE`] (never used to sign). Swapped with `ca`.
     previous: ArcSwapOption<Replaced>,
+    /// PEM of the CAs the operator's last rotation replaced (the Secret's
+    /// `previous.crt`, kept for one overlap): trusted by peers, never used
+    /// to sign. Unlike `previous`, this survives a restart: a replica that
+    /// starts after a rotation still accepts one that has not picked it up.
+    rotated_out: ArcSwap<Vec<Arc<str>>>,
     /// Bumped after every change of `ca`, `next` or `previous`, so peer
     /// configs built from an older set of CAs are rebuilt.
     generation: AtomicU64,
@@ -129,8 +134,19 @@ impl Issuer {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let allowed = allowed.normalized();
         let mut next = None;
+        let mut rotated_out = Vec::new();
         let ca = match ca {
             Some(files) => {
+                if let Some(path) = files.previous_cert.as_deref() {
+                    // Only a help to peers during a rotation.
+                    match read_trust_anchors(path) {
+                        Ok(pems) => rotated_out = pems,
+                        Err(e) if e.is_missing() => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "previous CA not usable; peers still on it are refused")
+                        }
+                    }
+                }
                 if let Some((cert, key)) = files.next() {
                     // Only a help during a rotation: without it the
                     // current CA still serves what it permits.
@@ -155,6 +171,7 @@ impl Issuer {
             ca: ArcSwap::from_pointee(ca),
             next: ArcSwapOption::new(next),
             previous: ArcSwapOption::empty(),
+            rotated_out: ArcSwap::from_pointee(rotated_out),
             generation: AtomicU64::new(0),
             allowed: ArcSwap::from_pointee(allowed),
             cache: Mutex::new(Cache::default()),
@@ -182,15 +199,18 @@ impl Issuer {
         let current = self.ca.load_full();
         let previous = self.previous.load_full().filter(|p| now < p.until);
         let until = previous.as_ref().map(|p| p.until);
-        let mut trusted = vec![current.clone()];
-        for ca in self
+        let mut trusted: Vec<Arc<str>> = vec![current.pem.clone()];
+        let rotated_out = self.rotated_out.load_full();
+        for pem in self
             .next
             .load_full()
             .into_iter()
             .chain(previous.map(|p| p.ca.clone()))
+            .map(|ca| ca.pem.clone())
+            .chain(rotated_out.iter().cloned())
         {
-            if !trusted.iter().any(|t| *t.pem == *ca.pem) {
-                trusted.push(ca);
+            if !trusted.iter().any(|t| **t == *pem) {
+                trusted.push(pem);
             }
         }
         PeerTrust {
@@ -287,6 +307,24 @@ impl Issuer {
         cache.own = None;
         drop(cache);
         self.warn_unpermitted();
+        Ok(true)
+    }
+
+    /// Follows the operator's `previous.crt` (`None`, or a file that is
+    /// gone: no previous CA). True when the set peers trust changed. On
+    /// error nothing changes.
+    pub fn reload_previous(&self, path: Option<&Path>) -> Result<bool, TlsError> {
+        let new = match path.map(read_trust_anchors) {
+            None => Vec::new(),
+            Some(Ok(pems)) => pems,
+            Some(Err(e)) if e.is_missing() => Vec::new(),
+            Some(Err(e)) => return Err(e),
+        };
+        if **self.rotated_out.load() == new {
+            return Ok(false);
+        }
+        self.rotated_out.store(Arc::new(new));
+        self.generation.fetch_add(1, Ordering::SeqCst);
         Ok(true)
     }
 
@@ -534,4 +572,33 @@ fn permitted_for(allowed: &AllowedNames) -> PermittedNames {
         .map(String::as_str)
         .chain([PEER_NAME, SELF_TEST_NAME]);
     PermittedNames::new(names, allowed.own_ips.iter().copied())
+}
+
+/// The certificates of a PEM file peers may trust, each as its own PEM
+/// (checked to be usable as a trust anchor; an empty file is no CA).
+fn read_trust_anchors(path: &Path) -> Result<Vec<Arc<str>>, TlsError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let bytes = std::fs::read(path).map_err(|source| TlsError::Read {
+        what: "previous CA certificate",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let invalid = |reason: String| TlsError::Invalid {
+        what: "previous CA certificate",
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut pems = Vec::new();
+    for der in CertificateDer::pem_slice_iter(&bytes) {
+        let der = der.map_err(|e| invalid(format!("not PEM: {e}")))?;
+        rustls::RootCertStore::empty()
+            .add(der.clone())
+            .map_err(|e| invalid(format!("not usable as a CA: {e}")))?;
+        let pem: Arc<str> = super::ca::pem_encode(&der).into();
+        if !pems.contains(&pem) {
+            pems.push(pem);
+        }
+    }
+    Ok(pems)
 }

@@ -93,8 +93,8 @@ impl PeerTls {
             .mint_peer(now)
             .map_err(|e| config_err(format!("minting the peer certificate: {e}")))?;
         let mut roots = RootCertStore::empty();
-        for ca in &trust.trusted {
-            let root = CertificateDer::pem_slice_iter(ca.pem.as_bytes())
+        for pem in &trust.trusted {
+            let root = CertificateDer::pem_slice_iter(pem.as_bytes())
                 .next()
                 .ok_or_else(|| config_err("the CA file holds no certificate".into()))?
                 .map_err(|e| config_err(format!("the CA certificate: {e}")))?;
@@ -185,6 +185,7 @@ mod tests {
             key,
             next_cert,
             next_key,
+            previous_cert: None,
         };
         Arc::new(Issuer::load_or_generate(Some(&files), dir, AllowedNames::default()).unwrap())
     }
@@ -279,6 +280,53 @@ mod tests {
                 "{what} was accepted"
             );
         }
+    }
+
+    /// A replica (re)started after a rotation never held the replaced CA,
+    /// so only the Secret's `previous.crt` tells it to trust a replica
+    /// still presenting a leaf of that CA; once the operator drops it
+    /// from the Secret, such a replica is refused again.
+    #[tokio::test]
+    async fn a_replica_started_after_a_rotation_trusts_the_previous_ca_file() {
+        let old = TestCa::new("old CA").unwrap();
+        let new = TestCa::new("new CA").unwrap();
+        let other = TestCa::new("unrelated CA").unwrap();
+        // A: started on the new CA, with the old one as previous.crt.
+        let dir_a = tempfile::tempdir().unwrap();
+        let (cert, key) = write_ca(dir_a.path(), &new, "ca");
+        let (previous, _) = write_ca(dir_a.path(), &old, "previous");
+        let files = CaFiles {
+            cert,
+            key,
+            next_cert: None,
+            next_key: None,
+            previous_cert: Some(previous.clone()),
+        };
+        let a_issuer = Arc::new(
+            Issuer::load_or_generate(Some(&files), dir_a.path(), AllowedNames::default()).unwrap(),
+        );
+        let a = PeerTls::new(a_issuer.clone());
+        // B: lags behind, still on the old CA (the new one is its next).
+        let dir_b = tempfile::tempdir().unwrap();
+        let b = PeerTls::new(issuer(dir_b.path(), &old, Some(&new)));
+        // C: started on the new CA without previous.crt.
+        let dir_c = tempfile::tempdir().unwrap();
+        let c = PeerTls::new(issuer(dir_c.path(), &new, None));
+        // D: a CA nobody trusts.
+        let dir_d = tempfile::tempdir().unwrap();
+        let d = PeerTls::new(issuer(dir_d.path(), &other, None));
+
+        handshake(&a, &b).await.expect("B connecting to A");
+        handshake(&b, &a).await.expect("A connecting to B");
+        assert!(handshake(&c, &b).await.is_err(), "without previous.crt");
+        assert!(handshake(&a, &d).await.is_err(), "an unrelated CA");
+
+        // The overlap over: the operator drops previous.crt.
+        std::fs::remove_file(&previous).unwrap();
+        assert!(a_issuer.reload_previous(Some(&previous)).unwrap());
+        assert!(handshake(&a, &b).await.is_err(), "previous.crt is gone");
+        assert!(handshake(&b, &a).await.is_err(), "previous.crt is gone");
+        assert!(!a_issuer.reload_previous(Some(&previous)).unwrap());
     }
 
     /// The replaced CA is trusted for [`PREVIOUS_CA_GRACE`] only: past it

@@ -150,6 +150,7 @@ fn write_ca(dir: &Path, ca: &TestCa, stem: &str) -> CaFiles {
         key,
         next_cert: None,
         next_key: None,
+        previous_cert: None,
     }
 }
 
@@ -217,6 +218,7 @@ fn explicit_ca_errors_name_the_file() {
             key: key.to_owned(),
             next_cert: None,
             next_key: None,
+            previous_cert: None,
         };
         Issuer::load_or_generate(Some(&files), dir.path(), default_allowed())
             .unwrap_err()
@@ -563,6 +565,7 @@ async fn watch_keeps_the_old_ca_until_the_pair_matches() {
         cert: files.cert.clone(),
         key: files.key.clone(),
         next: None,
+        previous: None,
     };
     let task = tokio::spawn(watch::watch(
         issuer.clone(),

@@ -34,6 +34,8 @@ pub struct CaPaths {
     pub key: PathBuf,
     /// The next CA's (cert, key), during an operator rotation.
     pub next: Option<(PathBuf, PathBuf)>,
+    /// The CA the last rotation replaced, trusted by peers only.
+    pub previous: Option<PathBuf>,
 }
 
 /// Polls the CA files every `interval` and swaps a changed, valid CA in
@@ -77,6 +79,16 @@ pub async fn watch(
             Ok(false) => {}
             Err(e) => tracing::warn!(error = %e, "next CA not usable; keeping the previous state"),
         }
+        match issuer.reload_previous(paths.previous.as_deref()) {
+            Ok(true) => tracing::info!(
+                previous = ?paths.previous,
+                "previous CA changed: peers still presenting its certificates are trusted while it is there"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "previous CA not usable; keeping the previous state")
+            }
+        }
         match &outcome {
             CaReload::Swapped(info) => {
                 tracing::info!(
@@ -119,6 +131,7 @@ struct Fingerprint {
     cert: FileHash,
     key: FileHash,
     next: Option<(FileHash, FileHash)>,
+    previous: Option<FileHash>,
 }
 
 /// sha256 of a file's content; None: unreadable.
@@ -134,5 +147,6 @@ fn fingerprint(paths: &CaPaths) -> Fingerprint {
         cert: hash(&paths.cert),
         key: hash(&paths.key),
         next: paths.next.as_ref().map(|(c, k)| (hash(c), hash(k))),
+        previous: paths.previous.as_deref().map(hash),
     }
 }
