@@ -17,6 +17,7 @@
 //! throttling relay) and sends the load generator's requests,
 //! [`scenario`] holds one module per measurement, [`report`] the table.
 
+mod affinity;
 mod procfs;
 mod report;
 mod scenario;
