@@ -65,7 +65,7 @@ impl PinnedImage {
             .strip_prefix("docker-pullable://")
             .or_else(|| s.strip_prefix("docker://"))
             .unwrap_or(s);
-        if s.starts_with("sha256:") {
+        if is_bare_digest(s) {
             return None;
         }
         let r: oci_spec::distribution::Reference = s.parse().ok()?;
@@ -81,6 +81,28 @@ impl PinnedImage {
     pub fn by_digest(&self) -> bool {
         self.reference.contains(':')
     }
+}
+
+/// Whether `s` is a digest with no repository (an image ID, as kubelet
+/// reports for some runtimes): `algorithm:hex` in the OCI digest grammar
+/// (`sha256:…`, `sha512:…`, `blake3:…`). The reference grammar reads it as
+/// a Docker Hub image `library/<algorithm>` with a tag, which would pin an
+/// image nobody runs. Only hex of at least 64 digits (the shortest digest of
+/// any registered algorithm) counts: `nginx:cafe` is a tag.
+fn is_bare_digest(s: &str) -> bool {
+    // Digests of registered algorithms are at least this long.
+    const MIN_HEX: usize = 64;
+    let Some((algorithm, encoded)) = s.split_once(':') else {
+        return false;
+    };
+    // algorithm-component (algorithm-separator algorithm-component)*,
+    // with components [a-z0-9]+ and separators [+._-].
+    let algorithm_ok = algorithm.split(['+', '.', '_', '-']).all(|c| {
+        !c.is_empty()
+            && c.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    });
+    algorithm_ok && encoded.len() >= MIN_HEX && encoded.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 impl fmt::Display for PinnedImage {
@@ -132,9 +154,46 @@ mod tests {
     #[test]
     fn bare_image_ids_and_garbage_pin_nothing() {
         assert_eq!(PinnedImage::parse(D), None);
+        // Any algorithm, not only sha256: these are image IDs, not
+        // `docker.io/library/<algorithm>:<tag>`.
+        let sha512 = format!("sha512:{}", "0123456789abcdef".repeat(8));
+        assert_eq!(PinnedImage::parse(&sha512), None);
+        assert_eq!(PinnedImage::parse(&format!("docker://{sha512}")), None);
+        let blake3 = format!("blake3:{}", "ab".repeat(32));
+        assert_eq!(PinnedImage::parse(&blake3), None);
+        assert_eq!(
+            PinnedImage::parse(&format!("sha384:{}", "c".repeat(96))),
+            None
+        );
         assert_eq!(PinnedImage::parse(""), None);
         assert_eq!(PinnedImage::parse("UPPER/Case"), None);
         assert_eq!(PinnedImage::parse("a/b@sha256:short"), None);
+    }
+
+    /// Tags that look like hex (short ones, a git commit's 40 digits) and
+    /// images with a repository path are still images.
+    #[test]
+    fn hex_tags_are_still_images() {
+        let git = "0123456789abcdef0123456789abcdef01234567";
+        for (input, want) in [
+            ("nginx:cafe", "docker.io/library/nginx:cafe".to_string()),
+            ("app:1", "docker.io/library/app:1".to_string()),
+            (
+                &format!("app:{git}"),
+                format!("docker.io/library/app:{git}"),
+            ),
+            (
+                &format!("team/sha512:{}", "ab".repeat(64)),
+                format!("docker.io/team/sha512:{}", "ab".repeat(64)),
+            ),
+            (
+                &format!("quay.io/a/b@sha512:{}", "ab".repeat(64)),
+                format!("quay.io/a/b@sha512:{}", "ab".repeat(64)),
+            ),
+        ] {
+            let p = PinnedImage::parse(input);
+            assert_eq!(p.map(|p| p.to_string()), Some(want), "{input}");
+        }
     }
 
     #[test]
