@@ -4,11 +4,13 @@
 //! decides what may be referenced: the release namespace, plus the chart's
 //! `operator.referenceNamespaces`.
 //!
-//! A reference that cannot be used (missing, forbidden, malformed) is a
-//! problem of that one MirrorRegistry (`Accepted=False`); an API server that
-//! does not answer, or answers anything but 404 or 403 (429 when it sheds
-//! load, 401, 5xx), is a reconcile error, so a hiccup never drops a working
-//! registry from the table.
+//! A reference that cannot be used (missing, forbidden, malformed, a
+//! request the API server refuses as such: 400, 422) is a problem of that
+//! one MirrorRegistry (`Accepted=False`); an API server that does not
+//! answer, or answers anything else (429 when it sheds load, 401, 5xx), is
+//! a reconcile error, so a hiccup never drops a working registry from the
+//! table. References of a spec the table refuses anyway (`InvalidSpec`, a
+//! name the API server could not hold among them) are never read.
 
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
@@ -17,6 +19,7 @@ use std::fmt;
 use base64::Engine;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{Api, Client};
+use pullthrough_api::config::RegistryConfig;
 use pullthrough_api::crd::{ConfigMapKeyRef, MirrorRegistry, SecretRef};
 use serde::Deserialize;
 
@@ -61,6 +64,17 @@ fn describe(kind: &str, ns: &str, name: &str, e: &kube::Error) -> Option<String>
              operator.referenceNamespaces (or keep the {kind} in the release namespace)"
         )),
         kube::Error::Api(s) if s.code == 404 => Some(format!("{kind} {ns}/{name} not found")),
+        // The request itself is wrong, and it is this reference's: the
+        // same request fails on every retry, so failing the reconcile
+        // would block every registry (and every deletion) for one bad
+        // name.
+        kube::Error::Api(s) if s.code == 400 || s.code == 422 => Some(format!(
+            "the API server refuses to read {kind} {ns}/{name}: {}",
+            s.message
+        )),
+        kube::Error::BuildRequest(e) => {
+            Some(format!("{kind} {ns}/{name} cannot be requested: {e}"))
+        }
         // Any other answer (429 after the client's retries, 401 for the
         // operator's own token, 408, 5xx) and connection errors say
         // nothing about the registry: the reconcile fails and is retried,
@@ -86,7 +100,12 @@ impl Refs {
     ) -> Result<Self, Error> {
         let mut refs = Refs::default();
         for cr in crs {
-            if cr.metadata.deletion_timestamp.is_some() {
+            // Left out of the table anyway: a deleting one, and one whose
+            // spec is invalid, whose references may not even make a
+            // request (kube-rs puts their names into the path as they are).
+            if cr.metadata.deletion_timestamp.is_some()
+                || RegistryConfig::try_from(&cr.spec).is_err()
+            {
                 continue;
             }
             if let Some(r) = cr
@@ -387,6 +406,43 @@ mod tests {
                 assert!(!err.contains(secret), "{secret} quoted: {err}");
             }
         }
+    }
+
+    /// What a reference read's failure says about the registry: a
+    /// request refused as malformed (or one that cannot be built) is that
+    /// registry's problem, every time; throttling, auth and server errors
+    /// are not, and fail the reconcile.
+    #[test]
+    fn a_malformed_request_is_the_registrys_problem() {
+        let api = |code: u16| {
+            kube::Error::Api(
+                kube::core::Status::failure("why", "Reason")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        for code in [400, 422, 403, 404] {
+            assert!(
+                describe("Secret", "ns", "x", &api(code)).is_some(),
+                "{code}"
+            );
+        }
+        for code in [401, 408, 429, 500, 503] {
+            assert!(
+                describe("Secret", "ns", "x", &api(code)).is_none(),
+                "{code}"
+            );
+        }
+        let unbuildable = http::Request::get("/api/v1/namespaces/ns/secrets/a b")
+            .body(())
+            .unwrap_err();
+        let e = kube::Error::BuildRequest(kube::core::request::Error::BuildRequest(unbuildable));
+        let why = describe("Secret", "ns", "a b", &e).unwrap();
+        assert!(why.contains("Secret ns/a b cannot be requested"), "{why}");
+        let empty = kube::Error::BuildRequest(kube::core::request::Error::Validation(
+            "A non-empty name is required".into(),
+        ));
+        assert!(describe("Secret", "ns", "", &empty).is_some());
     }
 
     #[test]

@@ -105,6 +105,32 @@ fn answer(method: &str, path: &str, body: &Value, obj: &Value) -> Resp {
                     "message": "too many requests, please try again later"}),
         );
     }
+    // A path segment the API server cannot take as a name (kube-rs puts
+    // names into the path unencoded), or a read it refuses as malformed.
+    if method == "GET" && path.split('/').any(|seg| seg == ".." || seg == ".") {
+        return json_resp(
+            400,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "BadRequest", "code": 400,
+                    "message": "the server rejected our request for an unknown reason"}),
+        );
+    }
+    if method == "GET" && path == "/api/v1/namespaces/team/secrets/bad-request" {
+        return json_resp(
+            400,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "BadRequest", "code": 400,
+                    "message": "the server rejected our request for an unknown reason"}),
+        );
+    }
+    if method == "GET" && path == "/api/v1/namespaces/team/secrets/unprocessable" {
+        return json_resp(
+            422,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                    "reason": "Invalid", "code": 422,
+                    "message": "name: Invalid value: \"unprocessable\""}),
+        );
+    }
     if method == "GET" && path.contains("/secrets/") {
         return json_resp(
             403,
@@ -417,6 +443,99 @@ async fn unreadable_credentials_reject_only_that_registry() {
         msg.contains("other/x") && msg.contains("operator.referenceNamespaces"),
         "{msg}"
     );
+}
+
+/// A reference whose name the API server could not hold (`a b` cannot
+/// even make a request; `..` is refused with a 400) is that registry's
+/// problem: InvalidSpec on it, the reference never read, and the table
+/// (every other registry, every deletion) converges as before.
+#[tokio::test]
+async fn a_malformed_reference_name_rejects_only_that_registry() {
+    let good = || cr("public", 1, json!({"host": "quay.io"}), true);
+    for (field, bad_ref) in [
+        ("name", json!({"name": "a b", "namespace": "pullthrough"})),
+        ("name", json!({"name": "..", "namespace": "pullthrough"})),
+        ("namespace", json!({"name": "creds", "namespace": ".."})),
+    ] {
+        let bad = || {
+            cr(
+                "malformed",
+                2,
+                json!({"host": "reg.example", "credentialsSecretRef": bad_ref}),
+                true,
+            )
+        };
+        let ca_bad = || {
+            cr(
+                "malformed-ca",
+                3,
+                json!({"host": "ca.example", "tls": {"caBundleConfigMapRef": bad_ref}}),
+                true,
+            )
+        };
+        // Either one reconciled, with the others in the cache.
+        for (obj, others) in [
+            (good(), vec![bad(), ca_bad()]),
+            (bad(), vec![good(), ca_bad()]),
+            (ca_bad(), vec![good(), bad()]),
+        ] {
+            let name = obj.metadata.name.clone().unwrap();
+            let (log, res) = try_run(obj, others).await;
+            let log = log.lock().unwrap().clone();
+            assert!(res.is_ok(), "{bad_ref}, reconciling {name}: {res:?}");
+            let table = ProxyConfig::from_yaml(&table_yaml(&log)).unwrap();
+            let hosts: Vec<_> = table.registries.iter().map(|r| r.host.as_str()).collect();
+            assert_eq!(hosts, ["quay.io"], "{bad_ref}");
+            let reads: Vec<_> = log
+                .iter()
+                .filter(|(m, p, ..)| {
+                    m == "GET" && (p.contains("/secrets/") || p.contains("/configmaps/"))
+                })
+                .collect();
+            assert!(reads.is_empty(), "read: {reads:#?}");
+            let status = find(&log, "PATCH", &format!("/mirrorregistries/{name}/status"));
+            let c = condition(status[0], "Accepted");
+            if name == "public" {
+                assert_eq!(c["status"], "True", "{c}");
+                continue;
+            }
+            assert_eq!(
+                (c["status"].as_str(), c["reason"].as_str()),
+                (Some("False"), Some("InvalidSpec")),
+                "{bad_ref}: {c}"
+            );
+            let key = if name == "malformed" {
+                format!("spec.credentialsSecretRef.{field}")
+            } else {
+                format!("spec.tls.caBundleConfigMapRef.{field}")
+            };
+            assert!(c["message"].as_str().unwrap().contains(&key), "{key}: {c}");
+        }
+    }
+}
+
+/// A well-formed reference whose read the API server refuses as a bad
+/// request (400, 422) fails the same way on every retry: it is that
+/// registry's problem (CredentialsUnavailable), not a failed reconcile
+/// that would keep every registry's status and every deletion waiting.
+#[tokio::test]
+async fn a_reference_read_refused_as_malformed_rejects_only_that_registry() {
+    for name in ["bad-request", "unprocessable"] {
+        let other = cr("public", 1, json!({"host": "quay.io"}), true);
+        let spec = json!({"host": "reg.example",
+                          "credentialsSecretRef": {"name": name, "namespace": "team"}});
+        let (log, res) = try_run(cr("private", 2, spec, true), vec![other]).await;
+        let log = log.lock().unwrap().clone();
+        assert!(res.is_ok(), "{name}: {res:?}");
+        let table = ProxyConfig::from_yaml(&table_yaml(&log)).unwrap();
+        let hosts: Vec<_> = table.registries.iter().map(|r| r.host.as_str()).collect();
+        assert_eq!(hosts, ["quay.io"]);
+        let status = find(&log, "PATCH", "/mirrorregistries/private/status");
+        let c = condition(status[0], "Accepted");
+        assert_eq!(c["reason"], "CredentialsUnavailable", "{name}: {c}");
+        let msg = c["message"].as_str().unwrap();
+        assert!(msg.contains(&format!("Secret team/{name}")), "{msg}");
+    }
 }
 
 #[tokio::test]

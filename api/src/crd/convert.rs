@@ -59,6 +59,53 @@ fn spec_error(key: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// A DNS-1123 label (a namespace's name): lowercase letters, digits and
+/// `-`, starting and ending with a letter or digit, 63 characters at most.
+fn is_dns_label(s: &str) -> bool {
+    s.len() <= 63 && is_label(s)
+}
+
+/// A DNS-1123 subdomain (a Secret's or ConfigMap's name): labels joined
+/// by `.`, 253 characters at most.
+fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_label)
+}
+
+fn is_label(l: &str) -> bool {
+    !l.is_empty()
+        && !l.starts_with('-')
+        && !l.ends_with('-')
+        && l.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A reference to an object the operator reads (`spec.<key>`): kube-rs
+/// puts its name and namespace into the request path as they are, so a
+/// name the API server could not hold (`a b`, `..`) must never be asked
+/// for; the CRD's patterns refuse it at `kubectl apply`, this check for
+/// objects those never saw.
+fn check_object_ref(key: &str, kind: &str, name: &str, namespace: &str) -> Result<(), ConfigError> {
+    if !is_dns_subdomain(name) {
+        return Err(spec_error(
+            &format!("{key}.name"),
+            format!(
+                "{name:?} is not a {kind} name: lowercase letters, digits, `-` and `.`, \
+                 starting and ending with a letter or digit, at most 253 characters"
+            ),
+        ));
+    }
+    if !is_dns_label(namespace) {
+        return Err(spec_error(
+            &format!("{key}.namespace"),
+            format!(
+                "{namespace:?} is not a namespace name: lowercase letters, digits and `-`, \
+                 starting and ending with a letter or digit, at most 63 characters"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The registry-table entry for a spec, checked with the same validation the
 /// proxy applies to its config file (errors name the `spec.` key).
 ///
@@ -88,6 +135,21 @@ impl TryFrom<&MirrorRegistrySpec> for RegistryConfig {
                     format!("`{name}` may not be mirrored: {why}"),
                 ));
             }
+        }
+        if let Some(r) = &spec.credentials_secret_ref {
+            check_object_ref("credentialsSecretRef", "Secret", &r.name, &r.namespace)?;
+        }
+        if let Some(r) = spec
+            .tls
+            .as_ref()
+            .and_then(|t| t.ca_bundle_config_map_ref.as_ref())
+        {
+            check_object_ref(
+                "tls.caBundleConfigMapRef",
+                "ConfigMap",
+                &r.name,
+                &r.namespace,
+            )?;
         }
         let tag_ttl = spec.tag_ttl().map_err(|m| spec_error("tagTTL", m))?;
         let tag_policy = (spec.tag_policy.iter().enumerate())

@@ -227,9 +227,9 @@ pub struct UpstreamTls {
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ConfigMapKeyRef {
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), pattern(OBJECT_NAME_PATTERN))]
     pub name: String,
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), pattern(NAMESPACE_PATTERN))]
     pub namespace: String,
     /// Key in the ConfigMap's data.
     #[serde(default = "default_ca_key")]
@@ -245,9 +245,9 @@ fn default_ca_key() -> String {
 #[derive(JsonSchema, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretRef {
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), pattern(OBJECT_NAME_PATTERN))]
     pub name: String,
-    #[schemars(length(min = 1, max = 63))]
+    #[schemars(length(min = 1, max = 63), pattern(NAMESPACE_PATTERN))]
     pub namespace: String,
 }
 

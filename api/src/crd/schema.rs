@@ -23,6 +23,17 @@ pub(super) const HOST_PATTERN: &str = r"^([a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-
 /// [::], fe80::/10, each with an optional port.
 pub(super) const RESERVED_HOST_PATTERN: &str = r"^(([a-z0-9-]+\.)*localhost|127\.[0-9.]+|169\.254\.[0-9.]+|0\.0\.0\.0|\[(::1?|fe[89ab][0-9a-f]:[0-9a-f:.]*)\])(:[0-9]{1,5})?$";
 
+/// A DNS-1123 subdomain: what the API server takes as a Secret's or a
+/// ConfigMap's name. kube-rs puts a referenced name into the request path
+/// unencoded, so anything else (`a b`, `..`) fails to build or is refused
+/// by the API server: the pattern refuses such a reference at `kubectl
+/// apply`, and `convert.rs` re-checks it (`InvalidSpec`) for objects the
+/// pattern never saw (an older CRD, `--validate=false`).
+pub(super) const OBJECT_NAME_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A DNS-1123 label: what the API server takes as a namespace's name.
+pub(super) const NAMESPACE_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
 /// Go `time.ParseDuration` syntax, restricted to non-negative whole numbers
 /// of `h`, `m`, `s`, `ms`, `us`, `ns` (or a bare `0`). With at most 6 digits
 /// per component and 16 characters in all, the value cannot overflow Go's

@@ -203,6 +203,79 @@ fn invalid_specs_name_the_key() {
     assert_eq!(r.unwrap().upstream.as_deref(), Some("http://lan.io"));
 }
 
+/// A referenced name the API server could not hold never reaches a
+/// request (kube-rs does not encode it): InvalidSpec, naming the field.
+#[test]
+fn malformed_reference_names_are_invalid() {
+    let secret = |name: &str, ns: &str| {
+        format!("host: quay.io\ncredentialsSecretRef: {{name: '{name}', namespace: '{ns}'}}\n")
+    };
+    let config_map = |name: &str, ns: &str| {
+        format!(
+            "host: quay.io\ntls: {{caBundleConfigMapRef: {{name: '{name}', namespace: '{ns}'}}}}\n"
+        )
+    };
+    // What the CRD admits (pattern and maxLength): the same verdicts.
+    let name_re = regex::Regex::new(schema::OBJECT_NAME_PATTERN).unwrap();
+    let ns_re = regex::Regex::new(schema::NAMESPACE_PATTERN).unwrap();
+    let admitted = |name: &str, ns: &str| {
+        name_re.is_match(name) && name.len() <= 253 && ns_re.is_match(ns) && ns.len() <= 63
+    };
+    let long_label = "a".repeat(64);
+    for (name, ns, field) in [
+        ("a b", "pullthrough", "name"),
+        ("..", "pullthrough", "name"),
+        (".", "pullthrough", "name"),
+        ("a/b", "pullthrough", "name"),
+        ("Creds", "pullthrough", "name"),
+        ("-creds", "pullthrough", "name"),
+        ("a..b", "pullthrough", "name"),
+        (&"a".repeat(254), "pullthrough", "name"),
+        ("creds", "a b", "namespace"),
+        ("creds", "..", "namespace"),
+        ("creds", "team.a", "namespace"),
+        ("creds", &long_label, "namespace"),
+    ] {
+        assert!(!admitted(name, ns), "{name:?} {ns:?}");
+        let e = convert(&secret(name, ns)).unwrap_err();
+        assert_eq!(
+            e.key,
+            format!("spec.credentialsSecretRef.{field}"),
+            "{name:?} {ns:?}: {e}"
+        );
+        let e = convert(&config_map(name, ns)).unwrap_err();
+        assert_eq!(
+            e.key,
+            format!("spec.tls.caBundleConfigMapRef.{field}"),
+            "{name:?} {ns:?}: {e}"
+        );
+    }
+    for (name, ns) in [
+        ("creds", "pullthrough"),
+        ("my.creds-1", "team-a"),
+        (&"a".repeat(253), &"b".repeat(63)),
+    ] {
+        assert!(admitted(name, ns), "{name:?} {ns:?}");
+        assert!(convert(&secret(name, ns)).is_ok(), "{name:?} {ns:?}");
+        assert!(convert(&config_map(name, ns)).is_ok(), "{name:?} {ns:?}");
+    }
+}
+
+/// The CRD refuses the same names at `kubectl apply`.
+#[test]
+fn reference_name_patterns_are_in_the_schema() {
+    use kube::CustomResourceExt;
+    let crd = serde_json::to_value(MirrorRegistry::crd()).unwrap();
+    let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+    for r in [
+        &props["credentialsSecretRef"]["properties"],
+        &props["tls"]["properties"]["caBundleConfigMapRef"]["properties"],
+    ] {
+        assert_eq!(r["name"]["pattern"], schema::OBJECT_NAME_PATTERN, "{r}");
+        assert_eq!(r["namespace"]["pattern"], schema::NAMESPACE_PATTERN, "{r}");
+    }
+}
+
 #[test]
 fn spec_round_trips_without_unset_fields() {
     let s = spec("host: quay.io\nprivate: true\n");
