@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -423,12 +423,15 @@ pub fn error_policy(obj: Arc<MirrorRegistry>, err: &Error, ctx: Arc<Context>) ->
     }
 }
 
-/// Reconciles run per MirrorRegistry, so with none there would be no
-/// table: the proxy (which mounts it) would never start after a fresh
-/// `helm install`. Once the first list is in the cache, converge the table
-/// as it stands, registries or not (never before: an empty cache would
-/// drop every registry from the nodes), retrying until it is written.
-async fn publish_initial_table(ctx: Arc<Context>) {
+/// Converges the table outside any reconcile. Reconciles run per
+/// MirrorRegistry, so with none there would be no table: the proxy (which
+/// mounts it) would never start after a fresh `helm install`. Once the
+/// first list is in the cache, converge the table as it stands, registries
+/// or not (never before: an empty cache would drop every registry from the
+/// nodes), retrying until it is written; then again each time `due` is
+/// notified ([`table_due`]: a registry left the cache, and no reconcile
+/// runs for an object that is gone).
+pub async fn publish_table(ctx: Arc<Context>, due: Arc<tokio::sync::Notify>) {
     // Re-polled each second: the store's readiness signal wakes only the
     // waiter polled last (kube-runtime's DelayedInit keeps one waker), and
     // the controller's own runner waits on it too.
@@ -440,31 +443,36 @@ async fn publish_initial_table(ctx: Arc<Context>) {
             Err(_elapsed) => continue,
         }
     }
-    let mut attempt = 0;
     loop {
-        let published = match ctx.observe(true).await {
-            Ok(obs) => ctx
-                .state
-                .publisher
-                .converge(
-                    &ctx.config,
-                    &ctx.kube,
-                    &ctx.metrics,
-                    None,
-                    obs.node_proxy.as_ref(),
-                )
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        match published {
-            Ok(()) => return,
-            Err(e) => {
-                attempt += 1;
-                tracing::warn!(error = %e, attempt, "publishing the registry table failed; retrying");
-                tokio::time::sleep(error::backoff(attempt)).await;
+        let mut attempt = 0;
+        loop {
+            let published = match ctx.observe(true).await {
+                Ok(obs) => ctx
+                    .state
+                    .publisher
+                    .converge(
+                        &ctx.config,
+                        &ctx.kube,
+                        &ctx.metrics,
+                        None,
+                        obs.node_proxy.as_ref(),
+                    )
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            };
+            match published {
+                Ok(()) => break,
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(error = %e, attempt, "publishing the registry table failed; retrying");
+                    tokio::time::sleep(error::backoff(attempt)).await;
+                }
             }
         }
+        // A notification while converging is kept (one permit), so a
+        // deletion during a write is converged right after it.
+        due.notified().await;
     }
 }
 
@@ -489,6 +497,46 @@ fn deleting(obj: &MirrorRegistry) -> Option<u64> {
     Some(u64::from(obj.metadata.deletion_timestamp.is_some()))
 }
 
+/// Whether a watch event changes the table with no reconcile to follow:
+/// a registry gone from the cache (an admin stripped the finalizer of one
+/// whose deletion was stuck, so no cleanup ran), or the end of a (re)list,
+/// which drops registries deleted while the watch was down without a
+/// Delete. `applied_objects` passes neither on to the controller.
+pub fn table_due(ev: &watcher::Event<MirrorRegistry>) -> bool {
+    matches!(ev, watcher::Event::Delete(_) | watcher::Event::InitDone)
+}
+
+/// The controller's trigger stream from the watch `events`: each event
+/// goes into the cache (`writer`), [`table_due`] ones notify `due` (for
+/// [`publish_table`]), and a reconcile is triggered only by what the spec
+/// or metadata says, never by a status write (the operator's own, with the
+/// proxy's counters, would otherwise wake it each time).
+pub fn changes<S>(
+    events: S,
+    writer: reflector::store::Writer<MirrorRegistry>,
+    due: Arc<tokio::sync::Notify>,
+) -> impl futures::Stream<Item = Result<MirrorRegistry, watcher::Error>> + Send
+where
+    S: futures::Stream<Item = Result<watcher::Event<MirrorRegistry>, watcher::Error>> + Send,
+{
+    events
+        .reflect(writer)
+        .inspect_ok(move |ev| {
+            if table_due(ev) {
+                due.notify_one();
+            }
+        })
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::labels)
+                .combine(predicates::annotations)
+                .combine(predicates::finalizers)
+                .combine(deleting),
+            PredicateConfig::default(),
+        )
+}
+
 /// Runs the controller until `stop` fires.
 pub async fn run(
     client: Client,
@@ -501,26 +549,13 @@ pub async fn run(
 ) {
     let api: Api<MirrorRegistry> = Api::all(client.clone());
     let (store, writer) = reflector::store();
-    // The cache sees every change; a reconcile is triggered only by what
-    // the spec or metadata says, never by a status write (the operator's
-    // own, with the proxy's counters, would otherwise wake it each time).
-    let changes = watcher(api, watcher::Config::default().any_semantic())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects()
-        .predicate_filter(
-            predicates::generation
-                .combine(predicates::labels)
-                .combine(predicates::annotations)
-                .combine(predicates::finalizers)
-                .combine(deleting),
-            PredicateConfig::default(),
-        );
-    let controller = Controller::for_stream(changes, store.clone());
+    let due = Arc::new(tokio::sync::Notify::new());
+    let events = watcher(api, watcher::Config::default().any_semantic()).default_backoff();
+    let controller = Controller::for_stream(changes(events, writer, due.clone()), store.clone());
     let ctx = Arc::new(
         Context::new(client, settings, base, store, &identity, metrics).with_ca_names(ca_names),
     );
-    let initial = tokio::spawn(publish_initial_table(ctx.clone()));
+    let table = tokio::spawn(publish_table(ctx.clone(), due));
     let node_metrics = tokio::spawn(refresh_node_metrics(ctx.clone()));
     controller
         .graceful_shutdown_on(async move {
@@ -533,6 +568,6 @@ pub async fn run(
             }
         })
         .await;
-    initial.abort();
+    table.abort();
     node_metrics.abort();
 }

@@ -801,3 +801,102 @@ async fn tag_moves_of_two_replicas_are_each_told_once() {
         ]
     );
 }
+
+/// The hosts of each table the operator applied, in order.
+fn tables_written(log: &Log) -> Vec<Vec<String>> {
+    let log = log.lock().unwrap();
+    find(&log, "PATCH", "/configmaps/pullthrough-registries")
+        .into_iter()
+        .map(|cm| {
+            let yaml = cm["data"]["config.yaml"].as_str().unwrap();
+            ProxyConfig::from_yaml(yaml)
+                .unwrap()
+                .registries
+                .into_iter()
+                .map(|r| r.host)
+                .collect()
+        })
+        .collect()
+}
+
+/// Waits (at most 10 s) until the last table written lists `hosts`.
+async fn table_lists(log: &Log, hosts: &[&str]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let written = tables_written(log);
+        if written.last().is_some_and(|t| t == hosts) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no table with {hosts:?} was written; tables: {written:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A MirrorRegistry that leaves the cache with no cleanup of the
+/// operator's (an admin stripped the finalizer of one whose deletion was
+/// stuck): no reconcile runs for an object that is gone, so the Delete
+/// itself re-converges the table, and the host leaves the table (and the
+/// nodes) now, not at the next restart.
+#[tokio::test]
+async fn a_registry_deleted_without_the_finalizer_leaves_the_table() {
+    use futures::StreamExt;
+    use pullthrough_operator::controller::{changes, publish_table};
+
+    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let client = Client::new(svc, "default");
+    let log: Log = Default::default();
+    let server = {
+        let log = log.clone();
+        tokio::spawn(async move {
+            while let Some((req, send)) = handle.next_request().await {
+                let method = req.method().to_string();
+                let path = req.uri().path().to_string();
+                let bytes = req.into_body().collect().await.unwrap().to_bytes();
+                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+                let resp = answer(&method, &path, &body, &Value::Null);
+                log.lock()
+                    .unwrap()
+                    .push((method, path, body, String::new()));
+                send.send_response(resp);
+            }
+        })
+    };
+    let (store, writer): (Store<MirrorRegistry>, _) = reflector::store();
+    let ctx = Arc::new(Context::new(
+        client,
+        settings(),
+        ProxyConfig::from_yaml("{}").unwrap(),
+        store,
+        "test",
+        Arc::new(Metrics::default()),
+    ));
+    let due = Arc::new(tokio::sync::Notify::new());
+    let (events, watch) = futures::channel::mpsc::unbounded();
+    // What the controller would consume (reconciles are not the point
+    // here: none runs for a deleted object).
+    let triggers = tokio::spawn(changes(watch, writer, due.clone()).for_each(|_| async {}));
+    let publisher = tokio::spawn(publish_table(ctx, due));
+
+    let keep = cr("keep", 1, json!({"host": "ghcr.io"}), true);
+    let gone = cr("gone", 2, json!({"host": "quay.io"}), true);
+    for ev in [
+        watcher::Event::Init,
+        watcher::Event::InitApply(keep),
+        watcher::Event::InitApply(gone.clone()),
+        watcher::Event::InitDone,
+    ] {
+        events.unbounded_send(Ok(ev)).unwrap();
+    }
+    table_lists(&log, &["ghcr.io", "quay.io"]).await;
+    events
+        .unbounded_send(Ok(watcher::Event::Delete(gone)))
+        .unwrap();
+    table_lists(&log, &["ghcr.io"]).await;
+
+    publisher.abort();
+    triggers.abort();
+    server.abort();
+}
