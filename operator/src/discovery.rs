@@ -17,9 +17,10 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -27,12 +28,14 @@ use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_api::discovered::{
     DiscoveredRegistry, DiscoveredRegistryStatus, EXAMPLE_IMAGES, object_name,
 };
-use pullthrough_api::names::{DOCKER_HUB, reserved_host, validate_host};
+use pullthrough_api::names::{DOCKER_HUB, claim_key, reserved_host, validate_host};
 use pullthrough_api::pins::PinnedImage;
 use serde_json::json;
 
 use crate::FIELD_MANAGER;
 use crate::pins::{spec_images, unfinished};
+use crate::reserved::ReservedNames;
+use crate::table::reason::CLAIMS_NOTHING;
 
 /// At most this many registries are reported at a time (a
 /// DiscoveredRegistry and a `Discovered` Event each), and at most this many
@@ -84,14 +87,33 @@ impl Usage {
     }
 }
 
-/// The hosts MirrorRegistries cover (hosts and aliases, not being deleted).
+/// The hosts MirrorRegistries cover (hosts and aliases, lowercase): those
+/// not being deleted, and not refused from the table for their current
+/// spec (`Accepted=False`). One not reconciled yet counts: it is most
+/// likely accepted (discovery makes only those it may), and without it a
+/// MirrorRegistry just created would be reported, and created again, on
+/// the next run.
 pub fn mirrored<'a>(registries: impl IntoIterator<Item = &'a MirrorRegistry>) -> BTreeSet<String> {
     registries
         .into_iter()
-        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .filter(|r| r.metadata.deletion_timestamp.is_none() && !refused(r))
         .flat_map(|r| std::iter::once(&r.spec.host).chain(&r.spec.aliases))
         .map(|h| h.to_ascii_lowercase())
         .collect()
+}
+
+/// Whether the table refused `r` for its current spec and it claims no
+/// name there. One refused for a CA bundle or Secret it cannot read keeps
+/// its names (a MirrorRegistry made for them would be a duplicate).
+fn refused(r: &MirrorRegistry) -> bool {
+    r.status
+        .as_ref()
+        .and_then(|s| s.condition("Accepted"))
+        .is_some_and(|c| {
+            c.status == "False"
+                && c.observed_generation == r.metadata.generation
+                && CLAIMS_NOTHING.contains(&c.reason.as_str())
+        })
 }
 
 /// What [`unmirrored`] found.
@@ -104,8 +126,9 @@ pub struct Found {
     /// one of them (cut short) for the log.
     pub invalid: usize,
     pub invalid_example: Option<String>,
-    /// The hosts MirrorRegistries cover: a DiscoveredRegistry for one goes
-    /// at once, not after [`UNUSED_GRACE`].
+    /// The hosts MirrorRegistries cover, as they claim them
+    /// ([`claim_key`]): a DiscoveredRegistry for one goes at once, not
+    /// after [`UNUSED_GRACE`].
     pub mirrored: BTreeSet<String>,
 }
 
@@ -114,8 +137,10 @@ pub fn unmirrored<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     mirrored: &BTreeSet<String>,
 ) -> Found {
+    // Compared as the table compares claims: `quay.io:443` is quay.io's,
+    // and a MirrorRegistry made for it would be refused as a duplicate.
     let mut out = Found {
-        mirrored: mirrored.clone(),
+        mirrored: mirrored.iter().map(|h| claim_key(h).to_string()).collect(),
         ..Found::default()
     };
     let mut invalid = BTreeSet::new();
@@ -131,13 +156,15 @@ pub fn unmirrored<'a>(
             // mirror of quay.io (the MirrorRegistry hosts are compared
             // lowercase too). Docker Hub is known by several names in
             // references.
+            // One registry under two spellings (`quay.io`, `quay.io:443`) is
+            // one claim, reported (and created) once.
             let host = match p.registry.to_ascii_lowercase() {
                 h if h == "index.docker.io" || h == "registry-1.docker.io" => {
                     DOCKER_HUB.to_string()
                 }
-                h => h,
+                h => claim_key(&h).to_string(),
             };
-            if mirrored.contains(&host) {
+            if out.mirrored.contains(&host) {
                 continue;
             }
             // References take hosts of any length, labels over 63
@@ -222,7 +249,7 @@ fn plan<'a>(
             continue;
         }
         let since = *unused_since.entry(host.to_string()).or_insert(now);
-        if found.mirrored.contains(host)
+        if found.mirrored.contains(claim_key(host))
             || now.saturating_duration_since(since) >= UNUSED_GRACE
             || report.len() >= MAX_DISCOVERED
         {
@@ -260,17 +287,23 @@ fn plan<'a>(
 
 /// What discovery remembers from one run to the next (a run follows every
 /// change to the pods):
+/// - the names this installation reserves ([`ReservedNames`]);
 /// - the hosts `--discovery=create` makes no MirrorRegistry for, with why:
 ///   names no MirrorRegistry may have (`localhost:5000`, loopback and
-///   link-local IPs), and hosts whose create the API server refused as
-///   invalid. A create that can never succeed would otherwise be tried on
-///   every run;
+///   link-local IPs, the reserved names: the table would refuse it, and it
+///   would take a place under the cap for good), and hosts whose create
+///   the API server refused as invalid. A create that can never succeed
+///   would otherwise be tried on every run;
 /// - since when each reported registry has been unused, for
 ///   [`UNUSED_GRACE`];
 /// - what was left out last run, so that it is logged when it begins, not
 ///   on every run.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Memory {
+    /// The installation's reserved names, without the proxy Service's
+    /// address (read on each run that may create: see [`Creator`]). None:
+    /// only the names every cluster shares are refused.
+    reserved: Option<ReservedNames>,
     uncreatable: BTreeMap<String, String>,
     /// Since when no pod has used the host of a DiscoveredRegistry.
     unused_since: BTreeMap<String, Instant>,
@@ -288,6 +321,33 @@ pub struct Memory {
 /// to create were all there was to it.
 pub type Uncreatable = Memory;
 
+/// The installation's reserved names, as `main` sets them ([`reserve`]).
+static INSTALLATION: OnceLock<ReservedNames> = OnceLock::new();
+
+/// Sets the names [`Memory::default`] reserves: this installation's
+/// ([`crate::context::Settings::reserved_names`] with the base config's
+/// proxy names). Once per process; later calls change nothing.
+// A process-wide value because the pins loop, which keeps the Memory,
+// takes no settings of discovery's but its mode.
+pub fn reserve(names: ReservedNames) {
+    let _ = INSTALLATION.set(names);
+}
+
+/// With the installation's reserved names, when [`reserve`] was called.
+impl Default for Memory {
+    fn default() -> Self {
+        Self {
+            reserved: INSTALLATION.get().cloned(),
+            uncreatable: BTreeMap::new(),
+            unused_since: BTreeMap::new(),
+            over_cap: 0,
+            invalid: 0,
+            create_cap: false,
+            create_forbidden: false,
+        }
+    }
+}
+
 /// Records `now` in `last`; true when it becomes nonzero.
 fn begins(last: &mut usize, now: usize) -> bool {
     let began = *last == 0 && now > 0;
@@ -296,15 +356,31 @@ fn begins(last: &mut usize, now: usize) -> bool {
 }
 
 impl Memory {
-    /// Whether a MirrorRegistry for `host` may be created; the first time
-    /// one may not, says why (once per host, not on every pod change).
-    pub fn may_create(&mut self, host: &str) -> bool {
+    /// A memory reserving `reserved` (and no other installation's names).
+    pub fn with_reserved(reserved: ReservedNames) -> Self {
+        Self {
+            reserved: Some(reserved),
+            ..Self::default()
+        }
+    }
+
+    /// Whether a MirrorRegistry for `host` may be created, given the names
+    /// this run reserves (the installation's and the proxy's address; None:
+    /// the installation's); the first time one may not, says why (once
+    /// per host, not on every pod change).
+    pub fn may_create(&mut self, host: &str, reserved: Option<&ReservedNames>) -> bool {
         if self.uncreatable.contains_key(host) {
             return false;
         }
+        let reserved = reserved.or(self.reserved.as_ref());
         let Some(why) = validate_host(host)
             .err()
             .or_else(|| reserved_host(host).map(String::from))
+            .or_else(|| {
+                reserved
+                    .and_then(|r| r.why(host))
+                    .map(|why| format!("the table refuses it: it is {why}"))
+            })
         else {
             return true;
         };
@@ -391,6 +467,7 @@ pub async fn publish(
         client,
         recorder,
         budget: Budget::Uncounted,
+        reserved: RunReserved::Unread,
     };
     for Report {
         host,
@@ -404,9 +481,7 @@ pub async fn publish(
         let before = existing
             .get(&name)
             .filter(|_| !plan.delete.iter().any(|d| **d == name));
-        if let (Some(d), Mode::Create, true) = (before, mode, in_use)
-            && memory.may_create(host)
-        {
+        if let (Some(d), Mode::Create, true) = (before, mode, in_use) {
             // Found again while create is on: its MirrorRegistry is missing.
             creator.create(d, host, memory).await;
         }
@@ -443,7 +518,7 @@ pub async fn publish(
                 status.images.first().map_or("", String::as_str)
             );
             event(recorder, &written, "Discovered", note).await;
-            if mode == Mode::Create && memory.may_create(host) {
+            if mode == Mode::Create {
                 creator.create(&written, host, memory).await;
             }
         }
@@ -461,17 +536,46 @@ enum Budget {
     Unknown,
 }
 
+/// The names one run reserves.
+#[derive(Debug)]
+enum RunReserved {
+    /// Not read yet: read on the first create of a run, so that a run
+    /// creating nothing reads nothing.
+    Unread,
+    /// The installation's and the proxy Service's address (None: no
+    /// installation's names are known).
+    Read(Option<ReservedNames>),
+    /// The proxy Service could not be read: nothing is created this run.
+    Unknown,
+}
+
 /// Makes the MirrorRegistries of one run.
 struct Creator<'a> {
     client: &'a Client,
     recorder: &'a Recorder,
     budget: Budget,
+    reserved: RunReserved,
 }
 
 impl Creator<'_> {
-    /// Creates the MirrorRegistry for `host` unless [`MAX_DISCOVERED`]
-    /// labelled ones exist.
+    /// Creates the MirrorRegistry for `host` unless `memory` knows it cannot
+    /// have one, the name is reserved, or [`MAX_DISCOVERED`] labelled ones
+    /// exist.
     async fn create(&mut self, found: &DiscoveredRegistry, host: &str, memory: &mut Memory) {
+        if !memory.may_create(host, None) {
+            return;
+        }
+        if let RunReserved::Unread = self.reserved {
+            self.reserved = self.read_reserved(memory.reserved.as_ref()).await;
+        }
+        match &self.reserved {
+            RunReserved::Read(r) => {
+                if !memory.may_create(host, r.as_ref()) {
+                    return;
+                }
+            }
+            RunReserved::Unread | RunReserved::Unknown => return,
+        }
         if let Budget::Uncounted = self.budget {
             self.budget = self.count().await;
         }
@@ -495,6 +599,31 @@ impl Creator<'_> {
                 }
             }
             Budget::Uncounted | Budget::Unknown => {}
+        }
+    }
+
+    /// `installation` and the address nodes reach the proxy at: its
+    /// Service's ClusterIP, as the table's `proxy.address` takes it
+    /// (`crate::observe::node_proxy`). It may change with the Service, so
+    /// it is read on each run that may create.
+    async fn read_reserved(&self, installation: Option<&ReservedNames>) -> RunReserved {
+        let Some(names) = installation else {
+            return RunReserved::Read(None);
+        };
+        let (ns, name) = names.proxy_service();
+        let api = Api::<Service>::namespaced(self.client.clone(), ns);
+        match api.get_opt(name).await {
+            Ok(svc) => {
+                let ip = svc
+                    .and_then(|s| s.spec)
+                    .and_then(|s| s.cluster_ip)
+                    .filter(|ip| !ip.is_empty() && ip != "None");
+                RunReserved::Read(Some(names.clone().with_proxy(&[], ip.as_deref())))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, service = %format!("{ns}/{name}"), "reading the proxy Service for its address; no MirrorRegistry created this run");
+                RunReserved::Unknown
+            }
         }
     }
 
@@ -646,12 +775,12 @@ mod tests {
             "0.0.0.0:5000",
             "Upper.example",
         ] {
-            assert!(!u.may_create(host), "{host}");
-            assert!(!u.may_create(host), "{host}, asked again");
+            assert!(!u.may_create(host, None), "{host}");
+            assert!(!u.may_create(host, None), "{host}, asked again");
         }
-        assert!(u.may_create("ghcr.io"));
-        assert!(u.may_create("registry.example:5000"));
-        assert!(u.may_create("10.0.0.5:5000"));
+        assert!(u.may_create("ghcr.io", None));
+        assert!(u.may_create("registry.example:5000", None));
+        assert!(u.may_create("10.0.0.5:5000", None));
 
         // Refused as invalid: not tried again while pods pull from it.
         let api = |code: u16| {
@@ -661,14 +790,108 @@ mod tests {
         };
         for code in [409, 429, 500, 503] {
             assert!(!u.refused("quay.io", &api(code)), "{code}");
-            assert!(u.may_create("quay.io"), "retried after {code}");
+            assert!(u.may_create("quay.io", None), "retried after {code}");
         }
         assert!(u.refused("quay.io", &api(422)));
-        assert!(!u.may_create("quay.io"));
+        assert!(!u.may_create("quay.io", None));
         // Once no pod pulls from it, a later return is tried once more.
         let still = BTreeMap::from([("ghcr.io".to_string(), Usage::default())]);
         u.keep_only(&still);
-        assert!(u.may_create("quay.io"));
+        assert!(u.may_create("quay.io", None));
+    }
+
+    /// The installation's names (a cluster Service, the proxy's address)
+    /// are refused as the table refuses them: a MirrorRegistry made for
+    /// one would be refused for good and hold a place under the cap.
+    #[test]
+    fn reserved_names_are_not_created() {
+        let reserved = ReservedNames::new("ns", "proxy", "cluster.local", None, &[]);
+        let mut u = Memory::with_reserved(reserved.clone());
+        assert!(!u.may_create("registry.kube-system.svc.cluster.local:5000", None));
+        assert!(u.may_create("10.96.0.50", None));
+        let run = reserved.with_proxy(&[], Some("10.96.0.50"));
+        assert!(!u.may_create("10.96.0.50", Some(&run)));
+        assert!(!u.may_create("10.96.0.50", None), "remembered");
+        assert!(u.may_create("10.96.0.51", Some(&run)));
+    }
+
+    fn mreg_with(
+        name: &str,
+        spec: serde_json::Value,
+        accepted: Option<(&str, &str, i64)>,
+    ) -> MirrorRegistry {
+        let mut m: MirrorRegistry = serde_json::from_value(json!({
+            "apiVersion": "pullthrough.dev/v1alpha1", "kind": "MirrorRegistry",
+            "metadata": {"name": name, "generation": 2},
+            "spec": spec,
+        }))
+        .unwrap();
+        if let Some((status, reason, generation)) = accepted {
+            m.status = Some(
+                serde_json::from_value(json!({"conditions": [{
+                    "type": "Accepted", "status": status, "reason": reason, "message": "",
+                    "lastTransitionTime": "2025-01-01T00:00:00Z",
+                    "observedGeneration": generation,
+                }]}))
+                .unwrap(),
+            );
+        }
+        m
+    }
+
+    /// A MirrorRegistry the table refused, claiming none of its names,
+    /// mirrors nothing; one not reconciled yet, refused for an older spec
+    /// or for a Secret it cannot read (its names stay claimed) still does.
+    /// `quay.io:443` is quay.io's, as the table claims it.
+    #[test]
+    fn refused_registries_mirror_nothing_and_claims_compare_as_the_table_does() {
+        let regs = [
+            mreg_with(
+                "dup",
+                json!({"host": "dup.example"}),
+                Some(("False", "DuplicateHost", 2)),
+            ),
+            mreg_with(
+                "res",
+                json!({"host": "res.example"}),
+                Some(("False", "ReservedHost", 2)),
+            ),
+            mreg_with(
+                "old",
+                json!({"host": "old.example"}),
+                Some(("False", "InvalidSpec", 1)),
+            ),
+            mreg_with(
+                "creds",
+                json!({"host": "creds.example"}),
+                Some(("False", "CredentialsUnavailable", 2)),
+            ),
+            mreg_with("new", json!({"host": "new.example"}), None),
+            mreg_with(
+                "quay",
+                json!({"host": "quay.io"}),
+                Some(("True", "Accepted", 2)),
+            ),
+        ];
+        let m = mirrored(&regs);
+        assert_eq!(
+            m.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["creds.example", "new.example", "old.example", "quay.io"]
+        );
+        let pods = [pod(
+            "a",
+            Some("n1"),
+            "Running",
+            &[
+                "dup.example/x:1",
+                "quay.io:443/x:1",
+                "ghcr.io/o/a:1",
+                "ghcr.io:443/o/b:1",
+            ],
+        )];
+        let found = unmirrored(&pods, &m).hosts;
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["dup.example", "ghcr.io"]);
+        assert_eq!(found["ghcr.io"].images.len(), 2);
     }
 
     #[test]

@@ -172,6 +172,17 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
     };
     let watches_workloads = !args.pins_configmap.is_empty()
         || args.discovery != pullthrough_operator::discovery::Mode::Off;
+    let settings = Settings {
+        api_server_host,
+        ..Settings::from_args(&args)
+    };
+    // Discovery creates no MirrorRegistry the table would refuse as
+    // reserved (the proxy Service's address it reads itself).
+    pullthrough_operator::discovery::reserve(
+        settings
+            .reserved_names()
+            .with_proxy(&base.names, base.proxy.as_ref().map(|p| p.address.as_str())),
+    );
     let pins_task = watches_workloads.then(|| {
         tokio::spawn(pullthrough_operator::pins::run(
             client.clone(),
@@ -189,10 +200,7 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
     });
     let ctrl = tokio::spawn(controller::run(
         client.clone(),
-        Settings {
-            api_server_host,
-            ..Settings::from_args(&args)
-        },
+        settings,
         base,
         identity.clone(),
         metrics.clone(),

@@ -51,6 +51,10 @@ pub mod reason {
     /// With this registry (its CA bundle, mostly) the table ConfigMap
     /// would pass [`super::TABLE_MAX_BYTES`].
     pub const TABLE_TOO_LARGE: &str = "TableTooLarge";
+    /// The reasons whose registry claims none of its names: another
+    /// registry may have them. (One refused for its CA bundle, credentials
+    /// or size keeps them, see [`super::render`].)
+    pub const CLAIMS_NOTHING: &[&str] = &[INVALID_SPEC, DUPLICATE_HOST, RESERVED_HOST];
 }
 
 /// What the table ConfigMap (`config.yaml` and the CA bundle keys) may
@@ -154,6 +158,11 @@ pub fn render(
             .cmp(&ts(b))
             .then_with(|| a.name_any().cmp(&b.name_any()))
     });
+    // The proxy answers to its address and base names as itself; a
+    // registry claiming one would take those requests from it.
+    let reserved = reserved
+        .clone()
+        .with_proxy(&base.names, proxy.as_ref().map(|p| p.address.as_str()));
     let mut claimed: HashMap<String, String> = HashMap::new();
     let mut verdicts = HashMap::new();
     let mut registries = Vec::new();
@@ -403,6 +412,49 @@ mod tests {
         let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
         let hosts: Vec<_> = c.registries.iter().map(|r| r.host.as_str()).collect();
         assert_eq!(hosts, ["quay.io"]);
+    }
+
+    /// The proxy's ClusterIP (the address nodes reach it at) and its base
+    /// config's names are its own: a registry under one, in any spelling
+    /// of the address, would turn every request the proxy must answer as
+    /// itself (path-prefix routing for all registries) into that
+    /// registry's.
+    #[test]
+    fn the_proxys_address_and_names_are_refused() {
+        let proxy: NodeProxy =
+            serde_norway::from_str("address: 10.96.0.50\nhttpPort: 80\n").unwrap();
+        let base = ProxyConfig::from_yaml("names: [pullthrough.example, '[fd00::7]']\n").unwrap();
+        let crs = vec![
+            cr("ip", 1, "host: 10.96.0.50\n"),
+            cr(
+                "ip-port",
+                2,
+                "host: quay.io\naliases: ['10.96.0.50:5000']\n",
+            ),
+            cr("name", 3, "host: pullthrough.example\n"),
+            cr("v6", 4, "host: '[fd00:0::7]:5000'\n"),
+            cr("fine", 5, "host: 10.96.0.51\n"),
+        ];
+        let t = render(
+            &base,
+            &crs,
+            Some(proxy),
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap();
+        for (name, says) in [
+            ("ip", "the proxy's own address"),
+            ("ip-port", "the proxy's own address"),
+            ("name", "`names` of its base config"),
+            ("v6", "`names` of its base config"),
+        ] {
+            let (reason, message) = rejected(&t, name);
+            assert_eq!(reason, reason::RESERVED_HOST, "{name}: {message}");
+            assert!(message.contains(says), "{name}: {message}");
+        }
+        assert_eq!(t.verdicts["fine"], Verdict::Accepted);
     }
 
     #[test]

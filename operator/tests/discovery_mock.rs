@@ -15,6 +15,7 @@ use pullthrough_api::crd::MirrorRegistry;
 use pullthrough_operator::discovery::{
     MAX_DISCOVERED, Memory, Mode, mirrored, publish, unmirrored,
 };
+use pullthrough_operator::reserved::ReservedNames;
 use serde_json::{Value, json};
 
 type Req = http::Request<kube::client::Body>;
@@ -22,6 +23,9 @@ type Resp = http::Response<kube::client::Body>;
 
 const DREG: &str = "/apis/pullthrough.dev/v1alpha1/discoveredregistries";
 const MREG: &str = "/apis/pullthrough.dev/v1alpha1/mirrorregistries";
+/// The proxy Service of [`installation`], and its ClusterIP.
+const PROXY_SVC: &str = "/api/v1/namespaces/pullthrough/services/pullthrough-proxy";
+const PROXY_IP: &str = "10.96.0.50";
 
 /// What the fake API server holds, and what it was asked to write.
 #[derive(Debug, Default)]
@@ -34,6 +38,8 @@ struct Cluster {
     writes: usize,
     /// Most DiscoveredRegistries held at once.
     most_dregs: usize,
+    /// MirrorRegistry creates asked for (made or refused).
+    posts: usize,
 }
 
 fn resp(code: u16, v: &Value) -> Resp {
@@ -123,7 +129,16 @@ impl Cluster {
                 .collect();
             return resp(200, &list("PartialObjectMetadataList", items));
         }
+        if path == PROXY_SVC && method == "GET" {
+            return resp(
+                200,
+                &json!({"apiVersion": "v1", "kind": "Service",
+                        "metadata": {"name": "pullthrough-proxy", "namespace": "pullthrough"},
+                        "spec": {"clusterIP": PROXY_IP, "ports": [{"name": "https", "port": 443}]}}),
+            );
+        }
         if path == MREG && method == "POST" {
+            self.posts += 1;
             let name = body["metadata"]["name"].as_str().unwrap_or_default();
             if self.mregs.contains_key(name) {
                 return status(409, "AlreadyExists");
@@ -194,6 +209,10 @@ struct Harness {
 
 impl Harness {
     fn new() -> Self {
+        Self::with_memory(Memory::default())
+    }
+
+    fn with_memory(memory: Memory) -> Self {
         let (client, cluster) = fake();
         let recorder = Recorder::new(
             client.clone(),
@@ -206,7 +225,7 @@ impl Harness {
             client,
             recorder,
             cluster,
-            memory: Memory::default(),
+            memory,
         }
     }
 
@@ -307,4 +326,68 @@ async fn an_object_named_the_old_way_is_written_again_at_once() {
     let d = c.dregs.get("ghcr.io").expect("ghcr.io written again");
     assert_eq!(d["spec"]["host"], "ghcr.io");
     assert_eq!(d["status"]["pods"], 1);
+}
+
+/// The names of the chart's default release: its proxy Service, the
+/// cluster domain, and what the base config names the proxy.
+fn installation() -> ReservedNames {
+    ReservedNames::new(
+        "pullthrough",
+        "pullthrough-proxy",
+        "cluster.local",
+        Some("10.96.0.1"),
+        &[],
+    )
+    .with_proxy(&["pullthrough.example".into()], None)
+}
+
+/// A pod pulling from the proxy's own ClusterIP (or another of its names)
+/// makes no MirrorRegistry: one would take the proxy's own requests (its
+/// path-prefix routing for every registry), and the table refuses it.
+#[tokio::test]
+async fn the_proxys_own_address_gets_no_mirror_registry() {
+    let p = pod(
+        "apps",
+        "a",
+        &[
+            format!("{PROXY_IP}/x:1"),
+            format!("{PROXY_IP}:443/x:1"),
+            "pullthrough.example/x:1".into(),
+            "10.96.0.1/x:1".into(),
+        ],
+    );
+    let mut h = Harness::with_memory(Memory::with_reserved(installation()));
+    for _ in 0..3 {
+        h.run(Mode::Create, std::slice::from_ref(&p)).await;
+    }
+    let c = h.cluster.lock().unwrap();
+    assert_eq!(c.posts, 0, "{:?}", c.mregs.keys().collect::<Vec<_>>());
+    // Still reported: pods do pull from there, unmirrored.
+    assert!(
+        c.dregs.values().any(|d| d["spec"]["host"] == PROXY_IP),
+        "{:?}",
+        c.dregs.keys()
+    );
+}
+
+/// A cluster Service's name (under `.svc.cluster.local`) is reserved: the
+/// MirrorRegistry would be refused for good and take a place under the
+/// cap. Another registry in the same pod still gets its MirrorRegistry.
+#[tokio::test]
+async fn a_cluster_service_registry_gets_no_mirror_registry() {
+    let p = pod(
+        "apps",
+        "a",
+        &[
+            "registry.kube-system.svc.cluster.local:5000/x:1".into(),
+            "ghcr.io/o/a:1".into(),
+        ],
+    );
+    let mut h = Harness::with_memory(Memory::with_reserved(installation()));
+    for _ in 0..3 {
+        h.run(Mode::Create, std::slice::from_ref(&p)).await;
+    }
+    let c = h.cluster.lock().unwrap();
+    assert_eq!(c.mregs.keys().collect::<Vec<_>>(), ["ghcr.io"]);
+    assert_eq!(c.posts, 1);
 }
