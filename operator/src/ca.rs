@@ -28,8 +28,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ObjectReference, Secret};
 use kube::api::PostParams;
+use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client};
 
 use crate::FIELD_MANAGER;
@@ -47,6 +48,16 @@ pub const REPLACED_CERT_KEY: &str = "replaced.crt";
 /// When each of [`REPLACED_CERT_KEY`]'s certificates was replaced (unix
 /// seconds, comma-separated, in the same order).
 pub const REPLACED_AT_ANNOTATION: &str = "pullthrough.dev/ca-replaced-at";
+/// The Secret keys the CA state is made of; any other key is someone
+/// else's and is kept as it is.
+const STATE_KEYS: [&str; 6] = [
+    CERT_KEY,
+    KEY_KEY,
+    NEXT_CERT_KEY,
+    NEXT_KEY_KEY,
+    PREVIOUS_CERT_KEY,
+    REPLACED_CERT_KEY,
+];
 /// At most this many replaced next CAs are kept (names changing faster
 /// than the overlap would otherwise grow the bundle without bound).
 const MAX_REPLACED: usize = 8;
@@ -368,17 +379,32 @@ pub async fn ensure(
             }
         }
         Some(secret) => {
-            let mut state = CaState::from_secret(&secret)?;
+            let read = CaState::from_secret(&secret)?;
+            let mut state = read.clone();
             if state
                 .step(now, policy, names)
                 .map_err(|e| e.in_secret(&format!("{ns}/{name}")))?
             {
                 let mut updated = state.clone().into_secret(name, ns);
-                keep_foreign_metadata(&secret, &mut updated);
+                keep_foreign(&secret, &mut updated);
                 updated.metadata.resource_version = secret.metadata.resource_version.clone();
-                secrets
+                if let Err(e) = secrets
                     .replace(name, &PostParams::default(), &updated)
-                    .await?;
+                    .await
+                {
+                    // The Secret still holds what was read, which the proxy
+                    // signs with: its bundle is what nodes must trust. A
+                    // bundle whose write failed after the last replace
+                    // would otherwise wait for a replace that may keep
+                    // failing. The step's new CA is in no Secret: not
+                    // published (the next try makes another).
+                    if let Err(pe) =
+                        crate::publish::apply_ca_bundle(client, ns, name, &read.bundle()).await
+                    {
+                        tracing::warn!(error = %pe, configmap = name, "applying the CA trust bundle after a failed rotation step");
+                    }
+                    return Err(e.into());
+                }
                 tracing::info!(
                     secret = name,
                     next = state.next.is_some(),
@@ -393,10 +419,50 @@ pub async fn ensure(
     Ok(state)
 }
 
-/// A rotation step replaces the whole CA Secret: labels and annotations
-/// other tools put on it (a backup selector, a policy engine's marks) are
-/// carried over; ours (`pullthrough.dev/...`) are as the new state says.
-fn keep_foreign_metadata(old: &Secret, new: &mut Secret) {
+/// Reason of the Warning Event a failing CA step records.
+pub const CA_FAILED_REASON: &str = "CAFailed";
+
+/// A Warning Event on the CA Secret `ns/name` saying why a CA step
+/// failed: the log alone goes unseen, and while it fails no rotation or
+/// new names happen (best effort, like every Event).
+pub async fn failure_event(recorder: &Recorder, ns: &str, name: &str, error: &CaError) {
+    let ev = Event {
+        type_: EventType::Warning,
+        reason: CA_FAILED_REASON.into(),
+        note: Some(crate::status::event_note(format!(
+            "CA step failed (retried with backoff): {error}"
+        ))),
+        action: "EnsureCA".into(),
+        secondary: None,
+    };
+    let regarding = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: Some(ns.into()),
+        name: Some(name.into()),
+        ..ObjectReference::default()
+    };
+    if let Err(e) = recorder.publish(&ev, &regarding).await {
+        tracing::warn!(error = %e, "publishing an event");
+    }
+}
+
+/// A rotation step replaces the whole CA Secret: what others put on it is
+/// carried over. Its type, which the API server never lets change (a
+/// Secret made `Opaque`, by an admin or an older release, would refuse
+/// every step); data keys besides the CA state's (a `ca.crt` some tool
+/// reads); labels and annotations (a backup selector, a policy engine's
+/// marks), ours (`pullthrough.dev/...`) as the new state says.
+fn keep_foreign(old: &Secret, new: &mut Secret) {
+    if old.type_.is_some() {
+        new.type_ = old.type_.clone();
+    }
+    let data = new.data.get_or_insert_default();
+    for (k, v) in old.data.iter().flatten() {
+        if !STATE_KEYS.contains(&k.as_str()) {
+            data.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     let annotations = new.metadata.annotations.get_or_insert_default();
     for (k, v) in old.metadata.annotations.iter().flatten() {
         if !k.starts_with("pullthrough.dev/") {

@@ -141,6 +141,14 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         let ns = args.namespace.clone();
         let name = args.ca_name.clone();
         let every = args.ca_check_interval;
+        let metrics = metrics.clone();
+        let recorder = kube::runtime::events::Recorder::new(
+            client.clone(),
+            kube::runtime::events::Reporter {
+                controller: pullthrough_operator::FIELD_MANAGER.into(),
+                instance: Some(identity.clone()),
+            },
+        );
         let mut stop = stop.clone();
         tokio::spawn(async move {
             // The first table is written within seconds of the start (with
@@ -160,6 +168,12 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
                         failures = failures.saturating_add(1);
                         let retry = ca::retry_delay(failures, every);
                         tracing::error!(error = %e, retry_in = ?retry, "CA");
+                        metrics.ca_errors.inc();
+                        // Once per run of failures: the retries back off
+                        // to a second apart, and say the same.
+                        if failures == 1 {
+                            ca::failure_event(&recorder, &ns, &name, &e).await;
+                        }
                     }
                 }
                 tokio::select! {

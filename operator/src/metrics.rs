@@ -1,5 +1,5 @@
-//! Prometheus metrics: reconcile runs, failures by reason, duration, and
-//! the nodes by what their agents report.
+//! Prometheus metrics: reconcile runs, failures by reason, duration, the
+//! nodes by what their agents report, pins and CA failures.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -33,6 +33,7 @@ pub struct Metrics {
     pub pins_images: Gauge,
     pub pins_dropped: Gauge,
     pub pins_write_failures: Counter,
+    pub ca_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -56,6 +57,7 @@ impl Default for Metrics {
         let pins_images = Gauge::default();
         let pins_dropped = Gauge::default();
         let pins_write_failures = Counter::default();
+        let ca_errors = Counter::default();
         registry.register(
             "reconciles",
             "MirrorRegistry reconcile runs",
@@ -101,6 +103,11 @@ impl Default for Metrics {
             "Failed writes of the pins ConfigMap (the proxy keeps the last pins written)",
             pins_write_failures.clone(),
         );
+        registry.register(
+            "ca_errors",
+            "Failed CA steps (creation, rotation, trust bundle; retried with backoff): while it grows the CA is neither rotated nor made for new names",
+            ca_errors.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -112,6 +119,7 @@ impl Default for Metrics {
             pins_images,
             pins_dropped,
             pins_write_failures,
+            ca_errors,
         }
     }
 }
@@ -165,6 +173,11 @@ mod tests {
         assert!(
             text.contains(r#"pullthrough_operator_reconcile_failures_total{reason="kube_api"} 0"#),
             "failure counters exist before the first failure: {text}"
+        );
+        assert!(
+            text.lines()
+                .any(|l| l == "pullthrough_operator_ca_errors_total 0"),
+            "the CA error counter exists before the first error: {text}"
         );
         m.set_nodes(&[(NodeState::Failed, 0)]);
         assert!(
