@@ -17,7 +17,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -298,7 +297,10 @@ fn plan<'a>(
 ///   [`UNUSED_GRACE`];
 /// - what was left out last run, so that it is logged when it begins, not
 ///   on every run.
-#[derive(Debug)]
+///
+/// The operator makes one with [`Memory::new`]; a default one reserves no
+/// installation's names, only those every cluster shares.
+#[derive(Debug, Default)]
 pub struct Memory {
     /// The installation's reserved names, without the proxy Service's
     /// address (read on each run that may create: see [`Creator`]). None:
@@ -317,37 +319,6 @@ pub struct Memory {
     create_forbidden: bool,
 }
 
-/// The name [`crate::pins`] knows [`Memory`] by, from when the hosts not
-/// to create were all there was to it.
-pub type Uncreatable = Memory;
-
-/// The installation's reserved names, as `main` sets them ([`reserve`]).
-static INSTALLATION: OnceLock<ReservedNames> = OnceLock::new();
-
-/// Sets the names [`Memory::default`] reserves: this installation's
-/// ([`crate::context::Settings::reserved_names`] with the base config's
-/// proxy names). Once per process; later calls change nothing.
-// A process-wide value because the pins loop, which keeps the Memory,
-// takes no settings of discovery's but its mode.
-pub fn reserve(names: ReservedNames) {
-    let _ = INSTALLATION.set(names);
-}
-
-/// With the installation's reserved names, when [`reserve`] was called.
-impl Default for Memory {
-    fn default() -> Self {
-        Self {
-            reserved: INSTALLATION.get().cloned(),
-            uncreatable: BTreeMap::new(),
-            unused_since: BTreeMap::new(),
-            over_cap: 0,
-            invalid: 0,
-            create_cap: false,
-            create_forbidden: false,
-        }
-    }
-}
-
 /// Records `now` in `last`; true when it becomes nonzero.
 fn begins(last: &mut usize, now: usize) -> bool {
     let began = *last == 0 && now > 0;
@@ -356,8 +327,10 @@ fn begins(last: &mut usize, now: usize) -> bool {
 }
 
 impl Memory {
-    /// A memory reserving `reserved` (and no other installation's names).
-    pub fn with_reserved(reserved: ReservedNames) -> Self {
+    /// A memory reserving `reserved`: this installation's names
+    /// ([`crate::context::Settings::reserved_names`] with the base
+    /// config's proxy names), which [`crate::pins::Settings`] carries.
+    pub fn new(reserved: ReservedNames) -> Self {
         Self {
             reserved: Some(reserved),
             ..Self::default()
@@ -806,7 +779,7 @@ mod tests {
     #[test]
     fn reserved_names_are_not_created() {
         let reserved = ReservedNames::new("ns", "proxy", "cluster.local", None, &[]);
-        let mut u = Memory::with_reserved(reserved.clone());
+        let mut u = Memory::new(reserved.clone());
         assert!(!u.may_create("registry.kube-system.svc.cluster.local:5000", None));
         assert!(u.may_create("10.96.0.50", None));
         let run = reserved.with_proxy(&[], Some("10.96.0.50"));

@@ -190,13 +190,6 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
         api_server_host,
         ..Settings::from_args(&args)
     };
-    // Discovery creates no MirrorRegistry the table would refuse as
-    // reserved (the proxy Service's address it reads itself).
-    pullthrough_operator::discovery::reserve(
-        settings
-            .reserved_names()
-            .with_proxy(&base.names, base.proxy.as_ref().map(|p| p.address.as_str())),
-    );
     let pins_task = watches_workloads.then(|| {
         tokio::spawn(pullthrough_operator::pins::run(
             client.clone(),
@@ -206,6 +199,11 @@ async fn run(args: Args, base: ProxyConfig) -> i32 {
                 revisions: args.pin_revisions,
                 max_bytes: args.pins_max_bytes,
                 discovery: args.discovery,
+                // Discovery creates no MirrorRegistry the table would
+                // refuse as reserved.
+                reserved: settings
+                    .reserved_names()
+                    .with_proxy(&base.names, base.proxy.as_ref().map(|p| p.address.as_str())),
                 identity: identity.clone(),
             },
             metrics.clone(),

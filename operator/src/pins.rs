@@ -32,6 +32,7 @@ use tokio::sync::watch;
 
 use crate::FIELD_MANAGER;
 use crate::metrics::Metrics;
+use crate::reserved::ReservedNames;
 
 mod stores;
 pub use stores::Slim;
@@ -406,6 +407,10 @@ pub struct Settings {
     /// Size cap of the pins document; [`MAX_PINS_BYTES`] at most.
     pub max_bytes: usize,
     pub discovery: crate::discovery::Mode,
+    /// The names discovery creates no MirrorRegistry for, as the table
+    /// refuses them: this installation's, with the base config's proxy
+    /// names (the proxy Service's address it reads on each run).
+    pub reserved: ReservedNames,
     /// This replica, in the Events it records.
     pub identity: String,
 }
@@ -425,6 +430,7 @@ pub async fn run(
         revisions,
         max_bytes,
         discovery,
+        reserved,
         identity,
     } = settings;
     let max_bytes = max_bytes.min(MAX_PINS_BYTES);
@@ -457,7 +463,7 @@ pub async fn run(
         // Whether the last pins written were truncated, the last write
         // failed: a Warning Event when either begins.
         let (mut truncated, mut failing) = (false, false);
-        let mut uncreatable = crate::discovery::Uncreatable::default();
+        let mut memory = crate::discovery::Memory::new(reserved);
         loop {
             let (p, r, d, st, m, n) = (
                 pods.state(),
@@ -480,8 +486,7 @@ pub async fn run(
                 pods.state().iter().map(|p| p.as_ref()),
                 &crate::discovery::mirrored(mregs.state().iter().map(|m| m.as_ref())),
             );
-            crate::discovery::publish(&client, &recorder, discovery, &found, &mut uncreatable)
-                .await;
+            crate::discovery::publish(&client, &recorder, discovery, &found, &mut memory).await;
             if name.is_empty() {
                 // Discovery only.
             } else if last.as_ref() != Some(&now) {

@@ -356,7 +356,7 @@ async fn the_proxys_own_address_gets_no_mirror_registry() {
             "10.96.0.1/x:1".into(),
         ],
     );
-    let mut h = Harness::with_memory(Memory::with_reserved(installation()));
+    let mut h = Harness::with_memory(Memory::new(installation()));
     for _ in 0..3 {
         h.run(Mode::Create, std::slice::from_ref(&p)).await;
     }
@@ -383,7 +383,7 @@ async fn a_cluster_service_registry_gets_no_mirror_registry() {
             "ghcr.io/o/a:1".into(),
         ],
     );
-    let mut h = Harness::with_memory(Memory::with_reserved(installation()));
+    let mut h = Harness::with_memory(Memory::new(installation()));
     for _ in 0..3 {
         h.run(Mode::Create, std::slice::from_ref(&p)).await;
     }
