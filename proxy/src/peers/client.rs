@@ -1,5 +1,8 @@
 //! Requests to peers: one HTTP/2 connection per peer over mutual TLS,
-//! shared by every blob fetched from it.
+//! shared by every blob fetched from it. One dial per peer at a time:
+//! the requests that find no connection wait for that dial (a burst after
+//! a restart made one TLS handshake each), and share its failure for a
+//! moment rather than each dialling a dead peer in turn.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -18,7 +21,20 @@ use crate::tls::peer::{PEER_NAME, PeerTls};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
-#[derive(Debug, thiserror::Error)]
+/// How long a failed dial answers the requests that waited for it, and
+/// those arriving meanwhile, without another try.
+const DIAL_FAILURE_HOLD: Duration = Duration::from_secs(1);
+
+type Sender = SendRequest<Empty<Bytes>>;
+
+/// A peer's connection, or the last failure to make one.
+#[derive(Debug, Default)]
+struct Slot {
+    conn: Option<Sender>,
+    failed: Option<(std::time::Instant, PeerError)>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PeerError {
     #[error("peer {peer}: {message}")]
     Failed { peer: SocketAddr, message: String },
@@ -29,7 +45,8 @@ pub enum PeerError {
 #[derive(Debug)]
 pub struct PeerClient {
     tls: Arc<PeerTls>,
-    conns: Mutex<HashMap<SocketAddr, SendRequest<Empty<Bytes>>>>,
+    /// Held across a dial (async lock), so one dial runs per peer.
+    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
 }
 
 impl PeerClient {
@@ -80,24 +97,54 @@ impl PeerClient {
         }
     }
 
+    /// Drops the peer's connection (a request on it timed out): the next
+    /// request dials anew. A dial under way is left to finish.
     fn forget(&self, peer: SocketAddr) {
+        let slot = self.slot(peer);
+        if let Ok(mut slot) = slot.try_lock() {
+            slot.conn = None;
+        }
+    }
+
+    fn slot(&self, peer: SocketAddr) -> Arc<tokio::sync::Mutex<Slot>> {
         self.conns
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&peer);
+            .entry(peer)
+            .or_default()
+            .clone()
     }
 
-    async fn sender(&self, peer: SocketAddr) -> Result<SendRequest<Empty<Bytes>>, PeerError> {
-        let cached = self
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&peer)
-            .filter(|s| !s.is_closed())
-            .cloned();
-        if let Some(s) = cached {
-            return Ok(s);
+    async fn sender(&self, peer: SocketAddr) -> Result<Sender, PeerError> {
+        let slot = self.slot(peer);
+        let mut slot = slot.lock().await;
+        if let Some(s) = slot.conn.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(s.clone());
         }
+        if let Some((at, err)) = &slot.failed
+            && at.elapsed() < DIAL_FAILURE_HOLD
+        {
+            return Err(err.clone());
+        }
+        match self.dial(peer).await {
+            Ok(s) => {
+                *slot = Slot {
+                    conn: Some(s.clone()),
+                    failed: None,
+                };
+                Ok(s)
+            }
+            Err(e) => {
+                *slot = Slot {
+                    conn: None,
+                    failed: Some((std::time::Instant::now(), e.clone())),
+                };
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, peer: SocketAddr) -> Result<Sender, PeerError> {
         let failed = |message: String| PeerError::Failed { peer, message };
         let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(peer))
             .await
@@ -140,10 +187,69 @@ impl PeerClient {
                 tracing::debug!(%peer, error = %err, "peer connection ended");
             }
         });
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(peer, sender.clone());
         Ok(sender)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::tls::{AllowedNames, Issuer};
+
+    /// Twenty blob requests to a peer with no connection yet make one
+    /// dial, not twenty; and when that dial fails (here: a peer that
+    /// accepts and never answers the TLS handshake), the requests waiting
+    /// for it fail with it rather than each dialling the dead peer in turn.
+    #[tokio::test]
+    async fn one_dial_per_peer_and_its_failure_is_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let issuer = Issuer::load_or_generate(None, dir.path(), AllowedNames::default()).unwrap();
+        let client = Arc::new(PeerClient::new(Arc::new(PeerTls::new(Arc::new(issuer)))));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let peer = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        {
+            let accepted = Arc::clone(&accepted);
+            // Ends with the test process; the connections stay open, silent.
+            std::thread::spawn(move || {
+                let mut held = Vec::new();
+                for conn in listener.incoming() {
+                    accepted.fetch_add(1, Ordering::SeqCst);
+                    held.push(conn);
+                }
+            });
+        }
+        let started = Instant::now();
+        let asks: Vec<_> = (0..20)
+            .map(|_| {
+                let client = Arc::clone(&client);
+                tokio::spawn(async move {
+                    let path = format!("/v2/app/blobs/sha256:{}", "0".repeat(64));
+                    client
+                        .get(
+                            peer,
+                            "quay.io",
+                            &path,
+                            HeaderMap::new(),
+                            Duration::from_secs(30),
+                        )
+                        .await
+                })
+            })
+            .collect();
+        for ask in asks {
+            assert!(ask.await.unwrap().is_err());
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "dials");
+        // One handshake timeout, not twenty in turn.
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT * 3,
+            "{:?}",
+            started.elapsed()
+        );
     }
 }
