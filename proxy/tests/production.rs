@@ -1057,8 +1057,9 @@ fn admin_json(proxy: &Proxy, path: &str, token: Option<&str>) -> Value {
     v
 }
 
-#[test]
-fn admin_api_lists_purges_and_reports() {
+/// A proxy with admin token `t0ken` for `quay.io`, an upstream with the
+/// busybox fixture.
+fn admin_proxy() -> (common::Upstream, Proxy) {
     let up = common::upstream(Registry::plain().unwrap());
     let proxy = Proxy::start(
         common::proxy_bin(),
@@ -1069,6 +1070,12 @@ fn admin_api_lists_purges_and_reports() {
         ),
     )
     .unwrap();
+    (up, proxy)
+}
+
+#[test]
+fn admin_api_lists_purges_and_reports() {
+    let (up, proxy) = admin_proxy();
     // /status: the hash of the exact file bytes, the registries.
     let status = admin_json(&proxy, "/status", None);
     let file = std::fs::read(proxy.config_path()).unwrap();
@@ -1160,16 +1167,7 @@ fn admin_api_lists_purges_and_reports() {
 /// blob stayed on disk, no longer listed.
 #[test]
 fn a_purge_that_fails_for_one_blob_can_be_retried() {
-    let up = common::upstream(Registry::plain().unwrap());
-    let proxy = Proxy::start(
-        common::proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "adminToken: t0ken\n{}",
-            common::one_registry("quay.io", &up.registry.url(), "")
-        ),
-    )
-    .unwrap();
+    let (up, proxy) = admin_proxy();
     let tok = Some("t0ken");
     let m = &up.busybox.manifests[0];
     let digests: Vec<String> = up
