@@ -2,6 +2,7 @@
 //! which the operator renders from `MirrorRegistry` resources and the
 //! node-agent reads too.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -428,7 +429,7 @@ impl ProxyConfig {
     /// Semantic checks serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         // Per name (see `claim_key`), the registry claiming it.
-        let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut seen: HashMap<Cow<'_, str>, usize> = HashMap::new();
         for (i, reg) in self.registries.iter().enumerate() {
             let at = |k: &str| format!("registries[{i}].{k}");
             validate_reference_host(&reg.host).map_err(|m| ConfigError::new(at("host"), m))?;

@@ -1,5 +1,7 @@
 //! Registry host names as written in image references.
 
+use std::borrow::Cow;
+use std::net::IpAddr;
 use std::ops::Not;
 
 /// Docker Hub's name in image references, and the hosts it is known by.
@@ -108,9 +110,34 @@ pub fn reserved_host(host: &str) -> Option<&'static str> {
 
 /// The name a registry claims `name` under: `host:443` is `host`, the
 /// HTTPS port a client may write out (Go keeps an explicit port) and still
-/// reach the same name. Two registries may not claim one key.
-pub fn claim_key(name: &str) -> &str {
-    name.strip_suffix(":443").unwrap_or(name)
+/// reach the same name; an IP literal is its address, written canonically
+/// (`[fd00:0::1]` and `[FD00::0001]` are `[fd00::1]`, an IPv4-mapped one is
+/// its IPv4 address), since every spelling reaches the same server. Two
+/// registries may not claim one key.
+pub fn claim_key(name: &str) -> Cow<'_, str> {
+    let (host, port) = split_port(name);
+    let port = port.filter(|p| *p != "443");
+    let literal = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    // Names, and what is no IP literal at all, keep their spelling: they
+    // are validated (lowercase) before they claim anything.
+    let Ok(ip) = literal.parse::<IpAddr>() else {
+        return Cow::Borrowed(if port.is_some() { name } else { host });
+    };
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    let host = match ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    };
+    Cow::Owned(match port {
+        Some(p) => format!("{host}:{p}"),
+        None => host,
+    })
 }
 
 /// How registry name `host` is written as the first segment of a mirror
@@ -262,6 +289,29 @@ mod tests {
         for s in ["quay.io", "my_repo", "a_", "_5000", "a_50x"] {
             assert_eq!(from_path_segment(s), None, "{s}");
         }
+    }
+
+    /// One address in any spelling is one claim: a second registry under
+    /// another spelling of it is a duplicate.
+    #[test]
+    fn an_ip_literal_claims_its_address_in_any_spelling() {
+        for h in [
+            "[fd00::1]",
+            "[fd00:0::1]",
+            "[FD00:0000::0001]",
+            "[fd00::1]:443",
+            "[fd00:0:0:0:0:0:0:1]:443",
+        ] {
+            assert_eq!(claim_key(h), "[fd00::1]", "{h}");
+        }
+        assert_eq!(claim_key("[fd00:0::1]:5000"), "[fd00::1]:5000");
+        assert_eq!(claim_key("[::ffff:10.0.0.1]:443"), "10.0.0.1");
+        assert_eq!(claim_key("10.0.0.1:443"), "10.0.0.1");
+        assert_eq!(claim_key("10.0.0.1:5000"), "10.0.0.1:5000");
+        // Names keep their spelling; only the HTTPS port goes.
+        assert_eq!(claim_key("quay.io:443"), "quay.io");
+        assert_eq!(claim_key("quay.io:5000"), "quay.io:5000");
+        assert_eq!(claim_key("[not-an-ip]"), "[not-an-ip]");
     }
 
     #[test]

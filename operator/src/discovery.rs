@@ -139,7 +139,7 @@ pub fn unmirrored<'a>(
     // Compared as the table compares claims: `quay.io:443` is quay.io's,
     // and a MirrorRegistry made for it would be refused as a duplicate.
     let mut out = Found {
-        mirrored: mirrored.iter().map(|h| claim_key(h).to_string()).collect(),
+        mirrored: mirrored.iter().map(|h| claim_key(h).into_owned()).collect(),
         ..Found::default()
     };
     let mut invalid = BTreeSet::new();
@@ -161,7 +161,7 @@ pub fn unmirrored<'a>(
                 h if h == "index.docker.io" || h == "registry-1.docker.io" => {
                     DOCKER_HUB.to_string()
                 }
-                h => claim_key(&h).to_string(),
+                h => claim_key(&h).into_owned(),
             };
             if out.mirrored.contains(&host) {
                 continue;
@@ -248,7 +248,7 @@ fn plan<'a>(
             continue;
         }
         let since = *unused_since.entry(host.to_string()).or_insert(now);
-        if found.mirrored.contains(claim_key(host))
+        if found.mirrored.contains(claim_key(host).as_ref())
             || now.saturating_duration_since(since) >= UNUSED_GRACE
             || report.len() >= MAX_DISCOVERED
         {

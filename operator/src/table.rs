@@ -198,7 +198,7 @@ pub fn render(
         }
         if let Some((n, owner)) = names.iter().find_map(|n| {
             claimed
-                .get(claim_key(n))
+                .get(claim_key(n).as_ref())
                 .map(|o| (n.to_string(), o.clone()))
         }) {
             verdicts.insert(
@@ -211,7 +211,7 @@ pub fn render(
             continue;
         }
         for n in names {
-            claimed.insert(claim_key(n).to_string(), name.clone());
+            claimed.insert(claim_key(n).into_owned(), name.clone());
         }
         let tls = cr.spec.tls.clone().unwrap_or_default();
         let ca_bundle = match (&tls.ca_bundle, &tls.ca_bundle_config_map_ref) {
@@ -506,6 +506,49 @@ mod tests {
             t.hash
         );
         assert_eq!(t.hash, config_hash(t.yaml.as_bytes()));
+    }
+
+    /// One IPv6 address is one claim however it is written (zero runs,
+    /// padding, the HTTPS port): clients reach the same registry by any
+    /// spelling, so two registries under two spellings would be two
+    /// configurations of one host.
+    #[test]
+    fn one_ipv6_address_in_two_spellings_is_claimed_once() {
+        let crs = vec![
+            cr(
+                "first",
+                1,
+                "host: '[fd00::1]'
+",
+            ),
+            cr(
+                "second",
+                2,
+                "host: '[fd00:0000::0001]:443'
+",
+            ),
+            cr(
+                "other-port",
+                3,
+                "host: '[fd00:0::1]:5000'
+",
+            ),
+        ];
+        let t = render(
+            &empty(),
+            &crs,
+            None,
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap();
+        assert_eq!(t.verdicts["first"], Verdict::Accepted);
+        let (reason, message) = rejected(&t, "second");
+        assert_eq!(reason, reason::DUPLICATE_HOST, "{message}");
+        assert!(message.contains("MirrorRegistry first"), "{message}");
+        // Another port is another registry.
+        assert_eq!(t.verdicts["other-port"], Verdict::Accepted);
     }
 
     /// Credentials reach the proxy's Secret only: a table printed for
