@@ -378,13 +378,17 @@ impl KubeApiserver {
     }
 
     /// Waits until `kubectl create --dry-run=server` of `manifest` as
-    /// whoever `kubeconfig` authenticates is refused, and returns why: an
-    /// admission policy is enforced only once the API server's informer
-    /// has it, a moment after it was created.
+    /// whoever `kubeconfig` authenticates is refused with an error that
+    /// contains `because`, and returns the error: an admission policy is
+    /// enforced only once the API server's informer has it, a moment after
+    /// it was created. Any other error (a bad token, a typo in the
+    /// manifest) is not that refusal: the wait goes on, and its timeout
+    /// says what the last error was.
     pub fn wait_until_refused(
         &self,
         kubeconfig: &Path,
         manifest: &str,
+        because: &str,
         timeout: Duration,
     ) -> Result<String> {
         let mut why = String::new();
@@ -397,10 +401,11 @@ impl KubeApiserver {
                 Ok(_) => Ok(false),
                 Err(e) => {
                     why = e.to_string();
-                    Ok(true)
+                    Ok(why.contains(because))
                 }
             },
-        )?;
+        )
+        .map_err(|e| Error::Other(format!("{e}; last error: {why}")))?;
         Ok(why)
     }
 

@@ -69,6 +69,7 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
     api.wait_until_refused(
         &node_a,
         &lease("pullthrough-agent-node-c"),
+        "may write only its own Lease",
         Duration::from_secs(30),
     )
     .unwrap();

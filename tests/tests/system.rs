@@ -494,8 +494,13 @@ fn system_flow(kind: Kind) {
         "apiVersion: coordination.k8s.io/v1\nkind: Lease\n\
          metadata: {{name: pullthrough-agent-not-{NODE}, namespace: {NS}}}\n"
     );
-    api.wait_until_refused(&agent_kubeconfig, &other_node, Duration::from_secs(30))
-        .unwrap();
+    api.wait_until_refused(
+        &agent_kubeconfig,
+        &other_node,
+        "may write only its own Lease",
+        Duration::from_secs(30),
+    )
+    .unwrap();
     // dockerd sees <root>/etc/hosts through a bind mount (pinned inode):
     // the agent runs with that file bind-mounted onto itself, so it writes
     // in place, as in its container (see node-agent/tests/common).
