@@ -1455,7 +1455,11 @@ fn sigterm_drains_a_slow_download_and_exits_zero() {
     let http_addr = proxy.addrs.http;
     let runtime = rt();
     let download = runtime.spawn(fetch(url, Vec::new(), BodyMode::Keep));
-    std::thread::sleep(Duration::from_millis(400));
+    // SIGTERM once the download is under way (its temp file exists).
+    wait_for("the download to start", Duration::from_secs(10), || {
+        Ok(!tmp_entries(&proxy).is_empty())
+    })
+    .unwrap();
     proxy
         .process()
         .unwrap()
@@ -1543,11 +1547,12 @@ fn kill_9_during_misses_leaves_no_partial_entry() {
     let tasks: Vec<_> = layers
         .iter()
         .map(|d| {
-            runtime.spawn(try_fetch(
+            let fetch = runtime.spawn(try_fetch(
                 blob_url(&proxy, "quay.io", "fixture/crash", d),
                 Vec::new(),
                 BodyMode::Keep,
-            ))
+            ));
+            (d, fetch)
         })
         .collect();
     // Kill once some bytes flow, before all is done.
@@ -1556,13 +1561,14 @@ fn kill_9_during_misses_leaves_no_partial_entry() {
     })
     .unwrap();
     proxy.kill().unwrap();
-    for t in tasks {
-        // A cut response is never a complete-looking wrong one.
+    for (d, t) in tasks {
+        // A cut response is never a complete-looking wrong one: a
+        // response that ended cleanly is the very blob asked for.
         if let Ok(r) = runtime.block_on(t).unwrap()
             && r.error.is_none()
             && r.status == StatusCode::OK
         {
-            assert!(layers.contains(&sha256_digest(&r.body)));
+            assert_eq!(sha256_digest(&r.body), *d);
         }
     }
     proxy.start_again().unwrap();
