@@ -185,20 +185,18 @@ fn the_tag_policy_decides_when_the_upstream_is_asked_and_moves_are_counted() {
 fn a_bad_tag_rule_is_refused_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.yaml");
+    // An upstream on a closed loopback port: were the rule accepted, the
+    // proxy would run (stopped after 20 s) and reach nothing.
     std::fs::write(
         &config,
-        "registries:\n  - host: quay.io\n    tagPolicy:\n      - {pattern: ok, ttl: 0s}\n      - {pattern: 'v[0-9', ttl: 1m}\n",
+        format!(
+            "dataDir: {}\nregistries:\n  - host: quay.io\n    upstream: http://127.0.0.1:1\n    tagPolicy:\n      - {{pattern: ok, ttl: 0s}}\n      - {{pattern: 'v[0-9', ttl: 1m}}\n",
+            dir.path().join("data").display()
+        ),
     )
     .unwrap();
-    let out = std::process::Command::new(common::proxy_bin())
-        .arg("--config")
-        .arg(&config)
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    let (code, stderr) = common::run_to_exit(&config);
+    assert_eq!(code, Some(64), "{stderr}");
     assert!(
         stderr.contains("registries[0].tagPolicy[1]") && stderr.contains("v[0-9"),
         "{stderr}"
