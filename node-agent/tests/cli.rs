@@ -10,7 +10,10 @@ use std::fs;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use pullthrough_testbed::net::wait_for;
+use pullthrough_testbed::process::Process;
 
 const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
 
@@ -291,11 +294,19 @@ fn reload_signals_dockerd_through_its_pid_file() {
         .expect("sleep binary");
     let fake = f.root.parent().unwrap().join("dockerd");
     fs::copy(sleep, &fake).unwrap();
-    let mut child = Command::new(&fake).arg("60").spawn().unwrap();
+    let mut fake_cmd = Command::new(&fake);
+    fake_cmd.arg("60");
+    // Stopped by PID when dropped, also when an assert below fails.
+    let mut child = Process::spawn(
+        "dockerd",
+        fake_cmd,
+        f.root.parent().unwrap().join("dockerd.log"),
+    )
+    .unwrap();
     fs::create_dir_all(f.root.join("var/run")).unwrap();
     fs::write(
         f.root.join("var/run/docker.pid"),
-        format!("{}\n", child.id()),
+        format!("{}\n", child.pid()),
     )
     .unwrap();
 
@@ -312,19 +323,17 @@ fn reload_signals_dockerd_through_its_pid_file() {
     assert!(
         text(&o).contains(&format!(
             "sent SIGHUP to dockerd (pid {} from /var/run/docker.pid)",
-            child.id()
+            child.pid()
         )),
         "{}",
         text(&o)
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "fake dockerd got no signal");
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    wait_for("the fake dockerd to exit", Duration::from_secs(10), || {
+        Ok(child.check_running().is_err())
+    })
+    .expect("fake dockerd got no signal");
+    // It has exited: this only reaps it and reads its status.
+    let status = child.stop().unwrap().unwrap();
     assert_eq!(
         status.signal(),
         Some(nix::sys::signal::Signal::SIGHUP as i32)
@@ -337,9 +346,6 @@ fn reload_signals_dockerd_through_its_pid_file() {
 /// refuses, touching nothing, when it does not exit in time.
 #[test]
 fn revert_waits_for_the_running_agent_to_exit() {
-    use pullthrough_testbed::net::wait_for;
-    use pullthrough_testbed::process::Process;
-
     let f = Fixture::new(CONFIG);
     let before = common::snapshot(&f.root);
     let dir = f.root.parent().unwrap().to_path_buf();
