@@ -1375,55 +1375,71 @@ fn an_open_admin_listener_refuses_a_foreign_host_name() {
 
 /// The admin listener on a non-loopback address without a token: probes,
 /// metrics and /status are served (kubelet and the operator need them), the
-/// cache admin API is disabled. The listener binds the wildcard address but
-/// the test only ever connects over loopback.
+/// cache admin API is disabled. The proxy runs in a network namespace the
+/// test creates, listening on an address that exists only there, and is
+/// asked from inside it: nothing is exposed on the machine's interfaces.
 #[test]
 fn exposed_admin_without_a_token_disables_the_admin_api() {
+    use pullthrough_testbed::ns::{NetNs, netns_command};
     let dir = tempfile::tempdir().unwrap();
-    let port = pullthrough_testbed::net::free_port().unwrap();
+    let ip: std::net::IpAddr = "10.254.77.1".parse().unwrap();
+    let netns = NetNs::create(&[ip]).unwrap();
     let config = dir.path().join("c.yaml");
     std::fs::write(
         &config,
         format!(
-            "listen: {{admin: 0.0.0.0:{port}}}\ndataDir: {}\nregistries: []\n",
+            "listen: {{admin: {ip}:9090}}\ndataDir: {}\nregistries: []\n",
             dir.path().join("data").display()
         ),
     )
     .unwrap();
-    let mut cmd = std::process::Command::new(common::proxy_bin());
-    cmd.arg("--config")
-        .arg(&config)
-        .env_remove("PULLTHROUGH_ADMIN_TOKEN");
+    let mut cmd = netns_command(
+        netns.name(),
+        common::proxy_bin(),
+        [std::ffi::OsStr::new("--config"), config.as_os_str()],
+    );
+    cmd.env_remove("PULLTHROUGH_ADMIN_TOKEN");
     let mut proxy = pullthrough_testbed::process::Process::spawn(
         "pullthrough-proxy",
         cmd,
         dir.path().join("proxy.log"),
     )
     .unwrap();
-    let base = format!("http://127.0.0.1:{port}");
-    let readyz = format!("{base}/readyz");
+    // The status a GET answers with, asked inside the namespace (busybox
+    // wget prints each status line on stderr with -S).
+    let status = |path: &str, auth: bool| -> Option<u16> {
+        let mut args = vec!["5", "busybox", "wget", "-S", "-q", "-O", "/dev/null"];
+        if auth {
+            args.extend(["--header", "Authorization: Bearer guess"]);
+        }
+        let url = format!("http://{ip}:9090{path}");
+        args.push(&url);
+        let out = netns_command(netns.name(), "timeout", &args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .rev()
+            .find_map(|l| {
+                l.trim_start()
+                    .strip_prefix("HTTP/")?
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+    };
     proxy
         .wait_ready("proxy /readyz", Duration::from_secs(30), || {
-            Ok(Get::new(&readyz)
-                .send()
-                .is_ok_and(|r| r.status.is_success()))
+            Ok(status("/readyz", false) == Some(200))
         })
         .unwrap();
     for open in ["/healthz", "/status", "/metrics", "/ca.crt"] {
-        let url = format!("{base}{open}");
-        assert_eq!(
-            Get::new(&url).send().unwrap().status,
-            StatusCode::OK,
-            "{open}"
-        );
+        assert_eq!(status(open, false), Some(200), "{open}");
     }
     for closed in ["/admin/stats", "/admin/cache"] {
-        let url = format!("{base}{closed}");
-        let resp = Get::new(&url)
-            .header("Authorization", "Bearer guess")
-            .send()
-            .unwrap();
-        assert_eq!(resp.status, StatusCode::FORBIDDEN, "{closed}");
+        assert_eq!(status(closed, true), Some(403), "{closed}");
     }
     assert!(
         proxy.log().contains("/admin/* is disabled"),
