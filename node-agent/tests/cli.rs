@@ -421,3 +421,67 @@ fn revert_waits_for_the_running_agent_to_exit() {
     assert!(log.contains("restored  /etc/hosts"), "{log}");
     common::assert_same_tree(&before, &common::snapshot(&f.root));
 }
+
+/// The node lock is the kernel's `flock`, not the file: an agent killed
+/// with SIGKILL (no destructor runs, its lock file stays behind) leaves
+/// no stale lock, and the next `revert` takes it at once.
+#[test]
+fn a_sigkilled_agent_leaves_no_stale_lock() {
+    let f = Fixture::new(CONFIG);
+    let before = common::snapshot(&f.root);
+    let dir = f.root.parent().unwrap().to_path_buf();
+    let mut run = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"));
+    run.args([
+        "run",
+        "--root",
+        f.root(),
+        "--config-file",
+        f.config(),
+        "--runtime",
+        "docker",
+    ]);
+    let mut running = Process::spawn("agent", run, dir.join("agent.log")).unwrap();
+    running
+        .wait_ready("the agent's first apply", Duration::from_secs(20), || {
+            Ok(
+                fs::read_to_string(f.root.join("var/lib/pullthrough-agent/state.json"))
+                    .is_ok_and(|s| s.contains("lastApply")),
+            )
+        })
+        .unwrap();
+    let revert = || {
+        agent(&[
+            "revert",
+            "--root",
+            f.root(),
+            "--reload-settle",
+            "0s",
+            "--wait-for-agent",
+            "0s",
+        ])
+    };
+    // Held while it runs.
+    let o = revert();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("another pullthrough-agent still runs on this node"),
+        "{}",
+        text(&o)
+    );
+
+    let status = running.kill().unwrap().unwrap();
+    assert_eq!(
+        status.signal(),
+        Some(nix::sys::signal::Signal::SIGKILL as i32)
+    );
+    assert!(
+        f.root.join("run/pullthrough-agent.lock").exists(),
+        "SIGKILL leaves the lock file behind"
+    );
+    // Free at once: no wait allowed.
+    let o = revert();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("restored  /etc/hosts"), "{}", text(&o));
+    // The revert took the leftover file over and removed it with the rest.
+    common::assert_same_tree(&before, &common::snapshot(&f.root));
+}
