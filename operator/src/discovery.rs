@@ -19,7 +19,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -35,6 +35,11 @@ use crate::FIELD_MANAGER;
 use crate::pins::{spec_images, unfinished};
 use crate::reserved::ReservedNames;
 use crate::table::reason::CLAIMS_NOTHING;
+
+mod create;
+
+use create::{Budget, Creator, RunReserved};
+pub use create::{adopt, adopted_by_admin};
 
 /// At most this many registries are reported at a time (a
 /// DiscoveredRegistry and a `Discovered` Event each), and at most this many
@@ -498,211 +503,7 @@ pub async fn publish(
     }
 }
 
-/// How many more MirrorRegistries `create` may make this run.
-#[derive(Debug, Clone, Copy)]
-enum Budget {
-    /// Not counted yet: counted on the first create of a run, so that a run
-    /// creating nothing lists nothing.
-    Uncounted,
-    Left(usize),
-    /// The count failed: nothing is created this run.
-    Unknown,
-}
-
-/// The names one run reserves.
-#[derive(Debug)]
-enum RunReserved {
-    /// Not read yet: read on the first create of a run, so that a run
-    /// creating nothing reads nothing.
-    Unread,
-    /// The installation's and the proxy Service's address (None: no
-    /// installation's names are known).
-    Read(Option<ReservedNames>),
-    /// The proxy Service could not be read: nothing is created this run.
-    Unknown,
-}
-
-/// Makes the MirrorRegistries of one run.
-struct Creator<'a> {
-    client: &'a Client,
-    recorder: &'a Recorder,
-    budget: Budget,
-    reserved: RunReserved,
-}
-
-impl Creator<'_> {
-    /// Creates the MirrorRegistry for `host` unless `memory` knows it cannot
-    /// have one, the name is reserved, or [`MAX_DISCOVERED`] labelled ones
-    /// exist.
-    async fn create(&mut self, found: &DiscoveredRegistry, host: &str, memory: &mut Memory) {
-        if !memory.may_create(host, None) {
-            return;
-        }
-        if let RunReserved::Unread = self.reserved {
-            self.reserved = self.read_reserved(memory.reserved.as_ref()).await;
-        }
-        match &self.reserved {
-            RunReserved::Read(r) => {
-                if !memory.may_create(host, r.as_ref()) {
-                    return;
-                }
-            }
-            RunReserved::Unread | RunReserved::Unknown => return,
-        }
-        if let Budget::Uncounted = self.budget {
-            self.budget = self.count().await;
-        }
-        match self.budget {
-            Budget::Left(0) => {
-                if !memory.create_cap {
-                    tracing::warn!(
-                        max = MAX_DISCOVERED,
-                        "as many MirrorRegistries as discovery creates exist (label {DISCOVERED_LABEL}); no more are created"
-                    );
-                }
-                memory.create_cap = true;
-            }
-            Budget::Left(n) => {
-                memory.create_cap = false;
-                match create_mirror(self.client, self.recorder, found, host, memory).await {
-                    Created::Yes => self.budget = Budget::Left(n.saturating_sub(1)),
-                    Created::No => {}
-                    // The others would be refused too.
-                    Created::Forbidden => self.budget = Budget::Unknown,
-                }
-            }
-            Budget::Uncounted | Budget::Unknown => {}
-        }
-    }
-
-    /// `installation` and the address nodes reach the proxy at: its
-    /// Service's ClusterIP, as the table's `proxy.address` takes it
-    /// (`crate::observe::node_proxy`). It may change with the Service, so
-    /// it is read on each run that may create.
-    async fn read_reserved(&self, installation: Option<&ReservedNames>) -> RunReserved {
-        let Some(names) = installation else {
-            return RunReserved::Read(None);
-        };
-        let (ns, name) = names.proxy_service();
-        let api = Api::<Service>::namespaced(self.client.clone(), ns);
-        match api.get_opt(name).await {
-            Ok(svc) => {
-                let ip = svc
-                    .and_then(|s| s.spec)
-                    .and_then(|s| s.cluster_ip)
-                    .filter(|ip| !ip.is_empty() && ip != "None");
-                RunReserved::Read(Some(names.clone().with_proxy(&[], ip.as_deref())))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, service = %format!("{ns}/{name}"), "reading the proxy Service for its address; no MirrorRegistry created this run");
-                RunReserved::Unknown
-            }
-        }
-    }
-
-    async fn count(&self) -> Budget {
-        let api = Api::<MirrorRegistry>::all(self.client.clone());
-        let lp = ListParams::default().labels(&format!("{DISCOVERED_LABEL}=true"));
-        match api.list_metadata(&lp).await {
-            Ok(l) => Budget::Left(MAX_DISCOVERED.saturating_sub(l.items.len())),
-            Err(e) => {
-                tracing::warn!(error = %e, "counting the MirrorRegistries discovery created; none created this run");
-                Budget::Unknown
-            }
-        }
-    }
-}
-
-/// What [`create_mirror`] did.
-#[derive(Debug, PartialEq, Eq)]
-enum Created {
-    Yes,
-    No,
-    /// Refused for RBAC: no create is tried again this run.
-    Forbidden,
-}
-
-/// Creates the MirrorRegistry for `host` (defaults: `https://<host>`, every
-/// runtime). It keeps [`DISCOVERED_LABEL`] until the admin edits its spec
-/// ([`adopted_by_admin`]).
-async fn create_mirror(
-    client: &Client,
-    recorder: &Recorder,
-    found: &DiscoveredRegistry,
-    host: &str,
-    memory: &mut Memory,
-) -> Created {
-    let api = Api::<MirrorRegistry>::all(client.clone());
-    let name = object_name(host);
-    let obj = json!({
-        "apiVersion": "pullthrough.dev/v1alpha1",
-        "kind": "MirrorRegistry",
-        "metadata": {"name": name, "labels": {DISCOVERED_LABEL: "true"}},
-        "spec": {"host": host},
-    });
-    let mreg: MirrorRegistry = match serde_json::from_value(obj) {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(%host, error = %e, "building the MirrorRegistry");
-            return Created::No;
-        }
-    };
-    match api.create(&Default::default(), &mreg).await {
-        Ok(_) => {
-            memory.create_forbidden = false;
-            tracing::info!(%host, mirrorregistry = %name, "MirrorRegistry created for a discovered registry");
-            event(
-                recorder,
-                found,
-                "MirrorRegistryCreated",
-                format!("created MirrorRegistry {name} (discovery.create)"),
-            )
-            .await;
-            return Created::Yes;
-        }
-        // The chart grants `create` by a binding of its own, which its
-        // uninstall hook deletes first: from then on every replica is
-        // refused at once, whatever mode it runs in. Said once, not per
-        // host and run.
-        Err(kube::Error::Api(e)) if e.code == 403 => {
-            if !memory.create_forbidden {
-                tracing::warn!(%host, error = %e.message, "not allowed to create MirrorRegistries (RBAC; the chart's uninstall hook removes that grant first): discovered registries are only reported");
-            }
-            memory.create_forbidden = true;
-            return Created::Forbidden;
-        }
-        Err(kube::Error::Api(e)) if e.code == 409 => {
-            tracing::info!(%host, mirrorregistry = %name, "a MirrorRegistry of that name exists; not created");
-        }
-        Err(e) if memory.refused(host, &e) => {
-            tracing::warn!(%host, error = %e, "the MirrorRegistry was refused; not tried again while pods pull from the host");
-        }
-        Err(e) => tracing::warn!(%host, error = %e, "creating the MirrorRegistry"),
-    }
-    Created::No
-}
-
-/// Whether `obj` is one discovery created (labelled [`DISCOVERED_LABEL`])
-/// whose spec someone has edited since (generation past 1): an admin
-/// who added credentials or a CA made it theirs. Such an object loses the
-/// label ([`adopt`]), so the chart's uninstall hook, which deletes the
-/// labelled ones, keeps it, and the cap no longer counts it.
-pub fn adopted_by_admin(obj: &MirrorRegistry) -> bool {
-    obj.labels()
-        .get(DISCOVERED_LABEL)
-        .is_some_and(|v| v == "true")
-        && obj.metadata.generation.is_some_and(|g| g > 1)
-}
-
-/// Removes [`DISCOVERED_LABEL`] from MirrorRegistry `name`.
-pub async fn adopt(client: &Client, name: &str) -> Result<(), kube::Error> {
-    let api = Api::<MirrorRegistry>::all(client.clone());
-    let patch = json!({"metadata": {"labels": {DISCOVERED_LABEL: null}}});
-    api.patch(name, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-        .map(|_| ())
-}
-
+/// A Normal Event on `obj`; a failure to publish it is logged.
 async fn event(recorder: &Recorder, obj: &DiscoveredRegistry, reason: &str, note: String) {
     let ev = Event {
         type_: EventType::Normal,
