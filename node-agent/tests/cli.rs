@@ -485,3 +485,93 @@ fn a_sigkilled_agent_leaves_no_stale_lock() {
     // The revert took the leftover file over and removed it with the rest.
     common::assert_same_tree(&before, &common::snapshot(&f.root));
 }
+
+/// SIGTERM and SIGINT stop `run` without reverting, also when the signal
+/// lands while the loop is busy (here: a readiness probe the proxy never
+/// answers) rather than waiting for its next tick.
+#[test]
+fn run_stops_on_sigterm_and_sigint_without_reverting() {
+    use nix::sys::signal::Signal;
+    use std::net::TcpListener;
+
+    for sig in [Signal::SIGTERM, Signal::SIGINT] {
+        // Accepts probes and never answers them.
+        let ready = TcpListener::bind("127.0.0.1:0").unwrap();
+        ready.set_nonblocking(true).unwrap();
+        let f = Fixture::new(&CONFIG.replace(
+            "  caFile: ca.crt",
+            &format!(
+                "  readyUrl: http://{}/readyz\n  caFile: ca.crt",
+                ready.local_addr().unwrap()
+            ),
+        ));
+        let dir = f.root.parent().unwrap().to_path_buf();
+        let mut run = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"));
+        run.args([
+            "run",
+            "--root",
+            f.root(),
+            "--config-file",
+            f.config(),
+            "--runtime",
+            "docker",
+            "--probe-interval",
+            "100ms",
+            "--probe-timeout",
+            "2s",
+        ]);
+        let mut running = Process::spawn("agent", run, dir.join("agent.log")).unwrap();
+        running
+            .wait_ready("the agent's first apply", Duration::from_secs(20), || {
+                Ok(
+                    fs::read_to_string(f.root.join("var/lib/pullthrough-agent/state.json"))
+                        .is_ok_and(|s| s.contains("lastApply")),
+                )
+            })
+            .unwrap();
+        let mut applied = common::snapshot(&f.root);
+        // The lock file goes with its holder.
+        assert!(
+            applied
+                .remove(Path::new("run/pullthrough-agent.lock"))
+                .is_some()
+        );
+        // A probe after the apply is in flight: its connection is accepted
+        // and held unanswered (the earlier ones are dropped first).
+        let mut held = Vec::new();
+        while let Ok((s, _)) = ready.accept() {
+            drop(s);
+        }
+        running
+            .wait_ready(
+                "a probe in flight",
+                Duration::from_secs(20),
+                || match ready.accept() {
+                    Ok((s, _)) => {
+                        held.push(s);
+                        Ok(true)
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(false),
+                    Err(e) => panic!("accept: {e}"),
+                },
+            )
+            .unwrap();
+
+        running.signal(sig).unwrap();
+        wait_for(
+            &format!("the agent to stop on {sig}"),
+            Duration::from_secs(15),
+            || Ok(running.check_running().is_err()),
+        )
+        .unwrap_or_else(|e| panic!("{e}\n{}", running.log()));
+        // It has exited: this only reaps it and reads its status.
+        let status = running.stop().unwrap().unwrap();
+        let log = running.log();
+        assert!(status.success(), "{sig}: {status:?}: {log}");
+        assert!(
+            log.contains(&format!("{}: stopping", sig.as_str())),
+            "{log}"
+        );
+        common::assert_same_tree(&applied, &common::snapshot(&f.root));
+    }
+}

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::config::AgentConfig;
 use crate::engine::{self, ApplyOptions};
@@ -138,8 +139,12 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         _ => None,
     };
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(RunError::Signal)?;
+    // Streams made once, up front: a signal that lands while the loop body
+    // runs (a probe, an apply) waits in them for the next `select!`. A
+    // fresh `ctrl_c()` per turn would lose one: tokio drops a signal
+    // nobody listens for at that moment.
+    let mut term = signal(SignalKind::terminate()).map_err(RunError::Signal)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(RunError::Signal)?;
     // Held until the process ends; see `crate::lock`. Waits (beating the
     // liveness heartbeat) while a terminating agent of a rolling update
     // still holds it.
@@ -159,7 +164,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
         tokio::select! {
             () = tokio::time::sleep(TICK) => {}
             _ = term.recv() => return Ok(()),
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = int.recv() => return Ok(()),
         }
     };
     let mut health = HealthCheck::new(
@@ -181,7 +186,7 @@ pub async fn run(opts: RunOptions) -> Result<(), RunError> {
                 tracing::info!("SIGTERM: stopping (the node keeps its config; `pullthrough-agent revert` undoes it)");
                 return Ok(());
             }
-            _ = tokio::signal::ctrl_c() => {
+            _ = int.recv() => {
                 tracing::info!("SIGINT: stopping (the node keeps its config)");
                 return Ok(());
             }

@@ -112,11 +112,7 @@ pub fn assert_same_tree(
             diff.push(format!("new: {}", p.display()));
         }
     }
-    assert!(
-        diff.is_empty(),
-        "tree differs after revert:\n{}",
-        diff.join("\n")
-    );
+    assert!(diff.is_empty(), "trees differ:\n{}", diff.join("\n"));
 }
 
 /// An upstream registry with the runnable busybox pushed as each of `repos`
