@@ -557,7 +557,13 @@ pub async fn run(
     );
     let table = tokio::spawn(publish_table(ctx.clone(), due));
     let node_metrics = tokio::spawn(refresh_node_metrics(ctx.clone()));
+    // A render that moved another registry's verdict reconciles them all.
+    let others = futures::stream::unfold(ctx.clone(), |ctx| async move {
+        ctx.state.publisher.others_changed().await;
+        Some(((), ctx))
+    });
     controller
+        .reconcile_all_on(others)
         .graceful_shutdown_on(async move {
             let _ = stop.wait_for(|s| *s).await;
         })

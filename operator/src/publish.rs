@@ -4,7 +4,7 @@
 //! what they would hold changed. (The CA ConfigMap is published by
 //! `ca::ensure`, next to the CA it is derived from.)
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -42,6 +42,12 @@ pub struct Publisher {
     ca_names: Option<tokio::sync::watch::Sender<Option<PermittedNames>>>,
     /// The last [`HISTORY`] tables written: hash and entry digests.
     history: std::sync::Mutex<std::collections::VecDeque<(String, BTreeMap<String, String>)>>,
+    /// Notified when a render gives a registry other than the one being
+    /// reconciled another verdict (one deleted frees a host for its
+    /// duplicate; a new one takes an alias): the controller then
+    /// reconciles them all, so their status follows at once instead of at
+    /// their next resync.
+    others_due: tokio::sync::Notify,
 }
 
 /// Tables remembered for [`Publisher::tables_with_entry`]: enough for the
@@ -87,7 +93,14 @@ impl Publisher {
             last: Default::default(),
             ca_names: Some(ca_names),
             history: Default::default(),
+            others_due: Default::default(),
         }
+    }
+
+    /// Waits until a render changed the verdict of a registry other than
+    /// the one it was made for (see `others_due`).
+    pub async fn others_changed(&self) {
+        self.others_due.notified().await;
     }
 
     /// Hashes of the remembered tables (the current one included once
@@ -181,6 +194,11 @@ impl Publisher {
             &refs,
             &settings.reserved_names(),
         )?);
+        if let Some(l) = last.as_ref()
+            && verdicts_moved(&l.table.verdicts, &t.verdicts, name.as_deref())
+        {
+            self.others_due.notify_one();
+        }
         if let Some(l) = last.as_mut()
             && l.table.hash == t.hash
             && l.table.credentials == t.credentials
@@ -232,6 +250,24 @@ impl Publisher {
         self.tell_ca(&t);
         Ok(t)
     }
+}
+
+/// Whether a registry other than `except` is accepted in `new` where it
+/// was not in `old`, or the other way round, or refused for another
+/// reason. Messages alone do not count: one that quotes an API error may
+/// differ at every render, and each change sets off a reconcile of all.
+/// A registry gone from `new` has no status left to write.
+fn verdicts_moved(
+    old: &HashMap<String, Verdict>,
+    new: &HashMap<String, Verdict>,
+    except: Option<&str>,
+) -> bool {
+    let kind = |v: &Verdict| match v {
+        Verdict::Accepted => None,
+        Verdict::Rejected { reason, .. } => Some(reason.clone()),
+    };
+    new.iter()
+        .any(|(name, v)| Some(name.as_str()) != except && old.get(name).map(kind) != Some(kind(v)))
 }
 
 /// The table ConfigMap: `config.yaml`, its hash as an annotation, and the
@@ -370,5 +406,48 @@ mod tests {
         assert_eq!(s["data"]["reg.lan.json"], "e30=");
         assert!(s.get("stringData").is_none());
         assert_eq!(s["metadata"]["labels"][MANAGED_BY_LABEL], FIELD_MANAGER);
+    }
+
+    fn rejected(reason: &str, message: &str) -> Verdict {
+        Verdict::Rejected {
+            reason: reason.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Only another registry's acceptance or reason counts: a message that
+    /// changes at every render (an API error quoted) must not set off a
+    /// reconcile of all at every render, and the registry being
+    /// reconciled writes its own status anyway.
+    #[test]
+    fn only_another_registrys_acceptance_or_reason_moves() {
+        let old = HashMap::from([
+            ("a".to_string(), Verdict::Accepted),
+            ("b".to_string(), rejected("DuplicateHost", "claimed by a")),
+        ]);
+        let freed = HashMap::from([("b".to_string(), Verdict::Accepted)]);
+        assert!(verdicts_moved(&old, &freed, None));
+        assert!(verdicts_moved(&old, &freed, Some("a")));
+        assert!(!verdicts_moved(&old, &freed, Some("b")));
+        let reworded = HashMap::from([
+            ("a".to_string(), Verdict::Accepted),
+            (
+                "b".to_string(),
+                rejected("DuplicateHost", "claimed by a, 2nd"),
+            ),
+        ]);
+        assert!(!verdicts_moved(&old, &reworded, None));
+        let other_reason = HashMap::from([
+            ("a".to_string(), Verdict::Accepted),
+            ("b".to_string(), rejected("InvalidSpec", "bad")),
+        ]);
+        assert!(verdicts_moved(&old, &other_reason, None));
+        let added = HashMap::from([
+            ("a".to_string(), Verdict::Accepted),
+            ("b".to_string(), rejected("DuplicateHost", "claimed by a")),
+            ("c".to_string(), Verdict::Accepted),
+        ]);
+        assert!(verdicts_moved(&old, &added, None));
+        assert!(!verdicts_moved(&old, &added, Some("c")));
     }
 }

@@ -1903,3 +1903,30 @@ fn a_status_only_change_does_not_trigger_a_reconcile() {
     assert!(reconciles(port) > settled);
     proc.stop().unwrap();
 }
+
+/// A change to one registry that moves another's verdict (here: deleting
+/// the registry that held quay.io frees it for its duplicate) updates the
+/// other's status at once. Before, the duplicate kept `DuplicateHost`
+/// until its own resync (10 minutes here), though the table already
+/// served it.
+#[test]
+fn a_verdict_moved_by_another_registry_shows_without_waiting_for_the_resync() {
+    let api = KubeApiserver::start().expect("test bed kube-apiserver");
+    install(&api);
+    let fake = fake_proxy(json!({"configHash": "none", "registries": []}));
+    let mut op = Operator::new(&api, &fake, &["--resync-interval", "10m"]);
+    let (proc, _) = op.start();
+    apply(&api, "first", json!({"host": "quay.io"})).unwrap();
+    wait_cond(&api, "first", "Accepted", "True", Some("Valid"));
+    std::thread::sleep(Duration::from_millis(1100)); // distinct creationTimestamps
+    apply(&api, "second", json!({"host": "quay.io"})).unwrap();
+    wait_cond(&api, "second", "Accepted", "False", Some("DuplicateHost"));
+    // No agent reports quay.io: the delete completes at once.
+    api.kubectl(&["delete", "mreg", "first"]).unwrap();
+    wait_table(&api, "quay.io still served", |c| hosts(c) == ["quay.io"]);
+    wait_for("second accepted", TIMEOUT, || {
+        let s = mreg(&api, "second").unwrap();
+        Ok(cond(&s, "Accepted").is_some_and(|c| c["status"] == "True"))
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", proc.log_tail(4000)));
+}
