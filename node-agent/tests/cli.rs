@@ -340,17 +340,10 @@ fn reload_signals_dockerd_through_its_pid_file() {
     );
 }
 
-/// `helm uninstall` starts the revert while the old agent pod may still be
-/// in its grace period, and that loop re-applies when the proxy goes away.
-/// So `revert` waits for a running agent to exit (the node lock), and
-/// refuses, touching nothing, when it does not exit in time.
-#[test]
-fn revert_waits_for_the_running_agent_to_exit() {
-    let f = Fixture::new(CONFIG);
-    let before = common::snapshot(&f.root);
+/// `run` (docker) on the fixture's tree, once its first apply is recorded.
+fn running_agent(f: &Fixture) -> Process {
     let dir = f.root.parent().unwrap().to_path_buf();
-    let bin = env!("CARGO_BIN_EXE_pullthrough-agent");
-    let mut run = Command::new(bin);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"));
     run.args([
         "run",
         "--root",
@@ -369,6 +362,20 @@ fn revert_waits_for_the_running_agent_to_exit() {
             )
         })
         .unwrap();
+    running
+}
+
+/// `helm uninstall` starts the revert while the old agent pod may still be
+/// in its grace period, and that loop re-applies when the proxy goes away.
+/// So `revert` waits for a running agent to exit (the node lock), and
+/// refuses, touching nothing, when it does not exit in time.
+#[test]
+fn revert_waits_for_the_running_agent_to_exit() {
+    let f = Fixture::new(CONFIG);
+    let before = common::snapshot(&f.root);
+    let dir = f.root.parent().unwrap().to_path_buf();
+    let bin = env!("CARGO_BIN_EXE_pullthrough-agent");
+    let mut running = running_agent(&f);
     let applied = common::snapshot(&f.root);
 
     // Not in time: refused, nothing reverted.
@@ -429,26 +436,7 @@ fn revert_waits_for_the_running_agent_to_exit() {
 fn a_sigkilled_agent_leaves_no_stale_lock() {
     let f = Fixture::new(CONFIG);
     let before = common::snapshot(&f.root);
-    let dir = f.root.parent().unwrap().to_path_buf();
-    let mut run = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"));
-    run.args([
-        "run",
-        "--root",
-        f.root(),
-        "--config-file",
-        f.config(),
-        "--runtime",
-        "docker",
-    ]);
-    let mut running = Process::spawn("agent", run, dir.join("agent.log")).unwrap();
-    running
-        .wait_ready("the agent's first apply", Duration::from_secs(20), || {
-            Ok(
-                fs::read_to_string(f.root.join("var/lib/pullthrough-agent/state.json"))
-                    .is_ok_and(|s| s.contains("lastApply")),
-            )
-        })
-        .unwrap();
+    let mut running = running_agent(&f);
     let revert = || {
         agent(&[
             "revert",

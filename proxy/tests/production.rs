@@ -1380,7 +1380,7 @@ fn an_open_admin_listener_refuses_a_foreign_host_name() {
 /// asked from inside it: nothing is exposed on the machine's interfaces.
 #[test]
 fn exposed_admin_without_a_token_disables_the_admin_api() {
-    use pullthrough_testbed::ns::{NetNs, netns_command};
+    use pullthrough_testbed::ns::{NetNs, netns_command, netns_http_status_with};
     let dir = tempfile::tempdir().unwrap();
     let ip: std::net::IpAddr = "10.254.77.1".parse().unwrap();
     let netns = NetNs::create(&[ip]).unwrap();
@@ -1405,30 +1405,14 @@ fn exposed_admin_without_a_token_disables_the_admin_api() {
         dir.path().join("proxy.log"),
     )
     .unwrap();
-    // The status a GET answers with, asked inside the namespace (busybox
-    // wget prints each status line on stderr with -S).
-    let status = |path: &str, auth: bool| -> Option<u16> {
-        let mut args = vec!["5", "busybox", "wget", "-S", "-q", "-O", "/dev/null"];
-        if auth {
-            args.extend(["--header", "Authorization: Bearer guess"]);
-        }
-        let url = format!("http://{ip}:9090{path}");
-        args.push(&url);
-        let out = netns_command(netns.name(), "timeout", &args)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .ok()?;
-        String::from_utf8_lossy(&out.stderr)
-            .lines()
-            .rev()
-            .find_map(|l| {
-                l.trim_start()
-                    .strip_prefix("HTTP/")?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse()
-                    .ok()
-            })
+    // The status a GET answers with, asked inside the namespace.
+    let status = |path: &str, auth: bool| {
+        let headers: &[&str] = if auth {
+            &["Authorization: Bearer guess"]
+        } else {
+            &[]
+        };
+        netns_http_status_with(netns.name(), &format!("http://{ip}:9090{path}"), headers)
     };
     proxy
         .wait_ready("proxy /readyz", Duration::from_secs(30), || {

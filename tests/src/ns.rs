@@ -238,25 +238,30 @@ where
 /// answers. The server certificate is not checked: this is a readiness
 /// probe, never a trust test.
 pub fn netns_http_status(name: &str, url: &str) -> Option<u16> {
+    netns_http_status_with(name, url, &[])
+}
+
+/// [`netns_http_status`] with extra request `headers` (`"Name: value"`).
+pub fn netns_http_status_with(name: &str, url: &str, headers: &[&str]) -> Option<u16> {
     // busybox wget's own `-T` crashes on this machine: bound it with timeout(1).
-    let out = netns_command(
-        name,
-        "timeout",
-        [
-            "5",
-            "busybox",
-            "wget",
-            "-S",
-            "-q",
-            "--no-check-certificate",
-            "-O",
-            "/dev/null",
-            url,
-        ],
-    )
-    .stdin(Stdio::null())
-    .output()
-    .ok()?;
+    let mut args = vec![
+        "5",
+        "busybox",
+        "wget",
+        "-S",
+        "-q",
+        "--no-check-certificate",
+        "-O",
+        "/dev/null",
+    ];
+    for h in headers {
+        args.extend(["--header", h]);
+    }
+    args.push(url);
+    let out = netns_command(name, "timeout", args)
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
     // `-S` prints each status line ("  HTTP/1.1 401 Unauthorized") on
     // stderr, also when the status is an error; the last one counts.
     String::from_utf8_lossy(&out.stderr)
