@@ -354,6 +354,20 @@ mod tests {
         ReservedNames::new("ns", "proxy", "cluster.local", None, &[])
     }
 
+    /// `crs` rendered with an empty base config, no proxy Service, no
+    /// references and the default reserved names.
+    fn render_plain(crs: &[Arc<MirrorRegistry>]) -> Table {
+        render(
+            &empty(),
+            crs,
+            None,
+            &mounts(),
+            &Refs::default(),
+            &reserved(),
+        )
+        .unwrap()
+    }
+
     fn mounts() -> Mounts {
         Mounts {
             table: "/m".into(),
@@ -387,15 +401,7 @@ mod tests {
             ),
             cr("fine", 4, "host: quay.io\n"),
         ];
-        let t = render(
-            &empty(),
-            &crs,
-            None,
-            &mounts(),
-            &Refs::default(),
-            &reserved(),
-        )
-        .unwrap();
+        let t = render_plain(&crs);
         for (name, says) in [
             (
                 "self",
@@ -467,15 +473,7 @@ mod tests {
             cr("dup443", 4, "host: more.io\naliases: ['quay.io:443']\n"),
             cr("bad", 0, "host: bad.io\naliases: [bad.io]\n"),
         ];
-        let t = render(
-            &empty(),
-            &crs,
-            None,
-            &mounts(),
-            &Refs::default(),
-            &reserved(),
-        )
-        .unwrap();
+        let t = render_plain(&crs);
         let c = ProxyConfig::from_yaml(&t.yaml).unwrap();
         let hosts: Vec<_> = c.registries.iter().map(|r| r.host.as_str()).collect();
         assert_eq!(hosts, ["docker.io", "quay.io"]);
@@ -534,15 +532,7 @@ mod tests {
 ",
             ),
         ];
-        let t = render(
-            &empty(),
-            &crs,
-            None,
-            &mounts(),
-            &Refs::default(),
-            &reserved(),
-        )
-        .unwrap();
+        let t = render_plain(&crs);
         assert_eq!(t.verdicts["first"], Verdict::Accepted);
         let (reason, message) = rejected(&t, "second");
         assert_eq!(reason, reason::DUPLICATE_HOST, "{message}");
@@ -582,15 +572,7 @@ mod tests {
             1,
             "host: reg.lan:5000\ntls: {caBundle: \"-----BEGIN CERTIFICATE-----\\nx\\n\"}\n",
         )];
-        let t = render(
-            &empty(),
-            &crs,
-            None,
-            &mounts(),
-            &Refs::default(),
-            &reserved(),
-        )
-        .unwrap();
+        let t = render_plain(&crs);
         assert!(t.extra.contains_key("cabundle-reg.lan_5000.pem"));
         assert!(
             t.yaml.contains("/m/cabundle-reg.lan_5000.pem"),
@@ -617,15 +599,7 @@ mod tests {
             cr("late-small", 3, "host: c.example\n"),
             cr("late-same-host", 4, "host: b.example\n"),
         ];
-        let t = render(
-            &empty(),
-            &crs,
-            None,
-            &mounts(),
-            &Refs::default(),
-            &reserved(),
-        )
-        .unwrap();
+        let t = render_plain(&crs);
         assert_eq!(t.verdicts["older"], Verdict::Accepted);
         assert_eq!(t.verdicts["late-small"], Verdict::Accepted);
         let (reason, message) = rejected(&t, "newer");
