@@ -196,6 +196,47 @@ pub fn log_tails(procs: &[Process], bytes: u64) -> String {
         .join("\n")
 }
 
+/// Runs `cmd` (stdin closed, stdout discarded) until it exits; returns its
+/// exit code and stderr. A command expected to refuse its input and exit
+/// must not hang a test when that regresses: past `limit` it is killed by
+/// PID and this fails.
+pub fn exit_within(cmd: &mut Command, limit: Duration) -> Result<(Option<i32>, String)> {
+    let shown = describe(cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .ctx(|| format!("starting `{shown}`"))?;
+    // Read while it runs: a full pipe would otherwise stall it.
+    let mut stderr = child.stderr.take();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(s) = stderr.as_mut() {
+            let _ = s.read_to_string(&mut text);
+        }
+        text
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().ctx(|| format!("polling `{shown}`"))? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(Error::Timeout {
+                what: format!("`{shown}` to exit"),
+                secs: limit.as_secs_f64(),
+                detail: String::new(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let text = reader.join().unwrap_or_default();
+    Ok((status.code(), text))
+}
+
 /// Runs a command to completion; returns stdout, or an error with both
 /// streams when it fails.
 pub fn run(cmd: &mut Command) -> Result<String> {

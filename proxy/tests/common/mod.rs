@@ -3,10 +3,9 @@
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use pullthrough_testbed::fixtures::{Image, LayoutBuilder};
 use pullthrough_testbed::proxy::{Addrs, Proxy};
@@ -267,33 +266,10 @@ pub fn dockerd_mirroring_docker_hub_to(
 
 /// Runs the proxy to completion (at most 20 s); exit code and stderr.
 pub fn run_to_exit(config: &Path) -> (Option<i32>, String) {
-    let mut child = Command::new(proxy_bin())
-        .arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            return (status.code(), err);
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("the proxy kept running with {}", config.display());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut cmd = Command::new(proxy_bin());
+    cmd.arg("--config").arg(config);
+    pullthrough_testbed::process::exit_within(&mut cmd, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("the proxy with {}: {e}", config.display()))
 }
 
 /// Proxy replicas (issue #12) sharing one CA and a static peer list on
