@@ -340,8 +340,9 @@ fn reload_signals_dockerd_through_its_pid_file() {
     );
 }
 
-/// `run` (docker) on the fixture's tree, once its first apply is recorded.
-fn running_agent(f: &Fixture) -> Process {
+/// `run` (docker, and `extra` flags) on the fixture's tree, once its first
+/// apply is recorded.
+fn running_agent(f: &Fixture, extra: &[&str]) -> Process {
     let dir = f.root.parent().unwrap().to_path_buf();
     let mut run = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"));
     run.args([
@@ -352,7 +353,8 @@ fn running_agent(f: &Fixture) -> Process {
         f.config(),
         "--runtime",
         "docker",
-    ]);
+    ])
+    .args(extra);
     let mut running = Process::spawn("agent", run, dir.join("agent.log")).unwrap();
     running
         .wait_ready("the agent's first apply", Duration::from_secs(20), || {
@@ -375,7 +377,7 @@ fn revert_waits_for_the_running_agent_to_exit() {
     let before = common::snapshot(&f.root);
     let dir = f.root.parent().unwrap().to_path_buf();
     let bin = env!("CARGO_BIN_EXE_pullthrough-agent");
-    let mut running = running_agent(&f);
+    let mut running = running_agent(&f, &[]);
     let applied = common::snapshot(&f.root);
 
     // Not in time: refused, nothing reverted.
@@ -436,7 +438,7 @@ fn revert_waits_for_the_running_agent_to_exit() {
 fn a_sigkilled_agent_leaves_no_stale_lock() {
     let f = Fixture::new(CONFIG);
     let before = common::snapshot(&f.root);
-    let mut running = running_agent(&f);
+    let mut running = running_agent(&f, &[]);
     let revert = || {
         agent(&[
             "revert",
@@ -493,30 +495,8 @@ fn run_stops_on_sigterm_and_sigint_without_reverting() {
                 ready.local_addr().unwrap()
             ),
         ));
-        let dir = f.root.parent().unwrap().to_path_buf();
-        let mut run = Command::new(env!("CARGO_BIN_EXE_pullthrough-agent"));
-        run.args([
-            "run",
-            "--root",
-            f.root(),
-            "--config-file",
-            f.config(),
-            "--runtime",
-            "docker",
-            "--probe-interval",
-            "100ms",
-            "--probe-timeout",
-            "2s",
-        ]);
-        let mut running = Process::spawn("agent", run, dir.join("agent.log")).unwrap();
-        running
-            .wait_ready("the agent's first apply", Duration::from_secs(20), || {
-                Ok(
-                    fs::read_to_string(f.root.join("var/lib/pullthrough-agent/state.json"))
-                        .is_ok_and(|s| s.contains("lastApply")),
-                )
-            })
-            .unwrap();
+        let mut running =
+            running_agent(&f, &["--probe-interval", "100ms", "--probe-timeout", "2s"]);
         let mut applied = common::snapshot(&f.root);
         // The lock file goes with its holder.
         assert!(
