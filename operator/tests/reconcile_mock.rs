@@ -26,6 +26,28 @@ type Resp = http::Response<kube::client::Body>;
 type Entry = (String, String, Value, String);
 type Log = Arc<Mutex<Vec<Entry>>>;
 
+/// The mock API server: each request's method, path and JSON body go to
+/// `respond` and into `log`; it runs until the client is dropped.
+fn serve(
+    mut handle: tower_test::mock::Handle<Req, Resp>,
+    log: Log,
+    mut respond: impl FnMut(&str, &str, &Value) -> Resp + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let method = req.method().to_string();
+            let path = req.uri().path().to_string();
+            let bytes = req.into_body().collect().await.unwrap().to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let resp = respond(&method, &path, &body);
+            log.lock()
+                .unwrap()
+                .push((method, path, body, String::new()));
+            send.send_response(resp);
+        }
+    })
+}
+
 fn cr(name: &str, secs: i64, spec: Value, finalizer: bool) -> MirrorRegistry {
     let mut c: MirrorRegistry = serde_json::from_value(json!({
         "apiVersion": "pullthrough.dev/v1alpha1",
@@ -735,34 +757,21 @@ async fn tag_moves_of_two_replicas_are_each_told_once() {
     let mut settings = settings();
     settings.proxy_status_url = Some(replicas(vec![a, b]).await);
 
-    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let (svc, handle) = tower_test::mock::pair::<Req, Resp>();
     let client = Client::new(svc, "default");
     let obj = Arc::new(Mutex::new(cr("quay", 1, json!({"host": "quay.io"}), true)));
     let (store, mut writer): (Store<MirrorRegistry>, _) = reflector::store();
     writer.apply_watcher_event(&watcher::Event::Apply(obj.lock().unwrap().clone()));
     let current = obj.clone();
     let log: Log = Default::default();
-    let server = {
-        let log = log.clone();
-        tokio::spawn(async move {
-            while let Some((req, send)) = handle.next_request().await {
-                let method = req.method().to_string();
-                let path = req.uri().path().to_string();
-                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let o = serde_json::to_value(&*current.lock().unwrap()).unwrap();
-                if method == "PATCH" && path.ends_with("/quay/status") {
-                    current.lock().unwrap().status =
-                        serde_json::from_value(body["status"].clone()).unwrap();
-                }
-                let resp = answer(&method, &path, &body, &o);
-                log.lock()
-                    .unwrap()
-                    .push((method, path, body, String::new()));
-                send.send_response(resp);
-            }
-        })
-    };
+    let server = serve(handle, log.clone(), move |method, path, body| {
+        let o = serde_json::to_value(&*current.lock().unwrap()).unwrap();
+        if method == "PATCH" && path.ends_with("/quay/status") {
+            current.lock().unwrap().status =
+                serde_json::from_value(body["status"].clone()).unwrap();
+        }
+        answer(method, path, body, &o)
+    });
     let ctx = Arc::new(Context::new(
         client,
         settings,
@@ -840,25 +849,12 @@ async fn a_registry_deleted_without_the_finalizer_leaves_the_table() {
     use futures::StreamExt;
     use pullthrough_operator::controller::{changes, publish_table};
 
-    let (svc, mut handle) = tower_test::mock::pair::<Req, Resp>();
+    let (svc, handle) = tower_test::mock::pair::<Req, Resp>();
     let client = Client::new(svc, "default");
     let log: Log = Default::default();
-    let server = {
-        let log = log.clone();
-        tokio::spawn(async move {
-            while let Some((req, send)) = handle.next_request().await {
-                let method = req.method().to_string();
-                let path = req.uri().path().to_string();
-                let bytes = req.into_body().collect().await.unwrap().to_bytes();
-                let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-                let resp = answer(&method, &path, &body, &Value::Null);
-                log.lock()
-                    .unwrap()
-                    .push((method, path, body, String::new()));
-                send.send_response(resp);
-            }
-        })
-    };
+    let server = serve(handle, log.clone(), |method, path, body| {
+        answer(method, path, body, &Value::Null)
+    });
     let (store, writer): (Store<MirrorRegistry>, _) = reflector::store();
     let ctx = Arc::new(Context::new(
         client,
