@@ -134,19 +134,9 @@ impl Issuer {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let allowed = allowed.normalized();
         let mut next = None;
-        let mut rotated_out = Vec::new();
+        let previous_cert = ca.and_then(|files| files.previous_cert.as_deref());
         let ca = match ca {
             Some(files) => {
-                if let Some(path) = files.previous_cert.as_deref() {
-                    // Only a help to peers during a rotation.
-                    match read_trust_anchors(path) {
-                        Ok(pems) => rotated_out = pems,
-                        Err(e) if e.is_missing() => {}
-                        Err(e) => {
-                            tracing::error!(error = %e, "previous CA not usable; peers still on it are refused")
-                        }
-                    }
-                }
                 if let Some((cert, key)) = files.next() {
                     // Only a help during a rotation: without it the
                     // current CA still serves what it permits.
@@ -171,7 +161,7 @@ impl Issuer {
             ca: ArcSwap::from_pointee(ca),
             next: ArcSwapOption::new(next),
             previous: ArcSwapOption::empty(),
-            rotated_out: ArcSwap::from_pointee(rotated_out),
+            rotated_out: ArcSwap::from_pointee(Vec::new()),
             generation: AtomicU64::new(0),
             allowed: ArcSwap::from_pointee(allowed),
             cache: Mutex::new(Cache::default()),
@@ -179,6 +169,11 @@ impl Issuer {
             builder,
         };
         issuer.warn_unpermitted();
+        // Only a help to peers during a rotation: without it the current
+        // and next CAs are still trusted.
+        if let Err(e) = issuer.reload_previous(previous_cert) {
+            tracing::error!(error = %e, "previous CA not usable; peers still on it are refused");
+        }
         Ok(issuer)
     }
 
