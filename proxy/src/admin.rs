@@ -456,15 +456,12 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
     // The repositories' record of the digests, taken out first (a blob
     // being removed is no longer listed under them) and put back for
     // each blob not removed, so the purge can be retried.
-    let taken = match (&digest, &registry, &repository) {
+    let (targets, taken): (BTreeSet<Digest>, _) = match (&digest, &registry, &repository) {
+        // Also when no repository noted it (cached before this start).
         (Some(d), None, None) => match Digest::parse(d) {
             Ok(d) => {
-                let mut taken = shared.repos.take_digest(&d);
-                if taken.is_empty() {
-                    // Cached before this start: no repository noted it.
-                    taken.push((String::new(), String::new(), d));
-                }
-                taken
+                let taken = shared.repos.take_digest(&d);
+                (BTreeSet::from([d]), taken)
             }
             Err(_) => {
                 return json_response(
@@ -476,7 +473,8 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
         (None, reg, repo) if reg.is_some() || repo.is_some() => {
             shared.tags.purge(reg.as_deref(), repo.as_deref());
             shared.referrers.purge(reg.as_deref(), repo.as_deref());
-            shared.repos.take(reg.as_deref(), repo.as_deref())
+            let taken = shared.repos.take(reg.as_deref(), repo.as_deref());
+            (taken.iter().map(|(_, _, d)| d.clone()).collect(), taken)
         }
         _ => {
             return json_response(
@@ -485,7 +483,6 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
             );
         }
     };
-    let targets: BTreeSet<Digest> = taken.iter().map(|(_, _, d)| d.clone()).collect();
     let mut removed = Vec::new();
     let mut failed = BTreeMap::new();
     let mut bytes = 0u64;
@@ -517,11 +514,9 @@ async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
     if failed.is_empty() {
         return json_response(StatusCode::OK, &json!({"removed": removed, "bytes": bytes}));
     }
-    shared.repos.restore(
-        taken
-            .into_iter()
-            .filter(|(r, _, d)| !r.is_empty() && failed.contains_key(d)),
-    );
+    shared
+        .repos
+        .restore(taken.into_iter().filter(|(_, _, d)| failed.contains_key(d)));
     let failed: Vec<_> = failed
         .into_iter()
         .map(|(d, error)| json!({"digest": d.as_str(), "error": error}))
