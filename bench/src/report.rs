@@ -13,6 +13,20 @@ pub struct Row {
     pub met: Option<bool>,
 }
 
+impl Row {
+    /// "<what>: server CPU per GiB served", a figure with no target.
+    pub fn server_cpu_per_gib(what: &str, pt_ms: f64, ng_ms: f64) -> Self {
+        Self {
+            name: format!("{what}: server CPU per GiB served"),
+            pt: pt_ms,
+            ng: ng_ms,
+            unit: "ms",
+            target: "–".into(),
+            met: None,
+        }
+    }
+}
+
 /// One figure of the scale-out phase: the replicas over a bucket next to
 /// one replica on its disk and nginx (`None`: the figure has no
 /// counterpart there, e.g. a read from the bucket).

@@ -119,14 +119,11 @@ fn hyper_reads(
         target: "≥ 1.0×".into(),
         met: Some(a >= ng),
     });
-    report.rows.push(Row {
-        name: format!("HIT, 1 client, {label}{placed}: server CPU per GiB served"),
-        pt: pt_ms,
-        ng: ng_ms,
-        unit: "ms",
-        target: "–".into(),
-        met: None,
-    });
+    report.rows.push(Row::server_cpu_per_gib(
+        &format!("HIT, 1 client, {label}{placed}"),
+        pt_ms,
+        ng_ms,
+    ));
     Ok(())
 }
 
@@ -168,16 +165,11 @@ impl ZeroCopy {
             target: "≥ 1.0×".into(),
             met: Some(self.pt >= self.ng),
         });
-        report.rows.push(Row {
-            name: format!(
-                "HIT, 1 client, HTTP, zero-copy reader{placed}: server CPU per GiB served"
-            ),
-            pt: self.pt_server_ms,
-            ng: self.ng_server_ms,
-            unit: "ms",
-            target: "–".into(),
-            met: None,
-        });
+        report.rows.push(Row::server_cpu_per_gib(
+            &format!("HIT, 1 client, HTTP, zero-copy reader{placed}"),
+            self.pt_server_ms,
+            self.ng_server_ms,
+        ));
     }
 }
 

@@ -58,14 +58,11 @@ pub fn run(b: &Bench, rt: &Runtime, sizes: &Sizes, report: &mut Report) -> Res<(
             target: "–".into(),
             met: None,
         });
-        report.rows.push(Row {
-            name: format!("HIT, {what}, HTTP/2: server CPU per GiB served"),
-            pt: pt_ms,
-            ng: ng_ms,
-            unit: "ms",
-            target: "–".into(),
-            met: None,
-        });
+        report.rows.push(Row::server_cpu_per_gib(
+            &format!("HIT, {what}, HTTP/2"),
+            pt_ms,
+            ng_ms,
+        ));
     }
     Ok(())
 }
