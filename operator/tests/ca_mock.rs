@@ -16,8 +16,9 @@ use pullthrough_api::pki::PermittedNames;
 use pullthrough_operator::ca::{self, CaPolicy};
 use serde_json::{Value, json};
 
-type Req = http::Request<kube::client::Body>;
-type Resp = http::Response<kube::client::Body>;
+mod common;
+
+use common::{Req, Resp, json_resp as resp};
 
 const SECRET: &str = "/api/v1/namespaces/pullthrough/secrets/pullthrough-ca";
 const CONFIGMAP: &str = "/api/v1/namespaces/pullthrough/configmaps/pullthrough-ca";
@@ -32,14 +33,6 @@ struct Cluster {
     failing: bool,
     /// The trust bundles applied, in order.
     bundles: Vec<String>,
-}
-
-fn resp(code: u16, v: &Value) -> Resp {
-    http::Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(kube::client::Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
 }
 
 fn status(code: u16, reason: &str, message: &str) -> Resp {

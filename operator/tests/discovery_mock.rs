@@ -18,8 +18,9 @@ use pullthrough_operator::discovery::{
 use pullthrough_operator::reserved::ReservedNames;
 use serde_json::{Value, json};
 
-type Req = http::Request<kube::client::Body>;
-type Resp = http::Response<kube::client::Body>;
+mod common;
+
+use common::{Req, Resp, json_resp as resp};
 
 const DREG: &str = "/apis/pullthrough.dev/v1alpha1/discoveredregistries";
 const MREG: &str = "/apis/pullthrough.dev/v1alpha1/mirrorregistries";
@@ -40,14 +41,6 @@ struct Cluster {
     most_dregs: usize,
     /// MirrorRegistry creates asked for (made or refused).
     posts: usize,
-}
-
-fn resp(code: u16, v: &Value) -> Resp {
-    http::Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(kube::client::Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
 }
 
 fn status(code: u16, reason: &str) -> Resp {

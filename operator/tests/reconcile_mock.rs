@@ -19,8 +19,9 @@ use pullthrough_operator::controller::{Context, Settings, reconcile};
 use pullthrough_operator::metrics::Metrics;
 use serde_json::{Value, json};
 
-type Req = http::Request<kube::client::Body>;
-type Resp = http::Response<kube::client::Body>;
+mod common;
+
+use common::{Req, Resp, json_resp};
 
 /// (method, path, body, "content-type?query") of each request.
 type Entry = (String, String, Value, String);
@@ -82,14 +83,6 @@ fn settings() -> Settings {
         api_server_host: None,
         reserved_hosts: Vec::new(),
     }
-}
-
-fn json_resp(code: u16, v: &Value) -> Resp {
-    http::Response::builder()
-        .status(code)
-        .header("content-type", "application/json")
-        .body(kube::client::Body::from(serde_json::to_vec(v).unwrap()))
-        .unwrap()
 }
 
 /// Answers like an API server holding `obj` (the reconciled CR).
