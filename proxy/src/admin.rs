@@ -220,6 +220,7 @@ async fn handle(
             resp
         }
         "/status" => {
+            let trusted = trusted(&req, access);
             let state = shared.state.load();
             let registries: Vec<&str> = state
                 .config
@@ -242,7 +243,11 @@ async fn handle(
                     "configHash": state.config_hash,
                     "registries": registries,
                     "cache": cache,
-                    "tagMoves": visible_moves(shared, &state, trusted(&req, access)),
+                    "tagMoves": visible_moves(shared, &state, trusted),
+                    // So a caller that sent a token learns whether it was
+                    // taken: a wrong one is not refused here (the rest of
+                    // `/status` is for everyone), only shown less.
+                    "tagMovesScope": if trusted { "all" } else { "public" },
                     "upstream": budgets(shared).into_iter().collect::<BTreeMap<_, _>>(),
                 }),
             )

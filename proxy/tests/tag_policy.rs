@@ -235,15 +235,27 @@ fn the_moves_of_a_private_registry_are_listed_only_with_the_admin_token() {
     let status: Value = serde_json::from_slice(&anonymous.body).unwrap();
     assert_eq!(status["cache"]["quay.io"]["tagMoves"], 1, "{status}");
     assert_eq!(status["tagMoves"], serde_json::json!([]), "{status}");
+    assert_eq!(status["tagMovesScope"], "public", "{status}");
     assert!(
         !String::from_utf8_lossy(&anonymous.body).contains("\"app\""),
         "{status}"
     );
+    // A wrong token is not refused (the rest is for everyone) but says it
+    // was not taken, so the operator can tell a misconfigured token.
+    let wrong = Get::new(&url)
+        .header("Authorization", "Bearer not-the-token")
+        .send()
+        .unwrap();
+    assert_eq!(wrong.status, StatusCode::OK);
+    let status: Value = serde_json::from_slice(&wrong.body).unwrap();
+    assert_eq!(status["tagMoves"], serde_json::json!([]), "{status}");
+    assert_eq!(status["tagMovesScope"], "public", "{status}");
 
     let status: Value = serde_json::from_str(&admin(&proxy, "/status")).unwrap();
     let moves = status["tagMoves"].as_array().unwrap();
     assert_eq!(moves.len(), 1, "{status}");
     assert_eq!(moves[0]["repository"], "app");
+    assert_eq!(status["tagMovesScope"], "all", "{status}");
 
     // The private registry leaves the config: its moves, still kept, stay
     // hidden (a registry the config no longer names is not known public).
