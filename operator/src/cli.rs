@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+pub use crate::proxy_status::AdminToken;
+
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
@@ -144,6 +146,20 @@ pub struct Args {
     /// `http://<Service ClusterIP>:<admin port>/status`.
     #[arg(long, value_name = "URL")]
     pub proxy_status_url: Option<String>,
+
+    /// The proxy's admin token (its `adminToken`), sent with `GET /status`:
+    /// the proxy then lists every tag move, so repositories that need
+    /// credentials get `TagMoved` Events too. Without it, or with a token
+    /// the proxy does not take (logged as a warning), only moves in public
+    /// repositories are told. Set it through the environment, not the
+    /// command line, where every user of the node can read it.
+    #[arg(
+        long,
+        env = "PULLTHROUGH_ADMIN_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    pub proxy_admin_token: Option<AdminToken>,
 
     /// The cluster's DNS domain: no MirrorRegistry may claim a name under
     /// it (nor under `.svc`, nor the proxy's own Service names).

@@ -25,6 +25,8 @@ pub struct Settings {
     pub proxy_service: String,
     pub node_ca_file: PathBuf,
     pub proxy_status_url: Option<String>,
+    /// Sent with `GET /status`, so every tag move is listed.
+    pub proxy_admin_token: Option<crate::proxy_status::AdminToken>,
     pub agent_lease_prefix: String,
     pub delete_timeout: Duration,
     pub resync_interval: Duration,
@@ -47,6 +49,7 @@ impl Settings {
             proxy_service: a.proxy_service.clone(),
             node_ca_file: a.node_ca_file.clone(),
             proxy_status_url: a.proxy_status_url.clone(),
+            proxy_admin_token: a.proxy_admin_token.clone(),
             agent_lease_prefix: a.agent_lease_prefix.clone(),
             delete_timeout: a.delete_timeout,
             resync_interval: a.resync_interval,

@@ -3,6 +3,7 @@
 //! counts) and the proxy's `/status`, cached briefly for all reconciles.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::Lease;
@@ -37,9 +38,28 @@ pub struct Observed {
 #[derive(Default)]
 pub struct Observer {
     last: tokio::sync::Mutex<Option<(Instant, Instant, Observed)>>,
+    /// The proxy listed only public tag moves although the operator sent
+    /// its admin token (warned once per change, not per reconcile).
+    token_refused: AtomicBool,
 }
 
 impl Observer {
+    /// Warns when the proxy does not take the admin token the operator
+    /// has: `TagMoved` Events would quietly cover public repositories only.
+    fn check_token_taken(&self, sent: bool, status: &ProxyStatus) {
+        let refused = sent && status.tag_moves_scope.as_deref() == Some("public");
+        if self.token_refused.swap(refused, Ordering::Relaxed) != refused {
+            if refused {
+                tracing::warn!(
+                    "the proxy did not take PULLTHROUGH_ADMIN_TOKEN (not its adminToken): \
+                     TagMoved Events cover public repositories only"
+                );
+            } else {
+                tracing::info!("the proxy takes the admin token again");
+            }
+        }
+    }
+
     /// The cluster as observed at most [`TTL`] ago (`fresh`: now).
     pub async fn observe(
         &self,
@@ -95,7 +115,14 @@ impl Observer {
         }
         let url = settings.proxy_status_url.clone().or(admin);
         let proxy = match url {
-            Some(url) => proxy_status::fetch(&url, PROXY_STATUS_TIMEOUT).await,
+            Some(url) => {
+                let token = settings.proxy_admin_token.as_ref();
+                let status = proxy_status::fetch(&url, token, PROXY_STATUS_TIMEOUT).await;
+                if let Ok(s) = &status {
+                    self.check_token_taken(token.is_some(), s);
+                }
+                status
+            }
             None => Err(format!(
                 "proxy Service {ns}/{} not found and no --proxy-status-url",
                 settings.proxy_service
@@ -174,6 +201,7 @@ mod tests {
             proxy_service: "proxy".into(),
             node_ca_file: PathBuf::from("/ca.crt"),
             proxy_status_url: None,
+            proxy_admin_token: None,
             agent_lease_prefix: "a-".into(),
             delete_timeout: Duration::from_secs(1),
             resync_interval: Duration::from_secs(1),

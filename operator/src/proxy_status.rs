@@ -12,6 +12,32 @@ use pullthrough_api::crd::{CacheStats, UpstreamBudget};
 pub use pullthrough_api::tags::TagMove;
 use serde::Deserialize;
 
+/// The proxy's admin token. Its `Debug` shows no secret, so the settings
+/// that hold it can be logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(…)")
+    }
+}
+
+impl std::str::FromStr for AdminToken {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        // The proxy takes an empty `adminToken` as none: sent, it would
+        // only ever be refused.
+        if s.is_empty() {
+            return Err("the proxy's admin token is empty".into());
+        }
+        http::HeaderValue::from_str(&format!("Bearer {s}"))
+            .map_err(|_| "the proxy's admin token is not a valid header value".to_string())?;
+        Ok(Self(s.to_string()))
+    }
+}
+
 /// What the proxy reports.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -28,16 +54,31 @@ pub struct ProxyStatus {
     /// Per registry host that sent rate-limit figures.
     #[serde(default)]
     pub upstream: BTreeMap<String, UpstreamBudget>,
+    /// Which moves `tag_moves` holds: `all` (the admin token was taken) or
+    /// `public` (older proxies omit it).
+    #[serde(default)]
+    pub tag_moves_scope: Option<String>,
 }
 
-/// Fetches `url` (plain HTTP) within `timeout`; the error is a short reason
-/// for the condition message.
-pub async fn fetch(url: &str, timeout: Duration) -> Result<ProxyStatus, String> {
+/// Fetches `url` (plain HTTP) within `timeout`, with the admin token if
+/// there is one; the error is a short reason for the condition message.
+pub async fn fetch(
+    url: &str,
+    token: Option<&AdminToken>,
+    timeout: Duration,
+) -> Result<ProxyStatus, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
+    let mut req = http::Request::get(uri);
+    if let Some(AdminToken(token)) = token {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| format!("GET {url}: {e}"))?;
     let client = Client::builder(TokioExecutor::new()).build_http::<Empty<bytes::Bytes>>();
     let fut = async {
         let resp = client
-            .get(uri)
+            .request(req)
             .await
             .map_err(|e| format!("GET {url}: {e}"))?;
         let status = resp.status();

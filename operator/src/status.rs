@@ -383,6 +383,7 @@ mod tests {
                 cache: Default::default(),
                 tag_moves: Vec::new(),
                 upstream: Default::default(),
+                tag_moves_scope: None,
             })
             .map_err(String::from);
         let obs = Observed {

@@ -76,6 +76,7 @@ fn settings() -> Settings {
         node_ca_file: PathBuf::from("/etc/pullthrough/ca/ca.crt"),
         // Nothing listens on port 1: ProxyReady=False, ProxyUnreachable.
         proxy_status_url: Some("http://127.0.0.1:1/status".into()),
+        proxy_admin_token: None,
         agent_lease_prefix: "pullthrough-agent-".into(),
         delete_timeout: Duration::from_secs(30),
         resync_interval: Duration::from_secs(30),
