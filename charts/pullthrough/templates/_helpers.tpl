@@ -64,6 +64,27 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "pullthrough.proxyAdminName" -}}{{ include "pullthrough.fullname" . }}-proxy-admin{{- end -}}
 
 {{/*
+The Secret holding the proxy's admin token (key `token`): the admin's own
+(proxy.adminToken.existingSecret) or <prefix>-proxy-admin-token. The proxy
+and the operator read it as PULLTHROUGH_ADMIN_TOKEN ("pullthrough.adminTokenEnv").
+*/}}
+{{- define "pullthrough.adminTokenSecret" -}}
+{{- .Values.proxy.adminToken.existingSecret | default (printf "%s-proxy-admin-token" (include "pullthrough.fullname" .)) -}}
+{{- end -}}
+{{/*
+Optional: while the Secret does not exist the proxy runs without a token
+(admin API off, `/status` lists public tag moves only), as before it.
+*/}}
+{{- define "pullthrough.adminTokenEnv" -}}
+- name: PULLTHROUGH_ADMIN_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pullthrough.adminTokenSecret" . }}
+      key: token
+      optional: true
+{{- end -}}
+
+{{/*
 The proxy's admin port (/metrics, /status, /readyz) stays inside the
 cluster: on a ClusterIP proxy Service it is one of its ports; a
 LoadBalancer or NodePort Service would publish it, so the port moves to
