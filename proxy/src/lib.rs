@@ -27,6 +27,7 @@ pub mod pipeline;
 pub mod prefetch;
 pub mod route;
 pub mod server;
+pub mod source;
 #[cfg(test)]
 mod test_util;
 pub mod tls;
@@ -254,11 +255,11 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             upstreams,
         }),
         store,
-        tags: Default::default(),
+        tags: cache::tags::TagCache::default().counted(&metrics),
         budgets: Default::default(),
-        referrers: Default::default(),
+        referrers: cache::referrers::ReferrersCache::default().counted(&metrics),
         tokens: Default::default(),
-        grants: Default::default(),
+        grants: pipeline::AccessGrants::default().counted(&metrics),
         metrics: metrics.clone(),
         inflight: Default::default(),
         manifest_turns: Default::default(),

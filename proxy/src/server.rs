@@ -29,6 +29,7 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::http::sendfile::{Sendfile, SendfileStream};
 use crate::pipeline::{self, Shared};
+use crate::source::Source;
 
 /// Largest HTTP/1 request head (request line + headers) accepted; larger
 /// ones get 431. hyper's default (~400 KiB) let a client make the proxy
@@ -235,7 +236,7 @@ pub async fn serve_proxy(
                     let conn = builder
                         .serve_connection(
                             TokioIo::new(stream),
-                            service(shared, None, activity.clone(), false, Some(sendfile)),
+                            service(shared, None, activity.clone(), peer, false, Some(sendfile)),
                         )
                         .into_owned();
                     let conn = watcher.watch(conn);
@@ -253,7 +254,7 @@ pub async fn serve_proxy(
                     let conn = conn_builder(&limits)
                         .serve_connection(
                             TokioIo::new(tls),
-                            service(shared, sni, activity.clone(), false, None),
+                            service(shared, sni, activity.clone(), peer, false, None),
                         )
                         .into_owned();
                     let conn = watcher.watch(conn);
@@ -541,13 +542,16 @@ impl<S: AsyncWrite> AsyncWrite for Watched<S> {
     }
 }
 
-/// The proxy's service for one connection; `from_peer` marks requests
-/// of the peer listener (see [`crate::peers::listener`]); `sendfile`, the
-/// plain listener's, is handed to its HTTP/1 requests.
+/// The proxy's service for one connection from `peer` (the TCP peer: the
+/// source its requests' entries in bounded state count against, see
+/// [`crate::source`]); `from_peer` marks requests of the peer listener
+/// (see [`crate::peers::listener`]); `sendfile`, the plain listener's, is
+/// handed to its HTTP/1 requests.
 pub(crate) fn service(
     shared: Arc<Shared>,
     sni: Option<Arc<str>>,
     activity: Activity,
+    peer: SocketAddr,
     from_peer: bool,
     sendfile: Option<Sendfile>,
 ) -> impl hyper::service::Service<
@@ -558,6 +562,7 @@ pub(crate) fn service(
         Output = Result<http::Response<Tracked<crate::observe::access_log::Logged>>, Infallible>,
     > + Send,
 > + Clone {
+    let source = Source::of(peer);
     hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         activity.request_seen();
         if req.version() == http::Version::HTTP_2 {
@@ -578,7 +583,7 @@ pub(crate) fn service(
         let sni = sni.clone();
         let activity = activity.clone();
         async move {
-            let resp = pipeline::handle(shared, req, sni).await;
+            let resp = pipeline::handle(shared, req, sni, source).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, activity)))
         }
     })

@@ -3,13 +3,19 @@
 //! answered with — the index itself is stored by its digest like any
 //! manifest (on disk, evicted with the rest) — or that the upstream has no
 //! referrers API (404: clients then fall back to the `sha256-<hex>` tag
-//! schema, whose tags are cached as tags). Bounded like the tag cache.
+//! schema, whose tags are cached as tags). Bounded like the tag cache,
+//! with a share per source.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::bounded::BoundedMap;
+use crate::observe::metric_labels::SharedMap;
+use crate::observe::metrics::Metrics;
 use crate::oci::Digest;
+use crate::source::{self, Source};
 
 /// Answers kept at most.
 pub const MAX_REFERRERS: usize = 20_000;
@@ -41,16 +47,25 @@ pub struct Answer {
 
 /// (registry, repository, subject digest, query).
 type Key = (String, String, String, String);
+/// A key as the map holds it: the map, its write order and its writer's
+/// share each keep one, so the names are stored once.
+type Held = Arc<Key>;
 
 #[derive(Debug)]
 pub struct ReferrersCache {
-    entries: Mutex<BoundedMap<Key, Answer>>,
+    entries: Mutex<BoundedMap<Held, Answer, Source>>,
+    /// Entries dropped to keep a source to its share.
+    shed: Counter,
 }
 
 impl Default for ReferrersCache {
     fn default() -> Self {
         Self {
-            entries: Mutex::new(BoundedMap::new(MAX_REFERRERS)),
+            entries: Mutex::new(BoundedMap::with_share(
+                MAX_REFERRERS,
+                source::share(MAX_REFERRERS),
+            )),
+            shed: Counter::default(),
         }
     }
 }
@@ -65,6 +80,13 @@ fn key(registry: &str, repo: &str, subject: &Digest, query: &str) -> Key {
 }
 
 impl ReferrersCache {
+    /// Counts what the map drops to keep sources to their shares in
+    /// `metrics`.
+    pub fn counted(mut self, metrics: &Metrics) -> Self {
+        self.shed = metrics.share_evictions(SharedMap::referrers);
+        self
+    }
+
     pub fn get(&self, registry: &str, repo: &str, subject: &Digest, query: &str) -> Option<Answer> {
         self.entries
             .lock()
@@ -80,20 +102,25 @@ impl ReferrersCache {
         subject: &Digest,
         query: &str,
         referrers: Referrers,
+        source: Source,
     ) {
         if query.len() > MAX_QUERY {
             return;
         }
-        self.entries
+        let answer = Answer {
+            referrers,
+            fetched: Instant::now(),
+        };
+        let shed = self
+            .entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(
-                key(registry, repo, subject, query),
-                Answer {
-                    referrers,
-                    fetched: Instant::now(),
-                },
+            .insert_by(
+                Arc::new(key(registry, repo, subject, query)),
+                answer,
+                source,
             );
+        self.shed.inc_by(shed as u64);
     }
 
     /// Drops the answers of matching repositories (None matches any).
@@ -101,7 +128,8 @@ impl ReferrersCache {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retain(|(r, p, _, _), _| {
+            .retain(|k, _| {
+                let (r, p, _, _) = k.as_ref();
                 !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
             });
     }
@@ -111,15 +139,17 @@ impl ReferrersCache {
 mod tests {
     use super::*;
 
+    const S: Source = Source::Addr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
     #[test]
     fn a_query_longer_than_a_filter_is_not_kept() {
         let cache = ReferrersCache::default();
         let subject = Digest::of(b"subject");
         let long = format!("artifactType={}", "x".repeat(MAX_QUERY));
-        cache.put("r", "a", &subject, &long, Referrers::Unsupported);
+        cache.put("r", "a", &subject, &long, Referrers::Unsupported, S);
         assert_eq!(cache.get("r", "a", &subject, &long), None);
         let fits = format!("artifactType={}", "x".repeat(255));
-        cache.put("r", "a", &subject, &fits, Referrers::Unsupported);
+        cache.put("r", "a", &subject, &fits, Referrers::Unsupported, S);
         assert!(cache.get("r", "a", &subject, &fits).is_some());
     }
 
@@ -131,8 +161,15 @@ mod tests {
             digest: Digest::of(b"index"),
             filters_applied: None,
         };
-        cache.put("r", "a", &subject, "", index.clone());
-        cache.put("r", "a", &subject, "artifactType=x", Referrers::Unsupported);
+        cache.put("r", "a", &subject, "", index.clone(), S);
+        cache.put(
+            "r",
+            "a",
+            &subject,
+            "artifactType=x",
+            Referrers::Unsupported,
+            S,
+        );
         assert_eq!(cache.get("r", "a", &subject, "").unwrap().referrers, index);
         assert_eq!(
             cache
@@ -145,7 +182,7 @@ mod tests {
         cache.purge(Some("r"), Some("a"));
         assert!(cache.get("r", "a", &subject, "").is_none());
         for i in 0..(MAX_REFERRERS + 5) {
-            cache.put("r", &i.to_string(), &subject, "", Referrers::Unsupported);
+            cache.put("r", &i.to_string(), &subject, "", Referrers::Unsupported, S);
         }
         let n = cache.entries.lock().unwrap().len();
         assert_eq!(n, MAX_REFERRERS);

@@ -1,7 +1,10 @@
 //! Tag → digest answers, per (registry, repository, tag), reused as the
 //! registry's tag policy allows and served stale through an upstream
 //! outage. Bounded: clients choose repository and tag names, so a flood of
-//! made-up ones evicts the oldest answers instead of growing without limit.
+//! made-up ones evicts the oldest answers instead of growing without limit,
+//! and each answer counts against the source whose request wrote it, so a
+//! flood from one client address pushes out its own answers, not the ones
+//! other clients are served from through an upstream outage.
 //!
 //! Each answer keeps a short history of the digests the tag pointed at
 //! before, and a tag seen pointing somewhere new is a *move*: counted, and
@@ -9,13 +12,18 @@
 //! operator turns them into Events on the MirrorRegistry).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
 pub use pullthrough_api::tags::TagMove;
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::bounded::BoundedMap;
+use crate::observe::metric_labels::SharedMap;
+use crate::observe::metrics::Metrics;
 use crate::oci::Digest;
+use crate::source::{self, Source};
 
 /// Tag answers kept at most; far more tags than a cluster pulls from.
 pub const MAX_TAGS: usize = 50_000;
@@ -62,14 +70,19 @@ impl TagEntry {
 }
 
 type Key = (String, String, String);
+/// A key as the maps hold it: the map, its write order and its writer's
+/// share each keep one, so the names are stored once.
+type Held = Arc<Key>;
 
 #[derive(Debug)]
 pub struct TagCache {
-    entries: Mutex<BoundedMap<Key, TagEntry>>,
+    entries: Mutex<BoundedMap<Held, TagEntry, Source>>,
     moves: Mutex<VecDeque<TagMove>>,
     /// Referrers tag-schema tags (`sha256-<hex>`) the upstream said do not
     /// exist: "no referrers", still answered in an outage.
-    absent: Mutex<BoundedMap<Key, ()>>,
+    absent: Mutex<BoundedMap<Held, (), Source>>,
+    /// Entries each map dropped to keep a source to its share.
+    shed: (Counter, Counter),
 }
 
 /// A tag of the OCI referrers tag schema: `sha256-<64 hex>`.
@@ -86,14 +99,26 @@ impl Default for TagCache {
 
 impl TagCache {
     pub fn with_capacity(cap: usize) -> Self {
+        let share = source::share(cap);
         Self {
-            entries: Mutex::new(BoundedMap::new(cap)),
+            entries: Mutex::new(BoundedMap::with_share(cap, share)),
             moves: Mutex::new(VecDeque::with_capacity(RECENT_MOVES)),
-            absent: Mutex::new(BoundedMap::new(cap)),
+            absent: Mutex::new(BoundedMap::with_share(cap, share)),
+            shed: Default::default(),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<Key, TagEntry>> {
+    /// Counts what the maps drop to keep sources to their shares in
+    /// `metrics`.
+    pub fn counted(mut self, metrics: &Metrics) -> Self {
+        self.shed = (
+            metrics.share_evictions(SharedMap::tags),
+            metrics.share_evictions(SharedMap::absent_tags),
+        );
+        self
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoundedMap<Held, TagEntry, Source>> {
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -118,12 +143,14 @@ impl TagCache {
     /// another digest than one accepting indexes, without anything moving.
     /// A narrow answer (not [`TagEntry::whole`]) does not replace a whole
     /// one: runtimes, which take lists, keep being answered from the cache.
+    /// The answer counts against `source`, whose request got it.
     pub fn put(
         &self,
         registry: &str,
         repo: &str,
         tag: &str,
         mut entry: TagEntry,
+        source: Source,
     ) -> Option<TagMove> {
         let key = (registry.to_string(), repo.to_string(), tag.to_string());
         let mut entries = self.lock();
@@ -168,8 +195,9 @@ impl TagCache {
             },
             _ => entry,
         };
-        entries.insert(key, entry);
+        let shed = entries.insert_by(Arc::new(key), entry, source);
         drop(entries);
+        self.shed.0.inc_by(shed as u64);
         if let Some(m) = &moved {
             let mut moves = self
                 .moves
@@ -183,14 +211,17 @@ impl TagCache {
         moved
     }
 
-    /// Remembers that the upstream has no such referrers-schema tag.
-    pub fn note_absent(&self, registry: &str, repo: &str, tag: &str) {
+    /// Remembers that the upstream told `source` it has no such
+    /// referrers-schema tag.
+    pub fn note_absent(&self, registry: &str, repo: &str, tag: &str, source: Source) {
         if is_referrers_tag(tag) {
             let key = (registry.to_string(), repo.to_string(), tag.to_string());
-            self.absent
+            let shed = self
+                .absent
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
-                .insert(key, ());
+                .insert_by(Arc::new(key), (), source);
+            self.shed.1.inc_by(shed as u64);
         }
     }
 
@@ -207,14 +238,15 @@ impl TagCache {
     }
 
     /// Marks the answer as just confirmed by the upstream (a revalidation
-    /// found the tag where it was).
-    pub fn confirm(&self, registry: &str, repo: &str, tag: &str, digest: &Digest) {
+    /// for `source`'s request found the tag where it was).
+    pub fn confirm(&self, registry: &str, repo: &str, tag: &str, digest: &Digest, source: Source) {
         let key = (registry.to_string(), repo.to_string(), tag.to_string());
         let mut entries = self.lock();
         if let Some(e) = entries.get(&key).filter(|e| &e.digest == digest) {
             let mut e = e.clone();
             e.resolved_at = Instant::now();
-            entries.insert(key, e);
+            // An existing key: nothing is dropped.
+            entries.insert_by(Arc::new(key), e, source);
         }
     }
 
@@ -234,6 +266,7 @@ impl TagCache {
         let entries = self.lock();
         let mut out: Vec<(Key, TagEntry)> = entries
             .keys()
+            .map(|k| &**k)
             .filter(|(r, p, _)| registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p))
             .filter_map(|k| entries.get(k).map(|e| (k.clone(), e.clone())))
             .collect();
@@ -245,17 +278,19 @@ impl TagCache {
     pub fn purge(&self, registry: Option<&str>, repo: Option<&str>) {
         let keep =
             |(r, p, _): &Key| !(registry.is_none_or(|x| x == r) && repo.is_none_or(|x| x == p));
-        self.lock().retain(|k, _| keep(k));
+        self.lock().retain(|k, _| keep(k.as_ref()));
         self.absent
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .retain(|k, _| keep(k));
+            .retain(|k, _| keep(k.as_ref()));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: Source = Source::Addr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
 
     fn entry(body: &[u8], media_type: &str) -> TagEntry {
         TagEntry::new(Digest::of(body), media_type.into(), 1, true)
@@ -265,12 +300,12 @@ mod tests {
     fn absent_referrers_tags_are_remembered_until_one_exists() {
         let cache = TagCache::default();
         let tag = format!("sha256-{}", "ab".repeat(32));
-        cache.note_absent("r", "a", "latest");
+        cache.note_absent("r", "a", "latest", S);
         assert!(!cache.was_absent("r", "a", "latest"), "only referrers tags");
-        cache.note_absent("r", "a", &tag);
+        cache.note_absent("r", "a", &tag, S);
         assert!(cache.was_absent("r", "a", &tag));
         assert!(!cache.was_absent("r", "b", &tag));
-        cache.put("r", "a", &tag, entry(b"index", "m"));
+        cache.put("r", "a", &tag, entry(b"index", "m"), S);
         assert!(!cache.was_absent("r", "a", &tag));
         assert!(!is_referrers_tag("sha256-abc"));
     }
@@ -279,7 +314,7 @@ mod tests {
     fn entries_are_per_registry() {
         let cache = TagCache::default();
         let e = entry(b"x", "m");
-        assert_eq!(cache.put("quay.io", "a", "1", e.clone()), None);
+        assert_eq!(cache.put("quay.io", "a", "1", e.clone(), S), None);
         assert_eq!(
             cache.get("quay.io", "a", "1").map(|x| x.digest),
             Some(e.digest)
@@ -291,14 +326,14 @@ mod tests {
     fn a_tag_that_moves_is_counted_and_remembered() {
         let cache = TagCache::default();
         let oci = "application/vnd.oci.image.index.v1+json";
-        cache.put("quay.io", "app", "latest", entry(b"v1", oci));
+        cache.put("quay.io", "app", "latest", entry(b"v1", oci), S);
         // The same digest again: no move, history unchanged.
         assert_eq!(
-            cache.put("quay.io", "app", "latest", entry(b"v1", oci)),
+            cache.put("quay.io", "app", "latest", entry(b"v1", oci), S),
             None
         );
         let m = cache
-            .put("quay.io", "app", "latest", entry(b"v2", oci))
+            .put("quay.io", "app", "latest", entry(b"v2", oci), S)
             .unwrap();
         assert_eq!(
             (m.from.as_str(), m.to.as_str()),
@@ -309,11 +344,11 @@ mod tests {
         // a move, and does not lose the history.
         let single = "application/vnd.docker.distribution.manifest.v2+json";
         assert_eq!(
-            cache.put("quay.io", "app", "latest", entry(b"amd64", single)),
+            cache.put("quay.io", "app", "latest", entry(b"amd64", single), S),
             None
         );
         for v in [b"v3", b"v4", b"v5", b"v6", b"v7"] {
-            cache.put("quay.io", "app", "latest", entry(v, oci));
+            cache.put("quay.io", "app", "latest", entry(v, oci), S);
         }
         let e = cache.get("quay.io", "app", "latest").unwrap();
         assert_eq!(e.digest, Digest::of(b"v7"));
@@ -331,7 +366,7 @@ mod tests {
     fn recent_moves_are_bounded_oldest_dropped() {
         let cache = TagCache::default();
         for i in 0..(RECENT_MOVES + 10) {
-            cache.put("r", "a", "t", entry(i.to_string().as_bytes(), "m"));
+            cache.put("r", "a", "t", entry(i.to_string().as_bytes(), "m"), S);
         }
         let moves = cache.recent_moves();
         assert_eq!(moves.len(), RECENT_MOVES);
@@ -343,8 +378,8 @@ mod tests {
         let cache = TagCache::default();
         let mut e = entry(b"x", "m");
         e.resolved_at = Instant::now() - std::time::Duration::from_secs(60);
-        cache.put("r", "a", "t", e.clone());
-        cache.confirm("r", "a", "t", &Digest::of(b"other"));
+        cache.put("r", "a", "t", e.clone(), S);
+        cache.confirm("r", "a", "t", &Digest::of(b"other"), S);
         assert!(
             cache
                 .get("r", "a", "t")
@@ -354,7 +389,7 @@ mod tests {
                 .as_secs()
                 >= 60
         );
-        cache.confirm("r", "a", "t", &e.digest);
+        cache.confirm("r", "a", "t", &e.digest, S);
         assert!(
             cache
                 .get("r", "a", "t")
@@ -366,6 +401,27 @@ mod tests {
         );
     }
 
+    /// Tags from one client address, as many as the cache holds and
+    /// more, push out that address's own answers: another address's tag
+    /// (and its "no referrers" answer) is still answered in an outage.
+    #[test]
+    fn a_flood_of_tags_from_one_address_keeps_the_others() {
+        let cache = TagCache::with_capacity(1000);
+        let other = Source::Addr(std::net::IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)));
+        let referrers = format!("sha256-{}", "ab".repeat(32));
+        cache.put("quay.io", "app", "1", entry(b"app", "m"), other);
+        cache.note_absent("quay.io", "app", &referrers, other);
+        for i in 0..10_000 {
+            let tag = format!("sha256-{i:064x}");
+            cache.put("quay.io", "flood", &i.to_string(), entry(b"x", "m"), S);
+            cache.note_absent("quay.io", "flood", &tag, S);
+        }
+        assert_eq!(cache.len(), 1000);
+        assert!(cache.get("quay.io", "app", "1").is_some());
+        assert!(cache.was_absent("quay.io", "app", &referrers));
+        assert!(cache.get("quay.io", "flood", "9999").is_some());
+    }
+
     /// Issue #10, point 7: 100 000 made-up repositories keep the cache at
     /// its cap, and what was written last is still there.
     #[test]
@@ -373,7 +429,7 @@ mod tests {
         let cache = TagCache::with_capacity(1000);
         let e = entry(b"x", "m");
         for i in 0..100_000 {
-            cache.put("quay.io", &format!("flood/{i}"), "latest", e.clone());
+            cache.put("quay.io", &format!("flood/{i}"), "latest", e.clone(), S);
             assert!(cache.len() <= 1000);
         }
         assert_eq!(cache.len(), 1000);

@@ -113,3 +113,27 @@ pub enum UploadResult {
 pub(super) struct UploadLabels {
     pub(super) result: UploadResult,
 }
+
+/// A bounded map of what clients' requests make the proxy remember, each
+/// client address holding a share of it (see `crate::source`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum SharedMap {
+    /// Per-client access grants.
+    grants,
+    /// Digests anonymous clients may read.
+    public_grants,
+    /// Anonymous refusals since a digest was learnt public.
+    refusals,
+    /// Tag answers.
+    tags,
+    /// Referrers-schema tags the upstream said do not exist.
+    absent_tags,
+    /// Referrers answers.
+    referrers,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct MapLabels {
+    pub(super) map: SharedMap,
+}

@@ -9,8 +9,8 @@ use prometheus_client::registry::Registry;
 
 use super::labels::{CacheResult, Kind};
 use super::metric_labels::{
-    AuthLabels, AuthResult, BudgetLabels, BytesLabels, PrefetchLabels, RegistryLabel,
-    RequestLabels, ResultLabel, Revalidation, RevalidationLabels, Source, UploadLabels,
+    AuthLabels, AuthResult, BudgetLabels, BytesLabels, MapLabels, PrefetchLabels, RegistryLabel,
+    RequestLabels, ResultLabel, Revalidation, RevalidationLabels, SharedMap, Source, UploadLabels,
     UploadResult,
 };
 
@@ -27,6 +27,7 @@ pub struct Metrics {
     sendfile_bytes: Counter,
     sendfile_cold_bytes: Counter,
     refused_per_source: Counter,
+    share_evictions: Family<MapLabels, Counter>,
     duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     merged: Family<RegistryLabel, Counter>,
@@ -116,6 +117,12 @@ impl Default for Metrics {
             "connections_refused_per_source",
             "Connections closed at once because their client address held limits.maxConnectionsPerSource already",
             refused_per_source.clone(),
+        );
+        let share_evictions = Family::<MapLabels, Counter>::default();
+        registry.register(
+            "share_evictions",
+            "Entries a full in-memory map (access grants, tags, referrers) dropped because the client address that wrote them held its share of the map or more: a flood from one address pushes out its own entries",
+            share_evictions.clone(),
         );
         let duration = Family::<RegistryLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
@@ -313,6 +320,7 @@ impl Default for Metrics {
             sendfile_bytes,
             sendfile_cold_bytes,
             refused_per_source,
+            share_evictions,
             duration,
             upstream,
             merged,
@@ -351,6 +359,14 @@ impl Metrics {
     /// A connection closed at once: its address held its share already.
     pub fn connection_refused_per_source(&self) {
         self.refused_per_source.inc();
+    }
+
+    /// Counts the entries `map` drops to keep a client address to its
+    /// share (the map holds the counter and adds to it).
+    pub fn share_evictions(&self, map: SharedMap) -> Counter {
+        self.share_evictions
+            .get_or_create(&MapLabels { map })
+            .clone()
     }
 
     /// Count the bytes each plain HTTP/1 connection sends with `sendfile`,

@@ -89,7 +89,9 @@ pub async fn serve_peers(
             let conn = conn_builder(&limits)
                 .serve_connection(
                     TokioIo::new(tls),
-                    service(shared, None, activity.clone(), true, None),
+                    // The relaying replica is the source of what it asks
+                    // for (see `crate::source::Source::Addr`).
+                    service(shared, None, activity.clone(), peer, true, None),
                 )
                 .into_owned();
             let conn = watcher.watch(conn);

@@ -28,13 +28,17 @@ pub(crate) const GRANT_AGE_HEADER: &str = "x-pullthrough-grant-age-ms";
 /// fetches from the upstream instead.
 pub(crate) const UPSTREAM_ANSWER_HEADER: &str = "x-pullthrough-upstream-answer";
 
+use prometheus_client::metrics::counter::Counter;
+
 use super::HandlerError;
 use super::context::Ctx;
 use crate::bounded::BoundedMap;
 use crate::http::body::{self, Body};
 use crate::http::headers::forward_headers;
-use crate::observe::metric_labels::AuthResult;
+use crate::observe::metric_labels::{AuthResult, SharedMap};
+use crate::observe::metrics::Metrics;
 use crate::oci::{self, Digest, ErrorCode};
+use crate::source::{self, Source};
 use crate::upstream::Origin;
 
 /// How long "anyone may read this digest in this repository" is trusted.
@@ -48,9 +52,11 @@ pub const PUBLIC_TTL: Duration = Duration::from_secs(3600);
 /// digest in this very repository within that time.
 pub const OUTAGE_GRACE: Duration = Duration::from_secs(24 * 3600);
 
-/// Entries kept per map; the oldest write goes first beyond it. An entry
-/// is a 32-byte hash and a timestamp (plus the basis for public ones), so
-/// a full map is a few MiB whatever names clients make up.
+/// Entries kept per map; the oldest write goes first beyond it, except
+/// that a source holding its share of a full map gives up its own oldest
+/// (see [`crate::source`]). An entry is a 32-byte hash, a timestamp and
+/// its source (plus the basis for public ones), so a full map is a few
+/// MiB whatever names clients make up.
 pub const MAX_GRANTS: usize = 50_000;
 
 /// A grant's key: sha256 over the length-prefixed registry, repository,
@@ -73,22 +79,55 @@ fn grant_key(registry: &str, repo: &str, digest: &Digest, client: &str) -> Grant
 /// serves an object only to clients the upstream let read it there
 /// (DESIGN.md, Cache semantics). Keyed by registry, repository, digest and
 /// a hash of the client's Authorization header (empty for none).
+///
+/// Each entry counts against the source whose request wrote it last, so
+/// one client's flood of grants (free HEADs, a new anonymous token per
+/// request) pushes out its own and not the grants other clients need to
+/// be served through an upstream outage.
 #[derive(Debug)]
 pub struct AccessGrants {
-    grants: Mutex<BoundedMap<GrantKey, Instant>>,
+    grants: Mutex<BoundedMap<GrantKey, Instant, Source>>,
     /// Digests of repositories a client without credentials was allowed
     /// to read, and the basis it read them on: `""` anonymously, else the
     /// fingerprint of the proxy's `credentialsFile` credentials it was
     /// served with.
-    public: Mutex<BoundedMap<GrantKey, (Instant, String)>>,
+    public: Mutex<BoundedMap<GrantKey, (Instant, String), Source>>,
     /// Digests of repositories an anonymous ask was refused since they
     /// were learnt public, and when: a public grant older than its refusal
     /// counts for nothing (not even through an outage, nor when another
     /// replica shares it again).
-    refused: Mutex<BoundedMap<GrantKey, Instant>>,
+    refused: Mutex<BoundedMap<GrantKey, Instant, Source>>,
     /// Bumped on every public grant (the shared tier writes them out
     /// when it moved).
     public_version: std::sync::atomic::AtomicU64,
+    /// What each map gave up to keep a source to its share.
+    shed: Shed,
+}
+
+/// Counters of entries dropped by the shares, per map: not registered
+/// anywhere until [`AccessGrants::counted`].
+#[derive(Debug, Default)]
+struct Shed {
+    grants: Counter,
+    public: Counter,
+    refused: Counter,
+}
+
+/// When the upstream answered, and whose request it answered: the entry
+/// kept for it counts against that source.
+#[derive(Debug, Clone, Copy)]
+pub struct Answered {
+    pub at: Instant,
+    pub source: Source,
+}
+
+impl Answered {
+    pub fn now(source: Source) -> Self {
+        Self {
+            at: Instant::now(),
+            source,
+        }
+    }
 }
 
 /// A public grant as replicas share it: the grant key (a hash: no names,
@@ -119,12 +158,25 @@ pub fn client_key(headers: &HeaderMap) -> String {
 impl AccessGrants {
     /// Maps holding at most `cap` entries each.
     pub fn with_capacity(cap: usize) -> Self {
+        let share = source::share(cap);
         Self {
-            grants: Mutex::new(BoundedMap::new(cap)),
-            public: Mutex::new(BoundedMap::new(cap)),
-            refused: Mutex::new(BoundedMap::new(cap)),
+            grants: Mutex::new(BoundedMap::with_share(cap, share)),
+            public: Mutex::new(BoundedMap::with_share(cap, share)),
+            refused: Mutex::new(BoundedMap::with_share(cap, share)),
             public_version: Default::default(),
+            shed: Shed::default(),
         }
+    }
+
+    /// Counts what the maps drop to keep sources to their shares in
+    /// `metrics`.
+    pub fn counted(mut self, metrics: &Metrics) -> Self {
+        self.shed = Shed {
+            grants: metrics.share_evictions(SharedMap::grants),
+            public: metrics.share_evictions(SharedMap::public_grants),
+            refused: metrics.share_evictions(SharedMap::refusals),
+        };
+        self
     }
 
     /// Changes whenever a public grant is learnt here.
@@ -151,7 +203,10 @@ impl AccessGrants {
     }
 
     /// Public grants another replica learnt: kept unless this one knows a
-    /// fresher answer for the same key.
+    /// fresher answer for the same key. A key a client's request wrote
+    /// here stays that source's: this replica's own grants come back
+    /// from the others, and moving them to [`Source::Replicas`] would
+    /// free their writer's share for more.
     pub fn import_public(&self, shared: impl IntoIterator<Item = SharedGrant>) {
         let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
         for g in shared {
@@ -161,7 +216,9 @@ impl AccessGrants {
             if public.get(&g.key).is_some_and(|(mine, _)| *mine >= at) {
                 continue;
             }
-            public.insert(g.key, (at, g.basis));
+            let owner = public.owner(&g.key).copied().unwrap_or(Source::Replicas);
+            let shed = public.insert_by(g.key, (at, g.basis), owner);
+            self.shed.public.inc_by(shed as u64);
         }
     }
 
@@ -205,11 +262,18 @@ impl AccessGrants {
 
     /// Records that the upstream let `client` read `digest` in `repo`,
     /// without ever making it public (registries marked `private`).
-    pub fn grant_client(&self, registry: &str, repo: &str, digest: &Digest, client: &str) {
-        self.grant_client_at(registry, repo, digest, client, Instant::now());
+    pub fn grant_client(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        client: &str,
+        source: Source,
+    ) {
+        self.grant_client_at(registry, repo, digest, client, Answered::now(source));
     }
 
-    /// [`Self::grant_client`] for an answer given at `at`; an answer
+    /// [`Self::grant_client`] for an answer given earlier; an answer
     /// already kept that is fresher stays.
     fn grant_client_at(
         &self,
@@ -217,12 +281,13 @@ impl AccessGrants {
         repo: &str,
         digest: &Digest,
         client: &str,
-        at: Instant,
+        answered: Answered,
     ) {
         let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         let key = grant_key(registry, repo, digest, client);
-        if grants.get(&key).is_none_or(|mine| *mine < at) {
-            grants.insert(key, at);
+        if grants.get(&key).is_none_or(|mine| *mine < answered.at) {
+            let shed = grants.insert_by(key, answered.at, answered.source);
+            self.shed.grants.inc_by(shed as u64);
         }
     }
 
@@ -276,16 +341,18 @@ impl AccessGrants {
     /// as cheap to cause as asking about made-up repositories, and a
     /// flood of them that pushed this one out of its bounded map would
     /// otherwise make the old grant count again.
-    pub fn refuse_public(&self, registry: &str, repo: &str, digest: &Digest) {
+    pub fn refuse_public(&self, registry: &str, repo: &str, digest: &Digest, source: Source) {
         let key = grant_key(registry, repo, digest, "");
         self.public
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&key);
-        self.refused
+        let shed = self
+            .refused
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Instant::now());
+            .insert_by(key, Instant::now(), source);
+        self.shed.refused.inc_by(shed as u64);
     }
 
     /// Records that the upstream just let `client` read `digest` in
@@ -293,13 +360,22 @@ impl AccessGrants {
     /// `basis` (see [`Self::is_public`]). Such a client is then judged by
     /// [`Self::is_public`] alone, so no per-client grant is kept for it
     /// that would outlive a change of basis.
-    pub fn grant(&self, registry: &str, repo: &str, digest: &Digest, client: &str, basis: &str) {
-        self.grant_at(registry, repo, digest, client, basis, Instant::now());
+    pub fn grant(
+        &self,
+        registry: &str,
+        repo: &str,
+        digest: &Digest,
+        client: &str,
+        basis: &str,
+        source: Source,
+    ) {
+        let answered = Answered::now(source);
+        self.grant_at(registry, repo, digest, client, basis, answered);
     }
 
-    /// [`Self::grant`] for an answer given at `at` (another replica's, as
+    /// [`Self::grant`] for an answer given earlier (another replica's, as
     /// old as it was there); an answer already kept that is fresher stays,
-    /// and a refusal since `at` still counts (see [`Self::is_public`]).
+    /// and a refusal since then still counts (see [`Self::is_public`]).
     pub fn grant_at(
         &self,
         registry: &str,
@@ -307,20 +383,24 @@ impl AccessGrants {
         digest: &Digest,
         client: &str,
         basis: &str,
-        at: Instant,
+        answered: Answered,
     ) {
         if client.is_empty() {
             let mut public = self.public.lock().unwrap_or_else(|p| p.into_inner());
             let key = grant_key(registry, repo, digest, "");
-            if public.get(&key).is_some_and(|(mine, _)| *mine >= at) {
+            if public
+                .get(&key)
+                .is_some_and(|(mine, _)| *mine >= answered.at)
+            {
                 return;
             }
-            public.insert(key, (at, basis.to_string()));
+            let shed = public.insert_by(key, (answered.at, basis.to_string()), answered.source);
+            self.shed.public.inc_by(shed as u64);
             self.public_version
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        self.grant_client_at(registry, repo, digest, client, at);
+        self.grant_client_at(registry, repo, digest, client, answered);
     }
 }
 
@@ -397,7 +477,7 @@ impl Ctx<'_> {
             anonymous.remove(header::AUTHORIZATION);
             match self.ask(path, anonymous).await? {
                 Answer::Allowed => {
-                    grants.grant(host, repo, digest, "", basis);
+                    grants.grant(host, repo, digest, "", basis, self.source);
                     self.answered_yes(Instant::now());
                     metrics.auth_check(host, AuthResult::public);
                     return Ok(None);
@@ -412,7 +492,7 @@ impl Ctx<'_> {
                 Answer::Throttled(_) => {}
                 // Not public (any more): an outage of the client's own
                 // ask must not open it as public content.
-                Answer::Refused(_) => grants.refuse_public(host, repo, digest),
+                Answer::Refused(_) => grants.refuse_public(host, repo, digest, self.source),
             }
         }
         let answer = match answer {
@@ -420,7 +500,7 @@ impl Ctx<'_> {
             None => self.ask(path, forward_headers(headers, false)).await?,
         };
         if client.is_empty() && matches!(answer, Answer::Refused(_)) {
-            grants.refuse_public(host, repo, digest);
+            grants.refuse_public(host, repo, digest, self.source);
         }
         match answer {
             Answer::Allowed => {
@@ -562,16 +642,20 @@ impl Ctx<'_> {
 
     fn grant_at(&self, repo: &str, digest: &Digest, client: &str, at: Instant) {
         let host = &self.registry.host;
+        let answered = Answered {
+            at,
+            source: self.source,
+        };
         if self.settings.private {
             // Never "public": every client is checked.
             self.shared
                 .grants
-                .grant_client_at(host, repo, digest, client, at);
+                .grant_client_at(host, repo, digest, client, answered);
         } else {
             let basis = self.settings.anonymous_basis();
             self.shared
                 .grants
-                .grant_at(host, repo, digest, client, basis, at);
+                .grant_at(host, repo, digest, client, basis, answered);
         }
         self.answered_yes(at);
     }
@@ -635,6 +719,12 @@ mod tests {
 
     use super::*;
 
+    const S: Source = Source::Addr(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
+    fn at(at: Instant) -> Answered {
+        Answered { at, source: S }
+    }
+
     fn d(n: u64) -> Digest {
         Digest::of(&n.to_be_bytes())
     }
@@ -648,21 +738,21 @@ mod tests {
     #[test]
     fn a_refused_anonymous_ask_ends_what_was_learnt_public() {
         let (g, other) = (AccessGrants::default(), AccessGrants::default());
-        g.grant("r", "app", &d(1), "", "");
-        other.grant("r", "app", &d(1), "", "");
+        g.grant("r", "app", &d(1), "", "", S);
+        other.grant("r", "app", &d(1), "", "", S);
         assert!(g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
         std::thread::sleep(Duration::from_millis(2));
-        g.refuse_public("r", "app", &d(1));
+        g.refuse_public("r", "app", &d(1), S);
         assert!(!g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
         assert!(!g.is_public("r", "app", &d(1), "", PUBLIC_TTL));
         // Another replica's grant, learnt before the refusal.
         g.import_public(other.export_public(OUTAGE_GRACE));
         assert!(!g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
         // Other digests and repositories are untouched.
-        g.grant("r", "app", &d(2), "", "");
+        g.grant("r", "app", &d(2), "", "", S);
         assert!(g.is_public("r", "app", &d(2), "", OUTAGE_GRACE));
         std::thread::sleep(Duration::from_millis(2));
-        g.grant("r", "app", &d(1), "", "");
+        g.grant("r", "app", &d(1), "", "", S);
         assert!(g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
     }
 
@@ -674,18 +764,18 @@ mod tests {
         let g = AccessGrants::default();
         let ttl = Duration::from_secs(60);
         let old = Instant::now() - Duration::from_secs(50);
-        g.grant_at("r", "app", &d(1), "client", "", old);
+        g.grant_at("r", "app", &d(1), "client", "", at(old));
         assert_eq!(g.allowed_at("r", "app", &d(1), "client", ttl), Some(old));
         assert!(!g.allowed("r", "app", &d(1), "client", Duration::from_secs(40)));
-        g.grant("r", "app", &d(2), "client", "");
+        g.grant("r", "app", &d(2), "client", "", S);
         let fresh = g.allowed_at("r", "app", &d(2), "client", ttl).unwrap();
-        g.grant_at("r", "app", &d(2), "client", "", old);
+        g.grant_at("r", "app", &d(2), "client", "", at(old));
         assert_eq!(g.allowed_at("r", "app", &d(2), "client", ttl), Some(fresh));
         // Public: a refusal after the peer's yes wins.
-        g.refuse_public("r", "app", &d(3));
-        g.grant_at("r", "app", &d(3), "", "", old);
+        g.refuse_public("r", "app", &d(3), S);
+        g.grant_at("r", "app", &d(3), "", "", at(old));
         assert!(!g.is_public("r", "app", &d(3), "", PUBLIC_TTL));
-        g.grant_at("r", "app", &d(4), "", "", old);
+        g.grant_at("r", "app", &d(4), "", "", at(old));
         assert_eq!(g.public_at("r", "app", &d(4), "", PUBLIC_TTL), Some(old));
     }
 
@@ -694,11 +784,11 @@ mod tests {
     #[test]
     fn a_flood_of_refusals_does_not_revive_a_refused_grant() {
         let g = AccessGrants::with_capacity(100);
-        g.grant("r", "app", &d(1), "", "");
+        g.grant("r", "app", &d(1), "", "", S);
         std::thread::sleep(Duration::from_millis(2));
-        g.refuse_public("r", "app", &d(1));
+        g.refuse_public("r", "app", &d(1), S);
         for i in 0..1_000u64 {
-            g.refuse_public("r", &format!("made-up/{i}"), &d(1));
+            g.refuse_public("r", &format!("made-up/{i}"), &d(1), S);
         }
         assert!(!g.is_public("r", "app", &d(1), "", PUBLIC_TTL));
         assert!(!g.is_public("r", "app", &d(1), "", OUTAGE_GRACE));
@@ -709,10 +799,10 @@ mod tests {
     #[test]
     fn public_grants_move_between_replicas_with_their_age_and_basis() {
         let a = AccessGrants::default();
-        a.grant("r", "pub/repo", &d(1), "", "fp");
-        a.grant("r", "priv/repo", &d(2), "client-hash", "");
+        a.grant("r", "pub/repo", &d(1), "", "fp", S);
+        a.grant("r", "priv/repo", &d(2), "client-hash", "", S);
         let v = a.public_version();
-        a.grant("r", "pub/repo", &d(3), "", "");
+        a.grant("r", "pub/repo", &d(3), "", "", S);
         assert_ne!(a.public_version(), v);
         let shared = a.export_public(OUTAGE_GRACE);
         assert_eq!(shared.len(), 2);
@@ -737,8 +827,8 @@ mod tests {
     fn public_grants_hold_only_on_their_basis_and_for_their_digest() {
         let g = AccessGrants::default();
         let ttl = Duration::from_secs(60);
-        g.grant("r", "anon/repo", &d(1), "", "");
-        g.grant("r", "creds/repo", &d(1), "", "fp1");
+        g.grant("r", "anon/repo", &d(1), "", "", S);
+        g.grant("r", "creds/repo", &d(1), "", "fp1", S);
         // Anonymously readable: readable whatever the proxy's credentials.
         assert!(g.is_public("r", "anon/repo", &d(1), "", ttl));
         assert!(g.is_public("r", "anon/repo", &d(1), "fp2", ttl));
@@ -753,11 +843,77 @@ mod tests {
         // A client without credentials gets no per-client grant that
         // would outlive its basis.
         assert!(!g.allowed("r", "creds/repo", &d(1), "", ttl));
-        g.grant("r", "creds/repo", &d(1), "client-hash", "fp1");
+        g.grant("r", "creds/repo", &d(1), "client-hash", "fp1", S);
         assert!(g.allowed("r", "creds/repo", &d(1), "client-hash", ttl));
         assert!(!g.allowed("r", "creds/repo", &d(1), "other-client", ttl));
         assert!(!g.allowed("r", "creds/repo", &d(2), "client-hash", ttl));
         assert!(!g.allowed("r", "creds/repo", &d(1), "client-hash", Duration::ZERO));
+    }
+
+    /// One client address making the upstream answer yes for ever more
+    /// digests (or with a new token each time) pushes out its own grants
+    /// only: another address's grant, per client or public, still opens
+    /// its digest through an outage, and the metric shows the flood.
+    /// Before the shares, the flood pushed out every older grant.
+    #[test]
+    fn a_flood_from_one_address_keeps_other_addresses_grants() {
+        let metrics = Metrics::default();
+        let g = AccessGrants::with_capacity(800).counted(&metrics);
+        let victim = Source::Addr([10, 0, 0, 2].into());
+        let flood = Source::Addr([10, 0, 0, 3].into());
+        let answered = |source| Answered::now(source);
+        g.grant_at("r", "private", &d(1), "victim", "", answered(victim));
+        g.grant_client("r", "private", &d(2), "victim", victim);
+        g.grant("r", "public", &d(3), "", "", victim);
+        for i in 0..10_000u64 {
+            g.grant("r", "flood", &d(100 + i), &format!("token-{i}"), "", flood);
+            g.grant("r", &format!("flood/{i}"), &d(i), "", "", flood);
+        }
+        assert_eq!(g.len(), (800, 800));
+        for n in [1, 2] {
+            assert!(g.allowed("r", "private", &d(n), "victim", OUTAGE_GRACE));
+        }
+        assert!(g.is_public("r", "public", &d(3), "", OUTAGE_GRACE));
+        assert!(g.allowed("r", "flood", &d(10_099), "token-9999", OUTAGE_GRACE));
+        let text = metrics.encode();
+        // Every flood grant past what the full map left it (the victim
+        // holds two per-client grants and one public).
+        for (map, shed) in [("grants", 10_000 - 798), ("public_grants", 10_000 - 799)] {
+            let line = format!("pullthrough_share_evictions_total{{map=\"{map}\"}} {shed}\n");
+            assert!(text.contains(&line), "{line} in {text}");
+        }
+    }
+
+    /// Grants other replicas share are held as [`Source::Replicas`]; one
+    /// a client's request wrote here stays that client's.
+    #[test]
+    fn shared_grants_keep_the_source_that_wrote_them_here() {
+        let (a, b) = (AccessGrants::default(), AccessGrants::default());
+        let client = Source::Addr([10, 0, 0, 2].into());
+        b.grant_at(
+            "r",
+            "app",
+            &d(1),
+            "",
+            "",
+            at(Instant::now() - Duration::from_secs(5)),
+        );
+        a.grant_at(
+            "r",
+            "app",
+            &d(1),
+            "",
+            "",
+            at(Instant::now() - Duration::from_secs(9)),
+        );
+        b.grant("r", "app", &d(2), "", "", client);
+        a.import_public(b.export_public(OUTAGE_GRACE));
+        let public = a.public.lock().unwrap();
+        assert_eq!(public.owner(&grant_key("r", "app", &d(1), "")), Some(&S));
+        assert_eq!(
+            public.owner(&grant_key("r", "app", &d(2), "")),
+            Some(&Source::Replicas)
+        );
     }
 
     #[test]
@@ -769,8 +925,8 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let repo = format!("flood/{x:x}");
-            g.grant("r", &repo, &d(i), "", "");
-            g.grant("r", &repo, &d(i), "client", "");
+            g.grant("r", &repo, &d(i), "", "", S);
+            g.grant("r", &repo, &d(i), "client", "", S);
         }
         assert_eq!(g.len(), (10_000, 10_000));
         // The newest are kept.

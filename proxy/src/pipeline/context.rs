@@ -15,6 +15,7 @@ use crate::http::body;
 use crate::http::headers::insert_bearer;
 use crate::http::sendfile::Sendfile;
 use crate::route::Via;
+use crate::source::Source;
 use crate::upstream::token::parse_bearer;
 use crate::upstream::{UpstreamClient, UpstreamError, UpstreamResponse};
 
@@ -31,6 +32,9 @@ pub(crate) struct Ctx<'a> {
     pub(crate) repo: Option<String>,
     pub(crate) via: Via,
     pub(crate) read_timeout: Duration,
+    /// Whose request this is: what it makes the proxy remember (grants,
+    /// tags) counts against that source's share (see [`crate::source`]).
+    pub(crate) source: Source,
     /// Asked by another replica (peer listener): served by this replica
     /// itself, never sent on to a peer.
     pub(crate) from_peer: bool,

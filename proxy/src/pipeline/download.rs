@@ -138,6 +138,7 @@ pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight
     let host = ctx.registry.host.clone();
     let repo = ctx.repo.clone();
     let via = ctx.via;
+    let source = ctx.source;
     let read_timeout = ctx.read_timeout;
     let path = path.to_string();
     let headers = forward_headers(headers, false);
@@ -169,6 +170,7 @@ pub(crate) fn resume(ctx: &Ctx<'_>, path: &str, headers: &HeaderMap) -> inflight
                 repo,
                 via,
                 read_timeout,
+                source,
                 from_peer: false,
                 sendfile: None,
                 // Only sends one request of its own; reads no file.

@@ -44,6 +44,7 @@ use crate::oci::{self, ErrorCode, Reference};
 use crate::peers::Peers;
 use crate::peers::listener::FromPeer;
 use crate::route::{ApiRequest, Router, Target, Via};
+use crate::source::Source;
 use crate::upstream::budget::Budgets;
 use crate::upstream::{AnonymousTokens, UpstreamClient, UpstreamError, Upstreams};
 
@@ -93,12 +94,13 @@ pub struct Shared {
     pub pins: Arc<crate::cache::pins::Pinning>,
 }
 
-/// Serves one request and wraps its body so the access line is written
-/// when the body is done.
+/// Serves one request from `source` and wraps its body so the access
+/// line is written when the body is done.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     sni: Option<Arc<str>>,
+    source: Source,
 ) -> Response<Logged> {
     let host = request_host(&req, sni.as_deref());
     let mut pending = Unanswered::new(
@@ -109,7 +111,7 @@ pub async fn handle(
     let _enter = span.enter();
     drop(_enter);
     let record = pending.record();
-    let resp = match serve(&shared, req, &host, &mut *record).await {
+    let resp = match serve(&shared, req, &host, &mut *record, source).await {
         Ok(resp) => resp,
         Err(err) if err.is_throttled() => {
             // Warned once per episode where it is decided (a flood would
@@ -252,6 +254,7 @@ pub(crate) async fn serve(
     req: Request<Incoming>,
     host: &str,
     record: &mut Record,
+    source: Source,
 ) -> Result<Response<Body>, HandlerError> {
     let state = shared.state.load_full();
     let from_peer = req.extensions().get::<FromPeer>().is_some();
@@ -337,6 +340,7 @@ pub(crate) async fn serve(
                 repo: request.repo().map(str::to_string),
                 via,
                 read_timeout: state.config.upstream_timeouts.read,
+                source,
                 from_peer,
                 sendfile,
                 multiplexed: req.version() == http::Version::HTTP_2,

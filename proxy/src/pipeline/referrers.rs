@@ -96,9 +96,14 @@ pub(crate) async fn referrers(
             // `tagTTL`).
             let path = format!("/v2/{repo}/manifests/{subject}");
             if ctx.check_cached(headers, &path, subject).await?.is_none() {
-                ctx.shared
-                    .referrers
-                    .put(host, repo, subject, query, Referrers::Unsupported);
+                ctx.shared.referrers.put(
+                    host,
+                    repo,
+                    subject,
+                    query,
+                    Referrers::Unsupported,
+                    ctx.source,
+                );
             }
             record.cache = CacheResult::Pass;
             Ok(relay_response(up.response))
@@ -128,6 +133,7 @@ pub(crate) async fn referrers(
                     digest: digest.clone(),
                     filters_applied: filters_applied.clone(),
                 },
+                ctx.source,
             );
             record.digest = digest.to_string();
             let mut resp = Response::new(if *method == Method::HEAD {

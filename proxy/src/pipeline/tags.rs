@@ -126,7 +126,9 @@ pub(crate) async fn manifest_by_tag(
                 ctx.shared
                     .metrics
                     .tag_revalidated(host, Revalidation::unchanged);
-                ctx.shared.tags.confirm(host, repo, tag, &entry.digest);
+                ctx.shared
+                    .tags
+                    .confirm(host, repo, tag, &entry.digest, ctx.source);
                 return asked.serve(record, entry, cached, CacheResult::Hit).await;
             }
             Ok(up) if !is_outage(up.response.status()) => {
@@ -169,7 +171,7 @@ pub(crate) async fn manifest_by_tag(
         }
     };
     if up.response.status() == StatusCode::NOT_FOUND {
-        ctx.shared.tags.note_absent(host, repo, tag);
+        ctx.shared.tags.note_absent(host, repo, tag, ctx.source);
     }
     if up.response.status() != StatusCode::OK {
         record.cache = CacheResult::Pass;
@@ -320,7 +322,7 @@ fn manifest_unknown(repo: &str, tag: &str) -> Response<Body> {
 /// Stores a tag answer; a tag that moved is counted and logged.
 fn remember(ctx: &Ctx<'_>, repo: &str, tag: &str, entry: TagEntry) {
     let host = ctx.registry.host.as_str();
-    if let Some(moved) = ctx.shared.tags.put(host, repo, tag, entry) {
+    if let Some(moved) = ctx.shared.tags.put(host, repo, tag, entry, ctx.source) {
         ctx.shared.metrics.tag_moved(host);
         tracing::info!(
             registry = host,
