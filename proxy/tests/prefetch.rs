@@ -83,9 +83,12 @@ fn a_pinned_image_is_fetched_for_the_nodes_platforms_before_anyone_asks() {
     );
     // Pinned, now that it is cached: resolved at a later refresh. The
     // pin holds the index (the digest kubelet reports for a multi-platform
-    // image), and through it the amd64 manifest, its config and layers.
+    // image), and through it the amd64 manifest, its config and layers. A
+    // refresh that ran while the prefetch had cached only the index
+    // counts the image with that one blob; a later one counts them all.
     wait_for("the pin resolved", Duration::from_secs(10), || {
-        Ok(common::status(&proxy)["cache"]["quay.io"]["pinned"]["images"] == 1)
+        let pinned = &common::status(&proxy)["cache"]["quay.io"]["pinned"];
+        Ok(pinned["images"] == 1 && pinned["blobs"] == 2 + amd_blobs.len() as u64)
     })
     .unwrap();
     let pinned = common::status(&proxy)["cache"]["quay.io"]["pinned"].clone();
