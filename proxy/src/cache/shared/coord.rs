@@ -141,6 +141,35 @@ impl SharedTier {
         self.delete_key(&self.key(d)).await
     }
 
+    /// Removes a blob an admin purged: its size if it was there. Each call
+    /// is bounded by `limit` (an admin waits for the answer); a failure
+    /// is counted and marks nothing (a delete that fails says nothing of
+    /// whether reads do).
+    pub async fn purge(
+        &self,
+        d: &Digest,
+        limit: std::time::Duration,
+    ) -> Result<Option<u64>, TierError> {
+        let key = self.key(d);
+        let caller = super::Caller::Background;
+        let size = match self
+            .within(caller, limit, "HEAD", &key, self.store.head(&key))
+            .await?
+        {
+            Ok(meta) => Some(meta.size),
+            Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => return Err(self.err(caller, "HEAD", &key, e)),
+        };
+        // Also when HEAD found nothing: an upload may complete in between.
+        match self
+            .within(caller, limit, "DELETE", &key, self.store.delete(&key))
+            .await?
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(size),
+            Err(e) => Err(self.err(caller, "DELETE", &key, e)),
+        }
+    }
+
     async fn delete_key(&self, key: &object_store::path::Path) -> Result<(), TierError> {
         match self.bounded("DELETE", key, self.store.delete(key)).await? {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -14,6 +14,9 @@ mod lease;
 /// What a failed call to the bucket costs: skips, back-off, retries.
 mod failures;
 
+/// A purge overtaking an upload.
+mod withdraw;
+
 impl SharedTier {
     /// The blob's size and type straight from the store, whatever the
     /// tier's health.

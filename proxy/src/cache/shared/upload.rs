@@ -9,9 +9,17 @@
 //! given up at once, a blob fetched while the bucket hiccupped never
 //! reached it, and every other replica fetched it from the upstream
 //! again.
+//!
+//! A purge can overtake an upload: the upload reads the file its lease
+//! opened, so removing the blob from the disk does not stop it, and
+//! completed after the purge deleted the bucket's copy it would put the
+//! content back for every replica to refill from. A purge therefore marks
+//! the uploads of its digests in flight ([`Uploads::withdraw`]), and one
+//! so marked deletes what it completed.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt};
@@ -22,6 +30,7 @@ use super::{SharedTier, TierError};
 use crate::cache::store::{CachedBlob, Unleased};
 use crate::observe::metric_labels::UploadResult;
 use crate::observe::metrics::{EvictorFigures, SharedFigures};
+use crate::oci::Digest;
 
 /// Uploads running at once; each buffers up to `PART × PARTS_IN_FLIGHT`.
 const CONCURRENT: usize = 4;
@@ -44,7 +53,52 @@ pub struct Uploads {
     tier: Arc<SharedTier>,
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     pub stats: Arc<UploadStats>,
+}
+
+/// The digests uploads are working on (from just before they hold the
+/// blob until they are done), each with whether a purge withdrew it
+/// meanwhile. At most one entry per running upload.
+#[derive(Debug, Default)]
+struct InFlight(Mutex<HashMap<Digest, (usize, Arc<AtomicBool>)>>);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, (usize, Arc<AtomicBool>)>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn enter(self: &Arc<Self>, digest: &Digest) -> Working {
+        let mut map = self.lock();
+        let (n, withdrawn) = map
+            .entry(digest.clone())
+            .or_insert_with(|| (0, Arc::default()));
+        *n += 1;
+        Working {
+            in_flight: Arc::clone(self),
+            digest: digest.clone(),
+            withdrawn: Arc::clone(withdrawn),
+        }
+    }
+}
+
+/// An upload's place in [`InFlight`], left on drop.
+struct Working {
+    in_flight: Arc<InFlight>,
+    digest: Digest,
+    withdrawn: Arc<AtomicBool>,
+}
+
+impl Drop for Working {
+    fn drop(&mut self) {
+        let mut map = self.in_flight.lock();
+        if let Some((n, _)) = map.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.digest);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -62,7 +116,23 @@ impl Uploads {
             tier,
             slots: Arc::new(Semaphore::new(CONCURRENT)),
             waiting: Arc::default(),
+            in_flight: Arc::default(),
             stats: Arc::default(),
+        }
+    }
+
+    /// A purge removed `digest`: an upload of it under way deletes what it
+    /// completes. Call after the blob left the local disk (an upload not
+    /// yet holding it then finds it gone) and before the bucket's copy is
+    /// deleted (one that completed earlier is deleted with it). True when
+    /// an upload was under way.
+    pub fn withdraw(&self, digest: &Digest) -> bool {
+        match self.in_flight.lock().get(digest) {
+            Some((_, withdrawn)) => {
+                withdrawn.store(true, Ordering::Release);
+                true
+            }
+            None => false,
         }
     }
 
@@ -111,6 +181,7 @@ impl Uploads {
             tier: Arc::clone(&self.tier),
             slots: Arc::clone(&self.slots),
             waiting: Arc::clone(&self.waiting),
+            in_flight: Arc::clone(&self.in_flight),
             stats: Arc::clone(&self.stats),
         };
         tokio::spawn(queue.run(queued));
@@ -122,6 +193,7 @@ struct Queue {
     tier: Arc<SharedTier>,
     slots: Arc<Semaphore>,
     waiting: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     stats: Arc<UploadStats>,
 }
 
@@ -134,6 +206,7 @@ impl Queue {
             tier,
             slots,
             waiting,
+            in_flight,
             stats,
         } = self;
         let mut wait = RETRY_AFTER;
@@ -144,6 +217,9 @@ impl Queue {
             waiting.fetch_sub(1, Ordering::AcqRel);
             let Ok(permit) = permit else { return };
             let digest = queued.digest().clone();
+            // Before the lease: a purge between the two either finds this
+            // entry to mark or removed the blob before the lease.
+            let working = in_flight.enter(&digest);
             let blob = match queued.lease().await {
                 Ok(Some(blob)) => blob,
                 Ok(None) => {
@@ -162,6 +238,9 @@ impl Queue {
                     stats.uploaded.fetch_add(1, Ordering::Relaxed);
                     stats.uploaded_bytes.fetch_add(bytes, Ordering::Relaxed);
                     tracing::debug!(%digest, bytes, to = tier.location(), "blob copied to shared storage");
+                    if working.withdrawn.load(Ordering::Acquire) {
+                        undo(&tier, &digest).await;
+                    }
                     return;
                 }
                 Ok(None) => {
@@ -171,6 +250,7 @@ impl Queue {
                 Err(err) => err,
             };
             drop(permit);
+            drop(working);
             if !err.is_transient() || tried >= TRIES {
                 stats.failed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%digest, error = %err, tries = tried, "blob not copied to shared storage; it stays in the local cache");
@@ -194,6 +274,16 @@ impl Queue {
             wait = wait.saturating_mul(2);
             queued = again;
         }
+    }
+}
+
+/// Deletes the copy an upload completed after a purge withdrew its blob.
+async fn undo(tier: &SharedTier, digest: &Digest) {
+    match tier.delete(digest).await {
+        Ok(()) => tracing::info!(%digest,
+            "blob purged while it was copied to shared storage; deleted there again"),
+        Err(err) => tracing::warn!(%digest, error = %err,
+            "blob purged while it was copied to shared storage, and deleting it there again failed; purge it again"),
     }
 }
 
