@@ -7,7 +7,7 @@
 //! stay served), so an exposed cache can never be listed or purged by
 //! anyone who reaches the port.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -195,7 +195,7 @@ async fn handle(
     req: Request<Incoming>,
     ready: bool,
     ca_pem: &str,
-    shared: &Shared,
+    shared: &Arc<Shared>,
     access: &AdminAccess,
 ) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
@@ -440,99 +440,27 @@ fn listing(shared: &Shared) -> serde_json::Value {
     json!({"bytes": bytes, "entries": entries, "registries": registries, "unattributed": unattributed})
 }
 
-/// `DELETE /admin/cache?registry=..&repository=..` or `?digest=..`.
-async fn purge(shared: &Shared, query: Option<&str>) -> Response<Full<Bytes>> {
-    let mut registry = None;
-    let mut repository = None;
-    let mut digest = None;
-    for (k, v) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
-        match &*k {
-            "registry" => registry = Some(v.into_owned()),
-            "repository" => repository = Some(v.into_owned()),
-            "digest" => digest = Some(v.into_owned()),
-            _ => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"error": format!("unknown parameter {k}")}),
-                );
-            }
-        }
-    }
-    // The repositories' record of the digests, taken out first (a blob
-    // being removed is no longer listed under them) and put back for
-    // each blob not removed, so the purge can be retried.
-    let (targets, taken): (BTreeSet<Digest>, _) = match (&digest, &registry, &repository) {
-        // Also when no repository noted it (cached before this start).
-        (Some(d), None, None) => match Digest::parse(d) {
-            Ok(d) => {
-                let taken = shared.repos.take_digest(&d);
-                (BTreeSet::from([d]), taken)
-            }
-            Err(_) => {
-                return json_response(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"error": "digest is not a sha256 digest"}),
-                );
-            }
-        },
-        (None, reg, repo) if reg.is_some() || repo.is_some() => {
-            shared.tags.purge(reg.as_deref(), repo.as_deref());
-            shared.referrers.purge(reg.as_deref(), repo.as_deref());
-            let taken = shared.repos.take(reg.as_deref(), repo.as_deref());
-            (taken.iter().map(|(_, _, d)| d.clone()).collect(), taken)
-        }
-        _ => {
-            return json_response(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": "give digest=, or registry= and/or repository="}),
-            );
+/// `DELETE /admin/cache?registry=..&repository=..` or `?digest=..`
+/// (`&scope=local`: this replica's disk only); see [`crate::purge`].
+async fn purge(shared: &Arc<Shared>, query: Option<&str>) -> Response<Full<Bytes>> {
+    let query = match crate::purge::Query::parse(query) {
+        Ok(q) => q,
+        Err(err) => {
+            return json_response(StatusCode::BAD_REQUEST, &json!({"error": err.to_string()}));
         }
     };
-    let mut removed = Vec::new();
-    let mut failed = BTreeMap::new();
-    let mut bytes = 0u64;
-    // Every blob is tried: one that cannot be removed (a file system
-    // error) does not keep the others.
-    for d in targets {
-        let size = shared.store.entry(&d).map_or(0, |e| e.size);
-        match shared.store.remove(&d).await {
-            Ok(true) => {
-                bytes += size;
-                removed.push(d.as_str().to_string());
-            }
-            Ok(false) => {}
-            Err(err) => {
-                tracing::warn!(error = %err, digest = %d, "purge: blob not removed");
-                failed.insert(d, err.to_string());
-            }
-        }
+    // A task of its own: a connection closed meanwhile (the caller gave
+    // up, `limits.idleTimeout` passed while replicas and the bucket were
+    // asked) must not stop a purge half-way, between the replicas and the
+    // bucket; its log line still tells the outcome.
+    let shared = Arc::clone(shared);
+    let report = tokio::spawn(async move { crate::purge::run(&shared, &query).await }).await;
+    match report {
+        Ok(report) if report.complete() => json_response(StatusCode::OK, &report.to_json()),
+        Ok(report) => json_response(StatusCode::INTERNAL_SERVER_ERROR, &report.to_json()),
+        Err(err) => json_response(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"complete": false, "error": format!("the purge failed: {err}; repeat it")}),
+        ),
     }
-    tracing::info!(
-        ?registry,
-        ?repository,
-        ?digest,
-        removed = removed.len(),
-        failed = failed.len(),
-        bytes,
-        "cache purged"
-    );
-    if failed.is_empty() {
-        return json_response(StatusCode::OK, &json!({"removed": removed, "bytes": bytes}));
-    }
-    shared
-        .repos
-        .restore(taken.into_iter().filter(|(_, _, d)| failed.contains_key(d)));
-    let failed: Vec<_> = failed
-        .into_iter()
-        .map(|(d, error)| json!({"digest": d.as_str(), "error": error}))
-        .collect();
-    json_response(
-        StatusCode::INTERNAL_SERVER_ERROR,
-        &json!({
-            "error": format!("{} blob(s) not removed", failed.len()),
-            "removed": removed,
-            "bytes": bytes,
-            "failed": failed,
-        }),
-    )
 }

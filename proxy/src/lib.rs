@@ -25,6 +25,7 @@ pub mod oci;
 pub mod peers;
 pub mod pipeline;
 pub mod prefetch;
+pub mod purge;
 pub mod route;
 pub mod server;
 pub mod source;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response};
-use http_body_util::Empty;
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,7 +25,17 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// those arriving meanwhile, without another try.
 const DIAL_FAILURE_HOLD: Duration = Duration::from_secs(1);
 
-type Sender = SendRequest<Empty<Bytes>>;
+/// `Full`: blob requests carry no body (an empty `Full` ends the stream
+/// with the headers), a purge carries its JSON.
+type Sender = SendRequest<Full<Bytes>>;
+
+/// Whether a request takes a dial failure of the last moment for its
+/// answer ([`DIAL_FAILURE_HOLD`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dial {
+    ShareFailure,
+    Fresh,
+}
 
 /// A peer's connection, or the last failure to make one.
 #[derive(Debug, Default)]
@@ -67,15 +77,51 @@ impl PeerClient {
         headers: HeaderMap,
         timeout: Duration,
     ) -> Result<Response<Incoming>, PeerError> {
-        let failed = |message: String| PeerError::Failed { peer, message };
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(format!("https://{host}{path}"))
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| failed(format!("building the request: {e}")))?;
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| PeerError::Failed {
+                peer,
+                message: format!("building the request: {e}"),
+            })?;
         *req.headers_mut() = headers;
+        self.send(peer, req, timeout).await
+    }
+
+    /// Sends `req` to `peer`; `timeout` bounds the dial and the response
+    /// head (not the body).
+    pub async fn send(
+        &self,
+        peer: SocketAddr,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, PeerError> {
+        self.send_as(peer, req, timeout, Dial::ShareFailure).await
+    }
+
+    /// [`Self::send`], dialling anew even within [`DIAL_FAILURE_HOLD`] of
+    /// a failed dial: for an admin's request (a purge), rare, and repeated
+    /// as soon as the peer is back.
+    pub async fn send_fresh(
+        &self,
+        peer: SocketAddr,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+    ) -> Result<Response<Incoming>, PeerError> {
+        self.send_as(peer, req, timeout, Dial::Fresh).await
+    }
+
+    async fn send_as(
+        &self,
+        peer: SocketAddr,
+        req: Request<Full<Bytes>>,
+        timeout: Duration,
+        dial: Dial,
+    ) -> Result<Response<Incoming>, PeerError> {
+        let failed = |message: String| PeerError::Failed { peer, message };
         let send = async {
-            let mut sender = self.sender(peer).await?;
+            let mut sender = self.sender(peer, dial).await?;
             sender
                 .ready()
                 .await
@@ -115,13 +161,14 @@ impl PeerClient {
             .clone()
     }
 
-    async fn sender(&self, peer: SocketAddr) -> Result<Sender, PeerError> {
+    async fn sender(&self, peer: SocketAddr, dial: Dial) -> Result<Sender, PeerError> {
         let slot = self.slot(peer);
         let mut slot = slot.lock().await;
         if let Some(s) = slot.conn.as_ref().filter(|s| !s.is_closed()) {
             return Ok(s.clone());
         }
         if let Some((at, err)) = &slot.failed
+            && dial == Dial::ShareFailure
             && at.elapsed() < DIAL_FAILURE_HOLD
         {
             return Err(err.clone());

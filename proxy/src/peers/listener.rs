@@ -1,6 +1,7 @@
 //! The peer listener: blob requests from the other replicas, over mutual
 //! TLS. A request here is never sent on to another peer (the owner
-//! fetches from the upstream itself), and only blob GETs are served.
+//! fetches from the upstream itself). It serves blob GETs and the purges
+//! an admin asked another replica for ([`crate::purge`]), nothing else.
 
 use std::sync::Arc;
 use std::time::Duration;

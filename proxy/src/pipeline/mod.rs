@@ -259,6 +259,13 @@ pub(crate) async fn serve(
     let state = shared.state.load_full();
     let from_peer = req.extensions().get::<FromPeer>().is_some();
     let sendfile = req.extensions().get::<Sendfile>().cloned();
+    // Only on the peer listener (mutual TLS, peer certificates): on the
+    // client-facing listeners the path is no route (the router answers
+    // 404 outside `/v2/`).
+    if from_peer && req.uri().path() == crate::purge::PEER_ROUTE {
+        record.via = "peer";
+        return Ok(crate::purge::forward::serve(shared, req).await);
+    }
     let target = match state.router.route(
         Some(host).filter(|h| !h.is_empty()),
         req.uri().path(),
