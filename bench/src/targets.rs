@@ -385,11 +385,13 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    /// Removes `digest` from replica i's disk (`DELETE /admin/cache`; the
-    /// bucket keeps it). Blocking: call it outside the runtime.
+    /// Removes `digest` from replica i's disk (`DELETE /admin/cache` with
+    /// `scope=local`: the bucket and the other replicas keep it, which is
+    /// what the S3 HIT phases read from). Blocking: call it outside the
+    /// runtime.
     pub fn purge(&self, i: usize, digest: &str) -> Res<()> {
         let url = format!(
-            "http://{}/admin/cache?digest={digest}",
+            "http://{}/admin/cache?digest={digest}&scope=local",
             self.replicas[i].addrs.admin
         );
         let resp = Get::new(&url).method(http::Method::DELETE).send()?;

@@ -320,6 +320,29 @@ impl Registry {
             .count()
     }
 
+    /// Like [`Self::count_requests`], only the lines answered with
+    /// `status` (the access log's field after the quoted request line):
+    /// e.g. 200 for whole downloads of a blob, not the one-byte range
+    /// GETs (206) a proxy makes to ask about access.
+    pub fn count_answered(&self, method: &str, path_part: &str, status: u16) -> usize {
+        let needle = format!("\"{method} ");
+        let status = status.to_string();
+        self.log()
+            .lines()
+            .filter_map(|l| l.split(&needle).nth(1))
+            .filter(|rest| {
+                let path_ok = rest
+                    .split_whitespace()
+                    .next()
+                    .is_some_and(|path| path.contains(path_part));
+                let answered = rest
+                    .split_once("\" ")
+                    .and_then(|(_, after)| after.split_whitespace().next());
+                path_ok && answered == Some(status.as_str())
+            })
+            .count()
+    }
+
     /// Waits until every request the registry answered so far is in its
     /// access log: sends a uniquely tagged `GET /v2/?marker=N` straight to
     /// it and waits (up to 10 s) for that line, which comes after them.

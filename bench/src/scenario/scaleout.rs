@@ -123,15 +123,19 @@ fn measure(
         .chain(many.iter())
         .map(|l| l.digest.as_str())
         .collect();
-    let upstream_gets = |digests: &[&str]| -> Res<usize> {
+    // Whole downloads (200) of the blobs, apart from the one-byte range
+    // GETs (206) with which a replica asks the upstream whether a client
+    // may read a blob it has no answer for: those move no blob bytes,
+    // and the HIT figures are still reads from the bucket or a disk.
+    let upstream_gets = |digests: &[&str]| -> Res<(usize, usize)> {
         b.upstream.sync_log()?;
-        Ok(digests
-            .iter()
-            .map(|d| {
-                b.upstream
-                    .count_requests("GET", &format!("/v2/{REPO}/blobs/{d}"))
-            })
-            .sum())
+        Ok(digests.iter().fold((0, 0), |(whole, checks), d| {
+            let path = format!("/v2/{REPO}/blobs/{d}");
+            (
+                whole + b.upstream.count_answered("GET", &path, 200),
+                checks + b.upstream.count_answered("GET", &path, 206),
+            )
+        }))
     };
 
     // Seed the bucket: every HIT fixture missed once, big on replica 0,
@@ -266,7 +270,10 @@ fn measure(
         "scale-out HIT {} clients: S3 {s3_many:.0} MiB/s ({cpu_many}), replicas' disks {disk_many:.0}, 1 replica {pt_many:.0}, nginx {ng_many:.0} MiB/s",
         sizes.many_clients
     );
-    let gets_hit = upstream_gets(&hit_blobs)? - gets_before;
+    let (gets_hit, checks_hit) = {
+        let (whole, checks) = upstream_gets(&hit_blobs)?;
+        (whole - gets_before.0, checks - gets_before.1)
+    };
 
     // --- MISS, throttled upstream: one client alone on a replica that
     // does not own the blob (it streams from the owner, which fetches),
@@ -462,7 +469,7 @@ fn measure(
         "{REPLICAS} replicas (the same binary; static peer list, peer listener with mutual TLS from the bench CA) over one bucket of one `weed server` (master, volume, filer and S3 gateway in one process) on 127.0.0.1; every server shares the 2 cores with the load generator"
     ));
     notes.push(format!(
-        "bucket seeded with {} blobs ({} MiB) in {seed_s:.1} s; afterwards every replica's disk was purged (`DELETE /admin/cache?digest=`)",
+        "bucket seeded with {} blobs ({} MiB) in {seed_s:.1} s; afterwards every replica's disk was purged (`DELETE /admin/cache?digest=…&scope=local`)",
         hit_blobs.len(),
         seeded / MIB
     ));
@@ -478,7 +485,7 @@ fn measure(
         pairs.len()
     ));
     notes.push(format!(
-        "disk HIT, 1 client on replica 0: {disk_lines} HIT lines (want {REPS}); upstream GETs of the HIT blobs during the S3 and disk HIT reads: {gets_hit} (want 0)"
+        "disk HIT, 1 client on replica 0: {disk_lines} HIT lines (want {REPS}); upstream downloads of the HIT blobs during the S3 and disk HIT reads: {gets_hit} (want 0), and {checks_hit} one-byte access checks (a replica asking whether the client may read a blob it has no answer for)"
     ));
     notes.push(format!(
         "MISS: replica {multi_owner} owns the {}-client blob and streamed it to {:?} peers (by replica; want {} for the owner, 0 for the others); the single client was on replica {single_on}, whose owner (replica {single_owner}) logged {single_via_owner} peer stream (want 1)",
