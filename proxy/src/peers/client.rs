@@ -86,23 +86,12 @@ impl PeerClient {
                 message: format!("building the request: {e}"),
             })?;
         *req.headers_mut() = headers;
-        self.send(peer, req, timeout).await
-    }
-
-    /// Sends `req` to `peer`; `timeout` bounds the dial and the response
-    /// head (not the body).
-    pub async fn send(
-        &self,
-        peer: SocketAddr,
-        req: Request<Full<Bytes>>,
-        timeout: Duration,
-    ) -> Result<Response<Incoming>, PeerError> {
         self.send_as(peer, req, timeout, Dial::ShareFailure).await
     }
 
-    /// [`Self::send`], dialling anew even within [`DIAL_FAILURE_HOLD`] of
-    /// a failed dial: for an admin's request (a purge), rare, and repeated
-    /// as soon as the peer is back.
+    /// Sends `req` to `peer`, dialling anew even within
+    /// [`DIAL_FAILURE_HOLD`] of a failed dial: for an admin's request (a
+    /// purge), rare, and repeated as soon as the peer is back.
     pub async fn send_fresh(
         &self,
         peer: SocketAddr,
@@ -112,6 +101,7 @@ impl PeerClient {
         self.send_as(peer, req, timeout, Dial::Fresh).await
     }
 
+    /// `timeout` bounds the dial and the response head (not the body).
     async fn send_as(
         &self,
         peer: SocketAddr,
