@@ -14,6 +14,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tempfile::TempDir;
 
@@ -580,6 +581,15 @@ impl Helm {
             .collect();
         Ok(docs.join("\n---\n"))
     }
+}
+
+/// Every document of a YAML stream (what `helm template` prints), as JSON
+/// values; empty documents are skipped.
+pub fn yaml_documents(stream: &str) -> Result<Vec<Value>> {
+    serde_norway::Deserializer::from_str(stream)
+        .map(|doc| Value::deserialize(doc).map_err(|e| Error::Other(format!("rendered YAML: {e}"))))
+        .filter(|doc| !matches!(doc, Ok(Value::Null)))
+        .collect()
 }
 
 /// The kinds that make up what the chart lets each program do: its

@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
 use pullthrough_api::config::{CredentialSource, ProxyConfig};
 use pullthrough_testbed::Error;
 use pullthrough_testbed::kube::{Helm, KubeApiserver, Kubeconform};
@@ -84,10 +82,7 @@ fn objects(manifest: &str) -> Vec<String> {
 
 /// Every document of a rendered manifest, as JSON values.
 fn documents(manifest: &str) -> Vec<serde_json::Value> {
-    serde_norway::Deserializer::from_str(manifest)
-        .map(|doc| serde_json::Value::deserialize(doc).expect("rendered YAML"))
-        .filter(|v| !v.is_null())
-        .collect()
+    pullthrough_testbed::kube::yaml_documents(manifest).expect("rendered YAML")
 }
 
 /// The rendered object `kind/name` (panics if absent).

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use pullthrough_testbed::Error;
@@ -65,11 +64,7 @@ fn render(helm: &Helm, extra: &[&str]) -> Result<Vec<Value>, Error> {
         "pullthrough",
     ];
     args.extend_from_slice(extra);
-    let out = helm.run(&args)?;
-    Ok(serde_norway::Deserializer::from_str(&out)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML"))
-        .filter(|v| !v.is_null())
-        .collect())
+    pullthrough_testbed::kube::yaml_documents(&helm.run(&args)?)
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str) -> Vec<&'a Value> {

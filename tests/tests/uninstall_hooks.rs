@@ -9,17 +9,15 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
-
-use pullthrough_testbed::kube::KubeApiserver;
+use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver, yaml_documents};
 use pullthrough_testbed::tools::go_tool;
 
 const NS: &str = "pullthrough";
 const HOOK: &str = "templates/discovered-cleanup-hook.yaml";
 const HOOK_NAME: &str = "pullthrough-discovered-cleanup";
 
-/// The hook's rendered documents.
-fn hook_documents(api: &KubeApiserver) -> (String, Vec<serde_json::Value>) {
+/// The hook's Job, as rendered.
+fn hook_job(api: &KubeApiserver) -> serde_json::Value {
     let chart = pullthrough_testbed::kube::workspace_dir()
         .unwrap()
         .join("charts/pullthrough");
@@ -36,11 +34,11 @@ fn hook_documents(api: &KubeApiserver) -> (String, Vec<serde_json::Value>) {
             HOOK,
         ])
         .unwrap();
-    let docs = serde_norway::Deserializer::from_str(&yaml)
-        .map(|d| serde_json::Value::deserialize(d).unwrap())
-        .filter(|d| !d.is_null())
-        .collect();
-    (yaml, docs)
+    yaml_documents(&yaml)
+        .unwrap()
+        .into_iter()
+        .find(|d| d["kind"] == "Job")
+        .expect("the hook's Job")
 }
 
 /// `kubectl ARGS` as the hook's ServiceAccount.
@@ -107,17 +105,17 @@ fn the_discovered_cleanup_waits_until_the_operators_pods_are_gone() {
     // The namespace, with the ServiceAccount pods get by default (no
     // controller-manager here to make it).
     api.create_service_account(NS, "default").unwrap();
-    let (yaml, docs) = hook_documents(&api);
-    // The hook's identity (everything but the Job), as Helm creates it.
-    let identity: String = yaml
-        .split("\n---")
-        .filter(|d| !d.contains("\nkind: Job"))
-        .collect::<Vec<_>>()
-        .join("\n---");
-    api.kubectl_stdin(&["apply", "-f", "-"], &identity).unwrap();
-    let job = docs.iter().find(|d| d["kind"] == "Job").unwrap();
-    let wait_args = container_args(job, "wait-for-operator");
-    let delete_args = container_args(job, "delete");
+    // Every identity the chart makes, the hook's among them (Helm
+    // creates the hook's before its Job).
+    let access = api
+        .helm()
+        .unwrap()
+        .chart_objects("pullthrough", NS, CHART_ACCESS_KINDS)
+        .unwrap();
+    api.kubectl_stdin(&["apply", "-f", "-"], &access).unwrap();
+    let job = hook_job(&api);
+    let wait_args = container_args(&job, "wait-for-operator");
+    let delete_args = container_args(&job, "delete");
 
     // A report, and an operator pod that is terminating (a finalizer holds
     // it, as its grace period would) — and one of another release, which
