@@ -12,10 +12,11 @@ use pullthrough_api::crd::{CacheStats, UpstreamBudget};
 pub use pullthrough_api::tags::TagMove;
 use serde::Deserialize;
 
-/// The proxy's admin token. Its `Debug` shows no secret, so the settings
-/// that hold it can be logged.
+/// The proxy's admin token, held as the `Authorization` value it is sent
+/// as (checked once, marked sensitive). Its `Debug` shows no secret, so
+/// the settings that hold it can be logged.
 #[derive(Clone, PartialEq, Eq)]
-pub struct AdminToken(String);
+pub struct AdminToken(http::HeaderValue);
 
 impl std::fmt::Debug for AdminToken {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -32,9 +33,10 @@ impl std::str::FromStr for AdminToken {
         if s.is_empty() {
             return Err("the proxy's admin token is empty".into());
         }
-        http::HeaderValue::from_str(&format!("Bearer {s}"))
+        let mut value = http::HeaderValue::from_str(&format!("Bearer {s}"))
             .map_err(|_| "the proxy's admin token is not a valid header value".to_string())?;
-        Ok(Self(s.to_string()))
+        value.set_sensitive(true);
+        Ok(Self(value))
     }
 }
 
@@ -69,8 +71,8 @@ pub async fn fetch(
 ) -> Result<ProxyStatus, String> {
     let uri: http::Uri = url.parse().map_err(|e| format!("bad URL {url}: {e}"))?;
     let mut req = http::Request::get(uri);
-    if let Some(AdminToken(token)) = token {
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    if let Some(AdminToken(value)) = token {
+        req = req.header(http::header::AUTHORIZATION, value.clone());
     }
     let req = req
         .body(Empty::<bytes::Bytes>::new())
