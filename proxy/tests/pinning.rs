@@ -249,10 +249,15 @@ fn an_image_pinned_by_tag_stays_pinned_across_a_restart() {
     }
     let gone = |d: &str| !proxy.cached_blob_path(d).exists();
     // Commits evict after their answer: wait for the cache to be back
-    // under its bound (at most 3 MiB, of which 2 MB are pinned).
+    // under its high watermark (4.5 MiB, of which 2 MB are pinned: at
+    // most 2 others left), not down to the low one: each pass skips
+    // leased blobs (a commit is leased to whoever reads it next), so how
+    // the commits and the pins' resolution interleave decides whether a
+    // last pass ran, and CI saw one end with 3 others gone, at 4 MB.
     wait_for("the eviction", Duration::from_secs(10), || {
-        Ok(layers.iter().filter(|d| gone(d)).count() >= 4 || kept.iter().any(|d| gone(d)))
+        Ok(layers.iter().filter(|d| gone(d)).count() >= 3 || kept.iter().any(|d| gone(d)))
     })
+    .map_err(|e| format!("{e}\n{}", proxy.log()))
     .unwrap();
     for d in &kept {
         assert!(
