@@ -1160,6 +1160,71 @@ fn admin_api_lists_purges_and_reports() {
     assert!(metric(&text, "pullthrough_cache_entries") >= 1.0, "{text}");
 }
 
+/// A purge by digest withdraws the manifest from its tags too: the tag
+/// answer stays cached, but it is used only while the manifest it names
+/// is, so the next pull of the tag asks the upstream again, even for tag
+/// `1`, which looks like a version and is never asked about again while
+/// its manifest is cached (the default tag policy). The purge is counted
+/// in the metrics.
+#[test]
+fn a_digest_purge_withdraws_the_manifest_from_its_tags_and_is_counted() {
+    let (up, proxy) = admin_proxy();
+    let tag_url = format!(
+        "{}/v2/quay.io/fixture/busybox/manifests/1",
+        proxy.http_url()
+    );
+    let accept = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.docker.distribution.manifest.list.v2+json";
+    let pull_tag = || {
+        let r = Get::new(&tag_url).header("Accept", accept).send().unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+        r.headers["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_string()
+    };
+    let asked_upstream = || {
+        sync_upstream_log(&up.registry);
+        ["GET", "HEAD"]
+            .iter()
+            .map(|m| {
+                up.registry
+                    .count_requests(m, "/v2/fixture/busybox/manifests/1")
+            })
+            .sum::<usize>()
+    };
+    let digest = pull_tag();
+    assert_eq!(pull_tag(), digest);
+    let before = asked_upstream();
+    assert!(before >= 1);
+    assert_eq!(asked_upstream(), before, "an immutable tag is asked once");
+    let (st, v) = admin(
+        &proxy,
+        http::Method::DELETE,
+        &format!("/admin/cache?digest={digest}"),
+        Some("t0ken"),
+    );
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["removed"], serde_json::json!([digest]), "{v}");
+    assert_eq!(pull_tag(), digest);
+    assert!(
+        asked_upstream() > before,
+        "the tag was answered from the cache after its manifest was purged"
+    );
+    let text = metrics(&proxy);
+    assert_eq!(
+        metric(
+            &text,
+            r#"pullthrough_purges_total{scope="all",outcome="complete"}"#
+        ),
+        1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "pullthrough_purged_bytes_total") > 0.0,
+        "{text}"
+    );
+}
+
 /// A purge that cannot remove one blob (a file system error) removes the
 /// others, says which failed, and keeps the failed one listed under its
 /// repository, so the same purge can be retried. Before, the repository's

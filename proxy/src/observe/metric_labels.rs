@@ -137,3 +137,29 @@ pub enum SharedMap {
 pub(super) struct MapLabels {
     pub(super) map: SharedMap,
 }
+
+/// Where a purge removed content: asked of this replica (`all`: with
+/// every other replica and the bucket; `local`: `scope=local`), or done
+/// for another replica that was asked (over the peer listener).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PurgeScope {
+    all,
+    local,
+    for_replica,
+}
+
+/// Whether every place confirmed a purge (an incomplete one answers 500
+/// and must be repeated).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum PurgeOutcome {
+    complete,
+    incomplete,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(super) struct PurgeLabels {
+    pub(super) scope: PurgeScope,
+    pub(super) outcome: PurgeOutcome,
+}

@@ -9,9 +9,9 @@ use prometheus_client::registry::Registry;
 
 use super::labels::{CacheResult, Kind};
 use super::metric_labels::{
-    AuthLabels, AuthResult, BudgetLabels, BytesLabels, MapLabels, PrefetchLabels, RegistryLabel,
-    RequestLabels, ResultLabel, Revalidation, RevalidationLabels, SharedMap, Source, UploadLabels,
-    UploadResult,
+    AuthLabels, AuthResult, BudgetLabels, BytesLabels, MapLabels, PrefetchLabels, PurgeLabels,
+    PurgeOutcome, PurgeScope, RegistryLabel, RequestLabels, ResultLabel, Revalidation,
+    RevalidationLabels, SharedMap, Source, UploadLabels, UploadResult,
 };
 
 /// What `/status` reports per registry: the operator copies it into the
@@ -28,6 +28,8 @@ pub struct Metrics {
     sendfile_cold_bytes: Counter,
     refused_per_source: Counter,
     share_evictions: Family<MapLabels, Counter>,
+    purges: Family<PurgeLabels, Counter>,
+    purged_bytes: Counter,
     duration: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     upstream: Family<RegistryLabel, Histogram, fn() -> Histogram>,
     merged: Family<RegistryLabel, Counter>,
@@ -123,6 +125,18 @@ impl Default for Metrics {
             "share_evictions",
             "Entries a full in-memory map (access grants, tags, referrers) dropped because the client address that wrote them held its share of the map or more: a flood from one address pushes out its own entries",
             share_evictions.clone(),
+        );
+        let purges = Family::<PurgeLabels, Counter>::default();
+        registry.register(
+            "purges",
+            "Admin purges (DELETE /admin/cache) by scope (all, local, or for_replica: done here for the replica an admin asked) and outcome (incomplete: some replica or the bucket not confirmed; repeat it)",
+            purges.clone(),
+        );
+        let purged_bytes = Counter::default();
+        registry.register(
+            "purged_bytes",
+            "Bytes of blobs purges removed from this replica's disk",
+            purged_bytes.clone(),
         );
         let duration = Family::<RegistryLabel, Histogram, fn() -> Histogram>::new_with_constructor(
             latency_histogram,
@@ -321,6 +335,8 @@ impl Default for Metrics {
             sendfile_cold_bytes,
             refused_per_source,
             share_evictions,
+            purges,
+            purged_bytes,
             duration,
             upstream,
             merged,
@@ -367,6 +383,19 @@ impl Metrics {
         self.share_evictions
             .get_or_create(&MapLabels { map })
             .clone()
+    }
+
+    /// A purge ended; `bytes` it removed from this replica's disk.
+    pub fn purged(&self, scope: PurgeScope, complete: bool, bytes: u64) {
+        let outcome = if complete {
+            PurgeOutcome::complete
+        } else {
+            PurgeOutcome::incomplete
+        };
+        self.purges
+            .get_or_create(&PurgeLabels { scope, outcome })
+            .inc();
+        self.purged_bytes.inc_by(bytes);
     }
 
     /// Count the bytes each plain HTTP/1 connection sends with `sendfile`,

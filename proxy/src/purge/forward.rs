@@ -381,6 +381,11 @@ async fn answer(shared: &Arc<Shared>, req: http::Request<Incoming>) -> Result<Va
         failed = done.failed.len(),
         "cache purged for another replica"
     );
+    shared.metrics.purged(
+        crate::observe::metric_labels::PurgeScope::for_replica,
+        done.failed.is_empty(),
+        done.bytes,
+    );
     let answer = Answer {
         removed: done.removed.iter().map(|d| d.to_string()).collect(),
         bytes: done.bytes,

@@ -26,6 +26,7 @@ use std::net::SocketAddr;
 use serde_json::{Value, json};
 
 use crate::cache::repos::Entry;
+use crate::observe::metric_labels::PurgeScope;
 use crate::oci::Digest;
 use crate::pipeline::Shared;
 
@@ -302,6 +303,13 @@ pub async fn run(shared: &Shared, query: &Query) -> Report {
         shared.repos.restore(entries);
     }
     report.log(query);
+    let scope = match query.scope {
+        Scope::All => PurgeScope::all,
+        Scope::Local => PurgeScope::local,
+    };
+    shared
+        .metrics
+        .purged(scope, report.complete(), report.local.bytes);
     report
 }
 
