@@ -19,101 +19,29 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use base64::Engine as _;
 use http::{Method, StatusCode};
-use pullthrough_testbed::fixtures::{Image, LayoutBuilder, sha256_digest};
+use pullthrough_testbed::fixtures::{Image, sha256_digest};
 use pullthrough_testbed::http::{Get, Response};
 use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::stub::Stub;
 
-const PULLER: (&str, &str) = ("puller", "s3cret-9e1a");
-const OTHER: (&str, &str) = ("other", "0ther-pw-41c7");
+use common::private::{
+    ACCEPT, OTHER, PULLER, basic, objects, private_registry, random_image, request,
+};
+use common::proxy_bin;
+
 /// May check for a layer (HEAD) but not download it, see [`ecr_like`].
 const PUSHER: (&str, &str) = ("pusher", "push-only-7d2f");
-const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
-
-fn proxy_bin() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_pullthrough-proxy"))
-}
-
-fn basic((user, password): (&str, &str)) -> String {
-    let enc = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-    format!("Basic {enc}")
-}
-
-/// A TLS + htpasswd registry knowing PULLER and OTHER (htpasswd lets
-/// every user read every repository: OTHER is refused only where a
-/// repository does not hold the digest).
-fn private_registry() -> Registry {
-    let registry = Registry::htpasswd(PULLER.0, PULLER.1).unwrap();
-    let mut text = String::new();
-    for (user, password) in [PULLER, OTHER] {
-        let out = Command::new("htpasswd")
-            .args(["-Bbn", user, password])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "htpasswd");
-        text.push_str(String::from_utf8(out.stdout).unwrap().trim_end());
-        text.push('\n');
-    }
-    std::fs::write(registry.dir().join("htpasswd"), text).unwrap();
-    let url = format!("{}/v2/", registry.url());
-    wait_for(
-        "the registry to know the second user",
-        Duration::from_secs(20),
-        || {
-            Ok(Get::new(&url)
-                .ca(registry.ca_pem().unwrap())
-                .header("authorization", basic(OTHER))
-                .send()
-                .is_ok_and(|r| r.status == StatusCode::OK))
-        },
-    )
-    .unwrap();
-    registry
-}
-
-/// A random image (seeded: digests no other test uses) in a layout under
-/// `dir`.
-fn random_image(dir: &Path, sizes: &[u64], seed: u64) -> Image {
-    LayoutBuilder::new(&dir.join("layout"))
-        .unwrap()
-        .random("1", sizes, seed)
-        .unwrap()
-}
-
-/// `(path under the repository, digest)` of everything `image` holds.
-fn objects(image: &Image) -> Vec<(String, String)> {
-    let m = &image.manifests[0];
-    let mut out = vec![(format!("manifests/{}", m.digest), m.digest.clone())];
-    out.push((
-        format!("blobs/{}", m.config.digest),
-        m.config.digest.clone(),
-    ));
-    for l in image.layer_digests() {
-        out.push((format!("blobs/{l}"), l));
-    }
-    out
-}
-
-fn request(proxy: &Proxy, method: Method, path: &str, auth: Option<(&str, &str)>) -> Response {
-    let url = format!("{}{path}", proxy.http_url());
-    let mut g = Get::new(&url).method(method).header("Accept", ACCEPT);
-    if let Some(creds) = auth {
-        g = g.header("Authorization", basic(creds));
-    }
-    g.send().unwrap()
-}
 
 /// The attacker got nothing of `digest`: a refusal with `status` and a
 /// short error body.
