@@ -9,6 +9,7 @@
 //! `serveCachedOnAuthError`.
 
 mod grants;
+pub(super) mod refusal;
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 
 pub use grants::{AccessGrants, Answered, OUTAGE_GRACE, PUBLIC_TTL, SharedGrant, client_key};
+use refusal::{Verdict, refusal, verdict};
 
 /// On a blob the peer listener serves another replica: milliseconds
 /// since the upstream's yes that let the client read it (absent: served
@@ -37,7 +39,7 @@ use crate::http::body::{self, Body};
 use crate::http::headers::forward_headers;
 use crate::observe::metric_labels::AuthResult;
 use crate::oci::{self, Digest, ErrorCode};
-use crate::upstream::Origin;
+use crate::upstream::{Origin, UpstreamResponse};
 
 /// What the upstream said when asked whether a client may read an object.
 enum Answer {
@@ -197,7 +199,6 @@ impl Ctx<'_> {
         let host = self.registry.host.as_str();
         let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
-        let asked = Origin::of(&url).ok();
         let method = if path.rsplit('/').nth(1) == Some("blobs") {
             headers.insert(header::RANGE, header::HeaderValue::from_static("bytes=0-0"));
             Method::GET
@@ -224,51 +225,32 @@ impl Ctx<'_> {
             }
         };
         let status = up.response.status();
-        // A registry redirects a blob to storage once it let the client
-        // read it, and storage may refuse a URL whose signature expired
-        // on the way, or answer 403 to a request it was not signed for
-        // (S3): that is no refusal of the registry's. Any other
-        // answer after a redirect counts as it is: a registry that
-        // redirects before it checks (to a canonical host, which gets no
-        // credentials) answers 401 or 404 there, and that is a no.
-        let elsewhere = up.hops > 0 && Origin::of(&up.final_url).ok() != asked;
-        // 416: the blob is there and the client may read it, but it is
-        // empty, so even one byte is out of range.
-        if status.is_success()
-            || status == StatusCode::RANGE_NOT_SATISFIABLE
-            || (elsewhere && status == StatusCode::FORBIDDEN)
-        {
-            return Ok(Answer::Allowed);
-        }
-        if super::is_outage(status) {
-            return Ok(Answer::Outage);
-        }
-        let (status, code, message) = match status {
-            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => (
-                status,
-                ErrorCode::Denied,
-                format!("{host} does not let this client read {repo}"),
-            ),
-            // 404, and anything else that is no answer of "yes": the
-            // repository does not hold the object for this client.
-            _ => (
-                StatusCode::NOT_FOUND,
-                ErrorCode::NameUnknown,
-                format!("{host} has no such object in {repo} for this client"),
-            ),
-        };
-        // Rebuilt, not relayed: the answer to a HEAD has no body but may
-        // announce one, and a GET's body is not read.
-        let mut resp = oci::error_response(status, code, &message).map(body::full);
-        resp.extensions_mut()
-            .insert(crate::http::headers::UpstreamAnswer);
-        if status == StatusCode::UNAUTHORIZED {
-            for v in up.response.headers().get_all(header::WWW_AUTHENTICATE) {
-                resp.headers_mut()
-                    .append(header::WWW_AUTHENTICATE, v.clone());
-            }
-        }
-        Ok(Answer::Refused(resp))
+        // Rebuilt, not relayed (see `refusal`); besides, the answer to a
+        // HEAD has no body but may announce one, and a GET's body is not
+        // read.
+        Ok(match verdict(status, self.answered_elsewhere(&up)) {
+            Verdict::Allowed => Answer::Allowed,
+            Verdict::Outage => Answer::Outage,
+            Verdict::Refused => Answer::Refused(self.refusal(status, up.response.headers())),
+        })
+    }
+
+    /// The refusal of `status` for this request's repository, as every
+    /// path gives it; `upstream`: the headers of the upstream's answer.
+    pub(crate) fn refusal(&self, status: StatusCode, upstream: &HeaderMap) -> Response<Body> {
+        let repo = self.repo.as_deref().unwrap_or_default();
+        refusal(status, &self.registry.host, repo, upstream)
+    }
+
+    /// Did the answer come from another origin than the registry's (a
+    /// redirect to storage)?
+    fn answered_elsewhere(&self, up: &UpstreamResponse) -> bool {
+        // Any path: the origin is the registry's upstream URL's.
+        let asked = self
+            .url("/v2/", None)
+            .ok()
+            .and_then(|u| Origin::of(&u).ok());
+        up.hops > 0 && Origin::of(&up.final_url).ok() != asked
     }
 
     fn grant(&self, repo: &str, digest: &Digest, client: &str) {
