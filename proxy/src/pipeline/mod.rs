@@ -111,6 +111,7 @@ pub async fn handle(
     let _enter = span.enter();
     drop(_enter);
     let record = pending.record();
+    let head = req.method() == Method::HEAD;
     let resp = match serve(&shared, req, &host, &mut *record, source).await {
         Ok(resp) => resp,
         Err(err) if err.is_throttled() => {
@@ -128,12 +129,34 @@ pub async fn handle(
             err.into_response()
         }
     };
+    let resp = if head { without_body(resp) } else { resp };
     let mut record = pending.answered();
     record.status = resp.status().as_u16();
     let (parts, body) = resp.into_parts();
     // Lets the access line tell a whole body from a cut one (see Logged).
     record.expected_bytes = crate::http::headers::content_length(&parts.headers);
     Response::from_parts(parts, Logged::new(body, record, shared.metrics.clone()))
+}
+
+/// The answer to a HEAD as it is sent: the head alone, announcing the
+/// length a GET would get. An answer made whole for either method (a
+/// refusal, an error) kept its body otherwise, which the server drops
+/// unsent: its access line said the answer was cut short, and counted it
+/// as a failure.
+fn without_body(resp: Response<Body>) -> Response<Body> {
+    use hyper::body::Body as _;
+    let (mut parts, body) = resp.into_parts();
+    if body.is_end_stream() {
+        return Response::from_parts(parts, body);
+    }
+    if !parts.headers.contains_key(header::CONTENT_LENGTH)
+        && let Some(len) = body.size_hint().exact()
+    {
+        parts
+            .headers
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    Response::from_parts(parts, body::empty())
 }
 
 fn request_host(req: &Request<Incoming>, sni: Option<&str>) -> String {
