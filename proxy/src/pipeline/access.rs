@@ -36,7 +36,7 @@ pub(crate) const UPSTREAM_ANSWER_HEADER: &str = "x-pullthrough-upstream-answer";
 use super::HandlerError;
 use super::context::Ctx;
 use crate::http::body::{self, Body};
-use crate::http::headers::forward_headers;
+use crate::http::headers::{forward_headers, relay_response};
 use crate::observe::metric_labels::AuthResult;
 use crate::oci::{self, Digest, ErrorCode};
 use crate::upstream::{Origin, UpstreamResponse};
@@ -233,6 +233,18 @@ impl Ctx<'_> {
             Verdict::Outage => Answer::Outage,
             Verdict::Refused => Answer::Refused(self.refusal(status, up.response.headers())),
         })
+    }
+
+    /// The upstream's answer to this client's own read of a blob or a
+    /// manifest (by digest or by tag) that the cache did not serve, as the
+    /// client gets it: a refusal the same as [`Ctx::check_cached`] gives
+    /// for a cached object (see `refusal`), anything else relayed.
+    pub(crate) fn pass_on(&self, up: UpstreamResponse) -> Response<Body> {
+        let status = up.response.status();
+        match verdict(status, self.answered_elsewhere(&up)) {
+            Verdict::Refused => self.refusal(status, up.response.headers()),
+            Verdict::Allowed | Verdict::Outage => relay_response(up.response),
+        }
     }
 
     /// The refusal of `status` for this request's repository, as every

@@ -16,7 +16,6 @@ use crate::cache::store::CachedBlob;
 use crate::http::body::{self, Body};
 use crate::http::headers::{
     API_VERSION, DOCKER_CONTENT_DIGEST, content_length, content_type, forward_headers,
-    relay_response,
 };
 use crate::http::range::{RangeSpec, parse_range};
 use crate::observe::access_log::Record;
@@ -71,7 +70,7 @@ pub(crate) async fn blob(
         if *method == Method::GET && up.response.status() == StatusCode::OK {
             return Ok(solo_upstream(ctx, digest, up.response));
         }
-        return Ok(relay_response(up.response));
+        return Ok(ctx.pass_on(up));
     }
     record.cache = CacheResult::Miss;
     // A leader can give up before its download starts for a reason of
@@ -140,7 +139,7 @@ pub(crate) async fn blob(
         .await?;
     if up.response.status() != StatusCode::OK {
         record.cache = CacheResult::Pass;
-        return Ok(relay_response(up.response));
+        return Ok(ctx.pass_on(up));
     }
     ctx.granted(headers, digest);
     record.cache = CacheResult::Pass;

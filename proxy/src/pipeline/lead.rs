@@ -11,6 +11,7 @@ use http::header::HeaderMap;
 use http::{Method, Response, StatusCode, Uri};
 
 use super::HandlerError;
+use super::access::refusal;
 use super::context::Ctx;
 use super::download::{resume, start};
 use crate::cache::inflight::{self, Download, Inflight, Phase};
@@ -151,7 +152,7 @@ pub(crate) async fn lead(
             guard.upstream_failed();
         }
         record.cache = CacheResult::Pass;
-        return Ok(relay_response(up.response));
+        return Ok(ctx.pass_on(up));
     }
     ctx.granted(headers, digest);
     if up.hops > 0 {
@@ -174,7 +175,8 @@ pub(crate) async fn lead(
 /// be reached, or it answered with something of its own (a refusal while
 /// replicas load a new config at different times, an error of its disk);
 /// `Some(Err(response))`: the upstream's own answer when that is not the
-/// blob (a refusal, a 404, its error), relayed as the upstream's would be.
+/// blob (a refusal, a 404, its error), passed on as the upstream's would
+/// be.
 /// Bytes of the owner's that fail the digest suspect it too (`discard`),
 /// so the next try goes to the upstream, not to the same owner again.
 async fn from_peer(
@@ -210,6 +212,16 @@ async fn from_peer(
             .contains_key(super::access::UPSTREAM_ANSWER_HEADER)
         {
             record.cache = CacheResult::Pass;
+            let status = resp.status();
+            // A refusal is made here again, as this replica makes it for
+            // a blob it holds or asks the upstream for: the same to the
+            // client whichever replica answered, and whatever version
+            // the owner runs. Where the upstream's answer came from was
+            // the owner's to judge (a storage 403 it passed on reads as
+            // a refusal here, which to the client it is).
+            if refusal::verdict(status, false) == refusal::Verdict::Refused {
+                return Some(Err(ctx.refusal(status, resp.headers())));
+            }
             let mut relayed = relay_response(resp);
             relayed
                 .headers_mut()

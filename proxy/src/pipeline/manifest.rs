@@ -15,9 +15,7 @@ use super::context::Ctx;
 use crate::cache::shared::TierStat;
 use crate::cache::store::{BlobMeta, CachedBlob, is_disk_full};
 use crate::http::body::{self, Body};
-use crate::http::headers::{
-    API_VERSION, DOCKER_CONTENT_DIGEST, content_type, forward_headers, relay_response,
-};
+use crate::http::headers::{API_VERSION, DOCKER_CONTENT_DIGEST, content_type, forward_headers};
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
@@ -84,7 +82,8 @@ pub(crate) async fn manifest_by_digest(
 }
 
 /// A manifest by digest from the upstream, verified, stored, and served;
-/// anything but a 200 relayed (and a HEAD too: it stores nothing).
+/// anything but a 200 passed on (and a HEAD too: it stores nothing), a
+/// refusal as for a cached manifest.
 pub(crate) async fn fetch_by_digest(
     ctx: &Ctx<'_>,
     method: &Method,
@@ -106,7 +105,7 @@ pub(crate) async fn fetch_by_digest(
         if up.response.status() != StatusCode::OK {
             record.cache = CacheResult::Pass;
         }
-        return Ok(relay_response(up.response));
+        return Ok(ctx.pass_on(up));
     }
     let (parts, incoming) = up.response.into_parts();
     let bytes = read_limited(incoming, MAX_MANIFEST, ctx.read_timeout, &ctx.registry.host).await?;

@@ -21,7 +21,7 @@ use super::manifest::{
 use super::{HandlerError, is_outage};
 use crate::cache::referrers::{Answer, Referrers};
 use crate::http::body::{self, Body};
-use crate::http::headers::{content_type, forward_headers, relay_response};
+use crate::http::headers::{UpstreamAnswer, content_type, forward_headers, relay_response};
 use crate::observe::access_log::Record;
 use crate::observe::labels::CacheResult;
 use crate::oci::Digest;
@@ -95,18 +95,32 @@ pub(crate) async fn referrers(
             // answer (an authorised one would get no referrers for
             // `tagTTL`).
             let path = format!("/v2/{repo}/manifests/{subject}");
-            if ctx.check_cached(headers, &path, subject).await?.is_none() {
-                ctx.shared.referrers.put(
+            record.cache = CacheResult::Pass;
+            match ctx.check_cached(headers, &path, subject).await? {
+                None => ctx.shared.referrers.put(
                     host,
                     repo,
                     subject,
                     query,
                     Referrers::Unsupported,
                     ctx.source,
-                );
+                ),
+                // Refused the subject: the refusal a known answer gets
+                // (see `serve_known`), or the upstream's 404 would tell
+                // that nobody asked about the subject here lately. An
+                // access check that got no answer (429, 503: the proxy's
+                // own) leaves the upstream's answer as it was.
+                Some(refusal) if refusal.extensions().get::<UpstreamAnswer>().is_some() => {
+                    return Ok(refusal);
+                }
+                Some(_) => {}
             }
-            record.cache = CacheResult::Pass;
             Ok(relay_response(up.response))
+        }
+        // As a known answer's refusal too (see `Ctx::pass_on`).
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+            record.cache = CacheResult::Pass;
+            Ok(ctx.pass_on(up))
         }
         StatusCode::OK => {
             let (parts, incoming) = up.response.into_parts();

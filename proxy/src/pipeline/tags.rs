@@ -175,7 +175,9 @@ pub(crate) async fn manifest_by_tag(
     }
     if up.response.status() != StatusCode::OK {
         record.cache = CacheResult::Pass;
-        return Ok(relay_response(up.response));
+        // A refusal the same as for a tag whose answer is cached: else
+        // it told anyone which private tags someone pulled.
+        return Ok(ctx.pass_on(up));
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);
