@@ -161,6 +161,8 @@ fn is_alnum(b: u8) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorCode {
     NameUnknown,
+    ManifestUnknown,
+    BlobUnknown,
     NameInvalid,
     DigestInvalid,
     ManifestInvalid,
@@ -174,6 +176,8 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
+            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestInvalid => "MANIFEST_INVALID",

@@ -321,6 +321,24 @@ fn a_refusal_is_the_same_whether_the_proxy_holds_the_object_or_not() {
         assert_eq!(r.status, StatusCode::OK, "{path}");
         assert_eq!(sha256_digest(&r.body), *d);
     }
+    // What is not there reads as the spec's "unknown" for its kind, as
+    // from the registry itself: a pull of a mistyped tag says "manifest
+    // unknown", not that the repository is.
+    let missing_blob = format!("blobs/sha256:{}", "0".repeat(64));
+    for (path, code) in [
+        ("manifests/no-such-tag", "MANIFEST_UNKNOWN"),
+        (missing_blob.as_str(), "BLOB_UNKNOWN"),
+    ] {
+        let r = request(
+            &proxy,
+            Method::GET,
+            &format!("/v2/private.test/secret/app/{path}"),
+            Some(PULLER),
+        );
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{path}");
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["errors"][0]["code"], code, "{path}: {body}");
+    }
 }
 
 /// Through a replica that does not own the digest, a blob request goes to

@@ -17,6 +17,7 @@ use http::header::{self, HeaderMap};
 use http::{Method, Response, StatusCode};
 
 pub use grants::{AccessGrants, Answered, OUTAGE_GRACE, PUBLIC_TTL, SharedGrant, client_key};
+pub(crate) use refusal::Object;
 use refusal::{Verdict, refusal, verdict};
 
 /// On a blob the peer listener serves another replica: milliseconds
@@ -231,7 +232,9 @@ impl Ctx<'_> {
         Ok(match verdict(status, self.answered_elsewhere(&up)) {
             Verdict::Allowed => Answer::Allowed,
             Verdict::Outage => Answer::Outage,
-            Verdict::Refused => Answer::Refused(self.refusal(status, up.response.headers())),
+            Verdict::Refused => {
+                Answer::Refused(self.refusal(status, Object::of_path(path), up.response.headers()))
+            }
         })
     }
 
@@ -239,19 +242,24 @@ impl Ctx<'_> {
     /// manifest (by digest or by tag) that the cache did not serve, as the
     /// client gets it: a refusal the same as [`Ctx::check_cached`] gives
     /// for a cached object (see `refusal`), anything else relayed.
-    pub(crate) fn pass_on(&self, up: UpstreamResponse) -> Response<Body> {
+    pub(crate) fn pass_on(&self, up: UpstreamResponse, object: Object) -> Response<Body> {
         let status = up.response.status();
         match verdict(status, self.answered_elsewhere(&up)) {
-            Verdict::Refused => self.refusal(status, up.response.headers()),
+            Verdict::Refused => self.refusal(status, object, up.response.headers()),
             Verdict::Allowed | Verdict::Outage => relay_response(up.response),
         }
     }
 
     /// The refusal of `status` for this request's repository, as every
     /// path gives it; `upstream`: the headers of the upstream's answer.
-    pub(crate) fn refusal(&self, status: StatusCode, upstream: &HeaderMap) -> Response<Body> {
+    pub(crate) fn refusal(
+        &self,
+        status: StatusCode,
+        object: Object,
+        upstream: &HeaderMap,
+    ) -> Response<Body> {
         let repo = self.repo.as_deref().unwrap_or_default();
-        refusal(status, &self.registry.host, repo, upstream)
+        refusal(status, &self.registry.host, repo, object, upstream)
     }
 
     /// Did the answer come from another origin than the registry's (a

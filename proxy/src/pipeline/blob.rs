@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Response, StatusCode};
 
 use super::HandlerError;
+use super::access::Object;
 use super::context::Ctx;
 use super::download::{blob_response, resume, solo};
 use super::lead::{LeadGuard, Source, lead};
@@ -70,7 +71,7 @@ pub(crate) async fn blob(
         if *method == Method::GET && up.response.status() == StatusCode::OK {
             return Ok(solo_upstream(ctx, digest, up.response));
         }
-        return Ok(ctx.pass_on(up));
+        return Ok(ctx.pass_on(up, Object::Blob));
     }
     record.cache = CacheResult::Miss;
     // A leader can give up before its download starts for a reason of
@@ -139,7 +140,7 @@ pub(crate) async fn blob(
         .await?;
     if up.response.status() != StatusCode::OK {
         record.cache = CacheResult::Pass;
-        return Ok(ctx.pass_on(up));
+        return Ok(ctx.pass_on(up, Object::Blob));
     }
     ctx.granted(headers, digest);
     record.cache = CacheResult::Pass;

@@ -11,6 +11,7 @@ use http::header::HeaderMap;
 use http::{Method, Response, StatusCode, Uri};
 
 use super::HandlerError;
+use super::access::Object;
 use super::access::refusal;
 use super::context::Ctx;
 use super::download::{resume, start};
@@ -152,7 +153,7 @@ pub(crate) async fn lead(
             guard.upstream_failed();
         }
         record.cache = CacheResult::Pass;
-        return Ok(ctx.pass_on(up));
+        return Ok(ctx.pass_on(up, Object::Blob));
     }
     ctx.granted(headers, digest);
     if up.hops > 0 {
@@ -220,7 +221,7 @@ async fn from_peer(
             // the owner's to judge (a storage 403 it passed on reads as
             // a refusal here, which to the client it is).
             if refusal::verdict(status, false) == refusal::Verdict::Refused {
-                return Some(Err(ctx.refusal(status, resp.headers())));
+                return Some(Err(ctx.refusal(status, Object::Blob, resp.headers())));
             }
             let mut relayed = relay_response(resp);
             relayed

@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::HandlerError;
+use super::access::Object;
 use super::context::Ctx;
 use crate::cache::shared::TierStat;
 use crate::cache::store::{BlobMeta, CachedBlob, is_disk_full};
@@ -105,7 +106,7 @@ pub(crate) async fn fetch_by_digest(
         if up.response.status() != StatusCode::OK {
             record.cache = CacheResult::Pass;
         }
-        return Ok(ctx.pass_on(up));
+        return Ok(ctx.pass_on(up, Object::Manifest));
     }
     let (parts, incoming) = up.response.into_parts();
     let bytes = read_limited(incoming, MAX_MANIFEST, ctx.read_timeout, &ctx.registry.host).await?;

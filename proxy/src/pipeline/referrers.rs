@@ -14,6 +14,7 @@
 use http::header::HeaderMap;
 use http::{HeaderValue, Method, Response, StatusCode};
 
+use super::access::Object;
 use super::context::Ctx;
 use super::manifest::{
     MAX_MANIFEST, cached_manifest, lookup_manifest, read_limited, store_manifest,
@@ -120,7 +121,7 @@ pub(crate) async fn referrers(
         // As a known answer's refusal too (see `Ctx::pass_on`).
         StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
             record.cache = CacheResult::Pass;
-            Ok(ctx.pass_on(up))
+            Ok(ctx.pass_on(up, Object::Manifest))
         }
         StatusCode::OK => {
             let (parts, incoming) = up.response.into_parts();

@@ -7,6 +7,7 @@
 use http::header::HeaderMap;
 use http::{Method, Response, StatusCode};
 
+use super::access::Object;
 use super::context::Ctx;
 use super::manifest::{
     CachedManifest, MAX_MANIFEST, cached_manifest, fetch_by_digest, lookup_manifest,
@@ -177,7 +178,7 @@ pub(crate) async fn manifest_by_tag(
         record.cache = CacheResult::Pass;
         // A refusal the same as for a tag whose answer is cached: else
         // it told anyone which private tags someone pulled.
-        return Ok(ctx.pass_on(up));
+        return Ok(ctx.pass_on(up, Object::Manifest));
     }
     let (parts, incoming) = up.response.into_parts();
     let media_type = content_type(&parts.headers);

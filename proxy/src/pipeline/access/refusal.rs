@@ -50,6 +50,29 @@ pub(crate) fn verdict(status: StatusCode, elsewhere: bool) -> Verdict {
     }
 }
 
+/// What a refused request asked for: it picks the error code of a 404,
+/// the one the distribution spec gives for that object, so that a pull
+/// of a tag or digest that is not there reads "manifest unknown" as it
+/// would from the registry itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Object {
+    /// A manifest, by digest or by tag (also a referrers request, which
+    /// is about its subject manifest).
+    Manifest,
+    Blob,
+}
+
+impl Object {
+    /// The object a registry API path under a repository names.
+    pub(crate) fn of_path(path: &str) -> Self {
+        if path.rsplit('/').nth(1) == Some("blobs") {
+            Object::Blob
+        } else {
+            Object::Manifest
+        }
+    }
+}
+
 /// The refusal of `status` (a [`Verdict::Refused`] answer) for `repo` of
 /// `host`, the same for a cached object and an uncached one, a digest or a
 /// tag: it names neither, nor anything else of the upstream's answer but
@@ -63,6 +86,7 @@ pub(crate) fn refusal(
     status: StatusCode,
     host: &str,
     repo: &str,
+    object: Object,
     upstream: &HeaderMap,
 ) -> Response<Body> {
     let (status, code, message) = match status {
@@ -77,7 +101,10 @@ pub(crate) fn refusal(
         // digest and a tag, with different ones.
         _ => (
             StatusCode::NOT_FOUND,
-            ErrorCode::NameUnknown,
+            match object {
+                Object::Manifest => ErrorCode::ManifestUnknown,
+                Object::Blob => ErrorCode::BlobUnknown,
+            },
             format!("{host} has no such object in {repo} for this client"),
         ),
     };
@@ -156,8 +183,14 @@ mod tests {
             HeaderValue::from_static("Basic realm=\"r\""),
         );
 
-        let (status, headers, body, marked) =
-            parts(refusal(StatusCode::UNAUTHORIZED, "reg", "app", &challenged)).await;
+        let (status, headers, body, marked) = parts(refusal(
+            StatusCode::UNAUTHORIZED,
+            "reg",
+            "app",
+            Object::Blob,
+            &challenged,
+        ))
+        .await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         assert!(marked, "a replica must take it as the upstream's answer");
         let challenges: Vec<_> = headers.get_all(header::WWW_AUTHENTICATE).iter().collect();
@@ -176,8 +209,14 @@ mod tests {
         );
 
         // A 403 has no challenge to keep.
-        let (status, headers, _, _) =
-            parts(refusal(StatusCode::FORBIDDEN, "reg", "app", &challenged)).await;
+        let (status, headers, _, _) = parts(refusal(
+            StatusCode::FORBIDDEN,
+            "reg",
+            "app",
+            Object::Manifest,
+            &challenged,
+        ))
+        .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
         assert!(!headers.contains_key(header::WWW_AUTHENTICATE));
 
@@ -185,19 +224,52 @@ mod tests {
         let mut seen = Vec::new();
         for s in [404, 400, 405, 410] {
             let s = StatusCode::from_u16(s).unwrap();
-            seen.push(parts(refusal(s, "reg", "app", &challenged)).await);
-            seen.push(parts(refusal(s, "reg", "app", &HeaderMap::new())).await);
+            seen.push(parts(refusal(s, "reg", "app", Object::Manifest, &challenged)).await);
+            seen.push(
+                parts(refusal(
+                    s,
+                    "reg",
+                    "app",
+                    Object::Manifest,
+                    &HeaderMap::new(),
+                ))
+                .await,
+            );
         }
         let (status, headers, body, _) = &seen[0];
         assert_eq!(*status, StatusCode::NOT_FOUND);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(
             body,
-            r#"{"errors":[{"code":"NAME_UNKNOWN","message":"reg has no such object in app for this client","detail":null}]}"#
+            r#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"reg has no such object in app for this client","detail":null}]}"#
         );
         assert!(
             seen.iter()
                 .all(|(s, h, b, _)| (s, h, b) == (status, headers, body))
+        );
+
+        // A blob's 404 carries the spec's code for a blob.
+        let (_, _, body, _) = parts(refusal(
+            StatusCode::NOT_FOUND,
+            "reg",
+            "app",
+            Object::Blob,
+            &challenged,
+        ))
+        .await;
+        assert_eq!(
+            body,
+            r#"{"errors":[{"code":"BLOB_UNKNOWN","message":"reg has no such object in app for this client","detail":null}]}"#
+        );
+    }
+
+    #[test]
+    fn a_path_names_a_blob_or_a_manifest() {
+        assert_eq!(Object::of_path("/v2/a/b/blobs/sha256:ab"), Object::Blob);
+        assert_eq!(Object::of_path("/v2/a/blobs/manifests/1"), Object::Manifest);
+        assert_eq!(
+            Object::of_path("/v2/a/manifests/sha256:ab"),
+            Object::Manifest
         );
     }
 }
