@@ -392,3 +392,54 @@ fn a_refusal_through_another_replica_is_the_same_whether_its_owner_holds_the_blo
     assert!(!r.proxies[fresh_owner].cached_blob_path(&fresh).exists());
     assert!(!r.proxies[1 - fresh_owner].cached_blob_path(&fresh).exists());
 }
+
+/// A refusal is made by the proxy and the upstream's own answer dropped
+/// unread; that must not cost the upstream connection, or every refused
+/// miss (the 401 that starts a client's token exchange, a 404 for a
+/// signature or referrers tag) would make the next request open a new one
+/// (and shake hands again over TLS). hyper has read a short error body
+/// off the connection by the time the answer is dropped, so the
+/// connection goes back to the pool.
+#[test]
+fn a_refused_miss_keeps_the_upstream_connection() {
+    let stub = pullthrough_testbed::stub::Stub::canned()
+        .route(|seen| {
+            let r = http::Response::builder();
+            if seen.path == "/v2/" {
+                return r.status(200).body(bytes::Bytes::new()).unwrap();
+            }
+            r.status(StatusCode::NOT_FOUND)
+                .header("content-type", "application/json")
+                .body(bytes::Bytes::from_static(
+                    br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry","detail":null}]}"#,
+                ))
+                .unwrap()
+        })
+        .start()
+        .unwrap();
+    let proxy = Proxy::start(
+        proxy_bin(),
+        Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: quay.io\n    upstream: {}\n    allowPrivateNetworks: true\n",
+            stub.url()
+        ),
+    )
+    .unwrap();
+    for i in 0..6u8 {
+        let digest = format!("sha256:{}", format!("{i:02x}").repeat(32));
+        let r = Get::new(&format!(
+            "{}/v2/quay.io/team/app/blobs/{digest}",
+            proxy.http_url()
+        ))
+        .send()
+        .unwrap();
+        assert_eq!(r.status, StatusCode::NOT_FOUND);
+        assert_eq!(stub.count("GET", &digest), 1);
+    }
+    assert!(
+        stub.connections() <= 2,
+        "{} upstream connections for 6 refused misses",
+        stub.connections()
+    );
+}

@@ -274,6 +274,8 @@ struct State {
     seen: Mutex<Vec<Seen>>,
     storage_seen: Mutex<Vec<Seen>>,
     canned: Mutex<HashMap<String, Canned>>,
+    /// Connections the registry server accepted.
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -344,6 +346,7 @@ impl Stub {
             seen: Mutex::new(Vec::new()),
             storage_seen: Mutex::new(Vec::new()),
             canned: Mutex::new(opts.canned),
+            connections: Default::default(),
             route: opts.route,
             tls_cert_pem: tls.as_ref().map(|(pem, _)| pem.clone()),
         });
@@ -486,6 +489,14 @@ impl Stub {
         lock(&self.state.storage_seen).clone()
     }
 
+    /// Connections the registry server accepted so far: whether a client
+    /// reuses its connections.
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Registry requests with this method whose path contains `part`.
     pub fn count(&self, method: &str, part: &str) -> usize {
         count(&self.requests(), method, part)
@@ -553,6 +564,11 @@ async fn serve(
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
+        if !storage {
+            state
+                .connections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let state = state.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
