@@ -36,7 +36,8 @@ use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::stub::Stub;
 
 use common::private::{
-    ACCEPT, OTHER, PULLER, basic, objects, private_registry, random_image, request,
+    ACCEPT, OTHER, PULLER, basic, objects, private_and_public, private_registry, random_image,
+    request,
 };
 use common::proxy_bin;
 
@@ -186,17 +187,7 @@ fn cached_private_digests_are_served_only_where_the_upstream_lets_the_client_rea
     let public = Registry::plain().unwrap();
     let open = random_image(&work.path().join("open"), &[20_000], 0x1eaf_0002);
     public.push_image(&open, "library/alpine", "1").unwrap();
-    let proxy = Proxy::start(
-        proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "registries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n  - host: public.test\n    upstream: {}\n",
-            private.url(),
-            private.ca_path().unwrap().display(),
-            public.url(),
-        ),
-    )
-    .unwrap();
+    let proxy = private_and_public(&private, &public.url(), "");
 
     // The authorised client: MISS, then HIT.
     let secrets = objects(&secret);
@@ -329,17 +320,7 @@ fn a_referrers_answer_for_a_cached_private_digest_opens_nothing() {
     // `tagTTL: 0s`: every referrers request reaches the upstream, where
     // its answer was taken for a grant (a cached answer is served only
     // after the access check).
-    let proxy = Proxy::start(
-        proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "registries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n  - host: public.test\n    upstream: {}\n    tagTTL: 0s\n",
-            private.url(),
-            private.ca_path().unwrap().display(),
-            public.url(),
-        ),
-    )
-    .unwrap();
+    let proxy = private_and_public(&private, &public.url(), "    tagTTL: 0s\n");
     let secrets = objects(&secret);
     for (path, d) in &secrets {
         let r = request(

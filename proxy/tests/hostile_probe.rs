@@ -32,7 +32,9 @@ use pullthrough_testbed::net::wait_for;
 use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 
-use common::private::{OTHER, PULLER, objects, private_registry, random_image, request};
+use common::private::{
+    OTHER, PULLER, objects, private_and_public, private_registry, random_image, request,
+};
 use common::{Replicas, proxy_bin};
 
 /// What a client can tell two answers apart by: the status, the body
@@ -108,17 +110,7 @@ fn a_refusal_is_the_same_whether_the_proxy_holds_the_object_or_not() {
     let public = Registry::plain().unwrap();
     let open = random_image(&work.path().join("open"), &[10_000], 0x9b0b_0003);
     public.push_image(&open, "library/alpine", "1").unwrap();
-    let proxy = Proxy::start(
-        proxy_bin(),
-        Addrs::localhost().unwrap(),
-        &format!(
-            "registries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n  - host: public.test\n    upstream: {}\n",
-            private.url(),
-            private.ca_path().unwrap().display(),
-            public.url(),
-        ),
-    )
-    .unwrap();
+    let proxy = private_and_public(&private, &public.url(), "");
 
     // The authorised client pulls image 1: its tag, manifest, config and
     // layer are cached (the second round is served from the cache).

@@ -89,3 +89,19 @@ pub fn request(proxy: &Proxy, method: Method, path: &str, auth: Option<(&str, &s
     }
     g.send().unwrap()
 }
+
+/// The proxy in front of `private` as `private.test` and of `public_url`
+/// as `public.test` (its config lines followed by `public_extra`, each
+/// ending in a newline).
+pub fn private_and_public(private: &Registry, public_url: &str, public_extra: &str) -> Proxy {
+    Proxy::start(
+        super::proxy_bin(),
+        pullthrough_testbed::proxy::Addrs::localhost().unwrap(),
+        &format!(
+            "registries:\n  - host: private.test\n    upstream: {}\n    caBundle: {}\n  - host: public.test\n    upstream: {public_url}\n{public_extra}",
+            private.url(),
+            private.ca_path().unwrap().display(),
+        ),
+    )
+    .unwrap()
+}
