@@ -29,7 +29,6 @@ use tokio::time::Instant;
 use crate::error::Error;
 use crate::http::sendfile::{Sendfile, SendfileStream};
 use crate::pipeline::{self, Shared};
-use crate::source::Source;
 
 /// Largest HTTP/1 request head (request line + headers) accepted; larger
 /// ones get 431. hyper's default (~400 KiB) let a client make the proxy
@@ -562,7 +561,6 @@ pub(crate) fn service(
         Output = Result<http::Response<Tracked<crate::observe::access_log::Logged>>, Infallible>,
     > + Send,
 > + Clone {
-    let source = Source::of(peer);
     hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         activity.request_seen();
         if req.version() == http::Version::HTTP_2 {
@@ -583,7 +581,7 @@ pub(crate) fn service(
         let sni = sni.clone();
         let activity = activity.clone();
         async move {
-            let resp = pipeline::handle(shared, req, sni, source).await;
+            let resp = pipeline::handle(shared, req, sni, peer).await;
             Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, activity)))
         }
     })

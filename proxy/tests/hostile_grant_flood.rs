@@ -338,4 +338,16 @@ fn a_flood_from_one_address_cannot_push_out_another_clients_grants() {
             metric(map)
         );
     }
+    // The access log names whom to look for: each request's connection
+    // address, not the addresses it claimed.
+    let lines = proxy.access_lines();
+    let clients = |part: &str| -> std::collections::BTreeSet<String> {
+        lines
+            .iter()
+            .filter(|l| l["path"].as_str().is_some_and(|p| p.contains(part)))
+            .map(|l| l["client"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    assert_eq!(clients("/team/app/"), [VICTIM_ADDR.to_string()].into());
+    assert_eq!(clients("/flood/app/"), [FLOOD_ADDR.to_string()].into());
 }

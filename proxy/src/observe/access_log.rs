@@ -53,6 +53,10 @@ pub struct Record {
     pub started: Instant,
     /// The response's Content-Length, when it has one.
     pub expected_bytes: Option<u64>,
+    /// The TCP peer of the client's connection (another replica's, for
+    /// a request it relayed): whom to look for when a share of the
+    /// proxy's maps is flooded, never a header the client sent.
+    pub client: Option<std::net::IpAddr>,
 }
 
 impl Record {
@@ -71,6 +75,7 @@ impl Record {
             cache: CacheResult::Pass,
             started: Instant::now(),
             expected_bytes: None,
+            client: None,
         }
     }
 
@@ -89,6 +94,7 @@ impl Record {
         tracing::info!(
             target: "pullthrough::access",
             method = %clip(&self.method),
+            client = %self.client.map(|ip| ip.to_string()).unwrap_or_default(),
             host = %clip(&self.host),
             path = %clip(&self.path),
             registry = %clip(&self.registry),

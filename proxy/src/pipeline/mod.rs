@@ -94,19 +94,19 @@ pub struct Shared {
     pub pins: Arc<crate::cache::pins::Pinning>,
 }
 
-/// Serves one request from `source` and wraps its body so the access
-/// line is written when the body is done.
+/// Serves one request from the client at `peer` and wraps its body so
+/// the access line is written when the body is done.
 pub async fn handle(
     shared: Arc<Shared>,
     req: Request<Incoming>,
     sni: Option<Arc<str>>,
-    source: Source,
+    peer: std::net::SocketAddr,
 ) -> Response<Logged> {
     let host = request_host(&req, sni.as_deref());
-    let mut pending = Unanswered::new(
-        Record::new(req.method().as_str(), &host, req.uri().path()),
-        shared.metrics.clone(),
-    );
+    let source = Source::of(peer);
+    let mut record = Record::new(req.method().as_str(), &host, req.uri().path());
+    record.client = Some(peer.ip().to_canonical());
+    let mut pending = Unanswered::new(record, shared.metrics.clone());
     let span = tracing::debug_span!("request", method = %req.method(), host = %host, path = %req.uri().path());
     let _enter = span.enter();
     drop(_enter);
