@@ -631,6 +631,7 @@ fn prometheus_rule_passes_promtool_check_and_unit_tests() {
         "PullthroughNodesNotConfigured",
         "PullthroughCacheNearMaxSize",
         "PullthroughCacheDiskFull",
+        "PullthroughSharesFlooded",
         "PullthroughSharedStorageDown",
         "PullthroughCAExpiresSoon",
         "PullthroughOperatorDown",
