@@ -36,8 +36,8 @@ use pullthrough_testbed::registry::Registry;
 use pullthrough_testbed::stub::Stub;
 
 use common::private::{
-    ACCEPT, OTHER, PULLER, basic, objects, private_and_public, private_registry, random_image,
-    request,
+    ACCEPT, OTHER, PULLER, basic, objects, private_and_public, private_registry,
+    pull_as_puller_twice, random_image, request,
 };
 use common::proxy_bin;
 
@@ -191,21 +191,7 @@ fn cached_private_digests_are_served_only_where_the_upstream_lets_the_client_rea
 
     // The authorised client: MISS, then HIT.
     let secrets = objects(&secret);
-    for round in ["MISS", "HIT"] {
-        for (path, d) in &secrets {
-            let r = request(
-                &proxy,
-                Method::GET,
-                &format!("/v2/private.test/secret/app/{path}"),
-                Some(PULLER),
-            );
-            assert_eq!(r.status, StatusCode::OK, "{round} {path}");
-            assert_eq!(sha256_digest(&r.body), *d);
-            proxy
-                .wait_access(&[("digest", d), ("cache", round)])
-                .unwrap();
-        }
-    }
+    pull_as_puller_twice(&proxy, &secrets);
     // An anonymous client reads the public repository (so it is known
     // readable to anonymous clients).
     for (path, d) in objects(&open) {

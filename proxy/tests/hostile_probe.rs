@@ -33,7 +33,8 @@ use pullthrough_testbed::proxy::{Addrs, Proxy};
 use pullthrough_testbed::registry::Registry;
 
 use common::private::{
-    OTHER, PULLER, objects, private_and_public, private_registry, random_image, request,
+    OTHER, PULLER, objects, private_and_public, private_registry, pull_as_puller_twice,
+    random_image, request,
 };
 use common::{Replicas, proxy_bin};
 
@@ -123,21 +124,7 @@ fn a_refusal_is_the_same_whether_the_proxy_holds_the_object_or_not() {
     );
     assert_eq!(r.status, StatusCode::OK, "the tag");
     assert_eq!(sha256_digest(&r.body), pulled.manifests[0].digest);
-    for round in ["MISS", "HIT"] {
-        for (path, d) in &cached {
-            let r = request(
-                &proxy,
-                Method::GET,
-                &format!("/v2/private.test/secret/app/{path}"),
-                Some(PULLER),
-            );
-            assert_eq!(r.status, StatusCode::OK, "{round} {path}");
-            assert_eq!(sha256_digest(&r.body), *d);
-            proxy
-                .wait_access(&[("digest", d), ("cache", round)])
-                .unwrap();
-        }
-    }
+    pull_as_puller_twice(&proxy, &cached);
     // It asks what refers to the image (distribution 2.8 has no
     // referrers API: a 404 the proxy keeps as "none here" for the tag TTL).
     let subject = &pulled.manifests[0].digest;

@@ -105,3 +105,24 @@ pub fn private_and_public(private: &Registry, public_url: &str, public_extra: &s
     )
     .unwrap()
 }
+
+/// PULLER reads each of `objects` (see [`objects`]) of
+/// `private.test/secret/app` twice: from the upstream (MISS), then from
+/// the cache (HIT).
+pub fn pull_as_puller_twice(proxy: &Proxy, objects: &[(String, String)]) {
+    for round in ["MISS", "HIT"] {
+        for (path, d) in objects {
+            let r = request(
+                proxy,
+                Method::GET,
+                &format!("/v2/private.test/secret/app/{path}"),
+                Some(PULLER),
+            );
+            assert_eq!(r.status, StatusCode::OK, "{round} {path}");
+            assert_eq!(pullthrough_testbed::fixtures::sha256_digest(&r.body), *d);
+            proxy
+                .wait_access(&[("digest", d), ("cache", round)])
+                .unwrap();
+        }
+    }
+}
