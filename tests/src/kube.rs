@@ -427,6 +427,18 @@ impl KubeApiserver {
         Helm::new(Some(&self.kubeconfig))
     }
 
+    /// Applies what the chart lets each program do ([`CHART_ACCESS_KINDS`]:
+    /// ServiceAccounts, RBAC, the agents' Lease policy), rendered with
+    /// default values as `release` in `ns`, so that a test can act as the
+    /// chart's identities.
+    pub fn apply_chart_access(&self, release: &str, ns: &str) -> Result<()> {
+        let access = self
+            .helm()?
+            .chart_objects(release, ns, CHART_ACCESS_KINDS)?;
+        self.kubectl_stdin(&["apply", "-f", "-"], &access)?;
+        Ok(())
+    }
+
     /// A [`Kubeconform`] that validates against JSON schemas generated from
     /// this API server's `/openapi/v2`: built-in kinds and the CRDs published
     /// there at the moment of the call. CRDs appear in `/openapi/v2` a little

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use pullthrough_testbed::bins::operator_bin;
 use pullthrough_testbed::http::Get;
-use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver};
+use pullthrough_testbed::kube::KubeApiserver;
 use pullthrough_testbed::net::{free_port, wait_for};
 use pullthrough_testbed::process::Process;
 use pullthrough_testbed::proxy::{Addrs, Proxy, proxy_bin};
@@ -185,12 +185,7 @@ fn proxy_follows_two_ca_rotations_without_restart() {
     api.apply_crds(&pullthrough_testbed::kube::chart_crds().unwrap())
         .unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
-    let helm = api.helm().unwrap();
-    api.kubectl_stdin(
-        &["apply", "-f", "-"],
-        &helm.chart_objects(RELEASE, NS, CHART_ACCESS_KINDS).unwrap(),
-    )
-    .unwrap();
+    api.apply_chart_access(RELEASE, NS).unwrap();
 
     // The operator as its ServiceAccount, rotating every few seconds. Its
     // `/status` poll goes to a closed loopback port, never a ClusterIP.

@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver};
+use pullthrough_testbed::kube::KubeApiserver;
 
 const NS: &str = "pullthrough";
 const AGENT_SA: &str = "pullthrough-agent";
@@ -34,12 +34,7 @@ fn an_agent_token_writes_only_its_own_nodes_lease() {
     let api = KubeApiserver::start().unwrap();
     api.kubectl(&["create", "namespace", NS]).unwrap();
     // The chart's ServiceAccounts, RBAC and the agents' Lease policy.
-    let access = api
-        .helm()
-        .unwrap()
-        .chart_objects("pullthrough", NS, CHART_ACCESS_KINDS)
-        .unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &access).unwrap();
+    api.apply_chart_access("pullthrough", NS).unwrap();
     let node_a = api
         .kubeconfig_for_token(&api.pod_token_on_node(NS, AGENT_SA, "node-a").unwrap())
         .unwrap();

@@ -9,7 +9,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pullthrough_testbed::kube::{CHART_ACCESS_KINDS, KubeApiserver, yaml_documents};
+use pullthrough_testbed::kube::{KubeApiserver, yaml_documents};
 use pullthrough_testbed::tools::go_tool;
 
 const NS: &str = "pullthrough";
@@ -107,12 +107,7 @@ fn the_discovered_cleanup_waits_until_the_operators_pods_are_gone() {
     api.create_service_account(NS, "default").unwrap();
     // Every identity the chart makes, the hook's among them (Helm
     // creates the hook's before its Job).
-    let access = api
-        .helm()
-        .unwrap()
-        .chart_objects("pullthrough", NS, CHART_ACCESS_KINDS)
-        .unwrap();
-    api.kubectl_stdin(&["apply", "-f", "-"], &access).unwrap();
+    api.apply_chart_access("pullthrough", NS).unwrap();
     let job = hook_job(&api);
     let wait_args = container_args(&job, "wait-for-operator");
     let delete_args = container_args(&job, "delete");
