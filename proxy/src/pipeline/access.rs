@@ -200,11 +200,13 @@ impl Ctx<'_> {
         let host = self.registry.host.as_str();
         let repo = self.repo.as_deref().unwrap_or_default();
         let url = self.url(path, None)?;
-        let method = if path.rsplit('/').nth(1) == Some("blobs") {
-            headers.insert(header::RANGE, header::HeaderValue::from_static("bytes=0-0"));
-            Method::GET
-        } else {
-            Method::HEAD
+        let object = Object::of_path(path);
+        let method = match object {
+            Object::Blob => {
+                headers.insert(header::RANGE, header::HeaderValue::from_static("bytes=0-0"));
+                Method::GET
+            }
+            Object::Manifest => Method::HEAD,
         };
         // The body of a GET is never read: dropping the answer closes that
         // connection, which costs less than reading a registry that ignores
@@ -233,7 +235,7 @@ impl Ctx<'_> {
             Verdict::Allowed => Answer::Allowed,
             Verdict::Outage => Answer::Outage,
             Verdict::Refused => {
-                Answer::Refused(self.refusal(status, Object::of_path(path), up.response.headers()))
+                Answer::Refused(self.refusal(status, object, up.response.headers()))
             }
         })
     }
