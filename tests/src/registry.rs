@@ -307,17 +307,7 @@ impl Registry {
     /// Number of access-log lines for `METHOD path` where the path contains
     /// `path_part` (e.g. a digest). Counts what reached the upstream.
     pub fn count_requests(&self, method: &str, path_part: &str) -> usize {
-        let needle = format!("\"{method} ");
-        self.log()
-            .lines()
-            .filter(|l| l.contains(&needle))
-            .filter(|l| {
-                l.split(&needle)
-                    .nth(1)
-                    .and_then(|rest| rest.split_whitespace().next())
-                    .is_some_and(|path| path.contains(path_part))
-            })
-            .count()
+        self.statuses(method, path_part).len()
     }
 
     /// Like [`Self::count_requests`], only the lines answered with
@@ -325,22 +315,31 @@ impl Registry {
     /// e.g. 200 for whole downloads of a blob, not the one-byte range
     /// GETs (206) a proxy makes to ask about access.
     pub fn count_answered(&self, method: &str, path_part: &str, status: u16) -> usize {
-        let needle = format!("\"{method} ");
         let status = status.to_string();
+        self.statuses(method, path_part)
+            .iter()
+            .filter(|s| s.as_deref() == Some(status.as_str()))
+            .count()
+    }
+
+    /// The status of each access-log line for `METHOD path` where the
+    /// path contains `path_part` (None where the line has none).
+    fn statuses(&self, method: &str, path_part: &str) -> Vec<Option<String>> {
+        let needle = format!("\"{method} ");
         self.log()
             .lines()
             .filter_map(|l| l.split(&needle).nth(1))
             .filter(|rest| {
-                let path_ok = rest
-                    .split_whitespace()
+                rest.split_whitespace()
                     .next()
-                    .is_some_and(|path| path.contains(path_part));
-                let answered = rest
-                    .split_once("\" ")
-                    .and_then(|(_, after)| after.split_whitespace().next());
-                path_ok && answered == Some(status.as_str())
+                    .is_some_and(|path| path.contains(path_part))
             })
-            .count()
+            .map(|rest| {
+                rest.split_once("\" ")
+                    .and_then(|(_, after)| after.split_whitespace().next())
+                    .map(str::to_string)
+            })
+            .collect()
     }
 
     /// Waits until every request the registry answered so far is in its
